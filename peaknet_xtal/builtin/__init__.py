@@ -1,0 +1,1 @@
+"""Built-in sources and writers, registered through the same hooks as third-party plugins."""

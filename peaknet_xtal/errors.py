@@ -1,0 +1,44 @@
+"""Exceptions raised for bad input.
+
+Every reader raises :class:`FormatError` (or a subclass) for malformed input, carrying the file and
+the place inside it (line number or HDF5 dataset), so that a user with a thousand files knows which
+one to look at and where.
+"""
+from __future__ import annotations
+
+from os import PathLike
+
+
+class PeakNetError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class FormatError(PeakNetError, ValueError):
+    """A file is malformed, truncated or inconsistent with what it claims to be."""
+
+    def __init__(
+        self,
+        path: str | PathLike[str] | None,
+        message: str,
+        *,
+        line: int | None = None,
+        dataset: str | None = None,
+    ) -> None:
+        self.path = None if path is None else str(path)
+        self.line = line
+        self.dataset = dataset
+        self.message = message
+        where = self.path or "<input>"
+        if line is not None:
+            where += f", line {line}"
+        if dataset is not None:
+            where += f", dataset {dataset}"
+        super().__init__(f"{where}: {message}")
+
+
+class GeometryError(FormatError):
+    """A CrystFEL geometry file is malformed, or does not fit the data it is used with."""
+
+
+class StreamError(FormatError):
+    """A CrystFEL stream is malformed or truncated."""

@@ -1,0 +1,1 @@
+"""DIALS adapters for peaknet-xtal (import name ``peaknet_dials``)."""

@@ -1,0 +1,1 @@
+"""dxtbx format for peaknet-xtal CXI stacks (import name ``peaknet_dxtbx``)."""

@@ -1,0 +1,1 @@
+"""psana (LCLS) frame source for peaknet-xtal (import name ``peaknet_psana``)."""

@@ -1,0 +1,60 @@
+"""Shared fixtures.
+
+``../shared/data/real`` (beside the checkout) holds the real data sets.  In a user's checkout it may
+be absent, and tests that need it skip with that reason; in CI (``CI=true``) it is always present,
+so its absence there is an error, never a skip.  The same rule holds for DIALS.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_REAL = ROOT.parent / "shared" / "data" / "real"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+
+
+def _missing(reason: str) -> None:
+    if IN_CI:
+        pytest.fail(f"{reason} (CI must run this test)")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def real_data() -> Path:
+    """``../shared/data/real``: real detector files, streams and geometries."""
+    if not SHARED_REAL.is_dir():
+        _missing(f"shared real data not found at {SHARED_REAL}")
+    return SHARED_REAL
+
+
+@pytest.fixture(scope="session")
+def geometry_files(real_data: Path) -> list[Path]:
+    return sorted((real_data / "crystfel_geometry").glob("*.geom"))
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir() -> Path:
+    return FIXTURES
+
+
+def dials_available() -> bool:
+    try:
+        import dials  # noqa: F401
+        import dxtbx  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+@pytest.fixture(scope="session")
+def dials_env() -> dict[str, str]:
+    """Environment for running ``dials.*`` commands as subprocesses of this interpreter's venv."""
+    if not dials_available():
+        _missing("DIALS (dxtbx/cctbx) is not importable; run bin/setup-env")
+    env = dict(os.environ)
+    env.setdefault("LIBTBX_BUILD", "/usr/lib/cctbx/python3.11")
+    return env

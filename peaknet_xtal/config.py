@@ -90,8 +90,9 @@ def resolve(
 
 
 def setup_logging(verbose: int | None = 0) -> None:
-    level = logging.WARNING - 10 * min(int(verbose or 0) + 1, 2)
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    """Our own messages at INFO (DEBUG with -v); other libraries only at WARNING."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    log.setLevel(logging.DEBUG if int(verbose or 0) >= 1 else logging.INFO)
 
 
 def record(config: Mapping[str, Any], path: str | os.PathLike[str] | None, command: str,

@@ -1,9 +1,102 @@
-"""Built-in peak writers (work in progress)."""
+"""Built-in peak writers: CXI peak tables for ``indexamajig --peaks=cxi`` ("cxi") and CrystFEL
+streams ("stream").
+
+Registered through :func:`peaknet_xtal.hookspecs.peaknet_writer_types`, the same hook a
+third-party plugin uses.  Both writers resume: ``done_keys()`` names the frames an earlier,
+interrupted run already wrote.
+"""
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
 from ..hookspecs import hookimpl
+from ..types import FrameResult
+from .sources import _geometry
+
+
+@dataclass(frozen=True)
+class WriterType:
+    """What ``peaknet_writer_types`` returns (see hookspecs); plugins may reuse this class."""
+
+    name: str
+    description: str
+    suffix: str
+    open: Callable[..., Any]
+
+
+def _open_cxi(path: str, geometry: Any = None, frames_per_file: int = 1000, mode: str = "auto",
+              max_peaks: int = 2048, **_: Any) -> Any:
+    from ..io.cxi import CXIWriter
+
+    return CXIWriter(path, _geometry(geometry), frames_per_file=frames_per_file, mode=mode,
+                     max_peaks=max_peaks)
+
+
+class StreamPeakWriter:
+    """A ``PeakWriter`` over :class:`peaknet_xtal.io.stream.StreamWriter`.
+
+    An existing stream is resumed (a half-written last chunk is cut off); a new one is created at
+    the first result, because the stream header embeds the geometry, which may only be known from
+    the frames themselves.
+    """
+
+    name = "stream"
+
+    def __init__(self, path: str | os.PathLike[str], geometry: Any = None,
+                 command: str | None = None) -> None:
+        from ..io.stream import StreamWriter
+
+        self.path = os.fspath(path)
+        self.geometry = _geometry(geometry)
+        self.command = command
+        self._writer: Any = None
+        if os.path.exists(self.path) and os.path.getsize(self.path) > 0:
+            self._writer = StreamWriter(self.path, resume=True)
+
+    def _open(self, geometry: Any) -> Any:
+        from ..io.stream import StreamWriter
+
+        if self._writer is None:
+            text = geometry.to_text() if geometry is not None else None
+            self._writer = StreamWriter(self.path, geometry_text=text, command=self.command,
+                                        generator="peaknet-xtal")
+        return self._writer
+
+    def done_keys(self) -> set[tuple[str, str]]:
+        return set() if self._writer is None else self._writer.done_keys()
+
+    def write(self, result: FrameResult) -> None:
+        from ..io.stream import chunk_from_peak_table
+
+        geometry = self.geometry or result.frame.geometry
+        if geometry is None:
+            raise ValueError(f"{self.path}: writing a stream needs a geometry (frame "
+                             f"{result.frame.source} {result.frame.event} has none)")
+        frame = result.frame
+        chunk = chunk_from_peak_table(result.peaks, geometry, filename=frame.source,
+                                      event=frame.event, serial=frame.serial + 1, hit=result.hit)
+        self._open(geometry).write(chunk)
+
+    def close(self) -> None:
+        self._open(self.geometry).close()
+
+
+def _open_stream(path: str, geometry: Any = None, command: str | None = None,
+                 **_: Any) -> StreamPeakWriter:
+    return StreamPeakWriter(path, geometry=geometry, command=command)
+
+
+WRITER_TYPES = (
+    WriterType("cxi", "CXI peak tables at /entry_1/result_1 beside the images (virtual dataset "
+               "or copy) plus a .geom for indexamajig --peaks=cxi", ".cxi", _open_cxi),
+    WriterType("stream", "CrystFEL stream with one peaks-only chunk per frame", ".stream",
+               _open_stream),
+)
 
 
 @hookimpl
-def peaknet_writer_types():
-    return []
+def peaknet_writer_types() -> tuple[WriterType, ...]:
+    return WRITER_TYPES

@@ -1,6 +1,11 @@
 """CrystFEL geometry files (``.geom``): read, write, and coordinate conversions.
 
-INTERFACE CONTRACT (implementation in progress; other modules code against these names):
+A ``.geom`` file says where every detector panel sits in the raw data array and in the lab.  The
+peak finder needs it for three things: splitting a raw slab into panels, turning a pixel into a
+resolution (1/d) and writing peaks that CrystFEL can read back.  The grammar accepted here is the
+union of CrystFEL 0.9 to 0.12 (``rigid_group*`` and ``group_*`` lines are accepted and ignored).
+
+INTERFACE CONTRACT (other modules code against these names):
 
     read_geometry(path) -> Geometry            raises GeometryError(path, msg, line=N)
     parse_geometry(text, path=None) -> Geometry
@@ -11,19 +16,23 @@ INTERFACE CONTRACT (implementation in progress; other modules code against these
     Geometry fields:
         panels: list[Panel]           in file order
         data: str | None              HDF5 path, e.g. "/entry_1/data_1/data"
-        dims: list[str]               e.g. ["%", "ss", "fs"]
+        dims: list[str]               e.g. ["%", "ss", "fs"] (those of the first panel when panels
+                                      carry their own, e.g. ["%", "0", "ss", "fs"] for AGIPD)
         photon_energy_eV: float | None  (from photon_energy / wavelength / electron_voltage;
                                          None when given as an HDF5 path)
         wavelength_A: float | None
         clen_m: float | None          global detector distance (None if an HDF5 path)
+        clen_path / photon_energy_path: str | None   the HDF5 path when given as one
         adu_per_photon: float | None
         bandwidth: float | None
         peak_list: str | None; peak_list_type: str | None
         mask: str | None; mask_file: str | None; mask_good; mask_bad  (mask0_* aliases)
         bad_regions: list[BadRegion]
-        keys: dict[str, str]          every global key/value as written
+        keys: dict[str, str]          every global key/value as written (last one wins)
         path: str | None
-        slab_shape -> (n_ss, n_fs)     raw data array extent covering all panels
+        slab_shape -> (n_ss, n_fs)     raw data array extent covering all panels (without the
+                                       frame axis; layouts with fixed dimension indices give
+                                       one extent per remaining dimension)
         n_panels -> int
         panel_by_name(name) -> Panel
         panel_slices() -> list[tuple[slice, slice]]   (ss slice, fs slice) of each panel in the slab
@@ -48,5 +57,788 @@ INTERFACE CONTRACT (implementation in progress; other modules code against these
         coffset_m, adu_per_photon, max_adu, no_index: bool, mask_edge_pixels: int
         width (= max_fs - min_fs + 1), height, shape -> (height, width)
         dim_index: dict[int, int] fixed dimension indices for EuXFEL-style layouts
+        dims: list[str] the panel's full dimension list
 """
 from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from peaknet_xtal.atomic import write_text_atomic
+from peaknet_xtal.errors import GeometryError
+
+#: h*c in eV*Angstrom: wavelength_A = HC_EV_A / photon_energy_eV.
+HC_EV_A = 12398.419843320026
+_ELECTRON_MC2_EV = 510998.95000
+_H_C_M_EV = 1.239841984332e-6  # h*c in eV*m
+
+#: Keys that may appear per panel; set globally they are defaults for panels defined afterwards.
+PANEL_KEYS = frozenset({
+    "min_fs", "max_fs", "min_ss", "max_ss", "corner_x", "corner_y", "fs", "ss", "res", "clen",
+    "coffset", "adu_per_eV", "adu_per_photon", "max_adu", "no_index", "mask_edge_pixels",
+    "badrow_direction", "data", "mask", "mask_file", "mask_good", "mask_bad", "saturation_map",
+    "saturation_map_file", "flag_lessthan", "flag_morethan", "flag_equal",
+})
+_REQUIRED_PANEL_KEYS = ("min_fs", "max_fs", "min_ss", "max_ss", "corner_x", "corner_y", "res")
+_BAD_KEYS = frozenset({"min_fs", "max_fs", "min_ss", "max_ss", "min_x", "max_x", "min_y",
+                       "max_y", "panel"})
+_RESOLVED_PANEL_KEYS = frozenset({
+    "min_fs", "max_fs", "min_ss", "max_ss", "corner_x", "corner_y", "fs", "ss", "res", "clen",
+    "coffset", "adu_per_eV", "adu_per_photon", "max_adu", "no_index", "mask_edge_pixels",
+})
+
+
+# --------------------------------------------------------------------------------------------
+# value parsers: each takes the raw string and a ``fail(msg)`` that raises with file + line
+# --------------------------------------------------------------------------------------------
+
+class _Fail:
+    """Raises a GeometryError for one place in one file (keeps the parsers free of bookkeeping)."""
+
+    def __init__(self, path: str | None, line: int | None) -> None:
+        self.path = path
+        self.line = line
+
+    def __call__(self, message: str) -> GeometryError:
+        return GeometryError(self.path, message, line=self.line)
+
+
+def _float(value: str, key: str, fail: _Fail) -> float:
+    try:
+        result = float(value)
+    except ValueError:
+        raise fail(f"{key} = {value!r} is not a number") from None
+    if not math.isfinite(result):
+        raise fail(f"{key} = {value!r} is not finite")
+    return result
+
+
+def _int(value: str, key: str, fail: _Fail) -> int:
+    """CrystFEL reads pixel ranges with atof, so ``0.0`` is a valid integer; ``0.5`` is not."""
+    number = _float(value, key, fail)
+    if number != int(number):
+        raise fail(f"{key} = {value!r} is not a whole number")
+    return int(number)
+
+
+def _bits(value: str, key: str, fail: _Fail) -> int:
+    try:
+        return int(value, 0)
+    except ValueError:
+        raise fail(f"{key} = {value!r} is not an integer (decimal or 0x hex)") from None
+
+
+def _bool(value: str, key: str, fail: _Fail) -> bool:
+    lowered = value.lower()
+    if lowered in {"true", "yes"}:
+        return True
+    if lowered in {"false", "no"}:
+        return False
+    return _int(value, key, fail) != 0
+
+
+def _number_with_unit(value: str, key: str, units: dict[str, float], default: str,
+                      fail: _Fail) -> float:
+    """``"95.3 mm"`` -> 0.0953 with ``units={"m": 1, "mm": 1e-3}``; a bare number uses ``default``."""
+    parts = value.split()
+    if len(parts) == 1:
+        unit = default
+    elif len(parts) == 2:
+        unit = parts[1]
+    else:
+        raise fail(f"{key} = {value!r}: expected a number and an optional unit")
+    if unit not in units:
+        raise fail(f"{key} = {value!r}: unknown unit {unit!r} (expected one of {sorted(units)})")
+    return _float(parts[0], key, fail) * units[unit]
+
+
+def _length_or_path(value: str, key: str, fail: _Fail) -> tuple[float | None, str | None]:
+    """A length in metres (``m``/``mm``), or an HDF5 path (value None, path kept)."""
+    if value.startswith("/"):
+        return None, value
+    return _number_with_unit(value, key, {"m": 1.0, "mm": 1e-3}, "m", fail), None
+
+
+def parse_vector(value: str, key: str = "vector", fail: _Fail | None = None) -> np.ndarray:
+    """``"+0.0010x -0.9999y +0.0z"``, ``"-x"``, ``"x"`` or ``"1e-3x+1y"`` -> array (3,)."""
+    fail = fail or _Fail(None, None)
+    text = "".join(value.split())
+    vector = np.zeros(3)
+    coefficient = ""
+    for char in text:
+        axis = "xyz".find(char)
+        if axis < 0:
+            coefficient += char
+            continue
+        if coefficient in {"", "+"}:
+            number = 1.0
+        elif coefficient == "-":
+            number = -1.0
+        else:
+            number = _float(coefficient, key, fail)
+        vector[axis] += number
+        coefficient = ""
+    if coefficient or not text:
+        raise fail(f"{key} = {value!r} is not a direction like '+0.001x -0.999y +0.0z'")
+    if not np.any(vector):
+        raise fail(f"{key} = {value!r} is a zero vector")
+    return vector
+
+
+def format_vector(vector: np.ndarray) -> str:
+    """Inverse of :func:`parse_vector`, exact (shortest round-tripping float repr)."""
+    return " ".join(f"{float(c):+}{axis}" for c, axis in zip(vector, "xyz"))
+
+
+def _electron_wavelength_A(volts: float) -> float:
+    """Relativistic de Broglie wavelength of an electron accelerated through ``volts``."""
+    energy = volts  # eV
+    momentum_ev = math.sqrt(energy * (energy + 2.0 * _ELECTRON_MC2_EV))  # p*c in eV
+    return _H_C_M_EV / momentum_ev * 1e10
+
+
+# --------------------------------------------------------------------------------------------
+# data classes
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class Panel:
+    """One rectangle of the raw data array and where it sits in the lab (all values resolved)."""
+
+    name: str
+    min_fs: int
+    max_fs: int
+    min_ss: int
+    max_ss: int
+    fs: np.ndarray
+    ss: np.ndarray
+    corner_x: float
+    corner_y: float
+    res: float
+    clen_m: float | None = None
+    clen_path: str | None = None
+    coffset_m: float = 0.0
+    adu_per_photon: float | None = None
+    adu_per_eV: float | None = None
+    max_adu: float | None = None
+    no_index: bool = False
+    mask_edge_pixels: int = 0
+    dims: list[str] = field(default_factory=lambda: ["ss", "fs"])
+    extra: dict[str, str] = field(default_factory=dict)
+    line: int | None = None
+
+    @property
+    def width(self) -> int:
+        return self.max_fs - self.min_fs + 1
+
+    @property
+    def height(self) -> int:
+        return self.max_ss - self.min_ss + 1
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.height, self.width)
+
+    @property
+    def dim_index(self) -> dict[int, int]:
+        """Fixed indices of extra dimensions (``p0a0/dim1 = 0``), numbered as in the file."""
+        return {n: int(d) for n, d in enumerate(self.dims) if d.lstrip("-").isdigit()}
+
+    def _data_dims(self) -> list[str]:
+        """The panel's dimensions without the frame placeholder(s)."""
+        return [d for d in self.dims if d != "%"]
+
+    def slab_index(self) -> tuple[Any, ...]:
+        """Index into one frame's raw array that picks this panel (``(ss, fs)`` ordered)."""
+        index: list[Any] = []
+        for dim in self._data_dims():
+            if dim == "ss":
+                index.append(slice(self.min_ss, self.max_ss + 1))
+            elif dim == "fs":
+                index.append(slice(self.min_fs, self.max_fs + 1))
+            else:
+                index.append(int(dim))
+        return tuple(index)
+
+    def same_as(self, other: Panel) -> bool:
+        """Field-by-field equality (dataclass ``==`` cannot compare numpy vectors)."""
+        for name in self.__dataclass_fields__:
+            if name == "line":
+                continue
+            a, b = getattr(self, name), getattr(other, name)
+            if isinstance(a, np.ndarray):
+                if not np.array_equal(a, b):
+                    return False
+            elif a != b:
+                return False
+        return True
+
+
+@dataclass
+class BadRegion:
+    """A rectangle of bad pixels: raw ``fs``/``ss`` (optionally on one panel) or lab ``x``/``y``.
+
+    ``x``/``y`` are in pixels relative to the beam, like ``corner_x``; all bounds are inclusive.
+    """
+
+    name: str
+    kind: str  # "fs_ss" or "xy"
+    min_fs: float | None = None
+    max_fs: float | None = None
+    min_ss: float | None = None
+    max_ss: float | None = None
+    min_x: float | None = None
+    max_x: float | None = None
+    min_y: float | None = None
+    max_y: float | None = None
+    panel: str | None = None
+    line: int | None = field(default=None, compare=False)
+
+    def to_lines(self) -> list[str]:
+        keys = (("min_fs", "max_fs", "min_ss", "max_ss") if self.kind == "fs_ss"
+                else ("min_x", "max_x", "min_y", "max_y"))
+        lines = [f"{self.name}/{k} = {_fmt(getattr(self, k))}" for k in keys]
+        if self.panel is not None:
+            lines.append(f"{self.name}/panel = {self.panel}")
+        return lines
+
+
+def _fmt(value: float | int) -> str:
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
+        return str(int(value))
+    return repr(value)
+
+
+@dataclass
+class Geometry:
+    """A parsed ``.geom`` file; see the module docstring for the contract."""
+
+    panels: list[Panel] = field(default_factory=list)
+    data: str | None = None
+    dims: list[str] = field(default_factory=lambda: ["ss", "fs"])
+    photon_energy_eV: float | None = None
+    photon_energy_path: str | None = None
+    wavelength_A: float | None = None
+    clen_m: float | None = None
+    clen_path: str | None = None
+    adu_per_photon: float | None = None
+    adu_per_eV: float | None = None
+    bandwidth: float | None = None
+    peak_list: str | None = None
+    peak_list_type: str | None = None
+    mask: str | None = None
+    mask_file: str | None = None
+    mask_good: int | None = None
+    mask_bad: int | None = None
+    bad_regions: list[BadRegion] = field(default_factory=list)
+    keys: dict[str, str] = field(default_factory=dict)
+    path: str | None = None
+
+    # ---- layout ------------------------------------------------------------------------------
+
+    @property
+    def n_panels(self) -> int:
+        return len(self.panels)
+
+    def panel_by_name(self, name: str) -> Panel:
+        for panel in self.panels:
+            if panel.name == name:
+                return panel
+        raise KeyError(f"no panel named {name!r} in {self.path or 'geometry'}")
+
+    def panel_index(self) -> dict[str, int]:
+        """Name -> position, for readers that look panels up by name many times."""
+        return {p.name: i for i, p in enumerate(self.panels)}
+
+    @property
+    def slab_shape(self) -> tuple[int, ...]:
+        if not self.panels:
+            return (0, 0)
+        extents: list[int] = []
+        dims = self.panels[0]._data_dims()
+        for axis, dim in enumerate(dims):
+            if dim == "ss":
+                extents.append(max(p.max_ss for p in self.panels) + 1)
+            elif dim == "fs":
+                extents.append(max(p.max_fs for p in self.panels) + 1)
+            else:
+                extents.append(max(int(p._data_dims()[axis]) for p in self.panels) + 1)
+        return tuple(extents)
+
+    def panel_slices(self) -> list[tuple[slice, slice]]:
+        return [(slice(p.min_ss, p.max_ss + 1), slice(p.min_fs, p.max_fs + 1))
+                for p in self.panels]
+
+    def split_slab(self, slab: np.ndarray) -> list[np.ndarray]:
+        """Per-panel views of one frame (no copy); ``slab`` has the layout of ``slab_shape``."""
+        if slab.ndim != len(self.slab_shape):
+            raise GeometryError(self.path, f"data of shape {slab.shape} does not fit the "
+                                           f"geometry's layout {self.slab_shape}")
+        views = []
+        for panel in self.panels:
+            view = slab[panel.slab_index()]
+            if view.shape != panel.shape:
+                raise GeometryError(self.path, f"panel {panel.name} {panel.shape} does not fit "
+                                               f"in data of shape {slab.shape}")
+            views.append(view)
+        return views
+
+    def assemble_slab(self, panels: Sequence[np.ndarray], fill: float = 0) -> np.ndarray:
+        """Inverse of :meth:`split_slab` (pixels covered by no panel get ``fill``)."""
+        if len(panels) != self.n_panels:
+            raise ValueError(f"expected {self.n_panels} panels, got {len(panels)}")
+        dtype = np.result_type(*[np.asarray(p).dtype for p in panels]) if panels else np.float32
+        slab = np.full(self.slab_shape, fill, dtype=dtype)
+        for panel, values in zip(self.panels, panels):
+            slab[panel.slab_index()] = values
+        return slab
+
+    def bad_pixel_masks(self) -> list[np.ndarray]:
+        """One bool array per panel, True = good, from no_index, mask_edge_pixels, bad regions."""
+        masks = []
+        for panel in self.panels:
+            good = np.ones(panel.shape, dtype=bool)
+            if panel.no_index:
+                good[:] = False
+            edge = panel.mask_edge_pixels
+            if edge > 0:
+                good[:edge, :] = False
+                good[-edge:, :] = False
+                good[:, :edge] = False
+                good[:, -edge:] = False
+            for region in self.bad_regions:
+                _apply_bad_region(good, panel, region)
+            masks.append(good)
+        return masks
+
+    # ---- coordinate conversions (vectorised) -------------------------------------------------
+
+    def raw_to_panel(self, fs: Any, ss: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Raw slab pixel-centre coordinates -> (panel index, panel fs, panel ss); -1 if none."""
+        fs = np.asarray(fs, dtype=float)
+        ss = np.asarray(ss, dtype=float)
+        index = np.full(np.broadcast(fs, ss).shape, -1, dtype=np.int64)
+        for i, p in enumerate(self.panels):
+            inside = ((fs >= p.min_fs - 0.5) & (fs < p.max_fs + 0.5)
+                      & (ss >= p.min_ss - 0.5) & (ss < p.max_ss + 0.5) & (index < 0))
+            index[inside] = i
+        mins = self._per_panel(index, ("min_fs", "min_ss"))
+        pfs = np.where(index >= 0, fs - mins[0], np.nan)
+        pss = np.where(index >= 0, ss - mins[1], np.nan)
+        return index, pfs, pss
+
+    def panel_to_raw(self, panel_index: Any, pfs: Any, pss: Any) -> tuple[np.ndarray, np.ndarray]:
+        index = np.asarray(panel_index, dtype=np.int64)
+        mins = self._per_panel(index, ("min_fs", "min_ss"), strict=True)
+        return np.asarray(pfs, dtype=float) + mins[0], np.asarray(pss, dtype=float) + mins[1]
+
+    def panel_to_lab(self, panel_index: Any, pfs: Any, pss: Any,
+                     clen_m: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Pixel centre -> lab position in metres.  ``clen_m`` overrides a path-valued clen."""
+        index = np.asarray(panel_index, dtype=np.int64)
+        table = self._placement(clen_m)
+        _check_indices(index, self.n_panels)
+        a = np.asarray(pfs, dtype=float) + 0.5  # distance from the panel corner, in pixels
+        b = np.asarray(pss, dtype=float) + 0.5
+        row = table[index]
+        x = (row[..., 0] + a * row[..., 3] + b * row[..., 6]) / row[..., 9]
+        y = (row[..., 1] + a * row[..., 4] + b * row[..., 7]) / row[..., 9]
+        z = (row[..., 2] + a * row[..., 5] + b * row[..., 8]) / row[..., 9]
+        return x, y, z
+
+    def lab_to_panel(self, x: Any, y: Any, z: Any,
+                     clen_m: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Where the ray from the sample through (x, y, z) hits a panel (nearest hit wins)."""
+        ray = np.stack(np.broadcast_arrays(np.asarray(x, float), np.asarray(y, float),
+                                           np.asarray(z, float)), axis=-1)
+        shape = ray.shape[:-1]
+        ray = ray.reshape(-1, 3)
+        best_t = np.full(len(ray), np.inf)
+        index = np.full(len(ray), -1, dtype=np.int64)
+        pfs = np.full(len(ray), np.nan)
+        pss = np.full(len(ray), np.nan)
+        for i, (p, row) in enumerate(zip(self.panels, self._placement(clen_m))):
+            corner = row[0:3] / row[9]  # metres
+            fs_m, ss_m = row[3:6] / row[9], row[6:9] / row[9]
+            normal = np.cross(fs_m, ss_m)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                t = (normal @ corner) / (ray @ normal)
+            hit = ray * t[:, None] - corner
+            gram = np.array([[fs_m @ fs_m, fs_m @ ss_m], [fs_m @ ss_m, ss_m @ ss_m]])
+            ab = np.linalg.solve(gram, np.stack([hit @ fs_m, hit @ ss_m])).T
+            a, b = ab[:, 0] - 0.5, ab[:, 1] - 0.5
+            ok = ((t > 0) & (t < best_t) & (a >= -0.5) & (a < p.width - 0.5)
+                  & (b >= -0.5) & (b < p.height - 0.5))
+            best_t[ok], index[ok], pfs[ok], pss[ok] = t[ok], i, a[ok], b[ok]
+        return index.reshape(shape), pfs.reshape(shape), pss.reshape(shape)
+
+    def lab_to_one_over_d(self, x: Any, y: Any, z: Any,
+                          wavelength_A: float | None = None) -> np.ndarray:
+        """1/d = 2 sin(theta) / lambda in 1/Angstrom, 2*theta being the angle to the beam (+z)."""
+        wavelength = self._wavelength(wavelength_A)
+        x, y, z = (np.asarray(v, dtype=float) for v in (x, y, z))
+        cos_two_theta = z / np.sqrt(x * x + y * y + z * z)
+        return np.sqrt(np.maximum(2.0 - 2.0 * cos_two_theta, 0.0)) / wavelength
+
+    def panel_to_one_over_d(self, panel_index: Any, pfs: Any, pss: Any,
+                            wavelength_A: float | None = None,
+                            clen_m: float | None = None) -> np.ndarray:
+        return self.lab_to_one_over_d(*self.panel_to_lab(panel_index, pfs, pss, clen_m),
+                                      wavelength_A=wavelength_A)
+
+    def _wavelength(self, wavelength_A: float | None) -> float:
+        if wavelength_A is not None:
+            return float(wavelength_A)
+        if self.wavelength_A is None:
+            raise GeometryError(self.path, "no photon energy or wavelength as a number in the "
+                                           "geometry; pass wavelength_A")
+        return self.wavelength_A
+
+    def _placement(self, clen_m: float | None) -> np.ndarray:
+        """Per panel: corner (x, y, z) in pixels, fs (3), ss (3), res -> array (n_panels, 10)."""
+        table = np.empty((self.n_panels, 10))
+        for i, p in enumerate(self.panels):
+            clen = clen_m if clen_m is not None else p.clen_m
+            if clen is None:
+                raise GeometryError(self.path, f"panel {p.name}: camera length is "
+                                               f"{p.clen_path or 'missing'}; pass clen_m",
+                                    line=p.line)
+            table[i, 0:3] = (p.corner_x, p.corner_y, (clen + p.coffset_m) * p.res)
+            table[i, 3:6] = p.fs
+            table[i, 6:9] = p.ss
+            table[i, 9] = p.res
+        return table
+
+    def _per_panel(self, index: np.ndarray, names: tuple[str, ...],
+                   strict: bool = False) -> list[np.ndarray]:
+        if strict:
+            _check_indices(index, self.n_panels)
+        values = []
+        for name in names:
+            column = np.array([getattr(p, name) for p in self.panels] + [0], dtype=float)
+            values.append(column[np.where(index >= 0, index, len(self.panels))])
+        return values
+
+    # ---- output ------------------------------------------------------------------------------
+
+    def to_text(self, **extra_keys: Any) -> str:
+        """The geometry as ``.geom`` text: globals as written, then every panel fully resolved.
+
+        Reading the text back gives identical panels, bad regions and globals.
+        """
+        keys = dict(self.keys)
+        keys.update({k: str(v) for k, v in extra_keys.items()})
+        defaults = {k: v for k, v in keys.items() if k in PANEL_KEYS or _is_dim(k)}
+        lines = ["; written by peaknet-xtal"]
+        lines += [f"{k} = {v}" for k, v in keys.items() if k not in defaults]
+        for panel in self.panels:
+            lines.append("")
+            lines += _panel_lines(panel)
+        for region in self.bad_regions:
+            lines.append("")
+            lines += region.to_lines()
+        if defaults:  # after the panels, which carry their own resolved values
+            lines += ["", "; global values (every panel above states its own)"]
+            lines += [f"{k} = {v}" for k, v in defaults.items()]
+        return "\n".join(lines) + "\n"
+
+
+def _check_indices(index: np.ndarray, n: int) -> None:
+    if np.any((index < 0) | (index >= n)):
+        raise IndexError(f"panel index out of range 0..{n - 1}")
+
+
+def _apply_bad_region(good: np.ndarray, panel: Panel, region: BadRegion) -> None:
+    if region.panel is not None and region.panel != panel.name:
+        return
+    if region.kind == "fs_ss":
+        assert region.min_fs is not None and region.max_fs is not None
+        assert region.min_ss is not None and region.max_ss is not None
+        f0 = max(int(math.ceil(region.min_fs)) - panel.min_fs, 0)
+        f1 = min(int(math.floor(region.max_fs)) - panel.min_fs, panel.width - 1)
+        s0 = max(int(math.ceil(region.min_ss)) - panel.min_ss, 0)
+        s1 = min(int(math.floor(region.max_ss)) - panel.min_ss, panel.height - 1)
+        if f0 <= f1 and s0 <= s1:
+            good[s0:s1 + 1, f0:f1 + 1] = False
+        return
+    ss_idx, fs_idx = np.mgrid[0:panel.height, 0:panel.width]
+    a, b = fs_idx + 0.5, ss_idx + 0.5  # pixel centres measured from the corner
+    x = panel.corner_x + a * panel.fs[0] + b * panel.ss[0]
+    y = panel.corner_y + a * panel.fs[1] + b * panel.ss[1]
+    good &= ~((x >= region.min_x) & (x <= region.max_x) & (y >= region.min_y)
+              & (y <= region.max_y))
+
+
+def _panel_lines(p: Panel) -> list[str]:
+    n = p.name
+    lines = [f"{n}/min_fs = {p.min_fs}", f"{n}/max_fs = {p.max_fs}",
+             f"{n}/min_ss = {p.min_ss}", f"{n}/max_ss = {p.max_ss}",
+             f"{n}/fs = {format_vector(p.fs)}", f"{n}/ss = {format_vector(p.ss)}",
+             f"{n}/corner_x = {p.corner_x!r}", f"{n}/corner_y = {p.corner_y!r}",
+             f"{n}/res = {p.res!r}", f"{n}/coffset = {p.coffset_m!r}",
+             f"{n}/no_index = {int(p.no_index)}", f"{n}/mask_edge_pixels = {p.mask_edge_pixels}"]
+    if p.clen_path is not None:
+        lines.append(f"{n}/clen = {p.clen_path}")
+    elif p.clen_m is not None:
+        lines.append(f"{n}/clen = {p.clen_m!r}")
+    for key in ("adu_per_photon", "adu_per_eV", "max_adu"):
+        if getattr(p, key) is not None:
+            lines.append(f"{n}/{key} = {getattr(p, key)!r}")
+    lines += [f"{n}/dim{i} = {d}" for i, d in enumerate(p.dims)]
+    lines += [f"{n}/{k} = {v}" for k, v in p.extra.items()]
+    return lines
+
+
+# --------------------------------------------------------------------------------------------
+# parsing
+# --------------------------------------------------------------------------------------------
+
+_Entry = tuple[str, int]  # (raw value, line number)
+
+
+class _Parser:
+    """One pass over the lines, collecting raw values; resolution happens at the end."""
+
+    def __init__(self, path: str | None) -> None:
+        self.path = path
+        self.geometry = Geometry(path=path)
+        self.defaults: dict[str, _Entry] = {}
+        self.panels: dict[str, dict[str, _Entry]] = {}
+        self.panel_lines: dict[str, int] = {}
+        self.explicit: dict[str, set[str]] = {}
+        self.bad: dict[str, dict[str, _Entry]] = {}
+        self.bad_lines: dict[str, int] = {}
+        self.global_lines: dict[str, int] = {}
+
+    def fail(self, line: int | None) -> _Fail:
+        return _Fail(self.path, line)
+
+    def feed(self, raw: str, number: int) -> None:
+        text = raw.split(";", 1)[0].strip()
+        if not text:
+            return
+        if "=" not in text:
+            raise self.fail(number)(f"expected 'key = value', got {raw.strip()!r}")
+        key, value = (part.strip() for part in text.split("=", 1))
+        if not key or not value:
+            raise self.fail(number)(f"expected 'key = value', got {raw.strip()!r}")
+        if any(c.isspace() for c in key):
+            raise self.fail(number)(f"malformed key {key!r}")
+        if "/" not in key:
+            self._global(key, value, number)
+            return
+        name, _, sub = key.partition("/")
+        if not name or not sub or "/" in sub:
+            raise self.fail(number)(f"malformed key {key!r} (expected 'panel/key')")
+        if name.startswith("bad"):
+            if sub not in _BAD_KEYS:
+                raise self.fail(number)(f"unknown bad-region key {key!r}")
+            self.bad_lines.setdefault(name, number)
+            self.bad.setdefault(name, {})[sub] = (value, number)
+            return
+        if name not in self.panels:
+            self.panels[name] = dict(self.defaults)
+            self.panel_lines[name] = number
+            self.explicit[name] = set()
+        self.panels[name][sub] = (value, number)
+        self.explicit[name].add(sub)
+
+    def _global(self, key: str, value: str, number: int) -> None:
+        self.geometry.keys.pop(key, None)  # keep file order of the last assignment
+        self.geometry.keys[key] = value
+        self.global_lines[key] = number
+        if key in PANEL_KEYS or _is_dim(key):
+            self.defaults[key] = (value, number)
+        if key.startswith(("rigid_group", "group_")):
+            return
+        self._set_global_field(key, value, self.fail(number))
+
+    def _set_global_field(self, key: str, value: str, fail: _Fail) -> None:
+        g = self.geometry
+        if key == "clen":
+            g.clen_m, g.clen_path = _length_or_path(value, key, fail)
+        elif key == "photon_energy":
+            if value.startswith("/"):
+                g.photon_energy_path, g.photon_energy_eV = value, None
+            else:
+                g.photon_energy_eV = _number_with_unit(value, key, {"eV": 1.0, "keV": 1e3},
+                                                       "eV", fail)
+        elif key == "wavelength":
+            if value.startswith("/"):
+                g.photon_energy_path, g.photon_energy_eV = value, None
+            else:
+                metres = _number_with_unit(value, key, {"m": 1.0, "A": 1e-10}, "m", fail)
+                g.photon_energy_eV = HC_EV_A / (metres * 1e10) if metres > 0 else None
+        elif key == "electron_voltage":
+            if value.startswith("/"):
+                g.photon_energy_path, g.photon_energy_eV = value, None
+            else:
+                volts = _number_with_unit(value, key, {"V": 1.0, "kV": 1e3}, "V", fail)
+                g.photon_energy_eV = HC_EV_A / _electron_wavelength_A(volts) if volts > 0 else None
+        elif key in {"adu_per_photon", "adu_per_eV", "bandwidth", "coffset", "res", "max_adu"}:
+            number = _float(value, key, fail)
+            if key in {"adu_per_photon", "adu_per_eV", "bandwidth"}:
+                setattr(g, key, number)
+        elif key in {"data", "peak_list", "peak_list_type"}:
+            setattr(g, key, value)
+        elif key in {"mask", "mask0_data"}:
+            g.mask = value
+        elif key in {"mask_file", "mask0_file"}:
+            g.mask_file = value
+        elif key in {"mask_good", "mask0_goodbits"}:
+            g.mask_good = _bits(value, key, fail)
+        elif key in {"mask_bad", "mask0_badbits"}:
+            g.mask_bad = _bits(value, key, fail)
+        elif _is_dim(key):
+            _dim_value(value, key, fail)
+
+    def finish(self) -> Geometry:
+        g = self.geometry
+        if g.photon_energy_eV is not None and g.photon_energy_eV > 0:
+            g.wavelength_A = HC_EV_A / g.photon_energy_eV
+        g.panels = [self._panel(name, values) for name, values in self.panels.items()]
+        if g.panels:
+            g.dims = g.panels[0].dims
+        names = {p.name for p in g.panels}
+        g.bad_regions = [self._bad_region(name, values, names)
+                         for name, values in self.bad.items()]
+        if not g.panels:
+            raise self.fail(None)("no panels defined (no 'name/min_fs = ...' lines)")
+        return g
+
+    def _panel(self, name: str, values: dict[str, _Entry]) -> Panel:
+        line = self.panel_lines[name]
+        for key in ("min_fs", "max_fs", "min_ss", "max_ss", "corner_x", "corner_y", "res"):
+            if key in values:  # a bad number is reported before anything missing
+                convert = _float if key in {"corner_x", "corner_y", "res"} else _int
+                convert(values[key][0], f"{name}/{key}", self.fail(values[key][1]))
+        for key in _REQUIRED_PANEL_KEYS:
+            if key not in values:
+                raise self.fail(line)(f"panel {name} has no {key}")
+        ints = {k: _int(values[k][0], f"{name}/{k}", self.fail(values[k][1]))
+                for k in ("min_fs", "max_fs", "min_ss", "max_ss")}
+        if ints["max_fs"] < ints["min_fs"] or ints["max_ss"] < ints["min_ss"]:
+            raise self.fail(values["max_fs"][1])(
+                f"panel {name}: max_fs/max_ss must not be below min_fs/min_ss")
+
+        def number(key: str, default: float | None = None) -> float | None:
+            if key not in values:
+                return default
+            return _float(values[key][0], f"{name}/{key}", self.fail(values[key][1]))
+
+        def vector(key: str, default: str) -> np.ndarray:
+            raw, at = values.get(key, (default, line))
+            return parse_vector(raw, f"{name}/{key}", self.fail(at))
+
+        res = number("res")
+        assert res is not None
+        if res <= 0:
+            raise self.fail(values["res"][1])(f"panel {name}: res must be positive")
+        clen_m, clen_path = (None, None)
+        if "clen" in values:
+            clen_m, clen_path = _length_or_path(values["clen"][0], f"{name}/clen",
+                                                self.fail(values["clen"][1]))
+        coffset = 0.0
+        if "coffset" in values:
+            coffset = _number_with_unit(values["coffset"][0], f"{name}/coffset",
+                                        {"m": 1.0, "mm": 1e-3}, "m",
+                                        self.fail(values["coffset"][1]))
+        no_index = False
+        if "no_index" in values:
+            no_index = _bool(values["no_index"][0], f"{name}/no_index",
+                             self.fail(values["no_index"][1]))
+        edge = 0
+        if "mask_edge_pixels" in values:
+            edge = _int(values["mask_edge_pixels"][0], f"{name}/mask_edge_pixels",
+                        self.fail(values["mask_edge_pixels"][1]))
+        dims = _dims_from({k: v for k, v in values.items() if _is_dim(k)}, self.fail(line))
+        extra = {k: v for k, (v, _) in values.items() if k in self.explicit[name]
+                 and k not in _RESOLVED_PANEL_KEYS and not _is_dim(k)}
+        return Panel(
+            name=name, **ints, fs=vector("fs", "x"), ss=vector("ss", "y"),
+            corner_x=number("corner_x") or 0.0, corner_y=number("corner_y") or 0.0, res=res,
+            clen_m=clen_m, clen_path=clen_path, coffset_m=coffset,
+            adu_per_photon=number("adu_per_photon"), adu_per_eV=number("adu_per_eV"),
+            max_adu=number("max_adu"), no_index=no_index, mask_edge_pixels=edge, dims=dims,
+            extra=extra, line=line,
+        )
+
+    def _bad_region(self, name: str, values: dict[str, _Entry], panels: set[str]) -> BadRegion:
+        line = self.bad_lines[name]
+        fs_keys = ("min_fs", "max_fs", "min_ss", "max_ss")
+        xy_keys = ("min_x", "max_x", "min_y", "max_y")
+        has_fs = [k for k in fs_keys if k in values]
+        has_xy = [k for k in xy_keys if k in values]
+        if has_fs and has_xy:
+            raise self.fail(line)(f"bad region {name} mixes fs/ss and x/y limits")
+        keys = fs_keys if has_fs else xy_keys
+        missing = [k for k in keys if k not in values]
+        if missing:
+            raise self.fail(line)(f"bad region {name} has no {', '.join(missing)}")
+        bounds = {k: _float(values[k][0], f"{name}/{k}", self.fail(values[k][1])) for k in keys}
+        panel = None
+        if "panel" in values:
+            panel, at = values["panel"]
+            if not has_fs:
+                raise self.fail(at)(f"bad region {name}: 'panel' needs fs/ss limits")
+            if panel not in panels:
+                raise self.fail(at)(f"bad region {name} names unknown panel {panel!r}")
+        return BadRegion(name=name, kind="fs_ss" if has_fs else "xy", panel=panel, line=line,
+                         **bounds)
+
+
+def _is_dim(key: str) -> bool:
+    return key.startswith("dim") and key[3:].isdigit()
+
+
+def _dim_value(value: str, key: str, fail: _Fail) -> str:
+    if value in {"%", "ss", "fs"} or value.isdigit():
+        return value
+    raise fail(f"{key} = {value!r}: expected %, ss, fs or a whole number")
+
+
+def _dims_from(entries: dict[str, _Entry], fail: _Fail) -> list[str]:
+    """``{"dim0": "%", "dim1": "ss", ...}`` -> ``["%", "ss", ...]``; default ``["ss", "fs"]``."""
+    if not entries:
+        return ["ss", "fs"]
+    by_number = {int(k[3:]): (v, at) for k, (v, at) in entries.items()}
+    dims = []
+    for n in range(max(by_number) + 1):
+        if n not in by_number:
+            raise _Fail(fail.path, max(at for _, at in by_number.values()))(
+                f"dim{n} is missing (dimensions {sorted(by_number)} given)")
+        value, at = by_number[n]
+        dims.append(_dim_value(value, f"dim{n}", _Fail(fail.path, at)))
+    if dims.count("ss") != 1 or dims.count("fs") != 1 or dims.index("ss") > dims.index("fs"):
+        at = max(at for _, at in by_number.values())
+        raise _Fail(fail.path, at)(f"dimensions {dims}: need one ss before one fs")
+    return dims
+
+
+def parse_geometry(text: str, path: str | os.PathLike[str] | None = None) -> Geometry:
+    """Parse ``.geom`` text; every problem raises GeometryError naming ``path`` and the line."""
+    parser = _Parser(None if path is None else str(path))
+    for number, raw in enumerate(text.splitlines(), start=1):
+        parser.feed(raw, number)
+    return parser.finish()
+
+
+def read_geometry(path: str | os.PathLike[str]) -> Geometry:
+    try:
+        text = Path(path).read_text(encoding="utf-8", errors="strict")
+    except UnicodeDecodeError as exc:
+        raise GeometryError(path, f"not a text file ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise GeometryError(path, f"cannot read: {exc.strerror or exc}") from None
+    return parse_geometry(text, path)
+
+
+def write_geometry(geometry: Geometry, path: str | os.PathLike[str], **extra_keys: Any) -> None:
+    """Write ``geometry.to_text(**extra_keys)`` atomically (nothing half-written on a crash)."""
+    write_text_atomic(path, geometry.to_text(**extra_keys))

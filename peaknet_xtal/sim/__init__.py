@@ -1,1 +1,13 @@
-"""sim."""
+"""Still-diffraction simulator with exact ground truth (issue 3).
+
+``frame, truth = simulate_frame(geometry, seed, SimConfig(...))`` simulates one XFEL still on any
+CrystFEL geometry; :mod:`peaknet_xtal.sim.output` writes CXI stacks, truth, streams and geometry.
+"""
+from __future__ import annotations
+
+from .config import SimConfig
+from .crystal import PRESET_CELLS, Cell
+from .simulate import REFLECTION_DTYPE, CrystalTruth, SimTruth, simulate_frame
+
+__all__ = ["SimConfig", "SimTruth", "CrystalTruth", "Cell", "PRESET_CELLS", "REFLECTION_DTYPE",
+           "simulate_frame"]

@@ -1,0 +1,125 @@
+"""Benchmark the PeakNet models on CPU against DIALS' dispersion threshold on the same frames.
+
+    python benchmarks/bench_model.py [--threads 2] [--repeat 3] [--skip-sizes]
+
+Prints, for the default model: seconds per frame on a real 2.3-Mpx CSPAD still and a 6-Mpx
+Pilatus frame beside DIALS' dispersion threshold (the core of dials.find_spots) on the same
+pixels in the same run, with their ratio; images/s at batch 1 and 8 on one CSPAD panel stack.
+Then parameters and FLOPs per megapixel of every registered size (counted on the meta device).
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+REAL = ROOT.parent / "shared" / "data" / "real"
+
+
+def read_panels(path: Path) -> list[np.ndarray]:
+    import dxtbx
+
+    raw = dxtbx.load(str(path)).get_raw_data()
+    raw = raw if isinstance(raw, tuple) else (raw,)
+    return [r.as_numpy_array().astype(np.float32) for r in raw]
+
+
+def best_of(fn, repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def model_seconds(model, panels: list[np.ndarray], repeat: int) -> float:
+    import torch
+
+    def run() -> None:
+        with torch.inference_mode():
+            for p in panels:
+                model(torch.from_numpy(p)[None, None])
+    return best_of(run, repeat)
+
+
+def dials_seconds(panels: list[np.ndarray], repeat: int) -> float:
+    from dials.algorithms.image.threshold import DispersionThreshold
+    from dials.array_family import flex
+
+    data = [flex.double(p.astype(np.float64)) for p in panels]
+    masks = [flex.bool(np.ones(p.shape, bool)) for p in panels]
+    algos = [DispersionThreshold(p.shape, (3, 3), 6.0, 3.0, 0.0, 2) for p in panels]
+
+    def run() -> None:
+        for algo, d, m in zip(algos, data, masks):
+            out = flex.bool(flex.grid(d.all()))
+            algo(d, m, out)
+    return best_of(run, repeat)
+
+
+def flops_per_mpx(name: str) -> tuple[float, float]:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from peaknet_xtal.models import create_model
+
+    with torch.device("meta"):
+        model = create_model(name).eval()
+        x = torch.zeros(1, 1, 256, 256)
+    params = sum(p.numel() for p in model.parameters())
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        feats = model.neck(model.backbone(x))
+        model.head(feats, (256, 256))
+    return params, counter.get_total_flops() / (256 * 256 / 1e6)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--skip-sizes", action="store_true")
+    args = parser.parse_args()
+
+    import torch
+
+    from peaknet_xtal.models import list_models, load_model
+
+    torch.set_num_threads(args.threads)
+    model = load_model("default")
+    frames = {
+        "CSPAD 2.3 Mpx": sorted((REAL / "cspad_thermolysin_stills").glob("*.cbf"))[0],
+        "Pilatus 6M": sorted((REAL / "pilatus6m_thaumatin_grid").glob("*"))[0],
+    }
+    print(f"{'frame':16s} {'Mpx':>5s} {'model s':>8s} {'DIALS s':>8s} {'ratio':>6s}")
+    for label, path in frames.items():
+        panels = read_panels(path)
+        mpx = sum(p.size for p in panels) / 1e6
+        t_model = model_seconds(model, panels, args.repeat)
+        try:
+            t_dials = dials_seconds(panels, args.repeat)
+        except Exception as exc:  # DIALS missing: still report the model
+            print(f"  (DIALS dispersion unavailable: {exc})")
+            t_dials = float("nan")
+        print(f"{label:16s} {mpx:5.2f} {t_model:8.3f} {t_dials:8.3f} {t_model / t_dials:6.1f}x")
+    panel = torch.from_numpy(read_panels(frames["CSPAD 2.3 Mpx"])[0])[None, None]
+    for batch in (1, 8):
+        x = panel.expand(batch, 1, *panel.shape[-2:]).contiguous()
+        with torch.inference_mode():
+            seconds = best_of(lambda: model(x), args.repeat)
+        print(f"batch {batch}: {batch / seconds:8.1f} images/s (CSPAD panel {tuple(x.shape[-2:])})")
+    if not args.skip_sizes:
+        print(f"\n{'size':18s} {'params (M)':>11s} {'GFLOP/Mpx':>10s}")
+        for name in list_models():
+            params, flops = flops_per_mpx(name)
+            print(f"{name:18s} {params / 1e6:11.2f} {flops / 1e9:10.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,278 @@
+"""peaknet-show: summarise the files of a serial-crystallography run, like dials.show.
+
+    peaknet-show FILE... [--json] [--geometry G.geom] [--max-frames N]
+
+Understands CrystFEL streams (chunks, peaks, crystals, reflections, peaks per frame), CrystFEL
+geometries (panels, slab shape, photon energy, clen), CXI/HDF5 files (frames, image shape, value
+range, peak tables), images DIALS can read (.cbf, .cbf.bz2, .nxs...: panels, shapes, value
+ranges), and DIALS .expt/.refl files.  --json prints one JSON object per file in a list instead.
+Value ranges of CXI stacks are taken over the first --max-frames frames (default 20), which is
+said in the output.  A file that cannot be read is reported on stderr and the exit status is 1.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from ..config import cli_parser, resolve, setup_logging
+from ..errors import FormatError
+
+DEFAULTS = {"files": [], "json": False, "geometry": None, "max_frames": 20}
+
+
+def _spread(values: Sequence[int] | np.ndarray) -> dict[str, float]:
+    """min / median / max of a per-frame count (zeros for an empty run)."""
+    arr = np.asarray(values, dtype=float)
+    if arr.size == 0:
+        return {"min": 0, "median": 0, "max": 0}
+    return {"min": int(arr.min()), "median": float(np.median(arr)), "max": int(arr.max())}
+
+
+def _value_range(arrays: Sequence[np.ndarray], masks: Sequence[np.ndarray] | None = None
+                 ) -> list[float] | None:
+    lo, hi = np.inf, -np.inf
+    for i, a in enumerate(arrays):
+        values = a[masks[i]] if masks is not None else a
+        if values.size:
+            lo, hi = min(lo, float(values.min())), max(hi, float(values.max()))
+    return None if lo > hi else [lo, hi]
+
+
+def show_stream(path: str, **_: Any) -> dict[str, Any]:
+    """Stream counts, read chunk by chunk (constant memory on multi-GB streams)."""
+    from ..io.stream import iter_stream
+
+    peaks, indexed, chunks, crystals, reflections, headers = [], 0, 0, 0, 0, 0
+    geometry_panels = None
+    for item in iter_stream(path):
+        if not hasattr(item, "crystals"):  # a (possibly repeated) header
+            headers += 1
+            if geometry_panels is None and item.geometry is not None:
+                geometry_panels = item.geometry.n_panels
+            continue
+        chunks += 1
+        peaks.append(item.n_peaks)
+        crystals += len(item.crystals)
+        indexed += bool(item.crystals)
+        reflections += sum(x.n_reflections for x in item.crystals)
+    return {"kind": "stream", "path": path, "headers": headers, "chunks": chunks,
+            "peaks": int(sum(peaks)), "crystals": crystals, "indexed_frames": indexed,
+            "reflections": reflections, "peaks_per_frame": _spread(peaks),
+            "geometry_panels": geometry_panels}
+
+
+def show_geometry(path: str, **_: Any) -> dict[str, Any]:
+    from ..io.geometry import read_geometry
+
+    g = read_geometry(path)
+    return {"kind": "geometry", "path": path, "panels": g.n_panels,
+            "slab_shape": list(g.slab_shape), "photon_energy_eV": g.photon_energy_eV,
+            "photon_energy_path": g.photon_energy_path,
+            "wavelength_A": g.wavelength_A, "clen_m": g.clen_m, "clen_path": g.clen_path,
+            "data": g.data, "dims": g.dims,
+            "bad_regions": len(g.bad_regions), "peak_list": g.peak_list,
+            "peak_list_type": g.peak_list_type}
+
+
+def _peak_table_summary(path: str) -> dict[str, Any] | None:
+    from ..io.cxi import PEAK_GROUP, read_cxi_peaks
+
+    import h5py
+
+    with h5py.File(path, "r") as h5:
+        if f"{PEAK_GROUP}/nPeaks" not in h5:
+            return None
+    table = read_cxi_peaks(path)
+    return {"group": PEAK_GROUP, "frames": len(table), "peaks": int(table.n_peaks.sum()),
+            "max_peaks": table.max_peaks, "peaks_per_frame": _spread(table.n_peaks),
+            "columns": sorted(table.columns)}
+
+
+def show_cxi(path: str, geometry: str | None = None, max_frames: int = 20,
+             **_: Any) -> dict[str, Any]:
+    """Frames, image shape, value range of the first frames, and the peak table if present."""
+    from ..io.cxi import inspect_cxi, iter_cxi_frames
+    from ..io.geometry import read_geometry
+
+    geom = read_geometry(geometry) if geometry else None
+    info = inspect_cxi(path, geom)
+    ranges: list[list[float]] = []
+    sampled = 0
+    for frame in iter_cxi_frames(path, geom, stop=max(1, int(max_frames))):
+        sampled += 1
+        r = _value_range(frame.panels)
+        if r is not None:
+            ranges.append(r)
+    import h5py
+
+    with h5py.File(path, "r") as h5:
+        virtual = bool(h5[info.dataset].is_virtual)
+    return {"kind": "cxi", "path": path, "dataset": info.dataset, "frames": info.n_frames,
+            "image_shape": list(info.frame_shape), "dtype": str(info.dtype),
+            "virtual": virtual, "mask": info.mask_dataset,
+            "panels": geom.n_panels if geom is not None else 1,
+            "value_range": ([min(r[0] for r in ranges), max(r[1] for r in ranges)]
+                            if ranges else None),
+            "value_range_frames": sampled, "peak_table": _peak_table_summary(path)}
+
+
+def show_image(path: str, **_: Any) -> dict[str, Any]:
+    """Every image of a DIALS-readable file: panels, shapes, value ranges over good pixels."""
+    from ..io.dxtbx_images import DxtbxSource
+
+    source = DxtbxSource(path, with_geometry=False)
+    images = []
+    for frame in source:
+        shapes = sorted({tuple(p.shape) for p in frame.panels})
+        images.append({"event": frame.event,
+                       "value_range": _value_range(frame.panels, frame.masks),
+                       "masked_pixels": int(sum((~m).sum() for m in frame.masks)),
+                       "shapes": [list(s) for s in shapes]})
+        first = frame
+    panels = first.meta["panels"]
+    return {"kind": "image", "path": path, "format": first.meta["format"],
+            "images": len(images), "panels": len(first.panels),
+            "panel_shapes": images[0]["shapes"],
+            "pixel_size_mm": panels[0]["pixel_size_mm"],
+            "distance_mm": panels[0]["distance_mm"],
+            "wavelength_A": panels[0].get("wavelength_A"),
+            "value_range": _value_range([np.array(i["value_range"]) for i in images
+                                         if i["value_range"] is not None]),
+            "per_image": images}
+
+
+def show_experiments(path: str, **_: Any) -> dict[str, Any]:
+    from ..io.dials_tables import summarize_experiments
+
+    return summarize_experiments(path)
+
+
+def show_reflections(path: str, **_: Any) -> dict[str, Any]:
+    from ..io.dials_tables import summarize_reflections
+
+    return summarize_reflections(path)
+
+
+def _is_stream(path: str) -> bool:
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(26).startswith(b"CrystFEL stream format")
+    except OSError:
+        return False
+
+
+def _is_hdf5(path: str) -> bool:
+    import h5py
+
+    try:
+        return h5py.is_hdf5(path)
+    except OSError:
+        return False
+
+
+def choose(path: str) -> Callable[..., dict[str, Any]]:
+    """Pick the summariser by content first (streams, HDF5), then by name."""
+    from ..io.dxtbx_images import sniff_dxtbx
+
+    lower = path.lower()
+    if lower.endswith(".stream") or _is_stream(path):
+        return show_stream
+    if lower.endswith(".geom"):
+        return show_geometry
+    if lower.endswith(".expt"):
+        return show_experiments
+    if lower.endswith(".refl"):
+        return show_reflections
+    if _is_hdf5(path):
+        from ..io.cxi import sniff_cxi
+
+        if sniff_cxi(path) or not lower.endswith((".nxs", ".nx5")):
+            return show_cxi
+    if sniff_dxtbx(path):
+        return show_image
+    raise FormatError(path, "unknown file type (expected .stream, .geom, .cxi/.h5, an image "
+                      "DIALS reads, .expt or .refl)")
+
+
+def summarize(path: str, **options: Any) -> dict[str, Any]:
+    """The summary dict of one file (what --json prints)."""
+    if not os.path.exists(path):
+        raise FormatError(path, "file not found")
+    return choose(path)(path, **options)
+
+
+def _text(value: Any, key: str = "") -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {_text(v)}" for k, v in value.items())
+    if isinstance(value, list) and value and all(isinstance(v, (int, float)) for v in value):
+        if "range" in key and len(value) == 2:
+            return f"{_text(value[0])} .. {_text(value[1])}"
+        if "shape" in key or "size" in key:
+            return " x ".join(_text(v) for v in value)
+        return ", ".join(_text(v) for v in value)
+    if isinstance(value, list) and value and isinstance(value[0], (list, dict)):
+        return "; ".join(_text(v, key) for v in value)
+    return str(value)
+
+
+def render(summary: dict[str, Any]) -> str:
+    """Human-readable block: the kind and path, then one indented ``key: value`` per line."""
+    lines = [f"{summary['path']} ({summary['kind']})"]
+    for key, value in summary.items():
+        if key in ("path", "kind", "per_image", "columns"):
+            continue
+        if isinstance(value, dict) and key == "peak_table":
+            lines.append("  peak table:")
+            lines += [f"    {k.replace('_', ' ')}: {_text(v, k)}" for k, v in value.items()
+                      if k != "columns"]
+            continue
+        if value is None and key.endswith("_path"):
+            continue
+        lines.append(f"  {key.replace('_', ' ')}: {_text(value, key)}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = cli_parser(__doc__, prog="peaknet-show")
+    parser.add_argument("files", nargs="+", help="files to summarise")
+    parser.add_argument("--json", dest="json", action="store_true", help="print JSON")
+    parser.add_argument("--geometry", "-g", dest="geometry",
+                        help="CrystFEL geometry to split CXI/HDF5 frames into panels")
+    parser.add_argument("--max-frames", dest="max_frames", type=int,
+                        help="frames of a CXI stack scanned for the value range (default 20)")
+    args = parser.parse_args(argv)
+    setup_logging(getattr(args, "verbose", 0))
+    config = resolve(DEFAULTS, args)
+    summaries, failed = [], False
+    for path in config["files"]:
+        try:
+            summaries.append(summarize(path, geometry=config["geometry"],
+                                       max_frames=config["max_frames"]))
+        except FormatError as exc:
+            print(f"peaknet-show: {exc}", file=sys.stderr)
+            failed = True
+            continue
+        if not config["json"]:
+            print(render(summaries[-1]))
+    if config["json"]:
+        print(json.dumps(summaries, indent=2, default=_json_default))
+    return 1 if failed else 0
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    raise TypeError(f"cannot serialise {type(obj).__name__}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,111 @@
+"""stream2labels: pixel-exact training labels from indexing results.
+
+    stream2labels STREAM|EXPT REFL ... -o labels.h5 [options]
+
+Reads CrystFEL streams and/or DIALS stills results (an .expt followed by its .refl), matches found
+peaks against predicted reflections per frame (PeakDiff), keeps the frames that pass the
+selection (precision >= 0.8 and peak-count limits by default), fits a 2-D pseudo-Voigt to a small
+window around every predicted reflection of those frames and writes the half-maximum masks of the
+trusted fits as labels: images, masks (good pixels) and labels, one panel per row, plus per-frame
+metadata, in one compressed HDF5 file that peaknet-train reads directly.
+
+Beside the output: <output>.peakdiff.png (found-vs-predicted and precision-recall scatter with the
+selection box) and <output>.config.json (the resolved settings).  Fits run on a local Ray
+(2 CPUs) unless --no-ray; --address joins a running cluster.  An interrupted run resumes where it
+stopped (finished batches in <output>.parts/ are kept).
+"""
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .. import config as cfgmod
+from ..errors import PeakNetError
+
+
+def build_parser() -> Any:
+    parser = cfgmod.cli_parser(__doc__, prog="stream2labels")
+    parser.add_argument("inputs", nargs="+", help="streams, or .expt .refl pairs")
+    parser.add_argument("-o", "--output", required=True, help="label file to write (.h5)")
+    add = parser.add_argument
+    add("--prefix", dest="run.prefix", help="prepended to image names, like indexamajig --prefix")
+    add("-g", "--geometry", dest="run.geometry", help="geometry for the images (default: the "
+        "one embedded in the stream)")
+    add("--cutoff", dest="peakdiff.cutoff", type=float, help="match distance in pixels (5)")
+    add("--min-precision", dest="peakdiff.min_precision", type=float, help="(0.8)")
+    add("--min-recall", dest="peakdiff.min_recall", type=float, help="(0)")
+    add("--min-peaks", dest="peakdiff.min_found", type=int, help="fewest found peaks (10)")
+    add("--max-peaks", dest="peakdiff.max_found", type=int, help="most found peaks")
+    add("--min-predicted", dest="peakdiff.min_predicted", type=int, help="(1)")
+    add("--max-predicted", dest="peakdiff.max_predicted", type=int)
+    add("--fit-on", dest="label.fit_on", choices=("predicted", "matched", "found"),
+        help="which positions are fitted (predicted)")
+    add("--min-i-over-sigma", dest="label.min_i_over_sigma", type=float,
+        help="skip predicted reflections below this I/sigma(I)")
+    add("--panels", dest="label.panels", choices=("all", "labelled"),
+        help="store every panel of a selected frame, or only panels with labels (all)")
+    add("--window", dest="fit.window", type=int, help="fit window side in pixels (9)")
+    add("--redchi-max", dest="fit.redchi_max", type=float, help="reject worse fits (5)")
+    add("--min-snr", dest="fit.min_snr", type=float, help="reject fainter fits (5)")
+    add("--max-nfev", dest="fit.max_nfev", type=int, help="evaluations per fit (200)")
+    add("--batch-size", dest="run.batch_size", type=int, help="frames per batch/part file (8)")
+    add("--no-ray", dest="run.ray", action="store_false", help="one process, no Ray")
+    add("--address", dest="run.address", help="Ray cluster address (default: start a local Ray)")
+    add("--num-cpus", dest="run.num_cpus", type=int, help="CPUs of the local Ray (2)")
+    add("--max-batches-in-flight", dest="run.max_batches_in_flight", type=int)
+    add("--max-fits-in-flight", dest="run.max_fits_in_flight", type=int)
+    add("--report", dest="run.report", help="PeakDiff PNG path")
+    add("--keep-parts", dest="run.keep_parts", action="store_true")
+    add("--max-frames", dest="run.max_frames", type=int, help="only the first N indexed frames")
+    add("--quiet", action="store_true", help="no progress line")
+    return parser
+
+
+def stream2labels(inputs: Sequence[str], output: str, config: dict[str, Any],
+                  progress: bool = True) -> dict[str, Any]:
+    """The command without its argument parsing (for scripts and tests)."""
+    from ..engine.run import label_run
+
+    return label_run(list(inputs), output, config, progress=progress)
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    status = ", ".join(f"{k} {v}" for k, v in sorted(summary["fit_status"].items()))
+    return (f"stream2labels: {summary['frames']} indexed frames, {summary['selected']} selected, "
+            f"{summary['labelled']} labelled ({summary['image_errors']} unreadable), "
+            f"{summary['rows']} rows -> {summary['output']}\n"
+            f"  fits: {summary['fits']} ({status}); {summary['fits_per_s']} fits/s; "
+            f"{summary['seconds']} s; batches {summary['batches']} "
+            f"({summary['batches_resumed']} resumed)\n  report: {summary['report']}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from ..engine.run import DEFAULTS
+
+    args = build_parser().parse_args(argv)
+    cfgmod.setup_logging(getattr(args, "verbose", 0))
+    given = vars(args)
+    inputs, output = given.pop("inputs"), given.pop("output")
+    quiet = given.pop("quiet", False)
+    config = cfgmod.resolve(DEFAULTS, given)
+    out = Path(output)
+    cfgmod.record(config, out.with_suffix(".config.json"), "stream2labels",
+                  list(argv) if argv is not None else sys.argv[1:])
+    try:
+        summary = stream2labels(inputs, output, config, progress=not quiet)
+    except PeakNetError as exc:
+        print(f"stream2labels: error: {exc}", file=sys.stderr)
+        return 2
+    print(format_summary(summary))
+    if summary["selected"] and not summary["labelled"]:
+        print("stream2labels: error: no selected frame could be labelled (are the images where "
+              f"the inputs say? see --prefix); first error: {summary['first_image_error']}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

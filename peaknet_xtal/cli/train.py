@@ -1,0 +1,31 @@
+"""peaknet-train: train a PeakNet model from a YAML config.
+
+    peaknet-train CONFIG.yaml [--out DIR] [--schedule.steps N] [--dist.world_size 2]
+
+Data come from the simulator on the fly (data.source: sim) or from stream2labels HDF5 files
+(data.source: labels, data.paths: [...]).  Checkpoints go to OUT/checkpoints and a rerun of the same
+command resumes from the latest one exactly; the final model is OUT/model.safetensors (+ .json).
+See examples/configs/train_*.yaml.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from ..config import record
+from ..training.cli_common import parse_training_args, training_parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from ..training.supervised import SUPERVISED_DEFAULTS, train
+
+    parser = training_parser(__doc__, prog="peaknet-train")
+    config = parse_training_args(parser, SUPERVISED_DEFAULTS, argv)
+    record(config, Path(config["out"]) / "train_config.json", "peaknet-train", argv)
+    final = train(config)
+    print(final)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

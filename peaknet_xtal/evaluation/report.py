@@ -1,0 +1,320 @@
+"""Run finders on a data set and write the report: ``report.md``, PNGs and ``report.json``.
+
+The JSON holds every number the Markdown shows (and more), so reports can be compared by script;
+the PNGs are what a crystallographer looks at before trusting a finder on their own data.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..atomic import write_json_atomic, write_text_atomic
+from ..metrics import score_frames
+from ..progress import Progress
+from ..types import Frame, empty_peaks
+from . import plots
+from .finders import create_finder
+from .tuning import default_grid, tune
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Dataset:
+    """Frames to evaluate on, with the truth when it is known (simulated data)."""
+
+    name: str
+    frames: list[Frame]
+    truths: list[np.ndarray] | None = None  # per frame: true strong reflections (panel, fs, ss)
+    reflections: list[np.ndarray] | None = None  # per frame: every true reflection, weak ones too
+    images: list[str] = field(default_factory=list)  # files for dials.import (indexing)
+    adu_per_photon: float = 1.0
+    reference_cell: tuple[float, ...] | None = None
+    space_group: str | None = None
+
+
+def load_sim_run(directory: str | os.PathLike[str], name: str = "sim") -> Dataset:
+    """A run written by ``peaknet-sim`` (``NAME.cxi``, ``NAME.geom``, ``NAME_truth.h5``)."""
+    from ..io.cxi import iter_cxi_frames
+    from ..io.geometry import read_geometry
+    from ..sim.output import read_truth
+
+    folder = Path(directory)
+    geometry = read_geometry(folder / f"{name}.geom")
+    truth = read_truth(folder / f"{name}_truth.h5")
+    frames = list(iter_cxi_frames(folder / f"{name}.cxi", geometry))
+    refl = truth["reflections"]
+    everything = [refl[refl["frame"] == i] for i in range(len(frames))]
+    truths = [rows[rows["strong"]] for rows in everything]
+    for frame, row in zip(frames, truth["frames"]):
+        frame.meta["wavelength_A"] = float(row["wavelength_A"])
+        frame.meta["truth_hit"] = bool(row["hit"])
+    cells = truth["crystals"]["cell"]
+    reference = tuple(float(v) for v in np.median(cells, axis=0)) if len(cells) else None
+    return Dataset(name=folder.name, frames=frames, truths=truths, reflections=everything,
+                   images=[str(folder / f"{name}.cxi")],
+                   adu_per_photon=float(geometry.adu_per_photon or 1.0),
+                   reference_cell=reference)
+
+
+def run_finders(finders: dict[str, Any], frames: Sequence[Frame]) -> dict[str, dict[str, Any]]:
+    """Every finder on every frame: peak tables and seconds per frame."""
+    out: dict[str, dict[str, Any]] = {}
+    for label, finder in finders.items():
+        peaks, seconds = [], []
+        with Progress(len(frames), "frames", desc=label) as bar:
+            for frame in frames:
+                start = time.perf_counter()
+                peaks.append(finder.find(frame))
+                seconds.append(time.perf_counter() - start)
+                bar.update(1)
+        out[label] = {"peaks": peaks, "seconds": seconds}
+    return out
+
+
+def tuned_finders(specs: Sequence[str], dataset: Dataset, tune_frames: int,
+                  cutoff: float) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Instantiate finders; classic ones tuned on the first ``tune_frames`` frames (with truth)."""
+    finders, tuning = {}, {}
+    for spec in specs:
+        kind = spec.partition(":")[0]
+        params: dict[str, Any] = {}
+        if kind in ("peakfinder8", "dispersion"):
+            if dataset.truths is not None and tune_frames > 0:
+                grid = default_grid(kind, dataset.adu_per_photon)
+                result = tune(kind, dataset.frames[:tune_frames], dataset.truths[:tune_frames],
+                              grid, cutoff, None if dataset.reflections is None
+                              else dataset.reflections[:tune_frames])
+                params = result["best"]
+                tuning[spec] = result
+            elif kind == "dispersion":
+                params = {"gain": dataset.adu_per_photon}
+        finders[spec] = create_finder(spec, params)
+    return finders, tuning
+
+
+def evaluate(dataset: Dataset, specs: Sequence[str], out_dir: str | os.PathLike[str], *,
+             tune_frames: int = 0, cutoff: float = 3.0, min_peaks: int = 10,
+             index: bool = False, samples: int = 2) -> dict[str, Any]:
+    """Score ``specs`` on ``dataset`` and write the report under ``out_dir``; returns the JSON."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    finders, tuning = tuned_finders(specs, dataset, tune_frames, cutoff)
+    frames = dataset.frames[tune_frames:]
+    truths = None if dataset.truths is None else dataset.truths[tune_frames:]
+    every = (None if dataset.reflections is None else dataset.reflections[tune_frames:])
+    runs = run_finders(finders, frames)
+    report: dict[str, Any] = {"dataset": dataset.name, "frames": len(frames),
+                              "tuning_frames": tune_frames, "cutoff_px": cutoff,
+                              "min_peaks": min_peaks, "finders": {}}
+    for label, run in runs.items():
+        entry: dict[str, Any] = {"params": finders[label].params,
+                                 "seconds_per_frame": float(np.mean(run["seconds"]))
+                                 if run["seconds"] else float("nan"),
+                                 "peaks_per_frame": [len(p) for p in run["peaks"]]}
+        hits = [len(p) >= min_peaks for p in run["peaks"]]
+        entry["hit_rate"] = float(np.mean(hits)) if hits else float("nan")
+        if truths is not None:
+            scores = score_frames(_triples(run["peaks"], truths, every), cutoff)
+            entry["accuracy"] = scores["overall"].to_dict()
+            entry["per_frame_f1"] = [s.f1 for s in scores["frames"]]
+        if label in tuning:
+            entry["tuning"] = tuning[label]
+        report["finders"][label] = entry
+    if index:
+        report["indexing"] = _index_all(dataset, runs, tune_frames, min_peaks, out / "dials")
+    report["figures"] = _figures(dataset, finders, runs, truths, frames, out, samples, cutoff,
+                                 report)
+    write_json_atomic(out / "report.json", strict_json(report))
+    write_text_atomic(out / "report.md", markdown(report, dataset))
+    return report
+
+
+def strict_json(value: Any) -> Any:
+    """``value`` with NaN and infinities as ``None``: Python would write them as bare ``NaN``,
+    which is no JSON and breaks other readers (jq, browsers); the Markdown shows them as n/a."""
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if np.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.ndarray):
+        return strict_json(value.tolist())
+    return value
+
+
+def _triples(found: Sequence[np.ndarray], truths: Sequence[np.ndarray],
+             every: Sequence[np.ndarray] | None) -> list[tuple[np.ndarray, ...]]:
+    if every is None:
+        return list(zip(found, truths))
+    return list(zip(found, truths, every))
+
+
+def _index_all(dataset: Dataset, runs: dict[str, dict[str, Any]], skip: int, min_peaks: int,
+               workdir: Path) -> dict[str, Any]:
+    from .indexing import import_images, index_frames, indexing_options, summarise
+
+    imported = import_images(dataset.images, workdir)
+    options = indexing_options(dataset.space_group, dataset.reference_cell)
+    out = {"options": options}
+    for label, run in runs.items():
+        # Frames used for tuning are not scored; indexing sees the same evaluation frames.
+        tables = [empty_peaks()] * skip + list(run["peaks"])
+        results = index_frames(imported, tables, workdir / label.replace(":", "_"), options,
+                               min_spots=min_peaks)[skip:]
+        hits = [len(p) >= min_peaks for p in run["peaks"]]
+        out[label] = summarise(hits, results)
+    return out
+
+
+def _sample_frames(frames: Sequence[Frame], truths: Sequence[np.ndarray] | None,
+                   samples: int) -> list[int]:
+    """The frames with the most true peaks (or simply the first ones without truth)."""
+    if truths is None:
+        return list(range(min(samples, len(frames))))
+    order = np.argsort([-len(t) for t in truths], kind="stable")
+    return [int(i) for i in order[:samples]]
+
+
+def _windows(frame: Frame, truth: np.ndarray | None, size: int = 64) -> list[tuple[str, int,
+                                                                                 tuple[slice,
+                                                                                       slice]]]:
+    """Zoomed views: the busiest panel whole, a true peak nearest a panel edge, and the
+    brightest good pixel far from any true peak (hot pixels, streaks: where finders go wrong)."""
+    views = []
+    if truth is not None and len(truth):
+        counts = np.bincount(truth["panel"], minlength=len(frame.panels))
+        busiest = int(np.argmax(counts))
+    else:
+        busiest = 0
+    shape = frame.panels[busiest].shape
+    views.append(("panel", busiest, (slice(0, shape[0]), slice(0, shape[1]))))
+    if truth is not None and len(truth):
+        margins = [min(r["fs"], r["ss"], frame.panels[r["panel"]].shape[1] - 1 - r["fs"],
+                       frame.panels[r["panel"]].shape[0] - 1 - r["ss"]) for r in truth]
+        r = truth[int(np.argmin(margins))]
+        views.append(("edge", int(r["panel"]), _window(frame.panels[r["panel"]].shape,
+                                                       r["ss"], r["fs"], size)))
+    best = (-np.inf, 0, 0, 0)
+    for p, (image, good) in enumerate(zip(frame.panels, frame.masks_or_ones())):
+        score = np.where(good, image, -np.inf).astype(float)
+        if truth is not None:
+            for r in truth[truth["panel"] == p]:
+                y, x = int(round(r["ss"])), int(round(r["fs"]))
+                score[max(y - 6, 0):y + 7, max(x - 6, 0):x + 7] = -np.inf
+        k = int(np.argmax(score))
+        if score.flat[k] > best[0]:
+            best = (score.flat[k], p, *np.unravel_index(k, score.shape))
+    views.append(("artifact", best[1], _window(frame.panels[best[1]].shape, best[2], best[3],
+                                              size)))
+    return views
+
+
+def _window(shape: tuple[int, ...], y: float, x: float, size: int) -> tuple[slice, slice]:
+    h, w = min(size, shape[0]), min(size, shape[1])
+    y0 = int(np.clip(round(y) - h // 2, 0, shape[0] - h))
+    x0 = int(np.clip(round(x) - w // 2, 0, shape[1] - w))
+    return slice(y0, y0 + h), slice(x0, x0 + w)
+
+
+def _figures(dataset: Dataset, finders: dict[str, Any], runs: dict[str, dict[str, Any]],
+             truths: Sequence[np.ndarray] | None, frames: Sequence[Frame], out: Path,
+             samples: int, cutoff: float, report: dict[str, Any]) -> list[str]:
+    files: list[str] = []
+    if truths is not None:
+        scores = {label: entry["accuracy"] for label, entry in report["finders"].items()}
+        plots.score_bars(out / "scores.png", scores)
+        files.append("scores.png")
+    first = int(report.get("tuning_frames", 0))
+    for i in _sample_frames(frames, truths, samples):
+        frame = frames[i]
+        truth = None if truths is None else truths[i]
+        number = first + i  # the frame's index in the data set, not among the scored frames
+        for kind, panel, window in _windows(frame, truth):
+            found = {label: run["peaks"][i][run["peaks"][i]["panel"] == panel]
+                     for label, run in runs.items()}
+            panel_truth = None if truth is None else truth[truth["panel"] == panel]
+            name = f"overlay_frame{number}_{kind}.png"
+            plots.peak_overlay(out / name, frame.panels[panel], frame.masks_or_ones()[panel],
+                               found, panel_truth, window, cutoff=cutoff,
+                               title=f"{dataset.name} frame {number} panel {panel} ({kind})")
+            files.append(name)
+        for label, finder in finders.items():
+            if hasattr(finder, "activation_maps"):
+                panel = _windows(frame, truth)[0][1]
+                background, peak = finder.activation_maps(frame)
+                name = f"activation_frame{number}_{label.replace(':', '_')}.png"
+                plots.activation_maps(out / name, frame.panels[panel],
+                                      frame.masks_or_ones()[panel], background[panel],
+                                      peak[panel], title=f"{label}: frame {number} panel {panel}")
+                files.append(name)
+    indexing = report.get("indexing")
+    if indexing:
+        cells = {label: np.asarray(v["cells"]) for label, v in indexing.items()
+                 if isinstance(v, dict) and "cells" in v}
+        plots.cell_histograms(out / "cells.png", cells, dataset.reference_cell)
+        files.append("cells.png")
+    return files
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and not np.isfinite(value)):
+        return "n/a"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def markdown(report: dict[str, Any], dataset: Dataset) -> str:
+    """The human-readable report; every number in it is also in ``report.json``."""
+    lines = [f"# Peak-finder evaluation: {report['dataset']}", "",
+             f"{report['frames']} frames scored"
+             + (f" ({report['tuning_frames']} earlier frames used only to tune the classic "
+                "finders)" if report["tuning_frames"] else "")
+             + f"; a hit has at least {report['min_peaks']} peaks; peaks match truth within "
+             f"{report['cutoff_px']} px on the same panel.", ""]
+    if dataset.truths is not None:
+        lines += ["## Accuracy against the simulator's truth", "",
+                  "Recall counts the strong reflections found; precision counts found peaks "
+                  "lying on any true reflection (a weak reflection found is no false peak).", "",
+                  "| finder | precision | recall | F1 | median error (px) | s/frame |",
+                  "|---|---|---|---|---|---|"]
+        for label, e in report["finders"].items():
+            a = e["accuracy"]
+            lines.append(f"| {label} | {_fmt(a['precision'])} | {_fmt(a['recall'])} | "
+                         f"{_fmt(a['f1'])} | {_fmt(a['median_error_px'], 2)} | "
+                         f"{_fmt(e['seconds_per_frame'], 2)} |")
+        lines += ["", "![scores](scores.png)", ""]
+    indexing = report.get("indexing")
+    lines += ["## Hits and indexing", "", "| finder | hit rate | indexing rate | indexing yield |",
+              "|---|---|---|---|"]
+    for label, e in report["finders"].items():
+        ix = indexing.get(label) if indexing else None
+        lines.append(f"| {label} | {_fmt(e['hit_rate'])} | "
+                     f"{_fmt(ix['indexing_rate']) if ix else 'not run'} | "
+                     f"{_fmt(ix['indexing_yield']) if ix else 'not run'} |")
+    if indexing:
+        lines += ["", "Indexing: `dials.index` per frame with " +
+                  " ".join(f"`{o}`" for o in indexing["options"]) + ".", "",
+                  "![cells](cells.png)"]
+    tuned = {k: v["tuning"] for k, v in report["finders"].items() if "tuning" in v}
+    if tuned:
+        lines += ["", "## Tuned parameters of the classic finders", ""]
+        for label, t in tuned.items():
+            lines.append(f"- {label}: `{t['best']}` (F1 {_fmt(t['best_score']['f1'])} on the "
+                         f"tuning frames, best of {len(t['points'])} settings)")
+    lines += ["", "## Overlays", "",
+              "Gold circles: true strong reflections; markers: each finder's peaks, ringed when "
+              "matched to the truth. Views: the busiest panel, the true peak nearest a panel "
+              "edge, and the brightest pixel far from any true peak (detector artifacts).", ""]
+    lines += [f"![{name}]({name})" for name in report["figures"]
+              if name.startswith(("overlay", "activation"))]
+    return "\n".join(lines) + "\n"

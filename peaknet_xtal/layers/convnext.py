@@ -1,0 +1,112 @@
+"""ConvNeXt-V2 building blocks with a single input channel.
+
+The backbone follows the published ConvNeXt-V2 family (7x7 depthwise conv, LayerNorm, inverted
+bottleneck MLP with Global Response Normalisation, no layer-scale) so that its parameter counts match
+the published sizes exactly; only the stem takes one channel because detector images are monochrome.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channel axis of a (B, C, H, W) tensor.
+
+    BatchNorm is avoided throughout: batches here are tiny (one detector frame is already large) and
+    statistics across frames from different detectors would leak between images.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.permute(0, 2, 3, 1)
+        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+class GRN(nn.Module):
+    """Global Response Normalisation (channels-last): boosts channels with large spatial energy.
+
+    Starts as the identity (gamma = beta = 0), which keeps deep stacks stable from scratch.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.zeros(1, 1, 1, dim))
+        self.beta = nn.Parameter(torch.zeros(1, 1, 1, dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gx = torch.linalg.vector_norm(x, ord=2, dim=(1, 2), keepdim=True)
+        nx = gx / (gx.mean(dim=-1, keepdim=True) + self.eps)
+        return self.gamma * (x * nx) + self.beta + x
+
+
+class ConvNeXtV2Block(nn.Module):
+    """7x7 depthwise conv -> LN -> Linear(d, 4d) -> GELU -> GRN -> Linear(4d, d), plus residual."""
+
+    def __init__(self, dim: int, drop_path: float = 0.0) -> None:
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, kernel_size=7, padding=3, groups=dim)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.pwconv1 = nn.Linear(dim, 4 * dim)
+        self.act = nn.GELU()
+        self.grn = GRN(4 * dim)
+        self.pwconv2 = nn.Linear(4 * dim, dim)
+        self.drop_path = drop_path
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.dwconv(x).permute(0, 2, 3, 1)
+        y = self.pwconv2(self.grn(self.act(self.pwconv1(self.norm(y)))))
+        y = y.permute(0, 3, 1, 2)
+        if self.training and self.drop_path > 0.0:
+            keep = torch.rand(y.shape[0], 1, 1, 1, device=y.device) >= self.drop_path
+            y = y * keep.to(y.dtype) / (1.0 - self.drop_path)
+        return x + y
+
+
+class ConvNeXtV2Backbone(nn.Module):
+    """Four stages at strides 4/8/16/32; returns one normalised feature map per stage.
+
+    ``feature_info`` lists ``{"channels", "stride"}`` per output so that the neck and head size
+    themselves from the backbone rather than from hard-coded widths.
+    """
+
+    def __init__(self, dims: list[int] | tuple[int, ...], depths: list[int] | tuple[int, ...],
+                 in_chans: int = 1, drop_path: float = 0.0) -> None:
+        super().__init__()
+        if len(dims) != len(depths):
+            raise ValueError(f"dims {list(dims)} and depths {list(depths)} differ in length")
+        self.dims = [int(d) for d in dims]
+        self.depths = [int(d) for d in depths]
+        self.stem = nn.Sequential(nn.Conv2d(in_chans, dims[0], kernel_size=4, stride=4),
+                                  LayerNorm2d(dims[0], eps=1e-6))
+        self.downsamples = nn.ModuleList()
+        for i in range(1, len(dims)):
+            self.downsamples.append(nn.Sequential(
+                LayerNorm2d(dims[i - 1], eps=1e-6), nn.Conv2d(dims[i - 1], dims[i], 2, stride=2)))
+        total = sum(self.depths)
+        rates = [drop_path * k / max(total - 1, 1) for k in range(total)]
+        self.stages = nn.ModuleList()
+        start = 0
+        for dim, depth in zip(self.dims, self.depths):
+            self.stages.append(nn.Sequential(
+                *[ConvNeXtV2Block(dim, rates[start + j]) for j in range(depth)]))
+            start += depth
+        self.out_norms = nn.ModuleList(LayerNorm2d(d, eps=1e-6) for d in self.dims)
+
+    @property
+    def feature_info(self) -> list[dict[str, Any]]:
+        return [{"channels": d, "stride": 4 * 2 ** i} for i, d in enumerate(self.dims)]
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        feats = []
+        x = self.stem(x)
+        for i, stage in enumerate(self.stages):
+            if i > 0:
+                x = self.downsamples[i - 1](x)
+            x = stage(x)
+            feats.append(self.out_norms[i](x))
+        return feats

@@ -1,0 +1,141 @@
+"""Simulation settings: one dataclass, sensible defaults, and a randomiser for training variety.
+
+Intensity units: ``incident_photons`` is the pulse fluence scale; every expected photon count
+(reflections and background) is proportional to it, so doubling it doubles every expectation.
+Detector-side values (``read_noise``, ``pedestal_sigma``, ``hot_value``) are in photons and are
+converted to ADU with ``adu_per_photon``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .crystal import PRESET_CELLS, Cell
+
+#: Photons scale of ``incident_photons`` that the per-frame photon settings below refer to.
+REFERENCE_FLUENCE = 1e12
+
+
+@dataclass
+class SimConfig:
+    """Every knob of :func:`peaknet_xtal.sim.simulate_frame`; defaults give a typical XFEL hit."""
+
+    # crystal
+    cell: Cell | str | None = None  # a Cell, a PRESET_CELLS name, or None: random preset per frame
+    cell_jitter: float = 0.0  # relative random change of each cell length per crystal
+    n_crystals: int = 1  # crystals in every hit ...
+    multi_crystal_prob: float = 0.0  # ... plus, with this probability, 1-2 more
+    hit_probability: float = 1.0  # frames without a crystal are blanks (background only)
+    d_min_A: float = 1.6  # the crystal diffracts to no better than this
+    b_factor: float = 20.0  # Wilson B (A^2): mean intensity falls as exp(-B q^2 / 2)
+    scattering_efficiency: float = 3e-10  # mean photons of a full low-angle reflection per photon
+    # beam
+    wavelength_A: float | None = None  # None: the geometry's, else default_wavelength_A
+    default_wavelength_A: float = 1.30
+    bandwidth: float = 1e-3  # fractional sigma of the spectrum
+    incident_photons: float = 1e12
+    polarisation: float = 0.99  # fraction of horizontal (x) polarisation
+    # crystal quality
+    mosaicity_deg: float = 0.05  # sigma of the mosaic spread
+    profile_radius: float = 4e-4  # 1/A: reciprocal-lattice point size (domain size ~ 2500 A)
+    ewald_sigmas: float = 3.0  # reflections farther than this many sigmas are not excited
+    # spots
+    spot_sigma_px: float = 0.8  # core Gaussian sigma near the beam
+    spot_growth: float = 0.6  # relative growth of spot sigma at the detector's edge resolution
+    spot_eta: float = 0.3  # Lorentzian fraction of the pseudo-Voigt
+    window_radius: int = 0  # half-size of the rendering window; 0 = from the spot size
+    # background (photons per pixel at REFERENCE_FLUENCE, before solid angle/polarisation)
+    air_photons: float = 0.15
+    air_falloff: float = 0.35  # 2theta (rad) e-folding of air scatter
+    water_photons: float = 0.4
+    water_ring_one_over_d: float = 1 / 3.2
+    water_ring_width: float = 0.04  # sigma in 1/A
+    kapton: bool = False
+    kapton_photons: float = 0.6
+    kapton_width_px: float = 4.0
+    # detector response
+    default_clen_m: float = 0.1  # where the geometry has no number for clen
+    adu_per_photon: float | None = None  # None: the geometry's, else 1.0
+    pedestal_sigma: float = 0.2  # photons: per-panel residual pedestal offset (can go negative)
+    read_noise: float = 0.15  # photons: Gaussian read noise per pixel
+    defect_seed: int = 0  # dead/hot pixels belong to the detector: fixed for a whole run
+    dead_fraction: float = 2e-4  # pixels reading 0, masked
+    hot_fraction: float = 2e-5  # pixels reading hot_value, masked
+    hot_value: float = 500.0
+    poisson: bool = True
+    # truth
+    strong_snr: float = 5.0  # expected integrated SNR that makes a reflection "strong"
+    mask_sigmas: float = 3.0  # peak-mask pixels: signal above this many background sigmas ...
+    mask_fraction: float = 0.5  # ... or above this fraction of the spot's maximum
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        if isinstance(self.cell, Cell):
+            out["cell"] = self.cell.to_dict()
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SimConfig:
+        """Build from a plain mapping (config file); unknown keys are an error naming them."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown simulation settings: {', '.join(unknown)}")
+        values = dict(data)
+        cell = values.get("cell")
+        if isinstance(cell, dict):
+            values["cell"] = Cell(**cell)
+        elif isinstance(cell, (list, tuple)):
+            values["cell"] = Cell(*cell)
+        return cls(**values)
+
+    def resolve_cell(self, rng: np.random.Generator) -> Cell:
+        if isinstance(self.cell, Cell):
+            return self.cell
+        if isinstance(self.cell, str):
+            if self.cell not in PRESET_CELLS:
+                raise ValueError(f"unknown preset cell {self.cell!r}; known: {sorted(PRESET_CELLS)}")
+            return PRESET_CELLS[self.cell]
+        names = sorted(PRESET_CELLS)
+        return PRESET_CELLS[names[int(rng.integers(len(names)))]]
+
+    @classmethod
+    def randomised(cls, rng: np.random.Generator, **fixed: Any) -> SimConfig:
+        """Varied but plausible conditions, for training data; ``fixed`` settings are kept as given."""
+        def loguniform(lo: float, hi: float) -> float:
+            return float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
+
+        values: dict[str, Any] = dict(
+            cell=sorted(PRESET_CELLS)[int(rng.integers(len(PRESET_CELLS)))],
+            cell_jitter=float(rng.uniform(0, 0.01)),
+            multi_crystal_prob=float(rng.uniform(0, 0.3)),
+            hit_probability=float(rng.uniform(0.5, 1.0)),
+            d_min_A=float(rng.uniform(1.5, 3.5)),
+            b_factor=float(rng.uniform(8, 60)),
+            scattering_efficiency=loguniform(5e-11, 2e-9),
+            wavelength_A=float(rng.uniform(0.9, 1.9)),
+            bandwidth=loguniform(2e-4, 3e-3),
+            incident_photons=loguniform(2e11, 4e12),
+            mosaicity_deg=loguniform(0.005, 0.3),
+            profile_radius=loguniform(1e-4, 2e-3),
+            spot_sigma_px=float(rng.uniform(0.5, 1.6)),
+            spot_growth=float(rng.uniform(0.0, 1.5)),
+            spot_eta=float(rng.uniform(0.0, 0.6)),
+            air_photons=loguniform(0.01, 1.0),
+            air_falloff=float(rng.uniform(0.15, 0.8)),
+            water_photons=float(rng.choice([0.0, loguniform(0.05, 2.0)])),
+            water_ring_width=float(rng.uniform(0.025, 0.06)),
+            kapton=bool(rng.random() < 0.25),
+            kapton_photons=loguniform(0.1, 3.0),
+            kapton_width_px=float(rng.uniform(2, 10)),
+            pedestal_sigma=float(rng.uniform(0, 1.0)),
+            read_noise=float(rng.uniform(0.05, 0.5)),
+            dead_fraction=loguniform(1e-5, 2e-3),
+            hot_fraction=loguniform(1e-6, 1e-4),
+        )
+        values.update(fixed)
+        return cls.from_dict(values)

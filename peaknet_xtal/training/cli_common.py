@@ -1,0 +1,29 @@
+"""Shared command line of peaknet-train and peaknet-distill (thin CLIs over one parser)."""
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from typing import Any
+
+from ..config import cli_parser, resolve, setup_logging
+
+
+def training_parser(doc: str | None, prog: str) -> argparse.ArgumentParser:
+    """CONFIG.yaml plus the settings most often changed per run (dotted keys address the YAML)."""
+    parser = cli_parser(doc, prog=prog)
+    parser.add_argument("config_file", metavar="CONFIG.yaml")
+    parser.add_argument("--out", dest="out")
+    parser.add_argument("--schedule.steps", dest="schedule.steps", type=int)
+    parser.add_argument("--stop-after", dest="stop_after", type=int)
+    parser.add_argument("--dist.world_size", dest="dist.world_size", type=int)
+    parser.add_argument("--threads", dest="threads", type=int)
+    parser.add_argument("--data.paths", dest="data.paths", nargs="+", metavar="LABELS.h5")
+    return parser
+
+
+def parse_training_args(parser: argparse.ArgumentParser, defaults: dict[str, Any],
+                        argv: Sequence[str] | None) -> dict[str, Any]:
+    """Resolved settings: defaults < CONFIG.yaml < command line."""
+    args = vars(parser.parse_args(argv))
+    setup_logging(args.pop("verbose", 0))
+    return resolve(defaults, args, config_file=args.pop("config_file"))

@@ -1,0 +1,44 @@
+"""Supervised training on labelled crops with the focal loss."""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+from ..config import deep_merge
+from .trainer import TRAIN_DEFAULTS, launch
+
+SUPERVISED_DEFAULTS: dict[str, Any] = deep_merge(TRAIN_DEFAULTS, {
+    "loss": {"alpha": [0.25, 0.75], "gamma": 2.0},
+})
+
+
+def focal_batch_loss(logits: Any, batch: dict[str, Any], alpha: tuple[float, ...],
+                     gamma: float) -> tuple[Any, Any]:
+    """(sum of the per-pixel focal loss over valid pixels, number of valid pixels)."""
+    from .losses import focal_loss
+
+    valid = batch["mask"][:, 0]
+    return (focal_loss(logits, batch["label"], valid, tuple(alpha), gamma, reduction="sum"),
+            valid.sum())
+
+
+def build_dataset(config: dict[str, Any]) -> Any:
+    """The crop dataset described by ``config["data"]``."""
+    from .data import Augment, CropDataset, make_source
+
+    data = config["data"]
+    return CropDataset(make_source(data), int(data["crop"]), int(config["seed"]),
+                       Augment(**(data.get("augment") or {})), float(data["peak_bias"]))
+
+
+def train(config: dict[str, Any], dataset: Any = None) -> Path:
+    """Train per ``config`` (merged over SUPERVISED_DEFAULTS); returns the final model path.
+
+    ``dataset`` replaces the one described by ``config["data"]`` (any ``dataset[sample_id]`` ->
+    {"image", "mask", "label"} mapping).
+    """
+    config = deep_merge(SUPERVISED_DEFAULTS, config)
+    loss = functools.partial(focal_batch_loss, alpha=tuple(config["loss"]["alpha"]),
+                             gamma=float(config["loss"]["gamma"]))
+    return launch(config, dataset if dataset is not None else build_dataset(config), loss)

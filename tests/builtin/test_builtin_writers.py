@@ -1,0 +1,127 @@
+"""The built-in writers end to end: a CXI stack in, peaks out, read back by the readers."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from peaknet_xtal import registry
+from peaknet_xtal.io.cxi import read_cxi_frame, read_cxi_peaks
+from peaknet_xtal.io.geometry import read_geometry
+from peaknet_xtal.io.stream import read_stream
+from peaknet_xtal.types import FrameResult, peaks_from_columns
+
+GEOM = """\
+photon_energy = 9000 eV
+clen = 0.1 m
+res = 10000
+data = /entry_1/data_1/data
+dim0 = %
+dim1 = ss
+dim2 = fs
+q0/min_fs = 0
+q0/max_fs = 15
+q0/min_ss = 0
+q0/max_ss = 7
+q0/fs = +1x
+q0/ss = +1y
+q0/corner_x = -8
+q0/corner_y = 1
+q1/min_fs = 0
+q1/max_fs = 15
+q1/min_ss = 8
+q1/max_ss = 15
+q1/fs = -1x
+q1/ss = -1y
+q1/corner_x = 8
+q1/corner_y = -1
+"""
+
+
+def _results(tmp_path: Path, n: int = 3) -> list[FrameResult]:
+    geom = tmp_path / "q.geom"
+    geom.write_text(GEOM)
+    src = tmp_path / "raw.cxi"
+    with h5py.File(src, "w") as h5:
+        h5["/entry_1/data_1/data"] = np.ones((n, 16, 16), np.float32)
+    source = registry.open_source(str(src), geometry=str(geom))
+    out = []
+    for frame in source:
+        i = frame.serial
+        peaks = peaks_from_columns(panel=[1] * (i + 1), fs=np.arange(i + 1) + 0.25,
+                                   ss=np.full(i + 1, 2.0), intensity=np.full(i + 1, 40.0))
+        peaks["one_over_d"] = frame.geometry.panel_to_one_over_d(peaks["panel"], peaks["fs"],
+                                                                  peaks["ss"])
+        out.append(FrameResult(frame=frame, peaks=peaks, hit=True))
+    return out
+
+
+def test_stream_writer_output_reads_back_with_geometry(tmp_path):
+    results = _results(tmp_path)
+    writer = registry.open_writer("stream", str(tmp_path / "out.stream"))
+    for r in results:
+        writer.write(r)
+    writer.close()
+    stream = read_stream(tmp_path / "out.stream")
+    assert [c.key for c in stream.chunks] == [r.frame.key for r in results]
+    assert stream.geometry is not None and stream.geometry.n_panels == 2
+    for chunk, r in zip(stream.chunks, results):
+        back = chunk.peak_table(stream.geometry)
+        np.testing.assert_allclose(back["fs"], r.peaks["fs"], atol=0.006)
+        # 1/d goes out in nm^-1 with 2 decimals: +-0.005 nm^-1 = 0.0005 1/A
+        np.testing.assert_allclose(back["one_over_d"], r.peaks["one_over_d"], atol=5.1e-4)
+        assert list(back["panel"]) == [1] * len(r.peaks)
+
+
+def test_stream_writer_resumes_after_a_torn_chunk(tmp_path):
+    results = _results(tmp_path)
+    path = tmp_path / "torn.stream"
+    writer = registry.open_writer("stream", str(path))
+    for r in results[:2]:
+        writer.write(r)
+    writer.close()
+    with open(path, "a") as handle:  # a crash in the middle of the third chunk
+        handle.write("----- Begin chunk -----\nImage filename: x\nnum_pea")
+    resumed = registry.open_writer("stream", str(path))
+    assert resumed.done_keys() == {r.frame.key for r in results[:2]}
+    resumed.write(results[2])
+    resumed.close()
+    assert len(read_stream(path).chunks) == 3
+
+
+def test_cxi_writer_geometry_is_ready_for_indexamajig(tmp_path):
+    results = _results(tmp_path)
+    writer = registry.open_writer("cxi", str(tmp_path / "out" / "run.cxi"), frames_per_file=10)
+    for r in results:
+        writer.write(r)
+    writer.close()
+    geometry = read_geometry(tmp_path / "out" / "run-00000.geom")
+    assert (geometry.peak_list, geometry.peak_list_type) == ("/entry_1/result_1", "cxi")
+    table = read_cxi_peaks(tmp_path / "out" / "run-00000.cxi")
+    assert list(table.n_peaks) == [1, 2, 3]
+    # panel q1 starts at raw ss 8: raw = panel + min_ss, and the geometry maps it back
+    np.testing.assert_allclose(table.raw(2)["peakYPosRaw"], 10.0)
+    back = table.peaks(2, geometry)
+    np.testing.assert_allclose(back["fs"], results[2].peaks["fs"], atol=1e-5)
+    assert list(back["panel"]) == [1, 1, 1]
+
+
+@pytest.mark.dials
+def test_dials_image_becomes_a_cxi_stack_crystfel_can_read(tmp_path, real_data, dials_env):
+    """A 64-panel CSPAD CBF -> copied CXI stack + .geom -> the same panels read back."""
+    path = real_data / "cspad_thermolysin_stills" / "idx-20130301060858401.cbf"
+    (frame,) = list(registry.open_source(str(path)))
+    peaks = peaks_from_columns(panel=[0, 63], fs=[10.0, 100.5], ss=[20.0, 150.25])
+    writer = registry.open_writer("cxi", str(tmp_path / "cspad.cxi"))
+    writer.write(FrameResult(frame=frame, peaks=peaks))
+    writer.close()
+    geometry = read_geometry(tmp_path / "cspad-00000.geom")
+    again = read_cxi_frame(tmp_path / "cspad-00000.cxi", 0, geometry)
+    assert len(again.panels) == 64
+    for a, b in zip(again.panels, frame.panels):
+        np.testing.assert_array_equal(a, b)
+    back = read_cxi_peaks(tmp_path / "cspad-00000.cxi").peaks(0, geometry)
+    assert list(back["panel"]) == [0, 63]
+    np.testing.assert_allclose(back["ss"], [20.0, 150.25])

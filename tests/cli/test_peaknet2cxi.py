@@ -1,0 +1,228 @@
+"""peaknet2cxi end to end on simulated CXI stacks for three real detector geometries.
+
+Model quality is not under test here (the shipped default model may be untrained): the plumbing
+tests inject a *truth predictor* that returns the simulator's own peak masks for each panel, so any
+error in tiling, peak finding, coordinate conversion or CXI/stream layout shows up as a mismatch
+with the truth.  One test runs the real ``load_model("default")`` through ``main()``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from peaknet_xtal.cli.peaknet2cxi import main, run
+from peaknet_xtal.errors import FormatError, PeakNetError
+from peaknet_xtal.io.cxi import read_cxi_peaks
+from peaknet_xtal.io.geometry import read_geometry
+from peaknet_xtal.io.stream import read_stream
+from peaknet_xtal.metrics import match_peaks
+from peaknet_xtal.sim import simulate_frame
+
+GEOMETRIES = {
+    "epix10k2M": "om_lcls_mfx_epix10k2M.geom",
+    "cspad": "crystfel_doc_cspad-cxiformat.geom",
+    "rayonix": "om_lcls_rayonix.geom",
+}
+N_FRAMES = 2
+
+
+def _digest(panel: np.ndarray) -> bytes:
+    return hashlib.sha1(np.ascontiguousarray(panel, np.float32).tobytes()).digest()
+
+
+class TruthPredictor:
+    """Probability 1 on the simulator's true peak pixels of each panel (looked up by content)."""
+
+    def __init__(self) -> None:
+        self.masks: dict[bytes, np.ndarray] = {}
+
+    def add(self, frame, truth) -> None:
+        for panel, mask in zip(frame.panels, truth.peak_masks):
+            self.masks[_digest(panel)] = mask.astype(np.float32)
+
+    def __call__(self, panels, masks):
+        return [self.masks[_digest(p)] for p in panels]
+
+
+def write_stack(path: Path, geometry, frames) -> Path:
+    """A CXI/HDF5 stack laid out as the geometry says (mask dataset included if it names one)."""
+    with h5py.File(path, "w") as h5:
+        h5.create_dataset(geometry.data or "/entry_1/data_1/data",
+                          data=np.stack([geometry.assemble_slab(f.panels) for f in frames]))
+        if geometry.mask:  # these geometries flag bad pixels by any nonzero bit
+            h5.create_dataset(geometry.mask, data=np.stack(
+                [geometry.assemble_slab([~m for m in f.masks]) for f in frames]).astype(np.uint16))
+    return path
+
+
+@pytest.fixture(scope="module")
+def stacks(real_data, tmp_path_factory):
+    """name -> (geometry path, geometry, stack path, [(frame, truth)], predictor)."""
+    out = {}
+    predictor = TruthPredictor()
+    for name, filename in GEOMETRIES.items():
+        geom_path = real_data / "crystfel_geometry" / filename
+        geometry = read_geometry(geom_path)
+        sims = [simulate_frame(geometry, seed) for seed in range(N_FRAMES)]
+        for frame, truth in sims:
+            predictor.add(frame, truth)
+        stack = write_stack(tmp_path_factory.mktemp(name) / f"{name}.cxi", geometry,
+                            [f for f, _ in sims])
+        out[name] = (geom_path, geometry, stack, sims, predictor)
+    return out
+
+
+def _run(stack, geom_path, outdir, predictor, **extra):
+    config = {"inputs": [str(stack)], "geometry": str(geom_path), "output": str(outdir),
+              "predictor": predictor, "progress": False, "min_peaks": 5, **extra}
+    return run(config)
+
+
+@pytest.mark.parametrize("name", list(GEOMETRIES))
+def test_cxi_tables_match_truth_and_are_laid_out_for_indexamajig(stacks, tmp_path, name):
+    geom_path, geometry, stack, sims, predictor = stacks[name]
+    outdir = tmp_path / "out"
+    summary = _run(stack, geom_path, outdir, predictor, stream=str(tmp_path / "peaks.stream"))
+    assert summary["status"] == "ok" and summary["frames"] == N_FRAMES == summary["hits"]
+
+    # the list file names the CXI files; the .geom points indexamajig at the tables
+    (cxi_file,) = [Path(p) for p in (outdir / "peaknet.lst").read_text().split()]
+    out_geom = read_geometry(outdir / "peaknet.geom")
+    assert (out_geom.data, out_geom.dims) == ("/entry_1/data_1/data", ["%", "ss", "fs"])
+    assert (out_geom.peak_list, out_geom.peak_list_type) == ("/entry_1/result_1", "cxi")
+    assert out_geom.n_panels == geometry.n_panels
+
+    with h5py.File(cxi_file, "r") as h5:
+        data = h5["/entry_1/data_1/data"]
+        assert data.shape == (N_FRAMES, *geometry.slab_shape)
+        assert np.array_equal(data[1], geometry.assemble_slab(sims[1][0].panels))
+        n_peaks = h5["/entry_1/result_1/nPeaks"][()]
+        assert n_peaks.shape == (N_FRAMES,) and n_peaks.dtype.kind == "i"
+        for column in ("peakXPosRaw", "peakYPosRaw", "peakTotalIntensity"):
+            table = h5[f"/entry_1/result_1/{column}"]
+            assert table.dtype == np.float32 and table.shape[0] == N_FRAMES
+            assert table.shape[1] >= n_peaks.max()
+
+    peaks_file = read_cxi_peaks(cxi_file)
+    stream = read_stream(tmp_path / "peaks.stream")
+    assert stream.geometry is not None and len(stream.chunks) == N_FRAMES
+    for row, (frame, truth) in enumerate(sims):
+        raw = peaks_file.raw(row)
+        slab_ss, slab_fs = geometry.slab_shape
+        assert np.all((raw["peakXPosRaw"] >= -0.5) & (raw["peakXPosRaw"] < slab_fs - 0.5))
+        assert np.all((raw["peakYPosRaw"] >= -0.5) & (raw["peakYPosRaw"] < slab_ss - 0.5))
+        peaks = peaks_file.peaks(row, geometry)  # back to panels through the project's reader
+        strong = truth.reflections[truth.reflections["strong"]]
+        ia, ib, dist = match_peaks(peaks["panel"], peaks["fs"], peaks["ss"],
+                                   strong["panel"], strong["fs"], strong["ss"], 3.0)
+        assert len(ia) >= 0.95 * len(strong) > 20
+        assert np.quantile(dist, 0.99) < 1.0, f"{name} frame {row}: matched peaks > 1 px off"
+        chunk = stream.chunks[row]
+        assert chunk.event == f"//{row}" and chunk.n_peaks == len(peaks)
+        from_stream = chunk.peak_table(stream.geometry)
+        assert np.allclose(from_stream["fs"], peaks["fs"], atol=0.01)
+        assert np.allclose(from_stream["ss"], peaks["ss"], atol=0.01)
+
+
+def test_rerun_after_interruption_continues_where_it_stopped(stacks, tmp_path):
+    geom_path, _, stack, _, predictor = stacks["cspad"]
+    outdir, stream_path = tmp_path / "out", tmp_path / "peaks.stream"
+    first = _run(stack, geom_path, outdir, predictor, frames_per_file=1, stream=str(stream_path))
+    assert len(first["cxi_files"]) == N_FRAMES
+    # an interruption: the last CXI file never appeared and the stream ends mid-chunk
+    Path(first["cxi_files"][-1]).unlink()
+    text = stream_path.read_text()
+    stream_path.write_text(text[:text.rindex("----- Begin chunk -----") + 200])
+    second = _run(stack, geom_path, outdir, predictor, frames_per_file=1, stream=str(stream_path))
+    assert (second["skipped"], second["frames"]) == (N_FRAMES - 1, 1)
+    assert len(second["cxi_files"]) == N_FRAMES
+    events = [c.event for c in read_stream(stream_path).chunks]
+    assert events == [f"//{k}" for k in range(N_FRAMES)]  # no duplicate, no gap
+    third = _run(stack, geom_path, outdir, predictor, frames_per_file=1, stream=str(stream_path))
+    assert (third["skipped"], third["frames"]) == (N_FRAMES, 0)
+
+
+def test_list_file_events_and_hits_only(stacks, tmp_path):
+    geom_path, _, stack, sims, predictor = stacks["epix10k2M"]
+    listing = tmp_path / "files.lst"
+    listing.write_text(f"{stack} //1\n; a comment\n")
+    counts = [int(t.reflections["strong"].sum()) for _, t in sims]
+    summary = run({"inputs": [str(listing)], "geometry": str(geom_path),
+                   "output": str(tmp_path / "one"), "predictor": predictor, "progress": False})
+    assert summary["frames"] == 1
+    assert read_cxi_peaks(summary["cxi_files"][0]).keys == [(str(stack), "//1")]
+    # a min_peaks between the two frames' counts: only the richer frame is a hit
+    cut = (min(counts) + max(counts)) // 2
+    summary = _run(stack, geom_path, tmp_path / "hits", predictor, min_peaks=cut, hits_only=True,
+                   stream=str(tmp_path / "all.stream"))
+    assert summary["hits"] == 1 and summary["frames"] == N_FRAMES
+    (kept,) = read_cxi_peaks(summary["cxi_files"][0]).keys
+    assert kept == (str(stack), f"//{int(np.argmax(counts))}")
+    assert len(read_stream(tmp_path / "all.stream").chunks) == N_FRAMES
+
+
+def test_bad_inputs_fail_clearly_and_keep_finished_results(stacks, tmp_path, capsys):
+    geom_path, geometry, stack, sims, predictor = stacks["cspad"]
+    no_mask = tmp_path / "no_mask.cxi"
+    with h5py.File(no_mask, "w") as h5:  # the geometry names a mask dataset this file lacks
+        h5["/entry_1/data_1/data"] = np.stack([geometry.assemble_slab(sims[0][0].panels)])
+    outdir = tmp_path / "out"
+    config = {"inputs": [str(stack), str(no_mask)], "geometry": str(geom_path),
+              "output": str(outdir), "predictor": predictor, "progress": False}
+    with pytest.raises(FormatError, match="/entry_1/data_1/mask") as info:
+        run(config)
+    assert str(no_mask) in str(info.value)
+    kept = (outdir / "peaknet.lst").read_text().split()
+    assert len(kept) == 1 and len(read_cxi_peaks(kept[0])) == N_FRAMES
+    summary = json.loads((outdir / "peaknet2cxi.json").read_text())
+    assert summary["status"].startswith("failed") and summary["frames"] == N_FRAMES
+
+    small = tmp_path / "small.cxi"
+    with h5py.File(small, "w") as h5:  # 100 x 100 frames cannot hold a 1480 x 1552 CSPAD slab
+        h5["/entry_1/data_1/data"] = np.zeros((1, 100, 100), np.float32)
+        h5["/entry_1/data_1/mask"] = np.zeros((1, 100, 100), np.uint16)
+    garbage = tmp_path / "garbage.cxi"
+    garbage.write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(200))
+    for bad, words in ((small, "1480x1552"), (garbage, "garbage.cxi"),
+                       (tmp_path / "absent.cxi", "not found")):
+        code = main([str(bad), "-g", str(geom_path), "-o", str(tmp_path / "bad"),
+                     "--no-progress"])
+        err = capsys.readouterr().err
+        assert code == 1 and str(bad) in err and words in err, err
+
+
+def test_help_shows_the_indexamajig_command(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    assert "indexamajig -i OUTDIR/peaknet.lst -g OUTDIR/peaknet.geom --peaks=cxi" in \
+        capsys.readouterr().out
+
+
+def test_workers_without_the_pipeline_say_so(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "peaknet_xtal.inference.pipeline", None)
+    with pytest.raises(PeakNetError, match="Ray pipeline"):
+        run({"inputs": [str(tmp_path)], "output": str(tmp_path / "o"), "workers": 2})
+
+
+def test_main_with_the_real_default_model(stacks, tmp_path, capsys):
+    geom_path, _, stack, _, _ = stacks["cspad"]
+    outdir = tmp_path / "out"
+    code = main([str(stack), "-g", str(geom_path), "-o", str(outdir), "--device", "cpu",
+                 "--threads", "1", "--threshold", "0.99", "--max-peaks", "100"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "peaknet2cxi:" in captured.err and "frames/s" in captured.err  # progress line
+    assert f"next: indexamajig -i {outdir / 'peaknet.lst'}" in captured.out
+    summary = json.loads((outdir / "peaknet2cxi.json").read_text())
+    assert summary["frames"] == N_FRAMES and summary["peaks_per_frame"]["max"] <= 100
+    assert summary["config"]["threshold"] == 0.99 and summary["engine"]["model"] == "default"
+    recorded = json.loads((outdir / "peaknet2cxi.config.json").read_text())
+    assert recorded["config"]["max_peaks"] == 100
+    assert read_cxi_peaks(summary["cxi_files"][0]).n_peaks.max() <= 100

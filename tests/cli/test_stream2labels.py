@@ -1,0 +1,64 @@
+"""stream2labels end to end: simulated stream + CXI stack in, label file + report + config out."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from peaknet_xtal.cli.stream2labels import main
+from peaknet_xtal.engine.labels import LabelFile
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine"))
+from simdata import SimRun, make_sim_run  # noqa: E402  (the engine tests' simulated run)
+
+
+@pytest.fixture(scope="module")
+def sim_run(tmp_path_factory: pytest.TempPathFactory) -> SimRun:
+    return make_sim_run(tmp_path_factory.mktemp("simrun"))
+
+
+def test_help_is_the_docstring(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    assert "pseudo-Voigt" in capsys.readouterr().out
+
+
+def test_end_to_end(sim_run: SimRun, tmp_path, capsys):
+    out = tmp_path / "labels.h5"
+    code = main([str(sim_run.stream), "-o", str(out), "--no-ray", "--min-peaks", "1",
+                 "--min-i-over-sigma", "5", "--batch-size", "4", "--quiet"])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "selected" in text and "fits:" in text and str(out) in text
+    with LabelFile(out) as lf:
+        assert len(lf) == 2 * sim_run.n_frames
+        assert lf.h5["labels"][()].sum() > 100
+        assert lf.config["label"]["min_i_over_sigma"] == 5.0
+    recorded = json.loads((tmp_path / "labels.config.json").read_text())
+    assert recorded["config"]["run"]["ray"] is False
+    assert recorded["config"]["peakdiff"]["min_found"] == 1
+    assert (tmp_path / "labels.peakdiff.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bad_inputs_exit_2_naming_the_file(tmp_path, capsys):
+    expt = tmp_path / "lonely.expt"
+    expt.write_text("{}")
+    assert main([str(expt), "-o", str(tmp_path / "x.h5"), "--no-ray", "--quiet"]) == 2
+    assert "lonely.expt" in capsys.readouterr().err
+    broken = tmp_path / "broken.stream"
+    broken.write_text("CrystFEL stream format 2.3\n----- Begin chunk -----\nImage filename: a.h5\n"
+                      "garbage line\n")
+    assert main([str(broken), "-o", str(tmp_path / "y.h5"), "--no-ray", "--quiet"]) == 2
+    assert "broken.stream" in capsys.readouterr().err
+    assert not (tmp_path / "y.h5").exists()
+
+
+def test_no_images_is_an_error_with_a_hint(sim_run: SimRun, tmp_path, capsys):
+    code = main([str(sim_run.stream), "-o", str(tmp_path / "l.h5"), "--no-ray", "--quiet",
+                 "--min-peaks", "1", "--prefix", str(tmp_path) + "/nowhere-"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "--prefix" in err and "nowhere-sim.cxi" in err

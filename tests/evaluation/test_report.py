@@ -1,0 +1,188 @@
+"""evaluate() on a constructed data set: every number in the report is known in advance.
+
+The finders here are scripted: they "find" exactly the peaks each frame's ``meta`` plants for them.
+They are registered in ``FINDERS`` for the test (``evaluate`` takes finder *names*, as the CLI
+does), because the report's arithmetic must be checked against counts fixed by construction; a real
+finder's detections would make the expected numbers depend on the finder instead of the report.
+Real finders are checked on their own in ``test_finders.py`` and end to end in
+``tests/cli/test_eval.py``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pytest
+
+from peaknet_xtal.evaluation import FINDERS
+from peaknet_xtal.evaluation.report import Dataset, evaluate, markdown
+from peaknet_xtal.types import Frame, empty_peaks, peaks_from_columns
+
+SHAPE = (40, 48)  # (ss, fs) of each of the two panels
+
+
+@dataclass
+class ScriptedFinder:
+    """Returns ``frame.meta[name]``: the peaks the test planted for this finder on that frame."""
+
+    params: dict[str, Any] = field(default_factory=dict)
+    name: str = "scripted"
+
+    def find(self, frame: Frame) -> np.ndarray:
+        return frame.meta.get(self.params["key"], empty_peaks())
+
+
+def _make(key: str) -> Any:
+    def factory(params: dict[str, Any] | None = None) -> ScriptedFinder:
+        return ScriptedFinder({"key": key, **(params or {})}, name=key)
+    return factory
+
+
+@pytest.fixture
+def scripted(monkeypatch):
+    """Two scripted finders, ``sloppy`` and ``oracle``, known to ``create_finder`` for one test."""
+    monkeypatch.setitem(FINDERS, "sloppy", _make("sloppy"))
+    monkeypatch.setitem(FINDERS, "oracle", _make("oracle"))
+
+
+def grid_peaks(panel: int, n: int, offset: tuple[float, float] = (0.0, 0.0)) -> np.ndarray:
+    """``n`` peaks on a 6 px grid of one panel, shifted by ``offset`` (fs, ss)."""
+    fs = 5.0 + 6.0 * (np.arange(n) % 6) + offset[0]
+    ss = 5.0 + 6.0 * (np.arange(n) // 6) + offset[1]
+    return peaks_from_columns(panel=np.full(n, panel), fs=fs, ss=ss)
+
+
+def concat(*tables: np.ndarray) -> np.ndarray:
+    return np.concatenate(tables) if tables else empty_peaks()
+
+
+def image_with(peaks: np.ndarray, panel: int) -> np.ndarray:
+    rng = np.random.default_rng(panel)
+    image = rng.normal(10.0, 1.0, SHAPE).astype(np.float32)
+    for row in peaks[peaks["panel"] == panel]:
+        image[int(round(row["ss"])), int(round(row["fs"]))] += 100.0
+    return image
+
+
+def constructed() -> tuple[Dataset, dict[str, Any]]:
+    """Three frames with hand-made truth and scripted finder output; returns the expected counts.
+
+    frame 0 (hit, panel 0): 12 strong + 2 weak true reflections.  sloppy: 10 strong at 0.3 px,
+      1 on a weak reflection (correct, not a recall), 2 far from anything (false).
+    frame 1 (blank): sloppy finds 3 false peaks (too few for a hit); oracle finds nothing.
+    frame 2 (hit, panel 1): 12 strong.  sloppy: all 12 at 0.5 px, a split spot 1 px beside a
+      true peak (one-to-one matching: counts once), a peak on panel 0 at the coordinates of a
+      true panel-1 peak (wrong panel: false).
+    oracle finds exactly the strong reflections everywhere.
+    """
+    strong0, weak0 = grid_peaks(0, 12), grid_peaks(0, 14)[12:]
+    strong2 = grid_peaks(1, 12)
+    sloppy = [
+        concat(grid_peaks(0, 10, (0.3, 0.0)), weak0[:1],
+               peaks_from_columns(panel=[0, 0], fs=[44.0, 44.0], ss=[30.0, 36.0])),
+        peaks_from_columns(panel=[1, 1, 0], fs=[40.0, 42.0, 44.0], ss=[36.0, 36.0, 36.0]),
+        concat(grid_peaks(1, 12, (0.3, 0.4)),
+               peaks_from_columns(panel=[1, 0], fs=[strong2["fs"][0] - 1.0, strong2["fs"][3]],
+                                  ss=[strong2["ss"][0], strong2["ss"][3]])),
+    ]
+    truths = [strong0, empty_peaks(), strong2]
+    reflections = [concat(strong0, weak0), empty_peaks(), strong2]
+    frames = []
+    for i, (truth, found) in enumerate(zip(truths, sloppy)):
+        panels = [image_with(truth, 0), image_with(truth, 1)]
+        masks = [np.ones(SHAPE, bool), np.ones(SHAPE, bool)]
+        masks[1][0, 0] = False
+        frames.append(Frame(panels, masks, source="constructed", event=f"//{i}", serial=i,
+                            meta={"sloppy": found, "oracle": truth}))
+    expected = {"n_found": 13 + 3 + 14, "n_true": 24, "n_matched": 10 + 12,
+                "n_correct": 11 + 0 + 12, "median_error_px": 0.5}
+    return Dataset("constructed", frames, truths, reflections), expected
+
+
+def f1(p: float, r: float) -> float:
+    return 2 * p * r / (p + r)
+
+
+def test_scores_and_hit_rate_match_hand_counts(scripted, tmp_path):
+    dataset, want = constructed()
+    report = evaluate(dataset, ["sloppy", "oracle"], tmp_path, min_peaks=10, samples=1)
+    sloppy = report["finders"]["sloppy"]["accuracy"]
+    for key, value in want.items():
+        assert sloppy[key] == pytest.approx(value), key
+    assert sloppy["precision"] == pytest.approx(23 / 30)
+    assert sloppy["recall"] == pytest.approx(22 / 24)
+    assert sloppy["f1"] == pytest.approx(f1(23 / 30, 22 / 24))
+    oracle = report["finders"]["oracle"]["accuracy"]
+    assert (oracle["precision"], oracle["recall"], oracle["f1"]) == (1.0, 1.0, 1.0)
+    assert oracle["median_error_px"] == 0.0
+    # Hits: at least 10 peaks.  sloppy 13, 3, 14 peaks; oracle 12, 0, 12.
+    assert report["finders"]["sloppy"]["peaks_per_frame"] == [13, 3, 14]
+    assert report["finders"]["sloppy"]["hit_rate"] == pytest.approx(2 / 3)
+    assert report["finders"]["oracle"]["hit_rate"] == pytest.approx(2 / 3)
+    per_frame = report["finders"]["sloppy"]["per_frame_f1"]
+    assert per_frame[0] == pytest.approx(f1(11 / 13, 10 / 12))
+    assert per_frame[1] == 0.0  # 3 false peaks on a blank: nothing right
+    assert per_frame[2] == pytest.approx(f1(12 / 14, 1.0))
+    assert math.isnan(report["finders"]["oracle"]["per_frame_f1"][1])  # nothing to find, none found
+
+
+def test_tuning_frames_are_left_out_of_scoring(scripted, tmp_path):
+    dataset, _ = constructed()
+    report = evaluate(dataset, ["sloppy"], tmp_path, tune_frames=1, min_peaks=10, samples=1)
+    acc = report["finders"]["sloppy"]["accuracy"]
+    assert report["frames"] == 2 and report["tuning_frames"] == 1
+    assert (acc["n_found"], acc["n_true"], acc["n_matched"], acc["n_correct"]) == (17, 12, 12, 12)
+    assert report["finders"]["sloppy"]["hit_rate"] == pytest.approx(1 / 2)
+
+
+def test_json_is_strict_and_markdown_shows_the_json_numbers(scripted, tmp_path):
+    dataset, _ = constructed()
+    report = evaluate(dataset, ["sloppy", "oracle"], tmp_path, min_peaks=10, samples=1)
+
+    def no_constants(name: str) -> None:
+        raise AssertionError(f"report.json holds {name}: not strict JSON")
+
+    saved = json.loads((tmp_path / "report.json").read_text(), parse_constant=no_constants)
+    assert saved["finders"]["oracle"]["per_frame_f1"][1] is None  # NaN written as null
+    assert saved["finders"]["sloppy"]["accuracy"] == pytest.approx(
+        report["finders"]["sloppy"]["accuracy"])
+    text = (tmp_path / "report.md").read_text()
+    assert text == markdown(report, dataset)
+    rows = {m[0]: m[1:] for m in re.findall(
+        r"^\| (\w+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| [\d.]+ \|$", text, re.M)}
+    assert set(rows) == {"sloppy", "oracle"}
+    for label, (p, r, f, err) in rows.items():
+        acc = saved["finders"][label]["accuracy"]
+        assert (float(p), float(r), float(f)) == pytest.approx(
+            (acc["precision"], acc["recall"], acc["f1"]), abs=5e-4)
+        assert float(err) == pytest.approx(acc["median_error_px"], abs=5e-3)
+    hits = dict(re.findall(r"^\| (\w+) \| ([\d.]+) \| not run \| not run \|$", text, re.M))
+    assert {k: float(v) for k, v in hits.items()} == pytest.approx(
+        {k: saved["finders"][k]["hit_rate"] for k in ("sloppy", "oracle")}, abs=5e-4)
+    for name in saved["figures"]:
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"({name})" in text
+
+
+def test_overlays_show_the_frame_with_most_true_peaks_and_its_edge_and_artifact(scripted,
+                                                                              tmp_path):
+    dataset, _ = constructed()
+    report = evaluate(dataset, ["oracle"], tmp_path, min_peaks=10, samples=1)
+    # Frames 0 and 2 tie at 12 true peaks: the first wins.
+    assert [n for n in report["figures"] if n.startswith("overlay")] == [
+        "overlay_frame0_panel.png", "overlay_frame0_edge.png", "overlay_frame0_artifact.png"]
+
+
+def test_without_truth_only_hits_are_reported(scripted, tmp_path):
+    dataset, _ = constructed()
+    dataset.truths = dataset.reflections = None
+    report = evaluate(dataset, ["sloppy"], tmp_path, min_peaks=3, samples=1)
+    entry = report["finders"]["sloppy"]
+    assert "accuracy" not in entry and entry["hit_rate"] == 1.0
+    text = (tmp_path / "report.md").read_text()
+    assert "## Accuracy" not in text and "| sloppy | 1.000 | not run | not run |" in text
+    assert "scores.png" not in report["figures"]

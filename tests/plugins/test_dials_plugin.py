@@ -1,0 +1,176 @@
+"""The ``peaknet`` DIALS threshold extension in-process: discovery, PHIL, mask contract, pickling.
+
+These run DIALS' own extension machinery (the same code ``dials.find_spots`` uses to build its
+PHIL scope and threshold object) and the real default model on a real CSPAD panel; the
+subprocess tests of whole DIALS commands are in ``test_dials_commands.py``.
+"""
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.dials
+
+CSPAD = "cspad_thermolysin_stills/idx-20130301060858401.cbf"
+
+
+@pytest.fixture(scope="module")
+def dials_modules(dials_env: dict[str, str]):  # noqa: ARG001 - the fixture checks DIALS is there
+    from dials.algorithms.spot_finding.factory import SpotFinderFactory, phil_scope
+
+    return SpotFinderFactory, phil_scope
+
+
+def _params(phil_scope, *lines: str):
+    """Extract DIALS spot-finding parameters from PHIL lines, as dials.find_spots does."""
+    from libtbx.phil import parse
+
+    return phil_scope.fetch(sources=[parse("\n".join(lines))]).extract()
+
+
+@pytest.fixture(scope="module")
+def cspad_panel(real_data: Path, dials_modules) -> tuple[np.ndarray, np.ndarray]:  # noqa: ARG001
+    """One real CSPAD ASIC (corrected data and the format's mask) with strong Bragg spots."""
+    from dxtbx import flumpy
+    from dxtbx.model.experiment_list import ExperimentListFactory
+
+    experiments = ExperimentListFactory.from_filenames([str(real_data / CSPAD)])
+    imageset = experiments.imagesets()[0]
+    data = imageset.get_corrected_data(0)
+    mask = imageset.get_mask(0)
+    brightest = int(np.argmax([flumpy.to_numpy(p).max() for p in data]))
+    return (flumpy.to_numpy(data[brightest]).copy(), flumpy.to_numpy(mask[brightest]).copy())
+
+
+def test_entry_point_is_found_by_both_discovery_mechanisms(dials_modules) -> None:
+    """DIALS 3.12 (pkg_resources) and DIALS >= 3.24 (importlib.metadata) both see ``peaknet``."""
+    from importlib.metadata import entry_points
+
+    from dials.extensions import SpotFinderThreshold
+
+    from peaknet_dials.spotfinder_threshold_ext import PeakNetSpotFinderThresholdExt
+
+    assert SpotFinderThreshold.load("peaknet") is PeakNetSpotFinderThresholdExt
+    found = {ep.name: ep for ep in entry_points(group="dials.spotfinder.threshold")}
+    assert found["peaknet"].load() is PeakNetSpotFinderThresholdExt
+    # A `default` attribute would silently make peaknet the default algorithm for every user.
+    assert "default" not in PeakNetSpotFinderThresholdExt.__dict__
+    assert PeakNetSpotFinderThresholdExt.__doc__.strip()
+
+
+def test_phil_scope_offers_peaknet_with_help(dials_modules) -> None:
+    _, phil_scope = dials_modules
+    params = _params(phil_scope)
+    assert params.spotfinder.threshold.algorithm == "dispersion_extended"  # we are not default
+    scope = phil_scope.get("spotfinder.threshold.peaknet").objects[0]
+    names = {obj.name: obj for obj in scope.objects}
+    assert set(names) == {"model", "device", "threshold", "batch_size", "threads"}
+    for name, obj in names.items():
+        assert obj.help and len(obj.help) > 20, f"peaknet.{name} needs help text"
+    defaults = params.spotfinder.threshold.peaknet
+    assert (defaults.model, defaults.device, defaults.threshold) == ("default", "auto", 0.5)
+
+
+def test_settings_come_from_phil(dials_modules) -> None:
+    factory, phil_scope = dials_modules
+    params = _params(
+        phil_scope,
+        "spotfinder.threshold.algorithm=peaknet",
+        "spotfinder.threshold.peaknet.threshold=0.3",
+        "spotfinder.threshold.peaknet.device=cpu",
+        "spotfinder.threshold.peaknet.batch_size=2",
+        "spotfinder.mp.nproc=2",
+    )
+    ext = factory.configure_threshold(params)
+    assert type(ext).__name__ == "PeakNetSpotFinderThresholdExt"
+    s = ext.settings
+    assert (s.model, s.device, s.threshold, s.batch_size) == ("default", "cpu", 0.3, 2)
+    # threads default: the cores shared among the DIALS worker processes, at least one.
+    import os
+
+    assert s.threads == max(1, (os.cpu_count() or 1) // 2)
+    with pytest.raises(RuntimeError):  # value_max=1 is enforced by PHIL
+        _params(phil_scope, "spotfinder.threshold.peaknet.threshold=1.5")
+
+
+def _ext(phil_scope, threshold: float):
+    from peaknet_dials.spotfinder_threshold_ext import PeakNetSpotFinderThresholdExt
+
+    params = _params(phil_scope, f"spotfinder.threshold.peaknet.threshold={threshold}",
+                     "spotfinder.threshold.peaknet.device=cpu",
+                     "spotfinder.threshold.peaknet.threads=1")
+    return PeakNetSpotFinderThresholdExt(params)
+
+
+def test_result_is_flex_bool_within_the_mask(dials_modules, cspad_panel) -> None:
+    """The returned mask has the panel's shape and never marks a pixel DIALS masked out."""
+    from dxtbx import flumpy
+    from scitbx.array_family import flex
+
+    _, phil_scope = dials_modules
+    data, mask = cspad_panel
+    mask = mask.copy()
+    mask[:, : mask.shape[1] // 2] = False  # mask out the left half, spots included
+    ext = _ext(phil_scope, 0.5)
+    result = ext.compute_threshold(flumpy.from_numpy(data), flumpy.from_numpy(mask),
+                                   imageset=None, i_panel=0)
+    assert isinstance(result, flex.bool)
+    assert result.all() == data.shape
+    peaks = flumpy.to_numpy(result)
+    assert not peaks[~mask].any()
+
+    # Threshold 0 keeps every pixel the model may see: the result is then exactly the mask.
+    everything = _ext(phil_scope, 0.0).compute_threshold(
+        flumpy.from_numpy(data), flumpy.from_numpy(mask), imageset=None, i_panel=0)
+    assert np.array_equal(flumpy.to_numpy(everything), mask)
+
+    # A fully masked panel costs no model call and gives nothing.
+    none = ext.compute_threshold(flumpy.from_numpy(data),
+                                 flumpy.from_numpy(np.zeros_like(mask)), imageset=None, i_panel=0)
+    assert none.count(True) == 0
+
+
+def test_pickle_round_trip_is_small_and_drops_the_model(dials_modules, cspad_panel) -> None:
+    """DIALS pickles the extension into each worker: only the settings may travel."""
+    from dxtbx import flumpy
+
+    from peaknet_dials import spotfinder_threshold_ext as module
+
+    _, phil_scope = dials_modules
+    data, mask = cspad_panel
+    ext = _ext(phil_scope, 0.5)
+    before = ext.compute_threshold(flumpy.from_numpy(data), flumpy.from_numpy(mask),
+                                   imageset=None, i_panel=3)
+    assert ext.settings in module._PREDICTORS  # the model is loaded and cached per process
+    blob = pickle.dumps(ext)
+    assert len(blob) < 2000, f"pickled extension is {len(blob)} bytes: the model travelled"
+    clone = pickle.loads(blob)
+    assert clone.settings == ext.settings
+    after = clone.compute_threshold(flumpy.from_numpy(data), flumpy.from_numpy(mask),
+                                    imageset=None, i_panel=3)
+    assert np.array_equal(flumpy.to_numpy(before), flumpy.to_numpy(after))
+
+
+def test_shape_mismatch_is_a_clear_error(dials_modules) -> None:
+    from dxtbx import flumpy
+
+    _, phil_scope = dials_modules
+    ext = _ext(phil_scope, 0.5)
+    with pytest.raises(ValueError, match="panel 7 image shape"):
+        ext.compute_threshold(flumpy.from_numpy(np.zeros((4, 5))),
+                              flumpy.from_numpy(np.ones((5, 4), dtype=bool)), i_panel=7)
+
+
+def test_missing_model_fails_at_start_up_naming_it(dials_modules, tmp_path) -> None:
+    """A wrong model path is reported when DIALS builds the finder, not deep in a worker."""
+    from peaknet_xtal.errors import FormatError
+
+    factory, phil_scope = dials_modules
+    missing = tmp_path / "nowhere.safetensors"
+    params = _params(phil_scope, "spotfinder.threshold.algorithm=peaknet",
+                     f"spotfinder.threshold.peaknet.model={missing}")
+    with pytest.raises(FormatError, match="nowhere.safetensors.*model not found"):
+        factory.configure_threshold(params)

@@ -1,0 +1,102 @@
+"""Simulated CXI stacks through dxtbx and real DIALS commands (``FormatCXIPeakNet``).
+
+The strongest check of the simulator's geometry and of the format's CrystFEL -> DIALS frame
+conversion together: DIALS, knowing nothing but the pixels and the .geom, must find the true
+lattice (cell within 1 %, orientation up to the lattice symmetry) and must not index a blank.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from peaknet_xtal.io.geometry import read_geometry
+from peaknet_xtal.sim import SimConfig
+from peaknet_xtal.sim.output import read_truth
+from peaknet_xtal.sim.run import simulate_run
+
+pytestmark = pytest.mark.dials
+
+LYSOZYME = ["indexing.known_symmetry.space_group=P43212",
+            "indexing.known_symmetry.unit_cell=79.1,79.1,38.0,90,90,90",
+            "stills.indexer=sequences", "indexing.method=fft1d"]
+#: CrystFEL lab frame -> DIALS lab frame (half turn about y).
+TO_DIALS = np.diag([-1.0, 1.0, -1.0])
+
+
+def dials(command: str, args: list[str], cwd: Path, env: dict[str, str]
+          ) -> subprocess.CompletedProcess[str]:
+    exe = Path(sys.executable).parent / command
+    return subprocess.run([str(exe), *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, real_data):
+    geometry = read_geometry(real_data / "crystfel_geometry" / "crystfel_doc_cspad-cxiformat.geom")
+    root = tmp_path_factory.mktemp("simdials")
+    hit = simulate_run(geometry, 1, 5, root / "hit", SimConfig(cell="lysozyme"), stream=False,
+                       progress=False)
+    blank = simulate_run(geometry, 1, 6, root / "blank", SimConfig(hit_probability=0.0),
+                         stream=False, progress=False)
+    return hit, blank
+
+
+def test_format_understands_and_places_spots_exactly(runs, dials_env):
+    from dxtbx.model.experiment_list import ExperimentListFactory
+    from peaknet_dxtbx.format_cxi import FormatCXIPeakNet
+
+    hit, _ = runs
+    assert FormatCXIPeakNet.understand(str(hit.cxi))
+    experiments = ExperimentListFactory.from_filenames([str(hit.cxi)])
+    assert len(experiments) == 1
+    assert experiments[0].imageset.get_format_class().__name__ == "FormatCXIPeakNet"
+    truth = read_truth(hit.truth)
+    refl = truth["reflections"][truth["reflections"]["strong"]][:50]
+    A = TO_DIALS @ truth["crystals"][0]["A"]
+    detector, beam = experiments[0].detector, experiments[0].beam
+    assert beam.get_wavelength() == pytest.approx(1.3, rel=1e-6)
+    for row in refl:
+        s1 = np.array(beam.get_s0()) + A @ np.array([row["h"], row["k"], row["l"]])
+        panel, mm = detector.get_ray_intersection(tuple(s1))
+        px = detector[panel].millimeter_to_pixel(mm)
+        assert panel == row["panel"]
+        # Strong spots are partial reflections: off the sphere by eps, so allow ~0.05 px.
+        assert px[0] == pytest.approx(row["fs"] + 0.5, abs=0.05)
+        assert px[1] == pytest.approx(row["ss"] + 0.5, abs=0.05)
+    data = experiments[0].imageset.get_raw_data(0)
+    assert len(data) == 64 and data[0].all() == (185, 194)
+    mask = experiments[0].imageset.get_mask(0)
+    assert sum(m.count(False) for m in mask) > 0  # dead/hot pixels reach DIALS
+
+
+def test_dials_indexes_hit_to_true_cell_and_orientation(runs, dials_env):
+    hit, _ = runs
+    work = hit.cxi.parent
+    assert dials("dials.import", [hit.cxi.name], work, dials_env).returncode == 0
+    assert dials("dials.find_spots", ["imported.expt"], work, dials_env).returncode == 0
+    result = dials("dials.index", ["imported.expt", "strong.refl", *LYSOZYME], work, dials_env)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    from dxtbx.model.experiment_list import ExperimentListFactory
+
+    crystal = ExperimentListFactory.from_json_file(str(work / "indexed.expt"),
+                                                   check_format=False)[0].crystal
+    truth = read_truth(hit.truth)["crystals"][0]
+    cell = np.array(crystal.get_unit_cell().parameters())
+    np.testing.assert_allclose(cell, truth["cell"], rtol=0.01)
+    # Same lattice in the same orientation: the change of basis is integral and unimodular.
+    change = np.linalg.inv(TO_DIALS @ truth["A"]) @ np.array(crystal.get_A()).reshape(3, 3)
+    assert np.abs(change - np.round(change)).max() < 0.02
+    assert abs(abs(np.linalg.det(np.round(change))) - 1) < 1e-9
+
+
+def test_dials_does_not_index_a_blank(runs, dials_env):
+    _, blank = runs
+    work = blank.cxi.parent
+    assert dials("dials.import", [blank.cxi.name], work, dials_env).returncode == 0
+    assert dials("dials.find_spots", ["imported.expt"], work, dials_env).returncode == 0
+    result = dials("dials.index", ["imported.expt", "strong.refl", *LYSOZYME], work, dials_env)
+    assert result.returncode != 0 or not (work / "indexed.expt").exists()

@@ -1,0 +1,74 @@
+"""peaknet-sim end to end: the files of a run agree with each other and with the truth."""
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+
+from peaknet_xtal.cli.sim import main
+from peaknet_xtal.errors import FormatError
+from peaknet_xtal.io.cxi import iter_cxi_frames
+from peaknet_xtal.io.geometry import read_geometry
+from peaknet_xtal.io.stream import read_stream
+from peaknet_xtal.sim import SimConfig, simulate_frame
+from peaknet_xtal.sim.output import read_truth
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, real_data):
+    out = tmp_path_factory.mktemp("simrun")
+    cfg = out / "cfg.yaml"
+    cfg.write_text("sim:\n  cell: thermolysin\n  hit_probability: 0.6\n")
+    geom = real_data / "crystfel_geometry" / "crystfel_doc_cspad-cxiformat.geom"
+    assert main(["-g", str(geom), "-n", "4", "--seed", "10", "-o", str(out),
+                 "--config", str(cfg)]) == 0
+    return out, geom
+
+
+def test_cxi_stack_reads_back_with_its_geom(run_dir):
+    out, source_geom = run_dir
+    geometry = read_geometry(out / "sim.geom")
+    assert geometry.clen_m is not None and geometry.wavelength_A == pytest.approx(1.3)
+    assert geometry.peak_list == "/entry_1/result_1"
+    frames = list(iter_cxi_frames(out / "sim.cxi", geometry))
+    assert len(frames) == 4
+    # Frame 2 regenerated alone from its seed is the stored frame.
+    again, _ = simulate_frame(read_geometry(source_geom), 12,
+                              SimConfig(cell="thermolysin", hit_probability=0.6))
+    for stored, fresh in zip(frames[2].panels, again.panels):
+        np.testing.assert_array_equal(stored, fresh)
+    with h5py.File(out / "sim.cxi") as h5:
+        assert h5.attrs["peaknet_geometry"] == "sim.geom"
+
+
+def test_truth_stream_and_peak_table_agree(run_dir):
+    out, _ = run_dir
+    truth = read_truth(out / "sim_truth.h5")
+    frames = truth["frames"]
+    assert list(frames["seed"]) == [10, 11, 12, 13]
+    assert 0 < frames["hit"].sum() < 4 or frames["hit"].all()
+    stream = read_stream(out / "sim.stream")
+    geometry = read_geometry(out / "sim.geom")
+    assert [c.event for c in stream.chunks] == ["//0", "//1", "//2", "//3"]
+    with h5py.File(out / "sim.cxi") as h5:
+        n_peaks = h5["/entry_1/result_1/nPeaks"][()]
+    for i, chunk in enumerate(stream.chunks):
+        refl = truth["reflections"][truth["reflections"]["frame"] == i]
+        strong = refl[refl["strong"]]
+        assert chunk.n_peaks == len(strong) == n_peaks[i]
+        assert len(chunk.crystals) == frames["n_crystals"][i]
+        table = chunk.peak_table(geometry)
+        np.testing.assert_allclose(table["fs"], strong["fs"], atol=0.006)
+        np.testing.assert_allclose(table["one_over_d"], strong["one_over_d"], atol=0.002)
+        for crystal, row in zip(chunk.crystals, truth["crystals"][truth["crystals"]["frame"] == i]):
+            np.testing.assert_allclose(crystal.astar, row["A"][:, 0] * 10, atol=1e-6)
+            assert crystal.a == pytest.approx(row["cell"][0], abs=1e-3)
+            assert crystal.n_reflections == len(refl[refl["crystal"] == row["crystal"]])
+
+
+def test_bad_sim_setting_is_a_format_error(tmp_path, real_data):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("sim:\n  bfactor: 3\n")
+    geom = real_data / "crystfel_geometry" / "crystfel_doc_cspad-cxiformat.geom"
+    with pytest.raises(FormatError, match="bfactor"):
+        main(["-g", str(geom), "-n", "1", "-o", str(tmp_path / "o"), "--config", str(cfg)])

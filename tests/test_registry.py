@@ -1,0 +1,200 @@
+"""Every registered source and writer honours the hookspecs contracts; plugins register like
+built-ins (in process, and through a real ``peaknet_xtal`` entry point)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from peaknet_xtal import registry
+from peaknet_xtal.builtin.sources import SourceType
+from peaknet_xtal.hookspecs import hookimpl
+from peaknet_xtal.io.geometry import parse_geometry
+from peaknet_xtal.types import Frame, FrameResult, peaks_from_columns
+
+SOURCES = sorted(registry.source_types())
+#: Sources with a sample input below (third-party ones get the contract test only).
+SAMPLED = [name for name in SOURCES if name in ("cxi", "dxtbx", "sim")]
+WRITERS = sorted(registry.writer_types())
+
+GEOM = """\
+photon_energy = 9000 eV
+clen = 0.1 m
+res = 10000
+data = /entry_1/data_1/data
+dim0 = %
+dim1 = ss
+dim2 = fs
+a/min_fs = 0
+a/max_fs = 47
+a/min_ss = 0
+a/max_ss = 23
+a/fs = +1x
+a/ss = +1y
+a/corner_x = -24
+a/corner_y = 1
+b/min_fs = 0
+b/max_fs = 47
+b/min_ss = 24
+b/max_ss = 47
+b/fs = +1x
+b/ss = +1y
+b/corner_x = -24
+b/corner_y = -25
+"""
+
+
+@pytest.fixture()
+def samples(tmp_path: Path, real_data: Path) -> dict[str, tuple[str, dict]]:
+    """One readable input per built-in source, with the options it needs."""
+    geom = tmp_path / "two.geom"
+    geom.write_text(GEOM)
+    cxi = tmp_path / "stack.cxi"
+    with h5py.File(cxi, "w") as h5:
+        h5["/entry_1/data_1/data"] = np.arange(3 * 48 * 48, dtype=np.float32).reshape(3, 48, 48)
+    return {
+        "cxi": (str(cxi), {"geometry": str(geom)}),
+        "dxtbx": (str(real_data / "synchrotron_single_images" / "DLS_I23_P12M_thau_00001.cbf.gz"),
+                  {}),
+        "sim": (f"sim:{geom}", {"count": 2, "seed": 5}),
+    }
+
+
+def test_builtins_are_registered():
+    assert {"cxi", "dxtbx", "sim"} <= set(SOURCES)
+    assert {"cxi", "stream"} <= set(WRITERS)
+
+
+@pytest.mark.parametrize("name", SOURCES)
+def test_source_type_contract(name, tmp_path):
+    kind = registry.source_types()[name]
+    assert kind.name == name and isinstance(kind.description, str) and kind.description
+    text = tmp_path / "notes.txt"
+    text.write_text("hello\n")
+    broken = tmp_path / "broken.cxi"
+    broken.write_bytes(b"\x89HDF\r\n\x1a\n" + b"\x00" * 20)
+    for junk in (str(text), str(broken), str(tmp_path), str(tmp_path / "missing.h5"), ""):
+        assert kind.sniff(junk) in (True, False)  # cheap and never raises
+    assert not kind.sniff(str(text))
+
+
+@pytest.mark.parametrize("name", SAMPLED)
+def test_sources_open_their_samples_with_stable_keys(name, samples):
+    if name == "dxtbx":
+        pytest.importorskip("dxtbx")
+    path, options = samples[name]
+    kind = registry.source_types()[name]
+    assert kind.sniff(path)
+    # the registry's own sniffing picks the same type for this file
+    assert registry.open_source(path, **options).name == name
+    source = kind.open(path, **options, an_unknown_option=1)
+    first = [f.key for f in source]
+    again = [f.key for f in source]
+    source.close()
+    assert first == again and len(set(first)) == len(first) == len(source)
+    frame = next(iter(source))
+    assert isinstance(frame, Frame) and frame.panels and frame.panels[0].dtype == np.float32
+
+
+def _results(geometry, n: int = 3) -> list[FrameResult]:
+    out = []
+    for i in range(n):
+        panels = [np.full((24, 48), i, np.float32), np.zeros((24, 48), np.float32)]
+        frame = Frame(panels=panels, source="/data/run1.cxi", event=f"//{i}", serial=i,
+                      geometry=geometry)
+        peaks = peaks_from_columns(panel=[0, 1], fs=[3.0 + i, 10.0], ss=[4.0, 20.5],
+                                   intensity=[100.0, 50.0], one_over_d=[0.1, 0.2])
+        out.append(FrameResult(frame=frame, peaks=peaks, hit=True))
+    return out
+
+
+@pytest.mark.parametrize("name", WRITERS)
+def test_writer_contract_and_resume(name, tmp_path):
+    kind = registry.writer_types()[name]
+    assert kind.name == name and kind.description and kind.suffix.startswith(".")
+    geometry = parse_geometry(GEOM)
+    target = str(tmp_path / f"out{kind.suffix}")
+    results = _results(geometry)
+    writer = kind.open(target, geometry=geometry, frames_per_file=2, an_unknown_option=1)
+    assert writer.done_keys() == set()
+    for r in results[:2]:
+        writer.write(r)
+    writer.close()
+    resumed = kind.open(target, geometry=geometry, frames_per_file=2)
+    assert resumed.done_keys() == {r.frame.key for r in results[:2]}
+    resumed.write(results[2])
+    resumed.close()
+    assert kind.open(target, geometry=geometry).done_keys() == {r.frame.key for r in results}
+    assert not list(tmp_path.rglob("*.part"))
+
+
+def test_written_outputs_read_back(tmp_path):
+    """The two built-in writers agree on where the peaks are (raw slab, edges converted)."""
+    from peaknet_xtal.io.cxi import read_cxi_peaks
+    from peaknet_xtal.io.stream import read_stream
+
+    geometry = parse_geometry(GEOM)
+    results = _results(geometry, 2)
+    for name, path in (("cxi", tmp_path / "p.cxi"), ("stream", tmp_path / "p.stream")):
+        writer = registry.open_writer(name, str(path), geometry=geometry, mode="copy")
+        for r in results:
+            writer.write(r)
+        writer.close()
+    table = read_cxi_peaks(tmp_path / "p-00000.cxi")
+    chunks = read_stream(tmp_path / "p.stream").chunks
+    for row, chunk in enumerate(chunks):
+        raw = table.raw(row)
+        np.testing.assert_allclose(raw["peakXPosRaw"] + 0.5, chunk.peaks["fs"], atol=0.01)
+        np.testing.assert_allclose(raw["peakYPosRaw"] + 0.5, chunk.peaks["ss"], atol=0.01)
+        assert chunk.peaks["ss"][1] == pytest.approx(20.5 + 24 + 0.5)
+
+
+class _ToyPlugin:
+    """A third-party plugin, registered at run time."""
+
+    @hookimpl
+    def peaknet_source_types(self):
+        return [SourceType("toy", "toy frames", lambda p: p.startswith("toy:"),
+                           lambda p, **_: [Frame(panels=[np.zeros((2, 2), np.float32)])])]
+
+
+def test_plugin_registered_in_process_shows_up():
+    pm = registry.plugin_manager()
+    plugin = _ToyPlugin()
+    pm.register(plugin, name="toy-test")
+    try:
+        assert "toy" in registry.source_types()
+        assert registry.open_source("toy:x")[0].panels[0].shape == (2, 2)
+    finally:
+        pm.unregister(plugin)
+    assert "toy" not in registry.source_types()
+
+
+def test_entry_point_plugin_is_found(tmp_path):
+    """A plugin installed as a distribution with a ``peaknet_xtal`` entry point is loaded."""
+    (tmp_path / "toy_peaknet.py").write_text(textwrap.dedent("""
+        from peaknet_xtal.hookspecs import hookimpl
+        from peaknet_xtal.builtin.writers import WriterType
+
+        @hookimpl
+        def peaknet_writer_types():
+            return [WriterType("toyw", "toy writer", ".toy", lambda path, **_: None)]
+    """))
+    info = tmp_path / "toy_peaknet-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: toy-peaknet\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[peaknet_xtal]\ntoy = toy_peaknet\n")
+    code = "from peaknet_xtal import registry; print(sorted(registry.writer_types()))"
+    env = {"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "'toyw'" in out.stdout and "'cxi'" in out.stdout
+    off = subprocess.run([sys.executable, "-c", code], env={**env, "PEAKNET_NO_PLUGINS": "1"},
+                         capture_output=True, text=True, timeout=120)
+    assert "'toyw'" not in off.stdout and "'stream'" in off.stdout

@@ -1,0 +1,60 @@
+"""Losses on cases small enough to compute by hand."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from peaknet_xtal.training.losses import distillation_loss, focal_loss
+from peaknet_xtal.training.schedule import cosine_with_warmup
+
+
+def _logits(p_peak: float) -> torch.Tensor:
+    """(1, 2, 1, 1) logits whose softmax gives peak probability ``p_peak``."""
+    return torch.tensor([0.0, math.log(p_peak / (1 - p_peak))]).view(1, 2, 1, 1)
+
+
+def test_focal_loss_matches_the_formula_for_each_class() -> None:
+    # target peak, p = 0.8: 0.75 * 0.2^2 * -log 0.8
+    assert focal_loss(_logits(0.8), torch.ones(1, 1, 1)).item() == pytest.approx(
+        0.75 * 0.04 * -math.log(0.8), rel=1e-5)
+    # target background, p_bg = 0.9: 0.25 * 0.1^2 * -log 0.9
+    assert focal_loss(_logits(0.1), torch.zeros(1, 1, 1)).item() == pytest.approx(
+        0.25 * 0.01 * -math.log(0.9), rel=1e-5)
+
+
+def test_focal_loss_ignores_invalid_pixels_in_sum_and_count() -> None:
+    logits = torch.cat([_logits(0.8), _logits(0.5)], dim=3)  # (1, 2, 1, 2)
+    target = torch.ones(1, 1, 2, dtype=torch.long)
+    valid = torch.tensor([[[True, False]]])
+    expected = 0.75 * 0.04 * -math.log(0.8)
+    assert focal_loss(logits, target, valid).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_distillation_loss_is_zero_for_identical_confident_logits() -> None:
+    t = torch.tensor([10.0, -10.0]).view(1, 2, 1, 1)
+    assert distillation_loss(t, t).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_distillation_loss_terms_by_hand() -> None:
+    s = torch.tensor([0.0, 0.0]).view(1, 2, 1, 1)      # student: 50/50
+    t = torch.tensor([0.0, 2 * math.log(3)]).view(1, 2, 1, 1)  # teacher at T=2: p = (1/4, 3/4)
+    mse = (0 + (2 * math.log(3)) ** 2) / 2
+    kl = 0.25 * math.log(0.25 / 0.5) + 0.75 * math.log(0.75 / 0.5)
+    focal = 0.75 * 0.5 ** 2 * -math.log(0.5)            # teacher argmax = peak
+    expected = 0.4 * mse + 0.4 * 4 * kl + 0.2 * focal
+    assert distillation_loss(s, t, temperature=2.0).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_cosine_schedule_warms_up_then_decays_to_the_floor() -> None:
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = cosine_with_warmup(opt, warmup_steps=4, total_steps=14, min_lr_ratio=0.1)
+    lrs = []
+    for _ in range(16):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert lrs[9] == pytest.approx(0.1 + 0.9 * 0.5)  # half-way through the decay
+    assert lrs[14] == pytest.approx(0.1) and lrs[15] == pytest.approx(0.1)

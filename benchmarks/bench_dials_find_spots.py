@@ -74,6 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--long", type=int, default=4, help="frames in the long run")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for peaknet")
     parser.add_argument("--device", default="cpu", help="peaknet device (auto/cpu/cuda)")
+    parser.add_argument("--model", default="default", help="peaknet model (default or a path)")
     parser.add_argument("--repeats", type=int, default=1, help="take the best of N runs")
     args = parser.parse_args(argv)
 
@@ -85,7 +86,8 @@ def main(argv: list[str] | None = None) -> None:
     sizes = {"short": args.short, "long": args.long}
     dispersion = CSPAD_TUNED if args.dataset == "cspad" else []
     peaknet = ["algorithm=peaknet", f"spotfinder.threshold.peaknet.threads={args.threads}",
-               f"spotfinder.threshold.peaknet.device={args.device}"]
+               f"spotfinder.threshold.peaknet.device={args.device}",
+               f"spotfinder.threshold.peaknet.model={args.model}"]
 
     with tempfile.TemporaryDirectory(prefix="bench_find_spots_") as tmp:
         work = Path(tmp)

@@ -6,8 +6,13 @@ so its absence there is an error, never a skip.  The same rule holds for DIALS.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
+from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -58,3 +63,33 @@ def dials_env() -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("LIBTBX_BUILD", "/usr/lib/cctbx/python3.11")
     return env
+
+
+def _load_simdata() -> ModuleType:
+    """``tests/engine/simdata.py``, loaded by path: plain helpers shared by these fixtures and by
+    ``benchmarks/bench_pvoigt_fit.py`` (test modules cannot import each other under
+    ``--import-mode=importlib``, and a benchmark cannot use fixtures)."""
+    name = "_peaknet_tests_simdata"
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parent / "engine" /
+                                                  "simdata.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+simdata = _load_simdata()
+
+
+@pytest.fixture(scope="session")
+def make_geometry_text() -> Callable[..., str]:
+    """Builds the small stacked-panel geometries the tests write (``simdata.geometry_text``), so
+    each test states only the numbers it depends on."""
+    return simdata.geometry_text
+
+
+@pytest.fixture(scope="session")
+def sim_run(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """Six simulated two-panel frames and their truth stream (``simdata.SimRun``), shared by the
+    engine tests and stream2labels (a test module may override it with its own ``sim_run``)."""
+    return simdata.make_sim_run(tmp_path_factory.mktemp("simrun"))

@@ -22,38 +22,18 @@ SOURCES = sorted(registry.source_types())
 SAMPLED = [name for name in SOURCES if name in ("cxi", "dxtbx", "sim")]
 WRITERS = sorted(registry.writer_types())
 
-GEOM = """\
-photon_energy = 9000 eV
-clen = 0.1 m
-res = 10000
-data = /entry_1/data_1/data
-dim0 = %
-dim1 = ss
-dim2 = fs
-a/min_fs = 0
-a/max_fs = 47
-a/min_ss = 0
-a/max_ss = 23
-a/fs = +1x
-a/ss = +1y
-a/corner_x = -24
-a/corner_y = 1
-b/min_fs = 0
-b/max_fs = 47
-b/min_ss = 24
-b/max_ss = 47
-b/fs = +1x
-b/ss = +1y
-b/corner_x = -24
-b/corner_y = -25
-"""
+
+@pytest.fixture()
+def geom_text(make_geometry_text) -> str:
+    """Two 48x24 panels stacked in one 48x48 CXI slab."""
+    return make_geometry_text(["a", "b"], 48, 24, [(-24, 1), (-24, -25)])
 
 
 @pytest.fixture()
-def samples(tmp_path: Path, real_data: Path) -> dict[str, tuple[str, dict]]:
+def samples(tmp_path: Path, real_data: Path, geom_text: str) -> dict[str, tuple[str, dict]]:
     """One readable input per built-in source, with the options it needs."""
     geom = tmp_path / "two.geom"
-    geom.write_text(GEOM)
+    geom.write_text(geom_text)
     cxi = tmp_path / "stack.cxi"
     with h5py.File(cxi, "w") as h5:
         h5["/entry_1/data_1/data"] = np.arange(3 * 48 * 48, dtype=np.float32).reshape(3, 48, 48)
@@ -114,10 +94,10 @@ def _results(geometry, n: int = 3) -> list[FrameResult]:
 
 
 @pytest.mark.parametrize("name", WRITERS)
-def test_writer_contract_and_resume(name, tmp_path):
+def test_writer_contract_and_resume(name, tmp_path, geom_text):
     kind = registry.writer_types()[name]
     assert kind.name == name and kind.description and kind.suffix.startswith(".")
-    geometry = parse_geometry(GEOM)
+    geometry = parse_geometry(geom_text)
     target = str(tmp_path / f"out{kind.suffix}")
     results = _results(geometry)
     writer = kind.open(target, geometry=geometry, frames_per_file=2, an_unknown_option=1)
@@ -133,12 +113,12 @@ def test_writer_contract_and_resume(name, tmp_path):
     assert not list(tmp_path.rglob("*.part"))
 
 
-def test_written_outputs_read_back(tmp_path):
+def test_written_outputs_read_back(tmp_path, geom_text):
     """The two built-in writers agree on where the peaks are (raw slab, edges converted)."""
     from peaknet_xtal.io.cxi import read_cxi_peaks
     from peaknet_xtal.io.stream import read_stream
 
-    geometry = parse_geometry(GEOM)
+    geometry = parse_geometry(geom_text)
     results = _results(geometry, 2)
     for name, path in (("cxi", tmp_path / "p.cxi"), ("stream", tmp_path / "p.stream")):
         writer = registry.open_writer(name, str(path), geometry=geometry, mode="copy")

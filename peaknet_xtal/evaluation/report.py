@@ -153,6 +153,15 @@ def strict_json(value: Any) -> Any:
     return value
 
 
+def slug(label: str) -> str:
+    """A finder label as a file name: ``peaknet:/path/to/model.safetensors`` -> safe characters."""
+    import re
+
+    kind, _, model = label.partition(":")
+    tail = Path(model).stem if model else ""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", f"{kind}_{tail}" if tail else kind)
+
+
 def _triples(found: Sequence[np.ndarray], truths: Sequence[np.ndarray],
              every: Sequence[np.ndarray] | None) -> list[tuple[np.ndarray, ...]]:
     if every is None:
@@ -170,7 +179,7 @@ def _index_all(dataset: Dataset, runs: dict[str, dict[str, Any]], skip: int, min
     for label, run in runs.items():
         # Frames used for tuning are not scored; indexing sees the same evaluation frames.
         tables = [empty_peaks()] * skip + list(run["peaks"])
-        results = index_frames(imported, tables, workdir / label.replace(":", "_"), options,
+        results = index_frames(imported, tables, workdir / slug(label), options,
                                min_spots=min_peaks)[skip:]
         hits = [len(p) >= min_peaks for p in run["peaks"]]
         out[label] = summarise(hits, results)
@@ -253,7 +262,7 @@ def _figures(dataset: Dataset, finders: dict[str, Any], runs: dict[str, dict[str
             if hasattr(finder, "activation_maps"):
                 panel = _windows(frame, truth)[0][1]
                 background, peak = finder.activation_maps(frame)
-                name = f"activation_frame{number}_{label.replace(':', '_')}.png"
+                name = f"activation_frame{number}_{slug(label)}.png"
                 plots.activation_maps(out / name, frame.panels[panel],
                                       frame.masks_or_ones()[panel], background[panel],
                                       peak[panel], title=f"{label}: frame {number} panel {panel}")

@@ -47,8 +47,11 @@ batch_size = 8
   .help = "How many panel tiles the model processes at once (memory versus speed)."
 threads = None
   .type = int(value_min=1)
-  .help = "torch CPU threads per process. None: the available cores divided by"
-          "spotfinder.mp.nproc, so that parallel DIALS workers do not oversubscribe the CPU."
+  .help = "torch CPU threads per process. None: the available cores divided by the DIALS"
+          "worker processes (spotfinder.mp.nproc, or mp.nproc in dials.stills_process), so"
+          "that parallel workers do not oversubscribe the CPU. Where cctbx's stub OpenMP"
+          "library is loaded first (Debian's DIALS) torch must run on one thread per process:"
+          "use nproc for parallelism there."
 """
 
 
@@ -80,12 +83,16 @@ class PeakNetSettings:
 
 
 def _nproc(params: Any) -> int:
-    """Worker processes DIALS will run (``spotfinder.mp.nproc``; Auto/None count as one)."""
-    try:
-        nproc = params.spotfinder.mp.nproc
-    except AttributeError:
-        return 1
-    return nproc if isinstance(nproc, int) and nproc > 0 else 1
+    """Worker processes DIALS will run: ``spotfinder.mp.nproc`` (dials.find_spots) or the
+    top-level ``mp.nproc`` (dials.stills_process); Auto/None count as one."""
+    counts = [1]
+    for path in (("spotfinder", "mp", "nproc"), ("mp", "nproc")):
+        node = params
+        for name in path:
+            node = getattr(node, name, None)
+        if isinstance(node, int) and node > 0:
+            counts.append(node)
+    return max(counts)
 
 
 _PREDICTORS: dict[PeakNetSettings, Any] = {}

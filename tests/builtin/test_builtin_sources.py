@@ -10,25 +10,12 @@ import pytest
 from peaknet_xtal import registry
 from peaknet_xtal.errors import FormatError
 
-GEOM = """\
-photon_energy = 9000 eV
-clen = 0.1 m
-res = 10000
-p/min_fs = 0
-p/max_fs = 63
-p/min_ss = 0
-p/max_ss = 63
-p/fs = +1x
-p/ss = +1y
-p/corner_x = -32
-p/corner_y = -32
-"""
-
 
 @pytest.fixture()
-def geom(tmp_path: Path) -> Path:
+def geom(tmp_path: Path, make_geometry_text) -> Path:
+    """One 64x64 panel centred on the beam."""
     path = tmp_path / "one.geom"
-    path.write_text(GEOM)
+    path.write_text(make_geometry_text(["p"], 64, 64, [(-32, -32)], data=None, dims=False))
     return path
 
 

@@ -13,36 +13,12 @@ from peaknet_xtal.io.geometry import read_geometry
 from peaknet_xtal.io.stream import read_stream
 from peaknet_xtal.types import FrameResult, peaks_from_columns
 
-GEOM = """\
-photon_energy = 9000 eV
-clen = 0.1 m
-res = 10000
-data = /entry_1/data_1/data
-dim0 = %
-dim1 = ss
-dim2 = fs
-q0/min_fs = 0
-q0/max_fs = 15
-q0/min_ss = 0
-q0/max_ss = 7
-q0/fs = +1x
-q0/ss = +1y
-q0/corner_x = -8
-q0/corner_y = 1
-q1/min_fs = 0
-q1/max_fs = 15
-q1/min_ss = 8
-q1/max_ss = 15
-q1/fs = -1x
-q1/ss = -1y
-q1/corner_x = 8
-q1/corner_y = -1
-"""
-
-
-def _results(tmp_path: Path, n: int = 3) -> list[FrameResult]:
+@pytest.fixture()
+def results(tmp_path: Path, make_geometry_text) -> list[FrameResult]:
+    """Three frames of two 16x8 panels (q1 flipped), with 1, 2 and 3 peaks on q1."""
+    n = 3
     geom = tmp_path / "q.geom"
-    geom.write_text(GEOM)
+    geom.write_text(make_geometry_text(["q0", "q1"], 16, 8, [(-8, 1), (8, -1)], flipped={"q1"}))
     src = tmp_path / "raw.cxi"
     with h5py.File(src, "w") as h5:
         h5["/entry_1/data_1/data"] = np.ones((n, 16, 16), np.float32)
@@ -58,8 +34,7 @@ def _results(tmp_path: Path, n: int = 3) -> list[FrameResult]:
     return out
 
 
-def test_stream_writer_output_reads_back_with_geometry(tmp_path):
-    results = _results(tmp_path)
+def test_stream_writer_output_reads_back_with_geometry(tmp_path, results):
     writer = registry.open_writer("stream", str(tmp_path / "out.stream"))
     for r in results:
         writer.write(r)
@@ -75,8 +50,7 @@ def test_stream_writer_output_reads_back_with_geometry(tmp_path):
         assert list(back["panel"]) == [1] * len(r.peaks)
 
 
-def test_stream_writer_resumes_after_a_torn_chunk(tmp_path):
-    results = _results(tmp_path)
+def test_stream_writer_resumes_after_a_torn_chunk(tmp_path, results):
     path = tmp_path / "torn.stream"
     writer = registry.open_writer("stream", str(path))
     for r in results[:2]:
@@ -91,8 +65,7 @@ def test_stream_writer_resumes_after_a_torn_chunk(tmp_path):
     assert len(read_stream(path).chunks) == 3
 
 
-def test_cxi_writer_geometry_is_ready_for_indexamajig(tmp_path):
-    results = _results(tmp_path)
+def test_cxi_writer_geometry_is_ready_for_indexamajig(tmp_path, results):
     writer = registry.open_writer("cxi", str(tmp_path / "out" / "run.cxi"), frames_per_file=10)
     for r in results:
         writer.write(r)

@@ -17,19 +17,6 @@ from peaknet_xtal.io.geometry import parse_geometry
 from peaknet_xtal.types import Frame, FrameResult, peaks_from_columns
 
 STREAMS = "crystfel_streams"
-GEOM = """\
-photon_energy = 9000 eV
-clen = 0.1 m
-res = 10000
-p/min_fs = 0
-p/max_fs = 19
-p/min_ss = 0
-p/max_ss = 9
-p/fs = +1x
-p/ss = +1y
-p/corner_x = -10
-p/corner_y = -5
-"""
 
 
 def run_json(capsys, *args: str) -> list[dict]:
@@ -53,8 +40,10 @@ def test_streams_and_geometry(real_data, capsys):
     assert "(geometry)" in text and "slab shape: 1480 x 1552" in text
 
 
-def test_cxi_with_peak_table(tmp_path, capsys):
-    geometry = parse_geometry(GEOM)
+def test_cxi_with_peak_table(tmp_path, capsys, make_geometry_text):
+    # one 20x10 panel centred on the beam
+    geometry = parse_geometry(make_geometry_text(["p"], 20, 10, [(-10, -5)], data=None,
+                                                 dims=False))
     data = np.arange(4 * 10 * 20, dtype=np.float32).reshape(4, 10, 20) - 7
     src = tmp_path / "raw.h5"
     with h5py.File(src, "w") as h5:

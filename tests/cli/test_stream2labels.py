@@ -2,21 +2,13 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
 from peaknet_xtal.cli.stream2labels import main
 from peaknet_xtal.engine.labels import LabelFile
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine"))
-from simdata import SimRun, make_sim_run  # noqa: E402  (the engine tests' simulated run)
-
-
-@pytest.fixture(scope="module")
-def sim_run(tmp_path_factory: pytest.TempPathFactory) -> SimRun:
-    return make_sim_run(tmp_path_factory.mktemp("simrun"))
+# ``sim_run`` (a simulated two-panel run and its truth stream) comes from tests/conftest.py.
 
 
 def test_help_is_the_docstring(capsys):
@@ -26,7 +18,7 @@ def test_help_is_the_docstring(capsys):
     assert "pseudo-Voigt" in capsys.readouterr().out
 
 
-def test_end_to_end(sim_run: SimRun, tmp_path, capsys):
+def test_end_to_end(sim_run, tmp_path, capsys):
     out = tmp_path / "labels.h5"
     code = main([str(sim_run.stream), "-o", str(out), "--no-ray", "--min-peaks", "1",
                  "--min-i-over-sigma", "5", "--batch-size", "4", "--quiet"])
@@ -56,7 +48,7 @@ def test_bad_inputs_exit_2_naming_the_file(tmp_path, capsys):
     assert not (tmp_path / "y.h5").exists()
 
 
-def test_no_images_is_an_error_with_a_hint(sim_run: SimRun, tmp_path, capsys):
+def test_no_images_is_an_error_with_a_hint(sim_run, tmp_path, capsys):
     code = main([str(sim_run.stream), "-o", str(tmp_path / "l.h5"), "--no-ray", "--quiet",
                  "--min-peaks", "1", "--prefix", str(tmp_path) + "/nowhere-"])
     assert code == 1

@@ -186,3 +186,11 @@ def test_without_truth_only_hits_are_reported(scripted, tmp_path):
     text = (tmp_path / "report.md").read_text()
     assert "## Accuracy" not in text and "| sloppy | 1.000 | not run | not run |" in text
     assert "scores.png" not in report["figures"]
+
+
+def test_finder_labels_become_safe_file_names():
+    from peaknet_xtal.evaluation.report import slug
+
+    assert slug("peaknet:/runs/x/checkpoints/step_000200/model.safetensors") == "peaknet_model"
+    assert slug("peaknet:default") == "peaknet_default"
+    assert slug("peakfinder8") == "peakfinder8"

@@ -22,46 +22,28 @@ from peaknet_xtal.io.cxi import (
 from peaknet_xtal.io.geometry import parse_geometry, read_geometry
 from peaknet_xtal.types import FrameResult, peaks_from_columns
 
-GEOM = """\
-photon_energy = 9500 eV
-clen = 0.120 m
-res = 10000
-adu_per_photon = 1
-data = /entry_1/data_1/data
-dim0 = %
-dim1 = ss
-dim2 = fs
-
-top/min_fs = 0
-top/max_fs = 31
-top/min_ss = 0
-top/max_ss = 15
-top/fs = +1.0x +0.0y
-top/ss = +0.0x +1.0y
-top/corner_x = -16.0
-top/corner_y = 2.0
-
-bottom/min_fs = 0
-bottom/max_fs = 31
-bottom/min_ss = 16
-bottom/max_ss = 31
-bottom/fs = +1.0x +0.0y
-bottom/ss = +0.0x +1.0y
-bottom/corner_x = -16.0
-bottom/corner_y = -18.0
-
+BAD_CORNER = """\
 bad_corner/min_fs = 0
 bad_corner/max_fs = 1
 bad_corner/min_ss = 16
 bad_corner/max_ss = 17
 bad_corner/panel = bottom
 """
+#: Two 32x16 panels (a gap between them) in a 32x32 CXI stack, with a bad region.
+CXI_GEOMETRY = {"names": ["top", "bottom"], "width": 32, "height": 16,
+                "corners": [(-16.0, 2.0), (-16.0, -18.0)], "photon_energy": "9500 eV",
+                "clen": "0.120 m", "adu_per_photon": "1", "extra": BAD_CORNER}
 
 
 @pytest.fixture()
-def geom_path(tmp_path: Path) -> Path:
+def geom_text(make_geometry_text) -> str:
+    return make_geometry_text(**CXI_GEOMETRY)
+
+
+@pytest.fixture()
+def geom_path(tmp_path: Path, geom_text: str) -> Path:
     path = tmp_path / "two.geom"
-    path.write_text(GEOM)
+    path.write_text(geom_text)
     return path
 
 
@@ -204,9 +186,8 @@ def test_width_grows_in_blocks_and_copy_mode_stores_pixels(tmp_path, geometry):
     np.testing.assert_array_equal(frame.panels[0], data[1, :16])
 
 
-def test_geometry_beside_cxi_reads_back_and_reopens_the_file(tmp_path):
-    single = parse_geometry(GEOM.replace("dim0 = %\ndim1 = ss\ndim2 = fs\n", "")
-                            .replace("data = /entry_1/data_1/data\n", "data = /img\n"))
+def test_geometry_beside_cxi_reads_back_and_reopens_the_file(tmp_path, make_geometry_text):
+    single = parse_geometry(make_geometry_text(**CXI_GEOMETRY, data="/img", dims=False))
     src = tmp_path / "single.h5"
     make_stack(src, n=0, shape=(32, 32), dataset="/img")
     frame = read_cxi_frame(src, geometry=single)

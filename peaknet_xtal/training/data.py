@@ -154,6 +154,13 @@ class Augment:
     Intensity: gain (log-uniform) and offset (pedestal drift, in background sigmas), extra Gaussian
     read noise.  Artifacts: dead pixels and dead rows/columns filled with garbage and masked, so the
     model learns that masked values mean nothing.
+
+    Detector realism (what pedestal-subtracted integrating detectors such as the CSPAD show and a
+    photon-counting simulation lacks; all amplitudes in background sigmas, each applied to a random
+    fraction of crops): per-pixel gain spread, row/column banding (common-mode residuals),
+    spatially correlated noise (blobs about one pixel wide that are *not* Bragg peaks), bright
+    rows/columns, and bright crop borders like the edge pixels of an ASIC.  The label never changes:
+    these are exactly the look-alikes a finder must learn to ignore.
     """
 
     flips: bool = True
@@ -162,6 +169,11 @@ class Augment:
     noise: float = 0.5
     dead_pixel_fraction: float = 2e-3
     dead_line_prob: float = 0.3
+    gain_spread: float = 0.0
+    banding: float = 0.0
+    correlated_noise: float = 0.0
+    bright_line_prob: float = 0.0
+    bright_edge_prob: float = 0.0
     enabled: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -182,6 +194,7 @@ class Augment:
         if self.noise > 0:
             image = image + rng.normal(0.0, rng.uniform(0, self.noise) * sigma + 1e-6,
                                        image.shape)
+        image = self._detector_artifacts(image, sigma, rng)
         mask = mask.copy()
         dead = rng.random(image.shape) < rng.uniform(0, self.dead_pixel_fraction)
         if rng.random() < self.dead_line_prob:
@@ -195,6 +208,40 @@ class Augment:
         image[dead] = rng.choice([0.0, -1e4, 1e6])
         mask &= ~dead
         return image, mask, label & mask
+
+
+    def _detector_artifacts(self, image: np.ndarray, sigma: float,
+                            rng: np.random.Generator) -> np.ndarray:
+        h, w = image.shape
+        if self.gain_spread > 0 and rng.random() < 0.5:
+            median = float(np.median(image))
+            spread = rng.uniform(0, self.gain_spread)
+            image = median + (image - median) * rng.normal(1.0, spread, image.shape)
+        if self.banding > 0 and rng.random() < 0.5:
+            amplitude = rng.uniform(0, self.banding) * sigma
+            if rng.random() < 0.5:
+                image = image + rng.normal(0.0, amplitude, (h, 1))
+            if rng.random() < 0.5:
+                image = image + rng.normal(0.0, amplitude, (1, w))
+        if self.correlated_noise > 0 and rng.random() < 0.5:
+            from scipy.ndimage import gaussian_filter
+
+            blobs = gaussian_filter(rng.normal(0.0, 1.0, image.shape), rng.uniform(0.6, 1.5))
+            blobs /= max(float(blobs.std()), 1e-9)
+            image = image + blobs * rng.uniform(0, self.correlated_noise) * sigma
+        if rng.random() < self.bright_line_prob:
+            axis, pos = int(rng.integers(2)), int(rng.integers(min(h, w)))
+            boost = rng.uniform(2, 10) * sigma
+            if axis == 0:
+                image[pos, :] = image[pos, :] + boost
+            else:
+                image[:, pos] = image[:, pos] + boost
+        if rng.random() < self.bright_edge_prob:
+            width = int(rng.integers(1, 3))
+            side = int(rng.integers(4))
+            edge = [np.s_[:width, :], np.s_[-width:, :], np.s_[:, :width], np.s_[:, -width:]][side]
+            image[edge] = image[edge] * rng.uniform(1.0, 3.0) + rng.uniform(1, 8) * sigma
+        return image
 
 
 def _background_sigma(values: np.ndarray) -> float:

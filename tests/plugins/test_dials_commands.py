@@ -108,7 +108,6 @@ def test_thaumatin_grid_counts_follow_dispersion(real_data: Path, env, tmp_path)
     assert rho >= 0.6, f"rank correlation {rho:.2f}: peaknet {learned}, dispersion {reference}"
 
 
-@pytest.mark.slow
 def test_stills_process_with_peaknet_indexes_real_stills(real_data: Path, env, tmp_path):
     """``dials.stills_process`` takes ``spotfinder.threshold.algorithm=peaknet`` unchanged."""
     (tmp_path / "process.phil").write_text("\n".join([

@@ -58,3 +58,28 @@ def test_cosine_schedule_warms_up_then_decays_to_the_floor() -> None:
     assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
     assert lrs[9] == pytest.approx(0.1 + 0.9 * 0.5)  # half-way through the decay
     assert lrs[14] == pytest.approx(0.1) and lrs[15] == pytest.approx(0.1)
+
+
+def test_detector_artifact_augmentations_change_pixels_but_never_the_label():
+    import numpy as np
+
+    from peaknet_xtal.training.data import Augment
+
+    rng = np.random.default_rng(1)
+    image = rng.normal(100.0, 5.0, (64, 64)).astype(np.float32)
+    good = np.ones(image.shape, bool)
+    label = np.zeros(image.shape, bool)
+    label[30:33, 30:33] = True
+    plain = Augment(flips=False, gain=(1.0, 1.0), offset_sigma=0.0, noise=0.0,
+                    dead_pixel_fraction=0.0, dead_line_prob=0.0)
+    busy = Augment(flips=False, gain=(1.0, 1.0), offset_sigma=0.0, noise=0.0,
+                   dead_pixel_fraction=0.0, dead_line_prob=0.0, gain_spread=0.2, banding=2.0,
+                   correlated_noise=2.0, bright_line_prob=1.0, bright_edge_prob=1.0)
+    same, _, same_label = plain(image.copy(), good, label, np.random.default_rng(2))
+    assert np.allclose(same, image) and (same_label == label).all()
+    changed = 0
+    for seed in range(20):
+        out, out_good, out_label = busy(image.copy(), good, label, np.random.default_rng(seed))
+        assert (out_label == label).all() and out_good.all()
+        changed += not np.allclose(out, image)
+    assert changed == 20  # bright lines and edges are always applied here

@@ -1,6 +1,6 @@
 """Reproduce the shipped default model from scratch (seeded), on a 2-core CPU.
 
-    python examples/train_default_model.py [--frames 320] [--steps 2000] [--work runs/default]
+    python examples/train_default_model.py [--frames 320] [--steps 2500] [--work runs/default]
 
 1. Simulate a bank of frames across many real detector geometries (../shared/data/real/
    crystfel_geometry), with randomised conditions (cells, fluence, backgrounds, water rings,
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--frames", type=int, default=320)
-    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--steps", type=int, default=2500)
     parser.add_argument("--work", default="runs/default")
     parser.add_argument("--no-install", action="store_true", help="do not copy into the package")
     args = parser.parse_args(argv)

@@ -122,7 +122,7 @@ class SimConfig:
             incident_photons=loguniform(2e11, 4e12),
             mosaicity_deg=loguniform(0.005, 0.3),
             profile_radius=loguniform(1e-4, 2e-3),
-            spot_sigma_px=float(rng.uniform(0.5, 1.6)),
+            spot_sigma_px=loguniform(0.3, 1.6),  # XFEL spots on 100-um pixels are often 1-2 px
             spot_growth=float(rng.uniform(0.0, 1.5)),
             spot_eta=float(rng.uniform(0.0, 0.6)),
             air_photons=loguniform(0.01, 1.0),

@@ -67,7 +67,7 @@ def test_phil_scope_offers_peaknet_with_help(dials_modules) -> None:
     assert params.spotfinder.threshold.algorithm == "dispersion_extended"  # we are not default
     scope = phil_scope.get("spotfinder.threshold.peaknet").objects[0]
     names = {obj.name: obj for obj in scope.objects}
-    assert set(names) == {"model", "device", "threshold", "batch_size", "threads"}
+    assert set(names) == {"model", "device", "threshold", "batch_size", "threads", "dilation"}
     for name, obj in names.items():
         assert obj.help and len(obj.help) > 20, f"peaknet.{name} needs help text"
     defaults = params.spotfinder.threshold.peaknet
@@ -103,13 +103,31 @@ def test_settings_come_from_phil(dials_modules) -> None:
         _params(phil_scope, "spotfinder.threshold.peaknet.threshold=1.5")
 
 
-def _ext(phil_scope, threshold: float):
+def _ext(phil_scope, threshold: float, dilation: int = 1):
     from peaknet_dials.spotfinder_threshold_ext import PeakNetSpotFinderThresholdExt
 
     params = _params(phil_scope, f"spotfinder.threshold.peaknet.threshold={threshold}",
                      "spotfinder.threshold.peaknet.device=cpu",
-                     "spotfinder.threshold.peaknet.threads=1")
+                     "spotfinder.threshold.peaknet.threads=1",
+                     f"spotfinder.threshold.peaknet.dilation={dilation}")
     return PeakNetSpotFinderThresholdExt(params)
+
+
+def test_dilation_grows_each_spot_by_a_rim_within_the_mask(dials_modules, cspad_panel) -> None:
+    """dilation=1 turns each predicted core into core + one-pixel rim, never into masked pixels."""
+    from scipy import ndimage
+
+    _, phil_scope = dials_modules
+    data, mask = cspad_panel
+    mask = mask.copy()
+    mask[:, :10] = False
+    # A low probability cut makes sure there are cores to grow on this panel.
+    core = _ext(phil_scope, 0.05, dilation=0).peak_pixels(data.astype(np.float32), mask)
+    grown = _ext(phil_scope, 0.05, dilation=1).peak_pixels(data.astype(np.float32), mask)
+    assert core.any()
+    expected = ndimage.binary_dilation(core, np.ones((3, 3), bool)) & mask
+    assert np.array_equal(grown, expected)
+    assert grown.sum() > core.sum() and not grown[~mask].any()
 
 
 def test_result_is_flex_bool_within_the_mask(dials_modules, cspad_panel) -> None:

@@ -16,11 +16,10 @@ import time
 from pathlib import Path
 
 import pytest
+import ray
 
-ray = pytest.importorskip("ray")
-
-from peaknet_xtal.inference.pipeline import run_pipeline  # noqa: E402
-from peaknet_xtal.io.cxi import CXISource, CXIWriter  # noqa: E402
+from peaknet_xtal.inference.pipeline import run_pipeline
+from peaknet_xtal.io.cxi import CXISource, CXIWriter
 
 pytestmark = pytest.mark.ray
 

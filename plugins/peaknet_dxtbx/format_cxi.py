@@ -42,6 +42,17 @@ def geometry_path(image_file: str) -> str | None:
     return None
 
 
+def orthonormal_axes(fast: np.ndarray, slow: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Unit fast and slow axes, slow made exactly perpendicular to fast (Gram-Schmidt).
+
+    Refined metrology in real .geom files (the ePix10k2M, say) leaves fs and ss a few 1e-4 rad
+    off perpendicular; dxtbx panels must be orthogonal to machine precision.
+    """
+    f_hat = fast / np.linalg.norm(fast)
+    s_perp = slow - np.dot(slow, f_hat) * f_hat
+    return f_hat, s_perp / np.linalg.norm(s_perp)
+
+
 def to_dials(vector: np.ndarray) -> tuple[float, float, float]:
     """CrystFEL lab vector -> DIALS lab vector (a half turn about +y)."""
     return (-float(vector[0]), float(vector[1]), -float(vector[2]))
@@ -139,8 +150,8 @@ class FormatCXIPeakNet(FormatHDF5, FormatStill):
             p.set_pixel_size((pixel_mm, float(np.linalg.norm(slow)) / res * 1000.0))
             p.set_trusted_range((-1e9, 1e9))
             p.set_gain(float(panel.adu_per_photon or gain))
-            p.set_local_frame(to_dials(fast / np.linalg.norm(fast)),
-                              to_dials(slow / np.linalg.norm(slow)), to_dials(corner))
+            f_hat, s_hat = orthonormal_axes(fast, slow)
+            p.set_local_frame(to_dials(f_hat), to_dials(s_hat), to_dials(corner))
         return detector
 
     def get_static_mask(self, index: int | None = None):

@@ -100,3 +100,15 @@ def test_dials_does_not_index_a_blank(runs, dials_env):
     assert dials("dials.find_spots", ["imported.expt"], work, dials_env).returncode == 0
     result = dials("dials.index", ["imported.expt", "strong.refl", *LYSOZYME], work, dials_env)
     assert result.returncode != 0 or not (work / "indexed.expt").exists()
+
+
+def test_nearly_perpendicular_real_metrology_becomes_an_orthonormal_frame():
+    import numpy as np
+
+    from peaknet_dxtbx.format_cxi import orthonormal_axes
+
+    fast, slow = np.array([0.9999, 0.0012, 0.0]), np.array([-0.0007, 1.0001, 0.0])
+    f_hat, s_hat = orthonormal_axes(fast, slow)
+    assert abs(np.dot(f_hat, s_hat)) < 1e-15
+    assert np.allclose([np.linalg.norm(f_hat), np.linalg.norm(s_hat)], 1.0)
+    assert np.degrees(np.arccos(np.dot(s_hat, slow / np.linalg.norm(slow)))) < 0.1

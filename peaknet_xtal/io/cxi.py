@@ -177,7 +177,7 @@ def _split(slab: np.ndarray, geometry: Any) -> list[np.ndarray]:
     return [np.ascontiguousarray(p) for p in geometry.split_slab(slab)]
 
 
-def _mask_bits_ok(raw: np.ndarray, geometry: Any) -> np.ndarray:
+def mask_bits_ok(raw: np.ndarray, geometry: Any) -> np.ndarray:
     """True = good, following CrystFEL's mask_good / mask_bad bit rules (or nonzero = good)."""
     good = getattr(geometry, "mask_good", None) if geometry is not None else None
     bad = getattr(geometry, "mask_bad", None) if geometry is not None else None
@@ -222,7 +222,7 @@ class _Reader:
         pieces: list[list[np.ndarray]] = []
         if self.mask is not None:
             raw = self.mask[index] if self.mask.ndim == 3 else self.mask[()]
-            pieces.append(_split(_mask_bits_ok(np.asarray(raw), self.geometry), self.geometry))
+            pieces.append(_split(mask_bits_ok(np.asarray(raw), self.geometry), self.geometry))
         if self._static_masks is not None:
             pieces.append(list(self._static_masks))
         if not pieces:

@@ -156,7 +156,7 @@ class FormatCXIPeakNet(FormatHDF5, FormatStill):
 
     def get_static_mask(self, index: int | None = None):
         """Good pixels: the geometry's bad regions and its static mask dataset (CrystFEL bits)."""
-        from peaknet_xtal.io.cxi import _mask_bits_ok
+        from peaknet_xtal.io.cxi import mask_bits_ok
         from scitbx.array_family import flex
 
         if self._mask_cache is None:
@@ -165,7 +165,7 @@ class FormatCXIPeakNet(FormatHDF5, FormatStill):
                 stored = h5.get(self._geometry.mask or MASK_PATH)
                 if isinstance(stored, h5py.Dataset) and stored.shape == tuple(
                         self._geometry.slab_shape):
-                    good = self._geometry.split_slab(_mask_bits_ok(stored[()], self._geometry))
+                    good = self._geometry.split_slab(mask_bits_ok(stored[()], self._geometry))
                     masks = [m & g for m, g in zip(masks, good)]
             self._mask_cache = tuple(flex.bool(np.ascontiguousarray(m)) for m in masks)
         return self._mask_cache

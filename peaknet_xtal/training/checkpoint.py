@@ -61,7 +61,12 @@ def load_state(checkpoint: Path) -> dict[str, Any]:
         raise FormatError(checkpoint / "state.pt", f"cannot read training state: {exc}") from exc
 
 
-def load_weights_into(model: Any, checkpoint: Path) -> None:
+def load_weights(checkpoint: Path) -> dict[str, Any]:
+    """The checkpoint's model weights as a state dict (full, unsharded)."""
     from safetensors.torch import load_file
 
-    model.load_state_dict(load_file(str(checkpoint / "model.safetensors")))
+    path = checkpoint / "model.safetensors"
+    try:
+        return load_file(str(path))
+    except Exception as exc:
+        raise FormatError(path, f"cannot read checkpoint weights: {exc}") from exc

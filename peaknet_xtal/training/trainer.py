@@ -146,12 +146,11 @@ class _Run:
 
     def restore(self, checkpoint: Path) -> None:
         import torch
-        from safetensors.torch import load_file
 
-        from .checkpoint import load_state
+        from .checkpoint import load_state, load_weights
 
         state = load_state(checkpoint)
-        weights = load_file(str(checkpoint / "model.safetensors"))
+        weights = load_weights(checkpoint)
         if self.fsdp:
             from torch.distributed.checkpoint.state_dict import (
                 StateDictOptions, set_model_state_dict, set_optimizer_state_dict)

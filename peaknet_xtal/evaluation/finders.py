@@ -11,7 +11,7 @@ so one matcher scores them all.  The classic finders are real implementations, n
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -50,14 +50,18 @@ class PeakNetFinder:
     def find(self, frame: Frame) -> np.ndarray:
         return next(iter(self.engine.find_frames([frame]))).peaks
 
-    def activation_maps(self, frame: Frame) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        """Per-panel (non-peak, peak) logits: what the model sees before the threshold."""
+    def activation_maps(self, frame: Frame, panels: Sequence[int] | None = None
+                        ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """(non-peak, peak) logits of the given panels (default all): what the model sees
+        before the threshold."""
         import torch
 
         model = self.engine.model()
+        masks = frame.masks_or_ones()
+        chosen = range(len(frame.panels)) if panels is None else panels
         background, peak = [], []
         with torch.inference_mode():
-            for image, good in zip(frame.panels, frame.masks_or_ones()):
+            for image, good in ((frame.panels[i], masks[i]) for i in chosen):
                 x = torch.from_numpy(np.ascontiguousarray(image, np.float32))[None, None]
                 m = torch.from_numpy(np.ascontiguousarray(good, bool))[None, None]
                 logits = model(x.to(self.engine.device), m.to(self.engine.device)).float().cpu()

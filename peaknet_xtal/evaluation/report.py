@@ -249,7 +249,8 @@ def _figures(dataset: Dataset, finders: dict[str, Any], runs: dict[str, dict[str
         frame = frames[i]
         truth = None if truths is None else truths[i]
         number = first + i  # the frame's index in the data set, not among the scored frames
-        for kind, panel, window in _windows(frame, truth):
+        views = _windows(frame, truth)
+        for kind, panel, window in views:
             found = {label: run["peaks"][i][run["peaks"][i]["panel"] == panel]
                      for label, run in runs.items()}
             panel_truth = None if truth is None else truth[truth["panel"] == panel]
@@ -260,12 +261,12 @@ def _figures(dataset: Dataset, finders: dict[str, Any], runs: dict[str, dict[str
             files.append(name)
         for label, finder in finders.items():
             if hasattr(finder, "activation_maps"):
-                panel = _windows(frame, truth)[0][1]
-                background, peak = finder.activation_maps(frame)
+                panel = views[0][1]  # the busiest panel
+                (background,), (peak,) = finder.activation_maps(frame, [panel])
                 name = f"activation_frame{number}_{slug(label)}.png"
                 plots.activation_maps(out / name, frame.panels[panel],
-                                      frame.masks_or_ones()[panel], background[panel],
-                                      peak[panel], title=f"{label}: frame {number} panel {panel}")
+                                      frame.masks_or_ones()[panel], background, peak,
+                                      title=f"{label}: frame {number} panel {panel}")
                 files.append(name)
     indexing = report.get("indexing")
     if indexing:

@@ -79,3 +79,22 @@ def test_create_finder_names():
     with pytest.raises(KeyError, match="only peaknet takes a model suffix"):
         create_finder("dispersion:fast")
     assert create_finder("dispersion", {"sigma_strong": 4.0}).params["sigma_strong"] == 4.0
+
+
+def test_activation_maps_of_chosen_panels_equal_those_of_all_panels():
+    import numpy as np
+    import torch
+
+    from peaknet_xtal.evaluation.finders import PeakNetFinder
+    from peaknet_xtal.models import create_model
+    from peaknet_xtal.types import Frame
+
+    torch.manual_seed(0)
+    finder = PeakNetFinder(params={"model": create_model("default").eval(), "device": "cpu"})
+    rng = np.random.default_rng(0)
+    frame = Frame(panels=[rng.normal(10, 2, (40, 48)).astype(np.float32) for _ in range(3)])
+    background, peak = finder.activation_maps(frame)
+    (b1,), (p1,) = finder.activation_maps(frame, [1])
+    assert len(background) == 3 and background[1].shape == (40, 48)
+    assert np.allclose(b1, background[1]) and np.allclose(p1, peak[1])
+    assert not np.allclose(p1, peak[0])

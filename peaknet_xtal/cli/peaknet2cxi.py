@@ -38,6 +38,7 @@ import numpy as np
 
 from .. import config as cfgmod
 from ..errors import FormatError, PeakNetError
+from ..inference.peaks import DEFAULT_MIN_SNR
 from ..progress import Progress
 from ..types import Frame, FrameResult
 
@@ -51,6 +52,7 @@ DEFAULTS: dict[str, Any] = {
     "device": "auto",
     "threads": None,
     "threshold": 0.5,
+    "min_snr": DEFAULT_MIN_SNR,
     "batch_size": 8,
     "min_peaks": 10,
     "max_peaks": 2048,
@@ -80,6 +82,9 @@ def build_parser() -> Any:
     parser.add_argument("--device", help="auto, cpu or cuda[:N] (default: auto)")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--threshold", type=float, help="peak probability cut (default 0.5)")
+    parser.add_argument("--min-snr", dest="min_snr", type=float,
+                        help=f"least integrated SNR of a peak (default {DEFAULT_MIN_SNR:g}; 0: "
+                             "keep every peak the model marks)")
     parser.add_argument("--batch-size", type=int, help="panel tiles per model batch (default 8)")
     parser.add_argument("--min-peaks", type=int, help="peaks that make a hit (default 10)")
     parser.add_argument("--max-peaks", type=int, help="keep the strongest N peaks per frame "
@@ -146,6 +151,7 @@ def _run_serial(config: dict[str, Any]) -> dict[str, Any]:
     engine = InferenceEngine(config["model"], device=config["device"], threads=config["threads"],
                              batch_size=int(config["batch_size"]),
                              threshold=float(config["threshold"]),
+                             min_snr=float(config["min_snr"]),
                              min_peaks=int(config["min_peaks"]), max_peaks=config["max_peaks"],
                              predictor=config["predictor"])
     cxi = CXIWriter(outdir, geometry, frames_per_file=int(config["frames_per_file"]),
@@ -207,6 +213,7 @@ def _run_pipeline(config: dict[str, Any]) -> dict[str, Any]:
         "model": config["model"], "device": config["device"],
         "threshold": float(config["threshold"]), "batch_size": int(config["batch_size"]),
         "predictor_options": {"min_peaks": int(config["min_peaks"]),
+                              "min_snr": float(config["min_snr"]),
                               "max_peaks": config["max_peaks"]},
         "progress": bool(config["progress"]),
     }

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from ..inference.peaks import PeakParams, find_peaks
+from ..inference.peaks import DEFAULT_MIN_SNR, PeakParams, find_peaks
 from ..types import Frame, empty_peaks, peaks_from_columns
 
 
@@ -40,12 +40,13 @@ class PeakNetFinder:
     def __post_init__(self) -> None:
         from ..inference.engine import InferenceEngine
 
-        p = {"model": "default", "threshold": 0.5, "device": "auto", "batch_size": 8}
+        p = {"model": "default", "threshold": 0.5, "min_snr": DEFAULT_MIN_SNR, "device": "auto",
+             "batch_size": 8}
         p.update(self.params)
         self.params = p
         self.name = f"peaknet:{p['model']}" if self.name == "peaknet" else self.name
         self.engine = InferenceEngine(p["model"], device=p["device"], threshold=p["threshold"],
-                                      batch_size=p["batch_size"])
+                                      min_snr=p["min_snr"], batch_size=p["batch_size"])
 
     def find(self, frame: Frame) -> np.ndarray:
         return next(iter(self.engine.find_frames([frame]))).peaks
@@ -107,7 +108,9 @@ class DispersionFinder:
         masks = frame.masks_or_ones()
         strong = [self.strong_pixels(np.asarray(img, np.float64), m)
                   for img, m in zip(frame.panels, masks)]
-        params = PeakParams(threshold=0.5, min_pixels=int(self.params["min_spot_size"]),
+        # DIALS' own criteria decide which pixels are strong: no SNR cut of ours on top.
+        params = PeakParams(threshold=0.5, min_snr=0.0,
+                            min_pixels=int(self.params["min_spot_size"]),
                             max_pixels=int(self.params["max_spot_size"]))
         return find_peaks(frame.panels, [s.astype(np.float32) for s in strong], masks, params,
                           geometry=frame.geometry, wavelength_A=frame.meta.get("wavelength_A"))

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from .engine import InferenceEngine, Predictor
-from .peaks import is_hit
+from .peaks import DEFAULT_MIN_SNR, is_hit
 
 #: DIALS/CrystFEL coordinates start at the pixel corner; the package's at the pixel centre.
 CORNER_OFFSET = 0.5
@@ -35,9 +35,10 @@ class PeakFinder:
 
     def __init__(self, model: Any = "default", device: str = "auto", threshold: float = 0.5,
                  batch_size: int = 8, min_peaks: int = 0, max_peaks: int | None = None, *,
-                 threads: int | None = None, predictor: Predictor | None = None) -> None:
+                 min_snr: float = DEFAULT_MIN_SNR, threads: int | None = None,
+                 predictor: Predictor | None = None) -> None:
         self.engine = InferenceEngine(model, device=device, threads=threads,
-                                      batch_size=batch_size, threshold=threshold,
+                                      batch_size=batch_size, threshold=threshold, min_snr=min_snr,
                                       min_peaks=min_peaks, max_peaks=max_peaks,
                                       predictor=predictor)
 

@@ -78,7 +78,8 @@ class InferenceEngine:
     ``model`` is a registered name (``"default"``), a weights path, or a ready ``torch.nn.Module``;
     ``device`` is ``auto`` (CUDA when available), ``cpu`` or ``cuda[:N]``; ``threads`` sets torch's
     CPU threads when the model loads; ``batch_size`` counts model tiles.  Peak settings come from
-    ``peak_params`` or the shorthand keywords ``threshold``, ``min_peaks``, ``max_peaks``.
+    ``peak_params`` or the shorthand keywords ``threshold``, ``min_snr``, ``min_peaks``,
+    ``max_peaks``.
     """
 
     def __init__(
@@ -89,6 +90,7 @@ class InferenceEngine:
         threads: int | None = None,
         batch_size: int = 8,
         threshold: float | None = None,
+        min_snr: float | None = None,
         min_peaks: int | None = None,
         max_peaks: int | None = None,
         peak_params: PeakParams | None = None,
@@ -103,8 +105,9 @@ class InferenceEngine:
             raise ValueError(f"need tile_size >= {PAD_MULTIPLE} and 0 <= tile_overlap < "
                              f"tile_size, got {tile_size}, {tile_overlap}")
         params = peak_params or PeakParams()
-        overrides = {k: v for k, v in (("threshold", threshold), ("min_peaks", min_peaks),
-                                       ("max_peaks", max_peaks)) if v is not None}
+        overrides = {k: v for k, v in (("threshold", threshold), ("min_snr", min_snr),
+                                       ("min_peaks", min_peaks), ("max_peaks", max_peaks))
+                     if v is not None}
         self.peak_params = _replace(params, overrides)
         self.model_spec = model
         self.device_spec = device

@@ -158,7 +158,7 @@ class Augment:
     Detector realism (what pedestal-subtracted integrating detectors such as the CSPAD show and a
     photon-counting simulation lacks; all amplitudes in background sigmas, each applied to a random
     fraction of crops): per-pixel gain spread, row/column banding (common-mode residuals),
-    spatially correlated noise (blobs about one pixel wide that are *not* Bragg peaks), bright
+    spatially correlated noise (blobs one to a few pixels wide that are *not* Bragg peaks), bright
     rows/columns, and bright crop borders like the edge pixels of an ASIC.  The label never changes:
     these are exactly the look-alikes a finder must learn to ignore.
     """
@@ -226,7 +226,7 @@ class Augment:
         if self.correlated_noise > 0 and rng.random() < 0.5:
             from scipy.ndimage import gaussian_filter
 
-            blobs = gaussian_filter(rng.normal(0.0, 1.0, image.shape), rng.uniform(0.6, 1.5))
+            blobs = gaussian_filter(rng.normal(0.0, 1.0, image.shape), rng.uniform(0.6, 3.0))
             blobs /= max(float(blobs.std()), 1e-9)
             image = image + blobs * rng.uniform(0, self.correlated_noise) * sigma
         if rng.random() < self.bright_line_prob:

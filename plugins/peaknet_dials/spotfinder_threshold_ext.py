@@ -42,6 +42,11 @@ threshold = 0.5
   .type = float(value_min=0, value_max=1)
   .help = "Peak probability at or above which a pixel is foreground. Lower values find more and"
           "larger spots; DIALS' spotfinder.filter options then apply as usual."
+min_snr = 4.0
+  .type = float(value_min=0)
+  .help = "Least integrated signal-to-noise of a predicted spot (its background-subtracted sum"
+          "over the local background sigma times the square root of its pixel count); weaker"
+          "predictions are not foreground. 0 keeps every spot the model marks."
 batch_size = 8
   .type = int(value_min=1)
   .help = "How many panel tiles the model processes at once (memory versus speed)."
@@ -69,6 +74,7 @@ class PeakNetSettings:
     model: str = "default"
     device: str = "auto"
     threshold: float = 0.5
+    min_snr: float = 4.0
     batch_size: int = 8
     threads: int = 1
     dilation: int = 1
@@ -85,6 +91,7 @@ class PeakNetSettings:
             model=str(scope.model),
             device=str(scope.device),
             threshold=float(scope.threshold),
+            min_snr=float(scope.min_snr),
             batch_size=int(scope.batch_size),
             threads=int(threads),
             dilation=int(scope.dilation),
@@ -134,6 +141,24 @@ def _build_predictor(settings: PeakNetSettings) -> Any:
     )
 
 
+def _positive_spots(pixels: np.ndarray, foreground: np.ndarray) -> np.ndarray:
+    """``foreground`` without spots whose pixel values sum to zero or less.
+
+    DIALS weights a spot's centroid by its raw pixel values; on a photon-counting detector with
+    no background, a faint spot plus its dilation rim of read-noise pixels can sum below zero,
+    which gives a zero centroid variance that stops refinement (dials.stills_process).
+    """
+    from scipy.ndimage import label
+
+    labels, n = label(foreground, structure=np.ones((3, 3), bool))
+    if n == 0:
+        return foreground
+    sums = np.bincount(labels.ravel(), weights=pixels.ravel().astype(np.float64), minlength=n + 1)
+    positive = sums > 0
+    positive[0] = False
+    return positive[labels]
+
+
 def _check_model_exists(model: str) -> None:
     """Fail at start-up, in the main process, rather than later inside a DIALS worker."""
     from peaknet_xtal.errors import FormatError
@@ -144,8 +169,8 @@ def _check_model_exists(model: str) -> None:
 
 class PeakNetSpotFinderThresholdExt:
     """PeakNet: learned Bragg peak segmentation as the spot-finding threshold. Pixels the
-    model calls peak (probability at least peaknet.threshold) within the DIALS mask are foreground;
-    DIALS' own labelling, filters and centroids then apply unchanged. No per-experiment gain
+    model calls peak (probability at least peaknet.threshold, in spots with an integrated SNR of at
+    least peaknet.min_snr) within the DIALS mask are foreground; DIALS' own labelling, filters and centroids then apply unchanged. No per-experiment gain
     or threshold tuning is needed."""
 
     name = "peaknet"
@@ -190,12 +215,15 @@ class PeakNetSpotFinderThresholdExt:
         """Boolean peak map of one panel (numpy in, numpy out), already ANDed with ``good``."""
         if not good.any():
             return np.zeros(good.shape, dtype=bool)
+        from peaknet_xtal.inference.peaks import PeakParams, peak_pixel_mask
+
         predictor = get_predictor(self.settings)
         (prob,) = predictor.predict_panels([pixels], [good])
-        peaks = np.asarray(prob) >= self.settings.threshold
+        params = PeakParams(threshold=self.settings.threshold, min_snr=self.settings.min_snr)
+        peaks = peak_pixel_mask(pixels, np.asarray(prob), good, params)
         if self.settings.dilation > 0 and peaks.any():
             from scipy.ndimage import binary_dilation
 
             peaks = binary_dilation(peaks, structure=np.ones((3, 3), bool),
                                     iterations=self.settings.dilation)
-        return peaks & good
+        return _positive_spots(pixels, peaks & good)

@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from peaknet_xtal.inference.peaks import PeakParams, find_peaks, is_hit, strongest
+from peaknet_xtal.inference.peaks import (DEFAULT_MIN_SNR, PeakParams, find_peaks, is_hit,
+                                          peak_pixel_mask, strongest)
 from peaknet_xtal.types import PEAK_DTYPE
 
 
@@ -128,6 +129,38 @@ def test_pixel_count_limits_and_probability_threshold():
     table = find_peaks([image], [prob], params=PeakParams(threshold=0.6, min_pixels=2))
     assert table["npix"].tolist() == [9] and table["prob"][0] == pytest.approx(0.7)
     assert len(find_peaks([image], [prob], params=PeakParams(max_pixels=4))) == 1
+
+
+def weak_and_strong_panel():
+    """One bright spot and one 3x3 patch barely above the noise, both marked by 'the model'."""
+    image = gaussian_panel((60, 60), [(15.0, 15.0, 2000.0)], background=50.0, noise=4.0)
+    image[40:43, 40:43] += 3.0  # 9 pixels at +0.75 sigma: integrated SNR ~2
+    prob = np.zeros(image.shape, np.float32)
+    prob[13:18, 13:18] = 0.9
+    prob[40:43, 40:43] = 0.9
+    return image, prob
+
+
+def test_snr_cut_drops_weak_components():
+    image, prob = weak_and_strong_panel()
+    kept = find_peaks([image], [prob])  # default min_snr
+    assert len(kept) == 1 and kept["snr"][0] >= DEFAULT_MIN_SNR
+    assert kept["fs"][0] == pytest.approx(15.0, abs=0.2)
+    both = find_peaks([image], [prob], params=PeakParams(min_snr=0.0))
+    assert len(both) == 2 and both["snr"].min() < DEFAULT_MIN_SNR
+
+
+def test_peak_pixel_mask_holds_exactly_the_reported_peaks():
+    image, prob = weak_and_strong_panel()
+    good = np.ones(image.shape, bool)
+    good[14, 14] = False  # a masked pixel inside the strong spot stays out
+    table = find_peaks([image], [prob], [good])
+    mask = peak_pixel_mask(image, prob, good)
+    assert mask.sum() == table["npix"].sum() == 24
+    assert not mask[40:43, 40:43].any() and not mask[14, 14]
+    everything = peak_pixel_mask(image, prob, good, PeakParams(min_snr=0.0))
+    assert everything.sum() == 33
+    assert not peak_pixel_mask(image, np.zeros_like(prob)).any()
 
 
 def test_bounding_boxes_are_end_exclusive_fs_then_ss():

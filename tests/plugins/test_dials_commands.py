@@ -44,18 +44,7 @@ def read_table(refl_path: Path):
     return flex.reflection_table.from_file(str(refl_path))
 
 
-#: Known limitation of the shipped default model (issue 4, still open): on this still it finds
-#: 126 peaks, only 49 of them among the 118 that tuned dispersion finds (its probabilities at
-#: those sharp 1-2 pixel spots are 0.25-0.46), and dials.index finds no lattice.  Not strict:
-#: a better model must simply turn this into a pass.
-SECOND_STILL_FAILS = pytest.mark.xfail(
-    reason="default model misses too many sharp spots on idx-...601 to index it (issue 4)",
-    strict=False)
-
-
-@pytest.mark.parametrize("still", ["idx-20130301060858401.cbf",
-                                   pytest.param("idx-20130301060858601.cbf",
-                                                marks=SECOND_STILL_FAILS)])
+@pytest.mark.parametrize("still", ["idx-20130301060858401.cbf", "idx-20130301060858601.cbf"])
 def test_cspad_still_indexes_with_default_peaknet(still: str, real_data: Path, env, tmp_path):
     """Real CSPAD thermolysin stills: ``algorithm=peaknet`` alone, then dials.index succeeds.
 
@@ -119,7 +108,6 @@ def test_thaumatin_grid_counts_follow_dispersion(real_data: Path, env, tmp_path)
     assert rho >= 0.6, f"rank correlation {rho:.2f}: peaknet {learned}, dispersion {reference}"
 
 
-@SECOND_STILL_FAILS
 def test_stills_process_with_peaknet_indexes_real_stills(real_data: Path, env, tmp_path):
     """``dials.stills_process`` takes ``spotfinder.threshold.algorithm=peaknet`` unchanged."""
     (tmp_path / "process.phil").write_text("\n".join([

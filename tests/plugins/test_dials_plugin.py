@@ -67,7 +67,8 @@ def test_phil_scope_offers_peaknet_with_help(dials_modules) -> None:
     assert params.spotfinder.threshold.algorithm == "dispersion_extended"  # we are not default
     scope = phil_scope.get("spotfinder.threshold.peaknet").objects[0]
     names = {obj.name: obj for obj in scope.objects}
-    assert set(names) == {"model", "device", "threshold", "batch_size", "threads", "dilation"}
+    assert set(names) == {"model", "device", "threshold", "min_snr", "batch_size", "threads",
+                          "dilation"}
     for name, obj in names.items():
         assert obj.help and len(obj.help) > 20, f"peaknet.{name} needs help text"
     defaults = params.spotfinder.threshold.peaknet
@@ -103,14 +104,49 @@ def test_settings_come_from_phil(dials_modules) -> None:
         _params(phil_scope, "spotfinder.threshold.peaknet.threshold=1.5")
 
 
-def _ext(phil_scope, threshold: float, dilation: int = 1):
+def _ext(phil_scope, threshold: float, dilation: int = 1, min_snr: float | None = None):
     from peaknet_dials.spotfinder_threshold_ext import PeakNetSpotFinderThresholdExt
 
+    extra = [] if min_snr is None else [f"spotfinder.threshold.peaknet.min_snr={min_snr}"]
     params = _params(phil_scope, f"spotfinder.threshold.peaknet.threshold={threshold}",
                      "spotfinder.threshold.peaknet.device=cpu",
                      "spotfinder.threshold.peaknet.threads=1",
-                     f"spotfinder.threshold.peaknet.dilation={dilation}")
+                     f"spotfinder.threshold.peaknet.dilation={dilation}", *extra)
     return PeakNetSpotFinderThresholdExt(params)
+
+
+def test_min_snr_removes_weak_predicted_spots_only(dials_modules, cspad_panel) -> None:
+    """The SNR cut drops whole predicted spots (never parts of one) and keeps the strong ones."""
+    from scipy import ndimage
+
+    from peaknet_xtal.inference.peaks import DEFAULT_MIN_SNR
+
+    _, phil_scope = dials_modules
+    data, mask = cspad_panel
+    pixels = data.astype(np.float32)
+    assert _ext(phil_scope, 0.3).settings.min_snr == DEFAULT_MIN_SNR  # PHIL and library agree
+    every = _ext(phil_scope, 0.3, dilation=0, min_snr=0).peak_pixels(pixels, mask)
+    strong = _ext(phil_scope, 0.3, dilation=0).peak_pixels(pixels, mask)
+    assert strong.any() and strong.sum() < every.sum()
+    labels, _ = ndimage.label(every, np.ones((3, 3), bool))
+    for spot in np.unique(labels[strong]):  # every kept spot is kept whole
+        assert strong[labels == spot].all()
+
+
+def test_spots_whose_values_sum_to_zero_or_less_are_dropped() -> None:
+    """A faint spot on a zero background plus its read-noise rim can sum below zero; DIALS would
+    give it a zero centroid variance, which stops refinement."""
+    from peaknet_dials.spotfinder_threshold_ext import _positive_spots
+
+    pixels = np.full((12, 12), -0.3, np.float32)
+    pixels[2:5, 2:5] = 2.0  # a real spot: positive sum
+    pixels[8, 8] = 1.0  # a faint one whose 3x3 footprint sums to 1 - 8 * 0.3 < 0
+    foreground = np.zeros((12, 12), bool)
+    foreground[1:6, 1:6] = True
+    foreground[7:10, 7:10] = True
+    kept = _positive_spots(pixels, foreground)
+    assert kept[1:6, 1:6].all() and not kept[7:10, 7:10].any()
+    assert not _positive_spots(pixels, np.zeros((12, 12), bool)).any()
 
 
 def test_dilation_grows_each_spot_by_a_rim_within_the_mask(dials_modules, cspad_panel) -> None:

@@ -169,9 +169,9 @@ def _check_model_exists(model: str) -> None:
 
 class PeakNetSpotFinderThresholdExt:
     """PeakNet: learned Bragg peak segmentation as the spot-finding threshold. Pixels the
-    model calls peak (probability at least peaknet.threshold, in spots with an integrated SNR of at
-    least peaknet.min_snr) within the DIALS mask are foreground; DIALS' own labelling, filters and centroids then apply unchanged. No per-experiment gain
-    or threshold tuning is needed."""
+    model calls peak (probability at least peaknet.threshold, in spots with an integrated SNR of
+    at least peaknet.min_snr) within the DIALS mask are foreground; DIALS' own labelling, filters
+    and centroids then apply unchanged. No per-experiment gain or threshold tuning is needed."""
 
     name = "peaknet"
 

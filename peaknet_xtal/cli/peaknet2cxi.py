@@ -53,6 +53,7 @@ DEFAULTS: dict[str, Any] = {
     "threads": None,
     "threshold": 0.5,
     "min_snr": DEFAULT_MIN_SNR,
+    "adu_per_photon": None,  # None: the gain the geometry or image format declares
     "batch_size": 8,
     "min_peaks": 10,
     "max_peaks": 2048,
@@ -85,6 +86,10 @@ def build_parser() -> Any:
     parser.add_argument("--min-snr", dest="min_snr", type=float,
                         help=f"least integrated SNR of a peak (default {DEFAULT_MIN_SNR:g}; 0: "
                              "keep every peak the model marks)")
+    parser.add_argument("--adu-per-photon", dest="adu_per_photon", type=float,
+                        help="detector gain for the shot noise in each peak's SNR (default: the "
+                             "geometry's adu_per_photon, or adu_per_eV x photon energy; 0: "
+                             "background noise only)")
     parser.add_argument("--batch-size", type=int, help="panel tiles per model batch (default 8)")
     parser.add_argument("--min-peaks", type=int, help="peaks that make a hit (default 10)")
     parser.add_argument("--max-peaks", type=int, help="keep the strongest N peaks per frame "
@@ -152,6 +157,7 @@ def _run_serial(config: dict[str, Any]) -> dict[str, Any]:
                              batch_size=int(config["batch_size"]),
                              threshold=float(config["threshold"]),
                              min_snr=float(config["min_snr"]),
+                             adu_per_photon=_optional_float(config["adu_per_photon"]),
                              min_peaks=int(config["min_peaks"]), max_peaks=config["max_peaks"],
                              predictor=config["predictor"])
     cxi = CXIWriter(outdir, geometry, frames_per_file=int(config["frames_per_file"]),
@@ -214,6 +220,7 @@ def _run_pipeline(config: dict[str, Any]) -> dict[str, Any]:
         "threshold": float(config["threshold"]), "batch_size": int(config["batch_size"]),
         "predictor_options": {"min_peaks": int(config["min_peaks"]),
                               "min_snr": float(config["min_snr"]),
+                              "adu_per_photon": _optional_float(config["adu_per_photon"]),
                               "max_peaks": config["max_peaks"]},
         "progress": bool(config["progress"]),
     }
@@ -282,6 +289,10 @@ def _locate(name: str, list_file: Path) -> Path | None:
         if candidate.exists():
             return candidate.resolve()
     return None
+
+
+def _optional_float(value: Any) -> float | None:
+    return None if value is None else float(value)
 
 
 def _read_geometry(path: Any) -> Any:

@@ -41,12 +41,13 @@ class PeakNetFinder:
         from ..inference.engine import InferenceEngine
 
         p = {"model": "default", "threshold": 0.5, "min_snr": DEFAULT_MIN_SNR, "device": "auto",
-             "batch_size": 8}
+             "batch_size": 8, "adu_per_photon": None}  # None: the gain the data declares
         p.update(self.params)
         self.params = p
         self.name = f"peaknet:{p['model']}" if self.name == "peaknet" else self.name
         self.engine = InferenceEngine(p["model"], device=p["device"], threshold=p["threshold"],
-                                      min_snr=p["min_snr"], batch_size=p["batch_size"])
+                                      min_snr=p["min_snr"], batch_size=p["batch_size"],
+                                      adu_per_photon=p["adu_per_photon"])
 
     def find(self, frame: Frame) -> np.ndarray:
         return next(iter(self.engine.find_frames([frame]))).peaks

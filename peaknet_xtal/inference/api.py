@@ -35,12 +35,12 @@ class PeakFinder:
 
     def __init__(self, model: Any = "default", device: str = "auto", threshold: float = 0.5,
                  batch_size: int = 8, min_peaks: int = 0, max_peaks: int | None = None, *,
-                 min_snr: float = DEFAULT_MIN_SNR, threads: int | None = None,
-                 predictor: Predictor | None = None) -> None:
+                 min_snr: float = DEFAULT_MIN_SNR, adu_per_photon: float | None = None,
+                 threads: int | None = None, predictor: Predictor | None = None) -> None:
         self.engine = InferenceEngine(model, device=device, threads=threads,
                                       batch_size=batch_size, threshold=threshold, min_snr=min_snr,
                                       min_peaks=min_peaks, max_peaks=max_peaks,
-                                      predictor=predictor)
+                                      adu_per_photon=adu_per_photon, predictor=predictor)
 
     @property
     def min_peaks(self) -> int:

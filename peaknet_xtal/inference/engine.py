@@ -79,7 +79,9 @@ class InferenceEngine:
     ``device`` is ``auto`` (CUDA when available), ``cpu`` or ``cuda[:N]``; ``threads`` sets torch's
     CPU threads when the model loads; ``batch_size`` counts model tiles.  Peak settings come from
     ``peak_params`` or the shorthand keywords ``threshold``, ``min_snr``, ``min_peaks``,
-    ``max_peaks``.
+    ``max_peaks``, ``adu_per_photon``.  The detector gain (ADU per photon, for the shot noise in
+    each peak's SNR) is taken per frame from ``frame.meta["adu_per_photon"]`` or the frame's
+    geometry while ``adu_per_photon`` is None; 0 leaves shot noise out.
     """
 
     def __init__(
@@ -93,6 +95,7 @@ class InferenceEngine:
         min_snr: float | None = None,
         min_peaks: int | None = None,
         max_peaks: int | None = None,
+        adu_per_photon: float | None = None,
         peak_params: PeakParams | None = None,
         predictor: Predictor | None = None,
         tile_size: int = 1024,
@@ -106,7 +109,8 @@ class InferenceEngine:
                              f"tile_size, got {tile_size}, {tile_overlap}")
         params = peak_params or PeakParams()
         overrides = {k: v for k, v in (("threshold", threshold), ("min_snr", min_snr),
-                                       ("min_peaks", min_peaks), ("max_peaks", max_peaks))
+                                       ("min_peaks", min_peaks), ("max_peaks", max_peaks),
+                                       ("adu_per_photon", adu_per_photon))
                      if v is not None}
         self.peak_params = _replace(params, overrides)
         self.model_spec = model
@@ -119,6 +123,7 @@ class InferenceEngine:
         self.keep_prob_maps = keep_prob_maps
         self._model: Any = None
         self._device: Any = None
+        self._gains_logged: set[float | None] = set()
 
     # ---- pickling: never ship the model -------------------------------------------------------
     def __getstate__(self) -> dict[str, Any]:
@@ -229,7 +234,9 @@ class InferenceEngine:
                     with_bbox: bool = False) -> Any:
         """Peak table (and boxes with ``with_bbox``) of one frame given as panels."""
         probs = self.predict_panels(panels, masks)
-        return find_peaks(panels, probs, masks, self.peak_params, geometry=geometry,
+        frame = Frame(panels=list(panels), masks=None if masks is None else list(masks),
+                      geometry=geometry, meta={"wavelength_A": wavelength_A})
+        return find_peaks(panels, probs, masks, self.params_for(frame), geometry=geometry,
                           wavelength_A=wavelength_A, with_bbox=with_bbox)
 
     def find_frames(self, frames: Iterable[Frame]) -> Iterator[FrameResult]:
@@ -255,10 +262,24 @@ class InferenceEngine:
 
     def _result(self, frame: Frame, probs: list[np.ndarray]) -> FrameResult:
         wavelength = frame.meta.get("wavelength_A")
-        peaks = find_peaks(frame.panels, probs, frame.masks, self.peak_params,
+        peaks = find_peaks(frame.panels, probs, frame.masks, self.params_for(frame),
                            geometry=frame.geometry, wavelength_A=wavelength)
         return FrameResult(frame=frame, peaks=peaks, hit=is_hit(peaks, self.peak_params.min_peaks),
                            prob_maps=probs if self.keep_prob_maps else None)
+
+    def params_for(self, frame: Frame) -> PeakParams:
+        """The peak settings for one frame: the engine's, with the frame's own gain when the
+        engine was given none."""
+        if self.peak_params.adu_per_photon is not None:
+            return self.peak_params
+        gain = frame_gain(frame)
+        if gain not in self._gains_logged:
+            self._gains_logged.add(gain)
+            log.info("%s: %s", frame.source or "frame", "no detector gain declared: peak SNR "
+                     "counts background noise only" if gain is None else
+                     f"peak SNR counts shot noise at {gain:g} ADU per photon (declared gain)")
+        return self.peak_params if gain is None else _replace(self.peak_params,
+                                                               {"adu_per_photon": gain})
 
     def describe(self) -> dict[str, Any]:
         """The engine's settings as plain values, for run records and summaries."""
@@ -343,6 +364,18 @@ def _stack_tiles(batch: list[Tile], panels: list[np.ndarray], goods: list[np.nda
         x[k, 0, :tile.height, :tile.width] = np.where(good, panels[tile.panel][window], 0)
         m[k, 0, :tile.height, :tile.width] = good
     return x, m
+
+
+def frame_gain(frame: Frame) -> float | None:
+    """ADU per photon of a frame as its source or geometry declares it; None when unknown."""
+    declared = frame.meta.get("adu_per_photon")
+    if declared is not None and float(declared) > 0:
+        return float(declared)
+    declared_by = getattr(frame.geometry, "detector_gain", None)
+    if declared_by is None:
+        return None
+    gain: float | None = declared_by(frame.meta.get("wavelength_A"))
+    return gain
 
 
 def _replace(params: PeakParams, overrides: dict[str, Any]) -> PeakParams:

@@ -492,6 +492,20 @@ class Geometry:
         return self.lab_to_one_over_d(*self.panel_to_lab(panel_index, pfs, pss, clen_m),
                                       wavelength_A=wavelength_A)
 
+    def detector_gain(self, wavelength_A: float | None = None) -> float | None:
+        """ADU per photon the geometry declares, or None when it declares none usable.
+
+        ``adu_per_photon`` wins; ``adu_per_eV`` needs the photon energy (the geometry's, else
+        ``wavelength_A``).  Panel values count only when every panel agrees, since a single
+        number is what shot-noise estimates downstream take.
+        """
+        energy = (HC_EV_A / wavelength_A if wavelength_A else self.photon_energy_eV)
+        for holders in ([self], self.panels):
+            values = {_gain_of(h.adu_per_photon, h.adu_per_eV, energy) for h in holders}
+            if len(values) == 1 and None not in values:
+                return values.pop()
+        return None
+
     def _wavelength(self, wavelength_A: float | None) -> float:
         if wavelength_A is not None:
             return float(wavelength_A)
@@ -593,6 +607,15 @@ def _panel_lines(p: Panel) -> list[str]:
     lines += [f"{n}/dim{i} = {d}" for i, d in enumerate(p.dims)]
     lines += [f"{n}/{k} = {v}" for k, v in p.extra.items()]
     return lines
+
+
+def _gain_of(adu_per_photon: float | None, adu_per_eV: float | None,
+             photon_energy_eV: float | None) -> float | None:
+    if adu_per_photon is not None and adu_per_photon > 0:
+        return float(adu_per_photon)
+    if adu_per_eV is not None and adu_per_eV > 0 and photon_energy_eV:
+        return float(adu_per_eV * photon_energy_eV)
+    return None
 
 
 # --------------------------------------------------------------------------------------------

@@ -44,9 +44,18 @@ threshold = 0.5
           "larger spots; DIALS' spotfinder.filter options then apply as usual."
 min_snr = 4.0
   .type = float(value_min=0)
-  .help = "Least integrated signal-to-noise of a predicted spot (its background-subtracted sum"
-          "over the local background sigma times the square root of its pixel count); weaker"
-          "predictions are not foreground. 0 keeps every spot the model marks."
+  .help = "Least integrated signal-to-noise of a predicted spot: its background-subtracted sum"
+          "over sqrt(pixels x local background variance + gain x sum), background and shot"
+          "noise together. Weaker predictions are not foreground; 0 keeps every spot the model"
+          "marks. One sigma above peaknet-xtal's own default (3), because DIALS hands spot"
+          "finding images divided by the format's nominal gain, which on integrating detectors"
+          "is often 1 (CSPAD CBFs), so the shot noise is understated."
+gain = 1.0
+  .type = float(value_min=0)
+  .help = "Counts per photon of the image DIALS hands to spot finding, as"
+          "spotfinder.threshold.dispersion.gain: dxtbx has already divided by the detector's"
+          "gain, so 1 is right whenever the format's gain is. 0 leaves shot noise out of"
+          "min_snr (background noise alone)."
 batch_size = 8
   .type = int(value_min=1)
   .help = "How many panel tiles the model processes at once (memory versus speed)."
@@ -75,6 +84,7 @@ class PeakNetSettings:
     device: str = "auto"
     threshold: float = 0.5
     min_snr: float = 4.0
+    gain: float = 1.0
     batch_size: int = 8
     threads: int = 1
     dilation: int = 1
@@ -92,6 +102,7 @@ class PeakNetSettings:
             device=str(scope.device),
             threshold=float(scope.threshold),
             min_snr=float(scope.min_snr),
+            gain=float(scope.gain),
             batch_size=int(scope.batch_size),
             threads=int(threads),
             dilation=int(scope.dilation),
@@ -170,8 +181,9 @@ def _check_model_exists(model: str) -> None:
 class PeakNetSpotFinderThresholdExt:
     """PeakNet: learned Bragg peak segmentation as the spot-finding threshold. Pixels the
     model calls peak (probability at least peaknet.threshold, in spots with an integrated SNR of
-    at least peaknet.min_snr) within the DIALS mask are foreground; DIALS' own labelling, filters
-    and centroids then apply unchanged. No per-experiment gain or threshold tuning is needed."""
+    at least peaknet.min_snr, shot noise included) within the DIALS mask are foreground; DIALS'
+    own labelling, filters and centroids then apply unchanged. No per-experiment gain or
+    threshold tuning is needed."""
 
     name = "peaknet"
 
@@ -219,7 +231,8 @@ class PeakNetSpotFinderThresholdExt:
 
         predictor = get_predictor(self.settings)
         (prob,) = predictor.predict_panels([pixels], [good])
-        params = PeakParams(threshold=self.settings.threshold, min_snr=self.settings.min_snr)
+        params = PeakParams(threshold=self.settings.threshold, min_snr=self.settings.min_snr,
+                            adu_per_photon=self.settings.gain)
         peaks = peak_pixel_mask(pixels, np.asarray(prob), good, params)
         if self.settings.dilation > 0 and peaks.any():
             from scipy.ndimage import binary_dilation

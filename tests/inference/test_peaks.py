@@ -197,3 +197,52 @@ def test_many_panel_frame_matches_truth():
         mine = table[table["panel"] == p]
         found += bool(len(mine)) and np.hypot(mine["fs"] - x, mine["ss"] - y).min() < 0.2
     assert found >= 395  # a few spots overlap and merge
+
+
+def sparse_photon_panel(gain=10.0, level=0.4, seed=1, shape=(80, 80)):
+    """A photon-counting background of ``level`` photons a pixel (most pixels hold none) with
+    Gaussian read noise, in ADU; returns the image and its photon counts."""
+    rng = np.random.default_rng(seed)
+    photons = rng.poisson(level, shape).astype(np.float64)
+    return (photons * gain + rng.normal(0.0, 0.15 * gain, shape)).astype(np.float32), photons
+
+
+def test_background_level_and_spread_are_right_on_a_sparse_photon_background():
+    gain, level = 10.0, 0.4
+    image, _ = sparse_photon_panel(gain, level)
+    image[38:41, 38:41] += 500.0
+    prob = np.zeros(image.shape, np.float32)
+    prob[38:41, 38:41] = 0.9
+    row = find_peaks([image], [prob], params=PeakParams(min_snr=0.0))[0]
+    # more than half the pixels hold no photon: a median would say 0 and a MAD the read noise
+    assert row["background"] == pytest.approx(level * gain, rel=0.35)
+    assert row["background_sigma"] == pytest.approx(np.sqrt(level + 0.15**2) * gain, rel=0.35)
+
+
+def test_shot_noise_rejects_photon_clusters_but_keeps_a_real_spot():
+    gain = 10.0
+    image, _ = sparse_photon_panel(gain, level=0.05)
+    image[20, 20:22] += 2 * gain  # a cluster of four extra photons in two pixels
+    image[55:58, 55:58] += 8 * gain  # a spot of 72 photons
+    prob = np.zeros(image.shape, np.float32)
+    prob[20, 20:22] = prob[55:58, 55:58] = 0.9
+    without = find_peaks([image], [prob], params=PeakParams(min_snr=3.0))
+    counted = find_peaks([image], [prob], params=PeakParams(min_snr=3.0, adu_per_photon=gain))
+    assert len(without) == 2  # against background noise alone the cluster looks significant
+    assert len(counted) == 1 and counted["ss"][0] == pytest.approx(56.0, abs=0.3)
+    zero = find_peaks([image], [prob], params=PeakParams(min_snr=0.0, adu_per_photon=0.0))
+    none = find_peaks([image], [prob], params=PeakParams(min_snr=0.0))
+    np.testing.assert_array_equal(zero["snr"], none["snr"])  # 0: background noise only
+    shot = find_peaks([image], [prob], params=PeakParams(min_snr=0.0, adu_per_photon=gain))
+    assert (shot["snr"] < none["snr"]).all()
+
+
+def test_snr_counts_the_spot_footprint_beyond_the_marked_core():
+    """A faint wide spot of which the model marks only the central pixel: its tails count."""
+    image = gaussian_panel((40, 40), [(20.0, 20.0, 60.0)], background=10.0, noise=1.0,
+                           sigma=1.2)
+    prob = np.zeros(image.shape, np.float32)
+    prob[20, 20] = 0.9
+    row = find_peaks([image], [prob], params=PeakParams(min_snr=0.0))[0]
+    core_only = row["intensity"] / row["background_sigma"]  # one pixel: its own SNR
+    assert row["npix"] == 1 and row["snr"] > 1.5 * core_only

@@ -307,3 +307,26 @@ def test_unreadable_files(tmp_path: Path) -> None:
     binary.write_bytes(b"\x89HDF\r\n\x1a\n\xff\xfe")
     with pytest.raises(GeometryError, match="not a text file"):
         read_geometry(binary)
+
+
+@pytest.mark.parametrize("extra, wavelength, expected", [
+    ("adu_per_photon = 7.5\n", None, 7.5),
+    ("adu_per_eV = 0.002\n", None, 0.002 * HC_EV_A),  # SIMPLE's photon energy: 1 Angstrom
+    ("adu_per_eV = 0.002\n", 2.0, 0.002 * HC_EV_A / 2.0),  # the frame's wavelength wins
+    ("", None, None),
+])
+def test_detector_gain_from_the_geometry(extra: str, wavelength: float | None,
+                                         expected: float | None) -> None:
+    g = parse_geometry(extra + SIMPLE)
+    gain = g.detector_gain(wavelength)
+    assert gain == (None if expected is None else pytest.approx(expected))
+
+
+def test_detector_gain_needs_panels_to_agree() -> None:
+    two = SIMPLE + "".join(line.replace("p0/", "p1/") + "\n" for line in SIMPLE.splitlines()
+                           if line.startswith("p0/"))
+    assert parse_geometry(two.replace("p0/min_fs", "p0/adu_per_photon = 3\np0/min_fs")
+                          ).detector_gain() is None
+    both = two.replace("p0/min_fs", "p0/adu_per_photon = 3\np0/min_fs").replace(
+        "p1/min_fs", "p1/adu_per_photon = 3\np1/min_fs")
+    assert parse_geometry(both).detector_gain() == 3.0

@@ -67,8 +67,8 @@ def test_phil_scope_offers_peaknet_with_help(dials_modules) -> None:
     assert params.spotfinder.threshold.algorithm == "dispersion_extended"  # we are not default
     scope = phil_scope.get("spotfinder.threshold.peaknet").objects[0]
     names = {obj.name: obj for obj in scope.objects}
-    assert set(names) == {"model", "device", "threshold", "min_snr", "batch_size", "threads",
-                          "dilation"}
+    assert set(names) == {"model", "device", "threshold", "min_snr", "gain", "batch_size",
+                          "threads", "dilation"}
     for name, obj in names.items():
         assert obj.help and len(obj.help) > 20, f"peaknet.{name} needs help text"
     defaults = params.spotfinder.threshold.peaknet
@@ -104,10 +104,12 @@ def test_settings_come_from_phil(dials_modules) -> None:
         _params(phil_scope, "spotfinder.threshold.peaknet.threshold=1.5")
 
 
-def _ext(phil_scope, threshold: float, dilation: int = 1, min_snr: float | None = None):
+def _ext(phil_scope, threshold: float, dilation: int = 1, min_snr: float | None = None,
+         gain: float | None = None):
     from peaknet_dials.spotfinder_threshold_ext import PeakNetSpotFinderThresholdExt
 
     extra = [] if min_snr is None else [f"spotfinder.threshold.peaknet.min_snr={min_snr}"]
+    extra += [] if gain is None else [f"spotfinder.threshold.peaknet.gain={gain}"]
     params = _params(phil_scope, f"spotfinder.threshold.peaknet.threshold={threshold}",
                      "spotfinder.threshold.peaknet.device=cpu",
                      "spotfinder.threshold.peaknet.threads=1",
@@ -124,13 +126,27 @@ def test_min_snr_removes_weak_predicted_spots_only(dials_modules, cspad_panel) -
     _, phil_scope = dials_modules
     data, mask = cspad_panel
     pixels = data.astype(np.float32)
-    assert _ext(phil_scope, 0.3).settings.min_snr == DEFAULT_MIN_SNR  # PHIL and library agree
+    # one sigma stricter than the library: DIALS' images carry a nominal gain (see the PHIL help)
+    assert _ext(phil_scope, 0.3).settings.min_snr == DEFAULT_MIN_SNR + 1
     every = _ext(phil_scope, 0.3, dilation=0, min_snr=0).peak_pixels(pixels, mask)
     strong = _ext(phil_scope, 0.3, dilation=0).peak_pixels(pixels, mask)
     assert strong.any() and strong.sum() < every.sum()
     labels, _ = ndimage.label(every, np.ones((3, 3), bool))
     for spot in np.unique(labels[strong]):  # every kept spot is kept whole
         assert strong[labels == spot].all()
+
+
+def test_gain_puts_shot_noise_into_the_snr_cut(dials_modules, cspad_panel) -> None:
+    """peaknet.gain is the counts per photon of the image DIALS hands over: a larger gain means
+    fewer photons behind each count, so fewer predicted spots pass min_snr; 0 counts background
+    noise only."""
+    _, phil_scope = dials_modules
+    data, mask = cspad_panel
+    pixels = data.astype(np.float32)
+    assert _ext(phil_scope, 0.3).settings.gain == 1.0
+    counts = [_ext(phil_scope, 0.3, dilation=0, gain=g).peak_pixels(pixels, mask).sum()
+              for g in (0, 1, 30)]
+    assert counts[0] >= counts[1] > counts[2] > 0
 
 
 def test_spots_whose_values_sum_to_zero_or_less_are_dropped() -> None:

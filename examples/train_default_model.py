@@ -35,8 +35,9 @@ Lessons from making it:
   correlated-noise blobs up to 3 px wide fixed most of that; the SNR cut of the peak extraction
   removes the rest (the model's doubtful calls there have SNR 1-5, its real peaks 15 and up);
 - on sparse photon-counting backgrounds the model marks clusters of two or three background
-  photons; no retraining removed them, but an SNR with the right background (mean and std, not
-  median and MAD, which see only read noise there) and the spot's shot noise does;
+  photons; doubling the Rayonix share of training did not remove them, but an SNR with the
+  right background (mean and std, not median and MAD, which see only read noise there) and the
+  spot's shot noise does;
 - runs of the same recipe with a different bank or step count differ by several points of F1
   on real data: check every candidate on the real stills, not just on simulated frames.
 """

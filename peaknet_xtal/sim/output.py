@@ -19,6 +19,7 @@ import h5py
 import numpy as np
 
 from ..atomic import atomic_path, write_text_atomic
+from ..io.geometry import HC_EV_A
 from ..types import Frame
 from .simulate import REFLECTION_DTYPE, SimTruth
 
@@ -27,7 +28,6 @@ MASK_PATH = "/entry_1/data_1/mask"
 PEAK_GROUP = "/entry_1/result_1"
 #: File attribute naming the geometry file (relative to the CXI file's folder).
 GEOMETRY_ATTR = "peaknet_geometry"
-HC_EV_A = 12398.419843320026
 MAX_PEAKS = 2048
 
 

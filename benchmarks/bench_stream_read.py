@@ -19,7 +19,9 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from peaknet_xtal.io.stream import iter_chunks
 
@@ -57,7 +59,8 @@ def read_all(path: Path) -> tuple[int, int, int]:
     return chunks, peaks, reflections
 
 
-def best_time(func, *args, repeat: int) -> tuple[float, float, object]:  # type: ignore[no-untyped-def]
+def best_time(func: Callable[..., object], *args: Any,
+              repeat: int) -> tuple[float, float, object]:
     """Best CPU time and best wall time over ``repeat`` runs, and the result."""
     cpu = wall = float("inf")
     result = None

@@ -2,8 +2,8 @@
 
 A plugin is a module (or object) with functions named like the specs below and decorated with
 ``peaknet_xtal.hookimpl``.  Third-party plugins are found through the ``peaknet_xtal`` entry-point
-group; the built-in sources and writers (``peaknet_xtal.builtin``) register through these same hooks,
-so a plugin has exactly the powers the built-ins have.
+group; the built-in sources and writers (``peaknet_xtal.builtin``) register through these same
+hooks, so a plugin has exactly the powers the built-ins have.
 
 The objects the hooks return follow two small protocols, documented here too:
 

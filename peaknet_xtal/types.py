@@ -44,7 +44,8 @@ def empty_peaks(n: int = 0) -> np.ndarray:
 
 
 def peaks_from_columns(**columns: Any) -> np.ndarray:
-    """Build a peak table from equal-length columns; missing columns get :func:`empty_peaks` fill."""
+    """Build a peak table from equal-length columns; missing columns get :func:`empty_peaks` fill.
+    """
     lengths = {len(np.atleast_1d(v)) for v in columns.values()}
     if len(lengths) > 1:
         raise ValueError(f"peak columns differ in length: {sorted(lengths)}")

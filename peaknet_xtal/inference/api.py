@@ -56,10 +56,12 @@ class PeakFinder:
 
         ``data``: 2-D array, list/tuple of per-panel 2-D arrays, 3-D ``(panel, ss, fs)`` array,
         scitbx flex array(s), or a dxtbx ImageSet (``index`` picks the image; its corrected data,
-        mask, detector and beam are used, so 1/d is filled).  ``mask`` (True = good) takes the
-        same forms as ``data``; ``geometry`` (a CrystFEL :class:`~peaknet_xtal.io.geometry.Geometry`)
-        fills 1/d for array input.  ``with_bbox`` also returns the ``(N, 4)`` boxes
-        ``fs0, fs1, ss0, ss1`` (end exclusive) that :func:`reflection_table` takes.
+        mask, detector and beam are used, so 1/d is filled, and the data count photons as far as
+        the format's gain says, for the shot noise in each peak's SNR).  ``mask`` (True = good)
+        takes the same forms as ``data``; ``geometry`` (a CrystFEL
+        :class:`~peaknet_xtal.io.geometry.Geometry`) fills 1/d for array input.  ``with_bbox``
+        also returns the ``(N, 4)`` boxes ``fs0, fs1, ss0, ss1`` (end exclusive) that
+        :func:`reflection_table` takes.
         """
         peaks, boxes = self._find(data, index, mask, geometry, wavelength_A, with_bbox=True)
         return (peaks, boxes) if with_bbox else peaks
@@ -77,8 +79,10 @@ class PeakFinder:
     # ---- internals ---------------------------------------------------------------------------
     def _find(self, data: Any, index: int, mask: Any, geometry: Any,
               wavelength_A: float | None, with_bbox: bool = False) -> tuple[np.ndarray, Any]:
+        gain = None
         if _is_imageset(data):
             panels, masks = imageset_panels(data, index)
+            gain = 1.0  # dxtbx divided by the format's gain: photons, as DIALS sees them
         else:
             panels = to_panels(data)
             masks = None
@@ -86,7 +90,8 @@ class PeakFinder:
             given = [m.astype(bool) for m in to_panels(mask)]
             masks = given if masks is None else [a & b for a, b in zip(masks, given)]
         found = self.engine.find_panels(panels, masks, geometry=geometry,
-                                        wavelength_A=wavelength_A, with_bbox=True)
+                                        wavelength_A=wavelength_A, adu_per_photon=gain,
+                                        with_bbox=True)
         peaks, boxes = found
         if _is_imageset(data) and len(peaks):
             peaks["one_over_d"] = dxtbx_one_over_d(data, index, peaks)

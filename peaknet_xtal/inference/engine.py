@@ -68,7 +68,8 @@ def _axis_tiles(length: int, size: int, overlap: int) -> list[tuple[int, int, sl
         return [(0, length, slice(0, length))]
     count = -(-(length - overlap) // (size - overlap))  # fewest tiles with >= overlap shared
     starts = np.linspace(0, length - size, count).round().astype(int).tolist()
-    cuts = [0] + [(starts[i + 1] + starts[i] + size) // 2 for i in range(len(starts) - 1)] + [length]
+    middles = [(starts[i + 1] + starts[i] + size) // 2 for i in range(len(starts) - 1)]
+    cuts = [0] + middles + [length]
     return [(s, size, slice(cuts[i], cuts[i + 1])) for i, s in enumerate(starts)]
 
 
@@ -231,11 +232,13 @@ class InferenceEngine:
     # ---- peaks -------------------------------------------------------------------------------
     def find_panels(self, panels: Sequence[np.ndarray], masks: Sequence[np.ndarray] | None = None,
                     *, geometry: Any = None, wavelength_A: float | None = None,
-                    with_bbox: bool = False) -> Any:
-        """Peak table (and boxes with ``with_bbox``) of one frame given as panels."""
+                    adu_per_photon: float | None = None, with_bbox: bool = False) -> Any:
+        """Peak table (and boxes with ``with_bbox``) of one frame given as panels;
+        ``adu_per_photon`` is the gain the data declare (as ``frame.meta`` would)."""
         probs = self.predict_panels(panels, masks)
         frame = Frame(panels=list(panels), masks=None if masks is None else list(masks),
-                      geometry=geometry, meta={"wavelength_A": wavelength_A})
+                      geometry=geometry,
+                      meta={"wavelength_A": wavelength_A, "adu_per_photon": adu_per_photon})
         return find_peaks(panels, probs, masks, self.params_for(frame), geometry=geometry,
                           wavelength_A=wavelength_A, with_bbox=with_bbox)
 
@@ -247,7 +250,8 @@ class InferenceEngine:
                 yield self._result(frame, frame_probs)
 
     def _chunks(self, frames: Iterable[Frame]) -> Iterator[list[Frame]]:
-        """Groups of whole frames holding at least ``batch_size`` tiles (the last may hold fewer)."""
+        """Groups of whole frames holding at least ``batch_size`` tiles (the last may hold
+        fewer)."""
         chunk: list[Frame] = []
         tiles = 0
         for frame in frames:

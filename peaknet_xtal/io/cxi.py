@@ -1,9 +1,9 @@
 """CXI/HDF5 images and CXI peak tables, in the layout ``indexamajig --peaks=cxi`` reads.
 
 Reading: a stack ``(n_frames, ss, fs)`` with ``dim0 = %`` or a single 2-D frame, split into panels
-by a CrystFEL geometry (or one whole-slab panel without one).  Each :class:`~peaknet_xtal.types.Frame`
-remembers the HDF5 file, dataset and index it came from, so a writer can link back to the pixels
-instead of copying them.
+by a CrystFEL geometry (or one whole-slab panel without one).  Each
+:class:`~peaknet_xtal.types.Frame` remembers the HDF5 file, dataset and index it came from, so a
+writer can link back to the pixels instead of copying them.
 
 Writing: :func:`write_cxi` puts the peak table at ``/entry_1/result_1`` *in the same file as the
 images*, because CrystFEL has no key naming a separate peak file.  The images are either copied in

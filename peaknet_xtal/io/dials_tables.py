@@ -57,7 +57,8 @@ def load_reflection_table(path: str | os.PathLike[str]) -> Any:
 
 def read_reflections(path: str | os.PathLike[str],
                      columns: Sequence[str] | None = DEFAULT_COLUMNS) -> dict[str, np.ndarray]:
-    """Columns of a ``.refl`` as numpy (all columns when ``columns`` is None; absent ones skipped)."""
+    """Columns of a ``.refl`` as numpy (all columns when ``columns`` is None; absent ones skipped).
+    """
     table = load_reflection_table(path)
     wanted = list(table.keys()) if columns is None else [c for c in columns if c in table]
     out = {}

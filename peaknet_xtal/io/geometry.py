@@ -145,7 +145,8 @@ def _bool(value: str, key: str, fail: _Fail) -> bool:
 
 def _number_with_unit(value: str, key: str, units: dict[str, float], default: str,
                       fail: _Fail) -> float:
-    """``"95.3 mm"`` -> 0.0953 with ``units={"m": 1, "mm": 1e-3}``; a bare number uses ``default``."""
+    """``"95.3 mm"`` -> 0.0953 with ``units={"m": 1, "mm": 1e-3}``; a bare number uses
+    ``default``."""
     parts = value.split()
     if len(parts) == 1:
         unit = default

@@ -2,8 +2,8 @@
 
 Differences from the public reference, on purpose: the depthwise part of every separable conv is a
 real 3x3 kernel (a 1x1 depthwise conv mixes nothing spatially), and downsampling in the bottom-up
-pass is a 2x2 max-pool (a Bragg peak is a few bright pixels; averaging or bilinear resampling dilutes
-it, max keeps it).
+pass is a 2x2 max-pool (a Bragg peak is a few bright pixels; averaging or bilinear resampling
+dilutes it, max keeps it).
 """
 from __future__ import annotations
 

@@ -1,8 +1,9 @@
 """ConvNeXt-V2 building blocks with a single input channel.
 
 The backbone follows the published ConvNeXt-V2 family (7x7 depthwise conv, LayerNorm, inverted
-bottleneck MLP with Global Response Normalisation, no layer-scale) so that its parameter counts match
-the published sizes exactly; only the stem takes one channel because detector images are monochrome.
+bottleneck MLP with Global Response Normalisation, no layer-scale) so that its parameter counts
+match the published sizes exactly; only the stem takes one channel because detector images are
+monochrome.
 """
 from __future__ import annotations
 

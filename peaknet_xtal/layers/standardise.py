@@ -2,9 +2,9 @@
 
 Detectors differ by orders of magnitude in gain (CSPAD ~ tens of ADU per photon, Pilatus counts
 photons) and in offset (pedestal-subtracted data go negative).  The model therefore sees
-``asinh((x - median) / sigma_bg)``, where the median and the background spread ``sigma_bg`` come from
-valid pixels only (bad-pixel mask, non-finite values and padding excluded), and ``sigma_bg`` is the
-standard deviation of the pixels *below* the 99th percentile, so Bragg peaks, hot pixels and
+``asinh((x - median) / sigma_bg)``, where the median and the background spread ``sigma_bg`` come
+from valid pixels only (bad-pixel mask, non-finite values and padding excluded), and ``sigma_bg`` is
+the standard deviation of the pixels *below* the 99th percentile, so Bragg peaks, hot pixels and
 saturated streaks (the top 1 %) cannot inflate it.  ``asinh`` is linear near the background and
 logarithmic for bright pixels, so a 10^6-ADU outlier becomes ~14 instead of dominating everything.
 Statistics use a fixed-stride subsample of at most 2^16 valid pixels: exact enough, and O(1) in the

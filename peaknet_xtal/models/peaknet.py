@@ -1,9 +1,9 @@
 """PeakNet: ConvNeXt-V2 backbone + BiFPN neck + two-pathway head, for Bragg peak segmentation.
 
 Input handling lives inside the model so that no caller can feed it differently from training:
-per-image standardisation over valid pixels (see ``layers.standardise``), padding to a multiple of 32
-(the four resampling levels need it) with padded pixels excluded from the statistics and cropped off
-the output, and the bad-pixel mask enforced on the logits so a masked pixel is never a peak.
+per-image standardisation over valid pixels (see ``layers.standardise``), padding to a multiple of
+32 (the four resampling levels need it) with padded pixels excluded from the statistics and cropped
+off the output, and the bad-pixel mask enforced on the logits so a masked pixel is never a peak.
 """
 from __future__ import annotations
 

@@ -98,7 +98,8 @@ class SimConfig:
             return self.cell
         if isinstance(self.cell, str):
             if self.cell not in PRESET_CELLS:
-                raise ValueError(f"unknown preset cell {self.cell!r}; known: {sorted(PRESET_CELLS)}")
+                raise ValueError(f"unknown preset cell {self.cell!r}; "
+                                 f"known: {sorted(PRESET_CELLS)}")
             return PRESET_CELLS[self.cell]
         names = sorted(PRESET_CELLS)
         return PRESET_CELLS[names[int(rng.integers(len(names)))]]

@@ -54,7 +54,8 @@ class DetectorModel:
             origins.append(np.array([panel.corner_x / res, panel.corner_y / res, z]))
             fs_vecs.append(fs)
             ss_vecs.append(ss)
-            shapes.append((int(panel.max_ss - panel.min_ss + 1), int(panel.max_fs - panel.min_fs + 1)))
+            shapes.append((int(panel.max_ss - panel.min_ss + 1),
+                           int(panel.max_fs - panel.min_fs + 1)))
         return cls(geometry, np.array(origins), np.array(fs_vecs), np.array(ss_vecs), shapes,
                    float(global_clen if global_clen is not None else fallback))
 

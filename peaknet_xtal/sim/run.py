@@ -73,7 +73,8 @@ def simulate_run(geometry: Any, n_frames: int, seed: int, out_dir: str | os.Path
                 truth_out.append(truth)
                 if paths.stream is not None:
                     chunks.append(stream_chunk(paths.cxi.name, i, truth, geom))
-                bar.update(1, extra=f"hit {truth.hit} strong {int(truth.reflections['strong'].sum())}")
+                bar.update(1, extra=f"hit {truth.hit} "
+                                    f"strong {int(truth.reflections['strong'].sum())}")
     except BaseException:
         cxi.abort()
         truth_out.abort()

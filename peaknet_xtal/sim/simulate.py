@@ -89,7 +89,8 @@ def detector_model(geometry: Any, default_clen_m: float) -> DetectorModel:
 
 
 def resolve_beam(geometry: Any, config: SimConfig) -> tuple[float, float]:
-    """(wavelength in Angstrom, ADU per photon): the config's, else the geometry's, else defaults."""
+    """(wavelength in Angstrom, ADU per photon): the config's, else the geometry's, else defaults.
+    """
     wavelength = config.wavelength_A or getattr(geometry, "wavelength_A", None)
     gain = config.adu_per_photon or getattr(geometry, "adu_per_photon", None)
     return float(wavelength or config.default_wavelength_A), float(gain or 1.0)

@@ -93,6 +93,25 @@ def test_imageset_peaks_and_reflection_table_on_real_cspad(real_data, dials_env)
     assert table.get_flags(table.flags.strong).count(True) == table.size()
 
 
+@pytest.mark.dials
+def test_imageset_data_count_photons_for_the_shot_noise(real_data, dials_env):
+    """dxtbx hands over data divided by the format's gain, as DIALS spot finding sees them: the
+    SNR counts their shot noise at one count per photon, which plain arrays (no gain) do not."""
+    from dxtbx.model.experiment_list import ExperimentListFactory
+
+    from peaknet_xtal.inference.api import imageset_panels
+
+    imageset = ExperimentListFactory.from_filenames([str(real_data / CSPAD)])[0].imageset
+    finder = PeakFinder(predictor=bright_pixels, min_snr=0.0)
+    counted = finder.find(imageset, 0)
+    panels, masks = imageset_panels(imageset, 0)
+    plain = finder.find(panels, mask=masks)
+    assert len(counted) == len(plain) > 20
+    np.testing.assert_array_equal(counted["intensity"], plain["intensity"])
+    brighter = counted["intensity"] > 0
+    assert np.all(counted["snr"][brighter] < plain["snr"][brighter])
+
+
 _ORDER_SCRIPT = """
 import sys
 if sys.argv[1] == "cctbx-first":

@@ -152,7 +152,8 @@ def test_mask_shape_mismatch_names_the_panel():
 
 
 def test_default_model_loads_lazily_on_first_use_and_predicts():
-    """The real ``load_model("default")`` path (trained or seed-0 weights): plumbing, not quality."""
+    """The real ``load_model("default")`` path (trained or seed-0 weights): plumbing, not quality.
+    """
     engine = InferenceEngine("default", device="cpu", threads=1)
     assert not engine.loaded
     image = np.random.default_rng(4).poisson(5, (64, 96)).astype(np.float32)

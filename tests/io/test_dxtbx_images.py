@@ -28,7 +28,8 @@ def test_the_list_covers_every_shared_image(real_data):
     assert on_disk == {rel for rel, _, _ in IMAGES}
 
 
-@pytest.mark.parametrize("rel,n_panels,shape0", IMAGES, ids=[r.split("/")[-1] for r, _, _ in IMAGES])
+@pytest.mark.parametrize("rel,n_panels,shape0", IMAGES,
+                         ids=[r.split("/")[-1] for r, _, _ in IMAGES])
 def test_every_real_image_reads_with_masks_and_geometry(real_data, dials_env, rel, n_panels,
                                                         shape0):
     from peaknet_xtal.io.dxtbx_images import read_dxtbx_image

@@ -1,4 +1,5 @@
-"""CrystFEL geometry: every real file parses, values resolve as CrystFEL does, conversions invert."""
+"""CrystFEL geometry: every real file parses, values resolve as CrystFEL does, conversions invert.
+"""
 from __future__ import annotations
 
 import math

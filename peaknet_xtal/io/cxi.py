@@ -17,6 +17,7 @@ written by an earlier run (:meth:`CXIWriter.done_keys`) so an interrupted run re
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections.abc import Iterator, Sequence
@@ -30,6 +31,9 @@ import numpy as np
 from ..atomic import atomic_path, write_text_atomic
 from ..errors import FormatError
 from ..types import Frame, FrameResult, empty_peaks
+from .geometry import HC_EV_A
+
+log = logging.getLogger(__name__)
 
 #: Where images are looked for when the geometry names no ``data`` path, in this order.
 DEFAULT_DATA_PATHS = ("/entry_1/data_1/data", "/data/data", "/entry_1/instrument_1/detector_1/data")
@@ -201,12 +205,38 @@ class _Reader:
         self.h5 = open_h5(path)
         try:
             self.info = _inspect(self.h5, self.path, geometry, data_path, mask_path)
+            self._energy = self._energy_dataset()
         except Exception:
             self.h5.close()
             raise
         self.data = self.h5[self.info.dataset]
         self.mask = self.h5[self.info.mask_dataset] if self.info.mask_dataset else None
         self._static_masks = geometry.bad_pixel_masks() if geometry is not None else None
+
+    def _energy_dataset(self) -> h5py.Dataset | None:
+        """The per-frame photon energy (eV) the geometry points at (``photon_energy = /path``),
+        as CrystFEL reads it; without it 1/d and an ``adu_per_eV`` gain stay unknown."""
+        path = getattr(self.geometry, "photon_energy_path", None)
+        if not path:
+            return None
+        if path not in self.h5 or not isinstance(self.h5[path], h5py.Dataset):
+            log.warning("%s: no photon energy dataset %s (named by the geometry)", self.path, path)
+            return None
+        energy = self.h5[path]
+        if energy.size not in (1, self.info.n_frames):
+            raise FormatError(self.path, f"{energy.size} photon energies for "
+                              f"{self.info.n_frames} frames", dataset=path)
+        return energy
+
+    def wavelength_A(self, index: int) -> float | None:
+        if self._energy is None:
+            return None
+        energy = float(np.ravel(self._energy[()] if self._energy.size == 1
+                                else self._energy[index])[0])
+        if not np.isfinite(energy) or energy <= 0:
+            raise FormatError(self.path, f"photon energy {energy} eV of frame {index} is not "
+                              "positive", dataset=self._energy.name)
+        return HC_EV_A / energy
 
     def slab(self, index: int) -> np.ndarray:
         if not 0 <= index < self.info.n_frames:
@@ -234,6 +264,7 @@ class _Reader:
         return out
 
     def frame(self, index: int) -> Frame:
+        wavelength = self.wavelength_A(index)
         return Frame(
             panels=_split(self.slab(index), self.geometry),
             masks=self.masks(index),
@@ -243,7 +274,8 @@ class _Reader:
             geometry=self.geometry,
             meta={"h5_file": self.path, "h5_dataset": self.info.dataset,
                   "h5_index": index if self.info.stacked else None,
-                  "slab_shape": self.info.frame_shape},
+                  "slab_shape": self.info.frame_shape,
+                  **({} if wavelength is None else {"wavelength_A": wavelength})},
         )
 
     def close(self) -> None:

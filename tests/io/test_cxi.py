@@ -248,3 +248,32 @@ def test_source_protocol(tmp_path, geom_path):
     assert source.name == "cxi" and len(source) == 3
     assert [f.serial for f in source] == [0, 1, 2]
     source.close()
+
+
+@pytest.mark.parametrize("energies", [[9500.0, 9600.0, 9700.0], [9500.0]])
+def test_photon_energy_named_by_the_geometry_is_read_per_frame(tmp_path, make_geometry_text,
+                                                               energies):
+    """``photon_energy = /LCLS/photon_energy_eV``: CrystFEL reads it per frame from the file;
+    so do we, which fills 1/d and turns an ``adu_per_eV`` into the gain for the shot noise."""
+    from peaknet_xtal.inference.engine import frame_gain
+    from peaknet_xtal.io.geometry import HC_EV_A
+
+    settings = dict(CXI_GEOMETRY, photon_energy="/LCLS/photon_energy_eV", adu_per_photon=None)
+    text = "adu_per_eV = 0.003\n" + make_geometry_text(**settings)
+    geometry = parse_geometry(text)
+    path = tmp_path / "run.cxi"
+    make_stack(path, n=3)
+    with h5py.File(path, "a") as h5:
+        h5["/LCLS/photon_energy_eV"] = np.array(energies) if len(energies) > 1 else energies[0]
+    frames = list(iter_cxi_frames(path, geometry))
+    expected = energies if len(energies) > 1 else energies * 3
+    for frame, energy in zip(frames, expected):
+        assert frame.meta["wavelength_A"] == pytest.approx(HC_EV_A / energy)
+        assert frame_gain(frame) == pytest.approx(0.003 * energy)
+    for bad, message in ((-1.0, "not positive"), ([9500.0, 9600.0], "2 photon energies")):
+        with h5py.File(path, "a") as h5:
+            del h5["/LCLS/photon_energy_eV"]
+            h5["/LCLS/photon_energy_eV"] = bad
+        with pytest.raises(FormatError, match=message) as err:
+            list(iter_cxi_frames(path, geometry))
+        assert str(path) in str(err.value)

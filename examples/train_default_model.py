@@ -15,6 +15,13 @@
    steps/s; on a machine shared with other jobs expect hours).
 3. Copy the result to peaknet_xtal/weights/default.{safetensors,json}.
 
+Real labels: ``--real-labels LABELS.h5 ...`` adds stream2labels output of real frames (indexed
+streams or DIALS stills results with their images) to the bank.  The shipped model has none:
+the shared real indexing results come without their images (the CSPAD 5-HT2B and PAL-XFEL
+Rayonix streams, the cxi78513 DIALS stills), and the real images that could be indexed here
+(the two CSPAD stills, the thaumatin grid) are what the model is judged on; labels made from
+them would judge it on its own training data.
+
 What the shipped model (0.59 M parameters, 2.4 MB) does, with the library's default peak
 settings (probability 0.5, integrated SNR 3 with shot noise): held-out randomised simulated
 frames on ePix10k2M, CSPAD and Rayonix (tests/models/test_default_model.py): precision 0.999,
@@ -123,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=10000)
     parser.add_argument("--work", default="runs/default")
     parser.add_argument("--no-install", action="store_true", help="do not copy into the package")
+    parser.add_argument("--real-labels", nargs="+", default=[], metavar="LABELS.h5",
+                        help="stream2labels files of real frames to train on beside the bank")
     args = parser.parse_args(argv)
 
     import torch
@@ -134,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     bank = simulate_bank(work / "bank.h5", args.frames)
     train_main([str(ROOT / "examples" / "configs" / "train_default.yaml"), "--out",
                 str(work / "train"), "--schedule.steps", str(args.steps),
-                "--data.paths", str(bank)])
+                "--data.paths", str(bank), *args.real_labels])
     if not args.no_install:
         target = ROOT / "peaknet_xtal" / "weights"
         shutil.copyfile(work / "train" / "model.safetensors", target / "default.safetensors")

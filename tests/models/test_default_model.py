@@ -3,7 +3,7 @@
 These check what the issue promises a user, on data the model never saw in training:
 held-out simulated frames on three real detectors (seeds far above any the training script
 draws; see examples/train_default_model.py), and the real CSPAD stills.  Indexing the real stills
-through DIALS with these peaks is tested in tests/plugins/test_dials_plugin.py.
+through DIALS with these peaks is tested in tests/plugins/test_dials_commands.py.
 """
 from __future__ import annotations
 

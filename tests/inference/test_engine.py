@@ -178,7 +178,7 @@ def test_cuda_matches_cpu_and_is_deterministic():
         np.testing.assert_allclose(a, c, atol=1e-3)
 
 
-def test_each_frame_brings_its_own_gain_for_the_shot_noise():
+def test_each_frame_brings_its_own_gain_for_the_shot_noise(make_geometry_text):
     """Two background photons stacked in one pixel of a sparse photon-counting frame: noise to a
     gain-aware SNR, a peak to background noise alone.  The frame's declared gain decides."""
     from peaknet_xtal.io.geometry import parse_geometry
@@ -199,9 +199,8 @@ def test_each_frame_brings_its_own_gain_for_the_shot_noise():
     engine = InferenceEngine(predictor=marks_the_pixel, min_snr=3.0)
     assert found(engine) == 1  # no gain known: background noise only
     assert found(engine, meta={"adu_per_photon": gain}) == 0
-    geometry = parse_geometry(f"adu_per_photon = {gain}\nclen = 0.1\nres = 10000\n"
-                              "p0/min_fs = 0\np0/max_fs = 63\np0/min_ss = 0\np0/max_ss = 63\n"
-                              "p0/corner_x = 0\np0/corner_y = 0\np0/fs = x\np0/ss = y\n")
+    geometry = parse_geometry(make_geometry_text(["p0"], 64, 64, [(0.0, 0.0)],
+                                                 adu_per_photon=str(gain), dims=False))
     assert found(engine, geometry=geometry) == 0
     assert len(engine.find_panels([image], geometry=geometry)) == 0
     off = InferenceEngine(predictor=marks_the_pixel, min_snr=3.0, adu_per_photon=0.0)

@@ -20,7 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from peaknet_dials.commands import DialsCommandError, dials_environment, run_dials
+from peaknet_xtal.evaluation.dials_commands import DialsCommandError, dials_environment, run_dials
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL = ROOT.parent / "shared" / "data" / "real"

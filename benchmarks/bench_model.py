@@ -65,7 +65,7 @@ def flops_per_mpx(name: str) -> tuple[float, float]:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from peaknet_xtal.models import create_model
+    from peaknet_xtal.model import create_model
 
     with torch.device("meta"):
         model = create_model(name).eval()
@@ -88,7 +88,7 @@ def main() -> int:
 
     import torch
 
-    from peaknet_xtal.models import list_models, load_model
+    from peaknet_xtal.model import list_models, load_model
 
     torch.set_num_threads(args.threads)
     model = load_model("default")

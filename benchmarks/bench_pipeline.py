@@ -29,9 +29,9 @@ import h5py
 import numpy as np
 import psutil
 
-from peaknet_xtal.engine.distributed import ray_session
-from peaknet_xtal.inference.pipeline import run_pipeline
-from peaknet_xtal.io.cxi import CXISource, CXIWriter
+from peaknet_xtal.labelling.distributed import ray_session
+from peaknet_xtal.pipeline import run_pipeline
+from peaknet_xtal.formats.cxi import CXISource, CXIWriter
 
 
 def make_stack(path: Path, n: int, size: int, seed: int = 0) -> Path:
@@ -54,7 +54,7 @@ def make_stack(path: Path, n: int, size: int, seed: int = 0) -> Path:
 def bare_loops(path: Path, out: Path, engine_options: dict, batch: int) -> tuple[float, float]:
     """Frames/s in this process: model alone on frames already in memory (the strict baseline),
     and read -> model -> write in series (what a single-process run does)."""
-    from peaknet_xtal.inference.engine import InferenceEngine
+    from peaknet_xtal.finding.engine import InferenceEngine
 
     engine = InferenceEngine(**engine_options)
     frames = list(CXISource(path))

@@ -26,11 +26,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def simulated_windows(n_frames: int) -> list:
-    sys.path.insert(0, str(ROOT / "tests" / "engine"))
+    sys.path.insert(0, str(ROOT / "tests" / "labelling"))
     from simdata import make_sim_run  # the same simulated run the tests use
 
-    from peaknet_xtal.engine.batch import BatchLabeler, FrameJob
-    from peaknet_xtal.engine.ingest import load_frame, records_from_stream, stream_geometry
+    from peaknet_xtal.labelling.batch import BatchLabeler, FrameJob
+    from peaknet_xtal.labelling.ingest import load_frame, records_from_stream, stream_geometry
 
     with tempfile.TemporaryDirectory() as tmp:
         run = make_sim_run(Path(tmp), n_frames=n_frames)
@@ -56,7 +56,7 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=6)
     parser.add_argument("--baseline", type=int, default=150, help="windows for the slow loop")
     args = parser.parse_args()
-    from peaknet_xtal.engine import pvoigt as pv
+    from peaknet_xtal.labelling import pvoigt as pv
 
     windows = simulated_windows(args.frames)
     pv.fit_windows(windows[:5])  # imports and the parameter template, outside the timing

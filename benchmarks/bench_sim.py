@@ -25,7 +25,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import h5py  # noqa: E402
 import numpy as np  # noqa: E402
 
-from peaknet_xtal.io.geometry import read_geometry  # noqa: E402
+from peaknet_xtal.formats.geometry import read_geometry  # noqa: E402
 from peaknet_xtal.sim import SimConfig, simulate_frame  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

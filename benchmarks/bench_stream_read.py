@@ -1,4 +1,4 @@
-"""Stream reading speed: peaknet_xtal.io.stream.iter_chunks vs a plain line-count pass.
+"""Stream reading speed: peaknet_xtal.formats.stream.iter_chunks vs a plain line-count pass.
 
 Builds a stream of at least ``--mb`` MB (default 100) in a temporary directory by concatenating the
 real streams in ``../shared/data/real/crystfel_streams`` (a concatenated stream, repeated headers
@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from peaknet_xtal.io.stream import iter_chunks
+from peaknet_xtal.formats.stream import iter_chunks
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_STREAMS = ROOT.parent / "shared" / "data" / "real" / "crystfel_streams"

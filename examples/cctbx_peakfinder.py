@@ -15,12 +15,12 @@ from __future__ import annotations
 import argparse
 
 # torch must be imported before cctbx/dxtbx: cctbx's OpenMP stubs otherwise shadow libgomp and
-# the engine falls back to a single thread (see peaknet_xtal.inference.engine.openmp_shadowed).
+# the engine falls back to a single thread (see peaknet_xtal.finding.engine.openmp_shadowed).
 import torch  # noqa: F401  (import order matters, see above)
 from dxtbx.model.experiment_list import ExperimentListFactory
 
-from peaknet_xtal.inference import PeakFinder
-from peaknet_xtal.inference.api import reflection_table
+from peaknet_xtal.finding import PeakFinder
+from peaknet_xtal.finding.api import reflection_table
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,7 +26,7 @@ REAL_STILLS = ROOT.parent / "shared" / "data" / "real" / "cspad_thermolysin_stil
 
 
 def simulate(out: Path, frames: int) -> Path:
-    from peaknet_xtal.io.geometry import read_geometry
+    from peaknet_xtal.formats.geometry import read_geometry
     from peaknet_xtal.sim import SimConfig
     from peaknet_xtal.sim.run import simulate_run
 
@@ -36,9 +36,9 @@ def simulate(out: Path, frames: int) -> Path:
 
 
 def score(out: Path, sim_dir: Path) -> tuple[dict, list[np.ndarray]]:
-    from peaknet_xtal.io.cxi import read_cxi_peaks
-    from peaknet_xtal.io.geometry import read_geometry
-    from peaknet_xtal.metrics import score_frames
+    from peaknet_xtal.formats.cxi import read_cxi_peaks
+    from peaknet_xtal.formats.geometry import read_geometry
+    from peaknet_xtal.evaluation.metrics import score_frames
     from peaknet_xtal.sim.output import read_truth
 
     geometry = read_geometry(sim_dir / "sim.geom")
@@ -54,8 +54,8 @@ def score(out: Path, sim_dir: Path) -> tuple[dict, list[np.ndarray]]:
 
 def overlay(out: Path, sim_dir: Path, found: list[np.ndarray]) -> Path:
     from peaknet_xtal.evaluation.plots import peak_overlay
-    from peaknet_xtal.io.cxi import read_cxi_frame
-    from peaknet_xtal.io.geometry import read_geometry
+    from peaknet_xtal.formats.cxi import read_cxi_frame
+    from peaknet_xtal.formats.geometry import read_geometry
     from peaknet_xtal.sim.output import read_truth
 
     geometry = read_geometry(sim_dir / "sim.geom")
@@ -73,8 +73,8 @@ def overlay(out: Path, sim_dir: Path, found: list[np.ndarray]) -> Path:
 
 
 def real_stills() -> list[tuple[str, int]]:
-    from peaknet_xtal.inference import PeakFinder
-    from peaknet_xtal.io.dxtbx_images import read_dxtbx_image
+    from peaknet_xtal.finding import PeakFinder
+    from peaknet_xtal.formats.dxtbx_images import read_dxtbx_image
 
     finder = PeakFinder()
     results = []

@@ -45,7 +45,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def evaluate_detector(name: str, args: argparse.Namespace, work: Path, out: Path) -> dict:
     from peaknet_xtal.evaluation.report import evaluate, load_sim_run
-    from peaknet_xtal.io.geometry import read_geometry
+    from peaknet_xtal.formats.geometry import read_geometry
     from peaknet_xtal.sim import SimConfig
     from peaknet_xtal.sim.run import simulate_run
 

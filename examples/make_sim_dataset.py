@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from peaknet_xtal.io.geometry import read_geometry
+from peaknet_xtal.formats.geometry import read_geometry
 from peaknet_xtal.sim import SimConfig, simulate_frame
 from peaknet_xtal.sim.run import simulate_run
 

@@ -13,7 +13,7 @@
    (examples/configs/train_default.yaml: 96-px crops, batch 8, focal loss, cosine schedule, and
    the detector-realism augmentations).  10,000 steps take ~15 minutes on 2 idle cores (~11
    steps/s; on a machine shared with other jobs expect hours).
-3. Copy the result to peaknet_xtal/weights/default.{safetensors,json}.
+3. Copy the result to peaknet_xtal/model/weights/default.{safetensors,json}.
 
 Real labels: ``--real-labels LABELS.h5 ...`` adds stream2labels output of real frames (indexed
 streams or DIALS stills results with their images) to the bank.  The shipped model has none:
@@ -24,7 +24,7 @@ them would judge it on its own training data.
 
 What the shipped model (0.59 M parameters, 2.4 MB) does, with the library's default peak
 settings (probability 0.5, integrated SNR 3 with shot noise): held-out randomised simulated
-frames on ePix10k2M, CSPAD and Rayonix (tests/models/test_default_model.py): precision 0.999,
+frames on ePix10k2M, CSPAD and Rayonix (tests/model/test_default_model.py): precision 0.999,
 recall 0.84, F1 0.913 on strong reflections; the example report (examples/eval_report/) on
 fixed-condition lysozyme runs: F1 0.982 / 0.985 / 0.969 on ePix10k2M / CSPAD / Rayonix, where
 tuned peakfinder8 scores 0.920 / 0.938 / 0.960; with nothing tuned (the DIALS plugin's
@@ -91,7 +91,7 @@ def simulate_bank(path: Path, frames: int, per_frame: int = 6) -> Path:
     import h5py
 
     from peaknet_xtal.atomic import atomic_path
-    from peaknet_xtal.io.geometry import read_geometry
+    from peaknet_xtal.formats.geometry import read_geometry
     from peaknet_xtal.progress import Progress
     from peaknet_xtal.sim import SimConfig, simulate_frame
 
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
                 str(work / "train"), "--schedule.steps", str(args.steps),
                 "--data.paths", str(bank), *args.real_labels])
     if not args.no_install:
-        target = ROOT / "peaknet_xtal" / "weights"
+        target = ROOT / "peaknet_xtal" / "model" / "weights"
         shutil.copyfile(work / "train" / "model.safetensors", target / "default.safetensors")
         shutil.copyfile(work / "train" / "model.json", target / "default.json")
         print(f"installed {target / 'default.safetensors'}")

@@ -17,8 +17,8 @@ from typing import Any
 
 import yaml
 
-from .atomic import write_json_atomic
-from .errors import FormatError
+from peaknet_xtal.atomic import write_json_atomic
+from peaknet_xtal.errors import FormatError
 
 log = logging.getLogger("peaknet_xtal")
 

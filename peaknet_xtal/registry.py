@@ -7,14 +7,14 @@ from typing import Any
 
 import pluggy
 
-from . import hookspecs
+from peaknet_xtal import hookspecs
 
 
 @functools.lru_cache(maxsize=1)
 def plugin_manager() -> pluggy.PluginManager:
     """Built-ins first, then every ``peaknet_xtal`` entry point (unless PEAKNET_NO_PLUGINS=1)."""
-    from .builtin import sources as builtin_sources
-    from .builtin import writers as builtin_writers
+    from peaknet_xtal.builtin import sources as builtin_sources
+    from peaknet_xtal.builtin import writers as builtin_writers
 
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)

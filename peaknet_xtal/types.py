@@ -71,7 +71,7 @@ class Frame:
     source: str = ""
     event: str = "//"
     serial: int = 0  # 0-based position of the frame in its source
-    geometry: Any = None  # peaknet_xtal.io.geometry.Geometry when known
+    geometry: Any = None  # peaknet_xtal.formats.geometry.Geometry when known
     meta: dict[str, Any] = field(default_factory=dict)
 
     @property

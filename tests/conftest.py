@@ -66,11 +66,11 @@ def dials_env() -> dict[str, str]:
 
 
 def _load_simdata() -> ModuleType:
-    """``tests/engine/simdata.py``, loaded by path: plain helpers shared by these fixtures and by
+    """``tests/labelling/simdata.py``, loaded by path: plain helpers shared by these fixtures and by
     ``benchmarks/bench_pvoigt_fit.py`` (test modules cannot import each other under
     ``--import-mode=importlib``, and a benchmark cannot use fixtures)."""
     name = "_peaknet_tests_simdata"
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).parent / "engine" /
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parent / "labelling" /
                                                   "simdata.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # dataclasses look their module up while the class is built

@@ -14,7 +14,7 @@ import pytest
 from peaknet_xtal import registry
 from peaknet_xtal.builtin.sources import SourceType
 from peaknet_xtal.hookspecs import hookimpl
-from peaknet_xtal.io.geometry import parse_geometry
+from peaknet_xtal.formats.geometry import parse_geometry
 from peaknet_xtal.types import Frame, FrameResult, peaks_from_columns
 
 SOURCES = sorted(registry.source_types())
@@ -115,8 +115,8 @@ def test_writer_contract_and_resume(name, tmp_path, geom_text):
 
 def test_written_outputs_read_back(tmp_path, geom_text):
     """The two built-in writers agree on where the peaks are (raw slab, edges converted)."""
-    from peaknet_xtal.io.cxi import read_cxi_peaks
-    from peaknet_xtal.io.stream import read_stream
+    from peaknet_xtal.formats.cxi import read_cxi_peaks
+    from peaknet_xtal.formats.stream import read_stream
 
     geometry = parse_geometry(geom_text)
     results = _results(geometry, 2)

@@ -12,9 +12,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import FormatError
-from ..hookspecs import hookimpl
-from ..types import Frame
+from peaknet_xtal.errors import FormatError
+from peaknet_xtal.hookspecs import hookimpl
+from peaknet_xtal.types import Frame
 
 
 @dataclass(frozen=True)
@@ -31,32 +31,32 @@ def _geometry(value: Any) -> Any:
     """A Geometry from an object or a ``.geom`` path (None stays None)."""
     if value is None or not isinstance(value, (str, os.PathLike)):
         return value
-    from ..io.geometry import read_geometry
+    from peaknet_xtal.formats.geometry import read_geometry
 
     return read_geometry(value)
 
 
 def _open_cxi(path: str, geometry: Any = None, data_path: str | None = None,
               mask_path: str | None = None, **_: Any) -> Any:
-    from ..io.cxi import CXISource
+    from peaknet_xtal.formats.cxi import CXISource
 
     return CXISource(path, _geometry(geometry), data_path=data_path, mask_path=mask_path)
 
 
 def _sniff_cxi(path: str) -> bool:
-    from ..io.cxi import sniff_cxi
+    from peaknet_xtal.formats.cxi import sniff_cxi
 
     return sniff_cxi(path)
 
 
 def _open_dxtbx(path: str, with_geometry: bool = True, **_: Any) -> Any:
-    from ..io.dxtbx_images import DxtbxSource
+    from peaknet_xtal.formats.dxtbx_images import DxtbxSource
 
     return DxtbxSource(path, with_geometry=with_geometry)
 
 
 def _sniff_dxtbx(path: str) -> bool:
-    from ..io.dxtbx_images import sniff_dxtbx
+    from peaknet_xtal.formats.dxtbx_images import sniff_dxtbx
 
     return sniff_dxtbx(path)
 
@@ -84,14 +84,14 @@ class SimSource:
         return self.count
 
     def _config(self) -> Any:
-        from ..sim import SimConfig
+        from peaknet_xtal.sim import SimConfig
 
         if self.config is None or isinstance(self.config, SimConfig):
             return self.config
         return SimConfig.from_dict(dict(self.config))
 
     def __iter__(self) -> Iterator[Frame]:
-        from ..sim import simulate_frame
+        from peaknet_xtal.sim import simulate_frame
 
         config = self._config()
         for i in range(self.count):

@@ -12,9 +12,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ..hookspecs import hookimpl
-from ..types import FrameResult
-from .sources import _geometry
+from peaknet_xtal.hookspecs import hookimpl
+from peaknet_xtal.types import FrameResult
+from peaknet_xtal.builtin.sources import _geometry
 
 
 @dataclass(frozen=True)
@@ -29,14 +29,14 @@ class WriterType:
 
 def _open_cxi(path: str, geometry: Any = None, frames_per_file: int = 1000, mode: str = "auto",
               max_peaks: int = 2048, **_: Any) -> Any:
-    from ..io.cxi import CXIWriter
+    from peaknet_xtal.formats.cxi import CXIWriter
 
     return CXIWriter(path, _geometry(geometry), frames_per_file=frames_per_file, mode=mode,
                      max_peaks=max_peaks)
 
 
 class StreamPeakWriter:
-    """A ``PeakWriter`` over :class:`peaknet_xtal.io.stream.StreamWriter`.
+    """A ``PeakWriter`` over :class:`peaknet_xtal.formats.stream.StreamWriter`.
 
     An existing stream is resumed (a half-written last chunk is cut off); a new one is created at
     the first result, because the stream header embeds the geometry, which may only be known from
@@ -47,7 +47,7 @@ class StreamPeakWriter:
 
     def __init__(self, path: str | os.PathLike[str], geometry: Any = None,
                  command: str | None = None) -> None:
-        from ..io.stream import StreamWriter
+        from peaknet_xtal.formats.stream import StreamWriter
 
         self.path = os.fspath(path)
         self.geometry = _geometry(geometry)
@@ -57,7 +57,7 @@ class StreamPeakWriter:
             self._writer = StreamWriter(self.path, resume=True)
 
     def _open(self, geometry: Any) -> Any:
-        from ..io.stream import StreamWriter
+        from peaknet_xtal.formats.stream import StreamWriter
 
         if self._writer is None:
             text = geometry.to_text() if geometry is not None else None
@@ -69,7 +69,7 @@ class StreamPeakWriter:
         return set() if self._writer is None else self._writer.done_keys()
 
     def write(self, result: FrameResult) -> None:
-        from ..io.stream import chunk_from_peak_table
+        from peaknet_xtal.formats.stream import chunk_from_peak_table
 
         geometry = self.geometry or result.frame.geometry
         if geometry is None:

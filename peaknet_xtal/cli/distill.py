@@ -12,12 +12,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..config import record
-from ..training.cli_common import parse_training_args, training_parser
+from peaknet_xtal.config import record
+from peaknet_xtal.training.cli_common import parse_training_args, training_parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from ..training.distill import DISTILL_DEFAULTS, distill
+    from peaknet_xtal.training.distill import DISTILL_DEFAULTS, distill
 
     parser = training_parser(__doc__, prog="peaknet-distill")
     parser.add_argument("--teacher", dest="teacher")

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..config import cli_parser, record, resolve, setup_logging
+from peaknet_xtal.config import cli_parser, record, resolve, setup_logging
 
 DEFAULTS: dict[str, Any] = {
     "finders": ["peaknet:default", "peakfinder8", "dispersion"],
@@ -33,7 +33,7 @@ DEFAULTS: dict[str, Any] = {
 
 def run(config: dict[str, Any]) -> dict[str, Any]:
     """Evaluate and write the report; returns the report's numbers."""
-    from ..evaluation.report import evaluate, load_sim_run
+    from peaknet_xtal.evaluation.report import evaluate, load_sim_run
 
     dataset = load_sim_run(config["data"], config["name"])
     dataset.space_group = config["space_group"]

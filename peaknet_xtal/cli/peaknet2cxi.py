@@ -36,11 +36,11 @@ from typing import Any
 
 import numpy as np
 
-from .. import config as cfgmod
-from ..errors import FormatError, PeakNetError
-from ..inference.peaks import DEFAULT_MIN_SNR
-from ..progress import Progress
-from ..types import Frame, FrameResult
+from peaknet_xtal import config as cfgmod
+from peaknet_xtal.errors import FormatError, PeakNetError
+from peaknet_xtal.finding.peaks import DEFAULT_MIN_SNR
+from peaknet_xtal.progress import Progress
+from peaknet_xtal.types import Frame, FrameResult
 
 log = logging.getLogger("peaknet_xtal.peaknet2cxi")
 
@@ -146,8 +146,8 @@ def run(config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _run_serial(config: dict[str, Any]) -> dict[str, Any]:
-    from ..inference.engine import InferenceEngine
-    from ..io.cxi import CXIWriter
+    from peaknet_xtal.finding.engine import InferenceEngine
+    from peaknet_xtal.formats.cxi import CXIWriter
 
     outdir = Path(config["output"])
     outdir.mkdir(parents=True, exist_ok=True)
@@ -196,11 +196,11 @@ def _run_serial(config: dict[str, Any]) -> dict[str, Any]:
 def _run_pipeline(config: dict[str, Any]) -> dict[str, Any]:
     """Hand the run to the Ray pipeline (``--workers N`` / ``--address``), then finish alike."""
     try:
-        from ..inference.pipeline import run_pipeline
+        from peaknet_xtal.pipeline import run_pipeline
     except ImportError as exc:
         raise PeakNetError(f"--workers/--address need the Ray pipeline, which cannot be "
                            f"imported here ({exc}); run without them") from exc
-    from ..io.cxi import CXIWriter
+    from peaknet_xtal.formats.cxi import CXIWriter
 
     if config["stream"]:
         raise PeakNetError("--stream is written by the single-process run only; drop --workers "
@@ -298,7 +298,7 @@ def _optional_float(value: Any) -> float | None:
 def _read_geometry(path: Any) -> Any:
     if path is None or not isinstance(path, (str, os.PathLike)):
         return path
-    from ..io.geometry import read_geometry
+    from peaknet_xtal.formats.geometry import read_geometry
 
     return read_geometry(path)
 
@@ -307,7 +307,7 @@ def _open(entry: Mapping[str, Any], geometry: Any) -> Any:
     """A frame source for one input: CXI/HDF5 through the geometry, anything else by sniffing."""
     import h5py
 
-    from ..registry import open_source
+    from peaknet_xtal.registry import open_source
 
     path = entry["path"]
     try:
@@ -364,7 +364,7 @@ def _pending(inputs: list[dict[str, Any]], geometry: Any, done_cxi: set[tuple[st
 def _open_stream(config: Mapping[str, Any], geometry: Any) -> Any:
     if not config["stream"]:
         return None
-    from ..registry import open_writer
+    from peaknet_xtal.registry import open_writer
 
     command = "peaknet2cxi " + " ".join(str(i) for i in config["inputs"])
     return open_writer("stream", os.fspath(config["stream"]), geometry=geometry, command=command)
@@ -404,7 +404,7 @@ class _Stats:
     def from_cxi(cls, files: Sequence[Path]) -> _Stats:
         import h5py
 
-        from ..io.cxi import KEY_GROUP, PEAK_GROUP
+        from peaknet_xtal.formats.cxi import KEY_GROUP, PEAK_GROUP
 
         stats = cls()
         for path in files:
@@ -426,8 +426,8 @@ def _finish(config: Mapping[str, Any], outdir: Path, files: list[Path], geometry
             stats: _Stats, seconds: float, engine: Mapping[str, Any],
             error: BaseException | None) -> dict[str, Any]:
     """Write the list file, the shared .geom and the JSON summary (all atomically)."""
-    from ..atomic import write_json_atomic, write_text_atomic
-    from ..io.cxi import write_cxi_geometry
+    from peaknet_xtal.atomic import write_json_atomic, write_text_atomic
+    from peaknet_xtal.formats.cxi import write_cxi_geometry
 
     list_path = outdir / LIST_NAME
     write_text_atomic(list_path, "".join(f"{p.resolve()}\n" for p in files))

@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from ..config import cli_parser, resolve, setup_logging
-from ..errors import FormatError
+from peaknet_xtal.config import cli_parser, resolve, setup_logging
+from peaknet_xtal.errors import FormatError
 
 DEFAULTS = {"files": [], "json": False, "geometry": None, "max_frames": 20}
 
@@ -45,7 +45,7 @@ def _value_range(arrays: Sequence[np.ndarray], masks: Sequence[np.ndarray] | Non
 
 def show_stream(path: str, **_: Any) -> dict[str, Any]:
     """Stream counts, read chunk by chunk (constant memory on multi-GB streams)."""
-    from ..io.stream import iter_stream
+    from peaknet_xtal.formats.stream import iter_stream
 
     peaks, indexed, chunks, crystals, reflections, headers = [], 0, 0, 0, 0, 0
     geometry_panels = None
@@ -67,7 +67,7 @@ def show_stream(path: str, **_: Any) -> dict[str, Any]:
 
 
 def show_geometry(path: str, **_: Any) -> dict[str, Any]:
-    from ..io.geometry import read_geometry
+    from peaknet_xtal.formats.geometry import read_geometry
 
     g = read_geometry(path)
     return {"kind": "geometry", "path": path, "panels": g.n_panels,
@@ -80,7 +80,7 @@ def show_geometry(path: str, **_: Any) -> dict[str, Any]:
 
 
 def _peak_table_summary(path: str) -> dict[str, Any] | None:
-    from ..io.cxi import PEAK_GROUP, read_cxi_peaks
+    from peaknet_xtal.formats.cxi import PEAK_GROUP, read_cxi_peaks
 
     import h5py
 
@@ -96,8 +96,8 @@ def _peak_table_summary(path: str) -> dict[str, Any] | None:
 def show_cxi(path: str, geometry: str | None = None, max_frames: int = 20,
              **_: Any) -> dict[str, Any]:
     """Frames, image shape, value range of the first frames, and the peak table if present."""
-    from ..io.cxi import inspect_cxi, iter_cxi_frames
-    from ..io.geometry import read_geometry
+    from peaknet_xtal.formats.cxi import inspect_cxi, iter_cxi_frames
+    from peaknet_xtal.formats.geometry import read_geometry
 
     geom = read_geometry(geometry) if geometry else None
     info = inspect_cxi(path, geom)
@@ -123,7 +123,7 @@ def show_cxi(path: str, geometry: str | None = None, max_frames: int = 20,
 
 def show_image(path: str, **_: Any) -> dict[str, Any]:
     """Every image of a DIALS-readable file: panels, shapes, value ranges over good pixels."""
-    from ..io.dxtbx_images import DxtbxSource
+    from peaknet_xtal.formats.dxtbx_images import DxtbxSource
 
     source = DxtbxSource(path, with_geometry=False)
     images = []
@@ -147,13 +147,13 @@ def show_image(path: str, **_: Any) -> dict[str, Any]:
 
 
 def show_experiments(path: str, **_: Any) -> dict[str, Any]:
-    from ..io.dials_tables import summarize_experiments
+    from peaknet_xtal.formats.dials_tables import summarize_experiments
 
     return summarize_experiments(path)
 
 
 def show_reflections(path: str, **_: Any) -> dict[str, Any]:
-    from ..io.dials_tables import summarize_reflections
+    from peaknet_xtal.formats.dials_tables import summarize_reflections
 
     return summarize_reflections(path)
 
@@ -177,7 +177,7 @@ def _is_hdf5(path: str) -> bool:
 
 def choose(path: str) -> Callable[..., dict[str, Any]]:
     """Pick the summariser by content first (streams, HDF5), then by name."""
-    from ..io.dxtbx_images import sniff_dxtbx
+    from peaknet_xtal.formats.dxtbx_images import sniff_dxtbx
 
     lower = path.lower()
     if lower.endswith(".stream") or _is_stream(path):
@@ -189,7 +189,7 @@ def choose(path: str) -> Callable[..., dict[str, Any]]:
     if lower.endswith(".refl"):
         return show_reflections
     if _is_hdf5(path):
-        from ..io.cxi import sniff_cxi
+        from peaknet_xtal.formats.cxi import sniff_cxi
 
         if sniff_cxi(path) or not lower.endswith((".nxs", ".nx5")):
             return show_cxi

@@ -14,17 +14,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..config import cli_parser, record, resolve, setup_logging
+from peaknet_xtal.config import cli_parser, record, resolve, setup_logging
 
 DEFAULTS = {"geometry": None, "n": 10, "seed": 0, "output": "sim_out", "name": "sim",
             "randomise": False, "stream": True, "sim": {}}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from ..errors import FormatError
-    from ..io.geometry import read_geometry
-    from ..sim import SimConfig
-    from ..sim.run import simulate_run
+    from peaknet_xtal.errors import FormatError
+    from peaknet_xtal.formats.geometry import read_geometry
+    from peaknet_xtal.sim import SimConfig
+    from peaknet_xtal.sim.run import simulate_run
 
     parser = cli_parser(__doc__, prog="peaknet-sim")
     parser.add_argument("--geometry", "-g", dest="geometry", help="CrystFEL .geom file")

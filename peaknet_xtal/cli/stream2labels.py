@@ -21,8 +21,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .. import config as cfgmod
-from ..errors import PeakNetError
+from peaknet_xtal import config as cfgmod
+from peaknet_xtal.errors import PeakNetError
 
 
 def build_parser() -> Any:
@@ -66,7 +66,7 @@ def build_parser() -> Any:
 def stream2labels(inputs: Sequence[str], output: str, config: dict[str, Any],
                   progress: bool = True) -> dict[str, Any]:
     """The command without its argument parsing (for scripts and tests)."""
-    from ..engine.run import label_run
+    from peaknet_xtal.labelling.job import label_run
 
     return label_run(list(inputs), output, config, progress=progress)
 
@@ -82,7 +82,7 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from ..engine.run import DEFAULTS
+    from peaknet_xtal.labelling.job import DEFAULTS
 
     args = build_parser().parse_args(argv)
     cfgmod.setup_logging(getattr(args, "verbose", 0))

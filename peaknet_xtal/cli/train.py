@@ -12,12 +12,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..config import record
-from ..training.cli_common import parse_training_args, training_parser
+from peaknet_xtal.config import record
+from peaknet_xtal.training.cli_common import parse_training_args, training_parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from ..training.supervised import SUPERVISED_DEFAULTS, train
+    from peaknet_xtal.training.supervised import SUPERVISED_DEFAULTS, train
 
     parser = training_parser(__doc__, prog="peaknet-train")
     config = parse_training_args(parser, SUPERVISED_DEFAULTS, argv)

@@ -7,6 +7,6 @@
 """
 from __future__ import annotations
 
-from .finders import FINDERS, Finder, create_finder, list_finders
+from peaknet_xtal.evaluation.finders import FINDERS, Finder, create_finder, list_finders
 
 __all__ = ["FINDERS", "Finder", "create_finder", "list_finders"]

@@ -17,8 +17,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from ..inference.peaks import DEFAULT_MIN_SNR, PeakParams, find_peaks
-from ..types import Frame, empty_peaks, peaks_from_columns
+from peaknet_xtal.finding.peaks import DEFAULT_MIN_SNR, PeakParams, find_peaks
+from peaknet_xtal.types import Frame, empty_peaks, peaks_from_columns
 
 
 class Finder(Protocol):
@@ -38,7 +38,7 @@ class PeakNetFinder:
     name: str = "peaknet"
 
     def __post_init__(self) -> None:
-        from ..inference.engine import InferenceEngine
+        from peaknet_xtal.finding.engine import InferenceEngine
 
         p = {"model": "default", "threshold": 0.5, "min_snr": DEFAULT_MIN_SNR, "device": "auto",
              "batch_size": 8, "adu_per_photon": None}  # None: the gain the data declares
@@ -160,7 +160,7 @@ class Peakfinder8Finder:
             max_value=np.asarray(max_value)[keep], npix=np.asarray(npix)[keep],
             background_sigma=np.asarray(sigma)[keep], snr=np.asarray(snr)[keep])
         if len(table):
-            from ..inference.peaks import one_over_d
+            from peaknet_xtal.finding.peaks import one_over_d
 
             table["one_over_d"] = one_over_d(geometry, table, frame.meta.get("wavelength_A"))
         return table

@@ -43,7 +43,7 @@ def indexing_options(space_group: str | None = None,
 
 def import_images(images: Sequence[str | os.PathLike[str]], workdir: Path) -> Path:
     """``dials.import`` the images once; every finder is indexed against the same models."""
-    from peaknet_dials.commands import dials_environment, run_dials
+    from peaknet_xtal.evaluation.dials_commands import dials_environment, run_dials
 
     workdir.mkdir(parents=True, exist_ok=True)
     run_dials("import", *[str(Path(p).resolve()) for p in images],
@@ -57,9 +57,9 @@ def index_frames(imported: Path, tables: Sequence[np.ndarray], workdir: Path,
     (DIALS cannot index them, and a non-hit is never indexed)."""
     from dxtbx.model.experiment_list import ExperimentList, ExperimentListFactory
 
-    from peaknet_dials.commands import dials_environment
+    from peaknet_xtal.evaluation.dials_commands import dials_environment
 
-    from ..progress import Progress
+    from peaknet_xtal.progress import Progress
 
     experiments = ExperimentListFactory.from_json_file(str(imported), check_format=False)
     if len(experiments) != len(tables):
@@ -80,9 +80,9 @@ def index_frames(imported: Path, tables: Sequence[np.ndarray], workdir: Path,
 def _index_one(single: Any, peaks: np.ndarray, folder: Path, options: Sequence[str],
                env: dict[str, str]) -> IndexingResult:
     """``dials.index`` one frame's peaks in ``folder``; a DIALS failure is a non-indexed frame."""
-    from peaknet_dials.commands import DialsCommandError, run_dials
+    from peaknet_xtal.evaluation.dials_commands import DialsCommandError, run_dials
 
-    from ..io.dials_tables import write_strong_refl
+    from peaknet_xtal.formats.dials_tables import write_strong_refl
 
     folder.mkdir(parents=True, exist_ok=True)
     single.as_file(str(folder / "imported.expt"))
@@ -98,7 +98,7 @@ def _index_one(single: Any, peaks: np.ndarray, folder: Path, options: Sequence[s
 def _read_indexed(folder: Path) -> IndexingResult:
     from dxtbx.model.experiment_list import ExperimentListFactory
 
-    from ..io.dials_tables import read_reflections
+    from peaknet_xtal.formats.dials_tables import read_reflections
 
     expt_path = folder / "indexed.expt"
     if not expt_path.exists():
@@ -119,7 +119,7 @@ def indexamajig_available() -> bool:
 
 def summarise(hits: Sequence[bool], results: Sequence[IndexingResult]) -> dict[str, Any]:
     """Paper rates plus the indexed cells (an indexed frame that is no hit is impossible here)."""
-    from ..metrics import pipeline_rates
+    from peaknet_xtal.evaluation.metrics import pipeline_rates
 
     indexed = [bool(h and r.indexed) for h, r in zip(hits, results)]
     rates = pipeline_rates(hits, indexed)

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from ..metrics import match_peaks
+from peaknet_xtal.evaluation.metrics import match_peaks
 
 #: One colour and marker per finder, stable across plots.
 STYLES = [("tab:red", "o"), ("tab:blue", "s"), ("tab:green", "D"), ("tab:purple", "^"),

@@ -15,13 +15,13 @@ from typing import Any
 
 import numpy as np
 
-from ..atomic import write_json_atomic, write_text_atomic
-from ..metrics import score_frames
-from ..progress import Progress
-from ..types import Frame, empty_peaks
-from . import plots
-from .finders import create_finder
-from .tuning import default_grid, tune
+from peaknet_xtal.atomic import write_json_atomic, write_text_atomic
+from peaknet_xtal.evaluation.metrics import score_frames
+from peaknet_xtal.progress import Progress
+from peaknet_xtal.types import Frame, empty_peaks
+from peaknet_xtal.evaluation import plots
+from peaknet_xtal.evaluation.finders import create_finder
+from peaknet_xtal.evaluation.tuning import default_grid, tune
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +42,9 @@ class Dataset:
 
 def load_sim_run(directory: str | os.PathLike[str], name: str = "sim") -> Dataset:
     """A run written by ``peaknet-sim`` (``NAME.cxi``, ``NAME.geom``, ``NAME_truth.h5``)."""
-    from ..io.cxi import iter_cxi_frames
-    from ..io.geometry import read_geometry
-    from ..sim.output import read_truth
+    from peaknet_xtal.formats.cxi import iter_cxi_frames
+    from peaknet_xtal.formats.geometry import read_geometry
+    from peaknet_xtal.sim.output import read_truth
 
     folder = Path(directory)
     geometry = read_geometry(folder / f"{name}.geom")
@@ -171,7 +171,7 @@ def _triples(found: Sequence[np.ndarray], truths: Sequence[np.ndarray],
 
 def _index_all(dataset: Dataset, runs: dict[str, dict[str, Any]], skip: int, min_peaks: int,
                workdir: Path) -> dict[str, Any]:
-    from .indexing import import_images, index_frames, indexing_options, summarise
+    from peaknet_xtal.evaluation.indexing import import_images, index_frames, indexing_options, summarise
 
     imported = import_images(dataset.images, workdir)
     options = indexing_options(dataset.space_group, dataset.reference_cell)

@@ -13,9 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from ..metrics import score_frames
-from ..types import Frame
-from .finders import create_finder
+from peaknet_xtal.evaluation.metrics import score_frames
+from peaknet_xtal.types import Frame
+from peaknet_xtal.evaluation.finders import create_finder
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from .crystal import PRESET_CELLS, Cell
+from peaknet_xtal.sim.crystal import PRESET_CELLS, Cell
 
 #: Photons scale of ``incident_photons`` that the per-frame photon settings below refer to.
 REFERENCE_FLUENCE = 1e12

@@ -1,6 +1,6 @@
 """The detector as the simulator needs it: panel planes in metres, ray casting, per-pixel maps.
 
-Built from any :class:`peaknet_xtal.io.geometry.Geometry`.  Geometry files often leave the camera
+Built from any :class:`peaknet_xtal.formats.geometry.Geometry`.  Geometry files often leave the camera
 length or the photon energy to an HDF5 path (read per frame at the facility); the simulator then
 uses its configured defaults, which is why :class:`DetectorModel` takes ``default_clen_m``.
 

@@ -6,7 +6,7 @@ strong peaks as a Cheetah/CrystFEL CXI peak table in ``/entry_1/result_1`` (raw 
 pixel-centre origin, as indexamajig expects with its default half-pixel shift).  The ``.geom``
 written beside it has the same stem, numeric ``clen``/``photon_energy`` (the values the frames were
 simulated with) and the ``peak_list`` keys, so CrystFEL, DIALS (through ``peaknet_dxtbx``) and
-``peaknet_xtal.io.cxi`` all read the stack with the right geometry.
+``peaknet_xtal.formats.cxi`` all read the stack with the right geometry.
 """
 from __future__ import annotations
 
@@ -18,10 +18,10 @@ from typing import Any
 import h5py
 import numpy as np
 
-from ..atomic import atomic_path, write_text_atomic
-from ..io.geometry import HC_EV_A
-from ..types import Frame
-from .simulate import REFLECTION_DTYPE, SimTruth
+from peaknet_xtal.atomic import atomic_path, write_text_atomic
+from peaknet_xtal.formats.geometry import HC_EV_A
+from peaknet_xtal.types import Frame
+from peaknet_xtal.sim.simulate import REFLECTION_DTYPE, SimTruth
 
 DATA_PATH = "/entry_1/data_1/data"
 MASK_PATH = "/entry_1/data_1/mask"

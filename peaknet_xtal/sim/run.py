@@ -13,10 +13,10 @@ from typing import Any
 
 import numpy as np
 
-from ..progress import Progress
-from .config import SimConfig
-from .output import CXIStackWriter, TruthWriter, run_geometry, write_run_geometry
-from .simulate import detector_model, resolve_beam, simulate_frame
+from peaknet_xtal.progress import Progress
+from peaknet_xtal.sim.config import SimConfig
+from peaknet_xtal.sim.output import CXIStackWriter, TruthWriter, run_geometry, write_run_geometry
+from peaknet_xtal.sim.simulate import detector_model, resolve_beam, simulate_frame
 
 #: Settings that must stay the same over a stack (one .geom describes all of its frames).
 RUN_CONSTANT = ("wavelength_A", "default_clen_m", "adu_per_photon", "defect_seed",
@@ -97,9 +97,9 @@ def stream_chunk(filename: str, index: int, truth: Any, geometry: Any) -> Any:
     Peaks: the strong reflections; crystals: the true A matrices (nm^-1) and cells, each with all
     its reflections on the detector (I and sigma(I) in ADU from the expected photons and SNR).
     """
-    from ..io.stream import REFLECTION_DTYPE as STREAM_REFL_DTYPE
-    from ..io.stream import Crystal, chunk_from_peak_table
-    from ..types import peaks_from_columns
+    from peaknet_xtal.formats.stream import REFLECTION_DTYPE as STREAM_REFL_DTYPE
+    from peaknet_xtal.formats.stream import Crystal, chunk_from_peak_table
+    from peaknet_xtal.types import peaks_from_columns
 
     strong = truth.strong
     gain = truth.adu_per_photon
@@ -140,6 +140,6 @@ def stream_chunk(filename: str, index: int, truth: Any, geometry: Any) -> Any:
 
 
 def write_truth_stream(path: Path, geometry: Any, chunks: list[Any]) -> None:
-    from ..io.stream import write_stream
+    from peaknet_xtal.formats.stream import write_stream
 
     write_stream(path, chunks, geometry_text=geometry.to_text())

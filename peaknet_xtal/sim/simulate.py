@@ -19,11 +19,11 @@ from typing import Any
 
 import numpy as np
 
-from ..types import Frame
-from .config import REFERENCE_FLUENCE, SimConfig
-from .crystal import Cell, excited_reflections, random_rotation, sigma_excitation
-from .detector import DetectorModel
-from .noise import gaussian_frame, poisson_sparse
+from peaknet_xtal.types import Frame
+from peaknet_xtal.sim.config import REFERENCE_FLUENCE, SimConfig
+from peaknet_xtal.sim.crystal import Cell, excited_reflections, random_rotation, sigma_excitation
+from peaknet_xtal.sim.detector import DetectorModel
+from peaknet_xtal.sim.noise import gaussian_frame, poisson_sparse
 
 #: One row per reflection that reaches a panel.  Coordinates follow the package convention.
 REFLECTION_DTYPE = np.dtype([

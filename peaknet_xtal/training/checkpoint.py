@@ -12,8 +12,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from ..atomic import write_text_atomic
-from ..errors import FormatError
+from peaknet_xtal.atomic import write_text_atomic
+from peaknet_xtal.errors import FormatError
 
 KEEP = 2
 
@@ -24,7 +24,7 @@ def save_checkpoint(directory: str | os.PathLike[str], step: int, model: Any,
     """Write ``model`` and ``state`` (optimiser, scheduler, RNG, step) for ``step``."""
     import torch
 
-    from ..models import save_model
+    from peaknet_xtal.model import save_model
 
     root = Path(directory)
     final = root / f"step_{step:06d}"

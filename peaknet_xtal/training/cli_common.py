@@ -5,7 +5,7 @@ import argparse
 from collections.abc import Sequence
 from typing import Any
 
-from ..config import cli_parser, resolve, setup_logging
+from peaknet_xtal.config import cli_parser, resolve, setup_logging
 
 
 def training_parser(doc: str | None, prog: str) -> argparse.ArgumentParser:

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import FormatError
+from peaknet_xtal.errors import FormatError
 
 Sample = tuple[np.ndarray, np.ndarray, np.ndarray]  # image float32, good mask bool, peak label bool
 
@@ -97,13 +97,13 @@ class SimulatedSource:
 
     def _geometry(self, path: str) -> Any:
         if path not in self._geometries:
-            from ..io.geometry import read_geometry
+            from peaknet_xtal.formats.geometry import read_geometry
 
             self._geometries[path] = read_geometry(path)
         return self._geometries[path]
 
     def frame(self, i: int, rng: np.random.Generator) -> Sample:
-        from ..sim import SimConfig, simulate_frame
+        from peaknet_xtal.sim import SimConfig, simulate_frame
 
         paths = self.options["geometries"]
         geometry = self._geometry(str(paths[int(rng.integers(len(paths)))]))

@@ -14,11 +14,11 @@ from typing import Any
 
 import numpy as np
 
-from ..atomic import atomic_path
-from ..config import deep_merge
-from ..errors import FormatError
-from ..progress import Progress
-from .trainer import TRAIN_DEFAULTS, launch
+from peaknet_xtal.atomic import atomic_path
+from peaknet_xtal.config import deep_merge
+from peaknet_xtal.errors import FormatError
+from peaknet_xtal.progress import Progress
+from peaknet_xtal.training.trainer import TRAIN_DEFAULTS, launch
 
 DISTILL_DEFAULTS: dict[str, Any] = deep_merge(TRAIN_DEFAULTS, {
     "teacher": None,        # "default", a .safetensors file or a model directory
@@ -34,8 +34,8 @@ def cache_teacher_logits(teacher: str, label_files: list[str], cache: Path,
     import h5py
     import torch
 
-    from ..models import load_model
-    from .data import LabelFileSource
+    from peaknet_xtal.model import load_model
+    from peaknet_xtal.training.data import LabelFileSource
 
     source = LabelFileSource(label_files)
     if cache.exists():
@@ -109,7 +109,7 @@ class DistillDataset:
 
 def distill_batch_loss(logits: Any, batch: dict[str, Any], temperature: float,
                        weights: tuple[float, float, float]) -> tuple[Any, Any]:
-    from .losses import distillation_loss
+    from peaknet_xtal.training.losses import distillation_loss
 
     valid = batch["mask"][:, 0]
     return (distillation_loss(logits, batch["teacher"], valid, temperature, weights,

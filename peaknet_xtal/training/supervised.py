@@ -5,8 +5,8 @@ import functools
 from pathlib import Path
 from typing import Any
 
-from ..config import deep_merge
-from .trainer import TRAIN_DEFAULTS, launch
+from peaknet_xtal.config import deep_merge
+from peaknet_xtal.training.trainer import TRAIN_DEFAULTS, launch
 
 SUPERVISED_DEFAULTS: dict[str, Any] = deep_merge(TRAIN_DEFAULTS, {
     "loss": {"alpha": [0.25, 0.75], "gamma": 2.0},
@@ -16,7 +16,7 @@ SUPERVISED_DEFAULTS: dict[str, Any] = deep_merge(TRAIN_DEFAULTS, {
 def focal_batch_loss(logits: Any, batch: dict[str, Any], alpha: tuple[float, ...],
                      gamma: float) -> tuple[Any, Any]:
     """(sum of the per-pixel focal loss over valid pixels, number of valid pixels)."""
-    from .losses import focal_loss
+    from peaknet_xtal.training.losses import focal_loss
 
     valid = batch["mask"][:, 0]
     return (focal_loss(logits, batch["label"], valid, tuple(alpha), gamma, reduction="sum"),
@@ -25,7 +25,7 @@ def focal_batch_loss(logits: Any, batch: dict[str, Any], alpha: tuple[float, ...
 
 def build_dataset(config: dict[str, Any]) -> Any:
     """The crop dataset described by ``config["data"]``."""
-    from .data import Augment, CropDataset, make_source
+    from peaknet_xtal.training.data import Augment, CropDataset, make_source
 
     data = config["data"]
     return CropDataset(make_source(data), int(data["crop"]), int(config["seed"]),

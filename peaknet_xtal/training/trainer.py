@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..progress import Progress
+from peaknet_xtal.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +94,8 @@ class _Run:
     def __init__(self, rank: int, world: int, config: dict[str, Any]) -> None:
         import torch
 
-        from ..models import create_model, load_model
-        from .schedule import cosine_with_warmup
+        from peaknet_xtal.model import create_model, load_model
+        from peaknet_xtal.training.schedule import cosine_with_warmup
 
         self.rank, self.world, self.config = rank, world, config
         self.device = _device(config)
@@ -124,7 +124,7 @@ class _Run:
             from torch.distributed.fsdp import FullyShardedDataParallel
             from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
-            from ..layers import BiFPNBlock, ConvNeXtV2Block
+            from peaknet_xtal.model.layers import BiFPNBlock, ConvNeXtV2Block
 
             return FullyShardedDataParallel(
                 self.model, device_id=self.device,
@@ -147,7 +147,7 @@ class _Run:
     def restore(self, checkpoint: Path) -> None:
         import torch
 
-        from .checkpoint import load_state, load_weights
+        from peaknet_xtal.training.checkpoint import load_state, load_weights
 
         state = load_state(checkpoint)
         weights = load_weights(checkpoint)
@@ -170,7 +170,7 @@ class _Run:
         import torch
         import torch.distributed as dist
 
-        from .checkpoint import save_checkpoint
+        from peaknet_xtal.training.checkpoint import save_checkpoint
 
         weights, optim_state = self.full_state()
         rng = torch.get_rng_state()
@@ -195,8 +195,8 @@ def run_rank(rank: int, world: int, config: dict[str, Any], dataset: Any,
     import torch
     import torch.distributed as dist
 
-    from ..models import save_model
-    from .checkpoint import latest_checkpoint
+    from peaknet_xtal.model import save_model
+    from peaknet_xtal.training.checkpoint import latest_checkpoint
 
     torch.set_num_threads(max(1, int(config["threads"]) // world))
     if world > 1 and not dist.is_initialized():
@@ -238,7 +238,7 @@ def _global_count(count: Any, world: int) -> Any:
 def _loop(run: _Run, dataset: Any, loss_fn: LossFn, out: Path) -> None:
     import torch
 
-    from .data import StepSampler
+    from peaknet_xtal.training.data import StepSampler
 
     cfg = run.config
     optim, sched = cfg["optim"], cfg["schedule"]

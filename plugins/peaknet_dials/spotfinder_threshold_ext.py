@@ -142,7 +142,7 @@ def get_predictor(settings: PeakNetSettings) -> Any:
 
 def _build_predictor(settings: PeakNetSettings) -> Any:
     """Build the inference engine (imports torch and the model here, never at module import)."""
-    from peaknet_xtal.inference.engine import InferenceEngine
+    from peaknet_xtal.finding.engine import InferenceEngine
 
     return InferenceEngine(
         model=settings.model,
@@ -227,7 +227,7 @@ class PeakNetSpotFinderThresholdExt:
         """Boolean peak map of one panel (numpy in, numpy out), already ANDed with ``good``."""
         if not good.any():
             return np.zeros(good.shape, dtype=bool)
-        from peaknet_xtal.inference.peaks import PeakParams, peak_pixel_mask
+        from peaknet_xtal.finding.peaks import PeakParams, peak_pixel_mask
 
         predictor = get_predictor(self.settings)
         (prob,) = predictor.predict_panels([pixels], [good])

@@ -81,7 +81,7 @@ class FormatCXIPeakNet(FormatHDF5, FormatStill):
         super().__init__(image_file, **kwargs)
 
     def _start(self) -> None:
-        from peaknet_xtal.io.geometry import read_geometry
+        from peaknet_xtal.formats.geometry import read_geometry
 
         path = geometry_path(self._image_file)
         self._geometry = read_geometry(path)
@@ -156,7 +156,7 @@ class FormatCXIPeakNet(FormatHDF5, FormatStill):
 
     def get_static_mask(self, index: int | None = None):
         """Good pixels: the geometry's bad regions and its static mask dataset (CrystFEL bits)."""
-        from peaknet_xtal.io.cxi import mask_bits_ok
+        from peaknet_xtal.formats.cxi import mask_bits_ok
         from scitbx.array_family import flex
 
         if self._mask_cache is None:

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from peaknet_xtal import registry
-from peaknet_xtal.io.cxi import read_cxi_frame, read_cxi_peaks
-from peaknet_xtal.io.geometry import read_geometry
-from peaknet_xtal.io.stream import read_stream
+from peaknet_xtal.formats.cxi import read_cxi_frame, read_cxi_peaks
+from peaknet_xtal.formats.geometry import read_geometry
+from peaknet_xtal.formats.stream import read_stream
 from peaknet_xtal.types import FrameResult, peaks_from_columns
 
 @pytest.fixture()

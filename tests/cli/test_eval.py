@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from peaknet_xtal.cli.eval import main
-from peaknet_xtal.io.geometry import read_geometry
+from peaknet_xtal.formats.geometry import read_geometry
 from peaknet_xtal.sim import SimConfig
 from peaknet_xtal.sim.output import read_truth
 from peaknet_xtal.sim.run import simulate_run

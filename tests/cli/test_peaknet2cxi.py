@@ -18,10 +18,10 @@ import pytest
 
 from peaknet_xtal.cli.peaknet2cxi import main, run
 from peaknet_xtal.errors import FormatError, PeakNetError
-from peaknet_xtal.io.cxi import read_cxi_peaks
-from peaknet_xtal.io.geometry import read_geometry
-from peaknet_xtal.io.stream import read_stream
-from peaknet_xtal.metrics import match_peaks
+from peaknet_xtal.formats.cxi import read_cxi_peaks
+from peaknet_xtal.formats.geometry import read_geometry
+from peaknet_xtal.formats.stream import read_stream
+from peaknet_xtal.evaluation.metrics import match_peaks
 from peaknet_xtal.sim import simulate_frame
 
 GEOMETRIES = {
@@ -206,7 +206,7 @@ def test_help_shows_the_indexamajig_command(capsys):
 
 
 def test_workers_without_the_pipeline_say_so(tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "peaknet_xtal.inference.pipeline", None)
+    monkeypatch.setitem(sys.modules, "peaknet_xtal.pipeline", None)
     with pytest.raises(PeakNetError, match="Ray pipeline"):
         run({"inputs": [str(tmp_path)], "output": str(tmp_path / "o"), "workers": 2})
 

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from peaknet_xtal.cli.show import main
-from peaknet_xtal.io.cxi import write_cxi
-from peaknet_xtal.io.geometry import parse_geometry
+from peaknet_xtal.formats.cxi import write_cxi
+from peaknet_xtal.formats.geometry import parse_geometry
 from peaknet_xtal.types import Frame, FrameResult, peaks_from_columns
 
 STREAMS = "crystfel_streams"

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from peaknet_xtal.cli.stream2labels import main
-from peaknet_xtal.engine.labels import LabelFile
+from peaknet_xtal.labelling.labels import LabelFile
 
 # ``sim_run`` (a simulated two-panel run and its truth stream) comes from tests/conftest.py.
 

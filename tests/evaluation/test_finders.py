@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from peaknet_xtal.evaluation import create_finder, list_finders
-from peaknet_xtal.io.geometry import read_geometry
-from peaknet_xtal.metrics import match_peaks
+from peaknet_xtal.formats.geometry import read_geometry
+from peaknet_xtal.evaluation.metrics import match_peaks
 from peaknet_xtal.types import Frame
 
 #: (panel, fs, ss) of planted spots: sub-pixel positions, both panels, one 3 px from two edges.
@@ -86,7 +86,7 @@ def test_activation_maps_of_chosen_panels_equal_those_of_all_panels():
     import torch
 
     from peaknet_xtal.evaluation.finders import PeakNetFinder
-    from peaknet_xtal.models import create_model
+    from peaknet_xtal.model import create_model
     from peaknet_xtal.types import Frame
 
     torch.manual_seed(0)

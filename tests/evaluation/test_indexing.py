@@ -13,7 +13,7 @@ import pytest
 
 from peaknet_xtal.evaluation.indexing import (IndexingResult, index_frames, indexing_options,
                                               summarise)
-from peaknet_xtal.metrics import pipeline_rates
+from peaknet_xtal.evaluation.metrics import pipeline_rates
 from peaknet_xtal.types import peaks_from_columns
 
 LYSOZYME = (79.1, 79.1, 38.0, 90.0, 90.0, 90.0)
@@ -63,7 +63,7 @@ def test_indexing_options_carry_known_symmetry():
 @pytest.mark.slow
 def test_dials_indexes_true_peaks_of_a_hit_and_not_a_blank(real_data, dials_env, tmp_path):
     from peaknet_xtal.evaluation.indexing import import_images
-    from peaknet_xtal.io.geometry import read_geometry
+    from peaknet_xtal.formats.geometry import read_geometry
     from peaknet_xtal.sim import SimConfig
     from peaknet_xtal.sim.output import read_truth
     from peaknet_xtal.sim.run import simulate_run

@@ -121,7 +121,7 @@ def test_min_snr_removes_weak_predicted_spots_only(dials_modules, cspad_panel) -
     """The SNR cut drops whole predicted spots (never parts of one) and keeps the strong ones."""
     from scipy import ndimage
 
-    from peaknet_xtal.inference.peaks import DEFAULT_MIN_SNR
+    from peaknet_xtal.finding.peaks import DEFAULT_MIN_SNR
 
     _, phil_scope = dials_modules
     data, mask = cspad_panel

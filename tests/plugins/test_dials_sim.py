@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from peaknet_dials.commands import dials_environment, run_dials, stills_process_status
+from peaknet_xtal.evaluation.dials_commands import dials_environment, run_dials, stills_process_status
 
 pytestmark = pytest.mark.dials
 
@@ -34,7 +34,7 @@ def write_cxi_stack(path: Path, geometry, frames) -> None:
     """Frames as ``/entry_1/data_1/data`` (n, ss, fs), a static mask and ``.geom`` beside."""
     import h5py
 
-    from peaknet_xtal.io.geometry import write_geometry
+    from peaknet_xtal.formats.geometry import write_geometry
 
     data = np.stack([geometry.assemble_slab(f.panels) for f in frames]).astype(np.float32)
     # Dead and hot pixels belong to the detector: one static 2-D mask (1 = good) for the stack.
@@ -50,7 +50,7 @@ def write_cxi_stack(path: Path, geometry, frames) -> None:
 @pytest.fixture(scope="module")
 def simulated(real_data: Path, tmp_path_factory, env) -> tuple[Path, list]:
     """Three simulated lysozyme hits on the Jungfrau 1M, as ``sim.cxi`` + ``sim.geom``."""
-    from peaknet_xtal.io.geometry import read_geometry
+    from peaknet_xtal.formats.geometry import read_geometry
     from peaknet_xtal.sim import SimConfig, simulate_frame
 
     geometry = read_geometry(real_data / GEOMETRY)
@@ -67,7 +67,7 @@ def simulated(real_data: Path, tmp_path_factory, env) -> tuple[Path, list]:
 def score(found_panel, found_fs, found_ss, truth) -> tuple[float, float, float]:
     """(precision, recall, F1): recall over strong reflections; a spot is right when it lies on
     any true reflection (finding a weak one is no false positive)."""
-    from peaknet_xtal.metrics import match_peaks
+    from peaknet_xtal.evaluation.metrics import match_peaks
 
     refl = truth.reflections
     strong = refl[refl["strong"]]

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from peaknet_xtal.io.geometry import read_geometry
+from peaknet_xtal.formats.geometry import read_geometry
 from peaknet_xtal.sim import SimConfig, simulate_frame
 from peaknet_xtal.sim.detector import DetectorModel
 from peaknet_xtal.sim.noise import gaussian_frame, poisson_frame, poisson_sparse

@@ -7,9 +7,9 @@ import pytest
 
 from peaknet_xtal.cli.sim import main
 from peaknet_xtal.errors import FormatError
-from peaknet_xtal.io.cxi import iter_cxi_frames
-from peaknet_xtal.io.geometry import read_geometry
-from peaknet_xtal.io.stream import read_stream
+from peaknet_xtal.formats.cxi import iter_cxi_frames
+from peaknet_xtal.formats.geometry import read_geometry
+from peaknet_xtal.formats.stream import read_stream
 from peaknet_xtal.sim import SimConfig, simulate_frame
 from peaknet_xtal.sim.output import read_truth
 

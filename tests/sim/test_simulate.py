@@ -6,7 +6,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from peaknet_xtal.io.geometry import read_geometry
+from peaknet_xtal.formats.geometry import read_geometry
 from peaknet_xtal.sim import PRESET_CELLS, SimConfig, simulate_frame
 from peaknet_xtal.sim.crystal import Cell, absent, excited_reflections, random_rotation
 from peaknet_xtal.sim.noise import poisson_frame

@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from peaknet_xtal.cli.distill import main as distill_main
-from peaknet_xtal.models import create_model, load_model, save_model
+from peaknet_xtal.model import create_model, load_model, save_model
 from peaknet_xtal.training.distill import DistillDataset, cache_teacher_logits
 
 torch.set_num_threads(1)

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from peaknet_xtal.cli.train import main as train_main
 from peaknet_xtal.errors import FormatError
-from peaknet_xtal.models import create_model, load_model
+from peaknet_xtal.model import create_model, load_model
 from peaknet_xtal.training.data import Augment, CropDataset, LabelFileSource, StepSampler
 from peaknet_xtal.training.supervised import train
 

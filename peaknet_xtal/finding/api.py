@@ -1,0 +1,171 @@
+"""``PeakFinder``: the Python API for plain scripts, cctbx and DIALS users.
+
+One object, built once from a model name or weights file, answers ``find(image)`` for whatever a
+script has in hand: a 2-D numpy array, a list (or 3-D stack) of per-panel arrays, scitbx ``flex``
+arrays, or a dxtbx ImageSet plus an image index.  It returns the package's peak table
+(:data:`peaknet_xtal.types.PEAK_DTYPE`, 0-based pixel-centre panel coordinates) or, with
+:meth:`PeakFinder.find_reflections`, a DIALS ``flex.reflection_table`` of strong spots ready for
+``dials.index``.  dxtbx, scitbx and DIALS are imported only when such objects are used, so the
+API works in any Python that has numpy and torch.
+
+Example::
+
+    from peaknet_xtal.finding import PeakFinder
+    finder = PeakFinder("default", threshold=0.5, min_peaks=10)
+    peaks = finder.find(image)                       # numpy (ss, fs)
+    peaks = finder.find(imageset, 3)                 # dxtbx ImageSet, image 3
+    strong = finder.find_reflections(imageset, 3)    # flex.reflection_table
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from peaknet_xtal.finding.engine import InferenceEngine, Predictor
+from peaknet_xtal.finding.peaks import DEFAULT_MIN_SNR, is_hit
+
+#: DIALS/CrystFEL coordinates start at the pixel corner; the package's at the pixel centre.
+CORNER_OFFSET = 0.5
+
+
+class PeakFinder:
+    """Find Bragg peaks in images with a PeakNet model (see the module docstring)."""
+
+    def __init__(self, model: Any = "default", device: str = "auto", threshold: float = 0.5,
+                 batch_size: int = 8, min_peaks: int = 0, max_peaks: int | None = None, *,
+                 min_snr: float = DEFAULT_MIN_SNR, adu_per_photon: float | None = None,
+                 threads: int | None = None, predictor: Predictor | None = None) -> None:
+        self.engine = InferenceEngine(model, device=device, threads=threads,
+                                      batch_size=batch_size, threshold=threshold, min_snr=min_snr,
+                                      min_peaks=min_peaks, max_peaks=max_peaks,
+                                      adu_per_photon=adu_per_photon, predictor=predictor)
+
+    @property
+    def min_peaks(self) -> int:
+        return self.engine.peak_params.min_peaks
+
+    def is_hit(self, peaks: np.ndarray) -> bool:
+        """At least ``min_peaks`` peaks."""
+        return is_hit(peaks, self.min_peaks)
+
+    def find(self, data: Any, index: int = 0, *, mask: Any = None, geometry: Any = None,
+             wavelength_A: float | None = None, with_bbox: bool = False) -> Any:
+        """Peak table of one image.
+
+        ``data``: 2-D array, list/tuple of per-panel 2-D arrays, 3-D ``(panel, ss, fs)`` array,
+        scitbx flex array(s), or a dxtbx ImageSet (``index`` picks the image; its corrected data,
+        mask, detector and beam are used, so 1/d is filled, and the data count photons as far as
+        the format's gain says, for the shot noise in each peak's SNR).  ``mask`` (True = good)
+        takes the same forms as ``data``; ``geometry`` (a CrystFEL
+        :class:`~peaknet_xtal.formats.geometry.Geometry`) fills 1/d for array input.  ``with_bbox``
+        also returns the ``(N, 4)`` boxes ``fs0, fs1, ss0, ss1`` (end exclusive) that
+        :func:`reflection_table` takes.
+        """
+        peaks, boxes = self._find(data, index, mask, geometry, wavelength_A, with_bbox=True)
+        return (peaks, boxes) if with_bbox else peaks
+
+    def find_reflections(self, data: Any, index: int = 0, *, mask: Any = None) -> Any:
+        """Strong spots as a DIALS ``flex.reflection_table`` (needs DIALS).
+
+        Columns: ``xyzobs.px.value`` (pixel-corner origin, z = image index + 0.5), ``panel``,
+        ``id`` (0), ``bbox``, ``intensity.sum.value``/``variance``, ``background.mean`` and
+        the ``strong`` flag, which is what ``dials.index`` reads from ``strong.refl``.
+        """
+        peaks, boxes = self._find(data, index, mask, None, None, with_bbox=True)
+        return reflection_table(peaks, boxes, z=index if _is_imageset(data) else 0)
+
+    # ---- internals ---------------------------------------------------------------------------
+    def _find(self, data: Any, index: int, mask: Any, geometry: Any,
+              wavelength_A: float | None, with_bbox: bool = False) -> tuple[np.ndarray, Any]:
+        gain = None
+        if _is_imageset(data):
+            panels, masks = imageset_panels(data, index)
+            gain = 1.0  # dxtbx divided by the format's gain: photons, as DIALS sees them
+        else:
+            panels = to_panels(data)
+            masks = None
+        if mask is not None:
+            given = [m.astype(bool) for m in to_panels(mask)]
+            masks = given if masks is None else [a & b for a, b in zip(masks, given)]
+        found = self.engine.find_panels(panels, masks, geometry=geometry,
+                                        wavelength_A=wavelength_A, adu_per_photon=gain,
+                                        with_bbox=True)
+        peaks, boxes = found
+        if _is_imageset(data) and len(peaks):
+            peaks["one_over_d"] = dxtbx_one_over_d(data, index, peaks)
+        return peaks, boxes if with_bbox else None
+
+
+def to_panels(data: Any) -> list[np.ndarray]:
+    """Per-panel 2-D numpy arrays from numpy or flex input (one array, a stack or a sequence)."""
+    if hasattr(data, "as_numpy_array"):  # a single scitbx flex array
+        return [_two_d(data.as_numpy_array(), 0)]
+    if isinstance(data, np.ndarray):
+        if data.ndim == 2:
+            return [data]
+        if data.ndim == 3:
+            return list(data)
+        raise ValueError(f"an image must be 2-D (ss, fs) or 3-D (panel, ss, fs), got {data.shape}")
+    if isinstance(data, Sequence) and not isinstance(data, (str, bytes)):
+        return [_two_d(p.as_numpy_array() if hasattr(p, "as_numpy_array") else np.asarray(p), i)
+                for i, p in enumerate(data)]
+    raise TypeError(f"cannot read an image from {type(data).__name__}; give a numpy array, "
+                    "a list of per-panel arrays, flex arrays or a dxtbx ImageSet")
+
+
+def _two_d(array: np.ndarray, panel: int) -> np.ndarray:
+    if array.ndim != 2:
+        raise ValueError(f"panel {panel} must be 2-D (ss, fs), got shape {array.shape}")
+    return array
+
+
+def _is_imageset(data: Any) -> bool:
+    return hasattr(data, "get_corrected_data") and hasattr(data, "get_detector")
+
+
+def imageset_panels(imageset: Any, index: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Corrected pixels and trusted-pixel masks of image ``index``, as DIALS spot finding sees
+    them (pedestal/gain applied, static masks and trusted range folded in)."""
+    data = imageset.get_corrected_data(index)
+    mask = imageset.get_mask(index)
+    panels = [np.asarray(d.as_numpy_array(), dtype=np.float32) for d in data]
+    masks = [np.asarray(m.as_numpy_array(), dtype=bool) for m in mask]
+    return panels, masks
+
+
+def dxtbx_one_over_d(imageset: Any, index: int, peaks: np.ndarray) -> np.ndarray:
+    """1/d (1/Angstrom) of each peak from the imageset's detector and beam models."""
+    detector = imageset.get_detector(index)
+    s0 = imageset.get_beam(index).get_s0()
+    out = np.empty(len(peaks))
+    for k, (panel, fs, ss) in enumerate(zip(peaks["panel"], peaks["fs"], peaks["ss"])):
+        d = detector[int(panel)].get_resolution_at_pixel(
+            s0, (float(fs) + CORNER_OFFSET, float(ss) + CORNER_OFFSET))
+        out[k] = 1.0 / d if d > 0 else np.nan
+    return out
+
+
+def reflection_table(peaks: np.ndarray, boxes: np.ndarray, z: int = 0,
+                     experiment_id: int = 0) -> Any:
+    """A DIALS strong-spot ``flex.reflection_table`` from a peak table and its boxes."""
+    from dials.array_family import flex
+
+    n = len(peaks)
+    table = flex.reflection_table()
+    xyz = np.stack([peaks["fs"] + CORNER_OFFSET, peaks["ss"] + CORNER_OFFSET,
+                    np.full(n, z + CORNER_OFFSET)], axis=1) if n else np.zeros((0, 3))
+    table["xyzobs.px.value"] = flex.vec3_double([tuple(map(float, v)) for v in xyz])
+    table["panel"] = flex.size_t([int(p) for p in peaks["panel"]])
+    table["id"] = flex.int(n, experiment_id)
+    table["bbox"] = flex.int6([(int(b[0]), int(b[1]), int(b[2]), int(b[3]), z, z + 1)
+                               for b in boxes])
+    intensity = np.nan_to_num(peaks["intensity"].astype(np.float64))
+    variance = np.clip(intensity, 0, None) + peaks["npix"] * np.nan_to_num(
+        peaks["background_sigma"]) ** 2
+    table["intensity.sum.value"] = flex.double(intensity.tolist())
+    table["intensity.sum.variance"] = flex.double(variance.tolist())
+    table["background.mean"] = flex.double(np.nan_to_num(peaks["background"]).tolist())
+    table.set_flags(flex.bool(n, True), table.flags.strong)
+    return table

@@ -1,0 +1,398 @@
+"""The one inference engine behind every adapter (CLI, Python API, DIALS plugin, Ray pipeline).
+
+Why one engine: batching, tiling, device choice and the segmentation-to-peaks step are where
+adapters would otherwise drift apart, and a peak found by ``peaknet2cxi`` must be the peak found by
+``dials.find_spots`` on the same pixels.
+
+- **Lazy model.**  Nothing heavy happens in ``__init__``: the model is loaded on first use, and
+  the pickled state never holds it, so DIALS and Ray can ship the engine to worker processes that
+  load their own copy once.
+- **Batching across frames and panels.**  Every panel of every frame in a batch is cut into tiles
+  (big panels with overlap), each tile is padded to a multiple of 32, tiles of equal padded shape
+  are stacked into model batches of ``batch_size``, and the stitched probability maps go back to
+  their panels.  Any geometry works: a panel is just a 2-D array.
+- **Determinism.**  Eval mode, no autograd, fixed tile order and float32 everywhere: the same
+  input gives the same peaks, run after run.
+- **Injectable predictor.**  ``predictor(panels, masks) -> prob maps`` replaces the model; tests
+  use it to check the plumbing independently of model quality, and hosts can plug in another
+  segmenter.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from peaknet_xtal.types import Frame, FrameResult
+from peaknet_xtal.finding.peaks import PeakParams, find_peaks, is_hit
+
+log = logging.getLogger(__name__)
+
+Predictor = Callable[[Sequence[np.ndarray], Sequence[np.ndarray]], Sequence[np.ndarray]]
+
+#: The model's resampling levels need sides divisible by this.
+PAD_MULTIPLE = 32
+
+
+@dataclass(frozen=True)
+class Tile:
+    """Where a model tile comes from and which part of it is kept when stitching."""
+
+    panel: int
+    y0: int  # tile origin in the panel
+    x0: int
+    height: int  # tile extent (unpadded)
+    width: int
+    core: tuple[slice, slice]  # kept region, in panel coordinates
+
+
+def tile_panel(shape: tuple[int, int], tile_size: int, overlap: int) -> list[tuple[int, int, int,
+                                                                                     int, tuple]]:
+    """Cover a panel with tiles of at most ``tile_size`` overlapping by ``overlap`` pixels.
+
+    Returns ``(y0, x0, h, w, core)`` items; the cores partition the panel exactly, each pixel
+    being taken from the tile where it lies farthest from a cut edge, so that the model's border
+    effects at cuts never reach the output.
+    """
+    ys = _axis_tiles(shape[0], tile_size, overlap)
+    xs = _axis_tiles(shape[1], tile_size, overlap)
+    return [(y0, x0, h, w, (ycore, xcore)) for y0, h, ycore in ys for x0, w, xcore in xs]
+
+
+def _axis_tiles(length: int, size: int, overlap: int) -> list[tuple[int, int, slice]]:
+    if length <= size:
+        return [(0, length, slice(0, length))]
+    count = -(-(length - overlap) // (size - overlap))  # fewest tiles with >= overlap shared
+    starts = np.linspace(0, length - size, count).round().astype(int).tolist()
+    middles = [(starts[i + 1] + starts[i] + size) // 2 for i in range(len(starts) - 1)]
+    cuts = [0] + middles + [length]
+    return [(s, size, slice(cuts[i], cuts[i + 1])) for i, s in enumerate(starts)]
+
+
+class InferenceEngine:
+    """Batched segmentation + peak finding, shared by every adapter.
+
+    ``model`` is a registered name (``"default"``), a weights path, or a ready ``torch.nn.Module``;
+    ``device`` is ``auto`` (CUDA when available), ``cpu`` or ``cuda[:N]``; ``threads`` sets torch's
+    CPU threads when the model loads; ``batch_size`` counts model tiles.  Peak settings come from
+    ``peak_params`` or the shorthand keywords ``threshold``, ``min_snr``, ``min_peaks``,
+    ``max_peaks``, ``adu_per_photon``.  The detector gain (ADU per photon, for the shot noise in
+    each peak's SNR) is taken per frame from ``frame.meta["adu_per_photon"]`` or the frame's
+    geometry while ``adu_per_photon`` is None; 0 leaves shot noise out.
+    """
+
+    def __init__(
+        self,
+        model: Any = "default",
+        *,
+        device: str = "auto",
+        threads: int | None = None,
+        batch_size: int = 8,
+        threshold: float | None = None,
+        min_snr: float | None = None,
+        min_peaks: int | None = None,
+        max_peaks: int | None = None,
+        adu_per_photon: float | None = None,
+        peak_params: PeakParams | None = None,
+        predictor: Predictor | None = None,
+        tile_size: int = 1024,
+        tile_overlap: int = 64,
+        keep_prob_maps: bool = False,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if tile_size < PAD_MULTIPLE or tile_overlap < 0 or tile_overlap >= tile_size:
+            raise ValueError(f"need tile_size >= {PAD_MULTIPLE} and 0 <= tile_overlap < "
+                             f"tile_size, got {tile_size}, {tile_overlap}")
+        params = peak_params or PeakParams()
+        overrides = {k: v for k, v in (("threshold", threshold), ("min_snr", min_snr),
+                                       ("min_peaks", min_peaks), ("max_peaks", max_peaks),
+                                       ("adu_per_photon", adu_per_photon))
+                     if v is not None}
+        self.peak_params = _replace(params, overrides)
+        self.model_spec = model
+        self.device_spec = device
+        self.threads = threads
+        self.batch_size = batch_size
+        self.predictor = predictor
+        self.tile_size = tile_size
+        self.tile_overlap = tile_overlap
+        self.keep_prob_maps = keep_prob_maps
+        self._model: Any = None
+        self._device: Any = None
+        self._gains_logged: set[float | None] = set()
+
+    # ---- pickling: never ship the model -------------------------------------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        if not _is_module(self.model_spec):
+            state["_model"] = None
+            state["_device"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+    # ---- model -------------------------------------------------------------------------------
+    @property
+    def loaded(self) -> bool:
+        return self._model is not None
+
+    @property
+    def device(self) -> str:
+        """The resolved device name (resolving does not load the model)."""
+        if self._device is None:
+            self._device = resolve_device(self.device_spec)
+        return str(self._device)
+
+    def model(self) -> Any:
+        """The model, loaded on first call, in eval mode on :attr:`device`."""
+        if self._model is None:
+            import torch
+
+            shadow = openmp_shadowed() if self.device == "cpu" else None
+            if shadow is not None:
+                log.warning("%s provides stub OpenMP functions ahead of libgomp, which makes "
+                            "multi-threaded torch compute wrong results; using 1 thread (import "
+                            "torch before cctbx/dxtbx to keep more)", shadow)
+                _single_thread(torch)
+            elif self.threads:
+                torch.set_num_threads(int(self.threads))
+            if _is_module(self.model_spec):
+                model = self.model_spec.to(self.device)
+            else:
+                from peaknet_xtal.model import load_model
+
+                model = load_model(self.model_spec, device=self.device)
+            self._model = model.eval()
+            log.info("loaded model %s on %s", _describe(self.model_spec), self.device)
+        return self._model
+
+    # ---- segmentation ------------------------------------------------------------------------
+    def predict_panels(self, panels: Sequence[np.ndarray],
+                       masks: Sequence[np.ndarray] | None = None) -> list[np.ndarray]:
+        """Peak probability (float32, same shape) for each 2-D panel; masked pixels get 0."""
+        return self._predict_many([list(panels)], [None if masks is None else list(masks)])[0]
+
+    def _predict_many(self, frames: list[list[np.ndarray]],
+                      masks: list[list[np.ndarray] | None]) -> list[list[np.ndarray]]:
+        """Probability maps for several frames' panels, batched across all of them."""
+        panels, goods, owner = [], [], []
+        for f, (frame_panels, frame_masks) in enumerate(zip(frames, masks)):
+            for i, panel in enumerate(frame_panels):
+                image = np.asarray(panel, dtype=np.float32)
+                if image.ndim != 2:
+                    raise ValueError(f"panel {i} must be 2-D, got shape {image.shape}")
+                good = (np.ones(image.shape, bool) if frame_masks is None
+                        else np.asarray(frame_masks[i], dtype=bool))
+                if good.shape != image.shape:
+                    raise ValueError(f"panel {i}: mask shape {good.shape} != {image.shape}")
+                panels.append(image)
+                goods.append(good & np.isfinite(image))
+                owner.append(f)
+        if self.predictor is not None:
+            probs = [np.asarray(p, dtype=np.float32) for p in self.predictor(panels, goods)]
+        else:
+            probs = self._run_model(panels, goods)
+        out: list[list[np.ndarray]] = [[] for _ in frames]
+        for f, prob, good in zip(owner, probs, goods):
+            out[f].append(np.where(good, prob, np.float32(0)))
+        return out
+
+    def _run_model(self, panels: list[np.ndarray], goods: list[np.ndarray]) -> list[np.ndarray]:
+        import torch
+
+        tiles = [Tile(i, y0, x0, h, w, core)
+                 for i, panel in enumerate(panels)
+                 for y0, x0, h, w, core in tile_panel(panel.shape, self.tile_size,
+                                                      self.tile_overlap)]
+        groups: dict[tuple[int, int], list[Tile]] = {}
+        for tile in tiles:
+            groups.setdefault(_padded(tile.height, tile.width), []).append(tile)
+        probs = [np.zeros(p.shape, np.float32) for p in panels]
+        model = self.model()
+        with torch.inference_mode():
+            for shape, members in groups.items():
+                for start in range(0, len(members), self.batch_size):
+                    batch = members[start:start + self.batch_size]
+                    x, m = _stack_tiles(batch, panels, goods, shape)
+                    logits = model(torch.from_numpy(x).to(self.device),
+                                   torch.from_numpy(m).to(self.device))
+                    prob = torch.softmax(logits.float(), dim=1)[:, 1].cpu().numpy()
+                    for tile, p in zip(batch, prob):
+                        ys, xs = tile.core
+                        probs[tile.panel][ys, xs] = p[ys.start - tile.y0:ys.stop - tile.y0,
+                                                      xs.start - tile.x0:xs.stop - tile.x0]
+        return probs
+
+    # ---- peaks -------------------------------------------------------------------------------
+    def find_panels(self, panels: Sequence[np.ndarray], masks: Sequence[np.ndarray] | None = None,
+                    *, geometry: Any = None, wavelength_A: float | None = None,
+                    adu_per_photon: float | None = None, with_bbox: bool = False) -> Any:
+        """Peak table (and boxes with ``with_bbox``) of one frame given as panels;
+        ``adu_per_photon`` is the gain the data declare (as ``frame.meta`` would)."""
+        probs = self.predict_panels(panels, masks)
+        frame = Frame(panels=list(panels), masks=None if masks is None else list(masks),
+                      geometry=geometry,
+                      meta={"wavelength_A": wavelength_A, "adu_per_photon": adu_per_photon})
+        return find_peaks(panels, probs, masks, self.params_for(frame), geometry=geometry,
+                          wavelength_A=wavelength_A, with_bbox=with_bbox)
+
+    def find_frames(self, frames: Iterable[Frame]) -> Iterator[FrameResult]:
+        """One :class:`FrameResult` per input frame, in input order, batching across frames."""
+        for chunk in self._chunks(frames):
+            probs = self._predict_many([f.panels for f in chunk], [f.masks for f in chunk])
+            for frame, frame_probs in zip(chunk, probs):
+                yield self._result(frame, frame_probs)
+
+    def _chunks(self, frames: Iterable[Frame]) -> Iterator[list[Frame]]:
+        """Groups of whole frames holding at least ``batch_size`` tiles (the last may hold
+        fewer)."""
+        chunk: list[Frame] = []
+        tiles = 0
+        for frame in frames:
+            chunk.append(frame)
+            tiles += sum(len(tile_panel(np.shape(p), self.tile_size, self.tile_overlap))
+                         for p in frame.panels)
+            if tiles >= self.batch_size:
+                yield chunk
+                chunk, tiles = [], 0
+        if chunk:
+            yield chunk
+
+    def _result(self, frame: Frame, probs: list[np.ndarray]) -> FrameResult:
+        wavelength = frame.meta.get("wavelength_A")
+        peaks = find_peaks(frame.panels, probs, frame.masks, self.params_for(frame),
+                           geometry=frame.geometry, wavelength_A=wavelength)
+        return FrameResult(frame=frame, peaks=peaks, hit=is_hit(peaks, self.peak_params.min_peaks),
+                           prob_maps=probs if self.keep_prob_maps else None)
+
+    def params_for(self, frame: Frame) -> PeakParams:
+        """The peak settings for one frame: the engine's, with the frame's own gain when the
+        engine was given none."""
+        if self.peak_params.adu_per_photon is not None:
+            return self.peak_params
+        gain = frame_gain(frame)
+        if gain not in self._gains_logged:
+            self._gains_logged.add(gain)
+            log.info("%s: %s", frame.source or "frame", "no detector gain declared: peak SNR "
+                     "counts background noise only" if gain is None else
+                     f"peak SNR counts shot noise at {gain:g} ADU per photon (declared gain)")
+        return self.peak_params if gain is None else _replace(self.peak_params,
+                                                               {"adu_per_photon": gain})
+
+    def describe(self) -> dict[str, Any]:
+        """The engine's settings as plain values, for run records and summaries."""
+        return {"model": _describe(self.model_spec), "device": self.device_spec,
+                "threads": self.threads, "batch_size": self.batch_size,
+                "tile_size": self.tile_size, "tile_overlap": self.tile_overlap,
+                "predictor": None if self.predictor is None else _describe(self.predictor),
+                **{k: getattr(self.peak_params, k) for k in self.peak_params.__dataclass_fields__}}
+
+
+def resolve_device(spec: str) -> Any:
+    """``auto`` -> CUDA when torch sees a GPU, else CPU; an unavailable CUDA is an error."""
+    import torch
+
+    spec = str(spec or "auto")
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(spec)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {spec!r} requested but torch sees no CUDA GPU; use cpu or auto")
+    return device
+
+
+def openmp_shadowed() -> str | None:
+    """The library whose stub ``omp_get_thread_num`` the process resolves first, if not a real
+    OpenMP runtime.
+
+    cctbx's ``omptbx`` (imported by dxtbx/DIALS) exports OpenMP stubs when built without OpenMP,
+    as Debian's is.  Loaded before torch, the stubs answer "thread 0 of 1" inside torch's OpenMP
+    parallel regions, so every thread computes the same chunk and the rest of the output is left
+    uninitialised: different, wrong probabilities on every call.  One thread is then the only
+    safe setting.
+    """
+    import ctypes
+
+    class DlInfo(ctypes.Structure):
+        _fields_ = [("dli_fname", ctypes.c_char_p), ("dli_fbase", ctypes.c_void_p),
+                    ("dli_sname", ctypes.c_char_p), ("dli_saddr", ctypes.c_void_p)]
+
+    try:
+        process = ctypes.CDLL(None)
+        symbol = process.omp_get_thread_num
+        info = DlInfo()
+        if not process.dladdr(ctypes.cast(symbol, ctypes.c_void_p), ctypes.byref(info)):
+            return None
+    except (AttributeError, OSError):
+        return None  # no OpenMP symbol in the global scope at all: torch uses its own
+    name = os.path.basename((info.dli_fname or b"").decode(errors="replace"))
+    real = ("libgomp", "libiomp", "libomp.so", "libomp-")  # GNU, Intel, LLVM runtimes
+    return None if name.startswith(real) else name
+
+
+def _single_thread(torch: Any) -> None:
+    """One thread in torch *and* in every real OpenMP runtime mapped into the process: with the
+    stubs in front, ``torch.set_num_threads`` cannot reach libgomp, whose parallel regions would
+    still start one thread per core."""
+    import ctypes
+    import re
+
+    torch.set_num_threads(1)
+    with open("/proc/self/maps") as maps:
+        runtimes = set(re.findall(r"(/\S*/lib(?:gomp|iomp5)[^/\s]*\.so[^/\s]*)", maps.read()))
+    for path in sorted(runtimes):
+        try:
+            ctypes.CDLL(path).omp_set_num_threads(1)
+        except (OSError, AttributeError):
+            continue
+
+
+def _padded(height: int, width: int) -> tuple[int, int]:
+    return (-(-height // PAD_MULTIPLE) * PAD_MULTIPLE, -(-width // PAD_MULTIPLE) * PAD_MULTIPLE)
+
+
+def _stack_tiles(batch: list[Tile], panels: list[np.ndarray], goods: list[np.ndarray],
+                 shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """(B, 1, H, W) image and mask arrays; padding is zero and masked out."""
+    x = np.zeros((len(batch), 1, *shape), np.float32)
+    m = np.zeros((len(batch), 1, *shape), bool)
+    for k, tile in enumerate(batch):
+        window = (slice(tile.y0, tile.y0 + tile.height), slice(tile.x0, tile.x0 + tile.width))
+        good = goods[tile.panel][window]
+        x[k, 0, :tile.height, :tile.width] = np.where(good, panels[tile.panel][window], 0)
+        m[k, 0, :tile.height, :tile.width] = good
+    return x, m
+
+
+def frame_gain(frame: Frame) -> float | None:
+    """ADU per photon of a frame as its source or geometry declares it; None when unknown."""
+    declared = frame.meta.get("adu_per_photon")
+    if declared is not None and float(declared) > 0:
+        return float(declared)
+    declared_by = getattr(frame.geometry, "detector_gain", None)
+    if declared_by is None:
+        return None
+    gain: float | None = declared_by(frame.meta.get("wavelength_A"))
+    return gain
+
+
+def _replace(params: PeakParams, overrides: dict[str, Any]) -> PeakParams:
+    from dataclasses import replace
+
+    return replace(params, **overrides) if overrides else params
+
+
+def _is_module(obj: Any) -> bool:
+    return hasattr(obj, "state_dict") and callable(obj)
+
+
+def _describe(obj: Any) -> str:
+    if isinstance(obj, (str, os.PathLike)):
+        return os.fspath(obj)
+    return getattr(obj, "__qualname__", None) or type(obj).__name__

@@ -1,0 +1,369 @@
+"""From per-panel peak-probability maps to a peak table (:data:`peaknet_xtal.types.PEAK_DTYPE`).
+
+A segmentation model says *which pixels* belong to Bragg peaks; indexers want *one row per peak*
+with a position, an intensity and a background.  This module does that step for every adapter:
+
+1. pixels with ``prob >= threshold`` inside the good-pixel mask are foreground;
+2. 8-connected components are labelled panel by panel, so a peak never spans a panel edge (equal-
+   shaped panels are stacked and labelled at once with a structure that has no links between
+   layers, which is the same thing, only faster);
+3. each component gets a local background: the sigma-clipped mean and std of an annulus around
+   it that skips every peak pixel and every masked pixel;
+4. centroid, intensity and maximum are computed on background-subtracted pixels; the SNR sums
+   the spot's footprint (its pixels and a one-pixel rim, where a weak spot keeps its tails), its
+   noise being the background spread over those pixels plus, when the detector gain is known,
+   the spot's own shot noise (``adu_per_photon`` x intensity);
+5. components whose integrated SNR is below ``min_snr`` are dropped.  The model judges shape and
+   context, the SNR cut judges evidence: on integrating detectors the model's doubtful calls are
+   noise blobs with an SNR of 1-5, and on a photon-counting background as sparse as a tenth of a
+   photon a pixel, a cluster of two or three photons stands many background sigmas high yet is
+   no evidence of a reflection, which only its shot noise says.
+
+Everything per pixel is vectorised (``scipy.ndimage.label``, ``np.bincount`` and gathers on the
+foreground pixels only); Python loops run over panel shapes and annulus sizes, never over pixels.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+
+from peaknet_xtal.types import empty_peaks, peaks_from_columns
+
+log = logging.getLogger(__name__)
+
+#: 8-connectivity inside a layer, no connection between layers (= panels).
+_STRUCTURE_3D = np.zeros((3, 3, 3), dtype=bool)
+_STRUCTURE_3D[1] = True
+
+#: Default least integrated SNR of a peak (see :class:`PeakParams`).
+DEFAULT_MIN_SNR = 3.0
+
+
+@dataclass(frozen=True)
+class PeakParams:
+    """How segmentation turns into peaks.  Defaults suit 1-10 pixel Bragg spots.
+
+    ``annulus_gap`` is the distance in pixels between a peak's edge and its background annulus,
+    ``annulus_width`` the annulus width; ``max_peaks`` keeps the strongest by intensity;
+    ``min_snr`` is the least integrated signal-to-noise a peak must have (0 keeps every
+    component): footprint intensity ``I`` over ``sqrt(n * background_sigma**2 + adu_per_photon
+    * I)`` for the ``n`` pixels of the footprint, the shot-noise term left out while
+    ``adu_per_photon`` is None (gain unknown) or 0.
+    """
+
+    threshold: float = 0.5
+    min_pixels: int = 1
+    max_pixels: int | None = None
+    min_snr: float = DEFAULT_MIN_SNR
+    annulus_gap: int = 1
+    annulus_width: int = 3
+    min_peaks: int = 0
+    max_peaks: int | None = None
+    adu_per_photon: float | None = None
+
+
+def find_peaks(
+    panels: Sequence[np.ndarray],
+    probs: Sequence[np.ndarray],
+    masks: Sequence[np.ndarray] | None = None,
+    params: PeakParams | None = None,
+    *,
+    geometry: Any = None,
+    wavelength_A: float | None = None,
+    with_bbox: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """Peak table of one frame from its panels, peak probabilities and good-pixel masks.
+
+    ``panels[i]``, ``probs[i]`` and ``masks[i]`` are 2-D ``(ss, fs)`` arrays of one shape.  Rows
+    are ordered by panel, then by position (row-major), which makes the output deterministic.
+    With ``geometry`` the 1/d column is filled (1/Angstrom).  With ``with_bbox`` also returns an
+    ``(N, 4)`` int array ``fs0, fs1, ss0, ss1`` (end exclusive) for hosts that need boxes (DIALS).
+    """
+    params = params or PeakParams()
+    _check_shapes(panels, probs, masks)
+    tables: list[np.ndarray] = []
+    boxes: list[np.ndarray] = []
+    for indices in _group_by_shape(panels):
+        stack = np.stack([np.asarray(panels[i], dtype=np.float64) for i in indices])
+        prob = np.stack([np.asarray(probs[i], dtype=np.float64) for i in indices])
+        if masks is None:
+            good = np.ones(stack.shape, dtype=bool)
+        else:
+            good = np.stack([np.asarray(masks[i], dtype=bool) for i in indices])
+        table, box, _ = _peaks_in_stack(stack, prob, good, np.asarray(indices, np.int32), params)
+        tables.append(table)
+        boxes.append(box)
+    table = np.concatenate(tables) if tables else empty_peaks()
+    box = np.concatenate(boxes) if boxes else np.zeros((0, 4), np.int64)
+    order = np.lexsort((table["fs"], table["ss"], table["panel"]))
+    table, box = table[order], box[order]
+    keep = strongest(table, params.max_peaks)
+    table, box = table[keep], box[keep]
+    if geometry is not None and len(table):
+        table["one_over_d"] = one_over_d(geometry, table, wavelength_A)
+    return (table, box) if with_bbox else table
+
+
+def peak_pixel_mask(panel: np.ndarray, prob: np.ndarray, good: np.ndarray | None = None,
+                    params: PeakParams | None = None) -> np.ndarray:
+    """Boolean map of the pixels of the peaks :func:`find_peaks` would report on one panel.
+
+    For hosts that take foreground pixels rather than a peak table (DIALS' threshold step):
+    components the peak filters reject (size, SNR) are not foreground either.
+    """
+    params = params or PeakParams()
+    image = np.asarray(panel, dtype=np.float64)[None]
+    good3 = (np.ones(image.shape, bool) if good is None
+             else np.asarray(good, dtype=bool)[None])
+    _, _, (labels, ids) = _peaks_in_stack(image, np.asarray(prob, np.float64)[None], good3,
+                                          np.zeros(1, np.int32), params)
+    if labels is None:
+        return np.zeros(image.shape[1:], dtype=bool)
+    return np.isin(labels[0], ids)
+
+
+def is_hit(peaks: np.ndarray, min_peaks: int) -> bool:
+    """A hit is a frame with at least ``min_peaks`` peaks (CrystFEL's ``--min-peaks``)."""
+    return len(peaks) >= min_peaks
+
+
+def strongest(peaks: np.ndarray, max_peaks: int | None) -> np.ndarray:
+    """Indices of the ``max_peaks`` most intense rows, in their original order."""
+    if max_peaks is None or len(peaks) <= max_peaks:
+        return np.arange(len(peaks))
+    intensity = np.nan_to_num(peaks["intensity"], nan=-np.inf)
+    top = np.argsort(-intensity, kind="stable")[:max_peaks]
+    return np.sort(top)
+
+
+def one_over_d(geometry: Any, peaks: np.ndarray, wavelength_A: float | None = None) -> np.ndarray:
+    """1/d (1/Angstrom) of each peak through the geometry; NaN when the geometry cannot say.
+
+    A geometry whose wavelength or camera length lives in the HDF5 file (not in the .geom) cannot
+    place a peak in reciprocal space without that value; the peaks are still useful, so 1/d is
+    left NaN rather than failing the frame.
+    """
+    try:
+        return np.asarray(geometry.panel_to_one_over_d(
+            peaks["panel"], peaks["fs"], peaks["ss"], wavelength_A=wavelength_A), dtype=np.float64)
+    except (ValueError, TypeError) as exc:
+        log.debug("1/d unavailable: %s", exc)
+        return np.full(len(peaks), np.nan)
+
+
+# --------------------------------------------------------------------------------------------
+# internals
+
+
+def _check_shapes(panels: Sequence[np.ndarray], probs: Sequence[np.ndarray],
+                  masks: Sequence[np.ndarray] | None) -> None:
+    if len(probs) != len(panels) or (masks is not None and len(masks) != len(panels)):
+        raise ValueError(f"{len(panels)} panels but {len(probs)} probability maps"
+                         + ("" if masks is None else f" and {len(masks)} masks"))
+    for i, panel in enumerate(panels):
+        shapes = {np.shape(panel), np.shape(probs[i])}
+        if masks is not None:
+            shapes.add(np.shape(masks[i]))
+        if len(shapes) != 1 or len(np.shape(panel)) != 2:
+            raise ValueError(f"panel {i}: image, probability and mask must be one 2-D shape, "
+                             f"got {sorted(shapes)}")
+
+
+def _group_by_shape(panels: Sequence[np.ndarray]) -> list[list[int]]:
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, panel in enumerate(panels):
+        groups.setdefault(tuple(np.shape(panel)), []).append(i)
+    return list(groups.values())
+
+
+def _peaks_in_stack(image: np.ndarray, prob: np.ndarray, good: np.ndarray, panel_ids: np.ndarray,
+                    params: PeakParams) -> tuple[np.ndarray, np.ndarray, tuple[Any, np.ndarray]]:
+    """Peaks of a ``(P, H, W)`` stack of equal-shaped panels, their ``(N, 4)`` boxes, and the
+    component labels with the (1-based) label of each reported peak."""
+    good = good & np.isfinite(image)
+    labels, n = ndimage.label((prob >= params.threshold) & good, structure=_STRUCTURE_3D)
+    nothing = (empty_peaks(), np.zeros((0, 4), np.int64), (None, np.zeros(0, np.int64)))
+    if n == 0:
+        return nothing
+    z, y, x = np.nonzero(labels)
+    lab = labels[z, y, x] - 1
+    npix = np.bincount(lab, minlength=n)
+    keep = npix >= params.min_pixels
+    if params.max_pixels is not None:
+        keep &= npix <= params.max_pixels
+    pix = keep[lab]
+    z, y, x, lab = z[pix], y[pix], x[pix], lab[pix]
+    kept = np.flatnonzero(keep)
+    remap = np.full(n, -1)
+    remap[kept] = np.arange(len(kept))
+    lab = remap[lab]
+    n = len(kept)
+    if n == 0:
+        return nothing
+    npix = np.bincount(lab, minlength=n)
+    box = _bounding_boxes(z, y, x, lab, n)
+    bg, bg_sigma = _annulus_background(image, good, labels, box, params)
+    values = image[z, y, x] - bg[lab]
+    weights = np.clip(values, 0.0, None)
+    wsum = np.bincount(lab, weights, minlength=n)
+    flat = wsum <= 0  # nothing above background: fall back to the plain pixel centre
+    fs = _weighted_mean(x, weights, wsum, lab, n, flat, npix)
+    ss = _weighted_mean(y, weights, wsum, lab, n, flat, npix)
+    intensity = np.bincount(lab, values, minlength=n)
+    max_value = np.full(n, -np.inf)
+    np.maximum.at(max_value, lab, values)
+    rim = _rim(good, labels, z, y, x, lab)
+    snr = _integrated_snr(image, rim, bg, bg_sigma, intensity, npix, params.adu_per_photon)
+    table = peaks_from_columns(
+        panel=panel_ids[box[:, 0]], fs=fs, ss=ss, intensity=intensity, max_value=max_value,
+        npix=npix, background=bg, background_sigma=bg_sigma, snr=snr,
+        prob=np.bincount(lab, prob[z, y, x], minlength=n) / npix,
+    )
+    bbox = np.stack([box[:, 2], box[:, 4] + 1, box[:, 1], box[:, 3] + 1], axis=1)
+    accept = ~(snr < params.min_snr)  # NaN SNR (no background estimate) is kept
+    return table[accept], bbox[accept].astype(np.int64), (labels, kept[accept] + 1)
+
+
+def _rim(good: np.ndarray, labels: np.ndarray, z: np.ndarray, y: np.ndarray, x: np.ndarray,
+         lab: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The one-pixel rim of every component: good pixels of no component next to one of its
+    pixels (8-connected, same panel), each given once, to its highest-numbered neighbour.
+
+    Built from the component pixels' neighbours, so the cost follows the peaks, not the frame.
+    """
+    _, height, width = labels.shape
+    dy, dx = (np.array([d for d in np.ndindex(3, 3) if d != (1, 1)]) - 1).T
+    yy, xx = (y[:, None] + dy).ravel(), (x[:, None] + dx).ravel()
+    zz, owner = np.repeat(z, len(dy)), np.repeat(lab, len(dy))
+    inside = (yy >= 0) & (yy < height) & (xx >= 0) & (xx < width)
+    zz, yy, xx, owner = zz[inside], yy[inside], xx[inside], owner[inside]
+    free = (labels[zz, yy, xx] == 0) & good[zz, yy, xx]
+    zz, yy, xx, owner = zz[free], yy[free], xx[free], owner[free]
+    flat = np.ravel_multi_index((zz, yy, xx), labels.shape)
+    order = np.lexsort((-owner, flat))
+    _, first = np.unique(flat[order], return_index=True)
+    pick = order[first]
+    return zz[pick], yy[pick], xx[pick], owner[pick]
+
+
+def _integrated_snr(image: np.ndarray, rim: tuple[np.ndarray, ...], bg: np.ndarray,
+                    bg_sigma: np.ndarray, intensity: np.ndarray, npix: np.ndarray,
+                    adu_per_photon: float | None) -> np.ndarray:
+    """SNR of each peak summed over its footprint: its pixels plus its rim (:func:`_rim`).
+
+    The model marks a spot's core; a weak spot's tails hold a good part of its photons, and
+    without them a real spot of 25 photons scores like a noise cluster.
+    """
+    rz, ry, rx, owner = rim
+    n = len(npix)
+    total = intensity + np.bincount(owner, image[rz, ry, rx] - bg[owner], minlength=n)
+    variance = (npix + np.bincount(owner, minlength=n)) * bg_sigma ** 2
+    if adu_per_photon is not None and adu_per_photon > 0:
+        variance = variance + adu_per_photon * np.clip(total, 0.0, None)
+    noise = np.sqrt(variance)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        snr: np.ndarray = np.where(noise > 0, total / noise, np.inf * np.sign(total))
+    return snr
+
+
+def _weighted_mean(coord: np.ndarray, weights: np.ndarray, wsum: np.ndarray, lab: np.ndarray,
+                   n: int, flat: np.ndarray, npix: np.ndarray) -> np.ndarray:
+    weighted = np.bincount(lab, weights * coord, minlength=n) / np.where(flat, 1.0, wsum)
+    plain = np.bincount(lab, coord.astype(np.float64), minlength=n) / npix
+    return np.where(flat, plain, weighted)
+
+
+def _bounding_boxes(z: np.ndarray, y: np.ndarray, x: np.ndarray, lab: np.ndarray,
+                    n: int) -> np.ndarray:
+    """``(n, 5)`` array: layer, y0, x0, y1, x1 (inclusive) of every component."""
+    box = np.empty((n, 5), dtype=np.int64)
+    box[:, 0] = np.bincount(lab, z, minlength=n) // np.bincount(lab, minlength=n)
+    for col, coords, reduce, start in ((1, y, np.minimum, np.iinfo(np.int64).max),
+                                       (2, x, np.minimum, np.iinfo(np.int64).max),
+                                       (3, y, np.maximum, -1), (4, x, np.maximum, -1)):
+        box[:, col] = start
+        reduce.at(box[:, col], lab, coords)
+    return box
+
+
+def _annulus_background(image: np.ndarray, good: np.ndarray, labels: np.ndarray, box: np.ndarray,
+                        params: PeakParams) -> tuple[np.ndarray, np.ndarray]:
+    """Median and robust sigma of a ring of non-peak good pixels around each peak.
+
+    The ring's inner radius grows with the peak's size (half its bounding-box extent plus
+    ``annulus_gap``) so a large spot is not measured against its own tails; peaks are grouped by
+    inner radius and each group is gathered as one ``(peaks, ring pixels)`` array.
+    """
+    n = len(box)
+    centre_y = (box[:, 1] + box[:, 3]) / 2.0
+    centre_x = (box[:, 2] + box[:, 4]) / 2.0
+    half = np.maximum(box[:, 3] - box[:, 1], box[:, 4] - box[:, 2]) / 2.0
+    r_in = np.ceil(half).astype(int) + params.annulus_gap
+    bg = np.full(n, np.nan)
+    sigma = np.full(n, np.nan)
+    _, height, width = image.shape
+    for radius in np.unique(r_in):
+        rows = np.flatnonzero(r_in == radius)
+        dy, dx = _ring_offsets(float(radius), float(radius + params.annulus_width))
+        yy = np.rint(centre_y[rows, None] + dy).astype(np.int64)
+        xx = np.rint(centre_x[rows, None] + dx).astype(np.int64)
+        inside = (yy >= 0) & (yy < height) & (xx >= 0) & (xx < width)
+        yy, xx = np.clip(yy, 0, height - 1), np.clip(xx, 0, width - 1)
+        zz = np.broadcast_to(box[rows, 0, None], yy.shape)
+        usable = inside & good[zz, yy, xx] & (labels[zz, yy, xx] == 0)
+        ring = np.where(usable, image[zz, yy, xx], np.nan)
+        bg[rows], sigma[rows] = _robust_rows(ring)
+    missing = np.isnan(bg)
+    if missing.any():  # a peak walled in by masked pixels or other peaks: use its whole panel
+        for layer in np.unique(box[missing, 0]):
+            values = image[layer][good[layer] & (labels[layer] == 0)]
+            level, spread = _robust_rows(values[None, :]) if values.size else (
+                np.zeros(1), np.zeros(1))
+            rows = missing & (box[:, 0] == layer)
+            bg[rows], sigma[rows] = level[0], spread[0]
+    return bg, sigma
+
+
+def _robust_rows(values: np.ndarray, clip: float = 3.0, rounds: int = 4
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row NaN-ignoring background level and spread: mean and std after sigma clipping.
+
+    Not the median and MAD: on a photon-counting background of a few tenths of a photon a
+    pixel, most pixels hold no photon, so median and MAD describe only the read noise (0 and a
+    fifth of a photon) while the real level and spread are several times larger; every cluster
+    of background photons then looks like a significant peak.  Clipping (starting wide, from the
+    plain std) still rejects the tails of neighbouring spots.
+    """
+    v = np.asarray(values, dtype=np.float64)
+    finite = ~np.isnan(v)
+    keep = finite
+    for _ in range(rounds):
+        n = keep.sum(axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            level = np.where(keep, v, 0.0).sum(axis=1) / n
+            deviation = np.where(keep, v - level[:, None], 0.0)
+            spread = np.sqrt((deviation * deviation).sum(axis=1) / n)
+            inside = finite & (np.abs(v - level[:, None]) <= clip * spread[:, None])
+        if np.array_equal(inside, keep):
+            break
+        keep = inside
+    return level, spread
+
+
+_RING_CACHE: dict[tuple[float, float], tuple[np.ndarray, np.ndarray]] = {}
+
+
+def _ring_offsets(r_in: float, r_out: float) -> tuple[np.ndarray, np.ndarray]:
+    key = (r_in, r_out)
+    if key not in _RING_CACHE:
+        span = int(np.ceil(r_out))
+        dy, dx = np.mgrid[-span:span + 1, -span:span + 1]
+        dist = np.hypot(dy, dx)
+        ring = (dist > r_in) & (dist <= r_out)
+        _RING_CACHE[key] = (dy[ring].astype(np.float64), dx[ring].astype(np.float64))
+    return _RING_CACHE[key]

@@ -1,0 +1,203 @@
+"""DIALS reflection tables (``.refl``) and experiment lists (``.expt``), through DIALS' own classes.
+
+Both formats are versioned msgpack/JSON with DIALS-specific column types; reading them with DIALS
+itself (``flex.reflection_table.from_file``, ``ExperimentList.from_file``) is the only way to stay
+exact across DIALS releases.  Columns come back as numpy arrays so the rest of the package never
+touches ``flex``.
+
+:func:`write_strong_refl` goes the other way: a peak table per image becomes a DIALS strong-spot
+table that ``dials.index`` accepts in place of ``dials.find_spots`` output.  DIALS puts the pixel
+origin at the corner (the centre of pixel i is i + 0.5), so positions shift by +0.5 here, at the
+edge, as DEVELOPERS.md asks.
+
+DIALS is imported lazily; it only exists where DIALS is installed.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from peaknet_xtal.atomic import atomic_path
+from peaknet_xtal.errors import FormatError
+from peaknet_xtal.types import PEAK_DTYPE, peaks_from_columns
+
+#: Columns most callers want, when present.
+DEFAULT_COLUMNS = ("id", "panel", "miller_index", "xyzobs.px.value", "xyzcal.px",
+                   "intensity.sum.value", "bbox", "flags")
+
+
+def _flex_to_numpy(column: Any) -> np.ndarray:
+    """Any flex column as numpy: vec3/int6/miller columns become (n, k) arrays."""
+    try:
+        return np.asarray(column.as_numpy_array())
+    except (AttributeError, TypeError, RuntimeError):
+        pass
+    try:  # miller_index, int6 and friends: go through a list of tuples
+        return np.array(list(column))
+    except TypeError as exc:
+        raise TypeError(f"cannot convert column of type {type(column).__name__}") from exc
+
+
+def load_reflection_table(path: str | os.PathLike[str]) -> Any:
+    """The DIALS ``flex.reflection_table`` in ``path``, or a FormatError naming the file."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FormatError(path, "file not found")
+    from dials.array_family import flex
+
+    try:
+        return flex.reflection_table.from_file(path)
+    except Exception as exc:  # DIALS raises RuntimeError, msgpack and pickle errors alike
+        raise FormatError(path, f"not a readable DIALS reflection table "
+                          f"({type(exc).__name__}: {exc})") from exc
+
+
+def read_reflections(path: str | os.PathLike[str],
+                     columns: Sequence[str] | None = DEFAULT_COLUMNS) -> dict[str, np.ndarray]:
+    """Columns of a ``.refl`` as numpy (all columns when ``columns`` is None; absent ones skipped).
+    """
+    table = load_reflection_table(path)
+    wanted = list(table.keys()) if columns is None else [c for c in columns if c in table]
+    out = {}
+    for name in wanted:
+        try:
+            out[name] = _flex_to_numpy(table[name])
+        except TypeError:  # shoeboxes and other non-array columns
+            continue
+    return out
+
+
+def read_experiments(path: str | os.PathLike[str], check_format: bool = False) -> Any:
+    """The DIALS ``ExperimentList`` in ``path`` (images are not opened unless ``check_format``)."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FormatError(path, "file not found")
+    from dxtbx.model.experiment_list import ExperimentList
+
+    try:
+        return ExperimentList.from_file(path, check_format=check_format)
+    except Exception as exc:
+        raise FormatError(path, f"not a readable DIALS experiment list "
+                          f"({type(exc).__name__}: {exc})") from exc
+
+
+def summarize_reflections(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Counts a person checks first: rows, experiments, panels, indexed, strong."""
+    table = load_reflection_table(path)
+    from dials.array_family import flex
+
+    summary: dict[str, Any] = {"kind": "dials-reflections", "path": os.fspath(path),
+                               "rows": len(table), "columns": sorted(table.keys())}
+    if "id" in table:
+        ids = _flex_to_numpy(table["id"])
+        summary["experiments"] = int(len(np.unique(ids)))
+        summary["per_experiment"] = {int(i): int(n) for i, n in
+                                     zip(*np.unique(ids, return_counts=True))}
+    if "panel" in table:
+        summary["panels"] = int(len(np.unique(_flex_to_numpy(table["panel"]))))
+    if "miller_index" in table:
+        hkl = np.array(list(table["miller_index"]))
+        summary["indexed"] = int(np.count_nonzero(np.any(hkl != 0, axis=1))) if len(hkl) else 0
+    if "flags" in table:
+        summary["strong"] = int(table.get_flags(flex.reflection_table.flags.strong).count(True))
+    return summary
+
+
+def summarize_experiments(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Experiments, detectors, crystals (unit cells, space groups), imagesets."""
+    experiments = read_experiments(path)
+    crystals = []
+    for crystal in experiments.crystals():
+        crystals.append({"unit_cell": [round(v, 4) for v in crystal.get_unit_cell().parameters()],
+                         "space_group": str(crystal.get_space_group().info())})
+    return {
+        "kind": "dials-experiments", "path": os.fspath(path),
+        "experiments": len(experiments),
+        "detectors": len(experiments.detectors()),
+        "panels": [len(d) for d in experiments.detectors()],
+        "crystals": crystals,
+        "imagesets": len(experiments.imagesets()),
+        "wavelength_A": sorted({round(b.get_wavelength(), 6) for b in experiments.beams()}),
+    }
+
+
+def reflections_to_peaks(path: str | os.PathLike[str]) -> dict[int, np.ndarray]:
+    """Observed spots of a ``.refl`` as PEAK_DTYPE tables per experiment id (0-based centre)."""
+    cols = read_reflections(path, ("id", "panel", "xyzobs.px.value", "intensity.sum.value"))
+    for needed in ("id", "panel", "xyzobs.px.value"):
+        if needed not in cols:
+            raise FormatError(path, f"no {needed} column")
+    xyz = cols["xyzobs.px.value"]
+    out = {}
+    for exp_id in np.unique(cols["id"]):
+        sel = cols["id"] == exp_id
+        out[int(exp_id)] = peaks_from_columns(
+            panel=cols["panel"][sel], fs=xyz[sel, 0] - 0.5, ss=xyz[sel, 1] - 0.5,
+            intensity=cols["intensity.sum.value"][sel] if "intensity.sum.value" in cols
+            else np.nan)
+    return out
+
+
+def _bbox(peaks: np.ndarray, z0: int) -> np.ndarray:
+    """A square box about each peak, sized from its pixel count (DIALS bounds are half-open)."""
+    npix = np.where(peaks["npix"] > 0, peaks["npix"], 1)
+    half = np.maximum(1.0, np.ceil(np.sqrt(npix) / 2.0))
+    x, y = peaks["fs"] + 0.5, peaks["ss"] + 0.5  # corner origin
+    x0, y0 = np.floor(x - half), np.floor(y - half)
+    x1, y1 = np.ceil(x + half), np.ceil(y + half)
+    z = np.full(len(peaks), z0)
+    return np.stack([x0, x1, y0, y1, z, z + 1], axis=1).astype(np.int64)
+
+
+def write_strong_refl(path: str | os.PathLike[str], tables: Sequence[np.ndarray], *,
+                      experiments: Any = None, sequence: bool = False) -> int:
+    """Write one PEAK_DTYPE table per image as a DIALS strong-spot ``.refl``; returns the rows.
+
+    Stills (default): image ``i`` is experiment ``i`` (``id = i``, z = 0.5), as for
+    ``dials.import`` of a list of stills.  ``sequence=True``: one experiment, z = i + 0.5.
+    ``experiments`` (an ``ExperimentList`` or ``.expt`` path) supplies the experiment identifiers
+    DIALS uses to match the table to the images.
+    """
+    from dials.array_family import flex
+
+    if isinstance(experiments, (str, os.PathLike)):
+        experiments = read_experiments(experiments)
+    parts = []
+    for i, peaks in enumerate(tables):
+        peaks = np.asarray(peaks)
+        if peaks.dtype != PEAK_DTYPE:
+            raise TypeError(f"table {i} is not a PEAK_DTYPE peak table")
+        exp_id, z = (0, i) if sequence else (i, 0)
+        parts.append((peaks, exp_id, z))
+    n = sum(len(p) for p, _, _ in parts)
+    xyz = np.zeros((n, 3))
+    bbox = np.zeros((n, 6), dtype=np.int64)
+    ids, panels, intensity = (np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64),
+                              np.zeros(n))
+    row = 0
+    for peaks, exp_id, z in parts:
+        k = len(peaks)
+        xyz[row:row + k] = np.stack([peaks["fs"] + 0.5, peaks["ss"] + 0.5,
+                                     np.full(k, z + 0.5)], axis=1)
+        bbox[row:row + k] = _bbox(peaks, z)
+        ids[row:row + k], panels[row:row + k] = exp_id, peaks["panel"]
+        intensity[row:row + k] = np.nan_to_num(peaks["intensity"], nan=0.0)
+        row += k
+    table = flex.reflection_table()
+    table["id"] = flex.int(ids.astype(np.int32).tolist())
+    table["panel"] = flex.size_t(panels.tolist())
+    table["xyzobs.px.value"] = flex.vec3_double([tuple(v) for v in xyz])
+    table["xyzobs.px.variance"] = flex.vec3_double(n, (1 / 12, 1 / 12, 1 / 12))
+    table["bbox"] = flex.int6([tuple(int(v) for v in b) for b in bbox])
+    table["intensity.sum.value"] = flex.double(intensity.tolist())
+    table["intensity.sum.variance"] = flex.double(np.abs(intensity).tolist())
+    table.set_flags(flex.bool(n, True), flex.reflection_table.flags.strong)
+    if experiments is not None:
+        for exp_id in sorted(set(ids.tolist())):
+            table.experiment_identifiers()[int(exp_id)] = experiments[int(exp_id)].identifier
+    with atomic_path(path) as tmp:
+        table.as_file(str(tmp))
+    return n

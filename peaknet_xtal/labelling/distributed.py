@@ -1,0 +1,128 @@
+"""Ray scheduling of the data engine: batches of frames as tasks, peak fits inside them elastic.
+
+Two levels, as the work is lopsided (a frame may hold 5 peaks or 2,000):
+
+- the driver keeps at most ``max_batches_in_flight`` batch tasks running and submits the next batch
+  each time one finishes (``ray.wait(num_returns=1)``), so memory stays bounded on huge runs;
+- inside a batch, windows are fitted in chunks by ``fit_chunk`` tasks with at most
+  ``max_fits_in_flight`` pending, so idle CPUs pick up fits from busy batches.
+
+Ray itself is started and stopped in one place, :func:`ray_session`: a local Ray by default, or an
+existing cluster given by ``address``; if Ray is already running (a caller started it) it is reused
+and left running.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from peaknet_xtal.labelling.batch import Batch, BatchLabeler, BatchSummary
+from peaknet_xtal.labelling.pvoigt import FitOutcome, Window, fit_windows
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iterator[Any]:
+    """``with ray_session(): ...``: Ray initialised for the block, shut down after it.
+
+    A local session uses ``num_cpus`` (default 2) and no dashboard; ``address`` (``auto`` or
+    ``host:port``) joins a running cluster instead.  A session that was already up is reused and
+    not shut down, so library code can nest inside an application's own session.
+    """
+    import ray
+
+    if ray.is_initialized():
+        yield ray
+        return
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        ray.init(num_cpus=num_cpus or 2, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"OMP_NUM_THREADS": "1",
+                                           "OPENBLAS_NUM_THREADS": "1"}})
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+def _remote_fit_chunk() -> Any:
+    import ray
+
+    @ray.remote(num_cpus=1)
+    def fit_chunk(windows: list[Window], config: dict[str, Any]) -> list[FitOutcome]:
+        return fit_windows(windows, config)
+
+    return fit_chunk
+
+
+def elastic_map(submit: Callable[[Any], Any], items: list[Any], max_in_flight: int) -> list[Any]:
+    """Results of ``submit(item)`` (an ObjectRef) for every item, in order, never more than
+    ``max_in_flight`` pending at once: each finished task makes room for the next."""
+    import ray
+
+    results: list[Any] = [None] * len(items)
+    pending: dict[Any, int] = {}
+    queue = iter(enumerate(items))
+    for index, item in queue:
+        pending[submit(item)] = index
+        if len(pending) >= max_in_flight:
+            break
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        results[pending.pop(done[0])] = ray.get(done[0])
+        for index, item in queue:
+            pending[submit(item)] = index
+            break
+    return results
+
+
+def ray_fit_map(max_in_flight: int) -> Callable[[list[list[Window]], dict[str, Any]],
+                                                 list[list[FitOutcome]]]:
+    """A ``fit_map`` for :class:`BatchLabeler` that spreads chunks over Ray workers."""
+    def fit_map(chunks: list[list[Window]], config: dict[str, Any]) -> list[list[FitOutcome]]:
+        fit_chunk = _remote_fit_chunk()
+        return elastic_map(lambda chunk: fit_chunk.remote(chunk, config), chunks, max_in_flight)
+
+    return fit_map
+
+
+def _remote_label_batch() -> Any:
+    import ray
+
+    @ray.remote(num_cpus=1)
+    def label_batch(labeler: BatchLabeler, batch: Batch, part: str,
+                    max_fits_in_flight: int) -> BatchSummary:
+        return labeler.run(batch, part, ray_fit_map(max_fits_in_flight))
+
+    return label_batch
+
+
+def run_batches_ray(labeler: BatchLabeler, batches: list[tuple[Batch, str]],
+                    on_done: Callable[[BatchSummary], None], *, max_batches_in_flight: int = 2,
+                    max_fits_in_flight: int = 4) -> None:
+    """Run ``(batch, part_path)`` pairs as Ray tasks; ``on_done`` sees each summary as it lands."""
+    import ray
+
+    label_batch = _remote_label_batch()
+    labeler_ref = ray.put(labeler)  # shared state (config, geometries) goes to the store once
+    pending: dict[Any, Batch] = {}
+    todo = iter(batches)
+
+    def submit_next() -> None:
+        for batch, part in todo:
+            ref = label_batch.remote(labeler_ref, batch, os.fspath(part), max_fits_in_flight)
+            pending[ref] = batch
+            return
+
+    for _ in range(max(max_batches_in_flight, 1)):
+        submit_next()
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        pending.pop(done[0])
+        on_done(ray.get(done[0]))
+        submit_next()

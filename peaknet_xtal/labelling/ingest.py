@@ -1,0 +1,304 @@
+"""Inputs of the data engine: found peaks and predicted reflections per frame, and their images.
+
+Two kinds of results come in:
+
+- a CrystFEL stream: per chunk the found peaks and, for each indexed crystal, the predicted
+  reflections, in raw file coordinates with the pixel corner as origin;
+- DIALS stills results (``.expt`` + ``.refl``): per experiment the observed (``xyzobs.px.value``,
+  strong spots) and calculated (``xyzcal.px``, indexed reflections) positions, panel-relative with
+  the corner origin.
+
+Both become :class:`FrameRecord` objects in the package convention (panel-relative, 0-based pixel
+centre), together with where their image lives: a stream's ``Image filename`` is resolved like
+``indexamajig --prefix`` (the prefix is prepended literally) and its ``Event: //N`` picks frame N of
+a CXI stack; a DIALS experiment names its image file and index through its imageset.
+"""
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from peaknet_xtal.errors import FormatError
+from peaknet_xtal.types import Frame, peaks_from_columns
+
+#: Predicted reflections, package convention (panel-relative 0-based pixel centre).
+PRED_DTYPE = np.dtype([
+    ("panel", np.int32), ("fs", np.float64), ("ss", np.float64),
+    ("h", np.int32), ("k", np.int32), ("l", np.int32),
+    ("intensity", np.float64), ("sigma", np.float64), ("crystal", np.int32),
+])
+
+_EVENT_INDEX = re.compile(r"//(\d+)")
+
+
+@dataclass
+class FrameRecord:
+    """One frame's found and predicted peaks plus the address of its image.
+
+    ``kind`` says how the image is read: ``"cxi"`` (HDF5/CXI through the CrystFEL geometry of
+    ``geometry_key``) or ``"dxtbx"`` (anything DIALS reads).  ``index`` is the frame's position in
+    ``image`` (-1 when the event cannot be mapped to one).
+    """
+
+    source: str
+    image: str
+    event: str
+    index: int
+    found: np.ndarray           # PEAK_DTYPE
+    predicted: np.ndarray       # PRED_DTYPE
+    kind: str = "cxi"
+    n_crystals: int = 0
+    geometry_key: str = ""
+    panel_names: list[str] = field(default_factory=list)
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.image, self.event)
+
+
+# ------------------------------------------------------------------------------------ streams
+
+
+def event_index(event: str | None) -> int:
+    """Frame number of a CrystFEL event id: ``//5`` -> 5, ``//`` or none -> 0, else -1."""
+    if event is None or event.strip() in ("", "//"):
+        return 0
+    match = _EVENT_INDEX.search(event)
+    if match and event.startswith("//"):
+        return int(match.group(1))
+    return -1
+
+
+def resolve_image(filename: str, prefix: str | None, base_dir: str | os.PathLike[str]) -> str:
+    """Where ``indexamajig`` would have looked: ``prefix + filename`` (literal concatenation).
+
+    Without a prefix a relative name is tried beside the stream first (streams are usually moved
+    together with their data), then relative to the current directory.
+    """
+    if prefix:
+        return os.path.abspath(prefix + filename)
+    if os.path.isabs(filename):
+        return filename
+    beside = Path(base_dir) / filename
+    return str(beside.resolve()) if beside.exists() else os.path.abspath(filename)
+
+
+def _column(table: Any, *names: str) -> np.ndarray:
+    """The first of ``names`` present in a structured array (streams name some columns twice)."""
+    for name in names:
+        if table.dtype.names and name in table.dtype.names:
+            return np.asarray(table[name])
+    raise KeyError(f"none of the columns {names} in {table.dtype.names}")
+
+
+class _PanelIndex:
+    """Panel name -> (index, min_fs, min_ss): from the geometry, or by first appearance."""
+
+    def __init__(self, geometry: Any = None) -> None:
+        self.geometry = geometry
+        self.names: list[str] = [p.name for p in geometry.panels] if geometry is not None else []
+        self._index = {name: i for i, name in enumerate(self.names)}
+
+    def lookup(self, names: Sequence[str], path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        idx = np.empty(len(names), dtype=np.int32)
+        min_fs = np.zeros(len(names))
+        min_ss = np.zeros(len(names))
+        for i, raw in enumerate(names):
+            name = raw.decode() if isinstance(raw, bytes) else str(raw)
+            if name not in self._index:
+                if self.geometry is not None:
+                    raise FormatError(path, f"panel {name!r} is not in the geometry")
+                self._index[name] = len(self.names)
+                self.names.append(name)
+            idx[i] = self._index[name]
+            if self.geometry is not None:
+                panel = self.geometry.panels[idx[i]]
+                min_fs[i], min_ss[i] = panel.min_fs, panel.min_ss
+        return idx, min_fs, min_ss
+
+
+def _found_from_chunk(chunk: Any, panels: _PanelIndex, path: str) -> np.ndarray:
+    peaks = chunk.peaks
+    if peaks is None or len(peaks) == 0:
+        return peaks_from_columns(panel=np.zeros(0, np.int32), fs=np.zeros(0), ss=np.zeros(0))
+    idx, min_fs, min_ss = panels.lookup(_column(peaks, "panel", "panel_name"), path)
+    return peaks_from_columns(
+        panel=idx,
+        fs=_column(peaks, "fs") - 0.5 - min_fs,
+        ss=_column(peaks, "ss") - 0.5 - min_ss,
+        intensity=_column(peaks, "intensity"),
+        one_over_d=_column(peaks, "one_over_d_nm") / 10.0,
+    )
+
+
+def _predicted_from_chunk(chunk: Any, panels: _PanelIndex, path: str) -> np.ndarray:
+    tables = []
+    for number, crystal in enumerate(getattr(chunk, "crystals", None) or []):
+        refl = getattr(crystal, "reflections", None)
+        if refl is None or len(refl) == 0:
+            continue
+        idx, min_fs, min_ss = panels.lookup(_column(refl, "panel", "panel_name"), path)
+        table = np.zeros(len(refl), dtype=PRED_DTYPE)
+        table["panel"] = idx
+        table["fs"] = _column(refl, "fs") - 0.5 - min_fs
+        table["ss"] = _column(refl, "ss") - 0.5 - min_ss
+        for name in ("h", "k", "l"):
+            table[name] = _column(refl, name)
+        table["intensity"] = _column(refl, "I", "intensity")
+        table["sigma"] = _column(refl, "sigma", "sigma_I", "sigma(I)")
+        table["crystal"] = number
+        tables.append(table)
+    return np.concatenate(tables) if tables else np.zeros(0, dtype=PRED_DTYPE)
+
+
+def stream_geometry(path: str | os.PathLike[str]) -> Any:
+    """The geometry embedded in a stream's (first) header; None when absent or unreadable."""
+    from peaknet_xtal.formats.stream import StreamHeader, iter_stream
+
+    for item in iter_stream(path):
+        if isinstance(item, StreamHeader):
+            return item.geometry
+        return None
+    return None
+
+
+def records_from_stream(path: str | os.PathLike[str], *, geometry: Any = None,
+                        prefix: str | None = None, indexed_only: bool = True
+                        ) -> Iterator[FrameRecord]:
+    """One record per chunk (per indexed chunk unless ``indexed_only`` is False).
+
+    With a geometry (given, or embedded in the stream) positions become panel-relative; without
+    one they stay in file coordinates, which is enough for matching but not for fitting.
+    """
+    from peaknet_xtal.formats.stream import iter_chunks
+
+    path = os.fspath(path)
+    if geometry is None:
+        geometry = stream_geometry(path)
+    panels = _PanelIndex(geometry)
+    base = os.path.dirname(os.path.abspath(path))
+    for chunk in iter_chunks(path):
+        crystals = getattr(chunk, "crystals", None) or []
+        if indexed_only and not crystals:
+            continue
+        event = getattr(chunk, "event", None) or "//"
+        yield FrameRecord(
+            source=os.path.abspath(path),
+            image=resolve_image(str(chunk.filename), prefix, base),
+            event=event,
+            index=event_index(event),
+            found=_found_from_chunk(chunk, panels, path),
+            predicted=_predicted_from_chunk(chunk, panels, path),
+            kind="cxi",
+            n_crystals=len(crystals),
+            geometry_key=os.path.abspath(path),
+            panel_names=panels.names,
+        )
+
+
+# -------------------------------------------------------------------------------------- DIALS
+
+
+def _dials_found(cols: dict[str, np.ndarray], sel: np.ndarray) -> np.ndarray:
+    """Observed spots: the ``strong`` ones when flags say so, else every row with an xyzobs."""
+    xyz = cols["xyzobs.px.value"]
+    found = sel & np.any(xyz != 0, axis=1)
+    if "flags" in cols:
+        strong = (cols["flags"].astype(np.int64) & 32) != 0  # reflection_table.flags.strong
+        if strong.any():
+            found &= strong
+    return peaks_from_columns(panel=cols["panel"][found].astype(np.int32),
+                              fs=xyz[found, 0] - 0.5, ss=xyz[found, 1] - 0.5,
+                              intensity=cols.get("intensity.sum.value",
+                                                 np.full(len(xyz), np.nan))[found])
+
+
+def _dials_predicted(cols: dict[str, np.ndarray], sel: np.ndarray) -> np.ndarray:
+    """Indexed reflections (non-zero Miller index) at their calculated positions."""
+    hkl = cols["miller_index"]
+    keep = sel & np.any(hkl != 0, axis=1)
+    xyz = cols["xyzcal.px"]
+    table = np.zeros(int(keep.sum()), dtype=PRED_DTYPE)
+    table["panel"] = cols["panel"][keep]
+    table["fs"] = xyz[keep, 0] - 0.5
+    table["ss"] = xyz[keep, 1] - 0.5
+    table["h"], table["k"], table["l"] = hkl[keep, 0], hkl[keep, 1], hkl[keep, 2]
+    if "intensity.sum.value" in cols:
+        table["intensity"] = cols["intensity.sum.value"][keep]
+        var = cols.get("intensity.sum.variance")
+        table["sigma"] = np.sqrt(np.clip(var[keep], 0, None)) if var is not None else np.nan
+    else:
+        table["intensity"] = table["sigma"] = np.nan
+    return table
+
+
+def records_from_dials(expt: str | os.PathLike[str], refl: str | os.PathLike[str],
+                       prefix: str | None = None) -> Iterator[FrameRecord]:
+    """One record per experiment of a stills ``.expt``/``.refl`` pair."""
+    from peaknet_xtal.formats.dials_tables import read_experiments, read_reflections
+
+    expt, refl = os.fspath(expt), os.fspath(refl)
+    experiments = read_experiments(expt)
+    cols = read_reflections(refl, ("id", "panel", "miller_index", "xyzobs.px.value",
+                                   "xyzcal.px", "flags", "intensity.sum.value",
+                                   "intensity.sum.variance"))
+    for needed in ("id", "panel", "xyzobs.px.value", "xyzcal.px", "miller_index"):
+        if needed not in cols:
+            raise FormatError(refl, f"no {needed} column (need observed and calculated positions)")
+    for exp_id, experiment in enumerate(experiments):
+        sel = cols["id"] == exp_id
+        image, index = _dials_image(experiment, prefix, expt)
+        yield FrameRecord(
+            source=os.path.abspath(expt), image=image, event=f"//{index}", index=index,
+            found=_dials_found(cols, sel), predicted=_dials_predicted(cols, sel),
+            kind="dxtbx", n_crystals=int(experiment.crystal is not None), geometry_key="",
+            panel_names=[p.get_name() for p in experiment.detector] if experiment.detector
+            else [],
+        )
+
+
+def _dials_image(experiment: Any, prefix: str | None, expt: str) -> tuple[str, int]:
+    imageset = experiment.imageset
+    if imageset is None:
+        return "", -1
+    paths = list(imageset.paths())
+    try:
+        index = int(list(imageset.indices())[0])
+    except Exception:
+        index = 0
+    name = paths[0] if paths else ""
+    if prefix:
+        name = prefix + os.path.basename(name)
+    elif name and not os.path.exists(name):
+        beside = Path(expt).resolve().parent / os.path.basename(name)
+        name = str(beside) if beside.exists() else name
+    return name, index
+
+
+# ---------------------------------------------------------------------------------------- images
+
+
+def load_frame(record: FrameRecord, geometry: Any = None) -> Frame:
+    """The image a record refers to, split into panels, with its good-pixel masks."""
+    if not record.image or not os.path.exists(record.image):
+        raise FormatError(record.image or record.source,
+                          f"image of event {record.event} not found (from {record.source}; "
+                          "use --prefix to say where the images are)")
+    if record.index < 0:
+        raise FormatError(record.source, f"event {record.event!r} does not name a frame number")
+    if record.kind == "dxtbx":
+        from peaknet_xtal.formats.dxtbx_images import read_dxtbx_image
+
+        return read_dxtbx_image(record.image, record.index)
+    from peaknet_xtal.formats.cxi import read_cxi_frame
+
+    if geometry is None and len(record.panel_names) > 1:
+        raise FormatError(record.source, "its panels need a geometry to be cut out of the "
+                          "images (the stream embeds none; pass --geometry)")
+    return read_cxi_frame(record.image, record.index, geometry)

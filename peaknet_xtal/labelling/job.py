@@ -1,0 +1,244 @@
+"""A whole labelling run: ingest, PeakDiff, selection, report, batches (resumable), merge.
+
+Every input frame is accounted for in the output's ``frames`` table (PeakDiff statistics, whether
+it was selected, and what happened to it).  Work is done in batches whose part files appear
+atomically in ``<output>.parts/``; a rerun with the same inputs and settings skips every finished
+batch, so an interrupted run loses at most the batches that were in flight.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from peaknet_xtal.atomic import write_json_atomic
+from peaknet_xtal.config import deep_merge
+from peaknet_xtal.errors import FormatError
+from peaknet_xtal.progress import Progress
+from peaknet_xtal.labelling.batch import LABEL_DEFAULTS, Batch, BatchLabeler, BatchSummary, FrameJob, serial_fit_map
+from peaknet_xtal.labelling.ingest import FrameRecord, records_from_dials, records_from_stream
+from peaknet_xtal.labelling.labels import LabelFile, merge_label_files
+from peaknet_xtal.labelling.peakdiff import (PEAKDIFF_DEFAULTS, FrameDiff, Selection, peakdiff, summary_arrays,
+                       write_report)
+from peaknet_xtal.labelling.pvoigt import FIT_DEFAULTS, STATUS
+
+log = logging.getLogger(__name__)
+
+DEFAULTS: dict[str, Any] = {
+    "peakdiff": dict(PEAKDIFF_DEFAULTS),
+    "fit": dict(FIT_DEFAULTS),
+    "label": dict(LABEL_DEFAULTS),
+    "run": {
+        "prefix": None,          # prepended to stream image names (indexamajig --prefix)
+        "geometry": None,        # .geom for CXI images (default: the one embedded in the stream)
+        "batch_size": 8,         # frames per batch (per part file)
+        "ray": True,             # False: one process, no Ray
+        "address": None,         # existing Ray cluster; None starts a local one
+        "num_cpus": 2,
+        "max_batches_in_flight": 2,
+        "max_fits_in_flight": 4,
+        "report": None,          # PeakDiff PNG (default: <output stem>.peakdiff.png)
+        "keep_parts": False,
+        "max_frames": None,
+    },
+}
+
+
+def group_inputs(paths: Sequence[str]) -> list[tuple[str, ...]]:
+    """``a.stream b.expt b.refl`` -> [(a.stream,), (b.expt, b.refl)]: each .expt with its .refl."""
+    groups: list[tuple[str, ...]] = []
+    pending_expt: str | None = None
+    for path in paths:
+        if path.endswith(".expt"):
+            if pending_expt:
+                raise FormatError(pending_expt, "an .expt must be followed by its .refl")
+            pending_expt = path
+        elif path.endswith(".refl"):
+            if not pending_expt:
+                raise FormatError(path, "a .refl must follow its .expt on the command line")
+            groups.append((pending_expt, path))
+            pending_expt = None
+        else:
+            groups.append((path,))
+    if pending_expt:
+        raise FormatError(pending_expt, "an .expt must be followed by its .refl")
+    return groups
+
+
+def ingest(paths: Sequence[str], run: dict[str, Any]) -> tuple[list[FrameRecord], dict[str, Any]]:
+    """Records of every input (indexed frames only) and the geometries their images need."""
+    from peaknet_xtal.formats.geometry import read_geometry
+
+    given = read_geometry(run["geometry"]) if run.get("geometry") else None
+    records: list[FrameRecord] = []
+    geometries: dict[str, Any] = {}
+    for group in group_inputs(paths):
+        if len(group) == 2:
+            records.extend(records_from_dials(group[0], group[1], prefix=run.get("prefix")))
+            continue
+        from peaknet_xtal.labelling.ingest import stream_geometry
+
+        geometry = given if given is not None else stream_geometry(group[0])
+        geometries[os.path.abspath(group[0])] = geometry
+        records.extend(records_from_stream(group[0], geometry=geometry, prefix=run.get("prefix")))
+    if run.get("max_frames"):
+        records = records[: int(run["max_frames"])]
+    return records, geometries
+
+
+def diff_all(records: Iterable[FrameRecord], cutoff: float) -> list[FrameDiff]:
+    return [peakdiff(r.found, r.predicted, cutoff) for r in records]
+
+
+def _fingerprint(paths: Sequence[str], config: dict[str, Any], n_frames: int) -> str:
+    """What must not change between an interrupted run and its resumption."""
+    stats = [(os.path.abspath(p), os.path.getsize(p), int(os.path.getmtime(p))) for p in paths]
+    blob = json.dumps({"inputs": stats, "config": {k: config[k] for k in
+                                                     ("peakdiff", "fit", "label")},
+                       "batch_size": config["run"]["batch_size"], "frames": n_frames},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _parts_dir(output: Path, fingerprint: str) -> Path:
+    parts = output.with_name(output.name + ".parts")
+    manifest = parts / "manifest.json"
+    if manifest.exists():
+        old = json.loads(manifest.read_text()).get("fingerprint")
+        if old != fingerprint:
+            raise FormatError(parts, "holds part files of a run with other inputs or settings; "
+                              "remove it (or rerun with the original settings) to continue")
+    parts.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(manifest, {"fingerprint": fingerprint})
+    return parts
+
+
+def _part_done(part: Path) -> bool:
+    if not part.exists():
+        return False
+    try:
+        with LabelFile(part):
+            return True
+    except FormatError:
+        return False
+
+
+def label_run(paths: Sequence[str], output: str | os.PathLike[str],
+              config: dict[str, Any] | None = None, *, progress: bool = True) -> dict[str, Any]:
+    """Do the whole run; returns the summary that the CLI prints and records."""
+    cfg = deep_merge(DEFAULTS, config or {})
+    run = cfg["run"]
+    start = time.perf_counter()
+    output = Path(output)
+    records, geometries = ingest(paths, run)
+    diffs = diff_all(records, float(cfg["peakdiff"]["cutoff"]))
+    selection = Selection.from_config(cfg["peakdiff"])
+    report = run.get("report") or str(output.with_suffix("")) + ".peakdiff.png"
+    write_report(report, diffs, selection, title=output.name)
+
+    jobs = [FrameJob(i, rec, _stats(d), d.predicted_index)
+            for i, (rec, d) in enumerate(zip(records, diffs)) if selection.accepts(d)]
+    size = max(int(run["batch_size"]), 1)
+    batches = [Batch(b, jobs[i:i + size]) for b, i in enumerate(range(0, len(jobs), size))]
+    parts = _parts_dir(output, _fingerprint(paths, cfg, len(records)))
+    todo = [(b, parts / f"batch_{b.index:06d}.h5") for b in batches]
+    todo = [(b, p) for b, p in todo if not _part_done(p)]
+    resumed = len(batches) - len(todo)
+    labeler = BatchLabeler(cfg, geometries)
+    fit_start = time.perf_counter()
+    summaries = _execute(labeler, todo, run, len(jobs) - sum(len(b.jobs) for b, _ in todo),
+                         len(jobs), progress)
+
+    part_files = [parts / f"batch_{b.index:06d}.h5" for b in batches]
+    frames = _frames_table(records, diffs, selection, part_files)
+    fit_seconds = time.perf_counter() - fit_start
+    rows = merge_label_files(part_files, output, cfg, frames)
+    if not run.get("keep_parts"):
+        shutil.rmtree(parts, ignore_errors=True)
+    return _summary(records, jobs, batches, resumed, summaries, rows, output, report, frames,
+                    time.perf_counter() - start, fit_seconds)
+
+
+def _stats(diff: FrameDiff) -> dict[str, Any]:
+    return {"precision": diff.precision, "recall": diff.recall, "n_found": diff.n_found,
+            "n_predicted": diff.n_predicted, "n_matched": diff.n_matched}
+
+
+def _execute(labeler: BatchLabeler, todo: list[tuple[Batch, Path]], run: dict[str, Any],
+             already: int, total: int, show: bool) -> list[BatchSummary]:
+    summaries: list[BatchSummary] = []
+    with Progress(total, "frames", desc="stream2labels", enabled=show) as bar:
+        bar.update(already)
+
+        def done(summary: BatchSummary) -> None:
+            summaries.append(summary)
+            fits = sum(s.fits_ok for s in summaries)
+            bar.update(summary.frames + summary.frame_errors, extra=f"fits ok {fits}")
+
+        if not todo:
+            return summaries
+        if run.get("ray", True):
+            from peaknet_xtal.labelling.distributed import ray_session, run_batches_ray
+
+            with ray_session(run.get("address"), run.get("num_cpus")):
+                run_batches_ray(labeler, [(b, str(p)) for b, p in todo], done,
+                                max_batches_in_flight=int(run["max_batches_in_flight"]),
+                                max_fits_in_flight=int(run["max_fits_in_flight"]))
+        else:
+            for batch, part in todo:
+                done(labeler.run(batch, part, serial_fit_map))
+    return summaries
+
+
+def _frames_table(records: list[FrameRecord], diffs: list[FrameDiff], selection: Selection,
+                  part_files: list[Path]) -> dict[str, np.ndarray]:
+    """Every input frame: where it came from, its PeakDiff numbers and what became of it."""
+    status = np.array(["not_selected" if not selection.accepts(d) else "lost" for d in diffs],
+                      dtype=object)
+    message = np.array(["; ".join(selection.reasons(d)) for d in diffs], dtype=object)
+    for part in part_files:
+        with LabelFile(part) as lf:
+            if "batch" not in lf.h5:
+                continue
+            for number, st, msg in zip(lf.frames("frame", "batch"), lf.frames("status", "batch"),
+                                       lf.frames("message", "batch")):
+                status[int(number)], message[int(number)] = st, msg
+    return {
+        "source": np.array([r.source for r in records], dtype=object),
+        "image": np.array([r.image for r in records], dtype=object),
+        "event": np.array([r.event for r in records], dtype=object),
+        "n_crystals": np.array([r.n_crystals for r in records], dtype=np.int64),
+        **summary_arrays(diffs, selection),
+        "status": status, "message": message,
+    }
+
+
+def _summary(records: list[FrameRecord], jobs: list[FrameJob], batches: list[Batch], resumed: int,
+             summaries: list[BatchSummary], rows: int, output: Path, report: str,
+             frames: dict[str, np.ndarray], seconds: float, fit_seconds: float
+             ) -> dict[str, Any]:
+    with LabelFile(output) as lf:
+        fits = lf.fits
+    counts = Counter(STATUS[int(s)] for s in fits["status"])
+    errors = frames["message"][frames["status"] == "image_error"]
+    return {
+        "first_image_error": str(errors[0]) if len(errors) else None,
+        "output": str(output), "report": report, "frames": len(records), "selected": len(jobs),
+        "labelled": int(np.sum(frames["status"] == "labelled")),
+        "image_errors": int(np.sum(frames["status"] == "image_error")),
+        "batches": len(batches), "batches_resumed": resumed, "rows": rows,
+        "fits": int(len(fits)), "fits_ok": int(counts.get("ok", 0)),
+        "fit_status": dict(counts), "seconds": round(seconds, 2),
+        # attempted fits of this invocation over the labelling phase (images, fits, part files)
+        "fits_per_s": round(sum(s.fits_ok + s.fits_rejected for s in summaries) / fit_seconds, 1)
+        if fit_seconds > 0 else 0.0,
+    }

@@ -1,0 +1,128 @@
+"""PeakNet: ConvNeXt-V2 backbone + BiFPN neck + two-pathway head, for Bragg peak segmentation.
+
+Input handling lives inside the model so that no caller can feed it differently from training:
+per-image standardisation over valid pixels (see ``layers.standardise``), padding to a multiple of
+32 (the four resampling levels need it) with padded pixels excluded from the statistics and cropped
+off the output, and the bad-pixel mask enforced on the logits so a masked pixel is never a peak.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from peaknet_xtal.model.layers import BiFPN, ConvNeXtV2Backbone, SegHead, standardise
+from peaknet_xtal.model.zoo import register_family, register_model
+
+#: Published ConvNeXt-V2 sizes: (dims, depths).  Backbone parameters with one input channel and no
+#: classifier: atto 3.39M, femto 4.85M, pico 8.55M, nano 14.98M, tiny 27.86M, base 87.69M,
+#: large 196.4M, huge 657.5M.  zepto and yocto are this package's own CPU sizes.
+BACKBONES: dict[str, tuple[list[int], list[int]]] = {
+    "yocto": ([8, 16, 32, 64], [1, 1, 2, 1]),
+    "zepto": ([16, 32, 64, 128], [2, 2, 4, 2]),
+    "atto": ([40, 80, 160, 320], [2, 2, 6, 2]),
+    "femto": ([48, 96, 192, 384], [2, 2, 6, 2]),
+    "pico": ([64, 128, 256, 512], [2, 2, 6, 2]),
+    "nano": ([80, 160, 320, 640], [2, 2, 8, 2]),
+    "tiny": ([96, 192, 384, 768], [3, 3, 9, 3]),
+    "base": ([128, 256, 512, 1024], [3, 3, 27, 3]),
+    "large": ([192, 384, 768, 1536], [3, 3, 27, 3]),
+    "huge": ([352, 704, 1408, 2816], [3, 3, 27, 3]),
+}
+PUBLISHED_BACKBONE_PARAMS: dict[str, float] = {
+    "atto": 3.39e6, "femto": 4.85e6, "pico": 8.55e6, "nano": 14.98e6, "tiny": 27.86e6,
+    "base": 87.69e6, "large": 196.4e6, "huge": 657.5e6,
+}
+PAD_MULTIPLE = 32
+#: Logits forced onto masked pixels: background wins by 30 nats, finite so losses stay finite.
+MASKED_LOGITS = (15.0, -15.0)
+
+
+class PeakNet(nn.Module):
+    """``model(x, mask=None) -> (B, 2, H, W)`` logits; channel 1 is "peak"."""
+
+    def __init__(self, backbone: str | None = None, dims: list[int] | None = None,
+                 depths: list[int] | None = None, neck_width: int = 256, neck_blocks: int = 1,
+                 neck_kernel: int = 3, head_channels: int = 256, learned_upsample: bool = True,
+                 num_classes: int = 2, drop_path: float = 0.0, name: str = "custom") -> None:
+        super().__init__()
+        if dims is None or depths is None:
+            if backbone not in BACKBONES:
+                raise KeyError(f"unknown backbone {backbone!r}; known: {list(BACKBONES)}")
+            dims = list(dims if dims is not None else BACKBONES[backbone][0])
+            depths = list(depths if depths is not None else BACKBONES[backbone][1])
+        if backbone is not None and BACKBONES.get(backbone) != (list(dims), list(depths)):
+            backbone = None  # overridden widths or depths: no longer the named size
+        self.config: dict[str, Any] = {
+            "family": "peaknet", "name": name, "backbone": backbone, "dims": list(dims),
+            "depths": list(depths), "neck_width": neck_width, "neck_blocks": neck_blocks,
+            "neck_kernel": neck_kernel, "head_channels": head_channels,
+            "learned_upsample": learned_upsample, "num_classes": num_classes,
+            "drop_path": drop_path,
+        }
+        self.backbone = ConvNeXtV2Backbone(dims, depths, in_chans=1, drop_path=drop_path)
+        info = self.backbone.feature_info
+        self.neck = BiFPN([f["channels"] for f in info], neck_width, neck_blocks, neck_kernel)
+        self.head = SegHead(neck_width, [f["stride"] for f in info], head_channels, num_classes,
+                            learned_upsample)
+        self.apply(_init_weights)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if x.ndim != 4 or x.shape[1] != 1:
+            raise ValueError(f"expected input of shape (B, 1, H, W), got {tuple(x.shape)}")
+        valid = torch.isfinite(x)
+        if mask is not None:
+            if mask.shape != x.shape:
+                raise ValueError(f"mask shape {tuple(mask.shape)} != input {tuple(x.shape)}")
+            valid = valid & mask.bool()
+        h, w = x.shape[-2:]
+        z = standardise(x, valid)
+        ph, pw = (-h) % PAD_MULTIPLE, (-w) % PAD_MULTIPLE
+        if ph or pw:
+            z = F.pad(z, (0, pw, 0, ph))
+        logits = self.head(self.neck(self.backbone(z)), (h + ph, w + pw))[..., :h, :w]
+        return apply_mask(logits, valid)
+
+    def backbone_parameters(self) -> int:
+        return sum(p.numel() for p in self.backbone.parameters())
+
+
+def apply_mask(logits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Force background on invalid pixels (``valid`` is (B, 1, H, W) bool)."""
+    fill = logits.new_tensor(MASKED_LOGITS[:1] + (MASKED_LOGITS[1],) * (logits.shape[1] - 1))
+    return torch.where(valid, logits, fill.view(1, -1, 1, 1))
+
+
+def _init_weights(module: nn.Module) -> None:
+    """Truncated normal (std 0.02) for conv/linear weights, zero biases (as ConvNeXt-V2)."""
+    if isinstance(module, (nn.Conv2d, nn.Linear, nn.ConvTranspose2d)):
+        if module.weight.device.type != "meta":
+            nn.init.trunc_normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+
+register_family("peaknet", PeakNet)
+
+# ---- registered sizes --------------------------------------------------------------------------
+# Backbone sizes with the paper's single-block neck (F=256, C=256) ...
+for _size in ("atto", "femto", "pico", "nano", "tiny", "base", "large", "huge"):
+    register_model(_size, "peaknet", backbone=_size, neck_width=256, neck_blocks=1,
+                   head_channels=256, learned_upsample=False)
+# ... the paper's teacher (PeakNet-673M) and distillation students ...
+register_model("teacher", "peaknet", backbone="huge", neck_width=512, neck_blocks=4,
+               head_channels=256, learned_upsample=True)
+for _size in ("tiny", "atto"):
+    for _blocks in (2, 4):
+        register_model(f"student-{_size}-b{_blocks}", "peaknet", backbone=_size, neck_width=512,
+                       neck_blocks=_blocks, head_channels=256, learned_upsample=True)
+# ... and this package's CPU sizes, thin everywhere (the neck and head, not the backbone, dominate
+# the compute of small PeakNets).
+register_model("zepto", "peaknet", backbone="zepto", neck_width=64, neck_blocks=2,
+               head_channels=32, learned_upsample=True)
+register_model("yocto", "peaknet", backbone="yocto", neck_width=32, neck_blocks=2,
+               head_channels=16, learned_upsample=True)
+register_model("default", "peaknet", backbone="zepto", neck_width=32, neck_blocks=2,
+               head_channels=32, learned_upsample=True)

@@ -1,0 +1,280 @@
+"""The three kinds of pipeline stage, as plain classes, plus their thin Ray wrappers.
+
+Each stage talks to its queues only through a *client* with synchronous ``put / lease / ack /
+release / report`` methods (:class:`~.queues.LocalQueueClient` in-process,
+:class:`RayQueueClient` under Ray), so the same class runs on a thread in a test and as a Ray actor
+on a GPU node.
+
+- :class:`SourceFeeder` reads one input through the plugin registry and pushes frames, in chunks,
+  into the frame queue; a full queue blocks it (back-pressure).
+- :class:`ModelWorker` leases a batch (a partial final batch is fine), runs the predictor and sends
+  *peak tables* on (never logit maps: they would dwarf the images in the object store).
+- :class:`ResultWriter` drains a result queue into a :class:`~peaknet_xtal.hookspecs` ``PeakWriter``
+  (rolling CXI files by default), skips keys already written, and acknowledges each frame to the
+  frame queue: only then is a frame done, so a worker that dies before that has its lease re-queued.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import sys
+import time
+import zlib
+from collections.abc import Hashable, Iterable, Sequence
+from typing import Any
+
+from peaknet_xtal.types import FrameResult
+from peaknet_xtal.pipeline.predictors import build_predictor
+
+
+def shard_of(key: Hashable, n: int) -> int:
+    """Stable shard of a frame key (same in every process, unlike ``hash``)."""
+    return zlib.crc32(repr(tuple(key)).encode()) % n if n > 1 else 0
+
+
+class SourceFeeder:
+    """Feeds one input (``{"path", "kind", "options"}``) into the frame queue, skipping done keys.
+
+    ``kind`` is a registered source type name (None: the first whose ``sniff`` accepts the path)
+    or a factory ``kind(path, **options) -> FrameSource``.
+    """
+
+    def __init__(self, spec: dict[str, Any], skip: Iterable[Hashable] = (),
+                 chunk: int = 16) -> None:
+        self.spec = dict(spec)
+        self.skip = {tuple(k) for k in skip}
+        self.chunk = max(1, int(chunk))
+
+    def open(self) -> Any:
+        """Through the plugin registry by type name (or sniffing), or a picklable factory."""
+        kind, options = self.spec.get("kind"), dict(self.spec.get("options") or {})
+        if callable(kind):
+            return kind(str(self.spec["path"]), **options)
+        from peaknet_xtal.registry import open_source
+
+        return open_source(str(self.spec["path"]), kind, **options)
+
+    def run(self, queue: Any) -> dict[str, Any]:
+        """Push every frame not yet done; returns counts.  Stops early if the queue is aborted."""
+        sent = skipped = 0
+        stopped = False
+        buffer: list[Any] = []
+        source = self.open()
+        try:
+            for frame in source:
+                if frame.key in self.skip:
+                    skipped += 1
+                    continue
+                buffer.append(frame)
+                if len(buffer) >= self.chunk:
+                    if not queue.put(buffer):
+                        stopped = True
+                        break
+                    sent += len(buffer)
+                    buffer = []
+            if buffer and not stopped:
+                stopped = not queue.put(buffer)
+                sent += 0 if stopped else len(buffer)
+        finally:
+            source.close()
+        return {"path": str(self.spec["path"]), "sent": sent, "skipped": skipped,
+                "stopped": stopped}
+
+
+class ModelWorker:
+    """Leases batches of frames, finds peaks, routes results to the writers' queues.
+
+    ``threads`` is the CPU thread budget (``torch.set_num_threads``), so N CPU workers share a node
+    without oversubscribing it; on a GPU node each worker gets one device instead.
+    """
+
+    def __init__(self, worker_id: str, predictor: Any = "engine",
+                 predictor_options: dict[str, Any] | None = None, batch_size: int = 8,
+                 threads: int = 1, send_images: bool | str = "auto") -> None:
+        self.worker_id = worker_id
+        self.predictor_spec = predictor
+        self.predictor_options = dict(predictor_options or {})
+        self.batch_size = max(1, int(batch_size))
+        self.threads = max(1, int(threads))
+        self.send_images = send_images
+        self._predictor: Any = None
+        self.frames = self.batches = 0
+        self.busy_s = 0.0
+        self.started = time.perf_counter()
+
+    def predictor(self) -> Any:
+        if self._predictor is None:
+            self._predictor = build_predictor(self.predictor_spec, self.predictor_options)
+            if "torch" in sys.modules:
+                sys.modules["torch"].set_num_threads(self.threads)
+        return self._predictor
+
+    def process(self, frames: Sequence[Any]) -> list[FrameResult]:
+        """Run the predictor on one batch; results keep each frame's identity, drop maps/pixels."""
+        predictor = self.predictor()
+        t0 = time.perf_counter()
+        results = list(predictor.find_frames(list(frames)))
+        self.busy_s += time.perf_counter() - t0
+        self.frames += len(frames)
+        self.batches += 1
+        return [self._slim(r) for r in results]
+
+    def _slim(self, result: FrameResult) -> FrameResult:
+        frame = result.frame
+        if not self._keep_pixels(frame):
+            frame = dataclasses.replace(frame, panels=[], masks=None)
+        return dataclasses.replace(result, frame=frame, prob_maps=None)
+
+    def _keep_pixels(self, frame: Any) -> bool:
+        """``"auto"``: pixels travel on only if the writer cannot link back to an HDF5 source."""
+        if self.send_images == "auto":
+            return not (frame.meta.get("h5_file") and frame.meta.get("h5_dataset"))
+        return bool(self.send_images)
+
+    def stats(self) -> dict[str, Any]:
+        wall = time.perf_counter() - self.started
+        return {"worker": self.worker_id, "pid": os.getpid(), "frames": self.frames,
+                "batches": self.batches, "busy_s": round(self.busy_s, 4), "wall_s": round(wall, 4),
+                "busy_fraction": round(self.busy_s / wall, 4) if wall > 0 else 0.0}
+
+    def run(self, frames_in: Any, results_out: Sequence[Any], lease_timeout: float = 1.0,
+            ) -> dict[str, Any]:
+        """Lease, process, route, until the frame queue is finished; returns final statistics."""
+        self.started = time.perf_counter()
+        while True:
+            frames = frames_in.lease(self.worker_id, self.batch_size, lease_timeout,
+                                     report=self.stats())
+            if frames is None:
+                break
+            if frames:
+                self._route(self.process(frames), results_out)
+        final = self.stats()
+        frames_in.report(self.worker_id, final)
+        return final
+
+    @staticmethod
+    def _route(results: list[FrameResult], outs: Sequence[Any]) -> None:
+        shards: dict[int, list[FrameResult]] = {}
+        for result in results:
+            shards.setdefault(shard_of(result.frame.key, len(outs)), []).append(result)
+        for index, items in shards.items():
+            outs[index].put(items)
+
+
+class ResultWriter:
+    """Writes results once each (keys already in the output are skipped) and acknowledges them."""
+
+    def __init__(self, writer: Any, path: str, options: dict[str, Any] | None = None,
+                 chunk: int = 64) -> None:
+        self.path = str(path)
+        self.writer = self._open(writer, self.path, dict(options or {}))
+        self.seen: set[Hashable] = {tuple(k) for k in self.writer.done_keys()}
+        self.resumed = len(self.seen)
+        self.chunk = max(1, int(chunk))
+        self.written = self.duplicates = 0
+
+    @staticmethod
+    def _open(writer: Any, path: str, options: dict[str, Any]) -> Any:
+        if callable(writer) and not isinstance(writer, str):
+            return writer(path, **options)
+        from peaknet_xtal.registry import open_writer
+
+        return open_writer(writer, path, **options)
+
+    def done_keys(self) -> list[Hashable]:
+        return sorted(self.seen)
+
+    def write(self, results: Sequence[FrameResult]) -> list[Hashable]:
+        """Write the new results; returns every key handled (new or duplicate), to acknowledge."""
+        keys = []
+        for result in results:
+            key = tuple(result.frame.key)
+            keys.append(key)
+            if key in self.seen:
+                self.duplicates += 1
+                continue
+            self.writer.write(result)
+            self.seen.add(key)
+            self.written += 1
+        return keys
+
+    def close(self) -> dict[str, Any]:
+        """Finalise the output atomically; safe to call twice."""
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+        return {"path": self.path, "written": self.written, "duplicates": self.duplicates,
+                "resumed": self.resumed}
+
+    def run(self, results_in: Any, frames_ack: Any, lease_timeout: float = 1.0) -> dict[str, Any]:
+        """Drain until the result queue is finished, then finalise."""
+        try:
+            while True:
+                results = results_in.lease(None, self.chunk, lease_timeout)
+                if results is None:
+                    break
+                if results:
+                    frames_ack.ack(self.write(results))
+        finally:
+            summary = self.close()
+        return summary
+
+
+class RayQueueClient:
+    """Synchronous, picklable client of a Ray queue actor (same methods as LocalQueueClient)."""
+
+    def __init__(self, handle: Any) -> None:
+        self.handle = handle
+
+    def _call(self, method: str, *args: Any) -> Any:
+        import ray
+
+        return ray.get(getattr(self.handle, method).remote(*args))
+
+    def put(self, items: Sequence[Any], timeout: float | None = None) -> bool:
+        return self._call("put", list(items), timeout)
+
+    def lease(self, owner: str | None, n: int, timeout: float | None = None,
+              report: dict[str, Any] | None = None) -> list[Any] | None:
+        return self._call("lease", owner, n, timeout, report)
+
+    def ack(self, keys: Sequence[Hashable]) -> int:
+        return self._call("ack", list(keys))
+
+    def release(self, owner: str) -> int:
+        return self._call("release", owner)
+
+    def close(self) -> None:
+        self._call("close")
+
+    def abort(self) -> int:
+        return self._call("abort")
+
+    def report(self, owner: str, stats: dict[str, Any]) -> None:
+        self._call("report", owner, stats)
+
+    def stats(self) -> dict[str, Any]:
+        return self._call("stats")
+
+
+@functools.lru_cache(maxsize=None)
+def _remote_class(cls: type) -> Any:
+    import ray
+
+    return ray.remote(cls)
+
+
+def ray_queue(capacity: int, name: str) -> RayQueueClient:
+    """A queue actor: async (many callers wait on it at once), no CPU reserved."""
+    from peaknet_xtal.pipeline.queues import AsyncLeaseQueue
+
+    actor = _remote_class(AsyncLeaseQueue).options(num_cpus=0, max_concurrency=1000)
+    return RayQueueClient(actor.remote(capacity, name))
+
+
+def ray_actor(cls: type, *args: Any, num_cpus: float = 0, num_gpus: float = 0,
+              **kwargs: Any) -> Any:
+    """A Ray actor around a plain stage class; no Ray restarts (the driver re-queues instead)."""
+    return _remote_class(cls).options(num_cpus=num_cpus, num_gpus=num_gpus,
+                                      max_restarts=0).remote(*args, **kwargs)

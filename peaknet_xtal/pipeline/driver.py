@@ -1,0 +1,373 @@
+"""``run_pipeline(config)``: sources -> frame queue -> model workers -> result queues -> writers.
+
+The driver owns no data; it starts the stages, watches them and keeps the books:
+
+- **Back-pressure.**  The frame queue holds at most ``queue_capacity`` frames, pending or leased;
+  result queues ``result_queue_capacity`` each.  A full queue blocks whoever feeds it.
+- **Exactly once.**  A frame stays leased to its worker until a writer acknowledges it.  When a
+  worker dies (killed, crashed, out of memory) its leases go back to the front of the queue and a
+  replacement starts (``max_restarts``); a result that arrives twice is dropped by key at the writer
+  (results are routed to writers by a stable hash of the key, so one writer sees every copy).
+- **Ctrl-C.**  The first SIGINT aborts the frame queue (pending frames are dropped, never written),
+  lets the batches already leased finish, and closes the writers, so everything done is on disk.
+  A second SIGINT stops at once.
+- **Resume.**  Keys already in the writers' finished output are skipped by the sources.
+
+``backend="ray"`` (default) runs every stage as a Ray actor, on a local Ray or the cluster at
+``address``; ``backend="threads"`` runs the same classes on threads in this process (tests, and a
+laptop without Ray).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
+from pathlib import Path
+from typing import Any
+
+from peaknet_xtal.config import deep_merge
+from peaknet_xtal.errors import PeakNetError
+from peaknet_xtal.pipeline.actors import ModelWorker, ResultWriter, SourceFeeder, ray_actor, ray_queue
+from peaknet_xtal.pipeline.monitor import PipelineMonitor
+from peaknet_xtal.pipeline.queues import AsyncLeaseQueue, EventLoopThread, LocalQueueClient
+
+log = logging.getLogger(__name__)
+
+#: Every key ``run_pipeline`` reads.  ``peaknet2cxi --workers N [--address A]`` fills these.
+DEFAULTS: dict[str, Any] = {
+    "inputs": [],  # paths, or {"path", "kind", "options"} mappings
+    "source_kind": None,  # registry source type for plain paths (None: sniff)
+    "source_options": {},  # e.g. {"geometry": "x.geom"} or {"count": 100, "seed": 1}
+    "output": "peaknet-out",  # writer path; with writers > 1 each gets "-w<i>" added
+    "writer": "cxi",  # registry writer type, or a factory(path, **options)
+    "writer_options": {},  # e.g. {"frames_per_file": 1000, "geometry": ...}
+    "writers": 1,
+    "workers": 2,
+    "threads_per_worker": 1,  # CPU thread budget of each worker
+    "gpus_per_worker": None,  # None: 1 when device is cuda*, else 0
+    "predictor": "engine",  # "engine", "localmax" or a picklable factory(**predictor_options)
+    "predictor_options": {},  # extra options for the predictor
+    "model": "default",
+    "device": "cpu",
+    "threshold": None,
+    "batch_size": 8,  # frames per lease; the engine batches its tiles within it
+    "queue_capacity": 3200,
+    "result_queue_capacity": 1024,
+    "source_chunk": 16,  # frames per put into the frame queue
+    "send_images": "auto",  # results carry pixels only when the writer cannot link to them
+    "address": None,  # Ray cluster address (None: start a local Ray)
+    "num_cpus": None,  # CPUs of a local Ray
+    "backend": "ray",
+    "max_restarts": 3,  # worker replacements before the run fails
+    "lease_timeout": 1.0,  # seconds a blocked lease waits before a worker reports in
+    "monitor_interval": 1.0,
+    "progress": True,
+    "monitor_json": None,  # default: <output>.pipeline.json
+    "resume": True,
+}
+
+
+class PipelineError(PeakNetError):
+    """A stage failed for good (a source could not be read, workers kept dying, a writer broke)."""
+
+
+def resolve_config(config: Mapping[str, Any] | None) -> dict[str, Any]:
+    cfg = deep_merge(DEFAULTS, dict(config or {}))
+    unknown = sorted(set(cfg) - set(DEFAULTS))
+    if unknown:
+        log.warning("run_pipeline: ignoring unknown settings %s", unknown)
+    if not cfg["inputs"]:
+        raise ValueError("run_pipeline: no inputs")
+    if int(cfg["workers"]) < 1 or int(cfg["writers"]) < 1:
+        raise ValueError("run_pipeline: need at least one worker and one writer")
+    return cfg
+
+
+def source_specs(cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Normalise ``inputs`` into ``{"path", "kind", "options"}`` mappings."""
+    specs = []
+    for item in cfg["inputs"]:
+        if isinstance(item, Mapping):
+            spec = {"kind": cfg["source_kind"], "options": dict(cfg["source_options"]), **item}
+        else:
+            spec = {"path": os.fspath(item), "kind": cfg["source_kind"],
+                    "options": dict(cfg["source_options"])}
+        specs.append(spec)
+    return specs
+
+
+def writer_path(output: str, index: int, count: int) -> str:
+    """``out.cxi`` -> ``out-w1.cxi`` (or ``dir`` -> ``dir/peaks-w1.cxi``) when there are several."""
+    if count == 1:
+        return str(output)
+    path = Path(output)
+    if path.suffix:
+        return str(path.with_name(f"{path.stem}-w{index}{path.suffix}"))
+    return str(path / f"peaks-w{index}.cxi")
+
+
+def predictor_options(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    if cfg["predictor"] in (None, "engine"):
+        base = {"model": cfg["model"], "device": cfg["device"],
+                "threads": int(cfg["threads_per_worker"])}
+        if cfg["threshold"] is not None:
+            base["threshold"] = cfg["threshold"]
+        return {**base, **cfg["predictor_options"]}
+    return dict(cfg["predictor_options"])
+
+
+# ------------------------------------------------------------------------------------------------
+# backends: where the stage objects live
+
+
+class ThreadBackend:
+    """Every stage on a thread of this process (the classes are the same ones Ray hosts)."""
+
+    def __init__(self, cfg: Mapping[str, Any]) -> None:
+        self.loop = EventLoopThread()
+        size = int(cfg["workers"]) + int(cfg["writers"]) + len(cfg["inputs"]) + 4
+        self.pool = ThreadPoolExecutor(max_workers=size, thread_name_prefix="peaknet-stage")
+
+    def queue(self, capacity: int, name: str) -> Any:
+        return LocalQueueClient(AsyncLeaseQueue(capacity, name), self.loop)
+
+    def make(self, cls: type, *args: Any, num_cpus: float = 0, num_gpus: float = 0,
+             **kwargs: Any) -> Any:
+        return cls(*args, **kwargs)
+
+    def call(self, handle: Any, method: str, *args: Any) -> Any:
+        return getattr(handle, method)(*args)
+
+    def start(self, handle: Any, method: str, *args: Any) -> Future:
+        return self.pool.submit(getattr(handle, method), *args)
+
+    def wait(self, futures: list[Any], timeout: float) -> list[Any]:
+        done, _ = wait_futures(futures, timeout=timeout, return_when=FIRST_COMPLETED)
+        return list(done)
+
+    def result(self, future: Future) -> Any:
+        return future.result()
+
+    def kill(self, handle: Any) -> None:
+        """Threads cannot be killed; a failed worker thread has already returned."""
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.loop.stop()
+
+
+class RayBackend:
+    """Every stage a Ray actor; queues are async actors that reserve no CPU."""
+
+    def __init__(self, cfg: Mapping[str, Any]) -> None:
+        from peaknet_xtal.labelling.distributed import ray_session
+
+        # reuses a Ray the caller already started (and then leaves it running)
+        self._session = ray_session(address=cfg["address"], num_cpus=cfg["num_cpus"])
+        self.ray = self._session.__enter__()
+
+    def queue(self, capacity: int, name: str) -> Any:
+        return ray_queue(capacity, name)
+
+    def make(self, cls: type, *args: Any, num_cpus: float = 0, num_gpus: float = 0,
+             **kwargs: Any) -> Any:
+        return ray_actor(cls, *args, num_cpus=num_cpus, num_gpus=num_gpus, **kwargs)
+
+    def call(self, handle: Any, method: str, *args: Any) -> Any:
+        return self.ray.get(getattr(handle, method).remote(*args))
+
+    def start(self, handle: Any, method: str, *args: Any) -> Any:
+        return getattr(handle, method).remote(*args)
+
+    def wait(self, futures: list[Any], timeout: float) -> list[Any]:
+        done, _ = self.ray.wait(futures, num_returns=1, timeout=timeout)
+        if done:  # collect everything else already finished too
+            more, _ = self.ray.wait(futures, num_returns=len(futures), timeout=0)
+            done = list({*done, *more})
+        return done
+
+    def result(self, future: Any) -> Any:
+        return self.ray.get(future)
+
+    def kill(self, handle: Any) -> None:
+        try:
+            self.ray.kill(handle, no_restart=True)
+        except Exception:  # already gone
+            pass
+
+    def close(self) -> None:
+        self._session.__exit__(None, None, None)
+
+
+# ------------------------------------------------------------------------------------------------
+# the driver
+
+
+class Driver:
+    """Starts the stages, replaces dead workers, closes queues in order, keeps the books."""
+
+    def __init__(self, cfg: dict[str, Any], backend: Any) -> None:
+        self.cfg = cfg
+        self.backend = backend
+        self.running: dict[Any, tuple[str, str, Any]] = {}  # future -> (role, name, handle)
+        self.sources: list[dict[str, Any]] = []
+        self.workers: dict[str, dict[str, Any]] = {}
+        self.writers: list[dict[str, Any]] = []
+        self.failures: list[str] = []
+        self.restarts = 0
+        self.interrupted = False
+        self.fatal: BaseException | None = None
+        self.live_workers = 0
+        self.results_closed = False
+
+    # -- start --------------------------------------------------------------------------------
+    def start(self) -> list[Any]:
+        cfg = self.cfg
+        n_writers = int(cfg["writers"])
+        self.frames = self.backend.queue(int(cfg["queue_capacity"]), "frames")
+        self.results = [self.backend.queue(int(cfg["result_queue_capacity"]), f"results-{i}")
+                        for i in range(n_writers)]
+        writers = [self.backend.make(ResultWriter, cfg["writer"],
+                                     writer_path(cfg["output"], i, n_writers),
+                                     cfg["writer_options"])
+                   for i in range(n_writers)]
+        done: set[Any] = set()
+        if cfg["resume"]:
+            for handle in writers:
+                done.update(tuple(k) for k in self.backend.call(handle, "done_keys"))
+        for i, handle in enumerate(writers):
+            future = self.backend.start(handle, "run", self.results[i], self.frames,
+                                        float(cfg["lease_timeout"]))
+            self.running[future] = ("writer", f"writer{i}", handle)
+        for i, spec in enumerate(source_specs(cfg)):
+            handle = self.backend.make(SourceFeeder, spec, sorted(done), int(cfg["source_chunk"]))
+            self.running[self.backend.start(handle, "run", self.frames)] = ("source", f"source{i}",
+                                                                             handle)
+        for i in range(int(cfg["workers"])):
+            self.start_worker(f"w{i}")
+        return sorted(done)
+
+    def start_worker(self, worker_id: str) -> None:
+        cfg = self.cfg
+        gpus = cfg["gpus_per_worker"]
+        if gpus is None:
+            gpus = 1 if str(cfg["device"]).startswith("cuda") else 0
+        handle = self.backend.make(ModelWorker, worker_id, cfg["predictor"],
+                                   predictor_options(cfg), int(cfg["batch_size"]),
+                                   int(cfg["threads_per_worker"]), cfg["send_images"],
+                                   num_cpus=int(cfg["threads_per_worker"]), num_gpus=gpus)
+        future = self.backend.start(handle, "run", self.frames, self.results,
+                                    float(cfg["lease_timeout"]))
+        self.running[future] = ("worker", worker_id, handle)
+        self.live_workers += 1
+
+    # -- react --------------------------------------------------------------------------------
+    def on_done(self, future: Any) -> None:
+        role, name, handle = self.running.pop(future)
+        try:
+            value = self.backend.result(future)
+        except Exception as exc:  # noqa: BLE001 - any stage failure is handled by role
+            getattr(self, f"_{role}_failed")(name, handle, exc)
+            return
+        if role == "source":
+            self.sources.append(value)
+        elif role == "worker":
+            self.workers[name] = value
+            self.live_workers -= 1
+        else:
+            self.writers.append(value)
+
+    def _source_failed(self, name: str, handle: Any, exc: BaseException) -> None:
+        self._fail(f"{name} failed: {exc}", exc)
+
+    def _writer_failed(self, name: str, handle: Any, exc: BaseException) -> None:
+        self._fail(f"{name} failed: {exc}", exc)
+        for queue in self.results:  # nobody may wait on a queue its writer no longer drains
+            queue.close()
+        self.results_closed = True
+
+    def _worker_failed(self, name: str, handle: Any, exc: BaseException) -> None:
+        self.live_workers -= 1
+        self.backend.kill(handle)
+        requeued = self.frames.release(name)
+        message = f"worker {name} died ({type(exc).__name__}); {requeued} leased frames re-queued"
+        self.failures.append(message)
+        log.warning(message)
+        if self.fatal is not None or self.interrupted:
+            return
+        if self.restarts >= int(self.cfg["max_restarts"]):
+            self._fail(f"workers died {self.restarts + 1} times; last: {exc}", exc)
+            return
+        self.restarts += 1
+        self.start_worker(f"{name.split('.')[0]}.r{self.restarts}")
+
+    def _fail(self, message: str, exc: BaseException) -> None:
+        log.error(message)
+        self.failures.append(message)
+        if self.fatal is None:
+            self.fatal = exc
+            self.frames.abort()
+
+    def advance(self) -> None:
+        """Close each queue once everything upstream of it is done."""
+        roles = {role for role, _, _ in self.running.values()}
+        if "source" not in roles:
+            self.frames.close()
+        if (self.live_workers == 0 or "worker" not in roles) and not self.results_closed:
+            if self.fatal is not None or self.interrupted or self.frames.stats()["finished"]:
+                for queue in self.results:
+                    queue.close()
+                self.results_closed = True
+
+    def interrupt(self) -> None:
+        if self.interrupted:
+            raise KeyboardInterrupt
+        self.interrupted = True
+        dropped = self.frames.abort()
+        log.warning("interrupted: %d queued frames dropped; finishing leased batches", dropped)
+
+    def loop(self, monitor: PipelineMonitor) -> None:
+        interval = float(self.cfg["monitor_interval"])
+        while self.running:
+            try:
+                for future in self.backend.wait(list(self.running), interval):
+                    self.on_done(future)
+                self.advance()
+                monitor.sample(self.frames.stats(), [q.stats() for q in self.results])
+            except KeyboardInterrupt:
+                self.interrupt()
+
+
+def run_pipeline(config: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Run the whole pipeline; returns (and writes as JSON) the run summary.
+
+    Raises :class:`PipelineError` after flushing the writers if a stage failed for good; returns
+    with ``"interrupted": True`` after a Ctrl-C.
+    """
+    cfg = resolve_config(config)
+    backend = RayBackend(cfg) if cfg["backend"] == "ray" else ThreadBackend(cfg)
+    try:
+        driver = Driver(cfg, backend)
+        skipped = driver.start()
+        monitor_json = cfg["monitor_json"] or f"{str(cfg['output']).rstrip('/')}.pipeline.json"
+        monitor = PipelineMonitor(None, progress=bool(cfg["progress"]),
+                                  interval=float(cfg["monitor_interval"]), live_path=monitor_json)
+        driver.loop(monitor)
+        final = driver.frames.stats()
+        monitor.sample(final, [q.stats() for q in driver.results])
+        summary = monitor.close(
+            monitor_json, live=False,
+            backend=cfg["backend"], workers_started=int(cfg["workers"]) + driver.restarts,
+            restarts=driver.restarts, requeued=final["requeued"],
+            duplicates_dropped=final["duplicates"] + sum(w["duplicates"] for w in driver.writers),
+            dropped_on_abort=final["dropped"], resumed_keys=len(skipped),
+            written=sum(w["written"] for w in driver.writers), sources=driver.sources,
+            writers=driver.writers, worker_results=driver.workers, failures=driver.failures,
+            interrupted=driver.interrupted)
+    finally:
+        backend.close()
+    if driver.fatal is not None:
+        raise PipelineError("; ".join(driver.failures)) from driver.fatal
+    return summary

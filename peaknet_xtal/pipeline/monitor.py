@@ -1,0 +1,103 @@
+"""Live and final view of a pipeline run: queue depths, frames/s in and out, worker busy fraction.
+
+The same JSON file is rewritten every ``interval`` during the run (``"live": true``, worker pids
+and counts included) and once more, complete with the sample history, at the end.
+
+Everything comes from the queues' own statistics (frames *in* = accepted by the frame queue,
+frames *out* = acknowledged by a writer; workers piggy-back their busy time on each lease), so
+monitoring adds no actor and no extra round trip per frame.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any, TextIO
+
+from peaknet_xtal.atomic import write_json_atomic
+from peaknet_xtal.progress import Progress
+
+#: Samples kept for the JSON report; older ones are thinned to every other one.
+MAX_SAMPLES = 2000
+
+
+class PipelineMonitor:
+    """Turns successive queue statistics into rates, a progress line and a JSON summary."""
+
+    def __init__(self, total: int | None = None, *, progress: bool = True,
+                 stream: TextIO | None = None, interval: float | None = None,
+                 live_path: str | None = None) -> None:
+        self.bar = Progress(total, "frames", desc="pipeline", stream=stream, interval=interval,
+                            enabled=progress)
+        self.t0 = time.perf_counter()
+        self.samples: list[dict[str, Any]] = []
+        self.workers: dict[str, dict[str, Any]] = {}
+        self._last: tuple[float, int, int] | None = None
+        self.peak_depth = 0
+        self.peak_results_depth = 0
+        self.frames_in = self.frames_out = 0
+        self.live_path = live_path
+        self.interval = interval or 1.0
+        self._last_write = 0.0
+
+    def sample(self, frames_q: dict[str, Any],
+               result_qs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        """Record one observation and refresh the progress line; returns the sample."""
+        now = time.perf_counter()
+        put, acked = int(frames_q["put"]), int(frames_q["acked"])
+        last_t, last_in, last_out = self._last or (self.t0, 0, 0)
+        dt = max(now - last_t, 1e-9)
+        self._last = (now, put, acked)
+        self.workers.update(frames_q.get("reports", {}))
+        results_depth = sum(int(q["depth"]) for q in result_qs)
+        self.peak_depth = max(self.peak_depth, int(frames_q["depth"]) + int(frames_q["in_flight"]))
+        self.peak_results_depth = max(self.peak_results_depth, results_depth)
+        delta = acked - self.frames_out
+        self.frames_in, self.frames_out = put, acked
+        sample = {"t": round(now - self.t0, 3), "frames_in": put, "frames_out": acked,
+                  "in_per_s": round((put - last_in) / dt, 2),
+                  "out_per_s": round((acked - last_out) / dt, 2),
+                  "depth": int(frames_q["depth"]), "in_flight": int(frames_q["in_flight"]),
+                  "capacity": int(frames_q["capacity"]), "results_depth": results_depth,
+                  "busy": {w: r.get("busy_fraction", 0.0) for w, r in self.workers.items()}}
+        self.bar.update(delta, extra=self.line(sample))
+        self._keep(sample)
+        if self.live_path and now - self._last_write >= self.interval:
+            self._write_live(now)
+        return sample
+
+    def _write_live(self, now: float) -> None:
+        """The summary so far (without the sample history), for people and tools watching a run."""
+        live = self.summary(live=True)
+        live.pop("samples")
+        live["last"] = self.samples[-1] if self.samples else None
+        write_json_atomic(self.live_path, live)
+        self._last_write = now
+
+    @staticmethod
+    def line(sample: dict[str, Any]) -> str:
+        busy = " ".join(f"{w}:{100 * b:.0f}%" for w, b in sorted(sample["busy"].items()))
+        return (f"in {sample['in_per_s']:.1f}/s out {sample['out_per_s']:.1f}/s | "
+                f"q1 {sample['depth']}+{sample['in_flight']}/{sample['capacity']} "
+                f"q2 {sample['results_depth']} | busy {busy or '-'}")
+
+    def _keep(self, sample: dict[str, Any]) -> None:
+        self.samples.append(sample)
+        if len(self.samples) > MAX_SAMPLES:
+            self.samples = self.samples[::2]
+
+    def summary(self, **extra: Any) -> dict[str, Any]:
+        elapsed = time.perf_counter() - self.t0
+        return {"elapsed_s": round(elapsed, 3), "frames_in": self.frames_in,
+                "frames_out": self.frames_out,
+                "mean_out_per_s": round(self.frames_out / elapsed, 3) if elapsed > 0 else 0.0,
+                "peak_queue_depth": self.peak_depth,
+                "peak_results_depth": self.peak_results_depth,
+                "workers": self.workers, **extra, "samples": self.samples}
+
+    def close(self, path: str | None = None, **extra: Any) -> dict[str, Any]:
+        """Final progress line; the summary, also written atomically as JSON if ``path`` is set."""
+        self.bar.close()
+        summary = self.summary(**extra)
+        if path:
+            write_json_atomic(path, summary)
+        return summary

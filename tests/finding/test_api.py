@@ -1,0 +1,164 @@
+"""PeakFinder on numpy, flex and dxtbx input; DIALS reflection tables; the cctbx example script."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from peaknet_xtal.finding import PeakFinder
+from peaknet_xtal.finding.api import to_panels
+
+ROOT = Path(__file__).resolve().parents[2]
+CSPAD = "cspad_thermolysin_stills/idx-20130301060858401.cbf"
+
+
+def bright_pixels(panels, masks):
+    """Stand-in segmenter (plumbing tests, independent of model quality): pixels above 150."""
+    return [(np.asarray(p) > 150).astype(np.float32) for p in panels]
+
+
+def same(a, b):
+    """Peak tables equal column by column (NaN equals NaN)."""
+    return len(a) == len(b) and all(np.array_equal(a[k], b[k], equal_nan=a[k].dtype.kind == "f")
+                                    for k in a.dtype.names)
+
+
+def spots_image():
+    image = np.full((60, 80), 10.0, np.float32)
+    image[20, 30] = image[20, 31] = 400.0
+    image[45, 70] = 900.0
+    return image
+
+
+def test_find_accepts_arrays_lists_and_stacks_alike():
+    finder = PeakFinder(predictor=bright_pixels, min_peaks=2, max_peaks=10)
+    image = spots_image()
+    table = finder.find(image)
+    assert table[["fs", "ss"]].tolist() == [(30.5, 20.0), (70.0, 45.0)]
+    assert table["intensity"].tolist() == [780.0, 890.0] and finder.is_hit(table)
+    stacked = finder.find(np.stack([np.zeros_like(image), image]))
+    listed = finder.find([np.zeros_like(image), image])
+    assert same(stacked, listed) and set(listed["panel"].tolist()) == {1}
+    mask = np.ones(image.shape, bool)
+    mask[45, 70] = False
+    assert len(finder.find(image, mask=mask)) == 1
+
+
+def test_bad_inputs_are_explained():
+    with pytest.raises(TypeError, match="numpy array"):
+        to_panels("image.cbf")
+    with pytest.raises(ValueError, match="2-D"):
+        to_panels(np.zeros((2, 2, 2, 2)))
+    with pytest.raises(ValueError, match="panel 1"):
+        to_panels([np.zeros((4, 4)), np.zeros(4)])
+
+
+@pytest.mark.dials
+def test_flex_arrays_match_numpy(dials_env):
+    from dxtbx import flumpy
+
+    finder = PeakFinder(predictor=bright_pixels)
+    image = spots_image()
+    flexed = flumpy.from_numpy(image.astype(np.float64))
+    assert same(finder.find(flexed), finder.find(image))
+    assert np.array_equal(finder.find([flexed, flexed])["panel"], [0, 0, 1, 1])
+
+
+@pytest.mark.dials
+def test_imageset_peaks_and_reflection_table_on_real_cspad(real_data, dials_env):
+    from dxtbx.model.experiment_list import ExperimentListFactory
+
+    imageset = ExperimentListFactory.from_filenames([str(real_data / CSPAD)])[0].imageset
+    finder = PeakFinder(predictor=bright_pixels, max_peaks=500)
+    peaks, boxes = finder.find(imageset, 0, with_bbox=True)
+    assert 20 < len(peaks) <= 500
+    assert len(set(peaks["panel"].tolist())) > 5 and peaks["panel"].max() < 64
+    # thermolysin stills on this CSPAD reach ~2 A; beyond 1/1.5 A nothing can be a Bragg peak
+    assert np.all(np.isfinite(peaks["one_over_d"]))
+    assert 0.005 < peaks["one_over_d"].min() and peaks["one_over_d"].max() < 1 / 1.5
+    table = finder.find_reflections(imageset, 0)
+    assert table.size() == len(peaks)
+    xyz = np.array(table["xyzobs.px.value"])
+    assert np.allclose(xyz[:, 0], peaks["fs"] + 0.5) and np.allclose(xyz[:, 1], peaks["ss"] + 0.5)
+    assert np.all(xyz[:, 2] == 0.5)
+    bbox = np.array(table["bbox"])
+    assert np.array_equal(bbox[:, :4], boxes)
+    assert np.all((bbox[:, 0] <= xyz[:, 0]) & (xyz[:, 0] <= bbox[:, 1]))
+    assert np.all((bbox[:, 2] <= xyz[:, 1]) & (xyz[:, 1] <= bbox[:, 3]))
+    assert list(table["panel"]) == peaks["panel"].tolist()
+    assert table.get_flags(table.flags.strong).count(True) == table.size()
+
+
+@pytest.mark.dials
+def test_imageset_data_count_photons_for_the_shot_noise(real_data, dials_env):
+    """dxtbx hands over data divided by the format's gain, as DIALS spot finding sees them: the
+    SNR counts their shot noise at one count per photon, which plain arrays (no gain) do not."""
+    from dxtbx.model.experiment_list import ExperimentListFactory
+
+    from peaknet_xtal.finding.api import imageset_panels
+
+    imageset = ExperimentListFactory.from_filenames([str(real_data / CSPAD)])[0].imageset
+    finder = PeakFinder(predictor=bright_pixels, min_snr=0.0)
+    counted = finder.find(imageset, 0)
+    panels, masks = imageset_panels(imageset, 0)
+    plain = finder.find(panels, mask=masks)
+    assert len(counted) == len(plain) > 20
+    np.testing.assert_array_equal(counted["intensity"], plain["intensity"])
+    brighter = counted["intensity"] > 0
+    assert np.all(counted["snr"][brighter] < plain["snr"][brighter])
+
+
+_ORDER_SCRIPT = """
+import sys
+if sys.argv[1] == "cctbx-first":
+    import omptbx  # noqa: F401  (cctbx's OpenMP stubs now shadow libgomp)
+import numpy as np
+import torch
+from peaknet_xtal.finding.engine import InferenceEngine
+rng = np.random.default_rng(0)
+panels = [rng.poisson(4, (96, 96)).astype(np.float32) for _ in range(4)]
+engine = InferenceEngine("default", device="cpu", threads=2)
+first, second = engine.predict_panels(panels), engine.predict_panels(panels)
+assert all(np.array_equal(a, b) for a, b in zip(first, second)), "non-deterministic"
+np.save(sys.argv[2], np.stack(first))
+print("threads", torch.get_num_threads())
+"""
+
+
+@pytest.mark.dials
+def test_cctbx_imported_before_torch_still_gives_correct_probabilities(tmp_path, dials_env):
+    """Debian's cctbx exports stub OpenMP functions; with them ahead of libgomp multi-threaded
+    torch returns different, wrong values on every call.  The engine detects this and drops to
+    one thread, so the result equals a clean process's."""
+    script = tmp_path / "order.py"
+    script.write_text(_ORDER_SCRIPT)
+    outputs = {}
+    for order in ("cctbx-first", "torch-first"):
+        out = tmp_path / f"{order}.npy"
+        run = subprocess.run([sys.executable, str(script), order, str(out)], env=dials_env,
+                             capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-2000:]
+        outputs[order] = (np.load(out), run.stdout.strip())
+    assert outputs["cctbx-first"][1] == "threads 1"
+    np.testing.assert_allclose(outputs["cctbx-first"][0], outputs["torch-first"][0], atol=1e-5)
+
+
+@pytest.mark.dials
+@pytest.mark.slow
+def test_cctbx_example_runs_on_real_cspad_with_the_default_model(real_data, tmp_path, dials_env):
+    out = tmp_path / "strong.refl"
+    env = dict(dials_env, PYTHONPATH=os.pathsep.join(filter(None, [
+        str(ROOT), dials_env.get("PYTHONPATH", "")])))
+    run = subprocess.run([sys.executable, str(ROOT / "examples" / "cctbx_peakfinder.py"),
+                          str(real_data / CSPAD), "--threshold", "0.9", "--out", str(out)],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "idx-20130301060858401.cbf [0]:" in run.stdout and "peaks, hit=" in run.stdout
+    from dials.array_family import flex
+
+    table = flex.reflection_table.from_file(str(out))
+    assert "xyzobs.px.value" in table and "panel" in table and "bbox" in table

@@ -1,0 +1,207 @@
+"""The inference engine: tiling, batching across frames and panels, determinism, pickling."""
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from peaknet_xtal.finding.engine import InferenceEngine, resolve_device, tile_panel
+from peaknet_xtal.finding.peaks import PeakParams
+from peaknet_xtal.model.zoo import create_model
+from peaknet_xtal.types import PEAK_DTYPE, Frame
+
+torch.set_num_threads(1)
+
+
+class PixelwiseLogits(nn.Module):
+    """A real torch module whose peak logit is the pixel value itself (background logit 0).
+
+    Being pointwise, its exact output is known for every pixel, so any slip in padding, tiling,
+    stitching, grouping or batch bookkeeping shows up as a wrong probability.  It counts calls
+    and batch sizes so the batching can be checked too.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(()))
+        self.batches: list[tuple[int, ...]] = []
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        self.batches.append(tuple(x.shape))
+        assert x.shape[-1] % 32 == 0 and x.shape[-2] % 32 == 0
+        peak = torch.where(mask, x * self.scale, torch.full_like(x, -30.0))
+        return torch.cat([torch.zeros_like(x), peak], dim=1)
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x.astype(np.float64)))
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (185, 388), (1000, 1000), (1024, 3000), (2049, 64)])
+def test_tile_cores_partition_the_panel(shape):
+    cover = np.zeros(shape, int)
+    for y0, x0, h, w, (ys, xs) in tile_panel(shape, 1024, 64):
+        assert h <= 1024 and w <= 1024 and y0 + h <= shape[0] and x0 + w <= shape[1]
+        assert y0 <= ys.start and ys.stop <= y0 + h and x0 <= xs.start and xs.stop <= x0 + w
+        # cut edges (not panel edges) stay at least overlap/2 away from the kept core
+        assert ys.start == 0 or ys.start - y0 >= 32
+        assert xs.start == 0 or xs.start - x0 >= 32
+        cover[ys, xs] += 1
+    assert np.all(cover == 1)
+
+
+def test_stitched_tiles_and_padding_reproduce_a_pointwise_model_exactly():
+    rng = np.random.default_rng(1)
+    panels = [rng.normal(0, 2, s).astype(np.float32)
+              for s in [(185, 194), (194, 185), (185, 194), (300, 700)]]
+    masks = [np.ones(p.shape, bool) for p in panels]
+    masks[1][10:20, 30:40] = False
+    model = PixelwiseLogits()
+    engine = InferenceEngine(model, device="cpu", batch_size=2, tile_size=256, tile_overlap=32)
+    probs = engine.predict_panels(panels, masks)
+    for panel, mask, prob in zip(panels, masks, probs):
+        assert prob.dtype == np.float32 and prob.shape == panel.shape
+        np.testing.assert_allclose(prob, np.where(mask, sigmoid(panel), 0), atol=1e-6)
+    # 2 panels of one padded shape, 1 of another, 3x2 tiles of the big one; batches of <= 2
+    shapes = sorted(model.batches)
+    assert shapes == sorted([(2, 1, 192, 224), (1, 1, 224, 192)]
+                            + [(2, 1, 256, 256)] * 3)
+
+
+def test_find_frames_batches_across_frames_and_keeps_order():
+    model = PixelwiseLogits()
+    engine = InferenceEngine(model, device="cpu", batch_size=4, threshold=0.9, min_peaks=2)
+    frames = []
+    for k in range(6):
+        panels = [np.full((40, 50), -10.0, np.float32) for _ in range(2)]
+        for j in range(k % 3):  # 0, 1 or 2 peaks on panel 1
+            panels[1][10 + 5 * j, 20] = 10.0
+        frames.append(Frame(panels=panels, source="run.cxi", event=f"//{k}", serial=k))
+    results = list(engine.find_frames(iter(frames)))
+    assert [r.frame.event for r in results] == [f"//{k}" for k in range(6)]
+    assert [len(r.peaks) for r in results] == [0, 1, 2, 0, 1, 2]
+    assert [r.hit for r in results] == [False, False, True, False, False, True]
+    assert all(r.peaks.dtype == PEAK_DTYPE and r.prob_maps is None for r in results)
+    assert results[2].peaks["panel"].tolist() == [1, 1]
+    # 2 frames x 2 panels fill a batch of 4 tiles: 3 model calls of 4 tiles each
+    assert model.batches == [(4, 1, 64, 64)] * 3
+
+
+def test_injected_predictor_receives_all_panels_of_a_chunk():
+    calls = []
+
+    def threshold_image(panels, masks):
+        calls.append(len(panels))
+        return [(p > 5).astype(np.float32) for p in panels]
+
+    engine = InferenceEngine(predictor=threshold_image, batch_size=3, keep_prob_maps=True)
+    frames = [Frame(panels=[np.zeros((8, 8), np.float32)] * 2, event=f"//{k}") for k in range(3)]
+    frames[1].panels[0] = frames[1].panels[0].copy()
+    frames[1].panels[0][3, 4] = 9.0
+    results = list(engine.find_frames(frames))
+    assert calls == [4, 2]  # 2 frames (4 tiles >= 3), then the last frame
+    assert (results[1].peaks["fs"][0], results[1].peaks["ss"][0]) == (4.0, 3.0)
+    assert results[1].prob_maps[0][3, 4] == 1.0
+    assert not engine.loaded  # a predictor never loads the model
+
+
+def test_real_network_is_deterministic_and_batch_size_independent():
+    torch.manual_seed(0)
+    model = create_model("yocto")
+    rng = np.random.default_rng(2)
+    panels = [rng.poisson(3, (96, 130)).astype(np.float32) for _ in range(5)]
+    first = InferenceEngine(model, device="cpu", batch_size=4).predict_panels(panels)
+    again = InferenceEngine(model, device="cpu", batch_size=4).predict_panels(panels)
+    single = InferenceEngine(model, device="cpu", batch_size=1).predict_panels(panels)
+    for a, b, c in zip(first, again, single):
+        assert np.array_equal(a, b)
+        np.testing.assert_allclose(a, c, atol=1e-5)
+        assert 0.0 <= a.min() and a.max() <= 1.0
+
+
+def test_engine_pickles_without_its_model_and_loads_lazily():
+    engine = InferenceEngine("default", device="cpu", threads=1, threshold=0.7)
+    assert not engine.loaded
+    clone = pickle.loads(pickle.dumps(engine))
+    assert not clone.loaded and clone.peak_params.threshold == 0.7
+    assert clone.describe()["model"] == "default"
+
+
+def test_devices_and_bad_settings():
+    assert str(resolve_device("cpu")) == "cpu"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA"):
+            resolve_device("cuda")
+    with pytest.raises(ValueError, match="batch_size"):
+        InferenceEngine(batch_size=0)
+    with pytest.raises(ValueError, match="tile_overlap"):
+        InferenceEngine(tile_size=64, tile_overlap=64)
+    params = InferenceEngine(peak_params=PeakParams(max_peaks=5), threshold=0.2).peak_params
+    assert (params.threshold, params.max_peaks) == (0.2, 5)
+
+
+def test_mask_shape_mismatch_names_the_panel():
+    engine = InferenceEngine(predictor=lambda p, m: [np.zeros(x.shape) for x in p])
+    with pytest.raises(ValueError, match="panel 1"):
+        engine.predict_panels([np.zeros((4, 4)), np.zeros((4, 4))],
+                              [np.ones((4, 4), bool), np.ones((4, 5), bool)])
+
+
+def test_default_model_loads_lazily_on_first_use_and_predicts():
+    """The real ``load_model("default")`` path (trained or seed-0 weights): plumbing, not quality.
+    """
+    engine = InferenceEngine("default", device="cpu", threads=1)
+    assert not engine.loaded
+    image = np.random.default_rng(4).poisson(5, (64, 96)).astype(np.float32)
+    (prob,) = engine.predict_panels([image])
+    assert engine.loaded and prob.shape == image.shape and np.all((prob >= 0) & (prob <= 1))
+    clone = pickle.loads(pickle.dumps(engine))
+    assert not clone.loaded
+    np.testing.assert_array_equal(clone.predict_panels([image])[0], prob)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
+def test_cuda_matches_cpu_and_is_deterministic():
+    torch.manual_seed(0)
+    model = create_model("yocto")
+    rng = np.random.default_rng(5)
+    panels = [rng.poisson(3, (185, 388)).astype(np.float32) for _ in range(6)]
+    cpu = InferenceEngine(model, device="cpu").predict_panels(panels)
+    gpu = InferenceEngine(model, device="cuda", batch_size=4)
+    first, again = gpu.predict_panels(panels), gpu.predict_panels(panels)
+    for a, b, c in zip(first, again, cpu):
+        assert np.array_equal(a, b)
+        np.testing.assert_allclose(a, c, atol=1e-3)
+
+
+def test_each_frame_brings_its_own_gain_for_the_shot_noise(make_geometry_text):
+    """Two background photons stacked in one pixel of a sparse photon-counting frame: noise to a
+    gain-aware SNR, a peak to background noise alone.  The frame's declared gain decides."""
+    from peaknet_xtal.formats.geometry import parse_geometry
+
+    rng = np.random.default_rng(4)
+    gain = 20.0
+    image = (rng.poisson(0.02, (64, 64)) * gain + rng.normal(0, 3.0, (64, 64))).astype(np.float32)
+    image[30, 30] += 2 * gain
+
+    def marks_the_pixel(panels, masks):
+        prob = np.zeros((64, 64), np.float32)
+        prob[30, 30] = 1.0
+        return [prob]
+
+    def found(engine, **frame_kw):
+        return len(next(iter(engine.find_frames([Frame(panels=[image], **frame_kw)]))).peaks)
+
+    engine = InferenceEngine(predictor=marks_the_pixel, min_snr=3.0)
+    assert found(engine) == 1  # no gain known: background noise only
+    assert found(engine, meta={"adu_per_photon": gain}) == 0
+    geometry = parse_geometry(make_geometry_text(["p0"], 64, 64, [(0.0, 0.0)],
+                                                 adu_per_photon=str(gain), dims=False))
+    assert found(engine, geometry=geometry) == 0
+    assert len(engine.find_panels([image], geometry=geometry)) == 0
+    off = InferenceEngine(predictor=marks_the_pixel, min_snr=3.0, adu_per_photon=0.0)
+    assert found(off, meta={"adu_per_photon": gain}) == 1  # an explicit 0 wins

@@ -1,0 +1,248 @@
+"""Segmentation -> peak table: positions, intensities, backgrounds, panels and masks."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from peaknet_xtal.finding.peaks import (DEFAULT_MIN_SNR, PeakParams, find_peaks, is_hit,
+                                          peak_pixel_mask, strongest)
+from peaknet_xtal.types import PEAK_DTYPE
+
+
+def gaussian_panel(shape, spots, background=50.0, noise=2.0, sigma=1.0, seed=0):
+    """A panel with Gaussian spots ``(fs, ss, total)`` on a noisy flat background."""
+    rng = np.random.default_rng(seed)
+    image = rng.normal(background, noise, shape)
+    ss, fs = np.mgrid[0:shape[0], 0:shape[1]]
+    for x, y, total in spots:
+        image += total / (2 * np.pi * sigma**2) * np.exp(
+            -((fs - x) ** 2 + (ss - y) ** 2) / (2 * sigma**2))
+    return image.astype(np.float32)
+
+
+def test_gaussian_spots_give_subpixel_centroids_intensity_and_background():
+    spots = [(20.3, 15.7, 3000.0), (60.0, 40.25, 1500.0), (45.6, 70.1, 800.0)]
+    image = gaussian_panel((90, 100), spots)
+    table = find_peaks([image], [image > 70], params=PeakParams())
+    assert table.dtype == PEAK_DTYPE
+    assert len(table) == 3
+    for x, y, total in spots:
+        row = table[np.argmin(np.hypot(table["fs"] - x, table["ss"] - y))]
+        assert abs(row["fs"] - x) < 0.1 and abs(row["ss"] - y) < 0.1
+        # the thresholded core holds most, not all, of a Gaussian's flux
+        assert 0.6 * total < row["intensity"] < 1.05 * total
+        assert row["background"] == pytest.approx(50.0, abs=1.0)
+        assert row["background_sigma"] == pytest.approx(2.0, rel=0.5)
+        assert row["snr"] > 20
+        assert row["prob"] == 1.0
+        assert np.isnan(row["one_over_d"])  # no geometry given
+
+
+def test_pixel_centre_convention_single_pixel():
+    image = np.zeros((20, 30), np.float32)
+    image[7, 11] = 100.0  # row = ss, column = fs
+    table = find_peaks([image], [image > 50])
+    assert (table["fs"][0], table["ss"][0]) == (11.0, 7.0)
+    assert table["npix"][0] == 1 and table["max_value"][0] == 100.0
+
+
+def test_components_never_cross_panel_edges():
+    # the same blob cut in two by a panel boundary: two panels, two peaks
+    top = np.zeros((10, 10), np.float32)
+    bottom = np.zeros((10, 10), np.float32)
+    top[-2:, 4:6] = 10.0
+    bottom[:2, 4:6] = 10.0
+    table = find_peaks([top, bottom], [top > 5, bottom > 5])
+    assert sorted(table["panel"].tolist()) == [0, 1]
+    assert table["ss"].tolist() == [8.5, 0.5]
+
+
+def test_panels_of_different_shapes_keep_their_indices():
+    panels = [np.zeros((8, 12), np.float32), np.zeros((20, 6), np.float32),
+              np.zeros((8, 12), np.float32)]
+    panels[1][15, 3] = 9.0
+    panels[2][2, 10] = 9.0
+    table = find_peaks(panels, [p > 1 for p in panels])
+    assert table["panel"].tolist() == [1, 2]
+    assert (table["fs"].tolist(), table["ss"].tolist()) == ([3.0, 10.0], [15.0, 2.0])
+
+
+def test_eight_connectivity_joins_diagonal_pixels():
+    image = np.zeros((10, 10), np.float32)
+    image[3, 3] = image[4, 4] = image[5, 5] = 10.0
+    table = find_peaks([image], [image > 1])
+    assert len(table) == 1 and table["npix"][0] == 3
+
+
+def test_mask_splits_peaks_and_is_excluded_from_background():
+    image = np.full((30, 30), 10.0, np.float32)
+    image[10:13, 10:15] = 100.0
+    mask = np.ones_like(image, bool)
+    mask[:, 12] = False  # a bad column through the spot
+    image[:, 12] = 1e6  # hot column: would ruin the background if it were used
+    table = find_peaks([image], [image > 50], [mask])
+    assert len(table) == 2
+    assert set(table["npix"].tolist()) == {6}
+    assert np.all(table["background"] == 10.0)
+    assert np.all(table["max_value"] == 90.0)
+
+
+def test_background_ignores_neighbouring_peaks():
+    image = np.full((40, 40), 5.0, np.float32)
+    image[20, 20] = 500.0
+    image[20, 23] = 1000.0  # inside the first peak's annulus
+    image[22, 18] = 1000.0
+    table = find_peaks([image], [image > 50])
+    assert len(table) == 3
+    assert np.all(table["background"] == 5.0)
+    assert table["intensity"].tolist() == [495.0, 995.0, 995.0]
+
+
+def test_background_falls_back_to_panel_when_annulus_is_masked():
+    image = np.full((20, 20), 3.0, np.float32)
+    image[10, 10] = 50.0
+    mask = np.zeros_like(image, bool)
+    mask[10, 10] = True
+    mask[0:3, 0:3] = True  # the only other good pixels, far from the peak
+    table = find_peaks([image], [image > 10], [mask])
+    assert table["background"][0] == 3.0 and table["intensity"][0] == 47.0
+
+
+def test_max_peaks_keeps_strongest_in_original_order_and_min_peaks_defines_hits():
+    image = np.zeros((10, 50), np.float32)
+    for i, value in enumerate([5, 50, 20, 40, 10]):
+        image[5, 5 + 10 * i] = value
+    params = PeakParams(threshold=0.5, max_peaks=3)
+    table = find_peaks([image], [image > 1], params=params)
+    assert table["max_value"].tolist() == [50.0, 20.0, 40.0]
+    assert table["fs"].tolist() == [15.0, 25.0, 35.0]
+    assert is_hit(table, 3) and not is_hit(table, 4)
+    assert strongest(table, None).tolist() == [0, 1, 2]
+
+
+def test_pixel_count_limits_and_probability_threshold():
+    image = np.zeros((20, 20), np.float32)
+    image[2, 2] = 10.0
+    image[10:13, 10:13] = 10.0
+    prob = np.where(image > 0, 0.7, 0.1)
+    assert len(find_peaks([image], [prob], params=PeakParams(threshold=0.8))) == 0
+    table = find_peaks([image], [prob], params=PeakParams(threshold=0.6, min_pixels=2))
+    assert table["npix"].tolist() == [9] and table["prob"][0] == pytest.approx(0.7)
+    assert len(find_peaks([image], [prob], params=PeakParams(max_pixels=4))) == 1
+
+
+def weak_and_strong_panel():
+    """One bright spot and one 3x3 patch barely above the noise, both marked by 'the model'."""
+    image = gaussian_panel((60, 60), [(15.0, 15.0, 2000.0)], background=50.0, noise=4.0)
+    image[40:43, 40:43] += 3.0  # 9 pixels at +0.75 sigma: integrated SNR ~2
+    prob = np.zeros(image.shape, np.float32)
+    prob[13:18, 13:18] = 0.9
+    prob[40:43, 40:43] = 0.9
+    return image, prob
+
+
+def test_snr_cut_drops_weak_components():
+    image, prob = weak_and_strong_panel()
+    kept = find_peaks([image], [prob])  # default min_snr
+    assert len(kept) == 1 and kept["snr"][0] >= DEFAULT_MIN_SNR
+    assert kept["fs"][0] == pytest.approx(15.0, abs=0.2)
+    both = find_peaks([image], [prob], params=PeakParams(min_snr=0.0))
+    assert len(both) == 2 and both["snr"].min() < DEFAULT_MIN_SNR
+
+
+def test_peak_pixel_mask_holds_exactly_the_reported_peaks():
+    image, prob = weak_and_strong_panel()
+    good = np.ones(image.shape, bool)
+    good[14, 14] = False  # a masked pixel inside the strong spot stays out
+    table = find_peaks([image], [prob], [good])
+    mask = peak_pixel_mask(image, prob, good)
+    assert mask.sum() == table["npix"].sum() == 24
+    assert not mask[40:43, 40:43].any() and not mask[14, 14]
+    everything = peak_pixel_mask(image, prob, good, PeakParams(min_snr=0.0))
+    assert everything.sum() == 33
+    assert not peak_pixel_mask(image, np.zeros_like(prob)).any()
+
+
+def test_bounding_boxes_are_end_exclusive_fs_then_ss():
+    image = np.zeros((20, 20), np.float32)
+    image[4:7, 10:12] = 10.0
+    table, boxes = find_peaks([image], [image > 1], with_bbox=True)
+    assert boxes.tolist() == [[10, 12, 4, 7]]
+    assert len(table) == 1
+
+
+def test_empty_and_non_finite_inputs():
+    image = np.full((16, 16), np.nan, np.float32)
+    table = find_peaks([image], [np.ones_like(image)])
+    assert len(table) == 0 and table.dtype == PEAK_DTYPE
+    assert len(find_peaks([], [])) == 0
+
+
+def test_shape_mismatch_is_reported_with_panel_index():
+    with pytest.raises(ValueError, match="panel 1"):
+        find_peaks([np.zeros((4, 4)), np.zeros((4, 4))], [np.zeros((4, 4)), np.zeros((4, 5))])
+
+
+def test_many_panel_frame_matches_truth():
+    """A 16-panel, 4 Mpx frame with 400 spots: every spot found within 0.2 px."""
+    rng = np.random.default_rng(3)
+    n_panels, shape = 16, (512, 512)
+    truth = [(int(rng.integers(n_panels)), *rng.uniform(8, 504, 2), rng.uniform(500, 5000))
+             for _ in range(400)]
+    panels = [gaussian_panel(shape, [(x, y, t) for p, x, y, t in truth if p == i], seed=i)
+              for i in range(n_panels)]
+    table = find_peaks(panels, [p > 70 for p in panels])
+    found = 0
+    for p, x, y, _ in truth:
+        mine = table[table["panel"] == p]
+        found += bool(len(mine)) and np.hypot(mine["fs"] - x, mine["ss"] - y).min() < 0.2
+    assert found >= 395  # a few spots overlap and merge
+
+
+def sparse_photon_panel(gain=10.0, level=0.4, seed=1, shape=(80, 80)):
+    """A photon-counting background of ``level`` photons a pixel (most pixels hold none) with
+    Gaussian read noise, in ADU; returns the image and its photon counts."""
+    rng = np.random.default_rng(seed)
+    photons = rng.poisson(level, shape).astype(np.float64)
+    return (photons * gain + rng.normal(0.0, 0.15 * gain, shape)).astype(np.float32), photons
+
+
+def test_background_level_and_spread_are_right_on_a_sparse_photon_background():
+    gain, level = 10.0, 0.4
+    image, _ = sparse_photon_panel(gain, level)
+    image[38:41, 38:41] += 500.0
+    prob = np.zeros(image.shape, np.float32)
+    prob[38:41, 38:41] = 0.9
+    row = find_peaks([image], [prob], params=PeakParams(min_snr=0.0))[0]
+    # more than half the pixels hold no photon: a median would say 0 and a MAD the read noise
+    assert row["background"] == pytest.approx(level * gain, rel=0.35)
+    assert row["background_sigma"] == pytest.approx(np.sqrt(level + 0.15**2) * gain, rel=0.35)
+
+
+def test_shot_noise_rejects_photon_clusters_but_keeps_a_real_spot():
+    gain = 10.0
+    image, _ = sparse_photon_panel(gain, level=0.05)
+    image[20, 20:22] += 2 * gain  # a cluster of four extra photons in two pixels
+    image[55:58, 55:58] += 8 * gain  # a spot of 72 photons
+    prob = np.zeros(image.shape, np.float32)
+    prob[20, 20:22] = prob[55:58, 55:58] = 0.9
+    without = find_peaks([image], [prob], params=PeakParams(min_snr=3.0))
+    counted = find_peaks([image], [prob], params=PeakParams(min_snr=3.0, adu_per_photon=gain))
+    assert len(without) == 2  # against background noise alone the cluster looks significant
+    assert len(counted) == 1 and counted["ss"][0] == pytest.approx(56.0, abs=0.3)
+    zero = find_peaks([image], [prob], params=PeakParams(min_snr=0.0, adu_per_photon=0.0))
+    none = find_peaks([image], [prob], params=PeakParams(min_snr=0.0))
+    np.testing.assert_array_equal(zero["snr"], none["snr"])  # 0: background noise only
+    shot = find_peaks([image], [prob], params=PeakParams(min_snr=0.0, adu_per_photon=gain))
+    assert (shot["snr"] < none["snr"]).all()
+
+
+def test_snr_counts_the_spot_footprint_beyond_the_marked_core():
+    """A faint wide spot of which the model marks only the central pixel: its tails count."""
+    image = gaussian_panel((40, 40), [(20.0, 20.0, 60.0)], background=10.0, noise=1.0,
+                           sigma=1.2)
+    prob = np.zeros(image.shape, np.float32)
+    prob[20, 20] = 0.9
+    row = find_peaks([image], [prob], params=PeakParams(min_snr=0.0))[0]
+    core_only = row["intensity"] / row["background_sigma"]  # one pixel: its own SNR
+    assert row["npix"] == 1 and row["snr"] > 1.5 * core_only

@@ -1,0 +1,279 @@
+"""CXI/HDF5 images and CXI peak tables on real h5py files."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from peaknet_xtal.errors import FormatError
+from peaknet_xtal.formats.cxi import (
+    CXISource,
+    CXIWriter,
+    inspect_cxi,
+    iter_cxi_frames,
+    read_cxi_frame,
+    read_cxi_peaks,
+    sniff_cxi,
+    write_cxi,
+    write_cxi_geometry,
+)
+from peaknet_xtal.formats.geometry import parse_geometry, read_geometry
+from peaknet_xtal.types import FrameResult, peaks_from_columns
+
+BAD_CORNER = """\
+bad_corner/min_fs = 0
+bad_corner/max_fs = 1
+bad_corner/min_ss = 16
+bad_corner/max_ss = 17
+bad_corner/panel = bottom
+"""
+#: Two 32x16 panels (a gap between them) in a 32x32 CXI stack, with a bad region.
+CXI_GEOMETRY = {"names": ["top", "bottom"], "width": 32, "height": 16,
+                "corners": [(-16.0, 2.0), (-16.0, -18.0)], "photon_energy": "9500 eV",
+                "clen": "0.120 m", "adu_per_photon": "1", "extra": BAD_CORNER}
+
+
+@pytest.fixture()
+def geom_text(make_geometry_text) -> str:
+    return make_geometry_text(**CXI_GEOMETRY)
+
+
+@pytest.fixture()
+def geom_path(tmp_path: Path, geom_text: str) -> Path:
+    path = tmp_path / "two.geom"
+    path.write_text(geom_text)
+    return path
+
+
+@pytest.fixture()
+def geometry(geom_path: Path):
+    return read_geometry(geom_path)
+
+
+def make_stack(path: Path, n: int = 4, shape: tuple[int, int] = (32, 32),
+               dataset: str = "/entry_1/data_1/data") -> np.ndarray:
+    rng = np.random.default_rng(7)
+    data = rng.integers(-5, 1000, size=(max(n, 1), *shape)).astype(np.int32)
+    data = data if n else data[0]  # n = 0: one 2-D frame, not a stack
+    with h5py.File(path, "w") as h5:
+        h5.create_dataset(dataset, data=data)
+    return data
+
+
+def test_stack_is_split_into_panels_with_keys_back_to_the_file(tmp_path, geometry):
+    path = tmp_path / "run.cxi"
+    data = make_stack(path, n=4)
+    frames = list(iter_cxi_frames(path, geometry))
+    assert [f.event for f in frames] == ["//0", "//1", "//2", "//3"]
+    assert all(f.source == str(path) for f in frames)
+    third = frames[2]
+    assert [p.shape for p in third.panels] == [(16, 32), (16, 32)]
+    assert third.panels[0].dtype == np.float32
+    np.testing.assert_array_equal(third.panels[1], data[2, 16:32, :])
+    assert third.meta == {"h5_file": str(path), "h5_dataset": "/entry_1/data_1/data",
+                          "h5_index": 2, "slab_shape": (32, 32)}
+    # the geometry's bad region masks the bottom panel's first 2x2 pixels, nothing else
+    assert third.masks[1][:2, :2].sum() == 0 and third.masks[1].sum() == 32 * 16 - 4
+    assert third.masks[0].all()
+
+
+def test_single_frame_and_default_data_path_without_geometry(tmp_path):
+    path = tmp_path / "one.h5"
+    data = make_stack(path, n=0, shape=(10, 12), dataset="/data/data")
+    info = inspect_cxi(path)
+    assert (info.dataset, info.n_frames, info.stacked) == ("/data/data", 1, False)
+    frame = read_cxi_frame(path)
+    assert frame.event == "//" and len(frame.panels) == 1
+    np.testing.assert_array_equal(frame.panels[0], data)
+    assert frame.meta["h5_index"] is None
+
+
+def test_static_mask_dataset_combines_with_geometry_mask(tmp_path, geometry):
+    path = tmp_path / "masked.cxi"
+    make_stack(path, n=2)
+    mask = np.ones((32, 32), dtype=np.uint8)
+    mask[5, 7] = 0  # top panel
+    with h5py.File(path, "a") as h5:
+        h5["/entry_1/data_1/mask"] = mask
+    frame = read_cxi_frame(path, 1, geometry)
+    assert not frame.masks[0][5, 7] and frame.masks[0].sum() == 32 * 16 - 1
+    assert frame.masks[1].sum() == 32 * 16 - 4
+
+
+@pytest.mark.parametrize("shape", [(4, 30, 32), (4, 32, 20), (2, 3, 32, 32)])
+def test_data_not_matching_geometry_names_file_and_dataset(tmp_path, geometry, shape):
+    path = tmp_path / "bad.cxi"
+    with h5py.File(path, "w") as h5:
+        h5["/entry_1/data_1/data"] = np.zeros(shape, dtype=np.float32)
+    with pytest.raises(FormatError) as err:
+        inspect_cxi(path, geometry)
+    assert err.value.path == str(path) and err.value.dataset == "/entry_1/data_1/data"
+    assert str(path) in str(err.value)
+
+
+def test_missing_dataset_not_hdf5_and_truncated_file(tmp_path, geometry):
+    empty = tmp_path / "empty.cxi"
+    with h5py.File(empty, "w") as h5:
+        h5["/other"] = np.zeros(3)
+    with pytest.raises(FormatError, match="dataset /entry_1/data_1/data: dataset not found"):
+        inspect_cxi(empty, geometry)
+    with pytest.raises(FormatError, match="no image dataset found"):
+        inspect_cxi(empty)
+    text = tmp_path / "text.cxi"
+    text.write_text("not hdf5\n")
+    with pytest.raises(FormatError, match="not a readable HDF5 file"):
+        inspect_cxi(text)
+    whole = tmp_path / "whole.cxi"
+    make_stack(whole, n=3)
+    cut = tmp_path / "cut.cxi"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    with pytest.raises(FormatError) as err:
+        list(iter_cxi_frames(cut, geometry))
+    assert err.value.path == str(cut)
+    assert not sniff_cxi(text) and sniff_cxi(whole) and not sniff_cxi(tmp_path / "none.cxi")
+
+
+def _results(frames, per_frame: list[int]) -> list[FrameResult]:
+    results = []
+    for frame, n in zip(frames, per_frame):
+        peaks = peaks_from_columns(panel=np.arange(n) % 2, fs=np.linspace(1.25, 30, n),
+                                   ss=np.linspace(0.5, 14.75, n), intensity=np.arange(n) * 10.0,
+                                   npix=np.full(n, 5), snr=np.full(n, 7.5),
+                                   max_value=np.full(n, 99.0))
+        results.append(FrameResult(frame=frame, peaks=peaks, hit=n > 2))
+    return results
+
+
+def test_write_vds_links_to_original_pixels_and_tables_read_back(tmp_path, geometry):
+    src = tmp_path / "raw.cxi"
+    data = make_stack(src, n=3)
+    results = _results(list(iter_cxi_frames(src, geometry)), [3, 0, 6])
+    out = tmp_path / "out" / "peaks.cxi"
+    assert write_cxi(out, results, geometry, mode="auto") == "vds"
+    with h5py.File(out, "r") as h5:
+        ds = h5["/entry_1/data_1/data"]
+        assert ds.is_virtual and ds.shape == (3, 32, 32)
+        np.testing.assert_array_equal(ds[2], data[2])
+        grp = h5["/entry_1/result_1"]
+        assert grp["nPeaks"].dtype == np.int32 and list(grp["nPeaks"][()]) == [3, 0, 6]
+        for name in ("peakXPosRaw", "peakYPosRaw", "peakTotalIntensity", "peakNPixels",
+                     "peakMaximumValue", "peakSNR", "peakPanel"):
+            assert grp[name].dtype == np.float32 and grp[name].shape == (3, 2048)
+    table = read_cxi_peaks(out)
+    raw = table.raw(2)
+    # bottom-panel peaks (odd rows) move down by the panel's min_ss = 16 in raw slab coordinates
+    expect_ss = np.linspace(0.5, 14.75, 6) + np.array([0, 16, 0, 16, 0, 16])
+    np.testing.assert_allclose(raw["peakYPosRaw"], expect_ss, rtol=1e-6)
+    back = table.peaks(2, geometry)
+    np.testing.assert_array_equal(back["panel"], [0, 1, 0, 1, 0, 1])
+    np.testing.assert_allclose(back["ss"], results[2].peaks["ss"], rtol=1e-6)
+    np.testing.assert_allclose(back["intensity"], results[2].peaks["intensity"])
+    assert table.keys == [(str(src), "//0"), (str(src), "//1"), (str(src), "//2")]
+
+
+def test_width_grows_in_blocks_and_copy_mode_stores_pixels(tmp_path, geometry):
+    src = tmp_path / "raw.cxi"
+    data = make_stack(src, n=2)
+    results = _results(list(iter_cxi_frames(src, geometry)), [9, 2])
+    out = tmp_path / "copy.cxi"
+    assert write_cxi(out, results, geometry, mode="copy", max_peaks=4) == "copy"
+    src.unlink()  # the copy must not depend on the original
+    table = read_cxi_peaks(out)
+    assert table.max_peaks == 12 and list(table.n_peaks) == [9, 2]
+    frame = read_cxi_frame(out, 1, geometry)
+    np.testing.assert_array_equal(frame.panels[0], data[1, :16])
+
+
+def test_geometry_beside_cxi_reads_back_and_reopens_the_file(tmp_path, make_geometry_text):
+    single = parse_geometry(make_geometry_text(**CXI_GEOMETRY, data="/img", dims=False))
+    src = tmp_path / "single.h5"
+    make_stack(src, n=0, shape=(32, 32), dataset="/img")
+    frame = read_cxi_frame(src, geometry=single)
+    out = tmp_path / "w.cxi"
+    write_cxi(out, _results([frame], [4]), single)
+    geom = write_cxi_geometry(out, single)
+    assert geom == tmp_path / "w.geom"
+    written = read_geometry(geom)
+    assert (written.peak_list, written.peak_list_type) == ("/entry_1/result_1", "cxi")
+    assert written.data == "/entry_1/data_1/data" and written.dims == ["%", "ss", "fs"]
+    assert [p.dims for p in written.panels] == [["%", "ss", "fs"]] * 2
+    again = read_cxi_frame(out, 0, written)
+    assert again.event == "//0"
+    for a, b in zip(again.panels, frame.panels):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_rolling_writer_resumes_and_leaves_nothing_half_written(tmp_path, geometry):
+    src = tmp_path / "raw.cxi"
+    make_stack(src, n=5)
+    frames = list(iter_cxi_frames(src, geometry))
+    results = _results(frames, [1, 2, 3, 4, 5])
+    out = tmp_path / "run"
+    writer = CXIWriter(out, geometry, frames_per_file=2)
+    for r in results[:3]:
+        writer.write(r)
+    # "crash": the third result is only buffered; one finished file, nothing partial
+    assert [p.name for p in sorted(out.iterdir())] == ["peaks-00000.cxi", "peaks-00000.geom"]
+    resumed = CXIWriter(out, geometry, frames_per_file=2)
+    assert resumed.done_keys() == {f.key for f in frames[:2]}
+    for r in results:
+        if r.frame.key not in resumed.done_keys():
+            resumed.write(r)
+    resumed.close()
+    names = sorted(p.name for p in out.glob("*.cxi"))
+    assert names == ["peaks-00000.cxi", "peaks-00001.cxi", "peaks-00002.cxi"]
+    assert CXIWriter(out, geometry).done_keys() == {f.key for f in frames}
+    assert list(read_cxi_peaks(out / "peaks-00002.cxi").n_peaks) == [5]
+    assert not list(out.glob(".*part"))
+
+
+def test_failed_write_leaves_no_file(tmp_path, geometry):
+    src = tmp_path / "raw.cxi"
+    make_stack(src, n=1)
+    results = _results(list(iter_cxi_frames(src, geometry)), [3])
+    results[0].frame.geometry = None
+    results[0].peaks["panel"] = 0  # the peaks fit, but the pixels cannot be laid into a slab
+    out = tmp_path / "fail.cxi"
+    with pytest.raises(ValueError, match="multi-panel frame .* needs a geometry"):
+        write_cxi(out, results, None, mode="copy")  # two panels, no geometry to place them
+    assert list(tmp_path.glob("fail*")) == [] and list(tmp_path.glob(".fail*")) == []
+
+
+def test_source_protocol(tmp_path, geom_path):
+    src = tmp_path / "raw.cxi"
+    make_stack(src, n=3)
+    source = CXISource(src, geometry=geom_path)
+    assert source.name == "cxi" and len(source) == 3
+    assert [f.serial for f in source] == [0, 1, 2]
+    source.close()
+
+
+@pytest.mark.parametrize("energies", [[9500.0, 9600.0, 9700.0], [9500.0]])
+def test_photon_energy_named_by_the_geometry_is_read_per_frame(tmp_path, make_geometry_text,
+                                                               energies):
+    """``photon_energy = /LCLS/photon_energy_eV``: CrystFEL reads it per frame from the file;
+    so do we, which fills 1/d and turns an ``adu_per_eV`` into the gain for the shot noise."""
+    from peaknet_xtal.finding.engine import frame_gain
+    from peaknet_xtal.formats.geometry import HC_EV_A
+
+    settings = dict(CXI_GEOMETRY, photon_energy="/LCLS/photon_energy_eV", adu_per_photon=None)
+    text = "adu_per_eV = 0.003\n" + make_geometry_text(**settings)
+    geometry = parse_geometry(text)
+    path = tmp_path / "run.cxi"
+    make_stack(path, n=3)
+    with h5py.File(path, "a") as h5:
+        h5["/LCLS/photon_energy_eV"] = np.array(energies) if len(energies) > 1 else energies[0]
+    frames = list(iter_cxi_frames(path, geometry))
+    expected = energies if len(energies) > 1 else energies * 3
+    for frame, energy in zip(frames, expected):
+        assert frame.meta["wavelength_A"] == pytest.approx(HC_EV_A / energy)
+        assert frame_gain(frame) == pytest.approx(0.003 * energy)
+    for bad, message in ((-1.0, "not positive"), ([9500.0, 9600.0], "2 photon energies")):
+        with h5py.File(path, "a") as h5:
+            del h5["/LCLS/photon_energy_eV"]
+            h5["/LCLS/photon_energy_eV"] = bad
+        with pytest.raises(FormatError, match=message) as err:
+            list(iter_cxi_frames(path, geometry))
+        assert str(path) in str(err.value)

@@ -1,0 +1,92 @@
+"""Ingest: streams and DIALS stills results become records; images are found like indexamajig."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from peaknet_xtal.labelling.ingest import (event_index, load_frame, records_from_dials,
+                                        records_from_stream, resolve_image, stream_geometry)
+from peaknet_xtal.errors import FormatError
+
+
+def test_event_index():
+    assert event_index("//5") == 5
+    assert event_index("//") == 0 and event_index(None) == 0
+    assert event_index("event1//") == -1
+
+
+def test_resolve_image_like_indexamajig(tmp_path):
+    assert resolve_image("r1.cxi", "/data/run7/", tmp_path) == "/data/run7/r1.cxi"
+    assert resolve_image("r1.cxi", "/data/run7-", tmp_path) == "/data/run7-r1.cxi"  # literal
+    (tmp_path / "r1.cxi").write_bytes(b"")
+    assert resolve_image("r1.cxi", None, tmp_path) == str(tmp_path / "r1.cxi")
+    assert resolve_image("/abs/r1.cxi", None, tmp_path) == "/abs/r1.cxi"
+
+
+def test_simulated_stream_round_trip(sim_run):
+    """Records carry panel-relative coordinates that land on the true reflections."""
+    from peaknet_xtal.sim.output import read_truth
+
+    truth = read_truth(sim_run.truth)["reflections"]
+    records = list(records_from_stream(sim_run.stream))
+    assert len(records) >= sim_run.n_frames - 1
+    for rec in records:
+        frame = event_index(rec.event)
+        rows = truth[truth["frame"] == frame]
+        assert rec.image == str(sim_run.cxi.resolve())
+        assert len(rec.predicted) == len(rows)
+        # streams keep 2 decimals (peaks) and 1 decimal (reflections)
+        assert np.allclose(rec.predicted["fs"], rows["fs"], atol=0.051)
+        assert np.array_equal(rec.predicted["panel"], rows["panel"])
+        assert len(rec.found) == int(rows["strong"].sum())
+    with pytest.raises(FormatError, match="geometry"):
+        load_frame(records[0], None)
+    frame = load_frame(records[0], stream_geometry(sim_run.stream))
+    assert [p.shape for p in frame.panels] == [(192, 384), (192, 384)]
+    assert frame.masks is not None
+
+
+def test_missing_image_names_the_file(sim_run, tmp_path):
+    rec = next(records_from_stream(sim_run.stream, prefix=str(tmp_path) + "/"))
+    with pytest.raises(FormatError, match="not found"):
+        load_frame(rec)
+
+
+def test_dials_stills_results(real_data, dials_env):
+    base = real_data / "dials_stills_results_cxi78513"
+    records = list(records_from_dials(base / "stills.expt", base / "stills.refl"))
+    assert len(records) == 3
+    assert sum(len(r.predicted) for r in records) == 502
+    assert sum(len(r.found) for r in records) == 77  # rows flagged strong
+    assert all(r.kind == "dxtbx" and len(r.panel_names) == 64 for r in records)
+    assert os.path.basename(records[0].image) == "idx-20130301054738747.cbf"
+    first = records[0]
+    # xyzcal.px of the first row is (31.4177, 28.4739) with the pixel corner as origin
+    assert (first.predicted["fs"][0], first.predicted["ss"][0]) == pytest.approx(
+        (31.417698 - 0.5, 28.473884 - 0.5), abs=1e-5)
+    from peaknet_xtal.labelling.peakdiff import peakdiff
+
+    diffs = [peakdiff(r.found, r.predicted, 5.0) for r in records]
+    assert all(d.n_matched >= 0.9 * d.n_found for d in diffs)  # strong spots were indexed
+
+
+@pytest.mark.dials
+def test_dials_run_accounts_for_frames_whose_images_are_gone(real_data, dials_env, tmp_path):
+    """The stills' CBFs are not shipped: every frame is recorded as unreadable, nothing crashes."""
+    from peaknet_xtal.labelling.labels import LabelFile
+    from peaknet_xtal.labelling.job import label_run
+
+    base = real_data / "dials_stills_results_cxi78513"
+    out = tmp_path / "dials.h5"
+    summary = label_run([str(base / "stills.expt"), str(base / "stills.refl")], out,
+                        {"peakdiff": {"min_found": 5, "min_precision": 0.5},
+                         "run": {"ray": False}}, progress=False)
+    assert summary["frames"] == 3 and summary["rows"] == 0
+    assert summary["image_errors"] == summary["selected"] > 0
+    with LabelFile(out) as lf:
+        status = lf.frames("status")
+        assert set(status) <= {"image_error", "not_selected"}
+        assert "idx-20130301054738747.cbf" in lf.frames("message")[0]
+        assert len(lf) == 0

@@ -1,0 +1,155 @@
+"""The stage classes without Ray: source feeding, worker batches, writer de-duplication, and the
+whole pipeline on threads (same classes, same driver) including a crashing worker and a resume.
+
+The predictor is the plain local-maximum finder: these tests are about the plumbing, not the model.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from peaknet_xtal.pipeline import PipelineError, run_pipeline
+from peaknet_xtal.pipeline.actors import ModelWorker, ResultWriter, SourceFeeder, shard_of
+from peaknet_xtal.pipeline.predictors import LocalMaxPredictor
+from peaknet_xtal.formats.cxi import CXISource, CXIWriter, read_cxi_peaks
+from peaknet_xtal.types import Frame
+
+
+
+class ListQueue:
+    """Records what a SourceFeeder puts; refuses after ``limit`` puts (like an aborted queue)."""
+
+    def __init__(self, limit: int = 10**9) -> None:
+        self.items: list = []
+        self.limit = limit
+
+    def put(self, items, timeout=None) -> bool:
+        if self.limit <= 0:
+            return False
+        self.limit -= 1
+        self.items.extend(items)
+        return True
+
+
+def test_source_feeder_chunks_and_skips_done_keys(tmp_path: Path, stacks):
+    path = stacks.write(tmp_path / "in.h5", 10)
+    done = [(str(path.resolve()), "//3"), (str(path.resolve()), "//7")]
+    queue = ListQueue()
+    out = SourceFeeder({"path": str(path), "kind": CXISource}, done, chunk=3).run(queue)
+    assert out == {"path": str(path), "sent": 8, "skipped": 2, "stopped": False}
+    assert [f.event for f in queue.items] == [f"//{i}" for i in range(10) if i not in (3, 7)]
+
+
+def test_source_feeder_stops_when_the_queue_refuses(tmp_path: Path, stacks):
+    path = stacks.write(tmp_path / "in.h5", 10)
+    out = SourceFeeder({"path": str(path), "kind": CXISource}, chunk=4).run(ListQueue(limit=1))
+    assert out["stopped"] and out["sent"] == 4
+
+
+def test_worker_keeps_identity_and_drops_linkable_pixels(tmp_path: Path, stacks):
+    path = stacks.write(tmp_path / "in.h5", 6)
+    frames = list(CXISource(path))
+    worker = ModelWorker("w0", "localmax", {"threshold": 100.0}, batch_size=4)
+    results = worker.process(frames[:5])  # a partial batch is fine
+    assert [r.frame.key for r in results] == [f.key for f in frames[:5]]
+    assert [len(r.peaks) for r in results] == [i % 4 + 1 for i in range(5)]
+    assert all(r.frame.panels == [] and r.prob_maps is None for r in results)
+    unlinked = Frame(panels=[np.zeros((8, 8), np.float32)], source="mem", event="//0")
+    kept = worker.process([unlinked])[0]
+    assert kept.frame.panels[0].shape == (8, 8)  # the writer will have to copy these pixels
+    stats = worker.stats()
+    assert stats["frames"] == 6 and stats["batches"] == 2 and 0 < stats["busy_fraction"] <= 1
+
+
+def test_writer_skips_done_and_duplicate_keys(tmp_path: Path, stacks):
+    path = stacks.write(tmp_path / "in.h5", 4)
+    results = list(LocalMaxPredictor(100.0).find_frames(CXISource(path)))
+    out = tmp_path / "out" / "run.cxi"
+    first = ResultWriter(CXIWriter, str(out), {"frames_per_file": 2})
+    assert len(first.write(results[:3] + results[:1])) == 4  # every key is acknowledged
+    assert first.close() == {"path": str(out), "written": 3, "duplicates": 1, "resumed": 0}
+    second = ResultWriter(CXIWriter, str(out), {"frames_per_file": 2})
+    assert second.resumed == 3
+    second.write(results)
+    assert second.close()["written"] == 1
+    assert sorted(stacks.written(out.parent).values()) == [1, 1, 1, 1]
+
+
+def test_shard_of_is_stable_and_spreads():
+    keys = [("a.h5", f"//{i}") for i in range(200)]
+    shards = [shard_of(k, 3) for k in keys]
+    assert shards == [shard_of(k, 3) for k in keys] and set(shards) == {0, 1, 2}
+    assert shard_of(keys[0], 1) == 0
+
+
+def threads_config(tmp_path: Path, inputs: list, **extra) -> dict:
+    return {"inputs": [{"path": str(p), "kind": CXISource} for p in inputs],
+            "output": str(tmp_path / "out" / "run.cxi"), "writer": CXIWriter,
+            "writer_options": {"frames_per_file": 16}, "backend": "threads",
+            "predictor": "localmax", "predictor_options": {"threshold": 100.0},
+            "workers": 2, "batch_size": 5, "queue_capacity": 12, "result_queue_capacity": 8,
+            "source_chunk": 4, "progress": False, "monitor_interval": 0.1, **extra}
+
+
+def test_threads_pipeline_writes_every_frame_once_with_peaks(tmp_path: Path, stacks):
+    inputs = [stacks.write(tmp_path / "a.h5", 37, seed=1), stacks.write(tmp_path / "b.h5", 23)]
+    summary = run_pipeline(threads_config(tmp_path, inputs, writers=2))
+    keys = stacks.written(tmp_path / "out")
+    assert set(keys) == stacks.expected(inputs[0], 37) | stacks.expected(inputs[1], 23)
+    assert set(keys.values()) == {1}
+    assert summary["written"] == 60 and summary["frames_out"] == 60
+    assert summary["peak_queue_depth"] <= 12  # the bound held
+    first = sorted((tmp_path / "out").glob("run-w*-00000.cxi"))[0]
+    assert np.all(read_cxi_peaks(first).n_peaks >= 1)
+    assert (tmp_path / "out" / "run.cxi.pipeline.json").exists()
+
+
+class FlakyPredictor(LocalMaxPredictor):
+    """Fails once per process on the frame whose event is ``fail_on`` (a crash mid-batch)."""
+
+    failed: set = set()
+
+    def __init__(self, fail_on: str, **kw) -> None:
+        super().__init__(**kw)
+        self.fail_on = fail_on
+
+    def find_frames(self, frames):
+        for result in super().find_frames(frames):
+            if result.frame.event == self.fail_on and self.fail_on not in FlakyPredictor.failed:
+                FlakyPredictor.failed.add(self.fail_on)
+                raise RuntimeError("simulated crash")
+            yield result
+
+
+def test_threads_pipeline_requeues_a_crashed_workers_batch(tmp_path: Path, stacks):
+    path = stacks.write(tmp_path / "a.h5", 40)
+    FlakyPredictor.failed.clear()
+    cfg = threads_config(tmp_path, [path], predictor=FlakyPredictor,
+                         predictor_options={"fail_on": "//17", "threshold": 100.0})
+    summary = run_pipeline(cfg)
+    keys = stacks.written(tmp_path / "out")
+    assert set(keys) == stacks.expected(path, 40) and set(keys.values()) == {1}
+    assert summary["restarts"] == 1 and summary["requeued"] >= 1
+    assert "re-queued" in summary["failures"][0]
+
+
+def test_threads_pipeline_fails_after_max_restarts_but_keeps_what_is_done(tmp_path: Path, stacks):
+    path = stacks.write(tmp_path / "a.h5", 30)
+
+    def broken(**_):
+        raise RuntimeError("model will not load")
+
+    with pytest.raises(PipelineError, match="died"):
+        run_pipeline(threads_config(tmp_path, [path], predictor=broken, max_restarts=1))
+
+
+def test_threads_pipeline_resumes_without_rewriting(tmp_path: Path, stacks):
+    path = stacks.write(tmp_path / "a.h5", 40)
+    cfg = threads_config(tmp_path, [path])
+    run_pipeline(cfg)
+    files = sorted((tmp_path / "out").glob("*.cxi"))
+    again = run_pipeline(cfg)
+    assert again["resumed_keys"] == 40 and again["written"] == 0
+    assert sorted((tmp_path / "out").glob("*.cxi")) == files

@@ -1,0 +1,133 @@
+"""The pipeline on a real local Ray (2 CPUs): every frame once, back-pressure, a worker process
+killed with SIGKILL mid-run, and a Ctrl-C'd run that flushes and then resumes to completion.
+
+The predictor is the plain local-maximum finder (``predictor="localmax"``), with a per-frame delay
+where a batch must be in flight long enough to kill its worker: model quality is irrelevant here.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import ray
+
+from peaknet_xtal.pipeline import run_pipeline
+from peaknet_xtal.formats.cxi import CXISource, CXIWriter
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR",
+             configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+def config(tmp_path: Path, inputs: list[Path], **extra) -> dict:
+    return {"inputs": [{"path": str(p), "kind": CXISource} for p in inputs],
+            "output": str(tmp_path / "out" / "run.cxi"), "writer": CXIWriter,
+            "writer_options": {"frames_per_file": 20}, "predictor": "localmax",
+            "predictor_options": {"threshold": 100.0}, "workers": 2, "batch_size": 4,
+            "queue_capacity": 16, "result_queue_capacity": 8, "source_chunk": 4,
+            "progress": False, "monitor_interval": 0.1, **extra}
+
+
+def test_ray_pipeline_every_frame_once_within_the_bound(local_ray, tmp_path: Path, stacks):
+    inputs = [stacks.write(tmp_path / "a.h5", 50, seed=1), stacks.write(tmp_path / "b.h5", 30)]
+    summary = run_pipeline(config(tmp_path, inputs, writers=2))
+    keys = stacks.written(tmp_path / "out")
+    assert set(keys) == stacks.expected(inputs[0], 50) | stacks.expected(inputs[1], 30)
+    assert set(keys.values()) == {1}
+    assert summary["frames_in"] == summary["frames_out"] == summary["written"] == 80
+    assert summary["peak_queue_depth"] <= 16
+    assert set(summary["workers"]) == {"w0", "w1"}
+    assert all(w["frames"] > 0 for w in summary["workers"].values())  # both took work
+    report = json.loads((tmp_path / "out" / "run.cxi.pipeline.json").read_text())
+    assert report["live"] is False and report["samples"][-1]["frames_out"] == 80
+
+
+def test_killing_a_worker_process_loses_nothing_and_duplicates_nothing(local_ray, tmp_path: Path,
+                                                                        stacks):
+    path = stacks.write(tmp_path / "a.h5", 120)
+    cfg = config(tmp_path, [path], predictor_options={"threshold": 100.0, "delay_s": 0.02},
+                 max_restarts=2)
+    live = tmp_path / "out" / "run.cxi.pipeline.json"
+    box: dict = {}
+    runner = threading.Thread(target=lambda: box.update(summary=run_pipeline(cfg)))
+    runner.start()
+    victim = None
+    deadline = time.monotonic() + 60
+    while victim is None and time.monotonic() < deadline and runner.is_alive():
+        time.sleep(0.05)
+        try:
+            workers = json.loads(live.read_text())["workers"]
+        except (OSError, ValueError, KeyError):
+            continue
+        if workers.get("w0", {}).get("frames", 0) >= 8:
+            victim = workers["w0"]["pid"]
+            os.kill(victim, signal.SIGKILL)
+    runner.join(timeout=120)
+    assert victim is not None, "worker w0 never reported in"
+    summary = box["summary"]
+    keys = stacks.written(tmp_path / "out")
+    assert set(keys) == stacks.expected(path, 120)
+    assert set(keys.values()) == {1}, "a frame was written twice"
+    assert summary["restarts"] == 1 and summary["requeued"] >= 1
+    assert any("w0" in f and "re-queued" in f for f in summary["failures"])
+
+
+SIGINT_SCRIPT = """
+import sys
+from peaknet_xtal.pipeline import run_pipeline
+from peaknet_xtal.formats.cxi import CXISource, CXIWriter
+out, src = sys.argv[1], sys.argv[2]
+summary = run_pipeline({"inputs": [{"path": src, "kind": CXISource}], "output": out,
+    "writer": CXIWriter, "writer_options": {"frames_per_file": 10}, "predictor": "localmax",
+    "predictor_options": {"threshold": 100.0, "delay_s": float(sys.argv[3])}, "workers": 2,
+    "batch_size": 4, "queue_capacity": 32, "num_cpus": 2, "progress": False,
+    "monitor_interval": 0.1})
+print("INTERRUPTED" if summary["interrupted"] else "COMPLETE", summary["written"])
+"""
+
+
+@pytest.mark.slow
+def test_ctrl_c_flushes_and_a_rerun_completes(tmp_path: Path, stacks):
+    """Own Ray in a subprocess (SIGINT goes to that driver only), then a resumed rerun."""
+    path = stacks.write(tmp_path / "a.h5", 200)
+    out = tmp_path / "out" / "run.cxi"
+    script = tmp_path / "drive.py"
+    script.write_text(SIGINT_SCRIPT)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, str(script), str(out), str(path), "0.05"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    live = Path(f"{out}.pipeline.json")
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+        try:
+            if json.loads(live.read_text())["frames_out"] >= 20:
+                break
+        except (OSError, ValueError, KeyError):
+            continue
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert stdout.split()[0] == "INTERRUPTED", stdout
+    first = stacks.written(out.parent)
+    assert 20 <= sum(first.values()) < 200 and set(first.values()) == {1}
+    assert not list(out.parent.glob(".*.part"))  # nothing half-written left behind
+    rerun = subprocess.run([sys.executable, str(script), str(out), str(path), "0"],
+                           capture_output=True, text=True, env=env, timeout=180)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert rerun.stdout.split() == ["COMPLETE", str(200 - sum(first.values()))]
+    final = stacks.written(out.parent)
+    assert set(final) == stacks.expected(path, 200) and set(final.values()) == {1}

@@ -78,22 +78,20 @@ def read_config(weights: Path) -> dict[str, Any]:
 def load_model(spec: str | os.PathLike[str] = DEFAULT_NAME, device: str = "cpu") -> Any:
     """A model in eval mode from ``"default"``, a ``.safetensors`` file or a model directory.
 
-    Until trained default weights are shipped, ``"default"`` is the default architecture
-    initialised with seed 0 (a warning says so), so that code written against it runs.
+    ``"default"`` is the small trained model shipped in ``model/weights``; when those weights are
+    missing (a broken install or checkout) this is an error, never a silently random model whose
+    "peaks" would look like results.
     """
-    import torch
     from safetensors.torch import load_file
 
-    from peaknet_xtal.model.zoo import build_from_config, create_model
+    from peaknet_xtal.model.zoo import build_from_config
 
     if str(spec) == DEFAULT_NAME:
         weights = WEIGHTS_DIR / "default.safetensors"
         if not weights.exists():
-            log.warning("no trained default weights at %s; using a seed-0 random model", weights)
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(0)
-                model = create_model(DEFAULT_NAME)
-            return model.to(device).eval()
+            raise FormatError(weights, "the shipped default model weights are missing; reinstall "
+                                       "peaknet-xtal or rebuild them with "
+                                       "examples/train_default_model.py, or pass a weights path")
     else:
         weights = _resolve(spec)
     if not weights.exists():

@@ -144,3 +144,11 @@ def test_default_model_loads_in_eval_mode() -> None:
     assert not model.training and model.config["name"] == "default"
     with torch.no_grad():
         assert model(torch.zeros(1, 1, 40, 40)).shape == (1, 2, 40, 40)
+
+
+def test_missing_default_weights_are_an_error_not_a_random_model(tmp_path, monkeypatch) -> None:
+    from peaknet_xtal.model import weights_io
+
+    monkeypatch.setattr(weights_io, "WEIGHTS_DIR", tmp_path)
+    with pytest.raises(FormatError, match="default.safetensors.*missing"):
+        load_model("default")

@@ -23,7 +23,9 @@ def _image_stats(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return values.new_zeros(()), values.new_ones(())
     step = max(1, values.numel() // MAX_SAMPLES)
     sample = values[::step].float()
-    qs = torch.quantile(sample, torch.tensor([0.5, 0.99], dtype=sample.dtype))
+    # q on the input's device: libtorch refuses a CPU q for a CUDA (or any non-CPU) input.
+    qs = torch.quantile(sample, torch.tensor([0.5, 0.99], dtype=sample.dtype,
+                                             device=sample.device))
     median, high = qs[0], qs[1]
     below = sample[sample <= high]
     sigma = below.std(unbiased=False) if below.numel() > 1 else sample.new_zeros(())

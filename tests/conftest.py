@@ -19,6 +19,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_REAL = ROOT.parent / "shared" / "data" / "real"
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
+#: Test devices (``peaknet_test_support``): importable here and, through PYTHONPATH, in the worker
+#: processes a test starts (Ray), since they are not part of the package.
+SUPPORT = Path(__file__).resolve().parent / "support"
+sys.path.insert(0, str(SUPPORT))
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [str(SUPPORT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 
 

@@ -47,7 +47,7 @@ DEFAULTS: dict[str, Any] = {
     "workers": 2,
     "threads_per_worker": 1,  # CPU thread budget of each worker
     "gpus_per_worker": None,  # None: 1 when device is cuda*, else 0
-    "predictor": "engine",  # "engine", "localmax" or a picklable factory(**predictor_options)
+    "predictor": "engine",  # "engine" or a picklable factory(**predictor_options)
     "predictor_options": {},  # extra options for the predictor
     "model": "default",
     "device": "cpu",

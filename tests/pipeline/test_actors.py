@@ -12,7 +12,7 @@ import pytest
 
 from peaknet_xtal.pipeline import PipelineError, run_pipeline
 from peaknet_xtal.pipeline.actors import ModelWorker, ResultWriter, SourceFeeder, shard_of
-from peaknet_xtal.pipeline.predictors import LocalMaxPredictor
+from peaknet_test_support import LocalMaxPredictor
 from peaknet_xtal.formats.cxi import CXISource, CXIWriter, read_cxi_peaks
 from peaknet_xtal.types import Frame
 
@@ -51,7 +51,7 @@ def test_source_feeder_stops_when_the_queue_refuses(tmp_path: Path, stacks):
 def test_worker_keeps_identity_and_drops_linkable_pixels(tmp_path: Path, stacks):
     path = stacks.write(tmp_path / "in.h5", 6)
     frames = list(CXISource(path))
-    worker = ModelWorker("w0", "localmax", {"threshold": 100.0}, batch_size=4)
+    worker = ModelWorker("w0", LocalMaxPredictor, {"threshold": 100.0}, batch_size=4)
     results = worker.process(frames[:5])  # a partial batch is fine
     assert [r.frame.key for r in results] == [f.key for f in frames[:5]]
     assert [len(r.peaks) for r in results] == [i % 4 + 1 for i in range(5)]
@@ -88,7 +88,7 @@ def threads_config(tmp_path: Path, inputs: list, **extra) -> dict:
     return {"inputs": [{"path": str(p), "kind": CXISource} for p in inputs],
             "output": str(tmp_path / "out" / "run.cxi"), "writer": CXIWriter,
             "writer_options": {"frames_per_file": 16}, "backend": "threads",
-            "predictor": "localmax", "predictor_options": {"threshold": 100.0},
+            "predictor": LocalMaxPredictor, "predictor_options": {"threshold": 100.0},
             "workers": 2, "batch_size": 5, "queue_capacity": 12, "result_queue_capacity": 8,
             "source_chunk": 4, "progress": False, "monitor_interval": 0.1, **extra}
 

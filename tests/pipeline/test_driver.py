@@ -1,8 +1,9 @@
 """The pipeline on a real local Ray (2 CPUs): every frame once, back-pressure, a worker process
 killed with SIGKILL mid-run, and a Ctrl-C'd run that flushes and then resumes to completion.
 
-The predictor is the plain local-maximum finder (``predictor="localmax"``), with a per-frame delay
-where a batch must be in flight long enough to kill its worker: model quality is irrelevant here.
+The predictor is the plain local-maximum finder (``peaknet_test_support.LocalMaxPredictor``), with
+a per-frame delay where a batch must be in flight long enough to kill its worker: model quality is
+irrelevant here.
 """
 from __future__ import annotations
 
@@ -18,8 +19,10 @@ from pathlib import Path
 import pytest
 import ray
 
-from peaknet_xtal.pipeline import run_pipeline
+from peaknet_test_support import LocalMaxPredictor
+
 from peaknet_xtal.formats.cxi import CXISource, CXIWriter
+from peaknet_xtal.pipeline import run_pipeline
 
 pytestmark = pytest.mark.ray
 
@@ -35,7 +38,7 @@ def local_ray():
 def config(tmp_path: Path, inputs: list[Path], **extra) -> dict:
     return {"inputs": [{"path": str(p), "kind": CXISource} for p in inputs],
             "output": str(tmp_path / "out" / "run.cxi"), "writer": CXIWriter,
-            "writer_options": {"frames_per_file": 20}, "predictor": "localmax",
+            "writer_options": {"frames_per_file": 20}, "predictor": LocalMaxPredictor,
             "predictor_options": {"threshold": 100.0}, "workers": 2, "batch_size": 4,
             "queue_capacity": 16, "result_queue_capacity": 8, "source_chunk": 4,
             "progress": False, "monitor_interval": 0.1, **extra}
@@ -89,9 +92,10 @@ SIGINT_SCRIPT = """
 import sys
 from peaknet_xtal.pipeline import run_pipeline
 from peaknet_xtal.formats.cxi import CXISource, CXIWriter
+from peaknet_test_support import LocalMaxPredictor
 out, src = sys.argv[1], sys.argv[2]
 summary = run_pipeline({"inputs": [{"path": src, "kind": CXISource}], "output": out,
-    "writer": CXIWriter, "writer_options": {"frames_per_file": 10}, "predictor": "localmax",
+    "writer": CXIWriter, "writer_options": {"frames_per_file": 10}, "predictor": LocalMaxPredictor,
     "predictor_options": {"threshold": 100.0, "delay_s": float(sys.argv[3])}, "workers": 2,
     "batch_size": 4, "queue_capacity": 32, "num_cpus": 2, "progress": False,
     "monitor_interval": 0.1})

@@ -1,0 +1,51 @@
+"""Test and benchmark devices, importable as ``peaknet_test_support`` (tests/conftest.py puts this
+folder on ``sys.path`` and on ``PYTHONPATH``, so Ray worker processes started by a test import it
+too).  Nothing here ships in the package.
+
+:class:`LocalMaxPredictor` is a plain threshold + local-maximum finder: tests of the *pipeline
+mechanics* (queues, leases, faults, resumption) run it in seconds on CPU, where model quality is
+irrelevant.  It writes real peak tables, so what the writers store is checked end to end.  Pass the
+class itself as the pipeline's ``predictor`` (a factory), as any host would pass its own.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+
+from peaknet_xtal.types import Frame, FrameResult, peaks_from_columns
+
+
+class LocalMaxPredictor:
+    """Pixels above ``threshold`` that are the maximum of their 3x3 neighbourhood are peaks.
+
+    ``delay_s`` adds a fixed cost per frame, standing in for a model's compute time in tests that
+    need a batch to be in flight long enough to kill the worker holding it.
+    """
+
+    def __init__(self, threshold: float = 50.0, delay_s: float = 0.0) -> None:
+        self.threshold = float(threshold)
+        self.delay_s = float(delay_s)
+
+    def _panel_peaks(self, index: int, panel: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+        from scipy.ndimage import maximum_filter
+
+        data = np.where(mask, panel, 0.0) if mask is not None else panel
+        is_max = (data >= self.threshold) & (data == maximum_filter(data, size=3))
+        ss, fs = np.nonzero(is_max)
+        values = data[ss, fs].astype(np.float64)
+        return peaks_from_columns(panel=np.full(len(ss), index, dtype=np.int32),
+                                  fs=fs.astype(np.float64), ss=ss.astype(np.float64),
+                                  intensity=values, max_value=values,
+                                  npix=np.ones(len(ss), dtype=np.int32))
+
+    def find_frames(self, frames: Iterable[Frame]) -> Iterator[FrameResult]:
+        for frame in frames:
+            if self.delay_s:
+                time.sleep(self.delay_s)
+            masks = frame.masks or [None] * len(frame.panels)
+            tables = [self._panel_peaks(i, p, m)
+                      for i, (p, m) in enumerate(zip(frame.panels, masks))]
+            peaks = np.concatenate(tables) if tables else peaks_from_columns()
+            yield FrameResult(frame=frame, peaks=peaks, hit=len(peaks) > 0)

@@ -87,10 +87,56 @@ class Frame:
 
 @dataclass
 class FrameResult:
-    """What a finder made of one frame."""
+    """What a finder made of one frame: the one result type of the finding pipeline.
+
+    Every output is a view of it: :meth:`cxi_row` (CrystFEL's CXI peak columns),
+    :meth:`stream_chunk` (a peaks-only CrystFEL stream chunk), :meth:`reflection_table` (DIALS
+    strong spots) and :meth:`dials_foreground` (the pixel mask DIALS' threshold step takes).
+    """
 
     frame: Frame
     peaks: np.ndarray  # PEAK_DTYPE
     hit: bool = False
     prob_maps: list[np.ndarray] | None = None  # optional per-panel peak probability
     meta: dict[str, Any] = field(default_factory=dict)
+    peak_pixels: list[np.ndarray] | None = None  # optional per-panel pixels of the reported peaks
+
+    def cxi_row(self, geometry: Any = None, max_peaks: int | None = None
+                ) -> tuple[int, dict[str, np.ndarray]]:
+        """(peak count, CXI column name -> float32 row) as ``/entry_1/result_1`` stores them."""
+        from peaknet_xtal.formats.cxi import DEFAULT_MAX_PEAKS, peak_columns
+
+        counts, columns = peak_columns([self], geometry,
+                                       DEFAULT_MAX_PEAKS if max_peaks is None else max_peaks)
+        return int(counts[0]), {name: values[0] for name, values in columns.items()}
+
+    def stream_chunk(self, geometry: Any = None) -> Any:
+        """A peaks-only CrystFEL stream chunk (``formats.stream.Chunk``) of this frame."""
+        from peaknet_xtal.formats.stream import chunk_from_peak_table
+
+        geometry = geometry or self.frame.geometry
+        if geometry is None:
+            raise ValueError(f"frame {self.frame.source} {self.frame.event}: a stream chunk "
+                             "needs a geometry")
+        return chunk_from_peak_table(self.peaks, geometry, filename=self.frame.source,
+                                     event=self.frame.event, serial=self.frame.serial + 1,
+                                     hit=self.hit)
+
+    def reflection_table(self, z: int = 0, experiment_id: int = 0) -> Any:
+        """DIALS strong spots (``flex.reflection_table``) of this frame, image ``z``."""
+        from peaknet_xtal.formats.dials_tables import strong_reflection_table
+
+        return strong_reflection_table([self.peaks], z0=z, experiment_ids=[experiment_id])
+
+    def dials_foreground(self, dilation: int | None = None) -> list[np.ndarray]:
+        """Per panel, the foreground DIALS' threshold step takes (see
+        :func:`peaknet_xtal.finding.peaks.dials_foreground`); needs ``peak_pixels``."""
+        from peaknet_xtal.finding.peaks import dials_foreground
+        from peaknet_xtal.finding.settings import DEFAULTS
+
+        if self.peak_pixels is None:
+            raise ValueError("this result kept no peak pixels: find it with with_pixels=True")
+        grow = DEFAULTS.dilation if dilation is None else dilation
+        return [dials_foreground(np.asarray(panel), pixels, good, grow)
+                for panel, pixels, good in zip(self.frame.panels, self.peak_pixels,
+                                                self.frame.masks_or_ones())]

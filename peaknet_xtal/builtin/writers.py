@@ -69,16 +69,11 @@ class StreamPeakWriter:
         return set() if self._writer is None else self._writer.done_keys()
 
     def write(self, result: FrameResult) -> None:
-        from peaknet_xtal.formats.stream import chunk_from_peak_table
-
         geometry = self.geometry or result.frame.geometry
         if geometry is None:
             raise ValueError(f"{self.path}: writing a stream needs a geometry (frame "
                              f"{result.frame.source} {result.frame.event} has none)")
-        frame = result.frame
-        chunk = chunk_from_peak_table(result.peaks, geometry, filename=frame.source,
-                                      event=frame.event, serial=frame.serial + 1, hit=result.hit)
-        self._open(geometry).write(chunk)
+        self._open(geometry).write(result.stream_chunk(geometry))
 
     def close(self) -> None:
         self._open(self.geometry).close()

@@ -24,18 +24,18 @@ from typing import Any
 import numpy as np
 
 from peaknet_xtal.finding.engine import InferenceEngine, Predictor
-from peaknet_xtal.finding.peaks import DEFAULT_MIN_SNR, is_hit
-
-#: DIALS/CrystFEL coordinates start at the pixel corner; the package's at the pixel centre.
-CORNER_OFFSET = 0.5
+from peaknet_xtal.finding.peaks import is_hit
+from peaknet_xtal.finding.settings import DEFAULTS
+from peaknet_xtal.formats.dials_tables import CORNER_OFFSET
 
 
 class PeakFinder:
     """Find Bragg peaks in images with a PeakNet model (see the module docstring)."""
 
-    def __init__(self, model: Any = "default", device: str = "auto", threshold: float = 0.5,
-                 batch_size: int = 8, min_peaks: int = 0, max_peaks: int | None = None, *,
-                 min_snr: float = DEFAULT_MIN_SNR, adu_per_photon: float | None = None,
+    def __init__(self, model: Any = DEFAULTS.model, device: str = DEFAULTS.device,
+                 threshold: float = DEFAULTS.threshold, batch_size: int = DEFAULTS.batch_size,
+                 min_peaks: int = DEFAULTS.min_peaks, max_peaks: int | None = DEFAULTS.max_peaks,
+                 *, min_snr: float = DEFAULTS.min_snr, adu_per_photon: float | None = None,
                  threads: int | None = None, predictor: Predictor | None = None) -> None:
         self.engine = InferenceEngine(model, device=device, threads=threads,
                                       batch_size=batch_size, threshold=threshold, min_snr=min_snr,
@@ -69,9 +69,9 @@ class PeakFinder:
     def find_reflections(self, data: Any, index: int = 0, *, mask: Any = None) -> Any:
         """Strong spots as a DIALS ``flex.reflection_table`` (needs DIALS).
 
-        Columns: ``xyzobs.px.value`` (pixel-corner origin, z = image index + 0.5), ``panel``,
-        ``id`` (0), ``bbox``, ``intensity.sum.value``/``variance``, ``background.mean`` and
-        the ``strong`` flag, which is what ``dials.index`` reads from ``strong.refl``.
+        Columns as :func:`peaknet_xtal.formats.dials_tables.strong_reflection_table` writes
+        them (the components' own boxes; z = image index + 0.5), which is what ``dials.index``
+        reads from ``strong.refl``.
         """
         peaks, boxes = self._find(data, index, mask, None, None, with_bbox=True)
         return reflection_table(peaks, boxes, z=index if _is_imageset(data) else 0)
@@ -81,8 +81,10 @@ class PeakFinder:
               wavelength_A: float | None, with_bbox: bool = False) -> tuple[np.ndarray, Any]:
         gain = None
         if _is_imageset(data):
+            from peaknet_xtal.formats.dxtbx_images import CORRECTED_GAIN
+
             panels, masks = imageset_panels(data, index)
-            gain = 1.0  # dxtbx divided by the format's gain: photons, as DIALS sees them
+            gain = CORRECTED_GAIN  # dxtbx divided by the format's gain: photons, as DIALS sees
         else:
             panels = to_panels(data)
             masks = None
@@ -127,12 +129,10 @@ def _is_imageset(data: Any) -> bool:
 
 def imageset_panels(imageset: Any, index: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Corrected pixels and trusted-pixel masks of image ``index``, as DIALS spot finding sees
-    them (pedestal/gain applied, static masks and trusted range folded in)."""
-    data = imageset.get_corrected_data(index)
-    mask = imageset.get_mask(index)
-    panels = [np.asarray(d.as_numpy_array(), dtype=np.float32) for d in data]
-    masks = [np.asarray(m.as_numpy_array(), dtype=bool) for m in mask]
-    return panels, masks
+    them (:func:`peaknet_xtal.formats.dxtbx_images.image_arrays`)."""
+    from peaknet_xtal.formats.dxtbx_images import image_arrays
+
+    return image_arrays(imageset, index)
 
 
 def dxtbx_one_over_d(imageset: Any, index: int, peaks: np.ndarray) -> np.ndarray:
@@ -149,23 +149,8 @@ def dxtbx_one_over_d(imageset: Any, index: int, peaks: np.ndarray) -> np.ndarray
 
 def reflection_table(peaks: np.ndarray, boxes: np.ndarray, z: int = 0,
                      experiment_id: int = 0) -> Any:
-    """A DIALS strong-spot ``flex.reflection_table`` from a peak table and its boxes."""
-    from dials.array_family import flex
+    """A DIALS strong-spot ``flex.reflection_table`` from a peak table and its boxes
+    (:func:`peaknet_xtal.formats.dials_tables.strong_reflection_table`)."""
+    from peaknet_xtal.formats.dials_tables import strong_reflection_table
 
-    n = len(peaks)
-    table = flex.reflection_table()
-    xyz = np.stack([peaks["fs"] + CORNER_OFFSET, peaks["ss"] + CORNER_OFFSET,
-                    np.full(n, z + CORNER_OFFSET)], axis=1) if n else np.zeros((0, 3))
-    table["xyzobs.px.value"] = flex.vec3_double([tuple(map(float, v)) for v in xyz])
-    table["panel"] = flex.size_t([int(p) for p in peaks["panel"]])
-    table["id"] = flex.int(n, experiment_id)
-    table["bbox"] = flex.int6([(int(b[0]), int(b[1]), int(b[2]), int(b[3]), z, z + 1)
-                               for b in boxes])
-    intensity = np.nan_to_num(peaks["intensity"].astype(np.float64))
-    variance = np.clip(intensity, 0, None) + peaks["npix"] * np.nan_to_num(
-        peaks["background_sigma"]) ** 2
-    table["intensity.sum.value"] = flex.double(intensity.tolist())
-    table["intensity.sum.variance"] = flex.double(variance.tolist())
-    table["background.mean"] = flex.double(np.nan_to_num(peaks["background"]).tolist())
-    table.set_flags(flex.bool(n, True), table.flags.strong)
-    return table
+    return strong_reflection_table([peaks], boxes=[boxes], z0=z, experiment_ids=[experiment_id])

@@ -1,16 +1,39 @@
-"""The one inference engine behind every adapter (CLI, Python API, DIALS plugin, Ray pipeline).
+"""The finding pipeline: one module, composed by every adapter (``PeakFinder``, ``peaknet2cxi``,
+``dials.find_spots algorithm=peaknet``, the Ray workers, the evaluation).
 
-Why one engine: batching, tiling, device choice and the segmentation-to-peaks step are where
+The data flow, and where each step lives::
+
+    source    a Frame: per-panel 2-D pixels + good-pixel masks + geometry/meta
+              (formats/: CXI, dxtbx images (corrected data, gain 1), psana plugin; api.to_panels)
+      |
+    tile      InferenceEngine._predict_many: every panel of every frame of a chunk is cut into
+              tiles (tile_panel), tiles of equal padded shape are stacked into batches
+      |
+    normalise + model
+              the model standardises each tile over its valid pixels (model/layers), pads to its
+              pad_multiple and returns logits; softmax -> peak probability, stitched back per panel
+      |
+    peaks     finding/peaks.find_peaks: threshold, 8-connected components per panel, sigma-
+              clipped annulus background, centroid, intensity, integrated SNR (gain from
+              settings.resolve_gain), min_snr / size / max_peaks cuts
+      |
+    result    FrameResult (types.py): the peak table, the hit flag and, on request, each
+              reported peak's pixels; it turns into a CXI row, a stream chunk, a DIALS
+              reflection table (formats/) or the pixel mask DIALS' threshold step takes
+      |
+    writer    formats/cxi.CXIWriter, formats/stream, formats/dials_tables, or DIALS itself
+
+Why one pipeline: batching, tiling, device choice and the segmentation-to-peaks step are where
 adapters would otherwise drift apart, and a peak found by ``peaknet2cxi`` must be the peak found by
-``dials.find_spots`` on the same pixels.
+``dials.find_spots`` on the same pixels.  Defaults come from :mod:`.settings`, once.
 
 - **Lazy model.**  Nothing heavy happens in ``__init__``: the model is loaded on first use, and
   the pickled state never holds it, so DIALS and Ray can ship the engine to worker processes that
   load their own copy once.
-- **Batching across frames and panels.**  Every panel of every frame in a batch is cut into tiles
-  (big panels with overlap), each tile is padded to a multiple of 32, tiles of equal padded shape
-  are stacked into model batches of ``batch_size``, and the stitched probability maps go back to
-  their panels.  Any geometry works: a panel is just a 2-D array.
+- **Batching across frames and panels.**  Big panels are cut with overlap; each pixel is taken
+  from the tile where it lies farthest from a cut.  Tiles are padded to the model's
+  ``pad_multiple`` here (the model's own padding is then a no-op) so that tiles of different
+  sizes share batches of ``batch_size``.  Any geometry works: a panel is just a 2-D array.
 - **Determinism.**  Eval mode, no autograd, fixed tile order and float32 everywhere: the same
   input gives the same peaks, run after run.
 - **Injectable predictor.**  ``predictor(panels, masks) -> prob maps`` replaces the model; tests
@@ -27,15 +50,16 @@ from typing import Any
 
 import numpy as np
 
-from peaknet_xtal.types import Frame, FrameResult
 from peaknet_xtal.finding.peaks import PeakParams, find_peaks, is_hit
+from peaknet_xtal.finding.settings import DEFAULTS, resolve_gain
+from peaknet_xtal.types import Frame, FrameResult
 
 log = logging.getLogger(__name__)
 
 Predictor = Callable[[Sequence[np.ndarray], Sequence[np.ndarray]], Sequence[np.ndarray]]
 
-#: The model's resampling levels need sides divisible by this.
-PAD_MULTIPLE = 32
+#: The smallest tile side: the model's four resampling levels halve it five times.
+MIN_TILE = 32
 
 
 @dataclass(frozen=True)
@@ -80,18 +104,18 @@ class InferenceEngine:
     ``device`` is ``auto`` (CUDA when available), ``cpu`` or ``cuda[:N]``; ``threads`` sets torch's
     CPU threads when the model loads; ``batch_size`` counts model tiles.  Peak settings come from
     ``peak_params`` or the shorthand keywords ``threshold``, ``min_snr``, ``min_peaks``,
-    ``max_peaks``, ``adu_per_photon``.  The detector gain (ADU per photon, for the shot noise in
-    each peak's SNR) is taken per frame from ``frame.meta["adu_per_photon"]`` or the frame's
-    geometry while ``adu_per_photon`` is None; 0 leaves shot noise out.
+    ``max_peaks``, ``adu_per_photon``; every default is :data:`.settings.DEFAULTS`.  The detector
+    gain (ADU per photon, for the shot noise in each peak's SNR) is resolved per frame by
+    :func:`.settings.resolve_gain` while ``adu_per_photon`` is None; 0 leaves shot noise out.
     """
 
     def __init__(
         self,
-        model: Any = "default",
+        model: Any = DEFAULTS.model,
         *,
-        device: str = "auto",
+        device: str = DEFAULTS.device,
         threads: int | None = None,
-        batch_size: int = 8,
+        batch_size: int = DEFAULTS.batch_size,
         threshold: float | None = None,
         min_snr: float | None = None,
         min_peaks: int | None = None,
@@ -99,14 +123,14 @@ class InferenceEngine:
         adu_per_photon: float | None = None,
         peak_params: PeakParams | None = None,
         predictor: Predictor | None = None,
-        tile_size: int = 1024,
-        tile_overlap: int = 64,
+        tile_size: int = DEFAULTS.tile_size,
+        tile_overlap: int = DEFAULTS.tile_overlap,
         keep_prob_maps: bool = False,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if tile_size < PAD_MULTIPLE or tile_overlap < 0 or tile_overlap >= tile_size:
-            raise ValueError(f"need tile_size >= {PAD_MULTIPLE} and 0 <= tile_overlap < "
+        if tile_size < MIN_TILE or tile_overlap < 0 or tile_overlap >= tile_size:
+            raise ValueError(f"need tile_size >= {MIN_TILE} and 0 <= tile_overlap < "
                              f"tile_size, got {tile_size}, {tile_overlap}")
         params = peak_params or PeakParams()
         overrides = {k: v for k, v in (("threshold", threshold), ("min_snr", min_snr),
@@ -210,11 +234,12 @@ class InferenceEngine:
                  for i, panel in enumerate(panels)
                  for y0, x0, h, w, core in tile_panel(panel.shape, self.tile_size,
                                                       self.tile_overlap)]
+        model = self.model()
+        multiple = int(getattr(model, "pad_multiple", 1))
         groups: dict[tuple[int, int], list[Tile]] = {}
         for tile in tiles:
-            groups.setdefault(_padded(tile.height, tile.width), []).append(tile)
+            groups.setdefault(_padded(tile.height, tile.width, multiple), []).append(tile)
         probs = [np.zeros(p.shape, np.float32) for p in panels]
-        model = self.model()
         with torch.inference_mode():
             for shape, members in groups.items():
                 for start in range(0, len(members), self.batch_size):
@@ -222,7 +247,7 @@ class InferenceEngine:
                     x, m = _stack_tiles(batch, panels, goods, shape)
                     logits = model(torch.from_numpy(x).to(self.device),
                                    torch.from_numpy(m).to(self.device))
-                    prob = torch.softmax(logits.float(), dim=1)[:, 1].cpu().numpy()
+                    prob = to_host(torch.softmax(logits.float(), dim=1)[:, 1])
                     for tile, p in zip(batch, prob):
                         ys, xs = tile.core
                         probs[tile.panel][ys, xs] = p[ys.start - tile.y0:ys.stop - tile.y0,
@@ -242,12 +267,14 @@ class InferenceEngine:
         return find_peaks(panels, probs, masks, self.params_for(frame), geometry=geometry,
                           wavelength_A=wavelength_A, with_bbox=with_bbox)
 
-    def find_frames(self, frames: Iterable[Frame]) -> Iterator[FrameResult]:
-        """One :class:`FrameResult` per input frame, in input order, batching across frames."""
+    def find_frames(self, frames: Iterable[Frame], *, with_pixels: bool = False
+                    ) -> Iterator[FrameResult]:
+        """One :class:`FrameResult` per input frame, in input order, batching across frames;
+        ``with_pixels`` keeps each reported peak's pixels (``FrameResult.peak_pixels``)."""
         for chunk in self._chunks(frames):
             probs = self._predict_many([f.panels for f in chunk], [f.masks for f in chunk])
             for frame, frame_probs in zip(chunk, probs):
-                yield self._result(frame, frame_probs)
+                yield self._result(frame, frame_probs, with_pixels)
 
     def _chunks(self, frames: Iterable[Frame]) -> Iterator[list[Frame]]:
         """Groups of whole frames holding at least ``batch_size`` tiles (the last may hold
@@ -264,19 +291,21 @@ class InferenceEngine:
         if chunk:
             yield chunk
 
-    def _result(self, frame: Frame, probs: list[np.ndarray]) -> FrameResult:
+    def _result(self, frame: Frame, probs: list[np.ndarray], with_pixels: bool) -> FrameResult:
         wavelength = frame.meta.get("wavelength_A")
-        peaks = find_peaks(frame.panels, probs, frame.masks, self.params_for(frame),
-                           geometry=frame.geometry, wavelength_A=wavelength)
+        found = find_peaks(frame.panels, probs, frame.masks, self.params_for(frame),
+                           geometry=frame.geometry, wavelength_A=wavelength,
+                           with_pixels=with_pixels)
+        peaks, pixels = found if with_pixels else (found, None)
         return FrameResult(frame=frame, peaks=peaks, hit=is_hit(peaks, self.peak_params.min_peaks),
-                           prob_maps=probs if self.keep_prob_maps else None)
+                           prob_maps=probs if self.keep_prob_maps else None, peak_pixels=pixels)
 
     def params_for(self, frame: Frame) -> PeakParams:
         """The peak settings for one frame: the engine's, with the frame's own gain when the
         engine was given none."""
         if self.peak_params.adu_per_photon is not None:
             return self.peak_params
-        gain = frame_gain(frame)
+        gain = resolve_gain(meta=frame.meta, geometry=frame.geometry)
         if gain not in self._gains_logged:
             self._gains_logged.add(gain)
             log.info("%s: %s", frame.source or "frame", "no detector gain declared: peak SNR "
@@ -353,8 +382,15 @@ def _single_thread(torch: Any) -> None:
             continue
 
 
-def _padded(height: int, width: int) -> tuple[int, int]:
-    return (-(-height // PAD_MULTIPLE) * PAD_MULTIPLE, -(-width // PAD_MULTIPLE) * PAD_MULTIPLE)
+def to_host(tensor: Any) -> np.ndarray:
+    """The one place results leave the model's device (tests on torch's ``meta`` device, which
+    holds no data, replace it)."""
+    out: np.ndarray = tensor.cpu().numpy()
+    return out
+
+
+def _padded(height: int, width: int, multiple: int) -> tuple[int, int]:
+    return (-(-height // multiple) * multiple, -(-width // multiple) * multiple)
 
 
 def _stack_tiles(batch: list[Tile], panels: list[np.ndarray], goods: list[np.ndarray],
@@ -368,18 +404,6 @@ def _stack_tiles(batch: list[Tile], panels: list[np.ndarray], goods: list[np.nda
         x[k, 0, :tile.height, :tile.width] = np.where(good, panels[tile.panel][window], 0)
         m[k, 0, :tile.height, :tile.width] = good
     return x, m
-
-
-def frame_gain(frame: Frame) -> float | None:
-    """ADU per photon of a frame as its source or geometry declares it; None when unknown."""
-    declared = frame.meta.get("adu_per_photon")
-    if declared is not None and float(declared) > 0:
-        return float(declared)
-    declared_by = getattr(frame.geometry, "detector_gain", None)
-    if declared_by is None:
-        return None
-    gain: float | None = declared_by(frame.meta.get("wavelength_A"))
-    return gain
 
 
 def _replace(params: PeakParams, overrides: dict[str, Any]) -> PeakParams:

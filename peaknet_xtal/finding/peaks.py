@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from peaknet_xtal.finding.settings import DEFAULTS
 from peaknet_xtal.types import empty_peaks, peaks_from_columns
 
 log = logging.getLogger(__name__)
@@ -40,8 +41,8 @@ log = logging.getLogger(__name__)
 _STRUCTURE_3D = np.zeros((3, 3, 3), dtype=bool)
 _STRUCTURE_3D[1] = True
 
-#: Default least integrated SNR of a peak (see :class:`PeakParams`).
-DEFAULT_MIN_SNR = 3.0
+#: Default least integrated SNR of a peak (see :class:`PeakParams`), from the shared settings.
+DEFAULT_MIN_SNR = DEFAULTS.min_snr
 
 
 @dataclass(frozen=True)
@@ -56,14 +57,14 @@ class PeakParams:
     ``adu_per_photon`` is None (gain unknown) or 0.
     """
 
-    threshold: float = 0.5
+    threshold: float = DEFAULTS.threshold
     min_pixels: int = 1
     max_pixels: int | None = None
     min_snr: float = DEFAULT_MIN_SNR
     annulus_gap: int = 1
     annulus_width: int = 3
-    min_peaks: int = 0
-    max_peaks: int | None = None
+    min_peaks: int = DEFAULTS.min_peaks
+    max_peaks: int | None = DEFAULTS.max_peaks
     adu_per_photon: float | None = None
 
 
@@ -76,37 +77,65 @@ def find_peaks(
     geometry: Any = None,
     wavelength_A: float | None = None,
     with_bbox: bool = False,
-) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    with_pixels: bool = False,
+) -> Any:
     """Peak table of one frame from its panels, peak probabilities and good-pixel masks.
 
     ``panels[i]``, ``probs[i]`` and ``masks[i]`` are 2-D ``(ss, fs)`` arrays of one shape.  Rows
     are ordered by panel, then by position (row-major), which makes the output deterministic.
     With ``geometry`` the 1/d column is filled (1/Angstrom).  With ``with_bbox`` also returns an
-    ``(N, 4)`` int array ``fs0, fs1, ss0, ss1`` (end exclusive) for hosts that need boxes (DIALS).
+    ``(N, 4)`` int array ``fs0, fs1, ss0, ss1`` (end exclusive) for hosts that need boxes (DIALS);
+    with ``with_pixels`` also a boolean map per panel of the pixels of the reported peaks (for
+    hosts that label pixels themselves: DIALS' threshold step).  Extra outputs follow the table
+    in that order.
     """
     params = params or PeakParams()
     _check_shapes(panels, probs, masks)
     tables: list[np.ndarray] = []
     boxes: list[np.ndarray] = []
-    for indices in _group_by_shape(panels):
+    label_maps: list[tuple[list[int], Any]] = []
+    row_labels: list[np.ndarray] = []  # (group, label) of every row
+    for group, indices in enumerate(_group_by_shape(panels)):
         stack = np.stack([np.asarray(panels[i], dtype=np.float64) for i in indices])
         prob = np.stack([np.asarray(probs[i], dtype=np.float64) for i in indices])
         if masks is None:
             good = np.ones(stack.shape, dtype=bool)
         else:
             good = np.stack([np.asarray(masks[i], dtype=bool) for i in indices])
-        table, box, _ = _peaks_in_stack(stack, prob, good, np.asarray(indices, np.int32), params)
+        table, box, (labels, ids) = _peaks_in_stack(stack, prob, good,
+                                                    np.asarray(indices, np.int32), params)
         tables.append(table)
         boxes.append(box)
+        label_maps.append((indices, labels))
+        row_labels.append(np.stack([np.full(len(ids), group), ids], axis=1))
     table = np.concatenate(tables) if tables else empty_peaks()
     box = np.concatenate(boxes) if boxes else np.zeros((0, 4), np.int64)
+    rows = np.concatenate(row_labels) if row_labels else np.zeros((0, 2), np.int64)
     order = np.lexsort((table["fs"], table["ss"], table["panel"]))
-    table, box = table[order], box[order]
+    table, box, rows = table[order], box[order], rows[order]
     keep = strongest(table, params.max_peaks)
-    table, box = table[keep], box[keep]
+    table, box, rows = table[keep], box[keep], rows[keep]
     if geometry is not None and len(table):
         table["one_over_d"] = one_over_d(geometry, table, wavelength_A)
-    return (table, box) if with_bbox else table
+    out: list[Any] = [table]
+    if with_bbox:
+        out.append(box)
+    if with_pixels:
+        out.append(_reported_pixels(panels, label_maps, rows))
+    return out[0] if len(out) == 1 else tuple(out)
+
+
+def _reported_pixels(panels: Sequence[np.ndarray], label_maps: list[tuple[list[int], Any]],
+                     rows: np.ndarray) -> list[np.ndarray]:
+    """Per panel, the pixels of the components behind the reported rows."""
+    pixels = [np.zeros(np.shape(p), dtype=bool) for p in panels]
+    for group, (indices, labels) in enumerate(label_maps):
+        if labels is None:
+            continue
+        chosen = np.isin(labels, rows[rows[:, 0] == group, 1])
+        for layer, panel in enumerate(indices):
+            pixels[panel] = chosen[layer]
+    return pixels
 
 
 def peak_pixel_mask(panel: np.ndarray, prob: np.ndarray, good: np.ndarray | None = None,
@@ -116,15 +145,42 @@ def peak_pixel_mask(panel: np.ndarray, prob: np.ndarray, good: np.ndarray | None
     For hosts that take foreground pixels rather than a peak table (DIALS' threshold step):
     components the peak filters reject (size, SNR) are not foreground either.
     """
-    params = params or PeakParams()
-    image = np.asarray(panel, dtype=np.float64)[None]
-    good3 = (np.ones(image.shape, bool) if good is None
-             else np.asarray(good, dtype=bool)[None])
-    _, _, (labels, ids) = _peaks_in_stack(image, np.asarray(prob, np.float64)[None], good3,
-                                          np.zeros(1, np.int32), params)
-    if labels is None:
-        return np.zeros(image.shape[1:], dtype=bool)
-    return np.isin(labels[0], ids)
+    _, (pixels,) = find_peaks([panel], [prob], None if good is None else [good], params,
+                              with_pixels=True)
+    return pixels
+
+
+def dials_foreground(pixels: np.ndarray, peaks: np.ndarray, good: np.ndarray,
+                     dilation: int) -> np.ndarray:
+    """The foreground DIALS' threshold step takes for one panel: the reported peaks' pixels,
+    grown by ``dilation`` pixels within ``good``, without spots whose values sum to <= 0.
+
+    Why grow: the model marks a spot's core (about half maximum and up), 1-4 pixels for sharp
+    XFEL spots, while DIALS' own thresholds mark the whole footprint and its default
+    ``min_spot_size`` assumes that; the rim holds background, so DIALS' value-weighted centroids
+    barely move.
+    """
+    if dilation > 0 and peaks.any():
+        peaks = ndimage.binary_dilation(peaks, structure=np.ones((3, 3), bool),
+                                        iterations=dilation)
+    return positive_spots(pixels, peaks & good)
+
+
+def positive_spots(pixels: np.ndarray, foreground: np.ndarray) -> np.ndarray:
+    """``foreground`` without spots whose pixel values sum to zero or less.
+
+    DIALS weights a spot's centroid by its raw pixel values; on a photon-counting detector with
+    no background, a faint spot plus its dilation rim of read-noise pixels can sum below zero,
+    which gives a zero centroid variance that stops refinement (dials.stills_process).
+    """
+    labels, n = ndimage.label(foreground, structure=np.ones((3, 3), bool))
+    if n == 0:
+        return foreground
+    sums = np.bincount(labels.ravel(), weights=pixels.ravel().astype(np.float64), minlength=n + 1)
+    positive = sums > 0
+    positive[0] = False
+    result: np.ndarray = positive[labels]
+    return result
 
 
 def is_hit(peaks: np.ndarray, min_peaks: int) -> bool:

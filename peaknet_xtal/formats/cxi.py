@@ -419,7 +419,7 @@ def _read_keys(h5: h5py.File) -> list[tuple[str, str]]:
     return list(zip(sources, events))
 
 
-def _peak_arrays(results: Sequence[FrameResult], geometry: Any,
+def peak_columns(results: Sequence[FrameResult], geometry: Any,
                  max_peaks: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Pack per-frame peak tables into CrystFEL's (n_frames, max_peaks) float32 columns."""
     counts = np.array([len(r.peaks) for r in results], dtype=np.int32)
@@ -508,7 +508,7 @@ def write_cxi(path: str | os.PathLike[str], results: Sequence[FrameResult], geom
     if not results:
         raise ValueError(f"{path}: nothing to write")
     used = mode if mode != "auto" else ("vds" if _can_link(results) else "copy")
-    counts, columns = _peak_arrays(results, geometry, max_peaks)
+    counts, columns = peak_columns(results, geometry, max_peaks)
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as h5:
             if used == "vds":

@@ -24,6 +24,9 @@ from peaknet_xtal.atomic import atomic_path
 from peaknet_xtal.errors import FormatError
 from peaknet_xtal.types import PEAK_DTYPE, peaks_from_columns
 
+#: DIALS/CrystFEL coordinates start at the pixel corner; the package's at the pixel centre.
+CORNER_OFFSET = 0.5
+
 #: Columns most callers want, when present.
 DEFAULT_COLUMNS = ("id", "panel", "miller_index", "xyzobs.px.value", "xyzcal.px",
                    "intensity.sum.value", "bbox", "flags")
@@ -135,69 +138,95 @@ def reflections_to_peaks(path: str | os.PathLike[str]) -> dict[int, np.ndarray]:
     for exp_id in np.unique(cols["id"]):
         sel = cols["id"] == exp_id
         out[int(exp_id)] = peaks_from_columns(
-            panel=cols["panel"][sel], fs=xyz[sel, 0] - 0.5, ss=xyz[sel, 1] - 0.5,
+            panel=cols["panel"][sel], fs=xyz[sel, 0] - CORNER_OFFSET,
+            ss=xyz[sel, 1] - CORNER_OFFSET,
             intensity=cols["intensity.sum.value"][sel] if "intensity.sum.value" in cols
             else np.nan)
     return out
 
 
 def _bbox(peaks: np.ndarray, z0: int) -> np.ndarray:
-    """A square box about each peak, sized from its pixel count (DIALS bounds are half-open)."""
+    """A square box about each peak, sized from its pixel count (DIALS bounds are half-open):
+    for tables that carry no boxes (read from a stream or CXI file)."""
     npix = np.where(peaks["npix"] > 0, peaks["npix"], 1)
     half = np.maximum(1.0, np.ceil(np.sqrt(npix) / 2.0))
-    x, y = peaks["fs"] + 0.5, peaks["ss"] + 0.5  # corner origin
+    x, y = peaks["fs"] + CORNER_OFFSET, peaks["ss"] + CORNER_OFFSET
     x0, y0 = np.floor(x - half), np.floor(y - half)
     x1, y1 = np.ceil(x + half), np.ceil(y + half)
     z = np.full(len(peaks), z0)
     return np.stack([x0, x1, y0, y1, z, z + 1], axis=1).astype(np.int64)
 
 
-def write_strong_refl(path: str | os.PathLike[str], tables: Sequence[np.ndarray], *,
-                      experiments: Any = None, sequence: bool = False) -> int:
-    """Write one PEAK_DTYPE table per image as a DIALS strong-spot ``.refl``; returns the rows.
+def strong_reflection_table(tables: Sequence[np.ndarray], *, boxes: Sequence[Any] | None = None,
+                            sequence: bool = False, z0: int = 0,
+                            experiment_ids: Sequence[int] | None = None,
+                            experiments: Any = None) -> Any:
+    """The one DIALS strong-spot ``flex.reflection_table`` builder: one PEAK_DTYPE table per image.
 
-    Stills (default): image ``i`` is experiment ``i`` (``id = i``, z = 0.5), as for
-    ``dials.import`` of a list of stills.  ``sequence=True``: one experiment, z = i + 0.5.
-    ``experiments`` (an ``ExperimentList`` or ``.expt`` path) supplies the experiment identifiers
-    DIALS uses to match the table to the images.
+    Stills (default): image ``i`` is experiment ``experiment_ids[i]`` (default ``i``) at z =
+    ``z0`` + 0.5; ``sequence=True``: one experiment, image ``i`` at z = ``z0 + i`` + 0.5.
+    ``boxes[i]`` (``(N, 4)`` fs0, fs1, ss0, ss1 end exclusive, as ``find_peaks(with_bbox=True)``
+    gives) are the components' own bounds; without them each box is a square sized from
+    ``npix``.  Columns: ``id``, ``panel``, ``xyzobs.px.value`` (pixel-corner origin) and its
+    variance (1/12 px^2, a uniform pixel), ``bbox``, ``intensity.sum.value`` and its variance
+    (shot noise of the clipped intensity plus the background spread over the peak's pixels),
+    ``background.mean`` and the ``strong`` flag: what ``dials.index`` reads from ``strong.refl``.
     """
     from dials.array_family import flex
 
     if isinstance(experiments, (str, os.PathLike)):
         experiments = read_experiments(experiments)
+    ids_given = list(experiment_ids) if experiment_ids is not None else None
     parts = []
     for i, peaks in enumerate(tables):
         peaks = np.asarray(peaks)
         if peaks.dtype != PEAK_DTYPE:
             raise TypeError(f"table {i} is not a PEAK_DTYPE peak table")
-        exp_id, z = (0, i) if sequence else (i, 0)
-        parts.append((peaks, exp_id, z))
-    n = sum(len(p) for p, _, _ in parts)
-    xyz = np.zeros((n, 3))
-    bbox = np.zeros((n, 6), dtype=np.int64)
-    ids, panels, intensity = (np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64),
-                              np.zeros(n))
-    row = 0
-    for peaks, exp_id, z in parts:
-        k = len(peaks)
-        xyz[row:row + k] = np.stack([peaks["fs"] + 0.5, peaks["ss"] + 0.5,
-                                     np.full(k, z + 0.5)], axis=1)
-        bbox[row:row + k] = _bbox(peaks, z)
-        ids[row:row + k], panels[row:row + k] = exp_id, peaks["panel"]
-        intensity[row:row + k] = np.nan_to_num(peaks["intensity"], nan=0.0)
-        row += k
+        exp_id = 0 if sequence else (ids_given[i] if ids_given is not None else i)
+        z = z0 + i if sequence else z0
+        box = _bbox(peaks, z)
+        if boxes is not None and boxes[i] is not None:
+            box[:, :4] = np.asarray(boxes[i], dtype=np.int64).reshape(-1, 4)
+        parts.append((peaks, exp_id, z, box))
+    n = sum(len(p) for p, _, _, _ in parts)
+    peaks = (np.concatenate([p for p, _, _, _ in parts]) if parts
+             else np.zeros(0, dtype=PEAK_DTYPE))
+    ids = np.concatenate([np.full(len(p), e) for p, e, _, _ in parts]) if parts else np.zeros(0)
+    zs = np.concatenate([np.full(len(p), z) for p, _, z, _ in parts]) if parts else np.zeros(0)
+    bbox = (np.concatenate([b for _, _, _, b in parts]) if parts
+            else np.zeros((0, 6), dtype=np.int64))
+    xyz = np.stack([peaks["fs"] + CORNER_OFFSET, peaks["ss"] + CORNER_OFFSET,
+                    zs + CORNER_OFFSET], axis=1) if n else np.zeros((0, 3))
+    intensity = np.nan_to_num(peaks["intensity"].astype(np.float64), nan=0.0)
+    variance = np.clip(intensity, 0, None) + peaks["npix"] * np.nan_to_num(
+        peaks["background_sigma"]) ** 2
     table = flex.reflection_table()
     table["id"] = flex.int(ids.astype(np.int32).tolist())
-    table["panel"] = flex.size_t(panels.tolist())
-    table["xyzobs.px.value"] = flex.vec3_double([tuple(v) for v in xyz])
+    table["panel"] = flex.size_t(peaks["panel"].astype(np.int64).tolist())
+    table["xyzobs.px.value"] = flex.vec3_double([tuple(map(float, v)) for v in xyz])
     table["xyzobs.px.variance"] = flex.vec3_double(n, (1 / 12, 1 / 12, 1 / 12))
     table["bbox"] = flex.int6([tuple(int(v) for v in b) for b in bbox])
     table["intensity.sum.value"] = flex.double(intensity.tolist())
-    table["intensity.sum.variance"] = flex.double(np.abs(intensity).tolist())
+    table["intensity.sum.variance"] = flex.double(variance.tolist())
+    table["background.mean"] = flex.double(np.nan_to_num(peaks["background"]).tolist())
     table.set_flags(flex.bool(n, True), flex.reflection_table.flags.strong)
     if experiments is not None:
-        for exp_id in sorted(set(ids.tolist())):
+        for exp_id in sorted(set(ids.astype(int).tolist())):
             table.experiment_identifiers()[int(exp_id)] = experiments[int(exp_id)].identifier
+    return table
+
+
+def write_strong_refl(path: str | os.PathLike[str], tables: Sequence[np.ndarray], *,
+                      experiments: Any = None, sequence: bool = False,
+                      boxes: Sequence[Any] | None = None) -> int:
+    """Write :func:`strong_reflection_table` of one PEAK_DTYPE table per image as a DIALS
+    ``.refl`` (atomically); returns the rows.
+
+    ``experiments`` (an ``ExperimentList`` or ``.expt`` path) supplies the experiment identifiers
+    DIALS uses to match the table to the images.
+    """
+    table = strong_reflection_table(tables, boxes=boxes, sequence=sequence,
+                                    experiments=experiments)
     with atomic_path(path) as tmp:
         table.as_file(str(tmp))
-    return n
+    return int(table.size())

@@ -49,19 +49,38 @@ def _to_numpy(flex_array: Any) -> np.ndarray:
     return np.asarray(flex_array.as_numpy_array())
 
 
-def _image_arrays(imageset: Any, index: int, path: str) -> tuple[list[np.ndarray],
-                                                                   list[np.ndarray]]:
+#: ADU per photon of dxtbx's corrected data: dxtbx subtracts the format's pedestal and divides by
+#: its gain, so the pixels count photons as far as the format knows its gain.
+CORRECTED_GAIN = 1.0
+
+
+def image_arrays(imageset: Any, index: int, path: str | None = None
+                 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Corrected float32 pixels and trusted-pixel masks of image ``index``, per dxtbx panel.
+
+    The one choice of dxtbx pixels for every adapter (``DxtbxSource``, ``PeakFinder``, and
+    DIALS, which hands its threshold step the same corrected data): pedestal and gain applied,
+    static masks and the trusted range folded into the masks.  Their gain is
+    :data:`CORRECTED_GAIN`.
+    """
     try:
-        raw = imageset.get_raw_data(index)
+        data = imageset.get_corrected_data(index)
         mask = imageset.get_mask(index)
     except Exception as exc:
-        raise FormatError(path, f"cannot read image {index} ({type(exc).__name__}: {exc})"
-                          ) from exc
-    if not isinstance(raw, tuple):
-        raw = (raw,)
-    panels = [_to_numpy(a).astype(np.float32, copy=False) for a in raw]
-    masks = [_to_numpy(m).astype(bool, copy=False) for m in mask]
+        raise FormatError(path or _imageset_path(imageset, index),
+                          f"cannot read image {index} ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(data, tuple):
+        data = (data,)
+    panels = [np.asarray(_to_numpy(a), dtype=np.float32) for a in data]
+    masks = [np.asarray(_to_numpy(m), dtype=bool) for m in mask]
     return panels, masks
+
+
+def _imageset_path(imageset: Any, index: int) -> str:
+    try:
+        return str(imageset.get_path(index))
+    except Exception:  # an imageset without paths (in memory)
+        return "<imageset>"
 
 
 def panel_summaries(detector: Any, beam: Any = None) -> list[dict[str, Any]]:
@@ -162,7 +181,7 @@ class DxtbxSource:
         return self._geometry
 
     def frame(self, index: int) -> Frame:
-        panels, masks = _image_arrays(self.imageset, index, self.path)
+        panels, masks = image_arrays(self.imageset, index, self.path)
         single = len(self.imageset) == 1
         detector, beam = self.imageset.get_detector(index), self.imageset.get_beam(index)
         return Frame(
@@ -170,6 +189,7 @@ class DxtbxSource:
             event="//" if single else f"//{index}", serial=index,
             geometry=self.geometry,
             meta={"dxtbx_path": self.imageset.get_path(index), "dxtbx_index": index,
+                  "adu_per_photon": CORRECTED_GAIN,
                   "format": self.imageset.get_format_class().__name__,
                   "panels": panel_summaries(detector, beam)},
         )

@@ -43,6 +43,10 @@ MASKED_LOGITS = (15.0, -15.0)
 class PeakNet(nn.Module):
     """``model(x, mask=None) -> (B, 2, H, W)`` logits; channel 1 is "peak"."""
 
+    #: Input sides are padded to this inside ``forward``; batching callers (the finding engine)
+    #: pad tiles to it themselves so that tiles of different sizes share a batch.
+    pad_multiple = PAD_MULTIPLE
+
     def __init__(self, backbone: str | None = None, dims: list[int] | None = None,
                  depths: list[int] | None = None, neck_width: int = 256, neck_blocks: int = 1,
                  neck_kernel: int = 3, head_channels: int = 256, learned_upsample: bool = True,

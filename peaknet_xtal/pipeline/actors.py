@@ -124,7 +124,7 @@ class ModelWorker:
         frame = result.frame
         if not self._keep_pixels(frame):
             frame = dataclasses.replace(frame, panels=[], masks=None)
-        return dataclasses.replace(result, frame=frame, prob_maps=None)
+        return dataclasses.replace(result, frame=frame, prob_maps=None, peak_pixels=None)
 
     def _keep_pixels(self, frame: Any) -> bool:
         """``"auto"``: pixels travel on only if the writer cannot link back to an HDF5 source."""

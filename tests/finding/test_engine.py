@@ -21,8 +21,11 @@ class PixelwiseLogits(nn.Module):
 
     Being pointwise, its exact output is known for every pixel, so any slip in padding, tiling,
     stitching, grouping or batch bookkeeping shows up as a wrong probability.  It counts calls
-    and batch sizes so the batching can be checked too.
+    and batch sizes so the batching can be checked too.  Like PeakNet it declares the multiple
+    its input sides must have, which the engine pads tiles to.
     """
+
+    pad_multiple = 32
 
     def __init__(self) -> None:
         super().__init__()

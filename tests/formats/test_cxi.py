@@ -255,7 +255,7 @@ def test_photon_energy_named_by_the_geometry_is_read_per_frame(tmp_path, make_ge
                                                                energies):
     """``photon_energy = /LCLS/photon_energy_eV``: CrystFEL reads it per frame from the file;
     so do we, which fills 1/d and turns an ``adu_per_eV`` into the gain for the shot noise."""
-    from peaknet_xtal.finding.engine import frame_gain
+    from peaknet_xtal.finding.settings import resolve_gain
     from peaknet_xtal.formats.geometry import HC_EV_A
 
     settings = dict(CXI_GEOMETRY, photon_energy="/LCLS/photon_energy_eV", adu_per_photon=None)
@@ -269,7 +269,8 @@ def test_photon_energy_named_by_the_geometry_is_read_per_frame(tmp_path, make_ge
     expected = energies if len(energies) > 1 else energies * 3
     for frame, energy in zip(frames, expected):
         assert frame.meta["wavelength_A"] == pytest.approx(HC_EV_A / energy)
-        assert frame_gain(frame) == pytest.approx(0.003 * energy)
+        assert resolve_gain(meta=frame.meta, geometry=frame.geometry) == pytest.approx(
+            0.003 * energy)
     for bad, message in ((-1.0, "not positive"), ([9500.0, 9600.0], "2 photon energies")):
         with h5py.File(path, "a") as h5:
             del h5["/LCLS/photon_energy_eV"]

@@ -1,0 +1,65 @@
+"""The finding settings every entry point shares, defined once, and the one gain resolution.
+
+``PeakFinder`` (library), ``peaknet2cxi`` (CLI), ``dials.find_spots algorithm=peaknet`` (its PHIL
+defaults are generated from :data:`DEFAULTS`, see ``plugins/peaknet_dials``), the Ray workers and
+the evaluation all start from these values, so the same pixels give the same peaks whichever door
+they came in through.  An entry point may *override* a value (``peaknet2cxi`` keeps a hit
+threshold of 10 peaks and CrystFEL's cap of 2048 for its CXI tables), never redefine a default.
+
+The detector gain (ADU per photon; the shot-noise term of each peak's SNR) is resolved by
+:func:`resolve_gain` alone: a user override, else what the frame's source declares, else what its
+geometry declares (``adu_per_photon``, or ``adu_per_eV`` x photon energy), else an estimate from
+the image data when one is plugged in, else unknown (background noise only).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class FindingDefaults:
+    """Defaults of the finding pipeline (see the module docstring)."""
+
+    model: str = "default"  # a registered name or a weights path
+    device: str = "auto"  # CUDA when torch sees a GPU, else the CPU
+    threshold: float = 0.5  # peak probability at or above which a pixel is foreground
+    min_snr: float = 3.0  # least integrated SNR of a peak (0 keeps every component)
+    min_peaks: int = 0  # peaks that make a hit
+    max_peaks: int | None = None  # keep the strongest N per frame (None: all)
+    batch_size: int = 8  # model tiles per batch
+    tile_size: int = 1024  # largest tile side the model sees; bigger panels are cut
+    tile_overlap: int = 64  # pixels shared by neighbouring tiles
+    dilation: int = 1  # pixels a peak grows by in a pixel mask for DIALS' own labelling
+
+
+DEFAULTS = FindingDefaults()
+
+#: A gain estimate from the image data: ``estimate(panels, masks) -> ADU per photon or None``.
+GainEstimate = Callable[[Any, Any], "float | None"]
+
+
+def resolve_gain(override: float | None = None, *, meta: Mapping[str, Any] | None = None,
+                 geometry: Any = None, wavelength_A: float | None = None,
+                 estimate: Callable[[], float | None] | None = None) -> float | None:
+    """ADU per photon for the shot noise of one frame's peaks, or None when unknown.
+
+    In order: ``override`` (a user's value; 0 leaves shot noise out), the source's declared
+    ``meta["adu_per_photon"]`` (dxtbx data divided by the format's gain declare 1), the
+    ``geometry``'s ``adu_per_photon`` or ``adu_per_eV`` x photon energy (``wavelength_A`` when the
+    geometry has no energy of its own), then ``estimate()`` (a measurement from the pixels).
+    """
+    if override is not None:
+        return float(override)
+    declared = (meta or {}).get("adu_per_photon")
+    if declared is not None and float(declared) > 0:
+        return float(declared)
+    if wavelength_A is None and meta:
+        wavelength_A = meta.get("wavelength_A")
+    detector_gain = getattr(geometry, "detector_gain", None)
+    if detector_gain is not None:
+        gain: float | None = detector_gain(wavelength_A)
+        if gain is not None:
+            return gain
+    return None if estimate is None else estimate()

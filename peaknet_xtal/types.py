@@ -139,4 +139,4 @@ class FrameResult:
         grow = DEFAULTS.dilation if dilation is None else dilation
         return [dials_foreground(np.asarray(panel), pixels, good, grow)
                 for panel, pixels, good in zip(self.frame.panels, self.peak_pixels,
-                                                self.frame.masks_or_ones())]
+                                                self.frame.masks_or_ones(), strict=True)]

@@ -29,37 +29,41 @@ from typing import Any
 
 import numpy as np
 
-PHIL = """
-model = default
+from peaknet_xtal.finding.settings import DEFAULTS
+
+_D = DEFAULTS
+PHIL = f"""
+model = {_D.model}
   .type = str
   .help = "PeakNet model: 'default' (the model shipped with peaknet-xtal), or a path to a"
           ".safetensors file (with its .json config beside it) or to a directory holding"
           "model.safetensors, as written by peaknet-train."
-device = *auto cpu cuda
+device = {" ".join(("*" if c == _D.device else "") + c for c in ("auto", "cpu", "cuda"))}
   .type = choice
   .help = "Where the model runs: auto uses CUDA when torch sees a GPU, otherwise the CPU."
-threshold = 0.5
+threshold = {_D.threshold}
   .type = float(value_min=0, value_max=1)
   .help = "Peak probability at or above which a pixel is foreground. Lower values find more and"
           "larger spots; DIALS' spotfinder.filter options then apply as usual."
-min_snr = 4.0
+min_snr = {_D.min_snr}
   .type = float(value_min=0)
   .help = "Least integrated signal-to-noise of a predicted spot: its background-subtracted sum"
           "over sqrt(pixels x local background variance + gain x sum), background and shot"
           "noise together. Weaker predictions are not foreground; 0 keeps every spot the model"
-          "marks. One sigma above peaknet-xtal's own default (3), because DIALS hands spot"
-          "finding images divided by the format's nominal gain, which on integrating detectors"
-          "is often 1 (CSPAD CBFs), so the shot noise is understated."
-gain = 1.0
+          "marks. The same default as peaknet-xtal's library and peaknet2cxi."
+gain = None
   .type = float(value_min=0)
   .help = "Counts per photon of the image DIALS hands to spot finding, as"
-          "spotfinder.threshold.dispersion.gain: dxtbx has already divided by the detector's"
-          "gain, so 1 is right whenever the format's gain is. 0 leaves shot noise out of"
-          "min_snr (background noise alone)."
-batch_size = 8
+          "spotfinder.threshold.dispersion.gain. None: dxtbx has already divided by the"
+          "format's gain, so the image counts photons (1). 0 leaves shot noise out of min_snr"
+          "(background noise alone)."
+batch_size = {_D.batch_size}
   .type = int(value_min=1)
-  .help = "How many panel tiles the model processes at once (memory versus speed)."
-dilation = 1
+  .help = "How many model tiles run at once (memory versus speed). Tiles of every panel of an"
+          "image are batched together: DIALS asks for one panel at a time, so the first panel"
+          "of each image runs the model on the whole image and the other panels are answered"
+          "from that (each checked to be the same pixels and mask)."
+dilation = {_D.dilation}
   .type = int(value_min=0)
   .help = "Grow each predicted spot by this many pixels (within the mask) before DIALS labels"
           "it. The model marks a spot's core (about half maximum and up), which for sharp XFEL"
@@ -80,14 +84,14 @@ threads = None
 class PeakNetSettings:
     """The extension's own parameters: small, hashable and cheap to pickle."""
 
-    model: str = "default"
-    device: str = "auto"
-    threshold: float = 0.5
-    min_snr: float = 4.0
-    gain: float = 1.0
-    batch_size: int = 8
+    model: str = _D.model
+    device: str = _D.device
+    threshold: float = _D.threshold
+    min_snr: float = _D.min_snr
+    gain: float | None = None
+    batch_size: int = _D.batch_size
     threads: int = 1
-    dilation: int = 1
+    dilation: int = _D.dilation
 
     @classmethod
     def from_params(cls, params: Any) -> PeakNetSettings:
@@ -102,7 +106,7 @@ class PeakNetSettings:
             device=str(scope.device),
             threshold=float(scope.threshold),
             min_snr=float(scope.min_snr),
-            gain=float(scope.gain),
+            gain=None if scope.gain is None else float(scope.gain),
             batch_size=int(scope.batch_size),
             threads=int(threads),
             dilation=int(scope.dilation),
@@ -141,7 +145,8 @@ def get_predictor(settings: PeakNetSettings) -> Any:
 
 
 def _build_predictor(settings: PeakNetSettings) -> Any:
-    """Build the inference engine (imports torch and the model here, never at module import)."""
+    """Build the shared finding engine (imports torch and the model on first use, never at
+    module import)."""
     from peaknet_xtal.finding.engine import InferenceEngine
 
     return InferenceEngine(
@@ -149,25 +154,10 @@ def _build_predictor(settings: PeakNetSettings) -> Any:
         device=settings.device,
         threads=settings.threads,
         batch_size=settings.batch_size,
+        threshold=settings.threshold,
+        min_snr=settings.min_snr,
+        adu_per_photon=settings.gain,
     )
-
-
-def _positive_spots(pixels: np.ndarray, foreground: np.ndarray) -> np.ndarray:
-    """``foreground`` without spots whose pixel values sum to zero or less.
-
-    DIALS weights a spot's centroid by its raw pixel values; on a photon-counting detector with
-    no background, a faint spot plus its dilation rim of read-noise pixels can sum below zero,
-    which gives a zero centroid variance that stops refinement (dials.stills_process).
-    """
-    from scipy.ndimage import label
-
-    labels, n = label(foreground, structure=np.ones((3, 3), bool))
-    if n == 0:
-        return foreground
-    sums = np.bincount(labels.ravel(), weights=pixels.ravel().astype(np.float64), minlength=n + 1)
-    positive = sums > 0
-    positive[0] = False
-    return positive[labels]
 
 
 def _check_model_exists(model: str) -> None:
@@ -195,6 +185,7 @@ class PeakNetSpotFinderThresholdExt:
 
     def __init__(self, params: Any) -> None:
         self.settings = PeakNetSettings.from_params(params)
+        self._image: _ImageForeground | None = None
         _check_model_exists(self.settings.model)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -203,40 +194,97 @@ class PeakNetSpotFinderThresholdExt:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.settings = PeakNetSettings(**state["settings"])
+        self._image: _ImageForeground | None = None
 
     def compute_threshold(self, image: Any, mask: Any, **kwargs: Any) -> Any:
         """Foreground mask for one panel: model peak pixels AND the mask DIALS passed in.
 
         ``image`` is the corrected panel (or its region of interest) as ``flex.double``, ``mask``
         a ``flex.bool`` of the same shape (True = usable).  DIALS does not remove masked pixels
-        from the result itself, so the AND with ``mask`` happens here.
+        from the result itself, so the AND with ``mask`` happens here.  With the ``imageset``
+        DIALS passes along, the whole image is found at once (see the ``batch_size`` help).
         """
         from dxtbx import flumpy
 
         pixels = np.asarray(flumpy.to_numpy(image), dtype=np.float32)
         good = np.asarray(flumpy.to_numpy(mask), dtype=bool)
+        i_panel = kwargs.get("i_panel")
         if pixels.shape != good.shape:
             raise ValueError(
-                f"peaknet: panel {kwargs.get('i_panel')} image shape {pixels.shape} differs from "
+                f"peaknet: panel {i_panel} image shape {pixels.shape} differs from "
                 f"its mask shape {good.shape}"
             )
-        peaks = self.peak_pixels(pixels, good)
+        peaks = None
+        imageset = kwargs.get("imageset")
+        whole = kwargs.get("region_of_interest") is None and i_panel is not None
+        if imageset is not None and whole and good.any():
+            peaks = self._from_whole_image(imageset, int(i_panel), pixels, good)
+        if peaks is None:
+            peaks = self.peak_pixels(pixels, good)
         return flumpy.from_numpy(np.ascontiguousarray(peaks))
 
     def peak_pixels(self, pixels: np.ndarray, good: np.ndarray) -> np.ndarray:
-        """Boolean peak map of one panel (numpy in, numpy out), already ANDed with ``good``."""
+        """Boolean foreground of one panel (numpy in, numpy out), already ANDed with ``good``."""
         if not good.any():
             return np.zeros(good.shape, dtype=bool)
-        from peaknet_xtal.finding.peaks import PeakParams, peak_pixel_mask
+        (foreground,) = self._foreground([pixels], [good])
+        return foreground
 
-        predictor = get_predictor(self.settings)
-        (prob,) = predictor.predict_panels([pixels], [good])
-        params = PeakParams(threshold=self.settings.threshold, min_snr=self.settings.min_snr,
-                            adu_per_photon=self.settings.gain)
-        peaks = peak_pixel_mask(pixels, np.asarray(prob), good, params)
-        if self.settings.dilation > 0 and peaks.any():
-            from scipy.ndimage import binary_dilation
+    def _foreground(self, panels: list[np.ndarray], goods: list[np.ndarray]) -> list[np.ndarray]:
+        """The shared finding pipeline's DIALS foreground of one image given as panels."""
+        from peaknet_xtal.formats.dxtbx_images import CORRECTED_GAIN
+        from peaknet_xtal.types import Frame
 
-            peaks = binary_dilation(peaks, structure=np.ones((3, 3), bool),
-                                    iterations=self.settings.dilation)
-        return _positive_spots(pixels, peaks & good)
+        frame = Frame(panels=panels, masks=goods, meta={"adu_per_photon": CORRECTED_GAIN})
+        engine = get_predictor(self.settings)
+        (result,) = engine.find_frames([frame], with_pixels=True)
+        foreground: list[np.ndarray] = result.dials_foreground(self.settings.dilation)
+        return foreground
+
+    def _from_whole_image(self, imageset: Any, i_panel: int, pixels: np.ndarray,
+                          good: np.ndarray) -> np.ndarray | None:
+        """This panel's foreground from a whole-image run, or None where that cannot be vouched
+        for (the panel is then found alone).
+
+        DIALS asks panel by panel and does not say which image; on panel 0 the image is taken
+        to be the one after the last (or the first) if its panel 0 and mask are exactly the ones
+        handed over.  A later panel is answered from it only if its pixels and mask are equal
+        to those handed over too (a user mask DIALS folds in, for instance, makes them differ).
+        """
+        image = getattr(self, "_image", None)
+        if i_panel == 0:
+            image = _ImageForeground.load(self, imageset, pixels, good, image)
+            self._image = image
+        if image is None or image.imageset is not imageset or not image.holds(i_panel, pixels,
+                                                                               good):
+            return None
+        return image.foreground[i_panel]
+
+
+class _ImageForeground:
+    """The foreground of every panel of one image of an imageset, found in one batched run."""
+
+    def __init__(self, imageset: Any, index: int, panels: list[np.ndarray],
+                 goods: list[np.ndarray], foreground: list[np.ndarray]) -> None:
+        self.imageset, self.index = imageset, index
+        self.panels, self.goods, self.foreground = panels, goods, foreground
+
+    def holds(self, i_panel: int, pixels: np.ndarray, good: np.ndarray) -> bool:
+        return (i_panel < len(self.panels) and np.array_equal(self.panels[i_panel], pixels)
+                and np.array_equal(self.goods[i_panel], good))
+
+    @classmethod
+    def load(cls, ext: PeakNetSpotFinderThresholdExt, imageset: Any, pixels: np.ndarray,
+             good: np.ndarray, last: _ImageForeground | None) -> _ImageForeground | None:
+        from peaknet_xtal.formats.dxtbx_images import image_arrays
+
+        candidates = [0]
+        if last is not None and last.imageset is imageset:
+            candidates.insert(0, last.index + 1)
+        for index in dict.fromkeys(candidates):
+            if not 0 <= index < len(imageset):
+                continue
+            panels, goods = image_arrays(imageset, index)
+            if np.array_equal(panels[0], pixels) and np.array_equal(goods[0], good):
+                return cls(imageset, index, panels, goods, ext._foreground(panels, goods))
+        return None

@@ -121,13 +121,12 @@ def test_min_snr_removes_weak_predicted_spots_only(dials_modules, cspad_panel) -
     """The SNR cut drops whole predicted spots (never parts of one) and keeps the strong ones."""
     from scipy import ndimage
 
-    from peaknet_xtal.finding.peaks import DEFAULT_MIN_SNR
+    from peaknet_xtal.finding.settings import DEFAULTS
 
     _, phil_scope = dials_modules
     data, mask = cspad_panel
     pixels = data.astype(np.float32)
-    # one sigma stricter than the library: DIALS' images carry a nominal gain (see the PHIL help)
-    assert _ext(phil_scope, 0.3).settings.min_snr == DEFAULT_MIN_SNR + 1
+    assert _ext(phil_scope, 0.3).settings.min_snr == DEFAULTS.min_snr  # the library's default
     every = _ext(phil_scope, 0.3, dilation=0, min_snr=0).peak_pixels(pixels, mask)
     strong = _ext(phil_scope, 0.3, dilation=0).peak_pixels(pixels, mask)
     assert strong.any() and strong.sum() < every.sum()
@@ -139,20 +138,23 @@ def test_min_snr_removes_weak_predicted_spots_only(dials_modules, cspad_panel) -
 def test_gain_puts_shot_noise_into_the_snr_cut(dials_modules, cspad_panel) -> None:
     """peaknet.gain is the counts per photon of the image DIALS hands over: a larger gain means
     fewer photons behind each count, so fewer predicted spots pass min_snr; 0 counts background
-    noise only."""
+    noise only; unset, the image counts photons (dxtbx divided by the format's gain)."""
     _, phil_scope = dials_modules
     data, mask = cspad_panel
     pixels = data.astype(np.float32)
-    assert _ext(phil_scope, 0.3).settings.gain == 1.0
+    assert _ext(phil_scope, 0.3).settings.gain is None
     counts = [_ext(phil_scope, 0.3, dilation=0, gain=g).peak_pixels(pixels, mask).sum()
               for g in (0, 1, 30)]
     assert counts[0] >= counts[1] > counts[2] > 0
+    unset = _ext(phil_scope, 0.3, dilation=0).peak_pixels(pixels, mask)
+    assert np.array_equal(unset, _ext(phil_scope, 0.3, dilation=0, gain=1).peak_pixels(pixels,
+                                                                                          mask))
 
 
 def test_spots_whose_values_sum_to_zero_or_less_are_dropped() -> None:
     """A faint spot on a zero background plus its read-noise rim can sum below zero; DIALS would
     give it a zero centroid variance, which stops refinement."""
-    from peaknet_dials.spotfinder_threshold_ext import _positive_spots
+    from peaknet_xtal.finding.peaks import positive_spots as _positive_spots
 
     pixels = np.full((12, 12), -0.3, np.float32)
     pixels[2:5, 2:5] = 2.0  # a real spot: positive sum
@@ -251,3 +253,54 @@ def test_missing_model_fails_at_start_up_naming_it(dials_modules, tmp_path) -> N
                      f"spotfinder.threshold.peaknet.model={missing}")
     with pytest.raises(FormatError, match="nowhere.safetensors.*model not found"):
         factory.configure_threshold(params)
+
+
+def test_phil_defaults_are_the_shared_finding_defaults(dials_modules) -> None:
+    """The PHIL defaults are generated from peaknet_xtal.finding.settings.DEFAULTS, so the DIALS
+    plugin, the library and peaknet2cxi cannot drift apart."""
+    from peaknet_xtal.finding.settings import DEFAULTS
+
+    _, phil_scope = dials_modules
+    scope = _params(phil_scope).spotfinder.threshold.peaknet
+    for name in ("model", "device", "threshold", "min_snr", "batch_size", "dilation"):
+        assert getattr(scope, name) == getattr(DEFAULTS, name), name
+    assert scope.gain is None  # resolved by settings.resolve_gain: the corrected image's 1
+
+
+def test_whole_image_is_found_in_one_batched_run(dials_modules, real_data, monkeypatch) -> None:
+    """DIALS asks panel by panel; with the imageset it passes, every panel of the image goes
+    through the model in one run (batch_size counts tiles across panels), with the same answer
+    per panel as finding each panel alone, and a panel whose pixels differ from the image's
+    (here: a user mask) is found alone."""
+    from dxtbx import flumpy
+    from dxtbx.model.experiment_list import ExperimentListFactory
+
+    from peaknet_dials import spotfinder_threshold_ext as module
+
+    _, phil_scope = dials_modules
+    imageset = ExperimentListFactory.from_filenames([str(real_data / CSPAD)]).imagesets()[0]
+    data, masks = imageset.get_corrected_data(0), list(imageset.get_mask(0))
+    masks[5] = masks[5] & flex_false_corner(flumpy, masks[5])
+    ext = _ext(phil_scope, 0.5)
+    runs: list[int] = []
+    original = module.PeakNetSpotFinderThresholdExt._foreground
+
+    def counted(self, panels, goods):
+        runs.append(len(panels))
+        return original(self, panels, goods)
+
+    monkeypatch.setattr(module.PeakNetSpotFinderThresholdExt, "_foreground", counted)
+    batched = [flumpy.to_numpy(ext.compute_threshold(d, m, imageset=imageset, i_panel=i))
+               for i, (d, m) in enumerate(zip(data, masks, strict=True))]
+    assert runs[0] == len(data) and runs[1:] == [1]  # the whole image, then panel 5 alone
+    alone = [flumpy.to_numpy(ext.compute_threshold(d, m, imageset=None, i_panel=i))
+             for i, (d, m) in enumerate(zip(data, masks, strict=True))]
+    assert sum(a.sum() for a in alone) > 100
+    assert all(np.array_equal(b, a) for b, a in zip(batched, alone, strict=True))
+
+
+def flex_false_corner(flumpy, mask):
+    """A copy of a flex.bool mask with its top-left 8x8 pixels masked out."""
+    array = flumpy.to_numpy(mask).copy()
+    array[:8, :8] = False
+    return flumpy.from_numpy(array)

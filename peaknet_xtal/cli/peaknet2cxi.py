@@ -38,7 +38,8 @@ import numpy as np
 
 from peaknet_xtal import config as cfgmod
 from peaknet_xtal.errors import FormatError, PeakNetError
-from peaknet_xtal.finding.peaks import DEFAULT_MIN_SNR
+from peaknet_xtal.finding.settings import DEFAULTS as FINDING
+from peaknet_xtal.formats.cxi import DEFAULT_MAX_PEAKS
 from peaknet_xtal.progress import Progress
 from peaknet_xtal.types import Frame, FrameResult
 
@@ -48,15 +49,15 @@ DEFAULTS: dict[str, Any] = {
     "inputs": [],
     "geometry": None,
     "output": None,
-    "model": "default",
-    "device": "auto",
+    "model": FINDING.model,
+    "device": FINDING.device,
     "threads": None,
-    "threshold": 0.5,
-    "min_snr": DEFAULT_MIN_SNR,
-    "adu_per_photon": None,  # None: the gain the geometry or image format declares
-    "batch_size": 8,
-    "min_peaks": 10,
-    "max_peaks": 2048,
+    "threshold": FINDING.threshold,
+    "min_snr": FINDING.min_snr,
+    "adu_per_photon": None,  # None: finding.settings.resolve_gain (geometry, image format)
+    "batch_size": FINDING.batch_size,
+    "min_peaks": 10,  # this tool's own choice: a hit for indexamajig, not the library's 0
+    "max_peaks": DEFAULT_MAX_PEAKS,  # CrystFEL's own cap on CXI peak tables
     "hits_only": False,
     "stream": None,
     "frames_per_file": 1000,
@@ -82,18 +83,20 @@ def build_parser() -> Any:
     parser.add_argument("--model", help="model name or weights file (default: default)")
     parser.add_argument("--device", help="auto, cpu or cuda[:N] (default: auto)")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
-    parser.add_argument("--threshold", type=float, help="peak probability cut (default 0.5)")
+    parser.add_argument("--threshold", type=float,
+                        help=f"peak probability cut (default {FINDING.threshold:g})")
     parser.add_argument("--min-snr", dest="min_snr", type=float,
-                        help=f"least integrated SNR of a peak (default {DEFAULT_MIN_SNR:g}; 0: "
+                        help=f"least integrated SNR of a peak (default {FINDING.min_snr:g}; 0: "
                              "keep every peak the model marks)")
     parser.add_argument("--adu-per-photon", dest="adu_per_photon", type=float,
                         help="detector gain for the shot noise in each peak's SNR (default: the "
                              "geometry's adu_per_photon, or adu_per_eV x photon energy; 0: "
                              "background noise only)")
-    parser.add_argument("--batch-size", type=int, help="panel tiles per model batch (default 8)")
+    parser.add_argument("--batch-size", type=int,
+                        help=f"panel tiles per model batch (default {FINDING.batch_size})")
     parser.add_argument("--min-peaks", type=int, help="peaks that make a hit (default 10)")
     parser.add_argument("--max-peaks", type=int, help="keep the strongest N peaks per frame "
-                        "(default 2048, CrystFEL's own cap)")
+                        f"(default {DEFAULT_MAX_PEAKS}, CrystFEL's own cap)")
     parser.add_argument("--hits-only", action="store_true", help="write only hits to the CXI "
                         "files (the stream still gets every frame)")
     parser.add_argument("--stream", help="also write a peaks-only CrystFEL stream here")
@@ -161,7 +164,8 @@ def _run_serial(config: dict[str, Any]) -> dict[str, Any]:
                              min_peaks=int(config["min_peaks"]), max_peaks=config["max_peaks"],
                              predictor=config["predictor"])
     cxi = CXIWriter(outdir, geometry, frames_per_file=int(config["frames_per_file"]),
-                    mode=config["link"], max_peaks=max(int(config["max_peaks"] or 0), 2048))
+                    mode=config["link"],
+                    max_peaks=max(int(config["max_peaks"] or 0), DEFAULT_MAX_PEAKS))
     stream = _open_stream(config, geometry)
     done_cxi = cxi.done_keys()
     done_stream = stream.done_keys() if stream is not None else done_cxi
@@ -213,8 +217,8 @@ def _run_pipeline(config: dict[str, Any]) -> dict[str, Any]:
         "source_options": {"geometry": geometry} if geometry is not None else {},
         "output": str(outdir), "writer": "cxi",
         "writer_options": {"frames_per_file": int(config["frames_per_file"]),
-                           "mode": config["link"], "max_peaks": max(int(config["max_peaks"] or 0),
-                                                                     2048)},
+                           "mode": config["link"],
+                           "max_peaks": max(int(config["max_peaks"] or 0), DEFAULT_MAX_PEAKS)},
         "workers": int(config["workers"] or 1), "address": config["address"],
         "model": config["model"], "device": config["device"],
         "threshold": float(config["threshold"]), "batch_size": int(config["batch_size"]),

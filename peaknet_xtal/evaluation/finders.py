@@ -17,7 +17,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from peaknet_xtal.finding.peaks import DEFAULT_MIN_SNR, PeakParams, find_peaks
+from peaknet_xtal.finding.peaks import PeakParams, find_peaks
+from peaknet_xtal.finding.settings import DEFAULTS
 from peaknet_xtal.types import Frame, empty_peaks, peaks_from_columns
 
 
@@ -40,8 +41,10 @@ class PeakNetFinder:
     def __post_init__(self) -> None:
         from peaknet_xtal.finding.engine import InferenceEngine
 
-        p = {"model": "default", "threshold": 0.5, "min_snr": DEFAULT_MIN_SNR, "device": "auto",
-             "batch_size": 8, "adu_per_photon": None}  # None: the gain the data declares
+        p = {"model": DEFAULTS.model, "threshold": DEFAULTS.threshold,
+             "min_snr": DEFAULTS.min_snr, "device": DEFAULTS.device,
+             "batch_size": DEFAULTS.batch_size,
+             "adu_per_photon": None}  # None: settings.resolve_gain (what the data declare)
         p.update(self.params)
         self.params = p
         self.name = f"peaknet:{p['model']}" if self.name == "peaknet" else self.name
@@ -55,21 +58,12 @@ class PeakNetFinder:
     def activation_maps(self, frame: Frame, panels: Sequence[int] | None = None
                         ) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """(non-peak, peak) logits of the given panels (default all): what the model sees
-        before the threshold."""
-        import torch
-
-        model = self.engine.model()
+        before the threshold, tiled and batched as the finding engine runs it."""
         masks = frame.masks_or_ones()
-        chosen = range(len(frame.panels)) if panels is None else panels
-        background, peak = [], []
-        with torch.inference_mode():
-            for image, good in ((frame.panels[i], masks[i]) for i in chosen):
-                x = torch.from_numpy(np.ascontiguousarray(image, np.float32))[None, None]
-                m = torch.from_numpy(np.ascontiguousarray(good, bool))[None, None]
-                logits = model(x.to(self.engine.device), m.to(self.engine.device)).float().cpu()
-                background.append(logits[0, 0].numpy())
-                peak.append(logits[0, 1].numpy())
-        return background, peak
+        chosen = list(range(len(frame.panels)) if panels is None else panels)
+        logits = self.engine.predict_logits([frame.panels[i] for i in chosen],
+                                            [masks[i] for i in chosen])
+        return [lg[0] for lg in logits], [lg[1] for lg in logits]
 
 
 @dataclass

@@ -60,8 +60,16 @@ def load_sim_run(directory: str | os.PathLike[str], name: str = "sim") -> Datase
     reference = tuple(float(v) for v in np.median(cells, axis=0)) if len(cells) else None
     return Dataset(name=folder.name, frames=frames, truths=truths, reflections=everything,
                    images=[str(folder / f"{name}.cxi")],
-                   adu_per_photon=float(geometry.adu_per_photon or 1.0),
+                   adu_per_photon=_gain(geometry, frames),
                    reference_cell=reference)
+
+
+def _gain(geometry: Any, frames: Sequence[Frame]) -> float:
+    """The data's ADU per photon (settings.resolve_gain); unknown counts ADU as photons."""
+    from peaknet_xtal.finding.settings import resolve_gain
+
+    gain = resolve_gain(meta=frames[0].meta if frames else None, geometry=geometry)
+    return 1.0 if gain is None else gain
 
 
 def run_finders(finders: dict[str, Any], frames: Sequence[Frame]) -> dict[str, dict[str, Any]]:

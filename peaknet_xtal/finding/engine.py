@@ -227,7 +227,19 @@ class InferenceEngine:
             out[f].append(np.where(good, prob, np.float32(0)))
         return out
 
-    def _run_model(self, panels: list[np.ndarray], goods: list[np.ndarray]) -> list[np.ndarray]:
+    def predict_logits(self, panels: Sequence[np.ndarray],
+                       masks: Sequence[np.ndarray] | None = None) -> list[np.ndarray]:
+        """The model's raw ``(classes, H, W)`` logits per panel, tiled and batched exactly as
+        :meth:`predict_panels` runs it (what the model says before softmax and threshold)."""
+        images = [np.asarray(p, dtype=np.float32) for p in panels]
+        goods = [(np.ones(p.shape, bool) if masks is None else np.asarray(masks[i], dtype=bool))
+                 & np.isfinite(p) for i, p in enumerate(images)]
+        return self._run_model(images, goods, logits=True)
+
+    def _run_model(self, panels: list[np.ndarray], goods: list[np.ndarray],
+                   logits: bool = False) -> list[np.ndarray]:
+        """Tile, pad, batch, run and stitch: peak probability per panel, or with ``logits`` the
+        raw ``(classes, H, W)`` output."""
         import torch
 
         tiles = [Tile(i, y0, x0, h, w, core)
@@ -239,20 +251,23 @@ class InferenceEngine:
         groups: dict[tuple[int, int], list[Tile]] = {}
         for tile in tiles:
             groups.setdefault(_padded(tile.height, tile.width, multiple), []).append(tile)
-        probs = [np.zeros(p.shape, np.float32) for p in panels]
+        out: list[Any] = [None] * len(panels)
         with torch.inference_mode():
             for shape, members in groups.items():
                 for start in range(0, len(members), self.batch_size):
                     batch = members[start:start + self.batch_size]
                     x, m = _stack_tiles(batch, panels, goods, shape)
-                    logits = model(torch.from_numpy(x).to(self.device),
-                                   torch.from_numpy(m).to(self.device))
-                    prob = to_host(torch.softmax(logits.float(), dim=1)[:, 1])
-                    for tile, p in zip(batch, prob):
+                    raw = model(torch.from_numpy(x).to(self.device),
+                                torch.from_numpy(m).to(self.device)).float()
+                    values = to_host(raw if logits else torch.softmax(raw, dim=1)[:, 1])
+                    for tile, v in zip(batch, values, strict=True):
+                        if out[tile.panel] is None:
+                            out[tile.panel] = np.zeros(v.shape[:-2] + panels[tile.panel].shape,
+                                                       np.float32)
                         ys, xs = tile.core
-                        probs[tile.panel][ys, xs] = p[ys.start - tile.y0:ys.stop - tile.y0,
-                                                      xs.start - tile.x0:xs.stop - tile.x0]
-        return probs
+                        out[tile.panel][..., ys, xs] = v[..., ys.start - tile.y0:ys.stop - tile.y0,
+                                                         xs.start - tile.x0:xs.stop - tile.x0]
+        return out
 
     # ---- peaks -------------------------------------------------------------------------------
     def find_panels(self, panels: Sequence[np.ndarray], masks: Sequence[np.ndarray] | None = None,

@@ -385,6 +385,14 @@ def _annulus_background(image: np.ndarray, good: np.ndarray, labels: np.ndarray,
     return bg, sigma
 
 
+def robust_background(values: np.ndarray) -> tuple[float, float]:
+    """Background level and spread of a set of pixel values (NaN ignored): the package's one
+    background/noise estimator (:func:`_robust_rows`), for every caller that needs one (peak
+    SNR here, the pseudo-Voigt prescreen in labelling, training's augmentation scale)."""
+    level, spread = _robust_rows(np.asarray(values, dtype=np.float64).reshape(1, -1))
+    return float(level[0]), float(spread[0])
+
+
 def _robust_rows(values: np.ndarray, clip: float = 3.0, rounds: int = 4
                  ) -> tuple[np.ndarray, np.ndarray]:
     """Per-row NaN-ignoring background level and spread: mean and std after sigma clipping.

@@ -36,19 +36,17 @@ class FindingDefaults:
 
 DEFAULTS = FindingDefaults()
 
-#: A gain estimate from the image data: ``estimate(panels, masks) -> ADU per photon or None``.
-GainEstimate = Callable[[Any, Any], "float | None"]
-
-
 def resolve_gain(override: float | None = None, *, meta: Mapping[str, Any] | None = None,
                  geometry: Any = None, wavelength_A: float | None = None,
+                 panel: int | None = None,
                  estimate: Callable[[], float | None] | None = None) -> float | None:
     """ADU per photon for the shot noise of one frame's peaks, or None when unknown.
 
     In order: ``override`` (a user's value; 0 leaves shot noise out), the source's declared
     ``meta["adu_per_photon"]`` (dxtbx data divided by the format's gain declare 1), the
     ``geometry``'s ``adu_per_photon`` or ``adu_per_eV`` x photon energy (``wavelength_A`` when the
-    geometry has no energy of its own), then ``estimate()`` (a measurement from the pixels).
+    geometry has no energy of its own; ``panel`` asks for one panel's own value), then
+    ``estimate()`` (a measurement from the pixels).
     """
     if override is not None:
         return float(override)
@@ -59,7 +57,8 @@ def resolve_gain(override: float | None = None, *, meta: Mapping[str, Any] | Non
         wavelength_A = meta.get("wavelength_A")
     detector_gain = getattr(geometry, "detector_gain", None)
     if detector_gain is not None:
-        gain: float | None = detector_gain(wavelength_A)
+        gain: float | None = (detector_gain(wavelength_A) if panel is None
+                              else detector_gain(wavelength_A, panel=panel))
         if gain is not None:
             return gain
     return None if estimate is None else estimate()

@@ -119,7 +119,9 @@ def geometry_text_from_dxtbx(detector: Any, beam: Any) -> str:
     CrystFEL has no parallax correction, so positions match dxtbx's *uncorrected* millimetre
     coordinates (they differ from ``get_pixel_lab_coord`` by up to ~0.4 px on thick sensors).
     """
-    flip = np.array([-1.0, 1.0, -1.0])
+    from peaknet_xtal.formats.geometry import CRYSTFEL_TO_DIALS
+
+    flip = CRYSTFEL_TO_DIALS  # its own inverse: DIALS -> CrystFEL here
     pixel_m = [p.get_pixel_size()[0] / 1000.0 for p in detector]
     z_m = [float(flip[2] * p.get_origin()[2]) / 1000.0 for p in detector]
     clen = float(np.mean(z_m))

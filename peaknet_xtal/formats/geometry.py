@@ -493,14 +493,21 @@ class Geometry:
         return self.lab_to_one_over_d(*self.panel_to_lab(panel_index, pfs, pss, clen_m),
                                       wavelength_A=wavelength_A)
 
-    def detector_gain(self, wavelength_A: float | None = None) -> float | None:
+    def detector_gain(self, wavelength_A: float | None = None,
+                      panel: int | None = None) -> float | None:
         """ADU per photon the geometry declares, or None when it declares none usable.
 
         ``adu_per_photon`` wins; ``adu_per_eV`` needs the photon energy (the geometry's, else
-        ``wavelength_A``).  Panel values count only when every panel agrees, since a single
-        number is what shot-noise estimates downstream take.
+        ``wavelength_A``).  For the whole detector, panel values count only when every panel
+        agrees, since a single number is what shot-noise estimates downstream take; with
+        ``panel`` (an index), that panel's own value comes first.
         """
         energy = (HC_EV_A / wavelength_A if wavelength_A else self.photon_energy_eV)
+        if panel is not None:
+            own = self.panels[panel]
+            value = _gain_of(own.adu_per_photon, own.adu_per_eV, energy)
+            if value is not None:
+                return value
         for holders in ([self], self.panels):
             values = {_gain_of(h.adu_per_photon, h.adu_per_eV, energy) for h in holders}
             if len(values) == 1 and None not in values:
@@ -515,15 +522,52 @@ class Geometry:
                                            "geometry; pass wavelength_A")
         return self.wavelength_A
 
-    def _placement(self, clen_m: float | None) -> np.ndarray:
-        """Per panel: corner (x, y, z) in pixels, fs (3), ss (3), res -> array (n_panels, 10)."""
-        table = np.empty((self.n_panels, 10))
-        for i, p in enumerate(self.panels):
+    # ---- placement: the one panel-to-lab model (geometry, simulator, dxtbx format) -----------
+
+    def default_clen(self, default_clen_m: float) -> float:
+        """The camera length (m) for panels that state none as a number: the global numeric
+        clen, else one that puts the nearest such panel (clen + coffset) at ``default_clen_m``
+        (facility files pair an encoder-read clen with large negative coffsets -- the MFX
+        ePix10k2M file has coffset = -0.215 m -- so the default cannot be used as is)."""
+        if self.clen_m is not None:
+            return float(self.clen_m)
+        unknown = [float(p.coffset_m or 0.0) for p in self.panels if p.clen_m is None]
+        return default_clen_m - min(unknown) if unknown else default_clen_m
+
+    def panel_clens(self, clen_m: float | None = None, *,
+                    default_clen_m: float | None = None) -> list[float]:
+        """Each panel's camera length (m): ``clen_m`` for all when given, else the panel's own;
+        a panel without a number is an error unless ``default_clen_m`` is given (then
+        :meth:`default_clen`)."""
+        out = []
+        for p in self.panels:
             clen = clen_m if clen_m is not None else p.clen_m
+            if clen is None and default_clen_m is not None:
+                clen = self.default_clen(default_clen_m)
             if clen is None:
                 raise GeometryError(self.path, f"panel {p.name}: camera length is "
                                                f"{p.clen_path or 'missing'}; pass clen_m",
                                     line=p.line)
+            out.append(float(clen))
+        return out
+
+    def panel_planes(self, clen_m: float | None = None, *, default_clen_m: float | None = None
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Each panel's plane in metres, CrystFEL lab frame: ``(origins, fs_vecs, ss_vecs)``, each
+        ``(n_panels, 3)``; the origin is the outer corner of pixel (0, 0) and a pixel centre lies
+        at ``origin + (fs + 0.5) * fs_vec + (ss + 0.5) * ss_vec``.  Camera lengths as
+        :meth:`panel_clens`."""
+        clens = self.panel_clens(clen_m, default_clen_m=default_clen_m)
+        origins = np.array([[p.corner_x / p.res, p.corner_y / p.res, clen + p.coffset_m]
+                            for p, clen in zip(self.panels, clens, strict=True)])
+        fs_vecs = np.array([np.asarray(p.fs, dtype=float) / p.res for p in self.panels])
+        ss_vecs = np.array([np.asarray(p.ss, dtype=float) / p.res for p in self.panels])
+        return origins, fs_vecs, ss_vecs
+
+    def _placement(self, clen_m: float | None) -> np.ndarray:
+        """Per panel: corner (x, y, z) in pixels, fs (3), ss (3), res -> array (n_panels, 10)."""
+        table = np.empty((self.n_panels, 10))
+        for i, (p, clen) in enumerate(zip(self.panels, self.panel_clens(clen_m), strict=True)):
             table[i, 0:3] = (p.corner_x, p.corner_y, (clen + p.coffset_m) * p.res)
             table[i, 3:6] = p.fs
             table[i, 6:9] = p.ss
@@ -562,6 +606,17 @@ class Geometry:
             lines += ["", "; global values (every panel above states its own)"]
             lines += [f"{k} = {v}" for k, v in defaults.items()]
         return "\n".join(lines) + "\n"
+
+
+#: CrystFEL's lab frame has +z along the beam, DIALS' the beam along -z, both +y up: a half turn
+#: about y maps one onto the other (and back: it is its own inverse).
+CRYSTFEL_TO_DIALS = np.array([-1.0, 1.0, -1.0])
+
+
+def crystfel_to_dials(vector: Any) -> tuple[float, float, float]:
+    """A CrystFEL lab vector in DIALS' lab frame, or a DIALS one in CrystFEL's."""
+    x, y, z = CRYSTFEL_TO_DIALS * np.asarray(vector, dtype=float)
+    return (float(x), float(y), float(z))
 
 
 def _check_indices(index: np.ndarray, n: int) -> None:

@@ -341,14 +341,18 @@ def _minimizer_class() -> type:
 
 
 def prescreen_snr(win: Window) -> float:
-    """A quick signal-to-noise of the 3x3 core against the window's median and MAD.
+    """A quick signal-to-noise of the 3x3 core against the window's background.
 
     Many predicted reflections are not visible at all (recall of real frames is often < 20%);
-    skipping them before lmfit saves most of the time a run would spend fitting noise.
+    skipping them before lmfit saves most of the time a run would spend fitting noise.  The
+    background is the package's one estimator (sigma-clipped mean and std,
+    :func:`peaknet_xtal.finding.peaks.robust_background`): median and MAD would describe only
+    the read noise of a photon-counting background where most pixels hold no photon.
     """
+    from peaknet_xtal.finding.peaks import robust_background
+
     data = win.data[win.valid]
-    bg = float(np.median(data))
-    noise = 1.4826 * float(np.median(np.abs(data - bg)))
+    bg, noise = robust_background(data)
     noise = noise if noise > 0 else float(np.sqrt(abs(bg) + 1.0))
     ss_idx, fs_idx = np.nonzero(win.valid)
     near = ((np.abs(fs_idx + win.fs0 - win.fs_guess) <= 1.5)

@@ -29,6 +29,7 @@ from typing import Any
 
 from peaknet_xtal.config import deep_merge
 from peaknet_xtal.errors import PeakNetError
+from peaknet_xtal.finding.settings import DEFAULTS as FINDING
 from peaknet_xtal.pipeline.actors import ModelWorker, ResultWriter, SourceFeeder, ray_actor, ray_queue
 from peaknet_xtal.pipeline.monitor import PipelineMonitor
 from peaknet_xtal.pipeline.queues import AsyncLeaseQueue, EventLoopThread, LocalQueueClient
@@ -49,7 +50,7 @@ DEFAULTS: dict[str, Any] = {
     "gpus_per_worker": None,  # None: 1 when device is cuda*, else 0
     "predictor": "engine",  # "engine" or a picklable factory(**predictor_options)
     "predictor_options": {},  # extra options for the predictor
-    "model": "default",
+    "model": FINDING.model,
     "device": "cpu",
     "threshold": None,
     "batch_size": 8,  # frames per lease; the engine batches its tiles within it

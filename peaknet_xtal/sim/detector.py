@@ -32,32 +32,14 @@ class DetectorModel:
 
     @classmethod
     def from_geometry(cls, geometry: Any, default_clen_m: float = 0.1) -> DetectorModel:
-        """Resolve each panel's plane.
-
-        Panels without a numeric clen get one that puts the nearest such panel (clen + coffset) at
-        ``default_clen_m``: facility files pair an encoder-read clen with large negative coffsets
-        (the MFX ePix10k2M file has coffset = -0.215 m), so the default cannot be used as is.
-        """
-        origins, fs_vecs, ss_vecs, shapes = [], [], [], []
-        global_clen = _number(getattr(geometry, "clen_m", None))
-        unknown = [float(getattr(p, "coffset_m", 0.0) or 0.0) for p in geometry.panels
-                   if _number(getattr(p, "clen_m", None)) is None]
-        fallback = default_clen_m - min(unknown) if unknown else default_clen_m
-        for panel in geometry.panels:
-            res = float(panel.res)
-            clen = _number(getattr(panel, "clen_m", None))
-            if clen is None:
-                clen = global_clen if global_clen is not None else fallback
-            z = clen + float(getattr(panel, "coffset_m", 0.0) or 0.0)
-            fs = np.asarray(panel.fs, dtype=float) / res
-            ss = np.asarray(panel.ss, dtype=float) / res
-            origins.append(np.array([panel.corner_x / res, panel.corner_y / res, z]))
-            fs_vecs.append(fs)
-            ss_vecs.append(ss)
-            shapes.append((int(panel.max_ss - panel.min_ss + 1),
-                           int(panel.max_fs - panel.min_fs + 1)))
-        return cls(geometry, np.array(origins), np.array(fs_vecs), np.array(ss_vecs), shapes,
-                   float(global_clen if global_clen is not None else fallback))
+        """Each panel's plane from the geometry's one placement model
+        (:meth:`~peaknet_xtal.formats.geometry.Geometry.panel_planes`); panels without a
+        numeric clen get :meth:`~peaknet_xtal.formats.geometry.Geometry.default_clen`."""
+        origins, fs_vecs, ss_vecs = geometry.panel_planes(default_clen_m=default_clen_m)
+        shapes = [(int(p.max_ss - p.min_ss + 1), int(p.max_fs - p.min_fs + 1))
+                  for p in geometry.panels]
+        return cls(geometry, origins, fs_vecs, ss_vecs, shapes,
+                   float(geometry.default_clen(default_clen_m)))
 
     @property
     def n_panels(self) -> int:
@@ -210,12 +192,3 @@ class DetectorModel:
             start += height * width
         return out
 
-
-def _number(value: Any) -> float | None:
-    """A float, or None for missing values and HDF5-path strings."""
-    if value is None or isinstance(value, str):
-        return None
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return None

@@ -106,7 +106,7 @@ def stream_chunk(filename: str, index: int, truth: Any, geometry: Any) -> Any:
     peaks = peaks_from_columns(panel=strong["panel"], fs=strong["fs"], ss=strong["ss"],
                                intensity=strong["photons"] * gain,
                                one_over_d=strong["one_over_d"])
-    distance = float(np.mean([p.clen_m + p.coffset_m for p in geometry.panels]))
+    distance = float(np.mean(geometry.panel_planes()[0][:, 2]))  # mean panel z (m)
     chunk = chunk_from_peak_table(peaks, geometry, filename=filename, event=f"//{index}",
                                   serial=index + 1, hit=truth.hit, camera_length_m=distance)
     chunk.extra["beam_divergence"] = "0.00e+00 rad"

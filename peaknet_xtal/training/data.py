@@ -245,11 +245,13 @@ class Augment:
 
 
 def _background_sigma(values: np.ndarray) -> float:
-    """Spread of the pixels below the 99th percentile (peaks and hot pixels excluded)."""
+    """Background noise of a panel (peaks and hot pixels clipped): the package's one estimator,
+    :func:`peaknet_xtal.finding.peaks.robust_background`."""
+    from peaknet_xtal.finding.peaks import robust_background
+
     if values.size < 10:
         return 1.0
-    below = values[values <= np.quantile(values, 0.99)]
-    return max(float(below.std()), 1e-3)
+    return max(robust_background(values)[1], 1e-3)
 
 
 class CropDataset:

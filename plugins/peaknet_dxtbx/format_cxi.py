@@ -55,7 +55,9 @@ def orthonormal_axes(fast: np.ndarray, slow: np.ndarray) -> tuple[np.ndarray, np
 
 def to_dials(vector: np.ndarray) -> tuple[float, float, float]:
     """CrystFEL lab vector -> DIALS lab vector (a half turn about +y)."""
-    return (-float(vector[0]), float(vector[1]), -float(vector[2]))
+    from peaknet_xtal.formats.geometry import crystfel_to_dials
+
+    return crystfel_to_dials(vector)
 
 
 class FormatCXIPeakNet(FormatHDF5, FormatStill):
@@ -135,11 +137,12 @@ class FormatCXIPeakNet(FormatHDF5, FormatStill):
 
         detector = Detector()
         root = detector.hierarchy()
-        gain = self._geometry.adu_per_photon or 1.0
-        for panel in self._geometry.panels:
+        from peaknet_xtal.finding.settings import resolve_gain
+
+        origins, _, _ = self._geometry.panel_planes()  # the package's one placement model
+        for index, panel in enumerate(self._geometry.panels):
             res = float(panel.res)
-            corner = np.array([panel.corner_x / res, panel.corner_y / res,
-                               panel.clen_m + panel.coffset_m]) * 1000.0
+            corner = origins[index] * 1000.0
             fast = np.asarray(panel.fs, dtype=float)
             slow = np.asarray(panel.ss, dtype=float)
             pixel_mm = float(np.linalg.norm(fast)) / res * 1000.0
@@ -149,7 +152,9 @@ class FormatCXIPeakNet(FormatHDF5, FormatStill):
             p.set_image_size((panel.width, panel.height))
             p.set_pixel_size((pixel_mm, float(np.linalg.norm(slow)) / res * 1000.0))
             p.set_trusted_range((-1e9, 1e9))
-            p.set_gain(float(panel.adu_per_photon or gain))
+            gain = resolve_gain(geometry=self._geometry, wavelength_A=float(self._wavelength),
+                                panel=index)
+            p.set_gain(1.0 if gain is None else gain)  # undeclared: the data count photons
             f_hat, s_hat = orthonormal_axes(fast, slow)
             p.set_local_frame(to_dials(f_hat), to_dials(s_hat), to_dials(corner))
         return detector

@@ -96,5 +96,6 @@ def test_activation_maps_of_chosen_panels_equal_those_of_all_panels():
     background, peak = finder.activation_maps(frame)
     (b1,), (p1,) = finder.activation_maps(frame, [1])
     assert len(background) == 3 and background[1].shape == (40, 48)
-    assert np.allclose(b1, background[1]) and np.allclose(p1, peak[1])
+    # batched with other panels or alone: equal up to float32 summation order
+    assert np.allclose(b1, background[1], atol=1e-5) and np.allclose(p1, peak[1], atol=1e-5)
     assert not np.allclose(p1, peak[0])

@@ -34,3 +34,31 @@ def test_frame_key_and_default_masks():
     masks = frame.masks_or_ones()
     assert [m.shape for m in masks] == [(4, 5), (2, 3)]
     assert all(m.dtype == bool and m.all() for m in masks)
+
+
+def test_frame_result_views_cxi_row_stream_chunk_and_dials_foreground(make_geometry_text):
+    """The one result type turns into each writer's form; the DIALS foreground is the reported
+    peaks' pixels grown by the dilation within the mask."""
+    from peaknet_xtal.finding.peaks import find_peaks
+    from peaknet_xtal.formats.geometry import parse_geometry
+    from peaknet_xtal.types import Frame, FrameResult
+
+    geometry = parse_geometry(make_geometry_text(["p0", "p1"], 20, 16, [(0.0, 0.0), (0.0, 30.0)],
+                                                 adu_per_photon="1"))
+    rng = np.random.default_rng(0)
+    panels = [rng.normal(10, 1, (16, 20)).astype(np.float32) for _ in range(2)]
+    panels[1][5, 7] = 200.0
+    probs = [np.zeros((16, 20), np.float32), np.zeros((16, 20), np.float32)]
+    probs[1][5, 7] = 1.0
+    masks = [np.ones((16, 20), bool), np.ones((16, 20), bool)]
+    masks[1][4, :] = False  # the rim row above the peak is masked out
+    peaks, pixels = find_peaks(panels, probs, masks, with_pixels=True)
+    assert len(peaks) == 1 and pixels[1][5, 7] and pixels[1].sum() == 1 and not pixels[0].any()
+    result = FrameResult(Frame(panels=panels, masks=masks, geometry=geometry, source="x.h5",
+                               event="//3", serial=3), peaks, hit=True, peak_pixels=pixels)
+    count, row = result.cxi_row()
+    assert count == 1 and row["peakXPosRaw"][0] == 7 and row["peakYPosRaw"][0] == 16 + 5
+    chunk = result.stream_chunk()
+    assert chunk.event == "//3" and len(chunk.peaks) == 1
+    (none, grown) = result.dials_foreground(dilation=1)
+    assert not none.any() and grown.sum() == 6 and grown[5:7, 6:9].all()

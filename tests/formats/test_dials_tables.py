@@ -109,3 +109,25 @@ def test_sequence_layout_puts_images_along_z(tmp_path, dials_env):
                                [[3.5, 4.5, 0.5], [0.5, 1.5, 1.5], [5.5, 2.5, 1.5]])
     assert list(cols["id"]) == [0, 0, 0] and list(cols["panel"]) == [0, 1, 2]
     assert list(cols["bbox"][0]) == [1, 6, 2, 7, 0, 1]
+
+
+def test_one_builder_uses_component_boxes_when_known(dials_env):
+    """``strong_reflection_table`` is the one builder (PeakFinder, FrameResult, .refl files):
+    the components' own boxes when the finder gives them, an npix-sized square otherwise, and
+    the same variance either way."""
+    from peaknet_xtal.formats.dials_tables import strong_reflection_table
+    from peaknet_xtal.types import Frame, FrameResult
+
+    peaks = peaks_from_columns(panel=[0, 3], fs=[3.0, 10.2], ss=[4.0, 7.9], npix=[9, 4],
+                               intensity=[100.0, -2.0], background_sigma=[2.0, 1.0],
+                               background=[5.0, 5.0])
+    boxed = strong_reflection_table([peaks], boxes=[np.array([[2, 5, 3, 6], [9, 12, 7, 9]])],
+                                    z0=4, experiment_ids=[2])
+    assert [tuple(b) for b in boxed["bbox"]] == [(2, 5, 3, 6, 4, 5), (9, 12, 7, 9, 4, 5)]
+    assert list(boxed["id"]) == [2, 2] and list(boxed["panel"]) == [0, 3]
+    np.testing.assert_allclose(list(boxed["intensity.sum.variance"]), [100 + 9 * 4, 0 + 4 * 1])
+    np.testing.assert_allclose(list(boxed["background.mean"]), [5.0, 5.0])
+    result = FrameResult(Frame(panels=[]), peaks)
+    square = result.reflection_table(z=4, experiment_id=2)
+    assert list(square["bbox"][0]) == [1, 6, 2, 7, 4, 5]  # from npix, as .refl files get
+    assert list(square["intensity.sum.variance"]) == list(boxed["intensity.sum.variance"])

@@ -1,0 +1,45 @@
+"""finding.settings: the defaults every entry point shares and the one gain resolution."""
+from __future__ import annotations
+
+import inspect
+
+import pytest
+
+from peaknet_xtal.finding.settings import DEFAULTS, resolve_gain
+from peaknet_xtal.formats.geometry import HC_EV_A, parse_geometry
+
+
+def test_library_cli_and_engine_start_from_the_same_defaults():
+    from peaknet_xtal.cli.peaknet2cxi import DEFAULTS as CLI
+    from peaknet_xtal.finding import InferenceEngine, PeakFinder, PeakParams
+
+    finder = inspect.signature(PeakFinder).parameters
+    engine = inspect.signature(InferenceEngine).parameters
+    for name in ("threshold", "min_snr", "batch_size", "model", "device"):
+        assert finder[name].default == getattr(DEFAULTS, name), name
+        assert CLI[name] == getattr(DEFAULTS, name), name
+    for name in ("batch_size", "tile_size", "tile_overlap", "model", "device"):
+        assert engine[name].default == getattr(DEFAULTS, name), name
+    params = PeakParams()
+    assert (params.threshold, params.min_snr) == (DEFAULTS.threshold, DEFAULTS.min_snr)
+
+
+def test_gain_resolution_order(make_geometry_text):
+    text = "adu_per_eV = 0.002\n" + make_geometry_text(["p0"], 8, 8, [(0.0, 0.0)],
+                                                       photon_energy="8000 eV")
+    geometry = parse_geometry(text)
+    assert resolve_gain(geometry=geometry) == pytest.approx(16.0)  # adu_per_eV x energy
+    assert resolve_gain(geometry=geometry, wavelength_A=HC_EV_A / 9000) == pytest.approx(18.0)
+    assert resolve_gain(meta={"adu_per_photon": 5.0}, geometry=geometry) == 5.0
+    assert resolve_gain(0.0, meta={"adu_per_photon": 5.0}, geometry=geometry) == 0.0
+    assert resolve_gain(meta={"adu_per_photon": 0}) is None  # undeclared
+    assert resolve_gain(estimate=lambda: 7.5) == 7.5  # a measurement plugs in last
+    assert resolve_gain(meta={"adu_per_photon": 2.0}, estimate=lambda: 7.5) == 2.0
+
+
+def test_panel_gain_is_the_panels_own_first(make_geometry_text):
+    text = make_geometry_text(["p0", "p1"], 8, 8, [(0.0, 0.0), (0.0, 10.0)],
+                              adu_per_photon="3", extra="p1/adu_per_photon = 12\n")
+    geometry = parse_geometry(text)
+    assert resolve_gain(geometry=geometry, panel=1) == 12.0
+    assert resolve_gain(geometry=geometry, panel=0) == 3.0

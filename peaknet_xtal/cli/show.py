@@ -19,10 +19,11 @@ from typing import Any
 
 import numpy as np
 
-from peaknet_xtal.config import cli_parser, resolve, setup_logging
+from peaknet_xtal.config import ConfigError, cli_parser, resolve, setup_logging
 from peaknet_xtal.errors import FormatError
 
 DEFAULTS = {"files": [], "json": False, "geometry": None, "max_frames": 20}
+TYPES = {"geometry": str | None}
 
 
 def _spread(values: Sequence[int] | np.ndarray) -> dict[str, float]:
@@ -80,9 +81,9 @@ def show_geometry(path: str, **_: Any) -> dict[str, Any]:
 
 
 def _peak_table_summary(path: str) -> dict[str, Any] | None:
-    from peaknet_xtal.formats.cxi import PEAK_GROUP, read_cxi_peaks
-
     import h5py
+
+    from peaknet_xtal.formats.cxi import PEAK_GROUP, read_cxi_peaks
 
     with h5py.File(path, "r") as h5:
         if f"{PEAK_GROUP}/nPeaks" not in h5:
@@ -249,7 +250,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="frames of a CXI stack scanned for the value range (default 20)")
     args = parser.parse_args(argv)
     setup_logging(getattr(args, "verbose", 0))
-    config = resolve(DEFAULTS, args)
+    try:
+        config = resolve(DEFAULTS, args, types=TYPES)
+    except ConfigError as exc:
+        parser.error(str(exc))
     summaries, failed = [], False
     for path in config["files"]:
         try:

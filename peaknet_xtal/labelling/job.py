@@ -51,6 +51,12 @@ DEFAULTS: dict[str, Any] = {
         "max_frames": None,
     },
 }
+#: Types of the settings whose default (None) cannot say it (config.resolve validates them).
+TYPES: dict[str, Any] = {
+    "label.min_i_over_sigma": float | None, "run.prefix": str | None,
+    "run.geometry": str | None, "run.address": str | None, "run.report": str | None,
+    "run.max_frames": int | None,
+}
 
 
 def group_inputs(paths: Sequence[str]) -> list[tuple[str, ...]]:

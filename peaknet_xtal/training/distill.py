@@ -18,7 +18,7 @@ from peaknet_xtal.atomic import atomic_path
 from peaknet_xtal.config import deep_merge
 from peaknet_xtal.errors import FormatError
 from peaknet_xtal.progress import Progress
-from peaknet_xtal.training.trainer import TRAIN_DEFAULTS, launch
+from peaknet_xtal.training.trainer import TRAIN_DEFAULTS, TRAIN_TYPES, launch
 
 DISTILL_DEFAULTS: dict[str, Any] = deep_merge(TRAIN_DEFAULTS, {
     "teacher": None,        # "default", a .safetensors file or a model directory
@@ -26,6 +26,7 @@ DISTILL_DEFAULTS: dict[str, Any] = deep_merge(TRAIN_DEFAULTS, {
     "data": {"source": "labels"},
     "loss": {"temperature": 2.0, "weights": [0.4, 0.4, 0.2]},
 })
+DISTILL_TYPES: dict[str, Any] = {**TRAIN_TYPES, "teacher": str | None, "cache": str | None}
 
 
 def cache_teacher_logits(teacher: str, label_files: list[str], cache: Path,

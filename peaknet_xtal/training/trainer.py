@@ -41,6 +41,8 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "log_every": 10,
     "stop_after": None,      # stop (after checkpointing) at this step: tests and time-boxed runs
 }
+#: Types of the settings whose default (None) cannot say it (config.resolve validates them).
+TRAIN_TYPES: dict[str, Any] = {"model.init": str | None, "stop_after": int | None}
 
 
 def _free_port() -> int:

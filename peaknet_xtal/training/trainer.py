@@ -139,7 +139,10 @@ class _Run:
         """(model weights, optimiser state), gathered in full when sharded."""
         if self.fsdp:
             from torch.distributed.checkpoint.state_dict import (
-                StateDictOptions, get_model_state_dict, get_optimizer_state_dict)
+                StateDictOptions,
+                get_model_state_dict,
+                get_optimizer_state_dict,
+            )
 
             opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
             return (get_model_state_dict(self.wrapped, options=opts),
@@ -155,7 +158,10 @@ class _Run:
         weights = load_weights(checkpoint)
         if self.fsdp:
             from torch.distributed.checkpoint.state_dict import (
-                StateDictOptions, set_model_state_dict, set_optimizer_state_dict)
+                StateDictOptions,
+                set_model_state_dict,
+                set_optimizer_state_dict,
+            )
 
             opts = StateDictOptions(full_state_dict=True)
             set_model_state_dict(self.wrapped, weights, options=opts)

@@ -29,7 +29,7 @@ import h5py
 import numpy as np
 import psutil
 
-from peaknet_xtal.labelling.distributed import ray_session
+from peaknet_xtal.pipeline.ray_session import ray_session
 from peaknet_xtal.pipeline import run_pipeline
 from peaknet_xtal.formats.cxi import CXISource, CXIWriter
 

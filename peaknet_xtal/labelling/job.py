@@ -193,7 +193,8 @@ def _execute(labeler: BatchLabeler, todo: list[tuple[Batch, Path]], run: dict[st
         if not todo:
             return summaries
         if run.get("ray", True):
-            from peaknet_xtal.labelling.distributed import ray_session, run_batches_ray
+            from peaknet_xtal.labelling.distributed import run_batches_ray
+            from peaknet_xtal.pipeline.ray_session import ray_session
 
             with ray_session(run.get("address"), run.get("num_cpus")):
                 run_batches_ray(labeler, [(b, str(p)) for b, p in todo], done,

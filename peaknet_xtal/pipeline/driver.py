@@ -162,7 +162,7 @@ class RayBackend:
     """Every stage a Ray actor; queues are async actors that reserve no CPU."""
 
     def __init__(self, cfg: Mapping[str, Any]) -> None:
-        from peaknet_xtal.labelling.distributed import ray_session
+        from peaknet_xtal.pipeline.ray_session import ray_session
 
         # reuses a Ray the caller already started (and then leaves it running)
         self._session = ray_session(address=cfg["address"], num_cpus=cfg["num_cpus"])

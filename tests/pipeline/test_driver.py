@@ -16,20 +16,18 @@ import time
 from pathlib import Path
 
 import pytest
-import ray
 
-from peaknet_xtal.pipeline import run_pipeline
 from peaknet_xtal.formats.cxi import CXISource, CXIWriter
+from peaknet_xtal.pipeline import run_pipeline
+from peaknet_xtal.pipeline.ray_session import ray_session
 
 pytestmark = pytest.mark.ray
 
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR",
-             configure_logging=False)
-    yield
-    ray.shutdown()
+    with ray_session(num_cpus=2):
+        yield
 
 
 def config(tmp_path: Path, inputs: list[Path], **extra) -> dict:

@@ -89,7 +89,7 @@ def pipeline(path: Path, out: Path, workers: int, engine_options: dict, batch: i
     cfg = {"inputs": [str(path)], "source_kind": None, "output": str(out),
            "writer": CXIWriter, "writer_options": {"frames_per_file": 1000},
            "workers": workers, "threads_per_worker": 1, "batch_size": batch,
-           "predictor_options": engine_options, "model": engine_options["model"],
+           "frame_finder_options": engine_options, "model": engine_options["model"],
            "progress": True, "monitor_interval": 0.5}
     cfg["inputs"] = [{"path": str(path), "kind": CXISource}]
     t0 = time.perf_counter()

@@ -49,11 +49,3 @@ def peaknet_writer_types() -> Sequence[Any]:
     Each item is a ``WriterType`` with ``name: str``, ``description: str``, ``suffix: str``
     (the file suffix it writes, e.g. ``".cxi"``) and ``open(path: str, **options) -> PeakWriter``.
     """
-
-
-@hookspec
-def peaknet_configure(config: dict[str, Any]) -> None:
-    """Called once with the resolved run configuration before any source is opened.
-
-    Lets a plugin read its own section of the configuration (e.g. ``config["psana"]``).
-    """

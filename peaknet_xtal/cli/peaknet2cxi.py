@@ -226,7 +226,7 @@ def _run_pipeline(config: dict[str, Any]) -> dict[str, Any]:
         "workers": int(config["workers"] or 1), "address": config["address"],
         "model": config["model"], "device": config["device"],
         "threshold": float(config["threshold"]), "batch_size": int(config["batch_size"]),
-        "predictor_options": {"min_peaks": int(config["min_peaks"]),
+        "frame_finder_options": {"min_peaks": int(config["min_peaks"]),
                               "min_snr": float(config["min_snr"]),
                               "adu_per_photon": _optional_float(config["adu_per_photon"]),
                               "max_peaks": config["max_peaks"]},

@@ -47,8 +47,8 @@ DEFAULTS: dict[str, Any] = {
     "workers": 2,
     "threads_per_worker": 1,  # CPU thread budget of each worker
     "gpus_per_worker": None,  # None: 1 when device is cuda*, else 0
-    "predictor": "engine",  # "engine", "localmax" or a picklable factory(**predictor_options)
-    "predictor_options": {},  # extra options for the predictor
+    "frame_finder": "engine",  # "engine", "localmax" or a picklable factory(**frame_finder_options)
+    "frame_finder_options": {},  # extra options for the frame finder
     "model": "default",
     "device": "cpu",
     "threshold": None,
@@ -108,14 +108,14 @@ def writer_path(output: str, index: int, count: int) -> str:
     return str(path / f"peaks-w{index}.cxi")
 
 
-def predictor_options(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    if cfg["predictor"] in (None, "engine"):
+def frame_finder_options(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    if cfg["frame_finder"] in (None, "engine"):
         base = {"model": cfg["model"], "device": cfg["device"],
                 "threads": int(cfg["threads_per_worker"])}
         if cfg["threshold"] is not None:
             base["threshold"] = cfg["threshold"]
-        return {**base, **cfg["predictor_options"]}
-    return dict(cfg["predictor_options"])
+        return {**base, **cfg["frame_finder_options"]}
+    return dict(cfg["frame_finder_options"])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -254,8 +254,8 @@ class Driver:
         gpus = cfg["gpus_per_worker"]
         if gpus is None:
             gpus = 1 if str(cfg["device"]).startswith("cuda") else 0
-        handle = self.backend.make(ModelWorker, worker_id, cfg["predictor"],
-                                   predictor_options(cfg), int(cfg["batch_size"]),
+        handle = self.backend.make(ModelWorker, worker_id, cfg["frame_finder"],
+                                   frame_finder_options(cfg), int(cfg["batch_size"]),
                                    int(cfg["threads_per_worker"]), cfg["send_images"],
                                    num_cpus=int(cfg["threads_per_worker"]), num_gpus=gpus)
         future = self.backend.start(handle, "run", self.frames, self.results,

@@ -1,7 +1,8 @@
 """The stage classes without Ray: source feeding, worker batches, writer de-duplication, and the
 whole pipeline on threads (same classes, same driver) including a crashing worker and a resume.
 
-The predictor is the plain local-maximum finder: these tests are about the plumbing, not the model.
+The frame finder is the plain local-maximum finder: these tests are about the plumbing, not the
+model.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 
 from peaknet_xtal.pipeline import PipelineError, run_pipeline
 from peaknet_xtal.pipeline.actors import ModelWorker, ResultWriter, SourceFeeder, shard_of
-from peaknet_xtal.pipeline.predictors import LocalMaxPredictor
+from peaknet_xtal.pipeline.frame_finders import LocalMaxFinder
 from peaknet_xtal.formats.cxi import CXISource, CXIWriter, read_cxi_peaks
 from peaknet_xtal.types import Frame
 
@@ -65,7 +66,7 @@ def test_worker_keeps_identity_and_drops_linkable_pixels(tmp_path: Path, stacks)
 
 def test_writer_skips_done_and_duplicate_keys(tmp_path: Path, stacks):
     path = stacks.write(tmp_path / "in.h5", 4)
-    results = list(LocalMaxPredictor(100.0).find_frames(CXISource(path)))
+    results = list(LocalMaxFinder(100.0).find_frames(CXISource(path)))
     out = tmp_path / "out" / "run.cxi"
     first = ResultWriter(CXIWriter, str(out), {"frames_per_file": 2})
     assert len(first.write(results[:3] + results[:1])) == 4  # every key is acknowledged
@@ -88,7 +89,7 @@ def threads_config(tmp_path: Path, inputs: list, **extra) -> dict:
     return {"inputs": [{"path": str(p), "kind": CXISource} for p in inputs],
             "output": str(tmp_path / "out" / "run.cxi"), "writer": CXIWriter,
             "writer_options": {"frames_per_file": 16}, "backend": "threads",
-            "predictor": "localmax", "predictor_options": {"threshold": 100.0},
+            "frame_finder": "localmax", "frame_finder_options": {"threshold": 100.0},
             "workers": 2, "batch_size": 5, "queue_capacity": 12, "result_queue_capacity": 8,
             "source_chunk": 4, "progress": False, "monitor_interval": 0.1, **extra}
 
@@ -106,7 +107,7 @@ def test_threads_pipeline_writes_every_frame_once_with_peaks(tmp_path: Path, sta
     assert (tmp_path / "out" / "run.cxi.pipeline.json").exists()
 
 
-class FlakyPredictor(LocalMaxPredictor):
+class FlakyFinder(LocalMaxFinder):
     """Fails once per process on the frame whose event is ``fail_on`` (a crash mid-batch)."""
 
     failed: set = set()
@@ -117,17 +118,17 @@ class FlakyPredictor(LocalMaxPredictor):
 
     def find_frames(self, frames):
         for result in super().find_frames(frames):
-            if result.frame.event == self.fail_on and self.fail_on not in FlakyPredictor.failed:
-                FlakyPredictor.failed.add(self.fail_on)
+            if result.frame.event == self.fail_on and self.fail_on not in FlakyFinder.failed:
+                FlakyFinder.failed.add(self.fail_on)
                 raise RuntimeError("simulated crash")
             yield result
 
 
 def test_threads_pipeline_requeues_a_crashed_workers_batch(tmp_path: Path, stacks):
     path = stacks.write(tmp_path / "a.h5", 40)
-    FlakyPredictor.failed.clear()
-    cfg = threads_config(tmp_path, [path], predictor=FlakyPredictor,
-                         predictor_options={"fail_on": "//17", "threshold": 100.0})
+    FlakyFinder.failed.clear()
+    cfg = threads_config(tmp_path, [path], frame_finder=FlakyFinder,
+                         frame_finder_options={"fail_on": "//17", "threshold": 100.0})
     summary = run_pipeline(cfg)
     keys = stacks.written(tmp_path / "out")
     assert set(keys) == stacks.expected(path, 40) and set(keys.values()) == {1}
@@ -142,7 +143,7 @@ def test_threads_pipeline_fails_after_max_restarts_but_keeps_what_is_done(tmp_pa
         raise RuntimeError("model will not load")
 
     with pytest.raises(PipelineError, match="died"):
-        run_pipeline(threads_config(tmp_path, [path], predictor=broken, max_restarts=1))
+        run_pipeline(threads_config(tmp_path, [path], frame_finder=broken, max_restarts=1))
 
 
 def test_threads_pipeline_resumes_without_rewriting(tmp_path: Path, stacks):

@@ -1,8 +1,8 @@
 """The pipeline on a real local Ray (2 CPUs): every frame once, back-pressure, a worker process
 killed with SIGKILL mid-run, and a Ctrl-C'd run that flushes and then resumes to completion.
 
-The predictor is the plain local-maximum finder (``predictor="localmax"``), with a per-frame delay
-where a batch must be in flight long enough to kill its worker: model quality is irrelevant here.
+The frame finder is the plain local-maximum finder (``frame_finder="localmax"``), with a per-frame
+delay where a batch must be in flight long enough to kill its worker: model quality is irrelevant here.
 """
 from __future__ import annotations
 
@@ -33,8 +33,8 @@ def local_ray():
 def config(tmp_path: Path, inputs: list[Path], **extra) -> dict:
     return {"inputs": [{"path": str(p), "kind": CXISource} for p in inputs],
             "output": str(tmp_path / "out" / "run.cxi"), "writer": CXIWriter,
-            "writer_options": {"frames_per_file": 20}, "predictor": "localmax",
-            "predictor_options": {"threshold": 100.0}, "workers": 2, "batch_size": 4,
+            "writer_options": {"frames_per_file": 20}, "frame_finder": "localmax",
+            "frame_finder_options": {"threshold": 100.0}, "workers": 2, "batch_size": 4,
             "queue_capacity": 16, "result_queue_capacity": 8, "source_chunk": 4,
             "progress": False, "monitor_interval": 0.1, **extra}
 
@@ -56,7 +56,7 @@ def test_ray_pipeline_every_frame_once_within_the_bound(local_ray, tmp_path: Pat
 def test_killing_a_worker_process_loses_nothing_and_duplicates_nothing(local_ray, tmp_path: Path,
                                                                         stacks):
     path = stacks.write(tmp_path / "a.h5", 120)
-    cfg = config(tmp_path, [path], predictor_options={"threshold": 100.0, "delay_s": 0.02},
+    cfg = config(tmp_path, [path], frame_finder_options={"threshold": 100.0, "delay_s": 0.02},
                  max_restarts=2)
     live = tmp_path / "out" / "run.cxi.pipeline.json"
     box: dict = {}
@@ -89,8 +89,8 @@ from peaknet_xtal.pipeline import run_pipeline
 from peaknet_xtal.formats.cxi import CXISource, CXIWriter
 out, src = sys.argv[1], sys.argv[2]
 summary = run_pipeline({"inputs": [{"path": src, "kind": CXISource}], "output": out,
-    "writer": CXIWriter, "writer_options": {"frames_per_file": 10}, "predictor": "localmax",
-    "predictor_options": {"threshold": 100.0, "delay_s": float(sys.argv[3])}, "workers": 2,
+    "writer": CXIWriter, "writer_options": {"frames_per_file": 10}, "frame_finder": "localmax",
+    "frame_finder_options": {"threshold": 100.0, "delay_s": float(sys.argv[3])}, "workers": 2,
     "batch_size": 4, "queue_capacity": 32, "num_cpus": 2, "progress": False,
     "monitor_interval": 0.1})
 print("INTERRUPTED" if summary["interrupted"] else "COMPLETE", summary["written"])

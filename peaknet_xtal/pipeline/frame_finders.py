@@ -1,7 +1,7 @@
-"""Predictors the pipeline workers can run, built lazily inside each worker process.
+"""Frame finders the pipeline workers can run, built lazily inside each worker process.
 
-A predictor is anything with ``find_frames(frames) -> Iterable[FrameResult]``; the default is the
-PeakNet :class:`~peaknet_xtal.finding.engine.InferenceEngine`.  :class:`LocalMaxPredictor` is a
+A frame finder is anything with ``find_frames(frames) -> Iterable[FrameResult]``; the default is the
+PeakNet :class:`~peaknet_xtal.finding.engine.InferenceEngine`.  :class:`LocalMaxFinder` is a
 plain threshold + local-maximum finder: it exists so that tests and benchmarks of the *pipeline
 mechanics* (queues, leases, faults, throughput overhead) run in seconds on CPU, where model quality
 is irrelevant.  It is a real finder, so the results it writes are real peak tables.
@@ -17,7 +17,7 @@ import numpy as np
 from peaknet_xtal.types import Frame, FrameResult, peaks_from_columns
 
 
-class LocalMaxPredictor:
+class LocalMaxFinder:
     """Pixels above ``threshold`` that are the maximum of their 3x3 neighbourhood are peaks.
 
     ``delay_s`` adds a fixed cost per frame, standing in for a model's compute time in tests that
@@ -51,8 +51,8 @@ class LocalMaxPredictor:
             yield FrameResult(frame=frame, peaks=peaks, hit=len(peaks) > 0)
 
 
-def build_predictor(spec: Any, options: dict[str, Any]) -> Any:
-    """Make the predictor a worker runs: ``"engine"``, ``"localmax"`` or a picklable factory.
+def build_frame_finder(spec: Any, options: dict[str, Any]) -> Any:
+    """Make the frame finder a worker runs: ``"engine"``, ``"localmax"`` or a picklable factory.
 
     Called inside the worker, so the model is loaded where it runs and never shipped through the
     object store.
@@ -64,8 +64,9 @@ def build_predictor(spec: Any, options: dict[str, Any]) -> Any:
 
         return InferenceEngine(**options)
     if spec == "localmax":
-        return LocalMaxPredictor(**options)
-    raise ValueError(f"unknown predictor {spec!r}: use 'engine', 'localmax' or a factory callable")
+        return LocalMaxFinder(**options)
+    raise ValueError(f"unknown frame finder {spec!r}: use 'engine', 'localmax' or a factory "
+                     "callable")
 
 
-PredictorFactory = Callable[..., Any]
+FrameFinderFactory = Callable[..., Any]

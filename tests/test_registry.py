@@ -13,8 +13,8 @@ import pytest
 
 from peaknet_xtal import registry
 from peaknet_xtal.builtin.sources import SourceType
-from peaknet_xtal.hookspecs import hookimpl
 from peaknet_xtal.formats.geometry import parse_geometry
+from peaknet_xtal.hookspecs import hookimpl
 from peaknet_xtal.types import Frame, FrameResult, peaks_from_columns
 
 SOURCES = sorted(registry.source_types())

@@ -46,12 +46,12 @@ def _value_range(arrays: Sequence[np.ndarray], masks: Sequence[np.ndarray] | Non
 
 def show_stream(path: str, **_: Any) -> dict[str, Any]:
     """Stream counts, read chunk by chunk (constant memory on multi-GB streams)."""
-    from peaknet_xtal.formats.stream import iter_stream
+    from peaknet_xtal.formats.stream import StreamHeader, iter_stream
 
     peaks, indexed, chunks, crystals, reflections, headers = [], 0, 0, 0, 0, 0
     geometry_panels = None
     for item in iter_stream(path):
-        if not hasattr(item, "crystals"):  # a (possibly repeated) header
+        if isinstance(item, StreamHeader):  # a (possibly repeated) header
             headers += 1
             if geometry_panels is None and item.geometry is not None:
                 geometry_panels = item.geometry.n_panels
@@ -132,7 +132,7 @@ def show_image(path: str, **_: Any) -> dict[str, Any]:
         shapes = sorted({tuple(p.shape) for p in frame.panels})
         images.append({"event": frame.event,
                        "value_range": _value_range(frame.panels, frame.masks),
-                       "masked_pixels": int(sum((~m).sum() for m in frame.masks)),
+                       "masked_pixels": int(sum((~m).sum() for m in frame.masks or [])),
                        "shapes": [list(s) for s in shapes]})
         first = frame
     panels = first.meta["panels"]

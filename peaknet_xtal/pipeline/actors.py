@@ -21,14 +21,17 @@ import os
 import sys
 import time
 import zlib
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
-from peaknet_xtal.types import FrameResult
 from peaknet_xtal.pipeline.frame_finders import build_frame_finder
+from peaknet_xtal.types import FrameResult
+
+#: A frame's ``(source, event)`` key as the pipeline passes it around.
+FrameKey = tuple[Any, ...]
 
 
-def shard_of(key: Hashable, n: int) -> int:
+def shard_of(key: Sequence[Any], n: int) -> int:
     """Stable shard of a frame key (same in every process, unlike ``hash``)."""
     return zlib.crc32(repr(tuple(key)).encode()) % n if n > 1 else 0
 
@@ -40,7 +43,7 @@ class SourceFeeder:
     or a factory ``kind(path, **options) -> FrameSource``.
     """
 
-    def __init__(self, spec: dict[str, Any], skip: Iterable[Hashable] = (),
+    def __init__(self, spec: dict[str, Any], skip: Iterable[Sequence[Any]] = (),
                  chunk: int = 16) -> None:
         self.spec = dict(spec)
         self.skip = {tuple(k) for k in skip}
@@ -171,7 +174,7 @@ class ResultWriter:
                  chunk: int = 64) -> None:
         self.path = str(path)
         self.writer = self._open(writer, self.path, dict(options or {}))
-        self.seen: set[Hashable] = {tuple(k) for k in self.writer.done_keys()}
+        self.seen: set[FrameKey] = {tuple(k) for k in self.writer.done_keys()}
         self.resumed = len(self.seen)
         self.chunk = max(1, int(chunk))
         self.written = self.duplicates = 0
@@ -184,10 +187,10 @@ class ResultWriter:
 
         return open_writer(writer, path, **options)
 
-    def done_keys(self) -> list[Hashable]:
+    def done_keys(self) -> list[FrameKey]:
         return sorted(self.seen)
 
-    def write(self, results: Sequence[FrameResult]) -> list[Hashable]:
+    def write(self, results: Sequence[FrameResult]) -> list[FrameKey]:
         """Write the new results; returns every key handled (new or duplicate), to acknowledge."""
         keys = []
         for result in results:
@@ -241,7 +244,7 @@ class RayQueueClient:
               report: dict[str, Any] | None = None) -> list[Any] | None:
         return self._call("lease", owner, n, timeout, report)
 
-    def ack(self, keys: Sequence[Hashable]) -> int:
+    def ack(self, keys: Sequence[FrameKey]) -> int:
         return self._call("ack", list(keys))
 
     def release(self, owner: str) -> int:
@@ -260,7 +263,7 @@ class RayQueueClient:
         return self._call("stats")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _remote_class(cls: type) -> Any:
     import ray
 

@@ -29,7 +29,13 @@ from typing import Any
 
 from peaknet_xtal.config import deep_merge
 from peaknet_xtal.errors import PeakNetError
-from peaknet_xtal.pipeline.actors import ModelWorker, ResultWriter, SourceFeeder, ray_actor, ray_queue
+from peaknet_xtal.pipeline.actors import (
+    ModelWorker,
+    ResultWriter,
+    SourceFeeder,
+    ray_actor,
+    ray_queue,
+)
 from peaknet_xtal.pipeline.monitor import PipelineMonitor
 from peaknet_xtal.pipeline.queues import AsyncLeaseQueue, EventLoopThread, LocalQueueClient
 

@@ -44,9 +44,10 @@ class LocalMaxFinder:
         for frame in frames:
             if self.delay_s:
                 time.sleep(self.delay_s)
-            masks = frame.masks or [None] * len(frame.panels)
+            masks: list[np.ndarray | None] = (list(frame.masks) if frame.masks
+                                              else [None] * len(frame.panels))
             tables = [self._panel_peaks(i, p, m)
-                      for i, (p, m) in enumerate(zip(frame.panels, masks))]
+                      for i, (p, m) in enumerate(zip(frame.panels, masks, strict=False))]
             peaks = np.concatenate(tables) if tables else peaks_from_columns()
             yield FrameResult(frame=frame, peaks=peaks, hit=len(peaks) > 0)
 

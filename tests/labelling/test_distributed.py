@@ -4,9 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from peaknet_xtal.labelling.labels import LabelFile
-from peaknet_xtal.labelling.job import label_run
 from peaknet_xtal.errors import FormatError
+from peaknet_xtal.labelling.job import label_run
+from peaknet_xtal.labelling.labels import LabelFile
 
 CONFIG = {"label": {"min_i_over_sigma": 5.0}, "peakdiff": {"min_found": 1}}
 

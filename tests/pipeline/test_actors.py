@@ -11,12 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from peaknet_xtal.formats.cxi import CXISource, CXIWriter, read_cxi_peaks
 from peaknet_xtal.pipeline import PipelineError, run_pipeline
 from peaknet_xtal.pipeline.actors import ModelWorker, ResultWriter, SourceFeeder, shard_of
 from peaknet_xtal.pipeline.frame_finders import LocalMaxFinder
-from peaknet_xtal.formats.cxi import CXISource, CXIWriter, read_cxi_peaks
 from peaknet_xtal.types import Frame
-
 
 
 class ListQueue:

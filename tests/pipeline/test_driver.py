@@ -2,7 +2,8 @@
 killed with SIGKILL mid-run, and a Ctrl-C'd run that flushes and then resumes to completion.
 
 The frame finder is the plain local-maximum finder (``frame_finder="localmax"``), with a per-frame
-delay where a batch must be in flight long enough to kill its worker: model quality is irrelevant here.
+delay where a batch must be in flight long enough to kill its worker: model quality is irrelevant
+here.
 """
 from __future__ import annotations
 

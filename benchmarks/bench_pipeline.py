@@ -29,9 +29,9 @@ import h5py
 import numpy as np
 import psutil
 
-from peaknet_xtal.labelling.distributed import ray_session
-from peaknet_xtal.pipeline import run_pipeline
 from peaknet_xtal.formats.cxi import CXISource, CXIWriter
+from peaknet_xtal.pipeline import run_pipeline
+from peaknet_xtal.pipeline.ray_session import ray_session
 
 
 def make_stack(path: Path, n: int, size: int, seed: int = 0) -> Path:
@@ -45,7 +45,7 @@ def make_stack(path: Path, n: int, size: int, seed: int = 0) -> Path:
             block = rng.poisson(3.0, size=(min(256, n - start), size, size)).astype(np.float32)
             for frame in block:
                 for y, x, amp in zip(*rng.uniform(4, size - 4, (2, rng.integers(5, 30))),
-                                     rng.uniform(50, 500, 30)):
+                                     rng.uniform(50, 500, 30), strict=False):
                     frame += amp * np.exp(-((yy - y) ** 2 + (xx - x) ** 2) / 2.0)
             ds[start:start + len(block)] = block
     return path
@@ -67,7 +67,7 @@ def bare_loops(path: Path, out: Path, engine_options: dict, batch: int) -> tuple
     source = iter(CXISource(path))
     writer = CXIWriter(out, frames_per_file=1000)
     t0, n = time.perf_counter(), 0
-    while chunk := [f for _, f in zip(range(batch), source)]:
+    while chunk := [f for _, f in zip(range(batch), source, strict=False)]:
         for result in engine.find_frames(chunk):
             writer.write(result)
         n += len(chunk)
@@ -89,7 +89,7 @@ def pipeline(path: Path, out: Path, workers: int, engine_options: dict, batch: i
     cfg = {"inputs": [str(path)], "source_kind": None, "output": str(out),
            "writer": CXIWriter, "writer_options": {"frames_per_file": 1000},
            "workers": workers, "threads_per_worker": 1, "batch_size": batch,
-           "predictor_options": engine_options, "model": engine_options["model"],
+           "frame_finder_options": engine_options, "model": engine_options["model"],
            "progress": True, "monitor_interval": 0.5}
     cfg["inputs"] = [{"path": str(path), "kind": CXISource}]
     t0 = time.perf_counter()

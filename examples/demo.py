@@ -36,9 +36,9 @@ def simulate(out: Path, frames: int) -> Path:
 
 
 def score(out: Path, sim_dir: Path) -> tuple[dict, list[np.ndarray]]:
+    from peaknet_xtal.evaluation.metrics import score_frames
     from peaknet_xtal.formats.cxi import read_cxi_peaks
     from peaknet_xtal.formats.geometry import read_geometry
-    from peaknet_xtal.evaluation.metrics import score_frames
     from peaknet_xtal.sim.output import read_truth
 
     geometry = read_geometry(sim_dir / "sim.geom")

@@ -45,7 +45,7 @@ def draw(geometry_path: Path, seed: int, config: SimConfig, png: Path) -> None:
                    cmap="gray_r", vmin=0, vmax=vmax, linewidths=0)
     strong = truth.strong
     x, y, _ = geometry.panel_to_lab(strong["panel"], strong["fs"], strong["ss"], clen_m=clen)
-    for px, py in zip(x * 1e3, y * 1e3):
+    for px, py in zip(x * 1e3, y * 1e3, strict=False):
         ax.add_patch(Circle((px, py), 1.5, fill=False, color="tab:red", lw=0.6))
     ax.set_aspect("equal")
     ax.set_xlabel("x (mm)")

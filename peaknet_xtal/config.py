@@ -2,13 +2,17 @@
 
 Commands build their parser with :func:`cli_parser`, whose options default to *absent*, so the
 parsed namespace holds only what the user typed; :func:`resolve` layers that over the config file
-over the command's defaults.  :func:`record` logs the resolved configuration and saves it beside
-the run's output, so every result can be traced to the exact settings that made it.
+over the command's defaults, and validates the result with pydantic against a schema inferred from
+the defaults (plus explicit types for settings whose default is ``None``): a misspelt key
+(``threshhold: 0.9``) or a value of the wrong type is an error naming the file (or the command
+line) and the key, never silently ignored.  :func:`record` logs the resolved configuration and
+saves it beside the run's output, so every result can be traced to the exact settings that made it.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import difflib
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -16,11 +20,19 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, create_model
 
 from peaknet_xtal.atomic import write_json_atomic
 from peaknet_xtal.errors import FormatError
 
 log = logging.getLogger("peaknet_xtal")
+
+#: Where a setting given on the command line (or by a Python caller) is reported to come from.
+COMMAND_LINE = "command line"
+
+
+class ConfigError(FormatError):
+    """A setting is unknown or has the wrong type (names the config file or the command line)."""
 
 
 def cli_parser(doc: str | None, prog: str | None = None) -> argparse.ArgumentParser:
@@ -37,11 +49,10 @@ def cli_parser(doc: str | None, prog: str | None = None) -> argparse.ArgumentPar
 
 
 def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
-    """Nested dict merge; ``override`` wins, ``None`` values in ``override`` are ignored."""
+    """Nested dict merge; ``override`` wins, ``None`` included (``max_peaks: null`` means no cap,
+    not "the default")."""
     out = copy.deepcopy(dict(base))
     for key, value in override.items():
-        if value is None:
-            continue
         if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
             out[key] = deep_merge(out[key], value)
         else:
@@ -58,7 +69,8 @@ def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         line = getattr(getattr(exc, "problem_mark", None), "line", None)
-        raise FormatError(path, f"not valid YAML: {exc}", line=None if line is None else line + 1)
+        raise FormatError(path, f"not valid YAML: {exc}",
+                          line=None if line is None else line + 1) from exc
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -66,19 +78,91 @@ def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     return data
 
 
-def resolve(
-    defaults: Mapping[str, Any],
-    args: argparse.Namespace | Mapping[str, Any] | None = None,
-    config_file: str | os.PathLike[str] | None = None,
-) -> dict[str, Any]:
-    """Layer command-line values over a config file over ``defaults``.
+def _annotation(value: Any, key: str, types: Mapping[str, Any]) -> Any:
+    """The type a setting must have: declared in ``types``, else that of its default."""
+    if key in types:
+        return types[key]
+    if value is None:
+        return Any
+    if isinstance(value, bool):
+        return StrictBool  # "yes"/1 for a switch is more likely a slip than intent
+    if isinstance(value, (int, float, str)):
+        return type(value)
+    if isinstance(value, (list, tuple)):
+        kinds = {_annotation(v, "", {}) for v in value}
+        item = kinds.pop() if len(kinds) == 1 else Any
+        return list[item]  # type: ignore[valid-type]
+    return Any
 
-    Dotted command-line keys (``optim.lr``) address nested settings.
+
+def settings_model(defaults: Mapping[str, Any], types: Mapping[str, Any] | None = None,
+                   name: str = "Settings", prefix: str = "") -> type[BaseModel]:
+    """A pydantic model of ``defaults``: every key known, types from the default values.
+
+    A non-empty mapping becomes a nested model that forbids unknown keys; an empty one is an open
+    section (``data.augment``, ``sim``) whose consumer checks its keys.  ``types`` gives dotted keys
+    whose default cannot say their type (``{"max_peaks": int | None}``); keys with a ``None``
+    default and no entry there accept anything.
     """
-    given = dict(vars(args)) if isinstance(args, argparse.Namespace) else dict(args or {})
-    config_file = given.pop("config", None) or config_file
-    given.pop("verbose", None)
-    layered = deep_merge(defaults, load_config_file(config_file) if config_file else {})
+    types = dict(types or {})
+    fields: dict[str, Any] = {}
+    for i, (key, value) in enumerate(defaults.items()):
+        dotted = f"{prefix}{key}"
+        if dotted not in types and isinstance(value, Mapping) and value:
+            kind: Any = settings_model(value, types, f"{name}_{key}", f"{dotted}.")
+        elif isinstance(value, Mapping) and dotted not in types:
+            kind = dict[str, Any]
+        else:
+            kind = _annotation(value, dotted, types)
+        # attribute names of our own, the setting's name as alias: a setting may be called
+        # "json" or "copy" without shadowing BaseModel's methods
+        fields[f"s{i}"] = (kind, Field(alias=key))
+    config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+    return create_model(name, __config__=config, **fields)
+
+
+def _has(tree: Mapping[str, Any], loc: Sequence[Any]) -> bool:
+    node: Any = tree
+    for part in loc:
+        if not isinstance(node, Mapping) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def validate(config: Mapping[str, Any], defaults: Mapping[str, Any],
+             types: Mapping[str, Any] | None = None,
+             sources: Sequence[tuple[str, Mapping[str, Any]]] = ()) -> dict[str, Any]:
+    """``config`` checked against the schema of ``defaults`` (see :func:`settings_model`).
+
+    ``sources`` are (name, settings) layers, most important first; an error names the first
+    layer that holds the offending key (a config file's path, or the command line).
+    """
+    model = settings_model(defaults, types)
+    try:
+        return model.model_validate(dict(config)).model_dump(by_alias=True)
+    except ValidationError as exc:
+        problems: list[str] = []
+        where = None
+        for err in exc.errors():
+            loc = [part for part in err["loc"] if isinstance(part, str)]
+            key = ".".join(loc)
+            origin = next((name for name, layer in sources if _has(layer, loc)), None)
+            where = where or origin
+            if err["type"] == "extra_forbidden":
+                parent: Any = defaults
+                for part in loc[:-1]:
+                    parent = parent.get(part, {}) if isinstance(parent, Mapping) else {}
+                close = difflib.get_close_matches(loc[-1], list(parent), n=1)
+                hint = f" (did you mean {'.'.join([*loc[:-1], close[0]])!r}?)" if close else ""
+                problems.append(f"unknown setting {key!r}{hint}")
+            else:
+                problems.append(f"{key}: {err['msg']} (got {err.get('input')!r})")
+        raise ConfigError(where, "; ".join(problems)) from None
+
+
+def _nest(given: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"optim.lr": 1}`` -> ``{"optim": {"lr": 1}}`` (and ``-`` in keys read as ``_``)."""
     nested: dict[str, Any] = {}
     for key, value in given.items():
         parts = key.replace("-", "_").split(".")
@@ -86,7 +170,32 @@ def resolve(
         for part in parts[:-1]:
             node = node.setdefault(part, {})
         node[parts[-1]] = value
-    return deep_merge(layered, nested)
+    return nested
+
+
+def resolve(
+    defaults: Mapping[str, Any],
+    args: argparse.Namespace | Mapping[str, Any] | None = None,
+    config_file: str | os.PathLike[str] | None = None,
+    *,
+    types: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Layer command-line values over a config file over ``defaults``, then validate.
+
+    Dotted command-line keys (``optim.lr``) address nested settings.  ``types`` declares settings
+    whose default is ``None`` (see :func:`settings_model`).  Raises :class:`ConfigError` naming
+    the file (or the command line) and the key for an unknown setting or a wrong type.
+    """
+    given = dict(vars(args)) if isinstance(args, argparse.Namespace) else dict(args or {})
+    config_file = given.pop("config", None) or config_file
+    given.pop("verbose", None)
+    from_file = load_config_file(config_file) if config_file else {}
+    from_cli = _nest(given)
+    layered = deep_merge(deep_merge(defaults, from_file), from_cli)
+    sources = [(COMMAND_LINE, from_cli)]
+    if config_file:
+        sources.append((str(config_file), from_file))
+    return validate(layered, defaults, types, sources)
 
 
 def setup_logging(verbose: int | None = 0) -> None:

@@ -40,6 +40,7 @@ def peaknet_source_types() -> Sequence[Any]:
     and ``open(path: str, **options) -> FrameSource``.  Options are source specific (``geometry``
     for CXI/HDF5, ``count``/``seed`` for simulated frames, ...); unknown options are ignored.
     """
+    raise NotImplementedError  # a specification: pluggy calls the plugins' implementations
 
 
 @hookspec
@@ -49,11 +50,4 @@ def peaknet_writer_types() -> Sequence[Any]:
     Each item is a ``WriterType`` with ``name: str``, ``description: str``, ``suffix: str``
     (the file suffix it writes, e.g. ``".cxi"``) and ``open(path: str, **options) -> PeakWriter``.
     """
-
-
-@hookspec
-def peaknet_configure(config: dict[str, Any]) -> None:
-    """Called once with the resolved run configuration before any source is opened.
-
-    Lets a plugin read its own section of the configuration (e.g. ``config["psana"]``).
-    """
+    raise NotImplementedError  # a specification: pluggy calls the plugins' implementations

@@ -1,22 +1,60 @@
-"""A dependency-free progress line: count, rate (frames/s) and ETA, on stderr.
+"""Progress of long jobs on stderr (count, rate such as frames/s, ETA), drawn by tqdm.
 
-It redraws in place on a terminal and prints a plain line at most every ``interval`` seconds
-otherwise (so CI and batch logs stay readable).
+On a terminal tqdm redraws its bar in place.  Elsewhere (CI, batch logs, files) a redrawn line
+would pile up ``\\r``-joined text, so :class:`Progress` prints one plain line at most every
+``interval`` seconds instead, through tqdm's documented ``display`` hook; counting, rates (with
+tqdm's smoothing) and the ETA are tqdm's either way.  tqdm's monitor thread is off: these bars
+also run inside Ray workers and torch DDP ranks, where a stray thread per bar buys nothing.
 """
 from __future__ import annotations
 
 import sys
-import time
 from typing import TextIO
+
+from tqdm import tqdm
+
+#: Layout of a log line (no bar: it would be redrawn, not extended); ``{unit}`` has its space.
+LOG_FORMAT = "{n_fmt}/{total_fmt}{unit} {percentage:5.1f}% | {rate_fmt} | ETA {remaining}{postfix}"
+#: The same without a known total.
+LOG_FORMAT_OPEN = "{n_fmt}{unit} | {rate_fmt}{postfix}"
+#: Layout of the terminal bar: tqdm's own, with the ETA spelled out.
+TTY_FORMAT = ("{percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt}{unit} "
+              "[{elapsed}, ETA {remaining}, {rate_fmt}{postfix}]")
+
+
+def _layout(tty: bool, total: int | None, desc: str) -> str:
+    if tty:
+        text = TTY_FORMAT if total is not None else LOG_FORMAT_OPEN
+    else:
+        text = LOG_FORMAT if total is not None else LOG_FORMAT_OPEN
+    return ("{desc}: " if desc else "") + text
 
 
 def format_seconds(seconds: float) -> str:
+    """``65`` -> ``01:05``, ``3725`` -> ``1:02:05``; ``--:--`` when unknown (NaN, inf)."""
     if seconds != seconds or seconds == float("inf"):  # NaN or inf
         return "--:--"
-    seconds = int(round(seconds))
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes:02d}:{secs:02d}"
+    return str(tqdm.format_interval(seconds))
+
+
+class _Bar(tqdm):
+    """tqdm without its monitor thread."""
+
+    monitor_interval = 0
+
+
+class _LogBar(_Bar):
+    """One line per refresh (``display`` is tqdm's hook for other front ends)."""
+
+    def display(self, msg: str | None = None, pos: int | None = None) -> bool:
+        text = self.__str__() if msg is None else msg
+        if not text:
+            return True
+        # lines are separated *before* each new one: tqdm's close() ends the last one with "\n"
+        self.fp.write(("\n" if getattr(self, "_drawn", False) else "") + text)
+        self.fp.flush()
+        self._drawn = True
+        return True
 
 
 class Progress:
@@ -39,48 +77,62 @@ class Progress:
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self.interval = interval if interval is not None else (0.2 if self.tty else 10.0)
         self.enabled = enabled
-        self.count = 0
         self.extra = ""
-        self.start = time.perf_counter()
-        self._last_draw = 0.0
+        cls = _Bar if self.tty else _LogBar
+        self._bar = cls(total=total, unit=f" {unit}", desc=desc or None, file=self.stream,
+                        mininterval=self.interval, maxinterval=max(self.interval, 10.0),
+                        miniters=1, disable=not enabled, leave=True, dynamic_ncols=self.tty,
+                        bar_format=_layout(self.tty, total, desc), ascii=not self.tty)
+        if not enabled:  # tqdm counts nothing when disabled; callers may still read the count
+            self._count = 0
+
+    @property
+    def count(self) -> int:
+        return self._count if not self.enabled else int(self._bar.n)
+
+    @count.setter
+    def count(self, value: int) -> None:
+        """Start from ``value`` (a resumed job): the rate counts only what this run does."""
+        if not self.enabled:
+            self._count = int(value)
+            return
+        self._bar.initial += int(value) - int(self._bar.n)
+        self._bar.n = self._bar.last_print_n = int(value)
 
     @property
     def rate(self) -> float:
-        elapsed = time.perf_counter() - self.start
-        return self.count / elapsed if elapsed > 0 else 0.0
+        """Units per second over this run (tqdm's smoothed rate once it has one)."""
+        fmt = self._bar.format_dict
+        if fmt.get("rate"):
+            return float(fmt["rate"])
+        elapsed = float(fmt.get("elapsed") or 0.0)
+        done = self.count - int(fmt.get("initial") or 0)
+        return done / elapsed if elapsed > 0 else 0.0
 
     @property
     def eta(self) -> float:
-        if self.total is None or self.rate == 0:
+        """Seconds left (NaN while unknown: no total, or nothing done yet)."""
+        rate = self.rate
+        if self.total is None or rate == 0:
             return float("nan")
-        return max(self.total - self.count, 0) / self.rate
+        return max(self.total - self.count, 0) / rate
 
     def line(self) -> str:
-        done = f"{self.count}/{self.total}" if self.total is not None else f"{self.count}"
-        pct = f" {100 * self.count / self.total:5.1f}%" if self.total else ""
-        text = (f"{self.desc + ': ' if self.desc else ''}{done} {self.unit}{pct} | "
-                f"{self.rate:.2f} {self.unit}/s | ETA {format_seconds(self.eta)}")
-        return text + (f" | {self.extra}" if self.extra else "")
+        """The text of the progress line as it is drawn now."""
+        return str(self._bar)
 
     def update(self, n: int = 1, extra: str | None = None) -> None:
-        self.count += n
         if extra is not None:
             self.extra = extra
-        now = time.perf_counter()
-        if self.enabled and (now - self._last_draw >= self.interval):
-            self._draw()
-            self._last_draw = now
-
-    def _draw(self, final: bool = False) -> None:
-        if self.tty:
-            self.stream.write("\r\x1b[K" + self.line() + ("\n" if final else ""))
-        else:
-            self.stream.write(self.line() + "\n")
-        self.stream.flush()
+            if self.enabled:
+                self._bar.set_postfix_str(extra, refresh=False)
+        if not self.enabled:
+            self._count += n
+            return
+        self._bar.update(n)
 
     def close(self) -> None:
-        if self.enabled:
-            self._draw(final=True)
+        self._bar.close()
 
     def __enter__(self) -> Progress:
         return self

@@ -51,7 +51,7 @@ def peaks_from_columns(**columns: Any) -> np.ndarray:
         raise ValueError(f"peak columns differ in length: {sorted(lengths)}")
     table = empty_peaks(lengths.pop() if lengths else 0)
     for name, values in columns.items():
-        if name not in PEAK_DTYPE.names:
+        if name not in (PEAK_DTYPE.names or ()):
             raise KeyError(f"unknown peak column {name!r}; known: {PEAK_DTYPE.names}")
         table[name] = values
     return table

@@ -46,3 +46,68 @@ def test_record_saves_the_resolved_configuration(tmp_path):
     config.record({"a": 1}, out, "peaknet-test", ["--a", "1"])
     saved = json.loads(out.read_text())
     assert saved == {"command": "peaknet-test", "argv": ["--a", "1"], "config": {"a": 1}}
+
+
+def test_unknown_key_in_a_config_file_is_an_error_naming_file_and_key(tmp_path):
+    cfg = tmp_path / "typo.yaml"
+    cfg.write_text("threshhold: 0.9\n")
+    with pytest.raises(config.ConfigError, match=r"typo\.yaml.*'threshhold'.*'threshold'"):
+        config.resolve(DEFAULTS, parse(["--config", str(cfg)]))
+    nested = tmp_path / "nested.yaml"
+    nested.write_text("optim:\n  learning_rate: 0.1\n")
+    with pytest.raises(config.ConfigError, match=r"nested\.yaml.*'optim\.learning_rate'"):
+        config.resolve(DEFAULTS, parse(["--config", str(nested)]))
+
+
+def test_wrong_type_is_an_error_naming_file_and_key(tmp_path):
+    cfg = tmp_path / "wrong.yaml"
+    cfg.write_text("optim:\n  lr: fast\n")
+    with pytest.raises(config.ConfigError, match=r"wrong\.yaml.*optim\.lr.*'fast'"):
+        config.resolve(DEFAULTS, parse(["--config", str(cfg)]))
+    section = tmp_path / "section.yaml"
+    section.write_text("optim: 0.1\n")
+    with pytest.raises(config.ConfigError, match=r"section\.yaml.*optim"):
+        config.resolve(DEFAULTS, parse(["--config", str(section)]))
+
+
+def test_error_from_the_command_line_names_the_command_line():
+    with pytest.raises(config.ConfigError, match=r"^command line: .*'colour'"):
+        config.resolve(DEFAULTS, {"colour": "red"})
+
+
+def test_values_are_coerced_to_the_defaults_types(tmp_path):
+    cfg = tmp_path / "ints.yaml"
+    cfg.write_text("threshold: 1\n")  # an int where a float is expected is fine, and becomes one
+    resolved = config.resolve(DEFAULTS, parse(["--config", str(cfg)]))
+    assert resolved["threshold"] == 1.0 and isinstance(resolved["threshold"], float)
+
+
+def test_null_in_a_config_file_overrides_a_default(tmp_path):
+    defaults = {"max_peaks": 2048, "section": {"limit": 5}}
+    cfg = tmp_path / "none.yaml"
+    cfg.write_text("max_peaks: null\nsection: {limit: null}\n")
+    types = {"max_peaks": int | None, "section.limit": int | None}
+    resolved = config.resolve(defaults, {"config": str(cfg)}, types=types)
+    assert resolved == {"max_peaks": None, "section": {"limit": None}}
+    # without a declared type, a null where the default is an int is a wrong type
+    with pytest.raises(config.ConfigError, match="max_peaks"):
+        config.resolve(defaults, {"config": str(cfg)})
+
+
+def test_declared_types_check_settings_whose_default_is_none(tmp_path):
+    defaults = {"geometry": None, "threads": None}
+    types = {"geometry": str | None, "threads": int | None}
+    assert config.resolve(defaults, {"threads": 3}, types=types) == {"geometry": None,
+                                                                     "threads": 3}
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("threads: [1]\n")
+    with pytest.raises(config.ConfigError, match=r"bad\.yaml.*threads"):
+        config.resolve(defaults, {"config": str(cfg)}, types=types)
+
+
+def test_empty_sections_stay_open_for_their_consumer():
+    defaults = {"sim": {}, "flag": False}
+    resolved = config.resolve(defaults, {"sim": {"cell": "lysozyme", "b_factor": 30}})
+    assert resolved["sim"] == {"cell": "lysozyme", "b_factor": 30}
+    with pytest.raises(config.ConfigError, match="flag"):
+        config.resolve(defaults, {"flag": "yes"})  # switches are strict booleans

@@ -1,18 +1,83 @@
 from __future__ import annotations
 
 import io
+import math
+import time
 
 from peaknet_xtal.progress import Progress, format_seconds
+
+
+class FakeTerminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
 
 
 def test_progress_reports_count_rate_and_eta():
     out = io.StringIO()
     with Progress(10, "frames", desc="find", stream=out, interval=0) as bar:
         for _ in range(4):
+            time.sleep(0.002)
             bar.update(1, extra="hits 2")
+        assert bar.count == 4 and bar.rate > 0
+        assert 0 < bar.eta < math.inf
     text = out.getvalue()
     assert "find: 4/10 frames" in text and "40.0%" in text
     assert "frames/s" in text and "ETA" in text and "hits 2" in text
+
+
+def test_logs_get_whole_lines_not_redraws():
+    out = io.StringIO()
+    with Progress(3, "frames", stream=out, interval=0) as bar:
+        for _ in range(3):
+            bar.update(1)
+    text = out.getvalue()
+    assert "\r" not in text and text.endswith("\n")
+    lines = text.splitlines()
+    assert lines[0].startswith("0/3 frames") and any(ln.startswith("3/3 frames") for ln in lines)
+
+
+def test_interval_limits_how_often_a_log_line_is_written():
+    out = io.StringIO()
+    with Progress(1000, "frames", stream=out, interval=3600) as bar:
+        for _ in range(1000):
+            bar.update(1)
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 2  # the first line, then the final one at close
+    assert lines[-1].startswith("1000/1000 frames")
+
+
+def test_terminal_redraws_in_place():
+    out = FakeTerminal()
+    with Progress(5, "frames", desc="t", stream=out, interval=0) as bar:
+        bar.update(5)
+    assert "\r" in out.getvalue() and "5/5 frames" in out.getvalue()
+
+
+def test_disabled_bar_is_silent_but_counts():
+    out = io.StringIO()
+    with Progress(5, "frames", stream=out, enabled=False) as bar:
+        bar.update(3)
+        assert bar.count == 3
+    assert out.getvalue() == ""
+
+
+def test_resumed_count_does_not_inflate_the_rate():
+    out = io.StringIO()
+    with Progress(1000, "steps", stream=out, interval=0) as bar:
+        bar.count = 900  # a resumed run starts at step 900
+        time.sleep(0.05)
+        bar.update(1)
+        assert bar.count == 901
+        assert bar.rate < 100  # one step in >= 0.05 s, not 901
+    assert "901/1000 steps" in out.getvalue()
+
+
+def test_unknown_total_shows_count_and_rate():
+    out = io.StringIO()
+    with Progress(None, "fits", stream=out, interval=0) as bar:
+        bar.update(7)
+        assert math.isnan(bar.eta)
+    assert "7 fits" in out.getvalue() and "fits/s" in out.getvalue()
 
 
 def test_format_seconds():

@@ -13,8 +13,8 @@ import pytest
 
 from peaknet_xtal import registry
 from peaknet_xtal.builtin.sources import SourceType
-from peaknet_xtal.hookspecs import hookimpl
 from peaknet_xtal.formats.geometry import parse_geometry
+from peaknet_xtal.hookspecs import hookimpl
 from peaknet_xtal.types import Frame, FrameResult, peaks_from_columns
 
 SOURCES = sorted(registry.source_types())
@@ -178,3 +178,18 @@ def test_entry_point_plugin_is_found(tmp_path):
     off = subprocess.run([sys.executable, "-c", code], env={**env, "PEAKNET_NO_PLUGINS": "1"},
                          capture_output=True, text=True, timeout=120)
     assert "'toyw'" not in off.stdout and "'stream'" in off.stdout
+
+
+def test_every_hookspec_is_called_by_the_package():
+    """A hook nobody calls is a promise to plugin authors that is never kept."""
+    import inspect
+
+    from peaknet_xtal import hookspecs
+
+    root = Path(hookspecs.__file__).parent
+    code = "\n".join(p.read_text() for p in root.rglob("*.py") if p.name != "hookspecs.py")
+    specs = [name for name, fn in inspect.getmembers(hookspecs, inspect.isfunction)
+             if name.startswith("peaknet_")]
+    assert specs  # the sources and writers hooks at least
+    for name in specs:
+        assert f"hook.{name}(" in code, f"hookspec {name} is never called"

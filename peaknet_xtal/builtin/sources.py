@@ -7,11 +7,11 @@ the simulator) are imported only when a source is opened.
 """
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from peaknet_xtal.builtin.options import geometry_option
 from peaknet_xtal.errors import FormatError
 from peaknet_xtal.hookspecs import hookimpl
 from peaknet_xtal.types import Frame
@@ -27,20 +27,11 @@ class SourceType:
     open: Callable[..., Any]
 
 
-def _geometry(value: Any) -> Any:
-    """A Geometry from an object or a ``.geom`` path (None stays None)."""
-    if value is None or not isinstance(value, (str, os.PathLike)):
-        return value
-    from peaknet_xtal.formats.geometry import read_geometry
-
-    return read_geometry(value)
-
-
 def _open_cxi(path: str, geometry: Any = None, data_path: str | None = None,
               mask_path: str | None = None, **_: Any) -> Any:
     from peaknet_xtal.formats.cxi import CXISource
 
-    return CXISource(path, _geometry(geometry), data_path=data_path, mask_path=mask_path)
+    return CXISource(path, geometry_option(geometry), data_path=data_path, mask_path=mask_path)
 
 
 def _sniff_cxi(path: str) -> bool:
@@ -73,7 +64,7 @@ class SimSource:
                  config: Any = None) -> None:
         self.path = path
         rest = path[4:] if path.startswith("sim:") else path
-        self.geometry = _geometry(geometry if geometry is not None else (rest or None))
+        self.geometry = geometry_option(geometry if geometry is not None else (rest or None))
         if self.geometry is None:
             raise FormatError(path, "a simulated source needs a geometry "
                               "(sim:<file.geom> or the geometry option)")

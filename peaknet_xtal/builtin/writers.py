@@ -12,9 +12,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from peaknet_xtal.builtin.options import geometry_option
 from peaknet_xtal.hookspecs import hookimpl
 from peaknet_xtal.types import FrameResult
-from peaknet_xtal.builtin.sources import _geometry
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ def _open_cxi(path: str, geometry: Any = None, frames_per_file: int = 1000, mode
               max_peaks: int = 2048, **_: Any) -> Any:
     from peaknet_xtal.formats.cxi import CXIWriter
 
-    return CXIWriter(path, _geometry(geometry), frames_per_file=frames_per_file, mode=mode,
+    return CXIWriter(path, geometry_option(geometry), frames_per_file=frames_per_file, mode=mode,
                      max_peaks=max_peaks)
 
 
@@ -50,7 +50,7 @@ class StreamPeakWriter:
         from peaknet_xtal.formats.stream import StreamWriter
 
         self.path = os.fspath(path)
-        self.geometry = _geometry(geometry)
+        self.geometry = geometry_option(geometry)
         self.command = command
         self._writer: Any = None
         if os.path.exists(self.path) and os.path.getsize(self.path) > 0:

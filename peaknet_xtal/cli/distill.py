@@ -17,11 +17,11 @@ from peaknet_xtal.training.cli_common import parse_training_args, training_parse
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from peaknet_xtal.training.distill import DISTILL_DEFAULTS, distill
+    from peaknet_xtal.training.distill import DISTILL_DEFAULTS, DISTILL_TYPES, distill
 
     parser = training_parser(__doc__, prog="peaknet-distill")
     parser.add_argument("--teacher", dest="teacher")
-    config = parse_training_args(parser, DISTILL_DEFAULTS, argv)
+    config = parse_training_args(parser, DISTILL_DEFAULTS, argv, DISTILL_TYPES)
     record(config, Path(config["out"]) / "distill_config.json", "peaknet-distill", argv)
     print(distill(config))
     return 0

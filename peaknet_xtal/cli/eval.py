@@ -17,9 +17,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from peaknet_xtal.config import cli_parser, record, resolve, setup_logging
+from peaknet_xtal.config import ConfigError, cli_parser, record, resolve, setup_logging
 
 DEFAULTS: dict[str, Any] = {
+    "data": None,
+    "output": None,
     "finders": ["peaknet:default", "peakfinder8", "dispersion"],
     "name": "sim",
     "tune_frames": 0,
@@ -29,6 +31,7 @@ DEFAULTS: dict[str, Any] = {
     "space_group": None,
     "samples": 2,
 }
+TYPES: dict[str, Any] = {"data": str | None, "output": str | None, "space_group": str | None}
 
 
 def run(config: dict[str, Any]) -> dict[str, Any]:
@@ -52,13 +55,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--tune-frames", dest="tune_frames", type=int)
     parser.add_argument("--cutoff", type=float, help="match distance in pixels (default 3)")
     parser.add_argument("--min-peaks", dest="min_peaks", type=int, help="peaks for a hit")
-    parser.add_argument("--index", action="store_true", default=None,
+    parser.add_argument("--index", action="store_true",
                         help="index with dials.index and report the paper's rates")
     parser.add_argument("--space-group", dest="space_group")
     parser.add_argument("--samples", type=int, help="frames shown as overlays")
     args = parser.parse_args(argv)
     setup_logging(getattr(args, "verbose", 0))
-    config = resolve(DEFAULTS, args)
+    try:
+        config = resolve(DEFAULTS, args, types=TYPES)
+    except ConfigError as exc:
+        parser.error(str(exc))
     record(config, Path(config["output"]) / "config.json", "peaknet-eval",
            sys.argv[1:] if argv is None else argv)
     report = run(config)

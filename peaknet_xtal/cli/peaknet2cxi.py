@@ -67,6 +67,10 @@ DEFAULTS: dict[str, Any] = {
     "address": None,
     "predictor": None,  # Python callers only: predictor(panels, masks) -> probability maps
 }
+#: Types of the settings whose default (None) cannot say it (config.resolve validates them).
+TYPES: dict[str, Any] = {"geometry": str | None, "output": str | None, "threads": int | None,
+                         "adu_per_photon": float | None, "max_peaks": int | None,
+                         "stream": str | None, "address": str | None}
 LIST_NAME = "peaknet.lst"
 GEOM_NAME = "peaknet.geom"
 SUMMARY_NAME = "peaknet2cxi.json"
@@ -112,9 +116,13 @@ def build_parser() -> Any:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     cfgmod.setup_logging(getattr(args, "verbose", 0))
-    config = cfgmod.resolve(DEFAULTS, args)
+    try:
+        config = cfgmod.resolve(DEFAULTS, args, types=TYPES)
+    except cfgmod.ConfigError as exc:
+        parser.error(str(exc))
     if not config["inputs"] or not config["output"]:
         build_parser().print_usage(sys.stderr)
         print("peaknet2cxi: need at least one INPUT and -o OUTDIR", file=sys.stderr)
@@ -222,7 +230,7 @@ def _run_pipeline(config: dict[str, Any]) -> dict[str, Any]:
         "workers": int(config["workers"] or 1), "address": config["address"],
         "model": config["model"], "device": config["device"],
         "threshold": float(config["threshold"]), "batch_size": int(config["batch_size"]),
-        "predictor_options": {"min_peaks": int(config["min_peaks"]),
+        "frame_finder_options": {"min_peaks": int(config["min_peaks"]),
                               "min_snr": float(config["min_snr"]),
                               "adu_per_photon": _optional_float(config["adu_per_photon"]),
                               "max_peaks": config["max_peaks"]},

@@ -19,10 +19,11 @@ from typing import Any
 
 import numpy as np
 
-from peaknet_xtal.config import cli_parser, resolve, setup_logging
+from peaknet_xtal.config import ConfigError, cli_parser, resolve, setup_logging
 from peaknet_xtal.errors import FormatError
 
 DEFAULTS = {"files": [], "json": False, "geometry": None, "max_frames": 20}
+TYPES = {"geometry": str | None}
 
 
 def _spread(values: Sequence[int] | np.ndarray) -> dict[str, float]:
@@ -45,12 +46,12 @@ def _value_range(arrays: Sequence[np.ndarray], masks: Sequence[np.ndarray] | Non
 
 def show_stream(path: str, **_: Any) -> dict[str, Any]:
     """Stream counts, read chunk by chunk (constant memory on multi-GB streams)."""
-    from peaknet_xtal.formats.stream import iter_stream
+    from peaknet_xtal.formats.stream import StreamHeader, iter_stream
 
     peaks, indexed, chunks, crystals, reflections, headers = [], 0, 0, 0, 0, 0
     geometry_panels = None
     for item in iter_stream(path):
-        if not hasattr(item, "crystals"):  # a (possibly repeated) header
+        if isinstance(item, StreamHeader):  # a (possibly repeated) header
             headers += 1
             if geometry_panels is None and item.geometry is not None:
                 geometry_panels = item.geometry.n_panels
@@ -80,9 +81,9 @@ def show_geometry(path: str, **_: Any) -> dict[str, Any]:
 
 
 def _peak_table_summary(path: str) -> dict[str, Any] | None:
-    from peaknet_xtal.formats.cxi import PEAK_GROUP, read_cxi_peaks
-
     import h5py
+
+    from peaknet_xtal.formats.cxi import PEAK_GROUP, read_cxi_peaks
 
     with h5py.File(path, "r") as h5:
         if f"{PEAK_GROUP}/nPeaks" not in h5:
@@ -131,7 +132,7 @@ def show_image(path: str, **_: Any) -> dict[str, Any]:
         shapes = sorted({tuple(p.shape) for p in frame.panels})
         images.append({"event": frame.event,
                        "value_range": _value_range(frame.panels, frame.masks),
-                       "masked_pixels": int(sum((~m).sum() for m in frame.masks)),
+                       "masked_pixels": int(sum((~m).sum() for m in frame.masks or [])),
                        "shapes": [list(s) for s in shapes]})
         first = frame
     panels = first.meta["panels"]
@@ -249,7 +250,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="frames of a CXI stack scanned for the value range (default 20)")
     args = parser.parse_args(argv)
     setup_logging(getattr(args, "verbose", 0))
-    config = resolve(DEFAULTS, args)
+    try:
+        config = resolve(DEFAULTS, args, types=TYPES)
+    except ConfigError as exc:
+        parser.error(str(exc))
     summaries, failed = [], False
     for path in config["files"]:
         try:

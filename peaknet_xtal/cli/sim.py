@@ -13,11 +13,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from peaknet_xtal.config import cli_parser, record, resolve, setup_logging
+from peaknet_xtal.config import ConfigError, cli_parser, record, resolve, setup_logging
 
-DEFAULTS = {"geometry": None, "n": 10, "seed": 0, "output": "sim_out", "name": "sim",
-            "randomise": False, "stream": True, "sim": {}}
+DEFAULTS: dict[str, Any] = {"geometry": None, "n": 10, "seed": 0, "output": "sim_out",
+                            "name": "sim", "randomise": False, "stream": True, "sim": {}}
+TYPES: dict[str, Any] = {"geometry": str | None}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -37,7 +39,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-stream", dest="stream", action="store_false")
     args = parser.parse_args(argv)
     setup_logging(getattr(args, "verbose", 0))
-    config = resolve(DEFAULTS, args)
+    try:
+        config = resolve(DEFAULTS, args, types=TYPES)
+    except ConfigError as exc:
+        parser.error(str(exc))
     if not config["geometry"]:
         parser.error("--geometry is required")
     try:

@@ -82,14 +82,18 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from peaknet_xtal.labelling.job import DEFAULTS
+    from peaknet_xtal.labelling.job import DEFAULTS, TYPES
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     cfgmod.setup_logging(getattr(args, "verbose", 0))
     given = vars(args)
     inputs, output = given.pop("inputs"), given.pop("output")
     quiet = given.pop("quiet", False)
-    config = cfgmod.resolve(DEFAULTS, given)
+    try:
+        config = cfgmod.resolve(DEFAULTS, given, types=TYPES)
+    except cfgmod.ConfigError as exc:
+        parser.error(str(exc))
     out = Path(output)
     cfgmod.record(config, out.with_suffix(".config.json"), "stream2labels",
                   list(argv) if argv is not None else sys.argv[1:])

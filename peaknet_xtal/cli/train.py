@@ -17,10 +17,10 @@ from peaknet_xtal.training.cli_common import parse_training_args, training_parse
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from peaknet_xtal.training.supervised import SUPERVISED_DEFAULTS, train
+    from peaknet_xtal.training.supervised import SUPERVISED_DEFAULTS, SUPERVISED_TYPES, train
 
     parser = training_parser(__doc__, prog="peaknet-train")
-    config = parse_training_args(parser, SUPERVISED_DEFAULTS, argv)
+    config = parse_training_args(parser, SUPERVISED_DEFAULTS, argv, SUPERVISED_TYPES)
     record(config, Path(config["out"]) / "train_config.json", "peaknet-train", argv)
     final = train(config)
     print(final)

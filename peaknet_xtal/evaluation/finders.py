@@ -41,10 +41,11 @@ class PeakNetFinder:
     def __post_init__(self) -> None:
         from peaknet_xtal.finding.engine import InferenceEngine
 
-        p = {"model": DEFAULTS.model, "threshold": DEFAULTS.threshold,
-             "min_snr": DEFAULTS.min_snr, "device": DEFAULTS.device,
-             "batch_size": DEFAULTS.batch_size,
-             "adu_per_photon": None}  # None: settings.resolve_gain (what the data declare)
+        p: dict[str, Any] = {"model": DEFAULTS.model, "threshold": DEFAULTS.threshold,
+                             "min_snr": DEFAULTS.min_snr, "device": DEFAULTS.device,
+                             "batch_size": DEFAULTS.batch_size,
+                             # None: settings.resolve_gain (what the data declare)
+                             "adu_per_photon": None}
         p.update(self.params)
         self.params = p
         self.name = f"peaknet:{p['model']}" if self.name == "peaknet" else self.name
@@ -86,7 +87,7 @@ class DispersionFinder:
         from dials.array_family import flex
 
         p = self.params
-        shape = image.shape
+        shape = (int(image.shape[0]), int(image.shape[1]))
         if shape not in self._algorithms:
             k = int(p["kernel_size"])
             self._algorithms[shape] = threshold.DispersionExtendedThreshold(
@@ -102,13 +103,15 @@ class DispersionFinder:
     def find(self, frame: Frame) -> np.ndarray:
         masks = frame.masks_or_ones()
         strong = [self.strong_pixels(np.asarray(img, np.float64), m)
-                  for img, m in zip(frame.panels, masks)]
+                  for img, m in zip(frame.panels, masks, strict=False)]
         # DIALS' own criteria decide which pixels are strong: no SNR cut of ours on top.
         params = PeakParams(threshold=0.5, min_snr=0.0,
                             min_pixels=int(self.params["min_spot_size"]),
                             max_pixels=int(self.params["max_spot_size"]))
-        return find_peaks(frame.panels, [s.astype(np.float32) for s in strong], masks, params,
-                          geometry=frame.geometry, wavelength_A=frame.meta.get("wavelength_A"))
+        peaks = find_peaks(frame.panels, [s.astype(np.float32) for s in strong], masks, params,
+                           geometry=frame.geometry, wavelength_A=frame.meta.get("wavelength_A"))
+        assert isinstance(peaks, np.ndarray)  # the table alone: no label maps were asked for
+        return peaks
 
     def __getstate__(self) -> dict[str, Any]:
         return {"params": self.params, "name": self.name, "_algorithms": {}}

@@ -58,7 +58,6 @@ def index_frames(imported: Path, tables: Sequence[np.ndarray], workdir: Path,
     from dxtbx.model.experiment_list import ExperimentList, ExperimentListFactory
 
     from peaknet_xtal.evaluation.dials_commands import dials_environment
-
     from peaknet_xtal.progress import Progress
 
     experiments = ExperimentListFactory.from_json_file(str(imported), check_format=False)
@@ -67,7 +66,7 @@ def index_frames(imported: Path, tables: Sequence[np.ndarray], workdir: Path,
     env = dials_environment()
     results = []
     with Progress(len(tables), "frames", desc=f"dials.index {workdir.name}") as bar:
-        for i, (experiment, peaks) in enumerate(zip(experiments, tables)):
+        for i, (experiment, peaks) in enumerate(zip(experiments, tables, strict=False)):
             if len(peaks) < min_spots:
                 results.append(IndexingResult(False, message=f"{len(peaks)} spots"))
             else:
@@ -81,7 +80,6 @@ def _index_one(single: Any, peaks: np.ndarray, folder: Path, options: Sequence[s
                env: dict[str, str]) -> IndexingResult:
     """``dials.index`` one frame's peaks in ``folder``; a DIALS failure is a non-indexed frame."""
     from peaknet_xtal.evaluation.dials_commands import DialsCommandError, run_dials
-
     from peaknet_xtal.formats.dials_tables import write_strong_refl
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -121,7 +119,8 @@ def summarise(hits: Sequence[bool], results: Sequence[IndexingResult]) -> dict[s
     """Paper rates plus the indexed cells (an indexed frame that is no hit is impossible here)."""
     from peaknet_xtal.evaluation.metrics import pipeline_rates
 
-    indexed = [bool(h and r.indexed) for h, r in zip(hits, results)]
-    rates = pipeline_rates(hits, indexed)
-    rates["cells"] = [list(r.cell) for h, r in zip(hits, results) if h and r.indexed and r.cell]
+    indexed = [bool(h and r.indexed) for h, r in zip(hits, results, strict=False)]
+    rates: dict[str, Any] = dict(pipeline_rates(hits, indexed))
+    rates["cells"] = [list(r.cell) for h, r in zip(hits, results, strict=False)
+                      if h and r.indexed and r.cell]
     return rates

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
@@ -113,7 +114,7 @@ def score_frame(found: np.ndarray, truth: np.ndarray, cutoff: float = 3.0,
 
 
 def score_frames(pairs: Iterable[tuple[np.ndarray, ...]], cutoff: float = 3.0
-                 ) -> dict[str, object]:
+                 ) -> dict[str, Any]:
     """Per-frame and overall (micro-averaged) scores of ``(found, truth[, also_true])`` tuples."""
     frames, distances = [], []
     for found, truth, *rest in pairs:
@@ -126,7 +127,7 @@ def score_frames(pairs: Iterable[tuple[np.ndarray, ...]], cutoff: float = 3.0
                         sum(s.n_matched for s in frames),
                         float(np.median(all_dist)) if len(all_dist) else float("nan"),
                         None if any(c is None for c in corrects) or not frames
-                        else int(sum(corrects)))
+                        else int(sum(c or 0 for c in corrects)))
     return {"overall": overall, "frames": frames}
 
 

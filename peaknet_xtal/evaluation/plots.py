@@ -52,7 +52,7 @@ def peak_overlay(path: str | os.PathLike[str], image: np.ndarray, good: np.ndarr
     if truth is not None and len(truth):
         ax.scatter(truth["fs"], truth["ss"], s=140, facecolors="none", edgecolors="gold",
                    linewidths=1.2, label=f"truth ({len(truth)})")
-    for (name, peaks), (colour, marker) in zip(found.items(), STYLES):
+    for (name, peaks), (colour, marker) in zip(found.items(), STYLES, strict=False):
         if not len(peaks):
             continue
         ax.scatter(peaks["fs"], peaks["ss"], s=18, marker=marker, c=colour, linewidths=0,
@@ -83,7 +83,7 @@ def activation_maps(path: str | os.PathLike[str], image: np.ndarray, good: np.nd
     panels = [(image, "image", "gray_r", (lo, hi)),
               (background, "non-peak logit", "viridis", None),
               (peak, "peak logit", "magma", None)]
-    for ax, (data, label, cmap, limits) in zip(axes, panels):
+    for ax, (data, label, cmap, limits) in zip(axes, panels, strict=False):
         shown = np.where(good, data, np.nan)
         im = ax.imshow(shown, cmap=cmap, vmin=None if limits is None else limits[0],
                        vmax=None if limits is None else limits[1], interpolation="nearest")
@@ -104,7 +104,7 @@ def cell_histograms(path: str | os.PathLike[str], cells: Mapping[str, np.ndarray
     fig, axes = plt.subplots(2, 3, figsize=(12, 6.5))
     for k, ax in enumerate(axes.ravel()):
         notes = []
-        for (finder, params), (colour, _) in zip(cells.items(), STYLES):
+        for (finder, params), (colour, _) in zip(cells.items(), STYLES, strict=False):
             params = np.asarray(params, dtype=float).reshape(-1, 6)
             if not len(params):
                 continue

@@ -16,12 +16,12 @@ from typing import Any
 import numpy as np
 
 from peaknet_xtal.atomic import write_json_atomic, write_text_atomic
-from peaknet_xtal.evaluation.metrics import score_frames
-from peaknet_xtal.progress import Progress
-from peaknet_xtal.types import Frame, empty_peaks
 from peaknet_xtal.evaluation import plots
 from peaknet_xtal.evaluation.finders import create_finder
+from peaknet_xtal.evaluation.metrics import score_frames
 from peaknet_xtal.evaluation.tuning import default_grid, tune
+from peaknet_xtal.progress import Progress
+from peaknet_xtal.types import Frame, empty_peaks
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def load_sim_run(directory: str | os.PathLike[str], name: str = "sim") -> Datase
     refl = truth["reflections"]
     everything = [refl[refl["frame"] == i] for i in range(len(frames))]
     truths = [rows[rows["strong"]] for rows in everything]
-    for frame, row in zip(frames, truth["frames"]):
+    for frame, row in zip(frames, truth["frames"], strict=False):
         frame.meta["wavelength_A"] = float(row["wavelength_A"])
         frame.meta["truth_hit"] = bool(row["hit"])
     cells = truth["crystals"]["cell"]
@@ -173,17 +173,22 @@ def slug(label: str) -> str:
 def _triples(found: Sequence[np.ndarray], truths: Sequence[np.ndarray],
              every: Sequence[np.ndarray] | None) -> list[tuple[np.ndarray, ...]]:
     if every is None:
-        return list(zip(found, truths))
-    return list(zip(found, truths, every))
+        return list(zip(found, truths, strict=False))
+    return list(zip(found, truths, every, strict=False))
 
 
 def _index_all(dataset: Dataset, runs: dict[str, dict[str, Any]], skip: int, min_peaks: int,
                workdir: Path) -> dict[str, Any]:
-    from peaknet_xtal.evaluation.indexing import import_images, index_frames, indexing_options, summarise
+    from peaknet_xtal.evaluation.indexing import (
+        import_images,
+        index_frames,
+        indexing_options,
+        summarise,
+    )
 
     imported = import_images(dataset.images, workdir)
     options = indexing_options(dataset.space_group, dataset.reference_cell)
-    out = {"options": options}
+    out: dict[str, Any] = {"options": options}
     for label, run in runs.items():
         # Frames used for tuning are not scored; indexing sees the same evaluation frames.
         tables = [empty_peaks()] * skip + list(run["peaks"])
@@ -223,7 +228,7 @@ def _windows(frame: Frame, truth: np.ndarray | None, size: int = 64) -> list[tup
         views.append(("edge", int(r["panel"]), _window(frame.panels[r["panel"]].shape,
                                                        r["ss"], r["fs"], size)))
     best = (-np.inf, 0, 0, 0)
-    for p, (image, good) in enumerate(zip(frame.panels, frame.masks_or_ones())):
+    for p, (image, good) in enumerate(zip(frame.panels, frame.masks_or_ones(), strict=False)):
         score = np.where(good, image, -np.inf).astype(float)
         if truth is not None:
             for r in truth[truth["panel"] == p]:

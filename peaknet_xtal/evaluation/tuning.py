@@ -13,9 +13,9 @@ from typing import Any
 
 import numpy as np
 
+from peaknet_xtal.evaluation.finders import create_finder
 from peaknet_xtal.evaluation.metrics import score_frames
 from peaknet_xtal.types import Frame
-from peaknet_xtal.evaluation.finders import create_finder
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,8 @@ def default_grid(finder: str, adu_per_photon: float = 1.0) -> dict[str, list[Any
 
 def grid_points(grid: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
     names = sorted(grid)
-    return [dict(zip(names, values)) for values in itertools.product(*(grid[n] for n in names))]
+    return [dict(zip(names, values, strict=True))
+            for values in itertools.product(*(grid[n] for n in names))]
 
 
 def tune(finder: str, frames: Sequence[Frame], truths: Sequence[np.ndarray],
@@ -51,8 +52,8 @@ def tune(finder: str, frames: Sequence[Frame], truths: Sequence[np.ndarray],
     for point in grid_points(grid):
         instance = create_finder(finder, point)
         found = [instance.find(frame) for frame in frames]
-        pairs = (zip(found, truths) if reflections is None
-                 else zip(found, truths, reflections))
+        pairs = (zip(found, truths, strict=False) if reflections is None
+                 else zip(found, truths, reflections, strict=False))
         overall = score_frames(pairs, cutoff)["overall"]
         results.append({"params": point, **overall.to_dict()})
         log.debug("%s %s: F1 %.3f", finder, point, overall.f1)

@@ -10,7 +10,13 @@ DIALS, matplotlib) are imported only where used.
 from __future__ import annotations
 
 from peaknet_xtal.labelling.peakdiff import FrameDiff, Selection, peakdiff
-from peaknet_xtal.labelling.pvoigt import FitOutcome, Window, extract_windows, fit_window, fit_windows
+from peaknet_xtal.labelling.pvoigt import (
+           FitOutcome,
+           Window,
+           extract_windows,
+           fit_window,
+           fit_windows,
+)
 
 __all__ = ["FitOutcome", "FrameDiff", "Selection", "Window", "extract_windows", "fit_window",
            "fit_windows", "peakdiff"]

@@ -18,7 +18,14 @@ import numpy as np
 
 from peaknet_xtal.labelling.ingest import FrameRecord, load_frame
 from peaknet_xtal.labelling.labels import LABEL_FIT_DTYPE, LabelRow, LabelWriter
-from peaknet_xtal.labelling.pvoigt import FitOutcome, Window, extract_windows, fit_windows, outcomes_table, paint_labels
+from peaknet_xtal.labelling.pvoigt import (
+    FitOutcome,
+    Window,
+    extract_windows,
+    fit_windows,
+    outcomes_table,
+    paint_labels,
+)
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +92,7 @@ class BatchLabeler:
         if mode == "found":
             table = rec.found
         elif mode == "matched":
-            index = job.matched_predicted if job.matched_predicted is not None else []
+            index: Any = job.matched_predicted if job.matched_predicted is not None else []
             table = rec.predicted[np.asarray(index, dtype=np.int64)]
         elif mode == "predicted":
             table = rec.predicted
@@ -132,7 +139,7 @@ class BatchLabeler:
         outcomes = self._fit_all(windows, fit_map)
         shape = _max_shape([p for _, panels, _ in loaded for p in panels])
         with LabelWriter(part_path, shape, self.config) as writer:
-            for (job, panels, masks), frame_outcomes in zip(loaded, outcomes):
+            for (job, panels, masks), frame_outcomes in zip(loaded, outcomes, strict=False):
                 self._write_frame(writer, job, panels, masks, frame_outcomes, summary)
                 status["frame"].append(job.number)
                 status["status"].append("labelled")
@@ -167,12 +174,13 @@ class BatchLabeler:
         summary.fits_ok += int(ok.sum())
         summary.fits_rejected += int((~ok).sum())
         names = job.record.panel_names
-        for p, (image, mask) in enumerate(zip(panels, masks)):
+        for p, (image, mask) in enumerate(zip(panels, masks, strict=False)):
             on_panel = table["panel"] == p if len(table) else np.zeros(0, bool)
             if self.label_config["panels"] == "labelled" and not (ok & on_panel).any():
                 continue
-            panel_outcomes = [o for o, here in zip(outcomes, on_panel) if here]
-            label = paint_labels(image.shape, panel_outcomes) & mask.astype(np.uint8)
+            panel_outcomes = [o for o, here in zip(outcomes, on_panel, strict=False) if here]
+            height, width = image.shape
+            label = paint_labels((height, width), panel_outcomes) & mask.astype(np.uint8)
             redchi = table["redchi"][on_panel & ok]
             row = writer.add(LabelRow(image, mask, label, {
                 **job.stats, "source": job.record.source, "image": job.record.image,

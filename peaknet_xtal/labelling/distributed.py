@@ -7,47 +7,20 @@ Two levels, as the work is lopsided (a frame may hold 5 peaks or 2,000):
 - inside a batch, windows are fitted in chunks by ``fit_chunk`` tasks with at most
   ``max_fits_in_flight`` pending, so idle CPUs pick up fits from busy batches.
 
-Ray itself is started and stopped in one place, :func:`ray_session`: a local Ray by default, or an
-existing cluster given by ``address``; if Ray is already running (a caller started it) it is reused
-and left running.
+Ray itself is started and stopped by :func:`peaknet_xtal.pipeline.ray_session.ray_session`, the
+one helper the inference pipeline uses too.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 from peaknet_xtal.labelling.batch import Batch, BatchLabeler, BatchSummary
 from peaknet_xtal.labelling.pvoigt import FitOutcome, Window, fit_windows
 
 log = logging.getLogger(__name__)
-
-
-@contextlib.contextmanager
-def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iterator[Any]:
-    """``with ray_session(): ...``: Ray initialised for the block, shut down after it.
-
-    A local session uses ``num_cpus`` (default 2) and no dashboard; ``address`` (``auto`` or
-    ``host:port``) joins a running cluster instead.  A session that was already up is reused and
-    not shut down, so library code can nest inside an application's own session.
-    """
-    import ray
-
-    if ray.is_initialized():
-        yield ray
-        return
-    if address:
-        ray.init(address=address, log_to_driver=False)
-    else:
-        ray.init(num_cpus=num_cpus or 2, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"OMP_NUM_THREADS": "1",
-                                           "OPENBLAS_NUM_THREADS": "1"}})
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
 
 
 def _remote_fit_chunk() -> Any:

@@ -105,7 +105,8 @@ class _PanelIndex:
         self.names: list[str] = [p.name for p in geometry.panels] if geometry is not None else []
         self._index = {name: i for i, name in enumerate(self.names)}
 
-    def lookup(self, names: Sequence[str], path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def lookup(self, names: Sequence[str] | np.ndarray,
+               path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         idx = np.empty(len(names), dtype=np.int32)
         min_fs = np.zeros(len(names))
         min_ss = np.zeros(len(names))

@@ -23,13 +23,26 @@ import numpy as np
 from peaknet_xtal.atomic import write_json_atomic
 from peaknet_xtal.config import deep_merge
 from peaknet_xtal.errors import FormatError
-from peaknet_xtal.progress import Progress
-from peaknet_xtal.labelling.batch import LABEL_DEFAULTS, Batch, BatchLabeler, BatchSummary, FrameJob, serial_fit_map
+from peaknet_xtal.labelling.batch import (
+    LABEL_DEFAULTS,
+    Batch,
+    BatchLabeler,
+    BatchSummary,
+    FrameJob,
+    serial_fit_map,
+)
 from peaknet_xtal.labelling.ingest import FrameRecord, records_from_dials, records_from_stream
 from peaknet_xtal.labelling.labels import LabelFile, merge_label_files
-from peaknet_xtal.labelling.peakdiff import (PEAKDIFF_DEFAULTS, FrameDiff, Selection, peakdiff, summary_arrays,
-                       write_report)
+from peaknet_xtal.labelling.peakdiff import (
+    PEAKDIFF_DEFAULTS,
+    FrameDiff,
+    Selection,
+    peakdiff,
+    summary_arrays,
+    write_report,
+)
 from peaknet_xtal.labelling.pvoigt import FIT_DEFAULTS, STATUS
+from peaknet_xtal.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +63,12 @@ DEFAULTS: dict[str, Any] = {
         "keep_parts": False,
         "max_frames": None,
     },
+}
+#: Types of the settings whose default (None) cannot say it (config.resolve validates them).
+TYPES: dict[str, Any] = {
+    "label.min_i_over_sigma": float | None, "run.prefix": str | None,
+    "run.geometry": str | None, "run.address": str | None, "run.report": str | None,
+    "run.max_frames": int | None,
 }
 
 
@@ -146,7 +165,7 @@ def label_run(paths: Sequence[str], output: str | os.PathLike[str],
     write_report(report, diffs, selection, title=output.name)
 
     jobs = [FrameJob(i, rec, _stats(d), d.predicted_index)
-            for i, (rec, d) in enumerate(zip(records, diffs)) if selection.accepts(d)]
+            for i, (rec, d) in enumerate(zip(records, diffs, strict=False)) if selection.accepts(d)]
     size = max(int(run["batch_size"]), 1)
     batches = [Batch(b, jobs[i:i + size]) for b, i in enumerate(range(0, len(jobs), size))]
     parts = _parts_dir(output, _fingerprint(paths, cfg, len(records)))
@@ -187,7 +206,8 @@ def _execute(labeler: BatchLabeler, todo: list[tuple[Batch, Path]], run: dict[st
         if not todo:
             return summaries
         if run.get("ray", True):
-            from peaknet_xtal.labelling.distributed import ray_session, run_batches_ray
+            from peaknet_xtal.labelling.distributed import run_batches_ray
+            from peaknet_xtal.pipeline.ray_session import ray_session
 
             with ray_session(run.get("address"), run.get("num_cpus")):
                 run_batches_ray(labeler, [(b, str(p)) for b, p in todo], done,
@@ -210,7 +230,7 @@ def _frames_table(records: list[FrameRecord], diffs: list[FrameDiff], selection:
             if "batch" not in lf.h5:
                 continue
             for number, st, msg in zip(lf.frames("frame", "batch"), lf.frames("status", "batch"),
-                                       lf.frames("message", "batch")):
+                                       lf.frames("message", "batch"), strict=False):
                 status[int(number)], message[int(number)] = st, msg
     return {
         "source": np.array([r.source for r in records], dtype=object),

@@ -116,13 +116,13 @@ class LabelWriter:
 
     def add_frames(self, columns: dict[str, np.ndarray], group: str = "frames") -> None:
         """Per-frame columns: PeakDiff of the whole run (``frames``) or a batch's frame status."""
-        group = self.h5.require_group(group)
+        target = self.h5.require_group(group)
         for key, values in columns.items():
             values = np.asarray(values)
             if values.dtype.kind in "OUS":
-                group.create_dataset(key, data=values.astype(object), dtype=_str_dtype())
+                target.create_dataset(key, data=values.astype(object), dtype=_str_dtype())
             else:
-                group.create_dataset(key, data=values)
+                target.create_dataset(key, data=values)
 
     def close(self) -> None:
         """Write the metadata and fit table, then move the file to its final name."""

@@ -2,12 +2,12 @@
 
 For each frame the found peaks (a peak finder's output) are matched one-to-one to the predicted
 reflections of the indexed crystals with the Hungarian assignment of
-:func:`peaknet_xtal.evaluation.metrics.match_peaks`, keeping only pairs on the same panel closer than a pixel
-cutoff.  precision = matched/found (how much of what was found is Bragg signal), recall =
-matched/predicted (how much of the predicted pattern was found).  Frames where both look right are
-the ones whose predictions we trust enough to turn into pixel labels; :class:`Selection` holds that
-rule, and :func:`write_report` draws every frame against it, so the threshold is chosen by looking
-rather than guessing.
+:func:`peaknet_xtal.evaluation.metrics.match_peaks`, keeping only pairs on the same panel closer
+than a pixel cutoff.  precision = matched/found (how much of what was found is Bragg signal),
+recall = matched/predicted (how much of the predicted pattern was found).  Frames where both look
+right are the ones whose predictions we trust enough to turn into pixel labels; :class:`Selection`
+holds that rule, and :func:`write_report` draws every frame against it, so the threshold is chosen
+by looking rather than guessing.
 """
 from __future__ import annotations
 
@@ -53,7 +53,9 @@ class FrameDiff:
 
 def _match(a_panel: np.ndarray, a_fs: np.ndarray, a_ss: np.ndarray, b_panel: np.ndarray,
            b_fs: np.ndarray, b_ss: np.ndarray, cutoff: float) -> tuple[np.ndarray, ...]:
-    from peaknet_xtal.evaluation.metrics import match_peaks  # the one Hungarian matcher of the package
+    from peaknet_xtal.evaluation.metrics import (
+        match_peaks,  # the one Hungarian matcher of the package
+    )
 
     return match_peaks(a_panel, a_fs, a_ss, b_panel, b_fs, b_ss, cutoff)
 

@@ -111,10 +111,11 @@ def _init_weights(module: nn.Module) -> None:
 register_family("peaknet", PeakNet)
 
 # ---- registered sizes --------------------------------------------------------------------------
-# Backbone sizes with the paper's single-block neck (F=256, C=256) ...
+# Backbone sizes with the paper's single-block neck (F=256, C=256) and its two-pathway head (the
+# learned x4 upsampling path is what recovers 1-3 pixel peaks) ...
 for _size in ("atto", "femto", "pico", "nano", "tiny", "base", "large", "huge"):
     register_model(_size, "peaknet", backbone=_size, neck_width=256, neck_blocks=1,
-                   head_channels=256, learned_upsample=False)
+                   head_channels=256, learned_upsample=True)
 # ... the paper's teacher (PeakNet-673M) and distillation students ...
 register_model("teacher", "peaknet", backbone="huge", neck_width=512, neck_blocks=4,
                head_channels=256, learned_upsample=True)

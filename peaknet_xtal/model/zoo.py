@@ -1,4 +1,4 @@
-"""Model registry: families (builders) and named sizes (configs), looked up by name.
+"""Model zoo: families (builders) and named sizes (configs), looked up by name.
 
 A size is a plain dict of builder keyword arguments; ``create_model(name, **overrides)`` merges the
 overrides into it, so every model can be rebuilt from ``model.config`` alone (that dict is what is

@@ -7,8 +7,8 @@ on a GPU node.
 
 - :class:`SourceFeeder` reads one input through the plugin registry and pushes frames, in chunks,
   into the frame queue; a full queue blocks it (back-pressure).
-- :class:`ModelWorker` leases a batch (a partial final batch is fine), runs the predictor and sends
-  *peak tables* on (never logit maps: they would dwarf the images in the object store).
+- :class:`ModelWorker` leases a batch (a partial final batch is fine), runs the frame finder and
+  sends *peak tables* on (never logit maps: they would dwarf the images in the object store).
 - :class:`ResultWriter` drains a result queue into a :class:`~peaknet_xtal.hookspecs` ``PeakWriter``
   (rolling CXI files by default), skips keys already written, and acknowledges each frame to the
   frame queue: only then is a frame done, so a worker that dies before that has its lease re-queued.
@@ -21,14 +21,17 @@ import os
 import sys
 import time
 import zlib
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
+from peaknet_xtal.pipeline.frame_finders import build_frame_finder
 from peaknet_xtal.types import FrameResult
-from peaknet_xtal.pipeline.predictors import build_predictor
+
+#: A frame's ``(source, event)`` key as the pipeline passes it around.
+FrameKey = tuple[Any, ...]
 
 
-def shard_of(key: Hashable, n: int) -> int:
+def shard_of(key: Sequence[Any], n: int) -> int:
     """Stable shard of a frame key (same in every process, unlike ``hash``)."""
     return zlib.crc32(repr(tuple(key)).encode()) % n if n > 1 else 0
 
@@ -40,7 +43,7 @@ class SourceFeeder:
     or a factory ``kind(path, **options) -> FrameSource``.
     """
 
-    def __init__(self, spec: dict[str, Any], skip: Iterable[Hashable] = (),
+    def __init__(self, spec: dict[str, Any], skip: Iterable[Sequence[Any]] = (),
                  chunk: int = 16) -> None:
         self.spec = dict(spec)
         self.skip = {tuple(k) for k in skip}
@@ -89,32 +92,34 @@ class ModelWorker:
     without oversubscribing it; on a GPU node each worker gets one device instead.
     """
 
-    def __init__(self, worker_id: str, predictor: Any = "engine",
-                 predictor_options: dict[str, Any] | None = None, batch_size: int = 8,
+    def __init__(self, worker_id: str, frame_finder: Any = "engine",
+                 frame_finder_options: dict[str, Any] | None = None, batch_size: int = 8,
                  threads: int = 1, send_images: bool | str = "auto") -> None:
         self.worker_id = worker_id
-        self.predictor_spec = predictor
-        self.predictor_options = dict(predictor_options or {})
+        self.frame_finder_spec = frame_finder
+        self.frame_finder_options = dict(frame_finder_options or {})
         self.batch_size = max(1, int(batch_size))
         self.threads = max(1, int(threads))
         self.send_images = send_images
-        self._predictor: Any = None
+        self._frame_finder: Any = None
         self.frames = self.batches = 0
         self.busy_s = 0.0
         self.started = time.perf_counter()
 
-    def predictor(self) -> Any:
-        if self._predictor is None:
-            self._predictor = build_predictor(self.predictor_spec, self.predictor_options)
+    def frame_finder(self) -> Any:
+        if self._frame_finder is None:
+            self._frame_finder = build_frame_finder(self.frame_finder_spec,
+                                                    self.frame_finder_options)
             if "torch" in sys.modules:
                 sys.modules["torch"].set_num_threads(self.threads)
-        return self._predictor
+        return self._frame_finder
 
     def process(self, frames: Sequence[Any]) -> list[FrameResult]:
-        """Run the predictor on one batch; results keep each frame's identity, drop maps/pixels."""
-        predictor = self.predictor()
+        """Run the frame finder on one batch; results keep each frame's identity, drop
+        maps/pixels."""
+        finder = self.frame_finder()
         t0 = time.perf_counter()
-        results = list(predictor.find_frames(list(frames)))
+        results = list(finder.find_frames(list(frames)))
         self.busy_s += time.perf_counter() - t0
         self.frames += len(frames)
         self.batches += 1
@@ -169,7 +174,7 @@ class ResultWriter:
                  chunk: int = 64) -> None:
         self.path = str(path)
         self.writer = self._open(writer, self.path, dict(options or {}))
-        self.seen: set[Hashable] = {tuple(k) for k in self.writer.done_keys()}
+        self.seen: set[FrameKey] = {tuple(k) for k in self.writer.done_keys()}
         self.resumed = len(self.seen)
         self.chunk = max(1, int(chunk))
         self.written = self.duplicates = 0
@@ -182,10 +187,10 @@ class ResultWriter:
 
         return open_writer(writer, path, **options)
 
-    def done_keys(self) -> list[Hashable]:
+    def done_keys(self) -> list[FrameKey]:
         return sorted(self.seen)
 
-    def write(self, results: Sequence[FrameResult]) -> list[Hashable]:
+    def write(self, results: Sequence[FrameResult]) -> list[FrameKey]:
         """Write the new results; returns every key handled (new or duplicate), to acknowledge."""
         keys = []
         for result in results:
@@ -239,7 +244,7 @@ class RayQueueClient:
               report: dict[str, Any] | None = None) -> list[Any] | None:
         return self._call("lease", owner, n, timeout, report)
 
-    def ack(self, keys: Sequence[Hashable]) -> int:
+    def ack(self, keys: Sequence[FrameKey]) -> int:
         return self._call("ack", list(keys))
 
     def release(self, owner: str) -> int:
@@ -258,7 +263,7 @@ class RayQueueClient:
         return self._call("stats")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _remote_class(cls: type) -> Any:
     import ray
 

@@ -30,7 +30,13 @@ from typing import Any
 from peaknet_xtal.config import deep_merge
 from peaknet_xtal.errors import PeakNetError
 from peaknet_xtal.finding.settings import DEFAULTS as FINDING
-from peaknet_xtal.pipeline.actors import ModelWorker, ResultWriter, SourceFeeder, ray_actor, ray_queue
+from peaknet_xtal.pipeline.actors import (
+    ModelWorker,
+    ResultWriter,
+    SourceFeeder,
+    ray_actor,
+    ray_queue,
+)
 from peaknet_xtal.pipeline.monitor import PipelineMonitor
 from peaknet_xtal.pipeline.queues import AsyncLeaseQueue, EventLoopThread, LocalQueueClient
 
@@ -48,8 +54,8 @@ DEFAULTS: dict[str, Any] = {
     "workers": 2,
     "threads_per_worker": 1,  # CPU thread budget of each worker
     "gpus_per_worker": None,  # None: 1 when device is cuda*, else 0
-    "predictor": "engine",  # "engine" or a picklable factory(**predictor_options)
-    "predictor_options": {},  # extra options for the predictor
+    "frame_finder": "engine",  # "engine" or a picklable factory(**frame_finder_options)
+    "frame_finder_options": {},  # extra options for the frame finder
     "model": FINDING.model,
     "device": "cpu",
     "threshold": None,
@@ -109,14 +115,14 @@ def writer_path(output: str, index: int, count: int) -> str:
     return str(path / f"peaks-w{index}.cxi")
 
 
-def predictor_options(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    if cfg["predictor"] in (None, "engine"):
+def frame_finder_options(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    if cfg["frame_finder"] in (None, "engine"):
         base = {"model": cfg["model"], "device": cfg["device"],
                 "threads": int(cfg["threads_per_worker"])}
         if cfg["threshold"] is not None:
             base["threshold"] = cfg["threshold"]
-        return {**base, **cfg["predictor_options"]}
-    return dict(cfg["predictor_options"])
+        return {**base, **cfg["frame_finder_options"]}
+    return dict(cfg["frame_finder_options"])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -163,7 +169,7 @@ class RayBackend:
     """Every stage a Ray actor; queues are async actors that reserve no CPU."""
 
     def __init__(self, cfg: Mapping[str, Any]) -> None:
-        from peaknet_xtal.labelling.distributed import ray_session
+        from peaknet_xtal.pipeline.ray_session import ray_session
 
         # reuses a Ray the caller already started (and then leaves it running)
         self._session = ray_session(address=cfg["address"], num_cpus=cfg["num_cpus"])
@@ -255,8 +261,8 @@ class Driver:
         gpus = cfg["gpus_per_worker"]
         if gpus is None:
             gpus = 1 if str(cfg["device"]).startswith("cuda") else 0
-        handle = self.backend.make(ModelWorker, worker_id, cfg["predictor"],
-                                   predictor_options(cfg), int(cfg["batch_size"]),
+        handle = self.backend.make(ModelWorker, worker_id, cfg["frame_finder"],
+                                   frame_finder_options(cfg), int(cfg["batch_size"]),
                                    int(cfg["threads_per_worker"]), cfg["send_images"],
                                    num_cpus=int(cfg["threads_per_worker"]), num_gpus=gpus)
         future = self.backend.start(handle, "run", self.frames, self.results,

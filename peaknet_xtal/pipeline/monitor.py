@@ -70,7 +70,8 @@ class PipelineMonitor:
         live = self.summary(live=True)
         live.pop("samples")
         live["last"] = self.samples[-1] if self.samples else None
-        write_json_atomic(self.live_path, live)
+        if self.live_path is not None:
+            write_json_atomic(self.live_path, live)
         self._last_write = now
 
     @staticmethod

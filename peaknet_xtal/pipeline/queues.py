@@ -235,7 +235,7 @@ class AsyncLeaseQueue:
             return False
         try:
             await asyncio.wait_for(cond.wait(), left)
-        except (asyncio.TimeoutError, TimeoutError):
+        except TimeoutError:
             return False
         return True
 

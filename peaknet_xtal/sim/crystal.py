@@ -103,7 +103,8 @@ PRESET_CELLS: dict[str, Cell] = {
 }
 
 
-def absent(h: np.ndarray, k: np.ndarray, l: np.ndarray, centring: str) -> np.ndarray:
+def absent(h: np.ndarray, k: np.ndarray, l: np.ndarray,  # noqa: E741 (Miller index l)
+           centring: str) -> np.ndarray:
     """True for reflections that the lattice centring extinguishes (systematic absences)."""
     if centring in ("P", "R"):
         return np.zeros(np.shape(h), dtype=bool)

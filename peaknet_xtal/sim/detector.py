@@ -1,8 +1,8 @@
 """The detector as the simulator needs it: panel planes in metres, ray casting, per-pixel maps.
 
-Built from any :class:`peaknet_xtal.formats.geometry.Geometry`.  Geometry files often leave the camera
-length or the photon energy to an HDF5 path (read per frame at the facility); the simulator then
-uses its configured defaults, which is why :class:`DetectorModel` takes ``default_clen_m``.
+Built from any :class:`peaknet_xtal.formats.geometry.Geometry`.  Geometry files often leave the
+camera length or the photon energy to an HDF5 path (read per frame at the facility); the simulator
+then uses its configured defaults, which is why :class:`DetectorModel` takes ``default_clen_m``.
 
 Panel pixel ``(pfs, pss)`` (0-based pixel-centre coordinates) sits at
 ``corner + (pfs + 0.5) * fs + (pss + 0.5) * ss`` in the CrystFEL lab frame.
@@ -135,7 +135,7 @@ class DetectorModel:
             return self._maps
         xyz = []
         for origin, fvec, svec, (height, width) in zip(self.origins, self.fs_vecs, self.ss_vecs,
-                                                       self.shapes):
+                                                       self.shapes, strict=False):
             ss_i, fs_i = np.mgrid[0:height, 0:width]
             pos = (origin[None, None, :] + (fs_i[..., None] + 0.5) * fvec
                    + (ss_i[..., None] + 0.5) * svec)
@@ -148,7 +148,7 @@ class DetectorModel:
         phi = np.arctan2(pos[:, 1], pos[:, 0])
         normals = np.concatenate([
             np.repeat(np.cross(f, s)[None, :] / np.linalg.norm(np.cross(f, s)), h * w, axis=0)
-            for f, s, (h, w) in zip(self.fs_vecs, self.ss_vecs, self.shapes)])
+            for f, s, (h, w) in zip(self.fs_vecs, self.ss_vecs, self.shapes, strict=False)])
         incidence = np.abs(np.einsum("ij,ij->i", pos, normals)) / dist
         solid = incidence / dist ** 2
         solid /= solid.max()
@@ -177,7 +177,7 @@ class DetectorModel:
     def _max_sin_theta(self) -> float:
         corners = []
         for origin, fvec, svec, (height, width) in zip(self.origins, self.fs_vecs, self.ss_vecs,
-                                                       self.shapes):
+                                                       self.shapes, strict=False):
             for a, b in ((0, 0), (width, 0), (0, height), (width, height)):
                 corners.append(origin + a * fvec + b * svec)
         pos = np.array(corners)

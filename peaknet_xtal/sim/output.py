@@ -20,8 +20,8 @@ import numpy as np
 
 from peaknet_xtal.atomic import atomic_path, write_text_atomic
 from peaknet_xtal.formats.geometry import HC_EV_A
-from peaknet_xtal.types import Frame
 from peaknet_xtal.sim.simulate import REFLECTION_DTYPE, SimTruth
+from peaknet_xtal.types import Frame
 
 DATA_PATH = "/entry_1/data_1/data"
 MASK_PATH = "/entry_1/data_1/mask"
@@ -142,7 +142,7 @@ class TruthWriter:
         index = len(self.frames)
         rows = np.zeros(len(truth.reflections),
                         dtype=np.dtype(REFLECTION_DTYPE.descr + [("frame", "i4")]))
-        for name in REFLECTION_DTYPE.names:
+        for name in REFLECTION_DTYPE.names or ():
             rows[name] = truth.reflections[name]
         rows["frame"] = index
         self.reflections.append(rows)

@@ -19,11 +19,11 @@ from typing import Any
 
 import numpy as np
 
-from peaknet_xtal.types import Frame
 from peaknet_xtal.sim.config import REFERENCE_FLUENCE, SimConfig
 from peaknet_xtal.sim.crystal import Cell, excited_reflections, random_rotation, sigma_excitation
 from peaknet_xtal.sim.detector import DetectorModel
 from peaknet_xtal.sim.noise import gaussian_frame, poisson_sparse
+from peaknet_xtal.types import Frame
 
 #: One row per reflection that reaches a panel.  Coordinates follow the package convention.
 REFLECTION_DTYPE = np.dtype([
@@ -159,7 +159,8 @@ def _reflections(det: DetectorModel, crystals: list[CrystalTruth], wavelength: f
     q_det = 2.0 * det.max_sin_theta() / wavelength
     q_max = min(1.0 / config.d_min_A, q_det)
     eta = np.radians(config.mosaicity_deg)
-    tol = config.ewald_sigmas * float(sigma_excitation(q_max, wavelength, config.bandwidth, eta,
+    tol = config.ewald_sigmas * float(sigma_excitation(np.asarray(q_max), wavelength,
+                                                       config.bandwidth, eta,
                                                        config.profile_radius))
     rows = []
     for index, crystal in enumerate(crystals):
@@ -346,7 +347,7 @@ def _pixel_weight(det: DetectorModel, polarisation: float) -> np.ndarray:
         weight.flags.writeable = False
         return weight
 
-    return det.cached(("pixel_weight", float(polarisation)), build)  # type: ignore[no-any-return]
+    return det.cached(("pixel_weight", float(polarisation)), build)
 
 
 def _static_background(det: DetectorModel, wavelength: float, config: SimConfig) -> np.ndarray:
@@ -433,7 +434,7 @@ def _to_adu(det: DetectorModel, photons: np.ndarray | tuple[np.ndarray, np.ndarr
     else:
         data += np.multiply(photons, np.float32(gain), dtype=np.float32)
     pedestals = rng.normal(0.0, config.pedestal_sigma * gain, det.n_panels)
-    for view, offset in zip(det.split(data), pedestals):
+    for view, offset in zip(det.split(data), pedestals, strict=False):
         view += np.float32(offset)
     dead, hot = _defects_cached(det, config)
     data[dead] = 0.0
@@ -443,7 +444,7 @@ def _to_adu(det: DetectorModel, photons: np.ndarray | tuple[np.ndarray, np.ndarr
 
 def _defects_cached(det: DetectorModel, config: SimConfig) -> tuple[np.ndarray, np.ndarray]:
     key = ("defects", config.defect_seed, config.dead_fraction, config.hot_fraction)
-    return det.cached(key, lambda: _defects(det, config))  # type: ignore[no-any-return]
+    return det.cached(key, lambda: _defects(det, config))
 
 
 # ---- truth -------------------------------------------------------------------------------------

@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from peaknet_xtal.config import cli_parser, resolve, setup_logging
+from peaknet_xtal.config import ConfigError, cli_parser, resolve, setup_logging
 
 
 def training_parser(doc: str | None, prog: str) -> argparse.ArgumentParser:
@@ -22,8 +22,12 @@ def training_parser(doc: str | None, prog: str) -> argparse.ArgumentParser:
 
 
 def parse_training_args(parser: argparse.ArgumentParser, defaults: dict[str, Any],
-                        argv: Sequence[str] | None) -> dict[str, Any]:
-    """Resolved settings: defaults < CONFIG.yaml < command line."""
+                        argv: Sequence[str] | None,
+                        types: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Resolved, validated settings: defaults < CONFIG.yaml < command line."""
     args = vars(parser.parse_args(argv))
     setup_logging(args.pop("verbose", 0))
-    return resolve(defaults, args, config_file=args.pop("config_file"))
+    try:
+        return resolve(defaults, args, config_file=args.pop("config_file"), types=types)
+    except ConfigError as exc:
+        parser.error(str(exc))

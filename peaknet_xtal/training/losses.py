@@ -39,11 +39,14 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor |
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor,
                       valid: torch.Tensor | None = None, temperature: float = 2.0,
                       weights: tuple[float, float, float] = (0.4, 0.4, 0.2),
-                      reduction: str = "mean") -> torch.Tensor:
-    """w_mse MSE(logits) + w_kl T^2 KL(teacher_T || student_T) + w_focal focal(teacher argmax).
+                      reduction: str = "mean",
+                      target: torch.Tensor | None = None) -> torch.Tensor:
+    """w_mse MSE(logits) + w_kl T^2 KL(teacher_T || student_T) + w_focal focal(target).
 
     MSE is averaged over valid pixels and classes; KL is summed over classes and averaged over valid
-    pixels; T^2 keeps the KL gradient scale independent of the temperature.
+    pixels; T^2 keeps the KL gradient scale independent of the temperature.  The focal term learns
+    the ground truth ``target`` (B, H, W) where there is one (labelled frames), so the student is
+    not bound to the teacher's mistakes; without one it falls back to the teacher's argmax.
     """
     s, t = student.float(), teacher.float()
     mse = _valid_mean(((s - t) ** 2).mean(dim=1), valid, reduction)
@@ -51,6 +54,7 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor,
     log_pt = F.log_softmax(t / temperature, dim=1)
     kl = _valid_mean((log_pt.exp() * (log_pt - log_ps)).sum(dim=1), valid,
                      reduction) * temperature ** 2
-    focal = focal_loss(s, t.argmax(dim=1), valid, reduction=reduction)
+    hard = t.argmax(dim=1) if target is None else target.long()
+    focal = focal_loss(s, hard, valid, reduction=reduction)
     w_mse, w_kl, w_focal = weights
     return w_mse * mse + w_kl * kl + w_focal * focal

@@ -6,11 +6,12 @@ from pathlib import Path
 from typing import Any
 
 from peaknet_xtal.config import deep_merge
-from peaknet_xtal.training.trainer import TRAIN_DEFAULTS, launch
+from peaknet_xtal.training.trainer import TRAIN_DEFAULTS, TRAIN_TYPES, launch
 
 SUPERVISED_DEFAULTS: dict[str, Any] = deep_merge(TRAIN_DEFAULTS, {
     "loss": {"alpha": [0.25, 0.75], "gamma": 2.0},
 })
+SUPERVISED_TYPES: dict[str, Any] = dict(TRAIN_TYPES)
 
 
 def focal_batch_loss(logits: Any, batch: dict[str, Any], alpha: tuple[float, ...],

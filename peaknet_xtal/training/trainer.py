@@ -41,6 +41,8 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "log_every": 10,
     "stop_after": None,      # stop (after checkpointing) at this step: tests and time-boxed runs
 }
+#: Types of the settings whose default (None) cannot say it (config.resolve validates them).
+TRAIN_TYPES: dict[str, Any] = {"model.init": str | None, "stop_after": int | None}
 
 
 def _free_port() -> int:
@@ -137,7 +139,10 @@ class _Run:
         """(model weights, optimiser state), gathered in full when sharded."""
         if self.fsdp:
             from torch.distributed.checkpoint.state_dict import (
-                StateDictOptions, get_model_state_dict, get_optimizer_state_dict)
+                StateDictOptions,
+                get_model_state_dict,
+                get_optimizer_state_dict,
+            )
 
             opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
             return (get_model_state_dict(self.wrapped, options=opts),
@@ -153,7 +158,10 @@ class _Run:
         weights = load_weights(checkpoint)
         if self.fsdp:
             from torch.distributed.checkpoint.state_dict import (
-                StateDictOptions, set_model_state_dict, set_optimizer_state_dict)
+                StateDictOptions,
+                set_model_state_dict,
+                set_optimizer_state_dict,
+            )
 
             opts = StateDictOptions(full_state_dict=True)
             set_model_state_dict(self.wrapped, weights, options=opts)

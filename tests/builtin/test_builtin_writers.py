@@ -13,6 +13,7 @@ from peaknet_xtal.formats.geometry import read_geometry
 from peaknet_xtal.formats.stream import read_stream
 from peaknet_xtal.types import FrameResult, peaks_from_columns
 
+
 @pytest.fixture()
 def results(tmp_path: Path, make_geometry_text) -> list[FrameResult]:
     """Three frames of two 16x8 panels (q1 flipped), with 1, 2 and 3 peaks on q1."""
@@ -42,7 +43,7 @@ def test_stream_writer_output_reads_back_with_geometry(tmp_path, results):
     stream = read_stream(tmp_path / "out.stream")
     assert [c.key for c in stream.chunks] == [r.frame.key for r in results]
     assert stream.geometry is not None and stream.geometry.n_panels == 2
-    for chunk, r in zip(stream.chunks, results):
+    for chunk, r in zip(stream.chunks, results, strict=False):
         back = chunk.peak_table(stream.geometry)
         np.testing.assert_allclose(back["fs"], r.peaks["fs"], atol=0.006)
         # 1/d goes out in nm^-1 with 2 decimals: +-0.005 nm^-1 = 0.0005 1/A
@@ -93,7 +94,7 @@ def test_dials_image_becomes_a_cxi_stack_crystfel_can_read(tmp_path, real_data, 
     geometry = read_geometry(tmp_path / "cspad-00000.geom")
     again = read_cxi_frame(tmp_path / "cspad-00000.cxi", 0, geometry)
     assert len(again.panels) == 64
-    for a, b in zip(again.panels, frame.panels):
+    for a, b in zip(again.panels, frame.panels, strict=False):
         np.testing.assert_array_equal(a, b)
     back = read_cxi_peaks(tmp_path / "cspad-00000.cxi").peaks(0, geometry)
     assert list(back["panel"]) == [0, 63]

@@ -70,3 +70,13 @@ def test_eval_cli_tunes_scores_and_draws(sim_run, tmp_path, capsys, dials_env):
     assert all(f"({name})" in text for name in report["figures"])
     config = json.loads((out / "config.json").read_text())
     assert config["command"] == "peaknet-eval" and config["config"]["tune_frames"] == 1
+
+
+def test_config_file_typo_is_an_error(tmp_path, capsys):
+    cfg = tmp_path / "eval.yaml"
+    cfg.write_text("tune_frame: 2\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path), "-o", str(tmp_path / "report"), "--config", str(cfg)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "eval.yaml" in err and "'tune_frame'" in err and "'tune_frames'" in err

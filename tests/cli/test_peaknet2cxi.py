@@ -226,3 +226,28 @@ def test_main_with_the_real_default_model(stacks, tmp_path, capsys):
     recorded = json.loads((outdir / "peaknet2cxi.config.json").read_text())
     assert recorded["config"]["max_peaks"] == 100
     assert read_cxi_peaks(summary["cxi_files"][0]).n_peaks.max() <= 100
+
+
+def test_config_file_typo_is_an_error_naming_file_and_key(tmp_path, capsys):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("threshhold: 0.9\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["in.cxi", "-o", str(tmp_path / "out"), "--config", str(cfg)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "run.yaml" in err and "'threshhold'" in err and "'threshold'" in err
+    assert not (tmp_path / "out").exists()  # nothing ran
+
+
+def test_config_file_null_lifts_the_peak_cap_and_types_are_checked(tmp_path):
+    from peaknet_xtal import config as cfgmod
+    from peaknet_xtal.cli.peaknet2cxi import DEFAULTS, TYPES, build_parser
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("max_peaks: null\nthreads: 4\n")
+    args = build_parser().parse_args(["in.cxi", "-o", "out", "--config", str(cfg)])
+    resolved = cfgmod.resolve(DEFAULTS, args, types=TYPES)
+    assert resolved["max_peaks"] is None and resolved["threads"] == 4
+    cfg.write_text("max_peaks: lots\n")
+    with pytest.raises(cfgmod.ConfigError, match=r"run\.yaml.*max_peaks"):
+        cfgmod.resolve(DEFAULTS, build_parser().parse_args(["--config", str(cfg)]), types=TYPES)

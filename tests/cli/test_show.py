@@ -103,3 +103,12 @@ def test_console_script(real_data):
     assert json.loads(out.stdout)[0]["chunks"] == 3
     helped = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=120)
     assert "summarise the files of a serial-crystallography run" in helped.stdout
+
+
+def test_config_file_wrong_type_is_an_error(tmp_path, capsys):
+    cfg = tmp_path / "show.yaml"
+    cfg.write_text("max_frames: all\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["x.cxi", "--config", str(cfg)])
+    assert exit_info.value.code == 2
+    assert "show.yaml" in capsys.readouterr().err

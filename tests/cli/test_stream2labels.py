@@ -54,3 +54,14 @@ def test_no_images_is_an_error_with_a_hint(sim_run, tmp_path, capsys):
     assert code == 1
     err = capsys.readouterr().err
     assert "--prefix" in err and "nowhere-sim.cxi" in err
+
+
+def test_config_file_typo_and_wrong_type_are_errors(tmp_path, capsys):
+    cfg = tmp_path / "labels.yaml"
+    cfg.write_text("fit:\n  windw: 11\nrun:\n  max_frames: many\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["a.stream", "-o", str(tmp_path / "labels.h5"), "--config", str(cfg)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "labels.yaml" in err and "'fit.windw'" in err and "run.max_frames" in err
+    assert not (tmp_path / "labels.config.json").exists()

@@ -11,8 +11,12 @@ import math
 import numpy as np
 import pytest
 
-from peaknet_xtal.evaluation.indexing import (IndexingResult, index_frames, indexing_options,
-                                              summarise)
+from peaknet_xtal.evaluation.indexing import (
+    IndexingResult,
+    index_frames,
+    indexing_options,
+    summarise,
+)
 from peaknet_xtal.evaluation.metrics import pipeline_rates
 from peaknet_xtal.types import peaks_from_columns
 

@@ -13,7 +13,7 @@ def test_match_is_one_to_one_same_panel_within_cutoff():
     a = dict(panel=[0, 0, 1, 0], fs=[10.0, 12.0, 10.0, 50.0], ss=[10.0, 10.0, 10.0, 50.0])
     b = dict(panel=[0, 0, 0], fs=[11.9, 9.0, 10.0], ss=[10.0, 10.0, 10.0])
     ia, ib, d = match_peaks(a["panel"], a["fs"], a["ss"], b["panel"], b["fs"], b["ss"], 2.5)
-    pairs = set(zip(ia.tolist(), ib.tolist()))
+    pairs = set(zip(ia.tolist(), ib.tolist(), strict=False))
     assert len(pairs) == 2 and len(set(ia)) == 2 and len(set(ib)) == 2
     assert (1, 0) in pairs  # a1 (12,10) with b0 (11.9,10)
     assert all(i != 2 for i in ia)  # panel 1 never matches panel 0
@@ -25,7 +25,7 @@ def test_hungarian_maximises_matches_before_distance():
     # Greedy nearest-first would pair a0-b0 (0.5) and leave a1 unmatched.
     a_fs, b_fs = np.array([0.0, 2.4]), np.array([0.5, -1.5])
     ia, ib, _ = match_peaks([0, 0], a_fs, [0, 0], [0, 0], b_fs, [0, 0], 2.0)
-    assert sorted(zip(ia.tolist(), ib.tolist())) == [(0, 1), (1, 0)]
+    assert sorted(zip(ia.tolist(), ib.tolist(), strict=False)) == [(0, 1), (1, 0)]
 
 
 def test_scores_and_median_error():

@@ -92,7 +92,7 @@ def constructed() -> tuple[Dataset, dict[str, Any]]:
     truths = [strong0, empty_peaks(), strong2]
     reflections = [concat(strong0, weak0), empty_peaks(), strong2]
     frames = []
-    for i, (truth, found) in enumerate(zip(truths, sloppy)):
+    for i, (truth, found) in enumerate(zip(truths, sloppy, strict=False)):
         panels = [image_with(truth, 0), image_with(truth, 1)]
         masks = [np.ones(SHAPE, bool), np.ones(SHAPE, bool)]
         masks[1][0, 0] = False

@@ -5,11 +5,11 @@ import h5py
 import numpy as np
 from scipy import ndimage
 
+from peaknet_xtal.formats.geometry import read_geometry
 from peaknet_xtal.labelling.batch import Batch, BatchLabeler, FrameJob
 from peaknet_xtal.labelling.ingest import records_from_stream, stream_geometry
-from peaknet_xtal.labelling.labels import LabelFile
 from peaknet_xtal.labelling.job import label_run
-from peaknet_xtal.formats.geometry import read_geometry
+from peaknet_xtal.labelling.labels import LabelFile
 
 CONFIG = {"label": {"min_i_over_sigma": 5.0}}
 

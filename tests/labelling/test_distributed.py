@@ -4,9 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from peaknet_xtal.labelling.labels import LabelFile
-from peaknet_xtal.labelling.job import label_run
 from peaknet_xtal.errors import FormatError
+from peaknet_xtal.labelling.job import label_run
+from peaknet_xtal.labelling.labels import LabelFile
 
 CONFIG = {"label": {"min_i_over_sigma": 5.0}, "peakdiff": {"min_found": 1}}
 
@@ -48,7 +48,8 @@ def test_parts_of_another_run_are_refused(sim_run, tmp_path):
 
 @pytest.mark.ray
 def test_ray_run_matches_the_plain_run(sim_run, tmp_path):
-    from peaknet_xtal.labelling.distributed import elastic_map, ray_session
+    from peaknet_xtal.labelling.distributed import elastic_map
+    from peaknet_xtal.pipeline.ray_session import ray_session
 
     plain = tmp_path / "plain.h5"
     label_run([str(sim_run.stream)], plain, _config(ray=False), progress=False)

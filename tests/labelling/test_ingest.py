@@ -6,9 +6,15 @@ import os
 import numpy as np
 import pytest
 
-from peaknet_xtal.labelling.ingest import (event_index, load_frame, records_from_dials,
-                                        records_from_stream, resolve_image, stream_geometry)
 from peaknet_xtal.errors import FormatError
+from peaknet_xtal.labelling.ingest import (
+    event_index,
+    load_frame,
+    records_from_dials,
+    records_from_stream,
+    resolve_image,
+    stream_geometry,
+)
 
 
 def test_event_index():
@@ -75,8 +81,8 @@ def test_dials_stills_results(real_data, dials_env):
 @pytest.mark.dials
 def test_dials_run_accounts_for_frames_whose_images_are_gone(real_data, dials_env, tmp_path):
     """The stills' CBFs are not shipped: every frame is recorded as unreadable, nothing crashes."""
-    from peaknet_xtal.labelling.labels import LabelFile
     from peaknet_xtal.labelling.job import label_run
+    from peaknet_xtal.labelling.labels import LabelFile
 
     base = real_data / "dials_stills_results_cxi78513"
     out = tmp_path / "dials.h5"

@@ -5,9 +5,14 @@ import h5py
 import numpy as np
 import pytest
 
-from peaknet_xtal.labelling.labels import (LABEL_FIT_DTYPE, LabelFile, LabelRow, LabelWriter,
-                                        merge_label_files)
 from peaknet_xtal.errors import FormatError
+from peaknet_xtal.labelling.labels import (
+    LABEL_FIT_DTYPE,
+    LabelFile,
+    LabelRow,
+    LabelWriter,
+    merge_label_files,
+)
 
 
 def _row(h, w, value, panel=0):

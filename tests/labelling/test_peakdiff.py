@@ -7,8 +7,13 @@ import numpy as np
 import pytest
 
 from peaknet_xtal.labelling.ingest import PRED_DTYPE, records_from_stream
-from peaknet_xtal.labelling.peakdiff import (FrameDiff, Selection, peakdiff, summary_arrays,
-                                          write_report)
+from peaknet_xtal.labelling.peakdiff import (
+    FrameDiff,
+    Selection,
+    peakdiff,
+    summary_arrays,
+    write_report,
+)
 from peaknet_xtal.types import peaks_from_columns
 
 STREAM_5HT2B = "crystfel_streams/crystfel_tests_5HT2B_lcls_cspad_xgandalf.stream"
@@ -63,7 +68,7 @@ def test_report_png(tmp_path):
     rng = np.random.default_rng(0)
     diffs = [FrameDiff(int(n), int(m), int(k), np.zeros(0), np.zeros(0), np.zeros(0))
              for n, m, k in zip(rng.integers(5, 60, 40), rng.integers(20, 200, 40),
-                                rng.integers(0, 5, 40))]
+                                rng.integers(0, 5, 40), strict=False)]
     out = tmp_path / "r.png"
     write_report(out, diffs, Selection(min_precision=0.05))
     data = out.read_bytes()

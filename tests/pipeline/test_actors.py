@@ -1,7 +1,8 @@
 """The stage classes without Ray: source feeding, worker batches, writer de-duplication, and the
 whole pipeline on threads (same classes, same driver) including a crashing worker and a resume.
 
-The predictor is the plain local-maximum finder: these tests are about the plumbing, not the model.
+The frame finder is the plain local-maximum finder: these tests are about the plumbing, not the
+model.
 """
 from __future__ import annotations
 
@@ -9,13 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from peaknet_test_support import LocalMaxFinder
 
+from peaknet_xtal.formats.cxi import CXISource, CXIWriter, read_cxi_peaks
 from peaknet_xtal.pipeline import PipelineError, run_pipeline
 from peaknet_xtal.pipeline.actors import ModelWorker, ResultWriter, SourceFeeder, shard_of
-from peaknet_test_support import LocalMaxPredictor
-from peaknet_xtal.formats.cxi import CXISource, CXIWriter, read_cxi_peaks
 from peaknet_xtal.types import Frame
-
 
 
 class ListQueue:
@@ -51,7 +51,7 @@ def test_source_feeder_stops_when_the_queue_refuses(tmp_path: Path, stacks):
 def test_worker_keeps_identity_and_drops_linkable_pixels(tmp_path: Path, stacks):
     path = stacks.write(tmp_path / "in.h5", 6)
     frames = list(CXISource(path))
-    worker = ModelWorker("w0", LocalMaxPredictor, {"threshold": 100.0}, batch_size=4)
+    worker = ModelWorker("w0", LocalMaxFinder, {"threshold": 100.0}, batch_size=4)
     results = worker.process(frames[:5])  # a partial batch is fine
     assert [r.frame.key for r in results] == [f.key for f in frames[:5]]
     assert [len(r.peaks) for r in results] == [i % 4 + 1 for i in range(5)]
@@ -65,7 +65,7 @@ def test_worker_keeps_identity_and_drops_linkable_pixels(tmp_path: Path, stacks)
 
 def test_writer_skips_done_and_duplicate_keys(tmp_path: Path, stacks):
     path = stacks.write(tmp_path / "in.h5", 4)
-    results = list(LocalMaxPredictor(100.0).find_frames(CXISource(path)))
+    results = list(LocalMaxFinder(100.0).find_frames(CXISource(path)))
     out = tmp_path / "out" / "run.cxi"
     first = ResultWriter(CXIWriter, str(out), {"frames_per_file": 2})
     assert len(first.write(results[:3] + results[:1])) == 4  # every key is acknowledged
@@ -88,7 +88,7 @@ def threads_config(tmp_path: Path, inputs: list, **extra) -> dict:
     return {"inputs": [{"path": str(p), "kind": CXISource} for p in inputs],
             "output": str(tmp_path / "out" / "run.cxi"), "writer": CXIWriter,
             "writer_options": {"frames_per_file": 16}, "backend": "threads",
-            "predictor": LocalMaxPredictor, "predictor_options": {"threshold": 100.0},
+            "frame_finder": LocalMaxFinder, "frame_finder_options": {"threshold": 100.0},
             "workers": 2, "batch_size": 5, "queue_capacity": 12, "result_queue_capacity": 8,
             "source_chunk": 4, "progress": False, "monitor_interval": 0.1, **extra}
 
@@ -106,7 +106,7 @@ def test_threads_pipeline_writes_every_frame_once_with_peaks(tmp_path: Path, sta
     assert (tmp_path / "out" / "run.cxi.pipeline.json").exists()
 
 
-class FlakyPredictor(LocalMaxPredictor):
+class FlakyFinder(LocalMaxFinder):
     """Fails once per process on the frame whose event is ``fail_on`` (a crash mid-batch)."""
 
     failed: set = set()
@@ -117,17 +117,17 @@ class FlakyPredictor(LocalMaxPredictor):
 
     def find_frames(self, frames):
         for result in super().find_frames(frames):
-            if result.frame.event == self.fail_on and self.fail_on not in FlakyPredictor.failed:
-                FlakyPredictor.failed.add(self.fail_on)
+            if result.frame.event == self.fail_on and self.fail_on not in FlakyFinder.failed:
+                FlakyFinder.failed.add(self.fail_on)
                 raise RuntimeError("simulated crash")
             yield result
 
 
 def test_threads_pipeline_requeues_a_crashed_workers_batch(tmp_path: Path, stacks):
     path = stacks.write(tmp_path / "a.h5", 40)
-    FlakyPredictor.failed.clear()
-    cfg = threads_config(tmp_path, [path], predictor=FlakyPredictor,
-                         predictor_options={"fail_on": "//17", "threshold": 100.0})
+    FlakyFinder.failed.clear()
+    cfg = threads_config(tmp_path, [path], frame_finder=FlakyFinder,
+                         frame_finder_options={"fail_on": "//17", "threshold": 100.0})
     summary = run_pipeline(cfg)
     keys = stacks.written(tmp_path / "out")
     assert set(keys) == stacks.expected(path, 40) and set(keys.values()) == {1}
@@ -142,7 +142,7 @@ def test_threads_pipeline_fails_after_max_restarts_but_keeps_what_is_done(tmp_pa
         raise RuntimeError("model will not load")
 
     with pytest.raises(PipelineError, match="died"):
-        run_pipeline(threads_config(tmp_path, [path], predictor=broken, max_restarts=1))
+        run_pipeline(threads_config(tmp_path, [path], frame_finder=broken, max_restarts=1))
 
 
 def test_threads_pipeline_resumes_without_rewriting(tmp_path: Path, stacks):

@@ -1,7 +1,7 @@
 """The pipeline on a real local Ray (2 CPUs): every frame once, back-pressure, a worker process
 killed with SIGKILL mid-run, and a Ctrl-C'd run that flushes and then resumes to completion.
 
-The predictor is the plain local-maximum finder (``peaknet_test_support.LocalMaxPredictor``), with
+The frame finder is the plain local-maximum finder (``peaknet_test_support.LocalMaxFinder``), with
 a per-frame delay where a batch must be in flight long enough to kill its worker: model quality is
 irrelevant here.
 """
@@ -17,29 +17,26 @@ import time
 from pathlib import Path
 
 import pytest
-import ray
-
-from peaknet_test_support import LocalMaxPredictor
+from peaknet_test_support import LocalMaxFinder
 
 from peaknet_xtal.formats.cxi import CXISource, CXIWriter
 from peaknet_xtal.pipeline import run_pipeline
+from peaknet_xtal.pipeline.ray_session import ray_session
 
 pytestmark = pytest.mark.ray
 
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR",
-             configure_logging=False)
-    yield
-    ray.shutdown()
+    with ray_session(num_cpus=2):
+        yield
 
 
 def config(tmp_path: Path, inputs: list[Path], **extra) -> dict:
     return {"inputs": [{"path": str(p), "kind": CXISource} for p in inputs],
             "output": str(tmp_path / "out" / "run.cxi"), "writer": CXIWriter,
-            "writer_options": {"frames_per_file": 20}, "predictor": LocalMaxPredictor,
-            "predictor_options": {"threshold": 100.0}, "workers": 2, "batch_size": 4,
+            "writer_options": {"frames_per_file": 20}, "frame_finder": LocalMaxFinder,
+            "frame_finder_options": {"threshold": 100.0}, "workers": 2, "batch_size": 4,
             "queue_capacity": 16, "result_queue_capacity": 8, "source_chunk": 4,
             "progress": False, "monitor_interval": 0.1, **extra}
 
@@ -61,7 +58,7 @@ def test_ray_pipeline_every_frame_once_within_the_bound(local_ray, tmp_path: Pat
 def test_killing_a_worker_process_loses_nothing_and_duplicates_nothing(local_ray, tmp_path: Path,
                                                                         stacks):
     path = stacks.write(tmp_path / "a.h5", 120)
-    cfg = config(tmp_path, [path], predictor_options={"threshold": 100.0, "delay_s": 0.02},
+    cfg = config(tmp_path, [path], frame_finder_options={"threshold": 100.0, "delay_s": 0.02},
                  max_restarts=2)
     live = tmp_path / "out" / "run.cxi.pipeline.json"
     box: dict = {}
@@ -92,11 +89,11 @@ SIGINT_SCRIPT = """
 import sys
 from peaknet_xtal.pipeline import run_pipeline
 from peaknet_xtal.formats.cxi import CXISource, CXIWriter
-from peaknet_test_support import LocalMaxPredictor
+from peaknet_test_support import LocalMaxFinder
 out, src = sys.argv[1], sys.argv[2]
 summary = run_pipeline({"inputs": [{"path": src, "kind": CXISource}], "output": out,
-    "writer": CXIWriter, "writer_options": {"frames_per_file": 10}, "predictor": LocalMaxPredictor,
-    "predictor_options": {"threshold": 100.0, "delay_s": float(sys.argv[3])}, "workers": 2,
+    "writer": CXIWriter, "writer_options": {"frames_per_file": 10}, "frame_finder": LocalMaxFinder,
+    "frame_finder_options": {"threshold": 100.0, "delay_s": float(sys.argv[3])}, "workers": 2,
     "batch_size": 4, "queue_capacity": 32, "num_cpus": 2, "progress": False,
     "monitor_interval": 0.1})
 print("INTERRUPTED" if summary["interrupted"] else "COMPLETE", summary["written"])

@@ -5,8 +5,12 @@ import asyncio
 
 import pytest
 
-from peaknet_xtal.pipeline.queues import (AsyncLeaseQueue, EventLoopThread, LeaseQueue,
-                                                    LocalQueueClient)
+from peaknet_xtal.pipeline.queues import (
+    AsyncLeaseQueue,
+    EventLoopThread,
+    LeaseQueue,
+    LocalQueueClient,
+)
 
 
 def items(*keys: int) -> list[tuple[str, int]]:

@@ -62,7 +62,7 @@ def _cast_one_panel_at_a_time(det: DetectorModel, u: np.ndarray) -> tuple[np.nda
     best = np.full(len(u), np.inf)
     out = np.full(len(u), -1), np.full(len(u), np.nan), np.full(len(u), np.nan)
     for i, (origin, fvec, svec, (height, width)) in enumerate(
-            zip(det.origins, det.fs_vecs, det.ss_vecs, det.shapes)):
+            zip(det.origins, det.fs_vecs, det.ss_vecs, det.shapes, strict=False)):
         normal = np.cross(fvec, svec)
         with np.errstate(divide="ignore", invalid="ignore"):
             t = (origin @ normal) / (u @ normal)

@@ -35,7 +35,7 @@ def test_cxi_stack_reads_back_with_its_geom(run_dir):
     # Frame 2 regenerated alone from its seed is the stored frame.
     again, _ = simulate_frame(read_geometry(source_geom), 12,
                               SimConfig(cell="thermolysin", hit_probability=0.6))
-    for stored, fresh in zip(frames[2].panels, again.panels):
+    for stored, fresh in zip(frames[2].panels, again.panels, strict=False):
         np.testing.assert_array_equal(stored, fresh)
     with h5py.File(out / "sim.cxi") as h5:
         assert h5.attrs["peaknet_geometry"] == "sim.geom"
@@ -60,7 +60,8 @@ def test_truth_stream_and_peak_table_agree(run_dir):
         table = chunk.peak_table(geometry)
         np.testing.assert_allclose(table["fs"], strong["fs"], atol=0.006)
         np.testing.assert_allclose(table["one_over_d"], strong["one_over_d"], atol=0.002)
-        for crystal, row in zip(chunk.crystals, truth["crystals"][truth["crystals"]["frame"] == i]):
+        rows = truth["crystals"][truth["crystals"]["frame"] == i]
+        for crystal, row in zip(chunk.crystals, rows, strict=False):
             np.testing.assert_allclose(crystal.astar, row["A"][:, 0] * 10, atol=1e-6)
             assert crystal.a == pytest.approx(row["cell"][0], abs=1e-3)
             assert crystal.n_reflections == len(refl[refl["crystal"] == row["crystal"]])

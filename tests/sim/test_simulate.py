@@ -27,12 +27,12 @@ def test_same_seed_same_frame_and_other_seed_differs(cspad):
     f1, t1 = simulate_frame(cspad, 3, cfg)
     f2, t2 = simulate_frame(cspad, 3, cfg)
     f3, _ = simulate_frame(cspad, 4, cfg)
-    assert all(np.array_equal(a, b) for a, b in zip(f1.panels, f2.panels))
+    assert all(np.array_equal(a, b) for a, b in zip(f1.panels, f2.panels, strict=False))
     # numpy's SIMD exp/tan round in the last bit depending on memory alignment, so float truth
     # is compared to 1e-12; pixels and integer truth are identical.
     for name in t1.reflections.dtype.names:
         np.testing.assert_allclose(t1.reflections[name], t2.reflections[name], rtol=1e-12)
-    assert not all(np.array_equal(a, b) for a, b in zip(f1.panels, f3.panels))
+    assert not all(np.array_equal(a, b) for a, b in zip(f1.panels, f3.panels, strict=False))
     assert f1.event == "//3" and f1.panels[0].dtype == np.float32 and f1.masks[0].dtype == bool
 
 
@@ -110,12 +110,12 @@ def test_peak_masks_cover_strong_spot_maxima(lysozyme_hit):
     strong = truth.strong
     masks = truth.peak_masks
     covered = [masks[p][int(round(s)), int(round(f))]
-               for p, f, s in zip(strong["panel"], strong["fs"], strong["ss"])]
+               for p, f, s in zip(strong["panel"], strong["fs"], strong["ss"], strict=False)]
     assert np.mean(covered) > 0.95
     total = sum(m.sum() for m in masks)
     assert len(strong) <= total < 60 * len(strong)
     # Spots are really there: mean ADU in the masks well above the frame's median.
-    inside = np.concatenate([p[m] for p, m in zip(frame.panels, masks)])
+    inside = np.concatenate([p[m] for p, m in zip(frame.panels, masks, strict=False)])
     assert np.median(inside) > np.median(np.concatenate([p.ravel() for p in frame.panels])) + 2
 
 

@@ -2,10 +2,10 @@
 folder on ``sys.path`` and on ``PYTHONPATH``, so Ray worker processes started by a test import it
 too).  Nothing here ships in the package.
 
-:class:`LocalMaxPredictor` is a plain threshold + local-maximum finder: tests of the *pipeline
+:class:`LocalMaxFinder` is a plain threshold + local-maximum finder: tests of the *pipeline
 mechanics* (queues, leases, faults, resumption) run it in seconds on CPU, where model quality is
 irrelevant.  It writes real peak tables, so what the writers store is checked end to end.  Pass the
-class itself as the pipeline's ``predictor`` (a factory), as any host would pass its own.
+class itself as the pipeline's ``frame_finder`` (a factory), as any host would pass its own.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import numpy as np
 from peaknet_xtal.types import Frame, FrameResult, peaks_from_columns
 
 
-class LocalMaxPredictor:
+class LocalMaxFinder:
     """Pixels above ``threshold`` that are the maximum of their 3x3 neighbourhood are peaks.
 
     ``delay_s`` adds a fixed cost per frame, standing in for a model's compute time in tests that
@@ -46,6 +46,6 @@ class LocalMaxPredictor:
                 time.sleep(self.delay_s)
             masks = frame.masks or [None] * len(frame.panels)
             tables = [self._panel_peaks(i, p, m)
-                      for i, (p, m) in enumerate(zip(frame.panels, masks))]
+                      for i, (p, m) in enumerate(zip(frame.panels, masks, strict=True))]
             peaks = np.concatenate(tables) if tables else peaks_from_columns()
             yield FrameResult(frame=frame, peaks=peaks, hit=len(peaks) > 0)

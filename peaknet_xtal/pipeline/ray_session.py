@@ -1,0 +1,41 @@
+"""The one place Ray is started and stopped: :func:`ray_session`.
+
+Both Ray users -- the inference pipeline (``peaknet2cxi --workers N``) and the labelling engine
+(``stream2labels``) -- enter this context manager, so a local Ray is configured the same way
+everywhere (CPU count, no dashboard, one BLAS thread per task), a cluster is joined the same way
+(``address``), and a Ray that the caller already started is reused and left running.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+#: Default CPUs of a local Ray (the project's development machines have two cores).
+DEFAULT_NUM_CPUS = 2
+#: Worker environment of a local Ray: each task is one core, BLAS included.
+WORKER_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iterator[Any]:
+    """``with ray_session() as ray: ...``: Ray initialised for the block, shut down after it.
+
+    A local session uses ``num_cpus`` (default 2) and no dashboard; ``address`` (``auto`` or
+    ``host:port``) joins a running cluster instead.  A session that was already up is reused and
+    not shut down, so library code can nest inside an application's own session.
+    """
+    import ray
+
+    if ray.is_initialized():
+        yield ray
+        return
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        ray.init(num_cpus=num_cpus or DEFAULT_NUM_CPUS, include_dashboard=False,
+                 log_to_driver=False, runtime_env={"env_vars": dict(WORKER_ENV)})
+    try:
+        yield ray
+    finally:
+        ray.shutdown()

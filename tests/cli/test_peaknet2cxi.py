@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -90,6 +91,7 @@ def test_cxi_tables_match_truth_and_are_laid_out_for_indexamajig(stacks, tmp_pat
     outdir = tmp_path / "out"
     summary = _run(stack, geom_path, outdir, predictor, stream=str(tmp_path / "peaks.stream"))
     assert summary["status"] == "ok" and summary["frames"] == N_FRAMES == summary["hits"]
+    assert sorted(p.name for p in outdir.glob("*.geom")) == ["peaknet.geom"]  # one geometry
 
     # the list file names the CXI files; the .geom points indexamajig at the tables
     (cxi_file,) = [Path(p) for p in (outdir / "peaknet.lst").read_text().split()]
@@ -140,12 +142,17 @@ def test_rerun_after_interruption_continues_where_it_stopped(stacks, tmp_path):
     text = stream_path.read_text()
     stream_path.write_text(text[:text.rindex("----- Begin chunk -----") + 200])
     second = _run(stack, geom_path, outdir, predictor, frames_per_file=1, stream=str(stream_path))
-    assert (second["skipped"], second["frames"]) == (N_FRAMES - 1, 1)
+    assert (second["this_run"]["skipped"], second["this_run"]["frames"]) == (N_FRAMES - 1, 1)
     assert len(second["cxi_files"]) == N_FRAMES
     events = [c.event for c in read_stream(stream_path).chunks]
     assert events == [f"//{k}" for k in range(N_FRAMES)]  # no duplicate, no gap
     third = _run(stack, geom_path, outdir, predictor, frames_per_file=1, stream=str(stream_path))
-    assert (third["skipped"], third["frames"]) == (N_FRAMES, 0)
+    assert (third["this_run"]["skipped"], third["this_run"]["frames"]) == (N_FRAMES, 0)
+    # the summary describes the whole output, not the last invocation
+    for summary in (first, second, third):
+        assert (summary["frames"], summary["hits"]) == (N_FRAMES, N_FRAMES)
+        assert summary["peaks_per_frame"] == first["peaks_per_frame"]
+    assert json.loads((outdir / "peaknet2cxi.json").read_text())["frames"] == N_FRAMES
 
 
 def test_list_file_events_and_hits_only(stacks, tmp_path):
@@ -161,13 +168,14 @@ def test_list_file_events_and_hits_only(stacks, tmp_path):
     cut = (min(counts) + max(counts)) // 2
     summary = _run(stack, geom_path, tmp_path / "hits", predictor, min_peaks=cut, hits_only=True,
                    stream=str(tmp_path / "all.stream"))
-    assert summary["hits"] == 1 and summary["frames"] == N_FRAMES
+    assert summary["hits"] == 1 and summary["this_run"]["frames"] == N_FRAMES
+    assert summary["frames"] == 1  # the CXI output holds the hit only
     (kept,) = read_cxi_peaks(summary["cxi_files"][0]).keys
     assert kept == (str(stack), f"//{int(np.argmax(counts))}")
     assert len(read_stream(tmp_path / "all.stream").chunks) == N_FRAMES
 
 
-def test_bad_inputs_fail_clearly_and_keep_finished_results(stacks, tmp_path, capsys):
+def test_missing_mask_dataset_warns_and_continues(stacks, tmp_path, caplog):
     geom_path, geometry, stack, sims, predictor = stacks["cspad"]
     no_mask = tmp_path / "no_mask.cxi"
     with h5py.File(no_mask, "w") as h5:  # the geometry names a mask dataset this file lacks
@@ -175,9 +183,24 @@ def test_bad_inputs_fail_clearly_and_keep_finished_results(stacks, tmp_path, cap
     outdir = tmp_path / "out"
     config = {"inputs": [str(stack), str(no_mask)], "geometry": str(geom_path),
               "output": str(outdir), "predictor": predictor, "progress": False}
-    with pytest.raises(FormatError, match="/entry_1/data_1/mask") as info:
+    with caplog.at_level("WARNING"):
+        summary = run(config)
+    assert summary["status"] == "ok" and summary["frames"] == N_FRAMES + 1
+    warned = [r.getMessage() for r in caplog.records if "no mask dataset" in r.getMessage()]
+    assert warned and str(no_mask) in warned[0] and "/entry_1/data_1/mask" in warned[0]
+
+
+def test_bad_inputs_fail_clearly_and_keep_finished_results(stacks, tmp_path, capsys):
+    geom_path, geometry, stack, sims, predictor = stacks["cspad"]
+    broken = tmp_path / "broken.cxi"
+    with h5py.File(broken, "w") as h5:  # frames too small for the geometry
+        h5["/entry_1/data_1/data"] = np.zeros((1, 100, 100), np.float32)
+    outdir = tmp_path / "out"
+    config = {"inputs": [str(stack), str(broken)], "geometry": str(geom_path),
+              "output": str(outdir), "predictor": predictor, "progress": False}
+    with pytest.raises(FormatError, match="1480x1552") as info:
         run(config)
-    assert str(no_mask) in str(info.value)
+    assert str(broken) in str(info.value)
     kept = (outdir / "peaknet.lst").read_text().split()
     assert len(kept) == 1 and len(read_cxi_peaks(kept[0])) == N_FRAMES
     summary = json.loads((outdir / "peaknet2cxi.json").read_text())
@@ -201,8 +224,11 @@ def test_help_shows_the_indexamajig_command(capsys):
     with pytest.raises(SystemExit) as info:
         main(["--help"])
     assert info.value.code == 0
-    assert "indexamajig -i OUTDIR/peaknet.lst -g OUTDIR/peaknet.geom --peaks=cxi" in \
-        capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "indexamajig -i OUTDIR/peaknet.lst -g OUTDIR/peaknet.geom --peaks=cxi" in out
+    assert "--indexing=xgandalf -p YOUR.cell -o OUTDIR/peaknet.stream -j NPROC" in out
+    assert "YOUR.cell: your unit cell file" in out and "-i LIST, --input-list LIST" in out
+    assert "-p cell.pdb" not in out and "..." not in out.split("Then index with")[1][:400]
 
 
 def test_workers_without_the_pipeline_say_so(tmp_path, monkeypatch):
@@ -219,7 +245,11 @@ def test_main_with_the_real_default_model(stacks, tmp_path, capsys):
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert "peaknet2cxi:" in captured.err and "frames/s" in captured.err  # progress line
-    assert f"next: indexamajig -i {outdir / 'peaknet.lst'}" in captured.out
+    next_line = [line for line in captured.out.splitlines() if line.startswith("next: ")]
+    assert next_line == [f"next: indexamajig -i {outdir / 'peaknet.lst'} -g "
+                         f"{outdir / 'peaknet.geom'} --peaks=cxi --indexing=xgandalf "
+                         f"-p YOUR.cell -o {outdir / 'peaknet.stream'} -j {os.cpu_count()}"]
+    assert "YOUR.cell: your unit cell file" in captured.out
     summary = json.loads((outdir / "peaknet2cxi.json").read_text())
     assert summary["frames"] == N_FRAMES and summary["peaks_per_frame"]["max"] <= 100
     assert summary["config"]["threshold"] == 0.99 and summary["engine"]["model"] == "default"

@@ -39,6 +39,7 @@ import os
 import re
 import sys
 import time
+import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -577,6 +578,9 @@ def write_dials_output(files: Sequence[Path], folder: Path) -> dict[str, Any]:
     from peaknet_xtal.formats.cxi import read_cxi_peaks
     from peaknet_xtal.formats.dials_tables import write_strong_refl
 
+    from peaknet_xtal.formats.geometry import read_geometry
+
+    geometry = read_geometry(Path(files[0]).parent / GEOM_NAME)
     experiments = ExperimentList()
     tables = []
     for path in files:
@@ -595,8 +599,11 @@ def write_dials_output(files: Sequence[Path], folder: Path) -> dict[str, Any]:
             raise PeakNetError(f"{path}: DIALS sees {len(found)} images for {len(table)} "
                                "frames; cannot pair spots with images")
         for row, experiment in enumerate(found):
+            # DIALS pairs a table with its images by these identifiers (dials.import sets them)
+            source, event = table.keys[row]
+            experiment.identifier = str(uuid.uuid5(uuid.NAMESPACE_URL, f"{source}{event}"))
             experiments.append(experiment)
-            tables.append(table.peaks(row))
+            tables.append(table.peaks(row, geometry))  # panel-relative, as DIALS counts
     folder.mkdir(parents=True, exist_ok=True)
     expt, refl = folder / "imported.expt", folder / "strong.refl"
     with atomic_path(expt) as tmp:

@@ -60,6 +60,14 @@ def _number(value: str) -> float | None:
         return None
 
 
+def _bits(value: str) -> float:
+    """Mask bits as C's strtod reads them (decimal or 0x hex); 0 when unreadable."""
+    try:
+        return float(int(value, 0))
+    except ValueError:
+        return _number(value) or 0.0
+
+
 def crystfel_problems(text: str, h5_files: Sequence[str | os.PathLike[str]] = (),
                       ) -> list[str]:
     """Everything CrystFEL 0.10-0.12 would refuse (or warn about) in ``text``; [] when clean."""
@@ -69,7 +77,7 @@ def crystfel_problems(text: str, h5_files: Sequence[str | os.PathLike[str]] = ()
     bad: dict[str, dict[str, str]] = {}
     top: dict[str, list[str]] = {}
     unused_defaults = False
-    for number, raw in enumerate(text.replace("\r", "\n").split("\n"), start=1):
+    for raw in text.replace("\r", "\n").split("\n"):
         line = raw.split(";", 1)[0].strip()
         if not line:
             continue
@@ -181,7 +189,7 @@ def _check_panel(name: str, f: dict[str, str], problems: list[str]) -> None:
         if data is not None and not data.startswith("/"):
             problems.append(f"{where}: invalid mask location {data!r}")
         if data is None and file is None and any(
-                _number(f.get(f"mask{n}_{b}", "0")) for b in ("goodbits", "badbits")):
+                _bits(f.get(f"mask{n}_{b}", "0")) for b in ("goodbits", "badbits")):
             problems.append(f"{where}: mask{n} good/bad bits without a mask location")
         if data is not None and data.count("%") > data_pl:
             problems.append(f"{where}: mask{n} has more placeholders than the data path")

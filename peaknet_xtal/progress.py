@@ -43,6 +43,7 @@ class Progress:
         self.extra = ""
         self.start = time.perf_counter()
         self._last_draw = 0.0
+        self._drawn_count: int | None = None
 
     @property
     def rate(self) -> float:
@@ -72,6 +73,7 @@ class Progress:
             self._last_draw = now
 
     def _draw(self, final: bool = False) -> None:
+        self._drawn_count = self.count
         if self.tty:
             self.stream.write("\r\x1b[K" + self.line() + ("\n" if final else ""))
         else:
@@ -79,7 +81,9 @@ class Progress:
         self.stream.flush()
 
     def close(self) -> None:
-        if self.enabled:
+        # on a terminal the final draw ends the line in place; in a log, a line already showing
+        # the last count is not printed twice
+        if self.enabled and (self.tty or self._drawn_count != self.count):
             self._draw(final=True)
 
     def __enter__(self) -> Progress:

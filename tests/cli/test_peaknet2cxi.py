@@ -256,3 +256,127 @@ def test_main_with_the_real_default_model(stacks, tmp_path, capsys):
     recorded = json.loads((outdir / "peaknet2cxi.config.json").read_text())
     assert recorded["config"]["max_peaks"] == 100
     assert read_cxi_peaks(summary["cxi_files"][0]).n_peaks.max() <= 100
+
+
+# --------------------------------------------------------------------------------------------
+# inputs with nothing in them, and output folders that are not ours (issue 19)
+
+
+def test_zero_frames_and_empty_lists_say_so_and_name_no_files(stacks, tmp_path, capsys):
+    geom_path, geometry, stack, _, _ = stacks["cspad"]
+    empty_stack = tmp_path / "empty.cxi"
+    with h5py.File(empty_stack, "w") as h5:
+        h5["/entry_1/data_1/data"] = np.zeros((0, *geometry.slab_shape), np.float32)
+    empty_list = tmp_path / "empty.lst"
+    empty_list.write_text("; nothing here\n")
+    for inputs, words in (([str(empty_stack)], "no frames were written"),
+                          ([str(empty_list)], "the list names no files"),
+                          (["-i", str(empty_list)], "the list names no files")):
+        outdir = tmp_path / f"out{len(words)}{len(inputs)}"
+        code = main([*inputs, "-g", str(geom_path), "-o", str(outdir), "--no-progress"])
+        captured = capsys.readouterr()
+        assert code == 1 and words in captured.err, captured.err
+        assert "indexamajig" not in captured.out
+        assert not (outdir / "peaknet.lst").exists() and not list(outdir.glob("*.cxi"))
+
+
+def test_a_listed_event_the_file_lacks_is_an_error(stacks, tmp_path, capsys):
+    geom_path, _, stack, _, predictor = stacks["cspad"]
+    listing = tmp_path / "events.lst"
+    listing.write_text(f"{stack} //1\n{stack} //999\n")
+    with pytest.raises(FormatError, match="//999") as info:
+        run({"inputs": [str(listing)], "geometry": str(geom_path),
+             "output": str(tmp_path / "out"), "predictor": predictor, "progress": False})
+    assert str(listing) in str(info.value) and f"{N_FRAMES} frames" in str(info.value)
+    # the event that exists was processed and kept
+    kept = (tmp_path / "out" / "peaknet.lst").read_text().split()
+    assert read_cxi_peaks(kept[0]).keys == [(str(stack), "//1")]
+
+
+@pytest.mark.parametrize("intruder", ["peaks-00000.cxi", "peaknet.lst"])
+def test_output_folder_with_foreign_files_is_refused(stacks, tmp_path, capsys, intruder):
+    geom_path, _, stack, _, _ = stacks["cspad"]
+    outdir = tmp_path / "out"
+    outdir.mkdir()
+    foreign = outdir / intruder
+    if intruder.endswith(".cxi"):
+        with h5py.File(foreign, "w") as h5:  # someone else's CXI file
+            h5["/entry_1/data_1/data"] = np.zeros((1, 4, 4), np.float32)
+    else:
+        foreign.write_text("/data/run1.cxi\n/data/run2.cxi\n")  # the user's own list
+    before = foreign.read_bytes()
+    code = main([str(stack), "-g", str(geom_path), "-o", str(outdir), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 1 and str(foreign) in err and "new output folder" in err
+    assert foreign.read_bytes() == before
+    assert sorted(p.name for p in outdir.iterdir()) == [intruder]
+
+
+def test_hits_only_and_threads_reach_the_ray_pipeline(stacks, tmp_path, monkeypatch):
+    """--hits-only and --threads are honoured by --workers runs, not dropped."""
+    import peaknet_xtal.pipeline as pipeline_module
+
+    seen = {}
+
+    def fake_run_pipeline(config):
+        seen.update(config)
+        return {"backend": "test"}
+
+    monkeypatch.setattr(pipeline_module, "run_pipeline", fake_run_pipeline)
+    geom_path, _, stack, _, _ = stacks["cspad"]
+    with pytest.raises(PeakNetError, match="no frames were written"):
+        run({"inputs": [str(stack)], "geometry": str(geom_path), "output": str(tmp_path / "o"),
+             "workers": 2, "threads": 3, "hits_only": True, "progress": False})
+    assert seen["threads_per_worker"] == 3
+    assert seen["writer_options"]["hits_only"] is True
+    assert seen["writer_options"]["geometry_name"] == "peaknet.geom"
+    with pytest.raises(PeakNetError, match="--dials is written by the single-process run"):
+        run({"inputs": [str(stack)], "output": str(tmp_path / "p"), "workers": 2,
+             "dials": True})
+
+
+def test_cxi_writer_hits_only_keeps_only_hits(stacks, tmp_path):
+    from peaknet_xtal.formats.cxi import CXIWriter, iter_cxi_frames
+    from peaknet_xtal.types import FrameResult, empty_peaks
+
+    geom_path, geometry, stack, _, _ = stacks["cspad"]
+    writer = CXIWriter(tmp_path / "w", geometry, hits_only=True)
+    for k, frame in enumerate(iter_cxi_frames(stack, geometry)):
+        writer.write(FrameResult(frame=frame, peaks=empty_peaks(0), hit=k == 1))
+    writer.close()
+    (only,) = writer.finished_files()
+    assert read_cxi_peaks(only).keys == [(str(stack), "//1")]
+
+
+@pytest.mark.dials
+@pytest.mark.slow
+def test_dials_output_indexes_the_real_cspad_stills(real_data, dials_env, tmp_path, capsys):
+    """--dials: PeakNet's spots on the two real CSPAD stills as strong.refl + imported.expt;
+    DIALS indexes both stills from them with the printed command (Debian's build: the
+    sequences stills indexer, see ../shared/data/README.md)."""
+    import subprocess
+
+    cbfs = sorted((real_data / "cspad_thermolysin_stills").glob("*.cbf"))
+    outdir = tmp_path / "out"
+    code = main([*map(str, cbfs), "-o", str(outdir), "--dials", "--device", "cpu",
+                 "--no-progress"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    (line,) = [x for x in captured.out.splitlines() if x.startswith("next (DIALS): ")]
+    command = line.removeprefix("next (DIALS): ").replace(
+        "YOUR_SPACE_GROUP", "P6122").replace("YOUR_CELL", "92.9,92.9,130.4,90,90,120").split()
+    assert command[:3] == ["dials.index", str(outdir / "dials" / "imported.expt"),
+                           str(outdir / "dials" / "strong.refl")]
+    assert "joint_indexing=False" in command
+    exe = Path(sys.executable).parent / command[0]
+    done = subprocess.run([str(exe), *command[1:]], cwd=tmp_path, env=dials_env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    from dxtbx.model.experiment_list import ExperimentListFactory
+
+    indexed = ExperimentListFactory.from_json_file(str(tmp_path / "indexed.expt"),
+                                                   check_format=False)
+    assert len(indexed) == 2  # both stills, each with its crystal
+    for experiment in indexed:
+        a, b, c = experiment.crystal.get_unit_cell().parameters()[:3]
+        assert a == pytest.approx(92.9, rel=0.02) and c == pytest.approx(130.4, rel=0.03)

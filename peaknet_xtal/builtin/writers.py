@@ -12,9 +12,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from peaknet_xtal.builtin.sources import _geometry
 from peaknet_xtal.hookspecs import hookimpl
 from peaknet_xtal.types import FrameResult
-from peaknet_xtal.builtin.sources import _geometry
 
 
 @dataclass(frozen=True)

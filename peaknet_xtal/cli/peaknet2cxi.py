@@ -501,7 +501,7 @@ class _Stats:
         for path in files:
             with h5py.File(path, "r") as h5:
                 counts = np.asarray(h5[f"{PEAK_GROUP}/nPeaks"][()])
-                hits = np.asarray(h5[f"{KEY_GROUP}/hit"][()]) if f"{KEY_GROUP}/hit" in h5 else []
+                hits: Any = np.asarray(h5[f"{KEY_GROUP}/hit"][()]) if f"{KEY_GROUP}/hit" in h5 else []
             stats.frames += len(counts)
             stats.hits += int(np.sum(hits))
             stats.peaks += counts.astype(int).tolist()
@@ -577,7 +577,6 @@ def write_dials_output(files: Sequence[Path], folder: Path) -> dict[str, Any]:
     from peaknet_xtal.atomic import atomic_path
     from peaknet_xtal.formats.cxi import read_cxi_peaks
     from peaknet_xtal.formats.dials_tables import write_strong_refl
-
     from peaknet_xtal.formats.geometry import read_geometry
 
     geometry = read_geometry(Path(files[0]).parent / GEOM_NAME)
@@ -607,7 +606,7 @@ def write_dials_output(files: Sequence[Path], folder: Path) -> dict[str, Any]:
     folder.mkdir(parents=True, exist_ok=True)
     expt, refl = folder / "imported.expt", folder / "strong.refl"
     with atomic_path(expt) as tmp:
-        experiments.as_file(str(tmp.with_suffix(".expt")))
+        experiments.as_file(str(tmp.with_suffix(".expt")))  # type: ignore[attr-defined]
         tmp.with_suffix(".expt").replace(tmp)
     n = write_strong_refl(refl, tables, experiments=experiments)
     command = (f"dials.index {expt} {refl} joint_indexing=False stills.indexer=sequences "

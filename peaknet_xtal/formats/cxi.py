@@ -30,8 +30,8 @@ import numpy as np
 
 from peaknet_xtal.atomic import atomic_path, write_text_atomic
 from peaknet_xtal.errors import FormatError
-from peaknet_xtal.types import Frame, FrameResult, empty_peaks
 from peaknet_xtal.formats.geometry import HC_EV_A
+from peaknet_xtal.types import Frame, FrameResult, empty_peaks
 
 log = logging.getLogger(__name__)
 

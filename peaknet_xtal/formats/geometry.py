@@ -628,7 +628,7 @@ def _clen_and_offsets(geometry: Geometry, keys: dict[str, str]) -> tuple[str | N
     if any(v is None for v in lengths):
         return (keys.get("clen"), offsets)
     base = float(lengths[0])  # type: ignore[arg-type]
-    offsets = [c + (float(v) - base) for c, v in zip(offsets, lengths)]  # type: ignore[arg-type]
+    offsets = [c + (float(v) - base) for c, v in zip(offsets, lengths, strict=True)]  # type: ignore[arg-type]
     return f"{base!r} m", offsets
 
 
@@ -707,7 +707,7 @@ def geometry_text(geometry: Geometry, **extra_keys: Any) -> str:
         for k in panel.extra:
             if k not in extra_names and k not in _DROPPED_PANEL_KEYS:
                 extra_names.append(k)
-    for panel, coffset in zip(geometry.panels, offsets):
+    for panel, coffset in zip(geometry.panels, offsets, strict=True):
         row: dict[str, str] = {}
         if any(k in overridden for k in keys if _is_dim(k)):
             row.update({k: keys[k] for k in keys if _is_dim(k)})
@@ -736,7 +736,7 @@ def geometry_text(geometry: Geometry, **extra_keys: Any) -> str:
             if len(values) == 1 and None not in values:
                 shared[key] = values.pop()  # type: ignore[assignment]
     lines += [""] + [f"{k} = {v}" for k, v in shared.items()]
-    for panel, row in zip(geometry.panels, table):
+    for panel, row in zip(geometry.panels, table, strict=True):
         n = panel.name
         lines += ["", f"{n}/min_fs = {panel.min_fs}", f"{n}/max_fs = {panel.max_fs}",
                   f"{n}/min_ss = {panel.min_ss}", f"{n}/max_ss = {panel.max_ss}",

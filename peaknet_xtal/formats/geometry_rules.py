@@ -164,7 +164,8 @@ def _check_panel(name: str, f: dict[str, str], problems: list[str]) -> None:
         if value is None or value < 0:
             problems.append(f"{where}: no {key}")
     for key in ("corner_x", "corner_y", "res"):
-        if _number(f.get(key, "nan")) is None or not np.isfinite(_number(f.get(key, "nan"))):
+        value = _number(f.get(key, "nan"))
+        if value is None or not np.isfinite(value):
             problems.append(f"{where}: no {key}")
     for key in ("fs", "ss"):
         if key not in f or not _DIRECTION.match("".join(f[key].split())):

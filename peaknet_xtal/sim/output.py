@@ -27,8 +27,8 @@ from peaknet_xtal.formats.cxi import (
     PEAK_GROUP,
 )
 from peaknet_xtal.formats.geometry import HC_EV_A
-from peaknet_xtal.types import Frame
 from peaknet_xtal.sim.simulate import REFLECTION_DTYPE, SimTruth
+from peaknet_xtal.types import Frame
 
 # The project's CXI layout lives in one place (formats/cxi.py); the simulator writes the same.
 MAX_PEAKS = DEFAULT_MAX_PEAKS

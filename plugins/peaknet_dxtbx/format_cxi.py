@@ -1,7 +1,7 @@
 """dxtbx Format for CXI stacks with a CrystFEL geometry beside them, so DIALS imports them.
 
-``dials.import run.cxi`` works when ``run.cxi`` has a stack of frames at the geometry's ``data`` path
-(``/entry_1/data_1/data`` when it names none; frames, then the raw slab layout) and a CrystFEL
+``dials.import run.cxi`` works when ``run.cxi`` has a stack of frames at the geometry's ``data``
+path (``/entry_1/data_1/data`` when it names none; frames, then the raw slab layout) and a CrystFEL
 geometry either named by the file attribute ``peaknet_geometry``
 (relative to the file's folder; ``peaknet-sim`` writes it) or sitting beside it with the same stem
 (``run.geom``).  The geometry must give the camera length as a number; the photon energy may be a
@@ -17,9 +17,10 @@ import os
 
 import h5py
 import numpy as np
-from peaknet_xtal.formats.geometry import HC_EV_A
 from dxtbx.format.FormatHDF5 import FormatHDF5
 from dxtbx.format.FormatStill import FormatStill
+
+from peaknet_xtal.formats.geometry import HC_EV_A
 
 DATA_PATH = "/entry_1/data_1/data"
 MASK_PATH = "/entry_1/data_1/mask"
@@ -184,8 +185,9 @@ class FormatCXIPeakNet(FormatHDF5, FormatStill):
 
     def get_static_mask(self, index: int | None = None):
         """Good pixels: the geometry's bad regions and its static mask dataset (CrystFEL bits)."""
-        from peaknet_xtal.formats.cxi import mask_bits_ok
         from scitbx.array_family import flex
+
+        from peaknet_xtal.formats.cxi import mask_bits_ok
 
         if self._mask_cache is None:
             masks = self._geometry.bad_pixel_masks()

@@ -13,6 +13,7 @@ from peaknet_xtal.formats.geometry import read_geometry
 from peaknet_xtal.formats.stream import read_stream
 from peaknet_xtal.types import FrameResult, peaks_from_columns
 
+
 @pytest.fixture()
 def results(tmp_path: Path, make_geometry_text) -> list[FrameResult]:
     """Three frames of two 16x8 panels (q1 flipped), with 1, 2 and 3 peaks on q1."""
@@ -97,7 +98,7 @@ def test_dials_image_becomes_a_cxi_stack_crystfel_can_read(tmp_path, real_data, 
         np.testing.assert_array_equal(a, b)
     # DIALS' mask of the image (its trusted range included) travels in the CXI file
     assert sum(int((~m).sum()) for m in frame.masks) > 0
-    for a, b in zip(again.masks, frame.masks):
+    for a, b in zip(again.masks, frame.masks, strict=True):
         np.testing.assert_array_equal(a, b)
     assert again.meta["wavelength_A"] == pytest.approx(frame.meta["panels"][0]["wavelength_A"])
     back = read_cxi_peaks(tmp_path / "cspad-00000.cxi").peaks(0, geometry)

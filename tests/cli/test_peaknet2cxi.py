@@ -19,10 +19,10 @@ import pytest
 
 from peaknet_xtal.cli.peaknet2cxi import main, run
 from peaknet_xtal.errors import FormatError, PeakNetError
+from peaknet_xtal.evaluation.metrics import match_peaks
 from peaknet_xtal.formats.cxi import read_cxi_peaks
 from peaknet_xtal.formats.geometry import read_geometry
 from peaknet_xtal.formats.stream import read_stream
-from peaknet_xtal.evaluation.metrics import match_peaks
 from peaknet_xtal.sim import simulate_frame
 
 GEOMETRIES = {

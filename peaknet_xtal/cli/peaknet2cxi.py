@@ -501,7 +501,8 @@ class _Stats:
         for path in files:
             with h5py.File(path, "r") as h5:
                 counts = np.asarray(h5[f"{PEAK_GROUP}/nPeaks"][()])
-                hits: Any = np.asarray(h5[f"{KEY_GROUP}/hit"][()]) if f"{KEY_GROUP}/hit" in h5 else []
+                hits: Any = (np.asarray(h5[f"{KEY_GROUP}/hit"][()]) if f"{KEY_GROUP}/hit" in h5
+                             else [])
             stats.frames += len(counts)
             stats.hits += int(np.sum(hits))
             stats.peaks += counts.astype(int).tolist()

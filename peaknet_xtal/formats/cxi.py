@@ -577,6 +577,7 @@ class _CXIFile:
         self._atomic = atomic_path(self.path)
         self.h5 = h5py.File(self._atomic.__enter__(), "w")
         self._ds: dict[str, h5py.Dataset] = {}
+        self._warned: set[str] = set()
 
     # ---- what a file can hold ---------------------------------------------------------------
 
@@ -672,10 +673,26 @@ class _CXIFile:
         self._ds["source"][row] = frame.source
         self._ds["event"][row] = frame.event
         self._ds["hit"][row] = int(result.hit)
-        self._ds["energy"][row] = frame_photon_energy_eV(frame, self.geometry)
+        energy = frame_photon_energy_eV(frame, self.geometry)
+        self._ds["energy"][row] = energy
+        if not np.isfinite(energy):
+            self._warn_once("energy", f"{frame.source} {frame.event}: no photon energy known "
+                            f"(neither the input nor the geometry gives one); {self.path.name} "
+                            f"stores NaN at {PHOTON_ENERGY_PATH}, which indexamajig cannot use")
         if "clen" in self._ds:
-            self._ds["clen"][row] = _frame_clen(frame, self.geometry.clen_path)
+            clen = _frame_clen(frame, self.geometry.clen_path)
+            self._ds["clen"][row] = clen
+            if not np.isfinite(clen):
+                self._warn_once("clen", f"{frame.source}: no camera length at "
+                                f"{self.geometry.clen_path} (the geometry's clen); "
+                                f"{self.path.name} stores NaN at {CLEN_PATH}: give the geometry a "
+                                "numeric clen for indexamajig")
         self.n += 1
+
+    def _warn_once(self, what: str, message: str) -> None:
+        if what not in self._warned:
+            self._warned.add(what)
+            log.warning(message)
 
     def _write_vds(self) -> None:
         assert self.frame_shape is not None

@@ -251,6 +251,14 @@ def _run_serial(config: dict[str, Any]) -> dict[str, Any]:
     return summary
 
 
+def _finished(outdir: Path) -> list[Path]:
+    """The output's finished CXI files (none before the folder exists)."""
+    if not outdir.is_dir():
+        return []
+    files = sorted(outdir.glob(f"{CXI_PREFIX}-*.cxi"))
+    return [p for p in files if re.fullmatch(rf"{CXI_PREFIX}-\d{{5}}\.cxi", p.name)]
+
+
 def _writer_options(config: Mapping[str, Any]) -> dict[str, Any]:
     """What the CXI writer is told, the same for the serial run and the Ray pipeline."""
     from peaknet_xtal.formats.cxi import DEFAULT_MAX_PEAKS
@@ -269,7 +277,6 @@ def _run_pipeline(config: dict[str, Any]) -> dict[str, Any]:
     except ImportError as exc:
         raise PeakNetError(f"--workers/--address need the Ray pipeline, which cannot be "
                            f"imported here ({exc}); run without them") from exc
-    from peaknet_xtal.formats.cxi import CXIWriter
 
     for option in ("stream", "dials"):
         if config[option]:
@@ -299,9 +306,13 @@ def _run_pipeline(config: dict[str, Any]) -> dict[str, Any]:
             raise PeakNetError(f"{item['path']}: per-event list entries need the single-process "
                                "run (drop --workers)")
     pipeline["inputs"] = [item["path"] for item in pipeline["inputs"]]
+    before = _Stats.from_cxi(_finished(outdir))
     result = run_pipeline(pipeline)
-    files = CXIWriter(outdir, geometry).finished_files()
-    stats = _Stats.from_cxi(files)
+    files = _finished(outdir)
+    stats = _Stats.from_cxi(files)  # this run: what the output gained
+    stats.frames -= before.frames
+    stats.hits -= before.hits
+    stats.peaks = stats.peaks[len(before.peaks):]
     stats.skipped = int(result.get("resumed_keys", 0))
     return _finish(config, outdir, files, geometry, stats, time.perf_counter() - started,
                    {"pipeline": result.get("backend", "ray")}, None)

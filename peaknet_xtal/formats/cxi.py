@@ -498,10 +498,12 @@ def _slab(frame: Frame, geometry: Any) -> np.ndarray:
     return geometry.assemble_slab(frame.panels, fill=0)
 
 
-def _mask_slab(frame: Frame, geometry: Any, shape: tuple[int, ...]) -> np.ndarray:
+def _mask_slab(frame: Frame, geometry: Any, shape: tuple[int, ...],
+               masks_in: Sequence[np.ndarray] | None = None) -> np.ndarray:
     """The frame's good-pixel mask (1 = good) in the stored frame layout; 0 outside panels."""
     geometry = frame.geometry or geometry
-    masks = [np.asarray(m, dtype=np.uint8) for m in frame.masks_or_ones()]
+    masks = [np.asarray(m, dtype=np.uint8)
+             for m in (masks_in if masks_in is not None else frame.masks_or_ones())]
     if geometry is None:
         small = masks[0]
     else:
@@ -578,6 +580,7 @@ class _CXIFile:
         self.h5 = h5py.File(self._atomic.__enter__(), "w")
         self._ds: dict[str, h5py.Dataset] = {}
         self._warned: set[str] = set()
+        self._readers: dict[tuple[str, str], _Reader] = {}
 
     # ---- what a file can hold ---------------------------------------------------------------
 
@@ -654,7 +657,10 @@ class _CXIFile:
                                   frame.meta["h5_dataset"], frame.meta.get("h5_index"),
                                   source_shape))
             self._dtypes.append(dtype)
-        self._ds["mask"][row] = _mask_slab(frame, self.geometry, shape)
+        masks = None
+        if not frame.panels and frame.masks is None and _linkable(result):
+            masks = self._linked_masks(frame)  # the pipeline sends linked frames without pixels
+        self._ds["mask"][row] = _mask_slab(frame, self.geometry, shape, masks)
         peaks = result.peaks
         n = len(peaks)
         width = self._ds["peakXPosRaw"].shape[1]
@@ -689,6 +695,29 @@ class _CXIFile:
                                 "numeric clen for indexamajig")
         self.n += 1
 
+    def _linked_masks(self, frame: Frame) -> list[np.ndarray]:
+        """A linked frame's mask read again from its source (its pixels too, only when the
+        geometry flags pixels by value)."""
+        meta = frame.meta
+        key = (meta["h5_file"], meta["h5_dataset"])
+        reader = self._readers.get(key)
+        if reader is None:
+            reader = _Reader(key[0], frame.geometry or self.geometry, key[1], None)
+            self._readers[key] = reader
+        index = meta.get("h5_index") or 0
+        panels = _split(reader.slab(index), reader.geometry) if reader._flags else None
+        masks = reader.masks(index, panels)
+        if masks is None:
+            shapes = ([p.shape for p in reader.geometry.panels] if reader.geometry is not None
+                      else [reader.info.frame_shape])
+            masks = [np.ones(s, dtype=bool) for s in shapes]
+        return masks
+
+    def _close_readers(self) -> None:
+        for reader in self._readers.values():
+            reader.close()
+        self._readers.clear()
+
     def _warn_once(self, what: str, message: str) -> None:
         if what not in self._warned:
             self._warned.add(what)
@@ -705,6 +734,7 @@ class _CXIFile:
 
     def finish(self) -> None:
         """Lay out the virtual dataset, close, and give the file its final name."""
+        self._close_readers()
         try:
             if self.mode == "vds" and self.n:
                 self._write_vds()
@@ -719,6 +749,7 @@ class _CXIFile:
 
     def abort(self) -> None:
         """Drop the file: nothing appears under its name."""
+        self._close_readers()
         try:
             self.h5.close()
         finally:

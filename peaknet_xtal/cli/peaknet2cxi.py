@@ -17,7 +17,8 @@ OUTDIR receives:
   peaknet.lst         the CXI files, ready for `indexamajig -i`
   peaknet2cxi.json    summary of everything in OUTDIR (all runs), and of this run
 and, with --stream OUT.stream, a peaks-only CrystFEL stream (0.10+ syntax, geometry embedded);
-with --dials, OUTDIR/dials/imported.expt + strong.refl for dials.index / dials.stills_process.
+with --dials, OUTDIR/dials/imported.expt + strong.refl for dials.index (a set of stills needs
+joint_indexing=False; the command printed at the end has it).
 
 Then index with (YOUR.cell: your unit cell file, CrystFEL .cell or PDB CRYST1; without -p
 XGANDALF searches for any cell):
@@ -116,7 +117,7 @@ def build_parser() -> Any:
                         "files (the stream still gets every frame)")
     parser.add_argument("--stream", help="also write a peaks-only CrystFEL stream here")
     parser.add_argument("--dials", action="store_true", help="also write OUTDIR/dials/"
-                        "imported.expt + strong.refl for dials.index / dials.stills_process")
+                        "imported.expt + strong.refl for dials.index")
     parser.add_argument("--frames-per-file", type=int, help="frames per CXI file (default 1000)")
     parser.add_argument("--link", choices=["auto", "vds", "copy"],
                         help="link the images (vds) or copy them into the CXI files")

@@ -84,3 +84,17 @@ def test_format_seconds():
     assert format_seconds(65) == "01:05"
     assert format_seconds(3725) == "1:02:05"
     assert format_seconds(float("nan")) == "--:--"
+
+
+def test_last_line_is_not_printed_twice_in_a_log():
+    out = io.StringIO()  # not a terminal: one plain line per draw
+    with Progress(3, "frames", stream=out, interval=0) as bar:
+        for _ in range(3):
+            bar.update(1)
+    lines = out.getvalue().splitlines()
+    assert [line.split(" frames")[0] for line in lines] == ["1/3", "2/3", "3/3"]
+    out = io.StringIO()
+    with Progress(3, "frames", stream=out, interval=1e9) as bar:  # no update draws
+        for _ in range(3):
+            bar.update(1)
+    assert [line.split(" frames")[0] for line in out.getvalue().splitlines()] == ["3/3"]

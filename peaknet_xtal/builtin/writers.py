@@ -28,11 +28,13 @@ class WriterType:
 
 
 def _open_cxi(path: str, geometry: Any = None, frames_per_file: int = 1000, mode: str = "auto",
-              max_peaks: int = 2048, **_: Any) -> Any:
-    from peaknet_xtal.formats.cxi import CXIWriter
+              max_peaks: int | None = None, geometry_name: str | None = None,
+              adu_per_photon: float | None = None, hits_only: bool = False, **_: Any) -> Any:
+    from peaknet_xtal.formats.cxi import DEFAULT_MAX_PEAKS, CXIWriter
 
     return CXIWriter(path, geometry_option(geometry), frames_per_file=frames_per_file, mode=mode,
-                     max_peaks=max_peaks)
+                     max_peaks=max_peaks or DEFAULT_MAX_PEAKS, geometry_name=geometry_name,
+                     adu_per_photon=adu_per_photon, hits_only=hits_only)
 
 
 class StreamPeakWriter:

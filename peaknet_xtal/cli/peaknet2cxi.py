@@ -1,35 +1,46 @@
 """peaknet2cxi: find Bragg peaks with PeakNet and write them where indexamajig reads them.
 
 usage: peaknet2cxi INPUT [INPUT ...] -o OUTDIR [-g GEOMETRY] [options]
+       peaknet2cxi -i files.lst -o OUTDIR [-g GEOMETRY] [options]
 
 INPUT is a CXI/HDF5 file (give its CrystFEL geometry with -g), any image DIALS can read (CBF,
 miniCBF .bz2/.gz, NeXus, ...), or a list file as `indexamajig -i` takes (one file per line,
-optionally followed by an event such as //3).
+optionally followed by an event such as //3); -i LIST names a list file whatever its suffix.
 
 OUTDIR receives:
-  peaks-NNNNN.cxi     images (a virtual dataset linking to the input HDF5, or a copy) and the
-                      peak table at /entry_1/result_1 (raw slab fs/ss, 0-based pixel centres)
-  peaknet.geom        the geometry with data/dim0/peak_list/peak_list_type = cxi set
+  peaks-NNNNN.cxi     images (a virtual dataset linking to the input HDF5, or a copy), each
+                      frame's good-pixel mask (the input's masks, bad regions, flags and DIALS'
+                      trusted range applied), its photon energy, and the peak table at
+                      /entry_1/result_1 (raw slab fs/ss, 0-based pixel centres)
+  peaknet.geom        the one geometry for all of them (CrystFEL 0.10-0.12 rules: globals first,
+                      top-level clen, photon_energy and mask read per frame from the CXI files)
   peaknet.lst         the CXI files, ready for `indexamajig -i`
-  peaknet2cxi.json    summary: frames, hits, peaks per frame, time, resolved configuration
-and, with --stream OUT.stream, a peaks-only CrystFEL stream (0.10+ syntax, geometry embedded).
+  peaknet2cxi.json    summary of everything in OUTDIR (all runs), and of this run
+and, with --stream OUT.stream, a peaks-only CrystFEL stream (0.10+ syntax, geometry embedded);
+with --dials, OUTDIR/dials/imported.expt + strong.refl for dials.index (a set of stills needs
+joint_indexing=False; the command printed at the end has it).
 
-Then index with, for example:
+Then index with (YOUR.cell: your unit cell file, CrystFEL .cell or PDB CRYST1; without -p
+XGANDALF searches for any cell):
 
-  indexamajig -i OUTDIR/peaknet.lst -g OUTDIR/peaknet.geom --peaks=cxi -o out.stream \\
-      -p cell.pdb --indexing=xgandalf -j 8
+  indexamajig -i OUTDIR/peaknet.lst -g OUTDIR/peaknet.geom --peaks=cxi \\
+      --indexing=xgandalf -p YOUR.cell -o OUTDIR/peaknet.stream -j NPROC
 
-(indexamajig adds the half-pixel shift itself; the tables hold 0-based pixel centres.)
+(indexamajig adds the half-pixel shift itself; the tables hold 0-based pixel centres.)  The
+command printed at the end of a run has OUTDIR and NPROC filled in.
 
 Re-running the same command after an interruption continues where it stopped: finished CXI files
-and stream chunks are kept and their frames skipped.  Every file appears atomically.
+and stream chunks are kept and their frames skipped.  Every file appears atomically.  An OUTDIR
+holding peaks-*.cxi files or a peaknet.lst that peaknet2cxi did not write is refused.
 """
 from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import time
+import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -60,6 +71,7 @@ DEFAULTS: dict[str, Any] = {
     "max_peaks": DEFAULT_MAX_PEAKS,  # CrystFEL's own cap on CXI peak tables
     "hits_only": False,
     "stream": None,
+    "dials": False,
     "frames_per_file": 1000,
     "link": "auto",  # auto | vds | copy
     "progress": True,
@@ -76,17 +88,24 @@ GEOM_NAME = "peaknet.geom"
 SUMMARY_NAME = "peaknet2cxi.json"
 CONFIG_NAME = "peaknet2cxi.config.json"
 LIST_SUFFIXES = (".lst", ".txt", ".list")
+#: Marks an input given with -i (a list file whatever its suffix).
+LIST_MARK = "list:"
+CXI_PREFIX = "peaks"
+DIALS_DIR = "dials"
 
 
 def build_parser() -> Any:
     parser = cfgmod.cli_parser(__doc__, prog="peaknet2cxi")
     parser.add_argument("inputs", nargs="*", help="CXI/HDF5 files, DIALS-readable images, or "
                         "list files")
+    parser.add_argument("-i", "--input-list", dest="input_lists", action="append",
+                        metavar="LIST", help="a list file as `indexamajig -i` takes (repeatable)")
     parser.add_argument("-o", "--output", help="output directory")
     parser.add_argument("-g", "--geometry", help="CrystFEL .geom for CXI/HDF5 input")
     parser.add_argument("--model", help="model name or weights file (default: default)")
     parser.add_argument("--device", help="auto, cpu or cuda[:N] (default: auto)")
-    parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (per worker with "
+                        "--workers)")
     parser.add_argument("--threshold", type=float,
                         help=f"peak probability cut (default {FINDING.threshold:g})")
     parser.add_argument("--min-snr", dest="min_snr", type=float,
@@ -104,6 +123,8 @@ def build_parser() -> Any:
     parser.add_argument("--hits-only", action="store_true", help="write only hits to the CXI "
                         "files (the stream still gets every frame)")
     parser.add_argument("--stream", help="also write a peaks-only CrystFEL stream here")
+    parser.add_argument("--dials", action="store_true", help="also write OUTDIR/dials/"
+                        "imported.expt + strong.refl for dials.index")
     parser.add_argument("--frames-per-file", type=int, help="frames per CXI file (default 1000)")
     parser.add_argument("--link", choices=["auto", "vds", "copy"],
                         help="link the images (vds) or copy them into the CXI files")
@@ -119,27 +140,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     cfgmod.setup_logging(getattr(args, "verbose", 0))
+    lists = getattr(args, "input_lists", None) or []
+    if lists:
+        del args.input_lists
+        args.inputs = list(getattr(args, "inputs", []) or []) + [f"{LIST_MARK}{p}" for p in lists]
     try:
         config = cfgmod.resolve(DEFAULTS, args, types=TYPES)
     except cfgmod.ConfigError as exc:
         parser.error(str(exc))
     if not config["inputs"] or not config["output"]:
         build_parser().print_usage(sys.stderr)
-        print("peaknet2cxi: need at least one INPUT and -o OUTDIR", file=sys.stderr)
+        print("peaknet2cxi: need at least one INPUT (or -i LIST) and -o OUTDIR", file=sys.stderr)
         return 2
-    cfgmod.record(config, Path(config["output"]) / CONFIG_NAME, "peaknet2cxi", argv)
     try:
+        check_output_folder(Path(config["output"]))
+        cfgmod.record(config, Path(config["output"]) / CONFIG_NAME, "peaknet2cxi", argv)
         summary = run(config)
     except (PeakNetError, OSError, ValueError) as exc:
         print(f"peaknet2cxi: error: {exc}", file=sys.stderr)
-        print(f"peaknet2cxi: results written before the error are kept in {config['output']}; "
-              "re-run the same command to continue", file=sys.stderr)
+        if (Path(config["output"]) / SUMMARY_NAME).exists():
+            print(f"peaknet2cxi: results written before the error are kept in "
+                  f"{config['output']}; re-run the same command to continue", file=sys.stderr)
         return 1
-    print(f"peaknet2cxi: {summary['frames']} frames ({summary['skipped']} already done), "
-          f"{summary['hits']} hits, {summary['peaks_per_frame']['mean']:.1f} peaks/frame, "
-          f"{summary['frames_per_s']:.2f} frames/s")
-    print(f"next: indexamajig -i {summary['list']} -g {summary['geometry']} --peaks=cxi "
-          "-o out.stream ...")
+    this = summary["this_run"]
+    print(f"peaknet2cxi: {summary['output']} holds {summary['frames']} frames in "
+          f"{len(summary['cxi_files'])} CXI file(s), {summary['hits']} hits, "
+          f"{summary['peaks_per_frame']['mean']:.1f} peaks/frame; this run: {this['frames']} "
+          f"frames ({this['skipped']} already done), {this['frames_per_s']:.2f} frames/s")
+    if summary.get("dials"):
+        print(f"next (DIALS): {summary['dials']['command']}")
+    print(f"next: {summary['indexamajig']}")
+    print("      (YOUR.cell: your unit cell file, CrystFEL .cell or PDB CRYST1)")
     return 0
 
 
@@ -151,9 +182,38 @@ def run(config: Mapping[str, Any]) -> dict[str, Any]:
     """Run peaknet2cxi with a resolved configuration (keys as :data:`DEFAULTS`); returns the
     summary that is also written to ``OUTDIR/peaknet2cxi.json``."""
     config = cfgmod.deep_merge(DEFAULTS, dict(config))
+    check_output_folder(Path(config["output"]))
     if int(config["workers"] or 1) > 1 or config["address"]:
         return _run_pipeline(config)
     return _run_serial(config)
+
+
+def check_output_folder(outdir: Path) -> None:
+    """Refuse a folder whose peaks-*.cxi or peaknet.lst peaknet2cxi did not write: they would be
+    listed for indexamajig, overwritten, or numbered into."""
+    from peaknet_xtal.formats.cxi import CXIWriter
+
+    if not outdir.exists():
+        return
+    if not outdir.is_dir():
+        raise FormatError(outdir, "the output must be a folder")
+    foreign = CXIWriter.__new__(CXIWriter)  # only its file-name rules, nothing created
+    foreign.directory, foreign.prefix = outdir, CXI_PREFIX
+    others = foreign.foreign_files()
+    if others:
+        raise FormatError(others[0], f"not written by peaknet2cxi ({len(others)} such file(s) "
+                          "in the output folder); choose an empty or new output folder")
+    listing = outdir / LIST_NAME
+    if listing.exists():  # ours names only peaks-NNNNN.cxi files of this folder
+        try:
+            named = [Path(line.strip()) for line in listing.read_text().splitlines()
+                     if line.strip()]
+        except (OSError, UnicodeDecodeError):
+            named = [listing]
+        if any(p.parent.resolve() != outdir.resolve()
+               or not re.fullmatch(rf"{CXI_PREFIX}-\d{{5}}\.cxi", p.name) for p in named):
+            raise FormatError(listing, "names files peaknet2cxi did not write here; it would "
+                              "be overwritten: choose an empty or new output folder")
 
 
 def _run_serial(config: dict[str, Any]) -> dict[str, Any]:
@@ -171,9 +231,7 @@ def _run_serial(config: dict[str, Any]) -> dict[str, Any]:
                              adu_per_photon=_optional_float(config["adu_per_photon"]),
                              min_peaks=int(config["min_peaks"]), max_peaks=config["max_peaks"],
                              predictor=config["predictor"])
-    cxi = CXIWriter(outdir, geometry, frames_per_file=int(config["frames_per_file"]),
-                    mode=config["link"],
-                    max_peaks=max(int(config["max_peaks"] or 0), DEFAULT_MAX_PEAKS))
+    cxi = CXIWriter(outdir, geometry, **_writer_options(config))
     stream = _open_stream(config, geometry)
     done_cxi = cxi.done_keys()
     done_stream = stream.done_keys() if stream is not None else done_cxi
@@ -189,7 +247,7 @@ def _run_serial(config: dict[str, Any]) -> dict[str, Any]:
                 if seen_geometry[0] is None:
                     seen_geometry[0] = result.frame.geometry
                 key = result.frame.key
-                if key not in done_cxi and (result.hit or not config["hits_only"]):
+                if key not in done_cxi:
                     cxi.write(result)
                 if stream is not None and key not in done_stream:
                     stream.write(result)
@@ -205,6 +263,25 @@ def _run_serial(config: dict[str, Any]) -> dict[str, Any]:
     return summary
 
 
+def _finished(outdir: Path) -> list[Path]:
+    """The output's finished CXI files (none before the folder exists)."""
+    if not outdir.is_dir():
+        return []
+    files = sorted(outdir.glob(f"{CXI_PREFIX}-*.cxi"))
+    return [p for p in files if re.fullmatch(rf"{CXI_PREFIX}-\d{{5}}\.cxi", p.name)]
+
+
+def _writer_options(config: Mapping[str, Any]) -> dict[str, Any]:
+    """What the CXI writer is told, the same for the serial run and the Ray pipeline."""
+    from peaknet_xtal.formats.cxi import DEFAULT_MAX_PEAKS
+
+    gain = _optional_float(config["adu_per_photon"])
+    return {"frames_per_file": int(config["frames_per_file"]), "mode": config["link"],
+            "max_peaks": max(int(config["max_peaks"] or 0), DEFAULT_MAX_PEAKS),
+            "geometry_name": GEOM_NAME, "hits_only": bool(config["hits_only"]),
+            "adu_per_photon": gain if gain else None}
+
+
 def _run_pipeline(config: dict[str, Any]) -> dict[str, Any]:
     """Hand the run to the Ray pipeline (``--workers N`` / ``--address``), then finish alike."""
     try:
@@ -212,21 +289,19 @@ def _run_pipeline(config: dict[str, Any]) -> dict[str, Any]:
     except ImportError as exc:
         raise PeakNetError(f"--workers/--address need the Ray pipeline, which cannot be "
                            f"imported here ({exc}); run without them") from exc
-    from peaknet_xtal.formats.cxi import CXIWriter
 
-    if config["stream"]:
-        raise PeakNetError("--stream is written by the single-process run only; drop --workers "
-                           "or convert the CXI output afterwards")
+    for option in ("stream", "dials"):
+        if config[option]:
+            raise PeakNetError(f"--{option} is written by the single-process run only; drop "
+                               "--workers/--address, or run peaknet2cxi again without them on "
+                               "the same output to add it")
     outdir = Path(config["output"])
     geometry = _read_geometry(config["geometry"])
     started = time.perf_counter()
     pipeline = {
         "inputs": expand_inputs(config["inputs"]),
         "source_options": {"geometry": geometry} if geometry is not None else {},
-        "output": str(outdir), "writer": "cxi",
-        "writer_options": {"frames_per_file": int(config["frames_per_file"]),
-                           "mode": config["link"],
-                           "max_peaks": max(int(config["max_peaks"] or 0), DEFAULT_MAX_PEAKS)},
+        "output": str(outdir), "writer": "cxi", "writer_options": _writer_options(config),
         "workers": int(config["workers"] or 1), "address": config["address"],
         "model": config["model"], "device": config["device"],
         "threshold": float(config["threshold"]), "batch_size": int(config["batch_size"]),
@@ -236,14 +311,20 @@ def _run_pipeline(config: dict[str, Any]) -> dict[str, Any]:
                               "max_peaks": config["max_peaks"]},
         "progress": bool(config["progress"]),
     }
+    if config["threads"]:
+        pipeline["threads_per_worker"] = int(config["threads"])
     for item in pipeline["inputs"]:
         if item.get("events"):
             raise PeakNetError(f"{item['path']}: per-event list entries need the single-process "
                                "run (drop --workers)")
     pipeline["inputs"] = [item["path"] for item in pipeline["inputs"]]
+    before = _Stats.from_cxi(_finished(outdir))
     result = run_pipeline(pipeline)
-    files = CXIWriter(outdir, geometry).finished_files()
-    stats = _Stats.from_cxi(files)  # every frame in the output, earlier runs' included
+    files = _finished(outdir)
+    stats = _Stats.from_cxi(files)  # this run: what the output gained
+    stats.frames -= before.frames
+    stats.hits -= before.hits
+    stats.peaks = stats.peaks[len(before.peaks):]
     stats.skipped = int(result.get("resumed_keys", 0))
     return _finish(config, outdir, files, geometry, stats, time.perf_counter() - started,
                    {"pipeline": result.get("backend", "ray")}, None)
@@ -257,18 +338,27 @@ def expand_inputs(inputs: Sequence[Any]) -> list[dict[str, Any]]:
     """``[{"path", "events"}]`` from files and ``indexamajig -i`` style list files.
 
     A list line is ``path`` or ``path event`` (e.g. ``run7.cxi //3``); relative paths are taken
-    from the current directory, like indexamajig does, or else beside the list file.
+    from the current directory, like indexamajig does, or else beside the list file.  A list
+    that names no file is an error, not an empty run.
     """
     out: dict[str, dict[str, Any]] = {}
     for item in inputs:
-        path = Path(os.fspath(item))
-        if path.suffix.lower() in LIST_SUFFIXES:
-            for line_no, line in _list_lines(path):
+        text = os.fspath(item)
+        forced = text.startswith(LIST_MARK)
+        path = Path(text[len(LIST_MARK):] if forced else text)
+        if forced or path.suffix.lower() in LIST_SUFFIXES:
+            if not path.exists():
+                raise FormatError(path, "list file not found")
+            lines = list(_list_lines(path))
+            if not lines:
+                raise FormatError(path, "the list names no files")
+            for line_no, line in lines:
                 parts = line.split()
                 target = _locate(parts[0], path)
                 if target is None:
                     raise FormatError(path, f"listed file {parts[0]!r} not found", line=line_no)
-                entry = out.setdefault(str(target), {"path": str(target), "events": set()})
+                entry = out.setdefault(str(target), {"path": str(target), "events": set(),
+                                                     "list": str(path)})
                 if len(parts) > 1:
                     if entry["events"] is None:
                         continue
@@ -353,11 +443,16 @@ def _count_frames(inputs: list[dict[str, Any]], geometry: Any) -> int | None:
 def _pending(inputs: list[dict[str, Any]], geometry: Any, done_cxi: set[tuple[str, str]],
              done_stream: set[tuple[str, str]], stats: _Stats, bar: Progress) -> Iterator[Frame]:
     """Frames not yet in every output, input by input (a bad input fails after the good ones
-    before it were processed)."""
+    before it were processed).  An input without frames is reported; events a list asks for
+    that the file lacks are an error naming both."""
     for entry in inputs:
         source = _open(entry, geometry)
+        seen: set[str] = set()
         try:
+            if len(source) == 0:
+                log.warning("%s holds no frames: nothing to do for it", entry["path"])
             for frame in source:
+                seen.add(frame.event)
                 if entry["events"] is not None and frame.event not in entry["events"]:
                     continue
                 if frame.key in done_cxi and frame.key in done_stream:
@@ -367,6 +462,12 @@ def _pending(inputs: list[dict[str, Any]], geometry: Any, done_cxi: set[tuple[st
                 yield frame
         finally:
             source.close()
+        missing = sorted(set(entry["events"] or ()) - seen)
+        if missing:
+            raise FormatError(entry.get("list", entry["path"]),
+                              f"{entry['path']} has no event(s) {', '.join(missing)} "
+                              f"({len(seen)} frames: {min(seen, default='none')} to "
+                              f"{max(seen, default='none')})")
 
 
 # --------------------------------------------------------------------------------------------
@@ -414,6 +515,7 @@ class _Stats:
 
     @classmethod
     def from_cxi(cls, files: Sequence[Path]) -> _Stats:
+        """Counts over every frame in the output's CXI files (all runs together)."""
         import h5py
 
         from peaknet_xtal.formats.cxi import KEY_GROUP, PEAK_GROUP
@@ -422,7 +524,8 @@ class _Stats:
         for path in files:
             with h5py.File(path, "r") as h5:
                 counts = np.asarray(h5[f"{PEAK_GROUP}/nPeaks"][()])
-                hits = np.asarray(h5[f"{KEY_GROUP}/hit"][()]) if f"{KEY_GROUP}/hit" in h5 else []
+                hits: Any = (np.asarray(h5[f"{KEY_GROUP}/hit"][()]) if f"{KEY_GROUP}/hit" in h5
+                             else [])
             stats.frames += len(counts)
             stats.hits += int(np.sum(hits))
             stats.peaks += counts.astype(int).tolist()
@@ -434,33 +537,107 @@ class _Stats:
                 "min": int(peaks.min()), "max": int(peaks.max())}
 
 
+def indexamajig_command(list_path: Path, geom_path: Path, outdir: Path,
+                        nproc: int | None = None) -> str:
+    """The complete next step; ``YOUR.cell`` is the one thing only the user can supply."""
+    nproc = nproc or os.cpu_count() or 1
+    return (f"indexamajig -i {list_path} -g {geom_path} --peaks=cxi --indexing=xgandalf "
+            f"-p YOUR.cell -o {outdir / 'peaknet.stream'} -j {nproc}")
+
+
 def _finish(config: Mapping[str, Any], outdir: Path, files: list[Path], geometry: Any,
             stats: _Stats, seconds: float, engine: Mapping[str, Any],
             error: BaseException | None) -> dict[str, Any]:
-    """Write the list file, the shared .geom and the JSON summary (all atomically)."""
+    """Write the list file and the JSON summary (atomically), describing the whole output.
+
+    The geometry file is written by the CXI writer before the first CXI file appears.  Without
+    any CXI file no list is written and no indexamajig command is given.
+    """
     from peaknet_xtal.atomic import write_json_atomic, write_text_atomic
-    from peaknet_xtal.formats.cxi import write_cxi_geometry
 
     list_path = outdir / LIST_NAME
-    write_text_atomic(list_path, "".join(f"{p.resolve()}\n" for p in files))
     geom_path = outdir / GEOM_NAME
-    if geometry is not None and files:
-        write_cxi_geometry(files[0], geometry, geom_path)
-    summary = {
-        "status": "ok" if error is None else f"failed: {error}",
-        "frames": stats.frames, "skipped": stats.skipped, "hits": stats.hits,
-        "hit_rate": stats.hits / stats.frames if stats.frames else 0.0,
-        "peaks_per_frame": stats.summary(),
-        "time_s": round(seconds, 3),
-        "frames_per_s": stats.frames / seconds if seconds > 0 else 0.0,
-        "cxi_files": [str(p) for p in files], "list": str(list_path),
-        "geometry": str(geom_path), "stream": config["stream"],
-        "engine": dict(engine),
+    if files:
+        write_text_atomic(list_path, "".join(f"{p.resolve()}\n" for p in files))
+    whole = _Stats.from_cxi(files)
+    status = "ok" if error is None else f"failed: {error}"
+    if error is None and not files:
+        status = "failed: no frames written (the inputs hold no frames, or none were hits)"
+    summary: dict[str, Any] = {
+        "status": status, "output": str(outdir),
+        "frames": whole.frames, "hits": whole.hits,
+        "hit_rate": whole.hits / whole.frames if whole.frames else 0.0,
+        "peaks_per_frame": whole.summary(),
+        "this_run": {"frames": stats.frames, "skipped": stats.skipped, "hits": stats.hits,
+                     "time_s": round(seconds, 3),
+                     "frames_per_s": stats.frames / seconds if seconds > 0 else 0.0},
+        "cxi_files": [str(p) for p in files],
+        "list": str(list_path) if files else None,
+        "geometry": str(geom_path) if files and geom_path.exists() else None,
+        "stream": config["stream"], "engine": dict(engine),
         "config": {k: _plain(v) for k, v in config.items()},
-        "indexamajig": f"indexamajig -i {list_path} -g {geom_path} --peaks=cxi -o out.stream",
+        "indexamajig": (indexamajig_command(list_path, geom_path, outdir)
+                        if files and geom_path.exists() else None),
     }
+    if config.get("dials") and files and error is None:
+        summary["dials"] = write_dials_output(files, outdir / DIALS_DIR)
     write_json_atomic(outdir / SUMMARY_NAME, summary)
+    if error is None and not files:
+        raise PeakNetError(f"no frames were written to {outdir}: the inputs hold no frames "
+                           "(or, with --hits-only, no hits); nothing for indexamajig")
     return summary
+
+
+def write_dials_output(files: Sequence[Path], folder: Path) -> dict[str, Any]:
+    """``imported.expt`` + ``strong.refl`` of every frame in the CXI files, for DIALS.
+
+    Images DIALS reads natively (CBF...) are imported from the original files; frames of HDF5
+    inputs from the CXI files written here (their geometry is ``peaknet.geom``, read by the
+    project's dxtbx format).  Each image is one still experiment; its spots are the CXI peaks.
+    """
+    import h5py
+    from dxtbx.model.experiment_list import ExperimentList, ExperimentListFactory
+
+    from peaknet_xtal.atomic import atomic_path
+    from peaknet_xtal.formats.cxi import read_cxi_peaks
+    from peaknet_xtal.formats.dials_tables import write_strong_refl
+    from peaknet_xtal.formats.geometry import read_geometry
+
+    geometry = read_geometry(Path(files[0]).parent / GEOM_NAME)
+    experiments = ExperimentList()
+    tables = []
+    for path in files:
+        table = read_cxi_peaks(path)
+        native = {source for source, _ in table.keys if not h5py.is_hdf5(source)}
+        if native and len(native) != len(set(s for s, _ in table.keys)):
+            raise PeakNetError(f"{path}: mixes HDF5 and other inputs; --dials needs one kind "
+                               "per CXI file")
+        if native:
+            rows = range(len(table))
+            names = [table.keys[r][0] for r in rows]
+            found = ExperimentListFactory.from_filenames(names)
+        else:
+            found = ExperimentListFactory.from_filenames([str(path)])
+        if len(found) != len(table):
+            raise PeakNetError(f"{path}: DIALS sees {len(found)} images for {len(table)} "
+                               "frames; cannot pair spots with images")
+        for row, experiment in enumerate(found):
+            # DIALS pairs a table with its images by these identifiers (dials.import sets them)
+            source, event = table.keys[row]
+            experiment.identifier = str(uuid.uuid5(uuid.NAMESPACE_URL, f"{source}{event}"))
+            experiments.append(experiment)
+            tables.append(table.peaks(row, geometry))  # panel-relative, as DIALS counts
+    folder.mkdir(parents=True, exist_ok=True)
+    expt, refl = folder / "imported.expt", folder / "strong.refl"
+    with atomic_path(expt) as tmp:
+        experiments.as_file(str(tmp.with_suffix(".expt")))  # type: ignore[attr-defined]
+        tmp.with_suffix(".expt").replace(tmp)
+    n = write_strong_refl(refl, tables, experiments=experiments)
+    command = (f"dials.index {expt} {refl} joint_indexing=False stills.indexer=sequences "
+               "indexing.method=fft1d indexing.known_symmetry.space_group=YOUR_SPACE_GROUP "
+               "indexing.known_symmetry.unit_cell=YOUR_CELL")
+    return {"experiments": str(expt), "reflections": str(refl), "images": len(experiments),
+            "spots": n, "command": command}
 
 
 def _plain(value: Any) -> Any:

@@ -30,8 +30,8 @@ import numpy as np
 
 from peaknet_xtal.atomic import atomic_path, write_text_atomic
 from peaknet_xtal.errors import FormatError
-from peaknet_xtal.types import Frame, FrameResult, empty_peaks
 from peaknet_xtal.formats.geometry import HC_EV_A
+from peaknet_xtal.types import Frame, FrameResult, empty_peaks
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +39,23 @@ log = logging.getLogger(__name__)
 DEFAULT_DATA_PATHS = ("/entry_1/data_1/data", "/data/data", "/entry_1/instrument_1/detector_1/data")
 #: Static masks looked for beside the data when the geometry names none (psocake writes this).
 DEFAULT_MASK_PATHS = ("/entry_1/data_1/mask",)
+
+# The CXI layout the project writes (peaknet2cxi, the Ray pipeline, peaknet-sim): one place.
+#: Images, ``(n_frames, *slab)``: copied pixels or a virtual dataset over the input.
 DATA_PATH = "/entry_1/data_1/data"
+#: Good-pixel mask per frame (uint8, 1 = good; ``mask_good = 0x1`` in the geometry).
+MASK_PATH = "/entry_1/data_1/mask"
+#: The peak table indexamajig reads (``peak_list``, ``peak_list_type = cxi``).
 PEAK_GROUP = "/entry_1/result_1"
 #: Per-row identity of each written frame: lets a resumed run skip what is already done.
 KEY_GROUP = "/entry_1/peaknet"
+#: Photon energy of each frame in eV (``photon_energy = <this path>`` in the geometry).
+PHOTON_ENERGY_PATH = f"{KEY_GROUP}/photon_energy_eV"
+#: Camera length of each frame, copied from the input when its geometry names an HDF5 path.
+CLEN_PATH = f"{KEY_GROUP}/clen"
+#: File attribute naming the geometry file (relative to the CXI file's folder).
+GEOMETRY_ATTR = "peaknet_geometry"
+#: Peak table width (Cheetah allocates in blocks of 2048; CrystFEL's peakfinder8 cap).
 DEFAULT_MAX_PEAKS = 2048
 CXI_SUFFIXES = (".cxi", ".h5", ".hdf5", ".hdf", ".nxs")
 
@@ -165,6 +178,12 @@ def _inspect(h5: h5py.File, path: str, geometry: Any, data_path: str | None,
     _check_shape(path, name, shape, geometry)
     stacked = len(shape) == _frame_ndim(geometry) + 1
     mask_name = _mask_path(h5, geometry, mask_path)
+    if mask_name is not None and mask_path is None and h5.get(mask_name) is None:
+        # the geometry names a mask this file lacks: CrystFEL would stop; we go on without it
+        log.warning("%s: no mask dataset %s (named by the geometry %s); reading the frames "
+                    "without it: only the geometry's own bad regions and flags mask pixels",
+                    path, mask_name, getattr(geometry, "path", None) or "")
+        mask_name = None
     if mask_name is not None:
         mask_ds = _dataset(h5, path, mask_name)
         if tuple(mask_ds.shape[-2:]) != shape[-2:]:  # static (2-D) or per-frame (3-D)
@@ -196,6 +215,40 @@ def mask_bits_ok(raw: np.ndarray, geometry: Any) -> np.ndarray:
     return ok
 
 
+FLAG_KEYS = ("flag_lessthan", "flag_morethan", "flag_equal")
+
+
+def panel_flags(geometry: Any) -> list[dict[str, float]] | None:
+    """Per panel, CrystFEL's value flags (``flag_lessthan`` etc., its own value or the global
+    default); None when no panel has any."""
+    if geometry is None:
+        return None
+    flags = []
+    for panel in geometry.panels:
+        values = {}
+        for key in FLAG_KEYS:
+            raw = panel.extra.get(key, geometry.keys.get(key))
+            if raw is not None:
+                try:
+                    values[key] = float(raw)
+                except ValueError:
+                    raise FormatError(geometry.path, f"{key} = {raw!r} is not a number") from None
+        flags.append(values)
+    return flags if any(flags) else None
+
+
+def flagged_ok(values: np.ndarray, flags: dict[str, float]) -> np.ndarray:
+    """True = good after CrystFEL's value flags (strict comparisons, as its manual says)."""
+    good = np.ones(values.shape, dtype=bool)
+    if "flag_lessthan" in flags:
+        good &= ~(values < flags["flag_lessthan"])
+    if "flag_morethan" in flags:
+        good &= ~(values > flags["flag_morethan"])
+    if "flag_equal" in flags:
+        good &= values != flags["flag_equal"]
+    return good
+
+
 class _Reader:
     """Reads frames one at a time from an open file (constant memory on huge stacks)."""
 
@@ -212,6 +265,7 @@ class _Reader:
         self.data = self.h5[self.info.dataset]
         self.mask = self.h5[self.info.mask_dataset] if self.info.mask_dataset else None
         self._static_masks = geometry.bad_pixel_masks() if geometry is not None else None
+        self._flags = panel_flags(geometry)
 
     def _energy_dataset(self) -> h5py.Dataset | None:
         """The per-frame photon energy (eV) the geometry points at (``photon_energy = /path``),
@@ -248,8 +302,11 @@ class _Reader:
                               dataset=self.info.dataset) from exc
         return np.asarray(raw, dtype=np.float32)
 
-    def masks(self, index: int) -> list[np.ndarray] | None:
+    def masks(self, index: int, panels: Sequence[np.ndarray] | None = None
+              ) -> list[np.ndarray] | None:
         pieces: list[list[np.ndarray]] = []
+        if panels is not None and self._flags:
+            pieces.append([flagged_ok(p, f) for p, f in zip(panels, self._flags)])
         if self.mask is not None:
             raw = self.mask[index] if self.mask.ndim == 3 else self.mask[()]
             pieces.append(_split(mask_bits_ok(np.asarray(raw), self.geometry), self.geometry))
@@ -265,9 +322,10 @@ class _Reader:
 
     def frame(self, index: int) -> Frame:
         wavelength = self.wavelength_A(index)
+        panels = _split(self.slab(index), self.geometry)
         return Frame(
-            panels=_split(self.slab(index), self.geometry),
-            masks=self.masks(index),
+            panels=panels,
+            masks=self.masks(index, panels),
             source=self.path,
             event=f"//{index}" if self.info.stacked else "//",
             serial=index,
@@ -462,43 +520,265 @@ def _slab(frame: Frame, geometry: Any) -> np.ndarray:
     return geometry.assemble_slab(frame.panels, fill=0)
 
 
+def _mask_slab(frame: Frame, geometry: Any, shape: tuple[int, ...],
+               masks_in: Sequence[np.ndarray] | None = None) -> np.ndarray:
+    """The frame's good-pixel mask (1 = good) in the stored frame layout; 0 outside panels."""
+    geometry = frame.geometry or geometry
+    masks = [np.asarray(m, dtype=np.uint8)
+             for m in (masks_in if masks_in is not None else frame.masks_or_ones())]
+    if geometry is None:
+        small = masks[0]
+    else:
+        small = geometry.assemble_slab(masks, fill=0).astype(np.uint8)
+    if small.shape == shape:
+        return small
+    out = np.zeros(shape, dtype=np.uint8)  # linked frames may be larger than the geometry's slab
+    out[tuple(slice(0, n) for n in small.shape)] = small
+    return out
+
+
+def _linkable(result: FrameResult) -> bool:
+    meta = result.frame.meta
+    return bool(meta.get("h5_file") and meta.get("h5_dataset")
+                and os.path.exists(meta["h5_file"]))
+
+
 def _can_link(results: Sequence[FrameResult]) -> bool:
-    return all(r.frame.meta.get("h5_file") and r.frame.meta.get("h5_dataset")
-               and os.path.exists(r.frame.meta["h5_file"]) for r in results)
+    return all(_linkable(r) for r in results)
 
 
-def _write_vds(h5: h5py.File, results: Sequence[FrameResult]) -> None:
-    """``/entry_1/data_1/data`` as a virtual dataset over the original frames: no pixel copied."""
-    shapes, dtypes = [], []
-    for r in results:
-        with h5py.File(r.frame.meta["h5_file"], "r") as src:
-            ds = src[r.frame.meta["h5_dataset"]]
-            shapes.append(tuple(ds.shape))
-            dtypes.append(ds.dtype)
-    frame_shapes = {s[-2:] for s in shapes}
-    if len(frame_shapes) != 1:
-        raise ValueError(f"cannot stack frames of different shapes {sorted(frame_shapes)}")
-    frame_shape = frame_shapes.pop()
-    layout = h5py.VirtualLayout(shape=(len(results), *frame_shape), dtype=np.result_type(*dtypes))
-    for row, (r, shape) in enumerate(zip(results, shapes)):
-        source = h5py.VirtualSource(os.path.abspath(r.frame.meta["h5_file"]),
-                                    r.frame.meta["h5_dataset"], shape=shape)
-        index = r.frame.meta.get("h5_index")
-        layout[row] = source[index] if len(shape) == 3 else source
-    h5.create_virtual_dataset(DATA_PATH, layout, fillvalue=0)
+def frame_photon_energy_eV(frame: Frame, geometry: Any = None) -> float:
+    """The photon energy of one frame: its own (per-frame HDF5 value, dxtbx beam), else the
+    geometry's; NaN when nothing says."""
+    wavelength = frame.meta.get("wavelength_A")
+    if not wavelength:
+        panels = frame.meta.get("panels") or [{}]
+        wavelength = panels[0].get("wavelength_A") if isinstance(panels[0], dict) else None
+    if wavelength:
+        return HC_EV_A / float(wavelength)
+    geometry = frame.geometry or geometry
+    energy = getattr(geometry, "photon_energy_eV", None)
+    return float(energy) if energy else float("nan")
 
 
-def _write_copy(h5: h5py.File, results: Sequence[FrameResult], geometry: Any) -> None:
-    first = _slab(results[0].frame, geometry)
-    ds = h5.create_dataset(DATA_PATH, shape=(len(results), *first.shape), dtype=np.float32,
-                           chunks=(1, *first.shape), compression="gzip", compression_opts=1)
-    for row, r in enumerate(results):
-        ds[row] = first if row == 0 else _slab(r.frame, geometry)
+def _frame_clen(frame: Frame, clen_path: str) -> float:
+    """The camera length value the source file holds at ``clen_path`` for this frame (NaN if
+    the file or the dataset is missing); its unit is the geometry's."""
+    source, index = frame.meta.get("h5_file"), frame.meta.get("h5_index")
+    path = clen_path.split()[0]
+    if not source or not os.path.exists(source):
+        return float("nan")
+    with h5py.File(source, "r") as h5:
+        ds = h5.get(path)
+        if not isinstance(ds, h5py.Dataset):
+            return float("nan")
+        values = np.ravel(ds[()])
+    if values.size == 1:
+        return float(values[0])
+    return float(values[index]) if index is not None and index < values.size else float("nan")
+
+
+class _CXIFile:
+    """One CXI file being written frame by frame under a temporary name (constant memory).
+
+    Pixels (copy mode), masks, peak rows, photon energies and keys go to disk as each frame
+    arrives; in ``vds`` mode only where each frame lives is remembered, and the virtual dataset
+    is laid out when the file is finished.  The file appears under its name only then.
+    """
+
+    def __init__(self, path: Path, geometry: Any, mode: str, max_peaks: int,
+                 geometry_name: str | None = None) -> None:
+        self.path = Path(path)
+        self.geometry = geometry
+        self.mode = mode
+        self.max_peaks = max(1, int(max_peaks))
+        self.geometry_name = geometry_name
+        self.n = 0
+        self.frame_shape: tuple[int, ...] | None = None
+        self._sources: list[tuple[str, str, Any, tuple[int, ...]]] = []
+        self._dtypes: list[np.dtype] = []
+        self._shapes: dict[tuple[str, str], tuple[tuple[int, ...], np.dtype]] = {}
+        self._atomic = atomic_path(self.path)
+        self.h5 = h5py.File(self._atomic.__enter__(), "w")
+        self._ds: dict[str, h5py.Dataset] = {}
+        self._warned: set[str] = set()
+        self._readers: dict[tuple[str, str], _Reader] = {}
+
+    # ---- what a file can hold ---------------------------------------------------------------
+
+    def _source_shape(self, result: FrameResult) -> tuple[tuple[int, ...], np.dtype]:
+        meta = result.frame.meta
+        key = (meta["h5_file"], meta["h5_dataset"])
+        if key not in self._shapes:
+            with h5py.File(key[0], "r") as src:
+                ds = src[key[1]]
+                self._shapes[key] = (tuple(int(n) for n in ds.shape), ds.dtype)
+        return self._shapes[key]
+
+    def _frame_shape_of(self, result: FrameResult) -> tuple[int, ...]:
+        if self.mode == "vds":
+            shape, _ = self._source_shape(result)
+            return shape[1:] if result.frame.meta.get("h5_index") is not None else shape
+        geometry = result.frame.geometry or self.geometry
+        if geometry is not None:
+            return tuple(geometry.slab_shape)
+        return tuple(result.frame.panels[0].shape)
+
+    def accepts(self, result: FrameResult) -> bool:
+        """False when the frame cannot join this file (not linkable, or another frame shape)."""
+        if self.mode == "vds" and not _linkable(result):
+            return False
+        return self.frame_shape is None or self._frame_shape_of(result) == self.frame_shape
+
+    # ---- writing ----------------------------------------------------------------------------
+
+    def _create(self, shape: tuple[int, ...]) -> None:
+        h5, chunk = self.h5, (1, *shape)
+        if self.mode == "copy":
+            self._ds["data"] = h5.create_dataset(DATA_PATH, shape=(0, *shape),
+                                                 maxshape=(None, *shape), dtype=np.float32,
+                                                 chunks=chunk, compression="gzip",
+                                                 compression_opts=1)
+        self._ds["mask"] = h5.create_dataset(MASK_PATH, shape=(0, *shape), maxshape=(None, *shape),
+                                             dtype=np.uint8, chunks=chunk, compression="gzip",
+                                             compression_opts=1)
+        grp = h5.create_group(PEAK_GROUP)
+        self._ds["nPeaks"] = grp.create_dataset("nPeaks", shape=(0,), maxshape=(None,),
+                                                dtype=np.int32, chunks=(1024,))
+        for name in PEAK_COLUMNS:
+            self._ds[name] = grp.create_dataset(name, shape=(0, self.max_peaks),
+                                                maxshape=(None, None), dtype=np.float32,
+                                                chunks=(1, self.max_peaks), compression="gzip",
+                                                compression_opts=1)
+        keys = h5.require_group(KEY_GROUP)
+        for name in ("source", "event"):
+            self._ds[name] = keys.create_dataset(name, shape=(0,), maxshape=(None,),
+                                                 dtype=h5py.string_dtype(), chunks=(256,))
+        self._ds["hit"] = keys.create_dataset("hit", shape=(0,), maxshape=(None,), dtype=np.int8,
+                                              chunks=(1024,))
+        self._ds["energy"] = h5.create_dataset(PHOTON_ENERGY_PATH, shape=(0,), maxshape=(None,),
+                                               dtype=np.float64, chunks=(1024,))
+        if getattr(self.geometry, "clen_path", None):
+            self._ds["clen"] = h5.create_dataset(CLEN_PATH, shape=(0,), maxshape=(None,),
+                                                 dtype=np.float64, chunks=(1024,))
+
+    def add(self, result: FrameResult) -> None:
+        frame = result.frame
+        shape = self._frame_shape_of(result)
+        if self.frame_shape is None:
+            self.frame_shape = shape
+            self._create(shape)
+        row = self.n
+        for ds in self._ds.values():
+            ds.resize(row + 1, axis=0)
+        if self.mode == "copy":
+            self._ds["data"][row] = _slab(frame, self.geometry)
+        else:
+            source_shape, dtype = self._source_shape(result)
+            self._sources.append((os.path.abspath(frame.meta["h5_file"]),
+                                  frame.meta["h5_dataset"], frame.meta.get("h5_index"),
+                                  source_shape))
+            self._dtypes.append(dtype)
+        masks = None
+        if not frame.panels and frame.masks is None and _linkable(result):
+            masks = self._linked_masks(frame)  # the pipeline sends linked frames without pixels
+        self._ds["mask"][row] = _mask_slab(frame, self.geometry, shape, masks)
+        peaks = result.peaks
+        n = len(peaks)
+        width = self._ds["peakXPosRaw"].shape[1]
+        if n > width:  # grow in whole blocks of max_peaks, as Cheetah does
+            width = -(-n // self.max_peaks) * self.max_peaks
+            for name in PEAK_COLUMNS:
+                self._ds[name].resize(width, axis=1)
+        self._ds["nPeaks"][row] = n
+        if n:
+            _, columns = peak_columns([result], self.geometry, width)
+            for cxi_name, values in columns.items():
+                self._ds[cxi_name][row] = values[0]
+        self._ds["source"][row] = frame.source
+        self._ds["event"][row] = frame.event
+        self._ds["hit"][row] = int(result.hit)
+        energy = frame_photon_energy_eV(frame, self.geometry)
+        self._ds["energy"][row] = energy
+        if not np.isfinite(energy):
+            self._warn_once("energy", f"{frame.source} {frame.event}: no photon energy known "
+                            f"(neither the input nor the geometry gives one); {self.path.name} "
+                            f"stores NaN at {PHOTON_ENERGY_PATH}, which indexamajig cannot use")
+        if "clen" in self._ds:
+            clen = _frame_clen(frame, self.geometry.clen_path)
+            self._ds["clen"][row] = clen
+            if not np.isfinite(clen):
+                self._warn_once("clen", f"{frame.source}: no camera length at "
+                                f"{self.geometry.clen_path} (the geometry's clen); "
+                                f"{self.path.name} stores NaN at {CLEN_PATH}: give the geometry a "
+                                "numeric clen for indexamajig")
+        self.n += 1
+
+    def _linked_masks(self, frame: Frame) -> list[np.ndarray]:
+        """A linked frame's mask read again from its source (its pixels too, only when the
+        geometry flags pixels by value)."""
+        meta = frame.meta
+        key = (meta["h5_file"], meta["h5_dataset"])
+        reader = self._readers.get(key)
+        if reader is None:
+            reader = _Reader(key[0], frame.geometry or self.geometry, key[1], None)
+            self._readers[key] = reader
+        index = meta.get("h5_index") or 0
+        panels = _split(reader.slab(index), reader.geometry) if reader._flags else None
+        masks = reader.masks(index, panels)
+        if masks is None:
+            shapes = ([p.shape for p in reader.geometry.panels] if reader.geometry is not None
+                      else [reader.info.frame_shape])
+            masks = [np.ones(s, dtype=bool) for s in shapes]
+        return masks
+
+    def _close_readers(self) -> None:
+        for reader in self._readers.values():
+            reader.close()
+        self._readers.clear()
+
+    def _warn_once(self, what: str, message: str) -> None:
+        if what not in self._warned:
+            self._warned.add(what)
+            log.warning(message)
+
+    def _write_vds(self) -> None:
+        assert self.frame_shape is not None
+        layout = h5py.VirtualLayout(shape=(self.n, *self.frame_shape),
+                                    dtype=np.result_type(*self._dtypes))
+        for row, (file, dataset, index, shape) in enumerate(self._sources):
+            source = h5py.VirtualSource(file, dataset, shape=shape)
+            layout[row] = source[index] if index is not None else source
+        self.h5.create_virtual_dataset(DATA_PATH, layout, fillvalue=0)
+
+    def finish(self) -> None:
+        """Lay out the virtual dataset, close, and give the file its final name."""
+        self._close_readers()
+        try:
+            if self.mode == "vds" and self.n:
+                self._write_vds()
+            self.h5.attrs["creator"] = "peaknet-xtal"
+            if self.geometry_name:
+                self.h5.attrs[GEOMETRY_ATTR] = self.geometry_name
+            self.h5.close()
+        except BaseException:
+            self.abort()
+            raise
+        self._atomic.__exit__(None, None, None)
+
+    def abort(self) -> None:
+        """Drop the file: nothing appears under its name."""
+        self._close_readers()
+        try:
+            self.h5.close()
+        finally:
+            self._atomic.__exit__(RuntimeError, RuntimeError("aborted"), None)
 
 
 def write_cxi(path: str | os.PathLike[str], results: Sequence[FrameResult], geometry: Any = None,
               *, mode: str = "auto", max_peaks: int = DEFAULT_MAX_PEAKS) -> str:
-    """Write one CXI file (images + peak table) atomically; returns the mode actually used.
+    """Write one CXI file (images, masks, photon energies, peak table) atomically; returns the
+    mode actually used.
 
     ``mode``: ``"vds"`` links to the original HDF5 frames, ``"copy"`` stores the pixels,
     ``"auto"`` links when every frame came from an HDF5 file that still exists.
@@ -508,48 +788,83 @@ def write_cxi(path: str | os.PathLike[str], results: Sequence[FrameResult], geom
     if not results:
         raise ValueError(f"{path}: nothing to write")
     used = mode if mode != "auto" else ("vds" if _can_link(results) else "copy")
-    counts, columns = peak_columns(results, geometry, max_peaks)
-    with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as h5:
-            if used == "vds":
-                _write_vds(h5, results)
-            else:
-                _write_copy(h5, results, geometry)
-            grp = h5.create_group(PEAK_GROUP)
-            grp.create_dataset("nPeaks", data=counts)
-            for name, values in columns.items():
-                grp.create_dataset(name, data=values, chunks=(1, values.shape[1]),
-                                   compression="gzip", compression_opts=1)
-            keys = h5.create_group(KEY_GROUP)
-            keys.create_dataset("source", data=[r.frame.source for r in results],
-                                dtype=h5py.string_dtype())
-            keys.create_dataset("event", data=[r.frame.event for r in results],
-                                dtype=h5py.string_dtype())
-            keys.create_dataset("hit", data=np.array([r.hit for r in results], dtype=np.int8))
+    out = _CXIFile(Path(path), geometry, used, max_peaks)
+    try:
+        for result in results:
+            out.add(result)
+    except BaseException:
+        out.abort()
+        raise
+    out.finish()
     return used
 
 
-def write_cxi_geometry(cxi_path: str | os.PathLike[str], geometry: Any,
-                       geom_path: str | os.PathLike[str] | None = None, *,
-                       mask_file: str | os.PathLike[str] | None = None) -> Path:
-    """Write the ``.geom`` indexamajig needs beside a CXI file (stack at dim0, peaks at result_1).
+def cxi_geometry(geometry: Any, *, adu_per_photon: float | None = None) -> Any:
+    """The geometry of the CXI files this module writes, for indexamajig and dials.import.
 
-    Every panel is re-laid as ``%, ss, fs`` because that is how :func:`write_cxi` stores frames.
-    A mask dataset that lived in the original data file is pointed at that file (``mask_file``),
-    since the CXI file holds no copy of it.
+    Data at :data:`DATA_PATH` as a ``%, ss, fs`` stack, the per-frame good-pixel mask at
+    :data:`MASK_PATH` (1 = good: every mask of the input, bad regions, flags and trusted ranges
+    already applied), the per-frame photon energy at :data:`PHOTON_ENERGY_PATH`, a path-valued
+    camera length copied to :data:`CLEN_PATH`, and the peak table.  Masks or saturation maps the
+    input geometry named in other files are dropped: the CXI mask already holds them.
     """
     from dataclasses import replace
 
+    def keep(key: str) -> bool:
+        return not (key.startswith(("mask", "saturation_map")) or re.fullmatch(r"dim\d+", key)
+                    or key in ("photon_energy", "wavelength", "electron_voltage", "data",
+                               "clen"))
+
+    slabby = all(set(p.dims) <= {"%", "ss", "fs"} for p in geometry.panels)
+    panels = []
+    for p in geometry.panels:
+        dims = ["%", "ss", "fs"] if slabby else (p.dims if "%" in p.dims else ["%", *p.dims])
+        extra = {k: v for k, v in p.extra.items() if keep(k) and k != "badrow_direction"}
+        panels.append(replace(p, dims=dims, extra=extra))
+    keys = {k: v for k, v in geometry.keys.items() if keep(k)}
+    keys.update({"photon_energy": PHOTON_ENERGY_PATH, "data": DATA_PATH, "mask": MASK_PATH,
+                 "mask_good": "0x1", "mask_bad": "0x0", "peak_list": PEAK_GROUP,
+                 "peak_list_type": "cxi"})
+    if slabby:
+        keys.update({"dim0": "%", "dim1": "ss", "dim2": "fs"})
+    if geometry.clen_path is not None:
+        unit = geometry.clen_path.split()[1:] or ["mm"]  # CrystFEL: a path without unit is mm
+        panels = [replace(p, clen_path=f"{CLEN_PATH} {unit[0]}") for p in panels]
+    if adu_per_photon is not None:
+        keys["adu_per_photon"] = repr(float(adu_per_photon))
+        keys.pop("adu_per_eV", None)
+        panels = [replace(p, adu_per_photon=float(adu_per_photon), adu_per_eV=None)
+                  for p in panels]
+    elif all(p.adu_per_photon is None and p.adu_per_eV is None for p in panels):
+        log.warning("the geometry declares no detector gain, which CrystFEL requires: writing "
+                    "adu_per_photon = 1 (CrystFEL uses it only for error estimates)")
+        keys["adu_per_photon"] = "1"
+        panels = [replace(p, adu_per_photon=1.0) for p in panels]
+    return replace(geometry, panels=panels, keys=keys, data=DATA_PATH, mask=MASK_PATH,
+                   mask_file=None, mask_good=1, mask_bad=0, peak_list=PEAK_GROUP,
+                   peak_list_type="cxi", photon_energy_path=PHOTON_ENERGY_PATH,
+                   photon_energy_eV=None, wavelength_A=None)
+
+
+def write_cxi_geometry(cxi_path: str | os.PathLike[str], geometry: Any,
+                       geom_path: str | os.PathLike[str] | None = None, **options: Any) -> Path:
+    """Write the ``.geom`` (see :func:`cxi_geometry`) for CXI files written here; atomic.
+
+    By default beside ``cxi_path`` with its stem.  An existing file for another geometry is
+    refused rather than replaced: the CXI files already written beside it need it.
+    """
     target = Path(geom_path) if geom_path is not None else Path(cxi_path).with_suffix(".geom")
-    relaid = replace(geometry, panels=[replace(p, dims=["%", "ss", "fs"])
-                                       for p in geometry.panels],
-                     keys={k: v for k, v in geometry.keys.items()
-                           if not re.fullmatch(r"dim\d+", k)})
-    keys = {"data": DATA_PATH, "dim0": "%", "dim1": "ss", "dim2": "fs",
-            "peak_list": PEAK_GROUP, "peak_list_type": "cxi"}
-    if getattr(geometry, "mask", None) and not getattr(geometry, "mask_file", None) and mask_file:
-        keys["mask_file"] = os.path.abspath(mask_file)
-    write_text_atomic(target, relaid.to_text(**keys))
+    text = cxi_geometry(geometry, **options).to_text()
+    if target.exists():
+        try:
+            old = target.read_text()
+        except (OSError, UnicodeDecodeError):
+            old = None
+        if old == text:
+            return target
+        raise FormatError(target, "already exists and describes another geometry (or was not "
+                          "written here); use a new output folder or remove it")
+    write_text_atomic(target, text)
     return target
 
 
@@ -558,11 +873,13 @@ def write_cxi_geometry(cxi_path: str | os.PathLike[str], geometry: Any,
 
 
 class CXIWriter:
-    """A ``PeakWriter`` (see hookspecs): rolling CXI files ``<prefix>-NNNNN.cxi`` (+ ``.geom``).
+    """A ``PeakWriter`` (see hookspecs): rolling CXI files ``<prefix>-NNNNN.cxi`` plus one
+    ``.geom`` for all of them.
 
-    Results are buffered and written ``frames_per_file`` at a time; every file appears atomically,
-    so a crash loses only the results still in the buffer, and :meth:`done_keys` reads the keys of
-    finished files so a rerun skips them.
+    Each frame goes to disk as it arrives (memory stays flat however large ``frames_per_file``);
+    a file takes its final name once ``frames_per_file`` frames are in it, so a crash loses only
+    the frames of the file in progress, and :meth:`done_keys` reads the keys of finished files so
+    a rerun skips them.
     """
 
     name = "cxi"
@@ -570,11 +887,15 @@ class CXIWriter:
 
     def __init__(self, path: str | os.PathLike[str], geometry: Any = None, *,
                  frames_per_file: int = 1000, mode: str = "auto",
-                 max_peaks: int = DEFAULT_MAX_PEAKS, write_geometry: bool = True) -> None:
+                 max_peaks: int = DEFAULT_MAX_PEAKS, write_geometry: bool = True,
+                 geometry_name: str | None = None, adu_per_photon: float | None = None,
+                 hits_only: bool = False) -> None:
         if isinstance(geometry, (str, os.PathLike)):
             from peaknet_xtal.formats.geometry import read_geometry
 
             geometry = read_geometry(geometry)
+        if mode not in ("auto", "vds", "copy"):
+            raise ValueError(f"mode must be auto, vds or copy, not {mode!r}")
         path = Path(path)
         if path.suffix == ".cxi":
             self.directory, self.prefix = path.parent, path.stem
@@ -586,15 +907,24 @@ class CXIWriter:
         self.mode = mode
         self.max_peaks = max_peaks
         self.write_geometry = write_geometry
-        self._buffer: list[FrameResult] = []
+        self.geometry_path = self.directory / (geometry_name or f"{self.prefix}.geom")
+        self.adu_per_photon = adu_per_photon
+        self.hits_only = hits_only
+        self._file: _CXIFile | None = None
         self._next_index = self._first_free_index()
         self.files: list[Path] = []
+        for stale in self.directory.glob(f".{self.prefix}-*.cxi.*.part"):
+            stale.unlink()  # a file in progress when an earlier run was killed
 
     def finished_files(self) -> list[Path]:
         """Files completed by this or an earlier run, in order."""
         found = [p for p in self.directory.glob(f"{self.prefix}-*.cxi")
                  if self._pattern.search(p.name) and p.name[len(self.prefix)] == "-"]
         return sorted(found)
+
+    def foreign_files(self) -> list[Path]:
+        """Files named like ours that this writer did not make (no per-frame keys)."""
+        return [p for p in self.finished_files() if not _has_keys(p)]
 
     def _first_free_index(self) -> int:
         indices = [int(self._pattern.search(p.name).group(1)) for p in self.finished_files()]
@@ -610,25 +940,51 @@ class CXIWriter:
                 continue  # not one of ours: it will not be overwritten either
         return keys
 
+    def _ensure_geometry(self, geometry: Any) -> None:
+        if self.write_geometry and geometry is not None:
+            write_cxi_geometry(self.geometry_path.with_suffix(".cxi"), geometry,
+                               self.geometry_path, adu_per_photon=self.adu_per_photon)
+
     def write(self, result: FrameResult) -> None:
-        self._buffer.append(result)
-        if len(self._buffer) >= self.frames_per_file:
+        if self.hits_only and not result.hit:
+            return
+        if self._file is not None and not self._file.accepts(result):
+            self.flush()  # a frame that cannot be linked, or of another shape: a new file
+        if self._file is None:
+            geometry = self.geometry or result.frame.geometry
+            self._ensure_geometry(geometry)  # first: a finished .cxi always has its .geom
+            mode = self.mode if self.mode != "auto" else (
+                "vds" if _linkable(result) else "copy")
+            target = self.directory / f"{self.prefix}-{self._next_index:05d}.cxi"
+            self._file = _CXIFile(target, geometry, mode, self.max_peaks,
+                                  self.geometry_path.name if self.write_geometry else None)
+        try:
+            self._file.add(result)
+        except BaseException:
+            self._file.abort()
+            self._file = None
+            raise
+        if self._file.n >= self.frames_per_file:
             self.flush()
 
     def flush(self) -> Path | None:
-        """Write the buffered results as the next file now."""
-        if not self._buffer:
+        """Finish the file in progress now (it takes its final name)."""
+        if self._file is None:
             return None
-        target = self.directory / f"{self.prefix}-{self._next_index:05d}.cxi"
-        geometry = self.geometry or self._buffer[0].frame.geometry
-        if self.write_geometry and geometry is not None:  # first: a finished .cxi has its .geom
-            write_cxi_geometry(target, geometry,
-                               mask_file=self._buffer[0].frame.meta.get("h5_file"))
-        write_cxi(target, self._buffer, geometry, mode=self.mode, max_peaks=self.max_peaks)
-        self._buffer = []
+        current, self._file = self._file, None
+        if current.n == 0:
+            current.abort()
+            return None
+        current.finish()
         self._next_index += 1
-        self.files.append(target)
-        return target
+        self.files.append(current.path)
+        return current.path
+
+    def abort(self) -> None:
+        """Drop the file in progress (after an error that makes its frames untrustworthy)."""
+        if self._file is not None:
+            self._file.abort()
+            self._file = None
 
     def close(self) -> None:
         self.flush()
@@ -638,3 +994,11 @@ class CXIWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _has_keys(path: Path) -> bool:
+    try:
+        with h5py.File(path, "r") as h5:
+            return f"{KEY_GROUP}/source" in h5 and f"{PEAK_GROUP}/nPeaks" in h5
+    except (OSError, KeyError, RuntimeError):
+        return False

@@ -129,7 +129,7 @@ def geometry_text_from_dxtbx(detector: Any, beam: Any) -> str:
         "; made by peaknet_xtal.formats.dxtbx_images from a dxtbx detector model",
         f"wavelength = {beam.get_wavelength():.8f} A",
         f"clen = {clen:.9f}",
-        "adu_per_photon = 1",
+        f"adu_per_photon = {_common_gain(detector):g}",
         "dim0 = ss", "dim1 = fs", "",
     ]
     ss0 = 0
@@ -145,11 +145,16 @@ def geometry_text_from_dxtbx(detector: Any, beam: Any) -> str:
             f"{name}/fs = {_fmt_vec(fs_vec)}", f"{name}/ss = {_fmt_vec(ss_vec)}",
             f"{name}/corner_x = {origin_px[0]:.6f}", f"{name}/corner_y = {origin_px[1]:.6f}",
             f"{name}/coffset = {z_m[i] - clen:.9f}",
-            f"{name}/res = {1.0 / pixel_m[i]:.6f}",
-            f"{name}/max_adu = {panel.get_trusted_range()[1]:g}", "",
-        ]
+            f"{name}/res = {1.0 / pixel_m[i]:.6f}", "",
+        ]  # no max_adu: the trusted range is in each image's mask, which travels with it
         ss0 += slow
     return "\n".join(lines)
+
+
+def _common_gain(detector: Any) -> float:
+    """The gain every panel declares (dxtbx's default is 1, as for most CBFs)."""
+    gains = {float(p.get_gain()) for p in detector}
+    return gains.pop() if len(gains) == 1 else 1.0
 
 
 def geometry_from_dxtbx(detector: Any, beam: Any, path: str | None = None) -> Any:

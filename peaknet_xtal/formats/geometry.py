@@ -63,6 +63,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -587,25 +588,12 @@ class Geometry:
     # ---- output ------------------------------------------------------------------------------
 
     def to_text(self, **extra_keys: Any) -> str:
-        """The geometry as ``.geom`` text: globals as written, then every panel fully resolved.
+        """``.geom`` text CrystFEL 0.10 to 0.12 accept (see :func:`geometry_text`).
 
-        Reading the text back gives identical panels, bad regions and globals.
+        ``extra_keys`` set or replace global keys (``peak_list="/entry_1/result_1"``); a key given
+        as ``None`` is left out.  A panel key given here applies to every panel.
         """
-        keys = dict(self.keys)
-        keys.update({k: str(v) for k, v in extra_keys.items()})
-        defaults = {k: v for k, v in keys.items() if k in PANEL_KEYS or _is_dim(k)}
-        lines = ["; written by peaknet-xtal"]
-        lines += [f"{k} = {v}" for k, v in keys.items() if k not in defaults]
-        for panel in self.panels:
-            lines.append("")
-            lines += _panel_lines(panel)
-        for region in self.bad_regions:
-            lines.append("")
-            lines += region.to_lines()
-        if defaults:  # after the panels, which carry their own resolved values
-            lines += ["", "; global values (every panel above states its own)"]
-            lines += [f"{k} = {v}" for k, v in defaults.items()]
-        return "\n".join(lines) + "\n"
+        return geometry_text(self, **extra_keys)
 
 
 #: CrystFEL's lab frame has +z along the beam, DIALS' the beam along -z, both +y up: a half turn
@@ -645,24 +633,176 @@ def _apply_bad_region(good: np.ndarray, panel: Panel, region: BadRegion) -> None
               & (y <= region.max_y))
 
 
-def _panel_lines(p: Panel) -> list[str]:
-    n = p.name
-    lines = [f"{n}/min_fs = {p.min_fs}", f"{n}/max_fs = {p.max_fs}",
-             f"{n}/min_ss = {p.min_ss}", f"{n}/max_ss = {p.max_ss}",
-             f"{n}/fs = {format_vector(p.fs)}", f"{n}/ss = {format_vector(p.ss)}",
-             f"{n}/corner_x = {p.corner_x!r}", f"{n}/corner_y = {p.corner_y!r}",
-             f"{n}/res = {p.res!r}", f"{n}/coffset = {p.coffset_m!r}",
-             f"{n}/no_index = {int(p.no_index)}", f"{n}/mask_edge_pixels = {p.mask_edge_pixels}"]
-    if p.clen_path is not None:
-        lines.append(f"{n}/clen = {p.clen_path}")
-    elif p.clen_m is not None:
-        lines.append(f"{n}/clen = {p.clen_m!r}")
-    for key in ("adu_per_photon", "adu_per_eV", "max_adu"):
-        if getattr(p, key) is not None:
-            lines.append(f"{n}/{key} = {getattr(p, key)!r}")
-    lines += [f"{n}/dim{i} = {d}" for i, d in enumerate(p.dims)]
-    lines += [f"{n}/{k} = {v}" for k, v in p.extra.items()]
-    return lines
+# --------------------------------------------------------------------------------------------
+# writing (CrystFEL 0.10 to 0.12 rules, from the crystfel_geometry manual page and its parser)
+# --------------------------------------------------------------------------------------------
+
+#: Keys CrystFEL 0.11+ takes only at top level (``clen`` too: a per-panel clen is refused).
+TOP_LEVEL_KEYS = ("photon_energy", "wavelength", "electron_voltage", "bandwidth", "clen",
+                  "detector_shift_x", "detector_shift_y", "peak_list", "peak_list_type")
+BEAM_KEYS = ("photon_energy", "wavelength", "electron_voltage")
+#: Panel keys this writer takes from the resolved :class:`Panel` fields.
+_RESOLVED_WRITTEN = ("res", "coffset", "adu_per_photon", "adu_per_eV", "max_adu", "no_index",
+                     "mask_edge_pixels")
+#: Panel keys 0.10+ parses but ignores with a warning: never written.
+_DROPPED_PANEL_KEYS = frozenset({"badrow_direction"})
+_MASK_KEY = re.compile(r"mask\d_(data|file|goodbits|badbits)$")
+_UNIT_DEFAULTS = {"wavelength": "m", "electron_voltage": "V"}
+
+
+def is_panel_key(key: str) -> bool:
+    """A key CrystFEL treats as a panel property (a default for later panels at top level)."""
+    return key in PANEL_KEYS or _is_dim(key) or bool(_MASK_KEY.fullmatch(key))
+
+
+def _beam_line(keys: dict[str, str]) -> str | None:
+    """The one wavelength line CrystFEL allows; wavelength/electron_voltage need their unit."""
+    present = [k for k in keys if k in BEAM_KEYS]
+    if not present:
+        return None
+    key = present[-1]  # the parser keeps the last one given
+    value = keys[key]
+    if key in _UNIT_DEFAULTS and len(value.split()) == 1 and not value.startswith("/"):
+        value = f"{value} {_UNIT_DEFAULTS[key]}"
+    return f"{key} = {value}"
+
+
+def _clen_and_offsets(geometry: Geometry, keys: dict[str, str]) -> tuple[str | None, list[float]]:
+    """One top-level camera length, folding per-panel distances into each panel's coffset."""
+    offsets = [p.coffset_m for p in geometry.panels]
+    if "clen" in keys and keys["clen"] != (geometry.keys.get("clen")):
+        return keys["clen"], offsets  # set by the caller for every panel
+    paths = {p.clen_path for p in geometry.panels}
+    if paths != {None}:
+        if len(paths) > 1:
+            raise GeometryError(geometry.path, "panels take their camera length from different "
+                                f"places ({sorted(str(v) for v in paths)}); CrystFEL 0.11+ "
+                                "allows one top-level clen")
+        return paths.pop(), offsets
+    lengths = [p.clen_m for p in geometry.panels]
+    if any(v is None for v in lengths):
+        return (keys.get("clen"), offsets)
+    base = float(lengths[0])  # type: ignore[arg-type]
+    offsets = [c + (float(v) - base) for c, v in zip(offsets, lengths, strict=True)]  # type: ignore[arg-type]
+    return f"{base!r} m", offsets
+
+
+def _resolved_value(panel: Panel, key: str, coffset: float) -> str | None:
+    if key == "coffset":
+        return None if coffset == 0 else repr(float(coffset))
+    if key == "no_index":
+        return "1" if panel.no_index else None
+    if key == "mask_edge_pixels":
+        return str(panel.mask_edge_pixels) if panel.mask_edge_pixels else None
+    value = getattr(panel, key)
+    return None if value is None else repr(float(value))
+
+
+def _split_bad_region(region: BadRegion, geometry: Geometry) -> list[BadRegion]:
+    """fs/ss regions as 0.10+ needs them: one panel each, inside that panel's bounds."""
+    from dataclasses import replace
+
+    if region.kind != "fs_ss":
+        return [region]
+    assert region.min_fs is not None and region.max_fs is not None
+    assert region.min_ss is not None and region.max_ss is not None
+    panels = ([geometry.panel_by_name(region.panel)] if region.panel is not None
+              else geometry.panels)
+    out = []
+    for panel in panels:
+        bounds = (max(region.min_fs, panel.min_fs), min(region.max_fs, panel.max_fs),
+                  max(region.min_ss, panel.min_ss), min(region.max_ss, panel.max_ss))
+        if bounds[0] > bounds[1] or bounds[2] > bounds[3]:
+            continue  # touches no pixel of this panel
+        name = region.name if len(panels) == 1 else f"{region.name}_{panel.name}"
+        out.append(replace(region, name=name, panel=panel.name, min_fs=bounds[0],
+                           max_fs=bounds[1], min_ss=bounds[2], max_ss=bounds[3]))
+    return out
+
+
+def geometry_text(geometry: Geometry, **extra_keys: Any) -> str:
+    """``.geom`` text following CrystFEL's rules for 0.10 to 0.12 (``man crystfel_geometry``).
+
+    A top-level key applies only to panels defined after it, so every global comes first: the
+    wavelength (exactly one of photon_energy/wavelength/electron_voltage), one top-level ``clen``
+    (per-panel distances are folded into ``coffset``), the peak list, groups, then each panel
+    property shared by all panels (data, dims, gain, masks, flags, res).  Panels follow with
+    their position and whatever differs between them; fs/ss bad regions name one panel each
+    and stay inside it.  ``max_adu`` is written only where the geometry has one.
+    Reading the text back gives the same pixels, placement, masks and globals.
+    """
+    keys = {k: str(v) for k, v in geometry.keys.items()}
+    for key, value in extra_keys.items():
+        keys.pop(key, None)
+        if value is not None:
+            keys[key] = str(value)
+    overridden = {k for k in extra_keys if is_panel_key(k)}
+    lines = ["; CrystFEL geometry (0.10-0.12 syntax) written by peaknet-xtal"]
+    beam = _beam_line(keys)
+    if beam is not None:
+        lines.append(beam)
+    clen, offsets = _clen_and_offsets(geometry, keys)
+    if clen is not None:
+        lines.append(f"clen = {clen}")
+    lines += [f"{k} = {keys[k]}" for k in TOP_LEVEL_KEYS
+              if k in keys and k not in BEAM_KEYS and k != "clen"]
+    groups = [k for k in keys if k.startswith(("group_", "rigid_group"))]
+    lines += [f"{k} = {keys[k]}" for k in groups]
+    unknown = [k for k in keys if k not in TOP_LEVEL_KEYS and k not in groups
+               and not is_panel_key(k)]
+    lines += [f"; not a CrystFEL 0.10-0.12 key, kept as a comment: {k} = {keys[k]}"
+              for k in unknown]
+
+    # per-panel values of every panel property, then the shared ones go to the top
+    table: list[dict[str, str]] = []
+    free_keys = [k for k in keys if is_panel_key(k) and k not in _RESOLVED_PANEL_KEYS
+                 and k not in _DROPPED_PANEL_KEYS and not _is_dim(k)]
+    extra_names: list[str] = []
+    for panel in geometry.panels:
+        for k in panel.extra:
+            if k not in extra_names and k not in _DROPPED_PANEL_KEYS:
+                extra_names.append(k)
+    for panel, coffset in zip(geometry.panels, offsets, strict=True):
+        row: dict[str, str] = {}
+        if any(k in overridden for k in keys if _is_dim(k)):
+            row.update({k: keys[k] for k in keys if _is_dim(k)})
+        else:
+            row.update({f"dim{i}": d for i, d in enumerate(panel.dims)})
+        for key in _RESOLVED_WRITTEN:
+            value = keys[key] if key in overridden else _resolved_value(panel, key, coffset)
+            if value is not None:
+                row[key] = value
+        for key in dict.fromkeys(free_keys + extra_names):
+            if key in overridden:
+                value = keys.get(key)
+            else:
+                value = panel.extra.get(key, keys.get(key))
+            if value is not None:
+                row[key] = value
+        table.append(row)
+    if any(r.get("adu_per_photon") is not None for r in table):  # one gain unit per panel
+        for r in table:
+            if "adu_per_photon" in r:
+                r.pop("adu_per_eV", None)
+    shared: dict[str, str] = {}
+    if table:
+        for key in dict.fromkeys(k for r in table for k in r):
+            values = {r.get(key) for r in table}
+            if len(values) == 1 and None not in values:
+                shared[key] = values.pop()  # type: ignore[assignment]
+    lines += [""] + [f"{k} = {v}" for k, v in shared.items()]
+    for panel, row in zip(geometry.panels, table, strict=True):
+        n = panel.name
+        lines += ["", f"{n}/min_fs = {panel.min_fs}", f"{n}/max_fs = {panel.max_fs}",
+                  f"{n}/min_ss = {panel.min_ss}", f"{n}/max_ss = {panel.max_ss}",
+                  f"{n}/fs = {format_vector(panel.fs)}", f"{n}/ss = {format_vector(panel.ss)}",
+                  f"{n}/corner_x = {panel.corner_x!r}", f"{n}/corner_y = {panel.corner_y!r}"]
+        lines += [f"{n}/{k} = {v}" for k, v in row.items() if k not in shared]
+    for region in geometry.bad_regions:
+        for part in _split_bad_region(region, geometry):
+            lines.append("")
+            lines += part.to_lines()
+    return "\n".join(lines) + "\n"
 
 
 def _gain_of(adu_per_photon: float | None, adu_per_eV: float | None,

@@ -19,16 +19,19 @@ import h5py
 import numpy as np
 
 from peaknet_xtal.atomic import atomic_path, write_text_atomic
+from peaknet_xtal.formats.cxi import (
+    DATA_PATH,
+    DEFAULT_MAX_PEAKS,
+    GEOMETRY_ATTR,
+    MASK_PATH,
+    PEAK_GROUP,
+)
 from peaknet_xtal.formats.geometry import HC_EV_A
 from peaknet_xtal.sim.simulate import REFLECTION_DTYPE, SimTruth
 from peaknet_xtal.types import Frame
 
-DATA_PATH = "/entry_1/data_1/data"
-MASK_PATH = "/entry_1/data_1/mask"
-PEAK_GROUP = "/entry_1/result_1"
-#: File attribute naming the geometry file (relative to the CXI file's folder).
-GEOMETRY_ATTR = "peaknet_geometry"
-MAX_PEAKS = 2048
+# The project's CXI layout lives in one place (formats/cxi.py); the simulator writes the same.
+MAX_PEAKS = DEFAULT_MAX_PEAKS
 
 
 def run_geometry(geometry: Any, wavelength_A: float, clen_m: float, adu_per_photon: float) -> Any:

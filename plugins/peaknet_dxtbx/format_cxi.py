@@ -1,9 +1,11 @@
 """dxtbx Format for CXI stacks with a CrystFEL geometry beside them, so DIALS imports them.
 
-``dials.import run.cxi`` works when ``run.cxi`` has ``/entry_1/data_1/data`` (frames, then the raw
-slab layout) and a CrystFEL geometry either named by the file attribute ``peaknet_geometry``
+``dials.import run.cxi`` works when ``run.cxi`` has a stack of frames at the geometry's ``data``
+path (``/entry_1/data_1/data`` when it names none; frames, then the raw slab layout) and a CrystFEL
+geometry either named by the file attribute ``peaknet_geometry``
 (relative to the file's folder; ``peaknet-sim`` writes it) or sitting beside it with the same stem
-(``run.geom``).  The geometry must give the camera length and photon energy as numbers.
+(``run.geom``).  The geometry must give the camera length as a number; the photon energy may be a
+number or an HDF5 path holding one value per frame (what ``peaknet2cxi`` writes).
 
 Frames: CrystFEL lab coordinates (+z along the beam, +y up) become DIALS lab coordinates
 (the beam travels along -z, +y up) by a half turn about y: ``(x, y, z) -> (-x, y, -z)``, in mm.
@@ -17,6 +19,8 @@ import h5py
 import numpy as np
 from dxtbx.format.FormatHDF5 import FormatHDF5
 from dxtbx.format.FormatStill import FormatStill
+
+from peaknet_xtal.formats.geometry import HC_EV_A
 
 DATA_PATH = "/entry_1/data_1/data"
 MASK_PATH = "/entry_1/data_1/mask"
@@ -60,19 +64,32 @@ def to_dials(vector: np.ndarray) -> tuple[float, float, float]:
     return crystfel_to_dials(vector)
 
 
+def _geometry_data_path(geom_path: str) -> str:
+    """The ``data`` line of a geometry (cheap: ``understand`` runs on every file DIALS sees)."""
+    data = DATA_PATH
+    with open(geom_path, encoding="utf-8", errors="replace") as handle:
+        for line in handle:
+            key, _, value = line.split(";", 1)[0].partition("=")
+            if key.strip() == "data" and value.strip():
+                data = value.strip()
+    return data
+
+
 class FormatCXIPeakNet(FormatHDF5, FormatStill):
     """A CXI stack of stills (``/entry_1/data_1/data``) described by a CrystFEL geometry."""
 
     @staticmethod
     def understand(image_file: str) -> bool:
-        try:
-            with h5py.File(image_file, "r") as h5:
-                data = h5.get(DATA_PATH)
-                if not isinstance(data, h5py.Dataset) or data.ndim < 3:
-                    return False
-        except OSError:
+        geom = geometry_path(image_file)
+        if geom is None:
             return False
-        return geometry_path(image_file) is not None
+        try:
+            data_path = _geometry_data_path(geom)
+            with h5py.File(image_file, "r") as h5:
+                data = h5.get(data_path)
+                return isinstance(data, h5py.Dataset) and data.ndim >= 3
+        except (OSError, ValueError):
+            return False
 
     def __init__(self, image_file: str, **kwargs: object) -> None:
         self._geometry = None
@@ -87,14 +104,24 @@ class FormatCXIPeakNet(FormatHDF5, FormatStill):
 
         path = geometry_path(self._image_file)
         self._geometry = read_geometry(path)
+        self._data_path = self._geometry.data or DATA_PATH
+        energy_path = self._geometry.photon_energy_path
         with h5py.File(self._image_file, "r") as h5:
-            data = h5[DATA_PATH]
+            data = h5[self._data_path]
             self._n_images = int(data.shape[0])
             slab = tuple(self._geometry.slab_shape)
             if tuple(data.shape[1:]) != slab:
-                raise ValueError(f"{self._image_file}: dataset {DATA_PATH} frames have shape "
-                                 f"{data.shape[1:]}, but {path} describes {slab}")
+                raise ValueError(f"{self._image_file}: dataset {self._data_path} frames have "
+                                 f"shape {data.shape[1:]}, but {path} describes {slab}")
             self._wavelength = self._geometry.wavelength_A or h5.attrs.get("wavelength_A")
+            self._wavelengths = None
+            if energy_path and isinstance(h5.get(energy_path.split()[0]), h5py.Dataset):
+                energies = np.ravel(h5[energy_path.split()[0]][()]).astype(float)
+                if energies.size not in (1, self._n_images) or not np.all(energies > 0):
+                    raise ValueError(f"{self._image_file}: {energy_path} does not hold one "
+                                     f"positive photon energy (eV) per frame")
+                self._wavelengths = HC_EV_A / np.resize(energies, self._n_images)
+                self._wavelength = float(self._wavelengths[0])
         if not self._wavelength:
             raise ValueError(f"{path}: no numeric photon energy or wavelength, and "
                              f"{self._image_file} has no wavelength_A attribute")
@@ -112,7 +139,7 @@ class FormatCXIPeakNet(FormatHDF5, FormatStill):
         from scitbx.array_family import flex
 
         with h5py.File(self._image_file, "r") as h5:
-            slab = h5[DATA_PATH][index or 0]
+            slab = h5[self._data_path][index or 0]
         return tuple(flex.double(np.ascontiguousarray(p, dtype=np.float64))
                      for p in self._geometry.split_slab(slab))
 
@@ -122,6 +149,8 @@ class FormatCXIPeakNet(FormatHDF5, FormatStill):
         return self._detector_cache
 
     def get_beam(self, index: int | None = None):
+        if self._wavelengths is not None:  # one photon energy per frame
+            return self._beam_factory.simple(float(self._wavelengths[index or 0]))
         if self._beam_cache is None:
             self._beam_cache = self._beam_factory.simple(float(self._wavelength))
         return self._beam_cache
@@ -161,8 +190,9 @@ class FormatCXIPeakNet(FormatHDF5, FormatStill):
 
     def get_static_mask(self, index: int | None = None):
         """Good pixels: the geometry's bad regions and its static mask dataset (CrystFEL bits)."""
-        from peaknet_xtal.formats.cxi import mask_bits_ok
         from scitbx.array_family import flex
+
+        from peaknet_xtal.formats.cxi import mask_bits_ok
 
         if self._mask_cache is None:
             masks = self._geometry.bad_pixel_masks()

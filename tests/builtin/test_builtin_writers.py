@@ -71,7 +71,7 @@ def test_cxi_writer_geometry_is_ready_for_indexamajig(tmp_path, results):
     for r in results:
         writer.write(r)
     writer.close()
-    geometry = read_geometry(tmp_path / "out" / "run-00000.geom")
+    geometry = read_geometry(tmp_path / "out" / "run.geom")  # one for all files
     assert (geometry.peak_list, geometry.peak_list_type) == ("/entry_1/result_1", "cxi")
     table = read_cxi_peaks(tmp_path / "out" / "run-00000.cxi")
     assert list(table.n_peaks) == [1, 2, 3]
@@ -91,11 +91,16 @@ def test_dials_image_becomes_a_cxi_stack_crystfel_can_read(tmp_path, real_data, 
     writer = registry.open_writer("cxi", str(tmp_path / "cspad.cxi"))
     writer.write(FrameResult(frame=frame, peaks=peaks))
     writer.close()
-    geometry = read_geometry(tmp_path / "cspad-00000.geom")
+    geometry = read_geometry(tmp_path / "cspad.geom")
     again = read_cxi_frame(tmp_path / "cspad-00000.cxi", 0, geometry)
     assert len(again.panels) == 64
     for a, b in zip(again.panels, frame.panels, strict=False):
         np.testing.assert_array_equal(a, b)
+    # DIALS' mask of the image (its trusted range included) travels in the CXI file
+    assert sum(int((~m).sum()) for m in frame.masks) > 0
+    for a, b in zip(again.masks, frame.masks, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert again.meta["wavelength_A"] == pytest.approx(frame.meta["panels"][0]["wavelength_A"])
     back = read_cxi_peaks(tmp_path / "cspad-00000.cxi").peaks(0, geometry)
     assert list(back["panel"]) == [0, 63]
     np.testing.assert_allclose(back["ss"], [20.0, 150.25])

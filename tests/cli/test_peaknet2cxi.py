@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -18,10 +19,10 @@ import pytest
 
 from peaknet_xtal.cli.peaknet2cxi import main, run
 from peaknet_xtal.errors import FormatError, PeakNetError
+from peaknet_xtal.evaluation.metrics import match_peaks
 from peaknet_xtal.formats.cxi import read_cxi_peaks
 from peaknet_xtal.formats.geometry import read_geometry
 from peaknet_xtal.formats.stream import read_stream
-from peaknet_xtal.evaluation.metrics import match_peaks
 from peaknet_xtal.sim import simulate_frame
 
 GEOMETRIES = {
@@ -90,6 +91,7 @@ def test_cxi_tables_match_truth_and_are_laid_out_for_indexamajig(stacks, tmp_pat
     outdir = tmp_path / "out"
     summary = _run(stack, geom_path, outdir, predictor, stream=str(tmp_path / "peaks.stream"))
     assert summary["status"] == "ok" and summary["frames"] == N_FRAMES == summary["hits"]
+    assert sorted(p.name for p in outdir.glob("*.geom")) == ["peaknet.geom"]  # one geometry
 
     # the list file names the CXI files; the .geom points indexamajig at the tables
     (cxi_file,) = [Path(p) for p in (outdir / "peaknet.lst").read_text().split()]
@@ -140,12 +142,17 @@ def test_rerun_after_interruption_continues_where_it_stopped(stacks, tmp_path):
     text = stream_path.read_text()
     stream_path.write_text(text[:text.rindex("----- Begin chunk -----") + 200])
     second = _run(stack, geom_path, outdir, predictor, frames_per_file=1, stream=str(stream_path))
-    assert (second["skipped"], second["frames"]) == (N_FRAMES - 1, 1)
+    assert (second["this_run"]["skipped"], second["this_run"]["frames"]) == (N_FRAMES - 1, 1)
     assert len(second["cxi_files"]) == N_FRAMES
     events = [c.event for c in read_stream(stream_path).chunks]
     assert events == [f"//{k}" for k in range(N_FRAMES)]  # no duplicate, no gap
     third = _run(stack, geom_path, outdir, predictor, frames_per_file=1, stream=str(stream_path))
-    assert (third["skipped"], third["frames"]) == (N_FRAMES, 0)
+    assert (third["this_run"]["skipped"], third["this_run"]["frames"]) == (N_FRAMES, 0)
+    # the summary describes the whole output, not the last invocation
+    for summary in (first, second, third):
+        assert (summary["frames"], summary["hits"]) == (N_FRAMES, N_FRAMES)
+        assert summary["peaks_per_frame"] == first["peaks_per_frame"]
+    assert json.loads((outdir / "peaknet2cxi.json").read_text())["frames"] == N_FRAMES
 
 
 def test_list_file_events_and_hits_only(stacks, tmp_path):
@@ -161,13 +168,14 @@ def test_list_file_events_and_hits_only(stacks, tmp_path):
     cut = (min(counts) + max(counts)) // 2
     summary = _run(stack, geom_path, tmp_path / "hits", predictor, min_peaks=cut, hits_only=True,
                    stream=str(tmp_path / "all.stream"))
-    assert summary["hits"] == 1 and summary["frames"] == N_FRAMES
+    assert summary["hits"] == 1 and summary["this_run"]["frames"] == N_FRAMES
+    assert summary["frames"] == 1  # the CXI output holds the hit only
     (kept,) = read_cxi_peaks(summary["cxi_files"][0]).keys
     assert kept == (str(stack), f"//{int(np.argmax(counts))}")
     assert len(read_stream(tmp_path / "all.stream").chunks) == N_FRAMES
 
 
-def test_bad_inputs_fail_clearly_and_keep_finished_results(stacks, tmp_path, capsys):
+def test_missing_mask_dataset_warns_and_continues(stacks, tmp_path, caplog):
     geom_path, geometry, stack, sims, predictor = stacks["cspad"]
     no_mask = tmp_path / "no_mask.cxi"
     with h5py.File(no_mask, "w") as h5:  # the geometry names a mask dataset this file lacks
@@ -175,9 +183,24 @@ def test_bad_inputs_fail_clearly_and_keep_finished_results(stacks, tmp_path, cap
     outdir = tmp_path / "out"
     config = {"inputs": [str(stack), str(no_mask)], "geometry": str(geom_path),
               "output": str(outdir), "predictor": predictor, "progress": False}
-    with pytest.raises(FormatError, match="/entry_1/data_1/mask") as info:
+    with caplog.at_level("WARNING"):
+        summary = run(config)
+    assert summary["status"] == "ok" and summary["frames"] == N_FRAMES + 1
+    warned = [r.getMessage() for r in caplog.records if "no mask dataset" in r.getMessage()]
+    assert warned and str(no_mask) in warned[0] and "/entry_1/data_1/mask" in warned[0]
+
+
+def test_bad_inputs_fail_clearly_and_keep_finished_results(stacks, tmp_path, capsys):
+    geom_path, geometry, stack, sims, predictor = stacks["cspad"]
+    broken = tmp_path / "broken.cxi"
+    with h5py.File(broken, "w") as h5:  # frames too small for the geometry
+        h5["/entry_1/data_1/data"] = np.zeros((1, 100, 100), np.float32)
+    outdir = tmp_path / "out"
+    config = {"inputs": [str(stack), str(broken)], "geometry": str(geom_path),
+              "output": str(outdir), "predictor": predictor, "progress": False}
+    with pytest.raises(FormatError, match="1480x1552") as info:
         run(config)
-    assert str(no_mask) in str(info.value)
+    assert str(broken) in str(info.value)
     kept = (outdir / "peaknet.lst").read_text().split()
     assert len(kept) == 1 and len(read_cxi_peaks(kept[0])) == N_FRAMES
     summary = json.loads((outdir / "peaknet2cxi.json").read_text())
@@ -201,8 +224,11 @@ def test_help_shows_the_indexamajig_command(capsys):
     with pytest.raises(SystemExit) as info:
         main(["--help"])
     assert info.value.code == 0
-    assert "indexamajig -i OUTDIR/peaknet.lst -g OUTDIR/peaknet.geom --peaks=cxi" in \
-        capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "indexamajig -i OUTDIR/peaknet.lst -g OUTDIR/peaknet.geom --peaks=cxi" in out
+    assert "--indexing=xgandalf -p YOUR.cell -o OUTDIR/peaknet.stream -j NPROC" in out
+    assert "YOUR.cell: your unit cell file" in out and "-i LIST, --input-list LIST" in out
+    assert "-p cell.pdb" not in out and "..." not in out.split("Then index with")[1][:400]
 
 
 def test_workers_without_the_pipeline_say_so(tmp_path, monkeypatch):
@@ -219,7 +245,11 @@ def test_main_with_the_real_default_model(stacks, tmp_path, capsys):
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert "peaknet2cxi:" in captured.err and "frames/s" in captured.err  # progress line
-    assert f"next: indexamajig -i {outdir / 'peaknet.lst'}" in captured.out
+    next_line = [line for line in captured.out.splitlines() if line.startswith("next: ")]
+    assert next_line == [f"next: indexamajig -i {outdir / 'peaknet.lst'} -g "
+                         f"{outdir / 'peaknet.geom'} --peaks=cxi --indexing=xgandalf "
+                         f"-p YOUR.cell -o {outdir / 'peaknet.stream'} -j {os.cpu_count()}"]
+    assert "YOUR.cell: your unit cell file" in captured.out
     summary = json.loads((outdir / "peaknet2cxi.json").read_text())
     assert summary["frames"] == N_FRAMES and summary["peaks_per_frame"]["max"] <= 100
     assert summary["config"]["threshold"] == 0.99 and summary["engine"]["model"] == "default"
@@ -251,3 +281,125 @@ def test_config_file_null_lifts_the_peak_cap_and_types_are_checked(tmp_path):
     cfg.write_text("max_peaks: lots\n")
     with pytest.raises(cfgmod.ConfigError, match=r"run\.yaml.*max_peaks"):
         cfgmod.resolve(DEFAULTS, build_parser().parse_args(["--config", str(cfg)]), types=TYPES)
+# --------------------------------------------------------------------------------------------
+# inputs with nothing in them, and output folders that are not ours (issue 19)
+
+
+def test_zero_frames_and_empty_lists_say_so_and_name_no_files(stacks, tmp_path, capsys):
+    geom_path, geometry, stack, _, _ = stacks["cspad"]
+    empty_stack = tmp_path / "empty.cxi"
+    with h5py.File(empty_stack, "w") as h5:
+        h5["/entry_1/data_1/data"] = np.zeros((0, *geometry.slab_shape), np.float32)
+    empty_list = tmp_path / "empty.lst"
+    empty_list.write_text("; nothing here\n")
+    for inputs, words in (([str(empty_stack)], "no frames were written"),
+                          ([str(empty_list)], "the list names no files"),
+                          (["-i", str(empty_list)], "the list names no files")):
+        outdir = tmp_path / f"out{len(words)}{len(inputs)}"
+        code = main([*inputs, "-g", str(geom_path), "-o", str(outdir), "--no-progress"])
+        captured = capsys.readouterr()
+        assert code == 1 and words in captured.err, captured.err
+        assert "indexamajig" not in captured.out
+        assert not (outdir / "peaknet.lst").exists() and not list(outdir.glob("*.cxi"))
+
+
+def test_a_listed_event_the_file_lacks_is_an_error(stacks, tmp_path, capsys):
+    geom_path, _, stack, _, predictor = stacks["cspad"]
+    listing = tmp_path / "events.lst"
+    listing.write_text(f"{stack} //1\n{stack} //999\n")
+    with pytest.raises(FormatError, match="//999") as info:
+        run({"inputs": [str(listing)], "geometry": str(geom_path),
+             "output": str(tmp_path / "out"), "predictor": predictor, "progress": False})
+    assert str(listing) in str(info.value) and f"{N_FRAMES} frames" in str(info.value)
+    # the event that exists was processed and kept
+    kept = (tmp_path / "out" / "peaknet.lst").read_text().split()
+    assert read_cxi_peaks(kept[0]).keys == [(str(stack), "//1")]
+
+
+@pytest.mark.parametrize("intruder", ["peaks-00000.cxi", "peaknet.lst"])
+def test_output_folder_with_foreign_files_is_refused(stacks, tmp_path, capsys, intruder):
+    geom_path, _, stack, _, _ = stacks["cspad"]
+    outdir = tmp_path / "out"
+    outdir.mkdir()
+    foreign = outdir / intruder
+    if intruder.endswith(".cxi"):
+        with h5py.File(foreign, "w") as h5:  # someone else's CXI file
+            h5["/entry_1/data_1/data"] = np.zeros((1, 4, 4), np.float32)
+    else:
+        foreign.write_text("/data/run1.cxi\n/data/run2.cxi\n")  # the user's own list
+    before = foreign.read_bytes()
+    code = main([str(stack), "-g", str(geom_path), "-o", str(outdir), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 1 and str(foreign) in err and "new output folder" in err
+    assert foreign.read_bytes() == before
+    assert sorted(p.name for p in outdir.iterdir()) == [intruder]
+
+
+def test_hits_only_and_threads_reach_the_ray_pipeline(stacks, tmp_path, monkeypatch):
+    """--hits-only and --threads are honoured by --workers runs, not dropped."""
+    import peaknet_xtal.pipeline as pipeline_module
+
+    seen = {}
+
+    def fake_run_pipeline(config):
+        seen.update(config)
+        return {"backend": "test"}
+
+    monkeypatch.setattr(pipeline_module, "run_pipeline", fake_run_pipeline)
+    geom_path, _, stack, _, _ = stacks["cspad"]
+    with pytest.raises(PeakNetError, match="no frames were written"):
+        run({"inputs": [str(stack)], "geometry": str(geom_path), "output": str(tmp_path / "o"),
+             "workers": 2, "threads": 3, "hits_only": True, "progress": False})
+    assert seen["threads_per_worker"] == 3
+    assert seen["writer_options"]["hits_only"] is True
+    assert seen["writer_options"]["geometry_name"] == "peaknet.geom"
+    with pytest.raises(PeakNetError, match="--dials is written by the single-process run"):
+        run({"inputs": [str(stack)], "output": str(tmp_path / "p"), "workers": 2,
+             "dials": True})
+
+
+def test_cxi_writer_hits_only_keeps_only_hits(stacks, tmp_path):
+    from peaknet_xtal.formats.cxi import CXIWriter, iter_cxi_frames
+    from peaknet_xtal.types import FrameResult, empty_peaks
+
+    geom_path, geometry, stack, _, _ = stacks["cspad"]
+    writer = CXIWriter(tmp_path / "w", geometry, hits_only=True)
+    for k, frame in enumerate(iter_cxi_frames(stack, geometry)):
+        writer.write(FrameResult(frame=frame, peaks=empty_peaks(0), hit=k == 1))
+    writer.close()
+    (only,) = writer.finished_files()
+    assert read_cxi_peaks(only).keys == [(str(stack), "//1")]
+
+
+@pytest.mark.dials
+@pytest.mark.slow
+def test_dials_output_indexes_the_real_cspad_stills(real_data, dials_env, tmp_path, capsys):
+    """--dials: PeakNet's spots on the two real CSPAD stills as strong.refl + imported.expt;
+    DIALS indexes both stills from them with the printed command (Debian's build: the
+    sequences stills indexer, see ../shared/data/README.md)."""
+    import subprocess
+
+    cbfs = sorted((real_data / "cspad_thermolysin_stills").glob("*.cbf"))
+    outdir = tmp_path / "out"
+    code = main([*map(str, cbfs), "-o", str(outdir), "--dials", "--device", "cpu",
+                 "--no-progress"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    (line,) = [x for x in captured.out.splitlines() if x.startswith("next (DIALS): ")]
+    command = line.removeprefix("next (DIALS): ").replace(
+        "YOUR_SPACE_GROUP", "P6122").replace("YOUR_CELL", "92.9,92.9,130.4,90,90,120").split()
+    assert command[:3] == ["dials.index", str(outdir / "dials" / "imported.expt"),
+                           str(outdir / "dials" / "strong.refl")]
+    assert "joint_indexing=False" in command
+    exe = Path(sys.executable).parent / command[0]
+    done = subprocess.run([str(exe), *command[1:]], cwd=tmp_path, env=dials_env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    from dxtbx.model.experiment_list import ExperimentListFactory
+
+    indexed = ExperimentListFactory.from_json_file(str(tmp_path / "indexed.expt"),
+                                                   check_format=False)
+    assert len(indexed) == 2  # both stills, each with its crystal
+    for experiment in indexed:
+        a, b, c = experiment.crystal.get_unit_cell().parameters()[:3]
+        assert a == pytest.approx(92.9, rel=0.02) and c == pytest.approx(130.4, rel=0.03)

@@ -214,8 +214,10 @@ def test_rolling_writer_resumes_and_leaves_nothing_half_written(tmp_path, geomet
     writer = CXIWriter(out, geometry, frames_per_file=2)
     for r in results[:3]:
         writer.write(r)
-    # "crash": the third result is only buffered; one finished file, nothing partial
-    assert [p.name for p in sorted(out.iterdir())] == ["peaks-00000.cxi", "peaks-00000.geom"]
+    # "crash": the third frame is on disk only under a hidden temporary name; one finished
+    # file and the one geometry all files share, nothing partial under a final name
+    visible = [p.name for p in sorted(out.iterdir()) if not p.name.startswith(".")]
+    assert visible == ["peaks-00000.cxi", "peaks.geom"]
     resumed = CXIWriter(out, geometry, frames_per_file=2)
     assert resumed.done_keys() == {f.key for f in frames[:2]}
     for r in results:
@@ -278,3 +280,41 @@ def test_photon_energy_named_by_the_geometry_is_read_per_frame(tmp_path, make_ge
         with pytest.raises(FormatError, match=message) as err:
             list(iter_cxi_frames(path, geometry))
         assert str(path) in str(err.value)
+
+
+def test_flags_mask_pixels_and_masks_travel_into_the_cxi_output(tmp_path, make_geometry_text):
+    """flag_lessthan/flag_morethan/flag_equal mask pixels by value (strictly, as CrystFEL);
+    the written CXI file holds every frame's mask and photon energy, also for frames that reach
+    the writer without pixels (the Ray pipeline sends linked frames so)."""
+    import dataclasses
+
+    text = ("flag_lessthan = 0\nflag_morethan = 990\nflag_equal = 500\n"
+            + make_geometry_text(**CXI_GEOMETRY))
+    geometry = parse_geometry(text)
+    src = tmp_path / "raw.cxi"
+    data = make_stack(src, n=2)
+    with h5py.File(src, "a") as h5:
+        mask = np.ones((32, 32), np.uint8)
+        mask[3, 4] = 0
+        h5["/entry_1/data_1/mask"] = mask
+    frames = list(iter_cxi_frames(src, geometry))
+    slab = data[1]
+    expected = (slab >= 0) & (slab <= 990) & (slab != 500) & (mask != 0)
+    expected[16:18, 0:2] = False  # the geometry's bad region
+    got = geometry.assemble_slab(frames[1].masks, fill=False)
+    np.testing.assert_array_equal(got, expected)
+    assert (~expected).sum() > 10  # the flags really masked something
+    out = tmp_path / "out"
+    writer = CXIWriter(out, geometry)
+    writer.write(_results([frames[0]], [2])[0])
+    slim = dataclasses.replace(frames[1], panels=[], masks=None)  # as the pipeline sends it
+    writer.write(_results([slim], [1])[0])
+    writer.close()
+    (written,) = writer.finished_files()
+    with h5py.File(written, "r") as h5:
+        stored = h5["/entry_1/data_1/mask"][()]
+        energy = h5["/entry_1/peaknet/photon_energy_eV"][()]
+    np.testing.assert_array_equal(stored[1].astype(bool), expected)
+    np.testing.assert_allclose(energy, [9500.0, 9500.0])
+    again = read_cxi_frame(written, 1, read_geometry(out / "peaks.geom"))
+    np.testing.assert_array_equal(geometry.assemble_slab(again.masks, fill=False), expected)

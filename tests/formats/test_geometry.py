@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -77,10 +78,20 @@ def test_real_geometry_panel_count_and_text_round_trip(real_data: Path, name: st
     write_geometry(geometry, out)
     again = read_geometry(out)
     assert again.n_panels == geometry.n_panels
-    assert all(a.same_as(b) for a, b in zip(geometry.panels, again.panels))
-    assert again.bad_regions == geometry.bad_regions
+    dropped = {"badrow_direction"}  # CrystFEL 0.10+ ignores it (with a warning)
+    for a, b in zip(geometry.panels, again.panels, strict=True):
+        a = replace(a, extra={k: v for k, v in a.extra.items() if k not in dropped})
+        if a.clen_m != b.clen_m:  # per-panel distances folded into coffset (one top-level clen)
+            assert a.clen_m + a.coffset_m == pytest.approx(b.clen_m + b.coffset_m, abs=1e-12)
+            a = replace(a, clen_m=b.clen_m, coffset_m=b.coffset_m)
+        assert a.same_as(b), a.name
+    # fs/ss bad regions are split per panel and clipped to it: the same pixels stay masked
+    for a, b in zip(geometry.bad_pixel_masks(), again.bad_pixel_masks(), strict=True):
+        assert np.array_equal(a, b)
     for field in ("data", "dims", "photon_energy_eV", "clen_m", "clen_path", "mask",
                   "mask_good", "mask_bad", "slab_shape"):
+        if field in ("clen_m", "clen_path") and getattr(geometry, field) is None:
+            continue  # per-panel camera lengths became the one top-level clen (checked above)
         assert getattr(again, field) == getattr(geometry, field), field
 
 

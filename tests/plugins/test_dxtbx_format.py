@@ -112,3 +112,39 @@ def test_nearly_perpendicular_real_metrology_becomes_an_orthonormal_frame():
     assert abs(np.dot(f_hat, s_hat)) < 1e-15
     assert np.allclose([np.linalg.norm(f_hat), np.linalg.norm(s_hat)], 1.0)
     assert np.degrees(np.arccos(np.dot(s_hat, slow / np.linalg.norm(slow)))) < 0.1
+
+
+def test_data_path_and_per_frame_energy_come_from_the_geometry(runs, dials_env, tmp_path):
+    """A stack at the geometry's own ``data`` path is imported (not only /entry_1/data_1/data),
+    and ``photon_energy = /path`` gives each frame its own beam."""
+    import h5py
+    from dxtbx.model.experiment_list import ExperimentListFactory
+
+    from peaknet_dxtbx.format_cxi import FormatCXIPeakNet
+    from peaknet_xtal.formats.geometry import HC_EV_A
+
+    hit, _ = runs
+    geometry = read_geometry(hit.geom)
+    moved = tmp_path / "moved.cxi"
+    energies = np.array([9000.0, 9500.0])
+    with h5py.File(hit.cxi, "r") as src, h5py.File(moved, "w") as out:
+        frame = src["/entry_1/data_1/data"][0]
+        out["/data/frames"] = np.stack([frame, frame])
+        out["/beam/energy_eV"] = energies
+    text = geometry.to_text(data="/data/frames", photon_energy="/beam/energy_eV", mask=None,
+                            mask_good=None, mask_bad=None)
+    (tmp_path / "moved.geom").write_text(text)
+    assert FormatCXIPeakNet.understand(str(moved))
+    experiments = ExperimentListFactory.from_filenames([str(moved)])
+    assert experiments[0].imageset.get_format_class().__name__ == "FormatCXIPeakNet"
+    assert len(experiments) == 2
+    wavelengths = [e.beam.get_wavelength() for e in experiments]
+    np.testing.assert_allclose(wavelengths, HC_EV_A / energies, rtol=1e-9)
+    raw = experiments[0].imageset.get_raw_data(0)
+    assert sum(float(flex_sum(p)) for p in raw) == pytest.approx(float(frame.sum()), rel=1e-6)
+
+
+def flex_sum(values):
+    from scitbx.array_family import flex
+
+    return flex.sum(values)

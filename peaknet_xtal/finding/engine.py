@@ -29,6 +29,7 @@ import numpy as np
 
 from peaknet_xtal.types import Frame, FrameResult
 from peaknet_xtal.finding.peaks import PeakParams, find_peaks, is_hit
+from peaknet_xtal.finding.sanitise import SanitiseTally, sanitise_frame
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +126,8 @@ class InferenceEngine:
         self._model: Any = None
         self._device: Any = None
         self._gains_logged: set[float | None] = set()
+        #: Frames and pixels masked as unusable so far (non-finite, absurd), see :mod:`.sanitise`.
+        self.sanitised = SanitiseTally()
 
     # ---- pickling: never ship the model -------------------------------------------------------
     def __getstate__(self) -> dict[str, Any]:
@@ -176,24 +179,23 @@ class InferenceEngine:
     def predict_panels(self, panels: Sequence[np.ndarray],
                        masks: Sequence[np.ndarray] | None = None) -> list[np.ndarray]:
         """Peak probability (float32, same shape) for each 2-D panel; masked pixels get 0."""
-        return self._predict_many([list(panels)], [None if masks is None else list(masks)])[0]
+        return self._predict_many([list(panels)], [None if masks is None else list(masks)])[0][0]
 
     def _predict_many(self, frames: list[list[np.ndarray]],
-                      masks: list[list[np.ndarray] | None]) -> list[list[np.ndarray]]:
-        """Probability maps for several frames' panels, batched across all of them."""
+                      masks: list[list[np.ndarray] | None], sources: Sequence[str] | None = None
+                      ) -> tuple[list[list[np.ndarray]], list[list[np.ndarray]]]:
+        """Probability maps for several frames' panels, batched across all of them, and the
+        good-pixel masks they were computed with.  This is where pixels enter the engine:
+        non-finite and absurd values are masked here (and only here, :mod:`.sanitise`)."""
         panels, goods, owner = [], [], []
+        frame_goods: list[list[np.ndarray]] = []
         for f, (frame_panels, frame_masks) in enumerate(zip(frames, masks)):
-            for i, panel in enumerate(frame_panels):
-                image = np.asarray(panel, dtype=np.float32)
-                if image.ndim != 2:
-                    raise ValueError(f"panel {i} must be 2-D, got shape {image.shape}")
-                good = (np.ones(image.shape, bool) if frame_masks is None
-                        else np.asarray(frame_masks[i], dtype=bool))
-                if good.shape != image.shape:
-                    raise ValueError(f"panel {i}: mask shape {good.shape} != {image.shape}")
-                panels.append(image)
-                goods.append(good & np.isfinite(image))
-                owner.append(f)
+            images, good_masks, check = sanitise_frame(frame_panels, frame_masks)
+            self.sanitised.add(check, sources[f] if sources else "image")
+            frame_goods.append(good_masks)
+            panels.extend(images)
+            goods.extend(good_masks)
+            owner.extend([f] * len(images))
         if self.predictor is not None:
             probs = [np.asarray(p, dtype=np.float32) for p in self.predictor(panels, goods)]
         else:
@@ -201,7 +203,7 @@ class InferenceEngine:
         out: list[list[np.ndarray]] = [[] for _ in frames]
         for f, prob, good in zip(owner, probs, goods):
             out[f].append(np.where(good, prob, np.float32(0)))
-        return out
+        return out, frame_goods
 
     def _run_model(self, panels: list[np.ndarray], goods: list[np.ndarray]) -> list[np.ndarray]:
         import torch
@@ -235,7 +237,8 @@ class InferenceEngine:
                     adu_per_photon: float | None = None, with_bbox: bool = False) -> Any:
         """Peak table (and boxes with ``with_bbox``) of one frame given as panels;
         ``adu_per_photon`` is the gain the data declare (as ``frame.meta`` would)."""
-        probs = self.predict_panels(panels, masks)
+        (probs,), (masks,) = self._predict_many(
+            [list(panels)], [None if masks is None else list(masks)])
         frame = Frame(panels=list(panels), masks=None if masks is None else list(masks),
                       geometry=geometry,
                       meta={"wavelength_A": wavelength_A, "adu_per_photon": adu_per_photon})
@@ -245,9 +248,11 @@ class InferenceEngine:
     def find_frames(self, frames: Iterable[Frame]) -> Iterator[FrameResult]:
         """One :class:`FrameResult` per input frame, in input order, batching across frames."""
         for chunk in self._chunks(frames):
-            probs = self._predict_many([f.panels for f in chunk], [f.masks for f in chunk])
-            for frame, frame_probs in zip(chunk, probs):
-                yield self._result(frame, frame_probs)
+            probs, goods = self._predict_many([f.panels for f in chunk],
+                                              [f.masks for f in chunk],
+                                              [_where(f) for f in chunk])
+            for frame, frame_probs, frame_goods in zip(chunk, probs, goods):
+                yield self._result(frame, frame_probs, frame_goods)
 
     def _chunks(self, frames: Iterable[Frame]) -> Iterator[list[Frame]]:
         """Groups of whole frames holding at least ``batch_size`` tiles (the last may hold
@@ -264,9 +269,10 @@ class InferenceEngine:
         if chunk:
             yield chunk
 
-    def _result(self, frame: Frame, probs: list[np.ndarray]) -> FrameResult:
+    def _result(self, frame: Frame, probs: list[np.ndarray],
+                goods: list[np.ndarray]) -> FrameResult:
         wavelength = frame.meta.get("wavelength_A")
-        peaks = find_peaks(frame.panels, probs, frame.masks, self.params_for(frame),
+        peaks = find_peaks(frame.panels, probs, goods, self.params_for(frame),
                            geometry=frame.geometry, wavelength_A=wavelength)
         return FrameResult(frame=frame, peaks=peaks, hit=is_hit(peaks, self.peak_params.min_peaks),
                            prob_maps=probs if self.keep_prob_maps else None)
@@ -380,6 +386,11 @@ def frame_gain(frame: Frame) -> float | None:
         return None
     gain: float | None = declared_by(frame.meta.get("wavelength_A"))
     return gain
+
+
+def _where(frame: Frame) -> str:
+    """A frame's name in warnings: its file and event."""
+    return f"{frame.source or 'frame'} {frame.event or ''}".strip()
 
 
 def _replace(params: PeakParams, overrides: dict[str, Any]) -> PeakParams:

@@ -127,6 +127,13 @@ def _int(value: str, key: str, fail: _Fail) -> int:
     return int(number)
 
 
+def _positive(number: float, key: str, value: str, fail: _Fail) -> float:
+    """Energies, wavelengths and voltages are positive; a sign slip would make every 1/d NaN."""
+    if number <= 0:
+        raise fail(f"{key} = {value!r} must be positive")
+    return number
+
+
 def _bits(value: str, key: str, fail: _Fail) -> int:
     try:
         return int(value, 0)
@@ -691,20 +698,22 @@ class _Parser:
             if value.startswith("/"):
                 g.photon_energy_path, g.photon_energy_eV = value, None
             else:
-                g.photon_energy_eV = _number_with_unit(value, key, {"eV": 1.0, "keV": 1e3},
-                                                       "eV", fail)
+                g.photon_energy_eV = _positive(_number_with_unit(
+                    value, key, {"eV": 1.0, "keV": 1e3}, "eV", fail), key, value, fail)
         elif key == "wavelength":
             if value.startswith("/"):
                 g.photon_energy_path, g.photon_energy_eV = value, None
             else:
-                metres = _number_with_unit(value, key, {"m": 1.0, "A": 1e-10}, "m", fail)
-                g.photon_energy_eV = HC_EV_A / (metres * 1e10) if metres > 0 else None
+                metres = _positive(_number_with_unit(value, key, {"m": 1.0, "A": 1e-10}, "m",
+                                                     fail), key, value, fail)
+                g.photon_energy_eV = HC_EV_A / (metres * 1e10)
         elif key == "electron_voltage":
             if value.startswith("/"):
                 g.photon_energy_path, g.photon_energy_eV = value, None
             else:
-                volts = _number_with_unit(value, key, {"V": 1.0, "kV": 1e3}, "V", fail)
-                g.photon_energy_eV = HC_EV_A / _electron_wavelength_A(volts) if volts > 0 else None
+                volts = _positive(_number_with_unit(value, key, {"V": 1.0, "kV": 1e3}, "V",
+                                                    fail), key, value, fail)
+                g.photon_energy_eV = HC_EV_A / _electron_wavelength_A(volts)
         elif key in {"adu_per_photon", "adu_per_eV", "bandwidth", "coffset", "res", "max_adu"}:
             number = _float(value, key, fail)
             if key in {"adu_per_photon", "adu_per_eV", "bandwidth"}:
@@ -734,7 +743,32 @@ class _Parser:
                          for name, values in self.bad.items()]
         if not g.panels:
             raise self.fail(None)("no panels defined (no 'name/min_fs = ...' lines)")
+        self._check_overlaps(g.panels)
         return g
+
+    def _check_overlaps(self, panels: list[Panel]) -> None:
+        """Two panels reading the same raw pixels would report every peak there twice and cut
+        labels from the wrong pixels: an error naming both panels."""
+        groups: dict[tuple[str, ...], list[int]] = {}
+        for i, p in enumerate(panels):
+            fixed = tuple(d for d in p._data_dims() if d not in {"ss", "fs"})
+            groups.setdefault(fixed, []).append(i)
+        for members in groups.values():
+            if len(members) < 2:
+                continue
+            box = np.array([(panels[i].min_fs, panels[i].max_fs, panels[i].min_ss,
+                             panels[i].max_ss) for i in members])
+            hit = ((box[:, None, 0] <= box[None, :, 1]) & (box[None, :, 0] <= box[:, None, 1])
+                   & (box[:, None, 2] <= box[None, :, 3]) & (box[None, :, 2] <= box[:, None, 3]))
+            hit = np.triu(hit, k=1)
+            if hit.any():
+                a, b = (members[int(k)] for k in np.argwhere(hit)[0])
+                first, second = panels[a], panels[b]
+                raise self.fail(second.line)(
+                    f"panel {second.name} (fs {second.min_fs}-{second.max_fs}, ss "
+                    f"{second.min_ss}-{second.max_ss}) overlaps panel {first.name} (fs "
+                    f"{first.min_fs}-{first.max_fs}, ss {first.min_ss}-{first.max_ss}) in the "
+                    "data: each raw pixel may belong to one panel only")
 
     def _panel(self, name: str, values: dict[str, _Entry]) -> Panel:
         line = self.panel_lines[name]
@@ -773,6 +807,10 @@ class _Parser:
             coffset = _number_with_unit(values["coffset"][0], f"{name}/coffset",
                                         {"m": 1.0, "mm": 1e-3}, "m",
                                         self.fail(values["coffset"][1]))
+        if clen_m is not None and clen_m + coffset <= 0:
+            raise self.fail(values["clen"][1])(
+                f"panel {name}: camera length clen + coffset = {clen_m + coffset:g} m puts the "
+                "detector at or behind the sample; it must be positive")
         no_index = False
         if "no_index" in values:
             no_index = _bool(values["no_index"][0], f"{name}/no_index",

@@ -177,9 +177,12 @@ class InferenceEngine:
 
     # ---- segmentation ------------------------------------------------------------------------
     def predict_panels(self, panels: Sequence[np.ndarray],
-                       masks: Sequence[np.ndarray] | None = None) -> list[np.ndarray]:
-        """Peak probability (float32, same shape) for each 2-D panel; masked pixels get 0."""
-        return self._predict_many([list(panels)], [None if masks is None else list(masks)])[0][0]
+                       masks: Sequence[np.ndarray] | None = None, *,
+                       source: str | None = None) -> list[np.ndarray]:
+        """Peak probability (float32, same shape) for each 2-D panel; masked pixels get 0.
+        ``source`` names the image in warnings about unusable pixels."""
+        return self._predict_many([list(panels)], [None if masks is None else list(masks)],
+                                  None if source is None else [source])[0][0]
 
     def _predict_many(self, frames: list[list[np.ndarray]],
                       masks: list[list[np.ndarray] | None], sources: Sequence[str] | None = None

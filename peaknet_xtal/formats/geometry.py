@@ -646,6 +646,7 @@ class _Parser:
         self.bad: dict[str, dict[str, _Entry]] = {}
         self.bad_lines: dict[str, int] = {}
         self.global_lines: dict[str, int] = {}
+        self.clen_lines: dict[str, int] = {}
 
     def fail(self, line: int | None) -> _Fail:
         return _Fail(self.path, line)
@@ -744,7 +745,18 @@ class _Parser:
         if not g.panels:
             raise self.fail(None)("no panels defined (no 'name/min_fs = ...' lines)")
         self._check_overlaps(g.panels)
+        self._check_distance(g.panels)
         return g
+
+    def _check_distance(self, panels: list[Panel]) -> None:
+        """A detector wholly at or behind the sample is a sign slip in ``clen`` (every 1/d would
+        come out as 2/lambda).  Some panels behind it are fine: curved detectors wrap around."""
+        placed = [p for p in panels if p.clen_m is not None]
+        if placed and all(p.clen_m + p.coffset_m <= 0 for p in placed):
+            first = placed[0]
+            raise self.fail(self.clen_lines.get(first.name))(
+                f"camera length clen + coffset = {first.clen_m + first.coffset_m:g} m: every "
+                "panel lies at or behind the sample; the distance must be positive")
 
     def _check_overlaps(self, panels: list[Panel]) -> None:
         """Two panels reading the same raw pixels would report every peak there twice and cut
@@ -807,10 +819,8 @@ class _Parser:
             coffset = _number_with_unit(values["coffset"][0], f"{name}/coffset",
                                         {"m": 1.0, "mm": 1e-3}, "m",
                                         self.fail(values["coffset"][1]))
-        if clen_m is not None and clen_m + coffset <= 0:
-            raise self.fail(values["clen"][1])(
-                f"panel {name}: camera length clen + coffset = {clen_m + coffset:g} m puts the "
-                "detector at or behind the sample; it must be positive")
+        if clen_m is not None:
+            self.clen_lines[name] = values["clen"][1]
         no_index = False
         if "no_index" in values:
             no_index = _bool(values["no_index"][0], f"{name}/no_index",

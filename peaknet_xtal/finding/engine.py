@@ -192,7 +192,7 @@ class InferenceEngine:
         non-finite and absurd values are masked here (and only here, :mod:`.sanitise`)."""
         panels, goods, owner = [], [], []
         frame_goods: list[list[np.ndarray]] = []
-        for f, (frame_panels, frame_masks) in enumerate(zip(frames, masks)):
+        for f, (frame_panels, frame_masks) in enumerate(zip(frames, masks, strict=True)):
             images, good_masks, check = sanitise_frame(frame_panels, frame_masks)
             self.sanitised.add(check, sources[f] if sources else "image")
             frame_goods.append(good_masks)
@@ -254,7 +254,7 @@ class InferenceEngine:
             probs, goods = self._predict_many([f.panels for f in chunk],
                                               [f.masks for f in chunk],
                                               [_where(f) for f in chunk])
-            for frame, frame_probs, frame_goods in zip(chunk, probs, goods):
+            for frame, frame_probs, frame_goods in zip(chunk, probs, goods, strict=True):
                 yield self._result(frame, frame_probs, frame_goods)
 
     def _chunks(self, frames: Iterable[Frame]) -> Iterator[list[Frame]]:

@@ -57,10 +57,10 @@ def load_reflection_table(path: str | os.PathLike[str], *, trust_pickle: bool = 
         return flex.reflection_table.from_msgpack_file(path)
     except Exception as exc:  # RuntimeError for anything that is not a msgpack table
         if not trust_pickle:
-            raise FormatError(path, "not a msgpack DIALS reflection table; if it is an old "
-                              "pickled one from a source you trust, allow reading it "
-                              "(stream2labels --trust-pickle), since loading a pickle can run "
-                              "code") from exc
+            raise FormatError(path, "not a readable DIALS reflection table (not msgpack); if "
+                              "it is an old pickled one from a source you trust, allow reading "
+                              "it (stream2labels --trust-pickle), since loading a pickle can "
+                              "run code") from exc
     try:
         return flex.reflection_table.from_pickle(path)
     except Exception as exc:  # pickle, EOF and flex errors alike

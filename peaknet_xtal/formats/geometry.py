@@ -751,11 +751,11 @@ class _Parser:
     def _check_distance(self, panels: list[Panel]) -> None:
         """A detector wholly at or behind the sample is a sign slip in ``clen`` (every 1/d would
         come out as 2/lambda).  Some panels behind it are fine: curved detectors wrap around."""
-        placed = [p for p in panels if p.clen_m is not None]
-        if placed and all(p.clen_m + p.coffset_m <= 0 for p in placed):
-            first = placed[0]
-            raise self.fail(self.clen_lines.get(first.name))(
-                f"camera length clen + coffset = {first.clen_m + first.coffset_m:g} m: every "
+        distances = {p.name: p.clen_m + p.coffset_m for p in panels if p.clen_m is not None}
+        if distances and all(d <= 0 for d in distances.values()):
+            first = next(iter(distances))
+            raise self.fail(self.clen_lines.get(first))(
+                f"camera length clen + coffset = {distances[first]:g} m: every "
                 "panel lies at or behind the sample; the distance must be positive")
 
     def _check_overlaps(self, panels: list[Panel]) -> None:

@@ -142,8 +142,9 @@ def load_model(spec: str | os.PathLike[str] = DEFAULT_NAME, device: str = "cpu")
                 model = create_model(DEFAULT_NAME)
             return model.to(device).eval()
     else:
-        weights = check_model(spec)
-        assert weights is not None
+        checked = check_model(spec)
+        assert checked is not None  # only "default" gives None
+        weights = checked
     config = read_config(weights)
     config.pop("extra", None)
     try:

@@ -13,8 +13,8 @@ unpickler accepts tensors and plain containers only.
 from __future__ import annotations
 
 import os
-import shutil
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 

@@ -226,8 +226,9 @@ class FormatCXIPeakNet(FormatHDF5, FormatStill):
 
     def get_static_mask(self, index: int | None = None):
         """Good pixels: the geometry's bad regions and its static mask dataset (CrystFEL bits)."""
-        from peaknet_xtal.formats.cxi import mask_bits_ok
         from scitbx.array_family import flex
+
+        from peaknet_xtal.formats.cxi import mask_bits_ok
 
         if self._mask_cache is None:
             masks = self._geometry.bad_pixel_masks()
@@ -237,6 +238,6 @@ class FormatCXIPeakNet(FormatHDF5, FormatStill):
                     if isinstance(stored, h5py.Dataset):  # shape checked in _check
                         good = self._geometry.split_slab(mask_bits_ok(stored[()],
                                                                       self._geometry))
-                        masks = [m & g for m, g in zip(masks, good)]
+                        masks = [m & g for m, g in zip(masks, good, strict=True)]
             self._mask_cache = tuple(flex.bool(np.ascontiguousarray(m)) for m in masks)
         return self._mask_cache

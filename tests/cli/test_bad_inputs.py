@@ -140,7 +140,7 @@ def test_peaknet2cxi_masks_and_warns(name, corpus, clean_peaks, tmp_path, capsys
     elif name == "offset_minus_1000":
         pass  # not maskable: the warning is the point (peak sums are meaningless)
     else:
-        for got, want in zip(counts, clean_peaks):
+        for got, want in zip(counts, clean_peaks, strict=True):
             assert abs(got - want) <= 5, (counts, clean_peaks)
 
 

@@ -5,6 +5,9 @@ import logging
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
 from peaknet_xtal.finding.engine import InferenceEngine
 from peaknet_xtal.finding.sanitise import ABSURD, MAX_WARNINGS, sanitise_frame
@@ -76,3 +79,21 @@ def test_engine_never_hands_unusable_pixels_to_the_model_and_warns_per_frame(cap
     assert len(named) == MAX_WARNINGS and "1 non-finite and 1 absurd" in named[0]
     assert engine.sanitised.as_dict()["frames"] == len(frames)
     assert engine.sanitised.absurd == len(frames)
+
+
+@settings(max_examples=60, deadline=None)
+@given(hnp.arrays(np.float32, hnp.array_shapes(min_dims=2, max_dims=2, min_side=1, max_side=24),
+                  elements=st.one_of(st.floats(-1e4, 1e4, width=32),
+                                     st.sampled_from([float(np.float32(v)) for v in (
+                                         np.nan, np.inf, -np.inf, 3e38, -3e38, 2e19,
+                                         np.finfo(np.float32).max)]))))
+def test_no_unusable_pixel_passes_and_every_usable_one_does(image):
+    """Property: the good mask is exactly 'finite and summable', and the counts add up."""
+    (_,), (good,), check = sanitise_frame([image], None)
+    usable = np.isfinite(image) & (np.abs(image) <= ABSURD)
+    assert np.array_equal(good, usable)
+    assert check.nonfinite + check.absurd + check.usable == image.size
+    if good.any():  # whatever survives can be summed and squared in float32 without overflow
+        with np.errstate(over="raise"):
+            values = image[good].astype(np.float32)
+            np.sum(values * values / np.float32(image.size))

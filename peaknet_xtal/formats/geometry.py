@@ -832,8 +832,12 @@ class _Parser:
         dims = _dims_from({k: v for k, v in values.items() if _is_dim(k)}, self.fail(line))
         extra = {k: v for k, (v, _) in values.items() if k in self.explicit[name]
                  and k not in _RESOLVED_PANEL_KEYS and not _is_dim(k)}
+        fs, ss = vector("fs", "x"), vector("ss", "y")
+        if np.linalg.norm(np.cross(fs, ss)) <= 1e-6 * np.linalg.norm(fs) * np.linalg.norm(ss):
+            raise self.fail(values.get("ss", ("", line))[1])(
+                f"panel {name}: fs and ss are parallel, so the panel has no area")
         return Panel(
-            name=name, **ints, fs=vector("fs", "x"), ss=vector("ss", "y"),
+            name=name, **ints, fs=fs, ss=ss,
             corner_x=number("corner_x") or 0.0, corner_y=number("corner_y") or 0.0, res=res,
             clen_m=clen_m, clen_path=clen_path, coffset_m=coffset,
             adu_per_photon=number("adu_per_photon"), adu_per_eV=number("adu_per_eV"),

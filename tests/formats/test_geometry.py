@@ -334,6 +334,8 @@ def test_physical_checks_name_file_and_line() -> None:
     with pytest.raises(GeometryError, match=r"panel p1 .* overlaps panel p0"):
         parse_geometry(overlapping.replace("p1/min_ss = 0", "p1/min_ss = 150").replace(
             "p1/max_ss = 199", "p1/max_ss = 349"), "g.geom")
+    with pytest.raises(GeometryError, match=r"line 11: panel p0: fs and ss are parallel"):
+        parse_geometry(SIMPLE.replace("p0/ss = y", "p0/ss = -2x"), "g.geom")
     # panels in different slots of an extra dimension (AGIPD-style) share fs/ss ranges legally
     stacked = overlapping.replace("p0/fs = x", "p0/fs = x\np0/dim1 = 0\np0/dim2 = ss\n"
                                   "p0/dim3 = fs").replace(

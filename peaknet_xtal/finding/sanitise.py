@@ -120,21 +120,24 @@ def sanitise_frame(panels: Sequence[np.ndarray], masks: Sequence[np.ndarray] | N
         if given.shape != image.shape:
             raise ValueError(f"panel {i}: mask shape {given.shape} != {image.shape}")
         with np.errstate(invalid="ignore"):
-            magnitude = np.abs(image)
-        finite = np.isfinite(image)
-        absurd = finite & (magnitude > ABSURD)
+            ok = np.abs(image) <= ABSURD  # one pass: False for NaN, +-inf and absurd values
+        good = given & ok
         check.pixels += image.size
-        check.nonfinite += int(np.count_nonzero(given & ~finite))
-        check.absurd += int(np.count_nonzero(given & absurd))
-        good = given & finite & ~absurd
-        check.usable += int(np.count_nonzero(good))
+        usable = int(np.count_nonzero(good))
+        check.usable += usable
+        lost = int(np.count_nonzero(given)) - usable
+        if lost:  # rare: only then tell non-finite from absurd
+            nonfinite = int(np.count_nonzero(given & ~np.isfinite(image)))
+            check.nonfinite += nonfinite
+            check.absurd += lost - nonfinite
         images.append(image)
         goods.append(good)
-        values = image[good]
-        if values.size:
-            samples.append(values[:: max(1, values.size // _SAMPLES)])
-    if samples:
-        check.offset = _offset(np.concatenate(samples))
+        if usable:  # a strided sample for the offset check, not a copy of every good pixel
+            step = max(1, image.size // _SAMPLES)
+            samples.append(image.ravel()[::step][good.ravel()[::step]])
+    sample = np.concatenate(samples) if samples else np.zeros(0, np.float32)
+    if sample.size:
+        check.offset = _offset(sample)
     return images, goods, check
 
 

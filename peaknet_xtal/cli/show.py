@@ -36,9 +36,12 @@ def _spread(values: Sequence[int] | np.ndarray) -> dict[str, float]:
 
 def _value_range(arrays: Sequence[np.ndarray], masks: Sequence[np.ndarray] | None = None
                  ) -> list[float] | None:
+    """[min, max] over finite (and, with ``masks``, good) pixels; None when there are none.
+    A few NaN/inf pixels must not hide the range of all the others."""
     lo, hi = np.inf, -np.inf
     for i, a in enumerate(arrays):
-        values = a[masks[i]] if masks is not None else a
+        values = a[masks[i]] if masks is not None else np.asarray(a).ravel()
+        values = values[np.isfinite(values)]
         if values.size:
             lo, hi = min(lo, float(values.min())), max(hi, float(values.max()))
     return None if lo > hi else [lo, hi]
@@ -53,6 +56,9 @@ def show_stream(path: str, **_: Any) -> dict[str, Any]:
     for item in iter_stream(path):
         if isinstance(item, StreamHeader):  # a (possibly repeated) header
             headers += 1
+            if item.geometry_error:
+                raise FormatError(path, f"embedded geometry is malformed: {item.geometry_error}",
+                                  line=item.line)
             if geometry_panels is None and item.geometry is not None:
                 geometry_panels = item.geometry.n_panels
             continue
@@ -102,13 +108,17 @@ def show_cxi(path: str, geometry: str | None = None, max_frames: int = 20,
 
     geom = read_geometry(geometry) if geometry else None
     info = inspect_cxi(path, geom)
+    from peaknet_xtal.finding.sanitise import sanitise_frame
+
     ranges: list[list[float]] = []
-    sampled = 0
+    sampled = nonfinite = absurd = 0
     for frame in iter_cxi_frames(path, geom, stop=max(1, int(max_frames))):
         sampled += 1
         r = _value_range(frame.panels)
         if r is not None:
             ranges.append(r)
+        check = sanitise_frame(frame.panels, None)[2]
+        nonfinite, absurd = nonfinite + check.nonfinite, absurd + check.absurd
     import h5py
 
     with h5py.File(path, "r") as h5:
@@ -119,7 +129,8 @@ def show_cxi(path: str, geometry: str | None = None, max_frames: int = 20,
             "panels": geom.n_panels if geom is not None else 1,
             "value_range": ([min(r[0] for r in ranges), max(r[1] for r in ranges)]
                             if ranges else None),
-            "value_range_frames": sampled, "peak_table": _peak_table_summary(path)}
+            "value_range_frames": sampled, "nonfinite_pixels": nonfinite,
+            "absurd_pixels": absurd, "peak_table": _peak_table_summary(path)}
 
 
 def show_image(path: str, **_: Any) -> dict[str, Any]:
@@ -261,6 +272,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                                        max_frames=config["max_frames"]))
         except FormatError as exc:
             print(f"peaknet-show: {exc}", file=sys.stderr)
+            failed = True
+            continue
+        except (OSError, ValueError, KeyError, IndexError, RuntimeError) as exc:
+            # a library below us failed on a bad file: still one line naming the file
+            print(f"peaknet-show: {path}: cannot read ({type(exc).__name__}: {exc})",
+                  file=sys.stderr)
             failed = True
             continue
         if not config["json"]:

@@ -59,6 +59,9 @@ def build_parser() -> Any:
     add("--report", dest="run.report", help="PeakDiff PNG path")
     add("--keep-parts", dest="run.keep_parts", action="store_true")
     add("--max-frames", dest="run.max_frames", type=int, help="only the first N indexed frames")
+    add("--trust-pickle", dest="run.trust_pickle", action="store_true",
+        help="also read old pickled .refl files (loading a pickle can run code: only for "
+        "files from a source you trust)")
     add("--quiet", action="store_true", help="no progress line")
     return parser
 

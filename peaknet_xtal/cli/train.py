@@ -9,10 +9,12 @@ See examples/configs/train_*.yaml.
 """
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from peaknet_xtal.config import record
+from peaknet_xtal.errors import PeakNetError
 from peaknet_xtal.training.cli_common import parse_training_args, training_parser
 
 
@@ -22,7 +24,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = training_parser(__doc__, prog="peaknet-train")
     config = parse_training_args(parser, SUPERVISED_DEFAULTS, argv, SUPERVISED_TYPES)
     record(config, Path(config["out"]) / "train_config.json", "peaknet-train", argv)
-    final = train(config)
+    try:
+        final = train(config)
+    except PeakNetError as exc:  # a bad label file or checkpoint: one line naming it
+        print(f"peaknet-train: error: {exc}", file=sys.stderr)
+        return 1
     print(final)
     return 0
 

@@ -51,6 +51,7 @@ from typing import Any
 import numpy as np
 
 from peaknet_xtal.finding.peaks import PeakParams, find_peaks, is_hit
+from peaknet_xtal.finding.sanitise import SanitiseTally, sanitise_frame
 from peaknet_xtal.finding.settings import DEFAULTS, resolve_gain
 from peaknet_xtal.types import Frame, FrameResult
 
@@ -149,6 +150,8 @@ class InferenceEngine:
         self._model: Any = None
         self._device: Any = None
         self._gains_logged: set[float | None] = set()
+        #: Frames and pixels masked as unusable so far (non-finite, absurd), see :mod:`.sanitise`.
+        self.sanitised = SanitiseTally()
 
     # ---- pickling: never ship the model -------------------------------------------------------
     def __getstate__(self) -> dict[str, Any]:
@@ -198,26 +201,28 @@ class InferenceEngine:
 
     # ---- segmentation ------------------------------------------------------------------------
     def predict_panels(self, panels: Sequence[np.ndarray],
-                       masks: Sequence[np.ndarray] | None = None) -> list[np.ndarray]:
-        """Peak probability (float32, same shape) for each 2-D panel; masked pixels get 0."""
-        return self._predict_many([list(panels)], [None if masks is None else list(masks)])[0]
+                       masks: Sequence[np.ndarray] | None = None, *,
+                       source: str | None = None) -> list[np.ndarray]:
+        """Peak probability (float32, same shape) for each 2-D panel; masked pixels get 0.
+        ``source`` names the image in warnings about unusable pixels."""
+        return self._predict_many([list(panels)], [None if masks is None else list(masks)],
+                                  None if source is None else [source])[0][0]
 
     def _predict_many(self, frames: list[list[np.ndarray]],
-                      masks: list[list[np.ndarray] | None]) -> list[list[np.ndarray]]:
-        """Probability maps for several frames' panels, batched across all of them."""
+                      masks: list[list[np.ndarray] | None], sources: Sequence[str] | None = None
+                      ) -> tuple[list[list[np.ndarray]], list[list[np.ndarray]]]:
+        """Probability maps for several frames' panels, batched across all of them, and the
+        good-pixel masks they were computed with.  This is where pixels enter the engine:
+        non-finite and absurd values are masked here (and only here, :mod:`.sanitise`)."""
         panels, goods, owner = [], [], []
-        for f, (frame_panels, frame_masks) in enumerate(zip(frames, masks)):
-            for i, panel in enumerate(frame_panels):
-                image = np.asarray(panel, dtype=np.float32)
-                if image.ndim != 2:
-                    raise ValueError(f"panel {i} must be 2-D, got shape {image.shape}")
-                good = (np.ones(image.shape, bool) if frame_masks is None
-                        else np.asarray(frame_masks[i], dtype=bool))
-                if good.shape != image.shape:
-                    raise ValueError(f"panel {i}: mask shape {good.shape} != {image.shape}")
-                panels.append(image)
-                goods.append(good & np.isfinite(image))
-                owner.append(f)
+        frame_goods: list[list[np.ndarray]] = []
+        for f, (frame_panels, frame_masks) in enumerate(zip(frames, masks, strict=True)):
+            images, good_masks, check = sanitise_frame(frame_panels, frame_masks)
+            self.sanitised.add(check, sources[f] if sources else "image")
+            frame_goods.append(good_masks)
+            panels.extend(images)
+            goods.extend(good_masks)
+            owner.extend([f] * len(images))
         if self.predictor is not None:
             probs = [np.asarray(p, dtype=np.float32) for p in self.predictor(panels, goods)]
         else:
@@ -225,15 +230,14 @@ class InferenceEngine:
         out: list[list[np.ndarray]] = [[] for _ in frames]
         for f, prob, good in zip(owner, probs, goods):
             out[f].append(np.where(good, prob, np.float32(0)))
-        return out
+        return out, frame_goods
 
     def predict_logits(self, panels: Sequence[np.ndarray],
                        masks: Sequence[np.ndarray] | None = None) -> list[np.ndarray]:
         """The model's raw ``(classes, H, W)`` logits per panel, tiled and batched exactly as
         :meth:`predict_panels` runs it (what the model says before softmax and threshold)."""
-        images = [np.asarray(p, dtype=np.float32) for p in panels]
-        goods = [(np.ones(p.shape, bool) if masks is None else np.asarray(masks[i], dtype=bool))
-                 & np.isfinite(p) for i, p in enumerate(images)]
+        images, goods, check = sanitise_frame(panels, masks)
+        self.sanitised.add(check, "image")
         return self._run_model(images, goods, logits=True)
 
     def _run_model(self, panels: list[np.ndarray], goods: list[np.ndarray],
@@ -275,7 +279,8 @@ class InferenceEngine:
                     adu_per_photon: float | None = None, with_bbox: bool = False) -> Any:
         """Peak table (and boxes with ``with_bbox``) of one frame given as panels;
         ``adu_per_photon`` is the gain the data declare (as ``frame.meta`` would)."""
-        probs = self.predict_panels(panels, masks)
+        (probs,), (masks,) = self._predict_many(
+            [list(panels)], [None if masks is None else list(masks)])
         frame = Frame(panels=list(panels), masks=None if masks is None else list(masks),
                       geometry=geometry,
                       meta={"wavelength_A": wavelength_A, "adu_per_photon": adu_per_photon})
@@ -287,9 +292,11 @@ class InferenceEngine:
         """One :class:`FrameResult` per input frame, in input order, batching across frames;
         ``with_pixels`` keeps each reported peak's pixels (``FrameResult.peak_pixels``)."""
         for chunk in self._chunks(frames):
-            probs = self._predict_many([f.panels for f in chunk], [f.masks for f in chunk])
-            for frame, frame_probs in zip(chunk, probs):
-                yield self._result(frame, frame_probs, with_pixels)
+            probs, goods = self._predict_many([f.panels for f in chunk],
+                                              [f.masks for f in chunk],
+                                              [_where(f) for f in chunk])
+            for frame, frame_probs, frame_goods in zip(chunk, probs, goods, strict=True):
+                yield self._result(frame, frame_probs, frame_goods, with_pixels)
 
     def _chunks(self, frames: Iterable[Frame]) -> Iterator[list[Frame]]:
         """Groups of whole frames holding at least ``batch_size`` tiles (the last may hold
@@ -306,9 +313,10 @@ class InferenceEngine:
         if chunk:
             yield chunk
 
-    def _result(self, frame: Frame, probs: list[np.ndarray], with_pixels: bool) -> FrameResult:
+    def _result(self, frame: Frame, probs: list[np.ndarray], goods: list[np.ndarray],
+                with_pixels: bool) -> FrameResult:
         wavelength = frame.meta.get("wavelength_A")
-        found = find_peaks(frame.panels, probs, frame.masks, self.params_for(frame),
+        found = find_peaks(frame.panels, probs, goods, self.params_for(frame),
                            geometry=frame.geometry, wavelength_A=wavelength,
                            with_pixels=with_pixels)
         peaks, pixels = found if with_pixels else (found, None)
@@ -419,6 +427,11 @@ def _stack_tiles(batch: list[Tile], panels: list[np.ndarray], goods: list[np.nda
         x[k, 0, :tile.height, :tile.width] = np.where(good, panels[tile.panel][window], 0)
         m[k, 0, :tile.height, :tile.width] = good
     return x, m
+
+
+def _where(frame: Frame) -> str:
+    """A frame's name in warnings: its file and event."""
+    return f"{frame.source or 'frame'} {frame.event or ''}".strip()
 
 
 def _replace(params: PeakParams, overrides: dict[str, Any]) -> PeakParams:

@@ -162,6 +162,60 @@ def _check_shape(path: str, dataset: str, shape: tuple[int, ...], geometry: Any)
                           f"{'x'.join(map(str, need))}", dataset=dataset)
 
 
+def check_image_dataset(path: str, name: str, ds: h5py.Dataset) -> None:
+    """Image data must be numbers (a boolean dataset is a mask, strings are not pixels) and, for
+    an HDF5 virtual dataset, every source file must exist: HDF5 reads a missing source as the
+    fill value, so the frames would silently be zeros."""
+    kind = ds.dtype.kind
+    if kind == "b":
+        raise FormatError(path, "boolean data: this looks like a mask, not detector images; "
+                          "give the image dataset", dataset=name)
+    if kind not in "fiu":
+        raise FormatError(path, f"pixel values must be numbers, but the dataset holds "
+                          f"{ds.dtype} values", dataset=name)
+    if not ds.is_virtual:
+        plist = ds.id.get_create_plist()
+        for k in range(plist.get_nfilters()):
+            code, _, _, label = plist.get_filter(k)
+            if not h5py.h5z.filter_avail(code):
+                raise FormatError(path, f"compressed with HDF5 filter {code} "
+                                  f"({label.decode(errors='replace') or 'unnamed'}), which this "
+                                  "HDF5 library cannot decode (install its plugin, e.g. the "
+                                  "hdf5plugin package, and set HDF5_PLUGIN_PATH)", dataset=name)
+    else:
+        missing = sorted({source.file_name for source in ds.virtual_sources()
+                          if not _vds_source_exists(path, source.file_name)})
+        if missing:
+            raise FormatError(path, f"virtual dataset source file(s) missing: "
+                              f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}; "
+                              "HDF5 would read their frames as zeros", dataset=name)
+
+
+def _vds_source_exists(path: str, source: str) -> bool:
+    """HDF5 resolves a relative source against the virtual file's folder (then the working
+    directory); '.' is the file itself."""
+    if source == ".":
+        return True
+    if os.path.isabs(source):
+        return os.path.exists(source)
+    here = os.path.dirname(os.path.abspath(path))
+    return os.path.exists(os.path.join(here, source)) or os.path.exists(source)
+
+
+def check_mask_dataset(path: str, name: str, mask: h5py.Dataset,
+                       frame_shape: tuple[int, ...], n_frames: int, stacked: bool) -> None:
+    """A mask must cover the frames exactly: one static mask of the frame shape, or one mask
+    per frame.  Anything else would mask the wrong pixels, or none."""
+    shape = tuple(int(n) for n in mask.shape)
+    allowed = [tuple(frame_shape)] + ([(n_frames, *frame_shape)] if stacked else [])
+    if shape not in allowed:
+        raise FormatError(path, f"mask shape {shape} does not fit the images: need "
+                          f"{' or '.join(str(a) for a in allowed)}", dataset=name)
+    if mask.dtype.kind not in "biu":
+        raise FormatError(path, f"mask values must be integers or booleans, not {mask.dtype}",
+                          dataset=name)
+
+
 def inspect_cxi(path: str | os.PathLike[str], geometry: Any = None, *,
                 data_path: str | None = None, mask_path: str | None = None) -> CXIInfo:
     """Locate and check the image data without reading any pixels."""
@@ -174,9 +228,12 @@ def _inspect(h5: h5py.File, path: str, geometry: Any, data_path: str | None,
              mask_path: str | None) -> CXIInfo:
     name = _data_path(h5, path, geometry, data_path)
     ds = _dataset(h5, path, name)
+    check_image_dataset(path, name, ds)
     shape = tuple(int(n) for n in ds.shape)
     _check_shape(path, name, shape, geometry)
     stacked = len(shape) == _frame_ndim(geometry) + 1
+    n_frames = shape[0] if stacked else 1
+    frame_shape = shape[1:] if stacked else shape
     mask_name = _mask_path(h5, geometry, mask_path)
     if mask_name is not None and mask_path is None and h5.get(mask_name) is None:
         # the geometry names a mask this file lacks: CrystFEL would stop; we go on without it
@@ -185,13 +242,16 @@ def _inspect(h5: h5py.File, path: str, geometry: Any, data_path: str | None,
                     path, mask_name, getattr(geometry, "path", None) or "")
         mask_name = None
     if mask_name is not None:
-        mask_ds = _dataset(h5, path, mask_name)
-        if tuple(mask_ds.shape[-2:]) != shape[-2:]:  # static (2-D) or per-frame (3-D)
-            raise FormatError(path, f"mask shape {mask_ds.shape} does not match the image "
-                              f"shape {shape}", dataset=mask_name)
-    return CXIInfo(path=path, dataset=name, n_frames=shape[0] if stacked else 1,
-                   frame_shape=shape[1:] if stacked else shape, dtype=ds.dtype, stacked=stacked,
-                   mask_dataset=mask_name)
+        check_mask_dataset(path, mask_name, _dataset(h5, path, mask_name), frame_shape,
+                           n_frames, stacked)
+    mask_file = getattr(geometry, "mask_file", None) if geometry is not None else None
+    if mask_file and not mask_path:
+        with open_h5(mask_file) as other:
+            file_mask = getattr(geometry, "mask", None) or DEFAULT_MASK_PATHS[0]
+            check_mask_dataset(mask_file, file_mask, _dataset(other, mask_file, file_mask),
+                               frame_shape, n_frames, stacked)
+    return CXIInfo(path=path, dataset=name, n_frames=n_frames, frame_shape=frame_shape,
+                   dtype=ds.dtype, stacked=stacked, mask_dataset=mask_name)
 
 
 def _split(slab: np.ndarray, geometry: Any) -> list[np.ndarray]:
@@ -264,6 +324,11 @@ class _Reader:
             raise
         self.data = self.h5[self.info.dataset]
         self.mask = self.h5[self.info.mask_dataset] if self.info.mask_dataset else None
+        self._mask_h5 = None
+        mask_file = getattr(geometry, "mask_file", None) if geometry is not None else None
+        if mask_file and not mask_path:  # the geometry's mask lives in another file
+            self._mask_h5 = open_h5(mask_file)
+            self.mask = self._mask_h5[getattr(geometry, "mask", None) or DEFAULT_MASK_PATHS[0]]
         self._static_masks = geometry.bad_pixel_masks() if geometry is not None else None
         self._flags = panel_flags(geometry)
 
@@ -308,7 +373,8 @@ class _Reader:
         if panels is not None and self._flags:
             pieces.append([flagged_ok(p, f) for p, f in zip(panels, self._flags)])
         if self.mask is not None:
-            raw = self.mask[index] if self.mask.ndim == 3 else self.mask[()]
+            raw = (self.mask[index] if self.mask.ndim == len(self.info.frame_shape) + 1
+                   else self.mask[()])
             pieces.append(_split(mask_bits_ok(np.asarray(raw), self.geometry), self.geometry))
         if self._static_masks is not None:
             pieces.append(list(self._static_masks))
@@ -338,6 +404,8 @@ class _Reader:
 
     def close(self) -> None:
         self.h5.close()
+        if self._mask_h5 is not None:
+            self._mask_h5.close()
 
 
 def iter_cxi_frames(path: str | os.PathLike[str], geometry: Any = None, *,

@@ -44,25 +44,39 @@ def _flex_to_numpy(column: Any) -> np.ndarray:
         raise TypeError(f"cannot convert column of type {type(column).__name__}") from exc
 
 
-def load_reflection_table(path: str | os.PathLike[str]) -> Any:
-    """The DIALS ``flex.reflection_table`` in ``path``, or a FormatError naming the file."""
+def load_reflection_table(path: str | os.PathLike[str], *, trust_pickle: bool = False) -> Any:
+    """The DIALS ``flex.reflection_table`` in ``path``, or a FormatError naming the file.
+
+    Only msgpack tables (what DIALS has written since 2020) are read by default.  DIALS' own
+    ``from_file`` falls back to unpickling anything else, and unpickling a crafted file runs
+    arbitrary code; an old pickled table is read only with ``trust_pickle=True``.
+    """
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FormatError(path, "file not found")
     from dials.array_family import flex
 
     try:
-        return flex.reflection_table.from_file(path)
-    except Exception as exc:  # DIALS raises RuntimeError, msgpack and pickle errors alike
+        return flex.reflection_table.from_msgpack_file(path)
+    except Exception as exc:  # RuntimeError for anything that is not a msgpack table
+        if not trust_pickle:
+            raise FormatError(path, "not a readable DIALS reflection table (not msgpack); if "
+                              "it is an old pickled one from a source you trust, allow reading "
+                              "it (stream2labels --trust-pickle), since loading a pickle can "
+                              "run code") from exc
+    try:
+        return flex.reflection_table.from_pickle(path)
+    except Exception as exc:  # pickle, EOF and flex errors alike
         raise FormatError(path, f"not a readable DIALS reflection table "
                           f"({type(exc).__name__}: {exc})") from exc
 
 
 def read_reflections(path: str | os.PathLike[str],
-                     columns: Sequence[str] | None = DEFAULT_COLUMNS) -> dict[str, np.ndarray]:
+                     columns: Sequence[str] | None = DEFAULT_COLUMNS, *,
+                     trust_pickle: bool = False) -> dict[str, np.ndarray]:
     """Columns of a ``.refl`` as numpy (all columns when ``columns`` is None; absent ones skipped).
     """
-    table = load_reflection_table(path)
+    table = load_reflection_table(path, trust_pickle=trust_pickle)
     wanted = list(table.keys()) if columns is None else [c for c in columns if c in table]
     out = {}
     for name in wanted:

@@ -128,6 +128,13 @@ def _int(value: str, key: str, fail: _Fail) -> int:
     return int(number)
 
 
+def _positive(number: float, key: str, value: str, fail: _Fail) -> float:
+    """Energies, wavelengths and voltages are positive; a sign slip would make every 1/d NaN."""
+    if number <= 0:
+        raise fail(f"{key} = {value!r} must be positive")
+    return number
+
+
 def _bits(value: str, key: str, fail: _Fail) -> int:
     try:
         return int(value, 0)
@@ -834,6 +841,7 @@ class _Parser:
         self.bad: dict[str, dict[str, _Entry]] = {}
         self.bad_lines: dict[str, int] = {}
         self.global_lines: dict[str, int] = {}
+        self.clen_lines: dict[str, int] = {}
 
     def fail(self, line: int | None) -> _Fail:
         return _Fail(self.path, line)
@@ -886,20 +894,22 @@ class _Parser:
             if value.startswith("/"):
                 g.photon_energy_path, g.photon_energy_eV = value, None
             else:
-                g.photon_energy_eV = _number_with_unit(value, key, {"eV": 1.0, "keV": 1e3},
-                                                       "eV", fail)
+                g.photon_energy_eV = _positive(_number_with_unit(
+                    value, key, {"eV": 1.0, "keV": 1e3}, "eV", fail), key, value, fail)
         elif key == "wavelength":
             if value.startswith("/"):
                 g.photon_energy_path, g.photon_energy_eV = value, None
             else:
-                metres = _number_with_unit(value, key, {"m": 1.0, "A": 1e-10}, "m", fail)
-                g.photon_energy_eV = HC_EV_A / (metres * 1e10) if metres > 0 else None
+                metres = _positive(_number_with_unit(value, key, {"m": 1.0, "A": 1e-10}, "m",
+                                                     fail), key, value, fail)
+                g.photon_energy_eV = HC_EV_A / (metres * 1e10)
         elif key == "electron_voltage":
             if value.startswith("/"):
                 g.photon_energy_path, g.photon_energy_eV = value, None
             else:
-                volts = _number_with_unit(value, key, {"V": 1.0, "kV": 1e3}, "V", fail)
-                g.photon_energy_eV = HC_EV_A / _electron_wavelength_A(volts) if volts > 0 else None
+                volts = _positive(_number_with_unit(value, key, {"V": 1.0, "kV": 1e3}, "V",
+                                                    fail), key, value, fail)
+                g.photon_energy_eV = HC_EV_A / _electron_wavelength_A(volts)
         elif key in {"adu_per_photon", "adu_per_eV", "bandwidth", "coffset", "res", "max_adu"}:
             number = _float(value, key, fail)
             if key in {"adu_per_photon", "adu_per_eV", "bandwidth"}:
@@ -929,7 +939,43 @@ class _Parser:
                          for name, values in self.bad.items()]
         if not g.panels:
             raise self.fail(None)("no panels defined (no 'name/min_fs = ...' lines)")
+        self._check_overlaps(g.panels)
+        self._check_distance(g.panels)
         return g
+
+    def _check_distance(self, panels: list[Panel]) -> None:
+        """A detector wholly at or behind the sample is a sign slip in ``clen`` (every 1/d would
+        come out as 2/lambda).  Some panels behind it are fine: curved detectors wrap around."""
+        distances = {p.name: p.clen_m + p.coffset_m for p in panels if p.clen_m is not None}
+        if distances and all(d <= 0 for d in distances.values()):
+            first = next(iter(distances))
+            raise self.fail(self.clen_lines.get(first))(
+                f"camera length clen + coffset = {distances[first]:g} m: every "
+                "panel lies at or behind the sample; the distance must be positive")
+
+    def _check_overlaps(self, panels: list[Panel]) -> None:
+        """Two panels reading the same raw pixels would report every peak there twice and cut
+        labels from the wrong pixels: an error naming both panels."""
+        groups: dict[tuple[str, ...], list[int]] = {}
+        for i, p in enumerate(panels):
+            fixed = tuple(d for d in p._data_dims() if d not in {"ss", "fs"})
+            groups.setdefault(fixed, []).append(i)
+        for members in groups.values():
+            if len(members) < 2:
+                continue
+            box = np.array([(panels[i].min_fs, panels[i].max_fs, panels[i].min_ss,
+                             panels[i].max_ss) for i in members])
+            hit = ((box[:, None, 0] <= box[None, :, 1]) & (box[None, :, 0] <= box[:, None, 1])
+                   & (box[:, None, 2] <= box[None, :, 3]) & (box[None, :, 2] <= box[:, None, 3]))
+            hit = np.triu(hit, k=1)
+            if hit.any():
+                a, b = (members[int(k)] for k in np.argwhere(hit)[0])
+                first, second = panels[a], panels[b]
+                raise self.fail(second.line)(
+                    f"panel {second.name} (fs {second.min_fs}-{second.max_fs}, ss "
+                    f"{second.min_ss}-{second.max_ss}) overlaps panel {first.name} (fs "
+                    f"{first.min_fs}-{first.max_fs}, ss {first.min_ss}-{first.max_ss}) in the "
+                    "data: each raw pixel may belong to one panel only")
 
     def _panel(self, name: str, values: dict[str, _Entry]) -> Panel:
         line = self.panel_lines[name]
@@ -968,6 +1014,8 @@ class _Parser:
             coffset = _number_with_unit(values["coffset"][0], f"{name}/coffset",
                                         {"m": 1.0, "mm": 1e-3}, "m",
                                         self.fail(values["coffset"][1]))
+        if clen_m is not None:
+            self.clen_lines[name] = values["clen"][1]
         no_index = False
         if "no_index" in values:
             no_index = _bool(values["no_index"][0], f"{name}/no_index",
@@ -979,8 +1027,12 @@ class _Parser:
         dims = _dims_from({k: v for k, v in values.items() if _is_dim(k)}, self.fail(line))
         extra = {k: v for k, (v, _) in values.items() if k in self.explicit[name]
                  and k not in _RESOLVED_PANEL_KEYS and not _is_dim(k)}
+        fs, ss = vector("fs", "x"), vector("ss", "y")
+        if np.linalg.norm(np.cross(fs, ss)) <= 1e-6 * np.linalg.norm(fs) * np.linalg.norm(ss):
+            raise self.fail(values.get("ss", ("", line))[1])(
+                f"panel {name}: fs and ss are parallel, so the panel has no area")
         return Panel(
-            name=name, **ints, fs=vector("fs", "x"), ss=vector("ss", "y"),
+            name=name, **ints, fs=fs, ss=ss,
             corner_x=number("corner_x") or 0.0, corner_y=number("corner_y") or 0.0, res=res,
             clen_m=clen_m, clen_path=clen_path, coffset_m=coffset,
             adu_per_photon=number("adu_per_photon"), adu_per_eV=number("adu_per_eV"),

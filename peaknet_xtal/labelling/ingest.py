@@ -159,11 +159,15 @@ def _predicted_from_chunk(chunk: Any, panels: _PanelIndex, path: str) -> np.ndar
 
 
 def stream_geometry(path: str | os.PathLike[str]) -> Any:
-    """The geometry embedded in a stream's (first) header; None when absent or unreadable."""
+    """The geometry embedded in a stream's (first) header; None when absent.  A malformed one is
+    an error (with the parser's reason), not silently "no geometry"."""
     from peaknet_xtal.formats.stream import StreamHeader, iter_stream
 
     for item in iter_stream(path):
         if isinstance(item, StreamHeader):
+            if item.geometry_error:
+                raise FormatError(path, f"embedded geometry is malformed: "
+                                  f"{item.geometry_error} (or pass --geometry)", line=item.line)
             return item.geometry
         return None
     return None
@@ -240,15 +244,18 @@ def _dials_predicted(cols: dict[str, np.ndarray], sel: np.ndarray) -> np.ndarray
 
 
 def records_from_dials(expt: str | os.PathLike[str], refl: str | os.PathLike[str],
-                       prefix: str | None = None) -> Iterator[FrameRecord]:
-    """One record per experiment of a stills ``.expt``/``.refl`` pair."""
+                       prefix: str | None = None, *,
+                       trust_pickle: bool = False) -> Iterator[FrameRecord]:
+    """One record per experiment of a stills ``.expt``/``.refl`` pair (a pickled ``.refl`` only
+    with ``trust_pickle``: see :func:`~peaknet_xtal.formats.dials_tables.load_reflection_table`).
+    """
     from peaknet_xtal.formats.dials_tables import read_experiments, read_reflections
 
     expt, refl = os.fspath(expt), os.fspath(refl)
     experiments = read_experiments(expt)
     cols = read_reflections(refl, ("id", "panel", "miller_index", "xyzobs.px.value",
                                    "xyzcal.px", "flags", "intensity.sum.value",
-                                   "intensity.sum.variance"))
+                                   "intensity.sum.variance"), trust_pickle=trust_pickle)
     for needed in ("id", "panel", "xyzobs.px.value", "xyzcal.px", "miller_index"):
         if needed not in cols:
             raise FormatError(refl, f"no {needed} column (need observed and calculated positions)")

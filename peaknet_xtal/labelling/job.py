@@ -62,6 +62,7 @@ DEFAULTS: dict[str, Any] = {
         "report": None,          # PeakDiff PNG (default: <output stem>.peakdiff.png)
         "keep_parts": False,
         "max_frames": None,
+        "trust_pickle": False,   # read pickled (pre-msgpack) .refl files: they can run code
     },
 }
 #: Types of the settings whose default (None) cannot say it (config.resolve validates them).
@@ -102,7 +103,8 @@ def ingest(paths: Sequence[str], run: dict[str, Any]) -> tuple[list[FrameRecord]
     geometries: dict[str, Any] = {}
     for group in group_inputs(paths):
         if len(group) == 2:
-            records.extend(records_from_dials(group[0], group[1], prefix=run.get("prefix")))
+            records.extend(records_from_dials(group[0], group[1], prefix=run.get("prefix"),
+                                              trust_pickle=bool(run.get("trust_pickle"))))
             continue
         from peaknet_xtal.labelling.ingest import stream_geometry
 

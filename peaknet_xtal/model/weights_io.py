@@ -56,23 +56,70 @@ def save_model(model: Any, path: str | os.PathLike[str], extra: dict[str, Any] |
     return target
 
 
+def _safetensors_metadata(weights: Path) -> dict[str, str]:
+    """The header metadata of a safetensors file; anything else (random bytes, a truncated file,
+    a pickle under a .safetensors name) is a FormatError. safetensors parses only its own
+    length-prefixed JSON header, so nothing in the file can run code."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            return dict(handle.metadata() or {})
+    except Exception as exc:  # safetensors raises SafetensorError, OSError, ...
+        raise FormatError(weights, f"not a readable safetensors file ({exc}); give a model "
+                                   "written by peaknet-train or save_model") from exc
+
+
+def _config_dict(text: str, path: Path, where: str) -> dict[str, Any]:
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise FormatError(path, f"{where} is not valid JSON: {exc.msg}",
+                          line=exc.lineno if where == "model config" else None) from exc
+    if not isinstance(config, dict):
+        raise FormatError(path, f"{where} must be a JSON object, not a {type(config).__name__}")
+    family = config.get("family")
+    if not isinstance(family, str):
+        raise FormatError(path, f"{where} has no model 'family' string")
+    return config
+
+
 def read_config(weights: Path) -> dict[str, Any]:
     """The model config beside ``weights`` (JSON), else from the safetensors metadata."""
     beside = weights.with_suffix(".json")
     if beside.exists():
         try:
-            return json.loads(beside.read_text())
-        except json.JSONDecodeError as exc:
-            raise FormatError(beside, f"model config is not valid JSON: {exc.msg}",
-                              line=exc.lineno) from exc
-    from safetensors import safe_open
-
-    with safe_open(str(weights), framework="pt") as handle:
-        meta = handle.metadata() or {}
+            text = beside.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise FormatError(beside, f"cannot read the model config ({exc})") from exc
+        return _config_dict(text, beside, "model config")
+    meta = _safetensors_metadata(weights)
     if "config" not in meta:
         raise FormatError(weights, "no model config: neither a .json beside it nor 'config' in "
                                    "the safetensors metadata")
-    return json.loads(meta["config"])
+    return _config_dict(meta["config"], weights, "the safetensors metadata 'config'")
+
+
+def check_model(spec: str | os.PathLike[str]) -> Path | None:
+    """Validate a model file without building the network: the path exists, is a safetensors
+    file and carries a config of a known family. Hosts (the DIALS plugin, CLIs) call this at
+    start-up so a bad ``model=`` fails at once, in the main process, with the file named.
+    Returns the weights path (None for the shipped default)."""
+    if str(spec) == DEFAULT_NAME:
+        return None
+    weights = _resolve(spec)
+    if not weights.exists():
+        raise FormatError(weights, "model weights not found")
+    if not weights.is_file():
+        raise FormatError(weights, "model weights path is not a file")
+    _safetensors_metadata(weights)
+    config = read_config(weights)
+    from peaknet_xtal.model.zoo import known_families
+
+    if config["family"] not in known_families():
+        raise FormatError(weights, f"unknown model family {config['family']!r}; known: "
+                                   f"{known_families()}")
+    return weights
 
 
 def load_model(spec: str | os.PathLike[str] = DEFAULT_NAME, device: str = "cpu") -> Any:
@@ -93,20 +140,23 @@ def load_model(spec: str | os.PathLike[str] = DEFAULT_NAME, device: str = "cpu")
                                        "peaknet-xtal or rebuild them with "
                                        "examples/train_default_model.py, or pass a weights path")
     else:
-        weights = _resolve(spec)
-    if not weights.exists():
-        raise FormatError(weights, "model weights not found")
+        checked = check_model(spec)
+        assert checked is not None  # only "default" gives None
+        weights = checked
     config = read_config(weights)
     config.pop("extra", None)
     try:
         model = build_from_config(config)
-    except (KeyError, TypeError) as exc:
+    except (KeyError, TypeError, ValueError) as exc:
         raise FormatError(weights, f"model config cannot build a model: {exc}") from exc
     try:
         state = load_file(str(weights))
     except Exception as exc:  # safetensors raises its own error types for corrupt headers
         raise FormatError(weights, f"not a readable safetensors file: {exc}") from exc
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # tensor shapes that do not fit the config
+        raise FormatError(weights, f"weights do not fit the config: {str(exc)[:300]}") from exc
     if missing or unexpected:
         raise FormatError(weights, f"weights do not fit the config: missing {missing[:5]}, "
                                    f"unexpected {unexpected[:5]}")

@@ -36,6 +36,12 @@ def list_models(family: str | None = None) -> list[str]:
     return [n for n, c in _SIZES.items() if family is None or c["family"] == family]
 
 
+def known_families() -> list[str]:
+    """Registered model family names."""
+    _ensure_loaded()
+    return sorted(_FAMILIES)
+
+
 def model_config(name: str, **overrides: Any) -> dict[str, Any]:
     """The full config of a registered size with ``overrides`` applied."""
     _ensure_loaded()

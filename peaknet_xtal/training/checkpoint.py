@@ -4,10 +4,16 @@ Layout: ``<dir>/step_000120/{model.safetensors, model.json, state.pt}`` plus ``<
 naming the newest complete checkpoint.  A checkpoint directory is written under a temporary name
 and renamed when complete, and ``latest`` is replaced atomically afterwards, so a crash at any
 moment leaves the previous checkpoint usable.
+
+Resuming reads files from a run folder that may have been copied from elsewhere, so nothing in it
+may run code: ``latest`` must name a ``step_NNNNNN`` folder inside the checkpoint folder (no path,
+no symlink leading out), and ``state.pt`` is loaded with ``torch.load(weights_only=True)``, whose
+unpickler accepts tensors and plain containers only.
 """
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -16,6 +22,7 @@ from peaknet_xtal.atomic import write_text_atomic
 from peaknet_xtal.errors import FormatError
 
 KEEP = 2
+_STEP_NAME = re.compile(r"step_\d{6,}")
 
 
 def save_checkpoint(directory: str | os.PathLike[str], step: int, model: Any,
@@ -43,29 +50,57 @@ def save_checkpoint(directory: str | os.PathLike[str], step: int, model: Any,
 
 def latest_checkpoint(directory: str | os.PathLike[str]) -> Path | None:
     """The newest complete checkpoint in ``directory``, or None."""
-    pointer = Path(directory) / "latest"
+    root = Path(directory)
+    pointer = root / "latest"
     if not pointer.exists():
         return None
-    path = Path(directory) / pointer.read_text().strip()
-    if not (path / "state.pt").exists():
-        raise FormatError(pointer, f"points at {path.name}, which is not a complete checkpoint")
+    try:
+        name = pointer.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise FormatError(pointer, f"cannot read the checkpoint pointer ({exc})") from exc
+    if not _STEP_NAME.fullmatch(name):
+        raise FormatError(pointer, f"must name a step_NNNNNN folder beside it, not {name[:80]!r}; "
+                                   "delete it to start afresh")
+    path = root / name
+    for needed in ("state.pt", "model.safetensors"):
+        _inside(root, path / needed, pointer)
     return path
 
 
+def _inside(root: Path, path: Path, pointer: Path) -> Path:
+    """``path`` as a regular file inside ``root`` after resolving symlinks, else a FormatError:
+    a checkpoint must not read files from elsewhere."""
+    real, base = path.resolve(), root.resolve()
+    if not real.is_relative_to(base):
+        raise FormatError(path, f"leads outside the checkpoint folder {base} (to {real}); "
+                                "refusing to resume from it")
+    if not real.is_file():
+        raise FormatError(pointer, f"points at {path.parent.name}, which is not a complete "
+                                   f"checkpoint (no {path.name})")
+    return real
+
+
 def load_state(checkpoint: Path) -> dict[str, Any]:
+    """The training state (optimiser, scheduler, RNG, step), read without running code."""
     import torch
 
+    path = _inside(checkpoint.parent, checkpoint / "state.pt", checkpoint / "state.pt")
     try:
-        return torch.load(checkpoint / "state.pt", map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise FormatError(checkpoint / "state.pt", f"cannot read training state: {exc}") from exc
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError for forbidden globals; anything for garbage
+        raise FormatError(path, "cannot read training state (only tensors and plain values are "
+                                f"accepted): {str(exc).splitlines()[0][:300]}") from exc
+    if not isinstance(state, dict) or not {"optimizer", "scheduler", "rng", "step"} <= set(state):
+        raise FormatError(path, "not a training state (needs optimizer, scheduler, rng, step)")
+    return state
 
 
 def load_weights(checkpoint: Path) -> dict[str, Any]:
     """The checkpoint's model weights as a state dict (full, unsharded)."""
     from safetensors.torch import load_file
 
-    path = checkpoint / "model.safetensors"
+    path = _inside(checkpoint.parent, checkpoint / "model.safetensors",
+                   checkpoint / "model.safetensors")
     try:
         return load_file(str(path))
     except Exception as exc:

@@ -21,8 +21,10 @@ Contract DIALS imposes (and why the code looks the way it does):
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -161,11 +163,37 @@ def _build_predictor(settings: PeakNetSettings) -> Any:
 
 
 def _check_model_exists(model: str) -> None:
-    """Fail at start-up, in the main process, rather than later inside a DIALS worker."""
+    """Fail at start-up, in the main process, rather than later inside a DIALS worker: the file
+    must exist and be a safetensors model of a known family."""
     from peaknet_xtal.errors import FormatError
+    from peaknet_xtal.model.weights_io import check_model
 
     if model != "default" and not Path(model).exists():
         raise FormatError(model, "PeakNet model not found (spotfinder.threshold.peaknet.model)")
+    check_model(model)
+
+
+def _image_name(kwargs: dict[str, Any]) -> str | None:
+    """"<file> panel N" from what DIALS passes to compute_threshold, for warnings."""
+    try:
+        path = kwargs["imageset"].paths()[0]
+    except Exception:  # no imageset (the image viewer, a test): no name
+        return None
+    return f"{path} panel {kwargs.get('i_panel', 0)}"
+
+
+@contextlib.contextmanager
+def _as_user_error() -> Iterator[None]:
+    """The package's own errors (bad model file, bad pixels) become DIALS' user error, which
+    DIALS prints as one line instead of asking the user to report a crash."""
+    from libtbx.utils import Sorry
+
+    from peaknet_xtal.errors import PeakNetError
+
+    try:
+        yield
+    except PeakNetError as exc:  # names the file and what is wrong
+        raise Sorry(f"peaknet: {exc}") from exc
 
 
 class PeakNetSpotFinderThresholdExt:
@@ -186,7 +214,8 @@ class PeakNetSpotFinderThresholdExt:
     def __init__(self, params: Any) -> None:
         self.settings = PeakNetSettings.from_params(params)
         self._image: _ImageForeground | None = None
-        _check_model_exists(self.settings.model)
+        with _as_user_error():
+            _check_model_exists(self.settings.model)
 
     def __getstate__(self) -> dict[str, Any]:
         # Only the settings travel to DIALS worker processes; the model is loaded there lazily.
@@ -217,25 +246,30 @@ class PeakNetSpotFinderThresholdExt:
         peaks = None
         imageset = kwargs.get("imageset")
         whole = kwargs.get("region_of_interest") is None and i_panel is not None
-        if imageset is not None and whole and good.any():
-            peaks = self._from_whole_image(imageset, int(i_panel), pixels, good)
-        if peaks is None:
-            peaks = self.peak_pixels(pixels, good)
+        with _as_user_error():
+            if imageset is not None and whole and good.any():
+                peaks = self._from_whole_image(imageset, int(i_panel), pixels, good)
+            if peaks is None:
+                peaks = self.peak_pixels(pixels, good, source=_image_name(kwargs))
         return flumpy.from_numpy(np.ascontiguousarray(peaks))
 
-    def peak_pixels(self, pixels: np.ndarray, good: np.ndarray) -> np.ndarray:
-        """Boolean foreground of one panel (numpy in, numpy out), already ANDed with ``good``."""
+    def peak_pixels(self, pixels: np.ndarray, good: np.ndarray,
+                    source: str | None = None) -> np.ndarray:
+        """Boolean foreground of one panel (numpy in, numpy out), already ANDed with ``good``;
+        ``source`` names the image in warnings."""
         if not good.any():
             return np.zeros(good.shape, dtype=bool)
-        (foreground,) = self._foreground([pixels], [good])
+        (foreground,) = self._foreground([pixels], [good], source)
         return foreground
 
-    def _foreground(self, panels: list[np.ndarray], goods: list[np.ndarray]) -> list[np.ndarray]:
+    def _foreground(self, panels: list[np.ndarray], goods: list[np.ndarray],
+                    source: str | None = None) -> list[np.ndarray]:
         """The shared finding pipeline's DIALS foreground of one image given as panels."""
         from peaknet_xtal.formats.dxtbx_images import CORRECTED_GAIN
         from peaknet_xtal.types import Frame
 
-        frame = Frame(panels=panels, masks=goods, meta={"adu_per_photon": CORRECTED_GAIN})
+        frame = Frame(panels=panels, masks=goods, source=source or "",
+                      meta={"adu_per_photon": CORRECTED_GAIN})
         engine = get_predictor(self.settings)
         (result,) = engine.find_frames([frame], with_pixels=True)
         foreground: list[np.ndarray] = result.dials_foreground(self.settings.dilation)

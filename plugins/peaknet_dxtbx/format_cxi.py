@@ -7,13 +7,22 @@ geometry either named by the file attribute ``peaknet_geometry``
 (``run.geom``).  The geometry must give the camera length as a number; the photon energy may be a
 number or an HDF5 path holding one value per frame (what ``peaknet2cxi`` writes).
 
+Bad input: a file that is not such a stack is declined (``understand`` is False, the reason logged
+at debug level, or at info level for a CXI stack without a geometry, so ``dials.import`` says why
+it cannot handle it).  A file this format claims but cannot read (malformed geometry, data that do
+not fit it, unreadable frames, a wrong-shaped mask) raises ``libtbx.utils.Sorry``, DIALS' user
+error, whose message names the file and what is wrong; DIALS prints it without a traceback.
+
 Frames: CrystFEL lab coordinates (+z along the beam, +y up) become DIALS lab coordinates
 (the beam travels along -z, +y up) by a half turn about y: ``(x, y, z) -> (-x, y, -z)``, in mm.
 A panel's DIALS origin is the outer corner of its first pixel, exactly CrystFEL's ``corner_x/y``.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+from collections.abc import Iterator
 
 import h5py
 import numpy as np
@@ -25,6 +34,29 @@ from peaknet_xtal.formats.geometry import HC_EV_A
 DATA_PATH = "/entry_1/data_1/data"
 MASK_PATH = "/entry_1/data_1/mask"
 GEOMETRY_ATTR = "peaknet_geometry"
+#: Pixel values beyond +-TRUSTED (and non-finite ones) are untrusted: DIALS masks them.
+TRUSTED = 1e9
+
+#: A child of DIALS' "dxtbx" logger, so dials.import shows the reasons it logs.
+log = logging.getLogger("dxtbx.format.peaknet_cxi")
+
+
+@contextlib.contextmanager
+def user_errors(image_file: str, doing: str) -> Iterator[None]:
+    """Re-raise any failure as DIALS' user error (``Sorry``), naming the file: DIALS prints a
+    Sorry as one line, and every other exception as a crash to report to its developers."""
+    from libtbx.utils import Sorry
+
+    from peaknet_xtal.errors import PeakNetError
+
+    try:
+        yield
+    except Sorry:
+        raise
+    except PeakNetError as exc:  # already names the file (and line or dataset)
+        raise Sorry(f"{exc}") from exc
+    except (OSError, ValueError, KeyError, IndexError, RuntimeError, TypeError) as exc:
+        raise Sorry(f"{image_file}: cannot {doing}: {exc}") from exc
 
 
 def geometry_path(image_file: str) -> str | None:
@@ -81,15 +113,27 @@ class FormatCXIPeakNet(FormatHDF5, FormatStill):
     @staticmethod
     def understand(image_file: str) -> bool:
         geom = geometry_path(image_file)
-        if geom is None:
-            return False
         try:
-            data_path = _geometry_data_path(geom)
+            data_path = DATA_PATH if geom is None else _geometry_data_path(geom)
+        except Exception:  # a geometry we cannot read: __init__ would say why, if we claimed it
+            data_path = DATA_PATH
+        try:
             with h5py.File(image_file, "r") as h5:
                 data = h5.get(data_path)
-                return isinstance(data, h5py.Dataset) and data.ndim >= 3
-        except (OSError, ValueError):
+                if not isinstance(data, h5py.Dataset) or data.ndim < 3:
+                    log.debug("%s: no image stack at %s; not a PeakNet CXI file", image_file,
+                              data_path)
+                    return False
+        except Exception as exc:  # not HDF5, truncated, broken links: not ours to read
+            log.debug("%s: not a readable HDF5 file (%s)", image_file, exc)
             return False
+        if geom is None:
+            log.info("%s: a CXI image stack, but no CrystFEL geometry beside it (%s) or named "
+                     "by its '%s' attribute; the PeakNet CXI format needs one",
+                     image_file, os.path.splitext(os.path.basename(image_file))[0] + ".geom",
+                     GEOMETRY_ATTR)
+            return False
+        return True
 
     def __init__(self, image_file: str, **kwargs: object) -> None:
         self._geometry = None
@@ -100,34 +144,60 @@ class FormatCXIPeakNet(FormatHDF5, FormatStill):
         super().__init__(image_file, **kwargs)
 
     def _start(self) -> None:
+        with user_errors(self._image_file, "open it"):
+            self._check()
+
+    def _check(self) -> None:
+        """Everything that can be checked without reading pixels, so DIALS fails at import."""
+        from peaknet_xtal.errors import FormatError, GeometryError
+        from peaknet_xtal.formats.cxi import check_image_dataset, check_mask_dataset
         from peaknet_xtal.formats.geometry import read_geometry
 
         path = geometry_path(self._image_file)
         self._geometry = read_geometry(path)
         self._data_path = self._geometry.data or DATA_PATH
         energy_path = self._geometry.photon_energy_path
-        with h5py.File(self._image_file, "r") as h5:
+        image_file = self._image_file
+        with h5py.File(image_file, "r") as h5:
             data = h5[self._data_path]
+            check_image_dataset(image_file, self._data_path, data)
             self._n_images = int(data.shape[0])
+            if self._n_images == 0:
+                raise FormatError(image_file, "the image stack holds no frames",
+                                  dataset=self._data_path)
             slab = tuple(self._geometry.slab_shape)
             if tuple(data.shape[1:]) != slab:
-                raise ValueError(f"{self._image_file}: dataset {self._data_path} frames have "
-                                 f"shape {data.shape[1:]}, but {path} describes {slab}")
-            self._wavelength = self._geometry.wavelength_A or h5.attrs.get("wavelength_A")
+                raise FormatError(image_file, f"frames have shape {tuple(data.shape[1:])}, but "
+                                  f"the geometry {path} describes {slab}",
+                                  dataset=self._data_path)
+            mask_name = self._geometry.mask or MASK_PATH
+            stored = h5.get(mask_name)
+            if isinstance(stored, h5py.Dataset):
+                check_mask_dataset(image_file, mask_name, stored, slab, self._n_images, False)
+            elif self._geometry.mask:
+                raise FormatError(image_file, f"no mask dataset (the geometry {path} names it)",
+                                  dataset=mask_name)
+            wavelength = self._geometry.wavelength_A or h5.attrs.get("wavelength_A")
             self._wavelengths = None
             if energy_path and isinstance(h5.get(energy_path.split()[0]), h5py.Dataset):
                 energies = np.ravel(h5[energy_path.split()[0]][()]).astype(float)
-                if energies.size not in (1, self._n_images) or not np.all(energies > 0):
-                    raise ValueError(f"{self._image_file}: {energy_path} does not hold one "
-                                     f"positive photon energy (eV) per frame")
+                if (energies.size not in (1, self._n_images)
+                        or not np.all(np.isfinite(energies) & (energies > 0))):
+                    raise FormatError(image_file, "does not hold one positive photon energy "
+                                      "(eV) per frame", dataset=energy_path.split()[0])
                 self._wavelengths = HC_EV_A / np.resize(energies, self._n_images)
-                self._wavelength = float(self._wavelengths[0])
-        if not self._wavelength:
-            raise ValueError(f"{path}: no numeric photon energy or wavelength, and "
-                             f"{self._image_file} has no wavelength_A attribute")
+                wavelength = float(self._wavelengths[0])
+        try:
+            self._wavelength = float(wavelength) if wavelength is not None else None
+        except (TypeError, ValueError):
+            self._wavelength = None
+        if not self._wavelength or not np.isfinite(self._wavelength) or self._wavelength <= 0:
+            raise GeometryError(path, f"no positive numeric photon energy or wavelength, and "
+                                f"{image_file} has no usable wavelength_A attribute")
         for panel in self._geometry.panels:
             if panel.clen_m is None:
-                raise ValueError(f"{path}: panel {panel.name} has no numeric camera length")
+                raise GeometryError(path, f"panel {panel.name} has no numeric camera length",
+                                    line=panel.line)
 
     def get_num_images(self) -> int:
         return self._n_images
@@ -138,8 +208,14 @@ class FormatCXIPeakNet(FormatHDF5, FormatStill):
     def get_raw_data(self, index: int | None = None) -> tuple:
         from scitbx.array_family import flex
 
-        with h5py.File(self._image_file, "r") as h5:
-            slab = h5[self._data_path][index or 0]
+        with user_errors(self._image_file, f"read frame {index or 0} of {self._data_path}"):
+            with h5py.File(self._image_file, "r") as h5:
+                slab = np.asarray(h5[self._data_path][index or 0], dtype=np.float64)
+        with np.errstate(invalid="ignore"):
+            untrusted = int(np.count_nonzero(~(np.abs(slab) <= TRUSTED)))
+        if untrusted:  # DIALS masks them by the trusted range; say so rather than silently
+            log.warning("%s frame %d: %d pixels non-finite or beyond the trusted range +-%g are "
+                        "masked", self._image_file, index or 0, untrusted, TRUSTED)
         return tuple(flex.double(np.ascontiguousarray(p, dtype=np.float64))
                      for p in self._geometry.split_slab(slab))
 
@@ -180,7 +256,7 @@ class FormatCXIPeakNet(FormatHDF5, FormatStill):
             p.set_name(panel.name)
             p.set_image_size((panel.width, panel.height))
             p.set_pixel_size((pixel_mm, float(np.linalg.norm(slow)) / res * 1000.0))
-            p.set_trusted_range((-1e9, 1e9))
+            p.set_trusted_range((-TRUSTED, TRUSTED))
             gain = resolve_gain(geometry=self._geometry, wavelength_A=float(self._wavelength),
                                 panel=index)
             p.set_gain(1.0 if gain is None else gain)  # undeclared: the data count photons
@@ -196,11 +272,12 @@ class FormatCXIPeakNet(FormatHDF5, FormatStill):
 
         if self._mask_cache is None:
             masks = self._geometry.bad_pixel_masks()
-            with h5py.File(self._image_file, "r") as h5:
-                stored = h5.get(self._geometry.mask or MASK_PATH)
-                if isinstance(stored, h5py.Dataset) and stored.shape == tuple(
-                        self._geometry.slab_shape):
-                    good = self._geometry.split_slab(mask_bits_ok(stored[()], self._geometry))
-                    masks = [m & g for m, g in zip(masks, good)]
+            with user_errors(self._image_file, "read its mask"):
+                with h5py.File(self._image_file, "r") as h5:
+                    stored = h5.get(self._geometry.mask or MASK_PATH)
+                    if isinstance(stored, h5py.Dataset):  # shape checked in _check
+                        good = self._geometry.split_slab(mask_bits_ok(stored[()],
+                                                                      self._geometry))
+                        masks = [m & g for m, g in zip(masks, good, strict=True)]
             self._mask_cache = tuple(flex.bool(np.ascontiguousarray(m)) for m in masks)
         return self._mask_cache

@@ -129,3 +129,44 @@ def test_unmutated_sources_read(source: int) -> None:
         assert read_stream(path).chunks
     finally:
         path.unlink()
+
+
+def _clean_cxi_bytes() -> bytes:
+    """A small gzip-chunked CXI stack with a static mask, as bytes to damage."""
+    import io
+
+    import h5py
+    import numpy as np
+
+    buffer = io.BytesIO()
+    with h5py.File(buffer, "w") as h5:
+        h5.create_dataset("/entry_1/data_1/data", chunks=(1, 16, 16), compression="gzip",
+                          data=np.arange(3 * 16 * 16, dtype=np.float32).reshape(3, 16, 16))
+        h5.create_dataset("/entry_1/data_1/mask", data=np.ones((16, 16), np.uint16))
+    return buffer.getvalue()
+
+
+CXI_BYTES = _clean_cxi_bytes()
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.lists(st.tuples(st.integers(0, len(CXI_BYTES) - 1), st.integers(0, 255)),
+                min_size=1, max_size=8), st.booleans())
+def test_damaged_cxi_files_read_or_raise_format_error(edits, truncate):
+    """Overwritten bytes (headers, B-trees, compressed chunks) and truncation: every frame
+    reads, or a FormatError names the file; h5py's own errors never escape."""
+    from peaknet_xtal.formats.cxi import iter_cxi_frames
+
+    data = bytearray(CXI_BYTES)
+    for offset, value in edits:
+        data[offset] = value
+    if truncate:
+        data = data[: edits[0][0]]
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "damaged.cxi"
+        path.write_bytes(bytes(data))
+        try:
+            for _ in iter_cxi_frames(path):
+                pass
+        except FormatError as exc:
+            assert "damaged.cxi" in str(exc)

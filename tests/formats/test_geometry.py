@@ -334,9 +334,34 @@ def test_detector_gain_from_the_geometry(extra: str, wavelength: float | None,
     assert gain == (None if expected is None else pytest.approx(expected))
 
 
+def test_physical_checks_name_file_and_line() -> None:
+    """Sign slips and shared raw pixels are errors at their line, not silently wrong 1/d."""
+    with pytest.raises(GeometryError, match=r"g.geom, line 1: photon_energy .* must be positive"):
+        parse_geometry(SIMPLE.replace(f"{HC_EV_A!r} eV", "-9537 eV"), "g.geom")
+    with pytest.raises(GeometryError, match=r"line 2: camera length .* behind the sample"):
+        parse_geometry(SIMPLE.replace("clen = 100 mm", "clen = -100 mm"), "g.geom")
+    overlapping = SIMPLE + "".join(line.replace("p0/", "p1/") + "\n"
+                                   for line in SIMPLE.splitlines() if line.startswith("p0/"))
+    with pytest.raises(GeometryError, match=r"panel p1 .* overlaps panel p0"):
+        parse_geometry(overlapping.replace("p1/min_ss = 0", "p1/min_ss = 150").replace(
+            "p1/max_ss = 199", "p1/max_ss = 349"), "g.geom")
+    with pytest.raises(GeometryError, match=r"line 11: panel p0: fs and ss are parallel"):
+        parse_geometry(SIMPLE.replace("p0/ss = y", "p0/ss = -2x"), "g.geom")
+    # panels in different slots of an extra dimension (AGIPD-style) share fs/ss ranges legally
+    stacked = overlapping.replace("p0/fs = x", "p0/fs = x\np0/dim1 = 0\np0/dim2 = ss\n"
+                                  "p0/dim3 = fs").replace(
+        "p1/fs = x", "p1/fs = x\np1/dim1 = 1\np1/dim2 = ss\np1/dim3 = fs")
+    stacked = stacked.replace("p0/min_fs", "p0/dim0 = %\np0/min_fs").replace(
+        "p1/min_fs", "p1/dim0 = %\np1/min_fs")
+    assert parse_geometry(stacked).n_panels == 2
+
+
 def test_detector_gain_needs_panels_to_agree() -> None:
     two = SIMPLE + "".join(line.replace("p0/", "p1/") + "\n" for line in SIMPLE.splitlines()
                            if line.startswith("p0/"))
+    # p1 reads the next 200 rows of the slab (panels may not share raw pixels)
+    two = two.replace("p1/min_ss = 0", "p1/min_ss = 200").replace("p1/max_ss = 199",
+                                                                  "p1/max_ss = 399")
     assert parse_geometry(two.replace("p0/min_fs", "p0/adu_per_photon = 3\np0/min_fs")
                           ).detector_gain() is None
     both = two.replace("p0/min_fs", "p0/adu_per_photon = 3\np0/min_fs").replace(

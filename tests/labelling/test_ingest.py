@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -96,3 +97,53 @@ def test_dials_run_accounts_for_frames_whose_images_are_gone(real_data, dials_en
         assert set(status) <= {"image_error", "not_selected"}
         assert "idx-20130301054738747.cbf" in lf.frames("message")[0]
         assert len(lf) == 0
+
+
+class _Marker:
+    """Unpickling this writes ``marker``: proof that a loader ran code from a file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "code ran"))
+
+
+@pytest.mark.dials
+def test_stream2labels_refuses_a_pickled_refl(real_data, dials_env, tmp_path, capsys):
+    """DIALS' own loader unpickles any .refl that is not msgpack: a crafted one ran code.
+    stream2labels now refuses it, naming the file and the option that would allow it."""
+    import pickle
+    import shutil
+
+    from peaknet_xtal.cli.stream2labels import main
+
+    base = real_data / "dials_stills_results_cxi78513"
+    shutil.copy(base / "stills.expt", tmp_path / "stills.expt")
+    marker = tmp_path / "MARKER"
+    (tmp_path / "evil.refl").write_bytes(pickle.dumps(_Marker(marker)))
+    rc = main([str(tmp_path / "stills.expt"), str(tmp_path / "evil.refl"),
+               "-o", str(tmp_path / "labels.h5"), "--no-ray", "--quiet"])
+    err = capsys.readouterr().err
+    assert rc != 0 and "evil.refl" in err and "--trust-pickle" in err and "Traceback" not in err
+    assert not marker.exists()
+
+
+@pytest.mark.dials
+def test_a_trusted_pickled_refl_still_reads(real_data, dials_env, tmp_path):
+    """Old pickled tables stay readable when the user says they trust them."""
+    import pickle
+
+    from dials.array_family import flex
+
+    from peaknet_xtal.errors import FormatError
+    from peaknet_xtal.formats.dials_tables import read_reflections
+
+    base = real_data / "dials_stills_results_cxi78513"
+    table = flex.reflection_table.from_file(str(base / "stills.refl"))
+    old = tmp_path / "old.refl"
+    old.write_bytes(pickle.dumps(table))
+    with pytest.raises(FormatError, match="not msgpack"):
+        read_reflections(old)
+    cols = read_reflections(old, ["id", "panel"], trust_pickle=True)
+    assert len(cols["id"]) == len(table)

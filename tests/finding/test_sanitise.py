@@ -1,0 +1,99 @@
+"""Unusable pixel values are masked and counted where frames enter the engine, never summed."""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from peaknet_xtal.finding.engine import InferenceEngine
+from peaknet_xtal.finding.sanitise import ABSURD, MAX_WARNINGS, sanitise_frame
+from peaknet_xtal.types import Frame
+
+
+def _background(shape=(64, 96), seed=0) -> np.ndarray:
+    return np.random.default_rng(seed).poisson(3.0, shape).astype(np.float32)
+
+
+def test_counts_and_masks_nonfinite_and_absurd_pixels_only():
+    image = _background()
+    image[1, 1], image[2, 2], image[3, 3] = np.nan, np.inf, -np.inf
+    image[4, :] = np.finfo(np.float32).max
+    image[5, 5] = 3e38
+    image[6, 6] = ABSURD / 2  # huge but summable: kept
+    mask = np.ones(image.shape, bool)
+    mask[1, 1] = False  # already masked: not counted again
+    (out,), (good,), check = sanitise_frame([image], [mask])
+    assert check.nonfinite == 2 and check.absurd == image.shape[1] + 1
+    assert not good[2, 2] and not good[4].any() and not good[5, 5] and good[6, 6]
+    assert good.sum() == mask.sum() - check.masked
+    assert out is image or np.array_equal(out, image, equal_nan=True)  # pixels never changed
+    assert check.offset is None
+
+
+def test_all_nan_frame_is_reported_as_empty():
+    image = np.full((8, 8), np.nan, np.float32)
+    _, (good,), check = sanitise_frame([image], None)
+    assert check.usable == 0 and not good.any()
+    assert "no usable pixel" in check.describe()
+
+
+def test_a_constant_negative_offset_is_reported_not_a_noisy_zero_background():
+    _, _, check = sanitise_frame([_background() - 1000.0], None)
+    assert check.offset == pytest.approx(-997.0, abs=2)
+    _, _, check = sanitise_frame([_background() - 3.0], None)  # pedestal-subtracted noise
+    assert check.offset is None
+
+
+@pytest.mark.parametrize("bad", ["boolean", "strings"])
+def test_non_numeric_panels_are_refused(bad):
+    image = np.zeros((4, 4), bool) if bad == "boolean" else np.full((4, 4), "x")
+    with pytest.raises(ValueError, match="must be numbers"):
+        sanitise_frame([image.astype(bool) if bad == "boolean" else image], None)
+
+
+def test_engine_never_hands_unusable_pixels_to_the_model_and_warns_per_frame(caplog):
+    """The predictor sees the masks; its inputs at good pixels are all finite and summable, and
+    one warning per affected frame names its source, up to MAX_WARNINGS frames."""
+    seen = []
+
+    def predictor(panels, masks):
+        for p, m in zip(panels, masks, strict=True):
+            seen.append(bool(np.all(np.isfinite(p[m])) and np.all(np.abs(p[m]) <= ABSURD)))
+        return [np.zeros(p.shape, np.float32) for p in panels]
+
+    frames = []
+    for i in range(MAX_WARNINGS + 3):
+        image = _background(seed=i)
+        image[10, 10 + i] = 3e38
+        image[20, 20] = np.nan
+        frames.append(Frame(panels=[image], source="run.cxi", event=f"//{i}"))
+    engine = InferenceEngine(predictor=predictor, batch_size=1)
+    with caplog.at_level(logging.WARNING, logger="peaknet_xtal.finding.sanitise"):
+        results = list(engine.find_frames(frames))
+    assert len(results) == len(frames) and all(seen)
+    named = [r.getMessage() for r in caplog.records if "run.cxi //" in r.getMessage()]
+    assert len(named) == MAX_WARNINGS and "1 non-finite and 1 absurd" in named[0]
+    assert engine.sanitised.as_dict()["frames"] == len(frames)
+    assert engine.sanitised.absurd == len(frames)
+
+
+@settings(max_examples=60, deadline=None)
+@given(hnp.arrays(np.float32, hnp.array_shapes(min_dims=2, max_dims=2, min_side=1, max_side=24),
+                  elements=st.one_of(st.floats(-1e4, 1e4, width=32),
+                                     st.sampled_from([float(np.float32(v)) for v in (
+                                         np.nan, np.inf, -np.inf, 3e38, -3e38, 2e19,
+                                         np.finfo(np.float32).max)]))))
+def test_no_unusable_pixel_passes_and_every_usable_one_does(image):
+    """Property: the good mask is exactly 'finite and summable', and the counts add up."""
+    (_,), (good,), check = sanitise_frame([image], None)
+    usable = np.isfinite(image) & (np.abs(image) <= ABSURD)
+    assert np.array_equal(good, usable)
+    assert check.nonfinite + check.absurd + check.usable == image.size
+    if good.any():  # whatever survives can be summed and squared in float32 without overflow
+        with np.errstate(over="raise"):
+            values = image[good].astype(np.float32)
+            np.sum(values * values / np.float32(image.size))

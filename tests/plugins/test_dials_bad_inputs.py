@@ -1,0 +1,114 @@
+"""Bad inputs through real ``dials.import`` / ``dials.find_spots algorithm=peaknet`` commands.
+
+DIALS prints its user error (``Sorry``) as one line and anything else as a crash with a traceback
+and "Please report this error to dials-support".  Every failure of the project's dxtbx format or
+spot-finding plugin must be the former, naming the file; pixels the engine masks must leave
+spot finding working, with a warning.  A handful of cases from the shared corpus (``tests/cli/
+badinputs.py``) covers each way in: the geometry, the data, the mask, the model file.
+"""
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from peaknet_xtal.evaluation.dials_commands import dials_environment, dials_program
+
+pytestmark = pytest.mark.dials
+
+ROOT = Path(__file__).resolve().parents[1]
+ONE_THREAD = "spotfinder.threshold.peaknet.threads=1"
+
+
+def _load(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+badinputs = _load("_peaknet_tests_badinputs", ROOT / "cli" / "badinputs.py")
+
+
+@pytest.fixture(scope="module")
+def env(dials_env):
+    return dials_environment(dials_env)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, make_geometry_text):
+    return badinputs.build_corpus(tmp_path_factory.mktemp("dials_corpus"), make_geometry_text)
+
+
+def dials(command: str, args: list[str], cwd: Path, env) -> tuple[int, str]:
+    proc = subprocess.run([dials_program(command, env.get("PATH")), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def assert_sorry(rc: int, output: str, case) -> None:
+    assert rc != 0, output[-2000:]
+    assert "Traceback" not in output and "dials-support" not in output, output[-3000:]
+    sorry = [line for line in output.splitlines() if line.startswith("Sorry:")]
+    assert len(sorry) == 1, output[-3000:]
+    assert case.name in sorry[0] and case.says.lower() in sorry[0].lower(), sorry[0]
+
+
+def _case(corpus, name: str):
+    return next(c for c in corpus[1] if c.name == name)
+
+
+@pytest.mark.parametrize("name", ["negative_photon_energy", "boolean_image",
+                                  "mask_2d_wrong_shape", "vds_missing_source"])
+def test_import_bad_file_is_a_user_error(name, corpus, env, tmp_path):
+    case = _case(corpus, name)
+    data = case.path.parent / "data.cxi"
+    rc, output = dials("import", [str(data)], tmp_path, env)
+    assert_sorry(rc, output, case)
+
+
+@pytest.fixture(scope="module")
+def imported(corpus, env, tmp_path_factory):
+    """The clean stack imported once, and its spots with the shipped model."""
+    base, _ = corpus
+    folder = tmp_path_factory.mktemp("clean_import")
+    rc, output = dials("import", [str(base.cxi)], folder, env)
+    assert rc == 0, output[-3000:]
+    return folder
+
+
+@pytest.mark.parametrize("name", ["random_bytes", "pickle_renamed"])
+def test_find_spots_bad_model_is_a_user_error(name, corpus, imported, env, tmp_path):
+    case = _case(corpus, name)
+    rc, output = dials("find_spots", [str(imported / "imported.expt"), "algorithm=peaknet",
+                                      f"spotfinder.threshold.peaknet.model={case.path}",
+                                      ONE_THREAD], tmp_path, env)
+    assert_sorry(rc, output, case)
+    assert not (case.path.parent / "MARKER").exists(), "a model file ran code"
+
+
+def test_find_spots_masks_absurd_pixels_and_warns(corpus, imported, env, tmp_path):
+    """Five pixels per frame at 3e38 are masked (DIALS' trusted range, which the format sets)
+    with a warning naming the file; the spots found on the other pixels stay (within the five
+    each bad pixel can touch per frame)."""
+    from dials.array_family import flex
+
+    rc, output = dials("find_spots", [str(imported / "imported.expt"), "algorithm=peaknet",
+                                      ONE_THREAD], imported, env)
+    assert rc == 0, output[-3000:]
+    clean = len(flex.reflection_table.from_file(str(imported / "strong.refl")))
+    case = _case(corpus, "pixels_3e38")
+    rc, output = dials("import", [str(case.path)], tmp_path, env)
+    assert rc == 0, output[-3000:]
+    rc, output = dials("find_spots", ["imported.expt", "algorithm=peaknet", ONE_THREAD],
+                       tmp_path, env)
+    assert rc == 0, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+    warned = [line for line in output.splitlines() if "trusted range" in line]
+    assert len(warned) == badinputs.N_FRAMES and all(str(case.path) in w for w in warned), warned
+    found = len(flex.reflection_table.from_file(str(tmp_path / "strong.refl")))
+    assert clean > 0 and abs(found - clean) <= 5 * badinputs.N_FRAMES, (found, clean)

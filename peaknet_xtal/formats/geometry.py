@@ -652,7 +652,7 @@ BEAM_KEYS = ("photon_energy", "wavelength", "electron_voltage")
 _RESOLVED_WRITTEN = ("res", "coffset", "adu_per_photon", "adu_per_eV", "max_adu", "no_index",
                      "mask_edge_pixels")
 #: Panel keys 0.10+ parses but ignores with a warning: never written.
-_DROPPED_PANEL_KEYS = frozenset({"badrow_direction"})
+DROPPED_PANEL_KEYS = frozenset({"badrow_direction"})
 _MASK_KEY = re.compile(r"mask\d_(data|file|goodbits|badbits)$")
 _UNIT_DEFAULTS = {"wavelength": "m", "electron_voltage": "V"}
 
@@ -763,11 +763,11 @@ def geometry_text(geometry: Geometry, **extra_keys: Any) -> str:
     # per-panel values of every panel property, then the shared ones go to the top
     table: list[dict[str, str]] = []
     free_keys = [k for k in keys if is_panel_key(k) and k not in _RESOLVED_PANEL_KEYS
-                 and k not in _DROPPED_PANEL_KEYS and not _is_dim(k)]
+                 and k not in DROPPED_PANEL_KEYS and not _is_dim(k)]
     extra_names: list[str] = []
     for panel in geometry.panels:
         for k in panel.extra:
-            if k not in extra_names and k not in _DROPPED_PANEL_KEYS:
+            if k not in extra_names and k not in DROPPED_PANEL_KEYS:
                 extra_names.append(k)
     for panel, coffset in zip(geometry.panels, offsets, strict=True):
         row: dict[str, str] = {}
@@ -1005,7 +1005,9 @@ class _Parser:
         assert res is not None
         if res <= 0:
             raise self.fail(values["res"][1])(f"panel {name}: res must be positive")
-        clen_m, clen_path = (None, None)
+        # a top-level clen applies to every panel wherever it stands (CrystFEL 0.11+ has no
+        # other); a panel's own (older files) still wins
+        clen_m, clen_path = (self.geometry.clen_m, self.geometry.clen_path)
         if "clen" in values:
             clen_m, clen_path = _length_or_path(values["clen"][0], f"{name}/clen",
                                                 self.fail(values["clen"][1]))
@@ -1015,7 +1017,8 @@ class _Parser:
                                         {"m": 1.0, "mm": 1e-3}, "m",
                                         self.fail(values["coffset"][1]))
         if clen_m is not None:
-            self.clen_lines[name] = values["clen"][1]
+            self.clen_lines[name] = (values["clen"][1] if "clen" in values
+                                     else self.global_lines.get("clen", 0))
         no_index = False
         if "no_index" in values:
             no_index = _bool(values["no_index"][0], f"{name}/no_index",

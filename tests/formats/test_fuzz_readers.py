@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from peaknet_xtal.errors import FormatError
-from peaknet_xtal.formats.geometry import parse_geometry, read_geometry
+from peaknet_xtal.formats.geometry import DROPPED_PANEL_KEYS, parse_geometry, read_geometry
 from peaknet_xtal.formats.stream import read_stream, write_stream
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "real"
@@ -118,7 +118,9 @@ def test_geometry_reader_raises_only_format_errors(data: bytes) -> None:
     finally:
         path.unlink()
     again = parse_geometry(geometry.to_text())  # what we read, we can write and read back
-    assert all(a.same_as(b) for a, b in zip(geometry.panels, again.panels))
+    for panel in geometry.panels:  # less the keys CrystFEL 0.10+ no longer has
+        panel.extra = {k: v for k, v in panel.extra.items() if k not in DROPPED_PANEL_KEYS}
+    assert all(a.same_as(b) for a, b in zip(geometry.panels, again.panels, strict=True))
     assert len(again.panels) == len(geometry.panels)
 
 

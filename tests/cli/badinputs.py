@@ -232,7 +232,7 @@ def _geometry_edits(text: str) -> dict[str, tuple[str, str]]:
                                         "\nbadx/max_ss = 3\nbadx/panel = nosuch\n", "nosuch"),
         "zero_vector": (sub("top/fs = +1.0x +0.0y +0.0z", "top/fs = 0x +0y"), "zero vector"),
         "nan_corner": (sub("top/corner_x = -128.0", "top/corner_x = nan"), "finite"),
-        "bad_dims": (sub("top/dim2 = fs", "top/dim2 = xx"), "dim2"),
+        "bad_dims": (sub("dim2 = fs", "dim2 = xx"), "dim2"),
         "max_below_min": (sub("top/max_ss = 127", "top/max_ss = -5"), "max_fs"),
         "res_zero": (sub("res = 13333.3", "res = 0"), "res"),
         "bad_mask_bits": (sub("mask_good = 0x1", "mask_good = 0xZZ"), "mask_good"),

@@ -444,7 +444,7 @@ class CXISource:
             geometry = read_geometry(geometry)
         self.path = os.fspath(path)
         self.geometry = geometry
-        self._options = {"data_path": data_path, "mask_path": mask_path}
+        self._options: dict[str, Any] = {"data_path": data_path, "mask_path": mask_path}
         self.info = inspect_cxi(self.path, geometry, **self._options)
 
     def __len__(self) -> int:
@@ -995,7 +995,8 @@ class CXIWriter:
         return [p for p in self.finished_files() if not _has_keys(p)]
 
     def _first_free_index(self) -> int:
-        indices = [int(self._pattern.search(p.name).group(1)) for p in self.finished_files()]
+        found = [self._pattern.search(p.name) for p in self.finished_files()]
+        indices = [int(m.group(1)) for m in found if m is not None]
         return max(indices) + 1 if indices else 0
 
     def done_keys(self) -> set[tuple[str, str]]:

@@ -679,18 +679,20 @@ def _clen_and_offsets(geometry: Geometry, keys: dict[str, str]) -> tuple[str | N
     offsets = [p.coffset_m for p in geometry.panels]
     if "clen" in keys and keys["clen"] != (geometry.keys.get("clen")):
         return keys["clen"], offsets  # set by the caller for every panel
-    paths = {p.clen_path for p in geometry.panels}
-    if paths != {None}:
-        if len(paths) > 1:
+    paths = {p.clen_path for p in geometry.panels if p.clen_path is not None}
+    if paths:
+        if len(paths) > 1 or any(p.clen_m is not None for p in geometry.panels):
             raise GeometryError(geometry.path, "panels take their camera length from different "
-                                f"places ({sorted(str(v) for v in paths)}); CrystFEL 0.11+ "
-                                "allows one top-level clen")
+                                "places (HDF5 paths or numbers); CrystFEL 0.11+ allows one "
+                                "top-level clen")
         return paths.pop(), offsets
     lengths = [p.clen_m for p in geometry.panels]
-    if any(v is None for v in lengths):
-        return (keys.get("clen"), offsets)
-    base = float(lengths[0])  # type: ignore[arg-type]
-    offsets = [c + (float(v) - base) for c, v in zip(offsets, lengths, strict=True)]  # type: ignore[arg-type]
+    known = [v for v in lengths if v is not None]
+    if not known:
+        return keys.get("clen"), offsets
+    base = float(known[0])  # a panel without one takes the top-level clen, as in 0.11+
+    offsets = [c + (float(v) - base if v is not None else 0.0)
+               for c, v in zip(offsets, lengths, strict=True)]
     return f"{base!r} m", offsets
 
 

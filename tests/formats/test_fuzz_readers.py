@@ -6,6 +6,7 @@ a user with a damaged file must get one error naming the file and the place.
 """
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 from pathlib import Path
 
@@ -117,11 +118,24 @@ def test_geometry_reader_raises_only_format_errors(data: bytes) -> None:
         return
     finally:
         path.unlink()
-    again = parse_geometry(geometry.to_text())  # what we read, we can write and read back
-    for panel in geometry.panels:  # less the keys CrystFEL 0.10+ no longer has
-        panel.extra = {k: v for k, v in panel.extra.items() if k not in DROPPED_PANEL_KEYS}
-    assert all(a.same_as(b) for a, b in zip(geometry.panels, again.panels, strict=True))
+    try:
+        text = geometry.to_text()
+    except FormatError as exc:  # what CrystFEL 0.11+ cannot express is refused, naming the file
+        assert exc.path == str(path)
+        return
+    again = parse_geometry(text)  # what we read, we can write and read back
     assert len(again.panels) == len(geometry.panels)
+    for a, b in zip(geometry.panels, again.panels, strict=True):
+        # the writer drops badrow_direction (CrystFEL 0.10+ ignores it) and folds per-panel
+        # camera lengths into coffset under one top-level clen: the same panel, placed the same
+        a = dataclasses.replace(a, extra={k: v for k, v in a.extra.items()
+                                          if k != "badrow_direction"})
+        if a.clen_m is not None and b.clen_m is not None and a.clen_m != b.clen_m:
+            assert a.clen_m + a.coffset_m == pytest.approx(b.clen_m + b.coffset_m, abs=1e-9)
+            a = dataclasses.replace(a, clen_m=b.clen_m, coffset_m=b.coffset_m)
+        if a.clen_m is None and a.clen_path is None:  # CrystFEL 0.11+: clen is for all panels
+            a = dataclasses.replace(a, clen_m=b.clen_m, clen_path=b.clen_path)
+        assert a.same_as(b), a.name
 
 
 @pytest.mark.parametrize("source", range(len(STREAMS)))

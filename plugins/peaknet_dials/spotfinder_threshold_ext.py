@@ -193,7 +193,7 @@ def _as_user_error() -> Iterator[None]:
     try:
         yield
     except PeakNetError as exc:  # names the file and what is wrong
-        raise Sorry(f"peaknet: {exc}") from exc
+        raise Sorry(f"peaknet: {exc}") from None  # DIALS prints the one line, no chain
 
 
 class PeakNetSpotFinderThresholdExt:

@@ -54,9 +54,9 @@ def user_errors(image_file: str, doing: str) -> Iterator[None]:
     except Sorry:
         raise
     except PeakNetError as exc:  # already names the file (and line or dataset)
-        raise Sorry(f"{exc}") from exc
+        raise Sorry(f"{exc}") from None  # from None: DIALS prints the one line, no chain
     except (OSError, ValueError, KeyError, IndexError, RuntimeError, TypeError) as exc:
-        raise Sorry(f"{image_file}: cannot {doing}: {exc}") from exc
+        raise Sorry(f"{image_file}: cannot {doing}: {exc}") from None
 
 
 def geometry_path(image_file: str) -> str | None:
@@ -76,6 +76,15 @@ def geometry_path(image_file: str) -> str | None:
         if os.path.isfile(path):
             return path
     return None
+
+
+def _hdf5_signature(path: str) -> bool:
+    """The file starts with HDF5's format signature (at offset 0; user blocks aside)."""
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(8) == b"\x89HDF\r\n\x1a\n"
+    except OSError:
+        return False
 
 
 def orthonormal_axes(fast: np.ndarray, slow: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -117,6 +126,18 @@ class FormatCXIPeakNet(FormatHDF5, FormatStill):
             data_path = DATA_PATH if geom is None else _geometry_data_path(geom)
         except Exception:  # a geometry we cannot read: __init__ would say why, if we claimed it
             data_path = DATA_PATH
+        try:
+            h5py.File(image_file, "r").close()
+        except OSError as exc:
+            if _hdf5_signature(image_file):
+                # An HDF5 file HDF5 cannot open (truncated, damaged): no format can read it, and
+                # the next HDF5 format in dxtbx's search would crash on it; say so, as DIALS'
+                # user error.  (dxtbx tries FormatHDF5's children in name order; this is first.)
+                from libtbx.utils import Sorry
+
+                raise Sorry(f"{image_file}: damaged or truncated HDF5 file ({exc})") from None
+            log.debug("%s: not an HDF5 file (%s)", image_file, exc)
+            return False
         try:
             with h5py.File(image_file, "r") as h5:
                 data = h5.get(data_path)

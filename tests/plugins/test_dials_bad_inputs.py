@@ -55,6 +55,7 @@ def assert_sorry(rc: int, output: str, case) -> None:
     assert "Traceback" not in output and "dials-support" not in output, output[-3000:]
     sorry = [line for line in output.splitlines() if line.startswith("Sorry:")]
     assert len(sorry) == 1, output[-3000:]
+    assert "direct cause" not in output and "FormatError" not in output, output[-3000:]
     assert case.name in sorry[0] and case.says.lower() in sorry[0].lower(), sorry[0]
 
 
@@ -63,7 +64,7 @@ def _case(corpus, name: str):
 
 
 @pytest.mark.parametrize("name", ["negative_photon_energy", "boolean_image",
-                                  "mask_2d_wrong_shape", "vds_missing_source"])
+                                  "mask_2d_wrong_shape", "vds_missing_source", "truncated_hdf5"])
 def test_import_bad_file_is_a_user_error(name, corpus, env, tmp_path):
     case = _case(corpus, name)
     data = case.path.parent / "data.cxi"

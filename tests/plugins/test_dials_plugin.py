@@ -244,14 +244,15 @@ def test_shape_mismatch_is_a_clear_error(dials_modules) -> None:
 
 
 def test_missing_model_fails_at_start_up_naming_it(dials_modules, tmp_path) -> None:
-    """A wrong model path is reported when DIALS builds the finder, not deep in a worker."""
-    from peaknet_xtal.errors import FormatError
+    """A wrong model path is reported when DIALS builds the finder, not deep in a worker, as
+    DIALS' user error (Sorry: printed as one line, not as a crash to report)."""
+    from libtbx.utils import Sorry
 
     factory, phil_scope = dials_modules
     missing = tmp_path / "nowhere.safetensors"
     params = _params(phil_scope, "spotfinder.threshold.algorithm=peaknet",
                      f"spotfinder.threshold.peaknet.model={missing}")
-    with pytest.raises(FormatError, match="nowhere.safetensors.*model not found"):
+    with pytest.raises(Sorry, match="nowhere.safetensors.*model not found"):
         factory.configure_threshold(params)
 
 
@@ -285,9 +286,9 @@ def test_whole_image_is_found_in_one_batched_run(dials_modules, real_data, monke
     runs: list[int] = []
     original = module.PeakNetSpotFinderThresholdExt._foreground
 
-    def counted(self, panels, goods):
+    def counted(self, panels, goods, source=None):
         runs.append(len(panels))
-        return original(self, panels, goods)
+        return original(self, panels, goods, source)
 
     monkeypatch.setattr(module.PeakNetSpotFinderThresholdExt, "_foreground", counted)
     batched = [flumpy.to_numpy(ext.compute_threshold(d, m, imageset=imageset, i_panel=i))

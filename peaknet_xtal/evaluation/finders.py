@@ -41,10 +41,10 @@ class PeakNetFinder:
     def __post_init__(self) -> None:
         from peaknet_xtal.finding.engine import InferenceEngine
 
-        p = {"model": DEFAULTS.model, "threshold": DEFAULTS.threshold,
-             "min_snr": DEFAULTS.min_snr, "device": DEFAULTS.device,
-             "batch_size": DEFAULTS.batch_size,
-             "adu_per_photon": None}  # None: settings.resolve_gain (what the data declare)
+        p: dict[str, Any] = {"model": DEFAULTS.model, "threshold": DEFAULTS.threshold,
+                             "min_snr": DEFAULTS.min_snr, "device": DEFAULTS.device,
+                             "batch_size": DEFAULTS.batch_size,
+                             "adu_per_photon": None}  # None: settings.resolve_gain
         p.update(self.params)
         self.params = p
         self.name = f"peaknet:{p['model']}" if self.name == "peaknet" else self.name

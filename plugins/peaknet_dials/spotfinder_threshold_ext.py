@@ -47,12 +47,14 @@ threshold = {_D.threshold}
   .type = float(value_min=0, value_max=1)
   .help = "Peak probability at or above which a pixel is foreground. Lower values find more and"
           "larger spots; DIALS' spotfinder.filter options then apply as usual."
-min_snr = {_D.min_snr}
+min_snr = {_D.dials_min_snr}
   .type = float(value_min=0)
   .help = "Least integrated signal-to-noise of a predicted spot: its background-subtracted sum"
           "over sqrt(pixels x local background variance + gain x sum), background and shot"
           "noise together. Weaker predictions are not foreground; 0 keeps every spot the model"
-          "marks. The same default as peaknet-xtal's library and peaknet2cxi."
+          "marks. One above peaknet-xtal's library default, because DIALS hands spot finding"
+          "images divided by the format's nominal gain, often 1 on integrating detectors (CSPAD"
+          "CBFs), which understates the shot noise (finding.settings.DEFAULTS.dials_min_snr)."
 gain = None
   .type = float(value_min=0)
   .help = "Counts per photon of the image DIALS hands to spot finding, as"
@@ -89,7 +91,7 @@ class PeakNetSettings:
     model: str = _D.model
     device: str = _D.device
     threshold: float = _D.threshold
-    min_snr: float = _D.min_snr
+    min_snr: float = _D.dials_min_snr
     gain: float | None = None
     batch_size: int = _D.batch_size
     threads: int = 1
@@ -223,7 +225,7 @@ class PeakNetSpotFinderThresholdExt:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.settings = PeakNetSettings(**state["settings"])
-        self._image: _ImageForeground | None = None
+        self._image = None
 
     def compute_threshold(self, image: Any, mask: Any, **kwargs: Any) -> Any:
         """Foreground mask for one panel: model peak pixels AND the mask DIALS passed in.
@@ -237,7 +239,7 @@ class PeakNetSpotFinderThresholdExt:
 
         pixels = np.asarray(flumpy.to_numpy(image), dtype=np.float32)
         good = np.asarray(flumpy.to_numpy(mask), dtype=bool)
-        i_panel = kwargs.get("i_panel")
+        i_panel: int | None = kwargs.get("i_panel")
         if pixels.shape != good.shape:
             raise ValueError(
                 f"peaknet: panel {i_panel} image shape {pixels.shape} differs from "

@@ -137,22 +137,22 @@ def integrate_stream(path: str | os.PathLike[str], geometry: Any,
     """
     from peaknet_xtal.formats.cxi import read_cxi_frame
     from peaknet_xtal.formats.geometry import HC_EV_A
-    from peaknet_xtal.formats.stream import StreamWriter, iter_stream
+    from peaknet_xtal.formats.stream import Chunk, StreamHeader, StreamWriter, iter_stream
 
     path, out = Path(path), Path(out_path)
     items = iter_stream(path)
     header = next(items, None)
-    if header is None or not hasattr(header, "geometry_text"):
+    if not isinstance(header, StreamHeader):
         raise FormatError(path, "no stream header")
     if geometry is None:
-        geometry = header.geometry  # type: ignore[union-attr]
+        geometry = header.geometry
     if geometry is None:
         raise FormatError(path, "the stream carries no geometry; give one with -g")
     lookup = geometry.panel_index()
-    with StreamWriter(out, header=header, resume=True) as writer:  # type: ignore[arg-type]
+    with StreamWriter(out, header=header, resume=True) as writer:
         done = writer.done_keys()
         for chunk in items:
-            if not hasattr(chunk, "crystals"):
+            if not isinstance(chunk, Chunk):
                 continue  # a repeated header of a concatenated stream
             if chunk.key in done:
                 if tick:

@@ -84,7 +84,7 @@ def _module_class() -> Any:
     torch = _torch()
     nn = torch.nn
 
-    class VIIntegrator(nn.Module):  # type: ignore[misc,name-defined]
+    class VIIntegrator(nn.Module):  # type: ignore[name-defined]
         """Encoder + profile basis + priors; :meth:`posterior` and :meth:`elbo` are the API."""
 
         def __init__(self, config: dict[str, Any]) -> None:

@@ -61,9 +61,12 @@ class Shoeboxes:
         if not parts:
             raise ValueError("no shoeboxes to concatenate")
         keys = set(parts[0].extra)
-        return Shoeboxes(*(np.concatenate([getattr(p, name) for p in parts])
-                           for name in ("pixels", "mask", "panel", "fs", "ss", "one_over_d",
-                                        "radial", "gain", "read_noise")),
+
+        def cat(name: str) -> np.ndarray:
+            return np.concatenate([getattr(p, name) for p in parts])
+
+        return Shoeboxes(cat("pixels"), cat("mask"), cat("panel"), cat("fs"), cat("ss"),
+                         cat("one_over_d"), cat("radial"), cat("gain"), cat("read_noise"),
                          extra={k: np.concatenate([p.extra[k] for p in parts]) for k in keys})
 
 

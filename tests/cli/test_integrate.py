@@ -91,3 +91,39 @@ def test_bad_input_names_the_file_and_writes_nothing(run, tmp_path):
         main([str(run.cxi), "-o", str(out)])
     assert not (out / "fake.cxi").exists()
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary left over
+
+
+@pytest.mark.dials
+def test_dials_table_gets_vi_columns(run, tmp_path, dials_env):
+    """An .expt read by dxtbx (the project's CXI format class) and a .refl of predicted
+    positions: the written table carries intensity.vi.* beside DIALS' own columns."""
+    from dials.array_family import flex
+    from dxtbx.model.experiment_list import ExperimentList, ExperimentListFactory
+
+    from peaknet_xtal.sim.output import read_truth
+
+    experiments = ExperimentListFactory.from_filenames([str(run.cxi)])
+    single = ExperimentList([experiments[0]])
+    expt = tmp_path / "frame0.expt"
+    single.as_file(str(expt))
+    truth = read_truth(run.truth)["reflections"]
+    rows = truth[truth["frame"] == 0]
+    table = flex.reflection_table()
+    table["id"] = flex.int(len(rows), 0)
+    table["panel"] = flex.size_t(rows["panel"].astype(np.uint64).tolist())
+    table["xyzcal.px"] = flex.vec3_double(list(zip((rows["fs"] + 0.5).tolist(),
+                                                   (rows["ss"] + 0.5).tolist(),
+                                                   [0.0] * len(rows), strict=True)))
+    table["d"] = flex.double((1.0 / rows["one_over_d"]).tolist())
+    refl = tmp_path / "frame0.refl"
+    table.as_file(str(refl))
+    out = tmp_path / "out"
+    assert main([str(expt), "--refl", str(refl), "-o", str(out), "--adu-per-photon", "8.5",
+                 "--read-noise", "0.15", "--no-progress"]) == 0
+    result = flex.reflection_table.from_file(str(out / "frame0_vi.refl"))
+    vi = np.asarray(result["intensity.vi.value"].as_numpy_array())
+    var = np.asarray(result["intensity.vi.variance"].as_numpy_array())
+    assert len(vi) == len(rows) and (var > 0).all()
+    strong = rows["snr"] > 10
+    assert np.corrcoef(vi[strong], rows["photons"][strong])[0, 1] > 0.95
+    assert "intensity.vsum.value" in result and "background.vi.mean" in result

@@ -6,8 +6,8 @@ is used).  A few minutes on two CPU cores; ``--device cuda`` runs the same code 
 
     python examples/train_integrator_default.py [--frames 60] [--steps 2000] [--out PATH]
 
-The shipped weights were made by the defaults (60 frames, 2000 steps: 24 minutes on a shared
-2-core machine); ``--init`` continues training from other weights.
+The shipped weights were made by the defaults (60 frames, 2000 steps: 10 minutes on one core of
+a shared 2-core machine); ``--init`` continues training from other weights.
 """
 from __future__ import annotations
 

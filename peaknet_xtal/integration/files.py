@@ -1,0 +1,252 @@
+"""Integrating files: CXI peak tables, CrystFEL streams, DIALS stills ``.expt``/``.refl``.
+
+Each function reads positions and images, integrates, and writes the same table back with new
+columns, atomically (nothing half-written under a final name).  Reruns resume: a finished CXI or
+DIALS output is skipped, a stream is appended after its last complete chunk.
+
+Units and columns:
+
+- CXI (``/entry_1/result_1``, one row per frame, ``nPeaks`` valid entries): the input columns
+  plus ``peakPhotonsVI``, ``peakPhotonsVISigma`` (photons), ``peakBackgroundVI``,
+  ``peakBackgroundVISigma`` (photons per pixel), ``peakProfileXPosRaw``/``peakProfileYPosRaw``
+  (profile centroid, raw slab pixel centres like ``peakXPosRaw``), ``peakProfileSigmaX``/``Y``
+  (pixels), ``peakPhotonsSum``/``peakPhotonsSumSigma`` (summation over the same box).
+- Streams: each crystal's reflection list gets ``I`` and ``sigma(I)`` from the VI posterior and
+  ``background`` from its background, in the stream's detector units (photons x gain, as
+  indexamajig writes them), so mergers read it unchanged.
+- DIALS: ``intensity.vi.value``/``intensity.vi.variance`` (photons), ``background.vi.mean`` and
+  the summation of the same boxes as ``intensity.vsum.value``/``variance``; DIALS' own columns
+  are left as they were.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from peaknet_xtal.atomic import atomic_path
+from peaknet_xtal.errors import FormatError
+from peaknet_xtal.integration.api import Integrator
+
+log = logging.getLogger(__name__)
+
+#: New CXI column -> INTEGRATION_DTYPE field.
+CXI_COLUMNS = {
+    "peakPhotonsVI": "photons", "peakPhotonsVISigma": "photons_sigma",
+    "peakBackgroundVI": "background", "peakBackgroundVISigma": "background_sigma",
+    "peakProfileXPosRaw": "profile_fs", "peakProfileYPosRaw": "profile_ss",
+    "peakProfileSigmaX": "profile_sigma_fs", "peakProfileSigmaY": "profile_sigma_ss",
+    "peakPhotonsSum": "sum_photons", "peakPhotonsSumSigma": "sum_sigma",
+}
+
+Tick = Callable[[int], None]
+
+
+def frame_gain(geometry: Any, wavelength_A: float | None, override: float | None,
+               path: Any) -> float:
+    """ADU per photon: ``override`` if given, else the geometry's; an error naming ``path``."""
+    if override is not None:
+        gain = float(override)
+    else:
+        declared = geometry.detector_gain(wavelength_A) if geometry is not None else None
+        if declared is None:
+            raise FormatError(path, "no detector gain: the geometry declares neither "
+                                    "adu_per_photon nor adu_per_eV; give --adu-per-photon")
+        gain = float(declared)
+    if not gain > 0:
+        raise FormatError(path, f"detector gain {gain} ADU/photon is not positive")
+    return gain
+
+
+# ---- CXI ---------------------------------------------------------------------------------------
+
+def integrate_cxi(path: str | os.PathLike[str], geometry: Any, out_path: str | os.PathLike[str],
+                  integrator: Integrator, *, gain: float | None = None, read_noise: float = 0.0,
+                  tick: Tick | None = None) -> Path:
+    """Integrate every peak of a CXI file (peaknet2cxi output); write a copy with new columns."""
+    import h5py
+
+    from peaknet_xtal.formats.cxi import PEAK_GROUP, iter_cxi_frames, read_cxi_peaks
+
+    path, out = Path(path), Path(out_path)
+    table = read_cxi_peaks(path)
+    results: dict[str, np.ndarray] = {name: np.full(table.columns["peakXPosRaw"].shape, np.nan)
+                                      for name in CXI_COLUMNS}
+    for row, frame in enumerate(iter_cxi_frames(path, geometry, stop=len(table))):
+        n = int(table.n_peaks[row])
+        if n == 0:
+            if tick:
+                tick(1)
+            continue
+        peaks = table.peaks(row, geometry)
+        wavelength = frame.meta.get("wavelength_A")
+        g = frame_gain(geometry, wavelength, gain, path)
+        bad = peaks["panel"] < 0
+        if bad.any():
+            raise FormatError(path, f"frame {row}: {int(bad.sum())} peaks lie on no panel of "
+                                    "the geometry", dataset=f"{PEAK_GROUP}/peakXPosRaw")
+        res = integrator.integrate(frame, peaks["panel"], peaks["fs"], peaks["ss"], gain=g,
+                                   read_noise=read_noise, wavelength_A=wavelength)
+        raw_fs, raw_ss = (geometry.panel_to_raw(peaks["panel"], res["profile_fs"],
+                                                res["profile_ss"]) if geometry is not None
+                          else (res["profile_fs"], res["profile_ss"]))
+        for name, field in CXI_COLUMNS.items():
+            values = res[field]
+            if field == "profile_fs":
+                values = raw_fs
+            elif field == "profile_ss":
+                values = raw_ss
+            results[name][row, :n] = values
+        if tick:
+            tick(1)
+    with atomic_path(out) as tmp:
+        shutil.copyfile(path, tmp)
+        with h5py.File(tmp, "r+") as h5:
+            group = h5[PEAK_GROUP]
+            for name, values in results.items():
+                if name in group:
+                    del group[name]
+                group.create_dataset(name, data=values.astype(np.float32))
+            group.attrs["peaknet_integrator"] = "variational (peaknet_xtal.integration)"
+    return out
+
+
+# ---- CrystFEL streams ----------------------------------------------------------------------
+
+def _image_path(name: str, stream_path: Path) -> Path:
+    candidate = Path(name)
+    if candidate.is_absolute() or candidate.exists():
+        return candidate
+    return stream_path.parent / candidate
+
+
+def integrate_stream(path: str | os.PathLike[str], geometry: Any,
+                     out_path: str | os.PathLike[str], integrator: Integrator, *,
+                     gain: float | None = None, read_noise: float = 0.0,
+                     tick: Tick | None = None) -> Path:
+    """Re-integrate every crystal's reflections of a stream; write a stream with VI I/sigma(I).
+
+    Images are read from the chunk's ``Image filename`` (relative to the stream's folder if not
+    found as given) and ``Event`` (``//N`` is frame N of a stack).  Resumable: an existing output
+    is cut after its last complete chunk and the run continues from there.
+    """
+    from peaknet_xtal.formats.cxi import read_cxi_frame
+    from peaknet_xtal.formats.geometry import HC_EV_A
+    from peaknet_xtal.formats.stream import Chunk, StreamHeader, StreamWriter, iter_stream
+
+    path, out = Path(path), Path(out_path)
+    items = iter_stream(path)
+    header = next(items, None)
+    if not isinstance(header, StreamHeader):
+        raise FormatError(path, "no stream header")
+    if geometry is None:
+        geometry = header.geometry
+    if geometry is None:
+        raise FormatError(path, "the stream carries no geometry; give one with -g")
+    lookup = geometry.panel_index()
+    with StreamWriter(out, header=header, resume=True) as writer:
+        done = writer.done_keys()
+        for chunk in items:
+            if not isinstance(chunk, Chunk):
+                continue  # a repeated header of a concatenated stream
+            if chunk.key in done:
+                if tick:
+                    tick(1)
+                continue
+            if chunk.crystals and any(x.n_reflections for x in chunk.crystals):
+                event = chunk.event or "//"
+                index = int(event.strip("/") or 0) if event.strip("/").isdigit() else 0
+                image = _image_path(chunk.filename, path)
+                frame = read_cxi_frame(image, index, geometry)
+                wavelength = (HC_EV_A / chunk.photon_energy_eV if chunk.photon_energy_eV
+                              else frame.meta.get("wavelength_A"))
+                g = frame_gain(geometry, wavelength, gain, path)
+                for crystal in chunk.crystals:
+                    refl = crystal.reflections
+                    if refl is None or len(refl) == 0:
+                        continue
+                    try:
+                        panel = np.array([lookup[name] for name in refl["panel"]], np.int32)
+                    except KeyError as exc:
+                        raise FormatError(path, f"panel {exc.args[0]!r} is not in the geometry",
+                                          line=chunk.line) from None
+                    mins = np.array([[p.min_fs, p.min_ss] for p in geometry.panels], float)
+                    fs = refl["fs"] - 0.5 - mins[panel, 0]
+                    ss = refl["ss"] - 0.5 - mins[panel, 1]
+                    res = integrator.integrate(frame, panel, fs, ss, gain=g,
+                                               read_noise=read_noise, wavelength_A=wavelength)
+                    refl["I"] = res["photons"] * g
+                    refl["sigma"] = res["photons_sigma"] * g
+                    refl["background"] = res["background"] * g
+            writer.write(chunk)
+            if tick:
+                tick(1)
+    return out
+
+
+# ---- DIALS ---------------------------------------------------------------------------------
+
+def integrate_dials(expt_path: str | os.PathLike[str], refl_path: str | os.PathLike[str],
+                    out_path: str | os.PathLike[str], integrator: Integrator, *,
+                    gain: float | None = None, read_noise: float = 0.0,
+                    tick: Tick | None = None) -> Path:
+    """Integrate the predicted reflections (``xyzcal.px``) of indexed DIALS stills.
+
+    Gain: ``gain`` if given, else each panel's dxtbx gain.  Writes a copy of the ``.refl`` with
+    ``intensity.vi.*``, ``background.vi.mean`` and ``intensity.vsum.*`` columns.
+    """
+    from dials.array_family import flex
+
+    from peaknet_xtal.formats.dials_tables import load_reflection_table, read_experiments
+    from peaknet_xtal.types import Frame
+
+    experiments = read_experiments(expt_path, check_format=True)
+    table = load_reflection_table(refl_path)
+    for column in ("xyzcal.px", "panel", "id"):
+        if column not in table:
+            raise FormatError(refl_path, f"no {column!r} column: integrate needs the predicted "
+                                         "positions of an indexed or refined table")
+    n = len(table)
+    columns = {name: np.full(n, np.nan) for name in ("photons", "photons_sigma", "background",
+                                                     "sum_photons", "sum_sigma")}
+    ids = np.asarray(table["id"].as_numpy_array())
+    xyz = np.asarray(table["xyzcal.px"].parts()[0].as_numpy_array()), np.asarray(
+        table["xyzcal.px"].parts()[1].as_numpy_array())
+    panels = np.asarray(table["panel"].as_numpy_array()).astype(np.int32)
+    if "d" not in table:
+        table.compute_d(experiments)
+    d = np.asarray(table["d"].as_numpy_array())
+    for eid, experiment in enumerate(experiments):
+        rows = np.flatnonzero(ids == eid)
+        if rows.size == 0:
+            continue
+        imageset = experiment.imageset
+        raw = imageset.get_raw_data(0)
+        masks = imageset.get_mask(0)
+        images = [np.asarray(r.as_numpy_array(), dtype=np.float32) for r in raw]
+        good = [np.asarray(m.as_numpy_array(), dtype=bool) for m in masks]
+        detector = experiment.detector
+        g = float(gain) if gain is not None else float(detector[0].get_gain())
+        frame = Frame(panels=images, masks=good, source=str(expt_path), event=f"//{eid}")
+        with np.errstate(divide="ignore"):
+            inv_d = np.where(d[rows] > 0, 1.0 / d[rows], 0.0)
+        res = integrator.integrate(frame, panels[rows], xyz[0][rows] - 0.5, xyz[1][rows] - 0.5,
+                                   gain=g, read_noise=read_noise, one_over_d=inv_d)
+        for name in columns:
+            columns[name][rows] = res[name]
+        if tick:
+            tick(1)
+    table["intensity.vi.value"] = flex.double(columns["photons"])
+    table["intensity.vi.variance"] = flex.double(columns["photons_sigma"] ** 2)
+    table["background.vi.mean"] = flex.double(columns["background"])
+    table["intensity.vsum.value"] = flex.double(columns["sum_photons"])
+    table["intensity.vsum.variance"] = flex.double(columns["sum_sigma"] ** 2)
+    out = Path(out_path)
+    with atomic_path(out) as tmp:
+        table.as_file(str(tmp))
+    return out

@@ -1,0 +1,298 @@
+"""The variational integrator: a generative model of a shoebox and its amortised posterior.
+
+Generative model (per spot, in photons; ``j`` runs over the box pixels)::
+
+    I ~ Lomax(kappa, mu(d))                    Wilson-like: mu(d) = exp(a0 - B s^2 / 2), s = 1/d
+    b ~ Gamma(alpha_b, alpha_b / mu_b)         background photons per pixel
+    h ~ Normal(0, 1)^K                         profile latent
+    p = (1 - e) softmax(c + W h) + e t         profile (sums to 1) on the central square of half
+                                               side ``profile_radius`` (5): learned basis W,
+                                               learned tail shape t and weight e
+    x_j + v ~ Poisson(I p_j + b + v)           detector: photons x gain + Gaussian read noise
+
+The profile lives on the central 11x11 pixels; the 2-pixel border of the 15x15 box sees only
+background.  That is the usual foreground/background split of integration programs, and it keeps a
+smooth tail of the learned profile from claiming border pixels: a tail there made bright spots
+read ~3 % (about one sigma) high.  Spots wider than 11 pixels need a larger ``profile_radius``.
+
+The intensity prior is Wilson's exponential with the image's scale unknown: an exponential whose
+rate has a Gamma(kappa, kappa) spread over images integrates to a Lomax (Pareto II) law with the
+same mean.  Its tail is heavy, so a strong spot on a bright frame is not pulled towards the mean of
+the whole data set (a plain exponential prior shrank such spots by several sigma).
+
+The last line is the *shifted-Poisson* approximation of Poisson photons plus Gaussian read noise of
+variance ``v`` (photons^2): adding ``v`` to the photon-unit pixel value gives a variable whose mean
+and variance both equal ``I p_j + b + v``, exactly those of the true sum, and which is Poisson in
+the limit of no read noise.  Values below ``-v`` (read noise pulling a dark pixel negative) are
+clipped to zero.  Frames must be pedestal-corrected: a constant offset is not modelled.
+
+Variational family: ``q(log I, log b) = Normal(mu, Sigma)`` (bivariate, so I and b stay correlated
+as they are in the posterior: an overestimated background means an underestimated spot), i.e.
+log-normal marginals for the photons and the background, and a point estimate of ``h`` (MAP under
+its Normal prior).  The encoder (a small CNN over the box plus the spot's metadata) amortises the
+profile: a weak spot gets the shape learned from spots of its resolution and direction.  Given the
+profile, ``mu`` and ``Sigma`` are set per spot by a few Fisher-scoring steps on the log joint
+(``mu`` the mode, ``Sigma`` the inverse Fisher information: the Laplace choice of a Gaussian q),
+closed-form 2x2 algebra vectorised over spots.  Why not let the network output ``mu`` directly:
+strong spots need ~1 % precision on intensities spanning five decades, which an amortised
+regressor misses by more than the posterior width (the amortisation gap), ruining calibration; the
+scoring steps close that gap at a few operations per pixel.  (A mean-field Gamma q fitted by
+coordinate ascent on the count-allocation augmented model was tried first: it underestimated
+sigma(I) two- to three-fold wherever background photons share the spot's pixels, because it
+ignores the uncertainty of which photon is background.)
+
+Training maximises the ELBO ``E_q[log p(x | I, b, p) + log p(I) + log p(b)] + H[q] + log p(h)``
+with reparameterised samples (``torch.distributions``), back-propagating through the unrolled
+scoring steps into the encoder, the profile basis and the prior parameters (empirical Bayes).
+All code is device-agnostic.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+#: Everything that rebuilds the network (saved beside the weights as JSON).
+DEFAULT_CONFIG: dict[str, Any] = {
+    "family": "vi_integrator",
+    "side": 15,
+    "latent": 8,
+    "channels": 16,
+    "hidden": 64,
+    "cavi_steps": 12,
+    "profile_radius": 5,
+}
+
+N_META = 8
+
+
+def _torch() -> Any:
+    import torch
+
+    return torch
+
+
+def build_model(config: dict[str, Any] | None = None) -> Any:
+    """A :class:`VIIntegrator` (torch ``nn.Module``) from a config (defaults filled in)."""
+    cfg = {**DEFAULT_CONFIG, **(config or {})}
+    if cfg.get("family") != "vi_integrator":
+        raise KeyError(f"not an integrator config (family {cfg.get('family')!r})")
+    return _module_class()(cfg)
+
+
+_CLASS: list[Any] = []
+
+
+def _module_class() -> Any:
+    """The module class, defined on first use so that importing this file does not import torch."""
+    if _CLASS:
+        return _CLASS[0]
+    torch = _torch()
+    nn = torch.nn
+
+    class VIIntegrator(nn.Module):  # type: ignore[name-defined]
+        """Encoder + profile basis + priors; :meth:`posterior` and :meth:`elbo` are the API."""
+
+        def __init__(self, config: dict[str, Any]) -> None:
+            super().__init__()
+            self.config = dict(config)
+            side, ch = int(config["side"]), int(config["channels"])
+            latent, hidden = int(config["latent"]), int(config["hidden"])
+            self.side, self.latent = side, latent
+            self.cavi_steps = int(config["cavi_steps"])
+            half = (side + 1) // 2
+            self.conv = nn.Sequential(
+                nn.Conv2d(3, ch, 3, padding=1), nn.ReLU(),
+                nn.Conv2d(ch, ch, 3, padding=1, stride=2), nn.ReLU())
+            # Flattened features keep where things are (the profile needs it); the mean-pooled
+            # branch is a permutation-invariant summary of the box (brightness, background).
+            self.head = nn.Sequential(
+                nn.Linear(ch * half * half + ch + N_META, hidden), nn.ReLU(),
+                nn.Linear(hidden, latent))
+            yy, xx = np.mgrid[0:side, 0:side] - side // 2
+            gauss = -0.5 * (xx ** 2 + yy ** 2) / 1.2 ** 2
+            self.profile_bias = nn.Parameter(torch.tensor(gauss.ravel(), dtype=torch.float32))
+            self.basis = nn.Parameter(0.05 * torch.randn(latent, side * side))
+            wide = -0.5 * (xx ** 2 + yy ** 2) / 3.0 ** 2
+            self.tail_logits = nn.Parameter(torch.tensor(wide.ravel(), dtype=torch.float32))
+            self.tail_weight = nn.Parameter(torch.tensor(-1.5))
+            # Priors (empirical Bayes point estimates), all unconstrained.
+            self.prior_log_mean = nn.Parameter(torch.tensor(math.log(50.0)))
+            self.prior_wilson_b = nn.Parameter(torch.tensor(10.0))
+            self.prior_log_shape = nn.Parameter(torch.tensor(0.0))
+            self.bg_log_mean = nn.Parameter(torch.tensor(math.log(0.3)))
+            self.bg_log_shape = nn.Parameter(torch.tensor(0.0))
+            self.register_buffer("_coords", torch.tensor(
+                np.stack([xx.ravel(), yy.ravel()]), dtype=torch.float32), persistent=False)
+            border = np.maximum(np.abs(xx), np.abs(yy)) >= side // 2 - 1
+            self.register_buffer("_border", torch.tensor(border.ravel()), persistent=False)
+            support = np.maximum(np.abs(xx), np.abs(yy)) <= int(config["profile_radius"])
+            self.register_buffer("_outside", torch.tensor(~support.ravel()), persistent=False)
+
+        # ---- pieces -----------------------------------------------------------------------
+
+        def counts(self, pixels: Any, mask: Any, read_noise: Any) -> tuple[Any, Any, Any]:
+            """(shifted counts y, mask, read-noise variance v) flattened to (n, P)."""
+            n = pixels.shape[0]
+            m = mask.reshape(n, -1).to(pixels.dtype)
+            v = (read_noise.to(pixels.dtype) ** 2).clamp_min(1e-6)[:, None]
+            y = (pixels.reshape(n, -1) + v).clamp_min(0.0) * m
+            return y, m, v
+
+        def encode(self, y: Any, m: Any, meta: Any) -> Any:
+            n = y.shape[0]
+            img = torch.stack([2.0 * torch.sqrt(y + 0.375) * m / 10.0, torch.log1p(y), m],
+                              dim=1).reshape(n, 3, self.side, self.side)
+            feats = self.conv(img)
+            pooled = feats.mean(dim=(2, 3))
+            return self.head(torch.cat([feats.flatten(1), pooled, meta], dim=1))
+
+        def profile(self, h: Any) -> Any:
+            core = torch.softmax((self.profile_bias + h @ self.basis).masked_fill(
+                self._outside, -1e4), dim=-1)
+            tail = torch.softmax(self.tail_logits.masked_fill(self._outside, -1e4), dim=-1)
+            e = torch.sigmoid(self.tail_weight)
+            return (1 - e) * core + e * tail
+
+        def priors(self, one_over_d: Any) -> tuple[Any, Any]:
+            """((Lomax shape, scale) of I per spot, Gamma prior of the background)."""
+            dist = torch.distributions
+            shape = torch.exp(self.prior_log_shape).clamp(0.3, 1e2)
+            log_mean = self.prior_log_mean - 0.5 * self.prior_wilson_b * one_over_d ** 2
+            # Lomax mean = scale / (shape - 1) for shape > 1; shape is kept above 0.3 and the
+            # scale carries the resolution fall-off.
+            scale = torch.exp(log_mean) * shape
+            bshape = torch.exp(self.bg_log_shape).clamp(1e-2, 1e2)
+            prior_b = dist.Gamma(bshape, bshape * torch.exp(-self.bg_log_mean),
+                                 validate_args=False)
+            return (shape.expand_as(scale), scale), prior_b
+
+        @staticmethod
+        def lomax_log_prob(x: Any, shape: Any, scale: Any) -> Any:
+            return torch.log(shape) - torch.log(scale) - (shape + 1) * torch.log1p(x / scale)
+
+        def fit(self, y: Any, m: Any, v: Any, p: Any, prior_i: Any, prior_b: Any
+                ) -> tuple[Any, Any]:
+            """Mode ``mu`` (n, 2) of (log I, log b) and covariance ``cov`` (n, 2, 2) of q."""
+            kap, lam0 = prior_i
+            c0, d0 = prior_b.concentration, prior_b.rate
+            vv = v[:, 0]
+            npix = m.sum(1).clamp_min(1.0)
+            border = m * self._border.to(m.dtype)
+            bg0 = ((y * border).sum(1) / border.sum(1).clamp_min(1.0) - vv).clamp_min(1e-2)
+            u = torch.log(((y * m).sum(1) - npix * (bg0 + vv)).clamp_min(1.0))
+            w = torch.log(bg0)
+            ym = y * m
+            for _ in range(self.cavi_steps):
+                big_i, big_b = torch.exp(u), torch.exp(w)
+                lam = big_i[:, None] * p + big_b[:, None] + v
+                ratio = ym / lam - m
+                t = big_i / (big_i + lam0)
+                g_u = big_i * (ratio * p).sum(1) + 1.0 - (kap + 1) * t
+                g_w = big_b * ratio.sum(1) + c0 - d0 * big_b
+                inv = m / lam
+                f_uu = big_i ** 2 * (inv * p * p).sum(1) + (kap + 1) * t * (1 - t)
+                f_ww = big_b ** 2 * inv.sum(1) + d0 * big_b
+                f_uw = big_i * big_b * (inv * p).sum(1)
+                det = (f_uu * f_ww - f_uw ** 2).clamp_min(1e-12)
+                du = ((f_ww * g_u - f_uw * g_w) / det).clamp(-2.0, 2.0)
+                dw = ((f_uu * g_w - f_uw * g_u) / det).clamp(-2.0, 2.0)
+                u = (u + du).clamp(-12.0, 16.0)
+                w = (w + dw).clamp(-12.0, 10.0)
+            # Covariance: the inverse observed information at the mode (the Laplace choice),
+            # the inverse Fisher information where the observed one is not positive definite.
+            big_i, big_b = torch.exp(u), torch.exp(w)
+            lam = big_i[:, None] * p + big_b[:, None] + v
+            ratio = ym / lam - m
+            t = big_i / (big_i + lam0)
+            y2 = ym / lam ** 2
+            inv = m / lam
+            g_u = big_i * (ratio * p).sum(1) + 1.0 - (kap + 1) * t
+            g_w = big_b * ratio.sum(1) + c0 - d0 * big_b
+            o_uu = big_i ** 2 * (y2 * p * p).sum(1) + (kap + 1) * t * (1 - t) - (
+                g_u - 1.0 + (kap + 1) * t)
+            o_ww = big_b ** 2 * y2.sum(1) + d0 * big_b - (g_w - c0 + d0 * big_b)
+            o_uw = big_i * big_b * (y2 * p).sum(1)
+            f_uu = big_i ** 2 * (inv * p * p).sum(1) + (kap + 1) * t * (1 - t)
+            f_ww = big_b ** 2 * inv.sum(1) + d0 * big_b
+            f_uw = big_i * big_b * (inv * p).sum(1)
+            good = (o_uu > 0) & (o_ww > 0) & (o_uu * o_ww - o_uw ** 2 > 0)
+            f_uu = torch.where(good, o_uu, f_uu)
+            f_ww = torch.where(good, o_ww, f_ww)
+            f_uw = torch.where(good, o_uw, f_uw)
+            det = (f_uu * f_ww - f_uw ** 2).clamp_min(1e-12)
+            cov = torch.stack([torch.stack([f_ww, -f_uw], -1),
+                               torch.stack([-f_uw, f_uu], -1)], -2) / det[:, None, None]
+            return torch.stack([u, w], -1), cov
+
+        # ---- API --------------------------------------------------------------------------
+
+        def forward(self, pixels: Any, mask: Any, read_noise: Any, meta: Any,
+                    one_over_d: Any) -> dict[str, Any]:
+            y, m, v = self.counts(pixels, mask, read_noise)
+            h = self.encode(y, m, meta)
+            p = self.profile(h)
+            prior_i, prior_b = self.priors(one_over_d)
+            mu, cov = self.fit(y, m, v, p, prior_i, prior_b)
+            return {"y": y, "m": m, "v": v, "h": h, "p": p, "prior_i": prior_i,
+                    "prior_b": prior_b, "mu": mu, "cov": cov}
+
+        def q(self, out: dict[str, Any]) -> Any:
+            """q(log I, log b) as a torch MultivariateNormal."""
+            cov = out["cov"]
+            l11 = torch.sqrt(cov[:, 0, 0].clamp_min(1e-12))
+            l21 = cov[:, 1, 0] / l11
+            l22 = torch.sqrt((cov[:, 1, 1] - l21 ** 2).clamp_min(1e-12))
+            zero = torch.zeros_like(l11)
+            tril = torch.stack([torch.stack([l11, zero], -1), torch.stack([l21, l22], -1)], -2)
+            return torch.distributions.MultivariateNormal(out["mu"], scale_tril=tril,
+                                                          validate_args=False)
+
+        def elbo(self, out: dict[str, Any], samples: int = 4) -> Any:
+            """Per-spot ELBO (nats), MC over reparameterised samples of (log I, log b)."""
+            dist = torch.distributions
+            q = self.q(out)
+            uw = q.rsample((samples,))
+            big_i, big_b = torch.exp(uw[..., 0]), torch.exp(uw[..., 1])
+            rate = big_i[..., None] * out["p"] + big_b[..., None] + out["v"]
+            like = dist.Poisson(rate, validate_args=False).log_prob(out["y"])
+            expected = (like * out["m"]).sum(-1)
+            # log densities of I and b over log I and log b (the Jacobians are the + u, + w)
+            shape, scale = out["prior_i"]
+            prior = (self.lomax_log_prob(big_i, shape, scale) + uw[..., 0]
+                     + out["prior_b"].log_prob(big_b) + uw[..., 1])
+            h = out["h"]
+            log_prior_h = dist.Normal(torch.zeros_like(h), torch.ones_like(h),
+                                      validate_args=False).log_prob(h).sum(-1)
+            return (expected + prior).mean(0) + q.entropy() + log_prior_h
+
+        def summary(self, out: dict[str, Any]) -> dict[str, Any]:
+            """Posterior moments and the profile's centroid/width (box-centre-relative pixels)."""
+            mu, cov = out["mu"], out["cov"]
+            var_u, var_w = cov[:, 0, 0], cov[:, 1, 1]
+            mean_i = torch.exp(mu[:, 0] + 0.5 * var_u)
+            mean_b = torch.exp(mu[:, 1] + 0.5 * var_w)
+            p = out["p"]
+            cx = p @ self._coords[0]
+            cy = p @ self._coords[1]
+            sx = torch.sqrt((p @ self._coords[0] ** 2 - cx ** 2).clamp_min(0.0))
+            sy = torch.sqrt((p @ self._coords[1] ** 2 - cy ** 2).clamp_min(0.0))
+            return {"photons": mean_i, "photons_sigma": mean_i * torch.sqrt(torch.expm1(var_u)),
+                    "background": mean_b,
+                    "background_sigma": mean_b * torch.sqrt(torch.expm1(var_w)),
+                    "profile_dfs": cx, "profile_dss": cy, "profile_sigma_fs": sx,
+                    "profile_sigma_ss": sy, "profile_observed": (p * out["m"]).sum(-1)}
+
+    _CLASS.append(VIIntegrator)
+    return VIIntegrator
+
+
+def metadata(one_over_d: np.ndarray, radial: np.ndarray, offset: np.ndarray) -> np.ndarray:
+    """(n, N_META) float32 encoder metadata: resolution, radial direction, sub-pixel offset."""
+    d = np.asarray(one_over_d, dtype=np.float32)[:, None]
+    radial = np.asarray(radial, dtype=np.float32)
+    # A spot's elongation axis: (rf^2 - rs^2, 2 rf rs) is the doubled-angle direction.
+    axis = np.stack([radial[:, 0] ** 2 - radial[:, 1] ** 2, 2 * radial[:, 0] * radial[:, 1]], 1)
+    return np.concatenate([d, d * d, radial, axis, np.asarray(offset, np.float32)],
+                          axis=1).astype(np.float32)

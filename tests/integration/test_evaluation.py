@@ -1,0 +1,88 @@
+"""The issue's criteria on held-out simulated shoeboxes, with the shipped default integrator.
+
+Done when (issue 18): the VI posterior mean has a lower RMS error than summation for weak spots
+(true I/sigma below 5) and no higher elsewhere, and the normalised errors have a spread within
+0.9-1.1 in every bin.  The held-out frames are the first 12 of the README's report (seed 2; the
+default was trained on seed 1).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from peaknet_xtal.integration.evaluation import (
+    BINS,
+    accuracy_table,
+    calibration_table,
+    lognormal_interval,
+)
+
+
+@pytest.fixture(scope="module")
+def held_out():
+    from peaknet_xtal.integration import Integrator
+    from peaknet_xtal.integration.simdata import simulate_shoeboxes
+
+    boxes = simulate_shoeboxes(12, 2)
+    boxes = boxes.select(np.flatnonzero(boxes.mask.mean(axis=(1, 2)) >= 0.95))
+    return boxes, Integrator("default").integrate_boxes(boxes)
+
+
+def test_lognormal_interval_has_its_mean_and_coverage():
+    rng = np.random.default_rng(0)
+    draws = np.exp(rng.normal(1.0, 0.7, 200_000))
+    lo, hi = lognormal_interval(np.array([draws.mean()]), np.array([draws.std()]), 1.0)
+    assert np.mean((draws >= lo) & (draws <= hi)) == pytest.approx(0.6827, abs=0.01)
+
+
+def test_tables_bin_and_score_a_known_case():
+    truth = np.array([1.0, 1.0, 100.0, 100.0])
+    snr = np.array([0.5, 0.5, 30.0, 30.0])
+    rows = accuracy_table(truth, snr, {"a": np.array([2.0, 0.0, 110.0, 90.0])})
+    assert [r["n"] for r in rows] == [2, 0, 0, 0, 0, 2]
+    assert rows[0]["rmse_a"] == pytest.approx(1.0) and rows[-1]["rmse_a"] == pytest.approx(10.0)
+    cal = calibration_table(truth, np.array([2.0, 0.5, 110.0, 90.0]),
+                            np.array([4.0, 1.0, 4.0, 4.0]), lognormal=False)
+    assert len(cal) == len(BINS) - 1
+    assert cal[-1]["n"] == 2 and cal[-1]["z_rms"] == pytest.approx(2.5)
+    assert cal[-1]["cover95"] == 0.0 and cal[0]["cover68"] == 1.0
+
+
+def _accuracy(held_out):
+    boxes, result = held_out
+    rows = accuracy_table(boxes.extra["photons"], boxes.extra["snr"],
+                          {"vi": result["photons"], "sum": result["sum_photons"]})
+    return [(row, hi) for row, hi in zip(rows, BINS[1:], strict=True) if row["n"] >= 50]
+
+
+def test_vi_beats_summation_on_weak_spots(held_out):
+    weak = [row for row, hi in _accuracy(held_out) if hi <= 5]
+    assert len(weak) == 3
+    for row in weak:
+        assert row["rmse_vi"] < row["rmse_sum"], row
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "issue 18 criterion not met yet: for true I/sigma >= 20 the VI RMS error is 9 % above "
+    "summation on these 12 frames (level with it on all 40 of the README table); the learned "
+    "profile does not match the brightest spots well enough"))
+def test_vi_is_no_worse_than_summation_elsewhere(held_out):
+    for row, hi in _accuracy(held_out):
+        if hi > 5:
+            # "no higher": an RMS over n >= 50 spots carries ~1/sqrt(2n) <= 10 % sampling error
+            assert row["rmse_vi"] <= row["rmse_sum"] * (1 + 1 / np.sqrt(2 * row["n"])), row
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "issue 18 criterion not met yet: with the learned profile the VI sigma is too small for "
+    "spots of own I/sigma >= 2 (z RMS 1.2-1.5, README table); given the true profile the same "
+    "posterior is calibrated (test_model.py::test_posterior_is_calibrated_when_the_profile_is_"
+    "right), so the shortfall is the profile family/training, not the inference"))
+def test_normalised_errors_have_unit_spread_in_every_bin(held_out):
+    boxes, result = held_out
+    rows = calibration_table(boxes.extra["photons"], result["photons"], result["photons_sigma"],
+                             lognormal=True)
+    checked = [r for r in rows if r["n"] >= 50]
+    assert len(checked) >= 4
+    for row in checked:
+        assert 0.9 <= row["z_rms"] <= 1.1, row

@@ -123,16 +123,69 @@ def simulate_bank(path: Path, frames: int, per_frame: int = 6) -> Path:
     return path
 
 
+#: simulated validation frames (model selection): seeds far from the bank's draws and from the
+#: acceptance tests' (tests/model: 3_000_000_001+) and the report's (examples/make_eval_report.py)
+VALIDATION_SEEDS = range(2_000_000_001, 2_000_000_013)
+VALIDATION_GEOMETRIES = ("om_lcls_mfx_epix10k2M.geom", "crystfel_doc_cspad-cxiformat.geom",
+                         "om_lcls_rayonix.geom")
+
+
+def validation_frames() -> list[tuple]:
+    """(frame, truth) pairs for model selection: randomised hits and blanks on three detectors,
+    a third of them on a strong smooth background (sim.artifacts), simulated only."""
+    from peaknet_xtal.formats.geometry import read_geometry
+    from peaknet_xtal.sim import SimConfig, simulate_frame
+    from peaknet_xtal.sim.artifacts import strong_background_panel
+
+    out = []
+    for k, seed in enumerate(VALIDATION_SEEDS):
+        name = VALIDATION_GEOMETRIES[k % len(VALIDATION_GEOMETRIES)]
+        rng = np.random.default_rng(seed)
+        gain = float(rng.uniform(1, 30))
+        config = SimConfig.randomised(rng, hit_probability=0.0 if k % 4 == 3 else 1.0,
+                                      adu_per_photon=gain)
+        frame, truth = simulate_frame(read_geometry(GEOMETRIES / name), seed, config)
+        if k % 3 == 2:  # strong background: photons of the simulated frame on a bright field
+            frame.panels = [strong_background_panel(np.asarray(p, float) / gain, rng, gain)
+                            .astype(np.float32) for p in frame.panels]
+        out.append((frame, truth))
+    return out
+
+
+def validation_score(model_path: Path, frames: list[tuple]) -> dict[str, float]:
+    """F1 on strong reflections of the hits and false peaks per blank, with library defaults."""
+    from peaknet_xtal.evaluation.metrics import score_frames
+    from peaknet_xtal.finding import InferenceEngine
+
+    engine = InferenceEngine(str(model_path), device="cpu", threads=1)
+    triples, blank_peaks = [], []
+    for frame, truth in frames:
+        found = next(iter(engine.find_frames([frame]))).peaks
+        refl = truth.reflections
+        if len(refl):
+            triples.append((found, refl[refl["strong"]], refl))
+        else:
+            blank_peaks.append(len(found))
+    overall = score_frames(triples, cutoff=3.0)["overall"]
+    return {"f1": float(overall.f1), "blank_false_peaks": float(np.mean(blank_peaks or [0]))}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--frames", type=int, default=320)
-    parser.add_argument("--steps", type=int, default=10000)
+    parser.add_argument("--steps", type=int, default=10000, help="stage-1 steps")
+    parser.add_argument("--finetune-steps", type=int, default=3000, help="stage-2 steps")
+    parser.add_argument("--init", default=None, metavar="WEIGHTS",
+                        help="skip stage 1 and fine-tune these weights (e.g. the previous "
+                             "default, which stage 1 rebuilds)")
     parser.add_argument("--work", default="runs/default")
     parser.add_argument("--no-install", action="store_true", help="do not copy into the package")
     parser.add_argument("--real-labels", nargs="+", default=[], metavar="LABELS.h5",
                         help="stream2labels files of real frames to train on beside the bank")
     args = parser.parse_args(argv)
+
+    import time
 
     import torch
 
@@ -140,15 +193,41 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(2)
     work = Path(args.work)
+    started = time.time()
     bank = simulate_bank(work / "bank.h5", args.frames)
-    train_main([str(ROOT / "examples" / "configs" / "train_default.yaml"), "--out",
-                str(work / "train"), "--schedule.steps", str(args.steps),
-                "--data.paths", str(bank), *args.real_labels])
-    if not args.no_install:
+    stage1 = Path(args.init) if args.init else work / "train" / "model.safetensors"
+    if not args.init:
+        train_main([str(ROOT / "examples" / "configs" / "train_default.yaml"), "--out",
+                    str(work / "train"), "--schedule.steps", str(args.steps),
+                    "--data.paths", str(bank), *args.real_labels])
+    import yaml
+
+    stage2 = yaml.safe_load((ROOT / "examples" / "configs" / "train_default_local.yaml")
+                            .read_text())
+    stage2["model"]["init"] = str(stage1.resolve())
+    stage2_config = work / "train_default_local.yaml"
+    stage2_config.write_text(yaml.safe_dump(stage2))
+    train_main([str(stage2_config), "--out", str(work / "finetune"), "--schedule.steps",
+                str(args.finetune_steps), "--data.paths", str(bank), *args.real_labels])
+    minutes = (time.time() - started) / 60
+    print(f"trained in {minutes:.1f} min")
+    # Model selection on simulated validation frames only (never on the real acceptance frames)
+    frames = validation_frames()
+    candidate = work / "finetune" / "model.safetensors"
+    scores = {"stage 1": validation_score(stage1, frames),
+              "stage 2": validation_score(candidate, frames)}
+    for label, score in scores.items():
+        print(f"{label}: simulated validation F1 {score['f1']:.3f}, "
+              f"{score['blank_false_peaks']:.1f} false peaks per blank")
+    better = (scores["stage 2"]["f1"] >= scores["stage 1"]["f1"] - 0.005
+              and scores["stage 2"]["blank_false_peaks"] <= scores["stage 1"]["blank_false_peaks"])
+    if not args.no_install and better:
         target = ROOT / "peaknet_xtal" / "model" / "weights"
-        shutil.copyfile(work / "train" / "model.safetensors", target / "default.safetensors")
-        shutil.copyfile(work / "train" / "model.json", target / "default.json")
+        shutil.copyfile(candidate, target / "default.safetensors")
+        shutil.copyfile(candidate.with_suffix(".json"), target / "default.json")
         print(f"installed {target / 'default.safetensors'}")
+    elif not better:
+        print("stage 2 does not beat stage 1 on simulated validation: not installed")
     return 0
 
 

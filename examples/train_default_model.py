@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--frames", type=int, default=320)
     parser.add_argument("--steps", type=int, default=10000, help="stage-1 steps")
-    parser.add_argument("--finetune-steps", type=int, default=3000, help="stage-2 steps")
+    parser.add_argument("--finetune-steps", type=int, default=2000, help="stage-2 steps")
     parser.add_argument("--init", default=None, metavar="WEIGHTS",
                         help="skip stage 1 and fine-tune these weights (e.g. the previous "
                              "default, which stage 1 rebuilds)")

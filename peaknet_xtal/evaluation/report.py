@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from peaknet_xtal.atomic import write_json_atomic, write_text_atomic
-from peaknet_xtal.evaluation.metrics import score_frames
+from peaknet_xtal.evaluation.metrics import bootstrap_f1, score_frames
 from peaknet_xtal.progress import Progress
 from peaknet_xtal.types import Frame, empty_peaks
 from peaknet_xtal.evaluation import plots
@@ -124,7 +124,14 @@ def evaluate(dataset: Dataset, specs: Sequence[str], out_dir: str | os.PathLike[
         if truths is not None:
             scores = score_frames(_triples(run["peaks"], truths, every), cutoff)
             entry["accuracy"] = scores["overall"].to_dict()
+            entry["accuracy"]["f1_ci95"] = list(bootstrap_f1(scores["frames"]))
             entry["per_frame_f1"] = [s.f1 for s in scores["frames"]]
+        blanks = [len(p) for p, f in zip(run["peaks"], frames, strict=True)
+                  if f.meta.get("truth_hit") is False]
+        if blanks:  # frames without a crystal: every peak on them is false
+            entry["blank_frames"] = len(blanks)
+            entry["blank_false_peaks"] = float(np.mean(blanks))
+            entry["blank_hits"] = int(sum(n >= min_peaks for n in blanks))
         if label in tuning:
             entry["tuning"] = tuning[label]
         report["finders"][label] = entry
@@ -295,12 +302,18 @@ def markdown(report: dict[str, Any], dataset: Dataset) -> str:
         lines += ["## Accuracy against the simulator's truth", "",
                   "Recall counts the strong reflections found; precision counts found peaks "
                   "lying on any true reflection (a weak reflection found is no false peak).", "",
-                  "| finder | precision | recall | F1 | median error (px) | s/frame |",
-                  "|---|---|---|---|---|---|"]
+                  "| finder | precision | recall | F1 | F1 95 % interval (bootstrap over "
+                  "frames) | median error (px) | false peaks per blank | blanks called hits "
+                  "| s/frame |", "|---|---|---|---|---|---|---|---|---|"]
         for label, e in report["finders"].items():
             a = e["accuracy"]
+            ci = a.get("f1_ci95") or [float("nan")] * 2
+            blanks = (f"{e['blank_hits']} of {e['blank_frames']}" if "blank_frames" in e
+                      else "n/a")
             lines.append(f"| {label} | {_fmt(a['precision'])} | {_fmt(a['recall'])} | "
-                         f"{_fmt(a['f1'])} | {_fmt(a['median_error_px'], 2)} | "
+                         f"{_fmt(a['f1'])} | {_fmt(ci[0])}-{_fmt(ci[1])} | "
+                         f"{_fmt(a['median_error_px'], 2)} | "
+                         f"{_fmt(e.get('blank_false_peaks', float('nan')), 1)} | {blanks} | "
                          f"{_fmt(e['seconds_per_frame'], 2)} |")
         lines += ["", "![scores](scores.png)", ""]
     indexing = report.get("indexing")

@@ -1,6 +1,7 @@
 """Reproduce the shipped default model from scratch (seeded), on a 2-core CPU.
 
-    python examples/train_default_model.py [--frames 320] [--steps 10000] [--work runs/default]
+    python examples/train_default_model.py [--frames 320] [--steps 10000]
+        [--finetune-steps 2000] [--init WEIGHTS] [--work runs/default]
 
 1. Simulate a bank of frames across many real detector geometries (../shared/data/real/
    crystfel_geometry), with randomised conditions (cells, fluence, backgrounds from a sparse
@@ -8,12 +9,28 @@
    dead/hot pixels) and gains from photon counting (1 ADU/photon) to CSPAD-like (~40), and cut
    128x128 tiles around spots plus two random background tiles per chosen panel into an HDF5
    file in the stream2labels layout (images, masks, labels): 320 frames give ~2,900 tiles in
-   about a minute.
-2. Train the ``default`` architecture on that file with peaknet-train
-   (examples/configs/train_default.yaml: 96-px crops, batch 8, focal loss, cosine schedule, and
-   the detector-realism augmentations).  10,000 steps take ~15 minutes on 2 idle cores (~11
-   steps/s; on a machine shared with other jobs expect hours).
-3. Copy the result to peaknet_xtal/model/weights/default.{safetensors,json}.
+   about a minute (five on a busy machine).
+2. Stage 1: train the ``default`` architecture on that file with peaknet-train
+   (examples/configs/train_default.yaml: 96-px crops, batch 8, focal loss, cosine schedule, the
+   detector-realism augmentations, global input standardisation).  10,000 steps take ~15
+   minutes on 2 idle cores (~11 steps/s; on a machine shared with other jobs expect hours).
+   ``--init WEIGHTS`` skips it and starts stage 2 from WEIGHTS (the previous default is stage 1's
+   result).
+3. Stage 2: fine-tune on the same bank with the local input normalisation
+   (model/layers/local_norm.py) and the real-background augmentations of sim/artifacts.py
+   (strong smooth backgrounds with gradients, arcs and shadows and their correlated noise,
+   zingers, jet streaks, saturation; examples/configs/train_default_local.yaml).
+4. Model selection on simulated validation frames only (seeds 2,000,000,001-012 on ePix10k2M,
+   CSPAD and Rayonix, hits and blanks, a third on a strong background): stage 2 is installed as
+   peaknet_xtal/model/weights/default.{safetensors,json} only if its F1 is within 0.005 of stage
+   1's and it gives no more false peaks per blank.
+
+Which data play which role: training, the simulated bank (seed 20240); model selection, the
+simulated validation frames above; acceptance, everything else: the held-out simulated frames of
+tests/model/test_default_model.py (seeds 3,000,000,001+), the sets of
+examples/make_eval_report.py (seeds 4,000,000,000+) and all real frames in ../shared/data/real
+(the CSPAD thermolysin stills, the thaumatin grid, the Pilatus and Eiger frames), which no step of
+this script reads.
 
 Real labels: ``--real-labels LABELS.h5 ...`` adds stream2labels output of real frames (indexed
 streams or DIALS stills results with their images) to the bank.  The shipped model has none:
@@ -46,7 +63,7 @@ Lessons from making it:
   right background (mean and std, not median and MAD, which see only read noise there) and the
   spot's shot noise does;
 - runs of the same recipe with a different bank or step count differ by several points of F1
-  on real data: check every candidate on the real stills, not just on simulated frames.
+  on real data; the real stills are nevertheless acceptance data only, never used to choose.
 """
 from __future__ import annotations
 

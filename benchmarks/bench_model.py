@@ -2,8 +2,9 @@
 
     python benchmarks/bench_model.py [--threads 2] [--repeat 3] [--skip-sizes]
 
-Prints, for the shipped default model and for the previous default (kept as
-benchmarks/baseline/default_v1.*, the model issue 17's 44x/78x ratios were measured on): seconds
+Prints, for the shipped default model and, once a new default replaces today's, for the previous
+one (to be kept as benchmarks/baseline/default_v1.*, the model the 44x/78x ratios of issue 17
+were measured on): seconds
 per frame on a real 2.3-Mpx CSPAD still and a 6-Mpx Pilatus frame (input normalisation
 included) beside DIALS' dispersion threshold (the core of dials.find_spots) on the same pixels in
 the same run, with their ratio; images/s at batch 1 and 8 on one CSPAD panel stack.  Then

@@ -40,9 +40,7 @@ class GRN(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # the L2 norm over H, W written out: ~3x faster on CPU than linalg.vector_norm over two
-        # axes of a channels-last tensor, same value
-        gx = x.square().sum(dim=(1, 2), keepdim=True).sqrt()
+        gx = torch.linalg.vector_norm(x, ord=2, dim=(1, 2), keepdim=True)
         nx = gx / (gx.mean(dim=-1, keepdim=True) + self.eps)
         return self.gamma * (x * nx) + self.beta + x
 

@@ -50,8 +50,7 @@ class PeakNet(nn.Module):
                  depths: list[int] | None = None, neck_width: int = 256, neck_blocks: int = 1,
                  neck_kernel: int = 3, head_channels: int = 256, learned_upsample: bool = True,
                  num_classes: int = 2, drop_path: float = 0.0, name: str = "custom",
-                 input_norm: str = "global", norm_block: int = 16,
-                 candidate_snr: float | None = None) -> None:
+                 input_norm: str = "global", norm_block: int = 16) -> None:
         super().__init__()
         if dims is None or depths is None:
             if backbone not in BACKBONES:
@@ -68,7 +67,6 @@ class PeakNet(nn.Module):
             "neck_kernel": neck_kernel, "head_channels": head_channels,
             "learned_upsample": learned_upsample, "num_classes": num_classes,
             "drop_path": drop_path, "input_norm": input_norm, "norm_block": norm_block,
-            "candidate_snr": candidate_snr,
         }
         self.backbone = ConvNeXtV2Backbone(dims, depths, in_chans=1, drop_path=drop_path)
         info = self.backbone.feature_info

@@ -116,3 +116,28 @@ def test_photon_counting_empty_panel_has_a_finite_scale():
 def test_maps_reject_bad_shapes():
     with pytest.raises(ValueError, match="B, 1, H, W"):
         background_maps(torch.zeros(4, 4), torch.ones(4, 4, dtype=torch.bool))
+
+
+def test_model_config_selects_the_normaliser_and_old_configs_keep_the_global_one():
+    from peaknet_xtal.model import build_from_config, create_model
+
+    torch.manual_seed(0)
+    local = create_model("yocto", input_norm="local").eval()
+    x = torch.from_numpy(_strong_background(np.random.default_rng(6), (64, 96))
+                         .astype(np.float32))[None, None]
+    valid = torch.ones_like(x, dtype=torch.bool)
+    with torch.no_grad():
+        whole = local(x)
+        pre = local(local.normalise(x, valid), valid, normalised=True)
+        np.testing.assert_allclose(pre.numpy(), whole.numpy(), atol=1e-5)
+        np.testing.assert_allclose(local.normalise(x, valid)[0, 0].numpy(), _z(x[0, 0].numpy()),
+                                   atol=1e-6)
+    old = dict(local.config)
+    old.pop("input_norm")
+    old.pop("norm_block")
+    rebuilt = build_from_config(old)  # a config saved before the local normaliser existed
+    assert rebuilt.config["input_norm"] == "global"
+    np.testing.assert_allclose(rebuilt.normalise(x, valid).numpy(),
+                               standardise(x, valid).numpy())
+    with pytest.raises(ValueError, match="input_norm"):
+        create_model("yocto", input_norm="nearby")

@@ -2,10 +2,13 @@
 
     python benchmarks/bench_model.py [--threads 2] [--repeat 3] [--skip-sizes]
 
-Prints, for the default model: seconds per frame on a real 2.3-Mpx CSPAD still and a 6-Mpx
-Pilatus frame beside DIALS' dispersion threshold (the core of dials.find_spots) on the same
-pixels in the same run, with their ratio; images/s at batch 1 and 8 on one CSPAD panel stack.
-Then parameters and FLOPs per megapixel of every registered size (counted on the meta device).
+Prints, for the shipped default model and, once a new default replaces today's, for the previous
+one (to be kept as benchmarks/baseline/default_v1.*, the model the 44x/78x ratios of issue 17
+were measured on): seconds
+per frame on a real 2.3-Mpx CSPAD still and a 6-Mpx Pilatus frame (input normalisation
+included) beside DIALS' dispersion threshold (the core of dials.find_spots) on the same pixels in
+the same run, with their ratio; images/s at batch 1 and 8 on one CSPAD panel stack.  Then
+parameters and FLOPs per megapixel of every registered size (counted on the meta device).
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL = ROOT.parent / "shared" / "data" / "real"
+BASELINE = ROOT / "benchmarks" / "baseline" / "default_v1.safetensors"
 
 
 def read_panels(path: Path) -> list[np.ndarray]:
@@ -55,7 +59,7 @@ def dials_seconds(panels: list[np.ndarray], repeat: int) -> float:
     algos = [DispersionThreshold(p.shape, (3, 3), 6.0, 3.0, 0.0, 2) for p in panels]
 
     def run() -> None:
-        for algo, d, m in zip(algos, data, masks):
+        for algo, d, m in zip(algos, data, masks, strict=True):
             out = flex.bool(flex.grid(d.all()))
             algo(d, m, out)
     return best_of(run, repeat)
@@ -91,28 +95,35 @@ def main() -> int:
     from peaknet_xtal.model import list_models, load_model
 
     torch.set_num_threads(args.threads)
-    model = load_model("default")
+    models = {"default": load_model("default")}
+    if BASELINE.exists():
+        models["previous default"] = load_model(str(BASELINE))
     frames = {
         "CSPAD 2.3 Mpx": sorted((REAL / "cspad_thermolysin_stills").glob("*.cbf"))[0],
         "Pilatus 6M": sorted((REAL / "pilatus6m_thaumatin_grid").glob("*"))[0],
     }
-    print(f"{'frame':16s} {'Mpx':>5s} {'model s':>8s} {'DIALS s':>8s} {'ratio':>6s}")
+    print(f"{'model':17s} {'frame':14s} {'Mpx':>5s} {'model s':>8s} {'DIALS s':>8s} "
+          f"{'ratio':>6s}")
     for label, path in frames.items():
         panels = read_panels(path)
         mpx = sum(p.size for p in panels) / 1e6
-        t_model = model_seconds(model, panels, args.repeat)
         try:
             t_dials = dials_seconds(panels, args.repeat)
         except Exception as exc:  # DIALS missing: still report the model
             print(f"  (DIALS dispersion unavailable: {exc})")
             t_dials = float("nan")
-        print(f"{label:16s} {mpx:5.2f} {t_model:8.3f} {t_dials:8.3f} {t_model / t_dials:6.1f}x")
+        for name, model in models.items():
+            t_model = model_seconds(model, panels, args.repeat)
+            print(f"{name:17s} {label:14s} {mpx:5.2f} {t_model:8.3f} {t_dials:8.3f} "
+                  f"{t_model / t_dials:6.1f}x")
     panel = torch.from_numpy(read_panels(frames["CSPAD 2.3 Mpx"])[0])[None, None]
-    for batch in (1, 8):
-        x = panel.expand(batch, 1, *panel.shape[-2:]).contiguous()
-        with torch.inference_mode():
-            seconds = best_of(lambda: model(x), args.repeat)
-        print(f"batch {batch}: {batch / seconds:8.1f} images/s (CSPAD panel {tuple(x.shape[-2:])})")
+    for name, model in models.items():
+        for batch in (1, 8):
+            x = panel.expand(batch, 1, *panel.shape[-2:]).contiguous()
+            with torch.inference_mode():
+                seconds = best_of(lambda m=model, x=x: m(x), args.repeat)
+            print(f"{name}, batch {batch}: {batch / seconds:8.1f} images/s "
+                  f"(CSPAD panel {tuple(x.shape[-2:])})")
     if not args.skip_sizes:
         print(f"\n{'size':18s} {'params (M)':>11s} {'GFLOP/Mpx':>10s}")
         for name in list_models():

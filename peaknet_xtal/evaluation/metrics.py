@@ -131,6 +131,30 @@ def score_frames(pairs: Iterable[tuple[np.ndarray, ...]], cutoff: float = 3.0
     return {"overall": overall, "frames": frames}
 
 
+def bootstrap_f1(frames: Sequence[PeakScore], resamples: int = 2000, seed: int = 0,
+                 level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of the micro-averaged F1, resampling whole frames.
+
+    Frames, not peaks, are the independent units: peaks of one frame share its crystal, its
+    background and its detector state, so resampling peaks would make the interval too narrow.
+    """
+    if not frames:
+        return float("nan"), float("nan")
+    counts = np.array([[s.n_found, s.n_true, s.n_matched,
+                        s.n_matched if s.n_correct is None else s.n_correct] for s in frames],
+                      float)
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, len(frames), size=(resamples, len(frames)))
+    found, true, matched, correct = (counts[picks].sum(axis=1)).T
+    with np.errstate(invalid="ignore", divide="ignore"):
+        precision = np.where(found > 0, correct / found, 0.0)
+        recall = np.where(true > 0, matched / true, 0.0)
+        f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
+    tail = (1 - level) / 2 * 100
+    lo, hi = np.percentile(f1, [tail, 100 - tail])
+    return float(lo), float(hi)
+
+
 def pipeline_rates(hits: Sequence[bool], indexed: Sequence[bool]) -> dict[str, float]:
     """Hit rate, indexing rate and indexing yield as the PeakNet paper defines them.
 

@@ -18,7 +18,7 @@ import numpy as np
 from peaknet_xtal.atomic import write_json_atomic, write_text_atomic
 from peaknet_xtal.evaluation import plots
 from peaknet_xtal.evaluation.finders import create_finder
-from peaknet_xtal.evaluation.metrics import score_frames
+from peaknet_xtal.evaluation.metrics import bootstrap_f1, score_frames
 from peaknet_xtal.evaluation.tuning import default_grid, tune
 from peaknet_xtal.progress import Progress
 from peaknet_xtal.types import Frame, empty_peaks
@@ -132,7 +132,14 @@ def evaluate(dataset: Dataset, specs: Sequence[str], out_dir: str | os.PathLike[
         if truths is not None:
             scores = score_frames(_triples(run["peaks"], truths, every), cutoff)
             entry["accuracy"] = scores["overall"].to_dict()
+            entry["accuracy"]["f1_ci95"] = list(bootstrap_f1(scores["frames"]))
             entry["per_frame_f1"] = [s.f1 for s in scores["frames"]]
+        blanks = [len(p) for p, f in zip(run["peaks"], frames, strict=True)
+                  if f.meta.get("truth_hit") is False]
+        if blanks:  # frames without a crystal: every peak on them is false
+            entry["blank_frames"] = len(blanks)
+            entry["blank_false_peaks"] = float(np.mean(blanks))
+            entry["blank_hits"] = int(sum(n >= min_peaks for n in blanks))
         if label in tuning:
             entry["tuning"] = tuning[label]
         report["finders"][label] = entry
@@ -315,6 +322,16 @@ def markdown(report: dict[str, Any], dataset: Dataset) -> str:
             lines.append(f"| {label} | {_fmt(a['precision'])} | {_fmt(a['recall'])} | "
                          f"{_fmt(a['f1'])} | {_fmt(a['median_error_px'], 2)} | "
                          f"{_fmt(e['seconds_per_frame'], 2)} |")
+        lines += ["", "F1 interval: 95 % percentile bootstrap over frames. Blanks: frames "
+                  "without a crystal, where every peak is false.", "",
+                  "| finder | F1 95 % interval | false peaks per blank | blanks called hits |",
+                  "|---|---|---|---|"]
+        for label, e in report["finders"].items():
+            ci = e["accuracy"].get("f1_ci95") or [float("nan")] * 2
+            blanks = (f"{e['blank_hits']} of {e['blank_frames']}" if "blank_frames" in e
+                      else "n/a")
+            lines.append(f"| {label} | {_fmt(ci[0])}-{_fmt(ci[1])} | "
+                         f"{_fmt(e.get('blank_false_peaks', float('nan')), 1)} | {blanks} |")
         lines += ["", "![scores](scores.png)", ""]
     indexing = report.get("indexing")
     lines += ["## Hits and indexing", "", "| finder | hit rate | indexing rate | indexing yield |",

@@ -256,13 +256,21 @@ class InferenceEngine:
         for tile in tiles:
             groups.setdefault(_padded(tile.height, tile.width, multiple), []).append(tile)
         out: list[Any] = [None] * len(panels)
+        # A locally normalised model sees each whole panel normalised once, before tiling, so
+        # that tile cuts cannot change what it sees (model/layers/local_norm.py).
+        local = getattr(model, "config", {}).get("input_norm") == "local"
         with torch.inference_mode():
+            if local:
+                panels = [model.normalise(torch.from_numpy(p)[None, None].to(self.device),
+                                          torch.from_numpy(g)[None, None].to(self.device))
+                          [0, 0].cpu().numpy() for p, g in zip(panels, goods, strict=True)]
             for shape, members in groups.items():
                 for start in range(0, len(members), self.batch_size):
                     batch = members[start:start + self.batch_size]
                     x, m = _stack_tiles(batch, panels, goods, shape)
                     raw = model(torch.from_numpy(x).to(self.device),
-                                torch.from_numpy(m).to(self.device)).float()
+                                torch.from_numpy(m).to(self.device),
+                                **({"normalised": True} if local else {})).float()
                     values = to_host(raw if logits else torch.softmax(raw, dim=1)[:, 1])
                     for tile, v in zip(batch, values, strict=True):
                         if out[tile.panel] is None:

@@ -1,7 +1,9 @@
 """PeakNet: ConvNeXt-V2 backbone + BiFPN neck + two-pathway head, for Bragg peak segmentation.
 
 Input handling lives inside the model so that no caller can feed it differently from training:
-per-image standardisation over valid pixels (see ``layers.standardise``), padding to a multiple of
+per-image (``layers.standardise``) or per-neighbourhood (``layers.local_norm``) standardisation over
+valid pixels, as the model's ``input_norm`` config says (weights saved before the local one existed
+have no such key and keep the global one), padding to a multiple of
 32 (the four resampling levels need it) with padded pixels excluded from the statistics and cropped
 off the output, and the bad-pixel mask enforced on the logits so a masked pixel is never a peak.
 """
@@ -14,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peaknet_xtal.model.layers import BiFPN, ConvNeXtV2Backbone, SegHead, standardise
+from peaknet_xtal.model.layers.local_norm import local_normalise
 from peaknet_xtal.model.zoo import register_family, register_model
 
 #: Published ConvNeXt-V2 sizes: (dims, depths).  Backbone parameters with one input channel and no
@@ -50,13 +53,16 @@ class PeakNet(nn.Module):
     def __init__(self, backbone: str | None = None, dims: list[int] | None = None,
                  depths: list[int] | None = None, neck_width: int = 256, neck_blocks: int = 1,
                  neck_kernel: int = 3, head_channels: int = 256, learned_upsample: bool = True,
-                 num_classes: int = 2, drop_path: float = 0.0, name: str = "custom") -> None:
+                 num_classes: int = 2, drop_path: float = 0.0, name: str = "custom",
+                 input_norm: str = "global", norm_block: int = 16) -> None:
         super().__init__()
         if dims is None or depths is None:
             if backbone not in BACKBONES:
                 raise KeyError(f"unknown backbone {backbone!r}; known: {list(BACKBONES)}")
             dims = list(dims if dims is not None else BACKBONES[backbone][0])
             depths = list(depths if depths is not None else BACKBONES[backbone][1])
+        if input_norm not in ("global", "local"):
+            raise ValueError(f"input_norm must be 'global' or 'local', got {input_norm!r}")
         if backbone is not None and BACKBONES.get(backbone) != (list(dims), list(depths)):
             backbone = None  # overridden widths or depths: no longer the named size
         self.config: dict[str, Any] = {
@@ -64,7 +70,7 @@ class PeakNet(nn.Module):
             "depths": list(depths), "neck_width": neck_width, "neck_blocks": neck_blocks,
             "neck_kernel": neck_kernel, "head_channels": head_channels,
             "learned_upsample": learned_upsample, "num_classes": num_classes,
-            "drop_path": drop_path,
+            "drop_path": drop_path, "input_norm": input_norm, "norm_block": norm_block,
         }
         self.backbone = ConvNeXtV2Backbone(dims, depths, in_chans=1, drop_path=drop_path)
         info = self.backbone.feature_info
@@ -73,7 +79,17 @@ class PeakNet(nn.Module):
                             learned_upsample)
         self.apply(_init_weights)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def normalise(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """The network's input for raw ``x``: global (per image) or local (per neighbourhood,
+        ``layers.local_norm``) standardisation, as the model was trained."""
+        if self.config["input_norm"] == "local":
+            return local_normalise(x, valid, self.config["norm_block"])
+        return standardise(x, valid)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
+                normalised: bool = False) -> torch.Tensor:
+        """Logits for raw ``x`` (or for ``x`` already through :meth:`normalise` with
+        ``normalised=True``: the engine normalises whole panels once, before tiling)."""
         if x.ndim != 4 or x.shape[1] != 1:
             raise ValueError(f"expected input of shape (B, 1, H, W), got {tuple(x.shape)}")
         valid = torch.isfinite(x)
@@ -82,7 +98,7 @@ class PeakNet(nn.Module):
                 raise ValueError(f"mask shape {tuple(mask.shape)} != input {tuple(x.shape)}")
             valid = valid & mask.bool()
         h, w = x.shape[-2:]
-        z = standardise(x, valid)
+        z = torch.where(valid, x.float(), 0.0) if normalised else self.normalise(x, valid)
         ph, pw = (-h) % PAD_MULTIPLE, (-w) % PAD_MULTIPLE
         if ph or pw:
             z = F.pad(z, (0, pw, 0, ph))

@@ -161,6 +161,14 @@ class Augment:
     spatially correlated noise (blobs one to a few pixels wide that are *not* Bragg peaks), bright
     rows/columns, and bright crop borders like the edge pixels of an ASIC.  The label never changes:
     these are exactly the look-alikes a finder must learn to ignore.
+
+    Real backgrounds (``sim.artifacts``, each with its own probability per crop): a smooth
+    background up to ``strong_background_max`` sigmas high with a large gradient, an arc or a
+    shadow edge, and the correlated shot noise it brings (a spot 10 % above 3,000 ADU must still
+    be found); cosmic-ray zingers; liquid-jet streaks; saturation (spots clipped flat, still
+    peaks).  Unmasked single hot pixels are left out on purpose: on binned detectors a real spot
+    is one pixel, so within one crop a hot pixel and a spot look the same; recurring pixels are a
+    property of the run, not of a crop.
     """
 
     flips: bool = True
@@ -174,6 +182,11 @@ class Augment:
     correlated_noise: float = 0.0
     bright_line_prob: float = 0.0
     bright_edge_prob: float = 0.0
+    strong_background_prob: float = 0.0
+    strong_background_max: float = 100.0
+    zinger_prob: float = 0.0
+    jet_streak_prob: float = 0.0
+    saturation_prob: float = 0.0
     enabled: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -195,6 +208,7 @@ class Augment:
             image = image + rng.normal(0.0, rng.uniform(0, self.noise) * sigma + 1e-6,
                                        image.shape)
         image = self._detector_artifacts(image, sigma, rng)
+        image = self._real_backgrounds(image, sigma, rng)
         mask = mask.copy()
         dead = rng.random(image.shape) < rng.uniform(0, self.dead_pixel_fraction)
         if rng.random() < self.dead_line_prob:
@@ -241,6 +255,25 @@ class Augment:
             side = int(rng.integers(4))
             edge = [np.s_[:width, :], np.s_[-width:, :], np.s_[:, :width], np.s_[:, -width:]][side]
             image[edge] = image[edge] * rng.uniform(1.0, 3.0) + rng.uniform(1, 8) * sigma
+        return image
+
+
+    def _real_backgrounds(self, image: np.ndarray, sigma: float,
+                          rng: np.random.Generator) -> np.ndarray:
+        from peaknet_xtal.sim import artifacts
+
+        if rng.random() < self.strong_background_prob:
+            image = artifacts.add_strong_background(image, sigma, rng,
+                                                    self.strong_background_max)
+        if rng.random() < self.jet_streak_prob:
+            image = np.array(image, dtype=np.float64)
+            artifacts.add_jet_streak(image, sigma, rng)
+        if rng.random() < self.zinger_prob:
+            image = np.array(image, dtype=np.float64)
+            for _ in range(int(rng.integers(1, 4))):
+                artifacts.add_zinger(image, sigma, rng)
+        if rng.random() < self.saturation_prob:
+            image = artifacts.saturate(image, rng)
         return image
 
 

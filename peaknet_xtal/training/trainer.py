@@ -97,6 +97,7 @@ class _Run:
         import torch
 
         from peaknet_xtal.model import create_model, load_model
+        from peaknet_xtal.model.zoo import build_from_config
         from peaknet_xtal.training.schedule import cosine_with_warmup
 
         self.rank, self.world, self.config = rank, world, config
@@ -104,7 +105,13 @@ class _Run:
         torch.manual_seed(int(config["seed"]))  # identical initial weights on every rank
         model_cfg = config["model"]
         if model_cfg.get("init"):
-            self.model = load_model(model_cfg["init"]).train()
+            # fine-tuning: the saved model's weights, with ``overrides`` applied to its config
+            # (e.g. a new input normalisation for the same architecture)
+            start = load_model(model_cfg["init"])
+            config_now = {**start.config, **(model_cfg.get("overrides") or {})}
+            self.model = build_from_config(config_now)
+            self.model.load_state_dict(start.state_dict())
+            self.model.train()
         else:
             self.model = create_model(model_cfg["name"], **(model_cfg.get("overrides") or {}))
         self.model.to(self.device)

@@ -63,3 +63,31 @@ def test_peaks_on_weak_reflections_are_not_false_positives():
     assert score.f1 == pytest.approx(2 * (2 / 3) * 0.5 / (2 / 3 + 0.5))
     overall = score_frames([(found, strong, every), (strong, strong, every)])["overall"]
     assert overall.n_correct == 4 and overall.precision == pytest.approx(4 / 5)
+
+
+def test_bootstrap_f1_interval_contains_the_f1_and_narrows_with_more_frames():
+    from peaknet_xtal.evaluation.metrics import PeakScore, bootstrap_f1
+
+    rng = np.random.default_rng(0)
+
+    def frames(n: int) -> list[PeakScore]:
+        out = []
+        for _ in range(n):
+            true = int(rng.integers(20, 60))
+            matched = int(rng.binomial(true, 0.8))
+            found = matched + int(rng.integers(0, 8))
+            out.append(PeakScore(found, true, matched, 0.2, matched))
+        return out
+
+    few, many = frames(10), frames(200)
+    for sample in (few, many):
+        total = PeakScore(sum(s.n_found for s in sample), sum(s.n_true for s in sample),
+                          sum(s.n_matched for s in sample), 0.2,
+                          sum(s.n_matched for s in sample))
+        lo, hi = bootstrap_f1(sample)
+        assert lo <= total.f1 <= hi
+    assert np.diff(bootstrap_f1(many)) < np.diff(bootstrap_f1(few))
+    identical = [PeakScore(10, 10, 9, 0.1, 9)] * 30  # no spread between frames: no width
+    lo, hi = bootstrap_f1(identical)
+    assert lo == pytest.approx(hi)
+    assert np.isnan(bootstrap_f1([])[0])

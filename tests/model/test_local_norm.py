@@ -1,0 +1,143 @@
+"""Local input normalisation (peaknet_xtal/model/layers/local_norm.py)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from peaknet_xtal.model.layers import standardise
+from peaknet_xtal.model.layers.local_norm import background_maps, local_normalise
+from peaknet_xtal.sim.artifacts import correlated_noise
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: on a busy machine two threads of small ops wait on each other."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _z(image: np.ndarray, valid: np.ndarray | None = None, local: bool = True) -> np.ndarray:
+    x = torch.from_numpy(image.astype(np.float32))[None, None]
+    v = torch.ones_like(x, dtype=torch.bool) if valid is None else torch.from_numpy(valid)[None,
+                                                                                           None]
+    out = local_normalise(x, v) if local else standardise(x, v)
+    return out[0, 0].numpy()
+
+
+def _spot(shape: tuple[int, int], centre: tuple[int, int], height: float,
+          sigma: float = 0.7) -> np.ndarray:
+    yy, xx = np.mgrid[0:shape[0], 0:shape[1]]
+    return height * np.exp(-((yy - centre[0]) ** 2 + (xx - centre[1]) ** 2) / (2 * sigma ** 2))
+
+
+def _strong_background(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
+    """~3,000 ADU with a 1,300-ADU wave and an 800-ADU ramp, 33 ADU correlated noise."""
+    yy, xx = np.mgrid[0:shape[0], 0:shape[1]]
+    smooth = 2500 + 1300 * np.sin(xx / 300.0) + 800 * yy / shape[0]
+    return smooth + 33 * correlated_noise(rng, shape, 0.6)
+
+
+def test_spot_on_a_strong_smooth_background_stands_out_like_on_an_empty_one():
+    rng = np.random.default_rng(1)
+    shape, centre = (256, 256), (120, 140)
+    spot = _spot(shape, centre, 300.0)  # ~10 % of the 3,000-ADU background
+    strong = _strong_background(rng, shape) + spot
+    empty = rng.poisson(0.05, shape) * 30.0 + spot  # photon counting, 30 ADU per photon
+    away = np.ones(shape, bool)
+    away[centre[0] - 4:centre[0] + 5, centre[1] - 4:centre[1] + 5] = False
+    for image in (strong, empty):
+        z = _z(image)
+        assert z[centre] > np.quantile(z[away], 0.9999), "the spot must be the brightest thing"
+        assert np.sinh(z[centre]) > 5.0
+    # the cause the local normalisation removes: one global sigma from the background's range
+    zg = _z(strong, local=False)
+    assert np.sinh(zg[centre]) < 1.5
+
+
+def test_a_large_smooth_gradient_barely_changes_the_input():
+    rng = np.random.default_rng(2)
+    shape = (256, 320)
+    image = _strong_background(rng, shape) + _spot(shape, (128, 160), 400.0)
+    yy, xx = np.mgrid[0:shape[0], 0:shape[1]]
+    ramp = 3000.0 * xx / shape[1] + 1500.0 * yy / shape[0]  # ~10 ADU per pixel
+    z0, z1 = _z(image), _z(image + ramp)
+    inner = (slice(32, -32), slice(32, -32))
+    assert np.abs(z1 - z0)[inner].mean() < 0.05
+    assert abs(z1[128, 160] - z0[128, 160]) < 0.3
+
+
+def test_gain_scaling_changes_nothing():
+    rng = np.random.default_rng(3)
+    image = _strong_background(rng, (128, 128))
+    np.testing.assert_allclose(_z(image * 37.0), _z(image), atol=2e-3)
+
+
+def test_panel_alone_equals_panel_inside_a_layout_with_masked_gaps():
+    rng = np.random.default_rng(4)
+    panel = _strong_background(rng, (185, 194)) + _spot((185, 194), (90, 100), 500.0)
+    layout = np.full((400, 480), 7.0e4, np.float32)  # gap values that must never matter
+    valid = np.zeros(layout.shape, bool)
+    y0, x0 = 64, 160  # multiples of the 16-px cells
+    layout[y0:y0 + 185, x0:x0 + 194] = panel
+    valid[y0:y0 + 185, x0:x0 + 194] = True
+    # other panels of the layout, beyond a masked gap wider than two cells
+    layout[:, 400:] = rng.normal(100.0, 5.0, (400, 80))
+    valid[:, 400:] = True
+    np.testing.assert_allclose(_z(layout, valid)[y0:y0 + 185, x0:x0 + 194], _z(panel),
+                               atol=1e-5)
+
+
+def test_masked_and_non_finite_pixels_are_zero_and_do_not_leak():
+    rng = np.random.default_rng(5)
+    image = _strong_background(rng, (96, 96))
+    valid = np.ones(image.shape, bool)
+    valid[40:44, :] = False
+    poisoned = image.copy()
+    poisoned[40:44, :] = 1e9
+    poisoned[10, 10] = np.nan
+    valid_p = valid.copy()
+    valid_p[10, 10] = False
+    z = _z(poisoned, valid_p)
+    assert np.all(z[~valid_p] == 0) and np.all(np.isfinite(z))
+    assert np.abs(z[valid_p]).max() < 10
+
+
+def test_photon_counting_empty_panel_has_a_finite_scale():
+    z = _z(np.zeros((64, 64)))
+    assert np.all(z == 0)
+    image = np.zeros((64, 64))
+    image[5, 5] = 1.0
+    assert np.isfinite(_z(image)).all()
+
+
+def test_maps_reject_bad_shapes():
+    with pytest.raises(ValueError, match="B, 1, H, W"):
+        background_maps(torch.zeros(4, 4), torch.ones(4, 4, dtype=torch.bool))
+
+
+def test_model_config_selects_the_normaliser_and_old_configs_keep_the_global_one():
+    from peaknet_xtal.model import build_from_config, create_model
+
+    torch.manual_seed(0)
+    local = create_model("yocto", input_norm="local").eval()
+    x = torch.from_numpy(_strong_background(np.random.default_rng(6), (64, 96))
+                         .astype(np.float32))[None, None]
+    valid = torch.ones_like(x, dtype=torch.bool)
+    with torch.no_grad():
+        whole = local(x)
+        pre = local(local.normalise(x, valid), valid, normalised=True)
+        np.testing.assert_allclose(pre.numpy(), whole.numpy(), atol=1e-5)
+        np.testing.assert_allclose(local.normalise(x, valid)[0, 0].numpy(), _z(x[0, 0].numpy()),
+                                   atol=1e-6)
+    old = dict(local.config)
+    old.pop("input_norm")
+    old.pop("norm_block")
+    rebuilt = build_from_config(old)  # a config saved before the local normaliser existed
+    assert rebuilt.config["input_norm"] == "global"
+    np.testing.assert_allclose(rebuilt.normalise(x, valid).numpy(),
+                               standardise(x, valid).numpy())
+    with pytest.raises(ValueError, match="input_norm"):
+        create_model("yocto", input_norm="nearby")

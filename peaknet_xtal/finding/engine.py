@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from peaknet_xtal.types import Frame, FrameResult
+from peaknet_xtal.finding.gain import GainResolver
 from peaknet_xtal.finding.peaks import PeakParams, find_peaks, is_hit
 
 log = logging.getLogger(__name__)
@@ -125,6 +126,7 @@ class InferenceEngine:
         self._model: Any = None
         self._device: Any = None
         self._gains_logged: set[float | None] = set()
+        self._gain_from_data = GainResolver()  # missing/placeholder gains: from the background
 
     # ---- pickling: never ship the model -------------------------------------------------------
     def __getstate__(self) -> dict[str, Any]:
@@ -276,7 +278,7 @@ class InferenceEngine:
         engine was given none."""
         if self.peak_params.adu_per_photon is not None:
             return self.peak_params
-        gain = frame_gain(frame)
+        gain = self._gain_from_data(frame_gain(frame), frame.panels, frame.masks)
         if gain not in self._gains_logged:
             self._gains_logged.add(gain)
             log.info("%s: %s", frame.source or "frame", "no detector gain declared: peak SNR "

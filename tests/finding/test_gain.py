@@ -51,7 +51,8 @@ def test_pedestal_offsets_and_spots_do_not_move_the_slope(epix):
     shifted = [p + rng.uniform(-200, 400) for p in frame.panels]
     base = estimate_gain(frame.panels, frame.masks).gain
     assert estimate_gain(shifted, frame.masks).gain == pytest.approx(base, rel=1e-6)
-    ratio = np.median([np.var(p[m]) / np.mean(p[m]) for p, m in zip(shifted, frame.masks)])
+    ratio = np.median([np.var(p[m]) / np.mean(p[m]) for p, m in
+                       zip(shifted, frame.masks, strict=True)])
     assert abs(ratio - 10.0) > 5.0
 
 

@@ -28,8 +28,10 @@ from typing import Any
 import numpy as np
 
 from peaknet_xtal.types import Frame, FrameResult
+from peaknet_xtal.finding.defects import DefectFilter
 from peaknet_xtal.finding.gain import GainResolver
 from peaknet_xtal.finding.peaks import PeakParams, find_peaks, is_hit
+from peaknet_xtal.threads import default_threads, describe_default, stub_openmp_message
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +129,7 @@ class InferenceEngine:
         self._device: Any = None
         self._gains_logged: set[float | None] = set()
         self._gain_from_data = GainResolver()  # missing/placeholder gains: from the background
+        self.defects = DefectFilter()  # hot pixels across the run, one-pixel spikes per frame
 
     # ---- pickling: never ship the model -------------------------------------------------------
     def __getstate__(self) -> dict[str, Any]:
@@ -158,12 +161,12 @@ class InferenceEngine:
 
             shadow = openmp_shadowed() if self.device == "cpu" else None
             if shadow is not None:
-                log.warning("%s provides stub OpenMP functions ahead of libgomp, which makes "
-                            "multi-threaded torch compute wrong results; using 1 thread (import "
-                            "torch before cctbx/dxtbx to keep more)", shadow)
+                log.warning("%s", stub_openmp_message(shadow, self.threads))
                 _single_thread(torch)
-            elif self.threads:
-                torch.set_num_threads(int(self.threads))
+            else:
+                torch.set_num_threads(int(self.threads or default_threads()))
+                log.info("%s", f"{self.threads} torch thread(s) as asked" if self.threads
+                         else describe_default())
             if _is_module(self.model_spec):
                 model = self.model_spec.to(self.device)
             else:
@@ -270,6 +273,7 @@ class InferenceEngine:
         wavelength = frame.meta.get("wavelength_A")
         peaks = find_peaks(frame.panels, probs, frame.masks, self.params_for(frame),
                            geometry=frame.geometry, wavelength_A=wavelength)
+        peaks = self.defects(peaks, frame.panels, frame.masks)
         return FrameResult(frame=frame, peaks=peaks, hit=is_hit(peaks, self.peak_params.min_peaks),
                            prob_maps=probs if self.keep_prob_maps else None)
 

@@ -246,10 +246,10 @@ class GainResolver:
             estimate = estimate_gain(panels, masks)
             if estimate.reliable:
                 self._gains.append(estimate.gain)
-        pooled = (GainEstimate(gain=float(self.estimate), intercept=float("nan"),
-                               relative_error=0.0, n_blocks=0, mean_range=(0.0, 0.0),
-                               frames=len(self._gains))
-                  if self._gains else UNKNOWN)
+        current = self.estimate
+        pooled = UNKNOWN if current is None else GainEstimate(
+            gain=current, intercept=float("nan"), relative_error=0.0, n_blocks=0,
+            mean_range=(0.0, 0.0), frames=len(self._gains))
         gain, why = choose_gain(declared, pooled)
         said = None if gain is None else float(f"{gain:.2g}")
         if said not in self._said:

@@ -92,14 +92,15 @@ def test_settings_come_from_phil(dials_modules) -> None:
     # threads default: the cores shared among the DIALS worker processes, at least one.
     import os
 
-    assert s.threads == max(1, (os.cpu_count() or 1) // 2)
+    assert s.threads == max(1, len(os.sched_getaffinity(0)) // 2)
     # dials.stills_process passes its own parameters, whose worker count is the top-level mp.
     from dials.command_line.stills_process import phil_scope as stills_scope
 
     from peaknet_dials.spotfinder_threshold_ext import PeakNetSettings
 
     stills = _params(stills_scope, "spotfinder.threshold.algorithm=peaknet", "mp.nproc=2")
-    assert PeakNetSettings.from_params(stills).threads == max(1, (os.cpu_count() or 1) // 2)
+    assert PeakNetSettings.from_params(stills).threads == max(
+        1, len(os.sched_getaffinity(0)) // 2)
     with pytest.raises(RuntimeError):  # value_max=1 is enforced by PHIL
         _params(phil_scope, "spotfinder.threshold.peaknet.threshold=1.5")
 

@@ -7,11 +7,12 @@ orientation) and are wider than one pixel on most detectors.
 
 - **Across a run** (:class:`DefectTracker`): per pixel, a count of the frames in which it stands
   out from its eight neighbours (their mean without the largest and smallest, so adjacent
-  defects do not hide each other) by more than ``sigmas`` panel noise sigmas.  A pixel that does so in at least ``fraction`` of the frames seen,
-  after ``min_frames`` frames, is a defect: stuck-high pixels, and flickering ones that spike
-  in three frames out of four or more.  Memory is one ``uint32`` counter per pixel, whatever
-  the run length.  A real peak recurs on the same pixel in a few per cent of stills at most,
-  far below ``fraction`` (and frames repeated verbatim would look like defects everywhere).
+  defects do not hide each other) by more than ``sigmas`` panel noise sigmas.  A pixel that
+  does so in at least ``fraction`` of the frames seen, after ``min_frames`` frames, is a
+  defect: stuck-high pixels, and flickering ones that spike in three frames of four or more.
+  Memory is one ``uint32`` counter per pixel, whatever the run length.  A real peak recurs on
+  the same pixel in a few per cent of stills at most, far below ``fraction`` (frames repeated
+  verbatim would look like defects everywhere).
 - **Within a frame** (:func:`spike_peaks`): a peak whose brightest pixel stands alone (its
   brightest neighbour at background level, less than ``NEIGHBOUR_FRACTION`` of the peak's excess
   and less than 3 background sigmas) is a spike, not a spot.  This test is applied only on frames

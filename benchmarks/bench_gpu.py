@@ -220,7 +220,8 @@ def measure_ray(name: str, precision: str, batch: int, frames: list[np.ndarray],
         "inputs": [{"path": str(stack), "kind": CXISource}], "output": str(out),
         "writer_options": {"frames_per_file": 1000}, "workers": 1, "threads_per_worker": 2,
         "predictor": autocast_engine, "model": name, "device": device, "batch_size": batch,
-        "predictor_options": {"precision": precision, "batch_size": batch * tiles,
+        "predictor_options": {"model": name, "device": device, "threads": 2,
+                              "precision": precision, "batch_size": batch * tiles,
                               "min_snr": 3.0, "adu_per_photon": 1.0},
         "progress": False, "monitor_interval": 0.25, "resume": False})
     samples = summary["samples"]

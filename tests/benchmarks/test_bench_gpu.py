@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -40,3 +42,16 @@ def test_dry_run_measures_both_models_and_states_the_plan(tmp_path, capsys):
 def test_side_for_detector_sizes():
     bench = load_script()
     assert [bench.side_for(m) for m in (1, 2, 4, 16)] == [1024, 1440, 2016, 4000]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_dry_run_through_the_ray_pipeline(tmp_path):
+    """The Ray path ships the script's predictor factory to a worker by value and measures it."""
+    bench = load_script()
+    out = tmp_path / "rows.json"
+    assert bench.main(["--dry-run", "--ray-in-dry-run", "--models", "default", "--precisions",
+                       "fp32", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    ray = [r for r in rows if r["path"] == "ray"]
+    assert len(ray) == 1 and ray[0]["frames_per_s"] > 0

@@ -168,7 +168,7 @@ def measure_engine(name: str, precision: str, batch: int, frames: list[np.ndarra
     from peaknet_xtal.finding.engine import InferenceEngine, tile_panel
     from peaknet_xtal.types import Frame
 
-    tiles = len(tile_panel(frames[0].shape, TILE, OVERLAP))
+    tiles = len(tile_panel((frames[0].shape[0], frames[0].shape[1]), TILE, OVERLAP))
     engine = InferenceEngine(build_model(name, precision), device=device, threads=threads,
                              batch_size=batch * tiles, min_snr=3.0, adu_per_photon=1.0)
     gpu_reset(device)
@@ -215,7 +215,7 @@ def measure_ray(name: str, precision: str, batch: int, frames: list[np.ndarray],
             h5.create_dataset("/entry_1/data_1/data", data=np.stack(frames),
                               chunks=(1, *frames[0].shape))
     out = work / f"ray_{name}_{precision}_{batch}_{time.monotonic_ns()}" / "out.cxi"
-    tiles = len(tile_panel(frames[0].shape, TILE, OVERLAP))
+    tiles = len(tile_panel((frames[0].shape[0], frames[0].shape[1]), TILE, OVERLAP))
     summary = run_pipeline({
         "inputs": [{"path": str(stack), "kind": CXISource}], "output": str(out),
         "writer_options": {"frames_per_file": 1000}, "workers": 1, "threads_per_worker": 2,

@@ -218,8 +218,11 @@ class DefectFilter:
         self.spikes = spikes
         self._logged = 0
 
-    def __call__(self, peaks: np.ndarray, panels: Sequence[np.ndarray],
+    def __call__(self, peaks: Any, panels: Sequence[np.ndarray],
                  masks: Sequence[np.ndarray] | None = None) -> np.ndarray:
+        """This frame's peak table (``PEAK_DTYPE``) without defects and spikes; counts the
+        frame.  (``peaks`` is typed loosely: ``find_peaks`` returns a table or, with boxes, a
+        pair, and callers pass the table.)"""
         self.tracker.update(panels, masks)
         kept = peaks_off_defects(peaks, self.tracker.defects)
         if self.spikes and len(kept):

@@ -6,10 +6,11 @@
 thread each under Debian's cctbx).  This runs the real command, spot finding only
 (``dispatch.index=False``), on ``--stills`` stills made of the real CSPAD CBFs (symbolic links
 under distinct names, so DIALS sees distinct images), with 1 and with 2 processes, and prints the
-wall times and their ratio.
+wall times and their ratio, per still from two list lengths (start-up left out) and for the
+whole command.
 
 Example:
-  python benchmarks/bench_dials_stills_parallel.py --stills 6
+  python benchmarks/bench_dials_stills_parallel.py --stills 4 8
 """
 from __future__ import annotations
 
@@ -63,17 +64,29 @@ def process(files: list[Path], nproc: int, work: Path, threads: int | None) -> f
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--stills", type=int, default=6)
+    parser.add_argument("--stills", type=int, nargs=2, default=[4, 8], metavar=("SHORT", "LONG"))
     parser.add_argument("--threads", type=int, help="peaknet threads per process")
     args = parser.parse_args(argv)
+    short, long_ = args.stills
+    if not 0 < short < long_:
+        sys.exit("need 0 < SHORT < LONG stills")
+    times: dict[tuple[int, int], float] = {}
     with tempfile.TemporaryDirectory(prefix="bench_stills_") as tmp:
         work = Path(tmp)
-        files = stills(work, args.stills)
-        times = {n: process(files, n, work, args.threads) for n in (1, 2)}
-    for n, seconds in times.items():
-        print(f"  mp.nproc={n}: {seconds:7.1f} s for {args.stills} stills "
-              f"({args.stills / seconds:.3f} stills/s, start-up included)")
-    print(f"speed-up with 2 processes: {times[1] / times[2]:.2f}x")
+        for count in (short, long_):
+            folder = work / f"n{count}"
+            folder.mkdir()
+            files = stills(folder, count)
+            for nproc in (1, 2):
+                times[(nproc, count)] = process(files, nproc, folder, args.threads)
+    per_still = {}
+    for nproc in (1, 2):
+        per_still[nproc] = (times[(nproc, long_)] - times[(nproc, short)]) / (long_ - short)
+        print(f"  mp.nproc={nproc}: {times[(nproc, short)]:6.1f} s for {short} stills, "
+              f"{times[(nproc, long_)]:6.1f} s for {long_}: {per_still[nproc]:5.2f} s per still "
+              f"(start-up left out)")
+    print(f"speed-up with 2 processes: {per_still[1] / per_still[2]:.2f}x per still, "
+          f"{times[(1, long_)] / times[(2, long_)]:.2f}x for the whole {long_}-still command")
 
 
 if __name__ == "__main__":

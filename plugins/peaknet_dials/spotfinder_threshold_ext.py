@@ -69,10 +69,10 @@ threads = None
   .type = int(value_min=1)
   .help = "torch CPU threads per process. None: the available cores divided by the DIALS"
           "worker processes (spotfinder.mp.nproc, or mp.nproc in dials.stills_process), so"
-          "that parallel workers do not oversubscribe the CPU (cores as the process's CPU"
-          "affinity and cgroup quota allow). Where cctbx's stub OpenMP library is loaded first"
-          "(Debian's DIALS) torch must run on one thread per process: use mp.nproc in"
-          "dials.stills_process for parallelism there."
+          "that parallel workers do not oversubscribe the CPU (cores the process's CPU"
+          "affinity and cgroup quota allow, less those other work keeps busy). Where cctbx's"
+          "stub OpenMP library is loaded first (Debian's DIALS) torch must run on one thread"
+          "per process: use mp.nproc in dials.stills_process for parallelism there."
 """
 
 
@@ -98,7 +98,7 @@ class PeakNetSettings:
         threads = scope.threads
         if threads is None:
             nproc = _nproc(params)
-            threads = default_threads(nproc, load_aware=False)  # affinity/quota-aware
+            threads = default_threads(nproc)  # free cores (affinity, quota, load) / workers
         return cls(
             model=str(scope.model),
             device=str(scope.device),

@@ -242,11 +242,17 @@ class DefectFilter:
         if good is None:
             return []
         folder = Path(outdir)
-        written = [write_crystfel_mask(folder / "pixel_defects.h5", good, geometry)]
+        try:  # an extra beside the results: failing to write it must not hide a run's own error
+            written = [write_crystfel_mask(folder / "pixel_defects.h5", good, geometry)]
+        except (OSError, ValueError) as exc:
+            log.warning("could not write the pixel defect mask under %s: %s", folder, exc)
+            return []
         try:
             written.append(write_dials_mask(folder / "pixel_defects.mask", good))
         except ImportError:
             pass
+        except OSError as exc:
+            log.warning("could not write the DIALS pixel defect mask under %s: %s", folder, exc)
         log.info("pixel defect mask (%d defects over %d frames): %s; a CrystFEL geometry uses "
                  "it with: %s", self.tracker.count(), self.tracker.frames,
                  ", ".join(map(str, written)), "; ".join(geometry_mask_lines(written[0])))

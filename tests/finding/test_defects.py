@@ -194,3 +194,20 @@ def test_dials_mask_reads_back_as_flex_bool(tmp_path, dials_env):
         masks = pickle.load(fh)
     assert type(masks[0]).__name__ == "bool" and masks[0].all() == (10, 12)
     assert masks[0].count(False) == 1 and not masks[0][2 * 12 + 3]
+
+
+def test_filter_saves_masks_beside_the_output_after_enough_frames(tmp_path, fixtures_dir):
+    geometry = read_geometry(fixtures_dir / "geometry" / "two_panels.geom")
+    filt = DefectFilter(DefectTracker(min_frames=3))
+    rng = np.random.default_rng(4)
+    empty = peaks_from_columns()
+    assert filt.save(tmp_path, geometry) == []  # nothing seen yet: nothing written
+    for _ in range(3):
+        panels = [rng.normal(0, 1, (32, 64)), rng.normal(0, 1, (32, 64))]
+        panels[1][3, 4] = 50.0
+        filt(empty, panels)
+    written = filt.save(tmp_path, geometry)
+    assert written[0] == tmp_path / "pixel_defects.h5"
+    with h5py.File(written[0]) as h5:
+        mask = h5["/data/data"][()]
+    assert mask[32 + 3, 4] == 0 and mask.sum() == 64 * 64 - 1

@@ -216,6 +216,10 @@ def measure_ray(name: str, precision: str, batch: int, frames: list[np.ndarray],
                               chunks=(1, *frames[0].shape))
     out = work / f"ray_{name}_{precision}_{batch}_{time.monotonic_ns()}" / "out.cxi"
     tiles = len(tile_panel((frames[0].shape[0], frames[0].shape[1]), TILE, OVERLAP))
+    if __name__ != "__main__":  # imported (tests): Ray workers cannot import this script by name
+        from ray import cloudpickle
+
+        cloudpickle.register_pickle_by_value(sys.modules[__name__])
     summary = run_pipeline({
         "inputs": [{"path": str(stack), "kind": CXISource}], "output": str(out),
         "writer_options": {"frames_per_file": 1000}, "workers": 1, "threads_per_worker": 2,

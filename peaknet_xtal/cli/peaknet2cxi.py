@@ -258,6 +258,7 @@ def _run_serial(config: dict[str, Any]) -> dict[str, Any]:
         raise
     finally:
         _close_all(cxi, stream, error)
+        engine.defects.save(outdir, seen_geometry[0])  # pixel defects found across the run
         summary = _finish(config, outdir, cxi.finished_files(), seen_geometry[0], stats,
                           time.perf_counter() - started, engine.describe(), error)
     return summary

@@ -50,9 +50,12 @@ from typing import Any
 
 import numpy as np
 
+from peaknet_xtal.finding.defects import DefectFilter
+from peaknet_xtal.finding.gain import GainResolver
 from peaknet_xtal.finding.peaks import PeakParams, find_peaks, is_hit
 from peaknet_xtal.finding.sanitise import SanitiseTally, sanitise_frame
 from peaknet_xtal.finding.settings import DEFAULTS, resolve_gain
+from peaknet_xtal.threads import default_threads, describe_default, stub_openmp_message
 from peaknet_xtal.types import Frame, FrameResult
 
 log = logging.getLogger(__name__)
@@ -152,6 +155,8 @@ class InferenceEngine:
         self._gains_logged: set[float | None] = set()
         #: Frames and pixels masked as unusable so far (non-finite, absurd), see :mod:`.sanitise`.
         self.sanitised = SanitiseTally()
+        self._gain_from_data = GainResolver()  # missing/placeholder gains: from the background
+        self.defects = DefectFilter()  # hot pixels across the run, one-pixel spikes per frame
 
     # ---- pickling: never ship the model -------------------------------------------------------
     def __getstate__(self) -> dict[str, Any]:
@@ -183,12 +188,12 @@ class InferenceEngine:
 
             shadow = openmp_shadowed() if self.device == "cpu" else None
             if shadow is not None:
-                log.warning("%s provides stub OpenMP functions ahead of libgomp, which makes "
-                            "multi-threaded torch compute wrong results; using 1 thread (import "
-                            "torch before cctbx/dxtbx to keep more)", shadow)
+                log.warning("%s", stub_openmp_message(shadow, self.threads))
                 _single_thread(torch)
-            elif self.threads:
-                torch.set_num_threads(int(self.threads))
+            else:
+                torch.set_num_threads(int(self.threads or default_threads()))
+                log.info("%s", f"{self.threads} torch thread(s) as asked" if self.threads
+                         else describe_default())
             if _is_module(self.model_spec):
                 model = self.model_spec.to(self.device)
             else:
@@ -328,6 +333,10 @@ class InferenceEngine:
                            geometry=frame.geometry, wavelength_A=wavelength,
                            with_pixels=with_pixels)
         peaks, pixels = found if with_pixels else (found, None)
+        kept = self.defects(peaks, frame.panels, goods)
+        if pixels is not None and len(kept) != len(peaks):  # pixels stay in step with the peaks
+            pixels = _without_dropped(pixels, peaks, kept)
+        peaks = kept
         return FrameResult(frame=frame, peaks=peaks, hit=is_hit(peaks, self.peak_params.min_peaks),
                            prob_maps=probs if self.keep_prob_maps else None, peak_pixels=pixels)
 
@@ -336,7 +345,10 @@ class InferenceEngine:
         engine was given none."""
         if self.peak_params.adu_per_photon is not None:
             return self.peak_params
-        gain = resolve_gain(meta=frame.meta, geometry=frame.geometry)
+        # declared (source, geometry), else -- or where the declared one is a placeholder --
+        # measured from the run's background (finding/gain.py)
+        gain = self._gain_from_data(resolve_gain(meta=frame.meta, geometry=frame.geometry),
+                                    frame.panels, frame.masks)
         if gain not in self._gains_logged:
             self._gains_logged.add(gain)
             log.info("%s: %s", frame.source or "frame", "no detector gain declared: peak SNR "
@@ -435,6 +447,25 @@ def _stack_tiles(batch: list[Tile], panels: list[np.ndarray], goods: list[np.nda
         x[k, 0, :tile.height, :tile.width] = np.where(good, panels[tile.panel][window], 0)
         m[k, 0, :tile.height, :tile.width] = good
     return x, m
+
+
+def _without_dropped(pixels: list[np.ndarray], peaks: np.ndarray,
+                     kept: np.ndarray) -> list[np.ndarray]:
+    """Per-panel peak-pixel maps less the connected pixels of the peaks not ``kept``."""
+    from scipy.ndimage import label
+
+    keep = {(int(p["panel"]), float(p["fs"]), float(p["ss"])) for p in kept}
+    out = [m.copy() for m in pixels]
+    for peak in peaks:
+        panel = int(peak["panel"])
+        if (panel, float(peak["fs"]), float(peak["ss"])) in keep:
+            continue
+        labels, _ = label(out[panel], structure=np.ones((3, 3), bool))
+        ss = min(max(int(round(float(peak["ss"]))), 0), labels.shape[0] - 1)
+        fs = min(max(int(round(float(peak["fs"]))), 0), labels.shape[1] - 1)
+        if labels[ss, fs]:
+            out[panel][labels == labels[ss, fs]] = False
+    return out
 
 
 def _where(frame: Frame) -> str:

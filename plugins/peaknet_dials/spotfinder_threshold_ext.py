@@ -22,7 +22,6 @@ Contract DIALS imposes (and why the code looks the way it does):
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -78,9 +77,10 @@ threads = None
   .type = int(value_min=1)
   .help = "torch CPU threads per process. None: the available cores divided by the DIALS"
           "worker processes (spotfinder.mp.nproc, or mp.nproc in dials.stills_process), so"
-          "that parallel workers do not oversubscribe the CPU. Where cctbx's stub OpenMP"
-          "library is loaded first (Debian's DIALS) torch must run on one thread per process:"
-          "use nproc for parallelism there."
+          "that parallel workers do not oversubscribe the CPU (cores the process's CPU"
+          "affinity and cgroup quota allow, less those other work keeps busy). Where cctbx's"
+          "stub OpenMP library is loaded first (Debian's DIALS) torch must run on one thread"
+          "per process: use mp.nproc in dials.stills_process for parallelism there."
 """
 
 
@@ -100,11 +100,13 @@ class PeakNetSettings:
     @classmethod
     def from_params(cls, params: Any) -> PeakNetSettings:
         """Read ``spotfinder.threshold.peaknet`` from DIALS' extracted PHIL parameters."""
+        from peaknet_xtal.threads import default_threads
+
         scope = params.spotfinder.threshold.peaknet
         threads = scope.threads
         if threads is None:
             nproc = _nproc(params)
-            threads = max(1, (os.cpu_count() or 1) // nproc)
+            threads = default_threads(nproc)  # free cores (affinity, quota, load) / workers
         return cls(
             model=str(scope.model),
             device=str(scope.device),

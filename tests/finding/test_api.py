@@ -95,8 +95,10 @@ def test_imageset_peaks_and_reflection_table_on_real_cspad(real_data, dials_env)
 
 @pytest.mark.dials
 def test_imageset_data_count_photons_for_the_shot_noise(real_data, dials_env):
-    """dxtbx hands over data divided by the format's gain, as DIALS spot finding sees them: the
-    SNR counts their shot noise at one count per photon, which plain arrays (no gain) do not."""
+    """dxtbx hands over data divided by the format's gain, 1 on these CSPAD CBFs though the
+    detector gives about 30 ADU per photon; that 1 is a placeholder, so the gain comes from the
+    background (finding/gain.py), as it does for plain arrays that declare none: both count the
+    same shot noise, which an explicit gain of 0 leaves out."""
     from dxtbx.model.experiment_list import ExperimentListFactory
 
     from peaknet_xtal.finding.api import imageset_panels
@@ -104,12 +106,17 @@ def test_imageset_data_count_photons_for_the_shot_noise(real_data, dials_env):
     imageset = ExperimentListFactory.from_filenames([str(real_data / CSPAD)])[0].imageset
     finder = PeakFinder(predictor=bright_pixels, min_snr=0.0)
     counted = finder.find(imageset, 0)
+    estimate = finder.engine._gain_from_data.estimate
+    assert estimate is not None and 20 < estimate < 40
     panels, masks = imageset_panels(imageset, 0)
-    plain = finder.find(panels, mask=masks)
-    assert len(counted) == len(plain) > 20
-    np.testing.assert_array_equal(counted["intensity"], plain["intensity"])
+    plain = PeakFinder(predictor=bright_pixels, min_snr=0.0).find(panels, mask=masks)
+    no_shot = PeakFinder(predictor=bright_pixels, min_snr=0.0, adu_per_photon=0).find(
+        panels, mask=masks)
+    assert len(counted) == len(plain) == len(no_shot) > 20
+    np.testing.assert_array_equal(counted["intensity"], no_shot["intensity"])
+    np.testing.assert_allclose(counted["snr"], plain["snr"])
     brighter = counted["intensity"] > 0
-    assert np.all(counted["snr"][brighter] < plain["snr"][brighter])
+    assert np.all(counted["snr"][brighter] < no_shot["snr"][brighter])
 
 
 _ORDER_SCRIPT = """
@@ -142,8 +149,12 @@ def test_cctbx_imported_before_torch_still_gives_correct_probabilities(tmp_path,
         run = subprocess.run([sys.executable, str(script), order, str(out)], env=dials_env,
                              capture_output=True, text=True, timeout=300)
         assert run.returncode == 0, run.stderr[-2000:]
-        outputs[order] = (np.load(out), run.stdout.strip())
+        outputs[order] = (np.load(out), run.stdout.strip(), run.stderr)
     assert outputs["cctbx-first"][1] == "threads 1"
+    # one clear line saying so, and what to do instead; nothing of the kind in a clean process
+    said = [line for line in outputs["cctbx-first"][2].splitlines() if "CPU thread" in line]
+    assert len(said) == 1 and "(asked for 2)" in said[0] and "mp.nproc=N" in said[0]
+    assert "CPU thread" not in outputs["torch-first"][2]
     np.testing.assert_allclose(outputs["cctbx-first"][0], outputs["torch-first"][0], atol=1e-5)
 
 

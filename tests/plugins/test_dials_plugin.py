@@ -75,8 +75,11 @@ def test_phil_scope_offers_peaknet_with_help(dials_modules) -> None:
     assert (defaults.model, defaults.device, defaults.threshold) == ("default", "auto", 0.5)
 
 
-def test_settings_come_from_phil(dials_modules) -> None:
+def test_settings_come_from_phil(dials_modules, monkeypatch) -> None:
     factory, phil_scope = dials_modules
+    import os
+
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.0, 1.0, 1.0))  # nothing else running
     params = _params(
         phil_scope,
         "spotfinder.threshold.algorithm=peaknet",
@@ -89,17 +92,20 @@ def test_settings_come_from_phil(dials_modules) -> None:
     assert type(ext).__name__ == "PeakNetSpotFinderThresholdExt"
     s = ext.settings
     assert (s.model, s.device, s.threshold, s.batch_size) == ("default", "cpu", 0.3, 2)
-    # threads default: the cores shared among the DIALS worker processes, at least one.
-    import os
-
-    assert s.threads == max(1, (os.cpu_count() or 1) // 2)
+    # threads default: the free cores shared among the DIALS worker processes, at least one.
+    assert s.threads == max(1, len(os.sched_getaffinity(0)) // 2)
     # dials.stills_process passes its own parameters, whose worker count is the top-level mp.
     from dials.command_line.stills_process import phil_scope as stills_scope
 
     from peaknet_dials.spotfinder_threshold_ext import PeakNetSettings
 
     stills = _params(stills_scope, "spotfinder.threshold.algorithm=peaknet", "mp.nproc=2")
-    assert PeakNetSettings.from_params(stills).threads == max(1, (os.cpu_count() or 1) // 2)
+    assert PeakNetSettings.from_params(stills).threads == max(
+        1, len(os.sched_getaffinity(0)) // 2)
+    # a busy machine: other work keeps every core but one busy -> one thread, never more
+    monkeypatch.setattr(os, "getloadavg", lambda: (float(len(os.sched_getaffinity(0))),) * 3)
+    assert PeakNetSettings.from_params(
+        _params(stills_scope, "spotfinder.threshold.algorithm=peaknet")).threads == 1
     with pytest.raises(RuntimeError):  # value_max=1 is enforced by PHIL
         _params(phil_scope, "spotfinder.threshold.peaknet.threshold=1.5")
 

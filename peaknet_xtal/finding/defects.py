@@ -1,0 +1,312 @@
+"""Pixel defects: hot, stuck and flickering pixels across a run, and one-pixel spikes in a frame.
+
+Why: an unmasked hot pixel reads far above its neighbours frame after frame, and the network
+(like any finder) calls it a bright peak every time; zingers and flickering pixels do the same
+now and then.  Bragg peaks, in contrast, move from frame to frame (each still has a new crystal
+orientation) and are wider than one pixel on most detectors.
+
+- **Across a run** (:class:`DefectTracker`): per pixel, a count of the frames in which it stands
+  out from its eight neighbours (their mean without the largest and smallest, so adjacent
+  defects do not hide each other) by more than ``sigmas`` panel noise sigmas.  A pixel that
+  does so in at least ``fraction`` of the frames seen, after ``min_frames`` frames, is a
+  defect: stuck-high pixels, and flickering ones that spike in three frames of four or more.
+  Memory is one ``uint32`` counter per pixel, whatever the run length.  A real peak recurs on
+  the same pixel in a few per cent of stills at most, far below ``fraction`` (frames repeated
+  verbatim would look like defects everywhere).
+- **Within a frame** (:func:`spike_peaks`): a peak whose brightest pixel stands alone (its
+  brightest neighbour at background level, less than ``NEIGHBOUR_FRACTION`` of the peak's excess
+  and less than 3 background sigmas) is a spike, not a spot.  This test is applied only on frames
+  whose own strong peaks are wider than one pixel (median neighbour fraction of the frame's
+  peaks at least ``WIDE_SPOTS``), decided from the data per frame.  On binned detectors with
+  one-pixel spots (Rayonix 4x4, say) the frame's strong peaks fail that, and single-pixel peaks
+  are kept; there, only the run-level defect mask removes recurring hot pixels, and a lone zinger
+  is indistinguishable from a one-pixel spot.
+
+The defect mask is written beside a run's output (:func:`write_crystfel_mask`: an HDF5 file in
+the data's slab layout, 1 = good, that a CrystFEL geometry names with ``mask0_file``; and
+:func:`write_dials_mask`: DIALS' mask file, as ``dials.generate_mask`` writes it, for
+``dials.apply_mask`` / ``lookup.mask``).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+#: A pixel is an outlier in a frame when it exceeds its neighbours (trimmed mean) by this many
+#: panel noise sigmas.
+SPIKE_SIGMAS = 6.0
+#: Fraction of frames in which a pixel must spike to be a defect.
+DEFECT_FRACTION = 0.75
+#: Frames seen before any pixel is called a defect.
+MIN_FRAMES = 5
+#: A peak whose brightest neighbour holds less than this fraction of its excess may be a spike.
+NEIGHBOUR_FRACTION = 0.05
+#: Frames whose strong peaks' median neighbour fraction is at least this have wide spots.
+WIDE_SPOTS = 0.15
+#: Peaks at least this many background sigmas high decide a frame's spot width.
+STRONG_SIGMAS = 15.0
+
+
+def neighbour_background(image: np.ndarray, good: np.ndarray) -> np.ndarray:
+    """Mean of each pixel's eight neighbours without their largest and smallest (dropping the
+    largest drops a hot neighbour, so pairs and short runs of defects still stand out), at the
+    cost of a few array passes (a 3x3 median filter costs ten times more); where some neighbours
+    are masked or off the panel, the largest good neighbour."""
+    h, w = image.shape
+    values = np.where(good, image, np.float32(0))
+    padded = np.pad(values, 1)
+    valid = np.pad(good, 1)
+    marked = np.pad(np.where(good, image, np.float32(np.nan)), 1, constant_values=np.nan)
+    total = np.zeros(image.shape, np.float32)
+    count = np.zeros(image.shape, np.float32)
+    low = np.full(image.shape, np.inf, np.float32)
+    high = np.full(image.shape, -np.inf, np.float32)
+    for dy in (0, 1, 2):
+        for dx in (0, 1, 2):
+            if dy == 1 and dx == 1:
+                continue
+            total += padded[dy:dy + h, dx:dx + w]
+            count += valid[dy:dy + h, dx:dx + w]
+            view = marked[dy:dy + h, dx:dx + w]
+            np.fmin(low, view, out=low)
+            np.fmax(high, view, out=high)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        # one-sided neighbourhoods (panel edges, masked neighbours) see a gradient as a step:
+        # there the brightest neighbour is the safe reference
+        return np.where(count == 8, (total - low - high) / np.float32(6), high)
+
+
+def noise_sigma(image: np.ndarray, good: np.ndarray) -> float:
+    """Robust pixel noise of a panel: scaled median absolute difference of horizontal
+    neighbours (smooth background levels and gradients cancel in the difference)."""
+    diff = image[::4, 1:] - image[::4, :-1]  # every fourth row: plenty, and 4x cheaper
+    both = good[::4, 1:] & good[::4, :-1]
+    values = diff[both]
+    if values.size == 0:
+        return float("inf")
+    mad = float(np.median(np.abs(values - np.median(values))))
+    return max(1.4826 * mad / np.sqrt(2.0), 1e-12)
+
+
+def spike_map(image: np.ndarray, good: np.ndarray | None = None,
+              sigmas: float = SPIKE_SIGMAS) -> np.ndarray:
+    """Pixels more than ``sigmas`` noise sigmas above their neighbours' trimmed mean.  Spot
+    centres pass too; that they move from frame to frame is what keeps them off the defect
+    list."""
+    values = np.asarray(image, dtype=np.float32)
+    ok = np.isfinite(values) if good is None else (np.asarray(good, bool) & np.isfinite(values))
+    sigma = noise_sigma(values, ok)
+    background = neighbour_background(values, ok)
+    with np.errstate(invalid="ignore"):
+        return ok & (values - background > np.float32(sigmas * sigma))
+
+
+class DefectTracker:
+    """Running per-pixel spike counts over a run; :attr:`defects` are the recurring ones."""
+
+    def __init__(self, fraction: float = DEFECT_FRACTION, min_frames: int = MIN_FRAMES,
+                 sigmas: float = SPIKE_SIGMAS) -> None:
+        if not 0 < fraction <= 1:
+            raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+        self.fraction = fraction
+        self.min_frames = min_frames
+        self.sigmas = sigmas
+        self.frames = 0
+        self.counts: list[np.ndarray] | None = None
+
+    def update(self, panels: Sequence[np.ndarray], masks: Sequence[np.ndarray] | None = None
+               ) -> None:
+        """Count this frame's spiking pixels."""
+        shapes = [np.shape(p) for p in panels]
+        if self.counts is None or [c.shape for c in self.counts] != shapes:
+            if self.counts is not None:
+                log.warning("panel shapes changed within the run: pixel defect counts restart")
+            self.counts = [np.zeros(s, np.uint32) for s in shapes]
+            self.frames = 0
+        for i, panel in enumerate(panels):
+            self.counts[i] += spike_map(panel, None if masks is None else masks[i], self.sigmas)
+        self.frames += 1
+
+    @property
+    def defects(self) -> list[np.ndarray] | None:
+        """Per panel, True = defect; None before ``min_frames`` frames."""
+        if self.counts is None or self.frames < self.min_frames:
+            return None
+        limit = self.fraction * self.frames
+        return [c >= limit for c in self.counts]
+
+    def good_masks(self) -> list[np.ndarray] | None:
+        """Per panel, True = good (the convention of frame masks)."""
+        defects = self.defects
+        return None if defects is None else [~d for d in defects]
+
+    def count(self) -> int:
+        defects = self.defects
+        return 0 if defects is None else int(sum(d.sum() for d in defects))
+
+
+def peaks_off_defects(peaks: np.ndarray, defects: Sequence[np.ndarray] | None,
+                      radius: int = 1) -> np.ndarray:
+    """Peak-table rows whose centre is not within ``radius`` pixels of a defect (a hot pixel
+    pulls the centroid of a peak it sits in by at most a pixel)."""
+    if defects is None or len(peaks) == 0:
+        return peaks
+    keep = np.ones(len(peaks), bool)
+    for k, (panel, fs, ss) in enumerate(zip(peaks["panel"], peaks["fs"], peaks["ss"],
+                                            strict=True)):
+        d = defects[int(panel)]
+        y, x = int(round(float(ss))), int(round(float(fs)))
+        window = d[max(y - radius, 0):y + radius + 1, max(x - radius, 0):x + radius + 1]
+        keep[k] = not window.any()
+    return peaks[keep]
+
+
+def _neighbour_fractions(peaks: np.ndarray, panels: Sequence[np.ndarray]
+                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per peak: excess of its brightest pixel (3x3 around the centre) over the background, the
+    excess of that pixel's brightest neighbour, and their ratio."""
+    n = len(peaks)
+    top, side = np.zeros(n), np.zeros(n)
+    for k in range(n):
+        image = panels[int(peaks["panel"][k])]
+        y, x = int(round(float(peaks["ss"][k]))), int(round(float(peaks["fs"][k])))
+        h, w = image.shape
+        ys, xs = slice(max(y - 1, 0), min(y + 2, h)), slice(max(x - 1, 0), min(x + 2, w))
+        local = np.asarray(image[ys, xs], dtype=np.float64)
+        if local.size == 0:
+            continue
+        j = np.unravel_index(np.nanargmax(local), local.shape)
+        py, px = ys.start + int(j[0]), xs.start + int(j[1])
+        around = np.asarray(image[max(py - 1, 0):py + 2, max(px - 1, 0):px + 2], np.float64)
+        centre = float(image[py, px])
+        others = np.sort(around.ravel())[::-1]
+        neighbour = float(others[1]) if others.size > 1 else float("-inf")
+        bg = float(np.nan_to_num(peaks["background"][k]))
+        top[k], side[k] = centre - bg, neighbour - bg
+    ratio = np.where(top > 0, side / np.where(top > 0, top, 1.0), 1.0)
+    return top, side, ratio
+
+
+def spike_peaks(peaks: np.ndarray, panels: Sequence[np.ndarray]) -> np.ndarray:
+    """True for peaks that are one-pixel spikes, on frames whose strong spots are wider (module
+    docstring); all False on frames with one-pixel spots."""
+    if len(peaks) == 0:
+        return np.zeros(0, bool)
+    top, side, ratio = _neighbour_fractions(peaks, panels)
+    sigma = np.nan_to_num(peaks["background_sigma"], nan=np.inf)
+    lone = (ratio < NEIGHBOUR_FRACTION) & (side < 3 * sigma)
+    decided = top > STRONG_SIGMAS * sigma
+    if decided.sum() < 3:
+        return np.zeros(len(peaks), bool)  # too few strong peaks to tell the spot width
+    wide = float(np.median(ratio[decided])) >= WIDE_SPOTS
+    return lone if wide else np.zeros(len(peaks), bool)
+
+
+class DefectFilter:
+    """What the engine applies to every frame's peak table: track spikes across the run, drop
+    peaks on recurring defects and, on frames with wide spots, one-pixel spikes."""
+
+    def __init__(self, tracker: DefectTracker | None = None, spikes: bool = True) -> None:
+        self.tracker = tracker or DefectTracker()
+        self.spikes = spikes
+        self._logged = 0
+
+    def __call__(self, peaks: Any, panels: Sequence[np.ndarray],
+                 masks: Sequence[np.ndarray] | None = None) -> np.ndarray:
+        """This frame's peak table (``PEAK_DTYPE``) without defects and spikes; counts the
+        frame.  (``peaks`` is typed loosely: ``find_peaks`` returns a table or, with boxes, a
+        pair, and callers pass the table.)"""
+        self.tracker.update(panels, masks)
+        kept = peaks_off_defects(peaks, self.tracker.defects)
+        if self.spikes and len(kept):
+            kept = kept[~spike_peaks(kept, panels)]
+        count = self.tracker.count()
+        if count and count != self._logged:
+            self._logged = count
+            log.info("%d pixel(s) spike in at least %.0f %% of %d frames: treated as defects",
+                     count, 100 * self.tracker.fraction, self.tracker.frames)
+        return kept
+
+    def save(self, outdir: str | os.PathLike[str], geometry: Any = None) -> list[Path]:
+        """Write the run's defect mask beside its output: ``pixel_defects.h5`` (CrystFEL) and,
+        where DIALS is importable, ``pixel_defects.mask``; nothing before ``min_frames``
+        frames (a resumed run that saw too few keeps the masks of the run before it)."""
+        good = self.tracker.good_masks()
+        if good is None:
+            return []
+        folder = Path(outdir)
+        try:  # an extra beside the results: failing to write it must not hide a run's own error
+            written = [write_crystfel_mask(folder / "pixel_defects.h5", good, geometry)]
+        except (OSError, ValueError) as exc:
+            log.warning("could not write the pixel defect mask under %s: %s", folder, exc)
+            return []
+        try:
+            written.append(write_dials_mask(folder / "pixel_defects.mask", good))
+        except ImportError:
+            pass
+        except OSError as exc:
+            log.warning("could not write the DIALS pixel defect mask under %s: %s", folder, exc)
+        log.info("pixel defect mask (%d defects over %d frames): %s; a CrystFEL geometry uses "
+                 "it with: %s", self.tracker.count(), self.tracker.frames,
+                 ", ".join(map(str, written)), "; ".join(geometry_mask_lines(written[0])))
+        return written
+
+
+def write_crystfel_mask(path: str | os.PathLike[str], good: Sequence[np.ndarray],
+                        geometry: Any = None, dataset: str = "/data/data") -> Path:
+    """HDF5 mask (uint8, 1 = good) in the data's slab layout, for a CrystFEL geometry::
+
+        mask0_file = <path>
+        mask0_data = /data/data
+        mask0_goodbits = 0x1
+        mask0_badbits = 0x0
+
+    Without ``geometry`` the panels are stacked along the slow-scan axis (their order).
+    Written atomically.
+    """
+    import h5py
+
+    from peaknet_xtal.atomic import atomic_path
+
+    panels = [np.asarray(g, dtype=np.uint8) for g in good]
+    if geometry is not None and len(getattr(geometry, "panels", [])) == len(panels):
+        slab = geometry.assemble_slab(panels, fill=0)  # the data's layout less the frame axis
+    else:
+        slab = np.concatenate(panels, axis=0)
+    target = Path(path)
+    with atomic_path(target) as tmp, h5py.File(tmp, "w") as h5:
+        data = h5.create_dataset(dataset, data=slab, compression="gzip")
+        data.attrs["description"] = ("peaknet-xtal pixel defect mask: 1 = good, 0 = hot/stuck "
+                                     "pixel found across the run")
+    return target
+
+
+def geometry_mask_lines(path: str | os.PathLike[str], dataset: str = "/data/data") -> list[str]:
+    """The CrystFEL geometry lines that apply a mask written by :func:`write_crystfel_mask`."""
+    return [f"mask0_file = {os.fspath(path)}", f"mask0_data = {dataset}",
+            "mask0_goodbits = 0x1", "mask0_badbits = 0x0"]
+
+
+def write_dials_mask(path: str | os.PathLike[str], good: Sequence[np.ndarray]) -> Path:
+    """DIALS mask file: a tuple of one ``flex.bool`` per panel (True = good), pickled as
+    ``dials.generate_mask`` writes it (DIALS' own format; needs DIALS).  Written atomically."""
+    import pickle
+
+    from dials.array_family import flex  # noqa: F401  (flex types must be registered)
+    from dxtbx import flumpy
+
+    from peaknet_xtal.atomic import atomic_path
+
+    masks = tuple(flumpy.from_numpy(np.ascontiguousarray(np.asarray(g, dtype=bool)))
+                  for g in good)
+    target = Path(path)
+    with atomic_path(target) as tmp, open(tmp, "wb") as fh:
+        pickle.dump(masks, fh, protocol=pickle.HIGHEST_PROTOCOL)
+    return target

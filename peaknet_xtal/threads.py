@@ -1,0 +1,82 @@
+"""CPU threads that fit the machine: never more torch threads than free cores.
+
+Why: torch's intra-op pool ends every parallel region at a barrier, so one of its threads
+descheduled by another process stalls all the others.  On a 2-core machine with one competing
+process, torch's default (one thread per core) ran ``peaknet2cxi`` 3-11 times slower than one
+thread.  The default here is therefore
+
+    cores this process may run on (``os.sched_getaffinity``, and a cgroup CPU quota if lower)
+    minus the cores other processes keep busy (1-minute load average, less this process)
+    divided by the worker processes sharing them on this host,
+
+at least 1.  An explicit thread count always wins.  ``benchmarks/bench_threads.py`` measures the
+default against ``--threads 1`` on a loaded machine.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def available_cores() -> int:
+    """Cores this process may use: its CPU affinity, capped by a cgroup v2 CPU quota."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    quota = _cgroup_quota()
+    if quota is not None:
+        cores = min(cores, max(1, math.floor(quota)))
+    return max(1, cores)
+
+
+def _cgroup_quota() -> float | None:
+    """CPUs allowed by ``/sys/fs/cgroup/cpu.max`` ("max" or "QUOTA PERIOD"), None if unlimited."""
+    try:
+        text = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+    except OSError:
+        return None
+    if len(text) != 2 or text[0] == "max":
+        return None
+    try:
+        return float(text[0]) / float(text[1])
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def busy_cores(own: float = 1.0) -> float:
+    """Cores other processes keep busy: the 1-minute load average less ``own`` (this process,
+    which is usually running while it asks)."""
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return 0.0
+    return max(0.0, load - own)
+
+
+def default_threads(workers: int = 1, *, load_aware: bool = True) -> int:
+    """torch threads for one of ``workers`` processes sharing this host (module docstring)."""
+    cores = available_cores()
+    free = cores - math.ceil(busy_cores() - 0.25) if load_aware else cores  # 0.25: noise
+    return max(1, min(cores, free) // max(1, int(workers)))
+
+
+def describe_default(workers: int = 1) -> str:
+    """One line saying how :func:`default_threads` came to its number."""
+    return (f"{default_threads(workers)} torch thread(s) by default: {available_cores()} "
+            f"core(s) available to this process, {busy_cores():.1f} busy with other work "
+            f"(load average), {workers} worker process(es)")
+
+
+def stub_openmp_message(library: str, requested: int | None) -> str:
+    """The one line users see when cctbx's stub OpenMP forces a single torch thread."""
+    asked = f" (asked for {requested})" if requested and requested > 1 else ""
+    return (f"PeakNet runs on 1 CPU thread per process{asked}: {library}, the stub OpenMP library "
+            f"of this cctbx build (Debian's DIALS), shadows the real one, and more threads would "
+            f"give wrong results. For parallelism run several processes: mp.nproc=N in "
+            f"dials.stills_process (a list of stills), spotfinder.mp.nproc=N in "
+            f"dials.find_spots (a sequence), or peaknet2cxi --workers N.")

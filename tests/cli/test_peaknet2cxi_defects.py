@@ -1,0 +1,56 @@
+"""``peaknet2cxi`` drops peaks on a hot pixel once the run shows it, and leaves the run's pixel
+defect mask beside its output, in the data's layout, for a CrystFEL geometry to name."""
+from __future__ import annotations
+
+import h5py
+import numpy as np
+
+from peaknet_xtal.cli.peaknet2cxi import run
+from peaknet_xtal.formats.cxi import read_cxi_peaks
+from peaknet_xtal.formats.geometry import read_geometry
+from peaknet_xtal.sim import SimConfig, simulate_frame
+
+HOT = (1, 10, 20)  # panel, ss, fs
+
+
+def bright(panels, masks):
+    """Stand-in segmenter: pixels 8 robust sigmas above the panel median."""
+    out = []
+    for p in panels:
+        med = np.median(p)
+        sigma = 1.4826 * np.median(np.abs(p - med)) + 1e-6
+        out.append(((p - med) / sigma > 8).astype(np.float32))
+    return out
+
+
+def test_hot_pixel_is_masked_and_the_mask_is_saved(fixtures_dir, tmp_path):
+    geom_path = fixtures_dir / "geometry" / "two_panels.geom"
+    geometry = read_geometry(geom_path)
+    slabs = []
+    for seed in range(8):
+        frame, _ = simulate_frame(geometry, seed, SimConfig(air_photons=2.0, hit_probability=0.0))
+        panels = [p.copy() for p in frame.panels]
+        panels[HOT[0]][HOT[1], HOT[2]] = 500.0
+        slabs.append(geometry.assemble_slab(panels))
+    stack = tmp_path / "run.cxi"
+    with h5py.File(stack, "w") as h5:
+        h5.create_dataset("/entry_1/data_1/data", data=np.stack(slabs))
+    outdir = tmp_path / "out"
+    summary = run({"inputs": [str(stack)], "geometry": str(geom_path), "output": str(outdir),
+                   "predictor": bright, "progress": False, "min_peaks": 1,
+                   "adu_per_photon": 1.0})
+    assert summary["frames"] == 8
+    (cxi_file,) = [p for p in (outdir / "peaknet.lst").read_text().split()]
+    peaks = read_cxi_peaks(cxi_file)
+    on_hot = []
+    for row in range(8):
+        table = peaks.peaks(row, geometry)
+        on_hot.append(int(np.sum((table["panel"] == HOT[0]) & (np.abs(table["ss"] - HOT[1]) <= 1)
+                                 & (np.abs(table["fs"] - HOT[2]) <= 1))))
+    assert on_hot[0] == 1  # the first frames cannot know yet ...
+    assert on_hot[5:] == [0, 0, 0]  # ... later ones do
+    with h5py.File(outdir / "pixel_defects.h5") as h5:
+        mask = h5["/data/data"][()]
+    slab_index = geometry.panels[HOT[0]].slab_index()
+    assert mask.shape == geometry.slab_shape and mask[slab_index][HOT[1], HOT[2]] == 0
+    assert mask.sum() >= mask.size - 3  # the hot pixel, and little else

@@ -1,0 +1,213 @@
+"""Pixel defects: recurring hot/flickering pixels across a run, one-pixel spikes in a frame, the
+masks written for CrystFEL and DIALS, and the engine's post-filter."""
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+
+from peaknet_xtal.finding.defects import (
+    DefectFilter,
+    DefectTracker,
+    peaks_off_defects,
+    spike_map,
+    spike_peaks,
+    write_crystfel_mask,
+    write_dials_mask,
+)
+from peaknet_xtal.finding.engine import InferenceEngine
+from peaknet_xtal.formats.geometry import read_geometry
+from peaknet_xtal.sim import SimConfig, simulate_frame
+from peaknet_xtal.types import Frame, peaks_from_columns
+
+EPIX = "crystfel_geometry/om_lcls_mfx_epix10k2M.geom"
+STATUS = "epix100a_pixel_status/epix100a_XppGon0_pixel_status_0-end.data"
+ASIC = (176, 192)  # ePix ASIC: the 704 x 768 ePix100a status map is 4 x 4 of them
+
+
+@pytest.fixture(scope="module")
+def epix(real_data):
+    return read_geometry(real_data / EPIX)
+
+
+@pytest.fixture(scope="module")
+def hot_pixels(real_data):
+    """60 pixels placed as in a real ePix100a bad-pixel population (its status map), mapped
+    onto the first 16 ePix10k2M ASIC panels."""
+    status = np.loadtxt(real_data / STATUS, comments="#")
+    ys, xs = np.nonzero(status)
+    pick = np.random.default_rng(5).choice(len(ys), 60, replace=False)
+    return [(int(ys[k] // ASIC[0] * 4 + xs[k] // ASIC[1]), int(ys[k] % ASIC[0]),
+             int(xs[k] % ASIC[1])) for k in pick]
+
+
+def bright(panels, masks):
+    """Stand-in segmenter: pixels 8 robust sigmas above the panel median (it finds hot pixels
+    as readily as spots, as any finder would)."""
+    out = []
+    for p in panels:
+        med = np.median(p)
+        sigma = 1.4826 * np.median(np.abs(p - med)) + 1e-6
+        out.append(((p - med) / sigma > 8).astype(np.float32))
+    return out
+
+
+def run_with_hot_pixels(geometry, hot, n_frames=10, seed=0):
+    """Simulated ePix10k2M frames (hits and blanks) with 60 unmasked hot pixels: half stuck at
+    a high value, half flickering (off in one frame of ten, at random heights otherwise)."""
+    rng = np.random.default_rng(seed)
+    frames = []
+    for i in range(n_frames):
+        frame, _ = simulate_frame(geometry, i, SimConfig(adu_per_photon=10.0,
+                                                         hit_probability=0.5 if i else 1.0))
+        panels = [p.copy() for p in frame.panels]
+        for j, (panel, y, x) in enumerate(hot):
+            if j % 2:
+                panels[panel][y, x] = 5000.0
+            elif (i + j) % 10 != 0:
+                panels[panel][y, x] += 50.0 + 400.0 * rng.random()
+        frames.append(Frame(panels=panels, masks=frame.masks, geometry=geometry, meta={}))
+    return frames
+
+
+def on_hot(peaks, hot):
+    return sum(1 for p in peaks for panel, y, x in hot
+               if p["panel"] == panel and abs(p["ss"] - y) <= 1 and abs(p["fs"] - x) <= 1)
+
+
+@pytest.mark.slow
+def test_run_with_sixty_hot_pixels_reports_none_after_the_first_frames(epix, hot_pixels):
+    frames = run_with_hot_pixels(epix, hot_pixels)
+    plain = InferenceEngine(predictor=bright, adu_per_photon=10.0)
+    plain.defects = lambda peaks, panels, masks: peaks  # the filter off, for comparison
+    before = [on_hot(r.peaks, hot_pixels) for r in plain.find_frames(frames)]
+    assert sum(before[5:]) > 50  # without the filter the hot pixels are peaks frame after frame
+    engine = InferenceEngine(predictor=bright, adu_per_photon=10.0)
+    after = [on_hot(r.peaks, hot_pixels) for r in engine.find_frames(frames)]
+    assert after[5:] == [0] * 5
+    defects = engine.defects.tracker.defects
+    found = {(panel, y, x) for panel, d in enumerate(defects) for y, x in zip(*np.nonzero(d),
+                                                                              strict=True)}
+    assert set(hot_pixels) <= found
+    assert len(found) < 80  # the hot pixels and few others (real spots move between frames)
+
+
+def test_tracker_memory_is_one_counter_per_pixel_and_needs_min_frames():
+    tracker = DefectTracker(min_frames=3)
+    rng = np.random.default_rng(0)
+    for k in range(3):
+        assert tracker.defects is None
+        image = rng.normal(0, 1, (64, 64))
+        image[5, 7] = 100.0  # stuck: every frame
+        if k != 1:
+            image[20, 30] = 100.0  # flickers: 2 frames of 3, under three in four
+        tracker.update([image])
+    assert tracker.counts[0].dtype == np.uint32 and tracker.counts[0].shape == (64, 64)
+    defects = tracker.defects[0]
+    assert defects[5, 7] and not defects[20, 30] and defects.sum() == 1
+
+
+def test_spike_map_finds_lone_and_paired_hot_pixels_not_smooth_backgrounds():
+    yy, xx = np.indices((80, 80)).astype(float)
+    image = 1000.0 + 20.0 * xx + 0.1 * (yy - 40) ** 2
+    image += np.random.default_rng(1).normal(0, 3, (80, 80))
+    image[10, 10] += 200.0  # a lone spike
+    image[30, 30:32] += 300.0  # two adjacent hot pixels
+    good = np.ones(image.shape, bool)
+    good[50, 50] = False  # a hot pixel next to a masked one is still found
+    image[50, 51] += 200.0
+    spikes = spike_map(image, good)
+    assert set(zip(*np.nonzero(spikes), strict=True)) == {(10, 10), (30, 30), (30, 31), (50, 51)}
+
+
+def test_peaks_near_a_defect_are_dropped():
+    peaks = peaks_from_columns(panel=np.array([0, 0, 1]), fs=np.array([7.4, 30.0, 7.0]),
+                               ss=np.array([5.6, 30.0, 5.0]))
+    defects = [np.zeros((64, 64), bool), np.zeros((64, 64), bool)]
+    defects[0][5, 7] = True
+    kept = peaks_off_defects(peaks, defects)
+    assert kept["fs"].tolist() == [30.0, 7.0]
+
+
+def frame_with(spots_sigma: float, spike_at=(50, 50)):
+    rng = np.random.default_rng(2)
+    image = rng.normal(100.0, 2.0, (120, 120))
+    yy, xx = np.indices(image.shape)
+    centres = [(20, 20), (20, 90), (90, 20), (90, 90), (60, 100)]
+    for y, x in centres:
+        image += 400.0 * np.exp(-((yy - y) ** 2 + (xx - x) ** 2) / (2 * spots_sigma ** 2))
+    image[spike_at] += 400.0
+    rows = [*centres, spike_at]
+    peaks = peaks_from_columns(panel=np.zeros(len(rows), int),
+                               fs=np.array([c[1] for c in rows], float),
+                               ss=np.array([c[0] for c in rows], float),
+                               background=np.full(len(rows), 100.0),
+                               background_sigma=np.full(len(rows), 2.0))
+    return image, peaks
+
+
+def test_one_pixel_spike_is_dropped_where_spots_are_wider():
+    image, peaks = frame_with(spots_sigma=1.2)
+    assert spike_peaks(peaks, [image]).tolist() == [False] * 5 + [True]
+
+
+def test_binned_detector_with_one_pixel_spots_keeps_single_pixel_peaks():
+    """Spots of one pixel (sigma 0.3 px): the frame's spots are as narrow as the spike, so
+    nothing tells them apart and nothing is dropped within the frame."""
+    image, peaks = frame_with(spots_sigma=0.3)
+    assert not spike_peaks(peaks, [image]).any()
+
+
+def test_filter_counts_frames_and_drops_recurring_pixels():
+    rng = np.random.default_rng(3)
+    filt = DefectFilter(DefectTracker(min_frames=3))
+    peaks = peaks_from_columns(panel=np.array([0]), fs=np.array([7.0]), ss=np.array([5.0]),
+                               background=np.array([0.0]), background_sigma=np.array([1.0]))
+    kept = []
+    for _ in range(5):
+        image = rng.normal(0, 1, (64, 64))
+        image[5, 7] = 100.0
+        kept.append(len(filt(peaks, [image])))
+    assert kept == [1, 1, 0, 0, 0]
+
+
+def test_crystfel_mask_in_the_slab_layout(tmp_path, fixtures_dir):
+    geometry = read_geometry(fixtures_dir / "geometry" / "two_panels.geom")
+    good = [np.ones((32, 64), bool), np.ones((32, 64), bool)]
+    good[1][3, 4] = False
+    path = write_crystfel_mask(tmp_path / "m.h5", good, geometry)
+    with h5py.File(path) as h5:
+        data = h5["/data/data"][()]
+    assert data.shape == geometry.slab_shape and data.dtype == np.uint8
+    assert data[32 + 3, 4] == 0 and data.sum() == 64 * 64 - 1
+    assert not list(tmp_path.glob(".*part"))
+
+
+@pytest.mark.dials
+def test_dials_mask_reads_back_as_flex_bool(tmp_path, dials_env):
+    import pickle
+
+    good = [np.ones((10, 12), bool)]
+    good[0][2, 3] = False
+    path = write_dials_mask(tmp_path / "defects.mask", good)
+    with open(path, "rb") as fh:  # DIALS' own mask format (this test wrote it)
+        masks = pickle.load(fh)
+    assert type(masks[0]).__name__ == "bool" and masks[0].all() == (10, 12)
+    assert masks[0].count(False) == 1 and not masks[0][2 * 12 + 3]
+
+
+def test_filter_saves_masks_beside_the_output_after_enough_frames(tmp_path, fixtures_dir):
+    geometry = read_geometry(fixtures_dir / "geometry" / "two_panels.geom")
+    filt = DefectFilter(DefectTracker(min_frames=3))
+    rng = np.random.default_rng(4)
+    empty = peaks_from_columns()
+    assert filt.save(tmp_path, geometry) == []  # nothing seen yet: nothing written
+    for _ in range(3):
+        panels = [rng.normal(0, 1, (32, 64)), rng.normal(0, 1, (32, 64))]
+        panels[1][3, 4] = 50.0
+        filt(empty, panels)
+    written = filt.save(tmp_path, geometry)
+    assert written[0] == tmp_path / "pixel_defects.h5"
+    with h5py.File(written[0]) as h5:
+        mask = h5["/data/data"][()]
+    assert mask[32 + 3, 4] == 0 and mask.sum() == 64 * 64 - 1

@@ -1,0 +1,135 @@
+"""Detector gain from the data: the photon-transfer slope on simulated frames of known gain and on
+the real CSPAD CBFs, and the rules for when an estimate replaces a declared gain."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from peaknet_xtal.finding.engine import InferenceEngine
+from peaknet_xtal.finding.gain import (
+    UNKNOWN,
+    GainEstimate,
+    GainResolver,
+    choose_gain,
+    estimate_gain,
+    is_placeholder,
+)
+from peaknet_xtal.formats.geometry import read_geometry
+from peaknet_xtal.sim import SimConfig, simulate_frame
+from peaknet_xtal.types import Frame
+
+EPIX = "crystfel_geometry/om_lcls_mfx_epix10k2M.geom"
+CSPAD = "cspad_thermolysin_stills/idx-20130301060858401.cbf"
+
+
+@pytest.fixture(scope="module")
+def epix(real_data):
+    return read_geometry(real_data / EPIX)
+
+
+def sim(geometry, gain: float, background: float, hit: float = 1.0, seed: int = 1) -> Frame:
+    config = SimConfig(adu_per_photon=gain, air_photons=background, water_photons=background,
+                       kapton=True, hit_probability=hit)
+    frame, _ = simulate_frame(geometry, seed, config)
+    return frame
+
+
+@pytest.mark.parametrize(("gain", "background", "hit"),
+                         [(1.0, 3.0, 1.0), (7.0, 0.15, 1.0), (30.0, 1.0, 0.0), (50.0, 0.15, 0.0)])
+def test_gain_of_simulated_frames_within_ten_percent(epix, gain, background, hit):
+    frame = sim(epix, gain, background, hit)
+    estimate = estimate_gain(frame.panels, frame.masks)
+    assert estimate.reliable
+    assert estimate.gain == pytest.approx(gain, rel=0.10)
+
+
+def test_pedestal_offsets_and_spots_do_not_move_the_slope(epix):
+    """Large per-panel offsets (tens of photons) are a fixed effect; a plain variance/mean ratio
+    would be pulled far off by them."""
+    frame = sim(epix, 10.0, 1.0)
+    rng = np.random.default_rng(3)
+    shifted = [p + rng.uniform(-200, 400) for p in frame.panels]
+    base = estimate_gain(frame.panels, frame.masks).gain
+    assert estimate_gain(shifted, frame.masks).gain == pytest.approx(base, rel=1e-6)
+    ratio = np.median([np.var(p[m]) / np.mean(p[m]) for p, m in
+                       zip(shifted, frame.masks, strict=True)])
+    assert abs(ratio - 10.0) > 5.0
+
+
+def test_flat_frame_without_photons_claims_nothing():
+    """Read noise alone: no level spread, so no slope worth trusting."""
+    rng = np.random.default_rng(0)
+    panels = [rng.normal(100.0, 3.0, (256, 256)) for _ in range(4)]
+    estimate = estimate_gain(panels)
+    assert not estimate.reliable
+    assert choose_gain(None, estimate)[0] is None
+    assert choose_gain(1.0, estimate)[0] == 1.0
+    assert estimate_gain([np.zeros((8, 8))]) is UNKNOWN
+
+
+def test_masked_blocks_are_left_out(epix):
+    frame = sim(epix, 10.0, 1.0)
+    spoiled = [p.copy() for p in frame.panels]
+    masks = [m.copy() for m in frame.masks]
+    spoiled[0][:64, :64] = 1e6  # garbage, but masked
+    masks[0][:64, :64] = False
+    assert estimate_gain(spoiled, masks).gain == pytest.approx(
+        estimate_gain(frame.panels, frame.masks).gain, rel=0.05)
+
+
+def measured(gain: float) -> GainEstimate:
+    return GainEstimate(gain=gain, intercept=0.0, relative_error=0.01, n_blocks=1000,
+                        mean_range=(0.0, 100.0))
+
+
+@pytest.mark.parametrize(("declared", "estimate", "used"), [
+    (None, 30.0, 30.0),        # nothing declared: the estimate
+    (1.0, 30.0, 30.0),         # nominal 1 on an integrating detector: placeholder
+    (9000.0, 30.0, 30.0),      # adu_per_eV = 1 at 9 keV: placeholder
+    (1.0, 1.3, 1.0),           # placeholder but the data agree: kept
+    (25.0, 30.0, 25.0),        # a real declared gain the data agree with
+    (5.0, 30.0, 5.0),          # a real declared gain is never overruled, only logged
+])
+def test_when_an_estimate_replaces_the_declared_gain(declared, estimate, used):
+    assert choose_gain(declared, measured(estimate))[0] == pytest.approx(used)
+
+
+def test_placeholders():
+    assert is_placeholder(1.0) and is_placeholder(12000.0)
+    assert not is_placeholder(30.0) and not is_placeholder(0.5)
+
+
+def test_resolver_pools_the_first_frames_then_stops_estimating(epix, monkeypatch):
+    frames = [sim(epix, 20.0, 1.0, seed=s) for s in range(3)]
+    resolver = GainResolver(frames=2)
+    gains = [resolver(None, f.panels, f.masks) for f in frames]
+    assert all(g == pytest.approx(20.0, rel=0.1) for g in gains)
+    assert gains[2] == gains[1]  # settled after two frames
+    calls = []
+    monkeypatch.setattr("peaknet_xtal.finding.gain.estimate_gain",
+                        lambda *a, **k: calls.append(1) or UNKNOWN)
+    assert resolver(None, frames[0].panels) == gains[1] and not calls
+    assert resolver(25.0, frames[0].panels) == 25.0  # a real declared gain wins
+
+
+def test_engine_uses_the_estimate_when_the_frame_declares_none(epix):
+    frame = sim(epix, 30.0, 1.0)
+    bare = Frame(panels=frame.panels, masks=frame.masks, geometry=None, meta={})
+    engine = InferenceEngine(predictor=lambda panels, masks: [np.zeros_like(p) for p in panels])
+    assert engine.params_for(bare).adu_per_photon == pytest.approx(30.0, rel=0.1)
+    explicit = InferenceEngine(adu_per_photon=0.0,
+                               predictor=lambda panels, masks: [np.zeros_like(p) for p in panels])
+    assert explicit.params_for(bare).adu_per_photon == 0.0
+
+
+@pytest.mark.dials
+def test_real_cspad_cbf_gain_near_thirty(real_data, dials_env):
+    """Nominal gain 1 in the CBF, about 30 ADU per photon in truth (dials.estimate_gain says 4)."""
+    import dxtbx
+
+    image = dxtbx.load(str(real_data / CSPAD))
+    panels = [np.asarray(p.as_numpy_array(), dtype=float) for p in image.get_raw_data()]
+    estimate = estimate_gain(panels)
+    assert estimate.reliable
+    assert 20.0 < estimate.gain < 40.0
+    assert choose_gain(1.0, estimate)[0] == estimate.gain

@@ -1,0 +1,61 @@
+"""Thread defaults that fit the machine: affinity, cgroup quota, load and worker count."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from peaknet_xtal import threads
+
+
+def test_available_cores_follow_the_affinity_mask():
+    code = ("import os; os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]}); "
+            "from peaknet_xtal.threads import available_cores, default_threads; "
+            "print(available_cores(), default_threads(load_aware=False))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, env=dict(os.environ))
+    assert out.stdout.split() == ["1", "1"]
+
+
+def test_cgroup_quota_caps_the_cores(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    monkeypatch.setattr(threads, "_cgroup_quota", lambda: 2.5)
+    assert threads.available_cores() == 2
+    monkeypatch.setattr(threads, "_cgroup_quota", lambda: None)
+    assert threads.available_cores() == 8
+
+
+@pytest.mark.parametrize(("cores", "load", "workers", "expected"), [
+    (8, 1.0, 1, 8),    # idle but for this process
+    (8, 1.0, 4, 2),    # four workers share the cores
+    (2, 2.0, 1, 1),    # one competing process on 2 cores: one thread, not two
+    (2, 9.0, 1, 1),    # overloaded: still one
+    (16, 5.0, 3, 4),   # 4 cores busy elsewhere, 12 free for 3 workers
+])
+def test_default_threads_never_oversubscribe(monkeypatch, cores, load, workers, expected):
+    monkeypatch.setattr(threads, "available_cores", lambda: cores)
+    monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
+    assert threads.default_threads(workers) == expected
+    assert threads.default_threads(workers, load_aware=False) == max(1, cores // workers)
+
+
+def test_engine_takes_the_default_when_no_threads_are_given():
+    """In a clean process (no cctbx stubs) the engine sets torch to default_threads()."""
+    code = ("import logging, torch; logging.basicConfig(level=logging.INFO)\n"
+            "from unittest import mock\n"
+            "from peaknet_xtal.finding.engine import InferenceEngine\n"
+            "with mock.patch('peaknet_xtal.finding.engine.default_threads', return_value=1):\n"
+            "    InferenceEngine('default', device='cpu').model()\n"
+            "print(torch.get_num_threads())\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, env=dict(os.environ), timeout=300)
+    assert out.stdout.split()[-1] == "1"
+    assert "torch thread(s) by default" in out.stderr
+
+
+def test_stub_message_names_the_library_and_the_way_out():
+    line = threads.stub_openmp_message("libomptbx.so.0", 4)
+    assert "libomptbx.so.0" in line and "(asked for 4)" in line and "\n" not in line
+    assert "mp.nproc=N" in line and "--workers N" in line

@@ -48,8 +48,10 @@ class _LogBar(_Bar):
 
     def display(self, msg: str | None = None, pos: int | None = None) -> bool:
         text = self.__str__() if msg is None else msg
-        if not text:
+        # a log never gets the same count twice (tqdm's close() draws the last state again)
+        if not text or self.n == getattr(self, "_drawn_n", None):
             return True
+        self._drawn_n = self.n
         # lines are separated *before* each new one: tqdm's close() ends the last one with "\n"
         self.fp.write(("\n" if getattr(self, "_drawn", False) else "") + text)
         self.fp.flush()

@@ -92,9 +92,9 @@ def test_last_line_is_not_printed_twice_in_a_log():
         for _ in range(3):
             bar.update(1)
     lines = out.getvalue().splitlines()
-    assert [line.split(" frames")[0] for line in lines] == ["1/3", "2/3", "3/3"]
+    assert [line.split(" frames")[0] for line in lines] == ["0/3", "1/3", "2/3", "3/3"]
     out = io.StringIO()
     with Progress(3, "frames", stream=out, interval=1e9) as bar:  # no update draws
         for _ in range(3):
             bar.update(1)
-    assert [line.split(" frames")[0] for line in out.getvalue().splitlines()] == ["3/3"]
+    assert [line.split(" frames")[0] for line in out.getvalue().splitlines()] == ["0/3", "3/3"]

@@ -90,7 +90,7 @@ class PeakFinder:
             masks = None
         if mask is not None:
             given = [m.astype(bool) for m in to_panels(mask)]
-            masks = given if masks is None else [a & b for a, b in zip(masks, given)]
+            masks = given if masks is None else [a & b for a, b in zip(masks, given, strict=False)]
         found = self.engine.find_panels(panels, masks, geometry=geometry,
                                         wavelength_A=wavelength_A, adu_per_photon=gain,
                                         with_bbox=True)
@@ -140,7 +140,8 @@ def dxtbx_one_over_d(imageset: Any, index: int, peaks: np.ndarray) -> np.ndarray
     detector = imageset.get_detector(index)
     s0 = imageset.get_beam(index).get_s0()
     out = np.empty(len(peaks))
-    for k, (panel, fs, ss) in enumerate(zip(peaks["panel"], peaks["fs"], peaks["ss"])):
+    columns = zip(peaks["panel"], peaks["fs"], peaks["ss"], strict=True)
+    for k, (panel, fs, ss) in enumerate(columns):
         d = detector[int(panel)].get_resolution_at_pixel(
             s0, (float(fs) + CORNER_OFFSET, float(ss) + CORNER_OFFSET))
         out[k] = 1.0 / d if d > 0 else np.nan

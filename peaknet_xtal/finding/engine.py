@@ -233,7 +233,7 @@ class InferenceEngine:
         else:
             probs = self._run_model(panels, goods)
         out: list[list[np.ndarray]] = [[] for _ in frames]
-        for f, prob, good in zip(owner, probs, goods):
+        for f, prob, good in zip(owner, probs, goods, strict=False):
             out[f].append(np.where(good, prob, np.float32(0)))
         return out, frame_goods
 
@@ -253,7 +253,7 @@ class InferenceEngine:
 
         tiles = [Tile(i, y0, x0, h, w, core)
                  for i, panel in enumerate(panels)
-                 for y0, x0, h, w, core in tile_panel(panel.shape, self.tile_size,
+                 for y0, x0, h, w, core in tile_panel(_shape2(panel), self.tile_size,
                                                       self.tile_overlap)]
         model = self.model()
         multiple = int(getattr(model, "pad_multiple", 1))
@@ -318,7 +318,8 @@ class InferenceEngine:
         tiles = 0
         for frame in frames:
             chunk.append(frame)
-            tiles += sum(len(tile_panel(np.shape(p), self.tile_size, self.tile_overlap))
+            tiles += sum(len(tile_panel(_shape2(np.asarray(p)), self.tile_size,
+                                        self.tile_overlap))
                          for p in frame.panels)
             if tiles >= self.batch_size:
                 yield chunk
@@ -466,6 +467,12 @@ def _without_dropped(pixels: list[np.ndarray], peaks: np.ndarray,
         if labels[ss, fs]:
             out[panel][labels == labels[ss, fs]] = False
     return out
+
+
+def _shape2(panel: np.ndarray) -> tuple[int, int]:
+    """A panel's (height, width); panels are 2-D by the time they are tiled."""
+    height, width = panel.shape
+    return int(height), int(width)
 
 
 def _where(frame: Frame) -> str:

@@ -156,7 +156,7 @@ def _check_shape(path: str, dataset: str, shape: tuple[int, ...], geometry: Any)
         return
     need = tuple(geometry.slab_shape)
     have = shape[-ndim:]
-    if any(h < n for h, n in zip(have, need)):
+    if any(h < n for h, n in zip(have, need, strict=False)):
         raise FormatError(path, f"frames are {'x'.join(map(str, have))} but the geometry "
                           f"{getattr(geometry, 'path', None) or ''} needs a slab of at least "
                           f"{'x'.join(map(str, need))}", dataset=dataset)
@@ -371,7 +371,7 @@ class _Reader:
               ) -> list[np.ndarray] | None:
         pieces: list[list[np.ndarray]] = []
         if panels is not None and self._flags:
-            pieces.append([flagged_ok(p, f) for p, f in zip(panels, self._flags)])
+            pieces.append([flagged_ok(p, f) for p, f in zip(panels, self._flags, strict=False)])
         if self.mask is not None:
             raw = (self.mask[index] if self.mask.ndim == len(self.info.frame_shape) + 1
                    else self.mask[()])
@@ -382,7 +382,7 @@ class _Reader:
             return None
         out = [m.copy() for m in pieces[0]]
         for extra in pieces[1:]:
-            for m, e in zip(out, extra):
+            for m, e in zip(out, extra, strict=False):
                 m &= e
         return out
 
@@ -542,7 +542,7 @@ def _read_keys(h5: h5py.File) -> list[tuple[str, str]]:
         return []
     sources = [s.decode() if isinstance(s, bytes) else str(s) for s in h5[f"{KEY_GROUP}/source"]]
     events = [s.decode() if isinstance(s, bytes) else str(s) for s in h5[f"{KEY_GROUP}/event"]]
-    return list(zip(sources, events))
+    return list(zip(sources, events, strict=False))
 
 
 def peak_columns(results: Sequence[FrameResult], geometry: Any,

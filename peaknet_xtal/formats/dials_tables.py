@@ -95,7 +95,8 @@ def read_experiments(path: str | os.PathLike[str], check_format: bool = False) -
     from dxtbx.model.experiment_list import ExperimentList
 
     try:
-        return ExperimentList.from_file(path, check_format=check_format)
+        return ExperimentList.from_file(  # type: ignore[attr-defined]
+            path, check_format=check_format)
     except Exception as exc:
         raise FormatError(path, f"not a readable DIALS experiment list "
                           f"({type(exc).__name__}: {exc})") from exc
@@ -112,7 +113,7 @@ def summarize_reflections(path: str | os.PathLike[str]) -> dict[str, Any]:
         ids = _flex_to_numpy(table["id"])
         summary["experiments"] = int(len(np.unique(ids)))
         summary["per_experiment"] = {int(i): int(n) for i, n in
-                                     zip(*np.unique(ids, return_counts=True))}
+                                     zip(*np.unique(ids, return_counts=True), strict=False)}
     if "panel" in table:
         summary["panels"] = int(len(np.unique(_flex_to_numpy(table["panel"]))))
     if "miller_index" in table:

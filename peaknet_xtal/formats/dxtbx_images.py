@@ -39,7 +39,7 @@ def open_imageset(path: str | os.PathLike[str]) -> Any:
     except Exception as exc:  # dxtbx raises many kinds for unknown or broken files
         raise FormatError(path, f"dxtbx cannot read this image ({type(exc).__name__}: {exc})"
                           ) from exc
-    imagesets = experiments.imagesets()
+    imagesets = experiments.imagesets()  # type: ignore[attr-defined]
     if not imagesets:
         raise FormatError(path, "dxtbx found no image format that understands this file")
     return imagesets[0]

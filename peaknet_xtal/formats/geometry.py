@@ -202,7 +202,7 @@ def parse_vector(value: str, key: str = "vector", fail: _Fail | None = None) -> 
 
 def format_vector(vector: np.ndarray) -> str:
     """Inverse of :func:`parse_vector`, exact (shortest round-tripping float repr)."""
-    return " ".join(f"{float(c):+}{axis}" for c, axis in zip(vector, "xyz"))
+    return " ".join(f"{float(c):+}{axis}" for c, axis in zip(vector, "xyz", strict=False))
 
 
 def _electron_wavelength_A(volts: float) -> float:
@@ -404,7 +404,7 @@ class Geometry:
             raise ValueError(f"expected {self.n_panels} panels, got {len(panels)}")
         dtype = np.result_type(*[np.asarray(p).dtype for p in panels]) if panels else np.float32
         slab = np.full(self.slab_shape, fill, dtype=dtype)
-        for panel, values in zip(self.panels, panels):
+        for panel, values in zip(self.panels, panels, strict=False):
             slab[panel.slab_index()] = values
         return slab
 
@@ -472,7 +472,7 @@ class Geometry:
         index = np.full(len(ray), -1, dtype=np.int64)
         pfs = np.full(len(ray), np.nan)
         pss = np.full(len(ray), np.nan)
-        for i, (p, row) in enumerate(zip(self.panels, self._placement(clen_m))):
+        for i, (p, row) in enumerate(zip(self.panels, self._placement(clen_m), strict=False)):
             corner = row[0:3] / row[9]  # metres
             fs_m, ss_m = row[3:6] / row[9], row[6:9] / row[9]
             normal = np.cross(fs_m, ss_m)

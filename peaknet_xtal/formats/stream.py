@@ -219,7 +219,7 @@ def _same_value(x: Any, y: Any) -> bool:
         return (isinstance(x, np.ndarray) and isinstance(y, np.ndarray) and x.dtype == y.dtype
                 and x.shape == y.shape and np.array_equal(x, y))
     if isinstance(x, list) and isinstance(y, list) and x and hasattr(x[0], "same_as"):
-        return len(x) == len(y) and all(u.same_as(v) for u, v in zip(x, y))
+        return len(x) == len(y) and all(u.same_as(v) for u, v in zip(x, y, strict=False))
     return bool(x == y)
 
 
@@ -269,7 +269,8 @@ class _Reader:
         return StreamError(self.path, message, line=self.n if line is None else line)
 
     def next_line(self, what: str, start: int) -> str:
-        for self.n, line in self.lines:
+        for n, line in self.lines:
+            self.n = n
             return line
         raise self.fail(f"file ends inside the {what} that starts at line {start} (truncated?)",
                         line=start)
@@ -303,7 +304,8 @@ class _Reader:
         """Read up to the first chunk (or the next header, or the end: no chunks is valid)."""
         header = StreamHeader(version=first[len(FORMAT_LINE):].strip(), line=self.n,
                               path=self.path)
-        for self.n, line in self.lines:
+        for n, line in self.lines:
+            self.n = n
             text = line.rstrip("\r\n")
             if text.startswith((CHUNK_BEGIN, FORMAT_LINE)):
                 self.pending = (self.n, line)
@@ -326,7 +328,7 @@ class _Reader:
 
     def _read_block(self, end: str, what: str) -> str:
         start = self.n
-        parts = []
+        parts: list[str] = []
         while True:
             line = self.next_line(what, start)
             if line.startswith(end):
@@ -466,7 +468,7 @@ class _Reader:
         rows: list[str] = []
         append = rows.append
         first_row = start + 1
-        for n, line in self.lines:  # the hot loop: locals only
+        for n, line in self.lines:  # noqa: B007  (n: the last line read; a hot loop of locals)
             if line.startswith(end):
                 break
             append(line)
@@ -637,19 +639,19 @@ def format_chunk(chunk: Chunk, *, always_event: bool = False) -> str:
 
 def _peak_lines(peaks: np.ndarray) -> list[str]:
     columns = zip(peaks["fs"].tolist(), peaks["ss"].tolist(), peaks["one_over_d_nm"].tolist(),
-                  peaks["intensity"].tolist(), peaks["panel"].tolist())
+                  peaks["intensity"].tolist(), peaks["panel"].tolist(), strict=False)
     return [f"{fs:7.2f} {ss:7.2f} {d:10.2f}  {i:10.2f}   {p}" for fs, ss, d, i, p in columns]
 
 
 def _reflection_lines(refl: np.ndarray) -> list[str]:
-    columns = zip(*(refl[name].tolist() for name in REFLECTION_DTYPE.names or ()))
-    return [f"{h:4d} {k:4d} {l:4d} {i:10.2f} {s:10.2f} {pk:10.2f} {bg:10.2f} {fs:6.1f} {ss:6.1f}"
-            f" {p}" for h, k, l, i, s, pk, bg, fs, ss, p in columns]
+    columns = zip(*(refl[name].tolist() for name in REFLECTION_DTYPE.names or ()), strict=False)
+    return [f"{h:4d} {k:4d} {ll:4d} {i:10.2f} {s:10.2f} {pk:10.2f} {bg:10.2f} {fs:6.1f} {ss:6.1f}"
+            f" {p}" for h, k, ll, i, s, pk, bg, fs, ss, p in columns]
 
 
 def _crystal_lines(x: Crystal) -> list[str]:
     lines = [CRYSTAL_BEGIN]
-    if x.a is not None:
+    if x.a is not None and x.b is not None and x.c is not None:
         lines.append(f"Cell parameters {x.a / 10:.5f} {x.b / 10:.5f} {x.c / 10:.5f} nm, "
                      f"{x.alpha:.5f} {x.beta:.5f} {x.gamma:.5f} deg")
     for name in ("astar", "bstar", "cstar"):

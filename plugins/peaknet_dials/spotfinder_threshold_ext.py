@@ -252,7 +252,7 @@ class PeakNetSpotFinderThresholdExt:
         whole = kwargs.get("region_of_interest") is None and i_panel is not None
         with _as_user_error():
             if imageset is not None and whole and good.any():
-                peaks = self._from_whole_image(imageset, int(i_panel), pixels, good)
+                peaks = self._from_whole_image(imageset, int(i_panel or 0), pixels, good)
             if peaks is None:
                 peaks = self.peak_pixels(pixels, good, source=_image_name(kwargs))
         return flumpy.from_numpy(np.ascontiguousarray(peaks))

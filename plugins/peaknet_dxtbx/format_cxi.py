@@ -23,6 +23,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Iterator
+from typing import Any
 
 import h5py
 import numpy as np
@@ -157,11 +158,11 @@ class FormatCXIPeakNet(FormatHDF5, FormatStill):
         return True
 
     def __init__(self, image_file: str, **kwargs: object) -> None:
-        self._geometry = None
+        self._geometry: Any = None
         self._n_images = 0
         self._detector_cache = None
         self._beam_cache = None
-        self._mask_cache = None
+        self._mask_cache: tuple[Any, ...] | None = None
         super().__init__(image_file, **kwargs)
 
     def _start(self) -> None:
@@ -175,6 +176,9 @@ class FormatCXIPeakNet(FormatHDF5, FormatStill):
         from peaknet_xtal.formats.geometry import read_geometry
 
         path = geometry_path(self._image_file)
+        if path is None:  # understand() said yes only with a geometry; it may have gone since
+            raise FormatError(self._image_file, "no CrystFEL geometry beside it (or named by its "
+                              f"'{GEOMETRY_ATTR}' attribute)")
         self._geometry = read_geometry(path)
         self._data_path = self._geometry.data or DATA_PATH
         energy_path = self._geometry.photon_energy_path
@@ -249,7 +253,7 @@ class FormatCXIPeakNet(FormatHDF5, FormatStill):
         if self._wavelengths is not None:  # one photon energy per frame
             return self._beam_factory.simple(float(self._wavelengths[index or 0]))
         if self._beam_cache is None:
-            self._beam_cache = self._beam_factory.simple(float(self._wavelength))
+            self._beam_cache = self._beam_factory.simple(float(self._wavelength or 0.0))
         return self._beam_cache
 
     def get_goniometer(self, index: int | None = None):

@@ -44,7 +44,7 @@ class TruthPredictor:
         self.masks: dict[bytes, np.ndarray] = {}
 
     def add(self, frame, truth) -> None:
-        for panel, mask in zip(frame.panels, truth.peak_masks):
+        for panel, mask in zip(frame.panels, truth.peak_masks, strict=False):
             self.masks[_digest(panel)] = mask.astype(np.float32)
 
     def __call__(self, panels, masks):
@@ -114,7 +114,7 @@ def test_cxi_tables_match_truth_and_are_laid_out_for_indexamajig(stacks, tmp_pat
     peaks_file = read_cxi_peaks(cxi_file)
     stream = read_stream(tmp_path / "peaks.stream")
     assert stream.geometry is not None and len(stream.chunks) == N_FRAMES
-    for row, (frame, truth) in enumerate(sims):
+    for row, (_frame, truth) in enumerate(sims):
         raw = peaks_file.raw(row)
         slab_ss, slab_fs = geometry.slab_shape
         assert np.all((raw["peakXPosRaw"] >= -0.5) & (raw["peakXPosRaw"] < slab_fs - 0.5))

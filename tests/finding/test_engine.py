@@ -65,7 +65,7 @@ def test_stitched_tiles_and_padding_reproduce_a_pointwise_model_exactly():
     model = PixelwiseLogits()
     engine = InferenceEngine(model, device="cpu", batch_size=2, tile_size=256, tile_overlap=32)
     probs = engine.predict_panels(panels, masks)
-    for panel, mask, prob in zip(panels, masks, probs):
+    for panel, mask, prob in zip(panels, masks, probs, strict=False):
         assert prob.dtype == np.float32 and prob.shape == panel.shape
         np.testing.assert_allclose(prob, np.where(mask, sigmoid(panel), 0), atol=1e-6)
     # 2 panels of one padded shape, 1 of another, 3x2 tiles of the big one; batches of <= 2
@@ -119,7 +119,7 @@ def test_real_network_is_deterministic_and_batch_size_independent():
     first = InferenceEngine(model, device="cpu", batch_size=4).predict_panels(panels)
     again = InferenceEngine(model, device="cpu", batch_size=4).predict_panels(panels)
     single = InferenceEngine(model, device="cpu", batch_size=1).predict_panels(panels)
-    for a, b, c in zip(first, again, single):
+    for a, b, c in zip(first, again, single, strict=False):
         assert np.array_equal(a, b)
         np.testing.assert_allclose(a, c, atol=1e-5)
         assert 0.0 <= a.min() and a.max() <= 1.0
@@ -176,7 +176,7 @@ def test_cuda_matches_cpu_and_is_deterministic():
     cpu = InferenceEngine(model, device="cpu").predict_panels(panels)
     gpu = InferenceEngine(model, device="cuda", batch_size=4)
     first, again = gpu.predict_panels(panels), gpu.predict_panels(panels)
-    for a, b, c in zip(first, again, cpu):
+    for a, b, c in zip(first, again, cpu, strict=False):
         assert np.array_equal(a, b)
         np.testing.assert_allclose(a, c, atol=1e-3)
 

@@ -4,8 +4,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from peaknet_xtal.finding.peaks import (DEFAULT_MIN_SNR, PeakParams, find_peaks, is_hit,
-                                          peak_pixel_mask, strongest)
+from peaknet_xtal.finding.peaks import (
+    DEFAULT_MIN_SNR,
+    PeakParams,
+    find_peaks,
+    is_hit,
+    peak_pixel_mask,
+    strongest,
+)
 from peaknet_xtal.types import PEAK_DTYPE
 
 

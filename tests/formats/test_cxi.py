@@ -137,7 +137,7 @@ def test_missing_dataset_not_hdf5_and_truncated_file(tmp_path, geometry):
 
 def _results(frames, per_frame: list[int]) -> list[FrameResult]:
     results = []
-    for frame, n in zip(frames, per_frame):
+    for frame, n in zip(frames, per_frame, strict=False):
         peaks = peaks_from_columns(panel=np.arange(n) % 2, fs=np.linspace(1.25, 30, n),
                                    ss=np.linspace(0.5, 14.75, n), intensity=np.arange(n) * 10.0,
                                    npix=np.full(n, 5), snr=np.full(n, 7.5),
@@ -201,7 +201,7 @@ def test_geometry_beside_cxi_reads_back_and_reopens_the_file(tmp_path, make_geom
     assert [p.dims for p in written.panels] == [["%", "ss", "fs"]] * 2
     again = read_cxi_frame(out, 0, written)
     assert again.event == "//0"
-    for a, b in zip(again.panels, frame.panels):
+    for a, b in zip(again.panels, frame.panels, strict=False):
         np.testing.assert_array_equal(a, b)
 
 
@@ -269,7 +269,7 @@ def test_photon_energy_named_by_the_geometry_is_read_per_frame(tmp_path, make_ge
         h5["/LCLS/photon_energy_eV"] = np.array(energies) if len(energies) > 1 else energies[0]
     frames = list(iter_cxi_frames(path, geometry))
     expected = energies if len(energies) > 1 else energies * 3
-    for frame, energy in zip(frames, expected):
+    for frame, energy in zip(frames, expected, strict=False):
         assert frame.meta["wavelength_A"] == pytest.approx(HC_EV_A / energy)
         assert resolve_gain(meta=frame.meta, geometry=frame.geometry) == pytest.approx(
             0.003 * energy)

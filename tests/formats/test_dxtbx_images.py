@@ -41,8 +41,9 @@ def test_every_real_image_reads_with_masks_and_geometry(real_data, dials_env, re
     frame = read_dxtbx_image(real_data / rel)
     assert len(frame.panels) == len(frame.masks) == n_panels
     assert frame.panels[0].shape == shape0 and frame.panels[0].dtype == np.float32
-    assert all(m.shape == p.shape and m.dtype == bool for p, m in zip(frame.panels, frame.masks))
-    good = np.concatenate([p[m] for p, m in zip(frame.panels, frame.masks)])
+    pairs = list(zip(frame.panels, frame.masks, strict=True))
+    assert all(m.shape == p.shape and m.dtype == bool for p, m in pairs)
+    good = np.concatenate([p[m] for p, m in zip(frame.panels, frame.masks, strict=False)])
     assert good.size > 0.5 * sum(p.size for p in frame.panels)  # masks are not all-bad
     assert np.isfinite(good).all() and good.max() > 0
     assert frame.event == "//" and frame.source == str(real_data / rel)

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from peaknet_xtal.errors import FormatError
-from peaknet_xtal.formats.geometry import DROPPED_PANEL_KEYS, parse_geometry, read_geometry
+from peaknet_xtal.formats.geometry import parse_geometry, read_geometry
 from peaknet_xtal.formats.stream import read_stream, write_stream
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "real"

@@ -12,7 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from peaknet_xtal.evaluation.dials_commands import dials_environment, run_dials, stills_process_status
+from peaknet_xtal.evaluation.dials_commands import (
+    dials_environment,
+    run_dials,
+    stills_process_status,
+)
 
 pytestmark = pytest.mark.dials
 

@@ -47,6 +47,7 @@ def runs(tmp_path_factory, real_data):
 
 def test_format_understands_and_places_spots_exactly(runs, dials_env):
     from dxtbx.model.experiment_list import ExperimentListFactory
+
     from peaknet_dxtbx.format_cxi import FormatCXIPeakNet
 
     hit, _ = runs

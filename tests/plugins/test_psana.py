@@ -5,8 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from peaknet_psana.source import (PsanaSource, PsanaSourceType, calib_to_panels,
-                                  parse_datasource, psana_available)
+from peaknet_psana.source import (
+    PsanaSource,
+    PsanaSourceType,
+    calib_to_panels,
+    parse_datasource,
+    psana_available,
+)
 from peaknet_xtal.registry import source_types
 
 

@@ -91,7 +91,7 @@ class BiFPN(nn.Module):
                                     for _ in range(blocks))
 
     def forward(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
-        feats = [adapt(f) for adapt, f in zip(self.adapters, feats)]
+        feats = [adapt(f) for adapt, f in zip(self.adapters, feats, strict=False)]
         for block in self.blocks:
             feats = block(feats)
         return feats

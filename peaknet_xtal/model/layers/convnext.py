@@ -103,7 +103,7 @@ class ConvNeXtV2Backbone(nn.Module):
         rates = [drop_path * k / max(total - 1, 1) for k in range(total)]
         self.stages = nn.ModuleList()
         start = 0
-        for dim, depth in zip(self.dims, self.depths):
+        for dim, depth in zip(self.dims, self.depths, strict=False):
             self.stages.append(nn.Sequential(
                 *[ConvNeXtV2Block(dim, rates[start + j]) for j in range(depth)]))
             start += depth

@@ -50,7 +50,7 @@ class SegHead(nn.Module):
 
     def forward(self, feats: list[torch.Tensor], out_size: tuple[int, int]) -> torch.Tensor:
         summed = None
-        for branch, f in zip(self.branches, feats):
+        for branch, f in zip(self.branches, feats, strict=False):
             y = branch(f)
             summed = y if summed is None else summed + y
         assert summed is not None

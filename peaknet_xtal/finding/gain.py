@@ -115,6 +115,9 @@ def block_statistics(panel: np.ndarray, good: np.ndarray | None = None, block: i
     usable = (ok[:h, :w].reshape(h // block, block, w // block, block)
               .transpose(0, 2, 1, 3).reshape(-1, block * block).all(axis=1))
     values = values[usable]
+    if len(values) == 0:  # no fully good block (an all-masked or all-NaN panel)
+        empty = np.zeros(0)
+        return empty, empty, empty, empty
     yy, xx = np.indices((block, block))
     black = ((yy + xx) % 2 == 0).ravel()
     flat = values.reshape(len(values), -1)

@@ -133,3 +133,14 @@ def test_real_cspad_cbf_gain_near_thirty(real_data, dials_env):
     assert estimate.reliable
     assert 20.0 < estimate.gain < 40.0
     assert choose_gain(1.0, estimate)[0] == estimate.gain
+
+
+def test_a_panel_without_one_good_block_gives_no_statistics_and_no_estimate():
+    """An all-NaN or fully masked frame has no background to measure: nothing, not an error."""
+    from peaknet_xtal.finding.gain import block_statistics, estimate_gain
+
+    panel = np.full((64, 64), np.nan, np.float32)
+    assert all(len(column) == 0 for column in block_statistics(panel))
+    masked = np.ones((64, 64), np.float32)
+    assert all(len(c) == 0 for c in block_statistics(masked, np.zeros((64, 64), bool)))
+    assert not estimate_gain([panel]).reliable

@@ -11,7 +11,6 @@ corpus expects).  Prints a Markdown table per command and writes WORKDIR/table.j
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import pickle
 import shutil
@@ -24,12 +23,6 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 
 
-def _load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def run(argv: list[str], cwd: Path) -> tuple[int, str]:
@@ -58,8 +51,9 @@ def main(argv: list[str]) -> int:
     with_dials = "--no-dials" not in argv
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    badinputs = _load("_badinputs", HERE / "badinputs.py")
-    simdata = _load("_simdata", ROOT / "tests" / "labelling" / "simdata.py")
+    sys.path[:0] = [str(ROOT / "tests" / "support"), str(ROOT / "tests" / "labelling")]
+    import peaknet_bad_inputs as badinputs
+    import simdata
     base, cases = badinputs.build_corpus(work / "corpus", simdata.geometry_text)
     py = sys.executable
     bindir = Path(py).parent

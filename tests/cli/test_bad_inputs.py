@@ -1,8 +1,8 @@
 """Every bad input through every command that takes it: a clean error or a correct, warned result.
 
-The corpus (``badinputs.py``: damaged CXI stacks, extreme pixel values, broken geometries, bad
-model files, streams with broken embedded geometries) is built by code from one small simulated
-run.  For each (command, case) the outcome must be either
+The corpus (``tests/support/peaknet_bad_inputs.py``: damaged CXI stacks, extreme pixel values,
+broken geometries, bad model files, streams with broken embedded geometries) is built by code
+from one small simulated run.  For each (command, case) the outcome must be either
 
 - ``error``: a non-zero exit status and one line on stderr naming the file and what is wrong,
   with no exception escaping ``main`` (no traceback), or
@@ -11,28 +11,14 @@ run.  For each (command, case) the outcome must be either
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
-import sys
 from pathlib import Path
 
+import peaknet_bad_inputs as badinputs
 import pytest
 
 from peaknet_xtal.cli import peaknet2cxi, show, stream2labels
-
-HERE = Path(__file__).resolve().parent
-
-
-def _load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-badinputs = _load("_peaknet_tests_badinputs", HERE / "badinputs.py")
 
 
 @pytest.fixture(scope="module")

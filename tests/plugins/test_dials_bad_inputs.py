@@ -3,16 +3,16 @@
 DIALS prints its user error (``Sorry``) as one line and anything else as a crash with a traceback
 and "Please report this error to dials-support".  Every failure of the project's dxtbx format or
 spot-finding plugin must be the former, naming the file; pixels the engine masks must leave
-spot finding working, with a warning.  A handful of cases from the shared corpus (``tests/cli/
-badinputs.py``) covers each way in: the geometry, the data, the mask, the model file.
+spot finding working, with a warning.  A handful of cases from the shared corpus
+(``tests/support/peaknet_bad_inputs.py``) covers each way in: the geometry, the data, the mask,
+the model file.
 """
 from __future__ import annotations
 
-import importlib.util
 import subprocess
-import sys
 from pathlib import Path
 
+import peaknet_bad_inputs as badinputs
 import pytest
 
 from peaknet_xtal.evaluation.dials_commands import dials_environment, dials_program
@@ -23,15 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 ONE_THREAD = "spotfinder.threshold.peaknet.threads=1"
 
 
-def _load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
-badinputs = _load("_peaknet_tests_badinputs", ROOT / "cli" / "badinputs.py")
 
 
 @pytest.fixture(scope="module")

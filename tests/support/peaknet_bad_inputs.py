@@ -2,9 +2,10 @@
 
 Every case is a file a careless or hostile user could hand to a command, with what must happen:
 ``error`` (non-zero exit, one line naming the file and saying what is wrong, no traceback) or
-``warn`` (exit 0, a warning naming the file, results as on the clean data).  Loaded by path from
-``tests/cli/test_bad_inputs.py``, ``tests/plugins/test_dials_bad_inputs.py`` and the measuring
-script ``tests/cli/bad_input_table.py`` (test modules cannot import each other).
+``warn`` (exit 0, a warning naming the file, results as on the clean data).  Imported (as
+``peaknet_bad_inputs``, from ``tests/support``) by ``tests/cli/test_bad_inputs.py``,
+``tests/plugins/test_dials_bad_inputs.py`` and the measuring script
+``tests/cli/bad_input_table.py``.
 """
 from __future__ import annotations
 

@@ -227,7 +227,9 @@ class GainResolver:
     SNRs comparable, and estimating stops costing time once settled.  Only declared gains that
     are missing or placeholder-like (:func:`is_placeholder`) are checked against the data; the
     reliable estimates of the first ``frames`` such frames are pooled (their median, so frames
-    before the last use the running median).
+    before the last use the running median).  A "run" is frames of one panel layout: when the
+    panel shapes change (one engine or ``PeakFinder`` handed another detector's images) the gain
+    is measured again, so one detector's gain never carries over to another's.
     """
 
     def __init__(self, frames: int = 5) -> None:
@@ -235,6 +237,7 @@ class GainResolver:
         self._gains: list[float] = []
         self._seen = 0
         self._said: set[float | None] = set()
+        self._layout: list[tuple[int, ...]] | None = None
 
     @property
     def estimate(self) -> float | None:
@@ -246,6 +249,11 @@ class GainResolver:
         """Gain for this frame given the declared one (see :func:`choose_gain`)."""
         if declared is not None and declared > 0 and not is_placeholder(declared):
             return declared  # a real declared gain: no need to look at the data
+        layout = [tuple(np.shape(p)) for p in panels]
+        if layout != self._layout:  # another detector: its own gain, measured again
+            if self._layout is not None:
+                log.info("panel layout changed: the detector gain is measured again")
+            self._layout, self._gains, self._seen = layout, [], 0
         if self._seen < self.frames:
             self._seen += 1
             estimate = estimate_gain(panels, masks)

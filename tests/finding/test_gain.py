@@ -144,3 +144,22 @@ def test_a_panel_without_one_good_block_gives_no_statistics_and_no_estimate():
     masked = np.ones((64, 64), np.float32)
     assert all(len(c) == 0 for c in block_statistics(masked, np.zeros((64, 64), bool)))
     assert not estimate_gain([panel]).reliable
+
+
+def test_another_detector_gets_its_own_gain_not_the_last_ones():
+    """One resolver (one engine, one PeakFinder) handed frames of two detectors: the second
+    detector's gain is measured on its own frames, never pooled with the first's."""
+    from peaknet_xtal.finding.gain import GainResolver
+
+    rng = np.random.default_rng(7)
+
+    def frame(shape: tuple[int, int], gain: float) -> list[np.ndarray]:
+        level = np.linspace(1.0, 20.0, shape[1])[None, :] * np.ones(shape)  # a smooth gradient
+        photons = rng.poisson(level).astype(np.float32)
+        return [photons * np.float32(gain) + rng.normal(0, 0.3 * gain, shape).astype(np.float32)]
+
+    resolver = GainResolver()
+    first = [resolver(None, frame((256, 256), 30.0)) for _ in range(3)]
+    second = [resolver(None, frame((192, 320), 1.0)) for _ in range(3)]
+    assert all(g is not None and 20 < g < 40 for g in first), first
+    assert all(g is not None and 0.6 < g < 1.5 for g in second), second

@@ -46,20 +46,21 @@ threshold = {_D.threshold}
   .type = float(value_min=0, value_max=1)
   .help = "Peak probability at or above which a pixel is foreground. Lower values find more and"
           "larger spots; DIALS' spotfinder.filter options then apply as usual."
-min_snr = {_D.dials_min_snr}
+min_snr = {_D.min_snr}
   .type = float(value_min=0)
   .help = "Least integrated signal-to-noise of a predicted spot: its background-subtracted sum"
           "over sqrt(pixels x local background variance + gain x sum), background and shot"
           "noise together. Weaker predictions are not foreground; 0 keeps every spot the model"
-          "marks. One above peaknet-xtal's library default, because DIALS hands spot finding"
-          "images divided by the format's nominal gain, often 1 on integrating detectors (CSPAD"
-          "CBFs), which understates the shot noise (finding.settings.DEFAULTS.dials_min_snr)."
+          "marks. The same default as peaknet2cxi and the Python API"
+          "(finding.settings.DEFAULTS.min_snr)."
 gain = None
   .type = float(value_min=0)
   .help = "Counts per photon of the image DIALS hands to spot finding, as"
           "spotfinder.threshold.dispersion.gain. None: dxtbx has already divided by the"
-          "format's gain, so the image counts photons (1). 0 leaves shot noise out of min_snr"
-          "(background noise alone)."
+          "format's gain, so the image counts photons (1), unless the background says otherwise"
+          "(a nominal gain of 1 on an integrating detector: the gain is then measured from the"
+          "first images' background). 0 leaves shot noise out of min_snr (background noise"
+          "alone)."
 batch_size = {_D.batch_size}
   .type = int(value_min=1)
   .help = "How many model tiles run at once (memory versus speed). Tiles of every panel of an"
@@ -91,7 +92,7 @@ class PeakNetSettings:
     model: str = _D.model
     device: str = _D.device
     threshold: float = _D.threshold
-    min_snr: float = _D.dials_min_snr
+    min_snr: float = _D.min_snr
     gain: float | None = None
     batch_size: int = _D.batch_size
     threads: int = 1

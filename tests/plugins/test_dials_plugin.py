@@ -132,8 +132,8 @@ def test_min_snr_removes_weak_predicted_spots_only(dials_modules, cspad_panel) -
     _, phil_scope = dials_modules
     data, mask = cspad_panel
     pixels = data.astype(np.float32)
-    # one sigma stricter than the library: DIALS' images carry a nominal gain (settings.py)
-    assert _ext(phil_scope, 0.3).settings.min_snr == DEFAULTS.dials_min_snr == DEFAULTS.min_snr + 1
+    # the library's default: one set of defaults for every entry point (settings.py)
+    assert _ext(phil_scope, 0.3).settings.min_snr == DEFAULTS.min_snr
     every = _ext(phil_scope, 0.3, dilation=0, min_snr=0).peak_pixels(pixels, mask)
     strong = _ext(phil_scope, 0.3, dilation=0).peak_pixels(pixels, mask)
     assert strong.any() and strong.sum() < every.sum()
@@ -272,7 +272,7 @@ def test_phil_defaults_are_the_shared_finding_defaults(dials_modules) -> None:
     scope = _params(phil_scope).spotfinder.threshold.peaknet
     for name in ("model", "device", "threshold", "batch_size", "dilation"):
         assert getattr(scope, name) == getattr(DEFAULTS, name), name
-    assert scope.min_snr == DEFAULTS.dials_min_snr
+    assert scope.min_snr == DEFAULTS.min_snr
     assert scope.gain is None  # resolved by settings.resolve_gain: the corrected image's 1
 
 

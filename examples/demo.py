@@ -115,8 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  summary: {out / 'peaks' / 'peaknet2cxi.json'} "
           f"({summary.get('frames', '?')} frames, {summary.get('hits', '?')} hits)")
     print(f"  overlay: {picture}")
-    print(f"  next:    indexamajig -i {out / 'peaks' / 'peaknet.lst'} -g "
-          f"{out / 'peaks' / 'peaknet.geom'} --peaks=cxi -o run.stream -p cell.pdb")
+    print(f"  next:    {summary.get('indexamajig') or '(no hits: nothing for indexamajig)'}")
     if REAL_STILLS.is_dir():
         print("real LCLS CSPAD thermolysin stills (no parameter changed):")
         for name, n in real_stills():

@@ -354,7 +354,7 @@ class InferenceEngine:
             self._gains_logged.add(gain)
             log.info("%s: %s", frame.source or "frame", "no detector gain declared: peak SNR "
                      "counts background noise only" if gain is None else
-                     f"peak SNR counts shot noise at {gain:g} ADU per photon (declared gain)")
+                     f"peak SNR counts shot noise at {gain:.3g} ADU per photon")
         return self.peak_params if gain is None else _replace(self.peak_params,
                                                                {"adu_per_photon": gain})
 

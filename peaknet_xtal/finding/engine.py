@@ -456,16 +456,20 @@ def _without_dropped(pixels: list[np.ndarray], peaks: np.ndarray,
     from scipy.ndimage import label
 
     keep = {(int(p["panel"]), float(p["fs"]), float(p["ss"])) for p in kept}
-    out = [m.copy() for m in pixels]
+    dropped: dict[int, list[tuple[int, int]]] = {}
     for peak in peaks:
         panel = int(peak["panel"])
-        if (panel, float(peak["fs"]), float(peak["ss"])) in keep:
-            continue
+        if (panel, float(peak["fs"]), float(peak["ss"])) not in keep:
+            dropped.setdefault(panel, []).append((int(round(float(peak["ss"]))),
+                                                  int(round(float(peak["fs"])))))
+    out = list(pixels)
+    for panel, places in dropped.items():  # one labelling per panel, however many peaks go
         labels, _ = label(out[panel], structure=np.ones((3, 3), bool))
-        ss = min(max(int(round(float(peak["ss"]))), 0), labels.shape[0] - 1)
-        fs = min(max(int(round(float(peak["fs"]))), 0), labels.shape[1] - 1)
-        if labels[ss, fs]:
-            out[panel][labels == labels[ss, fs]] = False
+        height, width = labels.shape
+        gone = {labels[min(max(ss, 0), height - 1), min(max(fs, 0), width - 1)]
+                for ss, fs in places} - {0}
+        if gone:
+            out[panel] = out[panel] & ~np.isin(labels, list(gone))
     return out
 
 

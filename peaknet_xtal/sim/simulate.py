@@ -90,10 +90,16 @@ def detector_model(geometry: Any, default_clen_m: float) -> DetectorModel:
 
 def resolve_beam(geometry: Any, config: SimConfig) -> tuple[float, float]:
     """(wavelength in Angstrom, ADU per photon): the config's, else the geometry's, else defaults.
+
+    The gain is the one every reader of the written files resolves (finding.settings.resolve_gain:
+    ``adu_per_photon``, else ``adu_per_eV`` at this photon energy), else 1 (photon counting).
     """
-    wavelength = config.wavelength_A or getattr(geometry, "wavelength_A", None)
-    gain = config.adu_per_photon or getattr(geometry, "adu_per_photon", None)
-    return float(wavelength or config.default_wavelength_A), float(gain or 1.0)
+    from peaknet_xtal.finding.settings import resolve_gain
+
+    wavelength = float(config.wavelength_A or getattr(geometry, "wavelength_A", None)
+                       or config.default_wavelength_A)
+    gain = resolve_gain(config.adu_per_photon or None, geometry=geometry, wavelength_A=wavelength)
+    return wavelength, float(gain or 1.0)
 
 
 def simulate_frame(geometry: Any, seed: int, config: SimConfig | None = None

@@ -267,10 +267,13 @@ class FormatCXIPeakNet(FormatHDF5, FormatStill):
 
         detector = Detector()
         root = detector.hierarchy()
-        # The gain stays adu_per_photon (else 1), ignoring adu_per_eV, as the simulator does
-        # (sim.simulate.resolve_beam): its stacks are written at that gain.  Both move to
-        # finding.settings.resolve_gain together.
-        gain = self._geometry.adu_per_photon or 1.0
+        # ADU per photon as every reader resolves it (finding.settings.resolve_gain: adu_per_photon,
+        # else adu_per_eV at the beam's energy; a panel's own value first), else 1.
+        from peaknet_xtal.finding.settings import resolve_gain
+
+        def panel_gain(index: int) -> float:
+            return float(resolve_gain(geometry=self._geometry, wavelength_A=self._wavelength,
+                                      panel=index) or 1.0)
         origins, _, _ = self._geometry.panel_planes()  # the package's one placement model
         for index, panel in enumerate(self._geometry.panels):
             res = float(panel.res)
@@ -284,7 +287,7 @@ class FormatCXIPeakNet(FormatHDF5, FormatStill):
             p.set_image_size((panel.width, panel.height))
             p.set_pixel_size((pixel_mm, float(np.linalg.norm(slow)) / res * 1000.0))
             p.set_trusted_range((-TRUSTED, TRUSTED))
-            p.set_gain(float(panel.adu_per_photon or gain))
+            p.set_gain(panel_gain(index))
             f_hat, s_hat = orthonormal_axes(fast, slow)
             p.set_local_frame(to_dials(f_hat), to_dials(s_hat), to_dials(corner))
         return detector

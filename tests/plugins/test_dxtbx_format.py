@@ -149,3 +149,29 @@ def flex_sum(values):
     from scitbx.array_family import flex
 
     return flex.sum(values)
+
+
+def test_panel_gain_is_the_one_every_reader_resolves(runs, dials_env, tmp_path):
+    """A geometry declaring ``adu_per_eV`` (no ``adu_per_photon``) gives each dxtbx panel that
+    gain at the beam's energy (finding.settings.resolve_gain), as peaknet2cxi and the Python API
+    read it: DIALS' dispersion and our plugin see the same shot noise as every other entry point."""
+    import re
+    import shutil
+
+    from dxtbx.model.experiment_list import ExperimentListFactory
+
+    from peaknet_xtal.finding.settings import resolve_gain
+    from peaknet_xtal.formats.geometry import HC_EV_A
+
+    hit, _ = runs
+    text = re.sub(r"(?m)^adu_per_photon\s*=.*$", "adu_per_eV = 0.004", hit.geom.read_text())
+    assert "adu_per_photon" not in text
+    shutil.copy(hit.cxi, tmp_path / "evgain.cxi")
+    (tmp_path / "evgain.geom").write_text(text)
+    experiments = ExperimentListFactory.from_filenames([str(tmp_path / "evgain.cxi")])
+    wavelength = experiments[0].beam.get_wavelength()
+    expected = 0.004 * HC_EV_A / wavelength
+    gains = {round(panel.get_gain(), 9) for panel in experiments[0].detector}
+    assert gains == {round(expected, 9)}
+    geometry = read_geometry(tmp_path / "evgain.geom")
+    assert resolve_gain(geometry=geometry, wavelength_A=wavelength) == pytest.approx(expected)

@@ -121,13 +121,34 @@ def test_peak_masks_cover_strong_spot_maxima(lysozyme_hit):
 
 def test_dead_and_hot_pixels_are_masked_and_constant_over_frames(cspad):
     cfg = SimConfig(dead_fraction=1e-3, hot_fraction=1e-4, hit_probability=0.0)
-    f1, _ = simulate_frame(cspad, 1, cfg)
+    f1, t1 = simulate_frame(cspad, 1, cfg)
     f2, _ = simulate_frame(cspad, 2, cfg)
     bad1 = np.concatenate([~m.ravel() for m in f1.masks])
     assert np.array_equal(bad1, np.concatenate([~m.ravel() for m in f2.masks]))
     values = np.concatenate([p.ravel() for p in f1.panels])
     assert (values[bad1] == 0).sum() > 0.5 * bad1.sum() * 0.9
-    assert (values[bad1] == cfg.hot_value).sum() > 0
+    assert (values[bad1] == np.float32(cfg.hot_value * t1.adu_per_photon)).sum() > 0
+
+
+def test_gain_is_the_one_every_reader_resolves(cspad):
+    """No gain in the config: the geometry's ``adu_per_eV`` at the beam's photon energy (what
+    peaknet2cxi, the DIALS format and the Python API take from the same file), in the pixels too.
+    """
+    from peaknet_xtal.finding.settings import resolve_gain
+    from peaknet_xtal.formats.geometry import HC_EV_A
+
+    assert cspad.adu_per_photon is None and cspad.adu_per_eV
+    cfg = SimConfig(hit_probability=0.0, read_noise=0.0, pedestal_sigma=0.0, dead_fraction=0.0,
+                    hot_fraction=0.0, wavelength_A=1.3)
+    frame, truth = simulate_frame(cspad, 3, cfg)
+    expected = cspad.adu_per_eV * HC_EV_A / 1.3
+    assert truth.adu_per_photon == pytest.approx(expected)
+    assert resolve_gain(geometry=cspad, wavelength_A=1.3) == pytest.approx(expected)
+    values = np.concatenate([p.ravel() for p in frame.panels])
+    counts = values[values > 0] / truth.adu_per_photon  # whole photons, read noise off
+    np.testing.assert_allclose(counts, np.round(counts), atol=1e-3)
+    stated = dataclasses.replace(cfg, adu_per_photon=2.0)
+    assert simulate_frame(cspad, 3, stated)[1].adu_per_photon == 2.0
 
 
 def test_multi_crystal_hit_has_reflections_of_each(cspad):

@@ -10,7 +10,10 @@ The objects the hooks return follow two small protocols, documented here too:
 ``FrameSource``
     ``name: str``; ``__iter__()`` yields :class:`peaknet_xtal.types.Frame`;  ``__len__()`` the
     number of frames when known; ``close()``.  Frames must carry a stable ``(source, event)``
-    key, which is what makes resumable runs and exactly-once output possible.
+    key, which is what makes resumable runs and exactly-once output possible.  Optional:
+    ``frame_at(event: str) -> Frame``, random access by the event of a key (the data engine
+    reads the frames an indexing result names this way); a source without it is read in order
+    until the event comes up (:func:`peaknet_xtal.registry.frame_at`).
 
 ``PeakWriter``
     ``name: str``; ``write(result: FrameResult)``; ``close()`` which finalises the output

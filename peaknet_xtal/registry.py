@@ -8,6 +8,8 @@ from typing import Any
 import pluggy
 
 from peaknet_xtal import hookspecs
+from peaknet_xtal.errors import FormatError
+from peaknet_xtal.types import Frame
 
 
 @functools.lru_cache(maxsize=1)
@@ -65,3 +67,18 @@ def open_writer(kind: str, path: str, **options: Any) -> Any:
     if kind not in types:
         raise KeyError(f"no writer type {kind!r}; registered: {sorted(types)}")
     return types[kind].open(path, **options)
+
+
+def frame_at(source: Any, event: str) -> Frame:
+    """The frame of an open ``FrameSource`` whose key has ``event``.
+
+    The source's own random access (``frame_at``) when it has one; otherwise its frames are read
+    in order until the event comes up (correct for any source, slow for late events).
+    """
+    direct = getattr(source, "frame_at", None)
+    if direct is not None:
+        return direct(event)
+    for frame in source:
+        if frame.event == event:
+            return frame
+    raise FormatError(str(getattr(source, "path", source)), f"no frame with event {event!r}")

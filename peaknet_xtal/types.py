@@ -11,6 +11,7 @@ slab indices (add the panel's ``min_fs``/``min_ss``).
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,6 +56,19 @@ def peaks_from_columns(**columns: Any) -> np.ndarray:
             raise KeyError(f"unknown peak column {name!r}; known: {PEAK_DTYPE.names}")
         table[name] = values
     return table
+
+
+_EVENT_NUMBER = re.compile(r"//(\d+)")
+
+
+def event_index(event: str | None) -> int:
+    """Frame number of a CrystFEL event id in a file of frames: ``//5`` -> 5, ``//`` or none -> 0
+    (a single-frame file), anything not starting with ``//`` -> -1.  Only file sources (CXI,
+    dxtbx) number their events so; other sources' events are opaque keys."""
+    if event is None or event.strip() in ("", "//"):
+        return 0
+    match = _EVENT_NUMBER.search(event)
+    return int(match.group(1)) if match and event.startswith("//") else -1
 
 
 @dataclass

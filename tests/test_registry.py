@@ -13,6 +13,7 @@ import pytest
 
 from peaknet_xtal import registry
 from peaknet_xtal.builtin.sources import SourceType
+from peaknet_xtal.errors import FormatError
 from peaknet_xtal.formats.geometry import parse_geometry
 from peaknet_xtal.hookspecs import hookimpl
 from peaknet_xtal.types import Frame, FrameResult, peaks_from_columns
@@ -79,6 +80,27 @@ def test_sources_open_their_samples_with_stable_keys(name, samples, request):
     assert first == again and len(set(first)) == len(first) == len(source)
     frame = next(iter(source))
     assert isinstance(frame, Frame) and frame.panels and frame.panels[0].dtype == np.float32
+
+
+@pytest.mark.parametrize("name", SAMPLED)
+def test_frame_at_reads_the_frame_of_an_event(name, samples, request):
+    """Random access by key (the data engine's way in): the source's own ``frame_at`` where it
+    has one (cxi, dxtbx), else reading in order (sim); an event the source lacks is an error."""
+    if name == "dxtbx":
+        request.getfixturevalue("dials_env")
+    path, options = samples[name]
+    source = registry.open_source(path, name, **options)
+    try:
+        frames = list(source)
+        for frame in reversed(frames):
+            again = registry.frame_at(source, frame.event)
+            assert again.key == frame.key
+            assert all(np.array_equal(a, b) for a, b in zip(again.panels, frame.panels,
+                                                            strict=True))
+        with pytest.raises(FormatError):
+            registry.frame_at(source, "//999999")
+    finally:
+        source.close()
 
 
 def _results(geometry, n: int = 3) -> list[FrameResult]:

@@ -31,7 +31,7 @@ import numpy as np
 from peaknet_xtal.atomic import atomic_path, write_text_atomic
 from peaknet_xtal.errors import FormatError
 from peaknet_xtal.formats.geometry import HC_EV_A
-from peaknet_xtal.types import Frame, FrameResult, empty_peaks
+from peaknet_xtal.types import Frame, FrameResult, empty_peaks, event_index
 
 log = logging.getLogger(__name__)
 
@@ -446,6 +446,7 @@ class CXISource:
         self.geometry = geometry
         self._options: dict[str, Any] = {"data_path": data_path, "mask_path": mask_path}
         self.info = inspect_cxi(self.path, geometry, **self._options)
+        self._reader: _Reader | None = None
 
     def __len__(self) -> int:
         return self.info.n_frames
@@ -453,8 +454,23 @@ class CXISource:
     def __iter__(self) -> Iterator[Frame]:
         return iter_cxi_frames(self.path, self.geometry, **self._options)
 
+    def frame_at(self, event: str) -> Frame:
+        """Random access by event (``//N`` is frame N); the file stays open until ``close``."""
+        index = event_index(event)
+        if index < 0:
+            raise FormatError(self.path, f"event {event!r} does not name a frame number")
+        if self._reader is None:
+            self._reader = _Reader(self.path, self.geometry, **self._options)
+        try:
+            return self._reader.frame(index)
+        except IndexError as exc:
+            raise FormatError(self.path, f"event {event!r}: {exc}") from exc
+
     def close(self) -> None:
-        """Nothing stays open between iterations."""
+        """Closes the file ``frame_at`` keeps open (iterations close their own)."""
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
 
 
 def sniff_cxi(path: str | os.PathLike[str]) -> bool:

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from peaknet_xtal.errors import FormatError
-from peaknet_xtal.types import Frame
+from peaknet_xtal.types import Frame, event_index
 
 #: Suffixes dxtbx reads that the CXI source does not claim (cheap sniffing, no file opened).
 DXTBX_SUFFIXES = (".cbf", ".cbf.gz", ".cbf.bz2", ".img", ".img.gz", ".img.bz2", ".mccd",
@@ -200,6 +200,14 @@ class DxtbxSource:
                   "format": self.imageset.get_format_class().__name__,
                   "panels": panel_summaries(detector, beam)},
         )
+
+    def frame_at(self, event: str) -> Frame:
+        """Random access by event (``//N`` is image N, ``//`` the only one)."""
+        index = event_index(event)
+        if not 0 <= index < len(self.imageset):
+            raise FormatError(self.path, f"event {event!r} names no image of its "
+                              f"{len(self.imageset)}")
+        return self.frame(index)
 
     def __iter__(self) -> Iterator[Frame]:
         for index in range(len(self.imageset)):

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from peaknet_xtal.labelling.ingest import FrameRecord, load_frame
+from peaknet_xtal.labelling.ingest import FrameLoader, FrameRecord
 from peaknet_xtal.labelling.labels import LABEL_FIT_DTYPE, LabelRow, LabelWriter
 from peaknet_xtal.labelling.pvoigt import (
     FitOutcome,
@@ -124,17 +124,19 @@ class BatchLabeler:
         summary = BatchSummary(batch.index)
         status: dict[str, list[Any]] = {"frame": [], "status": [], "message": []}
         loaded = []
-        for job in batch.jobs:
-            try:
-                frame = load_frame(job.record, self.geometries.get(job.record.geometry_key))
-            except Exception as exc:  # recorded, never fatal: the rest of the batch goes on
-                log.warning("frame %s %s: %s", job.record.image, job.record.event, exc)
-                status["frame"].append(job.number)
-                status["status"].append("image_error")
-                status["message"].append(str(exc))
-                summary.frame_errors += 1
-                continue
-            loaded.append((job, frame.panels, frame.masks_or_ones()))
+        with FrameLoader() as loader:
+            for job in batch.jobs:
+                try:
+                    frame = loader.load(job.record,
+                                        self.geometries.get(job.record.geometry_key))
+                except Exception as exc:  # recorded, never fatal: the rest of the batch goes on
+                    log.warning("frame %s %s: %s", job.record.image, job.record.event, exc)
+                    status["frame"].append(job.number)
+                    status["status"].append("image_error")
+                    status["message"].append(str(exc))
+                    summary.frame_errors += 1
+                    continue
+                loaded.append((job, frame.panels, frame.masks_or_ones()))
         windows = [self.windows(job, panels, masks) for job, panels, masks in loaded]
         outcomes = self._fit_all(windows, fit_map)
         shape = _max_shape([p for _, panels, _ in loaded for p in panels])

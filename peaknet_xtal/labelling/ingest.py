@@ -12,11 +12,15 @@ Both become :class:`FrameRecord` objects in the package convention (panel-relati
 centre), together with where their image lives: a stream's ``Image filename`` is resolved like
 ``indexamajig --prefix`` (the prefix is prepended literally) and its ``Event: //N`` picks frame N of
 a CXI stack; a DIALS experiment names its image file and index through its imageset.
+
+Images are read through the registered frame sources (:class:`FrameLoader`), like every other
+entry point reads frames, so anything a source plugin reads (an LCLS psana run, say) can be
+labelled too.
 """
 from __future__ import annotations
 
 import os
-import re
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from peaknet_xtal.errors import FormatError
-from peaknet_xtal.types import Frame, peaks_from_columns
+from peaknet_xtal.types import Frame, event_index, peaks_from_columns
 
 #: Predicted reflections, package convention (panel-relative 0-based pixel centre).
 PRED_DTYPE = np.dtype([
@@ -34,16 +38,17 @@ PRED_DTYPE = np.dtype([
     ("intensity", np.float64), ("sigma", np.float64), ("crystal", np.int32),
 ])
 
-_EVENT_INDEX = re.compile(r"//(\d+)")
 
 
 @dataclass
 class FrameRecord:
     """One frame's found and predicted peaks plus the address of its image.
 
-    ``kind`` says how the image is read: ``"cxi"`` (HDF5/CXI through the CrystFEL geometry of
-    ``geometry_key``) or ``"dxtbx"`` (anything DIALS reads).  ``index`` is the frame's position in
-    ``image`` (-1 when the event cannot be mapped to one).
+    ``kind`` names the registered frame source that reads the image (``"dxtbx"`` for DIALS
+    experiments); empty, the sources' ``sniff`` decides (a stream's CXI/HDF5 images go to
+    ``"cxi"`` with the CrystFEL geometry of ``geometry_key``, a psana run to the psana plugin).
+    ``event`` is the frame's key in its source; ``index`` its position in a file of frames (-1
+    when the event is not a frame number).
     """
 
     source: str
@@ -52,7 +57,7 @@ class FrameRecord:
     index: int
     found: np.ndarray           # PEAK_DTYPE
     predicted: np.ndarray       # PRED_DTYPE
-    kind: str = "cxi"
+    kind: str = ""
     n_crystals: int = 0
     geometry_key: str = ""
     panel_names: list[str] = field(default_factory=list)
@@ -63,16 +68,6 @@ class FrameRecord:
 
 
 # ------------------------------------------------------------------------------------ streams
-
-
-def event_index(event: str | None) -> int:
-    """Frame number of a CrystFEL event id: ``//5`` -> 5, ``//`` or none -> 0, else -1."""
-    if event is None or event.strip() in ("", "//"):
-        return 0
-    match = _EVENT_INDEX.search(event)
-    if match and event.startswith("//"):
-        return int(match.group(1))
-    return -1
 
 
 def resolve_image(filename: str, prefix: str | None, base_dir: str | os.PathLike[str]) -> str:
@@ -200,7 +195,6 @@ def records_from_stream(path: str | os.PathLike[str], *, geometry: Any = None,
             index=event_index(event),
             found=_found_from_chunk(chunk, panels, path),
             predicted=_predicted_from_chunk(chunk, panels, path),
-            kind="cxi",
             n_crystals=len(crystals),
             geometry_key=os.path.abspath(path),
             panel_names=panels.names,
@@ -292,21 +286,64 @@ def _dials_image(experiment: Any, prefix: str | None, expt: str) -> tuple[str, i
 # ---------------------------------------------------------------------------------------- images
 
 
+class FrameLoader:
+    """Reads the images records name through the registered frame sources (hookspecs), the way
+    every other entry point reads frames, keeping the last few sources open (records of one file
+    usually come together).  A context manager: leaving it closes them."""
+
+    def __init__(self, keep_open: int = 4) -> None:
+        self.keep_open = int(keep_open)
+        self._open: OrderedDict[tuple[str, str, int], Any] = OrderedDict()
+
+    def load(self, record: FrameRecord, geometry: Any = None) -> Frame:
+        """The image of ``record``, split into panels, with its good-pixel masks."""
+        from peaknet_xtal.registry import frame_at
+
+        frame = frame_at(self._source(record, geometry), record.event)
+        names = record.panel_names
+        if names and len(frame.panels) != len(names):
+            raise FormatError(record.image, f"{len(frame.panels)} panel(s) read, but "
+                              f"{record.source} names {len(names)}: its panels need a geometry "
+                              "to be cut out of the images (the stream embeds none; pass "
+                              "--geometry)")
+        return frame
+
+    def _source(self, record: FrameRecord, geometry: Any) -> Any:
+        from peaknet_xtal.registry import open_source, source_types
+
+        image = record.image
+        if not image:
+            raise FormatError(record.source, f"event {record.event}: no image named")
+        key = (image, record.kind, id(geometry))
+        if key in self._open:
+            self._open.move_to_end(key)
+            return self._open[key]
+        types = source_types()
+        kind = record.kind or next((name for name, t in types.items() if t.sniff(image)), None)
+        if kind is None or (not os.path.exists(image) and kind in ("cxi", "dxtbx")):
+            if not os.path.exists(image):
+                raise FormatError(image, f"image of event {record.event} not found (from "
+                                  f"{record.source}; use --prefix to say where the images are)")
+            raise FormatError(image, f"no registered frame source reads it ({sorted(types)}); "
+                              f"named by {record.source}")
+        source = open_source(image, kind, geometry=geometry)
+        self._open[key] = source
+        while len(self._open) > self.keep_open:
+            self._open.popitem(last=False)[1].close()
+        return source
+
+    def close(self) -> None:
+        while self._open:
+            self._open.popitem()[1].close()
+
+    def __enter__(self) -> FrameLoader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def load_frame(record: FrameRecord, geometry: Any = None) -> Frame:
-    """The image a record refers to, split into panels, with its good-pixel masks."""
-    if not record.image or not os.path.exists(record.image):
-        raise FormatError(record.image or record.source,
-                          f"image of event {record.event} not found (from {record.source}; "
-                          "use --prefix to say where the images are)")
-    if record.index < 0:
-        raise FormatError(record.source, f"event {record.event!r} does not name a frame number")
-    if record.kind == "dxtbx":
-        from peaknet_xtal.formats.dxtbx_images import read_dxtbx_image
-
-        return read_dxtbx_image(record.image, record.index)
-    from peaknet_xtal.formats.cxi import read_cxi_frame
-
-    if geometry is None and len(record.panel_names) > 1:
-        raise FormatError(record.source, "its panels need a geometry to be cut out of the "
-                          "images (the stream embeds none; pass --geometry)")
-    return read_cxi_frame(record.image, record.index, geometry)
+    """The image a record refers to (one-off: :class:`FrameLoader` keeps files open)."""
+    with FrameLoader(keep_open=1) as loader:
+        return loader.load(record, geometry)

@@ -7,8 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from peaknet_xtal.builtin.sources import SourceType
 from peaknet_xtal.errors import FormatError
+from peaknet_xtal.hookspecs import hookimpl
 from peaknet_xtal.labelling.ingest import (
+    PRED_DTYPE,
     event_index,
     load_frame,
     records_from_dials,
@@ -16,6 +19,7 @@ from peaknet_xtal.labelling.ingest import (
     resolve_image,
     stream_geometry,
 )
+from peaknet_xtal.types import Frame
 
 
 def test_event_index():
@@ -147,3 +151,62 @@ def test_a_trusted_pickled_refl_still_reads(real_data, dials_env, tmp_path):
         read_reflections(old)
     cols = read_reflections(old, ["id", "panel"], trust_pickle=True)
     assert len(cols["id"]) == len(table)
+
+
+class _RunPlugin:
+    """A third-party source of non-file frames with opaque event keys (as psana's timestamps):
+    no ``frame_at``, so the loader reads it in order."""
+
+    opened: list[str] = []
+
+    class Run:
+        name = "run"
+
+        def __init__(self, path: str) -> None:
+            self.path = path
+            _RunPlugin.opened.append(path)
+
+        def __iter__(self):
+            for t in (1700000000001, 1700000000002):
+                yield Frame(panels=[np.full((4, 6), t % 1000, np.float32)], source=self.path,
+                            event=f"//{t}")
+
+        def close(self) -> None:
+            """Nothing held open."""
+
+    @hookimpl
+    def peaknet_source_types(self):
+        return [SourceType("run", "toy run", lambda p: p.startswith("exp=toy:"),
+                           lambda p, **_: _RunPlugin.Run(p))]
+
+
+def test_records_of_a_plugin_source_are_loaded_through_the_registry():
+    """The data engine reads images through the registered sources, so a plugin's data (e.g.
+    an LCLS run) can be labelled like files; records of one source reuse one open source."""
+    from peaknet_xtal import registry
+    from peaknet_xtal.labelling.ingest import FrameLoader, FrameRecord
+    from peaknet_xtal.types import empty_peaks
+
+    pm = registry.plugin_manager()
+    plugin = _RunPlugin()
+    pm.register(plugin, name="run-test")
+    _RunPlugin.opened.clear()
+    try:
+        records = [FrameRecord(source="/x.stream", image="exp=toy:run=7",
+                               event=f"//{t}", index=event_index(f"//{t}"), found=empty_peaks(),
+                               predicted=np.zeros(0, PRED_DTYPE), panel_names=["p0"])
+                   for t in (1700000000002, 1700000000001)]
+        with FrameLoader() as loader:
+            frames = [loader.load(r) for r in records]
+        assert [f.panels[0][0, 0] for f in frames] == [2.0, 1.0]
+        assert _RunPlugin.opened == ["exp=toy:run=7"]
+        with pytest.raises(FormatError, match="no frame with event"):
+            load_frame(FrameRecord(source="/x.stream", image="exp=toy:run=7", event="//5",
+                                   index=5, found=empty_peaks(),
+                                   predicted=np.zeros(0, PRED_DTYPE)))
+        with pytest.raises(FormatError, match="not found"):
+            load_frame(FrameRecord(source="/x.stream", image="/nowhere/run.h5", event="//0",
+                                   index=0, found=empty_peaks(),
+                                   predicted=np.zeros(0, PRED_DTYPE)))
+    finally:
+        pm.unregister(plugin)

@@ -19,6 +19,7 @@ import numpy as np
 
 from peaknet_xtal.finding.peaks import PeakParams, find_peaks
 from peaknet_xtal.finding.settings import DEFAULTS
+from peaknet_xtal.formats.cxi import DEFAULT_MAX_PEAKS
 from peaknet_xtal.types import Frame, empty_peaks, peaks_from_columns
 
 
@@ -125,7 +126,7 @@ class Peakfinder8Finder:
     name: str = "peakfinder8"
 
     DEFAULTS = {"adc_threshold": 800.0, "min_snr": 5.0, "min_pixel_count": 2,
-                "max_pixel_count": 200, "local_bg_radius": 3, "max_num_peaks": 2048}
+                "max_pixel_count": 200, "local_bg_radius": 3, "max_num_peaks": DEFAULT_MAX_PEAKS}
 
     def __post_init__(self) -> None:
         self.params = {**self.DEFAULTS, **self.params}

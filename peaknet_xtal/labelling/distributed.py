@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from peaknet_xtal.labelling.batch import Batch, BatchLabeler, BatchSummary
@@ -33,24 +33,36 @@ def _remote_fit_chunk() -> Any:
     return fit_chunk
 
 
-def elastic_map(submit: Callable[[Any], Any], items: list[Any], max_in_flight: int) -> list[Any]:
-    """Results of ``submit(item)`` (an ObjectRef) for every item, in order, never more than
-    ``max_in_flight`` pending at once: each finished task makes room for the next."""
+def as_completed(submit: Callable[[Any], Any], items: Iterable[Any],
+                 max_in_flight: int) -> Iterator[tuple[int, Any]]:
+    """``(position, result)`` of ``submit(item)`` (an ObjectRef) for every item as each task
+    finishes, never more than ``max_in_flight`` pending: each finished task makes room for the
+    next, so memory stays bounded however many items there are."""
     import ray
 
-    results: list[Any] = [None] * len(items)
     pending: dict[Any, int] = {}
     queue = iter(enumerate(items))
-    for index, item in queue:
-        pending[submit(item)] = index
-        if len(pending) >= max_in_flight:
-            break
-    while pending:
-        done, _ = ray.wait(list(pending), num_returns=1)
-        results[pending.pop(done[0])] = ray.get(done[0])
+
+    def submit_next() -> None:
         for index, item in queue:
             pending[submit(item)] = index
-            break
+            return
+
+    for _ in range(max(int(max_in_flight), 1)):
+        submit_next()
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        index = pending.pop(done[0])
+        result = ray.get(done[0])
+        submit_next()
+        yield index, result
+
+
+def elastic_map(submit: Callable[[Any], Any], items: list[Any], max_in_flight: int) -> list[Any]:
+    """Results of ``submit(item)`` for every item, in order (:func:`as_completed` bounds them)."""
+    results: list[Any] = [None] * len(items)
+    for index, result in as_completed(submit, items, max_in_flight):
+        results[index] = result
     return results
 
 
@@ -83,19 +95,10 @@ def run_batches_ray(labeler: BatchLabeler, batches: list[tuple[Batch, str]],
 
     label_batch = _remote_label_batch()
     labeler_ref = ray.put(labeler)  # shared state (config, geometries) goes to the store once
-    pending: dict[Any, Batch] = {}
-    todo = iter(batches)
 
-    def submit_next() -> None:
-        for batch, part in todo:
-            ref = label_batch.remote(labeler_ref, batch, os.fspath(part), max_fits_in_flight)
-            pending[ref] = batch
-            return
+    def submit(pair: tuple[Batch, str]) -> Any:
+        batch, part = pair
+        return label_batch.remote(labeler_ref, batch, os.fspath(part), max_fits_in_flight)
 
-    for _ in range(max(max_batches_in_flight, 1)):
-        submit_next()
-    while pending:
-        done, _ = ray.wait(list(pending), num_returns=1)
-        pending.pop(done[0])
-        on_done(ray.get(done[0]))
-        submit_next()
+    for _, summary in as_completed(submit, batches, max_batches_in_flight):
+        on_done(summary)

@@ -3,19 +3,26 @@
 
 The data flow, and where each step lives::
 
-    source    a Frame: per-panel 2-D pixels + good-pixel masks + geometry/meta
-              (formats/: CXI, dxtbx images (corrected data, gain 1), psana plugin; api.to_panels)
+    source    a Frame: per-panel 2-D pixels + good-pixel masks + geometry/meta, from a
+              registered frame source (formats/: CXI, dxtbx images (corrected data, gain 1);
+              the psana plugin; api.to_panels)
+      |
+    sanitise  finding/sanitise.sanitise_frame: non-finite and out-of-range pixels masked, tallied
       |
     tile      InferenceEngine._predict_many: every panel of every frame of a chunk is cut into
               tiles (tile_panel), tiles of equal padded shape are stacked into batches
       |
     normalise + model
-              the model standardises each tile over its valid pixels (model/layers), pads to its
+              as the model's ``input_norm`` says: each tile standardised over its valid pixels
+              (model/layers/standardise.py), or each whole panel normalised against its local
+              background before tiling (model/layers/local_norm.py); the model pads to its
               pad_multiple and returns logits; softmax -> peak probability, stitched back per panel
       |
     peaks     finding/peaks.find_peaks: threshold, 8-connected components per panel, sigma-
               clipped annulus background, centroid, intensity, integrated SNR (gain from
-              settings.resolve_gain), min_snr / size / max_peaks cuts
+              settings.resolve_gain, else measured from the background: finding/gain.py),
+              min_snr / size / max_peaks cuts; then finding/defects.py drops pixels that are
+              outliers frame after frame and one-pixel spikes without a spot profile
       |
     result    FrameResult (types.py): the peak table, the hit flag and, on request, each
               reported peak's pixels; it turns into a CXI row, a stream chunk, a DIALS

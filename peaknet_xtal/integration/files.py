@@ -49,15 +49,14 @@ Tick = Callable[[int], None]
 
 def frame_gain(geometry: Any, wavelength_A: float | None, override: float | None,
                path: Any) -> float:
-    """ADU per photon: ``override`` if given, else the geometry's; an error naming ``path``."""
-    if override is not None:
-        gain = float(override)
-    else:
-        declared = geometry.detector_gain(wavelength_A) if geometry is not None else None
-        if declared is None:
-            raise FormatError(path, "no detector gain: the geometry declares neither "
-                                    "adu_per_photon nor adu_per_eV; give --adu-per-photon")
-        gain = float(declared)
+    """ADU per photon: ``override`` if given, else the geometry's (settings.resolve_gain, as the
+    finder reads it); an error naming ``path`` when neither says, since the likelihood needs it."""
+    from peaknet_xtal.finding.settings import resolve_gain
+
+    gain = resolve_gain(override, geometry=geometry, wavelength_A=wavelength_A)
+    if gain is None:
+        raise FormatError(path, "no detector gain: the geometry declares neither "
+                                "adu_per_photon nor adu_per_eV; give --adu-per-photon")
     if not gain > 0:
         raise FormatError(path, f"detector gain {gain} ADU/photon is not positive")
     return gain

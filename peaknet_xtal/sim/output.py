@@ -87,7 +87,7 @@ class CXIStackWriter:
         self.h5.attrs["clen_m"] = clen_m
         self.h5.attrs["adu_per_photon"] = adu_per_photon
         self.h5.attrs["creator"] = "peaknet-sim"
-        self.h5["/entry_1/data_1"].attrs["wavelength_A"] = wavelength_A
+        self.h5[DATA_PATH].parent.attrs["wavelength_A"] = wavelength_A
 
     def append(self, frame: Frame, truth: SimTruth) -> None:
         n = self.data.shape[0]

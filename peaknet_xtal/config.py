@@ -198,6 +198,17 @@ def resolve(
     return validate(layered, defaults, types, sources)
 
 
+def resolve_or_exit(parser: argparse.ArgumentParser, defaults: Mapping[str, Any],
+                    args: argparse.Namespace | Mapping[str, Any], *,
+                    types: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """:func:`resolve` for a command line: a :class:`ConfigError` becomes the parser's usage
+    error (exit status 2, the file and key named), never a traceback."""
+    try:
+        return resolve(defaults, args, types=types)
+    except ConfigError as exc:
+        parser.error(str(exc))
+
+
 def setup_logging(verbose: int | None = 0) -> None:
     """Our own messages at INFO (DEBUG with -v); other libraries only at WARNING."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

@@ -111,3 +111,24 @@ def test_empty_sections_stay_open_for_their_consumer():
     assert resolved["sim"] == {"cell": "lysozyme", "b_factor": 30}
     with pytest.raises(config.ConfigError, match="flag"):
         config.resolve(defaults, {"flag": "yes"})  # switches are strict booleans
+
+
+@pytest.mark.parametrize("command, argv", [
+    ("peaknet2cxi", ["x.cxi"]), ("sim", []), ("eval", ["x", "-o", "out"]), ("show", ["x"]),
+    ("integrate", ["x.cxi"]), ("stream2labels", ["x.stream", "-o", "out"]),
+    ("train", []), ("distill", []),
+])
+def test_every_command_turns_a_misspelt_setting_into_a_usage_error(command, argv, tmp_path,
+                                                                   capsys):
+    """Exit status 2 with the file and the key named, before any work: no traceback."""
+    import importlib
+
+    bad = tmp_path / "run.yaml"
+    bad.write_text("threshhold: 0.9\n")
+    main = importlib.import_module(f"peaknet_xtal.cli.{command}").main
+    args = [str(bad)] if command in ("train", "distill") else [*argv, "--config", str(bad)]
+    with pytest.raises(SystemExit) as stop:
+        main(args)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "run.yaml" in err and "'threshhold'" in err

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from peaknet_xtal.config import ConfigError, cli_parser, record, resolve, setup_logging
+from peaknet_xtal.config import cli_parser, record, resolve_or_exit, setup_logging
 
 DEFAULTS: dict[str, Any] = {
     "data": None,
@@ -61,10 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, help="frames shown as overlays")
     args = parser.parse_args(argv)
     setup_logging(getattr(args, "verbose", 0))
-    try:
-        config = resolve(DEFAULTS, args, types=TYPES)
-    except ConfigError as exc:
-        parser.error(str(exc))
+    config = resolve_or_exit(parser, DEFAULTS, args, types=TYPES)
     record(config, Path(config["output"]) / "config.json", "peaknet-eval",
            sys.argv[1:] if argv is None else argv)
     report = run(config)

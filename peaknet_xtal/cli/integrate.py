@@ -27,7 +27,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from peaknet_xtal.config import cli_parser, record, resolve, setup_logging
+from peaknet_xtal.config import cli_parser, record, resolve_or_exit, setup_logging
 
 log = logging.getLogger("peaknet_xtal")
 
@@ -54,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-progress", dest="progress", action="store_false")
     args = parser.parse_args(argv)
     setup_logging(getattr(args, "verbose", 0))
-    config = resolve(DEFAULTS, args)
+    config = resolve_or_exit(parser, DEFAULTS, args)
     if not config["inputs"]:
         parser.error("give at least one input file")
     record(config, Path(config["output"]) / CONFIG_NAME, "peaknet-integrate", argv)

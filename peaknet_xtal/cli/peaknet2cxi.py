@@ -144,10 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if lists:
         del args.input_lists
         args.inputs = list(getattr(args, "inputs", []) or []) + [f"{LIST_MARK}{p}" for p in lists]
-    try:
-        config = cfgmod.resolve(DEFAULTS, args, types=TYPES)
-    except cfgmod.ConfigError as exc:
-        parser.error(str(exc))
+    config = cfgmod.resolve_or_exit(parser, DEFAULTS, args, types=TYPES)
     if not config["inputs"] or not config["output"]:
         build_parser().print_usage(sys.stderr)
         print("peaknet2cxi: need at least one INPUT (or -i LIST) and -o OUTDIR", file=sys.stderr)

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from peaknet_xtal.config import ConfigError, cli_parser, resolve, setup_logging
+from peaknet_xtal.config import cli_parser, resolve_or_exit, setup_logging
 from peaknet_xtal.errors import FormatError
 
 DEFAULTS = {"files": [], "json": False, "geometry": None, "max_frames": 20}
@@ -261,10 +261,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="frames of a CXI stack scanned for the value range (default 20)")
     args = parser.parse_args(argv)
     setup_logging(getattr(args, "verbose", 0))
-    try:
-        config = resolve(DEFAULTS, args, types=TYPES)
-    except ConfigError as exc:
-        parser.error(str(exc))
+    config = resolve_or_exit(parser, DEFAULTS, args, types=TYPES)
     summaries, failed = [], False
     for path in config["files"]:
         try:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from peaknet_xtal.config import ConfigError, cli_parser, record, resolve, setup_logging
+from peaknet_xtal.config import cli_parser, record, resolve_or_exit, setup_logging
 
 DEFAULTS: dict[str, Any] = {"geometry": None, "n": 10, "seed": 0, "output": "sim_out",
                             "name": "sim", "randomise": False, "stream": True, "sim": {}}
@@ -39,10 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-stream", dest="stream", action="store_false")
     args = parser.parse_args(argv)
     setup_logging(getattr(args, "verbose", 0))
-    try:
-        config = resolve(DEFAULTS, args, types=TYPES)
-    except ConfigError as exc:
-        parser.error(str(exc))
+    config = resolve_or_exit(parser, DEFAULTS, args, types=TYPES)
     if not config["geometry"]:
         parser.error("--geometry is required")
     try:

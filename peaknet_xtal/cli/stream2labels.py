@@ -93,10 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     given = vars(args)
     inputs, output = given.pop("inputs"), given.pop("output")
     quiet = given.pop("quiet", False)
-    try:
-        config = cfgmod.resolve(DEFAULTS, given, types=TYPES)
-    except cfgmod.ConfigError as exc:
-        parser.error(str(exc))
+    config = cfgmod.resolve_or_exit(parser, DEFAULTS, given, types=TYPES)
     out = Path(output)
     cfgmod.record(config, out.with_suffix(".config.json"), "stream2labels",
                   list(argv) if argv is not None else sys.argv[1:])

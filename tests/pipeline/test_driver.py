@@ -108,7 +108,9 @@ def test_ctrl_c_flushes_and_a_rerun_completes(tmp_path: Path, stacks):
     script = tmp_path / "drive.py"
     script.write_text(SIGINT_SCRIPT)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, str(script), str(out), str(path), "0.05"],
+    # 0.25 s a frame: ~25 s of (sleeping) work, so the interrupt lands mid-run however busy the
+    # machine is (at 0.05 s a loaded CI machine finished the run before the signal arrived).
+    proc = subprocess.Popen([sys.executable, str(script), str(out), str(path), "0.25"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     live = Path(f"{out}.pipeline.json")
     deadline = time.monotonic() + 90

@@ -93,7 +93,9 @@ from peaknet_test_support import LocalMaxFinder
 out, src = sys.argv[1], sys.argv[2]
 summary = run_pipeline({"inputs": [{"path": src, "kind": CXISource}], "output": out,
     "writer": CXIWriter, "writer_options": {"frames_per_file": 10}, "frame_finder": LocalMaxFinder,
-    "frame_finder_options": {"threshold": 100.0, "delay_s": float(sys.argv[3])}, "workers": 2,
+    "frame_finder_options": {"threshold": 100.0, "delay_s": float(sys.argv[3]),
+                             "hold_from": int(sys.argv[4]), "hold_file": sys.argv[5]},
+    "workers": 2,
     "batch_size": 4, "queue_capacity": 32, "num_cpus": 2, "progress": False,
     "monitor_interval": 0.1})
 print("INTERRUPTED" if summary["interrupted"] else "COMPLETE", summary["written"])
@@ -108,9 +110,11 @@ def test_ctrl_c_flushes_and_a_rerun_completes(tmp_path: Path, stacks):
     script = tmp_path / "drive.py"
     script.write_text(SIGINT_SCRIPT)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    # 0.25 s a frame: ~25 s of (sleeping) work, so the interrupt lands mid-run however busy the
-    # machine is (at 0.05 s a loaded CI machine finished the run before the signal arrived).
-    proc = subprocess.Popen([sys.executable, str(script), str(out), str(path), "0.25"],
+    # Frames from 60 on wait for the "go" file, made only after the interrupt: the run cannot
+    # finish before the signal however busy the machine is (a timed race did, on a loaded CI).
+    go = tmp_path / "go"
+    proc = subprocess.Popen([sys.executable, str(script), str(out), str(path), "0.05", "60",
+                             str(go)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     live = Path(f"{out}.pipeline.json")
     deadline = time.monotonic() + 90
@@ -122,13 +126,15 @@ def test_ctrl_c_flushes_and_a_rerun_completes(tmp_path: Path, stacks):
         except (OSError, ValueError, KeyError):
             continue
     proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=120)
+    time.sleep(0.5)
+    go.touch()  # the batches already leased finish; the dropped frames are never written
+    stdout, stderr = proc.communicate(timeout=180)
     assert proc.returncode == 0, stderr[-3000:]
     assert stdout.split()[0] == "INTERRUPTED", stdout
     first = stacks.written(out.parent)
     assert 20 <= sum(first.values()) < 200 and set(first.values()) == {1}
     assert not list(out.parent.glob(".*.part"))  # nothing half-written left behind
-    rerun = subprocess.run([sys.executable, str(script), str(out), str(path), "0"],
+    rerun = subprocess.run([sys.executable, str(script), str(out), str(path), "0", "0", str(go)],
                            capture_output=True, text=True, env=env, timeout=180)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert rerun.stdout.split() == ["COMPLETE", str(200 - sum(first.values()))]

@@ -9,6 +9,7 @@ class itself as the pipeline's ``frame_finder`` (a factory), as any host would p
 """
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterable, Iterator
 
@@ -21,12 +22,25 @@ class LocalMaxFinder:
     """Pixels above ``threshold`` that are the maximum of their 3x3 neighbourhood are peaks.
 
     ``delay_s`` adds a fixed cost per frame, standing in for a model's compute time in tests that
-    need a batch to be in flight long enough to kill the worker holding it.
+    need a batch to be in flight long enough to kill the worker holding it.  ``hold_from`` /
+    ``hold_file``: frames from that serial on wait (up to ``hold_timeout_s``) until the file
+    exists, so a test can interrupt a run that cannot have finished, however busy the machine.
     """
 
-    def __init__(self, threshold: float = 50.0, delay_s: float = 0.0) -> None:
+    def __init__(self, threshold: float = 50.0, delay_s: float = 0.0,
+                 hold_from: int | None = None, hold_file: str | None = None,
+                 hold_timeout_s: float = 120.0) -> None:
         self.threshold = float(threshold)
         self.delay_s = float(delay_s)
+        self.hold_from, self.hold_file = hold_from, hold_file
+        self.hold_timeout_s = float(hold_timeout_s)
+
+    def _hold(self, frame: Frame) -> None:
+        if self.hold_from is None or self.hold_file is None or frame.serial < self.hold_from:
+            return
+        deadline = time.monotonic() + self.hold_timeout_s
+        while not os.path.exists(self.hold_file) and time.monotonic() < deadline:
+            time.sleep(0.05)
 
     def _panel_peaks(self, index: int, panel: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
         from scipy.ndimage import maximum_filter
@@ -42,6 +56,7 @@ class LocalMaxFinder:
 
     def find_frames(self, frames: Iterable[Frame]) -> Iterator[FrameResult]:
         for frame in frames:
+            self._hold(frame)
             if self.delay_s:
                 time.sleep(self.delay_s)
             masks = frame.masks or [None] * len(frame.panels)

@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.manual_seed(args.seed)
     start = time.perf_counter()
-    model, extra = None, {}
+    model: Any = None
+    extra: dict[str, Any] = {}
     if args.init or args.select_only:
         model, extra = _load(args.init or str(default_path()))
     if not args.select_only:

@@ -123,7 +123,8 @@ def select_profile_noise(model: Any, boxes: Any, grid: Sequence[float] = PROFILE
     return best["profile_noise"], scores
 
 
-def pvoigt_photons(boxes: Any, index: Sequence[int], fg_radius: int = 5) -> np.ndarray:
+def pvoigt_photons(boxes: Any, index: Sequence[int] | np.ndarray, fg_radius: int = 5
+                   ) -> np.ndarray:
     """Photons from the data engine's pseudo-Voigt fit (profile summed over the foreground).
 
     The fit runs on the same foreground square the summation uses (the window the simulator

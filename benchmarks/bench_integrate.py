@@ -6,7 +6,8 @@ Shoeboxes come from simulated frames (every predicted reflection, weak and stron
 integration).  Both methods run in this process on the same boxes with one thread (torch and
 BLAS), one after the other; rates are per CPU-second of this process (``time.process_time``),
 which is what "per core" means and is robust to other load on the machine.  Shoebox extraction
-is timed separately (both methods need it).  Target: >= 1,000 spots/s per core for VI.
+is timed separately (both methods need it; it includes the VI's neighbour split).  Target: >= 1,000
+spots/s per core for VI.
 """
 from __future__ import annotations
 

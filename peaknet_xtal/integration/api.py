@@ -7,7 +7,11 @@
 ``table`` (:data:`INTEGRATION_DTYPE`) holds the variational posterior mean and standard deviation
 of the spot's photons and of the background per pixel, a profile summary (centroid and width of the
 fitted profile, panel coordinates) and, side by side, the background-subtracted summation of the
-same shoebox.  Positions follow the package convention (panel-relative pixel centres).
+same shoebox.  Positions follow the package convention (panel-relative pixel centres).  Pass all
+the spots of a frame in one call: pixels nearer to another spot than to this one are left out of
+its VI fit (``shoebox.owned_pixels``), so neighbours do not leak into each other.  The weights'
+config carries everything the posterior needs, the selected ``profile_noise`` included, so every
+caller of the API gets the same calibrated sigma.
 """
 from __future__ import annotations
 

@@ -165,23 +165,31 @@ def integrate_stream(path: str | os.PathLike[str], geometry: Any,
                 wavelength = (HC_EV_A / chunk.photon_energy_eV if chunk.photon_energy_eV
                               else frame.meta.get("wavelength_A"))
                 g = frame_gain(geometry, wavelength, gain, path)
-                for crystal in chunk.crystals:
-                    refl = crystal.reflections
-                    if refl is None or len(refl) == 0:
-                        continue
+                # Every crystal's reflections of the frame in one call, so that reflections of
+                # different crystals that share pixels are each other's neighbours.
+                lists = [c.reflections for c in chunk.crystals
+                         if c.reflections is not None and len(c.reflections)]
+                parts = []
+                mins = np.array([[p.min_fs, p.min_ss] for p in geometry.panels], float)
+                for refl in lists:
                     try:
                         panel = np.array([lookup[name] for name in refl["panel"]], np.int32)
                     except KeyError as exc:
                         raise FormatError(path, f"panel {exc.args[0]!r} is not in the geometry",
                                           line=chunk.line) from None
-                    mins = np.array([[p.min_fs, p.min_ss] for p in geometry.panels], float)
-                    fs = refl["fs"] - 0.5 - mins[panel, 0]
-                    ss = refl["ss"] - 0.5 - mins[panel, 1]
-                    res = integrator.integrate(frame, panel, fs, ss, gain=g,
-                                               read_noise=read_noise, wavelength_A=wavelength)
-                    refl["I"] = res["photons"] * g
-                    refl["sigma"] = res["photons_sigma"] * g
-                    refl["background"] = res["background"] * g
+                    parts.append((panel, refl["fs"] - 0.5 - mins[panel, 0],
+                                  refl["ss"] - 0.5 - mins[panel, 1]))
+                res = integrator.integrate(
+                    frame, *(np.concatenate([q[k] for q in parts] or [np.zeros(0)])
+                             for k in range(3)),
+                    gain=g, read_noise=read_noise, wavelength_A=wavelength)
+                start = 0
+                for refl in lists:
+                    rows = slice(start, start + len(refl))
+                    start += len(refl)
+                    refl["I"] = res["photons"][rows] * g
+                    refl["sigma"] = res["photons_sigma"][rows] * g
+                    refl["background"] = res["background"][rows] * g
             writer.write(chunk)
             if tick:
                 tick(1)

@@ -36,6 +36,14 @@ class Shoeboxes:
     gain: np.ndarray  # float64 (n,): ADU per photon the pixels were divided by
     read_noise: np.ndarray  # float32 (n,): Gaussian read noise, photons
     extra: dict[str, Any] = field(default_factory=dict)
+    #: bool (n, side, side) or None: pixels nearer to this spot than to any other spot cut in
+    #: the same call (see :func:`owned_pixels`); None = all.  The VI integrator reads only pixels
+    #: that are valid *and* owned; summation, the textbook baseline, reads every valid pixel.
+    owned: np.ndarray | None = None
+
+    def vi_mask(self) -> np.ndarray:
+        """Pixels the variational integrator reads: valid and not a neighbour's."""
+        return self.mask if self.owned is None else self.mask & self.owned
 
     def __len__(self) -> int:
         return int(self.pixels.shape[0])
@@ -54,7 +62,8 @@ class Shoeboxes:
         return Shoeboxes(self.pixels[index], self.mask[index], self.panel[index], self.fs[index],
                          self.ss[index], self.one_over_d[index], self.radial[index],
                          self.gain[index], self.read_noise[index],
-                         {k: v[index] for k, v in self.extra.items()})
+                         {k: v[index] for k, v in self.extra.items()},
+                         None if self.owned is None else self.owned[index])
 
     @staticmethod
     def concatenate(parts: Sequence[Shoeboxes]) -> Shoeboxes:
@@ -65,9 +74,14 @@ class Shoeboxes:
         def cat(name: str) -> np.ndarray:
             return np.concatenate([getattr(p, name) for p in parts])
 
+        owned = None
+        if any(p.owned is not None for p in parts):
+            owned = np.concatenate([np.ones(p.mask.shape, bool) if p.owned is None else p.owned
+                                    for p in parts])
         return Shoeboxes(cat("pixels"), cat("mask"), cat("panel"), cat("fs"), cat("ss"),
                          cat("one_over_d"), cat("radial"), cat("gain"), cat("read_noise"),
-                         extra={k: np.concatenate([p.extra[k] for p in parts]) for k in keys})
+                         extra={k: np.concatenate([p.extra[k] for p in parts]) for k in keys},
+                         owned=owned)
 
 
 def radial_directions(geometry: Any, panel: np.ndarray, fs: np.ndarray, ss: np.ndarray,
@@ -95,13 +109,58 @@ def radial_directions(geometry: Any, panel: np.ndarray, fs: np.ndarray, ss: np.n
     return out
 
 
+def owned_pixels(panel: np.ndarray, fs: np.ndarray, ss: np.ndarray, radius: int = DEFAULT_RADIUS
+                 ) -> np.ndarray:
+    """(n, side, side) bool: box pixels nearer to their own spot than to any other spot.
+
+    Spots closer than a box apart share pixels, and a neighbour's photons inside a box are
+    neither this spot's photons nor flat background: on held-out simulated frames they made the
+    VI sigma of the 15 % of spots that have a neighbour 1.5-2x too small.  Each box therefore
+    cedes the pixels on the far side of the bisector to every neighbour on its panel (the
+    Voronoi split of the spots' exact positions) and the profile, normalised over the whole
+    box, accounts for the photons there, as it does for pixels off the panel.  Pairs come from a
+    k-d tree (``scipy.spatial.cKDTree``), so a panel with thousands of predictions stays cheap.
+    """
+    from scipy.spatial import cKDTree
+
+    panel = np.asarray(panel).ravel()
+    fs = np.asarray(fs, dtype=np.float64).ravel()
+    ss = np.asarray(ss, dtype=np.float64).ravel()
+    side = 2 * radius + 1
+    owned = np.ones((len(panel), side, side), dtype=bool)
+    offsets = np.arange(-radius, radius + 1, dtype=np.float64)
+    finite = np.isfinite(fs) & np.isfinite(ss)
+    for p in np.unique(panel):
+        rows = np.flatnonzero((panel == p) & finite)
+        if rows.size < 2:
+            continue
+        # a pixel of box i can be nearer to spot k only if |c_k - c_i| < 2 sqrt(2) radius + 1
+        pairs = cKDTree(np.stack([fs[rows], ss[rows]], 1)).query_pairs(
+            2 * np.sqrt(2) * radius + 1, output_type="ndarray")
+        if len(pairs) == 0:
+            continue
+        pairs = np.concatenate([pairs, pairs[:, ::-1]])
+        i, k = rows[pairs[:, 0]], rows[pairs[:, 1]]
+        qf = np.floor(fs[i] + 0.5)[:, None, None] + offsets[None, None, :]
+        qs = np.floor(ss[i] + 0.5)[:, None, None] + offsets[None, :, None]
+        own = (qf - fs[i][:, None, None]) ** 2 + (qs - ss[i][:, None, None]) ** 2
+        other = (qf - fs[k][:, None, None]) ** 2 + (qs - ss[k][:, None, None]) ** 2
+        lost = np.zeros((rows.size, side, side), dtype=np.int32)
+        np.add.at(lost, pairs[:, 0], (other < own).astype(np.int32))
+        owned[rows] &= lost == 0
+    return owned
+
+
 def extract_shoeboxes(panels: Sequence[np.ndarray], masks: Sequence[np.ndarray] | None,
                       panel: np.ndarray, fs: np.ndarray, ss: np.ndarray, *,
                       gain: float = 1.0, read_noise: float = 0.0,
                       one_over_d: np.ndarray | None = None, geometry: Any = None,
                       wavelength_A: float | None = None, clen_m: float | None = None,
-                      radius: int = DEFAULT_RADIUS) -> Shoeboxes:
+                      radius: int = DEFAULT_RADIUS, neighbours: bool = True) -> Shoeboxes:
     """Cut a shoebox around every ``(panel, fs, ss)`` of one frame (vectorised per panel).
+
+    With ``neighbours`` (the default) every box records which pixels it owns, nearer to it than
+    to any other of these spots (:func:`owned_pixels`): pass all the spots of a frame together.
 
     ``gain`` is ADU per photon (the pixels are divided by it); ``read_noise`` is in photons.
     ``one_over_d`` (1/Angstrom) and ``geometry`` (for the radial direction; with
@@ -150,4 +209,5 @@ def extract_shoeboxes(panels: Sequence[np.ndarray], masks: Sequence[np.ndarray] 
     return Shoeboxes(pixels=pixels, mask=mask, panel=panel, fs=fs, ss=ss, one_over_d=d,
                      radial=radial_directions(geometry, np.clip(panel, 0, None), fs, ss, clen_m),
                      gain=np.full(n, float(gain)),
-                     read_noise=np.full(n, float(read_noise), dtype=np.float32))
+                     read_noise=np.full(n, float(read_noise), dtype=np.float32),
+                     owned=owned_pixels(panel, fs, ss, radius) if neighbours else None)

@@ -73,8 +73,12 @@ def frame_config(rng: np.random.Generator, **fixed: Any) -> Any:
 
 
 def simulate_shoeboxes(n_frames: int, seed: int, *, geometry: Any = None,
-                       radius: int = DEFAULT_RADIUS, **fixed: Any) -> Shoeboxes:
+                       radius: int = DEFAULT_RADIUS, neighbours: bool = True,
+                       **fixed: Any) -> Shoeboxes:
     """Shoeboxes of every reflection on ``n_frames`` simulated frames, truth in ``extra``.
+
+    ``neighbours``: split pixels between nearby spots as the API does
+    (:func:`~peaknet_xtal.integration.shoebox.owned_pixels`); False cuts plain boxes.
 
     ``extra`` holds ``photons`` (expected photons, the truth), ``snr`` (the simulator's expected
     integrated SNR), ``frame``, ``h``, ``k``, ``l`` and ``strong``.
@@ -94,7 +98,8 @@ def simulate_shoeboxes(n_frames: int, seed: int, *, geometry: Any = None,
         boxes = extract_shoeboxes(frame.panels, frame.masks, refl["panel"], refl["fs"],
                                   refl["ss"], gain=truth.adu_per_photon,
                                   read_noise=config.read_noise, one_over_d=refl["one_over_d"],
-                                  geometry=geometry, clen_m=truth.clen_m, radius=radius)
+                                  geometry=geometry, clen_m=truth.clen_m, radius=radius,
+                                  neighbours=neighbours)
         boxes.extra = {"photons": refl["photons"].astype(float), "snr": refl["snr"].astype(float),
                        "frame": np.full(len(refl), i), "h": refl["h"], "k": refl["k"],
                        "l": refl["l"], "strong": refl["strong"]}

@@ -25,7 +25,7 @@ def to_tensors(boxes: Shoeboxes, device: Any = "cpu") -> dict[str, Any]:
 
     meta = metadata(boxes.one_over_d, boxes.radial, boxes.offset)
     return {"pixels": torch.as_tensor(boxes.pixels, dtype=torch.float32, device=device),
-            "mask": torch.as_tensor(boxes.mask, device=device),
+            "mask": torch.as_tensor(boxes.vi_mask(), device=device),
             "read_noise": torch.as_tensor(boxes.read_noise, dtype=torch.float32, device=device),
             "meta": torch.as_tensor(meta, device=device),
             "one_over_d": torch.as_tensor(boxes.one_over_d, dtype=torch.float32, device=device)}

@@ -66,3 +66,30 @@ def test_bad_gain_is_an_error():
     with pytest.raises(ValueError, match="gain"):
         extract_shoeboxes([_ramp()], None, np.array([0]), np.array([1.0]), np.array([1.0]),
                           gain=0.0)
+
+
+def test_neighbours_split_their_shared_pixels_along_the_bisector():
+    from peaknet_xtal.integration.shoebox import owned_pixels
+
+    image = np.ones((60, 60), np.float32)
+    # spots 0 and 1 are 4 pixels apart in fs on panel 0; spot 2 is far away; spot 3 sits where
+    # spot 0 is but on another panel, so it takes nothing from it
+    panel, fs, ss = np.array([0, 0, 0, 1]), np.array([20.0, 24.0, 50.0, 20.0]), np.full(4, 20.0)
+    boxes = extract_shoeboxes([image, image], None, panel, fs, ss, radius=3)
+    owned = boxes.owned
+    assert owned is not None and owned.shape == (4, 7, 7)
+    np.testing.assert_array_equal(owned, owned_pixels(panel, fs, ss, radius=3))
+    cols = np.arange(-3, 4)  # box columns, fs offsets from the centre
+    # box 0: columns nearer to fs 24 than to fs 20 (offset > 2) go to spot 1; offset 2 is a tie
+    assert owned[0][:, cols <= 2].all() and not owned[0][:, cols > 2].any()
+    assert owned[1][:, cols >= -2].all() and not owned[1][:, cols < -2].any()
+    assert owned[2].all() and owned[3].all()
+    assert boxes.mask.all()  # detector validity is untouched: summation still reads every pixel
+    np.testing.assert_array_equal(boxes.vi_mask(), boxes.mask & owned)
+    # selections and concatenations keep the split; boxes cut without it own everything
+    assert (boxes.select([1]).owned == owned[[1]]).all()
+    plain = extract_shoeboxes([image], None, np.array([0, 0]), np.array([20.0, 24.0]),
+                              np.full(2, 20.0), radius=3, neighbours=False)
+    assert plain.owned is None and plain.vi_mask().all()
+    both = Shoeboxes.concatenate([boxes, plain])
+    assert both.owned is not None and both.owned[4:].all() and (both.owned[:4] == owned).all()

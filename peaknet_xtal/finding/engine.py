@@ -115,7 +115,10 @@ class InferenceEngine:
     ``device`` is ``auto`` (CUDA when available), ``cpu`` or ``cuda[:N]``; ``threads`` sets torch's
     CPU threads when the model loads; ``batch_size`` counts model tiles.  Peak settings come from
     ``peak_params`` or the shorthand keywords ``threshold``, ``min_snr``, ``min_peaks``,
-    ``max_peaks``, ``adu_per_photon``; every default is :data:`.settings.DEFAULTS`.  The detector
+    ``max_peaks``, ``adu_per_photon``; every default is :data:`.settings.DEFAULTS`.  With
+    ``fast`` (the default) a PeakNet on the CPU runs in its fused inference form
+    (``model.fast.fuse_for_inference``: the same weights, about 1.5x faster on one thread, the
+    same probabilities to float32 rounding); ``fast=False`` runs the layers as trained.  The detector
     gain (ADU per photon, for the shot noise in each peak's SNR) is resolved per frame by
     :func:`.settings.resolve_gain` while ``adu_per_photon`` is None; 0 leaves shot noise out.
     """
@@ -137,6 +140,7 @@ class InferenceEngine:
         tile_size: int = DEFAULTS.tile_size,
         tile_overlap: int = DEFAULTS.tile_overlap,
         keep_prob_maps: bool = False,
+        fast: bool = True,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -157,6 +161,7 @@ class InferenceEngine:
         self.tile_size = tile_size
         self.tile_overlap = tile_overlap
         self.keep_prob_maps = keep_prob_maps
+        self.fast = fast
         self._model: Any = None
         self._device: Any = None
         self._gains_logged: set[float | None] = set()
@@ -207,8 +212,13 @@ class InferenceEngine:
                 from peaknet_xtal.model import load_model
 
                 model = load_model(self.model_spec, device=self.device)
-            self._model = model.eval()
-            log.info("loaded model %s on %s", _describe(self.model_spec), self.device)
+            model = model.eval()
+            if self.fast and self.device == "cpu":
+                model = _fast_cpu_form(model)
+            self._model = model
+            log.info("loaded model %s on %s%s", _describe(self.model_spec), self.device,
+                     " (fused for CPU inference)" if getattr(model, "fused_for_inference", False)
+                     else "")
         return self._model
 
     # ---- segmentation ------------------------------------------------------------------------
@@ -370,8 +380,17 @@ class InferenceEngine:
         return {"model": _describe(self.model_spec), "device": self.device_spec,
                 "threads": self.threads, "batch_size": self.batch_size,
                 "tile_size": self.tile_size, "tile_overlap": self.tile_overlap,
+                "fast": self.fast,
                 "predictor": None if self.predictor is None else _describe(self.predictor),
                 **{k: getattr(self.peak_params, k) for k in self.peak_params.__dataclass_fields__}}
+
+
+def _fast_cpu_form(model: Any) -> Any:
+    """A PeakNet's fused inference copy (``model.fast``); any other module as it is."""
+    from peaknet_xtal.model.fast import fuse_for_inference
+    from peaknet_xtal.model.peaknet import PeakNet
+
+    return fuse_for_inference(model) if isinstance(model, PeakNet) else model
 
 
 def resolve_device(spec: str) -> Any:

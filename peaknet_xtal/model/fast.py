@@ -1,0 +1,141 @@
+"""A faster CPU inference form of a trained PeakNet: the same weights and the same function, with
+the computation rearranged so that fewer full-size tensors are made.
+
+``fuse_for_inference(model)`` returns an eval-mode copy (the original is untouched) in which:
+
+- every ConvNeXt-V2 block computes ``pwconv2(GRN(y))`` as one batched matmul: GRN is
+  ``y * (1 + gamma * n) + beta`` with ``n`` a per-image, per-channel factor, so its scale folds
+  into a per-image copy of ``pwconv2``'s (small) weight and ``beta`` into its bias.  The four
+  elementwise passes over the block's widest (4x) tensor go; only the norm's read stays.
+- the per-image input standardisation takes its quantiles from a partial sort and its asinh from
+  numpy (:func:`fast_standardise`; the local one, ``layers.local_norm``, already does);
+- every BiFPN node runs its 1x1 conv, LayerNorm and GELU on one channels-last tensor (a matmul and
+  a native last-axis LayerNorm) instead of a 1x1 conv and two layout copies around the norm.
+
+Why here and not in the layers: training needs the plain form (GRN's parameters get gradients
+through it, and the plain form is what the published ConvNeXt-V2 computes); the rearranged sums
+differ from it only in float32 rounding (``tests/model/test_fast.py`` bounds the difference and
+checks that the peaks are the same).  Measured with ``benchmarks/bench_model.py`` (one thread, a
+real CSPAD frame; each idea in the same run as the plain model): the GRN fold pays most; a
+channels-last copy of the whole model, oneDNN's fused linear+GELU and a ConvTranspose written as
+matmul + fold did not pay and are not used.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from peaknet_xtal.model.layers.bifpn import SeparableConvNorm
+from peaknet_xtal.model.layers.convnext import ConvNeXtV2Block
+
+
+class FusedConvNeXtBlock(nn.Module):
+    """A :class:`ConvNeXtV2Block` with GRN folded into the second pointwise layer (inference)."""
+
+    def __init__(self, block: ConvNeXtV2Block) -> None:
+        super().__init__()
+        self.dwconv = block.dwconv
+        self.norm = block.norm
+        self.pwconv1 = block.pwconv1
+        self.act = block.act
+        self.eps = block.grn.eps
+        with torch.no_grad():
+            gamma = block.grn.gamma.detach().reshape(1, -1, 1)  # (1, 4d, 1)
+            beta = block.grn.beta.detach().reshape(-1)
+            weight_t = block.pwconv2.weight.detach().t().contiguous()  # (4d, d)
+            bias = block.pwconv2.bias.detach() + beta @ weight_t
+        self.register_buffer("gamma", gamma)
+        self.register_buffer("weight_t", weight_t)
+        self.register_buffer("bias", bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.act(self.pwconv1(self.norm(self.dwconv(x).permute(0, 2, 3, 1))))
+        b, h, w, c = y.shape
+        gx = torch.linalg.vector_norm(y, ord=2, dim=(1, 2)).unsqueeze(-1)  # (b, 4d, 1)
+        scale = torch.addcmul(torch.ones_like(gx), self.gamma,
+                              gx / (gx.mean(dim=1, keepdim=True) + self.eps))
+        out = torch.baddbmm(self.bias, y.reshape(b, h * w, c), self.weight_t * scale)
+        return out.view(b, h, w, -1).permute(0, 3, 1, 2) + x
+
+
+class FastSeparableConvNorm(nn.Module):
+    """A BiFPN node (:class:`SeparableConvNorm`) computed channels-last after the depthwise conv."""
+
+    def __init__(self, node: SeparableConvNorm) -> None:
+        super().__init__()
+        self.depthwise = node.depthwise
+        self.register_buffer("weight", node.pointwise.weight.detach().flatten(1).clone())
+        self.norm = node.norm
+        self.act = node.act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(self.depthwise(x).permute(0, 2, 3, 1), self.weight)
+        y = F.layer_norm(y, self.norm.normalized_shape, self.norm.weight, self.norm.bias,
+                         self.norm.eps)
+        return self.act(y).permute(0, 3, 1, 2)
+
+
+def fuse_for_inference(model: Any) -> Any:
+    """An eval-mode copy of ``model`` with the rearrangements above; modules of other kinds, and
+    models without these layers, are returned copied but unchanged."""
+    fused = copy.deepcopy(model).eval()
+    for parent in list(fused.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is ConvNeXtV2Block:
+                setattr(parent, name, FusedConvNeXtBlock(child))
+            elif type(child) is SeparableConvNorm:
+                setattr(parent, name, FastSeparableConvNorm(child))
+    for param in fused.parameters():
+        param.requires_grad_(False)
+    config = getattr(fused, "config", {})
+    if config.get("family") == "peaknet" and config.get("input_norm", "global") == "global":
+        fused.normalise = fast_standardise  # instance attribute: PeakNet.forward calls it
+    fused.fused_for_inference = True
+    return fused
+
+
+def _order_quantiles(sample: torch.Tensor, qs: tuple[float, ...]) -> list[torch.Tensor]:
+    """``torch.quantile(sample, qs)`` (linear interpolation), value for value, from a partial
+    sort: numpy's ``partition`` selects the order statistics in O(n) where ``quantile`` sorts;
+    the ranks, weights and ``lerp`` are torch's own, so the result is bit-identical."""
+    import numpy as np
+
+    ranks = torch.tensor(qs, dtype=sample.dtype) * (sample.numel() - 1)
+    below, above = ranks.long(), ranks.ceil().long()
+    kth = sorted({int(k) for k in below.tolist() + above.tolist()})
+    part = torch.from_numpy(np.partition(sample.numpy(), kth))
+    return list(torch.lerp(part[below], part[above], ranks - below))
+
+
+def fast_standardise(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """:func:`layers.standardise.standardise` for CPU inference: the same statistics (bit for
+    bit: :func:`_order_quantiles`), the asinh through numpy (``local_norm.fast_asinh``, ~30x
+    faster than torch's on CPU, equal to float32 rounding)."""
+    from peaknet_xtal.model.layers.local_norm import fast_asinh
+    from peaknet_xtal.model.layers.standardise import MAX_SAMPLES
+
+    if x.device.type != "cpu":
+        from peaknet_xtal.model.layers.standardise import standardise
+
+        return standardise(x, valid)
+    out = torch.empty_like(x, dtype=torch.float32)
+    for b in range(x.shape[0]):
+        xb = x[b].float()
+        values = torch.from_numpy(xb.numpy()[valid[b].numpy()])
+        if values.numel() == 0:
+            median, sigma = values.new_zeros(()), values.new_ones(())
+        else:
+            step = max(1, values.numel() // MAX_SAMPLES)
+            sample = values[::step].contiguous()
+            median, high = _order_quantiles(sample, (0.5, 0.99))
+            below = sample[sample <= high]
+            sigma = below.std(unbiased=False) if below.numel() > 1 else sample.new_zeros(())
+            sigma = torch.where(sigma > 1e-3 * (median.abs() + 1e-6), sigma,
+                                torch.ones_like(sigma))
+        zb = fast_asinh((xb - median) / sigma)
+        out[b] = torch.where(valid[b], zb, torch.zeros_like(zb))
+    return out

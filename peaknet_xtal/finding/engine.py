@@ -117,9 +117,9 @@ class InferenceEngine:
     ``peak_params`` or the shorthand keywords ``threshold``, ``min_snr``, ``min_peaks``,
     ``max_peaks``, ``adu_per_photon``; every default is :data:`.settings.DEFAULTS`.  With
     ``fast`` (the default) a PeakNet on the CPU runs in its fused inference form
-    (``model.fast.fuse_for_inference``: the same weights, about 1.5x faster on one thread, the
-    same probabilities to float32 rounding); ``fast=False`` runs the layers as trained.  The detector
-    gain (ADU per photon, for the shot noise in each peak's SNR) is resolved per frame by
+    (``model.fast.fuse_for_inference``: the same weights, about 1.4x faster on one thread, the
+    same probabilities to float32 rounding); ``fast=False`` runs the layers as trained.  The
+    detector gain (ADU per photon, for the shot noise in each peak's SNR) is resolved per frame by
     :func:`.settings.resolve_gain` while ``adu_per_photon`` is None; 0 leaves shot noise out.
     """
 

@@ -36,6 +36,10 @@ from peaknet_xtal.model.layers.convnext import ConvNeXtV2Block
 class FusedConvNeXtBlock(nn.Module):
     """A :class:`ConvNeXtV2Block` with GRN folded into the second pointwise layer (inference)."""
 
+    gamma: torch.Tensor
+    weight_t: torch.Tensor
+    bias: torch.Tensor
+
     def __init__(self, block: ConvNeXtV2Block) -> None:
         super().__init__()
         self.dwconv = block.dwconv
@@ -64,6 +68,8 @@ class FusedConvNeXtBlock(nn.Module):
 
 class FastSeparableConvNorm(nn.Module):
     """A BiFPN node (:class:`SeparableConvNorm`) computed channels-last after the depthwise conv."""
+
+    weight: torch.Tensor
 
     def __init__(self, node: SeparableConvNorm) -> None:
         super().__init__()

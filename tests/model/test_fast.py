@@ -8,8 +8,13 @@ import torch
 
 from peaknet_xtal.finding.engine import InferenceEngine
 from peaknet_xtal.model import create_model
-from peaknet_xtal.model.fast import (FastSeparableConvNorm, FusedConvNeXtBlock, _order_quantiles,
-                                     fast_standardise, fuse_for_inference)
+from peaknet_xtal.model.fast import (
+    FastSeparableConvNorm,
+    FusedConvNeXtBlock,
+    _order_quantiles,
+    fast_standardise,
+    fuse_for_inference,
+)
 from peaknet_xtal.model.layers.standardise import standardise
 
 torch.set_num_threads(1)

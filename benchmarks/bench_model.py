@@ -1,14 +1,17 @@
 """Benchmark the PeakNet models on CPU against DIALS' dispersion threshold on the same frames.
 
-    python benchmarks/bench_model.py [--threads 2] [--repeat 3] [--skip-sizes]
+    python benchmarks/bench_model.py [--threads 2] [--repeat 3] [--skip-sizes] [--clock cpu]
 
-Prints, for the shipped default model and, once a new default replaces today's, for the previous
-one (to be kept as benchmarks/baseline/default_v1.*, the model the 44x/78x ratios of issue 17
-were measured on): seconds
-per frame on a real 2.3-Mpx CSPAD still and a 6-Mpx Pilatus frame (input normalisation
-included) beside DIALS' dispersion threshold (the core of dials.find_spots) on the same pixels in
-the same run, with their ratio; images/s at batch 1 and 8 on one CSPAD panel stack.  Then
-parameters and FLOPs per megapixel of every registered size (counted on the meta device).
+Prints, for the shipped default model (as trained, and in the fused form the engine runs on a
+CPU by default, ``model.fast.fuse_for_inference``, with the fused/plain ratio) and, once a new
+default replaces today's, for the previous one (to be kept as benchmarks/baseline/default_v1.*,
+the model the 44x/78x ratios of issue 17 were measured on): seconds per frame on a real 2.3-Mpx
+CSPAD still and a 6-Mpx Pilatus frame (input normalisation included) beside DIALS' dispersion
+threshold (the core of dials.find_spots) on the same pixels in the same run, with their ratio;
+images/s at batch 1 and 8 on one CSPAD panel stack.  Then parameters and FLOPs per megapixel of
+every registered size (counted on the meta device).
+``--clock cpu`` times with the process's CPU time instead of the wall clock: on a machine other
+jobs share, waiting for a core then does not count (with one thread it is the single-core cost).
 """
 from __future__ import annotations
 
@@ -31,12 +34,15 @@ def read_panels(path: Path) -> list[np.ndarray]:
     return [r.as_numpy_array().astype(np.float32) for r in raw]
 
 
+CLOCK = time.perf_counter
+
+
 def best_of(fn, repeat: int) -> float:
     times = []
     for _ in range(repeat):
-        start = time.perf_counter()
+        start = CLOCK()
         fn()
-        times.append(time.perf_counter() - start)
+        times.append(CLOCK() - start)
     return min(times)
 
 
@@ -88,14 +94,20 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--skip-sizes", action="store_true")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall")
     args = parser.parse_args()
 
     import torch
 
     from peaknet_xtal.model import list_models, load_model
+    from peaknet_xtal.model.fast import fuse_for_inference
 
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     torch.set_num_threads(args.threads)
+    print(f"{args.threads} thread(s), best of {args.repeat}, {args.clock} clock")
     models = {"default": load_model("default")}
+    models["default, fused"] = fuse_for_inference(models["default"])
     if BASELINE.exists():
         models["previous default"] = load_model(str(BASELINE))
     frames = {
@@ -112,10 +124,13 @@ def main() -> int:
         except Exception as exc:  # DIALS missing: still report the model
             print(f"  (DIALS dispersion unavailable: {exc})")
             t_dials = float("nan")
+        per_model = {}
         for name, model in models.items():
-            t_model = model_seconds(model, panels, args.repeat)
+            t_model = per_model[name] = model_seconds(model, panels, args.repeat)
             print(f"{name:17s} {label:14s} {mpx:5.2f} {t_model:8.3f} {t_dials:8.3f} "
                   f"{t_model / t_dials:6.1f}x")
+        print(f"  fused / plain default on {label}: "
+              f"{per_model['default, fused'] / per_model['default']:.2f}")
     panel = torch.from_numpy(read_panels(frames["CSPAD 2.3 Mpx"])[0])[None, None]
     for name, model in models.items():
         for batch in (1, 8):

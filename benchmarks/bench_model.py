@@ -8,8 +8,9 @@ default replaces today's, for the previous one (to be kept as benchmarks/baselin
 the model the 44x/78x ratios of issue 17 were measured on): seconds per frame on a real 2.3-Mpx
 CSPAD still and a 6-Mpx Pilatus frame (input normalisation included) beside DIALS' dispersion
 threshold (the core of dials.find_spots) on the same pixels in the same run, with their ratio;
-images/s at batch 1 and 8 on one CSPAD panel stack.  Then parameters and FLOPs per megapixel of
-every registered size (counted on the meta device).
+the same through the finding engine (``InferenceEngine.predict_panels``: tiles, batches of 8,
+stitching; plain and fused); images/s at batch 1 and 8 on one CSPAD panel stack.  Then
+parameters and FLOPs per megapixel of every registered size (counted on the meta device).
 ``--clock cpu`` times with the process's CPU time instead of the wall clock: on a machine other
 jobs share, waiting for a core then does not count (with one thread it is the single-core cost).
 """
@@ -99,6 +100,7 @@ def main() -> int:
 
     import torch
 
+    from peaknet_xtal.finding.engine import InferenceEngine
     from peaknet_xtal.model import list_models, load_model
     from peaknet_xtal.model.fast import fuse_for_inference
 
@@ -110,6 +112,12 @@ def main() -> int:
     models["default, fused"] = fuse_for_inference(models["default"])
     if BASELINE.exists():
         models["previous default"] = load_model(str(BASELINE))
+    # The finding engine's own path (tiling, batches of 8 tiles, stitching): as trained
+    # (fast=False) and in the fused form it uses by default on a CPU.
+    engines = {"engine, plain": InferenceEngine(models["default"], device="cpu",
+                                                threads=args.threads, fast=False),
+               "engine, fused": InferenceEngine(models["default"], device="cpu",
+                                                threads=args.threads)}
     frames = {
         "CSPAD 2.3 Mpx": sorted((REAL / "cspad_thermolysin_stills").glob("*.cbf"))[0],
         "Pilatus 6M": sorted((REAL / "pilatus6m_thaumatin_grid").glob("*"))[0],
@@ -131,6 +139,13 @@ def main() -> int:
                   f"{t_model / t_dials:6.1f}x")
         print(f"  fused / plain default on {label}: "
               f"{per_model['default, fused'] / per_model['default']:.2f}")
+        for name, engine in engines.items():
+            t_model = per_model[name] = best_of(lambda e=engine, p=panels: e.predict_panels(p),
+                                                args.repeat)
+            print(f"{name:17s} {label:14s} {mpx:5.2f} {t_model:8.3f} {t_dials:8.3f} "
+                  f"{t_model / t_dials:6.1f}x")
+        print(f"  engine fused / plain on {label}: "
+              f"{per_model['engine, fused'] / per_model['engine, plain']:.2f}")
     panel = torch.from_numpy(read_panels(frames["CSPAD 2.3 Mpx"])[0])[None, None]
     for name, model in models.items():
         for batch in (1, 8):

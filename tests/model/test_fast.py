@@ -11,6 +11,7 @@ from peaknet_xtal.model import create_model
 from peaknet_xtal.model.fast import (
     FastSeparableConvNorm,
     FusedConvNeXtBlock,
+    PhaseConvTranspose,
     _order_quantiles,
     fast_standardise,
     fuse_for_inference,
@@ -40,7 +41,7 @@ def test_fused_model_computes_the_same_logits_and_leaves_the_original_alone():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     fused = fuse_for_inference(model)
     kinds = {type(m) for m in fused.modules()}
-    assert FusedConvNeXtBlock in kinds and FastSeparableConvNorm in kinds
+    assert {FusedConvNeXtBlock, FastSeparableConvNorm, PhaseConvTranspose} <= kinds
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     rng = np.random.default_rng(1)
     x = torch.from_numpy(rng.poisson(4.0, (3, 1, 96, 130)).astype(np.float32))
@@ -55,6 +56,18 @@ def test_fused_model_computes_the_same_logits_and_leaves_the_original_alone():
     torch.testing.assert_close(fast, plain, atol=1e-5 * scale, rtol=1e-5)
     torch.testing.assert_close(single, fast[1:2], atol=1e-5 * scale, rtol=1e-5)
     assert torch.equal(fast[2, :, :, :7], plain[2, :, :, :7])  # masked pixels: forced background
+
+
+@pytest.mark.parametrize(("stride", "bias", "shape"),
+                         [(4, True, (7, 9)), (2, False, (5, 3)), (8, True, (1, 4))])
+def test_phase_conv_transpose_is_the_transposed_conv(stride, bias, shape):
+    torch.manual_seed(stride)
+    conv = torch.nn.ConvTranspose2d(6, 3, stride + 2, stride=stride, padding=1, bias=bias)
+    x = torch.randn(2, 6, *shape)
+    with torch.no_grad():
+        torch.testing.assert_close(PhaseConvTranspose(conv)(x), conv(x), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="stride s"):
+        PhaseConvTranspose(torch.nn.ConvTranspose2d(6, 3, stride + 3, stride=stride, padding=1))
 
 
 def test_order_quantiles_are_torch_quantiles_bit_for_bit():

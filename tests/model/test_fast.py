@@ -117,6 +117,8 @@ def test_engine_fast_path_gives_the_plain_probabilities_and_peaks(simulated_fram
         np.testing.assert_allclose(pb, pa, atol=PROB_ATOL, rtol=0)
     assert len(a.peaks) >= 5  # a hit: the comparison below is about real peaks
     assert a.peaks.dtype == b.peaks.dtype and len(a.peaks) == len(b.peaks)
-    for name in a.peaks.dtype.names:
-        np.testing.assert_allclose(b.peaks[name], a.peaks[name], rtol=1e-5, atol=1e-4,
-                                   err_msg=name)
+    for name in a.peaks.dtype.names:  # same pixels, so the same positions and intensities
+        if name == "prob":  # the mean peak probability carries the rounding difference
+            np.testing.assert_allclose(b.peaks[name], a.peaks[name], atol=PROB_ATOL, rtol=0)
+        else:
+            np.testing.assert_array_equal(b.peaks[name], a.peaks[name], err_msg=name)

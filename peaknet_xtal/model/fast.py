@@ -20,7 +20,7 @@ differ from it only in float32 rounding (``tests/model/test_fast.py`` bounds the
 checks that the peaks are the same).  Measured on one thread on 64 CSPAD tiles in batches of 8
 (CPU time, each idea beside the plain model in the same run): the GRN fold pays most (backbone
 0.55 -> 0.38 s), then the partial-sort standardisation (0.26 -> 0.09 s) and the phase transposed
-conv (12 -> 4.5 ms a batch); whole engine 0.64-0.73 of the plain time
+conv (12 -> 4.5 ms a batch); whole engine 0.61-0.73 of the plain time
 (``benchmarks/bench_model.py``).  Tried and not used: a channels-last copy of the whole model,
 oneDNN's fused linear+GELU, a ConvTranspose as matmul + ``F.fold``, patchified stem and
 downsampling convs, bilinear logit upsampling by phases (none faster);

@@ -2,9 +2,19 @@
 
 ``PeakFinder`` (library), ``peaknet2cxi`` (CLI), ``dials.find_spots algorithm=peaknet`` (its PHIL
 defaults are generated from :data:`DEFAULTS`, see ``plugins/peaknet_dials``), the Ray workers and
-the evaluation all start from these values, so the same pixels give the same peaks whichever door
-they came in through.  An entry point may *override* a value (``peaknet2cxi`` keeps a hit
-threshold of 10 peaks and CrystFEL's cap of 2048 for its CXI tables), never redefine a default.
+the evaluation all start from these values, so the same pixels give the same peaks (and the same
+hit flags) whichever door they came in through.  An entry point may *override* a value
+(``peaknet2cxi`` keeps CrystFEL's cap of 2048 peaks for its CXI tables), never redefine a default.
+
+**Hit calling** (:data:`DEFAULTS` ``.min_peaks``, :func:`check_min_peaks`): a frame is a hit when
+it has at least ``min_peaks`` peaks, the rule serial crystallography's hit finders use.  CrystFEL's
+``indexamajig --min-peaks`` (default 0: every frame is a hit) skips indexing below that count and
+writes ``hit = 0`` in the stream; Cheetah's peak-count hit finder (``hitfinderAlgorithm`` 3/8,
+``hitfinderNpeaks``, 50 in its defaults) and OM's crystallography monitor
+(``min_num_peaks_for_hit``, 10 in its example configurations) call a hit from a minimum peak count;
+indexamajig command lines in public processing scripts use 4-25.  The library once used 0 (any one peak made a hit), which on
+blank frames made every blank a hit.  See :data:`MIN_PEAKS_MEASURED` for how the default was
+chosen.
 
 The detector gain (ADU per photon; the shot-noise term of each peak's SNR) is resolved by
 :func:`resolve_gain` alone: a user override, else what the frame's source declares, else what its
@@ -17,6 +27,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 
 @dataclass(frozen=True)
 class FindingDefaults:
@@ -26,7 +38,7 @@ class FindingDefaults:
     device: str = "auto"  # CUDA when torch sees a GPU, else the CPU
     threshold: float = 0.5  # peak probability at or above which a pixel is foreground
     min_snr: float = 3.0  # least integrated SNR of a peak (0 keeps every component)
-    min_peaks: int = 0  # peaks that make a hit
+    min_peaks: int = 15  # peaks that make a hit (see the module docstring)
     max_peaks: int | None = None  # keep the strongest N per frame (None: all)
     batch_size: int = 8  # model tiles per batch
     tile_size: int = 1024  # largest tile side the model sees; bigger panels are cut
@@ -41,6 +53,20 @@ class FindingDefaults:
 
 
 DEFAULTS = FindingDefaults()
+
+#: How ``min_peaks`` was chosen (``benchmarks/bench_blanks.py``; model-selection seeds
+#: 5,000,000,000+, never the acceptance sets): PLACEHOLDER.
+MIN_PEAKS_MEASURED = "PLACEHOLDER"
+
+
+def check_min_peaks(value: Any) -> int:
+    """``value`` as a hit's least peak count, or a ValueError saying why it cannot be one."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"min_peaks (peaks that make a hit) must be a whole number, got "
+                         f"{value!r}")
+    if value < 0:
+        raise ValueError(f"min_peaks (peaks that make a hit) must be >= 0, got {value}")
+    return int(value)
 
 def resolve_gain(override: float | None = None, *, meta: Mapping[str, Any] | None = None,
                  geometry: Any = None, wavelength_A: float | None = None,

@@ -82,7 +82,8 @@ DEFAULTS: dict[str, Any] = {
 }
 #: Types of the settings whose default (None) cannot say it, or that the default's type allows too
 #: loosely (config.resolve validates them).
-TYPES: dict[str, Any] = {"min_peaks": NonNegativeInt, "geometry": str | None, "output": str | None, "threads": int | None,
+TYPES: dict[str, Any] = {"min_peaks": NonNegativeInt,
+                         "geometry": str | None, "output": str | None, "threads": int | None,
                          "adu_per_photon": float | None, "max_peaks": int | None,
                          "stream": str | None, "address": str | None}
 LIST_NAME = "peaknet.lst"

@@ -11,7 +11,7 @@ API works in any Python that has numpy and torch.
 Example::
 
     from peaknet_xtal.finding import PeakFinder
-    finder = PeakFinder("default", threshold=0.5, min_peaks=15)
+    finder = PeakFinder("default", threshold=0.5, min_peaks=10)
     peaks = finder.find(image)                       # numpy (ss, fs)
     peaks = finder.find(imageset, 3)                 # dxtbx ImageSet, image 3
     strong = finder.find_reflections(imageset, 3)    # flex.reflection_table

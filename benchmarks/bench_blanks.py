@@ -403,6 +403,9 @@ def main(argv: list[str] | None = None) -> int:
         print_summary(by_detector, min_snr, min_peaks, args.indexable)
         if skip:
             print_summary(by_detector, min_snr, min_peaks, args.indexable, skip)
+        if min_peaks != 0:
+            print("the former rule, any one peak (min_peaks 0), for comparison:")
+            print_summary(by_detector, min_snr, 0, args.indexable, skip)
         if args.sources:
             print_sources(by_detector, min_snr)
         if args.sweep:

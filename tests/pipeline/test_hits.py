@@ -8,11 +8,13 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import pytest
 from peaknet_test_support import BrightPredictor, spot_panel
 
 from peaknet_xtal.finding.settings import DEFAULTS
 from peaknet_xtal.formats.cxi import KEY_GROUP, CXISource, CXIWriter, read_cxi_peaks
 from peaknet_xtal.pipeline import run_pipeline
+from peaknet_xtal.pipeline.driver import resolve_config
 
 RULE = DEFAULTS.min_peaks
 
@@ -41,3 +43,9 @@ def test_pipeline_workers_flag_hits_by_the_default_rule(tmp_path: Path):
             peaks[event] = int(table.n_peaks[row])
     assert peaks == {f"//{k}": n for k, n in enumerate(counts)}
     assert flags == {f"//{k}": n >= RULE for k, n in enumerate(counts)}
+
+
+def test_a_bad_hit_rule_is_refused_before_any_worker_starts(tmp_path: Path):
+    with pytest.raises(ValueError, match="min_peaks"):
+        resolve_config({"inputs": [str(tmp_path / "x.h5")],
+                        "frame_finder_options": {"min_peaks": -2}})

@@ -13,7 +13,7 @@ that count and writes ``hit = 0`` in the stream; Cheetah's peak-count hit finder
 (``hitfinderAlgorithm`` 3/8, ``hitfinderNpeaks``, 50 in its defaults) and OM's crystallography
 monitor (``min_num_peaks_for_hit``, 10 in its example configurations) call a hit from a minimum
 peak count; indexamajig command lines in public processing scripts use 4-25.  The library once
-used 0 (any one peak made a hit), so every blank with one false peak was a hit.  The comment
+used 0, which calls every frame a hit, blanks included.  The comment
 after :data:`DEFAULTS` says how the default was chosen, and what it cannot do.
 
 The detector gain (ADU per photon; the shot-noise term of each peak's SNR) is resolved by

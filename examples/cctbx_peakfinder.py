@@ -21,6 +21,8 @@ from dxtbx.model.experiment_list import ExperimentListFactory
 
 from peaknet_xtal.finding import PeakFinder
 from peaknet_xtal.finding.api import reflection_table
+from peaknet_xtal.finding.settings import DEFAULTS
+from peaknet_xtal.formats.cxi import DEFAULT_MAX_PEAKS
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,9 +30,12 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("images", nargs="+", help="image files (CBF, HDF5/NeXus, SMV, ...)")
     parser.add_argument("--model", default="default", help="model name or weights file")
-    parser.add_argument("--threshold", type=float, default=0.5, help="peak probability cut")
-    parser.add_argument("--min-peaks", type=int, default=10, help="peaks that make a hit")
-    parser.add_argument("--max-peaks", type=int, default=2048, help="keep the strongest N")
+    parser.add_argument("--threshold", type=float, default=DEFAULTS.threshold,
+                        help="peak probability cut")
+    parser.add_argument("--min-peaks", type=int, default=DEFAULTS.min_peaks,
+                        help="peaks that make a hit")
+    parser.add_argument("--max-peaks", type=int, default=DEFAULT_MAX_PEAKS,
+                        help="keep the strongest N")
     parser.add_argument("--out", help="save the strong spots of all images as a .refl file")
     args = parser.parse_args(argv)
 

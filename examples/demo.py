@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     cxi = simulate(out, args.frames)
     sim_dir = cxi.parent
     peaknet2cxi([str(cxi), "-g", str(sim_dir / "sim.geom"), "-o", str(out / "peaks"),
-                 "--stream", str(out / "peaks" / "peaknet.stream"), "--min-peaks", "10"])
+                 "--stream", str(out / "peaks" / "peaknet.stream")])
     summary = json.loads((out / "peaks" / "peaknet2cxi.json").read_text())
     scores, found = score(out, sim_dir)
     picture = overlay(out, sim_dir, found)
@@ -105,10 +105,12 @@ def main(argv: list[str] | None = None) -> int:
     print("\n=== peaknet-xtal demo: bundled default model ===")
     print(f"simulated CSPAD run: {len(found)} frames -> {out / 'peaks'}")
     print("  peaks per frame:  " + " ".join(str(len(f)) for f in found))
+    from peaknet_xtal.finding.settings import DEFAULTS
     from peaknet_xtal.sim.output import read_truth
 
     true_hits = read_truth(sim_dir / "sim_truth.h5")["frames"]["hit"]
-    print(f"  hits (>= 10 peaks): {sum(len(f) >= 10 for f in found)} of {len(found)} "
+    rule = DEFAULTS.min_peaks
+    print(f"  hits (>= {rule} peaks): {sum(len(f) >= rule for f in found)} of {len(found)} "
           f"(the simulator made {int(true_hits.sum())} hits and {int((~true_hits).sum())} blanks)")
     print(f"  vs exact truth: precision {overall.precision:.3f}  recall {overall.recall:.3f}  "
           f"F1 {overall.f1:.3f}  median position error {overall.median_error_px:.2f} px")

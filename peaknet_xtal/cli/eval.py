@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from peaknet_xtal.config import cli_parser, record, resolve_or_exit, setup_logging
+from peaknet_xtal.finding.settings import DEFAULTS as FINDING
 
 DEFAULTS: dict[str, Any] = {
     "data": None,
@@ -26,7 +27,7 @@ DEFAULTS: dict[str, Any] = {
     "name": "sim",
     "tune_frames": 0,
     "cutoff": 3.0,
-    "min_peaks": 10,
+    "min_peaks": FINDING.min_peaks,  # the library's hit rule
     "index": False,
     "space_group": None,
     "samples": 2,

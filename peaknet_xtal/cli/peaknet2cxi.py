@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import NonNegativeInt
 
 from peaknet_xtal import config as cfgmod
 from peaknet_xtal.errors import FormatError, PeakNetError
@@ -67,7 +68,7 @@ DEFAULTS: dict[str, Any] = {
     "min_snr": FINDING.min_snr,
     "adu_per_photon": None,  # None: finding.settings.resolve_gain (geometry, image format)
     "batch_size": FINDING.batch_size,
-    "min_peaks": 10,  # this tool's own choice: a hit for indexamajig, not the library's 0
+    "min_peaks": FINDING.min_peaks,  # the shared hit rule (finding.settings)
     "max_peaks": DEFAULT_MAX_PEAKS,  # CrystFEL's own cap on CXI peak tables
     "hits_only": False,
     "stream": None,
@@ -79,8 +80,10 @@ DEFAULTS: dict[str, Any] = {
     "address": None,
     "predictor": None,  # Python callers only: predictor(panels, masks) -> probability maps
 }
-#: Types of the settings whose default (None) cannot say it (config.resolve validates them).
-TYPES: dict[str, Any] = {"geometry": str | None, "output": str | None, "threads": int | None,
+#: Types of the settings whose default (None) cannot say it, or that the default's type allows too
+#: loosely (config.resolve validates them).
+TYPES: dict[str, Any] = {"min_peaks": NonNegativeInt,
+                         "geometry": str | None, "output": str | None, "threads": int | None,
                          "adu_per_photon": float | None, "max_peaks": int | None,
                          "stream": str | None, "address": str | None}
 LIST_NAME = "peaknet.lst"
@@ -117,7 +120,9 @@ def build_parser() -> Any:
                              "background noise only)")
     parser.add_argument("--batch-size", type=int,
                         help=f"panel tiles per model batch (default {FINDING.batch_size})")
-    parser.add_argument("--min-peaks", type=int, help="peaks that make a hit (default 10)")
+    parser.add_argument("--min-peaks", type=int, help="peaks that make a hit (default "
+                        f"{FINDING.min_peaks}, the library's; the stream's 'hit' flag, "
+                        "--hits-only and the summary's hit count follow it)")
     parser.add_argument("--max-peaks", type=int, help="keep the strongest N peaks per frame "
                         f"(default {DEFAULT_MAX_PEAKS}, CrystFEL's own cap)")
     parser.add_argument("--hits-only", action="store_true", help="write only hits to the CXI "
@@ -161,7 +166,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     this = summary["this_run"]
     print(f"peaknet2cxi: {summary['output']} holds {summary['frames']} frames in "
-          f"{len(summary['cxi_files'])} CXI file(s), {summary['hits']} hits, "
+          f"{len(summary['cxi_files'])} CXI file(s), {summary['hits']} hits "
+          f"(>= {summary['min_peaks']} peaks), "
           f"{summary['peaks_per_frame']['mean']:.1f} peaks/frame; this run: {this['frames']} "
           f"frames ({this['skipped']} already done), {this['frames_per_s']:.2f} frames/s")
     if summary.get("dials"):
@@ -563,7 +569,7 @@ def _finish(config: Mapping[str, Any], outdir: Path, files: list[Path], geometry
         status = "failed: no frames written (the inputs hold no frames, or none were hits)"
     summary: dict[str, Any] = {
         "status": status, "output": str(outdir),
-        "frames": whole.frames, "hits": whole.hits,
+        "frames": whole.frames, "hits": whole.hits, "min_peaks": int(config["min_peaks"]),
         "hit_rate": whole.hits / whole.frames if whole.frames else 0.0,
         "peaks_per_frame": whole.summary(),
         "this_run": {"frames": stats.frames, "skipped": stats.skipped, "hits": stats.hits,

@@ -109,9 +109,16 @@ def tuned_finders(specs: Sequence[str], dataset: Dataset, tune_frames: int,
 
 
 def evaluate(dataset: Dataset, specs: Sequence[str], out_dir: str | os.PathLike[str], *,
-             tune_frames: int = 0, cutoff: float = 3.0, min_peaks: int = 10,
+             tune_frames: int = 0, cutoff: float = 3.0, min_peaks: int | None = None,
              index: bool = False, samples: int = 2) -> dict[str, Any]:
-    """Score ``specs`` on ``dataset`` and write the report under ``out_dir``; returns the JSON."""
+    """Score ``specs`` on ``dataset`` and write the report under ``out_dir``; returns the JSON.
+
+    A frame is a hit with at least ``min_peaks`` peaks: by default the library's own rule
+    (``finding.settings.DEFAULTS.min_peaks``), for every finder alike."""
+    if min_peaks is None:
+        from peaknet_xtal.finding.settings import DEFAULTS
+
+        min_peaks = DEFAULTS.min_peaks
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     finders, tuning = tuned_finders(specs, dataset, tune_frames, cutoff)

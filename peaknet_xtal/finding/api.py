@@ -47,7 +47,9 @@ class PeakFinder:
         return self.engine.peak_params.min_peaks
 
     def is_hit(self, peaks: np.ndarray) -> bool:
-        """At least ``min_peaks`` peaks."""
+        """At least ``min_peaks`` peaks (default :data:`DEFAULTS` ``.min_peaks``; the hit rule of
+        :mod:`peaknet_xtal.finding.settings`, the same as ``peaknet2cxi`` and the Ray pipeline
+        apply)."""
         return is_hit(peaks, self.min_peaks)
 
     def find(self, data: Any, index: int = 0, *, mask: Any = None, geometry: Any = None,

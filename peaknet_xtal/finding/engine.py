@@ -61,7 +61,7 @@ from peaknet_xtal.finding.defects import DefectFilter
 from peaknet_xtal.finding.gain import GainResolver
 from peaknet_xtal.finding.peaks import PeakParams, find_peaks, is_hit
 from peaknet_xtal.finding.sanitise import SanitiseTally, sanitise_frame
-from peaknet_xtal.finding.settings import DEFAULTS, resolve_gain
+from peaknet_xtal.finding.settings import DEFAULTS, check_min_peaks, resolve_gain
 from peaknet_xtal.threads import default_threads, describe_default, stub_openmp_message
 from peaknet_xtal.types import Frame, FrameResult
 
@@ -115,11 +115,13 @@ class InferenceEngine:
     ``device`` is ``auto`` (CUDA when available), ``cpu`` or ``cuda[:N]``; ``threads`` sets torch's
     CPU threads when the model loads; ``batch_size`` counts model tiles.  Peak settings come from
     ``peak_params`` or the shorthand keywords ``threshold``, ``min_snr``, ``min_peaks``,
-    ``max_peaks``, ``adu_per_photon``; every default is :data:`.settings.DEFAULTS`.  With
-    ``fast`` (the default) a PeakNet on the CPU runs in its fused inference form
-    (``model.fast.fuse_for_inference``: the same weights, about 1.4x faster on one thread, the
-    same probabilities to float32 rounding); ``fast=False`` runs the layers as trained.  The
-    detector gain (ADU per photon, for the shot noise in each peak's SNR) is resolved per frame by
+    ``max_peaks``, ``adu_per_photon``; every default is :data:`.settings.DEFAULTS`.  A frame is a
+    hit (``FrameResult.hit``) when it has at least ``min_peaks`` peaks after every cut, the defect
+    filter's included (the hit rule of :mod:`.settings`).  With ``fast`` (the default) a PeakNet
+    on the CPU runs in its fused inference form (``model.fast.fuse_for_inference``: the same
+    weights, about 1.4x faster on one thread, the same probabilities to float32 rounding);
+    ``fast=False`` runs the layers as trained.  The detector
+    gain (ADU per photon, for the shot noise in each peak's SNR) is resolved per frame by
     :func:`.settings.resolve_gain` while ``adu_per_photon`` is None; 0 leaves shot noise out.
     """
 
@@ -148,6 +150,7 @@ class InferenceEngine:
             raise ValueError(f"need tile_size >= {MIN_TILE} and 0 <= tile_overlap < "
                              f"tile_size, got {tile_size}, {tile_overlap}")
         params = peak_params or PeakParams()
+        check_min_peaks(params.min_peaks if min_peaks is None else min_peaks)
         overrides = {k: v for k, v in (("threshold", threshold), ("min_snr", min_snr),
                                        ("min_peaks", min_peaks), ("max_peaks", max_peaks),
                                        ("adu_per_photon", adu_per_photon))

@@ -30,6 +30,7 @@ from typing import Any
 from peaknet_xtal.config import deep_merge
 from peaknet_xtal.errors import PeakNetError
 from peaknet_xtal.finding.settings import DEFAULTS as FINDING
+from peaknet_xtal.finding.settings import check_min_peaks
 from peaknet_xtal.pipeline.actors import (
     ModelWorker,
     ResultWriter,
@@ -89,6 +90,12 @@ def resolve_config(config: Mapping[str, Any] | None) -> dict[str, Any]:
         raise ValueError("run_pipeline: no inputs")
     if int(cfg["workers"]) < 1 or int(cfg["writers"]) < 1:
         raise ValueError("run_pipeline: need at least one worker and one writer")
+    if cfg["frame_finder"] in (None, "engine") and "min_peaks" in cfg["frame_finder_options"]:
+        # the hit rule is checked here, once, not by every worker building its engine
+        try:
+            check_min_peaks(cfg["frame_finder_options"]["min_peaks"])
+        except ValueError as exc:
+            raise ValueError(f"run_pipeline: frame_finder_options: {exc}") from None
     return cfg
 
 

@@ -1,0 +1,85 @@
+"""benchmarks/bench_blanks.py: its counts on hand-made records (false peaks per blank, blanks and
+hits called hits, F1 on the hits), the saved records' round trip and where a false peak is said to
+come from; and, slow, one tiny simulated run end to end with the shipped model."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from peaknet_xtal.types import peaks_from_columns
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_blanks",
+                                                  ROOT / "benchmarks" / "bench_blanks.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_blanks"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def record(bench, index, hit, snrs, on_truth=None, matched=None, strong=0):
+    peaks = peaks_from_columns(panel=np.zeros(len(snrs), np.int32),
+                               fs=np.arange(len(snrs), dtype=float) * 10,
+                               ss=np.zeros(len(snrs)), snr=np.asarray(snrs, float),
+                               prob=np.full(len(snrs), 0.6), npix=np.ones(len(snrs), np.int32))
+    n = len(snrs)
+    return bench.FrameRecord(
+        detector="d", index=index, seed=index, hit=hit, strong=strong, peaks=peaks,
+        on_truth=np.asarray(on_truth if on_truth is not None else [False] * n, bool),
+        matched_strong=np.asarray(matched if matched is not None else [False] * n, bool),
+        source=np.full(n, "other", "U8") if not hit else np.zeros(0, "U8"))
+
+
+def test_summary_counts_by_hand(bench):
+    records = [
+        record(bench, 0, False, [3.5, 10.0, 2.0]),  # 2 false peaks at min_snr 3, 1 at 5
+        record(bench, 1, False, []),
+        record(bench, 2, True, [4.0, 8.0, 9.0, 2.5], on_truth=[True, True, False, True],
+               matched=[True, True, False, False], strong=4),
+    ]
+    s = bench.summarise(records, min_snr=3.0, min_peaks=2, indexable=4)
+    assert s["false_per_blank"] == 1.0 and s["false_max"] == 2
+    assert (s["blank_hits"], s["hits_called"], s["indexable_called"]) == (1, 1, 1)
+    assert s["precision"] == pytest.approx(2 / 3) and s["recall"] == pytest.approx(2 / 4)
+    strict = bench.summarise(records, min_snr=5.0, min_peaks=2, indexable=5)
+    assert strict["false_per_blank"] == 0.5 and strict["blank_hits"] == 0
+    assert strict["hits_called"] == 1 and strict["indexable"] == 0
+    assert bench.summarise(records, 3.0, 2, 4, skip=1)["blanks"] == 1  # the first frame skipped
+
+
+def test_records_survive_the_npz_round_trip(bench, tmp_path):
+    records = {"d": [record(bench, 0, False, [3.5, 1.0]),
+                     record(bench, 1, True, [7.0], on_truth=[True], matched=[True], strong=3)]}
+    bench.save_records(tmp_path / "r.npz", records)
+    back = bench.load_records(tmp_path / "r.npz")["d"]
+    assert [len(r.peaks) for r in back] == [2, 1] and [r.hit for r in back] == [False, True]
+    assert back[1].matched_strong.tolist() == [True] and back[0].source.tolist() == ["other"] * 2
+    assert back[0].peaks["snr"].tolist() == [3.5, 1.0]
+
+
+def test_false_peaks_are_traced_to_hot_pixels_streaks_and_zingers(bench):
+    peaks = peaks_from_columns(panel=np.zeros(4, np.int32), fs=np.array([5.0, 20.0, 40.0, 60.0]),
+                               ss=np.array([5.0, 20.0, 40.0, 60.0]))
+    streak = np.zeros((80, 80), bool)
+    streak[20, :] = True
+    zinger = np.zeros((80, 80), bool)
+    zinger[41, 39] = True
+    info = {"hot": [(0, 6, 5)], "streak": (0, streak), "zingers": {0: zinger}}
+    assert bench.classify(peaks, info).tolist() == ["hot", "streak", "zinger", "other"]
+
+
+@pytest.mark.slow
+def test_one_tiny_simulated_run_end_to_end(bench, real_data, capsys):
+    """One blank and one hit on CSPAD with the shipped model: the numbers are printed."""
+    assert bench.main(["--set", "selection", "--frames", "1", "--detectors", "cspad",
+                       "--skip", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "seeds 5,000,000,000" in out and "cspad" in out and "false/blank" in out

@@ -197,14 +197,38 @@ def _reflections(det: DetectorModel, crystals: list[CrystalTruth], wavelength: f
     return refl, _render(det, refl, wavelength, q_det, config)
 
 
-def _structure_intensity(hkl: np.ndarray, cell_key: int) -> np.ndarray:
-    """Wilson-distributed relative intensities, fixed per (cell, |hkl|) so frames agree.
+def _laue_indices(hkl: np.ndarray, lattice: str) -> np.ndarray:
+    """Non-negative indices equal for every reflection of a Laue class of the lattice (N x 3).
+
+    The structure must have at least the symmetry of its lattice: with less, an indexer that
+    picks any of the lattice's equivalent settings (DIALS, indexamajig) would scramble
+    intensities that a merger then averages, an ambiguity real crystals of these forms do not
+    have.  Triclinic, monoclinic and orthorhombic: (|h|, |k|, |l|), invariant under mmm, which
+    contains their holohedries.  Tetragonal (4/mmm, c unique): |h| and |k| also swap.  Cubic
+    (m-3m) and rhombohedral axes (-3m): |h|, |k|, |l| in any order.  Hexagonal axes (6/mmm):
+    (|h|, |k|, |h + k|) in any order with |l| -- the 6/mmm operators permute h, k and
+    i = -(h + k) and change all their signs together.
+    """
+    a = np.abs(np.asarray(hkl, dtype=np.int64))
+    if lattice == "tetragonal":
+        return np.stack([a[:, :2].max(axis=1), a[:, :2].min(axis=1), a[:, 2]], axis=1)
+    if lattice in ("cubic", "rhombohedral"):
+        return -np.sort(-a, axis=1)
+    if lattice == "hexagonal":
+        triple = np.abs(np.stack([hkl[:, 0], hkl[:, 1], hkl[:, 0] + hkl[:, 1]], axis=1))
+        return np.stack([triple.max(axis=1), triple.min(axis=1), a[:, 2]], axis=1)
+    return a
+
+
+def _structure_intensity(hkl: np.ndarray, cell_key: int, lattice: str = "triclinic") -> np.ndarray:
+    """Wilson-distributed relative intensities, fixed per (cell, Laue class of hkl) so frames agree.
 
     An exponential draw per reflection (acentric Wilson statistics) made from a hash of the Miller
     index rather than the frame's generator: the same crystal form gives the same "structure" on
-    every frame.  Hashing |h|, |k|, |l| makes Friedel mates (and sign-flipped indices) equal.
+    every frame.  Hashing :func:`_laue_indices` gives every reflection equivalent under the
+    lattice's Laue symmetry (Friedel mates included) the same intensity.
     """
-    h = np.abs(hkl).astype(np.uint64)
+    h = _laue_indices(hkl, lattice).astype(np.uint64)
     x = (h[:, 0] * np.uint64(73856093)) ^ (h[:, 1] * np.uint64(19349663)) \
         ^ (h[:, 2] * np.uint64(83492791)) ^ np.uint64(cell_key & 0xFFFFFFFF)
     with np.errstate(over="ignore"):
@@ -223,7 +247,7 @@ def _photons(det: DetectorModel, refl: np.ndarray, crystals: list[CrystalTruth],
     for index, crystal in enumerate(crystals):
         sel = refl["crystal"] == index
         key = hash(tuple(round(v, 1) for v in crystal.cell.parameters))
-        wilson[sel] = _structure_intensity(hkl[sel], key)
+        wilson[sel] = _structure_intensity(hkl[sel], key, crystal.cell.lattice)
     q = refl["one_over_d"]
     pos = det.pixel_centre_lab(refl["panel"], refl["fs"], refl["ss"])
     dist = np.linalg.norm(pos, axis=1)

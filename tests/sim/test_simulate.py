@@ -185,3 +185,53 @@ def test_randomised_configs_vary_and_run(cspad):
     for i, cfg in enumerate(configs):
         frame, truth = simulate_frame(cspad, i, cfg)
         assert np.isfinite(np.concatenate([p.ravel() for p in frame.panels])).all()
+
+
+# Generators of each lattice's holohedry acting on (h, k, l) rows, written out independently of the
+# simulator: 4/mmm (c unique), m-3m, 6/mmm (hexagonal axes), -3m (rhombohedral axes), mmm.
+_MMM = [np.diag([-1, 1, 1]), np.diag([1, -1, 1]), np.diag([1, 1, -1])]
+HOLOHEDRY_GENERATORS = {
+    "tetragonal": [np.array([[0, -1, 0], [1, 0, 0], [0, 0, 1]]),  # 4 along c
+                   np.array([[0, 1, 0], [1, 0, 0], [0, 0, -1]]), *_MMM],  # 2 along [110]
+    "cubic": [np.array([[0, 1, 0], [0, 0, 1], [1, 0, 0]]),  # 3 along [111]
+              np.array([[0, 1, 0], [1, 0, 0], [0, 0, 1]]), *_MMM],
+    "hexagonal": [np.array([[1, 1, 0], [-1, 0, 0], [0, 0, 1]]),  # 6 along c
+                  np.array([[0, 1, 0], [1, 0, 0], [0, 0, 1]]), np.diag([1, 1, -1]), -np.eye(3)],
+    "rhombohedral": [np.array([[0, 1, 0], [0, 0, 1], [1, 0, 0]]),  # 3 along [111]
+                     np.array([[0, -1, 0], [-1, 0, 0], [0, 0, -1]]), -np.eye(3)],
+    "orthorhombic": _MMM, "monoclinic": [np.diag([-1, 1, -1]), -np.eye(3)],
+    "triclinic": [-np.eye(3)],
+}
+
+
+@pytest.mark.parametrize("lattice", sorted(HOLOHEDRY_GENERATORS))
+def test_structure_intensities_have_the_symmetry_of_the_lattice(lattice):
+    """Every reflection a lattice symmetry relates gets the same structure intensity, so that an
+    indexer choosing any equivalent setting of the lattice cannot scramble a merge, while
+    unrelated reflections differ (the structure is not flat)."""
+    from peaknet_xtal.sim.simulate import _structure_intensity
+
+    rng = np.random.default_rng(5)
+    hkl = rng.integers(-30, 31, size=(2000, 3))
+    ref = _structure_intensity(hkl, 1234, lattice)
+    for op in HOLOHEDRY_GENERATORS[lattice]:
+        moved = hkl @ op.T.astype(np.int64)
+        np.testing.assert_array_equal(_structure_intensity(moved, 1234, lattice), ref,
+                                      err_msg=f"{lattice}: not invariant under {op.tolist()}")
+    assert np.unique(ref).size > 0.3 * len(ref)
+    assert 0.8 < ref.mean() < 1.2  # Wilson: exponential with mean 1
+
+
+def test_tetragonal_structure_swaps_h_and_k_where_orthorhombic_does_not():
+    """The tetragonal form has the 4/mmm swap (h, k) -> (k, h); an orthorhombic cell of the same
+    hash key keeps the lower mmm symmetry (its a and b differ)."""
+    from peaknet_xtal.sim.simulate import _structure_intensity
+
+    hkl = np.array([[h, k, m] for h in range(1, 12) for k in range(h + 1, 12) for m in range(4)])
+    swapped = hkl[:, [1, 0, 2]]
+    tet = (_structure_intensity(hkl, 77, "tetragonal"),
+           _structure_intensity(swapped, 77, "tetragonal"))
+    ortho = (_structure_intensity(hkl, 77, "orthorhombic"),
+             _structure_intensity(swapped, 77, "orthorhombic"))
+    np.testing.assert_array_equal(*tet)
+    assert np.mean(ortho[0] != ortho[1]) > 0.9

@@ -34,9 +34,10 @@ Measured with the defaults (``merged.md``; 200 frames, 2 CPU cores shared with o
 198 crystals indexed, 25,023 reflections integrated, 3,179 unique reflections compared.  careless:
 CC 0.730 (VI) vs 0.783 (summation) overall, summation ahead in every shell -- VI is NOT at least as
 good here, and careless scores below the plain mean (0.907 VI vs 0.904 summation, VI ahead or level
-in every shell), so this careless setup (no partiality metadata, 5,000 steps) is not yet a good
-merge.  Times: peak finding 349 s, indexing 1,531 s, integration 29 s, export 23 s, careless 250 s
-per merge (about 40 minutes in all).  ``--resume`` keeps finished steps of a previous run.
+in every shell), so this careless setup (no partiality metadata, 5,000 steps; 20,000 steps and a
+Student-t likelihood were no better, ``merged_*.md``) is not yet a good merge.  Times: peak
+finding 349 s, indexing 1,531 s, integration 29 s, export 23 s, careless 250 s per merge (about 40
+minutes in all).  ``--resume`` keeps finished steps of a previous run.
 """
 from __future__ import annotations
 

@@ -198,6 +198,23 @@ def integrate_stream(path: str | os.PathLike[str], geometry: Any,
 
 # ---- DIALS ---------------------------------------------------------------------------------
 
+def _resolution(table: Any, ids: np.ndarray, experiments: Any) -> np.ndarray:
+    """d (Angstrom) per row: the table's own, else from the crystals' cells for indexed rows;
+    NaN where unknown (unindexed rows, id -1, as a raw ``indexed.refl`` holds; experiments
+    without a crystal).  The integrator then takes 1/d as unknown (0)."""
+    from dials.array_family import flex
+
+    if "d" in table:
+        return np.asarray(table["d"].as_numpy_array(), dtype=float)
+    d = np.full(len(ids), np.nan)
+    indexed = ids >= 0
+    if ("miller_index" in table and indexed.any()
+            and all(e.crystal is not None for e in experiments)):
+        subset = table.select(flex.bool(indexed.tolist()))
+        d[indexed] = np.asarray(subset.compute_d(experiments).as_numpy_array())
+    return d
+
+
 def integrate_dials(expt_path: str | os.PathLike[str], refl_path: str | os.PathLike[str],
                     out_path: str | os.PathLike[str], integrator: Integrator, *,
                     gain: float | None = None, read_noise: float = 0.0,
@@ -205,7 +222,8 @@ def integrate_dials(expt_path: str | os.PathLike[str], refl_path: str | os.PathL
     """Integrate the predicted reflections (``xyzcal.px``) of indexed DIALS stills.
 
     Gain: ``gain`` if given, else each panel's dxtbx gain.  Writes a copy of the ``.refl`` with
-    ``intensity.vi.*``, ``background.vi.mean`` and ``intensity.vsum.*`` columns.
+    ``intensity.vi.*``, ``background.vi.mean`` and ``intensity.vsum.*`` columns; rows of no
+    experiment (id -1: unindexed spots of an ``indexed.refl``) keep NaN there.
     """
     from dials.array_family import flex
 
@@ -225,9 +243,7 @@ def integrate_dials(expt_path: str | os.PathLike[str], refl_path: str | os.PathL
     xyz = np.asarray(table["xyzcal.px"].parts()[0].as_numpy_array()), np.asarray(
         table["xyzcal.px"].parts()[1].as_numpy_array())
     panels = np.asarray(table["panel"].as_numpy_array()).astype(np.int32)
-    if "d" not in table:
-        table.compute_d(experiments)
-    d = np.asarray(table["d"].as_numpy_array())
+    d = _resolution(table, ids, experiments)
     for eid, experiment in enumerate(experiments):
         rows = np.flatnonzero(ids == eid)
         if rows.size == 0:

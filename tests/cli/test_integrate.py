@@ -127,3 +127,37 @@ def test_dials_table_gets_vi_columns(run, tmp_path, dials_env):
     strong = rows["snr"] > 10
     assert np.corrcoef(vi[strong], rows["photons"][strong])[0, 1] > 0.95
     assert "intensity.vsum.value" in result and "background.vi.mean" in result
+
+
+def test_dials_table_with_unindexed_rows_and_no_d(run, tmp_path, dials_env):
+    """A raw ``indexed.refl`` has unindexed rows (id -1) and no ``d`` column: the indexed rows are
+    integrated, the others keep NaN; no crash (DIALS' compute_d refuses id -1)."""
+    from dials.array_family import flex
+    from dxtbx.model.experiment_list import ExperimentList, ExperimentListFactory
+
+    from peaknet_xtal.sim.output import read_truth
+
+    experiments = ExperimentListFactory.from_filenames([str(run.cxi)])
+    expt = tmp_path / "frame0.expt"
+    ExperimentList([experiments[0]]).as_file(str(expt))
+    rows = read_truth(run.truth)["reflections"]
+    rows = rows[rows["frame"] == 0]
+    ids = np.zeros(len(rows), dtype=int)
+    ids[::4] = -1
+    table = flex.reflection_table()
+    table["id"] = flex.int(ids.tolist())
+    table["panel"] = flex.size_t(rows["panel"].astype(np.uint64).tolist())
+    table["xyzcal.px"] = flex.vec3_double(list(zip((rows["fs"] + 0.5).tolist(),
+                                                   (rows["ss"] + 0.5).tolist(),
+                                                   [0.0] * len(rows), strict=True)))
+    hkl = np.stack([rows["h"], rows["k"], rows["l"]], axis=1).astype(int).tolist()
+    table["miller_index"] = flex.miller_index([tuple(m) for m in hkl])
+    refl = tmp_path / "indexed.refl"
+    table.as_file(str(refl))
+    out = tmp_path / "out"
+    assert main([str(expt), "--refl", str(refl), "-o", str(out), "--adu-per-photon", "8.5",
+                 "--no-progress"]) == 0
+    result = flex.reflection_table.from_file(str(out / "indexed_vi.refl"))
+    vi = np.asarray(result["intensity.vi.value"].as_numpy_array())
+    assert len(vi) == len(rows)
+    assert np.isnan(vi[ids < 0]).all() and np.isfinite(vi[ids >= 0]).all()

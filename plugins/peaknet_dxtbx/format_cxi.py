@@ -37,6 +37,8 @@ MASK_PATH = "/entry_1/data_1/mask"
 GEOMETRY_ATTR = "peaknet_geometry"
 #: Pixel values beyond +-TRUSTED (and non-finite ones) are untrusted: DIALS masks them.
 TRUSTED = 1e9
+#: What a pixel of a per-frame mask's bad pixels reads as: below the trusted range, so masked.
+MASKED_VALUE = -2 * TRUSTED
 
 #: A child of DIALS' "dxtbx" logger, so dials.import shows the reasons it logs.
 log = logging.getLogger("dxtbx.format.peaknet_cxi")
@@ -163,6 +165,7 @@ class FormatCXIPeakNet(FormatHDF5, FormatStill):
         self._detector_cache = None
         self._beam_cache = None
         self._mask_cache: tuple[Any, ...] | None = None
+        self._mask_stacked = False
         super().__init__(image_file, **kwargs)
 
     def _start(self) -> None:
@@ -197,8 +200,10 @@ class FormatCXIPeakNet(FormatHDF5, FormatStill):
                                   dataset=self._data_path)
             mask_name = self._geometry.mask or MASK_PATH
             stored = h5.get(mask_name)
+            self._mask_stacked = False
             if isinstance(stored, h5py.Dataset):
-                check_mask_dataset(image_file, mask_name, stored, slab, self._n_images, False)
+                check_mask_dataset(image_file, mask_name, stored, slab, self._n_images, True)
+                self._mask_stacked = stored.ndim == len(slab) + 1
             elif self._geometry.mask:
                 raise FormatError(image_file, f"no mask dataset (the geometry {path} names it)",
                                   dataset=mask_name)
@@ -236,11 +241,20 @@ class FormatCXIPeakNet(FormatHDF5, FormatStill):
         with user_errors(self._image_file, f"read frame {index or 0} of {self._data_path}"):
             with h5py.File(self._image_file, "r") as h5:
                 slab = np.asarray(h5[self._data_path][index or 0], dtype=np.float64)
+                frame_mask = (h5[self._geometry.mask or MASK_PATH][index or 0]
+                              if self._mask_stacked else None)
         with np.errstate(invalid="ignore"):
             untrusted = int(np.count_nonzero(~(np.abs(slab) <= TRUSTED)))
         if untrusted:  # DIALS masks them by the trusted range; say so rather than silently
             log.warning("%s frame %d: %d pixels non-finite or beyond the trusted range +-%g are "
                         "masked", self._image_file, index or 0, untrusted, TRUSTED)
+        if frame_mask is not None:
+            # A mask per frame: dxtbx's static mask is one for the whole imageset, so this
+            # frame's bad pixels are set below the trusted range, which DIALS (and
+            # imageset.get_mask) masks frame by frame.
+            from peaknet_xtal.formats.cxi import mask_bits_ok
+
+            slab[~mask_bits_ok(np.asarray(frame_mask), self._geometry)] = MASKED_VALUE
         return tuple(flex.double(np.ascontiguousarray(p, dtype=np.float64))
                      for p in self._geometry.split_slab(slab))
 
@@ -303,7 +317,8 @@ class FormatCXIPeakNet(FormatHDF5, FormatStill):
             with user_errors(self._image_file, "read its mask"):
                 with h5py.File(self._image_file, "r") as h5:
                     stored = h5.get(self._geometry.mask or MASK_PATH)
-                    if isinstance(stored, h5py.Dataset):  # shape checked in _check
+                    # shape checked in _check; a mask per frame acts in get_raw_data
+                    if isinstance(stored, h5py.Dataset) and not self._mask_stacked:
                         good = self._geometry.split_slab(mask_bits_ok(stored[()],
                                                                       self._geometry))
                         masks = [m & g for m, g in zip(masks, good, strict=True)]

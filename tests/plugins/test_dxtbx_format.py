@@ -175,3 +175,35 @@ def test_panel_gain_is_the_one_every_reader_resolves(runs, dials_env, tmp_path):
     assert gains == {round(expected, 9)}
     geometry = read_geometry(tmp_path / "evgain.geom")
     assert resolve_gain(geometry=geometry, wavelength_A=wavelength) == pytest.approx(expected)
+
+
+def test_a_mask_per_frame_masks_each_frame_its_own_pixels(runs, dials_env, tmp_path):
+    """CrystFEL reads a mask stack (one mask per frame, as peaknet2cxi writes in its CXI copies);
+    DIALS must see each frame's own bad pixels masked, and only those."""
+    import h5py
+    from dxtbx.model.experiment_list import ExperimentListFactory
+
+    from peaknet_xtal.formats.cxi import DATA_PATH, MASK_PATH
+
+    hit, _ = runs
+    geometry = read_geometry(hit.geom)
+    with h5py.File(hit.cxi, "r") as src:
+        frame = src[DATA_PATH][0]
+    stack = tmp_path / "perframe.cxi"
+    masks = np.ones((2, *frame.shape), dtype=np.uint16)
+    masks[0, 10:20, 30:40] = 0
+    masks[1, 50:55, 5:25] = 0
+    with h5py.File(stack, "w") as out:
+        out[DATA_PATH] = np.stack([frame, frame])
+        out[MASK_PATH] = masks
+    (tmp_path / "perframe.geom").write_text(
+        geometry.to_text(mask=MASK_PATH, mask_good="0x1", mask_bad=None))
+    experiments = ExperimentListFactory.from_filenames([str(stack)])
+    assert len(experiments) == 2  # stills: one experiment (and imageset) per frame
+    for index, experiment in enumerate(experiments):
+        good = [np.asarray(m.as_numpy_array(), dtype=bool)
+                for m in experiment.imageset.get_mask(0)]
+        expected = geometry.split_slab(masks[index].astype(bool))
+        static = geometry.bad_pixel_masks()
+        for g, e, st in zip(good, expected, static, strict=True):
+            np.testing.assert_array_equal(g, e & st)

@@ -41,7 +41,7 @@ import re
 import sys
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -245,7 +245,8 @@ def _run_serial(config: dict[str, Any]) -> dict[str, Any]:
     total = _count_frames(inputs, geometry)
     try:
         with Progress(total, "frames", desc="peaknet2cxi", enabled=bool(config["progress"])) as bar:
-            frames = _pending(inputs, geometry, done_cxi | set(), done_stream, stats, bar)
+            frames = _pending(inputs, geometry, done_cxi | set(), done_stream, stats, bar,
+                              engine.observe)
             for result in engine.find_frames(frames):
                 if seen_geometry[0] is None:
                     seen_geometry[0] = result.frame.geometry
@@ -445,10 +446,12 @@ def _count_frames(inputs: list[dict[str, Any]], geometry: Any) -> int | None:
 
 
 def _pending(inputs: list[dict[str, Any]], geometry: Any, done_cxi: set[tuple[str, str]],
-             done_stream: set[tuple[str, str]], stats: _Stats, bar: Progress) -> Iterator[Frame]:
+             done_stream: set[tuple[str, str]], stats: _Stats, bar: Progress,
+             observe: Callable[[Frame], None] | None = None) -> Iterator[Frame]:
     """Frames not yet in every output, input by input (a bad input fails after the good ones
     before it were processed).  An input without frames is reported; events a list asks for
-    that the file lacks are an error naming both."""
+    that the file lacks are an error naming both.  Frames already done go to ``observe`` (the
+    engine's run-level measurements, e.g. the gain, see them as an uninterrupted run would)."""
     for entry in inputs:
         source = _open(entry, geometry)
         seen: set[str] = set()
@@ -460,6 +463,8 @@ def _pending(inputs: list[dict[str, Any]], geometry: Any, done_cxi: set[tuple[st
                 if entry["events"] is not None and frame.event not in entry["events"]:
                     continue
                 if frame.key in done_cxi and frame.key in done_stream:
+                    if observe is not None:
+                        observe(frame)
                     stats.skipped += 1
                     bar.update(1)
                     continue

@@ -361,6 +361,14 @@ class InferenceEngine:
         return FrameResult(frame=frame, peaks=peaks, hit=is_hit(peaks, self.peak_params.min_peaks),
                            prob_maps=probs if self.keep_prob_maps else None, peak_pixels=pixels)
 
+    def observe(self, frame: Frame) -> None:
+        """Count a frame the run does not process (done by an interrupted earlier run) towards
+        the gain measured from the data, so that a resumed run measures it on the same first
+        frames as an uninterrupted one and finds the same peaks."""
+        if self.peak_params.adu_per_photon is None:
+            self._gain_from_data(resolve_gain(meta=frame.meta, geometry=frame.geometry),
+                                 frame.panels, frame.masks)
+
     def params_for(self, frame: Frame) -> PeakParams:
         """The peak settings for one frame: the engine's, with the frame's own gain when the
         engine was given none."""

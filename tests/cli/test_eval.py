@@ -1,8 +1,8 @@
 """peaknet-eval through main() on a tiny simulated run: tuned classic finders, report numbers.
 
 Real components throughout: a simulated CSPAD 2x2 run on disk, peakfinder8 (cfelpyutils) and
-DIALS' dispersion threshold, matplotlib PNGs.  Frames (seeds 8, 9, 10): a hit with 30 strong
-reflections (used only to tune), a hit with 76 and a blank.
+DIALS' dispersion threshold, matplotlib PNGs.  Frames (seeds 8, 9, 10): a hit (used only to
+tune), a hit and a blank.
 """
 from __future__ import annotations
 
@@ -43,9 +43,9 @@ def test_eval_cli_tunes_scores_and_draws(sim_run, tmp_path, capsys, dials_env):
     for label in ("peakfinder8", "dispersion"):
         entry = report["finders"][label]
         acc = entry["accuracy"]
-        assert acc["n_true"] == n_strong[1] + n_strong[2] == 76
+        assert acc["n_true"] == n_strong[1] + n_strong[2] and n_strong[2] == 0 < n_strong[1]
         assert acc["n_found"] == sum(entry["peaks_per_frame"])
-        assert acc["recall"] == pytest.approx(acc["n_matched"] / 76)
+        assert acc["recall"] == pytest.approx(acc["n_matched"] / n_strong[1])
         assert acc["precision"] == pytest.approx(acc["n_correct"] / acc["n_found"])
         # Tuned baselines on a clean simulated hit find most strong spots, few false ones.
         assert acc["f1"] > 0.6 and acc["median_error_px"] < 1.0, (label, acc)

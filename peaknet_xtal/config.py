@@ -200,11 +200,12 @@ def resolve(
 
 def resolve_or_exit(parser: argparse.ArgumentParser, defaults: Mapping[str, Any],
                     args: argparse.Namespace | Mapping[str, Any], *,
+                    config_file: str | os.PathLike[str] | None = None,
                     types: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """:func:`resolve` for a command line: a :class:`ConfigError` becomes the parser's usage
     error (exit status 2, the file and key named), never a traceback."""
     try:
-        return resolve(defaults, args, types=types)
+        return resolve(defaults, args, config_file, types=types)
     except ConfigError as exc:
         parser.error(str(exc))
 

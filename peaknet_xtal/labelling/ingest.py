@@ -318,15 +318,21 @@ class FrameLoader:
         if key in self._open:
             self._open.move_to_end(key)
             return self._open[key]
+        missing = FormatError(image, f"image of event {record.event} not found (from "
+                              f"{record.source}; use --prefix to say where the images are)")
         types = source_types()
         kind = record.kind or next((name for name, t in types.items() if t.sniff(image)), None)
-        if kind is None or (not os.path.exists(image) and kind in ("cxi", "dxtbx")):
+        if kind is None:
             if not os.path.exists(image):
-                raise FormatError(image, f"image of event {record.event} not found (from "
-                                  f"{record.source}; use --prefix to say where the images are)")
+                raise missing
             raise FormatError(image, f"no registered frame source reads it ({sorted(types)}); "
                               f"named by {record.source}")
-        source = open_source(image, kind, geometry=geometry)
+        try:
+            source = open_source(image, kind, geometry=geometry)
+        except FormatError as exc:  # a file source's own "no such file": say where to look
+            if os.path.exists(image):
+                raise
+            raise missing from exc
         self._open[key] = source
         while len(self._open) > self.keep_open:
             self._open.popitem(last=False)[1].close()

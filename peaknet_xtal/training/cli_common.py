@@ -5,7 +5,7 @@ import argparse
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from peaknet_xtal.config import ConfigError, cli_parser, resolve, setup_logging
+from peaknet_xtal.config import cli_parser, resolve_or_exit, setup_logging
 
 
 def training_parser(doc: str | None, prog: str) -> argparse.ArgumentParser:
@@ -27,7 +27,5 @@ def parse_training_args(parser: argparse.ArgumentParser, defaults: dict[str, Any
     """Resolved, validated settings: defaults < CONFIG.yaml < command line."""
     args = vars(parser.parse_args(argv))
     setup_logging(args.pop("verbose", 0))
-    try:
-        return resolve(defaults, args, config_file=args.pop("config_file"), types=types)
-    except ConfigError as exc:
-        parser.error(str(exc))
+    return resolve_or_exit(parser, defaults, args, config_file=args.pop("config_file"),
+                           types=types)

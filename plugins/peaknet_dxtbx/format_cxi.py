@@ -166,6 +166,7 @@ class FormatCXIPeakNet(FormatHDF5, FormatStill):
         self._beam_cache = None
         self._mask_cache: tuple[Any, ...] | None = None
         self._mask_stacked = False
+        self._mask_path = MASK_PATH
         super().__init__(image_file, **kwargs)
 
     def _start(self) -> None:
@@ -198,7 +199,7 @@ class FormatCXIPeakNet(FormatHDF5, FormatStill):
                 raise FormatError(image_file, f"frames have shape {tuple(data.shape[1:])}, but "
                                   f"the geometry {path} describes {slab}",
                                   dataset=self._data_path)
-            mask_name = self._geometry.mask or MASK_PATH
+            self._mask_path = mask_name = self._geometry.mask or MASK_PATH
             stored = h5.get(mask_name)
             self._mask_stacked = False
             if isinstance(stored, h5py.Dataset):
@@ -241,8 +242,7 @@ class FormatCXIPeakNet(FormatHDF5, FormatStill):
         with user_errors(self._image_file, f"read frame {index or 0} of {self._data_path}"):
             with h5py.File(self._image_file, "r") as h5:
                 slab = np.asarray(h5[self._data_path][index or 0], dtype=np.float64)
-                frame_mask = (h5[self._geometry.mask or MASK_PATH][index or 0]
-                              if self._mask_stacked else None)
+                frame_mask = h5[self._mask_path][index or 0] if self._mask_stacked else None
         with np.errstate(invalid="ignore"):
             untrusted = int(np.count_nonzero(~(np.abs(slab) <= TRUSTED)))
         if untrusted:  # DIALS masks them by the trusted range; say so rather than silently
@@ -316,7 +316,7 @@ class FormatCXIPeakNet(FormatHDF5, FormatStill):
             masks = self._geometry.bad_pixel_masks()
             with user_errors(self._image_file, "read its mask"):
                 with h5py.File(self._image_file, "r") as h5:
-                    stored = h5.get(self._geometry.mask or MASK_PATH)
+                    stored = h5.get(self._mask_path)
                     # shape checked in _check; a mask per frame acts in get_raw_data
                     if isinstance(stored, h5py.Dataset) and not self._mask_stacked:
                         good = self._geometry.split_slab(mask_bits_ok(stored[()],

@@ -99,3 +99,15 @@ def sim_run(tmp_path_factory: pytest.TempPathFactory) -> Any:
     """Six simulated two-panel frames and their truth stream (``simdata.SimRun``), shared by the
     engine tests and stream2labels (a test module may override it with its own ``sim_run``)."""
     return simdata.make_sim_run(tmp_path_factory.mktemp("simrun"))
+
+
+@pytest.fixture
+def one_torch_thread() -> Any:
+    """One torch thread for a test: on a busy machine two threads of small ops wait on each
+    other.  The previous count comes back afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -37,12 +37,7 @@ class LocalThreshold(nn.Module):
         return torch.cat([torch.zeros_like(z), peak], dim=1)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def strong_panel(rng: np.random.Generator, shape: tuple[int, int],

@@ -9,14 +9,7 @@ from peaknet_xtal.model.layers import standardise
 from peaknet_xtal.model.layers.local_norm import background_maps, local_normalise
 from peaknet_xtal.sim.artifacts import correlated_noise
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: on a busy machine two threads of small ops wait on each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _z(image: np.ndarray, valid: np.ndarray | None = None, local: bool = True) -> np.ndarray:

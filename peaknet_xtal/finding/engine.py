@@ -363,11 +363,14 @@ class InferenceEngine:
 
     def observe(self, frame: Frame) -> None:
         """Count a frame the run does not process (done by an interrupted earlier run) towards
-        the gain measured from the data, so that a resumed run measures it on the same first
-        frames as an uninterrupted one and finds the same peaks."""
+        the run-level measurements -- the gain measured from the data and the pixel defects --
+        so that a resumed run measures them on the same frames as an uninterrupted one and
+        finds the same peaks."""
         if self.peak_params.adu_per_photon is None:
             self._gain_from_data(resolve_gain(meta=frame.meta, geometry=frame.geometry),
                                  frame.panels, frame.masks)
+        _, goods, _ = sanitise_frame(frame.panels, frame.masks)
+        self.defects.tracker.update(frame.panels, goods)
 
     def params_for(self, frame: Frame) -> PeakParams:
         """The peak settings for one frame: the engine's, with the frame's own gain when the

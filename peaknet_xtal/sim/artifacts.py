@@ -12,6 +12,7 @@ saturation, peaks that must stay peaks).  ``training.data.Augment`` applies them
 from __future__ import annotations
 
 import numpy as np
+from scipy.special import expit  # the logistic step of a shadow edge, without overflow
 
 
 def smooth_field(rng: np.random.Generator, shape: tuple[int, int], level: float,
@@ -33,7 +34,7 @@ def smooth_field(rng: np.random.Generator, shape: tuple[int, int], level: float,
     elif kind == 1:  # a soft shadow edge (kapton tape, nozzle)
         edge = np.cos(angle + 1.0) * (xx - rng.uniform(0, w)) + np.sin(angle + 1.0) * (
             yy - rng.uniform(0, h))
-        field = field * (1 - rng.uniform(0.3, 0.8) / (1 + np.exp(-edge / rng.uniform(1, 8))))
+        field = field * (1 - rng.uniform(0.3, 0.8) * expit(edge / rng.uniform(1, 8)))
     return np.maximum(field, 0.0)
 
 

@@ -79,15 +79,27 @@ def index_frames(imported: Path, tables: Sequence[np.ndarray], workdir: Path,
 def _index_one(single: Any, peaks: np.ndarray, folder: Path, options: Sequence[str],
                env: dict[str, str]) -> IndexingResult:
     """``dials.index`` one frame's peaks in ``folder``; a DIALS failure is a non-indexed frame."""
-    from peaknet_xtal.evaluation.dials_commands import DialsCommandError, run_dials
     from peaknet_xtal.formats.dials_tables import write_strong_refl
 
     folder.mkdir(parents=True, exist_ok=True)
     single.as_file(str(folder / "imported.expt"))
     write_strong_refl(folder / "strong.refl", [peaks], experiments=single)
+    return index_strong(folder, options, env)
+
+
+def index_strong(folder: Path, options: Sequence[str], env: dict[str, str] | None = None
+                 ) -> IndexingResult:
+    """``dials.index imported.expt strong.refl`` in ``folder`` (files any finder wrote, e.g.
+    ``dials.find_spots``); a DIALS failure is a non-indexed frame, with DIALS' last words."""
+    from peaknet_xtal.evaluation.dials_commands import (
+        DialsCommandError,
+        dials_environment,
+        run_dials,
+    )
+
     try:
-        run_dials("index", "imported.expt", "strong.refl", *options, cwd=folder, env=env,
-                  timeout=600)
+        run_dials("index", "imported.expt", "strong.refl", *options, cwd=folder,
+                  env=dials_environment() if env is None else env, timeout=600)
     except DialsCommandError as exc:
         return IndexingResult(False, message=str(exc).splitlines()[-1][:200])
     return _read_indexed(folder)

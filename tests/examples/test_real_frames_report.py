@@ -1,0 +1,70 @@
+"""The real-frames report's scoring against DIALS' reference spot list (L-cysteine frames).
+
+A stand-in finder that reports exactly the reference spots must score recall and precision 1;
+one that reports them far from any spot must score 0 -- so the report's matching of
+frames to reference spots (sweep and image from the file name, shoebox z range) and of peaks to
+spots can fail.  The full report runs the shipped model: ``examples/real_frames_report.py``.
+"""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pytest
+
+from peaknet_xtal.types import empty_peaks
+
+pytestmark = pytest.mark.dials
+
+SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "real_frames_report.py"
+
+
+def load_report() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("real_frames_report", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class ReferenceFinder:
+    """Reports the reference spots of the frame it is given, shifted by ``shift`` px."""
+
+    def __init__(self, report: ModuleType, shift: float) -> None:
+        self.reference = report.reference_spots()
+        self.shift = shift
+
+    def find(self, imageset, index: int = 0) -> np.ndarray:
+        name = Path(imageset.get_path(index)).name
+        sweep, image = (int(v) - 1 for v in name.split(".")[0].split("_")[-2:])
+        spots = self.reference.get((sweep, image), np.zeros((0, 2)))
+        peaks = empty_peaks(len(spots))
+        peaks["fs"], peaks["ss"] = spots[:, 0] + self.shift, spots[:, 1]
+        return peaks
+
+
+@pytest.fixture(scope="module")
+def report(real_data) -> ModuleType:
+    return load_report()
+
+
+def test_reference_spots_cover_the_shared_frames(report):
+    spots = report.reference_spots()
+    frames = {(int(n.split("_")[-2]) - 1, int(n.split("_")[-1].split(".")[0]) - 1)
+              for n in (p.name for p in report.CYSTEINE.glob("*.cbf.bz2"))}
+    assert frames <= set(spots)  # every shared frame has reference spots on it
+    for xy in spots.values():
+        assert np.all((xy >= 0) & (xy < [1475, 1679]))  # inside the Pilatus 2M panel (fs, ss)
+
+
+@pytest.mark.parametrize("shift,expected", [(0.0, 1.0), (5000.0, 0.0)])  # 5000: off the panel
+def test_scores_follow_where_the_peaks_are(report, tmp_path, shift, expected):
+    from peaknet_xtal.evaluation.finders import DispersionFinder
+
+    result = report.cysteine(ReferenceFinder(report, shift), DispersionFinder(), tmp_path)
+    assert result["recall"] == pytest.approx(expected)
+    assert result["precision"] == pytest.approx(expected)
+    assert result["met"] is (expected == 1.0)
+    assert len(result["frames"]) == 13 and (tmp_path / "lcysteine.png").exists()

@@ -71,6 +71,7 @@ from __future__ import annotations
 import argparse
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -129,6 +130,7 @@ def simulate_bank(path: Path, frames: int, per_frame: int = 6) -> Path:
             frame, truth = simulate_frame(geometries[name], int(rng.integers(1 << 31)), config)
             counts = np.array([m.sum() for m in truth.peak_masks], float)
             order = np.argsort(-counts)[:3] if counts.any() else [int(rng.integers(len(counts)))]
+            assert frame.masks is not None  # the simulator always gives masks
             for p in order:
                 tiles += tiles_of(frame.panels[p].astype(np.float32), frame.masks[p],
                                   truth.peak_masks[p], rng, per_frame // 3 + 1)
@@ -217,6 +219,7 @@ def calibrate(model_path: Path, frames: list[tuple], max_blank_peaks: float) -> 
         triples, blanks = [], []
         for frame, truth, result in results:
             params = replace(engine.params_for(frame), threshold=t)
+            assert result.prob_maps is not None  # keep_prob_maps
             found = find_peaks(frame.panels, result.prob_maps, frame.masks, params,
                                geometry=frame.geometry,
                                wavelength_A=frame.meta.get("wavelength_A"))
@@ -240,15 +243,39 @@ def calibrate(model_path: Path, frames: list[tuple], max_blank_peaks: float) -> 
     return out
 
 
+BASELINE = ROOT / "benchmarks" / "baseline" / "default_v1.safetensors"
+
+
+def select(candidate: Path, baseline: Path, frames: list[tuple]) -> tuple[bool, dict]:
+    """Stage 4: the candidate replaces the baseline only if its simulated validation F1 is no
+    lower and it gives no more false peaks per blank (a tie within 0.0005 F1 counts as equal)."""
+    scores = {"baseline": validation_score(baseline, frames),
+              "candidate": validation_score(candidate, frames)}
+    for label, score in scores.items():
+        print(f"{label}: simulated validation F1 {score['f1']:.3f}, "
+              f"{score['blank_false_peaks']:.1f} false peaks per blank")
+    better = (scores["candidate"]["f1"] >= scores["baseline"]["f1"] - 0.0005
+              and scores["candidate"]["blank_false_peaks"]
+              <= scores["baseline"]["blank_false_peaks"])
+    return better, scores
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", choices=("swift", "v1"), default="swift",
+                        help="swift: the current default (stages 1-4 above); v1: the previous "
+                             "default (benchmarks/baseline/default_v1.*): the zepto-backbone "
+                             "'default' architecture, global normalisation, then the local "
+                             "fine-tune it did not install")
     parser.add_argument("--frames", type=int, default=320)
-    parser.add_argument("--steps", type=int, default=10000, help="stage-1 steps")
-    parser.add_argument("--finetune-steps", type=int, default=2000, help="stage-2 steps")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="training steps (swift: 14000; v1 stage 1: 10000)")
+    parser.add_argument("--finetune-steps", type=int, default=2000, help="v1's fine-tune steps")
     parser.add_argument("--init", default=None, metavar="WEIGHTS",
-                        help="skip stage 1 and fine-tune these weights (e.g. the previous "
-                             "default, which stage 1 rebuilds)")
+                        help="v1 only: skip its stage 1 and fine-tune these weights")
+    parser.add_argument("--baseline", default=str(BASELINE), metavar="WEIGHTS",
+                        help="the model a new default must not be worse than")
     parser.add_argument("--work", default="runs/default")
     parser.add_argument("--no-install", action="store_true", help="do not copy into the package")
     parser.add_argument("--real-labels", nargs="+", default=[], metavar="LABELS.h5",
@@ -261,17 +288,55 @@ def main(argv: list[str] | None = None) -> int:
 
     from peaknet_xtal.cli.train import main as train_main
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     work = Path(args.work)
     started = time.time()
+    # Stage 1: the training bank
     bank = simulate_bank(work / "bank.h5", args.frames)
+    if args.recipe == "v1":
+        stage1, stage2 = _train_v1(args, work, bank, train_main)
+        print(f"trained in {(time.time() - started) / 60:.1f} min")
+        frames = validation_frames()
+        stage2 = calibrate(stage2, frames,
+                           max(validation_score(stage1, frames)["blank_false_peaks"], 1.0))
+        better, _ = select(stage2, stage1, frames)
+        # v1 installed stage 1 when the fine-tune did not beat it
+        candidate, better = (stage2, True) if better else (stage1, True)
+    else:
+        # Stage 2: train ``swift`` from scratch (local normalisation, hard negatives)
+        train_main([str(ROOT / "examples" / "configs" / "train_swift.yaml"), "--out",
+                    str(work / "swift"), "--schedule.steps", str(args.steps or 14000),
+                    "--data.paths", str(bank), *args.real_labels])
+        print(f"trained in {(time.time() - started) / 60:.1f} min")
+        # Stage 3: calibration, on simulated validation frames only (never acceptance frames):
+        # the best-F1 threshold with no more false peaks per blank than the baseline gives
+        frames = validation_frames()
+        baseline = validation_score(Path(args.baseline), frames)
+        candidate = calibrate(work / "swift" / "model.safetensors", frames,
+                              max(baseline["blank_false_peaks"], 1.0))
+        # Stage 4: selection against the baseline on the same frames
+        better, _ = select(candidate, Path(args.baseline), frames)
+    if not args.no_install and better:
+        target = ROOT / "peaknet_xtal" / "model" / "weights"
+        shutil.copyfile(candidate, target / "default.safetensors")
+        shutil.copyfile(candidate.with_suffix(".json"), target / "default.json")
+        print(f"installed {target / 'default.safetensors'}")
+    elif not better:
+        print("the candidate does not match the baseline on simulated validation: not installed")
+    return 0
+
+
+def _train_v1(args: argparse.Namespace, work: Path, bank: Path,
+              train_main: Any) -> tuple[Path, Path]:
+    """The previous default's recipe: ``default`` with global normalisation (stage 1), then a
+    local-normalisation fine-tune (stage 2; v1 shipped stage 1: the fine-tune did not beat it)."""
+    import yaml
+
     stage1 = Path(args.init) if args.init else work / "train" / "model.safetensors"
     if not args.init:
         train_main([str(ROOT / "examples" / "configs" / "train_default.yaml"), "--out",
-                    str(work / "train"), "--schedule.steps", str(args.steps),
+                    str(work / "train"), "--schedule.steps", str(args.steps or 10000),
                     "--data.paths", str(bank), *args.real_labels])
-    import yaml
-
     stage2 = yaml.safe_load((ROOT / "examples" / "configs" / "train_default_local.yaml")
                             .read_text())
     stage2["model"]["init"] = str(stage1.resolve())
@@ -279,27 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     stage2_config.write_text(yaml.safe_dump(stage2))
     train_main([str(stage2_config), "--out", str(work / "finetune"), "--schedule.steps",
                 str(args.finetune_steps), "--data.paths", str(bank), *args.real_labels])
-    minutes = (time.time() - started) / 60
-    print(f"trained in {minutes:.1f} min")
-    # Model selection on simulated validation frames only (never on the real acceptance frames)
-    frames = validation_frames()
-    baseline = validation_score(stage1, frames)
-    candidate = calibrate(work / "finetune" / "model.safetensors", frames,
-                          max(baseline["blank_false_peaks"], 1.0))
-    scores = {"stage 1": baseline, "stage 2": validation_score(candidate, frames)}
-    for label, score in scores.items():
-        print(f"{label}: simulated validation F1 {score['f1']:.3f}, "
-              f"{score['blank_false_peaks']:.1f} false peaks per blank")
-    better = (scores["stage 2"]["f1"] >= scores["stage 1"]["f1"] - 0.005
-              and scores["stage 2"]["blank_false_peaks"] <= scores["stage 1"]["blank_false_peaks"])
-    if not args.no_install and better:
-        target = ROOT / "peaknet_xtal" / "model" / "weights"
-        shutil.copyfile(candidate, target / "default.safetensors")
-        shutil.copyfile(candidate.with_suffix(".json"), target / "default.json")
-        print(f"installed {target / 'default.safetensors'}")
-    elif not better:
-        print("stage 2 does not beat stage 1 on simulated validation: not installed")
-    return 0
+    return stage1, work / "finetune" / "model.safetensors"
 
 
 if __name__ == "__main__":

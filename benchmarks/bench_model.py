@@ -13,6 +13,28 @@ stitching; plain and fused); images/s at batch 1 and 8 on one CSPAD panel stack.
 parameters and FLOPs per megapixel of every registered size (counted on the meta device).
 ``--clock cpu`` times with the process's CPU time instead of the wall clock: on a machine other
 jobs share, waiting for a core then does not count (with one thread it is the single-core cost).
+``--model WEIGHTS`` times a candidate in the default's place; ``--profile`` prints CPU seconds
+per stage of one CSPAD frame through the engine (fused), new and previous side by side.
+
+Measured (``--threads 1 --clock cpu --profile --model`` the ``swift`` candidate, busy 2-core
+machine; DIALS dispersion 0.024 s on CSPAD, 0.061 s on Pilatus 6M in the same run):
+
+| per frame, one thread | previous (v1) | swift | speed-up |
+|---|---|---|---|
+| CSPAD, model per panel, as trained | 1.54 s (65x) | 0.65 s (27x) | 2.4x |
+| CSPAD, engine, fused | 0.76 s (32x) | 0.43 s (18x) | 1.8x |
+| Pilatus 6M, model, fused | 2.36 s (38x) | 1.15 s (19x) | 2.1x |
+| Pilatus 6M, engine, fused | 4.46 s (73x) | 2.13 s (35x) | 2.1x |
+
+Where the time goes (CSPAD frame, engine, fused, CPU s; v1 / swift): input normalisation
+0.082 / 0.063 (v1 global, swift local, whole panels batched); stem 0.015 / 0.013; backbone
+stages 0.100, 0.072, 0.084, 0.042 / 0.046, 0.038, 0.043 (three levels); BiFPN neck 0.167 /
+0.005 (adapters only); head branches 0.115 / 0.037; full-resolution logits + bilinear x4 0.050 /
+0.047, learned x4 upsampling 0.042 / 0.035, mask 0.017 / 0.017; engine rest (tiles,
+probability, stitching) 0.037 / 0.026; total 0.82 / 0.37.  What is left in swift is about half
+full-resolution passes (normalisation, logits, upsampling, mask: 0.16 s) that no narrower
+network removes; the 5x of issue 17 needs those cut too (e.g. logits and probability at
+stride 4 with a cheap final upsampling, or the network only on candidate regions).
 """
 from __future__ import annotations
 
@@ -165,6 +187,8 @@ def main() -> int:
     parser.add_argument("--profile", action="store_true",
                         help="also print CPU seconds per model stage on the CSPAD frame")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall")
+    parser.add_argument("--model", default="default",
+                        help="the model to time as the default (a weights path for a candidate)")
     args = parser.parse_args()
 
     import torch
@@ -177,7 +201,7 @@ def main() -> int:
     CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     torch.set_num_threads(args.threads)
     print(f"{args.threads} thread(s), best of {args.repeat}, {args.clock} clock")
-    trained = {"default": load_model("default")}
+    trained = {"default": load_model(args.model)}
     if BASELINE.exists():
         trained["previous"] = load_model(str(BASELINE))
     models, engines = {}, {}
@@ -220,7 +244,8 @@ def main() -> int:
         panels = read_panels(frames["CSPAD 2.3 Mpx"])
         stages = {name: profile_stages(engines[f"{name}, engine fused"], panels, args.repeat)
                   for name in trained}
-        keys = list(dict.fromkeys(k for st in stages.values() for k in st))
+        keys = list(dict.fromkeys(k for st in sorted(stages.values(), key=len, reverse=True)
+                                  for k in st))
         print("\nCPU seconds per stage, CSPAD frame, engine, fused: "
               + "  ".join(f"{name}" for name in stages))
         for key in keys:

@@ -256,8 +256,8 @@ def main() -> int:
         for batch in (1, 8):
             x = panel.expand(batch, 1, *panel.shape[-2:]).contiguous()
             with torch.inference_mode():
-                seconds = best_of(lambda m=model, x=x: m(x), args.repeat)
-            print(f"{name}, batch {batch}: {batch / seconds:8.1f} images/s "
+                per_batch = best_of(lambda m=model, x=x: m(x), args.repeat)
+            print(f"{name}, batch {batch}: {batch / per_batch:8.1f} images/s "
                   f"(CSPAD panel {tuple(x.shape[-2:])})")
     if not args.skip_sizes:
         print(f"\n{'size':18s} {'params (M)':>11s} {'GFLOP/Mpx':>10s}")

@@ -105,6 +105,10 @@ def _axis_tiles(length: int, size: int, overlap: int) -> list[tuple[int, int, sl
     if length <= size:
         return [(0, length, slice(0, length))]
     count = -(-(length - overlap) // (size - overlap))  # fewest tiles with >= overlap shared
+    # ... each no larger than that needs (rounded up to the model's 32-px padding multiple): a
+    # 2463-px Pilatus side takes three 864-px tiles, not three of 1024 (1.25x the pixels a side)
+    needed = -(-(length + overlap * (count - 1)) // count)
+    size = min(size, -(-needed // MIN_TILE) * MIN_TILE)
     starts = np.linspace(0, length - size, count).round().astype(int).tolist()
     middles = [(starts[i + 1] + starts[i] + size) // 2 for i in range(len(starts) - 1)]
     cuts = [0] + middles + [length]

@@ -314,9 +314,9 @@ class InferenceEngine:
     def _normalise_panels(self, model: Any, panels: list[np.ndarray],
                           goods: list[np.ndarray]) -> list[np.ndarray]:
         """Each whole panel through ``model.normalise``, panels of one shape in one batch: the
-        normalisation works per image, so batching changes nothing but the per-call overhead,
-        which dominates on the many small panels of a CSPAD (64 ASICs: 0.16 -> 0.08 s a frame,
-        one thread)."""
+        normalisation works per image, so batching changes nothing but float32 rounding and the
+        per-call overhead, which dominates on the many small panels of a CSPAD (64 ASICs:
+        0.16 -> 0.08 s a frame, one thread)."""
         import torch
 
         out: list[Any] = [None] * len(panels)

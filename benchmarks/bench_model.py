@@ -16,25 +16,30 @@ jobs share, waiting for a core then does not count (with one thread it is the si
 ``--model WEIGHTS`` times a candidate in the default's place; ``--profile`` prints CPU seconds
 per stage of one CSPAD frame through the engine (fused), new and previous side by side.
 
-Measured (``--threads 1 --clock cpu --profile --model`` the ``swift`` candidate, busy 2-core
-machine; DIALS dispersion 0.024 s on CSPAD, 0.061 s on Pilatus 6M in the same run):
+Measured (``--threads 1 --clock cpu --model benchmarks/candidates/swift.safetensors``, busy
+2-core machine; DIALS dispersion 0.034 s on CSPAD, 0.059 s on Pilatus 6M in the same run):
 
-| per frame, one thread | previous (v1) | swift | speed-up |
+| per frame, one thread | previous (v1, still installed) | swift (candidate) | speed-up |
 |---|---|---|---|
-| CSPAD, model per panel, as trained | 1.54 s (65x) | 0.65 s (27x) | 2.4x |
-| CSPAD, engine, fused | 0.76 s (32x) | 0.43 s (18x) | 1.8x |
-| Pilatus 6M, model, fused | 2.36 s (38x) | 1.15 s (19x) | 2.1x |
-| Pilatus 6M, engine, fused | 4.46 s (73x) | 2.13 s (35x) | 2.1x |
+| CSPAD, model per panel, as trained | 1.36 s (40x) | 0.66 s (19x) | 2.1x |
+| CSPAD, engine, fused | 0.67 s (20x) | 0.45 s (13x) | 1.5x |
+| Pilatus 6M, model, fused | 2.24 s (38x) | 1.12 s (19x) | 2.0x |
+| Pilatus 6M, engine, fused | 2.15 s (36x) | 1.07 s (18x) | 2.0x |
 
-Where the time goes (CSPAD frame, engine, fused, CPU s; v1 / swift): input normalisation
-0.082 / 0.063 (v1 global, swift local, whole panels batched); stem 0.015 / 0.013; backbone
-stages 0.100, 0.072, 0.084, 0.042 / 0.046, 0.038, 0.043 (three levels); BiFPN neck 0.167 /
-0.005 (adapters only); head branches 0.115 / 0.037; full-resolution logits + bilinear x4 0.050 /
-0.047, learned x4 upsampling 0.042 / 0.035, mask 0.017 / 0.017; engine rest (tiles,
-probability, stitching) 0.037 / 0.026; total 0.82 / 0.37.  What is left in swift is about half
-full-resolution passes (normalisation, logits, upsampling, mask: 0.16 s) that no narrower
-network removes; the 5x of issue 17 needs those cut too (e.g. logits and probability at
-stride 4 with a cheap final upsampling, or the network only on candidate regions).
+The engine's tiles of a large panel are no larger than the cover needs (nine 896 x 864 tiles
+of a Pilatus 6M, not nine of 1024): v1 through the engine, fused, 4.46 s (73x) before, 2.15 s
+(36x) after, one run each.  Ratios move by a third between runs on the busy machine (DIALS took
+0.024-0.042 s on the same CSPAD frame); compare columns of one run.
+
+Where the time goes (``--profile``, an earlier run; CSPAD frame, engine, fused, CPU s; v1 /
+swift): input normalisation 0.082 / 0.063 (v1 global, swift local, whole panels batched); stem
+0.015 / 0.013; backbone stages 0.100, 0.072, 0.084, 0.042 / 0.046, 0.038, 0.043 (three levels);
+BiFPN neck 0.167 / 0.005 (adapters only); head branches 0.115 / 0.037; full-resolution logits +
+bilinear x4 0.050 / 0.047, learned x4 upsampling 0.042 / 0.035, mask 0.017 / 0.017; engine rest
+(tiles, probability, stitching) 0.037 / 0.026; total 0.82 / 0.37. What is left in swift is about
+half full-resolution passes (normalisation, logits, upsampling, mask: 0.16 s) that no narrower
+network removes; the 5x of issue 17 needs those cut too (e.g. logits and probability at stride 4
+with a cheap final upsampling, or the network only on candidate regions).
 """
 from __future__ import annotations
 

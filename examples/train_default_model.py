@@ -294,10 +294,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", choices=("swift", "v1"), default="swift",
-                        help="swift: the current default (stages 1-4 above); v1: the previous "
-                             "default (benchmarks/baseline/default_v1.*): the zepto-backbone "
-                             "'default' architecture, global normalisation, then the local "
-                             "fine-tune it did not install")
+                        help="swift: the CPU candidate (stages 1-4 above, installed only if "
+                             "selection accepts it); v1: the shipped default (kept as "
+                             "benchmarks/baseline/default_v1.*): the zepto-backbone 'default' "
+                             "architecture, global normalisation, then the local fine-tune it "
+                             "did not install")
     parser.add_argument("--frames", type=int, default=320)
     parser.add_argument("--steps", type=int, default=None,
                         help="training steps (swift: 14000; v1 stage 1: 10000)")

@@ -13,6 +13,33 @@ stitching; plain and fused); images/s at batch 1 and 8 on one CSPAD panel stack.
 parameters and FLOPs per megapixel of every registered size (counted on the meta device).
 ``--clock cpu`` times with the process's CPU time instead of the wall clock: on a machine other
 jobs share, waiting for a core then does not count (with one thread it is the single-core cost).
+``--model WEIGHTS`` times a candidate in the default's place; ``--profile`` prints CPU seconds
+per stage of one CSPAD frame through the engine (fused), new and previous side by side.
+
+Measured (``--threads 1 --clock cpu --model benchmarks/candidates/swift.safetensors``, busy
+2-core machine; DIALS dispersion 0.034 s on CSPAD, 0.059 s on Pilatus 6M in the same run):
+
+| per frame, one thread | previous (v1, still installed) | swift (candidate) | speed-up |
+|---|---|---|---|
+| CSPAD, model per panel, as trained | 1.36 s (40x) | 0.66 s (19x) | 2.1x |
+| CSPAD, engine, fused | 0.67 s (20x) | 0.45 s (13x) | 1.5x |
+| Pilatus 6M, model, fused | 2.24 s (38x) | 1.12 s (19x) | 2.0x |
+| Pilatus 6M, engine, fused | 2.15 s (36x) | 1.07 s (18x) | 2.0x |
+
+The engine's tiles of a large panel are no larger than the cover needs (nine 896 x 864 tiles
+of a Pilatus 6M, not nine of 1024): v1 through the engine, fused, 4.46 s (73x) before, 2.15 s
+(36x) after, one run each.  Ratios move by a third between runs on the busy machine (DIALS took
+0.024-0.042 s on the same CSPAD frame); compare columns of one run.
+
+Where the time goes (``--profile``, an earlier run; CSPAD frame, engine, fused, CPU s; v1 /
+swift): input normalisation 0.082 / 0.063 (v1 global, swift local, whole panels batched); stem
+0.015 / 0.013; backbone stages 0.100, 0.072, 0.084, 0.042 / 0.046, 0.038, 0.043 (three levels);
+BiFPN neck 0.167 / 0.005 (adapters only); head branches 0.115 / 0.037; full-resolution logits +
+bilinear x4 0.050 / 0.047, learned x4 upsampling 0.042 / 0.035, mask 0.017 / 0.017; engine rest
+(tiles, probability, stitching) 0.037 / 0.026; total 0.82 / 0.37. What is left in swift is about
+half full-resolution passes (normalisation, logits, upsampling, mask: 0.16 s) that no narrower
+network removes; the 5x of issue 17 needs those cut too (e.g. logits and probability at stride 4
+with a cheap final upsampling, or the network only on candidate regions).
 """
 from __future__ import annotations
 
@@ -89,13 +116,84 @@ def flops_per_mpx(name: str) -> tuple[float, float]:
     return params, counter.get_total_flops() / (256 * 256 / 1e6)
 
 
+def profile_stages(engine, panels: list[np.ndarray], repeat: int) -> dict[str, float]:
+    """CPU seconds per stage of one frame through ``engine`` (a PeakNet, fused as the engine
+    runs it): the stages are timed by running the model's own modules one by one in the order
+    ``PeakNet.forward`` does; what is left of the engine's time (tiling, batching, the peak
+    probability, stitching) is its own line."""
+    import torch
+    import torch.nn.functional as F
+
+    from peaknet_xtal.model.peaknet import apply_mask
+
+    model = engine.model()
+    times: dict[str, float] = {}
+
+    def timed(key: str, fn):
+        start = time.process_time()
+        out = fn()
+        times[key] = times.get(key, 0.0) + time.process_time() - start
+        return out
+
+    normalise_panels = engine._normalise_panels
+
+    def forward(x, mask=None, normalised=False):
+        h, w = x.shape[-2:]
+        valid = torch.isfinite(x) & mask.bool()
+        z = timed("input normalisation", lambda: torch.where(valid, x.float(), 0.0)
+                  if normalised else model.normalise(x, valid))
+        backbone = model.backbone
+        y = timed("backbone stem (stride 4)", lambda: backbone.stem(z))
+        feats = []
+        for i, stage in enumerate(backbone.stages):
+            key = f"backbone stage {i + 1} (stride {4 * 2 ** i})"
+            if i > 0:
+                y = timed(key, lambda i=i, y=y: backbone.downsamples[i - 1](y))
+            y = timed(key, lambda stage=stage, y=y: stage(y))
+            feats.append(timed(key, lambda i=i, y=y: backbone.out_norms[i](y)))
+        feats = timed("neck (BiFPN)", lambda: model.neck(feats))
+        head = model.head
+        summed = None
+        for branch, f in zip(head.branches, feats, strict=False):
+            y = timed("head branches (to stride 4)", lambda branch=branch, f=f: branch(f))
+            summed = y if summed is None else summed + y
+        out = timed("head logits + bilinear x4 (full res.)", lambda: F.interpolate(
+            head.classifier(summed), size=(h, w), mode="bilinear", align_corners=False))
+        out = timed("head learned x4 upsampling (full res.)",
+                    lambda: out + head.learned_up(summed)[..., :h, :w])
+        return timed("mask (full res.)", lambda: apply_mask(out, valid))
+
+    best: tuple[float, dict[str, float]] | None = None
+    engine._normalise_panels = lambda *a: timed("input normalisation", lambda: normalise_panels(*a))
+    model.forward = forward
+    try:
+        for _ in range(repeat):
+            times.clear()
+            start = time.process_time()
+            engine.predict_panels(panels)
+            total = time.process_time() - start
+            if best is None or total < best[0]:
+                best = (total, dict(times))
+    finally:
+        del engine._normalise_panels, model.forward
+    assert best is not None
+    total, times = best
+    times["engine rest (tiles, probability, stitching)"] = total - sum(times.values())
+    times["total"] = total
+    return times
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--skip-sizes", action="store_true")
+    parser.add_argument("--profile", action="store_true",
+                        help="also print CPU seconds per model stage on the CSPAD frame")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall")
+    parser.add_argument("--model", default="default",
+                        help="the model to time as the default (a weights path for a candidate)")
     args = parser.parse_args()
 
     import torch
@@ -108,21 +206,24 @@ def main() -> int:
     CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     torch.set_num_threads(args.threads)
     print(f"{args.threads} thread(s), best of {args.repeat}, {args.clock} clock")
-    models = {"default": load_model("default")}
-    models["default, fused"] = fuse_for_inference(models["default"])
+    trained = {"default": load_model(args.model)}
     if BASELINE.exists():
-        models["previous default"] = load_model(str(BASELINE))
-    # The finding engine's own path (tiling, batches of 8 tiles, stitching): as trained
-    # (fast=False) and in the fused form it uses by default on a CPU.
-    engines = {"engine, plain": InferenceEngine(models["default"], device="cpu",
-                                                threads=args.threads, fast=False),
-               "engine, fused": InferenceEngine(models["default"], device="cpu",
-                                                threads=args.threads)}
+        trained["previous"] = load_model(str(BASELINE))
+    models, engines = {}, {}
+    for name, model in trained.items():
+        models[name] = model
+        models[f"{name}, fused"] = fuse_for_inference(model)
+        # The finding engine's own path (whole-panel normalisation, tiling, batches of 8 tiles,
+        # stitching): as trained (fast=False) and in the fused form it uses on a CPU.
+        engines[f"{name}, engine"] = InferenceEngine(model, device="cpu", threads=args.threads,
+                                                     fast=False)
+        engines[f"{name}, engine fused"] = InferenceEngine(model, device="cpu",
+                                                           threads=args.threads)
     frames = {
         "CSPAD 2.3 Mpx": sorted((REAL / "cspad_thermolysin_stills").glob("*.cbf"))[0],
         "Pilatus 6M": sorted((REAL / "pilatus6m_thaumatin_grid").glob("*"))[0],
     }
-    print(f"{'model':17s} {'frame':14s} {'Mpx':>5s} {'model s':>8s} {'DIALS s':>8s} "
+    print(f"{'model':25s} {'frame':14s} {'Mpx':>5s} {'model s':>8s} {'DIALS s':>8s} "
           f"{'ratio':>6s}")
     for label, path in frames.items():
         panels = read_panels(path)
@@ -132,27 +233,36 @@ def main() -> int:
         except Exception as exc:  # DIALS missing: still report the model
             print(f"  (DIALS dispersion unavailable: {exc})")
             t_dials = float("nan")
-        per_model = {}
+        seconds = {}
         for name, model in models.items():
-            t_model = per_model[name] = model_seconds(model, panels, args.repeat)
-            print(f"{name:17s} {label:14s} {mpx:5.2f} {t_model:8.3f} {t_dials:8.3f} "
-                  f"{t_model / t_dials:6.1f}x")
-        print(f"  fused / plain default on {label}: "
-              f"{per_model['default, fused'] / per_model['default']:.2f}")
+            seconds[name] = model_seconds(model, panels, args.repeat)
         for name, engine in engines.items():
-            t_model = per_model[name] = best_of(lambda e=engine, p=panels: e.predict_panels(p),
-                                                args.repeat)
-            print(f"{name:17s} {label:14s} {mpx:5.2f} {t_model:8.3f} {t_dials:8.3f} "
+            seconds[name] = best_of(lambda e=engine, p=panels: e.predict_panels(p), args.repeat)
+        for name, t_model in seconds.items():
+            print(f"{name:25s} {label:14s} {mpx:5.2f} {t_model:8.3f} {t_dials:8.3f} "
                   f"{t_model / t_dials:6.1f}x")
-        print(f"  engine fused / plain on {label}: "
-              f"{per_model['engine, fused'] / per_model['engine, plain']:.2f}")
+        if "previous" in trained:
+            for way in ("", ", fused", ", engine", ", engine fused"):
+                print(f"  previous / default{way} on {label}: "
+                      f"{seconds['previous' + way] / seconds['default' + way]:.2f}x faster")
+    if args.profile:
+        panels = read_panels(frames["CSPAD 2.3 Mpx"])
+        stages = {name: profile_stages(engines[f"{name}, engine fused"], panels, args.repeat)
+                  for name in trained}
+        keys = list(dict.fromkeys(k for st in sorted(stages.values(), key=len, reverse=True)
+                                  for k in st))
+        print("\nCPU seconds per stage, CSPAD frame, engine, fused: "
+              + "  ".join(f"{name}" for name in stages))
+        for key in keys:
+            print(f"  {key:46s} " + "  ".join(f"{st.get(key, 0.0):7.3f} s" for st in
+                                              stages.values()))
     panel = torch.from_numpy(read_panels(frames["CSPAD 2.3 Mpx"])[0])[None, None]
     for name, model in models.items():
         for batch in (1, 8):
             x = panel.expand(batch, 1, *panel.shape[-2:]).contiguous()
             with torch.inference_mode():
-                seconds = best_of(lambda m=model, x=x: m(x), args.repeat)
-            print(f"{name}, batch {batch}: {batch / seconds:8.1f} images/s "
+                per_batch = best_of(lambda m=model, x=x: m(x), args.repeat)
+            print(f"{name}, batch {batch}: {batch / per_batch:8.1f} images/s "
                   f"(CSPAD panel {tuple(x.shape[-2:])})")
     if not args.skip_sizes:
         print(f"\n{'size':18s} {'params (M)':>11s} {'GFLOP/Mpx':>10s}")

@@ -71,6 +71,9 @@ Predictor = Callable[[Sequence[np.ndarray], Sequence[np.ndarray]], Sequence[np.n
 
 #: The smallest tile side: the model's four resampling levels halve it five times.
 MIN_TILE = 32
+#: Panels normalised in one call (model.normalise): 64 CSPAD ASICs at once, ~2.3 Mpx of float32
+#: intermediates; a large single panel (Pilatus 6M) goes alone anyway.
+NORMALISE_BATCH = 64
 
 
 @dataclass(frozen=True)
@@ -102,6 +105,10 @@ def _axis_tiles(length: int, size: int, overlap: int) -> list[tuple[int, int, sl
     if length <= size:
         return [(0, length, slice(0, length))]
     count = -(-(length - overlap) // (size - overlap))  # fewest tiles with >= overlap shared
+    # ... each no larger than that needs (rounded up to the model's 32-px padding multiple): a
+    # 2463-px Pilatus side takes three 864-px tiles, not three of 1024 (1.25x the pixels a side)
+    needed = -(-(length + overlap * (count - 1)) // count)
+    size = min(size, -(-needed // MIN_TILE) * MIN_TILE)
     starts = np.linspace(0, length - size, count).round().astype(int).tolist()
     middles = [(starts[i + 1] + starts[i] + size) // 2 for i in range(len(starts) - 1)]
     cuts = [0] + middles + [length]
@@ -286,9 +293,7 @@ class InferenceEngine:
         local = getattr(model, "config", {}).get("input_norm") == "local"
         with torch.inference_mode():
             if local:
-                panels = [model.normalise(torch.from_numpy(p)[None, None].to(self.device),
-                                          torch.from_numpy(g)[None, None].to(self.device))
-                          [0, 0].cpu().numpy() for p, g in zip(panels, goods, strict=True)]
+                panels = self._normalise_panels(model, panels, goods)
             for shape, members in groups.items():
                 for start in range(0, len(members), self.batch_size):
                     batch = members[start:start + self.batch_size]
@@ -296,7 +301,7 @@ class InferenceEngine:
                     raw = model(torch.from_numpy(x).to(self.device),
                                 torch.from_numpy(m).to(self.device),
                                 **({"normalised": True} if local else {})).float()
-                    values = to_host(raw if logits else torch.softmax(raw, dim=1)[:, 1])
+                    values = to_host(raw if logits else peak_probability(raw))
                     for tile, v in zip(batch, values, strict=True):
                         if out[tile.panel] is None:
                             out[tile.panel] = np.zeros(v.shape[:-2] + panels[tile.panel].shape,
@@ -304,6 +309,28 @@ class InferenceEngine:
                         ys, xs = tile.core
                         out[tile.panel][..., ys, xs] = v[..., ys.start - tile.y0:ys.stop - tile.y0,
                                                          xs.start - tile.x0:xs.stop - tile.x0]
+        return out
+
+    def _normalise_panels(self, model: Any, panels: list[np.ndarray],
+                          goods: list[np.ndarray]) -> list[np.ndarray]:
+        """Each whole panel through ``model.normalise``, panels of one shape in one batch: the
+        normalisation works per image, so batching changes nothing but float32 rounding and the
+        per-call overhead, which dominates on the many small panels of a CSPAD (64 ASICs:
+        0.16 -> 0.08 s a frame, one thread)."""
+        import torch
+
+        out: list[Any] = [None] * len(panels)
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for i, panel in enumerate(panels):
+            by_shape.setdefault(panel.shape, []).append(i)
+        for members in by_shape.values():
+            for start in range(0, len(members), NORMALISE_BATCH):
+                chunk = members[start:start + NORMALISE_BATCH]
+                x = torch.from_numpy(np.stack([panels[i] for i in chunk])[:, None])
+                g = torch.from_numpy(np.stack([goods[i] for i in chunk])[:, None])
+                z = model.normalise(x.to(self.device), g.to(self.device)).cpu().numpy()
+                for k, i in enumerate(chunk):
+                    out[i] = z[k, 0]
         return out
 
     # ---- peaks -------------------------------------------------------------------------------
@@ -397,6 +424,17 @@ class InferenceEngine:
                 "fast": self.fast,
                 "predictor": None if self.predictor is None else _describe(self.predictor),
                 **{k: getattr(self.peak_params, k) for k in self.peak_params.__dataclass_fields__}}
+
+
+def peak_probability(logits: Any) -> Any:
+    """Softmax's peak channel; for two classes as ``sigmoid(l1 - l0)``, the same value without
+    the strided two-channel reduction (4x faster on one thread: 0.19 against 0.74 ms for a
+    batch of 8 CSPAD tiles)."""
+    import torch
+
+    if logits.shape[1] == 2:
+        return torch.sigmoid(logits[:, 1] - logits[:, 0])
+    return torch.softmax(logits, dim=1)[:, 1]
 
 
 def _fast_cpu_form(model: Any) -> Any:

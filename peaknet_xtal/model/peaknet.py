@@ -21,8 +21,10 @@ from peaknet_xtal.model.zoo import register_family, register_model
 
 #: Published ConvNeXt-V2 sizes: (dims, depths).  Backbone parameters with one input channel and no
 #: classifier: atto 3.39M, femto 4.85M, pico 8.55M, nano 14.98M, tiny 27.86M, base 87.69M,
-#: large 196.4M, huge 657.5M.  zepto and yocto are this package's own CPU sizes.
+#: large 196.4M, huge 657.5M.  zepto, yocto and swift (three levels) are this package's own
+#: CPU sizes.
 BACKBONES: dict[str, tuple[list[int], list[int]]] = {
+    "swift": ([16, 32, 64], [1, 1, 2]),
     "yocto": ([8, 16, 32, 64], [1, 1, 2, 1]),
     "zepto": ([16, 32, 64, 128], [2, 2, 4, 2]),
     "atto": ([40, 80, 160, 320], [2, 2, 6, 2]),
@@ -147,3 +149,12 @@ register_model("yocto", "peaknet", backbone="yocto", neck_width=32, neck_blocks=
                head_channels=16, learned_upsample=True)
 register_model("default", "peaknet", backbone="zepto", neck_width=32, neck_blocks=2,
                head_channels=32, learned_upsample=True)
+# ``swift``: the CPU default of issue 17, sized from the per-stage profile of ``default`` (one
+# thread, a CSPAD frame: the BiFPN neck 27 %, the backbone 39 %, input normalisation 7-15 %, the
+# head's full-resolution logits 9 %).  Three backbone levels, one block each but two at stride 16;
+# no BiFPN blocks (the head's per-level branches already fuse the levels top-down); a 16-channel
+# head with the same two pathways (bilinear logits + learned x4 upsampling), so the engine, the
+# fused CPU form and the threshold calibration treat it as every other PeakNet.  Local input
+# normalisation, as issue 14 asks.
+register_model("swift", "peaknet", backbone="swift", neck_width=16,
+               neck_blocks=0, head_channels=16, learned_upsample=True, input_norm="local")

@@ -166,9 +166,12 @@ class Augment:
     background up to ``strong_background_max`` sigmas high with a large gradient, an arc or a
     shadow edge, and the correlated shot noise it brings (a spot 10 % above 3,000 ADU must still
     be found); cosmic-ray zingers; liquid-jet streaks; saturation (spots clipped flat, still
-    peaks).  Unmasked single hot pixels are left out on purpose: on binned detectors a real spot
-    is one pixel, so within one crop a hot pixel and a spot look the same; recurring pixels are a
-    property of the run, not of a crop.
+    peaks).  Unmasked hot pixels (``hot_pixel_prob``): a few lone pixels far from any labelled
+    peak, raised by 5-200 sigmas, constant or flickering (a random fraction of their level); they
+    stay background.  On binned detectors a real spot can be one pixel, so the model cannot be
+    taught to reject every lone bright pixel: the amplitudes overlap the spots', and recurring
+    pixels remain the run-level defect filter's job (``finding.defects``); what this teaches is
+    that a lone spike with no profile on a noisy background is not enough by itself.
     """
 
     flips: bool = True
@@ -187,6 +190,7 @@ class Augment:
     zinger_prob: float = 0.0
     jet_streak_prob: float = 0.0
     saturation_prob: float = 0.0
+    hot_pixel_prob: float = 0.0
     enabled: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -209,6 +213,8 @@ class Augment:
                                        image.shape)
         image = self._detector_artifacts(image, sigma, rng)
         image = self._real_backgrounds(image, sigma, rng)
+        if rng.random() < self.hot_pixel_prob:
+            image = _add_hot_pixels(np.array(image, dtype=np.float64), label, sigma, rng)
         mask = mask.copy()
         dead = rng.random(image.shape) < rng.uniform(0, self.dead_pixel_fraction)
         if rng.random() < self.dead_line_prob:
@@ -275,6 +281,24 @@ class Augment:
         if rng.random() < self.saturation_prob:
             image = artifacts.saturate(image, rng)
         return image
+
+
+def _add_hot_pixels(image: np.ndarray, label: np.ndarray, sigma: float,
+                    rng: np.random.Generator) -> np.ndarray:
+    """1-6 unmasked hot pixels at least 3 px from any labelled peak pixel: constant (5-200
+    sigmas) or flickering (a random fraction of that, as a pixel that is hot in some frames)."""
+    from scipy.ndimage import binary_dilation
+
+    near = binary_dilation(label.astype(bool), iterations=3) if label.any() else label.astype(bool)
+    ys, xs = np.nonzero(~near)
+    if len(ys) == 0:
+        return image
+    pick = rng.choice(len(ys), size=min(len(ys), int(rng.integers(1, 7))), replace=False)
+    level = np.exp(rng.uniform(np.log(5.0), np.log(200.0), len(pick))) * sigma
+    flicker = rng.random(len(pick)) < 0.5
+    level[flicker] *= rng.uniform(0.0, 1.0, int(flicker.sum()))
+    image[ys[pick], xs[pick]] += level
+    return image
 
 
 def _background_sigma(values: np.ndarray) -> float:

@@ -39,6 +39,18 @@ class PixelwiseLogits(nn.Module):
         return torch.cat([torch.zeros_like(x), peak], dim=1)
 
 
+def test_tiles_of_a_large_panel_are_no_larger_than_the_cover_needs():
+    """A Pilatus 6M panel in 1024-px tiles: three a side either way, but 864 x 896 px each, so
+    the model sees 1.12x the panel's pixels instead of 1.54x; sides stay multiples of 32 and
+    neighbours still share at least the overlap."""
+    tiles = tile_panel((2527, 2463), 1024, 64)
+    assert len(tiles) == 9
+    assert {(h, w) for _, _, h, w, _ in tiles} == {(896, 864)}
+    assert sum(h * w for _, _, h, w, _ in tiles) / (2527 * 2463) < 1.15
+    rows = sorted({(y0, h) for y0, _, h, _, _ in tiles})
+    assert all(a + h - b >= 64 for (a, h), (b, _) in zip(rows, rows[1:], strict=False))
+
+
 def sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x.astype(np.float64)))
 
@@ -68,10 +80,11 @@ def test_stitched_tiles_and_padding_reproduce_a_pointwise_model_exactly():
     for panel, mask, prob in zip(panels, masks, probs, strict=False):
         assert prob.dtype == np.float32 and prob.shape == panel.shape
         np.testing.assert_allclose(prob, np.where(mask, sigmoid(panel), 0), atol=1e-6)
-    # 2 panels of one padded shape, 1 of another, 3x2 tiles of the big one; batches of <= 2
+    # 2 panels of one padded shape, 1 of another, 2x3 tiles of the big one, each no larger than
+    # the cover needs (300 = 2 tiles of 166 -> 192 with 32 shared; 700 = 3 of 256); batches <= 2
     shapes = sorted(model.batches)
     assert shapes == sorted([(2, 1, 192, 224), (1, 1, 224, 192)]
-                            + [(2, 1, 256, 256)] * 3)
+                            + [(2, 1, 192, 256)] * 3)
 
 
 def test_find_frames_batches_across_frames_and_keeps_order():

@@ -102,3 +102,19 @@ def test_a_large_smooth_gradient_keeps_the_spots():
                for p in strong)
     assert len(strong) >= 15
     assert kept >= 0.95 * len(strong)
+
+
+def test_panels_normalised_together_equal_panels_normalised_alone():
+    """The engine normalises panels of one shape in one batch (per-call overhead on a CSPAD's 64
+    ASICs); each panel must still get its own normalisation (to float32 rounding: vectorised
+    sums of another batch size), masks included."""
+    rng = np.random.default_rng(7)
+    panels = [strong_panel(rng, (185, 194)) for _ in range(3)] + [strong_panel(rng, (96, 130))]
+    masks = [np.ones(p.shape, bool) for p in panels]
+    masks[1][40:60, 10:90] = False
+    engine = InferenceEngine(LocalThreshold(), device="cpu")
+    together = engine.predict_panels(panels, masks)
+    for panel, mask, prob in zip(panels, masks, together, strict=True):
+        alone = engine.predict_panels([panel], [mask])[0]
+        np.testing.assert_allclose(prob, alone, rtol=1e-5, atol=1e-7)
+    assert (together[1][40:60, 10:90] == 0).all()

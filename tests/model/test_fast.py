@@ -58,6 +58,23 @@ def test_fused_model_computes_the_same_logits_and_leaves_the_original_alone():
     assert torch.equal(fast[2, :, :, :7], plain[2, :, :, :7])  # masked pixels: forced background
 
 
+def test_swift_fuses_and_computes_the_same_logits():
+    """The CPU default's architecture (three levels, no BiFPN blocks, local normalisation) goes
+    through the same fused form: its blocks and head are replaced, its output is unchanged."""
+    model = _random_model("swift", seed=3)
+    fused = fuse_for_inference(model)
+    kinds = {type(m) for m in fused.modules()}
+    assert {FusedConvNeXtBlock, PhaseConvTranspose} <= kinds
+    rng = np.random.default_rng(4)
+    x = torch.from_numpy(rng.poisson(4.0, (2, 1, 80, 112)).astype(np.float32))
+    x[0, 0, 20:23, 30:33] += 300.0
+    with torch.inference_mode():
+        plain, fast = model(x), fused(x)
+    scale = plain.abs().max().item()
+    assert scale > 0.1
+    torch.testing.assert_close(fast, plain, atol=1e-5 * scale, rtol=1e-5)
+
+
 @pytest.mark.parametrize(("stride", "bias", "shape"),
                          [(4, True, (7, 9)), (2, False, (5, 3)), (8, True, (1, 4))])
 def test_phase_conv_transpose_is_the_transposed_conv(stride, bias, shape):

@@ -83,3 +83,27 @@ def test_detector_artifact_augmentations_change_pixels_but_never_the_label():
         assert (out_label == label).all() and out_good.all()
         changed += not np.allclose(out, image)
     assert changed == 20  # bright lines and edges are always applied here
+
+
+def test_hot_pixels_are_lone_bright_pixels_away_from_peaks_and_stay_background():
+    import numpy as np
+
+    from peaknet_xtal.training.data import Augment
+
+    rng = np.random.default_rng(5)
+    image = rng.normal(100.0, 5.0, (64, 64)).astype(np.float32)
+    good = np.ones(image.shape, bool)
+    label = np.zeros(image.shape, bool)
+    label[30:33, 30:33] = True
+    hot = Augment(flips=False, gain=(1.0, 1.0), offset_sigma=0.0, noise=0.0,
+                  dead_pixel_fraction=0.0, dead_line_prob=0.0, hot_pixel_prob=1.0)
+    counts = []
+    for seed in range(20):
+        out, out_good, out_label = hot(image.copy(), good, label, np.random.default_rng(seed))
+        assert (out_label == label).all() and out_good.all()
+        raised = np.argwhere(out - image > 1e-3)
+        assert 1 <= len(raised) <= 6
+        # never on or within 3 px of the spot (its pixels and their neighbours keep their values)
+        assert np.allclose(out[27:36, 27:36], image[27:36, 27:36])
+        counts.append(len(raised))
+    assert max(counts) > 1  # several at once, not always one

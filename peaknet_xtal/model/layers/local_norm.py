@@ -48,10 +48,21 @@ def _cells(a: torch.Tensor, block: int) -> torch.Tensor:
     return a.reshape(b, ny, k, nx, k).permute(0, 1, 3, 2, 4).reshape(b, ny, nx, k * k)
 
 
+def _sorted(t: torch.Tensor) -> torch.Tensor:
+    """``t.sort(-1).values``; on CPU without gradient through numpy, whose vectorised sort of
+    these 64-value rows is ~20x faster than torch's (measured on one thread: 1 against 20 ms for
+    a CSPAD frame's cells).  Sorting gives the same values either way (NaN last in both)."""
+    if t.device.type == "cpu" and not t.requires_grad:
+        import numpy as np
+
+        return torch.from_numpy(np.sort(t.detach().contiguous().numpy(), axis=-1))
+    return t.sort(-1).values
+
+
 def _cell_medians(xs: torch.Tensor, vs: torch.Tensor) -> torch.Tensor:
     """Robust centre (interquartile mean) of each cell's valid samples; NaN if too few."""
     n = vs.sum(-1)
-    vals = torch.where(vs, xs, torch.full_like(xs, float("inf"))).sort(-1).values
+    vals = _sorted(torch.where(vs, xs, torch.full_like(xs, float("inf"))))
     # interquartile mean: as robust as the median to the few spot pixels of a cell, less noisy
     pos = torch.arange(xs.shape[-1], device=xs.device)
     nf = n.float().unsqueeze(-1)
@@ -70,13 +81,13 @@ def _cell_noise(rs: torch.Tensor, vs: torch.Tensor) -> tuple[torch.Tensor, torch
     n = vs.sum(-1)
     last = (n - 1).clamp(min=0).float()
     inf = torch.full_like(rs, float("inf"))
-    vals = torch.where(vs, rs, inf).sort(-1).values
+    vals = _sorted(torch.where(vs, rs, inf))
 
     def rank(q: float) -> torch.Tensor:
         return vals.gather(-1, (q * last).floor().long().unsqueeze(-1)).squeeze(-1)
 
     half_range = (rank(0.84) - rank(0.16)) / 2
-    dev = torch.where(vs, rs.abs(), inf).sort(-1).values
+    dev = _sorted(torch.where(vs, rs.abs(), inf))
     keep = torch.arange(rs.shape[-1], device=rs.device) < (0.9 * n.float()).ceil().unsqueeze(-1)
     finite = torch.isfinite(dev)
     kept = torch.where(keep & finite, dev, torch.zeros_like(dev))

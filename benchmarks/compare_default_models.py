@@ -1,0 +1,100 @@
+"""Acceptance comparison of two peak models (default: the shipped one and the previous default,
+benchmarks/baseline/default_v1.*), measured only: nothing here chooses or tunes anything.
+
+    python benchmarks/compare_default_models.py [--models default benchmarks/baseline/...]
+
+Per model, with the library's default peak settings and one torch thread:
+- held-out simulated frames of tests/model/test_default_model.py (seeds 3,000,000,001+ on
+  ePix10k2M, CSPAD and Rayonix): precision, recall and F1 on strong reflections, with a
+  bootstrap 95 % interval over frames;
+- the two real CSPAD thermolysin stills: peak count and median SNR (the test's plausible range is
+  30-600 peaks, median SNR above 3);
+- the ten real Pilatus 6M thaumatin grid frames: peaks per frame and how many are hits.
+False peaks per blank frame are benchmarks/bench_blanks.py's (``--model``); indexing the real
+stills through DIALS is tests/plugins/test_dials_commands.py's.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests" / "model"))
+REAL = ROOT.parent / "shared" / "data" / "real"
+BASELINE = ROOT / "benchmarks" / "baseline" / "default_v1.safetensors"
+
+
+def held_out(engine) -> dict[str, float]:
+    from test_default_model import HELD_OUT
+
+    from peaknet_xtal.evaluation.metrics import score_frames
+    from peaknet_xtal.formats.geometry import read_geometry
+    from peaknet_xtal.sim import SimConfig, simulate_frame
+
+    triples = []
+    for name, seeds in HELD_OUT.items():
+        geometry = read_geometry(REAL / "crystfel_geometry" / name)
+        for seed in seeds:
+            rng = np.random.default_rng(seed)
+            config = SimConfig.randomised(rng, hit_probability=1.0,
+                                          adu_per_photon=float(rng.uniform(1, 30)))
+            frame, truth = simulate_frame(geometry, seed, config)
+            found = next(iter(engine.find_frames([frame]))).peaks
+            refl = truth.reflections
+            triples.append((found, refl[refl["strong"]], refl))
+    overall = score_frames(triples, cutoff=3.0)["overall"]
+    rng = np.random.default_rng(0)
+    boot = []
+    for _ in range(200):
+        pick = rng.integers(len(triples), size=len(triples))
+        boot.append(score_frames([triples[i] for i in pick], cutoff=3.0)["overall"].f1)
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return {"precision": overall.precision, "recall": overall.recall, "f1": overall.f1,
+            "f1_lo": float(lo), "f1_hi": float(hi), "n_true": overall.n_true,
+            "median_error_px": overall.median_error_px}
+
+
+def real_frames(engine) -> dict[str, str]:
+    from peaknet_xtal.formats.dxtbx_images import read_dxtbx_image
+
+    out = {}
+    for path in sorted((REAL / "cspad_thermolysin_stills").glob("*.cbf")):
+        result = next(iter(engine.find_frames([read_dxtbx_image(path)])))
+        out[path.name] = (f"{len(result.peaks)} peaks, median SNR "
+                          f"{float(np.nanmedian(result.peaks['snr'])):.1f}")
+    counts, hits = [], 0
+    for path in sorted((REAL / "pilatus6m_thaumatin_grid").glob("*")):
+        result = next(iter(engine.find_frames([read_dxtbx_image(path)])))
+        counts.append(len(result.peaks))
+        hits += bool(result.hit)
+    out["thaumatin grid"] = f"{hits} of {len(counts)} hits; peaks {counts}"
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["default", str(BASELINE)])
+    parser.add_argument("--no-real", dest="real", action="store_false")
+    args = parser.parse_args(argv)
+    from peaknet_xtal.finding import InferenceEngine
+
+    for spec in args.models:
+        engine = InferenceEngine(spec, device="cpu", threads=1)
+        score = held_out(engine)
+        print(f"{spec}: held-out simulated F1 {score['f1']:.3f} "
+              f"[{score['f1_lo']:.3f}, {score['f1_hi']:.3f}] (precision "
+              f"{score['precision']:.3f}, recall {score['recall']:.3f}, "
+              f"{score['n_true']} strong reflections, median error "
+              f"{score['median_error_px']:.2f} px)", flush=True)
+        if args.real:
+            for name, text in real_frames(engine).items():
+                print(f"  {name}: {text}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -59,11 +59,15 @@ from peaknet_xtal.atomic import atomic_path, write_json_atomic, write_text_atomi
 ROOT = Path(__file__).resolve().parent.parent
 SPACE_GROUP = "P43212"
 CELL = (79.1, 79.1, 38.0, 90.0, 90.0, 90.0)
-METHODS = {"vi": "VI", "vsum": "summation"}
-#: careless settings used for both integrations (same model, same steps, same seed).
+#: DIALS column (intensity.<key>.*) -> name.  ``vi_lik`` is what the VI hands a merger (its
+#: likelihood alone); ``vi``, the posterior mean, is merged too, to show why it is not.
+METHODS = {"vi_lik": "VI", "vsum": "summation", "vi": "VI posterior mean"}
+#: careless settings used for every integration (same model, same steps, same seed): those of
+#: careless' own serial-XFEL example (per-image layers for per-crystal scales, 10 MLP layers),
+#: with the Ewald offset (partiality proxy) among the scale model's metadata.
 CARELESS_ARGS = ("--disable-progress-bar", "--disable-gpu", "--image-layers", "2",
-                 "--seed", "1234")
-CARELESS_METADATA = "dHKL,XDET,YDET"
+                 "--mlp-layers", "10", "--seed", "1234")
+CARELESS_METADATA = "dHKL,XDET,YDET,EWALD_OFFSET"
 
 
 def sim_config() -> Any:
@@ -177,28 +181,71 @@ def keep_indexed(refl_in: Path, refl_out: Path) -> int:
     return len(table)
 
 
+def ewald_offsets(experiments: Any, table: Any) -> np.ndarray:
+    """Each reflection's distance from the Ewald sphere, ``|s0 + A h| - |s0|`` (1/Angstrom).
+
+    The partiality proxy careless documents for stills (its ``ewald_offset`` metadata, computed
+    the same way from a DIALS crystal's setting matrix ``A`` and the beam's ``s0``): on a still
+    every spot is partial, by how far its reciprocal-lattice point lies off the sphere, and the
+    merger's scale model learns the partiality from it.
+    """
+    ids = np.asarray(table["id"].as_numpy_array())
+    hkl = np.array(table["miller_index"], dtype=np.float64).reshape(-1, 3)
+    out = np.full(len(ids), np.nan)
+    for eid, experiment in enumerate(experiments):
+        rows = np.flatnonzero(ids == eid)
+        a = np.array(experiment.crystal.get_A(), dtype=np.float64).reshape(3, 3)
+        s0 = np.array(experiment.beam.get_s0(), dtype=np.float64)
+        out[rows] = np.linalg.norm(hkl[rows] @ a.T + s0, axis=1) - np.linalg.norm(s0)
+    return out
+
+
 def export_mtz(expt: Path, integrated: Path, method: str, folder: Path) -> Path:
-    """One integration's intensities as an unmerged MTZ written by ``dials.export``.
+    """One integration's intensities as an unmerged MTZ written by ``dials.export``, plus the
+    Ewald offset of every observation as the column ``EWALD_OFFSET``.
 
     dials.export writes the ``intensity.sum`` columns of reflections flagged integrated_sum; a
     copy of the table carries the chosen method's columns under that name (nothing else changes).
+    It has no column for the Ewald offset, so that is added to its MTZ afterwards (iotbx), row by
+    row: the table is first cut to the rows dials.export keeps, in its order (by experiment), and
+    the MTZ's original indices and XDET/YDET are checked to match those rows one for one.
     """
     from dials.array_family import flex
+    from dxtbx.model.experiment_list import ExperimentList
+    from iotbx import mtz
 
     table = flex.reflection_table.from_file(str(integrated))
     value = np.asarray(table[f"intensity.{method}.value"].as_numpy_array())
-    good = flex.bool(np.isfinite(value) & np.isfinite(
-        np.asarray(table[f"intensity.{method}.variance"].as_numpy_array())))
-    table = table.select(good)
+    variance = np.asarray(table[f"intensity.{method}.variance"].as_numpy_array())
+    ids = np.asarray(table["id"].as_numpy_array())
+    keep = np.flatnonzero(np.isfinite(value) & np.isfinite(variance) & (variance > 0))
+    keep = keep[np.argsort(ids[keep], kind="stable")]
+    table = table.select(flex.size_t(keep.astype(np.uint64)))
     table["intensity.sum.value"] = table[f"intensity.{method}.value"]
     table["intensity.sum.variance"] = table[f"intensity.{method}.variance"]
     table.set_flags(flex.bool(len(table), True), table.flags.integrated_sum)
     as_sum = folder / f"{method}_as_sum.refl"
     table.as_file(str(as_sum))
-    mtz = folder / f"{method}.mtz"
+    mtz_path = folder / f"{method}.mtz"
     dials("export", str(expt), str(as_sum), "format=mtz", "intensity=sum",
-          f"mtz.hklout={mtz.name}", f"output.log=dials.export.{method}.log", cwd=folder)
-    return mtz
+          f"mtz.hklout={mtz_path.name}", f"output.log=dials.export.{method}.log", cwd=folder)
+    experiments = ExperimentList.from_file(str(expt), check_format=False)  # type: ignore[attr-defined]
+    offsets = ewald_offsets(experiments, table)
+    obj = mtz.object(str(mtz_path))
+    original = np.array(obj.extract_original_index_miller_indices(), dtype=np.int64).reshape(-1, 3)
+    xdet = np.asarray(obj.get_column("XDET").extract_values().as_numpy_array())
+    ours = np.array(table["miller_index"], dtype=np.int64).reshape(-1, 3)
+    ours_x = np.asarray(table["xyzobs.px.value"].parts()[0].as_numpy_array())
+    if len(original) != len(ours) or not ((original == ours).all()
+                                          and np.allclose(xdet, ours_x, atol=1e-3)):
+        raise RuntimeError(f"{mtz_path}: dials.export wrote {len(original)} rows that do not "
+                           f"match the {len(ours)} exported reflections one for one; the Ewald "
+                           "offsets cannot be attached")
+    dataset = obj.crystals()[-1].datasets()[-1]
+    dataset.add_column("EWALD_OFFSET", "R").set_values(flex.double(offsets).as_float())
+    with atomic_path(mtz_path) as tmp:
+        obj.write(str(tmp))
+    return mtz_path
 
 
 def read_mtz_columns(path: Path, labels: Sequence[str]) -> dict[str, np.ndarray]:

@@ -31,8 +31,9 @@ def _gaussian_boxes(n: int, rng: np.random.Generator, side: int = 15) -> Shoebox
 
 
 def test_runs_on_the_meta_device():
-    """Shape-only execution on torch's meta device: no tensor is pinned to the CPU."""
-    model = build_model().to("meta")
+    """Shape-only execution on torch's meta device: no tensor is pinned to the CPU (the
+    posterior summary included, with the shape error on, as the shipped weights have it)."""
+    model = build_model({"profile_noise": 2.5}).to("meta")
     n, side = 3, model.side
     out = model(torch.zeros(n, side, side, device="meta"),
                 torch.ones(n, side, side, dtype=torch.bool, device="meta"),
@@ -41,6 +42,9 @@ def test_runs_on_the_meta_device():
     assert out["mu"].device.type == "meta" and out["mu"].shape == (n, 2)
     assert out["cov"].shape == (n, 2, 2) and out["p"].shape == (n, side * side)
     assert model.elbo(out, samples=2).shape == (n,)
+    summary = model.summary(out)
+    for key in ("photons", "photons_sigma", "photons_lik", "photons_lik_sigma"):
+        assert summary[key].device.type == "meta" and summary[key].shape == (n,), key
 
 
 def test_elbo_is_finite_and_gradients_reach_every_parameter():

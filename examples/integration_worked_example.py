@@ -47,7 +47,7 @@ with the Ewald offset: CC 0.957 (VI, likelihood) vs 0.961 (summation) vs 0.958 (
 mean) overall, far above the plain means (0.907 / 0.904 / 0.907); without the Ewald offset
 careless scored below the plain mean (0.734 VI posterior mean vs 0.783 summation), so the
 partiality proxy was what the setup lacked.  VI is level with summation here, not ahead (within
-0.004 overall; summation ahead by 0.002-0.017 per shell): the observations merged are the spots
+0.004 overall, the same with another careless seed; summation ahead by 0.002-0.017 per shell): the observations merged are the spots
 PeakNet found (median 73 photons), where the VI's per-observation error is lower only for the
 fainter ones (RMS 6.8 vs 8.9 photons for 10-50 true photons, 12.2 vs 12.8 for 50-200, 20.9 vs
 20.9 above), and its profile fit reads bright spots 1-3 % low where summation is unbiased.  Times:

@@ -29,7 +29,8 @@ The whole chain, from one script, with real programs at every step:
    scale model learns the partiality.  ``careless mono`` (PyPI, in the separate environment
    ``bin/setup-merge-env`` builds: its TensorFlow stack needs numpy 2) merges each MTZ on the CPU
    with the settings of that example (metadata dHKL, XDET, YDET, EWALD_OFFSET; two per-image
-   layers for per-crystal scales; 10 MLP layers; the same seed and steps for every integration);
+   layers for per-crystal scales; 10 MLP layers) plus careless' error model
+   (``--refine-uncertainties``), the same seed and steps for every integration;
 5. the merged intensities are compared with the simulator's exact structure intensities (its
    Wilson draw per reflection, which has the 4/mmm Laue symmetry of P43212): Pearson and Spearman
    correlation per resolution shell, and overall after dividing each set by its mean in 20 thin
@@ -42,17 +43,23 @@ Outputs under ``--out`` (default ``examples/integration_worked_example/``): ``me
 (CXI, DIALS tables, MTZs, careless output) go to ``--work`` (default ``runs/worked_example``).
 
 Measured with the defaults (``merged.md``; 200 frames, 2 CPU cores shared with other jobs):
-198 crystals indexed, 25,023 reflections integrated, 3,179 unique reflections compared.  careless
-with the Ewald offset: CC 0.957 (VI, likelihood) vs 0.961 (summation) vs 0.958 (VI posterior
-mean) overall, far above the plain means (0.907 / 0.904 / 0.907); without the Ewald offset
-careless scored below the plain mean (0.734 VI posterior mean vs 0.783 summation), so the
-partiality proxy was what the setup lacked.  VI is level with summation here, not ahead (within
-0.004 overall, the same with another careless seed; summation ahead by 0.002-0.017 per shell): the observations merged are the spots
-PeakNet found (median 73 photons), where the VI's per-observation error is lower only for the
-fainter ones (RMS 6.8 vs 8.9 photons for 10-50 true photons, 12.2 vs 12.8 for 50-200, 20.9 vs
-20.9 above), and its profile fit reads bright spots 1-3 % low where summation is unbiased.  Times:
-peak finding 204 s, indexing 1,522 s, integration 13 s, export 8 s, careless ~195 s per merge
-(about 35 minutes in all).  ``--resume`` keeps finished steps of a previous run.
+198 crystals indexed, 25,023 reflections integrated, 3,179 unique reflections compared.  careless:
+CC 0.966 (VI, likelihood) vs 0.964 (summation) vs 0.966 (VI posterior mean) overall, VI ahead or
+level in every shell (0.851 vs 0.845 outermost), all far above the plain means (0.907 / 0.904 /
+0.907).  How the setup got there, each step applied to every integration alike: without the Ewald
+offset careless scored below the plain mean (0.734 VI posterior mean vs 0.783 summation); with it,
+0.957 (VI) vs 0.961 (summation), the same gap with another careless seed (0.958 vs 0.961).  Giving
+careless the VI's intensities with summation's sigmas gave 0.960: half the gap was the VI's
+smaller sigmas, honest per spot (z RMS ~1 against the photons) but not what the merged
+observations scatter by once partiality and scale misfit are added, which grows with the
+intensity; careless' error model (``--refine-uncertainties``) fits that extra spread and lifted
+both (0.966 / 0.964).  What remains between VI and summation is small because the observations
+are PeakNet's found spots (median 73 photons): the VI's per-observation error is lower for the
+fainter ones (RMS 6.8 vs 8.9 photons at 10-50 true photons, 12.2 vs 12.8 at 50-200, 20.9 vs 20.9
+above), and its profile fit reads bright spots 1-3 % low where summation is unbiased (a larger
+shape error tau does not remove it, nor a border-only background).  Times: peak finding 204 s,
+indexing 1,522 s, integration 13 s, export 18 s, careless ~200 s per merge (about 35 minutes in
+all).  ``--resume`` keeps finished steps of a previous run.
 """
 from __future__ import annotations
 
@@ -79,9 +86,12 @@ CELL = (79.1, 79.1, 38.0, 90.0, 90.0, 90.0)
 METHODS = {"vi_lik": "VI", "vsum": "summation", "vi": "VI posterior mean"}
 #: careless settings used for every integration (same model, same steps, same seed): those of
 #: careless' own serial-XFEL example (per-image layers for per-crystal scales, 10 MLP layers),
-#: with the Ewald offset (partiality proxy) among the scale model's metadata.
+#: with the Ewald offset (partiality proxy) among the scale model's metadata, and its documented
+#: error model (--refine-uncertainties: Evans' SdFac/SdB/SdAdd), because an observation's
+#: integration sigma does not include the merge's own model error (partiality, scale), which
+#: grows with the intensity and which careless otherwise cannot weigh in.
 CARELESS_ARGS = ("--disable-progress-bar", "--disable-gpu", "--image-layers", "2",
-                 "--mlp-layers", "10", "--seed", "1234")
+                 "--mlp-layers", "10", "--refine-uncertainties", "--seed", "1234")
 CARELESS_METADATA = "dHKL,XDET,YDET,EWALD_OFFSET"
 
 

@@ -252,24 +252,26 @@ def export_mtz(expt: Path, integrated: Path, method: str, folder: Path) -> Path:
     as_sum = folder / f"{method}_as_sum.refl"
     table.as_file(str(as_sum))
     mtz_path = folder / f"{method}.mtz"
+    exported = folder / f"{method}.dials_export.mtz"  # completed below, then renamed into place
     dials("export", str(expt), str(as_sum), "format=mtz", "intensity=sum",
-          f"mtz.hklout={mtz_path.name}", f"output.log=dials.export.{method}.log", cwd=folder)
+          f"mtz.hklout={exported.name}", f"output.log=dials.export.{method}.log", cwd=folder)
     experiments = ExperimentList.from_file(str(expt), check_format=False)  # type: ignore[attr-defined]
     offsets = ewald_offsets(experiments, table)
-    obj = mtz.object(str(mtz_path))
+    obj = mtz.object(str(exported))
     original = np.array(obj.extract_original_index_miller_indices(), dtype=np.int64).reshape(-1, 3)
     xdet = np.asarray(obj.get_column("XDET").extract_values().as_numpy_array())
     ours = np.array(table["miller_index"], dtype=np.int64).reshape(-1, 3)
     ours_x = np.asarray(table["xyzobs.px.value"].parts()[0].as_numpy_array())
     if len(original) != len(ours) or not ((original == ours).all()
                                           and np.allclose(xdet, ours_x, atol=1e-3)):
-        raise RuntimeError(f"{mtz_path}: dials.export wrote {len(original)} rows that do not "
+        raise RuntimeError(f"{exported}: dials.export wrote {len(original)} rows that do not "
                            f"match the {len(ours)} exported reflections one for one; the Ewald "
                            "offsets cannot be attached")
     dataset = obj.crystals()[-1].datasets()[-1]
     dataset.add_column("EWALD_OFFSET", "R").set_values(flex.double(offsets).as_float())
     with atomic_path(mtz_path) as tmp:
         obj.write(str(tmp))
+    exported.unlink()
     return mtz_path
 
 

@@ -42,24 +42,24 @@ Outputs under ``--out`` (default ``examples/integration_worked_example/``): ``me
 ``merged.json`` (numbers, timings, versions), ``merged.png`` (CC per shell).  Intermediate files
 (CXI, DIALS tables, MTZs, careless output) go to ``--work`` (default ``runs/worked_example``).
 
-Measured with the defaults (``merged.md``; 200 frames, 2 CPU cores shared with other jobs):
-198 crystals indexed, 25,023 reflections integrated, 3,179 unique reflections compared.  careless:
-CC 0.966 (VI, likelihood) vs 0.964 (summation) vs 0.966 (VI posterior mean) overall, VI ahead or
-level in every shell (0.851 vs 0.845 outermost), all far above the plain means (0.907 / 0.904 /
-0.907).  How the setup got there, each step applied to every integration alike: without the Ewald
-offset careless scored below the plain mean (0.734 VI posterior mean vs 0.783 summation); with it,
-0.957 (VI) vs 0.961 (summation), the same gap with another careless seed (0.958 vs 0.961).  Giving
-careless the VI's intensities with summation's sigmas gave 0.960: half the gap was the VI's
-smaller sigmas, honest per spot (z RMS ~1 against the photons) but not what the merged
-observations scatter by once partiality and scale misfit are added, which grows with the
-intensity; careless' error model (``--refine-uncertainties``) fits that extra spread and lifted
-both (0.966 / 0.964).  What remains between VI and summation is small because the observations
-are PeakNet's found spots (median 73 photons): the VI's per-observation error is lower for the
-fainter ones (RMS 6.8 vs 8.9 photons at 10-50 true photons, 12.2 vs 12.8 at 50-200, 20.9 vs 20.9
-above), and its profile fit reads bright spots 1-3 % low where summation is unbiased (a larger
-shape error tau does not remove it, nor a border-only background).  Times: peak finding 204 s,
-indexing 1,522 s, integration 13 s, export 18 s, careless ~200 s per merge (about 35 minutes in
-all).  ``--resume`` keeps finished steps of a previous run.
+Measured with the defaults (``merged.md``; 200 frames, 2 CPU cores shared with other jobs): 198
+crystals indexed, 25,023 reflections integrated, 3,179 unique reflections compared.  careless: CC
+0.966 (VI, likelihood) vs 0.964 (summation) vs 0.966 (VI posterior mean) overall, VI ahead or level
+in every shell (0.851 vs 0.845 outermost; another careless seed: 0.965 vs 0.964), all far above the
+plain means (0.907 / 0.904 / 0.907).  How the setup got there, each step applied to every
+integration alike: without the Ewald offset careless scored below the plain mean (0.734 VI
+posterior mean vs 0.783 summation); with it, 0.957 (VI) vs 0.961 (summation), the same gap with
+another careless seed (0.958 vs 0.961).  Giving careless the VI's intensities with summation's
+sigmas gave 0.960: half the gap was the VI's smaller sigmas, honest per spot (z RMS ~1 against the
+photons) but not what the merged observations scatter by once partiality and scale misfit are
+added, which grows with the intensity; careless' error model (``--refine-uncertainties``) fits that
+extra spread and lifted both (0.966 / 0.964).  What remains between VI and summation is small
+because the observations are PeakNet's found spots (median 73 photons): the VI's per-observation
+error is lower for the fainter ones (RMS 6.8 vs 8.9 photons at 10-50 true photons, 12.2 vs 12.8 at
+50-200, 20.9 vs 20.9 above), and its profile fit reads bright spots 1-3 % low where summation is
+unbiased (a larger shape error tau does not remove it, nor a border-only background).  Times: peak
+finding 204 s, indexing 1,522 s, integration 13 s, export 18 s, careless ~200 s per merge (about 35
+minutes in all).  ``--resume`` keeps finished steps of a previous run.
 """
 from __future__ import annotations
 

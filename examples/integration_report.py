@@ -6,7 +6,7 @@ examples/train_integrator_default.py; seed 2 chose nothing), cuts a shoebox at e
 integrates with the shipped variational integrator, with summation over the same boxes and (on a
 subset, it is slow) with the data engine's pseudo-Voigt fit, and writes
 examples/integration_report/{report.md,report.json,report.png}.  tests/integration/
-test_evaluation.py checks the issue's criteria on the first 12 of these frames.
+test_evaluation.py checks the issue's criteria on these frames.
 
     python examples/integration_report.py [--frames 40] [--pvoigt 1500] [--weights PATH]
 

@@ -13,12 +13,24 @@ The whole chain, from one script, with real programs at every step:
    frames are split into ``--jobs`` chunks indexed in parallel, then recombined (in Python:
    DIALS 3.12's ``dials.combine_experiments`` fails when a frame of a chunk did not index);
 3. ``peaknet-integrate indexed.expt --refl indexed.refl`` integrates every indexed reflection at
-   its predicted position with the variational integrator (``intensity.vi.*``) and with summation
-   over the same box (``intensity.vsum.*``);
+   its predicted position with the variational integrator and with summation over the same box
+   (``intensity.vsum.*``).  The VI writes two estimates: ``intensity.vi.*``, the posterior mean
+   and variance (the best estimate of one spot on its own, shrunk towards the integrator's
+   intensity prior), and ``intensity.vi_lik.*``, the likelihood alone (profile fitting with the
+   learned profile, no prior).  A merger gets the latter: careless multiplies the likelihoods of
+   all observations of a reflection and puts its own Wilson prior on the merged intensity, so a
+   posterior mean would bring the integrator's prior in once per observation.  Both are merged
+   here, to show what that costs;
 4. ``dials.export format=mtz`` writes each integration as an unmerged MTZ (one row per
    observation: H, K, L in the P43212 asymmetric unit, M_ISYM, BATCH, I, SIGI, XDET, YDET), and
-   ``careless mono`` (PyPI, in the separate environment ``bin/setup-merge-env`` builds: its
-   TensorFlow stack needs numpy 2) merges each on the CPU with the same settings;
+   the Ewald offset of each observation (``|s0 + A h| - |s0|`` from its crystal's setting matrix)
+   is added as ``EWALD_OFFSET``: on stills every spot is partial by how far its lattice point lies
+   off the sphere, and careless' serial-XFEL example supplies exactly this as metadata so that its
+   scale model learns the partiality.  ``careless mono`` (PyPI, in the separate environment
+   ``bin/setup-merge-env`` builds: its TensorFlow stack needs numpy 2) merges each MTZ on the CPU
+   with the settings of that example (metadata dHKL, XDET, YDET, EWALD_OFFSET; two per-image
+   layers for per-crystal scales; 10 MLP layers) plus careless' error model
+   (``--refine-uncertainties``), the same seed and steps for every integration;
 5. the merged intensities are compared with the simulator's exact structure intensities (its
    Wilson draw per reflection, which has the 4/mmm Laue symmetry of P43212): Pearson and Spearman
    correlation per resolution shell, and overall after dividing each set by its mean in 20 thin
@@ -30,13 +42,23 @@ Outputs under ``--out`` (default ``examples/integration_worked_example/``): ``me
 ``merged.json`` (numbers, timings, versions), ``merged.png`` (CC per shell).  Intermediate files
 (CXI, DIALS tables, MTZs, careless output) go to ``--work`` (default ``runs/worked_example``).
 
-Measured with the defaults (``merged.md``; 200 frames, 2 CPU cores shared with other jobs):
-198 crystals indexed, 25,023 reflections integrated, 3,179 unique reflections compared.  careless:
-CC 0.730 (VI) vs 0.783 (summation) overall, summation ahead in every shell -- VI is NOT at least as
-good here, and careless scores below the plain mean (0.907 VI vs 0.904 summation, VI ahead or level
-in every shell), so this careless setup (no partiality metadata, 5,000 steps; 20,000 steps and a
-Student-t likelihood were no better, ``merged_*.md``) is not yet a good merge.  Times: peak
-finding 349 s, indexing 1,531 s, integration 29 s, export 23 s, careless 250 s per merge (about 40
+Measured with the defaults (``merged.md``; 200 frames, 2 CPU cores shared with other jobs): 198
+crystals indexed, 25,023 reflections integrated, 3,179 unique reflections compared.  careless: CC
+0.966 (VI, likelihood) vs 0.964 (summation) vs 0.966 (VI posterior mean) overall, VI ahead or level
+in every shell (0.851 vs 0.845 outermost; another careless seed: 0.965 vs 0.964), all far above the
+plain means (0.907 / 0.904 / 0.907).  How the setup got there, each step applied to every
+integration alike: without the Ewald offset careless scored below the plain mean (0.734 VI
+posterior mean vs 0.783 summation); with it, 0.957 (VI) vs 0.961 (summation), the same gap with
+another careless seed (0.958 vs 0.961).  Giving careless the VI's intensities with summation's
+sigmas gave 0.960: half the gap was the VI's smaller sigmas, honest per spot (z RMS ~1 against the
+photons) but not what the merged observations scatter by once partiality and scale misfit are
+added, which grows with the intensity; careless' error model (``--refine-uncertainties``) fits that
+extra spread and lifted both (0.966 / 0.964).  What remains between VI and summation is small
+because the observations are PeakNet's found spots (median 73 photons): the VI's per-observation
+error is lower for the fainter ones (RMS 6.8 vs 8.9 photons at 10-50 true photons, 12.2 vs 12.8 at
+50-200, 20.9 vs 20.9 above), and its profile fit reads bright spots 1-3 % low where summation is
+unbiased (a larger shape error tau does not remove it, nor a border-only background).  Times: peak
+finding 204 s, indexing 1,522 s, integration 13 s, export 18 s, careless ~200 s per merge (about 35
 minutes in all).  ``--resume`` keeps finished steps of a previous run.
 """
 from __future__ import annotations
@@ -59,11 +81,18 @@ from peaknet_xtal.atomic import atomic_path, write_json_atomic, write_text_atomi
 ROOT = Path(__file__).resolve().parent.parent
 SPACE_GROUP = "P43212"
 CELL = (79.1, 79.1, 38.0, 90.0, 90.0, 90.0)
-METHODS = {"vi": "VI", "vsum": "summation"}
-#: careless settings used for both integrations (same model, same steps, same seed).
+#: DIALS column (intensity.<key>.*) -> name.  ``vi_lik`` is what the VI hands a merger (its
+#: likelihood alone); ``vi``, the posterior mean, is merged too, to show why it is not.
+METHODS = {"vi_lik": "VI", "vsum": "summation", "vi": "VI posterior mean"}
+#: careless settings used for every integration (same model, same steps, same seed): those of
+#: careless' own serial-XFEL example (per-image layers for per-crystal scales, 10 MLP layers),
+#: with the Ewald offset (partiality proxy) among the scale model's metadata, and its documented
+#: error model (--refine-uncertainties: Evans' SdFac/SdB/SdAdd), because an observation's
+#: integration sigma does not include the merge's own model error (partiality, scale), which
+#: grows with the intensity and which careless otherwise cannot weigh in.
 CARELESS_ARGS = ("--disable-progress-bar", "--disable-gpu", "--image-layers", "2",
-                 "--seed", "1234")
-CARELESS_METADATA = "dHKL,XDET,YDET"
+                 "--mlp-layers", "10", "--refine-uncertainties", "--seed", "1234")
+CARELESS_METADATA = "dHKL,XDET,YDET,EWALD_OFFSET"
 
 
 def sim_config() -> Any:
@@ -177,28 +206,73 @@ def keep_indexed(refl_in: Path, refl_out: Path) -> int:
     return len(table)
 
 
+def ewald_offsets(experiments: Any, table: Any) -> np.ndarray:
+    """Each reflection's distance from the Ewald sphere, ``|s0 + A h| - |s0|`` (1/Angstrom).
+
+    The partiality proxy careless documents for stills (its ``ewald_offset`` metadata, computed
+    the same way from a DIALS crystal's setting matrix ``A`` and the beam's ``s0``): on a still
+    every spot is partial, by how far its reciprocal-lattice point lies off the sphere, and the
+    merger's scale model learns the partiality from it.
+    """
+    ids = np.asarray(table["id"].as_numpy_array())
+    hkl = np.array(table["miller_index"], dtype=np.float64).reshape(-1, 3)
+    out = np.full(len(ids), np.nan)
+    for eid, experiment in enumerate(experiments):
+        rows = np.flatnonzero(ids == eid)
+        a = np.array(experiment.crystal.get_A(), dtype=np.float64).reshape(3, 3)
+        s0 = np.array(experiment.beam.get_s0(), dtype=np.float64)
+        out[rows] = np.linalg.norm(hkl[rows] @ a.T + s0, axis=1) - np.linalg.norm(s0)
+    return out
+
+
 def export_mtz(expt: Path, integrated: Path, method: str, folder: Path) -> Path:
-    """One integration's intensities as an unmerged MTZ written by ``dials.export``.
+    """One integration's intensities as an unmerged MTZ written by ``dials.export``, plus the
+    Ewald offset of every observation as the column ``EWALD_OFFSET``.
 
     dials.export writes the ``intensity.sum`` columns of reflections flagged integrated_sum; a
     copy of the table carries the chosen method's columns under that name (nothing else changes).
+    It has no column for the Ewald offset, so that is added to its MTZ afterwards (iotbx), row by
+    row: the table is first cut to the rows dials.export keeps, in its order (by experiment), and
+    the MTZ's original indices and XDET/YDET are checked to match those rows one for one.
     """
     from dials.array_family import flex
+    from dxtbx.model.experiment_list import ExperimentList
+    from iotbx import mtz
 
     table = flex.reflection_table.from_file(str(integrated))
     value = np.asarray(table[f"intensity.{method}.value"].as_numpy_array())
-    good = flex.bool(np.isfinite(value) & np.isfinite(
-        np.asarray(table[f"intensity.{method}.variance"].as_numpy_array())))
-    table = table.select(good)
+    variance = np.asarray(table[f"intensity.{method}.variance"].as_numpy_array())
+    ids = np.asarray(table["id"].as_numpy_array())
+    keep = np.flatnonzero(np.isfinite(value) & np.isfinite(variance) & (variance > 0))
+    keep = keep[np.argsort(ids[keep], kind="stable")]
+    table = table.select(flex.size_t(keep.astype(np.uint64)))
     table["intensity.sum.value"] = table[f"intensity.{method}.value"]
     table["intensity.sum.variance"] = table[f"intensity.{method}.variance"]
     table.set_flags(flex.bool(len(table), True), table.flags.integrated_sum)
     as_sum = folder / f"{method}_as_sum.refl"
     table.as_file(str(as_sum))
-    mtz = folder / f"{method}.mtz"
+    mtz_path = folder / f"{method}.mtz"
+    exported = folder / f"{method}.dials_export.mtz"  # completed below, then renamed into place
     dials("export", str(expt), str(as_sum), "format=mtz", "intensity=sum",
-          f"mtz.hklout={mtz.name}", f"output.log=dials.export.{method}.log", cwd=folder)
-    return mtz
+          f"mtz.hklout={exported.name}", f"output.log=dials.export.{method}.log", cwd=folder)
+    experiments = ExperimentList.from_file(str(expt), check_format=False)  # type: ignore[attr-defined]
+    offsets = ewald_offsets(experiments, table)
+    obj = mtz.object(str(exported))
+    original = np.array(obj.extract_original_index_miller_indices(), dtype=np.int64).reshape(-1, 3)
+    xdet = np.asarray(obj.get_column("XDET").extract_values().as_numpy_array())
+    ours = np.array(table["miller_index"], dtype=np.int64).reshape(-1, 3)
+    ours_x = np.asarray(table["xyzobs.px.value"].parts()[0].as_numpy_array())
+    if len(original) != len(ours) or not ((original == ours).all()
+                                          and np.allclose(xdet, ours_x, atol=1e-3)):
+        raise RuntimeError(f"{exported}: dials.export wrote {len(original)} rows that do not "
+                           f"match the {len(ours)} exported reflections one for one; the Ewald "
+                           "offsets cannot be attached")
+    dataset = obj.crystals()[-1].datasets()[-1]
+    dataset.add_column("EWALD_OFFSET", "R").set_values(flex.double(offsets).as_float())
+    with atomic_path(mtz_path) as tmp:
+        obj.write(str(tmp))
+    exported.unlink()
+    return mtz_path
 
 
 def read_mtz_columns(path: Path, labels: Sequence[str]) -> dict[str, np.ndarray]:

@@ -24,7 +24,9 @@ the grid's scores are in the JSON's ``extra``).  ``--init`` continues training f
 Training boxes are cut *without* the neighbour split that the API applies (pixels nearer to
 another spot left out; ``--train-neighbour-split`` turns it on for training too).  Both were
 tried with the same seed and steps and compared on the selection seeds only: best score 0.026
-(tau 2.5) trained without the split, 0.071 (tau 1.5) with it, so the plain boxes stay.  The
+(tau 2.5) trained without the split, 0.071 (tau 1.5) with it (on the simulator before its
+structures became Laue-symmetric, and with the earlier posterior summary), so the plain boxes
+stay.  The shipped weights (today's simulator and summary): best score 0.044, tau 2.5.  The
 encoder sees masked pixels either way (panel edges), and the split is applied at inference.
 """
 from __future__ import annotations

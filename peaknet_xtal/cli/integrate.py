@@ -9,11 +9,15 @@ a DIALS table) gets a 15x15-pixel shoebox, integrated by the shipped variational
 (--weights to use another) and by background-subtracted summation over the same box.  Outputs,
 written atomically under the output folder with the input's name:
 
-- CXI: a copy of the file with new peak columns (peakPhotonsVI, peakPhotonsVISigma,
-  peakBackgroundVI(Sigma), peakProfile{X,Y}PosRaw, peakProfileSigma{X,Y}, peakPhotonsSum(Sigma));
-- stream: the same stream with each reflection's I, sigma(I) and background from the posterior
+- CXI: a copy of the file with new peak columns (peakPhotonsVI, peakPhotonsVISigma: posterior;
+  peakPhotonsVILik(Sigma): the likelihood alone, for mergers; peakBackgroundVI(Sigma),
+  peakProfile{X,Y}PosRaw, peakProfileSigma{X,Y}, peakPhotonsSum(Sigma));
+- stream: the same stream with each reflection's I and sigma(I) from the VI likelihood alone (what
+  a merger with its own prior should read: no integrator prior in it) and its background
   (detector units, photons x gain, as indexamajig writes them), ready for a merger;
-- DIALS: the .refl with intensity.vi.value/variance, background.vi.mean, intensity.vsum.*.
+- DIALS: the .refl with intensity.vi.value/variance (the posterior: the best estimate of a spot
+  on its own), intensity.vi_lik.value/variance (the likelihood alone: what to merge),
+  background.vi.mean, intensity.vsum.* (summation).
 
 The detector gain (ADU per photon) comes from the geometry (adu_per_photon or adu_per_eV) unless
 --adu-per-photon is given; --read-noise is the Gaussian read noise in photons (default 0).

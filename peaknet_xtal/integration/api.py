@@ -5,13 +5,16 @@
     table = integ.integrate(frame, panel, fs, ss, gain=1.0, read_noise=0.1)
 
 ``table`` (:data:`INTEGRATION_DTYPE`) holds the variational posterior mean and standard deviation
-of the spot's photons and of the background per pixel, a profile summary (centroid and width of the
-fitted profile, panel coordinates) and, side by side, the background-subtracted summation of the
-same shoebox.  Positions follow the package convention (panel-relative pixel centres).  Pass all
-the spots of a frame in one call: pixels nearer to another spot than to this one are left out of
-its VI fit (``shoebox.owned_pixels``), so neighbours do not leak into each other.  The weights'
-config carries everything the posterior needs, the selected ``profile_noise`` included, so every
-caller of the API gets the same calibrated sigma.
+of the spot's photons and of the background per pixel, the likelihood-only estimate of the photons
+(``lik_photons``/``lik_sigma``: profile fitting with the learned profile, no intensity prior; what
+a merger with its own prior should get, see ``VIIntegrator.likelihood_photons``), a profile
+summary (centroid and width of the fitted profile, panel coordinates) and, side by side, the
+background-subtracted summation of the same shoebox.  Positions follow the package convention
+(panel-relative pixel centres).  Pass all the spots of a frame in one call: pixels nearer to
+another spot than to this one are left out of its VI fit (``shoebox.owned_pixels``), so
+neighbours do not leak into each other.  The weights' config carries everything the posterior
+needs, the selected ``profile_noise`` included, so every caller of the API gets the same
+calibrated sigma.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ from peaknet_xtal.integration.summation import summation
 #: One row per integrated spot.
 INTEGRATION_DTYPE = np.dtype([
     ("photons", "f8"), ("photons_sigma", "f8"),  # VI posterior mean and std of the photons
+    ("lik_photons", "f8"), ("lik_sigma", "f8"),  # VI likelihood alone (profile fit): for mergers
     ("background", "f8"), ("background_sigma", "f8"),  # VI, photons per pixel
     ("profile_fs", "f8"), ("profile_ss", "f8"),  # profile centroid, panel pixel centres
     ("profile_sigma_fs", "f8"), ("profile_sigma_ss", "f8"),  # profile width (pixels)
@@ -65,6 +69,8 @@ class Integrator:
             table[name] = post[name]
         table["profile_fs"] = np.floor(boxes.fs + 0.5) + post["profile_dfs"]
         table["profile_ss"] = np.floor(boxes.ss + 0.5) + post["profile_dss"]
+        table["lik_photons"] = post["photons_lik"]
+        table["lik_sigma"] = post["photons_lik_sigma"]
         table["sum_photons"] = base["photons"]
         table["sum_sigma"] = base["photons_sigma"]
         return table

@@ -7,16 +7,27 @@ DIALS output is skipped, a stream is appended after its last complete chunk.
 Units and columns:
 
 - CXI (``/entry_1/result_1``, one row per frame, ``nPeaks`` valid entries): the input columns
-  plus ``peakPhotonsVI``, ``peakPhotonsVISigma`` (photons), ``peakBackgroundVI``,
+  plus ``peakPhotonsVI``, ``peakPhotonsVISigma`` (photons, posterior mean and sd),
+  ``peakPhotonsVILik``, ``peakPhotonsVILikSigma`` (photons, the likelihood-only profile fit that
+  mergers should read, see below), ``peakBackgroundVI``,
   ``peakBackgroundVISigma`` (photons per pixel), ``peakProfileXPosRaw``/``peakProfileYPosRaw``
   (profile centroid, raw slab pixel centres like ``peakXPosRaw``), ``peakProfileSigmaX``/``Y``
   (pixels), ``peakPhotonsSum``/``peakPhotonsSumSigma`` (summation over the same box).
-- Streams: each crystal's reflection list gets ``I`` and ``sigma(I)`` from the VI posterior and
-  ``background`` from its background, in the stream's detector units (photons x gain, as
-  indexamajig writes them), so mergers read it unchanged.
-- DIALS: ``intensity.vi.value``/``intensity.vi.variance`` (photons), ``background.vi.mean`` and
-  the summation of the same boxes as ``intensity.vsum.value``/``variance``; DIALS' own columns
-  are left as they were.
+- Streams: each crystal's reflection list gets ``I`` and ``sigma(I)`` from the VI likelihood
+  alone and ``background`` from its background, in the stream's detector units (photons x gain,
+  as indexamajig writes them), so mergers read it unchanged.
+- DIALS: ``intensity.vi.value``/``intensity.vi.variance`` (photons: the posterior mean and
+  variance, the best estimate of one spot read on its own), ``intensity.vi_lik.value``/
+  ``variance`` (photons: the likelihood alone, for mergers), ``background.vi.mean`` and the
+  summation of the same boxes as ``intensity.vsum.value``/``variance``; DIALS' own columns are
+  left as they were.
+
+Which to merge: the posterior mean is shrunk towards the integrator's intensity prior, and a
+merger (careless, partialator, dials.scale) multiplies the likelihoods of all observations of a
+reflection and, in careless, puts its own Wilson prior on the result: posterior means would bring
+the integrator's prior in once per observation.  The likelihood-only estimate
+(``VIIntegrator.likelihood_photons``: profile fitting with the learned profile, may be negative
+like any background-subtracted intensity) is the measurement a merger expects.
 """
 from __future__ import annotations
 
@@ -38,6 +49,7 @@ log = logging.getLogger(__name__)
 #: New CXI column -> INTEGRATION_DTYPE field.
 CXI_COLUMNS = {
     "peakPhotonsVI": "photons", "peakPhotonsVISigma": "photons_sigma",
+    "peakPhotonsVILik": "lik_photons", "peakPhotonsVILikSigma": "lik_sigma",
     "peakBackgroundVI": "background", "peakBackgroundVISigma": "background_sigma",
     "peakProfileXPosRaw": "profile_fs", "peakProfileYPosRaw": "profile_ss",
     "peakProfileSigmaX": "profile_sigma_fs", "peakProfileSigmaY": "profile_sigma_ss",
@@ -187,8 +199,8 @@ def integrate_stream(path: str | os.PathLike[str], geometry: Any,
                 for refl in lists:
                     rows = slice(start, start + len(refl))
                     start += len(refl)
-                    refl["I"] = res["photons"][rows] * g
-                    refl["sigma"] = res["photons_sigma"][rows] * g
+                    refl["I"] = res["lik_photons"][rows] * g
+                    refl["sigma"] = res["lik_sigma"][rows] * g
                     refl["background"] = res["background"][rows] * g
             writer.write(chunk)
             if tick:
@@ -237,8 +249,9 @@ def integrate_dials(expt_path: str | os.PathLike[str], refl_path: str | os.PathL
             raise FormatError(refl_path, f"no {column!r} column: integrate needs the predicted "
                                          "positions of an indexed or refined table")
     n = len(table)
-    columns = {name: np.full(n, np.nan) for name in ("photons", "photons_sigma", "background",
-                                                     "sum_photons", "sum_sigma")}
+    columns = {name: np.full(n, np.nan) for name in ("photons", "photons_sigma", "lik_photons",
+                                                     "lik_sigma", "background", "sum_photons",
+                                                     "sum_sigma")}
     ids = np.asarray(table["id"].as_numpy_array())
     xyz = np.asarray(table["xyzcal.px"].parts()[0].as_numpy_array()), np.asarray(
         table["xyzcal.px"].parts()[1].as_numpy_array())
@@ -266,6 +279,8 @@ def integrate_dials(expt_path: str | os.PathLike[str], refl_path: str | os.PathL
             tick(1)
     table["intensity.vi.value"] = flex.double(columns["photons"])
     table["intensity.vi.variance"] = flex.double(columns["photons_sigma"] ** 2)
+    table["intensity.vi_lik.value"] = flex.double(columns["lik_photons"])
+    table["intensity.vi_lik.variance"] = flex.double(columns["lik_sigma"] ** 2)
     table["background.vi.mean"] = flex.double(columns["background"])
     table["intensity.vsum.value"] = flex.double(columns["sum_photons"])
     table["intensity.vsum.variance"] = flex.double(columns["sum_sigma"] ** 2)

@@ -61,7 +61,12 @@ shape of the posterior, not the scoring):
   stored in the weights' config; training itself fits the plain model (tau 0).
 - **Posterior moments.**  A weak spot's posterior is far from log-normal; the reported mean and sd
   are the exact posterior moments of the plain model by quadrature (:meth:`VIIntegrator.moments`),
-  with the shape error's part added in the Gaussian regime where it matters.
+  with the shape error's part brought in from the likelihood-only fits with and without it
+  (nothing for faint spots, for which the two agree; the shape-error fit for bright ones).
+
+What a merger gets is different (:meth:`VIIntegrator.likelihood_photons`): the likelihood alone,
+without the intensity prior (profile fitting with the learned profile), because a merger puts its
+own prior on the merged intensity.  The posterior mean is for a spot read on its own.
 
 Pixels nearer to another spot than to this one (``Shoeboxes.owned``) are left out like pixels off
 the panel: a neighbour's photons are neither this spot's nor flat background.
@@ -199,7 +204,7 @@ def _module_class() -> Any:
 
         @staticmethod
         def profile_noise_terms(tau: float, big_i: Any, big_b: Any, lam: Any, r: Any, m: Any,
-                                p: Any) -> tuple[Any, Any]:
+                                p: Any, shape_var: Any = None) -> tuple[Any, Any]:
             """Score and information of (log I, log b) with the profile's own error.
 
             The learned profile is not the spot's exact shape: let the true one be
@@ -213,8 +218,10 @@ def _module_class() -> Any:
             the shape, and a weak one towards the profile, where photon noise dominates; the
             information, and so sigma(I), includes what the shape error costs.  ``tau = 0`` is
             the plain Poisson model.  Returns (score (n, 2), information (n, 2, 2)).
+            ``shape_var`` replaces ``tau^2 I^2`` (then ``big_i = big_b = 1`` gives the score and
+            information of the linear parameters (I, b), as :meth:`likelihood_photons` uses).
             """
-            t2 = (tau * big_i) ** 2
+            t2 = (tau * big_i) ** 2 if shape_var is None else shape_var
             p2 = p * p
             d = m / (lam + t2[:, None] * p2)
             dp, dp2 = d * p, d * p2
@@ -381,15 +388,15 @@ def _module_class() -> Any:
             Poisson posterior are taken by Gauss-Hermite quadrature along its ridge in
             (log I, log b) (``QUAD_NODES`` nodes placed by its Laplace approximation, importance
             weights from the exact log joint), and the shape error's part (``profile_noise``)
-            is added as the Laplace approximations see it: the shift of the mean and the extra
-            variance between the model with and without it (zero for spots too weak for the
-            shape to matter, the whole difference for bright spots, whose posterior is
-            Gaussian).
+            is brought in from the likelihood-only fits with and without it (see below): none
+            for spots too faint for the shape to matter, the shape-error fit itself for bright
+            spots, whose posterior is the likelihood.
             """
-            mu, cov, mu_p, cov_p = out["mu"], out["cov"], out["mu_p"], out["cov_p"]
+            mu_p, cov_p = out["mu_p"], out["cov_p"]
             nodes_np, weights_np = np.polynomial.hermite_e.hermegauss(QUAD_NODES)
-            nodes = torch.tensor(nodes_np, dtype=mu.dtype, device=mu.device)
-            log_weights = torch.log(torch.tensor(weights_np, dtype=mu.dtype, device=mu.device))
+            nodes = torch.tensor(nodes_np, dtype=mu_p.dtype, device=mu_p.device)
+            log_weights = torch.log(torch.tensor(weights_np, dtype=mu_p.dtype,
+                                                 device=mu_p.device))
             var_p = cov_p[:, 0, 0].clamp_min(1e-12)
             spread = QUAD_SCALE * torch.sqrt(var_p)
             u = mu_p[:, 0, None] + spread[:, None] * nodes
@@ -410,12 +417,64 @@ def _module_class() -> Any:
             mean_q = (weights * big_i).sum(-1)
             var_q = (weights * (big_i - mean_q[:, None]) ** 2).sum(-1)
 
-            # Gaussian-regime (delta-method) moments of both fits: their difference is the shape
-            # error's part, exactly zero when tau = 0.
-            mean_t, mean_0 = torch.exp(mu[:, 0]), torch.exp(mu_p[:, 0])
-            mean = (mean_q + mean_t - mean_0).clamp_min(1e-6)
-            var = var_q + mean_t ** 2 * cov[:, 0, 0] - mean_0 ** 2 * var_p
-            return mean, torch.sqrt(torch.maximum(var, var_q))
+            tau = float(self.config.get("profile_noise", 0.0))
+            if tau <= 0:
+                return mean_q.clamp_min(1e-6), torch.sqrt(var_q)
+            # The shape error's part, from the likelihood alone in photons (linear, where it is
+            # a variance tau^2 I^2 (...) that vanishes for faint spots): the weighted fits with
+            # and without it, (I_t, L_t) and (I_0, L_0), replace one by the other in the
+            # posterior by Gaussian bookkeeping of precisions: 1/var = 1/var_q - 1/L_0 + 1/L_t,
+            # mean = var (mean_q/var_q - I_0/L_0 + I_t/L_t).  A bright spot (likelihood-
+            # dominated) gets the shape-error fit itself; a faint one, for which the two fits
+            # agree, keeps the quadrature's exact moments.  (Shifting the mean by the two
+            # Laplace fits' modes, or widening log I by their difference, was tried: for faint
+            # spots those differences are not the shape error, and they drove the mean to zero
+            # or the sd far above the error: own I/sigma < 1, z RMS 0.7.)
+            i_t, sd_t = self.likelihood_photons(out, mean_q, tau=tau)
+            i_0, sd_0 = self.likelihood_photons(out, mean_q, tau=0.0)
+            out["likelihood"] = (i_t, sd_t)  # what summary() reports for mergers
+            l_t, l_0 = sd_t ** 2, sd_0 ** 2
+            prec = torch.maximum(1 / var_q - 1 / l_0 + 1 / l_t, 1 / (var_q + (l_t - l_0)))
+            var = 1 / prec
+            mean = var * (mean_q / var_q - i_0 / l_0 + i_t / l_t)
+            return mean.clamp_min(1e-6), torch.sqrt(var)
+
+        def likelihood_photons(self, out: dict[str, Any], start: Any, iterations: int = 3,
+                               tau: float | None = None) -> tuple[Any, Any]:
+            """Photons from the likelihood alone: the profile fit a merger should be given.
+
+            The posterior mean is shrunk towards the intensity prior (the Lomax of this model),
+            right for a spot read on its own, wrong for a merger that puts its own prior on the
+            merged intensity (careless' Wilson prior; every observation of a reflection would
+            carry the integrator's prior once more, pulling weak reflections towards the mean
+            of the data set).  What a merger needs is the likelihood: this is its Gaussian
+            summary, the weighted least-squares fit of ``I`` and ``b`` (both free, ``I`` may be
+            negative as a background-subtracted measurement may) to the box with the learned
+            profile and the model's pixel covariance (Poisson photons plus read noise plus the
+            profile's shape error ``profile_noise``, weights at the current estimate with ``I``
+            clipped at 0: iteratively reweighted), and sigma from its Fisher information.  No
+            prior of I or b enters: it is profile fitting with the VI's profile.  ``start``:
+            the posterior mean of the photons (the weights' first guess); ``tau`` defaults to
+            the config's ``profile_noise``.
+            """
+            y, m, v, p = out["y"], out["m"], out["v"], out["p"]
+            tau = float(self.config.get("profile_noise", 0.0) if tau is None else tau)
+            big_i = start
+            big_b = torch.exp(out["mu"][:, 1])
+            ones = torch.ones_like(big_i)
+            info = None
+            for _ in range(iterations):
+                weight_i = big_i.clamp_min(0.0)
+                lam = weight_i[:, None] * p + big_b.clamp_min(0.0)[:, None] + v
+                resid = (y - big_i[:, None] * p - big_b[:, None] - v) * m
+                score, info = self.profile_noise_terms(tau, ones, ones, lam, resid, m, p,
+                                                       shape_var=(tau * weight_i) ** 2)
+                det = (info[:, 0, 0] * info[:, 1, 1] - info[:, 0, 1] ** 2).clamp_min(1e-12)
+                big_i = big_i + (info[:, 1, 1] * score[:, 0] - info[:, 0, 1] * score[:, 1]) / det
+                big_b = big_b + (info[:, 0, 0] * score[:, 1] - info[:, 0, 1] * score[:, 0]) / det
+            assert info is not None
+            det = (info[:, 0, 0] * info[:, 1, 1] - info[:, 0, 1] ** 2).clamp_min(1e-12)
+            return big_i, torch.sqrt(info[:, 1, 1] / det)
 
         def summary(self, out: dict[str, Any]) -> dict[str, Any]:
             """Posterior moments and the profile's centroid/width (box-centre-relative pixels)."""
@@ -426,12 +485,17 @@ def _module_class() -> Any:
             sd_i = mean_i * torch.sqrt(torch.expm1(var_u))
             if "mu_p" in out:
                 mean_i, sd_i = self.moments(out)
+            lik = {}
+            if "y" in out:  # a full forward pass (the pixels are needed)
+                lik_i, lik_sd = (out["likelihood"] if "likelihood" in out
+                                 else self.likelihood_photons(out, mean_i))
+                lik = {"photons_lik": lik_i, "photons_lik_sigma": lik_sd}
             p = out["p"]
             cx = p @ self._coords[0]
             cy = p @ self._coords[1]
             sx = torch.sqrt((p @ self._coords[0] ** 2 - cx ** 2).clamp_min(0.0))
             sy = torch.sqrt((p @ self._coords[1] ** 2 - cy ** 2).clamp_min(0.0))
-            return {"photons": mean_i, "photons_sigma": sd_i,
+            return {"photons": mean_i, "photons_sigma": sd_i, **lik,
                     "background": mean_b,
                     "background_sigma": mean_b * torch.sqrt(torch.expm1(var_w)),
                     "profile_dfs": cx, "profile_dss": cy, "profile_sigma_fs": sx,

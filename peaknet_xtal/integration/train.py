@@ -85,7 +85,8 @@ def posterior(model: Any, boxes: Shoeboxes, *, batch_size: int = 4096,
             parts.append({k: v.detach().cpu().numpy().astype(np.float64)
                           for k, v in summary.items()})
     if not parts:
-        return {k: np.zeros(0) for k in ("photons", "photons_sigma", "background",
+        return {k: np.zeros(0) for k in ("photons", "photons_sigma", "photons_lik",
+                                          "photons_lik_sigma", "background",
                                           "background_sigma", "profile_dfs", "profile_dss",
                                           "profile_sigma_fs", "profile_sigma_ss",
                                           "profile_observed")}

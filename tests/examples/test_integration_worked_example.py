@@ -84,11 +84,29 @@ def test_peaknet_integrate_fills_vi_and_summation_for_indexed_reflections(chain)
     assert np.corrcoef(vi[ok], vsum[ok])[0, 1] > 0.8
 
 
-@pytest.mark.parametrize("method", ["vi", "vsum"])
+def test_likelihood_estimate_is_exported_beside_the_posterior(chain):
+    """intensity.vi_lik (what the merger gets) is the VI's likelihood alone: it tracks the
+    posterior mean on strong spots, and only it can read below zero (weak spots)."""
+    table = read_table(chain["work"] / "dials" / "integrated" / "indexed_only_vi.refl")
+    lik = np.asarray(table["intensity.vi_lik.value"].as_numpy_array())
+    post = np.asarray(table["intensity.vi.value"].as_numpy_array())
+    var = np.asarray(table["intensity.vi_lik.variance"].as_numpy_array())
+    ok = np.isfinite(lik) & np.isfinite(post)
+    assert ok.mean() > 0.9 and (var[ok] > 0).all()
+    strong = ok & (post > 10 * np.sqrt(np.asarray(
+        table["intensity.vi.variance"].as_numpy_array())))
+    assert strong.sum() > 10
+    np.testing.assert_allclose(lik[strong], post[strong], rtol=0.2)
+    assert (post[ok] > 0).all()
+
+
+@pytest.mark.parametrize("method", ["vi_lik", "vi", "vsum"])
 def test_unmerged_mtz_holds_each_integration_unchanged(chain, method):
     """The MTZ careless reads: one row per integrated observation, I and SIGI exactly the chosen
     method's value and sqrt(variance) (dials.export applies no correction), indices in the P43212
-    asymmetric unit, one BATCH per crystal, detector positions present."""
+    asymmetric unit, one BATCH per crystal, detector positions present, and each observation's
+    Ewald offset (the partiality proxy careless documents for stills) equal to |s0 + A h| - |s0|
+    of its crystal, recomputed here from the indexed experiments."""
     from cctbx import crystal, miller
     from cctbx.array_family import flex
 
@@ -110,6 +128,23 @@ def test_unmerged_mtz_holds_each_integration_unchanged(chain, method):
     indices = flex.miller_index([tuple(map(int, r)) for r in mtz["hkl"]])
     in_asu = miller.set(symmetry, indices, anomalous_flag=False).map_to_asu().indices()
     assert list(in_asu) == list(indices)
+    # Ewald offsets: recomputed from each observation's crystal (BATCH order = experiment order)
+    from dxtbx.model.experiment_list import ExperimentList
+    from iotbx import mtz as iotbx_mtz
+
+    experiments = ExperimentList.from_file(str(folder / "indexed.expt"), check_format=False)
+    obj = iotbx_mtz.object(str(folder / f"{method}.mtz"))
+    original = np.array(obj.extract_original_index_miller_indices(), float).reshape(-1, 3)
+    offsets = np.asarray(obj.get_column("EWALD_OFFSET").extract_values().as_numpy_array())
+    batches = np.unique(mtz["BATCH"])
+    for eid, batch in enumerate(batches):
+        rows = mtz["BATCH"] == batch
+        a = np.array(experiments[eid].crystal.get_A()).reshape(3, 3)
+        s0 = np.array(experiments[eid].beam.get_s0())
+        expected = np.linalg.norm(original[rows] @ a.T + s0, axis=1) - np.linalg.norm(s0)
+        np.testing.assert_allclose(offsets[rows], expected, atol=1e-6)
+    # a still records spots near the sphere: offsets of a few 1e-3 1/A at most
+    assert np.abs(offsets).max() < 0.01 and np.abs(offsets).mean() > 1e-6
 
 
 def test_careless_reads_the_mtz_and_merges_both(chain):
@@ -124,7 +159,7 @@ def test_careless_reads_the_mtz_and_merges_both(chain):
         "d = rs.read_mtz(sys.argv[1])",
         "types = ' '.join(f'{k}:{getattr(v, \"mtztype\", \"\")}' for k, v in d.dtypes.items())",
         "print(len(d), d.merged, d.spacegroup.hm, types)"])
-    for method in ("vi", "vsum"):
+    for method in chain["example"].METHODS:
         proc = subprocess.run([str(careless_python), "-c", code, str(folder / f"{method}.mtz")],
                               capture_output=True, text=True, check=True)
         rows, merged_flag, rest = proc.stdout.strip().split(" ", 2)
@@ -133,7 +168,7 @@ def test_careless_reads_the_mtz_and_merges_both(chain):
         assert int(rows) == np.isfinite(np.asarray(
             table[f"intensity.{method}.value"].as_numpy_array())).sum()
         assert "P 43 21 2" in rest
-        for column in ("I:J", "SIGI:Q", "BATCH:B", "XDET:R", "YDET:R"):
+        for column in ("I:J", "SIGI:Q", "BATCH:B", "XDET:R", "YDET:R", "EWALD_OFFSET:R"):
             assert column in rest, proc.stdout
         merged = chain["example"].read_mtz_columns(chain["work"] / "careless" /
                                                    f"{method}_0.mtz", ["I", "SigI"])

@@ -2,8 +2,11 @@
 
 Done when (issue 18): the VI posterior mean has a lower RMS error than summation for weak spots
 (true I/sigma below 5) and no higher elsewhere, and the normalised errors have a spread within
-0.9-1.1 in every bin.  The held-out frames are the first 12 of the README's report (acceptance
-seed 2; the default was trained on seed 1 and its ``profile_noise`` selected on seed 3).
+0.9-1.1 in every bin.  The held-out frames are the 40 of the README's report (acceptance seed 2;
+the default was trained on seed 1 and its ``profile_noise`` selected on seed 3).  All 40, not a
+subset: conditions vary per frame (spot shape, fluence, gain), so a bin's z RMS over a dozen
+frames moves by several hundredths with the frames drawn (0.06 between the first 12 and all 40
+in the own-I/sigma 2-5 bin), as much as the criterion's margin.
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ def held_out():
     from peaknet_xtal.integration import Integrator
     from peaknet_xtal.integration.simdata import simulate_shoeboxes
 
-    boxes = simulate_shoeboxes(12, 2)
+    boxes = simulate_shoeboxes(40, 2)
     boxes = boxes.select(np.flatnonzero(boxes.mask.mean(axis=(1, 2)) >= 0.95))
     return boxes, Integrator("default").integrate_boxes(boxes)
 

@@ -15,8 +15,10 @@ import pytest
 
 from peaknet_xtal.integration.evaluation import (
     BINS,
+    MIN_SPOTS_PER_BIN,
     accuracy_table,
     calibration_table,
+    format_markdown,
     lognormal_interval,
 )
 
@@ -51,11 +53,26 @@ def test_tables_bin_and_score_a_known_case():
     assert cal[-1]["cover95"] == 0.0 and cal[0]["cover68"] == 1.0
 
 
+def test_the_report_measures_no_spread_in_a_bin_of_a_few_spots():
+    rng = np.random.default_rng(0)
+    truth = np.full(MIN_SPOTS_PER_BIN + 3, 100.0)
+    sd = np.full(truth.size, 2.0)  # own I/sigma ~50
+    mean = truth + sd * rng.normal(size=truth.size)
+    mean[:3], sd[:3] = 1.0, 4.0  # three spots of own I/sigma < 1
+    cal = calibration_table(truth, mean, sd, lognormal=False)
+    text = format_markdown(accuracy_table(truth, truth / sd, {"vi": mean}), {"VI": cal})
+    rows = {line.split(" | ")[1]: line for line in text.splitlines() if line.startswith("| VI |")}
+    assert rows["< 1"].endswith("| 3 | - | - | - | - |")  # counted, not measured
+    assert rows[">= 20"].split(" | ")[2] == str(MIN_SPOTS_PER_BIN)
+    assert rows[">= 20"].split(" | ")[3] != "-"
+
+
 def _accuracy(held_out):
     boxes, result = held_out
     rows = accuracy_table(boxes.extra["photons"], boxes.extra["snr"],
                           {"vi": result["photons"], "sum": result["sum_photons"]})
-    return [(row, hi) for row, hi in zip(rows, BINS[1:], strict=True) if row["n"] >= 50]
+    return [(row, hi) for row, hi in zip(rows, BINS[1:], strict=True)
+            if row["n"] >= MIN_SPOTS_PER_BIN]
 
 
 def test_vi_beats_summation_on_weak_spots(held_out):
@@ -76,7 +93,7 @@ def test_normalised_errors_have_unit_spread_in_every_bin(held_out):
     boxes, result = held_out
     rows = calibration_table(boxes.extra["photons"], result["photons"], result["photons_sigma"],
                              lognormal=True)
-    checked = [r for r in rows if r["n"] >= 50]
+    checked = [r for r in rows if r["n"] >= MIN_SPOTS_PER_BIN]
     assert len(checked) >= 4
     for row in checked:
         assert 0.9 <= row["z_rms"] <= 1.1, row

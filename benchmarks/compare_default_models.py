@@ -4,7 +4,7 @@ benchmarks/baseline/default_v1.*), measured only: nothing here chooses or tunes 
     python benchmarks/compare_default_models.py [--models default benchmarks/baseline/...]
 
 Per model, with the library's default peak settings and one torch thread:
-- held-out simulated frames of tests/model/test_default_model.py (seeds 3,000,000,001+ on
+- the held-out simulated frames of evaluation/held_out.py (seeds 3,000,000,001+ on
   ePix10k2M, CSPAD and Rayonix): precision, recall and F1 on strong reflections, with a
   bootstrap 95 % interval over frames;
 - the two real CSPAD thermolysin stills: peak count and median SNR (the test's plausible range is
@@ -16,44 +16,24 @@ stills through DIALS is tests/plugins/test_dials_commands.py's.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests" / "model"))
 REAL = ROOT.parent / "shared" / "data" / "real"
 BASELINE = ROOT / "benchmarks" / "baseline" / "default_v1.safetensors"
 
 
 def held_out(engine) -> dict[str, float]:
-    from test_default_model import HELD_OUT
+    from peaknet_xtal.evaluation.held_out import held_out_triples
+    from peaknet_xtal.evaluation.metrics import bootstrap_f1, score_frames
 
-    from peaknet_xtal.evaluation.metrics import score_frames
-    from peaknet_xtal.formats.geometry import read_geometry
-    from peaknet_xtal.sim import SimConfig, simulate_frame
-
-    triples = []
-    for name, seeds in HELD_OUT.items():
-        geometry = read_geometry(REAL / "crystfel_geometry" / name)
-        for seed in seeds:
-            rng = np.random.default_rng(seed)
-            config = SimConfig.randomised(rng, hit_probability=1.0,
-                                          adu_per_photon=float(rng.uniform(1, 30)))
-            frame, truth = simulate_frame(geometry, seed, config)
-            found = next(iter(engine.find_frames([frame]))).peaks
-            refl = truth.reflections
-            triples.append((found, refl[refl["strong"]], refl))
-    overall = score_frames(triples, cutoff=3.0)["overall"]
-    rng = np.random.default_rng(0)
-    boot = []
-    for _ in range(200):
-        pick = rng.integers(len(triples), size=len(triples))
-        boot.append(score_frames([triples[i] for i in pick], cutoff=3.0)["overall"].f1)
-    lo, hi = np.percentile(boot, [2.5, 97.5])
+    scores = score_frames(held_out_triples(engine, REAL / "crystfel_geometry"), cutoff=3.0)
+    overall = scores["overall"]
+    lo, hi = bootstrap_f1(scores["frames"])
     return {"precision": overall.precision, "recall": overall.recall, "f1": overall.f1,
-            "f1_lo": float(lo), "f1_hi": float(hi), "n_true": overall.n_true,
+            "f1_lo": lo, "f1_hi": hi, "n_true": overall.n_true,
             "median_error_px": overall.median_error_px}
 
 

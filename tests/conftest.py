@@ -6,7 +6,6 @@ so its absence there is an error, never a skip.  The same rule holds for DIALS.
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 from collections.abc import Callable
@@ -75,13 +74,10 @@ def _load_simdata() -> ModuleType:
     """``tests/labelling/simdata.py``, loaded by path: plain helpers shared by these fixtures and by
     ``benchmarks/bench_pvoigt_fit.py`` (test modules cannot import each other under
     ``--import-mode=importlib``, and a benchmark cannot use fixtures)."""
-    name = "_peaknet_tests_simdata"
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).parent / "labelling" /
-                                                  "simdata.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
+    from peaknet_test_support import load_script
+
+    return load_script(Path(__file__).parent / "labelling" / "simdata.py",
+                       "_peaknet_tests_simdata")
 
 
 simdata = _load_simdata()

@@ -3,12 +3,11 @@ hits called hits, F1 on the hits), the saved records' round trip and where a fal
 come from; and, slow, one tiny simulated run end to end with the shipped model."""
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from peaknet_test_support import load_script
 
 from peaknet_xtal.types import peaks_from_columns
 
@@ -17,12 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_blanks",
-                                                  ROOT / "benchmarks" / "bench_blanks.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_blanks"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_script(ROOT / "benchmarks" / "bench_blanks.py")
 
 
 def record(bench, index, hit, snrs, on_truth=None, matched=None, strong=0):

@@ -2,22 +2,17 @@
 on machines without a GPU, and it says what a real run would measure."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
+from peaknet_test_support import load_script as load_script_at
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("bench_gpu", ROOT / "benchmarks" / "bench_gpu.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_gpu"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_script_at(ROOT / "benchmarks" / "bench_gpu.py")
 
 
 def test_dry_run_measures_both_models_and_states_the_plan(tmp_path, capsys):

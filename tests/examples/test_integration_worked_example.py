@@ -7,7 +7,6 @@ go through the same functions via its ``main``, so a broken step anywhere fails 
 """
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 from pathlib import Path
 from types import ModuleType
@@ -15,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from peaknet_test_support import load_script
 
 pytestmark = [pytest.mark.dials, pytest.mark.slow]
 
@@ -25,11 +25,7 @@ FRAMES = 3
 
 
 def load_example() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("integration_worked_example", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT)
 
 
 @pytest.fixture(scope="module")

@@ -7,12 +7,12 @@ spots can fail.  The full report runs the shipped model: ``examples/real_frames_
 """
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from types import ModuleType
 
 import numpy as np
 import pytest
+from peaknet_test_support import load_script
 
 from peaknet_xtal.types import empty_peaks
 
@@ -22,11 +22,7 @@ SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "real_frames_report.
 
 
 def load_report() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("real_frames_report", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT)
 
 
 class ReferenceFinder:

@@ -12,15 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from peaknet_xtal.evaluation.held_out import held_out_triples
 from peaknet_xtal.evaluation.metrics import score_frames
 
 WEIGHTS = Path(__file__).resolve().parents[2] / "peaknet_xtal" / "model" / "weights"
-HELD_OUT = {  # geometry file -> seeds of held-out frames
-    "om_lcls_mfx_epix10k2M.geom": (3_000_000_001, 3_000_000_002),
-    "crystfel_doc_cspad-cxiformat.geom": (3_000_000_011, 3_000_000_012),
-    "om_lcls_rayonix.geom": (3_000_000_021,),
-}
-
 
 def test_default_weights_ship_small():
     weights = WEIGHTS / "default.safetensors"
@@ -38,20 +33,7 @@ def engine():
 
 @pytest.mark.slow
 def test_held_out_simulated_frames_reach_f1_0_9(real_data: Path, engine):
-    from peaknet_xtal.formats.geometry import read_geometry
-    from peaknet_xtal.sim import SimConfig, simulate_frame
-
-    triples = []
-    for name, seeds in HELD_OUT.items():
-        geometry = read_geometry(real_data / "crystfel_geometry" / name)
-        for seed in seeds:
-            rng = np.random.default_rng(seed)
-            config = SimConfig.randomised(rng, hit_probability=1.0,
-                                          adu_per_photon=float(rng.uniform(1, 30)))
-            frame, truth = simulate_frame(geometry, seed, config)
-            found = next(iter(engine.find_frames([frame]))).peaks
-            refl = truth.reflections
-            triples.append((found, refl[refl["strong"]], refl))
+    triples = held_out_triples(engine, real_data / "crystfel_geometry")
     overall = score_frames(triples, cutoff=3.0)["overall"]
     assert overall.n_true > 100
     print(overall.to_dict())

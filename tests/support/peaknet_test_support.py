@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -92,3 +93,21 @@ class BrightPredictor:
 
     def __call__(self, panels, masks):
         return [(np.asarray(p) > self.level).astype(np.float32) for p in panels]
+
+
+def load_script(path: str | os.PathLike[str], name: str | None = None) -> Any:
+    """A script that is not a package module (``examples/*.py``, ``benchmarks/*.py``, shared
+    test helpers), loaded by path as module ``name`` (default: the file's stem) and registered in
+    ``sys.modules``, where dataclasses look their module up while a class is built."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(path)
+    name = name or path.stem
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None, path
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -60,16 +60,22 @@ def test_cosine_schedule_warms_up_then_decays_to_the_floor() -> None:
     assert lrs[14] == pytest.approx(0.1) and lrs[15] == pytest.approx(0.1)
 
 
+def _tile_with_a_spot(seed: int):
+    """A 64x64 noisy tile, all pixels good, one 3x3 labelled spot at its centre."""
+    import numpy as np
+
+    image = np.random.default_rng(seed).normal(100.0, 5.0, (64, 64)).astype(np.float32)
+    label = np.zeros(image.shape, bool)
+    label[30:33, 30:33] = True
+    return image, np.ones(image.shape, bool), label
+
+
 def test_detector_artifact_augmentations_change_pixels_but_never_the_label():
     import numpy as np
 
     from peaknet_xtal.training.data import Augment
 
-    rng = np.random.default_rng(1)
-    image = rng.normal(100.0, 5.0, (64, 64)).astype(np.float32)
-    good = np.ones(image.shape, bool)
-    label = np.zeros(image.shape, bool)
-    label[30:33, 30:33] = True
+    image, good, label = _tile_with_a_spot(1)
     plain = Augment(flips=False, gain=(1.0, 1.0), offset_sigma=0.0, noise=0.0,
                     dead_pixel_fraction=0.0, dead_line_prob=0.0)
     busy = Augment(flips=False, gain=(1.0, 1.0), offset_sigma=0.0, noise=0.0,
@@ -90,11 +96,7 @@ def test_hot_pixels_are_lone_bright_pixels_away_from_peaks_and_stay_background()
 
     from peaknet_xtal.training.data import Augment
 
-    rng = np.random.default_rng(5)
-    image = rng.normal(100.0, 5.0, (64, 64)).astype(np.float32)
-    good = np.ones(image.shape, bool)
-    label = np.zeros(image.shape, bool)
-    label[30:33, 30:33] = True
+    image, good, label = _tile_with_a_spot(5)
     hot = Augment(flips=False, gain=(1.0, 1.0), offset_sigma=0.0, noise=0.0,
                   dead_pixel_fraction=0.0, dead_line_prob=0.0, hot_pixel_prob=1.0)
     counts = []

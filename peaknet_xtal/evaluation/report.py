@@ -20,6 +20,7 @@ from peaknet_xtal.evaluation import plots
 from peaknet_xtal.evaluation.finders import create_finder
 from peaknet_xtal.evaluation.metrics import bootstrap_f1, score_frames
 from peaknet_xtal.evaluation.tuning import default_grid, tune
+from peaknet_xtal.finding.settings import DEFAULTS
 from peaknet_xtal.progress import Progress
 from peaknet_xtal.types import Frame, empty_peaks
 
@@ -109,16 +110,12 @@ def tuned_finders(specs: Sequence[str], dataset: Dataset, tune_frames: int,
 
 
 def evaluate(dataset: Dataset, specs: Sequence[str], out_dir: str | os.PathLike[str], *,
-             tune_frames: int = 0, cutoff: float = 3.0, min_peaks: int | None = None,
+             tune_frames: int = 0, cutoff: float = 3.0, min_peaks: int = DEFAULTS.min_peaks,
              index: bool = False, samples: int = 2) -> dict[str, Any]:
     """Score ``specs`` on ``dataset`` and write the report under ``out_dir``; returns the JSON.
 
     A frame is a hit with at least ``min_peaks`` peaks: by default the library's own rule
     (``finding.settings.DEFAULTS.min_peaks``), for every finder alike."""
-    if min_peaks is None:
-        from peaknet_xtal.finding.settings import DEFAULTS
-
-        min_peaks = DEFAULTS.min_peaks
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     finders, tuning = tuned_finders(specs, dataset, tune_frames, cutoff)

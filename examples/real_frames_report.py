@@ -122,6 +122,13 @@ def thaumatin(peaknet: Any, dispersion: Any, plots: Path) -> list[dict[str, Any]
     return rows
 
 
+def frame_of(path: str | Path) -> tuple[int, int]:
+    """(sweep, 0-based image) of an L-cysteine file: ``l-cyst_02_00001.cbf.bz2`` -> (1, 0), the
+    keys of :func:`reference_spots` (strong.pickle's ``id`` and z)."""
+    sweep, image = Path(path).name.split(".")[0].split("_")[-2:]
+    return int(sweep) - 1, int(image) - 1
+
+
 def reference_spots() -> dict[tuple[int, int], np.ndarray]:
     """(sweep, 0-based image) -> (N, 2) fs, ss centroids of the strong.pickle spots whose
     shoebox spans that image."""
@@ -149,12 +156,11 @@ def cysteine(peaknet: Any, dispersion: Any, plots: Path) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     spots_found, spots_all = 0, 0
     for k, path in enumerate(sorted(CYSTEINE.glob("*.cbf.bz2"))):
-        sweep, image = (int(v) - 1 for v in path.name.split(".")[0].split("_")[-2:])
         imageset = imageset_of(path)
         found = peaknet.find(imageset, 0)
         panels, masks = imageset_panels(imageset, 0)
         classic = dispersion_peaks(dispersion, panels, masks)
-        ref = reference.get((sweep, image), np.zeros((0, 2)))
+        ref = reference.get(frame_of(path), np.zeros((0, 2)))
         on_ref = _near(np.c_[found["fs"], found["ss"]], ref)
         ref_found = _near(ref, np.c_[found["fs"], found["ss"]])
         spots_found += int(ref_found.sum())

@@ -29,13 +29,12 @@ class ReferenceFinder:
     """Reports the reference spots of the frame it is given, shifted by ``shift`` px."""
 
     def __init__(self, report: ModuleType, shift: float) -> None:
+        self.frame_of = report.frame_of
         self.reference = report.reference_spots()
         self.shift = shift
 
     def find(self, imageset, index: int = 0) -> np.ndarray:
-        name = Path(imageset.get_path(index)).name
-        sweep, image = (int(v) - 1 for v in name.split(".")[0].split("_")[-2:])
-        spots = self.reference.get((sweep, image), np.zeros((0, 2)))
+        spots = self.reference.get(self.frame_of(imageset.get_path(index)), np.zeros((0, 2)))
         peaks = empty_peaks(len(spots))
         peaks["fs"], peaks["ss"] = spots[:, 0] + self.shift, spots[:, 1]
         return peaks
@@ -48,8 +47,9 @@ def report(real_data) -> ModuleType:
 
 def test_reference_spots_cover_the_shared_frames(report):
     spots = report.reference_spots()
-    frames = {(int(n.split("_")[-2]) - 1, int(n.split("_")[-1].split(".")[0]) - 1)
-              for n in (p.name for p in report.CYSTEINE.glob("*.cbf.bz2"))}
+    assert report.frame_of(report.CYSTEINE / "l-cyst_02_00001.cbf.bz2") == (1, 0)  # id 1, z 0
+    assert report.frame_of("l-cyst_01_00010.cbf.bz2") == (0, 9)
+    frames = {report.frame_of(p) for p in report.CYSTEINE.glob("*.cbf.bz2")}
     assert frames <= set(spots)  # every shared frame has reference spots on it
     for xy in spots.values():
         assert np.all((xy >= 0) & (xy < [1475, 1679]))  # inside the Pilatus 2M panel (fs, ss)

@@ -149,12 +149,13 @@ register_model("yocto", "peaknet", backbone="yocto", neck_width=32, neck_blocks=
                head_channels=16, learned_upsample=True)
 register_model("default", "peaknet", backbone="zepto", neck_width=32, neck_blocks=2,
                head_channels=32, learned_upsample=True)
-# ``swift``: the CPU default of issue 17, sized from the per-stage profile of ``default`` (one
-# thread, a CSPAD frame: the BiFPN neck 27 %, the backbone 39 %, input normalisation 7-15 %, the
-# head's full-resolution logits 9 %).  Three backbone levels, one block each but two at stride 16;
-# no BiFPN blocks (the head's per-level branches already fuse the levels top-down); a 16-channel
-# head with the same two pathways (bilinear logits + learned x4 upsampling), so the engine, the
-# fused CPU form and the threshold calibration treat it as every other PeakNet.  Local input
-# normalisation, as issue 14 asks.
+# ``swift``: a CPU candidate for issue 17 (measured, not installed: less accurate than
+# ``default``; weights in benchmarks/candidates/), sized from the per-stage profile of
+# ``default`` (one thread, a CSPAD frame: the BiFPN neck 27 %, the backbone 39 %, input
+# normalisation 7-15 %, the head's full-resolution logits 9 %).  Three backbone levels, one
+# block each but two at stride 16; no BiFPN blocks (the head's per-level branches already fuse
+# the levels top-down); a 16-channel head with the same two pathways (bilinear logits + learned
+# x4 upsampling), so the engine, the fused CPU form and the threshold calibration treat it as
+# every other PeakNet.  Local input normalisation, as issue 14 asks.
 register_model("swift", "peaknet", backbone="swift", neck_width=16,
                neck_blocks=0, head_channels=16, learned_upsample=True, input_norm="local")

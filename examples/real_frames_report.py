@@ -5,8 +5,11 @@
 
 Every number comes from the finding defaults every entry point shares (finding/settings.py:
 probability 0.5, min_snr 3, gain from the format or measured from the data, min_peaks 10 for a
-hit); nothing is tuned per data set.  These frames are acceptance data only: no step of
-training or model selection reads them (examples/train_default_model.py).
+hit); nothing is tuned per data set.  No step of examples/train_default_model.py reads these
+frames.  One exception for the weights shipped today (v1, README "Which data play which role"):
+the run that produced them was chosen among candidates by checking them on the two CSPAD stills,
+so for v1 those two rows are selection data, not held-out evidence; every other frame here is
+acceptance data.
 
 - **CSPAD thermolysin stills** (2 LCLS stills): ``dials.import``, ``dials.find_spots
   algorithm=peaknet`` (nothing else set), ``dials.index`` (stills sequences indexer, fft1d,
@@ -243,7 +246,9 @@ def markdown(report: dict[str, Any]) -> str:
 
     lines = [f"Model: `{report['model']}`; finding defaults of every entry point "
              f"(min_peaks {report['min_peaks']} for a hit).  Made by "
-             "examples/real_frames_report.py; these frames are acceptance data only.", "",
+             "examples/real_frames_report.py.  Acceptance data, except that the shipped v1 "
+             "weights were chosen by checking candidates on the two CSPAD stills (README, "
+             "'Which data play which role'): for v1 those rows are selection data.", "",
              "## CSPAD thermolysin stills (dials.find_spots, dials.index stills)", "",
              "| still | PeakNet spots | indexed | tuned dispersion spots | indexed | criterion |",
              "|---|---|---|---|---|---|"]

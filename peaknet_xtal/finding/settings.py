@@ -71,6 +71,17 @@ DEFAULTS = FindingDefaults()
 # min_snr 4: 18-29); both raise F1 a little (precision) but lose recall on the hits (0.6:
 # 0.03-0.09; min_snr 4: 0.008-0.02; on the real CSPAD stills min_snr 4 also indexes fewer
 # spots, above), so they stay.
+#
+# Since the SNR counts the background's own noise correlation and the ring background's error
+# (finding/peaks.py; the numbers above are from before), on the same selection frames at
+# min_snr 3 (after each run's first five frames; ePix10k2M / CSPAD / JUNGFRAU 4M / Rayonix):
+# false peaks per blank 23.8 / 44.2 / 32.5 / 55.2 -> 12.3 / 13.2 / 12.9 / 39.0, recall on the
+# hits 0.755 / 0.621 / 0.748 / 0.630 -> 0.752 / 0.607 / 0.746 / 0.612, F1 0.820 / 0.683 / 0.718
+# / 0.694 -> 0.837 / 0.728 / 0.799 / 0.702, blanks called hits 8 / 12 / 13 / 18 -> 9 / 12 / 12 /
+# 18 of 20-23.  min_snr 3.5 or 4 would halve the false peaks again at a similar F1 (4: 5.7 /
+# 5.1 / 6.5 / 13.3 false peaks, F1 0.838 / 0.711 / 0.819 / 0.713) but drop one of the 17
+# indexable CSPAD and JUNGFRAU hits below min_peaks, so 3 and 10 stay.  What remains on blanks
+# is the model's: jet streaks (1-6 a blank), zingers, and blobs of strong smooth backgrounds.
 
 
 def check_min_peaks(value: Any) -> int:

@@ -13,6 +13,12 @@ detector; precision and F1; false peaks per blank.  Also, for each strong reflec
 misses at 0.5, the largest peak probability within 1 px of it, which tells a threshold problem
 (0.2-0.5) from spots the model does not see at all (below 0.05).  About 3 minutes for two
 models on a busy 2-core machine.
+
+``--decorrelate`` (a diagnosis, not a shipped path) divides a local-normalisation model's input
+on each panel by how much larger the noise of a 2 x 2 sum is than uncorrelated pixel noise would
+make it (robust spreads, never below 1): a check of whether spatially correlated background
+noise, which the per-pixel noise scale of layers/local_norm.py does not see, is what makes the
+false peaks of blanks on a strong background.
 """
 from __future__ import annotations
 
@@ -47,13 +53,44 @@ def _recall_by(values: np.ndarray, hit: np.ndarray, edges: tuple[float, ...]) ->
     return out
 
 
-def measure(spec: str, parts: dict[str, list[tuple]]) -> dict[str, Any]:
+def _mad(a: np.ndarray) -> float:
+    a = a[np.isfinite(a)]
+    return float(1.4826 * np.median(np.abs(a - np.median(a)))) if a.size else 0.0
+
+
+def decorrelate_input() -> None:
+    """Wrap ``PeakNet.normalise`` (this process only): per image, the input ``z = asinh(r)``
+    becomes ``asinh(r / f)`` with ``f`` the robust spread of half 2 x 2 sums of ``r`` over the
+    robust spread of ``r`` (1 for uncorrelated noise; ~1.5 at neighbour correlation 0.5)."""
+    import torch
+
+    from peaknet_xtal.model.peaknet import PeakNet
+
+    plain = PeakNet.normalise
+
+    def normalise(self: PeakNet, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        z = plain(self, x, valid)
+        out = []
+        for i in range(z.shape[0]):
+            r = torch.sinh(z[i, 0]).numpy().copy()
+            r[~valid[i, 0].numpy()] = np.nan
+            h, w = (r.shape[0] // 2) * 2, (r.shape[1] // 2) * 2
+            half_sums = r[:h, :w].reshape(h // 2, 2, w // 2, 2).sum((1, 3)) / 2
+            f = max(1.0, _mad(half_sums) / max(_mad(r), 1e-6))
+            out.append(torch.asinh(torch.sinh(z[i:i + 1]) / f))
+        return torch.cat(out)
+
+    PeakNet.normalise = normalise  # type: ignore[method-assign]
+
+
+def measure(spec: str, parts: dict[str, list[tuple]],
+            thresholds: tuple[float, ...] = THRESHOLDS) -> dict[str, Any]:
     from peaknet_xtal.evaluation.metrics import match_peaks, score_frames
     from peaknet_xtal.finding import InferenceEngine
     from peaknet_xtal.finding.peaks import find_peaks
 
     engine = InferenceEngine(spec, device="cpu", threads=1, keep_prob_maps=True)
-    variants = [(f"t{t:.1f}", t, None) for t in THRESHOLDS] + [("t0.5 no SNR cut", 0.5, 0.0)]
+    variants = [(f"t{t:g}", t, None) for t in thresholds] + [("t0.5 no SNR cut", 0.5, 0.0)]
     rows: dict[str, dict[str, list]] = {v[0]: {"hit": [], "snr": [], "sigma": [], "det": [],
                                                "part": []} for v in variants}
     triples: dict[tuple[str, str], list] = {}
@@ -110,6 +147,7 @@ def measure(spec: str, parts: dict[str, list[tuple]]) -> dict[str, Any]:
             "recall": {**{p: float(s.recall) for p, s in scores.items()},
                        "all": float(every.recall)},
             "blank_false_peaks": float(np.mean(blanks[name])) if blanks[name] else float("nan"),
+            "blank_false_peaks_each": [int(n) for n in blanks[name]],
             "recall_by_snr": _recall_by(r["snr"], r["hit"], SNR_BINS),
             "recall_by_spot_sigma": _recall_by(r["sigma"], r["hit"], SIGMA_BINS),
             "recall_by_detector": {d: (float(r["hit"][r["det"] == d].mean()),
@@ -128,23 +166,29 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=MODELS)
     parser.add_argument("--json", default=None, help="also write the numbers here")
+    parser.add_argument("--thresholds", type=float, nargs="+", default=list(THRESHOLDS))
+    parser.add_argument("--decorrelate", action="store_true",
+                        help="diagnosis: scale the input by the 2 x 2-sum noise excess")
     args = parser.parse_args(argv)
     import torch
 
     from peaknet_xtal.evaluation.selection import selection_frames
 
     torch.set_num_threads(1)
+    if args.decorrelate:
+        decorrelate_input()
     parts = selection_frames(GEOMETRIES)
     results = []
     for spec in args.models:
-        res = measure(spec, parts)
+        res = measure(spec, parts, tuple(args.thresholds))
         results.append(res)
         print(f"== {spec}")
         for name, v in res["variants"].items():
             print(f"  {name}: F1 " + " ".join(f"{p} {x:.3f}" for p, x in v["f1"].items())
                   + " | recall " + " ".join(f"{p} {x:.3f}" for p, x in v["recall"].items())
                   + " | precision " + " ".join(f"{p} {x:.3f}" for p, x in v["precision"].items())
-                  + f" | {v['blank_false_peaks']:.1f} false peaks per blank")
+                  + f" | {v['blank_false_peaks']:.1f} false peaks per blank "
+                  f"{v['blank_false_peaks_each']}")
             for key in ("recall_by_snr", "recall_by_spot_sigma", "recall_by_detector"):
                 print(f"    {key}: " + ", ".join(f"{b} {x:.2f} (n={n})"
                                                  for b, (x, n) in v[key].items()))

@@ -55,9 +55,9 @@ them would judge it on its own training data.
 
 Result of this recipe (``swift``, 0.11 M parameters; measured once, nothing chosen on it): NOT
 installed (weights kept in benchmarks/candidates/swift.*), the shipped default is still v1.
-Simulated validation (model selection): F1 0.829 with 8.0 false peaks per blank at
-probability 0.5, calibrated to 0.6: F1 0.815 and 0.0 false peaks per blank, against v1's
-0.807 and 0.0, so stage 4 accepts it.  Acceptance
+The 12 mixed selection frames (all it was selected on then): F1 0.829 with 8.0 false peaks
+per blank at probability 0.5, calibrated to 0.6: F1 0.815 and 0.0 false peaks per blank,
+against v1's 0.807 and 0.0, so stage 4 accepted it.  Acceptance
 (benchmarks/compare_default_models.py, benchmarks/bench_blanks.py --set acceptance) then shows
 it worse where v1 was good: held-out simulated frames F1 0.765 [0.58, 0.94] (recall 0.62)
 against 0.910 [0.85, 0.98] (recall 0.83), and the real CSPAD still idx-...601 gives 22 peaks

@@ -1,0 +1,53 @@
+"""The simulated model-selection frames: what each part holds, and seeds that never meet the
+acceptance frames'."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from peaknet_xtal.evaluation import selection
+from peaknet_xtal.evaluation.held_out import HELD_OUT
+
+
+@pytest.fixture(scope="module")
+def geometries(real_data: Path) -> Path:
+    return real_data / "crystfel_geometry"
+
+
+def test_seeds_stay_in_the_selection_range_and_apart():
+    parts = [selection.VALIDATION_SEEDS, selection.CLEAN_SEEDS, selection.BLANK_SEEDS]
+    seeds = [s for part in parts for s in part]
+    assert len(seeds) == len(set(seeds))  # no frame is in two parts
+    assert all(s in selection.SELECTION_SEED_RANGE for s in seeds)
+    held_out = {s for v in HELD_OUT.values() for s in v}
+    assert not held_out & set(seeds)
+    assert all(s < 3_000_000_001 for s in seeds)  # the held-out frames begin there
+
+
+def test_clean_hits_are_hits_on_four_detectors(geometries):
+    frames = selection.clean_hit_frames(geometries)
+    assert len(frames) >= 24
+    detectors = [f.meta["selection"]["detector"] for f, _ in frames]
+    assert set(detectors) == set(selection.CLEAN_GEOMETRIES) and len(set(detectors)) == 4
+    assert all(truth.hit and truth.reflections["strong"].any() for _, truth in frames)
+    # clean: no frame is put on the strong smooth background (2,500+ ADU everywhere)
+    assert all(np.median(np.concatenate([np.ravel(p) for p in f.panels])) < 2000
+               for f, _ in frames)
+
+
+def test_blanks_have_no_reflections_and_half_a_strong_background(geometries):
+    frames = selection.blank_frames(geometries)
+    assert all(len(truth.reflections) == 0 and not truth.hit for _, truth in frames)
+    strong = [np.median(np.concatenate([np.ravel(p) for p in f.panels])) > 2000
+              for f, _ in frames]
+    assert sum(strong) == len(frames) // 2
+    assert {f.meta["selection"]["detector"] for f, _ in frames} == set(selection.CLEAN_GEOMETRIES)
+
+
+def test_frames_are_the_same_every_time(geometries):
+    first = selection.blank_frames(geometries)[:2]
+    again = selection.blank_frames(geometries)[:2]
+    for (a, _), (b, _) in zip(first, again, strict=True):
+        assert all(np.array_equal(p, q) for p, q in zip(a.panels, b.panels, strict=True))

@@ -271,7 +271,12 @@ def _peaks_in_stack(image: np.ndarray, prob: np.ndarray, good: np.ndarray, panel
     rim = _rim(good, labels, z, y, x, lab)
     taken = labels != 0  # peak pixels and their rims: the footprints the SNR sums
     taken[rim[:3]] = True
-    rho = noise_correlation(image, background)
+    rho = np.zeros((len(image), len(CORRELATION_LAGS)))
+    layers = np.unique(box[:, 0])  # panels with peaks: the others' noise is not needed
+    if len(layers) == len(image):
+        rho = noise_correlation(image, background)
+    else:
+        rho[layers] = noise_correlation(image[layers], background[layers])
     bg, bg_sigma, ring_error = _annulus_background(image, good, taken, box, params, rho)
     values = image[z, y, x] - bg[lab]
     weights = np.clip(values, 0.0, None)

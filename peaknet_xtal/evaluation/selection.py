@@ -68,46 +68,39 @@ def validation_frames(geometries: str | os.PathLike[str]) -> list[tuple[Any, Any
 
 def clean_hit_frames(geometries: str | os.PathLike[str]) -> list[tuple[Any, Any]]:
     """(frame, truth) pairs of the 24 clean randomised hits on four detectors."""
-    from peaknet_xtal.formats.geometry import read_geometry
-    from peaknet_xtal.sim import SimConfig, simulate_frame
-
-    cache: dict[str, Any] = {}
-    out = []
-    for k, seed in enumerate(CLEAN_SEEDS):
-        name = CLEAN_GEOMETRIES[k % len(CLEAN_GEOMETRIES)]
-        if name not in cache:
-            cache[name] = read_geometry(Path(geometries) / name)
-        rng = np.random.default_rng(seed)
-        gain = float(rng.uniform(1, 30))
-        config = SimConfig.randomised(rng, hit_probability=1.0, adu_per_photon=gain)
-        frame, truth = simulate_frame(cache[name], seed, config)
-        frame.meta["selection"] = {"part": "clean", "detector": name, "seed": seed,
-                                   "spot_sigma_px": config.spot_sigma_px, "gain": gain}
-        out.append((frame, truth))
-    return out
+    return _randomised_frames(geometries, CLEAN_SEEDS, "clean", hit=True, strong_background=False)
 
 
 def blank_frames(geometries: str | os.PathLike[str]) -> list[tuple[Any, Any]]:
     """(frame, truth) pairs of the 8 extra blanks on four detectors, half on a strong smooth
     background."""
+    return _randomised_frames(geometries, BLANK_SEEDS, "blanks", hit=False,
+                              strong_background=True)
+
+
+def _randomised_frames(geometries: str | os.PathLike[str], seeds: range, part: str, *,
+                       hit: bool, strong_background: bool) -> list[tuple[Any, Any]]:
+    """Randomised frames on ``CLEAN_GEOMETRIES`` in turn, 1-30 ADU per photon; with
+    ``strong_background`` every other one on a strong smooth background."""
     from peaknet_xtal.formats.geometry import read_geometry
     from peaknet_xtal.sim import SimConfig, simulate_frame
     from peaknet_xtal.sim.artifacts import strong_background_panel
 
     cache: dict[str, Any] = {}
     out = []
-    for k, seed in enumerate(BLANK_SEEDS):
+    for k, seed in enumerate(seeds):
         name = CLEAN_GEOMETRIES[k % len(CLEAN_GEOMETRIES)]
         if name not in cache:
             cache[name] = read_geometry(Path(geometries) / name)
         rng = np.random.default_rng(seed)
         gain = float(rng.uniform(1, 30))
-        config = SimConfig.randomised(rng, hit_probability=0.0, adu_per_photon=gain)
+        config = SimConfig.randomised(rng, hit_probability=1.0 if hit else 0.0,
+                                      adu_per_photon=gain)
         frame, truth = simulate_frame(cache[name], seed, config)
-        if k % 2 == 1:
+        if strong_background and k % 2 == 1:
             frame.panels = [strong_background_panel(np.asarray(p, float) / gain, rng, gain)
                             .astype(np.float32) for p in frame.panels]
-        frame.meta["selection"] = {"part": "blanks", "detector": name, "seed": seed,
+        frame.meta["selection"] = {"part": part, "detector": name, "seed": seed,
                                    "spot_sigma_px": config.spot_sigma_px, "gain": gain}
         out.append((frame, truth))
     return out

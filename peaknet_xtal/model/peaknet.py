@@ -3,7 +3,8 @@
 Input handling lives inside the model so that no caller can feed it differently from training:
 per-image (``layers.standardise``) or per-neighbourhood (``layers.local_norm``) standardisation over
 valid pixels, as the model's ``input_norm`` config says (weights saved before the local one existed
-have no such key and keep the global one), padding to a multiple of
+have no such key and keep the global one; the local one's noise scale is per pixel unless
+``norm_noise`` says ``sum2x2``), padding to a multiple of
 32 (the four resampling levels need it) with padded pixels excluded from the statistics and cropped
 off the output, and the bad-pixel mask enforced on the logits so a masked pixel is never a peak.
 """

@@ -132,6 +132,26 @@ would: a noise scale in layers/local_norm.py that is the noise of a spot-sized s
 correlated noise; both change what the model sees or keeps, so retrain and reselect after
 either.
 
+The 2 x 2-sum noise scale, trained (``--config examples/configs/train_swift_sum2x2.yaml``: swift
+with ``norm_noise: sum2x2``, layers/local_norm.py; everything else as train_swift.yaml; 17.5 min of
+training on one thread, measured on selection only, with today's peak SNR that counts correlated
+noise): REJECTED by selection, so nothing was measured on acceptance and its weights are not kept.
+The input does what it should on the 11 selection blanks: half a 2 x 2 sum of it has std 0.91-1.02
+on the five strong-background ones (per-pixel scale: 1.20-1.36) and 0.79-0.82 on the six others
+(0.84-0.96).  The retrained model, though, calls about as many noise blobs there as swift did:
+calibrated to 0.55 (at most v1's 2.4 false peaks per blank): F1 0.846 (mixed 0.822, clean 0.860)
+with 1.9 false peaks per blank against v1's 0.864 (0.806, 0.896), 2.4, so it is rejected on the
+clean hits.  Per raw threshold (benchmarks/selection_recall.py, selection frames; F1 all (clean),
+false peaks per blank, of them on the five strong-background blanks): 0.45: 0.874 (0.892), 11.0, 118
+of 121; 0.5: 0.862 (0.879), 4.6, 49 of 51; 0.55: 0.846 (0.860), 1.9, 21 of 21.  swift in the same
+run at raw 0.5 and 0.55 (0.4 and 0.45 on its calibrated scale): 0.866 (0.887), 5.6, 61 of 62; 0.855
+(0.874), 1.0, 11 of 11.  So the sum scale is no better than swift at any cut: the strong-background
+blanks still make nearly all false peaks.  Likely why (not tested further): a per-cell rescaling
+keeps the information that tells noise blobs from spots, and a model retrained on it re-learns the
+same operating point; ``--decorrelate`` helped swift only because it was trained on the other scale.
+What is left: training data where correlated-noise blobs are hard negatives at the weak-spot level,
+or a blob test beyond a scale.
+
 What the shipped model (v1: 0.59 M parameters, 2.4 MB) does, with the library's default peak
 settings (probability 0.5, integrated SNR 3 with shot noise): held-out randomised simulated
 frames on ePix10k2M, CSPAD and Rayonix (tests/model/test_default_model.py): precision 0.999,

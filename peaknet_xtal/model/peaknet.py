@@ -3,7 +3,8 @@
 Input handling lives inside the model so that no caller can feed it differently from training:
 per-image (``layers.standardise``) or per-neighbourhood (``layers.local_norm``) standardisation over
 valid pixels, as the model's ``input_norm`` config says (weights saved before the local one existed
-have no such key and keep the global one), padding to a multiple of
+have no such key and keep the global one; the local one's noise scale is per pixel unless
+``norm_noise`` says ``sum2x2``), padding to a multiple of
 32 (the four resampling levels need it) with padded pixels excluded from the statistics and cropped
 off the output, and the bad-pixel mask enforced on the logits so a masked pixel is never a peak.
 """
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peaknet_xtal.model.layers import BiFPN, ConvNeXtV2Backbone, SegHead, standardise
-from peaknet_xtal.model.layers.local_norm import local_normalise
+from peaknet_xtal.model.layers.local_norm import NOISE_SCALES, local_normalise
 from peaknet_xtal.model.zoo import register_family, register_model
 
 #: Published ConvNeXt-V2 sizes: (dims, depths).  Backbone parameters with one input channel and no
@@ -56,7 +57,8 @@ class PeakNet(nn.Module):
                  depths: list[int] | None = None, neck_width: int = 256, neck_blocks: int = 1,
                  neck_kernel: int = 3, head_channels: int = 256, learned_upsample: bool = True,
                  num_classes: int = 2, drop_path: float = 0.0, name: str = "custom",
-                 input_norm: str = "global", norm_block: int = 16) -> None:
+                 input_norm: str = "global", norm_block: int = 16,
+                 norm_noise: str = "pixel") -> None:
         super().__init__()
         if dims is None or depths is None:
             if backbone not in BACKBONES:
@@ -65,6 +67,8 @@ class PeakNet(nn.Module):
             depths = list(depths if depths is not None else BACKBONES[backbone][1])
         if input_norm not in ("global", "local"):
             raise ValueError(f"input_norm must be 'global' or 'local', got {input_norm!r}")
+        if norm_noise not in NOISE_SCALES:
+            raise ValueError(f"norm_noise must be one of {NOISE_SCALES}, got {norm_noise!r}")
         if backbone is not None and BACKBONES.get(backbone) != (list(dims), list(depths)):
             backbone = None  # overridden widths or depths: no longer the named size
         self.config: dict[str, Any] = {
@@ -73,6 +77,7 @@ class PeakNet(nn.Module):
             "neck_kernel": neck_kernel, "head_channels": head_channels,
             "learned_upsample": learned_upsample, "num_classes": num_classes,
             "drop_path": drop_path, "input_norm": input_norm, "norm_block": norm_block,
+            "norm_noise": norm_noise,
         }
         self.backbone = ConvNeXtV2Backbone(dims, depths, in_chans=1, drop_path=drop_path)
         info = self.backbone.feature_info
@@ -83,9 +88,11 @@ class PeakNet(nn.Module):
 
     def normalise(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """The network's input for raw ``x``: global (per image) or local (per neighbourhood,
-        ``layers.local_norm``) standardisation, as the model was trained."""
+        ``layers.local_norm``, with its ``norm_noise`` scale: per pixel, or at least that of a
+        2 x 2 sum) standardisation, as the model was trained."""
         if self.config["input_norm"] == "local":
-            return local_normalise(x, valid, self.config["norm_block"])
+            return local_normalise(x, valid, self.config["norm_block"],
+                                   self.config["norm_noise"])
         return standardise(x, valid)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,

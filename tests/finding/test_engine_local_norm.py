@@ -12,21 +12,21 @@ import torch
 from torch import nn
 
 from peaknet_xtal.finding.engine import InferenceEngine
-from peaknet_xtal.model.layers.local_norm import local_normalise
+from peaknet_xtal.model.layers.local_norm import NOISE_SCALES, local_normalise
 from peaknet_xtal.sim.artifacts import correlated_noise
 
 
 class LocalThreshold(nn.Module):
     """Peak logit ``8 * (z - 2.5)`` of the locally normalised input ``z``."""
 
-    def __init__(self) -> None:
+    def __init__(self, noise_scale: str = "pixel") -> None:
         super().__init__()
         self.scale = nn.Parameter(torch.ones(()))
-        self.config = {"input_norm": "local", "norm_block": 16}
+        self.config = {"input_norm": "local", "norm_block": 16, "norm_noise": noise_scale}
         self.calls: list[bool] = []
 
     def normalise(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        return local_normalise(x, valid, 16)
+        return local_normalise(x, valid, 16, self.config["norm_noise"])
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
                 normalised: bool = False) -> torch.Tensor:
@@ -58,23 +58,26 @@ def peak_set(peaks: np.ndarray, dy: float = 0.0, dx: float = 0.0) -> set[tuple[f
     return {(round(float(p["ss"]) - dy, 3), round(float(p["fs"]) - dx, 3)) for p in peaks}
 
 
-def find(panel: np.ndarray, mask: np.ndarray | None = None, **engine: object) -> np.ndarray:
-    model = LocalThreshold()
+def find(panel: np.ndarray, mask: np.ndarray | None = None, noise_scale: str = "pixel",
+         **engine: object) -> np.ndarray:
+    model = LocalThreshold(noise_scale)
     eng = InferenceEngine(model, device="cpu", min_snr=0, **engine)  # type: ignore[arg-type]
     peaks = eng.find_panels([panel], None if mask is None else [mask])
     assert model.calls and all(model.calls), "tiles must arrive normalised"
     return peaks
 
 
-def test_whole_and_tiled_give_identical_peaks():
+@pytest.mark.parametrize("noise_scale", NOISE_SCALES)
+def test_whole_and_tiled_give_identical_peaks(noise_scale):
     panel = strong_panel(np.random.default_rng(1), (300, 420))
-    whole = find(panel)
-    tiled = find(panel, tile_size=96, tile_overlap=32)
+    whole = find(panel, noise_scale=noise_scale)
+    tiled = find(panel, noise_scale=noise_scale, tile_size=96, tile_overlap=32)
     assert len(whole) >= 15
     assert peak_set(whole) == peak_set(tiled)
 
 
-def test_panel_embedded_in_a_larger_layout_gives_identical_peaks():
+@pytest.mark.parametrize("noise_scale", NOISE_SCALES)
+def test_panel_embedded_in_a_larger_layout_gives_identical_peaks(noise_scale):
     rng = np.random.default_rng(2)
     panel = strong_panel(rng, (185, 194))
     layout = np.zeros((512, 640), np.float32)
@@ -85,8 +88,8 @@ def test_panel_embedded_in_a_larger_layout_gives_identical_peaks():
     other = strong_panel(rng, (185, 194)) * 3.0  # a much brighter neighbour panel
     layout[y0:y0 + 185, 448:642 - 2] = other[:, :192]
     good[y0:y0 + 185, 448:640] = True
-    alone = find(panel)
-    inside = [p for p in find(layout, good, tile_size=256, tile_overlap=64)
+    alone = find(panel, noise_scale=noise_scale)
+    inside = [p for p in find(layout, good, noise_scale, tile_size=256, tile_overlap=64)
               if x0 <= p["fs"] < x0 + 194]
     assert len(alone) >= 10
     assert peak_set(alone) == peak_set(np.array(inside), dy=y0, dx=x0)

@@ -16,6 +16,7 @@ from peaknet_xtal.model.fast import (
     fast_standardise,
     fuse_for_inference,
 )
+from peaknet_xtal.model.layers.local_norm import local_normalise
 from peaknet_xtal.model.layers.standardise import standardise
 
 torch.set_num_threads(1)
@@ -24,11 +25,11 @@ torch.set_num_threads(1)
 PROB_ATOL = 1e-5
 
 
-def _random_model(name: str = "yocto", seed: int = 0) -> torch.nn.Module:
+def _random_model(name: str = "yocto", seed: int = 0, **overrides: object) -> torch.nn.Module:
     """A model whose GRN and norm parameters are not at their identity init (fresh GRNs have
     gamma = beta = 0, which would make the GRN fold trivially exact)."""
     torch.manual_seed(seed)
-    model = create_model(name).eval()
+    model = create_model(name, **overrides).eval()
     with torch.no_grad():
         for param_name, param in model.named_parameters():
             if "grn" in param_name or "norm" in param_name:
@@ -58,10 +59,12 @@ def test_fused_model_computes_the_same_logits_and_leaves_the_original_alone():
     assert torch.equal(fast[2, :, :, :7], plain[2, :, :, :7])  # masked pixels: forced background
 
 
-def test_swift_fuses_and_computes_the_same_logits():
-    """The CPU default's architecture (three levels, no BiFPN blocks, local normalisation) goes
-    through the same fused form: its blocks and head are replaced, its output is unchanged."""
-    model = _random_model("swift", seed=3)
+@pytest.mark.parametrize("norm_noise", ["pixel", "sum2x2"])
+def test_swift_fuses_and_computes_the_same_logits(norm_noise):
+    """The CPU default's architecture (three levels, no BiFPN blocks, local normalisation, with
+    either noise scale) goes through the same fused form: its blocks and head are replaced, its
+    input normalisation is the model's own, its output is unchanged."""
+    model = _random_model("swift", seed=3, norm_noise=norm_noise)
     fused = fuse_for_inference(model)
     kinds = {type(m) for m in fused.modules()}
     assert {FusedConvNeXtBlock, PhaseConvTranspose} <= kinds
@@ -70,6 +73,9 @@ def test_swift_fuses_and_computes_the_same_logits():
     x[0, 0, 20:23, 30:33] += 300.0
     with torch.inference_mode():
         plain, fast = model(x), fused(x)
+        valid = torch.ones_like(x, dtype=torch.bool)
+        assert torch.equal(fused.normalise(x, valid),
+                           local_normalise(x, valid, 16, noise_scale=norm_noise))
     scale = plain.abs().max().item()
     assert scale > 0.1
     torch.testing.assert_close(fast, plain, atol=1e-5 * scale, rtol=1e-5)

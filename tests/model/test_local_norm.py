@@ -6,17 +6,18 @@ import pytest
 import torch
 
 from peaknet_xtal.model.layers import standardise
-from peaknet_xtal.model.layers.local_norm import background_maps, local_normalise
+from peaknet_xtal.model.layers.local_norm import NOISE_SCALES, background_maps, local_normalise
 from peaknet_xtal.sim.artifacts import correlated_noise
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def _z(image: np.ndarray, valid: np.ndarray | None = None, local: bool = True) -> np.ndarray:
+def _z(image: np.ndarray, valid: np.ndarray | None = None, local: bool = True,
+       noise_scale: str = "pixel") -> np.ndarray:
     x = torch.from_numpy(image.astype(np.float32))[None, None]
     v = torch.ones_like(x, dtype=torch.bool) if valid is None else torch.from_numpy(valid)[None,
                                                                                            None]
-    out = local_normalise(x, v) if local else standardise(x, v)
+    out = local_normalise(x, v, noise_scale=noise_scale) if local else standardise(x, v)
     return out[0, 0].numpy()
 
 
@@ -33,7 +34,8 @@ def _strong_background(rng: np.random.Generator, shape: tuple[int, int]) -> np.n
     return smooth + 33 * correlated_noise(rng, shape, 0.6)
 
 
-def test_spot_on_a_strong_smooth_background_stands_out_like_on_an_empty_one():
+@pytest.mark.parametrize("noise_scale", NOISE_SCALES)
+def test_spot_on_a_strong_smooth_background_stands_out_like_on_an_empty_one(noise_scale):
     rng = np.random.default_rng(1)
     shape, centre = (256, 256), (120, 140)
     spot = _spot(shape, centre, 300.0)  # ~10 % of the 3,000-ADU background
@@ -42,7 +44,7 @@ def test_spot_on_a_strong_smooth_background_stands_out_like_on_an_empty_one():
     away = np.ones(shape, bool)
     away[centre[0] - 4:centre[0] + 5, centre[1] - 4:centre[1] + 5] = False
     for image in (strong, empty):
-        z = _z(image)
+        z = _z(image, noise_scale=noise_scale)
         assert z[centre] > np.quantile(z[away], 0.9999), "the spot must be the brightest thing"
         assert np.sinh(z[centre]) > 5.0
     # the cause the local normalisation removes: one global sigma from the background's range
@@ -50,25 +52,29 @@ def test_spot_on_a_strong_smooth_background_stands_out_like_on_an_empty_one():
     assert np.sinh(zg[centre]) < 1.5
 
 
-def test_a_large_smooth_gradient_barely_changes_the_input():
+@pytest.mark.parametrize("noise_scale", NOISE_SCALES)
+def test_a_large_smooth_gradient_barely_changes_the_input(noise_scale):
     rng = np.random.default_rng(2)
     shape = (256, 320)
     image = _strong_background(rng, shape) + _spot(shape, (128, 160), 400.0)
     yy, xx = np.mgrid[0:shape[0], 0:shape[1]]
     ramp = 3000.0 * xx / shape[1] + 1500.0 * yy / shape[0]  # ~10 ADU per pixel
-    z0, z1 = _z(image), _z(image + ramp)
+    z0, z1 = _z(image, noise_scale=noise_scale), _z(image + ramp, noise_scale=noise_scale)
     inner = (slice(32, -32), slice(32, -32))
     assert np.abs(z1 - z0)[inner].mean() < 0.05
     assert abs(z1[128, 160] - z0[128, 160]) < 0.3
 
 
-def test_gain_scaling_changes_nothing():
+@pytest.mark.parametrize("noise_scale", NOISE_SCALES)
+def test_gain_scaling_changes_nothing(noise_scale):
     rng = np.random.default_rng(3)
     image = _strong_background(rng, (128, 128))
-    np.testing.assert_allclose(_z(image * 37.0), _z(image), atol=2e-3)
+    np.testing.assert_allclose(_z(image * 37.0, noise_scale=noise_scale),
+                               _z(image, noise_scale=noise_scale), atol=2e-3)
 
 
-def test_panel_alone_equals_panel_inside_a_layout_with_masked_gaps():
+@pytest.mark.parametrize("noise_scale", NOISE_SCALES)
+def test_panel_alone_equals_panel_inside_a_layout_with_masked_gaps(noise_scale):
     rng = np.random.default_rng(4)
     panel = _strong_background(rng, (185, 194)) + _spot((185, 194), (90, 100), 500.0)
     layout = np.full((400, 480), 7.0e4, np.float32)  # gap values that must never matter
@@ -79,11 +85,13 @@ def test_panel_alone_equals_panel_inside_a_layout_with_masked_gaps():
     # other panels of the layout, beyond a masked gap wider than two cells
     layout[:, 400:] = rng.normal(100.0, 5.0, (400, 80))
     valid[:, 400:] = True
-    np.testing.assert_allclose(_z(layout, valid)[y0:y0 + 185, x0:x0 + 194], _z(panel),
-                               atol=1e-5)
+    np.testing.assert_allclose(_z(layout, valid, noise_scale=noise_scale)[y0:y0 + 185,
+                                                                          x0:x0 + 194],
+                               _z(panel, noise_scale=noise_scale), atol=1e-5)
 
 
-def test_masked_and_non_finite_pixels_are_zero_and_do_not_leak():
+@pytest.mark.parametrize("noise_scale", NOISE_SCALES)
+def test_masked_and_non_finite_pixels_are_zero_and_do_not_leak(noise_scale):
     rng = np.random.default_rng(5)
     image = _strong_background(rng, (96, 96))
     valid = np.ones(image.shape, bool)
@@ -93,17 +101,18 @@ def test_masked_and_non_finite_pixels_are_zero_and_do_not_leak():
     poisoned[10, 10] = np.nan
     valid_p = valid.copy()
     valid_p[10, 10] = False
-    z = _z(poisoned, valid_p)
+    z = _z(poisoned, valid_p, noise_scale=noise_scale)
     assert np.all(z[~valid_p] == 0) and np.all(np.isfinite(z))
     assert np.abs(z[valid_p]).max() < 10
 
 
-def test_photon_counting_empty_panel_has_a_finite_scale():
-    z = _z(np.zeros((64, 64)))
+@pytest.mark.parametrize("noise_scale", NOISE_SCALES)
+def test_photon_counting_empty_panel_has_a_finite_scale(noise_scale):
+    z = _z(np.zeros((64, 64)), noise_scale=noise_scale)
     assert np.all(z == 0)
     image = np.zeros((64, 64))
     image[5, 5] = 1.0
-    assert np.isfinite(_z(image)).all()
+    assert np.isfinite(_z(image, noise_scale=noise_scale)).all()
 
 
 def test_maps_reject_bad_shapes():
@@ -134,3 +143,72 @@ def test_model_config_selects_the_normaliser_and_old_configs_keep_the_global_one
                                standardise(x, valid).numpy())
     with pytest.raises(ValueError, match="input_norm"):
         create_model("yocto", input_norm="nearby")
+    # the noise scale is per model too; configs saved before it existed keep the pixel one
+    assert "norm_noise" not in old or old.pop("norm_noise") == "pixel"
+    old["input_norm"] = "local"
+    assert build_from_config(old).config["norm_noise"] == "pixel"
+    summed = create_model("yocto", input_norm="local", norm_noise="sum2x2").eval()
+    np.testing.assert_allclose(summed.normalise(x, valid)[0, 0].numpy(),
+                               _z(x[0, 0].numpy(), noise_scale="sum2x2"), atol=1e-6)
+    assert not np.allclose(summed.normalise(x, valid).numpy(), local.normalise(x, valid).numpy(),
+                           atol=1e-3)
+    with pytest.raises(ValueError, match="norm_noise"):
+        create_model("yocto", input_norm="local", norm_noise="blob")
+
+
+def _noise_ratio(image: np.ndarray) -> float:
+    """Median over the inner pixels of the 2 x 2-sum noise map over the per-pixel one."""
+    x = torch.from_numpy(image.astype(np.float32))[None, None]
+    v = torch.ones_like(x, dtype=torch.bool)
+    _, pixel = background_maps(x, v)
+    _, summed = background_maps(x, v, noise_scale="sum2x2")
+    assert (summed >= pixel).all(), "the sum scale is never below the pixel scale"
+    inner = (slice(32, -32), slice(32, -32))
+    return float((summed[0, 0] / pixel[0, 0])[inner].median())
+
+
+def _sum_excess(noise: np.ndarray) -> float:
+    """How much more a 2 x 2 sum of ``noise`` spreads than the sum of four independent pixels
+    with the same per-pixel spread (1 on white noise)."""
+    h, w = (noise.shape[0] // 2) * 2, (noise.shape[1] // 2) * 2
+    n = noise[:h, :w]
+    sums = n[::2, ::2] + n[1::2, ::2] + n[::2, 1::2] + n[1::2, 1::2]
+    return float(sums.std() / (2 * n.std()))
+
+
+def test_sum_scale_equals_the_pixel_scale_on_white_noise():
+    rng = np.random.default_rng(11)
+    image = 3000.0 + 33.0 * rng.normal(size=(384, 384))
+    assert abs(_noise_ratio(image) - 1.0) < 0.05
+    # photon counting, sparse: single photons keep their scale (the pixel fallback wins)
+    sparse = rng.poisson(0.03, (256, 256)) * 30.0
+    np.testing.assert_array_equal(_z(sparse, noise_scale="sum2x2"), _z(sparse))
+
+
+@pytest.mark.parametrize("psf", [0.5, 0.8])
+def test_sum_scale_grows_by_the_noise_excess_of_a_sum_on_blurred_noise(psf):
+    rng = np.random.default_rng(12)
+    noise = correlated_noise(rng, (384, 384), psf)
+    expected = _sum_excess(noise)
+    assert expected > 1.2  # blurred noise: a sum spreads more than uncorrelated pixels
+    image = 3000.0 + 33.0 * noise
+    assert _noise_ratio(image) == pytest.approx(expected, rel=0.06)
+    # the normalised input (before its asinh): 2 x 2 sums of it now spread like those of white
+    # noise's input
+    white = np.sinh(_z(3000.0 + 33.0 * rng.normal(size=(384, 384)), noise_scale="sum2x2"))
+    blurred = np.sinh(_z(image, noise_scale="sum2x2"))
+    inner = (slice(32, -32), slice(32, -32))
+
+    def sum_std(z: np.ndarray) -> float:
+        z = z[inner]
+        return float((z[::2, ::2] + z[1::2, ::2] + z[::2, 1::2] + z[1::2, 1::2]).std())
+
+    assert sum_std(blurred) == pytest.approx(sum_std(white), rel=0.1)
+    # the per-pixel scale leaves the excess
+    assert sum_std(np.sinh(_z(image))) > 1.15 * sum_std(white)
+
+
+def test_unknown_noise_scale_is_refused():
+    with pytest.raises(ValueError, match="noise_scale"):
+        background_maps(torch.zeros(1, 1, 32, 32), torch.ones(1, 1, 32, 32, dtype=torch.bool),
+                        noise_scale="blob")

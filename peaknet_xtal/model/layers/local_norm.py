@@ -21,6 +21,19 @@ and how panels are laid out.  Every classic finder uses a local background; so d
    panel edge;
 4. bilinear interpolation between cell centres (exact on linear gradients away from the edges).
 
+Noise of a spot-sized sum (``noise="sum2x2"``, a model's ``norm_noise`` config; ``"pixel"``, the
+default, is the scale above and what every model trained before it uses).  Why: on spatially
+correlated noise (CCD point spread, the strong Rayonix backgrounds: neighbour correlation ~0.4-0.5)
+the per-pixel scale is right pixel by pixel, but a 2 x 2 sum of the normalised input spreads ~1.4x
+as much as on uncorrelated noise, so noise blobs of spot size look like weak spots (measured on
+the selection frames: examples/train_default_model.py, benchmarks/selection_recall.py
+--decorrelate).  Here the scale per cell is also measured on 2 x 2 sums of the residual from the
+background, each divided by the square root of its valid pixels (half the sum for full groups):
+the same spread as a pixel's on uncorrelated noise, larger by the noise excess of a sum on
+correlated noise.  Each cell takes the larger of that and the pixel scale (steps 1-3, so sparse
+photon-counting cells keep their single-photon scale), after the same 3 x 3 median: still per
+panel and local, the same cells, so whole, tiled and embedded panels see the same input.
+
 What the network sees at a pixel depends on pixels within ~3 cells (~50 px for 16-px cells) and
 on nothing else except where a panel is empty or masked; it does not depend on tile cuts: the
 engine computes it once per whole panel before tiling (``PeakNet.normalise``).  A panel alone and
@@ -36,6 +49,8 @@ import torch
 import torch.nn.functional as F
 
 DEFAULT_BLOCK = 16
+#: noise scales: per pixel (the original), or the larger of that and the noise of a 2 x 2 sum
+NOISE_SCALES = ("pixel", "sum2x2")
 #: cells with fewer valid samples than this have no statistics of their own
 MIN_SAMPLES = 8
 
@@ -140,15 +155,18 @@ def _fill(grid: torch.Tensor, fallback: float) -> torch.Tensor:
     return torch.nan_to_num(out, nan=fallback)
 
 
-def background_maps(x: torch.Tensor, valid: torch.Tensor,
-                    block: int = DEFAULT_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+def background_maps(x: torch.Tensor, valid: torch.Tensor, block: int = DEFAULT_BLOCK,
+                    noise_scale: str = "pixel") -> tuple[torch.Tensor, torch.Tensor]:
     """Smooth background and noise maps, both (B, 1, H, W) float32, for a (B, 1, H, W) input.
 
     The noise is measured on the residual from the smooth background, so that a large gradient
-    within a cell is not taken for noise.
+    within a cell is not taken for noise; ``noise_scale="sum2x2"`` makes it at least the noise
+    of a 2 x 2 sum (module docstring).
     """
     if x.ndim != 4 or x.shape[1] != 1:
         raise ValueError(f"expected (B, 1, H, W), got {tuple(x.shape)}")
+    if noise_scale not in NOISE_SCALES:
+        raise ValueError(f"noise_scale must be one of {NOISE_SCALES}, got {noise_scale!r}")
     h, w = x.shape[-2:]
     ph, pw = (-h) % block, (-w) % block
     xf = x[:, 0].float()
@@ -180,8 +198,25 @@ def background_maps(x: torch.Tensor, valid: torch.Tensor,
     scale_floor = 1e-6 * (median.abs() + 1.0)
     noise = torch.where(noise <= scale_floor, typical, noise)
     noise = torch.where(torch.isnan(noise) & ~empty, typical, noise)
+    if noise_scale == "sum2x2":
+        noise = torch.fmax(noise, _sum_noise(xf, vf, background[:, 0], block).masked_fill(
+            empty, nan))
     noise = torch.maximum(_fill(noise, 1.0), scale_floor)
     return background[..., :h, :w], _upsample(noise.unsqueeze(1), block, h, w)
+
+
+def _sum_noise(xf: torch.Tensor, vf: torch.Tensor, background: torch.Tensor,
+               block: int) -> torch.Tensor:
+    """Per cell (3 x 3 median-filtered, NaN where unknown) noise of 2 x 2 sums of the residual
+    ``xf - background`` over valid pixels, each sum divided by the square root of its valid
+    pixels: a pixel's noise on uncorrelated noise, more on correlated noise."""
+    r = torch.where(vf, xf - background, torch.zeros_like(xf))
+    sums = r[:, ::2, ::2] + r[:, 1::2, ::2] + r[:, ::2, 1::2] + r[:, 1::2, 1::2]
+    count = (vf[:, ::2, ::2].int() + vf[:, 1::2, ::2].int() + vf[:, ::2, 1::2].int()
+             + vf[:, 1::2, 1::2].int())
+    scaled = sums / count.clamp(min=1).float().sqrt()
+    noise, _ = _cell_noise(_cells(scaled, block), _cells(count > 0, block))
+    return _nan_median_filter(noise, 3)
 
 
 def fast_asinh(t: torch.Tensor) -> torch.Tensor:
@@ -195,9 +230,9 @@ def fast_asinh(t: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def local_normalise(x: torch.Tensor, valid: torch.Tensor,
-                    block: int = DEFAULT_BLOCK) -> torch.Tensor:
+def local_normalise(x: torch.Tensor, valid: torch.Tensor, block: int = DEFAULT_BLOCK,
+                    noise_scale: str = "pixel") -> torch.Tensor:
     """``asinh((x - background) / noise)``, (B, 1, H, W) float32; invalid pixels become 0."""
-    background, noise = background_maps(x, valid, block)
+    background, noise = background_maps(x, valid, block, noise_scale)
     z = fast_asinh((x.float() - background) / noise)
     return torch.where(valid & torch.isfinite(z), z, torch.zeros_like(z))

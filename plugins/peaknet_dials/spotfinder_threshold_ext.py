@@ -49,9 +49,10 @@ threshold = {_D.threshold}
 min_snr = {_D.min_snr}
   .type = float(value_min=0)
   .help = "Least integrated signal-to-noise of a predicted spot: its background-subtracted sum"
-          "over sqrt(pixels x local background variance + gain x sum), background and shot"
-          "noise together. Weaker predictions are not foreground; 0 keeps every spot the model"
-          "marks. The same default as peaknet2cxi and the Python API"
+          "over the noise of that sum: the local background variance over its pixels (as"
+          "correlated as the panel's own noise), the subtracted background's error and the"
+          "shot noise (gain x sum). Weaker predictions are not foreground; 0 keeps every spot"
+          "the model marks. The same default as peaknet2cxi and the Python API"
           "(finding.settings.DEFAULTS.min_snr)."
 gain = None
   .type = float(value_min=0)

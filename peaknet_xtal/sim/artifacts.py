@@ -7,7 +7,8 @@ jet streaks and saturated spots.  Each function here adds one of these to a 2-D 
 the panel's background noise ``sigma`` (so it serves any gain), draws everything from ``rng``, and
 never changes the peak label: these are exactly the things that must not become peaks (or, for
 saturation, peaks that must stay peaks).  ``training.data.Augment`` applies them to training crops;
-``strong_background_panel`` builds the strong-background Rayonix acceptance set's frames.
+``strong_background_panel`` builds the strong-background Rayonix acceptance set's frames;
+``noise_blobs`` makes correlated-noise blobs at weak-spot height away from the labelled peaks.
 """
 from __future__ import annotations
 
@@ -61,6 +62,36 @@ def add_strong_background(image: np.ndarray, sigma: float, rng: np.random.Genera
     noise_scale = sigma * np.sqrt(field / sigma) * rng.uniform(0.3, 1.0)
     noise = correlated_noise(rng, shape, rng.uniform(0.0, 1.0)) * noise_scale
     return image + field + noise
+
+
+def noise_blobs(rng: np.random.Generator, label: np.ndarray, sigma: float,
+                psf: tuple[float, float] = (0.5, 1.0), peak: tuple[float, float] = (4.0, 10.0),
+                clear: tuple[float, float] = (2.0, 4.0)) -> np.ndarray:
+    """A field of correlated-noise blobs to add to a crop as hard negatives (labels unchanged).
+
+    Why: on a strong smooth background with correlated noise, blobs of spot size reach the height
+    of the weak spots a finder must still find, and a model that has seen weak spots only in
+    uncorrelated noise calls them.  This field is Gaussian noise blurred by a point spread drawn
+    from ``psf`` (px; 0.5-1 gives blobs 2-4 px wide), scaled so that its tallest blob, where it
+    applies, is ``peak`` (drawn) times ``sigma`` high, and faded to zero near labelled pixels
+    (zero within ``clear[0]`` px of one, full beyond ``clear[1]``) so that the real spots keep
+    their own profile and stay labelled: the model sees the blobs, with the noise's own spatial
+    texture, only where the label is empty.
+    """
+    from scipy.ndimage import distance_transform_edt
+
+    shape = (int(label.shape[0]), int(label.shape[1]))
+    field = correlated_noise(rng, shape, float(rng.uniform(*psf)))
+    if label.any():
+        distance = distance_transform_edt(~label.astype(bool))
+        weight = np.clip((distance - clear[0]) / max(clear[1] - clear[0], 1e-9), 0.0, 1.0)
+    else:
+        weight = np.ones(shape)
+    full = weight >= 1.0
+    tallest = float(field[full].max()) if full.any() else 0.0
+    if tallest <= 0:
+        return np.zeros(shape)
+    return field * weight * (float(rng.uniform(*peak)) * sigma / tallest)
 
 
 def add_zinger(image: np.ndarray, sigma: float, rng: np.random.Generator) -> None:

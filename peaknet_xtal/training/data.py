@@ -172,6 +172,14 @@ class Augment:
     taught to reject every lone bright pixel: the amplitudes overlap the spots', and recurring
     pixels remain the run-level defect filter's job (``finding.defects``); what this teaches is
     that a lone spike with no profile on a noisy background is not enough by itself.
+
+    Correlated-noise blobs as hard negatives (``noise_blob_prob``, off by default): on that
+    fraction of crops, ``sim.artifacts.noise_blobs`` adds Gaussian noise blurred by a point spread
+    drawn from ``noise_blob_psf`` (px), its tallest blob ``noise_blob_peak`` background sigmas high
+    (the height of the weak spots the model must still find), faded out near labelled pixels; the
+    label stays as it was.  Why: on strong smooth backgrounds with correlated noise the locally
+    normalised input shows spot-sized blobs, and a model that learnt weak spots only in white
+    noise calls them (examples/train_default_model.py).
     """
 
     flips: bool = True
@@ -191,6 +199,9 @@ class Augment:
     jet_streak_prob: float = 0.0
     saturation_prob: float = 0.0
     hot_pixel_prob: float = 0.0
+    noise_blob_prob: float = 0.0
+    noise_blob_psf: tuple[float, float] = (0.5, 1.0)
+    noise_blob_peak: tuple[float, float] = (4.0, 10.0)
     enabled: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -227,6 +238,15 @@ class Augment:
         image = image.astype(np.float32)
         image[dead] = rng.choice([0.0, -1e4, 1e6])
         mask &= ~dead
+        # last, and drawn only when enabled, so every config without it gives the same crops
+        if self.noise_blob_prob > 0 and rng.random() < self.noise_blob_prob:
+            from peaknet_xtal.sim import artifacts
+
+            psf, peak = self.noise_blob_psf, self.noise_blob_peak
+            blobs = artifacts.noise_blobs(rng, label & mask, sigma,
+                                          (float(psf[0]), float(psf[1])),
+                                          (float(peak[0]), float(peak[1])))
+            image = (image + blobs * mask).astype(np.float32)
         return image, mask, label & mask
 
 

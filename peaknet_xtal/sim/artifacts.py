@@ -72,11 +72,11 @@ def noise_blobs(rng: np.random.Generator, label: np.ndarray, sigma: float,
     Why: on a strong smooth background with correlated noise, blobs of spot size reach the height
     of the weak spots a finder must still find, and a model that has seen weak spots only in
     uncorrelated noise calls them.  This field is Gaussian noise blurred by a point spread drawn
-    from ``psf`` (px; 0.5-1 gives blobs about 1-3 px wide), scaled so that its tallest blob, where it
-    applies, is ``peak`` (drawn) times ``sigma`` high, and faded to zero near labelled pixels
-    (zero within ``clear[0]`` px of one, full beyond ``clear[1]``) so that the real spots keep
-    their own profile and stay labelled: the model sees the blobs, with the noise's own spatial
-    texture, only where the label is empty.
+    from ``psf`` (px; 0.5-1 gives blobs about 1-3 px wide), scaled so that its tallest blob,
+    where it applies, is ``peak`` (drawn) times ``sigma`` high, and faded to zero near labelled
+    pixels (zero within ``clear[0]`` px of one, full beyond ``clear[1]``) so that the real spots
+    keep their own profile and stay labelled: the model sees the blobs, with the noise's own
+    spatial texture, only where the label is empty.
     """
     from scipy.ndimage import distance_transform_edt
 

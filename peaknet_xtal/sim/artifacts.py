@@ -9,6 +9,8 @@ never changes the peak label: these are exactly the things that must not become 
 saturation, peaks that must stay peaks).  ``training.data.Augment`` applies them to training crops;
 ``strong_background_panel`` builds the strong-background Rayonix acceptance set's frames;
 ``noise_blobs`` makes correlated-noise blobs at weak-spot height away from the labelled peaks.
+``drowned_peaks`` says which labelled peaks a strong background (``strong_background_parts``)
+has drowned, for a caller that chooses to unlabel them.
 """
 from __future__ import annotations
 
@@ -55,13 +57,67 @@ def add_strong_background(image: np.ndarray, sigma: float, rng: np.random.Genera
                           max_level: float = 100.0) -> np.ndarray:
     """Add a smooth background up to ``max_level`` x ``sigma`` high with a large gradient, and
     the shot noise it brings (std ~ sqrt(level) sigma), spatially correlated."""
+    return strong_background_parts(image, sigma, rng, max_level)[0]
+
+
+def strong_background_parts(image: np.ndarray, sigma: float, rng: np.random.Generator,
+                            max_level: float = 100.0) -> tuple[np.ndarray, np.ndarray, float]:
+    """``add_strong_background`` that also returns what it added: the per-pixel std of its noise
+    and that noise's point spread (px), so that a caller can tell which spots it drowned
+    (``drowned_peaks``).  Same random draws, in the same order, as ``add_strong_background``."""
     level = float(np.exp(rng.uniform(np.log(3.0), np.log(max_level)))) * sigma
     gradient = level * rng.uniform(0, 2.0) / max(image.shape)
     shape = (int(image.shape[0]), int(image.shape[1]))
     field = smooth_field(rng, shape, level, gradient)
     noise_scale = sigma * np.sqrt(field / sigma) * rng.uniform(0.3, 1.0)
-    noise = correlated_noise(rng, shape, rng.uniform(0.0, 1.0)) * noise_scale
-    return image + field + noise
+    psf = float(rng.uniform(0.0, 1.0))
+    noise = correlated_noise(rng, shape, psf) * noise_scale
+    return image + field + noise, noise_scale, psf
+
+
+def drowned_peaks(image: np.ndarray, label: np.ndarray, sigma: float, noise_scale: np.ndarray,
+                  psf: float, min_snr: float, ring: int = 3) -> np.ndarray:
+    """The labelled pixels of the peaks (8-connected components of ``label``) whose expected
+    significance on a strong background falls below ``min_snr``: a boolean mask to clear.
+
+    Why: a weak spot under a strong background with correlated noise is no longer distinguishable
+    from a blob of that noise; keeping its label teaches a model to call noise-level blobs.  The
+    significance of a component S is its background-subtracted sum in ``image`` (the crop before
+    the strong background; background: the median of the unlabelled pixels in a ``ring`` px wide
+    band around S) over the std of that sum's noise: the crop's own (``sigma`` per pixel,
+    uncorrelated) plus the added noise, ``noise_scale`` per pixel blurred by a Gaussian point
+    spread ``psf`` and renormalised to that std (as ``correlated_noise`` does), whose sum over S
+    has variance ||G * (1_S noise_scale)||^2 / ||G||^2 exactly.  Expected, not realised: it uses
+    no random draws and does not depend on the noise that happened to fall on the spot.
+    """
+    from scipy.ndimage import binary_dilation, gaussian_filter
+    from scipy.ndimage import label as components
+
+    label = label.astype(bool)
+    drop = np.zeros(label.shape, dtype=bool)
+    if not label.any():
+        return drop
+    labelled, count = components(label, structure=np.ones((3, 3), dtype=bool))
+    if psf > 0:
+        delta = np.zeros((int(8 * psf) * 2 + 3,) * 2)
+        delta[delta.shape[0] // 2, delta.shape[1] // 2] = 1.0
+        kernel_norm = float(np.sum(gaussian_filter(delta, psf) ** 2))
+    image = np.asarray(image, dtype=np.float64)
+    scale = np.asarray(noise_scale, dtype=np.float64)
+    for k in range(1, count + 1):
+        spot = labelled == k
+        band = binary_dilation(spot, iterations=ring) & ~label
+        background = float(np.median(image[band])) if band.any() else 0.0
+        signal = float(np.sum(image[spot] - background))
+        weighted = np.where(spot, scale, 0.0)
+        if psf > 0:
+            added = float(np.sum(gaussian_filter(weighted, psf) ** 2)) / kernel_norm
+        else:
+            added = float(np.sum(weighted ** 2))
+        noise = np.sqrt(spot.sum() * sigma ** 2 + added)
+        if signal < min_snr * noise:
+            drop |= spot
+    return drop
 
 
 def noise_blobs(rng: np.random.Generator, label: np.ndarray, sigma: float,

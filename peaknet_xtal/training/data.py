@@ -180,6 +180,13 @@ class Augment:
     label stays as it was.  Why: on strong smooth backgrounds with correlated noise the locally
     normalised input shows spot-sized blobs, and a model that learnt weak spots only in white
     noise calls them (examples/train_default_model.py).
+
+    Drowned spots lose their label (``strong_background_label_snr``, off at 0, the default; no
+    random draws either way): where the strong background is added, labelled peaks whose expected
+    background-subtracted sum is below that many stds of its noise (the crop's own plus the added
+    correlated noise, ``sim.artifacts.drowned_peaks``) are cleared from the label.  Why: a spot
+    the added noise has drowned looks like a noise blob, and a kept label teaches the model to
+    call such blobs.
     """
 
     flips: bool = True
@@ -202,6 +209,7 @@ class Augment:
     noise_blob_prob: float = 0.0
     noise_blob_psf: tuple[float, float] = (0.5, 1.0)
     noise_blob_peak: tuple[float, float] = (4.0, 10.0)
+    strong_background_label_snr: float = 0.0
     enabled: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -223,7 +231,7 @@ class Augment:
             image = image + rng.normal(0.0, rng.uniform(0, self.noise) * sigma + 1e-6,
                                        image.shape)
         image = self._detector_artifacts(image, sigma, rng)
-        image = self._real_backgrounds(image, sigma, rng)
+        image, label = self._real_backgrounds(image, label, sigma, rng)
         if rng.random() < self.hot_pixel_prob:
             image = _add_hot_pixels(np.array(image, dtype=np.float64), label, sigma, rng)
         mask = mask.copy()
@@ -284,13 +292,18 @@ class Augment:
         return image
 
 
-    def _real_backgrounds(self, image: np.ndarray, sigma: float,
-                          rng: np.random.Generator) -> np.ndarray:
+    def _real_backgrounds(self, image: np.ndarray, label: np.ndarray, sigma: float,
+                          rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         from peaknet_xtal.sim import artifacts
 
         if rng.random() < self.strong_background_prob:
-            image = artifacts.add_strong_background(image, sigma, rng,
-                                                    self.strong_background_max)
+            before = image
+            image, noise_scale, psf = artifacts.strong_background_parts(
+                image, sigma, rng, self.strong_background_max)
+            # no random draws: configs without it give the same crops
+            if self.strong_background_label_snr > 0:
+                label = label & ~artifacts.drowned_peaks(before, label, sigma, noise_scale, psf,
+                                                         self.strong_background_label_snr)
         if rng.random() < self.jet_streak_prob:
             image = np.array(image, dtype=np.float64)
             artifacts.add_jet_streak(image, sigma, rng)
@@ -300,7 +313,7 @@ class Augment:
                 artifacts.add_zinger(image, sigma, rng)
         if rng.random() < self.saturation_prob:
             image = artifacts.saturate(image, rng)
-        return image
+        return image, label
 
 
 def _add_hot_pixels(image: np.ndarray, label: np.ndarray, sigma: float,

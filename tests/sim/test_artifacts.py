@@ -112,3 +112,87 @@ def test_augment_noise_blobs_add_only_the_blob_field_and_leave_labels_and_the_re
         assert np.allclose(added[out_label <= 2.0], 0.0)  # the spot is as it was
         assert np.all(added[~on[1]] == 0)  # masked pixels untouched
         assert np.abs(added[out_label >= 4.0]).max() > 0
+
+
+def test_strong_background_parts_draw_as_add_strong_background_and_say_what_they_added():
+    rng = np.random.default_rng(0)
+    image = rng.normal(0.0, 1.0, (64, 64))
+    plain = artifacts.add_strong_background(image, 1.0, np.random.default_rng(5), 150.0)
+    out, noise_scale, psf = artifacts.strong_background_parts(image, 1.0,
+                                                              np.random.default_rng(5), 150.0)
+    assert np.array_equal(plain, out)  # same draws, same order: the same crops
+    assert 0.0 <= psf <= 1.0 and noise_scale.shape == image.shape and (noise_scale >= 0).all()
+
+
+def test_drowned_peaks_noise_of_a_sum_matches_the_correlated_noise_it_describes():
+    # the std of a 3 x 3 sum of correlated_noise * scale, measured over many draws, against the
+    # expected one drowned_peaks compares each spot with (its threshold sits exactly on it)
+    spot = np.zeros((48, 48), bool)
+    spot[20:23, 20:23] = True
+    scale = np.full(spot.shape, 2.0)
+    rng = np.random.default_rng(1)
+    for psf in (0.0, 0.5, 1.0):
+        sums = [float((artifacts.correlated_noise(rng, spot.shape, psf) * scale)[spot].sum())
+                for _ in range(1500)]
+        measured = float(np.std(sums))
+        image = np.zeros(spot.shape)
+        image[spot] = measured / 9  # a spot whose sum is one measured std
+        below = artifacts.drowned_peaks(image, spot, 0.0, scale, psf, 1.1)
+        above = artifacts.drowned_peaks(image, spot, 0.0, scale, psf, 0.9)
+        assert below[spot].all() and not above.any()
+        if psf > 0:  # correlation makes the sum noisier than 3 x the per-pixel std
+            assert measured > 3 * 2.0 * 1.2
+
+
+def test_drowned_peaks_clears_a_drowned_weak_spot_and_keeps_a_strong_one():
+    label = np.zeros((64, 64), bool)
+    label[10:12, 10:12] = True  # strong: sum 400 sigma
+    label[40:42, 40:42] = True  # weak: sum 24 sigma, 12 stds of its own noise (2 sigma)
+    image = np.random.default_rng(2).normal(0.0, 1.0, label.shape)
+    image[10:12, 10:12] += 100.0
+    image[40:42, 40:42] += 6.0
+    quiet = artifacts.drowned_peaks(image, label, 1.0, np.zeros(label.shape), 0.8, 3.5)
+    assert not quiet.any()  # no added noise: both significant
+    loud = artifacts.drowned_peaks(image, label, 1.0, np.full(label.shape, 6.0), 0.8, 3.5)
+    assert loud[40:42, 40:42].all() and not loud[10:12, 10:12].any()
+    assert loud.sum() == 4
+    assert not artifacts.drowned_peaks(image, np.zeros_like(label), 1.0,
+                                       np.full(label.shape, 6.0), 0.8, 3.5).any()
+
+
+def test_augment_label_drop_is_off_by_default_draws_nothing_and_drops_only_drowned_spots():
+    rng = np.random.default_rng(4)
+    image = rng.normal(50.0, 3.0, (96, 96))
+    label = np.zeros((96, 96), bool)
+    label[30:32, 60:62] = True
+    label[70:72, 20:22] = True
+    image[30:32, 60:62] += 300.0  # strong: sum 400 sigma
+    image[70:72, 20:22] += 7.5  # weak: sum 10 sigma, 5 stds of its own noise
+    mask = np.ones((96, 96), bool)
+    quiet = dict(noise=0.0, dead_pixel_fraction=0.0, dead_line_prob=0.0,
+                 strong_background_prob=1.0, strong_background_max=150.0)
+    dropped = 0
+    for seed in range(8):
+        plain = Augment(**quiet)(image, mask, label, np.random.default_rng(seed))
+        off = Augment(**quiet, strong_background_label_snr=0.0)(image, mask, label,
+                                                                np.random.default_rng(seed))
+        on = Augment(**quiet, strong_background_label_snr=3.5)(image, mask, label,
+                                                               np.random.default_rng(seed))
+        again = Augment(**quiet, strong_background_label_snr=3.5)(image, mask, label,
+                                                                  np.random.default_rng(seed))
+        assert all(np.array_equal(p, o) for p, o in zip(plain, off, strict=True))
+        assert all(np.array_equal(a, b) for a, b in zip(on, again, strict=True))  # seeded
+        # the same crop, only the label can lose pixels: whole spots, never the strong one
+        assert np.array_equal(on[0], plain[0]) and np.array_equal(on[1], plain[1])
+        assert plain[2].sum() == 8 and not (on[2] & ~plain[2]).any()
+        assert on[2].sum() in (4, 8)
+        strongest = np.unravel_index(np.argmax(np.where(plain[2], on[0], -np.inf)), label.shape)
+        assert on[2][strongest]
+        dropped += int(on[2].sum() == 4)
+    assert dropped >= 1  # the strong background drowns the weak spot on some draws
+    # without a strong background nothing is dropped
+    calm = dict(quiet, strong_background_prob=0.0)
+    for seed in range(4):
+        out = Augment(**calm, strong_background_label_snr=3.5)(image, mask, label,
+                                                               np.random.default_rng(seed))
+        assert out[2].sum() == 8

@@ -177,8 +177,15 @@ with Augment ``strong_background_label_snr: 3.5``: where the strong background i
 peaks whose expected background-subtracted sum is below 3.5 stds of its noise, the crop's own plus
 the added correlated noise with its point spread, sim/artifacts.py drowned_peaks, lose their label;
 on every 7th tile of the bank 250 of 2,937 peaks, in 74 of 426 tiles; everything else as
-train_swift.yaml; 14,000 steps, about 16 min on one thread; measured on selection only): RESULT
-PENDING: the run did not finish selection before the session's deadline.
+train_swift.yaml; 14,000 steps, about 16 min on one thread; measured on selection only):
+REJECTED by selection, so nothing was measured on acceptance and its weights are not kept.
+Calibrated to 0.6 (at most v1's 2.4 false peaks per blank): F1 0.852 (mixed 0.825, clean 0.868)
+with 1.0 false peaks per blank against v1's 0.864 (0.806, 0.896), 2.4: rejected on the clean hits.
+Stage 3's own thresholds (selection frames; F1 all (mixed, clean), false peaks per blank): 0.5:
+0.874 (0.832, 0.897), 8.5; 0.55: 0.866 (0.832, 0.886), 3.8; 0.6: as above.  Fewer blobs than the
+blob hard negatives at each cut (0.55: 3.8 against 5.2) but no better than swift (0.55: 0.855
+(0.874), 1.0, on its raw scale): at v1's false-peak count it still loses clean-hit recall.
+Not tested further (no per-blank breakdown, no second seed).
 
 What the shipped model (v1: 0.59 M parameters, 2.4 MB) does, with the library's default peak
 settings (probability 0.5, integrated SNR 3 with shot noise): held-out randomised simulated

@@ -269,13 +269,17 @@ def _peaks_in_stack(image: np.ndarray, prob: np.ndarray, good: np.ndarray, panel
     npix = np.bincount(lab, minlength=n)
     box = _bounding_boxes(z, y, x, lab, n)
     rim = _rim(good, labels, z, y, x, lab)
-    taken = labels != 0  # peak pixels and their rims: the footprints the SNR sums
-    taken[rim[:3]] = True
-    rho = np.zeros((len(image), len(CORRELATION_LAGS)))
+    # the footprints the SNR sums (peak pixels and their rims), as pixel lists and as a map of
+    # their owners (peak index + 1); no ring pixel may be in any footprint or component
+    foot = tuple(np.concatenate([a, b]) for a, b in zip((z, y, x, lab), rim, strict=True))
+    owners = np.zeros(labels.shape, dtype=np.int32)
+    owners[foot[:3]] = foot[3] + 1
+    taken = (labels != 0) | (owners != 0)
     layers = np.unique(box[:, 0])  # panels with peaks: the others' noise is not needed
     if len(layers) == len(image):
         rho = noise_correlation(image, background)
     else:
+        rho = np.zeros((len(image), len(CORRELATION_LAGS)))
         rho[layers] = noise_correlation(image[layers], background[layers])
     bg, bg_sigma, ring_error = _annulus_background(image, good, taken, box, params, rho)
     values = image[z, y, x] - bg[lab]
@@ -287,7 +291,7 @@ def _peaks_in_stack(image: np.ndarray, prob: np.ndarray, good: np.ndarray, panel
     intensity = np.bincount(lab, values, minlength=n)
     max_value = np.full(n, -np.inf)
     np.maximum.at(max_value, lab, values)
-    snr = _integrated_snr(image, rim, (z, y, x, lab), bg, bg_sigma, ring_error, intensity, rho,
+    snr = _integrated_snr(image, rim, foot, owners, bg, bg_sigma, ring_error, intensity, rho,
                           params.adu_per_photon)
     table = peaks_from_columns(
         panel=panel_ids[box[:, 0]], fs=fs, ss=ss, intensity=intensity, max_value=max_value,
@@ -339,10 +343,12 @@ def _rim(good: np.ndarray, labels: np.ndarray, z: np.ndarray, y: np.ndarray, x: 
 
 
 def _integrated_snr(image: np.ndarray, rim: tuple[np.ndarray, ...],
-                    pixels: tuple[np.ndarray, ...], bg: np.ndarray, bg_sigma: np.ndarray,
-                    ring_error: np.ndarray, intensity: np.ndarray, rho: np.ndarray,
-                    adu_per_photon: float | None) -> np.ndarray:
-    """SNR of each peak summed over its footprint: its pixels plus its rim (:func:`_rim`).
+                    foot: tuple[np.ndarray, ...], owners: np.ndarray, bg: np.ndarray,
+                    bg_sigma: np.ndarray, ring_error: np.ndarray, intensity: np.ndarray,
+                    rho: np.ndarray, adu_per_photon: float | None) -> np.ndarray:
+    """SNR of each peak summed over its footprint: its pixels plus its rim (:func:`_rim`);
+    ``foot`` lists the footprints' pixels (layer, y, x, peak index), ``owners`` maps each
+    footprint pixel to its peak index + 1.
 
     The model marks a spot's core; a weak spot's tails hold a good part of its photons, and
     without them a real spot of 25 photons scores like a noise cluster.
@@ -358,22 +364,18 @@ def _integrated_snr(image: np.ndarray, rim: tuple[np.ndarray, ...],
     ``finding.settings.DEFAULTS``).
     """
     rz, ry, rx, owner = rim
-    z, y, x, lab = pixels
+    fz, fy, fx, owner_all = foot
     n = len(bg)
     total = intensity + np.bincount(owner, image[rz, ry, rx] - bg[owner], minlength=n)
-    fz, fy, fx = np.concatenate([z, rz]), np.concatenate([y, ry]), np.concatenate([x, rx])
-    owner_all = np.concatenate([lab, owner])
     n_foot = np.bincount(owner_all, minlength=n).astype(np.float64)
     pair_sum = n_foot.copy()  # each pixel with itself
     if rho.any():
-        footprint = np.zeros(image.shape, dtype=np.int32)
-        footprint[fz, fy, fx] = owner_all + 1
         _, height, width = image.shape
         for k, (dy, dx) in enumerate(CORRELATION_LAGS):
             yy, xx = fy + dy, fx + dx
             inside = (yy >= 0) & (yy < height) & (xx >= 0) & (xx < width)
             partner = np.zeros(len(fz), dtype=bool)
-            partner[inside] = footprint[fz[inside], yy[inside], xx[inside]] == owner_all[inside] + 1
+            partner[inside] = owners[fz[inside], yy[inside], xx[inside]] == owner_all[inside] + 1
             pair_sum += 2.0 * np.bincount(owner_all[partner], rho[fz[partner], k], minlength=n)
     variance = (np.maximum(pair_sum, n_foot) + n_foot ** 2 * ring_error) * bg_sigma ** 2
     if adu_per_photon is not None and adu_per_photon > 0:

@@ -87,6 +87,17 @@ def test_noise_blobs_are_seeded():
     assert not np.allclose(a, c)
 
 
+def _crop(options: dict, image: np.ndarray, mask: np.ndarray, label: np.ndarray, seed: int,
+          **option) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``Augment(**options, **option)`` applied to one crop with a fresh seeded generator."""
+    return Augment(**options, **option)(image, mask, label, np.random.default_rng(seed))
+
+
+def _same(a: tuple[np.ndarray, ...], b: tuple[np.ndarray, ...]) -> bool:
+    """Image, mask and label of two crops are identical."""
+    return all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+
+
 def test_augment_noise_blobs_add_only_the_blob_field_and_leave_labels_and_the_rest_alone():
     from scipy.ndimage import distance_transform_edt
 
@@ -99,13 +110,11 @@ def test_augment_noise_blobs_add_only_the_blob_field_and_leave_labels_and_the_re
     swift = dict(gain_spread=0.15, banding=1.5, correlated_noise=2.5, bright_line_prob=0.2,
                  strong_background_prob=0.35, zinger_prob=0.15, hot_pixel_prob=0.3)
     for seed in range(6):
-        plain = Augment(**swift)(image, mask, label, np.random.default_rng(seed))
-        off = Augment(**swift, noise_blob_prob=0.0)(image, mask, label,
-                                                    np.random.default_rng(seed))
-        on = Augment(**swift, noise_blob_prob=1.0)(image, mask, label,
-                                                   np.random.default_rng(seed))
+        plain = _crop(swift, image, mask, label, seed)
+        off = _crop(swift, image, mask, label, seed, noise_blob_prob=0.0)
+        on = _crop(swift, image, mask, label, seed, noise_blob_prob=1.0)
         # off by default, and off draws nothing: existing configs give the same crops
-        assert all(np.array_equal(p, o) for p, o in zip(plain, off, strict=True))
+        assert _same(plain, off)
         assert np.array_equal(on[1], plain[1]) and np.array_equal(on[2], plain[2])
         added = on[0].astype(np.float64) - plain[0]
         out_label = distance_transform_edt(~on[2]) if on[2].any() else np.full(label.shape, 99.)
@@ -173,15 +182,12 @@ def test_augment_label_drop_is_off_by_default_draws_nothing_and_drops_only_drown
                  strong_background_prob=1.0, strong_background_max=150.0)
     dropped = 0
     for seed in range(8):
-        plain = Augment(**quiet)(image, mask, label, np.random.default_rng(seed))
-        off = Augment(**quiet, strong_background_label_snr=0.0)(image, mask, label,
-                                                                np.random.default_rng(seed))
-        on = Augment(**quiet, strong_background_label_snr=3.5)(image, mask, label,
-                                                               np.random.default_rng(seed))
-        again = Augment(**quiet, strong_background_label_snr=3.5)(image, mask, label,
-                                                                  np.random.default_rng(seed))
-        assert all(np.array_equal(p, o) for p, o in zip(plain, off, strict=True))
-        assert all(np.array_equal(a, b) for a, b in zip(on, again, strict=True))  # seeded
+        plain = _crop(quiet, image, mask, label, seed)
+        off = _crop(quiet, image, mask, label, seed, strong_background_label_snr=0.0)
+        on = _crop(quiet, image, mask, label, seed, strong_background_label_snr=3.5)
+        again = _crop(quiet, image, mask, label, seed, strong_background_label_snr=3.5)
+        assert _same(plain, off)
+        assert _same(on, again)  # seeded
         # the same crop, only the label can lose pixels: whole spots, never the strong one
         assert np.array_equal(on[0], plain[0]) and np.array_equal(on[1], plain[1])
         assert plain[2].sum() == 8 and not (on[2] & ~plain[2]).any()
@@ -193,6 +199,5 @@ def test_augment_label_drop_is_off_by_default_draws_nothing_and_drops_only_drown
     # without a strong background nothing is dropped
     calm = dict(quiet, strong_background_prob=0.0)
     for seed in range(4):
-        out = Augment(**calm, strong_background_label_snr=3.5)(image, mask, label,
-                                                               np.random.default_rng(seed))
+        out = _crop(calm, image, mask, label, seed, strong_background_label_snr=3.5)
         assert out[2].sum() == 8

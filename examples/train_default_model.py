@@ -1,7 +1,8 @@
 """Reproduce the shipped default model from scratch (seeded), on a 2-core CPU.
 
     python examples/train_default_model.py [--frames 320] [--steps 14000] [--work runs/default]
-        [--baseline WEIGHTS] [--no-install] [--recipe swift|v1]
+        [--baseline WEIGHTS] [--no-install] [--recipe swift|local|v1] [--norm-noise SCALE]
+        [--candidate WEIGHTS]
 
 Stage 1, the training bank.  Simulate frames across many real detector geometries
    (../shared/data/real/crystfel_geometry), with randomised conditions (cells, fluence,
@@ -187,6 +188,38 @@ blob hard negatives at each cut (0.55: 3.8 against 5.2) but no better than swift
 (0.874), 1.0, on its raw scale): at v1's false-peak count it still loses clean-hit recall.
 Not tested further (no per-blank breakdown, no second seed).
 
+v1's architecture with local normalisation from scratch, and a decorrelated input (``--recipe
+local``: examples/configs/train_default_localnorm.yaml, the zepto-backbone ``default`` with
+``input_norm: local`` and everything train_swift_labeldrop.yaml gives swift; 8,000 steps, 18.9 min
+on one thread; then stage 3 runs it with ``norm_noise: decorrelated``, model/layers/local_norm.py:
+each panel's normalised input divided by how much more half a 2 x 2 sum of its noise spreads than
+one pixel, from neighbour correlations of pixel differences, within [1, 2]).  SELECTED, then NOT
+installed: it fails the held-out acceptance test.  Selection (stage 3 thresholds; F1 all (mixed,
+clean), false peaks per blank): as trained (pixel scale) 0.5: 0.872 (0.831, 0.896), 6.5; 0.55:
+0.860 (0.829, 0.879), 3.0; 0.6: 0.845 (0.826, 0.856), 1.5, so rejected on the clean hits like
+every swift variant; decorrelated 0.4: 0.886 (0.831, 0.917), 3.4; 0.45: 0.882 (0.832, 0.910),
+1.3; 0.5: 0.874 (0.832, 0.897), 0.7, calibrated to 0.45 and accepted against v1's 0.864 (0.806,
+0.896), 2.4.  The same decorrelated input for today's swift (``--candidate
+benchmarks/candidates/swift.safetensors --norm-noise decorrelated``; on its calibrated scale) 0.3:
+0.872 (0.831, 0.895), 2.8; 0.4: 0.866 (0.831, 0.886), 0.2: rejected on the clean hits.  (A first
+factor, the spread of half 2 x 2 sums of the residual over a pixel's, accepted both, local 0.888
+and swift 0.882; a unit test then showed it counts the smooth background the local estimate leaves
+on a ramp as correlated noise, factor 1.56 -> 1.81, so it was replaced before any acceptance data
+were looked at.)  Acceptance, measured only (weights kept as benchmarks/candidates/local.*):
+held-out simulated frames (5 frames, tests/model/test_default_model.py asks for 0.9) F1 0.871
+[0.764, 0.979] (recall 0.77) against v1's 0.907 [0.847, 0.979] (0.83): FAILED, so v1 stays.
+On the larger acceptance runs of benchmarks/bench_blanks.py (24 blanks and 24 hits a detector,
+after each run's first 5 frames; ePix10k2M / CSPAD / JUNGFRAU 4M / Rayonix) it is better where
+v1 is weakest and loses hits: false peaks per blank 2.2 / 2.2 / 2.7 / 1.9 against 10.1 / 3.8 /
+9.7 / 18.1, blanks called hits 1 of 89 against 34, F1 on the hits 0.80 / 0.90 / 0.73 / 0.83
+against 0.77 / 0.87 / 0.65 / 0.76, but true hits called 68 of 83 against 76 (with >= 15 strong
+reflections: 66 of 69 against 68).  Real frames (examples/real_frames_report.py --model): CSPAD
+stills 220 / 103 spots, 194 / 47 indexed (v1 the same 194 / 47); L-cysteine 88 % of the reference
+spots found, 66 % of peaks on one (v1 55 %); thaumatin 10 of 10 hits; Eiger2 624 peaks, 351 on a
+dispersion peak.  What would decide it (not done: acceptance data must not choose): an acceptance
+set of the size issue 14 asks for (30+ frames a detector with bootstrap intervals) in place of
+the five held-out frames, fixed before either model is measured on it.
+
 What the shipped model (v1: 0.59 M parameters, 2.4 MB) does, with the library's default peak
 settings (probability 0.5, integrated SNR 3 with shot noise): held-out randomised simulated
 frames on ePix10k2M, CSPAD and Rayonix (tests/model/test_default_model.py): precision 0.999,
@@ -221,6 +254,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from peaknet_xtal.model.layers.local_norm import NOISE_SCALES
 
 ROOT = Path(__file__).resolve().parents[1]
 GEOMETRIES = ROOT.parent / "shared" / "data" / "real" / "crystfel_geometry"
@@ -393,7 +428,12 @@ def calibrate(model_path: Path, frames: dict[str, list[tuple]], max_blank_peaks:
 
 
 BASELINE = ROOT / "benchmarks" / "baseline" / "default_v1.safetensors"
-SWIFT_CONFIG = ROOT / "examples" / "configs" / "train_swift.yaml"
+CONFIGS = ROOT / "examples" / "configs"
+#: recipe -> (stage-2 config, steps, noise scale the model runs with; None: as trained)
+RECIPES: dict[str, tuple[Path, int, str | None]] = {
+    "local": (CONFIGS / "train_default_localnorm.yaml", 8000, "decorrelated"),
+    "swift": (CONFIGS / "train_swift.yaml", 14000, None),
+}
 
 
 def select(candidate: Path, baseline: dict[str, float], frames: dict[str, list[tuple]]) -> bool:
@@ -417,17 +457,19 @@ def accepts(candidate: dict[str, float], baseline: dict[str, float]) -> bool:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--recipe", choices=("swift", "v1"), default="swift",
+    parser.add_argument("--recipe", choices=(*RECIPES, "v1"), default="swift",
                         help="swift: the CPU candidate (stages 1-4 above, installed only if "
-                             "selection accepts it); v1: the shipped default (kept as "
-                             "benchmarks/baseline/default_v1.*): the zepto-backbone 'default' "
-                             "architecture, global normalisation, then the local fine-tune it "
-                             "did not install")
-    parser.add_argument("--config", default=str(SWIFT_CONFIG), metavar="YAML",
-                        help="swift recipe only: the peaknet-train config of stage 2")
+                             "selection accepts it); local: the zepto-backbone 'default' "
+                             "architecture with local normalisation, same stages (selection "
+                             "accepted it, acceptance did not: see above); v1: the shipped "
+                             "default (kept as benchmarks/baseline/default_v1.*), global "
+                             "normalisation, then the local fine-tune it did not install")
+    parser.add_argument("--config", default=None, metavar="YAML",
+                        help="local/swift: the peaknet-train config of stage 2 (default: the "
+                             "recipe's)")
     parser.add_argument("--frames", type=int, default=320)
     parser.add_argument("--steps", type=int, default=None,
-                        help="training steps (swift: 14000; v1 stage 1: 10000)")
+                        help="training steps (local: 8000; swift: 14000; v1 stage 1: 10000)")
     parser.add_argument("--finetune-steps", type=int, default=2000, help="v1's fine-tune steps")
     parser.add_argument("--init", default=None, metavar="WEIGHTS",
                         help="v1 only: skip its stage 1 and fine-tune these weights")
@@ -437,6 +479,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-install", action="store_true", help="do not copy into the package")
     parser.add_argument("--real-labels", nargs="+", default=[], metavar="LABELS.h5",
                         help="stream2labels files of real frames to train on beside the bank")
+    parser.add_argument("--norm-noise", choices=NOISE_SCALES, default=None,
+                        help="local/swift: the local normalisation's noise scale the trained "
+                             "model runs with (written into its config before stage 3; default: "
+                             "the recipe's)")
+    parser.add_argument("--candidate", default=None, metavar="WEIGHTS",
+                        help="local/swift: skip stages 1-2 and calibrate and select these "
+                             "weights (trained before by stage 2)")
     args = parser.parse_args(argv)
 
     import time
@@ -449,8 +498,9 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work)
     started = time.time()
     # Stage 1: the training bank
-    bank = simulate_bank(work / "bank.h5", args.frames)
+    bank = None if args.candidate else simulate_bank(work / "bank.h5", args.frames)
     if args.recipe == "v1":
+        assert bank is not None
         stage1, stage2 = _train_v1(args, work, bank, train_main)
         print(f"trained in {(time.time() - started) / 60:.1f} min")
         frames = validation_frames()
@@ -460,16 +510,24 @@ def main(argv: list[str] | None = None) -> int:
         candidate = stage2 if select(stage2, baseline, frames) else stage1
         better = True
     else:
-        # Stage 2: train ``swift`` from scratch (local normalisation, hard negatives)
-        train_main([args.config, "--out",
-                    str(work / "swift"), "--schedule.steps", str(args.steps or 14000),
-                    "--data.paths", str(bank), *args.real_labels])
-        print(f"trained in {(time.time() - started) / 60:.1f} min")
+        # Stage 2: train from scratch (local normalisation, hard negatives)
+        config, steps, norm_noise = RECIPES[args.recipe]
+        trained = work / "stage2" / "model.safetensors"
+        if args.candidate:
+            trained = Path(args.candidate)
+        else:
+            train_main([args.config or str(config), "--out", str(trained.parent),
+                        "--schedule.steps", str(args.steps or steps),
+                        "--data.paths", str(bank), *args.real_labels])
+            print(f"trained in {(time.time() - started) / 60:.1f} min")
+        if args.norm_noise or norm_noise:
+            trained = with_norm_noise(trained, args.norm_noise or norm_noise,
+                                      work / "candidate.safetensors")
         # Stage 3: calibration, on simulated selection frames only (never acceptance frames):
         # the best-F1 threshold with no more false peaks per blank than the baseline gives
         frames = validation_frames()
         baseline = validation_score(Path(args.baseline), frames)
-        candidate = calibrate(work / "swift" / "model.safetensors", frames,
+        candidate = calibrate(trained, frames,
                               max(baseline["blank_false_peaks"], 1.0))
         # Stage 4: selection against the baseline on the same frames
         better = select(candidate, baseline, frames)
@@ -481,6 +539,21 @@ def main(argv: list[str] | None = None) -> int:
     elif not better:
         print("the candidate does not match the baseline on simulated selection: not installed")
     return 0
+
+
+def with_norm_noise(weights: Path, norm_noise: str, out: Path) -> Path:
+    """A copy of ``weights`` whose local normalisation runs with the ``norm_noise`` scale
+    (model/layers/local_norm.py); the weights themselves are unchanged."""
+    from peaknet_xtal.model import load_model, save_model
+
+    model = load_model(str(weights))
+    if model.config.get("input_norm") != "local":
+        raise SystemExit(f"{weights}: --norm-noise needs a model with local input normalisation")
+    model.config["norm_noise"] = norm_noise
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_model(model, out)
+    print(f"{weights}: runs with the {norm_noise!r} noise scale -> {out}")
+    return out
 
 
 def _train_v1(args: argparse.Namespace, work: Path, bank: Path,

@@ -4,7 +4,7 @@ Input handling lives inside the model so that no caller can feed it differently 
 per-image (``layers.standardise``) or per-neighbourhood (``layers.local_norm``) standardisation over
 valid pixels, as the model's ``input_norm`` config says (weights saved before the local one existed
 have no such key and keep the global one; the local one's noise scale is per pixel unless
-``norm_noise`` says ``sum2x2``), padding to a multiple of
+``norm_noise`` says ``sum2x2`` or ``decorrelated``), padding to a multiple of
 32 (the four resampling levels need it) with padded pixels excluded from the statistics and cropped
 off the output, and the bad-pixel mask enforced on the logits so a masked pixel is never a peak.
 """
@@ -88,8 +88,9 @@ class PeakNet(nn.Module):
 
     def normalise(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """The network's input for raw ``x``: global (per image) or local (per neighbourhood,
-        ``layers.local_norm``, with its ``norm_noise`` scale: per pixel, or at least that of a
-        2 x 2 sum) standardisation, as the model was trained."""
+        ``layers.local_norm``, with its ``norm_noise`` scale: per pixel, at least that of a
+        2 x 2 sum, or per pixel over the panel's 2 x 2-sum noise excess) standardisation, as the
+        model's config says."""
         if self.config["input_norm"] == "local":
             return local_normalise(x, valid, self.config["norm_block"],
                                    self.config["norm_noise"])

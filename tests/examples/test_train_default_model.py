@@ -45,3 +45,22 @@ def test_selection_rejects_the_swift_candidate_that_acceptance_found_worse(scrip
     baseline = script.validation_score(script.BASELINE, frames)
     swift = ROOT / "benchmarks" / "candidates" / "swift.safetensors"
     assert not script.select(swift, baseline, frames)
+
+
+def test_with_norm_noise_changes_only_the_noise_scale(script, tmp_path):
+    import torch
+
+    from peaknet_xtal.model import create_model, load_model, save_model
+
+    model = create_model("yocto", input_norm="local")
+    save_model(model, tmp_path / "trained.safetensors")
+    out = script.with_norm_noise(tmp_path / "trained.safetensors", "decorrelated",
+                                 tmp_path / "candidate.safetensors")
+    again = load_model(str(out))
+    assert again.config == {**model.config, "norm_noise": "decorrelated"}
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, again.state_dict()[name]), name
+    save_model(create_model("yocto"), tmp_path / "global.safetensors")  # global normalisation
+    with pytest.raises(SystemExit, match="local input normalisation"):
+        script.with_norm_noise(tmp_path / "global.safetensors", "decorrelated",
+                               tmp_path / "x.safetensors")

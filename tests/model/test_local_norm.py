@@ -82,9 +82,10 @@ def test_panel_alone_equals_panel_inside_a_layout_with_masked_gaps(noise_scale):
     y0, x0 = 64, 160  # multiples of the 16-px cells
     layout[y0:y0 + 185, x0:x0 + 194] = panel
     valid[y0:y0 + 185, x0:x0 + 194] = True
-    # other panels of the layout, beyond a masked gap wider than two cells
-    layout[:, 400:] = rng.normal(100.0, 5.0, (400, 80))
-    valid[:, 400:] = True
+    if noise_scale != "decorrelated":  # that one has one factor per image: a panel's own
+        # other panels of the layout, beyond a masked gap wider than two cells
+        layout[:, 400:] = rng.normal(100.0, 5.0, (400, 80))
+        valid[:, 400:] = True
     np.testing.assert_allclose(_z(layout, valid, noise_scale=noise_scale)[y0:y0 + 185,
                                                                           x0:x0 + 194],
                                _z(panel, noise_scale=noise_scale), atol=1e-5)
@@ -212,3 +213,43 @@ def test_unknown_noise_scale_is_refused():
     with pytest.raises(ValueError, match="noise_scale"):
         background_maps(torch.zeros(1, 1, 32, 32), torch.ones(1, 1, 32, 32, dtype=torch.bool),
                         noise_scale="blob")
+
+
+def test_decorrelated_input_is_the_pixel_input_on_white_noise_and_photon_counting():
+    rng = np.random.default_rng(13)
+    white = 3000.0 + 33.0 * rng.normal(size=(384, 384))
+    np.testing.assert_allclose(_z(white, noise_scale="decorrelated"), _z(white), atol=0.03)
+    sparse = rng.poisson(0.03, (256, 256)) * 30.0
+    np.testing.assert_array_equal(_z(sparse, noise_scale="decorrelated"), _z(sparse))
+    dense = rng.poisson(2.0, (256, 256)) * 30.0  # photon counting at two photons a pixel
+    ratio = np.sinh(_z(dense)) / np.sinh(_z(dense, noise_scale="decorrelated"))
+    assert np.nanmedian(ratio[np.sinh(_z(dense)) != 0]) == pytest.approx(1.0, abs=0.05)
+
+
+@pytest.mark.parametrize("psf", [0.5, 0.8])
+def test_decorrelated_input_spreads_like_white_noise_in_spot_sized_sums(psf):
+    rng = np.random.default_rng(14)
+    blurred = 3000.0 + 33.0 * correlated_noise(rng, (384, 384), psf)
+    white = 3000.0 + 33.0 * rng.normal(size=(384, 384))
+    inner = (slice(32, -32), slice(32, -32))
+
+    def half_sum_std(z: np.ndarray) -> float:
+        z = np.sinh(z)[inner]
+        return float(((z[::2, ::2] + z[1::2, ::2] + z[::2, 1::2] + z[1::2, 1::2]) / 2).std())
+
+    reference = half_sum_std(_z(white, noise_scale="decorrelated"))
+    assert half_sum_std(_z(blurred)) > 1.2 * reference  # the pixel scale leaves the excess
+    assert half_sum_std(_z(blurred, noise_scale="decorrelated")) == pytest.approx(reference,
+                                                                                 rel=0.08)
+
+
+def test_decorrelation_is_per_panel_of_a_batch():
+    rng = np.random.default_rng(15)
+    white = 3000.0 + 33.0 * rng.normal(size=(256, 256))
+    blurred = 3000.0 + 33.0 * correlated_noise(rng, (256, 256), 0.8)
+    x = torch.from_numpy(np.stack([white, blurred]).astype(np.float32))[:, None]
+    v = torch.ones_like(x, dtype=torch.bool)
+    both = local_normalise(x, v, noise_scale="decorrelated")[:, 0].numpy()
+    np.testing.assert_array_equal(both[0], _z(white, noise_scale="decorrelated"))
+    np.testing.assert_array_equal(both[1], _z(blurred, noise_scale="decorrelated"))
+    assert not np.allclose(both[1], _z(blurred), atol=0.05)

@@ -34,6 +34,20 @@ correlated noise.  Each cell takes the larger of that and the pixel scale (steps
 photon-counting cells keep their single-photon scale), after the same 3 x 3 median: still per
 panel and local, the same cells, so whole, tiled and embedded panels see the same input.
 
+Panel-wide decorrelation (``noise="decorrelated"``): the pixel scale, then the whole panel's
+normalised residual divided by one factor ``f``, how much more half a 2 x 2 sum of it spreads than
+one pixel, from the neighbour correlations of its noise (measured on pixel differences, which
+cancel what smooth background the local estimate leaves; sigma-clipped; ``f`` kept within [1, 2]:
+1 on uncorrelated noise, 2 when neighbours move together).  Why it
+exists beside ``sum2x2``: a model trained on the pixel scale sees the white noise it was trained on
+wherever the noise is white (``f`` = 1), and on a correlated background noise blobs of spot size
+shrink to the height they would have on white noise, while spots keep their height relative to
+that noise.  Measured on the model-selection frames (examples/train_default_model.py): it removes
+most false peaks of the strong-background blanks for a model trained on the pixel scale, where a
+model retrained on the per-cell ``sum2x2`` scale learnt to call the blobs again.  One factor per
+panel, so it depends on the panel, not on tiles; a standard deviation rather than a median
+deviation, because photon-counting backgrounds are mostly one value (a median deviation of 0).
+
 What the network sees at a pixel depends on pixels within ~3 cells (~50 px for 16-px cells) and
 on nothing else except where a panel is empty or masked; it does not depend on tile cuts: the
 engine computes it once per whole panel before tiling (``PeakNet.normalise``).  A panel alone and
@@ -49,8 +63,14 @@ import torch
 import torch.nn.functional as F
 
 DEFAULT_BLOCK = 16
-#: noise scales: per pixel (the original), or the larger of that and the noise of a 2 x 2 sum
-NOISE_SCALES = ("pixel", "sum2x2")
+#: noise scales: per pixel (the original), the larger of that and the noise of a 2 x 2 sum, or
+#: the pixel scale times the panel's 2 x 2-sum noise excess (module docstring)
+NOISE_SCALES = ("pixel", "sum2x2", "decorrelated")
+#: the panel factor of ``decorrelated`` is kept within these (fully correlated neighbours: 2)
+DECORRELATION_RANGE = (1.0, 2.0)
+#: largest share of an image's values its factor's clipped spreads may leave out (Gaussian
+#: noise: 0.006 % beyond 4 sigma; spots of a rich hit: a few hundredths of a per cent)
+MAX_CLIPPED = 0.02
 #: cells with fewer valid samples than this have no statistics of their own
 MIN_SAMPLES = 8
 
@@ -229,10 +249,72 @@ def fast_asinh(t: torch.Tensor) -> torch.Tensor:
     return torch.asinh(t)
 
 
+def _clipped_std(values: torch.Tensor, ok: torch.Tensor, clip: float = 4.0, rounds: int = 3
+                 ) -> torch.Tensor:
+    """Per row of (B, N) ``values`` over ``ok``: the standard deviation after ``rounds`` of
+    clipping at ``clip`` standard deviations around the mean (spots, hot pixels and streaks are
+    the few far values); 0 where a row has fewer than two such values, or where clipping took
+    more than :data:`MAX_CLIPPED` of them: then the values are no noise with a few outliers (a
+    sparse photon count, whose single photons sit beyond ``clip`` deviations of the zeros, so
+    that clipping would leave the zeros' spread of nothing)."""
+    v = values.double()
+    keep = ok.clone()
+    std = torch.zeros(v.shape[0], dtype=torch.float64, device=v.device)
+    for _ in range(rounds):
+        n = keep.sum(-1).clamp(min=1)
+        mean = torch.where(keep, v, torch.zeros_like(v)).sum(-1) / n
+        dev = v - mean.unsqueeze(-1)
+        var = torch.where(keep, dev * dev, torch.zeros_like(v)).sum(-1) / (n - 1).clamp(min=1)
+        std = torch.where(keep.sum(-1) >= 2, var.sqrt(), torch.zeros_like(var))
+        keep = ok & (dev.abs() <= clip * std.unsqueeze(-1))
+    clipped = 1.0 - keep.sum(-1) / ok.sum(-1).clamp(min=1)
+    return torch.where(clipped > MAX_CLIPPED, torch.zeros_like(std), std)
+
+
+#: pixel offsets whose differences give the neighbour correlations of a 2 x 2 sum's spread
+_NEIGHBOURS = ((0, 1), (1, 0), (1, 1), (1, -1))
+#: offsets taken as uncorrelated: their differences give the noise's own variance
+_FAR = ((0, 4), (4, 0))
+
+
+def _difference_variance(r: torch.Tensor, valid: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """Per image (B,): clipped variance of ``r[y + dy, x + dx] - r[y, x]`` over valid pairs."""
+    h, w = r.shape[-2:]
+    x0, x1 = max(0, -dx), w - max(0, dx)
+    a, b = r[:, 0, :h - dy, x0:x1], r[:, 0, dy:, x0 + dx:x1 + dx]
+    ok = valid[:, 0, :h - dy, x0:x1] & valid[:, 0, dy:, x0 + dx:x1 + dx]
+    d = torch.where(ok, b - a, torch.zeros_like(a))
+    return _clipped_std(d.reshape(len(d), -1), ok.reshape(len(ok), -1)) ** 2
+
+
+def decorrelation_factor(r: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Per image of a (B, 1, H, W) normalised residual ``r``: how much more a half 2 x 2 sum
+    spreads than one pixel, ``f**2 = 1 + rho_h + rho_v + (rho_d1 + rho_d2) / 2``, with each
+    neighbour correlation ``rho = 1 - V(neighbour) / V(far)`` from the variances ``V`` of pixel
+    differences (a difference cancels the smooth background the local one leaves, which a spread
+    of sums would count as correlated noise), kept within :data:`DECORRELATION_RANGE`; 1 where a
+    variance is unknown (see :func:`_clipped_std`).  Shape (B,)."""
+    far = torch.stack([_difference_variance(r, valid, dy, dx) for dy, dx in _FAR]).mean(0)
+    near = torch.stack([_difference_variance(r, valid, dy, dx) for dy, dx in _NEIGHBOURS])
+    rho = 1.0 - near / far.clamp(min=1e-30)
+    squared = 1.0 + rho[0] + rho[1] + (rho[2] + rho[3]) / 2
+    known = (far > 0) & (near > 0).all(0)
+    lo, hi = DECORRELATION_RANGE
+    factor = torch.where(known, squared.clamp(min=0.0).sqrt(), torch.ones_like(squared))
+    return factor.clamp(lo, hi).float()
+
+
 @torch.no_grad()
 def local_normalise(x: torch.Tensor, valid: torch.Tensor, block: int = DEFAULT_BLOCK,
                     noise_scale: str = "pixel") -> torch.Tensor:
-    """``asinh((x - background) / noise)``, (B, 1, H, W) float32; invalid pixels become 0."""
-    background, noise = background_maps(x, valid, block, noise_scale)
-    z = fast_asinh((x.float() - background) / noise)
+    """``asinh((x - background) / noise)``, (B, 1, H, W) float32; invalid pixels become 0; with
+    ``noise_scale="decorrelated"`` the residual is also divided by its image's
+    :func:`decorrelation_factor`."""
+    background, noise = background_maps(x, valid, block,
+                                        "pixel" if noise_scale == "decorrelated" else noise_scale)
+    r = (x.float() - background) / noise
+    if noise_scale == "decorrelated":
+        ok = valid & torch.isfinite(r)
+        r = r / decorrelation_factor(r, ok).view(-1, 1, 1, 1)
+    z = fast_asinh(r)
     return torch.where(valid & torch.isfinite(z), z, torch.zeros_like(z))

@@ -47,6 +47,8 @@ most false peaks of the strong-background blanks for a model trained on the pixe
 model retrained on the per-cell ``sum2x2`` scale learnt to call the blobs again.  One factor per
 panel, so it depends on the panel, not on tiles; a standard deviation rather than a median
 deviation, because photon-counting backgrounds are mostly one value (a median deviation of 0).
+Cost, measured on one thread for a CSPAD frame's 32 panels: 0.078 s for the pixel scale, 0.150 s
+decorrelated (the correlations from every 4th row; all rows took 0.80 s).
 
 What the network sees at a pixel depends on pixels within ~3 cells (~50 px for 16-px cells) and
 on nothing else except where a panel is empty or masked; it does not depend on tile cuts: the
@@ -256,17 +258,18 @@ def _clipped_std(values: torch.Tensor, ok: torch.Tensor, clip: float = 4.0, roun
     the few far values); 0 where a row has fewer than two such values, or where clipping took
     more than :data:`MAX_CLIPPED` of them: then the values are no noise with a few outliers (a
     sparse photon count, whose single photons sit beyond ``clip`` deviations of the zeros, so
-    that clipping would leave the zeros' spread of nothing)."""
-    v = values.double()
-    keep = ok.clone()
+    that clipping would leave the zeros' spread of nothing).  Sums in float64."""
+    v = torch.where(ok, values.float(), torch.zeros((), dtype=torch.float32))
+    keep = ok
     std = torch.zeros(v.shape[0], dtype=torch.float64, device=v.device)
     for _ in range(rounds):
-        n = keep.sum(-1).clamp(min=1)
-        mean = torch.where(keep, v, torch.zeros_like(v)).sum(-1) / n
-        dev = v - mean.unsqueeze(-1)
-        var = torch.where(keep, dev * dev, torch.zeros_like(v)).sum(-1) / (n - 1).clamp(min=1)
-        std = torch.where(keep.sum(-1) >= 2, var.sqrt(), torch.zeros_like(var))
-        keep = ok & (dev.abs() <= clip * std.unsqueeze(-1))
+        w = keep.float()
+        n = w.sum(-1, dtype=torch.float64)
+        mean = (v * w).sum(-1, dtype=torch.float64) / n.clamp(min=1)
+        dev = v - mean.float().unsqueeze(-1)
+        var = (dev * dev * w).sum(-1, dtype=torch.float64) / (n - 1).clamp(min=1)
+        std = torch.where(n >= 2, var.sqrt(), torch.zeros_like(var))
+        keep = ok & (dev.abs() <= clip * std.float().unsqueeze(-1))
     clipped = 1.0 - keep.sum(-1) / ok.sum(-1).clamp(min=1)
     return torch.where(clipped > MAX_CLIPPED, torch.zeros_like(std), std)
 
@@ -275,14 +278,19 @@ def _clipped_std(values: torch.Tensor, ok: torch.Tensor, clip: float = 4.0, roun
 _NEIGHBOURS = ((0, 1), (1, 0), (1, 1), (1, -1))
 #: offsets taken as uncorrelated: their differences give the noise's own variance
 _FAR = ((0, 4), (4, 0))
+#: rows of a panel the correlations are measured on: every ROW_STEP-th (cost, not accuracy)
+ROW_STEP = 4
 
 
 def _difference_variance(r: torch.Tensor, valid: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
-    """Per image (B,): clipped variance of ``r[y + dy, x + dx] - r[y, x]`` over valid pairs."""
+    """Per image (B,): clipped variance of ``r[y + dy, x + dx] - r[y, x]`` over valid pairs on
+    every :data:`ROW_STEP`-th row ``y`` (a noise statistic needs no more: hundreds of thousands
+    of pairs on a detector panel)."""
     h, w = r.shape[-2:]
     x0, x1 = max(0, -dx), w - max(0, dx)
-    a, b = r[:, 0, :h - dy, x0:x1], r[:, 0, dy:, x0 + dx:x1 + dx]
-    ok = valid[:, 0, :h - dy, x0:x1] & valid[:, 0, dy:, x0 + dx:x1 + dx]
+    rows = torch.arange(0, h - dy, ROW_STEP, device=r.device)
+    a, b = r[:, 0, rows, x0:x1], r[:, 0, rows + dy, x0 + dx:x1 + dx]
+    ok = valid[:, 0, rows, x0:x1] & valid[:, 0, rows + dy, x0 + dx:x1 + dx]
     d = torch.where(ok, b - a, torch.zeros_like(a))
     return _clipped_std(d.reshape(len(d), -1), ok.reshape(len(ok), -1)) ** 2
 

@@ -7,6 +7,9 @@ Per model, with the library's default peak settings and one torch thread:
 - the held-out simulated frames of evaluation/held_out.py (seeds 3,000,000,001+ on
   ePix10k2M, CSPAD and Rayonix): precision, recall and F1 on strong reflections, with a
   bootstrap 95 % interval over frames;
+- with ``--large N`` instead: the larger held-out set (N frames on each of ePix10k2M, CSPAD,
+  Rayonix and JUNGFRAU 4M, seeds 3,000,100,001+), F1 per detector and overall with bootstrap
+  intervals, and the paired interval of each model's F1 minus the first's;
 - the two real CSPAD thermolysin stills: peak count and median SNR (the test's plausible range is
   30-600 peaks, median SNR above 3);
 - the ten real Pilatus 6M thaumatin grid frames: peaks per frame and how many are hits.
@@ -37,6 +40,45 @@ def held_out(engine) -> dict[str, float]:
             "median_error_px": overall.median_error_px}
 
 
+def large_held_out(specs: list[str], per_detector: int) -> None:
+    """F1 per detector with bootstrap intervals on the larger held-out set, and the paired
+    interval of each model's F1 minus the first model's."""
+    from peaknet_xtal.evaluation.held_out import held_out_triples, large_held_out_seeds
+    from peaknet_xtal.evaluation.metrics import (
+        PeakScore,
+        bootstrap_f1,
+        bootstrap_f1_difference,
+        score_frames,
+    )
+    from peaknet_xtal.finding import InferenceEngine
+
+    seeds = large_held_out_seeds(per_detector)
+    frames: dict[str, dict[str, list]] = {}
+    for spec in specs:
+        engine = InferenceEngine(spec, device="cpu", threads=1)
+        for name, detector_seeds in seeds.items():
+            triples = held_out_triples(engine, REAL / "crystfel_geometry",
+                                       {name: detector_seeds})
+            frames.setdefault(spec, {})[name] = score_frames(triples, cutoff=3.0)["frames"]
+    first = specs[0]
+    for spec in specs:
+        for name in [*seeds, "all"]:
+            mine = sum(frames[spec].values(), []) if name == "all" else frames[spec][name]
+            ref = sum(frames[first].values(), []) if name == "all" else frames[first][name]
+            total = PeakScore(*(sum(getattr(f, k) for f in mine)
+                                for k in ("n_found", "n_true", "n_matched")), float("nan"),
+                              sum(f.n_matched if f.n_correct is None else f.n_correct
+                                  for f in mine))
+            f1, precision, recall = total.f1, total.precision, total.recall
+            lo, hi = bootstrap_f1(mine)
+            line = (f"{spec} {name}: F1 {f1:.3f} [{lo:.3f}, {hi:.3f}] (precision "
+                    f"{precision:.3f}, recall {recall:.3f}, {len(mine)} frames)")
+            if spec != first:
+                dlo, dhi = bootstrap_f1_difference(mine, ref)
+                line += f"; minus {Path(first).name}: [{dlo:+.3f}, {dhi:+.3f}]"
+            print(line, flush=True)
+
+
 def real_frames(engine) -> dict[str, str]:
     from peaknet_xtal.formats.dxtbx_images import read_dxtbx_image
 
@@ -59,7 +101,13 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["default", str(BASELINE)])
     parser.add_argument("--no-real", dest="real", action="store_false")
+    parser.add_argument("--large", type=int, default=0, metavar="N",
+                        help="instead: the larger held-out set, N frames a detector "
+                             "(evaluation/held_out.py), F1 per detector with intervals")
     args = parser.parse_args(argv)
+    if args.large:
+        large_held_out(args.models, args.large)
+        return 0
     from peaknet_xtal.finding import InferenceEngine
 
     for spec in args.models:

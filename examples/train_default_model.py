@@ -216,9 +216,14 @@ against 0.77 / 0.87 / 0.65 / 0.76, but true hits called 68 of 83 against 76 (wit
 reflections: 66 of 69 against 68).  Real frames (examples/real_frames_report.py --model): CSPAD
 stills 220 / 103 spots, 194 / 47 indexed (v1 the same 194 / 47); L-cysteine 88 % of the reference
 spots found, 66 % of peaks on one (v1 55 %); thaumatin 10 of 10 hits; Eiger2 624 peaks, 351 on a
-dispersion peak.  What would decide it (not done: acceptance data must not choose): an acceptance
-set of the size issue 14 asks for (30+ frames a detector with bootstrap intervals) in place of
-the five held-out frames, fixed before either model is measured on it.
+dispersion peak.  A larger held-out set, defined afterwards but before either model was measured
+on it (evaluation/held_out.py ``large_held_out_seeds``: 30 clean randomised hits on each of
+ePix10k2M, CSPAD, Rayonix and JUNGFRAU 4M; benchmarks/compare_default_models.py --large 30):
+F1 0.910 [0.875, 0.947] against v1's 0.898 [0.860, 0.941], paired difference [-0.003, +0.029];
+per detector 0.925 / 0.954 / 0.876 / 0.922 against 0.899 / 0.937 / 0.883 / 0.901 (paired
+[-0.010, +0.059], [+0.006, +0.031], [-0.020, +0.013], [-0.003, +0.056]).  So the five-frame test
+sits at v1's own level (v1 scores 0.898 on the 120 frames) and cannot tell the two apart; the
+gate was left as it is here rather than changed after the candidate failed it.
 
 What the shipped model (v1: 0.59 M parameters, 2.4 MB) does, with the library's default peak
 settings (probability 0.5, integrated SNR 3 with shot noise): held-out randomised simulated

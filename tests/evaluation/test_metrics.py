@@ -91,3 +91,23 @@ def test_bootstrap_f1_interval_contains_the_f1_and_narrows_with_more_frames():
     lo, hi = bootstrap_f1(identical)
     assert lo == pytest.approx(hi)
     assert np.isnan(bootstrap_f1([])[0])
+
+
+def test_paired_bootstrap_sees_a_steady_difference_that_unpaired_intervals_hide():
+    from peaknet_xtal.evaluation.metrics import PeakScore, bootstrap_f1, bootstrap_f1_difference
+
+    rng = np.random.default_rng(1)
+    first, second = [], []
+    for _ in range(30):  # frames differ a lot; the second finder misses 2 more on each
+        true = int(rng.integers(20, 200))
+        matched = int(rng.binomial(true, rng.uniform(0.5, 0.95)))
+        first.append(PeakScore(matched, true, matched, 0.2, matched))
+        second.append(PeakScore(matched - 2, true, matched - 2, 0.2, matched - 2))
+    lo, hi = bootstrap_f1_difference(first, second)
+    assert 0 < lo <= hi  # the first is better, and the paired interval says so
+    a, b = bootstrap_f1(first), bootstrap_f1(second)
+    assert a[0] < b[1]  # while the two intervals overlap
+    lo, hi = bootstrap_f1_difference(first, first)
+    assert lo == hi == 0
+    with pytest.raises(ValueError, match="paired"):
+        bootstrap_f1_difference(first, second[:-1])

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from peaknet_xtal.evaluation import selection
-from peaknet_xtal.evaluation.held_out import (HELD_OUT, LARGE_DETECTORS, large_held_out_seeds)
+from peaknet_xtal.evaluation.held_out import HELD_OUT, LARGE_DETECTORS, large_held_out_seeds
 
 
 def test_larger_set_has_its_own_seeds_on_four_detectors(real_data: Path):

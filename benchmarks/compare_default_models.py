@@ -45,7 +45,6 @@ def large_held_out(specs: list[str], per_detector: int) -> None:
     interval of each model's F1 minus the first model's."""
     from peaknet_xtal.evaluation.held_out import held_out_triples, large_held_out_seeds
     from peaknet_xtal.evaluation.metrics import (
-        PeakScore,
         bootstrap_f1,
         bootstrap_f1_difference,
         score_frames,
@@ -53,28 +52,24 @@ def large_held_out(specs: list[str], per_detector: int) -> None:
     from peaknet_xtal.finding import InferenceEngine
 
     seeds = large_held_out_seeds(per_detector)
-    frames: dict[str, dict[str, list]] = {}
+    triples: dict[str, dict[str, list]] = {}
     for spec in specs:
         engine = InferenceEngine(spec, device="cpu", threads=1)
-        for name, detector_seeds in seeds.items():
-            triples = held_out_triples(engine, REAL / "crystfel_geometry",
-                                       {name: detector_seeds})
-            frames.setdefault(spec, {})[name] = score_frames(triples, cutoff=3.0)["frames"]
+        triples[spec] = {name: held_out_triples(engine, REAL / "crystfel_geometry",
+                                                {name: detector_seeds})
+                         for name, detector_seeds in seeds.items()}
+        triples[spec]["all"] = sum(triples[spec].values(), [])
+    scores = {spec: {name: score_frames(found, cutoff=3.0) for name, found in by_name.items()}
+              for spec, by_name in triples.items()}
     first = specs[0]
     for spec in specs:
-        for name in [*seeds, "all"]:
-            mine = sum(frames[spec].values(), []) if name == "all" else frames[spec][name]
-            ref = sum(frames[first].values(), []) if name == "all" else frames[first][name]
-            total = PeakScore(*(sum(getattr(f, k) for f in mine)
-                                for k in ("n_found", "n_true", "n_matched")), float("nan"),
-                              sum(f.n_matched if f.n_correct is None else f.n_correct
-                                  for f in mine))
-            f1, precision, recall = total.f1, total.precision, total.recall
-            lo, hi = bootstrap_f1(mine)
-            line = (f"{spec} {name}: F1 {f1:.3f} [{lo:.3f}, {hi:.3f}] (precision "
-                    f"{precision:.3f}, recall {recall:.3f}, {len(mine)} frames)")
+        for name, score in scores[spec].items():
+            total, frames = score["overall"], score["frames"]
+            lo, hi = bootstrap_f1(frames)
+            line = (f"{spec} {name}: F1 {total.f1:.3f} [{lo:.3f}, {hi:.3f}] (precision "
+                    f"{total.precision:.3f}, recall {total.recall:.3f}, {len(frames)} frames)")
             if spec != first:
-                dlo, dhi = bootstrap_f1_difference(mine, ref)
+                dlo, dhi = bootstrap_f1_difference(frames, scores[first][name]["frames"])
                 line += f"; minus {Path(first).name}: [{dlo:+.3f}, {dhi:+.3f}]"
             print(line, flush=True)
 

@@ -492,6 +492,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="local/swift: skip stages 1-2 and calibrate and select these "
                              "weights (trained before by stage 2)")
     args = parser.parse_args(argv)
+    if args.candidate and args.recipe == "v1":
+        parser.error("--candidate needs the local or swift recipe (v1 trains its own stages)")
 
     import time
 
@@ -505,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
     # Stage 1: the training bank
     bank = None if args.candidate else simulate_bank(work / "bank.h5", args.frames)
     if args.recipe == "v1":
-        assert bank is not None
+        assert bank is not None  # --candidate is refused with v1 above
         stage1, stage2 = _train_v1(args, work, bank, train_main)
         print(f"trained in {(time.time() - started) / 60:.1f} min")
         frames = validation_frames()

@@ -17,7 +17,7 @@ pixels, streaks, zingers, their SNR and model probability); with ``--sweep``, th
 for other ``min_snr`` / ``min_peaks`` values (the model runs once, the peak cuts are applied
 afterwards: the defect filter does not depend on them).
 
-Seed ranges (distinct; never the acceptance tests' 3,000,000,001+, make_eval_report's
+Seed ranges (distinct; never the acceptance tests' 3,000,100,001+, make_eval_report's
 4,000,000,000+ or the training script's validation 2,000,000,001+):
 - ``--set selection``: 5,000,000,000 + 10,000 x detector + frame (used to choose the defaults);
 - ``--set acceptance``: 6,000,000,000 + 10,000 x detector + frame (only measured).

@@ -16,10 +16,23 @@ jobs share, waiting for a core then does not count (with one thread it is the si
 ``--model WEIGHTS`` times a candidate in the default's place; ``--profile`` prints CPU seconds
 per stage of one CSPAD frame through the engine (fused), new and previous side by side.
 
-Measured (``--threads 1 --clock cpu --model benchmarks/candidates/swift.safetensors``, busy
-2-core machine; DIALS dispersion 0.034 s on CSPAD, 0.059 s on Pilatus 6M in the same run):
+Measured (``--threads 1 --clock cpu``, the 2-core machine otherwise idle; DIALS dispersion 0.037 s
+on CSPAD, 0.095 s on Pilatus 6M in the same run), today's default (local normalisation,
+decorrelated input) against v1, the same network with global standardisation:
 
-| per frame, one thread | previous (v1, still installed) | swift (candidate) | speed-up |
+| per frame, one thread | default | previous (v1) | v1 / default |
+|---|---|---|---|
+| CSPAD, model per panel, as trained | 1.52 s (41x) | 1.61 s (43x) | 1.06 |
+| CSPAD, engine, fused | 0.94 s (25x) | 0.64 s (17x) | 0.68 |
+| Pilatus 6M, model, fused | 3.12 s (33x) | 2.84 s (30x) | 0.91 |
+| Pilatus 6M, engine, fused | 3.36 s (35x) | 3.24 s (34x) | 0.97 |
+
+On the CSPAD frame the difference is the input normalisation (64 panels): local maps 0.06-0.09 s
+and the panel decorrelation 0.09 s (v1's standardisation about 0.09 s all told); the network is
+the same.  Earlier (``--model benchmarks/candidates/swift.safetensors``, busy 2-core machine;
+DIALS dispersion 0.034 s on CSPAD, 0.059 s on Pilatus 6M in the same run):
+
+| per frame, one thread | previous (v1, then installed) | swift (candidate) | speed-up |
 |---|---|---|---|
 | CSPAD, model per panel, as trained | 1.36 s (40x) | 0.66 s (19x) | 2.1x |
 | CSPAD, engine, fused | 0.67 s (20x) | 0.45 s (13x) | 1.5x |

@@ -4,12 +4,10 @@ benchmarks/baseline/default_v1.*), measured only: nothing here chooses or tunes 
     python benchmarks/compare_default_models.py [--models default benchmarks/baseline/...]
 
 Per model, with the library's default peak settings and one torch thread:
-- the held-out simulated frames of evaluation/held_out.py (seeds 3,000,000,001+ on
-  ePix10k2M, CSPAD and Rayonix): precision, recall and F1 on strong reflections, with a
-  bootstrap 95 % interval over frames;
-- with ``--large N`` instead: the larger held-out set (N frames on each of ePix10k2M, CSPAD,
-  Rayonix and JUNGFRAU 4M, seeds 3,000,100,001+), F1 per detector and overall with bootstrap
-  intervals, and the paired interval of each model's F1 minus the first's;
+- the held-out simulated frames of evaluation/held_out.py (``--frames N``, 30 by default, on
+  each of ePix10k2M, CSPAD, Rayonix and JUNGFRAU 4M; seeds 3,000,100,001+): precision, recall and
+  F1 on strong reflections per detector and overall, with bootstrap 95 % intervals over frames,
+  and the paired interval of each model's F1 minus the first model's;
 - the two real CSPAD thermolysin stills: peak count and median SNR (the test's plausible range is
   30-600 peaks, median SNR above 3);
 - the ten real Pilatus 6M thaumatin grid frames: peaks per frame and how many are hits.
@@ -28,22 +26,10 @@ REAL = ROOT.parent / "shared" / "data" / "real"
 BASELINE = ROOT / "benchmarks" / "baseline" / "default_v1.safetensors"
 
 
-def held_out(engine) -> dict[str, float]:
-    from peaknet_xtal.evaluation.held_out import held_out_triples
-    from peaknet_xtal.evaluation.metrics import bootstrap_f1, score_frames
-
-    scores = score_frames(held_out_triples(engine, REAL / "crystfel_geometry"), cutoff=3.0)
-    overall = scores["overall"]
-    lo, hi = bootstrap_f1(scores["frames"])
-    return {"precision": overall.precision, "recall": overall.recall, "f1": overall.f1,
-            "f1_lo": lo, "f1_hi": hi, "n_true": overall.n_true,
-            "median_error_px": overall.median_error_px}
-
-
-def large_held_out(specs: list[str], per_detector: int) -> None:
-    """F1 per detector with bootstrap intervals on the larger held-out set, and the paired
-    interval of each model's F1 minus the first model's."""
-    from peaknet_xtal.evaluation.held_out import held_out_triples, large_held_out_seeds
+def held_out(specs: list[str], per_detector: int) -> None:
+    """F1 per detector with bootstrap intervals on the held-out set, and the paired interval of
+    each model's F1 minus the first model's."""
+    from peaknet_xtal.evaluation.held_out import held_out_seeds, held_out_triples
     from peaknet_xtal.evaluation.metrics import (
         bootstrap_f1,
         bootstrap_f1_difference,
@@ -51,7 +37,7 @@ def large_held_out(specs: list[str], per_detector: int) -> None:
     )
     from peaknet_xtal.finding import InferenceEngine
 
-    seeds = large_held_out_seeds(per_detector)
+    seeds = held_out_seeds(per_detector)
     triples: dict[str, dict[str, list]] = {}
     for spec in specs:
         engine = InferenceEngine(spec, device="cpu", threads=1)
@@ -67,7 +53,9 @@ def large_held_out(specs: list[str], per_detector: int) -> None:
             total, frames = score["overall"], score["frames"]
             lo, hi = bootstrap_f1(frames)
             line = (f"{spec} {name}: F1 {total.f1:.3f} [{lo:.3f}, {hi:.3f}] (precision "
-                    f"{total.precision:.3f}, recall {total.recall:.3f}, {len(frames)} frames)")
+                    f"{total.precision:.3f}, recall {total.recall:.3f}, {len(frames)} frames, "
+                    f"{total.n_true} strong reflections, median error "
+                    f"{total.median_error_px:.2f} px)")
             if spec != first:
                 dlo, dhi = bootstrap_f1_difference(frames, scores[first][name]["frames"])
                 line += f"; minus {Path(first).name}: [{dlo:+.3f}, {dhi:+.3f}]"
@@ -96,25 +84,16 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["default", str(BASELINE)])
     parser.add_argument("--no-real", dest="real", action="store_false")
-    parser.add_argument("--large", type=int, default=0, metavar="N",
-                        help="instead: the larger held-out set, N frames a detector "
-                             "(evaluation/held_out.py), F1 per detector with intervals")
+    parser.add_argument("--frames", type=int, default=30, metavar="N",
+                        help="held-out frames a detector (evaluation/held_out.py; default 30)")
     args = parser.parse_args(argv)
-    if args.large:
-        large_held_out(args.models, args.large)
-        return 0
-    from peaknet_xtal.finding import InferenceEngine
+    held_out(args.models, args.frames)
+    if args.real:
+        from peaknet_xtal.finding import InferenceEngine
 
-    for spec in args.models:
-        engine = InferenceEngine(spec, device="cpu", threads=1)
-        score = held_out(engine)
-        print(f"{spec}: held-out simulated F1 {score['f1']:.3f} "
-              f"[{score['f1_lo']:.3f}, {score['f1_hi']:.3f}] (precision "
-              f"{score['precision']:.3f}, recall {score['recall']:.3f}, "
-              f"{score['n_true']} strong reflections, median error "
-              f"{score['median_error_px']:.2f} px)", flush=True)
-        if args.real:
-            for name, text in real_frames(engine).items():
+        for spec in args.models:
+            print(spec, flush=True)
+            for name, text in real_frames(InferenceEngine(spec, device="cpu", threads=1)).items():
                 print(f"  {name}: {text}", flush=True)
     return 0
 

@@ -2,7 +2,7 @@
 
 Two parts, both simulated from seeds in the model-selection range (2,000,000,001+), far from the
 training bank's draws (examples/train_default_model.py, seed 20240), the held-out acceptance
-frames (evaluation/held_out.py, 3,000,000,001+), the report's sets (examples/make_eval_report.py,
+frames (evaluation/held_out.py, 3,000,100,001+), the report's sets (examples/make_eval_report.py,
 4,000,000,000+) and the blank benchmark's sets (benchmarks/bench_blanks.py, selection
 5,000,000,000+ is its own selection set):
 
@@ -38,7 +38,7 @@ CLEAN_GEOMETRIES = ("om_lcls_mfx_epix10k2M.geom", "crystfel_doc_cspad-cxiformat.
                     "om_lcls_rayonix.geom", "om_lcls_cxi_jungfrau4M.geom")
 #: more blanks: seeds, taken in turn by the same four detectors, odd ones on a strong background
 BLANK_SEEDS = range(2_000_000_201, 2_000_000_209)
-#: where the model-selection seed range ends (the held-out frames begin at 3,000,000,001)
+#: where the model-selection seed range ends (the held-out frames begin above it)
 SELECTION_SEED_RANGE = range(2_000_000_001, 3_000_000_000)
 
 

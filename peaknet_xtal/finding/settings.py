@@ -82,6 +82,17 @@ DEFAULTS = FindingDefaults()
 # 5.1 / 6.5 / 13.3 false peaks, F1 0.838 / 0.711 / 0.819 / 0.713) but drop one of the 17
 # indexable CSPAD and JUNGFRAU hits below min_peaks, so 3 and 10 stay.  What remains on blanks
 # is the model's: jet streaks (1-6 a blank), zingers, and blobs of strong smooth backgrounds.
+#
+# The numbers above are the previous default's (v1, global input standardisation).  For today's
+# default (local normalisation, decorrelated input; examples/train_default_model.py) on the same
+# selection frames, min_snr 3, after each run's first five frames (ePix10k2M / CSPAD / JUNGFRAU
+# 4M / Rayonix): false peaks per blank 6.6 / 1.9 / 6.5 / 3.7; at min_peaks 10 blanks called hits
+# 4 / 0 / 4 / 0 of 20-23, hits with >= 15 strong reflections called 21 / 17 / 15 / 18 of 21 / 17
+# / 17 / 18.  The rule above would now give min_peaks 5 (every such hit kept), which calls 32 of
+# 83 blanks hits (10: 8), so 10 stays: this model finds fewer peaks on two weak JUNGFRAU hits,
+# and fewer noise blobs everywhere.  min_snr 4 with min_peaks 5 would call 3 blanks hits and
+# keep 72 of those 73 hits, at 0.006-0.035 lower F1 on the hits; not taken without also
+# re-measuring the real stills' indexing, which set min_snr 3 above.
 
 
 def check_min_peaks(value: Any) -> int:

@@ -9,8 +9,8 @@ never changes the peak label: these are exactly the things that must not become 
 saturation, peaks that must stay peaks).  ``training.data.Augment`` applies them to training crops;
 ``strong_background_panel`` builds the strong-background Rayonix acceptance set's frames;
 ``noise_blobs`` makes correlated-noise blobs at weak-spot height away from the labelled peaks.
-``drowned_peaks`` says which labelled peaks a strong background (``strong_background_parts``)
-has drowned, for a caller that chooses to unlabel them.
+``drowned_peaks`` says which labelled peaks a strong background (``strong_background_parts``,
+``strong_background_panel_parts``) has drowned, for a caller that chooses to unlabel them.
 """
 from __future__ import annotations
 
@@ -90,33 +90,40 @@ def drowned_peaks(image: np.ndarray, label: np.ndarray, sigma: float, noise_scal
     has variance ||G * (1_S noise_scale)||^2 / ||G||^2 exactly.  Expected, not realised: it uses
     no random draws and does not depend on the noise that happened to fall on the spot.
     """
-    from scipy.ndimage import binary_dilation, gaussian_filter
+    from scipy.ndimage import binary_dilation, find_objects, gaussian_filter
     from scipy.ndimage import label as components
 
     label = label.astype(bool)
     drop = np.zeros(label.shape, dtype=bool)
     if not label.any():
         return drop
-    labelled, count = components(label, structure=np.ones((3, 3), dtype=bool))
+    labelled, _ = components(label, structure=np.ones((3, 3), dtype=bool))
     if psf > 0:
         delta = np.zeros((int(8 * psf) * 2 + 3,) * 2)
         delta[delta.shape[0] // 2, delta.shape[1] // 2] = 1.0
         kernel_norm = float(np.sum(gaussian_filter(delta, psf) ** 2))
     image = np.asarray(image, dtype=np.float64)
     scale = np.asarray(noise_scale, dtype=np.float64)
-    for k in range(1, count + 1):
-        spot = labelled == k
-        band = binary_dilation(spot, iterations=ring) & ~label
-        background = float(np.median(image[band])) if band.any() else 0.0
-        signal = float(np.sum(image[spot] - background))
-        weighted = np.where(spot, scale, 0.0)
+    # each spot within a window that holds its band and the whole point spread of its noise
+    # (gaussian_filter's reach: 4 sigma), so that a detector panel costs its spots, not its size
+    margin = max(ring, int(4.0 * psf + 0.5)) + 2
+    height, width = label.shape
+    for k, (ys, xs) in enumerate(find_objects(labelled), start=1):
+        window = (slice(max(ys.start - margin, 0), min(ys.stop + margin, height)),
+                  slice(max(xs.start - margin, 0), min(xs.stop + margin, width)))
+        spot = labelled[window] == k
+        band = binary_dilation(spot, iterations=ring) & ~label[window]
+        part = image[window]
+        background = float(np.median(part[band])) if band.any() else 0.0
+        signal = float(np.sum(part[spot] - background))
+        weighted = np.where(spot, scale[window], 0.0)
         if psf > 0:
             added = float(np.sum(gaussian_filter(weighted, psf) ** 2)) / kernel_norm
         else:
             added = float(np.sum(weighted ** 2))
         noise = np.sqrt(spot.sum() * sigma ** 2 + added)
         if signal < min_snr * noise:
-            drop |= spot
+            drop[window] |= spot
     return drop
 
 
@@ -194,6 +201,18 @@ def strong_background_panel(photons: np.ndarray, rng: np.random.Generator,
     """A panel as the MFX Rayonix hit of issue 14 shows it: ``photons`` (spots, already Poisson)
     times the gain, on a smooth 2,500-3,800 ADU background with large gradients and an arc, and
     noise ~ 33 ADU at 3,000 ADU (scaling as sqrt(level)) blurred to neighbour correlation ~0.4."""
+    return strong_background_panel_parts(photons, rng, adu_per_photon, level_adu, noise_at_3000,
+                                         psf_sigma)[0]
+
+
+def strong_background_panel_parts(photons: np.ndarray, rng: np.random.Generator,
+                                  adu_per_photon: float,
+                                  level_adu: tuple[float, float] = (2500, 3800),
+                                  noise_at_3000: float = 33.0, psf_sigma: float = 0.6
+                                  ) -> tuple[np.ndarray, np.ndarray, float]:
+    """``strong_background_panel`` that also returns the per-pixel std (ADU) of the noise it
+    added and that noise's point spread (px), so that a caller can tell which spots it drowned
+    (``drowned_peaks``).  Same random draws and the same panel."""
     h, w = photons.shape
     lo, hi = level_adu
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
@@ -204,4 +223,5 @@ def strong_background_panel(photons: np.ndarray, rng: np.random.Generator,
                          / rng.uniform(20, 80)) ** 2)
     field = lo + (hi - lo) * np.clip(0.5 + ramp, 0, 1) * 0.8 + (hi - lo) * 0.4 * arc
     noise = correlated_noise(rng, (h, w), psf_sigma) * noise_at_3000 * np.sqrt(field / 3000.0)
-    return photons * adu_per_photon + field + noise
+    return (photons * adu_per_photon + field + noise, noise_at_3000 * np.sqrt(field / 3000.0),
+            psf_sigma)

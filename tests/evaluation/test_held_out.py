@@ -1,21 +1,30 @@
-"""The held-out acceptance frames (peaknet_xtal/evaluation/held_out.py): seeds apart from the
-model-selection ones and from each other, the larger set on four detectors."""
+"""The held-out acceptance frames (peaknet_xtal/evaluation/held_out.py): 30 frames on each of
+four detectors, seeds apart from each other and from the model-selection ones."""
 from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from peaknet_xtal.evaluation import selection
-from peaknet_xtal.evaluation.held_out import HELD_OUT, LARGE_DETECTORS, large_held_out_seeds
+from peaknet_xtal.evaluation.held_out import DETECTORS, held_out_seeds
 
 
-def test_larger_set_has_its_own_seeds_on_four_detectors(real_data: Path):
-    large = large_held_out_seeds(30)
-    assert list(large) == list(LARGE_DETECTORS)
-    for name in large:
+def test_thirty_frames_a_detector_with_their_own_seeds(real_data: Path):
+    seeds_by_detector = held_out_seeds()
+    assert list(seeds_by_detector) == list(DETECTORS)
+    for name in seeds_by_detector:
         assert (real_data / "crystfel_geometry" / name).exists(), name
-    seeds = [s for v in large.values() for s in v]
-    assert len(seeds) == 120 == len(set(seeds))
-    small = {s for v in HELD_OUT.values() for s in v}
-    assert not small & set(seeds)
+    seeds = [s for v in seeds_by_detector.values() for s in v]
+    assert all(len(v) >= 30 for v in seeds_by_detector.values())
+    assert len(seeds) == len(set(seeds))
     assert min(seeds) > max(selection.SELECTION_SEED_RANGE)  # never a selection frame
-    assert large_held_out_seeds(5)["om_lcls_rayonix.geom"] == large["om_lcls_rayonix.geom"][:5]
+    # a smaller set is the first frames of the full one (a quick look never sees other frames)
+    assert held_out_seeds(5)["om_lcls_rayonix.geom"] == seeds_by_detector[
+        "om_lcls_rayonix.geom"][:5]
+
+
+@pytest.mark.parametrize("per_detector", [0, 1000])
+def test_more_frames_than_the_seed_block_holds_is_an_error(per_detector):
+    with pytest.raises(ValueError, match="per_detector"):
+        held_out_seeds(per_detector)

@@ -64,3 +64,8 @@ def test_scores_follow_where_the_peaks_are(report, tmp_path, shift, expected):
     assert result["precision"] == pytest.approx(expected)
     assert result["met"] is (expected == 1.0)
     assert len(result["frames"]) == 13 and (tmp_path / "lcysteine.png").exists()
+    total = sum(r["peaknet"] for r in result["frames"])
+    assert result["off_reference"] == round(total * (1 - expected))
+    assert result["off_reference_on_dispersion"] == 0  # on the list, or off the panel
+    # DIALS' own dispersion is scored against the same list, whatever PeakNet reports
+    assert 0 < result["dispersion_precision"] <= 1

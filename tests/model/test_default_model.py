@@ -1,9 +1,10 @@
 """Acceptance tests of the shipped default model (``peaknet_xtal/model/weights/default.*``).
 
-These check what the issue promises a user, on data the model never saw in training:
-held-out simulated frames on three real detectors (seeds far above any the training script
-draws; see examples/train_default_model.py), and the real CSPAD stills.  Indexing the real stills
-through DIALS with these peaks is tested in tests/plugins/test_dials_commands.py.
+These check what the issue promises a user, on data the model never saw in training or
+selection: held-out simulated frames, 30 on each of four real detectors (seeds far above any the
+training script draws; see examples/train_default_model.py), and the real CSPAD stills.
+Indexing the real stills through DIALS with these peaks is tested in
+tests/plugins/test_dials_commands.py.
 """
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from peaknet_xtal.evaluation.held_out import held_out_triples
-from peaknet_xtal.evaluation.metrics import score_frames
+from peaknet_xtal.evaluation.held_out import held_out_seeds, held_out_triples
+from peaknet_xtal.evaluation.metrics import bootstrap_f1, score_frames
 
 WEIGHTS = Path(__file__).resolve().parents[2] / "peaknet_xtal" / "model" / "weights"
 
@@ -33,10 +34,20 @@ def engine():
 
 @pytest.mark.slow
 def test_held_out_simulated_frames_reach_f1_0_9(real_data: Path, engine):
-    triples = held_out_triples(engine, real_data / "crystfel_geometry")
-    overall = score_frames(triples, cutoff=3.0)["overall"]
-    assert overall.n_true > 100
-    print(overall.to_dict())
+    """30 held-out clean hits on each of four detectors (issue 14's size of an acceptance set);
+    the bar, F1 0.9 on strong reflections, is the one the earlier five-frame set had."""
+    seeds = held_out_seeds()
+    triples = {name: held_out_triples(engine, real_data / "crystfel_geometry",
+                                      {name: detector_seeds})
+               for name, detector_seeds in seeds.items()}
+    triples["all"] = [t for name in seeds for t in triples[name]]
+    for name, found in triples.items():
+        score = score_frames(found, cutoff=3.0)
+        print(name, score["overall"].to_dict(), "F1 95 %:", bootstrap_f1(score["frames"]))
+    scores = score_frames(triples["all"], cutoff=3.0)
+    overall, frames = scores["overall"], scores["frames"]
+    assert len(frames) == sum(len(v) for v in seeds.values()) >= 120
+    assert overall.n_true > 1000
     assert overall.f1 >= 0.9, overall.to_dict()
     assert overall.median_error_px < 0.7
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from peaknet_xtal.sim import artifacts
 from peaknet_xtal.training.data import Augment
@@ -30,6 +31,32 @@ def test_strong_background_panel_has_the_rayonix_statistics():
     diff = (panel[:, 2:] - panel[:, :-2]).ravel() / np.sqrt(2)
     assert 20 < np.std(diff) < 45
     assert panel[150, 150] - np.median(panel[145:156, 145:156]) > 400
+
+
+def test_strong_background_panel_parts_are_the_same_panel_and_its_noise():
+    photons = np.random.default_rng(0).poisson(0.2, (120, 100)).astype(float)
+    panel = artifacts.strong_background_panel(photons, np.random.default_rng(5), 30.0)
+    again, scale, psf = artifacts.strong_background_panel_parts(photons,
+                                                                 np.random.default_rng(5), 30.0)
+    np.testing.assert_array_equal(again, panel)
+    assert psf == 0.6 and scale.shape == panel.shape
+    # ~33 ADU at 3,000 ADU, scaling as sqrt(level): the stated noise of the background it added
+    level = panel - photons * 30.0
+    np.testing.assert_allclose(scale, 33.0 * np.sqrt(np.clip(level, 1, None) / 3000.0), rtol=0.1)
+
+
+def test_drowned_peaks_on_the_rayonix_background_keep_bright_spots_only():
+    """A 60-photon spot (1,800 ADU over 9 px) stands out of ~33 ADU of correlated noise a
+    pixel; a 2-photon one does not."""
+    photons = np.zeros((80, 80))
+    label = np.zeros((80, 80), bool)
+    for (y, x), n in (((20, 20), 60.0), ((60, 60), 2.0)):
+        photons[y - 1:y + 2, x - 1:x + 2] = n / 9
+        label[y - 1:y + 2, x - 1:x + 2] = True
+    _, scale, psf = artifacts.strong_background_panel_parts(photons, np.random.default_rng(1),
+                                                            30.0)
+    drop = artifacts.drowned_peaks(photons * 30.0, label, 0.0, scale, psf, min_snr=5.0)
+    assert not drop[20, 20] and drop[60, 60]
 
 
 def test_real_background_augmentations_change_the_image_never_the_label():
@@ -133,10 +160,11 @@ def test_strong_background_parts_draw_as_add_strong_background_and_say_what_they
     assert 0.0 <= psf <= 1.0 and noise_scale.shape == image.shape and (noise_scale >= 0).all()
 
 
-def test_drowned_peaks_noise_of_a_sum_matches_the_correlated_noise_it_describes():
+@pytest.mark.parametrize("size", [48, 160])  # 160: the spot's window is a small part of it
+def test_drowned_peaks_noise_of_a_sum_matches_the_correlated_noise_it_describes(size):
     # the std of a 3 x 3 sum of correlated_noise * scale, measured over many draws, against the
     # expected one drowned_peaks compares each spot with (its threshold sits exactly on it)
-    spot = np.zeros((48, 48), bool)
+    spot = np.zeros((size, size), bool)
     spot[20:23, 20:23] = True
     scale = np.full(spot.shape, 2.0)
     rng = np.random.default_rng(1)

@@ -10,6 +10,10 @@ Data sets (from ``../shared/data/real``):
   cspad  the two CSPAD thermolysin stills (64 panels, 2.3 Mpx); dispersion needs the tuned
          gain/global_threshold/min_spot_size of ../shared/data/README.md (defaults fail there).
 
+The previous default model (``--previous``, benchmarks/baseline/default_v1.*: the one issue 17's
+ratios were measured on) runs through the same command in the same run, so that the two ratios
+to dispersion sit side by side (``--previous none`` leaves it out).
+
 Example:
   python benchmarks/bench_dials_find_spots.py --dataset grid --short 1 --long 4 --threads 2
 """
@@ -24,6 +28,7 @@ from peaknet_xtal.evaluation.dials_commands import DialsCommandError, dials_envi
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL = ROOT.parent / "shared" / "data" / "real"
+BASELINE = ROOT / "benchmarks" / "baseline" / "default_v1.safetensors"
 CSPAD_TUNED = ["spotfinder.threshold.dispersion.gain=25",
                "spotfinder.threshold.dispersion.global_threshold=100",
                "spotfinder.filter.min_spot_size=2"]
@@ -75,6 +80,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads for peaknet")
     parser.add_argument("--device", default="cpu", help="peaknet device (auto/cpu/cuda)")
     parser.add_argument("--model", default="default", help="peaknet model (default or a path)")
+    parser.add_argument("--previous", default=str(BASELINE),
+                        help="also time this model (default: the previous default; 'none': no)")
     parser.add_argument("--repeats", type=int, default=1, help="take the best of N runs")
     args = parser.parse_args(argv)
 
@@ -85,24 +92,31 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"need 0 < --short < --long <= {len(files)} frames")
     sizes = {"short": args.short, "long": args.long}
     dispersion = CSPAD_TUNED if args.dataset == "cspad" else []
-    peaknet = ["algorithm=peaknet", f"spotfinder.threshold.peaknet.threads={args.threads}",
-               f"spotfinder.threshold.peaknet.device={args.device}",
-               f"spotfinder.threshold.peaknet.model={args.model}"]
+    def peaknet(model: str) -> list[str]:
+        return ["algorithm=peaknet", f"spotfinder.threshold.peaknet.threads={args.threads}",
+                f"spotfinder.threshold.peaknet.device={args.device}",
+                f"spotfinder.threshold.peaknet.model={model}"]
+
+    finders = {"dispersion": dispersion, "peaknet": peaknet(args.model)}
+    if args.previous != "none":
+        finders["previous"] = peaknet(args.previous)
 
     with tempfile.TemporaryDirectory(prefix="bench_find_spots_") as tmp:
         work = Path(tmp)
         for label, n in sizes.items():
             dials("import", *map(str, files[:n]), f"output.experiments={label}.expt", cwd=work)
         results = {name: time_finder(name, options, sizes, work, args.repeats)
-                   for name, options in (("dispersion", dispersion), ("peaknet", peaknet))}
+                   for name, options in finders.items()}
 
     print(f"dataset {args.dataset}: frames {args.short} and {args.long}, peaknet on {args.device} "
           f"with {args.threads} thread(s)")
     for name, (per_frame, startup, spots) in results.items():
         print(f"  {name:<10} {per_frame:8.3f} s/frame   start-up {startup:6.2f} s   "
               f"{spots} spots on {args.long} frames")
-    ratio = results["peaknet"][0] / results["dispersion"][0]
-    print(f"ratio peaknet / dispersion: {ratio:.2f}x seconds per frame")
+    for name in finders:
+        if name != "dispersion":
+            ratio = results[name][0] / results["dispersion"][0]
+            print(f"ratio {name} / dispersion: {ratio:.2f}x seconds per frame")
 
 
 if __name__ == "__main__":

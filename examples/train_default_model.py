@@ -240,7 +240,10 @@ What the shipped model (``local``: 0.59 M parameters, 2.4 MB) does with the libr
 peak settings (probability 0.5, integrated SNR 3 with shot noise) on acceptance data: the 120
 held-out frames F1 0.910 [0.875, 0.947] (precision 0.993, recall 0.840); the real frames of
 examples/real_frames_report/ (both CSPAD stills index, 194 and 47 spots; the ten thaumatin grid
-frames are hits); false peaks on blanks as above.  The previous default (v1: the same
+frames are hits); false peaks on blanks as above; the example report (examples/eval_report/, 30
+scored frames a set) F1 0.975 / 0.979 / 0.986 on ePix10k2M / CSPAD / Rayonix, 0.832 on the hard
+ePix10k2M set and 0.910 on the strong-background Rayonix set, where tuned peakfinder8 scores
+0.928 / 0.939 / 0.961 / 0.461 / 0.735.  The previous default (v1: the same
 architecture with global standardisation, benchmarks/baseline/default_v1.*) scored F1 0.982 /
 0.985 / 0.969 on the example report's fixed-condition lysozyme runs (ePix10k2M / CSPAD /
 Rayonix; tuned peakfinder8 0.920 / 0.938 / 0.960).

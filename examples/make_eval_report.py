@@ -19,8 +19,9 @@ symmetry), and each set's report (report.md, report.json, PNGs) goes to OUT_DIR/
 OUT_DIR/README.md holds the table across sets: F1 with a bootstrap 95 % interval over frames,
 false peaks per blank frame.  The simulated data and the DIALS working files stay in a temporary
 folder.  Rerun it after the default model changes (about an hour on the 2-core machine: 6-13
-minutes a set with indexing, about 4 without; it need not run in CI).  ``--detectors`` reruns some sets: the
-table still covers every set in OUT_DIR, the others from their saved report.json.  In the
+minutes a set with indexing, about 4 without; it need not run in CI).  ``--detectors`` reruns
+some sets: the table still covers every set in OUT_DIR, the others from their saved
+report.json.  In the
 ``rayonix-strong`` set, reflections the added background drowns are not counted as strong
 (``harden``).
 """

@@ -29,7 +29,7 @@ BASELINE = ROOT / "benchmarks" / "baseline" / "default_v1.safetensors"
 def held_out(specs: list[str], per_detector: int) -> None:
     """F1 per detector with bootstrap intervals on the held-out set, and the paired interval of
     each model's F1 minus the first model's."""
-    from peaknet_xtal.evaluation.held_out import held_out_seeds, held_out_triples
+    from peaknet_xtal.evaluation.held_out import held_out_triples_by_detector
     from peaknet_xtal.evaluation.metrics import (
         bootstrap_f1,
         bootstrap_f1_difference,
@@ -37,14 +37,9 @@ def held_out(specs: list[str], per_detector: int) -> None:
     )
     from peaknet_xtal.finding import InferenceEngine
 
-    seeds = held_out_seeds(per_detector)
-    triples: dict[str, dict[str, list]] = {}
-    for spec in specs:
-        engine = InferenceEngine(spec, device="cpu", threads=1)
-        triples[spec] = {name: held_out_triples(engine, REAL / "crystfel_geometry",
-                                                {name: detector_seeds})
-                         for name, detector_seeds in seeds.items()}
-        triples[spec]["all"] = sum(triples[spec].values(), [])
+    triples = {spec: held_out_triples_by_detector(
+        InferenceEngine(spec, device="cpu", threads=1), REAL / "crystfel_geometry", per_detector)
+        for spec in specs}
     scores = {spec: {name: score_frames(found, cutoff=3.0) for name, found in by_name.items()}
               for spec, by_name in triples.items()}
     first = specs[0]

@@ -21,9 +21,8 @@ false peaks per blank frame.  The simulated data and the DIALS working files sta
 folder.  Rerun it after the default model changes (about an hour on the 2-core machine: 6-13
 minutes a set with indexing, about 4 without; it need not run in CI).  ``--detectors`` reruns
 some sets: the table still covers every set in OUT_DIR, the others from their saved
-report.json.  In the
-``rayonix-strong`` set, reflections the added background drowns are not counted as strong
-(``harden``).
+report.json.  In the ``rayonix-strong`` set, reflections the added background drowns are not
+counted as strong (``harden``).
 """
 from __future__ import annotations
 
@@ -146,9 +145,10 @@ def harden(name: str, dataset: Any, seed: int, gain: float, truth_file: Path) ->
             frame.panels = panels
             frame.meta["adu_per_photon"] = None  # the gain of the bright field is not declared
             truth = dataset.truths[i]
-            gone = np.array([drowned[int(r["panel"])][max(int(r["ss"]) - 1, 0):int(r["ss"]) + 2,
-                                                      max(int(r["fs"]) - 1, 0):int(r["fs"]) + 2
-                                                      ].any() for r in truth], bool)
+            gone = np.zeros(len(truth), bool)
+            for j, row in enumerate(truth):  # drowned pixels within 1 px of the centre
+                y, x = int(row["ss"]), int(row["fs"])
+                gone[j] = drowned[int(row["panel"])][max(y - 1, 0):y + 2, max(x - 1, 0):x + 2].any()
             strong += len(truth)
             drowned_count += int(gone.sum())
             dataset.truths[i] = truth[~gone]

@@ -60,3 +60,14 @@ def held_out_triples(engine: Any, geometries: str | os.PathLike[str],
             refl = truth.reflections
             triples.append((found, refl[refl["strong"]], refl))
     return triples
+
+
+def held_out_triples_by_detector(engine: Any, geometries: str | os.PathLike[str],
+                                 per_detector: int = FRAMES_PER_DETECTOR
+                                 ) -> dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]]:
+    """:func:`held_out_triples` per held-out detector (geometry file name), the first
+    ``per_detector`` frames of each, plus ``"all"``: every frame, detectors in order."""
+    by_detector = {name: held_out_triples(engine, geometries, {name: seeds})
+                   for name, seeds in held_out_seeds(per_detector).items()}
+    by_detector["all"] = [t for triples in list(by_detector.values()) for t in triples]
+    return by_detector

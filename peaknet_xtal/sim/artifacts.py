@@ -222,6 +222,6 @@ def strong_background_panel_parts(photons: np.ndarray, rng: np.random.Generator,
     arc = np.exp(-0.5 * ((np.hypot(yy - cy, xx - cx) - rng.uniform(0.3, 1.0) * max(h, w))
                          / rng.uniform(20, 80)) ** 2)
     field = lo + (hi - lo) * np.clip(0.5 + ramp, 0, 1) * 0.8 + (hi - lo) * 0.4 * arc
-    noise = correlated_noise(rng, (h, w), psf_sigma) * noise_at_3000 * np.sqrt(field / 3000.0)
-    return (photons * adu_per_photon + field + noise, noise_at_3000 * np.sqrt(field / 3000.0),
-            psf_sigma)
+    root = np.sqrt(field / 3000.0)
+    noise = correlated_noise(rng, (h, w), psf_sigma) * noise_at_3000 * root
+    return photons * adu_per_photon + field + noise, noise_at_3000 * root, psf_sigma

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from peaknet_xtal.evaluation.held_out import held_out_seeds, held_out_triples
+from peaknet_xtal.evaluation.held_out import held_out_seeds, held_out_triples_by_detector
 from peaknet_xtal.evaluation.metrics import bootstrap_f1, score_frames
 
 WEIGHTS = Path(__file__).resolve().parents[2] / "peaknet_xtal" / "model" / "weights"
@@ -36,17 +36,12 @@ def engine():
 def test_held_out_simulated_frames_reach_f1_0_9(real_data: Path, engine):
     """30 held-out clean hits on each of four detectors (issue 14's size of an acceptance set);
     the bar, F1 0.9 on strong reflections, is the one the earlier five-frame set had."""
-    seeds = held_out_seeds()
-    triples = {name: held_out_triples(engine, real_data / "crystfel_geometry",
-                                      {name: detector_seeds})
-               for name, detector_seeds in seeds.items()}
-    triples["all"] = [t for name in seeds for t in triples[name]]
-    for name, found in triples.items():
-        score = score_frames(found, cutoff=3.0)
+    triples = held_out_triples_by_detector(engine, real_data / "crystfel_geometry")
+    scores = {name: score_frames(found, cutoff=3.0) for name, found in triples.items()}
+    for name, score in scores.items():
         print(name, score["overall"].to_dict(), "F1 95 %:", bootstrap_f1(score["frames"]))
-    scores = score_frames(triples["all"], cutoff=3.0)
-    overall, frames = scores["overall"], scores["frames"]
-    assert len(frames) == sum(len(v) for v in seeds.values()) >= 120
+    overall, frames = scores["all"]["overall"], scores["all"]["frames"]
+    assert len(frames) == sum(len(v) for v in held_out_seeds().values()) >= 120
     assert overall.n_true > 1000
     assert overall.f1 >= 0.9, overall.to_dict()
     assert overall.median_error_px < 0.7

@@ -11,7 +11,7 @@ so one matcher scores them all.  The classic finders are real implementations, n
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -56,6 +56,14 @@ class PeakNetFinder:
 
     def find(self, frame: Frame) -> np.ndarray:
         return next(iter(self.engine.find_frames([frame]))).peaks
+
+    def find_run(self, frames: Iterable[Frame]) -> Iterator[np.ndarray]:
+        """Peak tables of a run's frames, in order, as ``peaknet2cxi`` finds them in a file: one
+        engine over the whole run (batched across frames; the defect filter reads the run's
+        first frames ahead).  :meth:`find` instead sees one frame a call, as the DIALS plugin
+        does."""
+        for result in self.engine.find_frames(frames):
+            yield result.peaks
 
     def activation_maps(self, frame: Frame, panels: Sequence[int] | None = None
                         ) -> tuple[list[np.ndarray], list[np.ndarray]]:

@@ -49,6 +49,7 @@ adapters would otherwise drift apart, and a peak found by ``peaknet2cxi`` must b
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -351,12 +352,33 @@ class InferenceEngine:
                     ) -> Iterator[FrameResult]:
         """One :class:`FrameResult` per input frame, in input order, batching across frames;
         ``with_pixels`` keeps each reported peak's pixels (``FrameResult.peak_pixels``)."""
-        for chunk in self._chunks(frames):
+        for chunk in self._chunks(self._read_ahead(frames)):
             probs, goods = self._predict_many([f.panels for f in chunk],
                                               [f.masks for f in chunk],
                                               [_where(f) for f in chunk])
             for frame, frame_probs, frame_goods in zip(chunk, probs, goods, strict=True):
                 yield self._result(frame, frame_probs, frame_goods, with_pixels)
+
+    def _read_ahead(self, frames: Iterable[Frame]) -> Iterator[Frame]:
+        """``frames`` unchanged; while the defect filter is still learning (a run's first
+        frames), as many frames as it needs are read and counted first, so that the hot pixels of
+        those first frames are known when their peaks are filtered (finding/defects.py).  An
+        input error while reading ahead comes after the frames read before it are found, as it
+        would without reading ahead (nothing readable is lost to a later broken file)."""
+        it = iter(frames)
+        head: list[Frame] = []
+        error: Exception | None = None
+        try:
+            head.extend(itertools.islice(it, self.defects.learning))
+        except Exception as exc:  # re-raised below, after the frames before it
+            error = exc
+        for frame in head:
+            _, goods, _ = sanitise_frame(frame.panels, frame.masks)
+            self.defects.count_ahead(frame.panels, goods)
+        yield from head
+        if error is not None:
+            raise error
+        yield from it
 
     def _chunks(self, frames: Iterable[Frame]) -> Iterator[list[Frame]]:
         """Groups of whole frames holding at least ``batch_size`` tiles (the last may hold

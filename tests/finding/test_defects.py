@@ -76,15 +76,17 @@ def on_hot(peaks, hot):
 
 
 @pytest.mark.slow
-def test_run_with_sixty_hot_pixels_reports_none_after_the_first_frames(epix, hot_pixels):
+def test_run_with_sixty_hot_pixels_reports_none_from_the_first_frame(epix, hot_pixels):
     frames = run_with_hot_pixels(epix, hot_pixels)
     plain = InferenceEngine(predictor=bright, adu_per_photon=10.0)
-    plain.defects = lambda peaks, panels, masks: peaks  # the filter off, for comparison
+    # the filter off, for comparison: no defect named, no spike test
+    plain.defects = DefectFilter(DefectTracker(min_frames=len(frames) + 1), spikes=False)
     before = [on_hot(r.peaks, hot_pixels) for r in plain.find_frames(frames)]
-    assert sum(before[5:]) > 50  # without the filter the hot pixels are peaks frame after frame
+    assert min(before) > 10  # without the filter the hot pixels are peaks in every frame
     engine = InferenceEngine(predictor=bright, adu_per_photon=10.0)
-    after = [on_hot(r.peaks, hot_pixels) for r in engine.find_frames(frames)]
-    assert after[5:] == [0] * 5
+    after = [on_hot(r.peaks, hot_pixels) for r in engine.find_frames(iter(frames))]
+    assert after == [0] * 10  # the first five frames were read ahead and counted first
+    assert engine.defects.tracker.frames == 10  # ... once each
     defects = engine.defects.tracker.defects
     found = {(panel, y, x) for panel, d in enumerate(defects) for y, x in zip(*np.nonzero(d),
                                                                               strict=True)}
@@ -169,6 +171,104 @@ def test_filter_counts_frames_and_drops_recurring_pixels():
         image[5, 7] = 100.0
         kept.append(len(filt(peaks, [image])))
     assert kept == [1, 1, 0, 0, 0]
+
+
+def test_bragg_spots_on_the_same_pixels_every_frame_are_not_defects():
+    """A grid scan of one crystal (the real thaumatin grid: one orientation, the same spots on
+    the same pixels frame after frame) must not lose its spots to the defect mask: spikes count
+    towards a defect only without a spot profile.  Hot pixels, alone or paired, still do."""
+    rng = np.random.default_rng(11)
+    yy, xx = np.mgrid[:128, :128]
+    centres = rng.uniform(8, 120, (25, 2))
+    hot = [(20, 30), (90, 100), (90, 101)]  # a lone hot pixel and a hot pair
+    tracker, plain = DefectTracker(min_frames=5), DefectTracker(min_frames=5)
+    for _ in range(8):
+        image = rng.normal(100.0, 2.0, (128, 128)) + rng.poisson(0.2, (128, 128)) * 10.0
+        for (cy, cx), height in zip(centres, rng.uniform(100, 2000, len(centres)),
+                                    strict=True):  # sigma 0.6 px, intensity varies per frame
+            image += height * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * 0.6 ** 2))
+        for y, x in hot:
+            image[y, x] += rng.uniform(300, 3000)
+        tracker.update([image])
+        plain.counts = [c + spike_map(image) for c in (plain.counts
+                                                       or [np.zeros(image.shape, np.uint32)])]
+        plain.frames += 1
+    found = set(zip(*np.nonzero(tracker.defects[0]), strict=True))
+    assert found == set(hot)
+    assert len(set(zip(*np.nonzero(plain.defects[0]), strict=True))) > 10  # spike alone: spots
+
+
+@pytest.mark.slow
+def test_real_thaumatin_grid_spots_recur_but_are_not_defects(real_data, dials_env):
+    """The real thaumatin grid scan: one crystal orientation, its spots on the same pixels in
+    all ten frames.  Counting every spike made hundreds of them defects after five frames
+    (and peaknet2cxi dropped their peaks); counting lone spikes leaves at most a few pixels."""
+    from peaknet_xtal.registry import open_source
+
+    tracker, every_spike = DefectTracker(), DefectTracker()
+    for path in sorted((real_data / "pilatus6m_thaumatin_grid").glob("*.cbf.bz2")):
+        source = open_source(str(path))
+        try:
+            for frame in source:
+                goods = frame.masks_or_ones()
+                tracker.update(frame.panels, goods)
+                every_spike.counts = [
+                    c + spike_map(np.asarray(p, np.float32), g) for c, p, g in zip(
+                        every_spike.counts or [np.zeros(np.shape(p), np.uint32)
+                                               for p in frame.panels],
+                        frame.panels, goods, strict=True)]
+                every_spike.frames += 1
+        finally:
+            source.close()
+    assert tracker.frames == every_spike.frames == 10
+    assert every_spike.count() > 100  # the failure this guards against
+    assert tracker.count() <= 5
+
+
+def test_frames_counted_ahead_are_filtered_with_what_they_showed_and_counted_once():
+    rng = np.random.default_rng(3)
+    filt = DefectFilter(DefectTracker(min_frames=3))
+    peaks = peaks_from_columns(panel=np.array([0]), fs=np.array([7.0]), ss=np.array([5.0]),
+                               background=np.array([0.0]), background_sigma=np.array([1.0]))
+    images = []
+    for _ in range(5):
+        image = rng.normal(0, 1, (64, 64))
+        image[5, 7] = 100.0
+        images.append(image)
+    assert filt.learning == 3
+    for image in images[:3]:
+        filt.count_ahead([image])
+    assert filt.learning == 0
+    assert [len(filt(peaks, [image])) for image in images] == [0] * 5
+    assert filt.tracker.frames == 5
+
+
+def test_engine_reads_ahead_only_while_the_filter_learns(epix):
+    """One frame a call (the DIALS plugin's way) has nothing to read ahead: its first frames
+    are filtered as they come; a run given at once is counted before any is filtered."""
+    seen = []
+
+    class Recording(DefectFilter):
+        def count_ahead(self, panels, masks=None):
+            seen.append("ahead")
+            super().count_ahead(panels, masks)
+
+        def __call__(self, peaks, panels, masks=None):
+            seen.append("filter")
+            return super().__call__(peaks, panels, masks)
+
+    rng = np.random.default_rng(0)
+    frames = [Frame(panels=[rng.normal(0, 1, (64, 64)).astype(np.float32)], masks=None,
+                    geometry=None, meta={}) for _ in range(7)]
+    engine = InferenceEngine(predictor=bright, adu_per_photon=1.0, batch_size=1)
+    engine.defects = Recording(DefectTracker(min_frames=5))
+    list(engine.find_frames(frames))
+    assert seen == ["ahead"] * 5 + ["filter"] * 7
+    seen.clear()
+    engine.defects = Recording(DefectTracker(min_frames=5))
+    for frame in frames[:2]:
+        list(engine.find_frames([frame]))
+    assert seen == ["ahead", "filter"] * 2
 
 
 def test_crystfel_mask_in_the_slab_layout(tmp_path, fixtures_dir):

@@ -77,18 +77,13 @@ WIDE_SPOTS = 0.15
 STRONG_SIGMAS = 15.0
 
 
-def neighbour_background(image: np.ndarray, good: np.ndarray) -> np.ndarray:
-    """Mean of each pixel's eight neighbours without their largest and smallest (dropping the
-    largest drops a hot neighbour, so pairs and short runs of defects still stand out), at the
-    cost of a few array passes (a 3x3 median filter costs ten times more); where some neighbours
-    are masked or off the panel, the largest good neighbour."""
-    return _neighbour_stats(image, good)[0]
-
-
 def _neighbour_stats(image: np.ndarray, good: np.ndarray
                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per pixel, over its good neighbours: :func:`neighbour_background`, the smallest and the
-    second largest (-inf with fewer than two good neighbours)."""
+    """Per pixel, over its good neighbours: the background (the mean of its eight neighbours
+    without their largest and smallest: dropping the largest drops a hot neighbour, so pairs and
+    short runs of defects still stand out; where some neighbours are masked or off the panel,
+    the largest good neighbour), the smallest, and the second largest (-inf with fewer than two
+    good neighbours).  A few array passes (a 3x3 median filter costs ten times more)."""
     h, w = image.shape
     values = np.where(good, image, np.float32(0))
     padded = np.pad(values, 1)
@@ -153,12 +148,15 @@ class DefectTracker:
     """Running per-pixel spike counts over a run; :attr:`defects` are the recurring ones."""
 
     def __init__(self, fraction: float = DEFECT_FRACTION, min_frames: int = MIN_FRAMES,
-                 sigmas: float = SPIKE_SIGMAS) -> None:
+                 sigmas: float = SPIKE_SIGMAS, lone: bool = True) -> None:
+        """``lone``: count only spikes without a spot profile (``spike_map``'s ``lone``; the
+        module docstring says why); False counts every spike, as the tracker once did."""
         if not 0 < fraction <= 1:
             raise ValueError(f"fraction must be in (0, 1], got {fraction}")
         self.fraction = fraction
         self.min_frames = min_frames
         self.sigmas = sigmas
+        self.lone = lone
         self.frames = 0
         self.counts: list[np.ndarray] | None = None
 
@@ -173,7 +171,7 @@ class DefectTracker:
             self.frames = 0
         for i, panel in enumerate(panels):
             self.counts[i] += spike_map(panel, None if masks is None else masks[i], self.sigmas,
-                                        lone=True)
+                                        lone=self.lone)
         self.frames += 1
 
     @property

@@ -160,17 +160,24 @@ def test_binned_detector_with_one_pixel_spots_keeps_single_pixel_peaks():
     assert not spike_peaks(peaks, [image]).any()
 
 
-def test_filter_counts_frames_and_drops_recurring_pixels():
+def stuck_pixel_run(n_frames=5):
+    """Noise frames with one stuck pixel at (ss 5, fs 7), and a peak table holding a peak on
+    it."""
     rng = np.random.default_rng(3)
-    filt = DefectFilter(DefectTracker(min_frames=3))
     peaks = peaks_from_columns(panel=np.array([0]), fs=np.array([7.0]), ss=np.array([5.0]),
                                background=np.array([0.0]), background_sigma=np.array([1.0]))
-    kept = []
-    for _ in range(5):
+    images = []
+    for _ in range(n_frames):
         image = rng.normal(0, 1, (64, 64))
         image[5, 7] = 100.0
-        kept.append(len(filt(peaks, [image])))
-    assert kept == [1, 1, 0, 0, 0]
+        images.append(image)
+    return images, peaks
+
+
+def test_filter_counts_frames_and_drops_recurring_pixels():
+    filt = DefectFilter(DefectTracker(min_frames=3))
+    images, peaks = stuck_pixel_run()
+    assert [len(filt(peaks, [image])) for image in images] == [1, 1, 0, 0, 0]
 
 
 def test_bragg_spots_on_the_same_pixels_every_frame_are_not_defects():
@@ -181,7 +188,7 @@ def test_bragg_spots_on_the_same_pixels_every_frame_are_not_defects():
     yy, xx = np.mgrid[:128, :128]
     centres = rng.uniform(8, 120, (25, 2))
     hot = [(20, 30), (90, 100), (90, 101)]  # a lone hot pixel and a hot pair
-    tracker, plain = DefectTracker(min_frames=5), DefectTracker(min_frames=5)
+    tracker, plain = DefectTracker(min_frames=5), DefectTracker(min_frames=5, lone=False)
     for _ in range(8):
         image = rng.normal(100.0, 2.0, (128, 128)) + rng.poisson(0.2, (128, 128)) * 10.0
         for (cy, cx), height in zip(centres, rng.uniform(100, 2000, len(centres)),
@@ -190,9 +197,7 @@ def test_bragg_spots_on_the_same_pixels_every_frame_are_not_defects():
         for y, x in hot:
             image[y, x] += rng.uniform(300, 3000)
         tracker.update([image])
-        plain.counts = [c + spike_map(image) for c in (plain.counts
-                                                       or [np.zeros(image.shape, np.uint32)])]
-        plain.frames += 1
+        plain.update([image])
     found = set(zip(*np.nonzero(tracker.defects[0]), strict=True))
     assert found == set(hot)
     assert len(set(zip(*np.nonzero(plain.defects[0]), strict=True))) > 10  # spike alone: spots
@@ -205,19 +210,14 @@ def test_real_thaumatin_grid_spots_recur_but_are_not_defects(real_data, dials_en
     (and peaknet2cxi dropped their peaks); counting lone spikes leaves at most a few pixels."""
     from peaknet_xtal.registry import open_source
 
-    tracker, every_spike = DefectTracker(), DefectTracker()
+    tracker, every_spike = DefectTracker(), DefectTracker(lone=False)
     for path in sorted((real_data / "pilatus6m_thaumatin_grid").glob("*.cbf.bz2")):
         source = open_source(str(path))
         try:
             for frame in source:
                 goods = frame.masks_or_ones()
                 tracker.update(frame.panels, goods)
-                every_spike.counts = [
-                    c + spike_map(np.asarray(p, np.float32), g) for c, p, g in zip(
-                        every_spike.counts or [np.zeros(np.shape(p), np.uint32)
-                                               for p in frame.panels],
-                        frame.panels, goods, strict=True)]
-                every_spike.frames += 1
+                every_spike.update(frame.panels, goods)
         finally:
             source.close()
     assert tracker.frames == every_spike.frames == 10
@@ -226,15 +226,8 @@ def test_real_thaumatin_grid_spots_recur_but_are_not_defects(real_data, dials_en
 
 
 def test_frames_counted_ahead_are_filtered_with_what_they_showed_and_counted_once():
-    rng = np.random.default_rng(3)
     filt = DefectFilter(DefectTracker(min_frames=3))
-    peaks = peaks_from_columns(panel=np.array([0]), fs=np.array([7.0]), ss=np.array([5.0]),
-                               background=np.array([0.0]), background_sigma=np.array([1.0]))
-    images = []
-    for _ in range(5):
-        image = rng.normal(0, 1, (64, 64))
-        image[5, 7] = 100.0
-        images.append(image)
+    images, peaks = stuck_pixel_run()
     assert filt.learning == 3
     for image in images[:3]:
         filt.count_ahead([image])
@@ -243,7 +236,7 @@ def test_frames_counted_ahead_are_filtered_with_what_they_showed_and_counted_onc
     assert filt.tracker.frames == 5
 
 
-def test_engine_reads_ahead_only_while_the_filter_learns(epix):
+def test_engine_reads_ahead_only_while_the_filter_learns():
     """One frame a call (the DIALS plugin's way) has nothing to read ahead: its first frames
     are filtered as they come; a run given at once is counted before any is filtered."""
     seen = []

@@ -114,6 +114,7 @@ class FrameResult:
     prob_maps: list[np.ndarray] | None = None  # optional per-panel peak probability
     meta: dict[str, Any] = field(default_factory=dict)
     peak_pixels: list[np.ndarray] | None = None  # optional per-panel pixels of the reported peaks
+    peak_boxes: np.ndarray | None = None  # optional (N, 4) fs0, fs1, ss0, ss1 of each peak
 
     def cxi_row(self, geometry: Any = None, max_peaks: int | None = None
                 ) -> tuple[int, dict[str, np.ndarray]]:
@@ -140,7 +141,9 @@ class FrameResult:
         """DIALS strong spots (``flex.reflection_table``) of this frame, image ``z``."""
         from peaknet_xtal.formats.dials_tables import strong_reflection_table
 
-        return strong_reflection_table([self.peaks], z0=z, experiment_ids=[experiment_id])
+        boxes = None if self.peak_boxes is None else [self.peak_boxes]
+        return strong_reflection_table([self.peaks], boxes=boxes, z0=z,
+                                       experiment_ids=[experiment_id])
 
     def dials_foreground(self, dilation: int | None = None) -> list[np.ndarray]:
         """Per panel, the foreground DIALS' threshold step takes (see

@@ -15,10 +15,20 @@ Example::
     peaks = finder.find(image)                       # numpy (ss, fs)
     peaks = finder.find(imageset, 3)                 # dxtbx ImageSet, image 3
     strong = finder.find_reflections(imageset, 3)    # flex.reflection_table
+    for peaks in finder.find_run(imageset):          # every image of a run, in order
+        ...
+
+A finder counts every image it is given towards one run, as ``peaknet2cxi`` and the DIALS
+plugin do: pixels that spike in most images are learned as defects (hot pixels) and never
+reported, and the gain of data that declare none is measured from their background
+(:mod:`peaknet_xtal.finding.defects`, :mod:`peaknet_xtal.finding.gain`).  ``find_run`` also
+reads a run's first images ahead so that its hot pixels are known from the first image on;
+``new_run()`` forgets what was learned before another detector or experiment.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -27,6 +37,7 @@ from peaknet_xtal.finding.engine import InferenceEngine, Predictor
 from peaknet_xtal.finding.peaks import is_hit
 from peaknet_xtal.finding.settings import DEFAULTS
 from peaknet_xtal.formats.dials_tables import CORNER_OFFSET
+from peaknet_xtal.types import Frame
 
 
 class PeakFinder:
@@ -54,7 +65,7 @@ class PeakFinder:
 
     def find(self, data: Any, index: int = 0, *, mask: Any = None, geometry: Any = None,
              wavelength_A: float | None = None, with_bbox: bool = False) -> Any:
-        """Peak table of one image.
+        """Peak table of one image, counted towards the finder's run (module docstring).
 
         ``data``: 2-D array, list/tuple of per-panel 2-D arrays, 3-D ``(panel, ss, fs)`` array,
         scitbx flex array(s), or a dxtbx ImageSet (``index`` picks the image; its corrected data,
@@ -65,8 +76,33 @@ class PeakFinder:
         also returns the ``(N, 4)`` boxes ``fs0, fs1, ss0, ss1`` (end exclusive) that
         :func:`reflection_table` takes.
         """
-        peaks, boxes = self._find(data, index, mask, geometry, wavelength_A, with_bbox=True)
+        peaks, boxes = self._find(data, index, mask, geometry, wavelength_A)
         return (peaks, boxes) if with_bbox else peaks
+
+    def find_run(self, images: Any, *, mask: Any = None, geometry: Any = None,
+                 wavelength_A: float | None = None, with_bbox: bool = False) -> Iterator[Any]:
+        """Peak tables (pairs with ``with_bbox``) of a run's images, in order.
+
+        ``images``: a dxtbx ImageSet (each of its images) or an iterable of images in any form
+        :meth:`find` takes (``mask``, ``geometry``, ``wavelength_A`` apply to each).  As
+        ``peaknet2cxi`` finds a run: the first images are read ahead and counted by the defect
+        filter, so a hot pixel is not reported on the run's first image either; from the image
+        after the read-ahead on, :meth:`find` one image at a time gives the same peaks.
+        """
+        sources: deque[tuple[Any, int]] = deque()
+
+        def frames() -> Iterator[Frame]:
+            pairs: Iterable[tuple[Any, int]] = (
+                ((images, i) for i in range(len(images))) if _is_imageset(images)
+                else ((image, 0) for image in images))
+            for data, index in pairs:
+                sources.append((data, index))
+                yield self._frame(data, index, mask, geometry, wavelength_A)
+
+        for result in self.engine.find_frames(frames(), with_bbox=True):
+            data, index = sources.popleft()
+            peaks = self._with_resolution(result.peaks, data, index)
+            yield (peaks, result.peak_boxes) if with_bbox else peaks
 
     def find_reflections(self, data: Any, index: int = 0, *, mask: Any = None) -> Any:
         """Strong spots as a DIALS ``flex.reflection_table`` (needs DIALS).
@@ -75,12 +111,18 @@ class PeakFinder:
         them (the components' own boxes; z = image index + 0.5), which is what ``dials.index``
         reads from ``strong.refl``.
         """
-        peaks, boxes = self._find(data, index, mask, None, None, with_bbox=True)
+        peaks, boxes = self._find(data, index, mask, None, None)
         return reflection_table(peaks, boxes, z=index if _is_imageset(data) else 0)
 
+    def new_run(self) -> None:
+        """Forget the run so far (its pixel defects and measured gain): the next image starts
+        a new run, e.g. on another detector."""
+        self.engine.new_run()
+
     # ---- internals ---------------------------------------------------------------------------
-    def _find(self, data: Any, index: int, mask: Any, geometry: Any,
-              wavelength_A: float | None, with_bbox: bool = False) -> tuple[np.ndarray, Any]:
+    def _frame(self, data: Any, index: int, mask: Any, geometry: Any,
+               wavelength_A: float | None) -> Frame:
+        """One image as the finding pipeline's frame: panels, good-pixel masks, declared gain."""
         gain = None
         if _is_imageset(data):
             from peaknet_xtal.formats.dxtbx_images import CORRECTED_GAIN
@@ -93,13 +135,22 @@ class PeakFinder:
         if mask is not None:
             given = [m.astype(bool) for m in to_panels(mask)]
             masks = given if masks is None else [a & b for a, b in zip(masks, given, strict=False)]
-        found = self.engine.find_panels(panels, masks, geometry=geometry,
-                                        wavelength_A=wavelength_A, adu_per_photon=gain,
-                                        with_bbox=True)
-        peaks, boxes = found
+        return Frame(panels=panels, masks=masks, geometry=geometry,
+                     meta={"wavelength_A": wavelength_A, "adu_per_photon": gain})
+
+    def _find(self, data: Any, index: int, mask: Any, geometry: Any,
+              wavelength_A: float | None) -> tuple[np.ndarray, np.ndarray]:
+        frame = self._frame(data, index, mask, geometry, wavelength_A)
+        (result,) = self.engine.find_frames([frame], with_bbox=True)
+        assert result.peak_boxes is not None  # with_bbox
+        return self._with_resolution(result.peaks, data, index), result.peak_boxes
+
+    @staticmethod
+    def _with_resolution(peaks: np.ndarray, data: Any, index: int) -> np.ndarray:
+        """``peaks`` with 1/d from the imageset's models (array input: from ``geometry``)."""
         if _is_imageset(data) and len(peaks):
             peaks["one_over_d"] = dxtbx_one_over_d(data, index, peaks)
-        return peaks, boxes if with_bbox else None
+        return peaks
 
 
 def to_panels(data: Any) -> list[np.ndarray]:

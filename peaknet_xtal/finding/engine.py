@@ -178,6 +178,12 @@ class InferenceEngine:
         self._gains_logged: set[float | None] = set()
         #: Frames and pixels masked as unusable so far (non-finite, absurd), see :mod:`.sanitise`.
         self.sanitised = SanitiseTally()
+        self.new_run()
+
+    def new_run(self) -> None:
+        """Forget what the run so far measured: the gain from the data and the pixel defects.
+        An engine counts every frame it finds towards its run; one that goes on to another
+        detector or experiment calls this first."""
         self._gain_from_data = GainResolver()  # missing/placeholder gains: from the background
         self.defects = DefectFilter()  # hot pixels across the run, one-pixel spikes per frame
 
@@ -339,25 +345,27 @@ class InferenceEngine:
                     *, geometry: Any = None, wavelength_A: float | None = None,
                     adu_per_photon: float | None = None, with_bbox: bool = False) -> Any:
         """Peak table (and boxes with ``with_bbox``) of one frame given as panels;
-        ``adu_per_photon`` is the gain the data declare (as ``frame.meta`` would)."""
-        (probs,), (masks,) = self._predict_many(
-            [list(panels)], [None if masks is None else list(masks)])
+        ``adu_per_photon`` is the gain the data declare (as ``frame.meta`` would).  One frame of
+        the engine's run, as :meth:`find_frames` finds it: the run-level defect filter counts
+        it and applies (a caller handing over a run one frame at a time, as the Python API and
+        DIALS do, gets the same defects as a whole run, less the read-ahead)."""
         frame = Frame(panels=list(panels), masks=None if masks is None else list(masks),
                       geometry=geometry,
                       meta={"wavelength_A": wavelength_A, "adu_per_photon": adu_per_photon})
-        return find_peaks(panels, probs, masks, self.params_for(frame), geometry=geometry,
-                          wavelength_A=wavelength_A, with_bbox=with_bbox)
+        (result,) = self.find_frames([frame], with_bbox=with_bbox)
+        return (result.peaks, result.peak_boxes) if with_bbox else result.peaks
 
-    def find_frames(self, frames: Iterable[Frame], *, with_pixels: bool = False
-                    ) -> Iterator[FrameResult]:
+    def find_frames(self, frames: Iterable[Frame], *, with_pixels: bool = False,
+                    with_bbox: bool = False) -> Iterator[FrameResult]:
         """One :class:`FrameResult` per input frame, in input order, batching across frames;
-        ``with_pixels`` keeps each reported peak's pixels (``FrameResult.peak_pixels``)."""
+        ``with_pixels`` keeps each reported peak's pixels (``FrameResult.peak_pixels``),
+        ``with_bbox`` its box (``FrameResult.peak_boxes``)."""
         for chunk in self._chunks(self._read_ahead(frames)):
             probs, goods = self._predict_many([f.panels for f in chunk],
                                               [f.masks for f in chunk],
                                               [_where(f) for f in chunk])
             for frame, frame_probs, frame_goods in zip(chunk, probs, goods, strict=True):
-                yield self._result(frame, frame_probs, frame_goods, with_pixels)
+                yield self._result(frame, frame_probs, frame_goods, with_pixels, with_bbox)
 
     def _read_ahead(self, frames: Iterable[Frame]) -> Iterator[Frame]:
         """``frames`` unchanged; while the defect filter is still learning (a run's first
@@ -397,18 +405,23 @@ class InferenceEngine:
             yield chunk
 
     def _result(self, frame: Frame, probs: list[np.ndarray], goods: list[np.ndarray],
-                with_pixels: bool) -> FrameResult:
+                with_pixels: bool, with_bbox: bool = False) -> FrameResult:
         wavelength = frame.meta.get("wavelength_A")
         found = find_peaks(frame.panels, probs, goods, self.params_for(frame),
                            geometry=frame.geometry, wavelength_A=wavelength,
-                           with_pixels=with_pixels)
-        peaks, pixels = found if with_pixels else (found, None)
+                           with_bbox=with_bbox, with_pixels=with_pixels)
+        found = found if isinstance(found, tuple) else (found,)
+        peaks = found[0]
+        boxes = found[1] if with_bbox else None
+        pixels = found[-1] if with_pixels else None
         kept = self.defects(peaks, frame.panels, goods)
-        if pixels is not None and len(kept) != len(peaks):  # pixels stay in step with the peaks
-            pixels = _without_dropped(pixels, peaks, kept)
-        peaks = kept
-        return FrameResult(frame=frame, peaks=peaks, hit=is_hit(peaks, self.peak_params.min_peaks),
-                           prob_maps=probs if self.keep_prob_maps else None, peak_pixels=pixels)
+        if len(kept) != len(peaks):  # boxes and pixels stay in step with the peaks
+            keep = _kept_rows(peaks, kept)
+            boxes = None if boxes is None else boxes[keep]
+            pixels = None if pixels is None else _without_dropped(pixels, peaks[~keep])
+        return FrameResult(frame=frame, peaks=kept, hit=is_hit(kept, self.peak_params.min_peaks),
+                           prob_maps=probs if self.keep_prob_maps else None, peak_pixels=pixels,
+                           peak_boxes=boxes)
 
     def observe(self, frame: Frame) -> None:
         """Count a frame the run does not process (done by an interrupted earlier run) towards
@@ -550,24 +563,27 @@ def _stack_tiles(batch: list[Tile], panels: list[np.ndarray], goods: list[np.nda
     return x, m
 
 
-def _without_dropped(pixels: list[np.ndarray], peaks: np.ndarray,
-                     kept: np.ndarray) -> list[np.ndarray]:
-    """Per-panel peak-pixel maps less the connected pixels of the peaks not ``kept``."""
+def _kept_rows(peaks: np.ndarray, kept: np.ndarray) -> np.ndarray:
+    """True for the rows of ``peaks`` that are in ``kept`` (a subset of its rows)."""
+    keep = {(int(p["panel"]), float(p["fs"]), float(p["ss"])) for p in kept}
+    return np.array([(int(p["panel"]), float(p["fs"]), float(p["ss"])) in keep for p in peaks],
+                    dtype=bool)
+
+
+def _without_dropped(pixels: list[np.ndarray], dropped: np.ndarray) -> list[np.ndarray]:
+    """Per-panel peak-pixel maps less the connected pixels of the ``dropped`` peaks."""
     from scipy.ndimage import label
 
-    keep = {(int(p["panel"]), float(p["fs"]), float(p["ss"])) for p in kept}
-    dropped: dict[int, list[tuple[int, int]]] = {}
-    for peak in peaks:
-        panel = int(peak["panel"])
-        if (panel, float(peak["fs"]), float(peak["ss"])) not in keep:
-            dropped.setdefault(panel, []).append((int(round(float(peak["ss"]))),
-                                                  int(round(float(peak["fs"])))))
+    places: dict[int, list[tuple[int, int]]] = {}
+    for peak in dropped:
+        places.setdefault(int(peak["panel"]), []).append((int(round(float(peak["ss"]))),
+                                                          int(round(float(peak["fs"])))))
     out = list(pixels)
-    for panel, places in dropped.items():  # one labelling per panel, however many peaks go
+    for panel, where in places.items():  # one labelling per panel, however many peaks go
         labels, _ = label(out[panel], structure=np.ones((3, 3), bool))
         height, width = labels.shape
         gone = {labels[min(max(ss, 0), height - 1), min(max(fs, 0), width - 1)]
-                for ss, fs in places} - {0}
+                for ss, fs in where} - {0}
         if gone:
             out[panel] = out[panel] & ~np.isin(labels, list(gone))
     return out

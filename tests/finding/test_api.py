@@ -48,6 +48,42 @@ def test_find_accepts_arrays_lists_and_stacks_alike():
     assert len(finder.find(image, mask=mask)) == 1
 
 
+def run_with_a_hot_pixel(n: int = 8) -> list[np.ndarray]:
+    """``n`` noisy images, each with a 3 x 3 spot that moves and a hot pixel that does not (too
+    few strong spots in an image for the one-image spike rule to tell a spike from a spot)."""
+    rng = np.random.default_rng(3)
+    images = []
+    for _ in range(n):
+        image = rng.normal(10.0, 3.0, (60, 80)).astype(np.float32)
+        y, x = int(rng.integers(10, 50)), int(rng.integers(15, 70))
+        image[y - 1:y + 2, x - 1:x + 2] += 400.0
+        image[5, 5] = 5000.0
+        images.append(image)
+    return images
+
+
+def on_hot_pixel(peaks: np.ndarray) -> int:
+    return int(np.sum((np.abs(peaks["ss"] - 5) <= 1) & (np.abs(peaks["fs"] - 5) <= 1)))
+
+
+def test_a_run_learns_its_hot_pixels_as_peaknet2cxi_does():
+    """``find_run`` reads ahead: the hot pixel is never a peak.  ``find`` image by image counts
+    the same run: the hot pixel is a peak until enough images were seen, and from the image after
+    the read-ahead on both give the same peaks, boxes in step; ``new_run`` forgets it."""
+    images = run_with_a_hot_pixel()
+    run = list(PeakFinder(predictor=bright_pixels).find_run(images, with_bbox=True))
+    assert [on_hot_pixel(peaks) for peaks, _ in run] == [0] * len(images)
+    assert all(len(peaks) == 1 and len(boxes) == 1 for peaks, boxes in run)
+    finder = PeakFinder(predictor=bright_pixels)
+    learning = finder.engine.defects.learning  # the frames a new run reads ahead
+    one_by_one = [finder.find(image) for image in images]
+    assert on_hot_pixel(one_by_one[0]) == 1 and on_hot_pixel(one_by_one[-1]) == 0
+    assert all(same(a, b) for a, b in zip(one_by_one[learning:], [p for p, _ in run[learning:]],
+                                          strict=True))
+    finder.new_run()
+    assert on_hot_pixel(finder.find(images[0])) == 1
+
+
 def test_bad_inputs_are_explained():
     with pytest.raises(TypeError, match="numpy array"):
         to_panels("image.cbf")

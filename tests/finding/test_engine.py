@@ -226,7 +226,7 @@ def test_each_frame_brings_its_own_gain_for_the_shot_noise(make_geometry_text):
 def test_peaks_dropped_after_finding_leave_the_pixel_maps_too():
     """A peak the defect filter drops takes its connected pixels out of the DIALS foreground;
     kept peaks keep theirs, and the caller's maps are not changed."""
-    from peaknet_xtal.finding.engine import _without_dropped
+    from peaknet_xtal.finding.engine import _kept_rows, _without_dropped
     from peaknet_xtal.types import peaks_from_columns
 
     pixels = np.zeros((20, 20), bool)
@@ -235,6 +235,8 @@ def test_peaks_dropped_after_finding_leave_the_pixel_maps_too():
     pixels[15:17, 5:8] = True  # dropped
     peaks = peaks_from_columns(panel=np.zeros(3, np.int32), fs=np.array([2.5, 10.0, 6.0]),
                                ss=np.array([2.5, 10.0, 15.5]))
-    (left,) = _without_dropped([pixels], peaks, peaks[[0]])
+    keep = _kept_rows(peaks, peaks[[0]])
+    assert keep.tolist() == [True, False, False]
+    (left,) = _without_dropped([pixels], peaks[~keep])
     assert left[2:4, 2:4].all() and left.sum() == 4
     assert pixels[10, 10] and pixels[15:17, 5:8].all()

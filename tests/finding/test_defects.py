@@ -9,6 +9,7 @@ import pytest
 from peaknet_xtal.finding.defects import (
     DefectFilter,
     DefectTracker,
+    noise_sigma,
     peaks_off_defects,
     spike_map,
     spike_peaks,
@@ -120,6 +121,53 @@ def test_spike_map_finds_lone_and_paired_hot_pixels_not_smooth_backgrounds():
     image[50, 51] += 200.0
     spikes = spike_map(image, good)
     assert set(zip(*np.nonzero(spikes), strict=True)) == {(10, 10), (30, 30), (30, 31), (50, 51)}
+
+
+def reference_spikes(image: np.ndarray, good: np.ndarray, lone: bool) -> np.ndarray:
+    """The spike rule pixel by pixel, as the module states it (float64, no shortcuts)."""
+    from peaknet_xtal.finding.defects import LONE_SIGMAS, PROFILE_FRACTION, SPIKE_SIGMAS
+
+    noise = noise_sigma(image.astype(np.float32), good)
+    h, w = image.shape
+    out = np.zeros(image.shape, bool)
+    for y in range(h):
+        for x in range(w):
+            near = sorted(float(image[y + dy, x + dx]) for dy in (-1, 0, 1) for dx in (-1, 0, 1)
+                          if (dy or dx) and 0 <= y + dy < h and 0 <= x + dx < w
+                          and good[y + dy, x + dx])
+            if not good[y, x] or not near:
+                continue
+            background = sum(near[1:-1]) / 6 if len(near) == 8 else near[-1]
+            spike = image[y, x] - background > SPIKE_SIGMAS * noise
+            if lone and spike and len(near) >= 2:
+                lift = near[-2] - near[0]
+                spike = lift < max(LONE_SIGMAS * noise, PROFILE_FRACTION * (image[y, x] - near[0]))
+            out[y, x] = spike
+    return out
+
+
+@pytest.mark.parametrize("lone", [False, True])
+def test_spike_map_is_the_rule_at_every_pixel(lone):
+    """The pre-screened spike map (statistics only where a spike is possible) equals the rule
+    applied at every pixel: spots, hot pixels and pairs, masked pixels, panel edges."""
+    rng = np.random.default_rng(4)
+    image = rng.normal(100.0, 5.0, (40, 50))
+    yy, xx = np.indices(image.shape)
+    for _ in range(6):  # spots of one to a few pixels
+        cy, cx, width = rng.uniform(0, 40), rng.uniform(0, 50), rng.uniform(0.3, 1.5)
+        image += rng.uniform(30, 400) * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * width**2))
+    spikes = rng.integers(0, 40, 15), rng.integers(0, 50, 15)
+    image[spikes] += rng.uniform(20, 300, 15)  # hot pixels, some on the edges or in pairs
+    image[0, 10] += 200.0
+    image[20, 20:22] += 250.0
+    good = rng.random(image.shape) > 0.05
+    good[30:33, 30:33] = False
+    good[31, 31] = True  # a pixel with no good neighbour: not judged
+    image[31, 31] += 500.0
+    image = image.astype(np.float32)
+    expected = reference_spikes(image, good, lone)
+    assert expected.sum() >= 10
+    assert np.array_equal(spike_map(image, good, lone=lone), expected)
 
 
 def test_peaks_near_a_defect_are_dropped():

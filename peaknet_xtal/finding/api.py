@@ -23,6 +23,7 @@ plugin do: pixels that spike in most images are learned as defects (hot pixels) 
 reported, and the gain of data that declare none is measured from their background
 (:mod:`peaknet_xtal.finding.defects`, :mod:`peaknet_xtal.finding.gain`).  ``find_run`` also
 reads a run's first images ahead so that its hot pixels are known from the first image on;
+``defect_masks()`` / ``save_defects(folder)`` give the run's defect mask to reuse, and
 ``new_run()`` forgets what was learned before another detector or experiment.
 """
 from __future__ import annotations
@@ -113,6 +114,17 @@ class PeakFinder:
         """
         peaks, boxes = self._find(data, index, mask, None, None)
         return reflection_table(peaks, boxes, z=index if _is_imageset(data) else 0)
+
+    def defect_masks(self) -> list[np.ndarray] | None:
+        """Per panel, True where a pixel is good and False on the run's pixel defects (hot,
+        stuck, flickering: :mod:`peaknet_xtal.finding.defects`); None before enough images."""
+        return self.engine.defects.tracker.good_masks()
+
+    def save_defects(self, folder: Any, geometry: Any = None) -> list[Any]:
+        """Write the run's defect mask into ``folder`` as ``peaknet2cxi`` does beside its output
+        (``pixel_defects.h5`` for a CrystFEL geometry's ``mask0_file``; ``pixel_defects.mask``
+        for DIALS where DIALS is importable); the paths written (none before enough images)."""
+        return self.engine.defects.save(folder, geometry)
 
     def new_run(self) -> None:
         """Forget the run so far (its pixel defects and measured gain): the next image starts

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 
@@ -66,10 +67,11 @@ def on_hot_pixel(peaks: np.ndarray) -> int:
     return int(np.sum((np.abs(peaks["ss"] - 5) <= 1) & (np.abs(peaks["fs"] - 5) <= 1)))
 
 
-def test_a_run_learns_its_hot_pixels_as_peaknet2cxi_does():
+def test_a_run_learns_its_hot_pixels_as_peaknet2cxi_does(tmp_path):
     """``find_run`` reads ahead: the hot pixel is never a peak.  ``find`` image by image counts
     the same run: the hot pixel is a peak until enough images were seen, and from the image after
-    the read-ahead on both give the same peaks, boxes in step; ``new_run`` forgets it."""
+    the read-ahead on both give the same peaks, boxes in step; the run's defect mask is saved as
+peaknet2cxi saves it; ``new_run`` forgets it."""
     images = run_with_a_hot_pixel()
     run = list(PeakFinder(predictor=bright_pixels).find_run(images, with_bbox=True))
     assert [on_hot_pixel(peaks) for peaks, _ in run] == [0] * len(images)
@@ -80,7 +82,14 @@ def test_a_run_learns_its_hot_pixels_as_peaknet2cxi_does():
     assert on_hot_pixel(one_by_one[0]) == 1 and on_hot_pixel(one_by_one[-1]) == 0
     assert all(same(a, b) for a, b in zip(one_by_one[learning:], [p for p, _ in run[learning:]],
                                           strict=True))
+    (good,) = finder.defect_masks()
+    assert not good[5, 5] and good.sum() == good.size - 1
+    written = finder.save_defects(tmp_path)
+    assert [p.name for p in written][:1] == ["pixel_defects.h5"]
+    with h5py.File(written[0]) as h5:  # 1 = good, the panel's layout
+        assert np.array_equal(h5["/data/data"][()].astype(bool), good)
     finder.new_run()
+    assert finder.defect_masks() is None
     assert on_hot_pixel(finder.find(images[0])) == 1
 
 

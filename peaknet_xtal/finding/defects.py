@@ -19,8 +19,9 @@ orientation) and are wider than one pixel on most detectors.
   The finding engine reads a run's first ``min_frames`` frames ahead and counts them before it
   filters any (:meth:`DefectFilter.count_ahead`), so a run's first frames lose their hot
   pixels too: without that, every hot pixel was a bright peak on the first five frames, and a
-  blank among them became a hit.  Where frames come one call at a time (the DIALS plugin, one
-  image per call) there is nothing to read ahead, and the first five images keep them.
+  blank among them became a hit.  The DIALS plugin, handed one image a call, reads ahead within
+  the imageset it is given (a sequence); where frames come one at a time with nothing to look
+  ahead into (DIALS stills, ``PeakFinder.find``), the first five images keep them.
   Memory is one ``uint32`` counter per pixel, whatever the run length.  A real peak recurs on
   the same pixel in a few per cent of stills at most, far below ``fraction``; where it recurs
   (a grid scan), its profile keeps it off the list, unless its spots are one pixel wide (a
@@ -280,6 +281,11 @@ class DefectFilter:
         """Frames the tracker still has to count before it can name defects (0 once it can),
         those counted ahead included."""
         return max(self.tracker.min_frames - self.tracker.frames, 0)
+
+    @property
+    def pending(self) -> int:
+        """Frames counted ahead and not yet filtered."""
+        return self._ahead
 
     def count_ahead(self, panels: Sequence[np.ndarray],
                     masks: Sequence[np.ndarray] | None = None) -> None:

@@ -356,37 +356,54 @@ class InferenceEngine:
         return (result.peaks, result.peak_boxes) if with_bbox else result.peaks
 
     def find_frames(self, frames: Iterable[Frame], *, with_pixels: bool = False,
-                    with_bbox: bool = False) -> Iterator[FrameResult]:
+                    with_bbox: bool = False, defects: DefectFilter | None = None
+                    ) -> Iterator[FrameResult]:
         """One :class:`FrameResult` per input frame, in input order, batching across frames;
         ``with_pixels`` keeps each reported peak's pixels (``FrameResult.peak_pixels``),
-        ``with_bbox`` its box (``FrameResult.peak_boxes``)."""
-        for chunk in self._chunks(self._read_ahead(frames)):
+        ``with_bbox`` its box (``FrameResult.peak_boxes``).  ``defects``: the run's pixel
+        defect filter, the engine's own by default (a host that hands over the panels of a
+        detector one at a time keeps one per panel)."""
+        defects = self.defects if defects is None else defects
+        for chunk in self._chunks(self._read_ahead(frames, defects)):
             probs, goods = self._predict_many([f.panels for f in chunk],
                                               [f.masks for f in chunk],
                                               [_where(f) for f in chunk])
             for frame, frame_probs, frame_goods in zip(chunk, probs, goods, strict=True):
-                yield self._result(frame, frame_probs, frame_goods, with_pixels, with_bbox)
+                yield self._result(frame, frame_probs, frame_goods, defects, with_pixels,
+                                   with_bbox)
 
-    def _read_ahead(self, frames: Iterable[Frame]) -> Iterator[Frame]:
+    def _read_ahead(self, frames: Iterable[Frame], defects: DefectFilter) -> Iterator[Frame]:
         """``frames`` unchanged; while the defect filter is still learning (a run's first
         frames), as many frames as it needs are read and counted first, so that the hot pixels of
         those first frames are known when their peaks are filtered (finding/defects.py).  An
         input error while reading ahead comes after the frames read before it are found, as it
-        would without reading ahead (nothing readable is lost to a later broken file)."""
+        would without reading ahead (nothing readable is lost to a later broken file).  Frames a
+        host counted ahead itself (:meth:`count_ahead`) come first; nothing more is read then."""
+        if defects.pending:
+            yield from frames
+            return
         it = iter(frames)
         head: list[Frame] = []
         error: Exception | None = None
         try:
-            head.extend(itertools.islice(it, self.defects.learning))
+            head.extend(itertools.islice(it, defects.learning))
         except Exception as exc:  # re-raised below, after the frames before it
             error = exc
         for frame in head:
-            _, goods, _ = sanitise_frame(frame.panels, frame.masks)
-            self.defects.count_ahead(frame.panels, goods)
+            self.count_ahead(frame, defects)
         yield from head
         if error is not None:
             raise error
         yield from it
+
+    def count_ahead(self, frame: Frame, defects: DefectFilter | None = None) -> None:
+        """Count ``frame`` towards the run's pixel defects (``defects``, default the engine's)
+        before it is found: it must be the next frame found (then its own finding does not
+        count it again).  For hosts that hand frames over one at a time but can look ahead
+        themselves (the DIALS plugin within an imageset); :meth:`find_frames` reads ahead by
+        itself."""
+        _, goods, _ = sanitise_frame(frame.panels, frame.masks)
+        (self.defects if defects is None else defects).count_ahead(frame.panels, goods)
 
     def _chunks(self, frames: Iterable[Frame]) -> Iterator[list[Frame]]:
         """Groups of whole frames holding at least ``batch_size`` tiles (the last may hold
@@ -405,7 +422,8 @@ class InferenceEngine:
             yield chunk
 
     def _result(self, frame: Frame, probs: list[np.ndarray], goods: list[np.ndarray],
-                with_pixels: bool, with_bbox: bool = False) -> FrameResult:
+                defects: DefectFilter, with_pixels: bool, with_bbox: bool = False
+                ) -> FrameResult:
         wavelength = frame.meta.get("wavelength_A")
         found = find_peaks(frame.panels, probs, goods, self.params_for(frame),
                            geometry=frame.geometry, wavelength_A=wavelength,
@@ -414,7 +432,7 @@ class InferenceEngine:
         peaks = found[0]
         boxes = found[1] if with_bbox else None
         pixels = found[-1] if with_pixels else None
-        kept = self.defects(peaks, frame.panels, goods)
+        kept = defects(peaks, frame.panels, goods)
         if len(kept) != len(peaks):  # boxes and pixels stay in step with the peaks
             keep = _kept_rows(peaks, kept)
             boxes = None if boxes is None else boxes[keep]

@@ -152,6 +152,26 @@ def get_predictor(settings: PeakNetSettings) -> Any:
         return predictor
 
 
+#: Per (settings, panel): the pixel defect filter of a panel found alone (see panel_defects).
+_PANEL_DEFECTS: dict[tuple[PeakNetSettings, int], Any] = {}
+
+
+def panel_defects(settings: PeakNetSettings, i_panel: int) -> Any:
+    """The process-wide pixel defect filter of panel ``i_panel`` when it is found alone.
+
+    Where DIALS' panel cannot be answered from a whole-image run (a region of interest, a user
+    mask DIALS folded in, no imageset passed), each panel comes as a frame of its own.  Counted
+    by the engine's one run filter, the panels of one image would pass for successive frames of
+    one panel: pixel (y, x) of every panel would share one counter, a real hot pixel would spike
+    in one "frame" of 64 and never be named, and a feature at the same place in every panel
+    (an ASIC's edge) would.  So each panel keeps its own run of images.
+    """
+    from peaknet_xtal.finding.defects import DefectFilter
+
+    with _PREDICTORS_LOCK:
+        return _PANEL_DEFECTS.setdefault((settings, i_panel), DefectFilter())
+
+
 def _build_predictor(settings: PeakNetSettings) -> Any:
     """Build the shared finding engine (imports torch and the model on first use, never at
     module import)."""
@@ -256,28 +276,33 @@ class PeakNetSpotFinderThresholdExt:
             if imageset is not None and whole and good.any():
                 peaks = self._from_whole_image(imageset, int(i_panel or 0), pixels, good)
             if peaks is None:
-                peaks = self.peak_pixels(pixels, good, source=_image_name(kwargs))
+                peaks = self.peak_pixels(pixels, good, source=_image_name(kwargs),
+                                         i_panel=i_panel)
         return flumpy.from_numpy(np.ascontiguousarray(peaks))
 
     def peak_pixels(self, pixels: np.ndarray, good: np.ndarray,
-                    source: str | None = None) -> np.ndarray:
+                    source: str | None = None, i_panel: int | None = None) -> np.ndarray:
         """Boolean foreground of one panel (numpy in, numpy out), already ANDed with ``good``;
-        ``source`` names the image in warnings."""
+        ``source`` names the image in warnings.  With ``i_panel`` the panel's pixel defects are
+        tracked across images by a filter of its own (:func:`panel_defects`)."""
         if not good.any():
             return np.zeros(good.shape, dtype=bool)
-        (foreground,) = self._foreground([pixels], [good], source)
+        (foreground,) = self._foreground([pixels], [good], source, i_panel)
         return foreground
 
     def _foreground(self, panels: list[np.ndarray], goods: list[np.ndarray],
-                    source: str | None = None) -> list[np.ndarray]:
-        """The shared finding pipeline's DIALS foreground of one image given as panels."""
+                    source: str | None = None, i_panel: int | None = None
+                    ) -> list[np.ndarray]:
+        """The shared finding pipeline's DIALS foreground of one image given as panels (or of
+        panel ``i_panel`` alone)."""
         from peaknet_xtal.formats.dxtbx_images import CORRECTED_GAIN
         from peaknet_xtal.types import Frame
 
         frame = Frame(panels=panels, masks=goods, source=source or "",
                       meta={"adu_per_photon": CORRECTED_GAIN})
         engine = get_predictor(self.settings)
-        (result,) = engine.find_frames([frame], with_pixels=True)
+        defects = None if i_panel is None else panel_defects(self.settings, i_panel)
+        (result,) = engine.find_frames([frame], with_pixels=True, defects=defects)
         foreground: list[np.ndarray] = result.dials_foreground(self.settings.dilation)
         return foreground
 
@@ -326,5 +351,30 @@ class _ImageForeground:
                 continue
             panels, goods = image_arrays(imageset, index)
             if np.array_equal(panels[0], pixels) and np.array_equal(goods[0], good):
+                _read_ahead(ext, imageset, index, panels, goods)
                 return cls(imageset, index, panels, goods, ext._foreground(panels, goods))
         return None
+
+
+def _read_ahead(ext: PeakNetSpotFinderThresholdExt, imageset: Any, index: int,
+                panels: list[np.ndarray], goods: list[np.ndarray]) -> None:
+    """While the run's defect filter is still learning, count this image and the next ones of
+    the imageset (as many as it needs) before this one is found, as ``peaknet2cxi`` reads a
+    run ahead: the hot pixels of a sequence's first images are then known on those images
+    too.  DIALS finds an imageset's images in order, one process per block of them; a still
+    is an imageset of one image, and there is nothing to read ahead.  An image that cannot be
+    read ends the read-ahead: DIALS reports it, by name, when its own turn comes."""
+    from peaknet_xtal.formats.dxtbx_images import image_arrays
+    from peaknet_xtal.types import Frame
+
+    engine = get_predictor(ext.settings)
+    if engine.defects.learning == 0 or engine.defects.pending:
+        return
+    ahead = [(panels, goods)]
+    for j in range(index + 1, min(index + engine.defects.learning, len(imageset))):
+        try:
+            ahead.append(image_arrays(imageset, j))
+        except Exception:  # noqa: BLE001 - not this image's error; its own turn raises it
+            break
+    for frame_panels, frame_goods in ahead:
+        engine.count_ahead(Frame(panels=frame_panels, masks=frame_goods))

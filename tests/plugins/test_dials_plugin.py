@@ -300,9 +300,9 @@ def test_whole_image_is_found_in_one_batched_run(dials_modules, real_data, monke
     runs: list[int] = []
     original = module.PeakNetSpotFinderThresholdExt._foreground
 
-    def counted(self, panels, goods, source=None):
+    def counted(self, panels, goods, source=None, i_panel=None):
         runs.append(len(panels))
-        return original(self, panels, goods, source)
+        return original(self, panels, goods, source, i_panel)
 
     monkeypatch.setattr(module.PeakNetSpotFinderThresholdExt, "_foreground", counted)
     batched = [flumpy.to_numpy(ext.compute_threshold(d, m, imageset=imageset, i_panel=i))
@@ -319,3 +319,77 @@ def flex_false_corner(flumpy, mask):
     array = flumpy.to_numpy(mask).copy()
     array[:8, :8] = False
     return flumpy.from_numpy(array)
+
+
+@pytest.mark.slow
+def test_a_sequence_is_read_ahead_as_peaknet2cxi_reads_a_run(dials_modules, real_data,
+                                                            monkeypatch) -> None:
+    """On a sequence's first image the plugin counts that image and the next ones (as many as
+    the defect filter needs) before finding it, so hot pixels are known on a scan's first
+    images too; each later image is then found without being counted twice.  The counts equal
+    those of the engine reading the same images as one run (the real thaumatin grid, an
+    ImageSequence of ten Pilatus 6M images)."""
+    from dxtbx.model.experiment_list import ExperimentListFactory
+
+    from peaknet_dials import spotfinder_threshold_ext as module
+    from peaknet_xtal.finding import InferenceEngine
+    from peaknet_xtal.formats.dxtbx_images import image_arrays
+    from peaknet_xtal.types import Frame
+
+    _, phil_scope = dials_modules
+    files = sorted((real_data / "pilatus6m_thaumatin_grid").glob("*.cbf.bz2"))
+    (sequence,) = ExperimentListFactory.from_filenames([str(f) for f in files]).imagesets()
+    assert len(sequence) == 10
+    monkeypatch.setattr(module, "_PREDICTORS", {})  # a new process's engine
+    ext = _ext(phil_scope, 0.5)
+    engine = module.get_predictor(ext.settings)
+    learning = engine.defects.learning
+    for index in range(learning + 1):
+        data, masks = sequence.get_corrected_data(index), sequence.get_mask(index)
+        for i_panel, (d, m) in enumerate(zip(data, masks, strict=True)):
+            ext.compute_threshold(d, m, imageset=sequence, i_panel=i_panel)
+        if index == 0:  # read ahead: the first five images counted before the first is found
+            assert engine.defects.tracker.frames == learning
+            assert engine.defects.pending == learning - 1
+    assert engine.defects.tracker.frames == learning + 1 and engine.defects.pending == 0
+    run = InferenceEngine(predictor=lambda panels, goods: [np.zeros(p.shape, np.float32)
+                                                           for p in panels])
+    frames = [Frame(panels=panels, masks=goods)
+              for panels, goods in (image_arrays(sequence, i) for i in range(learning + 1))]
+    list(run.find_frames(frames))
+    assert all(np.array_equal(a, b) for a, b in zip(engine.defects.tracker.counts,
+                                                    run.defects.tracker.counts, strict=True))
+
+
+def test_panels_found_alone_keep_their_own_defect_runs(dials_modules, monkeypatch) -> None:
+    """Where DIALS' panels come alone (no imageset; a region of interest or a user mask DIALS
+    folded in does the same), each panel's pixel defects are tracked across images by a filter
+    of its own: a hot pair on one panel of four is foreground until five images were seen, then
+    a defect.  Counted as one run, the four panels would share one counter per pixel, the pair
+    would spike in one "frame" of four and stay foreground."""
+    from dxtbx import flumpy
+
+    from peaknet_dials import spotfinder_threshold_ext as module
+    from peaknet_xtal.finding import InferenceEngine
+
+    _, phil_scope = dials_modules
+    ext = _ext(phil_scope, 0.5)
+
+    def bright(panels, goods):
+        return [(np.asarray(p) > 60).astype(np.float32) for p in panels]
+
+    monkeypatch.setattr(module, "_PREDICTORS",
+                        {ext.settings: InferenceEngine(predictor=bright, adu_per_photon=1.0)})
+    monkeypatch.setattr(module, "_PANEL_DEFECTS", {})
+    rng = np.random.default_rng(0)
+    hot_pair_found = []
+    for _ in range(8):
+        panels = [rng.poisson(10.0, (40, 50)).astype(float) for _ in range(4)]
+        panels[2][20, 30:32] = 200.0
+        good = flumpy.from_numpy(np.ones((40, 50), bool))
+        foreground = [flumpy.to_numpy(ext.compute_threshold(flumpy.from_numpy(p), good,
+                                                            imageset=None, i_panel=i))
+                      for i, p in enumerate(panels)]
+        hot_pair_found.append(bool(foreground[2][20, 30:32].any()))
+    assert hot_pair_found == [True] * 4 + [False] * 4
+    assert sorted(k[1] for k in module._PANEL_DEFECTS) == [0, 1, 2, 3]

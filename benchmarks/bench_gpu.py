@@ -83,11 +83,18 @@ def _module_class() -> type:
             self.precision = precision
 
         def forward(self, x: Any, mask: Any = None) -> Any:
+            return self._autocast(self.inner, x, mask)
+
+        def peak_logit(self, x: Any, mask: Any = None) -> Any:
+            """The inner model's one-channel peak logit (what the engine asks for)."""
+            return self._autocast(self.inner.peak_logit, x, mask)
+
+        def _autocast(self, run: Any, x: Any, mask: Any) -> Any:
             dtype = torch_dtype(self.precision)
             if dtype is None:
-                return self.inner(x, mask)
+                return run(x, mask)
             with torch.autocast(device_type=x.device.type, dtype=dtype):
-                return self.inner(x, mask)
+                return run(x, mask)
 
     return Autocast
 

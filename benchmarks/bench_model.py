@@ -27,6 +27,11 @@ decorrelated input) against v1, the same network with global standardisation:
 | Pilatus 6M, model, fused | 3.12 s (33x) | 2.84 s (30x) | 0.91 |
 | Pilatus 6M, engine, fused | 3.36 s (35x) | 3.24 s (34x) | 0.97 |
 
+A later run (engine asking for the peak logit alone, ``PeakNet.peak_logit``; DIALS 0.031 s on
+CSPAD, 0.071 s on Pilatus 6M): engine, fused, 0.98 s (32x) against v1's 0.86 s on CSPAD, 3.32 s
+(47x) against 2.77 s on Pilatus 6M; the same code without ``peak_logit``, alternating runs: CSPAD
+0.97-1.03 s against 0.86-0.94 s with it, Pilatus 6M 3.4-4.0 against 3.0-3.3 s.
+
 On the CSPAD frame the difference is the input normalisation (64 panels): local maps 0.06-0.09 s
 and the panel decorrelation 0.09 s (v1's standardisation about 0.09 s all told); the network is
 the same.  Earlier (``--model benchmarks/candidates/swift.safetensors``, busy 2-core machine;

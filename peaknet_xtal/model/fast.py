@@ -129,10 +129,23 @@ class PhaseConvTranspose(nn.Module):
         self.register_buffer("bias", bias.reshape(1, cout, 1, 1, 1, 1).clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._phases(x, self.weight, self.bias, self.cout)
+
+    def difference(self, x: torch.Tensor) -> torch.Tensor:
+        """Output channel 1 minus channel 0, computed as one channel (two-class logits: what the
+        peak probability needs; see ``layers.head.SegHead``)."""
+        if self.cout != 2:
+            raise ValueError(f"a logit difference needs two classes, got {self.cout}")
+        taps = self.weight.shape[0] // 2
+        weight = self.weight[taps:] - self.weight[:taps]
+        return self._phases(x, weight, self.bias[:, 1:2] - self.bias[:, 0:1], 1)
+
+    def _phases(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                o: int) -> torch.Tensor:
         b, _, h, w = x.shape
-        s, k, o = self.stride, self.stride + 2, self.cout
-        taps = torch.matmul(self.weight, x.reshape(b, -1, h * w)).view(b, o, k, k, h, w)
-        out = (taps[:, :, 1:-1, 1:-1].permute(0, 1, 4, 2, 5, 3) + self.bias).reshape(
+        s, k = self.stride, self.stride + 2
+        taps = torch.matmul(weight, x.reshape(b, -1, h * w)).view(b, o, k, k, h, w)
+        out = (taps[:, :, 1:-1, 1:-1].permute(0, 1, 4, 2, 5, 3) + bias).reshape(
             b, o, s * h, s * w)
         y = out.view(b, o, h, s, w, s)  # (b, o, I, r_y, J, r_x)
         y[:, :, :-1, -1] += taps[:, :, 0, 1:-1, 1:].permute(0, 1, 3, 4, 2)

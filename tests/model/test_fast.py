@@ -59,6 +59,31 @@ def test_fused_model_computes_the_same_logits_and_leaves_the_original_alone():
     assert torch.equal(fast[2, :, :, :7], plain[2, :, :, :7])  # masked pixels: forced background
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_peak_logit_is_the_difference_of_the_two_logits(fused):
+    """``peak_logit`` carries one channel through the head's full-resolution steps; it equals the
+    peak logit minus the background one of ``forward`` (masked pixels too), plain and fused, and
+    the engine's probabilities (through it) are the softmax of its logits (``predict_logits``)."""
+    model = _random_model()
+    model = fuse_for_inference(model) if fused else model
+    rng = np.random.default_rng(2)
+    x = torch.from_numpy(rng.poisson(4.0, (2, 1, 96, 130)).astype(np.float32))
+    x[0, 0, 40:43, 50:53] += 300.0
+    mask = torch.ones_like(x, dtype=torch.bool)
+    mask[1, 0, 20:30, :] = False
+    with torch.inference_mode():
+        logits, difference = model(x, mask), model.peak_logit(x, mask)
+    assert difference.shape == (2, 1, 96, 130)
+    expected = logits[:, 1:2] - logits[:, 0:1]
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(difference, expected, atol=1e-5 * scale, rtol=1e-5)
+    engine = InferenceEngine(model, device="cpu", threads=1, fast=False)
+    panel = x[0, 0].numpy()
+    (prob,), (raw,) = engine.predict_panels([panel]), engine.predict_logits([panel])
+    np.testing.assert_allclose(prob, torch.softmax(torch.from_numpy(raw), 0)[1].numpy(),
+                               atol=PROB_ATOL, rtol=0)
+
+
 @pytest.mark.parametrize("norm_noise", ["pixel", "sum2x2"])
 def test_swift_fuses_and_computes_the_same_logits(norm_noise):
     """The CPU default's architecture (three levels, no BiFPN blocks, local normalisation, with

@@ -48,14 +48,51 @@ class SegHead(nn.Module):
         self.learned_up = (nn.ConvTranspose2d(channels, num_classes, kernel_size=s + 2, stride=s,
                                               padding=1) if learned_upsample else None)
 
-    def forward(self, feats: list[torch.Tensor], out_size: tuple[int, int]) -> torch.Tensor:
+    def forward(self, feats: list[torch.Tensor], out_size: tuple[int, int],
+                difference: bool = False) -> torch.Tensor:
+        """Logits ``(B, classes, H, W)``; with ``difference`` (two classes) only the peak logit
+        minus the background one, ``(B, 1, H, W)``: what the peak probability needs
+        (``sigmoid`` of it), computed at stride 4 before upsampling (both steps are linear), so
+        the full-resolution passes carry one channel instead of two."""
         summed = None
         for branch, f in zip(self.branches, feats, strict=False):
             y = branch(f)
             summed = y if summed is None else summed + y
         assert summed is not None
-        logits = self.classifier(summed)
+        if difference:
+            weight, bias = _difference(self.classifier.weight, self.classifier.bias, dim=0)
+            logits = F.conv2d(summed, weight, bias)
+        else:
+            logits = self.classifier(summed)
         out = F.interpolate(logits.float(), size=out_size, mode="bilinear", align_corners=False)
         if self.learned_up is not None:
-            out = out + self.learned_up(summed).float()[..., :out_size[0], :out_size[1]]
+            up = (_difference_upsample(self.learned_up, summed) if difference
+                  else self.learned_up(summed))
+            out = out + up.float()[..., :out_size[0], :out_size[1]]
         return out
+
+
+def _difference(weight: torch.Tensor, bias: torch.Tensor | None, dim: int
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A two-class layer's weight and bias as one output: class 1 minus class 0 along ``dim``
+    (the output-channel axis: 0 for a conv, 1 for a transposed conv)."""
+    if weight.shape[dim] != 2:
+        raise ValueError(f"a logit difference needs two classes, got {weight.shape[dim]}")
+    one, zero = weight.narrow(dim, 1, 1), weight.narrow(dim, 0, 1)
+    return one - zero, None if bias is None else bias[1:2] - bias[0:1]
+
+
+def _difference_upsample(up: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The learned upsampling's class-1 minus class-0 output, computed as one channel (a module
+    with its own ``difference`` method, such as the fused form's, uses it)."""
+    if isinstance(up, nn.ConvTranspose2d):
+        weight, bias = _difference(up.weight, up.bias, dim=1)
+        padding = up.padding
+        assert isinstance(padding, tuple)  # a transposed conv's padding is never a string
+        return F.conv_transpose2d(x, weight, bias, stride=up.stride, padding=padding,
+                                  output_padding=up.output_padding, dilation=up.dilation)
+    difference = getattr(up, "difference", None)
+    if difference is None:
+        raise TypeError(f"{type(up).__name__} has no difference form")
+    result: torch.Tensor = difference(x)
+    return result

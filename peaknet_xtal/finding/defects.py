@@ -213,16 +213,22 @@ def peaks_off_defects(peaks: np.ndarray, defects: Sequence[np.ndarray] | None,
                       radius: int = 1) -> np.ndarray:
     """Peak-table rows whose centre is not within ``radius`` pixels of a defect (a hot pixel
     pulls the centroid of a peak it sits in by at most a pixel)."""
-    if defects is None or len(peaks) == 0:
-        return peaks
+    return peaks[_off_defects(peaks, defects, radius)]
+
+
+def _off_defects(peaks: np.ndarray, defects: Sequence[np.ndarray] | None,
+                 radius: int = 1) -> np.ndarray:
+    """:func:`peaks_off_defects` as a boolean mask over the rows of ``peaks``."""
     keep = np.ones(len(peaks), bool)
+    if defects is None:
+        return keep
     for k, (panel, fs, ss) in enumerate(zip(peaks["panel"], peaks["fs"], peaks["ss"],
                                             strict=True)):
         d = defects[int(panel)]
         y, x = int(round(float(ss))), int(round(float(fs)))
         window = d[max(y - radius, 0):y + radius + 1, max(x - radius, 0):x + radius + 1]
         keep[k] = not window.any()
-    return peaks[keep]
+    return keep
 
 
 def _neighbour_fractions(peaks: np.ndarray, panels: Sequence[np.ndarray]
@@ -301,19 +307,26 @@ class DefectFilter:
         """This frame's peak table (``PEAK_DTYPE``) without defects and spikes; counts the
         frame.  (``peaks`` is typed loosely: ``find_peaks`` returns a table or, with boxes, a
         pair, and callers pass the table.)"""
+        result: np.ndarray = peaks[self.keep(peaks, panels, masks)]
+        return result
+
+    def keep(self, peaks: np.ndarray, panels: Sequence[np.ndarray],
+             masks: Sequence[np.ndarray] | None = None) -> np.ndarray:
+        """What :meth:`__call__` keeps, as a boolean mask over the rows of ``peaks`` (for callers
+        that keep other per-peak data in step: boxes, pixels); counts the frame."""
         if self._ahead:
             self._ahead -= 1  # counted when it was read ahead
         else:
             self.tracker.update(panels, masks)
-        kept = peaks_off_defects(peaks, self.tracker.defects)
-        if self.spikes and len(kept):
-            kept = kept[~spike_peaks(kept, panels)]
+        keep = _off_defects(peaks, self.tracker.defects)
+        if self.spikes and keep.any():
+            keep[keep] = ~spike_peaks(peaks[keep], panels)
         count = self.tracker.count()
         if count and count != self._logged:
             self._logged = count
             log.info("%d pixel(s) spike in at least %.0f %% of %d frames: treated as defects",
                      count, 100 * self.tracker.fraction, self.tracker.frames)
-        return kept
+        return keep
 
     def save(self, outdir: str | os.PathLike[str], geometry: Any = None) -> list[Path]:
         """Write the run's defect mask beside its output: ``pixel_defects.h5`` (CrystFEL) and,

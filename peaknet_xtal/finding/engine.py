@@ -342,20 +342,6 @@ class InferenceEngine:
         return out
 
     # ---- peaks -------------------------------------------------------------------------------
-    def find_panels(self, panels: Sequence[np.ndarray], masks: Sequence[np.ndarray] | None = None,
-                    *, geometry: Any = None, wavelength_A: float | None = None,
-                    adu_per_photon: float | None = None, with_bbox: bool = False) -> Any:
-        """Peak table (and boxes with ``with_bbox``) of one frame given as panels;
-        ``adu_per_photon`` is the gain the data declare (as ``frame.meta`` would).  One frame of
-        the engine's run, as :meth:`find_frames` finds it: the run-level defect filter counts
-        it and applies (a caller handing over a run one frame at a time, as the Python API and
-        DIALS do, gets the same defects as a whole run, less the read-ahead)."""
-        frame = Frame(panels=list(panels), masks=None if masks is None else list(masks),
-                      geometry=geometry,
-                      meta={"wavelength_A": wavelength_A, "adu_per_photon": adu_per_photon})
-        (result,) = self.find_frames([frame], with_bbox=with_bbox)
-        return (result.peaks, result.peak_boxes) if with_bbox else result.peaks
-
     def find_frames(self, frames: Iterable[Frame], *, with_pixels: bool = False,
                     with_bbox: bool = False, defects: DefectFilter | None = None
                     ) -> Iterator[FrameResult]:
@@ -433,11 +419,11 @@ class InferenceEngine:
         peaks = found[0]
         boxes = found[1] if with_bbox else None
         pixels = found[-1] if with_pixels else None
-        kept = defects(peaks, frame.panels, goods)
-        if len(kept) != len(peaks):  # boxes and pixels stay in step with the peaks
-            keep = _kept_rows(peaks, kept)
+        keep = defects.keep(peaks, frame.panels, goods)
+        if not keep.all():  # boxes and pixels stay in step with the peaks
             boxes = None if boxes is None else boxes[keep]
             pixels = None if pixels is None else _without_dropped(pixels, peaks[~keep])
+        kept = peaks[keep]
         return FrameResult(frame=frame, peaks=kept, hit=is_hit(kept, self.peak_params.min_peaks),
                            prob_maps=probs if self.keep_prob_maps else None, peak_pixels=pixels,
                            peak_boxes=boxes)
@@ -583,13 +569,6 @@ def _stack_tiles(batch: list[Tile], panels: list[np.ndarray], goods: list[np.nda
         x[k, 0, :tile.height, :tile.width] = np.where(good, panels[tile.panel][window], 0)
         m[k, 0, :tile.height, :tile.width] = good
     return x, m
-
-
-def _kept_rows(peaks: np.ndarray, kept: np.ndarray) -> np.ndarray:
-    """True for the rows of ``peaks`` that are in ``kept`` (a subset of its rows)."""
-    keep = {(int(p["panel"]), float(p["fs"]), float(p["ss"])) for p in kept}
-    return np.array([(int(p["panel"]), float(p["fs"]), float(p["ss"])) in keep for p in peaks],
-                    dtype=bool)
 
 
 def _without_dropped(pixels: list[np.ndarray], dropped: np.ndarray) -> list[np.ndarray]:

@@ -14,6 +14,7 @@ from torch import nn
 from peaknet_xtal.finding.engine import InferenceEngine
 from peaknet_xtal.model.layers.local_norm import NOISE_SCALES, local_normalise
 from peaknet_xtal.sim.artifacts import correlated_noise
+from peaknet_xtal.types import Frame
 
 
 class LocalThreshold(nn.Module):
@@ -62,7 +63,8 @@ def find(panel: np.ndarray, mask: np.ndarray | None = None, noise_scale: str = "
          **engine: object) -> np.ndarray:
     model = LocalThreshold(noise_scale)
     eng = InferenceEngine(model, device="cpu", min_snr=0, **engine)  # type: ignore[arg-type]
-    peaks = eng.find_panels([panel], None if mask is None else [mask])
+    frame = Frame(panels=[panel], masks=None if mask is None else [mask])
+    peaks = next(iter(eng.find_frames([frame]))).peaks
     assert model.calls and all(model.calls), "tiles must arrive normalised"
     return peaks
 

@@ -295,7 +295,8 @@ def test_whole_image_is_found_in_one_batched_run(dials_modules, real_data, monke
     # many, one panel few; tests/finding/test_defects.py covers it)
     from peaknet_xtal.finding.defects import DefectFilter
 
-    monkeypatch.setattr(DefectFilter, "__call__", lambda self, peaks, panels, masks=None: peaks)
+    monkeypatch.setattr(DefectFilter, "keep",
+                        lambda self, peaks, panels, masks=None: np.ones(len(peaks), bool))
     ext = _ext(phil_scope, 0.5, gain=25.0)
     runs: list[int] = []
     original = module.PeakNetSpotFinderThresholdExt._foreground

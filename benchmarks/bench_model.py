@@ -136,54 +136,47 @@ def flops_per_mpx(name: str) -> tuple[float, float]:
 
 def profile_stages(engine, panels: list[np.ndarray], repeat: int) -> dict[str, float]:
     """CPU seconds per stage of one frame through ``engine`` (a PeakNet, fused as the engine
-    runs it): the stages are timed by running the model's own modules one by one in the order
-    ``PeakNet.forward`` does; what is left of the engine's time (tiling, batching, the peak
-    probability, stitching) is its own line."""
-    import torch
-    import torch.nn.functional as F
-
-    from peaknet_xtal.model.peaknet import apply_mask
-
+    runs it), timed by hooks on the model's own modules, so the profile follows whichever path
+    the engine takes (``peak_logit`` today); what is left of the engine's time (tiling,
+    batching, the peak probability, stitching) is its own line, and what is left of the head's
+    (its stride-4 logits, bilinear and learned x4 upsampling to full resolution) is the head's.
+    """
     model = engine.model()
     times: dict[str, float] = {}
+    started: dict[int, float] = {}
+    stages = [("backbone stem (stride 4)", model.backbone.stem)]
+    for i, stage in enumerate(model.backbone.stages):
+        key = f"backbone stage {i + 1} (stride {4 * 2 ** i})"
+        if i > 0:
+            stages.append((key, model.backbone.downsamples[i - 1]))
+        stages += [(key, stage), (key, model.backbone.out_norms[i])]
+    stages.append(("neck (BiFPN)", model.neck))
+    stages += [("head branches (to stride 4)", b) for b in model.head.branches]
+    stages.append(("head", model.head))
 
-    def timed(key: str, fn):
-        start = time.process_time()
-        out = fn()
-        times[key] = times.get(key, 0.0) + time.process_time() - start
-        return out
+    def before(module, args):
+        started[id(module)] = time.process_time()
 
+    def after(key):
+        def hook(module, args, out):
+            times[key] = times.get(key, 0.0) + time.process_time() - started.pop(id(module))
+        return hook
+
+    handles = []
+    for key, module in stages:
+        handles += [module.register_forward_pre_hook(before),
+                    module.register_forward_hook(after(key))]
     normalise_panels = engine._normalise_panels
 
-    def forward(x, mask=None, normalised=False):
-        h, w = x.shape[-2:]
-        valid = torch.isfinite(x) & mask.bool()
-        z = timed("input normalisation", lambda: torch.where(valid, x.float(), 0.0)
-                  if normalised else model.normalise(x, valid))
-        backbone = model.backbone
-        y = timed("backbone stem (stride 4)", lambda: backbone.stem(z))
-        feats = []
-        for i, stage in enumerate(backbone.stages):
-            key = f"backbone stage {i + 1} (stride {4 * 2 ** i})"
-            if i > 0:
-                y = timed(key, lambda i=i, y=y: backbone.downsamples[i - 1](y))
-            y = timed(key, lambda stage=stage, y=y: stage(y))
-            feats.append(timed(key, lambda i=i, y=y: backbone.out_norms[i](y)))
-        feats = timed("neck (BiFPN)", lambda: model.neck(feats))
-        head = model.head
-        summed = None
-        for branch, f in zip(head.branches, feats, strict=False):
-            y = timed("head branches (to stride 4)", lambda branch=branch, f=f: branch(f))
-            summed = y if summed is None else summed + y
-        out = timed("head logits + bilinear x4 (full res.)", lambda: F.interpolate(
-            head.classifier(summed), size=(h, w), mode="bilinear", align_corners=False))
-        out = timed("head learned x4 upsampling (full res.)",
-                    lambda: out + head.learned_up(summed)[..., :h, :w])
-        return timed("mask (full res.)", lambda: apply_mask(out, valid))
+    def normalise(*args):
+        start = time.process_time()
+        out = normalise_panels(*args)
+        times["input normalisation"] = (times.get("input normalisation", 0.0)
+                                        + time.process_time() - start)
+        return out
 
     best: tuple[float, dict[str, float]] | None = None
-    engine._normalise_panels = lambda *a: timed("input normalisation", lambda: normalise_panels(*a))
-    model.forward = forward
+    engine._normalise_panels = normalise
     try:
         for _ in range(repeat):
             times.clear()
@@ -193,9 +186,13 @@ def profile_stages(engine, panels: list[np.ndarray], repeat: int) -> dict[str, f
             if best is None or total < best[0]:
                 best = (total, dict(times))
     finally:
-        del engine._normalise_panels, model.forward
+        del engine._normalise_panels
+        for handle in handles:
+            handle.remove()
     assert best is not None
     total, times = best
+    head = times.pop("head", 0.0) - times.get("head branches (to stride 4)", 0.0)
+    times["head logits + x4 upsampling (full res.)"] = head
     times["engine rest (tiles, probability, stitching)"] = total - sum(times.values())
     times["total"] = total
     return times

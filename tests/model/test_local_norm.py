@@ -6,7 +6,12 @@ import pytest
 import torch
 
 from peaknet_xtal.model.layers import standardise
-from peaknet_xtal.model.layers.local_norm import NOISE_SCALES, background_maps, local_normalise
+from peaknet_xtal.model.layers.local_norm import (
+    NOISE_SCALES,
+    background_maps,
+    fast_asinh,
+    local_normalise,
+)
 from peaknet_xtal.sim.artifacts import correlated_noise
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -253,3 +258,24 @@ def test_decorrelation_is_per_panel_of_a_batch():
     np.testing.assert_array_equal(both[0], _z(white, noise_scale="decorrelated"))
     np.testing.assert_array_equal(both[1], _z(blurred, noise_scale="decorrelated"))
     assert not np.allclose(both[1], _z(blurred), atol=0.05)
+
+
+def test_fast_asinh_is_asinh_to_float32_rounding_over_every_magnitude():
+    """The CPU form (logs and roots through numpy) against float64's asinh: zero, tiny, noise,
+    spot, hot-pixel and near-overflow magnitudes of both signs, infinities and NaN."""
+    rng = np.random.default_rng(3)
+    magnitudes = np.concatenate([np.zeros(1), 10.0 ** rng.uniform(-8, 38, 20_000),
+                                 rng.normal(size=20_000)])
+    values = np.concatenate([magnitudes, -magnitudes, [np.inf, -np.inf]]).astype(np.float32)
+    got = fast_asinh(torch.from_numpy(values)).numpy()
+    exact = np.arcsinh(values.astype(np.float64))
+    assert got.dtype == np.float32 and got.shape == values.shape
+    finite = np.isfinite(exact)
+    assert np.all(np.abs(got[finite] - exact[finite]) <= 4e-7 * np.maximum(1.0, np.abs(
+        exact[finite])))
+    assert np.array_equal(got[~finite], exact[~finite].astype(np.float32))
+    assert np.isnan(fast_asinh(torch.tensor([float("nan")]))).all()
+    # a tensor that needs a gradient keeps torch's differentiable asinh
+    t = torch.tensor([0.5, -3.0], requires_grad=True)
+    fast_asinh(t).sum().backward()
+    assert torch.allclose(t.grad, 1 / torch.sqrt(t.detach() ** 2 + 1))

@@ -31,9 +31,21 @@ class SeparableConvNorm(nn.Module):
 
 def fast_normalised_fusion(weights: torch.Tensor, inputs: list[torch.Tensor],
                            eps: float = 1e-4) -> torch.Tensor:
-    """sum_i relu(w_i) x_i / (sum_i relu(w_i) + eps): bounded, cheap, no softmax."""
+    """sum_i relu(w_i) x_i / (sum_i relu(w_i) + eps): bounded, cheap, no softmax.
+
+    Inference on CPU (no gradient wanted) accumulates into one new tensor with scalar weights,
+    one pass per input instead of a product and a sum each: measured on one thread, three
+    (8, 32, 256, 256) inputs, 261 -> 65 ms (the fusions took 0.26 s of a Pilatus 6M frame's
+    3.3).  Equal up to float32 rounding (the weight is a double scalar there).  Not on a GPU,
+    where reading the weights back to the host would synchronise every fusion."""
     w = F.relu(weights)
     w = w / (w.sum() + eps)
+    if not torch.is_grad_enabled() and w.device.type == "cpu" and inputs[0].device.type == "cpu":
+        scales = w.tolist()
+        out = inputs[0] * scales[0]
+        for x, scale in zip(inputs[1:], scales[1:], strict=True):
+            out.add_(x, alpha=scale)
+        return out
     out = inputs[0] * w[0]
     for i in range(1, len(inputs)):
         out = out + inputs[i] * w[i]

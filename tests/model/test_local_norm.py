@@ -279,3 +279,24 @@ def test_fast_asinh_is_asinh_to_float32_rounding_over_every_magnitude():
     t = torch.tensor([0.5, -3.0], requires_grad=True)
     fast_asinh(t).sum().backward()
     assert torch.allclose(t.grad, 1 / torch.sqrt(t.detach() ** 2 + 1))
+
+
+def test_clipped_spreads_through_numpy_equal_the_torch_ones():
+    """The CPU form of the decorrelation's clipped spread (numpy, float64 sums) against the
+    torch form that gradients and GPUs use: rows with outliers to clip, masked values, a row of
+    one valid value and a sparse photon-count row (clipping would take too many: spread 0)."""
+    from peaknet_xtal.model.layers.local_norm import _clipped_std
+
+    rng = np.random.default_rng(5)
+    values = rng.normal(0.0, 2.0, (5, 4000)).astype(np.float32)
+    values[0, :20] = 80.0  # spots: clipped away
+    values[3] = (rng.random(4000) < 0.01).astype(np.float32)  # single photons among zeros
+    ok = rng.random((5, 4000)) > 0.1
+    ok[2] = False
+    ok[2, 7] = True
+    v, m = torch.from_numpy(values), torch.from_numpy(ok)
+    cpu = _clipped_std(v, m)
+    reference = _clipped_std(v.clone().requires_grad_(True), m)
+    assert cpu.dtype == reference.dtype == torch.float64
+    assert torch.allclose(cpu, reference.detach(), rtol=1e-9, atol=0)
+    assert cpu[2] == 0 and cpu[3] == 0 and 1.9 < cpu[0] < 2.1

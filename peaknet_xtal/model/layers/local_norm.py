@@ -295,10 +295,10 @@ def _clipped_std(values: torch.Tensor, ok: torch.Tensor, clip: float = 4.0, roun
     std = torch.zeros(v.shape[0], dtype=torch.float64, device=v.device)
     for _ in range(rounds):
         w = keep.float()
-        n = w.double().sum(-1)
-        mean = (v * w).double().sum(-1) / n.clamp(min=1)
+        n = w.sum(-1, dtype=torch.float64)
+        mean = (v * w).sum(-1, dtype=torch.float64) / n.clamp(min=1)
         dev = v - mean.float().unsqueeze(-1)
-        var = (dev * dev * w).double().sum(-1) / (n - 1).clamp(min=1)
+        var = (dev * dev * w).sum(-1, dtype=torch.float64) / (n - 1).clamp(min=1)
         std = torch.where(n >= 2, var.sqrt(), torch.zeros_like(var))
         keep = ok & (dev.abs() <= clip * std.float().unsqueeze(-1))
     clipped = 1.0 - keep.sum(-1) / ok.sum(-1).clamp(min=1)

@@ -76,7 +76,16 @@ correlation counts), finds 96.8 % of the strong reflections at 0.7 false peaks p
 at 0.8 with the background and noise of the model's own input normalisation; the shipped model
 85.2 % at 1.8.  The information is in the network's input; the next candidate should be given
 that box significance as an input (or trained to compute it) and chosen here, on the selection
-frames.
+frames.  Tried once, in a variant not kept in the tree: the normalised pixels plus asinh of that
+significance as a second input channel, from scratch with this recipe for 4,000 steps, beside
+the one-channel recipe for 4,000 steps (both decorrelated, uncalibrated).  Selection frames at
+0.5, all hits / clean / strong-background hits, false peaks per blank: two channels 0.849 /
+0.869 / 0.372, 7.4 (11 a blank on the five strong-background blanks); one channel 0.856 / 0.878 /
+0.353, 8.6 (1 a blank there).  The network learnt to trust the channel's tail rather than to use
+it: no better on hits, many more noise blobs on strong-background blanks.  Nor does a rule do it
+(PeakNet's peaks plus regions above a box significance where the probability reaches p_low):
+0.97 of the strong reflections on the report's strong-background set, but hundreds of false
+peaks per blank on the selection frames' photon-counting detectors at every p_low up to 0.3.
 
 Which data play which role: training, the simulated bank (seed 20240); model selection, the
 simulated validation frames above; acceptance, everything else: the held-out simulated frames of

@@ -209,16 +209,11 @@ class DefectTracker:
         return 0 if defects is None else int(sum(d.sum() for d in defects))
 
 
-def peaks_off_defects(peaks: np.ndarray, defects: Sequence[np.ndarray] | None,
-                      radius: int = 1) -> np.ndarray:
-    """Peak-table rows whose centre is not within ``radius`` pixels of a defect (a hot pixel
-    pulls the centroid of a peak it sits in by at most a pixel)."""
-    return peaks[_off_defects(peaks, defects, radius)]
-
-
-def _off_defects(peaks: np.ndarray, defects: Sequence[np.ndarray] | None,
-                 radius: int = 1) -> np.ndarray:
-    """:func:`peaks_off_defects` as a boolean mask over the rows of ``peaks``."""
+def off_defects(peaks: np.ndarray, defects: Sequence[np.ndarray] | None,
+                radius: int = 1) -> np.ndarray:
+    """True for the peak-table rows whose centre is not within ``radius`` pixels of a defect (a
+    hot pixel pulls the centroid of a peak it sits in by at most a pixel): a mask over the rows,
+    so that callers keep boxes and pixels in step with the peaks."""
     keep = np.ones(len(peaks), bool)
     if defects is None:
         return keep
@@ -318,7 +313,7 @@ class DefectFilter:
             self._ahead -= 1  # counted when it was read ahead
         else:
             self.tracker.update(panels, masks)
-        keep = _off_defects(peaks, self.tracker.defects)
+        keep = off_defects(peaks, self.tracker.defects)
         if self.spikes and keep.any():
             keep[keep] = ~spike_peaks(peaks[keep], panels)
         count = self.tracker.count()

@@ -10,7 +10,7 @@ from peaknet_xtal.finding.defects import (
     DefectFilter,
     DefectTracker,
     noise_sigma,
-    peaks_off_defects,
+    off_defects,
     spike_map,
     spike_peaks,
     write_crystfel_mask,
@@ -175,7 +175,7 @@ def test_peaks_near_a_defect_are_dropped():
                                ss=np.array([5.6, 30.0, 5.0]))
     defects = [np.zeros((64, 64), bool), np.zeros((64, 64), bool)]
     defects[0][5, 7] = True
-    kept = peaks_off_defects(peaks, defects)
+    kept = peaks[off_defects(peaks, defects)]
     assert kept["fs"].tolist() == [30.0, 7.0]
 
 

@@ -113,8 +113,9 @@ class DispersionFinder:
         masks = frame.masks_or_ones()
         strong = [self.strong_pixels(np.asarray(img, np.float64), m)
                   for img, m in zip(frame.panels, masks, strict=False)]
-        # DIALS' own criteria decide which pixels are strong: no SNR cut of ours on top.
-        params = PeakParams(threshold=0.5, min_snr=0.0,
+        # DIALS' own criteria decide which pixels are strong: no SNR cut or bright-background
+        # test of ours on top.
+        params = PeakParams(threshold=0.5, min_snr=0.0, bright_photons=None,
                             min_pixels=int(self.params["min_spot_size"]),
                             max_pixels=int(self.params["max_spot_size"]))
         peaks = find_peaks(frame.panels, [s.astype(np.float32) for s in strong], masks, params,

@@ -3,7 +3,9 @@
 A segmentation model says *which pixels* belong to Bragg peaks; indexers want *one row per peak*
 with a position, an intensity and a background.  This module does that step for every adapter:
 
-1. pixels with ``prob >= threshold`` inside the good-pixel mask are foreground;
+1. pixels with ``prob >= threshold`` inside the good-pixel mask are foreground, except where the
+   local background holds so many photons that a box significance test decides with the
+   network (:mod:`.bright_background`);
 2. 8-connected components are labelled panel by panel, so a peak never spans a panel edge (equal-
    shaped panels are stacked and labelled at once with a structure that has no links between
    layers, which is the same thing, only faster);
@@ -34,6 +36,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from peaknet_xtal.finding.bright_background import foreground
 from peaknet_xtal.finding.settings import DEFAULTS
 from peaknet_xtal.types import empty_peaks, peaks_from_columns
 
@@ -59,6 +62,10 @@ class PeakParams:
     correlation of every pair of them (``n`` for independent pixels) and ``e`` is the ring
     background's variance per pixel variance (``1 / ring pixels`` for independent ones); the
     shot-noise term is left out while ``adu_per_photon`` is None (gain unknown) or 0.
+    ``bright_photons``, ``bright_sigmas`` and ``bright_prob`` decide the peak pixels where the
+    local background holds at least ``bright_photons`` photons a pixel (None: nowhere), see
+    :mod:`peaknet_xtal.finding.bright_background`; elsewhere they are the pixels at or above
+    ``threshold``.
     """
 
     threshold: float = DEFAULTS.threshold
@@ -70,6 +77,9 @@ class PeakParams:
     min_peaks: int = DEFAULTS.min_peaks
     max_peaks: int | None = DEFAULTS.max_peaks
     adu_per_photon: float | None = None
+    bright_photons: float | None = DEFAULTS.bright_photons
+    bright_sigmas: float = DEFAULTS.bright_sigmas
+    bright_prob: float = DEFAULTS.bright_prob
 
 
 def find_peaks(
@@ -106,7 +116,12 @@ def find_peaks(
             good = np.ones(stack.shape, dtype=bool)
         else:
             good = np.stack([np.asarray(masks[i], dtype=bool) for i in indices])
-        table, box, (labels, ids) = _peaks_in_stack(stack, prob, good,
+        good &= np.isfinite(stack)
+        fore = np.stack([foreground(stack[k], prob[k], good[k], params.threshold,
+                                    params.adu_per_photon, params.bright_photons,
+                                    params.bright_sigmas, params.bright_prob)
+                         for k in range(len(indices))])
+        table, box, (labels, ids) = _peaks_in_stack(stack, prob, good, fore,
                                                     np.asarray(indices, np.int32), params)
         tables.append(table)
         boxes.append(box)
@@ -241,12 +256,13 @@ def _group_by_shape(panels: Sequence[np.ndarray]) -> list[list[int]]:
     return list(groups.values())
 
 
-def _peaks_in_stack(image: np.ndarray, prob: np.ndarray, good: np.ndarray, panel_ids: np.ndarray,
-                    params: PeakParams) -> tuple[np.ndarray, np.ndarray, tuple[Any, np.ndarray]]:
-    """Peaks of a ``(P, H, W)`` stack of equal-shaped panels, their ``(N, 4)`` boxes, and the
-    component labels with the (1-based) label of each reported peak."""
-    good = good & np.isfinite(image)
-    labels, n = ndimage.label((prob >= params.threshold) & good, structure=_STRUCTURE_3D)
+def _peaks_in_stack(image: np.ndarray, prob: np.ndarray, good: np.ndarray, fore: np.ndarray,
+                    panel_ids: np.ndarray, params: PeakParams
+                    ) -> tuple[np.ndarray, np.ndarray, tuple[Any, np.ndarray]]:
+    """Peaks of a ``(P, H, W)`` stack of equal-shaped panels (``good``: usable pixels, finite;
+    ``fore``: the peak pixels among them), their ``(N, 4)`` boxes, and the component labels with
+    the (1-based) label of each reported peak."""
+    labels, n = ndimage.label(fore, structure=_STRUCTURE_3D)
     nothing = (empty_peaks(), np.zeros((0, 4), np.int64), (None, np.zeros(0, np.int64)))
     if n == 0:
         return nothing

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from peaknet_xtal.finding.engine import InferenceEngine
+from peaknet_xtal.finding.peaks import PeakParams
 from peaknet_xtal.model.layers.local_norm import NOISE_SCALES, local_normalise
 from peaknet_xtal.sim.artifacts import correlated_noise
 from peaknet_xtal.types import Frame
@@ -60,26 +61,34 @@ def peak_set(peaks: np.ndarray, dy: float = 0.0, dx: float = 0.0) -> set[tuple[f
 
 
 def find(panel: np.ndarray, mask: np.ndarray | None = None, noise_scale: str = "pixel",
-         **engine: object) -> np.ndarray:
+         bright: bool = False, **engine: object) -> np.ndarray:
+    """Peaks of the threshold model; ``bright``: at a declared 1 ADU per photon, so that these
+    2,500-ADU backgrounds are bright everywhere and the box significance decides with the model
+    (finding/bright_background.py); otherwise that test is off (without a declared gain the gain
+    measured from the data would differ between a panel alone and a larger layout)."""
     model = LocalThreshold(noise_scale)
-    eng = InferenceEngine(model, device="cpu", min_snr=0, **engine)  # type: ignore[arg-type]
+    gain = {"adu_per_photon": 1.0} if bright else {"peak_params": PeakParams(bright_photons=None)}
+    eng = InferenceEngine(model, device="cpu", min_snr=0, **gain,  # type: ignore[arg-type]
+                          **engine)
     frame = Frame(panels=[panel], masks=None if mask is None else [mask])
     peaks = next(iter(eng.find_frames([frame]))).peaks
     assert model.calls and all(model.calls), "tiles must arrive normalised"
     return peaks
 
 
+@pytest.mark.parametrize("bright", [False, True], ids=["model", "bright"])
 @pytest.mark.parametrize("noise_scale", NOISE_SCALES)
-def test_whole_and_tiled_give_identical_peaks(noise_scale):
+def test_whole_and_tiled_give_identical_peaks(noise_scale, bright):
     panel = strong_panel(np.random.default_rng(1), (300, 420))
-    whole = find(panel, noise_scale=noise_scale)
-    tiled = find(panel, noise_scale=noise_scale, tile_size=96, tile_overlap=32)
+    whole = find(panel, noise_scale=noise_scale, bright=bright)
+    tiled = find(panel, noise_scale=noise_scale, bright=bright, tile_size=96, tile_overlap=32)
     assert len(whole) >= 15
     assert peak_set(whole) == peak_set(tiled)
 
 
+@pytest.mark.parametrize("bright", [False, True], ids=["model", "bright"])
 @pytest.mark.parametrize("noise_scale", NOISE_SCALES)
-def test_panel_embedded_in_a_larger_layout_gives_identical_peaks(noise_scale):
+def test_panel_embedded_in_a_larger_layout_gives_identical_peaks(noise_scale, bright):
     rng = np.random.default_rng(2)
     panel = strong_panel(rng, (185, 194))
     layout = np.zeros((512, 640), np.float32)
@@ -88,21 +97,23 @@ def test_panel_embedded_in_a_larger_layout_gives_identical_peaks(noise_scale):
     layout[y0:y0 + 185, x0:x0 + 194] = panel
     good[y0:y0 + 185, x0:x0 + 194] = True
     other = strong_panel(rng, (185, 194)) * 3.0  # a much brighter neighbour panel
-    if noise_scale != "decorrelated":  # that one has one factor per image (a panel's own)
+    # the decorrelation and the bright test's box spreads are one per image (a panel's own)
+    if noise_scale != "decorrelated" and not bright:
         layout[y0:y0 + 185, 448:642 - 2] = other[:, :192]
         good[y0:y0 + 185, 448:640] = True
-    alone = find(panel, noise_scale=noise_scale)
-    inside = [p for p in find(layout, good, noise_scale, tile_size=256, tile_overlap=64)
+    alone = find(panel, noise_scale=noise_scale, bright=bright)
+    inside = [p for p in find(layout, good, noise_scale, bright, tile_size=256, tile_overlap=64)
               if x0 <= p["fs"] < x0 + 194]
     assert len(alone) >= 10
     assert peak_set(alone) == peak_set(np.array(inside), dy=y0, dx=x0)
 
 
-def test_a_large_smooth_gradient_keeps_the_spots():
+@pytest.mark.parametrize("bright", [False, True], ids=["model", "bright"])
+def test_a_large_smooth_gradient_keeps_the_spots(bright):
     panel = strong_panel(np.random.default_rng(3), (256, 384), spots=30)
     yy, xx = np.mgrid[0:256, 0:384]
     ramp = (4000.0 * xx / 384 + 2000.0 * yy / 256).astype(np.float32)
-    flat, tilted = find(panel), find(panel + ramp)
+    flat, tilted = find(panel, bright=bright), find(panel + ramp, bright=bright)
     strong = flat[flat["max_value"] > 400]  # background-subtracted brightest pixel
     kept = sum(np.hypot(tilted["ss"] - p["ss"], tilted["fs"] - p["fs"]).min() < 0.5
                for p in strong)

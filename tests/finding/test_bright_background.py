@@ -1,0 +1,111 @@
+"""The peak decision on bright backgrounds (finding/bright_background.py) and its place in
+``find_peaks``: where the background holds many photons a pixel, a box significance region the
+network does not reject is a peak; elsewhere, and without a gain, the network's threshold alone."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from peaknet_xtal.finding.bright_background import (
+    box_significance,
+    bright_pixels,
+    foreground,
+)
+from peaknet_xtal.finding.peaks import PeakParams, find_peaks
+from peaknet_xtal.sim.artifacts import correlated_noise
+
+SHAPE = (128, 160)
+SPOT = (40, 50)  # a real spot the network doubts (probability 0.35)
+BLOB = (90, 110)  # nothing there, but the network says 0.6
+EDGE = (60, 130)  # a sharp bright feature the network rejects (probability 0.05)
+
+
+def bright_panel(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A 2,500-3,500 ADU ramp with 33 ADU of correlated noise (the strong-background Rayonix's
+    statistics) and one 400-ADU spot at SPOT and one at EDGE; a probability map with the network's
+    doubts described at the top of the module."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:SHAPE[0], 0:SHAPE[1]]
+    image = 2500.0 + 1000.0 * xx / SHAPE[1] + 33.0 * correlated_noise(rng, SHAPE, 0.6)
+    prob = np.full(SHAPE, 0.02)
+    for (y, x), p in ((SPOT, 0.35), (EDGE, 0.05)):
+        image += 400.0 * np.exp(-((yy - y) ** 2 + (xx - x) ** 2) / (2 * 0.8 ** 2))
+        prob[y - 1:y + 2, x - 1:x + 2] = p
+    prob[BLOB[0] - 1:BLOB[0] + 1, BLOB[1] - 1:BLOB[1] + 1] = 0.6
+    return image, prob
+
+
+def near(peaks: np.ndarray, where: tuple[int, int]) -> bool:
+    return bool(np.any(np.hypot(peaks["ss"] - where[0], peaks["fs"] - where[1]) < 2))
+
+
+def test_on_a_bright_background_significance_decides_with_the_network():
+    image, prob = bright_panel()
+    peaks = find_peaks([image], [prob], None, PeakParams(adu_per_photon=1.0, min_snr=0))
+    assert near(peaks, SPOT)  # significant, and the network gives it more than 0.3
+    assert not near(peaks, BLOB)  # the network's call without evidence
+    assert not near(peaks, EDGE)  # evidence the network rejects
+    assert len(peaks) == 1
+
+
+@pytest.mark.parametrize("params", [PeakParams(adu_per_photon=None, min_snr=0),
+                                    PeakParams(adu_per_photon=1.0, min_snr=0,
+                                               bright_photons=None),
+                                    PeakParams(adu_per_photon=40.0, min_snr=0)],
+                         ids=["gain unknown", "test off", "below 100 photons a pixel"])
+def test_elsewhere_the_network_threshold_alone_decides(params):
+    image, prob = bright_panel()
+    peaks = find_peaks([image], [prob], None, params)
+    assert near(peaks, BLOB) and not near(peaks, SPOT) and not near(peaks, EDGE)
+    good = np.ones(SHAPE, bool)
+    np.testing.assert_array_equal(
+        foreground(image, prob, good, 0.5, params.adu_per_photon, params.bright_photons,
+                   params.bright_sigmas, params.bright_prob), prob >= 0.5)
+
+
+def test_bright_is_the_local_background_in_photons():
+    image, _ = bright_panel()
+    good = np.ones(SHAPE, bool)
+    good[:, :8] = False
+    found = bright_pixels(image, good, 1.0, 100.0)
+    assert found is not None
+    bright, background, noise = found
+    assert bright.sum() == good.sum()  # 2,500 photons a pixel everywhere
+    assert np.median(np.abs(background - (2500.0 + 1000.0 * np.arange(SHAPE[1]) / SHAPE[1]))
+                     [good]) < 10.0
+    # at 30 ADU a photon only the ramp's bright end (from 3,000 ADU) holds 100 photons a pixel
+    found = bright_pixels(image, good, 30.0, 100.0)
+    assert found is not None
+    columns = np.flatnonzero(found[0].any(axis=0))
+    assert 0.4 * SHAPE[1] < columns.min() < 0.6 * SHAPE[1] and columns.max() == SHAPE[1] - 1
+    # a sparse photon-counting panel: nothing bright, and no local maps computed
+    sparse = np.random.default_rng(1).poisson(0.1, SHAPE).astype(float)
+    assert bright_pixels(sparse, np.ones(SHAPE, bool), 1.0, 100.0) is None
+
+
+@pytest.mark.parametrize("psf", [0.0, 0.7])
+def test_box_significance_has_unit_spread_on_white_and_correlated_noise(psf):
+    """Each box size is judged against its own spread, so correlated noise (whose box sums
+    spread more than independent pixels' would) does not read as signal."""
+    rng = np.random.default_rng(2)
+    shape = (256, 256)
+    noise = rng.normal(size=shape) if psf == 0 else correlated_noise(rng, shape, psf)
+    noise /= noise.std()
+    sig = box_significance(noise, np.ones(shape, bool))
+    # the best of three unit-spread boxes: 99th percentile ~2.9 (on the correlated noise a
+    # box sum over the pixel spread times its side would reach ~4.5); its tail above 4.5 rare
+    assert 2.4 < np.percentile(sig, 99) < 3.4
+    assert (sig > 4.5).mean() < 5e-4
+
+
+def test_the_quick_count_uses_the_normalisations_cells():
+    from peaknet_xtal.finding.bright_background import CELL, _most_in_a_cell
+    from peaknet_xtal.model.layers.local_norm import DEFAULT_BLOCK
+
+    assert CELL == DEFAULT_BLOCK
+    flags = np.zeros((40, 50), bool)
+    flags[8:24, 8:24] = True  # 256 flags straddling four cells, 64 in each
+    assert _most_in_a_cell(flags) == 64
+    flags[:] = False
+    flags[32:40, 48:50] = True  # the padded corner cell
+    assert _most_in_a_cell(flags) == 16

@@ -73,13 +73,15 @@ def score(items: list, probs: list, settings: tuple[float | None, float | None]
     """F1 and recall per part with hits, false peaks per blank per part, for one setting."""
     from peaknet_xtal.evaluation.metrics import score_frames
     from peaknet_xtal.finding.peaks import find_peaks
+    from peaknet_xtal.finding.settings import DEFAULTS
 
     prob_low, sigmas = settings
     hits: dict[str, list] = {}
     blanks: dict[str, list[int]] = {}
     for (part, frame, strong, every), (maps, base) in zip(items, probs, strict=True):
         params = (replace(base, bright_photons=None) if prob_low is None else
-                  replace(base, bright_prob=prob_low, bright_sigmas=sigmas))
+                  replace(base, bright_photons=DEFAULTS.bright_photons, bright_prob=prob_low,
+                          bright_sigmas=sigmas))
         found = find_peaks(frame.panels, maps, frame.masks, params)
         if len(every):
             hits.setdefault(part, []).append((found, strong, every))

@@ -86,6 +86,11 @@ it: no better on hits, many more noise blobs on strong-background blanks.  Nor d
 (PeakNet's peaks plus regions above a box significance where the probability reaches p_low):
 0.97 of the strong reflections on the report's strong-background set, but hundreds of false
 peaks per blank on the selection frames' photon-counting detectors at every p_low up to 0.3.
+What the pipeline does now (finding/bright_background.py, not a model change): that rule only
+where the local background holds at least 100 photons a pixel, where counting statistics are
+Gaussian and the significance means what it says, with the box spreads per panel and the
+settings chosen on the selection frames (benchmarks/select_bright_background.py); photon-counting
+frames never reach it.
 
 Which data play which role: training, the simulated bank (seed 20240); model selection, the
 simulated validation frames above; acceptance, everything else: the held-out simulated frames of

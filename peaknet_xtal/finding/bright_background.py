@@ -130,8 +130,10 @@ def foreground(panel: np.ndarray, prob: np.ndarray, good: np.ndarray, threshold:
     residual = (np.asarray(panel, np.float64) - background) / noise
     significant = bright & (box_significance(residual, bright) >= sigmas)
     labels, n = ndimage.label(significant, structure=_EIGHT)
-    if n:
-        best = ndimage.maximum(prob, labels, np.arange(1, n + 1))
-        keep = np.concatenate([[False], np.asarray(best) >= min_prob])
+    if n:  # the regions' best probability from their own pixels (ndimage.maximum sorts all)
+        best = np.zeros(n + 1)
+        np.maximum.at(best, labels[significant], prob[significant])
+        keep = best >= min_prob
+        keep[0] = False
         significant = keep[labels]
     return np.where(bright, significant, network)

@@ -40,6 +40,8 @@ _EIGHT = np.ones((3, 3), dtype=bool)
 #: The input normalisation's cell side (``model.layers.local_norm.DEFAULT_BLOCK``, which imports
 #: torch: this module must not, the DIALS plugin loads it lazily).
 CELL = 16
+#: Fewer bright pixels than this in every cell make no bright cell (``bright_pixels``).
+_FEW = 16
 #: Box sides summed (spots on these detectors are 1-3 px).
 BOX_SIDES = (1, 2, 3)
 
@@ -65,10 +67,6 @@ def bright_pixels(panel: np.ndarray, good: np.ndarray, adu_per_photon: float | N
     if not bright.any():
         return None
     return bright, background, noise
-
-
-#: Fewer bright pixels than this in every cell make no bright cell (``bright_pixels``).
-_FEW = 16
 
 
 def _most_in_a_cell(flags: np.ndarray) -> int:

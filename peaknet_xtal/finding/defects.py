@@ -228,28 +228,48 @@ def off_defects(peaks: np.ndarray, defects: Sequence[np.ndarray] | None,
 
 def _neighbour_fractions(peaks: np.ndarray, panels: Sequence[np.ndarray]
                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per peak: excess of its brightest pixel (3x3 around the centre) over the background, the
-    excess of that pixel's brightest neighbour, and their ratio."""
+    """Per peak: excess of its brightest pixel (3x3 around the centre, off-panel pixels left
+    out, NaN ignored; 0 where none is left) over the background, the excess of that pixel's
+    brightest neighbour (its 3 x 3 with itself, NaN ranked first: one NaN there gives the
+    brightest, two give NaN), and their ratio.  Array passes per panel, not a loop per peak (a
+    Pilatus 6M hit's 2,000 peaks: 0.13 s a frame in a loop)."""
     n = len(peaks)
     top, side = np.zeros(n), np.zeros(n)
-    for k in range(n):
-        image = panels[int(peaks["panel"][k])]
-        y, x = int(round(float(peaks["ss"][k]))), int(round(float(peaks["fs"][k])))
-        h, w = image.shape
-        ys, xs = slice(max(y - 1, 0), min(y + 2, h)), slice(max(x - 1, 0), min(x + 2, w))
-        local = np.asarray(image[ys, xs], dtype=np.float64)
-        if local.size == 0:
-            continue
-        j = np.unravel_index(np.nanargmax(local), local.shape)
-        py, px = ys.start + int(j[0]), xs.start + int(j[1])
-        around = np.asarray(image[max(py - 1, 0):py + 2, max(px - 1, 0):px + 2], np.float64)
-        centre = float(image[py, px])
-        others = np.sort(around.ravel())[::-1]
-        neighbour = float(others[1]) if others.size > 1 else float("-inf")
-        bg = float(np.nan_to_num(peaks["background"][k]))
-        top[k], side[k] = centre - bg, neighbour - bg
+    ys_all = np.round(peaks["ss"].astype(np.float64)).astype(np.int64)
+    xs_all = np.round(peaks["fs"].astype(np.float64)).astype(np.int64)
+    for panel in np.unique(peaks["panel"]):
+        at = np.flatnonzero(peaks["panel"] == panel)
+        image = np.asarray(panels[int(panel)])
+        local, inside, rows, cols = _windows(image, ys_all[at], xs_all[at])
+        usable = inside & ~np.isnan(local)
+        some = usable.any(axis=1)
+        at, local, rows, cols, usable = at[some], local[some], rows[some], cols[some], usable[some]
+        best = np.argmax(np.where(usable, local, -np.inf), axis=1)  # first of equals, as nanargmax
+        pick = np.arange(len(at))
+        centre = local[pick, best]
+        around, inside, _, _ = _windows(image, rows[pick, best], cols[pick, best])
+        nans = (inside & np.isnan(around)).sum(axis=1)
+        ranked = np.sort(np.where(inside & ~np.isnan(around), around, -np.inf), axis=1)
+        neighbour = np.where(nans >= 2, np.nan, np.where(nans == 1, ranked[:, -1], ranked[:, -2]))
+        bg = np.nan_to_num(peaks["background"][at].astype(np.float64))
+        top[at], side[at] = centre - bg, neighbour - bg
     ratio = np.where(top > 0, side / np.where(top > 0, top, 1.0), 1.0)
     return top, side, ratio
+
+
+#: a pixel's 3 x 3 window, row by row, as (dy, dx) offsets
+_WINDOW_DY, _WINDOW_DX = np.repeat(np.arange(-1, 2), 3), np.tile(np.arange(-1, 2), 3)
+
+
+def _windows(image: np.ndarray, ys: np.ndarray, xs: np.ndarray
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The 3 x 3 windows of ``image`` around pixels ``(ys, xs)``, row by row, as (N, 9) arrays:
+    float64 values, whether each place lies on the panel, and its (clipped) row and column."""
+    h, w = image.shape
+    rows, cols = ys[:, None] + _WINDOW_DY, xs[:, None] + _WINDOW_DX
+    inside = (rows >= 0) & (rows < h) & (cols >= 0) & (cols < w)
+    rows, cols = np.clip(rows, 0, h - 1), np.clip(cols, 0, w - 1)
+    return np.asarray(image[rows, cols], np.float64), inside, rows, cols
 
 
 def spike_peaks(peaks: np.ndarray, panels: Sequence[np.ndarray]) -> np.ndarray:

@@ -208,6 +208,25 @@ def test_binned_detector_with_one_pixel_spots_keeps_single_pixel_peaks():
     assert not spike_peaks(peaks, [image]).any()
 
 
+def test_neighbour_fractions_at_edges_with_nan_and_on_several_panels():
+    """The brightest pixel of the 3 x 3 around a peak's centre (off-panel and NaN pixels left
+    out) against its own brightest neighbour; a NaN beside it ranks first, as unknown."""
+    from peaknet_xtal.finding.defects import _neighbour_fractions
+
+    a = np.zeros((6, 7))
+    a[0, 1], a[1, 1] = 50.0, 10.0  # at the corner: the peak's brightest, its neighbour
+    b = np.zeros((6, 7))
+    b[3, 3], b[3, 4], b[4, 4] = 40.0, np.nan, 30.0  # NaN beside the brightest
+    b[0, 6], b[1, 6], b[1, 5] = 20.0, np.nan, np.nan  # two NaN beside it
+    peaks = peaks_from_columns(panel=np.array([1, 0, 1, 0]), fs=np.array([4.4, 0.0, 6.0, 5.0]),
+                               ss=np.array([3.6, 0.0, 0.0, 4.0]), background=np.full(4, 5.0))
+    top, side, ratio = _neighbour_fractions(peaks, [a, b])
+    np.testing.assert_array_equal(top, [35.0, 45.0, 15.0, -5.0])
+    np.testing.assert_array_equal(side[:3], [35.0, 5.0, np.nan])
+    assert side[3] == -5.0 and ratio[3] == 1.0  # nothing above the background: no decision
+    np.testing.assert_allclose(ratio[:2], [1.0, 5.0 / 45.0])
+
+
 def stuck_pixel_run(n_frames=5):
     """Noise frames with one stuck pixel at (ss 5, fs 7), and a peak table holding a peak on
     it."""

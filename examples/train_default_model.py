@@ -313,6 +313,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -351,34 +352,44 @@ def tiles_of(panel: np.ndarray, mask: np.ndarray, label: np.ndarray, rng: np.ran
     return out
 
 
-def simulate_bank(path: Path, frames: int, per_frame: int = 6) -> Path:
-    import h5py
-
-    from peaknet_xtal.atomic import atomic_path
+def training_frames(frames: int, per_frame: int = 6) -> Iterator[tuple[Any, list[tuple]]]:
+    """The training bank's frames in order, each with its tiles (``tiles_of``): one seeded draw
+    (``SEED``) that ``simulate_bank`` keeps the tiles of and ``with_fixed_stats`` the frames."""
     from peaknet_xtal.formats.geometry import read_geometry
-    from peaknet_xtal.progress import Progress
     from peaknet_xtal.sim import SimConfig, simulate_frame
 
-    if path.exists():
-        return path
     rng = np.random.default_rng(SEED)
     names = list(TRAIN_GEOMETRIES)
     weights = np.array([TRAIN_GEOMETRIES[n] for n in names], float)
     geometries = {n: read_geometry(GEOMETRIES / n) for n in names}
+    for _ in range(frames):
+        name = names[int(rng.choice(len(names), p=weights / weights.sum()))]
+        gain = float(np.exp(rng.uniform(np.log(1.0), np.log(40.0))))
+        config = SimConfig.randomised(rng, adu_per_photon=gain, max_read_noise=MAX_READ_NOISE,
+                                      defect_seed=int(rng.integers(1 << 30)))
+        frame, truth = simulate_frame(geometries[name], int(rng.integers(1 << 31)), config)
+        counts = np.array([m.sum() for m in truth.peak_masks], float)
+        order = np.argsort(-counts)[:3] if counts.any() else [int(rng.integers(len(counts)))]
+        assert frame.masks is not None  # the simulator always gives masks
+        tiles = []
+        for p in order:
+            tiles += tiles_of(frame.panels[p].astype(np.float32), frame.masks[p],
+                              truth.peak_masks[p], rng, per_frame // 3 + 1)
+        yield frame, tiles
+
+
+def simulate_bank(path: Path, frames: int, per_frame: int = 6) -> Path:
+    import h5py
+
+    from peaknet_xtal.atomic import atomic_path
+    from peaknet_xtal.progress import Progress
+
+    if path.exists():
+        return path
     tiles = []
     with Progress(frames, "frames", desc="simulating bank") as bar:
-        for _ in range(frames):
-            name = names[int(rng.choice(len(names), p=weights / weights.sum()))]
-            gain = float(np.exp(rng.uniform(np.log(1.0), np.log(40.0))))
-            config = SimConfig.randomised(rng, adu_per_photon=gain, max_read_noise=MAX_READ_NOISE,
-                                          defect_seed=int(rng.integers(1 << 30)))
-            frame, truth = simulate_frame(geometries[name], int(rng.integers(1 << 31)), config)
-            counts = np.array([m.sum() for m in truth.peak_masks], float)
-            order = np.argsort(-counts)[:3] if counts.any() else [int(rng.integers(len(counts)))]
-            assert frame.masks is not None  # the simulator always gives masks
-            for p in order:
-                tiles += tiles_of(frame.panels[p].astype(np.float32), frame.masks[p],
-                                  truth.peak_masks[p], rng, per_frame // 3 + 1)
+        for _, frame_tiles in training_frames(frames, per_frame):
+            tiles += frame_tiles
             bar.update(1, extra=f"{len(tiles)} tiles")
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as handle:
         handle["images"] = np.stack([t[0] for t in tiles])
@@ -485,9 +496,22 @@ def calibrate(model_path: Path, frames: dict[str, list[tuple]], max_blank_peaks:
     with torch.no_grad():
         model.head.classifier.bias[1] += float(np.log((1 - threshold) / threshold))
     out = model_path.with_name("model_calibrated.safetensors")
-    save_model(model, out, extra={"calibrated_threshold": threshold})
+    save_model(model, out, extra={"calibrated_threshold": _composed(model_path, threshold)})
     print(f"calibrated: threshold {threshold} folded into the peak logit -> {out}")
     return out
+
+
+def _composed(model_path: Path, threshold: float) -> float:
+    """The threshold on the trained model's own scale that ``threshold`` on ``model_path``'s
+    amounts to, when that model was calibrated before (a candidate given with ``--candidate``
+    that is the installed default): the two shifts of the peak logit add up."""
+    from peaknet_xtal.model import read_config
+
+    before = read_config(model_path).get("extra", {}).get("calibrated_threshold")
+    if before is None:
+        return threshold
+    shift = np.log((1 - threshold) / threshold) + np.log((1 - before) / before)
+    return round(float(1 / (1 + np.exp(shift))), 4)
 
 
 BASELINE = ROOT / "benchmarks" / "baseline" / "default_v1.safetensors"
@@ -550,6 +574,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--candidate", default=None, metavar="WEIGHTS",
                         help="local/swift: skip stages 1-2 and calibrate and select these "
                              "weights (trained before by stage 2)")
+    parser.add_argument("--image-stats", choices=("per_image", "fixed"), default="per_image",
+                        help="local/swift: 'fixed' stores the GRN and GroupNorm statistics, "
+                             "averaged over the training bank's frames, before stage 3 "
+                             "(model/fixed_stats.py: the network then gives a panel the same "
+                             "peaks however it is tiled or laid out)")
     args = parser.parse_args(argv)
     if args.candidate and args.recipe == "v1":
         parser.error("--candidate needs the local or swift recipe (v1 trains its own stages)")
@@ -589,6 +618,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.norm_noise or norm_noise:
             trained = with_norm_noise(trained, args.norm_noise or norm_noise,
                                       work / "candidate.safetensors")
+        if args.image_stats == "fixed":  # stage 2b: on the training bank's frames only
+            trained = with_fixed_stats(trained, args.frames, work / "fixed.safetensors")
         # Stage 3: calibration, on simulated selection frames only (never acceptance frames):
         # the best-F1 threshold with no more false peaks per blank than the baseline gives
         frames = validation_frames()
@@ -610,15 +641,37 @@ def main(argv: list[str] | None = None) -> int:
 def with_norm_noise(weights: Path, norm_noise: str, out: Path) -> Path:
     """A copy of ``weights`` whose local normalisation runs with the ``norm_noise`` scale
     (model/layers/local_norm.py); the weights themselves are unchanged."""
-    from peaknet_xtal.model import load_model, save_model
+    from peaknet_xtal.model import load_model, read_config, save_model
 
     model = load_model(str(weights))
     if model.config.get("input_norm") != "local":
         raise SystemExit(f"{weights}: --norm-noise needs a model with local input normalisation")
     model.config["norm_noise"] = norm_noise
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_model(model, out)
+    save_model(model, out, extra=read_config(weights).get("extra"))
     print(f"{weights}: runs with the {norm_noise!r} noise scale -> {out}")
+    return out
+
+
+def with_fixed_stats(weights: Path, frames: int, out: Path) -> Path:
+    """Stage 2b: a copy of ``weights`` whose GRN and GroupNorm layers use their statistics
+    averaged as the finding engine computes them on the training bank's first ``frames`` frames
+    (whole frames, the engine's tiles: ``model/fixed_stats.py``); the weights are unchanged."""
+    from peaknet_xtal.finding import InferenceEngine
+    from peaknet_xtal.model import load_model, read_config, save_model
+    from peaknet_xtal.model.fixed_stats import ImageStatsRecorder
+    from peaknet_xtal.progress import Progress
+
+    model = load_model(str(weights))
+    engine = InferenceEngine(model, device="cpu", threads=1, fast=False)
+    with ImageStatsRecorder(model) as recorder, Progress(frames, "frames",
+                                                         desc="image statistics") as bar:
+        for frame, _ in training_frames(frames):
+            engine.predict_panels(frame.panels, frame.masks)
+            bar.update(1)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_model(recorder.fixed(), out, extra=read_config(weights).get("extra"))
+    print(f"{weights}: image statistics fixed on {frames} training frames -> {out}")
     return out
 
 

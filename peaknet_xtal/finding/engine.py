@@ -95,7 +95,10 @@ def tile_panel(shape: tuple[int, int], tile_size: int, overlap: int) -> list[tup
 
     Returns ``(y0, x0, h, w, core)`` items; the cores partition the panel exactly, each pixel
     being taken from the tile where it lies farthest from a cut edge, so that the model's border
-    effects at cuts never reach the output.
+    effects at cuts never reach the output.  Tiles start on the model's 32-px grid and the last
+    one along an axis runs to the panel's end (padded to the grid as the whole panel is): a
+    strided network sees a tile shifted by a pixel as another image, so only aligned tiles can
+    give the whole panel's output (model/fixed_stats.py: with fixed image statistics they do).
     """
     ys = _axis_tiles(shape[0], tile_size, overlap)
     xs = _axis_tiles(shape[1], tile_size, overlap)
@@ -106,14 +109,22 @@ def _axis_tiles(length: int, size: int, overlap: int) -> list[tuple[int, int, sl
     if length <= size:
         return [(0, length, slice(0, length))]
     count = -(-(length - overlap) // (size - overlap))  # fewest tiles with >= overlap shared
-    # ... each no larger than that needs (rounded up to the model's 32-px padding multiple): a
-    # 2463-px Pilatus side takes three 864-px tiles, not three of 1024 (1.25x the pixels a side)
-    needed = -(-(length + overlap * (count - 1)) // count)
-    size = min(size, -(-needed // MIN_TILE) * MIN_TILE)
-    starts = np.linspace(0, length - size, count).round().astype(int).tolist()
-    middles = [(starts[i + 1] + starts[i] + size) // 2 for i in range(len(starts) - 1)]
+    while True:
+        # ... each no larger than that needs (rounded up to the model's 32-px padding multiple):
+        # a 2463-px Pilatus side takes three 864-px tiles, not three of 1024 (1.25x the pixels)
+        needed = -(-(length + overlap * (count - 1)) // count)
+        side = min(size, -(-needed // MIN_TILE) * MIN_TILE)
+        last = -(-(length - side) // MIN_TILE) * MIN_TILE  # on the grid, running to the end
+        starts = [int(round(k * last / (count - 1) / MIN_TILE)) * MIN_TILE
+                  for k in range(count)]
+        ends = [start + side for start in starts[:-1]] + [length]
+        if all(ends[k] - starts[k + 1] >= overlap for k in range(count - 1)):
+            break
+        count += 1  # aligning took some overlap: one tile more
+    middles = [(starts[k + 1] + ends[k]) // 2 for k in range(count - 1)]
     cuts = [0] + middles + [length]
-    return [(s, size, slice(cuts[i], cuts[i + 1])) for i, s in enumerate(starts)]
+    return [(start, end - start, slice(cuts[k], cuts[k + 1]))
+            for k, (start, end) in enumerate(zip(starts, ends, strict=True))]
 
 
 class InferenceEngine:

@@ -42,6 +42,9 @@ PUBLISHED_BACKBONE_PARAMS: dict[str, float] = {
     "base": 87.69e6, "large": 196.4e6, "huge": 657.5e6,
 }
 PAD_MULTIPLE = 32
+#: Where the GRN and GroupNorm layers take their statistics: from each input image (as trained),
+#: or ``fixed``, measured once on training tiles and stored (model/fixed_stats.py)
+IMAGE_STATS = ("per_image", "fixed")
 #: Logits forced onto masked pixels: background wins by 30 nats, finite so losses stay finite.
 MASKED_LOGITS = (15.0, -15.0)
 
@@ -58,7 +61,7 @@ class PeakNet(nn.Module):
                  neck_kernel: int = 3, head_channels: int = 256, learned_upsample: bool = True,
                  num_classes: int = 2, drop_path: float = 0.0, name: str = "custom",
                  input_norm: str = "global", norm_block: int = 16,
-                 norm_noise: str = "pixel") -> None:
+                 norm_noise: str = "pixel", image_stats: str = "per_image") -> None:
         super().__init__()
         if dims is None or depths is None:
             if backbone not in BACKBONES:
@@ -69,6 +72,8 @@ class PeakNet(nn.Module):
             raise ValueError(f"input_norm must be 'global' or 'local', got {input_norm!r}")
         if norm_noise not in NOISE_SCALES:
             raise ValueError(f"norm_noise must be one of {NOISE_SCALES}, got {norm_noise!r}")
+        if image_stats not in IMAGE_STATS:
+            raise ValueError(f"image_stats must be one of {IMAGE_STATS}, got {image_stats!r}")
         if backbone is not None and BACKBONES.get(backbone) != (list(dims), list(depths)):
             backbone = None  # overridden widths or depths: no longer the named size
         self.config: dict[str, Any] = {
@@ -77,13 +82,15 @@ class PeakNet(nn.Module):
             "neck_kernel": neck_kernel, "head_channels": head_channels,
             "learned_upsample": learned_upsample, "num_classes": num_classes,
             "drop_path": drop_path, "input_norm": input_norm, "norm_block": norm_block,
-            "norm_noise": norm_noise,
+            "norm_noise": norm_noise, "image_stats": image_stats,
         }
-        self.backbone = ConvNeXtV2Backbone(dims, depths, in_chans=1, drop_path=drop_path)
+        fixed = image_stats == "fixed"
+        self.backbone = ConvNeXtV2Backbone(dims, depths, in_chans=1, drop_path=drop_path,
+                                           fixed_stats=fixed)
         info = self.backbone.feature_info
         self.neck = BiFPN([f["channels"] for f in info], neck_width, neck_blocks, neck_kernel)
         self.head = SegHead(neck_width, [f["stride"] for f in info], head_channels, num_classes,
-                            learned_upsample)
+                            learned_upsample, fixed)
         self.apply(_init_weights)
 
     def normalise(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

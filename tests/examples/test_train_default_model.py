@@ -64,3 +64,35 @@ def test_with_norm_noise_changes_only_the_noise_scale(script, tmp_path):
     with pytest.raises(SystemExit, match="local input normalisation"):
         script.with_norm_noise(tmp_path / "global.safetensors", "decorrelated",
                                tmp_path / "x.safetensors")
+
+
+def test_with_fixed_stats_keeps_the_weights_and_the_calibration(script, tmp_path, real_data):
+    """Stage 2b on the training bank's first two frames: the statistics come from the engine's
+    run over them; the weights and the calibration record carry over."""
+    import torch
+
+    from peaknet_xtal.model import create_model, load_model, read_config, save_model
+
+    model = create_model("yocto", input_norm="local")
+    trained = save_model(model, tmp_path / "trained.safetensors",
+                         extra={"calibrated_threshold": 0.45})
+    out = script.with_fixed_stats(trained, 2, tmp_path / "fixed.safetensors")
+    again = load_model(str(out))
+    assert again.config == {**model.config, "image_stats": "fixed"}
+    assert read_config(out)["extra"] == {"calibrated_threshold": 0.45}
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, again.state_dict()[name]), name
+    nx = [m.nx for m in again.modules() if hasattr(m, "nx")]
+    assert nx and all(torch.isfinite(v).all() and (v > 0).all() for v in nx)
+
+
+def test_a_second_calibration_composes_with_the_first(script, tmp_path):
+    from peaknet_xtal.model import create_model, save_model
+
+    fresh = save_model(create_model("yocto"), tmp_path / "fresh.safetensors")
+    assert script._composed(fresh, 0.55) == 0.55
+    once = save_model(create_model("yocto"), tmp_path / "once.safetensors",
+                      extra={"calibrated_threshold": 0.45})
+    # 0.45 then 0.55 on the shifted scale: the two logit shifts cancel
+    assert script._composed(once, 0.55) == pytest.approx(0.5)
+    assert script._composed(once, 0.5) == pytest.approx(0.45)

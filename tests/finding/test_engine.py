@@ -45,10 +45,25 @@ def test_tiles_of_a_large_panel_are_no_larger_than_the_cover_needs():
     neighbours still share at least the overlap."""
     tiles = tile_panel((2527, 2463), 1024, 64)
     assert len(tiles) == 9
-    assert {(h, w) for _, _, h, w, _ in tiles} == {(896, 864)}
+    assert {(-(-h // 32) * 32, -(-w // 32) * 32) for _, _, h, w, _ in tiles} == {(896, 864)}
     assert sum(h * w for _, _, h, w, _ in tiles) / (2527 * 2463) < 1.15
     rows = sorted({(y0, h) for y0, _, h, _, _ in tiles})
     assert all(a + h - b >= 64 for (a, h), (b, _) in zip(rows, rows[1:], strict=False))
+
+
+@pytest.mark.parametrize("shape", [(2527, 2463), (1920, 1920), (1030, 4100), (2049, 64)])
+def test_tiles_start_on_the_model_grid_and_pad_to_the_panels_end(shape):
+    """A strided network computes the same features for a pixel only on the same 32-px grid:
+    every tile starts on it, and a tile reaching the panel's end is padded to where the whole
+    panel would be."""
+    for size, overlap in ((1024, 64), (640, 384), (256, 32)):
+        for y0, x0, h, w, _ in tile_panel(shape, size, overlap):
+            assert y0 % 32 == 0 and x0 % 32 == 0
+            for start, extent, length in ((y0, h, shape[0]), (x0, w, shape[1])):
+                if start + extent < length:  # inside the panel: unpadded, on the grid
+                    assert extent % 32 == 0 or extent == length
+                else:
+                    assert start + -(-extent // 32) * 32 == -(-length // 32) * 32
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:

@@ -42,30 +42,42 @@ class GRN(nn.Module):
     """Global Response Normalisation (channels-last): boosts channels with large spatial energy.
 
     Starts as the identity (gamma = beta = 0), which keeps deep stacks stable from scratch.
+    With ``fixed`` the per-channel response ``nx`` is a stored buffer instead of a statistic of
+    the input image (``model/fixed_stats.py``): the layer is then pointwise, so what comes out at a
+    pixel no longer depends on the rest of the tile.
     """
 
-    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+    nx: torch.Tensor
+
+    def __init__(self, dim: int, eps: float = 1e-6, fixed: bool = False) -> None:
         super().__init__()
         self.gamma = nn.Parameter(torch.zeros(1, 1, 1, dim))
         self.beta = nn.Parameter(torch.zeros(1, 1, 1, dim))
         self.eps = eps
+        self.fixed = fixed
+        if fixed:
+            self.register_buffer("nx", torch.ones(1, 1, 1, dim))
+
+    def response(self, x: torch.Tensor) -> torch.Tensor:
+        """The per-image, per-channel response ``(B, 1, 1, C)`` of a channels-last ``x``."""
+        gx = torch.linalg.vector_norm(x, ord=2, dim=(1, 2), keepdim=True)
+        return gx / (gx.mean(dim=-1, keepdim=True) + self.eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gx = torch.linalg.vector_norm(x, ord=2, dim=(1, 2), keepdim=True)
-        nx = gx / (gx.mean(dim=-1, keepdim=True) + self.eps)
+        nx = self.nx if self.fixed else self.response(x)
         return self.gamma * (x * nx) + self.beta + x
 
 
 class ConvNeXtV2Block(nn.Module):
     """7x7 depthwise conv -> LN -> Linear(d, 4d) -> GELU -> GRN -> Linear(4d, d), plus residual."""
 
-    def __init__(self, dim: int, drop_path: float = 0.0) -> None:
+    def __init__(self, dim: int, drop_path: float = 0.0, fixed_stats: bool = False) -> None:
         super().__init__()
         self.dwconv = nn.Conv2d(dim, dim, kernel_size=7, padding=3, groups=dim)
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.pwconv1 = nn.Linear(dim, 4 * dim)
         self.act = nn.GELU()
-        self.grn = GRN(4 * dim)
+        self.grn = GRN(4 * dim, fixed=fixed_stats)
         self.pwconv2 = nn.Linear(4 * dim, dim)
         self.drop_path = drop_path
 
@@ -87,7 +99,7 @@ class ConvNeXtV2Backbone(nn.Module):
     """
 
     def __init__(self, dims: list[int] | tuple[int, ...], depths: list[int] | tuple[int, ...],
-                 in_chans: int = 1, drop_path: float = 0.0) -> None:
+                 in_chans: int = 1, drop_path: float = 0.0, fixed_stats: bool = False) -> None:
         super().__init__()
         if len(dims) != len(depths):
             raise ValueError(f"dims {list(dims)} and depths {list(depths)} differ in length")
@@ -105,7 +117,7 @@ class ConvNeXtV2Backbone(nn.Module):
         start = 0
         for dim, depth in zip(self.dims, self.depths, strict=False):
             self.stages.append(nn.Sequential(
-                *[ConvNeXtV2Block(dim, rates[start + j]) for j in range(depth)]))
+                *[ConvNeXtV2Block(dim, rates[start + j], fixed_stats) for j in range(depth)]))
             start += depth
         self.out_norms = nn.ModuleList(LayerNorm2d(d, eps=1e-6) for d in self.dims)
 

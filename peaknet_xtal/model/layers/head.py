@@ -20,17 +20,43 @@ def _groups(channels: int, wanted: int = 32) -> int:
     return max(1, math.gcd(channels, min(wanted, channels // 4)))
 
 
-class _ConvGNGELU(nn.Sequential):
-    def __init__(self, cin: int, cout: int) -> None:
+class FixedGroupNorm(nn.GroupNorm):
+    """GroupNorm whose per-group mean and variance are stored buffers, not statistics of the
+    input image (``model/fixed_stats.py``): a per-channel affine map, so the output at a pixel
+    depends on that pixel alone."""
+
+    group_mean: torch.Tensor
+    group_var: torch.Tensor
+
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5) -> None:
+        super().__init__(num_groups, num_channels, eps)
+        self.register_buffer("group_mean", torch.zeros(num_groups))
+        self.register_buffer("group_var", torch.ones(num_groups))
+
+    def channel_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-channel ``(scale, shift)`` with ``forward(x) = x * scale + shift``."""
+        per = self.num_channels // self.num_groups
+        mean = self.group_mean.repeat_interleave(per)
+        scale = self.weight / torch.sqrt(self.group_var.repeat_interleave(per) + self.eps)
+        return scale, self.bias - mean * scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale, shift = self.channel_affine()
+        return x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
+
+
+class ConvGNGELU(nn.Sequential):
+    def __init__(self, cin: int, cout: int, fixed_stats: bool = False) -> None:
+        norm = FixedGroupNorm if fixed_stats else nn.GroupNorm
         super().__init__(nn.Conv2d(cin, cout, 3, padding=1, bias=False),
-                         nn.GroupNorm(_groups(cout), cout), nn.GELU())
+                         norm(_groups(cout), cout), nn.GELU())
 
 
 class SegHead(nn.Module):
     """Sum of per-level branches at stride 4 -> logits, + optional learned x4 upsampling."""
 
     def __init__(self, in_channels: int, strides: list[int], channels: int, num_classes: int = 2,
-                 learned_upsample: bool = True) -> None:
+                 learned_upsample: bool = True, fixed_stats: bool = False) -> None:
         super().__init__()
         self.base_stride = strides[0]
         self.branches = nn.ModuleList()
@@ -38,7 +64,8 @@ class SegHead(nn.Module):
             n_up = int(round(math.log2(stride / self.base_stride)))
             layers: list[nn.Module] = []
             for k in range(max(1, n_up)):
-                layers.append(_ConvGNGELU(in_channels if k == 0 else channels, channels))
+                layers.append(ConvGNGELU(in_channels if k == 0 else channels, channels,
+                                          fixed_stats))
                 if n_up > 0:
                     layers.append(nn.Upsample(scale_factor=2, mode="bilinear",
                                               align_corners=False))

@@ -108,6 +108,9 @@ def tile_panel(shape: tuple[int, int], tile_size: int, overlap: int) -> list[tup
 def _axis_tiles(length: int, size: int, overlap: int) -> list[tuple[int, int, slice]]:
     if length <= size:
         return [(0, length, slice(0, length))]
+    if size - overlap < MIN_TILE:
+        raise ValueError(f"tiles of {size} px overlapping by {overlap} advance less than the "
+                         f"model's {MIN_TILE}-px grid")
     count = -(-(length - overlap) // (size - overlap))  # fewest tiles with >= overlap shared
     while True:
         # ... each no larger than that needs (rounded up to the model's 32-px padding multiple):
@@ -165,9 +168,10 @@ class InferenceEngine:
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if tile_size < MIN_TILE or tile_overlap < 0 or tile_overlap >= tile_size:
-            raise ValueError(f"need tile_size >= {MIN_TILE} and 0 <= tile_overlap < "
-                             f"tile_size, got {tile_size}, {tile_overlap}")
+        if tile_size < MIN_TILE or tile_overlap < 0 or tile_size - tile_overlap < MIN_TILE:
+            raise ValueError(f"need tile_size >= {MIN_TILE} and 0 <= tile_overlap <= "
+                             f"tile_size - {MIN_TILE} (tiles start on the model's grid), got "
+                             f"{tile_size}, {tile_overlap}")
         params = peak_params or PeakParams()
         check_min_peaks(params.min_peaks if min_peaks is None else min_peaks)
         overrides = {k: v for k, v in (("threshold", threshold), ("min_snr", min_snr),

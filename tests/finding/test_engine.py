@@ -171,6 +171,10 @@ def test_devices_and_bad_settings():
         InferenceEngine(batch_size=0)
     with pytest.raises(ValueError, match="tile_overlap"):
         InferenceEngine(tile_size=64, tile_overlap=64)
+    with pytest.raises(ValueError, match="grid"):  # tiles must advance by a grid cell at least
+        InferenceEngine(tile_size=64, tile_overlap=40)
+    with pytest.raises(ValueError, match="grid"):
+        tile_panel((100, 300), 64, 40)
     params = InferenceEngine(peak_params=PeakParams(max_peaks=5), threshold=0.2).peak_params
     assert (params.threshold, params.max_peaks) == (0.2, 5)
 

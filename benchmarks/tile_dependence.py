@@ -8,8 +8,9 @@ with 512-px tiles, and with the panel embedded in a larger masked layout at an o
 32-px grid (as a panel sits among others in a detector layout): how many of the default's peaks
 each finds again (one-to-one, within 1 px), and how many peaks it finds.  The baseline is the
 default tiling of the same model in the same run.  ``--fixed`` adds, for every model given with
-per-image statistics, its copy with fixed image statistics (model/fixed_stats.py, measured on the
-training bank of examples/train_default_model.py, 40 frames: a few seconds).
+per-image statistics, its copy with fixed image statistics (model/fixed_stats.py) as the training
+script's stage 2b makes them, on its bank's first 40 frames (a couple of minutes; the script
+uses all 320).
 
 Frames: the real Pilatus 6M thaumatin grid (``--frames`` of its 10 frames; 2527 x 2463, one
 panel with module gaps), the real Eiger2 still (4M mode, 2162 x 2068), and the simulated Rayonix
@@ -101,25 +102,19 @@ def shared(a: np.ndarray, b: np.ndarray) -> int:
 
 
 def with_fixed_stats(spec: str) -> Any:
-    """``spec``'s copy with fixed image statistics, from a 40-frame training bank."""
+    """``spec``'s copy with fixed image statistics as the training script's stage 2b makes them
+    (examples/train_default_model.py ``with_fixed_stats``), on its bank's first 40 frames."""
     import tempfile
 
-    import torch
-
     sys.path.insert(0, str(ROOT / "examples"))
-    from train_default_model import simulate_bank
+    from train_default_model import with_fixed_stats as stage_2b
 
     from peaknet_xtal.model import load_model
-    from peaknet_xtal.model.fixed_stats import fix_image_stats
 
+    weights = (ROOT / "peaknet_xtal" / "model" / "weights" / "default.safetensors"
+               if spec == "default" else Path(spec))
     with tempfile.TemporaryDirectory() as tmp:
-        bank = simulate_bank(Path(tmp) / "bank.h5", 40)
-        import h5py
-
-        with h5py.File(bank) as handle:
-            images = torch.from_numpy(np.asarray(handle["images"], np.float32))[:, None]
-            masks = torch.from_numpy(np.asarray(handle["masks"], bool))[:, None]
-    return fix_image_stats(load_model(spec), images, masks)
+        return load_model(str(stage_2b(weights, 40, Path(tmp) / "fixed.safetensors")))
 
 
 def main(argv: list[str] | None = None) -> int:

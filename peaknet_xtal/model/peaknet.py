@@ -43,7 +43,7 @@ PUBLISHED_BACKBONE_PARAMS: dict[str, float] = {
 }
 PAD_MULTIPLE = 32
 #: Where the GRN and GroupNorm layers take their statistics: from each input image (as trained),
-#: or ``fixed``, measured once on training tiles and stored (model/fixed_stats.py)
+#: or ``fixed``, measured once on training data and stored (model/fixed_stats.py)
 IMAGE_STATS = ("per_image", "fixed")
 #: Logits forced onto masked pixels: background wins by 30 nats, finite so losses stay finite.
 MASKED_LOGITS = (15.0, -15.0)

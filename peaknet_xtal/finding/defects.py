@@ -78,8 +78,20 @@ WIDE_SPOTS = 0.15
 STRONG_SIGMAS = 15.0
 
 
-#: The eight neighbours of a pixel, as (dy, dx) offsets.
-_NEIGHBOURS = tuple((dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx)
+#: A pixel's 3 x 3 window, row by row, and its eight neighbours, as (dy, dx) offsets.
+_WINDOW = tuple((dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1))
+_NEIGHBOURS = tuple((dy, dx) for dy, dx in _WINDOW if dy or dx)
+
+
+def _places(shape: tuple[int, ...], ys: np.ndarray, xs: np.ndarray,
+            offsets: tuple[tuple[int, int], ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(inside, rows, cols)``, each (N, len(offsets)): the places ``offsets`` away from pixels
+    ``(ys, xs)``, whether each lies on a panel of ``shape``, clipped onto it for indexing."""
+    h, w = shape
+    rows = ys[:, None] + np.array([dy for dy, _ in offsets])
+    cols = xs[:, None] + np.array([dx for _, dx in offsets])
+    inside = (rows >= 0) & (rows < h) & (cols >= 0) & (cols < w)
+    return inside, np.clip(rows, 0, h - 1), np.clip(cols, 0, w - 1)
 
 
 def _faintest_neighbour(values: np.ndarray, good: np.ndarray) -> np.ndarray:
@@ -99,11 +111,7 @@ def _neighbour_stats(values: np.ndarray, good: np.ndarray, ys: np.ndarray, xs: n
     pairs and short runs of defects still stand out; where some neighbours are masked or off
     the panel, the largest good one: a one-sided neighbourhood sees a gradient as a step) and the
     second largest (-inf with fewer than two good neighbours)."""
-    h, w = values.shape
-    rows = np.stack([ys + dy for dy, _ in _NEIGHBOURS], axis=1)
-    cols = np.stack([xs + dx for _, dx in _NEIGHBOURS], axis=1)
-    inside = (rows >= 0) & (rows < h) & (cols >= 0) & (cols < w)
-    rows, cols = np.clip(rows, 0, h - 1), np.clip(cols, 0, w - 1)
+    inside, rows, cols = _places(values.shape, ys, xs, _NEIGHBOURS)
     use = inside & good[rows, cols]
     ranked = np.sort(np.where(use, values[rows, cols], np.float32(-np.inf)), axis=1)
     count = use.sum(axis=1)
@@ -240,14 +248,17 @@ def _neighbour_fractions(peaks: np.ndarray, panels: Sequence[np.ndarray]
     for panel in np.unique(peaks["panel"]):
         at = np.flatnonzero(peaks["panel"] == panel)
         image = np.asarray(panels[int(panel)])
-        local, inside, rows, cols = _windows(image, ys_all[at], xs_all[at])
+        inside, rows, cols = _places(image.shape, ys_all[at], xs_all[at], _WINDOW)
+        local = np.asarray(image[rows, cols], np.float64)
         usable = inside & ~np.isnan(local)
         some = usable.any(axis=1)
         at, local, rows, cols, usable = at[some], local[some], rows[some], cols[some], usable[some]
         best = np.argmax(np.where(usable, local, -np.inf), axis=1)  # first of equals, as nanargmax
         pick = np.arange(len(at))
         centre = local[pick, best]
-        around, inside, _, _ = _windows(image, rows[pick, best], cols[pick, best])
+        inside, around_rows, around_cols = _places(image.shape, rows[pick, best],
+                                                   cols[pick, best], _WINDOW)
+        around = np.asarray(image[around_rows, around_cols], np.float64)
         nans = (inside & np.isnan(around)).sum(axis=1)
         ranked = np.sort(np.where(inside & ~np.isnan(around), around, -np.inf), axis=1)
         neighbour = np.where(nans >= 2, np.nan, np.where(nans == 1, ranked[:, -1], ranked[:, -2]))
@@ -255,21 +266,6 @@ def _neighbour_fractions(peaks: np.ndarray, panels: Sequence[np.ndarray]
         top[at], side[at] = centre - bg, neighbour - bg
     ratio = np.where(top > 0, side / np.where(top > 0, top, 1.0), 1.0)
     return top, side, ratio
-
-
-#: a pixel's 3 x 3 window, row by row, as (dy, dx) offsets
-_WINDOW_DY, _WINDOW_DX = np.repeat(np.arange(-1, 2), 3), np.tile(np.arange(-1, 2), 3)
-
-
-def _windows(image: np.ndarray, ys: np.ndarray, xs: np.ndarray
-             ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """The 3 x 3 windows of ``image`` around pixels ``(ys, xs)``, row by row, as (N, 9) arrays:
-    float64 values, whether each place lies on the panel, and its (clipped) row and column."""
-    h, w = image.shape
-    rows, cols = ys[:, None] + _WINDOW_DY, xs[:, None] + _WINDOW_DX
-    inside = (rows >= 0) & (rows < h) & (cols >= 0) & (cols < w)
-    rows, cols = np.clip(rows, 0, h - 1), np.clip(cols, 0, w - 1)
-    return np.asarray(image[rows, cols], np.float64), inside, rows, cols
 
 
 def spike_peaks(peaks: np.ndarray, panels: Sequence[np.ndarray]) -> np.ndarray:

@@ -123,6 +123,35 @@ def cell_histograms(path: str | os.PathLike[str], cells: Mapping[str, np.ndarray
     plt.close(fig)
 
 
+def crop_gallery(path: str | os.PathLike[str],
+                 rows: Mapping[str, Sequence[tuple[np.ndarray, str]]], title: str = "") -> None:
+    """Small image crops in labelled rows (label -> (crop, caption) pairs), each crop on its own
+    grey scale from zero counts to its brightest pixel, so a faint cluster and a bright spot
+    both show their shape; NaN (masked, off the panel) is left white."""
+    plt = _pyplot()
+    width = max([len(crops) for crops in rows.values()] + [1])
+    fig, axes = plt.subplots(len(rows), width, figsize=(1.6 * width, 1.9 * len(rows)),
+                             squeeze=False)
+    for r, (label, crops) in enumerate(rows.items()):
+        for c in range(width):
+            ax = axes[r, c]
+            ax.axis("off")
+            if c >= len(crops):
+                continue
+            crop, caption = crops[c]
+            finite = crop[np.isfinite(crop)]
+            top = float(finite.max()) if finite.size else 1.0
+            ax.imshow(crop, cmap="gray_r", vmin=0.0, vmax=max(top, 1.0),
+                      interpolation="nearest")
+            ax.set_title(caption, fontsize=6)
+        axes[r, 0].text(-0.1, 0.5, label, transform=axes[r, 0].transAxes, rotation=90,
+                        ha="right", va="center", fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def score_bars(path: str | os.PathLike[str], scores: Mapping[str, Mapping[str, float]],
                keys: Sequence[str] = ("precision", "recall", "f1")) -> None:
     """Grouped bars of scores per finder."""

@@ -69,3 +69,39 @@ def test_scores_follow_where_the_peaks_are(report, tmp_path, shift, expected):
     assert result["off_reference_on_dispersion"] == 0  # on the list, or off the panel
     # DIALS' own dispersion is scored against the same list, whatever PeakNet reports
     assert 0 < result["dispersion_precision"] <= 1
+    # the audit of the off-list peaks judges the first sweep's ten consecutive images
+    audit = result["audit"]["peaknet"]
+    assert audit["frames"] == 10 and audit["on_reference"] == round(audit["peaks"] * expected)
+    if expected == 1.0:
+        assert audit["off_reference_recurring"] == 0 and audit["on_reference_or_recurring"] == 1
+    else:  # moved off the list, a spot that spans images still comes back on the next one
+        assert 0 < audit["off_reference_recurring"] < audit["off_reference"]
+    assert (tmp_path / "lcysteine_offlist.png").exists()
+    spots = sum(r["reference"] for r in result["frames"])
+    assert result["reference_missed"] == round(spots * (1 - expected))
+    assert result["reference_missed_peak_within_2x"] == 0  # found, or 5000 px away
+
+
+def test_recurring_needs_the_same_place_on_a_neighbouring_image(report):
+    spot, elsewhere = np.array([[100.0, 200.0]]), np.array([[400.0, 50.0]])
+    frames = [(0, 0), (0, 1), (0, 3), (1, 0)]
+    points = [spot, spot + [1.0, -1.0], spot, spot]  # drifts 1.4 px: still the same place
+    again, judged = report.recurring(frames, points)
+    # image 3 has no neighbour here (2 and 4 are missing), nor has sweep 1's single image
+    assert judged == [True, True, False, False]
+    assert [bool(a[0]) for a in again] == [True, True, False, False]
+    again, _ = report.recurring(frames, [spot, elsewhere, spot, spot])
+    assert not again[0][0] and not again[1][0]  # a peak elsewhere on the next image
+    again, _ = report.recurring(frames, [spot, spot + report.MATCH_PX + 1, spot, spot])
+    assert not again[0][0]  # beyond MATCH_PX is another place
+    assert report.frame_name((1, 0)) == "l-cyst_02_00001"
+    assert report.frame_of(report.frame_name((0, 9)) + ".cbf.bz2") == (0, 9)
+
+
+def test_near_misses_are_counted_apart(report, tmp_path):
+    """Peaks 4.5 px from every reference centroid: all missed at MATCH_PX, all within twice it."""
+    from peaknet_xtal.evaluation.finders import DispersionFinder
+
+    result = report.cysteine(ReferenceFinder(report, 4.5), DispersionFinder(), tmp_path)
+    assert result["reference_missed"] > 0
+    assert result["reference_missed_peak_within_2x"] == result["reference_missed"]

@@ -1,11 +1,13 @@
 """False peaks on blank frames and hit calling, with the shared finding defaults.
 
-For each of four real detector geometries (ePix10k2M, CSPAD, JUNGFRAU 4M, Rayonix) a simulated
-run of blank frames (no crystal) and hits is made with randomised conditions: the simulator's
-randomised settings (backgrounds, water rings, kapton, read noise, per-panel pedestals, masked
-defects), plus on a third of the frames a strong smooth background with large gradients
-(``sim.artifacts.add_strong_background``), unmasked hot pixels that recur in every frame of the
-run, a jet streak on every other frame and zingers now and then.  Frames declare no gain of their
+For each of six real detector geometries (ePix10k2M, CSPAD, JUNGFRAU 4M, Rayonix; the
+photon-counting Pilatus 6M and Eiger 16M binned 2x2, whose counts are exact: no read noise, no
+pedestal) a simulated run of blank frames (no crystal) and hits is made with randomised
+conditions: the simulator's randomised settings (backgrounds, water rings, kapton, read noise,
+per-panel pedestals, masked defects), plus on a third of the frames a strong smooth background
+with large gradients (``sim.artifacts.add_strong_background``), unmasked hot pixels that recur
+in every frame of the run, a jet streak on every other frame and zingers now and then; the
+photon-counting frames are rounded to whole counts after all of it.  Frames declare no gain of their
 own (as a CXI file read through a geometry): the gain is the geometry's or measured from the data,
 as every entry point resolves it.  The frames go through one ``InferenceEngine`` per run, in
 order, so the run-level defect filter acts as in ``peaknet2cxi``.
@@ -29,6 +31,8 @@ L-cysteine Pilatus 2M rotation frames (1-7 sharp spots each; reported, not a hit
 Example (about 10 minutes on a busy 2-core machine for 24 + 24 frames a detector):
   nice -n 10 python benchmarks/bench_blanks.py --set selection --frames 24 --sources --sweep
   nice -n 10 python benchmarks/bench_blanks.py --set acceptance --frames 24 --real
+  python benchmarks/bench_blanks.py --set acceptance --detectors pilatus6m eiger16m-bin2 \
+      [--noisy-counting]   # the photon-counting pair, on exact counts (or with read noise)
 """
 from __future__ import annotations
 
@@ -47,13 +51,19 @@ ROOT = Path(__file__).resolve().parents[1]
 REAL = ROOT.parent / "shared" / "data" / "real"
 GEOMETRIES = REAL / "crystfel_geometry"
 
-#: name -> (geometry file, ADU per photon of the run; None: the geometry's own adu_per_eV)
+#: name -> (geometry file, ADU per photon of the run; None: the geometry's own adu_per_eV);
+#: new detectors go last: a detector's seeds follow its place here
 DETECTORS: dict[str, tuple[str, float | None]] = {
     "epix10k2m": ("om_lcls_mfx_epix10k2M.geom", 10.0),
     "cspad": ("crystfel_doc_cspad-cxiformat.geom", None),
     "jungfrau4m": ("om_lcls_cxi_jungfrau4M.geom", 8.0),
     "rayonix": ("om_lcls_rayonix.geom", 1.0),
+    "pilatus6m": ("crystfel_doc_pilatus.geom", 1.0),
+    "eiger16m-bin2": ("crystfel_doc_Eiger16M-binning2-nativefiles.geom", 1.0),
 }
+#: photon-counting detectors: exact counts (no read noise, no pedestal), as a Pilatus or an
+#: Eiger writes them; every other detector's read noise is drawn as the simulator draws it
+COUNTING = frozenset({"pilatus6m", "eiger16m-bin2"})
 SEED_BASE = {"selection": 5_000_000_000, "acceptance": 6_000_000_000}
 HOT_PIXELS = 40  # unmasked, the same pixels in every frame of a run
 MATCH_PX = 3.0  # a found peak within this many pixels of a true reflection is on it
@@ -78,9 +88,11 @@ class FrameRecord:
     conditions: str = ""
 
 
-def run_frames(name: str, set_name: str, n_blank: int, n_hit: int
+def run_frames(name: str, set_name: str, n_blank: int, n_hit: int, exact_counts: bool = True
                ) -> Iterator[tuple[Any, Any, dict[str, Any]]]:
-    """The simulated run of one detector: blanks and hits interleaved (see the module doc)."""
+    """The simulated run of one detector: blanks and hits interleaved (see the module doc);
+    ``exact_counts=False`` gives the photon-counting detectors read noise and pedestals as the
+    others have (the same frames otherwise: the same random draws)."""
     from peaknet_xtal.formats.geometry import read_geometry
     from peaknet_xtal.sim import SimConfig, artifacts, simulate_frame
 
@@ -95,8 +107,10 @@ def run_frames(name: str, set_name: str, n_blank: int, n_hit: int
         seed = base + 1 + k
         hit = kinds[index] == "hit"
         rng = np.random.default_rng(seed)
+        counting = exact_counts and name in COUNTING
+        exact = {"read_noise": 0.0, "pedestal_sigma": 0.0} if counting else {}
         config = SimConfig.randomised(rng, hit_probability=1.0 if hit else 0.0,
-                                      adu_per_photon=gain)
+                                      adu_per_photon=gain, **exact)
         frame, truth = simulate_frame(geometry, seed, config)
         adu = float(truth.adu_per_photon)
         shapes = [np.shape(p) for p in frame.panels]
@@ -129,6 +143,8 @@ def run_frames(name: str, set_name: str, n_blank: int, n_hit: int
                 zinger_maps[p] = zinger_maps.get(p, np.zeros(shapes[p], bool)) | (
                     panels[p] != before)
             notes.append("zinger")
+        if counting:  # what such a detector writes: whole counts, artefacts included
+            panels = [np.clip(np.rint(p), 0.0, None) for p in panels]
         frame.panels = [p.astype(np.float32) for p in panels]
         frame.meta["adu_per_photon"] = None  # declared by the geometry or measured, as from CXI
         info = {"hot": hot, "streak": (streak, streak_map) if streak is not None else None,
@@ -159,8 +175,8 @@ def classify(peaks: np.ndarray, info: dict[str, Any]) -> np.ndarray:
 
 
 def measure(name: str, set_name: str, n_blank: int, n_hit: int, model: str = "default",
-            thresholds: Sequence[float] | None = None, true_gain: bool = False
-            ) -> dict[float, list[FrameRecord]]:
+            thresholds: Sequence[float] | None = None, true_gain: bool = False,
+            exact_counts: bool = True) -> dict[float, list[FrameRecord]]:
     """Run one detector's frames through one engine, once; per probability threshold the
     records at min_snr 0 (the SNR and peak-count cuts are applied later), each threshold with
     its own run-level defect filter, as a run at that threshold would have.  ``true_gain``
@@ -176,7 +192,8 @@ def measure(name: str, set_name: str, n_blank: int, n_hit: int, model: str = "de
     thresholds = list(thresholds or [engine.peak_params.threshold])
     filters = {t: DefectFilter() for t in thresholds}
     records: dict[float, list[FrameRecord]] = {t: [] for t in thresholds}
-    for index, (frame, truth, info) in enumerate(run_frames(name, set_name, n_blank, n_hit)):
+    frames = run_frames(name, set_name, n_blank, n_hit, exact_counts)
+    for index, (frame, truth, info) in enumerate(frames):
         (probs,), (goods,) = engine._predict_many([frame.panels], [frame.masks])
         base = engine.params_for(frame)
         refl = truth.reflections
@@ -369,6 +386,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--true-gain", dest="true_gain", action="store_true",
                         help="give the engine the simulated gain (detectors with a fixed one)")
     parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--noisy-counting", dest="exact_counts", action="store_false",
+                        help="photon-counting detectors with read noise and pedestals, as the "
+                             "training bank's frames all have")
     parser.add_argument("--real", action="store_true", help="also the real frames")
     parser.add_argument("--no-sim", dest="sim", action="store_false")
     parser.add_argument("--skip", type=int, default=None,
@@ -395,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.detectors:
             start = time.perf_counter()
             measured = measure(name, args.set_name, args.frames, args.frames, args.model,
-                               args.thresholds, args.true_gain)
+                               args.thresholds, args.true_gain, args.exact_counts)
             for t, records in measured.items():
                 per_threshold.setdefault(t, {})[name] = records
             print(f"  {name}: {2 * args.frames} frames in {time.perf_counter() - start:.0f} s",

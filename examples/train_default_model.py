@@ -2,7 +2,7 @@
 
     python examples/train_default_model.py [--frames 320] [--steps 8000] [--work runs/default]
         [--baseline WEIGHTS] [--no-install] [--recipe local|swift|v1] [--norm-noise SCALE]
-        [--candidate WEIGHTS] [--image-stats per_image|fixed]
+        [--candidate WEIGHTS] [--image-stats per_image|fixed] [--exact-counts F]
 
 Stage 1, the training bank.  Simulate frames across many real detector geometries
    (../shared/data/real/crystfel_geometry), with randomised conditions (cells, fluence,
@@ -10,7 +10,10 @@ Stage 1, the training bank.  Simulate frames across many real detector geometrie
    water rings, kapton, dead/hot pixels) and gains from photon counting (1 ADU/photon) to
    CSPAD-like (~40), and cut 128x128 tiles around spots plus two random background tiles per
    chosen panel into an HDF5 file in the stream2labels layout (images, masks, labels): 320
-   frames give ~3,000 tiles in two minutes on the busy 2-core machine.
+   frames give ~3,000 tiles in two minutes on the busy 2-core machine.  ``--exact-counts F``
+   simulates a fraction F of the frames as a photon-counting detector writes them (whole
+   counts, no read noise, no pedestal; the shipped bank has none: every frame carries 0.05-1
+   photon of read noise, and benchmarks/bench_blanks.py finds exact counts far worse).
 Stage 2, training.  The shipped default (``--recipe local``, the default recipe): the
    zepto-backbone ``default`` architecture (model/peaknet.py, 0.59 M parameters) from scratch
    with peaknet-train and examples/configs/train_default_localnorm.yaml: local input
@@ -373,22 +376,35 @@ def tiles_of(panel: np.ndarray, mask: np.ndarray, label: np.ndarray, rng: np.ran
     return out
 
 
-def training_frames(frames: int, per_frame: int = 6) -> Iterator[tuple[Any, list[tuple]]]:
+def training_frames(frames: int, per_frame: int = 6, exact_counts: float = 0.0
+                    ) -> Iterator[tuple[Any, list[tuple]]]:
     """The training bank's frames in order, each with its tiles (``tiles_of``): one seeded draw
-    (``SEED``) that ``simulate_bank`` keeps the tiles of and ``with_fixed_stats`` the frames."""
+    (``SEED``) that ``simulate_bank`` keeps the tiles of and ``with_fixed_stats`` the frames.
+
+    ``exact_counts``: the fraction of frames simulated as a photon-counting detector writes them
+    (1 count a photon, no read noise, no pedestal, whole counts); which frames is drawn from its
+    own generator, so that every frame is otherwise the same draw and 0 gives the shipped bank.
+    """
     from peaknet_xtal.formats.geometry import read_geometry
     from peaknet_xtal.sim import SimConfig, simulate_frame
 
     rng = np.random.default_rng(SEED)
+    counting = np.random.default_rng(SEED + 1)
     names = list(TRAIN_GEOMETRIES)
     weights = np.array([TRAIN_GEOMETRIES[n] for n in names], float)
     geometries = {n: read_geometry(GEOMETRIES / n) for n in names}
     for _ in range(frames):
         name = names[int(rng.choice(len(names), p=weights / weights.sum()))]
         gain = float(np.exp(rng.uniform(np.log(1.0), np.log(40.0))))
-        config = SimConfig.randomised(rng, adu_per_photon=gain, max_read_noise=MAX_READ_NOISE,
-                                      defect_seed=int(rng.integers(1 << 30)))
+        exact = bool(counting.random() < exact_counts)
+        counted = {"adu_per_photon": 1.0, "read_noise": 0.0, "pedestal_sigma": 0.0} if exact \
+            else {"adu_per_photon": gain}
+        config = SimConfig.randomised(rng, max_read_noise=MAX_READ_NOISE,
+                                      defect_seed=int(rng.integers(1 << 30)), **counted)
         frame, truth = simulate_frame(geometries[name], int(rng.integers(1 << 31)), config)
+        if exact:
+            frame.panels = [np.clip(np.rint(p), 0.0, None).astype(np.float32)
+                            for p in frame.panels]
         counts = np.array([m.sum() for m in truth.peak_masks], float)
         order = np.argsort(-counts)[:3] if counts.any() else [int(rng.integers(len(counts)))]
         assert frame.masks is not None  # the simulator always gives masks
@@ -399,7 +415,8 @@ def training_frames(frames: int, per_frame: int = 6) -> Iterator[tuple[Any, list
         yield frame, tiles
 
 
-def simulate_bank(path: Path, frames: int, per_frame: int = 6) -> Path:
+def simulate_bank(path: Path, frames: int, per_frame: int = 6, exact_counts: float = 0.0
+                  ) -> Path:
     import h5py
 
     from peaknet_xtal.atomic import atomic_path
@@ -409,7 +426,7 @@ def simulate_bank(path: Path, frames: int, per_frame: int = 6) -> Path:
         return path
     tiles = []
     with Progress(frames, "frames", desc="simulating bank") as bar:
-        for _, frame_tiles in training_frames(frames, per_frame):
+        for _, frame_tiles in training_frames(frames, per_frame, exact_counts):
             tiles += frame_tiles
             bar.update(1, extra=f"{len(tiles)} tiles")
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as handle:
@@ -577,6 +594,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="local/swift: the peaknet-train config of stage 2 (default: the "
                              "recipe's)")
     parser.add_argument("--frames", type=int, default=320)
+    parser.add_argument("--exact-counts", dest="exact_counts", type=float, default=0.0,
+                        metavar="FRACTION",
+                        help="this fraction of the bank's frames as a photon-counting detector "
+                             "writes them (whole counts, no read noise; the shipped default: 0)")
     parser.add_argument("--steps", type=int, default=None,
                         help="training steps (local: 8000; swift: 14000; v1 stage 1: 10000)")
     parser.add_argument("--finetune-steps", type=int, default=2000, help="v1's fine-tune steps")
@@ -614,7 +635,8 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work)
     started = time.time()
     # Stage 1: the training bank
-    bank = None if args.candidate else simulate_bank(work / "bank.h5", args.frames)
+    bank = None if args.candidate else simulate_bank(work / "bank.h5", args.frames,
+                                                     exact_counts=args.exact_counts)
     if args.recipe == "v1":
         assert bank is not None  # --candidate is refused with v1 above
         stage1, stage2 = _train_v1(args, work, bank, train_main)
@@ -640,7 +662,8 @@ def main(argv: list[str] | None = None) -> int:
             trained = with_norm_noise(trained, args.norm_noise or norm_noise,
                                       work / "candidate.safetensors")
         if args.image_stats == "fixed":  # stage 2b: on the training bank's frames only
-            trained = with_fixed_stats(trained, args.frames, work / "fixed.safetensors")
+            trained = with_fixed_stats(trained, args.frames, work / "fixed.safetensors",
+                                       args.exact_counts)
         # Stage 3: calibration, on simulated selection frames only (never acceptance frames):
         # the best-F1 threshold with no more false peaks per blank than the baseline gives
         frames = validation_frames()
@@ -674,7 +697,8 @@ def with_norm_noise(weights: Path, norm_noise: str, out: Path) -> Path:
     return out
 
 
-def with_fixed_stats(weights: Path, frames: int, out: Path) -> Path:
+def with_fixed_stats(weights: Path, frames: int, out: Path, exact_counts: float = 0.0
+                     ) -> Path:
     """Stage 2b: a copy of ``weights`` whose GRN and GroupNorm layers use their statistics
     averaged as the finding engine computes them on the training bank's first ``frames`` frames
     (whole frames, the engine's tiles: ``model/fixed_stats.py``); the weights are unchanged."""
@@ -687,7 +711,7 @@ def with_fixed_stats(weights: Path, frames: int, out: Path) -> Path:
     engine = InferenceEngine(model, device="cpu", threads=1, fast=False)
     with ImageStatsRecorder(model) as recorder, Progress(frames, "frames",
                                                          desc="image statistics") as bar:
-        for frame, _ in training_frames(frames):
+        for frame, _ in training_frames(frames, exact_counts=exact_counts):
             engine.predict_panels(frame.panels, frame.masks)
             bar.update(1)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -70,6 +70,22 @@ def test_false_peaks_are_traced_to_hot_pixels_streaks_and_zingers(bench):
     assert bench.classify(peaks, info).tolist() == ["hot", "streak", "zinger", "other"]
 
 
+def test_photon_counting_runs_hold_whole_counts(bench, real_data):
+    """The photon-counting detectors' frames are exact counts (no read noise, no pedestal, the
+    artefacts counted too); an integrating detector's are not."""
+    for name, whole in (("eiger16m-bin2", True), ("rayonix", False)):
+        assert (name in bench.COUNTING) is whole
+        frame, _, _ = next(bench.run_frames(name, "selection", 1, 0))
+        values = np.concatenate([p[m] for p, m in zip(frame.panels, frame.masks, strict=True)])
+        assert bool(np.all(values == np.rint(values)) and values.min() >= 0) is whole
+    # --noisy-counting: the same frame with read noise, as the training bank's frames have
+    noisy, _, _ = next(bench.run_frames("eiger16m-bin2", "selection", 1, 0, exact_counts=False))
+    exact, _, _ = next(bench.run_frames("eiger16m-bin2", "selection", 1, 0))
+    difference = np.concatenate([a[m] - b[m] for a, b, m in
+                                 zip(noisy.panels, exact.panels, exact.masks, strict=True)])
+    assert 0 < np.abs(difference).mean() < 1  # photons: noise on the same counts
+
+
 @pytest.mark.slow
 def test_one_tiny_simulated_run_end_to_end(bench, real_data, capsys):
     """One blank and one hit on CSPAD with the shipped model: the numbers are printed."""

@@ -96,3 +96,20 @@ def test_a_second_calibration_composes_with_the_first(script, tmp_path):
     # 0.45 then 0.55 on the shifted scale: the two logit shifts cancel
     assert script._composed(once, 0.55) == pytest.approx(0.5)
     assert script._composed(once, 0.5) == pytest.approx(0.45)
+
+
+def test_exact_counts_change_only_the_chosen_frames_noise(script, real_data):
+    """``--exact-counts``: the chosen frames are whole counts (a photon-counting detector's), the
+    others stay the shipped bank's frames; at 0 no frame is whole counts (read noise)."""
+    import numpy as np
+
+    def whole(frame) -> bool:
+        values = np.concatenate([p[m] for p, m in zip(frame.panels, frame.masks, strict=True)])
+        return bool(np.all(values == np.rint(values)) and values.min() >= 0)
+
+    shipped = [frame for frame, _ in script.training_frames(3)]
+    counted = [frame for frame, _ in script.training_frames(3, exact_counts=1.0)]
+    assert not any(whole(f) for f in shipped) and all(whole(f) for f in counted)
+    # the same draw otherwise: the same detector geometry for each frame
+    for a, b in zip(shipped, counted, strict=True):
+        assert [p.shape for p in a.panels] == [p.shape for p in b.panels]

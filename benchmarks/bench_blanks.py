@@ -94,7 +94,7 @@ def run_frames(name: str, set_name: str, n_blank: int, n_hit: int, exact_counts:
     ``exact_counts=False`` gives the photon-counting detectors read noise and pedestals as the
     others have (the same frames otherwise: the same random draws)."""
     from peaknet_xtal.formats.geometry import read_geometry
-    from peaknet_xtal.sim import SimConfig, artifacts, simulate_frame
+    from peaknet_xtal.sim import PHOTON_COUNTING, SimConfig, artifacts, simulate_frame, whole_counts
 
     geom_file, gain = DETECTORS[name]
     geometry = read_geometry(GEOMETRIES / geom_file)
@@ -108,7 +108,7 @@ def run_frames(name: str, set_name: str, n_blank: int, n_hit: int, exact_counts:
         hit = kinds[index] == "hit"
         rng = np.random.default_rng(seed)
         counting = exact_counts and name in COUNTING
-        exact = {"read_noise": 0.0, "pedestal_sigma": 0.0} if counting else {}
+        exact = PHOTON_COUNTING if counting else {}
         config = SimConfig.randomised(rng, hit_probability=1.0 if hit else 0.0,
                                       adu_per_photon=gain, **exact)
         frame, truth = simulate_frame(geometry, seed, config)
@@ -144,7 +144,7 @@ def run_frames(name: str, set_name: str, n_blank: int, n_hit: int, exact_counts:
                     panels[p] != before)
             notes.append("zinger")
         if counting:  # what such a detector writes: whole counts, artefacts included
-            panels = [np.clip(np.rint(p), 0.0, None) for p in panels]
+            panels = [whole_counts(p) for p in panels]
         frame.panels = [p.astype(np.float32) for p in panels]
         frame.meta["adu_per_photon"] = None  # declared by the geometry or measured, as from CXI
         info = {"hot": hot, "streak": (streak, streak_map) if streak is not None else None,

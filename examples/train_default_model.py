@@ -386,7 +386,7 @@ def training_frames(frames: int, per_frame: int = 6, exact_counts: float = 0.0
     own generator, so that every frame is otherwise the same draw and 0 gives the shipped bank.
     """
     from peaknet_xtal.formats.geometry import read_geometry
-    from peaknet_xtal.sim import SimConfig, simulate_frame
+    from peaknet_xtal.sim import PHOTON_COUNTING, SimConfig, simulate_frame, whole_counts
 
     rng = np.random.default_rng(SEED)
     counting = np.random.default_rng(SEED + 1)
@@ -397,14 +397,12 @@ def training_frames(frames: int, per_frame: int = 6, exact_counts: float = 0.0
         name = names[int(rng.choice(len(names), p=weights / weights.sum()))]
         gain = float(np.exp(rng.uniform(np.log(1.0), np.log(40.0))))
         exact = bool(counting.random() < exact_counts)
-        counted = {"adu_per_photon": 1.0, "read_noise": 0.0, "pedestal_sigma": 0.0} if exact \
-            else {"adu_per_photon": gain}
+        counted = {"adu_per_photon": 1.0, **PHOTON_COUNTING} if exact else {"adu_per_photon": gain}
         config = SimConfig.randomised(rng, max_read_noise=MAX_READ_NOISE,
                                       defect_seed=int(rng.integers(1 << 30)), **counted)
         frame, truth = simulate_frame(geometries[name], int(rng.integers(1 << 31)), config)
         if exact:
-            frame.panels = [np.clip(np.rint(p), 0.0, None).astype(np.float32)
-                            for p in frame.panels]
+            frame.panels = [whole_counts(p).astype(np.float32) for p in frame.panels]
         counts = np.array([m.sum() for m in truth.peak_masks], float)
         order = np.argsort(-counts)[:3] if counts.any() else [int(rng.integers(len(counts)))]
         assert frame.masks is not None  # the simulator always gives masks

@@ -19,6 +19,17 @@ from peaknet_xtal.sim.crystal import PRESET_CELLS, Cell
 REFERENCE_FLUENCE = 1e12
 
 
+#: ``SimConfig`` settings of a photon-counting detector (a Pilatus, an Eiger): no read noise, no
+#: pedestal, so that its frames are exact counts (:func:`whole_counts` after any artefacts)
+PHOTON_COUNTING: dict[str, float] = {"read_noise": 0.0, "pedestal_sigma": 0.0}
+
+
+def whole_counts(panel: np.ndarray) -> np.ndarray:
+    """What a photon-counting detector writes: whole, non-negative counts (artefacts added in
+    photons, such as streaks or hot pixels, are counted too)."""
+    return np.clip(np.rint(panel), 0.0, None)
+
+
 @dataclass
 class SimConfig:
     """Every knob of :func:`peaknet_xtal.sim.simulate_frame`; defaults give a typical XFEL hit."""

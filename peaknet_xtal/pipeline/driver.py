@@ -10,7 +10,9 @@ The driver owns no data; it starts the stages, watches them and keeps the books:
   (results are routed to writers by a stable hash of the key, so one writer sees every copy).
 - **Ctrl-C.**  The first SIGINT aborts the frame queue (pending frames are dropped, never written),
   lets the batches already leased finish, and closes the writers, so everything done is on disk.
-  A second SIGINT stops at once.
+  A second SIGINT stops at once.  The first only sets a flag that the loop reads: Python's default
+  handler raises ``KeyboardInterrupt`` wherever the main thread is, and one raised inside a
+  finaliser (a Ray object reference being freed) is printed and ignored, so a run could miss it.
 - **Resume.**  Keys already in the writers' finished output are skipped by the sources.
 
 ``backend="ray"`` (default) runs every stage as a Ray actor, on a local Ray or the cluster at
@@ -21,9 +23,12 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+import signal
+import threading
+from collections.abc import Iterator, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -232,6 +237,7 @@ class Driver:
         self.failures: list[str] = []
         self.restarts = 0
         self.interrupted = False
+        self.stop_requested = False  # set by the SIGINT handler, acted on by the loop
         self.fatal: BaseException | None = None
         self.live_workers = 0
         self.results_closed = False
@@ -348,10 +354,35 @@ class Driver:
             try:
                 for future in self.backend.wait(list(self.running), interval):
                     self.on_done(future)
+                if self.stop_requested and not self.interrupted:
+                    self.interrupt()
                 self.advance()
                 monitor.sample(self.frames.stats(), [q.stats() for q in self.results])
             except KeyboardInterrupt:
                 self.interrupt()
+
+
+@contextmanager
+def sigint_requests_stop(driver: Driver) -> Iterator[None]:
+    """While inside, a first Ctrl-C sets ``driver.stop_requested``; a second raises at once.
+
+    Only the main thread may install signal handlers; elsewhere (a driver run from a thread) the
+    caller's handling stays as it is.  The previous handler is restored on the way out.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def request_stop(signum: int, frame: Any) -> None:
+        if driver.stop_requested:
+            raise KeyboardInterrupt
+        driver.stop_requested = True
+
+    previous = signal.signal(signal.SIGINT, request_stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def run_pipeline(config: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -364,11 +395,14 @@ def run_pipeline(config: Mapping[str, Any] | None = None) -> dict[str, Any]:
     backend = RayBackend(cfg) if cfg["backend"] == "ray" else ThreadBackend(cfg)
     try:
         driver = Driver(cfg, backend)
-        skipped = driver.start()
-        monitor_json = cfg["monitor_json"] or f"{str(cfg['output']).rstrip('/')}.pipeline.json"
-        monitor = PipelineMonitor(None, progress=bool(cfg["progress"]),
-                                  interval=float(cfg["monitor_interval"]), live_path=monitor_json)
-        driver.loop(monitor)
+        with sigint_requests_stop(driver):
+            skipped = driver.start()
+            monitor_json = (cfg["monitor_json"]
+                            or f"{str(cfg['output']).rstrip('/')}.pipeline.json")
+            monitor = PipelineMonitor(None, progress=bool(cfg["progress"]),
+                                      interval=float(cfg["monitor_interval"]),
+                                      live_path=monitor_json)
+            driver.loop(monitor)
         final = driver.frames.stats()
         monitor.sample(final, [q.stats() for q in driver.results])
         summary = monitor.close(

@@ -140,3 +140,24 @@ def test_ctrl_c_flushes_and_a_rerun_completes(tmp_path: Path, stacks):
     assert rerun.stdout.split() == ["COMPLETE", str(200 - sum(first.values()))]
     final = stacks.written(out.parent)
     assert set(final) == stacks.expected(path, 200) and set(final.values()) == {1}
+
+
+class _Flag:
+    stop_requested = False
+
+
+def test_a_first_ctrl_c_only_requests_a_stop_and_a_second_stops_at_once():
+    """The first SIGINT sets a flag the loop reads (an exception raised in a finaliser would be
+    ignored); the second raises; the caller's handler comes back afterwards."""
+    from peaknet_xtal.pipeline.driver import sigint_requests_stop
+
+    before = signal.getsignal(signal.SIGINT)
+    driver = _Flag()
+    with sigint_requests_stop(driver):  # type: ignore[arg-type]
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)  # the handler runs in the main thread between bytecodes
+        assert driver.stop_requested
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1.0)
+    assert signal.getsignal(signal.SIGINT) is before

@@ -45,6 +45,8 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from peaknet_xtal.finding.bright_background import box_significance
+
 ROOT = Path(__file__).resolve().parents[1]
 THRESHOLDS = (3.5, 4.0, 4.5, 5.0, 5.5, 6.0, 6.5, 7.0, 8.0)
 MATCH_PX = 3.0
@@ -83,7 +85,11 @@ def significance(panel: np.ndarray, good: np.ndarray | None, estimate: str = "me
     """Per pixel, the significance of the best 1x1 / 2x2 / 3x3 box there (module docstring).
     ``estimate="model"`` takes the residual over noise from the shipped model's own input
     normalisation instead (layers/local_norm.py: background and noise from 16-px cells, before
-    the decorrelation and the asinh): does the network's input still hold what the box sees?"""
+    the decorrelation and the asinh): does the network's input still hold what the box sees?
+
+    The boxes are the finder's own (``finding.bright_background.box_significance``), with each
+    spread over the whole panel, masked pixels as zeros, and a flat panel (a sparse photon
+    count) judged against the plain spread, so that every set of the report can be swept."""
     image = np.where(good, panel, np.nan) if good is not None else panel.astype(np.float64)
     filled = np.where(np.isfinite(image), image, np.nanmedian(image))
     if estimate == "model":
@@ -104,14 +110,7 @@ def significance(panel: np.ndarray, good: np.ndarray | None, estimate: str = "me
         z = np.where(noise > 0, residual / np.where(noise > 0, noise, 1.0), 0.0)
     if good is not None:
         z = np.where(good, z, 0.0)
-    best = np.full(z.shape, -np.inf)
-    for k in (1, 2, 3):
-        box = ndimage.uniform_filter(z, k, mode="constant") * k * k
-        spread = 1.4826 * np.median(np.abs(box - np.median(box)))
-        if spread <= 0:  # mostly one value (a sparse photon count): the plain spread
-            spread = float(np.std(box)) or 1.0
-        best = np.maximum(best, box / spread)
-    return best
+    return box_significance(z, np.ones(z.shape, dtype=bool), flat_fallback=True)
 
 
 def peaks_above(sig: np.ndarray, t: float) -> np.ndarray:

@@ -203,10 +203,12 @@ def cysteine(peaknet: Any, dispersion: Any, plots: Path) -> dict[str, Any]:
     precision = on / total if total else float("nan")
     recall = spots_found / spots_all if spots_all else float("nan")
     classic_total = sum(r["dispersion"] for r in rows)
-    audit = {name: _off_list_audit(frames, points, [reference.get(f, np.zeros((0, 2)))
-                                                    for f in frames])
-             for name, points in (("peaknet", found_xy), ("dispersion", classic_xy))}
-    again, judged = recurring(frames, found_xy)
+    finders = {"peaknet": found_xy, "dispersion": classic_xy}
+    recurs = {name: recurring(frames, points) for name, points in finders.items()}
+    listed = [reference.get(f, np.zeros((0, 2))) for f in frames]
+    audit = {name: _off_list_audit(points, listed, *recurs[name])
+             for name, points in finders.items()}
+    again, judged = recurs["peaknet"]
     for peak in off_list:
         peak["recurs"] = bool(again[peak["frame"]][peak["index"]]) if judged[peak["frame"]] \
             else None
@@ -255,11 +257,12 @@ def recurring(frames: Sequence[tuple[int, int]],
     return again, judged
 
 
-def _off_list_audit(frames: Sequence[tuple[int, int]], points: Sequence[np.ndarray],
-                    reference: Sequence[np.ndarray]) -> dict[str, Any]:
+def _off_list_audit(points: Sequence[np.ndarray], reference: Sequence[np.ndarray],
+                    again: Sequence[np.ndarray], judged: Sequence[bool]) -> dict[str, Any]:
     """One finder's peaks on the frames that :func:`recurring` can judge: how many, how many on
-    the reference list, and of those off it how many come back on a neighbouring image."""
-    again, judged = recurring(frames, points)
+    the reference list, and of those off it how many come back on a neighbouring image
+    (``again`` and ``judged``: :func:`recurring` of these points, computed once by the caller,
+    which also marks each off-list peak with it)."""
     total = on = off_recurring = 0
     for xy, ref, flag, ok in zip(points, reference, again, judged, strict=True):
         if not ok:

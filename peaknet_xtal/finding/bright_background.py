@@ -118,10 +118,17 @@ def _local_maps(image: np.ndarray, good: np.ndarray) -> tuple[np.ndarray, np.nda
     return background[0, 0].double().numpy(), noise[0, 0].double().numpy()
 
 
-def box_significance(residual: np.ndarray, usable: np.ndarray) -> np.ndarray:
+def box_significance(residual: np.ndarray, usable: np.ndarray, *,
+                     flat_fallback: bool = False) -> np.ndarray:
     """Per pixel, the significance of the best 1 x 1, 2 x 2 or 3 x 3 box there: each box sum of
     ``residual`` (already over the local noise; zero off ``usable``) over the robust spread
     (1.4826 x median absolute deviation) of that box size's sums on the ``usable`` pixels.
+
+    Where most of a box size's sums are one value (a sparse photon count) that spread is zero:
+    that size is left out, or with ``flat_fallback`` judged against the sums' plain standard
+    deviation (1 where that is zero too), so that every size counts on any panel
+    (``benchmarks/box_filter_bound.py`` sweeps sets of every kind; on bright pixels the counts
+    are Gaussian and the robust spread is not zero).
 
     Why one spread per panel and box size: the residual is locally normalised, so what the spread
     still measures is how much more a box sum spreads than independent pixels would, the noise's
@@ -137,7 +144,9 @@ def box_significance(residual: np.ndarray, usable: np.ndarray) -> np.ndarray:
         box = ndimage.uniform_filter(z, side, mode="constant") * (side * side)
         values = box[usable]
         spread = 1.4826 * float(np.median(np.abs(values - np.median(values))))
-        if spread > 0:
+        if flat_fallback and spread <= 0:
+            spread = float(np.std(values)) or 1.0
+        if spread > 0 or flat_fallback:
             best = np.maximum(best, box / spread)
     return best
 

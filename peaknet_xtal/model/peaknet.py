@@ -123,7 +123,7 @@ class PeakNet(nn.Module):
         z, valid, padded = self._network_input(x, mask, normalised)
         h, w = x.shape[-2:]
         logit = self.head(self.neck(self.backbone(z)), padded, difference=True)[..., :h, :w]
-        return torch.where(valid, logit, logit.new_tensor(MASKED_LOGITS[1] - MASKED_LOGITS[0]))
+        return apply_mask(logit, valid, difference=True)
 
     def _network_input(self, x: torch.Tensor, mask: torch.Tensor | None, normalised: bool
                        ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
@@ -146,9 +146,17 @@ class PeakNet(nn.Module):
         return sum(p.numel() for p in self.backbone.parameters())
 
 
-def apply_mask(logits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Force background on invalid pixels (``valid`` is (B, 1, H, W) bool)."""
-    fill = logits.new_tensor(MASKED_LOGITS[:1] + (MASKED_LOGITS[1],) * (logits.shape[1] - 1))
+def apply_mask(logits: torch.Tensor, valid: torch.Tensor, difference: bool = False
+               ) -> torch.Tensor:
+    """Force background on invalid pixels (``valid`` is (B, 1, H, W) bool).  With
+    ``difference``, ``logits`` is the one channel of the peak logit minus the background one
+    (:meth:`PeakNet.peak_logit`): a masked pixel takes the difference of the masked logits, as
+    it would from the two channels."""
+    if difference:
+        fill = logits.new_tensor((MASKED_LOGITS[1] - MASKED_LOGITS[0],))
+    else:
+        fill = logits.new_tensor(MASKED_LOGITS[:1]
+                                 + (MASKED_LOGITS[1],) * (logits.shape[1] - 1))
     return torch.where(valid, logits, fill.view(1, -1, 1, 1))
 
 

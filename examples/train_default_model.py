@@ -13,7 +13,8 @@ Stage 1, the training bank.  Simulate frames across many real detector geometrie
    frames give ~3,000 tiles in two minutes on the busy 2-core machine.  ``--exact-counts F``
    simulates a fraction F of the frames as a photon-counting detector writes them (whole
    counts, no read noise, no pedestal; the shipped bank has none: every frame carries 0.05-1
-   photon of read noise, and benchmarks/bench_blanks.py finds exact counts far worse).
+   photon of read noise; the input normalisation gives exact counts half a photon of noise,
+   model/layers/local_norm.py, so such frames now look to the network like noisy ones).
 Stage 2, training.  The shipped default (``--recipe local``, the default recipe): the
    zepto-backbone ``default`` architecture (model/peaknet.py, 0.59 M parameters) from scratch
    with peaknet-train and examples/configs/train_default_localnorm.yaml: local input

@@ -7,8 +7,11 @@ import torch
 
 from peaknet_xtal.model.layers import standardise
 from peaknet_xtal.model.layers.local_norm import (
+    COUNT_DITHER,
     NOISE_SCALES,
     background_maps,
+    dequantise_counts,
+    exact_counts,
     fast_asinh,
     local_normalise,
 )
@@ -186,8 +189,9 @@ def test_sum_scale_equals_the_pixel_scale_on_white_noise():
     rng = np.random.default_rng(11)
     image = 3000.0 + 33.0 * rng.normal(size=(384, 384))
     assert abs(_noise_ratio(image) - 1.0) < 0.05
-    # photon counting, sparse: single photons keep their scale (the pixel fallback wins)
-    sparse = rng.poisson(0.03, (256, 256)) * 30.0
+    # photon counting, sparse: single photons keep their scale (the pixel fallback wins); at a
+    # fractional gain, as an integrating detector at low flux (exact counts get dequantised)
+    sparse = rng.poisson(0.03, (256, 256)) * 29.7
     np.testing.assert_array_equal(_z(sparse, noise_scale="sum2x2"), _z(sparse))
 
 
@@ -224,9 +228,9 @@ def test_decorrelated_input_is_the_pixel_input_on_white_noise_and_photon_countin
     rng = np.random.default_rng(13)
     white = 3000.0 + 33.0 * rng.normal(size=(384, 384))
     np.testing.assert_allclose(_z(white, noise_scale="decorrelated"), _z(white), atol=0.03)
-    sparse = rng.poisson(0.03, (256, 256)) * 30.0
+    sparse = rng.poisson(0.03, (256, 256)) * 29.7  # ADU, not exact counts: not dequantised
     np.testing.assert_array_equal(_z(sparse, noise_scale="decorrelated"), _z(sparse))
-    dense = rng.poisson(2.0, (256, 256)) * 30.0  # photon counting at two photons a pixel
+    dense = rng.poisson(2.0, (256, 256)) * 29.7  # photon counting at two photons a pixel
     pixel, decorrelated = np.sinh(_z(dense)), np.sinh(_z(dense, noise_scale="decorrelated"))
     moved = pixel != 0  # pixels at their background are 0 in both
     assert np.median(pixel[moved] / decorrelated[moved]) == pytest.approx(1.0, abs=0.05)
@@ -301,3 +305,74 @@ def test_clipped_spreads_through_numpy_equal_the_torch_ones():
     assert cpu.dtype == reference.dtype == torch.float64
     assert torch.allclose(cpu, reference.detach(), rtol=1e-9, atol=0)
     assert cpu[2] == 0 and cpu[3] == 0 and 1.9 < cpu[0] < 2.1
+
+
+def _tail(image: np.ndarray, beyond: float = 5.0) -> float:
+    """Share of pixels the normalised input puts beyond ``beyond`` noise units."""
+    return float(np.mean(np.sinh(_z(image, noise_scale="decorrelated")) > beyond))
+
+
+@pytest.mark.parametrize("photons", [0.2, 0.5])
+def test_exact_counts_read_like_counts_with_read_noise(photons):
+    """Whole counts at a fraction of a photon a pixel: quantile statistics of zeros and ones made
+    single photons look like many sigma; dequantised, the tail is that of the same counts with
+    the read noise the network was trained on."""
+    rng = np.random.default_rng(21)
+    counts = rng.poisson(photons, (256, 256)).astype(np.float64)
+    noisy = counts + rng.normal(0.0, COUNT_DITHER, counts.shape)
+    exact, with_noise = _tail(counts), _tail(noisy)
+    assert exact < 1.5 * with_noise
+    # the cause: the same counts not taken for exact ones (a thousandth of a photon off whole)
+    assert _tail(counts + 1e-3) > 3 * with_noise
+
+
+def test_dequantising_is_repeatable_per_panel_and_varies_between_frames():
+    rng = np.random.default_rng(22)
+    a = torch.from_numpy(rng.poisson(0.3, (1, 1, 64, 80)).astype(np.float32))
+    b = torch.from_numpy(rng.poisson(0.3, (1, 1, 64, 80)).astype(np.float32))
+    v = torch.ones_like(a, dtype=torch.bool)
+    np.testing.assert_array_equal(dequantise_counts(a, v).numpy(),
+                                  dequantise_counts(a.clone(), v).numpy())
+    da, db = dequantise_counts(a, v) - a, dequantise_counts(b, v) - b
+    if int(a.sum()) != int(b.sum()):  # another total: another window of the noise
+        assert not torch.equal(da, db)
+    assert abs(float(da.std()) - COUNT_DITHER) < 0.05 and abs(float(da.mean())) < 0.05
+
+
+def test_only_exact_counts_are_dequantised_in_quanta_of_their_smallest_count():
+    rng = np.random.default_rng(23)
+    counts = rng.poisson(0.5, (64, 64)).astype(np.float32)
+    ok = np.ones(counts.shape, bool)
+    assert exact_counts(counts, ok) is not None
+    assert exact_counts(counts + 0.25, ok) is None  # float data
+    assert exact_counts(np.zeros_like(counts), ok) is None  # nothing counted: a dead panel
+    negative = counts.copy()
+    negative[3, 3] = -1.0  # a Pilatus gap value ...
+    assert exact_counts(negative, ok) is None
+    ok[3, 3] = False  # ... masked, as the detector's trusted range masks it
+    assert exact_counts(negative, ok) == (int(counts.sum() - counts[3, 3]), 1.0)
+    nan = counts.copy()
+    nan[5, 5] = np.nan
+    assert exact_counts(nan, np.ones(counts.shape, bool)) is None
+    x = torch.from_numpy(counts * 30.0)[None, None]  # counts stored at 30 ADU a photon
+    moved = dequantise_counts(x, torch.ones_like(x, dtype=torch.bool)) - x
+    assert abs(float(moved.std()) - 30.0 * COUNT_DITHER) < 1.0
+    floats = torch.from_numpy(counts + 0.25)[None, None]
+    assert dequantise_counts(floats, torch.ones_like(floats, dtype=torch.bool)) is floats
+
+
+@pytest.mark.parametrize("noise_scale", ["pixel", "decorrelated"])
+def test_exact_counts_alone_equal_the_same_counts_inside_a_masked_layout(noise_scale):
+    """The dither is anchored at the valid pixels: a counting panel embedded in a larger masked
+    image (on the 16-px cell grid, as the float test above) gets the same input."""
+    rng = np.random.default_rng(24)
+    panel = rng.poisson(0.4, (185, 194)).astype(np.float64)
+    panel[90:93, 100:103] += 12.0  # a spot
+    layout = np.full((400, 480), 7.0e4)
+    valid = np.zeros(layout.shape, bool)
+    y0, x0 = 64, 160
+    layout[y0:y0 + 185, x0:x0 + 194] = panel
+    valid[y0:y0 + 185, x0:x0 + 194] = True
+    np.testing.assert_allclose(_z(layout, valid, noise_scale=noise_scale)[y0:y0 + 185,
+                                                                          x0:x0 + 194],
+                               _z(panel, noise_scale=noise_scale), atol=1e-5)

@@ -60,14 +60,14 @@ backgrounds with read noise (0.05-1 photon, uniform: the training bank of
 examples/train_default_model.py), and on whole counts at a fraction of a photon per pixel the
 quantiles above are biased (measured on Poisson panels: at 0.2-0.5 photons a pixel 0.6-1.3 % of
 pixels lie beyond 5 "sigma" against 0.15-0.44 % with 0.3 photon of read noise), so single
-photons and pairs look like weak spots.  Half a photon is the middle of the training draw.  Measured
-on the blank benchmark's model-selection frames (benchmarks/bench_blanks.py, exact counts, 8
-blanks and 8 hits each; false peaks per blank, blanks called hits, F1 on hits), Pilatus 6M /
-Eiger 16M binned: without 3.9, 1 of 8, 0.64 / 14.3, 3 of 8, 0.71; dither 0.25: 2.1, 0, 0.72 /
-5.4, 2, 0.76; 0.5: 2.0, 0, 0.72 / 4.9, 0, 0.72 (fresh noise per frame), 1.5, 0, 0.72 / 4.4, 1,
-0.73 (this function).  Also measured and not kept: a
-Poisson-consistent background (clipped cell means) and noise floor (square root of it) lowered
-the false peaks less (2.1 / 9.3) and cost hit recall on the Pilatus (0.52 -> 0.44).  The dither
+photons and pairs look like weak spots.  Half a photon is the middle of the training draw.
+Measured on the blank benchmark's model-selection frames (benchmarks/bench_blanks.py, exact
+counts, 8 blanks and 8 hits each; false peaks per blank, blanks called hits, F1 on hits),
+Pilatus 6M / Eiger 16M binned: without 3.9, 1 of 8, 0.64 / 14.3, 3 of 8, 0.71; dither 0.25:
+2.1, 0, 0.72 / 5.4, 2, 0.76; 0.5: 2.0, 0, 0.72 / 4.9, 0, 0.72 (fresh noise per frame), 1.5, 0,
+0.72 / 4.4, 1, 0.73 (this function).  Also measured and not kept: a Poisson-consistent
+background (clipped cell means) and noise floor (square root of it) lowered the false peaks
+less (2.1 / 9.3) and cost hit recall on the Pilatus (0.52 -> 0.44).  The dither
 is set by the panel's total count and anchored at its first valid row and column: the same
 panel gives the same input every time, whole, tiled (the engine normalises whole panels) or
 embedded in a larger masked layout.  Integrating detectors' ADU are unaffected in practice
@@ -104,7 +104,10 @@ MAX_CLIPPED = 0.02
 MIN_SAMPLES = 8
 #: quanta (photons): standard deviation of the noise given to exact photon counts (module doc)
 COUNT_DITHER = 0.5
-#: every this-many-th pixel is looked at first: most float panels show a fraction there
+#: side of the dither's periodic noise field (pixels)
+DITHER_PERIOD = 1024
+#: every this-many-th pixel is looked at first, on the tensor's own device: most float panels
+#: show a fraction there, and then nothing is copied to the host
 _INTEGER_PROBE_STEP = 97
 
 
@@ -402,10 +405,6 @@ def exact_counts(image: Any, ok: Any) -> tuple[int, float] | None:
     quantum is the smallest count above 0, a photon's worth (1 on a counting detector)."""
     import numpy as np
 
-    probe = image.ravel()[::_INTEGER_PROBE_STEP]
-    probe = probe[ok.ravel()[::_INTEGER_PROBE_STEP]]
-    if probe.size and (probe.min() < 0 or not np.array_equal(probe, np.rint(probe))):
-        return None  # the common case of float or pedestal-subtracted data, at 1 % of the cost
     with np.errstate(invalid="ignore"):
         values = np.where(ok, image, np.float32(0))
     if values.min() < 0 or not np.array_equal(values, np.rint(values)):
@@ -443,9 +442,6 @@ def dither_noise(shape: tuple[int, int], origin: tuple[int, int], total: int) ->
     return np.tile(rolled, (-(-h // period), -(-w // period)))[:h, :w]
 
 
-#: side of the dither's periodic noise field (pixels)
-DITHER_PERIOD = 1024
-
 
 def dequantise_counts(x: torch.Tensor, valid: torch.Tensor,
                       sigma: float = COUNT_DITHER) -> torch.Tensor:
@@ -458,18 +454,19 @@ def dequantise_counts(x: torch.Tensor, valid: torch.Tensor,
     frame's photons)."""
     import numpy as np
 
-    xs = x.detach().float().cpu().numpy()
-    oks = valid.detach().cpu().numpy()
+    probe = x.detach().flatten(1)[:, ::_INTEGER_PROBE_STEP].float()
+    off_whole = valid.flatten(1)[:, ::_INTEGER_PROBE_STEP] & (
+        (probe < 0) | (probe != probe.round()))  # NaN is off too
     h, w = x.shape[-2:]
     out: torch.Tensor | None = None
-    for i in range(len(xs)):
-        counts = exact_counts(xs[i, 0], oks[i, 0])
+    for i in torch.nonzero(~off_whole.any(1)).flatten().tolist():
+        ok = valid[i, 0].detach().cpu().numpy()
+        counts = exact_counts(x[i, 0].detach().float().cpu().numpy(), ok)
         if counts is None:
             continue
         total, quantum = counts
         if out is None:
             out = x.float().clone()
-        ok = oks[i, 0]
         origin = (int(ok.any(1).argmax()), int(ok.any(0).argmax()))
         noise = dither_noise((h, w), origin, total) * np.float32(sigma * quantum)
         out[i, 0] += torch.from_numpy(noise).to(out.device)

@@ -6,16 +6,21 @@ pedestal) a simulated run of blank frames (no crystal) and hits is made with ran
 conditions: the simulator's randomised settings (backgrounds, water rings, kapton, read noise,
 per-panel pedestals, masked defects), plus on a third of the frames a strong smooth background
 with large gradients (``sim.artifacts.add_strong_background``), unmasked hot pixels that recur
-in every frame of the run, a jet streak on every other frame and zingers now and then; the
-photon-counting frames are rounded to whole counts after all of it.  Frames declare no gain of their
+in every frame of the run, a jet streak on every other frame and zingers now and then (on the
+photon-counting detectors one count in each pixel a track crosses: such a pixel counts a particle
+once, whatever charge it leaves); the photon-counting frames are rounded to whole counts after
+all of it.  Frames declare no gain of their
 own (as a CXI file read through a geometry): the gain is the geometry's or measured from the data,
 as every entry point resolves it.  The frames go through one ``InferenceEngine`` per run, in
 order, so the run-level defect filter acts as in ``peaknet2cxi``.
 
 Printed per detector: false peaks per blank frame (mean, max), blanks called hits, true hits
 called hits (all hits, and hits with at least ``--indexable`` strong reflections), peak F1 on the
-hits' strong reflections; with ``--sources``, where the blanks' false peaks come from (hot
-pixels, streaks, zingers, their SNR and model probability); with ``--sweep``, the same numbers
+hits' strong reflections (on a strong background, the simulation's strong reflections that it
+drowned, expected SNR below the same 5 on it, are not counted as strong, as in
+``examples/make_eval_report.py``: ``sim.artifacts.drowned_reflections``); with ``--sources``,
+where the blanks' false peaks come from (hot pixels, streaks, zingers, their SNR and model
+probability); with ``--sweep``, the same numbers
 for other ``min_snr`` / ``min_peaks`` values (the model runs once, the peak cuts are applied
 afterwards: the defect filter does not depend on them).
 
@@ -122,9 +127,17 @@ def run_frames(name: str, set_name: str, n_blank: int, n_hit: int, exact_counts:
                             int(run_rng.integers(shapes[p][1]))))
         panels = [np.asarray(p, np.float64) for p in frame.panels]
         notes = []
+        drowned = np.zeros(len(truth.reflections), dtype=bool)
         if rng.random() < 1 / 3:
             notes.append("strong-bg")
-            panels = [artifacts.add_strong_background(p, adu, rng) for p in panels]
+            panels, masks = [], []
+            for p, before in enumerate(frame.panels):
+                image, scale, psf = artifacts.strong_background_parts(
+                    np.asarray(before, np.float64), adu, rng)
+                panels.append(image)
+                masks.append(_drowned_pixels(np.asarray(before, np.float64),
+                                             truth.peak_masks[p], frame.masks, p, scale, psf))
+            drowned = artifacts.drowned_reflections(truth.reflections, masks)
         for p, y, x in hot:
             panels[p][y, x] += 300.0 * adu * rng.uniform(0.8, 1.2)
         streak = None
@@ -139,7 +152,7 @@ def run_frames(name: str, set_name: str, n_blank: int, n_hit: int, exact_counts:
             for _ in range(int(rng.integers(1, 4))):
                 p = int(rng.integers(len(panels)))
                 before = panels[p].copy()
-                artifacts.add_zinger(panels[p], adu, rng)
+                artifacts.add_zinger(panels[p], adu, rng, counting=name in COUNTING)
                 zinger_maps[p] = zinger_maps.get(p, np.zeros(shapes[p], bool)) | (
                     panels[p] != before)
             notes.append("zinger")
@@ -148,8 +161,22 @@ def run_frames(name: str, set_name: str, n_blank: int, n_hit: int, exact_counts:
         frame.panels = [p.astype(np.float32) for p in panels]
         frame.meta["adu_per_photon"] = None  # declared by the geometry or measured, as from CXI
         info = {"hot": hot, "streak": (streak, streak_map) if streak is not None else None,
-                "zingers": zinger_maps, "notes": ",".join(notes), "true_gain": adu}
+                "zingers": zinger_maps, "notes": ",".join(notes), "true_gain": adu,
+                "drowned": drowned}
         yield frame, truth, info
+
+
+def _drowned_pixels(before: np.ndarray, label: np.ndarray, masks: Any, p: int,
+                    scale: np.ndarray, psf: float) -> np.ndarray:
+    """The labelled pixels of panel ``p`` whose spots the strong background drowned (expected
+    SNR below the simulation's own strong cut on it), measured against the panel's own noise
+    before the background: the std of its unlabelled valid pixels."""
+    from peaknet_xtal.sim import SimConfig, artifacts
+
+    label = np.asarray(label, dtype=bool)
+    quiet = ~label if masks is None else ~label & np.asarray(masks[p], bool)
+    sigma = float(np.std(before[quiet])) if quiet.any() else 0.0
+    return artifacts.drowned_peaks(before, label, sigma, scale, psf, SimConfig().strong_snr)
 
 
 def classify(peaks: np.ndarray, info: dict[str, Any]) -> np.ndarray:
@@ -197,7 +224,8 @@ def measure(name: str, set_name: str, n_blank: int, n_hit: int, model: str = "de
         (probs,), (goods,) = engine._predict_many([frame.panels], [frame.masks])
         base = engine.params_for(frame)
         refl = truth.reflections
-        strong = refl[refl["strong"]] if len(refl) else refl
+        # strong: the simulation's strong reflections less those the added background drowned
+        strong = refl[refl["strong"] & ~info["drowned"]] if len(refl) else refl
         for t in thresholds:
             params = replace(base, threshold=t)
             peaks = find_peaks(frame.panels, probs, goods, params, geometry=frame.geometry,

@@ -145,10 +145,7 @@ def harden(name: str, dataset: Any, seed: int, gain: float, truth_file: Path) ->
             frame.panels = panels
             frame.meta["adu_per_photon"] = None  # the gain of the bright field is not declared
             truth = dataset.truths[i]
-            gone = np.zeros(len(truth), bool)
-            for j, row in enumerate(truth):  # drowned pixels within 1 px of the centre
-                y, x = int(row["ss"]), int(row["fs"])
-                gone[j] = drowned[int(row["panel"])][max(y - 1, 0):y + 2, max(x - 1, 0):x + 2].any()
+            gone = artifacts.drowned_reflections(truth, drowned)
             strong += len(truth)
             drowned_count += int(gone.sum())
             dataset.truths[i] = truth[~gone]

@@ -10,7 +10,8 @@ saturation, peaks that must stay peaks).  ``training.data.Augment`` applies them
 ``strong_background_panel`` builds the strong-background Rayonix acceptance set's frames;
 ``noise_blobs`` makes correlated-noise blobs at weak-spot height away from the labelled peaks.
 ``drowned_peaks`` says which labelled peaks a strong background (``strong_background_parts``,
-``strong_background_panel_parts``) has drowned, for a caller that chooses to unlabel them.
+``strong_background_panel_parts``) has drowned, for a caller that chooses to unlabel them, and
+``drowned_reflections`` which simulated reflections sit on them.
 """
 from __future__ import annotations
 
@@ -127,6 +128,25 @@ def drowned_peaks(image: np.ndarray, label: np.ndarray, sigma: float, noise_scal
     return drop
 
 
+def drowned_reflections(reflections: np.ndarray, drowned: list[np.ndarray]) -> np.ndarray:
+    """Which ``reflections`` (``sim.simulate.REFLECTION_DTYPE`` rows) a strong background has
+    drowned: a bool per row, true where a pixel within 1 px of its centre is in its panel's
+    ``drowned`` mask (``drowned_peaks`` of that panel).
+
+    Why: the simulation flags a reflection strong against the background it simulated; a
+    background added afterwards can bury it, and an evaluation that still counts it as strong
+    charges every finder with a reflection no finder could see.  Callers keep drowned
+    reflections as true reflections (finding one is not a false peak) but stop counting them
+    as strong.
+    """
+    gone = np.zeros(len(reflections), dtype=bool)
+    for j, row in enumerate(reflections):
+        mask = drowned[int(row["panel"])]
+        y, x = int(row["ss"]), int(row["fs"])
+        gone[j] = bool(mask[max(y - 1, 0):y + 2, max(x - 1, 0):x + 2].any())
+    return gone
+
+
 def noise_blobs(rng: np.random.Generator, label: np.ndarray, sigma: float,
                 psf: tuple[float, float] = (0.5, 1.0), peak: tuple[float, float] = (4.0, 10.0),
                 clear: tuple[float, float] = (2.0, 4.0)) -> np.ndarray:
@@ -157,8 +177,16 @@ def noise_blobs(rng: np.random.Generator, label: np.ndarray, sigma: float,
     return field * weight * (float(rng.uniform(*peak)) * sigma / tallest)
 
 
-def add_zinger(image: np.ndarray, sigma: float, rng: np.random.Generator) -> None:
-    """A cosmic-ray track in place: a short straight line, 3-10 px, tens to thousands of sigma."""
+def add_zinger(image: np.ndarray, sigma: float, rng: np.random.Generator,
+               counting: bool = False) -> None:
+    """A cosmic-ray track in place: a short straight line, 3-10 px, tens to thousands of sigma.
+
+    ``counting``: the track as a photon-counting detector (Pilatus, Eiger) records it, one count
+    (``sigma``, the ADU of one photon) in each pixel it crosses.  Such a pixel counts pulses
+    above its energy threshold, one per particle, whatever charge the particle leaves, where an
+    integrating detector (CCD, CSPAD, JUNGFRAU) adds up that charge.  The same random draws
+    either way, so that a caller's later draws do not depend on it.
+    """
     h, w = image.shape
     length = rng.uniform(3, 10)
     angle = rng.uniform(0, np.pi)
@@ -166,7 +194,13 @@ def add_zinger(image: np.ndarray, sigma: float, rng: np.random.Generator) -> Non
     t = np.linspace(0, length, int(length * 2) + 2)
     ys = np.clip((y0 + t * np.sin(angle)).astype(int), 0, h - 1)
     xs = np.clip((x0 + t * np.cos(angle)).astype(int), 0, w - 1)
-    image[ys, xs] += np.exp(rng.uniform(np.log(20), np.log(2000))) * sigma
+    height = np.exp(rng.uniform(np.log(20), np.log(2000))) * sigma
+    if counting:
+        track = np.zeros(image.shape, dtype=bool)
+        track[ys, xs] = True
+        image[track] += sigma
+    else:
+        image[ys, xs] += height
 
 
 def add_jet_streak(image: np.ndarray, sigma: float, rng: np.random.Generator) -> None:

@@ -86,6 +86,26 @@ def test_photon_counting_runs_hold_whole_counts(bench, real_data):
     assert 0 < np.abs(difference).mean() < 1  # photons: noise on the same counts
 
 
+def test_strong_reflections_a_strong_background_drowns_are_not_counted_as_strong(bench,
+                                                                                  real_data):
+    """On a strong-background hit the simulation's faint strong reflections are drowned (not
+    counted in recall), the bright ones stay; frames without one lose none."""
+    drowned_somewhere = False
+    for _frame, truth, info in bench.run_frames("rayonix", "selection", 0, 2):
+        refl, drowned = truth.reflections, info["drowned"]
+        assert drowned.shape == (len(refl),)
+        if "strong-bg" not in info["notes"]:
+            assert not drowned.any()
+            continue
+        strong = refl["strong"]
+        if (drowned & strong).any():
+            drowned_somewhere = True
+            assert (~drowned & strong).any()
+            assert (np.median(refl["photons"][drowned & strong])
+                    < np.median(refl["photons"][~drowned & strong]))
+    assert drowned_somewhere  # these two seeds' frames include a bright background
+
+
 @pytest.mark.slow
 def test_one_tiny_simulated_run_end_to_end(bench, real_data, capsys):
     """One blank and one hit on CSPAD with the shipped model: the numbers are printed."""

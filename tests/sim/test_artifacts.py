@@ -197,6 +197,35 @@ def test_drowned_peaks_clears_a_drowned_weak_spot_and_keeps_a_strong_one():
                                        np.full(label.shape, 6.0), 0.8, 3.5).any()
 
 
+def test_a_zinger_on_a_counting_detector_is_one_count_per_pixel_on_the_same_track():
+    charge = np.zeros((40, 40))
+    counts = np.zeros((40, 40))
+    rng_charge, rng_counts = np.random.default_rng(5), np.random.default_rng(5)
+    artifacts.add_zinger(charge, 2.0, rng_charge)
+    artifacts.add_zinger(counts, 2.0, rng_counts, counting=True)
+    track = charge > 0
+    assert track.sum() >= 3 and np.array_equal(counts > 0, track)
+    assert np.all(counts[track] == 2.0)  # one photon's ADU, once per crossed pixel
+    assert charge[track].min() >= 20 * 2.0  # the integrating track: tens of sigma or more
+    assert rng_charge.random() == rng_counts.random()  # the same draws either way
+
+
+def test_drowned_reflections_are_those_centred_within_a_pixel_of_a_drowned_pixel():
+    from peaknet_xtal.sim.simulate import REFLECTION_DTYPE
+
+    drowned = [np.zeros((20, 30), bool), np.zeros((20, 30), bool)]
+    drowned[1][5:7, 8:10] = True
+    refl = np.zeros(5, REFLECTION_DTYPE)
+    # (panel, fs, ss): on the drowned spot, one pixel beside it, two pixels away, the same
+    # place on the other panel, and a centre at the panel's corner (the window clipped)
+    for row, (panel, fs, ss) in zip(refl, [(1, 8.4, 5.6), (1, 10.2, 7.9), (1, 11.5, 5.0),
+                                           (0, 8.4, 5.6), (1, 0.0, 0.0)], strict=True):
+        row["panel"], row["fs"], row["ss"] = panel, fs, ss
+    gone = artifacts.drowned_reflections(refl, drowned)
+    assert gone.tolist() == [True, True, False, False, False]
+    assert artifacts.drowned_reflections(refl[:0], drowned).shape == (0,)
+
+
 def test_augment_label_drop_is_off_by_default_draws_nothing_and_drops_only_drowned_spots():
     rng = np.random.default_rng(4)
     image = rng.normal(50.0, 3.0, (96, 96))

@@ -135,8 +135,9 @@ def run_frames(name: str, set_name: str, n_blank: int, n_hit: int, exact_counts:
                 image, scale, psf = artifacts.strong_background_parts(
                     np.asarray(before, np.float64), adu, rng)
                 panels.append(image)
-                masks.append(_drowned_pixels(np.asarray(before, np.float64),
-                                             truth.peak_masks[p], frame.masks, p, scale, psf))
+                masks.append(artifacts.drowned_strong_peaks(
+                    before, truth.peak_masks[p],
+                    None if frame.masks is None else frame.masks[p], scale, psf))
             drowned = artifacts.drowned_reflections(truth.reflections, masks)
         for p, y, x in hot:
             panels[p][y, x] += 300.0 * adu * rng.uniform(0.8, 1.2)
@@ -164,19 +165,6 @@ def run_frames(name: str, set_name: str, n_blank: int, n_hit: int, exact_counts:
                 "zingers": zinger_maps, "notes": ",".join(notes), "true_gain": adu,
                 "drowned": drowned}
         yield frame, truth, info
-
-
-def _drowned_pixels(before: np.ndarray, label: np.ndarray, masks: Any, p: int,
-                    scale: np.ndarray, psf: float) -> np.ndarray:
-    """The labelled pixels of panel ``p`` whose spots the strong background drowned (expected
-    SNR below the simulation's own strong cut on it), measured against the panel's own noise
-    before the background: the std of its unlabelled valid pixels."""
-    from peaknet_xtal.sim import SimConfig, artifacts
-
-    label = np.asarray(label, dtype=bool)
-    quiet = ~label if masks is None else ~label & np.asarray(masks[p], bool)
-    sigma = float(np.std(before[quiet])) if quiet.any() else 0.0
-    return artifacts.drowned_peaks(before, label, sigma, scale, psf, SimConfig().strong_snr)
 
 
 def classify(peaks: np.ndarray, info: dict[str, Any]) -> np.ndarray:

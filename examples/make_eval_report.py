@@ -136,12 +136,10 @@ def harden(name: str, dataset: Any, seed: int, gain: float, truth_file: Path) ->
                 photons = np.asarray(panel, np.float64) / gain
                 image, scale, psf = artifacts.strong_background_panel_parts(photons, rng, 30.0)
                 panels.append(image.astype(np.float32))
-                label = np.asarray(labels[p], bool)
                 base = photons * 30.0  # the simulated frame at the new gain, before the field
-                quiet = ~label if frame.masks is None else ~label & frame.masks[p]
-                sigma = float(np.std(base[quiet])) if quiet.any() else 0.0
-                drowned.append(artifacts.drowned_peaks(base, label, sigma, scale, psf,
-                                                       strong_snr))
+                drowned.append(artifacts.drowned_strong_peaks(
+                    base, labels[p], None if frame.masks is None else frame.masks[p], scale,
+                    psf))
             frame.panels = panels
             frame.meta["adu_per_photon"] = None  # the gain of the bright field is not declared
             truth = dataset.truths[i]

@@ -10,7 +10,8 @@ saturation, peaks that must stay peaks).  ``training.data.Augment`` applies them
 ``strong_background_panel`` builds the strong-background Rayonix acceptance set's frames;
 ``noise_blobs`` makes correlated-noise blobs at weak-spot height away from the labelled peaks.
 ``drowned_peaks`` says which labelled peaks a strong background (``strong_background_parts``,
-``strong_background_panel_parts``) has drowned, for a caller that chooses to unlabel them, and
+``strong_background_panel_parts``) has drowned, for a caller that chooses to unlabel them
+(``drowned_strong_peaks``: at the simulation's strong cut, as the evaluations ask it), and
 ``drowned_reflections`` which simulated reflections sit on them.
 """
 from __future__ import annotations
@@ -126,6 +127,25 @@ def drowned_peaks(image: np.ndarray, label: np.ndarray, sigma: float, noise_scal
         if signal < min_snr * noise:
             drop[window] |= spot
     return drop
+
+
+def drowned_strong_peaks(before: np.ndarray, label: np.ndarray, good: np.ndarray | None,
+                        noise_scale: np.ndarray, psf: float) -> np.ndarray:
+    """``drowned_peaks`` as every evaluation asks it: the labelled pixels of a simulated panel
+    whose spots a strong background drowned, below the simulation's own strong cut
+    (``SimConfig.strong_snr``), with the panel's noise before that background measured as the
+    std of its unlabelled ``good`` pixels (all unlabelled pixels if ``good`` is None).
+
+    ``before``: the panel as simulated (ADU), ``noise_scale`` and ``psf``: what
+    ``strong_background_parts`` or ``strong_background_panel_parts`` return with the new panel.
+    """
+    from peaknet_xtal.sim.config import SimConfig
+
+    before = np.asarray(before, dtype=np.float64)
+    label = np.asarray(label, dtype=bool)
+    quiet = ~label if good is None else ~label & np.asarray(good, dtype=bool)
+    sigma = float(np.std(before[quiet])) if quiet.any() else 0.0
+    return drowned_peaks(before, label, sigma, noise_scale, psf, SimConfig().strong_snr)
 
 
 def drowned_reflections(reflections: np.ndarray, drowned: list[np.ndarray]) -> np.ndarray:

@@ -51,3 +51,28 @@ def test_frames_are_the_same_every_time(geometries):
     again = selection.blank_frames(geometries)[:2]
     for (a, _), (b, _) in zip(first, again, strict=True):
         assert all(np.array_equal(p, q) for p, q in zip(a.panels, b.panels, strict=True))
+
+
+def test_a_strong_background_unflags_as_strong_the_reflections_it_drowns(geometries):
+    from peaknet_xtal.formats.geometry import read_geometry
+    from peaknet_xtal.sim import SimConfig, simulate_frame
+    from peaknet_xtal.sim.artifacts import strong_background_panel
+
+    gain = 30.0  # the strong-background report set's: spots from tens to thousands of ADU
+    frame, truth = simulate_frame(read_geometry(geometries / "om_lcls_rayonix.geom"), 41,
+                                  SimConfig(hit_probability=1.0, adu_per_photon=gain))
+    before = truth.reflections.copy()
+    expected = [strong_background_panel(np.asarray(p, float) / gain,
+                                        np.random.default_rng(3), gain).astype(np.float32)
+                for p in frame.panels[:1]]
+    selection.on_strong_background(frame, truth, np.random.default_rng(3), gain)
+    # the frame is what the strong background always made of it
+    assert np.array_equal(frame.panels[0], expected[0])
+    after = truth.reflections
+    assert len(after) == len(before)  # drowned reflections stay true reflections
+    assert not (after["strong"] & ~before["strong"]).any()  # nothing becomes strong
+    drowned = before["strong"] & ~after["strong"]
+    kept = after["strong"]
+    assert drowned.any() and kept.any()
+    # the background drowns the weak ones, as the simulation measured them
+    assert np.median(before["snr"][drowned]) < np.median(before["snr"][kept])

@@ -21,12 +21,25 @@ the slope is blind to read noise and to pedestal offsets.  The measurement:
 - a straight line with one slope and one intercept per panel (a fixed effect: per-panel
   pedestal offsets, common on integrating detectors, drop out) is fitted through the group
   points, equally weighted (weights from the points' own scatter bias the slope low: measured,
-  0.7 x the true gain on a sparse background).
+  0.7 x the true gain on a sparse background);
+- the fit is corrected for the group means' own sampling noise (errors in variables).  On a
+  nearly flat, sparse background (a blank frame with a few hundredths of a photon a pixel and
+  read noise above the shot noise) a panel's groups span less than an ADU of true level, and
+  the sampling noise of their means is as large: the plain slope was attenuated towards zero
+  (1.6 for a true 8 ADU per photon at 0.05 photons a pixel, with a claimed error of 12 %), and
+  such frames, common among the blanks of a run, set the run's gain several times too low,
+  every peak SNR too high, and blanks came out with twice the false peaks.  Each group's
+  mean has a known sampling variance (its blocks' pixel variance over the pixels averaged) and
+  a known covariance with its variance (the pixels' third central moment over the same count);
+  both are taken out of the fit's sums (the moment correction of a regression whose
+  regressor is measured with known error), and :attr:`GainEstimate.lever` is the share of the
+  groups' level spread that is real.  Below ``MIN_LEVER`` the frame shows no gain.
 
 The estimate is ``reliable`` only when the slope is positive and its relative standard error is
 at most ``MAX_RELATIVE_ERROR``: a flat, empty frame says little about the gain, and then nothing is
 claimed.  A point-spread function (CCDs, spatially correlated noise) lowers pixel variance and
-so the estimate; the correlation filter then also drops most blocks.
+so the estimate (see the end of this docstring); the correlation filter then also drops most
+blocks.
 
 When an estimate replaces a declared gain (:func:`choose_gain`):
 
@@ -37,13 +50,21 @@ When an estimate replaces a declared gain (:func:`choose_gain`):
   than ``DISAGREEMENT`` times off the declared value, else the declared value;
 - any other declared gain is kept (a disagreement is logged, never acted on).
 
-Measured (``benchmarks/bench_gain.py``): simulated ePix10k2M hits and blanks at 1-50 ADU per
-photon on backgrounds of 0.15-3 photons a pixel are recovered within 7 % (the estimate scales
-with the data, so the background level and read noise in photons set the error, not the gain;
-the largest errors, +6 %, come from faint spots left in sparse backgrounds).  On the two real CSPAD
-CBFs (nominal gain 1, about 30 ADU per photon in truth) this gives 28 and 33 ADU per photon, where
-``dials.estimate_gain`` says 4.2 and 4.0 (its ratio mixes the panels' pedestal offsets into the
-mean).
+Measured (``benchmarks/bench_gain.py --backgrounds 0.03 0.15 1 3``): simulated ePix10k2M
+blanks at 1-50 ADU per photon on backgrounds of 0.03-3 photons a pixel are recovered within 8 %
+(the estimate scales with the data, so the background level and read noise in photons set the
+error, not the gain); hits within 2 % from 1 photon a pixel up, but 9 % high at 0.15 and 21 %
+high at 0.03, where faint spots no filter sees add variance to the brighter blocks (a high gain
+lowers the SNRs: it errs towards fewer false peaks).  Before the errors-in-variables correction
+the blanks at 0.03 came out 13 % low, and the randomised blanks of ``benchmarks/bench_blanks.py``
+(read noise above the shot noise) at 0.15-0.5 of their gain, called reliable.  On the two real
+CSPAD CBFs (nominal gain 1, about 30 ADU per photon in truth) this gives 28 and 33 ADU per
+photon, where ``dials.estimate_gain`` says 4.2 and 4.0 (its ratio mixes the panels' pedestal
+offsets into the mean).
+
+Not corrected: a point spread (CCDs) lowers the pixel variance, so the slope is the pixel-level
+one, below the conversion gain that a whole spot's shot noise follows; so is a background whose
+noise is below its shot noise, as ``sim.artifacts.add_strong_background`` draws it per frame.
 """
 from __future__ import annotations
 
@@ -66,6 +87,9 @@ MIN_GROUP = 8
 MAX_EXTRA_CORRELATION = 0.15
 #: Largest relative standard error of the slope for the estimate to be called reliable.
 MAX_RELATIVE_ERROR = 0.15
+#: Least share of the groups' level spread that is real, not the sampling noise of their means,
+#: for an estimate to be called reliable (below it the corrected slope is mostly correction).
+MIN_LEVER = 0.5
 #: Declared gains above this many ADU per photon look like ``adu_per_eV = 1`` placeholders.
 PLACEHOLDER_ABOVE = 1000.0
 #: A placeholder-like declared gain is replaced when the estimate is this many times off.
@@ -82,10 +106,12 @@ class GainEstimate:
     n_blocks: int
     mean_range: tuple[float, float]  # background levels (ADU) the fit spans
     frames: int = 1  # frames pooled (median of their estimates)
+    lever: float = 1.0  # share of the fitted level spread that is real (module docstring)
 
     @property
     def reliable(self) -> bool:
-        return bool(self.gain > 0 and self.relative_error <= MAX_RELATIVE_ERROR)
+        return bool(self.gain > 0 and self.relative_error <= MAX_RELATIVE_ERROR
+                    and self.lever >= MIN_LEVER)
 
     def describe(self) -> str:
         if self.n_blocks == 0:  # pooled over frames
@@ -100,16 +126,18 @@ UNKNOWN = GainEstimate(gain=float("nan"), intercept=float("nan"), relative_error
 
 
 def block_statistics(panel: np.ndarray, good: np.ndarray | None = None, block: int = BLOCK
-                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Per complete, fully good block: black-half mean, white-half mean, white-half variance,
-    and the correlation of horizontally and vertically adjacent pixels (about 0 for independent
-    pixel noise, large where a spot or any structure wider than a pixel fills the block)."""
+    the correlation of horizontally and vertically adjacent pixels (about 0 for independent
+    pixel noise, large where a spot or any structure wider than a pixel fills the block), and the
+    white half's third central moment (unbiased; with the variance it gives the sampling
+    covariance of the white mean and variance)."""
     image = np.asarray(panel, dtype=np.float64)
     ok = np.isfinite(image) if good is None else (np.asarray(good, bool) & np.isfinite(image))
     h, w = (image.shape[0] // block) * block, (image.shape[1] // block) * block
     if h == 0 or w == 0:
         empty = np.zeros(0)
-        return empty, empty, empty, empty
+        return empty, empty, empty, empty, empty
     values = (image[:h, :w].reshape(h // block, block, w // block, block)
               .transpose(0, 2, 1, 3).reshape(-1, block, block))
     usable = (ok[:h, :w].reshape(h // block, block, w // block, block)
@@ -117,7 +145,7 @@ def block_statistics(panel: np.ndarray, good: np.ndarray | None = None, block: i
     values = values[usable]
     if len(values) == 0:  # no fully good block (an all-masked or all-NaN panel)
         empty = np.zeros(0)
-        return empty, empty, empty, empty
+        return empty, empty, empty, empty, empty
     yy, xx = np.indices((block, block))
     black = ((yy + xx) % 2 == 0).ravel()
     flat = values.reshape(len(values), -1)
@@ -127,7 +155,10 @@ def block_statistics(panel: np.ndarray, good: np.ndarray | None = None, block: i
     lagged = ((centred[:, :, 1:] * centred[:, :, :-1]).mean(axis=(1, 2))
               + (centred[:, 1:, :] * centred[:, :-1, :]).mean(axis=(1, 2))) / 2
     spread = np.maximum((centred ** 2).mean(axis=(1, 2)), 1e-30)
-    return mean_black, white.mean(axis=1), white.var(axis=1, ddof=1), lagged / spread
+    n = white.shape[1]
+    deviation = white - white.mean(axis=1)[:, None]
+    third = (deviation ** 3).sum(axis=1) * n / ((n - 1) * (n - 2))
+    return mean_black, white.mean(axis=1), white.var(axis=1, ddof=1), lagged / spread, third
 
 
 def estimate_gain(panels: Sequence[np.ndarray], masks: Sequence[np.ndarray] | None = None, *,
@@ -139,48 +170,59 @@ def estimate_gain(panels: Sequence[np.ndarray], masks: Sequence[np.ndarray] | No
     per panel), so per-panel pedestal offsets, which are common on integrating detectors, never
     enter the slope.  Returns :data:`UNKNOWN` when there are too few blocks to fit.
     """
-    xs, ys, ws, owner = [], [], [], []
+    points: list[tuple[float, ...]] = []
+    owner: list[int] = []
     n_blocks = 0
     for i, panel in enumerate(panels):
-        key, mean, var, corr = block_statistics(panel, None if masks is None else masks[i], block)
+        key, mean, var, corr, third = block_statistics(
+            panel, None if masks is None else masks[i], block)
         if len(key):  # blocks holding spots (or other structure) are not background
             flat = corr <= np.median(corr) + MAX_EXTRA_CORRELATION
-            key, mean, var = key[flat], mean[flat], var[flat]
+            key, mean, var, third = key[flat], mean[flat], var[flat], third[flat]
         n_blocks += len(key)
         count = min(groups, len(key) // MIN_GROUP)
         if count < 2:
             continue
         for members in np.array_split(np.argsort(key, kind="stable"), count):
-            point = _group_point(mean[members], var[members])
+            point = _group_point(mean[members], var[members], third[members], block * block // 2)
             if point is not None:
-                xs.append(point[0])
-                ys.append(point[1])
-                ws.append(point[2])
+                points.append(point)
                 owner.append(i)
-    if len(xs) < 3:
+    if len(points) < 3:
         return UNKNOWN
-    x, y, w, panel_of = np.array(xs), np.array(ys), np.array(ws), np.array(owner)
-    slope, intercept, error = _fixed_effects_line(x, y, w, panel_of)
+    x, y, w, x_var, xy_cov = np.array(points).T
+    slope, intercept, error, lever = _fixed_effects_line(x, y, w, np.array(owner), x_var, xy_cov)
     rel = abs(error / slope) if slope != 0 else float("inf")
     return GainEstimate(gain=float(slope), intercept=float(intercept),
                         relative_error=float(rel), n_blocks=n_blocks,
-                        mean_range=(float(x.min()), float(x.max())))
+                        mean_range=(float(x.min()), float(x.max())), lever=lever)
 
 
-def _group_point(mean: np.ndarray, var: np.ndarray) -> tuple[float, float, float] | None:
-    """(mean, variance, weight) of one group of blocks, blocks holding spots left out."""
+def _group_point(mean: np.ndarray, var: np.ndarray, third: np.ndarray, pixels: int
+                 ) -> tuple[float, float, float, float, float] | None:
+    """One group of blocks, blocks holding spots left out: its mean, variance, weight (blocks),
+    the sampling variance of its mean and the sampling covariance of its mean and variance
+    (each block's half averages ``pixels`` pixels: variance / n and third moment / n, over the
+    blocks kept)."""
     q1, q3 = np.percentile(var, [25, 75])
     keep = (var >= q1 - 1.5 * (q3 - q1)) & (var <= q3 + 1.5 * (q3 - q1))
-    if keep.sum() < 3:
+    kept = int(keep.sum())
+    if kept < 3:
         return None
-    return float(mean[keep].mean()), float(var[keep].mean()), float(keep.sum())
+    n = pixels * kept
+    return (float(mean[keep].mean()), float(var[keep].mean()), float(kept),
+            float(var[keep].mean()) / n, float(third[keep].mean()) / n)
 
 
-def _fixed_effects_line(x: np.ndarray, y: np.ndarray, w: np.ndarray, group: np.ndarray
-                        ) -> tuple[float, float, float]:
+def _fixed_effects_line(x: np.ndarray, y: np.ndarray, w: np.ndarray, group: np.ndarray,
+                        x_var: np.ndarray | None = None, xy_cov: np.ndarray | None = None
+                        ) -> tuple[float, float, float, float]:
     """Weighted least-squares slope common to all groups (each with its own intercept), the
-    mean intercept and the slope's standard error from the scatter about the lines (so
-    unmodelled structure widens it)."""
+    mean intercept, the slope's standard error from the scatter about the lines (so unmodelled
+    structure widens it) and the lever: the share of the x spread about the group means that is
+    real.  ``x_var`` / ``xy_cov``: each point's sampling variance of x and covariance of x and y
+    errors, taken out of the sums (errors in variables; a point's deviation from its group's
+    weighted mean keeps ``1 - w / W`` of them); the standard error grows by 1 / lever."""
     labels, inverse = np.unique(group, return_inverse=True)
     sw = np.bincount(inverse, w)
     xm = (np.bincount(inverse, w * x) / sw)[inverse]
@@ -188,12 +230,18 @@ def _fixed_effects_line(x: np.ndarray, y: np.ndarray, w: np.ndarray, group: np.n
     dx, dy = x - xm, y - ym
     sxx = (w * dx * dx).sum()
     if sxx <= 0:
-        return 0.0, float("nan"), float("inf")
-    slope = (w * dx * dy).sum() / sxx
+        return 0.0, float("nan"), float("inf"), 0.0
+    own = 1.0 - w / sw[inverse]
+    noise_xx = 0.0 if x_var is None else float((w * own * x_var).sum())
+    noise_xy = 0.0 if xy_cov is None else float((w * own * xy_cov).sum())
+    lever = (sxx - noise_xx) / sxx
+    if lever <= 0:
+        return 0.0, float("nan"), float("inf"), float(lever)
+    slope = ((w * dx * dy).sum() - noise_xy) / (sxx - noise_xx)
     intercept = float(np.average(ym - slope * xm, weights=w))
     dof = max(len(x) - len(labels) - 1, 1)
     scale = (w * (dy - slope * dx) ** 2).sum() / dof
-    return float(slope), intercept, float(np.sqrt(scale / sxx))
+    return float(slope), intercept, float(np.sqrt(scale / sxx) / lever), float(lever)
 
 
 def is_placeholder(declared: float) -> bool:

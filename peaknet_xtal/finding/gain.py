@@ -274,14 +274,19 @@ class GainResolver:
     Why fixed: a detector's gain does not change from shot to shot, one number keeps the frames'
     SNRs comparable, and estimating stops costing time once settled.  Only declared gains that
     are missing or placeholder-like (:func:`is_placeholder`) are checked against the data; the
-    reliable estimates of the first ``frames`` such frames are pooled (their median, so frames
-    before the last use the running median).  A "run" is frames of one panel layout: when the
-    panel shapes change (one engine or ``PeakFinder`` handed another detector's images) the gain
-    is measured again, so one detector's gain never carries over to another's.
+    first ``frames`` reliable estimates are pooled (their median, so frames before the last use
+    the running median).  Frames whose background shows no gain (flat, sparse blanks: most of a
+    serial run at a low hit rate) do not count towards ``frames``: the resolver goes on looking,
+    up to ``max_frames`` frames in all, so that a run that opens with blanks still gets its gain
+    from the first frames that show one (each look costs about 0.25 s on a 2-Mpx frame, one
+    thread: ``benchmarks/bench_gain.py``).  A "run" is frames of one panel layout: when the panel
+    shapes change (one engine or ``PeakFinder`` handed another detector's images) the gain is
+    measured again, so one detector's gain never carries over to another's.
     """
 
-    def __init__(self, frames: int = 5) -> None:
+    def __init__(self, frames: int = 5, max_frames: int = 50) -> None:
         self.frames = frames
+        self.max_frames = max_frames
         self._gains: list[float] = []
         self._seen = 0
         self._said: set[float | None] = set()
@@ -302,7 +307,7 @@ class GainResolver:
             if self._layout is not None:
                 log.info("panel layout changed: the detector gain is measured again")
             self._layout, self._gains, self._seen = layout, [], 0
-        if self._seen < self.frames:
+        if len(self._gains) < self.frames and self._seen < self.max_frames:
             self._seen += 1
             estimate = estimate_gain(panels, masks)
             if estimate.reliable:

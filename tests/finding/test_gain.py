@@ -67,14 +67,16 @@ def test_flat_frame_without_photons_claims_nothing():
     assert estimate_gain([np.zeros((8, 8))]) is UNKNOWN
 
 
-def sparse_panels(photons: float, gain: float, read_noise: float, seed: int) -> list[np.ndarray]:
+def sparse_panels(photons: float, gain: float, read_noise: float, seed: int,
+                  shapes: list[tuple[int, int]] | None = None) -> list[np.ndarray]:
     """A blank detector's background: a few hundredths to tenths of a photon a pixel with a
-    gentle gradient, read noise above the shot noise, a pedestal offset per panel."""
+    gentle gradient, read noise above the shot noise, a pedestal offset per panel (64 panels
+    of 512 x 256 pixels unless ``shapes`` says otherwise)."""
     rng = np.random.default_rng(seed)
-    x = np.arange(256) / 256
     panels = []
-    for _ in range(64):
-        level = photons * (0.2 + 0.8 * x)[None, :] * rng.uniform(0.5, 1.0) * np.ones((512, 1))
+    for shape in shapes or [(512, 256)] * 64:
+        x = np.arange(shape[1]) / shape[1]
+        level = photons * (0.2 + 0.8 * x)[None, :] * rng.uniform(0.5, 1.0) * np.ones((shape[0], 1))
         panels.append(rng.poisson(level) * gain + rng.normal(0.0, read_noise, level.shape)
                       + rng.normal(0.0, 5.0))
     return panels
@@ -138,6 +140,23 @@ def test_resolver_pools_the_first_frames_then_stops_estimating(epix, monkeypatch
                         lambda *a, **k: calls.append(1) or UNKNOWN)
     assert resolver(None, frames[0].panels) == gains[1] and not calls
     assert resolver(25.0, frames[0].panels) == 25.0  # a real declared gain wins
+
+
+def test_resolver_looks_past_blanks_that_show_no_gain(epix, monkeypatch):
+    """A run opening with flat blanks (no reliable estimate) still gets its gain from the first
+    frames that show one, and stops looking after ``max_frames``."""
+    good = sim(epix, 20.0, 1.0)
+    flat = sparse_panels(0.05, 8.0, 3.6, 1, [p.shape for p in good.panels])
+    assert not estimate_gain(flat).reliable
+    resolver = GainResolver(frames=2, max_frames=8)
+    assert all(resolver(None, flat) is None for _ in range(6))
+    assert resolver(None, good.panels, good.masks) == pytest.approx(20.0, rel=0.1)
+    calls = []
+    monkeypatch.setattr("peaknet_xtal.finding.gain.estimate_gain",
+                        lambda *a, **k: calls.append(1) or UNKNOWN)
+    resolver(None, good.panels, good.masks)  # the eighth frame: still one estimate short
+    assert resolver(None, good.panels, good.masks) == pytest.approx(20.0, rel=0.1)
+    assert len(calls) == 1  # none after max_frames
 
 
 def test_engine_uses_the_estimate_when_the_frame_declares_none(epix):

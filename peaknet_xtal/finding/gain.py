@@ -156,9 +156,10 @@ def block_statistics(panel: np.ndarray, good: np.ndarray | None = None, block: i
               + (centred[:, 1:, :] * centred[:, :-1, :]).mean(axis=(1, 2))) / 2
     spread = np.maximum((centred ** 2).mean(axis=(1, 2)), 1e-30)
     n = white.shape[1]
-    deviation = white - white.mean(axis=1)[:, None]
+    mean_white = white.mean(axis=1)
+    deviation = white - mean_white[:, None]
     third = (deviation ** 3).sum(axis=1) * n / ((n - 1) * (n - 2))
-    return mean_black, white.mean(axis=1), white.var(axis=1, ddof=1), lagged / spread, third
+    return mean_black, mean_white, white.var(axis=1, ddof=1), lagged / spread, third
 
 
 def estimate_gain(panels: Sequence[np.ndarray], masks: Sequence[np.ndarray] | None = None, *,
@@ -215,7 +216,7 @@ def _group_point(mean: np.ndarray, var: np.ndarray, third: np.ndarray, pixels: i
 
 
 def _fixed_effects_line(x: np.ndarray, y: np.ndarray, w: np.ndarray, group: np.ndarray,
-                        x_var: np.ndarray | None = None, xy_cov: np.ndarray | None = None
+                        x_var: np.ndarray, xy_cov: np.ndarray
                         ) -> tuple[float, float, float, float]:
     """Weighted least-squares slope common to all groups (each with its own intercept), the
     mean intercept, the slope's standard error from the scatter about the lines (so unmodelled
@@ -232,8 +233,8 @@ def _fixed_effects_line(x: np.ndarray, y: np.ndarray, w: np.ndarray, group: np.n
     if sxx <= 0:
         return 0.0, float("nan"), float("inf"), 0.0
     own = 1.0 - w / sw[inverse]
-    noise_xx = 0.0 if x_var is None else float((w * own * x_var).sum())
-    noise_xy = 0.0 if xy_cov is None else float((w * own * xy_cov).sum())
+    noise_xx = float((w * own * x_var).sum())
+    noise_xy = float((w * own * xy_cov).sum())
     lever = (sxx - noise_xx) / sxx
     if lever <= 0:
         return 0.0, float("nan"), float("inf"), float(lever)

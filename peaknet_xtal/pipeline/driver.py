@@ -21,6 +21,7 @@ laptop without Ray).
 """
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 import signal
@@ -89,8 +90,11 @@ class PipelineError(PeakNetError):
 def resolve_config(config: Mapping[str, Any] | None) -> dict[str, Any]:
     cfg = deep_merge(DEFAULTS, dict(config or {}))
     unknown = sorted(set(cfg) - set(DEFAULTS))
-    if unknown:
-        log.warning("run_pipeline: ignoring unknown settings %s", unknown)
+    if unknown:  # a misspelt key would otherwise run with its default, unnoticed
+        hints = [f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+                 for key in unknown
+                 for close in [difflib.get_close_matches(key, list(DEFAULTS), n=1)]]
+        raise ValueError(f"run_pipeline: unknown settings {', '.join(hints)}")
     if not cfg["inputs"]:
         raise ValueError("run_pipeline: no inputs")
     if int(cfg["workers"]) < 1 or int(cfg["writers"]) < 1:

@@ -361,6 +361,41 @@ def test_only_exact_counts_are_dequantised_in_quanta_of_their_smallest_count():
     assert dequantise_counts(floats, torch.ones_like(floats, dtype=torch.bool)) is floats
 
 
+def test_the_device_path_of_the_count_check_and_dither_gives_the_host_answers():
+    """Off the CPU the exact-count check and the dither run on the tensors' device (one wait in
+    all); here that torch code runs on the CPU against the numpy code the CPU takes."""
+    from peaknet_xtal.model.layers.local_norm import (
+        _device_counts,
+        _dither_base,
+        _host_counts,
+        _roll_and_tile,
+    )
+
+    rng = np.random.default_rng(25)
+    counts = rng.poisson(0.7, (6, 90, 130)).astype(np.float32)
+    ok = np.ones(counts.shape, bool)
+    counts[1] += 0.5  # float data
+    counts[2, 4, 4] = -1.0  # a gap value, unmasked ...
+    counts[3, 4, 4] = -1.0  # ... and masked, with the first rows and columns
+    ok[3, 4, 4] = False
+    ok[3, :7] = ok[3, :, :11] = False
+    counts[4, 50, 60] = np.nan
+    counts[5] = 0.0  # nothing counted
+    counts[0] *= 30.0  # counts at 30 ADU a photon
+    device = _device_counts(torch.from_numpy(counts), torch.from_numpy(ok))
+    host = [_host_counts(counts[i], ok[i]) for i in range(len(counts))]
+    assert device == host
+    assert [d is None for d in device] == [False, True, True, False, True, True]
+    assert device[3][2] == (7, 11) and device[0][1] == 30.0
+    base = _dither_base()
+    for shift, shape in (((3, -700), (90, 130)), ((-5, 9), (2100, 1030))):
+        tiles = (-(-shape[0] // len(base)), -(-shape[1] // len(base)))
+        expected = np.tile(np.roll(base.numpy(), shift, axis=(0, 1)), tiles)[:shape[0],
+                                                                            :shape[1]]
+        np.testing.assert_array_equal(_roll_and_tile(base, shift, tiles, shape).numpy(),
+                                      expected)
+
+
 @pytest.mark.parametrize("noise_scale", ["pixel", "decorrelated"])
 def test_exact_counts_alone_equal_the_same_counts_inside_a_masked_layout(noise_scale):
     """The dither is anchored at the valid pixels: a counting panel embedded in a larger masked

@@ -21,6 +21,7 @@ from peaknet_test_support import LocalMaxFinder
 
 from peaknet_xtal.formats.cxi import CXISource, CXIWriter
 from peaknet_xtal.pipeline import run_pipeline
+from peaknet_xtal.pipeline.driver import resolve_config
 from peaknet_xtal.pipeline.ray_session import ray_session
 
 pytestmark = pytest.mark.ray
@@ -161,3 +162,10 @@ def test_a_first_ctrl_c_only_requests_a_stop_and_a_second_stops_at_once():
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(1.0)
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_an_unknown_setting_is_refused_with_the_name_it_resembles(tmp_path):
+    """A misspelt key must not run the pipeline with the default it meant to change (the GPU
+    benchmark once passed ``predictor`` for ``frame_finder`` and measured the wrong model)."""
+    with pytest.raises(ValueError, match="'workrs' \\(did you mean 'workers'\\?\\)"):
+        resolve_config({"inputs": [str(tmp_path / "x.h5")], "workrs": 4})

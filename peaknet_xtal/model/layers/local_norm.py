@@ -415,32 +415,75 @@ def exact_counts(image: Any, ok: Any) -> tuple[int, float] | None:
     return total, float(np.where(values > 0, values, np.float32(np.inf)).min())
 
 
+def _device_counts(x: torch.Tensor, ok: torch.Tensor
+                   ) -> list[tuple[int, float, tuple[int, int]] | None]:
+    """:func:`exact_counts` and the first valid row and column (:func:`dither_noise`'s origin)
+    for each image of a (B, H, W) float32 ``x`` on its own device, with one wait for the device
+    in all (the same answers: the total is summed in float64, exact for whole numbers below
+    2**53 in any order).  Why not on the CPU: torch's reductions there took 82 ms for a
+    Pilatus 6M frame, numpy's 35."""
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    values = torch.where(ok, x, zero)
+    whole = (values == values.round()).flatten(1).all(1)  # NaN is not whole
+    total = values.sum((-2, -1), dtype=torch.float64)
+    exact = whole & (values.amin((-2, -1)) >= 0) & (total > 0)
+    quantum = torch.where(values > 0, values, zero + float("inf")).amin((-2, -1))
+    first = [torch.where(ok.any(axis), torch.arange(ok.shape[-1 - (axis == -1)],
+                                                    device=ok.device), ok.numel()).amin(-1)
+             for axis in (-1, -2)]  # first valid row, first valid column
+    found = torch.stack([exact.double(), total, quantum.double(), first[0].double(),
+                         first[1].double()], 1).tolist()
+    return [(int(count), step, (int(oy), int(ox))) if is_exact else None
+            for is_exact, count, step, oy, ox in found]
+
+
+def _host_counts(image: Any, ok: Any) -> tuple[int, float, tuple[int, int]] | None:
+    """:func:`_device_counts` for one numpy image on the host."""
+    counts = exact_counts(image, ok)
+    if counts is None:
+        return None
+    return (*counts, (int(ok.any(1).argmax()), int(ok.any(0).argmax())))
+
+
 @functools.cache
-def _dither_base() -> Any:
-    """One :data:`DITHER_PERIOD`-square field of unit Gaussian noise, drawn once: a fresh float32
-    draw for a Pilatus 6M frame costs 90 ms on one thread; dequantising the whole frame from this
-    field, checks included, 80 ms (3 % of the engine's time on it), a float frame's check 4 ms."""
+def _dither_base(device: str = "cpu") -> torch.Tensor:
+    """One :data:`DITHER_PERIOD`-square field of unit Gaussian noise, drawn once (numpy's
+    generator: every device gets the same field) and kept on each device that asks: a fresh
+    float32 draw for a Pilatus 6M frame costs 90 ms on one thread; dequantising the whole frame
+    from this field, checks included, 80 ms (3 % of the engine's time on it)."""
     import numpy as np
 
-    return np.random.default_rng(DITHER_PERIOD).standard_normal(
-        (DITHER_PERIOD, DITHER_PERIOD), dtype=np.float32)
+    return torch.from_numpy(np.random.default_rng(DITHER_PERIOD).standard_normal(
+        (DITHER_PERIOD, DITHER_PERIOD), dtype=np.float32)).to(device)
 
 
-def dither_noise(shape: tuple[int, int], origin: tuple[int, int], total: int) -> Any:
-    """Unit noise for an image of ``shape`` whose first valid row and column are ``origin``:
-    ``base[(y - oy + sy) % P, (x - ox + sx) % P]`` with the shift ``(sy, sx)`` set by ``total``.
+def dither_noise(shape: tuple[int, int], origin: tuple[int, int], total: int,
+                 device: Any = "cpu") -> torch.Tensor:
+    """Unit noise on ``device`` for an image of ``shape`` whose first valid row and column are
+    ``origin``: ``base[(y - oy + sy) % P, (x - ox + sx) % P]`` with the shift ``(sy, sx)`` set by
+    ``total``; the same values on every device (on the CPU through numpy's roll and tile: 8 ms
+    for a Pilatus 6M frame against torch's 18).
 
     Anchored at the valid pixels, not the array, so that a panel alone and the same panel inside
     a larger masked layout get the same noise on the same pixels; periodic over ``P`` pixels,
     far beyond what the network sees of a pixel's surroundings."""
-    import numpy as np
-
     period = DITHER_PERIOD
     sy, sx = divmod(total % (period * period), period)
-    rolled = np.roll(_dither_base(), (origin[0] - sy, origin[1] - sx), axis=(0, 1))
-    h, w = shape
-    return np.tile(rolled, (-(-h // period), -(-w // period)))[:h, :w]
+    shift, (h, w) = (origin[0] - sy, origin[1] - sx), shape
+    tiles = (-(-h // period), -(-w // period))
+    device = torch.device(device)
+    if device.type == "cpu":
+        import numpy as np
 
+        rolled = np.roll(_dither_base().numpy(), shift, axis=(0, 1))
+        return torch.from_numpy(np.tile(rolled, tiles)[:h, :w])
+    return _roll_and_tile(_dither_base(str(device)), shift, tiles, (h, w))
+
+
+def _roll_and_tile(base: torch.Tensor, shift: tuple[int, int], tiles: tuple[int, int],
+                   shape: tuple[int, int]) -> torch.Tensor:
+    """numpy's ``tile(roll(base, shift), tiles)[:h, :w]`` in torch, on ``base``'s device."""
+    return torch.roll(base, shift, dims=(0, 1)).repeat(tiles)[:shape[0], :shape[1]]
 
 
 def dequantise_counts(x: torch.Tensor, valid: torch.Tensor,
@@ -451,25 +494,31 @@ def dequantise_counts(x: torch.Tensor, valid: torch.Tensor,
     The noise (:func:`dither_noise`) is shifted by an amount that the image's total count sets:
     the same panel always gets the same input, alone or inside a larger masked layout, and the
     frames of a run different noise (a fixed pattern would put the same faint bumps under every
-    frame's photons)."""
-    import numpy as np
-
+    frame's photons).  Off the CPU everything stays on the tensors' device: on an H200 the host
+    round trip of each counting frame held the whole normalisation to 35 frames/s of 2 Mpx
+    (benchmarks/results/bench_gpu_h200.log).  A sparse probe of every
+    :data:`_INTEGER_PROBE_STEP`-th pixel passes over most float images first."""
     probe = x.detach().flatten(1)[:, ::_INTEGER_PROBE_STEP].float()
     off_whole = valid.flatten(1)[:, ::_INTEGER_PROBE_STEP] & (
         (probe < 0) | (probe != probe.round()))  # NaN is off too
+    maybe = torch.nonzero(~off_whole.any(1)).flatten().tolist()
+    if not maybe:
+        return x
+    if x.device.type == "cpu":
+        found = [_host_counts(x[i, 0].detach().float().numpy(), valid[i, 0].numpy())
+                 for i in maybe]
+    else:
+        found = _device_counts(x.detach()[maybe, 0].float(), valid[maybe, 0])
     h, w = x.shape[-2:]
     out: torch.Tensor | None = None
-    for i in torch.nonzero(~off_whole.any(1)).flatten().tolist():
-        ok = valid[i, 0].detach().cpu().numpy()
-        counts = exact_counts(x[i, 0].detach().float().cpu().numpy(), ok)
+    for i, counts in zip(maybe, found, strict=True):
         if counts is None:
             continue
-        total, quantum = counts
+        total, quantum, origin = counts
         if out is None:
             out = x.float().clone()
-        origin = (int(ok.any(1).argmax()), int(ok.any(0).argmax()))
-        noise = dither_noise((h, w), origin, total) * np.float32(sigma * quantum)
-        out[i, 0] += torch.from_numpy(noise).to(out.device)
+        noise = dither_noise((h, w), origin, total, out.device)
+        out[i, 0] += noise * torch.tensor(sigma * quantum, dtype=torch.float32)
     return x if out is None else out
 
 

@@ -300,12 +300,14 @@ def measure_ray(name: str, precision: str, batch: int, frames: list[np.ndarray],
 
     side = frames[0].shape[0]
     stack = work / f"stack_{side}_{count}.h5"
-    if not stack.exists():
+    if not stack.exists():  # ``frames`` once, and a virtual dataset repeating them
         with h5py.File(stack, "w") as h5:
-            data = h5.create_dataset("/entry_1/data_1/data", (count, side, side), np.float32,
-                                     chunks=(1, side, side))
+            h5.create_dataset("frames", data=np.stack(frames), chunks=(1, side, side))
+            layout = h5py.VirtualLayout((count, side, side), np.float32)
+            unique = h5py.VirtualSource(".", "frames", (len(frames), side, side))
             for i in range(count):
-                data[i] = frames[i % len(frames)]
+                layout[i] = unique[i % len(frames)]
+            h5.create_virtual_dataset("/entry_1/data_1/data", layout)
     out = work / f"ray_{name}_{precision}_{batch}_{workers}_{time.monotonic_ns()}" / "out.cxi"
     tiles = len(tile_panel((side, side), TILE, OVERLAP))
     if __name__ != "__main__":  # imported (tests): Ray workers cannot import this script by name
@@ -343,7 +345,7 @@ def plan(args: argparse.Namespace, device: str, precisions: list[str]) -> None:
           f"({args.e2e_frames} frames)"
           + ("" if args.no_ray else
              f"; Ray pipeline at {args.ray_mpx} Mpx with {args.ray_workers} workers sharing the "
-             f"device (24 frames a worker, 48 to {args.ray_frames})")
+             f"device (64 frames a worker, at most {args.ray_frames})")
           + (f"; stops measuring after {args.budget_s:.0f} s" if args.budget_s is not None else ""))
     print(f"reference: {REFERENCE_PER_L40S} frames/s per L40S (published); target: "
           f"{TARGET_2MPX:.0f} frames/s of 2-Mpx frames, default model, end to end, one H100")
@@ -382,7 +384,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="sizes run through the Ray pipeline")
     parser.add_argument("--ray-workers", type=int, nargs="+", default=[1, 12],
                         help="model workers sharing the device, one Ray run each")
-    parser.add_argument("--ray-frames", type=int, default=256, help="frames per Ray run")
+    parser.add_argument("--ray-frames", type=int, default=1024,
+                        help="most frames per Ray run (64 a worker)")
     parser.add_argument("--budget-s", type=float,
                         help="start no new measurement after this many seconds")
     parser.add_argument("--json", help="write the rows here (after each measurement)")
@@ -493,7 +496,10 @@ def main(argv: list[str] | None = None) -> int:
                     if out_of_time(f"{name} {mpx:g} Mpx Ray with {workers} workers"):
                         break
                     threads = max(1, (cpus or 1) // workers - 1) if workers > 1 else 2
-                    count = min(args.ray_frames, max(48, 24 * workers))  # ~ the same time
+                    # enough frames a worker that start-up (each worker loads its model on
+                    # the GPU when its first frames arrive) is a small part of the run: with 24
+                    # a worker, some of 12 workers had none left (busy 0 %, bench_gpu_h200.log)
+                    count = min(args.ray_frames, max(64, 64 * workers))
                     rate = measure_ray(name, precision, batch, frames, device, workers,
                                        threads, count, work)
                     rows.add(Row(name, mpx, side, f"ray x{workers}", precision, batch, rate,

@@ -185,18 +185,26 @@ class DefectTracker:
         self.frames = 0
         self.counts: list[np.ndarray] | None = None
 
-    def update(self, panels: Sequence[np.ndarray], masks: Sequence[np.ndarray] | None = None
-               ) -> None:
-        """Count this frame's spiking pixels."""
+    def spike_maps(self, panels: Sequence[np.ndarray],
+                   masks: Sequence[np.ndarray] | None = None) -> list[np.ndarray]:
+        """This frame's spiking pixels per panel, as :meth:`update` counts them; depends on the
+        frame alone, so hosts may make them for several frames at once (the engine does, in
+        threads) and hand them to :meth:`update` in frame order."""
+        return [spike_map(panel, None if masks is None else masks[i], self.sigmas,
+                          lone=self.lone) for i, panel in enumerate(panels)]
+
+    def update(self, panels: Sequence[np.ndarray], masks: Sequence[np.ndarray] | None = None,
+               spikes: Sequence[np.ndarray] | None = None) -> None:
+        """Count this frame's spiking pixels (``spikes``: its :meth:`spike_maps`, if made)."""
         shapes = [np.shape(p) for p in panels]
         if self.counts is None or [c.shape for c in self.counts] != shapes:
             if self.counts is not None:
                 log.warning("panel shapes changed within the run: pixel defect counts restart")
             self.counts = [np.zeros(s, np.uint32) for s in shapes]
             self.frames = 0
-        for i, panel in enumerate(panels):
-            self.counts[i] += spike_map(panel, None if masks is None else masks[i], self.sigmas,
-                                        lone=self.lone)
+        for count, spiking in zip(self.counts, spikes if spikes is not None
+                                  else self.spike_maps(panels, masks), strict=True):
+            count += spiking
         self.frames += 1
 
     @property
@@ -322,13 +330,15 @@ class DefectFilter:
         return result
 
     def keep(self, peaks: np.ndarray, panels: Sequence[np.ndarray],
-             masks: Sequence[np.ndarray] | None = None) -> np.ndarray:
+             masks: Sequence[np.ndarray] | None = None,
+             spikes: Sequence[np.ndarray] | None = None) -> np.ndarray:
         """What :meth:`__call__` keeps, as a boolean mask over the rows of ``peaks`` (for callers
-        that keep other per-peak data in step: boxes, pixels); counts the frame."""
+        that keep other per-peak data in step: boxes, pixels); counts the frame (``spikes``: its
+        ``tracker.spike_maps``, if made already)."""
         if self._ahead:
             self._ahead -= 1  # counted when it was read ahead
         else:
-            self.tracker.update(panels, masks)
+            self.tracker.update(panels, masks, spikes)
         keep = off_defects(peaks, self.tracker.defects)
         if self.spikes and keep.any():
             keep[keep] = ~spike_peaks(peaks[keep], panels)

@@ -315,9 +315,9 @@ def test_engine_reads_ahead_only_while_the_filter_learns():
             seen.append("ahead")
             super().count_ahead(panels, masks)
 
-        def keep(self, peaks, panels, masks=None):
+        def keep(self, peaks, panels, masks=None, spikes=None):
             seen.append("filter")
-            return super().keep(peaks, panels, masks)
+            return super().keep(peaks, panels, masks, spikes)
 
     rng = np.random.default_rng(0)
     frames = [Frame(panels=[rng.normal(0, 1, (64, 64)).astype(np.float32)], masks=None,
@@ -373,3 +373,39 @@ def test_filter_saves_masks_beside_the_output_after_enough_frames(tmp_path, fixt
     with h5py.File(written[0]) as h5:
         mask = h5["/data/data"][()]
     assert mask[32 + 3, 4] == 0 and mask.sum() == 64 * 64 - 1
+
+
+def test_frames_found_in_threads_give_the_one_thread_results():
+    """The engine finds the peaks of a chunk's frames in threads and applies the run's defect
+    filter after, frame by frame in order: the same tables, boxes, pixels, hit calls and
+    defect counts as one thread, with the first frames (read ahead and counted before any is
+    filtered) counted once."""
+    rng = np.random.default_rng(3)
+    hot = [(p, int(y), int(x)) for p in range(3) for y, x in rng.integers(2, 94, (4, 2))]
+    yy, xx = np.mgrid[-3:4, -3:4]
+    frames = []
+    for i in range(11):
+        panels = [rng.poisson(4.0, (96, 128)).astype(np.float32) for _ in range(3)]
+        for panel in panels:
+            for y, x in rng.integers(4, 92, (int(rng.integers(0, 6)), 2)):
+                panel[y - 3:y + 4, x - 3:x + 4] += 60 * np.exp(-(yy ** 2 + xx ** 2) / 2.0)
+        for p, y, x in hot:
+            panels[p][y, x] += 400.0
+        frames.append(Frame(panels=panels, masks=None, geometry=None, meta={}, serial=i))
+    runs = {}
+    for threads in (1, 3):
+        engine = InferenceEngine(predictor=bright, adu_per_photon=1.0, batch_size=12,
+                                 threads=threads)
+        runs[threads] = (list(engine.find_frames(frames, with_bbox=True, with_pixels=True)),
+                         engine.defects.tracker)
+    (one, one_tracker), (many, many_tracker) = runs[1], runs[3]
+    assert many_tracker.frames == one_tracker.frames == len(frames)
+    for a, b in zip(one_tracker.counts, many_tracker.counts, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert one_tracker.count() >= len(hot)  # the filter had defects to apply
+    for a, b in zip(one, many, strict=True):
+        assert a.peaks.tobytes() == b.peaks.tobytes() and a.hit == b.hit
+        np.testing.assert_array_equal(a.peak_boxes, b.peak_boxes)
+        for pa, pb in zip(a.peak_pixels, b.peak_pixels, strict=True):
+            np.testing.assert_array_equal(pa, pb)
+    assert sum(len(r.peaks) for r in one) > 0

@@ -22,7 +22,9 @@ The data flow, and where each step lives::
               clipped annulus background, centroid, intensity, integrated SNR (gain from
               settings.resolve_gain, else measured from the background: finding/gain.py),
               min_snr / size / max_peaks cuts; then finding/defects.py drops pixels that are
-              outliers frame after frame and one-pixel spikes without a spot profile
+              outliers frame after frame and one-pixel spikes without a spot profile.  Each
+              frame's own part runs in host threads (off the CPU while the model segments the
+              next chunk); the run's state (gain, defect counts) moves frame by frame, in order
       |
     result    FrameResult (types.py): the peak table, the hit flag and, on request, each
               reported peak's pixels; it turns into a CXI row, a stream chunk, a DIALS
@@ -51,11 +53,12 @@ adapters would otherwise drift apart, and a peak found by ``peaknet2cxi`` must b
 """
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -391,35 +394,58 @@ class InferenceEngine:
         defect filter, the engine's own by default (a host that hands over the panels of a
         detector one at a time keeps one per panel)."""
         defects = self.defects if defects is None else defects
+        threads = int(self.threads or default_threads())
+        ahead = self._in_flight(threads)
+        host = max(1, threads - 1) if ahead else threads  # one core feeds the GPU meanwhile
+        flight: collections.deque[tuple[Frame, list[np.ndarray], list[np.ndarray], Any]] = (
+            collections.deque())
         for chunk in self._chunks(self._read_ahead(frames, defects)):
             probs, goods = self._predict_many([f.panels for f in chunk],
                                               [f.masks for f in chunk],
                                               [_where(f) for f in chunk])
             # The run's state (its gain, its pixel defects) moves frame by frame, in order; what
             # depends on one frame alone (its peaks, its spiking pixels: 0.1 s for 2 Mpx on one
-            # thread, where the model on an H200 takes 0.02) runs for the chunk's frames at once
-            params = [self.params_for(frame) for frame in chunk]
-            counted = defects.pending  # the chunk's first frames, counted when read ahead
-            found = self._map_host(self._frame_peaks, [
-                (chunk[k], probs[k], goods[k], params[k], with_pixels, with_bbox,
-                 None if k < counted else defects.tracker) for k in range(len(chunk))])
+            # thread, where the model on an H200 takes 0.02) runs in threads
             for k, frame in enumerate(chunk):
-                yield self._result(frame, probs[k], goods[k], defects, *found[k])
+                params = self.params_for(frame)
+                # frames read ahead were counted then: as many as are pending beyond those
+                # in flight (each of which takes one off when filtered)
+                counted = defects.pending > len(flight)
+                flight.append((frame, probs[k], goods[k], self._on_host(
+                    host, self._frame_peaks, frame, probs[k], goods[k], params, with_pixels,
+                    with_bbox, None if counted else defects.tracker)))
+            while len(flight) > ahead:
+                frame, frame_probs, frame_goods, job = flight.popleft()
+                yield self._result(frame, frame_probs, frame_goods, defects, *job.result())
+        while flight:
+            frame, frame_probs, frame_goods, job = flight.popleft()
+            yield self._result(frame, frame_probs, frame_goods, defects, *job.result())
 
-    def _map_host(self, work: Callable[..., Any], calls: Sequence[tuple[Any, ...]]) -> list[Any]:
-        """``work(*args)`` for each of ``calls`` in threads, one per CPU the engine may use
-        (``threads``, else what the process may use), results in order; inline for one call.
-        numpy and scipy let go of the GIL in the array work, so peak finding scales with
-        threads: on 2-Mpx frames, 2 threads of the 2-core machine took 0.05-0.06 s a frame
-        against 0.10 in one, with the same peak tables.  The model is idle meanwhile, so
-        nothing oversubscribes."""
-        threads = min(len(calls), int(self.threads or default_threads()))
+    def _in_flight(self, threads: int) -> int:
+        """Frames whose peaks may still be being found while the model runs the next chunk:
+        off the CPU, two per host thread (the GPU and the host work at once); on the CPU none,
+        as the model takes every core (a chunk's peaks are found before the next chunk's model
+        runs)."""
+        return 2 * threads if self.predictor is None and self.device != "cpu" else 0
+
+    def _on_host(self, threads: int, work: Callable[..., Any], *args: Any) -> Any:
+        """``work(*args)`` on the host's threads, one per CPU the engine may use (``threads``,
+        else what the process may use), as a future; run at once with one thread.  An error
+        comes with the future, so that the frames before it are delivered first.  numpy and
+        scipy let go of the GIL in the array work, so peak finding scales with threads: on
+        2-Mpx frames, 2 threads of the 2-core machine took 0.05-0.06 s a frame against 0.10 in
+        one, with the same peak tables."""
         if threads <= 1:
-            return [work(*args) for args in calls]
-        if self._host_pool is None or self._host_threads < threads:
+            done: Future[Any] = Future()
+            try:
+                done.set_result(work(*args))
+            except Exception as exc:  # raised by result(), in the frames' order
+                done.set_exception(exc)
+            return done
+        if self._host_pool is None or self._host_threads != threads:
             self._host_pool = ThreadPoolExecutor(threads, thread_name_prefix="peaknet-peaks")
             self._host_threads = threads
-        return list(self._host_pool.map(lambda args: work(*args), calls))
+        return self._host_pool.submit(work, *args)
 
     def _frame_peaks(self, frame: Frame, probs: list[np.ndarray], goods: list[np.ndarray],
                      params: PeakParams, with_pixels: bool, with_bbox: bool,

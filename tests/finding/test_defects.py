@@ -375,11 +375,13 @@ def test_filter_saves_masks_beside_the_output_after_enough_frames(tmp_path, fixt
     assert mask[32 + 3, 4] == 0 and mask.sum() == 64 * 64 - 1
 
 
-def test_frames_found_in_threads_give_the_one_thread_results():
+@pytest.mark.parametrize("in_flight", [0, 5])
+def test_frames_found_in_threads_give_the_one_thread_results(monkeypatch, in_flight):
     """The engine finds the peaks of a chunk's frames in threads and applies the run's defect
     filter after, frame by frame in order: the same tables, boxes, pixels, hit calls and
     defect counts as one thread, with the first frames (read ahead and counted before any is
-    filtered) counted once."""
+    filtered) counted once; also with frames still in flight while the next chunk is
+    segmented (what a GPU engine does)."""
     rng = np.random.default_rng(3)
     hot = [(p, int(y), int(x)) for p in range(3) for y, x in rng.integers(2, 94, (4, 2))]
     yy, xx = np.mgrid[-3:4, -3:4]
@@ -396,6 +398,8 @@ def test_frames_found_in_threads_give_the_one_thread_results():
     for threads in (1, 3):
         engine = InferenceEngine(predictor=bright, adu_per_photon=1.0, batch_size=12,
                                  threads=threads)
+        if threads > 1:
+            monkeypatch.setattr(engine, "_in_flight", lambda threads: in_flight)
         runs[threads] = (list(engine.find_frames(frames, with_bbox=True, with_pixels=True)),
                          engine.defects.tracker)
     (one, one_tracker), (many, many_tracker) = runs[1], runs[3]

@@ -141,7 +141,8 @@ class InferenceEngine:
 
     ``model`` is a registered name (``"default"``), a weights path, or a ready ``torch.nn.Module``;
     ``device`` is ``auto`` (CUDA when available), ``cpu`` or ``cuda[:N]``; ``threads`` sets torch's
-    CPU threads when the model loads; ``batch_size`` counts model tiles.  Peak settings come from
+    CPU threads when the model loads and the host threads that find the peaks (default: the CPUs
+    the process may use); ``batch_size`` counts model tiles.  Peak settings come from
     ``peak_params`` or the shorthand keywords ``threshold``, ``min_snr``, ``min_peaks``,
     ``max_peaks``, ``adu_per_photon``; every default is :data:`.settings.DEFAULTS`.  A frame is a
     hit (``FrameResult.hit``) when it has at least ``min_peaks`` peaks after every cut, the defect

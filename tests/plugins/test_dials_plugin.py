@@ -296,7 +296,8 @@ def test_whole_image_is_found_in_one_batched_run(dials_modules, real_data, monke
     from peaknet_xtal.finding.defects import DefectFilter
 
     monkeypatch.setattr(DefectFilter, "keep",
-                        lambda self, peaks, panels, masks=None: np.ones(len(peaks), bool))
+                        lambda self, peaks, panels, masks=None, spikes=None:
+                        np.ones(len(peaks), bool))
     ext = _ext(phil_scope, 0.5, gain=25.0)
     runs: list[int] = []
     original = module.PeakNetSpotFinderThresholdExt._foreground

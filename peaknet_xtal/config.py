@@ -15,7 +15,7 @@ import copy
 import difflib
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +121,12 @@ def settings_model(defaults: Mapping[str, Any], types: Mapping[str, Any] | None 
     return create_model(name, __config__=config, **fields)
 
 
+def closest_key(key: str, known: Iterable[str]) -> str | None:
+    """The known setting ``key`` most resembles (a likely misspelling), or None."""
+    close = difflib.get_close_matches(key, list(known), n=1)
+    return close[0] if close else None
+
+
 def _has(tree: Mapping[str, Any], loc: Sequence[Any]) -> bool:
     node: Any = tree
     for part in loc:
@@ -153,8 +159,8 @@ def validate(config: Mapping[str, Any], defaults: Mapping[str, Any],
                 parent: Any = defaults
                 for part in loc[:-1]:
                     parent = parent.get(part, {}) if isinstance(parent, Mapping) else {}
-                close = difflib.get_close_matches(loc[-1], list(parent), n=1)
-                hint = f" (did you mean {'.'.join([*loc[:-1], close[0]])!r}?)" if close else ""
+                close = closest_key(loc[-1], parent)
+                hint = f" (did you mean {'.'.join([*loc[:-1], close])!r}?)" if close else ""
                 problems.append(f"unknown setting {key!r}{hint}")
             else:
                 problems.append(f"{key}: {err['msg']} (got {err.get('input')!r})")

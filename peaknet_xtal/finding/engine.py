@@ -66,7 +66,7 @@ import numpy as np
 
 from peaknet_xtal.finding.defects import DefectFilter, DefectTracker
 from peaknet_xtal.finding.gain import GainResolver
-from peaknet_xtal.finding.peaks import PeakParams, find_peaks, is_hit
+from peaknet_xtal.finding.peaks import PeakParams, find_peaks, group_by_shape, is_hit
 from peaknet_xtal.finding.sanitise import SanitiseTally, sanitise_frame
 from peaknet_xtal.finding.settings import DEFAULTS, check_min_peaks, resolve_gain
 from peaknet_xtal.threads import default_threads, describe_default, stub_openmp_message
@@ -360,7 +360,7 @@ class InferenceEngine:
 
         images: list[Any] = [None] * len(panels)
         valid: list[Any] = [None] * len(panels)
-        for members in _by_shape(panels):
+        for members in group_by_shape(panels):
             x = torch.from_numpy(np.stack([panels[i] for i in members])).to(self.device)
             g = torch.from_numpy(np.stack([goods[i] for i in members])).to(self.device)
             for k, i in enumerate(members):
@@ -375,7 +375,7 @@ class InferenceEngine:
         import torch
 
         out: list[Any] = [None] * len(images)
-        for members in _by_shape(images):
+        for members in group_by_shape(images):
             for start in range(0, len(members), NORMALISE_BATCH):
                 chunk = members[start:start + NORMALISE_BATCH]
                 x = torch.stack([images[i] for i in chunk])[:, None]
@@ -415,12 +415,16 @@ class InferenceEngine:
                 flight.append((frame, probs[k], goods[k], self._on_host(
                     host, self._frame_peaks, frame, probs[k], goods[k], params, with_pixels,
                     with_bbox, None if counted else defects.tracker)))
-            while len(flight) > ahead:
-                frame, frame_probs, frame_goods, job = flight.popleft()
-                yield self._result(frame, frame_probs, frame_goods, defects, *job.result())
-        while flight:
-            frame, frame_probs, frame_goods, job = flight.popleft()
-            yield self._result(frame, frame_probs, frame_goods, defects, *job.result())
+            yield from self._landed(flight, ahead, defects)
+        yield from self._landed(flight, 0, defects)
+
+    def _landed(self, flight: collections.deque[tuple[Frame, list[np.ndarray],
+                                                      list[np.ndarray], Any]],
+                keep: int, defects: DefectFilter) -> Iterator[FrameResult]:
+        """The results of the oldest frames in ``flight``, in order, until ``keep`` remain."""
+        while len(flight) > keep:
+            frame, probs, goods, job = flight.popleft()
+            yield self._result(frame, probs, goods, defects, *job.result())
 
     def _in_flight(self, threads: int) -> int:
         """Frames whose peaks may still be being found while the model runs the next chunk:
@@ -672,14 +676,6 @@ def _stack_tiles(batch: list[Tile], images: list[Any], valid: list[Any],
         x[k, 0, :tile.height, :tile.width] = torch.where(good, images[tile.panel][window], 0)
         m[k, 0, :tile.height, :tile.width] = good
     return x, m
-
-
-def _by_shape(arrays: Sequence[Any]) -> list[list[int]]:
-    """Indices of ``arrays`` grouped by shape, in first-seen order."""
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for i, array in enumerate(arrays):
-        groups.setdefault(tuple(array.shape), []).append(i)
-    return list(groups.values())
 
 
 def _without_dropped(pixels: list[np.ndarray], dropped: np.ndarray) -> list[np.ndarray]:

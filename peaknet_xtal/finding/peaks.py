@@ -109,7 +109,7 @@ def find_peaks(
     boxes: list[np.ndarray] = []
     label_maps: list[tuple[list[int], Any]] = []
     row_labels: list[np.ndarray] = []  # (group, label) of every row
-    for group, indices in enumerate(_group_by_shape(panels)):
+    for group, indices in enumerate(group_by_shape(panels)):
         stack = np.stack([np.asarray(panels[i], dtype=np.float64) for i in indices])
         prob = np.stack([np.asarray(probs[i], dtype=np.float64) for i in indices])
         if masks is None:
@@ -249,7 +249,8 @@ def _check_shapes(panels: Sequence[np.ndarray], probs: Sequence[np.ndarray],
                              f"got {sorted(shapes)}")
 
 
-def _group_by_shape(panels: Sequence[np.ndarray]) -> list[list[int]]:
+def group_by_shape(panels: Sequence[Any]) -> list[list[int]]:
+    """Indices of ``panels`` (arrays or tensors) grouped by shape, in first-seen order."""
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, panel in enumerate(panels):
         groups.setdefault(tuple(np.shape(panel)), []).append(i)

@@ -21,7 +21,6 @@ laptop without Ray).
 """
 from __future__ import annotations
 
-import difflib
 import logging
 import os
 import signal
@@ -33,7 +32,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from peaknet_xtal.config import deep_merge
+from peaknet_xtal.config import closest_key, deep_merge
 from peaknet_xtal.errors import PeakNetError
 from peaknet_xtal.finding.settings import DEFAULTS as FINDING
 from peaknet_xtal.finding.settings import check_min_peaks
@@ -91,9 +90,8 @@ def resolve_config(config: Mapping[str, Any] | None) -> dict[str, Any]:
     cfg = deep_merge(DEFAULTS, dict(config or {}))
     unknown = sorted(set(cfg) - set(DEFAULTS))
     if unknown:  # a misspelt key would otherwise run with its default, unnoticed
-        hints = [f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
-                 for key in unknown
-                 for close in [difflib.get_close_matches(key, list(DEFAULTS), n=1)]]
+        hints = [f"{key!r}" + (f" (did you mean {close!r}?)" if close else "")
+                 for key in unknown for close in [closest_key(key, DEFAULTS)]]
         raise ValueError(f"run_pipeline: unknown settings {', '.join(hints)}")
     if not cfg["inputs"]:
         raise ValueError("run_pipeline: no inputs")

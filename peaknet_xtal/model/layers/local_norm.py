@@ -451,10 +451,12 @@ def _dither_base(device: str = "cpu") -> torch.Tensor:
     generator: every device gets the same field) and kept on each device that asks: a fresh
     float32 draw for a Pilatus 6M frame costs 90 ms on one thread; dequantising the whole frame
     from this field, checks included, 80 ms (3 % of the engine's time on it)."""
+    if device != "cpu":
+        return _dither_base().to(device)  # the host's field: drawn once, the same values
     import numpy as np
 
     return torch.from_numpy(np.random.default_rng(DITHER_PERIOD).standard_normal(
-        (DITHER_PERIOD, DITHER_PERIOD), dtype=np.float32)).to(device)
+        (DITHER_PERIOD, DITHER_PERIOD), dtype=np.float32))
 
 
 def dither_noise(shape: tuple[int, int], origin: tuple[int, int], total: int,

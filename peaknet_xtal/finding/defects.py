@@ -94,14 +94,19 @@ def _places(shape: tuple[int, ...], ys: np.ndarray, xs: np.ndarray,
     return inside, np.clip(rows, 0, h - 1), np.clip(cols, 0, w - 1)
 
 
-def _faintest_neighbour(values: np.ndarray, good: np.ndarray) -> np.ndarray:
-    """Per pixel, its faintest good neighbour (+inf where none is good): eight array passes."""
-    h, w = values.shape
+def _faintest_in_window(values: np.ndarray, good: np.ndarray) -> np.ndarray:
+    """Per pixel, the faintest good pixel of its 3 x 3 window, itself included (+inf where
+    none is good): the minimum of three columns, then of three rows (four array passes).
+
+    Where a pixel stands above anything, this is its faintest good neighbour: it is not the
+    faintest of its window then.  Measured on one thread against the faintest of the eight
+    neighbours alone (eight passes): 33 -> 19 ms a 1920 x 1920 panel, the same spikes
+    (``scipy.ndimage.minimum_filter``: 107 ms)."""
     padded = np.pad(np.where(good, values, np.float32(np.inf)), 1, constant_values=np.inf)
-    low = np.full(values.shape, np.inf, np.float32)
-    for dy, dx in _NEIGHBOURS:
-        np.minimum(low, padded[1 + dy:1 + dy + h, 1 + dx:1 + dx + w], out=low)
-    return low
+    rows = np.minimum(padded[:, :-2], padded[:, 1:-1])
+    np.minimum(rows, padded[:, 2:], out=rows)
+    low = np.minimum(rows[:-2], rows[1:-1])
+    return np.minimum(low, rows[2:], out=low)
 
 
 def _neighbour_stats(values: np.ndarray, good: np.ndarray, ys: np.ndarray, xs: np.ndarray
@@ -125,7 +130,7 @@ def noise_sigma(image: np.ndarray, good: np.ndarray) -> float:
     neighbours (smooth background levels and gradients cancel in the difference)."""
     diff = image[::4, 1:] - image[::4, :-1]  # every fourth row: plenty, and 4x cheaper
     both = good[::4, 1:] & good[::4, :-1]
-    values = diff[both]
+    values = diff.ravel() if both.all() else diff[both]
     if values.size == 0:
         return float("inf")
     mad = float(np.median(np.abs(values - np.median(values))))
@@ -143,7 +148,7 @@ def spike_map(image: np.ndarray, good: np.ndarray | None = None,
 
     Every frame of a run pays for this, so the neighbour statistics are taken only where a spike
     is possible: a pixel ``sigmas`` above the trimmed mean is at least that far above its
-    faintest neighbour, which eight array passes give.  Measured (CPU s a frame, every statistic
+    faintest neighbour (:func:`_faintest_in_window`).  Measured (CPU s a frame, every statistic
     at every pixel before): real Pilatus 6M 0.35 -> 0.12, real CSPAD (64 small panels, 1 % of
     pixels candidates) 0.098 -> 0.072; the same spikes, but for pixels with no good neighbour.
     """
@@ -151,7 +156,7 @@ def spike_map(image: np.ndarray, good: np.ndarray | None = None,
     ok = np.isfinite(values) if good is None else (np.asarray(good, bool) & np.isfinite(values))
     noise = noise_sigma(values, ok)
     limit = np.float32(sigmas * noise)
-    low = _faintest_neighbour(values, ok)
+    low = _faintest_in_window(values, ok)  # at a candidate: its faintest good neighbour
     with np.errstate(invalid="ignore"):
         ys, xs = np.nonzero(ok & (values - low > limit))
     spikes = np.zeros(values.shape, bool)

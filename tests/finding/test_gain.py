@@ -210,3 +210,46 @@ def test_another_detector_gets_its_own_gain_not_the_last_ones():
     second = [resolver(None, frame((192, 320), 1.0)) for _ in range(3)]
     assert all(g is not None and 20 < g < 40 for g in first), first
     assert all(g is not None and 0.6 < g < 1.5 for g in second), second
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_groups_of_blocks_are_the_per_group_definition(seed):
+    """All groups of a panel at once (one sort, bincount sums) give what each group alone
+    gives by its definition: split by level in array_split's sizes, blocks outside 1.5
+    interquartile ranges of ``np.percentile``'s quartiles dropped, groups of fewer than 3
+    left out; with ties, outliers and groups of 8 to several hundred blocks."""
+    from peaknet_xtal.finding.gain import _group_points
+
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(16, 5000))
+    count = min(16, n // 8)
+    key, mean, third = rng.normal(size=n), rng.normal(100, 5, n), rng.normal(size=n)
+    var = rng.gamma(2.0, size=n)
+    var[rng.random(n) < 0.05] *= 50  # blocks holding spots
+    if seed % 2:
+        var = np.round(var, 1)  # ties at the quartiles
+    expected = []
+    for members in np.array_split(np.argsort(key, kind="stable"), count):
+        v = var[members]
+        q1, q3 = np.percentile(v, [25, 75])
+        keep = (v >= q1 - 1.5 * (q3 - q1)) & (v <= q3 + 1.5 * (q3 - q1))
+        if keep.sum() < 3:
+            continue
+        pixels = 128 * int(keep.sum())
+        expected.append((mean[members][keep].mean(), v[keep].mean(), float(keep.sum()),
+                         v[keep].mean() / pixels, third[members][keep].mean() / pixels))
+    got = _group_points(key, mean, var, third, count, 128)
+    assert len(got) == len(expected) >= 2
+    np.testing.assert_allclose(np.array(got), np.array(expected), rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("q", [0.25, 0.75, 0.5, 0.1])
+def test_quantiles_of_sorted_runs_are_numpys_to_the_last_bit(q):
+    from peaknet_xtal.finding.gain import _sorted_quantile
+
+    rng = np.random.default_rng(7)
+    sizes = rng.integers(2, 300, 200)
+    runs = [np.sort(np.round(rng.gamma(2.0, size=n), int(rng.integers(0, 4)))) for n in sizes]
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    got = _sorted_quantile(np.concatenate(runs), starts, sizes, q)
+    assert np.array_equal(got, [np.percentile(run, 100 * q) for run in runs])

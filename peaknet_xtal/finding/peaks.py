@@ -102,9 +102,65 @@ def find_peaks(
     with ``with_pixels`` also a boolean map per panel of the pixels of the reported peaks (for
     hosts that label pixels themselves: DIALS' threshold step).  Extra outputs follow the table
     in that order.
+
+    Each panel is searched within its valid region (:func:`valid_region`), as the finding
+    engine runs the model there: the statistics a panel's peaks are measured with (its noise
+    correlation, from a sample of its rows) then do not depend on masked margins around it, so
+    a panel embedded in a larger masked layout gives the peaks it gives alone.
     """
     params = params or PeakParams()
     _check_shapes(panels, probs, masks)
+    cuts: list[tuple[slice, slice] | None] = [None] * len(panels)
+    if masks is not None:
+        for i, mask in enumerate(masks):
+            height, width = np.shape(mask)
+            region = valid_region(np.asarray(mask, dtype=bool))
+            if region is not None and region != (slice(0, height), slice(0, width)):
+                cuts[i] = region
+    if any(cut is not None for cut in cuts):
+        def inside(arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
+            return [a if cut is None else np.asarray(a)[cut]
+                    for a, cut in zip(arrays, cuts, strict=True)]
+
+        table, box, pixels = _find_peaks(inside(panels), inside(probs), inside(masks or []),
+                                         params, with_pixels)
+        dy = np.array([0 if cut is None else cut[0].start for cut in cuts])
+        dx = np.array([0 if cut is None else cut[1].start for cut in cuts])
+        table["ss"] += dy[table["panel"]]
+        table["fs"] += dx[table["panel"]]
+        box += np.stack([dx, dx, dy, dy], axis=1)[table["panel"]]
+        if pixels is not None:
+            whole = [np.zeros(np.shape(panel), dtype=bool) for panel in panels]
+            for i, cut in enumerate(cuts):
+                whole[i][cut if cut is not None else ...] = pixels[i]
+            pixels = whole
+    else:
+        table, box, pixels = _find_peaks(panels, probs, masks, params, with_pixels)
+    if geometry is not None and len(table):
+        table["one_over_d"] = one_over_d(geometry, table, wavelength_A)
+    out: list[Any] = [table]
+    if with_bbox:
+        out.append(box)
+    if with_pixels:
+        out.append(pixels)
+    return out[0] if len(out) == 1 else tuple(out)
+
+
+def valid_region(good: np.ndarray) -> tuple[slice, slice] | None:
+    """The smallest ``(rows, cols)`` rectangle holding every good pixel of a 2-D mask, None
+    when none is good: where a panel is searched (:func:`find_peaks`) and what the finding
+    engine's model sees of it."""
+    rows, cols = np.flatnonzero(good.any(axis=1)), np.flatnonzero(good.any(axis=0))
+    if len(rows) == 0:
+        return None
+    return slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1)
+
+
+def _find_peaks(panels: Sequence[np.ndarray], probs: Sequence[np.ndarray],
+                masks: Sequence[np.ndarray] | None, params: PeakParams, with_pixels: bool
+                ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray] | None]:
+    """:func:`find_peaks` on whole arrays: the table (no 1/d yet), boxes, and pixels when
+    asked for."""
     tables: list[np.ndarray] = []
     boxes: list[np.ndarray] = []
     label_maps: list[tuple[list[int], Any]] = []
@@ -134,14 +190,7 @@ def find_peaks(
     table, box, rows = table[order], box[order], rows[order]
     keep = strongest(table, params.max_peaks)
     table, box, rows = table[keep], box[keep], rows[keep]
-    if geometry is not None and len(table):
-        table["one_over_d"] = one_over_d(geometry, table, wavelength_A)
-    out: list[Any] = [table]
-    if with_bbox:
-        out.append(box)
-    if with_pixels:
-        out.append(_reported_pixels(panels, label_maps, rows))
-    return out[0] if len(out) == 1 else tuple(out)
+    return table, box, (_reported_pixels(panels, label_maps, rows) if with_pixels else None)
 
 
 def _reported_pixels(panels: Sequence[np.ndarray], label_maps: list[tuple[list[int], Any]],

@@ -277,3 +277,59 @@ def test_peaks_dropped_after_finding_leave_the_pixel_maps_too():
     (left,) = _without_dropped([pixels], peaks[1:])
     assert left[2:4, 2:4].all() and left.sum() == 4
     assert pixels[10, 10] and pixels[15:17, 5:8].all()
+
+
+def spotted_panel(rng: np.random.Generator, shape: tuple[int, int], spots: int) -> np.ndarray:
+    """Poisson background (2 photons a pixel, 10 ADU each) with Gaussian spots of 30-300
+    photons, 0.6-1.2 px wide."""
+    yy, xx = np.indices(shape)
+    photons = np.full(shape, 2.0)
+    for _ in range(spots):
+        cy, cx = rng.uniform(6, shape[0] - 6), rng.uniform(6, shape[1] - 6)
+        width = rng.uniform(0.6, 1.2)
+        photons += (rng.uniform(30, 300) / (2 * np.pi * width**2)
+                    * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * width**2)))
+    return (10.0 * rng.poisson(photons)).astype(np.float32)
+
+
+def test_the_default_model_finds_a_panels_peaks_wherever_a_masked_layout_puts_it():
+    """Issue 14: a panel embedded in a larger masked layout gives the peaks it gives alone,
+    with the shipped network (whose tile-wide statistics see every pixel of a tile), at an
+    offset on no grid of the model's or the normalisation's."""
+    rng = np.random.default_rng(11)
+    panel = spotted_panel(rng, (200, 260), 40)
+    engine = InferenceEngine("default", device="cpu", threads=1, adu_per_photon=10.0)
+    alone = next(iter(engine.find_frames([Frame(panels=[panel])]))).peaks
+    assert len(alone) >= 20
+    for y0, x0 in ((37, 53), (5, 300)):
+        layout = np.zeros((y0 + 200 + 41, x0 + 260 + 29), np.float32)
+        good = np.zeros(layout.shape, bool)
+        layout[y0:y0 + 200, x0:x0 + 260], good[y0:y0 + 200, x0:x0 + 260] = panel, True
+        engine.new_run()
+        inside = next(iter(engine.find_frames([Frame(panels=[layout], masks=[good])]))).peaks
+        assert len(inside) == len(alone)  # the same peaks, in the same order
+        np.testing.assert_allclose(inside["ss"] - y0, alone["ss"], rtol=0, atol=1e-9)
+        np.testing.assert_allclose(inside["fs"] - x0, alone["fs"], rtol=0, atol=1e-9)
+        for column in ("intensity", "snr", "prob"):
+            np.testing.assert_allclose(inside[column], alone[column], rtol=1e-6)
+
+
+def test_the_model_sees_each_panels_valid_region_and_no_empty_panel():
+    """Masked margins are cut off before the model and an all-masked panel never reaches it;
+    outside the valid region the probability is 0 and the logits are the masked ones."""
+    from peaknet_xtal.model.peaknet import MASKED_LOGITS
+
+    model = PixelwiseLogits()
+    engine = InferenceEngine(model, device="cpu", tile_size=1024)
+    panel = np.random.default_rng(3).normal(size=(100, 120)).astype(np.float32)
+    margins = np.zeros(panel.shape, bool)
+    margins[10:60, 20:90] = True
+    dead = np.zeros(panel.shape, bool)
+    prob, nothing = engine.predict_panels([panel, panel], [margins, dead])
+    assert model.batches == [(1, 1, 64, 96)]  # the 50 x 70 region, padded to the model's 32
+    np.testing.assert_allclose(prob[margins], sigmoid(panel[margins]), rtol=1e-6)
+    assert not prob[~margins].any() and not nothing.any()
+    logits, dead_logits = engine.predict_logits([panel, panel], [margins, dead])
+    assert logits.shape == dead_logits.shape == (2, 100, 120)
+    assert (dead_logits[0] == MASKED_LOGITS[0]).all() and (dead_logits[1] == MASKED_LOGITS[1]).all()
+    assert (logits[1][~margins] == MASKED_LOGITS[1]).all()

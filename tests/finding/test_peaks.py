@@ -321,3 +321,33 @@ def test_noise_correlation_of_a_panel_does_not_depend_on_the_panels_beside_it():
         np.testing.assert_array_equal(noise_correlation(stack[i:i + 1], good[i:i + 1])[0],
                                       together[i])
     assert np.all(together[1] == 0.0) and together[2, 0] > 0.5
+
+
+def test_a_panel_in_a_masked_layout_gives_its_own_peaks_boxes_and_pixels():
+    """A panel is searched within its valid region: embedded at any offset in a larger masked
+    array (and beside a panel that is not), its table, boxes and peak pixels are its own,
+    moved by the offset; the noise correlation, from a sample of rows, sees the same rows."""
+    rng = np.random.default_rng(5)
+    spots = [(rng.uniform(5, 95), rng.uniform(5, 75), rng.uniform(60, 900)) for _ in range(25)]
+    image = gaussian_panel((80, 100), spots, noise=4.0, seed=3)
+    image += 3.0 * np.roll(image - 50.0, 1, axis=1)  # neighbour correlation in the noise
+    prob = (image > 90).astype(np.float32)
+    alone, boxes, pixels = find_peaks([image, image], [prob, prob], with_bbox=True,
+                                      with_pixels=True)
+    assert len(alone) >= 30
+    y0, x0 = 23, 41
+    layout, good = np.zeros((150, 190), np.float32), np.zeros((150, 190), bool)
+    layout[y0:y0 + 80, x0:x0 + 100], good[y0:y0 + 80, x0:x0 + 100] = image, True
+    embedded = layout.astype(np.float32)
+    inside, in_boxes, in_pixels = find_peaks(
+        [embedded, image], [(embedded > 90).astype(np.float32), prob],
+        [good, np.ones(image.shape, bool)], with_bbox=True, with_pixels=True)
+    assert len(inside) == len(alone)
+    first = inside["panel"] == 0
+    for column in ("intensity", "snr", "background", "background_sigma", "npix"):
+        np.testing.assert_allclose(inside[column], alone[column], rtol=1e-9)
+    np.testing.assert_allclose(inside["ss"] - np.where(first, y0, 0), alone["ss"], atol=1e-9)
+    np.testing.assert_allclose(inside["fs"] - np.where(first, x0, 0), alone["fs"], atol=1e-9)
+    assert (in_boxes - np.where(first[:, None], [x0, x0, y0, y0], 0) == boxes).all()
+    assert np.array_equal(in_pixels[0][y0:y0 + 80, x0:x0 + 100], pixels[0])
+    assert in_pixels[0].sum() == pixels[0].sum() and np.array_equal(in_pixels[1], pixels[1])

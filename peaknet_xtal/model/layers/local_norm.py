@@ -79,7 +79,9 @@ on nothing else except where a panel is empty or masked; it does not depend on t
 engine computes it once per whole panel before tiling (``PeakNet.normalise``).  A panel alone and
 the same panel inside a larger layout with masked gaps get the same input when the layout puts
 the panel on the 16-px cell grid (tests/model/test_local_norm.py); at other offsets the cells
-differ and the background estimate changes by its own noise.  A large smooth gradient changes
+differ and the background estimate changes by its own noise.  The finding engine hands over each
+panel cut to its valid region (``finding.peaks.valid_region``), so masked margins around a panel
+never move its cells there.  A large smooth gradient changes
 the input by a few hundredths of a sigma on average.  Cost: two sorts of 1/4 of the pixels in
 rows of 64 and a few full-resolution passes (benchmarks/bench_model.py prints the whole model).
 """

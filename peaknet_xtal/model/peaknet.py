@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peaknet_xtal.model.layers import BiFPN, ConvNeXtV2Backbone, SegHead, standardise
-from peaknet_xtal.model.layers.local_norm import NOISE_SCALES, local_normalise
+from peaknet_xtal.model.layers.local_norm import NOISE_SCALES, finite, local_normalise
 from peaknet_xtal.model.zoo import register_family, register_model
 
 #: Published ConvNeXt-V2 sizes: (dims, depths).  Backbone parameters with one input channel and no
@@ -130,7 +130,7 @@ class PeakNet(nn.Module):
         """(padded network input, valid pixels, padded size) for ``x`` of shape (B, 1, H, W)."""
         if x.ndim != 4 or x.shape[1] != 1:
             raise ValueError(f"expected input of shape (B, 1, H, W), got {tuple(x.shape)}")
-        valid = torch.isfinite(x)
+        valid = finite(x)
         if mask is not None:
             if mask.shape != x.shape:
                 raise ValueError(f"mask shape {tuple(mask.shape)} != input {tuple(x.shape)}")

@@ -411,3 +411,13 @@ def test_exact_counts_alone_equal_the_same_counts_inside_a_masked_layout(noise_s
     np.testing.assert_allclose(_z(layout, valid, noise_scale=noise_scale)[y0:y0 + 185,
                                                                           x0:x0 + 194],
                                _z(panel, noise_scale=noise_scale), atol=1e-5)
+
+
+def test_finite_is_torch_isfinite_on_any_layout():
+    from peaknet_xtal.model.layers.local_norm import finite
+
+    x = torch.randn(3, 1, 17, 23)
+    x[0, 0, 1, 2], x[1, 0, 5, 5], x[2, 0, 0, 0] = float("nan"), float("inf"), -float("inf")
+    for t in (x, x[:, 0, ::2, 1::3], x.transpose(-1, -2), x.double()):
+        assert torch.equal(finite(t), torch.isfinite(t))
+    assert torch.equal(finite(x.requires_grad_()), torch.isfinite(x))

@@ -162,11 +162,12 @@ def _cell_noise(rs: torch.Tensor, vs: torch.Tensor) -> tuple[torch.Tensor, torch
     half_range = (rank(0.84) - rank(0.16)) / 2
     dev = _sorted(torch.where(vs, rs.abs(), inf))
     keep = torch.arange(rs.shape[-1], device=rs.device) < (0.9 * n.float()).ceil().unsqueeze(-1)
-    finite = torch.isfinite(dev)
-    kept = torch.where(keep & finite, dev, torch.zeros_like(dev))
-    rms = (kept.square().sum(-1) / (keep & finite).sum(-1).clamp(min=1)).sqrt()
+    finite_dev = finite(dev)
+    kept = torch.where(keep & finite_dev, dev, torch.zeros_like(dev))
+    rms = (kept.square().sum(-1) / (keep & finite_dev).sum(-1).clamp(min=1)).sqrt()
     # the scale of single photons on a sparse photon-counting cell (median residual 0)
-    nz = finite & (dev > 1e-6 * (1.0 + dev.masked_fill(~finite, 0).amax(-1, keepdim=True)))
+    nz = finite_dev & (dev > 1e-6 * (1.0 + dev.masked_fill(~finite_dev, 0).amax(-1,
+                                                                           keepdim=True)))
     typical = torch.where(nz, dev, torch.zeros_like(dev)).sum(-1) / nz.sum(-1).clamp(min=1)
     nan = torch.full_like(half_range, float("nan"))
     few = n < MIN_SAMPLES
@@ -228,7 +229,7 @@ def background_maps(x: torch.Tensor, valid: torch.Tensor, block: int = DEFAULT_B
     h, w = x.shape[-2:]
     ph, pw = (-h) % block, (-w) % block
     xf = x[:, 0].float()
-    vf = valid[:, 0] & torch.isfinite(xf)
+    vf = valid[:, 0] & finite(xf)
     xf = torch.where(vf, xf, torch.zeros_like(xf))
     if ph or pw:
         xf = F.pad(xf, (0, pw, 0, ph))
@@ -275,6 +276,18 @@ def _sum_noise(xf: torch.Tensor, vf: torch.Tensor, background: torch.Tensor,
     scaled = sums / count.clamp(min=1).float().sqrt()
     noise, _ = _cell_noise(_cells(scaled, block), _cells(count > 0, block))
     return _nan_median_filter(noise, 3)
+
+
+def finite(t: torch.Tensor) -> torch.Tensor:
+    """``torch.isfinite(t)``; on CPU through numpy, whose test is vectorised: 0.5 against 6.8 ms
+    for a CSPAD frame's 2.3 Mpx of float32 on one thread (torch's is not), four times a frame
+    in the normalisation and once a batch of tiles in the network's input.  Booleans, so the
+    same answer either way."""
+    if t.device.type != "cpu" or t.requires_grad:
+        return torch.isfinite(t)
+    import numpy as np
+
+    return torch.from_numpy(np.isfinite(t.detach().numpy()))
 
 
 def fast_asinh(t: torch.Tensor) -> torch.Tensor:
@@ -537,7 +550,7 @@ def local_normalise(x: torch.Tensor, valid: torch.Tensor, block: int = DEFAULT_B
                                         "pixel" if noise_scale == "decorrelated" else noise_scale)
     r = (x.float() - background) / noise
     if noise_scale == "decorrelated":
-        ok = valid & torch.isfinite(r)
+        ok = valid & finite(r)
         r = r / decorrelation_factor(r, ok).view(-1, 1, 1, 1)
     z = fast_asinh(r)
-    return torch.where(valid & torch.isfinite(z), z, torch.zeros_like(z))
+    return torch.where(valid & finite(z), z, torch.zeros_like(z))

@@ -320,7 +320,7 @@ class InferenceEngine:
         """Peak probability per panel, or with ``logits`` the raw ``(classes, H, W)`` output,
         the model run on each panel's valid region only (:func:`valid_region`): the smallest
         rectangle holding its good pixels.  Outside it every pixel is masked: probability 0,
-        the masked logits (``model.peaknet.MASKED_LOGITS``); a panel without a good pixel never
+        the masked logits (``model.peaknet.masked_logits``); a panel without a good pixel never
         reaches the model.
 
         Why: what the network sees must not depend on where a panel sits.  Masked margins or a
@@ -705,10 +705,10 @@ def _classes(model: Any) -> int:
 
 
 def _masked_logits(classes: int) -> np.ndarray:
-    """The logits of a masked pixel (``model.peaknet.MASKED_LOGITS``): background sure."""
-    from peaknet_xtal.model.peaknet import MASKED_LOGITS
+    """The logits of a masked pixel, as the model gives them (``model.peaknet``)."""
+    from peaknet_xtal.model.peaknet import masked_logits
 
-    return np.array(MASKED_LOGITS[:1] + (MASKED_LOGITS[1],) * (classes - 1), np.float32)
+    return np.array(masked_logits(classes), np.float32)
 
 
 def _padded(height: int, width: int, multiple: int) -> tuple[int, int]:

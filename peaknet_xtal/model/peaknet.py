@@ -155,9 +155,13 @@ def apply_mask(logits: torch.Tensor, valid: torch.Tensor, difference: bool = Fal
     if difference:
         fill = logits.new_tensor((MASKED_LOGITS[1] - MASKED_LOGITS[0],))
     else:
-        fill = logits.new_tensor(MASKED_LOGITS[:1]
-                                 + (MASKED_LOGITS[1],) * (logits.shape[1] - 1))
+        fill = logits.new_tensor(masked_logits(logits.shape[1]))
     return torch.where(valid, logits, fill.view(1, -1, 1, 1))
+
+
+def masked_logits(classes: int) -> tuple[float, ...]:
+    """The logits of a masked pixel over ``classes`` channels: background, surely."""
+    return MASKED_LOGITS[:1] + (MASKED_LOGITS[1],) * (classes - 1)
 
 
 def _init_weights(module: nn.Module) -> None:

@@ -387,8 +387,10 @@ ROW_STEP = 4
 def _difference_variance(r: torch.Tensor, valid: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
     """Per image (B,): clipped variance of ``r[y + dy, x + dx] - r[y, x]`` over valid pairs on
     every :data:`ROW_STEP`-th row ``y`` (a noise statistic needs no more: hundreds of thousands
-    of pairs on a detector panel)."""
+    of pairs on a detector panel); 0 (unknown) where the panel is too small for the offset."""
     h, w = r.shape[-2:]
+    if dy >= h or abs(dx) >= w:  # a panel's thin valid region, a strip of pixels: no pairs
+        return torch.zeros(len(r), dtype=torch.float64, device=r.device)
     x0, x1 = max(0, -dx), w - max(0, dx)
     rows, shifted = slice(0, h - dy, ROW_STEP), slice(dy, h, ROW_STEP)  # views, not copies
     a, b = r[:, 0, rows, x0:x1], r[:, 0, shifted, x0 + dx:x1 + dx]

@@ -323,7 +323,8 @@ def print_summary(by_detector: dict[str, list[FrameRecord]], min_snr: float, min
 
 def print_sources(by_detector: dict[str, list[FrameRecord]], min_snr: float) -> None:
     """Where the blanks' false peaks come from."""
-    print(f"false peaks on blanks at min_snr {min_snr:g}, by source; SNR and model probability:")
+    print(f"false peaks on blanks at min_snr {min_snr:g}, by source; SNR, model probability, "
+          "size and height:")
     for name, records in by_detector.items():
         blanks = [r for r in records if not r.hit]
         if not blanks:
@@ -343,6 +344,17 @@ def print_sources(by_detector: dict[str, list[FrameRecord]], min_snr: float) -> 
         print(f"    SNR p10/50/90 {snr[0]:.1f}/{snr[1]:.1f}/{snr[2]:.1f}, prob "
               f"{prob[0]:.2f}/{prob[1]:.2f}/{prob[2]:.2f}, pixels {npix[0]:.0f}/{npix[1]:.0f}/"
               f"{npix[2]:.0f}")
+        # peak height: the brightest pixel over the background's pixel noise, for the noise-level
+        # false peaks ("other") beside the weak true peaks of the hits (SNR below 8)
+        weak = [r.peaks[(r.peaks["snr"] >= min_snr) & (r.peaks["snr"] < 8) & r.matched_strong]
+                for r in records if r.hit]
+        for label, rows in (("other", peaks[source == "other"]),
+                            ("weak true", np.concatenate(weak) if weak else peaks[:0])):
+            height = rows["max_value"] / rows["background_sigma"]
+            if len(height):
+                q = np.percentile(height, [10, 50, 90])
+                print(f"    height over background sigma, {label} peaks p10/50/90 "
+                      f"{q[0]:.1f}/{q[1]:.1f}/{q[2]:.1f} ({len(height)})")
         worst = sorted(blanks, key=lambda r: -int(np.sum(r.peaks["snr"] >= min_snr)))[:3]
         for r in worst:
             print(f"    seed {r.seed}: {int(np.sum(r.peaks['snr'] >= min_snr))} peaks "

@@ -719,9 +719,14 @@ class _CXIFile:
     def _create(self, shape: tuple[int, ...]) -> None:
         h5, chunk = self.h5, (1, *shape)
         if self.mode == "copy":
+            # HDF5's built-in shuffle before deflate (every HDF5 reader, CrystFEL's included,
+            # has both): measured on one frame each, deflate alone against shuffled, write /
+            # read ms and size: real CSPAD 121 / 41 ms, 31 % against 90 / 34 ms, 23 %; real
+            # Pilatus 6M 277 / 121 ms, 21 % against 201 / 94 ms, 16 %; a simulated ePix10k2M hit
+            # 268 / 44 ms, 92 % against 188 / 32 ms, 84 %
             self._ds["data"] = h5.create_dataset(DATA_PATH, shape=(0, *shape),
                                                  maxshape=(None, *shape), dtype=np.float32,
-                                                 chunks=chunk, compression="gzip",
+                                                 chunks=chunk, shuffle=True, compression="gzip",
                                                  compression_opts=1)
         self._ds["mask"] = h5.create_dataset(MASK_PATH, shape=(0, *shape), maxshape=(None, *shape),
                                              dtype=np.uint8, chunks=chunk, compression="gzip",

@@ -9,6 +9,7 @@ import pytest
 
 from peaknet_xtal.errors import FormatError
 from peaknet_xtal.formats.cxi import (
+    DATA_PATH,
     CXISource,
     CXIWriter,
     inspect_cxi,
@@ -184,6 +185,9 @@ def test_width_grows_in_blocks_and_copy_mode_stores_pixels(tmp_path, geometry):
     assert table.max_peaks == 12 and list(table.n_peaks) == [9, 2]
     frame = read_cxi_frame(out, 1, geometry)
     np.testing.assert_array_equal(frame.panels[0], data[1, :16])
+    with h5py.File(out) as h5:  # filters every HDF5 library has (CrystFEL reads them)
+        stored = h5[DATA_PATH]
+        assert stored.shuffle and stored.compression == "gzip" and stored.chunks[0] == 1
 
 
 def test_geometry_beside_cxi_reads_back_and_reopens_the_file(tmp_path, make_geometry_text):

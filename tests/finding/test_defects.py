@@ -11,6 +11,7 @@ from peaknet_xtal.finding.defects import (
     DefectTracker,
     noise_sigma,
     off_defects,
+    spike_limit,
     spike_map,
     spike_peaks,
     write_crystfel_mask,
@@ -125,9 +126,10 @@ def test_spike_map_finds_lone_and_paired_hot_pixels_not_smooth_backgrounds():
 
 def reference_spikes(image: np.ndarray, good: np.ndarray, lone: bool) -> np.ndarray:
     """The spike rule pixel by pixel, as the module states it (float64, no shortcuts)."""
-    from peaknet_xtal.finding.defects import LONE_SIGMAS, PROFILE_FRACTION, SPIKE_SIGMAS
+    from peaknet_xtal.finding.defects import LONE_SIGMAS, PROFILE_FRACTION
 
     noise = noise_sigma(image.astype(np.float32), good)
+    limit = spike_limit(image.astype(np.float32), good)
     h, w = image.shape
     out = np.zeros(image.shape, bool)
     for y in range(h):
@@ -138,7 +140,7 @@ def reference_spikes(image: np.ndarray, good: np.ndarray, lone: bool) -> np.ndar
             if not good[y, x] or not near:
                 continue
             background = sum(near[1:-1]) / 6 if len(near) == 8 else near[-1]
-            spike = image[y, x] - background > SPIKE_SIGMAS * noise
+            spike = image[y, x] - background > limit
             if lone and spike and len(near) >= 2:
                 lift = near[-2] - near[0]
                 spike = lift < max(LONE_SIGMAS * noise, PROFILE_FRACTION * (image[y, x] - near[0]))
@@ -168,6 +170,28 @@ def test_spike_map_is_the_rule_at_every_pixel(lone):
     expected = reference_spikes(image, good, lone)
     assert expected.sum() >= 10
     assert np.array_equal(spike_map(image, good, lone=lone), expected)
+
+
+@pytest.mark.parametrize("lone", [False, True])
+def test_on_a_sparse_count_a_spike_stands_a_photon_above_its_neighbours(lone):
+    """Mostly zeros (a tenth of a photon a pixel): the noise is below one count, so a spike
+    must stand more than one count above its neighbours; lone single photons are no spikes,
+    a pixel of a few counts is, and the pre-screened map is still the rule at every pixel.
+    A dead-flat panel keeps its floor: a hot pixel there is a spike."""
+    rng = np.random.default_rng(6)
+    image = rng.poisson(0.1, (60, 70)).astype(np.float32)
+    image[9:12, 9:12] = np.minimum(image[9:12, 9:12], 1.0)
+    image[10, 10], image[40, 20] = 4.0, 6.0  # hot pixels
+    good = np.ones(image.shape, bool)
+    assert spike_limit(image, good) == 1.0
+    spikes = spike_map(image, good, lone=lone)
+    assert spikes[10, 10] and spikes[40, 20]
+    assert not spikes[image == 1].any() and spikes.sum() <= np.sum(image >= 2)
+    assert np.array_equal(spikes, reference_spikes(image, good, lone))
+    flat = np.zeros((40, 40), np.float32)
+    flat[20, 20] = 3.0
+    assert spike_limit(flat, np.ones(flat.shape, bool)) < 1e-6
+    assert spike_map(flat, lone=lone)[20, 20]
 
 
 def test_peaks_near_a_defect_are_dropped():

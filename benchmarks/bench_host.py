@@ -36,8 +36,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
@@ -54,9 +52,9 @@ def cpu_best(work: Callable[[], Any], repeat: int) -> float:
 
 def measure(detector: str, frames: int, repeat: int) -> dict[str, float]:
     """Milliseconds a frame per host step and for the model (see the module docstring)."""
+    import bench_blanks
     import torch
 
-    import bench_blanks
     from peaknet_xtal.finding import InferenceEngine
     from peaknet_xtal.finding.defects import DefectFilter, DefectTracker
     from peaknet_xtal.finding.gain import estimate_gain

@@ -160,9 +160,9 @@ def spike_limit(image: np.ndarray, good: np.ndarray, sigmas: float = SPIKE_SIGMA
     neighbours ranked (a simulated Pilatus 6M run: 0.4-3.9 million candidates and 1.3-3.0 s a
     frame, now 0.7-0.8 s; a sparse frame with 8 % of its pixels counting, 0.21 -> 0.14 s) to
     find what no run calls a defect (a pixel one photon above zero neighbours in three frames of
-    four is no peak either: its SNR cannot reach 3).  A flat panel with rare steps keeps its floor: those steps are what
-    stands out there, a hot pixel on a dead-flat panel included.  ``noise``: the panel's
-    :func:`noise_sigma`, if known."""
+    four is no peak either: its SNR cannot reach 3).  A flat panel with rare steps keeps its
+    floor: those steps are what stands out there, a hot pixel on a dead-flat panel included.
+    ``noise``: the panel's :func:`noise_sigma`, if known."""
     noise = noise_sigma(image, good) if noise is None else noise
     limit = sigmas * noise
     if noise <= NOISE_FLOOR:
@@ -177,8 +177,8 @@ def spike_limit(image: np.ndarray, good: np.ndarray, sigmas: float = SPIKE_SIGMA
 def spike_map(image: np.ndarray, good: np.ndarray | None = None,
               sigmas: float = SPIKE_SIGMAS, lone: bool = False) -> np.ndarray:
     """Pixels more than ``sigmas`` noise sigmas (:func:`spike_limit`) above their neighbours'
-    trimmed mean.  Spot centres pass too.  With ``lone`` only spikes without a profile: their second brightest
-    neighbour less than :data:`LONE_SIGMAS` noise sigmas, or less than
+    trimmed mean.  Spot centres pass too.  With ``lone`` only spikes without a profile: their
+    second brightest neighbour less than :data:`LONE_SIGMAS` noise sigmas, or less than
     :data:`PROFILE_FRACTION` of the spike, above their faintest (a hot pixel, or one of a hot
     pair, sits on background; a Bragg spot lifts several neighbours).  A pixel without a good
     neighbour cannot be judged and is not a spike.

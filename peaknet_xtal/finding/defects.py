@@ -141,15 +141,18 @@ def _neighbour_differences(image: np.ndarray, good: np.ndarray) -> np.ndarray:
 def noise_sigma(image: np.ndarray, good: np.ndarray) -> float:
     """Robust pixel noise of a panel: scaled median absolute difference of horizontal
     neighbours; :data:`NOISE_FLOOR` where more than half of them are equal."""
-    values = _neighbour_differences(image, good)
-    if values.size == 0:
+    return _mad_sigma(_neighbour_differences(image, good))
+
+
+def _mad_sigma(differences: np.ndarray) -> float:
+    """:func:`noise_sigma` from a panel's neighbour differences."""
+    if differences.size == 0:
         return float("inf")
-    mad = float(np.median(np.abs(values - np.median(values))))
+    mad = float(np.median(np.abs(differences - np.median(differences))))
     return max(1.4826 * mad / np.sqrt(2.0), NOISE_FLOOR)
 
 
-def spike_limit(image: np.ndarray, good: np.ndarray, sigmas: float = SPIKE_SIGMAS,
-                noise: float | None = None) -> float:
+def spike_limit(image: np.ndarray, good: np.ndarray, sigmas: float = SPIKE_SIGMAS) -> float:
     """How far above its neighbours a pixel must stand to be a spike: ``sigmas`` noise sigmas,
     and where the noise is below the data's own step (more than half of neighbouring pixels
     equal: a sparse photon count, mostly zeros, or whole counts on a flat level) at least one
@@ -161,17 +164,21 @@ def spike_limit(image: np.ndarray, good: np.ndarray, sigmas: float = SPIKE_SIGMA
     frame, now 0.7-0.8 s; a sparse frame with 8 % of its pixels counting, 0.21 -> 0.14 s) to
     find what no run calls a defect (a pixel one photon above zero neighbours in three frames of
     four is no peak either: its SNR cannot reach 3).  A flat panel with rare steps keeps its
-    floor: those steps are what stands out there, a hot pixel on a dead-flat panel included.
-    ``noise``: the panel's :func:`noise_sigma`, if known."""
-    noise = noise_sigma(image, good) if noise is None else noise
+    floor: those steps are what stands out there, a hot pixel on a dead-flat panel included."""
+    return _spike_scale(image, good, sigmas)[1]
+
+
+def _spike_scale(image: np.ndarray, good: np.ndarray, sigmas: float) -> tuple[float, float]:
+    """``(noise_sigma, spike_limit)`` of a panel from one pass over its neighbour differences."""
+    differences = _neighbour_differences(image, good)
+    noise = _mad_sigma(differences)
     limit = sigmas * noise
     if noise <= NOISE_FLOOR:
-        steps = np.abs(_neighbour_differences(image, good))
+        steps = np.abs(differences)
         steps = steps[steps > 0]
-        if steps.size and steps.size >= SPARSE_STEPS * np.count_nonzero(
-                good[::4, 1:] & good[::4, :-1]):
+        if steps.size and steps.size >= SPARSE_STEPS * differences.size:
             limit = max(limit, float(steps.min()))
-    return limit
+    return noise, limit
 
 
 def spike_map(image: np.ndarray, good: np.ndarray | None = None,
@@ -191,8 +198,8 @@ def spike_map(image: np.ndarray, good: np.ndarray | None = None,
     """
     values = np.asarray(image, dtype=np.float32)
     ok = np.isfinite(values) if good is None else (np.asarray(good, bool) & np.isfinite(values))
-    noise = noise_sigma(values, ok)
-    limit = np.float32(spike_limit(values, ok, sigmas, noise))
+    noise, least = _spike_scale(values, ok, sigmas)
+    limit = np.float32(least)
     low = _faintest_in_window(values, ok)  # at a candidate: its faintest good neighbour
     with np.errstate(invalid="ignore"):
         ys, xs = np.nonzero(ok & (values - low > limit))

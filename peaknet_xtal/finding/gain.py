@@ -247,8 +247,8 @@ def _sorted_quantile(values: np.ndarray, starts: np.ndarray, sizes: np.ndarray, 
     either side, ``a + (b - a) t``, or ``b - (b - a) (1 - t)`` from ``t`` = 0.5 up."""
     virtual = (sizes - 1) * q
     before = np.floor(virtual)
-    low = values[starts + before.astype(np.intp)]
-    high = values[starts + before.astype(np.intp) + 1]
+    at = starts + before.astype(np.intp)
+    low, high = values[at], values[at + 1]
     t = virtual - before
     diff = high - low
     return np.where(t >= 0.5, high - diff * (1 - t), low + diff * t)

@@ -26,7 +26,8 @@ afterwards: the defect filter does not depend on them).
 
 Seed ranges (distinct; never the acceptance tests' 3,000,100,001+, make_eval_report's
 4,000,000,000+ or the training script's validation 2,000,000,001+):
-- ``--set selection``: 5,000,000,000 + 10,000 x detector + frame (used to choose the defaults);
+- ``--set selection``: 5,000,000,000 + 10,000 x detector + frame (used to choose the defaults,
+  and by examples/train_default_model.py's stage 4b to choose between models);
 - ``--set acceptance``: 6,000,000,000 + 10,000 x detector + frame (only measured).
 
 ``--real`` also runs the real frames of ``../shared/data/real``: the ten Pilatus 6M thaumatin

@@ -624,22 +624,19 @@ BLANK_RUNS = ROOT / "benchmarks" / "bench_blanks.py"
 def blank_runs_score(model: Path, frames: int = 24, detectors: tuple[str, ...] | None = None
                      ) -> dict[str, float]:
     """Stage 4b: the model on the randomised runs of ``benchmarks/bench_blanks.py --set
-    selection`` (model-selection seeds 5,000,000,000+: ``frames`` blanks and hits on each of six
-    detectors, a third on strong backgrounds, unmasked hot pixels, jet streaks, zingers; about
-    15 minutes), with the library's peak cuts, pooled over the detectors without each run's
-    first frames (while the defect filter learns the run): false peaks per blank, blanks called
-    hits, F1 on the hits' strong reflections."""
-    import importlib.util
+    selection`` (model-selection seeds 5,000,000,000+: ``frames`` blanks and hits on each of its
+    six detectors, or of ``detectors``; a third on strong backgrounds, unmasked hot pixels, jet
+    streaks, zingers; 10-15 minutes a model), with the library's peak cuts, pooled over the
+    detectors without each run's first frames (while the defect filter learns the run): false
+    peaks per blank, blanks called hits, F1 on the hits' strong reflections."""
     import sys
 
     from peaknet_xtal.finding.defects import MIN_FRAMES
     from peaknet_xtal.finding.settings import DEFAULTS
 
-    spec = importlib.util.spec_from_file_location("bench_blanks", BLANK_RUNS)
-    assert spec is not None and spec.loader is not None
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules["bench_blanks"] = bench  # its dataclass looks its module up
-    spec.loader.exec_module(bench)
+    sys.path.insert(0, str(BLANK_RUNS.parent))
+    import bench_blanks as bench
+
     records = [r for name in (detectors or bench.DETECTORS)
                for r in next(iter(bench.measure(name, "selection", frames, frames,
                                                 str(model)).values()))]

@@ -21,8 +21,8 @@ drowned, expected SNR below the same 5 on it, are not counted as strong, as in
 ``examples/make_eval_report.py``: ``sim.artifacts.drowned_reflections``); with ``--sources``,
 where the blanks' false peaks come from (hot pixels, streaks, zingers, their SNR and model
 probability); with ``--sweep``, the same numbers
-for other ``min_snr`` / ``min_peaks`` values (the model runs once, the peak cuts are applied
-afterwards: the defect filter does not depend on them).
+for other ``min_snr`` / ``min_height`` / ``min_peaks`` values (the model runs once, the peak cuts
+are applied afterwards: the defect filter does not depend on them).
 
 Seed ranges (distinct; never the acceptance tests' 3,000,100,001+, make_eval_report's
 4,000,000,000+ or the training script's validation 2,000,000,001+):
@@ -77,14 +77,15 @@ MATCH_PX = 3.0  # a found peak within this many pixels of a true reflection is o
 
 @dataclass
 class FrameRecord:
-    """One frame's peaks at min_snr 0 (after the defect filter), and what the frame was."""
+    """One frame's peaks at min_snr 0 and min_height 0 (after the defect filter), and what
+    the frame was."""
 
     detector: str
     index: int  # place in its run (the defect filter learns over a run's first frames)
     seed: int
     hit: bool
     strong: int  # true strong reflections
-    peaks: np.ndarray  # PEAK_DTYPE, min_snr 0, after the defect filter
+    peaks: np.ndarray  # PEAK_DTYPE, min_snr 0, min_height 0, after the defect filter
     on_truth: np.ndarray  # bool per peak: within MATCH_PX of any true reflection
     matched_strong: np.ndarray  # bool per peak: matches a strong reflection (one-to-one)
     n_strong_found_by_snr: Any = None
@@ -194,7 +195,8 @@ def measure(name: str, set_name: str, n_blank: int, n_hit: int, model: str = "de
             thresholds: Sequence[float] | None = None, true_gain: bool = False,
             exact_counts: bool = True) -> dict[float, list[FrameRecord]]:
     """Run one detector's frames through one engine, once; per probability threshold the
-    records at min_snr 0 (the SNR and peak-count cuts are applied later), each threshold with
+    records at min_snr 0 and min_height 0 (the SNR, height and peak-count cuts are applied
+    later: :func:`passes`), each threshold with
     its own run-level defect filter, as a run at that threshold would have.  ``true_gain``
     gives the engine the simulated gain instead of letting it resolve one (where the false
     peaks' SNR depends on the gain estimate)."""
@@ -204,7 +206,8 @@ def measure(name: str, set_name: str, n_blank: int, n_hit: int, model: str = "de
     from peaknet_xtal.finding.peaks import find_peaks
 
     gain = DETECTORS[name][1] if true_gain else None
-    engine = InferenceEngine(model, device="cpu", min_snr=0.0, adu_per_photon=gain)
+    engine = InferenceEngine(model, device="cpu", min_snr=0.0, min_height=0.0,
+                             adu_per_photon=gain)
     thresholds = list(thresholds or [engine.peak_params.threshold])
     filters = {t: DefectFilter() for t in thresholds}
     records: dict[float, list[FrameRecord]] = {t: [] for t in thresholds}
@@ -278,16 +281,31 @@ def load_records(path: Path) -> dict[str, list[FrameRecord]]:
     return out
 
 
+def passes(peaks: np.ndarray, min_snr: float, min_height: float) -> np.ndarray:
+    """Which of the records' peaks the finding's SNR and height cuts keep (as
+    ``finding.peaks`` applies them: the height as a product, so a noiseless background passes)."""
+    keep: np.ndarray = peaks["snr"] >= min_snr
+    if min_height > 0:
+        keep &= ~(peaks["max_value"] < min_height * peaks["background_sigma"])
+    return keep
+
+
 def summarise(records: Sequence[FrameRecord], min_snr: float, min_peaks: int,
-              indexable: int, skip: int = 0) -> dict[str, float]:
-    """The numbers of one detector at given cuts, without its run's first ``skip`` frames."""
+              indexable: int, skip: int = 0, min_height: float | None = None
+              ) -> dict[str, float]:
+    """The numbers of one detector at given cuts (``min_height`` None: the shared default),
+    without its run's first ``skip`` frames."""
+    if min_height is None:
+        from peaknet_xtal.finding.settings import DEFAULTS
+
+        min_height = DEFAULTS.min_height
     blanks = [r for r in records if not r.hit and r.index >= skip]
     hits = [r for r in records if r.hit and r.index >= skip]
-    false_blank = [int(np.sum(r.peaks["snr"] >= min_snr)) for r in blanks]
+    false_blank = [int(np.sum(passes(r.peaks, min_snr, min_height))) for r in blanks]
     found = correct = matched = true = 0
     called = called_indexable = n_indexable = 0
     for r in hits:
-        keep = r.peaks["snr"] >= min_snr
+        keep = passes(r.peaks, min_snr, min_height)
         n = int(keep.sum())
         found += n
         correct += int(r.on_truth[keep].sum())
@@ -309,30 +327,34 @@ def summarise(records: Sequence[FrameRecord], min_snr: float, min_peaks: int,
 
 
 def print_summary(by_detector: dict[str, list[FrameRecord]], min_snr: float, min_peaks: int,
-                  indexable: int, skip: int = 0) -> None:
-    print(f"min_snr {min_snr:g}, min_peaks {min_peaks}"
+                  indexable: int, skip: int = 0, min_height: float | None = None) -> None:
+    from peaknet_xtal.finding.settings import DEFAULTS
+
+    min_height = DEFAULTS.min_height if min_height is None else min_height
+    print(f"min_snr {min_snr:g}, min_height {min_height:g}, min_peaks {min_peaks}"
           + (f", without each run's first {skip} frames:" if skip else ", every frame:"))
     print(f"  {'detector':11s} {'false/blank':>11s} {'max':>4s} {'blank hits':>10s} "
           f"{'hits called':>11s} {'indexable called':>16s} {'F1 (hits)':>9s} {'recall':>6s}")
     for name, records in by_detector.items():
-        s = summarise(records, min_snr, min_peaks, indexable, skip)
+        s = summarise(records, min_snr, min_peaks, indexable, skip, min_height)
         print(f"  {name:11s} {s['false_per_blank']:11.2f} {s['false_max']:4d} "
               f"{s['blank_hits']:4d} of {s['blanks']:3d} {s['hits_called']:4d} of {s['hits']:4d} "
               f"{s['indexable_called']:8d} of {s['indexable']:4d} {s['f1']:9.3f} "
               f"{s['recall']:6.3f}")
 
 
-def print_sources(by_detector: dict[str, list[FrameRecord]], min_snr: float) -> None:
+def print_sources(by_detector: dict[str, list[FrameRecord]], min_snr: float,
+                  min_height: float) -> None:
     """Where the blanks' false peaks come from."""
-    print(f"false peaks on blanks at min_snr {min_snr:g}, by source; SNR, model probability, "
-          "size and height:")
+    print(f"false peaks on blanks at min_snr {min_snr:g}, min_height {min_height:g}, by source; "
+          "SNR, model probability, size and height:")
     for name, records in by_detector.items():
         blanks = [r for r in records if not r.hit]
         if not blanks:
             continue
         peaks = np.concatenate([r.peaks for r in blanks])
         source = np.concatenate([r.source for r in blanks])
-        keep = peaks["snr"] >= min_snr
+        keep = passes(peaks, min_snr, min_height)
         peaks, source = peaks[keep], source[keep]
         counts = {s: int(np.sum(source == s)) for s in ("hot", "streak", "zinger", "other")}
         dropped = sum(r.dropped_by_defects for r in blanks)
@@ -347,22 +369,25 @@ def print_sources(by_detector: dict[str, list[FrameRecord]], min_snr: float) -> 
               f"{npix[2]:.0f}")
         # peak height: the brightest pixel over the background's pixel noise, for the noise-level
         # false peaks ("other") beside the weak true peaks of the hits (SNR below 8)
-        weak = [r.peaks[(r.peaks["snr"] >= min_snr) & (r.peaks["snr"] < 8) & r.matched_strong]
-                for r in records if r.hit]
+        weak = [r.peaks[passes(r.peaks, min_snr, min_height) & (r.peaks["snr"] < 8)
+                        & r.matched_strong] for r in records if r.hit]
         for label, rows in (("other", peaks[source == "other"]),
                             ("weak true", np.concatenate(weak) if weak else peaks[:0])):
-            height = rows["max_value"] / rows["background_sigma"]
+            noisy = rows["background_sigma"] > 0  # a noiseless background has no height
+            height = rows["max_value"][noisy] / rows["background_sigma"][noisy]
             if len(height):
                 q = np.percentile(height, [10, 50, 90])
                 print(f"    height over background sigma, {label} peaks p10/50/90 "
                       f"{q[0]:.1f}/{q[1]:.1f}/{q[2]:.1f} ({len(height)})")
-        worst = sorted(blanks, key=lambda r: -int(np.sum(r.peaks["snr"] >= min_snr)))[:3]
+        worst = sorted(blanks, key=lambda r: -int(np.sum(passes(r.peaks, min_snr,
+                                                                   min_height))))[:3]
         for r in worst:
-            print(f"    seed {r.seed}: {int(np.sum(r.peaks['snr'] >= min_snr))} peaks "
+            print(f"    seed {r.seed}: {int(np.sum(passes(r.peaks, min_snr, min_height)))} peaks "
                   f"({r.conditions})")
 
 
-def real_frames(min_snr: float | None, min_peaks: int | None) -> list[tuple[str, str, int, bool]]:
+def real_frames(min_snr: float | None, min_peaks: int | None, min_height: float | None = None
+                ) -> list[tuple[str, str, int, bool]]:
     """(group, file, peaks, hit) for the real frames, through the engine with the defaults
     (one engine per group: one run per detector, as ``peaknet2cxi`` would process them)."""
     from peaknet_xtal.finding.engine import InferenceEngine
@@ -382,6 +407,8 @@ def real_frames(min_snr: float | None, min_peaks: int | None) -> list[tuple[str,
         options["min_snr"] = min_snr
     if min_peaks is not None:
         options["min_peaks"] = min_peaks
+    if min_height is not None:
+        options["min_height"] = min_height
     out = []
     for group, files in groups.items():
         engine = InferenceEngine(device="cpu", **options)
@@ -407,6 +434,8 @@ def main(argv: list[str] | None = None) -> int:
                              "the first is summarised, --save writes one file per threshold")
     parser.add_argument("--min-snr", dest="min_snr", type=float, default=None,
                         help="default: the shared default")
+    parser.add_argument("--min-height", dest="min_height", type=float, default=None,
+                        help="default: the shared default")
     parser.add_argument("--min-peaks", dest="min_peaks", type=int, default=None,
                         help="default: the shared default")
     parser.add_argument("--indexable", type=int, default=15,
@@ -431,6 +460,7 @@ def main(argv: list[str] | None = None) -> int:
 
     min_snr = DEFAULTS.min_snr if args.min_snr is None else args.min_snr
     min_peaks = DEFAULTS.min_peaks if args.min_peaks is None else args.min_peaks
+    min_height = DEFAULTS.min_height if args.min_height is None else args.min_height
     from peaknet_xtal.finding.defects import MIN_FRAMES
 
     skip = MIN_FRAMES if args.skip is None else args.skip
@@ -455,21 +485,24 @@ def main(argv: list[str] | None = None) -> int:
                              records_by_detector)
         by_detector = next(iter(per_threshold.values()))
     if by_detector:
-        print_summary(by_detector, min_snr, min_peaks, args.indexable)
+        print_summary(by_detector, min_snr, min_peaks, args.indexable, 0, min_height)
         if skip:
-            print_summary(by_detector, min_snr, min_peaks, args.indexable, skip)
+            print_summary(by_detector, min_snr, min_peaks, args.indexable, skip, min_height)
         if min_peaks != 0:
             print("the former default, min_peaks 0 (every frame a hit), for comparison:")
-            print_summary(by_detector, min_snr, 0, args.indexable, skip)
+            print_summary(by_detector, min_snr, 0, args.indexable, skip, min_height)
         if args.sources:
-            print_sources(by_detector, min_snr)
+            print_sources(by_detector, min_snr, min_height)
         if args.sweep:
             for snr in (3.0, 3.5, 4.0, 5.0):
                 for peaks in (1, 5, 10, 15, 20):
-                    print_summary(by_detector, snr, peaks, args.indexable, skip)
+                    print_summary(by_detector, snr, peaks, args.indexable, skip, min_height)
+            for height in (0.0, 4.0, 5.0, 6.0):
+                print_summary(by_detector, min_snr, min_peaks, args.indexable, skip, height)
     if args.real:
-        print(f"real frames (min_snr {min_snr:g}, min_peaks {min_peaks}):")
-        rows = real_frames(args.min_snr, args.min_peaks)
+        print(f"real frames (min_snr {min_snr:g}, min_height {min_height:g}, min_peaks "
+              f"{min_peaks}):")
+        rows = real_frames(args.min_snr, args.min_peaks, args.min_height)
         for group in dict.fromkeys(r[0] for r in rows):
             mine = [r for r in rows if r[0] == group]
             print(f"  {group}: {sum(r[3] for r in mine)} of {len(mine)} called hits; peaks "

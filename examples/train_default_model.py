@@ -641,7 +641,7 @@ def blank_runs_score(model: Path, frames: int = 24, detectors: tuple[str, ...] |
                for r in next(iter(bench.measure(name, "selection", frames, frames,
                                                 str(model)).values()))]
     return bench.summarise(records, DEFAULTS.min_snr, DEFAULTS.min_peaks, indexable=15,
-                           skip=MIN_FRAMES)
+                           skip=MIN_FRAMES, min_height=DEFAULTS.min_height)
 
 
 def accepts_blank_runs(candidate: dict[str, float], baseline: dict[str, float]) -> bool:

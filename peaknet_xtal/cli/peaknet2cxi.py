@@ -66,6 +66,7 @@ DEFAULTS: dict[str, Any] = {
     "threads": None,
     "threshold": FINDING.threshold,
     "min_snr": FINDING.min_snr,
+    "min_height": FINDING.min_height,
     "adu_per_photon": None,  # None: finding.settings.resolve_gain (geometry, image format)
     "batch_size": FINDING.batch_size,
     "min_peaks": FINDING.min_peaks,  # the shared hit rule (finding.settings)
@@ -114,6 +115,11 @@ def build_parser() -> Any:
     parser.add_argument("--min-snr", dest="min_snr", type=float,
                         help=f"least integrated SNR of a peak (default {FINDING.min_snr:g}; 0: "
                              "keep every peak the model marks)")
+    parser.add_argument("--min-height", dest="min_height", type=float,
+                        help="least height of a peak's brightest pixel over its local "
+                             "background, in background sigmas, as peakfinder8's --min-snr "
+                             f"(default {FINDING.min_height:g}: no such cut; 5 removes most "
+                             "noise peaks on blanks, and broad weak spots too)")
     parser.add_argument("--adu-per-photon", dest="adu_per_photon", type=float,
                         help="detector gain for the shot noise in each peak's SNR (default: the "
                              "geometry's adu_per_photon, or adu_per_eV x photon energy; 0: "
@@ -231,6 +237,7 @@ def _run_serial(config: dict[str, Any]) -> dict[str, Any]:
                              batch_size=int(config["batch_size"]),
                              threshold=float(config["threshold"]),
                              min_snr=float(config["min_snr"]),
+                             min_height=float(config["min_height"]),
                              adu_per_photon=_optional_float(config["adu_per_photon"]),
                              min_peaks=int(config["min_peaks"]), max_peaks=config["max_peaks"],
                              predictor=config["predictor"])
@@ -312,6 +319,7 @@ def _run_pipeline(config: dict[str, Any]) -> dict[str, Any]:
         "threshold": float(config["threshold"]), "batch_size": int(config["batch_size"]),
         "frame_finder_options": {"min_peaks": int(config["min_peaks"]),
                               "min_snr": float(config["min_snr"]),
+                              "min_height": float(config["min_height"]),
                               "adu_per_photon": _optional_float(config["adu_per_photon"]),
                               "max_peaks": config["max_peaks"]},
         "progress": bool(config["progress"]),

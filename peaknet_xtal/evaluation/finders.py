@@ -43,7 +43,8 @@ class PeakNetFinder:
         from peaknet_xtal.finding.engine import InferenceEngine
 
         p: dict[str, Any] = {"model": DEFAULTS.model, "threshold": DEFAULTS.threshold,
-                             "min_snr": DEFAULTS.min_snr, "device": DEFAULTS.device,
+                             "min_snr": DEFAULTS.min_snr, "min_height": DEFAULTS.min_height,
+                             "device": DEFAULTS.device,
                              "batch_size": DEFAULTS.batch_size,
                              # None: settings.resolve_gain (what the data declare)
                              "adu_per_photon": None}
@@ -51,7 +52,8 @@ class PeakNetFinder:
         self.params = p
         self.name = f"peaknet:{p['model']}" if self.name == "peaknet" else self.name
         self.engine = InferenceEngine(p["model"], device=p["device"], threshold=p["threshold"],
-                                      min_snr=p["min_snr"], batch_size=p["batch_size"],
+                                      min_snr=p["min_snr"], min_height=p["min_height"],
+                                      batch_size=p["batch_size"],
                                       adu_per_photon=p["adu_per_photon"])
 
     def find(self, frame: Frame) -> np.ndarray:
@@ -113,9 +115,9 @@ class DispersionFinder:
         masks = frame.masks_or_ones()
         strong = [self.strong_pixels(np.asarray(img, np.float64), m)
                   for img, m in zip(frame.panels, masks, strict=False)]
-        # DIALS' own criteria decide which pixels are strong: no SNR cut or bright-background
-        # test of ours on top.
-        params = PeakParams(threshold=0.5, min_snr=0.0, bright_photons=None,
+        # DIALS' own criteria decide which pixels are strong: no SNR or height cut or
+        # bright-background test of ours on top.
+        params = PeakParams(threshold=0.5, min_snr=0.0, min_height=0.0, bright_photons=None,
                             min_pixels=int(self.params["min_spot_size"]),
                             max_pixels=int(self.params["max_spot_size"]))
         peaks = find_peaks(frame.panels, [s.astype(np.float32) for s in strong], masks, params,

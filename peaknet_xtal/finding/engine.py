@@ -151,15 +151,16 @@ class InferenceEngine:
     ``device`` is ``auto`` (CUDA when available), ``cpu`` or ``cuda[:N]``; ``threads`` sets torch's
     CPU threads when the model loads and the host threads that find the peaks (default: the CPUs
     the process may use); ``batch_size`` counts model tiles.  Peak settings come from
-    ``peak_params`` or the shorthand keywords ``threshold``, ``min_snr``, ``min_peaks``,
-    ``max_peaks``, ``adu_per_photon``; every default is :data:`.settings.DEFAULTS`.  A frame is a
-    hit (``FrameResult.hit``) when it has at least ``min_peaks`` peaks after every cut, the defect
-    filter's included (the hit rule of :mod:`.settings`).  With ``fast`` (the default) a PeakNet
-    on the CPU runs in its fused inference form (``model.fast.fuse_for_inference``: the same
-    weights, about 1.4x faster on one thread, the same probabilities to float32 rounding);
-    ``fast=False`` runs the layers as trained.  The detector
-    gain (ADU per photon, for the shot noise in each peak's SNR) is resolved per frame by
-    :func:`.settings.resolve_gain` while ``adu_per_photon`` is None; 0 leaves shot noise out.
+    ``peak_params`` or the shorthand keywords ``threshold``, ``min_snr``, ``min_height``,
+    ``min_peaks``, ``max_peaks``, ``adu_per_photon``; every default is
+    :data:`.settings.DEFAULTS`.  A frame is a hit (``FrameResult.hit``) when it has at least
+    ``min_peaks`` peaks after every cut, the defect filter's included (the hit rule of
+    :mod:`.settings`).  With ``fast`` (the default) a PeakNet on the CPU runs in its fused
+    inference form (``model.fast.fuse_for_inference``: the same weights, about 1.4x faster on
+    one thread, the same probabilities to float32 rounding); ``fast=False`` runs the layers as
+    trained.  The detector gain (ADU per photon, for the shot noise in each peak's SNR) is
+    resolved per frame by :func:`.settings.resolve_gain` while ``adu_per_photon`` is None; 0
+    leaves shot noise out.
     """
 
     def __init__(
@@ -171,6 +172,7 @@ class InferenceEngine:
         batch_size: int = DEFAULTS.batch_size,
         threshold: float | None = None,
         min_snr: float | None = None,
+        min_height: float | None = None,
         min_peaks: int | None = None,
         max_peaks: int | None = None,
         adu_per_photon: float | None = None,
@@ -190,7 +192,8 @@ class InferenceEngine:
         params = peak_params or PeakParams()
         check_min_peaks(params.min_peaks if min_peaks is None else min_peaks)
         overrides = {k: v for k, v in (("threshold", threshold), ("min_snr", min_snr),
-                                       ("min_peaks", min_peaks), ("max_peaks", max_peaks),
+                                       ("min_height", min_height), ("min_peaks", min_peaks),
+                                       ("max_peaks", max_peaks),
                                        ("adu_per_photon", adu_per_photon))
                      if v is not None}
         self.peak_params = _replace(params, overrides)

@@ -17,11 +17,17 @@ with a position, an intensity and a background.  This module does that step for 
    is, measured on every frame: CCDs and charge-sharing detectors spread each photon's charge)
    plus the error of the subtracted ring background plus, when the detector gain is known, the
    spot's own shot noise (``adu_per_photon`` x intensity);
-5. components whose integrated SNR is below ``min_snr`` are dropped.  The model judges shape and
-   context, the SNR cut judges evidence: on integrating detectors the model's doubtful calls are
-   noise blobs with an SNR of 1-5, and on a photon-counting background as sparse as a tenth of a
-   photon a pixel, a cluster of two or three photons stands many background sigmas high yet is
-   no evidence of a reflection, which only its shot noise says.
+5. components whose integrated SNR is below ``min_snr`` are dropped, and so are those whose
+   brightest pixel stands less than ``min_height`` background sigmas above the local background.
+   The model judges shape and context, the two cuts judge evidence: on integrating detectors the
+   model's doubtful calls are noise blobs with an SNR of 1-5, and on a photon-counting background
+   as sparse as a tenth of a photon a pixel, a cluster of two or three photons stands many
+   background sigmas high yet is no evidence of a reflection, which only its shot noise says.
+   The height cut is the pixel test of the classic finders (peakfinder8 keeps no peak without a
+   pixel ``min_snr`` local sigmas up, 5 by default); off by default.  A noise blob that the
+   model calls a spot sums to an SNR of 3-5 over a few pixels, each only 3-5 sigmas high, and a
+   height of 5 removes most of them, but also broad weak spots whose brightest pixel is low
+   while their sum is significant (measured: the comment after ``finding.settings.DEFAULTS``).
 
 Everything per pixel is vectorised (``scipy.ndimage.label``, ``np.bincount`` and gathers on the
 foreground pixels only); Python loops run over panel shapes and annulus sizes, never over pixels.
@@ -62,6 +68,9 @@ class PeakParams:
     correlation of every pair of them (``n`` for independent pixels) and ``e`` is the ring
     background's variance per pixel variance (``1 / ring pixels`` for independent ones); the
     shot-noise term is left out while ``adu_per_photon`` is None (gain unknown) or 0.
+    ``min_height`` is the least height of a peak's brightest background-subtracted pixel, in
+    sigmas of its local background (0: no such cut; a background without noise passes any
+    height).
     ``bright_photons``, ``bright_sigmas`` and ``bright_prob`` decide the peak pixels where the
     local background holds at least ``bright_photons`` photons a pixel (None: nowhere), see
     :mod:`peaknet_xtal.finding.bright_background`; elsewhere they are the pixels at or above
@@ -72,6 +81,7 @@ class PeakParams:
     min_pixels: int = 1
     max_pixels: int | None = None
     min_snr: float = DEFAULT_MIN_SNR
+    min_height: float = DEFAULTS.min_height
     annulus_gap: int = 1
     annulus_width: int = 3
     min_peaks: int = DEFAULTS.min_peaks
@@ -366,6 +376,8 @@ def _peaks_in_stack(image: np.ndarray, prob: np.ndarray, good: np.ndarray, fore:
     )
     bbox = np.stack([box[:, 2], box[:, 4] + 1, box[:, 1], box[:, 3] + 1], axis=1)
     accept = ~(snr < params.min_snr)  # NaN SNR (no background estimate) is kept
+    if params.min_height > 0:  # compared as a product: a noiseless background passes
+        accept &= ~(max_value < params.min_height * bg_sigma)
     return table[accept], bbox[accept].astype(np.int64), (labels, kept[accept] + 1)
 
 

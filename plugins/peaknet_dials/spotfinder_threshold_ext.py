@@ -54,6 +54,14 @@ min_snr = {_D.min_snr}
           "shot noise (gain x sum). Weaker predictions are not foreground; 0 keeps every spot"
           "the model marks. The same default as peaknet2cxi and the Python API"
           "(finding.settings.DEFAULTS.min_snr)."
+min_height = {_D.min_height}
+  .type = float(value_min=0)
+  .help = "Least height of a predicted spot's brightest pixel over its local background, in"
+          "sigmas of that background's noise: the pixel test of the classic finders"
+          "(peakfinder8's min-snr, 5 by default). 0: no such cut. 5 removes most noise"
+          "spots on blank frames but also broad weak spots (measured in"
+          "finding/settings.py). The same default as peaknet2cxi and the Python API"
+          "(finding.settings.DEFAULTS.min_height)."
 gain = None
   .type = float(value_min=0)
   .help = "Counts per photon of the image DIALS hands to spot finding, as"
@@ -94,6 +102,7 @@ class PeakNetSettings:
     device: str = _D.device
     threshold: float = _D.threshold
     min_snr: float = _D.min_snr
+    min_height: float = _D.min_height
     gain: float | None = None
     batch_size: int = _D.batch_size
     threads: int = 1
@@ -114,6 +123,7 @@ class PeakNetSettings:
             device=str(scope.device),
             threshold=float(scope.threshold),
             min_snr=float(scope.min_snr),
+            min_height=float(scope.min_height),
             gain=None if scope.gain is None else float(scope.gain),
             batch_size=int(scope.batch_size),
             threads=int(threads),
@@ -184,6 +194,7 @@ def _build_predictor(settings: PeakNetSettings) -> Any:
         batch_size=settings.batch_size,
         threshold=settings.threshold,
         min_snr=settings.min_snr,
+        min_height=settings.min_height,
         adu_per_photon=settings.gain,
     )
 
@@ -225,9 +236,9 @@ def _as_user_error() -> Iterator[None]:
 class PeakNetSpotFinderThresholdExt:
     """PeakNet: learned Bragg peak segmentation as the spot-finding threshold. Pixels the
     model calls peak (probability at least peaknet.threshold, in spots with an integrated SNR of
-    at least peaknet.min_snr, shot noise included) within the DIALS mask are foreground; DIALS'
-    own labelling, filters and centroids then apply unchanged. No per-experiment gain or
-    threshold tuning is needed."""
+    at least peaknet.min_snr, shot noise included, and a brightest pixel peaknet.min_height
+    background sigmas high) within the DIALS mask are foreground; DIALS' own labelling, filters
+    and centroids then apply unchanged. No per-experiment gain or threshold tuning is needed."""
 
     name = "peaknet"
 

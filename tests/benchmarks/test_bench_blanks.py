@@ -49,6 +49,21 @@ def test_summary_counts_by_hand(bench):
     assert bench.summarise(records, 3.0, 2, 4, skip=1)["blanks"] == 1  # the first frame skipped
 
 
+def test_height_cut_counts_as_the_finding_applies_it(bench):
+    """A peak whose brightest pixel is under min_height background sigmas is not counted;
+    a peak on a noiseless background (sigma 0) always passes, as in finding.peaks."""
+    blank = record(bench, 0, False, [10.0, 10.0, 10.0])
+    blank.peaks["max_value"] = [20.0, 40.0, 1.0]
+    blank.peaks["background_sigma"] = [5.0, 5.0, 0.0]  # heights 4, 8 and undefined
+    assert bench.summarise([blank], 3.0, 2, 4, min_height=5.0)["false_per_blank"] == 2.0
+    assert bench.summarise([blank], 3.0, 2, 4, min_height=0.0)["false_per_blank"] == 3.0
+    from peaknet_xtal.finding.settings import DEFAULTS
+
+    assert (bench.summarise([blank], 3.0, 2, 4)["false_per_blank"]
+            == bench.summarise([blank], 3.0, 2, 4, min_height=DEFAULTS.min_height)[
+                "false_per_blank"])
+
+
 def test_records_survive_the_npz_round_trip(bench, tmp_path):
     records = {"d": [record(bench, 0, False, [3.5, 1.0]),
                      record(bench, 1, True, [7.0], on_truth=[True], matched=[True], strong=3)]}

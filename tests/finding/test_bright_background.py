@@ -48,10 +48,10 @@ def test_on_a_bright_background_significance_decides_with_the_network():
     assert len(peaks) == 1
 
 
-@pytest.mark.parametrize("params", [PeakParams(adu_per_photon=None, min_snr=0),
-                                    PeakParams(adu_per_photon=1.0, min_snr=0,
+@pytest.mark.parametrize("params", [PeakParams(adu_per_photon=None, min_snr=0, min_height=0),
+                                    PeakParams(adu_per_photon=1.0, min_snr=0, min_height=0,
                                                bright_photons=None),
-                                    PeakParams(adu_per_photon=40.0, min_snr=0)],
+                                    PeakParams(adu_per_photon=40.0, min_snr=0, min_height=0)],
                          ids=["gain unknown", "test off", "below 100 photons a pixel"])
 def test_elsewhere_the_network_threshold_alone_decides(params):
     image, prob = bright_panel()

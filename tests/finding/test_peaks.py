@@ -154,8 +154,26 @@ def test_snr_cut_drops_weak_components():
     kept = find_peaks([image], [prob])  # default min_snr
     assert len(kept) == 1 and kept["snr"][0] >= DEFAULT_MIN_SNR
     assert kept["fs"][0] == pytest.approx(15.0, abs=0.2)
-    both = find_peaks([image], [prob], params=PeakParams(min_snr=0.0))
+    both = find_peaks([image], [prob], params=PeakParams(min_snr=0.0, min_height=0.0))
     assert len(both) == 2 and both["snr"].min() < DEFAULT_MIN_SNR
+
+
+def test_height_cut_drops_flat_components_that_pass_the_snr_cut():
+    """A broad patch 1 sigma up in every pixel sums to an SNR of about 5, yet no pixel of it
+    stands 5 sigmas high: the classic finders' pixel test (min_height 5) rejects it and keeps a
+    compact spot of a similar SNR, whose core is that high; at 0 (no such cut) both stay."""
+    rng = np.random.default_rng(5)
+    image = 100.0 + 4.0 * rng.standard_normal((80, 80))
+    image[20:27, 20:27] += 4.0  # 49 pixels at +1 sigma: SNR ~ 49 * 4 / (4 * 9) = 5.4
+    image[60, 60] += 80.0  # one pixel at +20 sigma: SNR ~ 80 / (4 * 3) = 6.7 with its rim
+    prob = np.zeros(image.shape, np.float32)
+    prob[20:27, 20:27] = 0.9
+    prob[60, 60] = 0.9
+    loose = find_peaks([image], [prob], params=PeakParams(min_height=0.0))
+    assert len(loose) == 2 and (loose["snr"] > DEFAULT_MIN_SNR).all()
+    kept = find_peaks([image], [prob], params=PeakParams(min_height=5.0))
+    assert len(kept) == 1 and (kept["fs"][0], kept["ss"][0]) == pytest.approx((60, 60), abs=0.1)
+    assert kept["max_value"][0] >= 5.0 * kept["background_sigma"][0]
 
 
 def test_peak_pixel_mask_holds_exactly_the_reported_peaks():
@@ -166,7 +184,7 @@ def test_peak_pixel_mask_holds_exactly_the_reported_peaks():
     mask = peak_pixel_mask(image, prob, good)
     assert mask.sum() == table["npix"].sum() == 24
     assert not mask[40:43, 40:43].any() and not mask[14, 14]
-    everything = peak_pixel_mask(image, prob, good, PeakParams(min_snr=0.0))
+    everything = peak_pixel_mask(image, prob, good, PeakParams(min_snr=0.0, min_height=0.0))
     assert everything.sum() == 33
     assert not peak_pixel_mask(image, np.zeros_like(prob)).any()
 
@@ -302,7 +320,8 @@ def test_snr_of_pure_noise_has_unit_spread_on_white_and_correlated_noise(psf_sig
         for y in range(10, 310, 20):
             for x in range(10, 310, 20):
                 prob[y - 1:y + 1, x - 1:x + 2] = 0.9  # 2 x 3 pixel components
-        snrs.append(find_peaks([image], [prob], params=PeakParams(min_snr=-np.inf))["snr"])
+        snrs.append(find_peaks([image], [prob], params=PeakParams(min_snr=-np.inf,
+                                                                   min_height=0.0))["snr"])
     snr = np.concatenate(snrs)
     assert len(snr) == 2 * 15 * 15
     assert abs(np.mean(snr)) < 0.2

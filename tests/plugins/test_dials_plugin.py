@@ -67,8 +67,8 @@ def test_phil_scope_offers_peaknet_with_help(dials_modules) -> None:
     assert params.spotfinder.threshold.algorithm == "dispersion_extended"  # we are not default
     scope = phil_scope.get("spotfinder.threshold.peaknet").objects[0]
     names = {obj.name: obj for obj in scope.objects}
-    assert set(names) == {"model", "device", "threshold", "min_snr", "gain", "batch_size",
-                          "threads", "dilation"}
+    assert set(names) == {"model", "device", "threshold", "min_snr", "min_height", "gain",
+                          "batch_size", "threads", "dilation"}
     for name, obj in names.items():
         assert obj.help and len(obj.help) > 20, f"peaknet.{name} needs help text"
     defaults = params.spotfinder.threshold.peaknet
@@ -111,10 +111,12 @@ def test_settings_come_from_phil(dials_modules, monkeypatch) -> None:
 
 
 def _ext(phil_scope, threshold: float, dilation: int = 1, min_snr: float | None = None,
-         gain: float | None = None):
+         gain: float | None = None, min_height: float | None = None):
     from peaknet_dials.spotfinder_threshold_ext import PeakNetSpotFinderThresholdExt
 
     extra = [] if min_snr is None else [f"spotfinder.threshold.peaknet.min_snr={min_snr}"]
+    extra += [] if min_height is None else [
+        f"spotfinder.threshold.peaknet.min_height={min_height}"]
     extra += [] if gain is None else [f"spotfinder.threshold.peaknet.gain={gain}"]
     params = _params(phil_scope, f"spotfinder.threshold.peaknet.threshold={threshold}",
                      "spotfinder.threshold.peaknet.device=cpu",
@@ -124,7 +126,8 @@ def _ext(phil_scope, threshold: float, dilation: int = 1, min_snr: float | None 
 
 
 def test_min_snr_removes_weak_predicted_spots_only(dials_modules, cspad_panel) -> None:
-    """The SNR cut drops whole predicted spots (never parts of one) and keeps the strong ones."""
+    """The SNR and height cuts drop whole predicted spots (never parts of one) and keep the
+    strong ones."""
     from scipy import ndimage
 
     from peaknet_xtal.finding.settings import DEFAULTS
@@ -133,8 +136,9 @@ def test_min_snr_removes_weak_predicted_spots_only(dials_modules, cspad_panel) -
     data, mask = cspad_panel
     pixels = data.astype(np.float32)
     # the library's default: one set of defaults for every entry point (settings.py)
-    assert _ext(phil_scope, 0.3).settings.min_snr == DEFAULTS.min_snr
-    every = _ext(phil_scope, 0.3, dilation=0, min_snr=0).peak_pixels(pixels, mask)
+    settings = _ext(phil_scope, 0.3).settings
+    assert (settings.min_snr, settings.min_height) == (DEFAULTS.min_snr, DEFAULTS.min_height)
+    every = _ext(phil_scope, 0.3, dilation=0, min_snr=0, min_height=0).peak_pixels(pixels, mask)
     strong = _ext(phil_scope, 0.3, dilation=0).peak_pixels(pixels, mask)
     assert strong.any() and strong.sum() < every.sum()
     labels, _ = ndimage.label(every, np.ones((3, 3), bool))

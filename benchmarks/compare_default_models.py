@@ -66,6 +66,7 @@ def real_frames(engine) -> dict[str, str]:
         out[path.name] = (f"{len(result.peaks)} peaks, median SNR "
                           f"{float(np.nanmedian(result.peaks['snr'])):.1f}")
     counts, hits = [], 0
+    engine.new_run()  # another detector: a run of its own
     for path in sorted((REAL / "pilatus6m_thaumatin_grid").glob("*")):
         result = next(iter(engine.find_frames([read_dxtbx_image(path)])))
         counts.append(len(result.peaks))

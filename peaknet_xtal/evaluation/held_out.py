@@ -43,7 +43,9 @@ def held_out_triples(engine: Any, geometries: str | os.PathLike[str],
     """``(found, strong reflections, all reflections)`` per held-out frame (all of
     :func:`held_out_seeds`, or ``seeds_by_geometry``), found by ``engine`` (an
     :class:`~peaknet_xtal.finding.InferenceEngine`), for
-    :func:`~peaknet_xtal.evaluation.metrics.score_frames`."""
+    :func:`~peaknet_xtal.evaluation.metrics.score_frames`.  Each detector's frames are a run of
+    their own (``engine.new_run()``), as ``peaknet2cxi`` would see them: what the engine learns
+    over a run (pixel defects, a measured gain) never carries from one detector to the next."""
     from peaknet_xtal.formats.geometry import read_geometry
     from peaknet_xtal.sim import SimConfig, simulate_frame
 
@@ -51,6 +53,7 @@ def held_out_triples(engine: Any, geometries: str | os.PathLike[str],
     for name, seeds in (held_out_seeds() if seeds_by_geometry is None
                         else seeds_by_geometry).items():
         geometry = read_geometry(Path(geometries) / name)
+        engine.new_run()
         for seed in seeds:
             rng = np.random.default_rng(seed)
             config = SimConfig.randomised(rng, hit_probability=1.0,

@@ -28,3 +28,28 @@ def test_thirty_frames_a_detector_with_their_own_seeds(real_data: Path):
 def test_more_frames_than_the_seed_block_holds_is_an_error(per_detector):
     with pytest.raises(ValueError, match="per_detector"):
         held_out_seeds(per_detector)
+
+
+def test_each_detector_is_a_run_of_its_own(real_data: Path):
+    """What an engine learns over a run (pixel defects, a measured gain) must not carry from one
+    held-out detector to the next: each starts with ``new_run()``, as peaknet2cxi would."""
+    from types import SimpleNamespace
+
+    from peaknet_xtal.evaluation.held_out import held_out_triples_by_detector
+    from peaknet_xtal.types import empty_peaks
+
+    calls: list[object] = []
+
+    class Recorder:
+        def new_run(self) -> None:
+            calls.append("new run")
+
+        def find_frames(self, frames):
+            for frame in frames:
+                calls.append(len(frame.panels))
+                yield SimpleNamespace(peaks=empty_peaks())
+
+    by_detector = held_out_triples_by_detector(Recorder(), real_data / "crystfel_geometry", 1)
+    assert len(by_detector["all"]) == len(DETECTORS)
+    assert calls[::2] == ["new run"] * len(DETECTORS)
+    assert all(isinstance(n, int) and n > 0 for n in calls[1::2])

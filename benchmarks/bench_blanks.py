@@ -282,12 +282,12 @@ def load_records(path: Path) -> dict[str, list[FrameRecord]]:
 
 
 def passes(peaks: np.ndarray, min_snr: float, min_height: float) -> np.ndarray:
-    """Which of the records' peaks the finding's SNR and height cuts keep (as
-    ``finding.peaks`` applies them: the height as a product, so a noiseless background passes)."""
+    """Which of the records' peaks the finding's SNR and height cuts keep (the height cut is
+    ``finding.peaks.below_height`` itself)."""
+    from peaknet_xtal.finding.peaks import below_height
+
     keep: np.ndarray = peaks["snr"] >= min_snr
-    if min_height > 0:
-        keep &= ~(peaks["max_value"] < min_height * peaks["background_sigma"])
-    return keep
+    return keep & ~below_height(peaks["max_value"], peaks["background_sigma"], min_height)
 
 
 def summarise(records: Sequence[FrameRecord], min_snr: float, min_peaks: int,

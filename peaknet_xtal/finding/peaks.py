@@ -376,9 +376,19 @@ def _peaks_in_stack(image: np.ndarray, prob: np.ndarray, good: np.ndarray, fore:
     )
     bbox = np.stack([box[:, 2], box[:, 4] + 1, box[:, 1], box[:, 3] + 1], axis=1)
     accept = ~(snr < params.min_snr)  # NaN SNR (no background estimate) is kept
-    if params.min_height > 0:  # compared as a product: a noiseless background passes
-        accept &= ~(max_value < params.min_height * bg_sigma)
+    accept &= ~below_height(max_value, bg_sigma, params.min_height)
     return table[accept], bbox[accept].astype(np.int64), (labels, kept[accept] + 1)
+
+
+def below_height(max_value: np.ndarray, background_sigma: np.ndarray,
+                 min_height: float) -> np.ndarray:
+    """Which peaks the height cut drops: brightest background-subtracted pixel under
+    ``min_height`` local background sigmas (:class:`PeakParams`; 0: none).  Compared as a
+    product, so a peak on a noiseless background (sigma 0) always passes."""
+    if min_height <= 0:
+        return np.zeros(np.shape(max_value), dtype=bool)
+    dropped: np.ndarray = np.asarray(max_value) < min_height * np.asarray(background_sigma)
+    return dropped
 
 
 #: Pixels this close to a component are not used to measure noise correlation: a spot's tails

@@ -158,3 +158,18 @@ def test_exact_counts_change_only_the_chosen_frames_noise(script, real_data):
     # the same draw otherwise: the same detector geometry for each frame
     for a, b in zip(shipped, counted, strict=True):
         assert [p.shape for p in a.panels] == [p.shape for p in b.panels]
+
+
+def test_sharp_spots_change_only_the_chosen_frames_spots(script, real_data):
+    """``--sharp-spots``: the chosen frames have other spots, every frame is otherwise the same
+    draw (the same detector), and at 0 the bank is the shipped one."""
+    import numpy as np
+
+    shipped = [frame for frame, _ in script.training_frames(3)]
+    again = [frame for frame, _ in script.training_frames(3, sharp_spots=0.0)]
+    sharp = [frame for frame, _ in script.training_frames(3, sharp_spots=1.0)]
+    for a, b, c in zip(shipped, again, sharp, strict=True):
+        assert [p.shape for p in a.panels] == [p.shape for p in c.panels]
+        assert all(np.array_equal(p, q) for p, q in zip(a.panels, b.panels, strict=True))
+    assert any(not all(np.array_equal(p, q) for p, q in zip(a.panels, c.panels, strict=True))
+               for a, c in zip(shipped, sharp, strict=True))

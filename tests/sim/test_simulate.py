@@ -235,3 +235,36 @@ def test_tetragonal_structure_swaps_h_and_k_where_orthorhombic_does_not():
              _structure_intensity(swapped, 77, "orthorhombic"))
     np.testing.assert_array_equal(*tet)
     assert np.mean(ortho[0] != ortho[1]) > 0.9
+
+
+def _across(frame, truth) -> np.ndarray:
+    """Each strong spot's smaller side-neighbour pair over its brightest pixel (0: narrower than
+    a pixel across), on a frame without background or noise."""
+    out = []
+    for r in truth.reflections[truth.reflections["strong"]]:
+        panel = frame.panels[int(r["panel"])]
+        y, x = int(r["ss"]), int(r["fs"])
+        if not (2 <= y < panel.shape[0] - 2 and 2 <= x < panel.shape[1] - 2):
+            continue
+        box = panel[y - 1:y + 2, x - 1:x + 2]
+        dy, dx = np.unravel_index(int(box.argmax()), box.shape)
+        y, x = y + int(dy) - 1, x + int(dx) - 1
+        rows = (panel[y, x - 1] + panel[y, x + 1]) / 2
+        cols = (panel[y - 1, x] + panel[y + 1, x]) / 2
+        out.append(min(rows, cols) / panel[y, x])
+    return np.array(out)
+
+
+def test_sharp_spot_settings_give_spots_about_a_pixel_across(cspad):
+    """``sharp_spot_settings``: most strong spots narrower than a pixel across (side neighbours a
+    small fraction of the brightest pixel), where the default spots spread over several."""
+    from peaknet_xtal.sim import sharp_spot_settings
+
+    quiet = dict(cell="lysozyme", air_photons=0.0, water_photons=0.0, read_noise=0.0,
+                 pedestal_sigma=0.0, poisson=False, dead_fraction=0.0, hot_fraction=0.0)
+    plain = _across(*simulate_frame(cspad, 5, SimConfig(**quiet)))
+    settings = sharp_spot_settings(np.random.default_rng(5))
+    assert set(settings) <= {f.name for f in dataclasses.fields(SimConfig)}
+    sharp = _across(*simulate_frame(cspad, 5, SimConfig(**quiet, **settings)))
+    assert len(plain) > 20 and len(sharp) > 20
+    assert np.median(sharp) < 0.15 < np.median(plain) / 2

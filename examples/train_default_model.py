@@ -386,11 +386,11 @@ record) show the real cost: 4.56 false peaks per blank and 13 blanks called hits
 6.51 and 24 for the second, against the shipped default's 3.02 and 5, at the same F1 on their
 hits (0.911 against 0.910).  Fewer hot-pixel negatives cost most: the network cannot tell a
 one-pixel spot from a lone hot pixel or a zinger, and the run-level defect filter does not
-catch those that flicker or come once.  The randomised selection and acceptance sets hold so few sharp spots that neither can
-show what these candidates gain; a sharp-spot selection part (its own seeds) would, and is the
-next step.  Note for the record: the census above read the two real CSPAD stills, so for spot
-shapes they informed the simulator; they remain acceptance data for every model (nothing
-trained or chosen on them).
+catch those that flicker or come once.  The randomised selection and acceptance sets hold so
+few sharp spots that neither can show what these candidates gain; a sharp-spot selection part
+(its own seeds) would, and is the next step.  Note for the record: the census above read the
+two real CSPAD stills, so for spot shapes they informed the simulator; they remain acceptance
+data for every model (nothing trained or chosen on them).
 
 Lessons from making it:
 - simulated spots must include the sharp (sigma 0.3-0.5 px) spots XFEL detectors show, or the

@@ -151,17 +151,18 @@ def spot(height: float, along: float, across: float, angle: float) -> np.ndarray
 
 
 def planted_probabilities(engine: Any, panels: list[np.ndarray], masks: list[np.ndarray],
-                          shape: tuple[float, float, float], seed: int) -> np.ndarray:
+                          base: list[np.ndarray], shape: tuple[float, float, float], seed: int
+                          ) -> np.ndarray:
     """The model's probability at each of the :data:`HEIGHTS` spots of ``shape`` planted into
-    the frame at quiet places (base probability below 0.1 within 6 px, 20 px apart)."""
+    the frame at quiet places (``base``, the model's probability on the frame as it is, below
+    0.1 within 6 px; 20 px apart)."""
     rng = np.random.default_rng(seed)
-    base = engine.predict_panels(panels, masks)
     image = [p.astype(np.float32).copy() for p in panels]
     places: list[tuple[int, int, int]] = []
     for k, height in enumerate(HEIGHTS):
+        p = k % len(image)
+        h, w = image[p].shape
         for _ in range(500):
-            p = k % len(image) if len(image) > 1 else 0
-            h, w = image[p].shape
             y, x = int(rng.integers(12, h - 12)), int(rng.integers(12, w - 12))
             quiet = (masks[p][y - 7:y + 8, x - 7:x + 8].all()
                      and base[p][y - 6:y + 7, x - 6:x + 7].max() < 0.1
@@ -208,8 +209,9 @@ def main(argv: list[str] | None = None) -> int:
                 "simulated, sharp-spot settings": simulated_shapes(args.frames, True)}
     for label, shapes in censuses.items():
         print(f"  {label:34}{percentiles(shapes)}")
-    blanks = {name: next(simulated(name, range(SEED + 100 + k, SEED + 101 + k), hit=False))[0]
-              for k, name in enumerate((CSPAD, RAYONIX))}
+    blanks = [next(simulated(name, range(SEED + 100 + k, SEED + 101 + k), hit=False))[0]
+              for k, name in enumerate((CSPAD, RAYONIX))]
+    masks = [frame.masks or [np.ones(p.shape, bool) for p in frame.panels] for frame in blanks]
     print("\n2. Peak probability at planted spots, 15-200 local sigmas high "
           "(median, share above 0.5):")
     header = "  shape (along x across px, angle)"
@@ -217,12 +219,16 @@ def main(argv: list[str] | None = None) -> int:
                            for d in ("CSPAD", "Rayonix")))
     engines = {m: InferenceEngine(DEFAULTS.model if m == "default" else m, device="cpu",
                                   threads=1) for m in args.models}
+    # each model's probabilities on the blanks as they are, once: where spots may be planted
+    bases = {m: [engine.predict_panels(frame.panels, good)
+                 for frame, good in zip(blanks, masks, strict=True)]
+             for m, engine in engines.items()}
     for shape in SHAPES:
         cells = []
         for m in args.models:
-            for k, frame in enumerate(blanks.values()):
-                masks = frame.masks or [np.ones(p.shape, bool) for p in frame.panels]
-                probs = planted_probabilities(engines[m], frame.panels, masks, shape, SEED + k)
+            for k, frame in enumerate(blanks):
+                probs = planted_probabilities(engines[m], frame.panels, masks[k], bases[m][k],
+                                              shape, SEED + k)
                 cells.append(f" | {np.median(probs):24.2f} {np.mean(probs > 0.5):7.0%}")
         print(f"  {shape[0]:.2f} x {shape[1]:.2f}, {shape[2]:2d} deg".ljust(len(header))
               + "".join(cells))

@@ -46,7 +46,7 @@ import argparse
 import logging
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -193,13 +193,16 @@ def classify(peaks: np.ndarray, info: dict[str, Any]) -> np.ndarray:
 
 def measure(name: str, set_name: str, n_blank: int, n_hit: int, model: str = "default",
             thresholds: Sequence[float] | None = None, true_gain: bool = False,
-            exact_counts: bool = True) -> dict[float, list[FrameRecord]]:
+            exact_counts: bool = True, variants: Mapping[Hashable, Mapping[str, Any]] | None = None
+            ) -> dict[Hashable, list[FrameRecord]]:
     """Run one detector's frames through one engine, once; per probability threshold the
     records at min_snr 0 and min_height 0 (the SNR, height and peak-count cuts are applied
-    later: :func:`passes`), each threshold with
-    its own run-level defect filter, as a run at that threshold would have.  ``true_gain``
+    later: :func:`passes`), each through the run-level defect filter (one for all: what it
+    learns depends on the pixels alone).  ``true_gain``
     gives the engine the simulated gain instead of letting it resolve one (where the false
-    peaks' SNR depends on the gain estimate)."""
+    peaks' SNR depends on the gain estimate).  ``variants`` (instead of ``thresholds``): other
+    peak settings by name, each a ``PeakParams`` override of the frame's own (e.g.
+    ``{"threshold": 0.4}``), the records keyed by those names."""
     from peaknet_xtal.evaluation.metrics import match_peaks
     from peaknet_xtal.finding.defects import DefectFilter
     from peaknet_xtal.finding.engine import InferenceEngine
@@ -208,9 +211,12 @@ def measure(name: str, set_name: str, n_blank: int, n_hit: int, model: str = "de
     gain = DETECTORS[name][1] if true_gain else None
     engine = InferenceEngine(model, device="cpu", min_snr=0.0, min_height=0.0,
                              adu_per_photon=gain)
-    thresholds = list(thresholds or [engine.peak_params.threshold])
-    filters = {t: DefectFilter() for t in thresholds}
-    records: dict[float, list[FrameRecord]] = {t: [] for t in thresholds}
+    if variants is None:
+        variants = {t: {"threshold": t}
+                    for t in list(thresholds or [engine.peak_params.threshold])}
+    defects = DefectFilter()
+    first = next(iter(variants))
+    records: dict[Hashable, list[FrameRecord]] = {t: [] for t in variants}
     frames = run_frames(name, set_name, n_blank, n_hit, exact_counts)
     for index, (frame, truth, info) in enumerate(frames):
         (probs,), (goods,) = engine._predict_many([frame.panels], [frame.masks])
@@ -218,11 +224,12 @@ def measure(name: str, set_name: str, n_blank: int, n_hit: int, model: str = "de
         refl = truth.reflections
         # strong: the simulation's strong reflections less those the added background drowned
         strong = refl[refl["strong"] & ~info["drowned"]] if len(refl) else refl
-        for t in thresholds:
-            params = replace(base, threshold=t)
+        for t, overrides in variants.items():
+            params = replace(base, **overrides)
             peaks = find_peaks(frame.panels, probs, goods, params, geometry=frame.geometry,
                                wavelength_A=frame.meta.get("wavelength_A"))
-            kept = filters[t](peaks, frame.panels, goods)
+            kept = peaks[defects.keep(peaks, frame.panels, goods) if t == first  # counts it
+                         else defects.judge(peaks, frame.panels)]
             on_truth = np.zeros(len(kept), bool)
             matched = np.zeros(len(kept), bool)
             if len(refl):
@@ -465,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
 
     skip = MIN_FRAMES if args.skip is None else args.skip
     by_detector: dict[str, list[FrameRecord]] = {}
-    per_threshold: dict[float, dict[str, list[FrameRecord]]] = {}
+    per_threshold: dict[Hashable, dict[str, list[FrameRecord]]] = {}
     if args.load:
         by_detector = load_records(args.load)
     elif args.sim:

@@ -29,11 +29,14 @@ import argparse
 import logging
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from peaknet_xtal.finding.peaks import PeakParams
 
 ROOT = Path(__file__).resolve().parents[1]
 GEOMETRIES = ROOT.parent / "shared" / "data" / "real" / "crystfel_geometry"
@@ -42,14 +45,18 @@ PROBS = (0.1, 0.2, 0.3)
 OFF = (None, None)
 
 
-def selection_items() -> list[tuple[str, Any, np.ndarray, np.ndarray]]:
-    """(part, frame, strong reflections, every reflection) of the selection frames; a part name
-    ends in ``-strong`` for the frames on a strong smooth background (as selection.py draws
-    them: every third mixed frame, every other extra blank)."""
+#: the selection parts this choice was made on (the sharp-spot part came later)
+PARTS = ("validation", "clean", "blanks")
+
+
+def selection_items(parts: Sequence[str] = PARTS) -> list[tuple[str, Any, np.ndarray, np.ndarray]]:
+    """(part, frame, strong reflections, every reflection) of the selection frames' ``parts``;
+    a part name ends in ``-strong`` for the frames on a strong smooth background (as
+    selection.py draws them: every third mixed frame, every other extra blank)."""
     from peaknet_xtal.evaluation.selection import selection_frames
 
     items = []
-    for part, frames in selection_frames(GEOMETRIES).items():
+    for part, frames in selection_frames(GEOMETRIES, parts).items():
         for k, (frame, truth) in enumerate(frames):
             strong_bg = (part == "validation" and k % 3 == 2) or (part == "blanks" and k % 2 == 1)
             refl = truth.reflections
@@ -68,21 +75,29 @@ def report_items(name: str, work: Path) -> list[tuple[str, Any, np.ndarray, np.n
             for i in range(SKIPPED, len(dataset.frames))]
 
 
-def score(items: list, probs: list, settings: tuple[float | None, float | None]
-          ) -> dict[str, Any]:
-    """F1 and recall per part with hits, false peaks per blank per part, for one setting."""
-    from peaknet_xtal.evaluation.metrics import score_frames
-    from peaknet_xtal.finding.peaks import find_peaks
+def bright_settings(settings: tuple[float | None, float | None]
+                    ) -> Callable[[PeakParams], PeakParams]:
+    """A frame's peak settings with the test at ``(bright_prob, bright_sigmas)`` (``OFF``: off)."""
     from peaknet_xtal.finding.settings import DEFAULTS
 
     prob_low, sigmas = settings
+    if prob_low is None:
+        return lambda base: replace(base, bright_photons=None)
+    return lambda base: replace(base, bright_photons=DEFAULTS.bright_photons,
+                                bright_prob=prob_low, bright_sigmas=sigmas)
+
+
+def score(items: list, probs: list, adjust: Callable[[PeakParams], PeakParams]
+          ) -> dict[str, Any]:
+    """F1 and recall per part with hits, false peaks per blank per part, with each frame's
+    peak settings ``adjust``-ed."""
+    from peaknet_xtal.evaluation.metrics import score_frames
+    from peaknet_xtal.finding.peaks import find_peaks
+
     hits: dict[str, list] = {}
     blanks: dict[str, list[int]] = {}
     for (part, frame, strong, every), (maps, base) in zip(items, probs, strict=True):
-        params = (replace(base, bright_photons=None) if prob_low is None else
-                  replace(base, bright_photons=DEFAULTS.bright_photons, bright_prob=prob_low,
-                          bright_sigmas=sigmas))
-        found = find_peaks(frame.panels, maps, frame.masks, params)
+        found = find_peaks(frame.panels, maps, frame.masks, adjust(base))
         if len(every):
             hits.setdefault(part, []).append((found, strong, every))
         else:
@@ -118,14 +133,15 @@ def choose(rows: dict[tuple, dict[str, Any]]) -> tuple[float, float] | None:
     return max(passing)[2] if passing else None
 
 
-def run_model(items: list) -> list[tuple[list[np.ndarray], Any]]:
-    """The shipped model's probability maps and peak settings (gain resolved) of every frame."""
+def run_model(items: list, peak_params: PeakParams | None = None
+              ) -> list[tuple[list[np.ndarray], Any]]:
+    """The shipped model's probability maps and peak settings (gain resolved) of every frame
+    (``peak_params``: the engine's; default, the bright-background test off)."""
     from peaknet_xtal.finding import InferenceEngine
-    from peaknet_xtal.finding.peaks import PeakParams
     from peaknet_xtal.progress import Progress
 
     engine = InferenceEngine("default", device="cpu", threads=1, keep_prob_maps=True,
-                             peak_params=PeakParams(bright_photons=None))
+                             peak_params=peak_params or PeakParams(bright_photons=None))
     out = []
     with Progress(len(items), "frames", desc="model") as bar:
         for _, frame, _, _ in items:
@@ -155,10 +171,10 @@ def main(argv: list[str] | None = None) -> int:
     start = time.time()
     items = selection_items()
     probs = run_model(items)
-    rows = {OFF: score(items, probs, OFF)}
+    rows = {OFF: score(items, probs, bright_settings(OFF))}
     for prob_low in PROBS:
         for sigmas in SIGMAS:
-            rows[(prob_low, sigmas)] = score(items, probs, (prob_low, sigmas))
+            rows[(prob_low, sigmas)] = score(items, probs, bright_settings((prob_low, sigmas)))
     print(f"selection frames ({len(items)}):")
     for settings, row in rows.items():
         print(describe(settings, row))
@@ -173,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
             probs = run_model(items)
             print(f"\nacceptance set {args.acceptance} ({len(items)} frames), a measurement:")
             for settings in (OFF, chosen):
-                print(describe(settings, score(items, probs, settings)))
+                print(describe(settings, score(items, probs, bright_settings(settings))))
     return 0
 
 

@@ -61,7 +61,8 @@ def frames(count: int) -> Iterator[tuple[str, list[np.ndarray], list[np.ndarray]
     yield EIGER2.name, [np.where(good, raw, 0).astype(np.float32)], [good]
     from peaknet_xtal.evaluation.selection import selection_frames
 
-    for part, pairs in selection_frames(GEOMETRIES).items():
+    # the parts its recorded results were measured on (the sharp-spot part came later)
+    for part, pairs in selection_frames(GEOMETRIES, ("validation", "clean", "blanks")).items():
         for k, (frame, _) in enumerate(pairs):
             if max(p.size for p in frame.panels) > 1024 * 1024:
                 masks = frame.masks or [np.ones(p.shape, bool) for p in frame.panels]

@@ -67,6 +67,8 @@ DEFAULTS: dict[str, Any] = {
     "threshold": FINDING.threshold,
     "min_snr": FINDING.min_snr,
     "min_height": FINDING.min_height,
+    "rescue_prob": FINDING.rescue_prob,
+    "rescue_height": FINDING.rescue_height,
     "adu_per_photon": None,  # None: finding.settings.resolve_gain (geometry, image format)
     "batch_size": FINDING.batch_size,
     "min_peaks": FINDING.min_peaks,  # the shared hit rule (finding.settings)
@@ -120,6 +122,15 @@ def build_parser() -> Any:
                              "background, in background sigmas, as peakfinder8's --min-snr "
                              f"(default {FINDING.min_height:g}: no such cut; 5 removes most "
                              "noise peaks on blanks, and broad weak spots too)")
+    parser.add_argument("--rescue-prob", dest="rescue_prob", type=float,
+                        help="also keep peaks the model scores at least this, below "
+                             "--threshold, when their brightest pixel stands --rescue-height "
+                             "background sigmas high (default "
+                             f"{FINDING.rescue_prob:g}: off; spots sharper than a pixel, as on "
+                             "LCLS CSPAD stills, score 0.3-0.6: README, 'What to expect')")
+    parser.add_argument("--rescue-height", dest="rescue_height", type=float,
+                        help="least height of such a peak, in background sigmas (default "
+                             f"{FINDING.rescue_height:g})")
     parser.add_argument("--adu-per-photon", dest="adu_per_photon", type=float,
                         help="detector gain for the shot noise in each peak's SNR (default: the "
                              "geometry's adu_per_photon, or adu_per_eV x photon energy; 0: "
@@ -238,6 +249,8 @@ def _run_serial(config: dict[str, Any]) -> dict[str, Any]:
                              threshold=float(config["threshold"]),
                              min_snr=float(config["min_snr"]),
                              min_height=float(config["min_height"]),
+                             rescue_prob=float(config["rescue_prob"]),
+                             rescue_height=float(config["rescue_height"]),
                              adu_per_photon=_optional_float(config["adu_per_photon"]),
                              min_peaks=int(config["min_peaks"]), max_peaks=config["max_peaks"],
                              predictor=config["predictor"])
@@ -320,6 +333,8 @@ def _run_pipeline(config: dict[str, Any]) -> dict[str, Any]:
         "frame_finder_options": {"min_peaks": int(config["min_peaks"]),
                               "min_snr": float(config["min_snr"]),
                               "min_height": float(config["min_height"]),
+                              "rescue_prob": float(config["rescue_prob"]),
+                              "rescue_height": float(config["rescue_height"]),
                               "adu_per_photon": _optional_float(config["adu_per_photon"]),
                               "max_peaks": config["max_peaks"]},
         "progress": bool(config["progress"]),

@@ -18,11 +18,21 @@ frames (evaluation/held_out.py, 3,000,100,001+), the report's sets (examples/mak
   every other one on a strong smooth background.  With the three blanks of the mixed frames
   alone, one strong-background Rayonix blank set the calibrated threshold of ``swift`` (23 false
   peaks there at probability 0.5, at most one on the other two) and with it the recall lost on
-  every ordinary hit.
+  every ordinary hit;
+- ``sharp``: 24 randomised hits (seeds 2,000,000,301-324) on the same four detectors whose spots
+  are about a pixel across or short radial lines (``sim.sharp_spot_settings``, drawn from a
+  generator of their own seeded ``(seed, 1)``), as the LCLS CSPAD stills show them
+  (``benchmarks/spot_shapes.py``: 83 % of their bright compact spots are narrower than a pixel
+  across, 2 % of the randomised simulation's).  With the other parts alone selection could not
+  see what a candidate gains or loses on such spots: they hold almost none.
+
+``PARTS`` names them; ``selection_frames(parts=...)`` builds some of them (benchmarks whose
+settings were chosen on the first three rerun on those three).
 """
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +49,10 @@ CLEAN_GEOMETRIES = ("om_lcls_mfx_epix10k2M.geom", "crystfel_doc_cspad-cxiformat.
                     "om_lcls_rayonix.geom", "om_lcls_cxi_jungfrau4M.geom")
 #: more blanks: seeds, taken in turn by the same four detectors, odd ones on a strong background
 BLANK_SEEDS = range(2_000_000_201, 2_000_000_209)
+#: sharp-spot hits: seeds, taken in turn by the same four detectors
+SHARP_SEEDS = range(2_000_000_301, 2_000_000_325)
+#: every part, in the order :func:`selection_frames` builds them
+PARTS = ("validation", "clean", "blanks", "sharp")
 #: where the model-selection seed range ends (the held-out frames begin above it)
 SELECTION_SEED_RANGE = range(2_000_000_001, 3_000_000_000)
 
@@ -77,12 +91,21 @@ def blank_frames(geometries: str | os.PathLike[str]) -> list[tuple[Any, Any]]:
                               strong_background=True)
 
 
+def sharp_hit_frames(geometries: str | os.PathLike[str]) -> list[tuple[Any, Any]]:
+    """(frame, truth) pairs of the 24 sharp-spot hits on four detectors."""
+    return _randomised_frames(geometries, SHARP_SEEDS, "sharp", hit=True, strong_background=False,
+                              sharp=True)
+
+
 def _randomised_frames(geometries: str | os.PathLike[str], seeds: range, part: str, *,
-                       hit: bool, strong_background: bool) -> list[tuple[Any, Any]]:
+                       hit: bool, strong_background: bool, sharp: bool = False
+                       ) -> list[tuple[Any, Any]]:
     """Randomised frames on ``CLEAN_GEOMETRIES`` in turn, 1-30 ADU per photon; with
-    ``strong_background`` every other one on a strong smooth background."""
+    ``strong_background`` every other one on a strong smooth background; with ``sharp`` spots
+    about a pixel across (their settings from a generator of their own, so that the frames'
+    other conditions are the draws they would be without)."""
     from peaknet_xtal.formats.geometry import read_geometry
-    from peaknet_xtal.sim import SimConfig, simulate_frame
+    from peaknet_xtal.sim import SimConfig, sharp_spot_settings, simulate_frame
 
     cache: dict[str, Any] = {}
     out = []
@@ -92,8 +115,9 @@ def _randomised_frames(geometries: str | os.PathLike[str], seeds: range, part: s
             cache[name] = read_geometry(Path(geometries) / name)
         rng = np.random.default_rng(seed)
         gain = float(rng.uniform(1, 30))
+        spots = sharp_spot_settings(np.random.default_rng([seed, 1])) if sharp else {}
         config = SimConfig.randomised(rng, hit_probability=1.0 if hit else 0.0,
-                                      adu_per_photon=gain)
+                                      adu_per_photon=gain, **spots)
         frame, truth = simulate_frame(cache[name], seed, config)
         if strong_background and k % 2 == 1:
             on_strong_background(frame, truth, rng, gain)
@@ -131,7 +155,12 @@ def on_strong_background(frame: Any, truth: Any, rng: np.random.Generator, gain:
         truth.reflections["strong"] &= ~gone
 
 
-def selection_frames(geometries: str | os.PathLike[str]) -> dict[str, list[tuple[Any, Any]]]:
-    """Every part, by name (``validation``, ``clean``, ``blanks``)."""
-    return {"validation": validation_frames(geometries), "clean": clean_hit_frames(geometries),
-            "blanks": blank_frames(geometries)}
+def selection_frames(geometries: str | os.PathLike[str], parts: Sequence[str] = PARTS
+                     ) -> dict[str, list[tuple[Any, Any]]]:
+    """The ``parts`` (default: all of :data:`PARTS`), by name."""
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        raise ValueError(f"unknown selection part(s) {unknown}; the parts are {list(PARTS)}")
+    build = {"validation": validation_frames, "clean": clean_hit_frames, "blanks": blank_frames,
+             "sharp": sharp_hit_frames}
+    return {part: build[part](geometries) for part in PARTS if part in parts}

@@ -156,10 +156,19 @@ def foreground(panel: np.ndarray, prob: np.ndarray, good: np.ndarray, threshold:
                min_prob: float) -> np.ndarray:
     """Peak pixels of one panel: the module docstring's split by regime (``photons`` None: the
     network's probability alone, everywhere)."""
+    return foreground_and_bright(panel, prob, good, threshold, adu_per_photon, photons, sigmas,
+                                 min_prob)[0]
+
+
+def foreground_and_bright(panel: np.ndarray, prob: np.ndarray, good: np.ndarray,
+                          threshold: float, adu_per_photon: float | None, photons: float | None,
+                          sigmas: float, min_prob: float) -> tuple[np.ndarray, np.ndarray | None]:
+    """:func:`foreground` and the bright pixels, where the significance test decided (None:
+    nowhere)."""
     network = good & (prob >= threshold)
     found = None if photons is None else bright_pixels(panel, good, adu_per_photon, photons)
     if found is None:
-        return network
+        return network, None
     bright, background, noise = found
     residual = (np.asarray(panel, np.float64) - background) / noise
     significant = bright & (box_significance(residual, bright) >= sigmas)
@@ -170,4 +179,4 @@ def foreground(panel: np.ndarray, prob: np.ndarray, good: np.ndarray, threshold:
         keep = best >= min_prob
         keep[0] = False
         significant = keep[labels]
-    return np.where(bright, significant, network)
+    return np.where(bright, significant, network), bright

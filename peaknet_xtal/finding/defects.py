@@ -388,6 +388,11 @@ class DefectFilter:
             self._ahead -= 1  # counted when it was read ahead
         else:
             self.tracker.update(panels, masks, spikes)
+        return self.judge(peaks, panels)
+
+    def judge(self, peaks: np.ndarray, panels: Sequence[np.ndarray]) -> np.ndarray:
+        """What :meth:`keep` keeps of a frame it has counted already, without counting it again:
+        for other peak tables of the same pixels (a benchmark's settings side by side)."""
         keep = off_defects(peaks, self.tracker.defects)
         if self.spikes and keep.any():
             keep[keep] = ~spike_peaks(peaks[keep], panels)

@@ -176,6 +176,8 @@ class InferenceEngine:
         min_peaks: int | None = None,
         max_peaks: int | None = None,
         adu_per_photon: float | None = None,
+        rescue_prob: float | None = None,
+        rescue_height: float | None = None,
         peak_params: PeakParams | None = None,
         predictor: Predictor | None = None,
         tile_size: int = DEFAULTS.tile_size,
@@ -194,7 +196,9 @@ class InferenceEngine:
         overrides = {k: v for k, v in (("threshold", threshold), ("min_snr", min_snr),
                                        ("min_height", min_height), ("min_peaks", min_peaks),
                                        ("max_peaks", max_peaks),
-                                       ("adu_per_photon", adu_per_photon))
+                                       ("adu_per_photon", adu_per_photon),
+                                       ("rescue_prob", rescue_prob),
+                                       ("rescue_height", rescue_height))
                      if v is not None}
         self.peak_params = _replace(params, overrides)
         self.model_spec = model

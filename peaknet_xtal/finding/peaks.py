@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from peaknet_xtal.finding.bright_background import foreground
+from peaknet_xtal.finding.bright_background import foreground_and_bright
 from peaknet_xtal.finding.settings import DEFAULTS
 from peaknet_xtal.types import empty_peaks, peaks_from_columns
 
@@ -75,6 +75,13 @@ class PeakParams:
     local background holds at least ``bright_photons`` photons a pixel (None: nowhere), see
     :mod:`peaknet_xtal.finding.bright_background`; elsewhere they are the pixels at or above
     ``threshold``.
+    ``rescue_prob`` and ``rescue_height``: a component of pixels at or above ``rescue_prob``
+    (outside bright pixels) that holds no pixel at or above ``threshold`` is a peak too when its
+    brightest pixel stands at least ``rescue_height`` local background sigmas high, it is point-
+    like (:func:`point_like`) and it passes the other cuts (``rescue_prob`` not below
+    ``threshold``: no such peaks, the default).  The
+    network's doubt then yields to strong evidence, as where it scores spots sharper than it
+    was trained on below ``threshold`` (:func:`rescue_candidates`).
     """
 
     threshold: float = DEFAULTS.threshold
@@ -90,6 +97,8 @@ class PeakParams:
     bright_photons: float | None = DEFAULTS.bright_photons
     bright_sigmas: float = DEFAULTS.bright_sigmas
     bright_prob: float = DEFAULTS.bright_prob
+    rescue_prob: float = DEFAULTS.rescue_prob
+    rescue_height: float = DEFAULTS.rescue_height
 
 
 def find_peaks(
@@ -183,12 +192,18 @@ def _find_peaks(panels: Sequence[np.ndarray], probs: Sequence[np.ndarray],
         else:
             good = np.stack([np.asarray(masks[i], dtype=bool) for i in indices])
         good &= np.isfinite(stack)
-        fore = np.stack([foreground(stack[k], prob[k], good[k], params.threshold,
-                                    params.adu_per_photon, params.bright_photons,
-                                    params.bright_sigmas, params.bright_prob)
-                         for k in range(len(indices))])
+        fore = np.zeros(stack.shape, dtype=bool)
+        rescued = np.zeros(stack.shape, dtype=bool) if _rescues(params) else None
+        for k in range(len(indices)):
+            fore[k], bright = foreground_and_bright(
+                stack[k], prob[k], good[k], params.threshold, params.adu_per_photon,
+                params.bright_photons, params.bright_sigmas, params.bright_prob)
+            if rescued is not None:
+                usable = good[k] if bright is None else good[k] & ~bright
+                rescued[k] = rescue_candidates(prob[k], usable, fore[k], params.rescue_prob)
         table, box, (labels, ids) = _peaks_in_stack(stack, prob, good, fore,
-                                                    np.asarray(indices, np.int32), params)
+                                                    np.asarray(indices, np.int32), params,
+                                                    rescued)
         tables.append(table)
         boxes.append(box)
         label_maps.append((indices, labels))
@@ -316,12 +331,39 @@ def group_by_shape(panels: Sequence[Any]) -> list[list[int]]:
     return list(groups.values())
 
 
+def _rescues(params: PeakParams) -> bool:
+    """Whether ``params`` ask for rescued peaks (:class:`PeakParams`)."""
+    return params.rescue_prob < params.threshold
+
+
+def rescue_candidates(prob: np.ndarray, usable: np.ndarray, fore: np.ndarray,
+                      rescue_prob: float) -> np.ndarray:
+    """Pixels of one panel's 8-connected components of ``usable`` pixels at or above
+    ``rescue_prob`` that hold no ``fore`` pixel and touch none: the peaks the network doubts,
+    which :class:`PeakParams` ``rescue_height`` may still keep.  A component that reaches
+    ``fore`` is left as ``fore`` has it: no peak's pixels change."""
+    low = usable & (prob >= rescue_prob) & ~fore
+    if not low.any():
+        return low
+    labels, n = ndimage.label(low | fore, structure=_STRUCTURE_3D[1])
+    reaches = np.zeros(n + 1, dtype=bool)
+    reaches[labels[fore]] = True
+    reaches[0] = True
+    candidates: np.ndarray = low & ~reaches[labels]
+    return candidates
+
+
 def _peaks_in_stack(image: np.ndarray, prob: np.ndarray, good: np.ndarray, fore: np.ndarray,
-                    panel_ids: np.ndarray, params: PeakParams
+                    panel_ids: np.ndarray, params: PeakParams, rescued: np.ndarray | None = None
                     ) -> tuple[np.ndarray, np.ndarray, tuple[Any, np.ndarray]]:
     """Peaks of a ``(P, H, W)`` stack of equal-shaped panels (``good``: usable pixels, finite;
-    ``fore``: the peak pixels among them), their ``(N, 4)`` boxes, and the component labels with
-    the (1-based) label of each reported peak."""
+    ``fore``: the peak pixels among them; ``rescued``: pixels of components below the threshold,
+    :func:`rescue_candidates`), their ``(N, 4)`` boxes, and the component labels with the
+    (1-based) label of each reported peak."""
+    if rescued is not None and rescued.any():
+        fore = fore | rescued
+    else:
+        rescued = None
     labels, n = ndimage.label(fore, structure=_STRUCTURE_3D)
     nothing = (empty_peaks(), np.zeros((0, 4), np.int64), (None, np.zeros(0, np.int64)))
     if n == 0:
@@ -377,7 +419,37 @@ def _peaks_in_stack(image: np.ndarray, prob: np.ndarray, good: np.ndarray, fore:
     bbox = np.stack([box[:, 2], box[:, 4] + 1, box[:, 1], box[:, 3] + 1], axis=1)
     accept = ~(snr < params.min_snr)  # NaN SNR (no background estimate) is kept
     accept &= ~below_height(max_value, bg_sigma, params.min_height)
+    if rescued is not None:  # a component is rescued or not as a whole
+        doubted = np.zeros(n, dtype=bool)
+        doubted[lab] = rescued[z, y, x]
+        accept &= ~(doubted & below_height(max_value, bg_sigma, params.rescue_height))
+        accept &= ~(doubted & ~point_like(image, foot, bg, max_value, n))
     return table[accept], bbox[accept].astype(np.int64), (labels, kept[accept] + 1)
+
+
+#: A point-like spot's pixels at half its maximum or above fit in a block this size: a spot
+#: narrower than a pixel lights one pixel, two across a pixel edge, four around a corner.
+POINT_BLOCK = 2
+
+
+def point_like(image: np.ndarray, foot: tuple[np.ndarray, ...], background: np.ndarray,
+               max_value: np.ndarray, n: int) -> np.ndarray:
+    """Per component, whether the pixels of its footprint (``foot``: z, y, x and component of
+    its pixels and rim) at half its brightest background-subtracted value or above fit in a
+    :data:`POINT_BLOCK` square.  A rescued peak must be (:class:`PeakParams`): the doubt it
+    overrules is the network's on spots narrower than a pixel, while cosmic-ray tracks and jet
+    streaks, as bright, light a line of such pixels."""
+    z, y, x, lab = foot
+    high = image[z, y, x] - background[lab] >= 0.5 * max_value[lab]
+    span = []
+    for coord in (y, x):
+        low_end = np.full(n, np.iinfo(np.int64).max)
+        high_end = np.full(n, np.iinfo(np.int64).min)
+        np.minimum.at(low_end, lab[high], coord[high])
+        np.maximum.at(high_end, lab[high], coord[high])
+        span.append(high_end - low_end)
+    result: np.ndarray = (span[0] < POINT_BLOCK) & (span[1] < POINT_BLOCK)
+    return result
 
 
 def below_height(max_value: np.ndarray, background_sigma: np.ndarray,

@@ -53,6 +53,12 @@ class FindingDefaults:
     bright_photons: float | None = 100.0  # chosen on counting statistics (that module)
     bright_sigmas: float = 5.5  # least significance of the region's best box
     bright_prob: float = 0.3  # least network probability somewhere in the region
+    # Doubted peaks (finding/peaks.py, PeakParams): a point-like component the network scores
+    # at or above rescue_prob but nowhere at threshold is a peak when its brightest pixel stands
+    # rescue_height local background sigmas high; off while rescue_prob is not below threshold.
+    # Chosen on model-selection data (the comment after DEFAULTS).
+    rescue_prob: float = 0.4
+    rescue_height: float = 20.0
     # One min_snr for every entry point, DIALS included.  DIALS used 4 while the images it hands
     # over counted at the format's nominal gain (1 on CSPAD CBFs, really ~30 ADU/photon), which
     # understated shot noise; now that such placeholder gains are measured from the data
@@ -142,6 +148,24 @@ DEFAULTS = FindingDefaults()
 # other blanks are unchanged at every setting: none of their pixels is bright.
 # With the chosen setting the evaluation report's strong-background Rayonix set (acceptance)
 # went from recall 0.852 and 1.83 false peaks per blank to 0.909 and 0.17 (F1 0.912 -> 0.951).
+
+
+# How rescue_prob and rescue_height were chosen (``benchmarks/select_rescue.py``, its rule fixed
+# before the grid ran; model-selection data only: the 68 frames of evaluation/selection.py, their
+# 24 sharp-spot hits included, and the 288 frames of bench_blanks.py's selection runs on six
+# detectors).  Why: the default scores spots narrower than a pixel 0.3-0.6 (benchmarks/
+# spot_shapes.py), so it missed tall, obvious spots of that shape, most of the LCLS CSPAD stills'.
+# Grid: prob 0.2 / 0.3 / 0.4 x height 10 / 15 / 20 / 30.  Rescue off: sharp-spot F1 0.725, false
+# peaks per blank 3.02 on the runs' 126 blanks (0.64 on the frames' 11), 5 blanks called hits, 99
+# indexable hits called.  Without the point-like test every setting added 0.29 or more false
+# peaks a blank (cosmic-ray tracks, jet streaks) and none passed; with it, prob 0.4 at height 20
+# or 30 passed, and 20 is chosen: sharp-spot F1 0.768, 3.06 false peaks per blank (0.64), 5 blank
+# hits, 100 indexable hits called, F1 on the runs' hits 0.936 / 0.928 / 0.928 / 0.939 / 0.908 /
+# 0.842 against 0.936 / 0.922 / 0.924 / 0.935 / 0.903 / 0.840 (ePix10k2M / CSPAD / JUNGFRAU 4M /
+# Rayonix / Pilatus 6M / Eiger 16M binned), mixed and clean F1 0.918 / 0.911 against 0.918 /
+# 0.910.  Lower probabilities gain more sharp-spot F1 (0.3: 0.80; 0.2: 0.81-0.83) at 0.18 or
+# more false peaks a blank on the frames, or more blank hits on the runs.  Acceptance, measured
+# after the choice: README, "What to expect".
 
 
 def check_min_peaks(value: Any) -> int:

@@ -62,6 +62,16 @@ min_height = {_D.min_height}
           "spots on blank frames but also broad weak spots (measured in"
           "finding/settings.py). The same default as peaknet2cxi and the Python API"
           "(finding.settings.DEFAULTS.min_height)."
+rescue_prob = {_D.rescue_prob}
+  .type = float(value_min=0, value_max=1)
+  .help = "Also keep spots the model scores at least this, below threshold, when their"
+          "brightest pixel stands rescue_height background sigmas high. Not below threshold"
+          "(the default): off. Spots sharper than a pixel (LCLS CSPAD stills) score 0.3-0.6;"
+          "the peaknet-xtal README ('What to expect') has what 0.4 costs on blank frames."
+rescue_height = {_D.rescue_height}
+  .type = float(value_min=0)
+  .help = "Least height of a rescued spot's brightest pixel over its local background, in"
+          "sigmas of that background's noise (see rescue_prob)."
 gain = None
   .type = float(value_min=0)
   .help = "Counts per photon of the image DIALS hands to spot finding, as"
@@ -103,6 +113,8 @@ class PeakNetSettings:
     threshold: float = _D.threshold
     min_snr: float = _D.min_snr
     min_height: float = _D.min_height
+    rescue_prob: float = _D.rescue_prob
+    rescue_height: float = _D.rescue_height
     gain: float | None = None
     batch_size: int = _D.batch_size
     threads: int = 1
@@ -124,6 +136,8 @@ class PeakNetSettings:
             threshold=float(scope.threshold),
             min_snr=float(scope.min_snr),
             min_height=float(scope.min_height),
+            rescue_prob=float(scope.rescue_prob),
+            rescue_height=float(scope.rescue_height),
             gain=None if scope.gain is None else float(scope.gain),
             batch_size=int(scope.batch_size),
             threads=int(threads),
@@ -195,6 +209,8 @@ def _build_predictor(settings: PeakNetSettings) -> Any:
         threshold=settings.threshold,
         min_snr=settings.min_snr,
         min_height=settings.min_height,
+        rescue_prob=settings.rescue_prob,
+        rescue_height=settings.rescue_height,
         adu_per_photon=settings.gain,
     )
 

@@ -69,5 +69,6 @@ def test_a_setting_turns_the_test_on_and_off_turns_it_off(script):
     items = [("validation-strong", Frame(panels=[image.astype(np.float32)], masks=None),
               truth, truth)]
     maps = [([prob], PeakParams(adu_per_photon=1.0, min_snr=0, bright_photons=None))]
-    assert script.score(items, maps, script.OFF)["recall"]["validation-strong"] == 0.0
-    assert script.score(items, maps, (0.3, 5.5))["recall"]["validation-strong"] == 1.0
+    off, on = script.bright_settings(script.OFF), script.bright_settings((0.3, 5.5))
+    assert script.score(items, maps, off)["recall"]["validation-strong"] == 0.0
+    assert script.score(items, maps, on)["recall"]["validation-strong"] == 1.0

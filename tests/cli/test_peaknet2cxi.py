@@ -242,7 +242,7 @@ def test_main_with_the_real_default_model(stacks, tmp_path, capsys):
     outdir = tmp_path / "out"
     code = main([str(stack), "-g", str(geom_path), "-o", str(outdir), "--device", "cpu",
                  "--threads", "1", "--threshold", "0.99", "--max-peaks", "100",
-                 "--min-height", "6"])
+                 "--min-height", "6", "--rescue-height", "25"])
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert "peaknet2cxi:" in captured.err and "frames/s" in captured.err  # progress line
@@ -256,6 +256,7 @@ def test_main_with_the_real_default_model(stacks, tmp_path, capsys):
     assert summary["config"]["threshold"] == 0.99 and summary["engine"]["model"] == "default"
     recorded = json.loads((outdir / "peaknet2cxi.config.json").read_text())
     assert recorded["config"]["max_peaks"] == 100 and recorded["config"]["min_height"] == 6.0
+    assert recorded["config"]["rescue_height"] == 25.0  # off (rescue_prob's default) but saved
     assert read_cxi_peaks(summary["cxi_files"][0]).n_peaks.max() <= 100
 
 
@@ -351,10 +352,11 @@ def test_hits_only_and_threads_reach_the_ray_pipeline(stacks, tmp_path, monkeypa
     with pytest.raises(PeakNetError, match="no frames were written"):
         run({"inputs": [str(stack)], "geometry": str(geom_path), "output": str(tmp_path / "o"),
              "workers": 2, "threads": 3, "hits_only": True, "progress": False,
-             "min_snr": 4.0, "min_height": 0.0})
+             "min_snr": 4.0, "min_height": 0.0, "rescue_prob": 0.4})
     assert seen["threads_per_worker"] == 3
     assert seen["frame_finder_options"]["min_snr"] == 4.0
     assert seen["frame_finder_options"]["min_height"] == 0.0
+    assert seen["frame_finder_options"]["rescue_prob"] == 0.4
     assert seen["writer_options"]["hits_only"] is True
     assert seen["writer_options"]["geometry_name"] == "peaknet.geom"
     with pytest.raises(PeakNetError, match="--dials is written by the single-process run"):

@@ -17,7 +17,8 @@ def geometries(real_data: Path) -> Path:
 
 
 def test_seeds_stay_in_the_selection_range_and_apart():
-    parts = [selection.VALIDATION_SEEDS, selection.CLEAN_SEEDS, selection.BLANK_SEEDS]
+    parts = [selection.VALIDATION_SEEDS, selection.CLEAN_SEEDS, selection.BLANK_SEEDS,
+             selection.SHARP_SEEDS]
     seeds = [s for part in parts for s in part]
     assert len(seeds) == len(set(seeds))  # no frame is in two parts
     assert all(s in selection.SELECTION_SEED_RANGE for s in seeds)
@@ -44,6 +45,30 @@ def test_blanks_have_no_reflections_and_half_a_strong_background(geometries):
               for f, _ in frames]
     assert sum(strong) == len(frames) // 2
     assert {f.meta["selection"]["detector"] for f, _ in frames} == set(selection.CLEAN_GEOMETRIES)
+
+
+def test_sharp_hits_have_spots_about_a_pixel_across_on_four_detectors(geometries):
+    from peaknet_xtal.sim import SimConfig
+
+    frames = selection.sharp_hit_frames(geometries)
+    assert len(frames) == len(selection.SHARP_SEEDS)
+    assert {f.meta["selection"]["detector"] for f, _ in frames} == set(selection.CLEAN_GEOMETRIES)
+    assert all(truth.hit and truth.reflections["strong"].any() for _, truth in frames)
+    sigmas = np.array([f.meta["selection"]["spot_sigma_px"] for f, _ in frames])
+    assert sigmas.max() <= 0.45  # sim.sharp_spot_settings' cores
+    # only the spots are sharpened: the gain and the randomised draws after it are the seed's
+    seed = selection.SHARP_SEEDS[0]
+    rng = np.random.default_rng(seed)
+    gain = float(rng.uniform(1, 30))
+    plain = SimConfig.randomised(rng, hit_probability=1.0, adu_per_photon=gain)
+    assert frames[0][0].meta["selection"]["gain"] == gain
+    assert plain.spot_sigma_px != sigmas[0]
+
+
+def test_selection_frames_builds_the_parts_asked_for(geometries):
+    assert list(selection.selection_frames(geometries, parts=("blanks",))) == ["blanks"]
+    with pytest.raises(ValueError, match="unknown selection part"):
+        selection.selection_frames(geometries, parts=("blank",))
 
 
 def test_frames_are_the_same_every_time(geometries):

@@ -1,6 +1,8 @@
 """Segmentation -> peak table: positions, intensities, backgrounds, panels and masks."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -12,6 +14,7 @@ from peaknet_xtal.finding.peaks import (
     is_hit,
     noise_correlation,
     peak_pixel_mask,
+    rescue_candidates,
     strongest,
 )
 from peaknet_xtal.types import PEAK_DTYPE
@@ -133,7 +136,11 @@ def test_pixel_count_limits_and_probability_threshold():
     image[2, 2] = 10.0
     image[10:13, 10:13] = 10.0
     prob = np.where(image > 0, 0.7, 0.1)
-    assert len(find_peaks([image], [prob], params=PeakParams(threshold=0.8))) == 0
+    assert len(find_peaks([image], [prob], params=PeakParams(threshold=0.8, rescue_prob=1.0))) == 0
+    # the default rescue of doubted peaks keeps the point-like pixel (on a noiseless background
+    # any height is tall), not the flat 3 x 3 patch
+    rescued = find_peaks([image], [prob], params=PeakParams(threshold=0.8))
+    assert (rescued["fs"].tolist(), rescued["ss"].tolist()) == ([2.0], [2.0])
     table = find_peaks([image], [prob], params=PeakParams(threshold=0.6, min_pixels=2))
     assert table["npix"].tolist() == [9] and table["prob"][0] == pytest.approx(0.7)
     assert len(find_peaks([image], [prob], params=PeakParams(max_pixels=4))) == 1
@@ -174,6 +181,73 @@ def test_height_cut_drops_flat_components_that_pass_the_snr_cut():
     kept = find_peaks([image], [prob], params=PeakParams(min_height=5.0))
     assert len(kept) == 1 and (kept["fs"][0], kept["ss"][0]) == pytest.approx((60, 60), abs=0.1)
     assert kept["max_value"][0] >= 5.0 * kept["background_sigma"][0]
+
+
+def doubted_panel():
+    """A noisy panel (sigma 4) with three spots the network doubts (probability 0.35) and one
+    it does not: a tall one-pixel spot (+30 sigma), a low one (+6 sigma, SNR above 3) and a
+    tall spot that touches a confident one."""
+    rng = np.random.default_rng(11)
+    image = 100.0 + 4.0 * rng.standard_normal((80, 80))
+    prob = np.zeros(image.shape, np.float32)
+    image[20, 20] += 120.0  # tall, doubted
+    prob[20, 20] = 0.35
+    image[40, 40] += 24.0  # low, doubted
+    prob[40, 40] = 0.35
+    image[60, 30:33] += 200.0  # confident core ...
+    prob[60, 30:33] = 0.9
+    image[60, 33] += 150.0  # ... and a doubted pixel beside it
+    prob[60, 33] = 0.35
+    return image.astype(np.float32), prob
+
+
+def test_rescue_keeps_tall_doubted_components_and_leaves_the_rest():
+    image, prob = doubted_panel()
+    plain = find_peaks([image], [prob], params=PeakParams(min_snr=0.0))
+    assert len(plain) == 1 and plain["npix"][0] == 3  # the confident core alone
+    rescue = PeakParams(min_snr=0.0, rescue_prob=0.3, rescue_height=12.0)
+    both = find_peaks([image], [prob], params=rescue)
+    # the tall doubted spot is a peak; the low one is not; the confident peak keeps its pixels
+    assert len(both) == 2
+    tall = both[both["npix"] == 1]
+    assert (tall["fs"][0], tall["ss"][0]) == (20.0, 20.0)
+    assert tall["max_value"][0] >= 12.0 * tall["background_sigma"][0]
+    core = both[both["npix"] == 3]
+    assert core["fs"][0] == pytest.approx(plain["fs"][0], abs=1e-9)
+    # a lower height keeps the low one too, which the SNR cut then judges as any peak's
+    low = replace(rescue, rescue_height=3.0)
+    assert len(find_peaks([image], [prob], params=low)) == 3
+    # off (the default), or not below the threshold: the network's threshold alone
+    for off in (replace(rescue, rescue_prob=PeakParams().rescue_prob),
+                replace(rescue, rescue_prob=0.5)):
+        assert len(find_peaks([image], [prob], params=off)) == 1
+
+
+def test_rescue_keeps_point_like_spots_not_tracks():
+    """As tall as each other and as doubted: a spot on a pixel corner (four equal pixels) and
+    one across a pixel edge are rescued; a five-pixel cosmic-ray track is not."""
+    rng = np.random.default_rng(12)
+    image = 100.0 + 4.0 * rng.standard_normal((80, 80))
+    prob = np.zeros(image.shape, np.float32)
+    image[20:22, 20:22] += 150.0  # corner
+    image[40, 40:42] += [150.0, 120.0]  # edge
+    image[60, 30:35] += 150.0  # track
+    for sl in ((slice(20, 22), slice(20, 22)), (40, slice(40, 42)), (60, slice(30, 35))):
+        prob[sl] = 0.4
+    found = find_peaks([image], [prob], params=PeakParams(rescue_prob=0.3, rescue_height=12.0))
+    assert sorted(found["npix"].tolist()) == [2, 4]
+    assert not (found["ss"] == 60.0).any()
+
+
+def test_rescue_candidates_never_reach_foreground_or_unusable_pixels():
+    image, prob = doubted_panel()
+    usable = np.ones(image.shape, bool)
+    usable[40, 40] = False
+    fore = prob >= 0.5
+    candidates = rescue_candidates(prob, usable, fore, 0.3)
+    assert candidates[20, 20] and not candidates[40, 40] and not candidates[60, 33]
+    assert not (candidates & fore).any()
+    assert candidates.sum() == 1
 
 
 def test_peak_pixel_mask_holds_exactly_the_reported_peaks():

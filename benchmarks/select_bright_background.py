@@ -45,18 +45,15 @@ PROBS = (0.1, 0.2, 0.3)
 OFF = (None, None)
 
 
-#: the selection parts this choice was made on (the sharp-spot part came later)
-PARTS = ("validation", "clean", "blanks")
-
-
-def selection_items(parts: Sequence[str] = PARTS) -> list[tuple[str, Any, np.ndarray, np.ndarray]]:
+def selection_items(parts: Sequence[str] | None = None
+                    ) -> list[tuple[str, Any, np.ndarray, np.ndarray]]:
     """(part, frame, strong reflections, every reflection) of the selection frames' ``parts``;
     a part name ends in ``-strong`` for the frames on a strong smooth background (as
     selection.py draws them: every third mixed frame, every other extra blank)."""
-    from peaknet_xtal.evaluation.selection import selection_frames
+    from peaknet_xtal.evaluation.selection import FIRST_PARTS, selection_frames
 
-    items = []
-    for part, frames in selection_frames(GEOMETRIES, parts).items():
+    items = []  # default: the parts this choice was made on (the sharp-spot part came later)
+    for part, frames in selection_frames(GEOMETRIES, parts or FIRST_PARTS).items():
         for k, (frame, truth) in enumerate(frames):
             strong_bg = (part == "validation" and k % 3 == 2) or (part == "blanks" and k % 2 == 1)
             refl = truth.reflections

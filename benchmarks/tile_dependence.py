@@ -59,10 +59,10 @@ def frames(count: int) -> Iterator[tuple[str, list[np.ndarray], list[np.ndarray]
         raw = np.asarray(handle["data"][0])
     good = raw != EIGER_MASKED
     yield EIGER2.name, [np.where(good, raw, 0).astype(np.float32)], [good]
-    from peaknet_xtal.evaluation.selection import selection_frames
+    from peaknet_xtal.evaluation.selection import FIRST_PARTS, selection_frames
 
     # the parts its recorded results were measured on (the sharp-spot part came later)
-    for part, pairs in selection_frames(GEOMETRIES, ("validation", "clean", "blanks")).items():
+    for part, pairs in selection_frames(GEOMETRIES, FIRST_PARTS).items():
         for k, (frame, _) in enumerate(pairs):
             if max(p.size for p in frame.panels) > 1024 * 1024:
                 masks = frame.masks or [np.ones(p.shape, bool) for p in frame.panels]

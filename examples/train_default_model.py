@@ -531,9 +531,9 @@ def validation_frames() -> dict[str, list[tuple]]:
     only.  Not the ``sharp`` part: the recipe calibrated and chose the shipped default without
     it, and a rebuild must do the same; whether a next candidate must also hold its F1 there is
     for its rule to say before it is trained."""
-    from peaknet_xtal.evaluation.selection import selection_frames
+    from peaknet_xtal.evaluation.selection import FIRST_PARTS, selection_frames
 
-    return selection_frames(GEOMETRIES, ("validation", "clean", "blanks"))
+    return selection_frames(GEOMETRIES, FIRST_PARTS)
 
 
 def _score(triples: dict[str, list], blanks: list[int]) -> dict[str, float]:

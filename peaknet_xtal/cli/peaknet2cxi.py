@@ -125,9 +125,10 @@ def build_parser() -> Any:
     parser.add_argument("--rescue-prob", dest="rescue_prob", type=float,
                         help="also keep peaks the model scores at least this, below "
                              "--threshold, when their brightest pixel stands --rescue-height "
-                             "background sigmas high (default "
-                             f"{FINDING.rescue_prob:g}: off; spots sharper than a pixel, as on "
-                             "LCLS CSPAD stills, score 0.3-0.6: README, 'What to expect')")
+                             "background sigmas high and it is point-like (default "
+                             f"{FINDING.rescue_prob:g}; 1, not below --threshold, turns it off; "
+                             "spots sharper than a pixel, as on LCLS CSPAD stills, score "
+                             "0.3-0.6: README, 'What to expect')")
     parser.add_argument("--rescue-height", dest="rescue_height", type=float,
                         help="least height of such a peak, in background sigmas (default "
                              f"{FINDING.rescue_height:g})")

@@ -53,6 +53,9 @@ BLANK_SEEDS = range(2_000_000_201, 2_000_000_209)
 SHARP_SEEDS = range(2_000_000_301, 2_000_000_325)
 #: every part, in the order :func:`selection_frames` builds them
 PARTS = ("validation", "clean", "blanks", "sharp")
+#: the parts before the sharp-spot one: what the shipped default and the finding settings chosen
+#: before it were chosen on (their scripts keep to them, so that their results reproduce)
+FIRST_PARTS = PARTS[:3]
 #: where the model-selection seed range ends (the held-out frames begin above it)
 SELECTION_SEED_RANGE = range(2_000_000_001, 3_000_000_000)
 

@@ -79,7 +79,7 @@ class PeakParams:
     (outside bright pixels) that holds no pixel at or above ``threshold`` is a peak too when its
     brightest pixel stands at least ``rescue_height`` local background sigmas high, it is point-
     like (:func:`point_like`) and it passes the other cuts (``rescue_prob`` not below
-    ``threshold``: no such peaks, the default).  The
+    ``threshold``, e.g. 1: no such peaks).  The
     network's doubt then yields to strong evidence, as where it scores spots sharper than it
     was trained on below ``threshold`` (:func:`rescue_candidates`).
     """

@@ -64,10 +64,10 @@ min_height = {_D.min_height}
           "(finding.settings.DEFAULTS.min_height)."
 rescue_prob = {_D.rescue_prob}
   .type = float(value_min=0, value_max=1)
-  .help = "Also keep spots the model scores at least this, below threshold, when their"
-          "brightest pixel stands rescue_height background sigmas high. Not below threshold"
-          "(the default): off. Spots sharper than a pixel (LCLS CSPAD stills) score 0.3-0.6;"
-          "the peaknet-xtal README ('What to expect') has what 0.4 costs on blank frames."
+  .help = "Also keep point-like spots the model scores at least this, below threshold, when"
+          "their brightest pixel stands rescue_height background sigmas high. 1 (not below"
+          "threshold) turns it off. Spots sharper than a pixel (LCLS CSPAD stills) score"
+          "0.3-0.6; the peaknet-xtal README ('What to expect') has what 0.4 costs on blanks."
 rescue_height = {_D.rescue_height}
   .type = float(value_min=0)
   .help = "Least height of a rescued spot's brightest pixel over its local background, in"

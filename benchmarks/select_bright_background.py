@@ -106,11 +106,17 @@ def score(items: list, probs: list, adjust: Callable[[PeakParams], PeakParams]
             "blank_count": {p: len(v) for p, v in blanks.items()}}
 
 
-def strong_blank_rate(row: dict[str, Any]) -> float:
-    """False peaks per strong-background blank, over all of them."""
-    parts = [p for p in row["blank"] if p.endswith("-strong")]
+def pooled_blank_rate(row: dict[str, Any], parts: list[str] | None = None) -> float:
+    """False peaks per blank of a ``score`` row, pooled over the blanks of ``parts`` (None:
+    every part)."""
+    parts = list(row["blank"]) if parts is None else parts
     total = sum(row["blank"][p] * row["blank_count"][p] for p in parts)
     return total / max(sum(row["blank_count"][p] for p in parts), 1)
+
+
+def strong_blank_rate(row: dict[str, Any]) -> float:
+    """False peaks per strong-background blank, over all of them."""
+    return pooled_blank_rate(row, [p for p in row["blank"] if p.endswith("-strong")])
 
 
 def choose(rows: dict[tuple, dict[str, Any]]) -> tuple[float, float] | None:

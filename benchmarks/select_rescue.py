@@ -169,9 +169,7 @@ def score_frames(items: list, probs: list, setting: tuple[float, float]
     """A's numbers for one setting: F1 per part and false peaks per blank, mixed and extra blanks
     together."""
     row = select_bright_background.score(items, probs, rescue_settings(setting))
-    counts = row["blank_count"]
-    row["false_per_blank"] = (sum(row["blank"][p] * counts[p] for p in counts)
-                              / max(sum(counts.values()), 1))
+    row["false_per_blank"] = select_bright_background.pooled_blank_rate(row)
     return row
 
 

@@ -151,20 +151,12 @@ def box_significance(residual: np.ndarray, usable: np.ndarray, *,
     return best
 
 
-def foreground(panel: np.ndarray, prob: np.ndarray, good: np.ndarray, threshold: float,
-               adu_per_photon: float | None, photons: float | None, sigmas: float,
-               min_prob: float) -> np.ndarray:
-    """Peak pixels of one panel: the module docstring's split by regime (``photons`` None: the
-    network's probability alone, everywhere)."""
-    return foreground_and_bright(panel, prob, good, threshold, adu_per_photon, photons, sigmas,
-                                 min_prob)[0]
-
-
 def foreground_and_bright(panel: np.ndarray, prob: np.ndarray, good: np.ndarray,
                           threshold: float, adu_per_photon: float | None, photons: float | None,
                           sigmas: float, min_prob: float) -> tuple[np.ndarray, np.ndarray | None]:
-    """:func:`foreground` and the bright pixels, where the significance test decided (None:
-    nowhere)."""
+    """Peak pixels of one panel, the module docstring's split by regime (``photons`` None: the
+    network's probability alone, everywhere), and the bright pixels where the significance test
+    decided (None: nowhere)."""
     network = good & (prob >= threshold)
     found = None if photons is None else bright_pixels(panel, good, adu_per_photon, photons)
     if found is None:

@@ -423,7 +423,11 @@ def _peaks_in_stack(image: np.ndarray, prob: np.ndarray, good: np.ndarray, fore:
         doubted = np.zeros(n, dtype=bool)
         doubted[lab] = rescued[z, y, x]
         accept &= ~(doubted & below_height(max_value, bg_sigma, params.rescue_height))
-        accept &= ~(doubted & ~point_like(image, foot, bg, max_value, n))
+        shaped = doubted & accept  # only these need the shape test (all: 8 ms on 2,000 peaks)
+        if shaped.any():
+            pixels = shaped[foot[3]]
+            point = point_like(image, tuple(a[pixels] for a in foot), bg, max_value, n)
+            accept &= ~(shaped & ~point)
     return table[accept], bbox[accept].astype(np.int64), (labels, kept[accept] + 1)
 
 
@@ -438,7 +442,8 @@ def point_like(image: np.ndarray, foot: tuple[np.ndarray, ...], background: np.n
     its pixels and rim) at half its brightest background-subtracted value or above fit in a
     :data:`POINT_BLOCK` square.  A rescued peak must be (:class:`PeakParams`): the doubt it
     overrules is the network's on spots narrower than a pixel, while cosmic-ray tracks and jet
-    streaks, as bright, light a line of such pixels."""
+    streaks, as bright, light a line of such pixels.  Components with no pixel in ``foot``
+    come out point-like: pass only the pixels of the components asked about."""
     z, y, x, lab = foot
     high = image[z, y, x] - background[lab] >= 0.5 * max_value[lab]
     span = []

@@ -9,7 +9,7 @@ import pytest
 from peaknet_xtal.finding.bright_background import (
     box_significance,
     bright_pixels,
-    foreground,
+    foreground_and_bright,
 )
 from peaknet_xtal.finding.peaks import PeakParams, find_peaks
 from peaknet_xtal.sim.artifacts import correlated_noise
@@ -58,9 +58,11 @@ def test_elsewhere_the_network_threshold_alone_decides(params):
     peaks = find_peaks([image], [prob], None, params)
     assert near(peaks, BLOB) and not near(peaks, SPOT) and not near(peaks, EDGE)
     good = np.ones(SHAPE, bool)
-    np.testing.assert_array_equal(
-        foreground(image, prob, good, 0.5, params.adu_per_photon, params.bright_photons,
-                   params.bright_sigmas, params.bright_prob), prob >= 0.5)
+    fore, bright = foreground_and_bright(image, prob, good, 0.5, params.adu_per_photon,
+                                         params.bright_photons, params.bright_sigmas,
+                                         params.bright_prob)
+    np.testing.assert_array_equal(fore, prob >= 0.5)
+    assert bright is None or not bright.any()
 
 
 def test_bright_is_the_local_background_in_photons():

@@ -185,7 +185,7 @@ def fuse_for_inference(model: Any) -> Any:
     fused = copy.deepcopy(model).eval()
     for parent in list(fused.modules()):
         for name, child in list(parent.named_children()):
-            if type(child) is ConvNeXtV2Block:
+            if type(child) is ConvNeXtV2Block and not child.grn.window:
                 setattr(parent, name, FusedConvNeXtBlock(child))
             elif type(child) is SeparableConvNorm:
                 setattr(parent, name, FastSeparableConvNorm(child))

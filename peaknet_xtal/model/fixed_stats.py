@@ -53,7 +53,8 @@ class ImageStatsRecorder:
         if config.get("family") != "peaknet":
             raise ValueError("image statistics are recorded on a PeakNet")
         if config.get("image_stats", "per_image") != "per_image":
-            raise ValueError("the model's image statistics are fixed already")
+            raise ValueError("image statistics are recorded on a model that takes them per "
+                             f"image, this one's are {config['image_stats']!r}")
         self.model = model
         self.sums: dict[str, list[torch.Tensor]] = {}
         self.counts: dict[str, int] = {}

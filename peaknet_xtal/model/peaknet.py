@@ -43,8 +43,9 @@ PUBLISHED_BACKBONE_PARAMS: dict[str, float] = {
 }
 PAD_MULTIPLE = 32
 #: Where the GRN and GroupNorm layers take their statistics: from each input image (as trained),
-#: or ``fixed``, measured once on training data and stored (model/fixed_stats.py)
-IMAGE_STATS = ("per_image", "fixed")
+#: ``fixed``, measured once on training data and stored (model/fixed_stats.py), or ``window``,
+#: over ``stats_window`` input pixels around each position (layers/window_stats.py)
+IMAGE_STATS = ("per_image", "fixed", "window")
 #: Logits forced onto masked pixels: background wins by 30 nats, finite so losses stay finite.
 MASKED_LOGITS = (15.0, -15.0)
 
@@ -61,7 +62,8 @@ class PeakNet(nn.Module):
                  neck_kernel: int = 3, head_channels: int = 256, learned_upsample: bool = True,
                  num_classes: int = 2, drop_path: float = 0.0, name: str = "custom",
                  input_norm: str = "global", norm_block: int = 16,
-                 norm_noise: str = "pixel", image_stats: str = "per_image") -> None:
+                 norm_noise: str = "pixel", image_stats: str = "per_image",
+                 stats_window: int = 96) -> None:
         super().__init__()
         if dims is None or depths is None:
             if backbone not in BACKBONES:
@@ -74,6 +76,8 @@ class PeakNet(nn.Module):
             raise ValueError(f"norm_noise must be one of {NOISE_SCALES}, got {norm_noise!r}")
         if image_stats not in IMAGE_STATS:
             raise ValueError(f"image_stats must be one of {IMAGE_STATS}, got {image_stats!r}")
+        if image_stats == "window" and stats_window < 1:
+            raise ValueError(f"stats_window must be a positive pixel count, got {stats_window}")
         if backbone is not None and BACKBONES.get(backbone) != (list(dims), list(depths)):
             backbone = None  # overridden widths or depths: no longer the named size
         self.config: dict[str, Any] = {
@@ -84,13 +88,16 @@ class PeakNet(nn.Module):
             "drop_path": drop_path, "input_norm": input_norm, "norm_block": norm_block,
             "norm_noise": norm_noise, "image_stats": image_stats,
         }
+        window = 0
+        if image_stats == "window":  # only then in the config: older models' configs unchanged
+            self.config["stats_window"] = window = int(stats_window)
         fixed = image_stats == "fixed"
         self.backbone = ConvNeXtV2Backbone(dims, depths, in_chans=1, drop_path=drop_path,
-                                           fixed_stats=fixed)
+                                           fixed_stats=fixed, stats_window=window)
         info = self.backbone.feature_info
         self.neck = BiFPN([f["channels"] for f in info], neck_width, neck_blocks, neck_kernel)
         self.head = SegHead(neck_width, [f["stride"] for f in info], head_channels, num_classes,
-                            learned_upsample, fixed)
+                            learned_upsample, fixed, window)
         self.apply(_init_weights)
 
     def normalise(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

@@ -131,6 +131,36 @@ def test_with_fixed_stats_keeps_the_weights_and_the_calibration(script, tmp_path
     assert nx and all(torch.isfinite(v).all() and (v > 0).all() for v in nx)
 
 
+@pytest.mark.slow
+def test_fixed_finetune_trains_the_weights_not_the_statistics(script, tmp_path, real_data):
+    """Stage 2c: the copy with fixed statistics trains on the bank with its statistics as they
+    are (buffers, not weights), on the pixel-scale input, and then runs with the noise scale
+    it is given."""
+    import torch
+
+    from peaknet_xtal.cli.train import main as train_main
+    from peaknet_xtal.model import create_model, load_model, save_model
+
+    model = create_model("yocto", input_norm="local")
+    trained = save_model(model, tmp_path / "trained.safetensors")
+    fixed = script.with_fixed_stats(trained, 2, tmp_path / "fixed.safetensors")
+    bank = script.simulate_bank(tmp_path / "bank.h5", 2)
+    config = tmp_path / "config.yaml"
+    config.write_text((script.CONFIGS / "train_default_localnorm.yaml").read_text()
+                      .replace("name: default", "name: yocto"))
+    out = script.fixed_finetune(fixed, bank, 3, config, tmp_path / "tuned", "decorrelated", [],
+                                train_main)
+    before, after = load_model(str(fixed)), load_model(str(out))
+    assert after.config == {**before.config, "norm_noise": "decorrelated"}
+    assert load_model(str(tmp_path / "tuned" / "model.safetensors")).config["norm_noise"] == \
+        "pixel"
+    old, new = before.state_dict(), after.state_dict()
+    buffers = {name for name, _ in before.named_buffers()}
+    stats = {n for n in buffers if n.endswith(("nx", "group_mean", "group_var"))}
+    assert stats and all(torch.equal(old[n], new[n]) for n in stats)
+    assert any(not torch.equal(old[n], new[n]) for n in old if n not in buffers)
+
+
 def test_a_second_calibration_composes_with_the_first(script, tmp_path):
     from peaknet_xtal.model import create_model, save_model
 

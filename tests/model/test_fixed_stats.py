@@ -126,7 +126,7 @@ def test_bad_input_is_refused():
     with pytest.raises(ValueError, match="matching"):
         fix_image_stats(model, x, good[:1])
     fixed = fix_image_stats(model, x, good)
-    with pytest.raises(ValueError, match="fixed already"):
+    with pytest.raises(ValueError, match="per image, this one.s are .fixed."):
         fix_image_stats(fixed, x, good)
     with pytest.raises(ValueError, match="PeakNet"):
         fix_image_stats(torch.nn.Conv2d(1, 1, 3), x, good)

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from peaknet_xtal.model.layers.window_stats import window_cells, window_mean
+
 
 class LayerNorm2d(nn.LayerNorm):
     """LayerNorm over the channel axis of a (B, C, H, W) tensor.
@@ -49,12 +51,13 @@ class GRN(nn.Module):
 
     nx: torch.Tensor
 
-    def __init__(self, dim: int, eps: float = 1e-6, fixed: bool = False) -> None:
+    def __init__(self, dim: int, eps: float = 1e-6, fixed: bool = False, window: int = 0) -> None:
         super().__init__()
         self.gamma = nn.Parameter(torch.zeros(1, 1, 1, dim))
         self.beta = nn.Parameter(torch.zeros(1, 1, 1, dim))
         self.eps = eps
         self.fixed = fixed
+        self.window = window  # cells; 0: the whole image (layers/window_stats.py)
         if fixed:
             self.register_buffer("nx", torch.ones(1, 1, 1, dim))
 
@@ -63,21 +66,36 @@ class GRN(nn.Module):
         gx = torch.linalg.vector_norm(x, ord=2, dim=(1, 2), keepdim=True)
         return gx / (gx.mean(dim=-1, keepdim=True) + self.eps)
 
+    def local_response(self, x: torch.Tensor) -> torch.Tensor:
+        """The response per position, ``(B, H, W, C)``, from each channel's energy over the
+        ``window`` around it (layers/window_stats.py)."""
+        energy = window_mean(x.pow(2).permute(0, 3, 1, 2), self.window).permute(0, 2, 3, 1)
+        # floored: a window of zeros (masked, padded) has no finite gradient at 0, and the
+        # cumulative sums can leave an energy of zero a rounding error below it
+        gx = torch.sqrt(energy.clamp_min(self.eps ** 2))
+        return gx / (gx.mean(dim=-1, keepdim=True) + self.eps)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        nx = self.nx if self.fixed else self.response(x)
+        if self.fixed:
+            nx = self.nx
+        elif self.window:
+            nx = self.local_response(x)
+        else:
+            nx = self.response(x)
         return self.gamma * (x * nx) + self.beta + x
 
 
 class ConvNeXtV2Block(nn.Module):
     """7x7 depthwise conv -> LN -> Linear(d, 4d) -> GELU -> GRN -> Linear(4d, d), plus residual."""
 
-    def __init__(self, dim: int, drop_path: float = 0.0, fixed_stats: bool = False) -> None:
+    def __init__(self, dim: int, drop_path: float = 0.0, fixed_stats: bool = False,
+                 window: int = 0) -> None:
         super().__init__()
         self.dwconv = nn.Conv2d(dim, dim, kernel_size=7, padding=3, groups=dim)
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.pwconv1 = nn.Linear(dim, 4 * dim)
         self.act = nn.GELU()
-        self.grn = GRN(4 * dim, fixed=fixed_stats)
+        self.grn = GRN(4 * dim, fixed=fixed_stats, window=window)
         self.pwconv2 = nn.Linear(4 * dim, dim)
         self.drop_path = drop_path
 
@@ -99,7 +117,8 @@ class ConvNeXtV2Backbone(nn.Module):
     """
 
     def __init__(self, dims: list[int] | tuple[int, ...], depths: list[int] | tuple[int, ...],
-                 in_chans: int = 1, drop_path: float = 0.0, fixed_stats: bool = False) -> None:
+                 in_chans: int = 1, drop_path: float = 0.0, fixed_stats: bool = False,
+                 stats_window: int = 0) -> None:
         super().__init__()
         if len(dims) != len(depths):
             raise ValueError(f"dims {list(dims)} and depths {list(depths)} differ in length")
@@ -115,9 +134,11 @@ class ConvNeXtV2Backbone(nn.Module):
         rates = [drop_path * k / max(total - 1, 1) for k in range(total)]
         self.stages = nn.ModuleList()
         start = 0
-        for dim, depth in zip(self.dims, self.depths, strict=False):
+        for i, (dim, depth) in enumerate(zip(self.dims, self.depths, strict=False)):
+            cells = window_cells(stats_window, 4 * 2 ** i) if stats_window else 0
             self.stages.append(nn.Sequential(
-                *[ConvNeXtV2Block(dim, rates[start + j], fixed_stats) for j in range(depth)]))
+                *[ConvNeXtV2Block(dim, rates[start + j], fixed_stats, cells)
+                  for j in range(depth)]))
             start += depth
         self.out_norms = nn.ModuleList(LayerNorm2d(d, eps=1e-6) for d in self.dims)
 

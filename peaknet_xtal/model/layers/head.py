@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from peaknet_xtal.model.layers.window_stats import window_cells, window_mean
+
 
 def _groups(channels: int, wanted: int = 32) -> int:
     """32 groups as published for wide heads; at least 4 channels per group for thin ones (a
@@ -45,18 +47,44 @@ class FixedGroupNorm(nn.GroupNorm):
         return x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
 
 
+class WindowGroupNorm(nn.GroupNorm):
+    """GroupNorm whose per-group mean and variance are taken over a ``window`` of cells around
+    each position instead of the whole image (layers/window_stats.py): the output at a pixel
+    depends on its neighbourhood only."""
+
+    def __init__(self, num_groups: int, num_channels: int, window: int, eps: float = 1e-5
+                 ) -> None:
+        super().__init__(num_groups, num_channels, eps)
+        self.window = window
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        grouped = x.view(b, self.num_groups, c // self.num_groups, h, w)
+        mean = window_mean(grouped.mean(dim=2), self.window)
+        square = window_mean(grouped.pow(2).mean(dim=2), self.window)
+        scale = torch.rsqrt((square - mean.pow(2)).clamp_min(0.0) + self.eps)
+        y = (grouped - mean.unsqueeze(2)) * scale.unsqueeze(2)
+        return y.view(b, c, h, w) * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
+
+
 class ConvGNGELU(nn.Sequential):
-    def __init__(self, cin: int, cout: int, fixed_stats: bool = False) -> None:
-        norm = FixedGroupNorm if fixed_stats else nn.GroupNorm
-        super().__init__(nn.Conv2d(cin, cout, 3, padding=1, bias=False),
-                         norm(_groups(cout), cout), nn.GELU())
+    def __init__(self, cin: int, cout: int, fixed_stats: bool = False, window: int = 0) -> None:
+        norm: nn.Module
+        if fixed_stats:
+            norm = FixedGroupNorm(_groups(cout), cout)
+        elif window:
+            norm = WindowGroupNorm(_groups(cout), cout, window)
+        else:
+            norm = nn.GroupNorm(_groups(cout), cout)
+        super().__init__(nn.Conv2d(cin, cout, 3, padding=1, bias=False), norm, nn.GELU())
 
 
 class SegHead(nn.Module):
     """Sum of per-level branches at stride 4 -> logits, + optional learned x4 upsampling."""
 
     def __init__(self, in_channels: int, strides: list[int], channels: int, num_classes: int = 2,
-                 learned_upsample: bool = True, fixed_stats: bool = False) -> None:
+                 learned_upsample: bool = True, fixed_stats: bool = False,
+                 stats_window: int = 0) -> None:
         super().__init__()
         self.base_stride = strides[0]
         self.branches = nn.ModuleList()
@@ -64,8 +92,9 @@ class SegHead(nn.Module):
             n_up = int(round(math.log2(stride / self.base_stride)))
             layers: list[nn.Module] = []
             for k in range(max(1, n_up)):
+                cells = window_cells(stats_window, stride // 2 ** k) if stats_window else 0
                 layers.append(ConvGNGELU(in_channels if k == 0 else channels, channels,
-                                          fixed_stats))
+                                          fixed_stats, cells))
                 if n_up > 0:
                     layers.append(nn.Upsample(scale_factor=2, mode="bilinear",
                                               align_corners=False))

@@ -363,9 +363,11 @@ statistics does not give back what the per-image ones did on noisy frames.
 Statistics over a window instead (``image_stats: window``, model/layers/window_stats.py; GRN and
 GroupNorm statistics over the 96 input pixels around each position, the training crop's size,
 so the network meets at inference the statistics it was trained with while staying local):
-``--config examples/configs/train_default_windowstats.yaml``, the shipped recipe otherwise
-(8,000 steps; the window costs 40 % more per training step with ``avg_pool2d``, less with the
-cumulative sums now used).
+``--config examples/configs/train_default_windowstats.yaml --baseline`` the shipped default, the
+shipped recipe otherwise.  Not trained to the end yet: a first run's loss turned NaN at step
+~780 (the square root of a window energy of zero: floored since, and tested), and the second
+(2.3 steps/s on the busy machine, where the fine-tune above ran at 2.6-2.9: about an hour for
+8,000 steps) was stopped for lack of time.  It is the next candidate, chosen by stages 3-4b.
 
 Sharp spots (``--sharp-spots``; two candidates, neither installed).  Why the default misses
 compact real CSPAD spots (it gives them peak probabilities of 0.3-0.6 where simulated spots as

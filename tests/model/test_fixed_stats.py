@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from peaknet_test_support import spotted_images
 
 from peaknet_xtal.finding.engine import InferenceEngine
 from peaknet_xtal.model import create_model, load_model, save_model
@@ -33,28 +34,17 @@ def _random_model(seed: int = 0, **config: object) -> torch.nn.Module:
     return model
 
 
-def _images(seed: int, count: int, shape: tuple[int, int] = (96, 128)
-            ) -> tuple[torch.Tensor, torch.Tensor]:
-    rng = np.random.default_rng(seed)
-    x = rng.poisson(3.0, (count, 1, *shape)).astype(np.float32)
-    for k in range(count):  # a few bright spots an image
-        for _ in range(4):
-            y, z = rng.integers(4, shape[0] - 4), rng.integers(4, shape[1] - 4)
-            x[k, 0, y - 1:y + 2, z - 1:z + 2] += rng.uniform(50, 500)
-    return torch.from_numpy(x), torch.ones(x.shape, dtype=torch.bool)
-
-
 def test_stored_statistics_are_the_per_image_ones_averaged():
     """On copies of one image the average of the per-image statistics is that image's own, so
     the fixed model computes exactly what the per-image model computes on it."""
     model = _random_model(input_norm="local")
-    x, good = _images(1, 1)
+    x, good = spotted_images(1, 1)
     fixed = fix_image_stats(model, x.repeat(3, 1, 1, 1), good.repeat(3, 1, 1, 1))
     assert fixed.config["image_stats"] == "fixed" and model.config["image_stats"] == "per_image"
     assert any(isinstance(m, FixedGroupNorm) for m in fixed.modules())
     with torch.inference_mode():
         torch.testing.assert_close(fixed(x, good), model(x, good), atol=2e-5, rtol=2e-5)
-        other, _ = _images(2, 1)  # on another image they differ: the statistics are fixed
+        other, _ = spotted_images(2, 1)  # on another image they differ: the statistics are fixed
         assert (fixed(other, good) - model(other, good)).abs().max() > 1e-3
 
 
@@ -68,7 +58,7 @@ def test_fixed_statistics_make_a_pixels_output_independent_of_far_pixels():
         for name, param in model.named_parameters():
             if "grn" in name or "norm" in name:
                 param.add_(0.5 * torch.randn_like(param))
-    x, good = _images(4, 2, (64, 640))
+    x, good = spotted_images(4, 2, (64, 640))
     fixed = fix_image_stats(model, x, good)
     z = fixed.normalise(x[:1], good[:1])
     far = z.clone()
@@ -85,9 +75,9 @@ def test_engine_gives_the_same_probabilities_whole_and_tiled_with_fixed_statisti
     the whole panel's (to float32 rounding); the per-image model's is not."""
     torch.manual_seed(5)
     model = create_model("yocto", **SMALL).eval()
-    x, good = _images(6, 3, (96, 512))
+    x, good = spotted_images(6, 3, (96, 512))
     fixed = fix_image_stats(model, x, good)
-    panel = _images(7, 1, (200, 900))[0][0, 0].numpy()
+    panel = spotted_images(7, 1, (200, 900))[0][0, 0].numpy()
     for net, same in ((fixed, True), (model, False)):
         whole = InferenceEngine(net, device="cpu", fast=False, tile_size=1024)
         tiled = InferenceEngine(net, device="cpu", fast=False, tile_size=640, tile_overlap=384)
@@ -97,7 +87,7 @@ def test_engine_gives_the_same_probabilities_whole_and_tiled_with_fixed_statisti
 
 def test_fused_form_folds_the_fixed_statistics():
     model = _random_model(seed=8, input_norm="local")
-    x, good = _images(9, 4)
+    x, good = spotted_images(9, 4)
     fixed = fix_image_stats(model, x, good)
     fused = fuse_for_inference(fixed)
     blocks = [m for m in fused.modules() if isinstance(m, FusedConvNeXtBlock)]
@@ -111,7 +101,7 @@ def test_fused_form_folds_the_fixed_statistics():
 
 def test_a_fixed_model_saves_and_loads(tmp_path):
     model = _random_model(seed=10, input_norm="local")
-    x, good = _images(11, 2)
+    x, good = spotted_images(11, 2)
     fixed = fix_image_stats(model, x, good)
     path = save_model(fixed, tmp_path / "fixed.safetensors")
     loaded = load_model(str(path))
@@ -122,7 +112,7 @@ def test_a_fixed_model_saves_and_loads(tmp_path):
 
 def test_bad_input_is_refused():
     model = _random_model(seed=12)
-    x, good = _images(13, 2)
+    x, good = spotted_images(13, 2)
     with pytest.raises(ValueError, match="matching"):
         fix_image_stats(model, x, good[:1])
     fixed = fix_image_stats(model, x, good)

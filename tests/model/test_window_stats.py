@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from peaknet_test_support import spotted_images
 
 from peaknet_xtal.finding.engine import InferenceEngine
 from peaknet_xtal.model import create_model, load_model, save_model
@@ -32,16 +33,6 @@ def _perturbed(model: torch.nn.Module, seed: int) -> torch.nn.Module:
             if "grn" in name or "norm" in name or "head" in name:
                 param.add_(0.5 * torch.randn_like(param))
     return model.eval()
-
-
-def _images(seed: int, count: int, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    rng = np.random.default_rng(seed)
-    x = rng.poisson(3.0, (count, 1, *shape)).astype(np.float32)
-    for k in range(count):  # a few bright spots an image
-        for _ in range(4):
-            y, z = rng.integers(4, shape[0] - 4), rng.integers(4, shape[1] - 4)
-            x[k, 0, y - 1:y + 2, z - 1:z + 2] += rng.uniform(50, 500)
-    return torch.from_numpy(x), torch.ones(x.shape, dtype=torch.bool)
 
 
 @pytest.mark.parametrize("cells", [1, 3, 7, 25, 61])
@@ -92,7 +83,7 @@ def test_window_statistics_make_a_pixels_output_independent_of_far_pixels():
     """Content far beyond the receptive field changes nothing with window statistics; with
     per-image statistics it changes every pixel's output."""
     per_image = {**SMALL, "image_stats": "per_image"}
-    x, good = _images(4, 1, (64, 640))
+    x, good = spotted_images(4, 1, (64, 640))
     for config, changed in ((SMALL, False), (per_image, True)):
         net = _perturbed(create_model("yocto", **config), 3)
         z = net.normalise(x, good)
@@ -108,7 +99,7 @@ def test_engine_gives_the_same_probabilities_whole_and_tiled_with_window_statist
     """Tiles overlapping by more than the receptive field: the stitched output is the whole
     panel's, to float32 rounding."""
     net = _perturbed(create_model("yocto", **SMALL), 5)
-    panel = _images(7, 1, (200, 900))[0][0, 0].numpy()
+    panel = spotted_images(7, 1, (200, 900))[0][0, 0].numpy()
     whole = InferenceEngine(net, device="cpu", fast=False, tile_size=1024)
     tiled = InferenceEngine(net, device="cpu", fast=False, tile_size=640, tile_overlap=384)
     (a,), (b,) = whole.predict_panels([panel]), tiled.predict_panels([panel])
@@ -119,7 +110,7 @@ def test_fused_form_keeps_window_blocks_and_their_output():
     net = _perturbed(create_model("yocto", **SMALL), 8)
     fused = fuse_for_inference(net)
     assert not any(isinstance(m, FusedConvNeXtBlock) for m in fused.modules())
-    x, good = _images(9, 2, (96, 128))
+    x, good = spotted_images(9, 2, (96, 128))
     with torch.inference_mode():
         plain, fast = net(x, good), fused(x, good)
     torch.testing.assert_close(fast, plain, atol=1e-5 * plain.abs().max().item(), rtol=1e-5)
@@ -129,7 +120,7 @@ def test_a_window_model_saves_and_loads_and_other_configs_are_unchanged(tmp_path
     net = _perturbed(create_model("yocto", **SMALL), 10)
     loaded = load_model(str(save_model(net, tmp_path / "window.safetensors")))
     assert loaded.config["image_stats"] == "window" and loaded.config["stats_window"] == 32
-    x, good = _images(11, 2, (96, 128))
+    x, good = spotted_images(11, 2, (96, 128))
     with torch.inference_mode():
         torch.testing.assert_close(loaded(x, good), net(x, good))
     assert "stats_window" not in create_model("yocto").config

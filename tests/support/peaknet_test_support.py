@@ -95,6 +95,20 @@ class BrightPredictor:
         return [(np.asarray(p) > self.level).astype(np.float32) for p in panels]
 
 
+def spotted_images(seed: int, count: int, shape: tuple[int, int] = (96, 128)) -> tuple[Any, Any]:
+    """``count`` Poisson(3) images ``(count, 1, *shape)`` with four bright 3 x 3 spots each, as
+    torch tensors, and an all-good mask: the model-layer tests' input."""
+    import torch
+
+    rng = np.random.default_rng(seed)
+    x = rng.poisson(3.0, (count, 1, *shape)).astype(np.float32)
+    for k in range(count):
+        for _ in range(4):
+            y, z = rng.integers(4, shape[0] - 4), rng.integers(4, shape[1] - 4)
+            x[k, 0, y - 1:y + 2, z - 1:z + 2] += rng.uniform(50, 500)
+    return torch.from_numpy(x), torch.ones(x.shape, dtype=torch.bool)
+
+
 def load_script(path: str | os.PathLike[str], name: str | None = None) -> Any:
     """A script that is not a package module (``examples/*.py``, ``benchmarks/*.py``, shared
     test helpers), loaded by path as module ``name`` (default: the file's stem) and registered in

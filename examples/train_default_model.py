@@ -893,8 +893,8 @@ def with_fixed_stats(weights: Path, frames: int, out: Path, exact_counts: float 
     return out
 
 
-#: stage 2c's learning rate: a tenth of training from scratch, a fine-tune's (the weights start
-#: trained; only the statistics they are read with changed)
+#: stage 2c's learning rate: an eighth of training from scratch (0.004), a fine-tune's (the
+#: weights start trained; only the statistics they are read with changed)
 FIXED_FINETUNE_LR = 0.0005
 
 

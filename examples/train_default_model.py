@@ -905,18 +905,8 @@ def fixed_finetune(weights: Path, bank: Path, steps: int, config: Path, out: Pat
     on; then it runs with ``norm_noise`` again.  Why: stage 2b alone leaves a network trained to
     lean on per-image statistics that it no longer has (on noisy frames they damped it: more
     false peaks on blanks, module docstring); here it learns to do without them."""
-    import yaml
-
-    stage = yaml.safe_load(config.read_text())
-    stage["model"]["init"] = str(weights.resolve())
-    stage["model"]["overrides"] = {"norm_noise": "pixel"}
-    stage["optim"]["lr"] = FIXED_FINETUNE_LR
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "config.yaml"
-    path.write_text(yaml.safe_dump(stage))
-    train_main([str(path), "--out", str(out), "--schedule.steps", str(steps),
-                "--data.paths", str(bank), *real_labels])
-    tuned = out / "model.safetensors"
+    tuned = train_from(config, weights, out, steps, bank, real_labels, train_main,
+                       model_overrides={"norm_noise": "pixel"}, lr=FIXED_FINETUNE_LR)
     if norm_noise is None:
         return tuned
     return with_norm_noise(tuned, norm_noise, out.parent / "fixed_finetuned.safetensors")
@@ -926,21 +916,37 @@ def _train_v1(args: argparse.Namespace, work: Path, bank: Path,
               train_main: Any) -> tuple[Path, Path]:
     """The previous default's recipe: ``default`` with global normalisation (stage 1), then a
     local-normalisation fine-tune (stage 2; v1 shipped stage 1: the fine-tune did not beat it)."""
-    import yaml
-
     stage1 = Path(args.init) if args.init else work / "train" / "model.safetensors"
     if not args.init:
         train_main([str(ROOT / "examples" / "configs" / "train_default.yaml"), "--out",
                     str(work / "train"), "--schedule.steps", str(args.steps or 10000),
                     "--data.paths", str(bank), *args.real_labels])
-    stage2 = yaml.safe_load((ROOT / "examples" / "configs" / "train_default_local.yaml")
-                            .read_text())
-    stage2["model"]["init"] = str(stage1.resolve())
-    stage2_config = work / "train_default_local.yaml"
-    stage2_config.write_text(yaml.safe_dump(stage2))
-    train_main([str(stage2_config), "--out", str(work / "finetune"), "--schedule.steps",
-                str(args.finetune_steps), "--data.paths", str(bank), *args.real_labels])
-    return stage1, work / "finetune" / "model.safetensors"
+    stage2 = train_from(ROOT / "examples" / "configs" / "train_default_local.yaml", stage1,
+                        work / "finetune", args.finetune_steps, bank, args.real_labels,
+                        train_main)
+    return stage1, stage2
+
+
+def train_from(config: Path, init: Path, out: Path, steps: int, bank: Path,
+               real_labels: list[str], train_main: Any,
+               model_overrides: dict[str, Any] | None = None, lr: float | None = None) -> Path:
+    """``steps`` steps of ``config``'s training on ``bank`` starting from the weights ``init``
+    (a fine-tune), with ``model_overrides`` replacing the config's and ``lr`` its rate where
+    given; the config it ran is saved as out/config.yaml.  Returns the trained weights."""
+    import yaml
+
+    stage = yaml.safe_load(config.read_text())
+    stage["model"]["init"] = str(init.resolve())
+    if model_overrides is not None:
+        stage["model"]["overrides"] = model_overrides
+    if lr is not None:
+        stage["optim"]["lr"] = lr
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "config.yaml"
+    path.write_text(yaml.safe_dump(stage))
+    train_main([str(path), "--out", str(out), "--schedule.steps", str(steps),
+                "--data.paths", str(bank), *real_labels])
+    return out / "model.safetensors"
 
 
 if __name__ == "__main__":

@@ -46,6 +46,19 @@ def test_window_mean_is_the_average_over_the_window_inside_the_map(cells):
     torch.testing.assert_close(window_mean(x, cells)[..., 0, 0], corner)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_windows_are_summed_in_float32(dtype):
+    # a long row of a bright background: running sums in half precision would be rounded far
+    # coarser than one value's own rounding
+    torch.manual_seed(0)
+    x = 100.0 + torch.randn(1, 2, 3, 3000, dtype=torch.float64)
+    out = window_mean(x.to(dtype), 25)
+    assert out.dtype == dtype
+    expected = window_mean(x.to(dtype).double(), 25)
+    resolution = 100.0 * torch.finfo(dtype).eps  # one step of the format near 100
+    assert (out.double() - expected).abs().max() <= resolution
+
+
 def test_window_cells_are_odd_and_cover_the_pixels():
     assert [window_cells(96, s) for s in (4, 8, 16, 32)] == [25, 13, 7, 3]
     assert window_cells(8, 32) == 1

@@ -60,8 +60,9 @@ class WindowGroupNorm(nn.GroupNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         grouped = x.view(b, self.num_groups, c // self.num_groups, h, w)
-        mean = window_mean(grouped.mean(dim=2), self.window)
-        square = window_mean(grouped.pow(2).mean(dim=2), self.window)
+        # the mean and the mean square in one pass of the window
+        mean, square = window_mean(torch.cat([grouped.mean(dim=2), grouped.pow(2).mean(dim=2)],
+                                             dim=1), self.window).chunk(2, dim=1)
         scale = torch.rsqrt((square - mean.pow(2)).clamp_min(0.0) + self.eps)
         y = (grouped - mean.unsqueeze(2)) * scale.unsqueeze(2)
         return y.view(b, c, h, w) * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)

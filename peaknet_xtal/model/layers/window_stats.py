@@ -27,7 +27,13 @@ def window_mean(x: torch.Tensor, cells: int) -> torch.Tensor:
     along columns, which over a rectangle is the 2-D mean), each from cumulative sums: with the
     training crop's 25-cell windows forward and backward take a quarter of the time of
     ``avg_pool2d`` with ``count_include_pad=False`` (one thread, 8 x 64 x 24 x 24: 26 against
-    98 ms), which agrees with it to float rounding (``tests/model/test_window_stats.py``)."""
+    98 ms), which agrees with it to float rounding (``tests/model/test_window_stats.py``).
+    Half-precision input (bf16 or fp16 under GPU autocast) is summed in float32 and returned in
+    its own dtype: a running sum over a row of a large panel in bf16 keeps about three digits,
+    so the difference of two such sums, the window's sum, would be mostly rounding."""
+    dtype = x.dtype
+    if dtype in (torch.float16, torch.bfloat16):
+        x = x.float()
     pad = cells // 2
     for dim in (2, 3):
         n = x.shape[dim]
@@ -39,4 +45,4 @@ def window_mean(x: torch.Tensor, cells: int) -> torch.Tensor:
         shape[dim] = n
         count = (high - low).to(x.dtype).view(shape)
         x = (sums.index_select(dim, high) - sums.index_select(dim, low)) / count
-    return x
+    return x.to(dtype)

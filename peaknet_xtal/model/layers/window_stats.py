@@ -28,6 +28,9 @@ def window_mean(x: torch.Tensor, cells: int) -> torch.Tensor:
     training crop's 25-cell windows forward and backward take a quarter of the time of
     ``avg_pool2d`` with ``count_include_pad=False`` (one thread, 8 x 64 x 24 x 24: 26 against
     98 ms), which agrees with it to float rounding (``tests/model/test_window_stats.py``).
+    The running sums are padded (zeros before, the total after) so that each window's sum is
+    the difference of two shifted views, not of two gathers: 0.018 against 0.029 s for a GRN's
+    8 x 64 x 48 x 48 on one thread, the same values.
     Half-precision input (bf16 or fp16 under GPU autocast) is summed in float32 and returned in
     its own dtype: a running sum over a row of a large panel in bf16 keeps about three digits,
     so the difference of two such sums, the window's sum, would be mostly rounding."""
@@ -38,11 +41,15 @@ def window_mean(x: torch.Tensor, cells: int) -> torch.Tensor:
     for dim in (2, 3):
         n = x.shape[dim]
         sums = torch.cumsum(x, dim)
-        sums = torch.cat([torch.zeros_like(sums.narrow(dim, 0, 1)), sums], dim)
+        before, after = list(sums.shape), list(sums.shape)
+        before[dim], after[dim] = pad + 1, pad
+        padded = torch.cat([sums.new_zeros(before), sums,
+                            sums.narrow(dim, n - 1, 1).expand(after)], dim)
         at = torch.arange(n, device=x.device)
-        high, low = (at + pad + 1).clamp(max=n), (at - pad).clamp(min=0)
+        count = (at + pad + 1).clamp(max=n) - (at - pad).clamp(min=0)
         shape = [1, 1, 1, 1]
         shape[dim] = n
-        count = (high - low).to(x.dtype).view(shape)
-        x = (sums.index_select(dim, high) - sums.index_select(dim, low)) / count
+        inverse = count.to(x.dtype).reciprocal().view(shape)
+        # padded[i + 2 pad + 1] - padded[i]: the sum of x[i - pad .. i + pad] inside the map
+        x = (padded.narrow(dim, 2 * pad + 1, n) - padded.narrow(dim, 0, n)) * inverse
     return x.to(dtype)

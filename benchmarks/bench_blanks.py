@@ -20,7 +20,8 @@ hits' strong reflections (on a strong background, the simulation's strong reflec
 drowned, expected SNR below the same 5 on it, are not counted as strong, as in
 ``examples/make_eval_report.py``: ``sim.artifacts.drowned_reflections``); with ``--sources``,
 where the blanks' false peaks come from (hot pixels, streaks, zingers, their SNR and model
-probability); with ``--sweep``, the same numbers
+probability; after each run's first frames, as the second table) and how their probability and
+SNR compare with the hits' true peaks; with ``--sweep``, the same numbers
 for other ``min_snr`` / ``min_height`` / ``min_peaks`` values (the model runs once, the peak cuts
 are applied afterwards: the defect filter does not depend on them).
 
@@ -351,10 +352,16 @@ def print_summary(by_detector: dict[str, list[FrameRecord]], min_snr: float, min
 
 
 def print_sources(by_detector: dict[str, list[FrameRecord]], min_snr: float,
-                  min_height: float) -> None:
-    """Where the blanks' false peaks come from."""
-    print(f"false peaks on blanks at min_snr {min_snr:g}, min_height {min_height:g}, by source; "
-          "SNR, model probability, size and height:")
+                  min_height: float, skip: int = 0) -> None:
+    """Where the blanks' false peaks come from, after each run's first ``skip`` frames (the
+    defect filter's learning frames: ``peaknet2cxi`` reads them ahead, this benchmark does not,
+    so before them recurring hot pixels still count); then how the probability and SNR of those
+    false peaks compare with the hits' true peaks (:func:`print_prob_snr`)."""
+    after = f", without each run's first {skip} frames" if skip else ""
+    print(f"false peaks on blanks at min_snr {min_snr:g}, min_height {min_height:g}{after}, by "
+          "source; SNR, model probability, size and height:")
+    by_detector = {name: [r for r in records if r.index >= skip]
+                   for name, records in by_detector.items()}
     for name, records in by_detector.items():
         blanks = [r for r in records if not r.hit]
         if not blanks:
@@ -391,6 +398,38 @@ def print_sources(by_detector: dict[str, list[FrameRecord]], min_snr: float,
         for r in worst:
             print(f"    seed {r.seed}: {int(np.sum(passes(r.peaks, min_snr, min_height)))} peaks "
                   f"({r.conditions})")
+    print_prob_snr(by_detector, min_snr, min_height)
+
+
+#: bin edges of :func:`print_prob_snr`
+PROB_EDGES = (0.0, 0.5, 0.55, 0.6, 0.7, 0.8, 1.0)
+SNR_EDGES = (0.0, 3.5, 4.0, 5.0, 6.0, 8.0, np.inf)
+
+
+def print_prob_snr(by_detector: dict[str, list[FrameRecord]], min_snr: float,
+                   min_height: float) -> None:
+    """Counts by peak probability (rows) and SNR (columns), pooled over detectors: the blanks'
+    false peaks beside the hits' peaks on a strong reflection.  Why: a cut on either (a higher
+    threshold, min_snr, or both for doubtful peaks) removes the false peaks of a cell only with
+    the true peaks of the same cell."""
+    from peaknet_xtal.types import empty_peaks
+
+    rows = {"blanks' false peaks": [r.peaks[passes(r.peaks, min_snr, min_height)]
+                                    for records in by_detector.values()
+                                    for r in records if not r.hit],
+            "hits' true strong peaks": [r.peaks[passes(r.peaks, min_snr, min_height)
+                                                & r.matched_strong]
+                                        for records in by_detector.values()
+                                        for r in records if r.hit]}
+    columns = " ".join(f"{f'<{hi:g}' if np.isfinite(hi) else f'>={lo:g}':>6}"
+                       for lo, hi in zip(SNR_EDGES[:-1], SNR_EDGES[1:], strict=True))
+    for label, parts in rows.items():
+        peaks = np.concatenate(parts) if parts else empty_peaks()
+        counts, _, _ = np.histogram2d(peaks["prob"], peaks["snr"], (PROB_EDGES, SNR_EDGES))
+        print(f"  {label} ({len(peaks)}) by probability (rows) and SNR (columns):")
+        print(f"    {'prob':>9} {columns}")
+        for lo, hi, row in zip(PROB_EDGES[:-1], PROB_EDGES[1:], counts, strict=True):
+            print(f"    {lo:.2f}-{hi:.2f} " + " ".join(f"{int(c):>6}" for c in row))
 
 
 def real_frames(min_snr: float | None, min_peaks: int | None, min_height: float | None = None
@@ -499,7 +538,7 @@ def main(argv: list[str] | None = None) -> int:
             print("the former default, min_peaks 0 (every frame a hit), for comparison:")
             print_summary(by_detector, min_snr, 0, args.indexable, skip, min_height)
         if args.sources:
-            print_sources(by_detector, min_snr, min_height)
+            print_sources(by_detector, min_snr, min_height, skip)
         if args.sweep:
             for snr in (3.0, 3.5, 4.0, 5.0):
                 for peaks in (1, 5, 10, 15, 20):

@@ -85,6 +85,28 @@ def test_false_peaks_are_traced_to_hot_pixels_streaks_and_zingers(bench):
     assert bench.classify(peaks, info).tolist() == ["hot", "streak", "zinger", "other"]
 
 
+def test_sources_leave_out_the_learning_frames_and_set_false_beside_true_peaks(bench, capsys):
+    """After ``skip`` frames only; the blanks' false peaks and the hits' peaks on a strong
+    reflection binned by probability (all 0.6 here) and SNR."""
+    early = record(bench, 0, False, [3.2, 3.7])  # a learning frame: left out
+    late = record(bench, 5, False, [3.2, 9.0])
+    hit = record(bench, 6, True, [3.2, 4.5, 12.0], on_truth=[True] * 3,
+                 matched=[True, True, False], strong=3)
+    for r in (early, late, hit):
+        r.peaks["max_value"], r.peaks["background_sigma"] = 5.0, 1.0
+    bench.print_sources({"d": [early, late, hit]}, 3.0, 0.0, skip=5)
+    out = capsys.readouterr().out
+    assert "without each run's first 5 frames" in out and "d: 2 on 1 blanks" in out
+
+    def row(title):
+        lines = out.splitlines()
+        start = next(i for i, line in enumerate(lines) if title in line)
+        return next(line for line in lines[start + 2:] if line.strip().startswith("0.60-0.70"))
+
+    assert row("blanks' false peaks (2)").split()[1:] == ["1", "0", "0", "0", "0", "1"]
+    assert row("hits' true strong peaks (2)").split()[1:] == ["1", "0", "1", "0", "0", "0"]
+
+
 def test_photon_counting_runs_hold_whole_counts(bench, real_data):
     """The photon-counting detectors' frames are exact counts (no read noise, no pedestal, the
     artefacts counted too); an integrating detector's are not."""

@@ -364,10 +364,18 @@ Statistics over a window instead (``image_stats: window``, model/layers/window_s
 GroupNorm statistics over the 96 input pixels around each position, the training crop's size,
 so the network meets at inference the statistics it was trained with while staying local):
 ``--config examples/configs/train_default_windowstats.yaml --baseline`` the shipped default, the
-shipped recipe otherwise.  Not trained to the end yet: a first run's loss turned NaN at step
-~780 (the square root of a window energy of zero: floored since, and tested), and the second
-(2.3 steps/s on the busy machine, where the fine-tune above ran at 2.6-2.9: about an hour for
-8,000 steps) was stopped for lack of time.  It is the next candidate, chosen by stages 3-4b.
+shipped recipe otherwise.  A first run's loss turned NaN at step ~780 (the square root of a
+window energy of zero: floored since, and tested); the third trained to the end (8,000 steps in
+55 minutes on the shared machine, 2.3-2.9 steps/s) and was rejected by stage 4: 0.5: 0.885
+(0.855, 0.902), 0.5 false peaks per blank; calibrated to 0.45: 0.888 (0.853, 0.907), 0.7,
+against the shipped default's 0.894 (0.863, 0.911), 0.6 in the same run.  Nor did it make a
+panel's peaks independent of the tiles (``benchmarks/tile_dependence.py``, three thaumatin
+frames, the Eiger2 still and the simulated selection frames; results/tile_dependence_window.txt):
+whole and 512-px tiles found 99.8 % of its default tiling's peaks, against 99.3 and 99.5 % for
+the shipped default: the statistics are local now, but the convolutions reach further than the
+32 px each side of a cut that the engine's 64-px overlap leaves.  And it costs 1.9 times the
+shipped default's forward on a CPU (fused forms, one thread, 8 x 192 x 192: 0.33 against
+0.17-0.18 s; its GRN works on the block's widest tensor and cannot fold into the next layer).
 
 Sharp spots (``--sharp-spots``; two candidates, neither installed).  Why the default misses
 compact real CSPAD spots (it gives them peak probabilities of 0.3-0.6 where simulated spots as

@@ -1,13 +1,17 @@
 """Do a panel's peaks depend on how the engine tiles it or where the panel sits?
 
     python benchmarks/tile_dependence.py [--models default WEIGHTS ...] [--frames 10] [--fixed]
+        [--overlap 64]
 
 For each model, on frames with panels larger than one tile: the peaks found with the engine's
 default tiles (1024 px, 64 px overlap) against the peaks found with the panel whole (no cut),
 with 512-px tiles, and with the panel embedded in a larger masked layout at an offset on the
 32-px grid (as a panel sits among others in a detector layout): how many of the default's peaks
 each finds again (one-to-one, within 1 px), and how many peaks it finds.  The baseline is the
-default tiling of the same model in the same run.  ``--fixed`` adds, for every model given with
+default tiling of the same model in the same run.  ``--overlap`` sets the pixels neighbouring
+tiles share in every tiled variant (the engine's default, 64, leaves 32 px each side of a cut:
+less than the convolutions reach, so even a model with local statistics differs at the cuts;
+results/tile_dependence_window.txt).  ``--fixed`` adds, for every model given with
 per-image statistics, its copy with fixed image statistics (model/fixed_stats.py) as the training
 script's stage 2b makes them, on its bank's first 40 frames (a couple of minutes; the script
 uses all 320).
@@ -80,8 +84,10 @@ def find(model: Any, panels: list[np.ndarray], masks: list[np.ndarray],
     return next(iter(finder.find_frames([Frame(panels=panels, masks=masks)]))).peaks
 
 
-def embedded(model: Any, panels: list[np.ndarray], masks: list[np.ndarray]) -> np.ndarray:
-    """Peaks of the panels each placed in a larger masked layout, in panel coordinates."""
+def embedded(model: Any, panels: list[np.ndarray], masks: list[np.ndarray],
+             **engine: Any) -> np.ndarray:
+    """Peaks of the panels each placed in a larger masked layout, in panel coordinates
+    (``engine``: keywords of the finding engine, as :func:`find`)."""
     y0, x0 = EMBED_AT
     out = []
     for k, (panel, good) in enumerate(zip(panels, masks, strict=True)):
@@ -89,7 +95,7 @@ def embedded(model: Any, panels: list[np.ndarray], masks: list[np.ndarray]) -> n
         layout = np.zeros((h + EMBED_MARGIN, w + EMBED_MARGIN), np.float32)
         inside = np.zeros(layout.shape, bool)
         layout[y0:y0 + h, x0:x0 + w], inside[y0:y0 + h, x0:x0 + w] = panel, good
-        peaks = find(model, [layout], [inside]).copy()
+        peaks = find(model, [layout], [inside], **engine).copy()
         peaks["panel"], peaks["ss"], peaks["fs"] = k, peaks["ss"] - y0, peaks["fs"] - x0
         out.append(peaks)
     return np.concatenate(out)
@@ -125,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--frames", type=int, default=10, help="thaumatin frames (of 10)")
     parser.add_argument("--fixed", action="store_true",
                         help="also each model with fixed image statistics")
+    parser.add_argument("--overlap", type=int, default=None,
+                        help="pixels neighbouring tiles share (default: the engine's)")
     args = parser.parse_args(argv)
     import torch
 
@@ -137,17 +145,21 @@ def main(argv: list[str] | None = None) -> int:
         models[spec] = model
         if args.fixed and model.config.get("image_stats", "per_image") == "per_image":
             models[f"{spec} (fixed statistics)"] = with_fixed_stats(spec)
+    from peaknet_xtal.finding.settings import DEFAULTS
+
+    overlap = {"tile_overlap": DEFAULTS.tile_overlap if args.overlap is None else args.overlap}
+    print(f"tile overlap {overlap['tile_overlap']} px")
     totals = {label: {"peaks": 0, **{v: [0, 0] for v in VARIANTS}} for label in models}
     print("| frame | model | peaks, default tiles | " + " | ".join(
         f"{v}: found again / peaks" for v in VARIANTS) + " |")
     print("|---|---|---|" + "---|" * len(VARIANTS))
     for name, panels, masks in frames(args.frames):
         for label, model in models.items():
-            base = find(model, panels, masks)
+            base = find(model, panels, masks, **overlap)
             cells = []
             for variant, engine in VARIANTS.items():
-                other = (embedded(model, panels, masks) if engine is None
-                         else find(model, panels, masks, **engine))
+                other = (embedded(model, panels, masks, **overlap) if engine is None
+                         else find(model, panels, masks, **{**overlap, **engine}))
                 same = shared(base, other)
                 totals[label][variant][0] += same
                 totals[label][variant][1] += len(other)

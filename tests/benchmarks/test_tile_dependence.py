@@ -57,3 +57,22 @@ def test_peaks_are_matched_one_to_one_within_a_pixel(script):
                            ss=np.array([5.0, 3.5, 5.0]))
     assert script.shared(a, b) == 2  # one of the two close peaks on panel 0 is left unmatched
     assert script.shared(a, b[2:]) == 0
+
+
+def test_the_overlap_reaches_every_tiled_engine(script, monkeypatch, capsys):
+    """``--overlap`` is the tile overlap of the default tiling and of every variant (a whole
+    panel has no cut, but takes it too)."""
+    seen = []
+
+    def spy(model, panels, masks, **engine):
+        seen.append((engine.get("tile_size"), engine.get("tile_overlap")))
+        return peaks_from_columns(panel=np.zeros(0, np.int32), fs=np.zeros(0), ss=np.zeros(0))
+
+    panels = [np.zeros((64, 64), np.float32)]
+    monkeypatch.setattr(script, "frames", lambda count: iter([("tiny", panels,
+                                                                 [np.ones((64, 64), bool)])]))
+    monkeypatch.setattr(script, "find", spy)
+    assert script.main(["--overlap", "128"]) == 0
+    assert "tile overlap 128 px" in capsys.readouterr().out
+    # default tiling, whole, 512-px tiles, embedded
+    assert seen == [(None, 128), (8192, 128), (512, 128), (None, 128)]

@@ -58,16 +58,20 @@ class FusedConvNeXtBlock(nn.Module):
         self.norm = block.norm
         self.pwconv1 = block.pwconv1
         self.act = block.act
-        self.eps = block.grn.eps
+        grn = block.grn
+        self.eps = grn.eps if grn is not None else 0.0
         with torch.no_grad():
-            gamma = block.grn.gamma.detach().reshape(1, -1, 1)  # (1, 4d, 1)
-            beta = block.grn.beta.detach().reshape(-1)
             weight_t = block.pwconv2.weight.detach().t().contiguous()  # (4d, d)
-            bias = block.pwconv2.bias.detach() + beta @ weight_t
-            # fixed statistics (model/fixed_stats.py): the scale is one for every image
-            self.fixed = bool(block.grn.fixed)
-            if self.fixed:
-                weight_t = weight_t * (1 + gamma[0] * block.grn.nx.detach().reshape(-1, 1))
+            bias = block.pwconv2.bias.detach()
+            gamma = weight_t.new_zeros(1, weight_t.shape[0], 1)
+            # fixed statistics (model/fixed_stats.py): the scale is one for every image; no GRN:
+            # no scale
+            self.fixed = grn is None or bool(grn.fixed)
+            if grn is not None:
+                gamma = grn.gamma.detach().reshape(1, -1, 1)  # (1, 4d, 1)
+                bias = bias + grn.beta.detach().reshape(-1) @ weight_t
+                if grn.fixed:
+                    weight_t = weight_t * (1 + gamma[0] * grn.nx.detach().reshape(-1, 1))
         self.register_buffer("gamma", gamma)
         self.register_buffer("weight_t", weight_t)
         self.register_buffer("bias", bias)
@@ -185,7 +189,7 @@ def fuse_for_inference(model: Any) -> Any:
     fused = copy.deepcopy(model).eval()
     for parent in list(fused.modules()):
         for name, child in list(parent.named_children()):
-            if type(child) is ConvNeXtV2Block and not child.grn.window:
+            if type(child) is ConvNeXtV2Block and (child.grn is None or not child.grn.window):
                 setattr(parent, name, FusedConvNeXtBlock(child))
             elif type(child) is SeparableConvNorm:
                 setattr(parent, name, FastSeparableConvNorm(child))

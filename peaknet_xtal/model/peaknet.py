@@ -44,8 +44,10 @@ PUBLISHED_BACKBONE_PARAMS: dict[str, float] = {
 PAD_MULTIPLE = 32
 #: Where the GRN and GroupNorm layers take their statistics: from each input image (as trained),
 #: ``fixed``, measured once on training data and stored (model/fixed_stats.py), or ``window``,
-#: over ``stats_window`` input pixels around each position (layers/window_stats.py)
-IMAGE_STATS = ("per_image", "fixed", "window")
+#: over ``stats_window`` input pixels around each position (layers/window_stats.py), or ``none``:
+#: no GRN, and the head normalises each pixel over its channels (LayerNorm) instead of GroupNorm,
+#: so every layer is local and the network's reach is its convolutions'
+IMAGE_STATS = ("per_image", "fixed", "window", "none")
 #: Logits forced onto masked pixels: background wins by 30 nats, finite so losses stay finite.
 MASKED_LOGITS = (15.0, -15.0)
 
@@ -92,12 +94,14 @@ class PeakNet(nn.Module):
         if image_stats == "window":  # only then in the config: older models' configs unchanged
             self.config["stats_window"] = window = int(stats_window)
         fixed = image_stats == "fixed"
+        pixel = image_stats == "none"
         self.backbone = ConvNeXtV2Backbone(dims, depths, in_chans=1, drop_path=drop_path,
-                                           fixed_stats=fixed, stats_window=window)
+                                           fixed_stats=fixed, stats_window=window,
+                                           grn=not pixel)
         info = self.backbone.feature_info
         self.neck = BiFPN([f["channels"] for f in info], neck_width, neck_blocks, neck_kernel)
         self.head = SegHead(neck_width, [f["stride"] for f in info], head_channels, num_classes,
-                            learned_upsample, fixed, window)
+                            learned_upsample, fixed, window, pixel)
         self.apply(_init_weights)
 
     def normalise(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

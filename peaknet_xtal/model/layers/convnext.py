@@ -86,22 +86,30 @@ class GRN(nn.Module):
 
 
 class ConvNeXtV2Block(nn.Module):
-    """7x7 depthwise conv -> LN -> Linear(d, 4d) -> GELU -> GRN -> Linear(4d, d), plus residual."""
+    """7x7 depthwise conv -> LN -> Linear(d, 4d) -> GELU -> GRN -> Linear(4d, d), plus residual.
+
+    ``grn=False`` leaves GRN out (the ConvNeXt-V1 block without layer scale): every operation is
+    then local, so the block's output at a pixel depends only on its 7 x 7 neighbourhood.
+    """
+
+    grn: GRN | None
 
     def __init__(self, dim: int, drop_path: float = 0.0, fixed_stats: bool = False,
-                 window: int = 0) -> None:
+                 window: int = 0, grn: bool = True) -> None:
         super().__init__()
         self.dwconv = nn.Conv2d(dim, dim, kernel_size=7, padding=3, groups=dim)
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.pwconv1 = nn.Linear(dim, 4 * dim)
         self.act = nn.GELU()
-        self.grn = GRN(4 * dim, fixed=fixed_stats, window=window)
+        self.grn = GRN(4 * dim, fixed=fixed_stats, window=window) if grn else None
         self.pwconv2 = nn.Linear(4 * dim, dim)
         self.drop_path = drop_path
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.dwconv(x).permute(0, 2, 3, 1)
-        y = self.pwconv2(self.grn(self.act(self.pwconv1(self.norm(y)))))
+        y = self.act(self.pwconv1(self.norm(self.dwconv(x).permute(0, 2, 3, 1))))
+        if self.grn is not None:
+            y = self.grn(y)
+        y = self.pwconv2(y)
         y = y.permute(0, 3, 1, 2)
         if self.training and self.drop_path > 0.0:
             keep = torch.rand(y.shape[0], 1, 1, 1, device=y.device) >= self.drop_path
@@ -113,12 +121,13 @@ class ConvNeXtV2Backbone(nn.Module):
     """Four stages at strides 4/8/16/32; returns one normalised feature map per stage.
 
     ``feature_info`` lists ``{"channels", "stride"}`` per output so that the neck and head size
-    themselves from the backbone rather than from hard-coded widths.
+    themselves from the backbone rather than from hard-coded widths.  ``grn=False`` builds the
+    blocks without GRN (:class:`ConvNeXtV2Block`).
     """
 
     def __init__(self, dims: list[int] | tuple[int, ...], depths: list[int] | tuple[int, ...],
                  in_chans: int = 1, drop_path: float = 0.0, fixed_stats: bool = False,
-                 stats_window: int = 0) -> None:
+                 stats_window: int = 0, grn: bool = True) -> None:
         super().__init__()
         if len(dims) != len(depths):
             raise ValueError(f"dims {list(dims)} and depths {list(depths)} differ in length")
@@ -137,7 +146,7 @@ class ConvNeXtV2Backbone(nn.Module):
         for i, (dim, depth) in enumerate(zip(self.dims, self.depths, strict=False)):
             cells = window_cells(stats_window, 4 * 2 ** i) if stats_window else 0
             self.stages.append(nn.Sequential(
-                *[ConvNeXtV2Block(dim, rates[start + j], fixed_stats, cells)
+                *[ConvNeXtV2Block(dim, rates[start + j], fixed_stats, cells, grn)
                   for j in range(depth)]))
             start += depth
         self.out_norms = nn.ModuleList(LayerNorm2d(d, eps=1e-6) for d in self.dims)

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from peaknet_xtal.model.layers.convnext import LayerNorm2d
 from peaknet_xtal.model.layers.window_stats import window_cells, window_mean
 
 
@@ -69,9 +70,15 @@ class WindowGroupNorm(nn.GroupNorm):
 
 
 class ConvGNGELU(nn.Sequential):
-    def __init__(self, cin: int, cout: int, fixed_stats: bool = False, window: int = 0) -> None:
+    """3x3 conv -> GroupNorm (image-wide, fixed or windowed statistics; or, with
+    ``pixel_norm``, a LayerNorm over each pixel's channels, which is local) -> GELU."""
+
+    def __init__(self, cin: int, cout: int, fixed_stats: bool = False, window: int = 0,
+                 pixel_norm: bool = False) -> None:
         norm: nn.Module
-        if fixed_stats:
+        if pixel_norm:
+            norm = LayerNorm2d(cout, eps=1e-6)
+        elif fixed_stats:
             norm = FixedGroupNorm(_groups(cout), cout)
         elif window:
             norm = WindowGroupNorm(_groups(cout), cout, window)
@@ -85,7 +92,7 @@ class SegHead(nn.Module):
 
     def __init__(self, in_channels: int, strides: list[int], channels: int, num_classes: int = 2,
                  learned_upsample: bool = True, fixed_stats: bool = False,
-                 stats_window: int = 0) -> None:
+                 stats_window: int = 0, pixel_norm: bool = False) -> None:
         super().__init__()
         self.base_stride = strides[0]
         self.branches = nn.ModuleList()
@@ -95,7 +102,7 @@ class SegHead(nn.Module):
             for k in range(max(1, n_up)):
                 cells = window_cells(stats_window, stride // 2 ** k) if stats_window else 0
                 layers.append(ConvGNGELU(in_channels if k == 0 else channels, channels,
-                                          fixed_stats, cells))
+                                          fixed_stats, cells, pixel_norm))
                 if n_up > 0:
                     layers.append(nn.Upsample(scale_factor=2, mode="bilinear",
                                               align_corners=False))

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from peaknet_test_support import spotted_images
+from peaknet_test_support import perturbed_norms, spotted_images
 
 from peaknet_xtal.finding.engine import InferenceEngine
 from peaknet_xtal.model import create_model, load_model, save_model
@@ -25,13 +25,7 @@ SMALL = {"dims": [8, 16], "depths": [1, 1], "neck_width": 16, "neck_blocks": 1,
 def _random_model(seed: int = 0, **config: object) -> torch.nn.Module:
     """A model whose GRN and norm parameters are away from their identity init, so that the
     statistics matter."""
-    torch.manual_seed(seed)
-    model = create_model("yocto", **config).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "grn" in name or "norm" in name or "head" in name:
-                param.add_(0.5 * torch.randn_like(param))
-    return model
+    return perturbed_norms(create_model("yocto", **config), seed)
 
 
 def test_stored_statistics_are_the_per_image_ones_averaged():

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from peaknet_test_support import spotted_images
+from peaknet_test_support import perturbed_norms, spotted_images
 
 from peaknet_xtal.finding.engine import InferenceEngine
 from peaknet_xtal.model import create_model, load_model, save_model
@@ -23,16 +23,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 #: a two-level PeakNet (receptive field ~150 px, the window adds 16) as in test_fixed_stats.py
 SMALL = {"dims": [8, 16], "depths": [1, 1], "neck_width": 16, "neck_blocks": 1,
          "head_channels": 8, "input_norm": "local", "image_stats": "window", "stats_window": 32}
-
-
-def _perturbed(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """GRN and norm parameters away from their identity init, so that the statistics matter."""
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "grn" in name or "norm" in name or "head" in name:
-                param.add_(0.5 * torch.randn_like(param))
-    return model.eval()
 
 
 @pytest.mark.parametrize("cells", [1, 3, 7, 25, 61])
@@ -98,7 +88,7 @@ def test_window_statistics_make_a_pixels_output_independent_of_far_pixels():
     per_image = {**SMALL, "image_stats": "per_image"}
     x, good = spotted_images(4, 1, (64, 640))
     for config, changed in ((SMALL, False), (per_image, True)):
-        net = _perturbed(create_model("yocto", **config), 3)
+        net = perturbed_norms(create_model("yocto", **config), 3)
         z = net.normalise(x, good)
         far = z.clone()
         far[..., 448:] = 3.0 * torch.randn_like(far[..., 448:])  # beyond 300 px of columns < 96
@@ -111,7 +101,7 @@ def test_window_statistics_make_a_pixels_output_independent_of_far_pixels():
 def test_engine_gives_the_same_probabilities_whole_and_tiled_with_window_statistics():
     """Tiles overlapping by more than the receptive field: the stitched output is the whole
     panel's, to float32 rounding."""
-    net = _perturbed(create_model("yocto", **SMALL), 5)
+    net = perturbed_norms(create_model("yocto", **SMALL), 5)
     panel = spotted_images(7, 1, (200, 900))[0][0, 0].numpy()
     whole = InferenceEngine(net, device="cpu", fast=False, tile_size=1024)
     tiled = InferenceEngine(net, device="cpu", fast=False, tile_size=640, tile_overlap=384)
@@ -120,7 +110,7 @@ def test_engine_gives_the_same_probabilities_whole_and_tiled_with_window_statist
 
 
 def test_fused_form_keeps_window_blocks_and_their_output():
-    net = _perturbed(create_model("yocto", **SMALL), 8)
+    net = perturbed_norms(create_model("yocto", **SMALL), 8)
     fused = fuse_for_inference(net)
     assert not any(isinstance(m, FusedConvNeXtBlock) for m in fused.modules())
     x, good = spotted_images(9, 2, (96, 128))
@@ -130,7 +120,7 @@ def test_fused_form_keeps_window_blocks_and_their_output():
 
 
 def test_a_window_model_saves_and_loads_and_other_configs_are_unchanged(tmp_path):
-    net = _perturbed(create_model("yocto", **SMALL), 10)
+    net = perturbed_norms(create_model("yocto", **SMALL), 10)
     loaded = load_model(str(save_model(net, tmp_path / "window.safetensors")))
     assert loaded.config["image_stats"] == "window" and loaded.config["stats_window"] == 32
     x, good = spotted_images(11, 2, (96, 128))

@@ -109,6 +109,20 @@ def spotted_images(seed: int, count: int, shape: tuple[int, int] = (96, 128)) ->
     return torch.from_numpy(x), torch.ones(x.shape, dtype=torch.bool)
 
 
+def perturbed_norms(model: Any, seed: int) -> Any:
+    """``model`` in eval mode with its GRN, norm and head parameters moved away from their
+    identity init (plus 0.5 x a standard normal, seeded), so that what the norms compute
+    matters: the model-layer tests' network."""
+    import torch
+
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "grn" in name or "norm" in name or "head" in name:
+                param.add_(0.5 * torch.randn_like(param))
+    return model.eval()
+
+
 def load_script(path: str | os.PathLike[str], name: str | None = None) -> Any:
     """A script that is not a package module (``examples/*.py``, ``benchmarks/*.py``, shared
     test helpers), loaded by path as module ``name`` (default: the file's stem) and registered in

@@ -1,0 +1,82 @@
+"""A PeakNet without image-wide statistics (``image_stats: none``): no GRN, the head's norms per
+pixel over channels.  Nothing in it averages over the image, so a pixel's output does not depend
+on far pixels and the engine's tiles give the whole panel's output; the fused CPU form folds its
+blocks; it saves and loads as any other model, and older configs build as before."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from peaknet_test_support import perturbed_norms, spotted_images
+
+from peaknet_xtal.finding.engine import InferenceEngine
+from peaknet_xtal.model import create_model, load_model, save_model
+from peaknet_xtal.model.fast import FusedConvNeXtBlock, fuse_for_inference
+from peaknet_xtal.model.layers.convnext import GRN, LayerNorm2d
+from peaknet_xtal.model.layers.head import ConvGNGELU
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+#: a two-level PeakNet: a receptive field of ~150 px, so that "far" fits in a small test image
+SMALL = {"dims": [8, 16], "depths": [1, 1], "neck_width": 16, "neck_blocks": 1,
+         "head_channels": 8, "input_norm": "local", "image_stats": "none"}
+
+
+def test_no_layer_takes_image_wide_statistics():
+    net = create_model("yocto", **SMALL)
+    assert not any(isinstance(m, (GRN, torch.nn.GroupNorm)) for m in net.modules())
+    heads = [m for m in net.modules() if isinstance(m, ConvGNGELU)]
+    assert heads and all(isinstance(m[1], LayerNorm2d) for m in heads)
+    per_image = create_model("yocto", **{**SMALL, "image_stats": "per_image"})
+    assert any(isinstance(m, GRN) for m in per_image.modules())
+    assert any(isinstance(m, torch.nn.GroupNorm) for m in per_image.modules())
+
+
+def test_a_pixels_output_is_independent_of_far_pixels():
+    """Content far beyond the receptive field changes nothing without image statistics; with
+    per-image statistics it changes every pixel's output."""
+    x, good = spotted_images(4, 1, (64, 640))
+    for config, changed in ((SMALL, False), ({**SMALL, "image_stats": "per_image"}, True)):
+        net = perturbed_norms(create_model("yocto", **config), 3)
+        z = net.normalise(x, good)
+        far = z.clone()
+        far[..., 448:] = 3.0 * torch.randn_like(far[..., 448:])  # beyond 300 px of columns < 96
+        with torch.inference_mode():
+            a = net.peak_logit(z, good, normalised=True)[..., :96]
+            b = net.peak_logit(far, good, normalised=True)[..., :96]
+        assert bool((a - b).abs().max() > 1e-4) is changed
+
+
+def test_engine_gives_the_same_probabilities_whole_and_tiled():
+    """Tiles overlapping by more than the receptive field: the stitched output is the whole
+    panel's, to float32 rounding."""
+    net = perturbed_norms(create_model("yocto", **SMALL), 5)
+    panel = spotted_images(7, 1, (200, 900))[0][0, 0].numpy()
+    whole = InferenceEngine(net, device="cpu", fast=False, tile_size=1024)
+    tiled = InferenceEngine(net, device="cpu", fast=False, tile_size=640, tile_overlap=384)
+    (a,), (b,) = whole.predict_panels([panel]), tiled.predict_panels([panel])
+    assert np.abs(a - b).max() < 1e-4
+
+
+def test_fused_form_folds_the_blocks_and_keeps_the_output():
+    net = perturbed_norms(create_model("yocto", **SMALL), 8)
+    fused = fuse_for_inference(net)
+    assert any(isinstance(m, FusedConvNeXtBlock) for m in fused.modules())
+    x, good = spotted_images(9, 2, (96, 128))
+    with torch.inference_mode():
+        plain, fast = net(x, good), fused(x, good)
+        torch.testing.assert_close(fast, plain, atol=1e-5 * plain.abs().max().item(), rtol=1e-5)
+        torch.testing.assert_close(fused.peak_logit(x, good),
+                                   (plain[:, 1:2] - plain[:, 0:1]), atol=1e-4, rtol=1e-5)
+
+
+def test_saves_and_loads_and_other_configs_are_unchanged(tmp_path):
+    net = perturbed_norms(create_model("yocto", **SMALL), 10)
+    loaded = load_model(str(save_model(net, tmp_path / "none.safetensors")))
+    assert loaded.config["image_stats"] == "none"
+    assert not any(isinstance(m, GRN) for m in loaded.modules())
+    x, good = spotted_images(11, 2, (96, 128))
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded(x, good), net(x, good))
+    names = {k for k, _ in create_model("yocto").named_parameters()}
+    assert any(".grn." in k for k in names)  # the per-image default keeps its GRN parameters

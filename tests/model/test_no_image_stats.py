@@ -1,15 +1,12 @@
 """A PeakNet without image-wide statistics (``image_stats: none``): no GRN, the head's norms per
-pixel over channels.  Nothing in it averages over the image, so a pixel's output does not depend
-on far pixels and the engine's tiles give the whole panel's output; the fused CPU form folds its
-blocks; it saves and loads as any other model, and older configs build as before."""
+pixel over channels (its locality: test_locality.py); the fused CPU form folds its blocks; it
+saves and loads as any other model, and older configs build as before."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from peaknet_test_support import perturbed_norms, spotted_images
 
-from peaknet_xtal.finding.engine import InferenceEngine
 from peaknet_xtal.model import create_model, load_model, save_model
 from peaknet_xtal.model.fast import FusedConvNeXtBlock, fuse_for_inference
 from peaknet_xtal.model.layers.convnext import GRN, LayerNorm2d
@@ -30,32 +27,6 @@ def test_no_layer_takes_image_wide_statistics():
     per_image = create_model("yocto", **{**SMALL, "image_stats": "per_image"})
     assert any(isinstance(m, GRN) for m in per_image.modules())
     assert any(isinstance(m, torch.nn.GroupNorm) for m in per_image.modules())
-
-
-def test_a_pixels_output_is_independent_of_far_pixels():
-    """Content far beyond the receptive field changes nothing without image statistics; with
-    per-image statistics it changes every pixel's output."""
-    x, good = spotted_images(4, 1, (64, 640))
-    for config, changed in ((SMALL, False), ({**SMALL, "image_stats": "per_image"}, True)):
-        net = perturbed_norms(create_model("yocto", **config), 3)
-        z = net.normalise(x, good)
-        far = z.clone()
-        far[..., 448:] = 3.0 * torch.randn_like(far[..., 448:])  # beyond 300 px of columns < 96
-        with torch.inference_mode():
-            a = net.peak_logit(z, good, normalised=True)[..., :96]
-            b = net.peak_logit(far, good, normalised=True)[..., :96]
-        assert bool((a - b).abs().max() > 1e-4) is changed
-
-
-def test_engine_gives_the_same_probabilities_whole_and_tiled():
-    """Tiles overlapping by more than the receptive field: the stitched output is the whole
-    panel's, to float32 rounding."""
-    net = perturbed_norms(create_model("yocto", **SMALL), 5)
-    panel = spotted_images(7, 1, (200, 900))[0][0, 0].numpy()
-    whole = InferenceEngine(net, device="cpu", fast=False, tile_size=1024)
-    tiled = InferenceEngine(net, device="cpu", fast=False, tile_size=640, tile_overlap=384)
-    (a,), (b,) = whole.predict_panels([panel]), tiled.predict_panels([panel])
-    assert np.abs(a - b).max() < 1e-4
 
 
 def test_fused_form_folds_the_blocks_and_keeps_the_output():

@@ -5,13 +5,11 @@ change nothing, so tiles do not), the fused CPU form leaves those blocks as they
 model saves and loads with its window."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from peaknet_test_support import perturbed_norms, spotted_images
 
-from peaknet_xtal.finding.engine import InferenceEngine
 from peaknet_xtal.model import create_model, load_model, save_model
 from peaknet_xtal.model.fast import FusedConvNeXtBlock, fuse_for_inference
 from peaknet_xtal.model.layers.convnext import GRN
@@ -80,33 +78,6 @@ def test_windows_of_zeros_keep_values_and_gradients_finite():
     layer(x).pow(2).sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
     assert all(torch.isfinite(p.grad).all() for p in layer.parameters() if p.grad is not None)
-
-
-def test_window_statistics_make_a_pixels_output_independent_of_far_pixels():
-    """Content far beyond the receptive field changes nothing with window statistics; with
-    per-image statistics it changes every pixel's output."""
-    per_image = {**SMALL, "image_stats": "per_image"}
-    x, good = spotted_images(4, 1, (64, 640))
-    for config, changed in ((SMALL, False), (per_image, True)):
-        net = perturbed_norms(create_model("yocto", **config), 3)
-        z = net.normalise(x, good)
-        far = z.clone()
-        far[..., 448:] = 3.0 * torch.randn_like(far[..., 448:])  # beyond 300 px of columns < 96
-        with torch.inference_mode():
-            a = net.peak_logit(z, good, normalised=True)[..., :96]
-            b = net.peak_logit(far, good, normalised=True)[..., :96]
-        assert bool((a - b).abs().max() > 1e-4) is changed
-
-
-def test_engine_gives_the_same_probabilities_whole_and_tiled_with_window_statistics():
-    """Tiles overlapping by more than the receptive field: the stitched output is the whole
-    panel's, to float32 rounding."""
-    net = perturbed_norms(create_model("yocto", **SMALL), 5)
-    panel = spotted_images(7, 1, (200, 900))[0][0, 0].numpy()
-    whole = InferenceEngine(net, device="cpu", fast=False, tile_size=1024)
-    tiled = InferenceEngine(net, device="cpu", fast=False, tile_size=640, tile_overlap=384)
-    (a,), (b,) = whole.predict_panels([panel]), tiled.predict_panels([panel])
-    assert np.abs(a - b).max() < 1e-4
 
 
 def test_fused_form_keeps_window_blocks_and_their_output():

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from peaknet_test_support import perturbed_norms, spotted_images
+from peaknet_test_support import SMALL_PEAKNET, perturbed_norms, spotted_images
 
 from peaknet_xtal.finding.engine import InferenceEngine
 from peaknet_xtal.model import create_model, load_model, save_model
@@ -17,9 +17,7 @@ from peaknet_xtal.model.layers.head import FixedGroupNorm
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-#: a two-level PeakNet: a receptive field of ~150 px, so that "far" fits in a small test image
-SMALL = {"dims": [8, 16], "depths": [1, 1], "neck_width": 16, "neck_blocks": 1,
-         "head_channels": 8, "input_norm": "local"}
+SMALL = SMALL_PEAKNET
 
 
 def _random_model(seed: int = 0, **config: object) -> torch.nn.Module:

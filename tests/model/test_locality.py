@@ -7,24 +7,22 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from peaknet_test_support import perturbed_norms, spotted_images
+from peaknet_test_support import SMALL_PEAKNET, perturbed_norms, spotted_images
 
 from peaknet_xtal.finding.engine import InferenceEngine
 from peaknet_xtal.model import create_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-#: a two-level PeakNet (receptive field ~150 px; a 32-px window adds 16)
-SMALL = {"dims": [8, 16], "depths": [1, 1], "neck_width": 16, "neck_blocks": 1,
-         "head_channels": 8, "input_norm": "local"}
-LOCAL = {"window": {**SMALL, "image_stats": "window", "stats_window": 32},
-         "none": {**SMALL, "image_stats": "none"}}
+#: a 32-px window adds 16 px to the receptive field
+LOCAL = {"window": {**SMALL_PEAKNET, "image_stats": "window", "stats_window": 32},
+         "none": {**SMALL_PEAKNET, "image_stats": "none"}}
 
 
 @pytest.mark.parametrize(("stats", "local"), [("window", True), ("none", True),
                                               ("per_image", False)])
 def test_a_pixels_output_depends_on_far_pixels_only_with_image_wide_statistics(stats, local):
-    config = LOCAL.get(stats, {**SMALL, "image_stats": stats})
+    config = LOCAL.get(stats, {**SMALL_PEAKNET, "image_stats": stats})
     net = perturbed_norms(create_model("yocto", **config), 3)
     x, good = spotted_images(4, 1, (64, 640))
     z = net.normalise(x, good)

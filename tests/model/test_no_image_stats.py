@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from peaknet_test_support import perturbed_norms, spotted_images
+from peaknet_test_support import SMALL_PEAKNET, perturbed_norms, spotted_images
 
 from peaknet_xtal.model import create_model, load_model, save_model
 from peaknet_xtal.model.fast import FusedConvNeXtBlock, fuse_for_inference
@@ -14,9 +14,7 @@ from peaknet_xtal.model.layers.head import ConvGNGELU
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-#: a two-level PeakNet: a receptive field of ~150 px, so that "far" fits in a small test image
-SMALL = {"dims": [8, 16], "depths": [1, 1], "neck_width": 16, "neck_blocks": 1,
-         "head_channels": 8, "input_norm": "local", "image_stats": "none"}
+SMALL = {**SMALL_PEAKNET, "image_stats": "none"}
 
 
 def test_no_layer_takes_image_wide_statistics():

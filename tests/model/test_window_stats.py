@@ -1,14 +1,14 @@
 """Window statistics (``model/layers/window_stats.py``): GRN and GroupNorm statistics over a
 window around each position.  The window mean is the padded-out average pool's; a window
-covering the whole map gives the per-image layers back; the network becomes local (far pixels
-change nothing, so tiles do not), the fused CPU form leaves those blocks as they are, and the
-model saves and loads with its window."""
+covering the whole map gives the per-image layers back; the network becomes local
+(test_locality.py), the fused CPU form leaves those blocks as they are, and the model saves and
+loads with its window."""
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
-from peaknet_test_support import perturbed_norms, spotted_images
+from peaknet_test_support import SMALL_PEAKNET, perturbed_norms, spotted_images
 
 from peaknet_xtal.model import create_model, load_model, save_model
 from peaknet_xtal.model.fast import FusedConvNeXtBlock, fuse_for_inference
@@ -18,9 +18,8 @@ from peaknet_xtal.model.layers.window_stats import window_cells, window_mean
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-#: a two-level PeakNet (receptive field ~150 px, the window adds 16) as in test_fixed_stats.py
-SMALL = {"dims": [8, 16], "depths": [1, 1], "neck_width": 16, "neck_blocks": 1,
-         "head_channels": 8, "input_norm": "local", "image_stats": "window", "stats_window": 32}
+#: the window adds 16 px to the receptive field
+SMALL = {**SMALL_PEAKNET, "image_stats": "window", "stats_window": 32}
 
 
 @pytest.mark.parametrize("cells", [1, 3, 7, 25, 61])

@@ -109,6 +109,12 @@ def spotted_images(seed: int, count: int, shape: tuple[int, int] = (96, 128)) ->
     return torch.from_numpy(x), torch.ones(x.shape, dtype=torch.bool)
 
 
+#: a two-level PeakNet with local input normalisation: a receptive field of ~150 px, so that
+#: "far" fits in a small test image (the model-layer tests add their ``image_stats``)
+SMALL_PEAKNET: dict[str, Any] = {"dims": [8, 16], "depths": [1, 1], "neck_width": 16,
+                                 "neck_blocks": 1, "head_channels": 8, "input_norm": "local"}
+
+
 def perturbed_norms(model: Any, seed: int) -> Any:
     """``model`` in eval mode with its GRN, norm and head parameters moved away from their
     identity init (plus 0.5 x a standard normal, seeded), so that what the norms compute

@@ -289,31 +289,39 @@ def load_records(path: Path) -> dict[str, list[FrameRecord]]:
     return out
 
 
-def passes(peaks: np.ndarray, min_snr: float, min_height: float) -> np.ndarray:
-    """Which of the records' peaks the finding's SNR and height cuts keep (the height cut is
-    ``finding.peaks.below_height`` itself)."""
-    from peaknet_xtal.finding.peaks import below_height
+def passes(peaks: np.ndarray, min_snr: float, min_height: float,
+           faint_support: int | None = None) -> np.ndarray:
+    """Which of one frame's recorded peaks the finding keeps: its SNR and height cuts, then its
+    frame-level faint-peak rule (``faint_support`` None: the shared default; the functions are
+    ``finding.peaks.below_height`` and ``faint_unsupported`` themselves, as the engine runs
+    them after the defect filter the records have been through)."""
+    from peaknet_xtal.finding.peaks import below_height, faint_unsupported
+    from peaknet_xtal.finding.settings import DEFAULTS
 
     keep: np.ndarray = peaks["snr"] >= min_snr
-    return keep & ~below_height(peaks["max_value"], peaks["background_sigma"], min_height)
+    keep &= ~below_height(peaks["max_value"], peaks["background_sigma"], min_height)
+    support = DEFAULTS.faint_support if faint_support is None else faint_support
+    keep[keep] = ~faint_unsupported(peaks[keep], DEFAULTS.faint_height, support)
+    return keep
 
 
 def summarise(records: Sequence[FrameRecord], min_snr: float, min_peaks: int,
-              indexable: int, skip: int = 0, min_height: float | None = None
-              ) -> dict[str, float]:
-    """The numbers of one detector at given cuts (``min_height`` None: the shared default),
-    without its run's first ``skip`` frames."""
+              indexable: int, skip: int = 0, min_height: float | None = None,
+              faint_support: int | None = None) -> dict[str, float]:
+    """The numbers of one detector at given cuts (``min_height``, ``faint_support`` None: the
+    shared defaults), without its run's first ``skip`` frames."""
     if min_height is None:
         from peaknet_xtal.finding.settings import DEFAULTS
 
         min_height = DEFAULTS.min_height
     blanks = [r for r in records if not r.hit and r.index >= skip]
     hits = [r for r in records if r.hit and r.index >= skip]
-    false_blank = [int(np.sum(passes(r.peaks, min_snr, min_height))) for r in blanks]
+    false_blank = [int(np.sum(passes(r.peaks, min_snr, min_height, faint_support)))
+                   for r in blanks]
     found = correct = matched = true = 0
     called = called_indexable = n_indexable = 0
     for r in hits:
-        keep = passes(r.peaks, min_snr, min_height)
+        keep = passes(r.peaks, min_snr, min_height, faint_support)
         n = int(keep.sum())
         found += n
         correct += int(r.on_truth[keep].sum())
@@ -335,16 +343,19 @@ def summarise(records: Sequence[FrameRecord], min_snr: float, min_peaks: int,
 
 
 def print_summary(by_detector: dict[str, list[FrameRecord]], min_snr: float, min_peaks: int,
-                  indexable: int, skip: int = 0, min_height: float | None = None) -> None:
+                  indexable: int, skip: int = 0, min_height: float | None = None,
+                  faint_support: int | None = None) -> None:
     from peaknet_xtal.finding.settings import DEFAULTS
 
     min_height = DEFAULTS.min_height if min_height is None else min_height
-    print(f"min_snr {min_snr:g}, min_height {min_height:g}, min_peaks {min_peaks}"
+    support = DEFAULTS.faint_support if faint_support is None else faint_support
+    print(f"min_snr {min_snr:g}, min_height {min_height:g}, faint_support {support}, "
+          f"min_peaks {min_peaks}"
           + (f", without each run's first {skip} frames:" if skip else ", every frame:"))
     print(f"  {'detector':11s} {'false/blank':>11s} {'max':>4s} {'blank hits':>10s} "
           f"{'hits called':>11s} {'indexable called':>16s} {'F1 (hits)':>9s} {'recall':>6s}")
     for name, records in by_detector.items():
-        s = summarise(records, min_snr, min_peaks, indexable, skip, min_height)
+        s = summarise(records, min_snr, min_peaks, indexable, skip, min_height, support)
         print(f"  {name:11s} {s['false_per_blank']:11.2f} {s['false_max']:4d} "
               f"{s['blank_hits']:4d} of {s['blanks']:3d} {s['hits_called']:4d} of {s['hits']:4d} "
               f"{s['indexable_called']:8d} of {s['indexable']:4d} {s['f1']:9.3f} "
@@ -545,6 +556,9 @@ def main(argv: list[str] | None = None) -> int:
                     print_summary(by_detector, snr, peaks, args.indexable, skip, min_height)
             for height in (0.0, 4.0, 5.0, 6.0):
                 print_summary(by_detector, min_snr, min_peaks, args.indexable, skip, height)
+            for support in (0, 1, 3, 5, 10):
+                print_summary(by_detector, min_snr, min_peaks, args.indexable, skip, None,
+                              support)
     if args.real:
         print(f"real frames (min_snr {min_snr:g}, min_height {min_height:g}, min_peaks "
               f"{min_peaks}):")

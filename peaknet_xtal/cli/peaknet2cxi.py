@@ -69,6 +69,7 @@ DEFAULTS: dict[str, Any] = {
     "min_height": FINDING.min_height,
     "rescue_prob": FINDING.rescue_prob,
     "rescue_height": FINDING.rescue_height,
+    "faint_support": FINDING.faint_support,
     "adu_per_photon": None,  # None: finding.settings.resolve_gain (geometry, image format)
     "batch_size": FINDING.batch_size,
     "min_peaks": FINDING.min_peaks,  # the shared hit rule (finding.settings)
@@ -85,7 +86,7 @@ DEFAULTS: dict[str, Any] = {
 }
 #: Types of the settings whose default (None) cannot say it, or that the default's type allows too
 #: loosely (config.resolve validates them).
-TYPES: dict[str, Any] = {"min_peaks": NonNegativeInt,
+TYPES: dict[str, Any] = {"min_peaks": NonNegativeInt, "faint_support": NonNegativeInt,
                          "geometry": str | None, "output": str | None, "threads": int | None,
                          "adu_per_photon": float | None, "max_peaks": int | None,
                          "stream": str | None, "address": str | None}
@@ -132,6 +133,12 @@ def build_parser() -> Any:
     parser.add_argument("--rescue-height", dest="rescue_height", type=float,
                         help="least height of such a peak, in background sigmas (default "
                              f"{FINDING.rescue_height:g})")
+    parser.add_argument("--faint-support", dest="faint_support", type=int,
+                        help="report a frame's faint peaks (brightest pixel under "
+                             f"{FINDING.faint_height:g} background sigmas) only when at least "
+                             "this many of its peaks stand that high (default "
+                             f"{FINDING.faint_support}; 0: always): blanks lose their noise "
+                             "peaks, hits keep their weak spots")
     parser.add_argument("--adu-per-photon", dest="adu_per_photon", type=float,
                         help="detector gain for the shot noise in each peak's SNR (default: the "
                              "geometry's adu_per_photon, or adu_per_eV x photon energy; 0: "
@@ -252,6 +259,7 @@ def _run_serial(config: dict[str, Any]) -> dict[str, Any]:
                              min_height=float(config["min_height"]),
                              rescue_prob=float(config["rescue_prob"]),
                              rescue_height=float(config["rescue_height"]),
+                             faint_support=int(config["faint_support"]),
                              adu_per_photon=_optional_float(config["adu_per_photon"]),
                              min_peaks=int(config["min_peaks"]), max_peaks=config["max_peaks"],
                              predictor=config["predictor"])
@@ -336,6 +344,7 @@ def _run_pipeline(config: dict[str, Any]) -> dict[str, Any]:
                               "min_height": float(config["min_height"]),
                               "rescue_prob": float(config["rescue_prob"]),
                               "rescue_height": float(config["rescue_height"]),
+                              "faint_support": int(config["faint_support"]),
                               "adu_per_photon": _optional_float(config["adu_per_photon"]),
                               "max_peaks": config["max_peaks"]},
         "progress": bool(config["progress"]),

@@ -50,12 +50,14 @@ class PeakFinder:
                  *, min_snr: float = DEFAULTS.min_snr, min_height: float = DEFAULTS.min_height,
                  rescue_prob: float = DEFAULTS.rescue_prob,
                  rescue_height: float = DEFAULTS.rescue_height,
+                 faint_support: int = DEFAULTS.faint_support,
                  adu_per_photon: float | None = None,
                  threads: int | None = None, predictor: Predictor | None = None) -> None:
         self.engine = InferenceEngine(model, device=device, threads=threads,
                                       batch_size=batch_size, threshold=threshold, min_snr=min_snr,
                                       min_height=min_height, rescue_prob=rescue_prob,
                                       rescue_height=rescue_height,
+                                      faint_support=faint_support,
                                       min_peaks=min_peaks, max_peaks=max_peaks,
                                       adu_per_photon=adu_per_photon, predictor=predictor)
 

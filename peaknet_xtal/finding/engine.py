@@ -24,7 +24,8 @@ The data flow, and where each step lives::
               clipped annulus background, centroid, intensity, integrated SNR (gain from
               settings.resolve_gain, else measured from the background: finding/gain.py),
               min_snr / size / max_peaks cuts; then finding/defects.py drops pixels that are
-              outliers frame after frame and one-pixel spikes without a spot profile.  Each
+              outliers frame after frame and one-pixel spikes without a spot profile, and
+              peaks.faint_unsupported the faint peaks of a frame with few tall ones.  Each
               frame's own part runs in host threads (off the CPU while the model segments the
               next chunk); the run's state (gain, defect counts) moves frame by frame, in order
       |
@@ -70,13 +71,19 @@ from peaknet_xtal.finding.defects import DefectFilter, DefectTracker
 from peaknet_xtal.finding.gain import GainResolver
 from peaknet_xtal.finding.peaks import (
     PeakParams,
+    faint_unsupported,
     find_peaks,
     group_by_shape,
     is_hit,
     valid_region,
 )
 from peaknet_xtal.finding.sanitise import SanitiseTally, sanitise_frame
-from peaknet_xtal.finding.settings import DEFAULTS, check_min_peaks, resolve_gain
+from peaknet_xtal.finding.settings import (
+    DEFAULTS,
+    check_faint_support,
+    check_min_peaks,
+    resolve_gain,
+)
 from peaknet_xtal.threads import default_threads, describe_default, stub_openmp_message
 from peaknet_xtal.types import Frame, FrameResult
 
@@ -152,7 +159,8 @@ class InferenceEngine:
     CPU threads when the model loads and the host threads that find the peaks (default: the CPUs
     the process may use); ``batch_size`` counts model tiles.  Peak settings come from
     ``peak_params`` or the shorthand keywords ``threshold``, ``min_snr``, ``min_height``,
-    ``min_peaks``, ``max_peaks``, ``adu_per_photon``; every default is
+    ``min_peaks``, ``max_peaks``, ``adu_per_photon``, ``rescue_prob``, ``rescue_height``,
+    ``faint_support``; every default is
     :data:`.settings.DEFAULTS`.  A frame is a hit (``FrameResult.hit``) when it has at least
     ``min_peaks`` peaks after every cut, the defect filter's included (the hit rule of
     :mod:`.settings`).  With ``fast`` (the default) a PeakNet on the CPU runs in its fused
@@ -178,6 +186,7 @@ class InferenceEngine:
         adu_per_photon: float | None = None,
         rescue_prob: float | None = None,
         rescue_height: float | None = None,
+        faint_support: int | None = None,
         peak_params: PeakParams | None = None,
         predictor: Predictor | None = None,
         tile_size: int = DEFAULTS.tile_size,
@@ -193,12 +202,14 @@ class InferenceEngine:
                              f"{tile_size}, {tile_overlap}")
         params = peak_params or PeakParams()
         check_min_peaks(params.min_peaks if min_peaks is None else min_peaks)
+        check_faint_support(params.faint_support if faint_support is None else faint_support)
         overrides = {k: v for k, v in (("threshold", threshold), ("min_snr", min_snr),
                                        ("min_height", min_height), ("min_peaks", min_peaks),
                                        ("max_peaks", max_peaks),
                                        ("adu_per_photon", adu_per_photon),
                                        ("rescue_prob", rescue_prob),
-                                       ("rescue_height", rescue_height))
+                                       ("rescue_height", rescue_height),
+                                       ("faint_support", faint_support))
                      if v is not None}
         self.peak_params = _replace(params, overrides)
         self.model_spec = model
@@ -436,14 +447,17 @@ class InferenceEngine:
 
     # ---- peaks -------------------------------------------------------------------------------
     def find_frames(self, frames: Iterable[Frame], *, with_pixels: bool = False,
-                    with_bbox: bool = False, defects: DefectFilter | None = None
-                    ) -> Iterator[FrameResult]:
+                    with_bbox: bool = False, defects: DefectFilter | None = None,
+                    whole: bool = True) -> Iterator[FrameResult]:
         """One :class:`FrameResult` per input frame, in input order, batching across frames;
         ``with_pixels`` keeps each reported peak's pixels (``FrameResult.peak_pixels``),
         ``with_bbox`` its box (``FrameResult.peak_boxes``).  ``defects``: the run's pixel
         defect filter, the engine's own by default (a host that hands over the panels of a
-        detector one at a time keeps one per panel)."""
+        detector one at a time keeps one per panel, and says ``whole=False``: a frame is then
+        one panel of an image, and the frame-level faint-peak rule, which counts the whole
+        image's tall peaks, is left out rather than applied to a part)."""
         defects = self.defects if defects is None else defects
+        faint_support = self.peak_params.faint_support if whole else 0
         threads = int(self.threads or default_threads())
         ahead = self._in_flight(threads)
         host = max(1, threads - 1) if ahead else threads  # one core feeds the GPU meanwhile
@@ -464,16 +478,17 @@ class InferenceEngine:
                 flight.append((frame, probs[k], goods[k], self._on_host(
                     host, self._frame_peaks, frame, probs[k], goods[k], params, with_pixels,
                     with_bbox, None if counted else defects.tracker)))
-            yield from self._landed(flight, ahead, defects)
-        yield from self._landed(flight, 0, defects)
+            yield from self._landed(flight, ahead, defects, faint_support)
+        yield from self._landed(flight, 0, defects, faint_support)
 
     def _landed(self, flight: collections.deque[tuple[Frame, list[np.ndarray],
                                                       list[np.ndarray], Any]],
-                keep: int, defects: DefectFilter) -> Iterator[FrameResult]:
+                keep: int, defects: DefectFilter, faint_support: int
+                ) -> Iterator[FrameResult]:
         """The results of the oldest frames in ``flight``, in order, until ``keep`` remain."""
         while len(flight) > keep:
             frame, probs, goods, job = flight.popleft()
-            yield self._result(frame, probs, goods, defects, *job.result())
+            yield self._result(frame, probs, goods, defects, faint_support, *job.result())
 
     def _in_flight(self, threads: int) -> int:
         """Frames whose peaks may still be being found while the model runs the next chunk:
@@ -566,12 +581,17 @@ class InferenceEngine:
             yield chunk
 
     def _result(self, frame: Frame, probs: list[np.ndarray], goods: list[np.ndarray],
-                defects: DefectFilter, peaks: np.ndarray, boxes: np.ndarray | None,
+                defects: DefectFilter, faint_support: int, peaks: np.ndarray,
+                boxes: np.ndarray | None,
                 pixels: list[np.ndarray] | None, spikes: list[np.ndarray] | None
                 ) -> FrameResult:
         """The frame's result from its own peaks (:meth:`_frame_peaks`) after the run's defect
-        filter, which counts the frame (frames must come here in order)."""
+        filter, which counts the frame (frames must come here in order), and then the frame's
+        faint peaks without support (``peaks.faint_unsupported``: it counts the tall peaks the
+        defect filter left; ``faint_support`` 0: none go)."""
         keep = defects.keep(peaks, frame.panels, goods, spikes)
+        keep[keep] = ~faint_unsupported(peaks[keep], self.peak_params.faint_height,
+                                        faint_support)
         if not keep.all():  # boxes and pixels stay in step with the peaks
             boxes = None if boxes is None else boxes[keep]
             pixels = None if pixels is None else _without_dropped(pixels, peaks[~keep])

@@ -28,6 +28,10 @@ with a position, an intensity and a background.  This module does that step for 
    model calls a spot sums to an SNR of 3-5 over a few pixels, each only 3-5 sigmas high, and a
    height of 5 removes most of them, but also broad weak spots whose brightest pixel is low
    while their sum is significant (measured: the comment after ``finding.settings.DEFAULTS``).
+6. per frame, after the run's defect filter (the finding engine): peaks under ``faint_height``
+   sigmas count only on a frame with at least ``faint_support`` peaks that tall
+   (:func:`faint_unsupported`): the height test where a frame shows no crystal, none where it
+   does, so the noise blobs of blanks go and the weak and broad spots of hits stay.
 
 Everything per pixel is vectorised (``scipy.ndimage.label``, ``np.bincount`` and gathers on the
 foreground pixels only); Python loops run over panel shapes and annulus sizes, never over pixels.
@@ -82,6 +86,10 @@ class PeakParams:
     ``threshold``, e.g. 1: no such peaks).  The
     network's doubt then yields to strong evidence, as where it scores spots sharper than it
     was trained on below ``threshold`` (:func:`rescue_candidates`).
+    ``faint_height`` and ``faint_support``: a frame's peaks whose brightest pixel stands under
+    ``faint_height`` local background sigmas are reported only when at least ``faint_support``
+    of its peaks stand that high (0: always; :func:`faint_unsupported`).  A frame-level rule,
+    applied by the finding engine after the run's defect filter, not by :func:`find_peaks`.
     """
 
     threshold: float = DEFAULTS.threshold
@@ -99,6 +107,8 @@ class PeakParams:
     bright_prob: float = DEFAULTS.bright_prob
     rescue_prob: float = DEFAULTS.rescue_prob
     rescue_height: float = DEFAULTS.rescue_height
+    faint_height: float = DEFAULTS.faint_height
+    faint_support: int = DEFAULTS.faint_support
 
 
 def find_peaks(
@@ -279,6 +289,26 @@ def positive_spots(pixels: np.ndarray, foreground: np.ndarray) -> np.ndarray:
 def is_hit(peaks: np.ndarray, min_peaks: int) -> bool:
     """A hit is a frame with at least ``min_peaks`` peaks (CrystFEL's ``--min-peaks``)."""
     return len(peaks) >= min_peaks
+
+
+def faint_unsupported(peaks: np.ndarray, faint_height: float, faint_support: int) -> np.ndarray:
+    """Which of one frame's peaks go for lack of support: those whose brightest pixel stands
+    under ``faint_height`` local background sigmas (:func:`below_height`), when fewer than
+    ``faint_support`` of the frame's peaks stand that high (0: none go).
+
+    Why: a faint call is weak evidence on its own.  On a frame with a crystal, faint peaks lie
+    among tall ones and most of them are real reflections (the hits' weak spots, broad spots
+    whose sum is significant while no pixel is tall); on a frame without one, nothing tall
+    backs them and nearly all of them are noise blobs the network let through (model-selection
+    blanks: 76 % of their false peaks stand 3-5 sigmas high).  So the frame, not the peak alone,
+    decides whether a faint peak is believed, as a crystallographer looking at the frame would.
+    Bright evidence is untouched: rescued peaks (``rescue_height``) and every peak at least
+    ``faint_height`` high are kept whatever the frame holds.
+    """
+    faint = below_height(peaks["max_value"], peaks["background_sigma"], faint_height)
+    if faint_support <= 0 or np.count_nonzero(~faint) >= faint_support:
+        return np.zeros(len(peaks), dtype=bool)
+    return faint
 
 
 def strongest(peaks: np.ndarray, max_peaks: int | None) -> np.ndarray:

@@ -72,6 +72,15 @@ rescue_height = {_D.rescue_height}
   .type = float(value_min=0)
   .help = "Least height of a rescued spot's brightest pixel over its local background, in"
           "sigmas of that background's noise (see rescue_prob)."
+faint_support = {_D.faint_support}
+  .type = int(value_min=0)
+  .help = "Keep an image's faint spots (brightest pixel under {_D.faint_height:g} background"
+          "sigmas) only when at least this many of its spots stand that high. 0: always. On"
+          "a frame without a crystal the faint spots are nearly all noise; on a frame with"
+          "one they are its weak reflections (measured in finding/settings.py). It needs"
+          "the whole image: where a panel is found alone (a region of interest, a mask DIALS"
+          "folded in) it is off. The same default as peaknet2cxi and the Python API"
+          "(finding.settings.DEFAULTS)."
 gain = None
   .type = float(value_min=0)
   .help = "Counts per photon of the image DIALS hands to spot finding, as"
@@ -115,6 +124,7 @@ class PeakNetSettings:
     min_height: float = _D.min_height
     rescue_prob: float = _D.rescue_prob
     rescue_height: float = _D.rescue_height
+    faint_support: int = _D.faint_support
     gain: float | None = None
     batch_size: int = _D.batch_size
     threads: int = 1
@@ -138,6 +148,7 @@ class PeakNetSettings:
             min_height=float(scope.min_height),
             rescue_prob=float(scope.rescue_prob),
             rescue_height=float(scope.rescue_height),
+            faint_support=int(scope.faint_support),
             gain=None if scope.gain is None else float(scope.gain),
             batch_size=int(scope.batch_size),
             threads=int(threads),
@@ -211,6 +222,7 @@ def _build_predictor(settings: PeakNetSettings) -> Any:
         min_height=settings.min_height,
         rescue_prob=settings.rescue_prob,
         rescue_height=settings.rescue_height,
+        faint_support=settings.faint_support,
         adu_per_photon=settings.gain,
     )
 
@@ -329,7 +341,8 @@ class PeakNetSpotFinderThresholdExt:
                       meta={"adu_per_photon": CORRECTED_GAIN})
         engine = get_predictor(self.settings)
         defects = None if i_panel is None else panel_defects(self.settings, i_panel)
-        (result,) = engine.find_frames([frame], with_pixels=True, defects=defects)
+        (result,) = engine.find_frames([frame], with_pixels=True, defects=defects,
+                                       whole=i_panel is None)
         foreground: list[np.ndarray] = result.dials_foreground(self.settings.dilation)
         return foreground
 

@@ -355,3 +355,47 @@ def test_panels_and_valid_regions_of_any_size_go_through_the_shipped_model():
         engine.new_run()
         peaks = next(iter(engine.find_frames([Frame(panels=[panel], masks=[good])]))).peaks
         assert all(good[int(round(p["ss"])), int(round(p["fs"]))] for p in peaks)
+
+
+def test_faint_peaks_go_on_frames_with_few_tall_peaks_with_their_pixels():
+    """The frame-level faint-peak rule runs in the engine, so every entry point has it: a frame
+    with fewer than faint_support tall peaks loses its faint ones (and their pixels), one with
+    enough keeps them; ``whole=False`` (one panel of an image handed over alone) and
+    faint_support 0 leave it out."""
+    rng = np.random.default_rng(5)
+    spots: dict[str, list[tuple[int, int, float]]] = {
+        "few": [(10, 10, 40.0), (10, 40, 40.0)] + [(40, x, 3.0) for x in (10, 30, 50)],
+        "many": [(10, x, 40.0) for x in (10, 22, 34, 46, 58)] + [(40, x, 3.0) for x in (10, 30)],
+    }
+    frames, boxes = [], {}
+    for name, places in spots.items():
+        image = rng.normal(0.0, 1.0, (64, 64)).astype(np.float32)
+        box = np.zeros((64, 64), bool)
+        for y, x, height in places:  # spots with a profile (a lone tall pixel is a spike)
+            image[y - 1:y + 2, x - 1:x + 2] += height * np.array([[.3, .5, .3], [.5, 1, .5],
+                                                                  [.3, .5, .3]], np.float32)
+            box[y - 1:y + 2, x - 1:x + 2] = True
+        boxes[name] = box
+        frames.append(Frame(panels=[image], masks=[np.ones((64, 64), bool)], source=name))
+
+    def predictor(panels, masks):
+        return [boxes[name].astype(np.float32) for name in
+                ["few" if p[10, 40] > 20 and p[10, 22] < 20 else "many" for p in panels]]
+
+    def found(**options):
+        engine = InferenceEngine(predictor=predictor, min_snr=0.0, adu_per_photon=0.0,
+                                 **{k: v for k, v in options.items() if k != "whole"})
+        return {r.frame.source: r for r in engine.find_frames(
+            frames, with_pixels=True, whole=options.get("whole", True))}
+
+    default = found(faint_support=5)
+    assert len(default["few"].peaks) == 2 and len(default["many"].peaks) == 7
+    assert (default["few"].peaks["max_value"] > 20).all()
+    pixels = default["few"].peak_pixels[0]
+    assert not pixels[30:].any()  # the faint peaks' pixels went too
+    assert pixels[:30].sum() == 2 * 9  # the tall ones' stayed
+    for kept in (found(faint_support=0), found(faint_support=5, whole=False)):
+        assert len(kept["few"].peaks) == 5 and len(kept["many"].peaks) == 7
+    assert len(found(faint_support=2)["few"].peaks) == 5
+    with pytest.raises(ValueError, match="faint_support"):
+        InferenceEngine(predictor=predictor, faint_support=-1)

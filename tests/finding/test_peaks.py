@@ -10,6 +10,7 @@ from peaknet_xtal.finding.peaks import (
     CORRELATION_LAGS,
     DEFAULT_MIN_SNR,
     PeakParams,
+    faint_unsupported,
     find_peaks,
     is_hit,
     noise_correlation,
@@ -17,7 +18,7 @@ from peaknet_xtal.finding.peaks import (
     rescue_candidates,
     strongest,
 )
-from peaknet_xtal.types import PEAK_DTYPE
+from peaknet_xtal.types import PEAK_DTYPE, peaks_from_columns
 
 
 def gaussian_panel(shape, spots, background=50.0, noise=2.0, sigma=1.0, seed=0):
@@ -248,6 +249,25 @@ def test_rescue_candidates_never_reach_foreground_or_unusable_pixels():
     assert candidates[20, 20] and not candidates[40, 40] and not candidates[60, 33]
     assert not (candidates & fore).any()
     assert candidates.sum() == 1
+
+
+def test_faint_peaks_need_enough_tall_peaks_on_their_frame():
+    """Faint peaks (brightest pixel under faint_height sigmas) go when fewer than faint_support
+    peaks of the frame stand that high, and stay otherwise; tall peaks always stay; 0 turns
+    the rule off; a noiseless background (sigma 0) makes every peak tall."""
+    def frame(tall: int, faint: int, sigma: float = 2.0) -> np.ndarray:
+        heights = np.r_[np.full(tall, 12.0), np.full(faint, 8.0)]  # 6 and 4 sigmas
+        return peaks_from_columns(max_value=heights, background_sigma=np.full(len(heights), sigma))
+
+    few = frame(tall=2, faint=3)
+    assert faint_unsupported(few, 5.0, 5).tolist() == [False] * 2 + [True] * 3
+    assert not faint_unsupported(few, 5.0, 2).any()  # exactly enough tall peaks
+    assert not faint_unsupported(few, 5.0, 0).any()  # off
+    assert not faint_unsupported(frame(tall=5, faint=3), 5.0, 5).any()
+    assert faint_unsupported(frame(tall=0, faint=4), 5.0, 1).all()  # a blank's noise calls
+    assert not faint_unsupported(frame(tall=0, faint=4), 3.0, 1).any()  # 4 sigmas is tall here
+    assert not faint_unsupported(frame(tall=0, faint=4, sigma=0.0), 5.0, 5).any()
+    assert faint_unsupported(frame(0, 0), 5.0, 5).shape == (0,)
 
 
 def test_peak_pixel_mask_holds_exactly_the_reported_peaks():

@@ -16,7 +16,7 @@ def test_library_cli_and_engine_start_from_the_same_defaults():
     finder = inspect.signature(PeakFinder).parameters
     engine = inspect.signature(InferenceEngine).parameters
     for name in ("threshold", "min_snr", "min_height", "rescue_prob", "rescue_height",
-                 "batch_size", "model", "device"):
+                 "faint_support", "batch_size", "model", "device"):
         assert finder[name].default == getattr(DEFAULTS, name), name
         assert CLI[name] == getattr(DEFAULTS, name), name
     for name in ("batch_size", "tile_size", "tile_overlap", "model", "device"):
@@ -26,6 +26,8 @@ def test_library_cli_and_engine_start_from_the_same_defaults():
         DEFAULTS.threshold, DEFAULTS.min_snr, DEFAULTS.min_height)
     assert (params.rescue_prob, params.rescue_height) == (DEFAULTS.rescue_prob,
                                                            DEFAULTS.rescue_height)
+    assert (params.faint_height, params.faint_support) == (DEFAULTS.faint_height,
+                                                           DEFAULTS.faint_support)
 
 
 def test_gain_resolution_order(make_geometry_text):

@@ -68,7 +68,8 @@ def test_phil_scope_offers_peaknet_with_help(dials_modules) -> None:
     scope = phil_scope.get("spotfinder.threshold.peaknet").objects[0]
     names = {obj.name: obj for obj in scope.objects}
     assert set(names) == {"model", "device", "threshold", "min_snr", "min_height", "gain",
-                          "batch_size", "threads", "dilation", "rescue_prob", "rescue_height"}
+                          "batch_size", "threads", "dilation", "rescue_prob", "rescue_height",
+                          "faint_support"}
     for name, obj in names.items():
         assert obj.help and len(obj.help) > 20, f"peaknet.{name} needs help text"
     defaults = params.spotfinder.threshold.peaknet
@@ -125,8 +126,9 @@ def _ext(phil_scope, threshold: float, dilation: int = 1, min_snr: float | None 
     return PeakNetSpotFinderThresholdExt(params)
 
 
-def test_rescue_settings_reach_the_shared_engine(dials_modules) -> None:
-    """Off by default, as in every entry point; asked for, the engine's peak settings carry it."""
+def test_rescue_and_faint_settings_reach_the_shared_engine(dials_modules) -> None:
+    """The shared defaults, as in every entry point; asked for, the engine's peak settings carry
+    them."""
     from peaknet_dials.spotfinder_threshold_ext import PeakNetSettings, _build_predictor
     from peaknet_xtal.finding.settings import DEFAULTS
 
@@ -134,11 +136,14 @@ def test_rescue_settings_reach_the_shared_engine(dials_modules) -> None:
     default = _ext(phil_scope, 0.5).settings
     assert (default.rescue_prob, default.rescue_height) == (DEFAULTS.rescue_prob,
                                                              DEFAULTS.rescue_height)
+    assert default.faint_support == DEFAULTS.faint_support
     params = _params(phil_scope, "spotfinder.threshold.peaknet.rescue_prob=0.4",
                      "spotfinder.threshold.peaknet.rescue_height=25",
+                     "spotfinder.threshold.peaknet.faint_support=0",
                      "spotfinder.threshold.peaknet.device=cpu")
     engine = _build_predictor(PeakNetSettings.from_params(params))
     assert (engine.peak_params.rescue_prob, engine.peak_params.rescue_height) == (0.4, 25.0)
+    assert engine.peak_params.faint_support == 0
 
 
 def test_min_snr_removes_weak_predicted_spots_only(dials_modules, cspad_panel) -> None:

@@ -342,6 +342,18 @@ def summarise(records: Sequence[FrameRecord], min_snr: float, min_peaks: int,
             "precision": precision, "recall": recall, "f1": f1}
 
 
+def pooled(per: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """Per-detector :func:`summarise` numbers and their pool over the detectors: false peaks per
+    blank over all the blanks, blanks called hits, indexable hits called (the numbers the
+    selection scripts' rules read)."""
+    blanks = sum(s["blanks"] for s in per.values())
+    return {"detectors": per,
+            "false_per_blank": sum(s["false_per_blank"] * s["blanks"] for s in per.values())
+            / max(blanks, 1),
+            "blank_hits": sum(s["blank_hits"] for s in per.values()),
+            "indexable_called": sum(s["indexable_called"] for s in per.values())}
+
+
 def print_summary(by_detector: dict[str, list[FrameRecord]], min_snr: float, min_peaks: int,
                   indexable: int, skip: int = 0, min_height: float | None = None,
                   faint_support: int | None = None) -> None:

@@ -155,6 +155,22 @@ def run_model(items: list, peak_params: PeakParams | None = None
     return out
 
 
+def default_selection_frames() -> tuple[list, list[tuple[list[np.ndarray], Any]]]:
+    """evaluation/selection.py's frames with the shipped model's probability maps and the
+    default peak settings of each (what the later selection scripts vary one setting of)."""
+    from peaknet_xtal.evaluation.selection import PARTS
+
+    items = selection_items(PARTS)
+    return items, run_model(items, PeakParams())
+
+
+def emit(text: str, out: Path | None) -> None:
+    """Print a selection script's table and choice, and write them to ``out`` too."""
+    print(text)
+    if out:
+        out.write_text(text + "\n")
+
+
 def describe(settings: tuple, row: dict[str, Any]) -> str:
     name = "test off" if settings == OFF else f"prob {settings[0]:g}, {settings[1]:g} sigmas"
     f1 = ", ".join(f"{p} {v:.3f}" for p, v in row["f1"].items())

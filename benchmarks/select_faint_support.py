@@ -92,12 +92,7 @@ def score_runs(records: dict[str, list[Any]], support: int, skip: int) -> dict[s
     per = {name: bench_blanks.summarise(rs, DEFAULTS.min_snr, DEFAULTS.min_peaks, INDEXABLE,
                                         skip, None, support)
            for name, rs in records.items()}
-    blanks = sum(s["blanks"] for s in per.values())
-    return {"detectors": per,
-            "false_per_blank": sum(s["false_per_blank"] * s["blanks"] for s in per.values())
-            / max(blanks, 1),
-            "blank_hits": sum(s["blank_hits"] for s in per.values()),
-            "indexable_called": sum(s["indexable_called"] for s in per.values())}
+    return bench_blanks.pooled(per)
 
 
 def passes(a: dict[str, Any], b: dict[str, Any], a_off: dict[str, Any],
@@ -150,9 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="also write the table here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    from peaknet_xtal.evaluation.selection import PARTS
     from peaknet_xtal.finding.defects import MIN_FRAMES
-    from peaknet_xtal.finding.peaks import PeakParams
 
     start = time.time()
     if args.load:
@@ -166,17 +159,14 @@ def main(argv: list[str] | None = None) -> int:
         source = f"B: measured, {args.frames} blanks and hits a detector"
     runs = {s: score_runs(records, s, MIN_FRAMES) for s in SUPPORTS}
     print(f"{source} ({time.time() - start:.0f} s)", flush=True)
-    items = select_bright_background.selection_items(PARTS)
-    probs = select_bright_background.run_model(items, PeakParams())
+    items, probs = select_bright_background.default_selection_frames()
     peaks = frame_peaks(items, probs)
     frames = {s: score_frames(items, peaks, s) for s in SUPPORTS}
     chosen = choose(frames, runs)
     text = (f"{table(frames, runs)}\n\n{source}; detectors: {', '.join(records)}\n"
             f"chosen: faint_support {chosen}{' (off)' if chosen == 0 else ''}; "
             f"{time.time() - start:.0f} s")
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    select_bright_background.emit(text, args.out)
     return 0
 
 

@@ -46,7 +46,9 @@ at 20-30 sigmas; on hits, tails of spots and streaks beside the reflections. A t
 lights a line of pixels at its height; a spot narrower than a pixel, the one the network doubts,
 lights one to four in a 2 x 2 block. So a rescued peak must now be point-like
 (``finding.peaks.point_like``, fixed on that ground, not fitted), and the same grid and rule ran
-again (``benchmarks/results/select_rescue.txt``).
+again (``benchmarks/results/select_rescue.txt``).  Both runs predate the frame-level faint-peak
+rule (``faint_support``, ``benchmarks/select_faint_support.py``), which B's counts include since
+(``bench_blanks.passes``): a rerun today scores the rescue with it.
 """
 from __future__ import annotations
 
@@ -154,12 +156,7 @@ def score_runs(runs: dict[str, dict[Hashable, list[Any]]], setting: tuple[float,
                                                       strict=True)]
         per[name] = bench_blanks.summarise(records, DEFAULTS.min_snr, DEFAULTS.min_peaks, 15,
                                            skip)
-    blanks = sum(s["blanks"] for s in per.values())
-    return {"detectors": per,
-            "false_per_blank": sum(s["false_per_blank"] * s["blanks"] for s in per.values())
-            / max(blanks, 1),
-            "blank_hits": sum(s["blank_hits"] for s in per.values()),
-            "indexable_called": sum(s["indexable_called"] for s in per.values())}
+    return bench_blanks.pooled(per)
 
 
 # ---- A: the selection frames ------------------------------------------------------------------
@@ -232,13 +229,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="also write the table here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    from peaknet_xtal.evaluation.selection import PARTS
     from peaknet_xtal.finding.defects import MIN_FRAMES
-    from peaknet_xtal.finding.peaks import PeakParams
 
     start = time.time()
-    items = select_bright_background.selection_items(PARTS)
-    probs = select_bright_background.run_model(items, PeakParams())
+    items, probs = select_bright_background.default_selection_frames()
     frames = {s: score_frames(items, probs, s) for s in grid()}
     print(f"A: {len(items)} selection frames scored ({time.time() - start:.0f} s)", flush=True)
     measured = measure_runs(args.frames)
@@ -247,9 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     text = (f"{table(frames, runs)}\n\nB's detectors: {', '.join(bench_blanks.DETECTORS)}\n"
             f"chosen: {describe(chosen)} (rescue_prob, rescue_height: {chosen}); "
             f"{time.time() - start:.0f} s")
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    select_bright_background.emit(text, args.out)
     return 0
 
 

@@ -242,7 +242,7 @@ def test_main_with_the_real_default_model(stacks, tmp_path, capsys):
     outdir = tmp_path / "out"
     code = main([str(stack), "-g", str(geom_path), "-o", str(outdir), "--device", "cpu",
                  "--threads", "1", "--threshold", "0.99", "--max-peaks", "100",
-                 "--min-height", "6", "--rescue-height", "25"])
+                 "--min-height", "6", "--rescue-height", "25", "--faint-support", "3"])
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert "peaknet2cxi:" in captured.err and "frames/s" in captured.err  # progress line
@@ -257,6 +257,7 @@ def test_main_with_the_real_default_model(stacks, tmp_path, capsys):
     recorded = json.loads((outdir / "peaknet2cxi.config.json").read_text())
     assert recorded["config"]["max_peaks"] == 100 and recorded["config"]["min_height"] == 6.0
     assert recorded["config"]["rescue_height"] == 25.0  # off (rescue_prob's default) but saved
+    assert recorded["config"]["faint_support"] == 3
     assert read_cxi_peaks(summary["cxi_files"][0]).n_peaks.max() <= 100
 
 

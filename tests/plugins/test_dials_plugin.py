@@ -112,10 +112,13 @@ def test_settings_come_from_phil(dials_modules, monkeypatch) -> None:
 
 
 def _ext(phil_scope, threshold: float, dilation: int = 1, min_snr: float | None = None,
-         gain: float | None = None, min_height: float | None = None):
+         gain: float | None = None, min_height: float | None = None,
+         faint_support: int | None = None):
     from peaknet_dials.spotfinder_threshold_ext import PeakNetSpotFinderThresholdExt
 
     extra = [] if min_snr is None else [f"spotfinder.threshold.peaknet.min_snr={min_snr}"]
+    extra += [] if faint_support is None else [
+        f"spotfinder.threshold.peaknet.faint_support={faint_support}"]
     extra += [] if min_height is None else [
         f"spotfinder.threshold.peaknet.min_height={min_height}"]
     extra += [] if gain is None else [f"spotfinder.threshold.peaknet.gain={gain}"]
@@ -148,7 +151,9 @@ def test_rescue_and_faint_settings_reach_the_shared_engine(dials_modules) -> Non
 
 def test_min_snr_removes_weak_predicted_spots_only(dials_modules, cspad_panel) -> None:
     """The SNR and height cuts drop whole predicted spots (never parts of one) and keep the
-    strong ones."""
+    strong ones (the frame-level faint-peak rule off, to see the cuts alone: on one panel of a
+    still its few tall spots would leave neither run any faint one; then the rule on, which
+    only ever takes whole spots away)."""
     from scipy import ndimage
 
     from peaknet_xtal.finding.settings import DEFAULTS
@@ -159,12 +164,17 @@ def test_min_snr_removes_weak_predicted_spots_only(dials_modules, cspad_panel) -
     # the library's default: one set of defaults for every entry point (settings.py)
     settings = _ext(phil_scope, 0.3).settings
     assert (settings.min_snr, settings.min_height) == (DEFAULTS.min_snr, DEFAULTS.min_height)
-    every = _ext(phil_scope, 0.3, dilation=0, min_snr=0, min_height=0).peak_pixels(pixels, mask)
-    strong = _ext(phil_scope, 0.3, dilation=0).peak_pixels(pixels, mask)
+    every = _ext(phil_scope, 0.3, dilation=0, min_snr=0, min_height=0,
+                 faint_support=0).peak_pixels(pixels, mask)
+    strong = _ext(phil_scope, 0.3, dilation=0, faint_support=0).peak_pixels(pixels, mask)
     assert strong.any() and strong.sum() < every.sum()
     labels, _ = ndimage.label(every, np.ones((3, 3), bool))
     for spot in np.unique(labels[strong]):  # every kept spot is kept whole
         assert strong[labels == spot].all()
+    default = _ext(phil_scope, 0.3, dilation=0).peak_pixels(pixels, mask)
+    assert default.any() and not (default & ~strong).any()
+    for spot in np.unique(labels[default]):
+        assert default[labels == spot].all()
 
 
 def test_gain_puts_shot_noise_into_the_snr_cut(dials_modules, cspad_panel) -> None:

@@ -290,7 +290,7 @@ def load_records(path: Path) -> dict[str, list[FrameRecord]]:
 
 
 def passes(peaks: np.ndarray, min_snr: float, min_height: float,
-           faint_support: int | None = None) -> np.ndarray:
+           faint_support: int | None = None, faint_snr: float | None = None) -> np.ndarray:
     """Which of one frame's recorded peaks the finding keeps: its SNR and height cuts, then its
     frame-level faint-peak rule (``faint_support`` None: the shared default; the functions are
     ``finding.peaks.below_height`` and ``faint_unsupported`` themselves, as the engine runs
@@ -301,13 +301,15 @@ def passes(peaks: np.ndarray, min_snr: float, min_height: float,
     keep: np.ndarray = peaks["snr"] >= min_snr
     keep &= ~below_height(peaks["max_value"], peaks["background_sigma"], min_height)
     support = DEFAULTS.faint_support if faint_support is None else faint_support
-    keep[keep] = ~faint_unsupported(peaks[keep], DEFAULTS.faint_height, support)
+    snr = DEFAULTS.faint_snr if faint_snr is None else faint_snr
+    keep[keep] = ~faint_unsupported(peaks[keep], DEFAULTS.faint_height, support, snr)
     return keep
 
 
 def summarise(records: Sequence[FrameRecord], min_snr: float, min_peaks: int,
               indexable: int, skip: int = 0, min_height: float | None = None,
-              faint_support: int | None = None) -> dict[str, float]:
+              faint_support: int | None = None, faint_snr: float | None = None
+              ) -> dict[str, float]:
     """The numbers of one detector at given cuts (``min_height``, ``faint_support`` None: the
     shared defaults), without its run's first ``skip`` frames."""
     if min_height is None:
@@ -316,12 +318,12 @@ def summarise(records: Sequence[FrameRecord], min_snr: float, min_peaks: int,
         min_height = DEFAULTS.min_height
     blanks = [r for r in records if not r.hit and r.index >= skip]
     hits = [r for r in records if r.hit and r.index >= skip]
-    false_blank = [int(np.sum(passes(r.peaks, min_snr, min_height, faint_support)))
+    false_blank = [int(np.sum(passes(r.peaks, min_snr, min_height, faint_support, faint_snr)))
                    for r in blanks]
     found = correct = matched = true = 0
     called = called_indexable = n_indexable = 0
     for r in hits:
-        keep = passes(r.peaks, min_snr, min_height, faint_support)
+        keep = passes(r.peaks, min_snr, min_height, faint_support, faint_snr)
         n = int(keep.sum())
         found += n
         correct += int(r.on_truth[keep].sum())

@@ -67,8 +67,10 @@ def frame_peaks(items: list, probs: list) -> list[np.ndarray]:
             for (_, frame, _, _), (maps, base) in zip(items, probs, strict=True)]
 
 
-def score_frames(items: list, peaks: list[np.ndarray], support: int) -> dict[str, Any]:
-    """A's numbers at one ``faint_support``: F1 per part, false peaks per blank pooled."""
+def score_frames(items: list, peaks: list[np.ndarray], support: int,
+                 snr: float | None = None) -> dict[str, Any]:
+    """A's numbers at one ``faint_support`` (and ``faint_snr``; None: the default): F1 per
+    part, false peaks per blank pooled."""
     from peaknet_xtal.evaluation.metrics import score_frames as score
     from peaknet_xtal.finding.peaks import faint_unsupported
     from peaknet_xtal.finding.settings import DEFAULTS
@@ -76,7 +78,8 @@ def score_frames(items: list, peaks: list[np.ndarray], support: int) -> dict[str
     hits: dict[str, list] = {}
     blanks: list[int] = []
     for (part, _, strong, every), found in zip(items, peaks, strict=True):
-        found = found[~faint_unsupported(found, DEFAULTS.faint_height, support)]
+        found = found[~faint_unsupported(found, DEFAULTS.faint_height, support,
+                                         DEFAULTS.faint_snr if snr is None else snr)]
         if len(every):
             hits.setdefault(part.split("-")[0], []).append((found, strong, every))
         else:
@@ -85,12 +88,14 @@ def score_frames(items: list, peaks: list[np.ndarray], support: int) -> dict[str
             "false_per_blank": float(np.mean(blanks)) if blanks else 0.0}
 
 
-def score_runs(records: dict[str, list[Any]], support: int, skip: int) -> dict[str, Any]:
-    """B's numbers at one ``faint_support``: the bench's summary per detector, pooled."""
+def score_runs(records: dict[str, list[Any]], support: int, skip: int,
+               snr: float | None = None) -> dict[str, Any]:
+    """B's numbers at one ``faint_support`` (and ``faint_snr``; None: the default): the
+    bench's summary per detector, pooled."""
     from peaknet_xtal.finding.settings import DEFAULTS
 
     per = {name: bench_blanks.summarise(rs, DEFAULTS.min_snr, DEFAULTS.min_peaks, INDEXABLE,
-                                        skip, None, support)
+                                        skip, None, support, snr)
            for name, rs in records.items()}
     return bench_blanks.pooled(per)
 
@@ -108,34 +113,40 @@ def passes(a: dict[str, Any], b: dict[str, Any], a_off: dict[str, Any],
     return bool(ok)
 
 
-def choose(frames: dict[int, dict[str, Any]], runs: dict[int, dict[str, Any]]) -> int:
-    """The module docstring's rule: the chosen support, 0 (off) when none gains enough."""
-    passing = [s for s in frames if s and passes(frames[s], runs[s], frames[0], runs[0])]
+def choose(frames: dict[Any, dict[str, Any]], runs: dict[Any, dict[str, Any]], off: Any = 0,
+           least_gain: float = LEAST_GAIN) -> Any:
+    """The module docstring's rule: the chosen setting, ``off`` (the one compared against)
+    when none passes and gains at least ``least_gain`` false peaks per blank on B."""
+    passing = [s for s in frames
+               if s != off and passes(frames[s], runs[s], frames[off], runs[off])]
     if not passing:
-        return 0
+        return off
     best = min(runs[s]["false_per_blank"] for s in passing)
-    if best > runs[0]["false_per_blank"] - LEAST_GAIN:
-        return 0
+    if best > runs[off]["false_per_blank"] - least_gain:
+        return off
     return min(s for s in passing if runs[s]["false_per_blank"] <= best + TIE)
 
 
-def table(frames: dict[int, dict[str, Any]], runs: dict[int, dict[str, Any]]) -> str:
-    parts = list(frames[0]["f1"])
-    lines = [f"faint_support | A: F1 {', '.join(parts)}; false/blank | B: false/blank, blank "
+def table(frames: dict[Any, dict[str, Any]], runs: dict[Any, dict[str, Any]], off: Any = 0,
+          name: str = "faint_support") -> str:
+    """A and B's numbers per setting, and whether each passes against ``off``."""
+    parts = list(frames[off]["f1"])
+    lines = [f"{name} | A: F1 {', '.join(parts)}; false/blank | B: false/blank, blank "
              "hits, indexable called; F1 per detector | passes"]
     for s in frames:
         a, b = frames[s], runs[s]
         f1s = " ".join(f"{d['f1']:.3f}" for d in b["detectors"].values())
-        ok = "" if s == 0 else ("yes" if passes(a, b, frames[0], runs[0]) else "no")
+        ok = "" if s == off else ("yes" if passes(a, b, frames[off], runs[off]) else "no")
         f1a = " ".join(f"{a['f1'][p]:.3f}" for p in parts)
-        lines.append(f"{s:13d} | {f1a}; "
+        lines.append(f"{s!s:>{len(name)}} | {f1a}; "
                      f"{a['false_per_blank']:.2f} | {b['false_per_blank']:.2f}, "
                      f"{b['blank_hits']}, {b['indexable_called']}; {f1s} | {ok}")
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
+def parse(doc: str | None, argv: list[str] | None) -> argparse.Namespace:
+    """The selection scripts' shared options (``doc``: the script's help)."""
+    parser = argparse.ArgumentParser(description=doc,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--load", type=Path, default=None,
                         help="B's records (bench_blanks.py --set selection --save), instead of "
@@ -145,23 +156,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="also write the table here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    return args
+
+
+def selection_records(args: argparse.Namespace) -> tuple[dict[str, list[Any]], str]:
+    """B's records (loaded, or measured here) and a line that says which."""
+    if args.load:
+        return bench_blanks.load_records(args.load), f"B: records of {args.load.name}"
+    records = {}
+    for name in bench_blanks.DETECTORS:
+        (records[name],) = bench_blanks.measure(name, "selection", args.frames,
+                                                args.frames).values()
+    return records, f"B: measured, {args.frames} blanks and hits a detector"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(__doc__, argv)
     from peaknet_xtal.finding.defects import MIN_FRAMES
 
     start = time.time()
-    if args.load:
-        records = bench_blanks.load_records(args.load)
-        source = f"B: records of {args.load.name}"
-    else:
-        records = {}
-        for name in bench_blanks.DETECTORS:
-            (records[name],) = bench_blanks.measure(name, "selection", args.frames,
-                                                    args.frames).values()
-        source = f"B: measured, {args.frames} blanks and hits a detector"
-    runs = {s: score_runs(records, s, MIN_FRAMES) for s in SUPPORTS}
+    records, source = selection_records(args)
+    runs = {s: score_runs(records, s, MIN_FRAMES, 0.0) for s in SUPPORTS}
     print(f"{source} ({time.time() - start:.0f} s)", flush=True)
     items, probs = select_bright_background.default_selection_frames()
     peaks = frame_peaks(items, probs)
-    frames = {s: score_frames(items, peaks, s) for s in SUPPORTS}
+    frames = {s: score_frames(items, peaks, s, 0.0) for s in SUPPORTS}
     chosen = choose(frames, runs)
     text = (f"{table(frames, runs)}\n\n{source}; detectors: {', '.join(records)}\n"
             f"chosen: faint_support {chosen}{' (off)' if chosen == 0 else ''}; "

@@ -591,7 +591,7 @@ class InferenceEngine:
         defect filter left; ``faint_support`` 0: none go)."""
         keep = defects.keep(peaks, frame.panels, goods, spikes)
         keep[keep] = ~faint_unsupported(peaks[keep], self.peak_params.faint_height,
-                                        faint_support)
+                                        faint_support, self.peak_params.faint_snr)
         if not keep.all():  # boxes and pixels stay in step with the peaks
             boxes = None if boxes is None else boxes[keep]
             pixels = None if pixels is None else _without_dropped(pixels, peaks[~keep])

@@ -109,6 +109,7 @@ class PeakParams:
     rescue_height: float = DEFAULTS.rescue_height
     faint_height: float = DEFAULTS.faint_height
     faint_support: int = DEFAULTS.faint_support
+    faint_snr: float = DEFAULTS.faint_snr
 
 
 def find_peaks(
@@ -291,10 +292,12 @@ def is_hit(peaks: np.ndarray, min_peaks: int) -> bool:
     return len(peaks) >= min_peaks
 
 
-def faint_unsupported(peaks: np.ndarray, faint_height: float, faint_support: int) -> np.ndarray:
-    """Which of one frame's peaks go for lack of support: those whose brightest pixel stands
-    under ``faint_height`` local background sigmas (:func:`below_height`), when fewer than
-    ``faint_support`` of the frame's peaks stand that high (0: none go).
+def faint_unsupported(peaks: np.ndarray, faint_height: float, faint_support: int,
+                      faint_snr: float = 0.0) -> np.ndarray:
+    """Which of one frame's peaks go for lack of support: the faint ones, whose brightest pixel
+    stands under ``faint_height`` local background sigmas (:func:`below_height`) or whose
+    integrated SNR is under ``faint_snr`` (0: no such test), when fewer than ``faint_support``
+    of the frame's peaks are not faint (0: none go).
 
     Why: a faint call is weak evidence on its own.  On a frame with a crystal, faint peaks lie
     among tall ones and most of them are real reflections (the hits' weak spots, broad spots
@@ -306,6 +309,8 @@ def faint_unsupported(peaks: np.ndarray, faint_height: float, faint_support: int
     ``faint_height`` high are kept whatever the frame holds.
     """
     faint = below_height(peaks["max_value"], peaks["background_sigma"], faint_height)
+    if faint_snr > 0:
+        faint |= peaks["snr"] < faint_snr
     if faint_support <= 0 or np.count_nonzero(~faint) >= faint_support:
         return np.zeros(len(peaks), dtype=bool)
     return faint

@@ -65,6 +65,8 @@ class FindingDefaults:
     # that high; 0: always.  Chosen on model-selection data (the comment after DEFAULTS).
     faint_height: float = 5.0
     faint_support: int = 5
+    # ... and whose integrated SNR is at least faint_snr (0: height alone).
+    faint_snr: float = 0.0
     # One min_snr for every entry point, DIALS included.  DIALS used 4 while the images it hands
     # over counted at the format's nominal gain (1 on CSPAD CBFs, really ~30 ADU/photon), which
     # understated shot noise; now that such placeholder gains are measured from the data

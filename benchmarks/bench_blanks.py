@@ -358,18 +358,19 @@ def pooled(per: dict[str, dict[str, float]]) -> dict[str, Any]:
 
 def print_summary(by_detector: dict[str, list[FrameRecord]], min_snr: float, min_peaks: int,
                   indexable: int, skip: int = 0, min_height: float | None = None,
-                  faint_support: int | None = None) -> None:
+                  faint_support: int | None = None, faint_snr: float | None = None) -> None:
     from peaknet_xtal.finding.settings import DEFAULTS
 
     min_height = DEFAULTS.min_height if min_height is None else min_height
     support = DEFAULTS.faint_support if faint_support is None else faint_support
+    snr = DEFAULTS.faint_snr if faint_snr is None else faint_snr
     print(f"min_snr {min_snr:g}, min_height {min_height:g}, faint_support {support}, "
-          f"min_peaks {min_peaks}"
+          f"faint_snr {snr:g}, min_peaks {min_peaks}"
           + (f", without each run's first {skip} frames:" if skip else ", every frame:"))
     print(f"  {'detector':11s} {'false/blank':>11s} {'max':>4s} {'blank hits':>10s} "
           f"{'hits called':>11s} {'indexable called':>16s} {'F1 (hits)':>9s} {'recall':>6s}")
     for name, records in by_detector.items():
-        s = summarise(records, min_snr, min_peaks, indexable, skip, min_height, support)
+        s = summarise(records, min_snr, min_peaks, indexable, skip, min_height, support, snr)
         print(f"  {name:11s} {s['false_per_blank']:11.2f} {s['false_max']:4d} "
               f"{s['blank_hits']:4d} of {s['blanks']:3d} {s['hits_called']:4d} of {s['hits']:4d} "
               f"{s['indexable_called']:8d} of {s['indexable']:4d} {s['f1']:9.3f} "
@@ -391,10 +392,9 @@ def print_sources(by_detector: dict[str, list[FrameRecord]], min_snr: float,
         blanks = [r for r in records if not r.hit]
         if not blanks:
             continue
-        peaks = np.concatenate([r.peaks for r in blanks])
-        source = np.concatenate([r.source for r in blanks])
-        keep = passes(peaks, min_snr, min_height)
-        peaks, source = peaks[keep], source[keep]
+        kept = [passes(r.peaks, min_snr, min_height) for r in blanks]  # per frame: its rule
+        peaks = np.concatenate([r.peaks[k] for r, k in zip(blanks, kept, strict=True)])
+        source = np.concatenate([r.source[k] for r, k in zip(blanks, kept, strict=True)])
         counts = {s: int(np.sum(source == s)) for s in ("hot", "streak", "zinger", "other")}
         dropped = sum(r.dropped_by_defects for r in blanks)
         gains = sorted({round(r.gain, 2) if r.gain else None for r in blanks}, key=str)
@@ -573,6 +573,9 @@ def main(argv: list[str] | None = None) -> int:
             for support in (0, 1, 3, 5, 10):
                 print_summary(by_detector, min_snr, min_peaks, args.indexable, skip, None,
                               support)
+            for faint_snr in (0.0, 4.0, 5.0, 6.0):
+                print_summary(by_detector, min_snr, min_peaks, args.indexable, skip, None,
+                              None, faint_snr)
     if args.real:
         print(f"real frames (min_snr {min_snr:g}, min_height {min_height:g}, min_peaks "
               f"{min_peaks}):")

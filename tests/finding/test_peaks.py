@@ -270,6 +270,20 @@ def test_faint_peaks_need_enough_tall_peaks_on_their_frame():
     assert faint_unsupported(frame(0, 0), 5.0, 5).shape == (0,)
 
 
+def test_faint_snr_makes_tall_low_snr_peaks_faint():
+    """With faint_snr, a peak is tall only when it also holds that integrated SNR: a few-photon
+    cluster tall in background sigmas neither supports its frame nor survives on one without
+    support; on a frame with enough peaks tall by both tests it stays; 0 is height alone."""
+    heights = np.full(6, 12.0)  # 6 sigmas each
+    snr = np.array([20.0, 20.0, 4.0, 4.0, 4.0, 4.0])
+    few = peaks_from_columns(max_value=heights, background_sigma=np.full(6, 2.0), snr=snr)
+    assert faint_unsupported(few, 5.0, 5, 5.0).tolist() == [False] * 2 + [True] * 4
+    assert not faint_unsupported(few, 5.0, 5, 0.0).any()  # six tall by height alone
+    assert not faint_unsupported(few, 5.0, 2, 5.0).any()  # two tall by both: enough
+    assert not faint_unsupported(few, 5.0, 5, 4.0).any()  # SNR 4 is at the bar, not under
+    assert faint_unsupported(few[2:], 5.0, 1, 5.0).all()
+
+
 def test_peak_pixel_mask_holds_exactly_the_reported_peaks():
     image, prob = weak_and_strong_panel()
     good = np.ones(image.shape, bool)

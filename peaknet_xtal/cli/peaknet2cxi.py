@@ -135,8 +135,9 @@ def build_parser() -> Any:
                              f"{FINDING.rescue_height:g})")
     parser.add_argument("--faint-support", dest="faint_support", type=int,
                         help="report a frame's faint peaks (brightest pixel under "
-                             f"{FINDING.faint_height:g} background sigmas) only when at least "
-                             "this many of its peaks stand that high (default "
+                             f"{FINDING.faint_height:g} background sigmas, or SNR under "
+                             f"{FINDING.faint_snr:g}) only when at least this many of its peaks "
+                             "are neither (default "
                              f"{FINDING.faint_support}; 0: always): blanks lose their noise "
                              "peaks, hits keep their weak spots")
     parser.add_argument("--adu-per-photon", dest="adu_per_photon", type=float,

@@ -41,20 +41,36 @@ class PeakNetFinder:
 
     def __post_init__(self) -> None:
         from peaknet_xtal.finding.engine import InferenceEngine
+        from peaknet_xtal.finding.peaks import PeakParams
 
+        # every peak setting the engine uses, so that a report's params say what ran
         p: dict[str, Any] = {"model": DEFAULTS.model, "threshold": DEFAULTS.threshold,
                              "min_snr": DEFAULTS.min_snr, "min_height": DEFAULTS.min_height,
+                             "rescue_prob": DEFAULTS.rescue_prob,
+                             "rescue_height": DEFAULTS.rescue_height,
+                             "faint_height": DEFAULTS.faint_height,
+                             "faint_support": DEFAULTS.faint_support,
+                             "faint_snr": DEFAULTS.faint_snr,
                              "device": DEFAULTS.device,
                              "batch_size": DEFAULTS.batch_size,
                              # None: settings.resolve_gain (what the data declare)
                              "adu_per_photon": None}
+        unknown = set(self.params) - set(p)
+        if unknown:
+            raise ValueError(f"unknown PeakNet finder settings {sorted(unknown)}; known: "
+                             f"{sorted(p)}")
         p.update(self.params)
         self.params = p
         self.name = f"peaknet:{p['model']}" if self.name == "peaknet" else self.name
+        peak_params = PeakParams(faint_height=p["faint_height"], faint_snr=p["faint_snr"])
         self.engine = InferenceEngine(p["model"], device=p["device"], threshold=p["threshold"],
                                       min_snr=p["min_snr"], min_height=p["min_height"],
+                                      rescue_prob=p["rescue_prob"],
+                                      rescue_height=p["rescue_height"],
+                                      faint_support=p["faint_support"],
                                       batch_size=p["batch_size"],
-                                      adu_per_photon=p["adu_per_photon"])
+                                      adu_per_photon=p["adu_per_photon"],
+                                      peak_params=peak_params)
 
     def find(self, frame: Frame) -> np.ndarray:
         return next(iter(self.engine.find_frames([frame]))).peaks

@@ -28,10 +28,11 @@ with a position, an intensity and a background.  This module does that step for 
    model calls a spot sums to an SNR of 3-5 over a few pixels, each only 3-5 sigmas high, and a
    height of 5 removes most of them, but also broad weak spots whose brightest pixel is low
    while their sum is significant (measured: the comment after ``finding.settings.DEFAULTS``).
-6. per frame, after the run's defect filter (the finding engine): peaks under ``faint_height``
-   sigmas count only on a frame with at least ``faint_support`` peaks that tall
-   (:func:`faint_unsupported`): the height test where a frame shows no crystal, none where it
-   does, so the noise blobs of blanks go and the weak and broad spots of hits stay.
+6. per frame, after the run's defect filter (the finding engine): faint peaks, under
+   ``faint_height`` sigmas or under an integrated SNR of ``faint_snr``, count only on a frame
+   with at least ``faint_support`` peaks that are neither (:func:`faint_unsupported`): the
+   height and evidence tests where a frame shows no crystal, none where it does, so the noise
+   blobs of blanks go and the weak and broad spots of hits stay.
 
 Everything per pixel is vectorised (``scipy.ndimage.label``, ``np.bincount`` and gathers on the
 foreground pixels only); Python loops run over panel shapes and annulus sizes, never over pixels.
@@ -86,10 +87,11 @@ class PeakParams:
     ``threshold``, e.g. 1: no such peaks).  The
     network's doubt then yields to strong evidence, as where it scores spots sharper than it
     was trained on below ``threshold`` (:func:`rescue_candidates`).
-    ``faint_height`` and ``faint_support``: a frame's peaks whose brightest pixel stands under
-    ``faint_height`` local background sigmas are reported only when at least ``faint_support``
-    of its peaks stand that high (0: always; :func:`faint_unsupported`).  A frame-level rule,
-    applied by the finding engine after the run's defect filter, not by :func:`find_peaks`.
+    ``faint_height``, ``faint_snr`` and ``faint_support``: a frame's faint peaks, whose
+    brightest pixel stands under ``faint_height`` local background sigmas or whose SNR is under
+    ``faint_snr``, are reported only when at least ``faint_support`` of its peaks are not faint
+    (0: always; :func:`faint_unsupported`).  A frame-level rule, applied by the finding engine
+    after the run's defect filter, not by :func:`find_peaks`.
     """
 
     threshold: float = DEFAULTS.threshold
@@ -303,10 +305,12 @@ def faint_unsupported(peaks: np.ndarray, faint_height: float, faint_support: int
     among tall ones and most of them are real reflections (the hits' weak spots, broad spots
     whose sum is significant while no pixel is tall); on a frame without one, nothing tall
     backs them and nearly all of them are noise blobs the network let through (model-selection
-    blanks: 76 % of their false peaks stand 3-5 sigmas high).  So the frame, not the peak alone,
-    decides whether a faint peak is believed, as a crystallographer looking at the frame would.
-    Bright evidence is untouched: rescued peaks (``rescue_height``) and every peak at least
-    ``faint_height`` high are kept whatever the frame holds.
+    blanks: 76 % of their false peaks stand 3-5 sigmas high; most of the rest are clusters of a
+    few photons on sparse backgrounds, 5-13 sigmas high with an SNR of 3-4.5, which
+    ``faint_snr`` calls faint too).  So the frame, not the peak alone, decides whether a faint
+    peak is believed, as a crystallographer looking at the frame would.  Strong evidence is
+    untouched: every peak at least ``faint_height`` high with an SNR of at least ``faint_snr``
+    is kept whatever the frame holds.
     """
     faint = below_height(peaks["max_value"], peaks["background_sigma"], faint_height)
     if faint_snr > 0:

@@ -75,7 +75,8 @@ rescue_height = {_D.rescue_height}
 faint_support = {_D.faint_support}
   .type = int(value_min=0)
   .help = "Keep an image's faint spots (brightest pixel under {_D.faint_height:g} background"
-          "sigmas) only when at least this many of its spots stand that high. 0: always. On"
+          "sigmas, or SNR under {_D.faint_snr:g}) only when at least this many of its spots"
+          "are neither. 0: always. On"
           "a frame without a crystal the faint spots are nearly all noise; on a frame with"
           "one they are its weak reflections (measured in finding/settings.py). It needs"
           "the whole image: where a panel is found alone (a region of interest, a mask DIALS"

@@ -99,3 +99,19 @@ def test_activation_maps_of_chosen_panels_equal_those_of_all_panels():
     # batched with other panels or alone: equal up to float32 summation order
     assert np.allclose(b1, background[1], atol=1e-5) and np.allclose(p1, peak[1], atol=1e-5)
     assert not np.allclose(p1, peak[0])
+
+
+def test_peaknet_finder_records_and_runs_every_peak_setting():
+    """A report's params say what ran: every peak setting of the engine, the shared defaults
+    unless given, each reaching the engine; an unknown setting is an error, not ignored."""
+    from peaknet_xtal.evaluation.finders import PeakNetFinder
+    from peaknet_xtal.finding.settings import DEFAULTS
+
+    finder = PeakNetFinder(params={"device": "cpu", "faint_support": 2, "faint_snr": 6.0})
+    assert finder.params["rescue_prob"] == DEFAULTS.rescue_prob
+    assert finder.params["faint_height"] == DEFAULTS.faint_height
+    got = finder.engine.peak_params
+    assert (got.faint_support, got.faint_snr, got.rescue_height) == (2, 6.0,
+                                                                      DEFAULTS.rescue_height)
+    with pytest.raises(ValueError, match="faint_sport"):
+        PeakNetFinder(params={"faint_sport": 2})

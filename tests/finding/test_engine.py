@@ -397,5 +397,9 @@ def test_faint_peaks_go_on_frames_with_few_tall_peaks_with_their_pixels():
     for kept in (found(faint_support=0), found(faint_support=5, whole=False)):
         assert len(kept["few"].peaks) == 5 and len(kept["many"].peaks) == 7
     assert len(found(faint_support=2)["few"].peaks) == 5
+    # faint_snr: a peak is tall only with that integrated SNR too (here none has it)
+    doubted = found(faint_support=5, peak_params=PeakParams(faint_snr=1e6))
+    assert len(doubted["many"].peaks) == 0 and len(doubted["few"].peaks) == 0
+    assert len(found(faint_support=0, peak_params=PeakParams(faint_snr=1e6))["many"].peaks) == 7
     with pytest.raises(ValueError, match="faint_support"):
         InferenceEngine(predictor=predictor, faint_support=-1)

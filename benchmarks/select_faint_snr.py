@@ -32,13 +32,11 @@ B's false peaks per blank down by at least 0.2 (of 1.14 with the rule as it is).
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import select_bright_background  # noqa: E402
 import select_faint_support as faint  # noqa: E402
 
 SNRS = (0.0, 4.0, 5.0, 6.0, 8.0)
@@ -46,24 +44,11 @@ LEAST_GAIN = 0.2
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = faint.parse(__doc__, argv)
-    from peaknet_xtal.finding.defects import MIN_FRAMES
     from peaknet_xtal.finding.settings import DEFAULTS
 
-    start = time.time()
-    records, source = faint.selection_records(args)
     support = DEFAULTS.faint_support
-    runs = {s: faint.score_runs(records, support, MIN_FRAMES, s) for s in SNRS}
-    print(f"{source} ({time.time() - start:.0f} s)", flush=True)
-    items, probs = select_bright_background.default_selection_frames()
-    peaks = faint.frame_peaks(items, probs)
-    frames = {s: faint.score_frames(items, peaks, support, s) for s in SNRS}
-    chosen = faint.choose(frames, runs, 0.0, LEAST_GAIN)
-    text = (f"{faint.table(frames, runs, 0.0, 'faint_snr')}\n\n{source}; detectors: "
-            f"{', '.join(records)}; faint_support {support}\n"
-            f"chosen: faint_snr {chosen:g}{' (off)' if chosen == 0 else ''}; "
-            f"{time.time() - start:.0f} s")
-    select_bright_background.emit(text, args.out)
+    faint.select(faint.parse(__doc__, argv), "faint_snr", SNRS, lambda s: (support, s),
+                 LEAST_GAIN, f"; faint_support {support}")
     return 0
 
 

@@ -42,6 +42,7 @@ import logging
 import sys
 import time
 from pathlib import Path
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -170,22 +171,31 @@ def selection_records(args: argparse.Namespace) -> tuple[dict[str, list[Any]], s
     return records, f"B: measured, {args.frames} blanks and hits a detector"
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse(__doc__, argv)
+def select(args: argparse.Namespace, name: str, grid: Sequence[Any],
+           rule: Callable[[Any], tuple[int, float]], least_gain: float, note: str = "") -> Any:
+    """Score A and B at every setting of ``grid`` (``rule``: a setting's ``faint_support`` and
+    ``faint_snr``), choose by the module docstring's rule against ``grid[0]`` and print (and
+    write, ``--out``) the table and the choice."""
     from peaknet_xtal.finding.defects import MIN_FRAMES
 
     start = time.time()
     records, source = selection_records(args)
-    runs = {s: score_runs(records, s, MIN_FRAMES, 0.0) for s in SUPPORTS}
+    runs = {s: score_runs(records, rule(s)[0], MIN_FRAMES, rule(s)[1]) for s in grid}
     print(f"{source} ({time.time() - start:.0f} s)", flush=True)
     items, probs = select_bright_background.default_selection_frames()
     peaks = frame_peaks(items, probs)
-    frames = {s: score_frames(items, peaks, s, 0.0) for s in SUPPORTS}
-    chosen = choose(frames, runs)
-    text = (f"{table(frames, runs)}\n\n{source}; detectors: {', '.join(records)}\n"
-            f"chosen: faint_support {chosen}{' (off)' if chosen == 0 else ''}; "
+    frames = {s: score_frames(items, peaks, *rule(s)) for s in grid}
+    off = grid[0]
+    chosen = choose(frames, runs, off, least_gain)
+    text = (f"{table(frames, runs, off, name)}\n\n{source}; detectors: {', '.join(records)}"
+            f"{note}\nchosen: {name} {chosen:g}{' (off)' if chosen == off else ''}; "
             f"{time.time() - start:.0f} s")
     select_bright_background.emit(text, args.out)
+    return chosen
+
+
+def main(argv: list[str] | None = None) -> int:
+    select(parse(__doc__, argv), "faint_support", SUPPORTS, lambda s: (s, 0.0), LEAST_GAIN)
     return 0
 
 

@@ -418,11 +418,9 @@ def print_sources(by_detector: dict[str, list[FrameRecord]], min_snr: float,
                 q = np.percentile(height, [10, 50, 90])
                 print(f"    height over background sigma, {label} peaks p10/50/90 "
                       f"{q[0]:.1f}/{q[1]:.1f}/{q[2]:.1f} ({len(height)})")
-        worst = sorted(blanks, key=lambda r: -int(np.sum(passes(r.peaks, min_snr,
-                                                                   min_height))))[:3]
-        for r in worst:
-            print(f"    seed {r.seed}: {int(np.sum(passes(r.peaks, min_snr, min_height)))} peaks "
-                  f"({r.conditions})")
+        worst = sorted(zip(blanks, kept, strict=True), key=lambda rk: -int(rk[1].sum()))[:3]
+        for r, k in worst:
+            print(f"    seed {r.seed}: {int(k.sum())} peaks ({r.conditions})")
     print_prob_snr(by_detector, min_snr, min_height)
 
 

@@ -180,8 +180,10 @@ def check_image_dataset(path: str, name: str, ds: h5py.Dataset) -> None:
             if not h5py.h5z.filter_avail(code):
                 raise FormatError(path, f"compressed with HDF5 filter {code} "
                                   f"({label.decode(errors='replace') or 'unnamed'}), which this "
-                                  "HDF5 library cannot decode (install its plugin, e.g. the "
-                                  "hdf5plugin package, and set HDF5_PLUGIN_PATH)", dataset=name)
+                                  "HDF5 library cannot decode (hdf5plugin, a dependency, "
+                                  "brings bitshuffle, LZ4, Blosc, Zstd and others; for this one "
+                                  "install its HDF5 plugin and set HDF5_PLUGIN_PATH)",
+                                  dataset=name)
     else:
         missing = sorted({source.file_name for source in ds.virtual_sources()
                           if not _vds_source_exists(path, source.file_name)})

@@ -280,6 +280,7 @@ class PeakNetSpotFinderThresholdExt:
     def __init__(self, params: Any) -> None:
         self.settings = PeakNetSettings.from_params(params)
         self._image: _ImageForeground | None = None
+        _readable_compression()
         with _as_user_error():
             _check_model_exists(self.settings.model)
 
@@ -290,6 +291,7 @@ class PeakNetSpotFinderThresholdExt:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.settings = PeakNetSettings(**state["settings"])
         self._image = None
+        _readable_compression()
 
     def compute_threshold(self, image: Any, mask: Any, **kwargs: Any) -> Any:
         """Foreground mask for one panel: model peak pixels AND the mask DIALS passed in.
@@ -365,6 +367,15 @@ class PeakNetSpotFinderThresholdExt:
                                                                                good):
             return None
         return image.foreground[i_panel]
+
+
+def _readable_compression() -> None:
+    """DIALS reads the images this algorithm is given (an Eiger NeXus file's frames are
+    bitshuffle/LZ4-compressed): make the filters of ``formats.hdf5_filters`` available in this
+    process first, and in each worker process DIALS unpickles the algorithm into."""
+    from peaknet_xtal.formats.hdf5_filters import register_hdf5_filters
+
+    register_hdf5_filters()
 
 
 class _ImageForeground:

@@ -132,6 +132,32 @@ def test_cxi_tables_match_truth_and_are_laid_out_for_indexamajig(stacks, tmp_pat
         assert np.allclose(from_stream["ss"], peaks["ss"], atol=0.01)
 
 
+def test_bitshuffle_compressed_frames_give_the_same_peaks(stacks, tmp_path):
+    """Eiger and Jungfraujoch write frames bitshuffle/LZ4-compressed (formats.hdf5_filters)."""
+    import hdf5plugin
+
+    geom_path, geometry, stack, _, predictor = stacks["cspad"]
+    packed = tmp_path / "packed.cxi"
+    with h5py.File(stack) as src, h5py.File(packed, "w") as dst:
+        for name in (geometry.data or "/entry_1/data_1/data", geometry.mask):
+            if name:
+                dst.create_dataset(name, data=src[name][...], chunks=(1, *src[name].shape[1:]),
+                                   **hdf5plugin.Bitshuffle(cname="lz4"))
+        assert dst[geometry.data or "/entry_1/data_1/data"].id.get_create_plist(
+        ).get_filter(0)[0] == 32008
+    tables = []
+    for source, out in ((stack, tmp_path / "plain"), (packed, tmp_path / "packed")):
+        summary = _run(source, geom_path, out, predictor)
+        assert summary["status"] == "ok" and summary["frames"] == N_FRAMES
+        (cxi_file,) = [Path(p) for p in (out / "peaknet.lst").read_text().split()]
+        tables.append(read_cxi_peaks(cxi_file))
+    assert tables[0].n_peaks.sum() > 20
+    np.testing.assert_array_equal(tables[0].n_peaks, tables[1].n_peaks)
+    for row in range(N_FRAMES):
+        for column in ("peakXPosRaw", "peakYPosRaw", "peakTotalIntensity"):
+            np.testing.assert_array_equal(tables[0].raw(row)[column], tables[1].raw(row)[column])
+
+
 def test_rerun_after_interruption_continues_where_it_stopped(stacks, tmp_path):
     geom_path, _, stack, _, predictor = stacks["cspad"]
     outdir, stream_path = tmp_path / "out", tmp_path / "peaks.stream"

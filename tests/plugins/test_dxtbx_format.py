@@ -103,6 +103,43 @@ def test_dials_does_not_index_a_blank(runs, dials_env):
     assert result.returncode != 0 or not (work / "indexed.expt").exists()
 
 
+def test_bitshuffle_compressed_frames_find_the_same_spots(runs, dials_env):
+    """The frames as Eiger and Jungfraujoch write them (bitshuffle/LZ4, formats.hdf5_filters),
+    read by DIALS through this format, give the spots of the uncompressed file."""
+    import shutil
+
+    import h5py
+    import hdf5plugin
+    from dials.array_family import flex
+
+    hit, _ = runs
+    work = hit.cxi.parent
+    packed = work / "packed.cxi"
+    shutil.copy(hit.cxi, packed)
+    with h5py.File(packed, "r+") as h5:
+        data = h5["/entry_1/data_1/data"]
+        frames, attrs = data[...], dict(data.attrs)
+        del h5["/entry_1/data_1/data"]
+        data = h5.create_dataset("/entry_1/data_1/data", data=frames,
+                                 chunks=(1, *frames.shape[1:]),
+                                 **hdf5plugin.Bitshuffle(cname="lz4"))
+        data.attrs.update(attrs)
+        assert data.id.get_create_plist().get_filter(0)[0] == 32008
+    spots = []
+    for name in (hit.cxi.name, packed.name):
+        stem = Path(name).stem
+        result = dials("dials.import", [name, f"output.experiments={stem}.expt"], work,
+                       dials_env)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+        result = dials("dials.find_spots", [f"{stem}.expt", "algorithm=peaknet",
+                                            f"output.reflections={stem}.refl"], work, dials_env)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+        table = flex.reflection_table.from_file(str(work / f"{stem}.refl"))
+        spots.append(sorted(table["xyzobs.px.value"]))
+    assert len(spots[0]) > 20
+    assert spots[0] == spots[1]
+
+
 def test_nearly_perpendicular_real_metrology_becomes_an_orthonormal_frame():
     import numpy as np
 

@@ -111,14 +111,15 @@ def show_cxi(path: str, geometry: str | None = None, max_frames: int = 20,
     from peaknet_xtal.finding.sanitise import sanitise_frame
 
     ranges: list[list[float]] = []
-    sampled = nonfinite = absurd = 0
+    sampled = nonfinite = absurd = marked = 0
     for frame in iter_cxi_frames(path, geom, stop=max(1, int(max_frames))):
         sampled += 1
-        r = _value_range(frame.panels)
+        goods, check = sanitise_frame(frame.panels, None, frame.meta.get("marker"))[1:]
+        r = _value_range(frame.panels, goods)  # what the finder uses: no gap markers
         if r is not None:
             ranges.append(r)
-        check = sanitise_frame(frame.panels, None)[2]
         nonfinite, absurd = nonfinite + check.nonfinite, absurd + check.absurd
+        marked += check.marked
     import h5py
 
     with h5py.File(path, "r") as h5:
@@ -130,7 +131,8 @@ def show_cxi(path: str, geometry: str | None = None, max_frames: int = 20,
             "value_range": ([min(r[0] for r in ranges), max(r[1] for r in ranges)]
                             if ranges else None),
             "value_range_frames": sampled, "nonfinite_pixels": nonfinite,
-            "absurd_pixels": absurd, "peak_table": _peak_table_summary(path)}
+            "absurd_pixels": absurd, "marker_pixels": marked,
+            "peak_table": _peak_table_summary(path)}
 
 
 def show_image(path: str, **_: Any) -> dict[str, Any]:

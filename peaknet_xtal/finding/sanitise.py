@@ -8,13 +8,26 @@ with exit status 0.  Masking them (the pixels stay unchanged; only the good-pixe
 keeps every other pixel's result as it would have been, and one warning per affected frame
 names the source and the counts, so nothing is lost silently.
 
+Integer data mark gaps, defective and overloaded pixels with the largest value their type holds
+(65535 in uint16, 4294967295 in uint32), as DECTRIS Eiger file writers and streams do (the shared
+Eiger2 still, ``../shared/data/real/eiger2_still_0mq``: 65535 = masked or gap) and as a 16-bit
+counter reads when it saturates.  Read through a geometry that neither flags nor masks them, such
+pixels are not counts: that still's module gaps (260,886 pixels) gave 477 of its 975 peaks,
+within 3 px of a gap, where masking them left 468 in all (the same 468 now without a mask, the
+gain measured from the data being taken on the usable pixels only).  So pixels at that value are
+masked and counted too: the largest value of unsigned integer panels handed in as they are (the
+Python API), or ``Frame.meta["marker"]``, which the CXI reader sets from the dataset's type
+before it converts frames to float32.  DIALS masks them by its trusted range (overloads
+included) before the plugin sees them, so every entry point treats them alike.
+
 A constant offset that pushes the whole background far below zero (a pedestal subtracted twice,
 or a raw dark frame) is not maskable: the pixels are finite, but peak sums come out negative and
 shot-noise SNRs meaningless.  That is reported as a warning with the median, not corrected.
 
-:func:`sanitise_frame` is called at exactly one place, where frames enter
-:class:`~peaknet_xtal.finding.engine.InferenceEngine`, so the CLI, the Python API, the DIALS plugin
-and the Ray pipeline all apply the same rule.
+:class:`~peaknet_xtal.finding.engine.InferenceEngine` applies :func:`sanitise_frame` to every
+frame it is given, where the frame enters it (and to frames it only counts towards a run's gain
+and defects), so the CLI, the Python API, the DIALS plugin and the Ray pipeline all apply the same
+rule.
 """
 from __future__ import annotations
 
@@ -23,6 +36,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from peaknet_xtal.types import integer_marker
 
 log = logging.getLogger(__name__)
 
@@ -42,18 +57,25 @@ class FrameCheck:
     pixels: int = 0
     nonfinite: int = 0
     absurd: int = 0
+    marked: int = 0  # pixels at the integer data's marker value (``types.integer_marker``)
+    marker: float | None = None
     usable: int = 0
     offset: float | None = None  # the background median when it looks like a lost pedestal
 
     @property
     def masked(self) -> int:
-        return self.nonfinite + self.absurd
+        return self.nonfinite + self.absurd + self.marked
 
     def describe(self) -> str:
         parts = []
-        if self.masked:
+        if self.nonfinite or self.absurd:
             parts.append(f"masked {self.nonfinite} non-finite and {self.absurd} absurd "
                          f"(|value| > {ABSURD:.2g}) pixels")
+        if self.marked:
+            parts.append(f"masked {self.marked} pixels at {self.marker:.10g}, the largest value "
+                         "of the data's integer type, which detector writers put in gaps and "
+                         "defective or overloaded pixels (a mask, or the geometry's "
+                         "flag_morethan, that says so keeps this quiet)")
         if self.usable == 0:
             parts.append(f"no usable pixel left of {self.pixels}: no peaks can be found")
         if self.offset is not None:
@@ -71,6 +93,7 @@ class SanitiseTally:
     frames: int = 0
     nonfinite: int = 0
     absurd: int = 0
+    marked: int = 0
     empty: int = 0
     offset: int = 0
     warned: int = 0
@@ -82,6 +105,7 @@ class SanitiseTally:
         self.frames += 1
         self.nonfinite += check.nonfinite
         self.absurd += check.absurd
+        self.marked += check.marked
         self.empty += int(check.usable == 0)
         self.offset += int(check.offset is not None)
         if self.warned < MAX_WARNINGS:
@@ -93,16 +117,22 @@ class SanitiseTally:
 
     def as_dict(self) -> dict[str, int]:
         return {"frames": self.frames, "nonfinite_pixels": self.nonfinite,
-                "absurd_pixels": self.absurd, "frames_without_usable_pixels": self.empty,
+                "absurd_pixels": self.absurd, "marker_pixels": self.marked,
+                "frames_without_usable_pixels": self.empty,
                 "frames_offset": self.offset}
 
 
-def sanitise_frame(panels: Sequence[np.ndarray], masks: Sequence[np.ndarray] | None
+def sanitise_frame(panels: Sequence[np.ndarray], masks: Sequence[np.ndarray] | None,
+                   marker: float | None = None
                    ) -> tuple[list[np.ndarray], list[np.ndarray], FrameCheck]:
-    """float32 panels, good-pixel masks with non-finite and absurd pixels removed, and counts.
+    """float32 panels, good-pixel masks with non-finite, absurd and marker pixels removed, and
+    counts.
 
     ``masks`` (True = good) may be None; shapes must match (a mismatch is a ValueError naming the
-    panel).  Pixel values are never changed.
+    panel).  ``marker``: the value the data mark unusable pixels with (``Frame.meta["marker"]``);
+    for unsigned integer panels it defaults to their type's
+    (:func:`peaknet_xtal.types.integer_marker`).  Pixel
+    values are never changed.
     """
     check = FrameCheck()
     images: list[np.ndarray] = []
@@ -115,6 +145,7 @@ def sanitise_frame(panels: Sequence[np.ndarray], masks: Sequence[np.ndarray] | N
         image = np.asarray(panel)
         if image.dtype.kind not in "fiu":
             raise ValueError(f"panel {i}: pixel values must be numbers, got dtype {image.dtype}")
+        mark = marker if marker is not None else integer_marker(image.dtype)
         image = image.astype(np.float32, copy=False)
         if image.ndim != 2:
             raise ValueError(f"panel {i} must be 2-D, got shape {image.shape}")
@@ -124,15 +155,21 @@ def sanitise_frame(panels: Sequence[np.ndarray], masks: Sequence[np.ndarray] | N
             raise ValueError(f"panel {i}: mask shape {given.shape} != {image.shape}")
         with np.errstate(invalid="ignore"):
             ok = np.abs(image) <= ABSURD  # one pass: False for NaN, +-inf and absurd values
+        if mark is not None:
+            ok &= image != np.float32(mark)  # as the float32 frame holds it (2**32 - 1 -> 2**32)
         good = given & ok
         check.pixels += image.size
         usable = int(np.count_nonzero(good))
         check.usable += usable
         lost = int(np.count_nonzero(given)) - usable
-        if lost:  # rare: only then tell non-finite from absurd
+        if lost:  # rare: only then tell non-finite from absurd and marked
             nonfinite = int(np.count_nonzero(given & ~np.isfinite(image)))
+            marked = (int(np.count_nonzero(given & (image == np.float32(mark))))
+                      if mark is not None else 0)
             check.nonfinite += nonfinite
-            check.absurd += lost - nonfinite
+            check.marked += marked
+            check.marker = mark if marked else check.marker
+            check.absurd += lost - nonfinite - marked
         images.append(image)
         goods.append(good)
         if usable:  # a strided sample for the offset check, not a copy of every good pixel

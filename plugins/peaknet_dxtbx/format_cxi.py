@@ -31,6 +31,7 @@ from dxtbx.format.FormatHDF5 import FormatHDF5
 from dxtbx.format.FormatStill import FormatStill
 
 from peaknet_xtal.formats.geometry import HC_EV_A
+from peaknet_xtal.types import integer_marker
 
 DATA_PATH = "/entry_1/data_1/data"
 MASK_PATH = "/entry_1/data_1/mask"
@@ -190,6 +191,10 @@ class FormatCXIPeakNet(FormatHDF5, FormatStill):
         with h5py.File(image_file, "r") as h5:
             data = h5[self._data_path]
             check_image_dataset(image_file, self._data_path, data)
+            # integer data mark gaps and bad pixels with their type's largest value
+            # (finding.sanitise): above the trusted range, so DIALS masks them
+            marker = integer_marker(data.dtype)
+            self._trusted_max = TRUSTED if marker is None else min(TRUSTED, marker - 1.0)
             self._n_images = int(data.shape[0])
             if self._n_images == 0:
                 raise FormatError(image_file, "the image stack holds no frames",
@@ -244,10 +249,14 @@ class FormatCXIPeakNet(FormatHDF5, FormatStill):
                 slab = np.asarray(h5[self._data_path][index or 0], dtype=np.float64)
                 frame_mask = h5[self._mask_path][index or 0] if self._mask_stacked else None
         with np.errstate(invalid="ignore"):
-            untrusted = int(np.count_nonzero(~(np.abs(slab) <= TRUSTED)))
+            untrusted = int(np.count_nonzero(~((slab >= -TRUSTED)
+                                               & (slab <= self._trusted_max))))
         if untrusted:  # DIALS masks them by the trusted range; say so rather than silently
-            log.warning("%s frame %d: %d pixels non-finite or beyond the trusted range +-%g are "
-                        "masked", self._image_file, index or 0, untrusted, TRUSTED)
+            log.warning("%s frame %d: %d pixels non-finite or beyond the trusted range %g to %g "
+                        "are masked%s", self._image_file, index or 0, untrusted, -TRUSTED,
+                        self._trusted_max, "" if self._trusted_max == TRUSTED else
+                        " (above it: the largest value of the data's integer type, which "
+                        "detector writers put in gaps and defective or overloaded pixels)")
         if frame_mask is not None:
             # A mask per frame: dxtbx's static mask is one for the whole imageset, so this
             # frame's bad pixels are set below the trusted range, which DIALS (and
@@ -300,7 +309,7 @@ class FormatCXIPeakNet(FormatHDF5, FormatStill):
             p.set_name(panel.name)
             p.set_image_size((panel.width, panel.height))
             p.set_pixel_size((pixel_mm, float(np.linalg.norm(slow)) / res * 1000.0))
-            p.set_trusted_range((-TRUSTED, TRUSTED))
+            p.set_trusted_range((-TRUSTED, self._trusted_max))
             p.set_gain(panel_gain(index))
             f_hat, s_hat = orthonormal_axes(fast, slow)
             p.set_local_frame(to_dials(f_hat), to_dials(s_hat), to_dials(corner))

@@ -97,3 +97,61 @@ def test_no_unusable_pixel_passes_and_every_usable_one_does(image):
         with np.errstate(over="raise"):
             values = image[good].astype(np.float32)
             np.sum(values * values / np.float32(image.size))
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.uint32])
+def test_unsigned_integer_data_lose_their_marker_pixels(dtype):
+    """Gaps and bad pixels at the type's largest value are masked and counted; values below it
+    are counts (in uint32 those float32 tells apart from it: 256 below); the pixels themselves
+    are kept as they were."""
+    marker = np.iinfo(dtype).max
+    image = np.random.default_rng(1).poisson(3.0, (32, 48)).astype(dtype)
+    image[10, :] = marker
+    image[20, 5] = marker - (1 if dtype == np.uint16 else 256)
+    mask = np.ones(image.shape, bool)
+    mask[10, :4] = False  # already masked: not counted again
+    (out,), (good,), check = sanitise_frame([image], [mask])
+    assert check.marked == 48 - 4 and check.marker == float(marker)
+    assert not good[10].any() and good[20, 5] and good.sum() == mask.sum() - 44
+    assert "largest value of the data's integer type" in check.describe()
+    np.testing.assert_array_equal(out, image.astype(np.float32))
+
+
+def test_a_reader_passes_the_marker_of_data_it_made_float():
+    image = np.full((8, 8), 65535.0, np.float32)
+    image[:4] = 7.0
+    _, (good,), check = sanitise_frame([image], None)  # float data: 65535 is a count
+    assert good.all() and check.marked == 0
+    _, (good,), check = sanitise_frame([image], None, marker=65535.0)
+    assert good.sum() == 32 and check.marked == 32
+
+
+@pytest.mark.parametrize("dtype, marker", [(np.uint16, 65535.0), (np.uint32, 4294967295.0),
+                                           (np.uint8, None), (np.int16, None), (np.int32, None),
+                                           (np.float32, None)])
+def test_integer_marker_of_each_type(dtype, marker):
+    from peaknet_xtal.types import integer_marker
+
+    assert integer_marker(dtype) == marker
+
+
+def test_engine_finds_the_same_peaks_with_gaps_marked_or_masked(one_torch_thread):
+    """uint16 data with a gap row at 65535 give the peaks (and the gain measured from the data)
+    of the same pixels as float32 with the gap masked."""
+    from peaknet_xtal.finding import PeakFinder
+
+    rng = np.random.default_rng(4)
+    yy, xx = np.mgrid[0:192, 0:224]
+    expected = np.full(yy.shape, 4.0)
+    for cy, cx in rng.uniform(12, 180, (12, 2)):
+        expected += 300 * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 2.0)
+    image = rng.poisson(expected).astype(np.uint16)
+    image[96:98, :] = 65535
+    found = []
+    for data, mask in ((image, None), (image.astype(np.float32), image != 65535)):
+        finder = PeakFinder("default", threads=1)
+        found.append((finder.find(data, mask=mask), finder.engine._gain_from_data.estimate))
+    (marked, gain_marked), (masked, gain_masked) = found
+    assert len(masked) >= 8 and gain_marked == gain_masked
+    np.testing.assert_array_equal(marked[["ss", "fs", "snr"]], masked[["ss", "fs", "snr"]])
+    assert not np.any(np.abs(marked["ss"] - 96.5) < 2)

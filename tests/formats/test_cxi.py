@@ -91,6 +91,19 @@ def test_single_frame_and_default_data_path_without_geometry(tmp_path):
     assert frame.meta["h5_index"] is None
 
 
+@pytest.mark.parametrize("dtype, marker", [("u2", 65535.0), ("u4", 4294967295.0),
+                                           ("i4", None), ("f4", None)])
+def test_frames_keep_the_marker_of_their_integer_type(tmp_path, dtype, marker):
+    """Frames come out float32; the value integer data mark gaps with (types.integer_marker)
+    travels in meta for the engine to mask."""
+    path = tmp_path / "one.h5"
+    with h5py.File(path, "w") as h5:
+        h5.create_dataset("/data/data", data=np.arange(120).reshape(10, 12).astype(dtype))
+    frame = read_cxi_frame(path)
+    assert frame.panels[0].dtype == np.float32
+    assert frame.meta.get("marker") == marker
+
+
 def test_static_mask_dataset_combines_with_geometry_mask(tmp_path, geometry):
     path = tmp_path / "masked.cxi"
     make_stack(path, n=2)

@@ -85,17 +85,18 @@ def test_find_spots_bad_model_is_a_user_error(name, corpus, imported, env, tmp_p
     assert not (case.path.parent / "MARKER").exists(), "a model file ran code"
 
 
-def test_find_spots_masks_absurd_pixels_and_warns(corpus, imported, env, tmp_path):
-    """Five pixels per frame at 3e38 are masked (DIALS' trusted range, which the format sets)
-    with a warning naming the file; the spots found on the other pixels stay (within the five
-    each bad pixel can touch per frame)."""
+@pytest.mark.parametrize("name", ["pixels_3e38", "uint16_gaps"])
+def test_find_spots_masks_absurd_pixels_and_warns(name, corpus, imported, env, tmp_path):
+    """Five pixels per frame at 3e38, or uint16 gap lines at 65535 (the type's largest value:
+    ``finding.sanitise``), are masked (DIALS' trusted range, which the format sets) with a
+    warning naming the file; the spots found on the other pixels stay (within five a frame)."""
     from dials.array_family import flex
 
     rc, output = dials("find_spots", [str(imported / "imported.expt"), "algorithm=peaknet",
                                       ONE_THREAD], imported, env)
     assert rc == 0, output[-3000:]
     clean = len(flex.reflection_table.from_file(str(imported / "strong.refl")))
-    case = _case(corpus, "pixels_3e38")
+    case = _case(corpus, name)
     rc, output = dials("import", [str(case.path)], tmp_path, env)
     assert rc == 0, output[-3000:]
     rc, output = dials("find_spots", ["imported.expt", "algorithm=peaknet", ONE_THREAD],
@@ -104,5 +105,7 @@ def test_find_spots_masks_absurd_pixels_and_warns(corpus, imported, env, tmp_pat
     assert "Traceback" not in output, output[-3000:]
     warned = [line for line in output.splitlines() if "trusted range" in line]
     assert len(warned) == badinputs.N_FRAMES and all(str(case.path) in w for w in warned), warned
+    if name == "uint16_gaps":
+        assert all("largest value of the data's integer type" in w for w in warned), warned
     found = len(flex.reflection_table.from_file(str(tmp_path / "strong.refl")))
     assert clean > 0 and abs(found - clean) <= 5 * badinputs.N_FRAMES, (found, clean)

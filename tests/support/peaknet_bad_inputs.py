@@ -116,6 +116,15 @@ def _rows_at_float_max(h5: h5py.File) -> None:
     _replace_data(h5, data)
 
 
+def _uint16_gaps(h5: h5py.File) -> None:
+    """Whole counts in uint16, with a row and a column of every frame at 65535: the largest
+    value of the type, which Eiger file writers put in module gaps."""
+    data = np.clip(np.round(_pixels(h5)), 0, 65534).astype(np.uint16)
+    data[:, 60, :] = 65535
+    data[:, :, 100] = 65535
+    _replace_data(h5, data)
+
+
 def _first_frame_nan(h5: h5py.File) -> None:
     data = _pixels(h5)
     data[0] = np.nan
@@ -182,6 +191,7 @@ def image_cases(base: Base, root: Path) -> list[Case]:
         ("pixels_3e38", _with_values(3e38, 5), "warn", "absurd"),
         ("rows_float_max", _rows_at_float_max, "warn", "absurd"),
         ("frame_all_nan", _first_frame_nan, "warn", "no usable pixel"),
+        ("uint16_gaps", _uint16_gaps, "warn", "largest value of the data's integer type"),
         ("offset_minus_1000", _offset, "warn", "offset"),
         ("boolean_image", _boolean, "error", "boolean"),
         ("string_dtype", _strings, "error", "numbers"),

@@ -73,8 +73,8 @@ def event_index(event: str | None) -> int:
 
 def integer_marker(dtype: Any) -> float | None:
     """The value integer data mark unusable pixels with: the largest of an unsigned type of 16
-    bits or more (``finding.sanitise``); None for other types (8-bit data are too narrow for a
-    value to be spared, signed and float data mark with other values)."""
+    bits or more (``finding.sanitise.marked_pixels``); None for other types (8-bit data are too
+    narrow for a value to be spared, signed and float data mark with other values)."""
     dtype = np.dtype(dtype)
     if dtype.kind == "u" and dtype.itemsize >= 2:
         return float(np.iinfo(dtype).max)
@@ -88,8 +88,8 @@ class Frame:
     ``event`` is the CrystFEL event id (``"//5"`` is frame 5 of a ``dim0 = %`` stack, ``"//"`` a
     single-frame file); with ``source`` it identifies the frame end to end, through queues, workers
     and writers, so that results can be matched back and reruns can skip what is done.
-    ``meta["marker"]``: the value the frame's integer data marked unusable pixels with, kept by a
-    reader that converts them to float32 (:func:`integer_marker`).
+    ``meta["dtype"]``: the type the frame's data were stored as, kept by a reader that converts
+    them to float32 (integer data mark gaps and bad pixels by it: ``finding.sanitise``).
     """
 
     panels: list[np.ndarray]  # float32, one 2-D (ss, fs) array per panel
@@ -98,7 +98,7 @@ class Frame:
     event: str = "//"
     serial: int = 0  # 0-based position of the frame in its source
     geometry: Any = None  # peaknet_xtal.formats.geometry.Geometry when known
-    meta: dict[str, Any] = field(default_factory=dict)  # e.g. wavelength_A, marker
+    meta: dict[str, Any] = field(default_factory=dict)  # e.g. wavelength_A, dtype
 
     @property
     def key(self) -> tuple[str, str]:

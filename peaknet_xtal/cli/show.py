@@ -114,7 +114,7 @@ def show_cxi(path: str, geometry: str | None = None, max_frames: int = 20,
     sampled = nonfinite = absurd = marked = 0
     for frame in iter_cxi_frames(path, geom, stop=max(1, int(max_frames))):
         sampled += 1
-        goods, check = sanitise_frame(frame.panels, None, frame.meta.get("marker"))[1:]
+        goods, check = sanitise_frame(frame.panels, None, frame.meta.get("dtype"))[1:]
         r = _value_range(frame.panels, goods)  # what the finder uses: no gap markers
         if r is not None:
             ranges.append(r)

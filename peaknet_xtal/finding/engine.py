@@ -303,17 +303,17 @@ class InferenceEngine:
 
     def _predict_many(self, frames: list[list[np.ndarray]],
                       masks: list[list[np.ndarray] | None], sources: Sequence[str] | None = None,
-                      markers: Sequence[float | None] | None = None
+                      dtypes: Sequence[Any] | None = None
                       ) -> tuple[list[list[np.ndarray]], list[list[np.ndarray]]]:
         """Probability maps for several frames' panels, batched across all of them, and the
         good-pixel masks they were computed with.  This is where pixels enter the engine:
-        non-finite, absurd and marker values are masked here (and only here, :mod:`.sanitise`;
-        ``markers``: each frame's ``meta["marker"]``)."""
+        non-finite, absurd and marked values are masked here (and only here, :mod:`.sanitise`;
+        ``dtypes``: each frame's ``meta["dtype"]``, the type its data were stored as)."""
         panels, goods, owner = [], [], []
         frame_goods: list[list[np.ndarray]] = []
         for f, (frame_panels, frame_masks) in enumerate(zip(frames, masks, strict=True)):
             images, good_masks, check = sanitise_frame(frame_panels, frame_masks,
-                                                       markers[f] if markers else None)
+                                                       dtypes[f] if dtypes else None)
             self.sanitised.add(check, sources[f] if sources else "image")
             frame_goods.append(good_masks)
             panels.extend(images)
@@ -470,7 +470,7 @@ class InferenceEngine:
             probs, goods = self._predict_many([f.panels for f in chunk],
                                               [f.masks for f in chunk],
                                               [_where(f) for f in chunk],
-                                              [f.meta.get("marker") for f in chunk])
+                                              [f.meta.get("dtype") for f in chunk])
             # The run's state (its gain, its pixel defects) moves frame by frame, in order; what
             # depends on one frame alone (its peaks, its spiking pixels: 0.1 s for 2 Mpx on one
             # thread, where the model on an H200 takes 0.02) runs in threads
@@ -565,7 +565,7 @@ class InferenceEngine:
         count it again).  For hosts that hand frames over one at a time but can look ahead
         themselves (the DIALS plugin within an imageset); :meth:`find_frames` reads ahead by
         itself."""
-        _, goods, _ = sanitise_frame(frame.panels, frame.masks, frame.meta.get("marker"))
+        _, goods, _ = sanitise_frame(frame.panels, frame.masks, frame.meta.get("dtype"))
         (self.defects if defects is None else defects).count_ahead(frame.panels, goods)
 
     def _chunks(self, frames: Iterable[Frame]) -> Iterator[list[Frame]]:
@@ -609,7 +609,7 @@ class InferenceEngine:
         the run-level measurements -- the gain measured from the data and the pixel defects --
         so that a resumed run measures them on the same frames as an uninterrupted one and
         finds the same peaks."""
-        _, goods, _ = sanitise_frame(frame.panels, frame.masks, frame.meta.get("marker"))
+        _, goods, _ = sanitise_frame(frame.panels, frame.masks, frame.meta.get("dtype"))
         if self.peak_params.adu_per_photon is None:
             self._gain_from_data(resolve_gain(meta=frame.meta, geometry=frame.geometry),
                                  frame.panels, goods)
@@ -619,11 +619,11 @@ class InferenceEngine:
         """The peak settings for one frame: the engine's, with the frame's own gain when the
         engine was given none.  ``goods``: the frame's usable pixels as the engine sanitised
         them (:mod:`.sanitise`), where the caller has them; the gain is measured on those only
-        (a gap's marker values or a NaN are no background)."""
+        (a gap's marked values or a NaN are no background)."""
         if self.peak_params.adu_per_photon is not None:
             return self.peak_params
         if goods is None:
-            goods = sanitise_frame(frame.panels, frame.masks, frame.meta.get("marker"))[1]
+            goods = sanitise_frame(frame.panels, frame.masks, frame.meta.get("dtype"))[1]
         # declared (source, geometry), else -- or where the declared one is a placeholder --
         # measured from the run's background (finding/gain.py)
         gain = self._gain_from_data(resolve_gain(meta=frame.meta, geometry=frame.geometry),

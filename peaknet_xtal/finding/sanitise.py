@@ -8,17 +8,20 @@ with exit status 0.  Masking them (the pixels stay unchanged; only the good-pixe
 keeps every other pixel's result as it would have been, and one warning per affected frame
 names the source and the counts, so nothing is lost silently.
 
-Integer data mark gaps, defective and overloaded pixels with the largest value their type holds
-(65535 in uint16, 4294967295 in uint32), as DECTRIS Eiger file writers and streams do (the shared
-Eiger2 still, ``../shared/data/real/eiger2_still_0mq``: 65535 = masked or gap) and as a 16-bit
-counter reads when it saturates.  Read through a geometry that neither flags nor masks them, such
-pixels are not counts: that still's module gaps (260,886 pixels) gave 477 of its 975 peaks,
-within 3 px of a gap, where masking them left 468 in all (the same 468 now without a mask, the
-gain measured from the data being taken on the usable pixels only).  So pixels at that value are
-masked and counted too: the largest value of unsigned integer panels handed in as they are (the
-Python API), or ``Frame.meta["marker"]``, which the CXI reader sets from the dataset's type
-before it converts frames to float32.  DIALS masks them by its trusted range (overloads
-included) before the plugin sees them, so every entry point treats them alike.
+Integer data mark gaps, defective and overloaded pixels with values no count takes
+(:func:`marked_pixels`): unsigned types with their largest value (65535 in uint16, 4294967295 in
+uint32), as DECTRIS Eiger file writers and streams do (the shared Eiger2 still,
+``../shared/data/real/eiger2_still_0mq``: 65535 = masked or gap) and as a 16-bit counter reads
+when it saturates; signed photon-counting data with -1 (gaps) and -2 (defective pixels), as
+Pilatus and Eiger CBF and HDF5 writers do.  Read through a geometry that neither flags nor masks
+them, such pixels are not counts: that still's module gaps (260,886 pixels) gave 477 of its 975
+peaks within 3 px of a gap, where masking them left 468 in all; written as int32 with -1 gaps,
+1,292 peaks and a gain measured from the data of 0.09 photons per count instead of 1.03.  So
+they are masked and counted too, by the type of the data as they were stored: the panels' own
+(the Python API hands them in as they are) or ``Frame.meta["dtype"]``, which the CXI reader sets
+before it converts frames to float32 (with the rule, every variant gives the masked frame's 468
+peaks; the gain is measured on the usable pixels only).  DIALS masks them by its trusted range
+(overloads included) before the plugin sees them.
 
 A constant offset that pushes the whole background far below zero (a pedestal subtracted twice,
 or a raw dark frame) is not maskable: the pixels are finite, but peak sums come out negative and
@@ -34,6 +37,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -57,8 +61,8 @@ class FrameCheck:
     pixels: int = 0
     nonfinite: int = 0
     absurd: int = 0
-    marked: int = 0  # pixels at the integer data's marker value (``types.integer_marker``)
-    marker: float | None = None
+    marked: int = 0  # pixels integer data mark as unusable (:func:`marked_pixels`)
+    marker: str = ""  # which values those are
     usable: int = 0
     offset: float | None = None  # the background median when it looks like a lost pedestal
 
@@ -72,10 +76,9 @@ class FrameCheck:
             parts.append(f"masked {self.nonfinite} non-finite and {self.absurd} absurd "
                          f"(|value| > {ABSURD:.2g}) pixels")
         if self.marked:
-            parts.append(f"masked {self.marked} pixels at {self.marker:.10g}, the largest value "
-                         "of the data's integer type, which detector writers put in gaps and "
-                         "defective or overloaded pixels (a mask, or the geometry's "
-                         "flag_morethan, that says so keeps this quiet)")
+            parts.append(f"masked {self.marked} pixels {self.marker}, which detector writers put "
+                         "in gaps and defective or overloaded pixels (a mask, or the geometry's "
+                         "flag_morethan / flag_lessthan, that says so keeps this quiet)")
         if self.usable == 0:
             parts.append(f"no usable pixel left of {self.pixels}: no peaks can be found")
         if self.offset is not None:
@@ -122,17 +125,42 @@ class SanitiseTally:
                 "frames_offset": self.offset}
 
 
+def marked_pixels(image: np.ndarray, dtype: Any) -> tuple[np.ndarray, str] | None:
+    """Pixels of one panel (``image``, its values as float32) that data stored as ``dtype`` mark
+    as unusable, and what they are, or None (module docstring).
+
+    - unsigned integers of 16 bits or more: the type's largest value
+      (:func:`peaknet_xtal.types.integer_marker`; compared as float32 holds it, so uint32 values
+      within 128 of 2**32 - 1 count too: no detector counts that high);
+    - signed integers whose least value on the panel is -1 or -2: every negative value.  Photon
+      counts are never negative, and pedestal-subtracted integrating data, whose noise goes
+      further below zero, keep their negative values (on a panel whose noise stops at -1 or -2,
+      those few background pixels are lost, which changes nothing).
+    """
+    dtype = np.dtype(dtype)
+    marker = integer_marker(dtype)
+    if marker is not None:
+        return image == np.float32(marker), f"at {marker:.10g}, the largest value of the " \
+            f"data's type ({dtype})"
+    if dtype.kind == "i" and image.size:
+        with np.errstate(invalid="ignore"):
+            least = float(np.nanmin(image)) if np.isfinite(image).any() else 0.0
+        if least in (-1.0, -2.0):
+            return image < 0, f"below zero ({dtype} data going no lower than -2: -1 marks " \
+                "gaps, -2 bad pixels)"
+    return None
+
+
 def sanitise_frame(panels: Sequence[np.ndarray], masks: Sequence[np.ndarray] | None,
-                   marker: float | None = None
+                   dtype: Any = None
                    ) -> tuple[list[np.ndarray], list[np.ndarray], FrameCheck]:
-    """float32 panels, good-pixel masks with non-finite, absurd and marker pixels removed, and
+    """float32 panels, good-pixel masks with non-finite, absurd and marked pixels removed, and
     counts.
 
     ``masks`` (True = good) may be None; shapes must match (a mismatch is a ValueError naming the
-    panel).  ``marker``: the value the data mark unusable pixels with (``Frame.meta["marker"]``);
-    for unsigned integer panels it defaults to their type's
-    (:func:`peaknet_xtal.types.integer_marker`).  Pixel
-    values are never changed.
+    panel).  ``dtype``: the type the data were stored as (``Frame.meta["dtype"]``), else the
+    panels' own; integer data's marked pixels (:func:`marked_pixels`) depend on it.  Pixel values
+    are never changed.
     """
     check = FrameCheck()
     images: list[np.ndarray] = []
@@ -145,7 +173,7 @@ def sanitise_frame(panels: Sequence[np.ndarray], masks: Sequence[np.ndarray] | N
         image = np.asarray(panel)
         if image.dtype.kind not in "fiu":
             raise ValueError(f"panel {i}: pixel values must be numbers, got dtype {image.dtype}")
-        mark = marker if marker is not None else integer_marker(image.dtype)
+        stored = image.dtype if dtype is None else dtype
         image = image.astype(np.float32, copy=False)
         if image.ndim != 2:
             raise ValueError(f"panel {i} must be 2-D, got shape {image.shape}")
@@ -155,8 +183,9 @@ def sanitise_frame(panels: Sequence[np.ndarray], masks: Sequence[np.ndarray] | N
             raise ValueError(f"panel {i}: mask shape {given.shape} != {image.shape}")
         with np.errstate(invalid="ignore"):
             ok = np.abs(image) <= ABSURD  # one pass: False for NaN, +-inf and absurd values
-        if mark is not None:
-            ok &= image != np.float32(mark)  # as the float32 frame holds it (2**32 - 1 -> 2**32)
+        marks = marked_pixels(image, stored)
+        if marks is not None:
+            ok &= ~marks[0]
         good = given & ok
         check.pixels += image.size
         usable = int(np.count_nonzero(good))
@@ -164,11 +193,11 @@ def sanitise_frame(panels: Sequence[np.ndarray], masks: Sequence[np.ndarray] | N
         lost = int(np.count_nonzero(given)) - usable
         if lost:  # rare: only then tell non-finite from absurd and marked
             nonfinite = int(np.count_nonzero(given & ~np.isfinite(image)))
-            marked = (int(np.count_nonzero(given & (image == np.float32(mark))))
-                      if mark is not None else 0)
+            marked = int(np.count_nonzero(given & marks[0])) if marks is not None else 0
             check.nonfinite += nonfinite
             check.marked += marked
-            check.marker = mark if marked else check.marker
+            if marked and marks is not None:
+                check.marker = marks[1]
             check.absurd += lost - nonfinite - marked
         images.append(image)
         goods.append(good)

@@ -31,7 +31,7 @@ import numpy as np
 from peaknet_xtal.atomic import atomic_path, write_text_atomic
 from peaknet_xtal.errors import FormatError
 from peaknet_xtal.formats.geometry import HC_EV_A
-from peaknet_xtal.types import Frame, FrameResult, empty_peaks, event_index, integer_marker
+from peaknet_xtal.types import Frame, FrameResult, empty_peaks, event_index
 
 log = logging.getLogger(__name__)
 
@@ -325,8 +325,6 @@ class _Reader:
             self.h5.close()
             raise
         self.data = self.h5[self.info.dataset]
-        # integer data's mark for gaps and bad pixels, before slab() makes frames float32
-        self._marker = integer_marker(self.data.dtype)
         self.mask = self.h5[self.info.mask_dataset] if self.info.mask_dataset else None
         self._mask_h5 = None
         mask_file = getattr(geometry, "mask_file", None) if geometry is not None else None
@@ -404,7 +402,9 @@ class _Reader:
                   "h5_index": index if self.info.stacked else None,
                   "slab_shape": self.info.frame_shape,
                   **({} if wavelength is None else {"wavelength_A": wavelength}),
-                  **({} if self._marker is None else {"marker": self._marker})},
+                  # the stored type: integer data mark gaps and bad pixels by it
+                  # (finding.sanitise), and slab() makes frames float32
+                  "dtype": str(self.data.dtype)},
         )
 
     def close(self) -> None:

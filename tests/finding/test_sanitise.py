@@ -111,19 +111,34 @@ def test_unsigned_integer_data_lose_their_marker_pixels(dtype):
     mask = np.ones(image.shape, bool)
     mask[10, :4] = False  # already masked: not counted again
     (out,), (good,), check = sanitise_frame([image], [mask])
-    assert check.marked == 48 - 4 and check.marker == float(marker)
+    assert check.marked == 48 - 4 and f"at {marker}, the largest value" in check.describe()
     assert not good[10].any() and good[20, 5] and good.sum() == mask.sum() - 44
-    assert "largest value of the data's integer type" in check.describe()
     np.testing.assert_array_equal(out, image.astype(np.float32))
 
 
-def test_a_reader_passes_the_marker_of_data_it_made_float():
+def test_a_reader_passes_the_type_of_data_it_made_float():
     image = np.full((8, 8), 65535.0, np.float32)
     image[:4] = 7.0
     _, (good,), check = sanitise_frame([image], None)  # float data: 65535 is a count
     assert good.all() and check.marked == 0
-    _, (good,), check = sanitise_frame([image], None, marker=65535.0)
+    _, (good,), check = sanitise_frame([image], None, dtype="uint16")
     assert good.sum() == 32 and check.marked == 32
+
+
+@pytest.mark.parametrize("least, masked", [(-1, True), (-2, True), (-3, False), (0, False)])
+def test_signed_counts_lose_their_gaps_and_bad_pixels(least, masked):
+    """Pilatus-style int32: -1 in gaps, -2 on bad pixels, counts never negative; data whose
+    values go further below zero are pedestal-subtracted and keep them."""
+    image = np.random.default_rng(2).poisson(2.0, (32, 48)).astype(np.int32)
+    image[5, :] = -1 if least < 0 else 0
+    image[7, 7] = least
+    _, (good,), check = sanitise_frame([image], None)
+    assert check.marked == (49 if masked else 0)
+    assert good[5].any() != masked and good[7, 7] != masked
+    if masked:
+        assert "below zero" in check.describe()
+    _, (good_float,), _ = sanitise_frame([image.astype(np.float32)], None, dtype="int32")
+    np.testing.assert_array_equal(good_float, good)
 
 
 @pytest.mark.parametrize("dtype, marker", [(np.uint16, 65535.0), (np.uint32, 4294967295.0),
@@ -136,8 +151,8 @@ def test_integer_marker_of_each_type(dtype, marker):
 
 
 def test_engine_finds_the_same_peaks_with_gaps_marked_or_masked(one_torch_thread):
-    """uint16 data with a gap row at 65535 give the peaks (and the gain measured from the data)
-    of the same pixels as float32 with the gap masked."""
+    """uint16 data with a gap row at 65535, and int32 data with it at -1, give the peaks (and the
+    gain measured from the data) of the same pixels as float32 with the gap masked."""
     from peaknet_xtal.finding import PeakFinder
 
     rng = np.random.default_rng(4)
@@ -147,11 +162,14 @@ def test_engine_finds_the_same_peaks_with_gaps_marked_or_masked(one_torch_thread
         expected += 300 * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 2.0)
     image = rng.poisson(expected).astype(np.uint16)
     image[96:98, :] = 65535
+    signed = image.astype(np.int32)
+    signed[96:98, :] = -1
     found = []
-    for data, mask in ((image, None), (image.astype(np.float32), image != 65535)):
+    for data, mask in ((image, None), (signed, None), (image.astype(np.float32), image != 65535)):
         finder = PeakFinder("default", threads=1)
         found.append((finder.find(data, mask=mask), finder.engine._gain_from_data.estimate))
-    (marked, gain_marked), (masked, gain_masked) = found
-    assert len(masked) >= 8 and gain_marked == gain_masked
-    np.testing.assert_array_equal(marked[["ss", "fs", "snr"]], masked[["ss", "fs", "snr"]])
-    assert not np.any(np.abs(marked["ss"] - 96.5) < 2)
+    (masked, gain_masked) = found[-1]
+    assert len(masked) >= 8 and not np.any(np.abs(masked["ss"] - 96.5) < 2)
+    for marked, gain_marked in found[:-1]:
+        assert gain_marked == gain_masked
+        np.testing.assert_array_equal(marked[["ss", "fs", "snr"]], masked[["ss", "fs", "snr"]])

@@ -191,7 +191,7 @@ def image_cases(base: Base, root: Path) -> list[Case]:
         ("pixels_3e38", _with_values(3e38, 5), "warn", "absurd"),
         ("rows_float_max", _rows_at_float_max, "warn", "absurd"),
         ("frame_all_nan", _first_frame_nan, "warn", "no usable pixel"),
-        ("uint16_gaps", _uint16_gaps, "warn", "largest value of the data's integer type"),
+        ("uint16_gaps", _uint16_gaps, "warn", "largest value of the data's"),
         ("offset_minus_1000", _offset, "warn", "offset"),
         ("boolean_image", _boolean, "error", "boolean"),
         ("string_dtype", _strings, "error", "numbers"),

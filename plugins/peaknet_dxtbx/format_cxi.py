@@ -168,6 +168,8 @@ class FormatCXIPeakNet(FormatHDF5, FormatStill):
         self._mask_cache: tuple[Any, ...] | None = None
         self._mask_stacked = False
         self._mask_path = MASK_PATH
+        self._dtype = np.dtype(np.float32)
+        self._trusted: tuple[float, float] | None = None
         super().__init__(image_file, **kwargs)
 
     def _start(self) -> None:
@@ -191,10 +193,7 @@ class FormatCXIPeakNet(FormatHDF5, FormatStill):
         with h5py.File(image_file, "r") as h5:
             data = h5[self._data_path]
             check_image_dataset(image_file, self._data_path, data)
-            # integer data mark gaps and bad pixels with their type's largest value
-            # (finding.sanitise): above the trusted range, so DIALS masks them
-            marker = integer_marker(data.dtype)
-            self._trusted_max = TRUSTED if marker is None else min(TRUSTED, marker - 1.0)
+            self._dtype = data.dtype
             self._n_images = int(data.shape[0])
             if self._n_images == 0:
                 raise FormatError(image_file, "the image stack holds no frames",
@@ -248,15 +247,16 @@ class FormatCXIPeakNet(FormatHDF5, FormatStill):
             with h5py.File(self._image_file, "r") as h5:
                 slab = np.asarray(h5[self._data_path][index or 0], dtype=np.float64)
                 frame_mask = h5[self._mask_path][index or 0] if self._mask_stacked else None
+        low, high = self._trusted_range()
         with np.errstate(invalid="ignore"):
-            untrusted = int(np.count_nonzero(~((slab >= -TRUSTED)
-                                               & (slab <= self._trusted_max))))
+            untrusted = int(np.count_nonzero(~((slab > low) & (slab < high))))
         if untrusted:  # DIALS masks them by the trusted range; say so rather than silently
-            log.warning("%s frame %d: %d pixels non-finite or beyond the trusted range %g to %g "
-                        "are masked%s", self._image_file, index or 0, untrusted, -TRUSTED,
-                        self._trusted_max, "" if self._trusted_max == TRUSTED else
-                        " (above it: the largest value of the data's integer type, which "
-                        "detector writers put in gaps and defective or overloaded pixels)")
+            log.warning("%s frame %d: %d pixels non-finite or outside the trusted range %g to "
+                        "%g are masked%s", self._image_file, index or 0, untrusted, low, high,
+                        "" if (low, high) == (-TRUSTED, TRUSTED) else
+                        " (its ends: the largest value of the data's integer type, or -1 and "
+                        "-2 in signed counts, which detector writers put in gaps and "
+                        "defective or overloaded pixels)")
         if frame_mask is not None:
             # A mask per frame: dxtbx's static mask is one for the whole imageset, so this
             # frame's bad pixels are set below the trusted range, which DIALS (and
@@ -266,6 +266,25 @@ class FormatCXIPeakNet(FormatHDF5, FormatStill):
             slab[~mask_bits_ok(np.asarray(frame_mask), self._geometry)] = MASKED_VALUE
         return tuple(flex.double(np.ascontiguousarray(p, dtype=np.float64))
                      for p in self._geometry.split_slab(slab))
+
+    def _trusted_range(self) -> tuple[float, float]:
+        """DIALS keeps a pixel when ``low < value < high``.  Integer data mark gaps and bad
+        pixels with values no count takes (``finding.sanitise.marked_pixels``, which the
+        library's other entry points apply): unsigned types their largest value, so that is
+        ``high``; signed photon counts -1 and -2, so ``low`` is -1 where the first frame goes
+        no lower than -2.  Otherwise +-TRUSTED."""
+        if self._trusted is None:
+            self._trusted = (-TRUSTED, TRUSTED)
+            marker = integer_marker(self._dtype)
+            if marker is not None:
+                self._trusted = (-TRUSTED, min(TRUSTED, marker))
+            elif self._dtype.kind == "i":
+                with user_errors(self._image_file, f"read frame 0 of {self._data_path}"):
+                    with h5py.File(self._image_file, "r") as h5:
+                        least = int(np.min(h5[self._data_path][0]))
+                if least in (-1, -2):
+                    self._trusted = (-1.0, TRUSTED)
+        return self._trusted
 
     def get_detector(self, index: int | None = None):
         if self._detector_cache is None:
@@ -309,7 +328,7 @@ class FormatCXIPeakNet(FormatHDF5, FormatStill):
             p.set_name(panel.name)
             p.set_image_size((panel.width, panel.height))
             p.set_pixel_size((pixel_mm, float(np.linalg.norm(slow)) / res * 1000.0))
-            p.set_trusted_range((-TRUSTED, self._trusted_max))
+            p.set_trusted_range(self._trusted_range())
             p.set_gain(panel_gain(index))
             f_hat, s_hat = orthonormal_axes(fast, slow)
             p.set_local_frame(to_dials(f_hat), to_dials(s_hat), to_dials(corner))

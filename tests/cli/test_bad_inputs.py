@@ -30,7 +30,7 @@ def _cases(kind: str, expect: str | None = None) -> list[str]:
     """Case names known without building the corpus (for parametrize ids)."""
     names = {
         "image": ["nan_pixels", "inf_pixels", "pixels_3e38", "rows_float_max", "frame_all_nan",
-                  "uint16_gaps", "offset_minus_1000", "boolean_image", "string_dtype",
+                  "uint16_gaps", "int32_gaps", "offset_minus_1000", "boolean_image", "string_dtype",
                   "zero_frames", "data_smaller_than_geometry", "mask_2d_wrong_shape",
                   "mask_3d_wrong_count", "vds_missing_source", "truncated_hdf5",
                   "random_bytes_cxi"],
@@ -45,7 +45,7 @@ def _cases(kind: str, expect: str | None = None) -> list[str]:
     if expect is None:
         return names
     warned = {"nan_pixels", "inf_pixels", "pixels_3e38", "rows_float_max", "frame_all_nan",
-              "uint16_gaps", "offset_minus_1000"}
+              "uint16_gaps", "int32_gaps", "offset_minus_1000"}
     return [n for n in names if (n in warned) == (expect == "warn")]
 
 
@@ -180,6 +180,8 @@ def test_show_reports_finite_range_and_counts(name, corpus, capsys):
         assert summary["absurd_pixels"] > 0
     if name == "uint16_gaps":
         assert summary["marker_pixels"] > 0 and high < 65535
+    if name == "int32_gaps":
+        assert summary["marker_pixels"] > 0 and low >= 0
 
 
 def test_show_zero_frame_stack_says_zero(corpus, capsys):

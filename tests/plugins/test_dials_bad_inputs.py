@@ -85,11 +85,12 @@ def test_find_spots_bad_model_is_a_user_error(name, corpus, imported, env, tmp_p
     assert not (case.path.parent / "MARKER").exists(), "a model file ran code"
 
 
-@pytest.mark.parametrize("name", ["pixels_3e38", "uint16_gaps"])
+@pytest.mark.parametrize("name", ["pixels_3e38", "uint16_gaps", "int32_gaps"])
 def test_find_spots_masks_absurd_pixels_and_warns(name, corpus, imported, env, tmp_path):
-    """Five pixels per frame at 3e38, or uint16 gap lines at 65535 (the type's largest value:
-    ``finding.sanitise``), are masked (DIALS' trusted range, which the format sets) with a
-    warning naming the file; the spots found on the other pixels stay (within five a frame)."""
+    """Five pixels per frame at 3e38, uint16 gap lines at 65535 (the type's largest value) or
+    int32 ones at -1 (``finding.sanitise.marked_pixels``) are masked (DIALS' trusted range,
+    which the format sets) with a warning naming the file; the spots found on the other pixels
+    stay (within five a frame)."""
     from dials.array_family import flex
 
     rc, output = dials("find_spots", [str(imported / "imported.expt"), "algorithm=peaknet",
@@ -105,7 +106,7 @@ def test_find_spots_masks_absurd_pixels_and_warns(name, corpus, imported, env, t
     assert "Traceback" not in output, output[-3000:]
     warned = [line for line in output.splitlines() if "trusted range" in line]
     assert len(warned) == badinputs.N_FRAMES and all(str(case.path) in w for w in warned), warned
-    if name == "uint16_gaps":
+    if name.endswith("_gaps"):
         assert all(case.says in w for w in warned), warned
     found = len(flex.reflection_table.from_file(str(tmp_path / "strong.refl")))
     assert clean > 0 and abs(found - clean) <= 5 * badinputs.N_FRAMES, (found, clean)

@@ -125,6 +125,15 @@ def _uint16_gaps(h5: h5py.File) -> None:
     _replace_data(h5, data)
 
 
+def _int32_gaps(h5: h5py.File) -> None:
+    """Whole counts in int32, with a row of every frame at -1 and a pixel at -2: how Pilatus
+    and Eiger writers mark gaps and defective pixels in signed data."""
+    data = np.clip(np.round(_pixels(h5)), 0, None).astype(np.int32)
+    data[:, 60, :] = -1
+    data[:, 70, 30] = -2
+    _replace_data(h5, data)
+
+
 def _first_frame_nan(h5: h5py.File) -> None:
     data = _pixels(h5)
     data[0] = np.nan
@@ -191,7 +200,8 @@ def image_cases(base: Base, root: Path) -> list[Case]:
         ("pixels_3e38", _with_values(3e38, 5), "warn", "absurd"),
         ("rows_float_max", _rows_at_float_max, "warn", "absurd"),
         ("frame_all_nan", _first_frame_nan, "warn", "no usable pixel"),
-        ("uint16_gaps", _uint16_gaps, "warn", "largest value of the data's"),
+        ("uint16_gaps", _uint16_gaps, "warn", "detector writers put in gaps"),
+        ("int32_gaps", _int32_gaps, "warn", "detector writers put in gaps"),
         ("offset_minus_1000", _offset, "warn", "offset"),
         ("boolean_image", _boolean, "error", "boolean"),
         ("string_dtype", _strings, "error", "numbers"),

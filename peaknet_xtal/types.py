@@ -81,6 +81,25 @@ def integer_marker(dtype: Any) -> float | None:
     return None
 
 
+#: The least values signed photon counts hold: -1 marks gaps, -2 defective pixels.
+SIGNED_MARKS = (-1.0, -2.0)
+
+
+def count_range(dtype: Any, least: float | None = None) -> tuple[float, float]:
+    """The open interval ``(low, high)`` of the values data stored as ``dtype`` use for counts;
+    the values outside it mark gaps, defective and overloaded pixels (``finding.sanitise``
+    masks them, and DIALS' trusted range, open in the same way, is set from it by the dxtbx
+    format).  Below an unsigned type's largest value (:func:`integer_marker`); above -1 in
+    signed data whose ``least`` value is one of :data:`SIGNED_MARKS` (photon counts are never
+    negative, and pedestal-subtracted data go further below zero); anything otherwise."""
+    marker = integer_marker(dtype)
+    if marker is not None:
+        return -np.inf, marker
+    if np.dtype(dtype).kind == "i" and least in SIGNED_MARKS:
+        return -1.0, np.inf
+    return -np.inf, np.inf
+
+
 @dataclass
 class Frame:
     """One detector readout, split into panels.

@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from peaknet_xtal.types import integer_marker
+from peaknet_xtal.types import count_range
 
 log = logging.getLogger(__name__)
 
@@ -127,27 +127,29 @@ class SanitiseTally:
 
 def marked_pixels(image: np.ndarray, dtype: Any) -> tuple[np.ndarray, str] | None:
     """Pixels of one panel (``image``, its values as float32) that data stored as ``dtype`` mark
-    as unusable, and what they are, or None (module docstring).
+    as unusable, and what they are, or None (module docstring): those outside
+    :func:`peaknet_xtal.types.count_range`.
 
-    - unsigned integers of 16 bits or more: the type's largest value
-      (:func:`peaknet_xtal.types.integer_marker`; compared as float32 holds it, so uint32 values
-      within 128 of 2**32 - 1 count too: no detector counts that high);
-    - signed integers whose least value on the panel is -1 or -2: every negative value.  Photon
-      counts are never negative, and pedestal-subtracted integrating data, whose noise goes
-      further below zero, keep their negative values (on a panel whose noise stops at -1 or -2,
-      those few background pixels are lost, which changes nothing).
+    - unsigned integers of 16 bits or more: the type's largest value (compared as float32
+      holds it, so uint32 values within 128 of 2**32 - 1 count too: no detector counts that
+      high);
+    - signed integers whose least value on the panel is -1 or -2: every negative value.
+      Pedestal-subtracted integrating data, whose noise goes further below zero, keep their
+      negative values (on a panel whose noise stops at -1 or -2, those few background pixels
+      are lost, which changes nothing).
     """
     dtype = np.dtype(dtype)
-    marker = integer_marker(dtype)
-    if marker is not None:
-        return image == np.float32(marker), f"at {marker:.10g}, the largest value of the " \
-            f"data's type ({dtype})"
+    least = None
     if dtype.kind == "i" and image.size:
         with np.errstate(invalid="ignore"):
-            least = float(np.nanmin(image)) if np.isfinite(image).any() else 0.0
-        if least in (-1.0, -2.0):
-            return image < 0, f"below zero ({dtype} data going no lower than -2: -1 marks " \
-                "gaps, -2 bad pixels)"
+            least = float(np.nanmin(image)) if np.isfinite(image).any() else None
+    low, high = count_range(dtype, least)
+    if np.isfinite(high):
+        return image >= np.float32(high), f"at {high:.10g}, the largest value of the data's " \
+            f"type ({dtype})"
+    if np.isfinite(low):
+        return image <= low, f"below zero ({dtype} data going no lower than -2: -1 marks " \
+            "gaps, -2 bad pixels)"
     return None
 
 

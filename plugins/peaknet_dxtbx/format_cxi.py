@@ -31,7 +31,7 @@ from dxtbx.format.FormatHDF5 import FormatHDF5
 from dxtbx.format.FormatStill import FormatStill
 
 from peaknet_xtal.formats.geometry import HC_EV_A
-from peaknet_xtal.types import integer_marker
+from peaknet_xtal.types import count_range
 
 DATA_PATH = "/entry_1/data_1/data"
 MASK_PATH = "/entry_1/data_1/mask"
@@ -268,22 +268,18 @@ class FormatCXIPeakNet(FormatHDF5, FormatStill):
                      for p in self._geometry.split_slab(slab))
 
     def _trusted_range(self) -> tuple[float, float]:
-        """DIALS keeps a pixel when ``low < value < high``.  Integer data mark gaps and bad
-        pixels with values no count takes (``finding.sanitise.marked_pixels``, which the
-        library's other entry points apply): unsigned types their largest value, so that is
-        ``high``; signed photon counts -1 and -2, so ``low`` is -1 where the first frame goes
-        no lower than -2.  Otherwise +-TRUSTED."""
+        """DIALS keeps a pixel when ``low < value < high``: the values the data use for counts
+        (``types.count_range``, which the library's other entry points mask by too), within
+        +-TRUSTED.  Signed data are judged by their first frame (a trusted range is one per
+        detector)."""
         if self._trusted is None:
-            self._trusted = (-TRUSTED, TRUSTED)
-            marker = integer_marker(self._dtype)
-            if marker is not None:
-                self._trusted = (-TRUSTED, min(TRUSTED, marker))
-            elif self._dtype.kind == "i":
+            least = None
+            if self._dtype.kind == "i":  # signed: the marks depend on the values held
                 with user_errors(self._image_file, f"read frame 0 of {self._data_path}"):
                     with h5py.File(self._image_file, "r") as h5:
-                        least = int(np.min(h5[self._data_path][0]))
-                if least in (-1, -2):
-                    self._trusted = (-1.0, TRUSTED)
+                        least = float(np.min(h5[self._data_path][0]))
+            low, high = count_range(self._dtype, least)
+            self._trusted = (max(-TRUSTED, low), min(TRUSTED, high))
         return self._trusted
 
     def get_detector(self, index: int | None = None):

@@ -8,7 +8,7 @@ Without them such a file opens, lists its datasets, and fails on the first frame
 ``hdf5plugin`` package (a dependency) builds these filters and registers them with the HDF5
 library h5py loaded, in this process: importing :mod:`peaknet_xtal.formats` calls
 :func:`register_hdf5_filters`, so ``peaknet2cxi``, the dxtbx format and the Python API read such
-files as they are, and the DIALS plugin calls it before DIALS reads an image for it.  A filter
+files as they are, and so does DIALS wherever the project's DIALS plugin is imported.  A filter
 neither h5py nor ``hdf5plugin`` knows is still one clear error naming the file and the filter
 (``formats.cxi.check_image_dataset``).
 """

@@ -17,7 +17,10 @@ Contract DIALS imposes (and why the code looks the way it does):
 - the module is imported whenever DIALS builds its PHIL scope, so torch and the model are imported
   lazily, on the first ``compute_threshold`` call;
 - with ``mp.nproc > 1`` DIALS pickles the extension into worker processes, so the pickled state is
-  the small settings record only; each process loads the model once and caches it.
+  the small settings record only; each process loads the model once and caches it;
+- DIALS reads the images itself: importing this module (in DIALS' process and in every worker,
+  to unpickle the extension) imports ``peaknet_xtal.formats``, which makes the HDF5 compression
+  filters of Eiger and Jungfraujoch frames readable (``formats.hdf5_filters``).
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+import peaknet_xtal.formats  # noqa: F401  # HDF5 compression filters (module docstring)
 from peaknet_xtal.finding.settings import DEFAULTS
 
 _D = DEFAULTS
@@ -280,7 +284,6 @@ class PeakNetSpotFinderThresholdExt:
     def __init__(self, params: Any) -> None:
         self.settings = PeakNetSettings.from_params(params)
         self._image: _ImageForeground | None = None
-        _readable_compression()
         with _as_user_error():
             _check_model_exists(self.settings.model)
 
@@ -291,7 +294,6 @@ class PeakNetSpotFinderThresholdExt:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.settings = PeakNetSettings(**state["settings"])
         self._image = None
-        _readable_compression()
 
     def compute_threshold(self, image: Any, mask: Any, **kwargs: Any) -> Any:
         """Foreground mask for one panel: model peak pixels AND the mask DIALS passed in.
@@ -367,15 +369,6 @@ class PeakNetSpotFinderThresholdExt:
                                                                                good):
             return None
         return image.foreground[i_panel]
-
-
-def _readable_compression() -> None:
-    """DIALS reads the images this algorithm is given (an Eiger NeXus file's frames are
-    bitshuffle/LZ4-compressed): make the filters of ``formats.hdf5_filters`` available in this
-    process first, and in each worker process DIALS unpickles the algorithm into."""
-    from peaknet_xtal.formats.hdf5_filters import register_hdf5_filters
-
-    register_hdf5_filters()
 
 
 class _ImageForeground:

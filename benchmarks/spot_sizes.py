@@ -14,9 +14,10 @@ with 144 spots on a jittered grid (42 px or more apart), a blank beside each fra
 
 Printed per background, SNR and width: the share of spots found (a peak within max(1.5, 2 sigma)
 px of the centre) and false peaks (farther than max(2, 3 sigma) px from every spot) for PeakNet
-with the library's defaults (``PeakFinder``, one torch thread, a new run per frame) and for DIALS'
-dispersion threshold with ``dials.find_spots``' defaults (3 x 3 kernel, ``sigma_strong`` 3,
-``min_spot_size`` 2) on the same frames, then per finder the widest spot with 90 % found.
+with the library's defaults (``evaluation.finders.PeakNetFinder``, frames one at a time as the
+DIALS plugin gets them) and for DIALS' dispersion threshold with ``dials.find_spots``' defaults
+(3 x 3 kernel, ``sigma_strong`` 3, ``min_spot_size`` 2) on the same frames, then per finder the
+widest spot with 90 % found.
 Measurement only: nothing is chosen here (README, "What to expect", has the numbers).
 """
 from __future__ import annotations
@@ -27,6 +28,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -100,22 +102,20 @@ class Row:
     false_blank: dict[str, int]
 
 
-def finders(gain: float) -> dict[str, object]:
-    """The two finders as users get them: PeakNet's library defaults, DIALS' defaults."""
-    from peaknet_xtal.evaluation.finders import DispersionFinder
-    from peaknet_xtal.finding import PeakFinder
+def finders(gain: float) -> dict[str, Any]:
+    """The two finders as users get them, behind the evaluation's one interface
+    (``evaluation.finders.Finder``): PeakNet's library defaults, DIALS' defaults; both told the
+    gain."""
+    from peaknet_xtal.evaluation.finders import DispersionFinder, PeakNetFinder
 
-    return {"peaknet": PeakFinder("default", adu_per_photon=gain, threads=1),
+    return {"peaknet": PeakNetFinder({"adu_per_photon": gain}),
             "dispersion": DispersionFinder({"gain": gain})}
 
 
-def find(name: str, finder: object, image: np.ndarray) -> np.ndarray:
+def find(finder: Any, image: np.ndarray) -> np.ndarray:
     from peaknet_xtal.types import Frame
 
-    if name == "peaknet":
-        finder.new_run()  # type: ignore[attr-defined]  # each frame its own run
-        return finder.find(image)  # type: ignore[attr-defined, no-any-return]
-    return finder.find(Frame(panels=[image]))  # type: ignore[attr-defined, no-any-return]
+    return finder.find(Frame(panels=[image]))  # type: ignore[no-any-return]
 
 
 def measure(sigmas: Sequence[float], snrs: Sequence[float], backgrounds: Sequence[float],
@@ -129,9 +129,9 @@ def measure(sigmas: Sequence[float], snrs: Sequence[float], backgrounds: Sequenc
                 hit, blank, centres = frame_pair(rng, sigma, snr, background, gain)
                 row = Row(background, snr, sigma, {}, {}, {})
                 for name, finder in found_by.items():
-                    row.found[name], row.false_hit[name] = score(find(name, finder, hit),
-                                                                 centres, sigma)
-                    row.false_blank[name] = len(find(name, finder, blank))
+                    row.found[name], row.false_hit[name] = score(find(finder, hit), centres,
+                                                                 sigma)
+                    row.false_blank[name] = len(find(finder, blank))
                 rows.append(row)
                 print(f"background {background:g}, SNR {snr:g}, sigma {sigma:g}: "
                       + ", ".join(f"{k} {v:.2f}" for k, v in row.found.items()),

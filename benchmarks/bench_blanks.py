@@ -203,7 +203,9 @@ def measure(name: str, set_name: str, n_blank: int, n_hit: int, model: str = "de
     gives the engine the simulated gain instead of letting it resolve one (where the false
     peaks' SNR depends on the gain estimate).  ``variants`` (instead of ``thresholds``): other
     peak settings by name, each a ``PeakParams`` override of the frame's own (e.g.
-    ``{"threshold": 0.4}``), the records keyed by those names."""
+    ``{"threshold": 0.4}``), the records keyed by those names; a variant's ``"cores"`` (not a
+    peak setting) runs it through a defect filter of its own with that ``DefectFilter(cores=)``
+    (the sharp-core test and the run's spot width on or off)."""
     from peaknet_xtal.evaluation.metrics import match_peaks
     from peaknet_xtal.finding.defects import DefectFilter
     from peaknet_xtal.finding.engine import InferenceEngine
@@ -215,8 +217,9 @@ def measure(name: str, set_name: str, n_blank: int, n_hit: int, model: str = "de
     if variants is None:
         variants = {t: {"threshold": t}
                     for t in list(thresholds or [engine.peak_params.threshold])}
-    defects = DefectFilter()
-    first = next(iter(variants))
+    filters = {bool(o.get("cores", True)): DefectFilter(cores=bool(o.get("cores", True)))
+               for o in variants.values()}
+    counted: set[bool] = set()  # filters that counted the frame: the others judge it
     records: dict[Hashable, list[FrameRecord]] = {t: [] for t in variants}
     frames = run_frames(name, set_name, n_blank, n_hit, exact_counts)
     for index, (frame, truth, info) in enumerate(frames):
@@ -225,12 +228,16 @@ def measure(name: str, set_name: str, n_blank: int, n_hit: int, model: str = "de
         refl = truth.reflections
         # strong: the simulation's strong reflections less those the added background drowned
         strong = refl[refl["strong"] & ~info["drowned"]] if len(refl) else refl
+        counted.clear()
         for t, overrides in variants.items():
-            params = replace(base, **overrides)
+            cores = bool(overrides.get("cores", True))
+            params = replace(base, **{k: v for k, v in overrides.items() if k != "cores"})
             peaks = find_peaks(frame.panels, probs, goods, params, geometry=frame.geometry,
                                wavelength_A=frame.meta.get("wavelength_A"))
-            kept = peaks[defects.keep(peaks, frame.panels, goods) if t == first  # counts it
-                         else defects.judge(peaks, frame.panels)]
+            defects = filters[cores]
+            kept = peaks[defects.judge(peaks, frame.panels) if cores in counted
+                         else defects.keep(peaks, frame.panels, goods)]  # counts it
+            counted.add(cores)
             on_truth = np.zeros(len(kept), bool)
             matched = np.zeros(len(kept), bool)
             if len(refl):

@@ -28,12 +28,22 @@ orientation) and are wider than one pixel on most detectors.
   binned detector scanning one crystal would lose its brightest recurring spots).
 - **Within a frame** (:func:`spike_peaks`): a peak whose brightest pixel stands alone (its
   brightest neighbour at background level, less than ``NEIGHBOUR_FRACTION`` of the peak's excess
-  and less than 3 background sigmas) is a spike, not a spot.  This test is applied only on frames
-  whose own strong peaks are wider than one pixel (median neighbour fraction of the frame's
-  peaks at least ``WIDE_SPOTS``), decided from the data per frame.  On binned detectors with
-  one-pixel spots (Rayonix 4x4, say) the frame's strong peaks fail that, and single-pixel peaks
-  are kept; there, only the run-level defect mask removes recurring hot pixels, and a lone zinger
-  is indistinguishable from a one-pixel spot.
+  and less than 3 background sigmas) is a spike, not a spot; so is a peak whose bright core
+  (the pixels of at least ``CORE_FRACTION`` of its excess, joined to the brightest) runs
+  ``CORE_LENGTH`` pixels or more and stands on background the same way: a charged particle's
+  track (a zinger) on an integrating detector, whose charge no point spread widens.  A core of
+  two pixels is kept: a Bragg spot narrower than a pixel, centred between two, looks the same
+  (the real CSPAD stills hold such spots; a test that judged pairs dropped seven of their
+  peaks).  These tests apply only on frames whose strong peaks are wider than one pixel
+  (median neighbour fraction of the frame's peaks at least ``WIDE_SPOTS``), decided from the
+  frame's own strong peaks where it has ``MIN_STRONG``, else from the run's earlier frames'
+  (the latest ``RUN_STRONG``, once there are ``MIN_RUN_STRONG``): a blank holds no strong spot,
+  and its zingers were never judged before (measured on the selection runs:
+  ``benchmarks/select_spike_cores.py``).  On binned detectors with one-pixel spots (Rayonix
+  4x4, say) the strong peaks fail that, and single-pixel peaks and tracks are kept; there, only
+  the run-level defect mask removes recurring hot pixels, and a lone zinger is
+  indistinguishable from a one-pixel spot.  On photon-counting detectors a particle leaves one
+  count a pixel, no tall peak.
 
 The defect mask is written beside a run's output (:func:`write_crystfel_mask`: an HDF5 file in
 the data's slab layout, 1 = good, that a CrystFEL geometry names with ``mask0_file``; and
@@ -42,6 +52,7 @@ the data's slab layout, 1 = good, that a CrystFEL geometry names with ``mask0_fi
 """
 from __future__ import annotations
 
+import collections
 import logging
 import os
 from collections.abc import Sequence
@@ -81,6 +92,23 @@ SPARSE_STEPS = 0.01
 WIDE_SPOTS = 0.15
 #: Peaks at least this many background sigmas high decide a frame's spot width.
 STRONG_SIGMAS = 15.0
+#: Strong peaks that decide a frame's spot width by themselves ...
+MIN_STRONG = 3
+#: ... else the strong peaks of the run's earlier frames decide it (a blank holds few: its
+#: zingers and hot pixels would otherwise never be judged), the latest this many ...
+RUN_STRONG = 500
+#: ... once there are at least this many.
+MIN_RUN_STRONG = 20
+#: A peak's bright core: the pixels holding at least this fraction of its brightest pixel's
+#: excess, joined to it (:func:`spike_peaks`).
+CORE_FRACTION = 0.5
+#: ... judged only when it is at least this long (pixels, along a row, a column or both): a
+#: core that fits in 2 x 2 pixels may be a Bragg spot narrower than a pixel, centred between
+#: pixels (real CSPAD stills hold many), where a track runs on
+CORE_LENGTH = 3
+#: ... looked for within this many pixels of the brightest one (a 17 x 17 window: a zinger's
+#: track crosses up to ~10 pixels); a core reaching farther is not judged.
+CORE_REACH = 8
 
 
 #: A pixel's 3 x 3 window, row by row, and its eight neighbours, as (dy, dx) offsets.
@@ -298,8 +326,17 @@ def _neighbour_fractions(peaks: np.ndarray, panels: Sequence[np.ndarray]
     brightest neighbour (its 3 x 3 with itself, NaN ranked first: one NaN there gives the
     brightest, two give NaN), and their ratio.  Array passes per panel, not a loop per peak (a
     Pilatus 6M hit's 2,000 peaks: 0.13 s a frame in a loop)."""
+    top, side, ratio, _ = _brightest_pixels(peaks, panels)
+    return top, side, ratio
+
+
+def _brightest_pixels(peaks: np.ndarray, panels: Sequence[np.ndarray]
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`_neighbour_fractions` and, per peak, where its brightest pixel is: ``(row,
+    column)`` in its panel, ``(-1, -1)`` where the 3 x 3 around its centre holds none."""
     n = len(peaks)
     top, side = np.zeros(n), np.zeros(n)
+    where = np.full((n, 2), -1, np.int64)
     ys_all = np.round(peaks["ss"].astype(np.float64)).astype(np.int64)
     xs_all = np.round(peaks["fs"].astype(np.float64)).astype(np.int64)
     for panel in np.unique(peaks["panel"]):
@@ -313,6 +350,7 @@ def _neighbour_fractions(peaks: np.ndarray, panels: Sequence[np.ndarray]
         best = np.argmax(np.where(usable, local, -np.inf), axis=1)  # first of equals, as nanargmax
         pick = np.arange(len(at))
         centre = local[pick, best]
+        where[at, 0], where[at, 1] = rows[pick, best], cols[pick, best]
         inside, around_rows, around_cols = _places(image.shape, rows[pick, best],
                                                    cols[pick, best], _WINDOW)
         around = np.asarray(image[around_rows, around_cols], np.float64)
@@ -322,31 +360,100 @@ def _neighbour_fractions(peaks: np.ndarray, panels: Sequence[np.ndarray]
         bg = np.nan_to_num(peaks["background"][at].astype(np.float64))
         top[at], side[at] = centre - bg, neighbour - bg
     ratio = np.where(top > 0, side / np.where(top > 0, top, 1.0), 1.0)
-    return top, side, ratio
+    return top, side, ratio, where
 
 
-def spike_peaks(peaks: np.ndarray, panels: Sequence[np.ndarray]) -> np.ndarray:
-    """True for peaks that are one-pixel spikes, on frames whose strong spots are wider (module
-    docstring); all False on frames with one-pixel spots."""
+def _ring_excess(image: np.ndarray, y: int, x: int, top: float, background: float) -> float:
+    """The brightest excess over ``background`` around a peak's bright core: the pixels of at
+    least :data:`CORE_FRACTION` of its brightest pixel's excess ``top`` (at ``(y, x)``) that
+    join it through their eight neighbours, within :data:`CORE_REACH` pixels; what borders the
+    core is its ring (off-panel and NaN pixels left out).  NaN (undecided) where the core
+    reaches the edge of that window, is shorter than :data:`CORE_LENGTH` or has no ring."""
+    from scipy.ndimage import binary_dilation, label
+
+    h, w = image.shape
+    y0, y1 = max(y - CORE_REACH, 0), min(y + CORE_REACH + 1, h)
+    x0, x1 = max(x - CORE_REACH, 0), min(x + CORE_REACH + 1, w)
+    excess = np.asarray(image[y0:y1, x0:x1], np.float64) - background
+    known = ~np.isnan(excess)
+    labels, _ = label(known & (excess >= CORE_FRACTION * top), structure=np.ones((3, 3), bool))
+    core = labels == labels[y - y0, x - x0]
+    cut = ((y0 > 0) & core[0].any()) | ((y1 < h) & core[-1].any()) | (
+        (x0 > 0) & core[:, 0].any()) | ((x1 < w) & core[:, -1].any())
+    rows, cols = np.nonzero(core)
+    short = max(np.ptp(rows), np.ptp(cols)) + 1 < CORE_LENGTH
+    ring = binary_dilation(core, structure=np.ones((3, 3), bool)) & ~core
+    if cut or short or not (ring & known).any() or (ring & ~known).any():
+        return float("nan")
+    return float(excess[ring].max())
+
+
+def spike_peaks(peaks: np.ndarray, panels: Sequence[np.ndarray],
+                run_widths: Sequence[float] = (), cores: bool = True) -> np.ndarray:
+    """True for peaks without a spot profile, on frames whose strong spots are wider (module
+    docstring); all False on frames with one-pixel spots.  ``run_widths``: the neighbour
+    fractions of the strong peaks of the run's earlier frames (:meth:`DefectFilter.keep` keeps
+    them), which decide the spot width for a frame with too few strong peaks of its own;
+    ``cores=False`` judges one-pixel spikes alone, by the frame's own strong peaks alone."""
+    return _judge_spikes(peaks, panels, run_widths, cores)[0]
+
+
+def _judge_spikes(peaks: np.ndarray, panels: Sequence[np.ndarray], run_widths: Sequence[float],
+                  cores: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`spike_peaks`, and the neighbour fractions of the frame's strong peaks (for the
+    run's later frames).
+
+    A peak has no profile when its bright core stands on background: the brightest pixel's
+    brightest neighbour (a one-pixel spike), or, where that neighbour holds at least
+    :data:`CORE_FRACTION` of the peak (a zinger's track), the brightest pixel around the core of
+    such pixels if it is :data:`CORE_LENGTH` pixels long or more (:func:`_ring_excess`), is
+    below both :data:`NEIGHBOUR_FRACTION` of the peak's excess and 3 background sigmas.  A Bragg
+    spot's point spread lifts the pixels around its core; a particle's track and a defect do
+    not."""
     if len(peaks) == 0:
-        return np.zeros(0, bool)
-    top, side, ratio = _neighbour_fractions(peaks, panels)
+        return np.zeros(0, bool), np.zeros(0)
+    top, side, ratio, where = _brightest_pixels(peaks, panels)
     sigma = np.nan_to_num(peaks["background_sigma"], nan=np.inf)
-    lone = (ratio < NEIGHBOUR_FRACTION) & (side < 3 * sigma)
-    decided = top > STRONG_SIGMAS * sigma
-    if decided.sum() < 3:
-        return np.zeros(len(peaks), bool)  # too few strong peaks to tell the spot width
-    wide = float(np.median(ratio[decided])) >= WIDE_SPOTS
-    return lone if wide else np.zeros(len(peaks), bool)
+    widths = ratio[top > STRONG_SIGMAS * sigma]
+    none = np.zeros(len(peaks), bool)
+    if len(widths) >= MIN_STRONG:
+        wide = float(np.median(widths)) >= WIDE_SPOTS
+    elif cores and len(run_widths) >= MIN_RUN_STRONG:
+        wide = float(np.median(run_widths)) >= WIDE_SPOTS
+    else:
+        return none, widths  # too few strong peaks to tell the spot width
+    if not wide:
+        return none, widths
+    bg = np.nan_to_num(peaks["background"].astype(np.float64))
+    with np.errstate(invalid="ignore"):  # NaN beside the brightest pixel: not judged
+        cored = np.flatnonzero((top > 0) & (side >= CORE_FRACTION * top) & (where[:, 0] >= 0)
+                               & cores)
+    for k in cored:  # a few per frame: tracks, pairs, spots centred between two pixels
+        side[k] = _ring_excess(np.asarray(panels[int(peaks["panel"][k])]), int(where[k, 0]),
+                               int(where[k, 1]), float(top[k]), float(bg[k]))
+    with np.errstate(invalid="ignore"):
+        ratio = np.where(top > 0, side / np.where(top > 0, top, 1.0), 1.0)
+        return (ratio < NEIGHBOUR_FRACTION) & (side < 3 * sigma), widths
 
 
 class DefectFilter:
     """What the engine applies to every frame's peak table: track spikes across the run, drop
     peaks on recurring defects and, on frames with wide spots, one-pixel spikes."""
 
-    def __init__(self, tracker: DefectTracker | None = None, spikes: bool = True) -> None:
+    def __init__(self, tracker: DefectTracker | None = None, spikes: bool = True,
+                 cores: bool = True) -> None:
+        """``spikes``: drop peaks without a spot profile (:func:`spike_peaks`); ``cores``: judge
+        longer bright cores (tracks) and frames by the run's spot width too, as
+        :func:`spike_peaks` does by default (False: one-pixel spikes on frames with enough
+        strong peaks of their own, the rule before; for benchmarks that compare them)."""
         self.tracker = tracker or DefectTracker()
         self.spikes = spikes
+        self.cores = cores
+        #: neighbour fractions of the strong peaks of the frames filtered so far, the latest
+        #: :data:`RUN_STRONG` (:func:`spike_peaks`' ``run_widths``)
+        self.run_widths: collections.deque[float] = collections.deque(maxlen=RUN_STRONG)
+        self._widths = np.zeros(0)  # the latest filtered frame's, joining them with the next
+        self._shapes: list[tuple[int, ...]] | None = None  # the panel shapes of that frame
         self._logged = 0
         self._ahead = 0  # frames counted by count_ahead and not yet filtered
 
@@ -388,20 +495,33 @@ class DefectFilter:
             self._ahead -= 1  # counted when it was read ahead
         else:
             self.tracker.update(panels, masks, spikes)
-        return self.judge(peaks, panels)
+        shapes = [np.shape(p) for p in panels]
+        if shapes != self._shapes:  # another detector: its spots' width is its own
+            self._shapes, self._widths = shapes, np.zeros(0)
+            self.run_widths.clear()
+        self.run_widths.extend(self._widths)  # the frame before's, now that this one comes
+        keep, self._widths = self._judge(peaks, panels)
+        return keep
 
     def judge(self, peaks: np.ndarray, panels: Sequence[np.ndarray]) -> np.ndarray:
         """What :meth:`keep` keeps of a frame it has counted already, without counting it again:
         for other peak tables of the same pixels (a benchmark's settings side by side)."""
+        return self._judge(peaks, panels)[0]
+
+    def _judge(self, peaks: np.ndarray, panels: Sequence[np.ndarray]
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`judge`, and the neighbour fractions of the frame's strong peaks."""
         keep = off_defects(peaks, self.tracker.defects)
+        widths = np.zeros(0)
         if self.spikes and keep.any():
-            keep[keep] = ~spike_peaks(peaks[keep], panels)
+            spiking, widths = _judge_spikes(peaks[keep], panels, self.run_widths, self.cores)
+            keep[keep] = ~spiking
         count = self.tracker.count()
         if count and count != self._logged:
             self._logged = count
             log.info("%d pixel(s) spike in at least %.0f %% of %d frames: treated as defects",
                      count, 100 * self.tracker.fraction, self.tracker.frames)
-        return keep
+        return keep, widths
 
     def save(self, outdir: str | os.PathLike[str], geometry: Any = None) -> list[Path]:
         """Write the run's defect mask beside its output: ``pixel_defects.h5`` (CrystFEL) and,

@@ -166,3 +166,16 @@ def test_one_tiny_simulated_run_end_to_end(bench, real_data, capsys):
                        "--skip", "0"]) == 0
     out = capsys.readouterr().out
     assert "seeds 5,000,000,000" in out and "cspad" in out and "false/blank" in out
+
+
+@pytest.mark.slow
+def test_variants_with_and_without_the_sharp_core_test_run_their_own_filters(bench, real_data):
+    """A variant's ``cores`` picks a defect filter of its own for the same peaks; the peak
+    settings of the variant are applied as given."""
+    records = bench.measure("cspad", "selection", 1, 1, variants={
+        "off": {"cores": False}, "on": {"cores": True}, "strict": {"min_snr": 50.0}})
+    assert [len(records[k]) for k in ("off", "on", "strict")] == [2, 2, 2]
+    for off, on, strict in zip(records["off"], records["on"], records["strict"], strict=True):
+        assert off.seed == on.seed == strict.seed
+        assert len(on.peaks) <= len(off.peaks)  # the test only takes peaks away
+        assert (strict.peaks["snr"] >= 50.0).all()

@@ -232,6 +232,80 @@ def test_binned_detector_with_one_pixel_spots_keeps_single_pixel_peaks():
     assert not spike_peaks(peaks, [image]).any()
 
 
+def frame_with_extras(spots_sigma: float, extras):
+    """:func:`frame_with`'s five spots, no spike, and ``extras(image)`` added in place: a list
+    of ``(ss, fs)`` places, each a peak of the table after the spots."""
+    image, peaks = frame_with(spots_sigma, spike_at=(0, 0))
+    image[0, 0] -= 400.0
+    places = extras(image)
+    rows = [(float(ss), float(fs)) for ss, fs in zip(peaks["ss"][:5], peaks["fs"][:5],
+                                                      strict=True)] + places
+    table = peaks_from_columns(panel=np.zeros(len(rows), int),
+                               fs=np.array([c[1] for c in rows], float),
+                               ss=np.array([c[0] for c in rows], float),
+                               background=np.full(len(rows), 100.0),
+                               background_sigma=np.full(len(rows), 2.0))
+    return image, table
+
+
+def zinger_tracks(image):
+    """Sharp-edged tracks, as a charged particle leaves them on an integrating detector: a
+    diagonal 6-px one, an 8-px row, a 3-px column."""
+    for k in range(6):
+        image[40 + k, 45 + k] += 800.0
+    image[70, 40:48] += 3000.0
+    image[99:102, 60] += 500.0
+    return [(42.0, 47.0), (70.0, 43.0), (100.0, 60.0)]
+
+
+def test_sharp_edged_tracks_are_dropped_where_spots_are_wider():
+    """A core of several bright pixels standing on background is no spot either (its ring at
+    background), where the frame's spots have profiles."""
+    image, peaks = frame_with_extras(1.2, zinger_tracks)
+    assert spike_peaks(peaks, [image]).tolist() == [False] * 5 + [True] * 3
+
+
+def spot_like_cores(image):
+    """Bragg-like peaks whose brightest neighbour is as bright as their brightest pixel: a spot
+    centred between two pixels, a spot streaked along a line (blurred across it), a flat-topped
+    (saturated) spot, and a sharp pair: a spot narrower than a pixel centred on a pixel
+    boundary, which nothing tells from a hot pair within one frame (the run's defect count
+    does)."""
+    yy, xx = np.indices(image.shape)
+    image[20, 55:57] += 500.0
+    image += 600.0 * np.exp(-((yy - 45) ** 2 + (xx - 50.5) ** 2) / (2 * 0.8 ** 2))
+    along = np.clip(np.abs(xx - 43.0) - 3.0, 0, None)
+    image += 500.0 * np.exp(-((yy - 70) ** 2 / (2 * 0.7 ** 2) + along ** 2 / 2))
+    flat = np.minimum(5000.0 * np.exp(-((yy - 105) ** 2 + (xx - 60) ** 2) / (2 * 1.2 ** 2)),
+                      1500.0)
+    image += flat
+    return [(45.0, 50.5), (70.0, 43.0), (105.0, 60.0), (20.0, 55.5)]
+
+
+def test_spots_with_bright_cores_keep_their_profile():
+    image, peaks = frame_with_extras(1.2, spot_like_cores)
+    assert not spike_peaks(peaks, [image]).any()
+
+
+def test_tracks_are_kept_where_spots_are_one_pixel():
+    """On a binned detector's frame (spots of sigma 0.3 px) nothing is judged by its profile."""
+    image, peaks = frame_with_extras(0.3, zinger_tracks)
+    assert not spike_peaks(peaks, [image]).any()
+
+
+def test_a_core_reaching_past_the_window_or_masked_beside_is_not_judged():
+    """A track longer than the core window, and a track with a NaN pixel beside it, cannot be
+    told from a spot by their rings: kept."""
+    def extras(image):
+        image[30, 30:60] += 3000.0  # 30 px: longer than the 17-px window
+        image[110, 40:44] += 3000.0
+        image[111, 41] = np.nan
+        return [(30.0, 45.0), (110.0, 41.5)]
+
+    image, peaks = frame_with_extras(1.2, extras)
+    assert not spike_peaks(peaks, [image]).any()
+
+
 def test_neighbour_fractions_at_edges_with_nan_and_on_several_panels():
     """The brightest pixel of the 3 x 3 around a peak's centre (off-panel and NaN pixels left
     out) against its own brightest neighbour; a NaN beside it ranks first, as unknown."""
@@ -437,3 +511,33 @@ def test_frames_found_in_threads_give_the_one_thread_results(monkeypatch, in_fli
         for pa, pb in zip(a.peak_pixels, b.peak_pixels, strict=True):
             np.testing.assert_array_equal(pa, pb)
     assert sum(len(r.peaks) for r in one) > 0
+
+
+def test_a_blank_is_judged_by_the_spot_width_of_the_run_before_it():
+    """A frame with too few strong peaks of its own (a blank with a zinger) is judged once the
+    run's earlier frames showed wide spots; not at the start of a run, nor with ``cores``
+    off (the rule before)."""
+    hits = [frame_with(1.2) for _ in range(4)]  # five wide strong spots each: 20 in all
+    rng = np.random.default_rng(5)
+    blank = rng.normal(100.0, 2.0, (120, 120))
+    blank[70, 40:48] += 3000.0  # a track
+    blank[30, 30] += 3000.0  # a one-pixel spike
+    peaks = peaks_from_columns(panel=np.zeros(2, int), fs=np.array([43.0, 30.0]),
+                               ss=np.array([70.0, 30.0]), background=np.full(2, 100.0),
+                               background_sigma=np.full(2, 2.0))
+    fresh = DefectFilter()
+    assert fresh.keep(peaks, [blank]).all()  # nothing known of the spot width yet
+    for cores, dropped in ((True, [False, False]), (False, [True, True])):
+        run = DefectFilter(cores=cores)
+        for image, table in hits:
+            run.keep(table, [image])
+        assert run.keep(peaks, [blank]).tolist() == dropped
+    run = DefectFilter()
+    for image, table in hits[:3]:  # 18 strong peaks: fewer than the run needs
+        run.keep(table, [image])
+    assert run.keep(peaks, [blank]).all()
+    run = DefectFilter()
+    for image, table in hits:
+        run.keep(table, [image])
+    other = np.pad(blank, ((0, 8), (0, 0)), constant_values=100.0)  # another detector's panel
+    assert run.keep(peaks, [other]).all() and len(run.run_widths) == 0

@@ -3,7 +3,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from peaknet_xtal.types import PEAK_DTYPE, Frame, empty_peaks, peaks_from_columns
+from peaknet_xtal.types import (
+    PEAK_DTYPE,
+    Frame,
+    count_range,
+    empty_peaks,
+    integer_marker,
+    peaks_from_columns,
+)
 
 
 def test_empty_peaks_fills_floats_with_nan_and_ints_with_zero():
@@ -62,3 +69,25 @@ def test_frame_result_views_cxi_row_stream_chunk_and_dials_foreground(make_geome
     assert chunk.event == "//3" and len(chunk.peaks) == 1
     (none, grown) = result.dials_foreground(dilation=1)
     assert not none.any() and grown.sum() == 6 and grown[5:7, 6:9].all()
+
+
+@pytest.mark.parametrize("dtype, marker", [(np.uint16, 65535.0), (np.uint32, 4294967295.0),
+                                           (np.uint8, None), (np.int16, None), (np.int32, None),
+                                           (np.float32, None)])
+def test_integer_marker_of_each_type(dtype, marker):
+    assert integer_marker(dtype) == marker
+
+
+@pytest.mark.parametrize("dtype, least, expected", [
+    (np.uint16, 0.0, (-np.inf, 65535.0)),  # below the marker, whatever the least value
+    (np.uint32, None, (-np.inf, 4294967295.0)),
+    (np.int32, -1.0, (-1.0, np.inf)),  # signed photon counts with gaps
+    (np.int32, -2.0, (-1.0, np.inf)),  # ... and defective pixels
+    (np.int32, -3.0, (-np.inf, np.inf)),  # pedestal-subtracted: negatives are data
+    (np.int16, 0.0, (-np.inf, np.inf)),
+    (np.int32, None, (-np.inf, np.inf)),
+    (np.float32, -1.0, (-np.inf, np.inf)),  # float data mark with NaN, not values
+    (np.uint8, 255.0, (-np.inf, np.inf)),  # too narrow to spare a value
+])
+def test_count_range_of_each_type_and_least_value(dtype, least, expected):
+    assert count_range(dtype, least) == expected

@@ -141,14 +141,6 @@ def test_signed_counts_lose_their_gaps_and_bad_pixels(least, masked):
     np.testing.assert_array_equal(good_float, good)
 
 
-@pytest.mark.parametrize("dtype, marker", [(np.uint16, 65535.0), (np.uint32, 4294967295.0),
-                                           (np.uint8, None), (np.int16, None), (np.int32, None),
-                                           (np.float32, None)])
-def test_integer_marker_of_each_type(dtype, marker):
-    from peaknet_xtal.types import integer_marker
-
-    assert integer_marker(dtype) == marker
-
 
 def test_engine_finds_the_same_peaks_with_gaps_marked_or_masked(one_torch_thread):
     """uint16 data with a gap row at 65535, and int32 data with it at -1, give the peaks (and the

@@ -388,6 +388,28 @@ def _ring_excess(image: np.ndarray, y: int, x: int, top: float, background: floa
     return float(excess[ring].max())
 
 
+def _lifted_beside(panel: np.ndarray, panels: Sequence[np.ndarray], where: np.ndarray,
+                   top: np.ndarray, background: np.ndarray, sigma: np.ndarray) -> np.ndarray:
+    """Per peak: whether a neighbour of its brightest pixel (at ``where``) is lifted above
+    background (at least :data:`NEIGHBOUR_FRACTION` of the excess ``top``, or 3 ``sigma``) but
+    below its core (:data:`CORE_FRACTION` of ``top``): such a pixel borders the core, so the
+    core cannot stand on background and :func:`_ring_excess` need not look.  The same answer
+    for those peaks, in array passes: on a Pilatus 6M hit 1,944 of 1,973 peaks have a
+    neighbour of half their height, and looking at each core took 87 ms a frame against
+    1.3 ms for the rest of the spike test."""
+    lifted = np.zeros(len(panel), bool)
+    for p in np.unique(panel):
+        at = np.flatnonzero(panel == p)
+        image = np.asarray(panels[int(p)])
+        inside, rows, cols = _places(image.shape, where[at, 0], where[at, 1], _NEIGHBOURS)
+        excess = np.asarray(image[rows, cols], np.float64) - background[at, None]
+        with np.errstate(invalid="ignore"):  # NaN: neither lifted nor core
+            high = ~((excess / top[at, None] < NEIGHBOUR_FRACTION)
+                     & (excess < 3 * sigma[at, None]))
+            lifted[at] = (inside & high & (excess < CORE_FRACTION * top[at, None])).any(axis=1)
+    return lifted
+
+
 def spike_peaks(peaks: np.ndarray, panels: Sequence[np.ndarray],
                 run_widths: Sequence[float] = (), cores: bool = True) -> np.ndarray:
     """True for peaks without a spot profile, on frames whose strong spots are wider (module
@@ -426,9 +448,11 @@ def _judge_spikes(peaks: np.ndarray, panels: Sequence[np.ndarray], run_widths: S
         return none, widths
     bg = np.nan_to_num(peaks["background"].astype(np.float64))
     with np.errstate(invalid="ignore"):  # NaN beside the brightest pixel: not judged
-        cored = np.flatnonzero((top > 0) & (side >= CORE_FRACTION * top) & (where[:, 0] >= 0)
-                               & cores)
-    for k in cored:  # a few per frame: tracks, pairs, spots centred between two pixels
+        cored = (top > 0) & (side >= CORE_FRACTION * top) & (where[:, 0] >= 0) & cores
+    if cored.any():  # most spots wider than a pixel: a lifted pixel beside the brightest
+        cored[cored] = ~_lifted_beside(peaks["panel"][cored], panels, where[cored], top[cored],
+                                       bg[cored], sigma[cored])
+    for k in np.flatnonzero(cored):  # a few a frame: tracks, spots centred between pixels
         side[k] = _ring_excess(np.asarray(panels[int(peaks["panel"][k])]), int(where[k, 0]),
                                int(where[k, 1]), float(top[k]), float(bg[k]))
     with np.errstate(invalid="ignore"):

@@ -541,3 +541,18 @@ def test_a_blank_is_judged_by_the_spot_width_of_the_run_before_it():
         run.keep(table, [image])
     other = np.pad(blank, ((0, 8), (0, 0)), constant_values=100.0)  # another detector's panel
     assert run.keep(peaks, [other]).all() and len(run.run_widths) == 0
+
+
+@pytest.mark.parametrize("extras", [zinger_tracks, spot_like_cores])
+@pytest.mark.parametrize("sigma", [0.8, 1.2, 2.0])
+def test_the_lifted_neighbour_shortcut_gives_the_ring_test_s_answer(extras, sigma, monkeypatch):
+    """Skipping the cores whose brightest pixel has a lifted neighbour changes no answer: the
+    same verdicts with every core looked at (the shortcut off)."""
+    from peaknet_xtal.finding import defects
+
+    image, peaks = frame_with_extras(sigma, extras)
+    rng = np.random.default_rng(int(sigma * 10))
+    image += rng.normal(0.0, 2.0, image.shape)
+    fast = spike_peaks(peaks, [image])
+    monkeypatch.setattr(defects, "_lifted_beside", lambda panel, *args: np.zeros(len(panel), bool))
+    assert spike_peaks(peaks, [image]).tolist() == fast.tolist()

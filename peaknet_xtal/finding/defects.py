@@ -1,4 +1,4 @@
-"""Pixel defects: hot, stuck and flickering pixels across a run, and one-pixel spikes in a frame.
+"""Pixel defects: hot, stuck and flickering pixels across a run; spikes and tracks in a frame.
 
 Why: an unmasked hot pixel reads far above its neighbours frame after frame, and the network
 (like any finder) calls it a bright peak every time; zingers and flickering pixels do the same
@@ -462,7 +462,8 @@ def _judge_spikes(peaks: np.ndarray, panels: Sequence[np.ndarray], run_widths: S
 
 class DefectFilter:
     """What the engine applies to every frame's peak table: track spikes across the run, drop
-    peaks on recurring defects and, on frames with wide spots, one-pixel spikes."""
+    peaks on recurring defects and, on frames with wide spots, peaks without a spot profile
+    (one-pixel spikes, particle tracks)."""
 
     def __init__(self, tracker: DefectTracker | None = None, spikes: bool = True,
                  cores: bool = True) -> None:

@@ -24,7 +24,8 @@ The data flow, and where each step lives::
               clipped annulus background, centroid, intensity, integrated SNR (gain from
               settings.resolve_gain, else measured from the background: finding/gain.py),
               min_snr / size / max_peaks cuts; then finding/defects.py drops pixels that are
-              outliers frame after frame and one-pixel spikes without a spot profile, and
+              outliers frame after frame and peaks without a spot profile (one-pixel spikes,
+              particle tracks), and
               peaks.faint_unsupported the faint peaks of a frame with few tall ones.  Each
               frame's own part runs in host threads (off the CPU while the model segments the
               next chunk); the run's state (gain, defect counts) moves frame by frame, in order
@@ -235,7 +236,7 @@ class InferenceEngine:
         An engine counts every frame it finds towards its run; one that goes on to another
         detector or experiment calls this first."""
         self._gain_from_data = GainResolver()  # missing/placeholder gains: from the background
-        self.defects = DefectFilter()  # hot pixels across the run, one-pixel spikes per frame
+        self.defects = DefectFilter()  # hot pixels across the run, spikes and tracks per frame
 
     # ---- pickling: never ship the model -------------------------------------------------------
     def __getstate__(self) -> dict[str, Any]:

@@ -203,21 +203,33 @@ def test_peaks_near_a_defect_are_dropped():
     assert kept["fs"].tolist() == [30.0, 7.0]
 
 
-def frame_with(spots_sigma: float, spike_at=(50, 50)):
+SPOTS = [(20, 20), (20, 90), (90, 20), (90, 90), (60, 100)]
+
+
+def spots_frame(spots_sigma: float) -> np.ndarray:
+    """Five round spots (400 above a background of 100, noise 2) of ``spots_sigma`` px."""
     rng = np.random.default_rng(2)
     image = rng.normal(100.0, 2.0, (120, 120))
     yy, xx = np.indices(image.shape)
-    centres = [(20, 20), (20, 90), (90, 20), (90, 90), (60, 100)]
-    for y, x in centres:
+    for y, x in SPOTS:
         image += 400.0 * np.exp(-((yy - y) ** 2 + (xx - x) ** 2) / (2 * spots_sigma ** 2))
+    return image
+
+
+def table_at(rows) -> np.ndarray:
+    """A peak table with a peak at each ``(ss, fs)`` of ``rows``, on :func:`spots_frame`'s
+    background."""
+    return peaks_from_columns(panel=np.zeros(len(rows), int),
+                              fs=np.array([c[1] for c in rows], float),
+                              ss=np.array([c[0] for c in rows], float),
+                              background=np.full(len(rows), 100.0),
+                              background_sigma=np.full(len(rows), 2.0))
+
+
+def frame_with(spots_sigma: float, spike_at=(50, 50)):
+    image = spots_frame(spots_sigma)
     image[spike_at] += 400.0
-    rows = [*centres, spike_at]
-    peaks = peaks_from_columns(panel=np.zeros(len(rows), int),
-                               fs=np.array([c[1] for c in rows], float),
-                               ss=np.array([c[0] for c in rows], float),
-                               background=np.full(len(rows), 100.0),
-                               background_sigma=np.full(len(rows), 2.0))
-    return image, peaks
+    return image, table_at([*SPOTS, spike_at])
 
 
 def test_one_pixel_spike_is_dropped_where_spots_are_wider():
@@ -235,17 +247,8 @@ def test_binned_detector_with_one_pixel_spots_keeps_single_pixel_peaks():
 def frame_with_extras(spots_sigma: float, extras):
     """:func:`frame_with`'s five spots, no spike, and ``extras(image)`` added in place: a list
     of ``(ss, fs)`` places, each a peak of the table after the spots."""
-    image, peaks = frame_with(spots_sigma, spike_at=(0, 0))
-    image[0, 0] -= 400.0
-    places = extras(image)
-    rows = [(float(ss), float(fs)) for ss, fs in zip(peaks["ss"][:5], peaks["fs"][:5],
-                                                      strict=True)] + places
-    table = peaks_from_columns(panel=np.zeros(len(rows), int),
-                               fs=np.array([c[1] for c in rows], float),
-                               ss=np.array([c[0] for c in rows], float),
-                               background=np.full(len(rows), 100.0),
-                               background_sigma=np.full(len(rows), 2.0))
-    return image, table
+    image = spots_frame(spots_sigma)
+    return image, table_at([*SPOTS, *extras(image)])
 
 
 def zinger_tracks(image):
@@ -522,9 +525,7 @@ def test_a_blank_is_judged_by_the_spot_width_of_the_run_before_it():
     blank = rng.normal(100.0, 2.0, (120, 120))
     blank[70, 40:48] += 3000.0  # a track
     blank[30, 30] += 3000.0  # a one-pixel spike
-    peaks = peaks_from_columns(panel=np.zeros(2, int), fs=np.array([43.0, 30.0]),
-                               ss=np.array([70.0, 30.0]), background=np.full(2, 100.0),
-                               background_sigma=np.full(2, 2.0))
+    peaks = table_at([(70.0, 43.0), (30.0, 30.0)])
     fresh = DefectFilter()
     assert fresh.keep(peaks, [blank]).all()  # nothing known of the spot width yet
     for cores, dropped in ((True, [False, False]), (False, [True, True])):

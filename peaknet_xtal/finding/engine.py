@@ -609,7 +609,11 @@ class InferenceEngine:
         """Count a frame the run does not process (done by an interrupted earlier run) towards
         the run-level measurements -- the gain measured from the data and the pixel defects --
         so that a resumed run measures them on the same frames as an uninterrupted one and
-        finds the same peaks."""
+        finds the same peaks.  The run's spot width (``DefectFilter.run_widths``) comes from
+        the peaks of the frames found, so a resumed run learns it again from its own: until
+        they hold 20 strong peaks (its first hit, as a rule), a frame with too few strong
+        peaks of its own keeps its spikes and tracks, as every frame did before the filter
+        judged blanks."""
         _, goods, _ = sanitise_frame(frame.panels, frame.masks, frame.meta.get("dtype"))
         if self.peak_params.adu_per_photon is None:
             self._gain_from_data(resolve_gain(meta=frame.meta, geometry=frame.geometry),

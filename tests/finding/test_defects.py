@@ -557,3 +557,25 @@ def test_the_lifted_neighbour_shortcut_gives_the_ring_test_s_answer(extras, sigm
     fast = spike_peaks(peaks, [image])
     monkeypatch.setattr(defects, "_lifted_beside", lambda panel, *args: np.zeros(len(panel), bool))
     assert spike_peaks(peaks, [image]).tolist() == fast.tolist()
+
+
+def test_the_engine_drops_a_blank_s_track_once_its_run_showed_wide_spots():
+    """Through ``find_frames``: hits with wide spots, then a blank holding a zinger track and
+    nothing else.  The engine's run filter drops the track; a run of the blank alone keeps it
+    (nothing tells it the spot width)."""
+    rng = np.random.default_rng(8)
+    hits = [spots_frame(1.2) + rng.normal(0.0, 2.0, (120, 120)) for _ in range(5)]
+    blank = rng.normal(100.0, 2.0, (120, 120))
+    blank[70, 40:48] += 3000.0
+
+    def frame(image, serial):
+        return Frame(panels=[image.astype(np.float32)], masks=None, geometry=None, meta={},
+                     serial=serial)
+
+    engine = InferenceEngine(predictor=bright, adu_per_photon=1.0, faint_support=0)
+    results = list(engine.find_frames([frame(h, i) for i, h in enumerate(hits)]
+                                      + [frame(blank, 5)]))
+    assert [len(r.peaks) for r in results[:5]] == [5] * 5 and len(results[5].peaks) == 0
+    alone = InferenceEngine(predictor=bright, adu_per_photon=1.0, faint_support=0)
+    (result,) = alone.find_frames([frame(blank, 0)])
+    assert len(result.peaks) == 1 and abs(float(result.peaks["ss"][0]) - 70.0) < 1.0

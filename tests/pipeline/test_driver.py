@@ -43,8 +43,13 @@ def config(tmp_path: Path, inputs: list[Path], **extra) -> dict:
 
 
 def test_ray_pipeline_every_frame_once_within_the_bound(local_ray, tmp_path: Path, stacks):
+    """Every frame written once, the queue within its bound, and both workers given work: each
+    frame costs 50 ms (4 s for the run in one worker), so the worker whose process starts second
+    finds frames left (without a cost, an idle machine once let the first worker take all 80
+    before the second was up)."""
     inputs = [stacks.write(tmp_path / "a.h5", 50, seed=1), stacks.write(tmp_path / "b.h5", 30)]
-    summary = run_pipeline(config(tmp_path, inputs, writers=2))
+    summary = run_pipeline(config(tmp_path, inputs, writers=2,
+                                  frame_finder_options={"threshold": 100.0, "delay_s": 0.05}))
     keys = stacks.written(tmp_path / "out")
     assert set(keys) == stacks.expected(inputs[0], 50) | stacks.expected(inputs[1], 30)
     assert set(keys.values()) == {1}

@@ -57,7 +57,7 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -319,24 +319,26 @@ def off_defects(peaks: np.ndarray, defects: Sequence[np.ndarray] | None,
     return keep
 
 
-def _neighbour_fractions(peaks: np.ndarray, panels: Sequence[np.ndarray]
-                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per peak: excess of its brightest pixel (3x3 around the centre, off-panel pixels left
-    out, NaN ignored; 0 where none is left) over the background, the excess of that pixel's
-    brightest neighbour (its 3 x 3 with itself, NaN ranked first: one NaN there gives the
-    brightest, two give NaN), and their ratio.  Array passes per panel, not a loop per peak (a
-    Pilatus 6M hit's 2,000 peaks: 0.13 s a frame in a loop)."""
-    top, side, ratio, _ = _brightest_pixels(peaks, panels)
-    return top, side, ratio
+class _Brightest(NamedTuple):
+    """Per peak of a table, its brightest pixel (:func:`_brightest_pixels`)."""
+
+    top: np.ndarray  # its excess over the peak's background (0 where none is usable)
+    side: np.ndarray  # the excess of its brightest neighbour (NaN: see _brightest_pixels)
+    ratio: np.ndarray  # side / top (1 where top is not above 0)
+    where: np.ndarray  # (N, 2): its (row, column) in its panel; (-1, -1) where none is usable
+    window: np.ndarray  # (N, 9): its 3 x 3 (_WINDOW order) as read; NaN off the panel
 
 
-def _brightest_pixels(peaks: np.ndarray, panels: Sequence[np.ndarray]
-                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """:func:`_neighbour_fractions` and, per peak, where its brightest pixel is: ``(row,
-    column)`` in its panel, ``(-1, -1)`` where the 3 x 3 around its centre holds none."""
+def _brightest_pixels(peaks: np.ndarray, panels: Sequence[np.ndarray]) -> _Brightest:
+    """Per peak: its brightest pixel (3x3 around the centre, off-panel pixels left out, NaN
+    ignored; none where none is left), that pixel's excess over the background, the excess of
+    its brightest neighbour (its 3 x 3 with itself, NaN ranked first: one NaN there gives the
+    brightest, two give NaN), their ratio, and the 3 x 3 around it.  Array passes per panel,
+    not a loop per peak (a Pilatus 6M hit's 2,000 peaks: 0.13 s a frame in a loop)."""
     n = len(peaks)
     top, side = np.zeros(n), np.zeros(n)
     where = np.full((n, 2), -1, np.int64)
+    window = np.full((n, len(_WINDOW)), np.nan)
     ys_all = np.round(peaks["ss"].astype(np.float64)).astype(np.int64)
     xs_all = np.round(peaks["fs"].astype(np.float64)).astype(np.int64)
     for panel in np.unique(peaks["panel"]):
@@ -354,13 +356,14 @@ def _brightest_pixels(peaks: np.ndarray, panels: Sequence[np.ndarray]
         inside, around_rows, around_cols = _places(image.shape, rows[pick, best],
                                                    cols[pick, best], _WINDOW)
         around = np.asarray(image[around_rows, around_cols], np.float64)
+        window[at] = np.where(inside, around, np.nan)
         nans = (inside & np.isnan(around)).sum(axis=1)
         ranked = np.sort(np.where(inside & ~np.isnan(around), around, -np.inf), axis=1)
         neighbour = np.where(nans >= 2, np.nan, np.where(nans == 1, ranked[:, -1], ranked[:, -2]))
         bg = np.nan_to_num(peaks["background"][at].astype(np.float64))
         top[at], side[at] = centre - bg, neighbour - bg
     ratio = np.where(top > 0, side / np.where(top > 0, top, 1.0), 1.0)
-    return top, side, ratio, where
+    return _Brightest(top, side, ratio, where, window)
 
 
 def _ring_excess(image: np.ndarray, y: int, x: int, top: float, background: float) -> float:
@@ -388,25 +391,20 @@ def _ring_excess(image: np.ndarray, y: int, x: int, top: float, background: floa
     return float(excess[ring].max())
 
 
-def _lifted_beside(panel: np.ndarray, panels: Sequence[np.ndarray], where: np.ndarray,
-                   top: np.ndarray, background: np.ndarray, sigma: np.ndarray) -> np.ndarray:
-    """Per peak: whether a neighbour of its brightest pixel (at ``where``) is lifted above
-    background (at least :data:`NEIGHBOUR_FRACTION` of the excess ``top``, or 3 ``sigma``) but
-    below its core (:data:`CORE_FRACTION` of ``top``): such a pixel borders the core, so the
-    core cannot stand on background and :func:`_ring_excess` need not look.  The same answer
-    for those peaks, in array passes: on a Pilatus 6M hit 1,944 of 1,973 peaks have a
+def _lifted_beside(window: np.ndarray, top: np.ndarray, background: np.ndarray,
+                   sigma: np.ndarray) -> np.ndarray:
+    """Per peak: whether a pixel of its brightest pixel's 3 x 3 ``window`` is lifted above
+    ``background`` (at least :data:`NEIGHBOUR_FRACTION` of the excess ``top``, or 3 ``sigma``)
+    but below its core (:data:`CORE_FRACTION` of ``top``): such a pixel borders the core, so the
+    core cannot stand on background and :func:`_ring_excess` need not look (NaN, off the panel
+    or unreadable, is neither).  The same answer for those peaks, in array passes over the
+    window :func:`_brightest_pixels` read: on a Pilatus 6M hit 1,944 of 1,973 peaks have a
     neighbour of half their height, and looking at each core took 87 ms a frame against
     1.3 ms for the rest of the spike test."""
-    lifted = np.zeros(len(panel), bool)
-    for p in np.unique(panel):
-        at = np.flatnonzero(panel == p)
-        image = np.asarray(panels[int(p)])
-        inside, rows, cols = _places(image.shape, where[at, 0], where[at, 1], _NEIGHBOURS)
-        excess = np.asarray(image[rows, cols], np.float64) - background[at, None]
-        with np.errstate(invalid="ignore"):  # NaN: neither lifted nor core
-            high = ~((excess / top[at, None] < NEIGHBOUR_FRACTION)
-                     & (excess < 3 * sigma[at, None]))
-            lifted[at] = (inside & high & (excess < CORE_FRACTION * top[at, None])).any(axis=1)
+    excess = window - background[:, None]
+    with np.errstate(invalid="ignore"):
+        high = ~((excess / top[:, None] < NEIGHBOUR_FRACTION) & (excess < 3 * sigma[:, None]))
+        lifted: np.ndarray = (high & (excess < CORE_FRACTION * top[:, None])).any(axis=1)
     return lifted
 
 
@@ -434,7 +432,7 @@ def _judge_spikes(peaks: np.ndarray, panels: Sequence[np.ndarray], run_widths: S
     not."""
     if len(peaks) == 0:
         return np.zeros(0, bool), np.zeros(0)
-    top, side, ratio, where = _brightest_pixels(peaks, panels)
+    top, side, ratio, where, window = _brightest_pixels(peaks, panels)
     sigma = np.nan_to_num(peaks["background_sigma"], nan=np.inf)
     widths = ratio[top > STRONG_SIGMAS * sigma]
     none = np.zeros(len(peaks), bool)
@@ -450,8 +448,7 @@ def _judge_spikes(peaks: np.ndarray, panels: Sequence[np.ndarray], run_widths: S
     with np.errstate(invalid="ignore"):  # NaN beside the brightest pixel: not judged
         cored = (top > 0) & (side >= CORE_FRACTION * top) & (where[:, 0] >= 0) & cores
     if cored.any():  # most spots wider than a pixel: a lifted pixel beside the brightest
-        cored[cored] = ~_lifted_beside(peaks["panel"][cored], panels, where[cored], top[cored],
-                                       bg[cored], sigma[cored])
+        cored[cored] = ~_lifted_beside(window[cored], top[cored], bg[cored], sigma[cored])
     for k in np.flatnonzero(cored):  # a few a frame: tracks, spots centred between pixels
         side[k] = _ring_excess(np.asarray(panels[int(peaks["panel"][k])]), int(where[k, 0]),
                                int(where[k, 1]), float(top[k]), float(bg[k]))

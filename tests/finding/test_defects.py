@@ -309,10 +309,11 @@ def test_a_core_reaching_past_the_window_or_masked_beside_is_not_judged():
     assert not spike_peaks(peaks, [image]).any()
 
 
-def test_neighbour_fractions_at_edges_with_nan_and_on_several_panels():
+def test_brightest_pixels_at_edges_with_nan_and_on_several_panels():
     """The brightest pixel of the 3 x 3 around a peak's centre (off-panel and NaN pixels left
-    out) against its own brightest neighbour; a NaN beside it ranks first, as unknown."""
-    from peaknet_xtal.finding.defects import _neighbour_fractions
+    out) against its own brightest neighbour; a NaN beside it ranks first, as unknown.  Where
+    that pixel is, and its 3 x 3 as read (NaN off the panel)."""
+    from peaknet_xtal.finding.defects import _brightest_pixels
 
     a = np.zeros((6, 7))
     a[0, 1], a[1, 1] = 50.0, 10.0  # at the corner: the peak's brightest, its neighbour
@@ -321,11 +322,14 @@ def test_neighbour_fractions_at_edges_with_nan_and_on_several_panels():
     b[0, 6], b[1, 6], b[1, 5] = 20.0, np.nan, np.nan  # two NaN beside it
     peaks = peaks_from_columns(panel=np.array([1, 0, 1, 0]), fs=np.array([4.4, 0.0, 6.0, 5.0]),
                                ss=np.array([3.6, 0.0, 0.0, 4.0]), background=np.full(4, 5.0))
-    top, side, ratio = _neighbour_fractions(peaks, [a, b])
+    top, side, ratio, where, window = _brightest_pixels(peaks, [a, b])
     np.testing.assert_array_equal(top, [35.0, 45.0, 15.0, -5.0])
     np.testing.assert_array_equal(side[:3], [35.0, 5.0, np.nan])
     assert side[3] == -5.0 and ratio[3] == 1.0  # nothing above the background: no decision
     np.testing.assert_allclose(ratio[:2], [1.0, 5.0 / 45.0])
+    np.testing.assert_array_equal(where[:3], [[3, 3], [0, 1], [0, 6]])
+    assert np.isnan(window[1, :3]).all() and window[1, 4] == 50.0 and window[1, 7] == 10.0
+    assert window[0, 4] == 40.0 and np.isnan(window[0, 5]) and window[0, 8] == 30.0
 
 
 def stuck_pixel_run(n_frames=5):
@@ -555,7 +559,8 @@ def test_the_lifted_neighbour_shortcut_gives_the_ring_test_s_answer(extras, sigm
     rng = np.random.default_rng(int(sigma * 10))
     image += rng.normal(0.0, 2.0, image.shape)
     fast = spike_peaks(peaks, [image])
-    monkeypatch.setattr(defects, "_lifted_beside", lambda panel, *args: np.zeros(len(panel), bool))
+    monkeypatch.setattr(defects, "_lifted_beside",
+                        lambda window, *args: np.zeros(len(window), bool))
     assert spike_peaks(peaks, [image]).tolist() == fast.tolist()
 
 

@@ -22,8 +22,8 @@
 Why: the shipped default found compact real CSPAD spots with probabilities 0.3-0.6 where
 simulated spots of the same height get 0.9; planting the real spots' pixels into a simulated
 background and simulated spots into the real frame put the cause in the spots' shape, not in the
-background or the input normalisation (README, "What to expect").  Measurement only: nothing is
-chosen here.  One torch thread, the library's engine.
+background or the input normalisation (docs/measurements.md, "Real frames").  Measurement only:
+nothing is chosen here.  One torch thread, the library's engine.
 """
 from __future__ import annotations
 

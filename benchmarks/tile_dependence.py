@@ -21,8 +21,8 @@ panel with module gaps), the real Eiger2 still (4M mode, 2162 x 2068), and the s
 frames of the model-selection set (1920 x 1920).  Measurement only: nothing is chosen here.
 One torch thread, the library's peak settings.
 
-Measured (the shipped default, per-image statistics, aligned tiles): see the README's
-benchmark table.
+Measured (the shipped default, per-image statistics, aligned tiles): docs/measurements.md,
+"Tiles and layouts"; output in benchmarks/results/tile_dependence*.txt.
 """
 from __future__ import annotations
 

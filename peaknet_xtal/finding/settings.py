@@ -174,7 +174,7 @@ DEFAULTS = FindingDefaults()
 # Rayonix / Pilatus 6M / Eiger 16M binned), mixed and clean F1 0.918 / 0.911 against 0.918 /
 # 0.910.  Lower probabilities gain more sharp-spot F1 (0.3: 0.80; 0.2: 0.81-0.83) at 0.18 or
 # more false peaks a blank on the frames, or more blank hits on the runs.  Acceptance, measured
-# after the choice: README, "What to expect".
+# after the choice: docs/measurements.md, "Real frames".
 
 
 # How faint_support was chosen (``benchmarks/select_faint_support.py``, output in

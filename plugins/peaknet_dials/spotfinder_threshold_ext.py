@@ -71,7 +71,7 @@ rescue_prob = {_D.rescue_prob}
   .help = "Also keep point-like spots the model scores at least this, below threshold, when"
           "their brightest pixel stands rescue_height background sigmas high. 1 (not below"
           "threshold) turns it off. Spots sharper than a pixel (LCLS CSPAD stills) score"
-          "0.3-0.6; the peaknet-xtal README ('What to expect') has what 0.4 costs on blanks."
+          "0.3-0.6; the peaknet-xtal docs/measurements.md has what 0.4 costs on blanks."
 rescue_height = {_D.rescue_height}
   .type = float(value_min=0)
   .help = "Least height of a rescued spot's brightest pixel over its local background, in"

@@ -89,14 +89,18 @@ def count_range(dtype: Any, least: float | None = None) -> tuple[float, float]:
     """The open interval ``(low, high)`` of the values data stored as ``dtype`` use for counts;
     the values outside it mark gaps, defective and overloaded pixels (``finding.sanitise``
     masks them, and DIALS' trusted range, open in the same way, is set from it by the dxtbx
-    format).  Below an unsigned type's largest value (:func:`integer_marker`); above -1 in
-    signed data whose ``least`` value is one of :data:`SIGNED_MARKS` (photon counts are never
-    negative, and pedestal-subtracted data go further below zero); anything otherwise."""
+    format).  Below an unsigned type's largest value (:func:`integer_marker`).  Signed integers
+    of 16 bits or more: strictly between the type's extremes (writers mark error and overloaded
+    pixels with them, and no detector counts 2**31 - 1 in a pixel), and above -1 where the data's
+    ``least`` value is one of :data:`SIGNED_MARKS` (photon counts are never negative, and
+    pedestal-subtracted data go further below zero).  Anything for other types."""
     marker = integer_marker(dtype)
     if marker is not None:
         return -np.inf, marker
-    if np.dtype(dtype).kind == "i" and least in SIGNED_MARKS:
-        return -1.0, np.inf
+    dtype = np.dtype(dtype)
+    if dtype.kind == "i" and dtype.itemsize >= 2:
+        info = np.iinfo(dtype)
+        return (-1.0 if least in SIGNED_MARKS else float(info.min)), float(info.max)
     return -np.inf, np.inf
 
 
@@ -157,16 +161,21 @@ class FrameResult:
         return int(counts[0]), {name: values[0] for name, values in columns.items()}
 
     def stream_chunk(self, geometry: Any = None) -> Any:
-        """A peaks-only CrystFEL stream chunk (``formats.stream.Chunk``) of this frame."""
+        """A peaks-only CrystFEL stream chunk (``formats.stream.Chunk``) of this frame, with the
+        frame's own photon energy (CrystFEL's stream reader refuses a chunk without one; a
+        geometry that names an HDF5 path for it has no number to fall back on)."""
+        from peaknet_xtal.formats.cxi import frame_photon_energy_eV
         from peaknet_xtal.formats.stream import chunk_from_peak_table
 
         geometry = geometry or self.frame.geometry
         if geometry is None:
             raise ValueError(f"frame {self.frame.source} {self.frame.event}: a stream chunk "
                              "needs a geometry")
+        energy = frame_photon_energy_eV(self.frame, geometry)
         return chunk_from_peak_table(self.peaks, geometry, filename=self.frame.source,
                                      event=self.frame.event, serial=self.frame.serial + 1,
-                                     hit=self.hit)
+                                     hit=self.hit,
+                                     photon_energy_eV=energy if np.isfinite(energy) else None)
 
     def reflection_table(self, z: int = 0, experiment_id: int = 0) -> Any:
         """DIALS strong spots (``flex.reflection_table``) of this frame, image ``z``."""

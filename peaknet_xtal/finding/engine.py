@@ -89,6 +89,8 @@ from peaknet_xtal.threads import default_threads, describe_default, stub_openmp_
 from peaknet_xtal.types import Frame, FrameResult
 
 log = logging.getLogger(__name__)
+#: a frame whose peaks are being found: frame, probabilities, good pixels, the peak job, its gain
+_InFlight = tuple[Frame, list[np.ndarray], list[np.ndarray], Any, float | None]
 
 Predictor = Callable[[Sequence[np.ndarray], Sequence[np.ndarray]], Sequence[np.ndarray]]
 
@@ -465,9 +467,17 @@ class InferenceEngine:
         threads = int(self.threads or default_threads())
         ahead = self._in_flight(threads)
         host = max(1, threads - 1) if ahead else threads  # one core feeds the GPU meanwhile
-        flight: collections.deque[tuple[Frame, list[np.ndarray], list[np.ndarray], Any]] = (
-            collections.deque())
-        for chunk in self._chunks(self._read_ahead(frames, defects)):
+        flight: collections.deque[_InFlight] = collections.deque()
+        chunks = self._chunks(self._read_ahead(frames, defects))
+        error: Exception | None = None
+        while True:
+            try:
+                chunk = next(chunks)
+            except StopIteration:
+                break
+            except Exception as exc:  # a broken input: the frames before it are found first
+                error = exc
+                break
             probs, goods = self._predict_many([f.panels for f in chunk],
                                               [f.masks for f in chunk],
                                               [_where(f) for f in chunk],
@@ -482,18 +492,25 @@ class InferenceEngine:
                 counted = defects.pending > len(flight)
                 flight.append((frame, probs[k], goods[k], self._on_host(
                     host, self._frame_peaks, frame, probs[k], goods[k], params, with_pixels,
-                    with_bbox, None if counted else defects.tracker)))
+                    with_bbox, None if counted else defects.tracker), params.adu_per_photon))
             yield from self._landed(flight, ahead, defects, faint_support)
         yield from self._landed(flight, 0, defects, faint_support)
+        if error is not None:
+            raise error
 
-    def _landed(self, flight: collections.deque[tuple[Frame, list[np.ndarray],
-                                                      list[np.ndarray], Any]],
-                keep: int, defects: DefectFilter, faint_support: int
-                ) -> Iterator[FrameResult]:
-        """The results of the oldest frames in ``flight``, in order, until ``keep`` remain."""
+    def _landed(self, flight: collections.deque[_InFlight], keep: int, defects: DefectFilter,
+                faint_support: int) -> Iterator[FrameResult]:
+        """The results of the oldest frames in ``flight``, in order, until ``keep`` remain; each
+        says the gain its peak SNRs counted shot noise with (``meta["adu_per_photon"]``, and
+        ``meta["gain_measured"]`` where it was measured from the data because none or a
+        placeholder was declared: writers put it into the geometry they write)."""
         while len(flight) > keep:
-            frame, probs, goods, job = flight.popleft()
-            yield self._result(frame, probs, goods, defects, faint_support, *job.result())
+            frame, probs, goods, job, gain = flight.popleft()
+            result = self._result(frame, probs, goods, defects, faint_support, *job.result())
+            result.meta["adu_per_photon"] = gain
+            result.meta["gain_measured"] = gain is not None and gain != resolve_gain(
+                self.peak_params.adu_per_photon, meta=frame.meta, geometry=frame.geometry)
+            yield result
 
     def _in_flight(self, threads: int) -> int:
         """Frames whose peaks may still be being found while the model runs the next chunk:
@@ -571,10 +588,20 @@ class InferenceEngine:
 
     def _chunks(self, frames: Iterable[Frame]) -> Iterator[list[Frame]]:
         """Groups of whole frames holding at least ``batch_size`` tiles (the last may hold
-        fewer)."""
+        fewer).  An error reading the next frame comes after the group of frames read before
+        it, which would otherwise be lost with it (a truncated file after a few small ones)."""
         chunk: list[Frame] = []
         tiles = 0
-        for frame in frames:
+        it = iter(frames)
+        while True:
+            try:
+                frame = next(it)
+            except StopIteration:
+                break
+            except Exception:
+                if chunk:
+                    yield chunk
+                raise
             chunk.append(frame)
             tiles += sum(len(tile_panel(_shape2(np.asarray(p)), self.tile_size,
                                         self.tile_overlap))

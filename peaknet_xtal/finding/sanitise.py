@@ -133,6 +133,7 @@ def marked_pixels(image: np.ndarray, dtype: Any) -> tuple[np.ndarray, str] | Non
     - unsigned integers of 16 bits or more: the type's largest value (compared as float32
       holds it, so uint32 values within 128 of 2**32 - 1 count too: no detector counts that
       high);
+    - signed integers of 16 bits or more: the type's extremes (error and overload marks);
     - signed integers whose least value on the panel is -1 or -2: every negative value.
       Pedestal-subtracted integrating data, whose noise goes further below zero, keep their
       negative values (on a panel whose noise stops at -1 or -2, those few background pixels
@@ -144,13 +145,17 @@ def marked_pixels(image: np.ndarray, dtype: Any) -> tuple[np.ndarray, str] | Non
         with np.errstate(invalid="ignore"):
             least = float(np.nanmin(image)) if np.isfinite(image).any() else None
     low, high = count_range(dtype, least)
+    marked, what = None, []
     if np.isfinite(high):
-        return image >= np.float32(high), f"at {high:.10g}, the largest value of the data's " \
-            f"type ({dtype})"
+        marked = image >= np.float32(high)
+        what.append(f"at {high:.10g}, the largest value of the data's type ({dtype})")
     if np.isfinite(low):
-        return image <= low, f"below zero ({dtype} data going no lower than -2: -1 marks " \
-            "gaps, -2 bad pixels)"
-    return None
+        below = image <= np.float32(low)
+        marked = below if marked is None else marked | below
+        what.append(f"below zero ({dtype} data going no lower than -2: -1 marks gaps, -2 bad "
+                    "pixels)" if low == -1.0 else f"at {low:.10g}, the smallest value of the "
+                    f"data's type ({dtype})")
+    return None if marked is None else (marked, " or ".join(what))
 
 
 def sanitise_frame(panels: Sequence[np.ndarray], masks: Sequence[np.ndarray] | None,

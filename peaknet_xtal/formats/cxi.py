@@ -72,6 +72,12 @@ PEAK_COLUMNS: dict[str, str] = {
     "peakOneOverD": "one_over_d",
     "peakPanel": "panel",
 }
+#: ``units`` attributes of the peak columns that have one (CrystFEL reads none of them; a reader
+#: of the file should not have to guess that 1/d is in 1/Angstrom here and nm^-1 in streams)
+PEAK_UNITS = {"peakXPosRaw": "pixel (0-based pixel centre, raw slab)",
+              "peakYPosRaw": "pixel (0-based pixel centre, raw slab)",
+              "peakTotalIntensity": "ADU", "peakMaximumValue": "ADU", "peakBackground": "ADU",
+              "peakOneOverD": "1/angstrom"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -568,7 +574,8 @@ def _read_keys(h5: h5py.File) -> list[tuple[str, str]]:
 
 def peak_columns(results: Sequence[FrameResult], geometry: Any,
                  max_peaks: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Pack per-frame peak tables into CrystFEL's (n_frames, max_peaks) float32 columns."""
+    """Pack per-frame peak tables into CrystFEL's (n_frames, max_peaks) float32 columns, in the
+    raw coordinates of the stored layout (:func:`_stored_layout`)."""
     counts = np.array([len(r.peaks) for r in results], dtype=np.int32)
     width = max(max_peaks, int(counts.max()) if len(counts) else 0)
     if width > max_peaks:  # grow in whole blocks, as Cheetah does
@@ -579,7 +586,7 @@ def peak_columns(results: Sequence[FrameResult], geometry: Any,
         n = len(peaks)
         if n == 0:
             continue
-        raw_fs, raw_ss = _to_raw(peaks, result.frame.geometry or geometry)
+        raw_fs, raw_ss = _to_raw(peaks, _stored_layout(result.frame, geometry))
         columns["peakXPosRaw"][row, :n] = raw_fs
         columns["peakYPosRaw"][row, :n] = raw_ss
         for cxi_name, column in PEAK_COLUMNS.items():
@@ -600,7 +607,7 @@ def _to_raw(peaks: np.ndarray, geometry: Any) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _slab(frame: Frame, geometry: Any) -> np.ndarray:
-    geometry = frame.geometry or geometry
+    """The frame's pixels in ``geometry``'s layout (the stored one, :func:`_stored_layout`)."""
     if geometry is None:
         if len(frame.panels) != 1:
             raise ValueError(f"{frame.source} {frame.event}: copying a multi-panel frame into a "
@@ -612,7 +619,6 @@ def _slab(frame: Frame, geometry: Any) -> np.ndarray:
 def _mask_slab(frame: Frame, geometry: Any, shape: tuple[int, ...],
                masks_in: Sequence[np.ndarray] | None = None) -> np.ndarray:
     """The frame's good-pixel mask (1 = good) in the stored frame layout; 0 outside panels."""
-    geometry = frame.geometry or geometry
     masks = [np.asarray(m, dtype=np.uint8)
              for m in (masks_in if masks_in is not None else frame.masks_or_ones())]
     if geometry is None:
@@ -624,6 +630,27 @@ def _mask_slab(frame: Frame, geometry: Any, shape: tuple[int, ...],
     out = np.zeros(shape, dtype=np.uint8)  # linked frames may be larger than the geometry's slab
     out[tuple(slice(0, n) for n in small.shape)] = small
     return out
+
+
+def _usable(panels: Sequence[np.ndarray], masks: Sequence[np.ndarray] | None,
+            dtype: Any) -> list[np.ndarray] | None:
+    """The pixels the finder used (True = good): the input's masks less what it masked where
+    frames enter it (``finding.sanitise``: non-finite and absurd values, the values integer
+    data mark gaps with, such as 65535 in uint16 Eiger frames).  Stored as the CXI mask, so
+    that indexamajig and peaknet-integrate do not read a module gap as 65535 counts."""
+    if not panels:
+        return None if masks is None else list(masks)
+    from peaknet_xtal.finding.sanitise import sanitise_frame
+
+    return sanitise_frame(panels, masks, dtype)[1]
+
+
+def _stored_layout(frame: Frame, geometry: Any) -> Any:
+    """The geometry of a frame as a CXI file here stores it: the frame's own (else the
+    writer's), with stacked modules laid out as one slab (``Geometry.as_slab``: CrystFEL's CXI
+    peak reader places peaks by slab position alone)."""
+    geometry = frame.geometry or geometry
+    return None if geometry is None else geometry.as_slab()
 
 
 def _linkable(result: FrameResult) -> bool:
@@ -684,7 +711,8 @@ class _CXIFile:
         self.geometry_name = geometry_name
         self.n = 0
         self.frame_shape: tuple[int, ...] | None = None
-        self._sources: list[tuple[str, str, Any, tuple[int, ...]]] = []
+        #: (file, dataset, frame index, shape, stacked modules or None) of each linked frame
+        self._sources: list[tuple[str, str, Any, tuple[int, ...], Any]] = []
         self._dtypes: list[np.dtype] = []
         self._shapes: dict[tuple[str, str], tuple[tuple[int, ...], np.dtype]] = {}
         self._atomic = atomic_path(self.path)
@@ -705,12 +733,12 @@ class _CXIFile:
         return self._shapes[key]
 
     def _frame_shape_of(self, result: FrameResult) -> tuple[int, ...]:
-        if self.mode == "vds":
+        source = result.frame.geometry or self.geometry
+        if self.mode == "vds" and not getattr(source, "stacked", False):
             shape, _ = self._source_shape(result)
             return shape[1:] if result.frame.meta.get("h5_index") is not None else shape
-        geometry = result.frame.geometry or self.geometry
-        if geometry is not None:
-            return tuple(geometry.slab_shape)
+        if source is not None:
+            return tuple(source.as_slab().slab_shape)
         return tuple(result.frame.panels[0].shape)
 
     def accepts(self, result: FrameResult) -> bool:
@@ -744,6 +772,8 @@ class _CXIFile:
                                                 maxshape=(None, None), dtype=np.float32,
                                                 chunks=(1, self.max_peaks), compression="gzip",
                                                 compression_opts=1)
+            if name in PEAK_UNITS:
+                self._ds[name].attrs["units"] = PEAK_UNITS[name]
         keys = h5.require_group(KEY_GROUP)
         for name in ("source", "event"):
             self._ds[name] = keys.create_dataset(name, shape=(0,), maxshape=(None,),
@@ -752,7 +782,7 @@ class _CXIFile:
                                               chunks=(1024,))
         self._ds["energy"] = h5.create_dataset(PHOTON_ENERGY_PATH, shape=(0,), maxshape=(None,),
                                                dtype=np.float64, chunks=(1024,))
-        if getattr(self.geometry, "clen_path", None):
+        if getattr(self.geometry, "camera_length_path", None):
             self._ds["clen"] = h5.create_dataset(CLEN_PATH, shape=(0,), maxshape=(None,),
                                                  dtype=np.float64, chunks=(1024,))
 
@@ -765,18 +795,24 @@ class _CXIFile:
         row = self.n
         for ds in self._ds.values():
             ds.resize(row + 1, axis=0)
+        layout = _stored_layout(frame, self.geometry)
         if self.mode == "copy":
-            self._ds["data"][row] = _slab(frame, self.geometry)
+            self._ds["data"][row] = _slab(frame, layout)
         else:
             source_shape, dtype = self._source_shape(result)
+            source = frame.geometry or self.geometry
             self._sources.append((os.path.abspath(frame.meta["h5_file"]),
                                   frame.meta["h5_dataset"], frame.meta.get("h5_index"),
-                                  source_shape))
+                                  source_shape,
+                                  source.stacked_blocks() if source is not None and source.stacked
+                                  else None))
             self._dtypes.append(dtype)
-        masks = None
+        masks: list[np.ndarray] | None
         if not frame.panels and frame.masks is None and _linkable(result):
             masks = self._linked_masks(frame)  # the pipeline sends linked frames without pixels
-        self._ds["mask"][row] = _mask_slab(frame, self.geometry, shape, masks)
+        else:
+            masks = _usable(frame.panels, frame.masks, frame.meta.get("dtype"))
+        self._ds["mask"][row] = _mask_slab(frame, layout, shape, masks)
         peaks = result.peaks
         n = len(peaks)
         width = self._ds["peakXPosRaw"].shape[1]
@@ -799,18 +835,17 @@ class _CXIFile:
                             f"(neither the input nor the geometry gives one); {self.path.name} "
                             f"stores NaN at {PHOTON_ENERGY_PATH}, which indexamajig cannot use")
         if "clen" in self._ds:
-            clen = _frame_clen(frame, self.geometry.clen_path)
+            clen = _frame_clen(frame, self.geometry.camera_length_path)
             self._ds["clen"][row] = clen
             if not np.isfinite(clen):
                 self._warn_once("clen", f"{frame.source}: no camera length at "
-                                f"{self.geometry.clen_path} (the geometry's clen); "
+                                f"{self.geometry.camera_length_path} (the geometry's clen); "
                                 f"{self.path.name} stores NaN at {CLEN_PATH}: give the geometry a "
                                 "numeric clen for indexamajig")
         self.n += 1
 
     def _linked_masks(self, frame: Frame) -> list[np.ndarray]:
-        """A linked frame's mask read again from its source (its pixels too, only when the
-        geometry flags pixels by value)."""
+        """A linked frame's usable pixels read again from its source (:func:`_usable`)."""
         meta = frame.meta
         key = (meta["h5_file"], meta["h5_dataset"])
         reader = self._readers.get(key)
@@ -818,13 +853,10 @@ class _CXIFile:
             reader = _Reader(key[0], frame.geometry or self.geometry, key[1], None)
             self._readers[key] = reader
         index = meta.get("h5_index") or 0
-        panels = _split(reader.slab(index), reader.geometry) if reader._flags else None
-        masks = reader.masks(index, panels)
-        if masks is None:
-            shapes = ([p.shape for p in reader.geometry.panels] if reader.geometry is not None
-                      else [reader.info.frame_shape])
-            masks = [np.ones(s, dtype=bool) for s in shapes]
-        return masks
+        panels = _split(reader.slab(index), reader.geometry)
+        from peaknet_xtal.finding.sanitise import sanitise_frame
+
+        return sanitise_frame(panels, reader.masks(index, panels), meta.get("dtype"))[1]
 
     def _close_readers(self) -> None:
         for reader in self._readers.values():
@@ -840,9 +872,15 @@ class _CXIFile:
         assert self.frame_shape is not None
         layout = h5py.VirtualLayout(shape=(self.n, *self.frame_shape),
                                     dtype=np.result_type(*self._dtypes))
-        for row, (file, dataset, index, shape) in enumerate(self._sources):
+        for row, (file, dataset, index, shape, blocks) in enumerate(self._sources):
             source = h5py.VirtualSource(file, dataset, shape=shape)
-            layout[row] = source[index] if index is not None else source
+            frame = () if index is None else (index,)
+            if blocks is None:
+                layout[row] = source[index] if index is not None else source
+                continue
+            for block, offset in blocks:  # a stacked layout's modules, one below another
+                ss, fs = (b for b in block if isinstance(b, slice))
+                layout[row, offset:offset + ss.stop, :fs.stop] = source[(*frame, *block)]
         self.h5.create_virtual_dataset(DATA_PATH, layout, fillvalue=0)
 
     def finish(self) -> None:
@@ -900,7 +938,9 @@ def cxi_geometry(geometry: Any, *, adu_per_photon: float | None = None) -> Any:
     :data:`MASK_PATH` (1 = good: every mask of the input, bad regions, flags and trusted ranges
     already applied), the per-frame photon energy at :data:`PHOTON_ENERGY_PATH`, a path-valued
     camera length copied to :data:`CLEN_PATH`, and the peak table.  Masks or saturation maps the
-    input geometry named in other files are dropped: the CXI mask already holds them.
+    input geometry named in other files are dropped: the CXI mask already holds them.  A stacked
+    layout (EuXFEL-style modules along a fixed dimension) is stored as one slab
+    (``Geometry.as_slab``), since CrystFEL places CXI peaks by their slab position alone.
     """
     from dataclasses import replace
 
@@ -909,20 +949,17 @@ def cxi_geometry(geometry: Any, *, adu_per_photon: float | None = None) -> Any:
                     or key in ("photon_energy", "wavelength", "electron_voltage", "data",
                                "clen"))
 
-    slabby = all(set(p.dims) <= {"%", "ss", "fs"} for p in geometry.panels)
+    geometry = geometry.as_slab()
     panels = []
     for p in geometry.panels:
-        dims = ["%", "ss", "fs"] if slabby else (p.dims if "%" in p.dims else ["%", *p.dims])
         extra = {k: v for k, v in p.extra.items() if keep(k) and k != "badrow_direction"}
-        panels.append(replace(p, dims=dims, extra=extra))
+        panels.append(replace(p, dims=["%", "ss", "fs"], extra=extra))
     keys = {k: v for k, v in geometry.keys.items() if keep(k)}
     keys.update({"photon_energy": PHOTON_ENERGY_PATH, "data": DATA_PATH, "mask": MASK_PATH,
                  "mask_good": "0x1", "mask_bad": "0x0", "peak_list": PEAK_GROUP,
-                 "peak_list_type": "cxi"})
-    if slabby:
-        keys.update({"dim0": "%", "dim1": "ss", "dim2": "fs"})
-    if geometry.clen_path is not None:
-        unit = geometry.clen_path.split()[1:] or ["mm"]  # CrystFEL: a path without unit is mm
+                 "peak_list_type": "cxi", "dim0": "%", "dim1": "ss", "dim2": "fs"})
+    if geometry.camera_length_path is not None:
+        unit = geometry.camera_length_path.split()[1:] or ["mm"]  # CrystFEL: no unit is mm
         panels = [replace(p, clen_path=f"{CLEN_PATH} {unit[0]}") for p in panels]
     if adu_per_photon is not None:
         keys["adu_per_photon"] = repr(float(adu_per_photon))
@@ -941,11 +978,14 @@ def cxi_geometry(geometry: Any, *, adu_per_photon: float | None = None) -> Any:
 
 
 def write_cxi_geometry(cxi_path: str | os.PathLike[str], geometry: Any,
-                       geom_path: str | os.PathLike[str] | None = None, **options: Any) -> Path:
+                       geom_path: str | os.PathLike[str] | None = None, *,
+                       gain_measured: bool = False, **options: Any) -> Path:
     """Write the ``.geom`` (see :func:`cxi_geometry`) for CXI files written here; atomic.
 
     By default beside ``cxi_path`` with its stem.  An existing file for another geometry is
-    refused rather than replaced: the CXI files already written beside it need it.
+    refused rather than replaced: the CXI files already written beside it need it.  With
+    ``gain_measured`` (the ``adu_per_photon`` option was measured from the data), one that differs
+    only in its gain is kept: a resumed run measures the gain again, on other first frames.
     """
     target = Path(geom_path) if geom_path is not None else Path(cxi_path).with_suffix(".geom")
     text = cxi_geometry(geometry, **options).to_text()
@@ -954,12 +994,18 @@ def write_cxi_geometry(cxi_path: str | os.PathLike[str], geometry: Any,
             old = target.read_text()
         except (OSError, UnicodeDecodeError):
             old = None
-        if old == text:
+        if old == text or (gain_measured and old is not None
+                           and _without_gain(old) == _without_gain(text)):
             return target
         raise FormatError(target, "already exists and describes another geometry (or was not "
                           "written here); use a new output folder or remove it")
     write_text_atomic(target, text)
     return target
+
+
+def _without_gain(text: str) -> list[str]:
+    return [line for line in text.splitlines() if not line.lstrip().startswith(
+        ("adu_per_photon", "adu_per_eV")) and "/adu_per_" not in line]
 
 
 # --------------------------------------------------------------------------------------------
@@ -1035,10 +1081,16 @@ class CXIWriter:
                 continue  # not one of ours: it will not be overwritten either
         return keys
 
-    def _ensure_geometry(self, geometry: Any) -> None:
+    def _ensure_geometry(self, geometry: Any, result: FrameResult) -> None:
+        """The one ``.geom`` of the folder, with the gain the finder measured from the data
+        where the input declared none or a placeholder (CSPAD CBFs say 1 for about 30 ADU per
+        photon: indexamajig and peaknet-integrate read the gain from this file)."""
         if self.write_geometry and geometry is not None:
+            gain, measured = self.adu_per_photon, False
+            if gain is None and result.meta.get("gain_measured"):
+                gain, measured = result.meta.get("adu_per_photon"), True
             write_cxi_geometry(self.geometry_path.with_suffix(".cxi"), geometry,
-                               self.geometry_path, adu_per_photon=self.adu_per_photon)
+                               self.geometry_path, gain_measured=measured, adu_per_photon=gain)
 
     def write(self, result: FrameResult) -> None:
         if self.hits_only and not result.hit:
@@ -1047,7 +1099,7 @@ class CXIWriter:
             self.flush()  # a frame that cannot be linked, or of another shape: a new file
         if self._file is None:
             geometry = self.geometry or result.frame.geometry
-            self._ensure_geometry(geometry)  # first: a finished .cxi always has its .geom
+            self._ensure_geometry(geometry, result)  # first: a finished .cxi has its .geom
             mode = self.mode if self.mode != "auto" else (
                 "vds" if _linkable(result) else "copy")
             target = self.directory / f"{self.prefix}-{self._next_index:05d}.cxi"

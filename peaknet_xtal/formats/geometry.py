@@ -61,11 +61,12 @@ INTERFACE CONTRACT (other modules code against these names):
 """
 from __future__ import annotations
 
+import difflib
 import math
 import os
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -180,11 +181,16 @@ def parse_vector(value: str, key: str = "vector", fail: _Fail | None = None) -> 
     text = "".join(value.split())
     vector = np.zeros(3)
     coefficient = ""
+    terms = 0
     for char in text:
         axis = "xyz".find(char)
         if axis < 0:
             coefficient += char
             continue
+        terms += 1
+        if terms > 1 and not coefficient.startswith(("+", "-")):  # "xx", "x2y": no sign
+            raise fail(f"{key} = {value!r} is not a direction like '+0.001x -0.999y +0.0z' "
+                       "(each term after the first needs its sign)")
         if coefficient in {"", "+"}:
             number = 1.0
         elif coefficient == "-":
@@ -201,8 +207,11 @@ def parse_vector(value: str, key: str = "vector", fail: _Fail | None = None) -> 
 
 
 def format_vector(vector: np.ndarray) -> str:
-    """Inverse of :func:`parse_vector`, exact (shortest round-tripping float repr)."""
-    return " ".join(f"{float(c):+}{axis}" for c, axis in zip(vector, "xyz", strict=False))
+    """Inverse of :func:`parse_vector`, exact (the shortest round-tripping decimal), in positional
+    notation: CrystFEL's direction parser takes digits, ``.``, signs and ``x``/``y``/``z`` only,
+    so ``+1.2e-05y`` (Python's repr of a small component) made it refuse the whole file."""
+    return " ".join(f"{np.format_float_positional(float(c), unique=True, sign=True, trim='0')}"
+                    f"{axis}" for c, axis in zip(vector, "xyz", strict=False))
 
 
 def _electron_wavelength_A(volts: float) -> float:
@@ -366,6 +375,16 @@ class Geometry:
         return {p.name: i for i, p in enumerate(self.panels)}
 
     @property
+    def camera_length_path(self) -> str | None:
+        """The HDF5 path (with its unit, if any) the camera length is read from per frame: the
+        top-level ``clen``, or the one path every panel gives (0.9-style ``p0/clen = /LCLS/...``,
+        written back as one top-level clen); None where the lengths are numbers."""
+        paths = {p.clen_path for p in self.panels}
+        if len(paths) == 1 and None not in paths:
+            return paths.pop()
+        return self.clen_path
+
+    @property
     def slab_shape(self) -> tuple[int, ...]:
         if not self.panels:
             return (0, 0)
@@ -379,6 +398,54 @@ class Geometry:
             else:
                 extents.append(max(int(p._data_dims()[axis]) for p in self.panels) + 1)
         return tuple(extents)
+
+    @property
+    def stacked(self) -> bool:
+        """True for a layout with fixed dimension indices (EuXFEL-style ``p0/dim1 = 3``)."""
+        return any(p.dim_index for p in self.panels)
+
+    def stacked_blocks(self) -> list[tuple[tuple[Any, ...], int]]:
+        """For a stacked layout, each module of one frame's array and the first slab row
+        :meth:`as_slab` gives it: ``(index into the frame's array picking one (ss, fs) module,
+        its row offset)``, modules in C order of their fixed indices."""
+        dims = self.panels[0]._data_dims()
+        shape = self.slab_shape
+        fixed = [axis for axis, d in enumerate(dims) if d not in ("ss", "fs")]
+        height = shape[dims.index("ss")]
+        blocks = []
+        for k, where in enumerate(np.ndindex(*(shape[a] for a in fixed))):
+            index: list[Any] = [slice(0, shape[a]) for a in range(len(dims))]
+            for axis, i in zip(fixed, where, strict=True):
+                index[axis] = int(i)
+            blocks.append((tuple(index), k * height))
+        return blocks
+
+    def as_slab(self) -> Geometry:
+        """This geometry with a stacked layout's modules laid one below another in one 2-D slab
+        (module k's rows start at k times the module height; order of :meth:`stacked_blocks`);
+        a slab layout comes back as it is.
+
+        Why: CrystFEL's CXI and HDF5 peak-list readers find a peak's panel from its position in
+        the slab alone, and the modules of a stack share one fs/ss range, so every peak of a
+        stacked layout is ambiguous to them and dropped ("Panel is ambiguous").  Files written
+        for indexamajig hold such frames as a slab, with this geometry."""
+        if not self.stacked:
+            return self
+        offsets = {}
+        for index, row in self.stacked_blocks():
+            offsets[tuple(i for i in index if isinstance(i, int))] = row
+        panels = []
+        for p in self.panels:
+            row = offsets[tuple(int(d) for d in p._data_dims() if d not in ("ss", "fs"))]
+            dims = (["%"] if "%" in p.dims else []) + ["ss", "fs"]
+            panels.append(replace(p, min_ss=p.min_ss + row, max_ss=p.max_ss + row, dims=dims))
+        moved = {p.name: q.min_ss - p.min_ss for p, q in zip(self.panels, panels, strict=True)}
+        regions = [replace(r, min_ss=r.min_ss + moved[r.panel], max_ss=r.max_ss + moved[r.panel])
+                   if r.kind == "fs_ss" and r.panel in moved and r.min_ss is not None
+                   and r.max_ss is not None else r for r in self.bad_regions]
+        keys = {k: v for k, v in self.keys.items() if not _is_dim(k)}
+        return replace(self, panels=panels, bad_regions=regions, keys=keys,
+                       dims=panels[0].dims)
 
     def panel_slices(self) -> list[tuple[slice, slice]]:
         return [(slice(p.min_ss, p.max_ss + 1), slice(p.min_fs, p.max_fs + 1))
@@ -709,8 +776,6 @@ def _resolved_value(panel: Panel, key: str, coffset: float) -> str | None:
 
 def _split_bad_region(region: BadRegion, geometry: Geometry) -> list[BadRegion]:
     """fs/ss regions as 0.10+ needs them: one panel each, inside that panel's bounds."""
-    from dataclasses import replace
-
     if region.kind != "fs_ss":
         return [region]
     assert region.min_fs is not None and region.max_fs is not None
@@ -734,10 +799,15 @@ def geometry_text(geometry: Geometry, **extra_keys: Any) -> str:
 
     A top-level key applies only to panels defined after it, so every global comes first: the
     wavelength (exactly one of photon_energy/wavelength/electron_voltage), one top-level ``clen``
-    (per-panel distances are folded into ``coffset``), the peak list, groups, then each panel
-    property shared by all panels (data, dims, gain, masks, flags, res).  Panels follow with
-    their position and whatever differs between them; fs/ss bad regions name one panel each
-    and stay inside it.  ``max_adu`` is written only where the geometry has one.
+    (per-panel distances are folded into ``coffset``), the peak list, ``rigid_group*`` lines
+    (0.10's; 0.11+ ignores them), then each panel property shared by all panels (data, dims,
+    gain, masks, flags, res).  Panels follow with their position and whatever differs between
+    them; fs/ss bad regions name one panel each and stay inside it.  ``group_*`` lines (the
+    0.11+ hierarchy) come last, each after its members: 0.11+ looks a group's members up when
+    it reads the line (a panel is a group of its own from its first line on), so groups before
+    the panels made it refuse the file ("Unknown panel group").  Only a geometry written for
+    0.11+ has them (0.10 knows no ``group_*`` key).  ``max_adu`` is written only where the
+    geometry has one.
     Reading the text back gives the same pixels, placement, masks and globals.
     """
     keys = {k: str(v) for k, v in geometry.keys.items()}
@@ -756,7 +826,7 @@ def geometry_text(geometry: Geometry, **extra_keys: Any) -> str:
     lines += [f"{k} = {keys[k]}" for k in TOP_LEVEL_KEYS
               if k in keys and k not in BEAM_KEYS and k != "clen"]
     groups = [k for k in keys if k.startswith(("group_", "rigid_group"))]
-    lines += [f"{k} = {keys[k]}" for k in groups]
+    lines += [f"{k} = {keys[k]}" for k in groups if k.startswith("rigid_group")]
     unknown = [k for k in keys if k not in TOP_LEVEL_KEYS and k not in groups
                and not is_panel_key(k)]
     lines += [f"; not a CrystFEL 0.10-0.12 key, kept as a comment: {k} = {keys[k]}"
@@ -811,6 +881,9 @@ def geometry_text(geometry: Geometry, **extra_keys: Any) -> str:
         for part in _split_bad_region(region, geometry):
             lines.append("")
             lines += part.to_lines()
+    hierarchy = [f"{k} = {keys[k]}" for k in groups if k.startswith("group_")]
+    if hierarchy:  # in file order: a 0.11+ geometry defines each group after its members
+        lines += [""] + hierarchy
     return "\n".join(lines) + "\n"
 
 
@@ -987,6 +1060,12 @@ class _Parser:
                 convert(values[key][0], f"{name}/{key}", self.fail(values[key][1]))
         for key in _REQUIRED_PANEL_KEYS:
             if key not in values:
+                typo = difflib.get_close_matches(key, [k for k in values if not is_panel_key(k)],
+                                                 n=1, cutoff=0.8)
+                if typo:  # CrystFEL says "Unrecognised field", then that the key is missing
+                    raise self.fail(values[typo[0]][1])(
+                        f"panel {name} has no {key}: '{name}/{typo[0]}' is not a geometry "
+                        f"key (a typo for '{name}/{key}'?)")
                 raise self.fail(line)(f"panel {name} has no {key}")
         ints = {k: _int(values[k][0], f"{name}/{k}", self.fail(values[k][1]))
                 for k in ("min_fs", "max_fs", "min_ss", "max_ss")}

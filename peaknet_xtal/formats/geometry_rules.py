@@ -19,6 +19,11 @@ The rules:
   (``adu_per_eV`` or ``adu_per_photon``), dimensions with one ss before one fs;
 - masks: a mask file needs a mask dataset, good/bad bits need a mask; paths start with ``/``;
   mask and saturation-map paths have no more ``%`` than the data path;
+- fs/ss directions are signed numbers in positional notation and x/y/z (no exponent: its
+  ``e`` is an invalid character there);
+- ``group_NAME = a,b`` (0.11+'s hierarchy; 0.10 knows no such key) names members already
+  defined when the line is read: panels (each is a group of its own from its first line on)
+  or earlier groups, none twice, and NAME is new;
 - fs/ss bad regions name a panel (unless there is one) and lie inside it (file coordinates);
 - ``peak_list_type`` is auto, cxi or list3; unknown keys are reported.
 """
@@ -45,7 +50,7 @@ _ALIASES = {"mask": "mask0_data", "mask_file": "mask0_file", "mask_good": "mask0
             "mask_bad": "mask0_badbits"}
 _BAD_FIELDS = frozenset({"min_x", "max_x", "min_y", "max_y", "min_fs", "max_fs", "min_ss",
                          "max_ss", "panel"})
-_DIRECTION = re.compile(r"^([+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?[xyz]|[+-]?[xyz])+$")
+_DIRECTION = re.compile(r"^([+-]?(\d+\.?\d*|\.\d+)[xyz]|[+-]?[xyz])+$")
 
 
 def _is_panel_field(key: str) -> bool:
@@ -76,6 +81,7 @@ def crystfel_problems(text: str, h5_files: Sequence[str | os.PathLike[str]] = ()
     panels: dict[str, dict[str, str]] = {}
     bad: dict[str, dict[str, str]] = {}
     top: dict[str, list[str]] = {}
+    groups: set[str] = set()
     unused_defaults = False
     for raw in text.replace("\r", "\n").split("\n"):
         line = raw.split(";", 1)[0].strip()
@@ -87,7 +93,10 @@ def crystfel_problems(text: str, h5_files: Sequence[str | os.PathLike[str]] = ()
         key, value = (part.strip() for part in line.split("=", 1))
         if "/" not in key:
             top.setdefault(key, []).append(value)
-            if key in _TOP_ONLY or key.startswith(("rigid_group", "group_")):
+            if key.startswith("group_"):
+                _check_group(key[len("group_"):], value, panels, groups, problems)
+                continue
+            if key in _TOP_ONLY or key.startswith("rigid_group"):
                 if key == "clen" and panels:
                     problems.append("clen comes after the first panel (0.10 applies a top-level "
                                     "clen only to panels defined after it)")
@@ -155,6 +164,23 @@ def _check_globals(top: dict[str, list[str]], problems: list[str]) -> None:
     for value in top.get("peak_list_type", []):
         if value not in ("auto", "cxi", "list3"):
             problems.append(f"peak_list_type = {value!r} (auto, cxi or list3)")
+
+
+def _check_group(name: str, value: str, panels: dict[str, dict[str, str]], groups: set[str],
+                 problems: list[str]) -> None:
+    """0.11+ resolves a group's members as it reads the line (``Unknown panel group``)."""
+    members = [m.strip() for m in value.split(",")]
+    if name in groups or name in panels:
+        problems.append(f"group_{name}: duplicate panel group {name!r}")
+    if not any(members):
+        problems.append(f"group_{name} has no members")
+    for i, member in enumerate(members):
+        if member in members[:i]:
+            problems.append(f"group_{name}: duplicate member {member!r}")
+        elif member not in panels and member not in groups:
+            problems.append(f"group_{name}: unknown panel group {member!r} (groups must come "
+                            f"after their members)")
+    groups.add(name)
 
 
 def _check_panel(name: str, f: dict[str, str], problems: list[str]) -> None:

@@ -262,6 +262,46 @@ def test_each_frame_brings_its_own_gain_for_the_shot_noise(make_geometry_text):
     assert found(off, meta={"adu_per_photon": gain}) == 1  # an explicit 0 wins
 
 
+def test_each_result_says_the_gain_it_used_and_whether_it_was_measured():
+    """Writers put a gain measured from the data into the geometry they write (a placeholder
+    gain of 1 there made peaknet-integrate report ADU as photons), so each result says it."""
+    rng = np.random.default_rng(5)
+    level = 2.0 + 40.0 * np.indices((256, 256))[1] / 256  # photons: a gain shows as a slope
+    image = (rng.poisson(level) * 25.0 + rng.normal(0, 2.0, level.shape))
+    frame = Frame(panels=[image.astype(np.float32)], meta={"adu_per_photon": 1.0})
+
+    def nothing(panels, masks):
+        return [np.zeros(p.shape, np.float32) for p in panels]
+
+    (measured,) = InferenceEngine(predictor=nothing).find_frames([frame])
+    assert measured.meta["gain_measured"] and measured.meta["adu_per_photon"] == pytest.approx(
+        25.0, rel=0.15)
+    (given,) = InferenceEngine(predictor=nothing, adu_per_photon=7.0).find_frames([frame])
+    assert given.meta == {"adu_per_photon": 7.0, "gain_measured": False}
+    declared = Frame(panels=frame.panels, meta={"adu_per_photon": 24.0})
+    (kept,) = InferenceEngine(predictor=nothing).find_frames([declared])
+    assert kept.meta == {"adu_per_photon": 24.0, "gain_measured": False}
+
+
+def test_a_broken_input_comes_after_the_frames_read_before_it():
+    """Frames batched together with a broken one's predecessors are found and handed out
+    before the error (a truncated file after a few small ones lost them all)."""
+    def frames():
+        for i in range(7):  # past the five frames read ahead, into a part-filled batch
+            yield Frame(panels=[np.full((16, 16), float(i), np.float32)], event=f"//{i}")
+        raise OSError("truncated file")
+
+    def nothing(panels, masks):
+        return [np.zeros(p.shape, np.float32) for p in panels]
+
+    engine = InferenceEngine(predictor=nothing, batch_size=64)
+    found = []
+    with pytest.raises(OSError, match="truncated"):
+        for result in engine.find_frames(frames()):
+            found.append(result.frame.event)
+    assert found == [f"//{i}" for i in range(7)]
+
+
 def test_peaks_dropped_after_finding_leave_the_pixel_maps_too():
     """A peak the defect filter drops takes its connected pixels out of the DIALS foreground;
     kept peaks keep theirs, and the caller's maps are not changed."""

@@ -141,6 +141,23 @@ def test_signed_counts_lose_their_gaps_and_bad_pixels(least, masked):
     np.testing.assert_array_equal(good_float, good)
 
 
+@pytest.mark.parametrize("dtype", [np.int16, np.int32])
+def test_signed_integer_data_lose_their_extreme_values(dtype):
+    """The extremes of a signed type mark errors and overloads (no detector counts 2**31 - 1);
+    values inside them that float32 tells apart (int32: 256 inside) are counts."""
+    info = np.iinfo(dtype)
+    step = 1 if dtype == np.int16 else 256
+    image = np.random.default_rng(3).poisson(5.0, (16, 40)).astype(dtype) - 20
+    image[3, :] = info.max
+    image[4, :5] = info.min
+    image[6, 6] = info.max - step
+    image[7, 7] = info.min + step
+    _, (good,), check = sanitise_frame([image], None)
+    assert not good[3].any() and not good[4, :5].any() and good[6, 6] and good[7, 7]
+    assert f"at {info.max}, the largest value" in check.describe()
+    assert check.marked == 40 + 5
+
+
 
 def test_engine_finds_the_same_peaks_with_gaps_marked_or_masked(one_torch_thread):
     """uint16 data with a gap row at 65535, and int32 data with it at -1, give the peaks (and the

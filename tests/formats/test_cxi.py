@@ -174,6 +174,7 @@ def test_write_vds_links_to_original_pixels_and_tables_read_back(tmp_path, geome
         for name in ("peakXPosRaw", "peakYPosRaw", "peakTotalIntensity", "peakNPixels",
                      "peakMaximumValue", "peakSNR", "peakPanel"):
             assert grp[name].dtype == np.float32 and grp[name].shape == (3, 2048)
+        assert grp["peakOneOverD"].attrs["units"] == "1/angstrom"  # streams write nm^-1
     table = read_cxi_peaks(out)
     raw = table.raw(2)
     # bottom-panel peaks (odd rows) move down by the panel's min_ss = 16 in raw slab coordinates
@@ -334,3 +335,148 @@ def test_flags_mask_pixels_and_masks_travel_into_the_cxi_output(tmp_path, make_g
     np.testing.assert_allclose(energy, [9500.0, 9500.0])
     again = read_cxi_frame(written, 1, read_geometry(out / "peaks.geom"))
     np.testing.assert_array_equal(geometry.assemble_slab(again.masks, fill=False), expected)
+
+
+@pytest.mark.parametrize("style", ["top-level", "per-panel"])
+def test_camera_length_named_by_the_geometry_travels_per_frame(tmp_path, make_geometry_text,
+                                                               style):
+    """``clen = /LCLS/detectorEncoderValue`` (or, 0.9-style, the same path on every panel): the
+    CXI output holds each frame's value, and its geometry reads it from there with the unit
+    CrystFEL gives a path without one (mm), since indexamajig opens only the CXI file."""
+    from peaknet_xtal.formats.cxi import CLEN_PATH
+    from peaknet_xtal.formats.geometry_rules import crystfel_problems
+
+    text = make_geometry_text(**dict(CXI_GEOMETRY, clen="/LCLS/detectorEncoderValue"))
+    if style == "per-panel":
+        text = "".join(line + "\n" for line in text.splitlines() if not line.startswith("clen"))
+        text += "".join(f"{name}/clen = /LCLS/detectorEncoderValue\n"
+                        for name in CXI_GEOMETRY["names"])
+    geometry = parse_geometry(text)
+    assert geometry.camera_length_path == "/LCLS/detectorEncoderValue"
+    src = tmp_path / "raw.cxi"
+    make_stack(src, n=3)
+    lengths = [101.5, 102.0, 99.25]
+    with h5py.File(src, "a") as h5:
+        h5["/LCLS/detectorEncoderValue"] = np.array(lengths)
+    out = tmp_path / "peaks.cxi"
+    write_cxi(out, _results(list(iter_cxi_frames(src, geometry)), [3, 0, 4]), geometry)
+    geom = write_cxi_geometry(out, geometry)
+    with h5py.File(out) as h5:
+        np.testing.assert_array_equal(h5[CLEN_PATH][()], lengths)
+    written = geom.read_text()
+    assert f"clen = {CLEN_PATH} mm" in written.splitlines()
+    assert crystfel_problems(written, [out]) == []
+
+
+STACKED = """\
+photon_energy = 9300 eV
+clen = 0.2 m
+res = 5000
+adu_per_photon = 1
+data = /entry_1/data_1/data
+dim0 = %
+dim2 = ss
+dim3 = fs
+"""
+
+
+def _stacked_geometry():
+    """Two 8 x 12 modules along a fixed dimension (EuXFEL-style ``mN/dim1 = N``), each of two
+    4-row panels, with a bad region on module 1: every panel's fs/ss range is shared."""
+    text = STACKED
+    for m in range(2):
+        for a in range(2):
+            n = f"m{m}a{a}"
+            text += (f"{n}/dim1 = {m}\n{n}/min_fs = 0\n{n}/max_fs = 11\n{n}/min_ss = {4 * a}\n"
+                     f"{n}/max_ss = {4 * a + 3}\n{n}/fs = +1.0x\n{n}/ss = +1.0y\n"
+                     f"{n}/corner_x = {-6 + 20 * m}\n{n}/corner_y = {4 * a}\n")
+    text += ("bad_m1/min_fs = 2\nbad_m1/max_fs = 3\nbad_m1/min_ss = 5\nbad_m1/max_ss = 6\n"
+             "bad_m1/panel = m1a1\n")
+    return parse_geometry(text)
+
+
+@pytest.mark.parametrize("mode", ["vds", "copy"])
+def test_stacked_modules_are_stored_as_one_slab_crystfel_can_place_peaks_on(tmp_path, mode):
+    """CrystFEL finds a CXI peak's panel from its slab position alone, so modules stacked along
+    a fixed dimension (all sharing fs/ss 0-11, 0-7) would make every peak ambiguous: the output
+    holds them one below another, with a geometry that says so, and reads back the same."""
+    from peaknet_xtal.formats.geometry_rules import crystfel_problems
+
+    geometry = _stacked_geometry()
+    assert geometry.stacked and geometry.slab_shape == (2, 8, 12)
+    src = tmp_path / "raw.cxi"
+    data = np.random.default_rng(3).integers(0, 500, (3, 2, 8, 12)).astype(np.int32)
+    with h5py.File(src, "w") as h5:
+        h5["/entry_1/data_1/data"] = data
+    frames = list(iter_cxi_frames(src, geometry))
+    peaks = peaks_from_columns(panel=[0, 3, 2], fs=[1.0, 5.5, 11.0], ss=[2.0, 0.25, 3.0],
+                               intensity=[10.0, 20.0, 30.0], npix=[3, 3, 3], snr=[5.0, 5.0, 5.0],
+                               max_value=[9.0, 9.0, 9.0])
+    results = [FrameResult(frame=f, peaks=peaks, hit=True) for f in frames]
+    out = tmp_path / "peaks.cxi"
+    assert write_cxi(out, results, geometry, mode=mode) == mode
+    text = write_cxi_geometry(out, geometry).read_text()
+    written = parse_geometry(text)
+    assert not written.stacked and written.slab_shape == (16, 12)
+    with h5py.File(out) as h5:
+        stored = h5[DATA_PATH]
+        assert stored.shape == (3, 16, 12)
+        np.testing.assert_array_equal(stored[1], np.concatenate([data[1, 0], data[1, 1]]))
+        mask = h5["/entry_1/data_1/mask"][1]
+        assert mask.shape == (16, 12) and mask[8 + 5:8 + 7, 2:4].sum() == 0 and mask.sum() == 188
+    table = read_cxi_peaks(out)
+    np.testing.assert_allclose(table.raw(0)["peakYPosRaw"], [2.0, 8 + 4 + 0.25, 8 + 3.0])
+    back = table.peaks(0, written)
+    np.testing.assert_array_equal(back["panel"], peaks["panel"])
+    np.testing.assert_allclose(back["ss"], peaks["ss"])
+    again = read_cxi_frame(out, 2, written)
+    for a, b in zip(again.panels, frames[2].panels, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert crystfel_problems(text, [out]) == []
+
+
+def test_geometry_gets_the_gain_measured_from_the_data(tmp_path, geometry):
+    """A gain the finder measured (the input declared a placeholder) goes into the written
+    geometry, where indexamajig and peaknet-integrate read it; a resumed run that measures a
+    slightly different one keeps the folder's geometry, but a user's other gain is refused."""
+    src = tmp_path / "raw.cxi"
+    make_stack(src, n=3)
+    results = _results(list(iter_cxi_frames(src, geometry)), [3, 1, 2])
+    for result in results:
+        result.meta.update(adu_per_photon=27.9, gain_measured=True)
+    with CXIWriter(tmp_path / "out", geometry, frames_per_file=2, geometry_name="p.geom") as w:
+        for result in results[:2]:
+            w.write(result)
+    written = read_geometry(tmp_path / "out" / "p.geom")
+    assert {p.adu_per_photon for p in written.panels} == {27.9}
+    results[2].meta["adu_per_photon"] = 28.4  # the resumed run's own measurement
+    with CXIWriter(tmp_path / "out", geometry, geometry_name="p.geom") as w:
+        w.write(results[2])
+    assert {p.adu_per_photon for p in read_geometry(tmp_path / "out" / "p.geom").panels} == {27.9}
+    with pytest.raises(FormatError, match="another geometry"):
+        with CXIWriter(tmp_path / "out", geometry, geometry_name="p.geom",
+                       adu_per_photon=10.0) as w:
+            w.write(results[2])
+
+
+@pytest.mark.parametrize("pixels", [True, False])
+def test_stored_mask_leaves_out_the_pixels_the_finder_left_out(tmp_path, geometry, pixels):
+    """65535 in uint16 frames marks module gaps: the finder masks it where frames enter it, and
+    the CXI mask says so too (indexamajig and peaknet-integrate read that mask), whether the
+    frame arrives with its pixels or, as the Ray pipeline sends linked frames, without."""
+    from dataclasses import replace
+
+    src = tmp_path / "raw.h5"
+    data = np.random.default_rng(2).integers(0, 900, (2, 32, 32)).astype(np.uint16)
+    data[:, 10, :] = 65535  # a gap row
+    with h5py.File(src, "w") as h5:
+        h5["/entry_1/data_1/data"] = data
+    frames = list(iter_cxi_frames(src, geometry))
+    if not pixels:
+        frames = [replace(f, panels=[], masks=None) for f in frames]
+    out = tmp_path / "peaks.cxi"
+    write_cxi(out, _results(frames, [1, 2]), geometry, mode="vds")
+    with h5py.File(out) as h5:
+        mask = h5["/entry_1/data_1/mask"][1]
+    assert not mask[10].any() and mask[11].all()
+    assert mask.sum() == 32 * 32 - 32 - 4  # the gap row and the geometry's 2x2 bad corner

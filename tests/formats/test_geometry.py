@@ -367,3 +367,17 @@ def test_detector_gain_needs_panels_to_agree() -> None:
     both = two.replace("p0/min_fs", "p0/adu_per_photon = 3\np0/min_fs").replace(
         "p1/min_fs", "p1/adu_per_photon = 3\np1/min_fs")
     assert parse_geometry(both).detector_gain() == 3.0
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (("p0/fs = x", "p0/fs = xx"), r"line 10: p0/fs = 'xx' is not a direction .* needs its sign"),
+    (("p0/ss = y", "p0/ss = y2x"), r"line 11: p0/ss = 'y2x' is not a direction"),
+    (("p0/max_fs = 199", "p0/max_fss = 199"),
+     r"line 5: panel p0 has no max_fs: 'p0/max_fss' is not a geometry key \(a typo for "
+     r"'p0/max_fs'\?\)"),
+])
+def test_typos_are_errors_at_their_line(change, message) -> None:
+    """A typo is named where it is: 'xx' once read as 2x (twice the pixel spacing, wrong 1/d),
+    and a misspelt key left only 'panel p0 has no max_fs' at the panel's first line."""
+    with pytest.raises(GeometryError, match=message):
+        parse_geometry(SIMPLE.replace(*change), "g.geom")

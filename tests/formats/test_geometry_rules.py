@@ -79,11 +79,18 @@ BROKEN = [  # (change to GOOD, words of the problem)
     (lambda t: t.replace("a/fs = x", "a/fs = sideways"), "no valid fs direction"),
     (lambda t: t + "a/pixel_size = 3\n", "unrecognised panel field"),
     (lambda t: t.replace("peak_list_type = cxi", "peak_list_type = csv"), "peak_list_type"),
+    (lambda t: t.replace("a/fs = x", "a/fs = +1.0x +1.2e-05y"), "no valid fs direction"),
+    (lambda t: t.replace("a/min_fs = 0", "group_ab = a,b\na/min_fs = 0"), "unknown panel group"),
+    (lambda t: t + "group_ab = a,b\ngroup_all = ab,c\n", "unknown panel group 'c'"),
+    (lambda t: t + "group_ab = a,b\ngroup_ab = a\n", "duplicate panel group"),
+    (lambda t: t + "group_ab = a,a\n", "duplicate member"),
 ]
 
 
 def test_a_geometry_keeping_every_rule_is_clean() -> None:
     assert crystfel_problems(GOOD) == []
+    assert crystfel_problems(GOOD + "group_ab = a,b\ngroup_all = ab\n") == []  # 0.11+ hierarchy
+    assert crystfel_problems(GOOD.replace("a/fs = x", "a/fs = +0.999999x -0.000012y")) == []
 
 
 @pytest.mark.parametrize(("change", "words"), BROKEN)

@@ -7,6 +7,7 @@ interrupted run already wrote.
 """
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,6 +16,8 @@ from typing import Any
 from peaknet_xtal.builtin.options import geometry_option
 from peaknet_xtal.hookspecs import hookimpl
 from peaknet_xtal.types import FrameResult
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -42,21 +45,31 @@ class StreamPeakWriter:
 
     An existing stream is resumed (a half-written last chunk is cut off); a new one is created at
     the first result, because the stream header embeds the geometry, which may only be known from
-    the frames themselves.
+    the frames themselves.  An existing stream without a complete chunk holds nothing to keep, so
+    it too is written afresh at the first result (an earlier run may have left a header without
+    the geometry, which chunks appended to it would not make readable).
+
+    Chunks are numbered 1, 2, 3, ... across the run, as CrystFEL numbers images, continuing after
+    the chunks of a resumed stream (the frame's own serial counts within its input file only).
+    Closed before any frame without a geometry, nothing is written: a header without the geometry
+    block is a stream CrystFEL 0.10+ cannot open.
     """
 
     name = "stream"
 
     def __init__(self, path: str | os.PathLike[str], geometry: Any = None,
                  command: str | None = None) -> None:
-        from peaknet_xtal.formats.stream import StreamWriter
+        from peaknet_xtal.formats.stream import FORMAT_LINE, StreamWriter
 
         self.path = os.fspath(path)
         self.geometry = geometry_option(geometry)
         self.command = command
         self._writer: Any = None
         if os.path.exists(self.path) and os.path.getsize(self.path) > 0:
-            self._writer = StreamWriter(self.path, resume=True)
+            self._writer = StreamWriter(self.path, resume=True, renumber=True)
+            if self._writer.existing_chunks == 0 and _starts_with(self.path, FORMAT_LINE):
+                self._writer.close()  # only a header: rewritten, with the geometry, if a frame
+                self._writer = None   # comes; left as it is otherwise
 
     def _open(self, geometry: Any) -> Any:
         from peaknet_xtal.formats.stream import StreamWriter
@@ -64,7 +77,7 @@ class StreamPeakWriter:
         if self._writer is None:
             text = geometry.to_text() if geometry is not None else None
             self._writer = StreamWriter(self.path, geometry_text=text, command=self.command,
-                                        generator="peaknet-xtal")
+                                        generator="peaknet-xtal", renumber=True)
         return self._writer
 
     def done_keys(self) -> set[tuple[str, str]]:
@@ -78,7 +91,18 @@ class StreamPeakWriter:
         self._open(geometry).write(result.stream_chunk(geometry))
 
     def close(self) -> None:
+        if self._writer is None and self.geometry is None:
+            log.warning("no stream written to %s: no frame was found, and without a frame or "
+                        "a geometry its header would lack the geometry CrystFEL needs",
+                        self.path)
+            return
         self._open(self.geometry).close()
+
+
+def _starts_with(path: str, text: str) -> bool:
+    """Whether the file begins with ``text`` (a stream of ours, not some other file)."""
+    with open(path, "rb") as handle:
+        return handle.read(len(text.encode())) == text.encode()
 
 
 def _open_stream(path: str, geometry: Any = None, command: str | None = None,

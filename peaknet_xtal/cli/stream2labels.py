@@ -12,7 +12,8 @@ metadata, in one compressed HDF5 file that peaknet-train reads directly.
 Beside the output: <output>.peakdiff.png (found-vs-predicted and precision-recall scatter with the
 selection box) and <output>.config.json (the resolved settings).  Fits run on a local Ray
 (2 CPUs) unless --no-ray; --address joins a running cluster.  An interrupted run resumes where it
-stopped (finished batches in <output>.parts/ are kept).
+stopped (finished batches in <output>.parts/ are kept).  A run that selects no frame writes no
+label file and exits 1, saying why (one line per cause, with counts).
 """
 from __future__ import annotations
 
@@ -76,16 +77,18 @@ def stream2labels(inputs: Sequence[str], output: str, config: dict[str, Any],
 
 def format_summary(summary: dict[str, Any]) -> str:
     status = ", ".join(f"{k} {v}" for k, v in sorted(summary["fit_status"].items()))
+    # why the other frames were turned away, one line per selection rule with its count
+    why = "".join(f"  not selected: {line}\n" for line in summary.get("not_selected", ()))
     return (f"stream2labels: {summary['frames']} indexed frames, {summary['selected']} selected, "
             f"{summary['labelled']} labelled ({summary['image_errors']} unreadable), "
-            f"{summary['rows']} rows -> {summary['output']}\n"
+            f"{summary['rows']} rows -> {summary['output']}\n{why}"
             f"  fits: {summary['fits']} ({status}); {summary['fits_per_s']} fits/s; "
             f"{summary['seconds']} s; batches {summary['batches']} "
             f"({summary['batches_resumed']} resumed)\n  report: {summary['report']}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from peaknet_xtal.labelling.job import DEFAULTS, TYPES
+    from peaknet_xtal.labelling.job import DEFAULTS, TYPES, NothingToLabel
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -99,6 +102,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                   list(argv) if argv is not None else sys.argv[1:])
     try:
         summary = stream2labels(inputs, output, config, progress=not quiet)
+    except NothingToLabel as exc:  # the inputs are fine; the selection kept none of them
+        print(f"stream2labels: error: {exc}", file=sys.stderr)
+        return 1
     except PeakNetError as exc:
         print(f"stream2labels: error: {exc}", file=sys.stderr)
         return 2

@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 import numpy as np
 
@@ -702,16 +702,32 @@ class StreamWriter:
     Each chunk is flushed as soon as it is written, so an interrupted run keeps every finished
     frame.  ``resume=True`` reopens an existing stream, cuts off a half-written last chunk and
     appends after the complete ones; :meth:`done_keys` says which frames are already there.
+
+    ``renumber=True`` gives the chunks CrystFEL's ``Image serial number``: 1, 2, 3, ... in the
+    order written across the whole stream, continuing after the chunks of a resumed one.  A peak
+    finder's chunk only knows the frame's place in its own input file (1 in every one-frame
+    file), which is not what CrystFEL's own streams say nor what tools that sort by it expect;
+    a stream re-written from another (re-integration) keeps the serials it copies, so renumbering
+    is asked for, not the default.
     """
 
     def __init__(self, path: str | os.PathLike[str], *, geometry_text: str | None = None,
                  header: StreamHeader | None = None, generator: str | None = None,
-                 command: str | None = None, resume: bool = False) -> None:
+                 command: str | None = None, resume: bool = False,
+                 renumber: bool = False) -> None:
         self.path = Path(path)
         self._done: set[tuple[str, str]] = set()
         self.count = 0
+        #: Complete chunks found in the file when resuming (0 for a new stream).
+        self.existing_chunks = 0
+        self.renumber = renumber
+        self._last_serial = 0
         if resume and self.path.exists() and self.path.stat().st_size > 0:
-            self._done = _truncate_to_complete_chunks(self.path)
+            found = _truncate_to_complete_chunks(self.path)
+            self._done, self.existing_chunks = found.keys, found.chunks
+            # Past both the count and the highest serial: a stream an older version numbered
+            # per input file (1, 1, 1, ...) still continues without repeating a number.
+            self._last_serial = max(found.chunks, found.max_serial)
             self._handle = open(self.path, "a", encoding="utf-8")
         else:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -725,6 +741,9 @@ class StreamWriter:
         return set(self._done)
 
     def write(self, chunk: Chunk) -> None:
+        if self.renumber:
+            self._last_serial += 1
+            chunk = replace(chunk, serial=self._last_serial)  # the caller's chunk stays as is
         self._handle.write(format_chunk(chunk, always_event=True))
         self._handle.flush()
         self.count += 1
@@ -742,13 +761,23 @@ class StreamWriter:
         self.close()
 
 
-def _truncate_to_complete_chunks(path: Path) -> set[tuple[str, str]]:
-    """Cut a stream after its last complete chunk; return the keys of the complete chunks."""
+class _Complete(NamedTuple):
+    """What a resumed stream already holds: its complete chunks' keys, count and top serial."""
+
+    keys: set[tuple[str, str]]
+    chunks: int
+    max_serial: int
+
+
+def _truncate_to_complete_chunks(path: Path) -> _Complete:
+    """Cut a stream after its last complete chunk; say what the complete chunks are."""
     done: set[tuple[str, str]] = set()
+    chunks = max_serial = 0
     good_end: int | None = None  # byte offset just after the last complete chunk
     offset = 0
-    filename, event = "", "//"
+    filename, event, serial = "", "//", 0
     end_marker, begin_marker = CHUNK_END.encode(), CHUNK_BEGIN.encode()
+    serial_line = b"Image serial number:"
     with open(path, "rb") as handle:
         for raw in handle:
             offset += len(raw)
@@ -756,16 +785,23 @@ def _truncate_to_complete_chunks(path: Path) -> set[tuple[str, str]]:
                 filename, event = raw[16:].decode("utf-8", "replace").rstrip("\r\n"), "//"
             elif raw.startswith(b"Event:"):
                 event = raw[6:].decode("utf-8", "replace").strip()
+            elif raw.startswith(serial_line):
+                text = raw[len(serial_line):].strip()
+                serial = int(text) if text.isdigit() else 0
             elif raw.startswith(end_marker):
                 good_end = offset
                 done.add((filename, event))
-            elif good_end is None and raw.startswith(begin_marker):
-                good_end = offset - len(raw)  # header only: keep it, drop the partial chunk
+                chunks += 1
+                max_serial = max(max_serial, serial)
+            elif raw.startswith(begin_marker):
+                serial = 0
+                if good_end is None:  # header only: keep it, drop the partial chunk
+                    good_end = offset - len(raw)
     if good_end is None:
         good_end = offset
     with open(path, "r+b") as handle:
         handle.truncate(good_end)
-    return done
+    return _Complete(done, chunks, max_serial)
 
 
 def chunk_from_peak_table(peaks: np.ndarray, geometry: Geometry, *, filename: str,

@@ -46,6 +46,9 @@ from peaknet_xtal.progress import Progress
 
 log = logging.getLogger(__name__)
 
+#: The built-in frame sources that read files by name: an image name they would read must exist.
+FILE_SOURCES = ("cxi", "dxtbx")
+
 DEFAULTS: dict[str, Any] = {
     "peakdiff": dict(PEAKDIFF_DEFAULTS),
     "fit": dict(FIT_DEFAULTS),
@@ -71,6 +74,15 @@ TYPES: dict[str, Any] = {
     "run.geometry": str | None, "run.address": str | None, "run.report": str | None,
     "run.max_frames": int | None,
 }
+
+
+class NothingToLabel(FormatError):
+    """Inputs with frames of which none is kept for labelling (or none indexed at all).
+
+    An error rather than an empty label file: peaknet-train can do nothing with one, and an
+    empty output with exit status 0 reads as success.  The message names the inputs and says
+    why, one line per cause with its count.
+    """
 
 
 def group_inputs(paths: Sequence[str]) -> list[tuple[str, ...]]:
@@ -155,19 +167,35 @@ def _part_done(part: Path) -> bool:
 
 def label_run(paths: Sequence[str], output: str | os.PathLike[str],
               config: dict[str, Any] | None = None, *, progress: bool = True) -> dict[str, Any]:
-    """Do the whole run; returns the summary that the CLI prints and records."""
+    """Do the whole run; returns the summary that the CLI prints and records (with
+    ``not_selected``: why the other frames were turned away, one line per rule).
+
+    Raises :class:`NothingToLabel`, writing no label file, when the inputs give no frame to
+    label: an empty file would pass for a result.
+    """
     cfg = deep_merge(DEFAULTS, config or {})
     run = cfg["run"]
     start = time.perf_counter()
     output = Path(output)
     records, geometries = ingest(paths, run)
+    if not records:
+        raise NothingToLabel(", ".join(paths), "no indexed frame in it (no chunk or experiment "
+                             "with a crystal): nothing to label, no output written")
     diffs = diff_all(records, float(cfg["peakdiff"]["cutoff"]))
     selection = Selection.from_config(cfg["peakdiff"])
     report = run.get("report") or str(output.with_suffix("")) + ".peakdiff.png"
     write_report(report, diffs, selection, title=output.name)
+    not_selected = selection.rejection_lines(diffs)
 
     jobs = [FrameJob(i, rec, _stats(d), d.predicted_index)
             for i, (rec, d) in enumerate(zip(records, diffs, strict=False)) if selection.accepts(d)]
+    if not jobs:
+        causes = not_selected + missing_image_lines(records)
+        raise NothingToLabel(", ".join(paths), f"none of the {len(records)} indexed frames is "
+                             "selected for labelling, so nothing was written; why:\n"
+                             + "".join(f"  {line}\n" for line in causes)
+                             + f"  the PeakDiff report {report} shows every frame against the "
+                             "selection")
     size = max(int(run["batch_size"]), 1)
     batches = [Batch(b, jobs[i:i + size]) for b, i in enumerate(range(0, len(jobs), size))]
     parts = _parts_dir(output, _fingerprint(paths, cfg, len(records)))
@@ -185,8 +213,30 @@ def label_run(paths: Sequence[str], output: str | os.PathLike[str],
     rows = merge_label_files(part_files, output, cfg, frames)
     if not run.get("keep_parts"):
         shutil.rmtree(parts, ignore_errors=True)
-    return _summary(records, jobs, batches, resumed, summaries, rows, output, report, frames,
-                    time.perf_counter() - start, fit_seconds)
+    summary = _summary(records, jobs, batches, resumed, summaries, rows, output, report, frames,
+                       time.perf_counter() - start, fit_seconds)
+    summary["not_selected"] = not_selected
+    return summary
+
+
+def missing_image_lines(records: Sequence[FrameRecord]) -> list[str]:
+    """One line counting the frames whose image file is not on this machine (none: no line).
+
+    Streams name images by the path they had where indexing ran; when none of the frames is
+    selected this says up front that loosening the selection alone would not be enough.  A name
+    that only a non-file source reads (a psana run) is not counted.
+    """
+    from peaknet_xtal.registry import source_types
+
+    non_file = [t for name, t in source_types().items() if name not in FILE_SOURCES]
+    missing = [r for r in records if not r.image or not (
+        os.path.exists(r.image) or any(t.sniff(r.image) for t in non_file))]
+    if not missing:
+        return []
+    many = len(missing) > 1
+    return [f"{len(missing)} frame{'s' if many else ''} name{'' if many else 's'} an image file "
+            f"that is not here (first: {missing[0].image or '(none)'}; use --prefix to say "
+            "where the images are)"]
 
 
 def _stats(diff: FrameDiff) -> dict[str, Any]:

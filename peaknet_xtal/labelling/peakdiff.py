@@ -12,9 +12,9 @@ by looking rather than guessing.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -74,6 +74,19 @@ def peakdiff(found: np.ndarray, predicted: np.ndarray, cutoff: float = 5.0) -> F
     return FrameDiff(n_found, n_pred, int(len(ia)), ia, ib, dist)
 
 
+class _Rule(NamedTuple):
+    """One selection rule: what it measures, the option that sets it, how a frame passes."""
+
+    what: str
+    option: str
+    value: Callable[[FrameDiff], float]
+    passes: Callable[[float], bool]
+    limit: str       # "below 0.8": for the per-run account
+    reason: str      # "precision {v} < 0.8": for one frame
+    fmt: str         # how a value is written
+    undefined: str = ""  # why a frame has no value (NaN), when it can have none
+
+
 @dataclass
 class Selection:
     """Which frames are trusted for labels: precision/recall floors and peak-count ranges."""
@@ -90,25 +103,67 @@ class Selection:
         names = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in config.items() if k in names})
 
+    def _rules(self) -> tuple[_Rule, ...]:
+        """The selection rules, each once, for both the per-frame and the per-run account."""
+        return (
+            _Rule("precision", "--min-precision", lambda d: d.precision,
+                  lambda v: v >= self.min_precision, f"below {self.min_precision}",
+                  f"precision {{v}} < {self.min_precision}", "{:.2f}",
+                  "no found peak, so no precision"),
+            _Rule("recall", "--min-recall", lambda d: d.recall,
+                  lambda v: v >= self.min_recall, f"below {self.min_recall}",
+                  f"recall {{v}} < {self.min_recall}", "{:.2f}",
+                  "no predicted reflection, so no recall"),
+            _Rule("found peaks", "--min-peaks/--max-peaks", lambda d: d.n_found,
+                  lambda v: self.min_found <= v <= self.max_found,
+                  f"outside [{self.min_found}, {self.max_found}]",
+                  f"{{v}} found outside [{self.min_found}, {self.max_found}]", "{:.0f}"),
+            _Rule("predicted reflections", "--min-predicted/--max-predicted",
+                  lambda d: d.n_predicted,
+                  lambda v: self.min_predicted <= v <= self.max_predicted,
+                  f"outside [{self.min_predicted}, {self.max_predicted}]",
+                  f"{{v}} predicted outside [{self.min_predicted}, {self.max_predicted}]",
+                  "{:.0f}"),
+        )
+
     def reasons(self, diff: FrameDiff) -> list[str]:
         """Why a frame is rejected (empty list: accepted).  NaN precision/recall never pass."""
-        why = []
-        if not diff.precision >= self.min_precision:
-            why.append(f"precision {diff.precision:.2f} < {self.min_precision}")
-        if not diff.recall >= self.min_recall:
-            why.append(f"recall {diff.recall:.2f} < {self.min_recall}")
-        if not self.min_found <= diff.n_found <= self.max_found:
-            why.append(f"{diff.n_found} found outside [{self.min_found}, {self.max_found}]")
-        if not self.min_predicted <= diff.n_predicted <= self.max_predicted:
-            why.append(f"{diff.n_predicted} predicted outside "
-                       f"[{self.min_predicted}, {self.max_predicted}]")
-        return why
+        return [rule.reason.format(v=rule.fmt.format(rule.value(diff)))
+                for rule in self._rules() if not rule.passes(rule.value(diff))]
 
     def accepts(self, diff: FrameDiff) -> bool:
         return not self.reasons(diff)
 
+    def rejection_lines(self, diffs: Sequence[FrameDiff]) -> list[str]:
+        """One line per rule that turned frames away: how many, and the range of their values.
+
+        A run that keeps few or no frames is otherwise a mystery (the per-frame reasons sit in
+        the output's frames table, which is not written when nothing is kept); a count with the
+        values next to the limit says which option to loosen and by how much.  A frame failing
+        several rules is counted under each.
+        """
+        lines = []
+        for rule in self._rules():
+            values = np.array([rule.value(d) for d in diffs], dtype=float)
+            failed = values[[not rule.passes(v) for v in values]] if len(values) else values
+            undefined = int(np.isnan(failed).sum())
+            if undefined:
+                lines.append(f"{_frames(undefined)}: {rule.undefined}, which never passes "
+                             f"{rule.option}")
+            failed = failed[~np.isnan(failed)]
+            if len(failed):
+                low, high = rule.fmt.format(failed.min()), rule.fmt.format(failed.max())
+                span = low if low == high else f"{low} to {high}"
+                lines.append(f"{_frames(len(failed))}: {rule.what} {rule.limit} "
+                             f"({rule.option}; theirs: {span})")
+        return lines
+
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _frames(n: int) -> str:
+    return f"{n} frame" + ("" if n == 1 else "s")
 
 
 def summary_arrays(diffs: Sequence[FrameDiff], selection: Selection) -> dict[str, np.ndarray]:

@@ -14,25 +14,31 @@ from peaknet_xtal.formats.stream import read_stream
 from peaknet_xtal.types import FrameResult, peaks_from_columns
 
 
-@pytest.fixture()
-def results(tmp_path: Path, make_geometry_text) -> list[FrameResult]:
-    """Three frames of two 16x8 panels (q1 flipped), with 1, 2 and 3 peaks on q1."""
-    n = 3
+def _results(tmp_path: Path, make_geometry_text, files: int, frames: int,
+             name: str = "raw") -> list[FrameResult]:
+    """``files`` CXI files of ``frames`` frames each (two 16x8 panels, q1 flipped); frame i of a
+    file gets i + 1 peaks on q1."""
     geom = tmp_path / "q.geom"
     geom.write_text(make_geometry_text(["q0", "q1"], 16, 8, [(-8, 1), (8, -1)], flipped={"q1"}))
-    src = tmp_path / "raw.cxi"
-    with h5py.File(src, "w") as h5:
-        h5["/entry_1/data_1/data"] = np.ones((n, 16, 16), np.float32)
-    source = registry.open_source(str(src), geometry=str(geom))
     out = []
-    for frame in source:
-        i = frame.serial
-        peaks = peaks_from_columns(panel=[1] * (i + 1), fs=np.arange(i + 1) + 0.25,
-                                   ss=np.full(i + 1, 2.0), intensity=np.full(i + 1, 40.0))
-        peaks["one_over_d"] = frame.geometry.panel_to_one_over_d(peaks["panel"], peaks["fs"],
-                                                                  peaks["ss"])
-        out.append(FrameResult(frame=frame, peaks=peaks, hit=True))
+    for f in range(files):
+        src = tmp_path / f"{name}{f}.cxi"
+        with h5py.File(src, "w") as h5:
+            h5["/entry_1/data_1/data"] = np.ones((frames, 16, 16), np.float32)
+        for frame in registry.open_source(str(src), geometry=str(geom)):
+            i = frame.serial
+            peaks = peaks_from_columns(panel=[1] * (i + 1), fs=np.arange(i + 1) + 0.25,
+                                       ss=np.full(i + 1, 2.0), intensity=np.full(i + 1, 40.0))
+            peaks["one_over_d"] = frame.geometry.panel_to_one_over_d(peaks["panel"],
+                                                                      peaks["fs"], peaks["ss"])
+            out.append(FrameResult(frame=frame, peaks=peaks, hit=True))
     return out
+
+
+@pytest.fixture()
+def results(tmp_path: Path, make_geometry_text) -> list[FrameResult]:
+    """Three frames of one file, with 1, 2 and 3 peaks on q1."""
+    return _results(tmp_path, make_geometry_text, files=1, frames=3)
 
 
 def test_stream_writer_output_reads_back_with_geometry(tmp_path, results):
@@ -64,6 +70,91 @@ def test_stream_writer_resumes_after_a_torn_chunk(tmp_path, results):
     resumed.write(results[2])
     resumed.close()
     assert len(read_stream(path).chunks) == 3
+
+
+def test_stream_chunks_are_numbered_across_the_run_and_a_resumed_run_goes_on(
+        tmp_path, make_geometry_text):
+    """CrystFEL numbers images 1, 2, 3, ... over the whole run; a frame's own serial restarts in
+    every input file (one-frame files: all 1).  A resumed run continues after what is there."""
+    stills = _results(tmp_path, make_geometry_text, files=4, frames=1, name="still")
+    stacks = _results(tmp_path, make_geometry_text, files=2, frames=2, name="stack")
+    assert {r.stream_chunk().serial for r in stills} == {1}  # what each chunk arrives with
+    path = tmp_path / "run.stream"
+    writer = registry.open_writer("stream", str(path))
+    for r in stills + stacks[:2]:
+        writer.write(r)
+    writer.close()
+    assert [c.serial for c in read_stream(path).chunks] == [1, 2, 3, 4, 5, 6]
+    with open(path, "a") as handle:  # interrupted inside the seventh chunk
+        handle.write("----- Begin chunk -----\nImage filename: x\nImage serial number: 7\n")
+    resumed = registry.open_writer("stream", str(path))
+    assert resumed.done_keys() == {r.frame.key for r in stills + stacks[:2]}
+    for r in stacks[2:]:
+        resumed.write(r)
+    resumed.close()
+    stream = read_stream(path)
+    assert [c.serial for c in stream.chunks] == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert [c.key for c in stream.chunks] == [r.frame.key for r in stills + stacks]
+
+
+def test_stream_resumed_after_per_file_numbering_repeats_no_serial(tmp_path,
+                                                                    make_geometry_text):
+    """A stream of one-frame files that an older version numbered per file (1, 1) goes on at 3,
+    past both its chunk count and its highest serial."""
+    stills = _results(tmp_path, make_geometry_text, files=3, frames=1)
+    path = tmp_path / "old.stream"
+    writer = registry.open_writer("stream", str(path))
+    for r in stills[:2]:
+        writer.write(r)
+    writer.close()
+    path.write_text(path.read_text().replace("Image serial number: 2", "Image serial number: 1"))
+    resumed = registry.open_writer("stream", str(path))
+    resumed.write(stills[2])
+    resumed.close()
+    assert [c.serial for c in read_stream(path).chunks] == [1, 1, 3]
+
+
+def test_stream_closed_without_frame_or_geometry_writes_nothing(tmp_path, caplog):
+    """A header without the geometry block is a stream CrystFEL 0.10+ cannot open: none is left
+    behind, and one line says why."""
+    path = tmp_path / "none.stream"
+    writer = registry.open_writer("stream", str(path))
+    with caplog.at_level("WARNING", logger="peaknet_xtal.builtin.writers"):
+        writer.close()
+    assert not path.exists()
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and "no stream written" in lines[0] and "no frame" in lines[0]
+    assert str(path) in lines[0]
+
+
+def test_stream_closed_without_frame_keeps_an_earlier_stream(tmp_path, results):
+    path = tmp_path / "earlier.stream"
+    writer = registry.open_writer("stream", str(path))
+    writer.write(results[0])
+    writer.close()
+    before = path.read_bytes()
+    registry.open_writer("stream", str(path)).close()  # a rerun with nothing new to add
+    assert path.read_bytes() == before
+
+
+def test_stream_closed_without_frame_but_with_geometry_is_readable(tmp_path, results):
+    path = tmp_path / "empty.stream"
+    registry.open_writer("stream", str(path), geometry=results[0].frame.geometry).close()
+    stream = read_stream(path)
+    assert stream.chunks == [] and stream.geometry is not None
+
+
+def test_stream_header_without_geometry_from_an_earlier_run_is_written_afresh(tmp_path, results):
+    """An earlier run's header-only stream has no geometry block; the chunks of the next run
+    would not make it readable, so it is replaced by a whole stream with the geometry."""
+    path = tmp_path / "header.stream"
+    path.write_text("CrystFEL stream format 2.3\nGenerated by peaknet-xtal\n")
+    writer = registry.open_writer("stream", str(path))
+    assert writer.done_keys() == set()
+    writer.write(results[0])
+    writer.close()
+    stream = read_stream(path)
+    assert stream.geometry is not None and [c.serial for c in stream.chunks] == [1]
 
 
 def test_cxi_writer_geometry_is_ready_for_indexamajig(tmp_path, results):

@@ -6,9 +6,12 @@ import json
 import pytest
 
 from peaknet_xtal.cli.stream2labels import main
+from peaknet_xtal.formats.stream import Chunk, write_stream
 from peaknet_xtal.labelling.labels import LabelFile
 
 # ``sim_run`` (a simulated two-panel run and its truth stream) comes from tests/conftest.py.
+
+LYSO = "crystfel_streams/rs_palxfel_lysozyme_rayonix_xgandalf.stream"
 
 
 def test_help_is_the_docstring(capsys):
@@ -65,3 +68,50 @@ def test_config_file_typo_and_wrong_type_are_errors(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "labels.yaml" in err and "'fit.windw'" in err and "run.max_frames" in err
     assert not (tmp_path / "labels.config.json").exists()
+
+
+def test_nothing_selected_is_an_error_saying_why(real_data, tmp_path, capsys):
+    """The user trial: 3 indexed PAL-XFEL frames, none with precision >= 0.8, images elsewhere.
+    Was: "0 selected", exit 0 and an empty label file; now exit 1, the stream named, one line
+    per cause with its count, and no output."""
+    stream = real_data / LYSO
+    out = tmp_path / "l.h5"
+    assert main([str(stream), "-o", str(out), "--no-ray", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    first = err.splitlines()[0]
+    assert first.startswith("stream2labels: error: ") and str(stream) in first
+    assert "none of the 3 indexed frames is selected" in first
+    assert "  3 frames: precision below 0.8 (--min-precision; theirs: 0.52 to 0.77)" in err
+    assert "  3 frames name an image file that is not here (first: /home/common/" in err
+    assert "--prefix" in err and str(tmp_path / "l.peakdiff.png") in err
+    assert not out.exists()
+
+
+def test_frames_turned_away_are_counted_in_the_summary(real_data, tmp_path, capsys):
+    code = main([str(real_data / LYSO), "-o", str(tmp_path / "l.h5"), "--no-ray", "--quiet",
+                 "--min-precision", "0.6"])
+    assert code == 1  # the two selected frames' images are not here (the earlier check)
+    out = capsys.readouterr().out
+    assert "2 selected" in out
+    assert "  not selected: 1 frame: precision below 0.6 (--min-precision; theirs: 0.52)" in out
+
+
+def test_nothing_selected_with_images_present_names_only_the_rule(sim_run, tmp_path, capsys):
+    out = tmp_path / "l.h5"
+    assert main([str(sim_run.stream), "-o", str(out), "--no-ray", "--quiet",
+                 "--min-peaks", "100000"]) == 1
+    err = capsys.readouterr().err
+    assert str(sim_run.stream) in err.splitlines()[0]
+    assert f"  {sim_run.n_frames} frames: found peaks outside [100000, 100000]" in err
+    assert "image file" not in err  # the simulated stack is where the stream says
+    assert not out.exists()
+
+
+def test_stream_without_indexed_frames_is_an_error(tmp_path, capsys):
+    stream = tmp_path / "unindexed.stream"
+    write_stream(stream, [Chunk(filename="a.h5", event="//0", serial=1, peaks=None)])
+    out = tmp_path / "l.h5"
+    assert main([str(stream), "-o", str(out), "--no-ray", "--quiet"]) == 1
+    first = capsys.readouterr().err.splitlines()[0]
+    assert "unindexed.stream" in first and "no indexed frame" in first
+    assert not out.exists()

@@ -209,6 +209,23 @@ def test_stream_writer_appends_and_resumes(fixture_stream: Path, fixtures_dir: P
     assert len(resumed.headers) == 1
 
 
+def test_stream_writer_renumbers_across_a_resumed_stream(tmp_path: Path) -> None:
+    """``renumber``: serials 1, 2, ... in writing order, going on after a resumed stream's chunks;
+    without it the chunk's own serial is written (a re-written stream keeps what it copies)."""
+    out = tmp_path / "numbered.stream"
+    with StreamWriter(out, renumber=True) as writer:
+        for name in ("a.cbf", "b.cbf"):
+            writer.write(Chunk(filename=name, serial=1, peaks=None))
+    with StreamWriter(out, resume=True, renumber=True) as writer:
+        assert writer.existing_chunks == 2
+        chunk = Chunk(filename="c.cbf", serial=1, peaks=None)
+        writer.write(chunk)
+        assert chunk.serial == 1  # the caller's chunk is not changed
+    with StreamWriter(out, resume=True) as writer:
+        writer.write(Chunk(filename="d.cbf", serial=42, peaks=None))
+    assert [c.serial for c in read_stream(out).chunks] == [1, 2, 3, 42]
+
+
 def _broken(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "broken.stream"
     path.write_text(text)

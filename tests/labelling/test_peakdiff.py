@@ -64,6 +64,23 @@ def test_selection_reasons():
     assert Selection.from_config({"min_precision": 0.5, "cutoff": 3}).min_precision == 0.5
 
 
+def test_rejection_lines_count_frames_per_rule_with_their_values():
+    """The per-run account of why frames were turned away: one line per failed rule."""
+    z = np.zeros(0)
+    diffs = [FrameDiff(20, 40, 18, z, z, z),   # kept
+             FrameDiff(25, 263, 17, z, z, z),  # precision 0.68
+             FrameDiff(29, 102, 15, z, z, z),  # precision 0.52
+             FrameDiff(0, 7, 0, z, z, z)]      # nothing found: no precision, too few peaks
+    lines = Selection().rejection_lines(diffs)
+    assert lines == [
+        "1 frame: no found peak, so no precision, which never passes --min-precision",
+        "2 frames: precision below 0.8 (--min-precision; theirs: 0.52 to 0.68)",
+        "1 frame: found peaks outside [10, 100000] (--min-peaks/--max-peaks; theirs: 0)",
+    ]
+    assert Selection().rejection_lines(diffs[:1]) == []
+    assert Selection().rejection_lines([]) == []
+
+
 def test_report_png(tmp_path):
     rng = np.random.default_rng(0)
     diffs = [FrameDiff(int(n), int(m), int(k), np.zeros(0), np.zeros(0), np.zeros(0))

@@ -3,10 +3,11 @@
 Commands build their parser with :func:`cli_parser`, whose options default to *absent*, so the
 parsed namespace holds only what the user typed; :func:`resolve` layers that over the config file
 over the command's defaults, and validates the result with pydantic against a schema inferred from
-the defaults (plus explicit types for settings whose default is ``None``): a misspelt key
-(``threshhold: 0.9``) or a value of the wrong type is an error naming the file (or the command
-line) and the key, never silently ignored.  :func:`record` logs the resolved configuration and
-saves it beside the run's output, so every result can be traced to the exact settings that made it.
+the defaults (plus explicit types for settings whose default is ``None``, and :func:`bounded`
+ranges): a misspelt key (``threshhold: 0.9``), a value of the wrong type or one outside its range
+is an error naming the file (or the command line) and the key, never silently ignored.
+:func:`record` logs the resolved configuration and saves it beside the run's output, so every
+result can be traced to the exact settings that made it.
 """
 from __future__ import annotations
 
@@ -17,10 +18,19 @@ import logging
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, create_model
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    ValidationError,
+    create_model,
+)
+from pydantic_core import PydanticCustomError
 
 from peaknet_xtal.atomic import write_json_atomic
 from peaknet_xtal.errors import FormatError
@@ -46,6 +56,42 @@ def cli_parser(doc: str | None, prog: str | None = None) -> argparse.ArgumentPar
     parser.add_argument("--config", help="YAML or JSON file of settings (command line wins)")
     parser.add_argument("-v", "--verbose", action="count", help="more logging (-vv for debug)")
     return parser
+
+
+def bounded(kind: type, *, ge: float | None = None, gt: float | None = None,
+            le: float | None = None, lt: float | None = None, optional: bool = False) -> Any:
+    """``kind`` (int or float) limited to a range, as a type for :func:`resolve`'s ``types``.
+
+    A value outside the range is an error that states the whole range (``must be in (0, 1]``),
+    not only the bound it crossed, so one message tells the user what to type; NaN is outside
+    every range.  ``optional`` also allows ``None`` (``max_peaks: null``: no cap).
+    """
+    allowed = _range_text(ge, gt, le, lt)
+
+    def check(value: Any) -> Any:
+        if value is None:
+            return value
+        inside = ((ge is None or value >= ge) and (gt is None or value > gt)
+                  and (le is None or value <= le) and (lt is None or value < lt))
+        if not inside:  # comparisons with NaN are all False: NaN is refused too
+            raise PydanticCustomError("out_of_range", "must be {allowed}", {"allowed": allowed})
+        return value
+
+    kind_in_range: Any = Annotated[kind, AfterValidator(check)]
+    return kind_in_range | None if optional else kind_in_range
+
+
+def _range_text(ge: float | None, gt: float | None, le: float | None, lt: float | None) -> str:
+    """``in (0, 1]``, ``>= 1``, ...: how a user would write the range."""
+    low, low_open = (gt, True) if gt is not None else (ge, False)
+    high, high_open = (lt, True) if lt is not None else (le, False)
+    if low is not None and high is not None:
+        return f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    if low is not None:
+        return f"{'>' if low_open else '>='} {low:g}"
+    if high is not None:
+        return f"{'<' if high_open else '<='} {high:g}"
+    return "any number"
 
 
 def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
@@ -138,11 +184,14 @@ def _has(tree: Mapping[str, Any], loc: Sequence[Any]) -> bool:
 
 def validate(config: Mapping[str, Any], defaults: Mapping[str, Any],
              types: Mapping[str, Any] | None = None,
-             sources: Sequence[tuple[str, Mapping[str, Any]]] = ()) -> dict[str, Any]:
+             sources: Sequence[tuple[str, Mapping[str, Any]]] = (),
+             options: Mapping[str, str] | None = None) -> dict[str, Any]:
     """``config`` checked against the schema of ``defaults`` (see :func:`settings_model`).
 
     ``sources`` are (name, settings) layers, most important first; an error names the first
-    layer that holds the offending key (a config file's path, or the command line).
+    layer that holds the offending key (a config file's path, or the command line).  ``options``
+    maps a setting to the option that sets it (``min_snr`` -> ``--min-snr``): a value typed on
+    the command line is reported under the name the user typed.
     """
     model = settings_model(defaults, types)
     try:
@@ -163,7 +212,8 @@ def validate(config: Mapping[str, Any], defaults: Mapping[str, Any],
                 hint = f" (did you mean {'.'.join([*loc[:-1], close])!r}?)" if close else ""
                 problems.append(f"unknown setting {key!r}{hint}")
             else:
-                problems.append(f"{key}: {err['msg']} (got {err.get('input')!r})")
+                name = (options or {}).get(key, key) if origin == COMMAND_LINE else key
+                problems.append(f"{name}: {err['msg']} (got {err.get('input')!r})")
         raise ConfigError(where, "; ".join(problems)) from None
 
 
@@ -185,12 +235,14 @@ def resolve(
     config_file: str | os.PathLike[str] | None = None,
     *,
     types: Mapping[str, Any] | None = None,
+    options: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Layer command-line values over a config file over ``defaults``, then validate.
 
     Dotted command-line keys (``optim.lr``) address nested settings.  ``types`` declares settings
-    whose default is ``None`` (see :func:`settings_model`).  Raises :class:`ConfigError` naming
-    the file (or the command line) and the key for an unknown setting or a wrong type.
+    whose default is ``None`` (see :func:`settings_model`) and ranges (:func:`bounded`).  Raises
+    :class:`ConfigError` naming the file (or the command line) and the key (or, for the command
+    line, its option in ``options``) for an unknown setting, a wrong type or a value out of range.
     """
     given = dict(vars(args)) if isinstance(args, argparse.Namespace) else dict(args or {})
     config_file = given.pop("config", None) or config_file
@@ -201,19 +253,32 @@ def resolve(
     sources = [(COMMAND_LINE, from_cli)]
     if config_file:
         sources.append((str(config_file), from_file))
-    return validate(layered, defaults, types, sources)
+    return validate(layered, defaults, types, sources, options)
 
 
 def resolve_or_exit(parser: argparse.ArgumentParser, defaults: Mapping[str, Any],
                     args: argparse.Namespace | Mapping[str, Any], *,
                     config_file: str | os.PathLike[str] | None = None,
                     types: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """:func:`resolve` for a command line: a :class:`ConfigError` becomes the parser's usage
-    error (exit status 2, the file and key named), never a traceback."""
+    """:func:`resolve` for a command line: a :class:`ConfigError` (or a config file that cannot
+    be read or parsed) becomes the parser's usage error (exit status 2, the file and key named, a
+    command-line value by its option), never a traceback."""
     try:
-        return resolve(defaults, args, config_file, types=types)
-    except ConfigError as exc:
+        return resolve(defaults, args, config_file, types=types, options=option_names(parser))
+    except FormatError as exc:  # ConfigError is one
         parser.error(str(exc))
+
+
+def option_names(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """Setting -> the long option that sets it (``min_snr`` -> ``--min-snr``), so an error in a
+    value typed on the command line names what the user typed."""
+    names: dict[str, str] = {}
+    for action in parser._actions:  # argparse keeps its options nowhere public
+        longs = [o for o in action.option_strings if o.startswith("--")]
+        setting = action.dest.replace("-", "_")
+        if longs and setting not in names:
+            names[setting] = longs[0]
+    return names
 
 
 def setup_logging(verbose: int | None = 0) -> None:

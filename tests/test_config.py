@@ -132,3 +132,56 @@ def test_every_command_turns_a_misspelt_setting_into_a_usage_error(command, argv
     assert stop.value.code == 2
     err = capsys.readouterr().err
     assert "run.yaml" in err and "'threshhold'" in err
+
+
+def test_bounded_settings_state_their_whole_range(tmp_path):
+    """A value outside its range names the file and key and the range, both ends; NaN is
+    outside every range; ``optional`` lets ``null`` through."""
+    defaults = {"threshold": 0.5, "frames": 10, "cap": 5}
+    types = {"threshold": config.bounded(float, gt=0, le=1), "frames": config.bounded(int, ge=1),
+             "cap": config.bounded(int, ge=1, optional=True)}
+    cfg = tmp_path / "range.yaml"
+    for text, expect in (("threshold: 1.5", r"threshold: must be in \(0, 1\] \(got 1\.5\)"),
+                         ("threshold: 0", r"threshold: must be in \(0, 1\] \(got 0\)"),
+                         ("threshold: .nan", r"threshold: must be in \(0, 1\] \(got nan\)"),
+                         ("frames: 0", r"frames: must be >= 1 \(got 0\)"),
+                         ("cap: -3", r"cap: must be >= 1 \(got -3\)")):
+        cfg.write_text(text + "\n")
+        with pytest.raises(config.ConfigError, match=rf"^{tmp_path}/range\.yaml: {expect}$"):
+            config.resolve(defaults, {"config": str(cfg)}, types=types)
+    cfg.write_text("threshold: 1\nframes: 1\ncap: null\n")
+    assert config.resolve(defaults, {"config": str(cfg)}, types=types) == {
+        "threshold": 1.0, "frames": 1, "cap": None}
+    with pytest.raises(config.ConfigError, match=r"frames: Input should be a valid integer"):
+        config.resolve(defaults, {"frames": "many"}, types=types)  # a wrong type stays one
+
+
+def test_a_command_line_value_is_named_by_its_option(tmp_path, capsys):
+    parser = config.cli_parser("doc")
+    parser.add_argument("--min-snr", dest="min_snr", type=float)
+    defaults = {"min_snr": 3.0}
+    types = {"min_snr": config.bounded(float, ge=0)}
+    with pytest.raises(SystemExit) as stop:
+        config.resolve_or_exit(parser, defaults, parser.parse_args(["--min-snr", "-3"]),
+                               types=types)
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(
+        "error: command line: --min-snr: must be >= 0 (got -3.0)")
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("min_snr: -1\n")  # in a file, the key the file holds
+    with pytest.raises(SystemExit):
+        config.resolve_or_exit(parser, defaults, parser.parse_args(["--config", str(cfg)]),
+                               types=types)
+    assert capsys.readouterr().err.splitlines()[-1].endswith(
+        f"error: {cfg}: min_snr: must be >= 0 (got -1)")
+
+
+def test_a_config_file_that_cannot_be_read_is_a_usage_error(tmp_path, capsys):
+    parser = config.cli_parser("doc")
+    for name, text in (("absent.yaml", None), ("broken.yaml", "threshold: [1, 2\n")):
+        if text is not None:
+            (tmp_path / name).write_text(text)
+        with pytest.raises(SystemExit) as stop:  # not a traceback
+            config.resolve_or_exit(parser, DEFAULTS,
+                                   parser.parse_args(["--config", str(tmp_path / name)]))
+        assert stop.value.code == 2 and name in capsys.readouterr().err

@@ -31,7 +31,8 @@ command printed at the end of a run has OUTDIR and NPROC filled in.
 
 Re-running the same command after an interruption continues where it stopped: finished CXI files
 and stream chunks are kept and their frames skipped.  Every file appears atomically.  An OUTDIR
-holding peaks-*.cxi files or a peaknet.lst that peaknet2cxi did not write is refused.
+holding peaks-*.cxi files or a peaknet.lst that peaknet2cxi did not write is refused.  One OUTDIR
+holds one detector geometry: images of different detectors go to separate output folders.
 """
 from __future__ import annotations
 
@@ -46,9 +47,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import NonNegativeInt
 
 from peaknet_xtal import config as cfgmod
+from peaknet_xtal.config import bounded
 from peaknet_xtal.errors import FormatError, PeakNetError
 from peaknet_xtal.finding.settings import DEFAULTS as FINDING
 from peaknet_xtal.formats.cxi import DEFAULT_MAX_PEAKS
@@ -84,11 +85,24 @@ DEFAULTS: dict[str, Any] = {
     "address": None,
     "predictor": None,  # Python callers only: predictor(panels, masks) -> probability maps
 }
+#: Every number's range, here alone: config.resolve checks them for the command line and a
+#: --config file alike, and run() for Python callers.  A value outside would otherwise run
+#: silently with a meaningless cut (a probability of 1.5, a negative SNR) or be bent quietly by a
+#: consumer (frames_per_file 0 taken as 1).  The DIALS plugin declares its own in its PHIL.
+RANGES: dict[str, Any] = {
+    "threshold": bounded(float, gt=0, le=1),  # a probability cut; 0 would take every pixel
+    "rescue_prob": bounded(float, gt=0, le=1),  # the same kind of cut (1: rescue off)
+    "min_snr": bounded(float, ge=0), "min_height": bounded(float, ge=0),  # 0: no such cut
+    "rescue_height": bounded(float, ge=0),
+    "adu_per_photon": bounded(float, ge=0, optional=True),  # 0: background noise only
+    "min_peaks": bounded(int, ge=0), "faint_support": bounded(int, ge=0),  # 0: every frame
+    "max_peaks": bounded(int, ge=1, optional=True),  # None: no cap
+    "batch_size": bounded(int, ge=1), "frames_per_file": bounded(int, ge=1),
+    "workers": bounded(int, ge=1), "threads": bounded(int, ge=1, optional=True),
+}
 #: Types of the settings whose default (None) cannot say it, or that the default's type allows too
 #: loosely (config.resolve validates them).
-TYPES: dict[str, Any] = {"min_peaks": NonNegativeInt, "faint_support": NonNegativeInt,
-                         "geometry": str | None, "output": str | None, "threads": int | None,
-                         "adu_per_photon": float | None, "max_peaks": int | None,
+TYPES: dict[str, Any] = {**RANGES, "geometry": str | None, "output": str | None,
                          "stream": str | None, "address": str | None}
 LIST_NAME = "peaknet.lst"
 GEOM_NAME = "peaknet.geom"
@@ -184,11 +198,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_output_folder(Path(config["output"]))
         cfgmod.record(config, Path(config["output"]) / CONFIG_NAME, "peaknet2cxi", argv)
         summary = run(config)
+    except KeyboardInterrupt:
+        print("peaknet2cxi: interrupted", file=sys.stderr)
+        _say_what_is_kept(Path(config["output"]), rerun=True)
+        return 130
     except (PeakNetError, OSError, ValueError) as exc:
         print(f"peaknet2cxi: error: {exc}", file=sys.stderr)
-        if (Path(config["output"]) / SUMMARY_NAME).exists():
-            print(f"peaknet2cxi: results written before the error are kept in "
-                  f"{config['output']}; re-run the same command to continue", file=sys.stderr)
+        _say_what_is_kept(Path(config["output"]), rerun=rerun_can_help(exc))
         return 1
     this = summary["this_run"]
     print(f"peaknet2cxi: {summary['output']} holds {summary['frames']} frames in "
@@ -203,14 +219,46 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def rerun_can_help(exc: BaseException) -> bool:
+    """Whether running the same command again may get further: after a problem outside the
+    inputs (a full disk, a lost mount: an OSError), not after a bad input (a FormatError: a
+    damaged file, a wrong dataset path, another detector), nor a setting or a run with nothing
+    to write, which fail the same way every time.  The cause chain counts too (the Ray pipeline
+    wraps what failed)."""
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in chain:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    if any(isinstance(e, FormatError) for e in chain):
+        return False
+    return any(isinstance(e, OSError) for e in chain)
+
+
+def _say_what_is_kept(outdir: Path, *, rerun: bool) -> None:
+    """After a failed run: where the frames finished before it are (nothing is said when there
+    are none), and whether the same command continues the run (only where it can help)."""
+    kept = _finished(outdir)
+    if kept:
+        print(f"peaknet2cxi: the {len(kept)} CXI file(s) finished before it are kept in "
+              f"{outdir}", file=sys.stderr)
+    if rerun:
+        print("peaknet2cxi: re-run the same command to continue (finished frames are skipped)",
+              file=sys.stderr)
+
+
 # --------------------------------------------------------------------------------------------
 # the run
 
 
 def run(config: Mapping[str, Any]) -> dict[str, Any]:
     """Run peaknet2cxi with a resolved configuration (keys as :data:`DEFAULTS`); returns the
-    summary that is also written to ``OUTDIR/peaknet2cxi.json``."""
+    summary that is also written to ``OUTDIR/peaknet2cxi.json``.  The numbers are checked
+    against :data:`RANGES` here too, for Python callers (a ConfigError names the key)."""
     config = cfgmod.deep_merge(DEFAULTS, dict(config))
+    config.update(cfgmod.validate({k: config[k] for k in RANGES},
+                                  {k: DEFAULTS[k] for k in RANGES}, RANGES,
+                                  [(cfgmod.COMMAND_LINE, config)]))
     check_output_folder(Path(config["output"]))
     if int(config["workers"] or 1) > 1 or config["address"]:
         return _run_pipeline(config)
@@ -273,10 +321,12 @@ def _run_serial(config: dict[str, Any]) -> dict[str, Any]:
     error: BaseException | None = None
     seen_geometry: list[Any] = [geometry]
     total = _count_frames(inputs, geometry)
+    one_geometry = OneGeometry(outdir / GEOM_NAME, geometry,
+                               _writer_options(config)["adu_per_photon"])
     try:
         with Progress(total, "frames", desc="peaknet2cxi", enabled=bool(config["progress"])) as bar:
             frames = _pending(inputs, geometry, done_cxi | set(), done_stream, stats, bar,
-                              engine.observe)
+                              engine.observe, one_geometry.check)
             for result in engine.find_frames(frames):
                 if seen_geometry[0] is None:
                     seen_geometry[0] = result.frame.geometry
@@ -296,6 +346,75 @@ def _run_serial(config: dict[str, Any]) -> dict[str, Any]:
         summary = _finish(config, outdir, cxi.finished_files(), seen_geometry[0], stats,
                           time.perf_counter() - started, engine.describe(), error)
     return summary
+
+
+class OneGeometry:
+    """One output folder holds one detector geometry: ``peaknet.geom``, which every CXI file
+    there is indexed with.  A frame whose geometry would need another ``peaknet.geom`` is
+    refused before it is found, naming its file and the input (or earlier run) the folder's
+    geometry came from, and saying to give each detector its own output folder.  The CXI writer
+    would refuse it too, but only as a clash over ``peaknet.geom``, whose advice (remove it,
+    re-run) cannot help.
+
+    Geometries are compared as the writer writes them (``formats.cxi.cxi_geometry``), less
+    the gain (:func:`_placement`): two images of one detector at different wavelengths share a
+    geometry file, and a gain is not placement (the writer measures it from the data where the
+    input declares none, after this check).  With ``-g`` the given geometry is the one written
+    for every frame.
+    """
+
+    def __init__(self, path: Path, given: Any, adu_per_photon: float | None) -> None:
+        self.path = path
+        self.given = given
+        self.adu_per_photon = adu_per_photon
+        self.text: str | None = None
+        self.origin = ""
+        if path.exists():  # an earlier run's: the CXI files it wrote are indexed with it
+            try:
+                self.text = _placement(path.read_text())
+            except (OSError, UnicodeDecodeError):
+                self.text = None  # not ours to judge: the writer refuses it
+            else:
+                self.origin = f"{path}, written by an earlier run"
+        self._known: dict[int, tuple[Any, bool]] = {}  # id -> (geometry, same as the folder's)
+
+    def _text(self, geometry: Any) -> str:
+        from peaknet_xtal.formats.cxi import cxi_geometry
+
+        return _placement(cxi_geometry(geometry, adu_per_photon=self.adu_per_photon).to_text())
+
+    def check(self, frame: Frame) -> None:
+        """Raise a FormatError naming ``frame``'s file (or the ``-g`` file) if the geometry
+        written for it is not the folder's."""
+        geometry = self.given if self.given is not None else frame.geometry
+        if geometry is None:
+            return
+        known = self._known.get(id(geometry))
+        if known is not None and known[0] is geometry:  # frames of one source share one
+            same = known[1]
+        else:
+            text = self._text(geometry)
+            if self.text is None:
+                self.text, self.origin = text, f"that of the first input, {frame.source}"
+            same = text == self.text
+            self._known[id(geometry)] = (geometry, same)
+        if same:
+            return
+        if self.given is not None:
+            raise FormatError(getattr(geometry, "path", None) or frame.source,
+                              f"this geometry (-g) differs from the one in {self.path}, written "
+                              "by an earlier run; one output folder holds one geometry: use "
+                              "another output folder (-o) for it (what is in this one is kept)")
+        raise FormatError(frame.source, f"its detector geometry differs from {self.origin}; one "
+                          "output folder holds one geometry: process each detector into its own "
+                          "output folder (-o) (what is already written is kept)")
+
+
+def _placement(geometry_text: str) -> str:
+    """A geometry file's text less its gain lines (``adu_per_photon``, ``adu_per_eV``, global
+    or per panel): what places the pixels."""
+    return "\n".join(line for line in geometry_text.splitlines()
+                     if not re.match(r"\s*(\w+/)?adu_per_(photon|eV)\s*=", line))
 
 
 def _finished(outdir: Path) -> list[Path]:
@@ -459,8 +578,33 @@ def _open(entry: Mapping[str, Any], geometry: Any) -> Any:
         return open_source(path, "cxi", geometry=geometry)
     try:
         return open_source(path)
-    except ValueError as exc:
+    except FormatError as exc:  # named like an image DIALS reads, but it could not read it
+        raise _damaged(path, exc) from exc
+    except ValueError as exc:  # no source claims it
         raise FormatError(path, "not a CXI/HDF5 file and not an image DIALS can read") from exc
+
+
+def _damaged(path: str, exc: FormatError) -> FormatError:
+    """DIALS' failure to read a file named like one of its images, said as what it most likely
+    is (a damaged or truncated file: a copy cut short, a disk that filled), with dxtbx's own
+    reason; dxtbx says only that it could not read it."""
+    cause = exc.__cause__
+    detail = (f"{type(cause).__name__}: {' '.join(str(cause).split())}" if cause is not None
+              else exc.message)
+    return FormatError(path, "DIALS cannot read this image: the file may be damaged or "
+                       f"truncated ({detail})")
+
+
+def _frames(source: Any, path: str) -> Iterator[Frame]:
+    """The frames of an open source; where DIALS fails to read one, the error says the file may
+    be damaged (see :func:`_damaged`)."""
+    if getattr(source, "name", None) != "dxtbx":
+        yield from source
+        return
+    try:
+        yield from source
+    except FormatError as exc:
+        raise _damaged(path, exc) from exc
 
 
 def _count_frames(inputs: list[dict[str, Any]], geometry: Any) -> int | None:
@@ -481,18 +625,21 @@ def _count_frames(inputs: list[dict[str, Any]], geometry: Any) -> int | None:
 
 def _pending(inputs: list[dict[str, Any]], geometry: Any, done_cxi: set[tuple[str, str]],
              done_stream: set[tuple[str, str]], stats: _Stats, bar: Progress,
-             observe: Callable[[Frame], None] | None = None) -> Iterator[Frame]:
+             observe: Callable[[Frame], None] | None = None,
+             check: Callable[[Frame], None] | None = None) -> Iterator[Frame]:
     """Frames not yet in every output, input by input (a bad input fails after the good ones
     before it were processed).  An input without frames is reported; events a list asks for
     that the file lacks are an error naming both.  Frames already done go to ``observe`` (the
-    engine's run-level measurements, e.g. the gain, see them as an uninterrupted run would)."""
+    engine's run-level measurements, e.g. the gain, see them as an uninterrupted run would);
+    frames to do pass ``check`` first (an input error comes after the frames before it are
+    found: ``InferenceEngine.find_frames``)."""
     for entry in inputs:
         source = _open(entry, geometry)
         seen: set[str] = set()
         try:
             if len(source) == 0:
                 log.warning("%s holds no frames: nothing to do for it", entry["path"])
-            for frame in source:
+            for frame in _frames(source, entry["path"]):
                 seen.add(frame.event)
                 if entry["events"] is not None and frame.event not in entry["events"]:
                     continue
@@ -502,6 +649,8 @@ def _pending(inputs: list[dict[str, Any]], geometry: Any, done_cxi: set[tuple[st
                     stats.skipped += 1
                     bar.update(1)
                     continue
+                if check is not None:
+                    check(frame)
                 yield frame
         finally:
             source.close()

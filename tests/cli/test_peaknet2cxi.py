@@ -436,3 +436,213 @@ def test_dials_output_indexes_the_real_cspad_stills(real_data, dials_env, tmp_pa
     for experiment in indexed:
         a, b, c = experiment.crystal.get_unit_cell().parameters()[:3]
         assert a == pytest.approx(92.9, rel=0.02) and c == pytest.approx(130.4, rel=0.03)
+
+
+# --------------------------------------------------------------------------------------------
+# option ranges, mixed detectors, and when a rerun can help
+
+
+#: option, a value outside its range, the range the error states
+OUT_OF_RANGE = [
+    ("--threshold", "1.5", "in (0, 1]"), ("--threshold", "0", "in (0, 1]"),
+    ("--threshold", "nan", "in (0, 1]"), ("--rescue-prob", "1.5", "in (0, 1]"),
+    ("--min-snr", "-3", ">= 0"), ("--min-height", "-1", ">= 0"),
+    ("--rescue-height", "-0.5", ">= 0"), ("--faint-support", "-1", ">= 0"),
+    ("--adu-per-photon", "-2", ">= 0"), ("--min-peaks", "-1", ">= 0"),
+    ("--batch-size", "0", ">= 1"), ("--frames-per-file", "0", ">= 1"),
+    ("--workers", "0", ">= 1"), ("--max-peaks", "0", ">= 1"), ("--threads", "0", ">= 1"),
+]
+
+
+@pytest.mark.parametrize("option, value, allowed", OUT_OF_RANGE)
+def test_an_option_out_of_range_is_one_clear_error(tmp_path, capsys, option, value, allowed):
+    """On the command line and in a --config file alike: exit status 2 before anything runs,
+    one line naming the option (or the file and key) and the whole allowed range."""
+    key, cfg = option[2:].replace("-", "_"), tmp_path / "run.yaml"
+    cfg.write_text(f"{key}: {value}\n")
+    for argv, names in (([option, value], ["command line", f"{option}: must be {allowed}"]),
+                        (["--config", str(cfg)], [str(cfg), f"{key}: must be {allowed}"])):
+        with pytest.raises(SystemExit) as stop:
+            main(["in.cxi", "-o", str(tmp_path / "out"), *argv])
+        assert stop.value.code == 2
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert last.startswith("peaknet2cxi: error: ") and f"(got {value}" in last.replace(
+            "'", ""), last  # a YAML nan is the string 'nan'
+
+        assert all(name in last for name in names), last
+        assert not (tmp_path / "out").exists()  # nothing ran
+
+
+def test_values_on_the_edge_of_their_range_are_accepted_and_python_callers_are_checked(
+        tmp_path):
+    from peaknet_xtal import config as cfgmod
+    from peaknet_xtal.cli.peaknet2cxi import DEFAULTS, TYPES, build_parser
+
+    args = build_parser().parse_args(
+        ["in.cxi", "-o", "out", "--threshold", "1", "--rescue-prob", "1", "--min-snr", "0",
+         "--min-height", "0", "--adu-per-photon", "0", "--frames-per-file", "1",
+         "--batch-size", "1", "--max-peaks", "1", "--threads", "1", "--faint-support", "0"])
+    resolved = cfgmod.resolve(DEFAULTS, args, types=TYPES)
+    assert (resolved["threshold"], resolved["adu_per_photon"], resolved["frames_per_file"]) == (
+        1.0, 0.0, 1)
+    with pytest.raises(cfgmod.ConfigError, match=r"frames_per_file: must be >= 1 \(got 0\)"):
+        run({"inputs": ["in.cxi"], "output": str(tmp_path / "out"), "frames_per_file": 0})
+    assert not (tmp_path / "out").exists()
+
+
+def _blank_predictor(panels, masks):
+    """No peak anywhere: these tests are about files and messages, not peaks."""
+    return [np.zeros(np.shape(p), np.float32) for p in panels]
+
+
+def tiny_cbf(path: Path, distance_mm: float, size: int = 48) -> Path:
+    """A one-panel miniCBF dxtbx reads, its detector ``distance_mm`` from the sample."""
+    from dxtbx.format.FormatCBFMini import FormatCBFMini
+    from dxtbx.model import BeamFactory, DetectorFactory
+    from scitbx.array_family import flex
+
+    detector = DetectorFactory.simple("PAD", distance_mm, (size * 0.086, size * 0.086), "+x",
+                                      "-y", (0.172, 0.172), (size, size), (0, 1e6))
+    pixels = np.random.default_rng(int(distance_mm)).poisson(5, (size, size)).astype(np.int32)
+    FormatCBFMini.as_file(detector, BeamFactory.simple(1.0), None, None, flex.int(pixels),
+                          str(path))
+    return path
+
+
+def tiny_stack(path: Path, frames: int = 3) -> Path:
+    """A CXI/HDF5 stack of ``frames`` 32 x 32 frames at the default data path (no geometry:
+    one panel); small enough that the engine batches several frames together."""
+    with h5py.File(path, "w") as h5:
+        h5["/entry_1/data_1/data"] = np.random.default_rng(1).poisson(
+            5, (frames, 32, 32)).astype(np.float32)
+    return path
+
+
+@pytest.mark.dials
+def test_two_detectors_in_one_output_is_one_clear_error_and_keeps_the_first(tmp_path, capsys,
+                                                                            dials_env):
+    """The second detector's file is named, with the input the folder's geometry came from and
+    what to do; the first's frames are kept; a rerun says the same (its advice cannot loop)."""
+    first = tiny_cbf(tmp_path / "near_0001.cbf", 100.0)
+    second = tiny_cbf(tmp_path / "far_0001.cbf", 150.0)
+    outdir = tmp_path / "mixed"
+    config = {"inputs": [str(first), str(second)], "output": str(outdir),
+              "predictor": _blank_predictor, "progress": False}
+    with pytest.raises(FormatError) as info:
+        run(config)
+    message = str(info.value)
+    assert message.startswith(f"{second}: its detector geometry differs from that of the first "
+                              f"input, {first}")
+    assert "its own output folder" in message and "peaknet.geom" not in message
+    (kept,) = (outdir / "peaknet.lst").read_text().split()
+    assert read_cxi_peaks(kept).keys == [(str(first), "//")]
+    assert json.loads((outdir / "peaknet2cxi.json").read_text())["frames"] == 1
+    for _ in range(2):  # the command line, then its rerun
+        code = main([str(first), str(second), "-o", str(outdir), "--no-progress"])
+        err = capsys.readouterr().err
+        assert code == 1 and f"error: {second}: its detector geometry differs from" in err, err
+        assert "its own output folder" in err and "re-run" not in err
+    assert read_cxi_peaks(kept).keys == [(str(first), "//")]  # nothing lost, nothing added
+
+
+def test_another_geometry_into_an_earlier_runs_folder_is_one_clear_error(
+        tmp_path, capsys, make_geometry_text):
+    """-g with a geometry other than the one an earlier run wrote there: the error names the
+    -g file and says to use another folder, not to remove peaknet.geom (its CXI files need it)
+    or to re-run."""
+    stack = tiny_stack(tmp_path / "run.h5")
+    geoms = []
+    for clen in ("0.1 m", "0.2 m"):
+        geoms.append(tmp_path / f"clen{clen[:3]}.geom")
+        geoms[-1].write_text(make_geometry_text(["p0"], 32, 32, [(-16, -16)], clen=clen,
+                                                adu_per_photon="1"))
+    outdir = tmp_path / "out"
+    assert main([str(stack), "-g", str(geoms[0]), "-o", str(outdir), "--no-progress",
+                 "--min-peaks", "0"]) == 0
+    capsys.readouterr()
+    before = (outdir / "peaknet.geom").read_text()
+    more = tiny_stack(tmp_path / "more.h5")  # frames still to do
+    code = main([str(more), "-g", str(geoms[1]), "-o", str(outdir), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 1 and f"error: {geoms[1]}: this geometry (-g) differs from the one in " \
+        f"{outdir / 'peaknet.geom'}" in err, err
+    assert "another output folder" in err and "re-run" not in err and "remove" not in err
+    assert (outdir / "peaknet.geom").read_text() == before
+    assert len(read_cxi_peaks(outdir / "peaks-00000.cxi")) == 3
+
+
+def test_an_input_error_keeps_the_frames_batched_before_it(tmp_path):
+    """A bad file after small frames the engine holds in one batch: those frames are found and
+    written before the error is raised, not dropped with the batch."""
+    good = tiny_stack(tmp_path / "good.h5")
+    data = good.read_bytes()
+    broken = tmp_path / "broken.h5"
+    broken.write_bytes(data[:len(data) // 2])  # truncated
+    outdir = tmp_path / "out"
+    with pytest.raises(FormatError, match="broken.h5"):
+        run({"inputs": [str(good), str(broken)], "output": str(outdir),
+             "predictor": _blank_predictor, "progress": False})
+    (kept,) = (outdir / "peaknet.lst").read_text().split()
+    assert read_cxi_peaks(kept).keys == [(str(good), f"//{k}") for k in range(3)]
+
+
+@pytest.mark.dials
+def test_a_bad_input_gets_no_rerun_advice(stacks, tmp_path, capsys, dials_env):
+    """Truncated HDF5, a truncated CBF (said to be perhaps damaged), a dataset the geometry
+    names that the file lacks: rerunning the same command fails the same way, so it is not
+    advised; the finished frames are still said to be kept."""
+    good = tiny_stack(tmp_path / "good.h5")
+    truncated_h5 = tmp_path / "truncated.h5"
+    truncated_h5.write_bytes(good.read_bytes()[:1500])
+    whole = tiny_cbf(tmp_path / "whole_0001.cbf", 100.0).read_bytes()
+    cut_header, cut_data = tmp_path / "header_0001.cbf", tmp_path / "data_0001.cbf"
+    cut_header.write_bytes(whole[:len(whole) // 10])  # dxtbx cannot open it
+    cut_data.write_bytes(whole[:len(whole) // 3])  # it opens, its pixels cannot be read
+    geom_path = stacks["cspad"][0]
+    for k, (argv, words, kept) in enumerate((
+            ([str(good), str(truncated_h5)], "not a readable HDF5 file", True),
+            ([str(cut_header)], "the file may be damaged or truncated", False),
+            ([str(good), str(cut_data)], "the file may be damaged or truncated", True),
+            ([str(good), "-g", str(geom_path)], "1480x1552", False))):
+        code = main([*argv, "-o", str(tmp_path / f"out{k}"), "--no-progress"])
+        err = capsys.readouterr().err
+        assert code == 1 and words in err, err
+        assert "re-run" not in err and ("are kept in" in err) == kept, err
+
+
+def test_a_transient_failure_or_an_interruption_advises_the_rerun(tmp_path, capsys,
+                                                                  monkeypatch):
+    from peaknet_xtal.cli import peaknet2cxi
+
+    good = tiny_stack(tmp_path / "good.h5")
+    for problem, code in ((OSError(28, "No space left on device"), 1),
+                          (KeyboardInterrupt(), 130)):
+        def fail(self, result, problem=problem):
+            raise problem
+
+        monkeypatch.setattr(peaknet2cxi._Stats, "add", fail)
+        outdir = tmp_path / f"out{code}"
+        assert main([str(good), "-o", str(outdir), "--no-progress"]) == code
+        err = capsys.readouterr().err
+        assert "re-run the same command to continue" in err, err
+    monkeypatch.undo()
+    assert main([str(good), "-o", str(outdir), "--no-progress", "--min-peaks", "0"]) == 0
+
+
+def test_rerun_can_help_only_outside_the_inputs():
+    from peaknet_xtal.cli.peaknet2cxi import rerun_can_help
+
+    def raised(exc: BaseException, cause: BaseException | None = None) -> BaseException:
+        try:
+            raise exc from cause
+        except BaseException as caught:  # noqa: BLE001
+            return caught
+
+    assert rerun_can_help(OSError(5, "Input/output error"))
+    assert rerun_can_help(raised(PeakNetError("a stage failed"), OSError(5, "I/O")))
+    assert not rerun_can_help(FormatError("x.h5", "truncated"))
+    assert not rerun_can_help(raised(FormatError("x.h5", "not a readable HDF5 file"),
+                                     OSError("truncated file")))
+    assert not rerun_can_help(raised(PeakNetError("a stage failed"), FormatError("x", "bad")))
+    assert not rerun_can_help(PeakNetError("no frames were written"))
+    assert not rerun_can_help(ValueError("batch_size must be >= 1"))

@@ -439,17 +439,24 @@ def _peaks_in_stack(image: np.ndarray, prob: np.ndarray, good: np.ndarray, fore:
         rho = np.zeros((len(image), len(CORRELATION_LAGS)))
         rho[layers] = noise_correlation(image[layers], background[layers])
     bg, bg_sigma, ring_error = _annulus_background(image, good, taken, box, params, rho)
-    values = image[z, y, x] - bg[lab]
-    weights = np.clip(values, 0.0, None)
-    wsum = np.bincount(lab, weights, minlength=n)
-    flat = wsum <= 0  # nothing above background: fall back to the plain pixel centre
-    fs = _weighted_mean(x, weights, wsum, lab, n, flat, npix)
-    ss = _weighted_mean(y, weights, wsum, lab, n, flat, npix)
-    intensity = np.bincount(lab, values, minlength=n)
-    max_value = np.full(n, -np.inf)
-    np.maximum.at(max_value, lab, values)
-    snr = _integrated_snr(image, rim, foot, owners, bg, bg_sigma, ring_error, intensity, rho,
+    core = np.bincount(lab, image[z, y, x] - bg[lab], minlength=n)
+    snr = _integrated_snr(image, rim, foot, owners, bg, bg_sigma, ring_error, core, rho,
                           params.adu_per_photon)
+    # position, intensity and brightest pixel of the footprint the SNR sums: the network marks
+    # a spot's core, and on spots narrower than a pixel that core is sometimes the pixel beside
+    # the bright one (on the real CSPAD stills, a one-pixel peak at background, -11 ADU, beside
+    # a 440-ADU pixel in its rim: an SNR of 4.9 reported at the wrong pixel with a negative
+    # intensity); DIALS, handed the same pixels grown by one, centres on the bright one
+    fz, fy, fx, flab = foot
+    values = image[fz, fy, fx] - bg[flab]
+    weights = np.clip(values, 0.0, None)
+    wsum = np.bincount(flab, weights, minlength=n)
+    flat = wsum <= 0  # nothing above background: fall back to the plain pixel centre
+    fs = _weighted_mean(x, lab, fx, flab, weights, wsum, flat, npix)
+    ss = _weighted_mean(y, lab, fy, flab, weights, wsum, flat, npix)
+    intensity = np.bincount(flab, values, minlength=n)
+    max_value = np.full(n, -np.inf)
+    np.maximum.at(max_value, flab, values)
     table = peaks_from_columns(
         panel=panel_ids[box[:, 0]], fs=fs, ss=ss, intensity=intensity, max_value=max_value,
         npix=npix, background=bg, background_sigma=bg_sigma, snr=snr,
@@ -671,9 +678,14 @@ def _clipped_variance(values: np.ndarray, ok: np.ndarray, clip: float = 3.5, rou
     return variance
 
 
-def _weighted_mean(coord: np.ndarray, weights: np.ndarray, wsum: np.ndarray, lab: np.ndarray,
-                   n: int, flat: np.ndarray, npix: np.ndarray) -> np.ndarray:
-    weighted = np.bincount(lab, weights * coord, minlength=n) / np.where(flat, 1.0, wsum)
+def _weighted_mean(coord: np.ndarray, lab: np.ndarray, foot_coord: np.ndarray,
+                   foot_lab: np.ndarray, weights: np.ndarray, wsum: np.ndarray,
+                   flat: np.ndarray, npix: np.ndarray) -> np.ndarray:
+    """Each peak's coordinate weighted by its footprint pixels' values above background; the
+    plain centre of its own pixels where nothing stands above it (``flat``)."""
+    n = len(wsum)
+    weighted = np.bincount(foot_lab, weights * foot_coord, minlength=n) / np.where(flat, 1.0,
+                                                                                   wsum)
     plain = np.bincount(lab, coord.astype(np.float64), minlength=n) / npix
     return np.where(flat, plain, weighted)
 

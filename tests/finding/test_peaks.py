@@ -211,7 +211,8 @@ def test_rescue_keeps_tall_doubted_components_and_leaves_the_rest():
     # the tall doubted spot is a peak; the low one is not; the confident peak keeps its pixels
     assert len(both) == 2
     tall = both[both["npix"] == 1]
-    assert (tall["fs"][0], tall["ss"][0]) == (20.0, 20.0)
+    # at the tall pixel: its footprint's rim holds background noise only (under 0.05 px)
+    assert np.hypot(tall["fs"][0] - 20.0, tall["ss"][0] - 20.0) < 0.05
     assert tall["max_value"][0] >= 12.0 * tall["background_sigma"][0]
     core = both[both["npix"] == 3]
     assert core["fs"][0] == pytest.approx(plain["fs"][0], abs=1e-9)
@@ -478,3 +479,19 @@ def test_a_panel_in_a_masked_layout_gives_its_own_peaks_boxes_and_pixels():
     assert (in_boxes - np.where(first[:, None], [x0, x0, y0, y0], 0) == boxes).all()
     assert np.array_equal(in_pixels[0][y0:y0 + 80, x0:x0 + 100], pixels[0])
     assert in_pixels[0].sum() == pixels[0].sum() and np.array_equal(in_pixels[1], pixels[1])
+
+
+def test_a_core_marked_beside_its_bright_pixel_is_reported_at_the_bright_pixel():
+    """The network sometimes marks the pixel beside a spot narrower than a pixel: the peak is
+    where its footprint's light is, with the footprint's intensity and brightest pixel (the SNR
+    always summed the footprint), not at a background pixel with a negative intensity."""
+    rng = np.random.default_rng(8)
+    image = rng.normal(100.0, 3.0, (40, 40))
+    image[20, 20] = 100.0 - 11.0  # the marked pixel: below background
+    image[21, 20] = 100.0 + 440.0  # the spot, in the marked pixel's rim
+    prob = np.zeros((40, 40))
+    prob[20, 20] = 0.9
+    (peak,) = find_peaks([image.astype(np.float32)], [prob.astype(np.float32)])
+    assert peak["npix"] == 1 and abs(peak["fs"] - 20.0) < 0.1 and abs(peak["ss"] - 21.0) < 0.1
+    assert peak["max_value"] == pytest.approx(440.0, abs=15.0)
+    assert peak["intensity"] == pytest.approx(440.0 - 11.0, abs=40.0)

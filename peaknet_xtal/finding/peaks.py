@@ -594,6 +594,10 @@ def _integrated_snr(image: np.ndarray, rim: tuple[np.ndarray, ...],
     noise = np.sqrt(variance)
     with np.errstate(divide="ignore", invalid="ignore"):
         snr: np.ndarray = np.where(noise > 0, total / noise, np.inf * np.sign(total))
+    # nothing above a noiseless background (a photon-counting frame's empty pixels) is no
+    # evidence at all: 0, not 0/0 = NaN, which min_snr keeps (it keeps peaks without a
+    # background estimate); zero-count "peaks" were reported on the real Pilatus frames
+    snr[(noise == 0) & (total == 0)] = 0.0
     return snr
 
 

@@ -132,7 +132,29 @@ def _data_path(h5: h5py.File, path: str, geometry: Any, data_path: str | None) -
     for candidate in DEFAULT_DATA_PATHS:
         if isinstance(h5.get(candidate), h5py.Dataset):
             return candidate
-    raise FormatError(path, f"no image dataset found (looked for {', '.join(DEFAULT_DATA_PATHS)})")
+    found = _image_like(h5)
+    hint = ("; image-like datasets here: " + ", ".join(f"{name} {shape} {dtype}"
+                                                       for name, shape, dtype in found)
+            + " (name one with a geometry's 'data' key, -g)" if found else "")
+    raise FormatError(path, f"no image dataset found (looked for "
+                            f"{', '.join(DEFAULT_DATA_PATHS)}){hint}")
+
+
+def _image_like(h5: h5py.File, most: int = 5) -> list[tuple[str, tuple[int, ...], str]]:
+    """Numeric datasets of two or more dimensions (name, shape, type), for an error that says
+    which dataset a user may have meant (an Eiger file's ``/data``)."""
+    found: list[tuple[str, tuple[int, ...], str]] = []
+
+    def visit(name: str, obj: Any) -> None:
+        if (len(found) < most and isinstance(obj, h5py.Dataset) and obj.ndim >= 2
+                and obj.dtype.kind in "fiu"):
+            found.append((f"/{name}", tuple(int(n) for n in obj.shape), str(obj.dtype)))
+
+    try:
+        h5.visititems(visit)
+    except (OSError, KeyError, RuntimeError):  # a broken link: say what was found before it
+        pass
+    return found
 
 
 def _mask_path(h5: h5py.File, geometry: Any, mask_path: str | None) -> str | None:
@@ -979,17 +1001,19 @@ def cxi_geometry(geometry: Any, *, adu_per_photon: float | None = None) -> Any:
 
 def write_cxi_geometry(cxi_path: str | os.PathLike[str], geometry: Any,
                        geom_path: str | os.PathLike[str] | None = None, *,
-                       gain_measured: bool = False, **options: Any) -> Path:
+                       gain_measured: bool = False, replace: bool = False,
+                       **options: Any) -> Path:
     """Write the ``.geom`` (see :func:`cxi_geometry`) for CXI files written here; atomic.
 
     By default beside ``cxi_path`` with its stem.  An existing file for another geometry is
     refused rather than replaced: the CXI files already written beside it need it.  With
     ``gain_measured`` (the ``adu_per_photon`` option was measured from the data), one that differs
     only in its gain is kept: a resumed run measures the gain again, on other first frames.
+    ``replace`` writes over an existing file (its writer's own, before any CXI file needs it).
     """
     target = Path(geom_path) if geom_path is not None else Path(cxi_path).with_suffix(".geom")
     text = cxi_geometry(geometry, **options).to_text()
-    if target.exists():
+    if target.exists() and not replace:
         try:
             old = target.read_text()
         except (OSError, UnicodeDecodeError):
@@ -1052,6 +1076,10 @@ class CXIWriter:
         self.hits_only = hits_only
         self._file: _CXIFile | None = None
         self._next_index = self._first_free_index()
+        #: the geometry and measured gain written by this writer while no finished file needs
+        #: them yet (see :meth:`_ensure_geometry`)
+        self._provisional: tuple[Any, float] | None = None
+        self._last: FrameResult | None = None
         self.files: list[Path] = []
         for stale in self.directory.glob(f".{self.prefix}-*.cxi.*.part"):
             stale.unlink()  # a file in progress when an earlier run was killed
@@ -1084,13 +1112,32 @@ class CXIWriter:
     def _ensure_geometry(self, geometry: Any, result: FrameResult) -> None:
         """The one ``.geom`` of the folder, with the gain the finder measured from the data
         where the input declared none or a placeholder (CSPAD CBFs say 1 for about 30 ADU per
-        photon: indexamajig and peaknet-integrate read the gain from this file)."""
+        photon: indexamajig and peaknet-integrate read the gain from this file).  The first
+        frame's measurement is provisional: the run pools its first frames' (finding/gain.py),
+        so the geometry is written again with the run's value when the folder's first file is
+        finished, as long as no earlier file needs it."""
         if self.write_geometry and geometry is not None:
             gain, measured = self.adu_per_photon, False
             if gain is None and result.meta.get("gain_measured"):
                 gain, measured = result.meta.get("adu_per_photon"), True
+            fresh = not self.geometry_path.exists() and not self.finished_files()
             write_cxi_geometry(self.geometry_path.with_suffix(".cxi"), geometry,
                                self.geometry_path, gain_measured=measured, adu_per_photon=gain)
+            if fresh and measured and gain is not None:
+                self._provisional = (geometry, float(gain))
+
+    def _settle_geometry(self, result: FrameResult | None) -> None:
+        """Before the first file is finished: the geometry with the run's latest measured
+        gain, where it moved from the provisional one."""
+        if self._provisional is None or result is None or not result.meta.get("gain_measured"):
+            return
+        geometry, written = self._provisional
+        gain = float(result.meta["adu_per_photon"])
+        if gain != written:
+            write_cxi_geometry(self.geometry_path.with_suffix(".cxi"), geometry,
+                               self.geometry_path, gain_measured=True, adu_per_photon=gain,
+                               replace=True)
+            self._provisional = (geometry, gain)
 
     def write(self, result: FrameResult) -> None:
         if self.hits_only and not result.hit:
@@ -1111,6 +1158,7 @@ class CXIWriter:
             self._file.abort()
             self._file = None
             raise
+        self._last = result
         if self._file.n >= self.frames_per_file:
             self.flush()
 
@@ -1122,6 +1170,9 @@ class CXIWriter:
         if current.n == 0:
             current.abort()
             return None
+        if self._provisional is not None:  # the folder's first file: nothing else needs it yet
+            self._settle_geometry(self._last)
+            self._provisional = None
         current.finish()
         self._next_index += 1
         self.files.append(current.path)

@@ -495,3 +495,18 @@ def test_a_core_marked_beside_its_bright_pixel_is_reported_at_the_bright_pixel()
     assert peak["npix"] == 1 and abs(peak["fs"] - 20.0) < 0.1 and abs(peak["ss"] - 21.0) < 0.1
     assert peak["max_value"] == pytest.approx(440.0, abs=15.0)
     assert peak["intensity"] == pytest.approx(440.0 - 11.0, abs=40.0)
+
+
+def test_nothing_on_an_empty_counting_background_is_no_peak():
+    """Zero counts on a noiseless zero background summed to 0/0: a NaN SNR, which min_snr keeps
+    (it keeps peaks without a background estimate), so empty pixels the model marked came out
+    as peaks of intensity 0 (on the real Pilatus frames).  Now they score 0; a real count on the
+    same background stays a peak."""
+    image = np.zeros((30, 30), np.float32)
+    image[20, 20] = 16.0  # SNR 4 on its own shot noise
+    prob = np.zeros((30, 30), np.float32)
+    prob[5, 5] = prob[20, 20] = 0.9
+    peaks = find_peaks([image], [prob], params=PeakParams(adu_per_photon=1.0))
+    assert len(peaks) == 1 and (peaks["fs"][0], peaks["ss"][0]) == (20.0, 20.0)
+    everything = find_peaks([image], [prob], params=PeakParams(min_snr=0.0))
+    assert len(everything) == 2 and everything["snr"][0] == 0.0  # min_snr 0 keeps all

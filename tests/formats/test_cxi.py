@@ -132,8 +132,15 @@ def test_missing_dataset_not_hdf5_and_truncated_file(tmp_path, geometry):
         h5["/other"] = np.zeros(3)
     with pytest.raises(FormatError, match="dataset /entry_1/data_1/data: dataset not found"):
         inspect_cxi(empty, geometry)
-    with pytest.raises(FormatError, match="no image dataset found"):
+    with pytest.raises(FormatError, match="no image dataset found") as err:
         inspect_cxi(empty)
+    assert "image-like" not in str(err.value)  # a 1-D dataset is no image
+    eiger = tmp_path / "eiger.h5"  # an Eiger still as some writers store it: /data
+    with h5py.File(eiger, "w") as h5:
+        h5["/data"] = np.zeros((1, 12, 10), np.uint16)
+    with pytest.raises(FormatError, match=r"image-like datasets here: /data \(1, 12, 10\) "
+                                          r"uint16 \(name one with a geometry's 'data' key"):
+        inspect_cxi(eiger)
     text = tmp_path / "text.cxi"
     text.write_text("not hdf5\n")
     with pytest.raises(FormatError, match="not a readable HDF5 file"):
@@ -444,15 +451,18 @@ def test_geometry_gets_the_gain_measured_from_the_data(tmp_path, geometry):
     results = _results(list(iter_cxi_frames(src, geometry)), [3, 1, 2])
     for result in results:
         result.meta.update(adu_per_photon=27.9, gain_measured=True)
+    results[1].meta["adu_per_photon"] = 30.3  # the run's pooled value by its second frame
     with CXIWriter(tmp_path / "out", geometry, frames_per_file=2, geometry_name="p.geom") as w:
-        for result in results[:2]:
-            w.write(result)
+        w.write(results[0])
+        assert {p.adu_per_photon for p in read_geometry(
+            tmp_path / "out" / "p.geom").panels} == {27.9}  # provisional: the first frame's
+        w.write(results[1])
     written = read_geometry(tmp_path / "out" / "p.geom")
-    assert {p.adu_per_photon for p in written.panels} == {27.9}
+    assert {p.adu_per_photon for p in written.panels} == {30.3}  # as the first file is done
     results[2].meta["adu_per_photon"] = 28.4  # the resumed run's own measurement
     with CXIWriter(tmp_path / "out", geometry, geometry_name="p.geom") as w:
         w.write(results[2])
-    assert {p.adu_per_photon for p in read_geometry(tmp_path / "out" / "p.geom").panels} == {27.9}
+    assert {p.adu_per_photon for p in read_geometry(tmp_path / "out" / "p.geom").panels} == {30.3}
     with pytest.raises(FormatError, match="another geometry"):
         with CXIWriter(tmp_path / "out", geometry, geometry_name="p.geom",
                        adu_per_photon=10.0) as w:

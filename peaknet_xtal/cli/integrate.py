@@ -21,12 +21,20 @@ written atomically under the output folder with the input's name:
 
 The detector gain (ADU per photon) comes from the geometry (adu_per_photon or adu_per_eV) unless
 --adu-per-photon is given; --read-noise is the Gaussian read noise in photons (default 0).
-Frames must be pedestal-corrected.  Reruns skip finished outputs and resume a stream after its
-last complete chunk.
+A placeholder declared gain (1, as CBF formats and many geometries declare; or adu_per_eV = 1)
+is replaced by the gain measured from the background, as peaknet2cxi does; the log says which gain
+is used and why.  Frames must be pedestal-corrected.
+
+Outputs appear under their final names only when complete.  Reruns skip finished CXI and DIALS
+outputs; a stream grows in a hidden .NAME.partial beside its output, kept after a failure, and
+the same command continues it after its last complete chunk.  A bad input (a missing or damaged
+file or image, a table without positions, no gain) ends the run with one line naming the file
+and the problem, exit status 1.
 """
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -61,8 +69,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = resolve_or_exit(parser, DEFAULTS, args)
     if not config["inputs"]:
         parser.error("give at least one input file")
-    record(config, Path(config["output"]) / CONFIG_NAME, "peaknet-integrate", argv)
-    for path in run(config):
+    from peaknet_xtal.errors import PeakNetError
+
+    try:
+        record(config, Path(config["output"]) / CONFIG_NAME, "peaknet-integrate", argv)
+        outputs = run(config)
+    except (PeakNetError, OSError) as exc:
+        # a user's error (a bad or missing file, no gain) or the system's (a full disk): the
+        # message names the file and the problem; a traceback would only bury it
+        print(f"peaknet-integrate: error: {exc}", file=sys.stderr)
+        return 1
+    for path in outputs:
         print(path)
     return 0
 
@@ -113,7 +130,7 @@ def run(config: Mapping[str, Any]) -> list[Path]:
                 out = out_dir / f"{Path(config['refl']).stem}_vi.refl"
             else:
                 out = out_dir / path.name
-            if out.exists() and kind != "stream":
+            if out.exists() and kind != "stream":  # a stream is continued, see the docstring
                 log.info("%s exists: skipped (delete it to integrate %s again)", out, path)
                 outputs.append(out)
                 continue

@@ -2,7 +2,9 @@
 
 Each function reads positions and images, integrates, and writes the same table back with new
 columns, atomically (nothing half-written under a final name).  Reruns resume: a finished CXI or
-DIALS output is skipped, a stream is appended after its last complete chunk.
+DIALS output is skipped, a stream grows under a hidden partial name (:func:`partial_path`), kept
+after a failure and continued after its last complete chunk, and is renamed when complete.  The
+detector gain is resolved the same way on every path (:class:`RunGain`).
 
 Units and columns:
 
@@ -59,19 +61,61 @@ CXI_COLUMNS = {
 Tick = Callable[[int], None]
 
 
-def frame_gain(geometry: Any, wavelength_A: float | None, override: float | None,
-               path: Any) -> float:
-    """ADU per photon: ``override`` if given, else the geometry's (settings.resolve_gain, as the
-    finder reads it); an error naming ``path`` when neither says, since the likelihood needs it."""
-    from peaknet_xtal.finding.settings import resolve_gain
+class RunGain:
+    """The detector gain (ADU per photon) of one integration run, resolved as the finder does.
 
-    gain = resolve_gain(override, geometry=geometry, wavelength_A=wavelength_A)
-    if gain is None:
-        raise FormatError(path, "no detector gain: the geometry declares neither "
-                                "adu_per_photon nor adu_per_eV; give --adu-per-photon")
-    if not gain > 0:
-        raise FormatError(path, f"detector gain {gain} ADU/photon is not positive")
-    return gain
+    Why one rule: the likelihood counts a spot's shot noise as ``gain x photons``, so a gain of
+    1 where the detector makes 30 ADU a photon reports ADU as photons and I/sigma several times
+    too high.  Files often declare exactly that placeholder (CBF's nominal 1 on integrating
+    detectors, ``adu_per_eV = 1`` in CrystFEL geometries), and the same image must give the
+    same photons whether it arrives as a DIALS table, a CXI peak table or a stream.  So: the
+    user's ``--adu-per-photon`` wins; else the declared gain (the geometry's, or the format's
+    for DIALS, as :func:`peaknet_xtal.finding.settings.resolve_gain` reads it) unless it is
+    missing or a placeholder (:func:`peaknet_xtal.finding.gain.is_placeholder`), in which case
+    the run's background measures it (:class:`peaknet_xtal.finding.gain.GainResolver`: the
+    first frames' estimates, then fixed).  One log line says which gain and why, once per gain.
+    """
+
+    def __init__(self, override: float | None) -> None:
+        from peaknet_xtal.finding.gain import GainResolver
+
+        self.override = None if override is None else float(override)
+        self._measure = GainResolver()
+        self._said: set[float] = set()
+
+    def __call__(self, declared: float | None, panels: Any, masks: Any, path: Any,
+                 origin: str = "the geometry") -> float:
+        """Gain for one frame; ``declared`` is what ``origin`` says (None: nothing).  A
+        FormatError naming ``path`` when no gain can be had, since the likelihood needs one."""
+        from peaknet_xtal.finding.gain import is_placeholder
+        from peaknet_xtal.finding.sanitise import sanitise_frame
+
+        why = None
+        if self.override is not None:
+            gain: float | None = self.override
+            why = f"{self.override:g} ADU per photon, as given (--adu-per-photon)"
+        elif declared is not None and declared > 0 and not is_placeholder(declared):
+            gain = float(declared)
+            why = f"declared gain {declared:g} ADU per photon ({origin}'s)"
+        else:  # missing or a placeholder: measured (the resolver logs which and why)
+            goods = sanitise_frame(panels, masks)[1]  # a gap's marked values are no background
+            gain = self._measure(declared, panels, goods)
+        if gain is None:
+            raise FormatError(path, f"no detector gain: {origin} declares none and the "
+                                    "background does not show one; give --adu-per-photon")
+        if not gain > 0:
+            raise FormatError(path, f"detector gain {gain:g} ADU/photon is not positive")
+        if why is not None and gain not in self._said:
+            self._said.add(gain)
+            log.info("detector gain: %s", why)
+        return gain
+
+
+def partial_path(out: str | os.PathLike[str]) -> Path:
+    """Where an unfinished stream output grows: beside ``out``, hidden, under a fixed name so
+    that the next run finds and continues it; renamed to ``out`` only when complete."""
+    out = Path(out)
+    return out.with_name(f".{out.name}.partial")
 
 
 # ---- CXI ---------------------------------------------------------------------------------------
@@ -82,9 +126,11 @@ def integrate_cxi(path: str | os.PathLike[str], geometry: Any, out_path: str | o
     """Integrate every peak of a CXI file (peaknet2cxi output); write a copy with new columns."""
     import h5py
 
+    from peaknet_xtal.finding.settings import resolve_gain
     from peaknet_xtal.formats.cxi import PEAK_GROUP, iter_cxi_frames, read_cxi_peaks
 
     path, out = Path(path), Path(out_path)
+    gains = RunGain(gain)
     table = read_cxi_peaks(path)
     results: dict[str, np.ndarray] = {name: np.full(table.columns["peakXPosRaw"].shape, np.nan)
                                       for name in CXI_COLUMNS}
@@ -96,7 +142,8 @@ def integrate_cxi(path: str | os.PathLike[str], geometry: Any, out_path: str | o
             continue
         peaks = table.peaks(row, geometry)
         wavelength = frame.meta.get("wavelength_A")
-        g = frame_gain(geometry, wavelength, gain, path)
+        g = gains(resolve_gain(geometry=geometry, wavelength_A=wavelength), frame.panels,
+                  frame.masks, path)
         bad = peaks["panel"] < 0
         if bad.any():
             raise FormatError(path, f"frame {row}: {int(bad.sum())} peaks lie on no panel of "
@@ -143,11 +190,12 @@ def integrate_stream(path: str | os.PathLike[str], geometry: Any,
     """Re-integrate every crystal's reflections of a stream; write a stream with VI I/sigma(I).
 
     Images are read from the chunk's ``Image filename`` (relative to the stream's folder if not
-    found as given) and ``Event`` (``//N`` is frame N of a stack).  Resumable: an existing output
-    is cut after its last complete chunk and the run continues from there.
+    found as given) and ``Event`` (``//N`` is frame N of a stack).  Atomic and resumable: the
+    stream grows under :func:`partial_path` and is renamed to ``out_path`` only when complete,
+    so the final name never holds half a stream; after a failure the frames written so far stay
+    there (the partial file is removed if it holds none), and the next run cuts it after its
+    last complete chunk and continues.  An existing ``out_path`` is continued from a copy.
     """
-    from peaknet_xtal.formats.cxi import read_cxi_frame
-    from peaknet_xtal.formats.geometry import HC_EV_A
     from peaknet_xtal.formats.stream import Chunk, StreamHeader, StreamWriter, iter_stream
 
     path, out = Path(path), Path(out_path)
@@ -160,7 +208,14 @@ def integrate_stream(path: str | os.PathLike[str], geometry: Any,
     if geometry is None:
         raise FormatError(path, "the stream carries no geometry; give one with -g")
     lookup = geometry.panel_index()
-    with StreamWriter(out, header=header, resume=True) as writer:
+    gains = RunGain(gain)
+    part = partial_path(out)
+    if out.exists() and not part.exists():
+        # a finished (or an older version's interrupted) output: continue a copy of it, so the
+        # final name keeps a whole stream until the new one is complete
+        shutil.copyfile(out, part)
+    writer = StreamWriter(part, header=header, resume=True)
+    try:
         done = writer.done_keys()
         for chunk in items:
             if not isinstance(chunk, Chunk):
@@ -170,42 +225,66 @@ def integrate_stream(path: str | os.PathLike[str], geometry: Any,
                     tick(1)
                 continue
             if chunk.crystals and any(x.n_reflections for x in chunk.crystals):
-                event = chunk.event or "//"
-                index = int(event.strip("/") or 0) if event.strip("/").isdigit() else 0
-                image = _image_path(chunk.filename, path)
-                frame = read_cxi_frame(image, index, geometry)
-                wavelength = (HC_EV_A / chunk.photon_energy_eV if chunk.photon_energy_eV
-                              else frame.meta.get("wavelength_A"))
-                g = frame_gain(geometry, wavelength, gain, path)
-                # Every crystal's reflections of the frame in one call, so that reflections of
-                # different crystals that share pixels are each other's neighbours.
-                lists = [c.reflections for c in chunk.crystals
-                         if c.reflections is not None and len(c.reflections)]
-                parts = []
-                mins = np.array([[p.min_fs, p.min_ss] for p in geometry.panels], float)
-                for refl in lists:
-                    try:
-                        panel = np.array([lookup[name] for name in refl["panel"]], np.int32)
-                    except KeyError as exc:
-                        raise FormatError(path, f"panel {exc.args[0]!r} is not in the geometry",
-                                          line=chunk.line) from None
-                    parts.append((panel, refl["fs"] - 0.5 - mins[panel, 0],
-                                  refl["ss"] - 0.5 - mins[panel, 1]))
-                res = integrator.integrate(
-                    frame, *(np.concatenate([q[k] for q in parts] or [np.zeros(0)])
-                             for k in range(3)),
-                    gain=g, read_noise=read_noise, wavelength_A=wavelength)
-                start = 0
-                for refl in lists:
-                    rows = slice(start, start + len(refl))
-                    start += len(refl)
-                    refl["I"] = res["lik_photons"][rows] * g
-                    refl["sigma"] = res["lik_sigma"][rows] * g
-                    refl["background"] = res["background"][rows] * g
+                _integrate_chunk(chunk, path, geometry, lookup, integrator, gains, read_noise)
             writer.write(chunk)
             if tick:
                 tick(1)
+    except BaseException:
+        writer.close()
+        if writer.count == 0 and writer.existing_chunks == 0:
+            part.unlink(missing_ok=True)  # a header alone: nothing worth keeping
+        else:
+            log.info("%s: the %d frames written so far are kept in %s; the same command "
+                     "continues from there", out, writer.count + writer.existing_chunks, part)
+        raise
+    writer.close()  # flushed and synced before the rename, so the final name is whole
+    os.replace(part, out)
     return out
+
+
+def _integrate_chunk(chunk: Any, path: Path, geometry: Any, lookup: dict[str, int],
+                     integrator: Integrator, gains: RunGain, read_noise: float) -> None:
+    """Put VI intensities into the reflection lists of one chunk (in place)."""
+    from peaknet_xtal.finding.settings import resolve_gain
+    from peaknet_xtal.formats.cxi import read_cxi_frame
+    from peaknet_xtal.formats.geometry import HC_EV_A
+
+    event = chunk.event or "//"
+    index = int(event.strip("/") or 0) if event.strip("/").isdigit() else 0
+    image = _image_path(chunk.filename, path)
+    if not image.exists():
+        # the stream's line names the image: say both, the user knows which to look for
+        raise FormatError(path, f"image {image} not found (the chunk's Image filename)",
+                          line=chunk.line)
+    frame = read_cxi_frame(image, index, geometry)
+    wavelength = (HC_EV_A / chunk.photon_energy_eV if chunk.photon_energy_eV
+                  else frame.meta.get("wavelength_A"))
+    g = gains(resolve_gain(geometry=geometry, wavelength_A=wavelength), frame.panels,
+              frame.masks, path)
+    # Every crystal's reflections of the frame in one call, so that reflections of
+    # different crystals that share pixels are each other's neighbours.
+    lists = [c.reflections for c in chunk.crystals
+             if c.reflections is not None and len(c.reflections)]
+    parts = []
+    mins = np.array([[p.min_fs, p.min_ss] for p in geometry.panels], float)
+    for refl in lists:
+        try:
+            panel = np.array([lookup[name] for name in refl["panel"]], np.int32)
+        except KeyError as exc:
+            raise FormatError(path, f"panel {exc.args[0]!r} is not in the geometry",
+                              line=chunk.line) from None
+        parts.append((panel, refl["fs"] - 0.5 - mins[panel, 0],
+                      refl["ss"] - 0.5 - mins[panel, 1]))
+    res = integrator.integrate(
+        frame, *(np.concatenate([q[k] for q in parts] or [np.zeros(0)]) for k in range(3)),
+        gain=g, read_noise=read_noise, wavelength_A=wavelength)
+    start = 0
+    for refl in lists:
+        rows = slice(start, start + len(refl))
+        start += len(refl)
+        refl["I"] = res["lik_photons"][rows] * g
+        refl["sigma"] = res["lik_sigma"][rows] * g
+        refl["background"] = res["background"][rows] * g
 
 
 # ---- DIALS ---------------------------------------------------------------------------------
@@ -227,23 +306,43 @@ def _resolution(table: Any, ids: np.ndarray, experiments: Any) -> np.ndarray:
     return d
 
 
+def _image_name(imageset: Any) -> str | None:
+    paths = list(imageset.paths()) if hasattr(imageset, "paths") else []
+    return str(paths[0]) if paths else None
+
+
+def _check_images(expt_path: str | os.PathLike[str], experiments: Any) -> None:
+    """A FormatError naming the first image of ``experiments`` that is not on disk: dxtbx's own
+    error for it is a wrapped FileNotFoundError that calls the .expt unreadable."""
+    for imageset in experiments.imagesets():
+        for image in (imageset.paths() if hasattr(imageset, "paths") else []):
+            if image and not os.path.exists(image):
+                raise FormatError(expt_path, f"image {image} not found (named by this "
+                                             "experiment list)")
+
+
 def integrate_dials(expt_path: str | os.PathLike[str], refl_path: str | os.PathLike[str],
                     out_path: str | os.PathLike[str], integrator: Integrator, *,
                     gain: float | None = None, read_noise: float = 0.0,
                     tick: Tick | None = None) -> Path:
     """Integrate the predicted reflections (``xyzcal.px``) of indexed DIALS stills.
 
-    Gain: ``gain`` if given, else each panel's dxtbx gain.  Writes a copy of the ``.refl`` with
-    ``intensity.vi.*``, ``background.vi.mean`` and ``intensity.vsum.*`` columns; rows of no
+    Gain (:class:`RunGain`): ``gain`` if given, else the format's declared gain, measured from
+    the image's background where that is a placeholder (CBF's nominal 1).  Writes a copy of the
+    ``.refl`` with ``intensity.vi.*``, ``background.vi.mean`` and ``intensity.vsum.*`` columns;
+    rows of no
     experiment (id -1: unindexed spots of an ``indexed.refl``) keep NaN there.
     """
     from dials.array_family import flex
 
+    from peaknet_xtal.finding.settings import resolve_gain
     from peaknet_xtal.formats.dials_tables import load_reflection_table, read_experiments
     from peaknet_xtal.types import Frame
 
+    _check_images(expt_path, read_experiments(expt_path))
     experiments = read_experiments(expt_path, check_format=True)
     table = load_reflection_table(refl_path)
+    gains = RunGain(gain)
     for column in ("xyzcal.px", "panel", "id"):
         if column not in table:
             raise FormatError(refl_path, f"no {column!r} column: integrate needs the predicted "
@@ -262,12 +361,19 @@ def integrate_dials(expt_path: str | os.PathLike[str], refl_path: str | os.PathL
         if rows.size == 0:
             continue
         imageset = experiment.imageset
-        raw = imageset.get_raw_data(0)
-        masks = imageset.get_mask(0)
+        try:
+            raw = imageset.get_raw_data(0)
+            masks = imageset.get_mask(0)
+        except Exception as exc:  # dxtbx's own errors (RuntimeError, ...): a damaged image
+            raise FormatError(_image_name(imageset) or expt_path, f"cannot read the image of "
+                              f"experiment {eid} ({type(exc).__name__}: {exc})") from exc
         images = [np.asarray(r.as_numpy_array(), dtype=np.float32) for r in raw]
         good = [np.asarray(m.as_numpy_array(), dtype=bool) for m in masks]
-        detector = experiment.detector
-        g = float(gain) if gain is not None else float(detector[0].get_gain())
+        # raw data are ADU; the format's gain is declared per panel (one value on the detectors
+        # DIALS stills come from)
+        declared = resolve_gain(meta={"adu_per_photon": experiment.detector[0].get_gain()})
+        g = gains(declared, images, good, _image_name(imageset) or expt_path,
+                  origin="the image format")
         frame = Frame(panels=images, masks=good, source=str(expt_path), event=f"//{eid}")
         with np.errstate(divide="ignore"):
             inv_d = np.where(d[rows] > 0, 1.0 / d[rows], 0.0)

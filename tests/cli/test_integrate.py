@@ -76,21 +76,100 @@ def test_stream_reflections_get_vi_intensities_and_resume(run, tmp_path):
     assert [c.key for c in again.chunks] == [c.key for c in after.chunks]
 
 
-def test_bad_input_names_the_file_and_writes_nothing(run, tmp_path):
+def _one_error_line(capsys, *names):
+    """The command's user error: one line on stderr naming the file(s), no traceback."""
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "peaknet-integrate: error:" in line]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    for name in names:
+        assert name in lines[0], err
+    return lines[0]
+
+
+def test_bad_input_names_the_file_and_writes_nothing(run, tmp_path, capsys):
     out = tmp_path / "out"
-    with pytest.raises(FormatError, match="missing.cxi"):
-        main([str(tmp_path / "missing.cxi"), "-g", str(run.geom), "-o", str(out)])
+    assert main([str(tmp_path / "missing.cxi"), "-g", str(run.geom), "-o", str(out)]) == 1
+    _one_error_line(capsys, "missing.cxi", "file not found")
     fake = tmp_path / "fake.cxi"
     fake.write_text("not hdf5")
-    with pytest.raises(FormatError, match="fake.cxi"):
-        main([str(fake), "-g", str(run.geom), "-o", str(out), "--no-progress"])
-    with pytest.raises(FormatError, match="peaks.txt"):
-        (tmp_path / "peaks.txt").write_text("x")
-        main([str(tmp_path / "peaks.txt"), "-o", str(out)])
-    with pytest.raises(FormatError, match="geometry"):
-        main([str(run.cxi), "-o", str(out)])
+    assert main([str(fake), "-g", str(run.geom), "-o", str(out), "--no-progress"]) == 1
+    _one_error_line(capsys, "fake.cxi")
+    (tmp_path / "peaks.txt").write_text("x")
+    assert main([str(tmp_path / "peaks.txt"), "-o", str(out)]) == 1
+    _one_error_line(capsys, "peaks.txt")
+    assert main([str(run.cxi), "-o", str(out)]) == 1
+    _one_error_line(capsys, "geometry")
     assert not (out / "fake.cxi").exists()
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary left over
+    # Python callers of run() still get the exception itself
+    from peaknet_xtal.cli.integrate import DEFAULTS
+    from peaknet_xtal.cli.integrate import run as run_integrate
+
+    with pytest.raises(FormatError, match="missing.cxi"):
+        run_integrate({**DEFAULTS, "inputs": [str(tmp_path / "missing.cxi")],
+                       "geometry": str(run.geom), "output": str(out)})
+
+
+def test_stream_whose_images_are_missing_is_one_line_and_leaves_no_output(run, tmp_path,
+                                                                          capsys):
+    """A stream from another machine (its images not here): one line naming the stream, its
+    line and the image, exit 1; no header-only stream under the final name, no partial file
+    (it would hold nothing)."""
+    stream = tmp_path / "elsewhere.stream"
+    name = f"Image filename: {run.cxi.name}"
+    stream.write_text(run.stream.read_text().replace(name, "Image filename: /nowhere/e88.h5"))
+    assert "/nowhere/e88.h5" in stream.read_text()
+    out = tmp_path / "out"
+    assert main([str(stream), "-o", str(out), "--no-progress"]) == 1
+    line = _one_error_line(capsys, "elsewhere.stream", "/nowhere/e88.h5", "not found")
+    assert "line " in line
+    assert not (out / stream.name).exists()
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_interrupted_stream_keeps_its_frames_under_a_partial_name_and_continues(run, tmp_path,
+                                                                                capsys):
+    """The first frame's image is there, the second's is not: the first frame's chunk is kept
+    under the partial name (nothing processed is lost), the final name holds nothing; with the
+    image back, the same command continues and renames the finished stream."""
+    from peaknet_xtal.formats.stream import read_stream
+    from peaknet_xtal.integration.files import partial_path
+
+    name = f"Image filename: {run.cxi.name}"
+    text = run.stream.read_text().replace(name, f"Image filename: {run.cxi}")
+    second = text.index("----- Begin chunk -----", text.index("----- Begin chunk -----") + 1)
+    stream = tmp_path / "two.stream"
+    stream.write_text(text[:second] + text[second:].replace(str(run.cxi), str(tmp_path / "b.cxi")))
+    out = tmp_path / "out"
+    assert main([str(stream), "-o", str(out), "--no-progress"]) == 1
+    _one_error_line(capsys, "b.cxi", "not found")
+    final, part = out / stream.name, partial_path(out / stream.name)
+    assert not final.exists()
+    kept = read_stream(part)
+    assert len(kept.chunks) == 1 and kept.chunks[0].crystals[0].reflections is not None
+    first_i = kept.chunks[0].crystals[0].reflections["I"].copy()
+    (tmp_path / "b.cxi").symlink_to(run.cxi)
+    assert main([str(stream), "-o", str(out), "--no-progress"]) == 0
+    assert not part.exists()
+    done = read_stream(final)
+    assert len(done.chunks) == 2
+    np.testing.assert_array_equal(done.chunks[0].crystals[0].reflections["I"], first_i)
+
+
+def test_placeholder_gain_of_the_geometry_is_measured(run, tmp_path):
+    """A geometry declaring the placeholder 1 ADU/photon for a detector of 8.5: the gain is
+    measured from the background, so the photons match those of the true gain."""
+    geom = tmp_path / "placeholder.geom"
+    geom.write_text(run.geom.read_text().replace("adu_per_photon = 8.5", "adu_per_photon = 1"))
+    assert "adu_per_photon = 1\n" in geom.read_text()
+    true_out, measured_out = tmp_path / "true", tmp_path / "measured"
+    assert main([str(run.cxi), "-g", str(run.geom), "-o", str(true_out), "--no-progress"]) == 0
+    assert main([str(run.cxi), "-g", str(geom), "-o", str(measured_out), "--no-progress"]) == 0
+    truth, measured = _peaks(true_out / run.cxi.name), _peaks(measured_out / run.cxi.name)
+    valid = np.arange(truth["peakXPosRaw"].shape[1])[None, :] < truth["nPeaks"][:, None]
+    ratio = np.median(measured["peakPhotonsVILik"][valid] / truth["peakPhotonsVILik"][valid])
+    assert ratio == pytest.approx(1.0, abs=0.1)
 
 
 @pytest.mark.dials
@@ -98,25 +177,8 @@ def test_dials_table_gets_vi_columns(run, tmp_path, dials_env):
     """An .expt read by dxtbx (the project's CXI format class) and a .refl of predicted
     positions: the written table carries intensity.vi.* beside DIALS' own columns."""
     from dials.array_family import flex
-    from dxtbx.model.experiment_list import ExperimentList, ExperimentListFactory
 
-    from peaknet_xtal.sim.output import read_truth
-
-    experiments = ExperimentListFactory.from_filenames([str(run.cxi)])
-    single = ExperimentList([experiments[0]])
-    expt = tmp_path / "frame0.expt"
-    single.as_file(str(expt))
-    truth = read_truth(run.truth)["reflections"]
-    rows = truth[truth["frame"] == 0]
-    table = flex.reflection_table()
-    table["id"] = flex.int(len(rows), 0)
-    table["panel"] = flex.size_t(rows["panel"].astype(np.uint64).tolist())
-    table["xyzcal.px"] = flex.vec3_double(list(zip((rows["fs"] + 0.5).tolist(),
-                                                   (rows["ss"] + 0.5).tolist(),
-                                                   [0.0] * len(rows), strict=True)))
-    table["d"] = flex.double((1.0 / rows["one_over_d"]).tolist())
-    refl = tmp_path / "frame0.refl"
-    table.as_file(str(refl))
+    expt, refl, _, rows, _ = _dials_frame0(run, tmp_path / "frame0")
     out = tmp_path / "out"
     assert main([str(expt), "--refl", str(refl), "-o", str(out), "--adu-per-photon", "8.5",
                  "--read-noise", "0.15", "--no-progress"]) == 0
@@ -161,3 +223,80 @@ def test_dials_table_with_unindexed_rows_and_no_d(run, tmp_path, dials_env):
     vi = np.asarray(result["intensity.vi.value"].as_numpy_array())
     assert len(vi) == len(rows)
     assert np.isnan(vi[ids < 0]).all() and np.isfinite(vi[ids >= 0]).all()
+
+
+def _dials_frame0(run, folder, geom_text=None):
+    """frame0.expt over a copy of the run's CXI file (with ``geom_text`` as its geometry, if
+    given) and a .refl of frame 0's true reflections at their predicted positions."""
+    import shutil
+
+    from dials.array_family import flex
+    from dxtbx.model.experiment_list import ExperimentList, ExperimentListFactory
+
+    from peaknet_xtal.sim.output import read_truth
+
+    folder.mkdir()
+    cxi = folder / run.cxi.name
+    shutil.copyfile(run.cxi, cxi)
+    (folder / run.geom.name).write_text(geom_text or run.geom.read_text())
+    experiments = ExperimentListFactory.from_filenames([str(cxi)])
+    expt = folder / "frame0.expt"
+    ExperimentList([experiments[0]]).as_file(str(expt))
+    rows = read_truth(run.truth)["reflections"]
+    rows = rows[rows["frame"] == 0]
+    table = flex.reflection_table()
+    table["id"] = flex.int(len(rows), 0)
+    table["panel"] = flex.size_t(rows["panel"].astype(np.uint64).tolist())
+    table["xyzcal.px"] = flex.vec3_double(list(zip((rows["fs"] + 0.5).tolist(),
+                                                   (rows["ss"] + 0.5).tolist(),
+                                                   [0.0] * len(rows), strict=True)))
+    table["d"] = flex.double((1.0 / rows["one_over_d"]).tolist())
+    refl = folder / "frame0.refl"
+    table.as_file(str(refl))
+    return expt, refl, cxi, rows, experiments[0].detector[0].get_gain()
+
+
+@pytest.mark.dials
+def test_dials_placeholder_gain_is_measured_from_the_background(run, tmp_path, dials_env,
+                                                                caplog):
+    """The image format declares 1 ADU/photon (a placeholder, like CBF on the CSPAD) for a
+    detector of 8.5: the gain is measured from the image's background, so the photons come out
+    right (not ADU); --adu-per-photon still wins; the log says which gain and why."""
+    from dials.array_family import flex
+
+    expt, refl, _, rows, declared = _dials_frame0(
+        run, tmp_path / "data",
+        run.geom.read_text().replace("adu_per_photon = 8.5", "adu_per_photon = 1"))
+    assert declared == 1.0
+    out = tmp_path / "out"
+    with caplog.at_level("INFO", logger="peaknet_xtal"):
+        assert main([str(expt), "--refl", str(refl), "-o", str(out), "--read-noise", "0.15",
+                     "--no-progress"]) == 0
+    said = [r.getMessage() for r in caplog.records if "detector gain" in r.getMessage()]
+    assert len(said) == 1 and "placeholder" in said[0], said
+    result = flex.reflection_table.from_file(str(out / "frame0_vi.refl"))
+    lik = np.asarray(result["intensity.vi_lik.value"].as_numpy_array())
+    strong = rows["snr"] > 10
+    assert strong.sum() > 10
+    assert np.median(lik[strong] / rows["photons"][strong]) == pytest.approx(1.0, abs=0.15)
+    # the user's gain wins over both the declared and the measured one
+    forced = tmp_path / "forced"
+    assert main([str(expt), "--refl", str(refl), "-o", str(forced), "--adu-per-photon", "1",
+                 "--no-progress"]) == 0
+    adu = np.asarray(flex.reflection_table.from_file(str(forced / "frame0_vi.refl"))[
+        "intensity.vi_lik.value"].as_numpy_array())
+    assert np.median(adu[strong] / rows["photons"][strong]) == pytest.approx(8.5, rel=0.15)
+
+
+@pytest.mark.dials
+def test_dials_expt_whose_images_are_missing_is_one_line(run, tmp_path, dials_env, capsys):
+    """An .expt whose images are not on this machine: one line naming the .expt and the image,
+    exit 1, nothing written under the output name."""
+    expt, refl, cxi, _, _ = _dials_frame0(run, tmp_path / "data")
+    cxi.unlink()
+    out = tmp_path / "out"
+    assert main([str(expt), "--refl", str(refl), "-o", str(out), "--adu-per-photon", "8.5",
+                 "--no-progress"]) == 1
+    _one_error_line(capsys, "frame0.expt", str(cxi), "not found")
+    assert not (out / "frame0_vi.refl").exists()
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]

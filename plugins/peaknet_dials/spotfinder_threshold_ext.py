@@ -25,6 +25,7 @@ Contract DIALS imposes (and why the code looks the way it does):
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -36,6 +37,10 @@ import numpy as np
 import peaknet_xtal.formats  # noqa: F401  # HDF5 compression filters (module docstring)
 from peaknet_xtal.finding.settings import DEFAULTS
 
+#: Under DIALS' ``dials`` logger, whose handlers DIALS sets up (console and ``dials.*.log``, and
+#: the records its worker processes send back); the package's own loggers reach neither.
+log = logging.getLogger("dials.algorithms.spot_finding.threshold.peaknet")
+
 _D = DEFAULTS
 PHIL = f"""
 model = {_D.model}
@@ -46,6 +51,7 @@ model = {_D.model}
 device = {" ".join(("*" if c == _D.device else "") + c for c in ("auto", "cpu", "cuda"))}
   .type = choice
   .help = "Where the model runs: auto uses CUDA when torch sees a GPU, otherwise the CPU."
+          "cuda without a GPU torch can use stops spot finding before any image is read."
 threshold = {_D.threshold}
   .type = float(value_min=0, value_max=1)
   .help = "Peak probability at or above which a pixel is foreground. Lower values find more and"
@@ -217,6 +223,7 @@ def _build_predictor(settings: PeakNetSettings) -> Any:
     module import)."""
     from peaknet_xtal.finding.engine import InferenceEngine
 
+    check_device(settings.device)  # settings not built from DIALS' parameters: still a Sorry
     return InferenceEngine(
         model=settings.model,
         device=settings.device,
@@ -241,6 +248,76 @@ def _check_model_exists(model: str) -> None:
     if model != "default" and not Path(model).exists():
         raise FormatError(model, "PeakNet model not found (spotfinder.threshold.peaknet.model)")
     check_model(model)
+
+
+DEVICE_SETTING = "spotfinder.threshold.peaknet.device"
+
+
+def check_device(spec: str) -> None:
+    """Fail at start-up, in the main process, with DIALS' user error (``Sorry``) where the model
+    could not run on ``spec``: CUDA that torch does not see, a GPU index it does not have, a
+    string that is no device.  The engine would find out only on the first image, inside a
+    DIALS worker, as a crash to report.  ``auto`` and ``cpu`` always run and import nothing."""
+    if spec in ("auto", "cpu"):
+        return
+    import torch
+
+    from peaknet_xtal.finding.engine import resolve_device
+
+    n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    available = ["auto", "cpu"] + (["cuda"] + [f"cuda:{i}" for i in range(n_gpus)]
+                                   if n_gpus else [])
+    why = None
+    try:
+        device = resolve_device(spec)  # the engine's own resolution (auto, cpu, cuda[:N])
+    except RuntimeError:  # torch's own message for a malformed string is long and generic
+        why = "not a device torch knows"
+    except ValueError:
+        why = "torch sees no CUDA GPU"
+    else:
+        if device.type not in ("cpu", "cuda"):
+            why = "not a device PeakNet runs on here"
+        elif device.type == "cuda" and device.index is not None and device.index >= n_gpus:
+            why = f"torch sees {n_gpus} CUDA GPU{'s' if n_gpus != 1 else ''}"
+    if why is not None:
+        from libtbx.utils import Sorry
+
+        raise Sorry(f"peaknet: device {spec!r} ({DEVICE_SETTING}): {why}; available here: "
+                    f"{', '.join(available)}")
+
+
+#: The engines whose gain is in DIALS' log already (one line per engine, i.e. per process run).
+_GAIN_REPORTED: set[int] = set()
+
+
+def _report_gain(engine: Any, settings: PeakNetSettings, meta: dict[str, Any]) -> None:
+    """Say once per run, in DIALS' log, which gain the peak SNRs count shot noise with.
+
+    The engine logs its gain through the package's own logger, which DIALS does not show, and the
+    gain matters: the images DIALS hands over declare 1 count per photon (dxtbx divides by the
+    format's gain), a placeholder on integrating detectors, so the gain is usually measured from
+    the run's first images' background (``finding/gain.py``), which changes every SNR."""
+    with _PREDICTORS_LOCK:
+        if id(engine) in _GAIN_REPORTED:
+            return
+        _GAIN_REPORTED.add(id(engine))
+    gain = meta.get("adu_per_photon")
+    if settings.gain is not None:
+        how = "as set (spotfinder.threshold.peaknet.gain)"
+    elif gain is None:
+        log.info("peaknet: no detector gain known: peak SNRs count background noise only "
+                 "(spotfinder.threshold.peaknet.gain sets one)")
+        return
+    elif meta.get("gain_measured"):
+        how = ("measured from the background of the run's first images, as the format's gain is "
+               "missing or a placeholder (spotfinder.threshold.peaknet.gain overrides it)")
+    else:
+        how = "as the images declare (spotfinder.threshold.peaknet.gain overrides it)"
+    if gain == 0:
+        log.info("peaknet: detector gain 0 %s: peak SNRs count background noise only", how)
+    else:
+        log.info("peaknet: peak SNRs count shot noise at a detector gain of %.3g counts per "
+                 "photon, %s", gain, how)
 
 
 def _image_name(kwargs: dict[str, Any]) -> str | None:
@@ -284,6 +361,7 @@ class PeakNetSpotFinderThresholdExt:
     def __init__(self, params: Any) -> None:
         self.settings = PeakNetSettings.from_params(params)
         self._image: _ImageForeground | None = None
+        check_device(self.settings.device)
         with _as_user_error():
             _check_model_exists(self.settings.model)
 
@@ -348,6 +426,7 @@ class PeakNetSpotFinderThresholdExt:
         defects = None if i_panel is None else panel_defects(self.settings, i_panel)
         (result,) = engine.find_frames([frame], with_pixels=True, defects=defects,
                                        whole=i_panel is None)
+        _report_gain(engine, self.settings, result.meta)
         foreground: list[np.ndarray] = result.dials_foreground(self.settings.dilation)
         return foreground
 

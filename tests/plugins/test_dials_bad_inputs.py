@@ -110,3 +110,26 @@ def test_find_spots_masks_absurd_pixels_and_warns(name, corpus, imported, env, t
         assert all(case.says in w for w in warned), warned
     found = len(flex.reflection_table.from_file(str(tmp_path / "strong.refl")))
     assert clean > 0 and abs(found - clean) <= 5 * badinputs.N_FRAMES, (found, clean)
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_find_spots_unusable_device_is_a_user_error(nproc, real_data, env, tmp_path):
+    """``device=cuda`` where torch sees no GPU stops ``dials.find_spots`` before any image is
+    found, with one Sorry line naming the setting and the devices there are, in DIALS' main
+    process also when spot finding would run in worker processes."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("torch sees a CUDA GPU here: device=cuda is usable")
+    cbf = sorted((real_data / "cspad_thermolysin_stills").glob("*.cbf"))[0]
+    rc, output = dials("import", [str(cbf)], tmp_path, env)
+    assert rc == 0, output[-3000:]
+    rc, output = dials("find_spots", ["imported.expt", "algorithm=peaknet", ONE_THREAD,
+                                      "spotfinder.threshold.peaknet.device=cuda",
+                                      f"spotfinder.mp.nproc={nproc}"], tmp_path, env)
+    assert rc != 0, output[-2000:]
+    assert "Traceback" not in output and "dials-support" not in output, output[-3000:]
+    sorry = [line for line in output.splitlines() if line.startswith("Sorry:")]
+    assert sorry == ["Sorry: peaknet: device 'cuda' (spotfinder.threshold.peaknet.device): "
+                     "torch sees no CUDA GPU; available here: auto, cpu"], output[-3000:]
+    assert "Finding strong spots" not in output and not (tmp_path / "strong.refl").exists()

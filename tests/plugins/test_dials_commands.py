@@ -73,6 +73,28 @@ def test_cspad_still_indexes_with_default_peaknet(still: str, real_data: Path, e
     assert n_indexed >= 20, f"{n_indexed} of {len(strong)} spots indexed on {still}"
 
 
+def test_gain_in_use_is_in_the_dials_log_once_per_run(real_data: Path, env, tmp_path):
+    """The gain the peak SNRs count shot noise with is in DIALS' own log (console and
+    ``dials.find_spots.log``), once for a run of several images: on the CSPAD stills (whose CBFs
+    declare the placeholder 1) it is measured from the background, about 30 ADU per photon
+    (``finding/gain.py``); a gain that is set is reported as set."""
+    import re
+
+    stills = sorted((real_data / CSPAD_DIR).glob("*.cbf"))
+    assert len(stills) >= 2
+    run_dials("import", *map(str, stills), cwd=tmp_path, env=env)
+    for extra, how in (((), "measured from the background"),
+                       (("spotfinder.threshold.peaknet.gain=12",), "as set")):
+        out, _ = run_dials("find_spots", "imported.expt", "algorithm=peaknet", ONE_THREAD,
+                           *extra, cwd=tmp_path, env=env)
+        log = (tmp_path / "dials.find_spots.log").read_text()
+        for text in (out, log):
+            said = [line for line in text.splitlines() if "detector gain" in line]
+            assert len(said) == 1 and how in said[0], said
+            gain = float(re.search(r"detector gain of ([0-9.e+]+)", said[0]).group(1))
+            assert (20 <= gain <= 40) if not extra else gain == 12, said[0]
+
+
 def test_long_form_region_of_interest_and_nproc2_agree(real_data: Path, env, tmp_path):
     """``spotfinder.threshold.algorithm=peaknet`` with 2 worker processes (the extension is
     pickled into them) gives exactly the spots of a single process; the ROI option works too."""

@@ -298,6 +298,46 @@ def test_missing_model_fails_at_start_up_naming_it(dials_modules, tmp_path) -> N
         factory.configure_threshold(params)
 
 
+def test_unusable_device_fails_at_start_up_naming_it(dials_modules) -> None:
+    """A device the model cannot run on is DIALS' user error when DIALS builds the finder (before
+    any image, in the main process), naming the setting and the devices there are; settings
+    that reach the engine some other way (unpickled in a worker) fail the same way, not as a
+    crash to report.  ``auto`` and ``cpu`` always work."""
+    import torch
+    from libtbx.utils import Sorry
+
+    from peaknet_dials.spotfinder_threshold_ext import (
+        PeakNetSettings,
+        PeakNetSpotFinderThresholdExt,
+        check_device,
+    )
+
+    factory, phil_scope = dials_modules
+    n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    available = "auto, cpu" + "".join([", cuda"] + [f", cuda:{i}" for i in range(n_gpus)]
+                                      if n_gpus else [])
+    check_device("auto")
+    check_device("cpu")
+    setting = r"\(spotfinder\.threshold\.peaknet\.device\)"
+    for spec, why in (("gpu", "not a device torch knows"), ("cuda:x", "not a device torch knows"),
+                      ("meta", "not a device PeakNet runs on"),
+                      (f"cuda:{n_gpus}", f"torch sees {n_gpus} CUDA GPU" if n_gpus else
+                       "torch sees no CUDA GPU")):
+        with pytest.raises(Sorry, match=f"^peaknet: device '{spec}' {setting}: {why}.*; "
+                                        f"available here: {available}$"):
+            check_device(spec)
+    if n_gpus:
+        return  # device=cuda is usable here
+    params = _params(phil_scope, "spotfinder.threshold.algorithm=peaknet",
+                     "spotfinder.threshold.peaknet.device=cuda")
+    with pytest.raises(Sorry, match="device 'cuda' .*no CUDA GPU; available here: auto, cpu$"):
+        factory.configure_threshold(params)
+    ext = PeakNetSpotFinderThresholdExt.__new__(PeakNetSpotFinderThresholdExt)
+    ext.__setstate__({"settings": {**PeakNetSettings().__dict__, "device": "cuda"}})
+    with pytest.raises(Sorry, match="device 'cuda' .*no CUDA GPU"):
+        ext.peak_pixels(np.zeros((8, 8), np.float32), np.ones((8, 8), bool))
+
+
 def test_phil_defaults_are_the_shared_finding_defaults(dials_modules) -> None:
     """The PHIL defaults are generated from peaknet_xtal.finding.settings.DEFAULTS, so the DIALS
     plugin, the library and peaknet2cxi cannot drift apart."""

@@ -66,7 +66,10 @@ def bounded(kind: type, *, ge: float | None = None, gt: float | None = None,
     not only the bound it crossed, so one message tells the user what to type; NaN is outside
     every range.  ``optional`` also allows ``None`` (``max_peaks: null``: no cap).
     """
-    allowed = _range_text(ge, gt, le, lt)
+    from peaknet_xtal.finding.settings import range_text
+
+    allowed = range_text({k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt))
+                          if v is not None})
 
     def check(value: Any) -> Any:
         if value is None:
@@ -79,19 +82,6 @@ def bounded(kind: type, *, ge: float | None = None, gt: float | None = None,
 
     kind_in_range: Any = Annotated[kind, AfterValidator(check)]
     return kind_in_range | None if optional else kind_in_range
-
-
-def _range_text(ge: float | None, gt: float | None, le: float | None, lt: float | None) -> str:
-    """``in (0, 1]``, ``>= 1``, ...: how a user would write the range."""
-    low, low_open = (gt, True) if gt is not None else (ge, False)
-    high, high_open = (lt, True) if lt is not None else (le, False)
-    if low is not None and high is not None:
-        return f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-    if low is not None:
-        return f"{'>' if low_open else '>='} {low:g}"
-    if high is not None:
-        return f"{'<' if high_open else '<='} {high:g}"
-    return "any number"
 
 
 def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:

@@ -52,6 +52,7 @@ from peaknet_xtal import config as cfgmod
 from peaknet_xtal.config import bounded
 from peaknet_xtal.errors import FormatError, PeakNetError
 from peaknet_xtal.finding.settings import DEFAULTS as FINDING
+from peaknet_xtal.finding.settings import LIMITS
 from peaknet_xtal.formats.cxi import DEFAULT_MAX_PEAKS
 from peaknet_xtal.progress import Progress
 from peaknet_xtal.types import Frame, FrameResult
@@ -85,19 +86,27 @@ DEFAULTS: dict[str, Any] = {
     "address": None,
     "predictor": None,  # Python callers only: predictor(panels, masks) -> probability maps
 }
-#: Every number's range, here alone: config.resolve checks them for the command line and a
-#: --config file alike, and run() for Python callers.  A value outside would otherwise run
-#: silently with a meaningless cut (a probability of 1.5, a negative SNR) or be bent quietly by a
-#: consumer (frames_per_file 0 taken as 1).  The DIALS plugin declares its own in its PHIL.
+
+
+def _limited(kind: type, name: str, optional: bool = False) -> Any:
+    """A finding setting's type with its range from ``finding.settings.LIMITS`` (defined there
+    once, for the engine and the Python API too)."""
+    limits = LIMITS[name]
+    return bounded(kind, ge=limits.get("ge"), gt=limits.get("gt"), le=limits.get("le"),
+                   lt=limits.get("lt"), optional=optional)
+
+
+#: Every number's range: config.resolve checks them for the command line and a --config file
+#: alike, and run() for Python callers.  A value outside would otherwise run silently with a
+#: meaningless cut (a probability of 1.5, a negative SNR) or be bent quietly by a consumer
+#: (frames_per_file 0 taken as 1).  The DIALS plugin declares the same in its PHIL.
 RANGES: dict[str, Any] = {
-    "threshold": bounded(float, gt=0, le=1),  # a probability cut; 0 would take every pixel
-    "rescue_prob": bounded(float, gt=0, le=1),  # the same kind of cut (1: rescue off)
-    "min_snr": bounded(float, ge=0), "min_height": bounded(float, ge=0),  # 0: no such cut
-    "rescue_height": bounded(float, ge=0),
-    "adu_per_photon": bounded(float, ge=0, optional=True),  # 0: background noise only
+    **{name: _limited(float, name) for name in ("threshold", "rescue_prob", "min_snr",
+                                                 "min_height", "rescue_height")},
+    "adu_per_photon": _limited(float, "adu_per_photon", optional=True),  # 0: no shot noise
     "min_peaks": bounded(int, ge=0), "faint_support": bounded(int, ge=0),  # 0: every frame
-    "max_peaks": bounded(int, ge=1, optional=True),  # None: no cap
-    "batch_size": bounded(int, ge=1), "frames_per_file": bounded(int, ge=1),
+    "max_peaks": _limited(int, "max_peaks", optional=True),  # None: no cap
+    "batch_size": _limited(int, "batch_size"), "frames_per_file": bounded(int, ge=1),
     "workers": bounded(int, ge=1), "threads": bounded(int, ge=1, optional=True),
 }
 #: Types of the settings whose default (None) cannot say it, or that the default's type allows too

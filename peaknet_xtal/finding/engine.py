@@ -82,6 +82,7 @@ from peaknet_xtal.finding.sanitise import SanitiseTally, sanitise_frame
 from peaknet_xtal.finding.settings import (
     DEFAULTS,
     check_faint_support,
+    check_limits,
     check_min_peaks,
     resolve_gain,
 )
@@ -204,6 +205,9 @@ class InferenceEngine:
                              f"tile_size - {MIN_TILE} (tiles start on the model's grid), got "
                              f"{tile_size}, {tile_overlap}")
         params = peak_params or PeakParams()
+        check_limits({"threshold": threshold, "min_snr": min_snr, "min_height": min_height,
+                      "max_peaks": max_peaks, "adu_per_photon": adu_per_photon,
+                      "rescue_prob": rescue_prob, "rescue_height": rescue_height})
         check_min_peaks(params.min_peaks if min_peaks is None else min_peaks)
         check_faint_support(params.faint_support if faint_support is None else faint_support)
         overrides = {k: v for k, v in (("threshold", threshold), ("min_snr", min_snr),

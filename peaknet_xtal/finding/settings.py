@@ -226,6 +226,44 @@ def check_count(value: Any, what: str) -> int:
     return int(value)
 
 
+#: The values each finding setting may take (``gt``/``ge``/``lt``/``le`` bounds), defined here
+#: once: the engine (so the Python API) checks them, ``peaknet2cxi`` builds its command-line and
+#: config-file checks from them, and the DIALS plugin's PHIL states the same ranges.  Outside,
+#: a setting runs silently meaningless (a probability cut of 2 keeps nothing; a negative SNR cut
+#: keeps every blob).  The DIALS plugin's PHIL states the same ranges (value_min, value_max).
+LIMITS: dict[str, dict[str, float]] = {
+    "threshold": {"ge": 0, "le": 1}, "rescue_prob": {"ge": 0, "le": 1},
+    "min_snr": {"ge": 0}, "min_height": {"ge": 0}, "rescue_height": {"ge": 0},
+    "adu_per_photon": {"ge": 0}, "max_peaks": {"ge": 1}, "batch_size": {"ge": 1},
+}
+
+
+def check_limits(values: Mapping[str, Any]) -> None:
+    """A ValueError naming the first of ``values`` (None: not set) outside :data:`LIMITS`."""
+    for name, value in values.items():
+        bounds = LIMITS.get(name)
+        if value is None or bounds is None:
+            continue
+        low, high = bounds.get("gt", bounds.get("ge")), bounds.get("lt", bounds.get("le"))
+        inside = ((low is None or value > low or ("ge" in bounds and value == low))
+                  and (high is None or value < high or ("le" in bounds and value == high)))
+        if not inside:  # NaN compares False everywhere: outside too
+            raise ValueError(f"{name} must be {range_text(bounds)}, got {value!r}")
+
+
+def range_text(bounds: Mapping[str, float]) -> str:
+    """``in (0, 1]``, ``>= 1``, ...: a :data:`LIMITS` entry as a user would write it."""
+    low, low_open = (bounds["gt"], True) if "gt" in bounds else (bounds.get("ge"), False)
+    high, high_open = (bounds["lt"], True) if "lt" in bounds else (bounds.get("le"), False)
+    if low is not None and high is not None:
+        return f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    if low is not None:
+        return f"{'>' if low_open else '>='} {low:g}"
+    if high is not None:
+        return f"{'<' if high_open else '<='} {high:g}"
+    return "any number"
+
+
 def check_min_peaks(value: Any) -> int:
     """``value`` as a hit's least peak count, or a ValueError saying why it cannot be one."""
     return check_count(value, "min_peaks (peaks that make a hit)")

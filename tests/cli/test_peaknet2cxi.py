@@ -444,8 +444,8 @@ def test_dials_output_indexes_the_real_cspad_stills(real_data, dials_env, tmp_pa
 
 #: option, a value outside its range, the range the error states
 OUT_OF_RANGE = [
-    ("--threshold", "1.5", "in (0, 1]"), ("--threshold", "0", "in (0, 1]"),
-    ("--threshold", "nan", "in (0, 1]"), ("--rescue-prob", "1.5", "in (0, 1]"),
+    ("--threshold", "1.5", "in [0, 1]"), ("--threshold", "-0.1", "in [0, 1]"),
+    ("--threshold", "nan", "in [0, 1]"), ("--rescue-prob", "1.5", "in [0, 1]"),
     ("--min-snr", "-3", ">= 0"), ("--min-height", "-1", ">= 0"),
     ("--rescue-height", "-0.5", ">= 0"), ("--faint-support", "-1", ">= 0"),
     ("--adu-per-photon", "-2", ">= 0"), ("--min-peaks", "-1", ">= 0"),

@@ -218,3 +218,18 @@ def test_cctbx_example_runs_on_real_cspad_with_the_default_model(real_data, tmp_
 
     table = flex.reflection_table.from_file(str(out))
     assert "xyzobs.px.value" in table and "panel" in table and "bbox" in table
+
+
+@pytest.mark.parametrize(("setting", "value", "words"), [
+    ("threshold", 2.0, "threshold must be in [0, 1], got 2.0"),
+    ("threshold", -0.5, "threshold must be in [0, 1]"),
+    ("min_snr", -3.0, "min_snr must be >= 0"),
+    ("rescue_prob", float("nan"), "rescue_prob must be in [0, 1]"),
+    ("max_peaks", 0, "max_peaks must be >= 1"),
+])
+def test_settings_outside_their_range_are_refused(setting, value, words):
+    """The Python API checks what peaknet2cxi checks (``finding.settings.LIMITS``): a cut of 2
+    ran and found 7 peaks where it should have found none or failed."""
+    with pytest.raises(ValueError) as err:
+        PeakFinder(**{setting: value})
+    assert words in str(err.value)

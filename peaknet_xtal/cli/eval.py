@@ -17,7 +17,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from peaknet_xtal.config import cli_parser, record, resolve_or_exit, setup_logging
+from peaknet_xtal.config import bounded, cli_parser, record, resolve_or_exit, setup_logging
+from peaknet_xtal.errors import PeakNetError
 from peaknet_xtal.finding.settings import DEFAULTS as FINDING
 
 DEFAULTS: dict[str, Any] = {
@@ -32,7 +33,9 @@ DEFAULTS: dict[str, Any] = {
     "space_group": None,
     "samples": 2,
 }
-TYPES: dict[str, Any] = {"data": str | None, "output": str | None, "space_group": str | None}
+TYPES: dict[str, Any] = {"data": str | None, "output": str | None, "space_group": str | None,
+                         "tune_frames": bounded(int, ge=0), "cutoff": bounded(float, gt=0),
+                         "min_peaks": bounded(int, ge=0), "samples": bounded(int, ge=0)}
 
 
 def run(config: dict[str, Any]) -> dict[str, Any]:
@@ -65,7 +68,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = resolve_or_exit(parser, DEFAULTS, args, types=TYPES)
     record(config, Path(config["output"]) / "config.json", "peaknet-eval",
            sys.argv[1:] if argv is None else argv)
-    report = run(config)
+    try:
+        report = run(config)
+    except (PeakNetError, OSError, ValueError) as exc:
+        print(f"peaknet-eval: error: {exc}", file=sys.stderr)
+        return 1
     for label, entry in report["finders"].items():
         acc = entry.get("accuracy", {})
         print(f"{label:24s} F1 {acc.get('f1', float('nan')):.3f}  "

@@ -145,16 +145,18 @@ def marked_pixels(image: np.ndarray, dtype: Any) -> tuple[np.ndarray, str] | Non
         with np.errstate(invalid="ignore"):
             least = float(np.nanmin(image)) if np.isfinite(image).any() else None
     low, high = count_range(dtype, least)
-    marked, what = None, []
+    marked, what = None, []  # what: only the marks this panel holds, for the warning
     if np.isfinite(high):
         marked = image >= np.float32(high)
-        what.append(f"at {high:.10g}, the largest value of the data's type ({dtype})")
+        if marked.any():
+            what.append(f"at {high:.10g}, the largest value of the data's type ({dtype})")
     if np.isfinite(low):
         below = image <= np.float32(low)
         marked = below if marked is None else marked | below
-        what.append(f"below zero ({dtype} data going no lower than -2: -1 marks gaps, -2 bad "
-                    "pixels)" if low == -1.0 else f"at {low:.10g}, the smallest value of the "
-                    f"data's type ({dtype})")
+        if below.any():
+            what.append(f"below zero ({dtype} data going no lower than -2: -1 marks gaps, -2 "
+                        "bad pixels)" if low == -1.0 else f"at {low:.10g}, the smallest value "
+                        f"of the data's type ({dtype})")
     return None if marked is None else (marked, " or ".join(what))
 
 

@@ -80,3 +80,16 @@ def test_config_file_typo_is_an_error(tmp_path, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "eval.yaml" in err and "'tune_frame'" in err and "'tune_frames'" in err
+
+
+def test_tuning_on_every_frame_is_an_error_not_an_empty_report(sim_run, tmp_path, capsys):
+    """Three frames, all asked for tuning: nothing would be scored (an F1 of NaN that exited 0);
+    a missing run folder is one line too."""
+    out = tmp_path / "report"
+    assert main([str(sim_run), "-o", str(out), "--finders", "dispersion",
+                 "--tune-frames", "3"]) == 1
+    assert "all taken by --tune-frames 3: nothing left to score" in capsys.readouterr().err
+    assert not (out / "report.json").exists()
+    assert main([str(tmp_path / "nothing"), "-o", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("peaknet-eval: error:") and "Traceback" not in err

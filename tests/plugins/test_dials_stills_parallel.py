@@ -39,8 +39,11 @@ def test_stills_process_nproc_2_finds_spots_in_two_processes_at_once(real_data, 
     run_dials("stills_process", *map(str, stills), "dispatch.index=False",
               "spotfinder.threshold.algorithm=peaknet", "mp.nproc=2",
               "mp.method=multiprocessing", "spotfinder.threshold.peaknet.device=cpu",
-              f"output.output_dir={tmp_path}", cwd=tmp_path,
-              env=dials_environment(dials_env))
+              f"output.output_dir={tmp_path}", "output.strong_filename=%s_strong.refl",
+              "output.composite_output=False", cwd=tmp_path, env=dials_environment(dials_env))
+    # the README's command: one strong-spot table per still (DIALS writes none by default)
+    assert sorted(p.name for p in tmp_path.glob("*_strong.refl")) == [
+        f"idx-{s.stem}_strong.refl" for s in stills]
     status = stills_process_status(tmp_path / "debug")
     assert sorted(status) == sorted(s.stem for s in stills)
     assert all(s.startswith("spotfinding_ok_") and int(s.rsplit("_", 1)[1]) > 20

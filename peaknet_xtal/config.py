@@ -66,17 +66,13 @@ def bounded(kind: type, *, ge: float | None = None, gt: float | None = None,
     not only the bound it crossed, so one message tells the user what to type; NaN is outside
     every range.  ``optional`` also allows ``None`` (``max_peaks: null``: no cap).
     """
-    from peaknet_xtal.finding.settings import range_text
+    from peaknet_xtal.finding.settings import range_text, within
 
-    allowed = range_text({k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt))
-                          if v is not None})
+    bounds = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}
+    allowed = range_text(bounds)
 
     def check(value: Any) -> Any:
-        if value is None:
-            return value
-        inside = ((ge is None or value >= ge) and (gt is None or value > gt)
-                  and (le is None or value <= le) and (lt is None or value < lt))
-        if not inside:  # comparisons with NaN are all False: NaN is refused too
+        if value is not None and not within(bounds, value):  # NaN is outside every range
             raise PydanticCustomError("out_of_range", "must be {allowed}", {"allowed": allowed})
         return value
 

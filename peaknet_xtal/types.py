@@ -98,10 +98,12 @@ def count_range(dtype: Any, least: float | None = None) -> tuple[float, float]:
     if marker is not None:
         return -np.inf, marker
     dtype = np.dtype(dtype)
-    if dtype.kind == "i" and dtype.itemsize >= 2:
-        info = np.iinfo(dtype)
-        return (-1.0 if least in SIGNED_MARKS else float(info.min)), float(info.max)
-    return -np.inf, np.inf
+    if dtype.kind != "i":
+        return -np.inf, np.inf
+    wide = dtype.itemsize >= 2  # 8-bit data are too narrow to spare their extremes
+    low = float(np.iinfo(dtype).min) if wide else -np.inf
+    return (-1.0 if least in SIGNED_MARKS else low), (float(np.iinfo(dtype).max) if wide
+                                                      else np.inf)
 
 
 @dataclass

@@ -104,7 +104,8 @@ def test_integer_marker_of_each_type(dtype, marker):
     (np.int32, -3.0, (-2147483648.0, 2147483647.0)),  # pedestal-subtracted: negatives are data
     (np.int16, 0.0, (-32768.0, 32767.0)),  # the extremes mark errors and overloads
     (np.int32, None, (-2147483648.0, 2147483647.0)),
-    (np.int8, -1.0, (-np.inf, np.inf)),  # too narrow to spare a value
+    (np.int8, -1.0, (-1.0, np.inf)),  # -1/-2 marks at any width, the extremes from 16 bits
+    (np.int8, -5.0, (-np.inf, np.inf)),
     (np.float32, -1.0, (-np.inf, np.inf)),  # float data mark with NaN, not values
     (np.uint8, 255.0, (-np.inf, np.inf)),  # too narrow to spare a value
 ])

@@ -53,7 +53,7 @@ from peaknet_xtal.config import bounded
 from peaknet_xtal.errors import FormatError, PeakNetError
 from peaknet_xtal.finding.settings import DEFAULTS as FINDING
 from peaknet_xtal.finding.settings import LIMITS
-from peaknet_xtal.formats.cxi import DEFAULT_MAX_PEAKS
+from peaknet_xtal.formats.cxi import DEFAULT_MAX_PEAKS, geometry_placement
 from peaknet_xtal.progress import Progress
 from peaknet_xtal.types import Frame, FrameResult
 
@@ -267,7 +267,7 @@ def run(config: Mapping[str, Any]) -> dict[str, Any]:
     config = cfgmod.deep_merge(DEFAULTS, dict(config))
     config.update(cfgmod.validate({k: config[k] for k in RANGES},
                                   {k: DEFAULTS[k] for k in RANGES}, RANGES,
-                                  [(cfgmod.COMMAND_LINE, config)]))
+                                  [("run() arguments", config)]))
     check_output_folder(Path(config["output"]))
     if int(config["workers"] or 1) > 1 or config["address"]:
         return _run_pipeline(config)
@@ -380,17 +380,20 @@ class OneGeometry:
         self.origin = ""
         if path.exists():  # an earlier run's: the CXI files it wrote are indexed with it
             try:
-                self.text = _placement(path.read_text())
+                self.text = geometry_placement(path.read_text())
             except (OSError, UnicodeDecodeError):
                 self.text = None  # not ours to judge: the writer refuses it
             else:
                 self.origin = f"{path}, written by an earlier run"
-        self._known: dict[int, tuple[Any, bool]] = {}  # id -> (geometry, same as the folder's)
+        #: the last geometry judged and whether it is the folder's (frames of one source share
+        #: one geometry object; only the last is kept, however many files a run reads)
+        self._last: tuple[Any, bool] | None = None
 
     def _text(self, geometry: Any) -> str:
         from peaknet_xtal.formats.cxi import cxi_geometry
 
-        return _placement(cxi_geometry(geometry, adu_per_photon=self.adu_per_photon).to_text())
+        text = cxi_geometry(geometry, adu_per_photon=self.adu_per_photon).to_text()
+        return geometry_placement(text)
 
     def check(self, frame: Frame) -> None:
         """Raise a FormatError naming ``frame``'s file (or the ``-g`` file) if the geometry
@@ -398,15 +401,14 @@ class OneGeometry:
         geometry = self.given if self.given is not None else frame.geometry
         if geometry is None:
             return
-        known = self._known.get(id(geometry))
-        if known is not None and known[0] is geometry:  # frames of one source share one
-            same = known[1]
+        if self._last is not None and self._last[0] is geometry:
+            same = self._last[1]
         else:
             text = self._text(geometry)
             if self.text is None:
                 self.text, self.origin = text, f"that of the first input, {frame.source}"
             same = text == self.text
-            self._known[id(geometry)] = (geometry, same)
+            self._last = (geometry, same)
         if same:
             return
         if self.given is not None:
@@ -417,13 +419,6 @@ class OneGeometry:
         raise FormatError(frame.source, f"its detector geometry differs from {self.origin}; one "
                           "output folder holds one geometry: process each detector into its own "
                           "output folder (-o) (what is already written is kept)")
-
-
-def _placement(geometry_text: str) -> str:
-    """A geometry file's text less its gain lines (``adu_per_photon``, ``adu_per_eV``, global
-    or per panel): what places the pixels."""
-    return "\n".join(line for line in geometry_text.splitlines()
-                     if not re.match(r"\s*(\w+/)?adu_per_(photon|eV)\s*=", line))
 
 
 def _finished(outdir: Path) -> list[Path]:

@@ -123,6 +123,8 @@ def evaluate(dataset: Dataset, specs: Sequence[str], out_dir: str | os.PathLike[
 
     A frame is a hit with at least ``min_peaks`` peaks: by default the library's own rule
     (``finding.settings.DEFAULTS.min_peaks``), for every finder alike."""
+    if not dataset.frames:
+        raise ValueError(f"{dataset.name}: no frames to score")
     if tune_frames >= len(dataset.frames):  # the tuning frames are never scored
         raise ValueError(f"{dataset.name}: {len(dataset.frames)} frame(s), all taken by "
                          f"--tune-frames {tune_frames}: nothing left to score")

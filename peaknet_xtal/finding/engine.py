@@ -81,6 +81,7 @@ from peaknet_xtal.finding.peaks import (
 from peaknet_xtal.finding.sanitise import SanitiseTally, sanitise_frame
 from peaknet_xtal.finding.settings import (
     DEFAULTS,
+    LIMITS,
     check_faint_support,
     check_limits,
     check_min_peaks,
@@ -198,16 +199,11 @@ class InferenceEngine:
         keep_prob_maps: bool = False,
         fast: bool = True,
     ) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if tile_size < MIN_TILE or tile_overlap < 0 or tile_size - tile_overlap < MIN_TILE:
             raise ValueError(f"need tile_size >= {MIN_TILE} and 0 <= tile_overlap <= "
                              f"tile_size - {MIN_TILE} (tiles start on the model's grid), got "
                              f"{tile_size}, {tile_overlap}")
         params = peak_params or PeakParams()
-        check_limits({"threshold": threshold, "min_snr": min_snr, "min_height": min_height,
-                      "max_peaks": max_peaks, "adu_per_photon": adu_per_photon,
-                      "rescue_prob": rescue_prob, "rescue_height": rescue_height})
         check_min_peaks(params.min_peaks if min_peaks is None else min_peaks)
         check_faint_support(params.faint_support if faint_support is None else faint_support)
         overrides = {k: v for k, v in (("threshold", threshold), ("min_snr", min_snr),
@@ -219,6 +215,8 @@ class InferenceEngine:
                                        ("faint_support", faint_support))
                      if v is not None}
         self.peak_params = _replace(params, overrides)
+        check_limits({name: getattr(self.peak_params, name) for name in LIMITS
+                      if hasattr(self.peak_params, name)} | {"batch_size": batch_size})
         self.model_spec = model
         self.device_spec = device
         self.threads = threads

@@ -457,12 +457,15 @@ def _peaks_in_stack(image: np.ndarray, prob: np.ndarray, good: np.ndarray, fore:
     intensity = np.bincount(flab, values, minlength=n)
     max_value = np.full(n, -np.inf)
     np.maximum.at(max_value, flab, values)
+    # and its box (a DIALS box must hold the centroid); ``npix`` stays the marked pixels' count,
+    # as Cheetah's peakNPixels counts the pixels its threshold marks
+    spread = _bounding_boxes(fz, fy, fx, flab, n)
     table = peaks_from_columns(
         panel=panel_ids[box[:, 0]], fs=fs, ss=ss, intensity=intensity, max_value=max_value,
         npix=npix, background=bg, background_sigma=bg_sigma, snr=snr,
         prob=np.bincount(lab, prob[z, y, x], minlength=n) / npix,
     )
-    bbox = np.stack([box[:, 2], box[:, 4] + 1, box[:, 1], box[:, 3] + 1], axis=1)
+    bbox = np.stack([spread[:, 2], spread[:, 4] + 1, spread[:, 1], spread[:, 3] + 1], axis=1)
     accept = ~(snr < params.min_snr)  # NaN SNR (no background estimate) is kept
     accept &= ~below_height(max_value, bg_sigma, params.min_height)
     if rescued is not None:  # a component is rescued or not as a whole

@@ -230,7 +230,7 @@ def check_count(value: Any, what: str) -> int:
 #: once: the engine (so the Python API) checks them, ``peaknet2cxi`` builds its command-line and
 #: config-file checks from them, and the DIALS plugin's PHIL states the same ranges.  Outside,
 #: a setting runs silently meaningless (a probability cut of 2 keeps nothing; a negative SNR cut
-#: keeps every blob).  The DIALS plugin's PHIL states the same ranges (value_min, value_max).
+#: keeps every blob).  The DIALS plugin's PHIL ranges (value_min, value_max) are made from it.
 LIMITS: dict[str, dict[str, float]] = {
     "threshold": {"ge": 0, "le": 1}, "rescue_prob": {"ge": 0, "le": 1},
     "min_snr": {"ge": 0}, "min_height": {"ge": 0}, "rescue_height": {"ge": 0},
@@ -242,13 +242,16 @@ def check_limits(values: Mapping[str, Any]) -> None:
     """A ValueError naming the first of ``values`` (None: not set) outside :data:`LIMITS`."""
     for name, value in values.items():
         bounds = LIMITS.get(name)
-        if value is None or bounds is None:
-            continue
-        low, high = bounds.get("gt", bounds.get("ge")), bounds.get("lt", bounds.get("le"))
-        inside = ((low is None or value > low or ("ge" in bounds and value == low))
-                  and (high is None or value < high or ("le" in bounds and value == high)))
-        if not inside:  # NaN compares False everywhere: outside too
+        if value is not None and bounds is not None and not within(bounds, value):
             raise ValueError(f"{name} must be {range_text(bounds)}, got {value!r}")
+
+
+def within(bounds: Mapping[str, float], value: Any) -> bool:
+    """Whether ``value`` keeps ``gt``/``ge``/``lt``/``le`` ``bounds`` (NaN keeps none)."""
+    return bool(("gt" not in bounds or value > bounds["gt"])
+                and ("ge" not in bounds or value >= bounds["ge"])
+                and ("lt" not in bounds or value < bounds["lt"])
+                and ("le" not in bounds or value <= bounds["le"]))
 
 
 def range_text(bounds: Mapping[str, float]) -> str:

@@ -1019,7 +1019,7 @@ def write_cxi_geometry(cxi_path: str | os.PathLike[str], geometry: Any,
         except (OSError, UnicodeDecodeError):
             old = None
         if old == text or (gain_measured and old is not None
-                           and _without_gain(old) == _without_gain(text)):
+                           and geometry_placement(old) == geometry_placement(text)):
             return target
         raise FormatError(target, "already exists and describes another geometry (or was not "
                           "written here); use a new output folder or remove it")
@@ -1027,9 +1027,12 @@ def write_cxi_geometry(cxi_path: str | os.PathLike[str], geometry: Any,
     return target
 
 
-def _without_gain(text: str) -> list[str]:
-    return [line for line in text.splitlines() if not line.lstrip().startswith(
-        ("adu_per_photon", "adu_per_eV")) and "/adu_per_" not in line]
+def geometry_placement(text: str) -> str:
+    """A geometry file's text less its gain lines (``adu_per_photon``, ``adu_per_eV``, global
+    or per panel): what places the pixels, by which two geometries of one detector compare
+    equal whatever gain was measured for each."""
+    return "\n".join(line for line in text.splitlines()
+                     if not re.match(r"\s*(\w+/)?adu_per_(photon|eV)\s*=", line))
 
 
 # --------------------------------------------------------------------------------------------
@@ -1121,8 +1124,16 @@ class CXIWriter:
             if gain is None and result.meta.get("gain_measured"):
                 gain, measured = result.meta.get("adu_per_photon"), True
             fresh = not self.geometry_path.exists() and not self.finished_files()
-            write_cxi_geometry(self.geometry_path.with_suffix(".cxi"), geometry,
-                               self.geometry_path, gain_measured=measured, adu_per_photon=gain)
+            try:
+                write_cxi_geometry(self.geometry_path.with_suffix(".cxi"), geometry,
+                                   self.geometry_path, gain_measured=measured,
+                                   adu_per_photon=gain)
+            except FormatError as exc:  # the frame's, not the folder's, is the odd one out
+                raise FormatError(result.frame.source or self.geometry_path,
+                                  f"its detector geometry differs from the one in "
+                                  f"{self.geometry_path} (another detector, or another -g); "
+                                  "one output folder holds one geometry: write this one to "
+                                  "another folder (what is already written is kept)") from exc
             if fresh and measured and gain is not None:
                 self._provisional = (geometry, float(gain))
 

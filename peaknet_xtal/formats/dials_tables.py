@@ -184,7 +184,8 @@ def strong_reflection_table(tables: Sequence[np.ndarray], *, boxes: Sequence[Any
     gives) are the components' own bounds; without them each box is a square sized from
     ``npix``.  Columns: ``id``, ``panel``, ``xyzobs.px.value`` (pixel-corner origin) and its
     variance (1/12 px^2, a uniform pixel), ``bbox``, ``intensity.sum.value`` and its variance
-    (shot noise of the clipped intensity plus the background spread over the peak's pixels),
+    ((I / SNR)^2 where the finder measured an SNR: the noise of the summed footprint; else shot
+    noise of the clipped intensity plus the background spread over the peak's pixels),
     ``background.mean`` and the ``strong`` flag: what ``dials.index`` reads from ``strong.refl``.
     """
     from dials.array_family import flex
@@ -215,6 +216,12 @@ def strong_reflection_table(tables: Sequence[np.ndarray], *, boxes: Sequence[Any
     intensity = np.nan_to_num(peaks["intensity"].astype(np.float64), nan=0.0)
     variance = np.clip(intensity, 0, None) + peaks["npix"] * np.nan_to_num(
         peaks["background_sigma"]) ** 2
+    # where the finder measured it, the variance of the summed footprint is the one its SNR
+    # divides by (every summed pixel's background with its neighbour correlation, the subtracted
+    # background's error, the shot noise): (I / SNR)^2; the formula above is for tables without
+    snr = peaks["snr"].astype(np.float64)
+    measured = np.isfinite(snr) & (snr != 0) & (intensity != 0)
+    variance[measured] = (intensity[measured] / snr[measured]) ** 2
     table = flex.reflection_table()
     table["id"] = flex.int(ids.astype(np.int32).tolist())
     table["panel"] = flex.size_t(peaks["panel"].astype(np.int64).tolist())

@@ -80,9 +80,14 @@ class Integrator:
                   wavelength_A: float | None = None, clen_m: float | None = None) -> np.ndarray:
         """Integrate spots at ``(panel, fs, ss)`` of one :class:`~peaknet_xtal.types.Frame`.
 
-        ``gain`` is ADU per photon, ``read_noise`` the Gaussian read noise in photons.
+        ``gain`` is ADU per photon, ``read_noise`` the Gaussian read noise in photons.  The
+        frame's pixels are used as the finder uses them (``finding.sanitise``): a gap's marked
+        value (65535 in uint16 Eiger frames) or a NaN is no count in any shoebox.
         """
-        boxes = extract_shoeboxes(frame.panels, frame.masks, np.asarray(panel), np.asarray(fs),
+        from peaknet_xtal.finding.sanitise import sanitise_frame
+
+        masks = sanitise_frame(frame.panels, frame.masks, frame.meta.get("dtype"))[1]
+        boxes = extract_shoeboxes(frame.panels, masks, np.asarray(panel), np.asarray(fs),
                                   np.asarray(ss), gain=gain, read_noise=read_noise,
                                   one_over_d=one_over_d, geometry=frame.geometry,
                                   wavelength_A=wavelength_A or frame.meta.get("wavelength_A"),

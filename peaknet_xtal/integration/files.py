@@ -84,7 +84,7 @@ class RunGain:
         self._said: set[float] = set()
 
     def __call__(self, declared: float | None, panels: Any, masks: Any, path: Any,
-                 origin: str = "the geometry") -> float:
+                 origin: str = "the geometry", dtype: Any = None) -> float:
         """Gain for one frame; ``declared`` is what ``origin`` says (None: nothing).  A
         FormatError naming ``path`` when no gain can be had, since the likelihood needs one."""
         from peaknet_xtal.finding.gain import is_placeholder
@@ -98,7 +98,9 @@ class RunGain:
             gain = float(declared)
             why = f"declared gain {declared:g} ADU per photon ({origin}'s)"
         else:  # missing or a placeholder: measured (the resolver logs which and why)
-            goods = sanitise_frame(panels, masks)[1]  # a gap's marked values are no background
+            # a gap's marked values are no background (``dtype``: the type the data were stored
+            # as, which says what marks them)
+            goods = sanitise_frame(panels, masks, dtype)[1]
             gain = self._measure(declared, panels, goods)
         if gain is None:
             raise FormatError(path, f"no detector gain: {origin} declares none and the "
@@ -143,7 +145,7 @@ def integrate_cxi(path: str | os.PathLike[str], geometry: Any, out_path: str | o
         peaks = table.peaks(row, geometry)
         wavelength = frame.meta.get("wavelength_A")
         g = gains(resolve_gain(geometry=geometry, wavelength_A=wavelength), frame.panels,
-                  frame.masks, path)
+                  frame.masks, path, dtype=frame.meta.get("dtype"))
         bad = peaks["panel"] < 0
         if bad.any():
             raise FormatError(path, f"frame {row}: {int(bad.sum())} peaks lie on no panel of "
@@ -260,7 +262,7 @@ def _integrate_chunk(chunk: Any, path: Path, geometry: Any, lookup: dict[str, in
     wavelength = (HC_EV_A / chunk.photon_energy_eV if chunk.photon_energy_eV
                   else frame.meta.get("wavelength_A"))
     g = gains(resolve_gain(geometry=geometry, wavelength_A=wavelength), frame.panels,
-              frame.masks, path)
+              frame.masks, path, dtype=frame.meta.get("dtype"))
     # Every crystal's reflections of the frame in one call, so that reflections of
     # different crystals that share pixels are each other's neighbours.
     lists = [c.reflections for c in chunk.crystals

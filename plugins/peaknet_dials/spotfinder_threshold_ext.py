@@ -35,13 +35,24 @@ from typing import Any
 import numpy as np
 
 import peaknet_xtal.formats  # noqa: F401  # HDF5 compression filters (module docstring)
-from peaknet_xtal.finding.settings import DEFAULTS
+from peaknet_xtal.finding.settings import DEFAULTS, LIMITS
 
 #: Under DIALS' ``dials`` logger, whose handlers DIALS sets up (console and ``dials.*.log``, and
 #: the records its worker processes send back); the package's own loggers reach neither.
 log = logging.getLogger("dials.algorithms.spot_finding.threshold.peaknet")
 
 _D = DEFAULTS
+
+
+def _phil_range(name: str) -> str:
+    """PHIL's ``value_min``/``value_max`` of a setting, from ``finding.settings.LIMITS`` (every
+    entry point's ranges, defined there once; all closed, as PHIL's are)."""
+    limits = LIMITS[name]
+    return ", ".join(f"{phil}={limits[key]:g}" for phil, key in (("value_min", "ge"),
+                                                                  ("value_max", "le"))
+                     if key in limits)
+
+
 PHIL = f"""
 model = {_D.model}
   .type = str
@@ -53,11 +64,11 @@ device = {" ".join(("*" if c == _D.device else "") + c for c in ("auto", "cpu", 
   .help = "Where the model runs: auto uses CUDA when torch sees a GPU, otherwise the CPU."
           "cuda without a GPU torch can use stops spot finding before any image is read."
 threshold = {_D.threshold}
-  .type = float(value_min=0, value_max=1)
+  .type = float({_phil_range("threshold")})
   .help = "Peak probability at or above which a pixel is foreground. Lower values find more and"
           "larger spots; DIALS' spotfinder.filter options then apply as usual."
 min_snr = {_D.min_snr}
-  .type = float(value_min=0)
+  .type = float({_phil_range("min_snr")})
   .help = "Least integrated signal-to-noise of a predicted spot: its background-subtracted sum"
           "over the noise of that sum: the local background variance over its pixels (as"
           "correlated as the panel's own noise), the subtracted background's error and the"
@@ -65,7 +76,7 @@ min_snr = {_D.min_snr}
           "the model marks. The same default as peaknet2cxi and the Python API"
           "(finding.settings.DEFAULTS.min_snr)."
 min_height = {_D.min_height}
-  .type = float(value_min=0)
+  .type = float({_phil_range("min_height")})
   .help = "Least height of a predicted spot's brightest pixel over its local background, in"
           "sigmas of that background's noise: the pixel test of the classic finders"
           "(peakfinder8's min-snr, 5 by default). 0: no such cut. 5 removes most noise"
@@ -73,13 +84,13 @@ min_height = {_D.min_height}
           "finding/settings.py). The same default as peaknet2cxi and the Python API"
           "(finding.settings.DEFAULTS.min_height)."
 rescue_prob = {_D.rescue_prob}
-  .type = float(value_min=0, value_max=1)
+  .type = float({_phil_range("rescue_prob")})
   .help = "Also keep point-like spots the model scores at least this, below threshold, when"
           "their brightest pixel stands rescue_height background sigmas high. 1 (not below"
           "threshold) turns it off. Spots sharper than a pixel (LCLS CSPAD stills) score"
           "0.3-0.6; the peaknet-xtal docs/measurements.md has what 0.4 costs on blanks."
 rescue_height = {_D.rescue_height}
-  .type = float(value_min=0)
+  .type = float({_phil_range("rescue_height")})
   .help = "Least height of a rescued spot's brightest pixel over its local background, in"
           "sigmas of that background's noise (see rescue_prob)."
 faint_support = {_D.faint_support}
@@ -93,7 +104,7 @@ faint_support = {_D.faint_support}
           "folded in) it is off. The same default as peaknet2cxi and the Python API"
           "(finding.settings.DEFAULTS)."
 gain = None
-  .type = float(value_min=0)
+  .type = float({_phil_range("adu_per_photon")})
   .help = "Counts per photon of the image DIALS hands to spot finding, as"
           "spotfinder.threshold.dispersion.gain. None: dxtbx has already divided by the"
           "format's gain, so the image counts photons (1), unless the background says otherwise"
@@ -101,7 +112,7 @@ gain = None
           "first images' background). 0 leaves shot noise out of min_snr (background noise"
           "alone)."
 batch_size = {_D.batch_size}
-  .type = int(value_min=1)
+  .type = int({_phil_range("batch_size")})
   .help = "How many model tiles run at once (memory versus speed). Tiles of every panel of an"
           "image are batched together: DIALS asks for one panel at a time, so the first panel"
           "of each image runs the model on the whole image and the other panels are answered"
@@ -309,8 +320,9 @@ def _report_gain(engine: Any, settings: PeakNetSettings, meta: dict[str, Any]) -
                  "(spotfinder.threshold.peaknet.gain sets one)")
         return
     elif meta.get("gain_measured"):
-        how = ("measured from the background of the run's first images, as the format's gain is "
-               "missing or a placeholder (spotfinder.threshold.peaknet.gain overrides it)")
+        how = ("measured from the background of the first image, as the format's gain is "
+               "missing or a placeholder; the run pools its first five images' measurements "
+               "(spotfinder.threshold.peaknet.gain overrides it)")
     else:
         how = "as the images declare (spotfinder.threshold.peaknet.gain overrides it)"
     if gain == 0:

@@ -302,8 +302,10 @@ def test_bounding_boxes_are_end_exclusive_fs_then_ss():
     image = np.zeros((20, 20), np.float32)
     image[4:7, 10:12] = 10.0
     table, boxes = find_peaks([image], [image > 1], with_bbox=True)
-    assert boxes.tolist() == [[10, 12, 4, 7]]
-    assert len(table) == 1
+    # the footprint's box: the marked 2 x 3 pixels and their one-pixel rim, which the peak's
+    # position and intensity come from (a DIALS box must hold the centroid)
+    assert boxes.tolist() == [[9, 13, 3, 8]]
+    assert len(table) == 1 and table["npix"][0] == 6  # the marked pixels, as Cheetah counts
 
 
 def test_empty_and_non_finite_inputs():

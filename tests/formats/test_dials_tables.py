@@ -131,3 +131,18 @@ def test_one_builder_uses_component_boxes_when_known(dials_env):
     square = result.reflection_table(z=4, experiment_id=2)
     assert list(square["bbox"][0]) == [1, 6, 2, 7, 4, 5]  # from npix, as .refl files get
     assert list(square["intensity.sum.variance"]) == list(boxed["intensity.sum.variance"])
+
+
+def test_a_measured_snr_gives_the_variance_of_the_summed_footprint():
+    """The finder's SNR divides the footprint's sum by its full noise (every summed pixel's
+    background, correlated, the background's error, the shot noise): the table's variance is
+    (I / SNR)^2 there; the pixel-count formula is for tables without an SNR."""
+    from peaknet_xtal.formats.dials_tables import strong_reflection_table
+    from peaknet_xtal.types import peaks_from_columns
+
+    peaks = peaks_from_columns(panel=[0, 0], fs=[5.0, 9.0], ss=[5.0, 9.0],
+                               intensity=[400.0, 100.0], npix=[1, 4], snr=[8.0, np.nan],
+                               background_sigma=[2.0, 2.0])
+    table = strong_reflection_table([peaks])
+    np.testing.assert_allclose(list(table["intensity.sum.variance"]),
+                               [(400.0 / 8.0) ** 2, 100.0 + 4 * 4.0])

@@ -594,6 +594,13 @@ def _integrated_snr(image: np.ndarray, rim: tuple[np.ndarray, ...],
     variance = (np.maximum(pair_sum, n_foot) + n_foot ** 2 * ring_error) * bg_sigma ** 2
     if adu_per_photon is not None and adu_per_photon > 0:
         variance = variance + adu_per_photon * np.clip(total, 0.0, None)
+    elif adu_per_photon is None:
+        # no gain known, on a noiseless background: such pixels are exact counts (nothing else
+        # is free of noise), whose noise is their own Poisson spread; without it any count had
+        # an infinite SNR (a photon-counting image handed to PeakFinder.find as a bare array:
+        # 344 peaks on a real L-cysteine frame where its ImageSet, with the format's gain, gives
+        # 9).  An explicit 0 (no shot noise) is left as asked.
+        variance = np.where(variance == 0, np.clip(total, 0.0, None), variance)
     noise = np.sqrt(variance)
     with np.errstate(divide="ignore", invalid="ignore"):
         snr: np.ndarray = np.where(noise > 0, total / noise, np.inf * np.sign(total))

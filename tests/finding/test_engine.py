@@ -131,7 +131,7 @@ def test_injected_predictor_receives_all_panels_of_a_chunk():
     engine = InferenceEngine(predictor=threshold_image, batch_size=3, keep_prob_maps=True)
     frames = [Frame(panels=[np.zeros((8, 8), np.float32)] * 2, event=f"//{k}") for k in range(3)]
     frames[1].panels[0] = frames[1].panels[0].copy()
-    frames[1].panels[0][3, 4] = 9.0
+    frames[1].panels[0][3, 4] = 100.0  # 100 counts on an empty background: SNR 10
     results = list(engine.find_frames(frames))
     assert calls == [4, 2]  # 2 frames (4 tiles >= 3), then the last frame
     assert (results[1].peaks["fs"][0], results[1].peaks["ss"][0]) == (4.0, 3.0)

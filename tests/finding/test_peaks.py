@@ -512,3 +512,17 @@ def test_nothing_on_an_empty_counting_background_is_no_peak():
     assert len(peaks) == 1 and (peaks["fs"][0], peaks["ss"][0]) == (20.0, 20.0)
     everything = find_peaks([image], [prob], params=PeakParams(min_snr=0.0))
     assert len(everything) == 2 and everything["snr"][0] == 0.0  # min_snr 0 keeps all
+
+
+def test_counts_on_a_noiseless_background_without_a_gain_have_their_poisson_noise():
+    """No gain known and a background of exact zeros: the pixels are counts, so a lone count
+    scores SNR 1 (was infinite: every photon a peak) and a 25-count spot 5."""
+    image = np.zeros((30, 30), np.float32)
+    image[5, 5] = 1.0
+    image[20, 20] = 25.0
+    prob = np.zeros((30, 30), np.float32)
+    prob[5, 5] = prob[20, 20] = 0.9
+    peaks = find_peaks([image], [prob])  # PeakParams() knows no gain
+    assert len(peaks) == 1 and peaks["snr"][0] == pytest.approx(5.0)
+    no_shot = find_peaks([image], [prob], params=PeakParams(adu_per_photon=0.0))
+    assert len(no_shot) == 2  # an explicit 0 leaves shot noise out, as documented

@@ -362,14 +362,14 @@ class OneGeometry:
     there is indexed with.  A frame whose geometry would need another ``peaknet.geom`` is
     refused before it is found, naming its file and the input (or earlier run) the folder's
     geometry came from, and saying to give each detector its own output folder.  The CXI writer
-    would refuse it too, but only as a clash over ``peaknet.geom``, whose advice (remove it,
-    re-run) cannot help.
+    checks the geometry only when it starts a file, so it refuses another detector there (a new
+    shape starts a new file) but not frames of the same shape placed otherwise.
 
     Geometries are compared as the writer writes them (``formats.cxi.cxi_geometry``), less
-    the gain (:func:`_placement`): two images of one detector at different wavelengths share a
-    geometry file, and a gain is not placement (the writer measures it from the data where the
-    input declares none, after this check).  With ``-g`` the given geometry is the one written
-    for every frame.
+    the gain (``formats.cxi.geometry_placement``): two images of one detector at different
+    wavelengths share a geometry file, and a gain is not placement (the writer measures it from
+    the data where the input declares none, after this check).  With ``-g`` the given geometry
+    is the one written for every frame.
     """
 
     def __init__(self, path: Path, given: Any, adu_per_photon: float | None) -> None:

@@ -655,13 +655,11 @@ def _mask_slab(frame: Frame, geometry: Any, shape: tuple[int, ...],
 
 
 def _usable(panels: Sequence[np.ndarray], masks: Sequence[np.ndarray] | None,
-            dtype: Any) -> list[np.ndarray] | None:
+            dtype: Any) -> list[np.ndarray]:
     """The pixels the finder used (True = good): the input's masks less what it masked where
     frames enter it (``finding.sanitise``: non-finite and absurd values, the values integer
     data mark gaps with, such as 65535 in uint16 Eiger frames).  Stored as the CXI mask, so
     that indexamajig and peaknet-integrate do not read a module gap as 65535 counts."""
-    if not panels:
-        return None if masks is None else list(masks)
     from peaknet_xtal.finding.sanitise import sanitise_frame
 
     return sanitise_frame(panels, masks, dtype)[1]
@@ -830,10 +828,12 @@ class _CXIFile:
                                   else None))
             self._dtypes.append(dtype)
         masks: list[np.ndarray] | None
-        if not frame.panels and frame.masks is None and _linkable(result):
+        if frame.panels:
+            masks = _usable(frame.panels, frame.masks, frame.meta.get("dtype"))
+        elif frame.masks is None and _linkable(result):
             masks = self._linked_masks(frame)  # the pipeline sends linked frames without pixels
         else:
-            masks = _usable(frame.panels, frame.masks, frame.meta.get("dtype"))
+            masks = frame.masks
         self._ds["mask"][row] = _mask_slab(frame, layout, shape, masks)
         peaks = result.peaks
         n = len(peaks)
@@ -876,9 +876,7 @@ class _CXIFile:
             self._readers[key] = reader
         index = meta.get("h5_index") or 0
         panels = _split(reader.slab(index), reader.geometry)
-        from peaknet_xtal.finding.sanitise import sanitise_frame
-
-        return sanitise_frame(panels, reader.masks(index, panels), meta.get("dtype"))[1]
+        return _usable(panels, reader.masks(index, panels), meta.get("dtype"))
 
     def _close_readers(self) -> None:
         for reader in self._readers.values():

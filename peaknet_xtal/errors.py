@@ -35,6 +35,23 @@ class FormatError(PeakNetError, ValueError):
             where += f", dataset {dataset}"
         super().__init__(f"{where}: {message}")
 
+    def __reduce__(self) -> tuple[object, ...]:
+        """Pickled by its fields: an error raised in a Ray actor (a source, a writer) reaches the
+        driver as itself, message and all.  Exception's own pickling calls ``cls(*args)`` with
+        the one formatted message, which this signature cannot take, so Ray answered "Failed to
+        deserialize exception" instead of the file and what is wrong with it."""
+        return (_rebuild_format_error, (type(self), self.path, self.message, self.line,
+                                        self.dataset, dict(self.__dict__)))
+
+
+def _rebuild_format_error(cls: type[FormatError], path: str | None, message: str,
+                          line: int | None, dataset: str | None,
+                          state: dict[str, object]) -> FormatError:
+    """:meth:`FormatError.__reduce__`'s inverse (any subclass keeping its signature)."""
+    error = cls(path, message, line=line, dataset=dataset)
+    error.__dict__.update(state)
+    return error
+
 
 class GeometryError(FormatError):
     """A CrystFEL geometry file is malformed, or does not fit the data it is used with."""

@@ -53,7 +53,7 @@ from peaknet_xtal.config import bounded
 from peaknet_xtal.errors import FormatError, PeakNetError
 from peaknet_xtal.finding.settings import DEFAULTS as FINDING
 from peaknet_xtal.finding.settings import LIMITS
-from peaknet_xtal.formats.cxi import DEFAULT_MAX_PEAKS, geometry_placement
+from peaknet_xtal.formats.cxi import DEFAULT_MAX_PEAKS
 from peaknet_xtal.progress import Progress
 from peaknet_xtal.types import Frame, FrameResult
 
@@ -330,12 +330,12 @@ def _run_serial(config: dict[str, Any]) -> dict[str, Any]:
     error: BaseException | None = None
     seen_geometry: list[Any] = [geometry]
     total = _count_frames(inputs, geometry)
-    one_geometry = OneGeometry(outdir / GEOM_NAME, geometry,
-                               _writer_options(config)["adu_per_photon"])
     try:
         with Progress(total, "frames", desc="peaknet2cxi", enabled=bool(config["progress"])) as bar:
+            # the writer's own geometry check, early: a frame for another peaknet.geom is
+            # refused before the time to find it is spent
             frames = _pending(inputs, geometry, done_cxi | set(), done_stream, stats, bar,
-                              engine.observe, one_geometry.check)
+                              engine.observe, cxi.check_geometry)
             for result in engine.find_frames(frames):
                 if seen_geometry[0] is None:
                     seen_geometry[0] = result.frame.geometry
@@ -355,70 +355,6 @@ def _run_serial(config: dict[str, Any]) -> dict[str, Any]:
         summary = _finish(config, outdir, cxi.finished_files(), seen_geometry[0], stats,
                           time.perf_counter() - started, engine.describe(), error)
     return summary
-
-
-class OneGeometry:
-    """One output folder holds one detector geometry: ``peaknet.geom``, which every CXI file
-    there is indexed with.  A frame whose geometry would need another ``peaknet.geom`` is
-    refused before it is found, naming its file and the input (or earlier run) the folder's
-    geometry came from, and saying to give each detector its own output folder.  The CXI writer
-    checks the geometry only when it starts a file, so it refuses another detector there (a new
-    shape starts a new file) but not frames of the same shape placed otherwise.
-
-    Geometries are compared as the writer writes them (``formats.cxi.cxi_geometry``), less
-    the gain (``formats.cxi.geometry_placement``): two images of one detector at different
-    wavelengths share a geometry file, and a gain is not placement (the writer measures it from
-    the data where the input declares none, after this check).  With ``-g`` the given geometry
-    is the one written for every frame.
-    """
-
-    def __init__(self, path: Path, given: Any, adu_per_photon: float | None) -> None:
-        self.path = path
-        self.given = given
-        self.adu_per_photon = adu_per_photon
-        self.text: str | None = None
-        self.origin = ""
-        if path.exists():  # an earlier run's: the CXI files it wrote are indexed with it
-            try:
-                self.text = geometry_placement(path.read_text())
-            except (OSError, UnicodeDecodeError):
-                self.text = None  # not ours to judge: the writer refuses it
-            else:
-                self.origin = f"{path}, written by an earlier run"
-        #: the last geometry judged and whether it is the folder's (frames of one source share
-        #: one geometry object; only the last is kept, however many files a run reads)
-        self._last: tuple[Any, bool] | None = None
-
-    def _text(self, geometry: Any) -> str:
-        from peaknet_xtal.formats.cxi import cxi_geometry
-
-        text = cxi_geometry(geometry, adu_per_photon=self.adu_per_photon).to_text()
-        return geometry_placement(text)
-
-    def check(self, frame: Frame) -> None:
-        """Raise a FormatError naming ``frame``'s file (or the ``-g`` file) if the geometry
-        written for it is not the folder's."""
-        geometry = self.given if self.given is not None else frame.geometry
-        if geometry is None:
-            return
-        if self._last is not None and self._last[0] is geometry:
-            same = self._last[1]
-        else:
-            text = self._text(geometry)
-            if self.text is None:
-                self.text, self.origin = text, f"that of the first input, {frame.source}"
-            same = text == self.text
-            self._last = (geometry, same)
-        if same:
-            return
-        if self.given is not None:
-            raise FormatError(getattr(geometry, "path", None) or frame.source,
-                              f"this geometry (-g) differs from the one in {self.path}, written "
-                              "by an earlier run; one output folder holds one geometry: use "
-                              "another output folder (-o) for it (what is in this one is kept)")
-        raise FormatError(frame.source, f"its detector geometry differs from {self.origin}; one "
-                          "output folder holds one geometry: process each detector into its own "
-                          "output folder (-o) (what is already written is kept)")
 
 
 def _finished(outdir: Path) -> list[Path]:
@@ -459,7 +395,10 @@ def _run_pipeline(config: dict[str, Any]) -> dict[str, Any]:
     pipeline = {
         "inputs": expand_inputs(config["inputs"]),
         "source_options": {"geometry": geometry} if geometry is not None else {},
-        "output": str(outdir), "writer": "cxi", "writer_options": _writer_options(config),
+        # the given geometry is the one written for every frame, as in the single-process run
+        # (whatever geometry a frame arrives with), and the one the writer checks, once
+        "output": str(outdir), "writer": "cxi",
+        "writer_options": {**_writer_options(config), "geometry": geometry},
         "workers": int(config["workers"] or 1), "address": config["address"],
         "model": config["model"], "device": config["device"],
         "threshold": float(config["threshold"]), "batch_size": int(config["batch_size"]),
@@ -481,15 +420,26 @@ def _run_pipeline(config: dict[str, Any]) -> dict[str, Any]:
                                "run (drop --workers)")
     pipeline["inputs"] = [item["path"] for item in pipeline["inputs"]]
     before = _Stats.from_cxi(_finished(outdir))
-    result = run_pipeline(pipeline)
-    files = _finished(outdir)
-    stats = _Stats.from_cxi(files)  # this run: what the output gained
-    stats.frames -= before.frames
-    stats.hits -= before.hits
-    stats.peaks = stats.peaks[len(before.peaks):]
-    stats.skipped = int(result.get("resumed_keys", 0))
-    return _finish(config, outdir, files, geometry, stats, time.perf_counter() - started,
-                   {"pipeline": result.get("backend", "ray")}, None)
+    result: dict[str, Any] = {}
+    error: BaseException | None = None
+    try:
+        result = run_pipeline(pipeline)
+    except BaseException as exc:  # noqa: BLE001  (summarise what is done, then re-raise)
+        error = exc
+        raise
+    finally:
+        # as the single-process run: the summary says what the output holds and how it was
+        # made (the engine's settings, as the pipeline's workers ran them), failed runs too
+        files = _finished(outdir)
+        stats = _Stats.from_cxi(files)  # this run: what the output gained
+        stats.frames -= before.frames
+        stats.hits -= before.hits
+        stats.peaks = stats.peaks[len(before.peaks):]
+        stats.skipped = int(result.get("resumed_keys", 0))
+        summary = _finish(config, outdir, files, geometry, stats, time.perf_counter() - started,
+                          {"pipeline": result.get("backend", "ray"),
+                           **(result.get("engine") or {})}, error)
+    return summary
 
 
 # --------------------------------------------------------------------------------------------

@@ -22,7 +22,9 @@ orientation) and are wider than one pixel on most detectors.
   blank among them became a hit.  The DIALS plugin, handed one image a call, reads ahead within
   the imageset it is given (a sequence); where frames come one at a time with nothing to look
   ahead into (DIALS stills, ``PeakFinder.find``), the first five images keep them.
-  Memory is one ``uint32`` counter per pixel, whatever the run length.  A real peak recurs on
+  Memory is one ``uint32`` counter per pixel, whatever the run length; trackers that counted
+  parts of one run (the Ray pipeline's workers) merge by adding their counts
+  (:meth:`DefectTracker.merge`), which gives the tracker of the whole run.  A real peak recurs on
   the same pixel in a few per cent of stills at most, far below ``fraction``; where it recurs
   (a grid scan), its profile keeps it off the list, unless its spots are one pixel wide (a
   binned detector scanning one crystal would lose its brightest recurring spots).
@@ -301,6 +303,59 @@ class DefectTracker:
         defects = self.defects
         return 0 if defects is None else int(sum(d.sum() for d in defects))
 
+    def merge(self, other: DefectTracker) -> None:
+        """Count ``other``'s frames as if this tracker had counted them: its per-pixel counts
+        and its frames are added to these.
+
+        Why: a frame's spike map depends on that frame alone and the counts are sums over
+        frames, so trackers that counted separate parts of one run (the Ray pipeline's workers,
+        each with its own engine) merge into exactly the tracker one engine keeps over all of
+        them, whatever the split.  Trackers that judge spikes otherwise (``fraction``,
+        ``min_frames``, ``sigmas``, ``lone``), or that counted other panel shapes, are refused
+        (ValueError): their counts do not add up to one run's."""
+        if other.counts is None:
+            return
+        mine = (self.fraction, self.min_frames, self.sigmas, self.lone)
+        theirs = (other.fraction, other.min_frames, other.sigmas, other.lone)
+        if mine != theirs:
+            raise ValueError(f"cannot merge defect trackers with other settings (fraction, "
+                             f"min_frames, sigmas, lone): {mine} and {theirs}")
+        if self.counts is None:
+            self.counts = [np.array(c, np.uint32) for c in other.counts]
+            self.frames = other.frames
+            return
+        shapes = [c.shape for c in self.counts]
+        if [c.shape for c in other.counts] != shapes:
+            raise ValueError(f"cannot merge defect trackers of other panel shapes: {shapes} "
+                             f"and {[c.shape for c in other.counts]}")
+        for count, more in zip(self.counts, other.counts, strict=True):
+            count += more
+        self.frames += other.frames
+
+    def save(self, outdir: str | os.PathLike[str], geometry: Any = None) -> list[Path]:
+        """Write the run's defect mask beside its output: ``pixel_defects.h5`` (CrystFEL) and,
+        where DIALS is importable, ``pixel_defects.mask``; nothing before ``min_frames``
+        frames (a resumed run that saw too few keeps the masks of the run before it)."""
+        good = self.good_masks()
+        if good is None:
+            return []
+        folder = Path(outdir)
+        try:  # an extra beside the results: failing to write it must not hide a run's own error
+            written = [write_crystfel_mask(folder / "pixel_defects.h5", good, geometry)]
+        except (OSError, ValueError) as exc:
+            log.warning("could not write the pixel defect mask under %s: %s", folder, exc)
+            return []
+        try:
+            written.append(write_dials_mask(folder / "pixel_defects.mask", good))
+        except ImportError:
+            pass
+        except OSError as exc:
+            log.warning("could not write the DIALS pixel defect mask under %s: %s", folder, exc)
+        log.info("pixel defect mask (%d defects over %d frames): %s; a CrystFEL geometry uses "
+                 "it with: %s", self.count(), self.frames,
+                 ", ".join(map(str, written)), "; ".join(geometry_mask_lines(written[0])))
+        return written
+
 
 def off_defects(peaks: np.ndarray, defects: Sequence[np.ndarray] | None,
                 radius: int = 1) -> np.ndarray:
@@ -546,28 +601,8 @@ class DefectFilter:
         return keep, widths
 
     def save(self, outdir: str | os.PathLike[str], geometry: Any = None) -> list[Path]:
-        """Write the run's defect mask beside its output: ``pixel_defects.h5`` (CrystFEL) and,
-        where DIALS is importable, ``pixel_defects.mask``; nothing before ``min_frames``
-        frames (a resumed run that saw too few keeps the masks of the run before it)."""
-        good = self.tracker.good_masks()
-        if good is None:
-            return []
-        folder = Path(outdir)
-        try:  # an extra beside the results: failing to write it must not hide a run's own error
-            written = [write_crystfel_mask(folder / "pixel_defects.h5", good, geometry)]
-        except (OSError, ValueError) as exc:
-            log.warning("could not write the pixel defect mask under %s: %s", folder, exc)
-            return []
-        try:
-            written.append(write_dials_mask(folder / "pixel_defects.mask", good))
-        except ImportError:
-            pass
-        except OSError as exc:
-            log.warning("could not write the DIALS pixel defect mask under %s: %s", folder, exc)
-        log.info("pixel defect mask (%d defects over %d frames): %s; a CrystFEL geometry uses "
-                 "it with: %s", self.tracker.count(), self.tracker.frames,
-                 ", ".join(map(str, written)), "; ".join(geometry_mask_lines(written[0])))
-        return written
+        """Write the run's defect mask beside its output (:meth:`DefectTracker.save`)."""
+        return self.tracker.save(outdir, geometry)
 
 
 def write_crystfel_mask(path: str | os.PathLike[str], good: Sequence[np.ndarray],

@@ -1033,6 +1033,15 @@ def geometry_placement(text: str) -> str:
                      if not re.match(r"\s*(\w+/)?adu_per_(photon|eV)\s*=", line))
 
 
+def written_placement(geometry: Any) -> str:
+    """:func:`geometry_placement` of the ``.geom`` written for CXI files of ``geometry``
+    (:func:`cxi_geometry`): how two inputs compare when they would share an output folder.
+    The gain given here is a placeholder that the comparison drops; it keeps
+    :func:`cxi_geometry` from warning, once per input, of a missing gain that the ``.geom``
+    actually written declares (measured from the data, or said once when it is written)."""
+    return geometry_placement(cxi_geometry(geometry, adu_per_photon=1.0).to_text())
+
+
 # --------------------------------------------------------------------------------------------
 # the rolling writer
 
@@ -1044,7 +1053,7 @@ class CXIWriter:
     Each frame goes to disk as it arrives (memory stays flat however large ``frames_per_file``);
     a file takes its final name once ``frames_per_file`` frames are in it, so a crash loses only
     the frames of the file in progress, and :meth:`done_keys` reads the keys of finished files so
-    a rerun skips them.
+    a rerun skips them.  The folder holds one geometry (:meth:`check_geometry`).
     """
 
     name = "cxi"
@@ -1081,6 +1090,10 @@ class CXIWriter:
         #: them yet (see :meth:`_ensure_geometry`)
         self._provisional: tuple[Any, float] | None = None
         self._last: FrameResult | None = None
+        #: the folder's placement (:func:`written_placement`) and where it came from, and the
+        #: last geometry judged with the verdict (see :meth:`check_geometry`)
+        self._placement, self._origin = self._earlier_placement()
+        self._judged: tuple[Any, bool] | None = None
         self.files: list[Path] = []
         for stale in self.directory.glob(f".{self.prefix}-*.cxi.*.part"):
             stale.unlink()  # a file in progress when an earlier run was killed
@@ -1109,6 +1122,63 @@ class CXIWriter:
             except FormatError:
                 continue  # not one of ours: it will not be overwritten either
         return keys
+
+    def _earlier_placement(self) -> tuple[str | None, str]:
+        """The placement of the ``.geom`` an earlier run left here (the CXI files it wrote are
+        indexed with it), and its origin; None where there is none (or this writer writes
+        none), or it cannot be read (not ours to judge: writing it again refuses it,
+        :meth:`_ensure_geometry`)."""
+        if not self.write_geometry or not self.geometry_path.exists():
+            return None, ""
+        try:
+            text = self.geometry_path.read_text()
+        except (OSError, UnicodeDecodeError):
+            return None, ""
+        return geometry_placement(text), f"{self.geometry_path}, written by an earlier run"
+
+    def check_geometry(self, frame: Frame) -> None:
+        """Refuse a frame whose geometry would need another ``.geom`` than the folder's: its
+        peaks would be indexed with the wrong one.
+
+        The folder's geometry is the one an earlier run wrote here, else the first frame's.
+        Geometries compare as written (:func:`written_placement`: less the gain, which is not
+        placement and is measured from the data where an input declares none), so one
+        detector's inputs at different wavelengths or gains share a folder.  Every frame is
+        checked, not only one that starts a file: frames of the same panel shapes placed
+        otherwise would join the file in progress.  :meth:`write` calls this before anything
+        of the frame is written, so a refused frame leaves that file whole; a caller may call
+        it earlier, before spending the time to find the frame (peaknet2cxi does).  Frames of
+        one input share one geometry object, so only a new object is compared; only the last
+        is kept, however many inputs a run reads.  With the writer's own geometry, that one is
+        written for every frame.
+
+        Raises a FormatError naming the frame's file (or the writer's geometry file), where
+        the folder's geometry came from, and what to do."""
+        geometry = self.geometry or frame.geometry
+        if geometry is None:
+            return
+        if self._judged is not None and self._judged[0] is geometry:
+            same = self._judged[1]
+        else:
+            text = written_placement(geometry)
+            if self._placement is None:
+                self._placement = text
+                self._origin = f"that of the first input, {frame.source}"
+            same = text == self._placement
+            self._judged = (geometry, same)
+        if same:
+            return
+        if self.geometry is not None:  # only an earlier run's can differ from it
+            raise FormatError(getattr(geometry, "path", None) or frame.source
+                              or self.geometry_path,
+                              f"this geometry (-g) differs from the one in {self.geometry_path}, "
+                              "written by an earlier run; one output folder holds one geometry: "
+                              "use another output folder (-o) for it (what is in this one is "
+                              "kept)")
+        raise FormatError(frame.source or self.geometry_path,
+                          f"its detector geometry differs from {self._origin}; one output "
+                          "folder holds one geometry: process each detector into its own output "
+                          "folder (-o) (what is already written is kept)")
 
     def _ensure_geometry(self, geometry: Any, result: FrameResult) -> None:
         """The one ``.geom`` of the folder, with the gain the finder measured from the data
@@ -1149,6 +1219,9 @@ class CXIWriter:
             self._provisional = (geometry, gain)
 
     def write(self, result: FrameResult) -> None:
+        # before anything of it is written, and for a frame left out too: a check before the
+        # frame is found (peaknet2cxi's) cannot know which frames are hits
+        self.check_geometry(result.frame)
         if self.hits_only and not result.hit:
             return
         if self._file is not None and not self._file.accepts(result):

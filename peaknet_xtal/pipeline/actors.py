@@ -9,6 +9,9 @@ on a GPU node.
   into the frame queue; a full queue blocks it (back-pressure).
 - :class:`ModelWorker` leases a batch (a partial final batch is fine), runs the frame finder and
   sends *peak tables* on (never logit maps: they would dwarf the images in the object store).
+  At the end of a run the driver asks each worker for what its finder learned across the frames
+  it saw (:meth:`ModelWorker.learned_defects`: the pixel-defect counts) and for the finder's
+  resolved settings (:meth:`ModelWorker.settings`), for the run's defect mask and summary.
 - :class:`ResultWriter` drains a result queue into a :class:`~peaknet_xtal.hookspecs` ``PeakWriter``
   (rolling CXI files by default), skips keys already written, and acknowledges each frame to the
   frame queue: only then is a frame done, so a worker that dies before that has its lease re-queued.
@@ -22,8 +25,9 @@ import sys
 import time
 import zlib
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
+from peaknet_xtal.finding.defects import DefectFilter, DefectTracker
 from peaknet_xtal.pipeline.frame_finders import build_frame_finder
 from peaknet_xtal.types import FrameResult
 
@@ -34,6 +38,15 @@ FrameKey = tuple[Any, ...]
 def shard_of(key: Sequence[Any], n: int) -> int:
     """Stable shard of a frame key (same in every process, unlike ``hash``)."""
     return zlib.crc32(repr(tuple(key)).encode()) % n if n > 1 else 0
+
+
+class LearnedDefects(NamedTuple):
+    """What one worker's frame finder learned about the detector's pixels over the frames it
+    saw: its run-level defect tracker (per-pixel spike counts) and the geometry of those frames
+    (the mask is written in the data's slab layout)."""
+
+    tracker: DefectTracker
+    geometry: Any
 
 
 class SourceFeeder:
@@ -102,6 +115,7 @@ class ModelWorker:
         self.threads = max(1, int(threads))
         self.send_images = send_images
         self._frame_finder: Any = None
+        self.geometry: Any = None  # of the latest frame found (for the defect mask's layout)
         self.frames = self.batches = 0
         self.busy_s = 0.0
         self.started = time.perf_counter()
@@ -123,7 +137,27 @@ class ModelWorker:
         self.busy_s += time.perf_counter() - t0
         self.frames += len(frames)
         self.batches += 1
+        if frames:
+            self.geometry = frames[-1].geometry
         return [self._slim(r) for r in results]
+
+    def learned_defects(self) -> LearnedDefects | None:
+        """The pixel-defect counts this worker's frame finder kept over the frames it found
+        (the engine's :class:`~peaknet_xtal.finding.defects.DefectFilter` tracker), for the
+        driver to merge with the other workers' into the run's mask; None where the finder
+        keeps none (a factory's own finder) or has counted no frame."""
+        defects = getattr(self._frame_finder, "defects", None)
+        if not isinstance(defects, DefectFilter) or defects.tracker.counts is None:
+            return None
+        return LearnedDefects(defects.tracker, self.geometry)
+
+    def settings(self) -> dict[str, Any] | None:
+        """The frame finder's resolved settings as plain values (the engine's ``describe()``,
+        what the single-process run records), so that the run summary says what ran, defaults
+        filled in; None for a finder that cannot say.  The finder is built if no frame came
+        (an engine loads its model only when it first finds peaks)."""
+        describe = getattr(self.frame_finder(), "describe", None)
+        return dict(describe()) if callable(describe) else None
 
     def _slim(self, result: FrameResult) -> FrameResult:
         frame = result.frame

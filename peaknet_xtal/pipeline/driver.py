@@ -14,6 +14,12 @@ The driver owns no data; it starts the stages, watches them and keeps the books:
   handler raises ``KeyboardInterrupt`` wherever the main thread is, and one raised inside a
   finaliser (a Ray object reference being freed) is printed and ignored, so a run could miss it.
 - **Resume.**  Keys already in the writers' finished output are skipped by the sources.
+- **Run records.**  As each worker finishes, the driver collects what its engine learned (its
+  pixel-defect counts) and the engine's resolved settings.  At the end -- after an error or a
+  Ctrl-C too, as the single-process ``peaknet2cxi`` does -- the workers' counts are merged
+  (:func:`pooled_defects`) and written as the run's ``pixel_defects.h5`` beside the output
+  (:meth:`~peaknet_xtal.finding.defects.DefectTracker.save`); the summary records the settings
+  under ``engine`` (``InferenceEngine.describe()``, as the single-process summary does).
 
 ``backend="ray"`` (default) runs every stage as a Ray actor, on a local Ray or the cluster at
 ``address``; ``backend="threads"`` runs the same classes on threads in this process (tests, and a
@@ -25,7 +31,7 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from contextlib import contextmanager
@@ -34,9 +40,11 @@ from typing import Any
 
 from peaknet_xtal.config import closest_key, deep_merge
 from peaknet_xtal.errors import PeakNetError
+from peaknet_xtal.finding.defects import DefectTracker
 from peaknet_xtal.finding.settings import DEFAULTS as FINDING
 from peaknet_xtal.finding.settings import check_min_peaks
 from peaknet_xtal.pipeline.actors import (
+    LearnedDefects,
     ModelWorker,
     ResultWriter,
     SourceFeeder,
@@ -127,6 +135,48 @@ def writer_path(output: str, index: int, count: int) -> str:
     if path.suffix:
         return str(path.with_name(f"{path.stem}-w{index}{path.suffix}"))
     return str(path / f"peaks-w{index}.cxi")
+
+
+def output_folder(output: str) -> Path:
+    """The folder a run's output goes to (``out.cxi`` -> its folder; ``dir`` -> itself, as
+    :func:`writer_path` reads it): where the run's pixel defect mask is written."""
+    path = Path(output)
+    return path.parent if path.suffix else path
+
+
+def pooled_defects(learned: Sequence[LearnedDefects]) -> tuple[DefectTracker | None, Any]:
+    """The run's defect tracker from the workers' (and the geometry to write it in): their
+    counts added (:meth:`DefectTracker.merge`), so a pixel is a defect when it spikes in at
+    least ``fraction`` of all the frames the workers found together, once they found
+    ``min_frames`` together -- the tracker's own rule, over the whole run.
+
+    Why not "defective for any worker that saw enough frames": spike counts are sums over
+    frames, so the pooled counts are exactly those one engine keeps over the same frames, and
+    the mask is the single-process run's whatever the number of workers or how the frames were
+    dealt out.  A union of per-worker masks depends on the deal: a pixel spiking in 4 of one
+    worker's 5 frames and in none of another's 95 (4 % of the run, far below three in four)
+    would be written as a defect, and a worker that saw 4 frames would add nothing even where
+    its frames make the run's count.
+
+    Workers whose counts do not add to the others' (other panel shapes: another detector) are
+    left out with a warning; the counts of the most frames are kept.  A worker that died took
+    its counts with it: the frames it finished count for no one (those it held, re-queued, are
+    counted by the worker that takes them)."""
+    pooled: DefectTracker | None = None
+    geometry = None
+    for item in sorted(learned, key=lambda d: d.tracker.frames, reverse=True):
+        if pooled is None:
+            pooled = DefectTracker(item.tracker.fraction, item.tracker.min_frames,
+                                   item.tracker.sigmas, item.tracker.lone)
+        try:
+            pooled.merge(item.tracker)
+        except ValueError as exc:
+            log.warning("pixel defects of %d frames left out of the run's mask: %s",
+                        item.tracker.frames, exc)
+            continue
+        if geometry is None:
+            geometry = item.geometry
+    return pooled, geometry
 
 
 def frame_finder_options(cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -243,6 +293,9 @@ class Driver:
         self.fatal: BaseException | None = None
         self.live_workers = 0
         self.results_closed = False
+        self.learned: list[LearnedDefects] = []  # each finished worker's pixel-defect counts
+        self.engine: dict[str, Any] | None = None  # the workers' resolved finder settings
+        self.defects_written: list[Path] | None = None  # None until save_defects ran
 
     # -- start --------------------------------------------------------------------------------
     def start(self) -> list[Any]:
@@ -298,8 +351,33 @@ class Driver:
         elif role == "worker":
             self.workers[name] = value
             self.live_workers -= 1
+            self._collect(name, handle)
         else:
             self.writers.append(value)
+
+    def _collect(self, name: str, handle: Any) -> None:
+        """A finished worker's pixel-defect counts and (from the first) its finder's settings,
+        taken now, while its actor is alive.  Failing to get them is logged, not fatal: the
+        frames are written either way."""
+        try:
+            learned = self.backend.call(handle, "learned_defects")
+            if self.engine is None:
+                self.engine = self.backend.call(handle, "settings")
+        except Exception as exc:  # noqa: BLE001 - a record lost, not the run
+            log.warning("could not collect worker %s's pixel defects and settings: %s", name, exc)
+            return
+        if learned is not None:
+            self.learned.append(learned)
+
+    def save_defects(self) -> list[Path]:
+        """Write the run's pixel defect mask from the workers' merged counts
+        (:func:`pooled_defects`) beside the output, once; nothing before ``min_frames`` frames
+        in all (a resumed run that found too few keeps the mask of the run before it)."""
+        if self.defects_written is None:
+            tracker, geometry = pooled_defects(self.learned)
+            self.defects_written = ([] if tracker is None else
+                                    tracker.save(output_folder(self.cfg["output"]), geometry))
+        return self.defects_written
 
     def _source_failed(self, name: str, handle: Any, exc: BaseException) -> None:
         self._fail(f"{name} failed: {exc}", exc)
@@ -395,8 +473,8 @@ def run_pipeline(config: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """
     cfg = resolve_config(config)
     backend = RayBackend(cfg) if cfg["backend"] == "ray" else ThreadBackend(cfg)
+    driver = Driver(cfg, backend)
     try:
-        driver = Driver(cfg, backend)
         with sigint_requests_stop(driver):
             skipped = driver.start()
             monitor_json = (cfg["monitor_json"]
@@ -405,6 +483,7 @@ def run_pipeline(config: Mapping[str, Any] | None = None) -> dict[str, Any]:
                                       interval=float(cfg["monitor_interval"]),
                                       live_path=monitor_json)
             driver.loop(monitor)
+        defects = driver.save_defects()
         final = driver.frames.stats()
         monitor.sample(final, [q.stats() for q in driver.results])
         summary = monitor.close(
@@ -415,9 +494,13 @@ def run_pipeline(config: Mapping[str, Any] | None = None) -> dict[str, Any]:
             dropped_on_abort=final["dropped"], resumed_keys=len(skipped),
             written=sum(w["written"] for w in driver.writers), sources=driver.sources,
             writers=driver.writers, worker_results=driver.workers, failures=driver.failures,
-            interrupted=driver.interrupted)
+            interrupted=driver.interrupted, engine=driver.engine,
+            pixel_defects=[str(p) for p in defects])
     finally:
-        backend.close()
+        try:  # after a second Ctrl-C or the driver's own failure too: what was learned is kept
+            driver.save_defects()
+        finally:
+            backend.close()
     if driver.fatal is not None:
         raise PipelineError("; ".join(driver.failures)) from driver.fatal
     return summary

@@ -365,7 +365,8 @@ def test_output_folder_with_foreign_files_is_refused(stacks, tmp_path, capsys, i
 
 
 def test_hits_only_and_threads_reach_the_ray_pipeline(stacks, tmp_path, monkeypatch):
-    """--hits-only, --threads and the peak cuts are honoured by --workers runs, not dropped."""
+    """--hits-only, --threads, the peak cuts and -g (the geometry written for every frame,
+    whatever geometry a frame comes with) are honoured by --workers runs, not dropped."""
     import peaknet_xtal.pipeline as pipeline_module
 
     seen = {}
@@ -386,9 +387,38 @@ def test_hits_only_and_threads_reach_the_ray_pipeline(stacks, tmp_path, monkeypa
     assert seen["frame_finder_options"]["rescue_prob"] == 0.4
     assert seen["writer_options"]["hits_only"] is True
     assert seen["writer_options"]["geometry_name"] == "peaknet.geom"
+    assert seen["writer_options"]["geometry"].path == str(geom_path)
     with pytest.raises(PeakNetError, match="--dials is written by the single-process run"):
         run({"inputs": [str(stack)], "output": str(tmp_path / "p"), "workers": 2,
              "dials": True})
+
+
+@pytest.mark.parametrize("fails", [False, True], ids=["finished", "failed"])
+def test_a_ray_run_summary_records_the_engine_settings_failed_or_not(stacks, tmp_path,
+                                                                     monkeypatch, fails):
+    """peaknet2cxi.json of a --workers run says how its peaks were found (the engine settings
+    the pipeline's workers report), as the single-process run's does, and is written when the
+    pipeline fails too, saying so."""
+    import peaknet_xtal.pipeline as pipeline_module
+    from peaknet_xtal.pipeline.driver import PipelineError
+
+    def fake_run_pipeline(config):
+        Path(config["output"]).mkdir(parents=True, exist_ok=True)
+        if fails:
+            raise PipelineError("writer0 failed: /data/b.cxi: its detector geometry differs")
+        return {"backend": "test", "engine": {"threshold": 0.6, "min_snr": 4.0}}
+
+    monkeypatch.setattr(pipeline_module, "run_pipeline", fake_run_pipeline)
+    geom_path, _, stack, _, _ = stacks["cspad"]
+    outdir = tmp_path / "o"
+    with pytest.raises(PeakNetError, match="geometry differs" if fails else "no frames"):
+        run({"inputs": [str(stack)], "geometry": str(geom_path), "output": str(outdir),
+             "workers": 2, "progress": False})
+    summary = json.loads((outdir / "peaknet2cxi.json").read_text())
+    assert summary["status"].startswith("failed")
+    assert ("geometry differs" in summary["status"]) is fails
+    assert summary["engine"] == ({"pipeline": "ray"} if fails else
+                                 {"pipeline": "test", "threshold": 0.6, "min_snr": 4.0})
 
 
 def test_cxi_writer_hits_only_keeps_only_hits(stacks, tmp_path):

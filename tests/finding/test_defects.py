@@ -346,6 +346,34 @@ def stuck_pixel_run(n_frames=5):
     return images, peaks
 
 
+def test_trackers_of_parts_of_a_run_merge_into_the_whole_runs():
+    """Counts are sums over frames: trackers that counted parts of a run merge into the
+    tracker of all of it.  Trackers judging spikes otherwise, or of other panels, are refused."""
+    images, _ = stuck_pixel_run(n_frames=5)
+    whole, first, second = DefectTracker(), DefectTracker(), DefectTracker()
+    for k, image in enumerate(images):
+        whole.update([image])
+        (first if k < 2 else second).update([image])
+    merged = DefectTracker()
+    merged.merge(DefectTracker())  # nothing counted: nothing to add
+    assert merged.counts is None and merged.frames == 0
+    merged.merge(first)
+    merged.merge(second)
+    assert merged.frames == 5 and first.counts[0][5, 7] == 2  # the parts are left as they were
+    np.testing.assert_array_equal(merged.counts[0], whole.counts[0])
+    assert merged.defects[0][5, 7] and merged.count() == whole.count() == 1
+    with pytest.raises(ValueError, match="other settings"):
+        DefectTracker(fraction=0.5).merge(first)
+    with pytest.raises(ValueError, match="other panel shapes"):
+        merged.merge(counted_once(np.zeros((8, 8))))
+
+
+def counted_once(image):
+    tracker = DefectTracker()
+    tracker.update([image])
+    return tracker
+
+
 def test_filter_counts_frames_and_drops_recurring_pixels():
     filt = DefectFilter(DefectTracker(min_frames=3))
     images, peaks = stuck_pixel_run()

@@ -490,3 +490,96 @@ def test_stored_mask_leaves_out_the_pixels_the_finder_left_out(tmp_path, geometr
         mask = h5["/entry_1/data_1/mask"][1]
     assert not mask[10].any() and mask[11].all()
     assert mask.sum() == 32 * 32 - 32 - 4  # the gap row and the geometry's 2x2 bad corner
+
+
+#: CXI_GEOMETRY with the bottom panel's corner 2 pixels lower: the same panel shapes, placed
+#: otherwise (the frames of both fit one file; their peaks do not fit one geometry)
+SHIFTED_GEOMETRY = {**CXI_GEOMETRY, "corners": [(-16.0, 2.0), (-16.0, -20.0)]}
+
+
+def _two_inputs(tmp_path: Path, make_geometry_text, second: dict) -> tuple[list[FrameResult],
+                                                                        np.ndarray]:
+    """Two frames of ``near.h5`` (CXI_GEOMETRY) and one of ``other.h5`` (``second``), each
+    frame carrying its input's geometry, as frames reach the Ray pipeline's writer; and the
+    first input's pixels."""
+    data = make_stack(tmp_path / "near.h5", n=2)
+    make_stack(tmp_path / "other.h5", n=1)
+    near = parse_geometry(make_geometry_text(**CXI_GEOMETRY))
+    other = parse_geometry(make_geometry_text(**second))
+    frames = [*iter_cxi_frames(tmp_path / "near.h5", near),
+              *iter_cxi_frames(tmp_path / "other.h5", other)]
+    return _results(frames, [3, 2, 4]), data
+
+
+@pytest.mark.parametrize("mode", ["vds", "copy"])
+def test_writer_refuses_a_frame_placed_otherwise_before_writing_any_of_it(
+        tmp_path, make_geometry_text, mode):
+    """A frame of the same panel shapes as the folder's but placed otherwise would share its
+    file and its one geometry, and be indexed with the wrong one: the writer refuses it, naming
+    its file, the input the folder's geometry came from and what to do, before writing any of
+    it; the file in progress keeps its frames whole and takes more of the folder's."""
+    results, data = _two_inputs(tmp_path, make_geometry_text, SHIFTED_GEOMETRY)
+    first, second = tmp_path / "near.h5", tmp_path / "other.h5"
+    out = tmp_path / "out"
+    writer = CXIWriter(out, mode=mode, geometry_name="p.geom")  # no geometry: the frames'
+    writer.write(results[0])
+    with pytest.raises(FormatError) as info:
+        writer.write(results[2])
+    message = str(info.value)
+    assert message.startswith(f"{second}: its detector geometry differs from that of the "
+                              f"first input, {first}; ")
+    assert "its own output folder" in message
+    writer.write(results[1])
+    writer.close()
+    (done,) = writer.files
+    table = read_cxi_peaks(done)
+    assert table.keys == [(str(first), "//0"), (str(first), "//1")]
+    written = read_geometry(out / "p.geom")
+    assert [p.corner_y for p in written.panels] == [2.0, -18.0]
+    back = table.peaks(0, written)
+    np.testing.assert_array_equal(back["panel"], results[0].peaks["panel"])
+    np.testing.assert_allclose(back["ss"], results[0].peaks["ss"], rtol=1e-6)
+    frame = read_cxi_frame(done, 0, written)
+    np.testing.assert_array_equal(frame.panels[1], data[0, 16:])
+
+
+def test_writer_refuses_another_geometry_than_an_earlier_runs(tmp_path, make_geometry_text):
+    """The ``.geom`` an earlier run left in the folder is the folder's geometry (its files are
+    indexed with it): a frame placed otherwise is refused naming that file, and so is another
+    geometry the writer is given for every frame (named by its own file); the folder is left
+    as it was."""
+    results, _ = _two_inputs(tmp_path, make_geometry_text, SHIFTED_GEOMETRY)
+    out = tmp_path / "out"
+    with CXIWriter(out, geometry_name="p.geom") as writer:
+        writer.write(results[0])
+    before = (out / "p.geom").read_text()
+    with pytest.raises(FormatError) as info:
+        with CXIWriter(out, geometry_name="p.geom") as writer:
+            writer.write(results[2])
+    assert str(info.value).startswith(f"{tmp_path / 'other.h5'}: its detector geometry differs "
+                                      f"from {out / 'p.geom'}, written by an earlier run; ")
+    given = tmp_path / "shifted.geom"
+    given.write_text(make_geometry_text(**SHIFTED_GEOMETRY))
+    with pytest.raises(FormatError) as info:
+        with CXIWriter(out, given, geometry_name="p.geom") as writer:
+            writer.write(results[1])
+    assert str(info.value).startswith(f"{given}: this geometry (-g) differs from the one in "
+                                      f"{out / 'p.geom'}")
+    assert (out / "p.geom").read_text() == before
+    assert [p.name for p in out.glob("*.cxi")] == ["peaks-00000.cxi"]
+    assert read_cxi_peaks(out / "peaks-00000.cxi").keys == [results[0].frame.key]
+
+
+@pytest.mark.parametrize("second", [CXI_GEOMETRY, {**CXI_GEOMETRY, "adu_per_photon": "31"}],
+                         ids=["same", "gain-only"])
+def test_writer_takes_frames_of_one_placement_into_one_file(tmp_path, make_geometry_text,
+                                                            second):
+    """The same geometry read again (another object), or one that differs only in its gain
+    (which the writer measures from the data where none is declared), places the pixels the
+    same: one folder, one file."""
+    results, _ = _two_inputs(tmp_path, make_geometry_text, second)
+    with CXIWriter(tmp_path / "out", geometry_name="p.geom") as writer:
+        for result in results:
+            writer.write(result)
+    (done,) = writer.files
+    assert read_cxi_peaks(done).keys == [r.frame.key for r in results]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import pickle
 from dataclasses import replace
 from pathlib import Path
 
@@ -236,6 +237,22 @@ def test_split_and_assemble_slab(real_data: Path) -> None:
     assert parts[8].shape == (64, 128)
     np.testing.assert_array_equal(parts[8], block[1, 0:64, :])  # p1a0: module 1, first ASIC
     np.testing.assert_array_equal(agipd.assemble_slab(parts), block)
+
+
+def test_a_stacked_layout_is_laid_out_as_one_slab_once(real_data: Path) -> None:
+    """The CXI writer asks for a stacked detector's slab layout several times a frame: it is
+    made once per geometry; one derived with ``replace`` makes its own, and one sent to another
+    process (pickled) goes without it, as large as one never laid out, and gives the same."""
+    agipd = read_geometry(geom_path(real_data, "extrafoam_agipd_mar18_v11.geom"))
+    unused = pickle.dumps(read_geometry(geom_path(real_data, "extrafoam_agipd_mar18_v11.geom")))
+    slab = agipd.as_slab()
+    assert slab is agipd.as_slab() and slab.as_slab() is slab and not slab.stacked
+    modules, height, width = agipd.slab_shape
+    assert slab.slab_shape == (modules * height, width)
+    moved = replace(agipd, panels=[replace(p, corner_x=p.corner_x + 1) for p in agipd.panels])
+    assert [p.corner_x for p in moved.as_slab().panels] == [p.corner_x + 1 for p in slab.panels]
+    assert len(pickle.dumps(agipd)) == len(unused)
+    assert pickle.loads(pickle.dumps(agipd)).as_slab().to_text() == slab.to_text()
 
 
 def test_bad_pixel_masks() -> None:

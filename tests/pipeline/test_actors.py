@@ -1,21 +1,31 @@
-"""The stage classes without Ray: source feeding, worker batches, writer de-duplication, and the
-whole pipeline on threads (same classes, same driver) including a crashing worker and a resume.
+"""The stage classes without Ray: source feeding, worker batches, writer de-duplication, what a
+worker's engine learned and ran with, and the whole pipeline on threads (same classes, same
+driver) including a crashing worker, a failing input and a resume.
 
-The frame finder is the plain local-maximum finder: these tests are about the plumbing, not the
-model.
+The frame finder is the plain local-maximum finder where these tests are about the plumbing, and
+the engine with a stand-in segmenter where they are about what the engine keeps.
 """
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
-from peaknet_test_support import LocalMaxFinder
+from peaknet_test_support import BrightPredictor, LocalMaxFinder
 
+from peaknet_xtal.errors import FormatError
+from peaknet_xtal.finding.engine import InferenceEngine
 from peaknet_xtal.formats.cxi import CXISource, CXIWriter, read_cxi_peaks
 from peaknet_xtal.pipeline import PipelineError, run_pipeline
 from peaknet_xtal.pipeline.actors import ModelWorker, ResultWriter, SourceFeeder, shard_of
 from peaknet_xtal.types import Frame
+
+#: The stand-in engine's settings: peaks where the pixels are bright, no model loaded.
+ENGINE = {"predictor": BrightPredictor(), "adu_per_photon": 1.0, "threshold": 0.6, "threads": 1}
+#: In the stacks of ``stacks.write``, bright in every frame (a hot pixel), and in 2 of 4.
+HOT, SOMETIMES = (4, 5), (16, 23)
 
 
 class ListQueue:
@@ -61,6 +71,36 @@ def test_worker_keeps_identity_and_drops_linkable_pixels(tmp_path: Path, stacks)
     assert kept.frame.panels[0].shape == (8, 8)  # the writer will have to copy these pixels
     stats = worker.stats()
     assert stats["frames"] == 6 and stats["batches"] == 2 and 0 < stats["busy_fraction"] <= 1
+
+
+def test_worker_hands_over_what_its_engine_learned_and_its_settings(tmp_path: Path, stacks):
+    """The driver merges the workers' defect counts into the run's mask: what a worker hands
+    over is its engine's own tracker, the counts one engine keeps over the same frames; its
+    settings are the engine's ``describe()``, defaults filled in, before any frame too."""
+    path = stacks.write(tmp_path / "in.h5", 8)
+    frames = list(CXISource(path))
+    worker = ModelWorker("w0", "engine", ENGINE, batch_size=4)
+    assert worker.learned_defects() is None  # nothing found, nothing built for it
+    assert worker.settings() == InferenceEngine(**ENGINE).describe()
+    assert worker.settings()["min_snr"] == InferenceEngine().peak_params.min_snr
+    worker.process(frames[:4])
+    worker.process(frames[4:])
+    learned = worker.learned_defects()
+    assert learned is not None and learned.tracker.frames == 8
+    one = InferenceEngine(**ENGINE)
+    list(one.find_frames(frames))
+    for mine, theirs in zip(learned.tracker.counts, one.defects.tracker.counts, strict=True):
+        np.testing.assert_array_equal(mine, theirs)
+    defects = learned.tracker.defects[0]
+    assert defects[HOT] and not defects[SOMETIMES]
+    assert learned.geometry is frames[-1].geometry
+
+
+def test_a_worker_without_an_engine_has_no_defects_or_settings_to_hand_over(tmp_path: Path,
+                                                                            stacks):
+    worker = ModelWorker("w0", LocalMaxFinder, {"threshold": 100.0})
+    worker.process(list(CXISource(stacks.write(tmp_path / "in.h5", 6))))
+    assert worker.learned_defects() is None and worker.settings() is None
 
 
 def test_writer_skips_done_and_duplicate_keys(tmp_path: Path, stacks):
@@ -153,3 +193,54 @@ def test_threads_pipeline_resumes_without_rewriting(tmp_path: Path, stacks):
     again = run_pipeline(cfg)
     assert again["resumed_keys"] == 40 and again["written"] == 0
     assert sorted((tmp_path / "out").glob("*.cxi")) == files
+
+
+#: Set by :class:`SignallingEngine` once it has found :data:`FOUND_BEFORE_FAILING` frames.
+FOUND = threading.Event()
+FOUND_BEFORE_FAILING = 6
+
+
+class SignallingEngine(InferenceEngine):
+    """The engine, saying when it has found the frames the failing input sent (one worker)."""
+
+    found = 0
+
+    def find_frames(self, frames, **kw):
+        for result in super().find_frames(frames, **kw):
+            SignallingEngine.found += 1
+            if SignallingEngine.found >= FOUND_BEFORE_FAILING:
+                FOUND.set()
+            yield result
+
+
+class BreaksAfterItsFrames:
+    """A CXI stack whose read fails after its frames, once they have been found: the run then
+    fails for good with what the worker learned from them in hand."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.inner = CXISource(path)
+
+    def __iter__(self):
+        yield from self.inner
+        FOUND.wait(60)
+        raise FormatError(self.path, "truncated after its frames")
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def test_a_run_that_fails_still_writes_the_pixel_defects_it_learned(tmp_path: Path, stacks):
+    """As the single-process run does, a run that fails for good leaves the defect mask of the
+    frames found before the failure beside its output."""
+    path = stacks.write(tmp_path / "a.h5", FOUND_BEFORE_FAILING)
+    FOUND.clear()
+    SignallingEngine.found = 0
+    cfg = threads_config(tmp_path, [path], frame_finder=SignallingEngine,
+                         frame_finder_options=ENGINE, workers=1, batch_size=2, source_chunk=1)
+    cfg["inputs"] = [{"path": str(path), "kind": BreaksAfterItsFrames}]
+    with pytest.raises(PipelineError, match="truncated"):
+        run_pipeline(cfg)
+    with h5py.File(tmp_path / "out" / "pixel_defects.h5") as h5:
+        mask = h5["/data/data"][()]
+    assert mask.dtype == np.uint8 and mask[HOT] == 0 and mask[SOMETIMES] == 1

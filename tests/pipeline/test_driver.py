@@ -1,9 +1,10 @@
 """The pipeline on a real local Ray (2 CPUs): every frame once, back-pressure, a worker process
-killed with SIGKILL mid-run, and a Ctrl-C'd run that flushes and then resumes to completion.
+killed with SIGKILL mid-run, a Ctrl-C'd run that flushes and then resumes to completion, and the
+run's pixel defect mask and engine settings; how the workers' defect counts combine.
 
 The frame finder is the plain local-maximum finder (``peaknet_test_support.LocalMaxFinder``), with
 a per-frame delay where a batch must be in flight long enough to kill its worker: model quality is
-irrelevant here.
+irrelevant here; the engine with a stand-in segmenter where the test is about what it keeps.
 """
 from __future__ import annotations
 
@@ -16,12 +17,17 @@ import threading
 import time
 from pathlib import Path
 
+import h5py
+import numpy as np
 import pytest
-from peaknet_test_support import LocalMaxFinder
+from peaknet_test_support import BrightPredictor, LocalMaxFinder
 
+from peaknet_xtal.finding.defects import DefectTracker
+from peaknet_xtal.finding.engine import InferenceEngine
 from peaknet_xtal.formats.cxi import CXISource, CXIWriter
 from peaknet_xtal.pipeline import run_pipeline
-from peaknet_xtal.pipeline.driver import resolve_config
+from peaknet_xtal.pipeline.actors import LearnedDefects
+from peaknet_xtal.pipeline.driver import frame_finder_options, pooled_defects, resolve_config
 from peaknet_xtal.pipeline.ray_session import ray_session
 
 pytestmark = pytest.mark.ray
@@ -174,3 +180,68 @@ def test_an_unknown_setting_is_refused_with_the_name_it_resembles(tmp_path):
     benchmark once passed ``predictor`` for ``frame_finder`` and measured the wrong model)."""
     with pytest.raises(ValueError, match="'workrs' \\(did you mean 'workers'\\?\\)"):
         resolve_config({"inputs": [str(tmp_path / "x.h5")], "workrs": 4})
+
+
+#: In the stacks of ``stacks.write``, bright in every frame (a hot pixel), and in 2 of 4.
+HOT, SOMETIMES = (4, 5), (16, 23)
+
+
+def test_ray_run_writes_the_pixel_defects_and_records_the_engine_settings(local_ray,
+                                                                          tmp_path: Path, stacks):
+    """As the single-process peaknet2cxi does: the run's defect mask beside the output (the
+    workers' counts merged), and the engine's resolved settings in the summary."""
+    path = stacks.write(tmp_path / "a.h5", 8)
+    cfg = config(tmp_path, [path], frame_finder="engine", batch_size=2,
+                 frame_finder_options={"predictor": BrightPredictor(), "adu_per_photon": 1.0,
+                                       "min_snr": 4.0}, threshold=0.6)
+    summary = run_pipeline(cfg)
+    assert summary["written"] == 8
+    written = tmp_path / "out" / "pixel_defects.h5"
+    assert summary["pixel_defects"][0] == str(written)
+    with h5py.File(written) as h5:
+        mask = h5["/data/data"][()]
+    assert mask.dtype == np.uint8 and mask.shape == (32, 48)
+    assert mask[HOT] == 0 and mask[SOMETIMES] == 1
+    engine = InferenceEngine(**frame_finder_options(resolve_config(cfg))).describe()
+    assert engine["threshold"] == 0.6 and engine["min_snr"] == 4.0
+    assert summary["engine"] == engine
+    report = json.loads((tmp_path / "out" / "run.cxi.pipeline.json").read_text())
+    assert report["engine"] == engine
+
+
+def counted(images: list[np.ndarray]) -> DefectTracker:
+    tracker = DefectTracker()
+    for image in images:
+        tracker.update([image])
+    return tracker
+
+
+def test_workers_defect_counts_add_up_to_one_engines():
+    """Pooled, the workers' counts are one tracker's over the same frames, whatever the deal:
+    two workers that found four frames each (too few to name a defect alone) name the hot pixel
+    together; a burst in four of one worker's five frames, which that worker alone calls a
+    defect, is none over the nine frames of the run.  Counts of another detector are left out."""
+    rng = np.random.default_rng(2)
+    images = []
+    for k in range(9):
+        image = rng.normal(0, 1, (24, 24))
+        image[3, 4] = 80.0  # hot in every frame
+        if k in (0, 1, 2, 3):
+            image[12, 15] = 80.0  # a burst, in the first five frames only
+        images.append(image)
+    halves = counted(images[:4]), counted(images[4:8])
+    assert all(half.defects is None for half in halves)
+    other = counted([rng.normal(0, 1, (10, 10)) for _ in range(2)])
+    pooled, geometry = pooled_defects([LearnedDefects(halves[0], "geom"),
+                                       LearnedDefects(halves[1], None),
+                                       LearnedDefects(other, "another")])
+    assert pooled is not None and pooled.frames == 8 and geometry == "geom"
+    np.testing.assert_array_equal(pooled.counts[0], counted(images[:8]).counts[0])
+    assert pooled.defects[0][3, 4] and pooled.count() == 1
+    assert halves[0].counts[0][3, 4] == 4  # the workers' own are left as they were
+    burst, rest = counted(images[:5]), counted(images[5:])
+    assert burst.defects[0][12, 15]
+    pooled, _ = pooled_defects([LearnedDefects(burst, None), LearnedDefects(rest, None)])
+    assert pooled is not None and pooled.frames == 9 and pooled.count() == 1
+    assert not pooled.defects[0][12, 15]
+    assert pooled_defects([]) == (None, None)

@@ -204,7 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("peaknet2cxi: need at least one INPUT (or -i LIST) and -o OUTDIR", file=sys.stderr)
         return 2
     try:
-        check_output_folder(Path(config["output"]))
+        check_output_folder(Path(config["output"]), config)
         cfgmod.record(config, Path(config["output"]) / CONFIG_NAME, "peaknet2cxi", argv)
         summary = run(config)
     except KeyboardInterrupt:
@@ -268,16 +268,18 @@ def run(config: Mapping[str, Any]) -> dict[str, Any]:
     config.update(cfgmod.validate({k: config[k] for k in RANGES},
                                   {k: DEFAULTS[k] for k in RANGES}, RANGES,
                                   [("run() arguments", config)]))
-    check_output_folder(Path(config["output"]))
+    check_output_folder(Path(config["output"]), config)
     if int(config["workers"] or 1) > 1 or config["address"]:
         return _run_pipeline(config)
     return _run_serial(config)
 
 
-def check_output_folder(outdir: Path) -> None:
+def check_output_folder(outdir: Path, config: Mapping[str, Any] | None = None) -> None:
     """Refuse a folder whose peaks-*.cxi or peaknet.lst peaknet2cxi did not write: they would be
-    listed for indexamajig, overwritten, or numbered into."""
-    from peaknet_xtal.formats.cxi import CXIWriter
+    listed for indexamajig, overwritten, or numbered into; and, given the run's ``config``, one
+    whose files were found with other settings (a rerun continues a run: checked before the
+    run's configuration is recorded over the earlier one's)."""
+    from peaknet_xtal.formats.cxi import CXIWriter, check_same_settings
 
     if not outdir.exists():
         return
@@ -300,6 +302,8 @@ def check_output_folder(outdir: Path) -> None:
                or not re.fullmatch(rf"{CXI_PREFIX}-\d{{5}}\.cxi", p.name) for p in named):
             raise FormatError(listing, "names files peaknet2cxi did not write here; it would "
                               "be overwritten: choose an empty or new output folder")
+    if config is not None:
+        check_same_settings(foreign.finished_files(), finding_settings(config))
 
 
 def _run_serial(config: dict[str, Any]) -> dict[str, Any]:
@@ -373,7 +377,23 @@ def _writer_options(config: Mapping[str, Any]) -> dict[str, Any]:
     return {"frames_per_file": int(config["frames_per_file"]), "mode": config["link"],
             "max_peaks": max(int(config["max_peaks"] or 0), DEFAULT_MAX_PEAKS),
             "geometry_name": GEOM_NAME, "hits_only": bool(config["hits_only"]),
-            "adu_per_photon": gain if gain else None}
+            "adu_per_photon": gain if gain else None, "settings": finding_settings(config)}
+
+
+#: the settings that decide which peaks a frame gets and which frames are written: every CXI
+#: file keeps them, and a rerun into a folder must use the same (formats.cxi.check_same_settings)
+FINDING_KEYS = ("model", "threshold", "min_snr", "min_height", "rescue_prob", "rescue_height",
+                "faint_support", "adu_per_photon", "min_peaks", "max_peaks", "hits_only")
+
+
+def finding_settings(config: Mapping[str, Any]) -> dict[str, Any]:
+    """:data:`FINDING_KEYS` of a resolved configuration as plain values, with the SHA-256 of
+    the model's weights (a retrained model at the same path is another model)."""
+    from peaknet_xtal.model.weights_io import model_digest
+
+    settings = {key: _plain(config[key]) for key in FINDING_KEYS}
+    settings["model_sha256"] = model_digest(config["model"])
+    return settings
 
 
 def _run_pipeline(config: dict[str, Any]) -> dict[str, Any]:

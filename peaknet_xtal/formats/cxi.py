@@ -17,10 +17,11 @@ written by an earlier run (:meth:`CXIWriter.done_keys`) so an interrupted run re
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -723,9 +724,11 @@ class _CXIFile:
     """
 
     def __init__(self, path: Path, geometry: Any, mode: str, max_peaks: int,
-                 geometry_name: str | None = None) -> None:
+                 geometry_name: str | None = None,
+                 settings: Mapping[str, Any] | None = None) -> None:
         self.path = Path(path)
         self.geometry = geometry
+        self.settings = settings
         self.mode = mode
         self.max_peaks = max(1, int(max_peaks))
         self.geometry_name = geometry_name
@@ -912,6 +915,8 @@ class _CXIFile:
             self.h5.attrs["creator"] = "peaknet-xtal"
             if self.geometry_name:
                 self.h5.attrs[GEOMETRY_ATTR] = self.geometry_name
+            if self.settings is not None:
+                self.h5.attrs[SETTINGS_ATTR] = json.dumps(dict(self.settings), sort_keys=True)
             self.h5.close()
         except BaseException:
             self.abort()
@@ -1042,6 +1047,59 @@ def written_placement(geometry: Any) -> str:
     return geometry_placement(cxi_geometry(geometry, adu_per_photon=1.0).to_text())
 
 
+#: root attribute of a CXI file: the settings its peaks were found with (JSON), so the file
+#: says how it was made, and a rerun into its folder can refuse other settings
+SETTINGS_ATTR = "peaknet_settings"
+
+
+def read_settings(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The settings a CXI file's peaks were found with (:data:`SETTINGS_ATTR`); None where the
+    file does not say (an older run's, or not ours)."""
+    try:
+        with h5py.File(path, "r") as h5:
+            text = h5.attrs.get(SETTINGS_ATTR)
+    except OSError as exc:
+        raise FormatError(path, f"cannot read it as HDF5: {exc}") from exc
+    if text is None:
+        return None
+    try:
+        settings = json.loads(text)
+    except ValueError as exc:
+        raise FormatError(path, f"its {SETTINGS_ATTR} attribute is not JSON: {exc}") from exc
+    return settings if isinstance(settings, dict) else None
+
+
+def check_same_settings(files: Sequence[Path], settings: Mapping[str, Any]) -> None:
+    """Refuse to add peaks found with other settings to a folder whose finished files were
+    found with these: a rerun continues a run (finished frames are skipped by key), so its
+    frames must be found as the earlier ones were, or one output would mix two models or two
+    thresholds with nothing to tell them apart.  Compared with the latest finished file (every
+    file of a folder passed this check); settings one side does not record are not compared,
+    and a file that records none (an older run's) is not judged.  Where both sides record a
+    ``NAME_sha256`` and it is the same, ``NAME`` is not compared: the same weights named by
+    another path (``default`` or the shipped file, a folder or its model.safetensors) are the
+    same model.
+
+    Raises a FormatError naming that file and every setting that differs, both values."""
+    if not files:
+        return
+    latest = files[-1]
+    earlier = read_settings(latest)
+    if earlier is None:
+        return
+    same_content = {key[:-len("_sha256")] for key in set(earlier) & set(settings)
+                    if key.endswith("_sha256") and earlier[key] is not None
+                    and earlier[key] == settings[key]}
+    differ = [f"{key} {earlier[key]!r} there, {settings[key]!r} now"
+              for key in sorted(set(earlier) & set(settings) - same_content)
+              if earlier[key] != settings[key]]
+    if differ:
+        raise FormatError(latest, "its peaks were found with other settings ("
+                          + "; ".join(differ) + "); one output folder holds one run's "
+                          "settings: use another output folder (-o) for these, or the same "
+                          "settings to continue this run (what is in it is kept)")
+
+
 # --------------------------------------------------------------------------------------------
 # the rolling writer
 
@@ -1063,7 +1121,7 @@ class CXIWriter:
                  frames_per_file: int = 1000, mode: str = "auto",
                  max_peaks: int = DEFAULT_MAX_PEAKS, write_geometry: bool = True,
                  geometry_name: str | None = None, adu_per_photon: float | None = None,
-                 hits_only: bool = False) -> None:
+                 hits_only: bool = False, settings: Mapping[str, Any] | None = None) -> None:
         if isinstance(geometry, (str, os.PathLike)):
             from peaknet_xtal.formats.geometry import read_geometry
 
@@ -1084,6 +1142,11 @@ class CXIWriter:
         self.geometry_path = self.directory / (geometry_name or f"{self.prefix}.geom")
         self.adu_per_photon = adu_per_photon
         self.hits_only = hits_only
+        #: how the peaks were found, kept in every file (:data:`SETTINGS_ATTR`); a folder's
+        #: files share them (:func:`check_same_settings`)
+        self.settings = None if settings is None else dict(settings)
+        if self.settings is not None:
+            check_same_settings(self.finished_files(), self.settings)
         self._file: _CXIFile | None = None
         self._next_index = self._first_free_index()
         #: the geometry and measured gain written by this writer while no finished file needs
@@ -1233,7 +1296,8 @@ class CXIWriter:
                 "vds" if _linkable(result) else "copy")
             target = self.directory / f"{self.prefix}-{self._next_index:05d}.cxi"
             self._file = _CXIFile(target, geometry, mode, self.max_peaks,
-                                  self.geometry_path.name if self.write_geometry else None)
+                                  self.geometry_path.name if self.write_geometry else None,
+                                  self.settings)
         try:
             self._file.add(result)
         except BaseException:

@@ -5,6 +5,7 @@ the safetensors metadata (so a lone weights file still loads).  Writes are atomi
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -120,6 +121,25 @@ def check_model(spec: str | os.PathLike[str]) -> Path | None:
         raise FormatError(weights, f"unknown model family {config['family']!r}; known: "
                                    f"{known_families()}")
     return weights
+
+
+def model_digest(spec: Any) -> str | None:
+    """SHA-256 of the weights a model spec names (the shipped file for ``default``), so that a
+    record of how peaks were found tells a retrained model at the same path from the one
+    used; None for a model handed over as a Python object (no file to name)."""
+    if not isinstance(spec, (str, os.PathLike)):
+        return None
+    weights = WEIGHTS_DIR / f"{DEFAULT_NAME}.safetensors" if str(spec) == DEFAULT_NAME \
+        else _resolve(spec)
+    digest = hashlib.sha256()
+    try:
+        with open(weights, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    except OSError as exc:
+        raise FormatError(weights, f"cannot read the model weights: {exc.strerror or exc}") \
+            from exc
+    return digest.hexdigest()
 
 
 def load_model(spec: str | os.PathLike[str] = DEFAULT_NAME, device: str = "cpu") -> Any:

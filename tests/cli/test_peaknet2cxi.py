@@ -17,6 +17,7 @@ import h5py
 import numpy as np
 import pytest
 
+import peaknet_xtal
 from peaknet_xtal.cli.peaknet2cxi import main, run
 from peaknet_xtal.errors import FormatError, PeakNetError
 from peaknet_xtal.evaluation.metrics import match_peaks
@@ -285,6 +286,48 @@ def test_main_with_the_real_default_model(stacks, tmp_path, capsys):
     assert recorded["config"]["rescue_height"] == 25.0  # off (rescue_prob's default) but saved
     assert recorded["config"]["faint_support"] == 3
     assert read_cxi_peaks(summary["cxi_files"][0]).n_peaks.max() <= 100
+    # a rerun continues the run only with its settings: another min_snr is refused before the
+    # earlier run's record or files are touched ...
+    files = {p: p.read_bytes() for p in outdir.iterdir()}
+    same = ["-g", str(geom_path), "-o", str(outdir), "--device", "cpu", "--threads", "1",
+            "--threshold", "0.99", "--max-peaks", "100", "--min-height", "6",
+            "--rescue-height", "25", "--faint-support", "3"]
+    assert main([str(stack), *same, "--min-snr", "5"]) == 1
+    err = capsys.readouterr().err
+    assert f"{summary['cxi_files'][-1]}: its peaks were found with other settings" in err
+    assert "min_snr 3.0 there, 5.0 now" in err and "threshold" not in err
+    assert {p: p.read_bytes() for p in outdir.iterdir()} == files
+    # ... and the shipped weights named by their path are the same model: the run continues
+    shipped = Path(peaknet_xtal.__file__).parent / "model" / "weights" / "default.safetensors"
+    assert main([str(stack), *same, "--model", str(shipped)]) == 0, capsys.readouterr().err
+    again = json.loads((outdir / "peaknet2cxi.json").read_text())
+    assert (again["frames"], again["this_run"]["skipped"]) == (N_FRAMES, N_FRAMES)
+
+
+def test_a_rerun_with_a_retrained_model_at_the_same_path_is_refused(stacks, tmp_path):
+    """The CXI files keep the settings their peaks were found with, the model's weights by
+    content: new weights at the old path are another model, whose peaks would join the
+    earlier ones with nothing to tell them apart."""
+    import shutil
+
+    from peaknet_xtal.formats.cxi import read_settings
+
+    geom_path, _, stack, _, predictor = stacks["cspad"]
+    outdir, weights = tmp_path / "out", tmp_path / "model.safetensors"
+    shipped = Path(peaknet_xtal.__file__).parent / "model" / "weights" / "default.safetensors"
+    shutil.copy(shipped, weights)
+    first = _run(stack, geom_path, outdir, predictor, model=str(weights), frames_per_file=1)
+    Path(first["cxi_files"][-1]).unlink()  # an interrupted run: one frame left to find
+    kept = read_settings(first["cxi_files"][0])
+    assert kept is not None and kept["model"] == str(weights) and kept["min_snr"] == 3.0
+    shutil.copy(Path(__file__).parents[2] / "benchmarks" / "baseline" /
+                "default_v1.safetensors", weights)  # retrained in place
+    with pytest.raises(FormatError, match=r"model_sha256 '[0-9a-f]{64}' there, '[0-9a-f]{64}' "
+                       r"now.*another output folder"):
+        _run(stack, geom_path, outdir, predictor, model=str(weights), frames_per_file=1)
+    assert [Path(p).name for p in _run(stack, geom_path, tmp_path / "new", predictor,
+                                        model=str(weights), frames_per_file=1)["cxi_files"]
+            ] == ["peaks-00000.cxi", "peaks-00001.cxi"]
 
 
 def test_config_file_typo_is_an_error_naming_file_and_key(tmp_path, capsys):
@@ -592,7 +635,8 @@ def test_another_geometry_into_an_earlier_runs_folder_is_one_clear_error(
     capsys.readouterr()
     before = (outdir / "peaknet.geom").read_text()
     more = tiny_stack(tmp_path / "more.h5")  # frames still to do
-    code = main([str(more), "-g", str(geoms[1]), "-o", str(outdir), "--no-progress"])
+    code = main([str(more), "-g", str(geoms[1]), "-o", str(outdir), "--no-progress",
+                 "--min-peaks", "0"])
     err = capsys.readouterr().err
     assert code == 1 and f"error: {geoms[1]}: this geometry (-g) differs from the one in " \
         f"{outdir / 'peaknet.geom'}" in err, err
@@ -652,7 +696,7 @@ def test_a_transient_failure_or_an_interruption_advises_the_rerun(tmp_path, caps
 
         monkeypatch.setattr(peaknet2cxi._Stats, "add", fail)
         outdir = tmp_path / f"out{code}"
-        assert main([str(good), "-o", str(outdir), "--no-progress"]) == code
+        assert main([str(good), "-o", str(outdir), "--no-progress", "--min-peaks", "0"]) == code
         err = capsys.readouterr().err
         assert "re-run the same command to continue" in err, err
     monkeypatch.undo()

@@ -1,6 +1,7 @@
 """CXI/HDF5 images and CXI peak tables on real h5py files."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import h5py
@@ -583,3 +584,43 @@ def test_writer_takes_frames_of_one_placement_into_one_file(tmp_path, make_geome
             writer.write(result)
     (done,) = writer.files
     assert read_cxi_peaks(done).keys == [r.frame.key for r in results]
+
+
+def _settings_file(path: Path, settings: dict | None) -> Path:
+    from peaknet_xtal.formats.cxi import SETTINGS_ATTR
+
+    with h5py.File(path, "w") as h5:
+        h5.attrs["creator"] = "peaknet-xtal"
+        if settings is not None:
+            h5.attrs[SETTINGS_ATTR] = json.dumps(settings)
+    return path
+
+
+def test_a_folder_keeps_one_runs_settings(tmp_path):
+    """check_same_settings: the latest finished file decides; every differing setting is
+    named with both values; what one side does not record, or an older file without any
+    record, is not judged; equal weights digests make the model's name irrelevant."""
+    from peaknet_xtal.formats.cxi import check_same_settings, read_settings
+
+    earlier = {"model": "default", "model_sha256": "a" * 64, "threshold": 0.5, "min_snr": 3.0}
+    old = _settings_file(tmp_path / "peaks-00000.cxi", None)
+    latest = _settings_file(tmp_path / "peaks-00001.cxi", earlier)
+    assert read_settings(old) is None and read_settings(latest) == earlier
+    check_same_settings([old, latest], dict(earlier))
+    check_same_settings([old, latest], {**earlier, "model": "/x/default.safetensors"})
+    check_same_settings([old, latest], {**earlier, "faint_support": 3})  # not recorded there
+    check_same_settings([old], {**earlier, "threshold": 0.9})  # an older run's: not judged
+    check_same_settings([], earlier)
+    with pytest.raises(FormatError) as caught:
+        check_same_settings([old, latest], {**earlier, "threshold": 0.9, "min_snr": 4.0})
+    assert caught.value.path == str(latest)
+    assert "min_snr 3.0 there, 4.0 now; threshold 0.5 there, 0.9 now" in str(caught.value)
+    with pytest.raises(FormatError, match="model 'default' there, '/x/m.safetensors' now"):
+        check_same_settings([latest], {**earlier, "model": "/x/m.safetensors",
+                                       "model_sha256": "b" * 64})
+    with pytest.raises(FormatError, match="not JSON"):
+        from peaknet_xtal.formats.cxi import SETTINGS_ATTR
+
+        with h5py.File(latest, "a") as h5:
+            h5.attrs[SETTINGS_ATTR] = "{broken"
+        read_settings(latest)

@@ -11,6 +11,8 @@ threshold (the core of dials.find_spots) on the same pixels in the same run, wit
 the same through the finding engine (``InferenceEngine.predict_panels``: tiles, batches of 8,
 stitching; plain and fused); images/s at batch 1 and 8 on one CSPAD panel stack.  Then
 parameters and FLOPs per megapixel of every registered size (counted on the meta device).
+The default model also runs through the engine with ``precision="bf16"`` (the network under
+bfloat16 autocast, opt-in: ``finding.settings.PRECISIONS``), with its speed-up over float32.
 ``--clock cpu`` times with the process's CPU time instead of the wall clock: on a machine other
 jobs share, waiting for a core then does not count (with one thread it is the single-core cost).
 ``--model WEIGHTS`` times a candidate in the default's place; ``--profile`` prints CPU seconds
@@ -243,6 +245,10 @@ def main() -> int:
                                                      fast=False)
         engines[f"{name}, engine fused"] = InferenceEngine(model, device="cpu",
                                                            threads=args.threads)
+    # the opt-in bfloat16 network (finding.settings.PRECISIONS), the default model only
+    engines["default, engine fused bf16"] = InferenceEngine(trained["default"], device="cpu",
+                                                            threads=args.threads,
+                                                            precision="bf16")
     frames = {
         "CSPAD 2.3 Mpx": sorted((REAL / "cspad_thermolysin_stills").glob("*.cbf"))[0],
         "Pilatus 6M": sorted((REAL / "pilatus6m_thaumatin_grid").glob("*"))[0],
@@ -265,6 +271,9 @@ def main() -> int:
         for name, t_model in seconds.items():
             print(f"{name:25s} {label:14s} {mpx:5.2f} {t_model:8.3f} {t_dials:8.3f} "
                   f"{t_model / t_dials:6.1f}x")
+        print(f"  default, engine fused, fp32 / bf16 on {label}: "
+              f"{seconds['default, engine fused'] / seconds['default, engine fused bf16']:.2f}x"
+              " faster")
         if "previous" in trained:
             for way in ("", ", fused", ", engine", ", engine fused"):
                 print(f"  previous / default{way} on {label}: "

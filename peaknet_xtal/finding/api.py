@@ -52,8 +52,9 @@ class PeakFinder:
                  rescue_height: float = DEFAULTS.rescue_height,
                  faint_support: int = DEFAULTS.faint_support,
                  adu_per_photon: float | None = None,
-                 threads: int | None = None, predictor: Predictor | None = None) -> None:
-        self.engine = InferenceEngine(model, device=device, threads=threads,
+                 threads: int | None = None, predictor: Predictor | None = None,
+                 precision: str = DEFAULTS.precision) -> None:
+        self.engine = InferenceEngine(model, device=device, threads=threads, precision=precision,
                                       batch_size=batch_size, threshold=threshold, min_snr=min_snr,
                                       min_height=min_height, rescue_prob=rescue_prob,
                                       rescue_height=rescue_height,

@@ -85,6 +85,7 @@ from peaknet_xtal.finding.settings import (
     check_faint_support,
     check_limits,
     check_min_peaks,
+    check_precision,
     resolve_gain,
 )
 from peaknet_xtal.threads import default_threads, describe_default, stub_openmp_message
@@ -198,6 +199,7 @@ class InferenceEngine:
         tile_overlap: int = DEFAULTS.tile_overlap,
         keep_prob_maps: bool = False,
         fast: bool = True,
+        precision: str = DEFAULTS.precision,
     ) -> None:
         if tile_size < MIN_TILE or tile_overlap < 0 or tile_size - tile_overlap < MIN_TILE:
             raise ValueError(f"need tile_size >= {MIN_TILE} and 0 <= tile_overlap <= "
@@ -226,6 +228,7 @@ class InferenceEngine:
         self.tile_overlap = tile_overlap
         self.keep_prob_maps = keep_prob_maps
         self.fast = fast
+        self.precision = check_precision(precision)
         self._model: Any = None
         self._device: Any = None
         self._gains_logged: set[float | None] = set()
@@ -282,6 +285,8 @@ class InferenceEngine:
             if self.device.startswith("cuda"):
                 torch.backends.cudnn.deterministic = True  # same input, same bits (see above)
                 torch.backends.cudnn.benchmark = False
+            if self.precision == "bf16":
+                _check_bf16(torch, self.device)
             if _is_module(self.model_spec):
                 model = self.model_spec.to(self.device)
             else:
@@ -409,7 +414,10 @@ class InferenceEngine:
                 for start in range(0, len(members), self.batch_size):
                     batch = members[start:start + self.batch_size]
                     x, m = _stack_tiles(batch, images, valid, shape)
-                    raw = run(x, m, **({"normalised": True} if local else {})).float()
+                    with torch.autocast(torch.device(self.device).type, dtype=torch.bfloat16,
+                                        enabled=self.precision == "bf16"):  # the network only
+                        raw = run(x, m, **({"normalised": True} if local else {}))
+                    raw = raw.float()
                     values = raw if logits else peak_probability(raw)
                     for tile, v in zip(batch, values, strict=True):
                         if out[tile.panel] is None:
@@ -675,7 +683,7 @@ class InferenceEngine:
         return {"model": _describe(self.model_spec), "device": self.device_spec,
                 "threads": self.threads, "batch_size": self.batch_size,
                 "tile_size": self.tile_size, "tile_overlap": self.tile_overlap,
-                "fast": self.fast,
+                "fast": self.fast, "precision": self.precision,
                 "predictor": None if self.predictor is None else _describe(self.predictor),
                 **{k: getattr(self.peak_params, k) for k in self.peak_params.__dataclass_fields__}}
 
@@ -700,6 +708,23 @@ def _fast_cpu_form(model: Any) -> Any:
     from peaknet_xtal.model.peaknet import PeakNet
 
     return fuse_for_inference(model) if isinstance(model, PeakNet) else model
+
+
+def _check_bf16(torch: Any, device: str) -> None:
+    """bfloat16 where the device computes it: a CUDA GPU without it is an error; a CPU without
+    native bfloat16 instructions (AVX512-BF16, AMX) runs it emulated, slower than float32,
+    which is said once, as the model loads (``finding.settings.PRECISIONS``)."""
+    if device.startswith("cuda"):
+        if not torch.cuda.is_bf16_supported():
+            raise ValueError(f"precision bf16: the GPU of {device} has no bfloat16; use fp32")
+        return
+    try:
+        native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch build without oneDNN: emulated too
+        native = False
+    if not native:
+        log.warning("precision bf16: this CPU has no native bfloat16 instructions, so the "
+                    "network runs slower than in fp32 (the default); use fp32 here")
 
 
 def resolve_device(spec: str) -> Any:

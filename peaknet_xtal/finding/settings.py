@@ -48,6 +48,10 @@ class FindingDefaults:
     tile_size: int = 1024  # largest tile side the model sees; bigger panels are cut
     tile_overlap: int = 64  # pixels shared by neighbouring tiles
     dilation: int = 1  # pixels a peak grows by in a pixel mask for DIALS' own labelling
+    # The network's arithmetic (PRECISIONS): "bf16" runs it under bfloat16 autocast, the input
+    # normalisation, probabilities and peaks staying float32; PRECISIONS says what it gains
+    # and why float32 stays the default.
+    precision: str = "fp32"
     # Bright backgrounds (finding/bright_background.py): from this many photons a pixel of local
     # background (None: never) a peak is a box significance region the network does not reject.
     bright_photons: float | None = 100.0  # chosen on counting statistics (that module)
@@ -224,6 +228,28 @@ def check_count(value: Any, what: str) -> int:
     if value < 0:
         raise ValueError(f"{what} must be >= 0, got {value}")
     return int(value)
+
+
+#: The network's arithmetic, :data:`DEFAULTS` ``.precision``.  bf16 measured (2026-12-06, one
+#: CPU thread of an AMD EPYC with AVX512-BF16, the shipped default through the engine, CPU
+#: time): 1.1x on a 2.3-Mpx CSPAD frame (0.44 -> 0.40 s: its 64 small ASICs leave the float32
+#: normalisation and per-tile work a larger share), 1.7x on a 6-Mpx Pilatus 6M frame (1.46 ->
+#: 0.85 s); on the five simulated sets of the evaluation report F1 within 0.001 of float32
+#: (0.976 / 0.981 / 0.988 / 0.847 / 0.951 against 0.976 / 0.980 / 0.988 / 0.848 / 0.951), the
+#: same false peaks on blanks (0.22 a blank on the hard set, 0 elsewhere); 0.4-1 % of the
+#: pixels over the threshold differ.  Tried the same day and not kept: int8 dynamic
+#: quantisation of the linear layers (1.02x: the fused form's matmuls are not nn.Linear).  Not
+#: the default: the same pixels should give the same peaks on every machine and device
+#: (float32 does, CPU and GPU), and a CPU without native bfloat16 runs it slower than float32
+#: (the engine says so).  ``benchmarks/bench_model.py`` prints its ratio.
+PRECISIONS = ("fp32", "bf16")
+
+
+def check_precision(value: Any) -> str:
+    """``value`` as one of :data:`PRECISIONS`, or a ValueError listing them."""
+    if value not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {value!r}")
+    return str(value)
 
 
 #: The values each finding setting may take (``gt``/``ge``/``lt``/``le`` bounds), defined here

@@ -423,14 +423,19 @@ def test_hits_only_and_threads_reach_the_ray_pipeline(stacks, tmp_path, monkeypa
     with pytest.raises(PeakNetError, match="no frames were written"):
         run({"inputs": [str(stack)], "geometry": str(geom_path), "output": str(tmp_path / "o"),
              "workers": 2, "threads": 3, "hits_only": True, "progress": False,
-             "min_snr": 4.0, "min_height": 0.0, "rescue_prob": 0.4})
+             "min_snr": 4.0, "min_height": 0.0, "rescue_prob": 0.4, "precision": "bf16"})
     assert seen["threads_per_worker"] == 3
+    assert seen["frame_finder_options"]["precision"] == "bf16"
+    assert seen["writer_options"]["settings"]["precision"] == "bf16"
     assert seen["frame_finder_options"]["min_snr"] == 4.0
     assert seen["frame_finder_options"]["min_height"] == 0.0
     assert seen["frame_finder_options"]["rescue_prob"] == 0.4
     assert seen["writer_options"]["hits_only"] is True
     assert seen["writer_options"]["geometry_name"] == "peaknet.geom"
     assert seen["writer_options"]["geometry"].path == str(geom_path)
+    with pytest.raises(ValueError, match="precision must be one of fp32, bf16"):
+        run({"inputs": [str(stack)], "output": str(tmp_path / "q"), "precision": "fp16"})
+    assert not (tmp_path / "q").exists()
     with pytest.raises(PeakNetError, match="--dials is written by the single-process run"):
         run({"inputs": [str(stack)], "output": str(tmp_path / "p"), "workers": 2,
              "dials": True})

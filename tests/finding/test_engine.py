@@ -234,6 +234,33 @@ def test_the_default_model_on_cuda_finds_the_peaks_it_finds_on_the_cpu():
     assert np.all(nearest < 0.5) and np.mean(nearest < 0.05) >= 0.9
 
 
+def test_bf16_runs_the_network_in_bfloat16_and_finds_the_same_peaks():
+    """precision bf16: the network under bfloat16 autocast (its probabilities move by bf16
+    rounding, so it did run so), everything around it float32; planted spots are found where
+    float32 finds them.  A CUDA device gets the GPU's own check (see the CUDA tests)."""
+    rng = np.random.default_rng(7)
+    image = rng.poisson(2.0, (300, 400)).astype(np.float32)
+    yy, xx = np.mgrid[-3:4, -3:4]
+    for y, x in rng.integers(8, (292, 392), (25, 2)):
+        image[y - 3:y + 4, x - 3:x + 4] += 80 * np.exp(-(yy ** 2 + xx ** 2) / 2.0)
+    engines = {p: InferenceEngine("default", device="cpu", threads=1, adu_per_photon=1.0,
+                                  precision=p) for p in ("fp32", "bf16")}
+    probs = {p: e.predict_panels([image])[0] for p, e in engines.items()}
+    assert probs["bf16"].dtype == np.float32
+    difference = np.abs(probs["bf16"] - probs["fp32"])
+    assert 0 < difference.max() < 0.05  # bfloat16 keeps about three significant digits
+    found = {}
+    for p, engine in engines.items():
+        (result,) = engine.find_frames([Frame(panels=[image])])
+        found[p] = np.stack([result.peaks["ss"], result.peaks["fs"]], 1)
+    assert len(found["fp32"]) >= 20 and len(found["bf16"]) == len(found["fp32"])
+    nearest = np.sqrt(((found["bf16"][:, None] - found["fp32"][None]) ** 2).sum(-1)).min(1)
+    assert np.all(nearest < 0.5)
+    assert engines["bf16"].describe()["precision"] == "bf16"
+    with pytest.raises(ValueError, match="precision must be one of fp32, bf16, got 'fp16'"):
+        InferenceEngine(precision="fp16")
+
+
 def test_each_frame_brings_its_own_gain_for_the_shot_noise(make_geometry_text):
     """Two background photons stacked in one pixel of a sparse photon-counting frame: noise to a
     gain-aware SNR, a peak to background noise alone.  The frame's declared gain decides."""

@@ -16,10 +16,10 @@ def test_library_cli_and_engine_start_from_the_same_defaults():
     finder = inspect.signature(PeakFinder).parameters
     engine = inspect.signature(InferenceEngine).parameters
     for name in ("threshold", "min_snr", "min_height", "rescue_prob", "rescue_height",
-                 "faint_support", "batch_size", "model", "device"):
+                 "faint_support", "batch_size", "model", "device", "precision"):
         assert finder[name].default == getattr(DEFAULTS, name), name
         assert CLI[name] == getattr(DEFAULTS, name), name
-    for name in ("batch_size", "tile_size", "tile_overlap", "model", "device"):
+    for name in ("batch_size", "tile_size", "tile_overlap", "model", "device", "precision"):
         assert engine[name].default == getattr(DEFAULTS, name), name
     params = PeakParams()
     assert (params.threshold, params.min_snr, params.min_height) == (

@@ -69,7 +69,7 @@ def test_phil_scope_offers_peaknet_with_help(dials_modules) -> None:
     names = {obj.name: obj for obj in scope.objects}
     assert set(names) == {"model", "device", "threshold", "min_snr", "min_height", "gain",
                           "batch_size", "threads", "dilation", "rescue_prob", "rescue_height",
-                          "faint_support"}
+                          "faint_support", "precision"}
     for name, obj in names.items():
         assert obj.help and len(obj.help) > 20, f"peaknet.{name} needs help text"
     defaults = params.spotfinder.threshold.peaknet
@@ -147,6 +147,10 @@ def test_rescue_and_faint_settings_reach_the_shared_engine(dials_modules) -> Non
     engine = _build_predictor(PeakNetSettings.from_params(params))
     assert (engine.peak_params.rescue_prob, engine.peak_params.rescue_height) == (0.4, 25.0)
     assert engine.peak_params.faint_support == 0
+    assert (default.precision, engine.precision) == (DEFAULTS.precision, "fp32")
+    bf16 = _params(phil_scope, "spotfinder.threshold.peaknet.precision=bf16",
+                   "spotfinder.threshold.peaknet.device=cpu")
+    assert _build_predictor(PeakNetSettings.from_params(bf16)).precision == "bf16"
 
 
 def test_min_snr_removes_weak_predicted_spots_only(dials_modules, cspad_panel) -> None:

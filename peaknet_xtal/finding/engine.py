@@ -219,6 +219,13 @@ class InferenceEngine:
         self.peak_params = _replace(params, overrides)
         check_limits({name: getattr(self.peak_params, name) for name in LIMITS
                       if hasattr(self.peak_params, name)} | {"batch_size": batch_size})
+        if isinstance(model, (str, os.PathLike)) and predictor is None:
+            from peaknet_xtal.model.weights_io import check_model
+
+            # a missing, damaged or foreign weights file is refused here, naming it, not at the
+            # first frame (after inputs were opened and outputs started); the network itself
+            # is still built on first use
+            check_model(model)
         self.model_spec = model
         self.device_spec = device
         self.threads = threads

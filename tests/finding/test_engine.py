@@ -179,6 +179,23 @@ def test_devices_and_bad_settings():
     assert (params.threshold, params.max_peaks) == (0.2, 5)
 
 
+def test_a_bad_weights_file_is_refused_when_the_engine_is_made(tmp_path):
+    """Missing, damaged and non-weights files are one FormatError naming the file as the engine
+    (so PeakFinder, peaknet2cxi, the Ray workers) is made, not at its first frame."""
+    from peaknet_xtal.errors import FormatError
+    from peaknet_xtal.finding import PeakFinder
+
+    damaged = tmp_path / "damaged.safetensors"
+    damaged.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    for spec in (tmp_path / "missing.safetensors", damaged, tmp_path):
+        with pytest.raises(FormatError) as caught:
+            InferenceEngine(str(spec))
+        assert str(spec) in str(caught.value)
+        with pytest.raises(FormatError):
+            PeakFinder(model=spec)
+    assert not InferenceEngine("default").loaded  # checked, not built
+
+
 def test_mask_shape_mismatch_names_the_panel():
     engine = InferenceEngine(predictor=lambda p, m: [np.zeros(x.shape) for x in p])
     with pytest.raises(ValueError, match="panel 1"):

@@ -173,10 +173,14 @@ def load_model(spec: str | os.PathLike[str] = DEFAULT_NAME, device: str = "cpu")
         state = load_file(str(weights))
     except Exception as exc:  # safetensors raises its own error types for corrupt headers
         raise FormatError(weights, f"not a readable safetensors file: {exc}") from exc
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as exc:  # tensor shapes that do not fit the config
-        raise FormatError(weights, f"weights do not fit the config: {str(exc)[:300]}") from exc
+    expected = model.state_dict()
+    wrong = [f"{name} {tuple(tensor.shape)} (the config makes {tuple(expected[name].shape)})"
+             for name, tensor in state.items()
+             if name in expected and tuple(tensor.shape) != tuple(expected[name].shape)]
+    if wrong:  # torch's own message is one multi-line paragraph per tensor
+        raise FormatError(weights, f"weights do not fit the config: {len(wrong)} tensor(s) of "
+                                   f"another shape, first {wrong[0]}")
+    missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise FormatError(weights, f"weights do not fit the config: missing {missing[:5]}, "
                                    f"unexpected {unexpected[:5]}")

@@ -137,6 +137,17 @@ def test_load_errors_name_the_file(tmp_path) -> None:
     (tmp_path / "bad.json").write_text(json.dumps(create_model("yocto").config))
     with pytest.raises(FormatError, match="bad.safetensors"):
         load_model(bad)
+    # weights of another size under a config: one line naming the first tensor that differs
+    from safetensors.torch import load_file, save_file
+
+    small = save_model(create_model("yocto"), tmp_path / "small.safetensors")
+    wide = load_file(str(save_model(create_model("zepto"), tmp_path / "wide.safetensors")))
+    save_file(wide, str(small), metadata={"config": json.dumps(create_model("yocto").config)})
+    with pytest.raises(FormatError) as caught:
+        load_model(small)
+    message = str(caught.value)
+    assert message.startswith(f"{small}: weights do not fit the config: ")
+    assert "\n" not in message and "(the config makes (" in message
 
 
 def test_default_model_loads_in_eval_mode() -> None:

@@ -58,6 +58,7 @@ adapters would otherwise drift apart, and a peak found by ``peaknet2cxi`` must b
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import logging
 import os
@@ -421,9 +422,9 @@ class InferenceEngine:
                 for start in range(0, len(members), self.batch_size):
                     batch = members[start:start + self.batch_size]
                     x, m = _stack_tiles(batch, images, valid, shape)
-                    with torch.autocast(torch.device(self.device).type, dtype=torch.bfloat16,
-                                        enabled=self.precision == "bf16"):  # the network only
-                        raw = run(x, m, **({"normalised": True} if local else {}))
+                    with (torch.autocast(torch.device(self.device).type, dtype=torch.bfloat16)
+                          if self.precision == "bf16" else contextlib.nullcontext()):
+                        raw = run(x, m, **({"normalised": True} if local else {}))  # network
                     raw = raw.float()
                     values = raw if logits else peak_probability(raw)
                     for tile, v in zip(batch, values, strict=True):

@@ -3,20 +3,23 @@
 Commands build their parser with :func:`cli_parser`, whose options default to *absent*, so the
 parsed namespace holds only what the user typed; :func:`resolve` layers that over the config file
 over the command's defaults, and validates the result with pydantic against a schema inferred from
-the defaults (plus explicit types for settings whose default is ``None``, and :func:`bounded`
-ranges): a misspelt key (``threshhold: 0.9``), a value of the wrong type or one outside its range
-is an error naming the file (or the command line) and the key, never silently ignored.
-:func:`record` logs the resolved configuration and saves it beside the run's output, so every
-result can be traced to the exact settings that made it.
+the defaults (plus explicit types for settings whose default is ``None``, :func:`bounded` ranges,
+:func:`one_of` names and :func:`fields_of` sections): a misspelt key (``threshhold: 0.9``), a value
+of the wrong type, one outside its range or not among the allowed names is an error naming the
+file (or the command line) and the key, never silently ignored.  :func:`record` logs the resolved
+configuration and saves it beside the run's output, so every result can be traced to the exact
+settings that made it.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import difflib
 import logging
 import os
-from collections.abc import Iterable, Mapping, Sequence
+import sys
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -54,7 +57,8 @@ def cli_parser(doc: str | None, prog: str | None = None) -> argparse.ArgumentPar
         argument_default=argparse.SUPPRESS,
     )
     parser.add_argument("--config", help="YAML or JSON file of settings (command line wins)")
-    parser.add_argument("-v", "--verbose", action="count", help="more logging (-vv for debug)")
+    parser.add_argument("-v", "--verbose", action="count",
+                        help="more logging: -v other libraries' messages too, -vv debug")
     return parser
 
 
@@ -80,6 +84,59 @@ def bounded(kind: type, *, ge: float | None = None, gt: float | None = None,
     return kind_in_range | None if optional else kind_in_range
 
 
+def one_of(allowed: Iterable[str] | Callable[[], Iterable[str]]) -> Any:
+    """A name from a fixed set, as a type for :func:`resolve`'s ``types``.
+
+    Any other value is an error listing the allowed names (and the one it most resembles), so
+    ``precision: fp16`` fails at once instead of training silently in fp32.  ``allowed`` may be a
+    function called when a value is checked: the registered model names are known only once the
+    model package, and torch with it, is imported, which a command's defaults must not do.
+    """
+    def check(value: str) -> str:
+        names = [str(name) for name in (allowed() if callable(allowed) else allowed)]
+        if value not in names:
+            close = closest_key(value, names)
+            hint = f" (did you mean {close!r}?)" if close else ""
+            raise PydanticCustomError("not_one_of", "must be one of {allowed}{hint}",
+                                      {"allowed": ", ".join(names), "hint": hint})
+        return value
+
+    return Annotated[str, AfterValidator(check)]
+
+
+@dataclasses.dataclass(frozen=True)
+class _FieldsOf:
+    """A section whose keys are a dataclass's fields (see :func:`fields_of`)."""
+
+    cls: type
+
+    def defaults(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self.cls):
+            if f.default is not dataclasses.MISSING:
+                out[f.name] = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                out[f.name] = f.default_factory()
+            else:
+                out[f.name] = None
+        return out
+
+
+def fields_of(cls: type) -> Any:
+    """A section holding some fields of the dataclass ``cls``, as a type for ``types``.
+
+    A key that is not a field is an error naming it (with the field it most resembles), and each
+    value must have the type of that field's default, exactly as for the command's own settings.
+    Only the keys given are kept: the consumer fills in the rest, and may draw them at random
+    (``data.sim.config`` fixes only the simulator settings it names; the others are randomised),
+    so the section must not be filled with the dataclass's defaults.  The fields are read from
+    the class itself, never listed by hand, so a new field is accepted as soon as it exists.
+    """
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"fields_of needs a dataclass, not {cls!r}")
+    return _FieldsOf(cls)
+
+
 def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
     """Nested dict merge; ``override`` wins, ``None`` included (``max_peaks: null`` means no cap,
     not "the default")."""
@@ -93,10 +150,14 @@ def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str
 
 
 def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The settings in a YAML (or JSON) file; anything else is a FormatError naming it."""
     try:
-        text = Path(path).read_text()
+        text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise FormatError(path, f"cannot read config file: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:  # a data file given where the config belongs
+        raise FormatError(path, "not a text file (a YAML or JSON config file is expected; byte "
+                                f"{exc.start} is not UTF-8)") from exc
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -128,27 +189,34 @@ def _annotation(value: Any, key: str, types: Mapping[str, Any]) -> Any:
 
 
 def settings_model(defaults: Mapping[str, Any], types: Mapping[str, Any] | None = None,
-                   name: str = "Settings", prefix: str = "") -> type[BaseModel]:
+                   name: str = "Settings", prefix: str = "",
+                   sparse: bool = False) -> type[BaseModel]:
     """A pydantic model of ``defaults``: every key known, types from the default values.
 
     A non-empty mapping becomes a nested model that forbids unknown keys; an empty one is an open
-    section (``data.augment``, ``sim``) whose consumer checks its keys.  ``types`` gives dotted keys
-    whose default cannot say their type (``{"max_peaks": int | None}``); keys with a ``None``
-    default and no entry there accept anything.
+    section (``sim``) whose consumer checks its keys.  ``types`` gives dotted keys whose default
+    cannot say their type (``{"max_peaks": int | None}``), ranges (:func:`bounded`), names
+    (:func:`one_of`) and sections of a dataclass's fields (:func:`fields_of`, a ``sparse`` model:
+    every key optional, only those given dumped); keys with a ``None`` default and no entry
+    there accept anything.
     """
     types = dict(types or {})
     fields: dict[str, Any] = {}
     for i, (key, value) in enumerate(defaults.items()):
         dotted = f"{prefix}{key}"
-        if dotted not in types and isinstance(value, Mapping) and value:
-            kind: Any = settings_model(value, types, f"{name}_{key}", f"{dotted}.")
+        spec = types.get(dotted)
+        if isinstance(spec, _FieldsOf):
+            kind: Any = settings_model(spec.defaults(), types, f"{name}_{key}", f"{dotted}.",
+                                       sparse=True)
+        elif dotted not in types and isinstance(value, Mapping) and value:
+            kind = settings_model(value, types, f"{name}_{key}", f"{dotted}.", sparse=sparse)
         elif isinstance(value, Mapping) and dotted not in types:
             kind = dict[str, Any]
         else:
             kind = _annotation(value, dotted, types)
         # attribute names of our own, the setting's name as alias: a setting may be called
         # "json" or "copy" without shadowing BaseModel's methods
-        fields[f"s{i}"] = (kind, Field(alias=key))
+        fields[f"s{i}"] = (kind, Field(default=value, alias=key) if sparse else Field(alias=key))
     config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
     return create_model(name, __config__=config, **fields)
 
@@ -157,6 +225,19 @@ def closest_key(key: str, known: Iterable[str]) -> str | None:
     """The known setting ``key`` most resembles (a likely misspelling), or None."""
     close = difflib.get_close_matches(key, list(known), n=1)
     return close[0] if close else None
+
+
+def _section_keys(defaults: Mapping[str, Any], types: Mapping[str, Any] | None,
+                  loc: Sequence[str]) -> Mapping[str, Any]:
+    """The settings the section at ``loc`` knows (a :func:`fields_of` section's fields too)."""
+    node: Any = defaults
+    for depth, part in enumerate(loc):
+        spec = (types or {}).get(".".join(loc[:depth + 1]))
+        if isinstance(spec, _FieldsOf):
+            node = spec.defaults()
+        else:
+            node = node.get(part, {}) if isinstance(node, Mapping) else {}
+    return node if isinstance(node, Mapping) else {}
 
 
 def _has(tree: Mapping[str, Any], loc: Sequence[Any]) -> bool:
@@ -181,7 +262,9 @@ def validate(config: Mapping[str, Any], defaults: Mapping[str, Any],
     """
     model = settings_model(defaults, types)
     try:
-        return model.model_validate(dict(config)).model_dump(by_alias=True)
+        # exclude_unset drops only what a fields_of section was not given: every other key is
+        # required, so always set
+        return model.model_validate(dict(config)).model_dump(by_alias=True, exclude_unset=True)
     except ValidationError as exc:
         problems: list[str] = []
         where = None
@@ -191,10 +274,7 @@ def validate(config: Mapping[str, Any], defaults: Mapping[str, Any],
             origin = next((name for name, layer in sources if _has(layer, loc)), None)
             where = where or origin
             if err["type"] == "extra_forbidden":
-                parent: Any = defaults
-                for part in loc[:-1]:
-                    parent = parent.get(part, {}) if isinstance(parent, Mapping) else {}
-                close = closest_key(loc[-1], parent)
+                close = closest_key(loc[-1], _section_keys(defaults, types, loc[:-1]))
                 hint = f" (did you mean {'.'.join([*loc[:-1], close])!r}?)" if close else ""
                 problems.append(f"unknown setting {key!r}{hint}")
             else:
@@ -229,9 +309,15 @@ def resolve(
     whose default is ``None`` (see :func:`settings_model`) and ranges (:func:`bounded`).  Raises
     :class:`ConfigError` naming the file (or the command line) and the key (or, for the command
     line, its option in ``options``) for an unknown setting, a wrong type or a value out of range.
+    A command that takes its config file as an argument (``config_file``) and also gets
+    ``--config`` is told to give one: which of the two should win is anyone's guess.
     """
     given = dict(vars(args)) if isinstance(args, argparse.Namespace) else dict(args or {})
-    config_file = given.pop("config", None) or config_file
+    option_file = given.pop("config", None)
+    if option_file and config_file:
+        raise ConfigError(COMMAND_LINE, f"two config files, {config_file} and --config "
+                                        f"{option_file}: give one")
+    config_file = option_file or config_file
     given.pop("verbose", None)
     from_file = load_config_file(config_file) if config_file else {}
     from_cli = _nest(given)
@@ -268,15 +354,40 @@ def option_names(parser: argparse.ArgumentParser) -> dict[str, str]:
 
 
 def setup_logging(verbose: int | None = 0) -> None:
-    """Our own messages at INFO (DEBUG with -v); other libraries only at WARNING."""
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    log.setLevel(logging.DEBUG if int(verbose or 0) >= 1 else logging.INFO)
+    """Our own messages at INFO and other libraries' at WARNING; ``-v`` (1) adds other
+    libraries' INFO, ``-vv`` (2 or more) our DEBUG too, as ``cli_parser``'s help says."""
+    level = int(verbose or 0)
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger().setLevel(logging.INFO if level >= 1 else logging.WARNING)
+    log.setLevel(logging.DEBUG if level >= 2 else logging.INFO)
+
+
+def _config_option(argv: Sequence[str]) -> str | None:
+    """The file ``--config`` names in ``argv`` (as :func:`cli_parser` reads it), or None."""
+    finder = argparse.ArgumentParser(add_help=False, exit_on_error=False)
+    finder.add_argument("--config")
+    try:
+        known, _ = finder.parse_known_args(list(argv))
+    except (argparse.ArgumentError, SystemExit):  # "--config" without a value: none given
+        return None
+    return known.config
 
 
 def record(config: Mapping[str, Any], path: str | os.PathLike[str] | None, command: str,
-           argv: Sequence[str] | None = None) -> None:
-    """Log the resolved configuration and, if ``path`` is given, save it there as JSON."""
+           argv: Sequence[str] | None = None,
+           config_file: str | os.PathLike[str] | None = None) -> None:
+    """Log the resolved configuration and, if ``path`` is given, save it there as JSON.
+
+    ``argv`` None means the process's own arguments (what a console script's ``main(None)``
+    parsed), not "none".  The config file (``config_file``, else the ``--config`` in ``argv``) is
+    saved as an absolute path and the working directory beside ``argv``, so the record leads back
+    to the file and to every relative path typed.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    config_file = config_file if config_file is not None else _config_option(argv)
     log.info("%s configuration: %s", command, dict(config))
     if path is not None:
-        write_json_atomic(path, {"command": command, "argv": list(argv or []),
-                                 "config": dict(config)})
+        write_json_atomic(path, {
+            "command": command, "argv": argv, "cwd": os.getcwd(),
+            "config_file": None if config_file is None else str(Path(config_file).absolute()),
+            "config": dict(config)})

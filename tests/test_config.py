@@ -41,11 +41,31 @@ def test_bad_config_file_names_the_file(tmp_path):
         config.load_config_file(listy)
 
 
-def test_record_saves_the_resolved_configuration(tmp_path):
+def test_record_saves_the_resolved_configuration(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     out = tmp_path / "sub" / "config.json"
     config.record({"a": 1}, out, "peaknet-test", ["--a", "1"])
     saved = json.loads(out.read_text())
-    assert saved == {"command": "peaknet-test", "argv": ["--a", "1"], "config": {"a": 1}}
+    assert saved == {"command": "peaknet-test", "argv": ["--a", "1"], "cwd": str(tmp_path),
+                     "config_file": None, "config": {"a": 1}}
+
+
+def test_record_takes_the_process_arguments_and_the_config_file(tmp_path, monkeypatch):
+    """A console script calls main(None): argv is then the process's own, not ``[]``; the config
+    file is saved as an absolute path, whether given with --config or to ``record`` itself."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.argv", ["peaknet-test", "in.cxi", "--config", "run.yaml", "-v"])
+    out = tmp_path / "config.json"
+    config.record({"a": 1}, out, "peaknet-test", None)
+    saved = json.loads(out.read_text())
+    assert saved["argv"] == ["in.cxi", "--config", "run.yaml", "-v"]
+    assert saved["config_file"] == str(tmp_path / "run.yaml")
+    config.record({"a": 1}, out, "peaknet-test", ["--config=other.yaml"])
+    assert json.loads(out.read_text())["config_file"] == str(tmp_path / "other.yaml")
+    config.record({"a": 1}, out, "peaknet-test", ["train.yaml"], config_file="train.yaml")
+    assert json.loads(out.read_text())["config_file"] == str(tmp_path / "train.yaml")
+    config.record({"a": 1}, out, "peaknet-test", ["--config"])  # no value: nothing to record
+    assert json.loads(out.read_text())["config_file"] is None
 
 
 def test_unknown_key_in_a_config_file_is_an_error_naming_file_and_key(tmp_path):
@@ -174,6 +194,87 @@ def test_a_command_line_value_is_named_by_its_option(tmp_path, capsys):
                                types=types)
     assert capsys.readouterr().err.splitlines()[-1].endswith(
         f"error: {cfg}: min_snr: must be >= 0 (got -1)")
+
+
+def test_a_binary_file_given_as_config_names_it(tmp_path):
+    data = tmp_path / "frames.cxi"
+    data.write_bytes(b"\x89HDF\r\n\x1a\n\x9f\xff\x00" * 20)
+    with pytest.raises(FormatError, match=r"^.*frames\.cxi: not a text file") as info:
+        config.load_config_file(data)
+    assert "\n" not in str(info.value)
+
+
+def test_two_config_files_are_an_error(tmp_path):
+    """A command taking its config file as an argument (peaknet-train) and given --config too
+    would have to pick one silently."""
+    first, second = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    first.write_text("threshold: 0.7\n")
+    second.write_text("threshold: 0.9\n")
+    with pytest.raises(config.ConfigError, match=r"^command line: two config files, .*a\.yaml "
+                                                 r"and --config .*b\.yaml: give one$"):
+        config.resolve(DEFAULTS, {"config": str(second)}, first)
+    assert config.resolve(DEFAULTS, {}, first)["threshold"] == 0.7
+    assert config.resolve(DEFAULTS, {"config": str(second)})["threshold"] == 0.9
+
+
+def test_one_of_lists_the_allowed_names(tmp_path):
+    names = ["yocto", "zepto"]
+    types = {"precision": config.one_of(("auto", "bf16", "fp32")),
+             "model": config.one_of(lambda: names)}  # looked up when checked
+    defaults = {"precision": "auto", "model": "yocto"}
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("precision: fp16\n")
+    with pytest.raises(config.ConfigError, match=rf"^{cfg}: precision: must be one of auto, "
+                                                 r"bf16, fp32 \(did you mean 'bf16'\?\) "
+                                                 r"\(got 'fp16'\)$"):
+        config.resolve(defaults, {"config": str(cfg)}, types=types)
+    names.append("atto")
+    assert config.resolve(defaults, {"model": "atto"}, types=types)["model"] == "atto"
+    with pytest.raises(config.ConfigError, match=r"model: must be one of yocto, zepto, atto"):
+        config.resolve(defaults, {"model": "yoctoo"}, types=types)
+
+
+def test_fields_of_checks_keys_and_types_against_the_dataclass_and_keeps_only_those_given():
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Knobs:
+        gain: tuple[float, float] = (1.0, 2.0)
+        noise: float = 0.5
+        flips: bool = True
+
+    defaults = {"section": {}, "other": 1}
+    types = {"section": config.fields_of(Knobs)}
+    assert config.resolve(defaults, {}, types=types) == {"section": {}, "other": 1}
+    assert config.resolve(defaults, {"section": {"noise": 1}}, types=types)["section"] == {
+        "noise": 1.0}  # the others stay unset, for the consumer to fill or draw
+    with pytest.raises(config.ConfigError,
+                       match=r"unknown setting 'section\.gian' \(did you mean 'section\.gain'"):
+        config.resolve(defaults, {"section": {"gian": [1, 2]}}, types=types)
+    with pytest.raises(config.ConfigError, match=r"section\.flips: .*boolean.*'maybe'"):
+        config.resolve(defaults, {"section": {"flips": "maybe"}}, types=types)
+    with pytest.raises(TypeError, match="dataclass"):
+        config.fields_of(dict)
+
+
+def test_verbosity_matches_the_help(caplog):
+    """-v: other libraries' messages too; -vv: debug (the help says so)."""
+    import logging
+
+    parser = config.cli_parser("doc")
+    assert "-vv debug" in parser.format_help()
+    root, ours = logging.getLogger(), logging.getLogger("peaknet_xtal")
+    before = root.level, ours.level
+    try:
+        levels = {}
+        for verbose in (0, 1, 2):
+            config.setup_logging(verbose)
+            levels[verbose] = (root.level, ours.level)
+        assert levels == {0: (logging.WARNING, logging.INFO), 1: (logging.INFO, logging.INFO),
+                          2: (logging.INFO, logging.DEBUG)}
+    finally:
+        root.setLevel(before[0])
+        ours.setLevel(before[1])
 
 
 def test_a_config_file_that_cannot_be_read_is_a_usage_error(tmp_path, capsys):

@@ -5,13 +5,17 @@
 Understands CrystFEL streams (chunks, peaks, crystals, reflections, peaks per frame), CrystFEL
 geometries (panels, slab shape, photon energy, clen), CXI/HDF5 files (frames, image shape, value
 range, peak tables), images DIALS can read (.cbf, .cbf.bz2, .nxs...: panels, shapes, value
-ranges), and DIALS .expt/.refl files.  --json prints one JSON object per file in a list instead.
-Value ranges of CXI stacks are taken over the first --max-frames frames (default 20), which is
-said in the output.  A file that cannot be read is reported on stderr and the exit status is 1.
+ranges), DIALS .expt/.refl files (an imported, unindexed .expt too) and stream2labels label files
+(frames, rows, shapes, label classes and their pixels, fits).  --json prints one JSON object per
+file in a list instead.  Value ranges of CXI stacks and the label pixels of label files are taken
+over the first --max-frames frames or rows (default 20), which is said in the output.  A file that
+cannot be read is reported on stderr (one line naming it; -vv adds the traceback), the files
+after it are still shown, and the exit status is 1.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -21,6 +25,8 @@ import numpy as np
 
 from peaknet_xtal.config import cli_parser, resolve_or_exit, setup_logging
 from peaknet_xtal.errors import FormatError
+
+log = logging.getLogger("peaknet_xtal.show")
 
 DEFAULTS = {"files": [], "json": False, "geometry": None, "max_frames": 20}
 TYPES = {"geometry": str | None}
@@ -160,6 +166,67 @@ def show_image(path: str, **_: Any) -> dict[str, Any]:
             "per_image": images}
 
 
+#: What a label file's label values mean (labelling/labels.py: 1 = Bragg peak pixel).
+LABEL_CLASSES = {0: "background", 1: "Bragg peak"}
+
+
+def show_labels(path: str, max_frames: int = 20, **_: Any) -> dict[str, Any]:
+    """A stream2labels label file: input frames and what became of them, the labelled frames and
+    their rows (one panel each), shapes, label classes with their pixel counts over the first
+    ``max_frames`` rows (rows are whole panels: reading every one of a large file takes long),
+    and the fits behind the labels."""
+    from collections import Counter
+
+    from peaknet_xtal.labelling.labels import LabelFile
+
+    with LabelFile(path) as lf:
+        rows = len(lf)
+        meta = lf.h5["meta"] if "meta" in lf.h5 else {}
+        heights = lf.meta("height") if "height" in meta else np.zeros(0, int)
+        widths = lf.meta("width") if "width" in meta else np.zeros(0, int)
+        frame_ids = lf.meta("frame") if "frame" in meta else np.zeros(0, int)
+        per_row, values = [], Counter[int]()
+        sampled = min(rows, max(1, int(max_frames)))
+        for i in range(sampled):
+            label = lf.h5["labels"][i]
+            good = lf.h5["masks"][i].astype(bool)
+            found, counts = np.unique(label[good], return_counts=True)
+            values.update({int(v): int(n) for v, n in zip(found, counts, strict=True)})
+            per_row.append(int(np.count_nonzero(label[good])))
+        status = (Counter(str(s) for s in lf.frames("status"))
+                  if "frames" in lf.h5 and "status" in lf.h5["frames"] else None)
+        names = json.loads(lf.h5.attrs.get("fit_status", "[]"))
+        fits = lf.fits if "fits" in lf.h5 else np.zeros(0, [("status", "i4")])
+        fit_status = Counter(names[int(c)] if 0 <= int(c) < len(names) else str(int(c))
+                             for c in fits["status"])
+        sources = sorted({str(s) for s in lf.meta("source")}) if "source" in meta else []
+        shape = list(lf.h5["images"].shape[1:])
+    return {"kind": "labels", "path": path,
+            "input_frames": int(sum(status.values())) if status is not None else None,
+            "frame_status": dict(sorted(status.items())) if status is not None else None,
+            "labelled_frames": int(len(np.unique(frame_ids))), "rows": rows,
+            "row_shape": shape,
+            "panel_shapes": [list(s) for s in sorted(set(zip(heights.tolist(), widths.tolist(),
+                                                                strict=True)))],
+            "label_classes": {f"{v} ({LABEL_CLASSES.get(v, 'unknown')})": n
+                              for v, n in sorted(values.items())},
+            "label_pixels_per_row": _spread(per_row), "label_rows_scanned": sampled,
+            "fits": int(len(fits)), "fit_status": dict(sorted(fit_status.items())),
+            "sources": sources}
+
+
+def _is_label_file(path: str) -> bool:
+    import h5py
+
+    from peaknet_xtal.labelling.labels import FORMAT
+
+    try:
+        with h5py.File(path, "r") as h5:
+            return bool(h5.attrs.get("format") == FORMAT)
+    except OSError:
+        return False
+
+
 def show_experiments(path: str, **_: Any) -> dict[str, Any]:
     from peaknet_xtal.formats.dials_tables import summarize_experiments
 
@@ -205,6 +272,8 @@ def choose(path: str) -> Callable[..., dict[str, Any]]:
     if _is_hdf5(path):
         from peaknet_xtal.formats.cxi import sniff_cxi
 
+        if _is_label_file(path):
+            return show_labels
         if sniff_cxi(path) or not lower.endswith((".nxs", ".nx5")):
             return show_cxi
     if sniff_dxtbx(path):
@@ -231,6 +300,8 @@ def _text(value: Any, key: str = "") -> str:
         if "shape" in key or "size" in key:
             return " x ".join(_text(v) for v in value)
         return ", ".join(_text(v) for v in value)
+    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        return ", ".join(value)
     if isinstance(value, list) and value and isinstance(value[0], (list, dict)):
         return "; ".join(_text(v, key) for v in value)
     return str(value)
@@ -273,10 +344,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"peaknet-show: {exc}", file=sys.stderr)
             failed = True
             continue
-        except (OSError, ValueError, KeyError, IndexError, RuntimeError) as exc:
-            # a library below us failed on a bad file: still one line naming the file
+        except Exception as exc:
+            # a library below us (or a summariser) failed on a file: still one line naming it,
+            # and the files after it are shown; -vv says where it failed
             print(f"peaknet-show: {path}: cannot read ({type(exc).__name__}: {exc})",
                   file=sys.stderr)
+            log.debug("%s: summary failed", path, exc_info=True)
             failed = True
             continue
         if not config["json"]:

@@ -1,59 +1,124 @@
 """peaknet-sim: simulate XFEL stills with exact truth on any CrystFEL geometry.
 
     peaknet-sim --geometry G.geom -n N --seed S -o DIR [--config cfg.yaml] [--randomise]
+                [--name NAME] [--overwrite]
 
 Writes DIR/sim.cxi (raw-layout CXI stack with a static mask and the true strong peaks as a CXI
 peak table), DIR/sim.geom (numeric clen/photon energy, peak_list keys; `dials.import DIR/sim.cxi`
 reads it through the peaknet_dxtbx format), DIR/sim_truth.h5 (every reflection, crystal and peak
-mask), DIR/sim.stream (the true crystals as indexamajig would write them) and DIR/sim_config.json.
-Frame i uses seed S+i.  Simulation settings (peaknet_xtal.sim.SimConfig fields) go in the config
-file's `sim:` section, e.g. `sim: {cell: lysozyme, b_factor: 30, hit_probability: 0.8}`.
+mask), DIR/sim.stream (the true crystals as indexamajig would write them) and DIR/sim_config.json
+(the settings that made them); --name NAME writes NAME.cxi and so on instead.  Frame i uses seed
+S+i (N >= 1, S >= 0).  Simulation settings (peaknet_xtal.sim.SimConfig fields, each checked for
+its type and range before anything is written) go in the config file's `sim:` section, e.g.
+`sim: {cell: lysozyme, b_factor: 30, hit_probability: 0.8}`.
+
+A folder that already holds a run of the same name is left alone and the command fails, unless
+--overwrite is given: then the new run replaces the earlier one (whatever its detector), and only
+once all of its files are written, so that a run that fails or is interrupted leaves the earlier
+one as it was.  Files are written to a hidden folder in DIR and moved into place at the end; a
+failed run leaves nothing behind (a killed one may leave its hidden .NAME.*.partial folder, which
+can be deleted).  A bad geometry, setting or output folder is one line on stderr naming the file
+or setting (exit status 1; 2 for a setting), before anything is written.
 """
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from peaknet_xtal.config import cli_parser, record, resolve_or_exit, setup_logging
+from pydantic import AfterValidator
+from pydantic_core import PydanticCustomError
 
-DEFAULTS: dict[str, Any] = {"geometry": None, "n": 10, "seed": 0, "output": "sim_out",
-                            "name": "sim", "randomise": False, "stream": True, "sim": {}}
-TYPES: dict[str, Any] = {"geometry": str | None}
+from peaknet_xtal.config import bounded, cli_parser, record, resolve_or_exit, setup_logging
+from peaknet_xtal.errors import FormatError, PeakNetError
+
+
+def _file_stem(value: str) -> str:
+    """A run name becomes file names in the output folder: no folders in it, not empty."""
+    if not value or value in (".", "..") or "/" in value or "\\" in value:
+        raise PydanticCustomError("file_stem", "must be a file name without a folder")
+    return value
+
+
+def _defaults() -> dict[str, Any]:
+    """The command's settings; the ``sim`` section is every :class:`SimConfig` field with its
+    default, so that a misspelt or mistyped one is an error naming it (config.resolve) and the
+    recorded configuration holds every setting the run used."""
+    from peaknet_xtal.sim import SimConfig
+
+    return {"geometry": None, "n": 10, "seed": 0, "output": "sim_out", "name": "sim",
+            "randomise": False, "stream": True, "overwrite": False,
+            "sim": SimConfig().to_dict()}
+
+
+def _types() -> dict[str, Any]:
+    from peaknet_xtal.sim.config import settings_types
+
+    return {"geometry": str | None, "n": bounded(int, ge=1), "seed": bounded(int, ge=0),
+            "name": Annotated[str, AfterValidator(_file_stem)], **settings_types("sim.")}
+
+
+def earlier_run(out: Path, name: str) -> list[Path]:
+    """The files of a run called ``name`` already in ``out`` (any of them: a partial set is a run
+    too), or a FormatError when ``out`` is not a folder."""
+    from peaknet_xtal.sim.run import run_paths
+
+    if out.exists() and not out.is_dir():
+        raise FormatError(out, "the output must be a folder (-o)")
+    paths = [p for p in vars(run_paths(out, name)).values() if p is not None]
+    return [p for p in [*paths, out / f"{name}_config.json"] if p.exists()]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from peaknet_xtal.errors import FormatError
     from peaknet_xtal.formats.geometry import read_geometry
     from peaknet_xtal.sim import SimConfig
     from peaknet_xtal.sim.run import simulate_run
 
     parser = cli_parser(__doc__, prog="peaknet-sim")
     parser.add_argument("--geometry", "-g", dest="geometry", help="CrystFEL .geom file")
-    parser.add_argument("-n", dest="n", type=int, help="number of frames (default 10)")
+    parser.add_argument("-n", "--frames", dest="n", type=int,
+                        help="number of frames, >= 1 (default 10)")
     parser.add_argument("--seed", dest="seed", type=int, help="seed of frame 0 (default 0)")
     parser.add_argument("-o", "--output", dest="output", help="output folder")
     parser.add_argument("--name", dest="name", help="file stem (default sim)")
     parser.add_argument("--randomise", dest="randomise", action="store_true",
                         help="varied conditions per frame (training data)")
     parser.add_argument("--no-stream", dest="stream", action="store_false")
+    parser.add_argument("--overwrite", dest="overwrite", action="store_true",
+                        help="replace an earlier run of the same name in the output folder "
+                        "(once the new one is complete)")
     args = parser.parse_args(argv)
     setup_logging(getattr(args, "verbose", 0))
-    config = resolve_or_exit(parser, DEFAULTS, args, types=TYPES)
+    config = resolve_or_exit(parser, _defaults(), args, types=_types())
     if not config["geometry"]:
         parser.error("--geometry is required")
+    out, name = Path(config["output"]), config["name"]
     try:
         sim_config = SimConfig.from_dict(dict(config["sim"]))
-    except (TypeError, ValueError) as exc:
-        raise FormatError(getattr(args, "config", None), f"sim section: {exc}") from exc
-    out = Path(config["output"])
-    record(config, out / f"{config['name']}_config.json", "peaknet-sim", argv)
-    paths = simulate_run(read_geometry(config["geometry"]), int(config["n"]), int(config["seed"]),
-                         out, sim_config, name=config["name"], randomise=bool(config["randomise"]),
-                         stream=bool(config["stream"]))
+        geometry = read_geometry(config["geometry"])
+        earlier = earlier_run(out, name)
+        if earlier and not config["overwrite"]:
+            raise FormatError(out, f"already holds a run named {name!r} "
+                              f"({', '.join(p.name for p in earlier)}); nothing was changed: "
+                              "add --overwrite to replace it, or choose another -o or --name")
+        paths = simulate_run(geometry, int(config["n"]), int(config["seed"]), out, sim_config,
+                             name=name, randomise=bool(config["randomise"]),
+                             stream=bool(config["stream"]),
+                             record=lambda staging: record(
+                                 config, staging / f"{name}_config.json", "peaknet-sim", argv))
+    except KeyboardInterrupt:
+        print(f"peaknet-sim: interrupted; {out} is as it was", file=sys.stderr)
+        return 130
+    except (PeakNetError, OSError, ValueError) as exc:  # a bad geometry, a full disk: one line
+        print(f"peaknet-sim: error: {exc}", file=sys.stderr)
+        return 1
+    if earlier:
+        print(f"peaknet-sim: replaced the earlier run {name!r} in {out}", file=sys.stderr)
     for label, path in vars(paths).items():
         if path is not None:
             print(f"{label}: {path}")
+    print(f"config: {out / f'{name}_config.json'}")
     return 0
 
 

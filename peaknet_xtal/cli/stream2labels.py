@@ -13,7 +13,8 @@ Beside the output: <output>.peakdiff.png (found-vs-predicted and precision-recal
 selection box) and <output>.config.json (the resolved settings).  Fits run on a local Ray
 (2 CPUs) unless --no-ray; --address joins a running cluster.  An interrupted run resumes where it
 stopped (finished batches in <output>.parts/ are kept).  A run that selects no frame writes no
-label file and exits 1, saying why (one line per cause, with counts).
+label file and exits 1, saying why (one line per cause, with counts).  An output that cannot be
+written (a folder, a place without write permission) is refused before any work (exit 2).
 """
 from __future__ import annotations
 
@@ -88,7 +89,7 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from peaknet_xtal.labelling.job import DEFAULTS, TYPES, NothingToLabel
+    from peaknet_xtal.labelling.job import DEFAULTS, TYPES, NothingToLabel, check_output
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -98,6 +99,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     quiet = given.pop("quiet", False)
     config = cfgmod.resolve_or_exit(parser, DEFAULTS, given, types=TYPES)
     out = Path(output)
+    try:  # before anything is written beside it, and before hours of fits
+        check_output(out)
+    except PeakNetError as exc:
+        print(f"stream2labels: error: {exc}", file=sys.stderr)
+        return 2
     cfgmod.record(config, out.with_suffix(".config.json"), "stream2labels",
                   list(argv) if argv is not None else sys.argv[1:])
     try:

@@ -5,7 +5,12 @@
 Data come from the simulator on the fly (data.source: sim) or from stream2labels HDF5 files
 (data.source: labels, data.paths: [...]).  Checkpoints go to OUT/checkpoints and a rerun of the same
 command resumes from the latest one exactly; the final model is OUT/model.safetensors (+ .json).
-See examples/configs/train_*.yaml.
+A folder holds one run: a rerun whose settings differ from the run there (other than out, threads,
+device, data.workers, log_every, checkpoint cadence and stop_after) is refused, naming each
+difference, and the folder is left as it was.  Every setting is checked (names, types, ranges)
+before any work; OUT/train_config.json records the settings, the command line and the config
+file.  Give the config file once (CONFIG.yaml, not --config too).  Ctrl-C stops with exit status
+130; the checkpoints are kept.  See examples/configs/train_*.yaml.
 """
 from __future__ import annotations
 
@@ -13,24 +18,59 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from peaknet_xtal.config import record
+from peaknet_xtal.config import ConfigError, record
 from peaknet_xtal.errors import PeakNetError
 from peaknet_xtal.training.cli_common import parse_training_args, training_parser
 
+PROG = "peaknet-train"
+RECORD = "train_config.json"
+
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from peaknet_xtal.training.supervised import SUPERVISED_DEFAULTS, SUPERVISED_TYPES, train
+    from peaknet_xtal.training.supervised import (
+        SUPERVISED_DEFAULTS,
+        SUPERVISED_TYPES,
+        build_dataset,
+        train,
+    )
+    from peaknet_xtal.training.trainer import check_start
 
-    parser = training_parser(__doc__, prog="peaknet-train")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = training_parser(__doc__, prog=PROG)
     config = parse_training_args(parser, SUPERVISED_DEFAULTS, argv, SUPERVISED_TYPES)
-    record(config, Path(config["out"]) / "train_config.json", "peaknet-train", argv)
+    config_file = parser.parse_args(argv).config_file
+    out = Path(config["out"])
     try:
-        final = train(config)
-    except PeakNetError as exc:  # a bad label file or checkpoint: one line naming it
-        print(f"peaknet-train: error: {exc}", file=sys.stderr)
+        # everything that can be checked before any work, in this order: the run folder (and
+        # the run it holds), the data; the record is written only then, so a refused rerun
+        # leaves the earlier run's record as it was
+        check_start(config)
+        dataset = build_dataset(config)
+        record(config, out / RECORD, PROG, argv, config_file=config_file)
+        final = train(config, dataset)
+    except ConfigError as exc:  # a setting the checks above refuse: a usage error naming the
+        parser.error(f"{exc.path or config_file}: {exc.message}")  # file it came from
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; {_what_is_kept(out)}", file=sys.stderr)
+        return 130
+    except PeakNetError as exc:  # a bad label file, checkpoint or run folder: one line naming it
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1
     print(final)
     return 0
+
+
+def _what_is_kept(out: Path) -> str:
+    """What a rerun of the same command starts from."""
+    from peaknet_xtal.training.checkpoint import latest_checkpoint
+
+    try:
+        found = latest_checkpoint(out / "checkpoints")
+    except PeakNetError:  # a damaged pointer: the rerun says so itself
+        found = None
+    if found is None:
+        return "no checkpoint was written yet"
+    return f"rerun the same command to resume from {found}"
 
 
 if __name__ == "__main__":

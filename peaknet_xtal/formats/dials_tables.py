@@ -125,19 +125,35 @@ def summarize_reflections(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def summarize_experiments(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Experiments, detectors, crystals (unit cells, space groups), imagesets."""
+    """Experiments, images, detectors, beams, and crystals (unit cells, space groups) where the
+    experiments are indexed.
+
+    ``dials.import`` writes experiments without crystals (one ``None`` per experiment): such a
+    list is summarised as ``not indexed`` with its images, detector and beam, which is what a
+    person checks after importing.  Images are counted from the image sets, not opened.
+    """
     experiments = read_experiments(path)
     crystals = []
     for crystal in experiments.crystals():
+        if crystal is None:
+            continue
         crystals.append({"unit_cell": [round(v, 4) for v in crystal.get_unit_cell().parameters()],
                          "space_group": str(crystal.get_space_group().info())})
+    indexed = sum(experiment.crystal is not None for experiment in experiments)
+    imagesets = experiments.imagesets()
+    files = {name for imageset in imagesets for name in imageset.paths()}
     return {
         "kind": "dials-experiments", "path": os.fspath(path),
         "experiments": len(experiments),
+        "status": ("not indexed" if not indexed else "indexed" if indexed == len(experiments)
+                   else f"{indexed} of {len(experiments)} experiments indexed"),
+        "indexed_experiments": int(indexed),
+        "imagesets": len(imagesets),
+        "images": int(sum(len(imageset) for imageset in imagesets)),
+        "image_files": len(files),
         "detectors": len(experiments.detectors()),
         "panels": [len(d) for d in experiments.detectors()],
         "crystals": crystals,
-        "imagesets": len(experiments.imagesets()),
         "wavelength_A": sorted({round(b.get_wavelength(), 6) for b in experiments.beams()}),
     }
 

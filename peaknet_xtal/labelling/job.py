@@ -165,14 +165,46 @@ def _part_done(part: Path) -> bool:
         return False
 
 
+def check_output(output: str | os.PathLike[str]) -> None:
+    """Refuse an output the label file cannot be written to, before any work: a folder, something
+    that is not a regular file, or a place this process cannot create files in (tried with a
+    probe file, so that a read-only mount or a missing permission counts too, whoever runs it).
+    Otherwise a whole run of fits would end on the last rename, leaving its part files, report
+    and configuration record behind for nothing.
+    """
+    import tempfile
+
+    path = Path(output)
+    if path.is_dir():
+        raise FormatError(path, "is a folder: the output (-o) is the label file to write, "
+                          f"e.g. {path / 'labels.h5'}")
+    if path.exists() and not path.is_file():
+        raise FormatError(path, "is not a regular file: the output (-o) is the label file to "
+                          "write")
+    parent = path.absolute().parent
+    while not parent.exists():  # the missing folders are made in the first one that exists
+        parent = parent.parent
+    if not parent.is_dir():
+        raise FormatError(path, f"cannot be written: {parent} is not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".stream2labels-probe.", dir=parent)
+    except OSError as exc:
+        raise FormatError(path, f"cannot be written: cannot create files in {parent} "
+                          f"({exc.strerror or exc})") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
 def label_run(paths: Sequence[str], output: str | os.PathLike[str],
               config: dict[str, Any] | None = None, *, progress: bool = True) -> dict[str, Any]:
     """Do the whole run; returns the summary that the CLI prints and records (with
     ``not_selected``: why the other frames were turned away, one line per rule).
 
     Raises :class:`NothingToLabel`, writing no label file, when the inputs give no frame to
-    label: an empty file would pass for a result.
+    label: an empty file would pass for a result; and a FormatError before any work for an
+    output that cannot be written (:func:`check_output`).
     """
+    check_output(output)
     cfg = deep_merge(DEFAULTS, config or {})
     run = cfg["run"]
     start = time.perf_counter()

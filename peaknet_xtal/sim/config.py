@@ -120,11 +120,7 @@ class SimConfig:
         if unknown:
             raise ValueError(f"unknown simulation settings: {', '.join(unknown)}")
         values = dict(data)
-        cell = values.get("cell")
-        if isinstance(cell, dict):
-            values["cell"] = Cell(**cell)
-        elif isinstance(cell, (list, tuple)):
-            values["cell"] = Cell(*cell)
+        values["cell"] = cell_setting(values.get("cell"))
         return cls(**values)
 
     def resolve_cell(self, rng: np.random.Generator) -> Cell:
@@ -179,3 +175,85 @@ class SimConfig:
         )
         values.update(fixed)
         return cls.from_dict(values)
+
+
+#: The allowed range of every number of :class:`SimConfig` (:func:`peaknet_xtal.config.bounded`'s
+#: keywords), so that a setting no simulation can use (a negative B factor, a probability of 2, a
+#: zero spot size) is refused with its range before anything is written, rather than failing deep
+#: inside a frame or simulating nonsense.  ``tests/sim/test_config.py`` checks that every number
+#: of the dataclass has one.
+LIMITS: dict[str, dict[str, float]] = {
+    "cell_jitter": {"ge": 0, "lt": 1}, "n_crystals": {"ge": 1},
+    "multi_crystal_prob": {"ge": 0, "le": 1}, "hit_probability": {"ge": 0, "le": 1},
+    "d_min_A": {"gt": 0}, "b_factor": {"ge": 0}, "scattering_efficiency": {"ge": 0},
+    "wavelength_A": {"gt": 0}, "default_wavelength_A": {"gt": 0}, "bandwidth": {"ge": 0, "lt": 1},
+    "incident_photons": {"ge": 0}, "polarisation": {"ge": 0, "le": 1},
+    "mosaicity_deg": {"ge": 0}, "profile_radius": {"gt": 0}, "ewald_sigmas": {"gt": 0},
+    "spot_sigma_px": {"gt": 0}, "spot_growth": {"ge": 0}, "spot_eta": {"ge": 0, "le": 1},
+    "window_radius": {"ge": 0},
+    "air_photons": {"ge": 0}, "air_falloff": {"gt": 0}, "water_photons": {"ge": 0},
+    "water_ring_one_over_d": {"gt": 0}, "water_ring_width": {"gt": 0},
+    "kapton_photons": {"ge": 0}, "kapton_width_px": {"gt": 0},
+    "default_clen_m": {"gt": 0}, "adu_per_photon": {"gt": 0}, "pedestal_sigma": {"ge": 0},
+    "read_noise": {"ge": 0}, "defect_seed": {"ge": 0}, "dead_fraction": {"ge": 0, "le": 1},
+    "hot_fraction": {"ge": 0, "le": 1}, "hot_value": {"ge": 0},
+    "strong_snr": {"ge": 0}, "mask_sigmas": {"ge": 0}, "mask_fraction": {"gt": 0, "le": 1},
+}
+
+
+def cell_setting(value: Any) -> Cell | str | None:
+    """A ``cell`` setting as :class:`SimConfig` holds it: a preset name (checked), a
+    :class:`Cell` from a mapping of its fields or a list of them, or None (a random preset).
+
+    Raises ValueError saying what is wrong, so that a bad cell is refused when the settings are
+    read, not on the first frame that draws it.
+    """
+    if value is None or isinstance(value, Cell):
+        cell = value
+    elif isinstance(value, str):
+        if value not in PRESET_CELLS:
+            raise ValueError(f"unknown preset cell {value!r}; "
+                             f"known: {', '.join(sorted(PRESET_CELLS))}")
+        return value
+    else:
+        try:
+            cell = Cell(**value) if isinstance(value, dict) else Cell(*value)
+        except TypeError as exc:  # missing, extra or misnamed cell fields
+            raise ValueError(f"not a unit cell ({exc}); give a, b, c, alpha, beta, gamma "
+                             "[, lattice, centring] or a preset name") from None
+    if cell is not None:
+        cell.real_basis()  # angles that do not close raise here
+    return cell
+
+
+def settings_types(prefix: str = "") -> dict[str, Any]:
+    """:func:`peaknet_xtal.config.resolve` types of every :class:`SimConfig` field whose default
+    cannot say it: each number with its :data:`LIMITS` range (finite: an infinite fluence or noise
+    is no setting either), and ``cell``.  Keys are ``prefix`` + the field name (``sim.b_factor``
+    for a ``sim:`` section); the other fields are typed by their defaults.
+    """
+    import typing
+
+    from pydantic import AfterValidator, FiniteFloat
+    from pydantic_core import PydanticCustomError
+
+    from peaknet_xtal.config import bounded
+
+    def check_cell(value: Any) -> Any:
+        try:
+            cell_setting(value)
+        except ValueError as exc:
+            raise PydanticCustomError("cell", "{why}", {"why": str(exc)}) from None
+        return value
+
+    hints = typing.get_type_hints(SimConfig)
+    types: dict[str, Any] = {
+        f"{prefix}cell": typing.Annotated[str | list[Any] | dict[str, Any] | None,
+                                          AfterValidator(check_cell)]}
+    for name, hint in hints.items():
+        kinds = set(typing.get_args(hint)) or {hint}
+        number = next((k for k in (int, float) if k in kinds), None)
+        if number is not None and name in LIMITS:
+            kind = FiniteFloat if number is float else int
+            types[prefix + name] = bounded(kind, optional=type(None) in kinds, **LIMITS[name])
+    return types

@@ -7,6 +7,9 @@ except the beam and detector settings that the single ``.geom`` of the stack mus
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,20 +46,56 @@ def frame_config(base: SimConfig, seed: int, randomise: bool) -> SimConfig:
 
 def simulate_run(geometry: Any, n_frames: int, seed: int, out_dir: str | os.PathLike[str],
                  config: SimConfig | None = None, *, name: str = "sim", randomise: bool = False,
-                 stream: bool = True, progress: bool = True) -> RunPaths:
-    """Simulate ``n_frames`` frames and write the run's files under ``out_dir``."""
+                 stream: bool = True, progress: bool = True,
+                 record: Callable[[Path], None] | None = None) -> RunPaths:
+    """Simulate ``n_frames`` (>= 1) frames and write the run's files under ``out_dir``.
+
+    The files are written into a hidden staging folder inside ``out_dir`` and moved to their
+    names only once every one of them is complete, so that a failed or interrupted run leaves an
+    earlier run of the same ``name`` as it was (and nothing of its own).  A run that succeeds
+    replaces the earlier one's files, and removes its ``NAME.stream`` when this run writes none,
+    so that the folder never mixes two runs.  ``record``, if given, is called with the staging
+    folder once the run's files are written: what it writes there (the command's configuration
+    record) is published with them, after them, and its earlier version removed before them.
+    """
+    if int(n_frames) < 1:
+        raise ValueError(f"n_frames must be >= 1 (got {n_frames}): a run needs a frame")
     base = config or SimConfig()
     wavelength, gain = resolve_beam(geometry, base)
     base = _fix_beam(base, wavelength, gain)
     det = detector_model(geometry, base.default_clen_m)
     geom = run_geometry(geometry, wavelength, det.clen_m, gain)
     out = Path(out_dir)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    paths = RunPaths(out / f"{name}.cxi", out / f"{name}.geom", out / f"{name}_truth.h5",
-                     out / f"{name}.stream" if stream else None)
+    final = run_paths(out, name, stream)
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".partial", dir=out))
+    try:
+        staged = run_paths(staging, name, stream)
+        _write_run(geometry, geom, n_frames, seed, base, staged, str(final.cxi), randomise,
+                   progress, wavelength, det.clen_m, gain)
+        if record is not None:
+            record(staging)
+        _publish(staging, out, staged, run_paths(out, name, True))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        if created and not any(out.iterdir()):
+            out.rmdir()  # a failed run into a new folder leaves no folder either
+    return final
+
+
+def run_paths(out: Path, name: str, stream: bool = True) -> RunPaths:
+    """Where the files of run ``name`` go in ``out`` (no stream without ``stream``)."""
+    return RunPaths(out / f"{name}.cxi", out / f"{name}.geom", out / f"{name}_truth.h5",
+                    out / f"{name}.stream" if stream else None)
+
+
+def _write_run(geometry: Any, geom: Any, n_frames: int, seed: int, base: SimConfig,
+               paths: RunPaths, source: str, randomise: bool, progress: bool,
+               wavelength: float, clen_m: float, gain: float) -> None:
     write_run_geometry(paths.geom, geom)
     first_frame, first_truth = simulate_frame(geometry, seed, frame_config(base, seed, randomise))
-    cxi = CXIStackWriter(paths.cxi, geom, first_frame.masks_or_ones(), wavelength, det.clen_m, gain)
+    cxi = CXIStackWriter(paths.cxi, geom, first_frame.masks_or_ones(), wavelength, clen_m, gain)
     truth_out = TruthWriter(paths.truth, geom)
     chunks = []
     try:
@@ -68,7 +107,7 @@ def simulate_run(geometry: Any, n_frames: int, seed: int, out_dir: str | os.Path
                 else:
                     frame, truth = simulate_frame(geometry, frame_seed,
                                                   frame_config(base, frame_seed, randomise))
-                frame.source, frame.serial, frame.event = str(paths.cxi), i, f"//{i}"
+                frame.source, frame.serial, frame.event = source, i, f"//{i}"
                 cxi.append(frame, truth)
                 truth_out.append(truth)
                 if paths.stream is not None:
@@ -83,7 +122,23 @@ def simulate_run(geometry: Any, n_frames: int, seed: int, out_dir: str | os.Path
     truth_out.close()
     if paths.stream is not None:
         write_truth_stream(paths.stream, geom, chunks)
-    return paths
+
+
+def _publish(staging: Path, out: Path, staged: RunPaths, every: RunPaths) -> None:
+    """Move a finished run from ``staging`` into ``out``: the records first removed, then the run's
+    files (an earlier stream this run does not replace removed), then the records put in place,
+    so that a record in ``out`` never describes files it did not make."""
+    data = {p.name for p in vars(staged).values() if p is not None}
+    records = sorted(p.name for p in staging.iterdir() if p.name not in data)
+    for name in records:
+        (out / name).unlink(missing_ok=True)
+    for name in sorted(data):
+        os.replace(staging / name, out / name)
+    for path in vars(every).values():
+        if path is not None and path.name not in data:
+            path.unlink(missing_ok=True)
+    for name in records:
+        os.replace(staging / name, out / name)
 
 
 def _fix_beam(config: SimConfig, wavelength: float, gain: float) -> SimConfig:

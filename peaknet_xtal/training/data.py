@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from peaknet_xtal.config import ConfigError
 from peaknet_xtal.errors import FormatError
 
 Sample = tuple[np.ndarray, np.ndarray, np.ndarray]  # image float32, good mask bool, peak label bool
@@ -29,6 +30,9 @@ class LabelFileSource:
     def __init__(self, paths: list[str | os.PathLike[str]]) -> None:
         import h5py
 
+        if not paths:
+            raise ConfigError(None, "data.paths: give at least one stream2labels HDF5 file "
+                                    "(data.source is labels)")
         self.paths = [Path(p) for p in paths]
         self.index: list[tuple[int, int]] = []
         for file_no, path in enumerate(self.paths):
@@ -67,9 +71,16 @@ class LabelFileSource:
         if file_no not in self._handles:  # opened per process (h5py handles do not fork)
             self._handles[file_no] = h5py.File(self.paths[file_no], "r")
         handle = self._handles[file_no]
-        return (np.asarray(handle["images"][row], dtype=np.float32),
-                np.asarray(handle["masks"][row]).astype(bool),
-                np.asarray(handle["labels"][row]).astype(bool))
+        arrays = []
+        for name in ("images", "masks", "labels"):
+            try:
+                arrays.append(np.asarray(handle[name][row]))
+            except (OSError, ValueError, KeyError) as exc:  # a corrupt chunk, a bad filter
+                raise FormatError(self.paths[file_no], f"frame {row} cannot be read "
+                                  f"({str(exc).splitlines()[0][:200]}); the file is damaged: "
+                                  "remake it or leave it out of data.paths",
+                                  dataset=name) from exc
+        return (arrays[0].astype(np.float32), arrays[1].astype(bool), arrays[2].astype(bool))
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -77,20 +88,42 @@ class LabelFileSource:
         return state
 
 
+#: ``data.sim``'s settings (SimulatedSource's options) and their defaults, defined here once:
+#: ``trainer.TRAIN_DEFAULTS`` takes them, so the config check knows every key and its type;
+#: ``config`` holds SimConfig fields, checked against the dataclass itself.
+SIM_OPTIONS: dict[str, Any] = {"geometries": [], "randomise": True, "gain": [1.0, 1.0],
+                               "config": {}}
+
+
 class SimulatedSource:
     """Panels of frames from ``peaknet_xtal.sim.simulate_frame``, made on the fly.
 
-    Options: ``geometries`` (CrystFEL .geom paths, one drawn per frame), ``randomise`` (draw the
-    conditions with ``SimConfig.randomised``), ``gain`` ([lo, hi] ADU per photon, log-uniform:
-    CSPAD-like ~25, photon counting 1), and ``config`` (fixed SimConfig settings).  One panel is
-    chosen per sample, preferring panels with peaks.
+    Options (:data:`SIM_OPTIONS`): ``geometries`` (CrystFEL .geom paths, one drawn per frame),
+    ``randomise`` (draw the conditions with ``SimConfig.randomised``), ``gain`` ([lo, hi] ADU per
+    photon, log-uniform: CSPAD-like ~25, photon counting 1), and ``config`` (fixed SimConfig
+    settings).  One panel is chosen per sample, preferring panels with peaks.  The geometries
+    and the fixed settings are read here, so a missing geometry or a setting the simulator
+    refuses is an error before training starts, not in the middle of the first batch.
     """
 
     def __init__(self, options: dict[str, Any] | None = None) -> None:
-        self.options = dict(options or {})
-        if not self.options.get("geometries"):
-            raise ValueError("data.sim.geometries: give at least one CrystFEL geometry file")
+        unknown = sorted(set(options or {}) - set(SIM_OPTIONS))
+        if unknown:
+            raise ConfigError(None, f"data.sim: unknown settings {unknown}; known: "
+                                    f"{sorted(SIM_OPTIONS)}")
+        self.options = {**SIM_OPTIONS, **(options or {})}
+        if not self.options["geometries"]:
+            raise ConfigError(None, "data.sim.geometries: give at least one CrystFEL geometry "
+                                    "file (data.source is sim)")
+        from peaknet_xtal.sim import SimConfig
+
+        try:  # the fixed settings alone: names and values the simulator refuses fail here
+            SimConfig.from_dict(dict(self.options["config"] or {}))
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(None, f"data.sim.config: {exc}") from None
         self._geometries: dict[str, Any] = {}
+        for path in self.options["geometries"]:
+            self._geometry(str(path))
 
     def __len__(self) -> int:
         return 1 << 62
@@ -107,10 +140,10 @@ class SimulatedSource:
 
         paths = self.options["geometries"]
         geometry = self._geometry(str(paths[int(rng.integers(len(paths)))]))
-        fixed = dict(self.options.get("config") or {})
-        lo, hi = self.options.get("gain", [1.0, 1.0])
+        fixed = dict(self.options["config"] or {})
+        lo, hi = self.options["gain"]
         fixed.setdefault("adu_per_photon", float(np.exp(rng.uniform(np.log(lo), np.log(hi)))))
-        config = (SimConfig.randomised(rng, **fixed) if self.options.get("randomise", True)
+        config = (SimConfig.randomised(rng, **fixed) if self.options["randomise"]
                   else SimConfig.from_dict(fixed))
         frame, truth = simulate_frame(geometry, int(rng.integers(1 << 31)), config)
         masks = frame.masks_or_ones()
@@ -392,6 +425,10 @@ class StepSampler:
         return max(self.total - self.start, 0) * self.accum * self.batch
 
 
+#: The values of ``data.source`` (make_source's branches; the config check lists them).
+DATA_SOURCES = ("sim", "labels")
+
+
 def make_source(data: dict[str, Any]) -> Any:
     """``data.source``: ``labels`` (``data.paths``: stream2labels HDF5) or ``sim``."""
     kind = data.get("source", "sim")
@@ -399,4 +436,5 @@ def make_source(data: dict[str, Any]) -> Any:
         return LabelFileSource(data.get("paths") or [])
     if kind == "sim":
         return SimulatedSource(data.get("sim") or {})
-    raise ValueError(f"unknown data source {kind!r} (expected 'sim' or 'labels')")
+    raise ConfigError(None, f"data.source: must be one of {', '.join(DATA_SOURCES)} "
+                            f"(got {kind!r})")

@@ -11,10 +11,20 @@ of tiles aligned to the frame's edge, so every pixel is covered), the teacher ru
 exactly as the student will see it, and the student trains on those tiles with the same
 flips/rotations applied to image, mask, ground truth and logits.  The loss is the paper's
 (``losses.distillation_loss``); its focal term learns the ground-truth labels of the label files.
+
+The cache is reused only while it answers the same question: it is keyed by the teacher's content
+(weights and config hashes), each label file's identity (path, size, modification time), the crop
+and the layout, and rebuilt with a log line saying why when any of them changes.  Frames of any
+shape (label files from several detectors) are tiled each on its own.  The file is marked as a
+teacher cache, and nothing unmarked is ever written over: a ``cache`` path that names a label
+file or any other file is an error naming it.
 """
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -27,6 +37,8 @@ from peaknet_xtal.errors import FormatError
 from peaknet_xtal.progress import Progress
 from peaknet_xtal.training.trainer import TRAIN_DEFAULTS, TRAIN_TYPES, launch
 
+log = logging.getLogger(__name__)
+
 DISTILL_DEFAULTS: dict[str, Any] = deep_merge(TRAIN_DEFAULTS, {
     "teacher": None,        # "default", a .safetensors file or a model directory
     "cache": None,          # default: OUT/teacher_logits.h5
@@ -36,8 +48,17 @@ DISTILL_DEFAULTS: dict[str, Any] = deep_merge(TRAIN_DEFAULTS, {
 DISTILL_TYPES: dict[str, Any] = {**TRAIN_TYPES, "teacher": str | None, "cache": str | None}
 
 
-#: Layout version of the cache (2: crop-sized tiles with ground-truth labels).
-CACHE_VERSION = 2
+#: Layout version of the cache (2: crop-sized tiles with ground-truth labels; 3: marked with
+#: ``CACHE_MARK``, keyed by the teacher's and the label files' identity, frames of any shape).
+CACHE_VERSION = 3
+#: The attribute (name, value) that marks an HDF5 file as this project's teacher-logits cache:
+#: only a file carrying it is ever replaced, so a ``cache`` setting that names a label file, a
+#: simulator's truth or any other HDF5 file is refused instead of overwritten.
+CACHE_MARK = ("peaknet_xtal_cache", "teacher_logits")
+#: The attributes and datasets of a version-2 cache (made before ``CACHE_MARK``): recognisable
+#: as a cache all the same, so a run folder from an earlier version is rebuilt, not refused.
+_V2_ATTRS = {"teacher", "version", "crop"}
+_V2_DATASETS = {"images", "masks", "labels", "logits", "tiles"}
 
 
 def tile_origins(length: int, size: int) -> list[int]:
@@ -51,36 +72,154 @@ def tile_origins(length: int, size: int) -> list[int]:
     return starts
 
 
+def teacher_identity(teacher: str) -> dict[str, str]:
+    """What the teacher's logits depend on: the SHA-256 of its weights file and of its config
+    (the ``.json`` beside the weights wins over the copy inside them).  Content, not path or
+    time: a teacher retrained into the same path is another teacher, a copy moved elsewhere the
+    same one.  ``"default"`` resolves to the shipped file, a directory to its weights.  Hashing
+    reads the file once (seconds for the largest preset), little beside running it over every
+    frame.  A missing or unreadable teacher is a FormatError naming it, before any work."""
+    from peaknet_xtal.model.weights_io import (
+        DEFAULT_NAME,
+        WEIGHTS_DIR,
+        check_model,
+        model_digest,
+        read_config,
+    )
+
+    weights = check_model(teacher) or WEIGHTS_DIR / f"{DEFAULT_NAME}.safetensors"
+    digest = model_digest(teacher)
+    config = json.dumps(read_config(weights), sort_keys=True)
+    return {"weights_sha256": str(digest),
+            "config_sha256": hashlib.sha256(config.encode()).hexdigest()}
+
+
+def label_identity(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A label file's identity: resolved path, size and modification time (ns).  Not a content
+    hash: label files run to many GB, and a hash would read them all again at every rerun, which
+    resumes a run and must be quick; stream2labels, like any writer, changes the time (and mostly
+    the size) whenever it writes a file, so a new file of the same name is seen."""
+    resolved = Path(path).resolve()
+    stat = resolved.stat()
+    return {"path": str(resolved), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def _why_stale(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Why a cache made under key ``old`` does not answer ``new``, in words (empty: it does)."""
+    reasons = []
+    if old.get("version") != new["version"]:
+        reasons.append(f"cache layout version {old.get('version')}, now {new['version']}")
+    if old.get("crop") != new["crop"]:
+        reasons.append(f"made for crop {old.get('crop')}, now {new['crop']}")
+    was = old.get("teacher") or {}
+    changed = [name for name in ("weights", "config")
+               if was.get(f"{name}_sha256") != new["teacher"][f"{name}_sha256"]]
+    if changed:
+        reasons.append(f"the teacher's {' and '.join(changed)} changed")
+    before = {entry.get("path"): entry for entry in old.get("labels") or []}
+    if [e.get("path") for e in old.get("labels") or []] != [e["path"] for e in new["labels"]]:
+        reasons.append(f"label files were {list(before)}, now {[e['path'] for e in new['labels']]}")
+    else:
+        reasons.extend(f"label file {entry['path']} changed (size, modification time)"
+                       for entry in new["labels"] if before.get(entry["path"]) != entry)
+    return reasons
+
+
+def _cache_state(cache: Path, key: dict[str, Any], n_tiles: int) -> str | None:
+    """None if ``cache`` holds the logits for ``key``; else why it is to be rebuilt.  A file
+    that is not recognisably this project's teacher cache is a FormatError: it is never
+    replaced, whatever it holds."""
+    import h5py
+
+    refuse = ("exists and is not a peaknet-distill teacher-logits cache; refusing to replace it "
+              "(set 'cache' to another path, or move the file)")
+    if not cache.is_file():
+        raise FormatError(cache, refuse)
+    try:
+        handle = h5py.File(cache, "r")
+    except OSError as exc:
+        raise FormatError(cache, refuse) from exc
+    with handle:
+        attrs = dict(handle.attrs)
+        if attrs.get(CACHE_MARK[0]) != CACHE_MARK[1]:
+            if set(attrs) == _V2_ATTRS and set(handle) == _V2_DATASETS:
+                return "made by an earlier version of peaknet-distill"
+            raise FormatError(cache, refuse)
+        try:
+            old = json.loads(str(attrs.get("key", "{}")))
+        except json.JSONDecodeError:
+            old = {}
+        reasons = _why_stale(old if isinstance(old, dict) else {}, key)
+        if not reasons and ("logits" not in handle or len(handle["logits"]) != n_tiles):
+            reasons.append("it is incomplete")
+    return "; ".join(reasons) or None
+
+
+def _refuse_label_file_as_cache(cache: Path, label_files: list[str]) -> None:
+    """The cache is written over whatever is at its path: never one of the inputs."""
+    for path in label_files:
+        same = (Path(path).resolve() == cache.resolve()
+                or (cache.exists() and Path(path).exists() and os.path.samefile(path, cache)))
+        if same:
+            raise FormatError(cache, "the teacher-logits cache is one of the label files "
+                              "(data.paths); set 'cache' to another path")
+
+
+def _label_shapes(source: Any) -> list[tuple[int, int]]:
+    """(H, W) of every frame of a checked ``LabelFileSource``, from the datasets' shapes."""
+    import h5py
+
+    per_file = []
+    for path in source.paths:
+        with h5py.File(path, "r") as handle:
+            h, w = handle["images"].shape[1:]
+        per_file.append((int(h), int(w)))
+    return [per_file[file_no] for file_no, _ in source.index]
+
+
 def cache_teacher_logits(teacher: str, label_files: list[str], cache: Path,
                          threads: int = 2, crop: int | None = None) -> Path:
     """Run ``teacher`` once over ``crop``-sized tiles of every frame of ``label_files`` (whole
-    frames when ``crop`` is None); skip if ``cache`` is complete for this teacher and crop."""
+    frames when ``crop`` is None); skip if ``cache`` already holds them.
+
+    The cache is keyed by the teacher's identity (``teacher_identity``), each label file's
+    (``label_identity``), the crop and the layout version: any change rebuilds it, with a log
+    line saying why.  Frames may differ in shape (label files from several detectors): each is
+    tiled on its own, and a frame smaller than the tile is padded with masked pixels, as
+    training crops are.  The tile is ``crop`` square, or the largest frame where that is
+    smaller.  Only a file marked ``CACHE_MARK`` (or an unmarked cache of version 2) is ever
+    replaced; ``cache`` naming any other file, or a label file, is a FormatError.
+    """
     import h5py
     import torch
 
     from peaknet_xtal.model import load_model
     from peaknet_xtal.training.data import LabelFileSource
 
+    cache = Path(cache)
+    _refuse_label_file_as_cache(cache, label_files)
     paths: list[str | os.PathLike[str]] = list(label_files)
     source = LabelFileSource(paths)
-    rng = np.random.default_rng(0)
-    first = source.frame(0, rng)[0]
-    h, w = first.shape
-    th, tw = (h, w) if crop is None else (min(int(crop), h), min(int(crop), w))
-    origins = [(y, x) for y in tile_origins(h, th) for x in tile_origins(w, tw)]
-    n_tiles = len(source) * len(origins)
+    key = {"version": CACHE_VERSION, "crop": int(crop or 0), "teacher": teacher_identity(teacher),
+           "labels": [label_identity(p) for p in label_files]}
+    shapes = _label_shapes(source)
+    big_h, big_w = (max(s[i] for s in shapes) for i in (0, 1))
+    th, tw = (big_h, big_w) if crop is None else (min(int(crop), big_h), min(int(crop), big_w))
+    origins = [[(y, x) for y in tile_origins(h, th) for x in tile_origins(w, tw)]
+               for h, w in shapes]
+    n_tiles = sum(len(o) for o in origins)
     if cache.exists():
-        with h5py.File(cache, "r") as handle:
-            if (handle.attrs.get("teacher") == str(teacher)
-                    and int(handle.attrs.get("version", 1)) == CACHE_VERSION
-                    and int(handle.attrs.get("crop", -1)) == int(crop or 0)
-                    and "logits" in handle and len(handle["logits"]) == n_tiles):
-                return cache
+        why = _cache_state(cache, key, n_tiles)
+        if why is None:
+            return cache
+        log.info("rebuilding the teacher-logits cache %s: %s", cache, why)
     torch.set_num_threads(threads)
     model = load_model(teacher)
+    rng = np.random.default_rng(0)
     with atomic_path(cache) as tmp, h5py.File(tmp, "w") as out:
-        out.attrs.update({"teacher": str(teacher), "version": CACHE_VERSION,
-                          "crop": int(crop or 0)})
+        out.attrs.update({CACHE_MARK[0]: CACHE_MARK[1], "version": CACHE_VERSION,
+                          "teacher": str(teacher), "crop": int(crop or 0),
+                          "key": json.dumps(key, sort_keys=True)})
         images = out.create_dataset("images", (n_tiles, th, tw), np.float32, chunks=(1, th, tw))
         masks = out.create_dataset("masks", (n_tiles, th, tw), bool, chunks=(1, th, tw))
         labels = out.create_dataset("labels", (n_tiles, th, tw), bool, chunks=(1, th, tw))
@@ -91,11 +230,11 @@ def cache_teacher_logits(teacher: str, label_files: list[str], cache: Path,
         with Progress(len(source), "frames", desc="teacher logits") as bar, torch.no_grad():
             for i in range(len(source)):
                 image, mask, label = source.frame(i, rng)
-                if image.shape != (h, w):
-                    raise FormatError(label_files[source.index[i][0]],
-                                      f"frame {i} is {image.shape}, expected {(h, w)}",
-                                      dataset="images")
-                for y0, x0 in origins:
+                h, w = image.shape
+                pad = ((0, max(th - h, 0)), (0, max(tw - w, 0)))
+                if pad != ((0, 0), (0, 0)):  # smaller than the tile: padding is masked
+                    image, mask, label = (np.pad(a, pad) for a in (image, mask, label))
+                for y0, x0 in origins[i]:
                     window = (slice(y0, y0 + th), slice(x0, x0 + tw))
                     tile, tmask = np.ascontiguousarray(image[window]), mask[window]
                     x = torch.from_numpy(tile)[None, None]
@@ -119,13 +258,21 @@ class DistillDataset:
         self.cache, self.size, self.seed = Path(cache), size, seed
         import h5py
 
-        with h5py.File(self.cache, "r") as handle:
-            self.n = len(handle["logits"])
-            made_for = int(handle.attrs.get("crop", -1))
-            has_tiles = int(handle.attrs.get("version", 1)) >= CACHE_VERSION
-        if not has_tiles or made_for != int(size):
+        try:
+            with h5py.File(self.cache, "r") as handle:
+                marked = handle.attrs.get(CACHE_MARK[0]) == CACHE_MARK[1]
+                version = int(handle.attrs.get("version", 1))
+                made_for = int(handle.attrs.get("crop", -1))
+                self.n = len(handle["logits"]) if "logits" in handle else 0
+        except OSError as exc:
+            raise FormatError(self.cache, f"cannot read the teacher-logits cache: {exc}") from exc
+        if not marked or version != CACHE_VERSION:
+            raise FormatError(self.cache, "not a teacher-logits cache of this version: run "
+                              "cache_teacher_logits (peaknet-distill does) to make one")
+        if made_for != int(size):
             raise FormatError(self.cache, f"teacher logits were cached for crop {made_for}, the "
-                              f"student trains on crop {size}: delete the cache to rebuild it")
+                              f"student trains on crop {size}: cache_teacher_logits with that crop "
+                              "(peaknet-distill calls it) rebuilds it")
         self._handle: Any = None
 
     def __len__(self) -> int:

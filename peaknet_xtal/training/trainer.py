@@ -4,6 +4,10 @@ One process per rank.  On CPU, ranks talk over gloo and the model is wrapped in
 DistributedDataParallel; with CUDA the model is sharded with FSDP.  Each rank draws its slice of the
 global batch by sample id (see ``data.StepSampler``), so a run with W ranks of batch b computes the
 same gradients as one process with batch W*b.
+
+A run folder holds one run.  Every checkpoint carries the settings of the run that made it, and a
+rerun resumes only a run of the same settings (:func:`check_start`, :data:`MAY_CHANGE`): otherwise
+one model would be trained under two configurations while the record named one of them.
 """
 from __future__ import annotations
 
@@ -12,11 +16,18 @@ import json
 import logging
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
+from pydantic import Field
+
+from peaknet_xtal.atomic import write_text_atomic
+from peaknet_xtal.config import ConfigError, bounded, fields_of, one_of
+from peaknet_xtal.errors import FormatError, PeakNetError
 from peaknet_xtal.progress import Progress
+from peaknet_xtal.sim.config import SimConfig
+from peaknet_xtal.training.data import DATA_SOURCES, SIM_OPTIONS, Augment
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +42,8 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "device": "auto",        # auto | cpu | cuda
     "precision": "auto",     # auto (bf16 where the GPU has it) | bf16 | fp32
     "model": {"name": "default", "overrides": {}, "init": None},
-    "data": {"source": "sim", "paths": [], "sim": {}, "crop": 128, "peak_bias": 0.8,
-             "workers": 0, "augment": {}},
+    "data": {"source": "sim", "paths": [], "sim": dict(SIM_OPTIONS), "crop": 128,
+             "peak_bias": 0.8, "workers": 0, "augment": {}},
     "optim": {"lr": 2e-3, "weight_decay": 0.05, "betas": [0.9, 0.95], "batch_size": 8,
               "accum": 1, "clip": 1.0},
     "schedule": {"steps": 1000, "warmup": 50, "min_lr_ratio": 0.01},
@@ -41,8 +52,76 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "log_every": 10,
     "stop_after": None,      # stop (after checkpointing) at this step: tests and time-boxed runs
 }
-#: Types of the settings whose default (None) cannot say it (config.resolve validates them).
-TRAIN_TYPES: dict[str, Any] = {"model.init": str | None, "stop_after": int | None}
+#: ``device`` and ``precision`` values (_device and _use_bf16 read them).
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def _model_names() -> list[str]:
+    """The registered architectures, looked up only when a name is checked (imports torch)."""
+    from peaknet_xtal.model.zoo import list_models
+
+    return list_models()
+
+
+def _pair(kind: Any) -> Any:
+    """Two values of ``kind`` (``[lo, hi]``, Adam's betas)."""
+    return Annotated[list[kind], Field(min_length=2, max_length=2)]
+
+
+_COUNT = bounded(int, ge=1)
+#: Types, ranges and allowed names of the settings (config.resolve validates them before any
+#: work).  Every count is at least 1: ``optim.accum: 0`` or ``schedule.steps: -5`` trained
+#: nothing and still wrote a "model", ``checkpoint.every: 0`` divided by zero.  A value outside
+#: its range, an unknown name (``precision: fp16`` trained in fp32, ``model.name: yoctoo`` was a
+#: traceback) or an unknown key in ``data.augment`` or ``data.sim.config`` (checked against the
+#: Augment and SimConfig dataclasses themselves) is one line naming the setting and what it may be.
+TRAIN_TYPES: dict[str, Any] = {
+    "seed": bounded(int, ge=0),  # numpy seeds samples with [seed, sample id]: no negatives
+    "threads": _COUNT,
+    "device": one_of(DEVICES),
+    "precision": one_of(PRECISIONS),
+    "model.name": one_of(_model_names),
+    "model.init": str | None,
+    "data.source": one_of(DATA_SOURCES),
+    "data.paths": list[str],
+    "data.crop": _COUNT,
+    "data.peak_bias": bounded(float, ge=0, le=1),
+    "data.workers": bounded(int, ge=0),
+    "data.augment": fields_of(Augment),
+    "data.sim.geometries": list[str],
+    "data.sim.gain": _pair(bounded(float, gt=0)),
+    "data.sim.config": fields_of(SimConfig),
+    "optim.lr": bounded(float, gt=0),
+    "optim.weight_decay": bounded(float, ge=0),
+    "optim.betas": _pair(bounded(float, ge=0, lt=1)),
+    "optim.batch_size": _COUNT,
+    "optim.accum": _COUNT,
+    "optim.clip": bounded(float, gt=0),
+    "schedule.steps": _COUNT,
+    "schedule.warmup": bounded(int, ge=0),
+    "schedule.min_lr_ratio": bounded(float, ge=0, le=1),
+    "checkpoint.every": _COUNT,
+    "checkpoint.keep": _COUNT,
+    "dist.world_size": _COUNT,
+    "log_every": _COUNT,
+    "stop_after": bounded(int, ge=1, optional=True),
+}
+
+#: Settings a resumed run may change.  None of them changes what the model learns: where the run
+#: folder is (``out``: it may be moved), the threads and device it runs on (the same arithmetic up
+#: to float rounding; a checkpoint is device-independent), the data-loader workers (a sample is a
+#: pure function of the seed and its id, whichever process makes it), how often it logs and saves
+#: and how many checkpoints it keeps, whether it resumes, and where it stops (``stop_after``: a
+#: time-boxed run is rerun without it).  Everything else is fixed for the life of a run: the model
+#: and its starting weights, the data and their augmentation, the optimiser, the loss, the
+#: number of ranks (the global batch is ranks x batch size) and the precision.  So is
+#: ``schedule.steps``: the cosine schedule is drawn over it, so a run extended mid-way follows a
+#: learning-rate curve neither the old nor the new setting describes; train longer by starting
+#: a new run (another --out) from the finished model with ``model.init``.
+MAY_CHANGE = frozenset({"out", "threads", "device", "data.workers", "log_every",
+                        "checkpoint.every", "checkpoint.keep", "checkpoint.resume", "stop_after"})
+_ABSENT = object()
 
 
 def _free_port() -> int:
@@ -73,12 +152,158 @@ def _spawned(rank: int, world: int, config: dict[str, Any], dataset: Any,
 
 
 def _device(config: dict[str, Any]) -> Any:
+    """The torch device ``device`` names (``auto``: CUDA where torch sees a GPU); a CUDA device
+    on a machine without one is a ConfigError, not a failure deep inside the first step."""
+    from peaknet_xtal.finding.engine import resolve_device
+
+    try:
+        return resolve_device(config.get("device", "auto"))
+    except (ValueError, RuntimeError) as exc:
+        raise ConfigError(None, f"device: {exc}") from None
+
+
+def _plain(config: Mapping[str, Any]) -> dict[str, Any]:
+    """``config`` as JSON has it (tuples as lists, paths as text): as a checkpoint stores it."""
+    plain: dict[str, Any] = json.loads(json.dumps(config, default=str))
+    return plain
+
+
+def _differences(run: Mapping[str, Any], now: Mapping[str, Any],
+                 prefix: str = "") -> list[str]:
+    """``key: <run's value> in the run, <value> now`` for every setting outside
+    :data:`MAY_CHANGE` that differs; a setting only one side has differs too (a run made before
+    a setting existed cannot say it ran as that setting's default does now)."""
+    found: list[str] = []
+    for key in sorted(set(run) | set(now)):
+        dotted = f"{prefix}{key}"
+        if dotted in MAY_CHANGE:
+            continue
+        old, new = run.get(key, _ABSENT), now.get(key, _ABSENT)
+        if isinstance(old, Mapping) and isinstance(new, Mapping):
+            found += _differences(old, new, f"{dotted}.")
+        elif old != new:
+            shown = ["(not set)" if v is _ABSENT else json.dumps(v) for v in (old, new)]
+            found.append(f"{dotted}: {shown[0]} in the run, {shown[1]} now")
+    return found
+
+
+def _run_settings(checkpoint: Path) -> dict[str, Any] | None:
+    """The settings of the run that wrote ``checkpoint`` (None for a checkpoint made before they
+    were stored).  The state file is memory-mapped, so its tensors (the optimiser's moments,
+    twice the model's size) are not read to get at them."""
     import torch
 
-    wanted = config.get("device", "auto")
-    if wanted == "auto":
-        wanted = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(wanted)
+    path = checkpoint / "state.pt"  # latest_checkpoint has checked it lies inside the folder
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # UnpicklingError for forbidden globals; anything for garbage
+        raise FormatError(path, "cannot read training state (only tensors and plain values are "
+                                f"accepted): {str(exc).splitlines()[0][:300]}") from exc
+    text = state.get("config") if isinstance(state, dict) else None
+    if not isinstance(text, str):
+        return None
+    try:
+        settings = json.loads(text)
+    except ValueError as exc:
+        raise FormatError(path, f"the stored run settings are not JSON ({exc})") from exc
+    return settings if isinstance(settings, dict) else None
+
+
+def check_start(config: dict[str, Any]) -> Path | None:
+    """Whether ``config["out"]`` can take this run, before anything is written there; returns
+    the checkpoint it will resume from (None: a fresh start).
+
+    Errors (each a PeakNetError naming the folder, file or setting): ``out`` is a file; the device
+    cannot be used; ``model.init`` is not a model or ``model.overrides`` names a setting the
+    architecture does not take; the folder holds checkpoints and ``checkpoint.resume`` is false
+    (starting afresh beside them would mix two runs' checkpoints, and pruning would delete the
+    new ones); the folder's latest checkpoint was made with other settings (outside
+    :data:`MAY_CHANGE`), listed with both values.  The folder is left exactly as it was.
+    """
+    from peaknet_xtal.training.checkpoint import latest_checkpoint
+
+    out = Path(config["out"])
+    if out.exists() and not out.is_dir():
+        raise FormatError(out, "is a file, not a folder: out (--out) names the run's folder")
+    _device(config)
+    _check_model(config)
+    found = latest_checkpoint(out / "checkpoints")
+    if found is None:
+        return None
+    if not config["checkpoint"].get("resume", True):
+        raise FormatError(out, f"holds a run's checkpoints (latest {found.name}) and "
+                               "checkpoint.resume is false: choose another --out, or delete "
+                               f"{out} to start afresh")
+    settings = _run_settings(found)
+    if settings is None:
+        log.warning("%s was made before checkpoints stored their run's settings: resuming "
+                    "without comparing them", found)
+        return found
+    differences = _differences(settings, _plain(config))
+    if differences:
+        raise FormatError(out, f"holds another run ({found.name}) made with other settings: "
+                               f"{'; '.join(differences)}.  Resuming it would train one model "
+                               "under two configurations: choose another --out, or delete "
+                               f"{out} to start afresh")
+    return found
+
+
+def _build(builder: Callable[..., Any], spec: Any, overrides: Mapping[str, Any],
+           **kwargs: Any) -> Any:
+    """``builder(spec, **kwargs)``; an override the architecture does not take is a
+    ConfigError naming ``model.overrides``, not a TypeError traceback."""
+    try:
+        return builder(spec, **kwargs)
+    except (TypeError, KeyError, ValueError) as exc:
+        raise ConfigError(None, f"model.overrides {dict(overrides)}: {exc}") from None
+
+
+def _check_model(config: Mapping[str, Any]) -> None:
+    """Build the model on torch's ``meta`` device (no memory, no weights; a fraction of a second
+    for the largest preset) and, when fine-tuning, compare it with ``model.init``'s tensor
+    shapes (read from the file's header), so that an override the architecture does not take,
+    or one that changes it, fails before any work."""
+    import torch
+    from safetensors import safe_open
+
+    from peaknet_xtal.model.weights_io import DEFAULT_NAME, WEIGHTS_DIR, check_model, read_config
+    from peaknet_xtal.model.zoo import build_from_config, create_model
+
+    model_cfg = config["model"]
+    overrides = model_cfg.get("overrides") or {}
+    with torch.device("meta"):
+        if not model_cfg.get("init"):
+            _build(create_model, model_cfg["name"], overrides, **overrides)
+            return
+        weights = check_model(model_cfg["init"]) or WEIGHTS_DIR / f"{DEFAULT_NAME}.safetensors"
+        start = read_config(weights)
+        start.pop("extra", None)
+        model = _build(build_from_config, {**start, **overrides}, overrides)
+    try:
+        with safe_open(str(weights), "pt") as handle:
+            shapes = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
+    except Exception as exc:  # safetensors raises its own error types for corrupt headers
+        raise FormatError(weights, f"not a readable safetensors file: {exc}") from exc
+    _check_fit(_shapes(model.state_dict()), shapes, model_cfg["init"],
+               f"the one model.overrides {overrides} make")
+
+
+def _shapes(tensors: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+    return {name: tuple(t.shape) for name, t in tensors.items()}
+
+
+def _check_fit(model: Mapping[str, tuple[int, ...]], weights: Mapping[str, tuple[int, ...]],
+               path: str | os.PathLike[str], what: str) -> None:
+    """Weights (tensor name -> shape) that do not fit a model's are a FormatError naming
+    ``path`` and the first misfit: torch's own error lists every tensor, 175 lines of them."""
+    problems = [f"no {name}" for name in model if name not in weights]
+    problems += [f"{name} is not in it" for name in weights if name not in model]
+    problems += [f"{name} is {list(weights[name])}, not {list(shape)}"
+                 for name, shape in model.items() if name in weights and weights[name] != shape]
+    if problems:
+        more = f", and {len(problems) - 1} more misfits" if len(problems) > 1 else ""
+        raise FormatError(path, f"weights of another architecture than {what} "
+                                f"({problems[0]}{more})")
 
 
 def _use_bf16(config: dict[str, Any], device: Any) -> bool:
@@ -104,16 +329,19 @@ class _Run:
         self.device = _device(config)
         torch.manual_seed(int(config["seed"]))  # identical initial weights on every rank
         model_cfg = config["model"]
+        overrides = model_cfg.get("overrides") or {}
         if model_cfg.get("init"):
             # fine-tuning: the saved model's weights, with ``overrides`` applied to its config
             # (e.g. a new input normalisation for the same architecture)
             start = load_model(model_cfg["init"])
-            config_now = {**start.config, **(model_cfg.get("overrides") or {})}
-            self.model = build_from_config(config_now)
-            self.model.load_state_dict(start.state_dict())
+            self.model = _build(build_from_config, {**start.config, **overrides}, overrides)
+            state = start.state_dict()
+            _check_fit(_shapes(self.model.state_dict()), _shapes(state), model_cfg["init"],
+                       f"the one model.overrides {overrides} make")
+            self.model.load_state_dict(state)
             self.model.train()
         else:
-            self.model = create_model(model_cfg["name"], **(model_cfg.get("overrides") or {}))
+            self.model = _build(create_model, model_cfg["name"], overrides, **overrides)
         self.model.to(self.device)
         self.fsdp = world > 1 and self.device.type == "cuda"
         self.wrapped = self._wrap()
@@ -163,6 +391,10 @@ class _Run:
 
         state = load_state(checkpoint)
         weights = load_weights(checkpoint)
+        if not self.fsdp:
+            _check_fit(_shapes(self.model.state_dict()), _shapes(weights),
+                       checkpoint / "model.safetensors",
+                       f"this run's model ({self.config['model']['name']})")
         if self.fsdp:
             from torch.distributed.checkpoint.state_dict import (
                 StateDictOptions,
@@ -176,7 +408,11 @@ class _Run:
                                      options=opts)
         else:
             self.model.load_state_dict(weights)
-            self.optimizer.load_state_dict(state["optimizer"])
+            try:
+                self.optimizer.load_state_dict(state["optimizer"])
+            except (ValueError, KeyError) as exc:
+                raise FormatError(checkpoint / "state.pt", "optimiser state of another model "
+                                                           f"({exc})") from None
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"][self.rank % len(state["rng"])])
         self.step = int(state["step"])
@@ -198,7 +434,9 @@ class _Run:
         if self.rank == 0:
             save_checkpoint(out / "checkpoints", self.step, self.model,
                             {"optimizer": optim_state, "scheduler": self.scheduler.state_dict(),
-                             "rng": rngs, "world_size": self.world},
+                             "rng": rngs, "world_size": self.world,
+                             # the run's settings, for check_start (JSON: loadable as plain data)
+                             "config": json.dumps(_plain(self.config))},
                             keep=int(self.config["checkpoint"]["keep"]), weights=weights)
         if self.world > 1:
             dist.barrier()
@@ -211,7 +449,6 @@ def run_rank(rank: int, world: int, config: dict[str, Any], dataset: Any,
     import torch.distributed as dist
 
     from peaknet_xtal.model import save_model
-    from peaknet_xtal.training.checkpoint import latest_checkpoint
 
     torch.set_num_threads(max(1, int(config["threads"]) // world))
     if world > 1 and not dist.is_initialized():
@@ -220,13 +457,14 @@ def run_rank(rank: int, world: int, config: dict[str, Any], dataset: Any,
             torch.cuda.set_device(rank % torch.cuda.device_count())
         dist.init_process_group(backend, rank=rank, world_size=world)
     out = Path(config["out"])
-    out.mkdir(parents=True, exist_ok=True)
+    found = check_start(config)  # before the folder is touched
     run = _Run(rank, world, config)
-    if config["checkpoint"].get("resume", True):
-        found = latest_checkpoint(out / "checkpoints")
-        if found is not None:
-            run.restore(found)
-            log.info("resumed from %s at step %d", found, run.step)
+    if found is not None:
+        run.restore(found)
+        log.info("resumed from %s at step %d", found, run.step)
+    out.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        _cut_history(out / HISTORY, run.step)
     try:
         _loop(run, dataset, loss_fn, out)
         final = out / "model.safetensors"
@@ -238,6 +476,49 @@ def run_rank(rank: int, world: int, config: dict[str, Any], dataset: Any,
         if world > 1 and dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
+
+
+#: The per-step log (JSON lines: step, loss, grad_norm, lr) in the run folder.
+HISTORY = "history.jsonl"
+
+
+def _cut_history(path: Path, step: int) -> None:
+    """Keep only the history of steps up to ``step`` (the checkpoint resumed from; 0 for a fresh
+    start), replaced atomically: a run interrupted after its last checkpoint logged steps it
+    will train again, and they would otherwise appear twice.  A line cut short by a crash is
+    dropped with them."""
+    if not path.exists():
+        return
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    kept = []
+    for line in lines:
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict) and isinstance(entry.get("step"), int) \
+                and entry["step"] <= step:
+            kept.append(line)
+    if len(kept) != len(lines):
+        write_text_atomic(path, "".join(f"{line}\n" for line in kept))
+
+
+def _batches(loader: Any) -> Iterator[Any]:
+    """The loader's batches.  An error of ours raised in a data-loader worker comes back as a
+    PeakNetError with its own one-line message: torch re-raises it as a RuntimeError carrying
+    the worker's whole traceback, since it cannot rebuild an error that needs a path."""
+    batches = iter(loader)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except RuntimeError as exc:
+            lines = str(exc).strip().splitlines()
+            if "DataLoader worker" in lines[0] and lines[-1].startswith("peaknet_xtal."):
+                raise PeakNetError(lines[-1].split(": ", 1)[-1]) from None
+            raise
+        yield batch
 
 
 def _global_count(count: Any, world: int) -> Any:
@@ -265,12 +546,12 @@ def _loop(run: _Run, dataset: Any, loss_fn: LossFn, out: Path) -> None:
                                          num_workers=int(cfg["data"].get("workers", 0)))
     bf16 = _use_bf16(cfg, run.device)
     every, log_every = int(cfg["checkpoint"]["every"]), int(cfg["log_every"])
-    history = out / "history.jsonl"
+    history = out / HISTORY
     run.wrapped.train()
     micro, running = 0, 0.0
     with Progress(last, "steps", desc=f"train rank {run.rank}", enabled=run.rank == 0) as bar:
         bar.count = run.step
-        for batch_data in loader:
+        for batch_data in _batches(loader):
             batch_data = {k: v.to(run.device) for k, v in batch_data.items()}
             sync = (micro == accum - 1 or run.world == 1 or run.fsdp)
             context = contextlib.nullcontext() if sync else run.wrapped.no_sync()

@@ -115,3 +115,23 @@ def test_stream_without_indexed_frames_is_an_error(tmp_path, capsys):
     first = capsys.readouterr().err.splitlines()[0]
     assert "unindexed.stream" in first and "no indexed frame" in first
     assert not out.exists()
+
+
+@pytest.mark.parametrize("kind", ["folder", "under_a_file"])
+def test_an_output_that_cannot_be_written_is_refused_before_any_work(kind, sim_run, tmp_path,
+                                                                     capsys):
+    """The user trial: `-o EXISTING_DIRECTORY` ran every fit, then failed with IsADirectoryError
+    on the final rename, leaving X.parts/, X.config.json and X.peakdiff.png behind."""
+    if kind == "folder":
+        out = tmp_path / "existing"
+        out.mkdir()
+    else:
+        (tmp_path / "notes.txt").write_text("mine")
+        out = tmp_path / "notes.txt" / "labels.h5"
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    code = main([str(sim_run.stream), "-o", str(out), "--no-ray", "--quiet", "--min-peaks", "1"])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"stream2labels: error: {out}: "), err
+    assert ("is a folder" if kind == "folder" else "notes.txt is not a folder") in err[0]
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before  # nothing left behind

@@ -56,6 +56,22 @@ def test_shared_stills_experiments(real_data, dials_env):
     assert all(92 < c["unit_cell"][0] < 94 for c in summary["crystals"])
 
 
+def test_imported_experiments_are_summarised_as_not_indexed(tmp_path, real_data, dials_env):
+    """dials.import writes no crystal models (``crystals()`` is ``[None]``): the summary crashed
+    on it with an AttributeError; it gives the images, detector and beam, not indexed."""
+    from peaknet_xtal.formats.dials_tables import summarize_experiments
+
+    dials("dials.import", str(real_data / CSPAD), cwd=tmp_path, env=dials_env)
+    summary = summarize_experiments(tmp_path / "imported.expt")
+    assert summary["status"] == "not indexed" and summary["indexed_experiments"] == 0
+    assert summary["crystals"] == [] and summary["experiments"] == 1
+    assert summary["images"] == 1 and summary["image_files"] == 1
+    assert summary["panels"] == [64] and summary["wavelength_A"][0] == pytest.approx(1.2726, 1e-3)
+    indexed = summarize_experiments(real_data / STILLS / "stills.expt")
+    assert indexed["status"] == "indexed" and indexed["indexed_experiments"] == 3
+    assert indexed["images"] == 3
+
+
 def test_bad_tables_raise_format_error(tmp_path, dials_env):
     from peaknet_xtal.formats.dials_tables import read_experiments, read_reflections
 

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from peaknet_xtal.cli.sim import main
-from peaknet_xtal.errors import FormatError
 from peaknet_xtal.formats.cxi import iter_cxi_frames
 from peaknet_xtal.formats.geometry import read_geometry
 from peaknet_xtal.formats.stream import read_stream
@@ -67,9 +66,77 @@ def test_truth_stream_and_peak_table_agree(run_dir):
             assert crystal.n_reflections == len(refl[refl["crystal"] == row["crystal"]])
 
 
-def test_bad_sim_setting_is_a_format_error(tmp_path, real_data):
+def test_bad_sim_setting_is_a_usage_error(tmp_path, real_data, capsys):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("sim:\n  bfactor: 3\n")
     geom = real_data / "crystfel_geometry" / "crystfel_doc_cspad-cxiformat.geom"
-    with pytest.raises(FormatError, match="bfactor"):
+    with pytest.raises(SystemExit) as stop:
         main(["-g", str(geom), "-n", "1", "-o", str(tmp_path / "o"), "--config", str(cfg)])
+    assert stop.value.code == 2
+    assert "'sim.bfactor' (did you mean 'sim.b_factor'?)" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.fixture
+def small_geometry(make_geometry_text):
+    from peaknet_xtal.formats.geometry import parse_geometry
+
+    return parse_geometry(make_geometry_text(["p0"], 64, 48, [(-32.0, -24.0)], clen="0.05 m"))
+
+
+def _files(folder):
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def test_a_run_that_fails_leaves_the_earlier_one_as_it_was(tmp_path, small_geometry):
+    """Files are staged and published together: a failure after every file is written (here the
+    configuration record, as a full disk would) or on the first frame changes nothing."""
+    from peaknet_xtal.sim.run import simulate_run
+
+    out = tmp_path / "run"
+    simulate_run(small_geometry, 2, 1, out, progress=False,
+                 record=lambda staging: (staging / "sim_config.json").write_text("first"))
+    before = _files(out)
+    assert sorted(before) == ["sim.cxi", "sim.geom", "sim.stream", "sim_config.json",
+                              "sim_truth.h5"]
+
+    def full_disk(staging):
+        # called once the run's files are complete, before any of them is published
+        assert sorted(p.name for p in staging.iterdir()) == ["sim.cxi", "sim.geom",
+                                                             "sim.stream", "sim_truth.h5"]
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        simulate_run(small_geometry, 2, 5, out, progress=False, record=full_disk)
+    assert _files(out) == before
+    with pytest.raises(ValueError, match="unknown preset cell"):
+        simulate_run(small_geometry, 2, 5, out, SimConfig(cell="bogus"), progress=False)
+    assert _files(out) == before
+    with pytest.raises(ValueError, match="unknown preset cell"):
+        simulate_run(small_geometry, 2, 5, tmp_path / "new", SimConfig(cell="bogus"),
+                     progress=False)
+    assert not (tmp_path / "new").exists()  # nor a folder of its own
+
+
+def test_a_complete_run_replaces_the_earlier_one_whole(tmp_path, small_geometry):
+    from peaknet_xtal.sim.run import simulate_run
+
+    out = tmp_path / "run"
+    simulate_run(small_geometry, 2, 1, out, progress=False,
+                 record=lambda staging: (staging / "sim_config.json").write_text("first"))
+    before = _files(out)
+    paths = simulate_run(small_geometry, 1, 9, out, stream=False, progress=False,
+                         record=lambda staging: (staging / "sim_config.json").write_text("2nd"))
+    after = _files(out)
+    assert sorted(after) == ["sim.cxi", "sim.geom", "sim_config.json", "sim_truth.h5"]
+    assert after["sim_config.json"] == b"2nd" and after["sim.cxi"] != before["sim.cxi"]
+    assert paths.cxi == out / "sim.cxi" and paths.stream is None
+    assert read_truth(out / "sim_truth.h5")["frames"]["seed"].tolist() == [9]
+
+
+def test_a_run_needs_a_frame(tmp_path, small_geometry):
+    from peaknet_xtal.sim.run import simulate_run
+
+    with pytest.raises(ValueError, match="n_frames must be >= 1"):
+        simulate_run(small_geometry, 0, 1, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
+import shutil
 from pathlib import Path
 
 import h5py
@@ -13,7 +16,13 @@ import yaml
 from peaknet_xtal.cli.distill import main as distill_main
 from peaknet_xtal.errors import FormatError
 from peaknet_xtal.model import create_model, load_model, save_model
-from peaknet_xtal.training.distill import DistillDataset, cache_teacher_logits, distill_batch_loss
+from peaknet_xtal.training.distill import (
+    CACHE_MARK,
+    CACHE_VERSION,
+    DistillDataset,
+    cache_teacher_logits,
+    distill_batch_loss,
+)
 from peaknet_xtal.training.losses import distillation_loss, focal_loss
 
 torch.set_num_threads(1)
@@ -93,6 +102,135 @@ def test_a_cache_for_another_crop_is_refused_and_rebuilt(tmp_path: Path,
         DistillDataset(cache, 48, seed=0)
     cache_teacher_logits(teacher, [str(label_file)], cache, threads=1, crop=48)
     assert len(DistillDataset(cache, 48, seed=0)) == 6 * 2 * 2
+
+
+@pytest.mark.parametrize("what", ["simulator truth", "text file"])
+def test_a_cache_path_naming_another_file_is_refused_not_overwritten(
+        tmp_path: Path, label_file: Path, sim_run, what: str) -> None:
+    """Only a file marked as this project's teacher cache is ever replaced: anything else at the
+    ``cache`` path (a simulator's truth file, any other file) is an error naming it, untouched."""
+    if what == "simulator truth":
+        cache = Path(shutil.copy(sim_run.truth, tmp_path / "sim_truth.h5"))
+    else:
+        cache = tmp_path / "notes.txt"
+        cache.write_text("beam time notes\n")
+    before = cache.read_bytes()
+    with pytest.raises(FormatError, match="not a peaknet-distill teacher-logits cache") as info:
+        cache_teacher_logits(str(_teacher(tmp_path)), [str(label_file)], cache, threads=1,
+                             crop=32)
+    assert info.value.path == str(cache)
+    assert cache.read_bytes() == before
+
+
+@pytest.mark.parametrize("spelling", ["same", "dotted", "hard link"])
+def test_a_label_file_is_never_the_cache(tmp_path: Path, label_file: Path,
+                                         spelling: str) -> None:
+    cache = {"same": label_file, "dotted": tmp_path / "sub" / ".." / label_file.name,
+             "hard link": tmp_path / "link.h5"}[spelling]
+    if spelling == "hard link":
+        os.link(label_file, cache)
+    before = label_file.read_bytes()
+    with pytest.raises(FormatError, match="cache is one of the label files"):
+        cache_teacher_logits(str(_teacher(tmp_path)), [str(label_file)], cache, threads=1,
+                             crop=32)
+    assert label_file.read_bytes() == before
+
+
+def test_a_cache_from_the_earlier_layout_is_rebuilt(tmp_path: Path, label_file: Path) -> None:
+    """An unmarked version-2 cache (what peaknet-distill wrote before caches were marked) is
+    still recognised as a cache: a rerun in an old run folder rebuilds it instead of failing."""
+    cache = tmp_path / "c.h5"
+    with h5py.File(cache, "w") as handle:
+        handle.attrs.update({"teacher": "old", "version": 2, "crop": 32})
+        for name in ("images", "masks", "labels", "logits", "tiles"):
+            handle[name] = np.zeros((1, 1))
+    cache_teacher_logits(str(_teacher(tmp_path)), [str(label_file)], cache, threads=1, crop=32)
+    with h5py.File(cache) as handle:
+        assert handle.attrs[CACHE_MARK[0]] == CACHE_MARK[1]
+        assert handle.attrs["version"] == CACHE_VERSION
+        assert len(handle["logits"]) == 6 * 3 * 3
+
+
+def _tile_logits(teacher: Path | str, cache: Path, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The cached logits of tile ``k`` and the teacher's answer for that tile now."""
+    with h5py.File(cache) as handle:
+        image, mask = handle["images"][k], handle["masks"][k]
+        cached = handle["logits"][k].astype(np.float32)
+    with torch.no_grad():
+        now = load_model(teacher)(torch.from_numpy(image)[None, None],
+                                  torch.from_numpy(mask)[None, None])[0].numpy()
+    return cached, now
+
+
+def test_a_label_file_rewritten_in_place_rebuilds_the_cache(
+        tmp_path: Path, label_file: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Same path, same size, new pixels: the modification time tells the cache is stale."""
+    teacher = str(_teacher(tmp_path))
+    cache = cache_teacher_logits(teacher, [str(label_file)], tmp_path / "c.h5", threads=1,
+                                 crop=32)
+    size = label_file.stat().st_size
+    with h5py.File(label_file, "a") as handle:
+        handle["images"][0] = handle["images"][0] + 1000.0
+    assert label_file.stat().st_size == size
+    with caplog.at_level(logging.INFO, logger="peaknet_xtal"):
+        cache_teacher_logits(teacher, [str(label_file)], cache, threads=1, crop=32)
+    assert f"label file {label_file.resolve()} changed" in caplog.text
+    with h5py.File(cache) as handle, h5py.File(label_file) as labels:
+        frame, y0, x0 = handle["tiles"][0]
+        np.testing.assert_array_equal(handle["images"][0],
+                                      labels["images"][frame][y0:y0 + 32, x0:x0 + 32])
+
+
+def test_a_teacher_retrained_at_the_same_path_rebuilds_the_cache_a_copy_does_not(
+        tmp_path: Path, label_file: Path, caplog: pytest.LogCaptureFixture) -> None:
+    teacher = _teacher(tmp_path)
+    cache = cache_teacher_logits(str(teacher), [str(label_file)], tmp_path / "c.h5", threads=1,
+                                 crop=32)
+    stamp = cache.stat().st_mtime_ns
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    shutil.copy(teacher, copy)
+    shutil.copy(teacher.with_suffix(".json"), copy)
+    cache_teacher_logits(str(copy), [str(label_file)], cache, threads=1, crop=32)
+    assert cache.stat().st_mtime_ns == stamp  # the same weights under another name
+    torch.manual_seed(8)
+    save_model(create_model("yocto", neck_blocks=1), teacher)  # retrained, same path
+    with caplog.at_level(logging.INFO, logger="peaknet_xtal"):
+        cache_teacher_logits(str(teacher), [str(label_file)], cache, threads=1, crop=32)
+    assert "the teacher's weights changed" in caplog.text
+    cached, now = _tile_logits(teacher, cache, 4)
+    np.testing.assert_allclose(cached, now, rtol=1e-2, atol=2e-2)
+
+
+def test_frames_of_different_shapes_are_tiled_each_on_its_own(
+        tmp_path: Path, label_file: Path, make_blobs) -> None:
+    """Label files from two detectors: every frame is covered by crop-sized tiles of its own;
+    a frame narrower than the crop is padded with masked pixels (as training crops are)."""
+    images, masks, labels = make_blobs(2, (40, 100), seed=4)
+    other = tmp_path / "other_detector.h5"
+    with h5py.File(other, "w") as handle:
+        handle["images"], handle["masks"], handle["labels"] = images, masks, labels
+    teacher = _teacher(tmp_path)
+    cache = cache_teacher_logits(str(teacher), [str(label_file), str(other)],
+                                 tmp_path / "c.h5", threads=1, crop=48)
+    with h5py.File(cache) as handle:
+        tiles = handle["tiles"][:]
+        # 72x80 -> 2x2 tiles of 48; 40x100 -> 1x3, padded to 48 rows
+        assert handle["logits"].shape == (6 * 4 + 2 * 3, 2, 48, 48)
+        for frame in (0, 6, 7):
+            h, w = (72, 80) if frame < 6 else (40, 100)
+            covered = np.zeros((h, w), bool)
+            for y0, x0 in tiles[tiles[:, 0] == frame][:, 1:]:
+                covered[y0:y0 + 48, x0:x0 + 48] = True
+            assert covered.all()
+        k = int(np.flatnonzero(tiles[:, 0] == 7)[1])
+        _, y0, x0 = tiles[k]
+        np.testing.assert_array_equal(handle["images"][k][:40], images[1][:, x0:x0 + 48])
+        np.testing.assert_array_equal(handle["masks"][k][:40], masks[1][:, x0:x0 + 48])
+        assert not handle["masks"][k][40:].any() and not handle["labels"][k][40:].any()
+    cached, now = _tile_logits(teacher, cache, k)
+    np.testing.assert_allclose(cached, now, rtol=1e-2, atol=2e-2)
+    assert len(DistillDataset(cache, 48, seed=0)) == 30
 
 
 def test_focal_term_learns_the_ground_truth_not_the_teacher() -> None:

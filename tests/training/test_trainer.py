@@ -139,3 +139,75 @@ def test_cli_trains_a_model_that_finds_blobs(tmp_path: Path, label_file: Path,
     precision = (pred & labels).sum() / max(pred.sum(), 1)
     print("blob recall", recall, "precision", precision)
     assert recall > 0.5 and precision > 0.3, (recall, precision)
+
+
+class _Interrupting:
+    """A dataset that is Ctrl-C'd when the loop first asks for sample ``at``."""
+
+    def __init__(self, inner: CropDataset, at: int) -> None:
+        self.inner, self.at = inner, at
+
+    def __getitem__(self, sample_id: int) -> dict:
+        if sample_id >= self.at:
+            raise KeyboardInterrupt
+        return self.inner[sample_id]
+
+
+def test_resume_cuts_the_history_back_to_the_checkpoint(tmp_path: Path, label_file: Path) -> None:
+    """Interrupted in step 4, after logging step 3 but with its last checkpoint at step 2: the
+    rerun trains steps 3-6 again, and step 3 was logged twice."""
+    config = _config(tmp_path / "run", label_file)
+    dataset = CropDataset(LabelFileSource([label_file]), 32, seed=0)
+    with pytest.raises(KeyboardInterrupt):  # step s, micro-batch 0 starts at (s*2)*2: step 4
+        train(config, _Interrupting(dataset, at=12))
+    history = tmp_path / "run" / "history.jsonl"
+    assert [json.loads(line)["step"] for line in history.open()] == [1, 2, 3]
+    train(config)
+    assert [json.loads(line)["step"] for line in history.open()] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_resume_with_other_settings_is_refused_before_anything_is_loaded(
+        tmp_path: Path, label_file: Path) -> None:
+    """The Python API refuses as the command line does (tests/cli/test_train.py)."""
+    train(_config(tmp_path / "run", label_file, stop_after=2))
+    other = _config(tmp_path / "run", label_file)
+    other["optim"] = {**other["optim"], "lr": 0.01}
+    with pytest.raises(FormatError, match=r"holds another run \(step_000002\) made with other "
+                                          r"settings: optim\.lr: 0\.003 in the run, 0\.01 now"):
+        train(other)
+
+
+def test_a_checkpoint_from_before_settings_were_stored_still_resumes(
+        tmp_path: Path, label_file: Path, caplog) -> None:
+    train(_config(tmp_path / "run", label_file, stop_after=2))
+    state_path = tmp_path / "run" / "checkpoints" / "step_000002" / "state.pt"
+    state = torch.load(state_path, weights_only=True)
+    del state["config"]
+    torch.save(state, state_path)
+    with caplog.at_level("WARNING"):
+        train(_config(tmp_path / "run", label_file))
+    assert "resuming without comparing them" in caplog.text
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step_000006"
+
+
+def test_an_error_in_a_data_loader_worker_is_one_line(tmp_path: Path, label_file: Path) -> None:
+    """torch re-raises a worker's error as a RuntimeError holding the worker's traceback."""
+    from peaknet_xtal.errors import PeakNetError
+
+    damaged = tmp_path / "damaged.h5"
+    with h5py.File(label_file) as source, h5py.File(damaged, "w") as handle:
+        for name in ("images", "masks", "labels"):
+            data = source[name][()]
+            handle.create_dataset(name, data=data, chunks=(1, *data.shape[1:]),
+                                  compression="gzip")
+        chunks = [handle["images"].id.get_chunk_info(i) for i in range(6)]
+    raw = bytearray(damaged.read_bytes())
+    for info in chunks:
+        raw[info.byte_offset:info.byte_offset + info.size] = b"\x55" * info.size
+    damaged.write_bytes(bytes(raw))
+    config = _config(tmp_path / "run", label_file)
+    config["data"] = {**config["data"], "paths": [str(damaged)], "workers": 1}
+    with pytest.raises(PeakNetError) as info:
+        train(config)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(f"{damaged}, dataset images: frame ")

@@ -1,0 +1,155 @@
+"""peaknet-distill's command line: a bad teacher or label file is one line naming it, Ctrl-C keeps
+the checkpoints, files from two detectors train, and the command line is recorded as typed."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from peaknet_test_support import load_script
+
+from peaknet_xtal.cli.distill import main
+from peaknet_xtal.model import create_model, save_model
+from peaknet_xtal.model.weights_io import WEIGHTS_DIR
+from peaknet_xtal.training import distill as distill_module
+from peaknet_xtal.training.checkpoint import latest_checkpoint
+
+torch.set_num_threads(1)
+LABELS = load_script(Path(__file__).resolve().parents[1] / "training" / "conftest.py",
+                     "training_label_files")
+
+
+def _run_folder(tmp_path: Path, **changes: Any) -> Path:
+    """A tiny distillation (yocto teacher and student, crop 32, 6 steps) as CONFIG.yaml."""
+    torch.manual_seed(7)
+    teacher = save_model(create_model("yocto", neck_blocks=1), tmp_path / "teacher.safetensors")
+    labels = LABELS.write_label_file(tmp_path / "labels.h5")
+    config = {"out": str(tmp_path / "run"), "teacher": str(teacher), "threads": 1,
+              "model": {"name": "yocto", "overrides": {"neck_blocks": 1}},
+              "data": {"paths": [str(labels)], "crop": 32},
+              "optim": {"batch_size": 2, "lr": 3e-3}, "schedule": {"steps": 6, "warmup": 1},
+              "checkpoint": {"every": 2}, "log_every": 1, "seed": 1, **changes}
+    path = tmp_path / "distill.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _bad_teacher(tmp_path: Path, kind: str) -> Path:
+    good = tmp_path / "teacher.safetensors"
+    bad = tmp_path / "bad" / "teacher.safetensors"
+    bad.parent.mkdir()
+    if kind == "missing":
+        return tmp_path / "nope.safetensors"
+    if kind == "truncated":
+        bad.write_bytes(good.read_bytes()[:1000])
+    elif kind == "pickle":
+        torch.save({"weight": torch.zeros(3)}, bad)
+    elif kind == "other family":
+        return WEIGHTS_DIR / "integrator_default.safetensors"
+    elif kind == "other size":  # weights of another size under the teacher's config
+        save_model(create_model("zepto"), bad)
+        bad.with_suffix(".json").write_text(good.with_suffix(".json").read_text())
+    return bad
+
+
+@pytest.mark.parametrize(("kind", "says"), [
+    ("missing", "model weights not found"), ("truncated", "not a readable safetensors file"),
+    ("pickle", "not a readable safetensors file"), ("other family", "unknown model family"),
+    ("other size", "weights do not fit the config")])
+def test_a_bad_teacher_is_an_error_naming_it(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                             kind: str, says: str) -> None:
+    config = _run_folder(tmp_path)
+    teacher = _bad_teacher(tmp_path, kind)
+    assert main([str(config), "--teacher", str(teacher)]) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines()
+              if line.startswith("peaknet-distill: error:")]
+    assert len(errors) == 1
+    assert str(teacher) in errors[0] and says in errors[0]
+    assert not (tmp_path / "run" / "teacher_logits.h5").exists()
+
+
+@pytest.mark.parametrize("kind", ["missing", "cxi"])
+def test_a_bad_label_file_is_an_error_naming_it(tmp_path: Path, sim_run,
+                                                capsys: pytest.CaptureFixture[str],
+                                                kind: str) -> None:
+    config = _run_folder(tmp_path)
+    labels = tmp_path / "nope.h5" if kind == "missing" else sim_run.cxi
+    assert main([str(config), "--data.paths", str(labels)]) == 1
+    err = capsys.readouterr().err
+    assert f"peaknet-distill: error: {labels}" in err
+    assert "Traceback" not in err
+
+
+def test_no_teacher_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = _run_folder(tmp_path, teacher=None)
+    with pytest.raises(SystemExit) as info:
+        main([str(config)])
+    assert info.value.code == 2
+    assert "no teacher" in capsys.readouterr().err
+
+
+def test_ctrl_c_exits_130_keeps_the_checkpoints_and_a_rerun_resumes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    config = _run_folder(tmp_path)
+    real_loss, calls = distill_module.distill_batch_loss, []
+
+    def interrupted_at_step_5(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 5:  # one micro-batch a step
+            raise KeyboardInterrupt
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(distill_module, "distill_batch_loss", interrupted_at_step_5)
+    assert main([str(config)]) == 130
+    err = capsys.readouterr().err
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert "peaknet-distill: interrupted" in err and "Traceback" not in err
+    kept = latest_checkpoint(checkpoints)
+    assert kept is not None and kept.name == "step_000004" and str(kept) in err
+    monkeypatch.setattr(distill_module, "distill_batch_loss", real_loss)
+    assert main([str(config)]) == 0
+    history = [json.loads(line) for line in (tmp_path / "run" / "history.jsonl").open()]
+    assert [h["step"] for h in history] == [1, 2, 3, 4, 5, 6]
+
+
+def test_label_files_from_two_detectors_train(tmp_path: Path) -> None:
+    config = _run_folder(tmp_path)
+    other = LABELS.write_label_file(tmp_path / "other.h5", n=2, shape=(40, 100), seed=3)
+    assert main([str(config), "--data.paths", str(tmp_path / "labels.h5"), str(other),
+                 "--schedule.steps", "2"]) == 0
+    assert (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_the_console_script_records_its_command_line(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The console script calls main() with no arguments: the record holds sys.argv's."""
+    config = _run_folder(tmp_path)
+    typed = [str(config), "--schedule.steps", "2", "--threads", "1"]
+    monkeypatch.setattr(sys, "argv", ["peaknet-distill", *typed])
+    assert main() == 0
+    recorded = json.loads((tmp_path / "run" / "distill_config.json").read_text())
+    assert recorded["argv"] == typed
+    assert recorded["config"]["schedule"]["steps"] == 2
+
+
+def test_a_rerun_of_another_run_is_refused_before_its_record_is_touched(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A folder holds one run: another learning rate into it is one error naming the
+    difference, and the earlier run's record and checkpoints stay as they were."""
+    config = _run_folder(tmp_path)
+    assert main([str(config), "--schedule.steps", "2"]) == 0
+    run = tmp_path / "run"
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    other = yaml.safe_load(config.read_text())
+    other["optim"]["lr"] = 0.01
+    config.write_text(yaml.safe_dump(other))
+    assert main([str(config), "--schedule.steps", "2"]) == 1
+    err = capsys.readouterr().err
+    assert "optim.lr" in err and "0.003" in err and "0.01" in err and "Traceback" not in err
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before

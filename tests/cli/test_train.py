@@ -1,0 +1,267 @@
+"""peaknet-train's command line: a run folder holds one run, every setting is checked before any
+work, and every user error is one line (no traceback) naming the file or setting.
+
+Runs are tiny (a yocto model, 32-px crops, a few steps on a real HDF5 label file of random
+frames); what the model learns is tested in tests/training/test_trainer.py.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import yaml
+
+from peaknet_xtal.cli.train import main
+
+
+@pytest.fixture
+def labels(tmp_path: Path) -> Path:
+    """A stream2labels-layout file: 4 frames of noise with a few labelled bright pixels."""
+    rng = np.random.default_rng(0)
+    images = rng.poisson(20.0, (4, 40, 48)).astype(np.float32)
+    peaks = rng.random((4, 40, 48)) < 0.01
+    images[peaks] += 500.0
+    path = tmp_path / "labels.h5"
+    with h5py.File(path, "w") as handle:
+        handle["images"] = images
+        handle["masks"] = np.ones(images.shape, np.uint8)
+        handle["labels"] = peaks.astype(np.uint8)
+    return path
+
+
+def settings(labels: Path, **changes: object) -> dict:
+    config: dict = {
+        "threads": 1, "model": {"name": "yocto", "overrides": {"neck_blocks": 1}},
+        "data": {"source": "labels", "paths": [str(labels)], "crop": 32},
+        "optim": {"batch_size": 2, "lr": 0.003},
+        "schedule": {"steps": 4, "warmup": 1}, "checkpoint": {"every": 2}, "log_every": 1,
+    }
+    for dotted, value in changes.items():
+        node = config
+        *parents, last = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return config
+
+
+def write(path: Path, config: dict) -> Path:
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """Every file under ``folder`` and a hash of its bytes."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def one_error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.startswith("peaknet-train: ")]
+    assert "Traceback" not in err and len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.fixture
+def finished_run(tmp_path: Path, labels: Path, capsys) -> Path:
+    out = tmp_path / "run"
+    assert main([str(write(tmp_path / "run.yaml", settings(labels))), "--out", str(out)]) == 0
+    capsys.readouterr()
+    return out
+
+
+@pytest.mark.parametrize("change, expect", [
+    ({"optim.lr": 0.01}, "optim.lr: 0.003 in the run, 0.01 now"),
+    ({"schedule.steps": 8}, "schedule.steps: 4 in the run, 8 now"),
+    ({"model.name": "zepto", "model.overrides": {}},
+     'model.name: "yocto" in the run, "zepto" now; model.overrides.neck_blocks: 1 in the run, '
+     "(not set) now"),
+    ({"data.augment": {"noise": 0.9}}, "data.augment.noise: (not set) in the run, 0.9 now"),
+])
+def test_a_rerun_with_other_settings_is_refused_leaving_the_folder_as_it_was(
+        finished_run: Path, labels: Path, tmp_path: Path, capsys, change, expect) -> None:
+    """A different config used to resume the run there (at its last step, training nothing,
+    exit 0, the record overwritten), use the old lr while recording the new, or end in a
+    175-line state_dict traceback for another architecture."""
+    before = snapshot(finished_run)
+    other = write(tmp_path / "other.yaml", settings(labels, **change))
+    assert main([str(other), "--out", str(finished_run)]) == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert line.startswith(f"peaknet-train: error: {finished_run}: holds another run "
+                           "(step_000004) made with other settings: ")
+    assert expect in line and "choose another --out" in line
+    assert snapshot(finished_run) == before  # the earlier run's record included
+
+
+def test_a_rerun_may_change_where_and_how_fast_it_runs(labels: Path, tmp_path: Path) -> None:
+    """Threads, workers, logging and checkpoint cadence, stop_after and the folder's own path
+    do not change what is learnt: the moved run resumes, and trains on to its end."""
+    first = tmp_path / "first"
+    cfg = write(tmp_path / "run.yaml", settings(labels))
+    assert main([str(cfg), "--out", str(first), "--stop-after", "2"]) == 0
+    moved = tmp_path / "moved"
+    first.rename(moved)
+    config = settings(labels, threads=2, log_every=3, **{"checkpoint.every": 3,
+                                                         "checkpoint.keep": 1,
+                                                         "data.workers": 1})
+    assert main([str(write(tmp_path / "same.yaml", config)), "--out", str(moved)]) == 0
+    assert (moved / "checkpoints" / "latest").read_text().strip() == "step_000004"
+    assert json.loads((moved / "train_config.json").read_text())["config"]["threads"] == 2
+
+
+def test_checkpoints_and_resume_false_is_refused(finished_run: Path, labels: Path,
+                                                 tmp_path: Path, capsys) -> None:
+    """Starting afresh beside a run's checkpoints would mix the two runs' steps (and pruning
+    would delete the new ones)."""
+    before = snapshot(finished_run)
+    config = settings(labels, **{"checkpoint.resume": False})
+    assert main([str(write(tmp_path / "fresh.yaml", config)), "--out", str(finished_run)]) == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert "checkpoint.resume is false" in line and str(finished_run) in line
+    assert snapshot(finished_run) == before
+
+
+@pytest.mark.parametrize("change, expect", [
+    ({"optim.accum": 0}, "optim.accum: must be >= 1 (got 0)"),
+    ({"schedule.steps": -5}, "schedule.steps: must be >= 1 (got -5)"),
+    ({"optim.batch_size": 0}, "optim.batch_size: must be >= 1 (got 0)"),
+    ({"data.crop": 0}, "data.crop: must be >= 1 (got 0)"),
+    ({"checkpoint.every": 0}, "checkpoint.every: must be >= 1 (got 0)"),
+    ({"precision": "fp16"}, "precision: must be one of auto, bf16, fp32"),
+    ({"device": "gpu"}, "device: must be one of auto, cpu, cuda"),
+    ({"model.name": "yoctoo"}, "model.name: must be one of atto, "),
+    ({"data.source": "lables"}, "data.source: must be one of sim, labels"),
+    ({"data.augment": {"gian": [1, 2]}},
+     "unknown setting 'data.augment.gian' (did you mean 'data.augment.gain'?)"),
+    ({"data.sim": {"gian": [1, 40]}},
+     "unknown setting 'data.sim.gian' (did you mean 'data.sim.gain'?)"),
+    ({"data.sim": {"randomise": "maybe"}}, "data.sim.randomise: Input should be a valid boolean"),
+    ({"data.sim": {"config": {"read_nosie": 1}}},
+     "unknown setting 'data.sim.config.read_nosie' (did you mean 'data.sim.config.read_noise'?)"),
+    ({"data.sim": {"config": {"b_factor": "high"}}}, "data.sim.config.b_factor: Input should be"),
+    ({"data.source": "sim"}, "data.sim.geometries: give at least one CrystFEL geometry file"),
+    ({"model.overrides": {"neck_blokcs": 1}}, "model.overrides {'neck_blokcs': 1}: "),
+])
+def test_a_setting_out_of_range_or_unknown_is_one_usage_line_before_any_work(
+        labels: Path, tmp_path: Path, capsys, change, expect) -> None:
+    """Each of these trained nothing and wrote an untrained model with exit 0, trained silently
+    with another setting, was ignored, or ended in a traceback."""
+    cfg = write(tmp_path / "bad.yaml", settings(labels, **change))
+    with pytest.raises(SystemExit) as stop:
+        main([str(cfg), "--out", str(tmp_path / "out")])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.splitlines()[-1].startswith(f"peaknet-train: error: {cfg}: ")
+    assert expect in err.splitlines()[-1]
+    assert not (tmp_path / "out").exists()
+
+
+def test_two_config_files_are_a_usage_error(labels: Path, tmp_path: Path, capsys) -> None:
+    """``peaknet-train A.yaml --config B.yaml`` silently trained with B."""
+    first = write(tmp_path / "a.yaml", settings(labels))
+    second = write(tmp_path / "b.yaml", settings(labels, **{"optim.lr": 0.01}))
+    with pytest.raises(SystemExit) as stop:
+        main([str(first), "--config", str(second), "--out", str(tmp_path / "out")])
+    assert stop.value.code == 2
+    assert "two config files" in capsys.readouterr().err.splitlines()[-1]
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_files_are_one_line_errors_naming_them(finished_run: Path, labels: Path,
+                                                   tmp_path: Path, capsys) -> None:
+    cfg = write(tmp_path / "run.yaml", settings(labels))
+    # --out naming an existing file (was FileExistsError)
+    assert main([str(cfg), "--out", str(cfg)]) == 1
+    assert one_error_line(capsys.readouterr().err).endswith(
+        f"{cfg}: is a file, not a folder: out (--out) names the run's folder")
+    # a data file given as the config (was UnicodeDecodeError)
+    binary = tmp_path / "frames.cxi"
+    binary.write_bytes(bytes(range(128, 256)) * 8)
+    with pytest.raises(SystemExit) as stop:
+        main([str(binary)])
+    assert stop.value.code == 2
+    assert f"{binary}: not a text file" in capsys.readouterr().err.splitlines()[-1]
+    # fine-tuning weights of another architecture than the overrides make (was a traceback)
+    init = settings(labels, **{"model.init": str(finished_run / "model.safetensors"),
+                               "model.overrides": {"neck_blocks": 3}})
+    out = tmp_path / "tuned"
+    assert main([str(write(tmp_path / "init.yaml", init)), "--out", str(out)]) == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert f"{finished_run / 'model.safetensors'}: weights of another architecture" in line
+    assert not out.exists()
+    # a checkpoint holding weights of another architecture (was 175 lines of state_dict)
+    other = tmp_path / "zepto"
+    assert main([str(write(tmp_path / "z.yaml", settings(labels, **{
+        "model.name": "zepto", "model.overrides": {}}))), "--out", str(other)]) == 0
+    latest = finished_run / "checkpoints" / "step_000004" / "model.safetensors"
+    latest.write_bytes((other / "checkpoints" / "step_000004" / "model.safetensors").read_bytes())
+    capsys.readouterr()
+    assert main([str(cfg), "--out", str(finished_run)]) == 1
+    assert f"{latest}: weights of another architecture than this run's model" in \
+        one_error_line(capsys.readouterr().err)
+
+
+def test_a_damaged_label_file_is_one_line_naming_it(labels: Path, tmp_path: Path,
+                                                    capsys) -> None:
+    """A chunk that cannot be decompressed was an h5py OSError traceback mid-training."""
+    damaged = tmp_path / "damaged.h5"
+    with h5py.File(labels) as source, h5py.File(damaged, "w") as handle:
+        for name in ("images", "masks", "labels"):
+            handle.create_dataset(name, data=source[name][()], chunks=(1, 40, 48),
+                                  compression="gzip")
+        info = handle["images"].id.get_chunk_info(1)
+    data = bytearray(damaged.read_bytes())
+    data[info.byte_offset:info.byte_offset + info.size] = b"\x55" * info.size
+    damaged.write_bytes(bytes(data))
+    cfg = write(tmp_path / "run.yaml", settings(labels, **{"data.paths": [str(damaged)]}))
+    assert main([str(cfg), "--out", str(tmp_path / "out")]) == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert f"{damaged}, dataset images: frame 1 cannot be read" in line
+
+
+def test_the_record_keeps_the_command_line_and_the_config_file(labels: Path, tmp_path: Path,
+                                                               monkeypatch, capsys) -> None:
+    """From the console script (main(None)) argv was recorded as [] and the file not at all."""
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path / "run.yaml", settings(labels))
+    monkeypatch.setattr(sys, "argv", ["peaknet-train", "run.yaml", "--out", "out"])
+    assert main() == 0
+    saved = json.loads((tmp_path / "out" / "train_config.json").read_text())
+    assert saved["argv"] == ["run.yaml", "--out", "out"]
+    assert saved["config_file"] == str(tmp_path / "run.yaml")
+    assert saved["cwd"] == str(tmp_path)
+
+
+def test_ctrl_c_is_one_line_exit_130_keeping_the_checkpoints(labels: Path,
+                                                             tmp_path: Path) -> None:
+    """A real SIGINT to a real process: it was a KeyboardInterrupt traceback."""
+    cfg = write(tmp_path / "long.yaml", settings(labels, **{"schedule.steps": 1_000_000}))
+    out = tmp_path / "out"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "peaknet_xtal.cli.train", str(cfg), "--out", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "checkpoints" / "latest").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 130, err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    latest = (out / "checkpoints" / "latest").read_text().strip()
+    assert last.startswith("peaknet-train: interrupted; rerun the same command to resume from")
+    assert latest in last

@@ -1,0 +1,32 @@
+"""A labelling run's checks made before any work (labelling/job.py)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from peaknet_xtal.errors import FormatError
+from peaknet_xtal.labelling.job import check_output, label_run
+
+
+def test_check_output_refuses_what_cannot_become_the_label_file(tmp_path):
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FormatError, match="is a folder") as err:
+        check_output(tmp_path / "folder")
+    assert err.value.path == str(tmp_path / "folder")
+    with pytest.raises(FormatError, match=r"file is not a folder"):
+        check_output(tmp_path / "file" / "deeper" / "labels.h5")
+    with pytest.raises(FormatError, match="not a regular file"):
+        check_output(os.devnull)
+    check_output(tmp_path / "new" / "sub" / "labels.h5")  # folders to be made are fine
+    check_output(tmp_path / "file")  # an earlier label file is replaced at the end
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "folder"]  # no probe left
+
+
+def test_label_run_checks_its_output_before_reading_the_inputs(tmp_path):
+    """Python callers get the same check: before the (here missing) inputs are read."""
+    (tmp_path / "out").mkdir()
+    with pytest.raises(FormatError, match="is a folder"):
+        label_run([str(tmp_path / "missing.stream")], tmp_path / "out", {"run": {"ray": False}},
+                  progress=False)

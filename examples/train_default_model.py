@@ -857,9 +857,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.candidate:
             trained = Path(args.candidate)
         else:
-            train_main([args.config or str(config), "--out", str(trained.parent),
-                        "--schedule.steps", str(args.steps or steps),
-                        "--data.paths", str(bank), *args.real_labels])
+            _train(train_main, [args.config or str(config), "--out", str(trained.parent),
+                                "--schedule.steps", str(args.steps or steps),
+                                "--data.paths", str(bank), *args.real_labels])
             print(f"trained in {(time.time() - started) / 60:.1f} min")
         if args.norm_noise or norm_noise:
             trained = with_norm_noise(trained, args.norm_noise or norm_noise,
@@ -950,15 +950,26 @@ def fixed_finetune(weights: Path, bank: Path, steps: int, config: Path, out: Pat
     return with_norm_noise(tuned, norm_noise, out.parent / "fixed_finetuned.safetensors")
 
 
+def _train(train_main: Any, argv: list[str]) -> None:
+    """``peaknet-train ARGV``, stopping this script where it fails: a run refused (another
+    run's settings in the folder, a bad setting) must not leave an older model to be selected
+    and installed as if it were this one."""
+    code = train_main(argv)
+    if code != 0:
+        raise SystemExit(f"peaknet-train {' '.join(argv)} failed (exit status {code}); "
+                         "stopping before anything is selected or installed")
+
+
 def _train_v1(args: argparse.Namespace, work: Path, bank: Path,
               train_main: Any) -> tuple[Path, Path]:
     """The previous default's recipe: ``default`` with global normalisation (stage 1), then a
     local-normalisation fine-tune (stage 2; v1 shipped stage 1: the fine-tune did not beat it)."""
     stage1 = Path(args.init) if args.init else work / "train" / "model.safetensors"
     if not args.init:
-        train_main([str(ROOT / "examples" / "configs" / "train_default.yaml"), "--out",
-                    str(work / "train"), "--schedule.steps", str(args.steps or 10000),
-                    "--data.paths", str(bank), *args.real_labels])
+        _train(train_main, [str(ROOT / "examples" / "configs" / "train_default.yaml"),
+                            "--out", str(work / "train"), "--schedule.steps",
+                            str(args.steps or 10000), "--data.paths", str(bank),
+                            *args.real_labels])
     stage2 = train_from(ROOT / "examples" / "configs" / "train_default_local.yaml", stage1,
                         work / "finetune", args.finetune_steps, bank, args.real_labels,
                         train_main)
@@ -982,8 +993,8 @@ def train_from(config: Path, init: Path, out: Path, steps: int, bank: Path,
     out.mkdir(parents=True, exist_ok=True)
     path = out / "config.yaml"
     path.write_text(yaml.safe_dump(stage))
-    train_main([str(path), "--out", str(out), "--schedule.steps", str(steps),
-                "--data.paths", str(bank), *real_labels])
+    _train(train_main, [str(path), "--out", str(out), "--schedule.steps", str(steps),
+                        "--data.paths", str(bank), *real_labels])
     return out / "model.safetensors"
 
 

@@ -203,3 +203,21 @@ def test_sharp_spots_change_only_the_chosen_frames_spots(script, real_data):
         assert all(np.array_equal(p, q) for p, q in zip(a.panels, b.panels, strict=True))
     assert any(not all(np.array_equal(p, q) for p, q in zip(a.panels, c.panels, strict=True))
                for a, c in zip(shipped, sharp, strict=True))
+
+
+def test_a_refused_training_run_stops_the_script(script, tmp_path):
+    """A stage whose peaknet-train run fails (here: its folder holds another run) stops the
+    rebuild: the folder's older model must not go on to selection as if it were this run's."""
+    calls = []
+
+    def refused(argv):
+        calls.append(argv)
+        return 1
+
+    with pytest.raises(SystemExit,
+                       match="failed \\(exit status 1\\); stopping before anything is selected"):
+        script.train_from(ROOT / "examples" / "configs" / "train_default_local.yaml",
+                          tmp_path / "init.safetensors", tmp_path / "stage", 5,
+                          tmp_path / "bank.h5", [], refused)
+    assert calls and calls[0][1:3] == ["--out", str(tmp_path / "stage")]
+    script._train(lambda argv: 0, ["ok.yaml"])  # a run that succeeds goes on

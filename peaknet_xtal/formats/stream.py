@@ -11,9 +11,17 @@ Streams of a whole experiment run to many GB and are often concatenated (``cat a
 - repeated headers in the middle of a file start a new :class:`StreamHeader`;
 - ``Event:`` lines may be missing (0.9, single-frame files) or ``//`` (0.10+), chunks may lack a
   peak list (``--no-peaks-in-stream``), crystals may lack reflections
-  (``No integrated reflections.``);
-- every malformed or truncated piece raises one :class:`~peaknet_xtal.errors.StreamError` naming
-  the file and line.
+  (``No integrated reflections.``, or no table at all with ``--no-refls-in-stream``);
+- a chunk cut short (the file ends, or a new chunk or stream header starts, before its
+  ``----- End chunk -----``) is skipped with a warning naming the file and line: that is what an
+  interrupted indexamajig run leaves, alone or with further runs ``cat``-ed after it, and every
+  complete frame of such a stream is still worth having (CrystFEL's readers, too, drop an
+  unfinished last chunk without stopping the program);
+- streams compressed with gzip are read as they are (recognised by their first bytes);
+- only stream format 2.3 is read: it is what CrystFEL has written since 2015, and the older
+  formats lay their peak and reflection tables out differently (CrystFEL 0.10.2+ refuses them too);
+- every malformed piece raises one :class:`~peaknet_xtal.errors.StreamError` naming the file and
+  line.
 
 Peak and reflection coordinates are kept as the stream has them: raw-slab ("file") coordinates
 with the origin at the pixel corner, 1/d in nm^-1.  :meth:`Chunk.peak_table` and
@@ -22,7 +30,10 @@ with the origin at the pixel corner, 1/d in nm^-1.  :meth:`Chunk.peak_table` and
 """
 from __future__ import annotations
 
+import gzip
+import logging
 import os
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -34,6 +45,8 @@ from peaknet_xtal.atomic import atomic_path
 from peaknet_xtal.errors import GeometryError, StreamError
 from peaknet_xtal.formats.geometry import Geometry, parse_geometry
 from peaknet_xtal.types import peaks_from_columns
+
+log = logging.getLogger(__name__)
 
 FORMAT_LINE = "CrystFEL stream format "
 CHUNK_BEGIN = "----- Begin chunk -----"
@@ -51,6 +64,11 @@ REFL_END = "End of reflections"
 NO_REFL = "No integrated reflections."
 PEAKS_COLUMNS = "  fs/px   ss/px (1/d)/nm^-1   Intensity  Panel"
 REFL_COLUMNS = ("   h    k    l          I   sigma(I)       peak background  fs/px  ss/px panel")
+#: The one stream format read (what CrystFEL has written since 0.6, 2015).
+FORMAT_VERSION = "2.3"
+#: Lines that start a new chunk or stream: met inside a chunk, they mean it was cut short.
+_NEW_UNIT = (CHUNK_BEGIN, FORMAT_LINE)
+_GZIP_MAGIC = b"\x1f\x8b"
 
 #: A stream's peak list: raw-slab, pixel-corner coordinates, 1/d in nm^-1, as in the file.
 STREAM_PEAK_DTYPE = np.dtype([("fs", "f8"), ("ss", "f8"), ("one_over_d_nm", "f8"),
@@ -256,6 +274,14 @@ class Stream:
 # reading
 # --------------------------------------------------------------------------------------------
 
+class _Cut(Exception):
+    """A chunk ends before its end marker; ``why`` says what came instead."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(why)
+        self.why = why
+
+
 class _Reader:
     """Consumes ``enumerate(file, 1)``; each ``_read_*`` method eats one block."""
 
@@ -275,6 +301,29 @@ class _Reader:
         raise self.fail(f"file ends inside the {what} that starts at line {start} (truncated?)",
                         line=start)
 
+    def chunk_line(self) -> str:
+        """The next line of a chunk; :class:`_Cut` where the chunk stops short of its end marker.
+
+        Only the file's last line can lack a newline, so a chunk line without one (other than
+        the end marker itself) is a line the writer never finished.
+        """
+        for n, line in self.lines:
+            self.n = n
+            if line.startswith(_NEW_UNIT):
+                raise self.cut_by(n, line)
+            if not line.endswith("\n") and not line.startswith(CHUNK_END):
+                break
+            return line
+        raise _Cut(f"the file ends before its '{CHUNK_END}' (an interrupted run?)")
+
+    def cut_by(self, n: int, line: str) -> _Cut:
+        """A new chunk or stream header at line ``n``: keep it for the caller, cut the chunk."""
+        self.pending = (n, line)
+        if line.startswith(FORMAT_LINE):
+            return _Cut(f"a new stream header starts at line {n} before its '{CHUNK_END}' "
+                        "(streams concatenated after an interrupted run?)")
+        return _Cut(f"a new chunk starts at line {n} before its '{CHUNK_END}'")
+
     def items(self) -> Iterator[StreamHeader | Chunk]:
         first = True
         while True:
@@ -289,9 +338,11 @@ class _Reader:
                 yield self._read_header(line)
             elif first:
                 raise self.fail("not a CrystFEL stream: the first line should be "
-                                f"'{FORMAT_LINE}2.3', got {line.strip()[:60]!r}")
+                                f"'{FORMAT_LINE}{FORMAT_VERSION}', got {line.strip()[:60]!r}")
             elif line.startswith(CHUNK_BEGIN):
-                yield self._read_chunk()
+                chunk = self._read_chunk()
+                if chunk is not None:
+                    yield chunk
             elif line.strip():
                 raise self.fail(f"unexpected line between chunks: {line.strip()[:80]!r}")
             first = False
@@ -302,8 +353,10 @@ class _Reader:
 
     def _read_header(self, first: str) -> StreamHeader:
         """Read up to the first chunk (or the next header, or the end: no chunks is valid)."""
-        header = StreamHeader(version=first[len(FORMAT_LINE):].strip(), line=self.n,
-                              path=self.path)
+        version = first[len(FORMAT_LINE):].strip()
+        if version != FORMAT_VERSION:
+            raise self.fail(_unsupported_version(version))
+        header = StreamHeader(version=version, line=self.n, path=self.path)
         for n, line in self.lines:
             self.n = n
             text = line.rstrip("\r\n")
@@ -354,16 +407,25 @@ class _Reader:
 
     # ---- chunk -------------------------------------------------------------------------------
 
-    def _read_chunk(self) -> Chunk:
+    def _read_chunk(self) -> Chunk | None:
+        """One chunk, or None (with a warning naming file and line) for one cut short."""
         start = self.n
+        try:
+            return self._chunk_body(start)
+        except _Cut as cut:
+            log.warning("%s, line %d: incomplete chunk skipped: %s", self.path, start, cut.why)
+            return None
+
+    def _chunk_body(self, start: int) -> Chunk:
         chunk = Chunk(line=start)
-        fields: dict[str, tuple[str, int]] = {}
+        named = False
         while True:
-            line = self.next_line("chunk", start)
+            line = self.chunk_line()
             if line.startswith(CHUNK_END):
                 break
             if line.startswith("Image filename: "):
                 chunk.filename = line[16:].rstrip("\r\n")
+                named = True
             elif line.startswith("Event:"):
                 chunk.event = line[6:].strip()
             elif line.startswith(PEAKS_BEGIN):
@@ -371,34 +433,31 @@ class _Reader:
             elif line.startswith(CRYSTAL_BEGIN):
                 chunk.crystals.append(self._read_crystal())
             elif line.startswith("Image serial number: "):
-                fields["serial"] = (line[21:].strip(), self.n)
-            elif line.startswith((CHUNK_BEGIN, FORMAT_LINE)):
-                raise self.fail(f"chunk starting at line {start} has no '{CHUNK_END}' "
-                                f"(truncated?) before line {self.n}", line=start)
+                chunk.serial = _integer(self, line[21:].strip(), "Image serial number", self.n)
             else:
                 key, sep, value = line.partition(" = ")
                 if not sep or not key.strip():
                     raise self.fail(f"unexpected line in chunk: {line.strip()[:80]!r}")
-                fields[key.strip()] = (value.strip(), self.n)
-        self._chunk_fields(chunk, fields)
+                self._chunk_field(chunk, key.strip(), value.strip())
+        if not named:  # CrystFEL drops such a chunk too; here it would name no image to label
+            raise self.fail("chunk has no 'Image filename:' line", line=start)
         return chunk
 
-    def _chunk_fields(self, chunk: Chunk, fields: dict[str, tuple[str, int]]) -> None:
-        for key, (value, n) in fields.items():
-            if key == "serial":
-                chunk.serial = _integer(self, value, "Image serial number", n)
-            elif key == "hit":
-                chunk.hit = _integer(self, value, key, n) != 0
-            elif key == "indexed_by":
-                chunk.indexed_by = value
-            elif key == "photon_energy_eV":
-                chunk.photon_energy_eV = _number(self, value, key, n)
-            elif key == "average_camera_length":
-                chunk.camera_length_m = _number(self, value.split(" ")[0], key, n)
-            elif key == "num_peaks":
-                chunk.num_peaks = _integer(self, value, key, n)
-            else:
-                chunk.extra[key] = value
+    def _chunk_field(self, chunk: Chunk, key: str, value: str) -> None:
+        """Checked as it is read: a cut-off chunk explains only its unfinished last line, so a
+        bad value on a whole line is an error even when the chunk never ends."""
+        if key == "hit":
+            chunk.hit = _integer(self, value, key, self.n) != 0
+        elif key == "indexed_by":
+            chunk.indexed_by = value
+        elif key == "photon_energy_eV":
+            chunk.photon_energy_eV = _number(self, value, key, self.n)
+        elif key == "average_camera_length":
+            chunk.camera_length_m = _number(self, value.split(" ")[0], key, self.n)
+        elif key == "num_peaks":
+            chunk.num_peaks = _integer(self, value, key, self.n)
+        else:
+            chunk.extra[key] = value
 
     # ---- crystal -----------------------------------------------------------------------------
 
@@ -406,7 +465,7 @@ class _Reader:
         start = self.n
         crystal = Crystal(line=start)
         while True:
-            line = self.next_line("crystal", start)
+            line = self.chunk_line()
             if line.startswith(CRYSTAL_END):
                 return crystal
             if line.startswith("Cell parameters "):
@@ -422,7 +481,7 @@ class _Reader:
                     raise self.fail(f"malformed det_shift line: {line.strip()[:80]!r}")
                 crystal.det_shift_mm = (_number(self, parts[3], "det_shift x", self.n),
                                         _number(self, parts[6], "det_shift y", self.n))
-            elif line.startswith((CHUNK_END, CHUNK_BEGIN, FORMAT_LINE)):
+            elif line.startswith(CHUNK_END):
                 raise self.fail(f"crystal starting at line {start} has no '{CRYSTAL_END}'",
                                 line=start)
             else:
@@ -468,13 +527,17 @@ class _Reader:
         rows: list[str] = []
         append = rows.append
         first_row = start + 1
+        new_unit = _NEW_UNIT
         for n, line in self.lines:  # noqa: B007  (n: the last line read; a hot loop of locals)
             if line.startswith(end):
                 break
+            if line[0] in "C-" and line.startswith(new_unit):  # the cheap test first: hot loop
+                self.n = n
+                raise self.cut_by(n, line)
             append(line)
         else:
-            raise self.fail(f"file ends inside the {what} that starts at line {start} "
-                            "(truncated?)", line=start)
+            raise _Cut(f"the file ends inside the {what} that starts at line {start} "
+                       "(an interrupted run?)")
         self.n = n
         if rows and column_marker in rows[0]:
             rows = rows[1:]
@@ -513,6 +576,15 @@ def _table(reader: _Reader, rows: list[str], dtype: np.dtype, what: str,
     raise reader.fail(f"cannot read the {what}", line=first_row)
 
 
+def _unsupported_version(version: str) -> str:
+    if version in {"2.0", "2.1", "2.2"}:
+        return (f"stream format {version} (CrystFEL before 2015) is not supported: its peak and "
+                f"reflection tables have no panel column; only format {FORMAT_VERSION} is read "
+                "(re-run indexamajig with CrystFEL 0.6 or later)")
+    return (f"stream format {version[:20]!r} is not understood: only format {FORMAT_VERSION} "
+            "(written by CrystFEL since 2015, version 0.6) is read")
+
+
 def _integral(table: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """Rows whose integer columns hold whole numbers within int32."""
     ok = np.ones(len(table), dtype=bool)
@@ -539,7 +611,17 @@ def _integer(reader: _Reader, value: str, key: str, line: int) -> int:
 
 
 def _open_text(path: str | os.PathLike[str]) -> IO[str]:
+    """The stream as text lines (CRLF read as LF); a gzip-compressed one decompressed on the fly.
+
+    Streams are large and gzip to about a third, so they are often archived as ``.stream.gz``;
+    CrystFEL cannot read those, but nothing here needs the file to be seekable, and handing a
+    compressed stream to a reader of text otherwise fails with a baffling "not UTF-8 text".
+    """
     try:
+        with open(path, "rb") as probe:
+            compressed = probe.read(2) == _GZIP_MAGIC
+        if compressed:
+            return gzip.open(path, "rt", encoding="utf-8", errors="strict", newline=None)
         return open(path, encoding="utf-8", errors="strict", newline=None,
                     buffering=1 << 20)
     except OSError as exc:
@@ -554,6 +636,9 @@ def iter_stream(path: str | os.PathLike[str]) -> Iterator[StreamHeader | Chunk]:
             yield from reader.items()
         except UnicodeDecodeError as exc:
             raise StreamError(path, f"not UTF-8 text ({exc.reason})", line=reader.n + 1) from None
+        except (OSError, EOFError, zlib.error) as exc:  # a damaged or cut-off .gz, a failed read
+            raise StreamError(path, f"cannot read on from here: {exc}",
+                              line=reader.n + 1) from None
 
 
 def iter_chunks(path: str | os.PathLike[str]) -> Iterator[Chunk]:

@@ -18,6 +18,7 @@ import dataclasses
 import difflib
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -102,6 +103,18 @@ def one_of(allowed: Iterable[str] | Callable[[], Iterable[str]]) -> Any:
         return value
 
     return Annotated[str, AfterValidator(check)]
+
+
+def _device_name(value: str) -> str:
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+        raise PydanticCustomError("device", "must be auto, cpu, cuda or cuda:N (a GPU index)")
+    return value
+
+
+#: A torch device as every command takes it (``auto``, ``cpu``, ``cuda``, ``cuda:N``), as a type
+#: for :func:`resolve`'s ``types``: a misspelt one is refused before any work; whether the machine
+#: has that GPU is the device resolution's to say (``finding.engine.resolve_device``).
+DEVICE = Annotated[str, AfterValidator(_device_name)]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -234,6 +234,19 @@ def test_one_of_lists_the_allowed_names(tmp_path):
         config.resolve(defaults, {"model": "yoctoo"}, types=types)
 
 
+@pytest.mark.parametrize("device, ok", [("auto", True), ("cpu", True), ("cuda", True),
+                                        ("cuda:3", True), ("gpu", False), ("cuda:x", False),
+                                        ("cuda:", False), ("CPU", False)])
+def test_a_device_is_auto_cpu_cuda_or_a_gpu_index(device, ok):
+    types = {"device": config.DEVICE}
+    if ok:
+        assert config.resolve({"device": "auto"}, {"device": device}, types=types) == {
+            "device": device}
+    else:
+        with pytest.raises(config.ConfigError, match="device: must be auto, cpu, cuda or cuda:N"):
+            config.resolve({"device": "auto"}, {"device": device}, types=types)
+
+
 def test_fields_of_checks_keys_and_types_against_the_dataclass_and_keeps_only_those_given():
     import dataclasses
 

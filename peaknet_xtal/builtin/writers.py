@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,12 +32,16 @@ class WriterType:
 
 def _open_cxi(path: str, geometry: Any = None, frames_per_file: int = 1000, mode: str = "auto",
               max_peaks: int | None = None, geometry_name: str | None = None,
-              adu_per_photon: float | None = None, hits_only: bool = False, **_: Any) -> Any:
+              adu_per_photon: float | None = None, hits_only: bool = False,
+              settings: Mapping[str, Any] | None = None) -> Any:
+    """The CXI writer with these options and no others: an option it does not know is a
+    TypeError naming it, not dropped (the finding ``settings`` once were, so files a Ray run
+    wrote recorded none and a rerun with another model went unchecked)."""
     from peaknet_xtal.formats.cxi import DEFAULT_MAX_PEAKS, CXIWriter
 
     return CXIWriter(path, geometry_option(geometry), frames_per_file=frames_per_file, mode=mode,
                      max_peaks=max_peaks or DEFAULT_MAX_PEAKS, geometry_name=geometry_name,
-                     adu_per_photon=adu_per_photon, hits_only=hits_only)
+                     adu_per_photon=adu_per_photon, hits_only=hits_only, settings=settings)
 
 
 class StreamPeakWriter:

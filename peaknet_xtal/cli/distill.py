@@ -23,17 +23,25 @@ from peaknet_xtal.training.cli_common import parse_training_args, training_parse
 def main(argv: Sequence[str] | None = None) -> int:
     from peaknet_xtal.training.distill import DISTILL_DEFAULTS, DISTILL_TYPES, distill
 
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = training_parser(__doc__, prog="peaknet-distill")
     parser.add_argument("--teacher", dest="teacher")
     config = parse_training_args(parser, DISTILL_DEFAULTS, argv, DISTILL_TYPES)
+    config_file = parser.parse_args(argv).config_file
     if not config.get("teacher"):
         parser.error("no teacher: set 'teacher' in CONFIG.yaml or give --teacher MODEL")
     out = Path(config["out"])
+    from peaknet_xtal.training.distill import cache_key, check_same_teacher
     from peaknet_xtal.training.trainer import check_start
 
     try:
-        check_start(config)  # a rerun of another run is refused before its record is touched
-        record(config, out / "distill_config.json", "peaknet-distill", argv)
+        # a rerun of another run, or against another teacher, is refused before the run's
+        # record is touched
+        check_start(config)
+        check_same_teacher(out, cache_key(config["teacher"], list(config["data"]["paths"]),
+                                          int(config["data"]["crop"])))
+        record(config, out / "distill_config.json", "peaknet-distill", argv,
+               config_file=config_file)
         final = distill(config)
     except KeyboardInterrupt:
         print("peaknet-distill: interrupted", file=sys.stderr)

@@ -115,7 +115,8 @@ RANGES: dict[str, Any] = {
 #: Types of the settings whose default (None) cannot say it, or that the default's type allows too
 #: loosely (config.resolve validates them).
 TYPES: dict[str, Any] = {**RANGES, "geometry": str | None, "output": str | None,
-                         "stream": str | None, "address": str | None}
+                         "stream": str | None, "address": str | None,
+                         "device": cfgmod.DEVICE, "precision": cfgmod.one_of(PRECISIONS)}
 LIST_NAME = "peaknet.lst"
 GEOM_NAME = "peaknet.geom"
 SUMMARY_NAME = "peaknet2cxi.json"
@@ -469,7 +470,8 @@ def _run_pipeline(config: dict[str, Any]) -> dict[str, Any]:
         stats.skipped = int(result.get("resumed_keys", 0))
         summary = _finish(config, outdir, files, geometry, stats, time.perf_counter() - started,
                           {"pipeline": result.get("backend", "ray"),
-                           **(result.get("engine") or {})}, error)
+                           **(result.get("engine") or getattr(error, "engine", None) or {})},
+                          error)
     return summary
 
 

@@ -332,6 +332,33 @@ class DefectTracker:
             count += more
         self.frames += other.frames
 
+    @classmethod
+    def load(cls, outdir: str | os.PathLike[str]) -> DefectTracker | None:
+        """The counts an earlier run kept in ``outdir/pixel_defects.h5``
+        (:func:`write_crystfel_mask`), as a tracker with that run's settings; None where there
+        is no such file, it keeps no counts (a run from before they were kept), or it cannot be
+        read (logged)."""
+        import h5py
+
+        path = Path(outdir) / "pixel_defects.h5"
+        if not path.is_file():
+            return None
+        try:
+            with h5py.File(path, "r") as h5:
+                group = h5.get(COUNTS_GROUP)
+                if group is None:
+                    return None
+                tracker = cls(float(group.attrs["fraction"]), int(group.attrs["min_frames"]),
+                              float(group.attrs["sigmas"]), bool(group.attrs["lone"]))
+                tracker.counts = [np.asarray(group[name][()], np.uint32)
+                                  for name in sorted(group)]
+                tracker.frames = int(group.attrs["frames"])
+        except (OSError, KeyError, ValueError) as exc:
+            log.warning("%s: the earlier run's spike counts cannot be read (%s); the mask "
+                        "written now counts this run's frames only", path, exc)
+            return None
+        return tracker
+
     def save(self, outdir: str | os.PathLike[str], geometry: Any = None) -> list[Path]:
         """Write the run's defect mask beside its output: ``pixel_defects.h5`` (CrystFEL) and,
         where DIALS is importable, ``pixel_defects.mask``; nothing before ``min_frames``
@@ -341,7 +368,8 @@ class DefectTracker:
             return []
         folder = Path(outdir)
         try:  # an extra beside the results: failing to write it must not hide a run's own error
-            written = [write_crystfel_mask(folder / "pixel_defects.h5", good, geometry)]
+            written = [write_crystfel_mask(folder / "pixel_defects.h5", good, geometry,
+                                           tracker=self)]
         except (OSError, ValueError) as exc:
             log.warning("could not write the pixel defect mask under %s: %s", folder, exc)
             return []
@@ -606,7 +634,8 @@ class DefectFilter:
 
 
 def write_crystfel_mask(path: str | os.PathLike[str], good: Sequence[np.ndarray],
-                        geometry: Any = None, dataset: str = "/data/data") -> Path:
+                        geometry: Any = None, dataset: str = "/data/data",
+                        tracker: DefectTracker | None = None) -> Path:
     """HDF5 mask (uint8, 1 = good) in the data's slab layout, for a CrystFEL geometry::
 
         mask0_file = <path>
@@ -615,7 +644,9 @@ def write_crystfel_mask(path: str | os.PathLike[str], good: Sequence[np.ndarray]
         mask0_badbits = 0x0
 
     Without ``geometry`` the panels are stacked along the slow-scan axis (their order).
-    Written atomically.
+    Written atomically.  With ``tracker``, its per-panel spike counts and frame count go beside
+    the mask (:data:`COUNTS_GROUP`; CrystFEL reads only the mask dataset), so that a run resumed
+    by workers that never see its earlier frames adds to them (:meth:`DefectTracker.load`).
     """
     import h5py
 
@@ -631,7 +662,18 @@ def write_crystfel_mask(path: str | os.PathLike[str], good: Sequence[np.ndarray]
         data = h5.create_dataset(dataset, data=slab, compression="gzip")
         data.attrs["description"] = ("peaknet-xtal pixel defect mask: 1 = good, 0 = hot/stuck "
                                      "pixel found across the run")
+        if tracker is not None and tracker.counts is not None:
+            group = h5.create_group(COUNTS_GROUP)
+            group.attrs.update({"frames": tracker.frames, "fraction": tracker.fraction,
+                                "min_frames": tracker.min_frames, "sigmas": tracker.sigmas,
+                                "lone": tracker.lone})
+            for k, count in enumerate(tracker.counts):
+                group.create_dataset(f"panel{k:04d}", data=count, compression="gzip")
     return target
+
+
+#: Where :func:`write_crystfel_mask` keeps the tracker's counts in the mask file.
+COUNTS_GROUP = "/peaknet/spike_counts"
 
 
 def geometry_mask_lines(path: str | os.PathLike[str], dataset: str = "/data/data") -> list[str]:

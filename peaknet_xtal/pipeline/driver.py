@@ -91,7 +91,14 @@ DEFAULTS: dict[str, Any] = {
 
 
 class PipelineError(PeakNetError):
-    """A stage failed for good (a source could not be read, workers kept dying, a writer broke)."""
+    """A stage failed for good (a source could not be read, workers kept dying, a writer broke).
+
+    ``engine``: the workers' engine settings (``InferenceEngine.describe``), as the run's summary
+    has them, so that a caller's record of a failed run says how its frames were found too."""
+
+    def __init__(self, message: str, engine: Mapping[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.engine = dict(engine) if engine else None
 
 
 def resolve_config(config: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -296,6 +303,8 @@ class Driver:
         self.learned: list[LearnedDefects] = []  # each finished worker's pixel-defect counts
         self.engine: dict[str, Any] | None = None  # the workers' resolved finder settings
         self.defects_written: list[Path] | None = None  # None until save_defects ran
+        #: frames an earlier run wrote were skipped: the defect counts must add to that run's
+        self.resumed = False
 
     # -- start --------------------------------------------------------------------------------
     def start(self) -> list[Any]:
@@ -322,6 +331,7 @@ class Driver:
                                                                              handle)
         for i in range(int(cfg["workers"])):
             self.start_worker(f"w{i}")
+        self.resumed = bool(done)
         return sorted(done)
 
     def start_worker(self, worker_id: str) -> None:
@@ -372,11 +382,26 @@ class Driver:
     def save_defects(self) -> list[Path]:
         """Write the run's pixel defect mask from the workers' merged counts
         (:func:`pooled_defects`) beside the output, once; nothing before ``min_frames`` frames
-        in all (a resumed run that found too few keeps the mask of the run before it)."""
+        in all (a resumed run that found too few keeps the mask of the run before it).  A
+        resumed run adds the counts the earlier run kept in its mask file
+        (:meth:`DefectTracker.load`): its frames are skipped by the sources and reach no worker,
+        where the single-process run counts them again (``InferenceEngine.observe``), so both
+        write the whole run's mask."""
         if self.defects_written is None:
+            folder = output_folder(self.cfg["output"])
             tracker, geometry = pooled_defects(self.learned)
-            self.defects_written = ([] if tracker is None else
-                                    tracker.save(output_folder(self.cfg["output"]), geometry))
+            earlier = DefectTracker.load(folder) if self.resumed else None
+            if tracker is not None and earlier is not None:
+                try:  # the frames done before never reach a worker: their counts are the file's
+                    tracker.merge(earlier)
+                except ValueError as exc:
+                    log.warning("the earlier run's pixel defect counts do not add to this "
+                                "run's (%s): the mask counts this run's frames only", exc)
+            elif tracker is not None and self.resumed and (folder / "pixel_defects.h5").exists():
+                log.warning("%s keeps no spike counts (written before they were kept): the "
+                            "mask written now counts this run's frames only",
+                            folder / "pixel_defects.h5")
+            self.defects_written = [] if tracker is None else tracker.save(folder, geometry)
         return self.defects_written
 
     def _source_failed(self, name: str, handle: Any, exc: BaseException) -> None:
@@ -502,5 +527,5 @@ def run_pipeline(config: Mapping[str, Any] | None = None) -> dict[str, Any]:
         finally:
             backend.close()
     if driver.fatal is not None:
-        raise PipelineError("; ".join(driver.failures)) from driver.fatal
+        raise PipelineError("; ".join(driver.failures), driver.engine) from driver.fatal
     return summary

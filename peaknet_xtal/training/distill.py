@@ -100,7 +100,10 @@ def label_identity(path: str | os.PathLike[str]) -> dict[str, Any]:
     resumes a run and must be quick; stream2labels, like any writer, changes the time (and mostly
     the size) whenever it writes a file, so a new file of the same name is seen."""
     resolved = Path(path).resolve()
-    stat = resolved.stat()
+    try:
+        stat = resolved.stat()
+    except OSError as exc:
+        raise FormatError(path, f"cannot read the label file: {exc.strerror or exc}") from exc
     return {"path": str(resolved), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
@@ -177,6 +180,51 @@ def _label_shapes(source: Any) -> list[tuple[int, int]]:
     return [per_file[file_no] for file_no, _ in source.index]
 
 
+def cache_key(teacher: str, label_files: list[str], crop: int | None) -> dict[str, Any]:
+    """What the teacher's logits depend on: the teacher's identity, each label file's, the crop
+    and the cache layout version (a cache, and a student trained on one, answer only this)."""
+    return {"version": CACHE_VERSION, "crop": int(crop or 0), "teacher": teacher_identity(teacher),
+            "labels": [label_identity(p) for p in label_files]}
+
+
+#: Beside a distillation run's checkpoints: the :func:`cache_key` its student was trained on.
+RUN_KEY_NAME = "teacher_key.json"
+
+
+def check_same_teacher(out: Path, key: dict[str, Any]) -> None:
+    """A resumed distillation must learn from the logits its checkpoints learnt from.  The run's
+    settings name the teacher and label files by path (``trainer.check_start`` compares those);
+    a teacher retrained at the same path, or a label file rewritten in place, would rebuild the
+    cache and the student would go on against another teacher, one model of two teachers with a
+    record naming one.  So a fresh run keeps its :func:`cache_key` in ``out`` and a resumed one is
+    refused, naming what changed, where its key differs (a run from before the key was kept is
+    resumed with a warning)."""
+    from peaknet_xtal.atomic import write_json_atomic
+    from peaknet_xtal.training.checkpoint import latest_checkpoint
+
+    path = out / RUN_KEY_NAME
+    if latest_checkpoint(out / "checkpoints") is None:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, key)
+        return
+    try:
+        kept = json.loads(path.read_text())
+    except FileNotFoundError:
+        log.warning("%s: no %s (a run from before it was kept): resuming without checking that "
+                    "the teacher and label files are those its checkpoints learnt from", out,
+                    RUN_KEY_NAME)
+        return
+    except (OSError, ValueError) as exc:
+        raise FormatError(path, f"cannot read the run's teacher key: {exc}") from exc
+    kept = kept if isinstance(kept, dict) else {}
+    # the cache's layout version is the cache's affair: the same logits in a newer layout
+    reasons = _why_stale({**kept, "version": key["version"]}, key)
+    if reasons:
+        raise FormatError(out, "holds a student distilled from other teacher logits ("
+                          + "; ".join(reasons) + "): resuming would train one model against two "
+                          f"teachers; choose another --out, or delete {out} to start afresh")
+
+
 def cache_teacher_logits(teacher: str, label_files: list[str], cache: Path,
                          threads: int = 2, crop: int | None = None) -> Path:
     """Run ``teacher`` once over ``crop``-sized tiles of every frame of ``label_files`` (whole
@@ -200,8 +248,7 @@ def cache_teacher_logits(teacher: str, label_files: list[str], cache: Path,
     _refuse_label_file_as_cache(cache, label_files)
     paths: list[str | os.PathLike[str]] = list(label_files)
     source = LabelFileSource(paths)
-    key = {"version": CACHE_VERSION, "crop": int(crop or 0), "teacher": teacher_identity(teacher),
-           "labels": [label_identity(p) for p in label_files]}
+    key = cache_key(teacher, label_files, crop)
     shapes = _label_shapes(source)
     big_h, big_w = (max(s[i] for s in shapes) for i in (0, 1))
     th, tw = (big_h, big_w) if crop is None else (min(int(crop), big_h), min(int(crop), big_w))
@@ -321,6 +368,8 @@ def distill(config: dict[str, Any]) -> Path:
         raise ValueError("distillation needs 'teacher' (a model name, file or directory)")
     cache = Path(config.get("cache") or Path(config["out"]) / "teacher_logits.h5")
     crop = int(config["data"]["crop"])
+    check_same_teacher(Path(config["out"]), cache_key(config["teacher"],
+                                                      list(config["data"]["paths"]), crop))
     cache_teacher_logits(config["teacher"], list(config["data"]["paths"]), cache,
                          int(config["threads"]), crop=crop)
     loss = functools.partial(distill_batch_loss,

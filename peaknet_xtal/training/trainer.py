@@ -23,10 +23,10 @@ from typing import Annotated, Any
 from pydantic import Field
 
 from peaknet_xtal.atomic import write_text_atomic
-from peaknet_xtal.config import ConfigError, bounded, fields_of, one_of
+from peaknet_xtal.config import DEVICE, ConfigError, bounded, fields_of, one_of
 from peaknet_xtal.errors import FormatError, PeakNetError
 from peaknet_xtal.progress import Progress
-from peaknet_xtal.sim.config import SimConfig
+from peaknet_xtal.sim.config import SimConfig, settings_types
 from peaknet_xtal.training.data import DATA_SOURCES, SIM_OPTIONS, Augment
 
 log = logging.getLogger(__name__)
@@ -53,8 +53,9 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "stop_after": None,      # stop (after checkpointing) at this step: tests and time-boxed runs
 }
 #: ``device`` and ``precision`` values (_device and _use_bf16 read them).
-DEVICES = ("auto", "cpu", "cuda")
-PRECISIONS = ("auto", "bf16", "fp32")
+#: Training arithmetic (``precision``): auto is bf16 where the GPU has it (the finding engine's
+#: choices, ``finding.settings.PRECISIONS``, are another setting: inference has no "auto")
+TRAIN_PRECISIONS = ("auto", "bf16", "fp32")
 
 
 def _model_names() -> list[str]:
@@ -79,8 +80,8 @@ _COUNT = bounded(int, ge=1)
 TRAIN_TYPES: dict[str, Any] = {
     "seed": bounded(int, ge=0),  # numpy seeds samples with [seed, sample id]: no negatives
     "threads": _COUNT,
-    "device": one_of(DEVICES),
-    "precision": one_of(PRECISIONS),
+    "device": DEVICE,
+    "precision": one_of(TRAIN_PRECISIONS),
     "model.name": one_of(_model_names),
     "model.init": str | None,
     "data.source": one_of(DATA_SOURCES),
@@ -92,6 +93,7 @@ TRAIN_TYPES: dict[str, Any] = {
     "data.sim.geometries": list[str],
     "data.sim.gain": _pair(bounded(float, gt=0)),
     "data.sim.config": fields_of(SimConfig),
+    **settings_types("data.sim.config."),  # each value's range, as peaknet-sim checks them
     "optim.lr": bounded(float, gt=0),
     "optim.weight_decay": bounded(float, ge=0),
     "optim.betas": _pair(bounded(float, ge=0, lt=1)),

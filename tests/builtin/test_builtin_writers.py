@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from peaknet_xtal import registry
+from peaknet_xtal.errors import FormatError
 from peaknet_xtal.formats.cxi import read_cxi_frame, read_cxi_peaks
 from peaknet_xtal.formats.geometry import read_geometry
 from peaknet_xtal.formats.stream import read_stream
@@ -195,3 +196,23 @@ def test_dials_image_becomes_a_cxi_stack_crystfel_can_read(tmp_path, real_data, 
     back = read_cxi_peaks(tmp_path / "cspad-00000.cxi").peaks(0, geometry)
     assert list(back["panel"]) == [0, 63]
     np.testing.assert_allclose(back["ss"], [20.0, 150.25])
+
+
+def test_cxi_writer_options_are_all_honoured_or_refused(tmp_path, results):
+    """The registry's CXI writer (the Ray pipeline's) records the finding settings it is given,
+    so a rerun into its folder is checked as a single-process run's is; an option it does not
+    know is an error, never dropped."""
+    from peaknet_xtal.formats.cxi import read_settings
+
+    settings = {"model": "default", "model_sha256": "a" * 64, "threshold": 0.5}
+    writer = registry.open_writer("cxi", str(tmp_path / "out"), settings=settings)
+    for r in results:
+        writer.write(r)
+    writer.close()
+    (path,) = writer.finished_files()
+    assert read_settings(path) == settings
+    with pytest.raises(FormatError, match="threshold 0.5 there, 0.9 now"):
+        registry.open_writer("cxi", str(tmp_path / "out"), settings={**settings,
+                                                                     "threshold": 0.9})
+    with pytest.raises(TypeError, match="frames_per_fle"):
+        registry.open_writer("cxi", str(tmp_path / "other"), frames_per_fle=10)

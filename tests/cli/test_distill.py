@@ -134,6 +134,7 @@ def test_the_console_script_records_its_command_line(tmp_path: Path,
     assert main() == 0
     recorded = json.loads((tmp_path / "run" / "distill_config.json").read_text())
     assert recorded["argv"] == typed
+    assert recorded["config_file"] == str(config.resolve())
     assert recorded["config"]["schedule"]["steps"] == 2
 
 
@@ -152,4 +153,21 @@ def test_a_rerun_of_another_run_is_refused_before_its_record_is_touched(
     assert main([str(config), "--schedule.steps", "2"]) == 1
     err = capsys.readouterr().err
     assert "optim.lr" in err and "0.003" in err and "0.01" in err and "Traceback" not in err
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_a_resumed_run_with_a_retrained_teacher_at_the_same_path_is_refused(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The same command, but the teacher's weights changed under its path: resuming would go on
+    training the student against another teacher's logits; refused, naming the change."""
+    config = _run_folder(tmp_path)
+    assert main([str(config), "--stop-after", "2"]) == 0
+    run = tmp_path / "run"
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    torch.manual_seed(8)  # retrained: same architecture, other weights, same path
+    save_model(create_model("yocto", neck_blocks=1), tmp_path / "teacher.safetensors")
+    capsys.readouterr()
+    assert main([str(config)]) == 1
+    err = capsys.readouterr().err
+    assert "other teacher logits (the teacher's weights changed)" in err
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before

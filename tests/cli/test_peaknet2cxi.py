@@ -341,6 +341,21 @@ def test_config_file_typo_is_an_error_naming_file_and_key(tmp_path, capsys):
     assert not (tmp_path / "out").exists()  # nothing ran
 
 
+@pytest.mark.parametrize("line, says", [("precision: fp16", "precision: must be one of fp32, "
+                                         "bf16"),
+                                        ("device: gpu", "device: must be auto, cpu, cuda")])
+def test_a_choice_in_a_config_file_is_checked_before_anything_is_written(tmp_path, capsys,
+                                                                         line, says):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(line + "\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["in.cxi", "-o", str(tmp_path / "out"), "--config", str(cfg)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"{cfg}: {says}" in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_config_file_null_lifts_the_peak_cap_and_types_are_checked(tmp_path):
     from peaknet_xtal import config as cfgmod
     from peaknet_xtal.cli.peaknet2cxi import DEFAULTS, TYPES, build_parser
@@ -452,8 +467,9 @@ def test_a_ray_run_summary_records_the_engine_settings_failed_or_not(stacks, tmp
 
     def fake_run_pipeline(config):
         Path(config["output"]).mkdir(parents=True, exist_ok=True)
-        if fails:
-            raise PipelineError("writer0 failed: /data/b.cxi: its detector geometry differs")
+        if fails:  # the workers' settings travel with the error
+            raise PipelineError("writer0 failed: /data/b.cxi: its detector geometry differs",
+                                {"threshold": 0.6, "min_snr": 4.0})
         return {"backend": "test", "engine": {"threshold": 0.6, "min_snr": 4.0}}
 
     monkeypatch.setattr(pipeline_module, "run_pipeline", fake_run_pipeline)
@@ -465,8 +481,8 @@ def test_a_ray_run_summary_records_the_engine_settings_failed_or_not(stacks, tmp
     summary = json.loads((outdir / "peaknet2cxi.json").read_text())
     assert summary["status"].startswith("failed")
     assert ("geometry differs" in summary["status"]) is fails
-    assert summary["engine"] == ({"pipeline": "ray"} if fails else
-                                 {"pipeline": "test", "threshold": 0.6, "min_snr": 4.0})
+    assert summary["engine"] == {"pipeline": "ray" if fails else "test", "threshold": 0.6,
+                                 "min_snr": 4.0}
 
 
 def test_cxi_writer_hits_only_keeps_only_hits(stacks, tmp_path):

@@ -136,7 +136,7 @@ def test_checkpoints_and_resume_false_is_refused(finished_run: Path, labels: Pat
     ({"data.crop": 0}, "data.crop: must be >= 1 (got 0)"),
     ({"checkpoint.every": 0}, "checkpoint.every: must be >= 1 (got 0)"),
     ({"precision": "fp16"}, "precision: must be one of auto, bf16, fp32"),
-    ({"device": "gpu"}, "device: must be one of auto, cpu, cuda"),
+    ({"device": "gpu"}, "device: must be auto, cpu, cuda or cuda:N"),
     ({"model.name": "yoctoo"}, "model.name: must be one of atto, "),
     ({"data.source": "lables"}, "data.source: must be one of sim, labels"),
     ({"data.augment": {"gian": [1, 2]}},
@@ -147,6 +147,9 @@ def test_checkpoints_and_resume_false_is_refused(finished_run: Path, labels: Pat
     ({"data.sim": {"config": {"read_nosie": 1}}},
      "unknown setting 'data.sim.config.read_nosie' (did you mean 'data.sim.config.read_noise'?)"),
     ({"data.sim": {"config": {"b_factor": "high"}}}, "data.sim.config.b_factor: Input should be"),
+    ({"data.sim": {"config": {"b_factor": -5}}}, "data.sim.config.b_factor: must be >= 0"),
+    ({"data.sim": {"config": {"hit_probability": 2}}},
+     "data.sim.config.hit_probability: must be in [0, 1]"),
     ({"data.source": "sim"}, "data.sim.geometries: give at least one CrystFEL geometry file"),
     ({"model.overrides": {"neck_blokcs": 1}}, "model.overrides {'neck_blokcs': 1}: "),
 ])

@@ -612,3 +612,27 @@ def test_the_engine_drops_a_blank_s_track_once_its_run_showed_wide_spots():
     alone = InferenceEngine(predictor=bright, adu_per_photon=1.0, faint_support=0)
     (result,) = alone.find_frames([frame(blank, 0)])
     assert len(result.peaks) == 1 and abs(float(result.peaks["ss"][0]) - 70.0) < 1.0
+
+
+def test_the_mask_file_keeps_the_counts_a_resumed_run_adds_to(tmp_path):
+    """DefectTracker.save keeps its counts beside the mask (CrystFEL reads only the mask) and
+    DefectTracker.load gives them back with the tracker's settings; a file without counts, or
+    none, gives None."""
+    tracker = DefectTracker(fraction=0.5, min_frames=2)
+    rng = np.random.default_rng(3)
+    for _ in range(4):
+        panels = [rng.normal(5, 1, (20, 30)).astype(np.float32) for _ in range(2)]
+        panels[1][7, 9] = 4000.0
+        tracker.update(panels)
+    assert tracker.save(tmp_path, None)
+    back = DefectTracker.load(tmp_path)
+    assert back is not None and back.frames == 4
+    assert (back.fraction, back.min_frames, back.sigmas, back.lone) == (
+        tracker.fraction, tracker.min_frames, tracker.sigmas, tracker.lone)
+    for a, b in zip(back.counts, tracker.counts, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert back.defects is not None and back.defects[1][7, 9]
+    with h5py.File(tmp_path / "pixel_defects.h5", "a") as h5:
+        del h5["/peaknet"]
+    assert DefectTracker.load(tmp_path) is None
+    assert DefectTracker.load(tmp_path / "nowhere") is None

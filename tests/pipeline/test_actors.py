@@ -239,8 +239,47 @@ def test_a_run_that_fails_still_writes_the_pixel_defects_it_learned(tmp_path: Pa
     cfg = threads_config(tmp_path, [path], frame_finder=SignallingEngine,
                          frame_finder_options=ENGINE, workers=1, batch_size=2, source_chunk=1)
     cfg["inputs"] = [{"path": str(path), "kind": BreaksAfterItsFrames}]
-    with pytest.raises(PipelineError, match="truncated"):
+    with pytest.raises(PipelineError, match="truncated") as failed:
         run_pipeline(cfg)
     with h5py.File(tmp_path / "out" / "pixel_defects.h5") as h5:
         mask = h5["/data/data"][()]
     assert mask.dtype == np.uint8 and mask[HOT] == 0 and mask[SOMETIMES] == 1
+    # and the error says how the frames were found, for the caller's record of the run
+    assert failed.value.engine is not None and failed.value.engine["threshold"] == 0.6
+
+
+def _spiking_stack(path: Path, n: int, hot: bool) -> Path:
+    """``n`` noise frames; with ``hot`` one lone pixel spikes in every one of them."""
+    data = np.random.default_rng(n + hot).normal(5, 1, (n, 32, 48)).astype(np.float32)
+    if hot:
+        data[:, 16, 23] = 5000.0
+    with h5py.File(path, "w") as h5:
+        h5["/entry_1/data_1/data"] = data
+    return path
+
+
+def test_a_resumed_run_writes_the_whole_runs_defect_mask(tmp_path: Path):
+    """The frames an earlier run wrote are skipped and reach no worker: their spike counts come
+    from the earlier run's mask file, so the resumed run writes the mask one run over all the
+    frames writes (a pixel spiking in the 5 frames of b, none of a's 10: a third of the run,
+    under the tracker's three in four; counted over b alone it is a defect)."""
+    a = _spiking_stack(tmp_path / "a.h5", 10, hot=False)
+    b = _spiking_stack(tmp_path / "b.h5", 5, hot=True)
+
+    def run(inputs: list[Path], out: Path) -> dict:
+        cfg = threads_config(tmp_path, inputs, frame_finder=InferenceEngine,
+                             frame_finder_options=ENGINE, workers=1, batch_size=5)
+        cfg["output"] = str(out / "run.cxi")
+        return run_pipeline(cfg)
+
+    def mask(out: Path) -> np.ndarray:
+        with h5py.File(out / "pixel_defects.h5") as h5:
+            return h5["/data/data"][()]
+
+    run([a, b], tmp_path / "whole")
+    run([a], tmp_path / "resumed")
+    assert run([a, b], tmp_path / "resumed")["resumed_keys"] == 10
+    assert mask(tmp_path / "whole")[16, 23] == 1
+    np.testing.assert_array_equal(mask(tmp_path / "resumed"), mask(tmp_path / "whole"))
+    assert run([b], tmp_path / "alone")["resumed_keys"] == 0
+    assert mask(tmp_path / "alone")[16, 23] == 0  # what the resumed run wrote before

@@ -31,17 +31,23 @@ class WriterType:
 
 
 def _open_cxi(path: str, geometry: Any = None, frames_per_file: int = 1000, mode: str = "auto",
-              max_peaks: int | None = None, geometry_name: str | None = None,
-              adu_per_photon: float | None = None, hits_only: bool = False,
-              settings: Mapping[str, Any] | None = None) -> Any:
-    """The CXI writer with these options and no others: an option it does not know is a
-    TypeError naming it, not dropped (the finding ``settings`` once were, so files a Ray run
-    wrote recorded none and a rerun with another model went unchecked)."""
+              max_peaks: int | None = None, write_geometry: bool = True,
+              geometry_name: str | None = None, adu_per_photon: float | None = None,
+              hits_only: bool = False, settings: Mapping[str, Any] | None = None,
+              **ignored: Any) -> Any:
+    """The CXI writer.  Options meant for other writers are ignored, as the writer contract
+    says (hookspecs); each option of the CXI writer must be named here, or it is lost: the
+    finding ``settings`` once were, so files a Ray run wrote recorded none and a rerun with
+    another model went unchecked (``tests/builtin/test_builtin_writers.py`` checks that every
+    keyword of ``CXIWriter`` is passed on)."""
+    if ignored:
+        log.debug("cxi writer: options for other writers ignored: %s", sorted(ignored))
     from peaknet_xtal.formats.cxi import DEFAULT_MAX_PEAKS, CXIWriter
 
     return CXIWriter(path, geometry_option(geometry), frames_per_file=frames_per_file, mode=mode,
-                     max_peaks=max_peaks or DEFAULT_MAX_PEAKS, geometry_name=geometry_name,
-                     adu_per_photon=adu_per_photon, hits_only=hits_only, settings=settings)
+                     max_peaks=max_peaks or DEFAULT_MAX_PEAKS, write_geometry=write_geometry,
+                     geometry_name=geometry_name, adu_per_photon=adu_per_photon,
+                     hits_only=hits_only, settings=settings)
 
 
 class StreamPeakWriter:

@@ -121,6 +121,7 @@ LIST_NAME = "peaknet.lst"
 GEOM_NAME = "peaknet.geom"
 SUMMARY_NAME = "peaknet2cxi.json"
 CONFIG_NAME = "peaknet2cxi.config.json"
+PIPELINE_NAME = "peaknet2cxi.pipeline.json"
 LIST_SUFFIXES = (".lst", ".txt", ".list")
 #: Marks an input given with -i (a list file whatever its suffix).
 LIST_MARK = "list:"
@@ -307,8 +308,12 @@ def check_output_folder(outdir: Path, config: Mapping[str, Any] | None = None) -
                      if line.strip()]
         except (OSError, UnicodeDecodeError):
             named = [listing]
-        if any(p.parent.resolve() != outdir.resolve()
-               or not re.fullmatch(rf"{CXI_PREFIX}-\d{{5}}\.cxi", p.name) for p in named):
+        # ours: peaks-NNNNN.cxi files of this folder, named by where the folder was when they
+        # were listed (a moved folder's list names its old place, where they are no more)
+        if any(not re.fullmatch(rf"{CXI_PREFIX}-\d{{5}}\.cxi", p.name)
+               or (p.parent.resolve() != outdir.resolve()
+                   and not (outdir / p.name).is_file() and p.exists())
+               for p in named):
             raise FormatError(listing, "names files peaknet2cxi did not write here; it would "
                               "be overwritten: choose an empty or new output folder")
     if config is not None:
@@ -429,6 +434,8 @@ def _run_pipeline(config: dict[str, Any]) -> dict[str, Any]:
         # the given geometry is the one written for every frame, as in the single-process run
         # (whatever geometry a frame arrives with), and the one the writer checks, once
         "output": str(outdir), "writer": "cxi",
+        # the pipeline's own record (rates, restarts) inside the output folder, not beside it
+        "monitor_json": str(outdir / PIPELINE_NAME),
         "writer_options": {**_writer_options(config), "geometry": geometry},
         "workers": int(config["workers"] or 1), "address": config["address"],
         "model": config["model"], "device": config["device"],
@@ -456,6 +463,8 @@ def _run_pipeline(config: dict[str, Any]) -> dict[str, Any]:
     error: BaseException | None = None
     try:
         result = run_pipeline(pipeline)
+        if result.get("interrupted"):  # the pipeline stops cleanly on Ctrl-C and returns: the
+            raise KeyboardInterrupt   # run is unfinished all the same (exit 130, no next step)
     except BaseException as exc:  # noqa: BLE001  (summarise what is done, then re-raise)
         error = exc
         raise
@@ -739,7 +748,8 @@ def _finish(config: Mapping[str, Any], outdir: Path, files: list[Path], geometry
     if files:
         write_text_atomic(list_path, "".join(f"{p.resolve()}\n" for p in files))
     whole = _Stats.from_cxi(files)
-    status = "ok" if error is None else f"failed: {error}"
+    status = ("ok" if error is None else "interrupted" if isinstance(error, KeyboardInterrupt)
+              else f"failed: {error}")
     if error is None and not files:
         status = "failed: no frames written (the inputs hold no frames, or none were hits)"
     summary: dict[str, Any] = {

@@ -1054,7 +1054,8 @@ SETTINGS_ATTR = "peaknet_settings"
 
 def read_settings(path: str | os.PathLike[str]) -> dict[str, Any] | None:
     """The settings a CXI file's peaks were found with (:data:`SETTINGS_ATTR`); None where the
-    file does not say (an older run's, or not ours)."""
+    file does not say (an older run's, or not ours); a record that is not a JSON object is a
+    FormatError (damaged: it cannot vouch for the file)."""
     try:
         with h5py.File(path, "r") as h5:
             text = h5.attrs.get(SETTINGS_ATTR)
@@ -1066,38 +1067,48 @@ def read_settings(path: str | os.PathLike[str]) -> dict[str, Any] | None:
         settings = json.loads(text)
     except ValueError as exc:
         raise FormatError(path, f"its {SETTINGS_ATTR} attribute is not JSON: {exc}") from exc
-    return settings if isinstance(settings, dict) else None
+    if not isinstance(settings, dict):
+        raise FormatError(path, f"its {SETTINGS_ATTR} attribute is not a record of settings "
+                          f"(a JSON {type(settings).__name__}); the file is damaged")
+    return settings
 
 
 def check_same_settings(files: Sequence[Path], settings: Mapping[str, Any]) -> None:
     """Refuse to add peaks found with other settings to a folder whose finished files were
     found with these: a rerun continues a run (finished frames are skipped by key), so its
     frames must be found as the earlier ones were, or one output would mix two models or two
-    thresholds with nothing to tell them apart.  Compared with the latest finished file (every
-    file of a folder passed this check); settings one side does not record are not compared,
-    and a file that records none (an older run's) is not judged.  Where both sides record a
-    ``NAME_sha256`` and it is the same, ``NAME`` is not compared: the same weights named by
-    another path (``default`` or the shipped file, a folder or its model.safetensors) are the
-    same model.
+    thresholds with nothing to tell them apart.  Every finished file is compared (one record
+    each: a header read); settings one side does not record are not compared.  Files that
+    record none are an older version's and are not judged while no file before them records
+    any; one without a record after one with it is refused (damaged, or not this program's).
+    Where both sides record a ``NAME_sha256`` and it is the same, ``NAME`` is not compared: the
+    same weights named by another path (``default`` or the shipped file, a folder or its
+    model.safetensors) are the same model.
 
-    Raises a FormatError naming that file and every setting that differs, both values."""
-    if not files:
-        return
-    latest = files[-1]
-    earlier = read_settings(latest)
-    if earlier is None:
-        return
-    same_content = {key[:-len("_sha256")] for key in set(earlier) & set(settings)
-                    if key.endswith("_sha256") and earlier[key] is not None
-                    and earlier[key] == settings[key]}
-    differ = [f"{key} {earlier[key]!r} there, {settings[key]!r} now"
-              for key in sorted(set(earlier) & set(settings) - same_content)
-              if earlier[key] != settings[key]]
-    if differ:
-        raise FormatError(latest, "its peaks were found with other settings ("
-                          + "; ".join(differ) + "); one output folder holds one run's "
-                          "settings: use another output folder (-o) for these, or the same "
-                          "settings to continue this run (what is in it is kept)")
+    Raises a FormatError naming the first file that differs and every setting that does, both
+    values."""
+    recorded = False
+    for path in files:
+        earlier = read_settings(path)
+        if earlier is None:
+            if recorded:
+                raise FormatError(path, "records no finding settings, though the files before "
+                                  "it do (damaged, or not written by this run's peaknet2cxi); "
+                                  "use another output folder (-o) (what is in this one is "
+                                  "kept)")
+            continue
+        recorded = True
+        common = set(earlier) & set(settings)
+        same_content = {key[:-len("_sha256")] for key in common
+                        if key.endswith("_sha256") and earlier[key] is not None
+                        and earlier[key] == settings[key]}
+        differ = [f"{key} {earlier[key]!r} there, {settings[key]!r} now"
+                  for key in sorted(common - same_content) if earlier[key] != settings[key]]
+        if differ:
+            raise FormatError(path, "its peaks were found with other settings ("
+                              + "; ".join(differ) + "); one output folder holds one run's "
+                              "settings: use another output folder (-o) for these, or the same "
+                              "settings to continue this run (what is in it is kept)")
 
 
 # --------------------------------------------------------------------------------------------

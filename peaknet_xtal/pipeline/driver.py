@@ -303,8 +303,8 @@ class Driver:
         self.learned: list[LearnedDefects] = []  # each finished worker's pixel-defect counts
         self.engine: dict[str, Any] | None = None  # the workers' resolved finder settings
         self.defects_written: list[Path] | None = None  # None until save_defects ran
-        #: frames an earlier run wrote were skipped: the defect counts must add to that run's
-        self.resumed = False
+        #: frames an earlier run wrote, skipped: the defect counts must add to that run's
+        self.resumed = 0
 
     # -- start --------------------------------------------------------------------------------
     def start(self) -> list[Any]:
@@ -331,7 +331,7 @@ class Driver:
                                                                              handle)
         for i in range(int(cfg["workers"])):
             self.start_worker(f"w{i}")
-        self.resumed = bool(done)
+        self.resumed = len(done)
         return sorted(done)
 
     def start_worker(self, worker_id: str) -> None:
@@ -391,16 +391,23 @@ class Driver:
             folder = output_folder(self.cfg["output"])
             tracker, geometry = pooled_defects(self.learned)
             earlier = DefectTracker.load(folder) if self.resumed else None
-            if tracker is not None and earlier is not None:
+            only_this_run = "the mask written now counts this run's frames only"
+            if tracker is not None and earlier is not None and earlier.frames != self.resumed:
+                # the counts are of other frames than those skipped (a file deleted after the
+                # mask was written, a run killed after it, --hits-only: non-hits are found
+                # again): adding them would count frames twice or miss some
+                log.warning("the earlier run's pixel defect counts cover %d frames, the output "
+                            "holds %d: %s", earlier.frames, self.resumed, only_this_run)
+            elif tracker is not None and earlier is not None:
                 try:  # the frames done before never reach a worker: their counts are the file's
                     tracker.merge(earlier)
                 except ValueError as exc:
                     log.warning("the earlier run's pixel defect counts do not add to this "
-                                "run's (%s): the mask counts this run's frames only", exc)
-            elif tracker is not None and self.resumed and (folder / "pixel_defects.h5").exists():
-                log.warning("%s keeps no spike counts (written before they were kept): the "
-                            "mask written now counts this run's frames only",
-                            folder / "pixel_defects.h5")
+                                "run's (%s): %s", exc, only_this_run)
+            elif tracker is not None and self.resumed:
+                log.warning("%s holds no spike counts of the %d frames done before (a run "
+                            "killed before its end writes none; an older one kept none): %s",
+                            folder / "pixel_defects.h5", self.resumed, only_this_run)
             self.defects_written = [] if tracker is None else tracker.save(folder, geometry)
         return self.defects_written
 

@@ -182,6 +182,23 @@ def test_rerun_after_interruption_continues_where_it_stopped(stacks, tmp_path):
     assert json.loads((outdir / "peaknet2cxi.json").read_text())["frames"] == N_FRAMES
 
 
+def test_a_moved_output_folder_resumes_and_lists_its_new_place(stacks, tmp_path):
+    """peaknet.lst names the CXI files by absolute path: after the folder is moved, its list
+    names the old place, but the files are the folder's own; the rerun continues (it refused
+    the list as another program's) and lists them where they are now."""
+    import shutil
+
+    geom_path, _, stack, _, predictor = stacks["cspad"]
+    first = _run(stack, geom_path, tmp_path / "out", predictor, frames_per_file=1)
+    Path(first["cxi_files"][-1]).unlink()  # interrupted before its last file
+    moved = tmp_path / "moved"
+    shutil.move(tmp_path / "out", moved)
+    second = _run(stack, geom_path, moved, predictor, frames_per_file=1)
+    assert (second["this_run"]["skipped"], second["frames"]) == (N_FRAMES - 1, N_FRAMES)
+    listed = (moved / "peaknet.lst").read_text().split()
+    assert listed == [str((moved / f"peaks-{k:05d}.cxi").resolve()) for k in range(N_FRAMES)]
+
+
 def test_list_file_events_and_hits_only(stacks, tmp_path):
     geom_path, _, stack, sims, predictor = stacks["epix10k2M"]
     listing = tmp_path / "files.lst"
@@ -483,6 +500,30 @@ def test_a_ray_run_summary_records_the_engine_settings_failed_or_not(stacks, tmp
     assert ("geometry differs" in summary["status"]) is fails
     assert summary["engine"] == {"pipeline": "ray" if fails else "test", "threshold": 0.6,
                                  "min_snr": 4.0}
+
+
+def test_an_interrupted_ray_run_exits_130_and_says_so(stacks, tmp_path, monkeypatch, capsys):
+    """The pipeline stops cleanly on Ctrl-C and returns; peaknet2cxi must not then report a
+    finished run (exit 0, status ok, an indexamajig command for part of the frames)."""
+    import peaknet_xtal.pipeline as pipeline_module
+
+    seen = {}
+
+    def interrupted_run(config):
+        seen.update(config)
+        Path(config["output"]).mkdir(parents=True, exist_ok=True)
+        return {"backend": "test", "interrupted": True, "engine": {"threshold": 0.5}}
+
+    monkeypatch.setattr(pipeline_module, "run_pipeline", interrupted_run)
+    geom_path, _, stack, _, _ = stacks["cspad"]
+    outdir = tmp_path / "o"
+    assert main([str(stack), "-g", str(geom_path), "-o", str(outdir), "--workers", "2",
+                 "--no-progress"]) == 130
+    captured = capsys.readouterr()
+    assert "peaknet2cxi: interrupted" in captured.err and "next: " not in captured.out
+    summary = json.loads((outdir / "peaknet2cxi.json").read_text())
+    assert summary["status"] == "interrupted" and summary["engine"]["threshold"] == 0.5
+    assert seen["monitor_json"] == str(outdir / "peaknet2cxi.pipeline.json")
 
 
 def test_cxi_writer_hits_only_keeps_only_hits(stacks, tmp_path):

@@ -600,7 +600,7 @@ def test_a_folder_keeps_one_runs_settings(tmp_path):
     """check_same_settings: the latest finished file decides; every differing setting is
     named with both values; what one side does not record, or an older file without any
     record, is not judged; equal weights digests make the model's name irrelevant."""
-    from peaknet_xtal.formats.cxi import check_same_settings, read_settings
+    from peaknet_xtal.formats.cxi import SETTINGS_ATTR, check_same_settings, read_settings
 
     earlier = {"model": "default", "model_sha256": "a" * 64, "threshold": 0.5, "min_snr": 3.0}
     old = _settings_file(tmp_path / "peaks-00000.cxi", None)
@@ -618,6 +618,21 @@ def test_a_folder_keeps_one_runs_settings(tmp_path):
     with pytest.raises(FormatError, match="model 'default' there, '/x/m.safetensors' now"):
         check_same_settings([latest], {**earlier, "model": "/x/m.safetensors",
                                        "model_sha256": "b" * 64})
+    # every file is judged, not only the latest: a damaged or foreign one among them too
+    middle = _settings_file(tmp_path / "peaks-00002.cxi", {**earlier, "threshold": 0.9})
+    with pytest.raises(FormatError, match="threshold 0.9 there, 0.5 now") as caught:
+        check_same_settings([old, latest, middle, latest], earlier)
+    assert caught.value.path == str(middle)
+    bare = _settings_file(tmp_path / "peaks-00003.cxi", None)
+    with pytest.raises(FormatError, match="records no finding settings, though the files "
+                                          "before it do") as caught:
+        check_same_settings([old, latest, bare], earlier)
+    assert caught.value.path == str(bare)
+    listed = _settings_file(tmp_path / "peaks-00004.cxi", None)
+    with h5py.File(listed, "a") as h5:
+        h5.attrs[SETTINGS_ATTR] = "[]"
+    with pytest.raises(FormatError, match="not a record of settings \\(a JSON list\\)"):
+        check_same_settings([listed], earlier)
     with pytest.raises(FormatError, match="not JSON"):
         from peaknet_xtal.formats.cxi import SETTINGS_ATTR
 

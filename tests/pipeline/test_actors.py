@@ -270,6 +270,7 @@ def test_a_resumed_run_writes_the_whole_runs_defect_mask(tmp_path: Path):
         cfg = threads_config(tmp_path, inputs, frame_finder=InferenceEngine,
                              frame_finder_options=ENGINE, workers=1, batch_size=5)
         cfg["output"] = str(out / "run.cxi")
+        cfg["writer_options"] = {"frames_per_file": 5}
         return run_pipeline(cfg)
 
     def mask(out: Path) -> np.ndarray:
@@ -283,3 +284,23 @@ def test_a_resumed_run_writes_the_whole_runs_defect_mask(tmp_path: Path):
     np.testing.assert_array_equal(mask(tmp_path / "resumed"), mask(tmp_path / "whole"))
     assert run([b], tmp_path / "alone")["resumed_keys"] == 0
     assert mask(tmp_path / "alone")[16, 23] == 0  # what the resumed run wrote before
+
+
+def test_counts_of_other_frames_than_those_skipped_are_not_added(tmp_path: Path, caplog):
+    """A finished file deleted after the mask was written: the kept counts cover frames the
+    resumed run finds again; adding them would count those twice, so it says so and counts
+    its own frames only."""
+    a = _spiking_stack(tmp_path / "a.h5", 10, hot=False)
+    cfg = threads_config(tmp_path, [a], frame_finder=InferenceEngine,
+                         frame_finder_options=ENGINE, workers=1, batch_size=5)
+    cfg["writer_options"] = {"frames_per_file": 5}
+    run_pipeline(cfg)
+    (last,) = [p for p in (tmp_path / "out").glob("run-*.cxi") if p.name.endswith("1.cxi")]
+    last.unlink()
+    with caplog.at_level("WARNING"):
+        assert run_pipeline(cfg)["resumed_keys"] == 5
+    assert "counts cover 10 frames, the output holds 5" in caplog.text
+    from peaknet_xtal.finding.defects import DefectTracker
+
+    kept = DefectTracker.load(tmp_path / "out")
+    assert kept is not None and kept.frames == 5  # this run's frames, not 15

@@ -55,7 +55,7 @@ from peaknet_xtal.config import bounded
 from peaknet_xtal.errors import FormatError, PeakNetError
 from peaknet_xtal.finding.settings import DEFAULTS as FINDING
 from peaknet_xtal.finding.settings import LIMITS, PRECISIONS, check_precision
-from peaknet_xtal.formats.cxi import DEFAULT_MAX_PEAKS
+from peaknet_xtal.formats.cxi import DEFAULT_MAX_PEAKS, has_frame_keys
 from peaknet_xtal.progress import Progress
 from peaknet_xtal.types import Frame, FrameResult
 
@@ -256,7 +256,7 @@ def rerun_can_help(exc: BaseException) -> bool:
 def _say_what_is_kept(outdir: Path, *, rerun: bool) -> None:
     """After a failed run: where the frames finished before it are (nothing is said when there
     are none), and whether the same command continues the run (only where it can help)."""
-    kept = _finished(outdir)
+    kept = [p for p in _finished(outdir) if has_frame_keys(p)]  # ours, not a stranger's file
     if kept:
         print(f"peaknet2cxi: the {len(kept)} CXI file(s) finished before it are kept in "
               f"{outdir}", file=sys.stderr)

@@ -240,10 +240,18 @@ def show_reflections(path: str, **_: Any) -> dict[str, Any]:
 
 
 def _is_stream(path: str) -> bool:
+    """A CrystFEL stream by its first line, gzip-compressed or not (the stream reader takes
+    both)."""
+    import gzip
+
     try:
         with open(path, "rb") as handle:
-            return handle.read(26).startswith(b"CrystFEL stream format")
-    except OSError:
+            head = handle.read(26)
+        if head.startswith(b"\x1f\x8b"):
+            with gzip.open(path, "rb") as handle:
+                head = handle.read(26)
+        return head.startswith(b"CrystFEL stream format")
+    except (OSError, EOFError):
         return False
 
 
@@ -261,7 +269,7 @@ def choose(path: str) -> Callable[..., dict[str, Any]]:
     from peaknet_xtal.formats.dxtbx_images import sniff_dxtbx
 
     lower = path.lower()
-    if lower.endswith(".stream") or _is_stream(path):
+    if lower.endswith((".stream", ".stream.gz")) or _is_stream(path):
         return show_stream
     if lower.endswith(".geom"):
         return show_geometry

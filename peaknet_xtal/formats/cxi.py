@@ -1180,7 +1180,7 @@ class CXIWriter:
 
     def foreign_files(self) -> list[Path]:
         """Files named like ours that this writer did not make (no per-frame keys)."""
-        return [p for p in self.finished_files() if not _has_keys(p)]
+        return [p for p in self.finished_files() if not has_frame_keys(p)]
 
     def _first_free_index(self) -> int:
         found = [self._pattern.search(p.name) for p in self.finished_files()]
@@ -1351,7 +1351,9 @@ class CXIWriter:
         self.close()
 
 
-def _has_keys(path: Path) -> bool:
+def has_frame_keys(path: Path) -> bool:
+    """Whether ``path`` is a CXI file this package wrote (it keeps each frame's key and peak
+    count); anything else named like one, or unreadable, is not."""
     try:
         with h5py.File(path, "r") as h5:
             return f"{KEY_GROUP}/source" in h5 and f"{PEAK_GROUP}/nPeaks" in h5

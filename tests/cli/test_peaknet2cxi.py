@@ -435,6 +435,7 @@ def test_output_folder_with_foreign_files_is_refused(stacks, tmp_path, capsys, i
     code = main([str(stack), "-g", str(geom_path), "-o", str(outdir), "--no-progress"])
     err = capsys.readouterr().err
     assert code == 1 and str(foreign) in err and "new output folder" in err
+    assert "finished before it are kept" not in err  # a stranger's file is no finished work
     assert foreign.read_bytes() == before
     assert sorted(p.name for p in outdir.iterdir()) == [intruder]
 

@@ -40,6 +40,22 @@ def test_streams_and_geometry(real_data, capsys):
     assert "(geometry)" in text and "slab shape: 1480 x 1552" in text
 
 
+def test_a_gzip_compressed_stream_is_shown_as_the_stream(real_data, tmp_path, capsys):
+    """The stream reader takes .stream.gz as it is; show recognises it, by name or by content."""
+    import gzip
+    import shutil
+
+    plain = sorted((real_data / STREAMS).glob("*.stream"))[-1]
+    for name in ("copy.stream.gz", "no_suffix"):
+        packed = tmp_path / name
+        with open(plain, "rb") as source, gzip.open(packed, "wb") as target:
+            shutil.copyfileobj(source, target)
+        (shown,) = run_json(capsys, str(packed))
+        (expected,) = run_json(capsys, str(plain))
+        assert {k: v for k, v in shown.items() if k != "path"} == {
+            k: v for k, v in expected.items() if k != "path"}
+
+
 def test_cxi_with_peak_table(tmp_path, capsys, make_geometry_text):
     # one 20x10 panel centred on the beam
     geometry = parse_geometry(make_geometry_text(["p"], 20, 10, [(-10, -5)], data=None,

@@ -9,6 +9,7 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -142,6 +143,25 @@ def model_digest(spec: Any) -> str | None:
     return digest.hexdigest()
 
 
+def tensor_shapes(tensors: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape, of a state dict (or anything with ``.shape`` values)."""
+    return {name: tuple(t.shape) for name, t in tensors.items()}
+
+
+def check_fit(model: Mapping[str, tuple[int, ...]], weights: Mapping[str, tuple[int, ...]],
+              path: str | os.PathLike[str], what: str) -> None:
+    """Weights (tensor name -> shape) that do not fit a model's are a FormatError naming
+    ``path``, saying ``what`` and the first misfit in one line: torch's own error lists every
+    tensor, a multi-line paragraph each (175 lines for another architecture)."""
+    problems = [f"no {name}" for name in model if name not in weights]
+    problems += [f"{name} is not in it" for name in weights if name not in model]
+    problems += [f"{name} is {list(weights[name])}, not {list(shape)}"
+                 for name, shape in model.items() if name in weights and weights[name] != shape]
+    if problems:
+        more = f", and {len(problems) - 1} more misfits" if len(problems) > 1 else ""
+        raise FormatError(path, f"{what} ({problems[0]}{more})")
+
+
 def load_model(spec: str | os.PathLike[str] = DEFAULT_NAME, device: str = "cpu") -> Any:
     """A model in eval mode from ``"default"``, a ``.safetensors`` file or a model directory.
 
@@ -173,15 +193,7 @@ def load_model(spec: str | os.PathLike[str] = DEFAULT_NAME, device: str = "cpu")
         state = load_file(str(weights))
     except Exception as exc:  # safetensors raises its own error types for corrupt headers
         raise FormatError(weights, f"not a readable safetensors file: {exc}") from exc
-    expected = model.state_dict()
-    wrong = [f"{name} {tuple(tensor.shape)} (the config makes {tuple(expected[name].shape)})"
-             for name, tensor in state.items()
-             if name in expected and tuple(tensor.shape) != tuple(expected[name].shape)]
-    if wrong:  # torch's own message is one multi-line paragraph per tensor
-        raise FormatError(weights, f"weights do not fit the config: {len(wrong)} tensor(s) of "
-                                   f"another shape, first {wrong[0]}")
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise FormatError(weights, f"weights do not fit the config: missing {missing[:5]}, "
-                                   f"unexpected {unexpected[:5]}")
+    check_fit(tensor_shapes(model.state_dict()), tensor_shapes(state), weights,
+              "weights do not fit the config")
+    model.load_state_dict(state)
     return model.to(device).eval()

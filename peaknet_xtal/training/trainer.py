@@ -25,6 +25,7 @@ from pydantic import Field
 from peaknet_xtal.atomic import write_text_atomic
 from peaknet_xtal.config import DEVICE, ConfigError, bounded, fields_of, one_of
 from peaknet_xtal.errors import FormatError, PeakNetError
+from peaknet_xtal.model.weights_io import check_fit, tensor_shapes
 from peaknet_xtal.progress import Progress
 from peaknet_xtal.sim.config import SimConfig, settings_types
 from peaknet_xtal.training.data import DATA_SOURCES, SIM_OPTIONS, Augment
@@ -286,26 +287,8 @@ def _check_model(config: Mapping[str, Any]) -> None:
             shapes = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
     except Exception as exc:  # safetensors raises its own error types for corrupt headers
         raise FormatError(weights, f"not a readable safetensors file: {exc}") from exc
-    _check_fit(_shapes(model.state_dict()), shapes, model_cfg["init"],
-               f"the one model.overrides {overrides} make")
-
-
-def _shapes(tensors: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
-    return {name: tuple(t.shape) for name, t in tensors.items()}
-
-
-def _check_fit(model: Mapping[str, tuple[int, ...]], weights: Mapping[str, tuple[int, ...]],
-               path: str | os.PathLike[str], what: str) -> None:
-    """Weights (tensor name -> shape) that do not fit a model's are a FormatError naming
-    ``path`` and the first misfit: torch's own error lists every tensor, 175 lines of them."""
-    problems = [f"no {name}" for name in model if name not in weights]
-    problems += [f"{name} is not in it" for name in weights if name not in model]
-    problems += [f"{name} is {list(weights[name])}, not {list(shape)}"
-                 for name, shape in model.items() if name in weights and weights[name] != shape]
-    if problems:
-        more = f", and {len(problems) - 1} more misfits" if len(problems) > 1 else ""
-        raise FormatError(path, f"weights of another architecture than {what} "
-                                f"({problems[0]}{more})")
+    check_fit(tensor_shapes(model.state_dict()), shapes, model_cfg["init"],
+              f"weights of another architecture than the one model.overrides {overrides} make")
 
 
 def _use_bf16(config: dict[str, Any], device: Any) -> bool:
@@ -338,8 +321,9 @@ class _Run:
             start = load_model(model_cfg["init"])
             self.model = _build(build_from_config, {**start.config, **overrides}, overrides)
             state = start.state_dict()
-            _check_fit(_shapes(self.model.state_dict()), _shapes(state), model_cfg["init"],
-                       f"the one model.overrides {overrides} make")
+            check_fit(tensor_shapes(self.model.state_dict()), tensor_shapes(state),
+                      model_cfg["init"], "weights of another architecture than the one "
+                      f"model.overrides {overrides} make")
             self.model.load_state_dict(state)
             self.model.train()
         else:
@@ -394,9 +378,9 @@ class _Run:
         state = load_state(checkpoint)
         weights = load_weights(checkpoint)
         if not self.fsdp:
-            _check_fit(_shapes(self.model.state_dict()), _shapes(weights),
-                       checkpoint / "model.safetensors",
-                       f"this run's model ({self.config['model']['name']})")
+            check_fit(tensor_shapes(self.model.state_dict()), tensor_shapes(weights),
+                      checkpoint / "model.safetensors", "weights of another architecture than "
+                      f"this run's model ({self.config['model']['name']})")
         if self.fsdp:
             from torch.distributed.checkpoint.state_dict import (
                 StateDictOptions,

@@ -53,8 +53,23 @@ REFERENCE_PER_L40S = 4.6
 TARGET_2MPX = 1000.0
 PAPER_MODEL = "student-atto-b2"
 PRECISIONS = ("fp32", "bf16", "fp16")
-#: The engine's default tiling (a batch of N frames is N x tiles-per-frame model tiles).
-TILE, OVERLAP = 1024, 64
+
+
+def frame_cuts(side: int) -> list[tuple[int, int, int, int, tuple]]:
+    """How the engine's defaults cut a ``side`` x ``side`` frame: one whole panel up to
+    ``DEFAULTS.tile_size`` (every size measured here)."""
+    from peaknet_xtal.finding.engine import tile_panel
+    from peaknet_xtal.finding.settings import DEFAULTS
+
+    return tile_panel((side, side), DEFAULTS.tile_size, DEFAULTS.tile_overlap)
+
+
+def frame_slots(side: int) -> int:
+    """Batch slots one frame takes (``engine.slots``): ``batch_size`` for N whole frames a model
+    call is N times this."""
+    from peaknet_xtal.finding.engine import slots
+
+    return sum(slots(h, w) for _, _, h, w, _ in frame_cuts(side))
 
 
 @dataclass
@@ -190,11 +205,11 @@ def is_oom(exc: BaseException) -> bool:
 def make_engine(name: str, precision: str, batch: int, side: int, device: str,
                 threads: int | None) -> Any:
     """An engine batching ``batch`` whole frames of ``side`` x ``side`` per model call."""
-    from peaknet_xtal.finding.engine import InferenceEngine, tile_panel
+    from peaknet_xtal.finding.engine import InferenceEngine
 
-    tiles = len(tile_panel((side, side), TILE, OVERLAP))
     return InferenceEngine(build_model(name, precision), device=device, threads=threads,
-                           batch_size=batch * tiles, min_snr=3.0, adu_per_photon=1.0)
+                           batch_size=batch * frame_slots(side), min_snr=3.0,
+                           adu_per_photon=1.0)
 
 
 def measure_model(name: str, precision: str, batch: int, frames: list[np.ndarray], device: str,
@@ -222,11 +237,11 @@ def measure_stages(name: str, precision: str, batch: int, side: int, device: str
     of it is the GPU's work and how much the host's."""
     import torch
 
-    from peaknet_xtal.finding.engine import _padded, tile_panel
+    from peaknet_xtal.finding.engine import _padded
 
     model = build_model(name, precision).to(device)
     local = model.config.get("input_norm") == "local"
-    cuts = tile_panel((side, side), TILE, OVERLAP)
+    cuts = frame_cuts(side)
     height, width = _padded(cuts[0][2], cuts[0][3], model.pad_multiple)
     generator = torch.Generator().manual_seed(0)
     tiles = torch.poisson(torch.full((batch * len(cuts), 1, height, width), 1.0),
@@ -294,7 +309,6 @@ def measure_ray(name: str, precision: str, batch: int, frames: list[np.ndarray],
     overlaps the others' segmentation."""
     import h5py
 
-    from peaknet_xtal.finding.engine import tile_panel
     from peaknet_xtal.formats.cxi import CXISource
     from peaknet_xtal.pipeline import run_pipeline
 
@@ -309,7 +323,6 @@ def measure_ray(name: str, precision: str, batch: int, frames: list[np.ndarray],
                 layout[i] = unique[i % len(frames)]
             h5.create_virtual_dataset("/entry_1/data_1/data", layout)
     out = work / f"ray_{name}_{precision}_{batch}_{workers}_{time.monotonic_ns()}" / "out.cxi"
-    tiles = len(tile_panel((side, side), TILE, OVERLAP))
     if __name__ != "__main__":  # imported (tests): Ray workers cannot import this script by name
         from ray import cloudpickle
 
@@ -321,7 +334,7 @@ def measure_ray(name: str, precision: str, batch: int, frames: list[np.ndarray],
         "threads_per_worker": threads, "gpus_per_worker": 1.0 / workers if cuda else 0,
         "frame_finder": autocast_engine, "device": device, "batch_size": batch,
         "frame_finder_options": {"model": name, "device": device, "threads": threads,
-                                 "precision": precision, "batch_size": batch * tiles,
+                                 "precision": precision, "batch_size": batch * frame_slots(side),
                                  "min_snr": 3.0, "adu_per_photon": 1.0},
         "progress": False, "monitor_interval": 0.25, "resume": False})
     busy = sorted(float(w.get("busy_fraction", 0.0)) for w in summary["workers"].values())

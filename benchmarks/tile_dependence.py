@@ -3,14 +3,15 @@
     python benchmarks/tile_dependence.py [--models default WEIGHTS ...] [--frames 10] [--fixed]
         [--overlap 64]
 
-For each model, on frames with panels larger than one tile: the peaks found with the engine's
-default tiles (1024 px, 64 px overlap) against the peaks found with the panel whole (no cut),
-with 512-px tiles, and with the panel embedded in a larger masked layout at an offset on the
-32-px grid (as a panel sits among others in a detector layout): how many of the default's peaks
-each finds again (one-to-one, within 1 px), and how many peaks it finds.  The baseline is the
-default tiling of the same model in the same run.  ``--overlap`` sets the pixels neighbouring
-tiles share in every tiled variant (the engine's default, 64, leaves 32 px each side of a cut:
-less than the convolutions reach, so even a model with local statistics differs at the cuts;
+For each model, on frames with panels larger than 1024 px: the peaks found with the engine's
+defaults (each panel whole, as every entry point runs it) against the peaks found with
+1024-px tiles (the engine's default until 2026-12-06) and 512-px tiles (64 px overlap), and
+with the panel embedded in a larger masked layout at an offset on the 32-px grid (as a panel
+sits among others in a detector layout): how many of the default's peaks each finds again
+(one-to-one, within 1 px), and how many peaks it finds.  The baseline is the engine's default
+for the same model in the same run.  ``--overlap`` sets the pixels neighbouring tiles share in
+every tiled variant (the engine's default, 64, leaves 32 px each side of a cut: less than the
+convolutions reach, so even a model with local statistics differs at the cuts;
 results/tile_dependence_window.txt).  ``--fixed`` adds, for every model given with
 per-image statistics, its copy with fixed image statistics (model/fixed_stats.py) as the training
 script's stage 2b makes them, on its bank's first 40 frames (a couple of minutes; the script
@@ -41,7 +42,7 @@ THAUMATIN = REAL / "pilatus6m_thaumatin_grid"
 EIGER2 = REAL / "eiger2_still_0mq" / "eiger2_16m_roi4m_acq5291452_frame43.h5"
 EIGER_MASKED = 65535
 #: the variants set against the default tiling: engine keywords, or "embedded"
-VARIANTS = {"whole": {"tile_size": 8192}, "tiles 512": {"tile_size": 512},
+VARIANTS = {"tiles 1024": {"tile_size": 1024}, "tiles 512": {"tile_size": 512},
             "embedded": None}
 #: where the panel sits in the embedding layout (on the 32-px grid) and how much larger it is
 EMBED_AT, EMBED_MARGIN = (64, 96), 256
@@ -150,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     overlap = {"tile_overlap": DEFAULTS.tile_overlap if args.overlap is None else args.overlap}
     print(f"tile overlap {overlap['tile_overlap']} px")
     totals = {label: {"peaks": 0, **{v: [0, 0] for v in VARIANTS}} for label in models}
-    print("| frame | model | peaks, default tiles | " + " | ".join(
+    print("| frame | model | peaks, whole (default) | " + " | ".join(
         f"{v}: found again / peaks" for v in VARIANTS) + " |")
     print("|---|---|---|" + "---|" * len(VARIANTS))
     for name, panels, masks in frames(args.frames):
@@ -167,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
             totals[label]["peaks"] += len(base)
             print(f"| {name} | {label} | {len(base)} | " + " | ".join(cells) + " |",
                   flush=True)
-    print("\nAll frames: share of the default tiling's peaks found again (one-to-one, 1 px)")
+    print("\nAll frames: share of the default's peaks found again (one-to-one, 1 px)")
     for label, total in totals.items():
         peaks = max(int(total["peaks"]), 1)
         print(f"  {label}: {total['peaks']} peaks; " + "; ".join(

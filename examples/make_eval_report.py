@@ -153,6 +153,14 @@ def harden(name: str, dataset: Any, seed: int, gain: float, truth_file: Path) ->
     return ""
 
 
+def _finder_rank(label: str) -> tuple[int, str]:
+    """PeakNet first, then the tuned classic finders: the table's order in every set, whether
+    its report was made now or read back (saved reports keep their finders sorted by name)."""
+    order = ("peaknet", "peakfinder8", "dispersion")
+    first = next((k for k, name in enumerate(order) if label.startswith(name)), len(order))
+    return first, label
+
+
 def summary_table(reports: dict[str, dict]) -> str:
     lines = ["# Example evaluation: PeakNet default model vs tuned classic finders", "",
              "Simulated lysozyme stills with exact truth on three real detector geometries, "
@@ -169,7 +177,7 @@ def summary_table(reports: dict[str, dict]) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for det, report in reports.items():
         indexing = report.get("indexing", {})
-        for label, e in report["finders"].items():
+        for label, e in sorted(report["finders"].items(), key=lambda item: _finder_rank(item[0])):
             a = e.get("accuracy", {})
             ix = indexing.get(label, {})
             ci = a.get("f1_ci95") or [None, None]

@@ -44,8 +44,12 @@ class FindingDefaults:
     min_height: float = 0.0
     min_peaks: int = 10  # peaks that make a hit (see the module docstring)
     max_peaks: int | None = None  # keep the strongest N per frame (None: all)
-    batch_size: int = 8  # model tiles per batch
-    tile_size: int = 1024  # largest tile side the model sees; bigger panels are cut
+    batch_size: int = 8  # model input per batch, in 1-Mpx slots (engine.SLOT_PIXELS)
+    # Largest panel side the model sees whole; only bigger panels are cut into tiles.  Whole
+    # panels make a panel's peaks independent of tile cuts (the network's image-wide statistics
+    # cover the panel); 1024-px tiles found 99.3 % of the whole panel's peaks (the comment after
+    # DEFAULTS).  A smaller value saves memory on huge panels, at that price.
+    tile_size: int = 8192
     tile_overlap: int = 64  # pixels shared by neighbouring tiles
     dilation: int = 1  # pixels a peak grows by in a pixel mask for DIALS' own labelling
     # The network's arithmetic (PRECISIONS): "bf16" runs it under bfloat16 autocast, the input
@@ -220,6 +224,15 @@ DEFAULTS = FindingDefaults()
 # 100, F1 per detector equal or up; measured once on the held-out runs afterwards, every
 # integrating detector within issue 14's 1 a blank (README, "Hits").
 
+#
+# Why tile_size is 8192 (each panel whole; measured 2026-12-06, docs/measurements.md, "Tiles and
+# layouts"): with 1024-px tiles the network's image-wide statistics (GRN, GroupNorm) were each
+# tile's, so a panel's peaks depended on where the cuts fell (whole panels found 99.3 % of the
+# tiled run's peaks).  Whole, the defaults give one answer per panel.  Acceptance blank runs
+# after the change (Rayonix / Pilatus 6M / Eiger 16M binned; the other detectors' panels were
+# always whole): false peaks per blank 0.14 / 0.46 / 0.05 against 0.14 / 0.54 / 0.10, no blank
+# a hit, F1 on the hits 0.933 / 0.836 / 0.921 against 0.934 / 0.843 / 0.925; the selection runs,
+# measured before, the same picture.
 
 def check_count(value: Any, what: str) -> int:
     """``value`` as a count of peaks (a whole number >= 0), or a ValueError naming ``what``."""

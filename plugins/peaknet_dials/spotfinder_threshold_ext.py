@@ -119,8 +119,9 @@ gain = None
           "alone)."
 batch_size = {_D.batch_size}
   .type = int({_phil_range("batch_size")})
-  .help = "How many model tiles run at once (memory versus speed). Tiles of every panel of an"
-          "image are batched together: DIALS asks for one panel at a time, so the first panel"
+  .help = "How much model input runs at once, in 1-Mpx slots (memory versus speed; a panel"
+          "goes to the model whole and takes one slot a megapixel). The panels of an image are"
+          "batched together: DIALS asks for one panel at a time, so the first panel"
           "of each image runs the model on the whole image and the other panels are answered"
           "from that (each checked to be the same pixels and mask)."
 dilation = {_D.dilation}

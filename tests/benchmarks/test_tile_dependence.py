@@ -60,8 +60,8 @@ def test_peaks_are_matched_one_to_one_within_a_pixel(script):
 
 
 def test_the_overlap_reaches_every_tiled_engine(script, monkeypatch, capsys):
-    """``--overlap`` is the tile overlap of the default tiling and of every variant (a whole
-    panel has no cut, but takes it too)."""
+    """``--overlap`` is the tile overlap of every variant and of the default (whole panels have
+    no cut, but take it too)."""
     seen = []
 
     def spy(model, panels, masks, **engine):
@@ -74,5 +74,5 @@ def test_the_overlap_reaches_every_tiled_engine(script, monkeypatch, capsys):
     monkeypatch.setattr(script, "find", spy)
     assert script.main(["--overlap", "128"]) == 0
     assert "tile overlap 128 px" in capsys.readouterr().out
-    # default tiling, whole, 512-px tiles, embedded
-    assert seen == [(None, 128), (8192, 128), (512, 128), (None, 128)]
+    # the default (whole panels), 1024-px tiles, 512-px tiles, embedded
+    assert seen == [(None, 128), (1024, 128), (512, 128), (None, 128)]

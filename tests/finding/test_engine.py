@@ -398,6 +398,63 @@ def test_the_default_model_finds_a_panels_peaks_wherever_a_masked_layout_puts_it
             np.testing.assert_allclose(inside[column], alone[column], rtol=1e-6)
 
 
+def test_panels_go_to_the_model_whole_in_batches_of_a_fixed_pixel_budget():
+    """Issue 14: no panel of a detector in use is cut into tiles by default, so no tile cut can
+    change its peaks; ``batch_size`` counts 1-Mpx slots, so whole 6-Mpx panels go one at a time
+    (eight in one pass took twice the CPU time and three times the memory) while CSPAD-sized
+    ASICs still go eight at a time."""
+    from peaknet_xtal.finding.engine import SLOT_PIXELS, slots
+
+    assert SLOT_PIXELS == 1024 * 1024 and slots(185, 194) == 1 and slots(2528, 2464) == 6
+    model = PixelwiseLogits()
+    engine = InferenceEngine(model, device="cpu")
+    rng = np.random.default_rng(4)
+    big = [rng.normal(0, 2, (2527, 2463)).astype(np.float32) for _ in range(2)]
+    asics = [rng.normal(0, 2, (185, 194)).astype(np.float32) for _ in range(16)]
+    probs = engine.predict_panels(big + asics)
+    for panel, prob in zip(big + asics, probs, strict=True):
+        np.testing.assert_allclose(prob, sigmoid(panel), atol=1e-6)
+    assert sorted(model.batches) == sorted([(1, 1, 2528, 2464)] * 2 + [(8, 1, 192, 224)] * 2)
+
+
+def test_the_default_model_finds_a_large_panels_peaks_alone_beside_others_or_embedded():
+    """Issue 14: a panel larger than the engine's old 1024-px tiles gives with the defaults the
+    peaks it gives whole (one tile of its own size), in a frame beside a brighter panel of its
+    shape (one batch), one panel a batch, and embedded at an offset in a larger masked layout:
+    the network's image-wide statistics always cover exactly this panel.  (Cut into 1024-px
+    tiles, as the engine did by default before, its peaks differ: benchmarks/tile_dependence.py.)
+    """
+    rng = np.random.default_rng(12)
+    shape = (1100, 1310)
+    panel = spotted_panel(rng, shape, 120)
+    neighbour = spotted_panel(rng, shape, 60) * 3.0
+
+    def peaks(frame: Frame, **engine: object) -> np.ndarray:
+        eng = InferenceEngine("default", device="cpu", threads=1, adu_per_photon=10.0,
+                              **engine)  # type: ignore[arg-type]
+        return next(iter(eng.find_frames([frame]))).peaks
+
+    alone = peaks(Frame(panels=[panel]))
+    assert len(alone) >= 60
+    variants = {"whole": peaks(Frame(panels=[panel]), tile_size=1312),
+                "beside another panel": peaks(Frame(panels=[neighbour, panel])),
+                "one panel a batch": peaks(Frame(panels=[neighbour, panel]), batch_size=1)}
+    y0, x0 = 45, 77
+    layout = np.zeros((shape[0] + 90, shape[1] + 120), np.float32)
+    good = np.zeros(layout.shape, bool)
+    layout[y0:y0 + shape[0], x0:x0 + shape[1]], good[y0:y0 + shape[0], x0:x0 + shape[1]] = (
+        panel, True)
+    inside = peaks(Frame(panels=[layout], masks=[good])).copy()
+    inside["ss"], inside["fs"] = inside["ss"] - y0, inside["fs"] - x0
+    variants["embedded"] = inside
+    for name, found in variants.items():
+        found = found[found["panel"] == found["panel"].max()] if name != "embedded" else found
+        assert len(found) == len(alone), name
+        np.testing.assert_allclose(found["ss"], alone["ss"], rtol=0, atol=1e-9, err_msg=name)
+        np.testing.assert_allclose(found["fs"], alone["fs"], rtol=0, atol=1e-9, err_msg=name)
+        np.testing.assert_allclose(found["snr"], alone["snr"], rtol=1e-6, err_msg=name)
+
+
 def test_the_model_sees_each_panels_valid_region_and_no_empty_panel():
     """Masked margins are cut off before the model and an all-masked panel never reaches it;
     outside the valid region the probability is 0 and the logits are the masked ones."""

@@ -177,7 +177,8 @@ def build_parser() -> Any:
                              "geometry's adu_per_photon, or adu_per_eV x photon energy; 0: "
                              "background noise only)")
     parser.add_argument("--batch-size", type=int,
-                        help=f"panel tiles per model batch (default {FINDING.batch_size})")
+                        help="model input per batch, in 1-Mpx slots: each panel goes whole "
+                             f"and takes one slot a megapixel (default {FINDING.batch_size})")
     parser.add_argument("--min-peaks", type=int, help="peaks that make a hit (default "
                         f"{FINDING.min_peaks}, the library's; the stream's 'hit' flag, "
                         "--hits-only and the summary's hit count follow it)")
@@ -232,8 +233,12 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"frames ({this['skipped']} already done), {this['frames_per_s']:.2f} frames/s")
     if summary.get("dials"):
         print(f"next (DIALS): {summary['dials']['command']}")
-    print(f"next: {summary['indexamajig']}")
-    print("      (YOUR.cell: your unit cell file, CrystFEL .cell or PDB CRYST1)")
+    if summary["indexamajig"] is None:  # frames without a geometry: nothing to index with
+        print("next: indexamajig needs a geometry: run again into a new folder with -g GEOM "
+              "(the detector's CrystFEL geometry) to have peaknet.geom written")
+    else:
+        print(f"next: {summary['indexamajig']}")
+        print("      (YOUR.cell: your unit cell file, CrystFEL .cell or PDB CRYST1)")
     return 0
 
 
@@ -570,6 +575,23 @@ def _open(entry: Mapping[str, Any], geometry: Any) -> Any:
         is_hdf5 = h5py.is_hdf5(path)
     except OSError as exc:
         raise FormatError(path, f"cannot read file ({exc})") from exc
+    if is_hdf5 and geometry is None:
+        # Without -g: the geometry a CXI file names (peaknet-sim's, peaknet2cxi's), else a
+        # NeXus file's own (an Eiger master), which DIALS reads; a plain stack has none: each
+        # frame is then one panel (right for a one-panel detector; a multi-panel one's gaps
+        # and borders would be read as pixels) and no .geom is written for indexamajig
+        from peaknet_xtal.formats.cxi import geometry_path
+
+        named = geometry_path(path)
+        if named is not None:
+            return open_source(path, "cxi", geometry=named)
+        try:
+            return open_source(path, "dxtbx")
+        except (FormatError, ValueError):
+            log.warning("%s: no geometry given (-g) or found beside it: each frame is read as "
+                        "one panel, and no .geom is written for indexamajig; give the "
+                        "detector's CrystFEL geometry with -g for a detector of several panels",
+                        path)
     if is_hdf5:
         return open_source(path, "cxi", geometry=geometry)
     try:

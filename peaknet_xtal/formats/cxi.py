@@ -56,6 +56,30 @@ PHOTON_ENERGY_PATH = f"{KEY_GROUP}/photon_energy_eV"
 CLEN_PATH = f"{KEY_GROUP}/clen"
 #: File attribute naming the geometry file (relative to the CXI file's folder).
 GEOMETRY_ATTR = "peaknet_geometry"
+
+
+def geometry_path(image_file: str | os.PathLike[str]) -> str | None:
+    """The CrystFEL geometry that belongs to a CXI file, or None: the one its
+    :data:`GEOMETRY_ATTR` names beside it (peaknet-sim and peaknet2cxi write it), else
+    ``NAME.geom`` beside ``NAME.cxi``.  What dials.import (the project's dxtbx format) and
+    peaknet2cxi read such a file with when no geometry is given."""
+    try:
+        with h5py.File(image_file, "r") as h5:
+            named = h5.attrs.get(GEOMETRY_ATTR)
+    except OSError:
+        return None
+    if isinstance(named, bytes):
+        named = named.decode()
+    candidates = []
+    if named:
+        candidates.append(os.path.join(os.path.dirname(os.path.abspath(image_file)), str(named)))
+    candidates.append(os.path.splitext(os.fspath(image_file))[0] + ".geom")
+    for path in candidates:
+        if os.path.isfile(path):
+            return path
+    return None
+
+
 #: Peak table width (Cheetah allocates in blocks of 2048; CrystFEL's peakfinder8 cap).
 DEFAULT_MAX_PEAKS = 2048
 CXI_SUFFIXES = (".cxi", ".h5", ".hdf5", ".hdf", ".nxs")
@@ -743,6 +767,8 @@ class _CXIFile:
         self._ds: dict[str, h5py.Dataset] = {}
         self._warned: set[str] = set()
         self._readers: dict[tuple[str, str], _Reader] = {}
+        #: the input files of the frames written (:data:`INPUTS_ATTR`), each as first read
+        self._inputs: dict[str, list[Any]] = {}
 
     # ---- what a file can hold ---------------------------------------------------------------
 
@@ -852,6 +878,10 @@ class _CXIFile:
                 self._ds[cxi_name][row] = values[0]
         self._ds["source"][row] = frame.source
         self._ds["event"][row] = frame.event
+        if frame.source and frame.source not in self._inputs:
+            identity = file_identity(frame.source)
+            if identity is not None:
+                self._inputs[frame.source] = identity
         self._ds["hit"][row] = int(result.hit)
         energy = frame_photon_energy_eV(frame, self.geometry)
         self._ds["energy"][row] = energy
@@ -917,6 +947,8 @@ class _CXIFile:
                 self.h5.attrs[GEOMETRY_ATTR] = self.geometry_name
             if self.settings is not None:
                 self.h5.attrs[SETTINGS_ATTR] = json.dumps(dict(self.settings), sort_keys=True)
+            if self._inputs:
+                self.h5.attrs[INPUTS_ATTR] = json.dumps(self._inputs, sort_keys=True)
             self.h5.close()
         except BaseException:
             self.abort()
@@ -1052,25 +1084,71 @@ def written_placement(geometry: Any) -> str:
 SETTINGS_ATTR = "peaknet_settings"
 
 
-def read_settings(path: str | os.PathLike[str]) -> dict[str, Any] | None:
-    """The settings a CXI file's peaks were found with (:data:`SETTINGS_ATTR`); None where the
-    file does not say (an older run's, or not ours); a record that is not a JSON object is a
-    FormatError (damaged: it cannot vouch for the file)."""
+#: root attribute of a CXI file: the input files its frames were read from, as they were
+#: then (``{source: [absolute path, size, modification time in ns]}``, JSON), so that a rerun
+#: does not skip the frames of an input that has changed since (:func:`check_inputs_unchanged`)
+INPUTS_ATTR = "peaknet_inputs"
+
+
+def _json_record(path: str | os.PathLike[str], attr: str, what: str) -> dict[str, Any] | None:
+    """A JSON object kept in a CXI file's root attribute ``attr``; None where the file has none
+    (an older run's, or not ours); a record that is not a JSON object is a FormatError
+    (damaged: it cannot vouch for the file)."""
     try:
         with h5py.File(path, "r") as h5:
-            text = h5.attrs.get(SETTINGS_ATTR)
+            text = h5.attrs.get(attr)
     except OSError as exc:
         raise FormatError(path, f"cannot read it as HDF5: {exc}") from exc
     if text is None:
         return None
     try:
-        settings = json.loads(text)
+        record = json.loads(text)
     except ValueError as exc:
-        raise FormatError(path, f"its {SETTINGS_ATTR} attribute is not JSON: {exc}") from exc
-    if not isinstance(settings, dict):
-        raise FormatError(path, f"its {SETTINGS_ATTR} attribute is not a record of settings "
-                          f"(a JSON {type(settings).__name__}); the file is damaged")
-    return settings
+        raise FormatError(path, f"its {attr} attribute is not JSON: {exc}") from exc
+    if not isinstance(record, dict):
+        raise FormatError(path, f"its {attr} attribute is not a record of {what} "
+                          f"(a JSON {type(record).__name__}); the file is damaged")
+    return record
+
+
+def read_settings(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The settings a CXI file's peaks were found with (:data:`SETTINGS_ATTR`); None where the
+    file does not say; a damaged record is a FormatError."""
+    return _json_record(path, SETTINGS_ATTR, "settings")
+
+
+def file_identity(path: str | os.PathLike[str]) -> list[Any] | None:
+    """``[absolute path, size, modification time in ns]`` of a file, None if it is not one:
+    what tells a file rewritten under the same name (a regenerated run) from the one read."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return [os.path.abspath(path), int(stat.st_size), int(stat.st_mtime_ns)]
+
+
+def check_inputs_unchanged(path: str | os.PathLike[str]) -> None:
+    """Refuse to resume from a CXI file whose frames came from an input that has changed since
+    (:data:`INPUTS_ATTR`): a rerun skips finished frames by (file, event), so a run regenerated
+    under the same name would keep the earlier file's peaks, and a linked (vds) file would now
+    show the new pixels beside them.  An input that is gone is not judged (its frames are not
+    read again); a file without the record (an older run's) neither.
+
+    Raises a FormatError naming the input, the CXI file, what differs and what to do."""
+    record = _json_record(path, INPUTS_ATTR, "input files")
+    for source, then in (record or {}).items():
+        if not (isinstance(then, list) and len(then) == 3):
+            raise FormatError(path, f"its {INPUTS_ATTR} entry for {source} is not [path, size, "
+                              "mtime]; the file is damaged")
+        now = file_identity(then[0])
+        if now is None or now[1:] == then[1:]:
+            continue
+        change = (f"{then[1]} bytes then, {now[1]} now" if now[1] != then[1]
+                  else "modified since")
+        raise FormatError(source, f"has changed since its frames were found into {path} "
+                          f"({change}): that file holds the earlier input's peaks. Process it "
+                          f"into another output folder (-o), or delete {Path(path).name} to "
+                          "find its frames again (the rest of the folder is kept)")
 
 
 def check_same_settings(files: Sequence[Path], settings: Mapping[str, Any]) -> None:
@@ -1188,13 +1266,17 @@ class CXIWriter:
         return max(indices) + 1 if indices else 0
 
     def done_keys(self) -> set[tuple[str, str]]:
-        """``(source, event)`` of every frame in a finished file."""
+        """``(source, event)`` of every frame in a finished file.  A file whose inputs have
+        changed since it was written is refused (:func:`check_inputs_unchanged`): its frames
+        would be skipped as done, with the earlier input's peaks."""
         keys: set[tuple[str, str]] = set()
         for path in self.finished_files():
             try:
-                keys.update(read_cxi_peaks(path).keys)
+                table = read_cxi_peaks(path)
             except FormatError:
                 continue  # not one of ours: it will not be overwritten either
+            check_inputs_unchanged(path)
+            keys.update(table.keys)
         return keys
 
     def _earlier_placement(self) -> tuple[str | None, str]:

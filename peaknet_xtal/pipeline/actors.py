@@ -207,11 +207,30 @@ class ResultWriter:
     def __init__(self, writer: Any, path: str, options: dict[str, Any] | None = None,
                  chunk: int = 64) -> None:
         self.path = str(path)
-        self.writer = self._open(writer, self.path, dict(options or {}))
-        self.seen: set[FrameKey] = {tuple(k) for k in self.writer.done_keys()}
-        self.resumed = len(self.seen)
+        self._spec: tuple[Any, dict[str, Any]] | None = (writer, dict(options or {}))
+        self.writer: Any = None
+        self.seen: set[FrameKey] = set()
+        self._resumed = 0
         self.chunk = max(1, int(chunk))
         self.written = self.duplicates = 0
+
+    def _ensure_open(self) -> None:
+        """Open the output and read what an earlier run finished, on first use rather than
+        in ``__init__``: an error there (a FormatError naming a changed input or a damaged
+        file) kills a Ray actor with only its message, while one raised by a method reaches
+        the driver as itself."""
+        if self.writer is None and self._spec is not None:
+            writer, options = self._spec
+            self._spec = None
+            self.writer = self._open(writer, self.path, options)
+            self.seen = {tuple(k) for k in self.writer.done_keys()}
+            self._resumed = len(self.seen)
+
+    @property
+    def resumed(self) -> int:
+        """Frames an earlier run finished in this output (read on first use)."""
+        self._ensure_open()
+        return self._resumed
 
     @staticmethod
     def _open(writer: Any, path: str, options: dict[str, Any]) -> Any:
@@ -222,10 +241,12 @@ class ResultWriter:
         return open_writer(writer, path, **options)
 
     def done_keys(self) -> list[FrameKey]:
+        self._ensure_open()
         return sorted(self.seen)
 
     def write(self, results: Sequence[FrameResult]) -> list[FrameKey]:
         """Write the new results; returns every key handled (new or duplicate), to acknowledge."""
+        self._ensure_open()
         keys = []
         for result in results:
             key = tuple(result.frame.key)
@@ -249,6 +270,7 @@ class ResultWriter:
     def run(self, results_in: Any, frames_ack: Any, lease_timeout: float = 1.0) -> dict[str, Any]:
         """Drain until the result queue is finished, then finalise."""
         try:
+            self._ensure_open()
             while True:
                 results = results_in.lease(None, self.chunk, lease_timeout)
                 if results is None:

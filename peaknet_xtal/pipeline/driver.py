@@ -254,7 +254,18 @@ class RayBackend:
         return ray_actor(cls, *args, num_cpus=num_cpus, num_gpus=num_gpus, **kwargs)
 
     def call(self, handle: Any, method: str, *args: Any) -> Any:
-        return self.ray.get(getattr(handle, method).remote(*args))
+        return self._get(getattr(handle, method).remote(*args))
+
+    def _get(self, ref: Any) -> Any:
+        """``ray.get``, with the project's own error raised in a stage (a FormatError naming a
+        file) given back as itself: Ray wraps it in a RayTaskError whose message is the
+        remote traceback, which reached the user as the error."""
+        try:
+            return self.ray.get(ref)
+        except self.ray.exceptions.RayTaskError as exc:
+            if isinstance(exc.cause, PeakNetError):
+                raise exc.cause from None
+            raise
 
     def start(self, handle: Any, method: str, *args: Any) -> Any:
         return getattr(handle, method).remote(*args)
@@ -267,7 +278,7 @@ class RayBackend:
         return done
 
     def result(self, future: Any) -> Any:
-        return self.ray.get(future)
+        return self._get(future)
 
     def kill(self, handle: Any) -> None:
         try:

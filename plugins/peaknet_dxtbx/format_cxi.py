@@ -30,12 +30,10 @@ import numpy as np
 from dxtbx.format.FormatHDF5 import FormatHDF5
 from dxtbx.format.FormatStill import FormatStill
 
+from peaknet_xtal.formats.cxi import DATA_PATH, GEOMETRY_ATTR, MASK_PATH, geometry_path
 from peaknet_xtal.formats.geometry import HC_EV_A
 from peaknet_xtal.types import count_range
 
-DATA_PATH = "/entry_1/data_1/data"
-MASK_PATH = "/entry_1/data_1/mask"
-GEOMETRY_ATTR = "peaknet_geometry"
 #: Pixel values beyond +-TRUSTED (and non-finite ones) are untrusted: DIALS masks them.
 TRUSTED = 1e9
 #: What a pixel of a per-frame mask's bad pixels reads as: below the trusted range, so masked.
@@ -61,25 +59,6 @@ def user_errors(image_file: str, doing: str) -> Iterator[None]:
         raise Sorry(f"{exc}") from None  # from None: DIALS prints the one line, no chain
     except (OSError, ValueError, KeyError, IndexError, RuntimeError, TypeError) as exc:
         raise Sorry(f"{image_file}: cannot {doing}: {exc}") from None
-
-
-def geometry_path(image_file: str) -> str | None:
-    """The CrystFEL geometry that belongs to ``image_file``, or None."""
-    try:
-        with h5py.File(image_file, "r") as h5:
-            named = h5.attrs.get(GEOMETRY_ATTR)
-    except OSError:
-        return None
-    if isinstance(named, bytes):
-        named = named.decode()
-    candidates = []
-    if named:
-        candidates.append(os.path.join(os.path.dirname(os.path.abspath(image_file)), str(named)))
-    candidates.append(os.path.splitext(image_file)[0] + ".geom")
-    for path in candidates:
-        if os.path.isfile(path):
-            return path
-    return None
 
 
 def _hdf5_signature(path: str) -> bool:

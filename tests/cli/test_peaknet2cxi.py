@@ -81,7 +81,8 @@ def stacks(real_data, tmp_path_factory):
 
 
 def _run(stack, geom_path, outdir, predictor, **extra):
-    config = {"inputs": [str(stack)], "geometry": str(geom_path), "output": str(outdir),
+    config = {"inputs": [str(stack)], "geometry": geom_path and str(geom_path),
+              "output": str(outdir),
               "predictor": predictor, "progress": False, "min_peaks": 5, **extra}
     return run(config)
 
@@ -319,6 +320,70 @@ def test_main_with_the_real_default_model(stacks, tmp_path, capsys):
     assert main([str(stack), *same, "--model", str(shipped)]) == 0, capsys.readouterr().err
     again = json.loads((outdir / "peaknet2cxi.json").read_text())
     assert (again["frames"], again["this_run"]["skipped"]) == (N_FRAMES, N_FRAMES)
+
+
+def test_a_rerun_over_an_input_rewritten_under_its_name_is_refused(stacks, tmp_path, capsys):
+    """Frames are skipped as done by (file, event): an input regenerated under the same name
+    would keep the earlier file's peaks (and a linked CXI file would show the new pixels
+    beside them).  Each CXI file records its inputs as they were read; a changed one is
+    refused, naming it and the CXI file; the same input resumes, a deleted one is not judged."""
+    import shutil
+    import time
+
+    geom_path, _, stack, _, predictor = stacks["cspad"]
+    mine = tmp_path / "run.cxi"
+    shutil.copy(stack, mine)
+    outdir = tmp_path / "out"
+    first = _run(mine, geom_path, outdir, predictor, frames_per_file=1)
+    assert len(first["cxi_files"]) == N_FRAMES
+    again = _run(mine, geom_path, outdir, predictor, frames_per_file=1)  # unchanged: resumes
+    assert again["this_run"]["skipped"] == N_FRAMES
+    time.sleep(0.01)
+    with h5py.File(mine, "r+") as h5:  # regenerated in place: other pixels, same name
+        data = h5["/entry_1/data_1/data"]
+        data[0] = data[0] + 1.0
+    with pytest.raises(FormatError, match=r"run\.cxi.*has changed since its frames were found "
+                       r"into .*peaks-0000[01]\.cxi.*another output folder"):
+        _run(mine, geom_path, outdir, predictor, frames_per_file=1)
+    assert len(list(outdir.glob("peaks-*.cxi"))) == N_FRAMES  # nothing already written is lost
+    capsys.readouterr()
+    code = main([str(mine), "-g", str(geom_path), "-o", str(outdir), "--threads", "1",
+                 "--min-peaks", "5", "--frames-per-file", "1"])
+    err = capsys.readouterr().err
+    assert code == 1 and "has changed since its frames were found" in err, err
+    assert "Traceback" not in err
+    mine.unlink()  # gone: its frames are not read again, the folder is not judged by it
+    shutil.copy(stack, tmp_path / "other.cxi")
+    third = _run(tmp_path / "other.cxi", geom_path, outdir, predictor, frames_per_file=1)
+    assert third["this_run"]["frames"] == N_FRAMES
+
+
+def test_an_hdf5_stack_without_a_geometry_uses_one_that_belongs_to_it(stacks, tmp_path, capsys,
+                                                                      caplog):
+    """Without -g a stack is read with the geometry that belongs to it (NAME.geom beside it,
+    or the one its peaknet_geometry attribute names, as peaknet-sim writes); a stack with none
+    is read one panel a frame, said in a warning, and the end of the run says how to get a
+    .geom for indexamajig (it printed "next: None")."""
+    import logging
+    import shutil
+
+    geom_path, _, stack, _, predictor = stacks["cspad"]
+    plain = tmp_path / "plain.h5"
+    shutil.copy(stack, plain)
+    with caplog.at_level(logging.WARNING, logger="peaknet_xtal"):
+        code = main([str(plain), "-o", str(tmp_path / "alone"), "--threads", "1",
+                     "--min-peaks", "5"])
+    assert code == 0
+    assert "no geometry given (-g) or found beside it: each frame is read as one panel" \
+        in caplog.text
+    out = capsys.readouterr().out
+    assert "next: indexamajig needs a geometry" in out and "None" not in out
+    shutil.copy(geom_path, tmp_path / "plain.geom")
+    summary = _run(plain, None, tmp_path / "out", predictor)
+    assert summary["frames"] == summary["hits"] == N_FRAMES
+    assert summary["indexamajig"] is not None  # peaknet.geom written from the file's geometry
+    found = read_cxi_peaks(Path(summary["cxi_files"][0]))
+    assert found.n_peaks.sum() > 20  # the truth predictor knows the frames split into panels
 
 
 def test_a_rerun_with_a_retrained_model_at_the_same_path_is_refused(stacks, tmp_path):

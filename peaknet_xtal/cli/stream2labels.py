@@ -12,9 +12,12 @@ metadata, in one compressed HDF5 file that peaknet-train reads directly.
 Beside the output: <output>.peakdiff.png (found-vs-predicted and precision-recall scatter with the
 selection box) and <output>.config.json (the resolved settings).  Fits run on a local Ray
 (2 CPUs) unless --no-ray; --address joins a running cluster.  An interrupted run resumes where it
-stopped (finished batches in <output>.parts/ are kept).  A run that selects no frame writes no
-label file and exits 1, saying why (one line per cause, with counts).  An output that cannot be
-written (a folder, a place without write permission) is refused before any work (exit 2).
+stopped (finished batches in <output>.parts/ are kept; Ctrl-C stops with exit 130 and one line
+saying what is kept).  A run that selects no frame, or labels none of those it selected (their
+images cannot be read), writes no label file and exits 1, saying why (one line per cause, with
+counts).  Every setting is checked before any work: one out of its range (--window 2,
+--min-precision 2), or a minimum above its maximum, is one line naming it (exit 2); so is an
+output that cannot be written (a folder, a place without write permission).
 """
 from __future__ import annotations
 
@@ -88,8 +91,24 @@ def format_summary(summary: dict[str, Any]) -> str:
             f"({summary['batches_resumed']} resumed)\n  report: {summary['report']}")
 
 
+def what_is_kept(output: Path) -> str:
+    """What a rerun of the same command resumes from: the finished batches' part files."""
+    parts = output.with_name(output.name + ".parts")
+    done = len(list(parts.glob("batch_*.h5"))) if parts.is_dir() else 0
+    if not done:
+        return "no batch had finished, so a rerun starts afresh"
+    return (f"{done} finished batch{'es' if done > 1 else ''} kept in {parts}: the same command "
+            "resumes from them")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    from peaknet_xtal.labelling.job import DEFAULTS, TYPES, NothingToLabel, check_output
+    from peaknet_xtal.labelling.job import (
+        DEFAULTS,
+        TYPES,
+        NothingToLabel,
+        check_output,
+        check_settings,
+    )
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -98,6 +117,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     inputs, output = given.pop("inputs"), given.pop("output")
     quiet = given.pop("quiet", False)
     config = cfgmod.resolve_or_exit(parser, DEFAULTS, given, types=TYPES)
+    try:  # what no single setting's range can say (a minimum above its maximum)
+        check_settings(config, cfgmod.option_names(parser))
+    except cfgmod.ConfigError as exc:
+        parser.error(str(exc))
     out = Path(output)
     try:  # before anything is written beside it, and before hours of fits
         check_output(out)
@@ -108,18 +131,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                   list(argv) if argv is not None else sys.argv[1:])
     try:
         summary = stream2labels(inputs, output, config, progress=not quiet)
-    except NothingToLabel as exc:  # the inputs are fine; the selection kept none of them
+    except KeyboardInterrupt:  # Ctrl-C: a stop the user asked for, not a failure to explain
+        print(f"stream2labels: interrupted; {what_is_kept(out)}", file=sys.stderr)
+        return 130
+    except NothingToLabel as exc:  # the inputs are fine; none of their frames became labels
         print(f"stream2labels: error: {exc}", file=sys.stderr)
         return 1
     except PeakNetError as exc:
         print(f"stream2labels: error: {exc}", file=sys.stderr)
         return 2
     print(format_summary(summary))
-    if summary["selected"] and not summary["labelled"]:
-        print("stream2labels: error: no selected frame could be labelled (are the images where "
-              f"the inputs say? see --prefix); first error: {summary['first_image_error']}",
-              file=sys.stderr)
-        return 1
     return 0
 
 

@@ -5,6 +5,13 @@ peaks chosen for labelling, hands them to a ``fit_map`` (serial here; an elastic
 in :mod:`.distributed`), paints the trusted fits into per-panel label masks and writes everything to
 a part file that appears under its final name only when complete.  A frame whose image cannot be
 read is recorded with its error, and the batch goes on.
+
+Each window carries its panel's gain (ADU per photon), the fit's noise model
+(:func:`.pvoigt.noise_variance`): resolved as every other entry point resolves it
+(:func:`peaknet_xtal.finding.settings.resolve_gain`: what the source or geometry declares), and
+measured from the background (:class:`peaknet_xtal.finding.gain.GainResolver`) where nothing
+real is declared.  A batch measures on its own frames, so a resumed run labels a batch exactly as
+an uninterrupted one does.  The gain used is stored per row (``meta/gain``).
 """
 from __future__ import annotations
 
@@ -106,8 +113,10 @@ class BatchLabeler:
         return (np.asarray(table["panel"]), np.asarray(table["fs"], float),
                 np.asarray(table["ss"], float))
 
-    def windows(self, job: FrameJob, panels: list[np.ndarray],
-                masks: list[np.ndarray]) -> list[Window]:
+    def windows(self, job: FrameJob, panels: list[np.ndarray], masks: list[np.ndarray],
+                gains: Sequence[float] | None = None) -> list[Window]:
+        """Windows around this frame's peaks, each with its panel's gain (``gains``, ADU per
+        photon; None: data in photons)."""
         size = int(self.fit_config.get("window", 9))
         panel_ids, fs, ss = self.positions(job)
         out: list[Window] = []
@@ -115,7 +124,9 @@ class BatchLabeler:
             if not 0 <= int(p) < len(panels):
                 continue  # a panel the image does not have: nothing to fit, nothing to crash on
             sel = panel_ids == p
-            out.extend(extract_windows(panels[p], masks[p], fs[sel], ss[sel], size, panel=int(p)))
+            gain = 1.0 if gains is None else float(gains[p])
+            out.extend(extract_windows(panels[p], masks[p], fs[sel], ss[sel], size, panel=int(p),
+                                       gain=gain))
         return out
 
     def run(self, batch: Batch, part_path: str | os.PathLike[str],
@@ -124,11 +135,12 @@ class BatchLabeler:
         summary = BatchSummary(batch.index)
         status: dict[str, list[Any]] = {"frame": [], "status": [], "message": []}
         loaded = []
+        gains = BatchGains()  # this batch's own: a resumed batch measures what it measured
         with FrameLoader() as loader:
             for job in batch.jobs:
+                geometry = self.geometries.get(job.record.geometry_key)
                 try:
-                    frame = loader.load(job.record,
-                                        self.geometries.get(job.record.geometry_key))
+                    frame = loader.load(job.record, geometry)
                 except Exception as exc:  # recorded, never fatal: the rest of the batch goes on
                     log.warning("frame %s %s: %s", job.record.image, job.record.event, exc)
                     status["frame"].append(job.number)
@@ -136,13 +148,14 @@ class BatchLabeler:
                     status["message"].append(str(exc))
                     summary.frame_errors += 1
                     continue
-                loaded.append((job, frame.panels, frame.masks_or_ones()))
-        windows = [self.windows(job, panels, masks) for job, panels, masks in loaded]
+                masks = frame.masks_or_ones()
+                loaded.append((job, frame.panels, masks, gains(frame, geometry)))
+        windows = [self.windows(job, panels, masks, g) for job, panels, masks, g in loaded]
         outcomes = self._fit_all(windows, fit_map)
-        shape = _max_shape([p for _, panels, _ in loaded for p in panels])
+        shape = _max_shape([p for _, panels, _, _ in loaded for p in panels])
         with LabelWriter(part_path, shape, self.config) as writer:
-            for (job, panels, masks), frame_outcomes in zip(loaded, outcomes, strict=False):
-                self._write_frame(writer, job, panels, masks, frame_outcomes, summary)
+            for (job, panels, masks, g), frame_outcomes in zip(loaded, outcomes, strict=False):
+                self._write_frame(writer, job, panels, masks, frame_outcomes, summary, g)
                 status["frame"].append(job.number)
                 status["status"].append("labelled")
                 status["message"].append("")
@@ -166,7 +179,7 @@ class BatchLabeler:
 
     def _write_frame(self, writer: LabelWriter, job: FrameJob, panels: list[np.ndarray],
                      masks: list[np.ndarray], outcomes: list[FitOutcome],
-                     summary: BatchSummary) -> None:
+                     summary: BatchSummary, gains: Sequence[float]) -> None:
         table = outcomes_table(outcomes)
         fits = np.zeros(len(table), dtype=LABEL_FIT_DTYPE)
         for name in table.dtype.names or ():
@@ -190,10 +203,60 @@ class BatchLabeler:
                 "panel_name": names[p] if p < len(names) else str(p),
                 "n_fitted": int((on_panel & ok).sum()),
                 "n_rejected": int((on_panel & ~ok).sum()),
+                "gain": float(gains[p]) if p < len(gains) else np.nan,
                 "mean_redchi": float(redchi.mean()) if len(redchi) else np.nan}))
             fits["row"][on_panel] = row
             summary.rows += 1
         writer.add_fits(fits)
+
+
+class BatchGains:
+    """Per-panel gains (ADU per photon) of a batch's frames, for the fits' noise model.
+
+    A real declared gain (the source's, or the geometry's ``adu_per_photon`` / ``adu_per_eV``
+    x photon energy; per panel where the geometry says so) is used as is; a missing or
+    placeholder one (:func:`peaknet_xtal.finding.gain.is_placeholder`) is measured from the
+    frames' background by one :class:`~peaknet_xtal.finding.gain.GainResolver` (the first
+    frames' estimates, then fixed), exactly as the finder does.  When neither gives a gain, the
+    data are taken to be in photons (gain 1, what the fit assumed before it knew of gains), said
+    once in the log.
+    """
+
+    def __init__(self) -> None:
+        from peaknet_xtal.finding.gain import GainResolver
+
+        self._measure = GainResolver()
+        self._warned = False
+
+    def __call__(self, frame: Any, geometry: Any = None) -> list[float]:
+        from peaknet_xtal.finding.gain import is_placeholder
+        from peaknet_xtal.finding.sanitise import sanitise_frame
+        from peaknet_xtal.finding.settings import resolve_gain
+
+        geometry = frame.geometry if frame.geometry is not None else geometry
+        n = len(frame.panels)
+
+        def real(value: float | None) -> bool:
+            return value is not None and value > 0 and not is_placeholder(value)
+
+        if geometry is not None and len(getattr(geometry, "panels", ())) == n:
+            own = [resolve_gain(meta=frame.meta, geometry=geometry, panel=p) for p in range(n)]
+            if all(real(g) for g in own):
+                return [float(g) for g in own if g is not None]
+        declared = resolve_gain(meta=frame.meta, geometry=geometry)
+        if declared is not None and real(declared):
+            return [float(declared)] * n
+        # a gap's marked values are no background (what marks them depends on the stored type)
+        goods = sanitise_frame(frame.panels, frame.masks, frame.meta.get("dtype"))[1]
+        measured = self._measure(declared, frame.panels, goods)
+        if measured is None or not measured > 0:
+            if not self._warned:
+                self._warned = True
+                log.warning("%s: no detector gain declared and the background does not show "
+                            "one: the fits take the data to be in photons", frame.source
+                            or "frame")
+            return [1.0] * n
+        return [float(measured)] * n
 
 
 def _max_shape(panels: list[np.ndarray]) -> tuple[int, int]:

@@ -16,12 +16,14 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
+from pydantic import AfterValidator
+from pydantic_core import PydanticCustomError
 
 from peaknet_xtal.atomic import write_json_atomic
-from peaknet_xtal.config import deep_merge
+from peaknet_xtal.config import ConfigError, bounded, deep_merge, one_of, validate
 from peaknet_xtal.errors import FormatError
 from peaknet_xtal.labelling.batch import (
     LABEL_DEFAULTS,
@@ -68,12 +70,70 @@ DEFAULTS: dict[str, Any] = {
         "trust_pickle": False,   # read pickled (pre-msgpack) .refl files: they can run code
     },
 }
-#: Types of the settings whose default (None) cannot say it (config.resolve validates them).
+
+
+def _odd_window(value: int) -> int:
+    """A fit window's side: odd, so that the window is centred on the peak's pixel, and at
+    least 3 pixels (one pixel either side)."""
+    if value < 3 or value % 2 == 0:
+        raise PydanticCustomError("odd_window", "must be an odd number of pixels >= 3")
+    return value
+
+
+_COUNT = bounded(int, ge=0)
+_POSITIVE_COUNT = bounded(int, ge=1)
+_FRACTION = bounded(float, ge=0, le=1)
+#: Every setting's type and range (config.resolve checks them for the command line and a config
+#: file alike, :func:`label_run` for Python callers), so that a bad value is one line naming it
+#: before any work rather than a traceback after Ray started (an even window) or a run that
+#: quietly means nothing (a precision of 2, no CPUs, a negative match distance).  Those whose
+#: default (None) cannot say their type are here too.
 TYPES: dict[str, Any] = {
-    "label.min_i_over_sigma": float | None, "run.prefix": str | None,
-    "run.geometry": str | None, "run.address": str | None, "run.report": str | None,
-    "run.max_frames": int | None,
+    "peakdiff.cutoff": bounded(float, gt=0),
+    "peakdiff.min_precision": _FRACTION, "peakdiff.min_recall": _FRACTION,
+    "peakdiff.min_found": _COUNT, "peakdiff.max_found": _COUNT,
+    "peakdiff.min_predicted": _COUNT, "peakdiff.max_predicted": _COUNT,
+    "fit.window": Annotated[int, AfterValidator(_odd_window)],
+    "fit.max_nfev": _POSITIVE_COUNT,
+    "fit.redchi_max": bounded(float, gt=0),
+    "fit.min_snr": bounded(float, ge=0),
+    "fit.max_shift": bounded(float, gt=0),
+    "fit.min_pixels": _COUNT,
+    "fit.label_fraction": bounded(float, gt=0, le=1),
+    "fit.prescreen_snr": bounded(float, ge=0),  # 0: off
+    "fit.tolerance": bounded(float, gt=0),
+    "label.fit_on": one_of(("predicted", "matched", "found")),
+    "label.min_i_over_sigma": float | None,
+    "label.panels": one_of(("all", "labelled")),
+    "label.chunk_size": _POSITIVE_COUNT,
+    "run.prefix": str | None, "run.geometry": str | None, "run.address": str | None,
+    "run.report": str | None,
+    "run.batch_size": _POSITIVE_COUNT, "run.num_cpus": _POSITIVE_COUNT,
+    "run.max_batches_in_flight": _POSITIVE_COUNT, "run.max_fits_in_flight": _POSITIVE_COUNT,
+    "run.max_frames": bounded(int, ge=1, optional=True),  # None: every frame
 }
+#: Limits that hold between two settings: (lower, upper).
+ORDERED = (("peakdiff.min_found", "peakdiff.max_found"),
+           ("peakdiff.min_predicted", "peakdiff.max_predicted"))
+
+
+def check_settings(config: dict[str, Any], names: dict[str, str] | None = None,
+                   where: str | None = "settings") -> dict[str, Any]:
+    """``config`` (defaults filled in) with every value's type and range checked, and the
+    minima not above their maxima; a :class:`ConfigError` naming the setting otherwise (by its
+    option in ``names``, ``peakdiff.min_found`` -> ``--min-peaks``, where given).  A minimum
+    above its maximum selects nothing, and would only say so after reading every input.
+    """
+    checked = validate(config, DEFAULTS, TYPES)
+    for low, high in ORDERED:
+        section, lo_key = low.split(".")
+        hi_key = high.split(".")[1]
+        lo, hi = checked[section][lo_key], checked[section][hi_key]
+        if lo is not None and hi is not None and lo > hi:
+            name = (names or {}).get
+            raise ConfigError(where, f"{name(low, low)} {lo} is above {name(high, high)} {hi}: "
+                                     "no frame could be selected")
+    return checked
 
 
 class NothingToLabel(FormatError):
@@ -201,11 +261,13 @@ def label_run(paths: Sequence[str], output: str | os.PathLike[str],
     ``not_selected``: why the other frames were turned away, one line per rule).
 
     Raises :class:`NothingToLabel`, writing no label file, when the inputs give no frame to
-    label: an empty file would pass for a result; and a FormatError before any work for an
-    output that cannot be written (:func:`check_output`).
+    label, or none of the selected frames could be labelled: an empty file would pass for a
+    result; and a FormatError before any work for an
+    output that cannot be written (:func:`check_output`) or a setting out of its range
+    (:func:`check_settings`: a ConfigError).
     """
     check_output(output)
-    cfg = deep_merge(DEFAULTS, config or {})
+    cfg = check_settings(deep_merge(DEFAULTS, config or {}))
     run = cfg["run"]
     start = time.perf_counter()
     output = Path(output)
@@ -241,6 +303,12 @@ def label_run(paths: Sequence[str], output: str | os.PathLike[str],
 
     part_files = [parts / f"batch_{b.index:06d}.h5" for b in batches]
     frames = _frames_table(records, diffs, selection, part_files)
+    if not np.any(frames["status"] == "labelled"):
+        # no label file: one without a single labelled frame would pass for a result; and no
+        # parts either, since the settings that fix it (--prefix) do not change the fingerprint,
+        # so a rerun would resume from these failures instead of reading the images again
+        shutil.rmtree(parts, ignore_errors=True)
+        raise _nothing_labelled(paths, len(jobs), frames, not_selected)
     fit_seconds = time.perf_counter() - fit_start
     rows = merge_label_files(part_files, output, cfg, frames)
     if not run.get("keep_parts"):
@@ -249,6 +317,20 @@ def label_run(paths: Sequence[str], output: str | os.PathLike[str],
                        time.perf_counter() - start, fit_seconds)
     summary["not_selected"] = not_selected
     return summary
+
+
+def _nothing_labelled(paths: Sequence[str], selected: int, frames: dict[str, np.ndarray],
+                      not_selected: Sequence[str]) -> NothingToLabel:
+    """Why none of the selected frames became labels: a first line saying how many images could
+    not be read and the first reason (usually images that are not where the inputs say), then
+    why the other frames were not selected, one line per rule (as the summary would say)."""
+    unreadable = frames["status"] == "image_error"
+    first = frames["message"][unreadable][0] if unreadable.any() else "none recorded"
+    return NothingToLabel(", ".join(paths), f"none of the {selected} selected frames could be "
+                          f"labelled ({int(unreadable.sum())} unreadable: are the images where "
+                          f"the inputs say? see --prefix), no label file written; first error: "
+                          f"{first}" + "".join(f"\n  not selected: {line}"
+                                              for line in not_selected))
 
 
 def missing_image_lines(records: Sequence[FrameRecord]) -> list[str]:

@@ -8,7 +8,8 @@ Layout of one HDF5 file (every array chunked one row at a time and gzip-compress
 ``labels``                  (N, H, W) uint8    1 = Bragg peak pixel (half-max of a trusted fit)
 ``meta/<column>``           (N,)               source, image, event, panel, panel_name, height,
                                                width, precision, recall, n_found, n_predicted,
-                                               n_matched, n_fitted, n_rejected, mean_redchi
+                                               n_matched, n_fitted, n_rejected, mean_redchi,
+                                               gain (ADU per photon the fits' noise model used)
 ``fits``                    (M,) FIT_DTYPE     every attempted fit, with ``row`` (its image row,
                                                -1 for panels not stored) and ``frame``
 ``frames/<column>``         (F,)               PeakDiff statistics of every input frame, accepted
@@ -42,7 +43,7 @@ LABEL_FIT_DTYPE = np.dtype([("row", np.int64), ("frame", np.int64)] + FIT_DTYPE.
 STR_META = ("source", "image", "event", "panel_name")
 INT_META = ("frame", "panel", "height", "width", "n_found", "n_predicted", "n_matched", "n_fitted",
             "n_rejected")
-FLOAT_META = ("precision", "recall", "mean_redchi")
+FLOAT_META = ("precision", "recall", "mean_redchi", "gain")
 
 
 @dataclass

@@ -91,9 +91,9 @@ def test_frames_turned_away_are_counted_in_the_summary(real_data, tmp_path, caps
     code = main([str(real_data / LYSO), "-o", str(tmp_path / "l.h5"), "--no-ray", "--quiet",
                  "--min-precision", "0.6"])
     assert code == 1  # the two selected frames' images are not here (the earlier check)
-    out = capsys.readouterr().out
-    assert "2 selected" in out
-    assert "  not selected: 1 frame: precision below 0.6 (--min-precision; theirs: 0.52)" in out
+    err = capsys.readouterr().err
+    assert "none of the 2 selected frames could be labelled (2 unreadable" in err
+    assert "  not selected: 1 frame: precision below 0.6 (--min-precision; theirs: 0.52)" in err
 
 
 def test_nothing_selected_with_images_present_names_only_the_rule(sim_run, tmp_path, capsys):
@@ -135,3 +135,109 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_work(kind, sim_r
     assert len(err) == 1 and err[0].startswith(f"stream2labels: error: {out}: "), err
     assert ("is a folder" if kind == "folder" else "notes.txt is not a folder") in err[0]
     assert sorted(p.name for p in tmp_path.rglob("*")) == before  # nothing left behind
+
+
+@pytest.mark.parametrize("option, value, says", [
+    ("--window", "2", "odd"), ("--window", "4", "odd"), ("--window", "1", "odd"),
+    ("--num-cpus", "0", ">= 1"), ("--cutoff", "-1", "> 0"), ("--cutoff", "nan", "> 0"),
+    ("--min-precision", "2", "in [0, 1]"), ("--min-recall", "-0.1", "in [0, 1]"),
+    ("--min-peaks", "-1", ">= 0"), ("--max-peaks", "-5", ">= 0"),
+    ("--min-predicted", "-1", ">= 0"), ("--max-predicted", "-1", ">= 0"),
+    ("--redchi-max", "0", "> 0"), ("--min-snr", "-1", ">= 0"), ("--max-nfev", "0", ">= 1"),
+    ("--batch-size", "0", ">= 1"), ("--max-batches-in-flight", "0", ">= 1"),
+    ("--max-fits-in-flight", "0", ">= 1"), ("--max-frames", "0", ">= 1"),
+])
+def test_a_setting_out_of_range_is_one_line_naming_it_before_any_work(option, value, says,
+                                                                      sim_run, tmp_path, capsys):
+    """The user trial: --window 2 was a traceback after Ray had started; --num-cpus 0,
+    --cutoff -1 and --min-precision 2 were taken."""
+    out = tmp_path / "l.h5"
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(sim_run.stream), "-o", str(out), "--quiet", option, value])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("stream2labels: error: ") and f"{option}: must" in line, line
+    assert says in line and f"(got {value}" in line.replace("'", "")
+    assert list(tmp_path.iterdir()) == []  # no config record, report, parts or label file
+
+
+@pytest.mark.parametrize("text, names", [
+    ("fit:\n  label_fraction: 0\n", "fit.label_fraction: must be in (0, 1]"),
+    ("fit:\n  tolerance: 0\n", "fit.tolerance: must be > 0"),
+    ("fit:\n  max_shift: -1\n", "fit.max_shift: must be > 0"),
+    ("fit:\n  min_pixels: -1\n", "fit.min_pixels: must be >= 0"),
+    ("fit:\n  prescreen_snr: -2\n", "fit.prescreen_snr: must be >= 0"),
+    ("label:\n  chunk_size: 0\n", "label.chunk_size: must be >= 1"),
+    ("label:\n  fit_on: centroid\n", "label.fit_on: must be one of predicted, matched, found"),
+    ("label:\n  panels: some\n", "label.panels: must be one of all, labelled"),
+])
+def test_config_file_settings_are_range_checked_too(text, names, tmp_path, capsys):
+    cfg = tmp_path / "labels.yaml"
+    cfg.write_text(text)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["a.stream", "-o", str(tmp_path / "l.h5"), "--config", str(cfg)])
+    assert exit_info.value.code == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "labels.yaml" in line and names in line, line
+
+
+@pytest.mark.parametrize("low, high, names", [
+    ("--min-peaks", "--max-peaks", "--min-peaks 50 is above --max-peaks 20"),
+    ("--min-predicted", "--max-predicted", "--min-predicted 50 is above --max-predicted 20"),
+])
+def test_a_minimum_above_its_maximum_is_refused(low, high, names, sim_run, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(sim_run.stream), "-o", str(tmp_path / "l.h5"), "--quiet", low, "50", high,
+              "20"])
+    assert exit_info.value.code == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("stream2labels: error: ") and names in line, line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_no_frame_labelled_leaves_no_label_file(sim_run, tmp_path, capsys):
+    """The user trial: "5 selected, 0 labelled (5 unreadable), 0 rows -> b2/l.h5", exit 1, and
+    an empty b2/l.h5 left behind, where the help promises no label file."""
+    out = tmp_path / "l.h5"
+    code = main([str(sim_run.stream), "-o", str(out), "--no-ray", "--quiet", "--min-peaks", "1",
+                 "--prefix", str(tmp_path) + "/nowhere-"])
+    assert code == 1
+    captured = capsys.readouterr()
+    first = captured.err.splitlines()[0]
+    assert first.startswith("stream2labels: error: ") and str(sim_run.stream) in first
+    assert f"none of the {sim_run.n_frames} selected frames could be labelled" in first
+    assert f"{sim_run.n_frames} unreadable" in first and "no label file written" in first
+    assert "-> " not in captured.out  # no summary pointing at a file that is not there
+    assert not out.exists()
+    assert not (tmp_path / "l.h5.parts").exists()  # a rerun with --prefix starts afresh
+
+
+def test_ctrl_c_is_one_line_keeping_what_a_rerun_resumes_from(sim_run, tmp_path, capsys,
+                                                              monkeypatch):
+    """The user trial: Ctrl-C (exit 130, right) printed a whole KeyboardInterrupt traceback."""
+    from peaknet_xtal.labelling.batch import BatchLabeler
+
+    run = BatchLabeler.run
+    calls = []
+
+    def interrupted_after_one(self, batch, part, fit_map=None):
+        calls.append(batch.index)
+        if len(calls) > 1:
+            raise KeyboardInterrupt
+        return run(self, batch, part) if fit_map is None else run(self, batch, part, fit_map)
+
+    monkeypatch.setattr(BatchLabeler, "run", interrupted_after_one)
+    out = tmp_path / "l.h5"
+    argv = [str(sim_run.stream), "-o", str(out), "--no-ray", "--quiet", "--min-peaks", "1",
+            "--batch-size", "2", "--min-i-over-sigma", "5", "--max-frames", "4"]
+    assert main(argv) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("stream2labels: interrupted; ") and "Traceback" not in err[0]
+    assert "1 finished batch" in err[0] and str(tmp_path / "l.h5.parts") in err[0]
+    assert not out.exists()
+    monkeypatch.setattr(BatchLabeler, "run", run)
+    assert main(argv) == 0  # the rerun resumes from the kept batch
+    assert "batches 2 (1 resumed)" in capsys.readouterr().out

@@ -84,17 +84,19 @@ def truth_stream(path: Path, cxi_name: str, geometry, truth: dict[str, np.ndarra
     stream_io.write_stream(path, chunks, geometry_text=geometry.to_text())
 
 
-def make_sim_run(out: Path, n_frames: int = 6, seed: int = 100) -> SimRun:
+def make_sim_run(out: Path, n_frames: int = 6, seed: int = 100,
+                 adu_per_photon: str = "1") -> SimRun:
     """Simulate ``n_frames`` frames into ``out`` and write their truth stream.  Two 384x192 panels
     stacked in one slab: small enough to simulate and fit in seconds, with a panel boundary
-    through the pattern so panel bookkeeping is exercised."""
+    through the pattern so panel bookkeeping is exercised.  ``adu_per_photon``: the gain the
+    geometry declares and the simulator records its photons at."""
     from peaknet_xtal.formats.geometry import parse_geometry, read_geometry
     from peaknet_xtal.sim.output import read_truth
     from peaknet_xtal.sim.run import simulate_run
 
     text = geometry_text(["top", "bottom"], 384, 192, [(-192.0, -192.0), (-192.0, 0.0)],
                          photon_energy="9500 eV", clen="0.080 m", res="13333.3",
-                         adu_per_photon="1")
+                         adu_per_photon=adu_per_photon)
     paths = simulate_run(parse_geometry(text), n_frames, seed, out, stream=False, progress=False)
     stream = out / "truth.stream"
     truth_stream(stream, paths.cxi.name, read_geometry(paths.geom), read_truth(paths.truth),

@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import h5py
 import numpy as np
+import pytest
 from scipy import ndimage
 
-from peaknet_xtal.formats.geometry import read_geometry
-from peaknet_xtal.labelling.batch import Batch, BatchLabeler, FrameJob
+from peaknet_xtal.formats.geometry import parse_geometry, read_geometry
+from peaknet_xtal.labelling.batch import Batch, BatchGains, BatchLabeler, FrameJob
 from peaknet_xtal.labelling.ingest import records_from_stream, stream_geometry
 from peaknet_xtal.labelling.job import label_run
 from peaknet_xtal.labelling.labels import LabelFile
+from peaknet_xtal.types import Frame
 
 CONFIG = {"label": {"min_i_over_sigma": 5.0}}
 
@@ -78,3 +80,65 @@ def test_labelled_panels_only_and_found_positions(sim_run, tmp_path):
         assert len(lf) >= 1
         assert all(lf.meta("n_fitted") > 0)
         assert len(lf.fits) == len(records[0].found)
+
+
+@pytest.fixture(scope="module")
+def sim_run_adu(tmp_path_factory):
+    """Three simulated frames recorded at 25 ADU per photon, as the geometry declares."""
+    import sys
+
+    simdata = sys.modules["_peaknet_tests_simdata"]  # tests/conftest.py loaded it by path
+    return simdata.make_sim_run(tmp_path_factory.mktemp("simrun_adu"), n_frames=3,
+                                adu_per_photon="25")
+
+
+def test_bright_spots_in_adu_are_labelled_with_the_declared_gain(sim_run_adu, tmp_path):
+    """The user trial: on data in ADU (CSPAD, ~32 ADU per photon) every spot above ~20 photons
+    was rejected as redchi and stored as background, since the fit counted ADU as photons."""
+    out = tmp_path / "labels.h5"
+    label_run([str(sim_run_adu.stream)], out,
+              {**CONFIG, "peakdiff": {"min_found": 1}, "run": {"ray": False}}, progress=False)
+    coverage, outside, n_spots = _truth_scores(out, sim_run_adu)
+    assert n_spots > 50
+    assert coverage >= 0.95
+    assert outside < 0.05
+    with LabelFile(out) as lf:
+        assert np.all(lf.meta("gain") == 25.0)  # the gain the fits used, per row
+        fits = lf.fits
+    fitted = fits[np.isfinite(fits["redchi"])]
+    assert np.median(fitted["redchi"]) < 2  # a right noise model: about 1, not about 25
+
+
+def _gradient_panels(gain, rng, n=2):
+    """Panels whose background rises from 0.5 to 4 photons a pixel, recorded at ``gain``."""
+    level = np.linspace(0.5, 4.0, 256)[None, :] * np.ones((256, 1))
+    return [(gain * rng.poisson(level)).astype(np.float32) for _ in range(n)]
+
+
+def _geometry(make_geometry_text, extra=""):
+    text = make_geometry_text(["a", "b"], 256, 256, [(0.0, 0.0), (0.0, 256.0)], extra=extra)
+    return parse_geometry(text)
+
+
+def test_batch_gains_follow_the_declared_or_measured_gain(make_geometry_text):
+    rng = np.random.default_rng(3)
+    panels = _gradient_panels(25.0, rng)
+    # per panel, as the geometry declares them (no measurement: the data are not looked at)
+    geometry = _geometry(make_geometry_text, "a/adu_per_photon = 20\nb/adu_per_photon = 30\n")
+    assert BatchGains()(Frame(panels, geometry=geometry)) == [20.0, 30.0]
+    # the whole detector's, from adu_per_eV x photon energy (9000 eV)
+    geometry = _geometry(make_geometry_text, "adu_per_eV = 0.0025\n")
+    assert BatchGains()(Frame(panels), geometry) == pytest.approx([22.5, 22.5])
+    # a placeholder (1) or nothing declared: measured from the background
+    for geometry in (_geometry(make_geometry_text, "adu_per_photon = 1\n"), None):
+        gains = BatchGains()(Frame(panels), geometry)
+        assert gains[0] == gains[1] == pytest.approx(25.0, rel=0.1)
+
+
+def test_batch_gains_take_photons_when_nothing_shows_a_gain(caplog):
+    frame = Frame([np.zeros((64, 64), np.float32)] * 2, source="blank.cxi")
+    gains = BatchGains()
+    assert gains(frame) == [1.0, 1.0]
+    assert gains(frame) == [1.0, 1.0]
+    said = [r.message for r in caplog.records if "no detector gain" in r.message]
+    assert len(said) == 1 and "blank.cxi" in said[0]

@@ -48,7 +48,9 @@ def test_parts_of_another_run_are_refused(sim_run, tmp_path):
 
 @pytest.mark.ray
 def test_ray_run_matches_the_plain_run(sim_run, tmp_path):
-    from peaknet_xtal.labelling.distributed import elastic_map
+    from peaknet_xtal.labelling import pvoigt as pv
+    from peaknet_xtal.labelling.batch import serial_fit_map
+    from peaknet_xtal.labelling.distributed import elastic_map, ray_fit_map
     from peaknet_xtal.pipeline.ray_session import ray_session
 
     plain = tmp_path / "plain.h5"
@@ -63,6 +65,12 @@ def test_ray_run_matches_the_plain_run(sim_run, tmp_path):
         # order kept, never more than 2 in flight
         assert elastic_map(lambda x: square.remote(x), list(range(7)), 2) == [
             x * x for x in range(7)]
+        # a window's gain (its noise model) travels with it to the Ray workers
+        bright = [9600.0, 104.3, 57.6, 1.1, 0.9, 1.2, 1.0, 0.4, 64.0, 0.0, 0.0]
+        chunks = [[pv.synthetic_window(bright, 9, fs0=100, ss0=53, gain=32.0)]]
+        remote = ray_fit_map(2)(chunks, {})[0][0]
+        assert remote.status == "ok" and remote.row["redchi"] < 2
+        assert remote.row["redchi"] == serial_fit_map(chunks, {})[0][0].row["redchi"]
         summary = label_run([str(sim_run.stream)], tmp_path / "ray.h5",
                             _config(max_fits_in_flight=2), progress=False)
         assert ray.is_initialized()  # a caller's session is reused, not shut down
@@ -71,3 +79,4 @@ def test_ray_run_matches_the_plain_run(sim_run, tmp_path):
     with LabelFile(plain) as a, LabelFile(tmp_path / "ray.h5") as b:
         assert np.array_equal(a.h5["labels"][()], b.h5["labels"][()])
         assert np.array_equal(a.fits["status"], b.fits["status"])
+        assert np.array_equal(a.meta("gain"), b.meta("gain"))

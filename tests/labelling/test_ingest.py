@@ -85,22 +85,20 @@ def test_dials_stills_results(real_data, dials_env):
 
 @pytest.mark.dials
 def test_dials_run_accounts_for_frames_whose_images_are_gone(real_data, dials_env, tmp_path):
-    """The stills' CBFs are not shipped: every frame is recorded as unreadable, nothing crashes."""
-    from peaknet_xtal.labelling.job import label_run
-    from peaknet_xtal.labelling.labels import LabelFile
+    """The stills' CBFs are not shipped: every selected frame is unreadable, nothing crashes,
+    and the run says so, writing no label file (an empty one would pass for a result)."""
+    from peaknet_xtal.labelling.job import NothingToLabel, label_run
 
     base = real_data / "dials_stills_results_cxi78513"
     out = tmp_path / "dials.h5"
-    summary = label_run([str(base / "stills.expt"), str(base / "stills.refl")], out,
-                        {"peakdiff": {"min_found": 5, "min_precision": 0.5},
-                         "run": {"ray": False}}, progress=False)
-    assert summary["frames"] == 3 and summary["rows"] == 0
-    assert summary["image_errors"] == summary["selected"] > 0
-    with LabelFile(out) as lf:
-        status = lf.frames("status")
-        assert set(status) <= {"image_error", "not_selected"}
-        assert "idx-20130301054738747.cbf" in lf.frames("message")[0]
-        assert len(lf) == 0
+    with pytest.raises(NothingToLabel) as caught:
+        label_run([str(base / "stills.expt"), str(base / "stills.refl")], out,
+                  {"peakdiff": {"min_found": 5, "min_precision": 0.5},
+                   "run": {"ray": False}}, progress=False)
+    message = str(caught.value)
+    assert "selected frames could be labelled" in message and "unreadable" in message
+    assert "idx-20130301054738747.cbf" in message and "--prefix" in message
+    assert not out.exists() and not (tmp_path / "dials.h5.parts").exists()
 
 
 class _Marker:

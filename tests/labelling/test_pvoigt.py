@@ -101,3 +101,37 @@ def test_baseline_fits_the_same_window():
     result = pv.fit_window_baseline(_window(seed=2))
     assert result.success
     assert result.params["dx0"].value + 104 == pytest.approx(TRUE[1], abs=0.15)
+
+
+# the user trial: bright simulated CSPAD spots (about 32 ADU per photon) were all rejected as
+# redchi, since the weights counted ADU as photons and a right fit's redchi came out near the gain
+BRIGHT_ADU = [300 * 32.0, 104.3, 57.6, 1.1, 0.9, 1.2, 1.0, 0.4, 2 * 32.0, 0.0, 0.0]
+
+
+def test_noise_model_is_in_the_units_of_the_data():
+    data = np.array([-5.0, 0.0, 320.0])
+    assert np.array_equal(pv.noise_variance(data, 1.0), np.abs(data) + 1.0)  # photons: as before
+    # 10 photons at 32 ADU each: 10 photons^2 of variance, 1 photon^2 of floor, in ADU^2
+    assert pv.noise_variance(np.array([320.0]), 32.0)[0] == pytest.approx(32.0**2 * 11)
+
+
+def test_a_right_fit_in_adu_has_a_reduced_chi_square_near_one():
+    redchis, statuses = [], []
+    for seed in range(8):
+        win = pv.synthetic_window(BRIGHT_ADU, 9, fs0=100, ss0=53,
+                                  rng=np.random.default_rng(seed), gain=32.0)
+        assert win.gain == 32.0
+        out = pv.fit_window(win)
+        redchis.append(out.row["redchi"])
+        statuses.append(out.status)
+        assert abs(out.row["x0"] - BRIGHT_ADU[1]) < 0.1
+    assert statuses == ["ok"] * 8
+    assert 0.6 < np.median(redchis) < 1.5
+
+
+def test_windows_carry_their_panel_gain_to_the_fit():
+    image = np.zeros((20, 20))
+    wins = pv.extract_windows(image, None, [10.0], [10.0], 9, panel=3, gain=7.5)
+    assert wins[0].gain == 7.5 and wins[0].panel == 3
+    with pytest.raises(ValueError, match="gain"):
+        pv.extract_windows(image, None, [10.0], [10.0], 9, gain=0.0)

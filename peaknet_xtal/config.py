@@ -16,6 +16,7 @@ import argparse
 import copy
 import dataclasses
 import difflib
+import json
 import logging
 import os
 import re
@@ -404,3 +405,30 @@ def record(config: Mapping[str, Any], path: str | os.PathLike[str] | None, comma
             "command": command, "argv": argv, "cwd": os.getcwd(),
             "config_file": None if config_file is None else str(Path(config_file).absolute()),
             "config": dict(config)})
+
+
+_ABSENT = object()
+
+
+def setting_differences(run: Mapping[str, Any], now: Mapping[str, Any],
+                        may_change: Iterable[str] = (), prefix: str = "") -> list[str]:
+    """``key: <run's value> in the run, <value> now`` for every setting that differs between
+    an earlier run's record and this run, nested sections as dotted keys, except those in
+    ``may_change`` (dotted).  A setting only one side has differs too: a run made before a
+    setting existed cannot say it ran as that setting's default does now.  What a command
+    says when it refuses to continue a run with other settings (peaknet-train,
+    peaknet-integrate)."""
+    allowed = set(may_change)
+    found: list[str] = []
+    for key in sorted(set(run) | set(now)):
+        dotted = f"{prefix}{key}"
+        if dotted in allowed:
+            continue
+        old, new = run.get(key, _ABSENT), now.get(key, _ABSENT)
+        if isinstance(old, Mapping) and isinstance(new, Mapping):
+            found += setting_differences(old, new, allowed, f"{dotted}.")
+        elif old != new:
+            shown = ["(not set)" if v is _ABSENT else json.dumps(v, default=str)
+                     for v in (old, new)]
+            found.append(f"{dotted}: {shown[0]} in the run, {shown[1]} now")
+    return found

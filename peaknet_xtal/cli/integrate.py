@@ -26,38 +26,67 @@ is replaced by the gain measured from the background, as peaknet2cxi does; the l
 is used and why.  Frames must be pedestal-corrected.
 
 Outputs appear under their final names only when complete.  Reruns skip finished CXI and DIALS
-outputs; a stream grows in a hidden .NAME.partial beside its output, kept after a failure, and
-the same command continues it after its last complete chunk.  A bad input (a missing or damaged
-file or image, a table without positions, no gain) ends the run with one line naming the file
-and the problem, exit status 1.
+outputs (an input changed since its output was written is integrated again); a stream grows in a
+hidden .NAME.partial beside its output, kept after a failure or Ctrl-C (exit status 130), and
+the same command continues it after its last complete chunk.  An output folder holds one run's
+settings: a rerun whose geometry, --refl, --weights, --adu-per-photon or --read-noise differ from
+those recorded in OUTPUT/integrate_config.json is refused, naming each difference, before
+anything is written.  Every setting is checked before any work (a usage error naming the option,
+exit status 2).  A bad input (a missing or damaged file or image, a table without positions, no
+gain) ends the run with one line naming the file and the problem, exit status 1.  The run ends
+with one summary line: spots integrated, the gain used, the median posterior I/sigma.
 """
 from __future__ import annotations
 
+import json
 import logging
+import os
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from peaknet_xtal.config import cli_parser, record, resolve_or_exit, setup_logging
+from peaknet_xtal.config import (
+    DEVICE,
+    bounded,
+    cli_parser,
+    record,
+    resolve_or_exit,
+    setting_differences,
+    setup_logging,
+    validate,
+)
+from peaknet_xtal.errors import FormatError
 
 log = logging.getLogger("peaknet_xtal")
 
 DEFAULTS: dict[str, Any] = {"inputs": [], "geometry": None, "refl": None, "output": "integrated",
                             "weights": "default", "device": "cpu", "adu_per_photon": None,
                             "read_noise": 0.0, "batch_size": 4096, "progress": True}
+#: Ranges and kinds of the settings whose default cannot say them (see config.resolve).
+TYPES: dict[str, Any] = {"geometry": str | None, "refl": str | None, "device": DEVICE,
+                         "adu_per_photon": bounded(float, gt=0, optional=True),
+                         "read_noise": bounded(float, ge=0), "batch_size": bounded(int, ge=1)}
 CONFIG_NAME = "integrate_config.json"
+#: Which input each output was made from (path, size, modification time), so that a rerun
+#: skips only outputs of unchanged inputs.
+INPUTS_NAME = "integrate_inputs.json"
+#: Settings that change the numbers written: a folder's outputs must share them.  The others
+#: (inputs, output, device, batch size, progress) may differ between the runs of one folder.
+SAME_RUN = ("geometry", "refl", "weights", "adu_per_photon", "read_noise")
+PROG = "peaknet-integrate"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = cli_parser(__doc__, prog="peaknet-integrate")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = cli_parser(__doc__, prog=PROG)
     parser.add_argument("inputs", nargs="*", help=".cxi/.h5 peak files, .stream, or .expt")
     parser.add_argument("-g", "--geometry", dest="geometry", help="CrystFEL .geom")
     parser.add_argument("--refl", dest="refl", help="DIALS .refl beside an .expt input")
     parser.add_argument("-o", "--output", dest="output", help="output folder")
     parser.add_argument("--weights", dest="weights", help="integrator .safetensors (default: "
                                                           "the shipped one)")
-    parser.add_argument("--device", dest="device", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--device", dest="device", help="cpu, cuda, cuda:1, ... (default cpu)")
     parser.add_argument("--adu-per-photon", dest="adu_per_photon", type=float,
                         help="detector gain, overriding the geometry's")
     parser.add_argument("--read-noise", dest="read_noise", type=float,
@@ -66,28 +95,99 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-progress", dest="progress", action="store_false")
     args = parser.parse_args(argv)
     setup_logging(getattr(args, "verbose", 0))
-    config = resolve_or_exit(parser, DEFAULTS, args)
+    config = resolve_or_exit(parser, DEFAULTS, args, types=TYPES)
     if not config["inputs"]:
         parser.error("give at least one input file")
-    from peaknet_xtal.errors import PeakNetError
-
     try:
-        record(config, Path(config["output"]) / CONFIG_NAME, "peaknet-integrate", argv)
-        outputs = run(config)
+        check_device(config["device"])
+    except ValueError as exc:  # a GPU this machine does not have: a usage error, before work
+        parser.error(f"--device: {exc}")
+    from peaknet_xtal.errors import PeakNetError
+    from peaknet_xtal.integration.files import RunStats
+
+    out = Path(config["output"])
+    stats = RunStats()
+    try:
+        # the folder's earlier run is compared before this run's settings are recorded over it
+        check_output_folder(out, config)
+        record(config, out / CONFIG_NAME, PROG, argv)
+        outputs = run(config, stats)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; finished outputs are kept in {out}, and the same command "
+              "continues (a stream from its last complete frame)", file=sys.stderr)
+        return 130
     except (PeakNetError, OSError) as exc:
         # a user's error (a bad or missing file, no gain) or the system's (a full disk): the
         # message names the file and the problem; a traceback would only bury it
-        print(f"peaknet-integrate: error: {exc}", file=sys.stderr)
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1
     for path in outputs:
         print(path)
+    print(summary_line(stats))
     return 0
 
 
+def check_device(spec: str) -> None:
+    """A ValueError saying so where ``spec`` names a device torch cannot use here (``cuda`` on
+    a machine without a GPU), as the finder's device resolution says it."""
+    from peaknet_xtal.finding.engine import resolve_device
+
+    resolve_device(spec)
+
+
+def summary_line(stats: Any) -> str:
+    """One line closing a run: spots integrated this run, gain(s) used, median I/sigma."""
+    if not stats.spots:
+        return f"{PROG}: no spots integrated this run"
+    gains = sorted(stats.gains)
+    gain = (f"{gains[0]:.3g}" if len(gains) == 1 else f"{gains[0]:.3g}-{gains[-1]:.3g}")
+    return (f"{PROG}: {stats.spots} spots integrated, gain {gain} ADU/photon, median I/sigma "
+            f"{stats.median_snr():.1f} (VI posterior)")
+
+
+def _absolute(value: Any, cwd: str | None) -> Any:
+    """A path setting as an absolute path (relative ones against ``cwd``): the same file named
+    from another folder is the same setting."""
+    if not isinstance(value, str) or value == "default":
+        return value
+    return os.path.normpath(os.path.join(cwd or os.getcwd(), value))
+
+
+def _run_settings(config: Mapping[str, Any], cwd: str | None) -> dict[str, Any]:
+    return {key: (_absolute(config.get(key), cwd) if key in ("geometry", "refl", "weights")
+                  else config.get(key)) for key in SAME_RUN}
+
+
+def check_output_folder(out: Path, config: Mapping[str, Any]) -> None:
+    """Refuse an output folder that is a file, or that holds a run made with other settings
+    (:data:`SAME_RUN`; each difference named with both values): its outputs would mix two
+    gains or two integrators under one record.  A folder with no record, or with nothing but
+    the record, takes any settings."""
+    if out.exists() and not out.is_dir():
+        raise FormatError(out, "is a file, not a folder: -o names the output folder")
+    path = out / CONFIG_NAME
+    if not path.is_file() or not any(p.name != CONFIG_NAME for p in out.iterdir()):
+        return
+    try:
+        earlier = json.loads(path.read_text())
+        settings, cwd = earlier["config"], earlier.get("cwd")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise FormatError(path, f"cannot read the earlier run's record ({exc}); use another "
+                                "output folder (-o)") from None
+    differences = setting_differences(_run_settings(settings, cwd),
+                                      _run_settings(config, None))
+    if differences:
+        raise FormatError(out, "holds outputs integrated with other settings ("
+                          + "; ".join(differences) + "); one output folder holds one run's "
+                          "settings: use another output folder (-o) for these, or the same "
+                          "settings to continue this run (what is in it is kept)")
+
+
 def _kind(path: Path) -> str:
-    from peaknet_xtal.errors import FormatError
     from peaknet_xtal.formats.cxi import CXI_SUFFIXES
 
+    if path.is_dir():
+        raise FormatError(path, "is a folder, not an input file")
     suffix = path.suffix.lower()
     if suffix == ".stream":
         return "stream"
@@ -98,14 +198,62 @@ def _kind(path: Path) -> str:
     raise FormatError(path, "not a CXI/HDF5 peak file, a CrystFEL .stream or a DIALS .expt")
 
 
-def run(config: Mapping[str, Any]) -> list[Path]:
-    """Integrate every input; returns the output paths (finished ones are kept, not redone)."""
-    from peaknet_xtal.errors import FormatError
+def _fingerprint(path: Path) -> dict[str, Any]:
+    """What identifies an input's version cheaply (no hashing of GB files): its absolute path,
+    size and modification time (``formats.cxi.file_identity``, as peaknet2cxi's CXI files
+    record theirs); a regenerated file differs in the last."""
+    from peaknet_xtal.formats.cxi import file_identity
+
+    identity = file_identity(path)
+    if identity is None:
+        raise FormatError(path, "cannot read it (not found, or not a file)")
+    return dict(zip(("input", "size", "mtime_ns"), identity, strict=True))
+
+
+def _read_inputs(out_dir: Path) -> dict[str, Any]:
+    try:
+        made = json.loads((out_dir / INPUTS_NAME).read_text())
+    except (OSError, ValueError):  # none yet (or an older version's folder): nothing known
+        return {}
+    return made if isinstance(made, dict) else {}
+
+
+def _count(path: Path, kind: str, refl: Any) -> int | None:
+    """Ticks an input will give (frames of a CXI file or a stream, experiments of an .expt),
+    where they are cheap to count; None where not (the progress then shows no total)."""
+    try:
+        if kind == "cxi":
+            import h5py
+
+            from peaknet_xtal.formats.cxi import PEAK_GROUP
+
+            with h5py.File(path, "r") as h5:
+                return int(h5[f"{PEAK_GROUP}/nPeaks"].shape[0])
+        if kind == "stream":
+            with open(path, "rb") as handle:
+                return sum(line.startswith(b"----- Begin chunk -----") for line in handle)
+        return len(json.loads(path.read_text()).get("experiment", []))
+    except (OSError, KeyError, ValueError, AttributeError):
+        return None  # a damaged input: integrating it says what is wrong, naming it
+
+
+def run(config: Mapping[str, Any], stats: Any = None) -> list[Path]:
+    """Integrate every input; returns the output paths (finished ones are kept, not redone,
+    unless their input changed since).  ``stats`` (a ``RunStats``) counts what was done."""
+    from peaknet_xtal.atomic import write_json_atomic
     from peaknet_xtal.formats.geometry import read_geometry
     from peaknet_xtal.integration import Integrator
-    from peaknet_xtal.integration.files import integrate_cxi, integrate_dials, integrate_stream
+    from peaknet_xtal.integration.files import (
+        RunStats,
+        integrate_cxi,
+        integrate_dials,
+        integrate_stream,
+    )
     from peaknet_xtal.progress import Progress
 
+    # checked here too, for Python callers (a ConfigError names the setting)
+    config = validate({**DEFAULTS, **config}, DEFAULTS, TYPES, [("run() arguments", config)])
+    stats = RunStats() if stats is None else stats
     inputs = [Path(p) for p in config["inputs"]]
     kinds = []
     for path in inputs:
@@ -118,30 +266,48 @@ def run(config: Mapping[str, Any]) -> list[Path]:
                                                       "geometry (-g)")
     if "dials" in kinds and not config["refl"]:
         raise FormatError(inputs[kinds.index("dials")], "a DIALS .expt needs its .refl (--refl)")
+    out_dir = Path(config["output"])
+    made = _read_inputs(out_dir)
+    plan = []  # (input, kind, output, whether its input changed since the output was made)
+    outputs = []
+    for path, kind in zip(inputs, kinds, strict=True):
+        out = (out_dir / f"{Path(config['refl']).stem}_vi.refl" if kind == "dials"
+               else out_dir / path.name)
+        outputs.append(out)
+        known = made.get(out.name)
+        changed = bool(out.exists() and known and known != _fingerprint(path))
+        if changed:
+            log.info("%s: its input %s changed since it was written: integrating it again",
+                     out, path)
+        elif out.exists() and kind != "stream":  # a stream is continued, see the docstring
+            log.info("%s exists: skipped (delete it to integrate %s again)", out, path)
+            continue
+        plan.append((path, kind, out, changed))
+    if not plan:
+        return outputs
     integrator = Integrator(config["weights"], device=str(config["device"]),
                             batch_size=int(config["batch_size"]))
-    out_dir = Path(config["output"])
     options = {"gain": config["adu_per_photon"], "read_noise": float(config["read_noise"])}
-    outputs = []
-    with Progress(None, "frames", desc="peaknet-integrate",
-                  enabled=bool(config["progress"])) as bar:
-        for path, kind in zip(inputs, kinds, strict=False):
-            if kind == "dials":
-                out = out_dir / f"{Path(config['refl']).stem}_vi.refl"
-            else:
-                out = out_dir / path.name
-            if out.exists() and kind != "stream":  # a stream is continued, see the docstring
-                log.info("%s exists: skipped (delete it to integrate %s again)", out, path)
-                outputs.append(out)
-                continue
+    counts = [_count(path, kind, config["refl"]) for path, kind, _, _ in plan]
+    total = None if None in counts else sum(c for c in counts if c is not None)
+    with Progress(total, "frames", desc=PROG, enabled=bool(config["progress"])) as bar:
+        for path, kind, out, changed in plan:
+            crystals = stats.crystals
+            fingerprint = _fingerprint(path)  # before the work: a change during it shows next
             if kind == "cxi":
-                integrate_cxi(path, geometry, out, integrator, tick=bar.update, **options)
+                integrate_cxi(path, geometry, out, integrator, tick=bar.update, stats=stats,
+                              **options)
             elif kind == "stream":
-                integrate_stream(path, geometry, out, integrator, tick=bar.update, **options)
+                integrate_stream(path, geometry, out, integrator, tick=bar.update, stats=stats,
+                                 fresh=changed, **options)
+                if stats.crystals == crystals:
+                    log.warning("%s: 0 crystals, nothing integrated (no indexed crystal in the "
+                                "stream)", path)
             else:
                 integrate_dials(path, config["refl"], out, integrator, tick=bar.update,
-                                **options)
-            outputs.append(out)
+                                stats=stats, **options)
+            made[out.name] = fingerprint
+            write_json_atomic(out_dir / INPUTS_NAME, made)
     return outputs
 
 

@@ -18,6 +18,7 @@ calibrated sigma.
 """
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
@@ -35,6 +36,8 @@ INTEGRATION_DTYPE = np.dtype([
     ("profile_observed", "f8"),  # fraction of the profile on valid pixels
     ("sum_photons", "f8"), ("sum_sigma", "f8"),  # background-subtracted summation
 ])
+
+log = logging.getLogger(__name__)
 
 
 class Integrator:
@@ -73,6 +76,12 @@ class Integrator:
         table["lik_sigma"] = post["photons_lik_sigma"]
         table["sum_photons"] = base["photons"]
         table["sum_sigma"] = base["photons_sigma"]
+        failed = int(np.count_nonzero(np.isnan(table["photons"])))
+        if failed:
+            # said once per call, with the reason: a NaN in a table is otherwise a mystery
+            log.warning("%d of %d spots: no posterior photons (the posterior moments came out "
+                        "non-positive or not finite: non-finite pixels or a fit that failed); "
+                        "written as NaN (the summation columns are kept)", failed, len(boxes))
         return table
 
     def integrate(self, frame: Any, panel: Any, fs: Any, ss: Any, *, gain: float = 1.0,

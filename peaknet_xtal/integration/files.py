@@ -33,6 +33,7 @@ like any background-subtracted intensity) is the measurement a merger expects.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -59,6 +60,30 @@ CXI_COLUMNS = {
 }
 
 Tick = Callable[[int], None]
+
+
+@dataclasses.dataclass
+class RunStats:
+    """What a run integrated, for its closing summary: the spots, the crystals a stream holds
+    (none is worth saying: nothing is integrated), the gains used and each spot's I/sigma."""
+
+    spots: int = 0
+    crystals: int = 0
+    gains: set[float] = dataclasses.field(default_factory=set)
+    snr: list[np.ndarray] = dataclasses.field(default_factory=list)
+
+    def add(self, table: np.ndarray, gain: float) -> None:
+        """Count one call's integrated spots (:data:`~.api.INTEGRATION_DTYPE` rows)."""
+        self.spots += len(table)
+        self.gains.add(float(gain))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            self.snr.append(table["photons"] / table["photons_sigma"])
+
+    def median_snr(self) -> float:
+        """Median posterior I/sigma of the spots with an estimate (NaN: none)."""
+        values = np.concatenate(self.snr) if self.snr else np.zeros(0)
+        values = values[np.isfinite(values)]
+        return float(np.median(values)) if values.size else float("nan")
 
 
 class RunGain:
@@ -124,8 +149,9 @@ def partial_path(out: str | os.PathLike[str]) -> Path:
 
 def integrate_cxi(path: str | os.PathLike[str], geometry: Any, out_path: str | os.PathLike[str],
                   integrator: Integrator, *, gain: float | None = None, read_noise: float = 0.0,
-                  tick: Tick | None = None) -> Path:
-    """Integrate every peak of a CXI file (peaknet2cxi output); write a copy with new columns."""
+                  tick: Tick | None = None, stats: RunStats | None = None) -> Path:
+    """Integrate every peak of a CXI file (peaknet2cxi output); write a copy with new columns
+    (``stats``, if given, counts what was integrated)."""
     import h5py
 
     from peaknet_xtal.finding.settings import resolve_gain
@@ -152,6 +178,8 @@ def integrate_cxi(path: str | os.PathLike[str], geometry: Any, out_path: str | o
                                     "the geometry", dataset=f"{PEAK_GROUP}/peakXPosRaw")
         res = integrator.integrate(frame, peaks["panel"], peaks["fs"], peaks["ss"], gain=g,
                                    read_noise=read_noise, wavelength_A=wavelength)
+        if stats is not None:
+            stats.add(res, g)
         raw_fs, raw_ss = (geometry.panel_to_raw(peaks["panel"], res["profile_fs"],
                                                 res["profile_ss"]) if geometry is not None
                           else (res["profile_fs"], res["profile_ss"]))
@@ -188,7 +216,8 @@ def _image_path(name: str, stream_path: Path) -> Path:
 def integrate_stream(path: str | os.PathLike[str], geometry: Any,
                      out_path: str | os.PathLike[str], integrator: Integrator, *,
                      gain: float | None = None, read_noise: float = 0.0,
-                     tick: Tick | None = None) -> Path:
+                     tick: Tick | None = None, stats: RunStats | None = None,
+                     fresh: bool = False) -> Path:
     """Re-integrate every crystal's reflections of a stream; write a stream with VI I/sigma(I).
 
     Images are read from the chunk's ``Image filename`` (relative to the stream's folder if not
@@ -196,7 +225,9 @@ def integrate_stream(path: str | os.PathLike[str], geometry: Any,
     stream grows under :func:`partial_path` and is renamed to ``out_path`` only when complete,
     so the final name never holds half a stream; after a failure the frames written so far stay
     there (the partial file is removed if it holds none), and the next run cuts it after its
-    last complete chunk and continues.  An existing ``out_path`` is continued from a copy.
+    last complete chunk and continues.  An existing ``out_path`` is continued from a copy,
+    unless ``fresh`` (its input changed since: its frames are stale), which starts anew and
+    replaces it when complete.  ``stats``, if given, counts crystals and integrated spots.
     """
     from peaknet_xtal.formats.stream import Chunk, StreamHeader, StreamWriter, iter_stream
 
@@ -212,7 +243,9 @@ def integrate_stream(path: str | os.PathLike[str], geometry: Any,
     lookup = geometry.panel_index()
     gains = RunGain(gain)
     part = partial_path(out)
-    if out.exists() and not part.exists():
+    if fresh:
+        part.unlink(missing_ok=True)
+    elif out.exists() and not part.exists():
         # a finished (or an older version's interrupted) output: continue a copy of it, so the
         # final name keeps a whole stream until the new one is complete
         shutil.copyfile(out, part)
@@ -222,12 +255,15 @@ def integrate_stream(path: str | os.PathLike[str], geometry: Any,
         for chunk in items:
             if not isinstance(chunk, Chunk):
                 continue  # a repeated header of a concatenated stream
+            if stats is not None:
+                stats.crystals += len(chunk.crystals or [])
             if chunk.key in done:
                 if tick:
                     tick(1)
                 continue
             if chunk.crystals and any(x.n_reflections for x in chunk.crystals):
-                _integrate_chunk(chunk, path, geometry, lookup, integrator, gains, read_noise)
+                _integrate_chunk(chunk, path, geometry, lookup, integrator, gains, read_noise,
+                                 stats)
             writer.write(chunk)
             if tick:
                 tick(1)
@@ -245,7 +281,8 @@ def integrate_stream(path: str | os.PathLike[str], geometry: Any,
 
 
 def _integrate_chunk(chunk: Any, path: Path, geometry: Any, lookup: dict[str, int],
-                     integrator: Integrator, gains: RunGain, read_noise: float) -> None:
+                     integrator: Integrator, gains: RunGain, read_noise: float,
+                     stats: RunStats | None = None) -> None:
     """Put VI intensities into the reflection lists of one chunk (in place)."""
     from peaknet_xtal.finding.settings import resolve_gain
     from peaknet_xtal.formats.cxi import read_cxi_frame
@@ -280,6 +317,8 @@ def _integrate_chunk(chunk: Any, path: Path, geometry: Any, lookup: dict[str, in
     res = integrator.integrate(
         frame, *(np.concatenate([q[k] for q in parts] or [np.zeros(0)]) for k in range(3)),
         gain=g, read_noise=read_noise, wavelength_A=wavelength)
+    if stats is not None:
+        stats.add(res, g)
     start = 0
     for refl in lists:
         rows = slice(start, start + len(refl))
@@ -326,7 +365,7 @@ def _check_images(expt_path: str | os.PathLike[str], experiments: Any) -> None:
 def integrate_dials(expt_path: str | os.PathLike[str], refl_path: str | os.PathLike[str],
                     out_path: str | os.PathLike[str], integrator: Integrator, *,
                     gain: float | None = None, read_noise: float = 0.0,
-                    tick: Tick | None = None) -> Path:
+                    tick: Tick | None = None, stats: RunStats | None = None) -> Path:
     """Integrate the predicted reflections (``xyzcal.px``) of indexed DIALS stills.
 
     Gain (:class:`RunGain`): ``gain`` if given, else the format's declared gain, measured from
@@ -381,6 +420,8 @@ def integrate_dials(expt_path: str | os.PathLike[str], refl_path: str | os.PathL
             inv_d = np.where(d[rows] > 0, 1.0 / d[rows], 0.0)
         res = integrator.integrate(frame, panels[rows], xyz[0][rows] - 0.5, xyz[1][rows] - 0.5,
                                    gain=g, read_noise=read_noise, one_over_d=inv_d)
+        if stats is not None:
+            stats.add(res, g)
         for name in columns:
             columns[name][rows] = res[name]
         if tick:

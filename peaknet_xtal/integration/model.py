@@ -419,7 +419,8 @@ def _module_class() -> Any:
 
             tau = float(self.config.get("profile_noise", 0.0))
             if tau <= 0:
-                return mean_q.clamp_min(1e-6), torch.sqrt(var_q)
+                # a weighted mean of positive nodes: positive wherever the pixels are finite
+                return _no_estimate_as_nan(mean_q, torch.sqrt(var_q))
             # The shape error's part, from the likelihood alone in photons (linear, where it is
             # a variance tau^2 I^2 (...) that vanishes for faint spots): the weighted fits with
             # and without it, (I_t, L_t) and (I_0, L_0), replace one by the other in the
@@ -429,15 +430,13 @@ def _module_class() -> Any:
             # agree, keeps the quadrature's exact moments.  (Shifting the mean by the two
             # Laplace fits' modes, or widening log I by their difference, was tried: for faint
             # spots those differences are not the shape error, and they drove the mean to zero
-            # or the sd far above the error: own I/sigma < 1, z RMS 0.7.)
+            # or the sd far above the error: own I/sigma < 1, z RMS 0.7.)  Where the prior has
+            # no resolvable share (bright spots, the panel's edge) the swap is additive
+            # (:func:`shape_error_moments`).
             i_t, sd_t = self.likelihood_photons(out, mean_q, tau=tau)
             i_0, sd_0 = self.likelihood_photons(out, mean_q, tau=0.0)
             out["likelihood"] = (i_t, sd_t)  # what summary() reports for mergers
-            l_t, l_0 = sd_t ** 2, sd_0 ** 2
-            prec = torch.maximum(1 / var_q - 1 / l_0 + 1 / l_t, 1 / (var_q + (l_t - l_0)))
-            var = 1 / prec
-            mean = var * (mean_q / var_q - i_0 / l_0 + i_t / l_t)
-            return mean.clamp_min(1e-6), torch.sqrt(var)
+            return shape_error_moments(mean_q, var_q, i_0, sd_0 ** 2, i_t, sd_t ** 2)
 
         def likelihood_photons(self, out: dict[str, Any], start: Any, iterations: int = 3,
                                tau: float | None = None) -> tuple[Any, Any]:
@@ -503,6 +502,51 @@ def _module_class() -> Any:
 
     _CLASS.append(VIIntegrator)
     return VIIntegrator
+
+
+def shape_error_moments(mean_q: Any, var_q: Any, i_0: Any, l_0: Any, i_t: Any,
+                        l_t: Any) -> tuple[Any, Any]:
+    """Posterior mean and sd of the photons with the profile's shape error brought in.
+
+    ``(mean_q, var_q)``: the exact moments of the plain Poisson posterior; ``(i_0, l_0)`` and
+    ``(i_t, l_t)``: the likelihood-only fits (mean, variance) without and with the shape error.
+    The plain likelihood is swapped for the shape-error one by Gaussian bookkeeping of
+    precisions, ``1/var = 1/var_q - 1/l_0 + 1/l_t`` and
+    ``mean = var (mean_q/var_q - i_0/l_0 + i_t/l_t)``, where the prior's share
+    ``1/var_q - 1/l_0`` is resolvably positive (see :meth:`VIIntegrator.moments`).  Where it is
+    not (a bright spot: the posterior is the likelihood, and the quadrature's moments and the
+    Fisher fit differ by a little non-Gaussianity, either way), that share is noise, and the
+    bookkeeping magnifies it by ``l_t / l_0``: for a spot cut by the panel edge the shape error
+    makes ``l_t`` some 60 times ``l_0`` (the unseen part of the profile is extrapolated) and the
+    precision came out negative.  There the swap is additive, for the mean as for the variance:
+    ``mean_q + (i_t - i_0)``, ``var_q + (l_t - l_0)`` (the shape-error fit itself when the
+    prior has no share).  The two forms agree in the variance where the share is zero; the one
+    with the larger precision is used, so the mean always goes with its own variance.  A mean
+    that still comes out non-positive or not finite is no estimate: NaN
+    (:func:`_no_estimate_as_nan`).
+    """
+    torch = _torch()
+    gaussian = 1 / var_q - 1 / l_0 + 1 / l_t
+    additive = 1 / (var_q + (l_t - l_0))
+    use_gaussian = gaussian >= additive
+    var = 1 / torch.where(use_gaussian, gaussian, additive)
+    mean = torch.where(use_gaussian, var * (mean_q / var_q - i_0 / l_0 + i_t / l_t),
+                       mean_q + (i_t - i_0))
+    return _no_estimate_as_nan(mean, torch.sqrt(var))
+
+
+def _no_estimate_as_nan(mean: Any, sd: Any) -> tuple[Any, Any]:
+    """NaN for both moments where the mean is not a positive finite number of photons.
+
+    The posterior of a non-negative quantity has a positive mean; anything else says the
+    moments failed for that spot (non-finite pixels, a fit that did not converge), and a
+    placeholder such as 1e-6 would read like a measurement with its sigma.  The callers count
+    and report such spots (``Integrator.integrate_boxes``).
+    """
+    torch = _torch()
+    ok = torch.isfinite(mean) & (mean > 0) & torch.isfinite(sd)
+    nan = torch.full_like(mean, float("nan"))
+    return torch.where(ok, mean, nan), torch.where(ok, sd, nan)
 
 
 def metadata(one_over_d: np.ndarray, radial: np.ndarray, offset: np.ndarray) -> np.ndarray:

@@ -23,7 +23,14 @@ from typing import Annotated, Any
 from pydantic import Field
 
 from peaknet_xtal.atomic import write_text_atomic
-from peaknet_xtal.config import DEVICE, ConfigError, bounded, fields_of, one_of
+from peaknet_xtal.config import (
+    DEVICE,
+    ConfigError,
+    bounded,
+    fields_of,
+    one_of,
+    setting_differences,
+)
 from peaknet_xtal.errors import FormatError, PeakNetError
 from peaknet_xtal.model.weights_io import check_fit, tensor_shapes
 from peaknet_xtal.progress import Progress
@@ -124,7 +131,6 @@ TRAIN_TYPES: dict[str, Any] = {
 #: a new run (another --out) from the finished model with ``model.init``.
 MAY_CHANGE = frozenset({"out", "threads", "device", "data.workers", "log_every",
                         "checkpoint.every", "checkpoint.keep", "checkpoint.resume", "stop_after"})
-_ABSENT = object()
 
 
 def _free_port() -> int:
@@ -169,25 +175,6 @@ def _plain(config: Mapping[str, Any]) -> dict[str, Any]:
     """``config`` as JSON has it (tuples as lists, paths as text): as a checkpoint stores it."""
     plain: dict[str, Any] = json.loads(json.dumps(config, default=str))
     return plain
-
-
-def _differences(run: Mapping[str, Any], now: Mapping[str, Any],
-                 prefix: str = "") -> list[str]:
-    """``key: <run's value> in the run, <value> now`` for every setting outside
-    :data:`MAY_CHANGE` that differs; a setting only one side has differs too (a run made before
-    a setting existed cannot say it ran as that setting's default does now)."""
-    found: list[str] = []
-    for key in sorted(set(run) | set(now)):
-        dotted = f"{prefix}{key}"
-        if dotted in MAY_CHANGE:
-            continue
-        old, new = run.get(key, _ABSENT), now.get(key, _ABSENT)
-        if isinstance(old, Mapping) and isinstance(new, Mapping):
-            found += _differences(old, new, f"{dotted}.")
-        elif old != new:
-            shown = ["(not set)" if v is _ABSENT else json.dumps(v) for v in (old, new)]
-            found.append(f"{dotted}: {shown[0]} in the run, {shown[1]} now")
-    return found
 
 
 def _run_settings(checkpoint: Path) -> dict[str, Any] | None:
@@ -242,7 +229,7 @@ def check_start(config: dict[str, Any]) -> Path | None:
         log.warning("%s was made before checkpoints stored their run's settings: resuming "
                     "without comparing them", found)
         return found
-    differences = _differences(settings, _plain(config))
+    differences = setting_differences(settings, _plain(config), MAY_CHANGE)
     if differences:
         raise FormatError(out, f"holds another run ({found.name}) made with other settings: "
                                f"{'; '.join(differences)}.  Resuming it would train one model "

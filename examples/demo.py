@@ -10,11 +10,16 @@ run and on the real CSPAD stills, writes what indexamajig reads, and shows the r
 4. an overlay PNG shows one panel with the true and the found peaks;
 5. the same model runs on the two real LCLS CSPAD thermolysin stills (../shared/data/real), if
    present, through the Python API.
+
+Every run makes ``OUT/sim`` and ``OUT/peaks`` afresh: peaknet2cxi resumes an output folder by
+(file, event), so an earlier run's peak tables would otherwise be scored as this run's.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +28,33 @@ ROOT = Path(__file__).resolve().parents[1]
 GEOMETRY = ROOT.parent / "shared" / "data" / "real" / "crystfel_geometry" / \
     "cheetah2017_cspad-example.geom"
 REAL_STILLS = ROOT.parent / "shared" / "data" / "real" / "cspad_thermolysin_stills"
+
+
+class DemoError(Exception):
+    """Arguments or an output folder the demo cannot use: one line, exit status 2."""
+
+
+def check_arguments(out: Path, frames: int) -> None:
+    """Refuse what would fail only after minutes of work (or with a traceback)."""
+    if frames < 1:
+        raise DemoError(f"--frames must be at least 1 (got {frames})")
+    if out.exists() and not out.is_dir():
+        raise DemoError(f"--out {out} is a file: give a folder (default demo_output)")
+
+
+def start_afresh(out: Path) -> None:
+    """Remove the peaks folder an earlier demo run left in ``out`` (only that one): peaknet2cxi
+    resumes by (file, event), so its tables of frames this run does not make would be kept and
+    scored.  A ``peaks`` folder peaknet2cxi did not write is the user's: refused, not removed."""
+    from peaknet_xtal.cli.peaknet2cxi import CONFIG_NAME
+
+    peaks = out / "peaks"
+    if not peaks.exists():
+        return
+    if not peaks.is_dir() or (any(peaks.iterdir()) and not (peaks / CONFIG_NAME).exists()):
+        raise DemoError(f"{peaks} was not written by peaknet2cxi (no {CONFIG_NAME}); the demo "
+                        "would replace it: choose another --out")
+    shutil.rmtree(peaks)
 
 
 def simulate(out: Path, frames: int) -> Path:
@@ -86,18 +118,28 @@ def real_stills() -> list[tuple[str, int]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
+    # allow_abbrev=False: "--frame 3" must be an error, not --frames guessed from a prefix
+    parser = argparse.ArgumentParser(prog="peaknet-demo", description=__doc__, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="demo_output")
-    parser.add_argument("--frames", type=int, default=6)
+    parser.add_argument("--out", default="demo_output", help="output folder (its sim/ and "
+                        "peaks/ are made afresh)")
+    parser.add_argument("--frames", type=int, default=6, help="simulated frames (at least 1)")
     args = parser.parse_args(argv)
-    from peaknet_xtal.cli.peaknet2cxi import main as peaknet2cxi
+    import peaknet_xtal.cli.peaknet2cxi as peaknet2cxi
 
     out = Path(args.out)
+    try:
+        check_arguments(out, args.frames)
+        start_afresh(out)
+    except DemoError as exc:
+        print(f"peaknet-demo: error: {exc}", file=sys.stderr)
+        return 2
     cxi = simulate(out, args.frames)
     sim_dir = cxi.parent
-    peaknet2cxi([str(cxi), "-g", str(sim_dir / "sim.geom"), "-o", str(out / "peaks"),
-                 "--stream", str(out / "peaks" / "peaknet.stream")])
+    status = peaknet2cxi.main([str(cxi), "-g", str(sim_dir / "sim.geom"), "-o", str(out / "peaks"),
+                               "--stream", str(out / "peaks" / "peaknet.stream")])
+    if status != 0:  # peaknet2cxi said why; the files to score are not there
+        return int(status)
     summary = json.loads((out / "peaks" / "peaknet2cxi.json").read_text())
     scores, found = score(out, sim_dir)
     picture = overlay(out, sim_dir, found)

@@ -1,14 +1,17 @@
 """peaknet-eval: run peak finders on a data set and write a report (Markdown, PNGs, JSON).
 
     peaknet-eval SIM_RUN_DIR -o report/ [--finders peaknet:default peakfinder8 dispersion]
-                 [--tune-frames 4] [--index] [--space-group P43212]
+                 [--tune-frames 4] [--index] [--space-group P43212] [--unit-cell a,b,c,al,be,ga]
 
 SIM_RUN_DIR is a folder written by `peaknet-sim` (NAME.cxi, NAME.geom, NAME_truth.h5), so precision,
 recall, F1 and position error are scored against the exact truth.  `--tune-frames N` tunes
 peakfinder8 and the DIALS dispersion finder by grid search on the first N frames (which are then
 left out of scoring), so the comparison is against tuned baselines.  `--index` indexes every
 frame's peaks with `dials.index` and reports hit rate, indexing rate, indexing yield and the
-unit-cell distributions.  Everything in report.md is also in report.json.
+unit-cell distributions, and why hits were not indexed.  Each frame is indexed with its own
+crystal's cell and lattice from the simulator's truth; `--space-group` and `--unit-cell`, when
+given, replace the truth's on every frame (each on its own).  Everything in report.md is also in
+report.json.  Finder names, the space group and the cell are checked before any work.
 """
 from __future__ import annotations
 
@@ -31,19 +34,37 @@ DEFAULTS: dict[str, Any] = {
     "min_peaks": FINDING.min_peaks,  # the library's hit rule
     "index": False,
     "space_group": None,
+    "unit_cell": None,
     "samples": 2,
 }
 TYPES: dict[str, Any] = {"data": str | None, "output": str | None, "space_group": str | None,
+                         "unit_cell": str | list[float] | None,
                          "tune_frames": bounded(int, ge=0), "cutoff": bounded(float, gt=0),
                          "min_peaks": bounded(int, ge=0), "samples": bounded(int, ge=0)}
 
 
+def check(config: dict[str, Any]) -> None:
+    """Raise ValueError (one line) for settings that would fail only after the work: a finder
+    typo after the finders before it ran, a space group DIALS refuses on every frame."""
+    from peaknet_xtal.evaluation.finders import check_finder
+    from peaknet_xtal.evaluation.indexing import check_symmetry, parse_unit_cell
+
+    for spec in config["finders"]:
+        try:
+            check_finder(spec)
+        except KeyError as exc:
+            raise ValueError(exc.args[0]) from None
+    check_symmetry(config["space_group"], parse_unit_cell(config["unit_cell"]))
+
+
 def run(config: dict[str, Any]) -> dict[str, Any]:
     """Evaluate and write the report; returns the report's numbers."""
+    from peaknet_xtal.evaluation.indexing import parse_unit_cell
     from peaknet_xtal.evaluation.report import evaluate, load_sim_run
 
     dataset = load_sim_run(config["data"], config["name"])
     dataset.space_group = config["space_group"]
+    dataset.unit_cell = parse_unit_cell(config["unit_cell"])
     return evaluate(dataset, config["finders"], config["output"],
                     tune_frames=int(config["tune_frames"]), cutoff=float(config["cutoff"]),
                     min_peaks=int(config["min_peaks"]), index=bool(config["index"]),
@@ -61,14 +82,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--min-peaks", dest="min_peaks", type=int, help="peaks for a hit")
     parser.add_argument("--index", action="store_true",
                         help="index with dials.index and report the paper's rates")
-    parser.add_argument("--space-group", dest="space_group")
+    parser.add_argument("--space-group", dest="space_group",
+                        help="index every frame in this space group (default: the truth's)")
+    parser.add_argument("--unit-cell", dest="unit_cell", metavar="A,B,C,AL,BE,GA",
+                        help="index every frame with this cell (default: the truth's)")
     parser.add_argument("--samples", type=int, help="frames shown as overlays")
     args = parser.parse_args(argv)
     setup_logging(getattr(args, "verbose", 0))
     config = resolve_or_exit(parser, DEFAULTS, args, types=TYPES)
-    record(config, Path(config["output"]) / "config.json", "peaknet-eval",
-           sys.argv[1:] if argv is None else argv)
     try:
+        check(config)
+    except ValueError as exc:  # the user's typing: refused before anything is written
+        print(f"peaknet-eval: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        from peaknet_xtal.evaluation.report import check_sim_run
+
+        check_sim_run(config["data"], config["name"])
+        record(config, Path(config["output"]) / "config.json", "peaknet-eval",
+               sys.argv[1:] if argv is None else argv)
         report = run(config)
     except (PeakNetError, OSError, ValueError) as exc:
         print(f"peaknet-eval: error: {exc}", file=sys.stderr)
@@ -77,6 +109,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         acc = entry.get("accuracy", {})
         print(f"{label:24s} F1 {acc.get('f1', float('nan')):.3f}  "
               f"hit rate {entry['hit_rate']:.3f}  {entry['seconds_per_frame']:.2f} s/frame")
+        rates = report.get("indexing", {}).get(label)
+        if rates:  # with the reasons, so a rate of 0 from a refused setting is seen as such
+            why = "; ".join(f"{n} x {reason}" for reason, n in rates["failures"].items())
+            print(f"{'':24s} indexing rate {rates['indexing_rate']:.3f} ({rates['indexed']} of "
+                  f"{rates['hits']} hits)" + (f"; not indexed: {why}" if why else ""))
     print(f"report: {Path(config['output']) / 'report.md'}")
     return 0
 

@@ -9,8 +9,8 @@ ranges), DIALS .expt/.refl files (an imported, unindexed .expt too) and stream2l
 (frames, rows, shapes, label classes and their pixels, fits).  --json prints one JSON object per
 file in a list instead.  Value ranges of CXI stacks and the label pixels of label files are taken
 over the first --max-frames frames or rows (default 20), which is said in the output.  A file that
-cannot be read is reported on stderr (one line naming it; -vv adds the traceback), the files
-after it are still shown, and the exit status is 1.
+cannot be read (or a folder) is reported on stderr (one line naming it; -vv adds the traceback),
+the files after it are still shown, and the exit status is 1.
 """
 from __future__ import annotations
 
@@ -27,6 +27,9 @@ from peaknet_xtal.config import cli_parser, resolve_or_exit, setup_logging
 from peaknet_xtal.errors import FormatError
 
 log = logging.getLogger("peaknet_xtal.show")
+
+#: The kinds of file shown, as the error for anything else lists them.
+KINDS = (".stream, .geom, .cxi/.h5 (label files too), an image DIALS reads, .expt or .refl")
 
 DEFAULTS = {"files": [], "json": False, "geometry": None, "max_frames": 20}
 TYPES = {"geometry": str | None}
@@ -118,7 +121,7 @@ def show_cxi(path: str, geometry: str | None = None, max_frames: int = 20,
 
     ranges: list[list[float]] = []
     sampled = nonfinite = absurd = marked = 0
-    for frame in iter_cxi_frames(path, geom, stop=max(1, int(max_frames))):
+    for frame in iter_cxi_frames(path, geom, stop=int(max_frames)):
         sampled += 1
         goods, check = sanitise_frame(frame.panels, None, frame.meta.get("dtype"))[1:]
         r = _value_range(frame.panels, goods)  # what the finder uses: no gap markers
@@ -186,7 +189,7 @@ def show_labels(path: str, max_frames: int = 20, **_: Any) -> dict[str, Any]:
         widths = lf.meta("width") if "width" in meta else np.zeros(0, int)
         frame_ids = lf.meta("frame") if "frame" in meta else np.zeros(0, int)
         per_row, values = [], Counter[int]()
-        sampled = min(rows, max(1, int(max_frames)))
+        sampled = min(rows, int(max_frames))
         for i in range(sampled):
             label = lf.h5["labels"][i]
             good = lf.h5["masks"][i].astype(bool)
@@ -286,14 +289,18 @@ def choose(path: str) -> Callable[..., dict[str, Any]]:
             return show_cxi
     if sniff_dxtbx(path):
         return show_image
-    raise FormatError(path, "unknown file type (expected .stream, .geom, .cxi/.h5, an image "
-                      "DIALS reads, .expt or .refl)")
+    raise FormatError(path, f"unknown file type (expected {KINDS})")
 
 
 def summarize(path: str, **options: Any) -> dict[str, Any]:
-    """The summary dict of one file (what --json prints)."""
+    """The summary dict of one file (what --json prints).  ``max_frames`` below 1 is an error:
+    a summary that scanned no frame would show no value range and look like empty data."""
+    if int(options.get("max_frames", 1)) < 1:
+        raise ValueError(f"max_frames must be at least 1, got {options['max_frames']}")
     if not os.path.exists(path):
         raise FormatError(path, "file not found")
+    if os.path.isdir(path):  # content sniffing would call it an unknown file type
+        raise FormatError(path, f"is a folder; give the files in it ({KINDS})")
     return choose(path)(path, **options)
 
 
@@ -343,6 +350,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging(getattr(args, "verbose", 0))
     config = resolve_or_exit(parser, DEFAULTS, args, types=TYPES)
+    if int(config["max_frames"]) < 1:  # no frame scanned is no value range: not a request for 1
+        print(f"peaknet-show: error: --max-frames must be at least 1 (got {config['max_frames']})",
+              file=sys.stderr)
+        return 2
     summaries, failed = [], False
     for path in config["files"]:
         try:

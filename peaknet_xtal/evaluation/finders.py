@@ -217,14 +217,21 @@ def list_finders() -> list[str]:
     return sorted(FINDERS)
 
 
-def create_finder(spec: str, params: Mapping[str, Any] | None = None) -> Any:
-    """``"peakfinder8"``, ``"dispersion"``, ``"peaknet"`` or ``"peaknet:MODEL"`` (name or path)."""
+def check_finder(spec: str) -> None:
+    """Raise KeyError unless ``spec`` names a finder: cheap (nothing is built), so a command can
+    refuse a typo before it tunes or runs the finders named before it."""
     kind, _, model = spec.partition(":")
     if kind not in FINDERS:
         raise KeyError(f"unknown finder {spec!r}; known: {list_finders()} (peaknet:MODEL)")
+    if model and kind != "peaknet":
+        raise KeyError(f"only peaknet takes a model suffix, got {spec!r}")
+
+
+def create_finder(spec: str, params: Mapping[str, Any] | None = None) -> Any:
+    """``"peakfinder8"``, ``"dispersion"``, ``"peaknet"`` or ``"peaknet:MODEL"`` (name or path)."""
+    check_finder(spec)
+    kind, _, model = spec.partition(":")
     params = dict(params or {})
     if model:
-        if kind != "peaknet":
-            raise KeyError(f"only peaknet takes a model suffix, got {spec!r}")
         params["model"] = model
     return FINDERS[kind](params=params)

@@ -18,11 +18,12 @@ import numpy as np
 from peaknet_xtal.atomic import write_json_atomic, write_text_atomic
 from peaknet_xtal.evaluation import plots
 from peaknet_xtal.evaluation.finders import create_finder
+from peaknet_xtal.evaluation.indexing import KnownSymmetry
 from peaknet_xtal.evaluation.metrics import bootstrap_f1, score_frames
 from peaknet_xtal.evaluation.tuning import default_grid, tune
 from peaknet_xtal.finding.settings import DEFAULTS
 from peaknet_xtal.progress import Progress
-from peaknet_xtal.types import Frame, empty_peaks
+from peaknet_xtal.types import Frame
 
 log = logging.getLogger(__name__)
 
@@ -37,17 +38,21 @@ class Dataset:
     reflections: list[np.ndarray] | None = None  # per frame: every true reflection, weak ones too
     images: list[str] = field(default_factory=list)  # files for dials.import (indexing)
     adu_per_photon: float = 1.0
-    reference_cell: tuple[float, ...] | None = None
-    space_group: str | None = None
+    reference_cell: tuple[float, ...] | None = None  # drawn on the cell histograms
+    space_group: str | None = None  # the user's: replaces the truth's on every frame
+    unit_cell: tuple[float, ...] | None = None  # the user's: replaces the truth's on every frame
+    known_symmetry: list[KnownSymmetry] | None = None  # per frame: its crystal (simulated data)
 
 
 def load_sim_run(directory: str | os.PathLike[str], name: str = "sim") -> Dataset:
     """A run written by ``peaknet-sim`` (``NAME.cxi``, ``NAME.geom``, ``NAME_truth.h5``)."""
+    from peaknet_xtal.evaluation.indexing import truth_symmetry
     from peaknet_xtal.formats.cxi import iter_cxi_frames
     from peaknet_xtal.formats.geometry import read_geometry
     from peaknet_xtal.sim.output import read_truth
 
     folder = Path(directory)
+    check_sim_run(folder, name)
     geometry = read_geometry(folder / f"{name}.geom")
     truth = read_truth(folder / f"{name}_truth.h5")
     frames = list(iter_cxi_frames(folder / f"{name}.cxi", geometry))
@@ -57,12 +62,40 @@ def load_sim_run(directory: str | os.PathLike[str], name: str = "sim") -> Datase
     for frame, row in zip(frames, truth["frames"], strict=False):
         frame.meta["wavelength_A"] = float(row["wavelength_A"])
         frame.meta["truth_hit"] = bool(row["hit"])
-    cells = truth["crystals"]["cell"]
-    reference = tuple(float(v) for v in np.median(cells, axis=0)) if len(cells) else None
     return Dataset(name=folder.name, frames=frames, truths=truths, reflections=everything,
                    images=[str(folder / f"{name}.cxi")],
                    adu_per_photon=_gain(geometry, frames),
-                   reference_cell=reference)
+                   reference_cell=_one_cell(truth["crystals"]),
+                   known_symmetry=truth_symmetry(truth["crystals"], len(frames)))
+
+
+def check_sim_run(directory: str | os.PathLike[str], name: str = "sim") -> None:
+    """Raise FileNotFoundError (one line) unless ``directory`` holds a ``peaknet-sim`` run named
+    ``name``: a file, or a folder of something else, would otherwise fail on whichever file
+    happens to be read first, with a message that does not say what the command expects."""
+    folder = Path(directory)
+    wanted = [f"{name}.cxi", f"{name}.geom", f"{name}_truth.h5"]
+    if not folder.is_dir():
+        what = "is a file" if folder.exists() else "does not exist"
+        raise FileNotFoundError(f"{folder} {what}: expected a peaknet-sim output folder "
+                                f"(holding {', '.join(wanted)})")
+    missing = [w for w in wanted if not (folder / w).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{folder}: expected a peaknet-sim output folder; "
+                                f"{', '.join(missing)} missing (see --name for another stem)")
+
+
+def _one_cell(crystals: np.ndarray, tolerance: float = 0.05) -> tuple[float, ...] | None:
+    """The run's cell when all its crystals are one kind (same lattice, lengths within
+    ``tolerance`` of the median: jitter only), else None: a median of different crystals'
+    cells is no crystal's, and a line drawn at it on the histograms would mislead."""
+    if not len(crystals):
+        return None
+    cells = np.asarray(crystals["cell"], dtype=float)
+    median = np.median(cells, axis=0)
+    same_lattice = len({(bytes(r["lattice"]), bytes(r["centring"])) for r in crystals}) == 1
+    close = np.all(np.abs(cells[:, :3] / median[:3] - 1) <= tolerance)
+    return tuple(float(v) for v in median) if same_lattice and close else None
 
 
 def _gain(geometry: Any, frames: Sequence[Frame]) -> float:
@@ -200,6 +233,29 @@ def _triples(found: Sequence[np.ndarray], truths: Sequence[np.ndarray],
     return list(zip(found, truths, every, strict=False))
 
 
+def frame_symmetry(dataset: Dataset, first: int = 0) -> tuple[list[list[str]], str]:
+    """Each frame's ``known_symmetry`` options from ``first`` on, and how they were chosen.
+
+    A frame is indexed with its own crystal's cell and lattice from the truth, so the rates
+    measure the finder and not a cell that fits no crystal; what the user gave (``space_group``,
+    ``unit_cell``) replaces the truth's, each on its own."""
+    truth = dataset.known_symmetry or [KnownSymmetry()] * len(dataset.frames)
+    known = [KnownSymmetry(dataset.space_group or k.space_group,
+                           dataset.unit_cell if dataset.unit_cell is not None else k.unit_cell)
+             for k in truth[first:]]
+    given = [f"space group {dataset.space_group}" if dataset.space_group else "",
+             "unit cell " + ",".join(f"{v:g}" for v in dataset.unit_cell)
+             if dataset.unit_cell is not None else ""]
+    given = [g for g in given if g]
+    if dataset.known_symmetry is not None:
+        how = ("each frame's own crystal from the simulator's truth (cell, and the lowest "
+               "space group of its lattice)")
+        how = f"{' and '.join(given)} as given, else {how}" if given else how
+    else:
+        how = " and ".join(given) + " as given" if given else "none (nothing known)"
+    return [k.options() for k in known], how
+
+
 def _index_all(dataset: Dataset, runs: dict[str, dict[str, Any]], skip: int, min_peaks: int,
                workdir: Path) -> dict[str, Any]:
     from peaknet_xtal.evaluation.indexing import (
@@ -210,15 +266,19 @@ def _index_all(dataset: Dataset, runs: dict[str, dict[str, Any]], skip: int, min
     )
 
     imported = import_images(dataset.images, workdir)
-    options = indexing_options(dataset.space_group, dataset.reference_cell)
-    out: dict[str, Any] = {"options": options}
+    options = indexing_options()
+    known, how = frame_symmetry(dataset, skip)
+    out: dict[str, Any] = {"options": options, "known_symmetry": how}
     for label, run in runs.items():
         # Frames used for tuning are not scored; indexing sees the same evaluation frames.
-        tables = [empty_peaks()] * skip + list(run["peaks"])
-        results = index_frames(imported, tables, workdir / slug(label), options,
-                               min_spots=min_peaks)[skip:]
+        results = index_frames(imported, list(run["peaks"]), workdir / slug(label), options,
+                               min_spots=min_peaks, first=skip, known=known)
         hits = [len(p) >= min_peaks for p in run["peaks"]]
-        out[label] = summarise(hits, results)
+        out[label] = summary = summarise(hits, results)
+        if summary["failures"]:
+            log.warning("%s: %d of %d hits not indexed: %s", label,
+                        sum(summary["failures"].values()), summary["hits"],
+                        "; ".join(f"{n} x {reason}" for reason, n in summary["failures"].items()))
     return out
 
 
@@ -359,8 +419,16 @@ def markdown(report: dict[str, Any], dataset: Dataset) -> str:
                      f"{_fmt(ix['indexing_yield']) if ix else 'not run'} |")
     if indexing:
         lines += ["", "Indexing: `dials.index` per frame with " +
-                  " ".join(f"`{o}`" for o in indexing["options"]) + ".", "",
-                  "![cells](cells.png)"]
+                  " ".join(f"`{o}`" for o in indexing["options"]) + "; known symmetry: "
+                  + indexing.get("known_symmetry", "as given") + "."]
+        failed = [(label, n, reason) for label, e in indexing.items()
+                  if isinstance(e, dict) for reason, n in e.get("failures", {}).items()]
+        if failed:
+            lines += ["", "Hits DIALS did not index, by its reason:", "",
+                      "| finder | hits | reason |", "|---|---|---|"]
+            lines += [f"| {label} | {n} | {reason.replace('|', '/')} |"
+                      for label, n, reason in failed]
+        lines += ["", "![cells](cells.png)"]
     tuned = {k: v["tuning"] for k, v in report["finders"].items() if "tuning" in v}
     if tuned:
         lines += ["", "## Tuned parameters of the classic finders", ""]

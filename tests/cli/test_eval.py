@@ -93,3 +93,48 @@ def test_tuning_on_every_frame_is_an_error_not_an_empty_report(sim_run, tmp_path
     assert main([str(tmp_path / "nothing"), "-o", str(out)]) == 1
     err = capsys.readouterr().err
     assert err.startswith("peaknet-eval: error:") and "Traceback" not in err
+
+
+def one_error_line(err: str) -> str:
+    """The whole of stderr, which must be one ``peaknet-eval: error:`` line."""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("peaknet-eval: error: "), err
+    return lines[0]
+
+
+def test_a_typo_in_finders_is_one_line_before_any_work(sim_run, tmp_path, capsys):
+    out = tmp_path / "report"
+    assert main([str(sim_run), "-o", str(out), "--finders", "peaknet:default", "pf8"]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "unknown finder 'pf8'" in line and "peakfinder8" in line
+    assert main([str(sim_run), "-o", str(out), "--finders", "dispersion:fast"]) == 2
+    assert "only peaknet takes a model suffix" in one_error_line(capsys.readouterr().err)
+    assert not out.exists()  # refused before anything was written
+
+
+def test_symmetry_dials_cannot_take_is_refused_before_any_work(sim_run, tmp_path, capsys):
+    """dials.index would die on every frame ("Space group symbol not recognized") and the
+    report would say 0 indexed; cctbx checks the symbols at once."""
+    out = tmp_path / "report"
+    for args, words in ((["--space-group", "P9"], "--space-group P9: Space group symbol not "
+                                                  "recognized"),
+                        (["--unit-cell", "79,79,38"], "--unit-cell 79,79,38: give 6 numbers"),
+                        (["--space-group", "P43212", "--unit-cell", "79.1,70,38,90,90,90"],
+                         "does not fit space group P43212")):
+        assert main([str(sim_run), "-o", str(out), "--index", *args]) == 2, args
+        assert words in one_error_line(capsys.readouterr().err)
+    assert not out.exists()
+
+
+def test_data_that_is_no_sim_run_folder_says_what_is_expected(sim_run, tmp_path, capsys):
+    out = tmp_path / "report"
+    assert main([str(sim_run / "sim.cxi"), "-o", str(out)]) == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert "sim.cxi is a file: expected a peaknet-sim output folder" in line
+    peaks = tmp_path / "peaks"
+    peaks.mkdir()
+    (peaks / "peaks-0.cxi").write_bytes(b"")
+    assert main([str(peaks), "-o", str(out)]) == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert "expected a peaknet-sim output folder; sim.cxi, sim.geom, sim_truth.h5 missing" in line
+    assert not out.exists()

@@ -198,3 +198,21 @@ def test_config_file_wrong_type_is_an_error(tmp_path, capsys):
         main(["x.cxi", "--config", str(cfg)])
     assert exit_info.value.code == 2
     assert "show.yaml" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["0", "-3"])
+def test_max_frames_below_one_is_refused(real_data, value, capsys):
+    """No frame scanned is no value range: a count below 1 is a mistake, not a request for 1."""
+    geom = str(real_data / "crystfel_geometry" / "crystfel_doc_cspad-cxiformat.geom")
+    assert main([geom, "--max-frames", value]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.strip() == (f"peaknet-show: error: --max-frames must be at least 1 "
+                                    f"(got {value})")
+
+
+def test_a_folder_is_named_as_a_folder(tmp_path, capsys):
+    assert main([str(tmp_path)]) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"peaknet-show: {tmp_path}: is a folder; give the files in it")
+    assert ".stream" in line and ".expt" in line

@@ -96,3 +96,116 @@ def test_dials_indexes_true_peaks_of_a_hit_and_not_a_blank(real_data, dials_env,
     assert not results[1].indexed
     assert not results[2].indexed and results[2].message == "5 spots"
     assert not (tmp_path / "dials" / "frame_00002").exists()  # never handed to DIALS
+
+
+def crystals_table(rows: list[tuple[int, tuple[float, ...], str, str]]) -> np.ndarray:
+    """A truth ``crystals`` table (as ``peaknet-sim`` writes it) from (frame, cell, lattice,
+    centring) rows; crystal numbers count up within each frame."""
+    from peaknet_xtal.sim.output import TruthWriter
+
+    table = np.zeros(len(rows), dtype=TruthWriter.CRYSTAL_DTYPE)
+    for i, (frame, cell, lattice, centring) in enumerate(rows):
+        table[i]["frame"] = frame
+        table[i]["crystal"] = sum(r[0] == frame for r in rows[:i])
+        table[i]["cell"] = cell
+        table[i]["lattice"] = lattice.encode()
+        table[i]["centring"] = centring.encode()
+    return table
+
+
+def test_each_frame_is_indexed_with_its_own_crystal_from_the_truth():
+    """peaknet-sim without a fixed cell gives every frame another crystal: a median of the cells
+    matches none of them, so each frame gets its own cell and its lattice's space group."""
+    from peaknet_xtal.evaluation.indexing import truth_symmetry
+
+    thermolysin = (92.9, 92.9, 130.4, 90.0, 90.0, 120.0)
+    gpcr = (61.5, 91.5, 151.1, 90.0, 98.5, 90.0)
+    triclinic = (27.2, 31.9, 34.2, 88.5, 108.5, 111.9)
+    crystals = crystals_table([(0, thermolysin, "hexagonal", "P"), (1, gpcr, "monoclinic", "C"),
+                               (3, triclinic, "triclinic", "P"),
+                               (3, LYSOZYME, "tetragonal", "P")])
+    known = truth_symmetry(crystals, 4)
+    assert [k.space_group for k in known] == ["P3", "C2", None, "P1"]
+    assert [k.unit_cell for k in known] == [thermolysin, gpcr, None, triclinic]
+    assert known[0].options() == [
+        "indexing.known_symmetry.space_group=P3",
+        "indexing.known_symmetry.unit_cell=92.9,92.9,130.4,90,90,120"]
+    assert known[2].options() == []  # a blank: nothing known
+    from cctbx import sgtbx, uctbx
+
+    from peaknet_xtal.sim.crystal import PRESET_CELLS
+
+    for preset in PRESET_CELLS.values():  # every lattice the simulator makes, DIALS can take
+        (one,) = truth_symmetry(crystals_table([(0, preset.parameters, preset.lattice,
+                                                 preset.centring)]), 1)
+        group = sgtbx.space_group_info(one.space_group).group()
+        assert group.is_compatible_unit_cell(uctbx.unit_cell(one.unit_cell)), preset
+
+
+def test_symmetry_the_user_types_is_checked_before_any_work():
+    from peaknet_xtal.evaluation.indexing import check_symmetry, parse_unit_cell
+
+    assert parse_unit_cell("79.1,79.1,38,90,90,90") == LYSOZYME
+    assert parse_unit_cell([79.1, 79.1, 38, 90, 90, 90]) == LYSOZYME
+    assert parse_unit_cell(None) is None
+    for bad, words in (("79,79,38", "6 numbers"), ("79,79,38,90,90,x", "6 numbers"),
+                       ("79,-79,38,90,90,90", "zero or negative"),
+                       ("79,79,38,90,90,190", "180")):
+        with pytest.raises(ValueError, match=words):
+            parse_unit_cell(bad)
+    check_symmetry("P43212", LYSOZYME)
+    check_symmetry(None, LYSOZYME)
+    check_symmetry("P 43 21 2", None)
+    with pytest.raises(ValueError, match=r"--space-group P9: .*not recognized"):
+        check_symmetry("P9", None)
+    with pytest.raises(ValueError, match="--unit-cell 79.1,70,38,90,90,90 does not fit "
+                                         "space group P43212"):
+        check_symmetry("P43212", (79.1, 70.0, 38.0, 90.0, 90.0, 90.0))
+
+
+def test_summarise_counts_why_hits_were_not_indexed():
+    """A run where DIALS refuses every frame must not look like a finder that found nothing
+    indexable: the reasons are counted per message (non-hits are not tried, so not counted)."""
+    refused = "Sorry: Space group symbol not recognized: P9"
+    results = [IndexingResult(False, message=refused), IndexingResult(False, message=refused),
+               IndexingResult(True, (1, 1, 1, 90, 90, 90), 30),
+               IndexingResult(False, message="Sorry: No suitable lattice could be found."),
+               IndexingResult(False, message="3 spots")]
+    rates = summarise([True, True, True, True, False], results)
+    assert rates["failures"] == {refused: 2, "Sorry: No suitable lattice could be found.": 1}
+
+
+def test_progress_counts_only_the_frames_handed_to_dials(monkeypatch, tmp_path):
+    """Tuning frames (before ``first``) and non-hits are never indexed: the bar counts neither,
+    and the frame folders keep the frame's number in the data set."""
+    from dxtbx.model.experiment_list import ExperimentListFactory
+
+    from peaknet_xtal import progress
+    from peaknet_xtal.evaluation import indexing
+
+    experiments = ["e0", "e1", "e2", "e3"]
+    monkeypatch.setattr(ExperimentListFactory, "from_json_file",
+                        staticmethod(lambda *a, **k: experiments))
+    handed: list[tuple[object, str, list[str]]] = []
+
+    def fake_index(experiment, peaks, folder, options, env):
+        handed.append((experiment, folder.name, list(options)))
+        return IndexingResult(True, (1.0,) * 6, len(peaks))
+
+    monkeypatch.setattr(indexing, "_index_one", fake_index)
+    totals: list[int | None] = []
+
+    class Recorder(progress.Progress):
+        def __init__(self, total, *args, **kwargs):
+            totals.append(total)
+            super().__init__(total, *args, **kwargs)
+
+    monkeypatch.setattr(progress, "Progress", Recorder)
+    spots = peaks_from_columns(panel=np.zeros(12, int), fs=np.arange(12.0), ss=np.arange(12.0))
+    known = [[], ["k2"], ["k3"]]
+    results = index_frames(tmp_path / "imported.expt", [spots[:3], spots, spots],
+                           tmp_path / "finder", ["base"], min_spots=10, first=1, known=known)
+    assert [r.indexed for r in results] == [False, True, True]
+    assert totals == [2]
+    assert handed == [("e2", "frame_00002", ["base", "k2"]),
+                      ("e3", "frame_00003", ["base", "k3"])]

@@ -194,3 +194,112 @@ def test_finder_labels_become_safe_file_names():
     assert slug("peaknet:/runs/x/checkpoints/step_000200/model.safetensors") == "peaknet_model"
     assert slug("peaknet:default") == "peaknet_default"
     assert slug("peakfinder8") == "peakfinder8"
+
+
+GPCR = (61.5, 91.5, 151.1, 90.0, 98.5, 90.0)
+LYSOZYME = (79.1, 79.1, 38.0, 90.0, 90.0, 90.0)
+
+
+@pytest.fixture
+def fake_dials(monkeypatch, tmp_path):
+    """``dials.import`` and ``dials.index`` replaced by a recorder: what would DIALS be asked?
+    Every frame handed over fails with one made-up reason, so the report must say why."""
+    from peaknet_xtal.evaluation import indexing
+
+    calls: list[dict[str, Any]] = []
+    monkeypatch.setattr(indexing, "import_images", lambda images, workdir: tmp_path / "i.expt")
+
+    def index_frames(imported, tables, workdir, options, min_spots=10, first=0, known=None):
+        calls.append({"first": first, "options": list(options), "known": known,
+                      "tables": len(tables)})
+        return [indexing.IndexingResult(False, message="Sorry: no lattice for this test")
+                for _ in tables]
+
+    monkeypatch.setattr(indexing, "index_frames", index_frames)
+    return calls
+
+
+def test_each_frame_is_indexed_with_its_own_crystal(scripted, fake_dials, tmp_path, caplog):
+    """A run of different crystals (peaknet-sim without a fixed cell): each scored frame gets its
+    crystal's cell and lattice, never one cell for all; tuning frames are not handed over."""
+    from peaknet_xtal.evaluation.indexing import KnownSymmetry
+
+    dataset, _ = constructed()
+    dataset.known_symmetry = [KnownSymmetry("P4", LYSOZYME), KnownSymmetry(),
+                              KnownSymmetry("C2", GPCR)]
+    dataset.images = ["run.cxi"]
+    report = evaluate(dataset, ["oracle"], tmp_path, tune_frames=1, min_peaks=10, samples=1,
+                      index=True)
+    (call,) = fake_dials
+    assert call["first"] == 1 and call["tables"] == 2
+    assert not any("known_symmetry" in o for o in call["options"])
+    assert call["known"] == [[], ["indexing.known_symmetry.space_group=C2",
+                                  "indexing.known_symmetry.unit_cell=61.5,91.5,151.1,90,98.5,90"]]
+    assert "each frame's own crystal" in report["indexing"]["known_symmetry"]
+    # DIALS' reason for the one hit it did not index is counted, logged and shown.
+    assert report["indexing"]["oracle"]["failures"] == {"Sorry: no lattice for this test": 1}
+    assert "oracle: 1 of 1 hits not indexed: 1 x Sorry: no lattice for this test" in caplog.text
+    text = (tmp_path / "report.md").read_text()
+    assert "| oracle | 1 | Sorry: no lattice for this test |" in text
+
+
+def test_symmetry_the_user_gives_is_used_for_every_frame(scripted, fake_dials, tmp_path):
+    """--space-group / --unit-cell replace the truth's, each on its own: a space group alone
+    keeps each frame's own cell (a lysozyme run indexed in P43212)."""
+    from peaknet_xtal.evaluation.indexing import KnownSymmetry
+
+    dataset, _ = constructed()
+    dataset.known_symmetry = [KnownSymmetry("P4", LYSOZYME)] * 3
+    dataset.images = ["run.cxi"]
+    dataset.space_group = "P43212"
+    evaluate(dataset, ["oracle"], tmp_path, min_peaks=10, samples=1, index=True)
+    dataset.unit_cell = (79.0, 79.0, 38.1, 90.0, 90.0, 90.0)
+    evaluate(dataset, ["oracle"], tmp_path, min_peaks=10, samples=1, index=True)
+    sg_only, both = fake_dials
+    assert sg_only["known"] == [["indexing.known_symmetry.space_group=P43212",
+                                 "indexing.known_symmetry.unit_cell=79.1,79.1,38,90,90,90"]] * 3
+    assert both["known"] == [["indexing.known_symmetry.space_group=P43212",
+                              "indexing.known_symmetry.unit_cell=79,79,38.1,90,90,90"]] * 3
+
+
+def test_a_sim_run_of_different_crystals_knows_each_frames_crystal(real_data, tmp_path):
+    from peaknet_xtal.evaluation.report import load_sim_run
+    from peaknet_xtal.formats.geometry import read_geometry
+    from peaknet_xtal.sim import SimConfig
+    from peaknet_xtal.sim.output import read_truth
+    from peaknet_xtal.sim.run import simulate_run
+
+    geometry = read_geometry(real_data / "crystfel_geometry" / "psgeom_cspad-2x2-approx1.geom")
+    simulate_run(geometry, 4, 1, tmp_path / "mixed", SimConfig(), stream=False, progress=False)
+    simulate_run(geometry, 2, 1, tmp_path / "one", SimConfig(cell="lysozyme"), stream=False,
+                 progress=False)
+    mixed = load_sim_run(tmp_path / "mixed")
+    crystals = read_truth(tmp_path / "mixed" / "sim_truth.h5")["crystals"]
+    assert len({tuple(c) for c in crystals["cell"]}) > 1  # the premise: different crystals
+    for row in crystals[crystals["crystal"] == 0]:
+        assert mixed.known_symmetry[row["frame"]].unit_cell == tuple(row["cell"])
+    assert mixed.reference_cell is None  # no one cell to draw on the histograms
+    assert load_sim_run(tmp_path / "one").reference_cell == pytest.approx(LYSOZYME)
+
+
+@pytest.mark.dials
+@pytest.mark.slow
+def test_true_peaks_of_different_crystals_index(real_data, dials_env, scripted, tmp_path):
+    """The user's run: peaknet-sim on the CSPAD without a cell (frames 2 and 3 of seed 1 are
+    myoglobin and trypsin).  The exact strong peaks must index on every hit, through the real
+    dials.index; one median cell for the run indexed none."""
+    from peaknet_xtal.evaluation.report import load_sim_run
+    from peaknet_xtal.formats.geometry import read_geometry
+    from peaknet_xtal.sim import SimConfig
+    from peaknet_xtal.sim.run import simulate_run
+
+    geometry = read_geometry(real_data / "crystfel_geometry" / "crystfel_doc_cspad-cxiformat.geom")
+    simulate_run(geometry, 4, 1, tmp_path / "sim", SimConfig(), stream=False, progress=False)
+    dataset = load_sim_run(tmp_path / "sim")
+    for frame, truth in zip(dataset.frames, dataset.truths, strict=True):
+        frame.meta["oracle"] = peaks_from_columns(panel=truth["panel"], fs=truth["fs"],
+                                                  ss=truth["ss"], intensity=truth["photons"])
+    report = evaluate(dataset, ["oracle"], tmp_path / "report", tune_frames=2, samples=0,
+                      index=True)
+    rates = report["indexing"]["oracle"]
+    assert (rates["hits"], rates["indexed"]) == (2, 2), rates["failures"]

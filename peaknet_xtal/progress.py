@@ -14,12 +14,15 @@ from typing import TextIO
 from tqdm import tqdm
 
 #: Layout of a log line (no bar: it would be redrawn, not extended); ``{unit}`` has its space.
-LOG_FORMAT = "{n_fmt}/{total_fmt}{unit} {percentage:5.1f}% | {rate_fmt} | ETA {remaining}{postfix}"
+#: The rate is always units per second (tqdm's ``rate_noinv_fmt``): its default turns slow
+#: rates over, as seconds per unit, which read "3.89s/ frames".
+LOG_FORMAT = ("{n_fmt}/{total_fmt}{unit} {percentage:5.1f}% | {rate_noinv_fmt} | "
+              "ETA {remaining}{postfix}")
 #: The same without a known total.
-LOG_FORMAT_OPEN = "{n_fmt}{unit} | {rate_fmt}{postfix}"
+LOG_FORMAT_OPEN = "{n_fmt}{unit} | {rate_noinv_fmt}{postfix}"
 #: Layout of the terminal bar: tqdm's own, with the ETA spelled out.
 TTY_FORMAT = ("{percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt}{unit} "
-              "[{elapsed}, ETA {remaining}, {rate_fmt}{postfix}]")
+              "[{elapsed}, ETA {remaining}, {rate_noinv_fmt}{postfix}]")
 
 
 def _layout(tty: bool, total: int | None, desc: str) -> str:

@@ -98,3 +98,15 @@ def test_last_line_is_not_printed_twice_in_a_log():
         for _ in range(3):
             bar.update(1)
     assert [line.split(" frames")[0] for line in out.getvalue().splitlines()] == ["0/3", "3/3"]
+
+
+def test_a_slow_rate_reads_as_units_per_second():
+    """Slower than one frame a second, tqdm's default turns the rate over ("3.89s/ frames");
+    the lines keep frames/s, as fast runs show it."""
+    out = io.StringIO()
+    with Progress(4, "frames", stream=out, interval=0) as bar:
+        bar._bar.start_t -= 20.0  # as if the run had taken 20 s so far
+        bar._bar.last_print_t -= 20.0
+        bar.update(2)
+    text = out.getvalue()
+    assert "0.10 frames/s" in text and "s/ frames" not in text and "s/frames" not in text

@@ -16,6 +16,7 @@ OUTDIR receives:
                       top-level clen, photon_energy and mask read per frame from the CXI files)
   peaknet.lst         the CXI files, ready for `indexamajig -i`
   peaknet2cxi.json    summary of everything in OUTDIR (all runs), and of this run
+  peaknet2cxi.config.json  this run's resolved settings, command line and working folder
 and, with --stream OUT.stream, a peaks-only CrystFEL stream (0.10+ syntax, geometry embedded);
 with --dials, OUTDIR/dials/imported.expt + strong.refl for dials.index (a set of stills needs
 joint_indexing=False; the command printed at the end has it).

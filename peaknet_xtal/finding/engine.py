@@ -301,7 +301,11 @@ class InferenceEngine:
 
             shadow = openmp_shadowed() if self.device == "cpu" else None
             if shadow is not None:
-                log.warning("%s", stub_openmp_message(shadow, self.threads))
+                # a warning where it takes threads the run would have had; said, not warned,
+                # to a run that asked for one thread
+                wanted = int(self.threads or default_threads())
+                (log.warning if wanted > 1 else log.info)(
+                    "%s", stub_openmp_message(shadow, self.threads))
                 _single_thread(torch)
             else:
                 torch.set_num_threads(int(self.threads or default_threads()))

@@ -46,6 +46,7 @@ TYPES: dict[str, Any] = {"data": str | None, "output": str | None, "space_group"
 def check(config: dict[str, Any]) -> None:
     """Raise ValueError (one line) for settings that would fail only after the work: a finder
     typo after the finders before it ran, a space group DIALS refuses on every frame."""
+    from peaknet_xtal.errors import PeakNetError
     from peaknet_xtal.evaluation.finders import check_finder
     from peaknet_xtal.evaluation.indexing import check_symmetry, parse_unit_cell
 
@@ -54,6 +55,8 @@ def check(config: dict[str, Any]) -> None:
             check_finder(spec)
         except KeyError as exc:
             raise ValueError(exc.args[0]) from None
+        except PeakNetError as exc:  # the model's weights: missing, or not a model
+            raise ValueError(f"--finders {spec}: {exc}") from None
     check_symmetry(config["space_group"], parse_unit_cell(config["unit_cell"]))
 
 

@@ -218,13 +218,18 @@ def list_finders() -> list[str]:
 
 
 def check_finder(spec: str) -> None:
-    """Raise KeyError unless ``spec`` names a finder: cheap (nothing is built), so a command can
-    refuse a typo before it tunes or runs the finders named before it."""
+    """Raise KeyError unless ``spec`` names a finder, and a FormatError naming the file where
+    its model's weights are missing or not a model: cheap (no network is built), so a command
+    can refuse a typo before it tunes or runs the finders named before it."""
     kind, _, model = spec.partition(":")
     if kind not in FINDERS:
         raise KeyError(f"unknown finder {spec!r}; known: {list_finders()} (peaknet:MODEL)")
     if model and kind != "peaknet":
         raise KeyError(f"only peaknet takes a model suffix, got {spec!r}")
+    if model:
+        from peaknet_xtal.model.weights_io import check_model
+
+        check_model(model)
 
 
 def create_finder(spec: str, params: Mapping[str, Any] | None = None) -> Any:

@@ -109,6 +109,11 @@ def test_a_typo_in_finders_is_one_line_before_any_work(sim_run, tmp_path, capsys
     assert "unknown finder 'pf8'" in line and "peakfinder8" in line
     assert main([str(sim_run), "-o", str(out), "--finders", "dispersion:fast"]) == 2
     assert "only peaknet takes a model suffix" in one_error_line(capsys.readouterr().err)
+    missing = tmp_path / "retrained.safetensors"
+    assert main([str(sim_run), "-o", str(out), "--finders", "dispersion",
+                 f"peaknet:{missing}"]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert str(missing) in line and "model weights not found" in line
     assert not out.exists()  # refused before anything was written
 
 

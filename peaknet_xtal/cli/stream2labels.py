@@ -68,15 +68,17 @@ def build_parser() -> Any:
         help="also read old pickled .refl files (loading a pickle can run code: only for "
         "files from a source you trust)")
     add("--quiet", action="store_true", help="no progress line")
+    add("--overwrite", action="store_true", help="replace a finished label file at -o (only "
+        "once the new one is complete)")
     return parser
 
 
 def stream2labels(inputs: Sequence[str], output: str, config: dict[str, Any],
-                  progress: bool = True) -> dict[str, Any]:
+                  progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
     """The command without its argument parsing (for scripts and tests)."""
     from peaknet_xtal.labelling.job import label_run
 
-    return label_run(list(inputs), output, config, progress=progress)
+    return label_run(list(inputs), output, config, progress=progress, overwrite=overwrite)
 
 
 def format_summary(summary: dict[str, Any]) -> str:
@@ -116,6 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     given = vars(args)
     inputs, output = given.pop("inputs"), given.pop("output")
     quiet = given.pop("quiet", False)
+    overwrite = given.pop("overwrite", False)
     config = cfgmod.resolve_or_exit(parser, DEFAULTS, given, types=TYPES)
     try:  # what no single setting's range can say (a minimum above its maximum)
         check_settings(config, cfgmod.option_names(parser))
@@ -123,14 +126,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(exc))
     out = Path(output)
     try:  # before anything is written beside it, and before hours of fits
-        check_output(out)
+        check_output(out, overwrite)
     except PeakNetError as exc:
         print(f"stream2labels: error: {exc}", file=sys.stderr)
         return 2
     cfgmod.record(config, out.with_suffix(".config.json"), "stream2labels",
                   list(argv) if argv is not None else sys.argv[1:])
     try:
-        summary = stream2labels(inputs, output, config, progress=not quiet)
+        summary = stream2labels(inputs, output, config, progress=not quiet,
+                                overwrite=overwrite)
     except KeyboardInterrupt:  # Ctrl-C: a stop the user asked for, not a failure to explain
         print(f"stream2labels: interrupted; {what_is_kept(out)}", file=sys.stderr)
         return 130

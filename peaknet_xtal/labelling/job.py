@@ -225,12 +225,14 @@ def _part_done(part: Path) -> bool:
         return False
 
 
-def check_output(output: str | os.PathLike[str]) -> None:
+def check_output(output: str | os.PathLike[str], overwrite: bool = False) -> None:
     """Refuse an output the label file cannot be written to, before any work: a folder, something
     that is not a regular file, or a place this process cannot create files in (tried with a
     probe file, so that a read-only mount or a missing permission counts too, whoever runs it).
     Otherwise a whole run of fits would end on the last rename, leaving its part files, report
-    and configuration record behind for nothing.
+    and configuration record behind for nothing.  A finished label file is replaced only with
+    ``overwrite`` (and then only once the new one is complete): a rerun with other settings or
+    inputs silently replaced a run's labels.
     """
     import tempfile
 
@@ -241,6 +243,10 @@ def check_output(output: str | os.PathLike[str]) -> None:
     if path.exists() and not path.is_file():
         raise FormatError(path, "is not a regular file: the output (-o) is the label file to "
                           "write")
+    if path.is_file() and not overwrite:
+        raise FormatError(path, "already holds a finished label file: give --overwrite to "
+                          "replace it (the new one replaces it only once complete), or another "
+                          "output (-o)")
     parent = path.absolute().parent
     while not parent.exists():  # the missing folders are made in the first one that exists
         parent = parent.parent
@@ -256,17 +262,19 @@ def check_output(output: str | os.PathLike[str]) -> None:
 
 
 def label_run(paths: Sequence[str], output: str | os.PathLike[str],
-              config: dict[str, Any] | None = None, *, progress: bool = True) -> dict[str, Any]:
+              config: dict[str, Any] | None = None, *, progress: bool = True,
+              overwrite: bool = False) -> dict[str, Any]:
     """Do the whole run; returns the summary that the CLI prints and records (with
     ``not_selected``: why the other frames were turned away, one line per rule).
 
     Raises :class:`NothingToLabel`, writing no label file, when the inputs give no frame to
     label, or none of the selected frames could be labelled: an empty file would pass for a
     result; and a FormatError before any work for an
-    output that cannot be written (:func:`check_output`) or a setting out of its range
-    (:func:`check_settings`: a ConfigError).
+    output that cannot be written, or a finished one without ``overwrite``
+    (:func:`check_output`), or a setting out of its range (:func:`check_settings`: a
+    ConfigError).
     """
-    check_output(output)
+    check_output(output, overwrite)
     cfg = check_settings(deep_merge(DEFAULTS, config or {}))
     run = cfg["run"]
     start = time.perf_counter()

@@ -241,3 +241,22 @@ def test_ctrl_c_is_one_line_keeping_what_a_rerun_resumes_from(sim_run, tmp_path,
     monkeypatch.setattr(BatchLabeler, "run", run)
     assert main(argv) == 0  # the rerun resumes from the kept batch
     assert "batches 2 (1 resumed)" in capsys.readouterr().out
+
+
+def test_a_finished_label_file_is_replaced_only_with_overwrite(sim_run, tmp_path, capsys):
+    """A rerun into a finished label file with other settings replaced a run's labels without
+    a word; it is refused before any work unless --overwrite, and nothing beside it changes."""
+    out = tmp_path / "l.h5"
+    argv = [str(sim_run.stream), "-o", str(out), "--no-ray", "--quiet", "--min-peaks", "1",
+            "--min-i-over-sigma", "5", "--max-frames", "2"]
+    assert main(argv) == 0
+    before = out.read_bytes()
+    record = out.with_suffix(".config.json").read_text()
+    capsys.readouterr()
+    assert main([*argv, "--min-snr", "8"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already holds a finished label file: give --overwrite" in err[0]
+    assert out.read_bytes() == before
+    assert out.with_suffix(".config.json").read_text() == record  # the record still true
+    assert main([*argv, "--min-snr", "8", "--overwrite"]) == 0
+    assert out.read_bytes() != before

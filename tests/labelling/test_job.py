@@ -20,7 +20,12 @@ def test_check_output_refuses_what_cannot_become_the_label_file(tmp_path):
     with pytest.raises(FormatError, match="not a regular file"):
         check_output(os.devnull)
     check_output(tmp_path / "new" / "sub" / "labels.h5")  # folders to be made are fine
-    check_output(tmp_path / "file")  # an earlier label file is replaced at the end
+    # a finished label file is replaced only when asked (a rerun with other settings or
+    # inputs replaced a run's labels without a word), and then at the end
+    with pytest.raises(FormatError, match="already holds a finished label file: give "
+                       "--overwrite"):
+        check_output(tmp_path / "file")
+    check_output(tmp_path / "file", overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "folder"]  # no probe left
 
 

@@ -428,7 +428,7 @@ def setting_differences(run: Mapping[str, Any], now: Mapping[str, Any],
         if isinstance(old, Mapping) and isinstance(new, Mapping):
             found += setting_differences(old, new, allowed, f"{dotted}.")
         elif old != new:
-            shown = ["(not set)" if v is _ABSENT else json.dumps(v, default=str)
-                     for v in (old, new)]
+            shown = ["(not set)" if v is _ABSENT else "(not given)" if v is None
+                     else json.dumps(v, default=str) for v in (old, new)]
             found.append(f"{dotted}: {shown[0]} in the run, {shown[1]} now")
     return found

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,7 +34,7 @@ def _open_cxi(path: str, geometry: Any = None, frames_per_file: int = 1000, mode
               max_peaks: int | None = None, write_geometry: bool = True,
               geometry_name: str | None = None, adu_per_photon: float | None = None,
               hits_only: bool = False, settings: Mapping[str, Any] | None = None,
-              **ignored: Any) -> Any:
+              inputs: Sequence[str] | None = None, **ignored: Any) -> Any:
     """The CXI writer.  Options meant for other writers are ignored, as the writer contract
     says (hookspecs); each option of the CXI writer must be named here, or it is lost: the
     finding ``settings`` once were, so files a Ray run wrote recorded none and a rerun with
@@ -47,7 +47,7 @@ def _open_cxi(path: str, geometry: Any = None, frames_per_file: int = 1000, mode
     return CXIWriter(path, geometry_option(geometry), frames_per_file=frames_per_file, mode=mode,
                      max_peaks=max_peaks or DEFAULT_MAX_PEAKS, write_geometry=write_geometry,
                      geometry_name=geometry_name, adu_per_photon=adu_per_photon,
-                     hits_only=hits_only, settings=settings)
+                     hits_only=hits_only, settings=settings, inputs=inputs)
 
 
 class StreamPeakWriter:

@@ -295,7 +295,7 @@ def check_output_folder(outdir: Path, config: Mapping[str, Any] | None = None) -
     listed for indexamajig, overwritten, or numbered into; and, given the run's ``config``, one
     whose files were found with other settings (a rerun continues a run: checked before the
     run's configuration is recorded over the earlier one's)."""
-    from peaknet_xtal.formats.cxi import CXIWriter, check_same_settings
+    from peaknet_xtal.formats.cxi import CXIWriter, check_inputs_unchanged, check_same_settings
 
     if not outdir.exists():
         return
@@ -323,7 +323,22 @@ def check_output_folder(outdir: Path, config: Mapping[str, Any] | None = None) -
             raise FormatError(listing, "names files peaknet2cxi did not write here; it would "
                               "be overwritten: choose an empty or new output folder")
     if config is not None:
-        check_same_settings(foreign.finished_files(), finding_settings(config))
+        finished = foreign.finished_files()
+        check_same_settings(finished, finding_settings(config))
+        # before the record and before Ray starts: a rerun over a regenerated input is refused
+        # here as the writer would refuse it (CXIWriter.done_keys)
+        sources = input_paths(config)
+        for path in finished:
+            check_inputs_unchanged(path, sources)
+
+
+def input_paths(config: Mapping[str, Any]) -> list[str]:
+    """The input files of a run (list files expanded); a list that cannot be read counts as
+    itself here, and the run reports it in order."""
+    try:
+        return [str(entry["path"]) for entry in expand_inputs(config["inputs"])]
+    except (PeakNetError, OSError, ValueError):
+        return [str(p) for p in config["inputs"]]
 
 
 def _run_serial(config: dict[str, Any]) -> dict[str, Any]:
@@ -398,7 +413,8 @@ def _writer_options(config: Mapping[str, Any]) -> dict[str, Any]:
     return {"frames_per_file": int(config["frames_per_file"]), "mode": config["link"],
             "max_peaks": max(int(config["max_peaks"] or 0), DEFAULT_MAX_PEAKS),
             "geometry_name": GEOM_NAME, "hits_only": bool(config["hits_only"]),
-            "adu_per_photon": gain if gain else None, "settings": finding_settings(config)}
+            "adu_per_photon": gain if gain else None, "settings": finding_settings(config),
+            "inputs": input_paths(config)}
 
 
 #: the settings that decide which peaks a frame gets and which frames are written: every CXI
@@ -565,6 +581,10 @@ def _read_geometry(path: Any) -> Any:
     return read_geometry(path)
 
 
+#: HDF5 inputs read without a geometry that were said to be (:func:`_open`)
+_WARNED_NO_GEOMETRY: set[str] = set()
+
+
 def _open(entry: Mapping[str, Any], geometry: Any) -> Any:
     """A frame source for one input: CXI/HDF5 through the geometry, anything else by sniffing."""
     import h5py
@@ -589,10 +609,15 @@ def _open(entry: Mapping[str, Any], geometry: Any) -> Any:
         try:
             return open_source(path, "dxtbx")
         except (FormatError, ValueError):
+            pass
+        source = open_source(path, "cxi", geometry=None)  # its own error if it has no images
+        if path not in _WARNED_NO_GEOMETRY:  # once a file (it is opened to count, then to run)
+            _WARNED_NO_GEOMETRY.add(path)
             log.warning("%s: no geometry given (-g) or found beside it: each frame is read as "
                         "one panel, and no .geom is written for indexamajig; give the "
                         "detector's CrystFEL geometry with -g for a detector of several panels",
                         path)
+        return source
     if is_hdf5:
         return open_source(path, "cxi", geometry=geometry)
     try:

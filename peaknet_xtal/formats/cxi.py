@@ -21,7 +21,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -1127,19 +1127,25 @@ def file_identity(path: str | os.PathLike[str]) -> list[Any] | None:
     return [os.path.abspath(path), int(stat.st_size), int(stat.st_mtime_ns)]
 
 
-def check_inputs_unchanged(path: str | os.PathLike[str]) -> None:
+def check_inputs_unchanged(path: str | os.PathLike[str],
+                           sources: Iterable[str | os.PathLike[str]] | None = None) -> None:
     """Refuse to resume from a CXI file whose frames came from an input that has changed since
     (:data:`INPUTS_ATTR`): a rerun skips finished frames by (file, event), so a run regenerated
     under the same name would keep the earlier file's peaks, and a linked (vds) file would now
-    show the new pixels beside them.  An input that is gone is not judged (its frames are not
-    read again); a file without the record (an older run's) neither.
+    show the new pixels beside them.  With ``sources`` (this run's input files) only those are
+    judged: a run of other inputs skips none of the changed one's frames.  An input that is
+    gone is not judged (its frames are not read again); a file without the record (an older
+    run's) neither.
 
     Raises a FormatError naming the input, the CXI file, what differs and what to do."""
     record = _json_record(path, INPUTS_ATTR, "input files")
+    judged = None if sources is None else {os.path.abspath(s) for s in sources}
     for source, then in (record or {}).items():
         if not (isinstance(then, list) and len(then) == 3):
             raise FormatError(path, f"its {INPUTS_ATTR} entry for {source} is not [path, size, "
                               "mtime]; the file is damaged")
+        if judged is not None and then[0] not in judged:
+            continue
         now = file_identity(then[0])
         if now is None or now[1:] == then[1:]:
             continue
@@ -1148,7 +1154,8 @@ def check_inputs_unchanged(path: str | os.PathLike[str]) -> None:
         raise FormatError(source, f"has changed since its frames were found into {path} "
                           f"({change}): that file holds the earlier input's peaks. Process it "
                           f"into another output folder (-o), or delete {Path(path).name} to "
-                          "find its frames again (the rest of the folder is kept)")
+                          "find its frames again (with those of any other input it holds; the "
+                          "rest of the folder is kept)")
 
 
 def check_same_settings(files: Sequence[Path], settings: Mapping[str, Any]) -> None:
@@ -1210,7 +1217,8 @@ class CXIWriter:
                  frames_per_file: int = 1000, mode: str = "auto",
                  max_peaks: int = DEFAULT_MAX_PEAKS, write_geometry: bool = True,
                  geometry_name: str | None = None, adu_per_photon: float | None = None,
-                 hits_only: bool = False, settings: Mapping[str, Any] | None = None) -> None:
+                 hits_only: bool = False, settings: Mapping[str, Any] | None = None,
+                 inputs: Iterable[str] | None = None) -> None:
         if isinstance(geometry, (str, os.PathLike)):
             from peaknet_xtal.formats.geometry import read_geometry
 
@@ -1234,6 +1242,9 @@ class CXIWriter:
         #: how the peaks were found, kept in every file (:data:`SETTINGS_ATTR`); a folder's
         #: files share them (:func:`check_same_settings`)
         self.settings = None if settings is None else dict(settings)
+        #: the run's input files, the only ones whose change since a finished file was
+        #: written refuses a resume (None: every input it records; :meth:`done_keys`)
+        self.inputs = None if inputs is None else [os.fspath(i) for i in inputs]
         if self.settings is not None:
             check_same_settings(self.finished_files(), self.settings)
         self._file: _CXIFile | None = None
@@ -1275,7 +1286,7 @@ class CXIWriter:
                 table = read_cxi_peaks(path)
             except FormatError:
                 continue  # not one of ours: it will not be overwritten either
-            check_inputs_unchanged(path)
+            check_inputs_unchanged(path, self.inputs)
             keys.update(table.keys)
         return keys
 

@@ -352,10 +352,19 @@ def test_a_rerun_over_an_input_rewritten_under_its_name_is_refused(stacks, tmp_p
     err = capsys.readouterr().err
     assert code == 1 and "has changed since its frames were found" in err, err
     assert "Traceback" not in err
-    mine.unlink()  # gone: its frames are not read again, the folder is not judged by it
+    assert main([str(mine), "-g", str(geom_path), "-o", str(outdir), "--threads", "1",
+                 "--min-peaks", "5", "--frames-per-file", "1", "--workers", "2"]) == 1
+    assert "has changed since" in capsys.readouterr().err
+    # refused before this run's settings were recorded (the earlier runs, by the API, left
+    # none) and before Ray started
+    assert not (outdir / "peaknet2cxi.config.json").exists()
+    # another input into the same folder skips none of the changed one's frames: it runs
     shutil.copy(stack, tmp_path / "other.cxi")
     third = _run(tmp_path / "other.cxi", geom_path, outdir, predictor, frames_per_file=1)
     assert third["this_run"]["frames"] == N_FRAMES
+    mine.unlink()  # gone: its frames are not read again, the folder is not judged by it
+    fourth = _run(tmp_path / "other.cxi", geom_path, outdir, predictor, frames_per_file=1)
+    assert fourth["this_run"]["skipped"] == N_FRAMES
 
 
 def test_an_hdf5_stack_without_a_geometry_uses_one_that_belongs_to_it(stacks, tmp_path, capsys,

@@ -138,7 +138,9 @@ def check_device(spec: str) -> None:
 def summary_line(stats: Any) -> str:
     """One line closing a run: spots integrated this run, gain(s) used, median I/sigma."""
     if not stats.spots:
-        return f"{PROG}: no spots integrated this run"
+        kept = (f" ({stats.kept} output(s) an earlier run finished are kept)" if stats.kept
+                else "")
+        return f"{PROG}: no spots integrated this run{kept}"
     gains = sorted(stats.gains)
     gain = (f"{gains[0]:.3g}" if len(gains) == 1 else f"{gains[0]:.3g}-{gains[-1]:.3g}")
     return (f"{PROG}: {stats.spots} spots integrated, gain {gain} ADU/photon, median I/sigma "
@@ -281,6 +283,7 @@ def run(config: Mapping[str, Any], stats: Any = None) -> list[Path]:
                      out, path)
         elif out.exists() and kind != "stream":  # a stream is continued, see the docstring
             log.info("%s exists: skipped (delete it to integrate %s again)", out, path)
+            stats.kept += 1
             continue
         plan.append((path, kind, out, changed))
     if not plan:

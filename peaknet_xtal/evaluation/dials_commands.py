@@ -8,6 +8,7 @@ wrappers), because only those see this package's entry points.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -59,6 +60,22 @@ def run_dials(command: str, *args: str, cwd: str | os.PathLike[str],
         raise DialsCommandError(f"dials.{command} {' '.join(args)} exited {proc.returncode}:\n"
                                 f"{tail}")
     return proc.stdout, elapsed
+
+
+#: How a DIALS program's last words begin: its user error, or an exception's name.
+_LAST_WORDS = re.compile(r"^(Sorry|[A-Za-z_.]*(Error|Exception)):")
+
+
+def dials_reason(text: str, limit: int = 200) -> str:
+    """DIALS' reason for a failure, from its output: the last user error ("Sorry: ...") or
+    exception with the lines after it, joined, at most ``limit`` characters.  Its messages run
+    over several lines, and the last alone can be a fragment ("sanity check set
+    disable_unit_cell_volume_sanity_check=True.")."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    for k in range(len(lines) - 1, -1, -1):
+        if _LAST_WORDS.match(lines[k]):
+            return " ".join(lines[k:])[:limit]
+    return lines[-1][:limit] if lines else ""
 
 
 def stills_process_status(debug_dir: str | os.PathLike[str]) -> dict[str, str]:

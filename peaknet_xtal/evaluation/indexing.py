@@ -205,6 +205,7 @@ def index_strong(folder: Path, options: Sequence[str], env: dict[str, str] | Non
     from peaknet_xtal.evaluation.dials_commands import (
         DialsCommandError,
         dials_environment,
+        dials_reason,
         run_dials,
     )
 
@@ -212,7 +213,7 @@ def index_strong(folder: Path, options: Sequence[str], env: dict[str, str] | Non
         run_dials("index", "imported.expt", "strong.refl", *options, cwd=folder,
                   env=dials_environment() if env is None else env, timeout=600)
     except DialsCommandError as exc:
-        return IndexingResult(False, message=str(exc).splitlines()[-1][:200])
+        return IndexingResult(False, message=dials_reason(str(exc)))
     return _read_indexed(folder)
 
 

@@ -69,6 +69,7 @@ class RunStats:
 
     spots: int = 0
     crystals: int = 0
+    kept: int = 0  # outputs an earlier run finished, skipped (their inputs unchanged)
     gains: set[float] = dataclasses.field(default_factory=set)
     snr: list[np.ndarray] = dataclasses.field(default_factory=list)
 

@@ -153,6 +153,11 @@ def test_progress_has_a_total_and_the_run_ends_with_a_summary(run, tmp_path, cap
     summary = capsys.readouterr().out.strip().splitlines()[-1]
     assert "spots integrated" in summary and "8.5 ADU/photon" in summary, summary
     assert "median I/sigma" in summary, summary
+    # a rerun skips the finished CXI output and says so (it said only "no spots integrated")
+    assert main([str(run.cxi), "-g", str(run.geom), "-o", str(out), "--no-progress"]) == 0
+    summary = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "no spots integrated this run (1 output(s) an earlier run finished are kept)" \
+        in summary, summary
 
 
 def test_a_folder_named_like_a_cxi_file_is_one_line(run, tmp_path, capsys):

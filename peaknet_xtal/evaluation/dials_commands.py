@@ -18,7 +18,13 @@ from pathlib import Path
 
 
 class DialsCommandError(RuntimeError):
-    """A ``dials.*`` command exited non-zero; the message holds the tail of its output."""
+    """A ``dials.*`` command exited non-zero; the message holds the tail of its output, and
+    ``stderr`` what it wrote there (where a command that stops with ``sys.exit(message)``, as
+    dials.index does on an indexing error, leaves its reason)."""
+
+    def __init__(self, message: str, stderr: str = "") -> None:
+        super().__init__(message)
+        self.stderr = stderr
 
 
 def dials_program(command: str, path: str | None = None) -> str:
@@ -58,7 +64,7 @@ def run_dials(command: str, *args: str, cwd: str | os.PathLike[str],
     if proc.returncode != 0:
         tail = (proc.stdout + proc.stderr)[-3000:]
         raise DialsCommandError(f"dials.{command} {' '.join(args)} exited {proc.returncode}:\n"
-                                f"{tail}")
+                                f"{tail}", proc.stderr)
     return proc.stdout, elapsed
 
 
@@ -66,15 +72,21 @@ def run_dials(command: str, *args: str, cwd: str | os.PathLike[str],
 _LAST_WORDS = re.compile(r"^(Sorry|[A-Za-z_.]*(Error|Exception)):")
 
 
-def dials_reason(text: str, limit: int = 200) -> str:
-    """DIALS' reason for a failure, from its output: the last user error ("Sorry: ...") or
-    exception with the lines after it, joined, at most ``limit`` characters.  Its messages run
-    over several lines, and the last alone can be a fragment ("sanity check set
-    disable_unit_cell_volume_sanity_check=True.")."""
+def dials_reason(text: str, stderr: str = "", limit: int = 200) -> str:
+    """DIALS' reason for a failure, at most ``limit`` characters: the last user error
+    ("Sorry: ...") or exception in its output with the lines after it, joined; else the last
+    paragraph of what it wrote to ``stderr`` (dials.index ends with ``sys.exit(message)``);
+    else the output's last line.  Its messages run over several lines, and the last alone was
+    a fragment ("sanity check set disable_unit_cell_volume_sanity_check=True.")."""
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     for k in range(len(lines) - 1, -1, -1):
         if _LAST_WORDS.match(lines[k]):
             return " ".join(lines[k:])[:limit]
+    paragraphs = [" ".join(line.strip() for line in block.splitlines() if line.strip())
+                  for block in re.split(r"\n\s*\n", stderr)]
+    paragraphs = [p for p in paragraphs if p]
+    if paragraphs:
+        return paragraphs[-1][:limit]
     return lines[-1][:limit] if lines else ""
 
 

@@ -213,7 +213,7 @@ def index_strong(folder: Path, options: Sequence[str], env: dict[str, str] | Non
         run_dials("index", "imported.expt", "strong.refl", *options, cwd=folder,
                   env=dials_environment() if env is None else env, timeout=600)
     except DialsCommandError as exc:
-        return IndexingResult(False, message=dials_reason(str(exc)))
+        return IndexingResult(False, message=dials_reason(str(exc), exc.stderr))
     return _read_indexed(folder)
 
 

@@ -108,13 +108,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (PeakNetError, OSError, ValueError) as exc:
         print(f"peaknet-eval: error: {exc}", file=sys.stderr)
         return 1
+    from peaknet_xtal.evaluation.indexing import failure_text
+
     for label, entry in report["finders"].items():
         acc = entry.get("accuracy", {})
         print(f"{label:24s} F1 {acc.get('f1', float('nan')):.3f}  "
               f"hit rate {entry['hit_rate']:.3f}  {entry['seconds_per_frame']:.2f} s/frame")
         rates = report.get("indexing", {}).get(label)
         if rates:  # with the reasons, so a rate of 0 from a refused setting is seen as such
-            why = "; ".join(f"{n} x {reason}" for reason, n in rates["failures"].items())
+            why = failure_text(rates["failures"])
             print(f"{'':24s} indexing rate {rates['indexing_rate']:.3f} ({rates['indexed']} of "
                   f"{rates['hits']} hits)" + (f"; not indexed: {why}" if why else ""))
     print(f"report: {Path(config['output']) / 'report.md'}")

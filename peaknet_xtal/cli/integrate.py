@@ -220,7 +220,7 @@ def _read_inputs(out_dir: Path) -> dict[str, Any]:
     return made if isinstance(made, dict) else {}
 
 
-def _count(path: Path, kind: str, refl: Any) -> int | None:
+def _count(path: Path, kind: str) -> int | None:
     """Ticks an input will give (frames of a CXI file or a stream, experiments of an .expt),
     where they are cheap to count; None where not (the progress then shows no total)."""
     try:
@@ -232,8 +232,11 @@ def _count(path: Path, kind: str, refl: Any) -> int | None:
             with h5py.File(path, "r") as h5:
                 return int(h5[f"{PEAK_GROUP}/nPeaks"].shape[0])
         if kind == "stream":
+            from peaknet_xtal.formats.stream import CHUNK_BEGIN
+
+            begin = CHUNK_BEGIN.encode()
             with open(path, "rb") as handle:
-                return sum(line.startswith(b"----- Begin chunk -----") for line in handle)
+                return sum(line.startswith(begin) for line in handle)
         return len(json.loads(path.read_text()).get("experiment", []))
     except (OSError, KeyError, ValueError, AttributeError):
         return None  # a damaged input: integrating it says what is wrong, naming it
@@ -291,7 +294,7 @@ def run(config: Mapping[str, Any], stats: Any = None) -> list[Path]:
     integrator = Integrator(config["weights"], device=str(config["device"]),
                             batch_size=int(config["batch_size"]))
     options = {"gain": config["adu_per_photon"], "read_noise": float(config["read_noise"])}
-    counts = [_count(path, kind, config["refl"]) for path, kind, _, _ in plan]
+    counts = [_count(path, kind) for path, kind, _, _ in plan]
     total = None if None in counts else sum(c for c in counts if c is not None)
     with Progress(total, "frames", desc=PROG, enabled=bool(config["progress"])) as bar:
         for path, kind, out, changed in plan:

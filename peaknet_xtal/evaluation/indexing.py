@@ -17,7 +17,7 @@ import logging
 import os
 import shutil
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -253,3 +253,9 @@ def summarise(hits: Sequence[bool], results: Sequence[IndexingResult]) -> dict[s
                       if h and not r.indexed)
     rates["failures"] = dict(reasons.most_common())
     return rates
+
+
+def failure_text(failures: Mapping[str, int]) -> str:
+    """``summarise``'s ``failures`` as one line, ``N x reason`` each (empty: none), as the log
+    and the command's output say them."""
+    return "; ".join(f"{n} x {reason}" for reason, n in failures.items())

@@ -18,7 +18,7 @@ import numpy as np
 from peaknet_xtal.atomic import write_json_atomic, write_text_atomic
 from peaknet_xtal.evaluation import plots
 from peaknet_xtal.evaluation.finders import create_finder
-from peaknet_xtal.evaluation.indexing import KnownSymmetry
+from peaknet_xtal.evaluation.indexing import KnownSymmetry, failure_text
 from peaknet_xtal.evaluation.metrics import bootstrap_f1, score_frames
 from peaknet_xtal.evaluation.tuning import default_grid, tune
 from peaknet_xtal.finding.settings import DEFAULTS
@@ -278,7 +278,7 @@ def _index_all(dataset: Dataset, runs: dict[str, dict[str, Any]], skip: int, min
         if summary["failures"]:
             log.warning("%s: %d of %d hits not indexed: %s", label,
                         sum(summary["failures"].values()), summary["hits"],
-                        "; ".join(f"{n} x {reason}" for reason, n in summary["failures"].items()))
+                        failure_text(summary["failures"]))
     return out
 
 

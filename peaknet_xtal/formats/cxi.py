@@ -31,7 +31,7 @@ import numpy as np
 
 from peaknet_xtal.atomic import atomic_path, write_text_atomic
 from peaknet_xtal.errors import FormatError
-from peaknet_xtal.formats.geometry import HC_EV_A
+from peaknet_xtal.formats.geometry import HC_EV_A, MaskSpec
 from peaknet_xtal.types import Frame, FrameResult, empty_peaks, event_index
 
 log = logging.getLogger(__name__)
@@ -130,7 +130,19 @@ class CXIInfo:
     frame_shape: tuple[int, ...]  # (ss, fs) of the raw slab (more for EuXFEL-style layouts)
     dtype: np.dtype
     stacked: bool  # True for a (n, ss, fs) stack, False for one 2-D frame
-    mask_dataset: str | None = None
+    mask_dataset: str | None = None  # the first mask read from this file (for display)
+    masks: tuple[MaskSource, ...] = ()  # every mask the frames are read with
+
+
+@dataclass(frozen=True)
+class MaskSource:
+    """One bad pixel mask a reader applies: where it is, how its bits read, which panels it
+    covers (None: every panel)."""
+
+    file: str | None  # None: the image file itself
+    dataset: str
+    spec: MaskSpec
+    panels: tuple[int, ...] | None = None
 
 
 def _dataset(h5: h5py.File, path: str, name: str) -> h5py.Dataset:
@@ -182,17 +194,57 @@ def _image_like(h5: h5py.File, most: int = 5) -> list[tuple[str, tuple[int, ...]
     return found
 
 
-def _mask_path(h5: h5py.File, geometry: Any, mask_path: str | None) -> str | None:
+def _mask_plan(h5: h5py.File, path: str, geometry: Any, mask_path: str | None,
+               frame_shape: tuple[int, ...], n_frames: int, stacked: bool
+               ) -> list[MaskSource]:
+    """Every mask the frames of ``path`` are read with, each checked against the frames.
+
+    The geometry's masks 0-7 (CrystFEL's ``maskN_*``; a pixel is bad when any mask says so),
+    each on the panels that name it; ``mask_path`` (the caller's) replaces mask 0.  Mask 0
+    without a dataset is at :data:`DEFAULT_MASK_PATHS`, and with no mask 0 at all the image
+    file's own mask there is used when it has one (psocake writes it).  A dataset the geometry
+    names that the image file lacks is warned about and skipped (CrystFEL would stop); one in
+    a mask file must be there."""
+    all_specs: list[tuple[MaskSpec, tuple[int, ...]]] = (
+        geometry.mask_specs() if geometry is not None else [])
+    n_panels = len(geometry.panels) if geometry is not None else 1
+    bits = {"goodbits": getattr(geometry, "mask_good", None),
+            "badbits": getattr(geometry, "mask_bad", None)}
+    plan: list[MaskSource] = []
     if mask_path:
-        return mask_path
-    named = getattr(geometry, "mask", None) if geometry is not None else None
-    if named and not getattr(geometry, "mask_file", None):
-        return named
-    if named is None:
-        for candidate in DEFAULT_MASK_PATHS:
-            if isinstance(h5.get(candidate), h5py.Dataset):
-                return candidate
-    return None
+        plan.append(MaskSource(None, mask_path, MaskSpec(0, mask_path, **bits)))
+        specs = [(spec, panels) for spec, panels in all_specs if spec.index != 0]
+    else:
+        specs = all_specs
+        if not any(spec.index == 0 for spec, _ in specs):
+            for candidate in DEFAULT_MASK_PATHS:
+                if isinstance(h5.get(candidate), h5py.Dataset):
+                    plan.append(MaskSource(None, candidate, MaskSpec(0, candidate, **bits)))
+                    break
+    for spec, panels in specs:
+        if spec.data is None and spec.index != 0:
+            continue  # zero bits and no location (the parser refuses anything else): no mask
+        dataset = spec.data or DEFAULT_MASK_PATHS[0]
+        covered = None if len(panels) == n_panels else panels
+        if spec.file is None and h5.get(dataset) is None:
+            if spec.data is not None:
+                # the geometry names a mask this file lacks: CrystFEL would stop; we go on
+                log.warning("%s: no mask dataset %s (mask %d, named by the geometry %s); "
+                            "reading the frames without it: only the geometry's other masks, "
+                            "bad regions and flags mask pixels", path, dataset, spec.index,
+                            getattr(geometry, "path", None) or "")
+            continue
+        plan.append(MaskSource(spec.file, dataset, spec, covered))
+    for source in plan:
+        if source.file is None:
+            check_mask_dataset(path, source.dataset, _dataset(h5, path, source.dataset),
+                               frame_shape, n_frames, stacked)
+        else:
+            with open_h5(source.file) as other:
+                check_mask_dataset(source.file, source.dataset,
+                                   _dataset(other, source.file, source.dataset),
+                                   frame_shape, n_frames, stacked)
+    return plan
 
 
 def _frame_ndim(geometry: Any) -> int:
@@ -289,24 +341,10 @@ def _inspect(h5: h5py.File, path: str, geometry: Any, data_path: str | None,
     stacked = len(shape) == _frame_ndim(geometry) + 1
     n_frames = shape[0] if stacked else 1
     frame_shape = shape[1:] if stacked else shape
-    mask_name = _mask_path(h5, geometry, mask_path)
-    if mask_name is not None and mask_path is None and h5.get(mask_name) is None:
-        # the geometry names a mask this file lacks: CrystFEL would stop; we go on without it
-        log.warning("%s: no mask dataset %s (named by the geometry %s); reading the frames "
-                    "without it: only the geometry's own bad regions and flags mask pixels",
-                    path, mask_name, getattr(geometry, "path", None) or "")
-        mask_name = None
-    if mask_name is not None:
-        check_mask_dataset(path, mask_name, _dataset(h5, path, mask_name), frame_shape,
-                           n_frames, stacked)
-    mask_file = getattr(geometry, "mask_file", None) if geometry is not None else None
-    if mask_file and not mask_path:
-        with open_h5(mask_file) as other:
-            file_mask = getattr(geometry, "mask", None) or DEFAULT_MASK_PATHS[0]
-            check_mask_dataset(mask_file, file_mask, _dataset(other, mask_file, file_mask),
-                               frame_shape, n_frames, stacked)
+    plan = _mask_plan(h5, path, geometry, mask_path, frame_shape, n_frames, stacked)
+    mask_name = next((m.dataset for m in plan if m.file is None), None)
     return CXIInfo(path=path, dataset=name, n_frames=n_frames, frame_shape=frame_shape,
-                   dtype=ds.dtype, stacked=stacked, mask_dataset=mask_name)
+                   dtype=ds.dtype, stacked=stacked, mask_dataset=mask_name, masks=tuple(plan))
 
 
 def _split(slab: np.ndarray, geometry: Any) -> list[np.ndarray]:
@@ -378,18 +416,28 @@ class _Reader:
             self.h5.close()
             raise
         self.data = self.h5[self.info.dataset]
-        self.mask = self.h5[self.info.mask_dataset] if self.info.mask_dataset else None
-        self._mask_h5 = None
-        mask_file = getattr(geometry, "mask_file", None) if geometry is not None else None
-        if mask_file and not mask_path:  # the geometry's mask lives in another file
-            self._mask_h5 = open_h5(mask_file)
-            self.mask = self._mask_h5[getattr(geometry, "mask", None) or DEFAULT_MASK_PATHS[0]]
+        self._mask_files: dict[str, h5py.File] = {}
+        #: (dataset, bits, panels covered or None) of each mask; files opened once
+        self._masks: list[tuple[h5py.Dataset, MaskSpec, tuple[int, ...] | None]] = []
+        try:
+            for source in self.info.masks:
+                if source.file is None:
+                    where = self.h5
+                else:
+                    if source.file not in self._mask_files:
+                        self._mask_files[source.file] = open_h5(source.file)
+                    where = self._mask_files[source.file]
+                self._masks.append((where[source.dataset], source.spec, source.panels))
+        except Exception:
+            self.close()
+            raise
         self._static_masks = geometry.bad_pixel_masks() if geometry is not None else None
         self._flags = panel_flags(geometry)
 
     def _energy_dataset(self) -> h5py.Dataset | None:
-        """The per-frame photon energy (eV) the geometry points at (``photon_energy = /path``),
-        as CrystFEL reads it; without it 1/d and an ``adu_per_eV`` gain stay unknown."""
+        """The per-frame beam value the geometry points at (``photon_energy = /path [eV|keV]``,
+        ``wavelength = /path m|A``, ``electron_voltage = /path V|kV``), as CrystFEL reads it;
+        without it 1/d and an ``adu_per_eV`` gain stay unknown."""
         path = getattr(self.geometry, "photon_energy_path", None)
         if not path:
             return None
@@ -403,12 +451,17 @@ class _Reader:
         return energy
 
     def wavelength_A(self, index: int) -> float | None:
+        """The frame's wavelength from the geometry's beam dataset, converted from the unit
+        the geometry gives it (a wavelength in m or A, an energy in eV or keV, an electron
+        voltage in V or kV)."""
         if self._energy is None:
             return None
-        energy = float(np.ravel(self._energy[()] if self._energy.size == 1
-                                else self._energy[index])[0])
+        value = float(np.ravel(self._energy[()] if self._energy.size == 1
+                               else self._energy[index])[0])
+        energy = self.geometry.photon_energy_eV_of(value)
         if not np.isfinite(energy) or energy <= 0:
-            raise FormatError(self.path, f"photon energy {energy} eV of frame {index} is not "
+            unit = getattr(self.geometry, "photon_energy_path_unit", None) or "eV"
+            raise FormatError(self.path, f"beam value {value} {unit} of frame {index} is not "
                               "positive", dataset=self._energy.name)
         return HC_EV_A / energy
 
@@ -427,10 +480,13 @@ class _Reader:
         pieces: list[list[np.ndarray]] = []
         if panels is not None and self._flags:
             pieces.append([flagged_ok(p, f) for p, f in zip(panels, self._flags, strict=False)])
-        if self.mask is not None:
-            raw = (self.mask[index] if self.mask.ndim == len(self.info.frame_shape) + 1
-                   else self.mask[()])
-            pieces.append(_split(mask_bits_ok(np.asarray(raw), self.geometry), self.geometry))
+        for mask, spec, covered in self._masks:
+            raw = (mask[index] if mask.ndim == len(self.info.frame_shape) + 1 else mask[()])
+            good = _split(spec.good(np.asarray(raw)), self.geometry)
+            if covered is not None:  # a mask of some panels only: the others keep all pixels
+                good = [g if i in covered else np.ones(g.shape, dtype=bool)
+                        for i, g in enumerate(good)]
+            pieces.append(good)
         if self._static_masks is not None:
             pieces.append(list(self._static_masks))
         if not pieces:
@@ -462,8 +518,8 @@ class _Reader:
 
     def close(self) -> None:
         self.h5.close()
-        if self._mask_h5 is not None:
-            self._mask_h5.close()
+        for other in getattr(self, "_mask_files", {}).values():
+            other.close()
 
 
 def iter_cxi_frames(path: str | os.PathLike[str], geometry: Any = None, *,
@@ -1031,7 +1087,7 @@ def cxi_geometry(geometry: Any, *, adu_per_photon: float | None = None) -> Any:
     return replace(geometry, panels=panels, keys=keys, data=DATA_PATH, mask=MASK_PATH,
                    mask_file=None, mask_good=1, mask_bad=0, peak_list=PEAK_GROUP,
                    peak_list_type="cxi", photon_energy_path=PHOTON_ENERGY_PATH,
-                   photon_energy_eV=None, wavelength_A=None)
+                   photon_energy_path_unit="eV", photon_energy_eV=None, wavelength_A=None)
 
 
 def write_cxi_geometry(cxi_path: str | os.PathLike[str], geometry: Any,

@@ -15,18 +15,27 @@ INTERFACE CONTRACT (other modules code against these names):
 
     Geometry fields:
         panels: list[Panel]           in file order
-        data: str | None              HDF5 path, e.g. "/entry_1/data_1/data"
+        data: str | None              HDF5 path, e.g. "/entry_1/data_1/data": the one dataset
+                                      of every panel (panels in several are refused)
         dims: list[str]               e.g. ["%", "ss", "fs"] (those of the first panel when panels
                                       carry their own, e.g. ["%", "0", "ss", "fs"] for AGIPD)
         photon_energy_eV: float | None  (from photon_energy / wavelength / electron_voltage;
                                          None when given as an HDF5 path)
         wavelength_A: float | None
         clen_m: float | None          global detector distance (None if an HDF5 path)
-        clen_path / photon_energy_path: str | None   the HDF5 path when given as one
+        clen_path: str | None         the HDF5 path (with its unit, if any) when given as one
+        photon_energy_path: str | None  the HDF5 path alone when photon_energy, wavelength or
+                                        electron_voltage name one; photon_energy_path_unit says
+                                        what it holds (eV, keV, m, A, V, kV):
+                                        photon_energy_eV_of(value) converts a value read there
         adu_per_photon: float | None
         bandwidth: float | None
         peak_list: str | None; peak_list_type: str | None
-        mask: str | None; mask_file: str | None; mask_good; mask_bad  (mask0_* aliases)
+        mask: str | None; mask_file: str | None; mask_good; mask_bad  (the top-level mask 0)
+        panel_masks() -> list[list[MaskSpec]]   each panel's masks 0-7 as CrystFEL resolves them
+        mask_specs() -> list[(MaskSpec, panel indices)]   the distinct masks, for readers
+        free_mask_slot() -> int | None  the first mask number 0-7 the geometry leaves unused
+        indexamajig_problems() -> list[str]   what would make indexamajig refuse the geometry
         bad_regions: list[BadRegion]
         keys: dict[str, str]          every global key/value as written (last one wins)
         path: str | None
@@ -169,9 +178,15 @@ def _number_with_unit(value: str, key: str, units: dict[str, float], default: st
 
 
 def _length_or_path(value: str, key: str, fail: _Fail) -> tuple[float | None, str | None]:
-    """A length in metres (``m``/``mm``), or an HDF5 path (value None, path kept)."""
+    """A length in metres (``m``/``mm``), or an HDF5 path with its optional unit (value None,
+    ``"path unit"`` kept: readers split it); a path with a unit other than m or mm is refused,
+    as its values would be read in the wrong unit."""
     if value.startswith("/"):
-        return None, value
+        parts = value.split()
+        if len(parts) > 2 or (len(parts) == 2 and parts[1] not in ("m", "mm")):
+            raise fail(f"{key} = {value!r}: expected an HDF5 path and an optional unit "
+                       "(m or mm)")
+        return None, " ".join(parts)
     return _number_with_unit(value, key, {"m": 1.0, "mm": 1e-3}, "m", fail), None
 
 
@@ -219,6 +234,166 @@ def _electron_wavelength_A(volts: float) -> float:
     energy = volts  # eV
     momentum_ev = math.sqrt(energy * (energy + 2.0 * _ELECTRON_MC2_EV))  # p*c in eV
     return _H_C_M_EV / momentum_ev * 1e10
+
+
+#: Units a beam quantity given as an HDF5 path may hold, and their factor to the base unit (eV,
+#: metres or volts); ``None`` marks the key whose path may omit its unit (photon energy: eV).
+_BEAM_UNITS: dict[str, tuple[dict[str, float], str | None]] = {
+    "photon_energy": ({"eV": 1.0, "keV": 1e3}, "eV"),
+    "wavelength": ({"m": 1.0, "A": 1e-10}, None),
+    "electron_voltage": ({"V": 1.0, "kV": 1e3}, None),
+}
+
+
+def photon_energy_eV_from(value: float, unit: str | None) -> float:
+    """A beam value read from an HDF5 dataset, in the ``unit`` its geometry line gave it, as a
+    photon energy in eV (wavelengths and electron voltages converted as for numbers), so every
+    reader turns ``wavelength = /path m`` and ``photon_energy = /path keV`` alike into one
+    energy.  Non-positive or non-finite values come back as NaN: the caller names the frame."""
+    unit = unit or "eV"
+    if not math.isfinite(value) or value <= 0:
+        return float("nan")
+    for key, (units, _) in _BEAM_UNITS.items():
+        if unit in units:
+            base = value * units[unit]
+            if key == "photon_energy":
+                return base
+            if key == "wavelength":
+                return HC_EV_A / (base * 1e10)
+            return HC_EV_A / _electron_wavelength_A(base)
+    raise ValueError(f"unknown beam unit {unit!r}")
+
+
+def _beam_path(value: str, key: str, fail: _Fail) -> tuple[str, str]:
+    """``"/LCLS/photon_energy keV"`` -> (path, unit).  The unit says what the dataset holds;
+    glued to the path it made the path unreadable (NaN energies) and a wavelength was read as
+    eV.  A wavelength or electron voltage without its unit is refused, as CrystFEL does: a
+    dataset gives no hint whether it holds metres or Angstrom."""
+    units, default = _BEAM_UNITS[key]
+    parts = value.split()
+    if len(parts) > 2:
+        raise fail(f"{key} = {value!r}: expected an HDF5 path and one unit "
+                   f"({' or '.join(units)})")
+    unit = parts[1] if len(parts) == 2 else default
+    if unit is None:
+        raise fail(f"{key} = {value!r}: an HDF5 path needs its unit ({' or '.join(units)}), "
+                   f"e.g. '{key} = {parts[0]} {next(iter(units))}'")
+    if unit not in units:
+        raise fail(f"{key} = {value!r}: unknown unit {unit!r} (expected one of {sorted(units)})")
+    return parts[0], unit
+
+
+# --------------------------------------------------------------------------------------------
+# bad pixel masks: CrystFEL's mask0 ... mask7, per panel
+# --------------------------------------------------------------------------------------------
+
+#: CrystFEL reads up to eight bad pixel masks per panel, numbered 0 to 7.
+MAX_MASKS = 8
+_MASK_FIELDS = ("data", "file", "goodbits", "badbits")
+#: The pre-0.10 names of mask 0's keys, still accepted by CrystFEL and written for mask 0.
+_MASK0_LEGACY = {"data": "mask", "file": "mask_file", "goodbits": "mask_good",
+                 "badbits": "mask_bad"}
+_MASK_ANY = re.compile(r"mask(\d+)_([A-Za-z]+)$")
+
+
+def _mask_field(key: str) -> tuple[int, str] | None:
+    """``"mask3_goodbits"`` -> (3, "goodbits"), ``"mask_file"`` -> (0, "file"); None for any
+    other key (``mask_edge_pixels`` included)."""
+    for field_name, legacy in _MASK0_LEGACY.items():
+        if key == legacy:
+            return 0, field_name
+    match = _MASK_ANY.fullmatch(key)
+    if match and match.group(2) in _MASK_FIELDS and int(match.group(1)) < MAX_MASKS:
+        return int(match.group(1)), match.group(2)
+    return None
+
+
+def _check_mask_key(key: str, value: str, fail: _Fail) -> None:
+    """A mask key CrystFEL would refuse is refused here with its line (an unnumbered or
+    out-of-range mask would otherwise be dropped silently, and its pixels used)."""
+    match = _MASK_ANY.fullmatch(key)
+    if match and (int(match.group(1)) >= MAX_MASKS or match.group(2) not in _MASK_FIELDS):
+        raise fail(f"{key}: masks are numbered 0 to {MAX_MASKS - 1}, each with the keys "
+                   f"maskN_data, maskN_file, maskN_goodbits, maskN_badbits")
+    where = _mask_field(key)
+    if where is None:
+        return
+    if where[1] in ("goodbits", "badbits"):
+        _bits(value, key, fail)
+    elif where[1] == "data" and not value.startswith("/"):
+        raise fail(f"{key} = {value!r}: a mask location is an HDF5 path starting with '/'")
+
+
+def _resolve_mask_fields(own: dict[str, str], keys: dict[str, str],
+                         overridden: frozenset[str] = frozenset()) -> dict[tuple[int, str], str]:
+    """The mask fields one panel ends up with: its own value, else the top-level one (of two
+    names for one field, the one assigned last wins: both dicts keep the order of the last
+    assignments); an empty own value means the panel has none (a top-level mask set only after
+    the panel was defined).  ``overridden`` names top-level keys that beat every panel's own
+    value (``to_text(mask=...)``)."""
+    def by_field(values: dict[str, str]) -> dict[tuple[int, str], str]:
+        out: dict[tuple[int, str], str] = {}
+        for key, value in values.items():
+            where = _mask_field(key)
+            if where is not None:
+                out[where] = value
+        return out
+
+    beaten = {_mask_field(k) for k in overridden}
+    mine, top = by_field(own), by_field(keys)
+    resolved: dict[tuple[int, str], str] = {}
+    for where in sorted(set(mine) | set(top)):
+        value = mine.get(where) if where not in beaten else None
+        if value is None:
+            value = top.get(where)
+        if value:
+            resolved[where] = value
+    return resolved
+
+
+@dataclass(frozen=True)
+class MaskSpec:
+    """One of a panel's bad pixel masks (``maskN_data``, ``maskN_file``, ``maskN_goodbits``,
+    ``maskN_badbits``).  ``data`` is the HDF5 dataset (None: mask 0's default location),
+    ``file`` the file holding it (None: the image file itself)."""
+
+    index: int
+    data: str | None = None
+    file: str | None = None
+    goodbits: int | None = None
+    badbits: int | None = None
+
+    def good(self, raw: np.ndarray) -> np.ndarray:
+        """True = good: every goodbit set and no badbit set, as CrystFEL; with neither given,
+        any nonzero value is good (this project's reading of a bare 0/1 mask)."""
+        if self.goodbits is None and self.badbits is None:
+            return np.asarray(raw) != 0
+        values = np.asarray(raw).astype(np.int64)
+        ok = np.ones(values.shape, dtype=bool)
+        if self.goodbits:
+            ok &= (values & self.goodbits) == self.goodbits
+        if self.badbits:
+            ok &= (values & self.badbits) == 0
+        return ok
+
+
+def _mask_spec(n: int, fields: dict[tuple[int, str], str], where: str | None) -> MaskSpec | None:
+    """Mask ``n`` of one panel from its resolved fields; None when nothing names it."""
+    got = {f: fields[(n, f)] for f in _MASK_FIELDS if (n, f) in fields}
+    if not got:
+        return None
+
+    def bits(name: str) -> int | None:
+        if name not in got:
+            return None
+        try:
+            return int(got[name], 0)
+        except ValueError:
+            raise GeometryError(where, f"mask{n}_{name} = {got[name]!r} is not an integer "
+                                       "(decimal or 0x hex)") from None
+
+    return MaskSpec(index=n, data=got.get("data"), file=got.get("file"),
+                    goodbits=bits("goodbits"), badbits=bits("badbits"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -342,6 +517,8 @@ class Geometry:
     dims: list[str] = field(default_factory=lambda: ["ss", "fs"])
     photon_energy_eV: float | None = None
     photon_energy_path: str | None = None
+    #: what the dataset at ``photon_energy_path`` holds (eV, keV, m, A, V or kV); None is eV
+    photon_energy_path_unit: str | None = None
     wavelength_A: float | None = None
     clen_m: float | None = None
     clen_path: str | None = None
@@ -391,6 +568,67 @@ class Geometry:
         if len(paths) == 1 and None not in paths:
             return paths.pop()
         return self.clen_path
+
+    def photon_energy_eV_of(self, value: float) -> float:
+        """A value read from ``photon_energy_path`` as a photon energy in eV (its unit is the
+        geometry line's: a wavelength in metres and an energy in keV both come out right); NaN
+        for a value that is not positive."""
+        return photon_energy_eV_from(float(value), self.photon_energy_path_unit)
+
+    # ---- masks -------------------------------------------------------------------------------
+
+    def panel_masks(self) -> list[list[MaskSpec]]:
+        """Each panel's bad pixel masks 0-7 (CrystFEL's ``maskN_*``, ``mask``/``mask_file``/
+        ``mask_good``/``mask_bad`` being mask 0), its own keys first, else the top-level ones.
+        Read from ``keys`` and each panel's ``extra``, the same values :meth:`to_text` writes,
+        so a geometry rewritten with other top-level mask keys reads as it will be written."""
+        out = []
+        for panel in self.panels:
+            fields = _resolve_mask_fields(panel.extra, self.keys)
+            specs = [_mask_spec(n, fields, self.path) for n in range(MAX_MASKS)]
+            out.append([spec for spec in specs if spec is not None])
+        return out
+
+    def mask_specs(self) -> list[tuple[MaskSpec, tuple[int, ...]]]:
+        """The distinct masks of all panels, each with the indices of the panels it covers, in
+        mask-number order: a reader reads each dataset once per frame and applies it to those
+        panels only."""
+        users: dict[MaskSpec, list[int]] = {}
+        for i, specs in enumerate(self.panel_masks()):
+            for spec in specs:
+                users.setdefault(spec, []).append(i)
+        return sorted(((spec, tuple(panels)) for spec, panels in users.items()),
+                      key=lambda item: item[0].index)
+
+    def free_mask_slot(self) -> int | None:
+        """The first mask number (0-7) no panel uses, for adding a mask (``maskN_file = ...``,
+        ``maskN_data = ...``) without replacing one the geometry has; None when all eight are
+        taken.  Mind: with no mask 0 in the geometry, this project's reader takes mask 0 from
+        the image file's ``/entry_1/data_1/mask`` when there is one, and a geometry that names
+        a mask 0 turns that off."""
+        used = {spec.index for specs in self.panel_masks() for spec in specs}
+        return next((n for n in range(MAX_MASKS) if n not in used), None)
+
+    # ---- what indexamajig needs ----------------------------------------------------------------
+
+    def indexamajig_problems(self) -> list[str]:
+        """What would make indexamajig refuse this geometry although peak finding can use it,
+        one sentence each; [] when none.  CrystFEL insists on a camera length and on a photon
+        energy, wavelength or electron voltage, each a number or an HDF5 path; the finder needs
+        neither (1/d limits aside), so the parser accepts a geometry without them and tools that
+        print an indexamajig command ask here first.  (:func:`~peaknet_xtal.formats.
+        geometry_rules.crystfel_problems` checks a written ``.geom`` text in full.)"""
+        problems = []
+        no_clen = [p.name for p in self.panels if p.clen_m is None and p.clen_path is None]
+        if self.clen_m is None and self.clen_path is None and no_clen:
+            which = "" if len(no_clen) == len(self.panels) else f" for panel {no_clen[0]}"
+            problems.append(f"no camera length{which} ('clen = ...', a number or an HDF5 "
+                            "path): indexamajig refuses a geometry without one")
+        if self.photon_energy_eV is None and self.photon_energy_path is None:
+            problems.append("no photon energy ('photon_energy', 'wavelength' or "
+                            "'electron_voltage', as a number or an HDF5 path): indexamajig "
+                            "refuses a geometry without one")
+        return problems
 
     @property
     def slab_shape(self) -> tuple[int, ...]:
@@ -811,6 +1049,19 @@ def _split_bad_region(region: BadRegion, geometry: Geometry) -> list[BadRegion]:
     return out
 
 
+def _mask_lines(panel: Panel, keys: dict[str, str], overridden: frozenset[str]
+                ) -> dict[str, str]:
+    """A panel's masks 0-7 as :meth:`Geometry.panel_masks` reads them, one name per field:
+    mask 0 under its pre-0.10 names (every CrystFEL version reads them), masks 1-7 as
+    ``maskN_*``.  Written from the resolved values, so a top-level mask that changed between
+    panels, or a panel without the mask the others have, comes out as it was read."""
+    fields = _resolve_mask_fields(panel.extra, keys, overridden)
+    return {(_MASK0_LEGACY[f] if n == 0 else f"mask{n}_{f}"): value
+            for (n, f), value in sorted(fields.items(),
+                                        key=lambda item: (item[0][0],
+                                                          _MASK_FIELDS.index(item[0][1])))}
+
+
 def geometry_text(geometry: Geometry, **extra_keys: Any) -> str:
     """``.geom`` text following CrystFEL's rules for 0.10 to 0.12 (``man crystfel_geometry``).
 
@@ -852,12 +1103,14 @@ def geometry_text(geometry: Geometry, **extra_keys: Any) -> str:
     # per-panel values of every panel property, then the shared ones go to the top
     table: list[dict[str, str]] = []
     free_keys = [k for k in keys if is_panel_key(k) and k not in _RESOLVED_PANEL_KEYS
-                 and k not in DROPPED_PANEL_KEYS and not _is_dim(k)]
+                 and k not in DROPPED_PANEL_KEYS and not _is_dim(k) and _mask_field(k) is None]
     extra_names: list[str] = []
     for panel in geometry.panels:
         for k in panel.extra:
-            if k not in extra_names and k not in DROPPED_PANEL_KEYS:
+            if (k not in extra_names and k not in DROPPED_PANEL_KEYS
+                    and _mask_field(k) is None):
                 extra_names.append(k)
+    mask_overrides = frozenset(k for k in overridden if _mask_field(k) is not None)
     for panel, coffset in zip(geometry.panels, offsets, strict=True):
         row: dict[str, str] = {}
         if any(k in overridden for k in keys if _is_dim(k)):
@@ -875,6 +1128,7 @@ def geometry_text(geometry: Geometry, **extra_keys: Any) -> str:
                 value = panel.extra.get(key, keys.get(key))
             if value is not None:
                 row[key] = value
+        row.update(_mask_lines(panel, keys, mask_overrides))
         table.append(row)
     if any(r.get("adu_per_photon") is not None for r in table):  # one gain unit per panel
         for r in table:
@@ -934,6 +1188,11 @@ class _Parser:
         self.bad_lines: dict[str, int] = {}
         self.global_lines: dict[str, int] = {}
         self.clen_lines: dict[str, int] = {}
+        #: the first top-level panel default since the last new panel (key, line): one left
+        #: at the end of the file applies to no panel
+        self.pending_default: tuple[str, int] | None = None
+        #: ``group_NAME = a,b`` lines: (name, members, line, panels and groups known there)
+        self.groups: list[tuple[str, list[str], int, set[str]]] = []
 
     def fail(self, line: int | None) -> _Fail:
         return _Fail(self.path, line)
@@ -961,10 +1220,13 @@ class _Parser:
             self.bad_lines.setdefault(name, number)
             self.bad.setdefault(name, {})[sub] = (value, number)
             return
+        _check_mask_key(sub, value, self.fail(number))
         if name not in self.panels:
             self.panels[name] = dict(self.defaults)
             self.panel_lines[name] = number
             self.explicit[name] = set()
+            self.pending_default = None
+        self.panels[name].pop(sub, None)  # dict order = order of the last assignments
         self.panels[name][sub] = (value, number)
         self.explicit[name].add(sub)
 
@@ -972,9 +1234,18 @@ class _Parser:
         self.geometry.keys.pop(key, None)  # keep file order of the last assignment
         self.geometry.keys[key] = value
         self.global_lines[key] = number
-        if key in PANEL_KEYS or _is_dim(key):
+        _check_mask_key(key, value, self.fail(number))
+        if is_panel_key(key):
+            self.defaults.pop(key, None)
             self.defaults[key] = (value, number)
-        if key.startswith(("rigid_group", "group_")):
+            if key not in TOP_LEVEL_KEYS and self.pending_default is None:
+                self.pending_default = (key, number)
+        if key.startswith("group_"):
+            known = set(self.panels) | {g[0] for g in self.groups}
+            members = [m.strip() for m in value.split(",")]
+            self.groups.append((key[len("group_"):], members, number, known))
+            return
+        if key.startswith("rigid_group"):
             return
         self._set_global_field(key, value, self.fail(number))
 
@@ -982,22 +1253,18 @@ class _Parser:
         g = self.geometry
         if key == "clen":
             g.clen_m, g.clen_path = _length_or_path(value, key, fail)
-        elif key == "photon_energy":
+        elif key in _BEAM_UNITS:
+            # the last of photon_energy / wavelength / electron_voltage wins, number or path
+            g.photon_energy_path = g.photon_energy_path_unit = g.photon_energy_eV = None
             if value.startswith("/"):
-                g.photon_energy_path, g.photon_energy_eV = value, None
-            else:
+                g.photon_energy_path, g.photon_energy_path_unit = _beam_path(value, key, fail)
+            elif key == "photon_energy":
                 g.photon_energy_eV = _positive(_number_with_unit(
                     value, key, {"eV": 1.0, "keV": 1e3}, "eV", fail), key, value, fail)
-        elif key == "wavelength":
-            if value.startswith("/"):
-                g.photon_energy_path, g.photon_energy_eV = value, None
-            else:
+            elif key == "wavelength":
                 metres = _positive(_number_with_unit(value, key, {"m": 1.0, "A": 1e-10}, "m",
                                                      fail), key, value, fail)
                 g.photon_energy_eV = HC_EV_A / (metres * 1e10)
-        elif key == "electron_voltage":
-            if value.startswith("/"):
-                g.photon_energy_path, g.photon_energy_eV = value, None
             else:
                 volts = _positive(_number_with_unit(value, key, {"V": 1.0, "kV": 1e3}, "V",
                                                     fail), key, value, fail)
@@ -1031,9 +1298,69 @@ class _Parser:
                          for name, values in self.bad.items()]
         if not g.panels:
             raise self.fail(None)("no panels defined (no 'name/min_fs = ...' lines)")
+        self._check_no_effect()
+        self._check_groups()
+        g.data = self._one_dataset()
         self._check_overlaps(g.panels)
         self._check_distance(g.panels)
         return g
+
+    def _check_no_effect(self) -> None:
+        """A top-level panel property applies to the panels defined after it; one after the
+        last panel applies to none, and CrystFEL refuses the file rather than ignore it."""
+        if self.pending_default is not None:
+            key, line = self.pending_default
+            raise self.fail(line)(
+                f"'{key} = {self.geometry.keys.get(key, '')}' comes after the last panel: a "
+                f"top-level {key} applies only to panels defined after it, so here it has no "
+                "effect (CrystFEL refuses such a file); move it above the panels it is for")
+
+    def _check_groups(self) -> None:
+        """``group_NAME = a,b``: CrystFEL looks each member up as it reads the line (a panel is
+        a group of its own from its first line on) and refuses an unknown one ("Unknown panel
+        group"), a member named twice, or a group name already taken."""
+        for name, members, line, known in self.groups:
+            fail = self.fail(line)
+            if name in known:
+                raise fail(f"group_{name}: there is already a panel or group named {name!r}")
+            if not any(members):
+                raise fail(f"group_{name} has no members")
+            for i, member in enumerate(members):
+                if member in members[:i]:
+                    raise fail(f"group_{name}: member {member!r} is named twice")
+                if member in known:
+                    continue
+                if member in self.panels or any(g[0] == member for g in self.groups):
+                    raise fail(f"group_{name}: {member!r} is defined only further down; "
+                               "CrystFEL reads a group's members when it reads the line, so a "
+                               "group goes after its members")
+                raise fail(f"group_{name}: unknown panel or group {member!r}")
+
+    def _one_dataset(self) -> str | None:
+        """The one dataset all panels read (``data``, their own or the top-level default in
+        force when each was defined).  Panels in several datasets are refused: the readers,
+        the CXI output and its virtual dataset, and the written geometry all place panels in
+        one array, so each panel would take its pixels from the wrong dataset, or two panels
+        sharing fs/ss ranges would seem to overlap."""
+        first: tuple[str, str | None, int | None] | None = None
+        for name, values in self.panels.items():
+            data, line = values.get("data", (None, None))
+            if first is None:
+                first = (name, data, line)
+                continue
+            if data != first[1]:
+                def say(dataset: str | None, at: int | None) -> str:
+                    if dataset is None:
+                        return "no 'data' key (the default dataset)"
+                    return f"{dataset} (line {at})"
+
+                raise self.fail(line if line is not None else self.panel_lines[name])(
+                    f"panel {name} reads {say(data, line)} but panel {first[0]} reads "
+                    f"{say(first[1], first[2])}: panels in several datasets are not "
+                    "supported; put all panels in one dataset ('data = ...' once, above the "
+                    "panels), or stack them in one dataset with a fixed index per panel (e.g. "
+                    "'dim0 = %', 'dim2 = ss', 'dim3 = fs', 'p0/dim1 = 0', 'p1/dim1 = 1')")
+        return first[1] if first is not None else None
 
     def _check_distance(self, panels: list[Panel]) -> None:
         """A detector wholly at or behind the sample is a sign slip in ``clen`` (every 1/d would
@@ -1128,6 +1455,7 @@ class _Parser:
         dims = _dims_from({k: v for k, v in values.items() if _is_dim(k)}, self.fail(line))
         extra = {k: v for k, (v, _) in values.items() if k in self.explicit[name]
                  and k not in _RESOLVED_PANEL_KEYS and not _is_dim(k)}
+        self._settle_masks(name, values, extra)
         fs, ss = vector("fs", "x"), vector("ss", "y")
         if np.linalg.norm(np.cross(fs, ss)) <= 1e-6 * np.linalg.norm(fs) * np.linalg.norm(ss):
             raise self.fail(values.get("ss", ("", line))[1])(
@@ -1140,6 +1468,35 @@ class _Parser:
             max_adu=number("max_adu"), no_index=no_index, mask_edge_pixels=edge, dims=dims,
             extra=extra, line=line,
         )
+
+    def _settle_masks(self, name: str, values: dict[str, _Entry], extra: dict[str, str]) -> None:
+        """Make ``extra`` say the panel's masks exactly.  :meth:`Geometry.panel_masks` (and the
+        writer) take a panel's own mask keys, else the top-level ones as they stand at the end
+        of the file; a top-level mask that changes between panels applies, in CrystFEL, to the
+        panels defined after each line only.  Where the two differ, the panel's value is put in
+        its ``extra`` (an empty one: the panel has none).  Also refuses a mask 1-7 with a file
+        or bits but no dataset (mask 0 alone has a default location)."""
+        wanted: dict[tuple[int, str], _Entry] = {}
+        for key, entry in values.items():
+            where = _mask_field(key)
+            if where is not None and (where not in wanted or entry[1] > wanted[where][1]):
+                wanted[where] = entry
+        resolved = _resolve_mask_fields(extra, self.geometry.keys)
+        for where in sorted(set(wanted) | set(resolved)):
+            value = wanted[where][0] if where in wanted else ""
+            if resolved.get(where, "") != value:
+                key = f"mask{where[0]}_{where[1]}"
+                extra.pop(key, None)
+                extra[key] = value  # last: it wins over any other name of the field
+        for n in range(1, MAX_MASKS):
+            if (n, "data") in wanted:
+                continue
+            given = [(f, wanted[(n, f)]) for f in _MASK_FIELDS if (n, f) in wanted
+                     and (f == "file" or int(wanted[(n, f)][0], 0) != 0)]  # 0 bits: no effect
+            if given:
+                field_name, (_, at) = given[0]
+                raise self.fail(at)(f"panel {name}: mask{n}_{field_name} without "
+                                    f"mask{n}_data: mask {n} needs the dataset holding it")
 
     def _bad_region(self, name: str, values: dict[str, _Entry], panels: set[str]) -> BadRegion:
         line = self.bad_lines[name]

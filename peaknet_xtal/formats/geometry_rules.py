@@ -45,7 +45,8 @@ _PANEL_FIELDS = frozenset({
     "saturation_map", "saturation_map_file", "coffset", "res", "max_adu", "flag_equal",
     "flag_lessthan", "flag_morethan", "badrow_direction", "no_index", "fs", "ss",
 })
-_MASK_N = re.compile(r"mask(\d)_(data|file|goodbits|badbits)$")
+#: masks are numbered 0 to 7 (CrystFEL keeps eight per panel and does not check the number)
+_MASK_N = re.compile(r"mask([0-7])_(data|file|goodbits|badbits)$")
 _ALIASES = {"mask": "mask0_data", "mask_file": "mask0_file", "mask_good": "mask0_goodbits",
             "mask_bad": "mask0_badbits"}
 _BAD_FIELDS = frozenset({"min_x", "max_x", "min_y", "max_y", "min_fs", "max_fs", "min_ss",

@@ -115,9 +115,11 @@ def _gradient_panels(gain, rng, n=2):
     return [(gain * rng.poisson(level)).astype(np.float32) for _ in range(n)]
 
 
-def _geometry(make_geometry_text, extra=""):
+def _geometry(make_geometry_text, extra="", top=""):
+    """Two panels; ``extra``: panel lines after them; ``top``: top-level lines before them (a
+    top-level default after the last panel has no effect, and CrystFEL refuses it)."""
     text = make_geometry_text(["a", "b"], 256, 256, [(0.0, 0.0), (0.0, 256.0)], extra=extra)
-    return parse_geometry(text)
+    return parse_geometry(top + text)
 
 
 def test_batch_gains_follow_the_declared_or_measured_gain(make_geometry_text):
@@ -127,10 +129,10 @@ def test_batch_gains_follow_the_declared_or_measured_gain(make_geometry_text):
     geometry = _geometry(make_geometry_text, "a/adu_per_photon = 20\nb/adu_per_photon = 30\n")
     assert BatchGains()(Frame(panels, geometry=geometry)) == [20.0, 30.0]
     # the whole detector's, from adu_per_eV x photon energy (9000 eV)
-    geometry = _geometry(make_geometry_text, "adu_per_eV = 0.0025\n")
+    geometry = _geometry(make_geometry_text, top="adu_per_eV = 0.0025\n")
     assert BatchGains()(Frame(panels), geometry) == pytest.approx([22.5, 22.5])
     # a placeholder (1) or nothing declared: measured from the background
-    for geometry in (_geometry(make_geometry_text, "adu_per_photon = 1\n"), None):
+    for geometry in (_geometry(make_geometry_text, top="adu_per_photon = 1\n"), None):
         gains = BatchGains()(Frame(panels), geometry)
         assert gains[0] == gains[1] == pytest.approx(25.0, rel=0.1)
 

@@ -1,0 +1,309 @@
+"""CrystFEL geometry keys a CrystFEL user relies on: per-panel ``data``, masks 0-7, beam and camera
+length values read from HDF5 paths with their units, and files CrystFEL refuses.
+
+Each test states the rule from ``crystfel_geometry(5)`` it checks; the images are small h5py files.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from peaknet_xtal.errors import GeometryError
+from peaknet_xtal.formats.cxi import (
+    MASK_PATH,
+    PHOTON_ENERGY_PATH,
+    cxi_geometry,
+    iter_cxi_frames,
+    write_cxi,
+)
+from peaknet_xtal.formats.geometry import HC_EV_A, MAX_MASKS, parse_geometry
+from peaknet_xtal.formats.geometry_rules import crystfel_problems, errors_only
+from peaknet_xtal.types import FrameResult, empty_peaks
+
+SHAPE = (2, 8, 6)  # frames, ss, fs: two 4x6 panels, one above the other
+
+
+def geom(top: str = "", p0: str = "", p1: str = "", end: str = "", *,
+         beam: str | None = "photon_energy = 9000 eV", clen: str | None = "clen = 0.1 m",
+         data: str | None = "/entry/data") -> str:
+    """Two 6x4 panels in one (%, ss, fs) stack; ``top`` goes above the panels, ``p0``/``p1``
+    (keys without the panel name) into each panel, ``end`` after them."""
+    lines = [line for line in (beam, clen) if line]
+    lines += ["res = 10000", "adu_per_photon = 1", "dim0 = %", "dim1 = ss", "dim2 = fs"]
+    if data:
+        lines.append(f"data = {data}")
+    lines += top.splitlines()
+    for i, (name, own) in enumerate((("p0", p0), ("p1", p1))):
+        lines += [f"{name}/min_fs = 0", f"{name}/max_fs = 5", f"{name}/min_ss = {4 * i}",
+                  f"{name}/max_ss = {4 * i + 3}", f"{name}/corner_x = -3",
+                  f"{name}/corner_y = {-4 + 4 * i}", f"{name}/fs = x", f"{name}/ss = y"]
+        lines += [f"{name}/{line}" for line in own.splitlines()]
+    return "\n".join(lines + end.splitlines()) + "\n"
+
+
+def line_of(text: str, start: str) -> int:
+    return next(n for n, line in enumerate(text.splitlines(), 1) if line.startswith(start))
+
+
+def stack(path: Path, dataset: str = "/entry/data", **more: np.ndarray) -> np.ndarray:
+    """An image stack of ``SHAPE`` at ``dataset`` plus ``more`` datasets ({"a/b": array})."""
+    data = np.arange(np.prod(SHAPE), dtype=np.float32).reshape(SHAPE)
+    with h5py.File(path, "a") as h5:
+        h5[dataset] = data
+        for name, values in more.items():
+            h5["/" + name] = values
+    return data
+
+
+def frame_masks(path: Path, geometry) -> list[np.ndarray]:
+    """Each frame's good-pixel mask, (ss, fs) of the whole slab."""
+    return [geometry.assemble_slab(f.masks, fill=False) for f in iter_cxi_frames(path, geometry)]
+
+
+# ---- 1: a panel's own data key -----------------------------------------------------------------
+
+@pytest.mark.parametrize("p1_ss", [4, 0], ids=["apart", "same-ranges"])
+def test_panels_in_two_datasets_are_refused_naming_both(p1_ss):
+    """``data`` is a panel key; two datasets were read as one (wrong pixels) or, with the same
+    fs/ss ranges, said to overlap.  One error names the line, both datasets and what works."""
+    text = geom(p1="data = /b/data", data="/a/data")
+    text = text.replace("p1/min_ss = 4", f"p1/min_ss = {p1_ss}")
+    text = text.replace("p1/max_ss = 7", f"p1/max_ss = {p1_ss + 3}")
+    with pytest.raises(GeometryError) as err:
+        parse_geometry(text, "split.geom")
+    message = str(err.value)
+    assert f"split.geom, line {line_of(text, 'p1/data')}" in message
+    assert "/a/data" in message and "/b/data" in message and "overlaps" not in message
+    assert "one dataset" in message and "dim1" in message
+
+
+def test_a_dataset_changed_between_panels_is_refused():
+    text = geom(data="/a/data").replace("p1/min_fs", "data = /b/data\np1/min_fs", 1)
+    with pytest.raises(GeometryError, match="/b/data .*/a/data"):
+        parse_geometry(text, "g.geom")
+
+
+def test_one_dataset_named_per_panel_or_repeated_reads_as_one(tmp_path):
+    """A panel's ``data`` equal to the top-level one, or every panel naming the same dataset with
+    no top-level one, is one dataset: frames are read from it, and written back with it."""
+    repeated = parse_geometry(geom(data="/entry/data", p1="data = /entry/data"))
+    per_panel = parse_geometry(geom(data=None, p0="data = /x/data", p1="data = /x/data"))
+    assert repeated.data == "/entry/data" and per_panel.data == "/x/data"
+    path = tmp_path / "x.h5"
+    data = stack(path, "/x/data")
+    frames = list(iter_cxi_frames(path, per_panel))
+    np.testing.assert_array_equal(per_panel.assemble_slab(frames[1].panels), data[1])
+    assert parse_geometry(per_panel.to_text()).data == "/x/data"
+
+
+# ---- 2: masks 0 to 7 ----------------------------------------------------------------------------
+
+def test_every_mask_0_to_7_masks_pixels(tmp_path):
+    """A pixel is bad when any of masks 0-7 says so: goodbits all set, no badbit set.  Masks 1-7
+    were dropped, their bad pixels used."""
+    m0 = np.ones(SHAPE[1:], np.uint8)
+    m0[0, 0] = 0  # goodbit 0x1 missing
+    m3 = np.zeros(SHAPE, np.uint16)
+    m3[1, 5, 2] = 0x4  # badbit, frame 1 only
+    m3[0, 2, 2] = 0x2  # not a badbit
+    m7 = np.full(SHAPE[1:], 0x3, np.uint8)
+    m7[6, 4] = 0x1  # goodbits 0x3 not all set
+    other = tmp_path / "extra_mask.h5"
+    with h5py.File(other, "w") as h5:
+        h5["/m7"] = m7
+    text = geom(top=f"mask0_data = /m0\nmask0_goodbits = 0x1\nmask3_data = /m3\n"
+                    f"mask3_badbits = 0x4\nmask7_file = {other}\nmask7_data = /m7\n"
+                    "mask7_goodbits = 3")
+    geometry = parse_geometry(text)
+    path = tmp_path / "run.h5"
+    stack(path, m0=m0, m3=m3)
+    masks = frame_masks(path, geometry)
+    expected = np.ones((2, *SHAPE[1:]), bool)
+    expected[:, 0, 0] = False
+    expected[1, 5, 2] = False
+    expected[:, 6, 4] = False
+    np.testing.assert_array_equal(np.stack(masks), expected)
+
+
+def test_a_panels_own_mask_covers_that_panel_only(tmp_path):
+    """Mask keys are panel keys: ``p1/mask2_data`` masks p1's pixels, not p0's."""
+    m2 = np.ones(SHAPE[1:], np.uint8)
+    m2[1, 1] = m2[5, 1] = 0  # one pixel on each panel
+    geometry = parse_geometry(geom(p1="mask2_data = /m2\nmask2_goodbits = 1"))
+    path = tmp_path / "run.h5"
+    stack(path, m2=m2)
+    mask = frame_masks(path, geometry)[0]
+    assert mask[1, 1] and not mask[5, 1] and mask.sum() == mask.size - 1
+    assert [[s.index for s in specs] for specs in geometry.panel_masks()] == [[], [2]]
+
+
+def test_a_top_level_mask_applies_to_the_panels_after_it_also_when_written(tmp_path):
+    """A top-level mask is a default for panels defined after it only: here p0 has no mask 1;
+    the written geometry must say the same, or indexamajig masks p0 with it."""
+    text = geom().replace("p1/min_fs", "mask1_data = /m1\nmask1_badbits = 0x1\np1/min_fs", 1)
+    geometry = parse_geometry(text)
+    m1 = np.ones(SHAPE[1:], np.uint8)  # every pixel flagged bad
+    path = tmp_path / "run.h5"
+    stack(path, m1=m1)
+    mask = frame_masks(path, geometry)[0]
+    assert mask[:4].all() and not mask[4:].any()
+    again = parse_geometry(geometry.to_text())
+    assert again.panel_masks() == geometry.panel_masks()
+    assert [len(specs) for specs in again.panel_masks()] == [0, 1]
+
+
+def test_masks_survive_a_rewrite_and_fold_into_the_cxi_output(tmp_path):
+    """The written input geometry keeps masks 1-7; the CXI output holds them in its one mask
+    and its geometry names only that one (as for mask 0), so indexamajig masks the same."""
+    m5 = np.zeros(SHAPE, np.uint8)
+    m5[:, 3, 3] = 0x10
+    geometry = parse_geometry(geom(top="mask5_data = /m5\nmask5_badbits = 0x10"))
+    assert parse_geometry(geometry.to_text()).panel_masks() == geometry.panel_masks()
+    src = tmp_path / "run.h5"
+    stack(src, m5=m5)
+    results = [FrameResult(frame=f, peaks=empty_peaks(), hit=True)
+               for f in iter_cxi_frames(src, geometry)]
+    out = tmp_path / "out.cxi"
+    write_cxi(out, results, geometry, mode="copy")
+    with h5py.File(out) as h5:
+        stored = h5[MASK_PATH][()]
+    assert not stored[:, 3, 3].any() and stored.sum() == stored.size - 2
+    written = parse_geometry(cxi_geometry(geometry).to_text())
+    assert [[(s.index, s.data) for s in specs] for specs in written.panel_masks()] == [
+        [(0, MASK_PATH)]] * 2
+
+
+def test_free_mask_slot_is_the_first_number_no_panel_uses():
+    assert parse_geometry(geom()).free_mask_slot() == 0
+    assert parse_geometry(geom(top="mask = /m\nmask1_data = /m1")).free_mask_slot() == 2
+    assert parse_geometry(geom(top="mask0_data = /m", p1="mask2_data = /m")).free_mask_slot() == 1
+    every = "\n".join(f"mask{n}_data = /m{n}" for n in range(MAX_MASKS))
+    assert parse_geometry(geom(top=every)).free_mask_slot() is None
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("mask8_data = /m", "numbered 0 to 7"),
+    ("mask3_goodbits = 0x1", "mask3_goodbits without mask3_data"),
+    ("mask2_data = m2", "starting with '/'"),
+    ("mask1_badbits = lots", "not an integer"),
+])
+def test_a_mask_crystfel_refuses_is_an_error_with_its_line(bad, message):
+    text = geom(p1=bad)
+    with pytest.raises(GeometryError, match=message) as err:
+        parse_geometry(text, "m.geom")
+    assert f"line {line_of(text, 'p1/' + bad.split()[0])}" in str(err.value)
+
+
+def test_zero_bits_without_a_mask_are_accepted_as_crystfel_does():
+    """CrystFEL refuses a mask file or nonzero bits without a mask location; zero bits do
+    nothing and pass."""
+    assert parse_geometry(geom(p1="mask4_badbits = 0")).free_mask_slot() == 0
+
+
+def test_the_rules_checker_refuses_a_mask_numbered_8():
+    """CrystFEL keeps masks 0-7 and does not check the number of ``mask8_data``."""
+    text = geom(top="mask8_data = /m8")
+    assert any("mask8_data" in p for p in errors_only(crystfel_problems(text)))
+    assert not errors_only(crystfel_problems(geom(top="mask7_data = /m7")))
+
+
+# ---- 3: beam and camera length as HDF5 paths with units ---------------------------------------
+
+@pytest.mark.parametrize("line, stored, energy_eV", [
+    ("wavelength = /LCLS/wavelength m", [1.0e-10, 1.2e-10], [HC_EV_A, HC_EV_A / 1.2]),
+    ("wavelength = /LCLS/wavelength A", [1.0, 2.0], [HC_EV_A, HC_EV_A / 2]),
+    ("photon_energy = /LCLS/photon_energy keV", [9.5, 12.0], [9500.0, 12000.0]),
+    ("photon_energy = /LCLS/photon_energy", [9500.0, 12000.0], [9500.0, 12000.0]),
+])
+def test_beam_values_read_from_a_path_use_the_unit_of_the_line(tmp_path, line, stored, energy_eV):
+    """``PATH unit`` (the manual's ``wavelength = /data/LCLS/wavelength m``): the unit was kept
+    on the path, nothing was read, NaN energies were written; a wavelength was read as eV."""
+    geometry = parse_geometry(geom(beam=line))
+    assert geometry.photon_energy_path == line.split()[2]
+    path = tmp_path / "run.h5"
+    stack(path, **{line.split()[2].lstrip("/"): np.array(stored)})
+    frames = list(iter_cxi_frames(path, geometry))
+    assert [HC_EV_A / f.meta["wavelength_A"] for f in frames] == pytest.approx(energy_eV)
+    out = tmp_path / "out.cxi"
+    write_cxi(out, [FrameResult(frame=f, peaks=empty_peaks(), hit=True) for f in frames],
+              geometry, mode="copy")
+    with h5py.File(out) as h5:
+        assert h5[PHOTON_ENERGY_PATH][()] == pytest.approx(energy_eV)
+    assert parse_geometry(geometry.to_text()).photon_energy_path_unit == (
+        geometry.photon_energy_path_unit)
+
+
+def test_electron_voltage_from_a_path_matches_the_number(tmp_path):
+    """``electron_voltage = /path kV`` gives the electron wavelength the numeric line gives."""
+    numeric = parse_geometry(geom(beam="electron_voltage = 200 kV"))
+    geometry = parse_geometry(geom(beam="electron_voltage = /em/voltage kV"))
+    path = tmp_path / "run.h5"
+    stack(path, **{"em/voltage": np.array(200.0)})
+    frame = next(iter(iter_cxi_frames(path, geometry)))
+    assert frame.meta["wavelength_A"] == pytest.approx(numeric.wavelength_A)
+    assert 0.02 < frame.meta["wavelength_A"] < 0.03  # 200 keV electrons: 0.0251 A
+
+
+@pytest.mark.parametrize("line, message", [
+    ("wavelength = /LCLS/wavelength", "needs its unit"),
+    ("electron_voltage = /em/voltage", "needs its unit"),
+    ("photon_energy = /LCLS/photon_energy nm", "unknown unit 'nm'"),
+    ("wavelength = /LCLS/wavelength m extra", "one unit"),
+])
+def test_a_beam_path_without_a_usable_unit_is_an_error(line, message):
+    text = geom(beam=line)
+    with pytest.raises(GeometryError, match=message) as err:
+        parse_geometry(text, "b.geom")
+    assert "line 1" in str(err.value)
+
+
+def test_camera_length_path_keeps_its_unit_and_refuses_others():
+    geometry = parse_geometry(geom(clen="clen = /LCLS/detector_distance mm"))
+    assert geometry.camera_length_path == "/LCLS/detector_distance mm"
+    with pytest.raises(GeometryError, match="m or mm"):
+        parse_geometry(geom(clen="clen = /LCLS/detector_distance inch"))
+
+
+# ---- 4: what CrystFEL refuses ---------------------------------------------------------------
+
+def test_a_group_naming_an_unknown_panel_is_an_error_with_its_line():
+    text = geom(end="group_all = p0,p7")
+    with pytest.raises(GeometryError, match="unknown panel or group 'p7'") as err:
+        parse_geometry(text, "g.geom")
+    assert f"line {line_of(text, 'group_all')}" in str(err.value)
+
+
+def test_a_group_before_its_members_is_an_error_and_after_them_is_fine():
+    with pytest.raises(GeometryError, match="further down"):
+        parse_geometry(geom(top="group_all = p0,p1"))
+    ok = parse_geometry(geom(end="group_q0 = p0,p1\ngroup_all = q0"))
+    assert ok.n_panels == 2 and ok.keys["group_all"] == "q0"
+
+
+def test_a_panel_default_after_the_last_panel_is_an_error_with_its_line():
+    """``res = 5000`` after every panel applies to none; CrystFEL refuses the file."""
+    text = geom(end="res = 5000")
+    with pytest.raises(GeometryError, match="after the last panel") as err:
+        parse_geometry(text, "t.geom")
+    assert f"line {line_of(text, 'res = 5000')}" in str(err.value)
+    # top-level-only keys and groups may follow the panels
+    fine = parse_geometry(geom(clen=None, end="clen = 0.2 m\ngroup_all = p0,p1"))
+    assert fine.clen_m == pytest.approx(0.2)
+
+
+@pytest.mark.parametrize("missing", ["clen", "beam"])
+def test_a_geometry_indexamajig_would_refuse_parses_and_says_why(missing):
+    """Peak finding needs no camera length; indexamajig refuses a geometry without one (or
+    without a wavelength), so the geometry says so rather than failing to parse."""
+    geometry = parse_geometry(geom(**{missing: None}))
+    problems = geometry.indexamajig_problems()
+    assert len(problems) == 1
+    assert ("camera length" if missing == "clen" else "photon energy") in problems[0]
+    assert any(("camera length" if missing == "clen" else "wavelength") in p
+               for p in errors_only(crystfel_problems(geometry.to_text())))
+    complete = parse_geometry(geom(clen="clen = /LCLS/distance mm",
+                                   beam="wavelength = /LCLS/wavelength m"))
+    assert complete.indexamajig_problems() == []

@@ -72,7 +72,13 @@ precision = {" ".join(("*" if c == _D.precision else "") + c for c in PRECISIONS
 threshold = {_D.threshold}
   .type = float({_phil_range("threshold")})
   .help = "Peak probability at or above which a pixel is foreground. Lower values find more and"
-          "larger spots; DIALS' spotfinder.filter options then apply as usual."
+          "larger spots; DIALS' spotfinder.filter options then apply as usual. Not the"
+          "strictness knob on its own: while rescue_prob is below threshold, a point-like"
+          "spot scoring at least rescue_prob but nowhere threshold is still kept when its"
+          "brightest pixel stands rescue_height background sigmas high, with every pixel"
+          "at or above rescue_prob as its footprint, so a higher threshold moves spots into"
+          "that rescue (with larger footprints) rather than dropping them. For stricter"
+          "finding raise threshold and set rescue_prob=1 (or rescue_prob=threshold)."
 min_snr = {_D.min_snr}
   .type = float({_phil_range("min_snr")})
   .help = "Least integrated signal-to-noise of a predicted spot: its background-subtracted sum"
@@ -91,10 +97,15 @@ min_height = {_D.min_height}
           "(finding.settings.DEFAULTS.min_height)."
 rescue_prob = {_D.rescue_prob}
   .type = float({_phil_range("rescue_prob")})
-  .help = "Also keep point-like spots the model scores at least this, below threshold, when"
-          "their brightest pixel stands rescue_height background sigmas high. 1 (not below"
-          "threshold) turns it off. Spots sharper than a pixel (LCLS CSPAD stills) score"
-          "0.3-0.6; the peaknet-xtal docs/measurements.md has what 0.4 costs on blanks."
+  .help = "Also keep a spot the model doubts: a connected group of pixels scoring at least"
+          "this that holds and touches no pixel at threshold or above is foreground (all its"
+          "pixels) when its brightest pixel stands rescue_height background sigmas high, it"
+          "is point-like (its pixels at half its height or above fit in 2x2) and it passes"
+          "min_snr and min_height. Active only while rescue_prob is below threshold: 1 (or"
+          "any value at or above threshold) turns it off. Raising threshold alone makes more"
+          "spots doubted and rescued, so set rescue_prob=1 too for stricter finding. Spots"
+          "sharper than a pixel (LCLS CSPAD stills) score 0.3-0.6; the peaknet-xtal"
+          "docs/measurements.md has what 0.4 costs on blanks."
 rescue_height = {_D.rescue_height}
   .type = float({_phil_range("rescue_height")})
   .help = "Least height of a rescued spot's brightest pixel over its local background, in"
@@ -106,8 +117,8 @@ faint_support = {_D.faint_support}
           "are neither. 0: always. On"
           "a frame without a crystal the faint spots are nearly all noise; on a frame with"
           "one they are its weak reflections (measured in finding/settings.py). It needs"
-          "the whole image: where a panel is found alone (a region of interest, a mask DIALS"
-          "folded in) it is off. The same default as peaknet2cxi and the Python API"
+          "the whole image: where a panel is found alone (no imageset handed over, as in"
+          "the image viewer) it is off. The same default as peaknet2cxi and the Python API"
           "(finding.settings.DEFAULTS)."
 gain = None
   .type = float({_phil_range("adu_per_photon")})
@@ -115,15 +126,18 @@ gain = None
           "spotfinder.threshold.dispersion.gain. None: dxtbx has already divided by the"
           "format's gain, so the image counts photons (1), unless the background says otherwise"
           "(a nominal gain of 1 on an integrating detector: the gain is then measured from the"
-          "first images' background). 0 leaves shot noise out of min_snr (background noise"
-          "alone)."
+          "background of the first images this process finds, so with several processes"
+          "(mp.nproc) each measures its own and borderline spots can differ; the log says"
+          "each image's gain). 0 leaves shot noise out of min_snr (background noise alone)."
 batch_size = {_D.batch_size}
   .type = int({_phil_range("batch_size")})
   .help = "How much model input runs at once, in 1-Mpx slots (memory versus speed; a panel"
           "goes to the model whole and takes one slot a megapixel). The panels of an image are"
           "batched together: DIALS asks for one panel at a time, so the first panel"
-          "of each image runs the model on the whole image and the other panels are answered"
-          "from that (each checked to be the same pixels and mask)."
+          "of each image runs the model on the whole image, under the mask DIALS applies"
+          "(the format's, spotfinder.filter's and lookup.mask), and the other panels are"
+          "answered from that (each checked to be the same pixels and mask; a region of"
+          "interest is cut from it)."
 dilation = {_D.dilation}
   .type = int(value_min=0)
   .help = "Grow each predicted spot by this many pixels (within the mask) before DIALS labels"
@@ -307,39 +321,44 @@ def check_device(spec: str) -> None:
                     f"{', '.join(available)}")
 
 
-#: The engines whose gain is in DIALS' log already (one line per engine, i.e. per process run).
-_GAIN_REPORTED: set[int] = set()
+#: Per engine (one per process and settings): the gain line DIALS' log shows last.
+_GAIN_REPORTED: dict[int, tuple[float | None, str]] = {}
 
 
-def _report_gain(engine: Any, settings: PeakNetSettings, meta: dict[str, Any]) -> None:
-    """Say once per run, in DIALS' log, which gain the peak SNRs count shot noise with.
+def _report_gain(engine: Any, settings: PeakNetSettings, meta: dict[str, Any],
+                 source: str | None) -> None:
+    """Say in DIALS' log which gain the peak SNRs of image ``source`` counted shot noise with:
+    at info level whenever it differs from the last one said, at debug level otherwise, so
+    every image's gain is in a ``-vv`` log.
 
     The engine logs its gain through the package's own logger, which DIALS does not show, and the
     gain matters: the images DIALS hands over declare 1 count per photon (dxtbx divides by the
     format's gain), a placeholder on integrating detectors, so the gain is usually measured from
-    the run's first images' background (``finding/gain.py``), which changes every SNR."""
-    with _PREDICTORS_LOCK:
-        if id(engine) in _GAIN_REPORTED:
-            return
-        _GAIN_REPORTED.add(id(engine))
+    the background (``finding/gain.py``), which changes every SNR.  It is pooled (a median)
+    over the first images that show one *in this process*, so it moves over the first images
+    and depends on which images one process sees (``mp.nproc``, the stills of one command)."""
     gain = meta.get("adu_per_photon")
     if settings.gain is not None:
         how = "as set (spotfinder.threshold.peaknet.gain)"
-    elif gain is None:
-        log.info("peaknet: no detector gain known: peak SNRs count background noise only "
-                 "(spotfinder.threshold.peaknet.gain sets one)")
-        return
     elif meta.get("gain_measured"):
-        how = ("measured from the background of the first image, as the format's gain is "
-               "missing or a placeholder; the run pools its first five images' measurements "
-               "(spotfinder.threshold.peaknet.gain overrides it)")
+        how = ("measured from the background, as the format's gain is missing or a "
+               "placeholder: the median over the first images (up to five that show one) this "
+               "process has found (spotfinder.threshold.peaknet.gain sets it)")
     else:
         how = "as the images declare (spotfinder.threshold.peaknet.gain overrides it)"
-    if gain == 0:
-        log.info("peaknet: detector gain 0 %s: peak SNRs count background noise only", how)
+    if gain is None:
+        text = ("no detector gain known: peak SNRs count background noise only "
+                "(spotfinder.threshold.peaknet.gain sets one)")
+    elif gain == 0:
+        text = f"detector gain 0 {how}: peak SNRs count background noise only"
     else:
-        log.info("peaknet: peak SNRs count shot noise at a detector gain of %.3g counts per "
-                 "photon, %s", gain, how)
+        text = (f"peak SNRs count shot noise at a detector gain of {gain:.4g} counts per "
+                f"photon, {how}")
+    said = (None if gain is None else float(f"{gain:.4g}"), how)
+    with _PREDICTORS_LOCK:
+        new = _GAIN_REPORTED.get(id(engine)) != said
+        _GAIN_REPORTED[id(engine)] = said
+    (log.info if new else log.debug)("peaknet: %s%s", f"{source}: " if source else "", text)
 
 
 def _image_name(kwargs: dict[str, Any]) -> str | None:
@@ -382,17 +401,23 @@ class PeakNetSpotFinderThresholdExt:
 
     def __init__(self, params: Any) -> None:
         self.settings = PeakNetSettings.from_params(params)
+        self.dials_mask = DialsMask.from_params(params)
+        self.chunking = Chunking.from_params(params)
         self._image: _ImageForeground | None = None
         check_device(self.settings.device)
         with _as_user_error():
             _check_model_exists(self.settings.model)
 
     def __getstate__(self) -> dict[str, Any]:
-        # Only the settings travel to DIALS worker processes; the model is loaded there lazily.
-        return {"settings": asdict(self.settings)}
+        # Only the settings (and what DIALS' own mask and work split are made of) travel to
+        # DIALS worker processes; the model is loaded there lazily.
+        return {"settings": asdict(self.settings), "dials_mask": self.dials_mask,
+                "chunking": self.chunking}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.settings = PeakNetSettings(**state["settings"])
+        self.dials_mask = state.get("dials_mask") or DialsMask(None, None)
+        self.chunking = state.get("chunking") or Chunking()
         self._image = None
 
     def compute_threshold(self, image: Any, mask: Any, **kwargs: Any) -> Any:
@@ -401,7 +426,9 @@ class PeakNetSpotFinderThresholdExt:
         ``image`` is the corrected panel (or its region of interest) as ``flex.double``, ``mask``
         a ``flex.bool`` of the same shape (True = usable).  DIALS does not remove masked pixels
         from the result itself, so the AND with ``mask`` happens here.  With the ``imageset``
-        DIALS passes along, the whole image is found at once (see the ``batch_size`` help).
+        DIALS passes along, the whole image is found at once under DIALS' mask, and a region
+        of interest is cut from it (see the ``batch_size`` help): the rules that judge a whole
+        image (spikes against its spot widths, faint_support) then hold whatever is masked.
         """
         from dxtbx import flumpy
 
@@ -415,10 +442,10 @@ class PeakNetSpotFinderThresholdExt:
             )
         peaks = None
         imageset = kwargs.get("imageset")
-        whole = kwargs.get("region_of_interest") is None and i_panel is not None
+        roi = kwargs.get("region_of_interest")
         with _as_user_error():
-            if imageset is not None and whole and good.any():
-                peaks = self._from_whole_image(imageset, int(i_panel or 0), pixels, good)
+            if imageset is not None and i_panel is not None:
+                peaks = self._from_whole_image(imageset, int(i_panel), pixels, good, roi)
             if peaks is None:
                 peaks = self.peak_pixels(pixels, good, source=_image_name(kwargs),
                                          i_panel=i_panel)
@@ -442,85 +469,256 @@ class PeakNetSpotFinderThresholdExt:
         from peaknet_xtal.formats.dxtbx_images import CORRECTED_GAIN
         from peaknet_xtal.types import Frame
 
+        if not any(g.any() for g in goods):  # all masked: nothing to find, nothing to learn
+            return [np.zeros(g.shape, dtype=bool) for g in goods]
         frame = Frame(panels=panels, masks=goods, source=source or "",
                       meta={"adu_per_photon": CORRECTED_GAIN})
         engine = get_predictor(self.settings)
         defects = None if i_panel is None else panel_defects(self.settings, i_panel)
         (result,) = engine.find_frames([frame], with_pixels=True, defects=defects,
                                        whole=i_panel is None)
-        _report_gain(engine, self.settings, result.meta)
+        _report_gain(engine, self.settings, result.meta, source)
         foreground: list[np.ndarray] = result.dials_foreground(self.settings.dilation)
         return foreground
 
     def _from_whole_image(self, imageset: Any, i_panel: int, pixels: np.ndarray,
-                          good: np.ndarray) -> np.ndarray | None:
-        """This panel's foreground from a whole-image run, or None where that cannot be vouched
-        for (the panel is then found alone).
+                          good: np.ndarray, roi: Any) -> np.ndarray | None:
+        """This panel's foreground (within ``roi``, DIALS' region of interest, if any) from a
+        whole-image run, or None where that cannot be vouched for (the panel is then found
+        alone).
 
         DIALS asks panel by panel and does not say which image; on panel 0 the image is taken
-        to be the one after the last (or the first) if its panel 0 and mask are exactly the ones
-        handed over.  A later panel is answered from it only if its pixels and mask are equal
-        to those handed over too (a user mask DIALS folds in, for instance, makes them differ).
+        to be the one after the last, the first, or the first of a block of images DIALS gives
+        a worker process (:class:`Chunking`), if its panel 0 and DIALS' mask of it are exactly
+        the ones handed over.  A later panel is answered from it only if its pixels and mask
+        are equal to those handed over too.
         """
         image = getattr(self, "_image", None)
         if i_panel == 0:
-            image = _ImageForeground.load(self, imageset, pixels, good, image)
+            image = _ImageForeground.load(self, imageset, pixels, good, roi, image)
             self._image = image
-        if image is None or image.imageset is not imageset or not image.holds(i_panel, pixels,
-                                                                               good):
-            return None
-        return image.foreground[i_panel]
+        if image is not None and image.holds(imageset, i_panel, pixels, good, roi):
+            return image.answer(i_panel, roi)
+        log.debug("peaknet: panel %d is not the panel of an image of the imageset under the "
+                  "mask DIALS applies: found alone", i_panel)
+        return None
+
+
+class DialsMask:
+    """The pixels DIALS masks on top of the format's mask before it hands a panel over:
+    ``spotfinder.filter`` (border, untrusted regions, resolution and ice-ring ranges, which
+    DIALS makes per imageset with ``dials.util.masking.generate_mask``) and
+    ``spotfinder.lookup.mask``.
+
+    Why: DIALS hands over one panel at a time, each under its mask, and the whole image must be
+    found under the same mask on every panel, or a pixel masked on one panel would change what
+    is found on all (the rules that judge the whole image would be lost, or judge other pixels).
+    So the other panels' mask is made here from the same parameters, as DIALS makes it; every
+    panel is still checked against the mask DIALS hands over (:class:`_ImageForeground`)."""
+
+    def __init__(self, filter_params: Any, lookup: list[np.ndarray] | None) -> None:
+        self.filter_params = filter_params
+        self.lookup = lookup
+        self._made: tuple[Any, list[np.ndarray] | None] | None = None
+
+    @classmethod
+    def from_params(cls, params: Any) -> DialsMask:
+        spotfinder = getattr(params, "spotfinder", None)
+        filter_params = getattr(spotfinder, "filter", None)
+        lookup_param = getattr(getattr(spotfinder, "lookup", None), "mask", None)
+        lookup = None
+        if lookup_param:  # a file name, or the masks DIALS' factory has loaded from it
+            from dials.algorithms.spot_finding.factory import SpotFinderFactory
+
+            lookup = [np.asarray(m.as_numpy_array(), dtype=bool)
+                      for m in SpotFinderFactory.load_image(lookup_param)]
+        return cls(filter_params, lookup)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # bit-packed: DIALS pickles the extension into every worker task
+        lookup = None if self.lookup is None else [(m.shape, np.packbits(m))
+                                                   for m in self.lookup]
+        return {"filter_params": self.filter_params, "lookup": lookup}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        lookup = state["lookup"]
+        self.filter_params = state["filter_params"]
+        self.lookup = None if lookup is None else [
+            np.unpackbits(bits, count=int(np.prod(shape))).astype(bool).reshape(shape)
+            for shape, bits in lookup]
+        self._made = None
+
+    def of(self, imageset: Any) -> list[np.ndarray] | None:
+        """The mask DIALS adds for ``imageset`` (per panel, True = usable), None where it adds
+        nothing; made once per imageset, as DIALS makes it."""
+        if self._made is not None and self._made[0] is imageset:
+            return self._made[1]
+        masks: list[np.ndarray] | None = None
+        if self.filter_params is not None:
+            from dials.util.masking import generate_mask
+
+            masks = [np.asarray(m.as_numpy_array(), dtype=bool)
+                     for m in generate_mask(imageset, self.filter_params)]
+        if self.lookup is not None:
+            masks = list(self.lookup) if masks is None else [
+                a & b for a, b in zip(masks, self.lookup, strict=True)]
+        if masks is not None and all(m.all() for m in masks):
+            masks = None
+        self._made = (imageset, masks)
+        return masks
+
+
+def _with(goods: list[np.ndarray], extra: list[np.ndarray] | None) -> list[np.ndarray]:
+    """The format's masks ANDed with DIALS' own (:class:`DialsMask`), as DIALS combines them;
+    unchanged where DIALS adds none or its panels are not these."""
+    if extra is None or len(extra) != len(goods) or any(
+            a.shape != b.shape for a, b in zip(goods, extra, strict=True)):
+        return goods
+    return [a & b for a, b in zip(goods, extra, strict=True)]
+
+
+@dataclass(frozen=True)
+class Chunking:
+    """How DIALS splits an imageset's images between worker processes (``spotfinder.mp``).
+
+    Why: each block of images reaches a worker with a fresh copy of the extension, which must
+    tell which image it is handed (DIALS does not say), and reading every image to find it
+    would cost more than the finding; the blocks' first images are the likely ones.  The split
+    is DIALS' (``SpotFinder._find_spots``), worked out here; a DIALS that splits otherwise
+    costs whole-image finding on those blocks, never a wrong answer (every candidate image is
+    checked against the pixels handed over)."""
+
+    nproc: int | None = 1  # None: Auto
+    njobs: int = 1
+    chunksize: int | None = None  # None: Auto
+    min_chunksize: int = 20
+
+    #: At most this many blocks' first images are read to find a block's first image.
+    MAX_TRIES = 16
+
+    @classmethod
+    def from_params(cls, params: Any) -> Chunking:
+        mp = getattr(getattr(params, "spotfinder", None), "mp", None)
+
+        def number(name: str, default: int | None) -> int | None:
+            value = getattr(mp, name, default)
+            return value if isinstance(value, int) and value > 0 else default
+
+        return cls(nproc=number("nproc", None), njobs=number("njobs", 1) or 1,
+                   chunksize=number("chunksize", None),
+                   min_chunksize=number("min_chunksize", 20) or 1)
+
+    def starts(self, n_images: int) -> list[int]:
+        """The first image of each block DIALS hands a worker, for ``n_images`` images."""
+        if self.nproc is None:
+            from dials.util.mp import available_cores
+
+            nproc = int(available_cores())
+        else:
+            nproc = self.nproc
+        njobs = self.njobs
+        if nproc * njobs > n_images:
+            nproc = min(nproc, n_images)
+            njobs = -(-n_images // max(nproc, 1))
+        if nproc * njobs <= 1 or n_images <= 1:
+            return [0]
+        size = self.chunksize or _chunksize(n_images, nproc * njobs, self.min_chunksize)
+        size = max(1, min(size, n_images // (nproc * njobs)))
+        return list(range(0, n_images, size))[: self.MAX_TRIES]
+
+
+def _chunksize(n_images: int, nproc: int, min_chunksize: int) -> int:
+    """DIALS' automatic block size (``SpotFinder._compute_chunksize``)."""
+    chunksize = -(-n_images // nproc)
+    remainder = n_images % (chunksize * nproc)
+    test = chunksize - 1
+    while test >= min_chunksize:
+        if n_images % (test * nproc) <= remainder:
+            chunksize, remainder = test, n_images % (test * nproc)
+        test -= 1
+    return chunksize
+
+
+def _cut(array: np.ndarray, roi: Any) -> np.ndarray:
+    """The region of interest ``roi`` (DIALS' ``x0, x1, y0, y1``) of a panel; all of it for
+    None."""
+    if roi is None:
+        return array
+    x0, x1, y0, y1 = (int(v) for v in roi)
+    return array[y0:y1, x0:x1]
+
+
+def _path(imageset: Any, index: int) -> str | None:
+    """The file of image ``index``, for the log."""
+    try:
+        return str(imageset.get_path(index))
+    except Exception:  # noqa: BLE001 - an in-memory imageset: no name
+        return None
 
 
 class _ImageForeground:
-    """The foreground of every panel of one image of an imageset, found in one batched run."""
+    """The foreground of every panel of one image of an imageset, found in one batched run
+    under DIALS' mask; the imageset, the image's pixels and that mask are its key."""
 
     def __init__(self, imageset: Any, index: int, panels: list[np.ndarray],
-                 goods: list[np.ndarray], foreground: list[np.ndarray]) -> None:
+                 masks: list[np.ndarray], foreground: list[np.ndarray]) -> None:
         self.imageset, self.index = imageset, index
-        self.panels, self.goods, self.foreground = panels, goods, foreground
+        self.panels, self.masks, self.foreground = panels, masks, foreground
 
-    def holds(self, i_panel: int, pixels: np.ndarray, good: np.ndarray) -> bool:
-        return (i_panel < len(self.panels) and np.array_equal(self.panels[i_panel], pixels)
-                and np.array_equal(self.goods[i_panel], good))
+    def holds(self, imageset: Any, i_panel: int, pixels: np.ndarray, good: np.ndarray,
+              roi: Any) -> bool:
+        return (imageset is self.imageset and i_panel < len(self.panels)
+                and np.array_equal(_cut(self.panels[i_panel], roi), pixels)
+                and np.array_equal(_cut(self.masks[i_panel], roi), good))
+
+    def answer(self, i_panel: int, roi: Any) -> np.ndarray:
+        return np.ascontiguousarray(_cut(self.foreground[i_panel], roi))
 
     @classmethod
     def load(cls, ext: PeakNetSpotFinderThresholdExt, imageset: Any, pixels: np.ndarray,
-             good: np.ndarray, last: _ImageForeground | None) -> _ImageForeground | None:
+             good: np.ndarray, roi: Any, last: _ImageForeground | None
+             ) -> _ImageForeground | None:
         from peaknet_xtal.formats.dxtbx_images import image_arrays
 
-        candidates = [0]
+        extra = ext.dials_mask.of(imageset)
+        candidates = [0, *ext.chunking.starts(len(imageset))]
         if last is not None and last.imageset is imageset:
             candidates.insert(0, last.index + 1)
         for index in dict.fromkeys(candidates):
             if not 0 <= index < len(imageset):
                 continue
             panels, goods = image_arrays(imageset, index)
-            if np.array_equal(panels[0], pixels) and np.array_equal(goods[0], good):
-                _read_ahead(ext, imageset, index, panels, goods)
-                return cls(imageset, index, panels, goods, ext._foreground(panels, goods))
+            masks = _with(goods, extra)
+            found = cls(imageset, index, panels, masks, [])
+            if found.holds(imageset, 0, pixels, good, roi):
+                _read_ahead(ext, imageset, index, panels, masks, extra)
+                found.foreground = ext._foreground(panels, masks, _path(imageset, index))
+                return found
         return None
 
 
 def _read_ahead(ext: PeakNetSpotFinderThresholdExt, imageset: Any, index: int,
-                panels: list[np.ndarray], goods: list[np.ndarray]) -> None:
+                panels: list[np.ndarray], masks: list[np.ndarray],
+                extra: list[np.ndarray] | None) -> None:
     """While the run's defect filter is still learning, count this image and the next ones of
-    the imageset (as many as it needs) before this one is found, as ``peaknet2cxi`` reads a
-    run ahead: the hot pixels of a sequence's first images are then known on those images
-    too.  DIALS finds an imageset's images in order, one process per block of them; a still
-    is an imageset of one image, and there is nothing to read ahead.  An image that cannot be
-    read ends the read-ahead: DIALS reports it, by name, when its own turn comes."""
+    the imageset (as many as it needs, under DIALS' mask ``extra`` too) before this one is
+    found, as ``peaknet2cxi`` reads a run ahead: the hot pixels of a sequence's first images
+    are then known on those images too.  DIALS finds an imageset's images in order, one process
+    per block of them; a still is an imageset of one image, and there is nothing to read ahead.
+    An image that cannot be read ends the read-ahead: DIALS reports it, by name, when its own
+    turn comes."""
     from peaknet_xtal.formats.dxtbx_images import image_arrays
     from peaknet_xtal.types import Frame
 
     engine = get_predictor(ext.settings)
     if engine.defects.learning == 0 or engine.defects.pending:
         return
-    ahead = [(panels, goods)]
+    ahead = [(panels, masks)]
     for j in range(index + 1, min(index + engine.defects.learning, len(imageset))):
         try:
-            ahead.append(image_arrays(imageset, j))
+            frame_panels, frame_goods = image_arrays(imageset, j)
         except Exception:  # noqa: BLE001 - not this image's error; its own turn raises it
             break
-    for frame_panels, frame_goods in ahead:
-        engine.count_ahead(Frame(panels=frame_panels, masks=frame_goods))
+        ahead.append((frame_panels, _with(frame_goods, extra)))
+    for frame_panels, frame_masks in ahead:
+        engine.count_ahead(Frame(panels=frame_panels, masks=frame_masks))

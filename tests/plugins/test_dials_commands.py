@@ -6,6 +6,7 @@ to rank the frames of a real grid scan the way DIALS' own dispersion finder does
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -73,26 +74,107 @@ def test_cspad_still_indexes_with_default_peaknet(still: str, real_data: Path, e
     assert n_indexed >= 20, f"{n_indexed} of {len(strong)} spots indexed on {still}"
 
 
-def test_gain_in_use_is_in_the_dials_log_once_per_run(real_data: Path, env, tmp_path):
-    """The gain the peak SNRs count shot noise with is in DIALS' own log (console and
-    ``dials.find_spots.log``), once for a run of several images: on the CSPAD stills (whose CBFs
-    declare the placeholder 1) it is measured from the background, about 30 ADU per photon
-    (``finding/gain.py``); a gain that is set is reported as set."""
-    import re
+GAIN_LINE = re.compile(r"peaknet: (\S+): peak SNRs count shot noise at a detector gain of "
+                       r"([0-9.e+]+) counts per photon, (.*)")
 
+
+def gain_lines(text: str) -> list[tuple[str, float, str]]:
+    """(image, gain, how) of each of the plugin's gain lines in a DIALS log."""
+    return [(m.group(1), float(m.group(2)), m.group(3))
+            for m in map(GAIN_LINE.search, text.splitlines()) if m]
+
+
+def test_each_image_says_the_gain_it_used(real_data: Path, env, tmp_path):
+    """The gain the peak SNRs count shot noise with is in DIALS' own log (console and
+    ``dials.find_spots.log``) for every image: at info level where it changes, every image
+    at debug level (``-vv``).  On the CSPAD stills (whose CBFs declare the placeholder 1) it is
+    measured from the background, about 30 ADU per photon (``finding/gain.py``), and pooled
+    over the images one process finds, so the second still uses another value than the first;
+    alone, it measures its own.  A gain that is set is reported as set."""
     stills = sorted((real_data / CSPAD_DIR).glob("*.cbf"))
     assert len(stills) >= 2
     run_dials("import", *map(str, stills), cwd=tmp_path, env=env)
-    for extra, how in (((), "measured from the background"),
-                       (("spotfinder.threshold.peaknet.gain=12",), "as set")):
-        out, _ = run_dials("find_spots", "imported.expt", "algorithm=peaknet", ONE_THREAD,
-                           *extra, cwd=tmp_path, env=env)
-        log = (tmp_path / "dials.find_spots.log").read_text()
-        for text in (out, log):
-            said = [line for line in text.splitlines() if "detector gain" in line]
-            assert len(said) == 1 and how in said[0], said
-            gain = float(re.search(r"detector gain of ([0-9.e+]+)", said[0]).group(1))
-            assert (20 <= gain <= 40) if not extra else gain == 12, said[0]
+    out, _ = run_dials("find_spots", "imported.expt", "algorithm=peaknet", ONE_THREAD, "-vv",
+                       "output.reflections=pair.refl", cwd=tmp_path, env=env)
+    for text in (out, (tmp_path / "dials.find_spots.log").read_text()):
+        said = gain_lines(text)
+        assert [Path(image).name for image, _, _ in said] == [s.name for s in stills], said
+        assert all("measured from the background" in how and 20 <= gain <= 40
+                   for _, gain, how in said), said
+    info, _ = run_dials("find_spots", "imported.expt", "algorithm=peaknet", ONE_THREAD,
+                        "output.reflections=pair.refl", cwd=tmp_path, env=env)
+    assert gain_lines(info) == said  # the gain moves (pooled): info level says both
+    (first, g1, _), (second, g2, _) = said
+    assert g1 != g2
+
+    # the second still alone measures its own gain; beside the first it used the pool of both
+    # (the median of the first images' measurements one process finds: README, DIALS section)
+    run_dials("import", second, "output.experiments=second.expt", cwd=tmp_path, env=env)
+    out, _ = run_dials("find_spots", "second.expt", "algorithm=peaknet", ONE_THREAD,
+                       "output.reflections=second.refl", cwd=tmp_path, env=env)
+    ((image, alone, _),) = gain_lines(out)
+    assert Path(image).name == Path(second).name and alone != g2
+    assert g2 == pytest.approx(np.median([g1, alone]), abs=0.01)
+    out, _ = run_dials("find_spots", "second.expt", "algorithm=peaknet", ONE_THREAD,
+                       "spotfinder.threshold.peaknet.gain=12", "output.reflections=set.refl",
+                       cwd=tmp_path, env=env)
+    ((image, gain, how),) = gain_lines(out)
+    assert gain == 12 and how.startswith("as set"), how
+
+
+def spot_boxes(table) -> dict[tuple[int, ...], tuple[float, float]]:
+    """Per spot, (panel, x0, x1, y0, y1) of its box -> its centroid (x, y)."""
+    boxes = [(p, *b[:4]) for p, b in zip(table["panel"], table["bbox"], strict=True)]
+    return {box: xyz[:2] for box, xyz in zip(boxes, table["xyzobs.px.value"], strict=True)}
+
+
+def test_a_mask_or_region_of_interest_changes_only_the_spots_it_covers(real_data: Path, env,
+                                                                       tmp_path):
+    """A user mask (``lookup.mask``) over one spot and a corner of panel 0 removes that spot
+    and leaves the other panels' spots as they were: the whole image is still found at once
+    under DIALS' mask, so the rules that judge the whole image (spikes against its spot
+    widths, faint_support) and the gain measured from its background still hold.  A region of
+    interest keeps the spots found on the whole image within it."""
+    run_dials("import", str(real_data / CSPAD_DIR / "idx-20130301060858401.cbf"),
+              cwd=tmp_path, env=env)
+    find = ("find_spots", "imported.expt", "algorithm=peaknet", ONE_THREAD)
+    out, _ = run_dials(*find, "output.reflections=all.refl", cwd=tmp_path, env=env)
+    assert "measured from the background" in out
+    every = spot_boxes(read_table(tmp_path / "all.refl"))
+    assert len(every) > 100
+    covered = max(every, key=lambda b: (b[0] != 0, -b[0]))  # a spot off panel 0 if any
+    regions = [(0, 0, 5, 0, 5), covered]
+    (tmp_path / "mask.phil").write_text("".join(
+        f"untrusted {{\n  panel = {p}\n  rectangle = {x0} {x1} {y0} {y1}\n}}\n"
+        for p, x0, x1, y0, y1 in regions))
+    run_dials("generate_mask", "imported.expt", "mask.phil", "output.mask=user.mask",
+              cwd=tmp_path, env=env)
+    out, _ = run_dials(*find, "lookup.mask=user.mask", "output.reflections=masked.refl",
+                       cwd=tmp_path, env=env)
+    assert "measured from the background" in out, [ln for ln in out.splitlines()
+                                                   if "gain" in ln]
+    masked = spot_boxes(read_table(tmp_path / "masked.refl"))
+    assert covered not in masked
+    # every other panel keeps exactly its spots (centroids included); on the panels masked,
+    # what the finder measures per panel (its noise correlation) moves a little
+    touched = {r[0] for r in regions}
+    assert ({b: c for b, c in every.items() if b[0] not in touched}
+            == {b: c for b, c in masked.items() if b[0] not in touched})
+
+    x0, x1, y0, y1 = roi = (0, 120, 0, 100)  # on every panel
+    run_dials(*find, f"spotfinder.region_of_interest={x0},{x1},{y0},{y1}",
+              "output.reflections=roi.refl", cwd=tmp_path, env=env)
+    inside = spot_boxes(read_table(tmp_path / "roi.refl"))
+    assert len(inside) > 10
+
+    rim = 2  # dilation and DIALS' labelling reach one pixel beyond a peak
+
+    def within(box: tuple[int, ...]) -> bool:
+        return x0 + rim <= box[1] and box[2] + rim <= x1 and y0 + rim <= box[3] and \
+            box[4] + rim <= y1
+
+    assert roi and {b: c for b, c in every.items() if within(b)} == {
+        b: c for b, c in inside.items() if within(b)}
 
 
 def test_long_form_region_of_interest_and_nproc2_agree(real_data: Path, env, tmp_path):

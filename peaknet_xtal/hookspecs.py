@@ -2,8 +2,24 @@
 
 A plugin is a module (or object) with functions named like the specs below and decorated with
 ``peaknet_xtal.hookimpl``.  Third-party plugins are found through the ``peaknet_xtal`` entry-point
-group; the built-in sources and writers (``peaknet_xtal.builtin``) register through these same
-hooks, so a plugin has exactly the powers the built-ins have.
+group; the built-in sources, writers and model families (``peaknet_xtal.builtin``) register
+through these same hooks, so a plugin has exactly the powers the built-ins have.
+
+How the registry (:mod:`peaknet_xtal.registry`) treats plugins, which is part of the contract:
+
+* Order: the built-ins' items come first, then each plugin's in the order the plugins were
+  loaded.  Where order matters (a source found by ``sniff``), a built-in is asked first, so a
+  plugin cannot take over a file a built-in reads; it claims what no built-in does.
+* A plugin that fails to load (an import error, a hook pluggy rejects) is skipped with one
+  warning naming its entry point and distribution: a broken plugin an input does not use does
+  not stop work on the inputs that need only the built-ins.  Asking for something only it would
+  have provided (a source type, writer or model by name) is then an error that names it again.
+  ``PEAKNET_NO_PLUGINS=1`` loads no third-party plugin at all.
+* A hook that raises, or returns anything but a list (or tuple) of items with the attributes
+  documented below, is an error (:class:`peaknet_xtal.registry.PluginError`) naming the plugin
+  and what the hook must return.  So is a name two plugins (or a plugin and a built-in) both
+  register: the error names both.
+* A ``sniff`` that raises is taken as "not mine"; the registry warns once per plugin.
 
 The objects the hooks return follow two small protocols, documented here too:
 
@@ -39,9 +55,12 @@ def peaknet_source_types() -> Sequence[Any]:
     """Return the frame-source types this plugin provides.
 
     Each item is a ``SourceType`` with ``name: str``, ``description: str``,
-    ``sniff(path: str) -> bool`` (can this source open ``path``? must be cheap and never raise),
-    and ``open(path: str, **options) -> FrameSource``.  Options are source specific (``geometry``
-    for CXI/HDF5, ``count``/``seed`` for simulated frames, ...); unknown options are ignored.
+    ``sniff(path: str) -> bool`` (can this source open ``path``? must be cheap and never raise:
+    it is asked about every input a built-in does not claim, including folders, missing files and
+    non-file names such as ``sim:`` or an LCLS run), and ``open(path: str, **options) ->
+    FrameSource``.  Options are source specific (``geometry`` for CXI/HDF5, ``count``/``seed``
+    for simulated frames, ...); unknown options are ignored.
+    ``peaknet_xtal.builtin.sources.SourceType`` is such a class.
     """
     raise NotImplementedError  # a specification: pluggy calls the plugins' implementations
 
@@ -52,5 +71,29 @@ def peaknet_writer_types() -> Sequence[Any]:
 
     Each item is a ``WriterType`` with ``name: str``, ``description: str``, ``suffix: str``
     (the file suffix it writes, e.g. ``".cxi"``) and ``open(path: str, **options) -> PeakWriter``.
+    ``peaknet_xtal.builtin.writers.WriterType`` is such a class.
+    """
+    raise NotImplementedError  # a specification: pluggy calls the plugins' implementations
+
+
+@hookspec
+def peaknet_model_families() -> Sequence[Any]:
+    """Return the model architectures (families) this plugin provides, with their named sizes.
+
+    Each item is a ``ModelFamily`` (``peaknet_xtal.model.zoo.ModelFamily`` is such a class) with
+    ``name: str`` (the family, stored as ``config["family"]`` beside saved weights, so a saved
+    model names the plugin it needs), ``description: str``, ``build(**config) -> torch.nn.Module``
+    and ``sizes: Mapping[str, Mapping[str, Any]]``, the named sizes (model names) and the
+    ``build`` keyword arguments of each.  Model names are unique across all families.
+
+    ``create_model(name, **overrides)`` calls ``build(**size, **overrides, name=name)``;
+    ``build`` must accept ``name`` (and may ignore it).  The model it returns must carry
+    ``model.config``: a JSON-serialisable dict with ``"family"`` that ``build`` rebuilds the same
+    architecture from (``build_from_config`` passes it back without ``family``), which is what
+    ``save_model``/``load_model`` store and read.  ``model(image, mask=None)`` takes raw
+    ``(B, 1, H, W)`` float images (``mask``: the same shape, 1 = good pixel) and returns
+    ``(B, 2, H, W)`` logits, channel 1 "peak": what training, distillation and the finding engine
+    feed it and read back.  Prefer importing torch inside the hook or ``build``: every command
+    loads every plugin, one that only looks up a source or writer too.
     """
     raise NotImplementedError  # a specification: pluggy calls the plugins' implementations

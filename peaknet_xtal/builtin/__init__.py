@@ -1,1 +1,2 @@
-"""Built-in sources and writers, registered through the same hooks as third-party plugins."""
+"""Built-in sources, writers and model families, registered through the same hooks as
+third-party plugins."""

@@ -36,10 +36,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         # a rerun of another run, or against another teacher, is refused before the run's
-        # record is touched
+        # record is touched; and without the advice to rerun the same command, which would be
+        # refused again
         check_start(config)
         check_same_teacher(out, cache_key(config["teacher"], list(config["data"]["paths"]),
                                           int(config["data"]["crop"])))
+    except (PeakNetError, OSError) as exc:
+        print(f"peaknet-distill: error: {exc}", file=sys.stderr)
+        return 1
+    try:
         record(config, out / "distill_config.json", "peaknet-distill", argv,
                config_file=config_file)
         final = distill(config)

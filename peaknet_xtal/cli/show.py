@@ -5,12 +5,15 @@
 Understands CrystFEL streams (chunks, peaks, crystals, reflections, peaks per frame), CrystFEL
 geometries (panels, slab shape, photon energy, clen), CXI/HDF5 files (frames, image shape, value
 range, peak tables), images DIALS can read (.cbf, .cbf.bz2, .nxs...: panels, shapes, value
-ranges), DIALS .expt/.refl files (an imported, unindexed .expt too) and stream2labels label files
-(frames, rows, shapes, label classes and their pixels, fits).  --json prints one JSON object per
-file in a list instead.  Value ranges of CXI stacks and the label pixels of label files are taken
-over the first --max-frames frames or rows (default 20), which is said in the output.  A file that
-cannot be read (or a folder) is reported on stderr (one line naming it; -vv adds the traceback),
-the files after it are still shown, and the exit status is 1.
+ranges), DIALS .expt/.refl files (an imported, unindexed .expt too), stream2labels label files
+(frames, rows, shapes, label classes and their pixels, fits) and any other input a registered
+frame source reads, a plugin's included (frames, panels, shapes, value range: opened through the
+plugin registry, as peaknet2cxi opens it; --geometry is passed to the source).  --json prints
+one JSON object per file in a list instead.  Value ranges of CXI stacks and other frame
+sources, and the label pixels of label files, are taken over the first --max-frames frames or
+rows (default 20), which is said in the output.  A file that cannot be read (or a folder) is
+reported on stderr (one line naming it; -vv adds the traceback), the files after it are still
+shown, and the exit status is 1.
 """
 from __future__ import annotations
 
@@ -29,7 +32,10 @@ from peaknet_xtal.errors import FormatError
 log = logging.getLogger("peaknet_xtal.show")
 
 #: The kinds of file shown, as the error for anything else lists them.
-KINDS = (".stream, .geom, .cxi/.h5 (label files too), an image DIALS reads, .expt or .refl")
+KINDS = (".stream, .geom, .cxi/.h5 (label files too), an image DIALS reads, .expt, .refl, or an "
+         "input of a registered frame source")
+#: Source types whose files the summarisers above read themselves (with more to say).
+OWN_SOURCES = ("cxi", "dxtbx")
 
 DEFAULTS = {"files": [], "json": False, "geometry": None, "max_frames": 20}
 TYPES = {"geometry": str | None}
@@ -267,8 +273,61 @@ def _is_hdf5(path: str) -> bool:
         return False
 
 
+def show_source(path: str, source_type: str, geometry: str | None = None, max_frames: int = 20,
+                **_: Any) -> dict[str, Any]:
+    """An input of a registered frame source (a plugin's, or ``sim:``): opened through the
+    registry as every command opens it, so what it shows is what peaknet2cxi would read: the
+    frames, panels and shapes, and the value range over the good pixels of the first
+    ``max_frames`` frames."""
+    from peaknet_xtal import registry
+
+    options = {"geometry": geometry} if geometry else {}
+    description = registry.source_types()[source_type].description
+    source = registry.open_source(path, source_type, **options)
+    try:
+        try:
+            frames: int | None = len(source)
+        except TypeError:  # a source of unknown length (a live stream)
+            frames = None
+        ranges: list[list[float]] = []
+        shapes: set[tuple[int, ...]] = set()
+        panels: set[int] = set()
+        events: list[str] = []
+        for frame in source:
+            events.append(frame.event)
+            panels.add(len(frame.panels))
+            shapes.update(tuple(p.shape) for p in frame.panels)
+            r = _value_range(frame.panels, frame.masks)
+            if r is not None:
+                ranges.append(r)
+            if len(events) >= int(max_frames):
+                break
+    finally:
+        source.close()
+    return {"kind": "frames", "path": path, "source_type": source_type,
+            "description": description, "frames": frames,
+            "panels": sorted(panels)[0] if len(panels) == 1 else sorted(panels),
+            "panel_shapes": [list(s) for s in sorted(shapes)],
+            "first_event": events[0] if events else None,
+            "value_range": ([min(r[0] for r in ranges), max(r[1] for r in ranges)]
+                            if ranges else None),
+            "value_range_frames": len(events)}
+
+
+def _registered_source(path: str) -> Callable[..., dict[str, Any]] | None:
+    """The summariser of ``path`` if a registered frame source other than the ones shown
+    above claims it (a plugin's .npy stacks, ``sim:``), else None."""
+    import functools
+
+    from peaknet_xtal.registry import sniff_source
+
+    found = sniff_source(path, exclude=OWN_SOURCES)
+    return None if found is None else functools.partial(show_source, source_type=found)
+
+
 def choose(path: str) -> Callable[..., dict[str, Any]]:
-    """Pick the summariser by content first (streams, HDF5), then by name."""
+    """Pick the summariser by content first (streams, HDF5), then by name, then ask the
+    registered frame sources."""
     from peaknet_xtal.formats.dxtbx_images import sniff_dxtbx
 
     lower = path.lower()
@@ -289,7 +348,13 @@ def choose(path: str) -> Callable[..., dict[str, Any]]:
             return show_cxi
     if sniff_dxtbx(path):
         return show_image
-    raise FormatError(path, f"unknown file type (expected {KINDS})")
+    registered = _registered_source(path)
+    if registered is not None:
+        return registered
+    from peaknet_xtal.registry import skipped_plugins
+
+    skipped = "".join(f"; {line}" for line in skipped_plugins())  # it may have been theirs
+    raise FormatError(path, f"unknown file type (expected {KINDS}){skipped}")
 
 
 def summarize(path: str, **options: Any) -> dict[str, Any]:
@@ -298,6 +363,12 @@ def summarize(path: str, **options: Any) -> dict[str, Any]:
     if int(options.get("max_frames", 1)) < 1:
         raise ValueError(f"max_frames must be at least 1, got {options['max_frames']}")
     if not os.path.exists(path):
+        registered = _registered_source(path)  # a name a source reads, not a file (sim:)
+        if registered is not None:
+            try:
+                return registered(path, **options)
+            except FileNotFoundError:  # claimed by its name (a suffix), but it is not there
+                pass
         raise FormatError(path, "file not found")
     if os.path.isdir(path):  # content sniffing would call it an unknown file type
         raise FormatError(path, f"is a folder; give the files in it ({KINDS})")
@@ -324,7 +395,10 @@ def _text(value: Any, key: str = "") -> str:
 
 def render(summary: dict[str, Any]) -> str:
     """Human-readable block: the kind and path, then one indented ``key: value`` per line."""
-    lines = [f"{summary['path']} ({summary['kind']})"]
+    kind = summary["kind"]
+    if kind == "frames":  # an input of a registered source: name the source type
+        kind = f"{summary['source_type']} frames"
+    lines = [f"{summary['path']} ({kind})"]
     for key, value in summary.items():
         if key in ("path", "kind", "per_image", "columns"):
             continue

@@ -309,7 +309,7 @@ class FrameLoader:
         return frame
 
     def _source(self, record: FrameRecord, geometry: Any) -> Any:
-        from peaknet_xtal.registry import open_source, source_types
+        from peaknet_xtal.registry import open_source, sniff_source, source_types
 
         image = record.image
         if not image:
@@ -321,7 +321,7 @@ class FrameLoader:
         missing = FormatError(image, f"image of event {record.event} not found (from "
                               f"{record.source}; use --prefix to say where the images are)")
         types = source_types()
-        kind = record.kind or next((name for name, t in types.items() if t.sniff(image)), None)
+        kind = record.kind or sniff_source(image)  # a plugin's raising sniff: not its file
         if kind is None:
             if not os.path.exists(image):
                 raise missing

@@ -348,11 +348,10 @@ def missing_image_lines(records: Sequence[FrameRecord]) -> list[str]:
     selected this says up front that loosening the selection alone would not be enough.  A name
     that only a non-file source reads (a psana run) is not counted.
     """
-    from peaknet_xtal.registry import source_types
+    from peaknet_xtal.registry import sniff_source
 
-    non_file = [t for name, t in source_types().items() if name not in FILE_SOURCES]
     missing = [r for r in records if not r.image or not (
-        os.path.exists(r.image) or any(t.sniff(r.image) for t in non_file))]
+        os.path.exists(r.image) or sniff_source(r.image, exclude=FILE_SOURCES) is not None)]
     if not missing:
         return []
     many = len(missing) > 1

@@ -14,7 +14,9 @@ def training_parser(doc: str | None, prog: str) -> argparse.ArgumentParser:
     parser.add_argument("config_file", metavar="CONFIG.yaml")
     parser.add_argument("--out", dest="out")
     parser.add_argument("--schedule.steps", dest="schedule.steps", type=int)
-    parser.add_argument("--stop-after", dest="stop_after", type=int)
+    parser.add_argument("--stop-after", dest="stop_after", type=int, metavar="STEP",
+                        help="stop at this step with a checkpoint and no final model (a "
+                             "time-boxed job); the same command without it continues")
     parser.add_argument("--dist.world_size", dest="dist.world_size", type=int)
     parser.add_argument("--threads", dest="threads", type=int)
     parser.add_argument("--data.paths", dest="data.paths", nargs="+", metavar="LABELS.h5")

@@ -34,7 +34,8 @@ def build_dataset(config: dict[str, Any]) -> Any:
 
 
 def train(config: dict[str, Any], dataset: Any = None) -> Path:
-    """Train per ``config`` (merged over SUPERVISED_DEFAULTS); returns the final model path.
+    """Train per ``config`` (merged over SUPERVISED_DEFAULTS); returns the final model path,
+    or, for a run stopped by ``stop_after`` before its schedule's end, its checkpoint folder.
 
     ``dataset`` replaces the one described by ``config["data"]`` (any ``dataset[sample_id]`` ->
     {"image", "mask", "label"} mapping).

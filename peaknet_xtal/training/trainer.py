@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import socket
+import sys
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Annotated, Any
@@ -58,7 +59,8 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "checkpoint": {"every": 100, "keep": 2, "resume": True},
     "dist": {"world_size": 1},
     "log_every": 10,
-    "stop_after": None,      # stop (after checkpointing) at this step: tests and time-boxed runs
+    "stop_after": None,      # stop (after checkpointing) at this step: tests and time-boxed runs;
+                             # a stopped run writes no final model (see run_rank)
 }
 #: ``device`` and ``precision`` values (_device and _use_bf16 read them).
 #: Training arithmetic (``precision``): auto is bf16 where the GPU has it (the finding engine's
@@ -67,7 +69,8 @@ TRAIN_PRECISIONS = ("auto", "bf16", "fp32")
 
 
 def _model_names() -> list[str]:
-    """The registered architectures, looked up only when a name is checked (imports torch)."""
+    """The registered model names, plugins' included (the zoo asks the plugin registry), looked
+    up only when a name is checked (imports torch)."""
     from peaknet_xtal.model.zoo import list_models
 
     return list_models()
@@ -140,7 +143,11 @@ def _free_port() -> int:
 
 
 def launch(config: dict[str, Any], dataset: Any, loss_fn: LossFn) -> Path:
-    """Run training on ``dist.world_size`` processes (spawned here unless under torchrun)."""
+    """Run training on ``dist.world_size`` processes (spawned here unless under torchrun).
+
+    Returns the final model (``OUT/model.safetensors``) of a run that reached
+    ``schedule.steps``; a run stopped before by ``stop_after`` returns the checkpoint it stopped
+    at instead (see :func:`run_rank`)."""
     world = int(config["dist"].get("world_size", 1))
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         return run_rank(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), config,
@@ -152,7 +159,20 @@ def launch(config: dict[str, Any], dataset: Any, loss_fn: LossFn) -> Path:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(_free_port()))
     mp.spawn(_spawned, args=(world, config, dataset, loss_fn), nprocs=world, join=True)
-    return Path(config["out"]) / "model.safetensors"
+    from peaknet_xtal.training.checkpoint import latest_checkpoint
+
+    out = Path(config["out"])
+    found = latest_checkpoint(out / "checkpoints")
+    step = int(found.name.split("_")[1]) if found is not None else 0
+    return _result(out, step, int(config["schedule"]["steps"]))
+
+
+def _result(out: Path, step: int, steps: int) -> Path:
+    """What a run that ended at ``step`` of ``steps`` leaves as its result: the final model, or
+    the checkpoint a stopped run resumes from."""
+    if step >= steps:
+        return out / "model.safetensors"
+    return out / "checkpoints" / f"step_{step:06d}"
 
 
 def _spawned(rank: int, world: int, config: dict[str, Any], dataset: Any,
@@ -263,7 +283,8 @@ def _check_model(config: Mapping[str, Any]) -> None:
     overrides = model_cfg.get("overrides") or {}
     with torch.device("meta"):
         if not model_cfg.get("init"):
-            _build(create_model, model_cfg["name"], overrides, **overrides)
+            model = _build(create_model, model_cfg["name"], overrides, **overrides)
+            _check_plugin_model(model, model_cfg["name"])
             return
         weights = check_model(model_cfg["init"]) or WEIGHTS_DIR / f"{DEFAULT_NAME}.safetensors"
         start = read_config(weights)
@@ -276,6 +297,41 @@ def _check_model(config: Mapping[str, Any]) -> None:
         raise FormatError(weights, f"not a readable safetensors file: {exc}") from exc
     check_fit(tensor_shapes(model.state_dict()), shapes, model_cfg["init"],
               f"weights of another architecture than the one model.overrides {overrides} make")
+
+
+def _check_plugin_model(model: Any, name: str) -> None:
+    """A plugin's architecture against the hookspec contract the loop relies on,
+    ``model(image, mask) -> (B, 2, H, W)`` logits, on the meta device (no arithmetic): a model
+    that breaks it is one error naming the model and its plugin before any work, not a
+    traceback from inside the first step.  The built-in family is tested on its own."""
+    import torch
+
+    from peaknet_xtal.model.zoo import model_config
+    from peaknet_xtal.registry import BUILTINS, describe_plugin, registered
+
+    family = model_config(name).get("family")
+    entry = registered("peaknet_model_families").get(str(family))
+    module = str(getattr(entry.item.build, "__module__", "")) if entry is not None else ""
+    if entry is None or module.startswith("peaknet_xtal."):
+        return
+    # a family a plugin module declared with zoo.register_family reaches the registry through
+    # the built-in plugin: name the module that declared it
+    origin = f"declared in {module}" if entry.plugin in BUILTINS else describe_plugin(entry.plugin)
+    image = torch.zeros(1, 1, 32, 32, device="meta")
+    mask = torch.ones(1, 1, 32, 32, dtype=torch.bool, device="meta")
+    try:
+        logits = model(image, mask)
+        shape = tuple(logits.shape)
+    except Exception as exc:  # noqa: BLE001  (a plugin's fault, named as such)
+        problem = f"raised {type(exc).__name__}: {exc}"
+    else:
+        if len(shape) == 4 and shape[0] == 1 and shape[1] >= 2 and shape[2:] == (32, 32):
+            return
+        problem = f"returned shape {shape}"
+    raise ConfigError(None, f"model.name: {name!r} (family {family!r}, {origin})"
+                            f": model(image (1, 1, 32, 32), mask) {problem}; training needs "
+                            "(B, 2, H, W) logits for (B, 1, H, W) images (see the hookspec "
+                            "peaknet_model_families)")
 
 
 def _use_bf16(config: dict[str, Any], device: Any) -> bool:
@@ -417,7 +473,13 @@ class _Run:
 
 def run_rank(rank: int, world: int, config: dict[str, Any], dataset: Any,
              loss_fn: LossFn) -> Path:
-    """Train on one rank; returns the final model path (written by rank 0)."""
+    """Train on one rank; returns the final model path (written by rank 0).
+
+    A run stopped by ``stop_after`` before ``schedule.steps`` writes no final model: a model
+    trained on part of its learning-rate schedule is not the one the settings describe, and
+    under the final name it would be taken for it (and its record would say the run is done).
+    It returns the checkpoint it stopped at, which a rerun without ``stop_after`` resumes from,
+    and says so on stderr."""
     import torch
     import torch.distributed as dist
 
@@ -440,7 +502,14 @@ def run_rank(rank: int, world: int, config: dict[str, Any], dataset: Any,
         _cut_history(out / HISTORY, run.step)
     try:
         _loop(run, dataset, loss_fn, out)
-        final = out / "model.safetensors"
+        steps = int(config["schedule"]["steps"])
+        final = _result(out, run.step, steps)
+        if run.step < steps:  # stopped by stop_after: the checkpoint is all there is
+            if rank == 0:
+                print(f"stopped at step {run.step} of {steps}; no final model yet: checkpoint "
+                      f"{final} is kept; rerun the same command without --stop-after (or with a "
+                      "later step) to continue", file=sys.stderr)
+            return final
         weights, _ = run.full_state()
         if rank == 0:
             save_model(run.model, final, extra={"steps": run.step}, state=weights)
@@ -522,7 +591,8 @@ def _loop(run: _Run, dataset: Any, loss_fn: LossFn, out: Path) -> None:
     history = out / HISTORY
     run.wrapped.train()
     micro, running = 0, 0.0
-    with Progress(last, "steps", desc=f"train rank {run.rank}", enabled=run.rank == 0) as bar:
+    # counted against the whole schedule: a run stopped at 2 of 4 steps is not 100 % done
+    with Progress(steps, "steps", desc=f"train rank {run.rank}", enabled=run.rank == 0) as bar:
         bar.count = run.step
         for batch_data in _batches(loader):
             batch_data = {k: v.to(run.device) for k, v in batch_data.items()}

@@ -170,4 +170,6 @@ def test_a_resumed_run_with_a_retrained_teacher_at_the_same_path_is_refused(
     assert main([str(config)]) == 1
     err = capsys.readouterr().err
     assert "other teacher logits (the teacher's weights changed)" in err
+    # no advice to rerun the same command: it would be refused again
+    assert "re-run the same command" not in err
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before

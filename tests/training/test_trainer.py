@@ -50,6 +50,25 @@ def test_resume_gives_identical_weights(tmp_path: Path, label_file: Path) -> Non
     assert state["step"] == 6 and "optimizer" in state and "scheduler" in state
 
 
+def test_a_stopped_run_leaves_its_checkpoint_and_no_final_model(
+        tmp_path: Path, label_file: Path, capsys) -> None:
+    """stop_after (--stop-after) time-boxes a run: a model trained on part of its schedule is
+    not the model the settings describe, so nothing is written under the final name until the
+    schedule ends; the run says where it stopped and how to continue."""
+    out = tmp_path / "run"
+    stopped = train(_config(out, label_file, stop_after=2))
+    assert stopped == out / "checkpoints" / "step_000002" and stopped.is_dir()
+    assert not (out / "model.safetensors").exists() and not (out / "model.json").exists()
+    err = capsys.readouterr().err
+    assert (f"stopped at step 2 of 6; no final model yet: checkpoint {stopped} is kept; rerun "
+            "the same command without --stop-after") in err
+    assert "2/6 steps" in err and "100.0%" not in err  # progress against the whole schedule
+    final = train(_config(out, label_file))
+    assert final == out / "model.safetensors"
+    assert json.loads((out / "model.json").read_text())["extra"] == {"steps": 6}
+    assert "stopped at step" not in capsys.readouterr().err
+
+
 def test_two_process_gloo_matches_one_process_with_the_global_batch(
         tmp_path: Path, label_file: Path) -> None:
     """2 ranks x batch 2 over gloo == 1 process x batch 4, up to float summation order.

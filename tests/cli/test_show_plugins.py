@@ -1,0 +1,78 @@
+"""peaknet-show on inputs only a plugin's frame source reads: opened through the registry, as
+peaknet2cxi opens them."""
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from peaknet_xtal import registry
+from peaknet_xtal.builtin.sources import SourceType
+from peaknet_xtal.cli.show import main
+from peaknet_xtal.hookspecs import hookimpl
+from peaknet_xtal.types import Frame
+
+
+class _NpySource:
+    """A plugin's source of ``.npy`` stacks (N, ss, fs), one panel, NaN pixels masked."""
+
+    name = "npy"
+
+    def __init__(self, path: str, **_: object) -> None:
+        self.path = path
+        self.data = np.load(path)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __iter__(self) -> Iterator[Frame]:
+        for i, image in enumerate(self.data):
+            panel = np.nan_to_num(image.astype(np.float32), nan=-1e6)
+            yield Frame(panels=[panel], masks=[np.isfinite(image)], source=self.path,
+                        event=f"//{i}", serial=i)
+
+    def close(self) -> None:
+        pass
+
+
+class _NpyPlugin:
+    @hookimpl
+    def peaknet_source_types(self) -> list[SourceType]:
+        return [SourceType("npy", "numpy .npy stacks", lambda p: str(p).endswith(".npy"),
+                           _NpySource)]
+
+
+@pytest.fixture()
+def npy_plugin() -> Iterator[None]:
+    pm = registry.plugin_manager()
+    plugin = _NpyPlugin()
+    pm.register(plugin, name="npy-show-test")
+    try:
+        yield
+    finally:
+        pm.unregister(plugin)
+
+
+def test_an_input_of_a_plugin_source_is_shown(npy_plugin, tmp_path: Path, capsys) -> None:
+    data = np.arange(3 * 4 * 5, dtype=np.float32).reshape(3, 4, 5)
+    data[2, 0, 0] = np.nan  # masked by the source: not in the value range
+    path = tmp_path / "frames.npy"
+    np.save(path, data)
+    assert main([str(path), "--json", "--max-frames", "2"]) == 0
+    (shown,) = json.loads(capsys.readouterr().out)
+    assert (shown["kind"], shown["source_type"]) == ("frames", "npy")
+    assert shown["frames"] == 3 and shown["panels"] == 1 and shown["panel_shapes"] == [[4, 5]]
+    assert shown["value_range"] == [0.0, 39.0] and shown["value_range_frames"] == 2
+    assert main([str(path)]) == 0
+    text = capsys.readouterr().out
+    assert f"{path} (npy frames)" in text and "frames: 3" in text
+
+
+def test_without_the_plugin_it_is_an_unknown_file_type(tmp_path: Path, capsys) -> None:
+    path = tmp_path / "frames.npy"
+    np.save(path, np.zeros((1, 4, 5), np.float32))
+    assert main([str(path)]) == 1
+    assert "unknown file type" in capsys.readouterr().err

@@ -36,7 +36,7 @@ import numpy as np
 
 from peaknet_xtal.finding.engine import InferenceEngine, Predictor
 from peaknet_xtal.finding.peaks import is_hit
-from peaknet_xtal.finding.settings import DEFAULTS
+from peaknet_xtal.finding.settings import DEFAULTS, check_device
 from peaknet_xtal.formats.dials_tables import CORNER_OFFSET
 from peaknet_xtal.types import Frame
 
@@ -54,6 +54,16 @@ class PeakFinder:
                  adu_per_photon: float | None = None,
                  threads: int | None = None, predictor: Predictor | None = None,
                  precision: str = DEFAULTS.precision) -> None:
+        if predictor is None:  # a predictor brings its own model and device
+            if model is None:
+                raise TypeError("model must be a registered model name ('default'), a weights "
+                                "file or folder, or a model object, got None")
+            check_device(device)
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
+                                    or threads < 1):
+            # 0 meant the default and -2 failed inside torch at the first image
+            raise ValueError(f"threads must be a whole number >= 1 (None: as many as the "
+                             f"cores free), got {threads!r}")
         self.engine = InferenceEngine(model, device=device, threads=threads, precision=precision,
                                       batch_size=batch_size, threshold=threshold, min_snr=min_snr,
                                       min_height=min_height, rescue_prob=rescue_prob,
@@ -130,8 +140,9 @@ class PeakFinder:
 
     def save_defects(self, folder: Any, geometry: Any = None) -> list[Any]:
         """Write the run's defect mask into ``folder`` as ``peaknet2cxi`` does beside its output
-        (``pixel_defects.h5`` for a CrystFEL geometry's ``mask0_file``; ``pixel_defects.mask``
-        for DIALS where DIALS is importable); the paths written (none before enough images)."""
+        (``pixel_defects.h5`` for a mask slot ``geometry`` leaves free, ``maskN_file`` with N
+        from 1 to 7, as the log says; ``pixel_defects.mask`` for DIALS where DIALS is
+        importable); the paths written (none before enough images)."""
         return self.engine.defects.save(folder, geometry)
 
     def new_run(self) -> None:
@@ -150,10 +161,16 @@ class PeakFinder:
             panels, masks = imageset_panels(data, index)
             gain = CORRECTED_GAIN  # dxtbx divided by the format's gain: photons, as DIALS sees
         else:
-            panels = to_panels(data)
-            masks = None
+            if index != 0:  # silently the image itself otherwise, whatever index asked for
+                raise ValueError(f"index {index} picks an image of a dxtbx ImageSet; an array "
+                                 "input is one image (a 3-D array: its panels), so give that "
+                                 "image with index 0")
+            data, masks = _unmasked(data)
+            panels = _panels_of(data, geometry, "the image")
+            if masks is not None:
+                masks = _panels_of(masks, geometry, "the image's own mask")
         if mask is not None:
-            given = [m.astype(bool) for m in to_panels(mask)]
+            given = [np.asarray(m).astype(bool) for m in _panels_of(mask, geometry, "mask")]
             masks = given if masks is None else [a & b for a, b in zip(masks, given, strict=False)]
         return Frame(panels=panels, masks=masks, geometry=geometry,
                      meta={"wavelength_A": wavelength_A, "adu_per_photon": gain})
@@ -179,9 +196,9 @@ def to_panels(data: Any) -> list[np.ndarray]:
         return [_two_d(data.as_numpy_array(), 0)]
     if isinstance(data, np.ndarray):
         if data.ndim == 2:
-            return [data]
+            return [_two_d(data, 0)]
         if data.ndim == 3:
-            return list(data)
+            return [_two_d(panel, i) for i, panel in enumerate(data)]
         raise ValueError(f"an image must be 2-D (ss, fs) or 3-D (panel, ss, fs), got {data.shape}")
     if isinstance(data, Sequence) and not isinstance(data, (str, bytes)):
         return [_two_d(p.as_numpy_array() if hasattr(p, "as_numpy_array") else np.asarray(p), i)
@@ -193,7 +210,46 @@ def to_panels(data: Any) -> list[np.ndarray]:
 def _two_d(array: np.ndarray, panel: int) -> np.ndarray:
     if array.ndim != 2:
         raise ValueError(f"panel {panel} must be 2-D (ss, fs), got shape {array.shape}")
+    if array.size == 0:  # found 0 peaks and said nothing
+        raise ValueError(f"panel {panel} is empty (shape {array.shape})")
     return array
+
+
+def _unmasked(data: Any) -> tuple[Any, Any]:
+    """``(data, good)``: numpy masked arrays (one, or some of a list of panels) as their values
+    and True where a value is not masked; ``good`` is None when nothing is masked that way.
+    Why: a masked array is an ndarray, so its masked values (1e6 under a mask, a real trial's
+    saturated pixels) went to the model as pixels and came out as peaks."""
+    if isinstance(data, np.ma.MaskedArray):
+        return np.ma.getdata(data), ~np.ma.getmaskarray(data)
+    if (isinstance(data, Sequence) and not isinstance(data, (str, bytes))
+            and any(isinstance(p, np.ma.MaskedArray) for p in data)):
+        return ([np.ma.getdata(p) if isinstance(p, np.ma.MaskedArray) else p for p in data],
+                [~np.ma.getmaskarray(p) if isinstance(p, np.ma.MaskedArray)
+                 else np.ones(np.shape(p), bool) for p in data])
+    return data, None
+
+
+def _panels_of(data: Any, geometry: Any, what: str) -> list[np.ndarray]:
+    """Per-panel arrays of ``data``; with a geometry, its panels: one frame's raw array in the
+    geometry's layout (``slab_shape``) is split as ``peaknet2cxi`` splits it, and panels handed
+    one by one must be as many, and of the shapes, the geometry says.  Why: a CSPAD slab with
+    its 64-panel geometry was found as one panel, every peak on panel 0 with a wrong 1/d."""
+    if geometry is None:
+        return to_panels(data)
+    if np.shape(data) == tuple(geometry.slab_shape) and (
+            geometry.n_panels > 1 or len(geometry.slab_shape) != 2):
+        return list(geometry.split_slab(np.asarray(data)))
+    panels = to_panels(data)
+    shapes = [tuple(np.shape(p)) for p in panels]
+    wanted = [tuple(p.shape) for p in geometry.panels]
+    if shapes != wanted:
+        raise ValueError(
+            f"{what} does not fit the geometry{' ' + str(geometry.path) if geometry.path else ''}"
+            f": {len(shapes)} panel(s) of shape(s) {sorted(set(shapes))}, where it has "
+            f"{len(wanted)} panel(s) of shape(s) {sorted(set(wanted))} or one array of its "
+            f"layout {tuple(geometry.slab_shape)}")
+    return panels
 
 
 def _is_imageset(data: Any) -> bool:

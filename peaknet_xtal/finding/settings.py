@@ -23,6 +23,7 @@ the image data when one is plugged in, else unknown (background noise only).
 """
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -277,12 +278,58 @@ LIMITS: dict[str, dict[str, float]] = {
 }
 
 
+#: :data:`LIMITS` settings that count something, so take whole numbers only.
+WHOLE_NUMBERS = frozenset({"max_peaks", "batch_size"})
+
+
 def check_limits(values: Mapping[str, Any]) -> None:
-    """A ValueError naming the first of ``values`` (None: not set) outside :data:`LIMITS`."""
+    """A TypeError naming the first of ``values`` (None: not set) that is no number (a whole one
+    where :data:`WHOLE_NUMBERS` says so), a ValueError naming the first outside :data:`LIMITS`.
+    Why the type first: a Python caller's ``threshold="0.5"`` otherwise failed at the first
+    comparison with "'>=' not supported between instances of 'str' and 'int'", naming no
+    setting, and ``batch_size=2.5`` further in, inside the engine."""
     for name, value in values.items():
         bounds = LIMITS.get(name)
-        if value is not None and bounds is not None and not within(bounds, value):
+        if value is None or bounds is None:
+            continue
+        kind = numbers.Integral if name in WHOLE_NUMBERS else numbers.Real
+        if isinstance(value, bool) or not isinstance(value, kind):
+            what = "a whole number" if name in WHOLE_NUMBERS else "a number"
+            raise TypeError(f"{name} must be {what}, got {value!r}")
+        if not within(bounds, value):
             raise ValueError(f"{name} must be {range_text(bounds)}, got {value!r}")
+
+
+def check_device(spec: str) -> None:
+    """A ValueError naming ``spec`` where the model could not run on it here: a string that is
+    no torch device, a device type PeakNet does not run on, CUDA that torch does not see, a GPU
+    index it does not have; the message lists the devices available.  Why: the engine resolves
+    its device at the first frame, so a Python caller's ``device="tpu"`` failed there with
+    torch's own message ("Expected one of cpu, cuda, ipu, xpu, ..."), after inputs were opened.
+    ``auto`` and ``cpu`` always run and import nothing."""
+    if spec in ("auto", "cpu"):
+        return
+    import torch
+
+    from peaknet_xtal.finding.engine import resolve_device
+
+    n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    available = ["auto", "cpu"] + (["cuda"] + [f"cuda:{i}" for i in range(n_gpus)]
+                                   if n_gpus else [])
+    why = None
+    try:
+        device = resolve_device(spec)  # the engine's own resolution (auto, cpu, cuda[:N])
+    except (RuntimeError, TypeError):  # torch's message for a malformed string is long
+        why = "not a device torch knows"
+    except ValueError:
+        why = "torch sees no CUDA GPU"
+    else:
+        if device.type not in ("cpu", "cuda"):
+            why = "not a device PeakNet runs on here"
+        elif device.type == "cuda" and device.index is not None and device.index >= n_gpus:
+            why = f"torch sees {n_gpus} CUDA GPU{'s' if n_gpus != 1 else ''}"
+    if why is not None:
+        raise ValueError(f"device {spec!r}: {why}; available here: {', '.join(available)}")
 
 
 def within(bounds: Mapping[str, float], value: Any) -> bool:

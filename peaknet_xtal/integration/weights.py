@@ -12,7 +12,7 @@ from typing import Any
 
 from peaknet_xtal.atomic import atomic_path, write_json_atomic
 from peaknet_xtal.errors import FormatError
-from peaknet_xtal.model.weights_io import WEIGHTS_DIR
+from peaknet_xtal.model.weights_io import WEIGHTS_DIR, check_finite, check_fit, tensor_shapes
 
 DEFAULT_NAME = "integrator_default"
 
@@ -66,8 +66,8 @@ def load_integrator(spec: str | os.PathLike[str] = "default", device: str = "cpu
         model = build_model(config)
     except (KeyError, TypeError, ValueError) as exc:
         raise FormatError(path, f"config does not describe an integrator: {exc}") from exc
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise FormatError(path, f"weights do not fit the config: missing {missing[:5]}, "
-                                f"unexpected {unexpected[:5]}")
+    check_fit(tensor_shapes(model.state_dict()), tensor_shapes(state), path,
+              "weights do not fit the config")
+    check_finite(state, path)
+    model.load_state_dict(state)
     return model.to(device).eval()

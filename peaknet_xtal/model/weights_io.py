@@ -162,6 +162,22 @@ def check_fit(model: Mapping[str, tuple[int, ...]], weights: Mapping[str, tuple[
         raise FormatError(path, f"{what} ({problems[0]}{more})")
 
 
+def check_finite(state: Mapping[str, Any], path: str | os.PathLike[str]) -> None:
+    """Weights (tensor name -> torch tensor) holding NaN or infinity are a FormatError naming
+    ``path`` and the first such tensor.  Why: a training run that diverged writes them, and a
+    network with them scores every pixel NaN, which no threshold passes: every frame then had
+    0 peaks and the run ended as a success."""
+    import torch
+
+    bad = [name for name, tensor in state.items()
+           if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+    if bad:
+        more = f", and {len(bad) - 1} more tensors" if len(bad) > 1 else ""
+        raise FormatError(path, f"weights hold NaN or infinite values ({bad[0]}{more}): written "
+                                "by a training run that diverged? Use an earlier checkpoint or "
+                                "other weights")
+
+
 def load_model(spec: str | os.PathLike[str] = DEFAULT_NAME, device: str = "cpu") -> Any:
     """A model in eval mode from ``"default"``, a ``.safetensors`` file or a model directory.
 
@@ -195,5 +211,6 @@ def load_model(spec: str | os.PathLike[str] = DEFAULT_NAME, device: str = "cpu")
         raise FormatError(weights, f"not a readable safetensors file: {exc}") from exc
     check_fit(tensor_shapes(model.state_dict()), tensor_shapes(state), weights,
               "weights do not fit the config")
+    check_finite(state, weights)
     model.load_state_dict(state)
     return model.to(device).eval()

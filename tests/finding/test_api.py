@@ -238,3 +238,85 @@ def test_settings_outside_their_range_are_refused(setting, value, words):
     with pytest.raises(ValueError) as err:
         PeakFinder(**{setting: value})
     assert words in str(err.value)
+
+
+@pytest.mark.parametrize(("setting", "value", "words"), [
+    ("threshold", "0.5", "threshold must be a number, got '0.5'"),
+    ("min_snr", [3], "min_snr must be a number"),
+    ("batch_size", 2.5, "batch_size must be a whole number, got 2.5"),
+    ("max_peaks", True, "max_peaks must be a whole number"),
+])
+def test_settings_of_the_wrong_type_are_refused_by_name(setting, value, words):
+    """A string where a number belongs failed at the first comparison, naming no setting."""
+    with pytest.raises(TypeError) as err:
+        PeakFinder(**{setting: value})
+    assert words in str(err.value)
+
+
+@pytest.mark.parametrize("device", ["tpu", "meta", "cuda:7", "not a device"])
+def test_a_device_the_model_cannot_run_on_is_refused_at_construction(device):
+    """``device="tpu"`` was accepted and failed at the first image with torch's own message."""
+    import torch
+
+    if device == "cuda:7" and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    with pytest.raises(ValueError) as err:
+        PeakFinder(device=device)
+    assert f"device {device!r}" in str(err.value) and "available here: auto, cpu" in str(err.value)
+
+
+def test_an_index_with_array_input_is_refused_not_ignored():
+    """``find(stack, index=5)`` returned the peaks of the whole stack as one image."""
+    finder = PeakFinder(predictor=bright_pixels)
+    image = spots_image()
+    with pytest.raises(ValueError, match="index 5 picks an image of a dxtbx ImageSet"):
+        finder.find(np.stack([image, image]), index=5)
+    assert len(finder.find(image, index=0)) == 2
+
+
+@pytest.mark.parametrize(("kwargs", "error", "words"), [
+    ({"threads": 0}, ValueError, "threads must be a whole number >= 1"),
+    ({"threads": -2}, ValueError, "got -2"),
+    ({"threads": 1.5}, ValueError, "got 1.5"),
+    ({"model": None}, TypeError, "model must be a registered model name"),
+])
+def test_threads_and_model_are_checked_at_construction(kwargs, error, words):
+    """threads=0 silently meant the default, -2 failed inside torch at the first image, and
+    model=None at the first image as "expected str, bytes or os.PathLike object"."""
+    with pytest.raises(error, match=words):
+        PeakFinder(**kwargs)
+
+
+def test_an_empty_image_is_refused():
+    with pytest.raises(ValueError, match=r"panel 0 is empty \(shape \(0, 0\)\)"):
+        PeakFinder(predictor=bright_pixels).find(np.zeros((0, 0), np.float32))
+
+
+def test_masked_arrays_keep_their_masked_pixels_out():
+    """A numpy masked array's masked values (here a bright spot under the mask) are no pixels:
+    the same peaks as the same image with ``mask=``."""
+    finder = PeakFinder(predictor=bright_pixels)
+    image = spots_image()
+    bad = np.zeros(image.shape, bool)
+    bad[45, 70] = True
+    masked = finder.find(np.ma.array(image, mask=bad))
+    assert same(masked, finder.find(image, mask=~bad)) and len(masked) == 1
+    listed = finder.find([np.ma.array(image, mask=bad), image])  # one panel masked, one not
+    assert sorted(listed["panel"].tolist()) == [0, 1, 1]
+
+
+def test_a_slab_with_its_multi_panel_geometry_is_split_into_its_panels(make_geometry_text):
+    """One raw array in the geometry's layout goes to the panels the geometry defines (as
+    peaknet2cxi reads it), so peaks carry their panel and 1/d; a shape that fits neither the
+    layout nor the panels is an error, not one big panel."""
+    from peaknet_xtal.formats.geometry import parse_geometry
+
+    geometry = parse_geometry(make_geometry_text(["a", "b"], 80, 60, [(-40, -120), (-40, 60)]))
+    image = spots_image()
+    slab = np.concatenate([np.full_like(image, 10.0), image])  # panel b holds the spots
+    finder = PeakFinder(predictor=bright_pixels)
+    peaks = finder.find(slab, geometry=geometry)
+    assert peaks["panel"].tolist() == [1, 1] and np.isfinite(peaks["one_over_d"]).all()
+    assert same(peaks, finder.find([np.full_like(image, 10.0), image], geometry=geometry))
+    with pytest.raises(ValueError, match="does not fit the geometry"):
+        finder.find(image, geometry=geometry)

@@ -174,6 +174,24 @@ def test_weights_round_trip_and_bad_files(tmp_path):
         load_integrator(tmp_path / "missing.safetensors")
 
 
+def test_weights_with_infinity_or_another_shape_are_errors_naming_the_file(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    path = save_integrator(build_model({"latent": 4}), tmp_path / "integ.safetensors")
+    state = load_file(str(path))
+    meta = {"config": path.with_suffix(".json").read_text()}
+    name = next(k for k, v in state.items() if v.is_floating_point())
+    broken = dict(state, **{name: torch.full_like(state[name], float("inf"))})
+    save_file(broken, str(path), metadata=meta)
+    with pytest.raises(FormatError, match=f"integ.safetensors: weights hold NaN or infinite "
+                                          f"values \\({name}"):
+        load_integrator(path)
+    resized = dict(state, **{name: torch.zeros(*state[name].shape, 2)})
+    save_file(resized, str(path), metadata=meta)
+    with pytest.raises(FormatError, match="integ.safetensors: weights do not fit the config"):
+        load_integrator(path)
+
+
 def test_shipped_default_loads():
     model = load_integrator("default")
     assert model.side == 15 and not model.training

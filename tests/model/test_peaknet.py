@@ -153,6 +153,22 @@ def test_load_errors_name_the_file(tmp_path) -> None:
         r"and \d+ more misfits\)$", message)
 
 
+def test_weights_with_nan_are_an_error_naming_the_file_and_tensor(tmp_path) -> None:
+    """A diverged training run writes NaN weights; such a model marks no pixel, so every frame
+    would pass with 0 peaks: loading them is the error instead."""
+    model = create_model("yocto")
+    path = save_model(model, tmp_path / "diverged.safetensors")
+    assert load_model(path) is not None  # finite: loads
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    name = next(k for k, v in state.items() if v.is_floating_point() and v.numel() > 1)
+    state[name][0] = float("nan")
+    save_model(model, path, state=state)
+    with pytest.raises(FormatError) as caught:
+        load_model(path)
+    message = str(caught.value)
+    assert message.startswith(f"{path}: ") and name in message and "NaN" in message
+
+
 def test_default_model_loads_in_eval_mode() -> None:
     model = load_model("default")
     assert not model.training and model.config["name"] == "default"

@@ -98,7 +98,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = resolve_or_exit(parser, DEFAULTS, args, types=TYPES)
     if not config["inputs"]:
         parser.error("give at least one input file")
-    try:
+    from peaknet_xtal.finding.settings import check_device
+
+    try:  # the finder's check: a string torch does not know, a GPU this machine lacks
         check_device(config["device"])
     except ValueError as exc:  # a GPU this machine does not have: a usage error, before work
         parser.error(f"--device: {exc}")
@@ -125,14 +127,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(path)
     print(summary_line(stats))
     return 0
-
-
-def check_device(spec: str) -> None:
-    """A ValueError saying so where ``spec`` names a device torch cannot use here (``cuda`` on
-    a machine without a GPU), as the finder's device resolution says it."""
-    from peaknet_xtal.finding.engine import resolve_device
-
-    resolve_device(spec)
 
 
 def summary_line(stats: Any) -> str:

@@ -300,8 +300,9 @@ def check_limits(values: Mapping[str, Any]) -> None:
             raise ValueError(f"{name} must be {range_text(bounds)}, got {value!r}")
 
 
-def check_device(spec: str) -> None:
-    """A ValueError naming ``spec`` where the model could not run on it here: a string that is
+def check_device(spec: str, setting: str | None = None) -> None:
+    """A ValueError naming ``spec`` (and the host's ``setting`` that gave it, if said) where the
+    model could not run on it here: a string that is
     no torch device, a device type PeakNet does not run on, CUDA that torch does not see, a GPU
     index it does not have; the message lists the devices available.  Why: the engine resolves
     its device at the first frame, so a Python caller's ``device="tpu"`` failed there with
@@ -329,7 +330,9 @@ def check_device(spec: str) -> None:
         elif device.type == "cuda" and device.index is not None and device.index >= n_gpus:
             why = f"torch sees {n_gpus} CUDA GPU{'s' if n_gpus != 1 else ''}"
     if why is not None:
-        raise ValueError(f"device {spec!r}: {why}; available here: {', '.join(available)}")
+        where = f" ({setting})" if setting else ""
+        raise ValueError(f"device {spec!r}{where}: {why}; available here: "
+                         f"{', '.join(available)}")
 
 
 def within(bounds: Mapping[str, float], value: Any) -> bool:

@@ -290,35 +290,17 @@ DEVICE_SETTING = "spotfinder.threshold.peaknet.device"
 
 def check_device(spec: str) -> None:
     """Fail at start-up, in the main process, with DIALS' user error (``Sorry``) where the model
-    could not run on ``spec``: CUDA that torch does not see, a GPU index it does not have, a
-    string that is no device.  The engine would find out only on the first image, inside a
-    DIALS worker, as a crash to report.  ``auto`` and ``cpu`` always run and import nothing."""
-    if spec in ("auto", "cpu"):
-        return
-    import torch
+    could not run on ``spec`` (:func:`peaknet_xtal.finding.settings.check_device`, the Python
+    API's check): the engine would find out only on the first image, inside a DIALS worker, as
+    a crash to report.  ``auto`` and ``cpu`` always run and import nothing."""
+    from peaknet_xtal.finding.settings import check_device as settings_check_device
 
-    from peaknet_xtal.finding.engine import resolve_device
-
-    n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    available = ["auto", "cpu"] + (["cuda"] + [f"cuda:{i}" for i in range(n_gpus)]
-                                   if n_gpus else [])
-    why = None
     try:
-        device = resolve_device(spec)  # the engine's own resolution (auto, cpu, cuda[:N])
-    except RuntimeError:  # torch's own message for a malformed string is long and generic
-        why = "not a device torch knows"
-    except ValueError:
-        why = "torch sees no CUDA GPU"
-    else:
-        if device.type not in ("cpu", "cuda"):
-            why = "not a device PeakNet runs on here"
-        elif device.type == "cuda" and device.index is not None and device.index >= n_gpus:
-            why = f"torch sees {n_gpus} CUDA GPU{'s' if n_gpus != 1 else ''}"
-    if why is not None:
+        settings_check_device(spec, DEVICE_SETTING)
+    except ValueError as exc:
         from libtbx.utils import Sorry
 
-        raise Sorry(f"peaknet: device {spec!r} ({DEVICE_SETTING}): {why}; available here: "
-                    f"{', '.join(available)}")
+        raise Sorry(f"peaknet: {exc}") from None
 
 
 #: Per engine (one per process and settings): the gain line DIALS' log shows last.

@@ -294,3 +294,19 @@ def test_dials_expt_whose_images_are_missing_is_one_line(run, tmp_path, dials_en
     _one_error_line(capsys, "frame0.expt", str(cxi), "not found")
     assert not (out / "frame0_vi.refl").exists()
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("device", ["cuda:7"])
+def test_a_device_that_cannot_run_here_is_a_usage_error(device, tmp_path, capsys):
+    """A GPU this machine lacks is refused before work, by the finder's own device check, with
+    the devices it has (a GPU index beyond those present passed on a GPU machine)."""
+    import torch
+
+    if torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    with pytest.raises(SystemExit) as stop:
+        main([str(tmp_path / "any.stream"), "-o", str(tmp_path / "out"), "--device", device])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert f"--device: device {device!r}: " in err and "available here: auto, cpu" in err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()

@@ -30,18 +30,21 @@ XGANDALF searches for any cell):
 (indexamajig adds the half-pixel shift itself; the tables hold 0-based pixel centres.)  The
 command printed at the end of a run has OUTDIR and NPROC filled in.
 
-Re-running the same command after an interruption continues where it stopped: finished CXI files
-and stream chunks are kept and their frames skipped (each CXI file records the settings its peaks
-were found with; a rerun with other settings or another model is refused).  Every file appears
-atomically.  An OUTDIR holding peaks-*.cxi files or a peaknet.lst that peaknet2cxi did not
-write is refused.  One OUTDIR holds one detector geometry: images of different detectors go to
-separate output folders.
+An interruption, by Ctrl-C or by the SIGTERM batch schedulers send, closes what is finished and
+exits with 130 or 143.  Re-running the same command after an interruption continues where it
+stopped: finished CXI files and stream chunks are kept and their frames skipped (each CXI file
+records the settings its peaks were found with; a rerun with other settings or another model is
+refused).  Every file appears atomically.  An OUTDIR holding peaks-*.cxi files or a peaknet.lst
+that peaknet2cxi did not write is refused.  One OUTDIR holds one detector geometry: images of
+different detectors go to separate output folders.
 """
 from __future__ import annotations
 
 import logging
 import os
 import re
+import shlex
+import signal
 import sys
 import time
 import uuid
@@ -58,6 +61,13 @@ from peaknet_xtal.finding.settings import DEFAULTS as FINDING
 from peaknet_xtal.finding.settings import LIMITS, PRECISIONS, check_precision
 from peaknet_xtal.formats.cxi import DEFAULT_MAX_PEAKS, has_frame_keys
 from peaknet_xtal.progress import Progress
+from peaknet_xtal.stopping import (
+    Terminated,
+    exit_status,
+    signal_name,
+    sigterm_raises,
+    stop_exception,
+)
 from peaknet_xtal.types import Frame, FrameResult
 
 log = logging.getLogger("peaknet_xtal.peaknet2cxi")
@@ -215,13 +225,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("peaknet2cxi: need at least one INPUT (or -i LIST) and -o OUTDIR", file=sys.stderr)
         return 2
     try:
-        check_output_folder(Path(config["output"]), config)
-        cfgmod.record(config, Path(config["output"]) / CONFIG_NAME, "peaknet2cxi", argv)
-        summary = run(config)
-    except KeyboardInterrupt:
-        print("peaknet2cxi: interrupted", file=sys.stderr)
+        # SIGTERM (a batch scheduler's stop) ends the run as Ctrl-C does: finished files kept,
+        # partial ones closed, the record saying "interrupted"; exit 143 (130 for Ctrl-C)
+        with sigterm_raises():
+            check_output_folder(Path(config["output"]), config)
+            cfgmod.record(config, Path(config["output"]) / CONFIG_NAME, "peaknet2cxi", argv)
+            summary = run(config, argv=argv)
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Terminated)
+        print("peaknet2cxi: interrupted" + (" (SIGTERM)" if isinstance(exc, Terminated) else ""),
+              file=sys.stderr)
         _say_what_is_kept(Path(config["output"]), rerun=True)
-        return 130
+        return exit_status(exc)
     except (PeakNetError, OSError, ValueError) as exc:
         print(f"peaknet2cxi: error: {exc}", file=sys.stderr)
         _say_what_is_kept(Path(config["output"]), rerun=rerun_can_help(exc))
@@ -275,10 +289,13 @@ def _say_what_is_kept(outdir: Path, *, rerun: bool) -> None:
 # the run
 
 
-def run(config: Mapping[str, Any]) -> dict[str, Any]:
+def run(config: Mapping[str, Any], *, argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run peaknet2cxi with a resolved configuration (keys as :data:`DEFAULTS`); returns the
     summary that is also written to ``OUTDIR/peaknet2cxi.json``.  The numbers are checked
-    against :data:`RANGES` here too, for Python callers (a ConfigError names the key)."""
+    against :data:`RANGES` here too, for Python callers (a ConfigError names the key).
+    ``argv``: the command line's arguments, where there is one (:func:`main`), recorded in the
+    stream's header as CrystFEL records its own command line; a Python caller's run records
+    the command line that does the same (:func:`command_line`)."""
     config = cfgmod.deep_merge(DEFAULTS, dict(config))
     config.update(cfgmod.validate({k: config[k] for k in RANGES},
                                   {k: DEFAULTS[k] for k in RANGES}, RANGES,
@@ -287,7 +304,7 @@ def run(config: Mapping[str, Any]) -> dict[str, Any]:
     check_output_folder(Path(config["output"]), config)
     if int(config["workers"] or 1) > 1 or config["address"]:
         return _run_pipeline(config)
-    return _run_serial(config)
+    return _run_serial(config, argv)
 
 
 def check_output_folder(outdir: Path, config: Mapping[str, Any] | None = None) -> None:
@@ -341,7 +358,7 @@ def input_paths(config: Mapping[str, Any]) -> list[str]:
         return [str(p) for p in config["inputs"]]
 
 
-def _run_serial(config: dict[str, Any]) -> dict[str, Any]:
+def _run_serial(config: dict[str, Any], argv: Sequence[str] | None = None) -> dict[str, Any]:
     from peaknet_xtal.finding.engine import InferenceEngine
     from peaknet_xtal.formats.cxi import CXIWriter
 
@@ -362,7 +379,7 @@ def _run_serial(config: dict[str, Any]) -> dict[str, Any]:
                              min_peaks=int(config["min_peaks"]), max_peaks=config["max_peaks"],
                              predictor=config["predictor"])
     cxi = CXIWriter(outdir, geometry, **_writer_options(config))
-    stream = _open_stream(config, geometry)
+    stream = _open_stream(config, geometry, argv)
     done_cxi = cxi.done_keys()
     done_stream = stream.done_keys() if stream is not None else done_cxi
     stats = _Stats(skipped=0)
@@ -391,10 +408,25 @@ def _run_serial(config: dict[str, Any]) -> dict[str, Any]:
         raise
     finally:
         _close_all(cxi, stream, error)
-        engine.defects.save(outdir, seen_geometry[0])  # pixel defects found across the run
+        # pixel defects found across the run; the advice names a mask slot peaknet.geom
+        # leaves free (its slot 0 holds each frame's own mask)
+        engine.defects.save(outdir, seen_geometry[0], geometry_file=outdir / GEOM_NAME)
         summary = _finish(config, outdir, cxi.finished_files(), seen_geometry[0], stats,
                           time.perf_counter() - started, engine.describe(), error)
     return summary
+
+
+def _remove_partial_files(outdir: Path) -> None:
+    """Remove the CXI files a stopped Ray run left unfinished (``.peaks-NNNNN.cxi.*.part``):
+    a writer whose process the stop ended too (a scheduler's SIGTERM reaches every process of
+    the job) cannot close them, and their frames are found again by a rerun, whose writer
+    would remove them (``CXIWriter``).  After the pipeline has returned, no writer of this
+    run writes there (the folder is peaknet2cxi's own: :func:`check_output_folder`)."""
+    for stale in outdir.glob(f".{CXI_PREFIX}-*.cxi.*.part"):
+        try:
+            stale.unlink()
+        except OSError as exc:  # the summary is still written; a rerun removes it
+            log.warning("could not remove the unfinished %s: %s", stale, exc)
 
 
 def _finished(outdir: Path) -> list[Path]:
@@ -485,12 +517,16 @@ def _run_pipeline(config: dict[str, Any]) -> dict[str, Any]:
     error: BaseException | None = None
     try:
         result = run_pipeline(pipeline)
-        if result.get("interrupted"):  # the pipeline stops cleanly on Ctrl-C and returns: the
-            raise KeyboardInterrupt   # run is unfinished all the same (exit 130, no next step)
+        if result.get("interrupted"):  # the pipeline stops cleanly on Ctrl-C or SIGTERM and
+            # returns: the run is unfinished all the same (exit 130 or 143, no next step)
+            signum = signal.SIGTERM if result.get("stop_signal") == "SIGTERM" else signal.SIGINT
+            raise stop_exception(signum)
     except BaseException as exc:  # noqa: BLE001  (summarise what is done, then re-raise)
         error = exc
         raise
     finally:
+        if error is not None:
+            _remove_partial_files(outdir)
         # as the single-process run: the summary says what the output holds and how it was
         # made (the engine's settings, as the pipeline's workers ran them), failed runs too
         files = _finished(outdir)
@@ -620,23 +656,48 @@ def _open(entry: Mapping[str, Any], geometry: Any) -> Any:
         return source
     if is_hdf5:
         return open_source(path, "cxi", geometry=geometry)
+    if Path(path).suffix.lower() in HDF5_SUFFIXES:  # HDF5 by its name, not by its bytes
+        raise _not_hdf5(path, geometry is not None)
     try:
         return open_source(path)
     except FormatError as exc:  # named like an image DIALS reads, but it could not read it
+        if geometry is not None:  # -g: a CXI/HDF5 input by the user's own statement
+            raise _not_hdf5(path, True, _dials_reason(exc)) from exc
         raise _damaged(path, exc) from exc
     except ValueError as exc:  # no source claims it
+        if geometry is not None:
+            raise _not_hdf5(path, True) from exc
         raise FormatError(path, "not a CXI/HDF5 file and not an image DIALS can read") from exc
+
+
+#: Names of HDF5 files (CXI, NeXus, plain stacks): such a file without HDF5's signature is a
+#: broken HDF5 file, not an image for DIALS to try.
+HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf", ".cxi", ".nxs", ".nx5", ".he5")
+
+
+def _not_hdf5(path: str, with_geometry: bool, dials: str | None = None) -> FormatError:
+    """A file given as HDF5 (by its name, or with -g, which is for CXI/HDF5 input) that lacks
+    HDF5's signature, said as that rather than as DIALS' failure to read an image (which it was
+    never meant to be); DIALS' reason is added where it was asked too (a -g run may list CBFs)."""
+    why = " (input given with -g, which is for CXI/HDF5 files)" if with_geometry else ""
+    also = f", nor an image DIALS can read ({dials})" if dials else ""
+    return FormatError(path, f"not a readable HDF5 file{why}: it lacks HDF5's signature (a "
+                       f"damaged or truncated copy, or another kind of file){also}")
+
+
+def _dials_reason(exc: FormatError) -> str:
+    """dxtbx's own reason for not reading a file, on one line."""
+    cause = exc.__cause__
+    return (f"{type(cause).__name__}: {' '.join(str(cause).split())}" if cause is not None
+            else exc.message)
 
 
 def _damaged(path: str, exc: FormatError) -> FormatError:
     """DIALS' failure to read a file named like one of its images, said as what it most likely
     is (a damaged or truncated file: a copy cut short, a disk that filled), with dxtbx's own
     reason; dxtbx says only that it could not read it."""
-    cause = exc.__cause__
-    detail = (f"{type(cause).__name__}: {' '.join(str(cause).split())}" if cause is not None
-              else exc.message)
     return FormatError(path, "DIALS cannot read this image: the file may be damaged or "
-                       f"truncated ({detail})")
+                       f"truncated ({_dials_reason(exc)})")
 
 
 def _frames(source: Any, path: str) -> Iterator[Frame]:
@@ -710,13 +771,43 @@ def _pending(inputs: list[dict[str, Any]], geometry: Any, done_cxi: set[tuple[st
 # outputs
 
 
-def _open_stream(config: Mapping[str, Any], geometry: Any) -> Any:
+def _open_stream(config: Mapping[str, Any], geometry: Any,
+                 argv: Sequence[str] | None = None) -> Any:
     if not config["stream"]:
         return None
     from peaknet_xtal.registry import open_writer
 
-    command = "peaknet2cxi " + " ".join(str(i) for i in config["inputs"])
-    return open_writer("stream", os.fspath(config["stream"]), geometry=geometry, command=command)
+    return open_writer("stream", os.fspath(config["stream"]), geometry=geometry,
+                       command=command_line(config, argv))
+
+
+#: Settings a command line cannot give (Python callers' objects) or gives as its positionals.
+_NOT_OPTIONS = ("inputs", "predictor")
+#: Options whose flag is not ``--`` + the key with dashes.
+_FLAGS = {"geometry": "-g", "output": "-o"}
+
+
+def command_line(config: Mapping[str, Any], argv: Sequence[str] | None = None) -> str:
+    """The run's command line, shell-quoted (:func:`shell_command`), for the stream header's
+    third line, where CrystFEL writes its whole command line: ``argv`` as given where there is
+    one; for a Python caller, the command that runs the same: the inputs (list files as
+    ``-i LIST``) and every setting that differs from its default."""
+    if argv is not None:
+        return shell_command(["peaknet2cxi", *argv])
+    words: list[Any] = ["peaknet2cxi"]
+    for item in config["inputs"]:
+        text = os.fspath(item)
+        words += ["-i", text[len(LIST_MARK):]] if text.startswith(LIST_MARK) else [text]
+    for key, default in DEFAULTS.items():
+        value = config.get(key, default)
+        if key in _NOT_OPTIONS or value == default:
+            continue
+        flag = _FLAGS.get(key, "--" + key.replace("_", "-"))
+        if isinstance(value, bool):
+            words.append(flag if value else f"--no-{key.replace('_', '-')}")
+        elif value is not None:
+            words += [flag, _plain(value)]
+    return shell_command(words)
 
 
 def _close_all(cxi: Any, stream: Any, error: BaseException | None) -> None:
@@ -775,10 +866,28 @@ class _Stats:
 
 def indexamajig_command(list_path: Path, geom_path: Path, outdir: Path,
                         nproc: int | None = None) -> str:
-    """The complete next step; ``YOUR.cell`` is the one thing only the user can supply."""
+    """The complete next step; ``YOUR.cell`` is the one thing only the user can supply.  Each
+    argument is quoted for the shell (:func:`shell_command`): a folder named with a space must
+    still give a command that can be pasted."""
     nproc = nproc or os.cpu_count() or 1
-    return (f"indexamajig -i {list_path} -g {geom_path} --peaks=cxi --indexing=xgandalf "
-            f"-p YOUR.cell -o {outdir / 'peaknet.stream'} -j {nproc}")
+    return shell_command(["indexamajig", "-i", list_path, "-g", geom_path, "--peaks=cxi",
+                          "--indexing=xgandalf", "-p", "YOUR.cell", "-o",
+                          outdir / "peaknet.stream", "-j", nproc])
+
+
+def shell_command(words: Sequence[Any]) -> str:
+    """A command line as a POSIX shell reads it back: every word quoted where it needs to be
+    (spaces, quotes, ``$``...), so a printed command runs as printed when pasted."""
+    return shlex.join(os.fspath(w) if isinstance(w, os.PathLike) else str(w) for w in words)
+
+
+def dials_index_command(expt: Path, refl: Path) -> str:
+    """The ``dials.index`` command for the stills written by ``--dials`` (shell-quoted); the
+    space group and cell are the user's to fill in."""
+    return shell_command(["dials.index", expt, refl, "joint_indexing=False",
+                          "stills.indexer=sequences", "indexing.method=fft1d",
+                          "indexing.known_symmetry.space_group=YOUR_SPACE_GROUP",
+                          "indexing.known_symmetry.unit_cell=YOUR_CELL"])
 
 
 def _finish(config: Mapping[str, Any], outdir: Path, files: list[Path], geometry: Any,
@@ -802,6 +911,7 @@ def _finish(config: Mapping[str, Any], outdir: Path, files: list[Path], geometry
         status = "failed: no frames written (the inputs hold no frames, or none were hits)"
     summary: dict[str, Any] = {
         "status": status, "output": str(outdir),
+        **({"stop_signal": signal_name(error)} if isinstance(error, KeyboardInterrupt) else {}),
         "frames": whole.frames, "hits": whole.hits, "min_peaks": int(config["min_peaks"]),
         "hit_rate": whole.hits / whole.frames if whole.frames else 0.0,
         "peaks_per_frame": whole.summary(),
@@ -870,9 +980,7 @@ def write_dials_output(files: Sequence[Path], folder: Path) -> dict[str, Any]:
         experiments.as_file(str(tmp.with_suffix(".expt")))  # type: ignore[attr-defined]
         tmp.with_suffix(".expt").replace(tmp)
     n = write_strong_refl(refl, tables, experiments=experiments)
-    command = (f"dials.index {expt} {refl} joint_indexing=False stills.indexer=sequences "
-               "indexing.method=fft1d indexing.known_symmetry.space_group=YOUR_SPACE_GROUP "
-               "indexing.known_symmetry.unit_cell=YOUR_CELL")
+    command = dials_index_command(expt, refl)
     return {"experiments": str(expt), "reflections": str(refl), "images": len(experiments),
             "spots": n, "command": command}
 

@@ -48,7 +48,8 @@ orientation) and are wider than one pixel on most detectors.
   count a pixel, no tall peak.
 
 The defect mask is written beside a run's output (:func:`write_crystfel_mask`: an HDF5 file in
-the data's slab layout, 1 = good, that a CrystFEL geometry names with ``mask0_file``; and
+the data's slab layout, 1 = good, that a CrystFEL geometry names in the first mask slot from
+1 to 7 it leaves free, as the run's log says (:func:`mask_advice`); and
 :func:`write_dials_mask`: DIALS' mask file, as ``dials.generate_mask`` writes it, for
 ``dials.apply_mask`` / ``lookup.mask``).
 """
@@ -359,10 +360,16 @@ class DefectTracker:
             return None
         return tracker
 
-    def save(self, outdir: str | os.PathLike[str], geometry: Any = None) -> list[Path]:
+    def save(self, outdir: str | os.PathLike[str], geometry: Any = None,
+             geometry_file: str | os.PathLike[str] | None = None) -> list[Path]:
         """Write the run's defect mask beside its output: ``pixel_defects.h5`` (CrystFEL) and,
         where DIALS is importable, ``pixel_defects.mask``; nothing before ``min_frames``
-        frames (a resumed run that saw too few keeps the masks of the run before it)."""
+        frames (a resumed run that saw too few keeps the masks of the run before it).
+
+        The log says how a CrystFEL geometry uses the mask: in the first mask slot that
+        ``geometry_file`` (the geometry the run wrote beside it, e.g. ``peaknet.geom``), else
+        ``geometry``, leaves free (:func:`mask_advice`); a run's own ``peaknet.geom`` reads each
+        frame's mask in slot 0, which the mask must not replace."""
         good = self.good_masks()
         if good is None:
             return []
@@ -379,9 +386,10 @@ class DefectTracker:
             pass
         except OSError as exc:
             log.warning("could not write the DIALS pixel defect mask under %s: %s", folder, exc)
-        log.info("pixel defect mask (%d defects over %d frames): %s; a CrystFEL geometry uses "
-                 "it with: %s", self.count(), self.frames,
-                 ", ".join(map(str, written)), "; ".join(geometry_mask_lines(written[0])))
+        log.info("pixel defect mask (%d defects over %d frames): %s; %s", self.count(),
+                 self.frames, ", ".join(map(str, written)),
+                 mask_advice(written[0], _geometry_text(geometry, geometry_file),
+                             geometry_file))
         return written
 
 
@@ -628,20 +636,22 @@ class DefectFilter:
                      count, 100 * self.tracker.fraction, self.tracker.frames)
         return keep, widths
 
-    def save(self, outdir: str | os.PathLike[str], geometry: Any = None) -> list[Path]:
+    def save(self, outdir: str | os.PathLike[str], geometry: Any = None,
+             geometry_file: str | os.PathLike[str] | None = None) -> list[Path]:
         """Write the run's defect mask beside its output (:meth:`DefectTracker.save`)."""
-        return self.tracker.save(outdir, geometry)
+        return self.tracker.save(outdir, geometry, geometry_file)
 
 
 def write_crystfel_mask(path: str | os.PathLike[str], good: Sequence[np.ndarray],
                         geometry: Any = None, dataset: str = "/data/data",
                         tracker: DefectTracker | None = None) -> Path:
-    """HDF5 mask (uint8, 1 = good) in the data's slab layout, for a CrystFEL geometry::
+    """HDF5 mask (uint8, 1 = good) in the data's slab layout, for a CrystFEL geometry, in a
+    mask slot N from 1 to 7 it leaves free (:func:`mask_advice`)::
 
-        mask0_file = <path>
-        mask0_data = /data/data
-        mask0_goodbits = 0x1
-        mask0_badbits = 0x0
+        maskN_file = <path>
+        maskN_data = /data/data
+        maskN_goodbits = 0x1
+        maskN_badbits = 0x0
 
     Without ``geometry`` the panels are stacked along the slow-scan axis (their order).
     Written atomically.  With ``tracker``, its per-panel spike counts and frame count go beside
@@ -676,10 +686,73 @@ def write_crystfel_mask(path: str | os.PathLike[str], good: Sequence[np.ndarray]
 COUNTS_GROUP = "/peaknet/spike_counts"
 
 
-def geometry_mask_lines(path: str | os.PathLike[str], dataset: str = "/data/data") -> list[str]:
-    """The CrystFEL geometry lines that apply a mask written by :func:`write_crystfel_mask`."""
-    return [f"mask0_file = {os.fspath(path)}", f"mask0_data = {dataset}",
-            "mask0_goodbits = 0x1", "mask0_badbits = 0x0"]
+def geometry_mask_lines(path: str | os.PathLike[str], dataset: str = "/data/data",
+                        slot: int = 1) -> list[str]:
+    """The CrystFEL geometry lines that apply a mask written by :func:`write_crystfel_mask` in
+    mask slot ``slot`` (CrystFEL 0.10+ reads ``mask0_*`` to ``mask7_*``; ``mask``, ``mask_file``,
+    ``mask_good`` and ``mask_bad`` are slot 0): one the geometry leaves free
+    (:func:`mask_advice`), or the mask replaces the one there."""
+    n = int(slot)
+    return [f"mask{n}_file = {os.fspath(path)}", f"mask{n}_data = {dataset}",
+            f"mask{n}_goodbits = 0x1", f"mask{n}_badbits = 0x0"]
+
+
+#: The mask slots advised for the defect mask: 1 to 7 (CrystFEL reads eight; slot 0 is where a
+#: geometry's own mask goes, ``mask = ...`` included, and peaknet.geom's per-frame mask).
+MASK_SLOTS = range(1, 8)
+
+
+def _first_free_mask_slot(text: str) -> int | None:
+    """The first of :data:`MASK_SLOTS` the geometry ``text`` leaves free (the geometry's own
+    :meth:`~peaknet_xtal.formats.geometry.Geometry.free_mask_slot`; slot 0 is never advised:
+    it holds each frame's own mask, or the image file's); None when all are taken.  A text the
+    parser refuses says nothing of its slots: the first is advised, as for no geometry."""
+    from peaknet_xtal.errors import GeometryError
+    from peaknet_xtal.formats.geometry import parse_geometry
+
+    try:
+        return parse_geometry(text).free_mask_slot(first=MASK_SLOTS[0])
+    except GeometryError:
+        return MASK_SLOTS[0]
+
+
+def _geometry_text(geometry: Any, geometry_file: str | os.PathLike[str] | None) -> str | None:
+    """The text of the geometry the mask is for: the file the run wrote where it can be read,
+    else the geometry object's own (None where there is neither)."""
+    if geometry_file is not None:
+        try:
+            return Path(geometry_file).read_text()
+        except (OSError, UnicodeDecodeError):
+            pass
+    to_text = getattr(geometry, "to_text", None)
+    if callable(to_text):
+        try:
+            return str(to_text())
+        except Exception:  # noqa: BLE001 - advice only: a geometry it cannot write gives none
+            return None
+    return None
+
+
+def mask_advice(mask_path: str | os.PathLike[str], geometry_text: str | None,
+                geometry_file: str | os.PathLike[str] | None = None) -> str:
+    """How a CrystFEL geometry uses the defect mask at ``mask_path`` (named absolute, so the
+    lines work wherever indexamajig runs): the lines for the first mask slot from 1 to 7 the
+    geometry leaves free, naming ``geometry_file`` where that is the geometry.  Why not slot 0:
+    a geometry's own mask is there (``mask = ...`` is slot 0; peaknet.geom reads each frame's
+    mask from the CXI files there), and lines for it would replace that mask."""
+    path = Path(mask_path).absolute()
+    slot = MASK_SLOTS[0] if geometry_text is None else _first_free_mask_slot(geometry_text)
+    where = (f"{geometry_file}" if geometry_file is not None and geometry_text is not None
+             else "a CrystFEL geometry")
+    if slot is None:
+        return (f"{where} uses every mask slot from 1 to 7; to apply {path}, merge it into one "
+                "of its masks (CrystFEL reads eight at most)")
+    lines = "; ".join(geometry_mask_lines(path, slot=slot))
+    if geometry_text is None:
+        return (f"to apply it, add to {where}, among its global lines: {lines} (or the same "
+                "in another mask slot from 1 to 7 the geometry leaves free)")
+    return (f"to apply it, add to {where}, among its global lines: {lines} (mask slot {slot}, "
+            "the first from 1 to 7 it leaves free: lines for a used slot replace its mask)")
 
 
 def write_dials_mask(path: str | os.PathLike[str], good: Sequence[np.ndarray]) -> Path:

@@ -79,6 +79,7 @@ from peaknet_xtal.finding.peaks import (
     PeakParams,
     faint_unsupported,
     find_peaks,
+    frame_clen_m,
     group_by_shape,
     is_hit,
     valid_region,
@@ -585,8 +586,11 @@ class InferenceEngine:
                                 list[np.ndarray] | None]:
         """What one frame alone decides: its peak table, boxes and pixels (each None unless
         asked for), and, with ``tracker``, its spiking pixels for the run's defect count."""
+        # the frame's own wavelength and camera length where the geometry reads them from the
+        # data file: without them every 1/d would be unknown
         found = find_peaks(frame.panels, probs, goods, params, geometry=frame.geometry,
-                           wavelength_A=frame.meta.get("wavelength_A"), with_bbox=with_bbox,
+                           wavelength_A=frame.meta.get("wavelength_A"),
+                           clen_m=frame_clen_m(frame), with_bbox=with_bbox,
                            with_pixels=with_pixels)
         found = found if isinstance(found, tuple) else (found,)
         spikes = None if tracker is None else tracker.spike_maps(frame.panels, goods)
@@ -857,23 +861,46 @@ def _stack_tiles(batch: list[Tile], images: list[Any], valid: list[Any],
     return x, m
 
 
+#: How far (pixels) from a dropped peak's position its marked pixels are looked for.
+DROPPED_REACH = 8
+
+
 def _without_dropped(pixels: list[np.ndarray], dropped: np.ndarray) -> list[np.ndarray]:
-    """Per-panel peak-pixel maps less the connected pixels of the ``dropped`` peaks."""
+    """Per-panel peak-pixel maps less the connected pixels of the ``dropped`` peaks: for each,
+    the marked component nearest its position.  Why nearest, not the one under it: a peak's
+    position is the centroid of its footprint, the marked pixels and their rim, so a hot pixel
+    beside the one marked pixel puts the centroid on the rim, where no component is; that peak's
+    marked pixel stayed in the DIALS foreground, which grows it by one over the hot pixel: a
+    dropped defect came back as a strong spot (real CSPAD stills)."""
     from scipy.ndimage import label
 
-    places: dict[int, list[tuple[int, int]]] = {}
+    places: dict[int, list[tuple[float, float]]] = {}
     for peak in dropped:
-        places.setdefault(int(peak["panel"]), []).append((int(round(float(peak["ss"]))),
-                                                          int(round(float(peak["fs"])))))
+        places.setdefault(int(peak["panel"]), []).append((float(peak["ss"]), float(peak["fs"])))
     out = list(pixels)
     for panel, where in places.items():  # one labelling per panel, however many peaks go
         labels, _ = label(out[panel], structure=np.ones((3, 3), bool))
-        height, width = labels.shape
-        gone = {labels[min(max(ss, 0), height - 1), min(max(fs, 0), width - 1)]
-                for ss, fs in where} - {0}
+        gone = {_nearest_label(labels, ss, fs) for ss, fs in where} - {0}
         if gone:
             out[panel] = out[panel] & ~np.isin(labels, list(gone))
     return out
+
+
+def _nearest_label(labels: np.ndarray, ss: float, fs: float) -> int:
+    """The label of the labelled pixel nearest ``(ss, fs)`` within :data:`DROPPED_REACH`
+    pixels (0 if none)."""
+    height, width = labels.shape
+    y, x = int(round(ss)), int(round(fs))
+    y0, y1 = max(y - DROPPED_REACH, 0), min(y + DROPPED_REACH + 1, height)
+    x0, x1 = max(x - DROPPED_REACH, 0), min(x + DROPPED_REACH + 1, width)
+    if y0 >= y1 or x0 >= x1:
+        return 0
+    window = labels[y0:y1, x0:x1]
+    rows, cols = np.nonzero(window)
+    if len(rows) == 0:
+        return 0
+    nearest = np.argmin((rows + y0 - ss) ** 2 + (cols + x0 - fs) ** 2)
+    return int(window[rows[nearest], cols[nearest]])
 
 
 def _shape2(panel: np.ndarray) -> tuple[int, int]:

@@ -122,6 +122,7 @@ def find_peaks(
     *,
     geometry: Any = None,
     wavelength_A: float | None = None,
+    clen_m: float | None = None,
     with_bbox: bool = False,
     with_pixels: bool = False,
 ) -> Any:
@@ -129,7 +130,9 @@ def find_peaks(
 
     ``panels[i]``, ``probs[i]`` and ``masks[i]`` are 2-D ``(ss, fs)`` arrays of one shape.  Rows
     are ordered by panel, then by position (row-major), which makes the output deterministic.
-    With ``geometry`` the 1/d column is filled (1/Angstrom).  With ``with_bbox`` also returns an
+    With ``geometry`` the 1/d column is filled (1/Angstrom), with the frame's own wavelength and
+    camera length (``wavelength_A``, ``clen_m``: :func:`frame_clen_m`) where the geometry reads
+    them from the data file rather than stating them.  With ``with_bbox`` also returns an
     ``(N, 4)`` int array ``fs0, fs1, ss0, ss1`` (end exclusive) for hosts that need boxes (DIALS);
     with ``with_pixels`` also a boolean map per panel of the pixels of the reported peaks (for
     hosts that label pixels themselves: DIALS' threshold step).  Extra outputs follow the table
@@ -169,7 +172,7 @@ def find_peaks(
     else:
         table, box, pixels = _find_peaks(panels, probs, masks, params, with_pixels)
     if geometry is not None and len(table):
-        table["one_over_d"] = one_over_d(geometry, table, wavelength_A)
+        table["one_over_d"] = one_over_d(geometry, table, wavelength_A, clen_m)
     out: list[Any] = [table]
     if with_bbox:
         out.append(box)
@@ -329,19 +332,53 @@ def strongest(peaks: np.ndarray, max_peaks: int | None) -> np.ndarray:
     return np.sort(top)
 
 
-def one_over_d(geometry: Any, peaks: np.ndarray, wavelength_A: float | None = None) -> np.ndarray:
+def one_over_d(geometry: Any, peaks: np.ndarray, wavelength_A: float | None = None,
+               clen_m: float | None = None) -> np.ndarray:
     """1/d (1/Angstrom) of each peak through the geometry; NaN when the geometry cannot say.
 
-    A geometry whose wavelength or camera length lives in the HDF5 file (not in the .geom) cannot
-    place a peak in reciprocal space without that value; the peaks are still useful, so 1/d is
-    left NaN rather than failing the frame.
+    A geometry whose wavelength or camera length lives in the HDF5 file (not in the .geom) needs
+    the frame's value (``wavelength_A``, ``clen_m``: :func:`frame_clen_m`) to place a peak in
+    reciprocal space; without it the peaks are still useful, so 1/d is left NaN (unknown, never
+    a made-up number) rather than failing the frame.
     """
     try:
         return np.asarray(geometry.panel_to_one_over_d(
-            peaks["panel"], peaks["fs"], peaks["ss"], wavelength_A=wavelength_A), dtype=np.float64)
+            peaks["panel"], peaks["fs"], peaks["ss"], wavelength_A=wavelength_A, clen_m=clen_m),
+            dtype=np.float64)
     except (ValueError, TypeError) as exc:
         log.debug("1/d unavailable: %s", exc)
         return np.full(len(peaks), np.nan)
+
+
+#: Metres per unit of a camera length read from the data file (CrystFEL: a path without a unit
+#: holds millimetres, as the LCLS encoder values do; ``clen = /path m`` says metres).
+_CLEN_UNITS = {"m": 1.0, "mm": 1e-3}
+
+
+def frame_clen_m(frame: Any) -> float | None:
+    """The camera length (m) of one frame where its geometry reads it from the data file
+    (``clen = /LCLS/detector_1/EncoderValue``, CrystFEL's CSPAD example): the value the frame's
+    file holds at that path, for this frame, in the geometry's unit.  None where the geometry
+    states a number (it is used as it is), or where the file holds no usable value (1/d then
+    stays unknown).  Why here: the CXI writer stores the same per-frame value beside the peaks
+    (``formats.cxi._frame_clen``), and 1/d must be measured with the length indexamajig will
+    read, as it is with the frame's own wavelength."""
+    geometry = getattr(frame, "geometry", None)
+    path = getattr(geometry, "camera_length_path", None)
+    if not path:
+        return None
+    from peaknet_xtal.formats.cxi import _frame_clen
+
+    parts = str(path).split()
+    scale = _CLEN_UNITS.get(parts[1] if len(parts) > 1 else "mm")
+    try:
+        value = _frame_clen(frame, parts[0])
+    except (OSError, ValueError, TypeError) as exc:  # a file gone or damaged since it was read
+        log.debug("%s: camera length at %s unreadable: %s", frame.source, parts[0], exc)
+        return None
+    if scale is None or not np.isfinite(value):
+        return None
+    return float(value) * scale
 
 
 # --------------------------------------------------------------------------------------------

@@ -600,14 +600,15 @@ class Geometry:
         return sorted(((spec, tuple(panels)) for spec, panels in users.items()),
                       key=lambda item: item[0].index)
 
-    def free_mask_slot(self) -> int | None:
-        """The first mask number (0-7) no panel uses, for adding a mask (``maskN_file = ...``,
-        ``maskN_data = ...``) without replacing one the geometry has; None when all eight are
-        taken.  Mind: with no mask 0 in the geometry, this project's reader takes mask 0 from
-        the image file's ``/entry_1/data_1/mask`` when there is one, and a geometry that names
-        a mask 0 turns that off."""
+    def free_mask_slot(self, first: int = 0) -> int | None:
+        """The first mask number (``first`` to 7) no panel uses, for adding a mask
+        (``maskN_file = ...``, ``maskN_data = ...``) without replacing one the geometry has;
+        None when all are taken.  Mind: with no mask 0 in the geometry, this project's reader
+        takes mask 0 from the image file's ``/entry_1/data_1/mask`` when there is one, and a
+        geometry that names a mask 0 turns that off (so advice for files of that kind starts at
+        ``first=1``)."""
         used = {spec.index for specs in self.panel_masks() for spec in specs}
-        return next((n for n in range(MAX_MASKS) if n not in used), None)
+        return next((n for n in range(first, MAX_MASKS) if n not in used), None)
 
     # ---- what indexamajig needs ----------------------------------------------------------------
 

@@ -896,6 +896,10 @@ def chunk_from_peak_table(peaks: np.ndarray, geometry: Geometry, *, filename: st
     """A peaks-only chunk from a :data:`PEAK_DTYPE` table (panel-relative pixel centres, 1/A).
 
     Converts at this edge to stream coordinates: raw slab, pixel corner (+0.5), 1/d in nm^-1.
+    A 1/d that is unknown (NaN: a camera length or wavelength nothing gave) is written ``nan``,
+    as C's printf writes it: CrystFEL's reader takes the column with ``%f`` (which accepts
+    ``nan``) and never uses it, and :func:`read_stream` reads it back as unknown; a ``0.00``
+    there would read as a real 1/d of zero.
     """
     index = np.asarray(peaks["panel"], dtype=np.int64)
     min_fs = np.array([p.min_fs for p in geometry.panels], dtype=float)
@@ -904,7 +908,7 @@ def chunk_from_peak_table(peaks: np.ndarray, geometry: Geometry, *, filename: st
     table = np.zeros(len(peaks), STREAM_PEAK_DTYPE)
     table["fs"] = peaks["fs"] + 0.5 + min_fs[index]
     table["ss"] = peaks["ss"] + 0.5 + min_ss[index]
-    table["one_over_d_nm"] = np.nan_to_num(peaks["one_over_d"], nan=0.0) * 10.0
+    table["one_over_d_nm"] = np.asarray(peaks["one_over_d"], dtype=float) * 10.0
     table["intensity"] = np.nan_to_num(peaks["intensity"], nan=0.0)
     table["panel"] = names[index] if len(index) else names[:0]
     if photon_energy_eV is None:

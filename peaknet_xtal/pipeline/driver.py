@@ -8,11 +8,16 @@ The driver owns no data; it starts the stages, watches them and keeps the books:
   worker dies (killed, crashed, out of memory) its leases go back to the front of the queue and a
   replacement starts (``max_restarts``); a result that arrives twice is dropped by key at the writer
   (results are routed to writers by a stable hash of the key, so one writer sees every copy).
-- **Ctrl-C.**  The first SIGINT aborts the frame queue (pending frames are dropped, never written),
-  lets the batches already leased finish, and closes the writers, so everything done is on disk.
-  A second SIGINT stops at once.  The first only sets a flag that the loop reads: Python's default
-  handler raises ``KeyboardInterrupt`` wherever the main thread is, and one raised inside a
-  finaliser (a Ray object reference being freed) is printed and ignored, so a run could miss it.
+- **Ctrl-C and SIGTERM.**  The first SIGINT or SIGTERM (a batch scheduler's stop) aborts the
+  frame queue (pending frames are dropped, never written), lets the batches already leased
+  finish, and closes the writers, so everything done is on disk; the summary says
+  ``interrupted`` and ``stop_signal``.  A second one stops at once.  The first only sets a flag
+  that the loop reads: Python's default handler raises ``KeyboardInterrupt`` wherever the main
+  thread is, and one raised inside a finaliser (a Ray object reference being freed) is printed
+  and ignored, so a run could miss it.  The flag is set from before Ray starts until it is shut
+  down, the defect mask written in between: a Ctrl-C while the mask was written, after the
+  flag's handler had been taken down, was lost that way, and the run exited 0 as finished
+  (:mod:`peaknet_xtal.stopping`).
 - **Resume.**  Keys already in the writers' finished output are skipped by the sources.
 - **Run records.**  As each worker finishes, the driver collects what its engine learned (its
   pixel-defect counts) and the engine's resolved settings.  At the end -- after an error or a
@@ -30,7 +35,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import threading
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
@@ -53,6 +57,7 @@ from peaknet_xtal.pipeline.actors import (
 )
 from peaknet_xtal.pipeline.monitor import PipelineMonitor
 from peaknet_xtal.pipeline.queues import AsyncLeaseQueue, EventLoopThread, LocalQueueClient
+from peaknet_xtal.stopping import stop_requests
 
 log = logging.getLogger(__name__)
 
@@ -231,6 +236,10 @@ class ThreadBackend:
     def kill(self, handle: Any) -> None:
         """Threads cannot be killed; a failed worker thread has already returned."""
 
+    def alive(self) -> bool:
+        """The threads live as long as this process."""
+        return True
+
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
         self.loop.stop()
@@ -286,6 +295,19 @@ class RayBackend:
         except Exception:  # already gone
             pass
 
+    def alive(self) -> bool:
+        """Whether the local Ray this run started still has all its processes (GCS, raylet).
+        A scheduler's SIGTERM reaches them too; without them no stage's end is ever reported
+        (the driver waited on in vain, and Ray ended the process a minute later, before the
+        run's record was written).  A cluster joined at an address counts as alive: its
+        processes are not this job's.  Ray's node object is internal: where it cannot be
+        asked, the cluster counts as alive (the run waits as it did)."""
+        try:
+            node = self.ray._private.worker._global_node
+            return node is None or bool(node.remaining_processes_alive())
+        except Exception:  # noqa: BLE001 - another Ray version: assume alive
+            return True
+
     def close(self) -> None:
         self._session.__exit__(None, None, None)
 
@@ -307,7 +329,16 @@ class Driver:
         self.failures: list[str] = []
         self.restarts = 0
         self.interrupted = False
-        self.stop_requested = False  # set by the SIGINT handler, acted on by the loop
+        self.stop_requested = False  # set by the SIGINT/SIGTERM handler, acted on by the loop
+        self.stop_signal: int | None = None  # the signal that asked for the stop
+        self.queues_gone = False  # a queue's process ended by the stop (said once)
+        #: the stop ended Ray's own processes: no stage can finish or be asked anything
+        self.stages_lost = False
+        #: the frame queue's last counts, for the summary where a stop ended its process
+        self.last_frame_stats: dict[str, Any] = {
+            "name": "frames", "capacity": int(cfg.get("queue_capacity") or 0), "put": 0,
+            "leased": 0, "acked": 0, "depth": 0, "in_flight": 0, "requeued": 0,
+            "duplicates": 0, "dropped": 0, "finished": False, "reports": {}}
         self.fatal: BaseException | None = None
         self.live_workers = 0
         self.results_closed = False
@@ -419,7 +450,12 @@ class Driver:
                 log.warning("%s holds no spike counts of the %d frames done before (a run "
                             "killed before its end writes none; an older one kept none): %s",
                             folder / "pixel_defects.h5", self.resumed, only_this_run)
-            self.defects_written = [] if tracker is None else tracker.save(folder, geometry)
+            # the advice names a mask slot the geometry the writer put beside the output
+            # leaves free (peaknet.geom reads each frame's own mask in slot 0)
+            named = self.cfg["writer_options"].get("geometry_name")
+            written_geometry = folder / named if named else None
+            self.defects_written = ([] if tracker is None else
+                                    tracker.save(folder, geometry, written_geometry))
         return self.defects_written
 
     def _source_failed(self, name: str, handle: Any, exc: BaseException) -> None:
@@ -428,13 +464,15 @@ class Driver:
     def _writer_failed(self, name: str, handle: Any, exc: BaseException) -> None:
         self._fail(f"{name} failed: {exc}", exc)
         for queue in self.results:  # nobody may wait on a queue its writer no longer drains
-            queue.close()
+            self._queue_call("close a result queue", queue.close, None)
         self.results_closed = True
 
     def _worker_failed(self, name: str, handle: Any, exc: BaseException) -> None:
         self.live_workers -= 1
-        self.backend.kill(handle)
-        requeued = self.frames.release(name)
+        if not self.stop_requested:  # after a stop, Ray may be gone: a kill could wait on it
+            self.backend.kill(handle)
+        requeued = self._queue_call("re-queue a worker's frames",
+                                    lambda: self.frames.release(name), 0)
         message = f"worker {name} died ({type(exc).__name__}); {requeued} leased frames re-queued"
         self.failures.append(message)
         log.warning(message)
@@ -447,29 +485,74 @@ class Driver:
         self.start_worker(f"{name.split('.')[0]}.r{self.restarts}")
 
     def _fail(self, message: str, exc: BaseException) -> None:
-        log.error(message)
         self.failures.append(message)
+        if self.stop_requested:  # a stage lost to the stop itself: a scheduler's SIGTERM goes
+            # to every process of the job, Ray's too; the run ends as interrupted, not failed
+            log.warning("%s (after the stop was asked for)", message)
+            return
+        log.error(message)
         if self.fatal is None:
             self.fatal = exc
             self.frames.abort()
+
+    def _queue_call(self, what: str, call: Any, default: Any) -> Any:
+        """``call()``, a call to a queue; after a stop was asked for, a queue whose process the
+        stop ended too (the whole job's SIGTERM) gives ``default``, once said, rather than
+        ending the run with Ray's error: the stop is what the run reports."""
+        if self.stages_lost:  # nothing there to answer (a call could wait for ever)
+            return default
+        try:
+            return call()
+        except Exception as exc:  # noqa: BLE001 - Ray's errors for a process that is gone
+            if not self.stop_requested:
+                raise
+            if not self.queues_gone:
+                self.queues_gone = True
+                log.warning("could not %s after the stop: %s (the stop reached Ray's "
+                            "processes too; the frames of unfinished files are found again "
+                            "by a rerun)", what, " ".join(str(exc).split())[:200])
+            return default
+
+    def _frame_stats(self) -> dict[str, Any]:
+        """The frame queue's counts (the last known, where a stop ended its process)."""
+        self.last_frame_stats = self._queue_call("read the frame queue", self.frames.stats,
+                                                 self.last_frame_stats)
+        return self.last_frame_stats
+
+    def _result_stats(self) -> list[dict[str, Any]]:
+        return [self._queue_call("read a result queue", q.stats, {"depth": 0})
+                for q in self.results]
 
     def advance(self) -> None:
         """Close each queue once everything upstream of it is done."""
         roles = {role for role, _, _ in self.running.values()}
         if "source" not in roles:
-            self.frames.close()
+            self._queue_call("close the frame queue", self.frames.close, None)
         if (self.live_workers == 0 or "worker" not in roles) and not self.results_closed:
-            if self.fatal is not None or self.interrupted or self.frames.stats()["finished"]:
+            if (self.fatal is not None or self.interrupted
+                    or self._frame_stats().get("finished")):
                 for queue in self.results:
-                    queue.close()
+                    self._queue_call("close a result queue", queue.close, None)
                 self.results_closed = True
 
-    def interrupt(self) -> None:
+    def interrupt(self, exc: KeyboardInterrupt | None = None) -> None:
         if self.interrupted:
-            raise KeyboardInterrupt
+            raise exc or KeyboardInterrupt()
         self.interrupted = True
-        dropped = self.frames.abort()
+        dropped = self._queue_call("drop the queued frames", self.frames.abort, 0)
         log.warning("interrupted: %d queued frames dropped; finishing leased batches", dropped)
+
+    def abandon_stages(self) -> None:
+        """Stop waiting for stages that cannot finish: after the stop, Ray's own processes
+        are gone too (a scheduler's SIGTERM reaches every process of the job).  What the
+        writers had not finished is left for a rerun, which finds those frames again."""
+        self.stages_lost = True
+        lost = sorted(name for _, name, _ in self.running.values())
+        self.running.clear()
+        message = (f"Ray's own processes were stopped too: {', '.join(lost)} cannot finish; "
+                   "the frames of files they had not finished are found again by a rerun")
+        self.failures.append(message)
+        log.warning(message)
 
     def loop(self, monitor: PipelineMonitor) -> None:
         interval = float(self.cfg["monitor_interval"])
@@ -479,46 +562,51 @@ class Driver:
                     self.on_done(future)
                 if self.stop_requested and not self.interrupted:
                     self.interrupt()
+                if self.interrupted and not self.backend.alive():
+                    self.abandon_stages()
+                    break
                 self.advance()
-                monitor.sample(self.frames.stats(), [q.stats() for q in self.results])
-            except KeyboardInterrupt:
-                self.interrupt()
+                monitor.sample(self._frame_stats(), self._result_stats())
+            except KeyboardInterrupt as exc:  # a second stop signal: at once
+                self.interrupt(exc)
 
 
 @contextmanager
 def sigint_requests_stop(driver: Driver) -> Iterator[None]:
-    """While inside, a first Ctrl-C sets ``driver.stop_requested``; a second raises at once.
+    """While inside, a first Ctrl-C or SIGTERM sets ``driver.stop_requested`` (and
+    ``driver.stop_signal``); a second raises at once (``KeyboardInterrupt``, or
+    :class:`~peaknet_xtal.stopping.Terminated` for SIGTERM).
 
     Only the main thread may install signal handlers; elsewhere (a driver run from a thread) the
-    caller's handling stays as it is.  The previous handler is restored on the way out.
+    caller's handling stays as it is.  The previous handlers are restored on the way out.
     """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def request_stop(signum: int, frame: Any) -> None:
+    def request(signum: int) -> bool:
         if driver.stop_requested:
-            raise KeyboardInterrupt
+            return False
         driver.stop_requested = True
+        driver.stop_signal = signum
+        return True
 
-    previous = signal.signal(signal.SIGINT, request_stop)
-    try:
+    with stop_requests(request):
         yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 def run_pipeline(config: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Run the whole pipeline; returns (and writes as JSON) the run summary.
 
     Raises :class:`PipelineError` after flushing the writers if a stage failed for good; returns
-    with ``"interrupted": True`` after a Ctrl-C.
+    with ``"interrupted": True`` (and ``"stop_signal"``: ``"SIGINT"`` or ``"SIGTERM"``) after a
+    Ctrl-C or a SIGTERM, one that came after the last frame too (while the defect mask was
+    written or Ray shut down): the run was asked to stop, and its caller reports that.
     """
     cfg = resolve_config(config)
-    backend = RayBackend(cfg) if cfg["backend"] == "ray" else ThreadBackend(cfg)
-    driver = Driver(cfg, backend)
-    try:
-        with sigint_requests_stop(driver):
+    driver = Driver(cfg, None)
+    # the stop flag's handlers from before Ray starts until it is shut down: a signal in
+    # between never meets Python's default, which raised it where it could be lost
+    with sigint_requests_stop(driver):
+        backend = RayBackend(cfg) if cfg["backend"] == "ray" else ThreadBackend(cfg)
+        driver.backend = backend
+        try:
             skipped = driver.start()
             monitor_json = (cfg["monitor_json"]
                             or f"{str(cfg['output']).rstrip('/')}.pipeline.json")
@@ -526,24 +614,33 @@ def run_pipeline(config: Mapping[str, Any] | None = None) -> dict[str, Any]:
                                       interval=float(cfg["monitor_interval"]),
                                       live_path=monitor_json)
             driver.loop(monitor)
-        defects = driver.save_defects()
-        final = driver.frames.stats()
-        monitor.sample(final, [q.stats() for q in driver.results])
-        summary = monitor.close(
-            monitor_json, live=False,
-            backend=cfg["backend"], workers_started=int(cfg["workers"]) + driver.restarts,
-            restarts=driver.restarts, requeued=final["requeued"],
-            duplicates_dropped=final["duplicates"] + sum(w["duplicates"] for w in driver.writers),
-            dropped_on_abort=final["dropped"], resumed_keys=len(skipped),
-            written=sum(w["written"] for w in driver.writers), sources=driver.sources,
-            writers=driver.writers, worker_results=driver.workers, failures=driver.failures,
-            interrupted=driver.interrupted, engine=driver.engine,
-            pixel_defects=[str(p) for p in defects])
-    finally:
-        try:  # after a second Ctrl-C or the driver's own failure too: what was learned is kept
-            driver.save_defects()
+            defects = driver.save_defects()
+            driver.interrupted = driver.interrupted or driver.stop_requested  # a late stop too
+            final = driver._frame_stats()
+            monitor.sample(final, driver._result_stats())
+            summary = monitor.close(
+                monitor_json, live=False,
+                backend=cfg["backend"], workers_started=int(cfg["workers"]) + driver.restarts,
+                restarts=driver.restarts, requeued=final["requeued"],
+                duplicates_dropped=(final["duplicates"]
+                                    + sum(w["duplicates"] for w in driver.writers)),
+                dropped_on_abort=final["dropped"], resumed_keys=len(skipped),
+                written=sum(w["written"] for w in driver.writers), sources=driver.sources,
+                writers=driver.writers, worker_results=driver.workers, failures=driver.failures,
+                interrupted=driver.interrupted, stop_signal=_signal_name(driver.stop_signal),
+                engine=driver.engine, pixel_defects=[str(p) for p in defects])
         finally:
-            backend.close()
+            try:  # after a second Ctrl-C or the driver's own failure too: what was learned is kept
+                driver.save_defects()
+            finally:
+                backend.close()
     if driver.fatal is not None:
         raise PipelineError("; ".join(driver.failures), driver.engine) from driver.fatal
+    if driver.stop_requested and not summary["interrupted"]:  # asked while Ray shut down
+        summary.update(interrupted=True, stop_signal=_signal_name(driver.stop_signal))
     return summary
+
+
+def _signal_name(signum: int | None) -> str | None:
+    """``"SIGINT"``, ``"SIGTERM"``; None where no stop was asked for."""
+    return None if signum is None else signal.Signals(signum).name

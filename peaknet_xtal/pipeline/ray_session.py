@@ -8,6 +8,8 @@ everywhere (CPU count, no dashboard, one BLAS thread per task), a cluster is joi
 from __future__ import annotations
 
 import contextlib
+import signal
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -30,12 +32,31 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
     if ray.is_initialized():
         yield ray
         return
-    if address:
-        ray.init(address=address, log_to_driver=False)
-    else:
-        ray.init(num_cpus=num_cpus or DEFAULT_NUM_CPUS, include_dashboard=False,
-                 log_to_driver=False, runtime_env={"env_vars": dict(WORKER_ENV)})
+    with _keeping_sigterm_handler():
+        if address:
+            ray.init(address=address, log_to_driver=False)
+        else:
+            ray.init(num_cpus=num_cpus or DEFAULT_NUM_CPUS, include_dashboard=False,
+                     log_to_driver=False, runtime_env={"env_vars": dict(WORKER_ENV)})
     try:
         yield ray
     finally:
         ray.shutdown()
+
+
+@contextlib.contextmanager
+def _keeping_sigterm_handler() -> Iterator[None]:
+    """``ray.init`` replaces the driver's SIGTERM handler with one that calls ``sys.exit(15)``
+    (Ray's documented behaviour): a command that handles SIGTERM itself (``peaknet2cxi``: as
+    Ctrl-C, exit 143, the run's record saying so; the pipeline: a stop request) would lose that
+    to a bare exit with status 15.  A handler of the caller's own (a Python function) is put back
+    after it; Python's default (die at once) is left to Ray's, which at least shuts Ray down."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    finally:
+        if callable(before) and signal.getsignal(signal.SIGTERM) is not before:
+            signal.signal(signal.SIGTERM, before)

@@ -134,6 +134,40 @@ def test_cxi_tables_match_truth_and_are_laid_out_for_indexamajig(stacks, tmp_pat
         assert np.allclose(from_stream["ss"], peaks["ss"], atol=0.01)
 
 
+def test_one_over_d_uses_each_frames_camera_length_read_from_the_file(stacks, tmp_path):
+    """CrystFEL's CSPAD example reads the camera length (in mm) and the photon energy from the
+    HDF5 file: each peak's 1/d, in the CXI table and the stream alike, is measured with its own
+    frame's values (two frames at other distances give other 1/d for the same pixels), not
+    left unknown, and the stream never writes an unknown 1/d as a real-looking 0.00."""
+    import shutil
+
+    from peaknet_xtal.formats.geometry import HC_EV_A
+
+    geom_path, geometry, stack, sims, predictor = stacks["cspad"]
+    assert geometry.camera_length_path and geometry.photon_energy_path
+    clen_path = geometry.camera_length_path.split()[0]
+    copy = Path(shutil.copy(stack, tmp_path / "cspad.cxi"))
+    lengths_mm, energies = [80.0, 120.0], [9500.0, 9400.0]
+    with h5py.File(copy, "a") as h5:
+        h5[clen_path] = np.array(lengths_mm)
+        h5[geometry.photon_energy_path.split()[0]] = np.array(energies)
+    outdir = tmp_path / "out"
+    _run(copy, geom_path, outdir, predictor, stream=str(tmp_path / "peaks.stream"))
+    table = read_cxi_peaks(outdir / "peaks-00000.cxi")
+    chunks = read_stream(tmp_path / "peaks.stream").chunks
+    for row, (clen_mm, energy) in enumerate(zip(lengths_mm, energies, strict=True)):
+        peaks = table.peaks(row, geometry)
+        assert len(peaks) > 20
+        expected = geometry.panel_to_one_over_d(peaks["panel"], peaks["fs"], peaks["ss"],
+                                                wavelength_A=HC_EV_A / energy,
+                                                clen_m=clen_mm * 1e-3)
+        np.testing.assert_allclose(peaks["one_over_d"], expected, rtol=1e-5)
+        in_stream = chunks[row].peak_table(geometry)["one_over_d"]
+        np.testing.assert_allclose(in_stream, expected, atol=0.001)  # printed to 0.01 nm^-1
+    near, far = table.peaks(0, geometry), table.peaks(1, geometry)
+    assert np.median(near["one_over_d"]) > np.median(far["one_over_d"])  # closer: wider angles
+
+
 def test_bitshuffle_compressed_frames_give_the_same_peaks(stacks, tmp_path):
     """Eiger and Jungfraujoch write frames bitshuffle/LZ4-compressed (formats.hdf5_filters)."""
     import hdf5plugin
@@ -601,6 +635,72 @@ def test_an_interrupted_ray_run_exits_130_and_says_so(stacks, tmp_path, monkeypa
     assert seen["monitor_json"] == str(outdir / "peaknet2cxi.pipeline.json")
 
 
+def test_a_ray_run_stopped_by_sigterm_exits_143_and_says_so(stacks, tmp_path, monkeypatch,
+                                                             capsys):
+    """The pipeline stops on SIGTERM as on Ctrl-C and says which: peaknet2cxi ends as an
+    interrupted run with 128 + 15, what schedulers and shells expect of a process SIGTERM
+    ended, and its record says interrupted, by SIGTERM."""
+    import peaknet_xtal.pipeline as pipeline_module
+
+    def terminated_run(config):
+        Path(config["output"]).mkdir(parents=True, exist_ok=True)
+        return {"backend": "test", "interrupted": True, "stop_signal": "SIGTERM"}
+
+    monkeypatch.setattr(pipeline_module, "run_pipeline", terminated_run)
+    geom_path, _, stack, _, _ = stacks["cspad"]
+    outdir = tmp_path / "o"
+    assert main([str(stack), "-g", str(geom_path), "-o", str(outdir), "--workers", "2",
+                 "--no-progress"]) == 143
+    captured = capsys.readouterr()
+    assert "peaknet2cxi: interrupted (SIGTERM)" in captured.err and "next: " not in captured.out
+    summary = json.loads((outdir / "peaknet2cxi.json").read_text())
+    assert (summary["status"], summary["stop_signal"]) == ("interrupted", "SIGTERM")
+
+
+SIGTERM_SCRIPT = """
+import os, signal, sys
+from peaknet_xtal.cli import peaknet2cxi
+
+real_add = peaknet2cxi._Stats.add
+
+def add(self, result):  # a scheduler's SIGTERM once the first frame is done
+    real_add(self, result)
+    if self.frames == 1:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+peaknet2cxi._Stats.add = add
+sys.exit(peaknet2cxi.main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_ends_a_run_as_ctrl_c_does(tmp_path, make_geometry_text):
+    """A batch scheduler's SIGTERM mid-run (in a process of its own: by default SIGTERM kills
+    the process): one line saying so, the frames done kept in finished files, no partial file
+    left behind, the stream's complete chunks kept, the record saying interrupted, exit 143;
+    the same command then completes the run."""
+    import subprocess
+
+    stack, geom = _small_run_inputs(tmp_path, make_geometry_text)
+    script = tmp_path / "run.py"
+    script.write_text(SIGTERM_SCRIPT)
+    outdir, stream = tmp_path / "out", tmp_path / "out" / "run.stream"
+    argv = [str(stack), "-g", str(geom), "-o", str(outdir), "--stream", str(stream),
+            "--no-progress", "--min-peaks", "0", "--frames-per-file", "1", "--batch-size", "1"]
+    done = subprocess.run([sys.executable, str(script), *argv], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 143, (done.returncode, done.stderr[-3000:])
+    assert "peaknet2cxi: interrupted (SIGTERM)" in done.stderr and "Traceback" not in done.stderr
+    assert "re-run the same command to continue" in done.stderr
+    assert not [p.name for p in outdir.iterdir() if p.name.endswith(".part")]
+    summary = json.loads((outdir / "peaknet2cxi.json").read_text())
+    assert (summary["status"], summary["stop_signal"]) == ("interrupted", "SIGTERM")
+    kept = summary["frames"]
+    assert 1 <= kept < 3 and len(read_stream(stream).chunks) >= kept
+    assert main(argv) == 0  # the rerun finishes the run
+    assert json.loads((outdir / "peaknet2cxi.json").read_text())["frames"] == 3
+    assert [c.event for c in read_stream(stream).chunks] == ["//0", "//1", "//2"]
+
+
 def test_cxi_writer_hits_only_keeps_only_hits(stacks, tmp_path):
     from peaknet_xtal.formats.cxi import CXIWriter, iter_cxi_frames
     from peaknet_xtal.types import FrameResult, empty_peaks
@@ -782,6 +882,66 @@ def test_another_geometry_into_an_earlier_runs_folder_is_one_clear_error(
     assert len(read_cxi_peaks(outdir / "peaks-00000.cxi")) == 3
 
 
+def _small_run_inputs(tmp_path: Path, make_geometry_text) -> tuple[Path, Path]:
+    """A 3-frame 32 x 32 stack and a one-panel geometry for it (numeric clen and energy)."""
+    stack = tiny_stack(tmp_path / "run.h5")
+    geom = tmp_path / "det.geom"
+    geom.write_text(make_geometry_text(["p0"], 32, 32, [(-16, -16)], clen="0.1 m",
+                                       adu_per_photon="1"))
+    return stack, geom
+
+
+def test_printed_commands_are_quoted_for_the_shell(tmp_path, capsys, make_geometry_text):
+    """An output folder named with a space and a quote: the printed indexamajig command, split
+    as a shell splits it, still names the run's list, geometry and stream; so does the
+    dials.index command of --dials."""
+    import shlex
+
+    stack, geom = _small_run_inputs(tmp_path, make_geometry_text)
+    outdir = tmp_path / "o sp'ace"
+    assert main([str(stack), "-g", str(geom), "-o", str(outdir), "--no-progress",
+                 "--min-peaks", "0"]) == 0
+    (line,) = [x for x in capsys.readouterr().out.splitlines() if x.startswith("next: ")]
+    words = shlex.split(line[len("next: "):])
+    assert words[0] == "indexamajig"
+    given = {flag: words[words.index(flag) + 1] for flag in ("-i", "-g", "-o")}
+    assert given == {"-i": str(outdir / "peaknet.lst"), "-g": str(outdir / "peaknet.geom"),
+                     "-o": str(outdir / "peaknet.stream")}
+    assert Path(given["-i"]).is_file() and Path(given["-g"]).is_file()
+    from peaknet_xtal.cli.peaknet2cxi import dials_index_command
+
+    dials = shlex.split(dials_index_command(outdir / "dials" / "imported.expt",
+                                            outdir / "dials" / "strong.refl"))
+    assert dials[:3] == ["dials.index", str(outdir / "dials" / "imported.expt"),
+                         str(outdir / "dials" / "strong.refl")]
+
+
+def test_the_stream_header_holds_the_whole_command_line(tmp_path, make_geometry_text):
+    """CrystFEL writes its whole command line as the stream header's third line: so does
+    peaknet2cxi (options too, shell-quoted); a Python caller's run records the command that
+    would do the same."""
+    import shlex
+
+    stack, geom = _small_run_inputs(tmp_path, make_geometry_text)
+    stream = tmp_path / "a stream.stream"
+    argv = [str(stack), "-g", str(geom), "-o", str(tmp_path / "out 1"), "--stream", str(stream),
+            "--no-progress", "--min-peaks", "0", "--threshold", "0.6"]
+    assert main(argv) == 0
+    (header,) = read_stream(stream).headers
+    assert header.command is not None and shlex.split(header.command) == ["peaknet2cxi", *argv]
+
+    again = tmp_path / "b.stream"
+    run({"inputs": [str(stack)], "geometry": str(geom), "output": str(tmp_path / "out2"),
+         "stream": str(again), "predictor": _blank_predictor, "progress": False,
+         "min_peaks": 0, "threshold": 0.6})
+    (header,) = read_stream(again).headers
+    words = shlex.split(header.command or "")
+    assert words[:2] == ["peaknet2cxi", str(stack)] and "--no-progress" in words
+    for flag, value in (("-g", str(geom)), ("-o", str(tmp_path / "out2")),
+                        ("--stream", str(again)), ("--min-peaks", "0"), ("--threshold", "0.6")):
+        assert words[words.index(flag) + 1] == value, (flag, words)
+
+
 def test_an_input_error_keeps_the_frames_batched_before_it(tmp_path):
     """A bad file after small frames the engine holds in one batch: those frames are found and
     written before the error is raised, not dropped with the batch."""
@@ -819,6 +979,27 @@ def test_a_bad_input_gets_no_rerun_advice(stacks, tmp_path, capsys, dials_env):
         err = capsys.readouterr().err
         assert code == 1 and words in err, err
         assert "re-run" not in err and ("are kept in" in err) == kept, err
+
+
+@pytest.mark.parametrize("name, with_geometry", [("junk.h5", True), ("junk.h5", False),
+                                                  ("junk.dat", True)])
+def test_a_corrupt_hdf5_input_is_said_to_be_no_readable_hdf5_file(tmp_path, capsys,
+                                                                  make_geometry_text, name,
+                                                                  with_geometry):
+    """A file given as HDF5 (with -g, whose geometry is for CXI/HDF5 input, or by its name)
+    that is no HDF5 file: one error naming it as not a readable HDF5 file, not DIALS' failure
+    to read an image it was never meant to be; no traceback, no rerun advice."""
+    junk = tmp_path / name
+    junk.write_text("x\n")
+    geom = tmp_path / "ok.geom"
+    geom.write_text(make_geometry_text(["p0"], 32, 32, [(-16, -16)], clen="0.1 m",
+                                       adu_per_photon="1"))
+    argv = [str(junk), "-o", str(tmp_path / "o5"), "--no-progress"]
+    assert main(argv + (["-g", str(geom)] if with_geometry else [])) == 1
+    err = capsys.readouterr().err
+    assert f"peaknet2cxi: error: {junk}: not a readable HDF5 file" in err, err
+    assert ("-g" in err) is with_geometry
+    assert "Traceback" not in err and "re-run" not in err and "cannot read this image" not in err
 
 
 def test_a_transient_failure_or_an_interruption_advises_the_rerun(tmp_path, capsys,

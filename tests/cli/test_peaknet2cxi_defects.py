@@ -90,3 +90,54 @@ def test_a_resumed_run_knows_the_defects_of_the_frames_done_before(fixtures_dir,
     with h5py.File(outdir / "pixel_defects.h5") as h5:
         mask = h5["/data/data"][()]
     assert mask[geometry.panels[HOT[0]].slab_index()][HOT[1], HOT[2]] == 0
+
+
+def test_the_mask_advice_keeps_the_written_geometrys_own_mask(fixtures_dir, tmp_path, caplog):
+    """The log says how a geometry uses the defect mask.  peaknet.geom reads each frame's mask
+    in mask slot 0 (``mask = /entry_1/data_1/mask``): the advised lines name a free slot, so
+    that peaknet.geom with them added still reads each frame's mask, and the defect mask too,
+    wherever indexamajig runs (an absolute path)."""
+    import logging
+    import re
+
+    stack, geom_path, _ = _hot_run(fixtures_dir, tmp_path)
+    outdir = tmp_path / "out"
+    with caplog.at_level(logging.INFO, logger="peaknet_xtal.finding.defects"):
+        _run([str(stack)], geom_path, outdir)
+    (advice,) = [r.getMessage() for r in caplog.records if "pixel defect mask (" in r.message]
+    lines = re.findall(r"(mask\d_\w+ = [^;\s]+)", advice)
+    assert len(lines) == 4 and str(outdir / "peaknet.geom") in advice, advice
+    written = outdir / "peaknet.geom"
+    before = read_geometry(written)
+    assert before.mask == "/entry_1/data_1/mask"  # slot 0: each frame's own mask
+    slot = lines[0][len("mask"):lines[0].index("_")]
+    assert slot != "0" and f"mask{slot}_" not in written.read_text(), advice
+    followed = tmp_path / "followed.geom"
+    text = written.read_text()
+    first_panel = text.index("\n\n") + 2  # CrystFEL: globals before the first panel
+    followed.write_text(text[:first_panel] + "".join(f"{line.strip()}\n" for line in lines)
+                        + text[first_panel:])
+    after = read_geometry(followed)
+    assert (after.mask, after.mask_file) == (before.mask, before.mask_file)
+    mask_file = after.keys[f"mask{slot}_file"]
+    assert mask_file == str((outdir / "pixel_defects.h5").absolute())
+    assert after.keys[f"mask{slot}_data"] == "/data/data"
+
+
+def test_the_first_free_mask_slot_counts_every_form_of_mask_key():
+    """Slot 0's aliases (``mask``, ``mask_file``, ``mask_good``, ``mask_bad``), numbered slots,
+    panel keys and comments: the advice takes the first slot from 1 to 7 no line uses, and
+    says so when there is none."""
+    from peaknet_xtal.finding.defects import mask_advice
+
+    panel = ("res = 10000\nclen = 0.1\nphoton_energy = 9000\ndata = /data\n"
+             "p0/min_fs = 0\np0/max_fs = 9\np0/min_ss = 0\np0/max_ss = 9\n"
+             "p0/corner_x = 0\np0/corner_y = 0\np0/fs = x\np0/ss = y\n")
+    text = ("mask = /entry_1/data_1/mask\nmask_good = 0x1\nmask1_data = /m1\n"
+            "; mask3_data = /commented\nmask_edge_pixels = 1\n" + panel
+            + "p0/mask2_data = /m2 ; a panel's own\n")
+    advice = mask_advice("/x/pixel_defects.h5", text, "peaknet.geom")
+    assert "mask3_file = /x/pixel_defects.h5" in advice and "mask0" not in advice
+    full = "".join(f"mask{n}_data = /m{n}\n" for n in range(8)) + panel
+    assert "every mask slot" in mask_advice("/x/pixel_defects.h5", full, "g.geom")
+    assert "mask1_file = " in mask_advice("/x/pixel_defects.h5", None)

@@ -363,6 +363,23 @@ def test_peaks_dropped_after_finding_leave_the_pixel_maps_too():
     assert pixels[10, 10] and pixels[15:17, 5:8].all()
 
 
+def test_a_dropped_peak_whose_position_lies_on_its_rim_takes_its_marked_pixels_along():
+    """The real CSPAD case: the model marks the pixel beside a hot pixel; the peak's footprint
+    (marked pixel and rim) puts its centroid on the hot pixel, where nothing is marked.  The
+    filter drops the peak; its marked pixel must leave the map too (it stayed, and DIALS grew it
+    back over the hot pixel as a strong spot), while a neighbouring kept peak stays."""
+    from peaknet_xtal.finding.engine import _without_dropped
+    from peaknet_xtal.types import peaks_from_columns
+
+    pixels = np.zeros((30, 30), bool)
+    pixels[10, 9] = True  # marked beside the hot pixel at (10, 10)
+    pixels[10, 16:18] = True  # another peak, kept, 6 px away
+    dropped = peaks_from_columns(panel=np.zeros(1, np.int32), fs=np.array([10.0]),
+                                 ss=np.array([10.0]))
+    (left,) = _without_dropped([pixels], dropped)
+    assert not left[10, 9] and left[10, 16:18].all() and left.sum() == 2
+
+
 def spotted_panel(rng: np.random.Generator, shape: tuple[int, int], spots: int) -> np.ndarray:
     """Poisson background (2 photons a pixel, 10 ADU each) with Gaussian spots of 30-300
     photons, 0.6-1.2 px wide."""

@@ -212,6 +212,27 @@ def test_stream_writer_appends_and_resumes(fixture_stream: Path, fixtures_dir: P
     assert len(resumed.headers) == 1
 
 
+def test_an_unknown_one_over_d_is_written_as_unknown_not_as_zero(fixtures_dir: Path,
+                                                                 tmp_path: Path) -> None:
+    """A peak whose 1/d nothing could give (NaN: no camera length or wavelength) is written
+    ``nan`` in the stream's 1/d column, as C's printf writes it and CrystFEL's reader takes it;
+    a ``0.00`` there read back as a real 1/d of zero.  Known values keep their number."""
+    from peaknet_xtal.formats.stream import chunk_from_peak_table
+
+    geometry_path = fixtures_dir / "geometry" / "two_panels.geom"
+    geometry = read_geometry(geometry_path)
+    peaks = peaks_from_columns(panel=[0, 1], fs=[10.0, 11.5], ss=[5.0, 17.5],
+                               intensity=[100.0, 50.0], one_over_d=[0.1234, np.nan])
+    out = tmp_path / "run.stream"
+    with StreamWriter(out, geometry_text=geometry_path.read_text()) as writer:
+        writer.write(chunk_from_peak_table(peaks, geometry, filename="a.cxi", event="//0"))
+    rows = out.read_text().split("Panel\n", 1)[1].splitlines()[:2]
+    assert [row.split()[2] for row in rows] == [f"{0.1234 * 10:.2f}", "nan"]
+    back = read_stream(out).chunks[0].peak_table(geometry)
+    assert back["one_over_d"][0] == pytest.approx(0.123, abs=1e-3)
+    assert np.isnan(back["one_over_d"][1])
+
+
 def test_stream_writer_renumbers_across_a_resumed_stream(tmp_path: Path) -> None:
     """``renumber``: serials 1, 2, ... in writing order, going on after a resumed stream's chunks;
     without it the chunk's own serial is written (a re-written stream keeps what it copies)."""

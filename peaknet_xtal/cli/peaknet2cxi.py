@@ -482,9 +482,11 @@ def _run_pipeline(config: dict[str, Any]) -> dict[str, Any]:
     outdir = Path(config["output"])
     geometry = _read_geometry(config["geometry"])
     started = time.perf_counter()
+    inputs = expand_inputs(config["inputs"])
     pipeline = {
-        "inputs": expand_inputs(config["inputs"]),
-        "source_options": {"geometry": geometry} if geometry is not None else {},
+        "inputs": inputs,
+        # every input opened as the single-process run opens it (the geometry it names, etc.)
+        "source_kind": open_input, "source_options": {"geometry": geometry},
         # the given geometry is the one written for every frame, as in the single-process run
         # (whatever geometry a frame arrives with), and the one the writer checks, once
         "output": str(outdir), "writer": "cxi",
@@ -512,6 +514,11 @@ def _run_pipeline(config: dict[str, Any]) -> dict[str, Any]:
             raise PeakNetError(f"{item['path']}: per-event list entries need the single-process "
                                "run (drop --workers)")
     pipeline["inputs"] = [item["path"] for item in pipeline["inputs"]]
+    if config["adu_per_photon"] is None:
+        gain = run_gain(pipeline["inputs"], geometry)
+        if gain is not None:  # every worker counts shot noise with the run's one gain
+            pipeline["frame_finder_options"]["adu_per_photon"] = gain
+            pipeline["writer_options"]["adu_per_photon"] = gain
     before = _Stats.from_cxi(_finished(outdir))
     result: dict[str, Any] = {}
     error: BaseException | None = None
@@ -622,12 +629,22 @@ _WARNED_NO_GEOMETRY: set[str] = set()
 
 
 def _open(entry: Mapping[str, Any], geometry: Any) -> Any:
-    """A frame source for one input: CXI/HDF5 through the geometry, anything else by sniffing."""
+    """A frame source for one input list entry (:func:`open_input`)."""
+    return open_input(entry["path"], geometry)
+
+
+def open_input(path: str, geometry: Any = None) -> Any:
+    """A frame source for one input, as every ``peaknet2cxi`` run opens it, single-process and
+    in the Ray pipeline's source actors (it is their ``source_kind``): CXI/HDF5 through the
+    geometry (without ``-g``: the geometry the file names, else DIALS' reading of it, else one
+    panel a frame), anything else by the registry's sniffing.  Why one function: the Ray
+    sources opened inputs by sniffing alone, so without ``-g`` a peaknet-sim CXI file's own
+    geometry was not used there: other peaks on every frame than the single-process run gave,
+    and no ``.geom`` for indexamajig."""
     import h5py
 
     from peaknet_xtal.registry import open_source
 
-    path = entry["path"]
     try:
         is_hdf5 = h5py.is_hdf5(path)
     except OSError as exc:
@@ -668,6 +685,50 @@ def _open(entry: Mapping[str, Any], geometry: Any) -> Any:
         if geometry is not None:
             raise _not_hdf5(path, True) from exc
         raise FormatError(path, "not a CXI/HDF5 file and not an image DIALS can read") from exc
+
+
+def run_gain(inputs: Sequence[str], geometry: Any) -> float | None:
+    """The detector gain the run's first frames settle on, measured before the Ray workers
+    start as the single-process engine measures it over the same frames
+    (:class:`~peaknet_xtal.finding.gain.GainResolver`: the median of the first five frames
+    that show one, looking at up to 50), for every worker to use; None where the inputs
+    declare a real gain (each frame then keeps its own) or none can be measured.
+
+    Why: each worker measured its own gain on the frames it happened to get first, so a
+    frame's peaks depended on the number of workers and on scheduling (a real CSPAD still:
+    132 peaks single-process, 129 with two workers; the gain written into peaknet.geom 30.3
+    against 32.7).  The single-process run uses the running median on the frames before its
+    gain settles (at most its first four measured frames), so only those can differ from it."""
+    from peaknet_xtal.finding.gain import GainResolver, is_real_gain
+    from peaknet_xtal.finding.sanitise import sanitise_frame
+    from peaknet_xtal.finding.settings import resolve_gain
+
+    resolver = GainResolver()
+    gain = declared = None
+    try:
+        for path in inputs:
+            source = open_input(path, geometry)
+            try:
+                for frame in source:
+                    declared = resolve_gain(meta=frame.meta, geometry=frame.geometry)
+                    if is_real_gain(declared):
+                        return None
+                    goods = sanitise_frame(frame.panels, frame.masks,
+                                           frame.meta.get("dtype"))[1]
+                    gain = resolver(declared, frame.panels, goods)
+                    if resolver.settled:
+                        break
+            finally:
+                source.close()
+            if resolver.settled:
+                break
+    except (PeakNetError, OSError, ValueError):
+        pass  # a bad input: the run itself reports it, in order, after the frames before it
+    if gain is None or gain == declared:
+        return None
+    log.info("detector gain %.4g ADU per photon, measured from the run's first frames' "
+             "background: every worker uses it", gain)
+    return float(gain)
 
 
 #: Names of HDF5 files (CXI, NeXus, plain stacks): such a file without HDF5's signature is a

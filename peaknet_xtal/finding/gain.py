@@ -284,6 +284,12 @@ def _fixed_effects_line(x: np.ndarray, y: np.ndarray, w: np.ndarray, group: np.n
     return float(slope), intercept, float(np.sqrt(scale / sxx) / lever), float(lever)
 
 
+def is_real_gain(declared: float | None) -> bool:
+    """Whether a declared gain is used as it is, never checked against the data: positive and
+    not placeholder-like (:func:`is_placeholder`)."""
+    return declared is not None and declared > 0 and not is_placeholder(declared)
+
+
 def is_placeholder(declared: float) -> bool:
     """A declared gain that files carry when nobody measured one (see the module docstring)."""
     return declared == 1.0 or declared > PLACEHOLDER_ABOVE
@@ -335,6 +341,12 @@ class GainResolver:
         self._layout: list[tuple[int, ...]] | None = None
 
     @property
+    def settled(self) -> bool:
+        """Whether the gain is fixed from here on: ``frames`` estimates pooled, or ``max_frames``
+        frames looked at (declared real gains are never measured and need no settling)."""
+        return len(self._gains) >= self.frames or self._seen >= self.max_frames
+
+    @property
     def estimate(self) -> float | None:
         """The pooled estimate so far (ADU per photon), None before any reliable one."""
         return float(np.median(self._gains)) if self._gains else None
@@ -342,7 +354,7 @@ class GainResolver:
     def __call__(self, declared: float | None, panels: Sequence[np.ndarray],
                  masks: Sequence[np.ndarray] | None = None) -> float | None:
         """Gain for this frame given the declared one (see :func:`choose_gain`)."""
-        if declared is not None and declared > 0 and not is_placeholder(declared):
+        if is_real_gain(declared):
             return declared  # a real declared gain: no need to look at the data
         layout = [tuple(np.shape(p)) for p in panels]
         if layout != self._layout:  # another detector: its own gain, measured again

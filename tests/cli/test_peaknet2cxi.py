@@ -1038,3 +1038,69 @@ def test_rerun_can_help_only_outside_the_inputs():
     assert not rerun_can_help(raised(PeakNetError("a stage failed"), FormatError("x", "bad")))
     assert not rerun_can_help(PeakNetError("no frames were written"))
     assert not rerun_can_help(ValueError("batch_size must be >= 1"))
+
+
+def test_ray_sources_open_inputs_as_the_single_process_run_does(sim_run, tmp_path, monkeypatch):
+    """Without -g, a CXI file that names its geometry is read through it by the Ray pipeline's
+    sources too (they sniffed: one panel a frame, other peaks on every frame than the
+    single-process run, no .geom): the pipeline is handed the one opening function."""
+    import peaknet_xtal.pipeline as pipeline_module
+    from peaknet_xtal.cli.peaknet2cxi import open_input
+    from peaknet_xtal.formats.cxi import geometry_path
+
+    if geometry_path(str(sim_run.cxi)) is None:  # the fixture's run must name its geometry
+        named = tmp_path / "named.cxi"
+        named.write_bytes(sim_run.cxi.read_bytes())
+        (tmp_path / "named.geom").write_text(sim_run.geom.read_text())
+        source_path = named
+    else:
+        source_path = sim_run.cxi
+    seen = {}
+
+    def fake_run_pipeline(config):
+        seen.update(config)
+        return {"backend": "test"}
+
+    monkeypatch.setattr(pipeline_module, "run_pipeline", fake_run_pipeline)
+    with pytest.raises(PeakNetError, match="no frames were written"):
+        run({"inputs": [str(source_path)], "output": str(tmp_path / "o"), "workers": 2,
+             "progress": False, "adu_per_photon": 1.5})
+    assert seen["source_kind"] is open_input
+    source = seen["source_kind"](str(source_path), **seen["source_options"])
+    try:
+        frame = next(iter(source))
+    finally:
+        source.close()
+    expected = open_input(str(source_path))
+    try:
+        single = next(iter(expected))
+    finally:
+        expected.close()
+    assert frame.geometry is not None and frame.geometry.n_panels == single.geometry.n_panels > 1
+    assert [p.shape for p in frame.panels] == [p.shape for p in single.panels]
+
+
+@pytest.mark.dials
+def test_a_ray_run_measures_the_gain_once_for_every_worker(real_data, dials_env):
+    """The gain a --workers run's engines use is measured before they start, over the run's
+    first frames as the single-process engine measures it (each worker measured its own on
+    whatever frames it got: peaks and the written gain depended on the number of workers)."""
+    from peaknet_xtal.cli.peaknet2cxi import run_gain
+    from peaknet_xtal.finding import InferenceEngine
+
+    stills = sorted(str(p) for p in (real_data / "cspad_thermolysin_stills").glob("*.cbf"))
+    gain = run_gain(stills, None)
+    engine = InferenceEngine(predictor=lambda panels, masks: [np.zeros(np.shape(p), np.float32)
+                                                             for p in panels])
+    from peaknet_xtal.cli.peaknet2cxi import open_input
+
+    last = None
+    for path in stills:  # the single-process engine's gain after the same frames
+        source = open_input(path)
+        try:
+            for frame in source:
+                last = engine.params_for(frame).adu_per_photon
+        finally:
+            source.close()
+    assert gain is not None and gain == last and 20 < gain < 40  # CSPAD: ~30 ADU a photon
+    assert run_gain(stills[:1], None) != gain  # one frame's own estimate: the median moved

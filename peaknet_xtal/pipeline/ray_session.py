@@ -34,6 +34,7 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
         return
     with _keeping_sigterm_handler():
         if address:
+            check_reachable(address)
             ray.init(address=address, log_to_driver=False)
         else:
             ray.init(num_cpus=num_cpus or DEFAULT_NUM_CPUS, include_dashboard=False,
@@ -42,6 +43,29 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
         yield ray
     finally:
         ray.shutdown()
+
+
+#: Seconds a cluster address is given to answer before the run is refused.
+CONNECT_TIMEOUT = 10.0
+
+
+def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT) -> None:
+    """A ConnectionError naming ``address`` when nothing accepts a connection there within
+    ``timeout`` seconds (``auto`` and addresses without a port are left to Ray).  Why: Ray
+    retries an unreachable cluster for minutes, printing a retry line a second, before it
+    fails (a trial: killed after 3 minutes, no error of its own)."""
+    import socket
+
+    target = address.removeprefix("ray://")
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        return
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            pass
+    except OSError as exc:
+        raise ConnectionError(f"no Ray cluster answers at {address} ({exc}); start one there "
+                              "(ray start --head) or check the address") from None
 
 
 @contextlib.contextmanager

@@ -35,3 +35,25 @@ def test_session_is_shut_down_when_the_block_fails():
     with pytest.raises(RuntimeError, match="boom"), ray_session(num_cpus=1):
         raise RuntimeError("boom")
     assert not ray.is_initialized()
+
+
+def test_an_address_nothing_answers_at_is_refused_at_once():
+    """Ray retried an unreachable cluster for minutes, a log line a second, with no error of its
+    own; now one error naming the address, before Ray is asked."""
+    import socket
+    import time
+
+    from peaknet_xtal.pipeline.ray_session import check_reachable, ray_session
+
+    with socket.socket() as listening:  # a port something answers at
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        port = listening.getsockname()[1]
+        check_reachable(f"127.0.0.1:{port}")
+        check_reachable(f"ray://127.0.0.1:{port}")
+    start = time.monotonic()
+    with pytest.raises(ConnectionError, match=f"no Ray cluster answers at 127.0.0.1:{port}"):
+        with ray_session(address=f"127.0.0.1:{port}"):
+            pass
+    assert time.monotonic() - start < 15
+    check_reachable("auto")  # Ray's own discovery: left to Ray

@@ -64,6 +64,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from peaknet_xtal.finding.sanitise import masked_values_quiet
+
 log = logging.getLogger(__name__)
 
 #: A pixel is an outlier in a frame when it exceeds its neighbours (trimmed mean) by this many
@@ -212,6 +214,7 @@ def _spike_scale(image: np.ndarray, good: np.ndarray, sigmas: float) -> tuple[fl
     return noise, limit
 
 
+@masked_values_quiet
 def spike_map(image: np.ndarray, good: np.ndarray | None = None,
               sigmas: float = SPIKE_SIGMAS, lone: bool = False) -> np.ndarray:
     """Pixels more than ``sigmas`` noise sigmas (:func:`spike_limit`) above their neighbours'

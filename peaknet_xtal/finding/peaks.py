@@ -48,6 +48,7 @@ import numpy as np
 from scipy import ndimage
 
 from peaknet_xtal.finding.bright_background import foreground_and_bright
+from peaknet_xtal.finding.sanitise import masked_values_quiet
 from peaknet_xtal.finding.settings import DEFAULTS
 from peaknet_xtal.types import empty_peaks, peaks_from_columns
 
@@ -114,6 +115,7 @@ class PeakParams:
     faint_snr: float = DEFAULTS.faint_snr
 
 
+@masked_values_quiet
 def find_peaks(
     panels: Sequence[np.ndarray],
     probs: Sequence[np.ndarray],

@@ -34,10 +34,11 @@ rule.
 """
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -158,6 +159,24 @@ def marked_pixels(image: np.ndarray, dtype: Any) -> tuple[np.ndarray, str] | Non
                         "bad pixels)" if low == -1.0 else f"at {low:.10g}, the smallest value "
                         f"of the data's type ({dtype})")
     return None if marked is None else (marked, " or ".join(what))
+
+
+#: What a function wrapped by :func:`masked_values_quiet` returns.
+T = TypeVar("T")
+
+
+def masked_values_quiet(function: Callable[..., T]) -> Callable[..., T]:
+    """``function`` with numpy's floating-point warnings off (invalid values, overflow).  Why:
+    :func:`sanitise_frame` masks non-finite pixels but never changes a value, so arithmetic over
+    whole panels meets the infinities it masked; their results are masked too, and numpy's
+    "invalid value encountered in subtract" reached Python API users as a stray line beside the
+    finder's own warning that those pixels were masked."""
+    @functools.wraps(function)
+    def quiet(*args: Any, **kwargs: Any) -> T:
+        with np.errstate(invalid="ignore", over="ignore"):
+            return function(*args, **kwargs)
+
+    return quiet
 
 
 def sanitise_frame(panels: Sequence[np.ndarray], masks: Sequence[np.ndarray] | None,

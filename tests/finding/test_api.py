@@ -320,3 +320,13 @@ def test_a_slab_with_its_multi_panel_geometry_is_split_into_its_panels(make_geom
     assert same(peaks, finder.find([np.full_like(image, 10.0), image], geometry=geometry))
     with pytest.raises(ValueError, match="does not fit the geometry"):
         finder.find(image, geometry=geometry)
+
+
+def test_infinite_pixels_are_masked_with_one_warning_and_no_numpy_noise(recwarn):
+    """An image with infinities: the finder's own warning says they were masked; numpy's
+    "invalid value encountered in subtract" from the defect filter leaked beside it."""
+    image = spots_image()
+    image[4, 5:9] = np.inf  # on a row the noise estimate samples (every fourth)
+    peaks = PeakFinder(predictor=bright_pixels).find(image)
+    assert len(peaks) == 2
+    assert not [w for w in recwarn.list if issubclass(w.category, RuntimeWarning)]

@@ -251,10 +251,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     if summary["indexamajig"] is None:  # frames without a geometry: nothing to index with
         print("next: indexamajig needs a geometry: run again into a new folder with -g GEOM "
               "(the detector's CrystFEL geometry) to have peaknet.geom written")
+    elif summary.get("indexamajig_problems"):  # it would refuse the geometry as written
+        print(f"next: indexamajig would refuse {summary['geometry']}: "
+              f"{'; '.join(summary['indexamajig_problems'])}. Add what it lacks to it (or give "
+              f"-g a geometry that has it, in a new folder), then run: {summary['indexamajig']}")
     else:
         print(f"next: {summary['indexamajig']}")
         print("      (YOUR.cell: your unit cell file, CrystFEL .cell or PDB CRYST1)")
     return 0
+
+
+def _indexamajig_problems(geom_path: Path) -> list[str]:
+    """What in the written geometry would make indexamajig refuse it (no camera length, no
+    photon energy: ``Geometry.indexamajig_problems``): the run then says so rather than print
+    a command that fails at once."""
+    from peaknet_xtal.formats.geometry import read_geometry
+
+    try:
+        return read_geometry(geom_path).indexamajig_problems()
+    except PeakNetError as exc:  # the run's own geometry, unreadable: say that instead
+        return [str(exc)]
 
 
 def rerun_can_help(exc: BaseException) -> bool:
@@ -986,6 +1002,8 @@ def _finish(config: Mapping[str, Any], outdir: Path, files: list[Path], geometry
         "config": {k: _plain(v) for k, v in config.items()},
         "indexamajig": (indexamajig_command(list_path, geom_path, outdir)
                         if files and geom_path.exists() else None),
+        "indexamajig_problems": (_indexamajig_problems(geom_path)
+                                 if files and geom_path.exists() else []),
     }
     if config.get("dials") and files and error is None:
         summary["dials"] = write_dials_output(files, outdir / DIALS_DIR)

@@ -1104,3 +1104,22 @@ def test_a_ray_run_measures_the_gain_once_for_every_worker(real_data, dials_env)
             source.close()
     assert gain is not None and gain == last and 20 < gain < 40  # CSPAD: ~30 ADU a photon
     assert run_gain(stills[:1], None) != gain  # one frame's own estimate: the median moved
+
+
+def test_a_geometry_indexamajig_would_refuse_is_said_instead_of_a_command(sim_run, tmp_path,
+                                                                          capsys):
+    """A geometry without a camera length finds peaks, but indexamajig refuses it ("must
+    specify the camera length"): the run says what is missing rather than print a command that
+    fails at once."""
+    text = "".join(line for line in sim_run.geom.read_text().splitlines(keepends=True)
+                   if not line.startswith("clen"))
+    geom = tmp_path / "no_clen.geom"
+    geom.write_text(text)
+    outdir = tmp_path / "o"
+    assert main([str(sim_run.cxi), "-g", str(geom), "-o", str(outdir), "--no-progress",
+                 "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert f"next: indexamajig would refuse {outdir / 'peaknet.geom'}: no camera length" in out
+    assert "(YOUR.cell: your unit cell file" not in out  # no ready-to-run command
+    summary = json.loads((outdir / "peaknet2cxi.json").read_text())
+    assert summary["indexamajig_problems"] and summary["indexamajig"]

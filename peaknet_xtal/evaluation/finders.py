@@ -185,9 +185,11 @@ class Peakfinder8Finder:
             max_value=np.asarray(max_value)[keep], npix=np.asarray(npix)[keep],
             background_sigma=np.asarray(sigma)[keep], snr=np.asarray(snr)[keep])
         if len(table):
-            from peaknet_xtal.finding.peaks import one_over_d
+            from peaknet_xtal.finding.peaks import frame_clen_m, one_over_d
 
-            table["one_over_d"] = one_over_d(geometry, table, frame.meta.get("wavelength_A"))
+            # the frame's own wavelength and camera length, as the finding engine uses them
+            table["one_over_d"] = one_over_d(geometry, table, frame.meta.get("wavelength_A"),
+                                             clen_m=frame_clen_m(frame))
         return table
 
     def _radius_map(self, geometry: Any) -> np.ndarray:

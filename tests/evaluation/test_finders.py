@@ -115,3 +115,25 @@ def test_peaknet_finder_records_and_runs_every_peak_setting():
                                                                       DEFAULTS.rescue_height)
     with pytest.raises(ValueError, match="faint_sport"):
         PeakNetFinder(params={"faint_sport": 2})
+
+
+def test_a_classic_finders_1_over_d_uses_the_frames_own_camera_length(frame, fixtures_dir,
+                                                                      tmp_path):
+    """Where the geometry reads the camera length from the data file, the classic finders'
+    peaks get 1/d with the frame's own value, as PeakNet's do (it was left unknown)."""
+    import h5py
+
+    from peaknet_xtal.formats.geometry import parse_geometry
+
+    text = (fixtures_dir / "geometry" / "two_panels.geom").read_text()
+    by_path = parse_geometry(text.replace("clen = 0.08 m", "clen = /det/clen mm"))
+    source = tmp_path / "frames.h5"
+    with h5py.File(source, "w") as h5:
+        h5["/det/clen"] = np.array([80.0])  # mm: the number the original geometry states
+    read = Frame(frame.panels, frame.masks, source=str(source), geometry=by_path,
+                 meta={"h5_file": str(source), "h5_index": 0})
+    finder = create_finder("peakfinder8", {"adc_threshold": 50.0, "min_snr": 4.0,
+                                           "min_pixel_count": 2})
+    expected, found = finder.find(frame), finder.find(read)
+    assert len(found) == len(expected) > 0
+    np.testing.assert_allclose(found["one_over_d"], expected["one_over_d"], rtol=1e-9)

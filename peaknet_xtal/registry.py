@@ -110,7 +110,7 @@ def skipped_plugins() -> list[str]:
     return list(_SKIPPED)
 
 
-def _skipped_note() -> str:
+def skipped_note() -> str:
     """What an error about a missing name adds: the plugins that might have provided it."""
     skipped = skipped_plugins()
     return f"; not loaded: {'; '.join(skipped)}" if skipped else ""
@@ -198,23 +198,25 @@ def registered(hook: str) -> dict[str, Registered]:
     return table
 
 
+def _items(entries: Mapping[str, Registered]) -> dict[str, Any]:
+    """The items of :func:`registered` entries, by name, without their plugins."""
+    return {name: entry.item for name, entry in entries.items()}
+
+
 def source_types() -> dict[str, Any]:
     """All registered source types by name, built-ins first."""
-    return {name: entry.item for name, entry in
-            registered("peaknet_source_types").items()}
+    return _items(registered("peaknet_source_types"))
 
 
 def writer_types() -> dict[str, Any]:
     """All registered writer types by name, built-ins first."""
-    return {name: entry.item for name, entry in
-            registered("peaknet_writer_types").items()}
+    return _items(registered("peaknet_writer_types"))
 
 
 def model_families() -> dict[str, Any]:
     """All registered model families by name, built-ins first (``model.zoo`` looks models up
     through these)."""
-    return {name: entry.item for name, entry in
-            registered("peaknet_model_families").items()}
+    return _items(registered("peaknet_model_families"))
 
 
 def _sniff(entry: Registered, path: str) -> bool:
@@ -234,7 +236,13 @@ def _sniff(entry: Registered, path: str) -> bool:
 def sniff_source(path: str, exclude: Collection[str] = ()) -> str | None:
     """The name of the first source type (built-ins first) whose ``sniff`` accepts ``path``,
     leaving out the types named in ``exclude``; None when none does."""
-    for name, entry in registered("peaknet_source_types").items():
+    return _first_sniffing(registered("peaknet_source_types"), path, exclude)
+
+
+def _first_sniffing(entries: Mapping[str, Registered], path: str,
+                    exclude: Collection[str] = ()) -> str | None:
+    """:func:`sniff_source` over source types already collected."""
+    for name, entry in entries.items():
         if name not in exclude and _sniff(entry, path):
             return name
     return None
@@ -242,24 +250,25 @@ def sniff_source(path: str, exclude: Collection[str] = ()) -> str | None:
 
 def open_source(path: str, kind: str | None = None, **options: Any) -> Any:
     """Open ``path`` with the named source type, or the first whose ``sniff`` accepts it."""
-    types = source_types()
+    entries = registered("peaknet_source_types")  # every hook called once, not per lookup
+    types = _items(entries)
     if kind is not None:
         if kind not in types:
             raise KeyError(f"no source type {kind!r}; registered: {sorted(types)}"
-                           f"{_skipped_note()}")
+                           f"{skipped_note()}")
         return types[kind].open(path, **options)
-    found = sniff_source(path)
+    found = _first_sniffing(entries, path)
     if found is not None:
         return types[found].open(path, **options)
     raise ValueError(f"{path}: no registered source can read this file ({sorted(types)})"
-                     f"{_skipped_note()}")
+                     f"{skipped_note()}")
 
 
 def open_writer(kind: str, path: str, **options: Any) -> Any:
     """Open a writer of the named type."""
     types = writer_types()
     if kind not in types:
-        raise KeyError(f"no writer type {kind!r}; registered: {sorted(types)}{_skipped_note()}")
+        raise KeyError(f"no writer type {kind!r}; registered: {sorted(types)}{skipped_note()}")
     return types[kind].open(path, **options)
 
 

@@ -438,7 +438,9 @@ def _remove_partial_files(outdir: Path) -> None:
     the job) cannot close them, and their frames are found again by a rerun, whose writer
     would remove them (``CXIWriter``).  After the pipeline has returned, no writer of this
     run writes there (the folder is peaknet2cxi's own: :func:`check_output_folder`)."""
-    for stale in outdir.glob(f".{CXI_PREFIX}-*.cxi.*.part"):
+    from peaknet_xtal.formats.cxi import unfinished_files
+
+    for stale in unfinished_files(outdir, CXI_PREFIX):
         try:
             stale.unlink()
         except OSError as exc:  # the summary is still written; a rerun removes it
@@ -498,9 +500,8 @@ def _run_pipeline(config: dict[str, Any]) -> dict[str, Any]:
     outdir = Path(config["output"])
     geometry = _read_geometry(config["geometry"])
     started = time.perf_counter()
-    inputs = expand_inputs(config["inputs"])
     pipeline = {
-        "inputs": inputs,
+        "inputs": expand_inputs(config["inputs"]),
         # every input opened as the single-process run opens it (the geometry it names, etc.)
         "source_kind": open_input, "source_options": {"geometry": geometry},
         # the given geometry is the one written for every frame, as in the single-process run
@@ -640,13 +641,8 @@ def _read_geometry(path: Any) -> Any:
     return read_geometry(path)
 
 
-#: HDF5 inputs read without a geometry that were said to be (:func:`_open`)
+#: HDF5 inputs read without a geometry that were said to be (:func:`open_input`)
 _WARNED_NO_GEOMETRY: set[str] = set()
-
-
-def _open(entry: Mapping[str, Any], geometry: Any) -> Any:
-    """A frame source for one input list entry (:func:`open_input`)."""
-    return open_input(entry["path"], geometry)
 
 
 def open_input(path: str, geometry: Any = None) -> Any:
@@ -797,7 +793,7 @@ def _count_frames(inputs: list[dict[str, Any]], geometry: Any) -> int | None:
             total += len(entry["events"])
             continue
         try:
-            source = _open(entry, geometry)
+            source = open_input(entry["path"], geometry)
             total += len(source)
             source.close()
         except (TypeError, PeakNetError, OSError, ValueError):
@@ -816,7 +812,7 @@ def _pending(inputs: list[dict[str, Any]], geometry: Any, done_cxi: set[tuple[st
     frames to do pass ``check`` first (an input error comes after the frames before it are
     found: ``InferenceEngine.find_frames``)."""
     for entry in inputs:
-        source = _open(entry, geometry)
+        source = open_input(entry["path"], geometry)
         seen: set[str] = set()
         try:
             if len(source) == 0:

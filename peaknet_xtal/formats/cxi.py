@@ -1256,6 +1256,12 @@ def check_same_settings(files: Sequence[Path], settings: Mapping[str, Any]) -> N
 # the rolling writer
 
 
+def unfinished_files(directory: Path, prefix: str) -> list[Path]:
+    """The CXI files a writer of ``prefix`` left in progress in ``directory`` (written under
+    ``.PREFIX-NNNNN.cxi.*.part`` until finished): a run stopped before it could close them."""
+    return sorted(directory.glob(f".{prefix}-*.cxi.*.part"))
+
+
 class CXIWriter:
     """A ``PeakWriter`` (see hookspecs): rolling CXI files ``<prefix>-NNNNN.cxi`` plus one
     ``.geom`` for all of them.
@@ -1314,7 +1320,7 @@ class CXIWriter:
         self._placement, self._origin = self._earlier_placement()
         self._judged: tuple[Any, bool] | None = None
         self.files: list[Path] = []
-        for stale in self.directory.glob(f".{self.prefix}-*.cxi.*.part"):
+        for stale in unfinished_files(self.directory, self.prefix):
             stale.unlink()  # a file in progress when an earlier run was killed
 
     def finished_files(self) -> list[Path]:

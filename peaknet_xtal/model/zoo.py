@@ -93,10 +93,9 @@ def _plugin(name: str) -> str:
 
 def _not_loaded() -> str:
     """The plugins that failed to load: where a model a user asks for may have come from."""
-    from peaknet_xtal.registry import skipped_plugins
+    from peaknet_xtal.registry import skipped_note
 
-    skipped = skipped_plugins()
-    return f"; not loaded: {'; '.join(skipped)}" if skipped else ""
+    return skipped_note()
 
 
 def list_models(family: str | None = None) -> list[str]:

@@ -138,8 +138,11 @@ def show_cxi(path: str, geometry: str | None = None, max_frames: int = 20,
     import h5py
 
     with h5py.File(path, "r") as h5:
-        virtual = bool(h5[info.dataset].is_virtual)
+        # with placeholders in the data path (``/%/data``), the first event's dataset
+        virtual = bool(h5[info.frames[0][0] if info.frames else info.dataset].is_virtual)
     return {"kind": "cxi", "path": path, "dataset": info.dataset, "frames": info.n_frames,
+            **({"first_and_last_event": [info.events[0], info.events[-1]]} if info.events
+               else {}),
             "image_shape": list(info.frame_shape), "dtype": str(info.dtype),
             "virtual": virtual, "mask": info.mask_dataset,
             "panels": geom.n_panels if geom is not None else 1,

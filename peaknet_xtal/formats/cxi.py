@@ -1,7 +1,9 @@
 """CXI/HDF5 images and CXI peak tables, in the layout ``indexamajig --peaks=cxi`` reads.
 
 Reading: a stack ``(n_frames, ss, fs)`` with ``dim0 = %`` or a single 2-D frame, split into panels
-by a CrystFEL geometry (or one whole-slab panel without one).  Each
+by a CrystFEL geometry (or one whole-slab panel without one); with placeholders in the
+geometry's ``data`` path (``/%/data``), one event per group that path matches, as CrystFEL
+reads them (:func:`expand_data_paths`).  Each
 :class:`~peaknet_xtal.types.Frame` remembers the HDF5 file, dataset and index it came from, so a
 writer can link back to the pixels instead of copying them.
 
@@ -132,6 +134,12 @@ class CXIInfo:
     stacked: bool  # True for a (n, ss, fs) stack, False for one 2-D frame
     mask_dataset: str | None = None  # the first mask read from this file (for display)
     masks: tuple[MaskSource, ...] = ()  # every mask the frames are read with
+    #: with placeholders in the data path (``dataset`` is then the pattern): each frame's
+    #: dataset, its index there (None for a 2-D dataset) and the placeholder values, in
+    #: CrystFEL's order of events; empty otherwise
+    frames: tuple[tuple[str, int | None, tuple[str, ...]], ...] = ()
+    #: CrystFEL's event id of each of those frames (``tag_7//``)
+    events: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -158,13 +166,76 @@ def _dataset(h5: h5py.File, path: str, name: str) -> h5py.Dataset:
     return obj
 
 
+#: CrystFEL's placeholder in HDF5 paths (crystfel_geometry(5), "PANEL DATA LOCATIONS"): in a
+#: ``data`` path it stands for the groups of one event each (``data = /%/data`` reads
+#: ``/tag_1/data``, ``/tag_2/data``, ...), in a mask or beam-value path for the same values.
+PLACEHOLDER = "%"
+
+
+def substitute(pattern: str, values: Sequence[str]) -> str:
+    """``pattern`` with its placeholders replaced by ``values`` in order, as CrystFEL does for
+    data, mask and beam-value paths (a mask may have fewer placeholders than the data path: it
+    takes the first values)."""
+    pieces = pattern.split(PLACEHOLDER)
+    if len(pieces) - 1 > len(values):
+        raise ValueError(f"{pattern}: {len(pieces) - 1} placeholders but only {len(values)} "
+                         "values")
+    out = pieces[0]
+    for value, piece in zip(values, pieces[1:], strict=False):
+        out += value + piece
+    return out
+
+
+def expand_data_paths(h5: h5py.File, path: str, pattern: str
+                      ) -> list[tuple[tuple[str, ...], str]]:
+    """Every dataset matching a ``data`` path with placeholders, as (placeholder values,
+    dataset path), in CrystFEL's order of events: a ``%`` component matches each member of its
+    group in name order, the other components match literally, and only datasets at the end of
+    the path count.  CrystFEL enumerates whole-component placeholders only (``/%/data``, not
+    ``/tag_%/data``), so a placeholder inside a component is refused here rather than matching
+    nothing."""
+    parts = pattern.strip("/").split("/")
+    for part in parts:
+        if PLACEHOLDER in part and part != PLACEHOLDER:
+            raise FormatError(path, f"the placeholder in {part!r} is part of a path component; "
+                              "CrystFEL finds events only where '%' is a whole component "
+                              "(e.g. /%/data)", dataset=pattern)
+    found: list[tuple[tuple[str, ...], str]] = []
+
+    def walk(group: h5py.Group, at: str, rest: list[str], values: tuple[str, ...]) -> None:
+        part, last = rest[0], len(rest) == 1
+        if part == PLACEHOLDER:
+            names = sorted(group.keys(), key=lambda n: n.encode())  # HDF5's name index order
+        else:
+            names = [part] if part in group else []
+        for name in names:
+            try:
+                obj = group.get(name)
+            except (OSError, KeyError, RuntimeError):  # a broken link: not an event
+                continue
+            here = f"{at}/{name}"
+            taken = values + ((name,) if part == PLACEHOLDER else ())
+            if last and isinstance(obj, h5py.Dataset):
+                found.append((taken, here))
+            elif not last and isinstance(obj, h5py.Group):
+                walk(obj, here, rest[1:], taken)
+
+    walk(h5, "", parts, ())
+    return found
+
+
+def placeholder_event(values: Sequence[str], index: int | None) -> str:
+    """CrystFEL's event id of a frame found through path placeholders: the values joined by
+    ``/``, then ``//`` and the frame's index in a stacked dataset (``tag_7//``,
+    ``run_1/tag_7//3``)."""
+    return "/".join(values) + "//" + ("" if index is None else str(index))
+
+
 def _data_path(h5: h5py.File, path: str, geometry: Any, data_path: str | None) -> str:
     wanted = data_path or (getattr(geometry, "data", None) if geometry is not None else None)
     if wanted:
-        if "%" in wanted:
-            raise FormatError(path, "path placeholders ('%' in the data path) are not supported; "
-                              "use a stack with dim0 = %", dataset=wanted)
-        _dataset(h5, path, wanted)
+        if PLACEHOLDER not in wanted:
+            _dataset(h5, path, wanted)
         return wanted
     for candidate in DEFAULT_DATA_PATHS:
         if isinstance(h5.get(candidate), h5py.Dataset):
@@ -195,8 +266,8 @@ def _image_like(h5: h5py.File, most: int = 5) -> list[tuple[str, tuple[int, ...]
 
 
 def _mask_plan(h5: h5py.File, path: str, geometry: Any, mask_path: str | None,
-               frame_shape: tuple[int, ...], n_frames: int, stacked: bool
-               ) -> list[MaskSource]:
+               frame_shape: tuple[int, ...], n_frames: int, stacked: bool,
+               values: tuple[str, ...] = ()) -> list[MaskSource]:
     """Every mask the frames of ``path`` are read with, each checked against the frames.
 
     The geometry's masks 0-7 (CrystFEL's ``maskN_*``; a pixel is bad when any mask says so),
@@ -204,7 +275,8 @@ def _mask_plan(h5: h5py.File, path: str, geometry: Any, mask_path: str | None,
     without a dataset is at :data:`DEFAULT_MASK_PATHS`, and with no mask 0 at all the image
     file's own mask there is used when it has one (psocake writes it).  A dataset the geometry
     names that the image file lacks is warned about and skipped (CrystFEL would stop); one in
-    a mask file must be there."""
+    a mask file must be there.  Placeholders in a mask's location take the data path's
+    ``values`` (those of the first event: the check is on its dataset)."""
     all_specs: list[tuple[MaskSpec, tuple[int, ...]]] = (
         geometry.mask_specs() if geometry is not None else [])
     n_panels = len(geometry.panels) if geometry is not None else 1
@@ -226,7 +298,7 @@ def _mask_plan(h5: h5py.File, path: str, geometry: Any, mask_path: str | None,
             continue  # zero bits and no location (the parser refuses anything else): no mask
         dataset = spec.data or DEFAULT_MASK_PATHS[0]
         covered = None if len(panels) == n_panels else panels
-        if spec.file is None and h5.get(dataset) is None:
+        if spec.file is None and h5.get(_substituted(path, dataset, values)) is None:
             if spec.data is not None:
                 # the geometry names a mask this file lacks: CrystFEL would stop; we go on
                 log.warning("%s: no mask dataset %s (mask %d, named by the geometry %s); "
@@ -236,15 +308,25 @@ def _mask_plan(h5: h5py.File, path: str, geometry: Any, mask_path: str | None,
             continue
         plan.append(MaskSource(spec.file, dataset, spec, covered))
     for source in plan:
+        name = _substituted(path, source.dataset, values)
         if source.file is None:
-            check_mask_dataset(path, source.dataset, _dataset(h5, path, source.dataset),
-                               frame_shape, n_frames, stacked)
+            check_mask_dataset(path, name, _dataset(h5, path, name), frame_shape, n_frames,
+                               stacked)
         else:
             with open_h5(source.file) as other:
-                check_mask_dataset(source.file, source.dataset,
-                                   _dataset(other, source.file, source.dataset),
+                check_mask_dataset(source.file, name, _dataset(other, source.file, name),
                                    frame_shape, n_frames, stacked)
     return plan
+
+
+def _substituted(path: str, pattern: str, values: tuple[str, ...]) -> str:
+    """:func:`substitute`, with a location holding more placeholders than the data path (which
+    gives no value for them) refused naming the file."""
+    try:
+        return substitute(pattern, values)
+    except ValueError:
+        raise FormatError(path, f"{pattern} has more '%' placeholders than the data path "
+                          f"gives values for ({len(values)})", dataset=pattern) from None
 
 
 def _frame_ndim(geometry: Any) -> int:
@@ -334,6 +416,8 @@ def inspect_cxi(path: str | os.PathLike[str], geometry: Any = None, *,
 def _inspect(h5: h5py.File, path: str, geometry: Any, data_path: str | None,
              mask_path: str | None) -> CXIInfo:
     name = _data_path(h5, path, geometry, data_path)
+    if PLACEHOLDER in name:
+        return _inspect_events(h5, path, geometry, name, mask_path)
     ds = _dataset(h5, path, name)
     check_image_dataset(path, name, ds)
     shape = tuple(int(n) for n in ds.shape)
@@ -345,6 +429,44 @@ def _inspect(h5: h5py.File, path: str, geometry: Any, data_path: str | None,
     mask_name = next((m.dataset for m in plan if m.file is None), None)
     return CXIInfo(path=path, dataset=name, n_frames=n_frames, frame_shape=frame_shape,
                    dtype=ds.dtype, stacked=stacked, mask_dataset=mask_name, masks=tuple(plan))
+
+
+def _inspect_events(h5: h5py.File, path: str, geometry: Any, pattern: str,
+                    mask_path: str | None) -> CXIInfo:
+    """A file whose events are the datasets a ``data`` path with placeholders matches
+    (:func:`expand_data_paths`): each one frame, or a stack of frames, of one shape."""
+    matches = expand_data_paths(h5, path, pattern)
+    if not matches:
+        raise FormatError(path, f"no dataset matches the data path {pattern} (each '%' stands "
+                          "for the name of a group, as CrystFEL reads it)", dataset=pattern)
+    frames: list[tuple[str, int | None, tuple[str, ...]]] = []
+    first: tuple[str, tuple[int, ...], int, bool, tuple[str, ...], np.dtype] | None = None
+    for values, name in matches:
+        ds = _dataset(h5, path, name)
+        check_image_dataset(path, name, ds)
+        shape = tuple(int(n) for n in ds.shape)
+        _check_shape(path, name, shape, geometry)
+        stacked = len(shape) == _frame_ndim(geometry) + 1
+        frame_shape = shape[1:] if stacked else shape
+        if first is None:
+            first = (name, frame_shape, shape[0] if stacked else 1, stacked, values, ds.dtype)
+        elif frame_shape != first[1]:
+            raise FormatError(path, f"frames of {name} are {'x'.join(map(str, frame_shape))} "
+                              f"but those of {first[0]} are {'x'.join(map(str, first[1]))}: "
+                              "the events of one file must share a frame shape",
+                              dataset=pattern)
+        frames.extend((name, index, values)
+                      for index in (range(shape[0]) if stacked else [None]))
+    assert first is not None
+    if not frames:
+        raise FormatError(path, f"every dataset matching {pattern} is empty (0 frames)",
+                          dataset=pattern)
+    plan = _mask_plan(h5, path, geometry, mask_path, first[1], first[2], first[3], first[4])
+    mask_name = next((m.dataset for m in plan if m.file is None), None)
+    return CXIInfo(path=path, dataset=pattern, n_frames=len(frames), frame_shape=first[1],
+                   dtype=first[5], stacked=first[3], mask_dataset=mask_name, masks=tuple(plan),
+                   frames=tuple(frames),
+                   events=tuple(placeholder_event(v, i) for _, i, v in frames))
 
 
 def _split(slab: np.ndarray, geometry: Any) -> list[np.ndarray]:
@@ -415,10 +537,20 @@ class _Reader:
         except Exception:
             self.h5.close()
             raise
-        self.data = self.h5[self.info.dataset]
+        #: the image datasets read, by path (one, or one per event with placeholders)
+        self._data: dict[str, h5py.Dataset] = {}
+        #: with placeholders, frames per image dataset and whether it is a stack (its masks and
+        #: beam values hold one value, or one per frame of the stack)
+        self._counts: dict[str, int] = {}
+        self._stacked: dict[str, bool] = {}
+        for name, within, _ in self.info.frames:
+            self._counts[name] = self._counts.get(name, 0) + 1
+            self._stacked[name] = within is not None
         self._mask_files: dict[str, h5py.File] = {}
-        #: (dataset, bits, panels covered or None) of each mask; files opened once
-        self._masks: list[tuple[h5py.Dataset, MaskSpec, tuple[int, ...] | None]] = []
+        #: (file, location, bits, panels covered or None) of each mask; files opened once
+        self._masks: list[tuple[h5py.File, str, MaskSpec, tuple[int, ...] | None]] = []
+        #: mask datasets opened (and checked against the frames), by (file, dataset)
+        self._mask_data: dict[tuple[str, str], h5py.Dataset] = {}
         try:
             for source in self.info.masks:
                 if source.file is None:
@@ -427,19 +559,40 @@ class _Reader:
                     if source.file not in self._mask_files:
                         self._mask_files[source.file] = open_h5(source.file)
                     where = self._mask_files[source.file]
-                self._masks.append((where[source.dataset], source.spec, source.panels))
+                self._masks.append((where, source.dataset, source.spec, source.panels))
         except Exception:
             self.close()
             raise
         self._static_masks = geometry.bad_pixel_masks() if geometry is not None else None
         self._flags = panel_flags(geometry)
+        self._beam_warned = False
+
+    @property
+    def data(self) -> h5py.Dataset:
+        """The image dataset of a file without placeholders (its first event's otherwise)."""
+        return self._dataset_at(0)[0]
+
+    def _locate(self, index: int) -> tuple[str, int | None, tuple[str, ...]]:
+        """Frame ``index`` of the file: its dataset, its index there, its placeholder values."""
+        if not 0 <= index < self.info.n_frames:
+            raise IndexError(f"{self.path}: frame {index} out of range 0..{self.info.n_frames - 1}")
+        if self.info.frames:
+            return self.info.frames[index]
+        return self.info.dataset, (index if self.info.stacked else None), ()
+
+    def _dataset_at(self, index: int) -> tuple[h5py.Dataset, int | None, tuple[str, ...]]:
+        name, within, values = self._locate(index)
+        if name not in self._data:
+            self._data[name] = self.h5[name]
+        return self._data[name], within, values
 
     def _energy_dataset(self) -> h5py.Dataset | None:
         """The per-frame beam value the geometry points at (``photon_energy = /path [eV|keV]``,
         ``wavelength = /path m|A``, ``electron_voltage = /path V|kV``), as CrystFEL reads it;
-        without it 1/d and an ``adu_per_eV`` gain stay unknown."""
+        without it 1/d and an ``adu_per_eV`` gain stay unknown.  A location with placeholders
+        is looked up per frame (:meth:`_beam_value`)."""
         path = getattr(self.geometry, "photon_energy_path", None)
-        if not path:
+        if not path or PLACEHOLDER in path:
             return None
         if path not in self.h5 or not isinstance(self.h5[path], h5py.Dataset):
             log.warning("%s: no photon energy dataset %s (named by the geometry)", self.path, path)
@@ -450,38 +603,81 @@ class _Reader:
                               f"{self.info.n_frames} frames", dataset=path)
         return energy
 
+    def _beam_value(self, index: int) -> tuple[float, str] | None:
+        """The geometry's beam value for frame ``index`` and the dataset it came from: one value
+        for all frames, one per frame of the file, or, at a location with placeholders, the
+        event's own (one value, or one per frame of its stack)."""
+        if self._energy is not None:
+            energy = self._energy
+            value = energy[()] if energy.size == 1 else energy[index]
+            return float(np.ravel(value)[0]), energy.name
+        pattern = getattr(self.geometry, "photon_energy_path", None)
+        if not pattern or PLACEHOLDER not in pattern:
+            return None
+        _, within, values = self._locate(index)
+        name = _substituted(self.path, pattern, values)
+        energy = self.h5.get(name)
+        if not isinstance(energy, h5py.Dataset):
+            if not self._beam_warned:
+                self._beam_warned = True
+                log.warning("%s: no photon energy dataset %s (named by the geometry as %s)",
+                            self.path, name, pattern)
+            return None
+        data_name = self._locate(index)[0]
+        if energy.size == 1:
+            return float(np.ravel(energy[()])[0]), name
+        if within is not None and energy.size == self._counts.get(data_name, 1):
+            return float(np.ravel(energy[within])[0]), name
+        raise FormatError(self.path, f"{energy.size} photon energies for "
+                          f"{self._counts.get(data_name, 1)} frame(s) of {data_name}",
+                          dataset=name)
+
     def wavelength_A(self, index: int) -> float | None:
         """The frame's wavelength from the geometry's beam dataset, converted from the unit
         the geometry gives it (a wavelength in m or A, an energy in eV or keV, an electron
         voltage in V or kV)."""
-        if self._energy is None:
+        found = self._beam_value(index)
+        if found is None:
             return None
-        value = float(np.ravel(self._energy[()] if self._energy.size == 1
-                               else self._energy[index])[0])
+        value, name = found
         energy = self.geometry.photon_energy_eV_of(value)
         if not np.isfinite(energy) or energy <= 0:
             unit = getattr(self.geometry, "photon_energy_path_unit", None) or "eV"
             raise FormatError(self.path, f"beam value {value} {unit} of frame {index} is not "
-                              "positive", dataset=self._energy.name)
+                              "positive", dataset=name)
         return HC_EV_A / energy
 
     def slab(self, index: int) -> np.ndarray:
-        if not 0 <= index < self.info.n_frames:
-            raise IndexError(f"{self.path}: frame {index} out of range 0..{self.info.n_frames - 1}")
+        data, within, _ = self._dataset_at(index)
         try:
-            raw = self.data[index] if self.info.stacked else self.data[()]
+            raw = data[within] if within is not None else data[()]
         except (OSError, RuntimeError) as exc:  # truncated file, missing VDS source
             raise FormatError(self.path, f"cannot read frame {index} ({exc})",
-                              dataset=self.info.dataset) from exc
+                              dataset=data.name) from exc
         return np.asarray(raw, dtype=np.float32)
+
+    def _mask_dataset(self, where: h5py.File, name: str, data_name: str) -> h5py.Dataset:
+        """A mask dataset, checked against the frames of ``data_name`` when first opened (each
+        event's own mask, with placeholders, is checked as it comes)."""
+        key = (where.filename, name)
+        if key not in self._mask_data:
+            mask = _dataset(where, where.filename, name)
+            check_mask_dataset(where.filename, name, mask, self.info.frame_shape,
+                               self._counts.get(data_name, self.info.n_frames),
+                               self._stacked.get(data_name, self.info.stacked))
+            self._mask_data[key] = mask
+        return self._mask_data[key]
 
     def masks(self, index: int, panels: Sequence[np.ndarray] | None = None
               ) -> list[np.ndarray] | None:
         pieces: list[list[np.ndarray]] = []
         if panels is not None and self._flags:
             pieces.append([flagged_ok(p, f) for p, f in zip(panels, self._flags, strict=False)])
-        for mask, spec, covered in self._masks:
-            raw = (mask[index] if mask.ndim == len(self.info.frame_shape) + 1 else mask[()])
+        data_name, within, values = self._locate(index)
+        for where, location, spec, covered in self._masks:
+            mask = self._mask_dataset(where, _substituted(self.path, location, values), data_name)
+            raw = (mask[within if within is not None else index]
+                   if mask.ndim == len(self.info.frame_shape) + 1 else mask[()])
             good = _split(spec.good(np.asarray(raw)), self.geometry)
             if covered is not None:  # a mask of some panels only: the others keep all pixels
                 good = [g if i in covered else np.ones(g.shape, dtype=bool)
@@ -500,20 +696,27 @@ class _Reader:
     def frame(self, index: int) -> Frame:
         wavelength = self.wavelength_A(index)
         panels = _split(self.slab(index), self.geometry)
+        data, within, values = self._dataset_at(index)
+        if self.info.frames:
+            event = self.info.events[index]
+        else:
+            event = f"//{index}" if self.info.stacked else "//"
         return Frame(
             panels=panels,
             masks=self.masks(index, panels),
             source=self.path,
-            event=f"//{index}" if self.info.stacked else "//",
+            event=event,
             serial=index,
             geometry=self.geometry,
-            meta={"h5_file": self.path, "h5_dataset": self.info.dataset,
-                  "h5_index": index if self.info.stacked else None,
+            meta={"h5_file": self.path, "h5_dataset": data.name, "h5_index": within,
                   "slab_shape": self.info.frame_shape,
+                  # placeholder values (and the frame's place in the file) for what reads the
+                  # file again: the CXI writer's masks, a camera length at a location with '%'
+                  **({"h5_placeholders": list(values), "h5_frame": index} if values else {}),
                   **({} if wavelength is None else {"wavelength_A": wavelength}),
                   # the stored type: integer data mark gaps and bad pixels by it
                   # (finding.sanitise), and slab() makes frames float32
-                  "dtype": str(self.data.dtype)},
+                  "dtype": str(data.dtype)},
         )
 
     def close(self) -> None:
@@ -561,6 +764,7 @@ class CXISource:
         self._options: dict[str, Any] = {"data_path": data_path, "mask_path": mask_path}
         self.info = inspect_cxi(self.path, geometry, **self._options)
         self._reader: _Reader | None = None
+        self._event_numbers: dict[str, int] | None = None
 
     def __len__(self) -> int:
         return self.info.n_frames
@@ -569,8 +773,17 @@ class CXISource:
         return iter_cxi_frames(self.path, self.geometry, **self._options)
 
     def frame_at(self, event: str) -> Frame:
-        """Random access by event (``//N`` is frame N); the file stays open until ``close``."""
-        index = event_index(event)
+        """Random access by event (``//N`` is frame N; with placeholders in the data path,
+        CrystFEL's ``tag_7//`` or ``tag_7//N``); the file stays open until ``close``."""
+        if self.info.events:
+            if self._event_numbers is None:
+                self._event_numbers = {e: i for i, e in enumerate(self.info.events)}
+            index = self._event_numbers.get((event or "").strip(), -1)
+            if index < 0:
+                raise FormatError(self.path, f"no event {event!r} (this file's events are named "
+                                  f"as {self.info.events[0]!r}, through {self.info.dataset})")
+        else:
+            index = event_index(event)
         if index < 0:
             raise FormatError(self.path, f"event {event!r} does not name a frame number")
         if self._reader is None:
@@ -782,7 +995,10 @@ def _frame_clen(frame: Frame, clen_path: str) -> float:
     """The camera length value the source file holds at ``clen_path`` for this frame (NaN if
     the file or the dataset is missing); its unit is the geometry's."""
     source, index = frame.meta.get("h5_file"), frame.meta.get("h5_index")
-    path = clen_path.split()[0]
+    try:  # a location with placeholders takes the frame's own values (its event's group)
+        path = substitute(clen_path.split()[0], frame.meta.get("h5_placeholders") or ())
+    except ValueError:
+        return float("nan")
     if not source or not os.path.exists(source):
         return float("nan")
     with h5py.File(source, "r") as h5:
@@ -958,12 +1174,14 @@ class _CXIFile:
     def _linked_masks(self, frame: Frame) -> list[np.ndarray]:
         """A linked frame's usable pixels read again from its source (:func:`_usable`)."""
         meta = frame.meta
-        key = (meta["h5_file"], meta["h5_dataset"])
+        events = "h5_frame" in meta  # read through the geometry's placeholders, by its place
+        key = (meta["h5_file"], PLACEHOLDER if events else meta["h5_dataset"])
         reader = self._readers.get(key)
         if reader is None:
-            reader = _Reader(key[0], frame.geometry or self.geometry, key[1], None)
+            reader = _Reader(key[0], frame.geometry or self.geometry,
+                             None if events else key[1], None)
             self._readers[key] = reader
-        index = meta.get("h5_index") or 0
+        index = meta["h5_frame"] if events else meta.get("h5_index") or 0
         panels = _split(reader.slab(index), reader.geometry)
         return _usable(panels, reader.masks(index, panels), meta.get("dtype"))
 

@@ -81,6 +81,22 @@ def test_cxi_with_peak_table(tmp_path, capsys, make_geometry_text):
     assert table["max_peaks"] == 2048
 
 
+
+def test_a_file_of_one_group_per_event_is_shown_through_its_geometry(tmp_path, capsys,
+                                                                     make_geometry_text):
+    """``data = /%/data``: peaknet-show counts the events of every group and names the first
+    and last as CrystFEL does (it looked the pattern up as a dataset and failed)."""
+    geom = tmp_path / "events.geom"
+    geom.write_text(make_geometry_text(["p"], 20, 10, [(-10, -5)], data="/%/data", dims=False))
+    src = tmp_path / "events.h5"
+    with h5py.File(src, "w") as h5:
+        for tag in (31, 30, 32):
+            h5[f"/tag_{tag}/data"] = np.full((10, 20), tag, np.float32)
+    (shown,) = run_json(capsys, str(src), "-g", str(geom))
+    assert shown["frames"] == 3 and shown["dataset"] == "/%/data"
+    assert shown["first_and_last_event"] == ["tag_30//", "tag_32//"]
+    assert shown["value_range"] == [30.0, 32.0] and not shown["virtual"]
+
 @pytest.mark.dials
 def test_dials_image_and_tables(real_data, dials_env, capsys):
     image = real_data / "synchrotron_single_images" / "DLS_I23_P12M_thau_00001.cbf.gz"

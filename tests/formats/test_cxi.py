@@ -639,3 +639,129 @@ def test_a_folder_keeps_one_runs_settings(tmp_path):
         with h5py.File(latest, "a") as h5:
             h5.attrs[SETTINGS_ATTR] = "{broken"
         read_settings(latest)
+
+
+# ---- CrystFEL's path placeholders: one group per event (``data = /%/data``) ------------------
+
+#: Per-event data, mask and beam values, as SACLA-style files hold them (each '%' a group name).
+EVENT_KEYS = ("photon_energy = /%/photon_energy_eV\nclen = /%/clen mm\nmask = /%/mask\n"
+              "mask_good = 0x1\nmask_bad = 0x0\n")
+
+
+def _event_geometry(make_geometry_text, *, data: str = "/%/data", stacked: bool = False):
+    """CXI_GEOMETRY reading each event's frame (a stack with ``stacked``) from ``data``."""
+    settings = dict(CXI_GEOMETRY, photon_energy=None, clen=None, data=data, dims=stacked)
+    text = make_geometry_text(**settings)
+    text = "\n".join(line for line in text.splitlines()
+                     if not line.startswith(("photon_energy", "clen")))
+    return parse_geometry(EVENT_KEYS + text + "\n")
+
+
+def _event_file(path: Path, tags: list[int], *, frames: int = 0) -> dict[int, np.ndarray]:
+    """Groups ``tag_N`` written in the given (unsorted) order, each with its pixels (a stack of
+    ``frames`` with frames > 0), a mask with one bad pixel at row N, an energy and a camera
+    length; beside them a dataset and a group that no event path matches."""
+    rng = np.random.default_rng(3)
+    pixels = {}
+    with h5py.File(path, "w") as h5:
+        h5["/file_info"] = 7  # a dataset where the placeholder looks for groups
+        h5.create_group("/tag_99_empty")  # a group without data: no event
+        for tag in tags:
+            shape = (frames, 32, 32) if frames else (32, 32)
+            pixels[tag] = rng.integers(0, 1000, size=shape).astype(np.uint16)
+            h5[f"/tag_{tag}/data"] = pixels[tag]
+            mask = np.ones((32, 32), np.uint8)
+            mask[tag, 5] = 0
+            h5[f"/tag_{tag}/mask"] = mask
+            h5[f"/tag_{tag}/photon_energy_eV"] = 9000.0 + tag
+            h5[f"/tag_{tag}/clen"] = 100.0 + tag
+    return pixels
+
+
+def test_path_placeholders_read_one_event_per_group_in_crystfels_order(tmp_path,
+                                                                       make_geometry_text):
+    """``data = /%/data`` (crystfel_geometry(5), "PANEL DATA LOCATIONS"): each group holding the
+    rest of the path is one event, in name order, named as CrystFEL names it (``tag_3//``); the
+    event's mask and beam values come from the same group (``mask = /%/mask``)."""
+    from peaknet_xtal.formats.geometry import HC_EV_A
+
+    geometry = _event_geometry(make_geometry_text)
+    path = tmp_path / "run.h5"
+    pixels = _event_file(path, [12, 3, 7])
+    info = inspect_cxi(path, geometry)
+    assert info.n_frames == 3 and info.events == ("tag_12//", "tag_3//", "tag_7//")
+    frames = list(iter_cxi_frames(path, geometry))
+    for frame, tag in zip(frames, [12, 3, 7], strict=True):
+        assert frame.event == f"tag_{tag}//" and frame.meta["h5_dataset"] == f"/tag_{tag}/data"
+        np.testing.assert_array_equal(geometry.assemble_slab(frame.panels), pixels[tag])
+        bad = ~geometry.assemble_slab(frame.masks, fill=True)
+        assert bad[tag, 5] and bad.sum() == 1 + 4  # its own bad pixel and the bad region
+        assert frame.meta["wavelength_A"] == pytest.approx(HC_EV_A / (9000.0 + tag))
+    source = CXISource(path, geometry)
+    try:
+        again = source.frame_at("tag_3//")
+        np.testing.assert_array_equal(geometry.assemble_slab(again.panels), pixels[3])
+        with pytest.raises(FormatError, match="no event '//1'") as err:
+            source.frame_at("//1")
+        assert str(path) in str(err.value)
+    finally:
+        source.close()
+
+
+def test_path_placeholders_with_stacks_and_what_is_refused(tmp_path, make_geometry_text):
+    """A placeholder group may hold a stack (``dim0 = %``): its frames are ``tag_3//0`` ...;
+    events of different shapes, a placeholder inside a path component (CrystFEL finds no event
+    there) and a pattern nothing matches are refused naming the file."""
+    geometry = _event_geometry(make_geometry_text, stacked=True)
+    path = tmp_path / "stacks.h5"
+    pixels = _event_file(path, [4, 2], frames=2)
+    stack_masks = {}
+    with h5py.File(path, "a") as h5:  # per-frame masks of a stack are read per frame
+        del h5["/tag_2/mask"]
+        stack_masks[2] = np.ones((2, 32, 32), np.uint8)
+        stack_masks[2][1, 9, 9] = 0
+        h5["/tag_2/mask"] = stack_masks[2]
+    frames = list(iter_cxi_frames(path, geometry))
+    assert [f.event for f in frames] == ["tag_2//0", "tag_2//1", "tag_4//0", "tag_4//1"]
+    np.testing.assert_array_equal(geometry.assemble_slab(frames[3].panels), pixels[4][1])
+    assert frames[3].meta["h5_index"] == 1 and frames[3].meta["h5_frame"] == 3
+    assert not geometry.assemble_slab(frames[1].masks, fill=True)[9, 9]
+    assert geometry.assemble_slab(frames[0].masks, fill=True)[9, 9]
+    with h5py.File(path, "a") as h5:
+        h5["/tag_5/data"] = np.zeros((2, 40, 32), np.uint16)
+    with pytest.raises(FormatError, match="must share a frame shape") as err:
+        inspect_cxi(path, geometry)
+    assert str(path) in str(err.value)
+    for pattern, message in (("/tag_%/data", "part of a path component"),
+                             ("/%/image", "no dataset matches")):
+        with pytest.raises(FormatError, match=message):
+            inspect_cxi(path, _event_geometry(make_geometry_text, data=pattern, stacked=True))
+
+
+@pytest.mark.parametrize("mode", ["vds", "copy"])
+def test_events_of_path_placeholders_travel_into_the_cxi_output(tmp_path, make_geometry_text,
+                                                                mode):
+    """The written CXI file is a plain ``dim0 = %`` stack indexamajig reads: each event's pixels
+    (linked to its own dataset, or copied), mask, photon energy and camera length, the event
+    ids kept; also for frames that reach the writer without pixels (as Ray sends them)."""
+    import dataclasses
+
+    from peaknet_xtal.formats.cxi import CLEN_PATH, PHOTON_ENERGY_PATH
+
+    geometry = _event_geometry(make_geometry_text)
+    src = tmp_path / "run.h5"
+    pixels = _event_file(src, [6, 1])
+    frames = list(iter_cxi_frames(src, geometry))
+    if mode == "vds":
+        frames[1] = dataclasses.replace(frames[1], panels=[], masks=None)
+    out = tmp_path / "peaks.cxi"
+    assert write_cxi(out, _results(frames, [2, 3]), geometry, mode=mode) == mode
+    with h5py.File(out, "r") as h5:
+        assert h5[DATA_PATH].is_virtual == (mode == "vds")
+        np.testing.assert_array_equal(h5[DATA_PATH][0], pixels[1])
+        np.testing.assert_array_equal(h5[DATA_PATH][1], pixels[6])
+        mask = h5["/entry_1/data_1/mask"][()]
+        assert not mask[0, 1, 5] and not mask[1, 6, 5] and mask[0, 6, 5] and mask[1, 1, 5]
+        np.testing.assert_array_equal(h5[PHOTON_ENERGY_PATH][()], [9001.0, 9006.0])
+        np.testing.assert_array_equal(h5[CLEN_PATH][()], [101.0, 106.0])
+        assert list(h5["/entry_1/peaknet/event"].asstr()[()]) == ["tag_1//", "tag_6//"]

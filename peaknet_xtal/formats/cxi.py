@@ -275,8 +275,10 @@ def _mask_plan(h5: h5py.File, path: str, geometry: Any, mask_path: str | None,
     without a dataset is at :data:`DEFAULT_MASK_PATHS`, and with no mask 0 at all the image
     file's own mask there is used when it has one (psocake writes it).  A dataset the geometry
     names that the image file lacks is warned about and skipped (CrystFEL would stop); one in
-    a mask file must be there.  Placeholders in a mask's location take the data path's
-    ``values`` (those of the first event: the check is on its dataset)."""
+    a mask file must be there.  A geometry's mask with neither good nor bad bits masks no
+    pixel, as in CrystFEL (both default to 0), with a warning.  Placeholders in a mask's
+    location take the data path's ``values`` (those of the first event: the check is on its
+    dataset)."""
     all_specs: list[tuple[MaskSpec, tuple[int, ...]]] = (
         geometry.mask_specs() if geometry is not None else [])
     n_panels = len(geometry.panels) if geometry is not None else 1
@@ -298,6 +300,9 @@ def _mask_plan(h5: h5py.File, path: str, geometry: Any, mask_path: str | None,
             continue  # zero bits and no location (the parser refuses anything else): no mask
         dataset = spec.data or DEFAULT_MASK_PATHS[0]
         covered = None if len(panels) == n_panels else panels
+        if spec.goodbits is None and spec.badbits is None:
+            _warn_bitless(geometry, spec, dataset)
+            continue
         if spec.file is None and h5.get(_substituted(path, dataset, values)) is None:
             if spec.data is not None:
                 # the geometry names a mask this file lacks: CrystFEL would stop; we go on
@@ -317,6 +322,27 @@ def _mask_plan(h5: h5py.File, path: str, geometry: Any, mask_path: str | None,
                 check_mask_dataset(source.file, name, _dataset(other, source.file, name),
                                    frame_shape, n_frames, stacked)
     return plan
+
+
+#: (geometry, mask number) already warned about by :func:`_warn_bitless`
+_BITLESS_WARNED: set[tuple[str, int]] = set()
+
+
+def _warn_bitless(geometry: Any, spec: MaskSpec, dataset: str) -> None:
+    """Once per geometry and mask: a mask without ``maskN_goodbits``/``maskN_badbits`` (nor
+    ``mask_good``/``mask_bad`` for mask 0) marks no pixel bad in CrystFEL (crystfel_geometry(5):
+    bad unless every good bit is set, or if any bad bit is), so none here either: guessing
+    which values mean good would mask every good pixel of a 0-is-good mask."""
+    where = str(getattr(geometry, "path", None) or "the geometry")
+    if (where, spec.index) in _BITLESS_WARNED:
+        return
+    _BITLESS_WARNED.add((where, spec.index))
+    good, bad = (("mask_good", "mask_bad") if spec.index == 0
+                 else (f"mask{spec.index}_goodbits", f"mask{spec.index}_badbits"))
+    log.warning("%s: mask %d (%s) gives neither %s nor %s, so it marks no pixel bad (as in "
+                "CrystFEL, where both default to 0); add %s = 0x1 if 1 marks a good pixel, or "
+                "%s = 0xffff if any nonzero value marks a bad one", where, spec.index, dataset,
+                good, bad, good, bad)
 
 
 def _substituted(path: str, pattern: str, values: tuple[str, ...]) -> str:

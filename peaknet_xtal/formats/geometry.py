@@ -1302,9 +1302,26 @@ class _Parser:
         self._check_no_effect()
         self._check_groups()
         g.data = self._one_dataset()
+        self._check_placeholders(g)
         self._check_overlaps(g.panels)
         self._check_distance(g.panels)
         return g
+
+    def _check_placeholders(self, g: Geometry) -> None:
+        """A mask or saturation map location takes its placeholders' values from the event of
+        the data path (``/%/mask`` beside ``data = /%/data``): one with more '%' than the data
+        path has none for the rest, and CrystFEL refuses the file."""
+        n = (g.data or "/data/data").count("%")
+        locations = [(f"mask{spec.index} location {spec.data}", spec.data)
+                     for specs in g.panel_masks() for spec in specs if spec.data]
+        locations += [(f"saturation_map {value}", value) for key, value in g.keys.items()
+                      if key == "saturation_map"]
+        locations += [(f"{p.name}/saturation_map {p.extra['saturation_map']}",
+                       p.extra["saturation_map"]) for p in g.panels if "saturation_map" in p.extra]
+        for what, value in locations:
+            if value.count("%") > n:
+                raise self.fail(None)(f"{what} has more '%' placeholders than the data path "
+                                      f"{g.data or '/data/data'} ({n}); CrystFEL refuses this")
 
     def _check_no_effect(self) -> None:
         """A top-level panel property applies to the panels defined after it; one after the

@@ -203,6 +203,37 @@ def test_zero_bits_without_a_mask_are_accepted_as_crystfel_does():
     assert parse_geometry(geom(p1="mask4_badbits = 0")).free_mask_slot() == 0
 
 
+def test_a_mask_without_bits_masks_nothing_as_in_crystfel_and_says_so(tmp_path, caplog):
+    """crystfel_geometry(5): a pixel is bad unless every goodbit is set, or if any badbit is;
+    both default to 0, so a mask given without them marks no pixel bad.  Read as "nonzero =
+    good", a Cheetah-style mask (0 = good) given so masked every good pixel, silently."""
+    cheetah = np.zeros(SHAPE[1:], np.uint16)
+    cheetah[2, 3] = 0x8  # bad in the file's own convention
+    path = tmp_path / "run.h5"
+    stack(path, pixelmask=cheetah)
+    for top in ("mask = /pixelmask", "mask2_data = /pixelmask"):
+        caplog.clear()
+        geometry = parse_geometry(geom(top=top), str(tmp_path / f"{top[:5]}.geom"))
+        masks = frame_masks(path, geometry)
+        assert all(m.all() for m in masks)
+        said = [r.getMessage() for r in caplog.records if "marks no pixel bad" in r.getMessage()]
+        assert len(said) == 1 and ("mask_good" if top.startswith("mask =") else "mask2_goodbits"
+                                   ) in said[0]
+    geometry = parse_geometry(geom(top="mask = /pixelmask\nmask_bad = 0xffff"))
+    (first, second) = frame_masks(path, geometry)
+    assert not first[2, 3] and first.sum() == first.size - 1 and (second == first).all()
+
+
+@pytest.mark.parametrize("line", ["mask = /%/m", "mask5_data = /%/m5",
+                                  "saturation_map = /%/sat"])
+def test_a_location_with_more_placeholders_than_the_data_path_is_refused(line):
+    """CrystFEL takes a mask's (or saturation map's) placeholder values from the data path's
+    event and refuses a location with more of them than the data path has."""
+    with pytest.raises(GeometryError, match="more '%' placeholders than the data path"):
+        parse_geometry(geom(top=f"{line}\nmask_good = 1"))
+    assert parse_geometry(geom(top=f"{line}\nmask_good = 1", data="/%/data")).data == "/%/data"
+
+
 def test_the_rules_checker_refuses_a_mask_numbered_8():
     """CrystFEL keeps masks 0-7 and does not check the number of ``mask8_data``."""
     text = geom(top="mask8_data = /m8")

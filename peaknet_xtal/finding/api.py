@@ -103,7 +103,8 @@ class PeakFinder:
         """Peak tables (pairs with ``with_bbox``) of a run's images, in order.
 
         ``images``: a dxtbx ImageSet (each of its images) or an iterable of images in any form
-        :meth:`find` takes (``mask``, ``geometry``, ``wavelength_A`` apply to each).  As
+        :meth:`find` takes (``mask``, ``geometry``, ``wavelength_A`` apply to each: one mask for
+        the run; an image with its own mask comes as a numpy masked array).  As
         ``peaknet2cxi`` finds a run: the first images are read ahead and counted by the defect
         filter, so a hot pixel is not reported on the run's first image either; from the image
         after the read-ahead on, :meth:`find` one image at a time gives the same peaks.
@@ -170,7 +171,13 @@ class PeakFinder:
             if masks is not None:
                 masks = _panels_of(masks, geometry, "the image's own mask")
         if mask is not None:
-            given = [np.asarray(m).astype(bool) for m in _panels_of(mask, geometry, "mask")]
+            try:
+                given = [np.asarray(m).astype(bool) for m in _panels_of(mask, geometry, "mask")]
+            except ValueError as exc:  # e.g. a list of per-image masks given to find_run
+                raise ValueError(f"mask: {exc}; mask is one image's good pixels (a 2-D array, a "
+                                 "3-D stack of panels or a list of per-panel arrays), the same "
+                                 "for every image of find_run; give images their own masks as "
+                                 "numpy masked arrays (numpy.ma, masked = bad)") from None
             masks = given if masks is None else [a & b for a, b in zip(masks, given, strict=False)]
         return Frame(panels=panels, masks=masks, geometry=geometry,
                      meta={"wavelength_A": wavelength_A, "adu_per_photon": gain})

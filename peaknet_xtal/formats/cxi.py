@@ -304,8 +304,9 @@ def _mask_plan(h5: h5py.File, path: str, geometry: Any, mask_path: str | None,
             _warn_bitless(geometry, spec, dataset)
             continue
         if spec.file is None and h5.get(_substituted(path, dataset, values)) is None:
-            if spec.data is not None:
+            if spec.data is not None and (path, dataset) not in _MISSING_WARNED:
                 # the geometry names a mask this file lacks: CrystFEL would stop; we go on
+                _MISSING_WARNED.add((path, dataset))  # once: a file is inspected more than once
                 log.warning("%s: no mask dataset %s (mask %d, named by the geometry %s); "
                             "reading the frames without it: only the geometry's other masks, "
                             "bad regions and flags mask pixels", path, dataset, spec.index,
@@ -318,12 +319,20 @@ def _mask_plan(h5: h5py.File, path: str, geometry: Any, mask_path: str | None,
             check_mask_dataset(path, name, _dataset(h5, path, name), frame_shape, n_frames,
                                stacked)
         else:
+            if not os.path.exists(source.file):
+                key = "mask_file" if source.spec.index == 0 else f"mask{source.spec.index}_file"
+                raise FormatError(source.file, f"mask file not found (named by {key} in the "
+                                  f"geometry {getattr(geometry, 'path', None) or ''}; a relative "
+                                  f"name is taken from the working directory, {os.getcwd()}, "
+                                  "as CrystFEL takes it)")
             with open_h5(source.file) as other:
                 check_mask_dataset(source.file, name, _dataset(other, source.file, name),
                                    frame_shape, n_frames, stacked)
     return plan
 
 
+#: (image file, mask dataset) already warned about as missing
+_MISSING_WARNED: set[tuple[str, str]] = set()
 #: (geometry, mask number) already warned about by :func:`_warn_bitless`
 _BITLESS_WARNED: set[tuple[str, int]] = set()
 

@@ -267,6 +267,7 @@ def test_missing_mask_dataset_warns_and_continues(stacks, tmp_path, caplog):
     assert summary["status"] == "ok" and summary["frames"] == N_FRAMES + 1
     warned = [r.getMessage() for r in caplog.records if "no mask dataset" in r.getMessage()]
     assert warned and str(no_mask) in warned[0] and "/entry_1/data_1/mask" in warned[0]
+    assert len(warned) == 1  # once, though the file is opened more than once
 
 
 def test_bad_inputs_fail_clearly_and_keep_finished_results(stacks, tmp_path, capsys):

@@ -305,6 +305,21 @@ def test_masked_arrays_keep_their_masked_pixels_out():
     assert sorted(listed["panel"].tolist()) == [0, 1, 1]
 
 
+def test_per_image_masks_go_with_their_images_not_as_the_runs_mask():
+    """find_run's ``mask`` is one mask for every image; a list of per-image masks there is
+    refused saying so (it said "panel 0 must be 2-D"), and masked arrays carry each image's."""
+    finder = PeakFinder(predictor=bright_pixels)
+    image = spots_image()
+    bad = np.zeros(image.shape, bool)
+    bad[45, 70] = True
+    stack = np.stack([image, image])
+    with pytest.raises(ValueError, match="the same for every image of find_run") as err:
+        list(finder.find_run([stack, stack], mask=[~np.stack([bad, bad])] * 2))
+    assert "numpy masked arrays" in str(err.value)
+    masked = list(finder.find_run([np.ma.array(image, mask=bad), image]))
+    assert [len(p) for p in masked] == [1, 2]
+
+
 def test_a_slab_with_its_multi_panel_geometry_is_split_into_its_panels(make_geometry_text):
     """One raw array in the geometry's layout goes to the panels the geometry defines (as
     peaknet2cxi reads it), so peaks carry their panel and 1/d; a shape that fits neither the

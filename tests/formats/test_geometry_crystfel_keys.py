@@ -11,7 +11,7 @@ import h5py
 import numpy as np
 import pytest
 
-from peaknet_xtal.errors import GeometryError
+from peaknet_xtal.errors import FormatError, GeometryError
 from peaknet_xtal.formats.cxi import (
     MASK_PATH,
     PHOTON_ENERGY_PATH,
@@ -232,6 +232,23 @@ def test_a_location_with_more_placeholders_than_the_data_path_is_refused(line):
     with pytest.raises(GeometryError, match="more '%' placeholders than the data path"):
         parse_geometry(geom(top=f"{line}\nmask_good = 1"))
     assert parse_geometry(geom(top=f"{line}\nmask_good = 1", data="/%/data")).data == "/%/data"
+
+
+def test_a_missing_mask_file_is_an_error_naming_the_key_and_the_geometry(tmp_path,
+                                                                          monkeypatch):
+    """CrystFEL stops when a mask file is missing; so do we, saying which geometry key named it
+    and where a relative name was looked for (the working directory)."""
+    path = tmp_path / "run.h5"
+    stack(path)
+    monkeypatch.chdir(tmp_path)
+    for top, key in (("mask_file = gone.h5\nmask = /m\nmask_good = 1", "mask_file"),
+                     ("mask4_file = gone.h5\nmask4_data = /m\nmask4_badbits = 1", "mask4_file")):
+        geometry = parse_geometry(geom(top=top), "det.geom")
+        with pytest.raises(FormatError, match="mask file not found") as err:
+            frame_masks(path, geometry)
+        said = str(err.value)
+        assert "gone.h5" in said and f"{key} in the geometry det.geom" in said
+        assert str(tmp_path) in said
 
 
 def test_the_rules_checker_refuses_a_mask_numbered_8():

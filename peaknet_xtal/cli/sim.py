@@ -4,7 +4,9 @@
                 [--name NAME] [--overwrite]
 
 Writes DIR/sim.cxi (raw-layout CXI stack with a static mask and the true strong peaks as a CXI
-peak table), DIR/sim.geom (numeric clen/photon energy, peak_list keys; `dials.import DIR/sim.cxi`
+peak table; a stacked EuXFEL-style layout is stored as one slab, modules one below another, as
+peaknet2cxi stores it, since indexamajig places CXI peaks by slab position), DIR/sim.geom
+(numeric clen/photon energy, peak_list keys; `dials.import DIR/sim.cxi`
 reads it through the peaknet_dxtbx format), DIR/sim_truth.h5 (every reflection, crystal and peak
 mask), DIR/sim.stream (the true crystals as indexamajig would write them) and DIR/sim_config.json
 (the settings that made them); --name NAME writes NAME.cxi and so on instead.  Frame i uses seed

@@ -3,7 +3,11 @@
 The stack uses the raw data layout of the source geometry (``/entry_1/data_1/data`` of shape
 ``(n, *slab_shape)``, float32 ADU) with a static ``/entry_1/data_1/mask`` (1 = good) and the true
 strong peaks as a Cheetah/CrystFEL CXI peak table in ``/entry_1/result_1`` (raw slab coordinates,
-pixel-centre origin, as indexamajig expects with its default half-pixel shift).  The ``.geom``
+pixel-centre origin, as indexamajig expects with its default half-pixel shift).  A stacked layout
+(EuXFEL-style modules along a fixed dimension, ``p0/dim1 = 3``) is stored as one 2-D slab instead,
+the modules one below another (``Geometry.as_slab``, as ``peaknet2cxi`` stores it): CrystFEL
+places a CXI peak by its slab position alone, and the modules of a stack share one fs/ss range.
+Its truth peak masks and stream use that slab's coordinates too.  The ``.geom``
 written beside it has the same stem, numeric ``clen``/``photon_energy`` (the values the frames were
 simulated with) and the ``peak_list`` keys, so CrystFEL, DIALS (through ``peaknet_dxtbx``) and
 ``peaknet_xtal.formats.cxi`` all read the stack with the right geometry.
@@ -35,7 +39,10 @@ MAX_PEAKS = DEFAULT_MAX_PEAKS
 
 
 def run_geometry(geometry: Any, wavelength_A: float, clen_m: float, adu_per_photon: float) -> Any:
-    """The geometry as the simulated stack needs it: numeric beam/distance, CXI stack layout."""
+    """The geometry as the simulated stack needs it: numeric beam/distance, CXI stack layout, a
+    stacked layout's modules laid out as one slab (``Geometry.as_slab``; a slab layout is kept as
+    it is).  Panels keep their order, names and lab placement, so per-panel truth is unchanged."""
+    geometry = geometry.as_slab()
     panels = []
     for panel in geometry.panels:
         dims = list(panel.dims)
@@ -65,7 +72,8 @@ class CXIStackWriter:
     def __init__(self, path: str | os.PathLike[str], geometry: Any, mask: list[np.ndarray],
                  wavelength_A: float, clen_m: float, adu_per_photon: float) -> None:
         self.path = Path(path)
-        self.geometry = geometry
+        self.geometry = geometry.as_slab()  # run_geometry's already (its .geom describes it)
+        geometry = self.geometry
         self.geom_path = self.path.with_suffix(".geom")
         self._atomic = atomic_path(self.path)
         tmp = self._atomic.__enter__()
@@ -131,7 +139,8 @@ class TruthWriter:
                               ("cell", "f8", (6,)), ("lattice", "S16"), ("centring", "S1")])
 
     def __init__(self, path: str | os.PathLike[str], geometry: Any) -> None:
-        self.geometry = geometry
+        self.geometry = geometry.as_slab()  # the layout of the run's .geom (see run_geometry)
+        geometry = self.geometry
         self._atomic = atomic_path(path)
         self.h5 = h5py.File(self._atomic.__enter__(), "w")
         slab = tuple(geometry.slab_shape)

@@ -156,6 +156,7 @@ def stream_chunk(filename: str, index: int, truth: Any, geometry: Any) -> Any:
     from peaknet_xtal.formats.stream import Crystal, chunk_from_peak_table
     from peaknet_xtal.types import peaks_from_columns
 
+    geometry = geometry.as_slab()  # run_geometry's already: the layout of the run's .geom
     strong = truth.strong
     gain = truth.adu_per_photon
     peaks = peaks_from_columns(panel=strong["panel"], fs=strong["fs"], ss=strong["ss"],
@@ -197,4 +198,4 @@ def stream_chunk(filename: str, index: int, truth: Any, geometry: Any) -> Any:
 def write_truth_stream(path: Path, geometry: Any, chunks: list[Any]) -> None:
     from peaknet_xtal.formats.stream import write_stream
 
-    write_stream(path, chunks, geometry_text=geometry.to_text())
+    write_stream(path, chunks, geometry_text=geometry.as_slab().to_text())

@@ -40,6 +40,7 @@ different detectors go to separate output folders.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -238,7 +239,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exit_status(exc)
     except (PeakNetError, OSError, ValueError) as exc:
         print(f"peaknet2cxi: error: {exc}", file=sys.stderr)
+        full = write_failed(exc)
+        if full is not None:
+            print("peaknet2cxi: the output could not be written: its disk is full (or a file "
+                  "size or quota limit was reached); free space first", file=sys.stderr)
         _say_what_is_kept(Path(config["output"]), rerun=rerun_can_help(exc))
+        if full is not None and HDF5_WRITE_FAILED in str(full):
+            # HDF5 keeps the dropped file whose writes failed in its own tables and crashes
+            # flushing it when the interpreter shuts down (a segmentation fault, exit 139,
+            # after these lines): everything finished is closed and said, so leave without it
+            sys.stdout.flush()
+            sys.stderr.flush()
+            logging.shutdown()
+            os._exit(1)
         return 1
     this = summary["this_run"]
     print(f"peaknet2cxi: {summary['output']} holds {summary['frames']} frames in "
@@ -258,6 +271,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         print(f"next: {summary['indexamajig']}")
         print("      (YOUR.cell: your unit cell file, CrystFEL .cell or PDB CRYST1)")
+    if summary.get("list") and any(c.isspace() for c in str(Path(summary["list"]).resolve())):
+        print(f"note: indexamajig reads a list line as 'FILE EVENT', split at spaces, and "
+              f"{summary['list']} names files in a folder whose path holds a space: it will "
+              "not find them; use an output folder without spaces")
     return 0
 
 
@@ -286,7 +303,29 @@ def rerun_can_help(exc: BaseException) -> bool:
         current = current.__cause__ or current.__context__
     if any(isinstance(e, FormatError) for e in chain):
         return False
+    if any(isinstance(e, PermissionError)
+           or (isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS))
+           for e in chain):
+        return False  # a folder it may not write to: the same command fails the same way
     return any(isinstance(e, OSError) for e in chain)
+
+
+#: errno values of a write that failed for want of room: a full disk, a quota, a size limit
+NO_ROOM = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+#: How HDF5's file driver words a failed write (h5py raises it as an OSError with its errno)
+HDF5_WRITE_FAILED = "file write failed"
+
+
+def write_failed(exc: BaseException) -> OSError | None:
+    """The write in ``exc`` (or what caused it) that found no room (:data:`NO_ROOM`), if any."""
+    current: BaseException | None = exc
+    seen: list[BaseException] = []
+    while current is not None and current not in seen:
+        if isinstance(current, OSError) and current.errno in NO_ROOM:
+            return current
+        seen.append(current)
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def _say_what_is_kept(outdir: Path, *, rerun: bool) -> None:
@@ -588,9 +627,17 @@ def expand_inputs(inputs: Sequence[Any]) -> list[dict[str, Any]]:
             lines = list(_list_lines(path))
             if not lines:
                 raise FormatError(path, "the list names no files")
+            repeated = 0
             for line_no, line in lines:
-                parts = line.split()
-                target = _locate(parts[0], path)
+                # a whole line naming a file is that file (a path with spaces, which indexamajig
+                # itself would split); else ``FILE`` or ``FILE EVENT``, as indexamajig reads it
+                target = _locate(line, path)
+                parts = [line] if target is not None else line.split()
+                if len(parts) > 2:
+                    raise FormatError(path, f"{line!r}: a list line is 'FILE' or 'FILE EVENT' "
+                                      f"(indexamajig's list format), not {len(parts)} words",
+                                      line=line_no)
+                target = target or _locate(parts[0], path)
                 if target is None:
                     raise FormatError(path, f"listed file {parts[0]!r} not found", line=line_no)
                 entry = out.setdefault(str(target), {"path": str(target), "events": set(),
@@ -598,9 +645,13 @@ def expand_inputs(inputs: Sequence[Any]) -> list[dict[str, Any]]:
                 if len(parts) > 1:
                     if entry["events"] is None:
                         continue
+                    repeated += parts[1] in entry["events"]
                     entry["events"].add(parts[1])
                 else:
                     entry["events"] = None
+            if repeated:
+                log.warning("%s: %d event(s) listed more than once; each is processed once",
+                            path, repeated)
         else:
             if not path.exists():
                 raise FormatError(path, "input file not found")
@@ -618,7 +669,7 @@ def _list_lines(path: Path) -> Iterator[tuple[int, str]]:
         raise FormatError(path, f"cannot read list file ({exc})") from exc
     for number, line in enumerate(text.splitlines(), start=1):
         line = line.split(";", 1)[0].strip()
-        if line:
+        if line and not line.startswith("#"):  # '#' lines: comments, as in shell-made lists
             yield number, line
 
 

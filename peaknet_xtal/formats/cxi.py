@@ -894,6 +894,10 @@ def read_cxi_peaks(path: str | os.PathLike[str], group: str = PEAK_GROUP) -> CXI
         if n_peaks.ndim != 1:
             raise FormatError(path, f"nPeaks must be 1-D, not {n_peaks.shape}",
                               dataset=f"{group}/nPeaks")
+        if len(n_peaks) and n_peaks.min() < 0:
+            row = int(np.argmin(n_peaks))
+            raise FormatError(path, f"nPeaks of frame {row} is {int(n_peaks[row])}: a peak count "
+                              "cannot be negative", dataset=f"{group}/nPeaks")
         columns: dict[str, np.ndarray] = {}
         grp = h5[group]
         for name in grp:
@@ -1265,10 +1269,14 @@ class _CXIFile:
         self._atomic.__exit__(None, None, None)
 
     def abort(self) -> None:
-        """Drop the file: nothing appears under its name."""
+        """Drop the file: nothing appears under its name.  Closing a file whose writes failed
+        (a full disk) fails again in HDF5 ("Can't decrement id ref count"); that second error
+        would replace the one that says what happened, so it is dropped with the file."""
         self._close_readers()
         try:
             self.h5.close()
+        except (OSError, RuntimeError, ValueError) as exc:
+            log.debug("%s: closing the dropped file failed too (%s)", self.path, exc)
         finally:
             self._atomic.__exit__(RuntimeError, RuntimeError("aborted"), None)
 

@@ -23,12 +23,14 @@ import h5py
 import numpy as np
 
 from peaknet_xtal.atomic import atomic_path, write_text_atomic
+from peaknet_xtal.errors import FormatError
 from peaknet_xtal.formats.cxi import (
     DATA_PATH,
     DEFAULT_MAX_PEAKS,
     GEOMETRY_ATTR,
     MASK_PATH,
     PEAK_GROUP,
+    open_h5,
 )
 from peaknet_xtal.formats.geometry import HC_EV_A
 from peaknet_xtal.sim.simulate import REFLECTION_DTYPE, SimTruth
@@ -182,9 +184,18 @@ class TruthWriter:
 
 
 def read_truth(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
-    """The tables of a truth file written by :class:`TruthWriter` (peak masks stay on disk)."""
-    with h5py.File(path, "r") as h5:
-        return {name: h5[name][()] for name in ("reflections", "frames", "crystals")}
+    """The tables of a truth file written by :class:`TruthWriter` (peak masks stay on disk);
+    a missing, damaged or foreign file is a FormatError naming it and what is wrong."""
+    path = os.fspath(path)
+    tables = {}
+    with open_h5(path) as h5:
+        for name in ("reflections", "frames", "crystals"):
+            try:
+                tables[name] = h5[name][()]
+            except (KeyError, OSError, RuntimeError) as exc:
+                raise FormatError(path, f"no readable {name} table (a peaknet-sim truth file "
+                                  f"holds one): {exc}", dataset=f"/{name}") from None
+    return tables
 
 
 def write_run_geometry(path: str | os.PathLike[str], geometry: Any) -> None:

@@ -122,6 +122,19 @@ def test_stream_whose_images_are_missing_is_one_line_and_leaves_no_output(run, t
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
 
 
+def test_stream_naming_a_frame_its_image_lacks_is_one_line(run, tmp_path, capsys):
+    """``Event: //99`` of a 2-frame file: one line naming the stream, its line, the event and
+    the image (it was a traceback: IndexError from the reader)."""
+    stream = tmp_path / "beyond.stream"
+    text = run.stream.read_text().replace(f"Image filename: {run.cxi.name}",
+                                          f"Image filename: {run.cxi}")
+    assert "Event: //1\n" in text
+    stream.write_text(text.replace("Event: //1\n", "Event: //99\n"))
+    assert main([str(stream), "-o", str(tmp_path / "out"), "--no-progress"]) == 1
+    line = _one_error_line(capsys, "beyond.stream", "'//99'", run.cxi.name, "out of range")
+    assert "line " in line
+
+
 def test_interrupted_stream_keeps_its_frames_under_a_partial_name_and_continues(run, tmp_path,
                                                                                 capsys):
     """The first frame's image is there, the second's is not: the first frame's chunk is kept

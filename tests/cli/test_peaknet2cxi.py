@@ -498,6 +498,39 @@ def test_config_file_null_lifts_the_peak_cap_and_types_are_checked(tmp_path):
 # inputs with nothing in them, and output folders that are not ours (issue 19)
 
 
+def test_list_lines_as_indexamajig_reads_them_and_what_it_cannot(tmp_path, caplog):
+    """'#' lines are comments; a line naming a file with spaces is that file; a third word is
+    an error (it was dropped); an event listed twice is processed once, with a warning."""
+    from peaknet_xtal.cli.peaknet2cxi import expand_inputs
+
+    plain = tiny_stack(tmp_path / "a.h5")
+    spaced = tiny_stack(tmp_path / "run one ü.h5")
+    listing = tmp_path / "files.lst"
+    listing.write_text(f"# made by a script\n{plain} //1\n{plain} //1\n{plain} //2\n"
+                       f"{spaced}\n")
+    with caplog.at_level("WARNING"):
+        entries = {Path(e["path"]).name: e["events"] for e in expand_inputs([str(listing)])}
+    assert entries == {"a.h5": {"//1", "//2"}, "run one ü.h5": None}
+    assert any("1 event(s) listed more than once" in r.getMessage() for r in caplog.records)
+    listing.write_text(f"{plain} //1 extra\n")
+    with pytest.raises(FormatError, match="not 3 words") as err:
+        expand_inputs([str(listing)])
+    assert "line 1" in str(err.value)
+
+
+def test_an_output_folder_with_a_space_gets_a_note_for_indexamajig(tmp_path, capsys):
+    """indexamajig splits list lines at spaces: peaknet.lst in such a folder names files it
+    cannot find, so the run says so under its next step."""
+    good = tiny_stack(tmp_path / "good.h5")
+    outdir = tmp_path / "out put"
+    assert main([str(good), "-o", str(outdir), "--no-progress", "--min-peaks", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "note: indexamajig reads a list line as 'FILE EVENT'" in out
+    assert main([str(good), "-o", str(tmp_path / "output"), "--no-progress",
+                 "--min-peaks", "0"]) == 0
+    assert "note: indexamajig" not in capsys.readouterr().out
+
+
 def test_zero_frames_and_empty_lists_say_so_and_name_no_files(stacks, tmp_path, capsys):
     geom_path, geometry, stack, _, _ = stacks["cspad"]
     empty_stack = tmp_path / "empty.cxi"
@@ -1018,6 +1051,7 @@ def test_a_transient_failure_or_an_interruption_advises_the_rerun(tmp_path, caps
         assert main([str(good), "-o", str(outdir), "--no-progress", "--min-peaks", "0"]) == code
         err = capsys.readouterr().err
         assert "re-run the same command to continue" in err, err
+        assert ("its disk is full" in err) == (code == 1), err
     monkeypatch.undo()
     assert main([str(good), "-o", str(outdir), "--no-progress", "--min-peaks", "0"]) == 0
 
@@ -1039,6 +1073,29 @@ def test_rerun_can_help_only_outside_the_inputs():
     assert not rerun_can_help(raised(PeakNetError("a stage failed"), FormatError("x", "bad")))
     assert not rerun_can_help(PeakNetError("no frames were written"))
     assert not rerun_can_help(ValueError("batch_size must be >= 1"))
+    # a folder it may not write to fails the same way again
+    assert not rerun_can_help(PermissionError(13, "Permission denied", "/out/.x.part"))
+    assert not rerun_can_help(raised(PeakNetError("a stage failed"), OSError(30, "Read-only")))
+
+
+def test_a_full_disk_says_so_and_leaves_no_crash_or_partial_file(tmp_path):
+    """A write that finds no room in HDF5 (here a file size limit: EFBIG as a full disk gives
+    ENOSPC) is one error saying the disk is full, the rerun advice and exit 1, no partial file:
+    it was a traceback ("Can't decrement id ref count", raised while dropping the file, hiding
+    the first error) and a segmentation fault as HDF5 shut down."""
+    import shlex
+    import subprocess
+
+    stack = tiny_stack(tmp_path / "in.h5", frames=40)
+    outdir = tmp_path / "out"
+    command = shlex.join([sys.executable, "-m", "peaknet_xtal.cli.peaknet2cxi", str(stack), "-o",
+                          str(outdir), "--no-progress", "--threads", "1", "--min-peaks", "0"])
+    done = subprocess.run(["bash", "-c", f"trap '' XFSZ; ulimit -f 24; exec {command}"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, (done.returncode, done.stderr[-3000:])
+    assert "its disk is full" in done.stderr and "Traceback" not in done.stderr
+    assert "re-run the same command to continue" in done.stderr
+    assert not [p.name for p in outdir.iterdir() if p.name.endswith(".part")]
 
 
 def test_ray_sources_open_inputs_as_the_single_process_run_does(sim_run, tmp_path, monkeypatch):

@@ -195,6 +195,28 @@ def test_write_vds_links_to_original_pixels_and_tables_read_back(tmp_path, geome
     assert table.keys == [(str(src), "//0"), (str(src), "//1"), (str(src), "//2")]
 
 
+def test_a_peak_table_indexamajig_could_not_use_is_refused_naming_the_dataset(tmp_path,
+                                                                             geometry):
+    """A negative nPeaks (it was "negative dimensions are not allowed" deep in numpy), nPeaks
+    past the columns' width and a column of another frame count each name the dataset."""
+    src = tmp_path / "raw.cxi"
+    make_stack(src, n=2)
+    out = tmp_path / "peaks.cxi"
+    write_cxi(out, _results(list(iter_cxi_frames(src, geometry)), [3, 1]), geometry)
+    for name, value, message in (("nPeaks", np.array([3, -2], np.int32), "cannot be negative"),
+                                 ("nPeaks", np.array([3, 5000], np.int32), "nPeaks reaches"),
+                                 ("peakXPosRaw", np.zeros((3, 2048), np.float32),
+                                  "does not match 2 frames")):
+        broken = tmp_path / f"broken_{name}_{message[:4]}.cxi"
+        broken.write_bytes(out.read_bytes())
+        with h5py.File(broken, "a") as h5:
+            del h5[f"/entry_1/result_1/{name}"]
+            h5[f"/entry_1/result_1/{name}"] = value
+        with pytest.raises(FormatError, match=message) as err:
+            read_cxi_peaks(broken)
+        assert str(broken) in str(err.value) and name in str(err.value)
+
+
 def test_width_grows_in_blocks_and_copy_mode_stores_pixels(tmp_path, geometry):
     src = tmp_path / "raw.cxi"
     data = make_stack(src, n=2)

@@ -66,6 +66,26 @@ def test_truth_stream_and_peak_table_agree(run_dir):
             assert crystal.n_reflections == len(refl[refl["crystal"] == row["crystal"]])
 
 
+def test_a_damaged_truth_file_is_an_error_naming_it(run_dir, tmp_path):
+    """A truncated truth file (it reached peaknet-eval as h5py's "Unable to synchronously open
+    file" without a name) or one without its tables is a FormatError naming the file."""
+    from peaknet_xtal.errors import FormatError
+
+    out, _ = run_dir
+    whole = (out / "sim_truth.h5").read_bytes()
+    cut = tmp_path / "cut_truth.h5"
+    cut.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(FormatError, match="not a readable HDF5 file") as err:
+        read_truth(cut)
+    assert str(cut) in str(err.value)
+    other = tmp_path / "other.h5"
+    with h5py.File(other, "w") as h5:
+        h5["reflections"] = np.zeros(3)
+    with pytest.raises(FormatError, match="no readable frames table") as err:
+        read_truth(other)
+    assert str(other) in str(err.value)
+
+
 def test_bad_sim_setting_is_a_usage_error(tmp_path, real_data, capsys):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("sim:\n  bfactor: 3\n")

@@ -29,6 +29,7 @@ import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StrictBool,
@@ -70,20 +71,73 @@ def bounded(kind: type, *, ge: float | None = None, gt: float | None = None,
 
     A value outside the range is an error that states the whole range (``must be in (0, 1]``),
     not only the bound it crossed, so one message tells the user what to type; NaN is outside
-    every range.  ``optional`` also allows ``None`` (``max_peaks: null``: no cap).
+    every range, and so is infinity unless the range itself reaches it (``le=math.inf``: a
+    setting for which infinity means "no limit"; see ``finding.settings.within``), so
+    ``lr: .inf`` is ``must be a finite number > 0``.  ``true``/``false`` is no number here
+    (pydantic reads ``steps: true`` as 1 otherwise).  ``optional`` also allows ``None``
+    (``max_peaks: null``: no cap).
     """
     from peaknet_xtal.finding.settings import range_text, within
 
     bounds = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}
-    allowed = range_text(bounds)
 
     def check(value: Any) -> Any:
         if value is not None and not within(bounds, value):  # NaN is outside every range
-            raise PydanticCustomError("out_of_range", "must be {allowed}", {"allowed": allowed})
+            raise PydanticCustomError("out_of_range", "must be {allowed}",
+                                      {"allowed": range_text(bounds, value)})
         return value
 
-    kind_in_range: Any = Annotated[kind, AfterValidator(check)]
+    kind_in_range: Any = Annotated[number(kind), AfterValidator(check)]
     return kind_in_range | None if optional else kind_in_range
+
+
+def _no_bool(what: str) -> Callable[[Any], Any]:
+    def check(value: Any) -> Any:
+        if isinstance(value, bool):
+            raise PydanticCustomError("bool_is_no_number", "must be {what}, not true/false",
+                                      {"what": what})
+        return value
+
+    return check
+
+
+#: A whole number / a number that is not ``true``/``false`` (pydantic's lax int and float take
+#: a bool as 1 or 0: ``schedule.steps: true`` trained one step).  Strings of digits stay
+#: accepted, as pydantic reads them, for values that reach a command untyped.
+INT = Annotated[int, BeforeValidator(_no_bool("a whole number"))]
+FLOAT = Annotated[float, BeforeValidator(_no_bool("a number"))]
+
+
+def _finite(value: Any) -> Any:
+    from peaknet_xtal.finding.settings import finite
+
+    if not finite(value):
+        raise PydanticCustomError("not_finite", "must be a finite number")
+    return value
+
+
+#: :data:`FLOAT` without NaN or infinity: the type of a setting whose default is a float and
+#: whose range is not declared (``bright_sigmas``, ``loss.gamma``, ``data.augment.noise``).  No
+#: such setting means anything at infinity (one that does declares ``bounded(le=math.inf)``).
+FINITE_FLOAT = Annotated[FLOAT, AfterValidator(_finite)]
+
+
+def number(kind: Any) -> Any:
+    """``kind`` with a bool refused where ``kind`` is int or float (:data:`INT`, :data:`FLOAT`);
+    any other type (pydantic's ``FiniteFloat`` included) as given, with the same refusal."""
+    if kind is int:
+        return INT
+    if kind is float:
+        return FLOAT
+    if isinstance(kind, type) and issubclass(kind, (int, float)) or _is_number_alias(kind):
+        return Annotated[kind, BeforeValidator(_no_bool("a number"))]
+    return kind
+
+
+def _is_number_alias(kind: Any) -> bool:
+    """Whether ``kind`` is an ``Annotated`` int or float (``FiniteFloat``, ``PositiveInt``)."""
+    origin = getattr(kind, "__origin__", None)
+    return isinstance(origin, type) and issubclass(origin, (int, float))
 
 
 def one_of(allowed: Iterable[str] | Callable[[], Iterable[str]]) -> Any:
@@ -163,6 +217,36 @@ def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str
     return out
 
 
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, message: str, line: int) -> None:
+        super().__init__(message)
+        self.line = line
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml's safe loader refusing a key given twice in one mapping: plain YAML keeps the last
+    value without a word, so ``seed: 0`` ... ``seed: 5`` ran with 5 while the file's first
+    ``seed`` said 0.  Merge keys (``<<: *base``) may still be overridden: that is their use."""
+
+    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict[Any, Any]:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                try:
+                    first = seen.get(key)
+                    seen[key] = line
+                except TypeError:  # an unhashable key: yaml's own error follows
+                    continue
+                if first is not None:
+                    raise _DuplicateKey(f"duplicate key {key!r} (first at line {first}): give "
+                                        "each setting once", line)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The settings in a YAML (or JSON) file; anything else is a FormatError naming it."""
     try:
@@ -173,7 +257,9 @@ def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise FormatError(path, "not a text file (a YAML or JSON config file is expected; byte "
                                 f"{exc.start} is not UTF-8)") from exc
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506  (a SafeLoader)
+    except _DuplicateKey as exc:
+        raise FormatError(path, str(exc), line=exc.line) from None
     except yaml.YAMLError as exc:
         line = getattr(getattr(exc, "problem_mark", None), "line", None)
         raise FormatError(path, f"not valid YAML: {exc}",
@@ -193,8 +279,12 @@ def _annotation(value: Any, key: str, types: Mapping[str, Any]) -> Any:
         return Any
     if isinstance(value, bool):
         return StrictBool  # "yes"/1 for a switch is more likely a slip than intent
-    if isinstance(value, (int, float, str)):
-        return type(value)
+    if isinstance(value, float):
+        return FINITE_FLOAT
+    if isinstance(value, int):
+        return INT
+    if isinstance(value, str):
+        return str
     if isinstance(value, (list, tuple)):
         kinds = {_annotation(v, "", {}) for v in value}
         item = kinds.pop() if len(kinds) == 1 else Any

@@ -299,3 +299,67 @@ def test_a_config_file_that_cannot_be_read_is_a_usage_error(tmp_path, capsys):
             config.resolve_or_exit(parser, DEFAULTS,
                                    parser.parse_args(["--config", str(tmp_path / name)]))
         assert stop.value.code == 2 and name in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text, key, line", [
+    ("seed: 0\noptim:\n  lr: 1\nseed: 5\n", "seed", 4),
+    ("optim:\n  lr: 1\n  wd: 0\n  lr: 2\n", "lr", 4),
+    ("optim: {lr: 1, lr: 2}\n", "lr", 1),
+    ('{"threshold": 0.5, "threshold": 0.6}', "threshold", 1),
+])
+def test_a_key_given_twice_is_an_error_naming_key_file_and_line(tmp_path, text, key, line):
+    """YAML keeps the last value without a word: ``seed: 0`` ... ``seed: 5`` ran with 5."""
+    path = tmp_path / "dup.yaml"
+    path.write_text(text)
+    with pytest.raises(FormatError, match=rf"dup.yaml, line {line}: duplicate key '{key}'"):
+        config.load_config_file(path)
+
+
+def test_merge_keys_may_still_be_overridden(tmp_path):
+    path = tmp_path / "merge.yaml"
+    path.write_text("base: &b {x: 1, y: 2}\nother:\n  <<: *b\n  x: 3\n")
+    assert config.load_config_file(path) == {"base": {"x": 1, "y": 2},
+                                              "other": {"x": 3, "y": 2}}
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+def test_infinity_is_no_setting_unless_its_range_says_so(value):
+    """``lr: .inf`` (a ``gt=0`` range) trained a model of NaN with exit 0; a float setting with
+    no declared range took it too."""
+    import math
+
+    defaults = {"lr": 1e-3, "gamma": 2.0, "chi_max": 5.0}
+    types = {"lr": config.bounded(float, gt=0), "chi_max": config.bounded(float, gt=0,
+                                                                         le=math.inf)}
+    for key, says in (("lr", "lr: must be "), ("gamma", "gamma: must be a finite number")):
+        with pytest.raises(config.ConfigError, match=says):
+            config.resolve(defaults, {key: value}, types=types)
+    if value == math.inf:  # a range that reaches infinity takes it ("no limit")
+        assert config.resolve(defaults, {"chi_max": value}, types=types)["chi_max"] == value
+    else:
+        with pytest.raises(config.ConfigError, match="chi_max: must be"):
+            config.resolve(defaults, {"chi_max": value}, types=types)
+
+
+def test_an_infinite_value_is_told_it_must_be_finite(tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("optim:\n  lr: .inf\n")
+    with pytest.raises(config.ConfigError,
+                       match=r"run.yaml: optim.lr: must be a finite number > 0 \(got inf\)"):
+        config.resolve(DEFAULTS, {"config": str(cfg)},
+                       types={"optim.lr": config.bounded(float, gt=0)})
+
+
+def test_true_or_false_is_no_number():
+    """pydantic reads ``steps: true`` as 1: a run of one step, exit 0."""
+    defaults = {"steps": 10, "lr": 0.1, "count": 3, "pair": [0.9, 0.95], "on": False}
+    types = {"count": config.bounded(int, ge=1), "lr": config.bounded(float, gt=0)}
+    for key, value, says in (("steps", True, "steps: must be a whole number, not true/false"),
+                             ("count", True, "count: must be a whole number, not true/false"),
+                             ("lr", False, "lr: must be a number, not true/false"),
+                             ("pair", [True, 0.5], "pair: must be a number, not true/false")):
+        with pytest.raises(config.ConfigError, match=says):
+            config.resolve(defaults, {key: value}, types=types)
+    resolved = config.resolve(defaults, {"steps": "4", "lr": 1, "count": 2, "on": True},
+                              types=types)
+    assert resolved == {"steps": 4, "lr": 1.0, "count": 2, "pair": [0.9, 0.95], "on": True}

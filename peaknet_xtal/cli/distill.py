@@ -32,7 +32,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("no teacher: set 'teacher' in CONFIG.yaml or give --teacher MODEL")
     out = Path(config["out"])
     from peaknet_xtal.training.distill import cache_key, check_same_teacher
-    from peaknet_xtal.training.trainer import check_start
+    from peaknet_xtal.training.trainer import TrainingDiverged, check_start
 
     try:
         # a rerun of another run, or against another teacher, is refused before the run's
@@ -52,6 +52,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("peaknet-distill: interrupted", file=sys.stderr)
         _say_what_is_kept(out)
         return 130
+    except TrainingDiverged as exc:  # says itself what is kept, and not to rerun the same
+        print(f"peaknet-distill: error: {exc}", file=sys.stderr)
+        return 1
     except (PeakNetError, OSError) as exc:  # a bad teacher, label file or cache: one line
         print(f"peaknet-distill: error: {exc}", file=sys.stderr)
         _say_what_is_kept(out)

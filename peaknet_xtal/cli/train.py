@@ -10,7 +10,9 @@ device, data.workers, log_every, checkpoint cadence and stop_after) is refused, 
 difference, and the folder is left as it was.  Every setting is checked (names, types, ranges)
 before any work; OUT/train_config.json records the settings, the command line and the config
 file.  Give the config file once (CONFIG.yaml, not --config too).  Ctrl-C stops with exit status
-130; the checkpoints are kept.  See examples/configs/train_*.yaml.
+130; the checkpoints are kept.  A run whose loss or weights become NaN or infinite (too high a
+learning rate) stops at that step with exit status 1, saying what to change; its earlier
+checkpoints are kept and no final model is written.  See examples/configs/train_*.yaml.
 """
 from __future__ import annotations
 

@@ -23,6 +23,7 @@ the image data when one is plugged in, else unknown (background noise only).
 """
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -297,7 +298,7 @@ def check_limits(values: Mapping[str, Any]) -> None:
             what = "a whole number" if name in WHOLE_NUMBERS else "a number"
             raise TypeError(f"{name} must be {what}, got {value!r}")
         if not within(bounds, value):
-            raise ValueError(f"{name} must be {range_text(bounds)}, got {value!r}")
+            raise ValueError(f"{name} must be {range_text(bounds, value)}, got {value!r}")
 
 
 def check_device(spec: str, setting: str | None = None) -> None:
@@ -335,18 +336,48 @@ def check_device(spec: str, setting: str | None = None) -> None:
                          f"{', '.join(available)}")
 
 
+def finite(value: Any) -> bool:
+    """Whether the number ``value`` is finite (neither NaN nor +-infinity); a whole number
+    always is, however large (``math.isfinite`` overflows on one beyond a float's range)."""
+    if isinstance(value, (numbers.Integral, np.integer)):
+        return True
+    try:
+        return math.isfinite(value)
+    except (TypeError, ValueError, OverflowError):  # not a real number: no range holds it
+        return False
+
+
 def within(bounds: Mapping[str, float], value: Any) -> bool:
-    """Whether ``value`` keeps ``gt``/``ge``/``lt``/``le`` ``bounds`` (NaN keeps none)."""
+    """Whether ``value`` keeps ``gt``/``ge``/``lt``/``le`` ``bounds`` (NaN keeps none).
+
+    An infinite value keeps them only where its own side is bounded by infinity itself
+    (``le=math.inf`` lets ``+inf`` through, ``ge=-math.inf`` ``-inf``): a setting that means
+    "no limit" at infinity (a largest reduced chi-square) says so in its bounds.  Any other
+    setting is finite: ``gt=0`` once let ``lr: .inf`` through, which trained a model of NaN,
+    and ``min_snr inf`` in peaknet2cxi found 0 peaks on every frame without a word.
+    """
+    if not finite(value):
+        if value != value:  # NaN
+            return False
+        edge = "le" if value > 0 else "ge"
+        if bounds.get(edge) != value:
+            return False
     return bool(("gt" not in bounds or value > bounds["gt"])
                 and ("ge" not in bounds or value >= bounds["ge"])
                 and ("lt" not in bounds or value < bounds["lt"])
                 and ("le" not in bounds or value <= bounds["le"]))
 
 
-def range_text(bounds: Mapping[str, float]) -> str:
-    """``in (0, 1]``, ``>= 1``, ...: a :data:`LIMITS` entry as a user would write it."""
+def range_text(bounds: Mapping[str, float], value: Any = None) -> str:
+    """``in (0, 1]``, ``>= 1``, ...: a :data:`LIMITS` entry as a user would write it.  Given the
+    ``value`` refused, an infinite one, ``a finite number >= 0``: ``inf`` is >= 0, and the range
+    alone would not say what is wrong with it."""
+    if value is not None and not finite(value) and value == value:
+        return "a finite number" + ("" if not bounds else f" {range_text(bounds)}")
     low, low_open = (bounds["gt"], True) if "gt" in bounds else (bounds.get("ge"), False)
     high, high_open = (bounds["lt"], True) if "lt" in bounds else (bounds.get("le"), False)
+    if high == math.inf and low is not None:  # a range reaching infinity: "no limit" allowed
+        return f"{'>' if low_open else '>='} {low:g} (inf: no limit)"
     if low is not None and high is not None:
         return f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
     if low is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -95,15 +96,15 @@ TYPES: dict[str, Any] = {
     "peakdiff.min_predicted": _COUNT, "peakdiff.max_predicted": _COUNT,
     "fit.window": Annotated[int, AfterValidator(_odd_window)],
     "fit.max_nfev": _POSITIVE_COUNT,
-    "fit.redchi_max": bounded(float, gt=0),
+    "fit.redchi_max": bounded(float, gt=0, le=math.inf),  # inf: no misfit cut
     "fit.min_snr": bounded(float, ge=0),
-    "fit.max_shift": bounded(float, gt=0),
+    "fit.max_shift": bounded(float, gt=0, le=math.inf),  # inf: no shift cut
     "fit.min_pixels": _COUNT,
     "fit.label_fraction": bounded(float, gt=0, le=1),
     "fit.prescreen_snr": bounded(float, ge=0),  # 0: off
     "fit.tolerance": bounded(float, gt=0),
     "label.fit_on": one_of(("predicted", "matched", "found")),
-    "label.min_i_over_sigma": float | None,
+    "label.min_i_over_sigma": bounded(float, optional=True),
     "label.panels": one_of(("all", "labelled")),
     "label.chunk_size": _POSITIVE_COUNT,
     "run.prefix": str | None, "run.geometry": str | None, "run.address": str | None,

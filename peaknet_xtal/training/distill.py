@@ -27,12 +27,13 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
+from pydantic import Field
 
 from peaknet_xtal.atomic import atomic_path
-from peaknet_xtal.config import deep_merge
+from peaknet_xtal.config import bounded, deep_merge
 from peaknet_xtal.errors import FormatError
 from peaknet_xtal.progress import Progress
 from peaknet_xtal.training.trainer import TRAIN_DEFAULTS, TRAIN_TYPES, launch
@@ -45,7 +46,13 @@ DISTILL_DEFAULTS: dict[str, Any] = deep_merge(TRAIN_DEFAULTS, {
     "data": {"source": "labels"},
     "loss": {"temperature": 2.0, "weights": [0.4, 0.4, 0.2]},
 })
-DISTILL_TYPES: dict[str, Any] = {**TRAIN_TYPES, "teacher": str | None, "cache": str | None}
+#: ``loss.weights`` are those of the MSE, KL and focal terms (none negative), ``loss.temperature``
+#: the KL's softening (> 0: it divides the logits).
+DISTILL_TYPES: dict[str, Any] = {
+    **TRAIN_TYPES, "teacher": str | None, "cache": str | None,
+    "loss.temperature": bounded(float, gt=0),
+    "loss.weights": Annotated[list[bounded(float, ge=0)],  # type: ignore[misc]
+                              Field(min_length=3, max_length=3)]}
 
 
 #: Layout version of the cache (2: crop-sized tiles with ground-truth labels; 3: marked with
@@ -341,6 +348,10 @@ class DistillDataset:
         label = self._handle["labels"][i]
         teacher = self._handle["logits"][i].astype(np.float32)
         k, flip = int(rng.integers(4)), bool(rng.integers(2))
+        if image.shape[-2] != image.shape[-1]:
+            # a tile of a frame narrower than the crop is not square: a quarter turn would
+            # give it another shape than its batch-mates (a collation error), so half turns
+            k -= k % 2
 
         def geo(a: np.ndarray) -> np.ndarray:
             a = np.rot90(a, k, axes=(-2, -1))

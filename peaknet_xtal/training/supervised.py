@@ -5,13 +5,17 @@ import functools
 from pathlib import Path
 from typing import Any
 
-from peaknet_xtal.config import deep_merge
-from peaknet_xtal.training.trainer import TRAIN_DEFAULTS, TRAIN_TYPES, launch
+from peaknet_xtal.config import bounded, deep_merge
+from peaknet_xtal.training.trainer import TRAIN_DEFAULTS, TRAIN_TYPES, _pair, launch
 
 SUPERVISED_DEFAULTS: dict[str, Any] = deep_merge(TRAIN_DEFAULTS, {
     "loss": {"alpha": [0.25, 0.75], "gamma": 2.0},
 })
-SUPERVISED_TYPES: dict[str, Any] = dict(TRAIN_TYPES)
+#: The focal loss's class weights (background, peak) and focusing exponent: a negative
+#: exponent or weight trains towards nonsense without failing.
+SUPERVISED_TYPES: dict[str, Any] = {**TRAIN_TYPES,
+                                    "loss.alpha": _pair(bounded(float, ge=0, le=1)),
+                                    "loss.gamma": bounded(float, ge=0)}
 
 
 def focal_batch_loss(logits: Any, batch: dict[str, Any], alpha: tuple[float, ...],

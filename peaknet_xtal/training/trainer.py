@@ -14,10 +14,11 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import socket
 import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -43,6 +44,14 @@ log = logging.getLogger(__name__)
 #: ``loss_fn(logits, batch) -> (sum over valid pixels, number of valid pixels)``: the loop divides
 #: by the valid count over all ranks, so W ranks compute exactly the loss of one big batch.
 LossFn = Callable[[Any, dict[str, Any]], tuple[Any, Any]]
+
+
+
+class TrainingDiverged(PeakNetError):
+    """The loss, the gradient or the weights became NaN or infinite: the run stopped there,
+    before saving anything of it (its earlier checkpoints are kept), and says at which step, at
+    what learning rate, and what to change."""
+
 
 TRAIN_DEFAULTS: dict[str, Any] = {
     "out": "runs/train",
@@ -158,13 +167,26 @@ def launch(config: dict[str, Any], dataset: Any, loss_fn: LossFn) -> Path:
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    mp.spawn(_spawned, args=(world, config, dataset, loss_fn), nprocs=world, join=True)
+    try:
+        mp.spawn(_spawned, args=(world, config, dataset, loss_fn), nprocs=world, join=True)
+    except mp.ProcessRaisedException as exc:  # a rank's error comes back as its traceback
+        raise _ours(str(exc)) or exc from None
     from peaknet_xtal.training.checkpoint import latest_checkpoint
 
     out = Path(config["out"])
     found = latest_checkpoint(out / "checkpoints")
     step = int(found.name.split("_")[1]) if found is not None else 0
     return _result(out, step, int(config["schedule"]["steps"]))
+
+
+def _ours(text: str) -> PeakNetError | None:
+    """Our own error from the traceback text torch gives for a spawned rank's exception (one
+    line, as the command prints it), or None for anyone else's."""
+    last = text.strip().splitlines()[-1] if text.strip() else ""
+    name, _, message = last.partition(": ")
+    if not name.startswith("peaknet_xtal."):
+        return None
+    return (TrainingDiverged if name.endswith(".TrainingDiverged") else PeakNetError)(message)
 
 
 def _result(out: Path, step: int, steps: int) -> Path:
@@ -416,10 +438,13 @@ class _Run:
     def restore(self, checkpoint: Path) -> None:
         import torch
 
+        from peaknet_xtal.model.weights_io import check_finite
         from peaknet_xtal.training.checkpoint import load_state, load_weights
 
         state = load_state(checkpoint)
         weights = load_weights(checkpoint)
+        # a checkpoint of a diverged run (written before runs stopped at the first NaN)
+        check_finite(weights, checkpoint / "model.safetensors")
         if not self.fsdp:
             check_fit(tensor_shapes(self.model.state_dict()), tensor_shapes(weights),
                       checkpoint / "model.safetensors", "weights of another architecture than "
@@ -479,7 +504,8 @@ def run_rank(rank: int, world: int, config: dict[str, Any], dataset: Any,
     trained on part of its learning-rate schedule is not the one the settings describe, and
     under the final name it would be taken for it (and its record would say the run is done).
     It returns the checkpoint it stopped at, which a rerun without ``stop_after`` resumes from,
-    and says so on stderr."""
+    and says so on stderr.  A step whose loss, gradient or updated weights are not finite
+    raises :class:`TrainingDiverged` before anything of it is saved (see ``_loop``)."""
     import torch
     import torch.distributed as dist
 
@@ -512,6 +538,9 @@ def run_rank(rank: int, world: int, config: dict[str, Any], dataset: Any,
             return final
         weights, _ = run.full_state()
         if rank == 0:
+            if not _finite_weights(weights.values()):  # never a model of NaN under the final name
+                raise TrainingDiverged(f"the weights at step {run.step} hold NaN or infinite "
+                                       f"values; no final model was written to {final}")
             save_model(run.model, final, extra={"steps": run.step}, state=weights)
         return final
     finally:
@@ -610,16 +639,83 @@ def _loop(run: _Run, dataset: Any, loss_fn: LossFn, out: Path) -> None:
                 continue
             grad_norm = torch.nn.utils.clip_grad_norm_(run.wrapped.parameters(),
                                                        float(optim["clip"]))
-            run.optimizer.step()
+            lr = float(run.scheduler.get_last_lr()[0])  # this step's
+            entry = {"step": run.step + 1, "loss": running, "grad_norm": float(grad_norm),
+                     "lr": lr}
+            # checked on every rank alike (one all-reduce), so that all stop at the same step:
+            # a NaN gradient would make every weight NaN, and one NaN weight every score
+            problem = None
+            norm = float(grad_norm)
+            if not _agree(math.isfinite(running) and math.isfinite(norm), run):
+                problem = f"the loss is {running:.4g} and the gradient norm {norm:.4g}"
+            else:
+                run.optimizer.step()
+                if not _agree(_finite_weights(run.wrapped.parameters()), run):
+                    problem = "the weights hold NaN or infinite values after the update"
+            if problem is not None:
+                if run.rank == 0:
+                    _log_step(history, entry)
+                raise _diverged(run, problem, lr, steps, out)
             run.scheduler.step()
             run.optimizer.zero_grad(set_to_none=True)
             run.step += 1
             bar.update(1, extra=f"loss {running:.4f}")
             if run.rank == 0 and (run.step % log_every == 0 or run.step == last):
-                with history.open("a") as handle:
-                    handle.write(json.dumps({"step": run.step, "loss": running,
-                                             "grad_norm": float(grad_norm),
-                                             "lr": run.scheduler.get_last_lr()[0]}) + "\n")
+                _log_step(history, {**entry, "lr": run.scheduler.get_last_lr()[0]})
             micro, running = 0, 0.0
             if run.step % every == 0 or run.step == last:
                 run.save(out)
+
+
+def _finite_weights(tensors: Iterable[Any]) -> bool:
+    """Whether every floating-point tensor of ``tensors`` is free of NaN and infinity (one
+    device synchronisation for all of them)."""
+    import torch
+
+    checks = [torch.isfinite(t.detach()).all() for t in tensors if t.is_floating_point()]
+    return not checks or bool(torch.stack([c.to(checks[0].device) for c in checks]).all())
+
+
+def _agree(ok: bool, run: _Run) -> bool:
+    """``ok`` on every rank (a NaN on one rank's batch stops them all at the same step)."""
+    if run.world <= 1:
+        return ok
+    import torch
+    import torch.distributed as dist
+
+    flag = torch.tensor([1.0 if ok else 0.0], device=run.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item() > 0)
+
+
+def _log_step(history: Path, entry: Mapping[str, Any]) -> None:
+    """One history line, strict JSON: a NaN or infinite number is written as null (Python's
+    ``NaN`` token is no JSON, and other readers refuse the whole file)."""
+    plain = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+             for k, v in entry.items()}
+    with history.open("a") as handle:
+        handle.write(json.dumps(plain, allow_nan=False) + "\n")
+
+
+def _diverged(run: _Run, problem: str, lr: float, steps: int, out: Path) -> TrainingDiverged:
+    """The error of a run whose step ``run.step + 1`` went non-finite: where, why, what is
+    kept (the last checkpoint, all written before it) and what to change."""
+    from peaknet_xtal.training.checkpoint import latest_checkpoint
+
+    try:
+        kept = latest_checkpoint(out / "checkpoints")
+    except PeakNetError:
+        kept = None
+    if kept is not None:
+        what = f"its last good checkpoint {kept} is kept"
+        where = (f"in another --out (or delete {out}): its checkpoints hold this run's "
+                 "settings, and resuming them diverges again")
+    else:
+        what, where = "no checkpoint had been written yet", "(the same ones diverge again)"
+    optim = run.config["optim"]
+    return TrainingDiverged(
+        f"training diverged at step {run.step + 1} of {steps}: {problem} (learning rate "
+        f"{lr:.4g} at that step); stopped before saving anything of it: {what}, and no final "
+        f"model was written.  Lower optim.lr (now {float(optim['lr']):g}), or clip harder "
+        f"(optim.clip, now {float(optim['clip']):g}) or warm up longer (schedule.warmup), and "
+        f"train with the new settings {where}")

@@ -173,3 +173,38 @@ def test_a_resumed_run_with_a_retrained_teacher_at_the_same_path_is_refused(
     # no advice to rerun the same command: it would be refused again
     assert "re-run the same command" not in err
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_a_diverging_distillation_stops_with_one_line_and_installs_no_student(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """lr 1e12 ended "successfully" with a student of NaN weights; .inf was taken as a setting."""
+    config = _run_folder(tmp_path, optim={"batch_size": 2, "lr": 1e12})
+    assert main([str(config)]) == 1
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("peaknet-distill: ")]
+    assert "Traceback" not in err and len(errors) == 1, err
+    assert errors[0].startswith("peaknet-distill: error: training diverged at step ")
+    assert "Lower optim.lr (now 1e+12)" in errors[0]
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+    history = (tmp_path / "run" / "history.jsonl").read_text()
+    assert "NaN" not in history and json.loads(history.splitlines()[-1])["loss"] is None
+    capsys.readouterr()
+    config = _run_folder(tmp_path, optim={"batch_size": 2, "lr": float("inf")},
+                         out=str(tmp_path / "inf"))
+    with pytest.raises(SystemExit) as stop:
+        main([str(config)])
+    assert stop.value.code == 2
+    assert "optim.lr: must be a finite number > 0 (got inf)" in capsys.readouterr().err
+    assert not (tmp_path / "inf").exists()
+
+
+def test_a_student_crop_wider_than_the_frames_trains(tmp_path: Path) -> None:
+    """Frames narrower than the crop make tiles that are not square: a quarter turn gave a
+    tile another shape than its batch-mates, and the run ended in a collation traceback."""
+    config = _run_folder(tmp_path)
+    settings = yaml.safe_load(config.read_text())
+    settings["data"]["crop"] = 76  # the frames are 72 x 80: tiles of 72 x 76
+    settings["schedule"]["steps"] = 3
+    config.write_text(yaml.safe_dump(settings))
+    assert main([str(config)]) == 0
+    assert (tmp_path / "run" / "model.safetensors").exists()

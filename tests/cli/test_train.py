@@ -18,6 +18,7 @@ import h5py
 import numpy as np
 import pytest
 import yaml
+from safetensors.torch import load_file
 
 from peaknet_xtal.cli.train import main
 
@@ -152,6 +153,15 @@ def test_checkpoints_and_resume_false_is_refused(finished_run: Path, labels: Pat
      "data.sim.config.hit_probability: must be in [0, 1]"),
     ({"data.source": "sim"}, "data.sim.geometries: give at least one CrystFEL geometry file"),
     ({"model.overrides": {"neck_blokcs": 1}}, "model.overrides {'neck_blokcs': 1}: "),
+    # infinity is no learning rate (it was taken: a model of NaN, exit 0), nor any other number
+    ({"optim.lr": float("inf")}, "optim.lr: must be a finite number > 0 (got inf)"),
+    ({"optim.clip": float("inf")}, "optim.clip: must be a finite number > 0 (got inf)"),
+    ({"loss": {"gamma": float("inf")}}, "loss.gamma: must be a finite number >= 0 (got inf)"),
+    ({"data.augment": {"noise": float("nan")}},
+     "data.augment.noise: must be a finite number (got nan)"),
+    # true/false is no count (steps: true trained one step)
+    ({"schedule.steps": True}, "schedule.steps: must be a whole number, not true/false"),
+    ({"optim.lr": True}, "optim.lr: must be a number, not true/false"),
 ])
 def test_a_setting_out_of_range_or_unknown_is_one_usage_line_before_any_work(
         labels: Path, tmp_path: Path, capsys, change, expect) -> None:
@@ -268,3 +278,38 @@ def test_ctrl_c_is_one_line_exit_130_keeping_the_checkpoints(labels: Path,
     latest = (out / "checkpoints" / "latest").read_text().strip()
     assert last.startswith("peaknet-train: interrupted; rerun the same command to resume from")
     assert latest in last
+
+
+def test_a_key_given_twice_is_one_usage_line_naming_it(labels: Path, tmp_path: Path,
+                                                       capsys) -> None:
+    """YAML kept the last value silently: the run trained with seed 5, the file began seed 0."""
+    cfg = write(tmp_path / "dup.yaml", settings(labels))
+    cfg.write_text("seed: 0\n" + cfg.read_text() + "seed: 5\n")
+    with pytest.raises(SystemExit) as stop:
+        main([str(cfg), "--out", str(tmp_path / "out")])
+    assert stop.value.code == 2
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last.startswith(f"peaknet-train: error: {cfg}, line ")
+    assert "duplicate key 'seed' (first at line 1)" in last
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_diverging_run_stops_with_one_line_and_installs_no_model(
+        labels: Path, tmp_path: Path, capsys) -> None:
+    """lr 1e12 finished with "loss nan", exit 0, a model of NaN and history lines of bare NaN."""
+    cfg = write(tmp_path / "huge.yaml", settings(labels, **{"optim.lr": 1e12,
+                                                            "checkpoint.every": 1}))
+    out = tmp_path / "out"
+    assert main([str(cfg), "--out", str(out)]) == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert line.startswith("peaknet-train: error: training diverged at step 2 of 4: the loss "
+                           "is nan")
+    assert f"its last good checkpoint {out / 'checkpoints' / 'step_000001'} is kept" in line
+    assert "Lower optim.lr (now 1e+12)" in line and "no final model was written" in line
+    assert not (out / "model.safetensors").exists()
+    for weights in out.glob("checkpoints/step_*/model.safetensors"):  # every one left is good
+        assert all(bool(t.isfinite().all()) for t in load_file(str(weights)).values())
+    history = (out / "history.jsonl").read_text().splitlines()
+    assert history and "NaN" not in (out / "history.jsonl").read_text()
+    assert all(isinstance(json.loads(h), dict) for h in history)
+    assert json.loads(history[-1])["loss"] is None

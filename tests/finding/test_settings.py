@@ -49,3 +49,34 @@ def test_panel_gain_is_the_panels_own_first(make_geometry_text):
     geometry = parse_geometry(text)
     assert resolve_gain(geometry=geometry, panel=1) == 12.0
     assert resolve_gain(geometry=geometry, panel=0) == 3.0
+
+
+def test_within_refuses_infinity_unless_the_range_reaches_it():
+    """``gt=0`` let ``lr: .inf`` and ``--min-snr inf`` through (inf > 0): a meaningless run,
+    exit 0.  Only a range bounded by infinity itself (``le=math.inf``: "no limit") takes it."""
+    import math
+
+    from peaknet_xtal.finding.settings import range_text, within
+
+    inf = math.inf
+    assert not within({"gt": 0}, inf) and not within({"ge": 0}, inf)
+    assert not within({"ge": 0}, -inf) and not within({}, inf) and not within({}, math.nan)
+    assert within({"gt": 0, "le": inf}, inf) and not within({"gt": 0, "le": inf}, -inf)
+    assert within({"ge": -inf}, -inf) and not within({"ge": -inf}, inf)
+    assert within({"ge": 0}, 10 ** 400)  # a whole number is finite, however large
+    assert within({"ge": 0, "le": 1}, 1.0) and within({"gt": 0}, 1e300)
+    assert range_text({"ge": 0}, inf) == "a finite number >= 0"
+    assert range_text({}, -inf) == "a finite number" and range_text({"ge": 0}, -1) == ">= 0"
+
+
+@pytest.mark.parametrize("name", ["adu_per_photon", "min_snr", "min_height", "rescue_height",
+                                  "threshold", "rescue_prob"])
+def test_every_finding_setting_refuses_infinity_naming_it(name):
+    import math
+
+    from peaknet_xtal.finding.settings import LIMITS, check_limits
+
+    assert not any(math.isinf(v) for bounds in LIMITS.values() for v in bounds.values())
+    for value in (math.inf, -math.inf):
+        with pytest.raises(ValueError, match=f"^{name} must be a finite number"):
+            check_limits({name: value})

@@ -303,6 +303,22 @@ def check_device(spec: str) -> None:
         raise Sorry(f"peaknet: {exc}") from None
 
 
+def _say_unused_dispersion_gain(params: Any, settings: PeakNetSettings) -> None:
+    """A command line carried over from ``algorithm=dispersion`` sets the gain as
+    ``spotfinder.threshold.dispersion.gain``, which this algorithm does not read: say so in
+    DIALS' log and which setting takes it, rather than drop it without a word."""
+    try:
+        gain = params.spotfinder.threshold.dispersion.gain
+    except AttributeError:  # parameters without dispersion's scope (a test, another DIALS)
+        return
+    if gain is None or settings.gain is not None:
+        return
+    log.warning("peaknet: spotfinder.threshold.dispersion.gain=%s is not read by "
+                "algorithm=peaknet; spotfinder.threshold.peaknet.gain=%s sets the same gain for "
+                "it (unset, the format's gain is used, or measured from the background where "
+                "that is a placeholder)", gain, gain)
+
+
 #: Per engine (one per process and settings): the gain line DIALS' log shows last.
 _GAIN_REPORTED: dict[int, tuple[float | None, str]] = {}
 
@@ -383,6 +399,7 @@ class PeakNetSpotFinderThresholdExt:
 
     def __init__(self, params: Any) -> None:
         self.settings = PeakNetSettings.from_params(params)
+        _say_unused_dispersion_gain(params, self.settings)
         self.dials_mask = DialsMask.from_params(params)
         self.chunking = Chunking.from_params(params)
         self._image: _ImageForeground | None = None

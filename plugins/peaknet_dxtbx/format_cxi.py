@@ -1,17 +1,25 @@
 """dxtbx Format for CXI stacks with a CrystFEL geometry beside them, so DIALS imports them.
 
-``dials.import run.cxi`` works when ``run.cxi`` has a stack of frames at the geometry's ``data``
-path (``/entry_1/data_1/data`` when it names none; frames, then the raw slab layout) and a CrystFEL
-geometry either named by the file attribute ``peaknet_geometry``
-(relative to the file's folder; ``peaknet-sim`` writes it) or sitting beside it with the same stem
-(``run.geom``).  The geometry must give the camera length as a number; the photon energy may be a
-number or an HDF5 path holding one value per frame (what ``peaknet2cxi`` writes).
+``dials.import run.cxi`` works when ``run.cxi`` has image data at the geometry's ``data``
+path (``/entry_1/data_1/data`` when it names none; a stack of frames, or one frame, in the raw
+slab layout) and a CrystFEL geometry either named by the file attribute ``peaknet_geometry``
+(relative to the file's folder; ``peaknet-sim`` and ``peaknet2cxi`` write it) or sitting beside it
+with the same stem (``run.geom``).  The geometry must give the camera length as a number; the
+photon energy may be a number or an HDF5 path holding one value per frame (what ``peaknet2cxi``
+writes).  The data and masks are checked and read as the library reads them
+(``formats.cxi.inspect_cxi``): the same errors, and the same warnings, as peaknet2cxi and the
+Python API; every mask of the geometry (masks 0-7, in the file or a mask file, with CrystFEL's
+bits) and its value flags (``flag_lessthan`` etc.) mask the pixels they mask there.
 
-Bad input: a file that is not such a stack is declined (``understand`` is False, the reason logged
-at debug level, or at info level for a CXI stack without a geometry, so ``dials.import`` says why
-it cannot handle it).  A file this format claims but cannot read (malformed geometry, data that do
-not fit it, unreadable frames, a wrong-shaped mask) raises ``libtbx.utils.Sorry``, DIALS' user
+Bad input: a file that is not of this format is declined (``understand`` is False, the reason
+logged at debug level, or at info level for CXI image data without a geometry, so
+``dials.import`` says why it cannot handle it).  A file carrying the ``peaknet_geometry``
+attribute is the project's and is always claimed.  A file this format claims but cannot read
+(no geometry, a malformed one, a data dataset that is missing or 1-D, data that do not fit the
+geometry, unreadable frames, a wrong-shaped mask) raises ``libtbx.utils.Sorry``, DIALS' user
 error, whose message names the file and what is wrong; DIALS prints it without a traceback.
+A mask dataset the geometry names but the file lacks is warned about and skipped, as
+peaknet2cxi does (CrystFEL would stop).
 
 Frames: CrystFEL lab coordinates (+z along the beam, +y up) become DIALS lab coordinates
 (the beam travels along -z, +y up) by a half turn about y: ``(x, y, z) -> (-x, y, -z)``, in mm.
@@ -30,7 +38,7 @@ import numpy as np
 from dxtbx.format.FormatHDF5 import FormatHDF5
 from dxtbx.format.FormatStill import FormatStill
 
-from peaknet_xtal.formats.cxi import DATA_PATH, GEOMETRY_ATTR, MASK_PATH, geometry_path
+from peaknet_xtal.formats.cxi import DATA_PATH, GEOMETRY_ATTR, geometry_path
 from peaknet_xtal.formats.geometry import HC_EV_A
 from peaknet_xtal.types import count_range
 
@@ -99,11 +107,57 @@ def _geometry_data_path(geom_path: str) -> str:
     return data
 
 
+def _no_geometry(image_file: str) -> str:
+    """Why a file has no geometry: the one its attribute names is not there, nor NAME.geom."""
+    beside = os.path.splitext(os.path.basename(image_file))[0] + ".geom"
+    named = None
+    with contextlib.suppress(Exception):
+        with h5py.File(image_file, "r") as h5:
+            named = h5.attrs.get(GEOMETRY_ATTR)
+    if isinstance(named, bytes):
+        named = named.decode(errors="replace")
+    if named:
+        return (f"no CrystFEL geometry: its '{GEOMETRY_ATTR}' attribute names {named}, which is "
+                f"not in its folder, and there is no {beside} beside it")
+    return f"no CrystFEL geometry beside it ({beside}) or named by its '{GEOMETRY_ATTR}' attribute"
+
+
+class _ToDxtbx(logging.Handler):
+    """Passes the library's log records to this format's logger, which DIALS prints."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno >= log.getEffectiveLevel():
+            log.handle(record)
+
+
+@contextlib.contextmanager
+def _library_warnings() -> Iterator[None]:
+    """While the library checks a file, its warnings (a mask dataset the geometry names but the
+    file lacks, say) reach DIALS' output: DIALS logs only its own and dxtbx's loggers.  Where
+    the library's logger already has somewhere to go (peaknet2cxi, pytest), it is left alone."""
+    library = logging.getLogger("peaknet_xtal")
+    if library.hasHandlers():
+        yield
+        return
+    handler = _ToDxtbx()
+    library.addHandler(handler)
+    try:
+        yield
+    finally:
+        library.removeHandler(handler)
+
+
 class FormatCXIPeakNet(FormatHDF5, FormatStill):
     """A CXI stack of stills (``/entry_1/data_1/data``) described by a CrystFEL geometry."""
 
     @staticmethod
     def understand(image_file: str) -> bool:
+        """Ours: an HDF5 file carrying the project's geometry attribute (peaknet-sim and
+        peaknet2cxi write it), or one with image data (a frame or a stack of them) at its
+        geometry's ``data`` path and a geometry beside it.  A file of ours that cannot be read
+        (the geometry names a missing dataset, 1-D data, no geometry) is claimed here, and
+        ``_start`` raises the reason as DIALS' ``Sorry``: declining it would leave DIALS
+        saying only "Unable to handle the following arguments"."""
         geom = geometry_path(image_file)
         try:
             data_path = DATA_PATH if geom is None else _geometry_data_path(geom)
@@ -123,16 +177,22 @@ class FormatCXIPeakNet(FormatHDF5, FormatStill):
             return False
         try:
             with h5py.File(image_file, "r") as h5:
-                data = h5.get(data_path)
-                if not isinstance(data, h5py.Dataset) or data.ndim < 3:
-                    log.debug("%s: no image stack at %s; not a PeakNet CXI file", image_file,
-                              data_path)
-                    return False
+                ours = GEOMETRY_ATTR in h5.attrs
+                try:
+                    data = h5.get(data_path)
+                except Exception:  # broken links: _start names them, for a file of ours
+                    data = None
+                ndim = data.ndim if isinstance(data, h5py.Dataset) else 0
         except Exception as exc:  # not HDF5, truncated, broken links: not ours to read
             log.debug("%s: not a readable HDF5 file (%s)", image_file, exc)
             return False
+        if ours:
+            return True  # the project's file: _start reads it, or says what is wrong
+        if ndim < 2:
+            log.debug("%s: no image data at %s; not a PeakNet CXI file", image_file, data_path)
+            return False
         if geom is None:
-            log.info("%s: a CXI image stack, but no CrystFEL geometry beside it (%s) or named "
+            log.info("%s: CXI image data, but no CrystFEL geometry beside it (%s) or named "
                      "by its '%s' attribute; the PeakNet CXI format needs one",
                      image_file, os.path.splitext(os.path.basename(image_file))[0] + ".geom",
                      GEOMETRY_ATTR)
@@ -145,8 +205,10 @@ class FormatCXIPeakNet(FormatHDF5, FormatStill):
         self._detector_cache = None
         self._beam_cache = None
         self._mask_cache: tuple[Any, ...] | None = None
-        self._mask_stacked = False
-        self._mask_path = MASK_PATH
+        #: every mask the library reads the frames with (formats.cxi's mask plan)
+        self._masks: tuple[Any, ...] = ()
+        self._data_path = DATA_PATH
+        self._stacked = True
         self._dtype = np.dtype(np.float32)
         self._trusted: tuple[float, float] | None = None
         super().__init__(image_file, **kwargs)
@@ -156,41 +218,40 @@ class FormatCXIPeakNet(FormatHDF5, FormatStill):
             self._check()
 
     def _check(self) -> None:
-        """Everything that can be checked without reading pixels, so DIALS fails at import."""
+        """Everything that can be checked without reading pixels, so DIALS fails at import.
+
+        The image data and masks are checked by the library's own ``inspect_cxi``, so DIALS
+        refuses (and warns about) exactly what peaknet2cxi and the Python API do: a missing or
+        1-D data dataset is an error, a single frame is read as a one-frame stack, and a mask
+        dataset the geometry names but the file lacks is warned about and skipped."""
         from peaknet_xtal.errors import FormatError, GeometryError
-        from peaknet_xtal.formats.cxi import check_image_dataset, check_mask_dataset
+        from peaknet_xtal.formats.cxi import inspect_cxi
         from peaknet_xtal.formats.geometry import read_geometry
 
-        path = geometry_path(self._image_file)
-        if path is None:  # understand() said yes only with a geometry; it may have gone since
-            raise FormatError(self._image_file, "no CrystFEL geometry beside it (or named by its "
-                              f"'{GEOMETRY_ATTR}' attribute)")
-        self._geometry = read_geometry(path)
-        self._data_path = self._geometry.data or DATA_PATH
-        energy_path = self._geometry.photon_energy_path
         image_file = self._image_file
+        path = geometry_path(image_file)
+        if path is None:  # a file of ours (its attribute) whose geometry is not there
+            raise FormatError(image_file, _no_geometry(image_file))
+        self._geometry = read_geometry(path)
+        with _library_warnings():
+            info = inspect_cxi(image_file, self._geometry)
+        if info.frames:
+            raise FormatError(image_file, f"the data path of the geometry {path} has '%' "
+                              "placeholders (a dataset per event), which the DIALS format "
+                              "does not read; run peaknet2cxi on it and import the CXI files "
+                              "it writes", dataset=info.dataset)
+        self._data_path = info.dataset
+        self._stacked = info.stacked
+        self._dtype = np.dtype(info.dtype)
+        self._n_images = int(info.n_frames)
+        self._masks = tuple(info.masks)
+        if self._n_images == 0:
+            raise FormatError(image_file, "the image stack holds no frames",
+                              dataset=self._data_path)
+        # Frames larger than the geometry's slab are read as the library reads them (the
+        # panels' pixels; CrystFEL ignores the rest); smaller ones inspect_cxi refused.
+        energy_path = self._geometry.photon_energy_path
         with h5py.File(image_file, "r") as h5:
-            data = h5[self._data_path]
-            check_image_dataset(image_file, self._data_path, data)
-            self._dtype = data.dtype
-            self._n_images = int(data.shape[0])
-            if self._n_images == 0:
-                raise FormatError(image_file, "the image stack holds no frames",
-                                  dataset=self._data_path)
-            slab = tuple(self._geometry.slab_shape)
-            if tuple(data.shape[1:]) != slab:
-                raise FormatError(image_file, f"frames have shape {tuple(data.shape[1:])}, but "
-                                  f"the geometry {path} describes {slab}",
-                                  dataset=self._data_path)
-            self._mask_path = mask_name = self._geometry.mask or MASK_PATH
-            stored = h5.get(mask_name)
-            self._mask_stacked = False
-            if isinstance(stored, h5py.Dataset):
-                check_mask_dataset(image_file, mask_name, stored, slab, self._n_images, True)
-                self._mask_stacked = stored.ndim == len(slab) + 1
-            elif self._geometry.mask:
-                raise FormatError(image_file, f"no mask dataset (the geometry {path} names it)",
-                                  dataset=mask_name)
             wavelength = self._geometry.wavelength_A or h5.attrs.get("wavelength_A")
             self._wavelengths = None
             if energy_path and isinstance(h5.get(energy_path.split()[0]), h5py.Dataset):
@@ -219,32 +280,62 @@ class FormatCXIPeakNet(FormatHDF5, FormatStill):
     def get_image_file(self, index: int | None = None) -> str:
         return self._image_file
 
+    def _read(self, dataset: h5py.Dataset, index: int) -> np.ndarray:
+        """Frame ``index`` of a stack, or the one frame of a single-frame file."""
+        return np.asarray(dataset[index] if self._stacked else dataset[()])
+
+    def _mask_good(self, per_frame: bool, index: int) -> list[np.ndarray] | None:
+        """Good pixels per panel from the masks of the library's plan: the static ones (one
+        mask of the frame shape), or those with one mask per frame (frame ``index``'s).  A
+        mask of some panels only leaves the others' pixels good, as the library reads it."""
+        n_dims = len(self._geometry.slab_shape)
+        good: list[np.ndarray] | None = None
+        for source in self._masks:
+            with h5py.File(source.file or self._image_file, "r") as h5:
+                stored = h5[source.dataset]
+                if (stored.ndim == n_dims + 1) != per_frame:
+                    continue
+                raw = np.asarray(stored[index] if per_frame else stored[()])
+            pieces = self._geometry.split_slab(source.spec.good(raw))
+            if source.panels is not None:
+                pieces = [p if i in source.panels else np.ones(p.shape, dtype=bool)
+                          for i, p in enumerate(pieces)]
+            good = ([np.array(p, dtype=bool) for p in pieces] if good is None
+                    else [g & p for g, p in zip(good, pieces, strict=True)])
+        return good
+
     def get_raw_data(self, index: int | None = None) -> tuple:
         from scitbx.array_family import flex
 
-        with user_errors(self._image_file, f"read frame {index or 0} of {self._data_path}"):
+        from peaknet_xtal.formats.cxi import flagged_ok, panel_flags
+
+        index = index or 0
+        with user_errors(self._image_file, f"read frame {index} of {self._data_path}"):
             with h5py.File(self._image_file, "r") as h5:
-                slab = np.asarray(h5[self._data_path][index or 0], dtype=np.float64)
-                frame_mask = h5[self._mask_path][index or 0] if self._mask_stacked else None
+                slab = self._read(h5[self._data_path], index).astype(np.float64)
+            frame_good = self._mask_good(True, index) if self._stacked else None
         low, high = self._trusted_range()
         with np.errstate(invalid="ignore"):
             untrusted = int(np.count_nonzero(~((slab > low) & (slab < high))))
         if untrusted:  # DIALS masks them by the trusted range; say so rather than silently
             log.warning("%s frame %d: %d pixels non-finite or outside the trusted range %g to "
-                        "%g are masked%s", self._image_file, index or 0, untrusted, low, high,
+                        "%g are masked%s", self._image_file, index, untrusted, low, high,
                         "" if (low, high) == (-TRUSTED, TRUSTED) else
                         " (its ends: the largest value of the data's integer type, or -1 and "
                         "-2 in signed counts, which detector writers put in gaps and "
                         "defective or overloaded pixels)")
-        if frame_mask is not None:
+        panels = [np.array(p, dtype=np.float64) for p in self._geometry.split_slab(slab)]
+        flags = panel_flags(self._geometry)
+        if flags is not None:  # CrystFEL's flag_lessthan/morethan/equal, as the library reads
+            for panel, panel_flag in zip(panels, flags, strict=True):
+                panel[~flagged_ok(panel, panel_flag)] = MASKED_VALUE
+        if frame_good is not None:
             # A mask per frame: dxtbx's static mask is one for the whole imageset, so this
             # frame's bad pixels are set below the trusted range, which DIALS (and
             # imageset.get_mask) masks frame by frame.
-            from peaknet_xtal.formats.cxi import mask_bits_ok
-
-            slab[~mask_bits_ok(np.asarray(frame_mask), self._geometry)] = MASKED_VALUE
-        return tuple(flex.double(np.ascontiguousarray(p, dtype=np.float64))
-                     for p in self._geometry.split_slab(slab))
+            for panel, good in zip(panels, frame_good, strict=True):
+                panel[~good] = MASKED_VALUE
+        return tuple(flex.double(np.ascontiguousarray(p)) for p in panels)
 
     def _trusted_range(self) -> tuple[float, float]:
         """DIALS keeps a pixel when ``low < value < high``: the values the data use for counts
@@ -256,7 +347,7 @@ class FormatCXIPeakNet(FormatHDF5, FormatStill):
             if self._dtype.kind == "i":  # signed: the marks depend on the values held
                 with user_errors(self._image_file, f"read frame 0 of {self._data_path}"):
                     with h5py.File(self._image_file, "r") as h5:
-                        least = float(np.min(h5[self._data_path][0]))
+                        least = float(np.min(self._read(h5[self._data_path], 0)))
             low, high = count_range(self._dtype, least)
             self._trusted = (max(-TRUSTED, low), min(TRUSTED, high))
         return self._trusted
@@ -310,20 +401,14 @@ class FormatCXIPeakNet(FormatHDF5, FormatStill):
         return detector
 
     def get_static_mask(self, index: int | None = None):
-        """Good pixels: the geometry's bad regions and its static mask dataset (CrystFEL bits)."""
+        """Good pixels: the geometry's bad regions and its static masks (CrystFEL bits)."""
         from scitbx.array_family import flex
 
-        from peaknet_xtal.formats.cxi import mask_bits_ok
-
         if self._mask_cache is None:
-            masks = self._geometry.bad_pixel_masks()
+            masks = [np.asarray(m, dtype=bool) for m in self._geometry.bad_pixel_masks()]
             with user_errors(self._image_file, "read its mask"):
-                with h5py.File(self._image_file, "r") as h5:
-                    stored = h5.get(self._mask_path)
-                    # shape checked in _check; a mask per frame acts in get_raw_data
-                    if isinstance(stored, h5py.Dataset) and not self._mask_stacked:
-                        good = self._geometry.split_slab(mask_bits_ok(stored[()],
-                                                                      self._geometry))
-                        masks = [m & g for m, g in zip(masks, good, strict=True)]
+                good = self._mask_good(False, 0)  # a mask per frame acts in get_raw_data
+            if good is not None:
+                masks = [m & g for m, g in zip(masks, good, strict=True)]
             self._mask_cache = tuple(flex.bool(np.ascontiguousarray(m)) for m in masks)
         return self._mask_cache

@@ -111,6 +111,25 @@ def test_settings_come_from_phil(dials_modules, monkeypatch) -> None:
         _params(phil_scope, "spotfinder.threshold.peaknet.threshold=1.5")
 
 
+def test_a_dispersion_gain_carried_over_is_said_to_be_unused(dials_modules, caplog) -> None:
+    """``spotfinder.threshold.dispersion.gain=25`` on a command line switched to
+    ``algorithm=peaknet`` was dropped without a word; DIALS' log now says which setting takes
+    it, and says nothing where peaknet.gain is set or dispersion.gain is not."""
+    factory, phil_scope = dials_modules
+    base = ("spotfinder.threshold.algorithm=peaknet", "spotfinder.threshold.peaknet.device=cpu")
+    for extra, said in ((("spotfinder.threshold.dispersion.gain=25",), True),
+                        (("spotfinder.threshold.dispersion.gain=25",
+                          "spotfinder.threshold.peaknet.gain=25"), False),
+                        ((), False)):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="dials"):
+            factory.configure_threshold(_params(phil_scope, *base, *extra))
+        lines = [r.getMessage() for r in caplog.records if "dispersion.gain" in r.getMessage()]
+        assert bool(lines) is said, (extra, lines)
+        if said:
+            assert "spotfinder.threshold.peaknet.gain=25" in lines[0]
+
+
 def _ext(phil_scope, threshold: float, dilation: int = 1, min_snr: float | None = None,
          gain: float | None = None, min_height: float | None = None,
          faint_support: int | None = None):

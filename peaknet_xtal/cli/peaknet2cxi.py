@@ -597,7 +597,8 @@ def _run_pipeline(config: dict[str, Any]) -> dict[str, Any]:
         stats.frames -= before.frames
         stats.hits -= before.hits
         stats.peaks = stats.peaks[len(before.peaks):]
-        stats.skipped = int(result.get("resumed_keys", 0))
+        done = result or getattr(error, "summary", None) or {}  # a failed run's summary too
+        stats.skipped = int(done.get("resumed_keys", 0))
         summary = _finish(config, outdir, files, geometry, stats, time.perf_counter() - started,
                           {"pipeline": result.get("backend", "ray"),
                            **(result.get("engine") or getattr(error, "engine", None) or {})},

@@ -335,7 +335,36 @@ def ray_queue(capacity: int, name: str) -> RayQueueClient:
 
 
 def ray_actor(cls: type, *args: Any, num_cpus: float = 0, num_gpus: float = 0,
-              **kwargs: Any) -> Any:
-    """A Ray actor around a plain stage class; no Ray restarts (the driver re-queues instead)."""
-    return _remote_class(cls).options(num_cpus=num_cpus, num_gpus=num_gpus,
-                                      max_restarts=0).remote(*args, **kwargs)
+              log_relay: Any = None, **kwargs: Any) -> Any:
+    """A Ray actor around a plain stage class; no Ray restarts (the driver re-queues instead).
+    With ``log_relay`` (a :class:`~.worker_logs.LogRelay` actor) the project's warnings raised
+    in the actor's process go there, for the driver to show (:mod:`.worker_logs`)."""
+    if log_relay is None:
+        return _remote_class(cls).options(num_cpus=num_cpus, num_gpus=num_gpus,
+                                          max_restarts=0).remote(*args, **kwargs)
+    return _remote_class(_forwarding(cls)).options(
+        num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0).remote(
+            *args, _log_relay=log_relay, **kwargs)
+
+
+@functools.cache
+def _forwarding(cls: type) -> type:
+    """``cls`` whose instances first send their process's warnings to a relay (the keyword
+    ``_log_relay``), before ``cls.__init__`` runs: its own warnings are relayed too."""
+    def __init__(self: Any, *args: Any, _log_relay: Any = None, **kwargs: Any) -> None:
+        from peaknet_xtal.pipeline.worker_logs import forward_warnings
+
+        if _log_relay is not None:
+            forward_warnings(_log_relay)
+        cls.__init__(self, *args, **kwargs)  # type: ignore[misc]
+
+    return type(cls.__name__, (cls,), {"__init__": __init__, "__module__": cls.__module__,
+                                       "__qualname__": cls.__qualname__,
+                                       "__doc__": cls.__doc__})
+
+
+def ray_log_relay() -> Any:
+    """A :class:`~.worker_logs.LogRelay` actor: no CPU, the stages' warnings for the driver."""
+    from peaknet_xtal.pipeline.worker_logs import LogRelay
+
+    return _remote_class(LogRelay).options(num_cpus=0, max_restarts=0).remote()

@@ -19,6 +19,11 @@ The driver owns no data; it starts the stages, watches them and keeps the books:
   flag's handler had been taken down, was lost that way, and the run exited 0 as finished
   (:mod:`peaknet_xtal.stopping`).
 - **Resume.**  Keys already in the writers' finished output are skipped by the sources.
+- **An input that cannot be read** ends the run in error only once the other inputs' frames are
+  written and the writers have finished their files (:meth:`Driver._source_failed`), the error
+  being the input's own, naming it: nothing done is lost, and a rerun skips it.
+- **Warnings.**  The project's warnings raised in a Ray stage process are shown by the driver,
+  once each (:mod:`.worker_logs`); Ray itself prints nothing of its stage processes.
 - **Run records.**  As each worker finishes, the driver collects what its engine learned (its
   pixel-defect counts) and the engine's resolved settings.  At the end -- after an error or a
   Ctrl-C too, as the single-process ``peaknet2cxi`` does -- the workers' counts are merged
@@ -53,13 +58,16 @@ from peaknet_xtal.pipeline.actors import (
     ResultWriter,
     SourceFeeder,
     ray_actor,
+    ray_log_relay,
     ray_queue,
 )
 from peaknet_xtal.pipeline.monitor import PipelineMonitor
 from peaknet_xtal.pipeline.queues import AsyncLeaseQueue, EventLoopThread, LocalQueueClient
+from peaknet_xtal.pipeline.worker_logs import Record, WarningReplay, forget_local, remember_local
 from peaknet_xtal.stopping import stop_requests
 
 log = logging.getLogger(__name__)
+remember_local()  # this process's warnings, so that the stages' copies of them are not shown
 
 #: Every key ``run_pipeline`` reads.  ``peaknet2cxi --workers N [--address A]`` fills these.
 DEFAULTS: dict[str, Any] = {
@@ -99,11 +107,15 @@ class PipelineError(PeakNetError):
     """A stage failed for good (a source could not be read, workers kept dying, a writer broke).
 
     ``engine``: the workers' engine settings (``InferenceEngine.describe``), as the run's summary
-    has them, so that a caller's record of a failed run says how its frames were found too."""
+    has them, so that a caller's record of a failed run says how its frames were found too;
+    ``summary``: the run's summary as :func:`run_pipeline` returns it (written, resumed_keys...),
+    where the run got as far as making one (None otherwise)."""
 
-    def __init__(self, message: str, engine: Mapping[str, Any] | None = None) -> None:
+    def __init__(self, message: str, engine: Mapping[str, Any] | None = None,
+                 summary: Mapping[str, Any] | None = None) -> None:
         super().__init__(message)
         self.engine = dict(engine) if engine else None
+        self.summary = dict(summary) if summary else None
 
 
 def resolve_config(config: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -240,6 +252,10 @@ class ThreadBackend:
         """The threads live as long as this process."""
         return True
 
+    def drain_logs(self) -> tuple[list[Record], int]:
+        """The stages log in this process, straight to its handlers: nothing to relay."""
+        return [], 0
+
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
         self.loop.stop()
@@ -254,13 +270,19 @@ class RayBackend:
         # reuses a Ray the caller already started (and then leaves it running)
         self._session = ray_session(address=cfg["address"], num_cpus=cfg["num_cpus"])
         self.ray = self._session.__enter__()
+        try:  # the stages' warnings reach the user through it (Ray prints none of theirs)
+            self.log_relay = ray_log_relay()
+        except BaseException:
+            self._session.__exit__(None, None, None)
+            raise
 
     def queue(self, capacity: int, name: str) -> Any:
         return ray_queue(capacity, name)
 
     def make(self, cls: type, *args: Any, num_cpus: float = 0, num_gpus: float = 0,
              **kwargs: Any) -> Any:
-        return ray_actor(cls, *args, num_cpus=num_cpus, num_gpus=num_gpus, **kwargs)
+        return ray_actor(cls, *args, num_cpus=num_cpus, num_gpus=num_gpus,
+                         log_relay=self.log_relay, **kwargs)
 
     def call(self, handle: Any, method: str, *args: Any) -> Any:
         return self._get(getattr(handle, method).remote(*args))
@@ -308,6 +330,12 @@ class RayBackend:
         except Exception:  # noqa: BLE001 - another Ray version: assume alive
             return True
 
+    def drain_logs(self) -> tuple[list[Record], int]:
+        """The project's warnings the stages raised since the last call
+        (:mod:`.worker_logs`), and how many the relay had no room for."""
+        records, dropped = self.ray.get(self.log_relay.drain.remote(), timeout=10)
+        return list(records), int(dropped)
+
     def close(self) -> None:
         self._session.__exit__(None, None, None)
 
@@ -327,6 +355,15 @@ class Driver:
         self.workers: dict[str, dict[str, Any]] = {}
         self.writers: list[dict[str, Any]] = []
         self.failures: list[str] = []
+        #: what ends the run in error (a stage failed for good, an input could not be read):
+        #: the message of the PipelineError raised once the writers have closed
+        self.errors: list[str] = []
+        #: the inputs that could not be read: the run goes on with the others, then fails
+        self.failed_inputs: list[BaseException] = []
+        self.source_paths: dict[str, str] = {}  # source stage name -> its input
+        #: the stages' warnings, shown once each (Ray prints nothing of theirs: .worker_logs)
+        self.warnings = WarningReplay()
+        self.logs_gone = False  # the relay could not be read: the stages' warnings stay there
         self.restarts = 0
         self.interrupted = False
         self.stop_requested = False  # set by the SIGINT/SIGTERM handler, acted on by the loop
@@ -368,6 +405,7 @@ class Driver:
                                         float(cfg["lease_timeout"]))
             self.running[future] = ("writer", f"writer{i}", handle)
         for i, spec in enumerate(source_specs(cfg)):
+            self.source_paths[f"source{i}"] = str(spec["path"])
             handle = self.backend.make(SourceFeeder, spec, sorted(done), int(cfg["source_chunk"]))
             self.running[self.backend.start(handle, "run", self.frames)] = ("source", f"source{i}",
                                                                              handle)
@@ -459,7 +497,25 @@ class Driver:
         return self.defects_written
 
     def _source_failed(self, name: str, handle: Any, exc: BaseException) -> None:
-        self._fail(f"{name} failed: {exc}", exc)
+        """An input that cannot be read ends the run in error, but only once everything else
+        is done: the other inputs' frames, queued or still to be read, are found and written,
+        and the writers finish their files, so that nothing is lost and a rerun skips it all
+        (aborting dropped every queued frame: a bad file listed after 200 good frames left
+        an empty output, where the single-process run keeps the frames before it).  The error
+        is the input's own, naming its file, as the single-process run reports it."""
+        message = _input_error(self.source_paths.get(name, name), exc)
+        if self.stop_requested or self.fatal is not None:
+            self._fail(message, exc)  # the run is ending already: said, as before
+            return
+        self.failures.append(message)
+        self.errors.append(message)
+        self.failed_inputs.append(exc)
+        others = sorted(self.source_paths[n] for role, n, _ in self.running.values()
+                        if role == "source")
+        if others:  # said now: a long run ends with the error only after the others are done
+            log.info("%s cannot be read; the run stops with its error once the frames of the "
+                     "other %d input(s) are written", self.source_paths.get(name, name),
+                     len(others))
 
     def _writer_failed(self, name: str, handle: Any, exc: BaseException) -> None:
         self._fail(f"{name} failed: {exc}", exc)
@@ -491,9 +547,24 @@ class Driver:
             log.warning("%s (after the stop was asked for)", message)
             return
         log.error(message)
+        self.errors.append(message)
         if self.fatal is None:
             self.fatal = exc
             self.frames.abort()
+
+    def relay_warnings(self) -> None:
+        """Show the project's warnings the stages raised since the last call, once each
+        (:mod:`.worker_logs`).  Never fails the run: a relay that cannot be read (its process
+        ended by a stop, say) is given up."""
+        if self.stages_lost or self.logs_gone:
+            return
+        try:
+            records, dropped = self.backend.drain_logs()
+        except Exception as exc:  # noqa: BLE001 - warnings lost, not the run
+            self.logs_gone = True
+            log.debug("could not read the stages' warnings: %s", exc)
+            return
+        self.warnings.replay(records, dropped)
 
     def _queue_call(self, what: str, call: Any, default: Any) -> Any:
         """``call()``, a call to a queue; after a stop was asked for, a queue whose process the
@@ -560,6 +631,7 @@ class Driver:
             try:
                 for future in self.backend.wait(list(self.running), interval):
                     self.on_done(future)
+                self.relay_warnings()
                 if self.stop_requested and not self.interrupted:
                     self.interrupt()
                 if self.interrupted and not self.backend.alive():
@@ -601,6 +673,7 @@ def run_pipeline(config: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """
     cfg = resolve_config(config)
     driver = Driver(cfg, None)
+    summary: dict[str, Any] | None = None
     # the stop flag's handlers from before Ray starts until it is shut down: a signal in
     # between never meets Python's default, which raised it where it could be lost
     with sigint_requests_stop(driver):
@@ -614,6 +687,7 @@ def run_pipeline(config: Mapping[str, Any] | None = None) -> dict[str, Any]:
                                       interval=float(cfg["monitor_interval"]),
                                       live_path=monitor_json)
             driver.loop(monitor)
+            driver.relay_warnings()
             defects = driver.save_defects()
             driver.interrupted = driver.interrupted or driver.stop_requested  # a late stop too
             final = driver._frame_stats()
@@ -633,12 +707,30 @@ def run_pipeline(config: Mapping[str, Any] | None = None) -> dict[str, Any]:
             try:  # after a second Ctrl-C or the driver's own failure too: what was learned is kept
                 driver.save_defects()
             finally:
-                backend.close()
-    if driver.fatal is not None:
-        raise PipelineError("; ".join(driver.failures), driver.engine) from driver.fatal
+                try:  # the stages' last warnings, whatever ended the run
+                    driver.relay_warnings()
+                finally:
+                    forget_local()  # a later run's stages may say again what this one did
+                    backend.close()
+    if driver.fatal is not None or driver.failed_inputs:
+        raise PipelineError("; ".join(driver.errors), driver.engine, summary) from (
+            driver.fatal or driver.failed_inputs[0])
+    assert summary is not None
     if driver.stop_requested and not summary["interrupted"]:  # asked while Ray shut down
         summary.update(interrupted=True, stop_signal=_signal_name(driver.stop_signal))
     return summary
+
+
+def _input_error(path: str, exc: BaseException) -> str:
+    """The one-line error of an input that could not be read, naming it: the input's own
+    error where it names the file (a FormatError does), else the file and the error."""
+    cause = getattr(exc, "cause", None)  # a stage's error Ray wrapped (RayTaskError)
+    if isinstance(cause, BaseException):
+        exc = cause
+    text = str(exc).strip() or type(exc).__name__
+    if not isinstance(exc, PeakNetError):
+        text = f"{type(exc).__name__}: {text}"
+    return text if path in text else f"{path}: {text}"
 
 
 def _signal_name(signum: int | None) -> str | None:

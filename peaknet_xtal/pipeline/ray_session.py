@@ -32,6 +32,10 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
     if ray.is_initialized():
         yield ray
         return
+    # log_to_driver=False: the stage processes' output (every worker's INFO lines, Ray's own
+    # chatter, prefixed "(ModelWorker pid=...)") stays in Ray's log files, off the terminal and
+    # the progress bar; the project's warnings from them reach the user through the pipeline's
+    # relay instead (pipeline/worker_logs.py)
     with _keeping_sigterm_handler():
         if address:
             check_reachable(address)

@@ -9,6 +9,7 @@ irrelevant here; the engine with a stand-in segmenter where the test is about wh
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -22,10 +23,11 @@ import numpy as np
 import pytest
 from peaknet_test_support import BrightPredictor, LocalMaxFinder
 
+from peaknet_xtal.errors import FormatError
 from peaknet_xtal.finding.defects import DefectTracker
 from peaknet_xtal.finding.engine import InferenceEngine
 from peaknet_xtal.formats.cxi import CXISource, CXIWriter
-from peaknet_xtal.pipeline import run_pipeline
+from peaknet_xtal.pipeline import PipelineError, run_pipeline
 from peaknet_xtal.pipeline.actors import LearnedDefects
 from peaknet_xtal.pipeline.driver import frame_finder_options, pooled_defects, resolve_config
 from peaknet_xtal.pipeline.ray_session import ray_session
@@ -245,3 +247,54 @@ def test_workers_defect_counts_add_up_to_one_engines():
     assert pooled is not None and pooled.frames == 9 and pooled.count() == 1
     assert not pooled.defects[0][12, 15]
     assert pooled_defects([]) == (None, None)
+
+
+def _unreadable(path: Path) -> Path:
+    """A stack whose pixels are complex numbers: CXISource refuses it, naming it."""
+    with h5py.File(path, "w") as h5:
+        h5.create_dataset("/entry_1/data_1/data", data=np.ones((3, 32, 48), np.complex64))
+    return path
+
+
+def test_an_unreadable_input_fails_the_run_after_the_others_are_written(local_ray,
+                                                                        tmp_path: Path, stacks):
+    """A trial: 200 good frames, then a file refused with a FormatError, on --workers 2: the
+    run failed at once and threw away every good frame (the frame queue was aborted, the
+    queued frames dropped).  Now the other inputs' frames are all written and finished, and
+    the run then fails with the input's own error, naming it, as the single-process run does
+    (not 'source1 failed: ...'); a rerun skips what was written."""
+    good = stacks.write(tmp_path / "a.h5", 40)
+    bad = _unreadable(tmp_path / "b.h5")
+    cfg = config(tmp_path, [good, bad])
+    with pytest.raises(PipelineError) as failed:
+        run_pipeline(cfg)
+    keys = stacks.written(tmp_path / "out")
+    assert set(keys) == stacks.expected(good, 40) and set(keys.values()) == {1}
+    message = str(failed.value)
+    assert message.startswith(str(bad)) and "numbers" in message and "source" not in message
+    assert isinstance(failed.value.__cause__, FormatError)
+    assert failed.value.summary is not None and failed.value.summary["written"] == 40
+    again = run_pipeline(config(tmp_path, [good]))
+    assert again["resumed_keys"] == 40 and again["written"] == 0
+
+
+def test_the_stages_warnings_reach_the_driver_once_each(local_ray, tmp_path: Path, stacks,
+                                                         caplog):
+    """Ray prints nothing of its stage processes (log_to_driver=False keeps their INFO lines
+    and Ray's own chatter off the terminal), which hid the project's warnings raised there: a
+    frame's non-finite pixels masked was said by the single-process run only.  Now each
+    warning a worker raises is logged by the driver, once, under its own logger; nothing below
+    WARNING comes through."""
+    path = stacks.write(tmp_path / "a.h5", 6)
+    with h5py.File(path, "r+") as h5:
+        h5["/entry_1/data_1/data"][:, 20, 30:33] = np.nan
+    cfg = config(tmp_path, [path], frame_finder="engine", batch_size=2,
+                 frame_finder_options={"predictor": BrightPredictor(), "adu_per_photon": 1.0})
+    with caplog.at_level(logging.INFO):
+        assert run_pipeline(cfg)["written"] == 6
+    masked = [r.getMessage() for r in caplog.records
+              if r.name == "peaknet_xtal.finding.sanitise" and "non-finite" in r.getMessage()]
+    for i in range(6):
+        assert sum(f"{path} //{i}:" in m for m in masked) == 1, masked
+    assert all(r.levelno >= logging.WARNING for r in caplog.records
+               if r.pathname == "(stage process)")

@@ -19,6 +19,7 @@ labelled too.
 """
 from __future__ import annotations
 
+import logging
 import os
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -30,6 +31,8 @@ import numpy as np
 
 from peaknet_xtal.errors import FormatError
 from peaknet_xtal.types import Frame, event_index, peaks_from_columns
+
+log = logging.getLogger(__name__)
 
 #: Predicted reflections, package convention (panel-relative 0-based pixel centre).
 PRED_DTYPE = np.dtype([
@@ -174,7 +177,9 @@ def records_from_stream(path: str | os.PathLike[str], *, geometry: Any = None,
     """One record per chunk (per indexed chunk unless ``indexed_only`` is False).
 
     With a geometry (given, or embedded in the stream) positions become panel-relative; without
-    one they stay in file coordinates, which is enough for matching but not for fitting.
+    one they stay in file coordinates, which is enough for matching but not for fitting.  A chunk
+    of an image and event met before (a stream concatenated twice) is skipped with one warning:
+    its labels would count that frame twice.
     """
     from peaknet_xtal.formats.stream import iter_chunks
 
@@ -183,14 +188,21 @@ def records_from_stream(path: str | os.PathLike[str], *, geometry: Any = None,
         geometry = stream_geometry(path)
     panels = _PanelIndex(geometry)
     base = os.path.dirname(os.path.abspath(path))
+    seen: set[tuple[str, str]] = set()
+    repeated = 0
     for chunk in iter_chunks(path):
         crystals = getattr(chunk, "crystals", None) or []
         if indexed_only and not crystals:
             continue
         event = getattr(chunk, "event", None) or "//"
+        image = resolve_image(str(chunk.filename), prefix, base)
+        if (image, event.strip()) in seen:
+            repeated += 1
+            continue
+        seen.add((image, event.strip()))
         yield FrameRecord(
             source=os.path.abspath(path),
-            image=resolve_image(str(chunk.filename), prefix, base),
+            image=image,
             event=event,
             index=event_index(event),
             found=_found_from_chunk(chunk, panels, path),
@@ -199,6 +211,9 @@ def records_from_stream(path: str | os.PathLike[str], *, geometry: Any = None,
             geometry_key=os.path.abspath(path),
             panel_names=panels.names,
         )
+    if repeated:
+        log.warning("%s: %d chunk(s) repeat an image and event met earlier in the stream (a "
+                    "stream concatenated twice?); each frame is labelled once", path, repeated)
 
 
 # -------------------------------------------------------------------------------------- DIALS

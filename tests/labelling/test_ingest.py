@@ -59,6 +59,23 @@ def test_simulated_stream_round_trip(sim_run):
     assert frame.masks is not None
 
 
+def test_a_chunk_repeated_in_the_stream_is_labelled_once(sim_run, tmp_path, caplog):
+    """A stream concatenated with itself (``cat a.stream a.stream``) gave every frame two label
+    rows; the repeats are skipped with one warning."""
+    text = sim_run.stream.read_text()
+    start = text.index("----- Begin chunk -----")
+    twice = tmp_path / "twice.stream"
+    twice.write_text(text.replace(f"Image filename: {sim_run.cxi.name}",
+                                  f"Image filename: {sim_run.cxi}") + text[start:].replace(
+        f"Image filename: {sim_run.cxi.name}", f"Image filename: {sim_run.cxi}"))
+    once = list(records_from_stream(sim_run.stream))
+    with caplog.at_level("WARNING"):
+        again = list(records_from_stream(twice))
+    assert [(r.image, r.event) for r in again] == [(r.image, r.event) for r in once]
+    said = [r.getMessage() for r in caplog.records if "repeat an image and event" in r.getMessage()]
+    assert len(said) == 1 and f"{len(once)} chunk(s)" in said[0]
+
+
 def test_missing_image_names_the_file(sim_run, tmp_path):
     rec = next(records_from_stream(sim_run.stream, prefix=str(tmp_path) + "/"))
     with pytest.raises(FormatError, match="not found"):

@@ -244,7 +244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("peaknet2cxi: the output could not be written: its disk is full (or a file "
                   "size or quota limit was reached); free space first", file=sys.stderr)
         _say_what_is_kept(Path(config["output"]), rerun=rerun_can_help(exc))
-        if full is not None and HDF5_WRITE_FAILED in str(full):
+        if hdf5_write_failed(exc):
             # HDF5 keeps the dropped file whose writes failed in its own tables and crashes
             # flushing it when the interpreter shuts down (a segmentation fault, exit 139,
             # after these lines): everything finished is closed and said, so leave without it
@@ -296,11 +296,7 @@ def rerun_can_help(exc: BaseException) -> bool:
     damaged file, a wrong dataset path, another detector), nor a setting or a run with nothing
     to write, which fail the same way every time.  The cause chain counts too (the Ray pipeline
     wraps what failed)."""
-    chain: list[BaseException] = []
-    current: BaseException | None = exc
-    while current is not None and current not in chain:
-        chain.append(current)
-        current = current.__cause__ or current.__context__
+    chain = _chain(exc)
     if any(isinstance(e, FormatError) for e in chain):
         return False
     if any(isinstance(e, PermissionError)
@@ -316,16 +312,28 @@ NO_ROOM = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 HDF5_WRITE_FAILED = "file write failed"
 
 
+def _chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and what caused it, outermost first."""
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in chain:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    return chain
+
+
+def hdf5_write_failed(exc: BaseException) -> bool:
+    """Whether HDF5 failed to write a file in ``exc``'s chain (then it holds that file in its
+    own tables and crashes flushing it at shutdown)."""
+    from peaknet_xtal.formats.cxi import CXIWriteError
+
+    return any(isinstance(e, CXIWriteError)
+               or (isinstance(e, OSError) and HDF5_WRITE_FAILED in str(e)) for e in _chain(exc))
+
+
 def write_failed(exc: BaseException) -> OSError | None:
     """The write in ``exc`` (or what caused it) that found no room (:data:`NO_ROOM`), if any."""
-    current: BaseException | None = exc
-    seen: list[BaseException] = []
-    while current is not None and current not in seen:
-        if isinstance(current, OSError) and current.errno in NO_ROOM:
-            return current
-        seen.append(current)
-        current = current.__cause__ or current.__context__
-    return None
+    return next((e for e in _chain(exc) if isinstance(e, OSError) and e.errno in NO_ROOM), None)
 
 
 def _say_what_is_kept(outdir: Path, *, rerun: bool) -> None:
@@ -610,6 +618,10 @@ def _run_pipeline(config: dict[str, Any]) -> dict[str, Any]:
 # inputs
 
 
+#: list files already warned about for naming an event twice
+_WARNED_REPEATS: set[str] = set()
+
+
 def expand_inputs(inputs: Sequence[Any]) -> list[dict[str, Any]]:
     """``[{"path", "events"}]`` from files and ``indexamajig -i`` style list files.
 
@@ -650,7 +662,8 @@ def expand_inputs(inputs: Sequence[Any]) -> list[dict[str, Any]]:
                     entry["events"].add(parts[1])
                 else:
                     entry["events"] = None
-            if repeated:
+            if repeated and str(path) not in _WARNED_REPEATS:  # once: the inputs are expanded
+                _WARNED_REPEATS.add(str(path))  # for the count, the output check and the run
                 log.warning("%s: %d event(s) listed more than once; each is processed once",
                             path, repeated)
         else:

@@ -1050,6 +1050,22 @@ def _frame_clen(frame: Frame, clen_path: str) -> float:
     return float(values[index]) if index is not None and index < values.size else float("nan")
 
 
+class CXIWriteError(OSError):
+    """A CXI file HDF5 could not write (a full disk, a quota, a file size limit), with the
+    ``errno`` HDF5's driver reported where it gave one.  After it, HDF5 keeps the dropped file
+    in its own tables: a command that meets one should not let the interpreter's shutdown
+    flush it again (``peaknet2cxi`` leaves at once; HDF5 crashed there)."""
+
+    @classmethod
+    def of(cls, path: Path, exc: BaseException) -> CXIWriteError:
+        code = getattr(exc, "errno", None)
+        if not code:
+            found = re.search(r"errno = (\d+)", str(exc))
+            code = int(found.group(1)) if found else None
+        text = " ".join(str(exc).split())
+        return cls(code or 0, f"cannot write {path.name}: {text}", str(path))
+
+
 class _CXIFile:
     """One CXI file being written frame by frame under a temporary name (constant memory).
 
@@ -1250,7 +1266,8 @@ class _CXIFile:
         self.h5.create_virtual_dataset(DATA_PATH, layout, fillvalue=0)
 
     def finish(self) -> None:
-        """Lay out the virtual dataset, close, and give the file its final name."""
+        """Lay out the virtual dataset, close, and give the file its final name.  A write HDF5
+        cannot make (a full disk: its buffers are flushed here) is a :class:`CXIWriteError`."""
         self._close_readers()
         try:
             if self.mode == "vds" and self.n:
@@ -1263,6 +1280,9 @@ class _CXIFile:
             if self._inputs:
                 self.h5.attrs[INPUTS_ATTR] = json.dumps(self._inputs, sort_keys=True)
             self.h5.close()
+        except (OSError, RuntimeError) as exc:  # h5py words a failed flush as either
+            self.abort()
+            raise CXIWriteError.of(self.path, exc) from exc
         except BaseException:
             self.abort()
             raise

@@ -216,6 +216,15 @@ def records_from_stream(path: str | os.PathLike[str], *, geometry: Any = None,
                     "stream concatenated twice?); each frame is labelled once", path, repeated)
 
 
+def _is_hdf5(path: str) -> bool:
+    import h5py
+
+    try:
+        return bool(h5py.is_hdf5(path))
+    except OSError:  # missing or unreadable: the opener says so
+        return False
+
+
 # -------------------------------------------------------------------------------------- DIALS
 
 
@@ -336,7 +345,13 @@ class FrameLoader:
         missing = FormatError(image, f"image of event {record.event} not found (from "
                               f"{record.source}; use --prefix to say where the images are)")
         types = source_types()
-        kind = record.kind or sniff_source(image)  # a plugin's raising sniff: not its file
+        kind: str | None = record.kind
+        if not kind and geometry is not None and _is_hdf5(image):
+            # an HDF5 image with a geometry (the stream's, or --geometry) is read through it, as
+            # peaknet2cxi -g reads it: sniffing looks only at the default data paths, so a
+            # geometry's own (/%/data of a SACLA-style file) fell to dxtbx, which has no reader
+            kind = "cxi"
+        kind = kind or sniff_source(image)  # a plugin's raising sniff: not its file
         if kind is None:
             if not os.path.exists(image):
                 raise missing

@@ -498,6 +498,49 @@ def test_config_file_null_lifts_the_peak_cap_and_types_are_checked(tmp_path):
 # inputs with nothing in them, and output folders that are not ours (issue 19)
 
 
+CLOSE_FAILS = """
+import sys
+import h5py
+from peaknet_xtal.cli.peaknet2cxi import main
+
+original = h5py.File.close
+failed = []
+
+
+def close(self):  # HDF5 flushes its buffers on close: there a full disk shows (RuntimeError)
+    name = self.filename
+    original(self)
+    if name.endswith(".part") and not failed:
+        failed.append(name)
+        raise RuntimeError("Unable to flush raw data (file write failed: time = now, filename "
+                           f"= '{name}', file descriptor = 3, errno = 28, error message = 'No "
+                           "space left on device')")
+
+
+h5py.File.close = close
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_full_disk_met_while_a_file_is_closed_is_the_same_one_error(tmp_path):
+    """HDF5 meets a full disk when it flushes a file on close, and h5py says so with a
+    RuntimeError: it escaped as a traceback (and a segmentation fault at shutdown); now the
+    same error as a full disk met mid-write, exit 1, no partial file."""
+    import subprocess
+
+    stack = tiny_stack(tmp_path / "in.h5")
+    script = tmp_path / "run.py"
+    script.write_text(CLOSE_FAILS)
+    outdir = tmp_path / "out"
+    done = subprocess.run([sys.executable, str(script), str(stack), "-o", str(outdir),
+                           "--no-progress", "--threads", "1", "--min-peaks", "0"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, (done.returncode, done.stderr[-3000:])
+    assert "its disk is full" in done.stderr and "Traceback" not in done.stderr
+    assert "cannot write peaks-00000.cxi" in done.stderr
+    assert not [p.name for p in outdir.iterdir() if p.name.endswith(".part")]
+
+
 def test_list_lines_as_indexamajig_reads_them_and_what_it_cannot(tmp_path, caplog):
     """'#' lines are comments; a line naming a file with spaces is that file; a third word is
     an error (it was dropped); an event listed twice is processed once, with a warning."""
@@ -512,6 +555,10 @@ def test_list_lines_as_indexamajig_reads_them_and_what_it_cannot(tmp_path, caplo
         entries = {Path(e["path"]).name: e["events"] for e in expand_inputs([str(listing)])}
     assert entries == {"a.h5": {"//1", "//2"}, "run one ü.h5": None}
     assert any("1 event(s) listed more than once" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level("WARNING"):  # a run expands its inputs more than once: said once
+        expand_inputs([str(listing)])
+    assert not any("more than once" in r.getMessage() for r in caplog.records)
     listing.write_text(f"{plain} //1 extra\n")
     with pytest.raises(FormatError, match="not 3 words") as err:
         expand_inputs([str(listing)])

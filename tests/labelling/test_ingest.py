@@ -76,6 +76,40 @@ def test_a_chunk_repeated_in_the_stream_is_labelled_once(sim_run, tmp_path, capl
     assert len(said) == 1 and f"{len(once)} chunk(s)" in said[0]
 
 
+def test_events_of_a_placeholder_file_are_read_through_the_streams_geometry(sim_run,
+                                                                            tmp_path):
+    """A stream over a SACLA-style file (``data = /%/data``, events ``tag_N//``): its frames
+    are read through the geometry, as peaknet2cxi reads them (they fell to dxtbx's sniffing,
+    which has no reader for them: "no image format understands this file")."""
+    import h5py
+
+    from peaknet_xtal.formats.cxi import iter_cxi_frames
+    from peaknet_xtal.formats.geometry import parse_geometry, read_geometry
+
+    stacked = read_geometry(sim_run.geom)
+    text = "\n".join(line for line in sim_run.geom.read_text().splitlines()
+                     if not line.strip().startswith(("dim", "data")))
+    text = "data = /%/data\n" + text + "\n"
+    geometry = parse_geometry(text)
+    events = tmp_path / "events.h5"
+    slabs = [stacked.assemble_slab(f.panels) for f in iter_cxi_frames(sim_run.cxi, stacked)]
+    with h5py.File(events, "w") as h5:
+        for i, slab in enumerate(slabs):
+            h5[f"/tag_{i}/data"] = slab
+    stream = tmp_path / "events.stream"
+    body = sim_run.stream.read_text().replace(f"Image filename: {sim_run.cxi.name}",
+                                              f"Image filename: {events}")
+    for i in range(len(slabs)):
+        body = body.replace(f"Event: //{i}\n", f"Event: tag_{i}//\n")
+    stream.write_text(body)
+    records = list(records_from_stream(stream, geometry=geometry))
+    assert records and all(r.event.startswith("tag_") for r in records)
+    for rec in records[:2]:
+        frame = load_frame(rec, geometry)
+        index = int(rec.event[len("tag_"):].rstrip("/"))
+        np.testing.assert_array_equal(geometry.assemble_slab(frame.panels), slabs[index])
+
+
 def test_missing_image_names_the_file(sim_run, tmp_path):
     rec = next(records_from_stream(sim_run.stream, prefix=str(tmp_path) + "/"))
     with pytest.raises(FormatError, match="not found"):

@@ -366,3 +366,46 @@ def test_a_kept_placeholder_that_the_background_does_not_check_is_a_warning(capl
     with caplog.at_level("INFO", logger="peaknet_xtal.finding.gain"):
         assert resolver(1.0, good) == pytest.approx(12.4, rel=0.1)
     assert [r.levelname for r in caplog.records] == ["INFO"]
+
+
+G256 = """photon_energy = 9000 eV
+clen = 0.06 m
+res = 10000
+adu_per_photon = 12.4
+data = /entry_1/data_1/data
+dim0 = %
+dim1 = ss
+dim2 = fs
+p0/min_fs = 0
+p0/max_fs = 255
+p0/min_ss = 0
+p0/max_ss = 255
+p0/fs = +1.0x +0.0y
+p0/ss = +0.0x +1.0y
+p0/corner_x = -128.0
+p0/corner_y = -128.0
+"""
+
+
+@pytest.mark.parametrize("background", [0.1, 0.2])
+def test_spots_of_a_low_background_hit_do_not_make_the_per_region_gain(tmp_path, background):
+    """A dense hit (simulated, 0.1-0.2 photon a pixel of background, 256 x 256 px) with offsets
+    of +-0.2 photon per 64-px region, true gain 12.4: the per-panel fit is not reliable (the
+    offsets), and the per-region fit's level spread came from spot wings that the per-panel
+    correlation filter, relative to the panel's median block (itself a spot's), let through: 19.5
+    and 25.6 times the gain, called reliable (a verification run: one such frame set its run's
+    gain at 2.7 times).  Now the per-region fit takes only blocks whose pixels correlate no more
+    than independent noise does: the estimate is within four of its standard errors plus the
+    15 % that faint spots add on hits, or it is not reliable; never twice the gain."""
+    path = tmp_path / "g256.geom"
+    path.write_text(G256)
+    config = SimConfig(adu_per_photon=12.4, air_photons=background, water_photons=background,
+                       hit_probability=1.0, scattering_efficiency=1e-9)
+    frame, _ = simulate_frame(read_geometry(path), 1, config)
+    rng = np.random.default_rng(101)
+    offsets = np.kron(rng.choice([-1.0, 1.0], (4, 4)) * 0.2 * 12.4, np.ones((64, 64)))
+    estimate = estimate_gain([np.asarray(frame.panels[0], float) + offsets], frame.masks)
+    assert estimate.gain < 2 * 12.4 or not estimate.reliable
+    if estimate.reliable:
+        tolerance = 4 * estimate.relative_error + 0.15
+        assert estimate.gain == pytest.approx(12.4, rel=tolerance)

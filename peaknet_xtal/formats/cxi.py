@@ -602,11 +602,6 @@ class _Reader:
         self._flags = panel_flags(geometry)
         self._beam_warned = False
 
-    @property
-    def data(self) -> h5py.Dataset:
-        """The image dataset of a file without placeholders (its first event's otherwise)."""
-        return self._dataset_at(0)[0]
-
     def _locate(self, index: int) -> tuple[str, int | None, tuple[str, ...]]:
         """Frame ``index`` of the file: its dataset, its index there, its placeholder values."""
         if not 0 <= index < self.info.n_frames:
@@ -1062,8 +1057,8 @@ class CXIWriteError(OSError):
         if not code:
             found = re.search(r"errno = (\d+)", str(exc))
             code = int(found.group(1)) if found else None
-        text = " ".join(str(exc).split())
-        return cls(code or 0, f"cannot write {path.name}: {text}", str(path))
+        text = f"cannot write {path}: {' '.join(str(exc).split())}"
+        return cls(code, text) if code else cls(text)
 
 
 class _CXIFile:

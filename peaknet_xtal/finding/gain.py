@@ -255,9 +255,9 @@ def estimate_gain(panels: Sequence[np.ndarray], masks: Sequence[np.ndarray] | No
     blocks taken about their ``region`` x ``region`` pixel region's average before they are
     grouped (a fixed effect per region: pedestal offsets per chip or ASIC inside a panel drop
     out too).  The per-panel fit, the more precise, is returned unless it is not reliable or the
-    per-region fit differs from it by more than ``MAX_DISAGREEMENT_SIGMAS`` standard errors of
-    their difference; then the per-region fit is.  Returns :data:`UNKNOWN` when there are too
-    few blocks to fit.
+    per-region fit is above it by more than ``OFFSET_RATIO`` times and
+    ``MAX_DISAGREEMENT_SIGMAS`` standard errors of their difference; then the per-region fit is
+    (:func:`_choose_fit`).  Returns :data:`UNKNOWN` when there are too few blocks to fit.
     """
     panel_points: list[tuple[float, ...]] = []
     region_points: list[tuple[float, ...]] = []
@@ -520,21 +520,21 @@ class GainResolver:
     """The gain of a run: estimated on its first frames, then fixed.
 
     Why fixed: a detector's gain does not change from shot to shot, one number keeps the frames'
-    SNRs comparable, and estimating stops costing time once settled.  Only declared gains that
-    are missing or placeholder-like (:func:`is_placeholder`) are checked against the data; the
-    first ``frames`` reliable estimates are pooled (their median, so frames before the last use
-    the running median).  A placeholder kept because no frame so far shows a gain is logged as
-    a warning (the first frame's), naming ``--adu-per-photon``: on an integrating detector its
-    peak SNRs count far too little shot noise.  Frames whose background shows no gain (flat,
-    sparse blanks: most of a serial run at a low hit rate) do not count towards ``frames``: the
-    resolver goes on looking, up to ``max_frames`` frames in all, so that a run that opens with
-    blanks still gets its gain from the first frames that show one.  Each look costs 0.06-0.08 s
-    on a 2-Mpx frame (one thread; 0.27-0.30 s before a panel's block groups were computed
-    together, :func:`_group_points`; the per-region fit adds about half: 0.036 against 0.023 s,
-    timed together on a 2.2-Mpx frame), before the frame's peaks are found: on a GPU the next
-    batch waits for it.  A "run" is frames of one panel layout: when the panel shapes change
-    (one engine or ``PeakFinder`` handed another detector's images) the gain is
-    measured again, so one detector's gain never carries over to another's.
+    SNRs comparable, and estimating stops costing time once settled.  Only declared gains that are
+    missing or placeholder-like (:func:`is_placeholder`) are checked against the data; the first
+    ``frames`` reliable estimates are pooled (their median, so frames before the last use the
+    running median).  A placeholder kept because no frame so far shows a gain is logged as a warning
+    (the first frame's), naming each entry point's gain setting: on an integrating detector its peak
+    SNRs count far too little shot noise.  Frames whose background shows no gain (flat, sparse
+    blanks: most of a serial run at a low hit rate) do not count towards ``frames``: the resolver
+    goes on looking, up to ``max_frames`` frames in all, so that a run that opens with blanks still
+    gets its gain from the first frames that show one.  Each look costs 0.06-0.08 s on a 2-Mpx frame
+    (one thread; 0.27-0.30 s before a panel's block groups were computed together,
+    :func:`_group_points`; the per-region fit adds about half: 0.036 against 0.023 s, timed together
+    on a 2.2-Mpx frame), before the frame's peaks are found: on a GPU the next batch waits for it.
+    A "run" is frames of one panel layout: when the panel shapes change (one engine or
+    ``PeakFinder`` handed another detector's images) the gain is measured again, so one detector's
+    gain never carries over to another's.
     """
 
     def __init__(self, frames: int = 5, max_frames: int = 50) -> None:

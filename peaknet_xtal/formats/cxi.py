@@ -510,6 +510,17 @@ def _split(slab: np.ndarray, geometry: Any) -> list[np.ndarray]:
     return [np.ascontiguousarray(p) for p in geometry.split_slab(slab)]
 
 
+def mask_good(raw: np.ndarray, spec: MaskSpec, panels: tuple[int, ...] | None,
+              geometry: Any) -> list[np.ndarray]:
+    """Per panel, the good pixels one mask (:class:`MaskSource`) gives a frame: ``raw`` in the
+    slab layout read by ``spec``'s bits; a mask of some ``panels`` only leaves the others' pixels
+    all good.  The one reading of a mask, the library's readers' and the DIALS format's."""
+    good = _split(spec.good(raw), geometry)
+    if panels is None:
+        return good
+    return [g if i in panels else np.ones(g.shape, dtype=bool) for i, g in enumerate(good)]
+
+
 def mask_bits_ok(raw: np.ndarray, geometry: Any) -> np.ndarray:
     """True = good, following CrystFEL's mask_good / mask_bad bit rules (or nonzero = good)."""
     good = getattr(geometry, "mask_good", None) if geometry is not None else None
@@ -601,6 +612,7 @@ class _Reader:
         self._static_masks = geometry.bad_pixel_masks() if geometry is not None else None
         self._flags = panel_flags(geometry)
         self._beam_warned = False
+        self._event_numbers: dict[str, int] | None = None  # placeholder events, by id
 
     def _locate(self, index: int) -> tuple[str, int | None, tuple[str, ...]]:
         """Frame ``index`` of the file: its dataset, its index there, its placeholder values."""
@@ -609,6 +621,23 @@ class _Reader:
         if self.info.frames:
             return self.info.frames[index]
         return self.info.dataset, (index if self.info.stacked else None), ()
+
+    def index_of(self, event: str | None) -> int:
+        """The frame an event names: ``//N`` (a stack's frame N), ``//`` (a file's one frame) or,
+        with placeholders in the data path, CrystFEL's ``tag_7//`` / ``tag_7//N``; a
+        FormatError when it names none (a number past the end is the reader's IndexError)."""
+        if self.info.events:
+            if self._event_numbers is None:
+                self._event_numbers = {e: i for i, e in enumerate(self.info.events)}
+            index = self._event_numbers.get((event or "").strip(), -1)
+            if index < 0:
+                raise FormatError(self.path, f"no event {event!r} (this file's events are named "
+                                  f"as {self.info.events[0]!r}, through {self.info.dataset})")
+            return index
+        index = event_index(event)
+        if index < 0:
+            raise FormatError(self.path, f"event {event!r} does not name a frame number")
+        return index
 
     def _dataset_at(self, index: int) -> tuple[h5py.Dataset, int | None, tuple[str, ...]]:
         name, within, values = self._locate(index)
@@ -644,7 +673,7 @@ class _Reader:
         pattern = getattr(self.geometry, "photon_energy_path", None)
         if not pattern or PLACEHOLDER not in pattern:
             return None
-        _, within, values = self._locate(index)
+        data_name, within, values = self._locate(index)
         name = _substituted(self.path, pattern, values)
         energy = self.h5.get(name)
         if not isinstance(energy, h5py.Dataset):
@@ -653,7 +682,6 @@ class _Reader:
                 log.warning("%s: no photon energy dataset %s (named by the geometry as %s)",
                             self.path, name, pattern)
             return None
-        data_name = self._locate(index)[0]
         if energy.size == 1:
             return float(np.ravel(energy[()])[0]), name
         if within is not None and energy.size == self._counts.get(data_name, 1):
@@ -708,11 +736,7 @@ class _Reader:
             mask = self._mask_dataset(where, _substituted(self.path, location, values), data_name)
             raw = (mask[within if within is not None else index]
                    if mask.ndim == len(self.info.frame_shape) + 1 else mask[()])
-            good = _split(spec.good(np.asarray(raw)), self.geometry)
-            if covered is not None:  # a mask of some panels only: the others keep all pixels
-                good = [g if i in covered else np.ones(g.shape, dtype=bool)
-                        for i, g in enumerate(good)]
-            pieces.append(good)
+            pieces.append(mask_good(np.asarray(raw), spec, covered, self.geometry))
         if self._static_masks is not None:
             pieces.append(list(self._static_masks))
         if not pieces:
@@ -778,6 +802,17 @@ def read_cxi_frame(path: str | os.PathLike[str], index: int = 0, geometry: Any =
         reader.close()
 
 
+def read_cxi_event(path: str | os.PathLike[str], event: str | None, geometry: Any = None
+                   ) -> Frame:
+    """One frame by its event (``//N``, ``//``, or a placeholder file's ``tag_7//``: what a
+    CrystFEL stream's ``Event:`` line says); a number past the end is an IndexError."""
+    reader = _Reader(os.fspath(path), geometry, None, None)
+    try:
+        return reader.frame(reader.index_of(event))
+    finally:
+        reader.close()
+
+
 class CXISource:
     """A ``FrameSource`` (see hookspecs) over one CXI/HDF5 file."""
 
@@ -794,7 +829,6 @@ class CXISource:
         self._options: dict[str, Any] = {"data_path": data_path, "mask_path": mask_path}
         self.info = inspect_cxi(self.path, geometry, **self._options)
         self._reader: _Reader | None = None
-        self._event_numbers: dict[str, int] | None = None
 
     def __len__(self) -> int:
         return self.info.n_frames
@@ -804,20 +838,11 @@ class CXISource:
 
     def frame_at(self, event: str) -> Frame:
         """Random access by event (``//N`` is frame N; with placeholders in the data path,
-        CrystFEL's ``tag_7//`` or ``tag_7//N``); the file stays open until ``close``."""
-        if self.info.events:
-            if self._event_numbers is None:
-                self._event_numbers = {e: i for i, e in enumerate(self.info.events)}
-            index = self._event_numbers.get((event or "").strip(), -1)
-            if index < 0:
-                raise FormatError(self.path, f"no event {event!r} (this file's events are named "
-                                  f"as {self.info.events[0]!r}, through {self.info.dataset})")
-        else:
-            index = event_index(event)
-        if index < 0:
-            raise FormatError(self.path, f"event {event!r} does not name a frame number")
+        CrystFEL's ``tag_7//`` or ``tag_7//N``: ``_Reader.index_of``); the file stays open until
+        ``close``."""
         if self._reader is None:
             self._reader = _Reader(self.path, self.geometry, **self._options)
+        index = self._reader.index_of(event)
         try:
             return self._reader.frame(index)
         except IndexError as exc:

@@ -286,9 +286,8 @@ def _integrate_chunk(chunk: Any, path: Path, geometry: Any, lookup: dict[str, in
                      stats: RunStats | None = None) -> None:
     """Put VI intensities into the reflection lists of one chunk (in place)."""
     from peaknet_xtal.finding.settings import resolve_gain
-    from peaknet_xtal.formats.cxi import CXISource, read_cxi_frame
+    from peaknet_xtal.formats.cxi import read_cxi_event
     from peaknet_xtal.formats.geometry import HC_EV_A
-    from peaknet_xtal.types import event_index
 
     event = (chunk.event or "//").strip()
     image = _image_path(chunk.filename, path)
@@ -296,15 +295,8 @@ def _integrate_chunk(chunk: Any, path: Path, geometry: Any, lookup: dict[str, in
         # the stream's line names the image: say both, the user knows which to look for
         raise FormatError(path, f"image {image} not found (the chunk's Image filename)",
                           line=chunk.line)
-    try:
-        if event.startswith("//"):  # a frame of a stack (//N), or the file's one frame (//)
-            frame = read_cxi_frame(image, event_index(event), geometry)
-        else:  # CrystFEL's event of a group found through a path placeholder (tag_7//)
-            source = CXISource(image, geometry)
-            try:
-                frame = source.frame_at(event)
-            finally:
-                source.close()
+    try:  # //N, //, or a placeholder file's tag_7//
+        frame = read_cxi_event(image, event, geometry)
     except IndexError as exc:  # the stream names a frame the image does not hold
         raise FormatError(path, f"event {event!r} of {image}: {exc}", line=chunk.line) from None
     wavelength = (HC_EV_A / chunk.photon_energy_eV if chunk.photon_energy_eV

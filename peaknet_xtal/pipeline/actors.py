@@ -339,12 +339,10 @@ def ray_actor(cls: type, *args: Any, num_cpus: float = 0, num_gpus: float = 0,
     """A Ray actor around a plain stage class; no Ray restarts (the driver re-queues instead).
     With ``log_relay`` (a :class:`~.worker_logs.LogRelay` actor) the project's warnings raised
     in the actor's process go there, for the driver to show (:mod:`.worker_logs`)."""
-    if log_relay is None:
-        return _remote_class(cls).options(num_cpus=num_cpus, num_gpus=num_gpus,
-                                          max_restarts=0).remote(*args, **kwargs)
-    return _remote_class(_forwarding(cls)).options(
-        num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0).remote(
-            *args, _log_relay=log_relay, **kwargs)
+    if log_relay is not None:
+        cls, kwargs = _forwarding(cls), {**kwargs, "_log_relay": log_relay}
+    return _remote_class(cls).options(num_cpus=num_cpus, num_gpus=num_gpus,
+                                      max_restarts=0).remote(*args, **kwargs)
 
 
 @functools.cache

@@ -38,7 +38,7 @@ import numpy as np
 from dxtbx.format.FormatHDF5 import FormatHDF5
 from dxtbx.format.FormatStill import FormatStill
 
-from peaknet_xtal.formats.cxi import DATA_PATH, GEOMETRY_ATTR, geometry_path
+from peaknet_xtal.formats.cxi import DATA_PATH, GEOMETRY_ATTR, geometry_path, mask_good
 from peaknet_xtal.formats.geometry import HC_EV_A
 from peaknet_xtal.types import count_range
 
@@ -296,10 +296,7 @@ class FormatCXIPeakNet(FormatHDF5, FormatStill):
                 if (stored.ndim == n_dims + 1) != per_frame:
                     continue
                 raw = np.asarray(stored[index] if per_frame else stored[()])
-            pieces = self._geometry.split_slab(source.spec.good(raw))
-            if source.panels is not None:
-                pieces = [p if i in source.panels else np.ones(p.shape, dtype=bool)
-                          for i, p in enumerate(pieces)]
+            pieces = mask_good(raw, source.spec, source.panels, self._geometry)
             good = ([np.array(p, dtype=bool) for p in pieces] if good is None
                     else [g & p for g, p in zip(good, pieces, strict=True)])
         return good

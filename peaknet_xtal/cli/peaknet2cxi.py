@@ -229,9 +229,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         # SIGTERM (a batch scheduler's stop) ends the run as Ctrl-C does: finished files kept,
         # partial ones closed, the record saying "interrupted"; exit 143 (130 for Ctrl-C)
         with sigterm_raises():
-            check_output_folder(Path(config["output"]), config)
+            expansion = RunInputs(config["inputs"])  # this check's and the run's, read once
+            check_output_folder(Path(config["output"]), config, expansion=expansion)
             cfgmod.record(config, Path(config["output"]) / CONFIG_NAME, "peaknet2cxi", argv)
-            summary = run(config, argv=argv)
+            summary = run(config, argv=argv, expansion=expansion)
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Terminated)
         print("peaknet2cxi: interrupted" + (" (SIGTERM)" if isinstance(exc, Terminated) else ""),
               file=sys.stderr)
@@ -352,29 +353,38 @@ def _say_what_is_kept(outdir: Path, *, rerun: bool) -> None:
 # the run
 
 
-def run(config: Mapping[str, Any], *, argv: Sequence[str] | None = None) -> dict[str, Any]:
+def run(config: Mapping[str, Any], *, argv: Sequence[str] | None = None,
+        expansion: RunInputs | None = None) -> dict[str, Any]:
     """Run peaknet2cxi with a resolved configuration (keys as :data:`DEFAULTS`); returns the
     summary that is also written to ``OUTDIR/peaknet2cxi.json``.  The numbers are checked
     against :data:`RANGES` here too, for Python callers (a ConfigError names the key).
     ``argv``: the command line's arguments, where there is one (:func:`main`), recorded in the
     stream's header as CrystFEL records its own command line; a Python caller's run records
-    the command line that does the same (:func:`command_line`)."""
+    the command line that does the same (:func:`command_line`).  ``expansion``: the inputs as
+    a caller that checked the output folder already expanded them (:func:`main`), so that
+    their list files are read and their files looked for once a run; one for other inputs
+    than ``config``'s is not used."""
     config = cfgmod.deep_merge(DEFAULTS, dict(config))
     config.update(cfgmod.validate({k: config[k] for k in RANGES},
                                   {k: DEFAULTS[k] for k in RANGES}, RANGES,
                                   [("run() arguments", config)]))
     check_precision(config["precision"])  # before the output folder is touched
-    check_output_folder(Path(config["output"]), config)
+    if expansion is None or not expansion.expands(config["inputs"]):
+        expansion = RunInputs(config["inputs"])
+    check_output_folder(Path(config["output"]), config, expansion=expansion)
     if int(config["workers"] or 1) > 1 or config["address"]:
-        return _run_pipeline(config)
-    return _run_serial(config, argv)
+        return _run_pipeline(config, expansion)
+    return _run_serial(config, expansion, argv)
 
 
-def check_output_folder(outdir: Path, config: Mapping[str, Any] | None = None) -> None:
+def check_output_folder(outdir: Path, config: Mapping[str, Any] | None = None, *,
+                        expansion: RunInputs | None = None) -> None:
     """Refuse a folder whose peaks-*.cxi or peaknet.lst peaknet2cxi did not write: they would be
     listed for indexamajig, overwritten, or numbered into; and, given the run's ``config``, one
     whose files were found with other settings (a rerun continues a run: checked before the
-    run's configuration is recorded over the earlier one's)."""
+    run's configuration is recorded over the earlier one's).  ``expansion``: the run's inputs,
+    expanded once for this check and the run (:class:`RunInputs`); else they are expanded
+    here."""
     from peaknet_xtal.formats.cxi import CXIWriter, check_inputs_unchanged, check_same_settings
 
     if not outdir.exists():
@@ -407,7 +417,7 @@ def check_output_folder(outdir: Path, config: Mapping[str, Any] | None = None) -
         check_same_settings(finished, finding_settings(config))
         # before the record and before Ray starts: a rerun over a regenerated input is refused
         # here as the writer would refuse it (CXIWriter.done_keys)
-        sources = input_paths(config)
+        sources = (expansion or RunInputs(config["inputs"])).paths()
         for path in finished:
             check_inputs_unchanged(path, sources)
 
@@ -415,20 +425,18 @@ def check_output_folder(outdir: Path, config: Mapping[str, Any] | None = None) -
 def input_paths(config: Mapping[str, Any]) -> list[str]:
     """The input files of a run (list files expanded); a list that cannot be read counts as
     itself here, and the run reports it in order."""
-    try:
-        return [str(entry["path"]) for entry in expand_inputs(config["inputs"])]
-    except (PeakNetError, OSError, ValueError):
-        return [str(p) for p in config["inputs"]]
+    return RunInputs(config["inputs"]).paths()
 
 
-def _run_serial(config: dict[str, Any], argv: Sequence[str] | None = None) -> dict[str, Any]:
+def _run_serial(config: dict[str, Any], expansion: RunInputs,
+                argv: Sequence[str] | None = None) -> dict[str, Any]:
     from peaknet_xtal.finding.engine import InferenceEngine
     from peaknet_xtal.formats.cxi import CXIWriter
 
     outdir = Path(config["output"])
     outdir.mkdir(parents=True, exist_ok=True)
     geometry = _read_geometry(config["geometry"])
-    inputs = expand_inputs(config["inputs"])
+    inputs = expansion.entries()  # a list that failed to expand fails here, as it always did
     engine = InferenceEngine(config["model"], device=config["device"], threads=config["threads"],
                              precision=str(config["precision"]),
                              batch_size=int(config["batch_size"]),
@@ -441,7 +449,7 @@ def _run_serial(config: dict[str, Any], argv: Sequence[str] | None = None) -> di
                              adu_per_photon=_optional_float(config["adu_per_photon"]),
                              min_peaks=int(config["min_peaks"]), max_peaks=config["max_peaks"],
                              predictor=config["predictor"])
-    cxi = CXIWriter(outdir, geometry, **_writer_options(config))
+    cxi = CXIWriter(outdir, geometry, **_writer_options(config, expansion))
     stream = _open_stream(config, geometry, argv)
     done_cxi = cxi.done_keys()
     done_stream = stream.done_keys() if stream is not None else done_cxi
@@ -502,8 +510,9 @@ def _finished(outdir: Path) -> list[Path]:
     return [p for p in files if re.fullmatch(rf"{CXI_PREFIX}-\d{{5}}\.cxi", p.name)]
 
 
-def _writer_options(config: Mapping[str, Any]) -> dict[str, Any]:
-    """What the CXI writer is told, the same for the serial run and the Ray pipeline."""
+def _writer_options(config: Mapping[str, Any], expansion: RunInputs) -> dict[str, Any]:
+    """What the CXI writer is told, the same for the serial run and the Ray pipeline (the
+    inputs it records are the run's one expansion of them)."""
     from peaknet_xtal.formats.cxi import DEFAULT_MAX_PEAKS
 
     gain = _optional_float(config["adu_per_photon"])
@@ -511,7 +520,7 @@ def _writer_options(config: Mapping[str, Any]) -> dict[str, Any]:
             "max_peaks": max(int(config["max_peaks"] or 0), DEFAULT_MAX_PEAKS),
             "geometry_name": GEOM_NAME, "hits_only": bool(config["hits_only"]),
             "adu_per_photon": gain if gain else None, "settings": finding_settings(config),
-            "inputs": input_paths(config)}
+            "inputs": expansion.paths()}
 
 
 #: the settings that decide which peaks a frame gets and which frames are written: every CXI
@@ -531,7 +540,7 @@ def finding_settings(config: Mapping[str, Any]) -> dict[str, Any]:
     return settings
 
 
-def _run_pipeline(config: dict[str, Any]) -> dict[str, Any]:
+def _run_pipeline(config: dict[str, Any], expansion: RunInputs) -> dict[str, Any]:
     """Hand the run to the Ray pipeline (``--workers N`` / ``--address``), then finish alike."""
     try:
         from peaknet_xtal.pipeline import run_pipeline
@@ -548,7 +557,7 @@ def _run_pipeline(config: dict[str, Any]) -> dict[str, Any]:
     geometry = _read_geometry(config["geometry"])
     started = time.perf_counter()
     pipeline = {
-        "inputs": expand_inputs(config["inputs"]),
+        "inputs": expansion.entries(),
         # every input opened as the single-process run opens it (the geometry it names, etc.)
         "source_kind": open_input, "source_options": {"geometry": geometry},
         # the given geometry is the one written for every frame, as in the single-process run
@@ -556,7 +565,7 @@ def _run_pipeline(config: dict[str, Any]) -> dict[str, Any]:
         "output": str(outdir), "writer": "cxi",
         # the pipeline's own record (rates, restarts) inside the output folder, not beside it
         "monitor_json": str(outdir / PIPELINE_NAME),
-        "writer_options": {**_writer_options(config), "geometry": geometry},
+        "writer_options": {**_writer_options(config, expansion), "geometry": geometry},
         "workers": int(config["workers"] or 1), "address": config["address"],
         "model": config["model"], "device": config["device"],
         "threshold": float(config["threshold"]), "batch_size": int(config["batch_size"]),
@@ -618,8 +627,44 @@ def _run_pipeline(config: dict[str, Any]) -> dict[str, Any]:
 # inputs
 
 
-#: list files already warned about for naming an event twice
-_WARNED_REPEATS: set[str] = set()
+class RunInputs:
+    """A run's inputs, expanded (:func:`expand_inputs`) at most once for every step that needs
+    them: the output-folder checks (:func:`main`'s before the configuration is recorded, and
+    :func:`run`'s), the inputs the CXI writer records, and the run.  Each expansion reads every
+    list file again and looks for every file it names (slow for a long list on a network
+    disk), and says each list's repeated events.  A failed expansion is kept as well: the
+    output-folder check goes on with the inputs as given, and the run reports the error where
+    it always did (after the geometry is read), without reading the lists again."""
+
+    def __init__(self, inputs: Sequence[Any]) -> None:
+        self.given = list(inputs)
+        self._entries: list[dict[str, Any]] | None = None
+        self._error: PeakNetError | OSError | ValueError | None = None
+
+    def expands(self, inputs: Sequence[Any]) -> bool:
+        """Whether these are the inputs this expansion is of (a caller's may be for others)."""
+        return self.given == list(inputs)
+
+    def entries(self) -> list[dict[str, Any]]:
+        """The expanded inputs (``[{"path", "events"}]``, as :func:`expand_inputs`); raises
+        the expansion's error, every time it is asked, if it failed."""
+        if self._error is not None:
+            raise self._error
+        if self._entries is None:
+            try:
+                self._entries = expand_inputs(self.given)
+            except (PeakNetError, OSError, ValueError) as exc:
+                self._error = exc
+                raise
+        return self._entries
+
+    def paths(self) -> list[str]:
+        """The input files (list files expanded); inputs that do not expand count as given
+        here, and the run reports them in order (:meth:`entries`)."""
+        try:
+            return [str(entry["path"]) for entry in self.entries()]
+        except (PeakNetError, OSError, ValueError):
+            return [str(p) for p in self.given]
 
 
 def expand_inputs(inputs: Sequence[Any]) -> list[dict[str, Any]]:
@@ -627,9 +672,12 @@ def expand_inputs(inputs: Sequence[Any]) -> list[dict[str, Any]]:
 
     A list line is ``path`` or ``path event`` (e.g. ``run7.cxi //3``); relative paths are taken
     from the current directory, like indexamajig does, or else beside the list file.  A list
-    that names no file is an error, not an empty run.
+    that names no file is an error, not an empty run.  A list's events named more than once
+    are said once each call (a run expands its inputs once: :class:`RunInputs`), a list given
+    twice included.
     """
     out: dict[str, dict[str, Any]] = {}
+    warned: set[str] = set()  # lists whose repeated events were said
     for item in inputs:
         text = os.fspath(item)
         forced = text.startswith(LIST_MARK)
@@ -662,8 +710,8 @@ def expand_inputs(inputs: Sequence[Any]) -> list[dict[str, Any]]:
                     entry["events"].add(parts[1])
                 else:
                     entry["events"] = None
-            if repeated and str(path) not in _WARNED_REPEATS:  # once: the inputs are expanded
-                _WARNED_REPEATS.add(str(path))  # for the count, the output check and the run
+            if repeated and str(path) not in warned:
+                warned.add(str(path))
                 log.warning("%s: %d event(s) listed more than once; each is processed once",
                             path, repeated)
         else:

@@ -556,13 +556,71 @@ def test_list_lines_as_indexamajig_reads_them_and_what_it_cannot(tmp_path, caplo
     assert entries == {"a.h5": {"//1", "//2"}, "run one ü.h5": None}
     assert any("1 event(s) listed more than once" in r.getMessage() for r in caplog.records)
     caplog.clear()
-    with caplog.at_level("WARNING"):  # a run expands its inputs more than once: said once
-        expand_inputs([str(listing)])
-    assert not any("more than once" in r.getMessage() for r in caplog.records)
+    with caplog.at_level("WARNING"):  # a list given twice: its repeats said once
+        expand_inputs([str(listing), str(listing)])
+    assert len([r for r in caplog.records if "more than once" in r.getMessage()]) == 1
     listing.write_text(f"{plain} //1 extra\n")
     with pytest.raises(FormatError, match="not 3 words") as err:
         expand_inputs([str(listing)])
     assert "line 1" in str(err.value)
+
+
+def test_a_run_reads_its_lists_once_and_says_their_repeats_once(tmp_path, monkeypatch,
+                                                                 capsys, caplog):
+    """The inputs are expanded once a run, single-process or Ray, good or bad: each expansion
+    reads every list file again and looks for every file it names, and the output-folder checks
+    (before and after the configuration is recorded), the writer's record of its inputs and the
+    run itself each expanded them anew.  A list's repeated events are said once each run, a
+    second run in the same process included; a list that fails is reported as before."""
+    import peaknet_xtal.cli.peaknet2cxi as peaknet2cxi
+    import peaknet_xtal.pipeline as pipeline_module
+
+    stack = tiny_stack(tmp_path / "a.h5")
+    listing = tmp_path / "files.lst"
+    listing.write_text(f"{stack} //0\n{stack} //0\n{stack} //1\n")
+    expand, locate = peaknet2cxi.expand_inputs, peaknet2cxi._locate
+    calls = {"expand": 0, "locate": 0}
+
+    def counted_expand(inputs):
+        calls["expand"] += 1
+        return expand(inputs)
+
+    def counted_locate(name, list_file):
+        calls["locate"] += 1
+        return locate(name, list_file)
+
+    monkeypatch.setattr(peaknet2cxi, "expand_inputs", counted_expand)
+    monkeypatch.setattr(peaknet2cxi, "_locate", counted_locate)
+    peaknet2cxi.expand_inputs([str(listing)])
+    one_pass = calls["locate"]  # the existence checks of one expansion of the list
+    for name in ("one", "two"):  # two runs in one process: each says the repeat
+        calls.update(expand=0, locate=0)
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            code = main([str(listing), "-o", str(tmp_path / name), "--no-progress",
+                         "--threads", "1", "--min-peaks", "0"])
+        assert code == 0, capsys.readouterr().err
+        assert calls == {"expand": 1, "locate": one_pass}
+        repeats = [r.getMessage() for r in caplog.records if "more than once" in r.getMessage()]
+        assert len(repeats) == 1 and str(listing) in repeats[0], repeats
+
+    plain = tmp_path / "plain.lst"  # the Ray run (per-event lines need the single-process one)
+    plain.write_text(f"{stack}\n")
+    monkeypatch.setattr(pipeline_module, "run_pipeline", lambda config: {"backend": "test"})
+    calls.update(expand=0)
+    with pytest.raises(PeakNetError, match="no frames were written"):
+        run({"inputs": [str(plain)], "output": str(tmp_path / "ray"), "workers": 2,
+             "progress": False})
+    assert calls["expand"] == 1
+
+    broken = tmp_path / "broken.lst"  # still reported after the output checks, once looked for
+    broken.write_text(f"{stack}\n{tmp_path / 'absent.h5'}\n")
+    calls.update(expand=0)
+    code = main([str(broken), "-o", str(tmp_path / "bad"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 1 and "listed file" in err and "absent.h5" in err and str(broken) in err, err
+    assert calls["expand"] == 1
+    assert (tmp_path / "bad" / peaknet2cxi.CONFIG_NAME).exists()  # recorded, as before
 
 
 def test_an_output_folder_with_a_space_gets_a_note_for_indexamajig(tmp_path, capsys):

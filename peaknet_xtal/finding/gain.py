@@ -405,6 +405,11 @@ def _region_points(key: np.ndarray, mean: np.ndarray, var: np.ndarray, third: np
 
     labels, label = np.unique(region, return_inverse=True)
     n = np.bincount(label).astype(float)
+    # no more groups than these blocks fill (``count`` is the panel's, of all its blocks: a
+    # group of one had no quartiles, an IndexError on a simulated ePix10k2M frame)
+    count = min(count, len(key) // MIN_GROUP)
+    if count < 2:
+        return []
     # the fences within groups by key deviation: a region's offset moves nothing
     order, _, keep = _split(deviation(key), var if key_var is None else key_var, count)
     if key_var is not None:  # single hot pixels in the white half: only far outliers

@@ -308,6 +308,23 @@ def test_offsets_constant_over_each_region_move_the_per_region_fit_not_at_all():
     np.testing.assert_allclose(points(shifted), points(panel), rtol=1e-6, atol=1e-6)
 
 
+def test_the_per_region_fit_takes_no_more_groups_than_its_blocks_fill():
+    """The panel's group count is set by all its flat blocks; the per-region fit sees only the
+    uncorrelated ones, sometimes a few dozen.  Asked for the panel's 16 groups with 20 blocks it
+    makes at most 20 // 8 (an IndexError from a group of one block, on a simulated ePix10k2M
+    frame, stopped the blank benchmark)."""
+    from peaknet_xtal.finding.gain import MIN_GROUP, _block_table, _region_points
+
+    rng = np.random.default_rng(12)
+    panel = rng.poisson(np.full((80, 64), 4.0)) * 10.0 + rng.normal(0, 1.5, (80, 64))
+    key, mean, var, _, third, row, col, key_var = _block_table(panel, None, 16)
+    assert len(key) == 20
+    found = _region_points(key, mean, var, third, (row // 4) * 2 + col // 4, 16, 128, key_var)
+    assert 0 < len(found) <= len(key) // MIN_GROUP
+    assert _region_points(key[:10], mean[:10], var[:10], third[:10], row[:10] // 4, 16, 128,
+                          key_var[:10]) == []
+
+
 def test_the_per_region_noise_accounting_leaves_no_lever_where_regions_are_flat() -> None:
     """Blocks taken about their region's average carry sampling noise of their own, less what
     the average took (the exact covariances in ``_region_points``).  With no level spread inside

@@ -40,6 +40,7 @@ from torch import nn
 
 from peaknet_xtal.model.layers.convnext import GRN
 from peaknet_xtal.model.layers.head import FixedGroupNorm
+from peaknet_xtal.model.layers.valid_stats import group_moments, weights_at
 
 
 class ImageStatsRecorder:
@@ -76,10 +77,15 @@ class ImageStatsRecorder:
             x = inputs[0].detach().float()
             if isinstance(module, GRN):  # the response per channel, channels-last input
                 values = [module.response(x).sum(0, keepdim=True)]
-            else:  # GroupNorm: mean and variance per group
+            else:  # GroupNorm: mean and variance per group, over valid positions as it runs
                 assert isinstance(module, nn.GroupNorm)
-                grouped = x.reshape(x.shape[0], module.num_groups, -1)
-                values = [grouped.mean(-1).sum(0), grouped.var(-1, unbiased=False).sum(0)]
+                positions = weights_at(x.shape[-2], x.shape[-1])
+                if positions is None:
+                    grouped = x.reshape(x.shape[0], module.num_groups, -1)
+                    values = [grouped.mean(-1).sum(0), grouped.var(-1, unbiased=False).sum(0)]
+                else:
+                    mean, variance = group_moments(x, module.num_groups, positions)
+                    values = [mean.float().sum(0), variance.float().sum(0)]
             before = self.sums.get(name)
             self.sums[name] = values if before is None else [
                 a + b for a, b in zip(before, values, strict=True)]

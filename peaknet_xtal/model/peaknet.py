@@ -18,6 +18,7 @@ from torch import nn
 
 from peaknet_xtal.model.layers import BiFPN, ConvNeXtV2Backbone, SegHead, standardise
 from peaknet_xtal.model.layers.local_norm import NOISE_SCALES, finite, local_normalise
+from peaknet_xtal.model.layers.valid_stats import statistics_over
 from peaknet_xtal.model.zoo import register_family, register_model
 
 #: Published ConvNeXt-V2 sizes: (dims, depths).  Backbone parameters with one input channel and no
@@ -120,7 +121,8 @@ class PeakNet(nn.Module):
         ``normalised=True``: the engine normalises whole panels once, before tiling)."""
         z, valid, padded = self._network_input(x, mask, normalised)
         h, w = x.shape[-2:]
-        logits = self.head(self.neck(self.backbone(z)), padded)[..., :h, :w]
+        with statistics_over(_stats_valid(valid, padded)):
+            logits = self.head(self.neck(self.backbone(z)), padded)[..., :h, :w]
         return apply_mask(logits, valid)
 
     def peak_logit(self, x: torch.Tensor, mask: torch.Tensor | None = None,
@@ -133,7 +135,9 @@ class PeakNet(nn.Module):
         thread): 12 ms a batch with two channels, 3.5 with one."""
         z, valid, padded = self._network_input(x, mask, normalised)
         h, w = x.shape[-2:]
-        logit = self.head(self.neck(self.backbone(z)), padded, difference=True)[..., :h, :w]
+        with statistics_over(_stats_valid(valid, padded)):
+            logit = self.head(self.neck(self.backbone(z)), padded,
+                              difference=True)[..., :h, :w]
         return apply_mask(logit, valid, difference=True)
 
     def _network_input(self, x: torch.Tensor, mask: torch.Tensor | None, normalised: bool
@@ -155,6 +159,28 @@ class PeakNet(nn.Module):
 
     def backbone_parameters(self) -> int:
         return sum(p.numel() for p in self.backbone.parameters())
+
+
+def _stats_valid(valid: torch.Tensor, padded: tuple[int, int]) -> torch.Tensor:
+    """Where the network's image-wide statistics are taken (layers/valid_stats.py): the valid
+    pixels and the padding to the model's multiple, which always counted (so that an image
+    without masked pixels gets the statistics it always did).  The padding is this model's own
+    and the engine's (which pads its batches itself and marks that padding invalid): rows and
+    columns after an image's last valid one, fewer than the multiple (the engine crops each
+    panel to its valid region, so only its padding lies there)."""
+    h, w = valid.shape[-2:]
+    full = F.pad(valid, (0, padded[1] - w, 0, padded[0] - h), value=True)
+    rows, cols = (_padding_tail(full.any(axis)) for axis in (-1, -2))
+    return full | rows.unsqueeze(-1) | cols.unsqueeze(-2)
+
+
+def _padding_tail(used: torch.Tensor) -> torch.Tensor:
+    """(B, 1, N) bool: the lines after the last used one of each image, if fewer than
+    :data:`PAD_MULTIPLE` (``used``: (B, 1, N), whether a line holds a valid pixel)."""
+    size = used.shape[-1]
+    index = torch.arange(size, device=used.device)
+    last = torch.where(used, index, -1).amax(-1, keepdim=True)  # (B, 1, 1)
+    return (index > last) & (size - 1 - last < PAD_MULTIPLE)
 
 
 def apply_mask(logits: torch.Tensor, valid: torch.Tensor, difference: bool = False

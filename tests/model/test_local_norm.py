@@ -364,12 +364,7 @@ def test_only_exact_counts_are_dequantised_in_quanta_of_their_smallest_count():
 def test_the_device_path_of_the_count_check_and_dither_gives_the_host_answers():
     """Off the CPU the exact-count check and the dither run on the tensors' device (one wait in
     all); here that torch code runs on the CPU against the numpy code the CPU takes."""
-    from peaknet_xtal.model.layers.local_norm import (
-        _device_counts,
-        _dither_base,
-        _host_counts,
-        _roll_and_tile,
-    )
+    from peaknet_xtal.model.layers.local_norm import _device_counts, _host_counts, dither_noise
 
     rng = np.random.default_rng(25)
     counts = rng.poisson(0.7, (6, 90, 130)).astype(np.float32)
@@ -386,14 +381,53 @@ def test_the_device_path_of_the_count_check_and_dither_gives_the_host_answers():
     host = [_host_counts(counts[i], ok[i]) for i in range(len(counts))]
     assert device == host
     assert [d is None for d in device] == [False, True, True, False, True, True]
-    assert device[3][2] == (7, 11) and device[0][1] == 30.0
-    base = _dither_base()
-    for shift, shape in (((3, -700), (90, 130)), ((-5, 9), (2100, 1030))):
-        tiles = (-(-shape[0] // len(base)), -(-shape[1] // len(base)))
-        expected = np.tile(np.roll(base.numpy(), shift, axis=(0, 1)), tiles)[:shape[0],
-                                                                            :shape[1]]
-        np.testing.assert_array_equal(_roll_and_tile(base, shift, tiles, shape).numpy(),
-                                      expected)
+    assert device[3][1] == (7, 11) and device[0][0] == 30.0
+    big = rng.poisson(0.2, (2100, 1030)).astype(np.float32)  # blocks past the field's period
+    big_ok = rng.random(big.shape) > 0.01
+    for values, good, origin in ((counts[3], ok[3], (7, 11)), (counts[0], ok[0], (0, 0)),
+                                 (big, big_ok, (3, 70))):
+        on_host = dither_noise(good, values, origin)
+        np.testing.assert_array_equal(
+            dither_noise(torch.from_numpy(good), torch.from_numpy(values), origin).numpy(),
+            on_host)
+        assert not on_host[:origin[0]].any() and not on_host[:, :origin[1]].any()
+
+
+def test_a_mask_moves_the_dither_of_the_blocks_it_touches_only():
+    """A user's mask (a beam stop, a DIALS mask) leaves the noise given to the counts outside
+    the blocks it touches as it was: one shift for the whole panel, set by its total count,
+    moved the noise, and so the peaks, everywhere."""
+    from peaknet_xtal.model.layers.local_norm import DITHER_BLOCK
+
+    rng = np.random.default_rng(26)
+    x = torch.from_numpy(rng.poisson(0.4, (1, 1, 300, 340)).astype(np.float32))
+    valid = torch.ones_like(x, dtype=torch.bool)
+    masked = valid.clone()
+    masked[..., 140:170, 150:200] = False  # inside blocks (2, 2)-(2, 3)
+    moved = (dequantise_counts(x, valid) != dequantise_counts(x, masked))[0, 0].numpy()
+    touched = np.zeros(moved.shape, bool)
+    touched[2 * DITHER_BLOCK:3 * DITHER_BLOCK, 2 * DITHER_BLOCK:4 * DITHER_BLOCK] = True
+    assert moved[touched].mean() > 0.9 and not moved[~touched].any()
+    more = x.clone()
+    more[0, 0, 10, 300] += 1.0  # one photon more, in block (0, 4)
+    moved = (dequantise_counts(x, valid) - x != dequantise_counts(more, valid) - more)[0, 0]
+    block = moved[:DITHER_BLOCK, 4 * DITHER_BLOCK:5 * DITHER_BLOCK]
+    assert block.float().mean() > 0.9 and int(moved.sum()) == int(block.sum())
+
+
+def test_gap_values_marked_or_masked_give_the_same_dither():
+    """Masked pixels' values never reach the dither: a gap written as 65535 and masked gives the
+    noise of the same gap holding 0."""
+    rng = np.random.default_rng(27)
+    x = torch.from_numpy(rng.poisson(0.4, (1, 1, 130, 150)).astype(np.float32))
+    valid = torch.ones_like(x, dtype=torch.bool)
+    valid[..., 60:62, :] = False
+    gap = x.clone()
+    gap[..., 60:62, :] = 65535.0
+    zero = x.clone()
+    zero[..., 60:62, :] = 0.0
+    np.testing.assert_array_equal((dequantise_counts(gap, valid) - gap)[valid].numpy(),
+                                  (dequantise_counts(zero, valid) - zero)[valid].numpy())
 
 
 @pytest.mark.parametrize("noise_scale", ["pixel", "decorrelated"])

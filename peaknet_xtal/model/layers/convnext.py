@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from peaknet_xtal.model.layers.valid_stats import weights_at
 from peaknet_xtal.model.layers.window_stats import window_cells, window_mean
 
 
@@ -62,8 +63,13 @@ class GRN(nn.Module):
             self.register_buffer("nx", torch.ones(1, 1, 1, dim))
 
     def response(self, x: torch.Tensor) -> torch.Tensor:
-        """The per-image, per-channel response ``(B, 1, 1, C)`` of a channels-last ``x``."""
-        gx = torch.linalg.vector_norm(x, ord=2, dim=(1, 2), keepdim=True)
+        """The per-image, per-channel response ``(B, 1, 1, C)`` of a channels-last ``x``, over
+        its valid positions where the input has masked pixels (layers/valid_stats.py)."""
+        positions = weights_at(x.shape[1], x.shape[2])
+        if positions is None:
+            gx = torch.linalg.vector_norm(x, ord=2, dim=(1, 2), keepdim=True)
+        else:
+            gx = (x.square() * positions.permute(0, 2, 3, 1)).sum((1, 2), keepdim=True).sqrt()
         return gx / (gx.mean(dim=-1, keepdim=True) + self.eps)
 
     def local_response(self, x: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peaknet_xtal.model.layers.convnext import LayerNorm2d
+from peaknet_xtal.model.layers.valid_stats import weighted_group_norm, weights_at
 from peaknet_xtal.model.layers.window_stats import window_cells, window_mean
 
 
@@ -46,6 +47,19 @@ class FixedGroupNorm(nn.GroupNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scale, shift = self.channel_affine()
         return x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
+
+
+class ValidGroupNorm(nn.GroupNorm):
+    """GroupNorm (the same parameters) whose per-group mean and variance are taken over the
+    input's valid positions where it has masked pixels (layers/valid_stats.py), else as
+    ``nn.GroupNorm``'s."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        positions = weights_at(x.shape[-2], x.shape[-1])
+        if positions is None:
+            return super().forward(x)
+        return weighted_group_norm(x, self.num_groups, self.weight, self.bias, self.eps,
+                                   positions)
 
 
 class WindowGroupNorm(nn.GroupNorm):
@@ -83,7 +97,7 @@ class ConvGNGELU(nn.Sequential):
         elif window:
             norm = WindowGroupNorm(_groups(cout), cout, window)
         else:
-            norm = nn.GroupNorm(_groups(cout), cout)
+            norm = ValidGroupNorm(_groups(cout), cout)
         super().__init__(nn.Conv2d(cin, cout, 3, padding=1, bias=False), norm, nn.GELU())
 
 

@@ -68,11 +68,12 @@ Pilatus 6M / Eiger 16M binned: without 3.9, 1 of 8, 0.64 / 14.3, 3 of 8, 0.71; d
 0.72 / 4.4, 1, 0.73 (this function).  Also measured and not kept: a Poisson-consistent
 background (clipped cell means) and noise floor (square root of it) lowered the false peaks
 less (2.1 / 9.3) and cost hit recall on the Pilatus (0.52 -> 0.44).  The dither
-is set by the panel's total count and anchored at its first valid row and column: the same
-panel gives the same input every time, whole, tiled (the engine normalises whole panels) or
-embedded in a larger masked layout.  Integrating detectors' ADU are unaffected in practice
-where they are whole numbers (pedestal-subtracted ones go negative; elsewhere half an ADU is far
-below their noise), and float data are never touched.
+is set block by block (64 px) by each block's own count and anchored at the panel's first
+valid row and column (:func:`dither_noise`): the same panel gives the same input every time,
+whole, tiled (the engine normalises whole panels) or embedded in a larger masked layout, and a
+mask moves the noise of the blocks it touches only.  Integrating detectors' ADU are unaffected
+in practice where they are whole numbers (pedestal-subtracted ones go negative; elsewhere half
+an ADU is far below their noise), and float data are never touched.
 
 What the network sees at a pixel depends on pixels within ~3 cells (~50 px for 16-px cells) and
 on nothing else except where a panel is empty or masked; it does not depend on tile cuts: the
@@ -108,6 +109,11 @@ MIN_SAMPLES = 8
 COUNT_DITHER = 0.5
 #: side of the dither's periodic noise field (pixels)
 DITHER_PERIOD = 1024
+#: side of the blocks whose own counts pick their window of that field (:func:`dither_noise`):
+#: four normalisation cells, so that a mask moves the noise of few pixels beyond it
+DITHER_BLOCK = 64
+#: odd multipliers that mix a block's count and its place into its window (:func:`block_windows`)
+_MIX = (1_000_003, 7_919, 104_729)
 #: every this-many-th pixel is looked at first, on the tensor's own device: most float panels
 #: show a fraction there, and then nothing is copied to the host
 _INTEGER_PROBE_STEP = 97
@@ -433,76 +439,116 @@ def exact_counts(image: Any, ok: Any) -> tuple[int, float] | None:
 
 
 def _device_counts(x: torch.Tensor, ok: torch.Tensor
-                   ) -> list[tuple[int, float, tuple[int, int]] | None]:
-    """:func:`exact_counts` and the first valid row and column (:func:`dither_noise`'s origin)
-    for each image of a (B, H, W) float32 ``x`` on its own device, with one wait for the device
-    in all (the same answers: the total is summed in float64, exact for whole numbers below
-    2**53 in any order).  Why not on the CPU: torch's reductions there took 82 ms for a
+                   ) -> list[tuple[float, tuple[int, int]] | None]:
+    """``(quantum, origin)`` for each image of a (B, H, W) float32 ``x`` whose ``ok`` pixels
+    are exact counts (:func:`exact_counts`), else ``None``; ``origin`` is the first row and the
+    first column holding an ok pixel (where :func:`dither_noise` anchors its blocks).  On the
+    tensors' own device, with one wait for the device in all; the same answers as
+    :func:`_host_counts`.  Why not on the CPU: torch's reductions there took 82 ms for a
     Pilatus 6M frame, numpy's 35."""
     zero = torch.zeros((), dtype=x.dtype, device=x.device)
     values = torch.where(ok, x, zero)
     whole = (values == values.round()).flatten(1).all(1)  # NaN is not whole
-    total = values.sum((-2, -1), dtype=torch.float64)
-    exact = whole & (values.amin((-2, -1)) >= 0) & (total > 0)
+    exact = whole & (values.amin((-2, -1)) >= 0) & (values.sum((-2, -1), dtype=torch.float64) > 0)
     quantum = torch.where(values > 0, values, zero + float("inf")).amin((-2, -1))
     first = [torch.where(ok.any(axis), torch.arange(ok.shape[-1 - (axis == -1)],
                                                     device=ok.device), ok.numel()).amin(-1)
-             for axis in (-1, -2)]  # first valid row, first valid column
-    found = torch.stack([exact.double(), total, quantum.double(), first[0].double(),
+             for axis in (-1, -2)]  # first ok row, first ok column
+    found = torch.stack([exact.double(), quantum.double(), first[0].double(),
                          first[1].double()], 1).tolist()
-    return [(int(count), step, (int(oy), int(ox))) if is_exact else None
-            for is_exact, count, step, oy, ox in found]
+    return [(step, (int(oy), int(ox))) if is_exact else None
+            for is_exact, step, oy, ox in found]
 
 
-def _host_counts(image: Any, ok: Any) -> tuple[int, float, tuple[int, int]] | None:
+def _host_counts(image: Any, ok: Any) -> tuple[float, tuple[int, int]] | None:
     """:func:`_device_counts` for one numpy image on the host."""
     counts = exact_counts(image, ok)
     if counts is None:
         return None
-    return (*counts, (int(ok.any(1).argmax()), int(ok.any(0).argmax())))
+    return counts[1], (int(ok.any(1).argmax()), int(ok.any(0).argmax()))
 
 
 @functools.cache
 def _dither_base(device: str = "cpu") -> torch.Tensor:
     """One :data:`DITHER_PERIOD`-square field of unit Gaussian noise, drawn once (numpy's
-    generator: every device gets the same field) and kept on each device that asks: a fresh
-    float32 draw for a Pilatus 6M frame costs 90 ms on one thread; dequantising the whole frame
-    from this field, checks included, 80 ms (3 % of the engine's time on it)."""
+    generator: every device gets the same field), tiled 2 x 2 so that every
+    :data:`DITHER_BLOCK`-square window of it is one slice, and kept on each device that asks: a
+    fresh float32 draw for a Pilatus 6M frame costs 90 ms on one thread."""
     if device != "cpu":
         return _dither_base().to(device)  # the host's field: drawn once, the same values
     import numpy as np
 
-    return torch.from_numpy(np.random.default_rng(DITHER_PERIOD).standard_normal(
-        (DITHER_PERIOD, DITHER_PERIOD), dtype=np.float32))
+    field = np.random.default_rng(DITHER_PERIOD).standard_normal(
+        (DITHER_PERIOD, DITHER_PERIOD), dtype=np.float32)
+    return torch.from_numpy(np.tile(field, (2, 2)))
 
 
-def dither_noise(shape: tuple[int, int], origin: tuple[int, int], total: int,
-                 device: Any = "cpu") -> torch.Tensor:
-    """Unit noise on ``device`` for an image of ``shape`` whose first valid row and column are
-    ``origin``: ``base[(y - oy + sy) % P, (x - ox + sx) % P]`` with the shift ``(sy, sx)`` set by
-    ``total``; the same values on every device (on the CPU through numpy's roll and tile: 8 ms
-    for a Pilatus 6M frame against torch's 18).
-
-    Anchored at the valid pixels, not the array, so that a panel alone and the same panel inside
-    a larger masked layout get the same noise on the same pixels; periodic over ``P`` pixels,
-    far beyond what the network sees of a pixel's surroundings."""
+def block_windows(totals: Any, iy: Any, ix: Any) -> tuple[Any, Any]:
+    """Where each dither block's noise starts in the field (:func:`dither_noise`): rows and
+    columns from the blocks' counts ``totals`` (int64, numpy or torch, ``(nby, nbx)``) and their
+    places ``iy`` (a column of block rows) and ``ix`` (a row of block columns), so that blocks
+    with the same count (empty ones) get different noise and one count more moves one block's
+    noise."""
     period = DITHER_PERIOD
-    sy, sx = divmod(total % (period * period), period)
-    shift, (h, w) = (origin[0] - sy, origin[1] - sx), shape
-    tiles = (-(-h // period), -(-w // period))
-    device = torch.device(device)
-    if device.type == "cpu":
-        import numpy as np
-
-        rolled = np.roll(_dither_base().numpy(), shift, axis=(0, 1))
-        return torch.from_numpy(np.tile(rolled, tiles)[:h, :w])
-    return _roll_and_tile(_dither_base(str(device)), shift, tiles, (h, w))
+    key = (totals % (period * period) * _MIX[0] + iy * _MIX[1] + ix * _MIX[2]) % (period * period)
+    return key // period, key % period
 
 
-def _roll_and_tile(base: torch.Tensor, shift: tuple[int, int], tiles: tuple[int, int],
-                   shape: tuple[int, int]) -> torch.Tensor:
-    """numpy's ``tile(roll(base, shift), tiles)[:h, :w]`` in torch, on ``base``'s device."""
-    return torch.roll(base, shift, dims=(0, 1)).repeat(tiles)[:shape[0], :shape[1]]
+def dither_noise(ok: Any, values: Any, origin: tuple[int, int]) -> Any:
+    """Unit Gaussian noise for one image (numpy arrays on the host, tensors on their device):
+    zero before ``origin``; from there in :data:`DITHER_BLOCK`-square blocks, each a window of
+    the field (:func:`_dither_base`) that the block's total count over its ``ok`` pixels of
+    ``values`` picks (:func:`block_windows`).  The same values on every device.
+
+    Why blocks: a mask (a DIALS mask, a beam stop) or one more photon moves the noise of the
+    blocks it touches and no other (with one shift for the whole image, set by its total count,
+    a masked quarter of a real Pilatus 6M frame moved the noise, and so the peaks, everywhere
+    else); the frames of a run still get different noise where they hold photons (a fixed
+    pattern would put the same faint bumps under every frame's photons).  Why anchored at the
+    first ok row and column: a panel alone and the same panel inside a larger masked layout get
+    the same noise on the same pixels.  Cost on one thread for a Pilatus 6M frame of counts:
+    about 20 ms more than one shifted field for the whole frame."""
+    if isinstance(values, torch.Tensor):
+        return _device_dither(ok, values, origin)
+    return _host_dither(ok, values, origin)
+
+
+def _device_dither(ok: torch.Tensor, values: torch.Tensor, origin: tuple[int, int]
+                   ) -> torch.Tensor:
+    """:func:`dither_noise` in torch, on ``values``' device."""
+    k, (oy, ox) = DITHER_BLOCK, origin
+    h, w = values.shape[-2] - oy, values.shape[-1] - ox
+    nby, nbx = -(-h // k), -(-w // k)
+    device = values.device
+    counts = torch.where(ok, values, torch.zeros((), dtype=values.dtype, device=device))
+    counts = F.pad(counts[oy:, ox:].double(), (0, nbx * k - w, 0, nby * k - h))
+    totals = counts.view(nby, k, nbx, k).sum((1, 3)).round().long()
+    rows, cols = block_windows(totals, torch.arange(nby, device=device).view(-1, 1),
+                               torch.arange(nbx, device=device).view(1, -1))
+    step = torch.arange(k, device=device)
+    blocks = _dither_base(str(device))[(rows[..., None] + step).unsqueeze(-1),
+                                       (cols[..., None] + step).unsqueeze(-2)]  # (nby, nbx, k, k)
+    noise = torch.zeros(values.shape, dtype=torch.float32, device=device)
+    noise[oy:, ox:] = blocks.permute(0, 2, 1, 3).reshape(nby * k, nbx * k)[:h, :w]
+    return noise
+
+
+def _host_dither(ok: Any, values: Any, origin: tuple[int, int]) -> Any:
+    """:func:`dither_noise` in numpy (a gather through a strided view of the field)."""
+    import numpy as np
+    from numpy.lib.stride_tricks import sliding_window_view
+
+    k, (oy, ox) = DITHER_BLOCK, origin
+    h, w = values.shape[-2] - oy, values.shape[-1] - ox
+    nby, nbx = -(-h // k), -(-w // k)
+    counts = np.pad(np.where(ok, values, 0)[oy:, ox:].astype(np.float64),
+                    ((0, nby * k - h), (0, nbx * k - w)))
+    totals = np.rint(counts.reshape(nby, k, nbx, k).sum((1, 3))).astype(np.int64)
+    rows, cols = block_windows(totals, np.arange(nby).reshape(-1, 1), np.arange(nbx))
+    windows = sliding_window_view(_dither_base().numpy(), (k, k))[rows, cols]  # (nby, nbx, k, k)
+    noise = np.zeros(values.shape, np.float32)
+    noise[oy:, ox:] = windows.transpose(0, 2, 1, 3).reshape(nby * k, nbx * k)[:h, :w]
+    return noise
 
 
 def dequantise_counts(x: torch.Tensor, valid: torch.Tensor,
@@ -510,11 +556,12 @@ def dequantise_counts(x: torch.Tensor, valid: torch.Tensor,
     """``x`` with Gaussian noise of ``sigma`` quanta on each image of exact photon counts
     (:func:`exact_counts`); other images unchanged (the same tensor when there are none).
 
-    The noise (:func:`dither_noise`) is shifted by an amount that the image's total count sets:
-    the same panel always gets the same input, alone or inside a larger masked layout, and the
-    frames of a run different noise (a fixed pattern would put the same faint bumps under every
-    frame's photons).  Off the CPU everything stays on the tensors' device: on an H200 the host
-    round trip of each counting frame held the whole normalisation to 35 frames/s of 2 Mpx
+    The noise (:func:`dither_noise`) is picked block by block by each block's own count: the
+    same panel always gets the same input, alone or inside a larger masked layout, a mask moves
+    the noise of the blocks it touches only, and the frames of a run different noise where they
+    hold photons (a fixed pattern would put the same faint bumps under every frame's photons).
+    Off the CPU everything stays on the tensors' device: on an H200 the host round trip of each
+    counting frame held the whole normalisation to 35 frames/s of 2 Mpx
     (benchmarks/results/bench_gpu_h200.log).  A sparse probe of every
     :data:`_INTEGER_PROBE_STEP`-th pixel passes over most float images first."""
     probe = x.detach().flatten(1)[:, ::_INTEGER_PROBE_STEP].float()
@@ -523,20 +570,24 @@ def dequantise_counts(x: torch.Tensor, valid: torch.Tensor,
     maybe = torch.nonzero(~off_whole.any(1)).flatten().tolist()
     if not maybe:
         return x
-    if x.device.type == "cpu":
-        found = [_host_counts(x[i, 0].detach().float().numpy(), valid[i, 0].numpy())
-                 for i in maybe]
+    on_host = x.device.type == "cpu"
+    images = x.detach()[maybe, 0].float()
+    if on_host:
+        found = [_host_counts(image.numpy(), valid[i, 0].numpy())
+                 for i, image in zip(maybe, images, strict=True)]
     else:
-        found = _device_counts(x.detach()[maybe, 0].float(), valid[maybe, 0])
-    h, w = x.shape[-2:]
+        found = _device_counts(images, valid[maybe, 0])
     out: torch.Tensor | None = None
-    for i, counts in zip(maybe, found, strict=True):
+    for i, image, counts in zip(maybe, images, found, strict=True):
         if counts is None:
             continue
-        total, quantum, origin = counts
+        quantum, origin = counts
         if out is None:
             out = x.float().clone()
-        noise = dither_noise((h, w), origin, total, out.device)
+        if on_host:
+            noise = torch.from_numpy(dither_noise(valid[i, 0].numpy(), image.numpy(), origin))
+        else:
+            noise = dither_noise(valid[i, 0], image, origin)
         out[i, 0] += noise * torch.tensor(sigma * quantum, dtype=torch.float32)
     return x if out is None else out
 

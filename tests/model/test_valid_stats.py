@@ -70,6 +70,28 @@ def test_an_image_without_masked_pixels_takes_the_plain_statistics():
         assert torch.equal(model.peak_logit(x), model.peak_logit(x, torch.ones_like(x).bool()))
 
 
+def test_weights_of_one_give_the_plain_statistics_to_rounding():
+    """Off the CPU the weighted code runs on every image (no wait for the device to say whether
+    any pixel is masked): with every position valid it must give the plain statistics."""
+    torch.manual_seed(3)
+    x = torch.randn(2, 8, 12, 20) * 4.0 + 2.0
+    ones = torch.ones(2, 1, 12, 20)
+    torch.testing.assert_close(weighted_group_norm(x, 4, None, None, 1e-5, ones),
+                               F.group_norm(x, 4, eps=1e-5), atol=1e-5, rtol=1e-5)
+    grn = GRN(8)
+    channels_last = x.permute(0, 2, 3, 1)
+    plain = grn.response(channels_last)
+    with statistics_over(torch.ones(2, 1, 48, 80, dtype=torch.bool)):
+        assert weights_at(12, 20) is None  # on the CPU: the plain code itself
+    from peaknet_xtal.model.layers import valid_stats
+
+    token = valid_stats._CURRENT.set(valid_stats._Weights(torch.ones(2, 1, 48, 80)))
+    try:
+        torch.testing.assert_close(grn.response(channels_last), plain, atol=1e-6, rtol=1e-5)
+    finally:
+        valid_stats._CURRENT.reset(token)
+
+
 def test_masking_part_of_a_panel_barely_moves_the_answer_far_from_it():
     """The shipped model on a counting panel with 40 spots, a 100 x 140 box masked: beyond the
     dither blocks the box touches and the network's reach (128 px) the peak probability moves by

@@ -9,11 +9,12 @@ where they were; with these statistics and the block-wise count dither of ``loca
 of the input pixels under it that are valid (:func:`weights_at`: the validity map average-pooled
 to the layer's resolution), so that a masked region drops out of the sums; a position half over
 a gap counts half.  Padding to the model's multiple of 32 counts as valid, as it always did, and
-an input with no masked pixel takes the layers' own unweighted code (:func:`statistics_over` sets
-no weights): bit-identical to the statistics the shipped weights were trained with.  The
-shipped weights were trained with unweighted statistics; on frames with gaps inside a panel
-(Pilatus and Eiger module gaps) they now see statistics without the gaps
-(docs/measurements.md, "Masks and the image-wide statistics", has what that changed).
+an input with no masked pixel takes the layers' own unweighted code on the CPU
+(:func:`statistics_over` sets no weights): bit-identical to the statistics the shipped weights
+were trained with (off the CPU, see :func:`statistics_over`).  The shipped weights were
+trained with unweighted statistics; on frames with gaps inside a panel (Pilatus and Eiger module
+gaps) they now see statistics without the gaps (docs/measurements.md, "Masks and the image-wide
+statistics", has what that changed).
 
 How the weights reach the layers: :meth:`PeakNet.forward` and ``peak_logit`` run the network
 inside :func:`statistics_over`, a context variable (per thread, per task) that the layers read
@@ -69,8 +70,17 @@ _CURRENT: ContextVar[_Weights | None] = ContextVar("peaknet_valid_stats", defaul
 @contextlib.contextmanager
 def statistics_over(valid: torch.Tensor | None) -> Iterator[None]:
     """Within it, the network's image-wide statistics weigh positions by ``valid``
-    ((B, 1, H, W) bool at the padded input size); all-valid or ``None``: unweighted, as before."""
-    weights = None if valid is None or bool(valid.all()) else _Weights(valid)
+    ((B, 1, H, W) bool at the padded input size); ``None``, or on the CPU all valid:
+    unweighted, as before.  Off the CPU the weighted code runs even where every pixel is valid
+    (weights of 1: the same statistics to float rounding, as a GPU's kernels give anyway):
+    asking the device whether any pixel is masked would make the host wait for it once a
+    batch, which the engine avoids everywhere (tests/test_meta_device.py)."""
+    if valid is None:
+        weights = None
+    elif valid.device.type == "cpu":
+        weights = None if bool(valid.all()) else _Weights(valid)
+    else:  # no wait for the device to ask: the weighted code, the same statistics to rounding
+        weights = _Weights(valid)
     token = _CURRENT.set(weights)
     try:
         yield

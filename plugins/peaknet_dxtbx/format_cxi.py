@@ -315,8 +315,9 @@ class FormatCXIPeakNet(FormatHDF5, FormatStill):
         with np.errstate(invalid="ignore"):
             untrusted = int(np.count_nonzero(~((slab > low) & (slab < high))))
         if untrusted:  # DIALS masks them by the trusted range; say so rather than silently
-            log.warning("%s frame %d: %d pixels non-finite or outside the trusted range %g to "
-                        "%g are masked%s", self._image_file, index, untrusted, low, high,
+            log.warning("%s frame %d: %d pixels non-finite or at or beyond the trusted "
+                        "range's ends, %g and %g, are masked%s", self._image_file, index,
+                        untrusted, low, high,
                         "" if (low, high) == (-TRUSTED, TRUSTED) else
                         " (its ends: the largest value of the data's integer type, or -1 and "
                         "-2 in signed counts, which detector writers put in gaps and "

@@ -422,12 +422,6 @@ def check_output_folder(outdir: Path, config: Mapping[str, Any] | None = None, *
             check_inputs_unchanged(path, sources)
 
 
-def input_paths(config: Mapping[str, Any]) -> list[str]:
-    """The input files of a run (list files expanded); a list that cannot be read counts as
-    itself here, and the run reports it in order."""
-    return RunInputs(config["inputs"]).paths()
-
-
 def _run_serial(config: dict[str, Any], expansion: RunInputs,
                 argv: Sequence[str] | None = None) -> dict[str, Any]:
     from peaknet_xtal.finding.engine import InferenceEngine

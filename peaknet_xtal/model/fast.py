@@ -45,7 +45,7 @@ from torch import nn
 from peaknet_xtal.model.layers.bifpn import SeparableConvNorm
 from peaknet_xtal.model.layers.convnext import ConvNeXtV2Block
 from peaknet_xtal.model.layers.head import ConvGNGELU, FixedGroupNorm
-from peaknet_xtal.model.layers.valid_stats import weights_at
+from peaknet_xtal.model.layers.valid_stats import channel_norms, weights_at
 
 
 class FusedConvNeXtBlock(nn.Module):
@@ -89,9 +89,8 @@ class FusedConvNeXtBlock(nn.Module):
         if positions is None:
             # sum of squares, not vector_norm: measured 1.7x faster on these channels-last maps
             gx = y.square().sum((1, 2)).sqrt_().unsqueeze(-1)  # (b, 4d, 1)
-        else:  # over valid positions only (layers/valid_stats.py): one weighted sum, a matmul
-            gx = torch.bmm(positions.reshape(b, 1, h * w).to(y.dtype),
-                           y.reshape(b, h * w, c).square()).sqrt_().transpose(1, 2)
+        else:  # over valid positions only (layers/valid_stats.py)
+            gx = channel_norms(y, positions).transpose(1, 2)  # (b, 4d, 1)
         scale = torch.addcmul(torch.ones_like(gx), self.gamma,
                               gx / (gx.mean(dim=1, keepdim=True) + self.eps))
         out = torch.baddbmm(self.bias, y.reshape(b, h * w, c), self.weight_t * scale)

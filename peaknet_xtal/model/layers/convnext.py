@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peaknet_xtal.model.layers.valid_stats import weights_at
+from peaknet_xtal.model.layers.valid_stats import channel_norms, weights_at
 from peaknet_xtal.model.layers.window_stats import window_cells, window_mean
 
 
@@ -69,7 +69,7 @@ class GRN(nn.Module):
         if positions is None:
             gx = torch.linalg.vector_norm(x, ord=2, dim=(1, 2), keepdim=True)
         else:
-            gx = (x.square() * positions.permute(0, 2, 3, 1)).sum((1, 2), keepdim=True).sqrt()
+            gx = channel_norms(x, positions).unsqueeze(1)  # (B, 1, 1, C)
         return gx / (gx.mean(dim=-1, keepdim=True) + self.eps)
 
     def local_response(self, x: torch.Tensor) -> torch.Tensor:

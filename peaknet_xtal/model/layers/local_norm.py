@@ -571,11 +571,13 @@ def dequantise_counts(x: torch.Tensor, valid: torch.Tensor,
     if not maybe:
         return x
     on_host = x.device.type == "cpu"
-    images = x.detach()[maybe, 0].float()
-    if on_host:
+    images: torch.Tensor | list[torch.Tensor]
+    if on_host:  # views of float32 images, no copy
+        images = [x[i, 0].detach().float() for i in maybe]
         found = [_host_counts(image.numpy(), valid[i, 0].numpy())
                  for i, image in zip(maybe, images, strict=True)]
     else:
+        images = x.detach()[maybe, 0].float()
         found = _device_counts(images, valid[maybe, 0])
     out: torch.Tensor | None = None
     for i, image, counts in zip(maybe, images, found, strict=True):

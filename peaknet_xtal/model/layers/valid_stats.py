@@ -31,13 +31,6 @@ from contextvars import ContextVar
 import torch
 import torch.nn.functional as F
 
-#: How a position's weight comes from the input pixels under it: ``fraction`` (the share that is
-#: valid), ``any`` (1 if one is), ``all`` (1 if every one is).  ``fraction`` needs no threshold
-#: and moves smoothly as a mask edge crosses a cell; the three gave the same peaks within a few
-#: (the real Pilatus 6M thaumatin frame, its top-left 1200 x 1200 masked: 390-393 of the 395
-#: peaks outside it unchanged with each, the input normalisation held fixed).
-RULE = "fraction"
-
 
 class _Weights:
     """A (B, 1, H, W) validity map at the network input's size and its pooled copies."""
@@ -53,13 +46,11 @@ class _Weights:
             big_h, big_w = self.valid.shape[-2:]
             if big_h % h or big_w % w:
                 raise ValueError(f"a {h} x {w} map is no whole stride of {big_h} x {big_w}")
-            kernel = (big_h // h, big_w // w)
-            if RULE == "any":
-                found = F.max_pool2d(self.valid, kernel)
-            elif RULE == "all":
-                found = -F.max_pool2d(-self.valid, kernel)
-            else:
-                found = F.avg_pool2d(self.valid, kernel)
+            # the share of valid pixels: needs no threshold and moves smoothly as a mask edge
+            # crosses a cell (1 where any pixel is valid, or only where all are, gave the same
+            # peaks within a few: the real Pilatus 6M thaumatin frame, its top-left 1200 x 1200
+            # masked, 390-393 of the 395 peaks outside it unchanged with each of the three)
+            found = F.avg_pool2d(self.valid, (big_h // h, big_w // w))
             self.cache[(h, w)] = found
         return found
 
@@ -93,6 +84,15 @@ def weights_at(h: int, w: int) -> torch.Tensor | None:
     masked pixel, or outside :func:`statistics_over`): take the plain statistics."""
     current = _CURRENT.get()
     return None if current is None else current.at(h, w)
+
+
+def channel_norms(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Each channel's L2 norm of a channels-last ``x`` (B, H, W, C) over positions weighted by
+    ``positions`` (B, 1, H, W), ``(B, 1, C)``: GRN's response over valid positions, one
+    weighted sum of squares as a matrix product (plain and fused blocks alike)."""
+    b, h, w, c = x.shape
+    return torch.bmm(positions.reshape(b, 1, h * w).to(x.dtype),
+                     x.reshape(b, h * w, c).square()).sqrt_()
 
 
 def group_moments(x: torch.Tensor, groups: int, positions: torch.Tensor

@@ -40,10 +40,10 @@ def _sniff_cxi(path: str) -> bool:
     return sniff_cxi(path)
 
 
-def _open_dxtbx(path: str, with_geometry: bool = True, **_: Any) -> Any:
+def _open_dxtbx(path: str, with_geometry: bool = True, geometry: Any = None, **_: Any) -> Any:
     from peaknet_xtal.formats.dxtbx_images import DxtbxSource
 
-    return DxtbxSource(path, with_geometry=with_geometry)
+    return DxtbxSource(path, with_geometry=with_geometry, geometry=geometry_option(geometry))
 
 
 def _sniff_dxtbx(path: str) -> bool:

@@ -4,8 +4,10 @@ usage: peaknet2cxi INPUT [INPUT ...] -o OUTDIR [-g GEOMETRY] [options]
        peaknet2cxi -i files.lst -o OUTDIR [-g GEOMETRY] [options]
 
 INPUT is a CXI/HDF5 file (give its CrystFEL geometry with -g), any image DIALS can read (CBF,
-miniCBF .bz2/.gz, NeXus, ...), or a list file as `indexamajig -i` takes (one file per line,
-optionally followed by an event such as //3); -i LIST names a list file whatever its suffix.
+miniCBF .bz2/.gz, NeXus, ...; with -g read through that geometry as indexamajig -g reads a CBF
+file, else through the geometry DIALS reads from it), or a list file as `indexamajig -i` takes
+(one file per line, optionally followed by an event such as //3); -i LIST names a list file
+whatever its suffix.
 
 OUTDIR receives:
   peaks-NNNNN.cxi     images (a virtual dataset linking to the input HDF5, or a copy), each
@@ -57,7 +59,7 @@ import numpy as np
 
 from peaknet_xtal import config as cfgmod
 from peaknet_xtal.config import bounded
-from peaknet_xtal.errors import FormatError, PeakNetError
+from peaknet_xtal.errors import FormatError, GeometryError, PeakNetError
 from peaknet_xtal.finding.settings import DEFAULTS as FINDING
 from peaknet_xtal.finding.settings import LIMITS, PRECISIONS, check_precision
 from peaknet_xtal.formats.cxi import DEFAULT_MAX_PEAKS, has_frame_keys
@@ -148,7 +150,9 @@ def build_parser() -> Any:
     parser.add_argument("-i", "--input-list", dest="input_lists", action="append",
                         metavar="LIST", help="a list file as `indexamajig -i` takes (repeatable)")
     parser.add_argument("-o", "--output", help="output directory")
-    parser.add_argument("-g", "--geometry", help="CrystFEL .geom for CXI/HDF5 input")
+    parser.add_argument("-g", "--geometry", help="CrystFEL .geom the input is read through "
+                        "(CXI/HDF5 input; images DIALS reads are read through their own "
+                        "geometry without it)")
     parser.add_argument("--model", help="model name or weights file (default: default)")
     parser.add_argument("--device", help="auto, cpu or cuda[:N] (default: auto)")
     parser.add_argument("--precision", choices=PRECISIONS,
@@ -794,8 +798,10 @@ def open_input(path: str, geometry: Any = None) -> Any:
         return open_source(path, "cxi", geometry=geometry)
     if Path(path).suffix.lower() in HDF5_SUFFIXES:  # HDF5 by its name, not by its bytes
         raise _not_hdf5(path, geometry is not None)
-    try:
-        return open_source(path)
+    try:  # with -g read through it, as indexamajig -g reads a CBF file
+        return open_source(path) if geometry is None else open_source(path, geometry=geometry)
+    except GeometryError:  # read, but not through this geometry: its own words
+        raise
     except FormatError as exc:  # named like an image DIALS reads, but it could not read it
         if geometry is not None:  # -g: a CXI/HDF5 input by the user's own statement
             raise _not_hdf5(path, True, _dials_reason(exc)) from exc
@@ -856,10 +862,11 @@ HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf", ".cxi", ".nxs", ".nx5", ".he5")
 
 
 def _not_hdf5(path: str, with_geometry: bool, dials: str | None = None) -> FormatError:
-    """A file given as HDF5 (by its name, or with -g, which is for CXI/HDF5 input) that lacks
-    HDF5's signature, said as that rather than as DIALS' failure to read an image (which it was
-    never meant to be); DIALS' reason is added where it was asked too (a -g run may list CBFs)."""
-    why = " (input given with -g, which is for CXI/HDF5 files)" if with_geometry else ""
+    """A file given as HDF5 (by its name, or with -g, which most runs give for CXI/HDF5 input)
+    that lacks HDF5's signature, said as that rather than as DIALS' failure to read an image
+    (which it was never meant to be); DIALS' reason is added where it was asked too (a -g run
+    may list CBFs)."""
+    why = " (input given with -g)" if with_geometry else ""
     also = f", nor an image DIALS can read ({dials})" if dials else ""
     return FormatError(path, f"not a readable HDF5 file{why}: it lacks HDF5's signature (a "
                        f"damaged or truncated copy, or another kind of file){also}")
@@ -1109,7 +1116,8 @@ def _finish(config: Mapping[str, Any], outdir: Path, files: list[Path], geometry
                                  if files and geom_path.exists() else []),
     }
     if config.get("dials") and files and error is None:
-        summary["dials"] = write_dials_output(files, outdir / DIALS_DIR)
+        summary["dials"] = write_dials_output(files, outdir / DIALS_DIR,
+                                              given_geometry=config["geometry"] is not None)
     write_json_atomic(outdir / SUMMARY_NAME, summary)
     if error is None and not files:
         raise PeakNetError(f"no frames were written to {outdir}: the inputs hold no frames "
@@ -1117,12 +1125,15 @@ def _finish(config: Mapping[str, Any], outdir: Path, files: list[Path], geometry
     return summary
 
 
-def write_dials_output(files: Sequence[Path], folder: Path) -> dict[str, Any]:
+def write_dials_output(files: Sequence[Path], folder: Path, *, given_geometry: bool = False
+                       ) -> dict[str, Any]:
     """``imported.expt`` + ``strong.refl`` of every frame in the CXI files, for DIALS.
 
-    Images DIALS reads natively (CBF...) are imported from the original files; frames of HDF5
-    inputs from the CXI files written here (their geometry is ``peaknet.geom``, read by the
-    project's dxtbx format).  Each image is one still experiment; its spots are the CXI peaks.
+    Images DIALS reads natively (CBF...) are imported from the original files, unless they were
+    read through a geometry the user gave (``given_geometry``: ``-g``), whose panels, bad regions
+    and beam the peaks are found in; then, as frames of HDF5 inputs always are, from the CXI
+    files written here (their geometry is ``peaknet.geom``, read by the project's dxtbx format).
+    Each image is one still experiment; its spots are the CXI peaks.
     """
     import h5py
     from dxtbx.model.experiment_list import ExperimentList, ExperimentListFactory
@@ -1141,7 +1152,7 @@ def write_dials_output(files: Sequence[Path], folder: Path) -> dict[str, Any]:
         if native and len(native) != len(set(s for s, _ in table.keys)):
             raise PeakNetError(f"{path}: mixes HDF5 and other inputs; --dials needs one kind "
                                "per CXI file")
-        if native:
+        if native and not given_geometry:
             rows = range(len(table))
             names = [table.keys[r][0] for r in rows]
             found = ExperimentListFactory.from_filenames(names)

@@ -354,6 +354,44 @@ def _warn_bitless(geometry: Any, spec: MaskSpec, dataset: str) -> None:
                 good, bad, good, bad)
 
 
+def mask_file_masks(geometry: Any, image: str, shape: tuple[int, ...]) -> list[list[np.ndarray]]:
+    """Per mask of ``geometry`` that lies in a mask file (``maskN_file``), the good pixels of
+    each panel, for an image that is not HDF5 (a CBF file read through the geometry): its one
+    array has ``shape``, and each mask file's dataset must be one static mask of that shape.
+    A mask that the geometry places in the image file itself cannot be read from such a file:
+    it is warned about once and skipped, as a mask dataset an HDF5 image lacks is
+    (:func:`_mask_plan`)."""
+    n_panels = len(geometry.panels)
+    out: list[list[np.ndarray]] = []
+    for spec, panels in geometry.mask_specs():
+        if spec.data is None and spec.file is None:
+            continue  # no location: mask 0's default lies in an HDF5 image file
+        dataset = spec.data or DEFAULT_MASK_PATHS[0]
+        if spec.goodbits is None and spec.badbits is None:
+            _warn_bitless(geometry, spec, dataset)
+            continue
+        if spec.file is None:
+            if (image, dataset) not in _MISSING_WARNED:
+                _MISSING_WARNED.add((image, dataset))
+                log.warning("%s: the geometry %s places mask %d in the image file (%s), which "
+                            "is not HDF5; reading the image without it (give the mask in an "
+                            "HDF5 file with mask%s_file)", image,
+                            getattr(geometry, "path", None) or "", spec.index, dataset,
+                            "" if spec.index == 0 else spec.index)
+            continue
+        if not os.path.exists(spec.file):
+            key = "mask_file" if spec.index == 0 else f"mask{spec.index}_file"
+            raise FormatError(spec.file, f"mask file not found (named by {key} in the geometry "
+                              f"{getattr(geometry, 'path', None) or ''})")
+        with open_h5(spec.file) as h5:
+            mask = _dataset(h5, spec.file, dataset)
+            check_mask_dataset(spec.file, dataset, mask, shape, 1, False)
+            raw = np.asarray(mask[()])
+        covered = None if len(panels) == n_panels else panels
+        out.append(mask_good(raw, spec, covered, geometry))
+    return out
+
+
 def _substituted(path: str, pattern: str, values: tuple[str, ...]) -> str:
     """:func:`substitute`, with a location holding more placeholders than the data path (which
     gives no value for them) refused naming the file."""

@@ -14,12 +14,13 @@ dxtbx is imported lazily: it only exists where DIALS is installed.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
-from peaknet_xtal.errors import FormatError
+from peaknet_xtal.errors import FormatError, GeometryError
+from peaknet_xtal.formats.geometry import HC_EV_A
 from peaknet_xtal.types import Frame, event_index
 
 #: Suffixes dxtbx reads that the CXI source does not claim (cheap sniffing, no file opened).
@@ -165,22 +166,35 @@ def geometry_from_dxtbx(detector: Any, beam: Any, path: str | None = None) -> An
 
 
 class DxtbxSource:
-    """A ``FrameSource`` (see hookspecs) over every image of one DIALS-readable file."""
+    """A ``FrameSource`` (see hookspecs) over every image of one DIALS-readable file.
+
+    ``geometry``: a CrystFEL geometry to read the images through, as indexamajig reads a CBF
+    file with ``-g`` (:func:`read_through`); without it each frame has DIALS' panels and the
+    geometry translated from DIALS' detector model (``with_geometry``)."""
 
     name = "dxtbx"
 
-    def __init__(self, path: str | os.PathLike[str], *, with_geometry: bool = True) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, with_geometry: bool = True,
+                 geometry: Any = None) -> None:
         self.path = os.path.abspath(os.fspath(path))
         self.imageset = open_imageset(self.path)
         self.with_geometry = with_geometry
         self._geometry: Any = None
+        self.through = geometry
+        #: the through-geometry's masks that are the same on every image (bad regions,
+        #: no_index, edges, mask files), made with the first image
+        self._static: list[np.ndarray] | None = None
+        self._layout = None if geometry is None else self._check_through()
 
     def __len__(self) -> int:
         return len(self.imageset)
 
     @property
     def geometry(self) -> Any:
-        """CrystFEL geometry of the first image's detector (None if it cannot be expressed)."""
+        """CrystFEL geometry of the first image's detector (None if it cannot be expressed), or
+        the geometry the images are read through."""
+        if self.through is not None:
+            return self.through
         if self._geometry is None and self.with_geometry:
             detector, beam = self.imageset.get_detector(0), self.imageset.get_beam(0)
             if detector is not None and beam is not None:
@@ -191,15 +205,67 @@ class DxtbxSource:
         panels, masks = image_arrays(self.imageset, index, self.path)
         single = len(self.imageset) == 1
         detector, beam = self.imageset.get_detector(index), self.imageset.get_beam(index)
+        meta = {"dxtbx_path": self.imageset.get_path(index), "dxtbx_index": index,
+                "adu_per_photon": CORRECTED_GAIN,
+                "format": self.imageset.get_format_class().__name__,
+                "panels": panel_summaries(detector, beam)}
+        if self.through is not None:
+            panels, masks = self._read_through(panels, masks)
+            energy = getattr(self.through, "photon_energy_eV", None)
+            if energy:  # the geometry's own number, as indexamajig takes it; else the header's
+                meta["wavelength_A"] = HC_EV_A / float(energy)
         return Frame(
             panels=panels, masks=masks, source=self.path,
             event="//" if single else f"//{index}", serial=index,
-            geometry=self.geometry,
-            meta={"dxtbx_path": self.imageset.get_path(index), "dxtbx_index": index,
-                  "adu_per_photon": CORRECTED_GAIN,
-                  "format": self.imageset.get_format_class().__name__,
-                  "panels": panel_summaries(detector, beam)},
+            geometry=self.geometry, meta=meta,
         )
+
+    def _check_through(self) -> tuple[tuple[int, int], list[tuple[slice, slice]]]:
+        """The one-array layout of this file's images, checked against the geometry they are
+        read through before any pixel is read: a GeometryError naming the file says why not."""
+        geometry = self.through
+        where = getattr(geometry, "path", None) or "the geometry"
+        detector = self.imageset.get_detector(0)
+        layout = array_layout(detector)
+        if layout is None:
+            raise GeometryError(self.path, f"cannot be read through {where}: DIALS reads it as "
+                              f"{len(detector)} panels that are not parts of one image array "
+                              "(indexamajig cuts a CBF file's one array into the geometry's "
+                              "panels); run without -g: the geometry DIALS reads from the file "
+                              "is used and written for indexamajig")
+        (rows, cols), _ = layout
+        if geometry.stacked or len(geometry.slab_shape) != 2:
+            raise GeometryError(self.path, f"cannot be read through {where}: its panels lie in a "
+                              f"stack of modules {geometry.slab_shape}, an HDF5 layout, and "
+                              f"this image is one {rows} x {cols} array")
+        height, width = geometry.slab_shape
+        if height > rows or width > cols:
+            raise GeometryError(self.path, f"the panels of {where} reach {height} x {width} "
+                              f"pixels (ss x fs), past this image's {rows} x {cols}: a "
+                              "geometry of another detector?")
+        return layout
+
+    def _read_through(self, panels: list[np.ndarray], masks: list[np.ndarray]
+                      ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """The image cut into the through-geometry's panels, and their good pixels: DIALS'
+        (trusted range, its static masks) and the geometry's (bad regions, ``no_index``, edge
+        pixels, masks in mask files, value flags), as indexamajig masks the pixels it reads."""
+        from peaknet_xtal.formats.cxi import flagged_ok, mask_file_masks, panel_flags
+
+        geometry = self.through
+        assert self._layout is not None
+        image, good = one_array(panels, masks, self._layout)
+        cut = geometry.split_slab(image)
+        if self._static is None:
+            static = geometry.bad_pixel_masks()
+            for extra in mask_file_masks(geometry, self.path, image.shape):
+                static = [s & e for s, e in zip(static, extra, strict=True)]
+            self._static = static
+        goods = [g & s for g, s in zip(geometry.split_slab(good), self._static, strict=True)]
+        flags = panel_flags(geometry)
+        if flags is not None:
+            goods = [g & flagged_ok(p, f) for g, p, f in zip(goods, cut, flags, strict=True)]
+        return [np.ascontiguousarray(p) for p in cut], goods
 
     def frame_at(self, event: str) -> Frame:
         """Random access by event (``//N`` is image N, ``//`` the only one)."""
@@ -215,6 +281,46 @@ class DxtbxSource:
 
     def close(self) -> None:
         """dxtbx keeps no file open between reads."""
+
+
+def array_layout(detector: Any) -> tuple[tuple[int, int], list[tuple[slice, slice]]] | None:
+    """Where DIALS' panels lie in the one image array their file holds: its ``(height, width)``
+    and each panel's ``(rows, columns)`` in it; None where they are not parts of one array.
+
+    Why: a CrystFEL geometry addresses pixels of that array (indexamajig reads a CBF file's
+    array and cuts it into the geometry's panels), while dxtbx may cut it first: a Pilatus 12M
+    CBF is one 5071 x 2463 array that DIALS reads as 24 modules, each placed by its raw-image
+    offset, the rows between them left out.  A single panel is the array itself; panels whose
+    places overlap (CSPAD CBF files, one array per sensor, all at offset 0) are not one array."""
+    places = []
+    for panel in detector:
+        x, y = (int(v) for v in panel.get_raw_image_offset())
+        fast, slow = (int(v) for v in panel.get_image_size())
+        places.append((slice(y, y + slow), slice(x, x + fast)))
+    height = max(rows.stop for rows, _ in places)
+    width = max(cols.stop for _, cols in places)
+    covered = np.zeros((height, width), np.int32)
+    for place in places:
+        covered[place] += 1
+    if covered.max() > 1:
+        return None
+    return (height, width), places
+
+
+def one_array(panels: Sequence[np.ndarray], masks: Sequence[np.ndarray],
+              layout: tuple[tuple[int, int], list[tuple[slice, slice]]]
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """An image's pixels as the one array its file holds (:func:`array_layout`), and its good
+    pixels in that layout: what lies between panels (a Pilatus 12M's inter-module rows, which
+    DIALS leaves out) is masked."""
+    if len(panels) == 1:
+        return panels[0], masks[0]
+    shape, places = layout
+    image = np.zeros(shape, np.float32)
+    good = np.zeros(shape, bool)
+    for place, panel, mask in zip(places, panels, masks, strict=True):
+        image[place], good[place] = panel, mask
+    return image, good
 
 
 def read_dxtbx_image(path: str | os.PathLike[str], index: int = 0, *,

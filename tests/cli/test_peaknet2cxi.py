@@ -16,6 +16,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from peaknet_test_support import tiny_cbf
 
 import peaknet_xtal
 from peaknet_xtal.cli.peaknet2cxi import main, run
@@ -944,20 +945,6 @@ def _blank_predictor(panels, masks):
     return [np.zeros(np.shape(p), np.float32) for p in panels]
 
 
-def tiny_cbf(path: Path, distance_mm: float, size: int = 48) -> Path:
-    """A one-panel miniCBF dxtbx reads, its detector ``distance_mm`` from the sample."""
-    from dxtbx.format.FormatCBFMini import FormatCBFMini
-    from dxtbx.model import BeamFactory, DetectorFactory
-    from scitbx.array_family import flex
-
-    detector = DetectorFactory.simple("PAD", distance_mm, (size * 0.086, size * 0.086), "+x",
-                                      "-y", (0.172, 0.172), (size, size), (0, 1e6))
-    pixels = np.random.default_rng(int(distance_mm)).poisson(5, (size, size)).astype(np.int32)
-    FormatCBFMini.as_file(detector, BeamFactory.simple(1.0), None, None, flex.int(pixels),
-                          str(path))
-    return path
-
-
 def tiny_stack(path: Path, frames: int = 3) -> Path:
     """A CXI/HDF5 stack of ``frames`` 32 x 32 frames at the default data path (no geometry:
     one panel); small enough that the engine batches several frames together."""
@@ -965,6 +952,75 @@ def tiny_stack(path: Path, frames: int = 3) -> Path:
         h5["/entry_1/data_1/data"] = np.random.default_rng(1).poisson(
             5, (frames, 32, 32)).astype(np.float32)
     return path
+
+
+#: Where the planted spots of :func:`test_a_cbf_given_with_a_geometry_is_read_through_it`
+#: lie (ss, fs): the first in the geometry's bad region, the second clear of it.
+CBF_SPOTS = ((6, 11), (36, 30))
+
+
+def _cbf_spot_predictor(panels, masks):
+    """The planted 3 x 3 spots (image rows 0-23 are panel 0, 24-47 panel 1) and nothing else."""
+    probs = [np.zeros(np.shape(p), np.float32) for p in panels]
+    for ss, fs in CBF_SPOTS:
+        probs[ss // 24][ss % 24 - 1:ss % 24 + 2, fs - 1:fs + 2] = 1.0
+    return probs
+
+
+@pytest.mark.dials
+def test_a_cbf_given_with_a_geometry_is_read_through_it(tmp_path, capsys, dials_env,
+                                                         make_geometry_text):
+    """-g with an image DIALS reads: its panels, bad regions and photon energy are the
+    geometry's, as indexamajig -g reads a CBF file, in the peaks, the CXI masks, peaknet.geom
+    and the DIALS export (imported from the CXI files, with that geometry).  A bright spot in
+    the bad region is no peak (before, the geometry was written for indexamajig but the peaks
+    were found on DIALS' reading: 28 of a real Pilatus 6M frame's peaks lay in its geometry's
+    beam-stop region)."""
+    pixels = np.random.default_rng(5).poisson(5, (48, 48))
+    for ss, fs in CBF_SPOTS:
+        pixels[ss - 1:ss + 2, fs - 1:fs + 2] += 400
+    cbf = tiny_cbf(tmp_path / "spots_0001.cbf", 100.0, pixels=pixels)
+    geom = tmp_path / "user.geom"
+    geom.write_text(make_geometry_text(
+        ["top", "bottom"], 48, 24, [(-24, -24), (-24, 0)], data=None, dims=False,
+        photon_energy="9000 eV", extra="bad_stop/min_fs = 8\nbad_stop/max_fs = 14\n"
+        "bad_stop/min_ss = 3\nbad_stop/max_ss = 9\nbad_stop/panel = top\n"))
+    outdir = tmp_path / "out"
+    summary = run({"inputs": [str(cbf)], "geometry": str(geom), "output": str(outdir),
+                   "predictor": _cbf_spot_predictor, "progress": False, "min_peaks": 1,
+                   "dials": True})
+    (cxi,) = summary["cxi_files"]
+    peaks = read_cxi_peaks(cxi).peaks(0, read_geometry(outdir / "peaknet.geom"))
+    assert len(peaks) == 1 and int(peaks["panel"][0]) == 1
+    assert (float(peaks["ss"][0]), float(peaks["fs"][0])) == pytest.approx((12.0, 30.0), abs=0.2)
+    with h5py.File(cxi) as h5:
+        mask = h5["/entry_1/data_1/mask"][0]
+        assert mask.shape == (48, 48) and not mask[3:10, 8:15].any() and mask[20:, :].all()
+        assert h5["/entry_1/peaknet/photon_energy_eV"][0] == pytest.approx(9000.0)
+    written = read_geometry(outdir / "peaknet.geom")
+    assert [p.name for p in written.panels] == ["top", "bottom"]
+    from dxtbx.model.experiment_list import ExperimentListFactory
+
+    (experiment,) = ExperimentListFactory.from_json_file(summary["dials"]["experiments"],
+                                                         check_format=False)
+    assert len(experiment.detector) == 2
+    assert experiment.beam.get_wavelength() == pytest.approx(12398.419843 / 9000.0, rel=1e-6)
+    assert summary["dials"]["spots"] == 1
+
+
+@pytest.mark.dials
+def test_a_cbf_that_no_geometry_can_cut_is_one_line_naming_it(tmp_path, capsys, dials_env,
+                                                              real_data):
+    """CSPAD CBF files hold one array per sensor: -g has no one array to cut, and says so (not
+    that the file is no HDF5), with what to do instead; nothing is written."""
+    cbf = real_data / "cspad_thermolysin_stills" / "idx-20130301060858401.cbf"
+    geom = real_data / "crystfel_geometry" / "crystfel_doc_cspad-cxiformat.geom"
+    code = main([str(cbf), "-g", str(geom), "-o", str(tmp_path / "out"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 1 and f"error: {cbf}: cannot be read through {geom}" in err, err
+    assert "64 panels that are not parts of one image array" in err and "run without -g" in err
+    assert "HDF5" not in err and "Traceback" not in err
+    assert not list((tmp_path / "out").glob("peaks-*.cxi"))
 
 
 @pytest.mark.dials

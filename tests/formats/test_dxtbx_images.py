@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 
@@ -96,3 +97,139 @@ def test_bad_files_raise_format_error(tmp_path, dials_env):
     with pytest.raises(FormatError, match="file not found"):
         read_dxtbx_image(tmp_path / "missing.cbf")
     assert sniff_dxtbx("a.cbf.bz2") and sniff_dxtbx("b.CBF") and not sniff_dxtbx("c.stream")
+
+
+# --------------------------------------------------------------------------------------------
+# an image read through a CrystFEL geometry (peaknet2cxi -g, stream2labels): as indexamajig -g
+# reads a CBF file, the file's one array cut into the geometry's panels and masked by it
+
+
+def _spiked(size: int = 48) -> np.ndarray:
+    pixels = np.random.default_rng(3).poisson(5, (size, size))
+    pixels[30, 20] = 5000  # above the flag_morethan below
+    return pixels
+
+
+def _two_panels(make_geometry_text, tmp_path, head: str = "", extra: str = "", **keys
+                ) -> object:
+    """A geometry cutting a 48 x 48 image into two 48 x 24 panels; ``head``: panel properties
+    for both (CrystFEL applies them to the panels after them), ``extra``: bad regions."""
+    from peaknet_xtal.formats.geometry import read_geometry
+
+    path = tmp_path / "two.geom"
+    path.write_text(head + make_geometry_text(["top", "bottom"], 48, 24, [(-24, -24), (-24, 0)],
+                                              data=None, dims=False, extra=extra, **keys))
+    return read_geometry(path)
+
+
+def test_a_cbf_read_through_a_geometry_is_cut_and_masked_as_indexamajig_reads_it(
+        tmp_path, dials_env, make_geometry_text):
+    """Panels are the geometry's cuts of the image; its bad region, value flag and mask file
+    mask pixels DIALS keeps (and DIALS' own mask still counts); its photon energy wins over
+    the header's; read without it, the image is DIALS' one panel, unchanged."""
+    from peaknet_test_support import tiny_cbf
+
+    from peaknet_xtal.formats.dxtbx_images import DxtbxSource
+    from peaknet_xtal.formats.geometry import HC_EV_A
+
+    cbf = tiny_cbf(tmp_path / "spiked_0001.cbf", 100.0, pixels=_spiked())
+    with h5py.File(tmp_path / "mask.h5", "w") as h5:
+        mask = np.ones((48, 48), np.uint8)
+        mask[40, 7] = 0
+        h5["/m"] = mask
+    geometry = _two_panels(make_geometry_text, tmp_path, head=(
+        "flag_morethan = 1000\n"
+        f"mask_file = {tmp_path / 'mask.h5'}\nmask = /m\nmask_good = 0x1\nmask_bad = 0x0\n"),
+        extra=("bad_box/min_fs = 10\nbad_box/max_fs = 12\nbad_box/min_ss = 5\nbad_box/max_ss = 6\n"
+        "bad_box/panel = top\n"))
+    plain = DxtbxSource(cbf).frame(0)
+    (image,), (dials_good,) = plain.panels, plain.masks
+    assert plain.meta["panels"][0]["wavelength_A"] == pytest.approx(1.0)
+    frame = DxtbxSource(cbf, geometry=geometry).frame(0)
+    assert frame.geometry is geometry and frame.event == "//"
+    np.testing.assert_array_equal(frame.panels[0], image[:24])
+    np.testing.assert_array_equal(frame.panels[1], image[24:])
+    expected = dials_good.copy()
+    expected[5:7, 10:13] = False  # the bad region (panel top, fs 10-12, ss 5-6)
+    expected[30, 20] = False  # above flag_morethan
+    expected[40, 7] = False  # the mask file's bad pixel
+    np.testing.assert_array_equal(np.concatenate(frame.masks), expected)
+    assert np.count_nonzero(~expected) > np.count_nonzero(~dials_good)
+    assert frame.meta["wavelength_A"] == pytest.approx(HC_EV_A / 9000.0)
+    # a photon energy the geometry reads from HDF5 cannot come from a CBF: the header's counts
+    by_path = _two_panels(make_geometry_text, tmp_path, photon_energy="/LCLS/photon_energy_eV")
+    assert "wavelength_A" not in DxtbxSource(cbf, geometry=by_path).frame(0).meta
+
+
+def test_a_mask_the_geometry_places_in_the_image_file_is_warned_about_once_and_skipped(
+        tmp_path, dials_env, make_geometry_text, caplog):
+    from peaknet_test_support import tiny_cbf
+
+    from peaknet_xtal.formats.dxtbx_images import DxtbxSource
+
+    cbf = tiny_cbf(tmp_path / "plain_0001.cbf", 100.0)
+    geometry = _two_panels(make_geometry_text, tmp_path,
+                           head="mask = /entry_1/data_1/mask\nmask_good = 0x1\n")
+    source = DxtbxSource(cbf, geometry=geometry)
+    frames = [source.frame(0), source.frame(0)]
+    np.testing.assert_array_equal(np.concatenate(frames[0].masks),
+                                  DxtbxSource(cbf).frame(0).masks[0])
+    warned = [r for r in caplog.records if "which is not HDF5" in r.getMessage()]
+    assert len(warned) == 1 and str(cbf) in warned[0].getMessage()
+
+
+def test_a_pilatus_12m_cbf_is_read_through_a_geometry_as_its_one_array(real_data, dials_env,
+                                                                        tmp_path):
+    """DIALS reads the 12M's one 5071 x 2463 array as 24 modules; through a one-panel geometry
+    of that array each module lies at its raw-image offset and the rows between them are
+    masked."""
+    from peaknet_xtal.formats.dxtbx_images import DxtbxSource, array_layout
+    from peaknet_xtal.formats.geometry import read_geometry
+
+    path = real_data / "synchrotron_single_images" / "DLS_I23_P12M_thau_00001.cbf.gz"
+    plain = DxtbxSource(path)
+    layout = array_layout(plain.imageset.get_detector(0))
+    assert layout is not None and layout[0] == (5071, 2463)
+    geom = tmp_path / "p12m.geom"
+    geom.write_text("photon_energy = 12000\nclen = 0.2\nres = 5814\n"
+                    "all/min_fs = 0\nall/max_fs = 2462\nall/min_ss = 0\nall/max_ss = 5070\n"
+                    "all/fs = +x\nall/ss = +y\nall/corner_x = -1231\nall/corner_y = -2535\n")
+    through = DxtbxSource(path, geometry=read_geometry(geom)).frame(0)
+    (image,), (good,) = through.panels, through.masks
+    frame = plain.frame(0)
+    covered = np.zeros(image.shape, bool)
+    for (rows, cols), module, mask in zip(layout[1], frame.panels, frame.masks, strict=True):
+        np.testing.assert_array_equal(image[rows, cols], module)
+        np.testing.assert_array_equal(good[rows, cols], mask)
+        covered[rows, cols] = True
+    assert not good[~covered].any() and (~covered).sum() == 23 * 17 * 2463
+
+
+def test_an_image_that_does_not_fit_the_geometry_is_a_geometry_error_naming_it(
+        real_data, dials_env, tmp_path, make_geometry_text):
+    """CSPAD CBF files hold one array per sensor (DIALS' 64 panels all at offset 0): there is
+    no one array to cut; a geometry larger than the image, or a stacked one, does not fit.
+    Each says so when the file is opened, before any pixel is read."""
+    from peaknet_test_support import tiny_cbf
+
+    from peaknet_xtal.errors import GeometryError
+    from peaknet_xtal.formats.dxtbx_images import DxtbxSource
+    from peaknet_xtal.formats.geometry import read_geometry
+
+    cspad = real_data / "cspad_thermolysin_stills" / "idx-20130301060858401.cbf"
+    geometry = read_geometry(real_data / "crystfel_geometry" / "crystfel_doc_cspad-cxiformat.geom")
+    with pytest.raises(GeometryError, match="64 panels that are not parts of one image") as info:
+        DxtbxSource(cspad, geometry=geometry)
+    assert info.value.path == str(cspad)
+    cbf = tiny_cbf(tmp_path / "small_0001.cbf", 100.0)
+    big = tmp_path / "big.geom"
+    big.write_text(make_geometry_text(["p"], 64, 64, [(-32, -32)], data=None, dims=False))
+    with pytest.raises(GeometryError, match=r"reach 64 x 64 pixels .* past this image's 48 x 48"):
+        DxtbxSource(cbf, geometry=read_geometry(big))
+    stacked = tmp_path / "stacked.geom"  # two modules in slots of an extra dimension
+    stacked.write_text("photon_energy = 9000\nclen = 0.1\nres = 10000\n" + "".join(
+        f"{n}/dim0 = %\n{n}/dim1 = {k}\n{n}/dim2 = ss\n{n}/dim3 = fs\n{n}/min_fs = 0\n"
+        f"{n}/max_fs = 47\n{n}/min_ss = 0\n{n}/max_ss = 23\n{n}/fs = x\n{n}/ss = y\n"
+        f"{n}/corner_x = -24\n{n}/corner_y = {-24 + 30 * k}\n" for k, n in enumerate("ab")))
+    with pytest.raises(GeometryError, match="stack of modules"):
+        DxtbxSource(cbf, geometry=read_geometry(stacked))

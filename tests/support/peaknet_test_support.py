@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -145,3 +146,20 @@ def load_script(path: str | os.PathLike[str], name: str | None = None) -> Any:
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def tiny_cbf(path: Path, distance_mm: float, size: int = 48,
+             pixels: np.ndarray | None = None) -> Path:
+    """A one-panel miniCBF dxtbx reads, its detector ``distance_mm`` from the sample, 1 A beam;
+    Poisson(5) counts unless ``pixels`` (``size`` x ``size`` integers) are given."""
+    from dxtbx.format.FormatCBFMini import FormatCBFMini
+    from dxtbx.model import BeamFactory, DetectorFactory
+    from scitbx.array_family import flex
+
+    detector = DetectorFactory.simple("PAD", distance_mm, (size * 0.086, size * 0.086), "+x",
+                                      "-y", (0.172, 0.172), (size, size), (0, 1e6))
+    if pixels is None:
+        pixels = np.random.default_rng(int(distance_mm)).poisson(5, (size, size))
+    FormatCBFMini.as_file(detector, BeamFactory.simple(1.0), None, None,
+                          flex.int(np.asarray(pixels, np.int32)), str(path))
+    return path

@@ -20,7 +20,7 @@ import torch  # noqa: F401  (import order matters, see above)
 from dxtbx.model.experiment_list import ExperimentListFactory
 
 from peaknet_xtal.finding import PeakFinder
-from peaknet_xtal.finding.api import reflection_table
+from peaknet_xtal.finding.api import frame_number, reflection_table
 from peaknet_xtal.finding.settings import DEFAULTS
 from peaknet_xtal.formats.cxi import DEFAULT_MAX_PEAKS
 
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{imageset.get_path(index)} [{index}]: {len(peaks)} peaks, "
                   f"hit={finder.is_hit(peaks)}; strongest: {described or '-'}")
             if args.out:
-                tables.append(reflection_table(peaks, boxes, z=index,
+                tables.append(reflection_table(peaks, boxes, z=frame_number(imageset, index),
                                               experiment_id=experiment_id))
     if args.out:
         from dials.array_family import flex

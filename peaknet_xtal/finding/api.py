@@ -109,6 +109,12 @@ class PeakFinder:
         filter, so a hot pixel is not reported on the run's first image either; from the image
         after the read-ahead on, :meth:`find` one image at a time gives the same peaks.
         """
+        if (isinstance(images, np.ndarray) and images.ndim < 3) or hasattr(images,
+                                                                          "as_numpy_array"):
+            # one image: iterating it would hand its rows in as images
+            raise TypeError("find_run takes a dxtbx ImageSet or an iterable of images (a list, "
+                            "a 3-D stack of one-panel images, a generator); for one image use "
+                            "find")
         sources: deque[tuple[Any, int]] = deque()
 
         def frames() -> Iterator[Frame]:
@@ -128,11 +134,14 @@ class PeakFinder:
         """Strong spots as a DIALS ``flex.reflection_table`` (needs DIALS).
 
         Columns as :func:`peaknet_xtal.formats.dials_tables.strong_reflection_table` writes
-        them (the components' own boxes; z = image index + 0.5), which is what ``dials.index``
-        reads from ``strong.refl``.
+        them (the components' own boxes; z = the image's frame number + 0.5), which is what
+        ``dials.index`` reads from ``strong.refl``.  An imageset's frame numbers are DIALS':
+        its scan's first array index plus ``index`` (image 0 of ``image_range=5,7`` is frame
+        4), so that the spots of a scan's slice map to its rotation angles.
         """
         peaks, boxes = self._find(data, index, mask, None, None)
-        return reflection_table(peaks, boxes, z=index if _is_imageset(data) else 0)
+        return reflection_table(peaks, boxes, z=frame_number(data, index)
+                                if _is_imageset(data) else 0)
 
     def defect_masks(self) -> list[np.ndarray] | None:
         """Per panel, True where a pixel is good and False on the run's pixel defects (hot,
@@ -178,7 +187,10 @@ class PeakFinder:
                                  "3-D stack of panels or a list of per-panel arrays), the same "
                                  "for every image of find_run; give images their own masks as "
                                  "numpy masked arrays (numpy.ma, masked = bad)") from None
-            masks = given if masks is None else [a & b for a, b in zip(masks, given, strict=False)]
+            if masks is not None and len(given) != len(masks):
+                raise ValueError(f"mask: {len(given)} panel(s), where the image has "
+                                 f"{len(masks)}; give one good-pixel array per panel")
+            masks = given if masks is None else [a & b for a, b in zip(masks, given, strict=True)]
         return Frame(panels=panels, masks=masks, geometry=geometry,
                      meta={"wavelength_A": wavelength_A, "adu_per_photon": gain})
 
@@ -271,10 +283,20 @@ def imageset_panels(imageset: Any, index: int) -> tuple[list[np.ndarray], list[n
     return image_arrays(imageset, index)
 
 
+def frame_number(imageset: Any, index: int) -> int:
+    """DIALS' frame number of image ``index`` of an imageset: its scan's first array index plus
+    ``index`` (an imageset without a scan, a still: ``index``)."""
+    scan = imageset.get_scan() if hasattr(imageset, "get_scan") else None
+    return (int(scan.get_array_range()[0]) if scan is not None else 0) + int(index)
+
+
 def dxtbx_one_over_d(imageset: Any, index: int, peaks: np.ndarray) -> np.ndarray:
-    """1/d (1/Angstrom) of each peak from the imageset's detector and beam models."""
-    detector = imageset.get_detector(index)
-    s0 = imageset.get_beam(index).get_s0()
+    """1/d (1/Angstrom) of each peak from the imageset's detector and beam models; NaN where
+    the imageset has no beam model (DIALS finds spots without one)."""
+    detector, beam = imageset.get_detector(index), imageset.get_beam(index)
+    if beam is None or detector is None:
+        return np.full(len(peaks), np.nan)
+    s0 = beam.get_s0()
     out = np.empty(len(peaks))
     columns = zip(peaks["panel"], peaks["fs"], peaks["ss"], strict=True)
     for k, (panel, fs, ss) in enumerate(columns):

@@ -269,12 +269,39 @@ def dials_foreground(pixels: np.ndarray, peaks: np.ndarray, good: np.ndarray,
     Why grow: the model marks a spot's core (about half maximum and up), 1-4 pixels for sharp
     XFEL spots, while DIALS' own thresholds mark the whole footprint and its default
     ``min_spot_size`` assumes that; the rim holds background, so DIALS' value-weighted centroids
-    barely move.
+    barely move.  Each peak grows on its own (:func:`grow_apart`): a pixel that would touch
+    another peak's pixels stays out, so DIALS' labelling finds the peaks that were reported, one
+    spot each (grown together, neighbouring peaks of a dense Pilatus 6M hit came out as one
+    spot: 1,909 DIALS spots for 1,959 peaks).
     """
     if dilation > 0 and peaks.any():
-        peaks = ndimage.binary_dilation(peaks, structure=np.ones((3, 3), bool),
-                                        iterations=dilation)
+        peaks = grow_apart(peaks, good, dilation)
     return positive_spots(pixels, peaks & good)
+
+
+def grow_apart(pixels: np.ndarray, good: np.ndarray, steps: int) -> np.ndarray:
+    """``pixels`` (a boolean map) with each of its 8-connected regions grown by ``steps`` pixels
+    within ``good``, never so far that two regions touch (8-connected): a pixel joins a region
+    only where no other region lies in its 3 x 3 neighbourhood, before or after the step."""
+    labels, n = ndimage.label(pixels, structure=np.ones((3, 3), bool))
+    if n < 2:  # nothing to keep apart: a plain dilation
+        grown = ndimage.binary_dilation(pixels, structure=np.ones((3, 3), bool),
+                                        iterations=steps) if n else pixels
+        return grown & (good | pixels)
+    big = np.iinfo(np.int32).max
+    labels = labels.astype(np.int32)
+    for _ in range(steps):
+        highest = ndimage.maximum_filter(labels, size=3, mode="constant")
+        lowest = ndimage.minimum_filter(np.where(labels > 0, labels, big), size=3,
+                                        mode="constant", cval=big)
+        ring = (labels == 0) & good & (highest > 0) & (highest == lowest)
+        grown = np.where(ring, highest, labels)
+        highest = ndimage.maximum_filter(grown, size=3, mode="constant")
+        lowest = ndimage.minimum_filter(np.where(grown > 0, grown, big), size=3,
+                                        mode="constant", cval=big)
+        apart = (highest == grown) & (lowest == grown)
+        labels = np.where(ring & ~apart, 0, grown).astype(np.int32)
+    return labels > 0
 
 
 def positive_spots(pixels: np.ndarray, foreground: np.ndarray) -> np.ndarray:

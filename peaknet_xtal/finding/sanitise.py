@@ -190,6 +190,9 @@ def sanitise_frame(panels: Sequence[np.ndarray], masks: Sequence[np.ndarray] | N
     panels' own; integer data's marked pixels (:func:`marked_pixels`) depend on it.  Pixel values
     are never changed.
     """
+    if masks is not None and len(masks) != len(panels):
+        raise ValueError(f"{len(masks)} mask(s) for {len(panels)} panel(s): give one good-pixel "
+                         "array per panel")
     check = FrameCheck()
     images: list[np.ndarray] = []
     goods: list[np.ndarray] = []

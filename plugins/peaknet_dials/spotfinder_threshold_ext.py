@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import threading
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -180,7 +181,7 @@ class PeakNetSettings:
         from peaknet_xtal.threads import default_threads
 
         scope = params.spotfinder.threshold.peaknet
-        threads = scope.threads
+        threads = _phil_number(scope, "threads", int, optional=True)
         if threads is None:
             nproc = _nproc(params)
             threads = default_threads(nproc)  # free cores (affinity, quota, load) / workers
@@ -188,17 +189,47 @@ class PeakNetSettings:
             model=str(scope.model),
             device=str(scope.device),
             precision=str(scope.precision),
-            threshold=float(scope.threshold),
-            min_snr=float(scope.min_snr),
-            min_height=float(scope.min_height),
-            rescue_prob=float(scope.rescue_prob),
-            rescue_height=float(scope.rescue_height),
-            faint_support=int(scope.faint_support),
-            gain=None if scope.gain is None else float(scope.gain),
-            batch_size=int(scope.batch_size),
+            threshold=_phil_number(scope, "threshold", float),
+            min_snr=_phil_number(scope, "min_snr", float),
+            min_height=_phil_number(scope, "min_height", float),
+            rescue_prob=_phil_number(scope, "rescue_prob", float),
+            rescue_height=_phil_number(scope, "rescue_height", float),
+            faint_support=_phil_number(scope, "faint_support", int),
+            gain=_phil_number(scope, "gain", float, optional=True),
+            batch_size=_phil_number(scope, "batch_size", int),
             threads=int(threads),
-            dilation=int(scope.dilation),
+            dilation=_phil_number(scope, "dilation", int),
         )
+
+
+#: PHIL names of settings that ``finding.settings.LIMITS`` knows by another name.
+_LIMIT_NAMES = {"gain": "adu_per_photon"}
+#: Lower bounds of the whole-number options PHIL states itself (``int(value_min=...)``).
+_LEAST = {"faint_support": 0, "dilation": 0, "threads": 1}
+
+
+def _phil_number(scope: Any, name: str, kind: type, optional: bool = False) -> Any:
+    """``spotfinder.threshold.peaknet.<name>`` as a ``kind`` (None where ``optional`` and
+    unset), or a PeakNetError naming the option.  Why here: PHIL passes ``None``, ``Auto`` and
+    ``nan`` through its range check (nan compares false with every bound), and they failed at
+    the first image with a traceback DIALS asks users to report as its own bug (under
+    ``dials.stills_process``, every image's spot finding failed and the run exited 0)."""
+    from peaknet_xtal.errors import PeakNetError
+    from peaknet_xtal.finding.settings import range_text, within
+
+    value = getattr(scope, name)
+    where = f"spotfinder.threshold.peaknet.{name}"
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise PeakNetError(f"{where} = {value}: must be a number")
+    if not math.isfinite(value):
+        raise PeakNetError(f"{where} = {value}: must be a finite number")
+    bounds = LIMITS.get(_LIMIT_NAMES.get(name, name)) or (
+        {"ge": _LEAST[name]} if name in _LEAST else None)
+    if bounds is not None and not within(bounds, value):
+        raise PeakNetError(f"{where} = {value}: must be {range_text(bounds, value)}")
+    return kind(value)
 
 
 def _nproc(params: Any) -> int:
@@ -398,7 +429,8 @@ class PeakNetSpotFinderThresholdExt:
         return parse(PHIL)
 
     def __init__(self, params: Any) -> None:
-        self.settings = PeakNetSettings.from_params(params)
+        with _as_user_error():
+            self.settings = PeakNetSettings.from_params(params)
         _say_unused_dispersion_gain(params, self.settings)
         self.dials_mask = DialsMask.from_params(params)
         self.chunking = Chunking.from_params(params)

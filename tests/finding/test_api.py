@@ -93,6 +93,13 @@ peaknet2cxi saves it; ``new_run`` forgets it."""
     assert on_hot_pixel(finder.find(images[0])) == 1
 
 
+def test_find_run_on_one_image_says_to_use_find():
+    """It iterated the image's rows and said a row must be 2-D."""
+    with pytest.raises(TypeError, match="find_run takes a dxtbx ImageSet or an iterable of "
+                       "images .* for one image use find"):
+        list(PeakFinder(predictor=bright_pixels).find_run(spots_image()))
+
+
 def test_bad_inputs_are_explained():
     with pytest.raises(TypeError, match="numpy array"):
         to_panels("image.cbf")
@@ -136,6 +143,60 @@ def test_imageset_peaks_and_reflection_table_on_real_cspad(real_data, dials_env)
     assert np.all((bbox[:, 2] <= xyz[:, 1]) & (xyz[:, 1] <= bbox[:, 3]))
     assert list(table["panel"]) == peaks["panel"].tolist()
     assert table.get_flags(table.flags.strong).count(True) == table.size()
+
+
+@pytest.mark.dials
+def test_reflections_of_a_scan_slice_carry_dials_frame_numbers(real_data, dials_env):
+    """Image 0 of a sequence sliced to images 5-7 is DIALS' frame 4: its spots' z and boxes say
+    so (they said 0.5 and (0, 1), so mapped to the rotation angles of images before the slice),
+    as ``dials.find_spots`` writes them."""
+    from dxtbx.model.experiment_list import ExperimentListFactory
+
+    files = sorted((real_data / "pilatus2m_lcysteine_rotation").glob("l-cyst_01_*.cbf.bz2"))
+    sequence = ExperimentListFactory.from_filenames([str(f) for f in files])[0].imageset
+    sliced = sequence[4:7]
+    assert sliced.get_scan().get_array_range() == (4, 7)
+    finder = PeakFinder(predictor=bright_pixels, max_peaks=50)
+    for index in (0, 2):
+        table = finder.find_reflections(sliced, index)
+        assert table.size() > 0
+        z = np.array(table["xyzobs.px.value"])[:, 2]
+        bbox = np.array(table["bbox"])
+        assert np.all(z == 4 + index + 0.5)
+        assert np.all(bbox[:, 4] == 4 + index) and np.all(bbox[:, 5] == 5 + index)
+
+
+@pytest.mark.dials
+def test_an_imageset_without_a_beam_gives_peaks_without_resolution(real_data, dials_env):
+    """DIALS finds spots on images without a beam model; so does the API, with 1/d NaN (it
+    stopped with an AttributeError, after counting the image towards the run)."""
+    from dxtbx.model.experiment_list import ExperimentListFactory
+
+    imageset = ExperimentListFactory.from_filenames([str(real_data / CSPAD)])[0].imageset
+    finder = PeakFinder(predictor=bright_pixels, max_peaks=500)
+    with_beam = finder.find(imageset, 0)
+    imageset.set_beam(None)
+    assert imageset.get_beam(0) is None
+    without = finder.find(imageset, 0)
+    assert len(without) == len(with_beam) > 0 and np.isnan(without["one_over_d"]).all()
+    assert finder.find_reflections(imageset, 0).size() == len(with_beam)
+
+
+@pytest.mark.dials
+def test_a_mask_of_another_panel_count_is_refused_by_name(real_data, dials_env):
+    """A 64-panel CSPAD image with a mask of one panel or of ten: one ValueError saying how
+    many panels each has (an IndexError, or ten panels' masks silently applied)."""
+    from dxtbx.model.experiment_list import ExperimentListFactory
+
+    imageset = ExperimentListFactory.from_filenames([str(real_data / CSPAD)])[0].imageset
+    finder = PeakFinder(predictor=bright_pixels)
+    for mask in (np.ones((185, 194), bool), [np.ones((185, 194), bool)] * 10):
+        with pytest.raises(ValueError, match=r"mask: (1|10) panel\(s\), where the image has 64"):
+            finder.find(imageset, 0, mask=mask)
+    with pytest.raises(ValueError, match=r"1 mask\(s\) for 2 panel\(s\)"):
+        from peaknet_xtal.finding.sanitise import sanitise_frame
+
+        sanitise_frame([np.zeros((4, 4))] * 2, [np.ones((4, 4), bool)])
 
 
 @pytest.mark.dials

@@ -5,6 +5,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from peaknet_xtal.finding.peaks import (
     CORRELATION_LAGS,
@@ -526,3 +527,32 @@ def test_counts_on_a_noiseless_background_without_a_gain_have_their_poisson_nois
     assert len(peaks) == 1 and peaks["snr"][0] == pytest.approx(5.0)
     no_shot = find_peaks([image], [prob], params=PeakParams(adu_per_photon=0.0))
     assert len(no_shot) == 2  # an explicit 0 leaves shot noise out, as documented
+
+
+def test_peaks_grown_for_dials_stay_one_spot_each():
+    """DIALS labels the foreground it is given; peaks a few pixels apart, each grown by a pixel,
+    touched and came out of DIALS as one spot.  Each now grows only where no other peak is
+    within its 3 x 3 neighbourhood, and one far from the others grows as before."""
+    from peaknet_xtal.finding.peaks import dials_foreground, grow_apart
+
+    peaks = np.zeros((20, 30), bool)
+    peaks[5, 5] = peaks[5, 8] = True  # two peaks 3 px apart: plain growth joins them
+    peaks[5:7, 11] = True  # a third 3 px further
+    peaks[15, 25] = True  # one alone
+    good = np.ones(peaks.shape, bool)
+    plain = ndimage.binary_dilation(peaks, structure=np.ones((3, 3), bool))
+    assert ndimage.label(plain, structure=np.ones((3, 3)))[1] == 2  # the three joined
+    grown = grow_apart(peaks, good, 1)
+    labels, n = ndimage.label(grown, structure=np.ones((3, 3)))
+    assert n == 4 and (grown >= peaks).all()
+    assert np.array_equal(grown[12:19, 22:29], plain[12:19, 22:29])  # the lone one: as before
+    # grown apart: the two columns between them would each touch the other peak, so stay out
+    assert grown[4:7, 4:6].all() and not grown[4:7, 6:8].any() and grown[4:7, 8].all()
+    pixels = np.where(peaks, 50.0, 1.0)
+    assert ndimage.label(dials_foreground(pixels, peaks, good, 1),
+                         structure=np.ones((3, 3)))[1] == 4
+    # masked pixels are not grown into; two steps keep the regions apart as well
+    good[15, 26] = False
+    assert not grow_apart(peaks, good, 1)[15, 26]
+    assert ndimage.label(grow_apart(peaks, np.ones(peaks.shape, bool), 2),
+                         structure=np.ones((3, 3)))[1] == 4

@@ -111,6 +111,35 @@ def test_settings_come_from_phil(dials_modules, monkeypatch) -> None:
         _params(phil_scope, "spotfinder.threshold.peaknet.threshold=1.5")
 
 
+@pytest.mark.parametrize("option,value,words", [
+    ("min_height", "nan", "must be a finite number"), ("threshold", "nan", "finite"),
+    ("min_snr", "nan", "finite"), ("gain", "nan", "finite"),
+    ("threshold", "None", "must be a number"), ("min_snr", "None", "must be a number"),
+    ("rescue_height", "None", "number"), ("batch_size", "None", "number"),
+    ("dilation", "None", "number"), ("faint_support", "None", "number"),
+    ("min_height", "Auto", "must be a number")])
+def test_a_value_phil_lets_through_is_a_sorry_naming_the_option(dials_modules, option, value,
+                                                               words) -> None:
+    """PHIL passes None, Auto and nan through its range check (nan compares false with every
+    bound); they became a traceback at the first image that DIALS asks users to report as its
+    own bug (a TypeError for None, a ValueError naming adu_per_photon for gain=nan; under
+    dials.stills_process every image failed and the run exited 0).  Now DIALS' user error when
+    the extension is made, naming the option as the user wrote it."""
+    from libtbx.utils import Sorry
+
+    factory, phil_scope = dials_modules
+    params = _params(phil_scope, "spotfinder.threshold.algorithm=peaknet",
+                     "spotfinder.threshold.peaknet.device=cpu",
+                     f"spotfinder.threshold.peaknet.{option}={value}")
+    with pytest.raises(Sorry, match=rf"^peaknet: spotfinder\.threshold\.peaknet\.{option} = "
+                       rf"{value.lower() if value == 'nan' else value}: .*{words}"):
+        factory.configure_threshold(params)
+    # unset gain and threads stay the automatic choice
+    auto = factory.configure_threshold(_params(phil_scope, "spotfinder.threshold.algorithm=peaknet",
+                                               "spotfinder.threshold.peaknet.device=cpu"))
+    assert auto.settings.gain is None and auto.settings.threads >= 1
+
+
 def test_a_dispersion_gain_carried_over_is_said_to_be_unused(dials_modules, caplog) -> None:
     """``spotfinder.threshold.dispersion.gain=25`` on a command line switched to
     ``algorithm=peaknet`` was dropped without a word; DIALS' log now says which setting takes
@@ -233,7 +262,8 @@ def test_spots_whose_values_sum_to_zero_or_less_are_dropped() -> None:
 
 
 def test_dilation_grows_each_spot_by_a_rim_within_the_mask(dials_modules, cspad_panel) -> None:
-    """dilation=1 turns each predicted core into core + one-pixel rim, never into masked pixels."""
+    """dilation=1 turns each predicted core into core + one-pixel rim, never into masked pixels
+    and never into another core's rim: DIALS then labels each core as a spot of its own."""
     from scipy import ndimage
 
     _, phil_scope = dials_modules
@@ -244,9 +274,21 @@ def test_dilation_grows_each_spot_by_a_rim_within_the_mask(dials_modules, cspad_
     core = _ext(phil_scope, 0.05, dilation=0).peak_pixels(data.astype(np.float32), mask)
     grown = _ext(phil_scope, 0.05, dilation=1).peak_pixels(data.astype(np.float32), mask)
     assert core.any()
-    expected = ndimage.binary_dilation(core, np.ones((3, 3), bool)) & mask
-    assert np.array_equal(grown, expected)
+    plain = ndimage.binary_dilation(core, np.ones((3, 3), bool)) & mask
+    assert (grown >= core).all() and not (grown & ~plain).any()
     assert grown.sum() > core.sum() and not grown[~mask].any()
+    eight = np.ones((3, 3), bool)
+    spots, n = ndimage.label(grown, eight)
+    cores, _ = ndimage.label(core, eight)
+    assert all(len(np.unique(cores[(spots == k) & core])) == 1 for k in range(1, n + 1))
+    # these close cores joined when grown together; where no core is near, the rim is whole
+    assert ndimage.label(plain, eight)[1] < n
+    big = np.iinfo(np.int32).max
+    highest = ndimage.maximum_filter(cores, size=7)
+    lowest = ndimage.minimum_filter(np.where(cores > 0, cores, big), size=7)
+    lone = core & (highest == lowest)  # no other core within 3 px
+    lonely = ndimage.binary_dilation(lone, eight) & mask
+    assert lone.any() and np.array_equal(grown[lonely], plain[lonely])
 
 
 def test_result_is_flex_bool_within_the_mask(dials_modules, cspad_panel) -> None:

@@ -74,7 +74,10 @@ class Progress:
         stream: TextIO | None = None,
         interval: float | None = None,
         enabled: bool = True,
+        initial: int = 0,
     ) -> None:
+        """``initial``: units already done before this run (a resumed job), shown from the
+        first line on and left out of the rate."""
         self.total = total
         self.unit = unit
         self.desc = desc
@@ -87,9 +90,10 @@ class Progress:
         self._bar = cls(total=total, unit=f" {unit}", desc=desc or None, file=self.stream,
                         mininterval=self.interval, maxinterval=max(self.interval, 10.0),
                         miniters=1, disable=not enabled, leave=True, dynamic_ncols=self.tty,
-                        bar_format=_layout(self.tty, total, desc), ascii=not self.tty)
+                        bar_format=_layout(self.tty, total, desc), ascii=not self.tty,
+                        initial=int(initial))
         if not enabled:  # tqdm counts nothing when disabled; callers may still read the count
-            self._count = 0
+            self._count = int(initial)
 
     @property
     def count(self) -> int:

@@ -72,6 +72,21 @@ def test_resumed_count_does_not_inflate_the_rate():
     assert "901/1000 steps" in out.getvalue()
 
 
+def test_a_resumed_job_shows_its_start_from_the_first_line():
+    """Set after the bar was made, the count came too late for the first line a log gets: a
+    training run resumed at step 30 of 120 printed "0/120 steps" first, then jumped."""
+    out = io.StringIO()
+    with Progress(120, "steps", stream=out, interval=0, initial=30) as bar:
+        assert bar.count == 30
+        time.sleep(0.05)
+        bar.update(1)
+        assert bar.rate < 100  # one step done here, not 31
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("30/120 steps"), lines
+    assert "31/120 steps" in out.getvalue()
+    assert Progress(10, enabled=False, initial=4).count == 4
+
+
 def test_unknown_total_shows_count_and_rate():
     out = io.StringIO()
     with Progress(None, "fits", stream=out, interval=0) as bar:

@@ -28,6 +28,7 @@ from typing import Any
 
 from peaknet_xtal import config as cfgmod
 from peaknet_xtal.errors import PeakNetError
+from peaknet_xtal.stopping import Terminated, exit_status, sigterm_raises
 
 
 def build_parser() -> Any:
@@ -132,12 +133,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     cfgmod.record(config, out.with_suffix(".config.json"), "stream2labels",
                   list(argv) if argv is not None else sys.argv[1:])
-    try:
-        summary = stream2labels(inputs, output, config, progress=not quiet,
-                                overwrite=overwrite)
-    except KeyboardInterrupt:  # Ctrl-C: a stop the user asked for, not a failure to explain
-        print(f"stream2labels: interrupted; {what_is_kept(out)}", file=sys.stderr)
-        return 130
+    try:  # a batch scheduler's SIGTERM stops it as Ctrl-C does (exit 143, not 130)
+        with sigterm_raises():
+            summary = stream2labels(inputs, output, config, progress=not quiet,
+                                    overwrite=overwrite)
+    except KeyboardInterrupt as exc:  # a stop the user asked for, not a failure to explain
+        by = " by SIGTERM" if isinstance(exc, Terminated) else ""
+        print(f"stream2labels: interrupted{by}; {what_is_kept(out)}", file=sys.stderr)
+        return exit_status(exc)
     except NothingToLabel as exc:  # the inputs are fine; none of their frames became labels
         print(f"stream2labels: error: {exc}", file=sys.stderr)
         return 1

@@ -76,7 +76,12 @@ def read_reflections(path: str | os.PathLike[str],
                      trust_pickle: bool = False) -> dict[str, np.ndarray]:
     """Columns of a ``.refl`` as numpy (all columns when ``columns`` is None; absent ones skipped).
     """
-    table = load_reflection_table(path, trust_pickle=trust_pickle)
+    return table_columns(load_reflection_table(path, trust_pickle=trust_pickle), columns)
+
+
+def table_columns(table: Any, columns: Sequence[str] | None = DEFAULT_COLUMNS
+                  ) -> dict[str, np.ndarray]:
+    """Columns of a loaded reflection table as numpy (:func:`read_reflections`)."""
     wanted = list(table.keys()) if columns is None else [c for c in columns if c in table]
     out = {}
     for name in wanted:
@@ -85,6 +90,29 @@ def read_reflections(path: str | os.PathLike[str],
         except TypeError:  # shoeboxes and other non-array columns
             continue
     return out
+
+
+def check_pair(experiments: Any, expt: str, table: Any, refl: str) -> None:
+    """A FormatError naming the ``.refl`` where its table cannot belong to ``experiments`` (read
+    from ``expt``): it has reflections of an experiment the list lacks, or the identifiers DIALS
+    pairs tables and experiments by (``experiment_identifiers``, set by dials.import and kept
+    by every later step) differ.  DIALS itself refuses such a pair; read by row number alone,
+    another run's reflections would label these images."""
+    ids = np.unique(_flex_to_numpy(table["id"])) if "id" in table and table.size() else []
+    outside = [int(i) for i in ids if not 0 <= int(i) < len(experiments)]
+    if outside:
+        raise FormatError(refl, f"has reflections of experiment {outside[0]}, but {expt} holds "
+                          f"{len(experiments)} experiment(s): not the reflections of that "
+                          "experiment list")
+    named = dict(table.experiment_identifiers())
+    for exp_id, identifier in sorted(named.items()):
+        if not 0 <= int(exp_id) < len(experiments):
+            continue
+        theirs = experiments[int(exp_id)].identifier
+        if theirs and identifier and theirs != identifier:
+            raise FormatError(refl, f"experiment {exp_id} is {identifier!r} here and "
+                              f"{theirs!r} in {expt}: these reflections belong to another "
+                              "experiment list (give the .expt written with this .refl)")
 
 
 def read_experiments(path: str | os.PathLike[str], check_format: bool = False) -> Any:

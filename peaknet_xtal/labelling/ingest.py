@@ -112,7 +112,11 @@ class _PanelIndex:
             name = raw.decode() if isinstance(raw, bytes) else str(raw)
             if name not in self._index:
                 if self.geometry is not None:
-                    raise FormatError(path, f"panel {name!r} is not in the geometry")
+                    where = getattr(self.geometry, "path", None) or "the geometry"
+                    raise FormatError(path, f"panel {name!r} is not in {where} (its panels: "
+                                      f"{', '.join(self.names[:4])}"
+                                      f"{' ...' if len(self.names) > 4 else ''}): a geometry of "
+                                      "another detector than the stream's peaks?")
                 self._index[name] = len(self.names)
                 self.names.append(name)
             idx[i] = self._index[name]
@@ -267,13 +271,19 @@ def records_from_dials(expt: str | os.PathLike[str], refl: str | os.PathLike[str
     """One record per experiment of a stills ``.expt``/``.refl`` pair (a pickled ``.refl`` only
     with ``trust_pickle``: see :func:`~peaknet_xtal.formats.dials_tables.load_reflection_table`).
     """
-    from peaknet_xtal.formats.dials_tables import read_experiments, read_reflections
+    from peaknet_xtal.formats.dials_tables import (
+        check_pair,
+        load_reflection_table,
+        read_experiments,
+        table_columns,
+    )
 
     expt, refl = os.fspath(expt), os.fspath(refl)
     experiments = read_experiments(expt)
-    cols = read_reflections(refl, ("id", "panel", "miller_index", "xyzobs.px.value",
-                                   "xyzcal.px", "flags", "intensity.sum.value",
-                                   "intensity.sum.variance"), trust_pickle=trust_pickle)
+    table = load_reflection_table(refl, trust_pickle=trust_pickle)
+    check_pair(experiments, expt, table, refl)
+    cols = table_columns(table, ("id", "panel", "miller_index", "xyzobs.px.value", "xyzcal.px",
+                                 "flags", "intensity.sum.value", "intensity.sum.variance"))
     for needed in ("id", "panel", "xyzobs.px.value", "xyzcal.px", "miller_index"):
         if needed not in cols:
             raise FormatError(refl, f"no {needed} column (need observed and calculated positions)")

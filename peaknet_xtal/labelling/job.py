@@ -331,15 +331,16 @@ def label_run(paths: Sequence[str], output: str | os.PathLike[str],
 def _nothing_labelled(paths: Sequence[str], selected: int, frames: dict[str, np.ndarray],
                       not_selected: Sequence[str]) -> NothingToLabel:
     """Why none of the selected frames became labels: a first line saying how many images could
-    not be read and the first reason (usually images that are not where the inputs say), then
-    why the other frames were not selected, one line per rule (as the summary would say)."""
+    not be read and the first reason, then why the other frames were not selected, one line per
+    rule (as the summary would say).  The reason comes as the reader gave it: an image that is
+    not where the inputs say is an error that points to --prefix itself, while an image read
+    through a geometry it does not fit is no matter of --prefix (the advice misled there)."""
     unreadable = frames["status"] == "image_error"
     first = frames["message"][unreadable][0] if unreadable.any() else "none recorded"
     return NothingToLabel(", ".join(paths), f"none of the {selected} selected frames could be "
-                          f"labelled ({int(unreadable.sum())} unreadable: are the images where "
-                          f"the inputs say? see --prefix), no label file written; first error: "
-                          f"{first}" + "".join(f"\n  not selected: {line}"
-                                              for line in not_selected))
+                          f"labelled ({int(unreadable.sum())} unreadable), no label file "
+                          f"written; first error: {first}" + "".join(
+                              f"\n  not selected: {line}" for line in not_selected))
 
 
 def missing_image_lines(records: Sequence[FrameRecord]) -> list[str]:
@@ -369,8 +370,7 @@ def _stats(diff: FrameDiff) -> dict[str, Any]:
 def _execute(labeler: BatchLabeler, todo: list[tuple[Batch, Path]], run: dict[str, Any],
              already: int, total: int, show: bool) -> list[BatchSummary]:
     summaries: list[BatchSummary] = []
-    with Progress(total, "frames", desc="stream2labels", enabled=show) as bar:
-        bar.update(already)
+    with Progress(total, "frames", desc="stream2labels", enabled=show, initial=already) as bar:
 
         def done(summary: BatchSummary) -> None:
             summaries.append(summary)

@@ -59,6 +59,27 @@ def test_no_images_is_an_error_with_a_hint(sim_run, tmp_path, capsys):
     assert "--prefix" in err and "nowhere-sim.cxi" in err
 
 
+def test_a_geometry_of_another_detector_is_named_not_blamed_on_prefix(sim_run, tmp_path,
+                                                                       capsys,
+                                                                       make_geometry_text):
+    """-g with a geometry the images do not fit: the error is the reader's, naming the geometry
+    and both shapes, with no advice about --prefix (the images were where the stream said);
+    one whose panels the stream's peaks do not name names the geometry, not only the stream."""
+    bigger = tmp_path / "bigger.geom"
+    bigger.write_text(make_geometry_text(["top", "bottom"], 512, 256, [(-256, -256), (-256, 0)]))
+    code = main([str(sim_run.stream), "-o", str(tmp_path / "l.h5"), "--no-ray", "--quiet",
+                 "--min-peaks", "1", "-g", str(bigger)])
+    first = capsys.readouterr().err.splitlines()[0]
+    assert code == 1 and "could be labelled" in first and str(bigger) in first, first
+    assert "384" in first and "--prefix" not in first
+    other = tmp_path / "other.geom"
+    other.write_text(make_geometry_text(["a0", "a1"], 384, 192, [(-192, -192), (-192, 0)]))
+    code = main([str(sim_run.stream), "-o", str(tmp_path / "m.h5"), "--no-ray", "--quiet",
+                 "--min-peaks", "1", "-g", str(other)])
+    err = capsys.readouterr().err
+    assert code == 2 and f"panel 'top' is not in {other} (its panels: a0, a1)" in err, err
+
+
 def test_config_file_typo_and_wrong_type_are_errors(tmp_path, capsys):
     cfg = tmp_path / "labels.yaml"
     cfg.write_text("fit:\n  windw: 11\nrun:\n  max_frames: many\n")
@@ -240,6 +261,39 @@ def test_ctrl_c_is_one_line_keeping_what_a_rerun_resumes_from(sim_run, tmp_path,
     assert not out.exists()
     monkeypatch.setattr(BatchLabeler, "run", run)
     assert main(argv) == 0  # the rerun resumes from the kept batch
+    assert "batches 2 (1 resumed)" in capsys.readouterr().out
+
+
+def test_sigterm_stops_as_ctrl_c_does_with_its_own_exit_status(sim_run, tmp_path, capsys,
+                                                              monkeypatch):
+    """A batch scheduler's SIGTERM ended the run with exit 143 and not a word; it is one line
+    saying so and what a rerun resumes from, as Ctrl-C gives, and the rerun resumes."""
+    import os
+    import signal
+
+    from peaknet_xtal.labelling.batch import BatchLabeler
+
+    run = BatchLabeler.run
+    calls = []
+
+    def terminated_after_one(self, batch, part, fit_map=None):
+        calls.append(batch.index)
+        if len(calls) > 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # the real signal, to this process
+        return run(self, batch, part) if fit_map is None else run(self, batch, part, fit_map)
+
+    monkeypatch.setattr(BatchLabeler, "run", terminated_after_one)
+    out = tmp_path / "l.h5"
+    argv = [str(sim_run.stream), "-o", str(out), "--no-ray", "--quiet", "--min-peaks", "1",
+            "--batch-size", "2", "--min-i-over-sigma", "5", "--max-frames", "4"]
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(argv) == 143
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler is put back
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("stream2labels: interrupted by SIGTERM; "), err
+    assert "1 finished batch" in err[0] and not out.exists()
+    monkeypatch.setattr(BatchLabeler, "run", run)
+    assert main(argv) == 0
     assert "batches 2 (1 resumed)" in capsys.readouterr().out
 
 

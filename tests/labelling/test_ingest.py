@@ -135,6 +135,39 @@ def test_dials_stills_results(real_data, dials_env):
 
 
 @pytest.mark.dials
+def test_a_refl_of_another_experiment_list_is_refused_naming_it(real_data, dials_env, tmp_path):
+    """Reflections were paired with experiments by row number alone, so another run's .refl
+    labelled these images; DIALS pairs them by the identifiers dials.import sets, and so does
+    this now (files without identifiers, as the shared ones, by their ids' range)."""
+    from dials.array_family import flex
+    from dxtbx.model.experiment_list import ExperimentList
+
+    from peaknet_xtal.errors import FormatError
+
+    base = real_data / "dials_stills_results_cxi78513"
+    experiments = ExperimentList.from_file(str(base / "stills.expt"), check_format=False)
+    table = flex.reflection_table.from_file(str(base / "stills.refl"))
+    for k, experiment in enumerate(experiments):
+        experiment.identifier = f"run-a-{k}"
+        table.experiment_identifiers()[k] = f"run-a-{k}"
+    experiments.as_file(str(tmp_path / "a.expt"))
+    table.as_file(str(tmp_path / "a.refl"))
+    assert len(list(records_from_dials(tmp_path / "a.expt", tmp_path / "a.refl"))) == 3
+    for k in range(len(experiments)):
+        table.experiment_identifiers()[k] = f"run-b-{k}"
+    table.as_file(str(tmp_path / "b.refl"))
+    with pytest.raises(FormatError, match=r"b.refl: experiment 0 is 'run-b-0' here and "
+                       r"'run-a-0' in .*a.expt: these reflections belong to another"):
+        list(records_from_dials(tmp_path / "a.expt", tmp_path / "b.refl"))
+    plain = flex.reflection_table.from_file(str(base / "stills.refl"))
+    plain["id"] = flex.int(plain.size(), 5)
+    plain.as_file(str(tmp_path / "far.refl"))
+    with pytest.raises(FormatError, match=r"far.refl: has reflections of experiment 5, but "
+                       r".*stills.expt holds 3 experiment"):
+        list(records_from_dials(base / "stills.expt", tmp_path / "far.refl"))
+
+
+@pytest.mark.dials
 def test_dials_run_accounts_for_frames_whose_images_are_gone(real_data, dials_env, tmp_path):
     """The stills' CBFs are not shipped: every selected frame is unreadable, nothing crashes,
     and the run says so, writing no label file (an empty one would pass for a result)."""

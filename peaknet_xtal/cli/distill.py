@@ -6,22 +6,27 @@ The teacher runs once over the frames of the label files (data.paths) and its lo
 (HDF5, OUT/teacher_logits.h5 unless `cache` is set); the student (model.name) is then trained on
 0.4 MSE(logits) + 0.4 T^2 KL(T=2) + 0.2 focal(the labels).  The cache is rebuilt when the
 teacher's weights, a label file or the crop change, and `cache` must not name any other file.
-Label files may come from detectors of different frame shapes.  Reruns (after Ctrl-C too) resume
-from the latest checkpoint.  See examples/configs/distill_*.yaml.
+Label files may come from detectors of different frame shapes.  Reruns resume from the latest
+checkpoint; one whose settings, teacher or label files changed is refused, naming what changed.
+Ctrl-C stops with exit status 130 and SIGTERM (a batch scheduler's stop) with 143, each with one
+line saying which checkpoint is kept; rerunning the same command resumes.  See
+examples/configs/distill_*.yaml.
 """
 from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from peaknet_xtal.config import record
 from peaknet_xtal.errors import PeakNetError
+from peaknet_xtal.stopping import Terminated, exit_status, sigterm_raises
 from peaknet_xtal.training.cli_common import parse_training_args, training_parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from peaknet_xtal.training.distill import DISTILL_DEFAULTS, DISTILL_TYPES, distill
+    from peaknet_xtal.training.distill import DISTILL_DEFAULTS, DISTILL_TYPES
 
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = training_parser(__doc__, prog="peaknet-distill")
@@ -30,17 +35,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     config_file = parser.parse_args(argv).config_file
     if not config.get("teacher"):
         parser.error("no teacher: set 'teacher' in CONFIG.yaml or give --teacher MODEL")
-    out = Path(config["out"])
-    from peaknet_xtal.training.distill import cache_key, check_same_teacher
-    from peaknet_xtal.training.trainer import TrainingDiverged, check_start
+    # a batch scheduler's SIGTERM stops the run as Ctrl-C does (Python's default died silently
+    # with 143), so that it says what is kept
+    with sigterm_raises():
+        return _run(config, argv, config_file)
 
+
+def _run(config: dict[str, Any], argv: list[str], config_file: str) -> int:
+    """Check, record and distil; the exit status, with one line on stderr for a stop or error."""
+    from peaknet_xtal.training.distill import cache_key, check_same_teacher, distill
+    from peaknet_xtal.training.trainer import TrainingDiverged, check_start, resolve_model_name
+
+    out = Path(config["out"])
     try:
         # a rerun of another run, or against another teacher, is refused before the run's
         # record is touched; and without the advice to rerun the same command, which would be
         # refused again
+        config = resolve_model_name(config)  # the record names the architecture trained
         check_start(config)
         check_same_teacher(out, cache_key(config["teacher"], list(config["data"]["paths"]),
                                           int(config["data"]["crop"])))
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Terminated)
+        return _interrupted(exc, out)
     except (PeakNetError, OSError) as exc:
         print(f"peaknet-distill: error: {exc}", file=sys.stderr)
         return 1
@@ -48,32 +64,41 @@ def main(argv: Sequence[str] | None = None) -> int:
         record(config, out / "distill_config.json", "peaknet-distill", argv,
                config_file=config_file)
         final = distill(config)
-    except KeyboardInterrupt:
-        print("peaknet-distill: interrupted", file=sys.stderr)
-        _say_what_is_kept(out)
-        return 130
+    except KeyboardInterrupt as exc:
+        return _interrupted(exc, out)
     except TrainingDiverged as exc:  # says itself what is kept, and not to rerun the same
         print(f"peaknet-distill: error: {exc}", file=sys.stderr)
         return 1
     except (PeakNetError, OSError) as exc:  # a bad teacher, label file or cache: one line
+        kept = _what_is_kept(out)
         print(f"peaknet-distill: error: {exc}", file=sys.stderr)
-        _say_what_is_kept(out)
+        if kept:
+            print(f"peaknet-distill: {kept}", file=sys.stderr)
         return 1
     print(final)
     return 0
 
 
-def _say_what_is_kept(out: Path) -> None:
-    """After a stopped run: the checkpoint a rerun resumes from (nothing said if none)."""
+def _interrupted(exc: KeyboardInterrupt, out: Path) -> int:
+    """One line for a run stopped by Ctrl-C or SIGTERM (which, and what a rerun resumes
+    from); the exit status a shell gives a process the signal ended (130, 143)."""
+    how = " (SIGTERM)" if isinstance(exc, Terminated) else ""
+    kept = _what_is_kept(out)
+    print(f"peaknet-distill: interrupted{how}" + (f"; {kept}" if kept else ""), file=sys.stderr)
+    return exit_status(exc)
+
+
+def _what_is_kept(out: Path) -> str | None:
+    """After a stopped run: the checkpoint a rerun resumes from (None if there is none)."""
     from peaknet_xtal.training.checkpoint import latest_checkpoint
 
     try:
         found = latest_checkpoint(out / "checkpoints")
     except PeakNetError:  # a damaged pointer: the rerun says so itself
-        return
-    if found is not None:
-        print(f"peaknet-distill: checkpoint {found} is kept; re-run the same command to resume "
-              "from it", file=sys.stderr)
+        return None
+    if found is None:
+        return None
+    return f"checkpoint {found} is kept; rerun the same command to resume from it"
 
 
 if __name__ == "__main__":

@@ -9,10 +9,15 @@ A folder holds one run: a rerun whose settings differ from the run there (other 
 device, data.workers, log_every, checkpoint cadence and stop_after) is refused, naming each
 difference, and the folder is left as it was.  Every setting is checked (names, types, ranges)
 before any work; OUT/train_config.json records the settings, the command line and the config
-file.  Give the config file once (CONFIG.yaml, not --config too).  Ctrl-C stops with exit status
-130; the checkpoints are kept.  A run whose loss or weights become NaN or infinite (too high a
-learning rate) stops at that step with exit status 1, saying what to change; its earlier
-checkpoints are kept and no final model is written.  See examples/configs/train_*.yaml.
+file.  A rerun after a label file was replaced under the same name (another size or
+modification time) is refused too, naming the file.  With model.init the run fine-tunes that
+model's architecture: model.name may be left out (the record then names the init's), and one
+naming another architecture is an error.  Give the config file once (CONFIG.yaml, not --config
+too).  Ctrl-C stops with exit status 130 and SIGTERM (a batch scheduler's stop) with 143, each
+with one line naming the checkpoint kept; rerunning the same command resumes from it.  A run
+whose loss or weights become NaN or infinite (too high a learning rate) stops at that step with
+exit status 1, saying what to change; its earlier checkpoints are kept and no final model is
+written.  See examples/configs/train_*.yaml.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ from pathlib import Path
 
 from peaknet_xtal.config import ConfigError, record
 from peaknet_xtal.errors import PeakNetError
+from peaknet_xtal.stopping import Terminated, exit_status, sigterm_raises
 from peaknet_xtal.training.cli_common import parse_training_args, training_parser
 
 PROG = "peaknet-train"
@@ -35,7 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         build_dataset,
         train,
     )
-    from peaknet_xtal.training.trainer import check_start
+    from peaknet_xtal.training.trainer import check_start, resolve_model_name
 
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = training_parser(__doc__, prog=PROG)
@@ -43,18 +49,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     config_file = parser.parse_args(argv).config_file
     out = Path(config["out"])
     try:
-        # everything that can be checked before any work, in this order: the run folder (and
-        # the run it holds), the data; the record is written only then, so a refused rerun
-        # leaves the earlier run's record as it was
-        check_start(config)
-        dataset = build_dataset(config)
-        record(config, out / RECORD, PROG, argv, config_file=config_file)
-        final = train(config, dataset)
+        # a batch scheduler's SIGTERM stops the run as Ctrl-C does (Python's default died
+        # silently with 143), so that it says what is kept
+        with sigterm_raises():
+            # everything that can be checked before any work, in this order: the model (the
+            # record names the architecture trained), the run folder (and the run it holds),
+            # the data; the record is written only then, so a refused rerun leaves the earlier
+            # run's record as it was
+            config = resolve_model_name(config)
+            check_start(config)
+            dataset = build_dataset(config)
+            record(config, out / RECORD, PROG, argv, config_file=config_file)
+            final = train(config, dataset)
     except ConfigError as exc:  # a setting the checks above refuse: a usage error naming the
         parser.error(f"{exc.path or config_file}: {exc.message}")  # file it came from
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; {_what_is_kept(out)}", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Terminated)
+        how = " (SIGTERM)" if isinstance(exc, Terminated) else ""
+        print(f"{PROG}: interrupted{how}; {_what_is_kept(out)}", file=sys.stderr)
+        return exit_status(exc)
     except PeakNetError as exc:  # a bad label file, checkpoint or run folder: one line naming it
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1

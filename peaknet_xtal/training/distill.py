@@ -13,7 +13,8 @@ flips/rotations applied to image, mask, ground truth and logits.  The loss is th
 (``losses.distillation_loss``); its focal term learns the ground-truth labels of the label files.
 
 The cache is reused only while it answers the same question: it is keyed by the teacher's content
-(weights and config hashes), each label file's identity (path, size, modification time), the crop
+(weights and config hashes), each label file's identity (path, size, modification time:
+``trainer.label_identity``, the one peaknet-train's resume check uses too), the crop
 and the layout, and rebuilt with a log line saying why when any of them changes.  Frames of any
 shape (label files from several detectors) are tiled each on its own.  The file is marked as a
 teacher cache, and nothing unmarked is ever written over: a ``cache`` path that names a label
@@ -36,7 +37,13 @@ from peaknet_xtal.atomic import atomic_path
 from peaknet_xtal.config import bounded, deep_merge
 from peaknet_xtal.errors import FormatError
 from peaknet_xtal.progress import Progress
-from peaknet_xtal.training.trainer import TRAIN_DEFAULTS, TRAIN_TYPES, launch
+from peaknet_xtal.training.trainer import (
+    TRAIN_DEFAULTS,
+    TRAIN_TYPES,
+    label_changes,
+    label_identity,
+    launch,
+)
 
 log = logging.getLogger(__name__)
 
@@ -101,19 +108,6 @@ def teacher_identity(teacher: str) -> dict[str, str]:
             "config_sha256": hashlib.sha256(config.encode()).hexdigest()}
 
 
-def label_identity(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """A label file's identity: resolved path, size and modification time (ns).  Not a content
-    hash: label files run to many GB, and a hash would read them all again at every rerun, which
-    resumes a run and must be quick; stream2labels, like any writer, changes the time (and mostly
-    the size) whenever it writes a file, so a new file of the same name is seen."""
-    resolved = Path(path).resolve()
-    try:
-        stat = resolved.stat()
-    except OSError as exc:
-        raise FormatError(path, f"cannot read the label file: {exc.strerror or exc}") from exc
-    return {"path": str(resolved), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-
-
 def _why_stale(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """Why a cache made under key ``old`` does not answer ``new``, in words (empty: it does)."""
     reasons = []
@@ -126,12 +120,8 @@ def _why_stale(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
                if was.get(f"{name}_sha256") != new["teacher"][f"{name}_sha256"]]
     if changed:
         reasons.append(f"the teacher's {' and '.join(changed)} changed")
-    before = {entry.get("path"): entry for entry in old.get("labels") or []}
-    if [e.get("path") for e in old.get("labels") or []] != [e["path"] for e in new["labels"]]:
-        reasons.append(f"label files were {list(before)}, now {[e['path'] for e in new['labels']]}")
-    else:
-        reasons.extend(f"label file {entry['path']} changed (size, modification time)"
-                       for entry in new["labels"] if before.get(entry["path"]) != entry)
+    labels = old.get("labels")
+    reasons.extend(label_changes(labels if isinstance(labels, list) else [], new["labels"]))
     return reasons
 
 
@@ -200,8 +190,8 @@ RUN_KEY_NAME = "teacher_key.json"
 
 def check_same_teacher(out: Path, key: dict[str, Any]) -> None:
     """A resumed distillation must learn from the logits its checkpoints learnt from.  The run's
-    settings name the teacher and label files by path (``trainer.check_start`` compares those);
-    a teacher retrained at the same path, or a label file rewritten in place, would rebuild the
+    settings name the teacher and label files by path (``trainer.check_start`` compares those,
+    and the label files' identity); a teacher retrained at the same path would rebuild the
     cache and the student would go on against another teacher, one model of two teachers with a
     record naming one.  So a fresh run keeps its :func:`cache_key` in ``out`` and a resumed one is
     refused, naming what changed, where its key differs (a run from before the key was kept is
@@ -281,7 +271,9 @@ def cache_teacher_logits(teacher: str, label_files: list[str], cache: Path,
                                     chunks=(1, 2, th, tw))
         tiles = out.create_dataset("tiles", (n_tiles, 3), np.int64)  # frame, ss0, fs0
         k = 0
-        with Progress(len(source), "frames", desc="teacher logits") as bar, torch.no_grad():
+        # a label file's row is one panel of a frame (labelling.labels): counted as such, so
+        # that a multi-panel detector's 9 frames are not announced as 144
+        with Progress(len(source), "panels", desc="teacher logits") as bar, torch.no_grad():
             for i in range(len(source)):
                 image, mask, label = source.frame(i, rng)
                 h, w = image.shape

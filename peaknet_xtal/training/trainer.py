@@ -5,13 +5,16 @@ DistributedDataParallel; with CUDA the model is sharded with FSDP.  Each rank dr
 global batch by sample id (see ``data.StepSampler``), so a run with W ranks of batch b computes the
 same gradients as one process with batch W*b.
 
-A run folder holds one run.  Every checkpoint carries the settings of the run that made it, and a
-rerun resumes only a run of the same settings (:func:`check_start`, :data:`MAY_CHANGE`): otherwise
-one model would be trained under two configurations while the record named one of them.
+A run folder holds one run.  Every checkpoint carries the settings of the run that made it and the
+identity of the label files it learnt from, and a rerun resumes only a run of the same settings
+(:func:`check_start`, :data:`MAY_CHANGE`) on the same files (:func:`label_identity`): otherwise
+one model would be trained under two configurations, or on two data sets, while the record named
+one of them.
 """
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import logging
 import math
@@ -219,10 +222,64 @@ def _plain(config: Mapping[str, Any]) -> dict[str, Any]:
     return plain
 
 
-def _run_settings(checkpoint: Path) -> dict[str, Any] | None:
-    """The settings of the run that wrote ``checkpoint`` (None for a checkpoint made before they
-    were stored).  The state file is memory-mapped, so its tensors (the optimiser's moments,
-    twice the model's size) are not read to get at them."""
+def label_identity(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A label file's identity: resolved path, size and modification time (ns).  Not a content
+    hash: label files run to many GB, and a hash would read them all again at every rerun, which
+    resumes a run and must be quick; stream2labels, like any writer, changes the time (and mostly
+    the size) whenever it writes a file, so a new file of the same name is seen.  Shared by
+    peaknet-train's resume check and peaknet-distill's teacher-logits cache, so that both see
+    the same change."""
+    resolved = Path(path).resolve()
+    try:
+        stat = resolved.stat()
+    except OSError as exc:
+        raise FormatError(path, f"cannot read the label file: {exc.strerror or exc}") from exc
+    return {"path": str(resolved), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def label_identities(config: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The :func:`label_identity` of every label file the run reads (``data.paths`` when
+    ``data.source`` is labels; none for simulated data, made afresh from the settings)."""
+    data = config["data"]
+    if data.get("source") != "labels":
+        return []
+    return [label_identity(path) for path in data.get("paths") or []]
+
+
+def _when(ns: int, other: int) -> str:
+    """A modification time as a reader compares it: to the second, finer only where two times
+    differ within one second."""
+    spec = "seconds" if ns // 10**9 != other // 10**9 else "microseconds"
+    return datetime.datetime.fromtimestamp(ns / 1e9).isoformat(sep=" ", timespec=spec)
+
+
+def label_changes(old: list[Any], new: list[dict[str, Any]]) -> list[str]:
+    """What differs between the label files a run (or a cache) was made from, ``old``, and those
+    there now, ``new`` (:func:`label_identity` entries), one phrase per file naming it and what
+    changed; empty when nothing did."""
+    was = [entry for entry in old if isinstance(entry, dict)]
+    if [e.get("path") for e in was] != [e["path"] for e in new]:
+        return [f"label files were {[e.get('path') for e in was]}, now {[e['path'] for e in new]}"]
+    changes = []
+    for before, now in zip(was, new, strict=True):  # the same paths, checked above
+        what = []
+        if before.get("size") != now["size"]:
+            what.append(f"size {before.get('size')} -> {now['size']} bytes")
+        then, mtime = before.get("mtime_ns"), now["mtime_ns"]
+        if not isinstance(then, int):
+            what.append("its modification time was not recorded")
+        elif then != mtime:
+            what.append(f"modified {_when(then, mtime)} -> {_when(mtime, then)}")
+        if what:
+            changes.append(f"label file {now['path']} changed ({', '.join(what)})")
+    return changes
+
+
+def _stored_run(checkpoint: Path) -> dict[str, Any]:
+    """What the run that wrote ``checkpoint`` stored of itself: ``config`` (its settings) and
+    ``labels`` (its label files' identities), each None for a checkpoint made before it was
+    stored.  The state file is memory-mapped, so its tensors (the optimiser's moments, twice the
+    model's size) are not read to get at them."""
     import torch
 
     path = checkpoint / "state.pt"  # latest_checkpoint has checked it lies inside the folder
@@ -231,14 +288,51 @@ def _run_settings(checkpoint: Path) -> dict[str, Any] | None:
     except Exception as exc:  # UnpicklingError for forbidden globals; anything for garbage
         raise FormatError(path, "cannot read training state (only tensors and plain values are "
                                 f"accepted): {str(exc).splitlines()[0][:300]}") from exc
-    text = state.get("config") if isinstance(state, dict) else None
-    if not isinstance(text, str):
-        return None
-    try:
-        settings = json.loads(text)
-    except ValueError as exc:
-        raise FormatError(path, f"the stored run settings are not JSON ({exc})") from exc
-    return settings if isinstance(settings, dict) else None
+    stored: dict[str, Any] = {}
+    for key, kind, what in (("config", dict, "run settings"), ("labels", list, "label files")):
+        text = state.get(key) if isinstance(state, dict) else None
+        if not isinstance(text, str):
+            stored[key] = None
+            continue
+        try:
+            value = json.loads(text)
+        except ValueError as exc:
+            raise FormatError(path, f"the stored {what} are not JSON ({exc})") from exc
+        stored[key] = value if isinstance(value, kind) else None
+    return stored
+
+
+def resolve_model_name(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` with ``model.name`` saying what the run trains.  Fine-tuning (``model.init``)
+    trains the init model's architecture whatever ``model.name`` says, and a record naming
+    another (``yocto`` for a ``student-atto-b2``) misleads whoever reads it: so a name left at
+    its default becomes the init model's, and a name the user gave that differs from it is a
+    ConfigError naming both (the default cannot be told from the same name typed, so it is
+    taken as "not given").  Idempotent: the launch, the CLIs and :func:`check_start` may each
+    call it."""
+    from peaknet_xtal.model.weights_io import DEFAULT_NAME, WEIGHTS_DIR, check_model, read_config
+
+    model_cfg = config["model"]
+    init = model_cfg.get("init")
+    if not init:
+        return config
+    weights = check_model(init) or WEIGHTS_DIR / f"{DEFAULT_NAME}.safetensors"
+    trained = read_config(weights).get("name")
+    name = model_cfg.get("name")
+    if name == trained:
+        return config
+    if name != TRAIN_DEFAULTS["model"]["name"]:
+        if not isinstance(trained, str):
+            raise ConfigError(None, f"model.name: {name!r}, but model.init {init} records no "
+                                    "model name to check it against: leave model.name out to "
+                                    "fine-tune that model as it is")
+        raise ConfigError(None, f"model.name: {name!r}, but model.init {init} is a {trained!r} "
+                                "model and fine-tuning trains its architecture: name "
+                                f"{trained!r} or leave model.name out, or drop model.init to "
+                                f"train a new {name!r}")
+    if not isinstance(trained, str):
+        return config
+    return {**config, "model": {**model_cfg, "name": trained}}
 
 
 def check_start(config: dict[str, Any]) -> Path | None:
@@ -246,11 +340,14 @@ def check_start(config: dict[str, Any]) -> Path | None:
     the checkpoint it will resume from (None: a fresh start).
 
     Errors (each a PeakNetError naming the folder, file or setting): ``out`` is a file; the device
-    cannot be used; ``model.init`` is not a model or ``model.overrides`` names a setting the
-    architecture does not take; the folder holds checkpoints and ``checkpoint.resume`` is false
-    (starting afresh beside them would mix two runs' checkpoints, and pruning would delete the
-    new ones); the folder's latest checkpoint was made with other settings (outside
-    :data:`MAY_CHANGE`), listed with both values.  The folder is left exactly as it was.
+    cannot be used; ``model.init`` is not a model, is of another architecture than ``model.name``
+    (:func:`resolve_model_name`), or ``model.overrides`` names a setting the architecture does
+    not take; the folder holds checkpoints and ``checkpoint.resume`` is false (starting afresh
+    beside them would mix two runs' checkpoints, and pruning would delete the new ones); the
+    folder's latest checkpoint was made with other settings (outside :data:`MAY_CHANGE`), listed
+    with both values, or from label files that changed since (another file copied over one of
+    the same name: one model would learn two data sets), each named with what changed.  The
+    folder is left exactly as it was.
     """
     from peaknet_xtal.training.checkpoint import latest_checkpoint
 
@@ -258,6 +355,7 @@ def check_start(config: dict[str, Any]) -> Path | None:
     if out.exists() and not out.is_dir():
         raise FormatError(out, "is a file, not a folder: out (--out) names the run's folder")
     _device(config)
+    config = resolve_model_name(config)
     _check_model(config)
     found = latest_checkpoint(out / "checkpoints")
     if found is None:
@@ -266,17 +364,27 @@ def check_start(config: dict[str, Any]) -> Path | None:
         raise FormatError(out, f"holds a run's checkpoints (latest {found.name}) and "
                                "checkpoint.resume is false: choose another --out, or delete "
                                f"{out} to start afresh")
-    settings = _run_settings(found)
-    if settings is None:
+    stored = _stored_run(found)
+    if stored["config"] is None:
         log.warning("%s was made before checkpoints stored their run's settings: resuming "
                     "without comparing them", found)
         return found
-    differences = setting_differences(settings, _plain(config), MAY_CHANGE)
+    differences = setting_differences(stored["config"], _plain(config), MAY_CHANGE)
     if differences:
         raise FormatError(out, f"holds another run ({found.name}) made with other settings: "
                                f"{'; '.join(differences)}.  Resuming it would train one model "
                                "under two configurations: choose another --out, or delete "
                                f"{out} to start afresh")
+    if stored["labels"] is None:
+        log.warning("%s was made before checkpoints stored their label files' identity: "
+                    "resuming without checking that the files are those it learnt from", found)
+        return found
+    changes = label_changes(stored["labels"], label_identities(config))
+    if changes:
+        raise FormatError(out, f"holds a run ({found.name}) trained on other data: "
+                               f"{'; '.join(changes)}.  Resuming it would train one model on "
+                               f"two data sets: choose another --out, or delete {out} to "
+                               "start afresh")
     return found
 
 
@@ -376,6 +484,8 @@ class _Run:
         from peaknet_xtal.training.schedule import cosine_with_warmup
 
         self.rank, self.world, self.config = rank, world, config
+        # the label files as this run found them at its start: what its checkpoints learnt from
+        self.labels = label_identities(config)
         self.device = _device(config)
         torch.manual_seed(int(config["seed"]))  # identical initial weights on every rank
         model_cfg = config["model"]
@@ -489,8 +599,10 @@ class _Run:
             save_checkpoint(out / "checkpoints", self.step, self.model,
                             {"optimizer": optim_state, "scheduler": self.scheduler.state_dict(),
                              "rng": rngs, "world_size": self.world,
-                             # the run's settings, for check_start (JSON: loadable as plain data)
-                             "config": json.dumps(_plain(self.config))},
+                             # the run's settings and label files, for check_start (JSON:
+                             # loadable as plain data)
+                             "config": json.dumps(_plain(self.config)),
+                             "labels": json.dumps(self.labels)},
                             keep=int(self.config["checkpoint"]["keep"]), weights=weights)
         if self.world > 1:
             dist.barrier()
@@ -518,6 +630,7 @@ def run_rank(rank: int, world: int, config: dict[str, Any], dataset: Any,
             torch.cuda.set_device(rank % torch.cuda.device_count())
         dist.init_process_group(backend, rank=rank, world_size=world)
     out = Path(config["out"])
+    config = resolve_model_name(config)  # checkpoints and the model say what was trained
     found = check_start(config)  # before the folder is touched
     run = _Run(rank, world, config)
     if found is not None:
@@ -621,8 +734,8 @@ def _loop(run: _Run, dataset: Any, loss_fn: LossFn, out: Path) -> None:
     run.wrapped.train()
     micro, running = 0, 0.0
     # counted against the whole schedule: a run stopped at 2 of 4 steps is not 100 % done
-    with Progress(steps, "steps", desc=f"train rank {run.rank}", enabled=run.rank == 0) as bar:
-        bar.count = run.step
+    with Progress(steps, "steps", desc=f"train rank {run.rank}", enabled=run.rank == 0,
+                  initial=run.step) as bar:
         for batch_data in _batches(loader):
             batch_data = {k: v.to(run.device) for k, v in batch_data.items()}
             sync = (micro == accum - 1 or run.world == 1 or run.fsdp)

@@ -3,6 +3,8 @@ the checkpoints, files from two detectors train, and the command line is recorde
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -108,9 +110,48 @@ def test_ctrl_c_exits_130_keeps_the_checkpoints_and_a_rerun_resumes(
     assert main([str(config)]) == 130
     err = capsys.readouterr().err
     checkpoints = tmp_path / "run" / "checkpoints"
-    assert "peaknet-distill: interrupted" in err and "Traceback" not in err
+    assert "Traceback" not in err
     kept = latest_checkpoint(checkpoints)
-    assert kept is not None and kept.name == "step_000004" and str(kept) in err
+    assert kept is not None and kept.name == "step_000004"
+    assert err.strip().splitlines()[-1] == (f"peaknet-distill: interrupted; checkpoint {kept} is "
+                                            "kept; rerun the same command to resume from it")
+    monkeypatch.setattr(distill_module, "distill_batch_loss", real_loss)
+    assert main([str(config)]) == 0
+    history = [json.loads(line) for line in (tmp_path / "run" / "history.jsonl").open()]
+    assert [h["step"] for h in history] == [1, 2, 3, 4, 5, 6]
+
+
+def test_sigterm_exits_143_with_one_line_and_a_rerun_resumes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A batch scheduler's SIGTERM killed the run with 143 and no word of what was kept.  A
+    real signal to this process, at step 5: were the command not to handle it, the handler
+    installed here fails the test (Python's default would end the test session)."""
+    config = _run_folder(tmp_path)
+    real_loss, calls = distill_module.distill_batch_loss, []
+
+    def unhandled(signum: int, frame: Any) -> None:
+        raise AssertionError("peaknet-distill left SIGTERM unhandled")
+
+    def terminated_at_step_5(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 5:  # one micro-batch a step
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_loss(*args, **kwargs)
+
+    previous = signal.signal(signal.SIGTERM, unhandled)
+    try:
+        monkeypatch.setattr(distill_module, "distill_batch_loss", terminated_at_step_5)
+        assert main([str(config)]) == 143
+        assert signal.getsignal(signal.SIGTERM) is unhandled  # given back after the run
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    err = capsys.readouterr().err
+    kept = latest_checkpoint(tmp_path / "run" / "checkpoints")
+    assert kept is not None and kept.name == "step_000004" and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (
+        f"peaknet-distill: interrupted (SIGTERM); checkpoint {kept} is kept; rerun the same "
+        "command to resume from it")
     monkeypatch.setattr(distill_module, "distill_batch_loss", real_loss)
     assert main([str(config)]) == 0
     history = [json.loads(line) for line in (tmp_path / "run" / "history.jsonl").open()]
@@ -171,7 +212,7 @@ def test_a_resumed_run_with_a_retrained_teacher_at_the_same_path_is_refused(
     err = capsys.readouterr().err
     assert "other teacher logits (the teacher's weights changed)" in err
     # no advice to rerun the same command: it would be refused again
-    assert "re-run the same command" not in err
+    assert "rerun the same command" not in err
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 
 

@@ -71,6 +71,25 @@ def one_error_line(err: str) -> str:
     return lines[0]
 
 
+def signalled_after_a_checkpoint(command: list[str], out: Path,
+                                 signum: int) -> tuple[int, str]:
+    """Run ``command`` (a training into ``out``) as a real process, send it ``signum`` once its
+    first checkpoint exists, and return its exit status and stderr."""
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signum, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "checkpoints" / "latest").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        process.send_signal(signum)
+        _, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    return process.returncode, err
+
+
 @pytest.fixture
 def finished_run(tmp_path: Path, labels: Path, capsys) -> Path:
     out = tmp_path / "run"
@@ -259,20 +278,10 @@ def test_ctrl_c_is_one_line_exit_130_keeping_the_checkpoints(labels: Path,
     """A real SIGINT to a real process: it was a KeyboardInterrupt traceback."""
     cfg = write(tmp_path / "long.yaml", settings(labels, **{"schedule.steps": 1_000_000}))
     out = tmp_path / "out"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "peaknet_xtal.cli.train", str(cfg), "--out", str(out)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    try:
-        deadline = time.monotonic() + 120
-        while not (out / "checkpoints" / "latest").exists() and time.monotonic() < deadline:
-            time.sleep(0.2)
-        process.send_signal(signal.SIGINT)
-        _, err = process.communicate(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
-    assert process.returncode == 130, err
+    returncode, err = signalled_after_a_checkpoint(
+        [sys.executable, "-m", "peaknet_xtal.cli.train", str(cfg), "--out", str(out)], out,
+        signal.SIGINT)
+    assert returncode == 130, err
     assert "Traceback" not in err
     last = err.strip().splitlines()[-1]
     latest = (out / "checkpoints" / "latest").read_text().strip()
@@ -313,3 +322,78 @@ def test_a_diverging_run_stops_with_one_line_and_installs_no_model(
     assert history and "NaN" not in (out / "history.jsonl").read_text()
     assert all(isinstance(json.loads(h), dict) for h in history)
     assert json.loads(history[-1])["loss"] is None
+
+
+def test_a_rerun_after_a_label_file_was_replaced_under_its_name_is_refused(
+        labels: Path, tmp_path: Path, capsys) -> None:
+    """Another detector's labels copied over the file between --stop-after and the rerun: the
+    run resumed at its step and trained one model on two data sets, exit 0.  The rerun is
+    refused naming the file and what changed; a new folder starts over on the new file."""
+    cfg = write(tmp_path / "run.yaml", settings(labels))
+    out = tmp_path / "run"
+    assert main([str(cfg), "--out", str(out), "--stop-after", "2"]) == 0
+    before = snapshot(out)
+    with h5py.File(labels, "w") as handle:  # another detector: other frames, another size
+        handle["images"] = np.full((2, 56, 64), 30.0, np.float32)
+        handle["masks"] = np.ones((2, 56, 64), np.uint8)
+        handle["labels"] = np.zeros((2, 56, 64), np.uint8)
+    capsys.readouterr()
+    assert main([str(cfg), "--out", str(out)]) == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert line.startswith(f"peaknet-train: error: {out}: holds a run (step_000002) trained on "
+                           f"other data: label file {labels.resolve()} changed (size ")
+    assert " bytes, modified " in line and "choose another --out" in line
+    assert snapshot(out) == before
+    assert main([str(cfg), "--out", str(tmp_path / "new")]) == 0
+    assert (tmp_path / "new" / "model.safetensors").exists()
+
+
+def test_model_name_must_be_the_init_models_and_a_left_out_name_records_it(
+        finished_run: Path, labels: Path, tmp_path: Path, capsys) -> None:
+    """``model: {name: zepto, init: <a yocto run>}`` trained a yocto while train_config.json
+    said zepto.  A name naming another architecture is a usage error naming both; a name left
+    out (at its default) becomes the init's in the record, and such a run resumes."""
+    init = str(finished_run / "model.safetensors")
+    wrong = write(tmp_path / "wrong.yaml", settings(labels, **{
+        "model": {"name": "zepto", "init": init}}))
+    with pytest.raises(SystemExit) as stop:
+        main([str(wrong), "--out", str(tmp_path / "wrong")])
+    assert stop.value.code == 2
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last == (f"peaknet-train: error: {wrong}: model.name: 'zepto', but model.init {init} "
+                    "is a 'yocto' model and fine-tuning trains its architecture: name 'yocto' "
+                    "or leave model.name out, or drop model.init to train a new 'zepto'")
+    assert not (tmp_path / "wrong").exists()
+    tuned = tmp_path / "tuned"
+    left_out = write(tmp_path / "tuned.yaml", settings(labels, **{"model": {"init": init}}))
+    assert main([str(left_out), "--out", str(tuned), "--stop-after", "2"]) == 0
+    recorded = json.loads((tuned / "train_config.json").read_text())["config"]["model"]
+    assert recorded == {"name": "yocto", "init": init, "overrides": {}}
+    assert main([str(left_out), "--out", str(tuned)]) == 0  # the same command resumes
+    assert json.loads((tuned / "model.json").read_text())["name"] == "yocto"
+    named = write(tmp_path / "named.yaml", settings(labels, **{
+        "model": {"name": "yocto", "init": init}}))
+    assert main([str(named), "--out", str(tmp_path / "named"), "--stop-after", "1"]) == 0
+
+
+def test_sigterm_is_one_line_exit_143_and_the_same_command_resumes(labels: Path,
+                                                                    tmp_path: Path) -> None:
+    """What a batch scheduler sends at the end of a job's time: the run died with 143 and no
+    word of what was kept."""
+    cfg = write(tmp_path / "long.yaml", settings(labels, **{"schedule.steps": 1_000_000}))
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "peaknet_xtal.cli.train", str(cfg), "--out", str(out)]
+    returncode, err = signalled_after_a_checkpoint(command, out, signal.SIGTERM)
+    assert returncode == 143, err
+    assert "Traceback" not in err
+    latest = (out / "checkpoints" / "latest").read_text().strip()
+    assert err.strip().splitlines()[-1] == (
+        "peaknet-train: interrupted (SIGTERM); rerun the same command to resume from "
+        f"{out / 'checkpoints' / latest}")
+    step = int(latest.split("_")[1])
+    resumed = subprocess.run([*command, "--stop-after", str(step + 2)], capture_output=True,
+                             text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed from {out / 'checkpoints' / latest} at step {step}" in resumed.stderr
+    history = [json.loads(line)["step"] for line in (out / "history.jsonl").open()]
+    assert history == list(range(1, step + 3))

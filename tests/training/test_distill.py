@@ -181,6 +181,16 @@ def test_a_label_file_rewritten_in_place_rebuilds_the_cache(
                                       labels["images"][frame][y0:y0 + 32, x0:x0 + 32])
 
 
+def test_the_teacher_pass_counts_label_rows_as_panels(tmp_path: Path, label_file: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """A label file's row is one panel of a frame: a 16-panel detector's 9 frames were
+    announced as "teacher logits: 144 frames"."""
+    cache_teacher_logits(str(_teacher(tmp_path)), [str(label_file)], tmp_path / "c.h5",
+                         threads=1, crop=32)
+    err = capsys.readouterr().err
+    assert "teacher logits: 6/6 panels" in err and "frames" not in err
+
+
 def test_a_teacher_retrained_at_the_same_path_rebuilds_the_cache_a_copy_does_not(
         tmp_path: Path, label_file: Path, caplog: pytest.LogCaptureFixture) -> None:
     teacher = _teacher(tmp_path)

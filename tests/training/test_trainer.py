@@ -196,17 +196,43 @@ def test_a_resume_with_other_settings_is_refused_before_anything_is_loaded(
         train(other)
 
 
-def test_a_checkpoint_from_before_settings_were_stored_still_resumes(
-        tmp_path: Path, label_file: Path, caplog) -> None:
+@pytest.mark.parametrize("stored, says", [
+    ("config", "resuming without comparing them"),
+    ("labels", "resuming without checking that the files are those it learnt from")])
+def test_a_checkpoint_from_before_its_run_was_stored_still_resumes(
+        tmp_path: Path, label_file: Path, caplog, stored: str, says: str) -> None:
+    """Checkpoints store their run's settings, and later also its label files' identity: one
+    made before either is resumed with a warning saying what was not checked."""
     train(_config(tmp_path / "run", label_file, stop_after=2))
     state_path = tmp_path / "run" / "checkpoints" / "step_000002" / "state.pt"
     state = torch.load(state_path, weights_only=True)
-    del state["config"]
+    assert json.loads(state["labels"])[0]["path"] == str(label_file.resolve())
+    del state[stored]
     torch.save(state, state_path)
     with caplog.at_level("WARNING"):
         train(_config(tmp_path / "run", label_file))
-    assert "resuming without comparing them" in caplog.text
+    assert says in caplog.text
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step_000006"
+
+
+def test_a_label_file_rewritten_in_place_refuses_the_resume(
+        tmp_path: Path, label_file: Path) -> None:
+    """Same path, same size, new pixels: the modification time tells the run that its data
+    changed (the label identity peaknet-distill keys its cache by); the Python API refuses as
+    the command line does (tests/cli/test_train.py)."""
+    train(_config(tmp_path / "run", label_file, stop_after=2))
+    size = label_file.stat().st_size
+    with h5py.File(label_file, "a") as handle:
+        handle["images"][0] = handle["images"][0] + 1000.0
+    assert label_file.stat().st_size == size
+    with pytest.raises(FormatError) as info:
+        train(_config(tmp_path / "run", label_file))
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(f"{tmp_path / 'run'}: holds a run (step_000002) trained on other "
+                              f"data: label file {label_file.resolve()} changed (modified ")
+    assert "size" not in message
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step_000002"
 
 
 def test_an_error_in_a_data_loader_worker_is_one_line(tmp_path: Path, label_file: Path) -> None:

@@ -2,6 +2,7 @@
 
     peaknet-eval SIM_RUN_DIR -o report/ [--finders peaknet:default peakfinder8 dispersion]
                  [--tune-frames 4] [--index] [--space-group P43212] [--unit-cell a,b,c,al,be,ga]
+                 [--overwrite]
 
 SIM_RUN_DIR is a folder written by `peaknet-sim` (NAME.cxi, NAME.geom, NAME_truth.h5), so precision,
 recall, F1 and position error are scored against the exact truth.  `--tune-frames N` tunes
@@ -12,6 +13,12 @@ unit-cell distributions, and why hits were not indexed.  Each frame is indexed w
 crystal's cell and lattice from the simulator's truth; `--space-group` and `--unit-cell`, when
 given, replace the truth's on every frame (each on its own).  Everything in report.md is also in
 report.json.  Finder names, the space group and the cell are checked before any work.
+
+A folder holds one report: a folder that already holds one is refused, leaving it as it was,
+unless `--overwrite` is given; the new report then replaces the earlier one once it is complete
+(the earlier report's files the new one does not write are removed; other files stay), and a
+failed run leaves the earlier one as it was.  Each finder's files (activation maps, DIALS
+folder) are named after it, with its model's folders where two models share a file name.
 """
 from __future__ import annotations
 
@@ -36,6 +43,7 @@ DEFAULTS: dict[str, Any] = {
     "space_group": None,
     "unit_cell": None,
     "samples": 2,
+    "overwrite": False,
 }
 TYPES: dict[str, Any] = {"data": str | None, "output": str | None, "space_group": str | None,
                          "unit_cell": str | list[float] | None,
@@ -60,8 +68,22 @@ def check(config: dict[str, Any]) -> None:
     check_symmetry(config["space_group"], parse_unit_cell(config["unit_cell"]))
 
 
-def run(config: dict[str, Any]) -> dict[str, Any]:
-    """Evaluate and write the report; returns the report's numbers."""
+def check_output(config: dict[str, Any]) -> None:
+    """Raise FileExistsError (one line) when ``--output`` holds a report and ``--overwrite`` is
+    not given: as ``peaknet-sim`` refuses a folder holding a run, a report (an hour of indexing,
+    perhaps) is not replaced by a mistyped ``-o``."""
+    from peaknet_xtal.evaluation.report import REPORT_FILES
+
+    out = Path(config["output"])
+    earlier = [name for name in REPORT_FILES if (out / name).exists()]
+    if earlier and not config["overwrite"]:
+        raise FileExistsError(f"{out} already holds a report ({', '.join(earlier)}); nothing was "
+                              "changed: add --overwrite to replace it, or choose another -o")
+
+
+def run(config: dict[str, Any], argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Evaluate and write the report, with the configuration record (``config.json``) beside
+    it; returns the report's numbers."""
     from peaknet_xtal.evaluation.indexing import parse_unit_cell
     from peaknet_xtal.evaluation.report import evaluate, load_sim_run
 
@@ -71,7 +93,9 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
     return evaluate(dataset, config["finders"], config["output"],
                     tune_frames=int(config["tune_frames"]), cutoff=float(config["cutoff"]),
                     min_peaks=int(config["min_peaks"]), index=bool(config["index"]),
-                    samples=int(config["samples"]))
+                    samples=int(config["samples"]),
+                    record=lambda staging: record(config, staging / "config.json",
+                                                  "peaknet-eval", argv))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -90,6 +114,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--unit-cell", dest="unit_cell", metavar="A,B,C,AL,BE,GA",
                         help="index every frame with this cell (default: the truth's)")
     parser.add_argument("--samples", type=int, help="frames shown as overlays")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a report already in the output folder (once the new one "
+                        "is complete)")
     args = parser.parse_args(argv)
     setup_logging(getattr(args, "verbose", 0))
     config = resolve_or_exit(parser, DEFAULTS, args, types=TYPES)
@@ -102,22 +129,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         from peaknet_xtal.evaluation.report import check_sim_run
 
         check_sim_run(config["data"], config["name"])
-        record(config, Path(config["output"]) / "config.json", "peaknet-eval",
-               sys.argv[1:] if argv is None else argv)
-        report = run(config)
+        check_output(config)
+        report = run(config, sys.argv[1:] if argv is None else argv)
     except (PeakNetError, OSError, ValueError) as exc:
         print(f"peaknet-eval: error: {exc}", file=sys.stderr)
         return 1
     from peaknet_xtal.evaluation.indexing import failure_text
+    from peaknet_xtal.evaluation.report import fmt
 
+    # Numbers as report.md writes them (fmt): a rate of no frames is n/a there, not nan here.
     for label, entry in report["finders"].items():
         acc = entry.get("accuracy", {})
-        print(f"{label:24s} F1 {acc.get('f1', float('nan')):.3f}  "
-              f"hit rate {entry['hit_rate']:.3f}  {entry['seconds_per_frame']:.2f} s/frame")
+        print(f"{label:24s} F1 {fmt(acc.get('f1'))}  "
+              f"hit rate {fmt(entry['hit_rate'])}  {fmt(entry['seconds_per_frame'], 2)} s/frame")
         rates = report.get("indexing", {}).get(label)
         if rates:  # with the reasons, so a rate of 0 from a refused setting is seen as such
             why = failure_text(rates["failures"])
-            print(f"{'':24s} indexing rate {rates['indexing_rate']:.3f} ({rates['indexed']} of "
+            print(f"{'':24s} indexing rate {fmt(rates['indexing_rate'])} ({rates['indexed']} of "
                   f"{rates['hits']} hits)" + (f"; not indexed: {why}" if why else ""))
     print(f"report: {Path(config['output']) / 'report.md'}")
     return 0

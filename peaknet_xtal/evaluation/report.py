@@ -5,10 +5,14 @@ the PNGs are what a crystallographer looks at before trusting a finder on their 
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
+import shutil
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -151,19 +155,97 @@ def tuned_finders(specs: Sequence[str], dataset: Dataset, tune_frames: int,
 
 def evaluate(dataset: Dataset, specs: Sequence[str], out_dir: str | os.PathLike[str], *,
              tune_frames: int = 0, cutoff: float = 3.0, min_peaks: int = DEFAULTS.min_peaks,
-             index: bool = False, samples: int = 2) -> dict[str, Any]:
+             index: bool = False, samples: int = 2,
+             record: Callable[[Path], None] | None = None) -> dict[str, Any]:
     """Score ``specs`` on ``dataset`` and write the report under ``out_dir``; returns the JSON.
 
     A frame is a hit with at least ``min_peaks`` peaks: by default the library's own rule
-    (``finding.settings.DEFAULTS.min_peaks``), for every finder alike."""
+    (``finding.settings.DEFAULTS.min_peaks``), for every finder alike.
+
+    A folder holds one report.  Everything is written into a hidden staging folder inside
+    ``out_dir`` and moved into place only once the whole report is complete, so a failed or
+    interrupted run leaves an earlier report as it was; one that succeeds replaces it, and the
+    files the earlier report recorded (``report.json``'s ``files``) that this one does not write
+    are removed: left in place, an earlier run's activation maps and DIALS folders sat beside a
+    report.md that no longer mentioned them, as if this run had made them.  Nothing the earlier
+    report did not record is touched, so other files in the folder stay.  (Replacing is the
+    caller's decision: ``peaknet-eval`` refuses a folder holding a report without
+    ``--overwrite``, as ``peaknet-sim`` refuses one holding a run.)  ``record``, if given, is
+    called with the staging folder before the report is published: what it writes there (the
+    command's configuration record) is published and recorded with the report."""
     if not dataset.frames:
         raise ValueError(f"{dataset.name}: no frames to score")
     if tune_frames >= len(dataset.frames):  # the tuning frames are never scored
         raise ValueError(f"{dataset.name}: {len(dataset.frames)} frame(s), all taken by "
                          f"--tune-frames {tune_frames}: nothing left to score")
     out = Path(out_dir)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
+    earlier = recorded_files(out)
+    staging = Path(tempfile.mkdtemp(prefix=".report.", suffix=".partial", dir=out))
+    try:
+        report = _evaluate(dataset, specs, staging, tune_frames, cutoff, min_peaks, index,
+                           samples)
+        if record is not None:
+            record(staging)
+        report["files"] = sorted({p.name for p in staging.iterdir()} | set(REPORT_FILES))
+        write_json_atomic(staging / "report.json", strict_json(report))
+        write_text_atomic(staging / "report.md", markdown(report, dataset))
+        _publish(staging, out, report["files"], earlier)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        if created and not any(out.iterdir()):
+            out.rmdir()  # a failed report into a new folder leaves no folder either
+    return report
+
+
+#: written by every report, last (after the files they describe)
+REPORT_FILES = ("report.json", "report.md")
+
+
+def recorded_files(folder: str | os.PathLike[str]) -> list[str]:
+    """The names of the files and folders the report in ``folder`` recorded as its own (none
+    when the folder holds no report); a report from before ``files`` was recorded names its
+    figures and its DIALS folder.  Only plain names inside the folder count: a hand-edited
+    report.json must not lead ``evaluate`` to remove anything outside it."""
+    path = Path(folder) / "report.json"
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):  # none, or unreadable: nothing known to be the report's
+        return []
+    if not isinstance(saved, dict):
+        return []
+    names = saved.get("files")
+    if not isinstance(names, list):
+        names = [*REPORT_FILES, *(saved.get("figures") or []),
+                 *(["dials"] if saved.get("indexing") else [])]
+    return [n for n in names if isinstance(n, str) and n not in ("", ".", "..")
+            and Path(n).name == n]
+
+
+def _publish(staging: Path, out: Path, files: Sequence[str], earlier: Sequence[str]) -> None:
+    """Move a finished report from ``staging`` into ``out``: its figures and folders first, then
+    report.json and report.md, then the earlier report's files this one does not write are
+    removed, so a report.md in ``out`` never names a file it did not make."""
+    last = [n for n in REPORT_FILES if n in files]
+    for name in [*(n for n in files if n not in REPORT_FILES), *last]:
+        source, target = staging / name, out / name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        os.replace(source, target)
+    for name in sorted(set(earlier) - set(files)):
+        stale = out / name
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale)
+        elif stale.exists() or stale.is_symlink():
+            stale.unlink()
+
+
+def _evaluate(dataset: Dataset, specs: Sequence[str], out: Path, tune_frames: int,
+              cutoff: float, min_peaks: int, index: bool, samples: int) -> dict[str, Any]:
+    """``evaluate``'s work: scores, indexing and figures written into ``out``."""
     finders, tuning = tuned_finders(specs, dataset, tune_frames, cutoff)
+    names = file_names(list(finders))
     frames = dataset.frames[tune_frames:]
     truths = None if dataset.truths is None else dataset.truths[tune_frames:]
     every = (None if dataset.reflections is None else dataset.reflections[tune_frames:])
@@ -173,6 +255,7 @@ def evaluate(dataset: Dataset, specs: Sequence[str], out_dir: str | os.PathLike[
                               "min_peaks": min_peaks, "finders": {}}
     for label, run in runs.items():
         entry: dict[str, Any] = {"params": finders[label].params,
+                                 "file_name": names[label],
                                  "seconds_per_frame": float(np.mean(run["seconds"]))
                                  if run["seconds"] else float("nan"),
                                  "peaks_per_frame": [len(p) for p in run["peaks"]]}
@@ -193,11 +276,10 @@ def evaluate(dataset: Dataset, specs: Sequence[str], out_dir: str | os.PathLike[
             entry["tuning"] = tuning[label]
         report["finders"][label] = entry
     if index:
-        report["indexing"] = _index_all(dataset, runs, tune_frames, min_peaks, out / "dials")
+        report["indexing"] = _index_all(dataset, runs, tune_frames, min_peaks, out / "dials",
+                                        names)
     report["figures"] = _figures(dataset, finders, runs, truths, frames, out, samples, cutoff,
-                                 report)
-    write_json_atomic(out / "report.json", strict_json(report))
-    write_text_atomic(out / "report.md", markdown(report, dataset))
+                                 report, names)
     return report
 
 
@@ -218,12 +300,61 @@ def strict_json(value: Any) -> Any:
 
 
 def slug(label: str) -> str:
-    """A finder label as a file name: ``peaknet:/path/to/model.safetensors`` -> safe characters."""
-    import re
-
+    """A finder label as a file name: ``peaknet:/path/to/model.safetensors`` -> safe characters.
+    Short, so names stay readable; ``file_names`` makes them distinct within a report."""
     kind, _, model = label.partition(":")
     tail = Path(model).stem if model else ""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", f"{kind}_{tail}" if tail else kind)
+    return _safe(f"{kind}_{tail}" if tail else kind)
+
+
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text)
+
+
+def _slug_at(label: str, depth: int) -> str:
+    """``slug`` with the model's ``depth - 1`` nearest parent folders before its stem."""
+    kind, _, model = label.partition(":")
+    if not model or depth <= 1:
+        return slug(label)
+    path = Path(model)
+    folders = [p for p in path.parent.parts if p != path.anchor and p != "."]
+    return _safe("_".join([kind, *folders[max(len(folders) - depth + 1, 0):], path.stem]))
+
+
+def file_names(labels: Sequence[str]) -> dict[str, str]:
+    """One distinct file name per finder label, for its activation maps and DIALS folder.
+
+    ``slug`` keeps only a model's file stem, and every ``peaknet-train`` output is
+    ``model.safetensors``: two trained models got one name, and the second finder's activation
+    maps were written over the first's.  Labels whose slugs collide get their model's parent
+    folders, nearest first, as many as it takes to tell them apart (``runs/t1/model.safetensors``
+    and ``runs/d1/model.safetensors``: ``peaknet_t1_model``, ``peaknet_d1_model``); labels the
+    path cannot tell apart (the same file spelled twice with unsafe characters) a number, in
+    label order.  A name depends only on the labels of the run, so a rerun of the same finders
+    writes the same files.  Names are compared case-blind: some file systems are."""
+    labels = list(dict.fromkeys(labels))
+    names = {label: slug(label) for label in labels}
+    groups: dict[str, list[str]] = {}
+    for label in labels:
+        groups.setdefault(names[label].casefold(), []).append(label)
+    for group in groups.values():
+        if len(group) < 2:
+            continue
+        deepest = max(len(Path(label.partition(":")[2]).parts) for label in group)
+        for depth in range(2, deepest + 1):
+            tried = [_slug_at(label, depth) for label in group]
+            names.update(zip(group, tried, strict=True))
+            if len({t.casefold() for t in tried}) == len(tried):
+                break
+    used: set[str] = set()
+    for label in labels:
+        name, number = names[label], 1
+        while name.casefold() in used:
+            number += 1
+            name = f"{names[label]}_{number}"
+        names[label] = name
+        used.add(name.casefold())
+    return names
 
 
 def _triples(found: Sequence[np.ndarray], truths: Sequence[np.ndarray],
@@ -257,7 +388,7 @@ def frame_symmetry(dataset: Dataset, first: int = 0) -> tuple[list[list[str]], s
 
 
 def _index_all(dataset: Dataset, runs: dict[str, dict[str, Any]], skip: int, min_peaks: int,
-               workdir: Path) -> dict[str, Any]:
+               workdir: Path, names: dict[str, str]) -> dict[str, Any]:
     from peaknet_xtal.evaluation.indexing import (
         import_images,
         index_frames,
@@ -271,7 +402,7 @@ def _index_all(dataset: Dataset, runs: dict[str, dict[str, Any]], skip: int, min
     out: dict[str, Any] = {"options": options, "known_symmetry": how}
     for label, run in runs.items():
         # Frames used for tuning are not scored; indexing sees the same evaluation frames.
-        results = index_frames(imported, list(run["peaks"]), workdir / slug(label), options,
+        results = index_frames(imported, list(run["peaks"]), workdir / names[label], options,
                                min_spots=min_peaks, first=skip, known=known)
         hits = [len(p) >= min_peaks for p in run["peaks"]]
         out[label] = summary = summarise(hits, results)
@@ -334,7 +465,8 @@ def _window(shape: tuple[int, ...], y: float, x: float, size: int) -> tuple[slic
 
 def _figures(dataset: Dataset, finders: dict[str, Any], runs: dict[str, dict[str, Any]],
              truths: Sequence[np.ndarray] | None, frames: Sequence[Frame], out: Path,
-             samples: int, cutoff: float, report: dict[str, Any]) -> list[str]:
+             samples: int, cutoff: float, report: dict[str, Any],
+             names: dict[str, str]) -> list[str]:
     files: list[str] = []
     if truths is not None:
         scores = {label: entry["accuracy"] for label, entry in report["finders"].items()}
@@ -359,7 +491,7 @@ def _figures(dataset: Dataset, finders: dict[str, Any], runs: dict[str, dict[str
             if hasattr(finder, "activation_maps"):
                 panel = views[0][1]  # the busiest panel
                 (background,), (peak,) = finder.activation_maps(frame, [panel])
-                name = f"activation_frame{number}_{slug(label)}.png"
+                name = f"activation_frame{number}_{names[label]}.png"
                 plots.activation_maps(out / name, frame.panels[panel],
                                       frame.masks_or_ones()[panel], background, peak,
                                       title=f"{label}: frame {number} panel {panel}")
@@ -373,7 +505,9 @@ def _figures(dataset: Dataset, finders: dict[str, Any], runs: dict[str, dict[str
     return files
 
 
-def _fmt(value: Any, digits: int = 3) -> str:
+def fmt(value: Any, digits: int = 3) -> str:
+    """A number as report.md shows it (NaN, infinity and None: n/a); the command's own
+    output uses it too, so the two never disagree."""
     if value is None or (isinstance(value, float) and not np.isfinite(value)):
         return "n/a"
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
@@ -395,9 +529,9 @@ def markdown(report: dict[str, Any], dataset: Dataset) -> str:
                   "|---|---|---|---|---|---|"]
         for label, e in report["finders"].items():
             a = e["accuracy"]
-            lines.append(f"| {label} | {_fmt(a['precision'])} | {_fmt(a['recall'])} | "
-                         f"{_fmt(a['f1'])} | {_fmt(a['median_error_px'], 2)} | "
-                         f"{_fmt(e['seconds_per_frame'], 2)} |")
+            lines.append(f"| {label} | {fmt(a['precision'])} | {fmt(a['recall'])} | "
+                         f"{fmt(a['f1'])} | {fmt(a['median_error_px'], 2)} | "
+                         f"{fmt(e['seconds_per_frame'], 2)} |")
         lines += ["", "F1 interval: 95 % percentile bootstrap over frames. Blanks: frames "
                   "without a crystal, where every peak is false.", "",
                   "| finder | F1 95 % interval | false peaks per blank | blanks called hits |",
@@ -406,17 +540,17 @@ def markdown(report: dict[str, Any], dataset: Dataset) -> str:
             ci = e["accuracy"].get("f1_ci95") or [float("nan")] * 2
             blanks = (f"{e['blank_hits']} of {e['blank_frames']}" if "blank_frames" in e
                       else "n/a")
-            lines.append(f"| {label} | {_fmt(ci[0])}-{_fmt(ci[1])} | "
-                         f"{_fmt(e.get('blank_false_peaks', float('nan')), 1)} | {blanks} |")
+            lines.append(f"| {label} | {fmt(ci[0])}-{fmt(ci[1])} | "
+                         f"{fmt(e.get('blank_false_peaks', float('nan')), 1)} | {blanks} |")
         lines += ["", "![scores](scores.png)", ""]
     indexing = report.get("indexing")
     lines += ["## Hits and indexing", "", "| finder | hit rate | indexing rate | indexing yield |",
               "|---|---|---|---|"]
     for label, e in report["finders"].items():
         ix = indexing.get(label) if indexing else None
-        lines.append(f"| {label} | {_fmt(e['hit_rate'])} | "
-                     f"{_fmt(ix['indexing_rate']) if ix else 'not run'} | "
-                     f"{_fmt(ix['indexing_yield']) if ix else 'not run'} |")
+        lines.append(f"| {label} | {fmt(e['hit_rate'])} | "
+                     f"{fmt(ix['indexing_rate']) if ix else 'not run'} | "
+                     f"{fmt(ix['indexing_yield']) if ix else 'not run'} |")
     if indexing:
         lines += ["", "Indexing: `dials.index` per frame with " +
                   " ".join(f"`{o}`" for o in indexing["options"]) + "; known symmetry: "
@@ -433,7 +567,7 @@ def markdown(report: dict[str, Any], dataset: Dataset) -> str:
     if tuned:
         lines += ["", "## Tuned parameters of the classic finders", ""]
         for label, t in tuned.items():
-            lines.append(f"- {label}: `{t['best']}` (F1 {_fmt(t['best_score']['f1'])} on the "
+            lines.append(f"- {label}: `{t['best']}` (F1 {fmt(t['best_score']['f1'])} on the "
                          f"tuning frames, best of {len(t['points'])} settings)")
     lines += ["", "## Overlays", "",
               "Gold circles: true strong reflections; markers: each finder's peaks, ringed when "

@@ -7,12 +7,15 @@ tune), a hit and a blank.
 from __future__ import annotations
 
 import json
+import re
+import shutil
 
 import numpy as np
 import pytest
 
 from peaknet_xtal.cli.eval import main
 from peaknet_xtal.formats.geometry import read_geometry
+from peaknet_xtal.model.weights_io import DEFAULT_NAME, WEIGHTS_DIR
 from peaknet_xtal.sim import SimConfig
 from peaknet_xtal.sim.output import read_truth
 from peaknet_xtal.sim.run import simulate_run
@@ -143,3 +146,72 @@ def test_data_that_is_no_sim_run_folder_says_what_is_expected(sim_run, tmp_path,
     line = one_error_line(capsys.readouterr().err)
     assert "expected a peaknet-sim output folder; sim.cxi, sim.geom, sim_truth.h5 missing" in line
     assert not out.exists()
+
+
+def test_trained_models_of_one_file_name_keep_their_own_activation_maps(sim_run, tmp_path,
+                                                                        monkeypatch):
+    """Every peaknet-train output is model.safetensors: two of them, from two run folders, as a
+    user compares them.  Each gets its own activation maps, named after the folder that tells
+    them apart, and report.md shows each figure once."""
+    monkeypatch.chdir(tmp_path)
+    runs = ("t1", "d1")
+    for run in runs:
+        (tmp_path / "runs" / run).mkdir(parents=True)
+        shutil.copy(WEIGHTS_DIR / f"{DEFAULT_NAME}.safetensors",
+                    tmp_path / "runs" / run / "model.safetensors")
+    labels = [f"peaknet:runs/{run}/model.safetensors" for run in runs]
+    out = tmp_path / "report"
+    assert main([str(sim_run), "-o", str(out), "--finders", *labels, "--samples", "1"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    maps = [n for n in report["figures"] if n.startswith("activation")]
+    assert len(set(maps)) == len(maps) == len(labels), maps
+    for label, run in zip(labels, runs, strict=True):
+        name = report["finders"][label]["file_name"]
+        assert run in name
+        assert [n for n in maps if n.endswith(f"_{name}.png")] == [n for n in maps if run in n]
+    text = (out / "report.md").read_text()
+    for name in report["figures"]:
+        assert (out / name).is_file() and text.count(f"({name})") == 1, name
+
+
+def test_a_folder_holding_a_report_is_refused_unless_overwrite(sim_run, tmp_path, capsys):
+    """As peaknet-sim refuses a folder holding a run: a second report into the same folder is
+    refused, leaving it as it was; with --overwrite it replaces the first, and none of the
+    first report's files (the activation maps of a finder not run again) stay behind."""
+    out = tmp_path / "report"
+    assert main([str(sim_run), "-o", str(out), "--finders", "peakfinder8", "peaknet:default",
+                 "--samples", "1"]) == 0
+    first = json.loads((out / "report.json").read_text())
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    again = [str(sim_run), "-o", str(out), "--finders", "peakfinder8", "--samples", "1"]
+    assert main(again) == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert f"{out} already holds a report" in line and "--overwrite" in line
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert main([*again, "--overwrite"]) == 0
+    second = json.loads((out / "report.json").read_text())
+    assert any(n.startswith("activation") for n in set(first["files"]) - set(second["files"]))
+    assert {p.name for p in out.iterdir()} == set(second["files"])
+    assert set(second["figures"]) <= set(second["files"])
+    config = json.loads((out / "config.json").read_text())
+    assert config["config"]["finders"] == ["peakfinder8"] and config["config"]["overwrite"]
+
+
+def test_an_indexing_rate_of_no_hits_is_printed_as_report_md_shows_it(sim_run, tmp_path, capsys,
+                                                                      dials_env):
+    """No frame is a hit (a hit rule no frame meets), so there is no indexing rate: the
+    command's output says what report.md says, not nan."""
+    out = tmp_path / "report"
+    assert main([str(sim_run), "-o", str(out), "--finders", "peakfinder8", "--samples", "0",
+                 "--index", "--min-peaks", "100000"]) == 0
+    printed = capsys.readouterr().out
+    rates = json.loads((out / "report.json").read_text())["indexing"]["peakfinder8"]
+    assert rates["hits"] == 0 and rates["indexing_rate"] is None  # the premise: no rate
+    text = (out / "report.md").read_text()
+    hits_table = text[text.index("## Hits and indexing"):]
+    shown = re.search(r"^\| peakfinder8 \| [^|]+ \| ([^|]+) \| [^|]+ \|$", hits_table, re.M)
+    assert shown is not None, hits_table
+    assert (f"indexing rate {shown[1].strip()} ({rates['indexed']} of {rates['hits']} hits)"
+            in printed), printed
+    assert "nan" not in printed

@@ -196,6 +196,106 @@ def test_finder_labels_become_safe_file_names():
     assert slug("peakfinder8") == "peakfinder8"
 
 
+def test_finders_whose_models_share_a_file_name_get_distinct_readable_names():
+    """Every peaknet-train output is model.safetensors: the names must still differ (else one
+    finder's activation maps overwrite another's), name the folder that tells them apart, be
+    safe file names, not depend on anything but the labels, and leave a label that collides
+    with nothing its plain slug."""
+    from peaknet_xtal.evaluation.report import file_names, slug
+
+    cases = [
+        ["peaknet:runs/t1/model.safetensors", "peaknet:runs/d1/model.safetensors",
+         "peakfinder8"],
+        ["peaknet:a/t1", "peaknet:b/t1", "peaknet:default"],
+        ["peaknet:/abs/x/model.safetensors", "peaknet:model.safetensors",
+         "peaknet:y/x/model.safetensors"],
+        ["peaknet:a b/model", "peaknet:a_b/model", "peaknet:A_B/model"],  # same once made safe
+    ]
+    for labels in cases:
+        names = file_names(labels)
+        assert set(names) == set(labels)
+        assert len({n.casefold() for n in names.values()}) == len(labels), names
+        assert all(re.fullmatch(r"[A-Za-z0-9._-]+", n) for n in names.values()), names
+        assert file_names(labels) == names  # a rerun of the same finders: the same files
+        for label, name in names.items():
+            if [slug(other) for other in labels].count(slug(label)) == 1:
+                assert name == slug(label)
+            else:
+                assert name.startswith(label.partition(":")[0])
+    names = file_names(cases[0][:2])
+    assert "t1" in names[cases[0][0]] and "d1" in names[cases[0][1]]
+    names = file_names(cases[1][:2])
+    assert "a_" in names["peaknet:a/t1"] and "b_" in names["peaknet:b/t1"]
+
+
+@dataclass
+class BrokenFinder(ScriptedFinder):
+    """The oracle, failing on the second frame as a run that dies half way does."""
+
+    def find(self, frame: Frame) -> np.ndarray:
+        if frame.serial == 1:
+            raise RuntimeError("broken on purpose")
+        return super().find(frame)
+
+
+@pytest.fixture
+def broken(monkeypatch):
+    monkeypatch.setitem(FINDERS, "broken", lambda params=None: BrokenFinder(
+        {"key": "oracle", **(params or {})}, name="broken"))
+
+
+def folder_state(folder) -> dict[str, bytes | None]:
+    """Every path under ``folder`` (hidden ones too), with a file's bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None
+            for p in sorted(folder.rglob("*"))}
+
+
+def test_a_new_report_replaces_the_earlier_ones_files_and_nothing_else(scripted, fake_dials,
+                                                                       tmp_path):
+    """A report written over an earlier one leaves none of the earlier one's files that it does
+    not write itself (overlays of frames it does not show, a DIALS folder it did not make);
+    a file the earlier report did not record (the user's own) stays."""
+    dataset, _ = constructed()
+    dataset.images = ["run.cxi"]
+    out = tmp_path / "report"
+    first = evaluate(dataset, ["sloppy", "oracle"], out, min_peaks=10, samples=2, index=True)
+    assert (out / "dials").is_dir() and "dials" in first["files"]
+    (out / "notes.txt").write_text("the user's own")
+    second = evaluate(dataset, ["oracle"], out, min_peaks=10, samples=1)
+    gone = set(first["files"]) - set(second["files"])
+    assert any(n.startswith("overlay") for n in gone) and "dials" in gone  # the premise
+    assert {p.name for p in out.iterdir()} == set(second["files"]) | {"notes.txt"}
+    assert set(second["files"]) == {*second["figures"], "report.json", "report.md"}
+    assert json.loads((out / "report.json").read_text())["files"] == second["files"]
+    assert (out / "notes.txt").read_text() == "the user's own"
+
+
+def test_a_report_from_before_files_were_recorded_is_replaced_by_its_figures(scripted, tmp_path):
+    """A report.json without ``files`` (written before they were recorded) still names its
+    figures: those the new report does not write go."""
+    dataset, _ = constructed()
+    first = evaluate(dataset, ["oracle"], tmp_path, min_peaks=10, samples=2)
+    saved = json.loads((tmp_path / "report.json").read_text())
+    del saved["files"]
+    (tmp_path / "report.json").write_text(json.dumps(saved))
+    second = evaluate(dataset, ["oracle"], tmp_path, min_peaks=10, samples=1)
+    assert set(first["figures"]) - set(second["figures"])  # the premise: fewer overlays now
+    assert {p.name for p in tmp_path.iterdir()} == set(second["files"])
+
+
+def test_a_failed_report_leaves_the_earlier_one_as_it_was(scripted, broken, tmp_path):
+    dataset, _ = constructed()
+    out = tmp_path / "report"
+    evaluate(dataset, ["sloppy"], out, min_peaks=10, samples=2)
+    before = folder_state(out)
+    with pytest.raises(RuntimeError, match="broken on purpose"):
+        evaluate(dataset, ["oracle", "broken"], out, min_peaks=10, samples=1)
+    assert folder_state(out) == before  # no staging folder left either
+    with pytest.raises(RuntimeError, match="broken on purpose"):
+        evaluate(dataset, ["broken"], tmp_path / "new", min_peaks=10, samples=1)
+    assert not (tmp_path / "new").exists()
+
+
 GPCR = (61.5, 91.5, 151.1, 90.0, 98.5, 90.0)
 LYSOZYME = (79.1, 79.1, 38.0, 90.0, 90.0, 90.0)
 
@@ -210,6 +310,7 @@ def fake_dials(monkeypatch, tmp_path):
     monkeypatch.setattr(indexing, "import_images", lambda images, workdir: tmp_path / "i.expt")
 
     def index_frames(imported, tables, workdir, options, min_spots=10, first=0, known=None):
+        workdir.mkdir(parents=True, exist_ok=True)  # as DIALS' working files would
         calls.append({"first": first, "options": list(options), "known": known,
                       "tables": len(tables)})
         return [indexing.IndexingResult(False, message="Sorry: no lattice for this test")

@@ -27,7 +27,8 @@ is used and why.  Frames must be pedestal-corrected.
 
 Outputs appear under their final names only when complete.  Reruns skip finished CXI and DIALS
 outputs (an input changed since its output was written is integrated again); a stream grows in a
-hidden .NAME.partial beside its output, kept after a failure or Ctrl-C (exit status 130), and
+hidden .NAME.partial beside its output, kept after a failure, Ctrl-C (exit status 130) or a
+batch scheduler's SIGTERM (143), and
 the same command continues it after its last complete chunk.  An output folder holds one run's
 settings: a rerun whose geometry, --refl, --weights, --adu-per-photon or --read-noise differ from
 those recorded in OUTPUT/integrate_config.json is refused, naming each difference, before
@@ -57,6 +58,7 @@ from peaknet_xtal.config import (
     validate,
 )
 from peaknet_xtal.errors import FormatError
+from peaknet_xtal.stopping import Terminated, exit_status, sigterm_raises
 
 log = logging.getLogger("peaknet_xtal")
 
@@ -113,11 +115,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         # the folder's earlier run is compared before this run's settings are recorded over it
         check_output_folder(out, config)
         record(config, out / CONFIG_NAME, PROG, argv)
-        outputs = run(config, stats)
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; finished outputs are kept in {out}, and the same command "
-              "continues (a stream from its last complete frame)", file=sys.stderr)
-        return 130
+        with sigterm_raises():  # a batch scheduler's stop, as Ctrl-C: the chunks done stay
+            outputs = run(config, stats)
+    except KeyboardInterrupt as exc:
+        by = " by SIGTERM" if isinstance(exc, Terminated) else ""
+        print(f"{PROG}: interrupted{by}; finished outputs are kept in {out}, and the same "
+              "command continues (a stream from its last complete frame)", file=sys.stderr)
+        return exit_status(exc)
     except (PeakNetError, OSError) as exc:
         # a user's error (a bad or missing file, no gain) or the system's (a full disk): the
         # message names the file and the problem; a traceback would only bury it

@@ -76,12 +76,13 @@ class Integrator:
         table["lik_sigma"] = post["photons_lik_sigma"]
         table["sum_photons"] = base["photons"]
         table["sum_sigma"] = base["photons_sigma"]
-        failed = int(np.count_nonzero(np.isnan(table["photons"])))
+        failed = int(np.count_nonzero(np.isnan(table["photons"]) | np.isnan(table["lik_photons"])))
         if failed:
             # said once per call, with the reason: a NaN in a table is otherwise a mystery
-            log.warning("%d of %d spots: no posterior photons (the posterior moments came out "
-                        "non-positive or not finite: non-finite pixels or a fit that failed); "
-                        "written as NaN (the summation columns are kept)", failed, len(boxes))
+            log.warning("%d of %d spots: no photons measured (no usable pixel under the spot, "
+                        "or posterior moments that came out non-positive or not finite: "
+                        "non-finite pixels or a fit that failed); written as NaN (the summation "
+                        "columns are kept)", failed, len(boxes))
         return table
 
     def integrate(self, frame: Any, panel: Any, fs: Any, ss: Any, *, gain: float = 1.0,

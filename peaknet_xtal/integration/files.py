@@ -323,12 +323,23 @@ def _integrate_chunk(chunk: Any, path: Path, geometry: Any, lookup: dict[str, in
     if stats is not None:
         stats.add(res, g)
     start = 0
-    for refl in lists:
+    for crystal in chunk.crystals:
+        refl = crystal.reflections
+        if refl is None or not len(refl):
+            continue
         rows = slice(start, start + len(refl))
         start += len(refl)
         refl["I"] = res["lik_photons"][rows] * g
         refl["sigma"] = res["lik_sigma"][rows] * g
         refl["background"] = res["background"][rows] * g
+        # a reflection nothing was measured of (no usable pixel: NaN, counted in the log) is
+        # left out, as CrystFEL writes no reflection whose integration failed: a merger reads
+        # every listed one as a measurement, and a "nan" row would enter its sums
+        measured = np.isfinite(refl["I"]) & np.isfinite(refl["sigma"])
+        if not measured.all():
+            crystal.reflections = refl[measured]
+            if crystal.num_reflections is not None:
+                crystal.num_reflections = int(measured.sum())
 
 
 # ---- DIALS ---------------------------------------------------------------------------------

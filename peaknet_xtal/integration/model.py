@@ -472,8 +472,14 @@ def _module_class() -> Any:
                 big_i = big_i + (info[:, 1, 1] * score[:, 0] - info[:, 0, 1] * score[:, 1]) / det
                 big_b = big_b + (info[:, 0, 0] * score[:, 1] - info[:, 0, 1] * score[:, 0]) / det
             assert info is not None
-            det = (info[:, 0, 0] * info[:, 1, 1] - info[:, 0, 1] ** 2).clamp_min(1e-12)
-            return big_i, torch.sqrt(info[:, 1, 1] / det)
+            raw = info[:, 0, 0] * info[:, 1, 1] - info[:, 0, 1] ** 2
+            # no information on I (no usable pixel in the box, or none where the profile is):
+            # the fit never left its start and its sigma came out 0, a made-up intensity a
+            # merger would take as exact; no estimate, NaN (counted and reported by the caller)
+            measured = (raw > 1e-12) & (info[:, 0, 0] > 0)
+            sigma = torch.sqrt(info[:, 1, 1] / raw.clamp_min(1e-12))
+            nan = torch.full_like(big_i, float("nan"))
+            return torch.where(measured, big_i, nan), torch.where(measured, sigma, nan)
 
         def summary(self, out: dict[str, Any]) -> dict[str, Any]:
             """Posterior moments and the profile's centroid/width (box-centre-relative pixels)."""
@@ -484,6 +490,12 @@ def _module_class() -> Any:
             sd_i = mean_i * torch.sqrt(torch.expm1(var_u))
             if "mu_p" in out:
                 mean_i, sd_i = self.moments(out)
+            # a box without one usable pixel measures nothing: its moments would be the
+            # prior's, a placeholder dressed as a measurement
+            unseen = (out["m"].sum(-1) == 0) if "m" in out else None
+            if unseen is not None:
+                mean_i = torch.where(unseen, torch.full_like(mean_i, float("nan")), mean_i)
+                sd_i = torch.where(unseen, torch.full_like(sd_i, float("nan")), sd_i)
             lik = {}
             if "y" in out:  # a full forward pass (the pixels are needed)
                 lik_i, lik_sd = (out["likelihood"] if "likelihood" in out

@@ -122,6 +122,41 @@ def test_ctrl_c_stops_cleanly_and_the_rerun_continues(run, tmp_path, capsys, mon
     assert (out / run.stream.name).exists()
 
 
+def test_sigterm_stops_as_ctrl_c_does_keeping_the_frames_done(run, tmp_path, capsys,
+                                                             monkeypatch):
+    """A batch scheduler's SIGTERM ended the run at once, exit 143 and no word, and the stream
+    chunks already integrated were lost (a partial file of 0 chunks); now it stops as Ctrl-C
+    does: one line, the frames done kept under the partial name, exit 143, and the same
+    command finishes the stream identical to an uninterrupted run."""
+    import os
+    import signal
+
+    from peaknet_xtal.formats.stream import read_stream
+    from peaknet_xtal.integration import files
+    from peaknet_xtal.integration.files import partial_path
+
+    real = files._integrate_chunk
+    calls = []
+
+    def terminated(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(files, "_integrate_chunk", terminated)
+    out = tmp_path / "out"
+    assert main([str(run.stream), "-o", str(out), "--no-progress"]) == 143
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "interrupted by SIGTERM" in err[0] and "the same command" in err[0]
+    assert len(read_stream(partial_path(out / run.stream.name)).chunks) == 1
+    monkeypatch.setattr(files, "_integrate_chunk", real)
+    assert main([str(run.stream), "-o", str(out), "--no-progress"]) == 0
+    whole = tmp_path / "whole"
+    assert main([str(run.stream), "-o", str(whole), "--no-progress"]) == 0
+    assert (out / run.stream.name).read_bytes() == (whole / run.stream.name).read_bytes()
+
+
 def test_a_stream_without_crystals_says_so(run, tmp_path, caplog):
     text = run.stream.read_text()
     header = text[:text.index("----- Begin chunk -----")]

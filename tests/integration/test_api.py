@@ -26,3 +26,29 @@ def test_a_gap_marked_in_the_data_counts_in_no_shoebox():
     np.testing.assert_allclose(got["photons"], want["photons"], rtol=1e-6)
     np.testing.assert_allclose(got["sum_photons"], want["sum_photons"], rtol=1e-6)
     assert got["sum_photons"][0] < 2000  # the spot's ~1,260, not the marker's 65535 counts
+
+
+def test_a_spot_without_one_usable_pixel_is_nan_and_counted_not_a_made_up_value(caplog):
+    """A spot whose whole box is masked (a bad region, a mask over it) was written with the
+    fit's starting intensity and sigma 0 in the likelihood columns mergers read (2054 +- 0
+    photons in a user trial), and the prior's moments as its posterior; now NaN in every
+    model column, counted in the log, beside a well-measured spot integrated as before."""
+    rng = np.random.default_rng(5)
+    image = rng.poisson(3.0, (64, 96)).astype(np.float32)
+    yy, xx = np.indices(image.shape)
+    for cy, cx in ((32, 24), (32, 72)):
+        image += (300.0 * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 2.0)).astype(np.float32)
+    good = np.ones(image.shape, bool)
+    good[:, 48:] = False  # the second spot's box: no usable pixel
+    integrator = Integrator()
+    with caplog.at_level("WARNING", logger="peaknet_xtal"):
+        got = integrator.integrate(Frame(panels=[image], masks=[good]), [0, 0], [24.0, 72.0],
+                                   [32.0, 32.0])
+    for name in ("photons", "photons_sigma", "lik_photons", "lik_sigma", "sum_photons"):
+        assert np.isnan(got[name][1]), (name, got[name])
+    assert np.isfinite(got["lik_photons"][0]) and got["lik_sigma"][0] > 0
+    assert 0.5 * 1885 < got["photons"][0] < 1.5 * 1885  # 300 x 2 pi, its true photons
+    said = [r.getMessage() for r in caplog.records if "no photons measured" in r.getMessage()]
+    assert said and said[0].startswith("1 of 2 spots")
+    alone = integrator.integrate(Frame(panels=[image], masks=[good]), [0], [24.0], [32.0])
+    np.testing.assert_allclose(alone["photons"], got["photons"][:1], rtol=1e-5)

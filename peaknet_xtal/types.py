@@ -166,6 +166,7 @@ class FrameResult:
         """A peaks-only CrystFEL stream chunk (``formats.stream.Chunk``) of this frame, with the
         frame's own photon energy (CrystFEL's stream reader refuses a chunk without one; a
         geometry that names an HDF5 path for it has no number to fall back on)."""
+        from peaknet_xtal.finding.peaks import frame_clen_m
         from peaknet_xtal.formats.cxi import frame_photon_energy_eV
         from peaknet_xtal.formats.stream import chunk_from_peak_table
 
@@ -174,10 +175,14 @@ class FrameResult:
             raise ValueError(f"frame {self.frame.source} {self.frame.event}: a stream chunk "
                              "needs a geometry")
         energy = frame_photon_energy_eV(self.frame, geometry)
+        # the frame's own camera length where the geometry reads it from the data file
+        # (CrystFEL writes average_camera_length for every chunk of a detector it knows)
+        clen = frame_clen_m(self.frame) if getattr(geometry, "camera_length_path", None) else None
         return chunk_from_peak_table(self.peaks, geometry, filename=self.frame.source,
                                      event=self.frame.event, serial=self.frame.serial + 1,
                                      hit=self.hit,
-                                     photon_energy_eV=energy if np.isfinite(energy) else None)
+                                     photon_energy_eV=energy if np.isfinite(energy) else None,
+                                     camera_length_m=geometry.average_camera_length_m(clen))
 
     def reflection_table(self, z: int = 0, experiment_id: int = 0) -> Any:
         """DIALS strong spots (``flex.reflection_table``) of this frame, image ``z``."""

@@ -283,16 +283,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _indexamajig_problems(geom_path: Path) -> list[str]:
-    """What in the written geometry would make indexamajig refuse it (no camera length, no
-    photon energy: ``Geometry.indexamajig_problems``): the run then says so rather than print
-    a command that fails at once."""
+def _indexamajig_problems(geom_path: Path, files: Sequence[Path] = ()) -> list[str]:
+    """What in the written geometry, or in the per-frame values it points indexamajig to,
+    would make indexamajig refuse the run or index it wrongly (no camera length, no photon
+    energy: ``Geometry.indexamajig_problems``; frames whose photon energy or camera length no
+    input gave, stored as NaN in ``files``, which CrystFEL reads as numbers and its stream
+    reader then refuses): the run says so rather than print a command that fails."""
+    import h5py
+
+    from peaknet_xtal.formats.cxi import CLEN_PATH, PHOTON_ENERGY_PATH
     from peaknet_xtal.formats.geometry import read_geometry
 
     try:
-        return read_geometry(geom_path).indexamajig_problems()
+        problems = read_geometry(geom_path).indexamajig_problems()
     except PeakNetError as exc:  # the run's own geometry, unreadable: say that instead
         return [str(exc)]
+    text = geom_path.read_text()
+    for dataset, what, key in ((PHOTON_ENERGY_PATH, "photon energy", "photon_energy"),
+                               (CLEN_PATH, "camera length", "clen")):
+        if dataset not in text:
+            continue
+        missing = total = 0
+        for path in files:
+            try:
+                with h5py.File(path, "r") as h5:
+                    values = np.asarray(h5[dataset][()], dtype=float) if dataset in h5 else None
+            except OSError:
+                continue
+            if values is not None:
+                total += values.size
+                missing += int(np.count_nonzero(~np.isfinite(values)))
+        if missing:
+            problems.append(f"{missing} of {total} frames have no {what} (neither the input "
+                            f"nor the geometry gave one: stored as NaN); give the geometry a "
+                            f"{key} as a number")
+    return problems
 
 
 def rerun_can_help(exc: BaseException) -> bool:
@@ -1112,7 +1137,7 @@ def _finish(config: Mapping[str, Any], outdir: Path, files: list[Path], geometry
         "config": {k: _plain(v) for k, v in config.items()},
         "indexamajig": (indexamajig_command(list_path, geom_path, outdir)
                         if files and geom_path.exists() else None),
-        "indexamajig_problems": (_indexamajig_problems(geom_path)
+        "indexamajig_problems": (_indexamajig_problems(geom_path, files)
                                  if files and geom_path.exists() else []),
     }
     if config.get("dials") and files and error is None:

@@ -238,6 +238,14 @@ class DxtbxSource:
             raise GeometryError(self.path, f"cannot be read through {where}: its panels lie in a "
                               f"stack of modules {geometry.slab_shape}, an HDF5 layout, and "
                               f"this image is one {rows} x {cols} array")
+        clen_path = getattr(geometry, "camera_length_path", None)
+        if clen_path:
+            distance = float(detector[0].get_distance()) / 1000.0
+            raise GeometryError(self.path, f"cannot be read through {where}: its camera length "
+                                f"is read from an HDF5 file (clen = {clen_path}), which this "
+                                "image is not (indexamajig reads no headers from CBF files and "
+                                "stops too); give clen as a number (this image's header puts "
+                                f"the detector {distance:.4f} m from the sample)")
         height, width = geometry.slab_shape
         if height > rows or width > cols:
             raise GeometryError(self.path, f"the panels of {where} reach {height} x {width} "

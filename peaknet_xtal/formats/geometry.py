@@ -882,6 +882,22 @@ class Geometry:
             out.append(float(clen))
         return out
 
+    def average_camera_length_m(self, clen_m: float | None = None) -> float | None:
+        """What a CrystFEL stream's ``average_camera_length`` says: the mean over panels of
+        each panel's distance from the sample along the beam, its camera length plus its
+        ``coffset`` (CrystFEL: the mean of the panels' ``cnz`` times their pixel pitch, with
+        ``cnz = (clen + coffset) / pitch``); ``clen_m`` for a camera length read from the data
+        file.  None where a panel's camera length is unknown.  (The camera length alone read
+        -0.473 m for CrystFEL's CSPAD example geometry, whose coffset is 0.573 m.)"""
+        try:
+            clens = self.panel_clens(clen_m)
+        except GeometryError:
+            return None
+        if not clens:
+            return None
+        return float(np.mean([c + float(p.coffset_m or 0.0)
+                              for c, p in zip(clens, self.panels, strict=True)]))
+
     def panel_planes(self, clen_m: float | None = None, *, default_clen_m: float | None = None
                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Each panel's plane in metres, CrystFEL lab frame: ``(origins, fs_vecs, ss_vecs)``, each

@@ -914,7 +914,7 @@ def chunk_from_peak_table(peaks: np.ndarray, geometry: Geometry, *, filename: st
     if photon_energy_eV is None:
         photon_energy_eV = geometry.photon_energy_eV
     if camera_length_m is None:
-        camera_length_m = geometry.clen_m
+        camera_length_m = geometry.average_camera_length_m()
     return Chunk(filename=filename, event=event, serial=serial,
                  hit=bool(len(peaks)) if hit is None else hit, indexed_by="none",
                  photon_energy_eV=photon_energy_eV, camera_length_m=camera_length_m,

@@ -327,11 +327,15 @@ def test_main_with_the_real_default_model(stacks, tmp_path, capsys):
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert "peaknet2cxi:" in captured.err and "frames/s" in captured.err  # progress line
-    next_line = [line for line in captured.out.splitlines() if line.startswith("next: ")]
-    assert next_line == [f"next: indexamajig -i {outdir / 'peaknet.lst'} -g "
-                         f"{outdir / 'peaknet.geom'} --peaks=cxi --indexing=xgandalf "
-                         f"-p YOUR.cell -o {outdir / 'peaknet.stream'} -j {os.cpu_count()}"]
-    assert "YOUR.cell: your unit cell file" in captured.out
+    # the real CSPAD geometry reads photon energy and camera length from LCLS datasets these
+    # simulated stacks lack: the frames have neither, so indexamajig could not index them, and
+    # the run says so before the command (which it gives complete for when they are added)
+    (next_line,) = [line for line in captured.out.splitlines() if line.startswith("next: ")]
+    assert next_line.startswith(f"next: indexamajig would refuse {outdir / 'peaknet.geom'}: "
+                                f"{N_FRAMES} of {N_FRAMES} frames have no photon energy")
+    assert next_line.endswith(f"then run: indexamajig -i {outdir / 'peaknet.lst'} -g "
+                              f"{outdir / 'peaknet.geom'} --peaks=cxi --indexing=xgandalf "
+                              f"-p YOUR.cell -o {outdir / 'peaknet.stream'} -j {os.cpu_count()}")
     summary = json.loads((outdir / "peaknet2cxi.json").read_text())
     assert summary["frames"] == N_FRAMES and summary["peaks_per_frame"]["max"] <= 100
     assert summary["config"]["threshold"] == 0.99 and summary["engine"]["model"] == "default"
@@ -1342,3 +1346,24 @@ def test_a_geometry_indexamajig_would_refuse_is_said_instead_of_a_command(sim_ru
     assert "(YOUR.cell: your unit cell file" not in out  # no ready-to-run command
     summary = json.loads((outdir / "peaknet2cxi.json").read_text())
     assert summary["indexamajig_problems"] and summary["indexamajig"]
+
+
+def test_frames_without_a_photon_energy_are_said_instead_of_a_command(sim_run, tmp_path,
+                                                                      capsys):
+    """The geometry reads the photon energy from a dataset the input lacks: the CXI files store
+    NaN there, and CrystFEL's stream reader refuses every chunk of what indexamajig would make
+    of them; the run exited 0 and printed the command as if ready.  It now says which frames
+    lack it and what to give."""
+    lines = [("photon_energy = /LCLS/photon_energy_eV" if line.startswith("photon_energy")
+              else line) for line in sim_run.geom.read_text().splitlines()]
+    geom = tmp_path / "energy_path.geom"
+    geom.write_text("\n".join(lines) + "\n")
+    outdir = tmp_path / "o"
+    assert main([str(sim_run.cxi), "-g", str(geom), "-o", str(outdir), "--no-progress",
+                 "--threads", "1", "--max-peaks", "5"]) == 0
+    out = capsys.readouterr().out
+    n = sim_run.n_frames
+    assert (f"next: indexamajig would refuse {outdir / 'peaknet.geom'}: {n} of {n} frames have "
+            "no photon energy") in out, out
+    assert "give the geometry a photon_energy as a number" in out
+    assert "(YOUR.cell: your unit cell file" not in out

@@ -398,6 +398,29 @@ def test_camera_length_named_by_the_geometry_travels_per_frame(tmp_path, make_ge
     assert crystfel_problems(written, [out]) == []
 
 
+def test_stream_chunks_say_each_frames_camera_length_with_coffset(tmp_path, make_geometry_text):
+    """``average_camera_length`` is CrystFEL's mean over panels of clen + coffset: it was the
+    clen alone (-0.473 m for CrystFEL's CSPAD example, coffset 0.573 m), and missing where the
+    geometry reads clen from the data file, which CrystFEL writes for every chunk."""
+    from peaknet_xtal.formats.stream import chunk_from_peak_table
+    from peaknet_xtal.types import empty_peaks
+
+    numeric = parse_geometry(make_geometry_text(**dict(CXI_GEOMETRY, clen="-0.473224 m"))
+                             .replace("res = ", "coffset = 0.573224\nres = "))
+    chunk = chunk_from_peak_table(empty_peaks(0), numeric, filename="x.cxi")
+    assert chunk.camera_length_m == pytest.approx(0.1, abs=1e-9)
+    geometry = parse_geometry(make_geometry_text(**dict(CXI_GEOMETRY,
+                                                        clen="/LCLS/detectorEncoderValue"))
+                              .replace("res = ", "coffset = 0.002\nres = "))
+    src = tmp_path / "raw.cxi"
+    make_stack(src, n=2)
+    with h5py.File(src, "a") as h5:
+        h5["/LCLS/detectorEncoderValue"] = np.array([101.5, 99.25])  # mm, CrystFEL's default
+    results = _results(list(iter_cxi_frames(src, geometry)), [1, 2])
+    lengths = [r.stream_chunk(geometry).camera_length_m for r in results]
+    assert lengths == pytest.approx([0.1035, 0.10125], abs=1e-9)
+
+
 STACKED = """\
 photon_energy = 9300 eV
 clen = 0.2 m

@@ -233,3 +233,9 @@ def test_an_image_that_does_not_fit_the_geometry_is_a_geometry_error_naming_it(
         f"{n}/corner_x = -24\n{n}/corner_y = {-24 + 30 * k}\n" for k, n in enumerate("ab")))
     with pytest.raises(GeometryError, match="stack of modules"):
         DxtbxSource(cbf, geometry=read_geometry(stacked))
+    by_path = tmp_path / "clen_path.geom"  # CrystFEL's own Pilatus example reads clen so
+    by_path.write_text(make_geometry_text(["p"], 48, 48, [(-24, -24)], data=None, dims=False,
+                                          clen="/LCLS/detectorPosition"))
+    with pytest.raises(GeometryError, match=r"camera length is read from an HDF5 file \(clen = "
+                       r"/LCLS/detectorPosition\).*give clen as a number .*0\.1000 m"):
+        DxtbxSource(cbf, geometry=read_geometry(by_path))

@@ -99,15 +99,6 @@ class Progress:
     def count(self) -> int:
         return self._count if not self.enabled else int(self._bar.n)
 
-    @count.setter
-    def count(self, value: int) -> None:
-        """Start from ``value`` (a resumed job): the rate counts only what this run does."""
-        if not self.enabled:
-            self._count = int(value)
-            return
-        self._bar.initial += int(value) - int(self._bar.n)
-        self._bar.n = self._bar.last_print_n = int(value)
-
     @property
     def rate(self) -> float:
         """Units per second over this run (tqdm's smoothed rate once it has one)."""

@@ -47,6 +47,13 @@ def signal_name(exc: BaseException) -> str:
     return "SIGTERM" if isinstance(exc, Terminated) else "SIGINT"
 
 
+def interrupted(exc: BaseException) -> str:
+    """How a command's one line after a stop begins: ``"interrupted"`` after Ctrl-C,
+    ``"interrupted (SIGTERM)"`` after a batch scheduler's stop, the same words in every
+    command."""
+    return "interrupted (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+
+
 def exit_status(exc: BaseException) -> int:
     """128 + the signal's number: 143 after SIGTERM, 130 after Ctrl-C (what a shell reports
     for a process the signal ended, and what schedulers and scripts test for)."""

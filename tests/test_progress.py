@@ -63,8 +63,7 @@ def test_disabled_bar_is_silent_but_counts():
 
 def test_resumed_count_does_not_inflate_the_rate():
     out = io.StringIO()
-    with Progress(1000, "steps", stream=out, interval=0) as bar:
-        bar.count = 900  # a resumed run starts at step 900
+    with Progress(1000, "steps", stream=out, interval=0, initial=900) as bar:  # a resumed run
         time.sleep(0.05)
         bar.update(1)
         assert bar.count == 901

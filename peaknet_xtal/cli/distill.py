@@ -21,7 +21,7 @@ from typing import Any
 
 from peaknet_xtal.config import record
 from peaknet_xtal.errors import PeakNetError
-from peaknet_xtal.stopping import Terminated, exit_status, sigterm_raises
+from peaknet_xtal.stopping import exit_status, interrupted, sigterm_raises
 from peaknet_xtal.training.cli_common import parse_training_args, training_parser
 
 
@@ -82,9 +82,9 @@ def _run(config: dict[str, Any], argv: list[str], config_file: str) -> int:
 def _interrupted(exc: KeyboardInterrupt, out: Path) -> int:
     """One line for a run stopped by Ctrl-C or SIGTERM (which, and what a rerun resumes
     from); the exit status a shell gives a process the signal ended (130, 143)."""
-    how = " (SIGTERM)" if isinstance(exc, Terminated) else ""
     kept = _what_is_kept(out)
-    print(f"peaknet-distill: interrupted{how}" + (f"; {kept}" if kept else ""), file=sys.stderr)
+    print(f"peaknet-distill: {interrupted(exc)}" + (f"; {kept}" if kept else ""),
+          file=sys.stderr)
     return exit_status(exc)
 
 

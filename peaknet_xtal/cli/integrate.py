@@ -58,7 +58,7 @@ from peaknet_xtal.config import (
     validate,
 )
 from peaknet_xtal.errors import FormatError
-from peaknet_xtal.stopping import Terminated, exit_status, sigterm_raises
+from peaknet_xtal.stopping import exit_status, interrupted, sigterm_raises
 
 log = logging.getLogger("peaknet_xtal")
 
@@ -118,8 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with sigterm_raises():  # a batch scheduler's stop, as Ctrl-C: the chunks done stay
             outputs = run(config, stats)
     except KeyboardInterrupt as exc:
-        by = " by SIGTERM" if isinstance(exc, Terminated) else ""
-        print(f"{PROG}: interrupted{by}; finished outputs are kept in {out}, and the same "
+        print(f"{PROG}: {interrupted(exc)}; finished outputs are kept in {out}, and the same "
               "command continues (a stream from its last complete frame)", file=sys.stderr)
         return exit_status(exc)
     except (PeakNetError, OSError) as exc:

@@ -65,8 +65,8 @@ from peaknet_xtal.finding.settings import LIMITS, PRECISIONS, check_precision
 from peaknet_xtal.formats.cxi import DEFAULT_MAX_PEAKS, has_frame_keys
 from peaknet_xtal.progress import Progress
 from peaknet_xtal.stopping import (
-    Terminated,
     exit_status,
+    interrupted,
     signal_name,
     sigterm_raises,
     stop_exception,
@@ -238,8 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             cfgmod.record(config, Path(config["output"]) / CONFIG_NAME, "peaknet2cxi", argv)
             summary = run(config, argv=argv, expansion=expansion)
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Terminated)
-        print("peaknet2cxi: interrupted" + (" (SIGTERM)" if isinstance(exc, Terminated) else ""),
-              file=sys.stderr)
+        print(f"peaknet2cxi: {interrupted(exc)}", file=sys.stderr)
         _say_what_is_kept(Path(config["output"]), rerun=True)
         return exit_status(exc)
     except (PeakNetError, OSError, ValueError) as exc:

@@ -28,7 +28,7 @@ from typing import Any
 
 from peaknet_xtal import config as cfgmod
 from peaknet_xtal.errors import PeakNetError
-from peaknet_xtal.stopping import Terminated, exit_status, sigterm_raises
+from peaknet_xtal.stopping import exit_status, interrupted, sigterm_raises
 
 
 def build_parser() -> Any:
@@ -138,8 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             summary = stream2labels(inputs, output, config, progress=not quiet,
                                     overwrite=overwrite)
     except KeyboardInterrupt as exc:  # a stop the user asked for, not a failure to explain
-        by = " by SIGTERM" if isinstance(exc, Terminated) else ""
-        print(f"stream2labels: interrupted{by}; {what_is_kept(out)}", file=sys.stderr)
+        print(f"stream2labels: {interrupted(exc)}; {what_is_kept(out)}", file=sys.stderr)
         return exit_status(exc)
     except NothingToLabel as exc:  # the inputs are fine; none of their frames became labels
         print(f"stream2labels: error: {exc}", file=sys.stderr)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from peaknet_xtal.config import ConfigError, record
 from peaknet_xtal.errors import PeakNetError
-from peaknet_xtal.stopping import Terminated, exit_status, sigterm_raises
+from peaknet_xtal.stopping import exit_status, interrupted, sigterm_raises
 from peaknet_xtal.training.cli_common import parse_training_args, training_parser
 
 PROG = "peaknet-train"
@@ -64,8 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:  # a setting the checks above refuse: a usage error naming the
         parser.error(f"{exc.path or config_file}: {exc.message}")  # file it came from
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Terminated)
-        how = " (SIGTERM)" if isinstance(exc, Terminated) else ""
-        print(f"{PROG}: interrupted{how}; {_what_is_kept(out)}", file=sys.stderr)
+        print(f"{PROG}: {interrupted(exc)}; {_what_is_kept(out)}", file=sys.stderr)
         return exit_status(exc)
     except PeakNetError as exc:  # a bad label file, checkpoint or run folder: one line naming it
         print(f"{PROG}: error: {exc}", file=sys.stderr)

@@ -319,16 +319,22 @@ def _mask_plan(h5: h5py.File, path: str, geometry: Any, mask_path: str | None,
             check_mask_dataset(path, name, _dataset(h5, path, name), frame_shape, n_frames,
                                stacked)
         else:
-            if not os.path.exists(source.file):
-                key = "mask_file" if source.spec.index == 0 else f"mask{source.spec.index}_file"
-                raise FormatError(source.file, f"mask file not found (named by {key} in the "
-                                  f"geometry {getattr(geometry, 'path', None) or ''}; a relative "
-                                  f"name is taken from the working directory, {os.getcwd()}, "
-                                  "as CrystFEL takes it)")
-            with open_h5(source.file) as other:
+            with _open_mask_file(source.spec, geometry) as other:
                 check_mask_dataset(source.file, name, _dataset(other, source.file, name),
                                    frame_shape, n_frames, stacked)
     return plan
+
+
+def _open_mask_file(spec: MaskSpec, geometry: Any) -> h5py.File:
+    """The mask file a geometry's ``maskN_file`` names, open, or a FormatError naming it, the
+    key and where a relative name was looked for (the image readers' one opening of it)."""
+    assert spec.file is not None
+    if not os.path.exists(spec.file):
+        key = "mask_file" if spec.index == 0 else f"mask{spec.index}_file"
+        raise FormatError(spec.file, f"mask file not found (named by {key} in the geometry "
+                          f"{getattr(geometry, 'path', None) or ''}; a relative name is taken "
+                          f"from the working directory, {os.getcwd()}, as CrystFEL takes it)")
+    return open_h5(spec.file)
 
 
 #: (image file, mask dataset) already warned about as missing
@@ -379,11 +385,7 @@ def mask_file_masks(geometry: Any, image: str, shape: tuple[int, ...]) -> list[l
                             getattr(geometry, "path", None) or "", spec.index, dataset,
                             "" if spec.index == 0 else spec.index)
             continue
-        if not os.path.exists(spec.file):
-            key = "mask_file" if spec.index == 0 else f"mask{spec.index}_file"
-            raise FormatError(spec.file, f"mask file not found (named by {key} in the geometry "
-                              f"{getattr(geometry, 'path', None) or ''})")
-        with open_h5(spec.file) as h5:
+        with _open_mask_file(spec, geometry) as h5:
             mask = _dataset(h5, spec.file, dataset)
             check_mask_dataset(spec.file, dataset, mask, shape, 1, False)
             raw = np.asarray(mask[()])

@@ -169,7 +169,7 @@ class DxtbxSource:
     """A ``FrameSource`` (see hookspecs) over every image of one DIALS-readable file.
 
     ``geometry``: a CrystFEL geometry to read the images through, as indexamajig reads a CBF
-    file with ``-g`` (:func:`read_through`); without it each frame has DIALS' panels and the
+    file with ``-g`` (:meth:`_read_through`); without it each frame has DIALS' panels and the
     geometry translated from DIALS' detector model (``with_geometry``)."""
 
     name = "dxtbx"
@@ -182,9 +182,14 @@ class DxtbxSource:
         self._geometry: Any = None
         self.through = geometry
         #: the through-geometry's masks that are the same on every image (bad regions,
-        #: no_index, edges, mask files), made with the first image
+        #: no_index, edges, mask files), made with the first image, and its value flags
         self._static: list[np.ndarray] | None = None
         self._layout = None if geometry is None else self._check_through()
+        self._flags: list[dict[str, float]] | None = None
+        if geometry is not None:
+            from peaknet_xtal.formats.cxi import panel_flags
+
+            self._flags = panel_flags(geometry)
 
     def __len__(self) -> int:
         return len(self.imageset)
@@ -258,7 +263,7 @@ class DxtbxSource:
         """The image cut into the through-geometry's panels, and their good pixels: DIALS'
         (trusted range, its static masks) and the geometry's (bad regions, ``no_index``, edge
         pixels, masks in mask files, value flags), as indexamajig masks the pixels it reads."""
-        from peaknet_xtal.formats.cxi import flagged_ok, mask_file_masks, panel_flags
+        from peaknet_xtal.formats.cxi import flagged_ok, mask_file_masks
 
         geometry = self.through
         assert self._layout is not None
@@ -270,9 +275,8 @@ class DxtbxSource:
                 static = [s & e for s, e in zip(static, extra, strict=True)]
             self._static = static
         goods = [g & s for g, s in zip(geometry.split_slab(good), self._static, strict=True)]
-        flags = panel_flags(geometry)
-        if flags is not None:
-            goods = [g & flagged_ok(p, f) for g, p, f in zip(goods, cut, flags, strict=True)]
+        if self._flags is not None:
+            goods = [g & flagged_ok(p, f) for g, p, f in zip(goods, cut, self._flags, strict=True)]
         return [np.ascontiguousarray(p) for p in cut], goods
 
     def frame_at(self, event: str) -> Frame:

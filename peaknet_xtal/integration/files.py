@@ -305,11 +305,10 @@ def _integrate_chunk(chunk: Any, path: Path, geometry: Any, lookup: dict[str, in
               frame.masks, path, dtype=frame.meta.get("dtype"))
     # Every crystal's reflections of the frame in one call, so that reflections of
     # different crystals that share pixels are each other's neighbours.
-    lists = [c.reflections for c in chunk.crystals
-             if c.reflections is not None and len(c.reflections)]
+    crystals = [c for c in chunk.crystals if c.reflections is not None and len(c.reflections)]
     parts = []
     mins = np.array([[p.min_fs, p.min_ss] for p in geometry.panels], float)
-    for refl in lists:
+    for refl in (c.reflections for c in crystals):
         try:
             panel = np.array([lookup[name] for name in refl["panel"]], np.int32)
         except KeyError as exc:
@@ -323,10 +322,8 @@ def _integrate_chunk(chunk: Any, path: Path, geometry: Any, lookup: dict[str, in
     if stats is not None:
         stats.add(res, g)
     start = 0
-    for crystal in chunk.crystals:
+    for crystal in crystals:
         refl = crystal.reflections
-        if refl is None or not len(refl):
-            continue
         rows = slice(start, start + len(refl))
         start += len(refl)
         refl["I"] = res["lik_photons"][rows] * g

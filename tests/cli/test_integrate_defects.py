@@ -148,7 +148,7 @@ def test_sigterm_stops_as_ctrl_c_does_keeping_the_frames_done(run, tmp_path, cap
     out = tmp_path / "out"
     assert main([str(run.stream), "-o", str(out), "--no-progress"]) == 143
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "interrupted by SIGTERM" in err[0] and "the same command" in err[0]
+    assert len(err) == 1 and "interrupted (SIGTERM)" in err[0] and "the same command" in err[0]
     assert len(read_stream(partial_path(out / run.stream.name)).chunks) == 1
     monkeypatch.setattr(files, "_integrate_chunk", real)
     assert main([str(run.stream), "-o", str(out), "--no-progress"]) == 0

@@ -290,7 +290,7 @@ def test_sigterm_stops_as_ctrl_c_does_with_its_own_exit_status(sim_run, tmp_path
     assert main(argv) == 143
     assert signal.getsignal(signal.SIGTERM) is before  # the handler is put back
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("stream2labels: interrupted by SIGTERM; "), err
+    assert len(err) == 1 and err[0].startswith("stream2labels: interrupted (SIGTERM); "), err
     assert "1 finished batch" in err[0] and not out.exists()
     monkeypatch.setattr(BatchLabeler, "run", run)
     assert main(argv) == 0

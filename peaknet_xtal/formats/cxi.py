@@ -791,6 +791,7 @@ class _Reader:
         wavelength = self.wavelength_A(index)
         panels = _split(self.slab(index), self.geometry)
         data, within, values = self._dataset_at(index)
+        clen_path = getattr(self.geometry, "camera_length_path", None)
         if self.info.frames:
             event = self.info.events[index]
         else:
@@ -808,6 +809,10 @@ class _Reader:
                   # file again: the CXI writer's masks, a camera length at a location with '%'
                   **({"h5_placeholders": list(values), "h5_frame": index} if values else {}),
                   **({} if wavelength is None else {"wavelength_A": wavelength}),
+                  # a camera length the geometry reads from this file, read once here
+                  **({"clen_read": {clen_path.split()[0]: _clen_in(
+                      self.h5, clen_path, values, within)}}
+                     if clen_path else {}),
                   # the stored type: integer data mark gaps and bad pixels by it
                   # (finding.sanitise), and slab() makes frames float32
                   "dtype": str(data.dtype)},
@@ -1092,19 +1097,32 @@ def frame_photon_energy_eV(frame: Frame, geometry: Any = None) -> float:
 
 def _frame_clen(frame: Frame, clen_path: str) -> float:
     """The camera length value the source file holds at ``clen_path`` for this frame (NaN if
-    the file or the dataset is missing); its unit is the geometry's."""
-    source, index = frame.meta.get("h5_file"), frame.meta.get("h5_index")
-    try:  # a location with placeholders takes the frame's own values (its event's group)
-        path = substitute(clen_path.split()[0], frame.meta.get("h5_placeholders") or ())
-    except ValueError:
-        return float("nan")
+    the file or the dataset is missing); its unit is the geometry's.  The reader stores it in
+    the frame's meta (``clen_read``) while its file is open, so the engine (for 1/d), the
+    stream chunk and this writer take one read; a frame made elsewhere is read here."""
+    read = frame.meta.get("clen_read")
+    if isinstance(read, Mapping) and clen_path.split()[0] in read:
+        return float(read[clen_path.split()[0]])
+    source = frame.meta.get("h5_file")
     if not source or not os.path.exists(source):
         return float("nan")
     with h5py.File(source, "r") as h5:
-        ds = h5.get(path)
-        if not isinstance(ds, h5py.Dataset):
-            return float("nan")
-        values = np.ravel(ds[()])
+        return _clen_in(h5, clen_path, frame.meta.get("h5_placeholders") or (),
+                        frame.meta.get("h5_index"))
+
+
+def _clen_in(h5: h5py.File, clen_path: str, placeholders: Sequence[str],
+             index: int | None) -> float:
+    """The value at ``clen_path`` in an open file for the frame at ``index`` of its stack (a
+    scalar serves every frame), NaN where there is none."""
+    try:  # a location with placeholders takes the frame's own values (its event's group)
+        path = substitute(clen_path.split()[0], placeholders)
+    except ValueError:
+        return float("nan")
+    ds = h5.get(path)
+    if not isinstance(ds, h5py.Dataset):
+        return float("nan")
+    values = np.ravel(ds[()])
     if values.size == 1:
         return float(values[0])
     return float(values[index]) if index is not None and index < values.size else float("nan")

@@ -421,6 +421,40 @@ def test_stream_chunks_say_each_frames_camera_length_with_coffset(tmp_path, make
     assert lengths == pytest.approx([0.1035, 0.10125], abs=1e-9)
 
 
+def test_camera_length_from_the_data_file_is_read_once_with_the_frame(tmp_path,
+                                                                     make_geometry_text):
+    """The reader reads a frame's camera length with its pixels, so that the engine's 1/d, the
+    stream chunk and the CXI writer do not each open the file again (three opens a frame for
+    CrystFEL's CSPAD geometry); with the file gone, every one of them still has the value, and
+    a frame made without it (another reader) reads the file, placeholders included."""
+    import shutil
+
+    from peaknet_xtal.finding.peaks import frame_clen_m
+
+    geometry = parse_geometry(make_geometry_text(**dict(CXI_GEOMETRY,
+                                                        clen="/LCLS/detectorEncoderValue")))
+    src = tmp_path / "raw.cxi"
+    make_stack(src, n=2)
+    with h5py.File(src, "a") as h5:
+        h5["/LCLS/detectorEncoderValue"] = np.array([101.5, 99.25])
+    frames = list(iter_cxi_frames(src, geometry))
+    shutil.move(src, tmp_path / "moved.cxi")
+    assert [frame_clen_m(f) for f in frames] == pytest.approx([0.1015, 0.09925])
+    assert [r.stream_chunk(geometry).camera_length_m
+            for r in _results(frames, [1, 0])] == pytest.approx([0.1015, 0.09925])
+    shutil.move(tmp_path / "moved.cxi", src)
+    for frame in frames:
+        del frame.meta["clen_read"]
+    assert [frame_clen_m(f) for f in frames] == pytest.approx([0.1015, 0.09925])
+    events = _event_geometry(make_geometry_text)
+    _event_file(tmp_path / "run.h5", [12, 3])
+    tagged = list(iter_cxi_frames(tmp_path / "run.h5", events))
+    read = [frame_clen_m(f) for f in tagged]
+    for frame in tagged:
+        del frame.meta["clen_read"]
+    assert read == [frame_clen_m(f) for f in tagged] == pytest.approx([0.112, 0.103])
+
+
 STACKED = """\
 photon_energy = 9300 eV
 clen = 0.2 m

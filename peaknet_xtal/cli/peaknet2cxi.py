@@ -282,6 +282,53 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def _is_nexus(path: str) -> bool:
+    """Whether an HDF5 file is NeXus (an ``NXentry`` at its top, as NXmx master files have):
+    read by DIALS, so DIALS' reason is the one to say when it cannot read it."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as h5:
+            return any(_nx_class(h5, name) == "NXentry" for name in h5)
+    except (OSError, KeyError):
+        return False
+
+
+def _missing_link_targets(path: str) -> list[str]:
+    """The files that a NeXus master's external links (its ``data_000001``...) name and that
+    are not there, looked for as HDF5 does: beside the master for a relative name."""
+    import h5py
+
+    missing: list[str] = []
+
+    def visit(group: Any) -> None:
+        for name in group:
+            link = group.get(name, getlink=True)
+            if isinstance(link, h5py.ExternalLink):
+                target = link.filename
+                where = target if os.path.isabs(target) else os.path.join(
+                    os.path.dirname(os.path.abspath(path)), target)
+                if not os.path.exists(where) and target not in missing:
+                    missing.append(target)
+            elif isinstance(link, h5py.HardLink) and isinstance(group.get(name), h5py.Group):
+                visit(group[name])
+
+    try:
+        with h5py.File(path, "r") as h5:
+            visit(h5)
+    except (OSError, KeyError):
+        return missing
+    return missing
+
+
+def _nx_class(h5: Any, name: str) -> str:
+    try:
+        value = h5[name].attrs.get("NX_class", b"")
+    except KeyError:  # a dangling link at the top
+        return ""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def _indexamajig_problems(geom_path: Path, files: Sequence[Path] = ()) -> list[str]:
     """What in the written geometry, or in the per-frame values it points indexamajig to,
     would make indexamajig refuse the run or index it wrongly (no camera length, no photon
@@ -808,9 +855,19 @@ def open_input(path: str, geometry: Any = None) -> Any:
             return open_source(path, "cxi", geometry=named)
         try:
             return open_source(path, "dxtbx")
-        except (FormatError, ValueError):
-            pass
-        source = open_source(path, "cxi", geometry=None)  # its own error if it has no images
+        except (FormatError, ValueError) as exc:
+            unread = exc
+        try:
+            source = open_source(path, "cxi", geometry=None)  # its own error: no images
+        except FormatError:
+            if _is_nexus(path):  # DIALS' reason, not a search for a stack it never had
+                reason = getattr(unread, "message", str(unread))
+                missing = _missing_link_targets(path)
+                if missing:
+                    reason += f"; the data files it links to are missing: {', '.join(missing)}"
+                raise FormatError(path, f"a NeXus file that DIALS cannot read: {reason}"
+                                  ) from unread
+            raise
         if path not in _WARNED_NO_GEOMETRY:  # once a file (it is opened to count, then to run)
             _WARNED_NO_GEOMETRY.add(path)
             log.warning("%s: no geometry given (-g) or found beside it: each frame is read as "

@@ -164,11 +164,13 @@ class PeakFinder:
     def _frame(self, data: Any, index: int, mask: Any, geometry: Any,
                wavelength_A: float | None) -> Frame:
         """One image as the finding pipeline's frame: panels, good-pixel masks, declared gain."""
-        gain = None
+        gain, dtype = None, None
         if _is_imageset(data):
+            from peaknet_xtal.finding.sanitise import implied_dtype
             from peaknet_xtal.formats.dxtbx_images import CORRECTED_GAIN
 
             panels, masks = imageset_panels(data, index)
+            dtype = implied_dtype(panels)  # what marks gaps: dxtbx says no type
             gain = CORRECTED_GAIN  # dxtbx divided by the format's gain: photons, as DIALS sees
         else:
             if index != 0:  # silently the image itself otherwise, whatever index asked for
@@ -192,7 +194,8 @@ class PeakFinder:
                                  f"{len(masks)}; give one good-pixel array per panel")
             masks = given if masks is None else [a & b for a, b in zip(masks, given, strict=True)]
         return Frame(panels=panels, masks=masks, geometry=geometry,
-                     meta={"wavelength_A": wavelength_A, "adu_per_photon": gain})
+                     meta={"wavelength_A": wavelength_A, "adu_per_photon": gain,
+                           "dtype": dtype})
 
     def _find(self, data: Any, index: int, mask: Any, geometry: Any,
               wavelength_A: float | None) -> tuple[np.ndarray, np.ndarray]:

@@ -21,7 +21,9 @@ they are masked and counted too, by the type of the data as they were stored: th
 (the Python API hands them in as they are) or ``Frame.meta["dtype"]``, which the CXI reader sets
 before it converts frames to float32 (with the rule, every variant gives the masked frame's 468
 peaks; the gain is measured on the usable pixels only).  DIALS masks them by its trusted range
-(overloads included) before the plugin sees them.
+(overloads included) before the plugin sees them where the format sets that range from the
+file; where it does not (a NeXus file without a pixel mask or bit depth), the type the values
+imply (:func:`implied_dtype`) marks them in every adapter reading through dxtbx.
 
 A constant offset that pushes the whole background far below zero (a pedestal subtracted twice,
 or a raw dark frame) is not maskable: the pixels are finite, but peak sums come out negative and
@@ -159,6 +161,40 @@ def marked_pixels(image: np.ndarray, dtype: Any) -> tuple[np.ndarray, str] | Non
                         "bad pixels)" if low == -1.0 else f"at {low:.10g}, the smallest value "
                         f"of the data's type ({dtype})")
     return None if marked is None else (marked, " or ".join(what))
+
+
+def implied_dtype(panels: Sequence[np.ndarray]) -> str | None:
+    """The integer type that a reader which hands over counts as floats (or as 32-bit
+    integers whatever they were stored as, as dxtbx does) leaves to be inferred, for
+    :func:`marked_pixels`: ``uint16`` where every finite value is a whole number in 0..65535
+    (16-bit data: their largest value marks; no wider counter reads exactly 65535 but by
+    chance), ``int32`` where they are whole numbers from -2 up beyond that (photon counts
+    whose -1 gaps and -2 bad pixels mark, as Pilatus CBFs hold them and as dxtbx hands over
+    an unsigned 32-bit file's 0xFFFFFFFF), None otherwise: values that are not whole (float
+    data, or counts a format's gain or pedestal has changed, whose marks are no longer these
+    values) or that go lower (pedestal-subtracted data: an LCLS CSPAD CBF reaches -5136, and
+    two of its 64 ASICs happen to stop at -1 and -2, whose negative pixels are background).
+
+    Why: a NeXus file without a pixel mask or bit depth leaves its gaps' marked values in
+    DIALS' trusted range, and they gave 13-15 false peaks a frame along an Eiger 1M's module
+    gaps and a gain measured as 0.5.  The whole image decides, so that every panel of it is
+    read alike."""
+    low, high = np.inf, -np.inf
+    for panel in panels:
+        values = np.asarray(panel)
+        if values.dtype.kind in "iub":
+            return None  # its own type says it (sanitise_frame takes the panels' type)
+        finite = values[np.isfinite(values)]
+        if finite.size == 0:
+            continue
+        low, high = min(low, float(finite.min())), max(high, float(finite.max()))
+        if low < -2 or high > np.iinfo(np.int32).max:
+            return None
+        if not np.array_equal(finite, np.rint(finite)):
+            return None
+    if not np.isfinite(low):
+        return None
+    return "uint16" if low >= 0 and high <= np.iinfo(np.uint16).max else "int32"
 
 
 #: What a function wrapped by :func:`masked_values_quiet` returns.

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from peaknet_xtal.errors import FormatError, GeometryError
+from peaknet_xtal.finding.sanitise import implied_dtype
 from peaknet_xtal.formats.geometry import HC_EV_A
 from peaknet_xtal.types import Frame, event_index
 
@@ -43,7 +44,23 @@ def open_imageset(path: str | os.PathLike[str]) -> Any:
     imagesets = experiments.imagesets()  # type: ignore[attr-defined]
     if not imagesets:
         raise FormatError(path, "dxtbx found no image format that understands this file")
-    return imagesets[0]
+    if len(imagesets) == 1:
+        return imagesets[0]
+    # Stills in one container (a NeXus file of still shots): DIALS makes an imageset of each
+    # image, and the first alone was all of the file (3 images read as 1, exit 0).  One
+    # imageset of every image, with the same models, as dxtbx's factory makes of the file.
+    from dxtbx.imageset import ImageSetFactory
+
+    total = sum(len(s) for s in imagesets)
+    try:
+        whole = ImageSetFactory.new([path])
+    except Exception:  # noqa: BLE001 - said below, with the count
+        whole = []
+    if len(whole) == 1 and len(whole[0]) == total:
+        return whole[0]
+    raise FormatError(path, f"DIALS reads this file as {len(imagesets)} image sets of {total} "
+                      "images in all, which cannot be read as one; split it, or find spots "
+                      "with dials.find_spots")
 
 
 def _to_numpy(flex_array: Any) -> np.ndarray:
@@ -212,6 +229,7 @@ class DxtbxSource:
         detector, beam = self.imageset.get_detector(index), self.imageset.get_beam(index)
         meta = {"dxtbx_path": self.imageset.get_path(index), "dxtbx_index": index,
                 "adu_per_photon": CORRECTED_GAIN,
+                "dtype": implied_dtype(panels),
                 "format": self.imageset.get_format_class().__name__,
                 "panels": panel_summaries(detector, beam)}
         if self.through is not None:

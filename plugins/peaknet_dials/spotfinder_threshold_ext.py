@@ -496,14 +496,16 @@ class PeakNetSpotFinderThresholdExt:
                     source: str | None = None, i_panel: int | None = None
                     ) -> list[np.ndarray]:
         """The shared finding pipeline's DIALS foreground of one image given as panels (or of
-        panel ``i_panel`` alone)."""
+        panel ``i_panel`` alone); the values marking gaps are those the pixels' type implies
+        (:func:`peaknet_xtal.finding.sanitise.implied_dtype`), as in every dxtbx adapter."""
+        from peaknet_xtal.finding.sanitise import implied_dtype
         from peaknet_xtal.formats.dxtbx_images import CORRECTED_GAIN
         from peaknet_xtal.types import Frame
 
         if not any(g.any() for g in goods):  # all masked: nothing to find, nothing to learn
             return [np.zeros(g.shape, dtype=bool) for g in goods]
         frame = Frame(panels=panels, masks=goods, source=source or "",
-                      meta={"adu_per_photon": CORRECTED_GAIN})
+                      meta={"adu_per_photon": CORRECTED_GAIN, "dtype": implied_dtype(panels)})
         engine = get_predictor(self.settings)
         defects = None if i_panel is None else panel_defects(self.settings, i_panel)
         (result,) = engine.find_frames([frame], with_pixels=True, defects=defects,
@@ -738,18 +740,20 @@ def _read_ahead(ext: PeakNetSpotFinderThresholdExt, imageset: Any, index: int,
     per block of them; a still is an imageset of one image, and there is nothing to read ahead.
     An image that cannot be read ends the read-ahead: DIALS reports it, by name, when its own
     turn comes."""
+    from peaknet_xtal.finding.sanitise import implied_dtype
     from peaknet_xtal.formats.dxtbx_images import image_arrays
     from peaknet_xtal.types import Frame
 
     engine = get_predictor(ext.settings)
     if engine.defects.learning == 0 or engine.defects.pending:
         return
-    ahead = [(panels, masks)]
+    ahead = [(panels, masks, implied_dtype(panels))]
     for j in range(index + 1, min(index + engine.defects.learning, len(imageset))):
         try:
             frame_panels, frame_goods = image_arrays(imageset, j)
         except Exception:  # noqa: BLE001 - not this image's error; its own turn raises it
             break
-        ahead.append((frame_panels, _with(frame_goods, extra)))
-    for frame_panels, frame_masks in ahead:
-        engine.count_ahead(Frame(panels=frame_panels, masks=frame_masks))
+        ahead.append((frame_panels, _with(frame_goods, extra), implied_dtype(frame_panels)))
+    for frame_panels, frame_masks, dtype in ahead:
+        engine.count_ahead(Frame(panels=frame_panels, masks=frame_masks,
+                                 meta={"dtype": dtype}))

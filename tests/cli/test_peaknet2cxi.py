@@ -1367,3 +1367,19 @@ def test_frames_without_a_photon_energy_are_said_instead_of_a_command(sim_run, t
             "no photon energy") in out, out
     assert "give the geometry a photon_energy as a number" in out
     assert "(YOUR.cell: your unit cell file" not in out
+
+
+@pytest.mark.dials
+def test_a_nexus_file_dials_cannot_read_is_said_with_dials_reason(tmp_path, capsys, dials_env):
+    """A NeXus master whose linked data file is missing (or a field DIALS refuses) was said to
+    hold "no image dataset", with its pixel mask offered as image-like data to name with -g;
+    the error is DIALS' reason, with the missing data file's name."""
+    from peaknet_test_support import tiny_nxmx
+
+    stack = np.random.default_rng(0).poisson(3, (2, 40, 48)).astype(np.uint16)
+    master = tiny_nxmx(tmp_path, stack, pixel_mask=np.zeros((40, 48)))
+    (tmp_path / "tiny_data_000001.h5").unlink()
+    assert main([str(master), "-o", str(tmp_path / "out"), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert f"{master}: a NeXus file that DIALS cannot read" in err
+    assert "tiny_data_000001.h5" in err and "pixel_mask" not in err and "-g" not in err

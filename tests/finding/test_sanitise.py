@@ -182,3 +182,22 @@ def test_engine_finds_the_same_peaks_with_gaps_marked_or_masked(one_torch_thread
     for marked, gain_marked in found[:-1]:
         assert gain_marked == gain_masked
         np.testing.assert_array_equal(marked[["ss", "fs", "snr"]], masked[["ss", "fs", "snr"]])
+
+
+def test_the_type_whole_number_pixels_imply_marks_as_that_type_would():
+    """Readers that hand counts over as floats (dxtbx: 32-bit integers whatever was stored)
+    say no type: whole numbers within 0..65535 are 16-bit data (65535 marks), from -2 up
+    signed photon counts (-1 and -2 mark), anything else none: pedestal-subtracted data keep
+    every pixel, as they do handed over as float arrays."""
+    from peaknet_xtal.finding.sanitise import implied_dtype
+
+    counts = np.array([[0.0, 3.0], [65535.0, np.nan]], np.float32)
+    assert implied_dtype([counts]) == "uint16"
+    assert implied_dtype([counts, np.array([[-1.0, 7.0]], np.float32)]) == "int32"
+    assert implied_dtype([counts, np.array([[0.5]], np.float32)]) is None  # not counts
+    assert implied_dtype([counts, np.array([[-3.0]], np.float32)]) is None  # pedestal gone
+    assert implied_dtype([np.array([[3e9]], np.float32)]) is None  # beyond 32 bits
+    assert implied_dtype([np.full((2, 2), np.nan, np.float32)]) is None
+    assert implied_dtype([np.array([[1, 2]], np.int16)]) is None  # its own type says it
+    goods = sanitise_frame([counts], None, implied_dtype([counts]))[1][0]
+    assert goods.tolist() == [[True, True], [False, False]]

@@ -100,6 +100,58 @@ def test_bad_files_raise_format_error(tmp_path, dials_env):
 
 
 # --------------------------------------------------------------------------------------------
+# NeXus (NXmx) files, as Eiger and JUNGFRAU writers make them
+
+
+def test_every_still_shot_of_a_nexus_file_is_read(tmp_path, dials_env):
+    """DIALS makes one imageset of each still of a NeXus file of still shots; the first alone
+    was read (peaknet2cxi wrote 1 frame of 3, exit 0).  A rotation file is one imageset."""
+    from peaknet_test_support import tiny_nxmx
+
+    from peaknet_xtal.formats.dxtbx_images import DxtbxSource
+
+    stack = np.random.default_rng(0).poisson(3, (3, 40, 48)).astype(np.uint16)
+    for still in (True, False):
+        source = DxtbxSource(tiny_nxmx(tmp_path / str(still), stack, still=still))
+        frames = list(source)
+        assert len(source) == len(frames) == 3
+        assert [f.event for f in frames] == ["//0", "//1", "//2"]
+        for frame, image in zip(frames, stack, strict=True):
+            np.testing.assert_array_equal(frame.panels[0], image)
+
+
+@pytest.mark.parametrize("stored,gap_value", [(np.uint16, 65535), (np.uint32, 0xFFFFFFFF),
+                                              (np.int32, -1)])
+def test_gap_values_dxtbx_leaves_in_are_masked_as_stored_data_mark_them(
+        tmp_path, dials_env, stored, gap_value):
+    """A NeXus file without a pixel mask or bit depth leaves its gaps' marked values (65535 in
+    16-bit data, 0xFFFFFFFF in 32-bit, which dxtbx hands over as -1) in DIALS' trusted range:
+    13-15 false peaks a frame along an Eiger 1M's gaps, and a gain measured as 0.5.  The
+    frame says the type its whole-number values imply, so the finding pipeline masks them, as
+    it does for CXI input; float data mark nothing."""
+    from peaknet_test_support import tiny_nxmx
+
+    from peaknet_xtal.finding.api import PeakFinder
+    from peaknet_xtal.finding.sanitise import implied_dtype, sanitise_frame
+    from peaknet_xtal.formats.dxtbx_images import DxtbxSource, image_arrays
+
+    stack = np.random.default_rng(1).poisson(3, (2, 40, 48)).astype(stored)
+    stack[:, :, 20:22] = gap_value
+    source = DxtbxSource(tiny_nxmx(tmp_path, stack))
+    frame = source.frame(1)
+    assert frame.masks[0][:, 20:22].all()  # DIALS' own mask keeps them
+    goods = sanitise_frame(frame.panels, frame.masks, frame.meta["dtype"])[1][0]
+    assert not goods[:, 20:22].any() and goods[:, :20].all() and goods[:, 22:].all()
+    # the Python API on the imageset: no peak on or beside the gap
+    peaks = PeakFinder().find(source.imageset, 1)
+    assert not np.any(np.abs(peaks["fs"] - 20.5) < 3)
+    floats = stack.astype(np.float32) * np.float32(1.25)  # keV, say: not whole numbers
+    floats[:, :, 20:22] = 0.0
+    imageset = DxtbxSource(tiny_nxmx(tmp_path / "f", floats)).imageset
+    assert implied_dtype(image_arrays(imageset, 0)[0]) is None
+
+
+# --------------------------------------------------------------------------------------------
 # an image read through a CrystFEL geometry (peaknet2cxi -g, stream2labels): as indexamajig -g
 # reads a CBF file, the file's one array cut into the geometry's panels and masked by it
 

@@ -163,3 +163,83 @@ def tiny_cbf(path: Path, distance_mm: float, size: int = 48,
     FormatCBFMini.as_file(detector, BeamFactory.simple(1.0), None, None,
                           flex.int(np.asarray(pixels, np.int32)), str(path))
     return path
+
+
+def tiny_nxmx(folder: Path, stack: np.ndarray, *, still: bool = True,
+              pixel_mask: np.ndarray | None = None, name: str = "tiny") -> Path:
+    """An NXmx master file (``NAME_master.h5``) and its linked data file, as an Eiger writes
+    them, holding ``stack`` (images x rows x columns, stored in its own dtype): still shots
+    (no goniometer) with ``still``, else a 0.1-degree rotation; 75 um pixels, 100 mm, 1 A,
+    the beam at the centre; ``pixel_mask`` (NeXus: 0 good) if given.  dxtbx reads it with
+    its NXmx format."""
+    import h5py
+
+    folder.mkdir(parents=True, exist_ok=True)
+    n, rows, cols = stack.shape
+    data_name = f"{name}_data_000001.h5"
+    with h5py.File(folder / data_name, "w") as h5:
+        h5["/entry/data/data"] = stack
+        h5["/entry"].attrs["NX_class"] = "NXentry"
+        h5["/entry/data"].attrs["NX_class"] = "NXdata"
+        h5["/entry/data/data"].attrs.update(image_nr_low=1, image_nr_high=n)
+    master = folder / f"{name}_master.h5"
+    with h5py.File(master, "w") as h5:
+        entry = h5.create_group("entry")
+        entry.attrs["NX_class"] = "NXentry"
+        entry["definition"] = "NXmx"
+        entry["start_time"] = "2026-12-07T00:00:00Z"
+        entry.create_group("data").attrs["NX_class"] = "NXdata"
+        entry["data/data_000001"] = h5py.ExternalLink(data_name, "/entry/data/data")
+        instrument = entry.create_group("instrument")
+        instrument.attrs["NX_class"] = "NXinstrument"
+        beam = instrument.create_group("beam")
+        beam.attrs["NX_class"] = "NXbeam"
+        beam["incident_wavelength"] = 1.0
+        beam["incident_wavelength"].attrs["units"] = "angstrom"
+        det = instrument.create_group("detector")
+        det.attrs["NX_class"] = "NXdetector"
+        det["description"] = "EIGER"
+        det["sensor_material"] = "Si"
+        det["sensor_thickness"] = 0.45
+        det["sensor_thickness"].attrs["units"] = "mm"
+        det["depends_on"] = "/entry/instrument/detector/transformations/translation"
+        for key, value, unit in (("count_time", 0.01, "s"), ("frame_time", 0.01, "s"),
+                                 ("distance", 0.1, "m"), ("x_pixel_size", 75e-6, "m"),
+                                 ("y_pixel_size", 75e-6, "m"),
+                                 ("beam_center_x", cols / 2, "pixel"),
+                                 ("beam_center_y", rows / 2, "pixel")):
+            det[key] = value
+            det[key].attrs["units"] = unit
+        if pixel_mask is not None:
+            det["pixel_mask"] = np.asarray(pixel_mask, np.uint32)
+            det["pixel_mask_applied"] = False
+        transformations = det.create_group("transformations")
+        transformations.attrs["NX_class"] = "NXtransformations"
+        translation = transformations.create_dataset("translation", data=[100.0])
+        translation.attrs.update(transformation_type="translation", vector=[0.0, 0.0, 1.0],
+                                 units="mm", depends_on=".")
+        module = det.create_group("module")
+        module.attrs["NX_class"] = "NXdetector_module"
+        module["data_origin"] = np.array([0, 0], np.int64)
+        module["data_size"] = np.array([rows, cols], np.int64)
+        offset = module.create_dataset("module_offset", data=[0.0])
+        offset.attrs.update(transformation_type="translation", vector=[1.0, 0.0, 0.0],
+                            offset=[cols / 2 * 0.075, rows / 2 * 0.075, 0.0], units="mm",
+                            depends_on=translation.name)
+        for axis, vector in (("fast", [-1.0, 0.0, 0.0]), ("slow", [0.0, -1.0, 0.0])):
+            step = module.create_dataset(f"{axis}_pixel_direction", data=[0.075])
+            step.attrs.update(transformation_type="translation", vector=vector,
+                              offset=[0.0, 0.0, 0.0], units="mm", depends_on=offset.name)
+        sample = entry.create_group("sample")
+        sample.attrs["NX_class"] = "NXsample"
+        if still:
+            sample["depends_on"] = "."
+        else:
+            sample["depends_on"] = "/entry/sample/transformations/omega"
+            axes = sample.create_group("transformations")
+            axes.attrs["NX_class"] = "NXtransformations"
+            omega = axes.create_dataset("omega", data=np.arange(n) * 0.1)
+            omega.attrs.update(transformation_type="rotation", vector=[-1.0, 0.0, 0.0],
+                               units="deg", depends_on=".")
+            axes["omega_increment_set"] = 0.1
+    return master

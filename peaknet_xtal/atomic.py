@@ -53,3 +53,24 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, os.PathLike):
         return os.fspath(obj)
     raise TypeError(f"cannot serialise {type(obj).__name__} to JSON")
+
+
+def make_output_folder(path: str | os.PathLike[str]) -> Path:
+    """Create an output folder (and its parents); where that cannot be done, a PeakNetError
+    naming it and why in words (an existing file of that name, a folder one cannot write in),
+    not the bare ``[Errno 17] File exists`` that reads like a crash."""
+    from peaknet_xtal.errors import PeakNetError
+
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise PeakNetError(f"{folder}: exists and is a file; the output is a folder: give "
+                           "another name")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+    except OSError as exc:
+        why = exc.strerror or str(exc)
+    # raised outside the handler: said in full, and no OSError behind it that would make a
+    # command offer to continue a run that never began
+    raise PeakNetError(f"{folder}: cannot create the output folder here ({why}): choose a "
+                       "place you can write to")

@@ -33,3 +33,22 @@ def test_atomic_files_get_normal_permissions(tmp_path):
     finally:
         os.umask(old)
     assert target.stat().st_mode & 0o777 == 0o644
+
+
+def test_an_output_folder_that_cannot_be_made_is_said_in_words(tmp_path):
+    """``[Errno 17] File exists: 'afile'`` read like a crash: a file in the way and a place
+    no folder can be made are each one line naming the path and why, with no OSError behind
+    it (peaknet2cxi offered to continue a run that never began)."""
+    from peaknet_xtal.atomic import make_output_folder
+    from peaknet_xtal.errors import PeakNetError
+
+    afile = tmp_path / "afile"
+    afile.write_text("mine\n")
+    with pytest.raises(PeakNetError, match=f"^{afile}: exists and is a file"):
+        make_output_folder(afile)
+    inside = afile / "out"
+    with pytest.raises(PeakNetError, match=f"^{inside}: cannot create the output folder") as err:
+        make_output_folder(inside)
+    assert err.value.__context__ is None and err.value.__cause__ is None
+    assert afile.read_text() == "mine\n"
+    assert make_output_folder(tmp_path / "a" / "b").is_dir()

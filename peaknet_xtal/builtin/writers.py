@@ -75,6 +75,7 @@ class StreamPeakWriter:
         self.geometry = geometry_option(geometry)
         self.command = command
         self._writer: Any = None
+        _check_stream_path(self.path, FORMAT_LINE)
         if os.path.exists(self.path) and os.path.getsize(self.path) > 0:
             self._writer = StreamWriter(self.path, resume=True, renumber=True)
             if self._writer.existing_chunks == 0 and _starts_with(self.path, FORMAT_LINE):
@@ -107,6 +108,31 @@ class StreamPeakWriter:
                         self.path)
             return
         self._open(self.geometry).close()
+
+
+def _check_stream_path(path: str, format_line: str) -> None:
+    """Refuse, before any frame is found, a stream path that cannot take a stream: a folder, a
+    folder that is missing or not writable (found only when the run had finished), or an
+    existing file that is no stream, which resuming would append chunks to (a user's geometry
+    or input file given by mistake grew by a chunk a frame, exit 0)."""
+    from peaknet_xtal.errors import PeakNetError
+
+    if os.path.isdir(path):
+        raise PeakNetError(f"{path}: a folder; a stream is written to a file: give its name")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise PeakNetError(f"{path}: cannot write the stream there: folder {folder} does not "
+                           "exist")
+    if os.path.exists(path) and os.path.getsize(path) > 0:
+        if not _starts_with(path, format_line):
+            raise PeakNetError(f"{path}: exists and is not a CrystFEL stream (it does not "
+                               f"begin '{format_line.strip()}'); a stream already there is "
+                               "continued, any other file is left alone: give a new file name")
+        if not os.access(path, os.W_OK):
+            raise PeakNetError(f"{path}: the stream to continue is not writable")
+    elif not os.access(folder, os.W_OK):
+        raise PeakNetError(f"{path}: cannot write the stream there: folder {folder} is not "
+                           "writable")
 
 
 def _starts_with(path: str, text: str) -> bool:

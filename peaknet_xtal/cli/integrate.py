@@ -112,6 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(config["output"])
     stats = RunStats()
     try:
+        check_outputs_are_not_inputs(config)
         # the folder's earlier run is compared before this run's settings are recorded over it
         check_output_folder(out, config)
         record(config, out / CONFIG_NAME, PROG, argv)
@@ -180,6 +181,44 @@ def check_output_folder(out: Path, config: Mapping[str, Any]) -> None:
                           + "; ".join(differences) + "); one output folder holds one run's "
                           "settings: use another output folder (-o) for these, or the same "
                           "settings to continue this run (what is in it is kept)")
+
+
+def _output(path: Path, config: Mapping[str, Any]) -> Path:
+    """Where an input's output is written: under the output folder with the input's name (a
+    DIALS .expt's: its --refl name with ``_vi``)."""
+    out_dir = Path(config["output"])
+    if path.suffix.lower() == ".expt" and config.get("refl"):
+        return out_dir / f"{Path(config['refl']).stem}_vi.refl"
+    return out_dir / path.name
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them is not there (an output not written yet): not the same
+        return False
+
+
+def check_outputs_are_not_inputs(config: Mapping[str, Any]) -> None:
+    """Refuse an output that is an input (-o the folder that holds the inputs), before anything
+    is written: a CXI input was taken for its own finished output (skipped, with advice to
+    delete it) and a stream's chunks for chunks already integrated, so the run did nothing and
+    exited 0.  Each output is compared with every input: of two inputs named alike, the one
+    in the output folder would be the other's output."""
+    inputs = [Path(p) for p in config["inputs"]]
+    taken: dict[Path, Path] = {}
+    for path in inputs:
+        out = _output(path, config)
+        for source in inputs:
+            if _same_file(out, source):
+                raise FormatError(source, f"the output ({out}) would be this input itself: "
+                                  "choose another output folder (-o)")
+        first = taken.setdefault(out, path)
+        if first != path and not _same_file(first, path):
+            # one output for two inputs: the second overwrote the first's (CXI), or its
+            # chunks were taken for the first's, already done (stream), without a word
+            raise FormatError(path, f"has the name of another input ({first}); both would be "
+                              f"written to {out}: integrate them into separate output folders")
 
 
 def _kind(path: Path) -> str:
@@ -268,13 +307,13 @@ def run(config: Mapping[str, Any], stats: Any = None) -> list[Path]:
                                                       "geometry (-g)")
     if "dials" in kinds and not config["refl"]:
         raise FormatError(inputs[kinds.index("dials")], "a DIALS .expt needs its .refl (--refl)")
+    check_outputs_are_not_inputs(config)  # for Python callers; main() checks before writing
     out_dir = Path(config["output"])
     made = _read_inputs(out_dir)
     plan = []  # (input, kind, output, whether its input changed since the output was made)
     outputs = []
     for path, kind in zip(inputs, kinds, strict=True):
-        out = (out_dir / f"{Path(config['refl']).stem}_vi.refl" if kind == "dials"
-               else out_dir / path.name)
+        out = _output(path, config)
         outputs.append(out)
         known = made.get(out.name)
         changed = bool(out.exists() and known and known != _fingerprint(path))

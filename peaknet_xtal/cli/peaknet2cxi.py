@@ -58,6 +58,7 @@ from typing import Any
 import numpy as np
 
 from peaknet_xtal import config as cfgmod
+from peaknet_xtal.atomic import make_output_folder
 from peaknet_xtal.config import bounded
 from peaknet_xtal.errors import FormatError, GeometryError, PeakNetError
 from peaknet_xtal.finding.settings import DEFAULTS as FINDING
@@ -235,6 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with sigterm_raises():
             expansion = RunInputs(config["inputs"])  # this check's and the run's, read once
             check_output_folder(Path(config["output"]), config, expansion=expansion)
+            make_output_folder(config["output"])  # the record goes in it
             cfgmod.record(config, Path(config["output"]) / CONFIG_NAME, "peaknet2cxi", argv)
             summary = run(config, argv=argv, expansion=expansion)
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Terminated)
@@ -280,6 +282,17 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{summary['list']} names files in a folder whose path holds a space: it will "
               "not find them; use an output folder without spaces")
     return 0
+
+
+def _unreadable(path: Path) -> str | None:
+    """HDF5's reason a file cannot be opened, None when it opens."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r"):
+            return None
+    except OSError as exc:
+        return str(exc)
 
 
 def _is_nexus(path: str) -> bool:
@@ -469,6 +482,12 @@ def check_output_folder(outdir: Path, config: Mapping[str, Any] | None = None, *
     foreign = CXIWriter.__new__(CXIWriter)  # only its file-name rules, nothing created
     foreign.directory, foreign.prefix = outdir, CXI_PREFIX
     others = foreign.foreign_files()
+    for other in others:  # ours perhaps, damaged since: say that, not "someone else's"
+        reason = _unreadable(other)
+        if reason is not None:
+            raise FormatError(other, f"cannot be read as HDF5 ({reason}): damaged or truncated "
+                              "since it was written; delete it to have its frames found again "
+                              "with the rest of the run, or choose a new output folder")
     if others:
         raise FormatError(others[0], f"not written by peaknet2cxi ({len(others)} such file(s) "
                           "in the output folder); choose an empty or new output folder")
@@ -503,7 +522,7 @@ def _run_serial(config: dict[str, Any], expansion: RunInputs,
     from peaknet_xtal.formats.cxi import CXIWriter
 
     outdir = Path(config["output"])
-    outdir.mkdir(parents=True, exist_ok=True)
+    make_output_folder(outdir)
     geometry = _read_geometry(config["geometry"])
     inputs = expansion.entries()  # a list that failed to expand fails here, as it always did
     engine = InferenceEngine(config["model"], device=config["device"], threads=config["threads"],

@@ -21,6 +21,7 @@ output that cannot be written (a folder, a place without write permission).
 """
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -104,6 +105,22 @@ def what_is_kept(output: Path) -> str:
             "resumes from them")
 
 
+def check_not_an_input(output: Path, inputs: Sequence[str]) -> None:
+    """Refuse an output (-o) that is one of the inputs: it was refused as "already holds a
+    finished label file", wrong, and with --overwrite the labels would replace the input."""
+    from peaknet_xtal.errors import FormatError
+
+    for given in inputs:
+        try:
+            same = os.path.samefile(output, given)
+        except OSError:  # one of them is not there: not the same file
+            continue
+        if same:
+            what = "the input stream" if output.suffix.lower() == ".stream" else "an input"
+            raise FormatError(output, f"is {what} itself: the output (-o) is the label file to "
+                              f"write, e.g. {output.with_name('labels.h5')}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from peaknet_xtal.labelling.job import (
         DEFAULTS,
@@ -127,6 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(exc))
     out = Path(output)
     try:  # before anything is written beside it, and before hours of fits
+        check_not_an_input(out, inputs)
         check_output(out, overwrite)
     except PeakNetError as exc:
         print(f"stream2labels: error: {exc}", file=sys.stderr)

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from peaknet_xtal.atomic import write_json_atomic, write_text_atomic
+from peaknet_xtal.atomic import make_output_folder, write_json_atomic, write_text_atomic
 from peaknet_xtal.evaluation import plots
 from peaknet_xtal.evaluation.finders import create_finder
 from peaknet_xtal.evaluation.indexing import KnownSymmetry, failure_text
@@ -180,7 +180,7 @@ def evaluate(dataset: Dataset, specs: Sequence[str], out_dir: str | os.PathLike[
                          f"--tune-frames {tune_frames}: nothing left to score")
     out = Path(out_dir)
     created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
+    make_output_folder(out)
     earlier = recorded_files(out)
     staging = Path(tempfile.mkdtemp(prefix=".report.", suffix=".partial", dir=out))
     try:

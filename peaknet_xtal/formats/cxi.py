@@ -803,7 +803,10 @@ class _Reader:
             event=event,
             serial=index,
             geometry=self.geometry,
-            meta={"h5_file": self.path, "h5_dataset": data.name, "h5_index": within,
+            # the path the frame was read by in this file: a dataset reached through an
+            # external link (a NeXus master's data) names itself inside the other file
+            meta={"h5_file": self.path, "h5_dataset": self._locate(index)[0],
+                  "h5_index": within,
                   "slab_shape": self.info.frame_shape,
                   # placeholder values (and the frame's place in the file) for what reads the
                   # file again: the CXI writer's masks, a camera length at a location with '%'

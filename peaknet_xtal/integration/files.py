@@ -156,11 +156,16 @@ def integrate_cxi(path: str | os.PathLike[str], geometry: Any, out_path: str | o
     import h5py
 
     from peaknet_xtal.finding.settings import resolve_gain
-    from peaknet_xtal.formats.cxi import PEAK_GROUP, iter_cxi_frames, read_cxi_peaks
+    from peaknet_xtal.formats.cxi import PEAK_GROUP, inspect_cxi, iter_cxi_frames, read_cxi_peaks
 
     path, out = Path(path), Path(out_path)
     gains = RunGain(gain)
     table = read_cxi_peaks(path)
+    frames = inspect_cxi(path, geometry).n_frames
+    if len(table) != frames:  # the rows past the images were written as NaN, exit 0
+        raise FormatError(path, f"its peak table has {len(table)} rows for {frames} frames of "
+                          "images: not one peaknet2cxi wrote, or altered since",
+                          dataset=f"{PEAK_GROUP}/nPeaks")
     results: dict[str, np.ndarray] = {name: np.full(table.columns["peakXPosRaw"].shape, np.nan)
                                       for name in CXI_COLUMNS}
     for row, frame in enumerate(iter_cxi_frames(path, geometry, stop=len(table))):

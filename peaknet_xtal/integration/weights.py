@@ -12,7 +12,13 @@ from typing import Any
 
 from peaknet_xtal.atomic import atomic_path, write_json_atomic
 from peaknet_xtal.errors import FormatError
-from peaknet_xtal.model.weights_io import WEIGHTS_DIR, check_finite, check_fit, tensor_shapes
+from peaknet_xtal.model.weights_io import (
+    WEIGHTS_DIR,
+    check_finite,
+    check_fit,
+    check_kinds,
+    tensor_shapes,
+)
 
 DEFAULT_NAME = "integrator_default"
 
@@ -68,6 +74,7 @@ def load_integrator(spec: str | os.PathLike[str] = "default", device: str = "cpu
         raise FormatError(path, f"config does not describe an integrator: {exc}") from exc
     check_fit(tensor_shapes(model.state_dict()), tensor_shapes(state), path,
               "weights do not fit the config")
+    check_kinds(model.state_dict(), state, path)
     check_finite(state, path)
     model.load_state_dict(state)
     return model.to(device).eval()

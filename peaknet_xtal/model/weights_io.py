@@ -162,6 +162,21 @@ def check_fit(model: Mapping[str, tuple[int, ...]], weights: Mapping[str, tuple[
         raise FormatError(path, f"{what} ({problems[0]}{more})")
 
 
+def check_kinds(model: Mapping[str, Any], state: Mapping[str, Any],
+                path: str | os.PathLike[str]) -> None:
+    """Weights (tensor name -> torch tensor) stored as another kind of number than the model's
+    (integers or booleans for its floating-point weights, or the reverse) are a FormatError
+    naming ``path`` and the first such tensor.  Why: loading casts them silently, and weights
+    rounded to whole numbers gave other peaks with exit 0.  Floating-point widths may differ
+    (weights saved in half precision load as they are)."""
+    bad = [f"{name} is {state[name].dtype}, the model's {tensor.dtype}"
+           for name, tensor in model.items()
+           if name in state and state[name].is_floating_point() != tensor.is_floating_point()]
+    if bad:
+        more = f", and {len(bad) - 1} more tensors" if len(bad) > 1 else ""
+        raise FormatError(path, f"weights of another number type ({bad[0]}{more})")
+
+
 def check_finite(state: Mapping[str, Any], path: str | os.PathLike[str]) -> None:
     """Weights (tensor name -> torch tensor) holding NaN or infinity are a FormatError naming
     ``path`` and the first such tensor.  Why: a training run that diverged writes them, and a
@@ -211,6 +226,7 @@ def load_model(spec: str | os.PathLike[str] = DEFAULT_NAME, device: str = "cpu")
         raise FormatError(weights, f"not a readable safetensors file: {exc}") from exc
     check_fit(tensor_shapes(model.state_dict()), tensor_shapes(state), weights,
               "weights do not fit the config")
+    check_kinds(model.state_dict(), state, weights)
     check_finite(state, weights)
     model.load_state_dict(state)
     return model.to(device).eval()

@@ -138,6 +138,29 @@ def test_stream_closed_without_frame_keeps_an_earlier_stream(tmp_path, results):
     assert path.read_bytes() == before
 
 
+def test_a_stream_path_that_cannot_take_a_stream_is_refused_before_anything_is_written(
+        tmp_path, results):
+    """A stream already there is continued; any other file named as the stream (a geometry,
+    an input, given by mistake) grew by a chunk a frame, exit 0.  It, a folder, and a folder
+    that does not exist are refused when the writer opens, naming the path."""
+    from peaknet_xtal.errors import PeakNetError
+
+    geometry = tmp_path / "q.geom"
+    before = geometry.read_bytes()
+    for path, words in ((geometry, "is not a CrystFEL stream"), (tmp_path, "a folder"),
+                        (tmp_path / "nowhere" / "x.stream", "does not exist")):
+        with pytest.raises(PeakNetError, match=words) as err:
+            registry.open_writer("stream", str(path))
+        assert str(path) in str(err.value)
+    assert geometry.read_bytes() == before
+    empty = tmp_path / "empty.stream"
+    empty.touch()  # an empty file takes a new stream, as a missing one does
+    writer = registry.open_writer("stream", str(empty))
+    writer.write(results[0])
+    writer.close()
+    assert len(read_stream(empty).chunks) == 1
+
+
 def test_stream_closed_without_frame_but_with_geometry_is_readable(tmp_path, results):
     path = tmp_path / "empty.stream"
     registry.open_writer("stream", str(path), geometry=results[0].frame.geometry).close()

@@ -105,6 +105,74 @@ def test_bad_input_names_the_file_and_writes_nothing(run, tmp_path, capsys):
                        "geometry": str(run.geom), "output": str(out)})
 
 
+@pytest.mark.parametrize("kind", ["cxi", "stream"])
+def test_output_folder_holding_the_input_is_refused_before_any_work(kind, run, tmp_path,
+                                                                    capsys):
+    """-o the folder holding the input: a CXI input was skipped as its own finished output (the
+    log said to delete it), a stream's chunks counted as done; nothing integrated, exit 0.  Now
+    one line naming the input, exit 1, nothing written; from another folder, and for Python
+    callers of run() too."""
+    from peaknet_xtal.cli.integrate import DEFAULTS
+    from peaknet_xtal.cli.integrate import run as run_integrate
+
+    here = tmp_path / "data"
+    here.mkdir()
+    if kind == "cxi":
+        given = here / run.cxi.name
+        given.write_bytes(run.cxi.read_bytes())
+        options = ["-g", str(run.geom)]
+    else:
+        given = here / run.stream.name
+        given.write_text(run.stream.read_text().replace(f"Image filename: {run.cxi.name}",
+                                                        f"Image filename: {run.cxi}"))
+        options = []
+    before = given.read_bytes()
+    assert main([str(given), *options, "-o", str(here), "--no-progress"]) == 1
+    _one_error_line(capsys, str(given), "would be this input itself", "another output folder")
+    # the same folder named another way (with a trailing "/.") is the same file
+    assert main([str(given), *options, "-o", f"{tmp_path}/data/.", "--no-progress"]) == 1
+    _one_error_line(capsys, str(given), "would be this input itself")
+    assert sorted(p.name for p in here.iterdir()) == [given.name]
+    assert given.read_bytes() == before
+    with pytest.raises(FormatError, match="would be this input itself"):
+        run_integrate({**DEFAULTS, "inputs": [str(given)], "output": str(here),
+                       "geometry": str(run.geom) if kind == "cxi" else None})
+
+
+def test_a_peak_table_with_more_rows_than_frames_is_refused(run, tmp_path, capsys):
+    """A CXI file whose peak table has rows past its images was integrated up to the images
+    and written whole, its extra rows NaN, exit 0; it is one line naming the file."""
+    altered = tmp_path / "altered.cxi"
+    altered.write_bytes(run.cxi.read_bytes())
+    with h5py.File(altered, "r+") as h5:
+        group = h5["/entry_1/result_1"]
+        for name in list(group):
+            values = group[name][()]
+            del group[name]
+            group[name] = np.concatenate([values, values[:1]])
+    assert main([str(altered), "-g", str(run.geom), "-o", str(tmp_path / "out"),
+                 "--no-progress"]) == 1
+    _one_error_line(capsys, str(altered), "rows for", "frames of images")
+
+
+def test_two_inputs_of_one_name_are_refused_before_one_overwrites_the_other(run, tmp_path,
+                                                                            capsys):
+    """Outputs are named after their inputs: a/run.cxi and b/run.cxi both went to OUT/run.cxi,
+    the second over the first, exit 0.  One line naming both, exit 1, nothing written."""
+    copies = []
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        copies.append(tmp_path / folder / run.cxi.name)
+        copies[-1].write_bytes(run.cxi.read_bytes())
+    out = tmp_path / "out"
+    assert main([*map(str, copies), "-g", str(run.geom), "-o", str(out), "--no-progress"]) == 1
+    _one_error_line(capsys, str(copies[1]), str(copies[0]), "separate output folders")
+    assert not out.exists() or not any(out.iterdir())
+    # one file named twice is one input, integrated once
+    assert main([str(copies[0]), str(copies[0]), "-g", str(run.geom), "-o", str(out),
+                 "--no-progress"]) == 0
+
+
 def test_stream_whose_images_are_missing_is_one_line_and_leaves_no_output(run, tmp_path,
                                                                           capsys):
     """A stream from another machine (its images not here): one line naming the stream, its

@@ -692,6 +692,24 @@ def test_output_folder_with_foreign_files_is_refused(stacks, tmp_path, capsys, i
     assert sorted(p.name for p in outdir.iterdir()) == [intruder]
 
 
+def test_a_damaged_cxi_file_of_an_earlier_run_is_said_to_be_damaged(stacks, tmp_path, capsys):
+    """One of the run's own CXI files, truncated since it was written, was called "not written
+    by peaknet2cxi"; it is said to be unreadable, with HDF5's reason, and left as it is."""
+    geom_path, _, stack, _, predictor = stacks["cspad"]
+    outdir = tmp_path / "out"
+    run({"inputs": [str(stack)], "geometry": str(geom_path), "output": str(outdir),
+         "predictor": predictor, "progress": False})
+    (written,) = outdir.glob("peaks-*.cxi")
+    with open(written, "r+b") as handle:
+        handle.truncate(written.stat().st_size // 2)
+    before = written.read_bytes()
+    code = main([str(stack), "-g", str(geom_path), "-o", str(outdir), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 1 and f"{written}: cannot be read as HDF5 (" in err
+    assert "truncated" in err and "not written by" not in err
+    assert written.read_bytes() == before
+
+
 def test_hits_only_and_threads_reach_the_ray_pipeline(stacks, tmp_path, monkeypatch):
     """--hits-only, --threads, the peak cuts and -g (the geometry written for every frame,
     whatever geometry a frame comes with) are honoured by --workers runs, not dropped."""

@@ -314,3 +314,22 @@ def test_a_finished_label_file_is_replaced_only_with_overwrite(sim_run, tmp_path
     assert out.with_suffix(".config.json").read_text() == record  # the record still true
     assert main([*argv, "--min-snr", "8", "--overwrite"]) == 0
     assert out.read_bytes() != before
+
+
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
+def test_an_output_naming_its_input_stream_says_so(overwrite, sim_run, tmp_path, capsys):
+    """-o naming the input stream was refused as "already holds a finished label file" (wrong),
+    and with --overwrite the label file would have replaced the stream.  Now one line saying
+    the output is the input stream itself, before any work; the stream is untouched."""
+    stream = tmp_path / "run.stream"
+    stream.write_bytes(sim_run.stream.read_bytes())
+    before = sorted(p.name for p in tmp_path.iterdir())
+    code = main([str(stream), "-o", str(stream), "--no-ray", "--quiet", "--min-peaks", "1",
+                 "--max-frames", "2", "--prefix", f"{sim_run.stream.parent}/",
+                 *overwrite])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"stream2labels: error: {stream}: "), err
+    assert "is the input stream itself" in err[0] and "already holds" not in err[0]
+    assert stream.read_bytes() == sim_run.stream.read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == before

@@ -167,6 +167,24 @@ def _results(frames, per_frame: list[int]) -> list[FrameResult]:
     return results
 
 
+def test_frames_reached_through_an_external_link_are_linked_by_that_path(tmp_path, geometry):
+    """A NeXus-style master whose data path is an external link to another file: the frames
+    are read through it, and the CXI output links them through the same path (the linked
+    dataset's own name, ``/data`` inside the other file, was looked up in the master: a
+    KeyError traceback after the frames were found)."""
+    data = make_stack(tmp_path / "data_000001.h5", n=3, dataset="/data")
+    master = tmp_path / "master.h5"
+    with h5py.File(master, "w") as h5:
+        h5["/entry_1/data_1/data"] = h5py.ExternalLink("data_000001.h5", "/data")
+    frames = list(iter_cxi_frames(master, geometry))
+    assert [f.meta["h5_dataset"] for f in frames] == ["/entry_1/data_1/data"] * 3
+    out = tmp_path / "peaks.cxi"
+    assert write_cxi(out, _results(frames, [3, 0, 4]), geometry) == "vds"
+    with h5py.File(out) as h5:
+        assert h5[DATA_PATH].is_virtual
+        np.testing.assert_array_equal(h5[DATA_PATH][()], data.astype(h5[DATA_PATH].dtype))
+
+
 def test_write_vds_links_to_original_pixels_and_tables_read_back(tmp_path, geometry):
     src = tmp_path / "raw.cxi"
     data = make_stack(src, n=3)

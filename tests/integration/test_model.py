@@ -186,6 +186,11 @@ def test_weights_with_infinity_or_another_shape_are_errors_naming_the_file(tmp_p
     with pytest.raises(FormatError, match=f"integ.safetensors: weights hold NaN or infinite "
                                           f"values \\({name}"):
         load_integrator(path)
+    rounded = dict(state, **{name: state[name].to(torch.int32)})
+    save_file(rounded, str(path), metadata=meta)
+    with pytest.raises(FormatError, match=f"integ.safetensors: weights of another number type "
+                                          f"\\({name} is torch.int32"):
+        load_integrator(path)
     resized = dict(state, **{name: torch.zeros(*state[name].shape, 2)})
     save_file(resized, str(path), metadata=meta)
     with pytest.raises(FormatError, match="integ.safetensors: weights do not fit the config"):

@@ -169,6 +169,22 @@ def test_weights_with_nan_are_an_error_naming_the_file_and_tensor(tmp_path) -> N
     assert message.startswith(f"{path}: ") and name in message and "NaN" in message
 
 
+def test_weights_stored_as_integers_are_an_error_naming_the_file_and_tensor(tmp_path) -> None:
+    """Loading casts weights of another number type silently: integer weights (rounded) gave
+    other peaks, exit 0.  Another floating-point width (half precision) loads."""
+    model = create_model("yocto")
+    path = tmp_path / "ints.safetensors"
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    name = next(k for k, v in state.items() if v.is_floating_point() and v.numel() > 1)
+    save_model(model, path, state=dict(state, **{name: state[name].to(torch.int64)}))
+    with pytest.raises(FormatError) as caught:
+        load_model(path)
+    message = str(caught.value)
+    assert message.startswith(f"{path}: weights of another number type ({name} is torch.int64")
+    save_model(model, path, state=dict(state, **{name: state[name].half()}))
+    assert load_model(path) is not None
+
+
 def test_default_model_loads_in_eval_mode() -> None:
     model = load_model("default")
     assert not model.training and model.config["name"] == "default"

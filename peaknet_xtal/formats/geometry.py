@@ -3,7 +3,11 @@
 A ``.geom`` file says where every detector panel sits in the raw data array and in the lab.  The
 peak finder needs it for three things: splitting a raw slab into panels, turning a pixel into a
 resolution (1/d) and writing peaks that CrystFEL can read back.  The grammar accepted here is the
-union of CrystFEL 0.9 to 0.12 (``rigid_group*`` and ``group_*`` lines are accepted and ignored).
+union of CrystFEL 0.9 to 0.12 (``rigid_group*`` and ``group_*`` lines are checked as CrystFEL
+checks them, and otherwise ignored).  What CrystFEL refuses raises GeometryError; what it
+accepts but cannot be meant (an unrecognised key, a panel key given twice with two values, a
+gain or max_adu at or below zero, an implausible camera length, a bad region with min above
+max) is kept in ``Geometry.warnings`` and logged once as a warning.
 
 INTERFACE CONTRACT (other modules code against these names):
 
@@ -39,6 +43,8 @@ INTERFACE CONTRACT (other modules code against these names):
         bad_regions: list[BadRegion]
         keys: dict[str, str]          every global key/value as written (last one wins)
         path: str | None
+        warnings: list[str]           "path, line N: ..." for what CrystFEL accepts but cannot
+                                      be meant (logged by parse_geometry, once per process)
         slab_shape -> (n_ss, n_fs)     raw data array extent covering all panels (without the
                                        frame axis; layouts with fixed dimension indices give
                                        one extent per remaining dimension)
@@ -71,6 +77,7 @@ INTERFACE CONTRACT (other modules code against these names):
 from __future__ import annotations
 
 import difflib
+import logging
 import math
 import os
 import re
@@ -83,6 +90,8 @@ import numpy as np
 
 from peaknet_xtal.atomic import write_text_atomic
 from peaknet_xtal.errors import GeometryError
+
+log = logging.getLogger(__name__)
 
 #: h*c in eV*Angstrom: wavelength_A = HC_EV_A / photon_energy_eV.
 HC_EV_A = 12398.419843320026
@@ -534,6 +543,11 @@ class Geometry:
     bad_regions: list[BadRegion] = field(default_factory=list)
     keys: dict[str, str] = field(default_factory=dict)
     path: str | None = None
+    #: what CrystFEL accepts in the file but cannot be meant (an unrecognised key, a key given
+    #: twice, a gain or saturation value that is not positive, an implausible camera length,
+    #: a bad region that covers nothing), one ``"path, line N: ..."`` sentence each; logged
+    #: as warnings by :func:`parse_geometry`
+    warnings: list[str] = field(default_factory=list, compare=False, repr=False)
     #: :meth:`as_slab`'s geometry of a stacked layout, made on its first call (see there)
     _slab: Geometry | None = field(default=None, init=False, repr=False, compare=False)
 
@@ -1125,7 +1139,7 @@ def geometry_text(geometry: Geometry, **extra_keys: Any) -> str:
     for panel in geometry.panels:
         for k in panel.extra:
             if (k not in extra_names and k not in DROPPED_PANEL_KEYS
-                    and _mask_field(k) is None):
+                    and _mask_field(k) is None and is_panel_key(k)):
                 extra_names.append(k)
     mask_overrides = frozenset(k for k in overridden if _mask_field(k) is not None)
     for panel, coffset in zip(geometry.panels, offsets, strict=True):
@@ -1165,6 +1179,8 @@ def geometry_text(geometry: Geometry, **extra_keys: Any) -> str:
                   f"{n}/fs = {format_vector(panel.fs)}", f"{n}/ss = {format_vector(panel.ss)}",
                   f"{n}/corner_x = {panel.corner_x!r}", f"{n}/corner_y = {panel.corner_y!r}"]
         lines += [f"{n}/{k} = {v}" for k, v in row.items() if k not in shared]
+        lines += [f"; not a CrystFEL 0.10-0.12 key, kept as a comment: {n}/{k} = {v}"
+                  for k, v in panel.extra.items() if not is_panel_key(k)]
     for region in geometry.bad_regions:
         for part in _split_bad_region(region, geometry):
             lines.append("")
@@ -1189,6 +1205,9 @@ def _gain_of(adu_per_photon: float | None, adu_per_eV: float | None,
 # --------------------------------------------------------------------------------------------
 
 _Entry = tuple[str, int]  # (raw value, line number)
+#: camera lengths (clen + coffset, metres) outside this range are warned about: CrystFEL takes
+#: any number, but no diffraction experiment puts its detector nearer than 1 cm or beyond 10 m
+_PLAUSIBLE_CLEN_M = (0.01, 10.0)
 
 
 class _Parser:
@@ -1210,9 +1229,37 @@ class _Parser:
         self.pending_default: tuple[str, int] | None = None
         #: ``group_NAME = a,b`` lines: (name, members, line, panels and groups known there)
         self.groups: list[tuple[str, list[str], int, set[str]]] = []
+        #: keys CrystFEL does not know (it says "Unrecognised field" and goes on): (key, line)
+        self.unknown: list[tuple[str, int]] = []
 
     def fail(self, line: int | None) -> _Fail:
         return _Fail(self.path, line)
+
+    def warn(self, line: int | None, message: str) -> None:
+        """Something CrystFEL accepts but that cannot be meant: said once, with file and line,
+        in the way an error would be (``Geometry.warnings``, logged by parse_geometry)."""
+        text = str(GeometryError(self.path, message, line=line))
+        if text not in self.geometry.warnings:
+            self.geometry.warnings.append(text)
+
+    def _check_repeat(self, owner: str, sub: str, value: str, number: int,
+                      given: dict[str, _Entry]) -> None:
+        """``p0/corner_x`` twice for one panel (or one bad region): CrystFEL keeps the last
+        value without a word (``flag_*`` values it collects instead); a repeat with another
+        value is most likely an edit gone wrong."""
+        if sub not in given or sub not in self.explicit.get(owner, {sub}):
+            return
+        before, at = given[sub]
+        if before == value:
+            return
+        if sub in {"flag_lessthan", "flag_morethan", "flag_equal"}:
+            self.warn(number, f"{owner}/{sub} given twice ({before!r} on line {at}, {value!r} "
+                              f"here): CrystFEL applies both values, this project only the "
+                              "last; give one")
+            return
+        self.warn(number, f"{owner}/{sub} given twice ({before!r} on line {at}, {value!r} "
+                          f"here): CrystFEL takes the last one, {value!r}, as this reader "
+                          "does; delete the line that is wrong")
 
     def feed(self, raw: str, number: int) -> None:
         text = raw.split(";", 1)[0].strip()
@@ -1235,6 +1282,7 @@ class _Parser:
             if sub not in _BAD_KEYS:
                 raise self.fail(number)(f"unknown bad-region key {key!r}")
             self.bad_lines.setdefault(name, number)
+            self._check_repeat(name, sub, value, number, self.bad.get(name, {}))
             self.bad.setdefault(name, {})[sub] = (value, number)
             return
         _check_mask_key(sub, value, self.fail(number))
@@ -1243,6 +1291,9 @@ class _Parser:
             self.panel_lines[name] = number
             self.explicit[name] = set()
             self.pending_default = None
+        self._check_repeat(name, sub, value, number, self.panels[name])
+        if not is_panel_key(sub):
+            self.unknown.append((key, number))
         self.panels[name].pop(sub, None)  # dict order = order of the last assignments
         self.panels[name][sub] = (value, number)
         self.explicit[name].add(sub)
@@ -1264,6 +1315,8 @@ class _Parser:
             return
         if key.startswith("rigid_group"):
             return
+        if key not in TOP_LEVEL_KEYS and not is_panel_key(key):
+            self.unknown.append((key, number))
         self._set_global_field(key, value, self.fail(number))
 
     def _set_global_field(self, key: str, value: str, fail: _Fail) -> None:
@@ -1317,11 +1370,63 @@ class _Parser:
             raise self.fail(None)("no panels defined (no 'name/min_fs = ...' lines)")
         self._check_no_effect()
         self._check_groups()
+        self._check_rigid_groups()
         g.data = self._one_dataset()
         self._check_placeholders(g)
         self._check_overlaps(g.panels)
         self._check_distance(g.panels)
+        self._check_plausible_distance(g.panels)
+        for key, line in self.unknown:
+            self.warn(line, f"'{key}' is not a CrystFEL geometry key (CrystFEL says "
+                            f"\"Unrecognised field '{key.rpartition('/')[2]}'\" and ignores "
+                            "it): ignored here too, and written to an output geometry only as "
+                            "a comment; check its spelling")
         return g
+
+    def _check_rigid_groups(self) -> None:
+        """``rigid_group_NAME = a,b`` and ``rigid_group_collection_NAME = g1,g2``: CrystFEL
+        0.10 (and 0.9) resolve them after the last line and refuse the whole file over a member
+        that is no panel ("Cannot add panel to rigid group / Panel not found") or no rigid group
+        ("Cannot add rigid group to collection"); 0.11+ ignores rigid_group lines.  A file
+        valid for 0.11 is read, with a warning: the line is written to output geometries as
+        it stands, and 0.10 would refuse them."""
+        keys = self.geometry.keys
+        rigid = {k[len("rigid_group_"):] for k in keys
+                 if k.startswith("rigid_group") and not k.startswith("rigid_group_collection")}
+        for key, value in keys.items():
+            if not key.startswith("rigid_group"):
+                continue
+            collection = key.startswith("rigid_group_collection")
+            known, what = ((rigid, "rigid group") if collection else (set(self.panels), "panel"))
+            says = ("Cannot add rigid group to collection" if collection
+                    else "Cannot add panel to rigid group")
+            for member in (m.strip() for m in value.split(",")):
+                if member and member not in known:
+                    self.warn(self.global_lines.get(key),
+                              f"{key}: unknown {what} {member!r} (CrystFEL 0.10 refuses the "
+                              f"file: \"{says}\"; 0.11+ ignores rigid groups; known {what}s: "
+                              f"{', '.join(sorted(known)) or 'none'}): correct or delete it")
+
+    def _check_plausible_distance(self, panels: list[Panel]) -> None:
+        """A camera length CrystFEL takes but no experiment has (``clen = 0.1 mm``, or
+        ``clen = 70`` meant as mm but read as metres) puts every 1/d far off: a warning naming
+        the line, since the file itself is valid."""
+        for p in panels:
+            if p.clen_m is None:
+                continue
+            distance = p.clen_m + p.coffset_m
+            if not (0 < distance < _PLAUSIBLE_CLEN_M[0] or distance > _PLAUSIBLE_CLEN_M[1]):
+                continue
+            line = self.clen_lines.get(p.name)
+            raw = (self.panels[p.name].get("clen") or (self.geometry.keys.get("clen", ""), 0))[0]
+            hint = ""
+            if len(raw.split()) == 1 and distance > _PLAUSIBLE_CLEN_M[1]:
+                hint = f" (a number without unit is in metres: '{raw} mm' would be millimetres)"
+            self.warn(line, f"clen = {raw!r} puts panel {p.name} {distance:g} m from the sample, "
+                            f"outside any plausible camera length ({_PLAUSIBLE_CLEN_M[0] * 1e3:g} "
+                            f"mm to {_PLAUSIBLE_CLEN_M[1]:g} m); CrystFEL accepts it, but every "
+                            f"resolution would be far off: check the number and its unit{hint}")
+            return
 
     def _check_placeholders(self, g: Geometry) -> None:
         """A mask or saturation map location takes its placeholders' values from the event of
@@ -1494,14 +1599,34 @@ class _Parser:
         if np.linalg.norm(np.cross(fs, ss)) <= 1e-6 * np.linalg.norm(fs) * np.linalg.norm(ss):
             raise self.fail(values.get("ss", ("", line))[1])(
                 f"panel {name}: fs and ss are parallel, so the panel has no area")
+        adu_per_photon, adu_per_eV = number("adu_per_photon"), number("adu_per_eV")
+        for key, gain in (("adu_per_photon", adu_per_photon), ("adu_per_eV", adu_per_eV)):
+            if gain is not None and gain <= 0:
+                self.warn(values[key][1], self._where(name, key) + (
+                    f" = {values[key][0]}: a detector gain must be positive; CrystFEL takes it "
+                    "as is (its Poisson error estimates divide by it); this project ignores the "
+                    "line, so the gain comes from another line of the geometry or, with none, "
+                    "is estimated from the data"))
+        max_adu = number("max_adu")
+        if max_adu is not None and max_adu <= 0:
+            self.warn(values["max_adu"][1], self._where(name, "max_adu") + (
+                f" = {values['max_adu'][0]}: a saturation value at or below zero makes "
+                "CrystFEL count every pixel above it as saturated (it rejects the peaks and "
+                "reflections there); CrystFEL accepts it, and it is written to an output "
+                "geometry as given: delete the line (CrystFEL advises against max_adu) or give "
+                "the detector's real saturation value"))
         return Panel(
             name=name, **ints, fs=fs, ss=ss,
             corner_x=number("corner_x") or 0.0, corner_y=number("corner_y") or 0.0, res=res,
             clen_m=clen_m, clen_path=clen_path, coffset_m=coffset,
-            adu_per_photon=number("adu_per_photon"), adu_per_eV=number("adu_per_eV"),
-            max_adu=number("max_adu"), no_index=no_index, mask_edge_pixels=edge, dims=dims,
+            adu_per_photon=adu_per_photon, adu_per_eV=adu_per_eV,
+            max_adu=max_adu, no_index=no_index, mask_edge_pixels=edge, dims=dims,
             extra=extra, line=line,
         )
+
+    def _where(self, panel: str, key: str) -> str:
+        """``p0/max_adu``, or ``max_adu`` where the panel has it from a top-level line."""
+        return f"{panel}/{key}" if key in self.explicit[panel] else key
 
     def _settle_masks(self, name: str, values: dict[str, _Entry], extra: dict[str, str]) -> None:
         """Make ``extra`` say the panel's masks exactly.  :meth:`Geometry.panel_masks` (and the
@@ -1545,6 +1670,13 @@ class _Parser:
         if missing:
             raise self.fail(line)(f"bad region {name} has no {', '.join(missing)}")
         bounds = {k: _float(values[k][0], f"{name}/{k}", self.fail(values[k][1])) for k in keys}
+        for low, high in zip(keys[::2], keys[1::2], strict=True):
+            if bounds[low] > bounds[high]:
+                self.warn(values[high][1], f"bad region {name}: {low} = {values[low][0]} is "
+                                           f"above {high} = {values[high][0]}, so the region "
+                                           "covers no pixel (CrystFEL accepts it and masks "
+                                           "nothing; so does this project); swap the two if "
+                                           "the region is meant to be masked")
         panel = None
         if "panel" in values:
             panel, at = values["panel"]
@@ -1587,9 +1719,24 @@ def _dims_from(entries: dict[str, _Entry], fail: _Fail) -> list[str]:
 def parse_geometry(text: str, path: str | os.PathLike[str] | None = None) -> Geometry:
     """Parse ``.geom`` text; every problem raises GeometryError naming ``path`` and the line."""
     parser = _Parser(None if path is None else str(path))
+    if text.startswith("\ufeff"):
+        raise parser.fail(1)(
+            "the file starts with a UTF-8 byte-order mark (BOM, bytes EF BB BF), which "
+            "CrystFEL does not skip: it reads the mark as part of the first line ('Bad line in "
+            "geometry file', or an unrecognised first key) and refuses the file; save it as "
+            "UTF-8 without BOM (e.g. sed -i '1s/^\\xEF\\xBB\\xBF//' FILE)")
     for number, raw in enumerate(text.splitlines(), start=1):
         parser.feed(raw, number)
-    return parser.finish()
+    geometry = parser.finish()
+    for message in geometry.warnings:
+        if message not in _LOGGED:  # a geometry read by several parts of one run: said once
+            _LOGGED.add(message)
+            log.warning("%s", message)
+    return geometry
+
+
+#: warnings already logged in this process (see :func:`parse_geometry`)
+_LOGGED: set[str] = set()
 
 
 def read_geometry(path: str | os.PathLike[str]) -> Geometry:

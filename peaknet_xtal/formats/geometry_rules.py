@@ -25,7 +25,10 @@ The rules:
   defined when the line is read: panels (each is a group of its own from its first line on)
   or earlier groups, none twice, and NAME is new;
 - fs/ss bad regions name a panel (unless there is one) and lie inside it (file coordinates);
-- ``peak_list_type`` is auto, cxi or list3; unknown keys are reported.
+- ``rigid_group_NAME`` names panels, ``rigid_group_collection_NAME`` rigid groups, each of
+  them defined somewhere in the file (0.10 refuses the file otherwise; 0.11+ ignores both);
+- ``peak_list_type`` is auto, cxi or list3; unknown keys are reported as warnings (CrystFEL
+  says "Unrecognised field" and goes on; a top-level one still counts as a panel default).
 """
 from __future__ import annotations
 
@@ -57,6 +60,13 @@ _DIRECTION = re.compile(r"^([+-]?(\d+\.?\d*|\.\d+)[xyz]|[+-]?[xyz])+$")
 def _is_panel_field(key: str) -> bool:
     return key in _PANEL_FIELDS or bool(_MASK_N.fullmatch(key)) or (
         key.startswith("dim") and key[3:].isdigit())
+
+
+def _unknown(key: str) -> str:
+    """The prefix of an unrecognised key's line: CrystFEL says "Unrecognised field" and goes
+    on (a warning), but any ``mask...`` key goes to its mask parser, which refuses a wrong
+    field name and writes past its eight masks for a number above 7 (an error)."""
+    return "" if key.startswith("mask") else WARNING
 
 
 def _number(value: str) -> float | None:
@@ -103,7 +113,10 @@ def crystfel_problems(text: str, h5_files: Sequence[str | os.PathLike[str]] = ()
                                     "clen only to panels defined after it)")
                 continue
             if not _is_panel_field(key):
-                problems.append(f"unrecognised top-level key {key!r}")
+                # parse_field_for_panel(defaults): "Unrecognised field", not a refusal, but it
+                # counts as a default set (so after the last panel it has "no effect")
+                problems.append(f"{_unknown(key)}unrecognised top-level key {key!r}")
+                unused_defaults = True
                 continue
             defaults[_ALIASES.get(key, key)] = value
             unused_defaults = True
@@ -111,7 +124,7 @@ def crystfel_problems(text: str, h5_files: Sequence[str | os.PathLike[str]] = ()
         name, _, field = key.partition("/")
         if name.startswith("bad"):
             if field not in _BAD_FIELDS:
-                problems.append(f"unrecognised bad-region field {key!r}")
+                problems.append(f"{WARNING}unrecognised bad-region field {key!r}")
             bad.setdefault(name, {})[field] = value
             continue
         if name not in panels:
@@ -120,7 +133,7 @@ def crystfel_problems(text: str, h5_files: Sequence[str | os.PathLike[str]] = ()
         if field == "clen":
             problems.append(f"'{key}': 'clen' is a top-level property (0.11+)")
         elif not _is_panel_field(field):
-            problems.append(f"unrecognised panel field {key!r}")
+            problems.append(f"{_unknown(field)}unrecognised panel field {key!r}")
         panels[name][_ALIASES.get(field, field)] = value
     if not panels:
         return problems + ["no panel descriptions"]
@@ -128,6 +141,7 @@ def crystfel_problems(text: str, h5_files: Sequence[str | os.PathLike[str]] = ()
         problems.append("statements at the end of the file have no effect (they only apply to "
                         "subsequently-defined panels)")
     _check_globals(top, problems)
+    _check_rigid_groups(top, panels, problems)
     for name, fields in panels.items():
         _check_panel(name, fields, problems)
     _check_bad_regions(bad, panels, problems)
@@ -165,6 +179,25 @@ def _check_globals(top: dict[str, list[str]], problems: list[str]) -> None:
     for value in top.get("peak_list_type", []):
         if value not in ("auto", "cxi", "list3"):
             problems.append(f"peak_list_type = {value!r} (auto, cxi or list3)")
+
+
+def _check_rigid_groups(top: dict[str, list[str]], panels: dict[str, dict[str, str]],
+                        problems: list[str]) -> None:
+    """0.10 resolves ``rigid_group_NAME`` (panels) and ``rigid_group_collection_NAME`` (rigid
+    groups) after the last line and refuses the file over a member it cannot find ("Cannot
+    add panel to rigid group"); 0.11+ ignores both."""
+    rigid = {k[len("rigid_group_"):] for k in top
+             if k.startswith("rigid_group") and not k.startswith("rigid_group_collection")}
+    for key, values in top.items():
+        if not key.startswith("rigid_group"):
+            continue
+        collection = key.startswith("rigid_group_collection")
+        known = rigid if collection else set(panels)
+        for value in values:
+            for member in (m.strip() for m in value.split(",")):
+                if member and member not in known:
+                    problems.append(f"{key}: {'rigid group' if collection else 'panel'} "
+                                    f"{member!r} not found (0.10 refuses the file)")
 
 
 def _check_group(name: str, value: str, panels: dict[str, dict[str, str]], groups: set[str],

@@ -355,3 +355,134 @@ def test_a_geometry_indexamajig_would_refuse_parses_and_says_why(missing):
     complete = parse_geometry(geom(clen="clen = /LCLS/distance mm",
                                    beam="wavelength = /LCLS/wavelength m"))
     assert complete.indexamajig_problems() == []
+
+
+# ---- bad input CrystFEL refuses, or accepts although it cannot be meant -------------------------
+
+def warned(text: str, caplog) -> list[str]:
+    """``Geometry.warnings`` of ``text``, checked to be logged as warnings too."""
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="peaknet_xtal.formats.geometry"):
+        geometry = parse_geometry(text, "x.geom")
+    logged = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert all(w in logged for w in geometry.warnings), (geometry.warnings, logged)
+    return geometry.warnings
+
+
+def test_a_clean_geometry_has_no_warnings(caplog):
+    assert warned(geom(), caplog) == []
+
+
+@pytest.mark.parametrize("value", ["-3", "0"])
+@pytest.mark.parametrize("where", ["top", "p0"])
+def test_a_gain_not_above_zero_is_a_warning_with_its_line(value, where, caplog):
+    """CrystFEL reads adu_per_photon with atof and never checks it; this project took a gain <= 0
+    as "none declared" without a word (and wrote a measured one in its place)."""
+    text = (geom().replace("adu_per_photon = 1", f"adu_per_photon = {value}") if where == "top"
+            else geom(p0=f"adu_per_photon = {value}"))
+    got = warned(text, caplog)
+    assert len(got) == 1, got
+    start = "adu_per_photon" if where == "top" else "p0/adu_per_photon"
+    assert f"x.geom, line {line_of(text, start)}: {start} = {value}: a detector gain must be " \
+           "positive" in got[0]
+    assert "this project ignores the line" in got[0]
+    if where == "top":  # no other gain line: none declared (the finder estimates one)
+        assert parse_geometry(text).detector_gain() is None
+
+
+def test_max_adu_not_above_zero_is_a_warning_and_kept(caplog):
+    """CrystFEL takes any max_adu (warning that it is better not set); 0 makes every pixel above
+    zero saturated."""
+    text = geom(top="max_adu = 0")
+    got = warned(text, caplog)
+    assert len(got) == 1 and f"line {line_of(text, 'max_adu')}: max_adu = 0:" in got[0], got
+    assert "max_adu = 0" in parse_geometry(text).to_text()  # passed on as given, said so
+    assert warned(geom(top="max_adu = 16000"), caplog) == []
+
+
+@pytest.mark.parametrize(("clen", "words"), [
+    ("clen = 0.1 mm", "0.0001 m from the sample"),
+    ("clen = 70", "'70 mm' would be millimetres"),
+    ("clen = 12 m", "12 m from the sample"),
+])
+def test_an_implausible_camera_length_is_a_warning(clen, words, caplog):
+    """CrystFEL takes any number as clen (metres without a unit)."""
+    text = geom(clen=clen)
+    got = warned(text, caplog)
+    assert len(got) == 1 and f"line {line_of(text, 'clen')}: clen = " in got[0], got
+    assert words in got[0]
+    for fine in ("clen = 0.05 m", "clen = 95 mm", "clen = 3.5", "clen = /LCLS/detector_z mm"):
+        assert warned(geom(clen=fine), caplog) == [], fine
+
+
+def test_a_panel_key_given_twice_with_two_values_is_a_warning(caplog):
+    """CrystFEL's parse_field_for_panel overwrites: the last value wins, without a word."""
+    text = geom(p0="corner_x = 50")
+    got = warned(text, caplog)
+    assert len(got) == 1 and "p0/corner_x given twice ('-3' on line" in got[0], got
+    assert f"line {line_of(text, 'p0/corner_x = 50')}:" in got[0]
+    assert parse_geometry(text).panels[0].corner_x == 50
+    assert warned(geom(p0="corner_x = -3"), caplog) == []  # the same line twice: harmless
+    region = "\nbad1/min_fs = 0\nbad1/max_fs = 1\nbad1/min_ss = 0\nbad1/max_ss = 1\nbad1/panel = p0"
+    got = warned(geom(end=region + "\nbad1/max_fs = 2"), caplog)
+    assert len(got) == 1 and "bad1/max_fs given twice" in got[0], got
+
+
+def test_a_flag_given_twice_says_crystfel_applies_both(caplog):
+    """CrystFEL adds each flag_* value to the panel's list of flags (add_flag_value)."""
+    got = warned(geom(p0="flag_equal = 5\nflag_equal = 7"), caplog)
+    assert len(got) == 1 and "CrystFEL applies both values" in got[0], got
+
+
+def test_an_unknown_panel_key_is_a_warning_and_a_comment_in_the_output(caplog):
+    """CrystFEL: ERROR("Unrecognised field '%s'"), and it goes on (reject stays 0)."""
+    text = geom(p0="frobnicate = 1")
+    got = warned(text, caplog)
+    assert len(got) == 1, got
+    assert f"line {line_of(text, 'p0/frobnicate')}: 'p0/frobnicate' is not a CrystFEL" in got[0]
+    assert "Unrecognised field 'frobnicate'" in got[0]
+    out = parse_geometry(text).to_text()
+    assert "\np0/frobnicate" not in out and "kept as a comment: p0/frobnicate = 1" in out
+    assert errors_only(crystfel_problems(out)) == []
+    got = warned(geom(top="frobnicate = 1"), caplog)  # top level: the same message
+    assert len(got) == 1 and "'frobnicate' is not a CrystFEL geometry key" in got[0], got
+
+
+@pytest.mark.parametrize(("limits", "words"), [
+    ("min_fs = 4\nbad1/max_fs = 1\nbad1/min_ss = 0\nbad1/max_ss = 1\nbad1/panel = p0",
+     "min_fs = 4 is above max_fs = 1"),
+    ("min_x = -1\nbad1/max_x = 1\nbad1/min_y = 3\nbad1/max_y = 2", "min_y = 3 is above max_y"),
+])
+def test_a_bad_region_with_min_above_max_is_a_warning(limits, words, caplog):
+    """CrystFEL's in_bad_region tests min <= v <= max: such a region masks nothing, silently."""
+    text = geom(end="bad1/" + limits)
+    got = warned(text, caplog)
+    assert len(got) == 1 and words in got[0] and "covers no pixel" in got[0], got
+
+
+@pytest.mark.parametrize(("lines", "words"), [
+    ("rigid_group_q0 = p0,nosuch", "rigid_group_q0: unknown panel 'nosuch'"),
+    ("rigid_group_q0 = p0\nrigid_group_collection_c = q0,q9",
+     "rigid_group_collection_c: unknown rigid group 'q9'"),
+])
+def test_a_rigid_group_naming_nothing_is_a_warning_with_its_line(lines, words, caplog):
+    """CrystFEL 0.10: "Cannot add panel to rigid group" / "Panel not found", and the whole
+    geometry is refused; 0.11+ ignores rigid groups, so the file is read, with a warning
+    (the line goes to output geometries as it stands)."""
+    text = geom(end=lines)
+    got = warned(text, caplog)
+    assert len(got) == 1 and words in got[0] and "0.10 refuses" in got[0], got
+    assert f"line {len(text.splitlines())}:" in got[0]
+    assert any(words.split(":")[0] in p for p in errors_only(crystfel_problems(text)))
+    assert warned(geom(end="rigid_group_q0 = p0,p1\nrigid_group_collection_c = q0"),
+                  caplog) == []
+
+
+def test_a_byte_order_mark_is_an_error_saying_what_it_is(tmp_path):
+    """CrystFEL does not skip a BOM: it is part of line 1 ("Bad line in geometry file")."""
+    path = tmp_path / "bom.geom"
+    path.write_bytes(b"\xef\xbb\xbf; comment\n" + geom().encode())
+    with pytest.raises(GeometryError, match="byte-order mark") as info:
+        from peaknet_xtal.formats.geometry import read_geometry
+        read_geometry(path)
+    assert info.value.line == 1 and "without BOM" in str(info.value)

@@ -77,7 +77,9 @@ BROKEN = [  # (change to GOOD, words of the problem)
     (lambda t: t.replace("mask = /entry_1/data_1/mask\n", ""), "bits without a mask"),
     (lambda t: t.replace("dim1 = ss\ndim2 = fs", "dim1 = fs\ndim2 = ss"), "fast scan dimension"),
     (lambda t: t.replace("a/fs = x", "a/fs = sideways"), "no valid fs direction"),
-    (lambda t: t + "a/pixel_size = 3\n", "unrecognised panel field"),
+    (lambda t: t + "rigid_group_q = a,c\n", "rigid_group_q: panel 'c' not found"),
+    (lambda t: t + "rigid_group_q = a\nrigid_group_collection_r = q,z\n",
+     "rigid group 'z' not found"),
     (lambda t: t.replace("peak_list_type = cxi", "peak_list_type = csv"), "peak_list_type"),
     (lambda t: t.replace("a/fs = x", "a/fs = +1.0x +1.2e-05y"), "no valid fs direction"),
     (lambda t: t.replace("a/min_fs = 0", "group_ab = a,b\na/min_fs = 0"), "unknown panel group"),
@@ -97,6 +99,17 @@ def test_a_geometry_keeping_every_rule_is_clean() -> None:
 def test_each_rule_is_enforced(change, words) -> None:
     problems = errors_only(crystfel_problems(change(GOOD)))
     assert any(words in p for p in problems), problems
+
+
+def test_unknown_keys_are_warnings_as_crystfel_says_unrecognised_field_and_goes_on() -> None:
+    for extra in ("a/pixel_size = 3\n", "bad1/colour = red\n"):
+        problems = crystfel_problems(GOOD + extra)
+        assert problems and not errors_only(problems), problems
+        assert "unrecognised" in problems[0]
+    # at top level it still counts as a panel default: after the last panel it has no effect
+    problems = errors_only(crystfel_problems(GOOD + "pixel_size = 3\n"))
+    assert any("have no effect" in p for p in problems), problems
+    assert not errors_only(crystfel_problems(GOOD + "rigid_group_q = a,b\n"))
 
 
 def test_max_adu_is_a_warning_only() -> None:

@@ -97,9 +97,11 @@ def check_pair(experiments: Any, expt: str, table: Any, refl: str) -> None:
     from ``expt``): it has reflections of an experiment the list lacks, or the identifiers DIALS
     pairs tables and experiments by (``experiment_identifiers``, set by dials.import and kept
     by every later step) differ.  DIALS itself refuses such a pair; read by row number alone,
-    another run's reflections would label these images."""
+    another run's reflections would label these images.  Id -1 is DIALS' own for reflections
+    of no experiment (the spots ``dials.index`` could not index, kept in its table): they
+    belong to none, and the pair is DIALS' own."""
     ids = np.unique(_flex_to_numpy(table["id"])) if "id" in table and table.size() else []
-    outside = [int(i) for i in ids if not 0 <= int(i) < len(experiments)]
+    outside = [int(i) for i in ids if not -1 <= int(i) < len(experiments)]
     if outside:
         raise FormatError(refl, f"has reflections of experiment {outside[0]}, but {expt} holds "
                           f"{len(experiments)} experiment(s): not the reflections of that "

@@ -88,13 +88,22 @@ class Integrator:
     def integrate(self, frame: Any, panel: Any, fs: Any, ss: Any, *, gain: float = 1.0,
                   read_noise: float = 0.0, one_over_d: Any = None,
                   wavelength_A: float | None = None, clen_m: float | None = None) -> np.ndarray:
-        """Integrate spots at ``(panel, fs, ss)`` of one :class:`~peaknet_xtal.types.Frame`.
+        """Integrate spots at ``(panel, fs, ss)`` of one :class:`~peaknet_xtal.types.Frame`,
+        or of an image given as ``PeakFinder.find`` takes one (a 2-D array, a stack of panels,
+        a list of per-panel arrays, numpy or flex), whose peaks' columns can be passed as they
+        are.
 
         ``gain`` is ADU per photon, ``read_noise`` the Gaussian read noise in photons.  The
         frame's pixels are used as the finder uses them (``finding.sanitise``): a gap's marked
         value (65535 in uint16 Eiger frames) or a NaN is no count in any shoebox.
         """
         from peaknet_xtal.finding.sanitise import sanitise_frame
+        from peaknet_xtal.types import Frame
+
+        if not isinstance(frame, Frame):  # the image as the finder takes it (README's example)
+            from peaknet_xtal.finding.api import to_panels
+
+            frame = Frame(panels=to_panels(frame))
 
         masks = sanitise_frame(frame.panels, frame.masks, frame.meta.get("dtype"))[1]
         boxes = extract_shoeboxes(frame.panels, masks, np.asarray(panel), np.asarray(fs),

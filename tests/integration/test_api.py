@@ -52,3 +52,28 @@ def test_a_spot_without_one_usable_pixel_is_nan_and_counted_not_a_made_up_value(
     assert said and said[0].startswith("1 of 2 spots")
     alone = integrator.integrate(Frame(panels=[image], masks=[good]), [0], [24.0], [32.0])
     np.testing.assert_allclose(alone["photons"], got["photons"][:1], rtol=1e-5)
+
+
+def test_an_image_is_integrated_as_the_finder_takes_it():
+    """The README's example passes the image the finder was given (a 2-D array) with the
+    peaks' columns: it raised AttributeError ('numpy.ndarray' object has no attribute
+    'panels'); an array, its uint16 original (65535 marks) and a list of panels read alike."""
+    from peaknet_xtal.finding.api import PeakFinder
+
+    rng = np.random.default_rng(5)
+    image = rng.poisson(3.0, (48, 48)).astype(np.float32)
+    yy, xx = np.indices(image.shape)
+    image += (300.0 * np.exp(-((yy - 20) ** 2 + (xx - 30) ** 2) / 2.0)).astype(np.float32)
+    peaks = PeakFinder().find(image)
+    assert len(peaks) >= 1
+    columns = (peaks["panel"], peaks["fs"], peaks["ss"])
+    integrator = Integrator()
+    table = integrator.integrate(image, *columns, gain=1.0, read_noise=0.1)
+    framed = integrator.integrate(Frame(panels=[image]), *columns, gain=1.0, read_noise=0.1)
+    np.testing.assert_array_equal(table["photons"], framed["photons"])
+    assert np.all(table["photons"] > 100)
+    stored = np.rint(image).astype(np.uint16)
+    stored[20, 33] = 65535
+    marked = integrator.integrate(stored, *columns)
+    listed = integrator.integrate([np.rint(image).astype(np.uint16)], *columns)
+    assert abs(marked["sum_photons"][0] - listed["sum_photons"][0]) < 100  # not 65535 more

@@ -159,6 +159,14 @@ def test_a_refl_of_another_experiment_list_is_refused_naming_it(real_data, dials
     with pytest.raises(FormatError, match=r"b.refl: experiment 0 is 'run-b-0' here and "
                        r"'run-a-0' in .*a.expt: these reflections belong to another"):
         list(records_from_dials(tmp_path / "a.expt", tmp_path / "b.refl"))
+    # dials.index keeps the spots it could not index, as id -1: of no experiment, and no
+    # reason to refuse its own output (it was refused); they label no image
+    unindexed = flex.reflection_table.from_file(str(base / "stills.refl"))
+    ids = unindexed["id"]
+    unindexed["id"] = flex.int([-1 if k % 4 == 0 else ids[k] for k in range(unindexed.size())])
+    unindexed.as_file(str(tmp_path / "unindexed.refl"))
+    records = list(records_from_dials(base / "stills.expt", tmp_path / "unindexed.refl"))
+    assert len(records) == 3 and 0 < sum(len(r.predicted) for r in records) < 502
     plain = flex.reflection_table.from_file(str(base / "stills.refl"))
     plain["id"] = flex.int(plain.size(), 5)
     plain.as_file(str(tmp_path / "far.refl"))

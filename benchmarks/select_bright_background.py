@@ -136,18 +136,32 @@ def choose(rows: dict[tuple, dict[str, Any]]) -> tuple[float, float] | None:
     return max(passing)[2] if passing else None
 
 
+def detector_of(frame: Any) -> Any:
+    """What tells one detector's frames from another's: the selection frames' detector (their
+    parts take the detectors in turn), else the panel shapes."""
+    name = frame.meta.get("selection", {}).get("detector")
+    return name if name is not None else tuple(np.shape(p) for p in frame.panels)
+
+
 def run_model(items: list, peak_params: PeakParams | None = None
               ) -> list[tuple[list[np.ndarray], Any]]:
     """The shipped model's probability maps and peak settings (gain resolved) of every frame
-    (``peak_params``: the engine's; default, the bright-background test off)."""
+    (``peak_params``: the engine's; default, the bright-background test off).  The frames of
+    each detector are a run of their own (``engine.new_run()`` where the detector changes), so
+    the run-level defect counts and a measured gain never carry from one detector to the next."""
     from peaknet_xtal.finding import InferenceEngine
     from peaknet_xtal.progress import Progress
 
     engine = InferenceEngine("default", device="cpu", threads=1, keep_prob_maps=True,
                              peak_params=peak_params or PeakParams(bright_photons=None))
     out = []
+    detector = None
     with Progress(len(items), "frames", desc="model") as bar:
         for _, frame, _, _ in items:
+            if detector_of(frame) != detector:  # another detector: a run of its own
+                if detector is not None:
+                    engine.new_run()
+                detector = detector_of(frame)
             result = next(iter(engine.find_frames([frame])))
             assert result.prob_maps is not None  # keep_prob_maps
             out.append((result.prob_maps, engine.params_for(frame)))
@@ -185,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--acceptance", default=None,
                         help="also measure the choice on this set of examples/make_eval_report.py")
     parser.add_argument("--work", type=Path, default=None, help="where the report set is built")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="also write the table and the choice (and the measurement) here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     start = time.time()
@@ -194,21 +210,26 @@ def main(argv: list[str] | None = None) -> int:
     for prob_low in PROBS:
         for sigmas in SIGMAS:
             rows[(prob_low, sigmas)] = score(items, probs, bright_settings((prob_low, sigmas)))
-    print(f"selection frames ({len(items)}):")
-    for settings, row in rows.items():
-        print(describe(settings, row))
     chosen = choose(rows)
-    print(f"\nchosen: {chosen} (bright_prob, bright_sigmas); "
-          f"{time.time() - start:.0f} s")
+    text = "\n".join([f"selection frames ({len(items)}):",
+                      *(describe(settings, row) for settings, row in rows.items()),
+                      f"\nchosen: {chosen} (bright_prob, bright_sigmas); "
+                      f"{time.time() - start:.0f} s"])
+    emit(text, args.out)
     if chosen is not None and args.acceptance:
         import tempfile
 
         with tempfile.TemporaryDirectory() as tmp:
             items = report_items(args.acceptance, args.work or Path(tmp))
             probs = run_model(items)
-            print(f"\nacceptance set {args.acceptance} ({len(items)} frames), a measurement:")
-            for settings in (OFF, chosen):
-                print(describe(settings, score(items, probs, bright_settings(settings))))
+            measured = "\n".join(
+                [f"\nacceptance set {args.acceptance} ({len(items)} frames), a measurement:",
+                 *(describe(settings, score(items, probs, bright_settings(settings)))
+                   for settings in (OFF, chosen))])
+        print(measured)
+        if args.out:
+            with args.out.open("a") as file:
+                file.write(measured + "\n")
     return 0
 
 

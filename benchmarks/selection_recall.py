@@ -96,9 +96,14 @@ def measure(spec: str, parts: dict[str, list[tuple]],
     triples: dict[tuple[str, str], list] = {}
     blanks: dict[str, list[int]] = {v[0]: [] for v in variants}
     missed_prob: list[float] = []
+    detector = None
     for part, frames in parts.items():
         for frame, truth in frames:
             info = frame.meta["selection"]
+            if info["detector"] != detector:  # another detector: a run of its own
+                if detector is not None:
+                    engine.new_run()
+                detector = info["detector"]
             result = next(iter(engine.find_frames([frame])))
             assert result.prob_maps is not None  # keep_prob_maps
             base = engine.params_for(frame)

@@ -1,7 +1,7 @@
 """Worked example: simulate, find peaks, index (DIALS), integrate (VI, summation), merge, compare.
 
     bin/setup-merge-env                                   # once: careless in .venv-merge
-    python examples/integration_worked_example.py [--frames 120] [--jobs 2] [--out DIR]
+    python examples/integration_worked_example.py [--frames 200] [--jobs 2] [--out DIR]
 
 The whole chain, from one script, with real programs at every step:
 

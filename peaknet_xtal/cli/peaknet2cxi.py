@@ -191,8 +191,8 @@ def build_parser() -> Any:
                              "peaks, hits keep their weak spots")
     parser.add_argument("--adu-per-photon", dest="adu_per_photon", type=float,
                         help="detector gain for the shot noise in each peak's SNR (default: the "
-                             "geometry's adu_per_photon, or adu_per_eV x photon energy; 0: "
-                             "background noise only)")
+                             "geometry's adu_per_photon, or adu_per_eV x photon energy, else "
+                             "measured from the background; 0: background noise only)")
     parser.add_argument("--batch-size", type=int,
                         help="model input per batch, in 1-Mpx slots: each panel goes whole "
                              f"and takes one slot a megapixel (default {FINDING.batch_size})")

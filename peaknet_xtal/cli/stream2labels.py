@@ -12,12 +12,13 @@ metadata, in one compressed HDF5 file that peaknet-train reads directly.
 Beside the output: <output>.peakdiff.png (found-vs-predicted and precision-recall scatter with the
 selection box) and <output>.config.json (the resolved settings).  Fits run on a local Ray
 (2 CPUs) unless --no-ray; --address joins a running cluster.  An interrupted run resumes where it
-stopped (finished batches in <output>.parts/ are kept; Ctrl-C stops with exit 130 and one line
-saying what is kept).  A run that selects no frame, or labels none of those it selected (their
-images cannot be read), writes no label file and exits 1, saying why (one line per cause, with
-counts).  Every setting is checked before any work: one out of its range (--window 2,
---min-precision 2), or a minimum above its maximum, is one line naming it (exit 2); so is an
-output that cannot be written (a folder, a place without write permission).
+stopped (finished batches in <output>.parts/ are kept; Ctrl-C stops with exit 130, a batch
+scheduler's SIGTERM with exit 143, each with one line saying what is kept).  A run that
+selects no frame, or labels none of those it selected (their images cannot be read), writes
+no label file and exits 1, saying why (one line per cause, with counts).  Every setting is
+checked before any work: one out of its range (--window 2, --min-precision 2), or a minimum
+above its maximum, is one line naming it (exit 2); so is an output that cannot be written (a
+folder, a place without write permission).
 """
 from __future__ import annotations
 

@@ -375,6 +375,9 @@ class DefectTracker:
         frame's mask in slot 0, which the mask must not replace."""
         good = self.good_masks()
         if good is None:
+            if self.frames:  # said, not silent: a short run writes no mask
+                log.info("no pixel defect mask written: %d frame(s) seen, fewer than the %d a "
+                         "defect needs to be told from a spot", self.frames, self.min_frames)
             return []
         folder = Path(outdir)
         try:  # an extra beside the results: failing to write it must not hide a run's own error

@@ -128,25 +128,26 @@ class SanitiseTally:
                 "frames_offset": self.offset}
 
 
-def marked_pixels(image: np.ndarray, dtype: Any) -> tuple[np.ndarray, str] | None:
+def marked_pixels(image: np.ndarray, dtype: Any, least: float | None = None
+                  ) -> tuple[np.ndarray, str] | None:
     """Pixels of one panel (``image``, its values as float32) that data stored as ``dtype`` mark
     as unusable, and what they are, or None (module docstring): those outside
-    :func:`peaknet_xtal.types.count_range`.
+    :func:`peaknet_xtal.types.count_range`.  ``least``: the least value of the whole frame
+    (:func:`frame_least`), which decides whether signed data are photon counts; else the
+    panel's.
 
     - unsigned integers of 16 bits or more: the type's largest value (compared as float32
       holds it, so uint32 values within 128 of 2**32 - 1 count too: no detector counts that
       high);
     - signed integers of 16 bits or more: the type's extremes (error and overload marks);
-    - signed integers whose least value on the panel is -1 or -2: every negative value.
-      Pedestal-subtracted integrating data, whose noise goes further below zero, keep their
-      negative values (on a panel whose noise stops at -1 or -2, those few background pixels
-      are lost, which changes nothing).
+    - signed integers whose least value (the frame's, ``least``) is -1 or -2: every negative
+      value.  Pedestal-subtracted integrating data, whose noise goes further below zero, keep
+      their negative values (a frame whose noise stops at -1 or -2 loses those few background
+      pixels, which changes nothing).
     """
     dtype = np.dtype(dtype)
-    least = None
-    if dtype.kind == "i" and image.size:
-        with np.errstate(invalid="ignore"):
-            least = float(np.nanmin(image)) if np.isfinite(image).any() else None
+    if least is None:
+        least = frame_least([image], dtype)
     low, high = count_range(dtype, least)
     marked, what = None, []  # what: only the marks this panel holds, for the warning
     if np.isfinite(high):
@@ -197,6 +198,26 @@ def implied_dtype(panels: Sequence[np.ndarray]) -> str | None:
     return "uint16" if low >= 0 and high <= np.iinfo(np.uint16).max else "int32"
 
 
+def frame_least(panels: Sequence[np.ndarray], dtype: Any) -> float | None:
+    """The least finite value of a frame stored as signed integers ``dtype`` (None for other
+    types, or no finite value): -1 or -2 make every negative value a mark.  Why the frame's,
+    not each panel's: pedestal-subtracted data reach far below zero (an LCLS CSPAD CBF: -5136),
+    and two of that frame's 64 ASICs happen to stop at -1 and -2; judged alone, their 12
+    negative background pixels were masked, with a warning about -1 gaps the data do not
+    have."""
+    if np.dtype(dtype).kind != "i":
+        return None
+    least = np.inf
+    for panel in panels:
+        values = np.asarray(panel)
+        if values.size:
+            with np.errstate(invalid="ignore"):
+                finite = values[np.isfinite(values)] if values.dtype.kind == "f" else values
+            if finite.size:
+                least = min(least, float(finite.min()))
+    return None if not np.isfinite(least) else least
+
+
 #: What a function wrapped by :func:`masked_values_quiet` returns.
 T = TypeVar("T")
 
@@ -236,6 +257,9 @@ def sanitise_frame(panels: Sequence[np.ndarray], masks: Sequence[np.ndarray] | N
     # one stride over the whole frame, so that a frame of many small panels (64 CSPAD ASICs)
     # samples ~_SAMPLES pixels too, not all of them (a median of 2.3 M values: 20 ms a frame)
     step = max(1, sum(int(np.size(p)) for p in panels) // _SAMPLES)
+    stored_types = {np.asarray(p).dtype if dtype is None else np.dtype(dtype) for p in panels}
+    least = (frame_least(panels, stored_types.pop()) if len(stored_types) == 1
+             else None)  # panels of several types (a caller's list): each judged alone
     for i, panel in enumerate(panels):
         image = np.asarray(panel)
         if image.dtype.kind not in "fiu":
@@ -250,7 +274,7 @@ def sanitise_frame(panels: Sequence[np.ndarray], masks: Sequence[np.ndarray] | N
             raise ValueError(f"panel {i}: mask shape {given.shape} != {image.shape}")
         with np.errstate(invalid="ignore"):
             ok = np.abs(image) <= ABSURD  # one pass: False for NaN, +-inf and absurd values
-        marks = marked_pixels(image, stored)
+        marks = marked_pixels(image, stored, least)
         if marks is not None:
             ok &= ~marks[0]
         good = given & ok

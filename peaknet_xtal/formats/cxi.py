@@ -39,7 +39,10 @@ from peaknet_xtal.types import Frame, FrameResult, empty_peaks, event_index
 log = logging.getLogger(__name__)
 
 #: Where images are looked for when the geometry names no ``data`` path, in this order.
-DEFAULT_DATA_PATHS = ("/entry_1/data_1/data", "/data/data", "/entry_1/instrument_1/detector_1/data")
+#: Where images are looked for without a geometry's ``data``: CXI's places, and ``/data``, a
+#: plain stack as the simplest writers store it (an Eiger stream's stills; it needed -g)
+DEFAULT_DATA_PATHS = ("/entry_1/data_1/data", "/data/data", "/entry_1/instrument_1/detector_1/data",
+                      "/data")
 #: Static masks looked for beside the data when the geometry names none (psocake writes this).
 DEFAULT_MASK_PATHS = ("/entry_1/data_1/mask",)
 

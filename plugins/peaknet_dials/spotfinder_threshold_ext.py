@@ -479,25 +479,40 @@ class PeakNetSpotFinderThresholdExt:
                 peaks = self._from_whole_image(imageset, int(i_panel), pixels, good, roi)
             if peaks is None:
                 peaks = self.peak_pixels(pixels, good, source=_image_name(kwargs),
-                                         i_panel=i_panel)
+                                         i_panel=i_panel, whole=self._whole_of(i_panel, pixels,
+                                                                               roi))
         return flumpy.from_numpy(np.ascontiguousarray(peaks))
 
+    def _whole_of(self, i_panel: int | None, pixels: np.ndarray, roi: Any
+                  ) -> list[np.ndarray] | None:
+        """The panels of the image this panel belongs to, where the last whole image holds it
+        (its mask may differ): the values marking gaps are judged on the whole image, as in
+        the batched run, not on one panel alone."""
+        image = getattr(self, "_image", None)
+        if (image is None or i_panel is None or not 0 <= i_panel < len(image.panels)
+                or not np.array_equal(_cut(image.panels[i_panel], roi), pixels)):
+            return None
+        return list(image.panels)
+
     def peak_pixels(self, pixels: np.ndarray, good: np.ndarray,
-                    source: str | None = None, i_panel: int | None = None) -> np.ndarray:
+                    source: str | None = None, i_panel: int | None = None,
+                    whole: list[np.ndarray] | None = None) -> np.ndarray:
         """Boolean foreground of one panel (numpy in, numpy out), already ANDed with ``good``;
         ``source`` names the image in warnings.  With ``i_panel`` the panel's pixel defects are
-        tracked across images by a filter of its own (:func:`panel_defects`)."""
+        tracked across images by a filter of its own (:func:`panel_defects`).  ``whole``: the
+        panels of its image, where known, whose values decide the type they imply."""
         if not good.any():
             return np.zeros(good.shape, dtype=bool)
-        (foreground,) = self._foreground([pixels], [good], source, i_panel)
+        (foreground,) = self._foreground([pixels], [good], source, i_panel, whole)
         return foreground
 
     def _foreground(self, panels: list[np.ndarray], goods: list[np.ndarray],
-                    source: str | None = None, i_panel: int | None = None
-                    ) -> list[np.ndarray]:
+                    source: str | None = None, i_panel: int | None = None,
+                    whole: list[np.ndarray] | None = None) -> list[np.ndarray]:
         """The shared finding pipeline's DIALS foreground of one image given as panels (or of
         panel ``i_panel`` alone); the values marking gaps are those the pixels' type implies
-        (:func:`peaknet_xtal.finding.sanitise.implied_dtype`), as in every dxtbx adapter."""
+        (:func:`peaknet_xtal.finding.sanitise.implied_dtype`) over the whole image (``whole``,
+        else ``panels``), as in every dxtbx adapter."""
         from peaknet_xtal.finding.sanitise import implied_dtype
         from peaknet_xtal.formats.dxtbx_images import CORRECTED_GAIN
         from peaknet_xtal.types import Frame
@@ -505,7 +520,8 @@ class PeakNetSpotFinderThresholdExt:
         if not any(g.any() for g in goods):  # all masked: nothing to find, nothing to learn
             return [np.zeros(g.shape, dtype=bool) for g in goods]
         frame = Frame(panels=panels, masks=goods, source=source or "",
-                      meta={"adu_per_photon": CORRECTED_GAIN, "dtype": implied_dtype(panels)})
+                      meta={"adu_per_photon": CORRECTED_GAIN,
+                            "dtype": implied_dtype(panels if whole is None else whole)})
         engine = get_predictor(self.settings)
         defects = None if i_panel is None else panel_defects(self.settings, i_panel)
         (result,) = engine.find_frames([frame], with_pixels=True, defects=defects,

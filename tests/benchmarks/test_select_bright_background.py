@@ -72,3 +72,48 @@ def test_a_setting_turns_the_test_on_and_off_turns_it_off(script):
     off, on = script.bright_settings(script.OFF), script.bright_settings((0.3, 5.5))
     assert script.score(items, maps, off)["recall"]["validation-strong"] == 0.0
     assert script.score(items, maps, on)["recall"]["validation-strong"] == 1.0
+
+
+class _Engine:
+    """Stands in for the InferenceEngine: records the frames it finds and where a run starts."""
+
+    def __init__(self, *args, **kwargs):
+        self.calls: list[str] = []
+        _Engine.last = self
+
+    def find_frames(self, frames):
+        from types import SimpleNamespace
+
+        self.calls.append("frame")
+        return iter([SimpleNamespace(prob_maps=[])])
+
+    def params_for(self, frame):
+        return None
+
+    def new_run(self):
+        self.calls.append("new run")
+
+
+def test_each_detector_is_a_run_of_its_own(script, monkeypatch):
+    """The selection parts take their detectors in turn: the defect counts and a measured gain
+    must not carry from one detector's frame to another's (it warned at every switch)."""
+    import numpy as np
+
+    import peaknet_xtal.finding
+    from peaknet_xtal.types import Frame
+
+    monkeypatch.setattr(peaknet_xtal.finding, "InferenceEngine", _Engine)
+    frames = [Frame(panels=[np.zeros((4, 4), np.float32)], masks=None,
+                    meta={"selection": {"detector": name}}) for name in ("a", "a", "b", "a")]
+    script.run_model([("validation", f, None, None) for f in frames])
+    assert _Engine.last.calls == ["frame", "frame", "new run", "frame", "new run", "frame"]
+
+
+def test_out_writes_what_is_printed(script, monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(script, "selection_items", lambda: [])
+    monkeypatch.setattr(script, "run_model", lambda items: [])
+    monkeypatch.setattr(script, "score", lambda items, probs, adjust: row(0.4, 0.5))
+    out = tmp_path / "choice.txt"
+    assert script.main(["--out", str(out)]) == 0
+    text = out.read_text()
+    assert "chosen: (0.3, 6.5)" in text and text.strip() in capsys.readouterr().out

@@ -491,16 +491,25 @@ def test_dials_mask_reads_back_as_flex_bool(tmp_path, dials_env):
     assert masks[0].count(False) == 1 and not masks[0][2 * 12 + 3]
 
 
-def test_filter_saves_masks_beside_the_output_after_enough_frames(tmp_path, fixtures_dir):
+def test_filter_saves_masks_beside_the_output_after_enough_frames(tmp_path, fixtures_dir,
+                                                                   caplog):
+    """Nothing is written before enough frames; a run that ends that short says so (its
+    folder held no mask, and nothing said why)."""
     geometry = read_geometry(fixtures_dir / "geometry" / "two_panels.geom")
     filt = DefectFilter(DefectTracker(min_frames=3))
     rng = np.random.default_rng(4)
     empty = peaks_from_columns()
     assert filt.save(tmp_path, geometry) == []  # nothing seen yet: nothing written
-    for _ in range(3):
+    for k in range(3):
         panels = [rng.normal(0, 1, (32, 64)), rng.normal(0, 1, (32, 64))]
         panels[1][3, 4] = 50.0
         filt(empty, panels)
+        if k == 1:
+            with caplog.at_level("INFO", logger="peaknet_xtal.finding.defects"):
+                assert filt.save(tmp_path, geometry) == []
+            assert "no pixel defect mask written: 2 frame(s) seen, fewer than the 3" in \
+                caplog.text
+            assert not any(tmp_path.iterdir())
     written = filt.save(tmp_path, geometry)
     assert written[0] == tmp_path / "pixel_defects.h5"
     with h5py.File(written[0]) as h5:

@@ -201,3 +201,19 @@ def test_the_type_whole_number_pixels_imply_marks_as_that_type_would():
     assert implied_dtype([np.array([[1, 2]], np.int16)]) is None  # its own type says it
     goods = sanitise_frame([counts], None, implied_dtype([counts]))[1][0]
     assert goods.tolist() == [[True, True], [False, False]]
+
+
+def test_signed_counts_are_judged_by_the_least_value_of_the_whole_frame():
+    """-1 and -2 mark gaps and bad pixels where they are the least values of photon counts;
+    pedestal-subtracted data reach far lower (an LCLS CSPAD CBF: -5136), and a panel of them
+    whose noise happens to stop at -2 had its negative pixels masked, with a warning about
+    gaps the data do not have.  The whole frame decides."""
+    integrating = [np.array([[-2, 0, 5], [-1, 3, 9]], np.int32),
+                   np.array([[-5136, 40, 7], [2, -30, 1]], np.int32)]
+    goods, check = sanitise_frame(integrating, None)[1:]
+    assert all(g.all() for g in goods) and check.marked == 0
+    counting = [np.array([[-2, 0, 5], [-1, 3, 9]], np.int32),
+                np.array([[0, 40, 7], [2, -1, 1]], np.int32)]
+    goods, check = sanitise_frame(counting, None)[1:]
+    assert goods[0].tolist() == [[False, True, True], [False, True, True]]
+    assert goods[1].tolist() == [[True, True, True], [True, False, True]] and check.marked == 3

@@ -136,12 +136,16 @@ def test_missing_dataset_not_hdf5_and_truncated_file(tmp_path, geometry):
     with pytest.raises(FormatError, match="no image dataset found") as err:
         inspect_cxi(empty)
     assert "image-like" not in str(err.value)  # a 1-D dataset is no image
-    eiger = tmp_path / "eiger.h5"  # an Eiger still as some writers store it: /data
+    eiger = tmp_path / "eiger.h5"  # an Eiger still as some writers store it: /data, read
     with h5py.File(eiger, "w") as h5:
         h5["/data"] = np.zeros((1, 12, 10), np.uint16)
-    with pytest.raises(FormatError, match=r"image-like datasets here: /data \(1, 12, 10\) "
-                                          r"uint16 \(name one with a geometry's 'data' key"):
-        inspect_cxi(eiger)
+    assert inspect_cxi(eiger).dataset == "/data"
+    other = tmp_path / "other.h5"  # elsewhere: the error names what may be meant
+    with h5py.File(other, "w") as h5:
+        h5["/run/images"] = np.zeros((1, 12, 10), np.uint16)
+    with pytest.raises(FormatError, match=r"image-like datasets here: /run/images \(1, 12, "
+                                          r"10\) uint16 \(name one with a geometry's 'data' key"):
+        inspect_cxi(other)
     text = tmp_path / "text.cxi"
     text.write_text("not hdf5\n")
     with pytest.raises(FormatError, match="not a readable HDF5 file"):

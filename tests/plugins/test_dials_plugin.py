@@ -443,9 +443,9 @@ def test_whole_image_is_found_in_one_batched_run(dials_modules, real_data, monke
     runs: list[int] = []
     original = module.PeakNetSpotFinderThresholdExt._foreground
 
-    def counted(self, panels, goods, source=None, i_panel=None):
+    def counted(self, panels, goods, source=None, i_panel=None, whole=None):
         runs.append(len(panels))
-        return original(self, panels, goods, source, i_panel)
+        return original(self, panels, goods, source, i_panel, whole)
 
     monkeypatch.setattr(module.PeakNetSpotFinderThresholdExt, "_foreground", counted)
     batched = [flumpy.to_numpy(ext.compute_threshold(d, m, imageset=imageset, i_panel=i))

@@ -334,9 +334,11 @@ def _open_mask_file(spec: MaskSpec, geometry: Any) -> h5py.File:
     assert spec.file is not None
     if not os.path.exists(spec.file):
         key = "mask_file" if spec.index == 0 else f"mask{spec.index}_file"
+        where = ("" if os.path.isabs(spec.file) else  # only a relative name is looked for
+                 f"; a relative name is taken from the working directory, {os.getcwd()}, as "
+                 "CrystFEL takes it")
         raise FormatError(spec.file, f"mask file not found (named by {key} in the geometry "
-                          f"{getattr(geometry, 'path', None) or ''}; a relative name is taken "
-                          f"from the working directory, {os.getcwd()}, as CrystFEL takes it)")
+                          f"{getattr(geometry, 'path', None) or ''}{where})")
     return open_h5(spec.file)
 
 

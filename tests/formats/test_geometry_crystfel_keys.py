@@ -248,7 +248,13 @@ def test_a_missing_mask_file_is_an_error_naming_the_key_and_the_geometry(tmp_pat
             frame_masks(path, geometry)
         said = str(err.value)
         assert "gone.h5" in said and f"{key} in the geometry det.geom" in said
-        assert str(tmp_path) in said
+        assert str(tmp_path) in said and "a relative name is taken" in said
+    # an absolute name was looked for where it says, not in the working directory
+    geometry = parse_geometry(geom(top="mask_file = /gpfs/gone.h5\nmask = /m\nmask_good = 1"),
+                              "det.geom")
+    with pytest.raises(FormatError, match="/gpfs/gone.h5: mask file not found") as err:
+        frame_masks(path, geometry)
+    assert "relative" not in str(err.value) and str(tmp_path) not in str(err.value)
 
 
 def test_the_rules_checker_refuses_a_mask_numbered_8():

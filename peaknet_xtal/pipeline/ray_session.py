@@ -36,13 +36,23 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
     # chatter, prefixed "(ModelWorker pid=...)") stays in Ray's log files, off the terminal and
     # the progress bar; the project's warnings from them reach the user through the pipeline's
     # relay instead (pipeline/worker_logs.py)
-    with _keeping_sigterm_handler():
-        if address:
-            check_reachable(address)
-            ray.init(address=address, log_to_driver=False)
-        else:
-            ray.init(num_cpus=num_cpus or DEFAULT_NUM_CPUS, include_dashboard=False,
-                     log_to_driver=False, runtime_env={"env_vars": dict(WORKER_ENV)})
+    try:
+        with _keeping_sigterm_handler():
+            if address:
+                check_reachable(address)
+                ray.init(address=address, log_to_driver=False)
+            else:
+                # address="local": a Ray of its own, whatever RAY_ADDRESS, a `ray start` head
+                # on this node or a stale /tmp/ray/ray_current_cluster says (Ray joined those,
+                # then refused its own num_cpus: "When connecting to an existing cluster,
+                # num_cpus and num_gpus must not be provided")
+                ray.init(address="local", num_cpus=num_cpus or DEFAULT_NUM_CPUS,
+                         include_dashboard=False, log_to_driver=False,
+                         runtime_env={"env_vars": dict(WORKER_ENV)})
+    except BaseException:  # a stop while Ray started: what it started goes with it
+        if ray.is_initialized():
+            ray.shutdown()
+        raise
     try:
         yield ray
     finally:
@@ -85,6 +95,14 @@ def _keeping_sigterm_handler() -> Iterator[None]:
     before = signal.getsignal(signal.SIGTERM)
     try:
         yield
+    except SystemExit as exc:
+        # a SIGTERM that came while Ray started met Ray's handler (exit 15, nothing said): it
+        # is the caller's stop, as one a moment later would be
+        if exc.code != signal.SIGTERM or not callable(before):
+            raise
+        signal.signal(signal.SIGTERM, before)
+        before(signal.SIGTERM, None)
+        raise
     finally:
         if callable(before) and signal.getsignal(signal.SIGTERM) is not before:
             signal.signal(signal.SIGTERM, before)

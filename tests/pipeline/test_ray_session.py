@@ -57,3 +57,41 @@ def test_an_address_nothing_answers_at_is_refused_at_once():
             pass
     assert time.monotonic() - start < 15
     check_reachable("auto")  # Ray's own discovery: left to Ray
+
+
+def test_a_local_session_ignores_a_cluster_named_in_the_environment(monkeypatch):
+    """RAY_ADDRESS (or a `ray start` head on the node) made the local session join that
+    cluster and then refuse its own CPU count ("When connecting to an existing cluster,
+    num_cpus and num_gpus must not be provided"): a local session starts a Ray of its own."""
+    import ray
+
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")  # nothing there
+    with ray_session(num_cpus=1):
+        assert ray.cluster_resources()["CPU"] == 1
+    assert not ray.is_initialized()
+
+
+def test_a_sigterm_while_ray_starts_is_the_callers_stop():
+    """Ray's SIGTERM handler, active while ray.init runs, exits with status 15 and says
+    nothing; a SIGTERM then is the caller's stop, raised by the caller's own handler (a
+    peaknet2cxi run: exit 143 and its one line), and the handler stays the caller's."""
+    import signal
+
+    from peaknet_xtal.pipeline.ray_session import _keeping_sigterm_handler
+
+    class Stopped(Exception):
+        pass
+
+    def mine(signum, frame):
+        raise Stopped(signum)
+
+    previous = signal.signal(signal.SIGTERM, mine)
+    try:
+        with pytest.raises(Stopped), _keeping_sigterm_handler():
+            signal.signal(signal.SIGTERM, lambda *_: None)  # as ray.init installs its own
+            raise SystemExit(signal.SIGTERM)  # what Ray's handler does
+        assert signal.getsignal(signal.SIGTERM) is mine
+        with pytest.raises(SystemExit), _keeping_sigterm_handler():
+            raise SystemExit(2)  # any other exit is left alone
+    finally:
+        signal.signal(signal.SIGTERM, previous)

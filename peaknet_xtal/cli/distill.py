@@ -9,8 +9,9 @@ teacher's weights, a label file or the crop change, and `cache` must not name an
 Label files may come from detectors of different frame shapes.  Reruns resume from the latest
 checkpoint; one whose settings, teacher or label files changed is refused, naming what changed.
 Ctrl-C stops with exit status 130 and SIGTERM (a batch scheduler's stop) with 143, each with one
-line saying which checkpoint is kept; rerunning the same command resumes.  See
-examples/configs/distill_*.yaml.
+line saying what is kept (the teacher-logits cache once complete, the latest checkpoint);
+rerunning the same command resumes from them, without running the teacher again where the cache
+is kept.  See examples/configs/distill_*.yaml.
 """
 from __future__ import annotations
 
@@ -56,7 +57,7 @@ def _run(config: dict[str, Any], argv: list[str], config_file: str) -> int:
         check_same_teacher(out, cache_key(config["teacher"], list(config["data"]["paths"]),
                                           int(config["data"]["crop"])))
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Terminated)
-        return _interrupted(exc, out)
+        return _interrupted(exc, config)
     except (PeakNetError, OSError) as exc:
         print(f"peaknet-distill: error: {exc}", file=sys.stderr)
         return 1
@@ -65,7 +66,7 @@ def _run(config: dict[str, Any], argv: list[str], config_file: str) -> int:
                config_file=config_file)
         final = distill(config)
     except KeyboardInterrupt as exc:
-        return _interrupted(exc, out)
+        return _interrupted(exc, config)
     except TrainingDiverged as exc:  # says itself what is kept, and not to rerun the same
         print(f"peaknet-distill: error: {exc}", file=sys.stderr)
         return 1
@@ -79,23 +80,47 @@ def _run(config: dict[str, Any], argv: list[str], config_file: str) -> int:
     return 0
 
 
-def _interrupted(exc: KeyboardInterrupt, out: Path) -> int:
-    """One line for a run stopped by Ctrl-C or SIGTERM (which, and what a rerun resumes
-    from); the exit status a shell gives a process the signal ended (130, 143)."""
-    kept = _what_is_kept(out)
-    print(f"peaknet-distill: {interrupted(exc)}" + (f"; {kept}" if kept else ""),
-          file=sys.stderr)
+def _interrupted(exc: KeyboardInterrupt, config: dict[str, Any]) -> int:
+    """One line for a run stopped by Ctrl-C or SIGTERM: which, what is kept and what a rerun
+    does; the exit status a shell gives a process the signal ended (130, 143).
+
+    Why the cache is named: the teacher pass over every frame is minutes of work, and a stop
+    before the first checkpoint said only "interrupted", as if all of it were lost."""
+    from peaknet_xtal.training.distill import cache_is_the_runs, cache_path
+
+    out, cache = Path(config["out"]), cache_path(config)
+    checkpoint = _latest(out)
+    cached = cache_is_the_runs(cache, out)
+    if checkpoint is not None and cached:
+        kept = (f"checkpoint {checkpoint} and the teacher-logits cache {cache} are kept; rerun "
+                "the same command to resume from them")
+    elif checkpoint is not None:
+        kept = f"checkpoint {checkpoint} is kept; rerun the same command to resume from it"
+    elif cached:
+        kept = (f"the teacher-logits cache {cache} is kept (no checkpoint was written yet); "
+                "rerun the same command to train from it without running the teacher again")
+    elif cached is False:
+        kept = (f"the teacher-logits cache {cache} was not finished and no checkpoint was "
+                "written: nothing is kept; rerun the same command to start again")
+    else:
+        kept = "no checkpoint was written yet"
+    print(f"peaknet-distill: {interrupted(exc)}; {kept}", file=sys.stderr)
     return exit_status(exc)
 
 
-def _what_is_kept(out: Path) -> str | None:
-    """After a stopped run: the checkpoint a rerun resumes from (None if there is none)."""
+def _latest(out: Path) -> Path | None:
+    """The checkpoint a rerun resumes from (None if there is none)."""
     from peaknet_xtal.training.checkpoint import latest_checkpoint
 
     try:
-        found = latest_checkpoint(out / "checkpoints")
+        return latest_checkpoint(out / "checkpoints")
     except PeakNetError:  # a damaged pointer: the rerun says so itself
         return None
+
+
+def _what_is_kept(out: Path) -> str | None:
+    """After a failed run: the checkpoint a rerun resumes from (None if there is none)."""
+    found = _latest(out)
     if found is None:
         return None
     return f"checkpoint {found} is kept; rerun the same command to resume from it"

@@ -155,6 +155,43 @@ def _cache_state(cache: Path, key: dict[str, Any], n_tiles: int) -> str | None:
     return "; ".join(reasons) or None
 
 
+def cache_path(config: dict[str, Any]) -> Path:
+    """Where a run's teacher-logits cache is: ``cache``, or ``OUT/teacher_logits.h5``."""
+    return Path(config.get("cache") or Path(config["out"]) / "teacher_logits.h5")
+
+
+def cache_is_the_runs(cache: Path, out: Path) -> bool | None:
+    """After a stop: whether ``cache`` holds the teacher logits of the run in ``out`` (True: a
+    rerun reuses it and runs no teacher), or not yet (False: none there, or one of another
+    teacher, label files or crop that a rerun rebuilds); None where it cannot be told (no
+    readable :data:`RUN_KEY_NAME`: a stop before the run's checks wrote it, or a run of an
+    earlier version).
+
+    Why: the teacher pass is minutes of work, and a stopped run's one line says whether it is
+    kept.  The cache is written whole or not at all (``atomic_path``), so a file marked as ours
+    with the run's key is complete; the key kept in ``out`` is compared, not a new
+    :func:`cache_key`, which would hash the teacher's weights (seconds) while a batch
+    scheduler's grace period runs."""
+    import h5py
+
+    if not cache.is_file():
+        return False
+    try:
+        run_key = json.loads((out / RUN_KEY_NAME).read_text())
+        with h5py.File(cache, "r") as handle:
+            attrs = dict(handle.attrs)
+        made_for = json.loads(str(attrs.get("key", "{}")))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(run_key, dict) or not isinstance(made_for, dict) \
+            or attrs.get(CACHE_MARK[0]) != CACHE_MARK[1]:
+        return None
+    try:  # a run resumed from an earlier layout keeps that version in its key
+        return not _why_stale(made_for, {**run_key, "version": CACHE_VERSION})
+    except (KeyError, TypeError, AttributeError):  # a key damaged by hand
+        return None
+
+
 def _refuse_label_file_as_cache(cache: Path, label_files: list[str]) -> None:
     """The cache is written over whatever is at its path: never one of the inputs."""
     for path in label_files:
@@ -369,7 +406,7 @@ def distill(config: dict[str, Any]) -> Path:
     config = deep_merge(DISTILL_DEFAULTS, config)
     if not config.get("teacher"):
         raise ValueError("distillation needs 'teacher' (a model name, file or directory)")
-    cache = Path(config.get("cache") or Path(config["out"]) / "teacher_logits.h5")
+    cache = cache_path(config)
     crop = int(config["data"]["crop"])
     check_same_teacher(Path(config["out"]), cache_key(config["teacher"],
                                                       list(config["data"]["paths"]), crop))

@@ -19,8 +19,10 @@ import json
 import logging
 import math
 import os
+import signal
 import socket
 import sys
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Annotated, Any
@@ -40,6 +42,7 @@ from peaknet_xtal.errors import FormatError, PeakNetError
 from peaknet_xtal.model.weights_io import check_fit, tensor_shapes
 from peaknet_xtal.progress import Progress
 from peaknet_xtal.sim.config import SimConfig, settings_types
+from peaknet_xtal.stopping import STOP_SIGNALS
 from peaknet_xtal.training.data import DATA_SOURCES, SIM_OPTIONS, Augment
 
 log = logging.getLogger(__name__)
@@ -687,11 +690,71 @@ def _cut_history(path: Path, step: int) -> None:
         write_text_atomic(path, "".join(f"{line}\n" for line in kept))
 
 
+def _worker_ignores_stops(worker_id: int) -> None:
+    """A data-loader worker's ``worker_init_fn``: Ctrl-C and SIGTERM are the main process's
+    affair, which stops the run, says what is kept and then ends its workers itself.
+
+    Why: ``timeout``, Slurm and a terminal send the signal to the whole process group, workers
+    included.  Torch's workers die of a SIGTERM from any process but their parent, and the main
+    process's SIGCHLD handler then raised "DataLoader worker ... is killed by signal:
+    Terminated" wherever it was: a traceback, and exit status 1 where it came before the main
+    process's own stop.  So Ctrl-C is ignored here, and SIGTERM stays held (as
+    :func:`_start_workers` forked the worker) and is taken by :func:`_sigterm_from_the_parent`,
+    which ends the worker only where its main process sent it: the main process ends a worker
+    that does not stop when asked (and multiprocessing every worker left at exit) with SIGTERM,
+    and one that ignored it hung the main process.  A worker whose main process is gone still
+    ends: torch's watchdog checks its parent.
+
+    A stop that lands while the main process takes a batch's shared memory from a worker cuts
+    that hand-over short, and the worker's multiprocessing handle server printed a
+    BrokenPipeError or ConnectionResetError traceback beside the one line; such a lost
+    connection is the stop and is not printed (any other error is, as before)."""
+    if not hasattr(signal, "sigwaitinfo") or not hasattr(signal, "pthread_sigmask"):
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # macOS has no sigwaitinfo: Ctrl-C only
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    threading.Thread(target=_sigterm_from_the_parent, name="peaknet SIGTERM", daemon=True).start()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # one held since the fork is dropped with it
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    printed = sys.excepthook
+
+    def quiet_lost_connections(kind: type[BaseException], value: BaseException,
+                               traceback: Any) -> None:
+        if not issubclass(kind, ConnectionError):
+            printed(kind, value, traceback)
+
+    sys.excepthook = quiet_lost_connections
+
+
+def _sigterm_from_the_parent() -> None:
+    """In a data-loader worker, where SIGTERM is held: take each one, and end the worker at
+    once where its main process sent it (as torch's own handler does); one from anyone else (a
+    scheduler's, to the process group) is left to the main process."""
+    while True:
+        info = signal.sigwaitinfo({signal.SIGTERM})
+        if info.si_pid == os.getppid():
+            os._exit(0)
+
+
+def _start_workers(loader: Any) -> Iterator[Any]:
+    """``iter(loader)``, which forks the data-loader workers, with Ctrl-C and SIGTERM held back
+    meanwhile: a worker inherits them held and leaves them to the main process
+    (:func:`_worker_ignores_stops`), which receives them as soon as the workers exist, and
+    stops.  Without this a signal to the group while workers start would kill one first."""
+    if not getattr(loader, "num_workers", 0) or not hasattr(signal, "pthread_sigmask"):
+        return iter(loader)
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        return iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
 def _batches(loader: Any) -> Iterator[Any]:
     """The loader's batches.  An error of ours raised in a data-loader worker comes back as a
     PeakNetError with its own one-line message: torch re-raises it as a RuntimeError carrying
     the worker's whole traceback, since it cannot rebuild an error that needs a path."""
-    batches = iter(loader)
+    batches = _start_workers(loader)
     while True:
         try:
             batch = next(batches)
@@ -727,7 +790,8 @@ def _loop(run: _Run, dataset: Any, loss_fn: LossFn, out: Path) -> None:
     last = min(steps, int(stop_after)) if stop_after is not None else steps
     sampler = StepSampler(run.step, last, accum, run.world, run.rank, batch)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch, sampler=sampler,
-                                         num_workers=int(cfg["data"].get("workers", 0)))
+                                         num_workers=int(cfg["data"].get("workers", 0)),
+                                         worker_init_fn=_worker_ignores_stops)
     bf16 = _use_bf16(cfg, run.device)
     every, log_every = int(cfg["checkpoint"]["every"]), int(cfg["log_every"])
     history = out / HISTORY

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ from peaknet_test_support import load_script
 from peaknet_xtal.cli.distill import main
 from peaknet_xtal.model import create_model, save_model
 from peaknet_xtal.model.weights_io import WEIGHTS_DIR
+from peaknet_xtal.training import data as data_module
 from peaknet_xtal.training import distill as distill_module
 from peaknet_xtal.training.checkpoint import latest_checkpoint
 
@@ -113,8 +116,10 @@ def test_ctrl_c_exits_130_keeps_the_checkpoints_and_a_rerun_resumes(
     assert "Traceback" not in err
     kept = latest_checkpoint(checkpoints)
     assert kept is not None and kept.name == "step_000004"
-    assert err.strip().splitlines()[-1] == (f"peaknet-distill: interrupted; checkpoint {kept} is "
-                                            "kept; rerun the same command to resume from it")
+    cache = tmp_path / "run" / "teacher_logits.h5"
+    assert err.strip().splitlines()[-1] == (
+        f"peaknet-distill: interrupted; checkpoint {kept} and the teacher-logits cache {cache} "
+        "are kept; rerun the same command to resume from them")
     monkeypatch.setattr(distill_module, "distill_batch_loss", real_loss)
     assert main([str(config)]) == 0
     history = [json.loads(line) for line in (tmp_path / "run" / "history.jsonl").open()]
@@ -150,8 +155,9 @@ def test_sigterm_exits_143_with_one_line_and_a_rerun_resumes(
     kept = latest_checkpoint(tmp_path / "run" / "checkpoints")
     assert kept is not None and kept.name == "step_000004" and "Traceback" not in err
     assert err.strip().splitlines()[-1] == (
-        f"peaknet-distill: interrupted (SIGTERM); checkpoint {kept} is kept; rerun the same "
-        "command to resume from it")
+        f"peaknet-distill: interrupted (SIGTERM); checkpoint {kept} and the teacher-logits cache "
+        f"{tmp_path / 'run' / 'teacher_logits.h5'} are kept; rerun the same command to resume "
+        "from them")
     monkeypatch.setattr(distill_module, "distill_batch_loss", real_loss)
     assert main([str(config)]) == 0
     history = [json.loads(line) for line in (tmp_path / "run" / "history.jsonl").open()]
@@ -249,3 +255,86 @@ def test_a_student_crop_wider_than_the_frames_trains(tmp_path: Path) -> None:
     config.write_text(yaml.safe_dump(settings))
     assert main([str(config)]) == 0
     assert (tmp_path / "run" / "model.safetensors").exists()
+
+
+def _sigterm_at_call(monkeypatch: pytest.MonkeyPatch, owner: Any, name: str, call: int) -> None:
+    """``owner.name`` sends this process a real SIGTERM at its ``call``-th call."""
+    real, calls = getattr(owner, name), []
+
+    def terminated(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == call:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, terminated)
+
+
+def test_a_stop_before_the_first_checkpoint_keeps_the_teacher_cache_and_a_rerun_reuses_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Stopped at the first step, after the teacher pass (minutes on real data): the line said
+    only "interrupted (SIGTERM)", as if nothing were kept."""
+    config = _run_folder(tmp_path)
+    cache = tmp_path / "run" / "teacher_logits.h5"
+    _sigterm_at_call(monkeypatch, distill_module, "distill_batch_loss", 1)
+    assert main([str(config)]) == 143
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and latest_checkpoint(tmp_path / "run" / "checkpoints") is None
+    assert err.strip().splitlines()[-1] == (
+        f"peaknet-distill: interrupted (SIGTERM); the teacher-logits cache {cache} is kept (no "
+        "checkpoint was written yet); rerun the same command to train from it without running "
+        "the teacher again")
+    made = cache.stat()
+    monkeypatch.undo()
+    assert main([str(config), "--schedule.steps", "2"]) == 0
+    now = cache.stat()  # not rebuilt: a rebuilt cache replaces the file
+    assert (now.st_ino, now.st_mtime_ns) == (made.st_ino, made.st_mtime_ns)
+
+
+def test_a_stop_during_the_teacher_pass_says_nothing_is_kept(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The cache is written whole or not at all: a stop inside the teacher pass keeps none, and
+    the line says so rather than offering a resume."""
+    config = _run_folder(tmp_path)
+    _sigterm_at_call(monkeypatch, data_module.LabelFileSource, "frame", 2)
+    assert main([str(config)]) == 143
+    err = capsys.readouterr().err
+    cache = tmp_path / "run" / "teacher_logits.h5"
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (
+        f"peaknet-distill: interrupted (SIGTERM); the teacher-logits cache {cache} was not "
+        "finished and no checkpoint was written: nothing is kept; rerun the same command to "
+        "start again")
+    assert not list((tmp_path / "run").glob("*teacher_logits.h5*"))
+
+
+def test_sigterm_to_the_process_group_with_loader_workers_is_one_line_exit_143(
+        tmp_path: Path) -> None:
+    """A scheduler's SIGTERM reaches the data-loader workers as well: each died of it, and the
+    run ended with torch's "DataLoader worker (pid ...) is killed by signal: Terminated"
+    traceback (exit status 1 where that came first)."""
+    config = _run_folder(tmp_path, schedule={"steps": 1_000_000, "warmup": 1},
+                         data={"paths": [str(tmp_path / "labels.h5")], "crop": 32, "workers": 2})
+    run = tmp_path / "run"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "peaknet_xtal.cli.distill", str(config)], stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "checkpoints" / "latest").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        os.killpg(process.pid, signal.SIGTERM)  # as timeout and Slurm send it: to the group
+        _, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 143, err
+    assert "Traceback" not in err and "killed by signal" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("peaknet-distill: ")]
+    assert lines == [err.strip().splitlines()[-1]], err
+    assert lines[0].startswith(f"peaknet-distill: interrupted (SIGTERM); checkpoint {run}")
+    assert lines[0].endswith(f"and the teacher-logits cache {run / 'teacher_logits.h5'} are "
+                             "kept; rerun the same command to resume from them")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -397,3 +398,42 @@ def test_sigterm_is_one_line_exit_143_and_the_same_command_resumes(labels: Path,
     assert f"resumed from {out / 'checkpoints' / latest} at step {step}" in resumed.stderr
     history = [json.loads(line)["step"] for line in (out / "history.jsonl").open()]
     assert history == list(range(1, step + 3))
+
+
+def signalled_as_a_group(command: list[str], out: Path, signum: int) -> tuple[int, str]:
+    """Run ``command`` as a real process in its own process group and, once its first
+    checkpoint exists, send ``signum`` to the whole group, as ``timeout``, Slurm and a terminal
+    do: its data-loader workers get it too.  Its exit status and stderr."""
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True, preexec_fn=lambda: signal.signal(signum, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "checkpoints" / "latest").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        os.killpg(process.pid, signum)
+        _, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    return process.returncode, err
+
+
+def test_sigterm_to_the_process_group_with_loader_workers_is_one_line_exit_143(
+        labels: Path, tmp_path: Path) -> None:
+    """A scheduler's SIGTERM reaches the data-loader workers as well: each died of it, and the
+    run ended with torch's "DataLoader worker (pid ...) is killed by signal: Terminated"
+    traceback (exit status 1 where that came first)."""
+    cfg = write(tmp_path / "long.yaml", settings(labels, **{"schedule.steps": 1_000_000,
+                                                             "data.workers": 2}))
+    out = tmp_path / "out"
+    returncode, err = signalled_as_a_group(
+        [sys.executable, "-m", "peaknet_xtal.cli.train", str(cfg), "--out", str(out)], out,
+        signal.SIGTERM)
+    assert returncode == 143, err
+    assert "Traceback" not in err and "killed by signal" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("peaknet-train: ")]
+    assert lines == [err.strip().splitlines()[-1]], err
+    assert lines[0].startswith(
+        "peaknet-train: interrupted (SIGTERM); rerun the same command to resume from "
+        f"{out / 'checkpoints'}/step_")

@@ -192,11 +192,14 @@ def _output(path: Path, config: Mapping[str, Any]) -> Path:
     return out_dir / path.name
 
 
-def _same_file(a: Path, b: Path) -> bool:
+def _identity(path: Path) -> tuple[int, int] | None:
+    """What makes two names one file (device and inode, as ``os.path.samefile`` compares);
+    None for a file that is not there (an output not written yet)."""
     try:
-        return os.path.samefile(a, b)
-    except OSError:  # one of them is not there (an output not written yet): not the same
-        return False
+        status = os.stat(path)
+    except OSError:
+        return None
+    return status.st_dev, status.st_ino
 
 
 def check_outputs_are_not_inputs(config: Mapping[str, Any]) -> None:
@@ -204,17 +207,23 @@ def check_outputs_are_not_inputs(config: Mapping[str, Any]) -> None:
     is written: a CXI input was taken for its own finished output (skipped, with advice to
     delete it) and a stream's chunks for chunks already integrated, so the run did nothing and
     exited 0.  Each output is compared with every input: of two inputs named alike, the one
-    in the output folder would be the other's output."""
+    in the output folder would be the other's output.  One stat a file, so a run of thousands
+    of inputs is checked at once."""
     inputs = [Path(p) for p in config["inputs"]]
-    taken: dict[Path, Path] = {}
-    for path in inputs:
+    identities = [_identity(p) for p in inputs]
+    owners: dict[tuple[int, int] | None, Path] = {}
+    for identity, path in zip(identities, inputs, strict=True):
+        if identity is not None:
+            owners.setdefault(identity, path)  # the first name given, as it is listed
+    taken: dict[Path, tuple[Path, tuple[int, int] | None]] = {}
+    for path, identity in zip(inputs, identities, strict=True):
         out = _output(path, config)
-        for source in inputs:
-            if _same_file(out, source):
-                raise FormatError(source, f"the output ({out}) would be this input itself: "
-                                  "choose another output folder (-o)")
-        first = taken.setdefault(out, path)
-        if first != path and not _same_file(first, path):
+        source = owners.get(_identity(out))  # an output not there yet is no input
+        if source is not None:
+            raise FormatError(source, f"the output ({out}) would be this input itself: "
+                              "choose another output folder (-o)")
+        first, first_identity = taken.setdefault(out, (path, identity))
+        if first != path and (identity is None or identity != first_identity):
             # one output for two inputs: the second overwrote the first's (CXI), or its
             # chunks were taken for the first's, already done (stream), without a word
             raise FormatError(path, f"has the name of another input ({first}); both would be "

@@ -795,7 +795,8 @@ class _Reader:
     def frame(self, index: int) -> Frame:
         wavelength = self.wavelength_A(index)
         panels = _split(self.slab(index), self.geometry)
-        data, within, values = self._dataset_at(index)
+        name, within, values = self._locate(index)
+        data = self._dataset_at(index)[0]
         clen_path = getattr(self.geometry, "camera_length_path", None)
         if self.info.frames:
             event = self.info.events[index]
@@ -810,8 +811,7 @@ class _Reader:
             geometry=self.geometry,
             # the path the frame was read by in this file: a dataset reached through an
             # external link (a NeXus master's data) names itself inside the other file
-            meta={"h5_file": self.path, "h5_dataset": self._locate(index)[0],
-                  "h5_index": within,
+            meta={"h5_file": self.path, "h5_dataset": name, "h5_index": within,
                   "slab_shape": self.info.frame_shape,
                   # placeholder values (and the frame's place in the file) for what reads the
                   # file again: the CXI writer's masks, a camera length at a location with '%'
@@ -1108,9 +1108,9 @@ def _frame_clen(frame: Frame, clen_path: str) -> float:
     the file or the dataset is missing); its unit is the geometry's.  The reader stores it in
     the frame's meta (``clen_read``) while its file is open, so the engine (for 1/d), the
     stream chunk and this writer take one read; a frame made elsewhere is read here."""
-    read = frame.meta.get("clen_read")
-    if isinstance(read, Mapping) and clen_path.split()[0] in read:
-        return float(read[clen_path.split()[0]])
+    read, location = frame.meta.get("clen_read"), clen_path.split()[0]
+    if isinstance(read, Mapping) and location in read:
+        return float(read[location])
     source = frame.meta.get("h5_file")
     if not source or not os.path.exists(source):
         return float("nan")

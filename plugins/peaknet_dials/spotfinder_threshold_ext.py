@@ -479,49 +479,50 @@ class PeakNetSpotFinderThresholdExt:
                 peaks = self._from_whole_image(imageset, int(i_panel), pixels, good, roi)
             if peaks is None:
                 peaks = self.peak_pixels(pixels, good, source=_image_name(kwargs),
-                                         i_panel=i_panel, whole=self._whole_of(i_panel, pixels,
-                                                                               roi))
+                                         i_panel=i_panel,
+                                         image=self._image_of(i_panel, pixels, roi))
         return flumpy.from_numpy(np.ascontiguousarray(peaks))
 
-    def _whole_of(self, i_panel: int | None, pixels: np.ndarray, roi: Any
-                  ) -> list[np.ndarray] | None:
-        """The panels of the image this panel belongs to, where the last whole image holds it
-        (its mask may differ): the values marking gaps are judged on the whole image, as in
-        the batched run, not on one panel alone."""
-        image = getattr(self, "_image", None)
+    def _image_of(self, i_panel: int | None, pixels: np.ndarray, roi: Any
+                  ) -> _ImageForeground | None:
+        """The last whole image, where it holds this panel's pixels (its mask may differ):
+        the values marking gaps are judged on the whole image, as in the batched run, not on
+        one panel alone."""
+        image: _ImageForeground | None = getattr(self, "_image", None)
         if (image is None or i_panel is None or not 0 <= i_panel < len(image.panels)
                 or not np.array_equal(_cut(image.panels[i_panel], roi), pixels)):
             return None
-        return list(image.panels)
+        return image
 
     def peak_pixels(self, pixels: np.ndarray, good: np.ndarray,
                     source: str | None = None, i_panel: int | None = None,
-                    whole: list[np.ndarray] | None = None) -> np.ndarray:
+                    image: _ImageForeground | None = None) -> np.ndarray:
         """Boolean foreground of one panel (numpy in, numpy out), already ANDed with ``good``;
         ``source`` names the image in warnings.  With ``i_panel`` the panel's pixel defects are
-        tracked across images by a filter of its own (:func:`panel_defects`).  ``whole``: the
-        panels of its image, where known, whose values decide the type they imply."""
+        tracked across images by a filter of its own (:func:`panel_defects`).  ``image``: the
+        whole image it is part of, where known, whose values decide the type they imply
+        (else the panel's own)."""
+        from peaknet_xtal.finding.sanitise import implied_dtype
+
         if not good.any():
             return np.zeros(good.shape, dtype=bool)
-        (foreground,) = self._foreground([pixels], [good], source, i_panel, whole)
+        dtype = image.dtype if image is not None else implied_dtype([pixels])
+        (foreground,) = self._foreground([pixels], [good], source, i_panel, dtype=dtype)
         return foreground
 
     def _foreground(self, panels: list[np.ndarray], goods: list[np.ndarray],
-                    source: str | None = None, i_panel: int | None = None,
-                    whole: list[np.ndarray] | None = None) -> list[np.ndarray]:
+                    source: str | None = None, i_panel: int | None = None, *,
+                    dtype: str | None) -> list[np.ndarray]:
         """The shared finding pipeline's DIALS foreground of one image given as panels (or of
-        panel ``i_panel`` alone); the values marking gaps are those the pixels' type implies
-        (:func:`peaknet_xtal.finding.sanitise.implied_dtype`) over the whole image (``whole``,
-        else ``panels``), as in every dxtbx adapter."""
-        from peaknet_xtal.finding.sanitise import implied_dtype
+        panel ``i_panel`` alone); ``dtype``: the type the whole image's values imply
+        (:func:`peaknet_xtal.finding.sanitise.implied_dtype`), as in every dxtbx adapter."""
         from peaknet_xtal.formats.dxtbx_images import CORRECTED_GAIN
         from peaknet_xtal.types import Frame
 
         if not any(g.any() for g in goods):  # all masked: nothing to find, nothing to learn
             return [np.zeros(g.shape, dtype=bool) for g in goods]
         frame = Frame(panels=panels, masks=goods, source=source or "",
-                      meta={"adu_per_photon": CORRECTED_GAIN,
-                            "dtype": implied_dtype(panels if whole is None else whole)})
+                      meta={"adu_per_photon": CORRECTED_GAIN, "dtype": dtype})
         engine = get_predictor(self.settings)
         defects = None if i_panel is None else panel_defects(self.settings, i_panel)
         (result,) = engine.find_frames([frame], with_pixels=True, defects=defects,
@@ -707,12 +708,14 @@ def _path(imageset: Any, index: int) -> str | None:
 
 class _ImageForeground:
     """The foreground of every panel of one image of an imageset, found in one batched run
-    under DIALS' mask; the imageset, the image's pixels and that mask are its key."""
+    under DIALS' mask; the imageset, the image's pixels and that mask are its key.  ``dtype``:
+    the type its values imply, judged once for the image (:func:`implied_dtype`)."""
 
     def __init__(self, imageset: Any, index: int, panels: list[np.ndarray],
                  masks: list[np.ndarray], foreground: list[np.ndarray]) -> None:
         self.imageset, self.index = imageset, index
         self.panels, self.masks, self.foreground = panels, masks, foreground
+        self.dtype: str | None = None
 
     def holds(self, imageset: Any, i_panel: int, pixels: np.ndarray, good: np.ndarray,
               roi: Any) -> bool:
@@ -727,6 +730,7 @@ class _ImageForeground:
     def load(cls, ext: PeakNetSpotFinderThresholdExt, imageset: Any, pixels: np.ndarray,
              good: np.ndarray, roi: Any, last: _ImageForeground | None
              ) -> _ImageForeground | None:
+        from peaknet_xtal.finding.sanitise import implied_dtype
         from peaknet_xtal.formats.dxtbx_images import image_arrays
 
         extra = ext.dials_mask.of(imageset)
@@ -740,22 +744,24 @@ class _ImageForeground:
             masks = _with(goods, extra)
             found = cls(imageset, index, panels, masks, [])
             if found.holds(imageset, 0, pixels, good, roi):
-                _read_ahead(ext, imageset, index, panels, masks, extra)
-                found.foreground = ext._foreground(panels, masks, _path(imageset, index))
+                found.dtype = implied_dtype(panels)
+                _read_ahead(ext, imageset, index, panels, masks, extra, found.dtype)
+                found.foreground = ext._foreground(panels, masks, _path(imageset, index),
+                                                   dtype=found.dtype)
                 return found
         return None
 
 
 def _read_ahead(ext: PeakNetSpotFinderThresholdExt, imageset: Any, index: int,
                 panels: list[np.ndarray], masks: list[np.ndarray],
-                extra: list[np.ndarray] | None) -> None:
+                extra: list[np.ndarray] | None, dtype: str | None) -> None:
     """While the run's defect filter is still learning, count this image and the next ones of
     the imageset (as many as it needs, under DIALS' mask ``extra`` too) before this one is
     found, as ``peaknet2cxi`` reads a run ahead: the hot pixels of a sequence's first images
     are then known on those images too.  DIALS finds an imageset's images in order, one process
     per block of them; a still is an imageset of one image, and there is nothing to read ahead.
     An image that cannot be read ends the read-ahead: DIALS reports it, by name, when its own
-    turn comes."""
+    turn comes.  ``dtype``: the type this image's values imply, judged once by the caller."""
     from peaknet_xtal.finding.sanitise import implied_dtype
     from peaknet_xtal.formats.dxtbx_images import image_arrays
     from peaknet_xtal.types import Frame
@@ -763,7 +769,7 @@ def _read_ahead(ext: PeakNetSpotFinderThresholdExt, imageset: Any, index: int,
     engine = get_predictor(ext.settings)
     if engine.defects.learning == 0 or engine.defects.pending:
         return
-    ahead = [(panels, masks, implied_dtype(panels))]
+    ahead = [(panels, masks, dtype)]
     for j in range(index + 1, min(index + engine.defects.learning, len(imageset))):
         try:
             frame_panels, frame_goods = image_arrays(imageset, j)

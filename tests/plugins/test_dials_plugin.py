@@ -443,9 +443,9 @@ def test_whole_image_is_found_in_one_batched_run(dials_modules, real_data, monke
     runs: list[int] = []
     original = module.PeakNetSpotFinderThresholdExt._foreground
 
-    def counted(self, panels, goods, source=None, i_panel=None, whole=None):
+    def counted(self, panels, goods, source=None, i_panel=None, **options):
         runs.append(len(panels))
-        return original(self, panels, goods, source, i_panel, whole)
+        return original(self, panels, goods, source, i_panel, **options)
 
     monkeypatch.setattr(module.PeakNetSpotFinderThresholdExt, "_foreground", counted)
     batched = [flumpy.to_numpy(ext.compute_threshold(d, m, imageset=imageset, i_panel=i))
@@ -477,9 +477,9 @@ def test_a_worker_handed_a_later_block_finds_its_images_whole(dials_modules, rea
     runs: list[int | None] = []
     original = module.PeakNetSpotFinderThresholdExt._foreground
 
-    def counted(self, panels, goods, source=None, i_panel=None):
+    def counted(self, panels, goods, source=None, i_panel=None, **options):
         runs.append(i_panel)
-        return original(self, panels, goods, source, i_panel)
+        return original(self, panels, goods, source, i_panel, **options)
 
     monkeypatch.setattr(module.PeakNetSpotFinderThresholdExt, "_foreground", counted)
     data, masks = imageset.get_corrected_data(1), imageset.get_mask(1)  # the second block

@@ -5,13 +5,21 @@ would pile up ``\\r``-joined text, so :class:`Progress` prints one plain line at
 ``interval`` seconds instead, through tqdm's documented ``display`` hook; counting, rates (with
 tqdm's smoothing) and the ETA are tqdm's either way.  tqdm's monitor thread is off: these bars
 also run inside Ray workers and torch DDP ranks, where a stray thread per bar buys nothing.
+
+Log records share the stream (a warning mid-run).  In a log each progress line is a whole line,
+so a record starts a line of its own; on a terminal, while a bar is open, console logging goes
+through tqdm's ``logging_redirect_tqdm`` (the bar is cleared, the record written, the bar drawn
+again), so a record is never glued onto the bar.
 """
 from __future__ import annotations
 
+import contextlib
 import sys
+import threading
 from typing import TextIO
 
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 #: Layout of a log line (no bar: it would be redrawn, not extended); ``{unit}`` has its space.
 #: The rate is always units per second (tqdm's ``rate_noinv_fmt``): its default turns slow
@@ -47,19 +55,59 @@ class _Bar(tqdm):
 
 
 class _LogBar(_Bar):
-    """One line per refresh (``display`` is tqdm's hook for other front ends)."""
+    """One whole line per refresh (``display`` is tqdm's hook for other front ends)."""
 
     def display(self, msg: str | None = None, pos: int | None = None) -> bool:
         text = self.__str__() if msg is None else msg
-        # a log never gets the same count twice (tqdm's close() draws the last state again)
-        if not text or self.n == getattr(self, "_drawn_n", None):
+        if not text:  # tqdm asks to clear the line: a log line stays
+            return False
+        # a log never gets the same count twice (a refresh after tqdm.write, say)
+        if self.n == getattr(self, "_drawn_n", None):
             return True
         self._drawn_n = self.n
-        # lines are separated *before* each new one: tqdm's close() ends the last one with "\n"
-        self.fp.write(("\n" if getattr(self, "_drawn", False) else "") + text)
+        # each line ends with its newline, so whatever else writes here (a log record) starts
+        # a line of its own
+        self.fp.write(text + "\n")
         self.fp.flush()
-        self._drawn = True
         return True
+
+    def clear(self, nolock: bool = False) -> None:
+        """A log line is never erased (tqdm.write clears bars before it writes)."""
+
+    def close(self) -> None:
+        """The last state, drawn once.  tqdm's own close() draws it and then ends the line
+        with "\n", which here would be a blank line: it is drawn here, and tqdm is left only
+        to clear the line, which :meth:`display` declines."""
+        if not self.disable:
+            with self._lock:
+                self._ema_dt = lambda: None  # the run's overall rate, as tqdm's close() gives
+                self.display()
+            self.leave = False
+        super().close()
+
+
+#: Open terminal bars, and the logging redirect they share: the first bar opens it, the last
+#: closes it, so bars closed in any order leave the handlers as they found them.
+_redirect_lock = threading.Lock()
+_redirect_users = 0
+_redirect: contextlib.ExitStack | None = None
+
+
+def _redirect_logging(on: bool) -> None:
+    """Console logging (the root logger's handlers on stdout/stderr) through ``tqdm.write``
+    while any terminal bar is open, tqdm's documented way to log beside a bar."""
+    global _redirect_users, _redirect
+    with _redirect_lock:
+        if on:
+            _redirect_users += 1
+            if _redirect_users == 1:
+                _redirect = contextlib.ExitStack()
+                _redirect.enter_context(logging_redirect_tqdm(tqdm_class=_Bar))
+        else:
+            _redirect_users -= 1
+            if _redirect_users == 0 and _redirect is not None:
+                _redirect.close()
+                _redirect = None
 
 
 class Progress:
@@ -94,6 +142,9 @@ class Progress:
                         initial=int(initial))
         if not enabled:  # tqdm counts nothing when disabled; callers may still read the count
             self._count = int(initial)
+        self._redirected = self.tty and enabled
+        if self._redirected:
+            _redirect_logging(True)
 
     @property
     def count(self) -> int:
@@ -133,6 +184,9 @@ class Progress:
 
     def close(self) -> None:
         self._bar.close()
+        if self._redirected:
+            self._redirected = False
+            _redirect_logging(False)
 
     def __enter__(self) -> Progress:
         return self

@@ -1,8 +1,12 @@
 from __future__ import annotations
 
 import io
+import logging
 import math
+import sys
 import time
+
+import pytest
 
 from peaknet_xtal.progress import Progress, format_seconds
 
@@ -44,6 +48,77 @@ def test_interval_limits_how_often_a_log_line_is_written():
     lines = out.getvalue().splitlines()
     assert len(lines) == 2  # the first line, then the final one at close
     assert lines[-1].startswith("1000/1000 frames")
+
+
+def test_a_log_record_between_progress_lines_starts_its_own_line():
+    """A warning logged mid-run to the same stream (stderr to a file) was glued onto the end of
+    the last progress line, the newline coming before the next progress line instead."""
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    log = logging.getLogger("peaknet_xtal.test_progress")
+    log.addHandler(handler)
+    try:
+        with Progress(3, "frames", stream=out, interval=0) as bar:
+            bar.update(1)
+            log.warning("a panel looks odd")
+            bar.update(2)
+    finally:
+        log.removeHandler(handler)
+    text = out.getvalue()
+    assert text.endswith("\n")
+    lines = text.split("\n")[:-1]
+    assert "WARNING peaknet_xtal.test_progress: a panel looks odd" in lines, lines
+    assert [ln.split(" frames")[0] for ln in lines if "frames" in ln] == ["0/3", "1/3", "3/3"]
+    assert all(ln.strip() for ln in lines), lines  # no blank line, at close or elsewhere
+
+
+def _screen_lines(text: str) -> list[str]:
+    """What a terminal shows of ``text``, line by line: "\r" returns to the line's start and
+    what follows overwrites it."""
+    shown = []
+    for raw in text.split("\n"):
+        row: list[str] = []
+        for part in raw.split("\r"):
+            row[:len(part)] = part
+        shown.append("".join(row).rstrip())
+    return shown
+
+
+def _terminal_logging(monkeypatch: pytest.MonkeyPatch) -> tuple[FakeTerminal, logging.Handler]:
+    """stderr a (fake) terminal, with console logging on it as ``setup_logging`` makes it.
+    Called in the test itself: pytest puts its own stderr back after a fixture's setup."""
+    term = FakeTerminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    monkeypatch.setattr(logging.root, "handlers", [*logging.root.handlers, handler])
+    return term, handler
+
+
+def test_a_log_record_is_not_glued_onto_a_terminal_bar(monkeypatch):
+    term, handler = _terminal_logging(monkeypatch)
+    log = logging.getLogger("peaknet_xtal.test_progress")
+    with Progress(5, "frames", desc="t", interval=0) as bar:
+        bar.update(2)
+        log.warning("a panel looks odd")
+        bar.update(3)
+    shown = _screen_lines(term.getvalue())
+    assert "WARNING peaknet_xtal.test_progress: a panel looks odd" in shown, shown
+    assert "5/5 frames" in shown[-2] and shown[-1] == ""  # the bar is drawn again below it
+    assert handler in logging.root.handlers  # console logging is as it was once the bar closed
+
+
+def test_bars_closed_in_any_order_leave_console_logging_as_it_was(monkeypatch):
+    _, handler = _terminal_logging(monkeypatch)
+    before = list(logging.root.handlers)
+    first = Progress(2, "frames", desc="a", interval=0)
+    second = Progress(2, "frames", desc="b", interval=0)
+    assert handler not in logging.root.handlers  # redirected through tqdm while bars are open
+    first.close()
+    assert handler not in logging.root.handlers
+    second.close()
+    assert logging.root.handlers == before
 
 
 def test_terminal_redraws_in_place():

@@ -474,6 +474,10 @@ def main(argv: list[str] | None = None) -> int:
                        ("cysteine", lambda: cysteine(peaknet, dispersion, out)),
                        ("eiger2", lambda: eiger2(peaknet, dispersion, out))):
         print(f"{name} ...", flush=True)
+        # each data set is another detector, so a run of its own, as peaknet2cxi would see it:
+        # what the finder learns over a run (pixel defects, a measured gain) never carries to
+        # the next set, and its once-a-run warnings are given once per set
+        peaknet.new_run()
         report[name] = step()
     report["seconds"] = time.perf_counter() - started
     write_json_atomic(out / "report.json", strict_json(report))

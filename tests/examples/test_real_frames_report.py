@@ -7,6 +7,8 @@ spots can fail.  The full report runs the shipped model: ``examples/real_frames_
 """
 from __future__ import annotations
 
+import json
+import logging
 from pathlib import Path
 from types import ModuleType
 
@@ -105,3 +107,38 @@ def test_near_misses_are_counted_apart(report, tmp_path):
     result = report.cysteine(ReferenceFinder(report, 4.5), DispersionFinder(), tmp_path)
     assert result["reference_missed"] > 0
     assert result["reference_missed_peak_within_2x"] == result["reference_missed"]
+
+
+def test_each_data_set_is_a_run_of_its_own(report, tmp_path, monkeypatch, caplog):
+    """The report's data sets are different detectors found by one finder.  Without a new run
+    between them, what the finder learns over a run (pixel defects, a measured gain) carried
+    from one detector to the next, and the once-a-run warning "panel shapes changed within the
+    run" was printed at each later data set.  The sets here are stand-ins of three shapes, found
+    by a real PeakFinder with a stand-in segmenter; the report's own loop drives them."""
+    from peaknet_test_support import BrightPredictor, spot_panel
+
+    from peaknet_xtal.finding import PeakFinder
+
+    finder = PeakFinder(predictor=BrightPredictor(), adu_per_photon=1.0, threads=1)
+    counted_before: dict[str, int] = {}
+
+    def data_set(name: str, shape: tuple[int, int]):
+        def step(peaknet, dispersion, plots):
+            counted_before[name] = peaknet.engine.defects.tracker.frames
+            return [len(peaknet.find(spot_panel(3, shape, seed=k))) for k in range(2)]
+        return step
+
+    monkeypatch.setattr(report, "both_finders", lambda model: (finder, None))
+    monkeypatch.setattr(report, "model_identity", lambda spec: spec)
+    monkeypatch.setattr(report, "markdown", lambda result: "")
+    monkeypatch.setattr(report, "cspad_stills", lambda work: [])
+    monkeypatch.setattr(report, "thaumatin", data_set("thaumatin", (96, 96)))
+    monkeypatch.setattr(report, "cysteine", data_set("cysteine", (60, 78)))
+    monkeypatch.setattr(report, "eiger2", data_set("eiger2", (96, 96)))
+    with caplog.at_level(logging.WARNING):
+        assert report.main(["--out", str(tmp_path / "out"), "--work", str(tmp_path)]) == 0
+    assert not [r for r in caplog.records if "panel shapes changed" in r.getMessage()]
+    # every set starts from nothing counted, the third too (its shape is the first's)
+    assert counted_before == {"thaumatin": 0, "cysteine": 0, "eiger2": 0}
+    saved = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert saved["thaumatin"] == saved["cysteine"] == saved["eiger2"] == [3, 3]

@@ -27,28 +27,36 @@ from peaknet_xtal.training.cli_common import parse_training_args, training_parse
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from peaknet_xtal.training.distill import DISTILL_DEFAULTS, DISTILL_TYPES
-
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = training_parser(__doc__, prog="peaknet-distill")
-    parser.add_argument("--teacher", dest="teacher")
-    config = parse_training_args(parser, DISTILL_DEFAULTS, argv, DISTILL_TYPES)
-    config_file = parser.parse_args(argv).config_file
-    if not config.get("teacher"):
-        parser.error("no teacher: set 'teacher' in CONFIG.yaml or give --teacher MODEL")
     # a batch scheduler's SIGTERM stops the run as Ctrl-C does (Python's default died silently
-    # with 143), so that it says what is kept
+    # with 143), so that it says what is kept; installed first, before torch is imported and
+    # the settings read (a SIGTERM in those seconds died silently too)
     with sigterm_raises():
+        try:
+            from peaknet_xtal.training.distill import DISTILL_DEFAULTS, DISTILL_TYPES
+
+            parser = training_parser(__doc__, prog="peaknet-distill")
+            parser.add_argument("--teacher", dest="teacher")
+            config = parse_training_args(parser, DISTILL_DEFAULTS, argv, DISTILL_TYPES)
+            config_file = parser.parse_args(argv).config_file
+        except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Terminated)
+            return _interrupted(exc, None)
+        if not config.get("teacher"):
+            parser.error("no teacher: set 'teacher' in CONFIG.yaml or give --teacher MODEL")
         return _run(config, argv, config_file)
 
 
 def _run(config: dict[str, Any], argv: list[str], config_file: str) -> int:
     """Check, record and distil; the exit status, with one line on stderr for a stop or error."""
-    from peaknet_xtal.training.distill import cache_key, check_same_teacher, distill
-    from peaknet_xtal.training.trainer import TrainingDiverged, check_start, resolve_model_name
-
     out = Path(config["out"])
     try:
+        from peaknet_xtal.training.distill import cache_key, check_same_teacher, distill
+        from peaknet_xtal.training.trainer import (
+            TrainingDiverged,
+            check_start,
+            resolve_model_name,
+        )
+
         # a rerun of another run, or against another teacher, is refused before the run's
         # record is touched; and without the advice to rerun the same command, which would be
         # refused again
@@ -80,12 +88,17 @@ def _run(config: dict[str, Any], argv: list[str], config_file: str) -> int:
     return 0
 
 
-def _interrupted(exc: KeyboardInterrupt, config: dict[str, Any]) -> int:
+def _interrupted(exc: KeyboardInterrupt, config: dict[str, Any] | None) -> int:
     """One line for a run stopped by Ctrl-C or SIGTERM: which, what is kept and what a rerun
-    does; the exit status a shell gives a process the signal ended (130, 143).
+    does; the exit status a shell gives a process the signal ended (130, 143).  ``config``
+    None: stopped before the settings were read, so before any work.
 
     Why the cache is named: the teacher pass over every frame is minutes of work, and a stop
     before the first checkpoint said only "interrupted", as if all of it were lost."""
+    if config is None:
+        print(f"peaknet-distill: {interrupted(exc)}; stopped before the settings were read: "
+              "nothing was done", file=sys.stderr)
+        return exit_status(exc)
     from peaknet_xtal.training.distill import cache_is_the_runs, cache_path
 
     out, cache = Path(config["out"]), cache_path(config)

@@ -32,26 +32,30 @@ from peaknet_xtal.training.cli_common import parse_training_args, training_parse
 
 PROG = "peaknet-train"
 RECORD = "train_config.json"
+#: What a stop before the settings were read keeps: nothing was done.
+NOT_STARTED = "stopped before the settings were read: nothing was done"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from peaknet_xtal.training.supervised import (
-        SUPERVISED_DEFAULTS,
-        SUPERVISED_TYPES,
-        build_dataset,
-        train,
-    )
-    from peaknet_xtal.training.trainer import check_start, resolve_model_name
-
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = training_parser(__doc__, prog=PROG)
-    config = parse_training_args(parser, SUPERVISED_DEFAULTS, argv, SUPERVISED_TYPES)
-    config_file = parser.parse_args(argv).config_file
-    out = Path(config["out"])
+    out: Path | None = None  # known once the settings are read
     try:
         # a batch scheduler's SIGTERM stops the run as Ctrl-C does (Python's default died
-        # silently with 143), so that it says what is kept
+        # silently with 143), so that it says what is kept; installed first, before torch is
+        # imported and the settings read (a SIGTERM in those seconds died silently too)
         with sigterm_raises():
+            from peaknet_xtal.training.supervised import (
+                SUPERVISED_DEFAULTS,
+                SUPERVISED_TYPES,
+                build_dataset,
+                train,
+            )
+            from peaknet_xtal.training.trainer import check_start, resolve_model_name
+
+            parser = training_parser(__doc__, prog=PROG)
+            config = parse_training_args(parser, SUPERVISED_DEFAULTS, argv, SUPERVISED_TYPES)
+            config_file = parser.parse_args(argv).config_file
+            out = Path(config["out"])
             # everything that can be checked before any work, in this order: the model (the
             # record names the architecture trained), the run folder (and the run it holds),
             # the data; the record is written only then, so a refused rerun leaves the earlier
@@ -73,9 +77,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _what_is_kept(out: Path) -> str:
-    """What a rerun of the same command starts from."""
+def _what_is_kept(out: Path | None) -> str:
+    """What a rerun of the same command starts from (``out`` None: stopped before the settings
+    were read, so before any work)."""
     from peaknet_xtal.training.checkpoint import latest_checkpoint
+
+    if out is None:
+        return NOT_STARTED
 
     try:
         found = latest_checkpoint(out / "checkpoints")

@@ -26,6 +26,7 @@ from peaknet_xtal.training.checkpoint import latest_checkpoint
 torch.set_num_threads(1)
 LABELS = load_script(Path(__file__).resolve().parents[1] / "training" / "conftest.py",
                      "training_label_files")
+TRAIN_TESTS = load_script(Path(__file__).resolve().parent / "test_train.py", "train_cli_tests")
 
 
 def _run_folder(tmp_path: Path, **changes: Any) -> Path:
@@ -162,6 +163,19 @@ def test_sigterm_exits_143_with_one_line_and_a_rerun_resumes(
     assert main([str(config)]) == 0
     history = [json.loads(line) for line in (tmp_path / "run" / "history.jsonl").open()]
     assert [h["step"] for h in history] == [1, 2, 3, 4, 5, 6]
+
+
+def test_sigterm_before_the_settings_are_read_is_one_line_exit_143(tmp_path: Path) -> None:
+    """The stop handler came only after the settings were read: a SIGTERM in the first
+    seconds (torch imported, the settings read) ended the run with no line."""
+    returncode, err = TRAIN_TESTS.sigterm_while_starting("peaknet_xtal.cli.distill",
+                                                         str(tmp_path / "a.yaml"))
+    assert returncode == 143, err
+    lines = [line for line in err.splitlines() if line.startswith("peaknet-distill: ")]
+    assert "Traceback" not in err and lines == [err.strip().splitlines()[-1]], err
+    assert lines[0] == ("peaknet-distill: interrupted (SIGTERM); stopped before the settings "
+                        "were read: nothing was done")
+    assert not any(tmp_path.iterdir())
 
 
 def test_label_files_from_two_detectors_train(tmp_path: Path) -> None:

@@ -437,3 +437,47 @@ def test_sigterm_to_the_process_group_with_loader_workers_is_one_line_exit_143(
     assert lines[0].startswith(
         "peaknet-train: interrupted (SIGTERM); rerun the same command to resume from "
         f"{out / 'checkpoints'}/step_")
+
+
+#: Runs a command's ``main`` with its reading of the settings slowed (after a line on stdout
+#: saying it has begun), so that a signal lands before the run has read its settings.
+SLOW_START = """
+import sys, time
+import {module} as cli
+read = cli.parse_training_args
+def slow(*args, **kwargs):
+    print("reading settings", flush=True)
+    time.sleep(60)
+    return read(*args, **kwargs)
+cli.parse_training_args = slow
+raise SystemExit(cli.main(sys.argv[1:]))
+"""
+
+
+def sigterm_while_starting(module: str, *args: str) -> tuple[int, str]:
+    """Exit status and stderr of ``module``'s main, run as a real process, after a SIGTERM
+    while it reads its settings (before any work: torch imported, settings read)."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", SLOW_START.format(module=module), *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL))
+    try:
+        assert process.stdout is not None
+        assert process.stdout.readline() == "reading settings\n"
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    return process.returncode, err
+
+
+def test_sigterm_before_the_settings_are_read_is_one_line_exit_143(tmp_path: Path) -> None:
+    """The stop handler came only after torch was imported and the settings read: a SIGTERM
+    in those first seconds ended the run as Python's default does, with no line."""
+    returncode, err = sigterm_while_starting("peaknet_xtal.cli.train", str(tmp_path / "a.yaml"))
+    assert returncode == 143, err
+    assert one_error_line(err) == err.strip().splitlines()[-1] == (
+        "peaknet-train: interrupted (SIGTERM); stopped before the settings were read: nothing "
+        "was done")
+    assert not any(tmp_path.iterdir())

@@ -1,7 +1,7 @@
 """Ray producer-consumer inference: sources -> bounded frame queue -> model workers -> writers.
 
 ``run_pipeline(config)`` is the entry point (``peaknet2cxi --workers N [--address A]`` calls it);
-see :mod:`.run` for the guarantees (back-pressure, exactly-once output, Ctrl-C, resume).
+see :mod:`.driver` for the guarantees (back-pressure, exactly-once output, Ctrl-C, resume).
 """
 from __future__ import annotations
 

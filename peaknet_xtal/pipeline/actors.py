@@ -6,7 +6,11 @@ release / report`` methods (:class:`~.queues.LocalQueueClient` in-process,
 on a GPU node.
 
 - :class:`SourceFeeder` reads one input through the plugin registry and pushes frames, in chunks,
-  into the frame queue; a full queue blocks it (back-pressure).
+  into the frame queue; a full queue blocks it (back-pressure).  The frames an earlier run
+  finished it skips, counting their spiking pixels for the run's defect mask as the
+  single-process run counts them (``InferenceEngine.observe``); a frame whose detector geometry
+  does not fit the output folder's it refuses, naming its file, before any of it is found
+  (:class:`SameGeometry`).
 - :class:`ModelWorker` leases a batch (a partial final batch is fine), runs the frame finder and
   sends *peak tables* on (never logit maps: they would dwarf the images in the object store).
   At the end of a run the driver asks each worker for what its finder learned across the frames
@@ -24,12 +28,13 @@ import os
 import sys
 import time
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
+from peaknet_xtal.errors import FormatError
 from peaknet_xtal.finding.defects import DefectFilter, DefectTracker
 from peaknet_xtal.pipeline.frame_finders import build_frame_finder
-from peaknet_xtal.types import FrameResult
+from peaknet_xtal.types import Frame, FrameResult
 
 #: A frame's ``(source, event)`` key as the pipeline passes it around.
 FrameKey = tuple[Any, ...]
@@ -49,18 +54,63 @@ class LearnedDefects(NamedTuple):
     geometry: Any
 
 
+class SameGeometry:
+    """The output folder's one geometry, checked where an input is read: a frame whose detector
+    geometry would need another ``.geom`` than the first input's is refused, naming its file,
+    before it is found, as the single-process run refuses it (``CXIWriter.check_geometry``,
+    called before the frame is found).
+
+    Why in the sources: the inputs are read in parallel, so the writer met the frames in no
+    set order and took the folder's geometry from whichever came first; with two detectors the
+    error could name the first input and keep the second's frames.  Here the first input (in
+    input order) is the reference, as in the single-process run, and a refused input ends the
+    run in error once the others are written (``Driver._source_failed``).  Geometries compare
+    as the writer compares them (``formats.cxi.written_placement``); frames of one input share
+    one geometry object, so only a new object is compared."""
+
+    def __init__(self, reference: Frame) -> None:
+        from peaknet_xtal.formats.cxi import written_placement
+
+        self.source = reference.source
+        self.placement = written_placement(reference.geometry)
+        self._fits: Any = reference.geometry  # the last geometry found to fit
+
+    def __call__(self, frame: Frame) -> None:
+        if frame.geometry is None or frame.geometry is self._fits:
+            return
+        from peaknet_xtal.formats.cxi import written_placement
+
+        if written_placement(frame.geometry) != self.placement:
+            raise FormatError(frame.source, "its detector geometry differs from that of the "
+                              f"first input, {self.source}; one output folder holds one "
+                              "geometry: process each detector into its own output folder (-o) "
+                              "(what is already written is kept)")
+        self._fits = frame.geometry
+
+
 class SourceFeeder:
     """Feeds one input (``{"path", "kind", "options"}``) into the frame queue, skipping done keys.
 
     ``kind`` is a registered source type name (None: the first whose ``sniff`` accepts the path)
-    or a factory ``kind(path, **options) -> FrameSource``.
+    or a factory ``kind(path, **options) -> FrameSource``.  ``check``: called on every frame to
+    be sent, before it is sent (:class:`SameGeometry`); its error ends this input, the frames
+    before it sent.
+
+    The frames it skips (finished by an earlier run) reach no worker: their spiking pixels are
+    counted here (:meth:`learned_defects`), as the single-process run counts them
+    (``InferenceEngine.observe``), so that a resumed run's defect mask is the whole run's
+    however the earlier run ended (one stopped with its Ray processes, by a scheduler's
+    SIGTERM to the whole job, wrote no mask at all).
     """
 
     def __init__(self, spec: dict[str, Any], skip: Iterable[Sequence[Any]] = (),
-                 chunk: int = 16) -> None:
+                 chunk: int = 16, check: Callable[[Frame], None] | None = None) -> None:
         self.spec = dict(spec)
         self.skip = {tuple(k) for k in skip}
         self.chunk = max(1, int(chunk))
+        self.check = check
+        self.tracker = DefectTracker()  # the engine's own settings (DefectFilter's tracker)
+        self.geometry: Any = None  # of the latest frame skipped (the mask's layout)
 
     def open(self) -> Any:
         """Through the plugin registry by type name (or sniffing), or a picklable factory."""
@@ -70,6 +120,26 @@ class SourceFeeder:
         from peaknet_xtal.registry import open_source
 
         return open_source(str(self.spec["path"]), kind, **options)
+
+    def first_frame(self) -> Frame | None:
+        """The input's first frame without its pixels (its identity and geometry), None where
+        it holds none: the driver's reference for :class:`SameGeometry`."""
+        source = self.open()
+        try:
+            frame = next(iter(source), None)
+        finally:
+            source.close()
+        return None if frame is None else dataclasses.replace(frame, panels=[], masks=None)
+
+    def count(self) -> int | None:
+        """The input's frames, where its source can say without reading them (None else)."""
+        source = self.open()
+        try:
+            return len(source)
+        except TypeError:
+            return None
+        finally:
+            source.close()
 
     def run(self, queue: Any) -> dict[str, Any]:
         """Push every frame not yet done; returns counts.  Stops early if the queue is aborted."""
@@ -81,7 +151,15 @@ class SourceFeeder:
             for frame in source:
                 if frame.key in self.skip:
                     skipped += 1
+                    self._count_skipped(frame)
                     continue
+                if self.check is not None:
+                    try:
+                        self.check(frame)
+                    except Exception:
+                        if buffer:  # the frames before it are found, as single-process
+                            queue.put(buffer)
+                        raise
                 buffer.append(frame)
                 if len(buffer) >= self.chunk:
                     if not queue.put(buffer):
@@ -96,6 +174,22 @@ class SourceFeeder:
             source.close()
         return {"path": str(self.spec["path"]), "sent": sent, "skipped": skipped,
                 "stopped": stopped}
+
+    def _count_skipped(self, frame: Frame) -> None:
+        """A skipped frame's spiking pixels, among its usable ones, as
+        ``InferenceEngine.observe`` counts them."""
+        from peaknet_xtal.finding.sanitise import sanitise_frame
+
+        goods = sanitise_frame(frame.panels, frame.masks, frame.meta.get("dtype"))[1]
+        self.tracker.update(frame.panels, goods)
+        self.geometry = frame.geometry
+
+    def learned_defects(self) -> LearnedDefects | None:
+        """The spike counts of the frames skipped (None where none was), for the driver to add
+        to the workers' where their finder keeps such counts (:meth:`ModelWorker.keeps_defects`)."""
+        if self.tracker.counts is None:
+            return None
+        return LearnedDefects(self.tracker, self.geometry)
 
 
 class ModelWorker:
@@ -150,6 +244,12 @@ class ModelWorker:
         if not isinstance(defects, DefectFilter) or defects.tracker.counts is None:
             return None
         return LearnedDefects(defects.tracker, self.geometry)
+
+    def keeps_defects(self) -> bool:
+        """Whether the frame finder counts pixel defects (the engine's ``DefectFilter``): only
+        then do the counts of the frames the sources skipped join the run's mask.  The finder
+        is built if no frame came."""
+        return isinstance(getattr(self.frame_finder(), "defects", None), DefectFilter)
 
     def settings(self) -> dict[str, Any] | None:
         """The frame finder's resolved settings as plain values (the engine's ``describe()``,
@@ -243,6 +343,23 @@ class ResultWriter:
     def done_keys(self) -> list[FrameKey]:
         self._ensure_open()
         return sorted(self.seen)
+
+    def geometry_check(self, reference: Frame | None) -> SameGeometry | None:
+        """The check the sources apply to their frames (:class:`SameGeometry`), from the first
+        input's first frame (``reference``), for a writer that holds one geometry
+        (``check_geometry``) and has none of its own to write for every frame; None else.
+
+        The writer checks the reference first, so that the folder's geometry is the first
+        input's whichever frame reaches it first, and one an earlier run wrote there, if
+        another, is said naming the first input, before any frame is found."""
+        self._ensure_open()
+        check = getattr(self.writer, "check_geometry", None)
+        if reference is None or reference.geometry is None or not callable(check):
+            return None
+        check(reference)
+        if getattr(self.writer, "geometry", None) is not None:
+            return None  # its own geometry is written for every frame
+        return SameGeometry(reference)
 
     def write(self, results: Sequence[FrameResult]) -> list[FrameKey]:
         """Write the new results; returns every key handled (new or duplicate), to acknowledge."""

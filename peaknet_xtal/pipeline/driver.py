@@ -18,7 +18,16 @@ The driver owns no data; it starts the stages, watches them and keeps the books:
   down, the defect mask written in between: a Ctrl-C while the mask was written, after the
   flag's handler had been taken down, was lost that way, and the run exited 0 as finished
   (:mod:`peaknet_xtal.stopping`).
-- **Resume.**  Keys already in the writers' finished output are skipped by the sources.
+- **Resume.**  Keys already in the writers' finished output are skipped by the sources, which
+  count those frames' spiking pixels for the run's defect mask, as the single-process run
+  counts them (``InferenceEngine.observe``): the mask is the whole run's however the earlier
+  run ended.  The summary's ``written`` is the frames this run added to the output, counted
+  from the output for a writer that could not say (its process ended by the stop:
+  :meth:`Driver.count_unreported`); ``resumed_keys``, those it held before.
+- **One geometry per output.**  The output folder's detector geometry is the first input's (in
+  input order, as in the single-process run), whichever frame reaches a writer first: the
+  sources refuse, before it is found, a frame whose geometry does not fit it, ending that input
+  as an unreadable one ends it (:class:`~.actors.SameGeometry`).
 - **An input that cannot be read** ends the run in error only once the other inputs' frames are
   written and the writers have finished their files (:meth:`Driver._source_failed`), the error
   being the input's own, naming it: nothing done is lost, and a rerun skips it.
@@ -30,6 +39,8 @@ The driver owns no data; it starts the stages, watches them and keeps the books:
   (:func:`pooled_defects`) and written as the run's ``pixel_defects.h5`` beside the output
   (:meth:`~peaknet_xtal.finding.defects.DefectTracker.save`); the summary records the settings
   under ``engine`` (``InferenceEngine.describe()``, as the single-process summary does).
+- **Progress.**  The progress line counts frames against the inputs' total where their sources
+  can say it up front (the single-process run's total), the frames done before included.
 
 ``backend="ray"`` (default) runs every stage as a Ray actor, on a local Ray or the cluster at
 ``address``; ``backend="threads"`` runs the same classes on threads in this process (tests, and a
@@ -40,6 +51,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
@@ -56,6 +68,7 @@ from peaknet_xtal.pipeline.actors import (
     LearnedDefects,
     ModelWorker,
     ResultWriter,
+    SameGeometry,
     SourceFeeder,
     ray_actor,
     ray_log_relay,
@@ -382,8 +395,12 @@ class Driver:
         self.learned: list[LearnedDefects] = []  # each finished worker's pixel-defect counts
         self.engine: dict[str, Any] | None = None  # the workers' resolved finder settings
         self.defects_written: list[Path] | None = None  # None until save_defects ran
-        #: frames an earlier run wrote, skipped: the defect counts must add to that run's
-        self.resumed = 0
+        #: the spike counts of the frames the sources skipped (done by an earlier run)
+        self.skipped_learned: list[LearnedDefects] = []
+        #: whether the workers' frame finder counts pixel defects (None: no worker said)
+        self.keeps_defects: bool | None = None
+        #: each writer's output and the frames it held when the run started
+        self.writer_starts: list[tuple[str, int]] = []
 
     # -- start --------------------------------------------------------------------------------
     def start(self) -> list[Any]:
@@ -392,27 +409,74 @@ class Driver:
         self.frames = self.backend.queue(int(cfg["queue_capacity"]), "frames")
         self.results = [self.backend.queue(int(cfg["result_queue_capacity"]), f"results-{i}")
                         for i in range(n_writers)]
-        writers = [self.backend.make(ResultWriter, cfg["writer"],
-                                     writer_path(cfg["output"], i, n_writers),
-                                     cfg["writer_options"])
-                   for i in range(n_writers)]
+        paths = [writer_path(cfg["output"], i, n_writers) for i in range(n_writers)]
+        writers = [self.backend.make(ResultWriter, cfg["writer"], path, cfg["writer_options"])
+                   for path in paths]
         done: set[Any] = set()
-        if cfg["resume"]:
-            for handle in writers:
-                done.update(tuple(k) for k in self.backend.call(handle, "done_keys"))
+        for path, handle in zip(paths, writers, strict=True):
+            keys = self.backend.call(handle, "done_keys")
+            self.writer_starts.append((path, len(keys)))
+            if cfg["resume"]:
+                done.update(tuple(k) for k in keys)
+        specs = source_specs(cfg)
+        check = self.geometry_check(specs, writers)
         for i, handle in enumerate(writers):
             future = self.backend.start(handle, "run", self.results[i], self.frames,
                                         float(cfg["lease_timeout"]))
             self.running[future] = ("writer", f"writer{i}", handle)
-        for i, spec in enumerate(source_specs(cfg)):
+        for i, spec in enumerate(specs):
             self.source_paths[f"source{i}"] = str(spec["path"])
-            handle = self.backend.make(SourceFeeder, spec, sorted(done), int(cfg["source_chunk"]))
+            handle = self.backend.make(SourceFeeder, spec, sorted(done), int(cfg["source_chunk"]),
+                                       check)
             self.running[self.backend.start(handle, "run", self.frames)] = ("source", f"source{i}",
                                                                              handle)
         for i in range(int(cfg["workers"])):
             self.start_worker(f"w{i}")
-        self.resumed = len(done)
         return sorted(done)
+
+    def geometry_check(self, specs: Sequence[Mapping[str, Any]], writers: Sequence[Any]
+                       ) -> SameGeometry | None:
+        """The sources' check of the output folder's one geometry (:class:`SameGeometry`),
+        from the first frame of the first input (in input order) that gives one, as the
+        writers judge it (:meth:`ResultWriter.geometry_check`); None where a writer is given a
+        geometry of its own (written for every frame) or no input gives a frame here (an
+        input that cannot be read is its source's to report)."""
+        if self.cfg["writer_options"].get("geometry") is not None:
+            return None
+        reference = None
+        for spec in specs:
+            try:
+                reference = SourceFeeder(dict(spec)).first_frame()
+            except Exception as exc:  # noqa: BLE001 - its source stage reports it, in order
+                log.debug("no reference frame from %s: %s", spec["path"], exc)
+                continue
+            if reference is not None:
+                break
+        check = None
+        for handle in writers:
+            check = self.backend.call(handle, "geometry_check", reference) or check
+        return check
+
+    def frame_total(self, done: Sequence[Sequence[Any]]) -> tuple[int | None, int]:
+        """The inputs' frames, where every source can say without reading them (None else,
+        or where an input cannot be opened here: its source reports it), and those among
+        them an earlier run finished (``done``): the progress line's total and start, as the
+        single-process run counts them."""
+        specs = source_specs(self.cfg)
+        total = 0
+        for spec in specs:
+            try:
+                count = SourceFeeder(dict(spec)).count()
+            except Exception as exc:  # noqa: BLE001 - its source stage reports it
+                log.debug("cannot count the frames of %s: %s", spec["path"], exc)
+                return None, 0
+            if count is None:
+                return None, 0
+            total += count
+        inputs = {os.path.realpath(str(spec["path"])) for spec in specs}
+        by_source = Counter(str(key[0]) for key in done)  # each file's path resolved once
+        before = sum(n for source, n in by_source.items() if os.path.realpath(source) in inputs)
+        return total, min(before, total)
 
     def start_worker(self, worker_id: str) -> None:
         cfg = self.cfg
@@ -431,6 +495,8 @@ class Driver:
     # -- react --------------------------------------------------------------------------------
     def on_done(self, future: Any) -> None:
         role, name, handle = self.running.pop(future)
+        if role == "source":  # a failed input's frames skipped before its error count too
+            self._collect_skipped(name, handle)
         try:
             value = self.backend.result(future)
         except Exception as exc:  # noqa: BLE001 - any stage failure is handled by role
@@ -446,48 +512,72 @@ class Driver:
             self.writers.append(value)
 
     def _collect(self, name: str, handle: Any) -> None:
-        """A finished worker's pixel-defect counts and (from the first) its finder's settings,
-        taken now, while its actor is alive.  Failing to get them is logged, not fatal: the
-        frames are written either way."""
+        """A finished worker's pixel-defect counts and (from the first) its finder's settings
+        and whether it counts defects at all, taken now, while its actor is alive.  Failing to
+        get them is logged, not fatal: the frames are written either way."""
         try:
             learned = self.backend.call(handle, "learned_defects")
             if self.engine is None:
                 self.engine = self.backend.call(handle, "settings")
+            if self.keeps_defects is None:
+                self.keeps_defects = bool(self.backend.call(handle, "keeps_defects"))
         except Exception as exc:  # noqa: BLE001 - a record lost, not the run
             log.warning("could not collect worker %s's pixel defects and settings: %s", name, exc)
             return
         if learned is not None:
             self.learned.append(learned)
 
+    def _collect_skipped(self, name: str, handle: Any) -> None:
+        """A source's spike counts of the frames it skipped (:meth:`SourceFeeder.learned_defects`);
+        lost with a source whose process is gone (logged, not fatal)."""
+        try:
+            learned = self.backend.call(handle, "learned_defects")
+        except Exception as exc:  # noqa: BLE001 - a record lost, not the run
+            log.debug("could not collect %s's counts of the frames it skipped: %s", name, exc)
+            return
+        if learned is not None:
+            self.skipped_learned.append(learned)
+
+    def count_unreported(self) -> None:
+        """Count what a writer that could not report has in its output: its process ended by
+        the stop (a scheduler's SIGTERM reaches every process of the job) or its run failed,
+        while the files it finished before stay.  They are counted as a rerun counts them
+        (its writer's ``done_keys``), less what the output held when the run started, so the
+        summary's ``written`` says what this run added (it said 0 for a run whose writer the
+        stop had ended after it finished files).  Counted here, beside the output, where the
+        driver writes the defect mask too."""
+        reported = {str(w.get("path")) for w in self.writers}
+        for path, before in self.writer_starts:
+            if path in reported:
+                continue
+            try:
+                writer = ResultWriter(self.cfg["writer"], path, self.cfg["writer_options"])
+                try:
+                    now = writer.resumed
+                finally:
+                    writer.close()
+            except Exception as exc:  # noqa: BLE001 - a count lost, not the run
+                log.warning("could not count the frames finished in %s: %s", path, exc)
+                continue
+            self.writers.append({"path": path, "written": max(now - before, 0), "duplicates": 0,
+                                 "resumed": before, "counted_from_output": True})
+
     def save_defects(self) -> list[Path]:
         """Write the run's pixel defect mask from the workers' merged counts
         (:func:`pooled_defects`) beside the output, once; nothing before ``min_frames`` frames
-        in all (a resumed run that found too few keeps the mask of the run before it).  A
-        resumed run adds the counts the earlier run kept in its mask file
-        (:meth:`DefectTracker.load`): its frames are skipped by the sources and reach no worker,
-        where the single-process run counts them again (``InferenceEngine.observe``), so both
-        write the whole run's mask."""
+        in all (a resumed run that found too few keeps the mask of the run before it).  The
+        frames an earlier run finished are skipped by the sources and reach no worker: the
+        sources count them (:meth:`SourceFeeder.learned_defects`), as the single-process run
+        counts them again (``InferenceEngine.observe``), so both write the whole run's mask
+        however the earlier run ended.  Why not the counts the earlier run kept in its mask
+        file: a run whose Ray processes a scheduler's SIGTERM ended wrote none, and a file
+        deleted since, ``--hits-only`` (non-hits are found again) or other inputs into the
+        folder made them counts of other frames than those skipped; the mask then counted
+        this run's frames only."""
         if self.defects_written is None:
             folder = output_folder(self.cfg["output"])
-            tracker, geometry = pooled_defects(self.learned)
-            earlier = DefectTracker.load(folder) if self.resumed else None
-            only_this_run = "the mask written now counts this run's frames only"
-            if tracker is not None and earlier is not None and earlier.frames != self.resumed:
-                # the counts are of other frames than those skipped (a file deleted after the
-                # mask was written, a run killed after it, --hits-only: non-hits are found
-                # again): adding them would count frames twice or miss some
-                log.warning("the earlier run's pixel defect counts cover %d frames, the output "
-                            "holds %d: %s", earlier.frames, self.resumed, only_this_run)
-            elif tracker is not None and earlier is not None:
-                try:  # the frames done before never reach a worker: their counts are the file's
-                    tracker.merge(earlier)
-                except ValueError as exc:
-                    log.warning("the earlier run's pixel defect counts do not add to this "
-                                "run's (%s): %s", exc, only_this_run)
-            elif tracker is not None and self.resumed:
-                log.warning("%s holds no spike counts of the %d frames done before (a run "
-                            "killed before its end writes none; an older one kept none): %s",
-                            folder / "pixel_defects.h5", self.resumed, only_this_run)
+            skipped = self.skipped_learned if self.keeps_defects else []
+            tracker, geometry = pooled_defects([*self.learned, *skipped])
             # the advice names a mask slot the geometry the writer put beside the output
             # leaves free (peaknet.geom reads each frame's own mask in slot 0)
             named = self.cfg["writer_options"].get("geometry_name")
@@ -683,26 +773,16 @@ def run_pipeline(config: Mapping[str, Any] | None = None) -> dict[str, Any]:
             skipped = driver.start()
             monitor_json = (cfg["monitor_json"]
                             or f"{str(cfg['output']).rstrip('/')}.pipeline.json")
-            monitor = PipelineMonitor(None, progress=bool(cfg["progress"]),
+            total, before = driver.frame_total(skipped) if cfg["progress"] else (None, 0)
+            monitor = PipelineMonitor(total, progress=bool(cfg["progress"]),
                                       interval=float(cfg["monitor_interval"]),
-                                      live_path=monitor_json)
+                                      live_path=monitor_json, initial=before)
             driver.loop(monitor)
             driver.relay_warnings()
             defects = driver.save_defects()
             driver.interrupted = driver.interrupted or driver.stop_requested  # a late stop too
             final = driver._frame_stats()
             monitor.sample(final, driver._result_stats())
-            summary = monitor.close(
-                monitor_json, live=False,
-                backend=cfg["backend"], workers_started=int(cfg["workers"]) + driver.restarts,
-                restarts=driver.restarts, requeued=final["requeued"],
-                duplicates_dropped=(final["duplicates"]
-                                    + sum(w["duplicates"] for w in driver.writers)),
-                dropped_on_abort=final["dropped"], resumed_keys=len(skipped),
-                written=sum(w["written"] for w in driver.writers), sources=driver.sources,
-                writers=driver.writers, worker_results=driver.workers, failures=driver.failures,
-                interrupted=driver.interrupted, stop_signal=_signal_name(driver.stop_signal),
-                engine=driver.engine, pixel_defects=[str(p) for p in defects])
         finally:
             try:  # after a second Ctrl-C or the driver's own failure too: what was learned is kept
                 driver.save_defects()
@@ -712,6 +792,20 @@ def run_pipeline(config: Mapping[str, Any] | None = None) -> dict[str, Any]:
                 finally:
                     forget_local()  # a later run's stages may say again what this one did
                     backend.close()
+        # once Ray is shut down: a writer whose process the stop ended may finish a file until
+        # then, and the count opens the output as a rerun does (its unfinished files removed)
+        driver.count_unreported()
+        summary = monitor.close(
+            monitor_json, live=False,
+            backend=cfg["backend"], workers_started=int(cfg["workers"]) + driver.restarts,
+            restarts=driver.restarts, requeued=final["requeued"],
+            duplicates_dropped=(final["duplicates"]
+                                + sum(w["duplicates"] for w in driver.writers)),
+            dropped_on_abort=final["dropped"], resumed_keys=len(skipped),
+            written=sum(w["written"] for w in driver.writers), sources=driver.sources,
+            writers=driver.writers, worker_results=driver.workers, failures=driver.failures,
+            interrupted=driver.interrupted, stop_signal=_signal_name(driver.stop_signal),
+            engine=driver.engine, pixel_defects=[str(p) for p in defects])
     if driver.fatal is not None or driver.failed_inputs:
         raise PipelineError("; ".join(driver.errors), driver.engine, summary) from (
             driver.fatal or driver.failed_inputs[0])

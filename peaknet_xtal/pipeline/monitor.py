@@ -25,9 +25,12 @@ class PipelineMonitor:
 
     def __init__(self, total: int | None = None, *, progress: bool = True,
                  stream: TextIO | None = None, interval: float | None = None,
-                 live_path: str | None = None) -> None:
+                 live_path: str | None = None, initial: int = 0) -> None:
+        """``total``: the run's frames, where known up front (the line then gives the share
+        done and an ETA, as the single-process run's does); ``initial``: those of them an
+        earlier run finished, counted as done from the first line on (not in the rate)."""
         self.bar = Progress(total, "frames", desc="pipeline", stream=stream, interval=interval,
-                            enabled=progress)
+                            enabled=progress, initial=initial)
         self.t0 = time.perf_counter()
         self.samples: list[dict[str, Any]] = []
         self.workers: dict[str, dict[str, Any]] = {}

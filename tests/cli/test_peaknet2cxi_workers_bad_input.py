@@ -1,6 +1,7 @@
 """``peaknet2cxi --workers 2`` on bad inputs behaves as the single-process run: an unreadable
-input ends the run with one error naming it after the frames of the others are kept, and the
-warnings raised in the Ray workers reach the user, once each.
+input ends the run with one error naming it after the frames of the others are kept, the
+warnings raised in the Ray workers reach the user, once each, and an input of another detector
+than the first input's (no -g) is refused as the single-process run refuses it.
 
 A trial found both broken: a list of 200 good frames and a complex-valued file exited 1 with
 no CXI file written (every good frame's result thrown away), and the warnings a worker raised
@@ -15,6 +16,8 @@ import re
 from collections import Counter
 from pathlib import Path
 
+import h5py
+import numpy as np
 import peaknet_bad_inputs as badinputs
 import pytest
 
@@ -96,3 +99,42 @@ def test_the_workers_warnings_are_shown_once_each_as_single_process_shows_them(
     ray, serial = said
     assert serial and all("non-finite" in m and str(case.path) in m for m in serial)
     assert ray == serial
+
+
+def _detector_run(root: Path, name: str, frames: int, height: int, width: int,
+                  make_geometry_text) -> Path:
+    """A CXI stack and the geometry beside it that peaknet2cxi reads it with (``NAME.geom``),
+    without -g."""
+    data = np.random.default_rng(frames).poisson(5, (frames, height, width)).astype(np.float32)
+    path = root / f"{name}.cxi"
+    with h5py.File(path, "w") as h5:
+        h5["/entry_1/data_1/data"] = data
+    (root / f"{name}.geom").write_text(make_geometry_text(
+        ["p0"], width, height, [(-width / 2, -height / 2)], adu_per_photon="1"))
+    return path
+
+
+def test_two_detectors_without_g_end_as_the_single_process_run_ends(
+        local_ray, tmp_path, capsys, make_geometry_text):
+    """Two inputs of different detectors and no -g: the error names the second input, whose
+    geometry does not fit the first's, and every frame of the first is kept, none of the
+    second, as in the single-process run.  The inputs are read in parallel, and the writer
+    took the folder's geometry from the first frame it met: with the first input's frames
+    larger (slower to read), that was the second input's, and the run blamed the first and
+    kept the second's frames."""
+    first = _detector_run(tmp_path, "near", 12, 96, 96, make_geometry_text)
+    second = _detector_run(tmp_path, "far", 2, 40, 48, make_geometry_text)
+    args = [str(first), str(second)]
+    serial_code, serial_err = run(args, tmp_path / "one", capsys, workers=1)
+    code, err = run(args, tmp_path / "two", capsys, workers=2)
+    assert (code, serial_code) == (1, 1), err
+    errors = [line.replace(str(tmp_path / "two"), "OUT") for line in err.splitlines()
+              if line.startswith("peaknet2cxi:")]
+    assert errors == [line.replace(str(tmp_path / "one"), "OUT")
+                      for line in serial_err.splitlines() if line.startswith("peaknet2cxi:")]
+    assert errors[0] == (f"peaknet2cxi: error: {second}: its detector geometry differs from "
+                         f"that of the first input, {first}; one output folder holds one "
+                         "geometry: process each detector into its own output folder (-o) "
+                         "(what is already written is kept)"), err
+    kept = {(str(first), f"//{i}") for i in range(12)}
+    assert frames_in(tmp_path / "two") == kept == frames_in(tmp_path / "one")

@@ -286,21 +286,48 @@ def test_a_resumed_run_writes_the_whole_runs_defect_mask(tmp_path: Path):
     assert mask(tmp_path / "alone")[16, 23] == 0  # what the resumed run wrote before
 
 
-def test_counts_of_other_frames_than_those_skipped_are_not_added(tmp_path: Path, caplog):
-    """A finished file deleted after the mask was written: the kept counts cover frames the
-    resumed run finds again; adding them would count those twice, so it says so and counts
-    its own frames only."""
-    a = _spiking_stack(tmp_path / "a.h5", 10, hot=False)
-    cfg = threads_config(tmp_path, [a], frame_finder=InferenceEngine,
-                         frame_finder_options=ENGINE, workers=1, batch_size=5)
-    cfg["writer_options"] = {"frames_per_file": 5}
-    run_pipeline(cfg)
-    (last,) = [p for p in (tmp_path / "out").glob("run-*.cxi") if p.name.endswith("1.cxi")]
-    last.unlink()
-    with caplog.at_level("WARNING"):
-        assert run_pipeline(cfg)["resumed_keys"] == 5
-    assert "counts cover 10 frames, the output holds 5" in caplog.text
+def test_a_resumed_run_counts_the_frames_it_skips_however_the_earlier_run_ended(
+        tmp_path: Path):
+    """The frames an earlier run finished reach no worker: the sources count their spiking
+    pixels, as the single-process run counts them again (``InferenceEngine.observe``), so the
+    resumed run's mask is the whole run's whatever the earlier run left.  The earlier run's
+    kept counts were used instead, and where they were not of the frames skipped the mask
+    counted the resumed run's frames only: after a run stopped with its Ray processes (a
+    scheduler's SIGTERM to the whole job writes no mask) a pixel spiking in b's 5 frames and
+    none of a's 10 was written as a defect; after a finished file was deleted, 5 frames of 15
+    were counted."""
     from peaknet_xtal.finding.defects import DefectTracker
 
-    kept = DefectTracker.load(tmp_path / "out")
-    assert kept is not None and kept.frames == 5  # this run's frames, not 15
+    a = _spiking_stack(tmp_path / "a.h5", 10, hot=False)
+    b = _spiking_stack(tmp_path / "b.h5", 5, hot=True)
+
+    def run(inputs: list[Path], out: Path) -> dict:
+        cfg = threads_config(tmp_path, inputs, frame_finder=InferenceEngine,
+                             frame_finder_options=ENGINE, workers=1, batch_size=5)
+        cfg["output"] = str(out / "run.cxi")
+        cfg["writer_options"] = {"frames_per_file": 5}
+        return run_pipeline(cfg)
+
+    def counts(out: Path) -> tuple[int, np.ndarray]:
+        kept = DefectTracker.load(out)
+        assert kept is not None and kept.counts is not None
+        return kept.frames, kept.counts[0]
+
+    run([a, b], tmp_path / "whole")
+    frames, whole = counts(tmp_path / "whole")
+    assert frames == 15 and whole[16, 23] == 5  # under three in four: no defect
+    killed = tmp_path / "killed"  # a's frames finished, then the stop took the mask with it
+    run([a], killed)
+    for mask in killed.glob("pixel_defects.*"):
+        mask.unlink()
+    assert run([a, b], killed)["resumed_keys"] == 10
+    frames, resumed = counts(killed)
+    assert frames == 15
+    np.testing.assert_array_equal(resumed, whole)
+    deleted = tmp_path / "deleted"  # a finished file deleted after the mask was written
+    run([a, b], deleted)
+    next(deleted.glob("run-*.cxi")).unlink()
+    assert run([a, b], deleted)["resumed_keys"] == 10
+    frames, again = counts(deleted)
+    assert frames == 15
+    np.testing.assert_array_equal(again, whole)

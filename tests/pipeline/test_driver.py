@@ -1,6 +1,7 @@
 """The pipeline on a real local Ray (2 CPUs): every frame once, back-pressure, a worker process
-killed with SIGKILL mid-run, a Ctrl-C'd run that flushes and then resumes to completion, and the
-run's pixel defect mask and engine settings; how the workers' defect counts combine.
+killed with SIGKILL mid-run, a Ctrl-C'd run that flushes and then resumes to completion, a run
+stopped by a SIGTERM to its whole process group and resumed, and the run's pixel defect mask and
+engine settings; how the workers' defect counts combine.
 
 The frame finder is the plain local-maximum finder (``peaknet_test_support.LocalMaxFinder``), with
 a per-frame delay where a batch must be in flight long enough to kill its worker: model quality is
@@ -154,6 +155,93 @@ def test_ctrl_c_flushes_and_a_rerun_completes(tmp_path: Path, stacks):
     assert rerun.stdout.split() == ["COMPLETE", str(200 - sum(first.values()))]
     final = stacks.written(out.parent)
     assert set(final) == stacks.expected(path, 200) and set(final.values()) == {1}
+
+
+SIGTERM_SCRIPT = """
+import os, sys, time
+from peaknet_test_support import BrightPredictor
+from peaknet_xtal.finding.engine import InferenceEngine
+from peaknet_xtal.formats.cxi import CXISource, CXIWriter
+from peaknet_xtal.pipeline import run_pipeline
+
+class HeldEngine(InferenceEngine):
+    # the engine; frames from serial hold_from on wait until hold_file exists
+
+    def __init__(self, hold_from, hold_file, **options):
+        super().__init__(**options)
+        self.hold_from, self.hold_file = hold_from, hold_file
+
+    def find_frames(self, frames, **kw):
+        def held():
+            for frame in frames:
+                while frame.serial >= self.hold_from and not os.path.exists(self.hold_file):
+                    time.sleep(0.05)
+                yield frame
+        yield from super().find_frames(held(), **kw)
+
+out, src, hold_from, go = sys.argv[1:5]
+summary = run_pipeline({"inputs": [{"path": src, "kind": CXISource}], "output": out,
+    "writer": CXIWriter, "writer_options": {"frames_per_file": 4}, "frame_finder": HeldEngine,
+    "frame_finder_options": {"predictor": BrightPredictor(), "adu_per_photon": 1.0,
+                             "threshold": 0.6, "threads": 1, "hold_from": int(hold_from),
+                             "hold_file": go},
+    "workers": 2, "batch_size": 4, "queue_capacity": 16, "num_cpus": 2, "progress": False,
+    "monitor_interval": 0.1})
+print("RESULT", "INTERRUPTED" if summary["interrupted"] else "COMPLETE", summary["written"],
+      summary["resumed_keys"])
+"""
+
+
+def _result(stdout: str) -> list[str]:
+    """The script's RESULT line, less the word (Ray's processes write to its stdout too)."""
+    return next((line.split()[1:] for line in stdout.splitlines()
+                 if line.startswith("RESULT ")), [])
+
+
+@pytest.mark.slow
+def test_a_resumed_run_after_a_sigterm_to_the_whole_job_has_the_whole_runs_mask(
+        tmp_path: Path, stacks):
+    """A scheduler's stop (``kill -TERM -PGID``, a Slurm timeout) reaches Ray's processes too:
+    the workers die with their defect counts, the writers with their summaries.  The stopped
+    run's record said it wrote 0 frames, though its finished files hold some, and the run
+    resuming it wrote a defect mask of its own frames only.  Now the record counts what the
+    output gained, and the resumed run's mask counts every frame, those skipped included, as
+    the single-process run's does (it counts them again as it skips them)."""
+    from peaknet_xtal.finding.defects import DefectTracker
+
+    path = stacks.write(tmp_path / "a.h5", 40)
+    out = tmp_path / "out" / "run.cxi"
+    script = tmp_path / "drive.py"
+    script.write_text(SIGTERM_SCRIPT)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    go = tmp_path / "go"  # never made before the stop: frames from 12 on cannot be found
+    proc = subprocess.Popen([sys.executable, str(script), str(out), str(path), "12", str(go)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+        if len(list(out.parent.glob("run-*.cxi"))) >= 2:
+            break
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)  # as timeout and Slurm send it: to the group
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert _result(stdout)[:1] == ["INTERRUPTED"], stdout[-2000:] + stderr[-3000:]
+    first = sum(stacks.written(out.parent).values())
+    assert 8 <= first <= 12
+    record = json.loads(Path(f"{out}.pipeline.json").read_text())
+    assert (record["written"], record["resumed_keys"]) == (first, 0)
+    go.touch()
+    rerun = subprocess.run([sys.executable, str(script), str(out), str(path), "12", str(go)],
+                           capture_output=True, text=True, env=env, timeout=180)
+    assert _result(rerun.stdout) == ["COMPLETE", str(40 - first), str(first)], rerun.stderr[-3000:]
+    final = stacks.written(out.parent)
+    assert set(final) == stacks.expected(path, 40) and set(final.values()) == {1}
+    kept = DefectTracker.load(out.parent)
+    assert kept is not None and kept.frames == 40
 
 
 class _Flag:

@@ -647,7 +647,7 @@ def _run_pipeline(config: dict[str, Any], expansion: RunInputs) -> dict[str, Any
     pipeline = {
         "inputs": expansion.entries(),
         # every input opened as the single-process run opens it (the geometry it names, etc.)
-        "source_kind": open_input, "source_options": {"geometry": geometry},
+        "source_kind": open_worker_input, "source_options": {"geometry": geometry},
         # the given geometry is the one written for every frame, as in the single-process run
         # (whatever geometry a frame arrives with), and the one the writer checks, once
         "output": str(outdir), "writer": "cxi",
@@ -880,12 +880,7 @@ def open_input(path: str, geometry: Any = None) -> Any:
             source = open_source(path, "cxi", geometry=None)  # its own error: no images
         except FormatError:
             if _is_nexus(path):  # DIALS' reason, not a search for a stack it never had
-                reason = getattr(unread, "message", str(unread))
-                missing = _missing_link_targets(path)
-                if missing:
-                    reason += f"; the data files it links to are missing: {', '.join(missing)}"
-                raise FormatError(path, f"a NeXus file that DIALS cannot read: {reason}"
-                                  ) from unread
+                raise _nexus_unread(path, getattr(unread, "message", str(unread))) from unread
             raise
         if path not in _WARNED_NO_GEOMETRY:  # once a file (it is opened to count, then to run)
             _WARNED_NO_GEOMETRY.add(path)
@@ -910,6 +905,35 @@ def open_input(path: str, geometry: Any = None) -> Any:
         if geometry is not None:
             raise _not_hdf5(path, True) from exc
         raise FormatError(path, "not a CXI/HDF5 file and not an image DIALS can read") from exc
+
+
+class _ReadErrorsSaid:
+    """An open source whose frames' read errors are said as the single-process run says them
+    (:func:`_frames`): the Ray source actors iterate a source themselves, and said only "cannot
+    read image 0" where a NeXus master's data file was missing."""
+
+    def __init__(self, source: Any, path: str) -> None:
+        self.source, self.path = source, path
+
+    def __iter__(self) -> Iterator[Frame]:
+        return _frames(self.source, self.path)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def close(self) -> None:
+        self.source.close()
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "source":  # not yet set: no recursion
+            raise AttributeError(name)
+        return getattr(self.source, name)
+
+
+def open_worker_input(path: str, geometry: Any = None) -> Any:
+    """:func:`open_input` for the Ray pipeline's source actors (their ``source_kind``), its
+    read errors said as in the single-process run."""
+    return _ReadErrorsSaid(open_input(path, geometry), path)
 
 
 def run_gain(inputs: Sequence[str], geometry: Any) -> float | None:
@@ -979,10 +1003,23 @@ def _dials_reason(exc: FormatError) -> str:
             else exc.message)
 
 
+def _nexus_unread(path: str, reason: str) -> FormatError:
+    """A NeXus file DIALS cannot read, with DIALS' reason and the data files its links name
+    that are not there (HDF5 says only "can't open file", naming neither)."""
+    missing = _missing_link_targets(path)
+    if missing:
+        reason += f"; the data files it links to are missing: {', '.join(missing)}"
+    return FormatError(path, f"a NeXus file that DIALS cannot read: {reason}")
+
+
 def _damaged(path: str, exc: FormatError) -> FormatError:
     """DIALS' failure to read a file named like one of its images, said as what it most likely
     is (a damaged or truncated file: a copy cut short, a disk that filled), with dxtbx's own
-    reason; dxtbx says only that it could not read it."""
+    reason; dxtbx says only that it could not read it.  A NeXus master whose linked data files
+    are missing is said as that, naming them: DIALS opens such a master (a rotation series
+    counts its images from the master's own axis) and fails only on reading an image."""
+    if _is_nexus(path) and _missing_link_targets(path):
+        return _nexus_unread(path, _dials_reason(exc))
     return FormatError(path, "DIALS cannot read this image: the file may be damaged or "
                        f"truncated ({_dials_reason(exc)})")
 

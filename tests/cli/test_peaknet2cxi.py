@@ -1284,9 +1284,10 @@ def test_a_full_disk_says_so_and_leaves_no_crash_or_partial_file(tmp_path):
 def test_ray_sources_open_inputs_as_the_single_process_run_does(sim_run, tmp_path, monkeypatch):
     """Without -g, a CXI file that names its geometry is read through it by the Ray pipeline's
     sources too (they sniffed: one panel a frame, other peaks on every frame than the
-    single-process run, no .geom): the pipeline is handed the one opening function."""
+    single-process run, no .geom): the pipeline is handed the one opening function (with the
+    single-process run's words for a frame that cannot be read)."""
     import peaknet_xtal.pipeline as pipeline_module
-    from peaknet_xtal.cli.peaknet2cxi import open_input
+    from peaknet_xtal.cli.peaknet2cxi import open_input, open_worker_input
     from peaknet_xtal.formats.cxi import geometry_path
 
     if geometry_path(str(sim_run.cxi)) is None:  # the fixture's run must name its geometry
@@ -1306,7 +1307,7 @@ def test_ray_sources_open_inputs_as_the_single_process_run_does(sim_run, tmp_pat
     with pytest.raises(PeakNetError, match="no frames were written"):
         run({"inputs": [str(source_path)], "output": str(tmp_path / "o"), "workers": 2,
              "progress": False, "adu_per_photon": 1.5})
-    assert seen["source_kind"] is open_input
+    assert seen["source_kind"] is open_worker_input
     source = seen["source_kind"](str(source_path), **seen["source_options"])
     try:
         frame = next(iter(source))
@@ -1401,3 +1402,22 @@ def test_a_nexus_file_dials_cannot_read_is_said_with_dials_reason(tmp_path, caps
     err = capsys.readouterr().err
     assert f"{master}: a NeXus file that DIALS cannot read" in err
     assert "tiny_data_000001.h5" in err and "pixel_mask" not in err and "-g" not in err
+
+
+@pytest.mark.dials
+def test_a_rotation_nexus_master_without_its_data_file_names_the_missing_file(tmp_path, capsys,
+                                                                             dials_env):
+    """A rotation series' NXmx master counts its images from its own rotation axis, so DIALS
+    opens it without its data file and fails only on reading the first image: that was said as
+    a damaged file ("can't open file"), naming neither that it is a NeXus master nor the data
+    file it lacks."""
+    from peaknet_test_support import tiny_nxmx
+
+    stack = np.random.default_rng(0).poisson(3, (2, 40, 48)).astype(np.uint16)
+    master = tiny_nxmx(tmp_path, stack, still=False)
+    (tmp_path / "tiny_data_000001.h5").unlink()
+    assert main([str(master), "-o", str(tmp_path / "out"), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert f"{master}: a NeXus file that DIALS cannot read" in err, err
+    assert "the data files it links to are missing: tiny_data_000001.h5" in err
+    assert "damaged" not in err and "Traceback" not in err

@@ -138,3 +138,26 @@ def test_two_detectors_without_g_end_as_the_single_process_run_ends(
                          "(what is already written is kept)"), err
     kept = {(str(first), f"//{i}") for i in range(12)}
     assert frames_in(tmp_path / "two") == kept == frames_in(tmp_path / "one")
+
+
+@pytest.mark.dials
+def test_a_missing_nexus_data_file_is_named_as_single_process_names_it(local_ray, tmp_path,
+                                                                      capsys, dials_env):
+    """A rotation NXmx master opens without its data file and fails on its first image: the
+    Ray sources said only "cannot read image 0"; now the single-process run's words, naming
+    the missing data file."""
+    import numpy as np
+    from peaknet_test_support import tiny_nxmx
+
+    stack = np.random.default_rng(0).poisson(3, (2, 40, 48)).astype(np.uint16)
+    master = tiny_nxmx(tmp_path / "in", stack, still=False)
+    (tmp_path / "in" / "tiny_data_000001.h5").unlink()
+    serial_code, serial_err = run([str(master)], tmp_path / "one", capsys, workers=1)
+    code, err = run([str(master)], tmp_path / "two", capsys, workers=2)
+    assert (code, serial_code) == (1, 1), err
+    errors = [line for line in err.splitlines() if line.startswith("peaknet2cxi: error:")]
+    assert len(errors) == 1, err
+    assert f"{master}: a NeXus file that DIALS cannot read" in errors[0]
+    assert "missing: tiny_data_000001.h5" in errors[0]
+    assert errors == [line for line in serial_err.splitlines()
+                      if line.startswith("peaknet2cxi: error:")]

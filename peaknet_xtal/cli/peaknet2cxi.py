@@ -20,8 +20,9 @@ OUTDIR receives:
   peaknet2cxi.json    summary of everything in OUTDIR (all runs), and of this run
   peaknet2cxi.config.json  this run's resolved settings, command line and working folder
 and, with --stream OUT.stream, a peaks-only CrystFEL stream (0.10+ syntax, geometry embedded);
-with --dials, OUTDIR/dials/imported.expt + strong.refl for dials.index (a set of stills needs
-joint_indexing=False; the command printed at the end has it).
+with --dials, OUTDIR/dials/imported.expt + strong.refl for dials.index (the images as dials.import
+imports them, a rotation series as one sequence; a set of stills needs joint_indexing=False: the
+command printed at the end has it).
 
 Then index with (YOUR.cell: your unit cell file, CrystFEL .cell or PDB CRYST1; without -p
 XGANDALF searches for any cell):
@@ -1205,11 +1206,14 @@ def shell_command(words: Sequence[Any]) -> str:
     return shlex.join(os.fspath(w) if isinstance(w, os.PathLike) else str(w) for w in words)
 
 
-def dials_index_command(expt: Path, refl: Path) -> str:
-    """The ``dials.index`` command for the stills written by ``--dials`` (shell-quoted); the
-    space group and cell are the user's to fill in."""
-    return shell_command(["dials.index", expt, refl, "joint_indexing=False",
-                          "stills.indexer=sequences", "indexing.method=fft1d",
+def dials_index_command(expt: Path, refl: Path, *, rotation: bool = False) -> str:
+    """The ``dials.index`` command for what ``--dials`` wrote (shell-quoted); the space group
+    and cell are the user's to fill in.  Stills are indexed one by one, with the indexer
+    Debian's DIALS build has; rotation series (``rotation``: every experiment a sequence that
+    turns) as ``dials.import`` + ``dials.find_spots`` output is, with DIALS' defaults."""
+    stills = [] if rotation else ["joint_indexing=False", "stills.indexer=sequences",
+                                  "indexing.method=fft1d"]
+    return shell_command(["dials.index", expt, refl, *stills,
                           "indexing.known_symmetry.space_group=YOUR_SPACE_GROUP",
                           "indexing.known_symmetry.unit_cell=YOUR_CELL"])
 
@@ -1266,53 +1270,130 @@ def write_dials_output(files: Sequence[Path], folder: Path, *, given_geometry: b
                        ) -> dict[str, Any]:
     """``imported.expt`` + ``strong.refl`` of every frame in the CXI files, for DIALS.
 
-    Images DIALS reads natively (CBF...) are imported from the original files, unless they were
-    read through a geometry the user gave (``given_geometry``: ``-g``), whose panels, bad regions
-    and beam the peaks are found in; then, as frames of HDF5 inputs always are, from the CXI
-    files written here (their geometry is ``peaknet.geom``, read by the project's dxtbx format).
-    Each image is one still experiment; its spots are the CXI peaks.
+    Images DIALS reads natively (CBF...) are imported from the original files, all at once and
+    as ``dials.import`` imports them: the files of a rotation series are one sequence
+    experiment, a still is one experiment.  Each frame's spots are the CXI peaks, on the image
+    DIALS places that file at (z counts a sequence's images from its first image number, as
+    ``dials.find_spots`` gives them: 0.5 on image 1, 3.5 on image 4).  Where the images were
+    read through a geometry the user gave (``given_geometry``: ``-g``), whose panels, bad
+    regions and beam the peaks are found in, and for frames of HDF5 inputs always, they are
+    imported from the CXI files written here (their geometry is ``peaknet.geom``, read by the
+    project's dxtbx format), one still experiment per frame.
     """
     import h5py
+    from dials.array_family import flex
     from dxtbx.model.experiment_list import ExperimentList, ExperimentListFactory
 
     from peaknet_xtal.atomic import atomic_path
     from peaknet_xtal.formats.cxi import read_cxi_peaks
-    from peaknet_xtal.formats.dials_tables import write_strong_refl
+    from peaknet_xtal.formats.dials_tables import strong_reflection_table
     from peaknet_xtal.formats.geometry import read_geometry
 
     geometry = read_geometry(Path(files[0]).parent / GEOM_NAME)
     experiments = ExperimentList()
-    tables = []
+    spots: list[tuple[np.ndarray, int, int]] = []  # peaks, experiment, z (image) of each frame
+    native: list[tuple[str, str, np.ndarray]] = []  # source, event, peaks of each native frame
     for path in files:
         table = read_cxi_peaks(path)
-        native = {source for source, _ in table.keys if not h5py.is_hdf5(source)}
-        if native and len(native) != len(set(s for s, _ in table.keys)):
+        sources = {source for source, _ in table.keys if not h5py.is_hdf5(source)}
+        if sources and len(sources) != len(set(s for s, _ in table.keys)):
             raise PeakNetError(f"{path}: mixes HDF5 and other inputs; --dials needs one kind "
                                "per CXI file")
-        if native and not given_geometry:
-            rows = range(len(table))
-            names = [table.keys[r][0] for r in rows]
-            found = ExperimentListFactory.from_filenames(names)
-        else:
-            found = ExperimentListFactory.from_filenames([str(path)])
+        if sources and not given_geometry:
+            for row in range(len(table)):
+                source, event = table.keys[row]
+                native.append((source, event, table.peaks(row, geometry)))
+            continue
+        found = ExperimentListFactory.from_filenames([str(path)])
         if len(found) != len(table):
             raise PeakNetError(f"{path}: DIALS sees {len(found)} images for {len(table)} "
                                "frames; cannot pair spots with images")
         for row, experiment in enumerate(found):
             # DIALS pairs a table with its images by these identifiers (dials.import sets them)
-            source, event = table.keys[row]
-            experiment.identifier = str(uuid.uuid5(uuid.NAMESPACE_URL, f"{source}{event}"))
-            experiments.append(experiment)
-            tables.append(table.peaks(row, geometry))  # panel-relative, as DIALS counts
+            experiment.identifier = _dials_identifier(*table.keys[row])
+            spots.append((table.peaks(row, geometry), len(experiments), 0))
+            experiments.append(experiment)  # panel-relative peaks, as DIALS counts
+    if native:
+        spots += _place_native_frames(native, experiments)
+    rotation = bool(len(experiments)) and all(
+        e.scan is not None and e.scan.get_oscillation()[1] > 0 for e in experiments)
+    by_image: dict[int, list[tuple[np.ndarray, int]]] = {}
+    for peaks, exp_id, z in spots:
+        by_image.setdefault(z, []).append((peaks, exp_id))
+    whole = flex.reflection_table()
+    for image, here in sorted(by_image.items()):  # one table of each image number
+        whole.extend(strong_reflection_table([p for p, _ in here], z0=image,
+                                             experiment_ids=[e for _, e in here]))
+    for exp_id, experiment in enumerate(experiments):
+        whole.experiment_identifiers()[exp_id] = experiment.identifier
     folder.mkdir(parents=True, exist_ok=True)
     expt, refl = folder / "imported.expt", folder / "strong.refl"
     with atomic_path(expt) as tmp:
         experiments.as_file(str(tmp.with_suffix(".expt")))  # type: ignore[attr-defined]
         tmp.with_suffix(".expt").replace(tmp)
-    n = write_strong_refl(refl, tables, experiments=experiments)
-    command = dials_index_command(expt, refl)
-    return {"experiments": str(expt), "reflections": str(refl), "images": len(experiments),
-            "spots": n, "command": command}
+    with atomic_path(refl) as tmp:
+        whole.as_file(str(tmp))
+    command = dials_index_command(expt, refl, rotation=rotation)
+    return {"experiments": str(expt), "reflections": str(refl), "images": len(spots),
+            "spots": int(whole.size()), "command": command}
+
+
+def _dials_identifier(source: str, event: str) -> str:
+    """The experiment identifier of the experiment whose first image is ``source`` ``event``:
+    a name of the image, so a rerun writes the same one."""
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"{source}{event}"))
+
+
+def _place_native_frames(frames: Sequence[tuple[str, str, np.ndarray]],
+                         experiments: Any) -> list[tuple[np.ndarray, int, int]]:
+    """Import the files of ``frames`` (source, event, peaks) as ``dials.import`` does, append
+    the experiments to ``experiments``, and give each frame's peaks with the experiment and
+    image (z: the image's array index in its sequence, 0 for a still) DIALS holds it at.
+
+    Why all at once: the files of a rotation series are one sequence to DIALS, of as many images
+    as files, where counting one experiment per frame could not pair them; and a series written
+    across several CXI files is still one sequence.  A frame DIALS does not hold among the
+    images it imported is an error naming its file."""
+    from dxtbx.model.experiment_list import ExperimentListFactory
+
+    from peaknet_xtal.types import event_index
+
+    names = list(dict.fromkeys(source for source, _, _ in frames))
+    try:
+        found = ExperimentListFactory.from_filenames(names)
+    except OSError as exc:  # an image file gone since its peaks were found
+        raise FormatError(exc.filename or names[0], "cannot be read again to import it for "
+                          f"--dials ({exc.strerror or exc})") from exc
+    where: dict[tuple[str, int], tuple[int, int]] = {}
+    for exp_id, experiment in enumerate(found):
+        imageset: Any = experiment.imageset
+        one_file = imageset.reader().is_single_file_reader()
+        for image in range(len(imageset)):
+            within = int(imageset.indices()[image]) if one_file else 0
+            key = (os.path.realpath(imageset.get_path(image)), within)
+            where.setdefault(key, (exp_id, image))
+    placed: list[tuple[np.ndarray, int, int]] = []
+    first: dict[int, tuple[int, str, str]] = {}  # experiment -> its first image's frame
+    for source, event, peaks in frames:
+        spot = where.get((os.path.realpath(source), event_index(event)))
+        if spot is None:
+            which = "" if event.strip() in ("", "//") else f" (frame {event})"
+            raise PeakNetError(f"{source}{which}: not among the images DIALS imports from this "
+                               f"run's {len(names)} image file(s) (damaged since its peaks were "
+                               "found?); --dials cannot place its spots")
+        exp_id, image = spot
+        scan = found[exp_id].scan
+        z = scan.get_array_range()[0] + image if scan is not None else 0
+        placed.append((peaks, len(experiments) + exp_id, z))
+        if exp_id not in first or image < first[exp_id][0]:
+            first[exp_id] = (image, source, event)
+    for exp_id, experiment in enumerate(found):
+        # DIALS pairs a table with its images by these identifiers (dials.import sets them)
+        imageset = experiment.imageset
+        _, source, event = first.get(exp_id, (0, imageset.get_path(0), "//"))
+        experiment.identifier = _dials_identifier(source, event)
+        experiments.append(experiment)
+    return placed
 
 
 def _plain(value: Any) -> Any:

@@ -71,6 +71,8 @@ class PeakFinder:
                                       faint_support=faint_support,
                                       min_peaks=min_peaks, max_peaks=max_peaks,
                                       adu_per_photon=adu_per_photon, predictor=predictor)
+        #: files of imagesets whose frames are known to be all readable through dxtbx
+        self._whole_files: set[str] = set()
 
     @property
     def min_peaks(self) -> int:
@@ -89,7 +91,9 @@ class PeakFinder:
         ``data``: 2-D array, list/tuple of per-panel 2-D arrays, 3-D ``(panel, ss, fs)`` array,
         scitbx flex array(s), or a dxtbx ImageSet (``index`` picks the image; its corrected data,
         mask, detector and beam are used, so 1/d is filled, and the data count photons as far as
-        the format's gain says, for the shot noise in each peak's SNR).  ``mask`` (True = good)
+        the format's gain says, for the shot noise in each peak's SNR; warnings name the image's
+        file, and an image file shorter than its header says, or an Eiger master whose data
+        files dxtbx cannot all read, is a FormatError naming it).  ``mask`` (True = good)
         takes the same forms as ``data``; ``geometry`` (a CrystFEL
         :class:`~peaknet_xtal.formats.geometry.Geometry`) fills 1/d for array input.  ``with_bbox``
         also returns the ``(N, 4)`` boxes ``fs0, fs1, ss0, ss1`` (end exclusive) that
@@ -164,11 +168,15 @@ class PeakFinder:
     def _frame(self, data: Any, index: int, mask: Any, geometry: Any,
                wavelength_A: float | None) -> Frame:
         """One image as the finding pipeline's frame: panels, good-pixel masks, declared gain."""
-        gain, dtype = None, None
+        gain, dtype, source, event = None, None, "", "//"
         if _is_imageset(data):
             from peaknet_xtal.finding.sanitise import implied_dtype
-            from peaknet_xtal.formats.dxtbx_images import CORRECTED_GAIN
+            from peaknet_xtal.formats.dxtbx_images import CORRECTED_GAIN, check_every_linked_frame
 
+            source, event = image_source(data, index)
+            if source and source not in self._whole_files:
+                check_every_linked_frame(data, source)
+                self._whole_files.add(source)
             panels, masks = imageset_panels(data, index)
             dtype = implied_dtype(panels)  # what marks gaps: dxtbx says no type
             gain = CORRECTED_GAIN  # dxtbx divided by the format's gain: photons, as DIALS sees
@@ -193,7 +201,7 @@ class PeakFinder:
                 raise ValueError(f"mask: {len(given)} panel(s), where the image has "
                                  f"{len(masks)}; give one good-pixel array per panel")
             masks = given if masks is None else [a & b for a, b in zip(masks, given, strict=True)]
-        return Frame(panels=panels, masks=masks, geometry=geometry,
+        return Frame(panels=panels, masks=masks, geometry=geometry, source=source, event=event,
                      meta={"wavelength_A": wavelength_A, "adu_per_photon": gain,
                            "dtype": dtype})
 
@@ -276,6 +284,25 @@ def _panels_of(data: Any, geometry: Any, what: str) -> list[np.ndarray]:
 
 def _is_imageset(data: Any) -> bool:
     return hasattr(data, "get_corrected_data") and hasattr(data, "get_detector")
+
+
+def image_source(imageset: Any, index: int) -> tuple[str, str]:
+    """The file and CrystFEL event of image ``index`` of an imageset, which name it in warnings
+    as ``peaknet2cxi`` names it: ``//N`` for image N of a file of several (a NeXus master),
+    ``//`` for a file of one image; ``("", "//")`` for an imageset without files.  Why: the
+    warnings of images found through an ImageSet read ``frame //: masked ...``, naming no file."""
+    try:
+        path = str(imageset.get_path(index))
+    except Exception:  # noqa: BLE001 - an imageset without paths (in memory)
+        return "", "//"
+    try:
+        from dxtbx.format.FormatMultiImage import FormatMultiImage
+
+        if issubclass(imageset.get_format_class(), FormatMultiImage):
+            return path, f"//{int(imageset.indices()[index])}"
+    except Exception:  # noqa: BLE001 - no format class to ask: the file alone names it
+        pass
+    return path, "//"
 
 
 def imageset_panels(imageset: Any, index: int) -> tuple[list[np.ndarray], list[np.ndarray]]:

@@ -14,6 +14,7 @@ dxtbx is imported lazily: it only exists where DIALS is installed.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -45,6 +46,7 @@ def open_imageset(path: str | os.PathLike[str]) -> Any:
     if not imagesets:
         raise FormatError(path, "dxtbx found no image format that understands this file")
     if len(imagesets) == 1:
+        check_every_linked_frame(imagesets[0], path)
         return imagesets[0]
     # Stills in one container (a NeXus file of still shots): DIALS makes an imageset of each
     # image, and the first alone was all of the file (3 images read as 1, exit 0).  One
@@ -57,10 +59,146 @@ def open_imageset(path: str | os.PathLike[str]) -> Any:
     except Exception:  # noqa: BLE001 - said below, with the count
         whole = []
     if len(whole) == 1 and len(whole[0]) == total:
+        check_every_linked_frame(whole[0], path)
         return whole[0]
     raise FormatError(path, f"DIALS reads this file as {len(imagesets)} image sets of {total} "
                       "images in all, which cannot be read as one; split it, or find spots "
                       "with dials.find_spots")
+
+
+#: The data files of a DECTRIS-style master: ``/entry/data/data_000001``, ``data_000002``, ...
+#: links to the files holding the frames (the DECTRIS filewriter's layout).
+_DATA_LINK = re.compile(r"data_\d{6}")
+
+
+def linked_frames(path: str) -> list[tuple[str, int | str]]:
+    """``(name, frames)`` of each ``/entry/data/data_NNNNNN`` of an HDF5 master file, in order;
+    where a link's data file cannot be opened, ``frames`` is the file it names.  Empty for a
+    file that is not HDF5 or has no such links."""
+    import h5py
+
+    try:
+        if not h5py.is_hdf5(path):
+            return []
+        with h5py.File(path, "r") as h5:
+            group = h5.get("/entry/data")
+            if not isinstance(group, h5py.Group):
+                return []
+            out: list[tuple[str, int | str]] = []
+            for name in sorted(n for n in group if _DATA_LINK.fullmatch(n)):
+                try:
+                    dataset = group[name]
+                except (KeyError, OSError):  # a dangling external link
+                    link = group.get(name, getlink=True)
+                    out.append((name, str(getattr(link, "filename", "?"))))
+                    continue
+                if isinstance(dataset, h5py.Dataset) and dataset.ndim >= 3:
+                    out.append((name, int(dataset.shape[0])))
+            return out
+    except OSError:  # unreadable as HDF5: dxtbx's own error says why
+        return []
+
+
+def check_every_linked_frame(imageset: Any, path: str | None = None) -> None:
+    """Refuse, naming the master, an imageset of a master file whose frames lie in several
+    data files (``/entry/data/data_000001``, ``data_000002``, ...: the DECTRIS filewriter's
+    layout) when dxtbx cannot read them all.
+
+    Why: dxtbx's NXmx reader (``FormatNXmx``, dxtbx 3.12) reads the first dataset of
+    ``/entry/data`` alone.  A still-shot master of 5 frames in two data files was read as 3
+    images, and 3 frames were written, exit 0; a rotation master (its scan says 5) was read
+    to image 3 and then failed as if the file were damaged.  The frames of every link are
+    counted and the first frame of each later data file is read through dxtbx, so a dxtbx that
+    reads them all passes."""
+    if path is None:
+        path = _imageset_path(imageset, 0)
+    links = linked_frames(path)
+    if len(links) < 2:
+        return
+    where = ", ".join(f"{name}: {frames}" if isinstance(frames, int)
+                      else f"{name}: its data file {frames} cannot be opened"
+                      for name, frames in links)
+    missing = [name for name, frames in links if not isinstance(frames, int)]
+    counts = [frames for _, frames in links if isinstance(frames, int)]
+    if missing:
+        raise FormatError(path, f"{len(links)} data files linked ({where}): the frames of "
+                          f"{', '.join(missing)} cannot be read (a data file missing or moved?)")
+    try:  # the file's images as dxtbx sees them (an imageset may be a slice, or one still)
+        reader = imageset.get_format_class().get_instance(path)
+        seen = int(reader.get_num_images())
+    except Exception:  # noqa: BLE001 - not a multi-image format after all: its imageset
+        reader, seen = imageset, len(imageset)
+    total, readable, start = sum(counts), seen, 0
+    for count in counts[:-1]:
+        start += count
+        if start >= seen:
+            break
+        try:
+            reader.get_raw_data(start)
+        except Exception:  # noqa: BLE001 - dxtbx cannot reach this data file's frames
+            readable = start
+            break
+    if readable < total:
+        only = ("only the first data file" if readable == counts[0]
+                else f"only {readable} of those frames")
+        raise FormatError(path, f"{total} frames in the data files ({where}), DIALS reads "
+                          f"{readable}: this dxtbx reads {only} of a master whose frames lie in "
+                          f"several; refused rather than {total - readable} frames lost (read "
+                          "the data files themselves with -g, or use a DIALS whose dxtbx reads "
+                          "them all)")
+
+
+#: Bytes per pixel of the SMV ``TYPE`` values dxtbx reads (it assumes unsigned_short without).
+_SMV_TYPE_BYTES = {"unsigned_short": 2, "signed_short": 2, "unsigned_int": 4,
+                   "signed_int": 4, "unsigned_long": 4, "signed_long": 4, "float": 4}
+
+
+def check_whole_file(imageset: Any, index: int) -> None:
+    """Refuse, naming the file and the byte counts, an SMV or Rayonix ``.mccd`` image shorter
+    than its header says: dxtbx reads the missing pixels as zeros (a truncated ADSC image's
+    missing half came out as the pedestal's negative, -16.7 after the gain, unmasked, and the
+    file gave 128 peaks instead of 236, exit 0).
+
+    Both say their size in a header dxtbx itself reads: SMV's ``HEADER_BYTES`` + ``SIZE1`` x
+    ``SIZE2`` pixels of ``TYPE``; a Rayonix TIFF's ``StripOffsets`` + ``ImageWidth`` x
+    ``ImageLength`` pixels of ``BitsPerSample``.  Compressed copies (``.gz``, ``.bz2``) are
+    not checked: their size says nothing without inflating them."""
+    try:
+        path = str(imageset.get_path(index))
+        fmt = imageset.get_format_class()
+    except Exception:  # noqa: BLE001 - an imageset without files (in memory): nothing to check
+        return
+    if not os.path.isfile(path) or path.lower().endswith((".gz", ".bz2", ".xz")):
+        return
+    from dxtbx.format.FormatSMV import FormatSMV
+    from dxtbx.format.FormatTIFFRayonix import FormatTIFFRayonix
+
+    try:
+        if issubclass(fmt, FormatSMV):
+            header_bytes, header = FormatSMV.get_smv_header(path)
+            pixel_type = header.get("TYPE", "unsigned_short")
+            compressed = str(header.get("COMPRESSION", "none")).lower() != "none"
+            if pixel_type not in _SMV_TYPE_BYTES or compressed:
+                return
+            rows, cols = int(header["SIZE2"]), int(header["SIZE1"])
+            expected = header_bytes + rows * cols * _SMV_TYPE_BYTES[pixel_type]
+            what = (f"its SMV header says ({expected}: {header_bytes} header bytes + "
+                    f"{cols} x {rows} {pixel_type} pixels)")
+        elif issubclass(fmt, FormatTIFFRayonix):
+            from dxtbx.format.FormatTIFFHelpers import read_basic_tiff_header
+
+            cols, rows, bits, offset, _ = read_basic_tiff_header(path)
+            expected = int(offset) + int(cols) * int(rows) * int(bits) // 8
+            what = (f"its TIFF header says ({expected}: pixels from byte {offset} on, "
+                    f"{cols} x {rows} of {bits} bits)")
+        else:
+            return
+    except Exception:  # noqa: BLE001 - a header dxtbx cannot parse either: its error says so
+        return
+    size = os.path.getsize(path)
+    if size < expected:
+        raise FormatError(path, f"truncated: {size} bytes, {expected - size} short of what "
+                          f"{what}; dxtbx would read the missing pixels as zeros")
 
 
 def _to_numpy(flex_array: Any) -> np.ndarray:
@@ -79,8 +217,10 @@ def image_arrays(imageset: Any, index: int, path: str | None = None
     The one choice of dxtbx pixels for every adapter (``DxtbxSource``, ``PeakFinder``, and
     DIALS, which hands its threshold step the same corrected data): pedestal and gain applied,
     static masks and the trusted range folded into the masks.  Their gain is
-    :data:`CORRECTED_GAIN`.
+    :data:`CORRECTED_GAIN`.  An image file shorter than its header says is refused
+    (:func:`check_whole_file`).
     """
+    check_whole_file(imageset, index)
     try:
         data = imageset.get_corrected_data(index)
         mask = imageset.get_mask(index)
@@ -136,6 +276,11 @@ def geometry_text_from_dxtbx(detector: Any, beam: Any) -> str:
     x and z change sign (a rotation by 180 degrees about y, which keeps the frame right-handed).
     CrystFEL has no parallax correction, so positions match dxtbx's *uncorrected* millimetre
     coordinates (they differ from ``get_pixel_lab_coord`` by up to ~0.4 px on thick sensors).
+
+    The geometry describes the pixels this module reads, dxtbx's corrected data, whose gain is
+    :data:`CORRECTED_GAIN` whatever the format declares: writing the format's own gain (an
+    ADSC's 2.4) had peaknet-integrate divide those pixels by it a second time (0.33x the
+    photons), while the finder counted them as photons.
     """
     from peaknet_xtal.formats.geometry import CRYSTFEL_TO_DIALS
 
@@ -143,11 +288,14 @@ def geometry_text_from_dxtbx(detector: Any, beam: Any) -> str:
     pixel_m = [p.get_pixel_size()[0] / 1000.0 for p in detector]
     z_m = [float(flip[2] * p.get_origin()[2]) / 1000.0 for p in detector]
     clen = float(np.mean(z_m))
+    declared = format_gain(detector)
     lines = [
         "; made by peaknet_xtal.formats.dxtbx_images from a dxtbx detector model",
+        "; pixels: dxtbx's corrected data, the format's pedestal subtracted and divided by its "
+        "gain" + ("" if declared is None else f" ({declared:g} ADU per photon)"),
         f"wavelength = {beam.get_wavelength():.8f} A",
         f"clen = {clen:.9f}",
-        f"adu_per_photon = {_common_gain(detector):g}",
+        f"adu_per_photon = {CORRECTED_GAIN:g}",
         "dim0 = ss", "dim1 = fs", "",
     ]
     ss0 = 0
@@ -169,10 +317,11 @@ def geometry_text_from_dxtbx(detector: Any, beam: Any) -> str:
     return "\n".join(lines)
 
 
-def _common_gain(detector: Any) -> float:
-    """The gain every panel declares (dxtbx's default is 1, as for most CBFs)."""
+def format_gain(detector: Any) -> float | None:
+    """The gain (ADU per photon) every panel of a dxtbx detector declares, which dxtbx divides
+    the corrected data by (dxtbx's default is 1, as for most CBFs); None where panels differ."""
     gains = {float(p.get_gain()) for p in detector}
-    return gains.pop() if len(gains) == 1 else 1.0
+    return gains.pop() if len(gains) == 1 else None
 
 
 def geometry_from_dxtbx(detector: Any, beam: Any, path: str | None = None) -> Any:

@@ -355,7 +355,7 @@ _GAIN_REPORTED: dict[int, tuple[float | None, str]] = {}
 
 
 def _report_gain(engine: Any, settings: PeakNetSettings, meta: dict[str, Any],
-                 source: str | None) -> None:
+                 source: str | None, declared: float | None = None) -> None:
     """Say in DIALS' log which gain the peak SNRs of image ``source`` counted shot noise with:
     at info level whenever it differs from the last one said, at debug level otherwise, so
     every image's gain is in a ``-vv`` log.
@@ -365,14 +365,26 @@ def _report_gain(engine: Any, settings: PeakNetSettings, meta: dict[str, Any],
     format's gain), a placeholder on integrating detectors, so the gain is usually measured from
     the background (``finding/gain.py``), which changes every SNR.  It is pooled (a median)
     over the first images that show one *in this process*, so it moves over the first images
-    and depends on which images one process sees (``mp.nproc``, the stills of one command)."""
+    and depends on which images one process sees (``mp.nproc``, the stills of one command).
+
+    ``declared``: the gain the image format declares (dxtbx's detector model), which dxtbx has
+    divided the images by; where it is not 1 the line says so, rather than that the images
+    declare 1 (an ADSC image declares 2.4, and its corrected data count photons of that gain)."""
+    from peaknet_xtal.formats.dxtbx_images import CORRECTED_GAIN
+
     gain = meta.get("adu_per_photon")
     if settings.gain is not None:
         how = "as set (spotfinder.threshold.peaknet.gain)"
     elif meta.get("gain_measured"):
-        how = ("measured from the background, as the format's gain is missing or a "
-               "placeholder: the median over the first images (up to five that show one) this "
-               "process has found (spotfinder.threshold.peaknet.gain sets it)")
+        how = ("measured from the background, as the images' gain is a placeholder (1 after "
+               "dxtbx's correction): the median over the first images (up to five that show "
+               "one) this process has found (spotfinder.threshold.peaknet.gain sets it)")
+    elif gain == CORRECTED_GAIN and declared is not None and declared != CORRECTED_GAIN:
+        how = (f"as dxtbx hands the images over: it has divided them by the {declared:.4g} ADU "
+               "per photon the format declares (spotfinder.threshold.peaknet.gain overrides it)")
+    elif gain == CORRECTED_GAIN and declared is None:
+        how = ("as dxtbx hands the images over, divided by the format's gain "
+               "(spotfinder.threshold.peaknet.gain overrides it)")
     else:
         how = "as the images declare (spotfinder.threshold.peaknet.gain overrides it)"
     if gain is None:
@@ -397,6 +409,17 @@ def _image_name(kwargs: dict[str, Any]) -> str | None:
     except Exception:  # no imageset (the image viewer, a test): no name
         return None
     return f"{path} panel {kwargs.get('i_panel', 0)}"
+
+
+def _declared_gain(imageset: Any) -> float | None:
+    """The gain an imageset's format declares (ADU per photon, which dxtbx divides its
+    corrected data by); None without an imageset or where its panels differ."""
+    from peaknet_xtal.formats.dxtbx_images import format_gain
+
+    try:
+        return format_gain(imageset.get_detector())
+    except Exception:  # noqa: BLE001 - no imageset (the image viewer, a test), no detector
+        return None
 
 
 @contextlib.contextmanager
@@ -480,7 +503,8 @@ class PeakNetSpotFinderThresholdExt:
             if peaks is None:
                 peaks = self.peak_pixels(pixels, good, source=_image_name(kwargs),
                                          i_panel=i_panel,
-                                         image=self._image_of(i_panel, pixels, roi))
+                                         image=self._image_of(i_panel, pixels, roi),
+                                         declared=_declared_gain(imageset))
         return flumpy.from_numpy(np.ascontiguousarray(peaks))
 
     def _image_of(self, i_panel: int | None, pixels: np.ndarray, roi: Any
@@ -496,26 +520,29 @@ class PeakNetSpotFinderThresholdExt:
 
     def peak_pixels(self, pixels: np.ndarray, good: np.ndarray,
                     source: str | None = None, i_panel: int | None = None,
-                    image: _ImageForeground | None = None) -> np.ndarray:
+                    image: _ImageForeground | None = None,
+                    declared: float | None = None) -> np.ndarray:
         """Boolean foreground of one panel (numpy in, numpy out), already ANDed with ``good``;
         ``source`` names the image in warnings.  With ``i_panel`` the panel's pixel defects are
         tracked across images by a filter of its own (:func:`panel_defects`).  ``image``: the
         whole image it is part of, where known, whose values decide the type they imply
-        (else the panel's own)."""
+        (else the panel's own).  ``declared``: the format's gain, for the log."""
         from peaknet_xtal.finding.sanitise import implied_dtype
 
         if not good.any():
             return np.zeros(good.shape, dtype=bool)
         dtype = image.dtype if image is not None else implied_dtype([pixels])
-        (foreground,) = self._foreground([pixels], [good], source, i_panel, dtype=dtype)
+        (foreground,) = self._foreground([pixels], [good], source, i_panel, dtype=dtype,
+                                         declared=declared)
         return foreground
 
     def _foreground(self, panels: list[np.ndarray], goods: list[np.ndarray],
                     source: str | None = None, i_panel: int | None = None, *,
-                    dtype: str | None) -> list[np.ndarray]:
+                    dtype: str | None, declared: float | None = None) -> list[np.ndarray]:
         """The shared finding pipeline's DIALS foreground of one image given as panels (or of
         panel ``i_panel`` alone); ``dtype``: the type the whole image's values imply
-        (:func:`peaknet_xtal.finding.sanitise.implied_dtype`), as in every dxtbx adapter."""
+        (:func:`peaknet_xtal.finding.sanitise.implied_dtype`), as in every dxtbx adapter;
+        ``declared``: the gain the format declares (:func:`_report_gain`)."""
         from peaknet_xtal.formats.dxtbx_images import CORRECTED_GAIN
         from peaknet_xtal.types import Frame
 
@@ -527,7 +554,7 @@ class PeakNetSpotFinderThresholdExt:
         defects = None if i_panel is None else panel_defects(self.settings, i_panel)
         (result,) = engine.find_frames([frame], with_pixels=True, defects=defects,
                                        whole=i_panel is None)
-        _report_gain(engine, self.settings, result.meta, source)
+        _report_gain(engine, self.settings, result.meta, source, declared)
         foreground: list[np.ndarray] = result.dials_foreground(self.settings.dilation)
         return foreground
 
@@ -747,7 +774,8 @@ class _ImageForeground:
                 found.dtype = implied_dtype(panels)
                 _read_ahead(ext, imageset, index, panels, masks, extra, found.dtype)
                 found.foreground = ext._foreground(panels, masks, _path(imageset, index),
-                                                   dtype=found.dtype)
+                                                   dtype=found.dtype,
+                                                   declared=_declared_gain(imageset))
                 return found
         return None
 

@@ -406,3 +406,27 @@ def test_infinite_pixels_are_masked_with_one_warning_and_no_numpy_noise(recwarn)
     peaks = PeakFinder(predictor=bright_pixels).find(image)
     assert len(peaks) == 2
     assert not [w for w in recwarn.list if issubclass(w.category, RuntimeWarning)]
+
+
+@pytest.mark.dials
+def test_warnings_about_an_imagesets_pixels_name_its_file_and_image(tmp_path, dials_env, caplog):
+    """Through an ImageSet the finder's warnings read ``frame //: masked ...``, naming no
+    file; they now name the image's file and, in a file of several images, its event, as
+    ``peaknet2cxi`` names them (the README promises a warning naming the file)."""
+    from dxtbx.model.experiment_list import ExperimentListFactory
+    from peaknet_test_support import tiny_nxmx
+
+    stack = np.random.default_rng(2).poisson(3, (3, 40, 48)).astype(np.int32)
+    stack[:, :, 20:22] = -1  # gaps, as signed photon counts mark them
+    master = tiny_nxmx(tmp_path / "rot", stack, still=False)
+    stills = tiny_nxmx(tmp_path / "stills", stack, still=True)
+    (sequence,) = ExperimentListFactory.from_filenames([str(master)]).imagesets()
+    shots = ExperimentListFactory.from_filenames([str(stills)]).imagesets()
+    finder = PeakFinder(predictor=bright_pixels)
+    with caplog.at_level("WARNING", logger="peaknet_xtal"):
+        finder.find(sequence, 1)
+        finder.find(shots[2], 0)  # a still of its own: image 2 of its file
+    masked = [r.getMessage() for r in caplog.records if "masked" in r.getMessage()]
+    assert len(masked) == 2, masked
+    assert masked[0].startswith(f"{master} //1: masked 80 pixels"), masked[0]
+    assert masked[1].startswith(f"{stills} //2: masked 80 pixels"), masked[1]

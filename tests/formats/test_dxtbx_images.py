@@ -291,3 +291,174 @@ def test_an_image_that_does_not_fit_the_geometry_is_a_geometry_error_naming_it(
     with pytest.raises(GeometryError, match=r"camera length is read from an HDF5 file \(clen = "
                        r"/LCLS/detectorPosition\).*give clen as a number .*0\.1000 m"):
         DxtbxSource(cbf, geometry=read_geometry(by_path))
+
+
+# --------------------------------------------------------------------------------------------
+# the gain of dxtbx's corrected data, as the geometry made from its detector declares it
+
+
+def test_the_geometry_of_an_smv_image_declares_the_gain_of_the_pixels_it_describes(
+        tmp_path, dials_env):
+    """dxtbx hands over an ADSC image divided by the gain its header declares (2.4), and the
+    geometry made from its detector said ``adu_per_photon = 2.4``, so peaknet-integrate on
+    peaknet.geom divided those pixels by 2.4 a second time (0.33x the photons) while the
+    finder counted them as photons.  The pixels, the geometry, the gain the finder resolves
+    and the one the CXI writer writes now all say 1."""
+    from peaknet_test_support import tiny_smv
+
+    from peaknet_xtal.finding.settings import resolve_gain
+    from peaknet_xtal.formats.cxi import cxi_geometry
+    from peaknet_xtal.formats.dxtbx_images import (
+        CORRECTED_GAIN,
+        DxtbxSource,
+        geometry_text_from_dxtbx,
+    )
+
+    pixels = np.random.default_rng(5).poisson(6, (40, 48)) * 12 + 40
+    source = DxtbxSource(tiny_smv(tmp_path / "adsc_001.img", pixels, gain=2.4, pedestal=40))
+    assert source.imageset.get_detector()[0].get_gain() == pytest.approx(2.4)
+    frame = source.frame(0)
+    np.testing.assert_allclose(frame.panels[0], (pixels - 40) / 2.4, rtol=1e-6)
+    assert frame.meta["adu_per_photon"] == CORRECTED_GAIN == 1
+    assert frame.geometry.detector_gain() == pytest.approx(CORRECTED_GAIN)
+    assert resolve_gain(geometry=frame.geometry) == pytest.approx(CORRECTED_GAIN)
+    assert resolve_gain(meta=frame.meta, geometry=frame.geometry) == pytest.approx(1.0)
+    assert cxi_geometry(frame.geometry).detector_gain() == pytest.approx(CORRECTED_GAIN)
+    text = geometry_text_from_dxtbx(source.imageset.get_detector(0), source.imageset.get_beam(0))
+    assert "adu_per_photon = 1\n" in text and "(2.4 ADU per photon)" in text  # a comment
+    # peaknet2cxi writes that gain into peaknet.geom, which peaknet-integrate reads
+    from peaknet_test_support import BrightPredictor
+
+    from peaknet_xtal.cli.peaknet2cxi import run
+    from peaknet_xtal.formats.geometry import read_geometry
+
+    pixels[10:13, 20:23] += 2000
+    image = tiny_smv(tmp_path / "spot_001.img", pixels, gain=2.4, pedestal=40)
+    run({"inputs": [str(image)], "output": str(tmp_path / "out"), "progress": False,
+         "predictor": BrightPredictor(300.0), "min_peaks": 1})
+    written = read_geometry(tmp_path / "out" / "peaknet.geom")
+    assert written.detector_gain() == pytest.approx(CORRECTED_GAIN)
+
+
+# --------------------------------------------------------------------------------------------
+# files shorter than their header says: dxtbx reads the missing pixels as zeros
+
+
+def _tiny_mccd(path: Path, pixels: np.ndarray) -> Path:
+    """A Rayonix ``.mccd`` (TIFF, 4096-byte header) dxtbx reads with FormatTIFFRayonix."""
+    import struct
+
+    n = pixels.shape[0]
+    header = bytearray(4096)
+    header[0:8] = b"II*\x00" + struct.pack("<I", 8)
+    tags = [(256, 4, n), (257, 4, n), (258, 3, 16), (259, 3, 1), (262, 3, 1),
+            (273, 4, 4096), (277, 3, 1), (278, 4, n), (279, 4, n * n * 2)]
+    header[8:10] = struct.pack("<H", len(tags))
+    for k, (tag, kind, value) in enumerate(tags):
+        packed = (struct.pack("<HHII", tag, kind, 1, value) if kind == 4
+                  else struct.pack("<HHIHH", tag, kind, 1, value, 0))
+        header[10 + 12 * k:22 + 12 * k] = packed
+
+    def put(offset: int, fmt: str, *values: int) -> None:
+        header[offset:offset + struct.calcsize(fmt)] = struct.pack(fmt, *values)
+
+    put(1024, "<I", 2)
+    put(1024 + 80, "<III", n, n, 2)
+    put(1024 + 112, "<IIII", 1, 0, 0, 0)
+    put(1664, "<i", 100000)  # distance, um
+    put(1668, "<ii", n * 500, n * 500)  # beam, 0.001 px
+    put(1676, "<ii", 1000, 1000)
+    put(1796, "<ii", 79348, 79348)  # pixel size, nm
+    put(1932, "<i", 100000)  # wavelength, fm
+    header[2368:2383] = b"061012002008.00"
+    path.write_bytes(bytes(header) + np.asarray(pixels, "<u2").tobytes())
+    return path
+
+
+def test_an_image_file_shorter_than_its_header_says_is_refused_naming_it(tmp_path, dials_env):
+    """A truncated SMV image passed (dxtbx zero-fills: the missing half was the pedestal's
+    negative, unmasked, and the file gave 128 peaks instead of 236, exit 0), and so did a cut
+    Rayonix ``.mccd``.  Each file's header says its size (SMV: HEADER_BYTES + SIZE1 x SIZE2
+    pixels of TYPE; TIFF: StripOffsets + width x height pixels of BitsPerSample); a shorter
+    file is refused, naming it and the byte counts, wherever it is read."""
+    from dxtbx.model.experiment_list import ExperimentListFactory
+    from peaknet_test_support import tiny_smv
+
+    from peaknet_xtal.finding.api import PeakFinder
+    from peaknet_xtal.formats.dxtbx_images import DxtbxSource, image_arrays, read_dxtbx_image
+
+    pixels = np.random.default_rng(6).poisson(6, (32, 32)) + 40
+    whole = {"smv": tiny_smv(tmp_path / "whole_001.img", pixels),
+             "mccd": _tiny_mccd(tmp_path / "whole_001.mccd", pixels)}
+    for kind, path in whole.items():
+        assert read_dxtbx_image(path).panels[0].shape == (32, 32), kind  # whole files read
+        cut = tmp_path / f"cut_001.{path.suffix[1:]}"
+        data = path.read_bytes()
+        cut.write_bytes(data[:len(data) - 1000])
+        size = len(data) - 1000
+        with pytest.raises(FormatError, match=rf"truncated: {size} bytes, 1000 short of what "
+                                              rf"its {'SMV' if kind == 'smv' else 'TIFF'} "
+                                              rf"header says \({len(data)}") as err:
+            DxtbxSource(cut).frame(0)
+        assert err.value.path == str(cut)
+        imageset = ExperimentListFactory.from_filenames([str(cut)]).imagesets()[0]
+        with pytest.raises(FormatError, match="truncated"):
+            image_arrays(imageset, 0)  # the DIALS plugin reads through it
+        with pytest.raises(FormatError, match=f"{cut}: truncated"):
+            PeakFinder(predictor=lambda panels, masks: [0 * p for p in panels]).find(imageset)
+
+
+# --------------------------------------------------------------------------------------------
+# Eiger masters whose frames lie in several data files (data_000001, data_000002, ...)
+
+
+def _two_data_files(folder: Path, stack: np.ndarray, first: int, *, still: bool) -> Path:
+    """An NXmx master (tiny_nxmx's) of ``stack`` whose frames lie in two data files, as the
+    DECTRIS filewriter splits a run: ``first`` frames in data_000001, the rest in data_000002,
+    each linked from /entry/data with its image_nr_low / image_nr_high."""
+    from peaknet_test_support import tiny_nxmx
+
+    master = tiny_nxmx(folder, stack, still=still)
+    parts = [(1, stack[:first], 1), (2, stack[first:], first + 1)]
+    for k, part, low in parts:
+        name = f"tiny_data_{k:06d}.h5"
+        with h5py.File(folder / name, "w") as h5:
+            h5["/entry/data/data"] = part
+            h5["/entry"].attrs["NX_class"] = "NXentry"
+            h5["/entry/data"].attrs["NX_class"] = "NXdata"
+            h5["/entry/data/data"].attrs.update(image_nr_low=low,
+                                                image_nr_high=low + len(part) - 1)
+        with h5py.File(master, "a") as h5:
+            h5["/entry/data"].pop(f"data_{k:06d}", None)
+            h5[f"/entry/data/data_{k:06d}"] = h5py.ExternalLink(name, "/entry/data/data")
+    return master
+
+
+@pytest.mark.parametrize("still", [True, False], ids=["stills", "rotation"])
+def test_a_master_whose_frames_dxtbx_cannot_all_read_is_refused_naming_the_counts(
+        tmp_path, dials_env, still):
+    """dxtbx 3.12's NXmx reader reads the first dataset of /entry/data alone: a still-shot
+    master of 5 frames in two data files was read as 3 (3 written, exit 0), a rotation master
+    read 3 and then failed as if damaged.  Such a master is refused before any frame is read,
+    saying how many frames its data files hold and how many DIALS reads; the Python API on its
+    imageset refuses it too."""
+    from dxtbx.model.experiment_list import ExperimentListFactory
+
+    from peaknet_xtal.finding.api import PeakFinder
+    from peaknet_xtal.formats.dxtbx_images import DxtbxSource
+
+    stack = np.random.default_rng(7).poisson(3, (5, 40, 48)).astype(np.uint16)
+    master = _two_data_files(tmp_path, stack, 3, still=still)
+    counts = r"5 frames in the data files \(data_000001: 3, data_000002: 2\), DIALS reads 3"
+    with pytest.raises(FormatError, match=counts) as err:
+        DxtbxSource(master)
+    assert err.value.path == str(master)
+    imageset = ExperimentListFactory.from_filenames([str(master)]).imagesets()[0]
+    finder = PeakFinder(device="cpu")
+    with pytest.raises(FormatError, match=counts):
+        finder.find(imageset, 0)
+    # a data file gone after the imageset was made is said as that, not as a count
+    (tmp_path / "tiny_data_000002.h5").unlink()
+    with pytest.raises(FormatError, match=r"data_000002: its data file tiny_data_000002.h5 "
+                                          r"cannot be opened"):
+        PeakFinder(device="cpu").find(imageset, 0)

@@ -568,3 +568,35 @@ def test_panels_found_alone_keep_their_own_defect_runs(dials_modules, monkeypatc
         hot_pair_found.append(bool(foreground[2][20, 30:32].any()))
     assert hot_pair_found == [True] * 4 + [False] * 4
     assert sorted(k[1] for k in module._PANEL_DEFECTS) == [0, 1, 2, 3]
+
+
+def test_the_gain_line_says_what_dxtbx_did_with_the_formats_gain(dials_modules, tmp_path,
+                                                                  caplog) -> None:
+    """An ADSC image declares 2.4 ADU per photon; dxtbx hands it over divided by that, so the
+    peak SNRs count shot noise at 1 per photon.  DIALS' log said "a detector gain of 1 ... as
+    the images declare", which the images do not: it now names the format's 2.4 and that dxtbx
+    divided the images by it.  A truncated image is a Sorry naming the file."""
+    from dxtbx.model.experiment_list import ExperimentListFactory
+    from libtbx.utils import Sorry
+    from peaknet_test_support import tiny_smv
+
+    _, phil_scope = dials_modules
+    photons = np.random.default_rng(9).poisson(20, (48, 48))
+    image = tiny_smv(tmp_path / "adsc_001.img", np.round(40 + 2.4 * photons), gain=2.4,
+                     pedestal=40)
+    (imageset,) = ExperimentListFactory.from_filenames([str(image)]).imagesets()
+    ext = _ext(phil_scope, 0.5)
+    with caplog.at_level("DEBUG", logger="dials"):
+        ext.compute_threshold(imageset.get_corrected_data(0)[0], imageset.get_mask(0)[0],
+                              imageset=imageset, i_panel=0)
+    (line,) = [r.getMessage() for r in caplog.records if "peak SNRs" in r.getMessage()]
+    assert "detector gain of 1 counts per photon" in line, line
+    assert "divided them by the 2.4 ADU per photon the format declares" in line, line
+    assert "as the images declare" not in line
+
+    cut = tmp_path / "cut_001.img"
+    cut.write_bytes(image.read_bytes()[:-100])
+    (short,) = ExperimentListFactory.from_filenames([str(cut)]).imagesets()
+    with pytest.raises(Sorry, match=f"peaknet: {cut}: truncated"):
+        ext.compute_threshold(short.get_corrected_data(0)[0], short.get_mask(0)[0],
+                              imageset=short, i_panel=0)

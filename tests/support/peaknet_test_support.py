@@ -243,3 +243,26 @@ def tiny_nxmx(folder: Path, stack: np.ndarray, *, still: bool = True,
                                units="deg", depends_on=".")
             axes["omega_increment_set"] = 0.1
     return master
+
+
+def tiny_smv(path: Path, pixels: np.ndarray, *, gain: float | None = 2.4,
+             pedestal: int = 40) -> Path:
+    """An ADSC SMV image dxtbx reads (``FormatSMVADSC``): ``pixels`` (rows x columns, stored as
+    little-endian unsigned 16-bit) behind a 512-byte header declaring ``GAIN`` (ADU per
+    photon; None: no GAIN key, dxtbx then guesses from the model) and ``IMAGE_PEDESTAL``;
+    0.1 mm pixels, 100 mm, 1 A, the beam at the centre, a 1-degree rotation."""
+    rows, cols = pixels.shape
+    header: dict[str, object] = {
+        "HEADER_BYTES": 512, "DIM": 2, "BYTE_ORDER": "little_endian",
+        "TYPE": "unsigned_short", "SIZE1": cols, "SIZE2": rows, "PIXEL_SIZE": 0.1,
+        "BIN": "none", "ADC": "slow", "DETECTOR_SN": 999, "BEAMLINE": "TEST",
+        "DATE": "Tue Jun 10 12:00:00 2008", "TIME": 1.0, "DISTANCE": 100.0,
+        "OSC_RANGE": 1.0, "PHI": 0.0, "OSC_START": 0.0, "TWOTHETA": 0.0, "AXIS": "phi",
+        "WAVELENGTH": 1.0, "BEAM_CENTER_X": rows / 2 * 0.1, "BEAM_CENTER_Y": cols / 2 * 0.1,
+        "IMAGE_PEDESTAL": pedestal,
+    }
+    if gain is not None:
+        header["GAIN"] = gain
+    text = "{\n" + "".join(f"{key}={value};\n" for key, value in header.items()) + "}\n"
+    path.write_bytes(text.encode().ljust(512, b" ") + np.asarray(pixels, "<u2").tobytes())
+    return path

@@ -210,19 +210,20 @@ def _to_numpy(flex_array: Any) -> np.ndarray:
 CORRECTED_GAIN = 1.0
 
 
-def image_arrays(imageset: Any, index: int, path: str | None = None
+def image_arrays(imageset: Any, index: int, path: str | None = None, *, raw: bool = False
                  ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Corrected float32 pixels and trusted-pixel masks of image ``index``, per dxtbx panel.
 
     The one choice of dxtbx pixels for every adapter (``DxtbxSource``, ``PeakFinder``, and
     DIALS, which hands its threshold step the same corrected data): pedestal and gain applied,
     static masks and the trusted range folded into the masks.  Their gain is
-    :data:`CORRECTED_GAIN`.  An image file shorter than its header says is refused
-    (:func:`check_whole_file`).
+    :data:`CORRECTED_GAIN`.  ``raw``: the values the file holds instead (no pedestal, no gain),
+    for images read through a CrystFEL geometry, whose gain is that of the file's values.  An
+    image file shorter than its header says is refused (:func:`check_whole_file`).
     """
     check_whole_file(imageset, index)
     try:
-        data = imageset.get_corrected_data(index)
+        data = imageset.get_raw_data(index) if raw else imageset.get_corrected_data(index)
         mask = imageset.get_mask(index)
     except Exception as exc:
         raise FormatError(path or _imageset_path(imageset, index),
@@ -373,11 +374,17 @@ class DxtbxSource:
         return self._geometry
 
     def frame(self, index: int) -> Frame:
-        panels, masks = image_arrays(self.imageset, index, self.path)
+        # read through a geometry, the pixels are the file's own values, as indexamajig reads
+        # them, so that the geometry's gain (ADU per photon of those values) is theirs: dxtbx's
+        # corrected data of a format with a gain (an ADSC's 2.4) or a pedestal were written
+        # under a user's geometry that gave the file's gain, and counted twice over
+        through = self.through is not None
+        panels, masks = image_arrays(self.imageset, index, self.path, raw=through)
         single = len(self.imageset) == 1
         detector, beam = self.imageset.get_detector(index), self.imageset.get_beam(index)
         meta = {"dxtbx_path": self.imageset.get_path(index), "dxtbx_index": index,
-                "adu_per_photon": CORRECTED_GAIN,
+                # through a geometry, its gain (or one measured from the pixels) holds
+                "adu_per_photon": None if through else CORRECTED_GAIN,
                 "dtype": implied_dtype(panels),
                 "format": self.imageset.get_format_class().__name__,
                 "panels": panel_summaries(detector, beam)}

@@ -297,6 +297,38 @@ def test_an_image_that_does_not_fit_the_geometry_is_a_geometry_error_naming_it(
 # the gain of dxtbx's corrected data, as the geometry made from its detector declares it
 
 
+def test_an_image_read_through_a_geometry_keeps_the_files_values_and_the_geometrys_gain(
+        tmp_path, dials_env, make_geometry_text):
+    """Through a CrystFEL geometry (``-g``) the pixels are the values the file holds, as
+    indexamajig reads them, and the gain is the geometry's (ADU per photon of those values).
+    An ADSC image (header gain 2.4, pedestal 40) was read as dxtbx's corrected data, divided by
+    2.4, and declared to count photons, so a geometry saying 1.8 was written into peaknet.geom
+    over pixels it did not describe; without a gain in the geometry, the gain is measured from
+    the pixels as for any file read with -g."""
+    from peaknet_test_support import tiny_smv
+
+    from peaknet_xtal.finding.settings import resolve_gain
+    from peaknet_xtal.formats.dxtbx_images import DxtbxSource
+    from peaknet_xtal.formats.geometry import read_geometry
+
+    pixels = np.random.default_rng(8).poisson(6, (40, 48)) * 12 + 40
+    image = tiny_smv(tmp_path / "adsc_001.img", pixels, gain=2.4, pedestal=40)
+    for gain in ("1.8", None):
+        geom = tmp_path / f"adsc_{gain}.geom"
+        geom.write_text(make_geometry_text(["q0"], 48, 40, [(-24, -20)], data=None, dims=False,
+                                           adu_per_photon=gain))
+        frame = DxtbxSource(image, geometry=read_geometry(geom)).frame(0)
+        np.testing.assert_array_equal(frame.panels[0], pixels.astype(np.float32))
+        assert frame.meta["adu_per_photon"] is None
+        resolved = resolve_gain(meta=frame.meta, geometry=frame.geometry,
+                                estimate=lambda: -1.0)
+        assert resolved == (pytest.approx(1.8) if gain else -1.0)
+    # read without a geometry, the corrected pixels and their gain, 1, as before
+    plain = DxtbxSource(image).frame(0)
+    np.testing.assert_allclose(plain.panels[0], (pixels - 40) / 2.4, rtol=1e-6)
+    assert plain.meta["adu_per_photon"] == 1
+
+
 def test_the_geometry_of_an_smv_image_declares_the_gain_of_the_pixels_it_describes(
         tmp_path, dials_env):
     """dxtbx hands over an ADSC image divided by the gain its header declares (2.4), and the

@@ -175,15 +175,75 @@ def stream_geometry(path: str | os.PathLike[str]) -> Any:
     return None
 
 
+@dataclass
+class StreamTally:
+    """What :func:`records_from_stream` passed over in one stream, so that it can be said once.
+
+    An indexed chunk without a peak list (indexamajig's ``--no-peaks-in-stream``: ``num_peaks``
+    still counts them) has no found peaks to compare, and one whose crystals carry no reflection
+    list (``--no-refls-in-stream``, or ``No integrated reflections.``) has no predicted
+    reflections to fit: PeakDiff would turn them away as "precision 0.00", which reads as bad
+    indexing, so they are skipped here and counted.
+    """
+
+    path: str
+    indexed: int = 0
+    no_peaks: int = 0
+    num_peaks_said: set[int] = field(default_factory=set)  # num_peaks of those chunks
+    no_refls: int = 0
+    no_refls_said: int = 0  # of which every crystal said "No integrated reflections."
+    skipped: int = 0  # chunks lacking either list (some lack both)
+
+    def lines(self) -> list[str]:
+        """One line per missing kind of list: what the stream holds and what to do about it."""
+        lines = []
+        if self.no_peaks:
+            said = sorted(set(self.num_peaks_said))
+            counts = (f" (num_peaks says {', '.join(map(str, said[:3]))}"
+                      f"{' ...' if len(said) > 3 else ''})" if said else "")
+            which = ("holds no peak lists" if self.no_peaks == self.indexed else
+                     f"holds no peak list for {self.no_peaks} of its {self.indexed} indexed "
+                     "frames, which are skipped")
+            lines.append(f"{self.path}: {which}{counts}: it was written with indexamajig's "
+                         "--no-peaks-in-stream; stream2labels needs the found peaks to compare "
+                         "with the predicted reflections: rerun indexamajig without "
+                         "--no-peaks-in-stream")
+        if self.no_refls:
+            which = ("holds no reflection lists for its indexed crystals"
+                     if self.no_refls == self.indexed else
+                     f"holds no reflection lists for the crystals of {self.no_refls} of its "
+                     f"{self.indexed} indexed frames, which are skipped")
+            if self.no_refls_said == self.no_refls:
+                why = ("each says 'No integrated reflections.': indexamajig had no reflection "
+                       "list to write for them")
+                fix = "rerun indexamajig so that it integrates them"
+            else:
+                why = "it was written with indexamajig's --no-refls-in-stream"
+                fix = "rerun indexamajig without --no-refls-in-stream"
+            lines.append(f"{self.path}: {which}: {why}; stream2labels needs the predicted "
+                         f"reflections to fit: {fix}")
+        return lines
+
+
+def _lacks_reflections(crystals: Sequence[Any]) -> tuple[bool, bool]:
+    """(no crystal has a reflection list, every one said "No integrated reflections.")."""
+    none = all(getattr(x, "reflections", None) is None for x in crystals)
+    said = none and all(getattr(x, "no_reflections_line", False) for x in crystals)
+    return none, said
+
+
 def records_from_stream(path: str | os.PathLike[str], *, geometry: Any = None,
-                        prefix: str | None = None, indexed_only: bool = True
-                        ) -> Iterator[FrameRecord]:
+                        prefix: str | None = None, indexed_only: bool = True,
+                        tally: StreamTally | None = None) -> Iterator[FrameRecord]:
     """One record per chunk (per indexed chunk unless ``indexed_only`` is False).
 
     With a geometry (given, or embedded in the stream) positions become panel-relative; without
     one they stay in file coordinates, which is enough for matching but not for fitting.  A chunk
     of an image and event met before (a stream concatenated twice) is skipped with one warning:
-    its labels would count that frame twice.
+    its labels would count that frame twice.  An indexed chunk without a peak list or without
+    reflection lists (:class:`StreamTally`) is skipped too, with one warning per stream saying
+    which option of indexamajig left them out (when ``tally`` is given, it is filled with the
+    counts instead, for the caller to say).
     """
     from peaknet_xtal.formats.stream import iter_chunks
 
@@ -194,10 +254,27 @@ def records_from_stream(path: str | os.PathLike[str], *, geometry: Any = None,
     base = os.path.dirname(os.path.abspath(path))
     seen: set[tuple[str, str]] = set()
     repeated = 0
+    say = tally is None
+    tally = tally if tally is not None else StreamTally(path)
     for chunk in iter_chunks(path):
         crystals = getattr(chunk, "crystals", None) or []
         if indexed_only and not crystals:
             continue
+        if crystals:
+            tally.indexed += 1
+            no_peaks = getattr(chunk, "peaks", None) is None
+            no_refls, said = _lacks_reflections(crystals)
+            if no_peaks:
+                tally.no_peaks += 1
+                said_peaks = getattr(chunk, "num_peaks", None)
+                if said_peaks is not None:
+                    tally.num_peaks_said.add(int(said_peaks))
+            if no_refls:
+                tally.no_refls += 1
+                tally.no_refls_said += int(said)
+            if no_peaks or no_refls:
+                tally.skipped += 1
+                continue
         event = getattr(chunk, "event", None) or "//"
         image = resolve_image(str(chunk.filename), prefix, base)
         if (image, event.strip()) in seen:
@@ -218,6 +295,8 @@ def records_from_stream(path: str | os.PathLike[str], *, geometry: Any = None,
     if repeated:
         log.warning("%s: %d chunk(s) repeat an image and event met earlier in the stream (a "
                     "stream concatenated twice?); each frame is labelled once", path, repeated)
+    for line in tally.lines() if say else ():
+        log.warning("%s", line)
 
 
 def _is_hdf5(path: str) -> bool:

@@ -34,7 +34,13 @@ from peaknet_xtal.labelling.batch import (
     FrameJob,
     serial_fit_map,
 )
-from peaknet_xtal.labelling.ingest import FrameRecord, records_from_dials, records_from_stream
+from peaknet_xtal.labelling.ingest import (
+    FrameRecord,
+    StreamTally,
+    records_from_dials,
+    records_from_stream,
+    stream_geometry,
+)
 from peaknet_xtal.labelling.labels import LabelFile, merge_label_files
 from peaknet_xtal.labelling.peakdiff import (
     PEAKDIFF_DEFAULTS,
@@ -174,16 +180,23 @@ def ingest(paths: Sequence[str], run: dict[str, Any]) -> tuple[list[FrameRecord]
     given = read_geometry(run["geometry"]) if run.get("geometry") else None
     records: list[FrameRecord] = []
     geometries: dict[str, Any] = {}
+    tallies: list[StreamTally] = []
     for group in group_inputs(paths):
         if len(group) == 2:
             records.extend(records_from_dials(group[0], group[1], prefix=run.get("prefix"),
                                               trust_pickle=bool(run.get("trust_pickle"))))
             continue
-        from peaknet_xtal.labelling.ingest import stream_geometry
-
         geometry = given if given is not None else stream_geometry(group[0])
         geometries[os.path.abspath(group[0])] = geometry
-        records.extend(records_from_stream(group[0], geometry=geometry, prefix=run.get("prefix")))
+        tallies.append(StreamTally(group[0]))
+        records.extend(records_from_stream(group[0], geometry=geometry, prefix=run.get("prefix"),
+                                           tally=tallies[-1]))
+    lines = [line for tally in tallies for line in tally.lines()]
+    if not records and lines:  # said as what the streams lack, not as frames turned away
+        raise NothingToLabel(", ".join(paths), "no frame to label, no output written:\n"
+                             + "\n".join(f"  {line}" for line in lines))
+    for line in lines:
+        log.warning("%s", line)
     if run.get("max_frames"):
         records = records[: int(run["max_frames"])]
     return records, geometries

@@ -333,3 +333,59 @@ def test_an_output_naming_its_input_stream_says_so(overwrite, sim_run, tmp_path,
     assert "is the input stream itself" in err[0] and "already holds" not in err[0]
     assert stream.read_bytes() == sim_run.stream.read_bytes()
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def _indexed_chunks(n, *, peaks=True, refls=True, no_refl_line=False, start=0):
+    """``n`` indexed chunks of one stack; without a peak list the chunk still says num_peaks,
+    as indexamajig's --no-peaks-in-stream writes it."""
+    import numpy as np
+
+    from peaknet_xtal.formats.stream import REFLECTION_DTYPE, STREAM_PEAK_DTYPE, Crystal
+
+    chunks = []
+    for i in range(start, start + n):
+        table = np.zeros(3, STREAM_PEAK_DTYPE)
+        table["fs"], table["ss"], table["panel"] = [10.5, 20.5, 30.5], [5.5, 6.5, 7.5], "p0"
+        refl = np.zeros(3, REFLECTION_DTYPE)
+        refl["fs"], refl["ss"], refl["panel"] = table["fs"], table["ss"], "p0"
+        crystal = Crystal(a=79.0, b=79.0, c=38.0, alpha=90.0, beta=90.0, gamma=90.0,
+                          reflections=refl if refls else None,
+                          no_reflections_line=no_refl_line and not refls)
+        chunks.append(Chunk(filename="run.h5", event=f"//{i}", serial=i + 1, indexed_by="xgandalf",
+                            num_peaks=25, peaks=table if peaks else None, crystals=[crystal]))
+    return chunks
+
+
+@pytest.mark.parametrize(("kind", "says", "option"), [
+    ({"peaks": False}, "holds no peak lists (num_peaks says 25)", "--no-peaks-in-stream"),
+    ({"refls": False}, "holds no reflection lists for its indexed crystals",
+     "--no-refls-in-stream"),
+    ({"refls": False, "no_refl_line": True}, "each says 'No integrated reflections.'",
+     "integrates them")])
+def test_a_stream_without_peak_or_reflection_lists_says_so(kind, says, option, tmp_path, capsys):
+    """A stream written with --no-peaks-in-stream or --no-refls-in-stream was turned away as
+    "precision below 0.8 (theirs: 0.00)" or "found peaks ... theirs: 0" (read as bad indexing,
+    though every chunk says num_peaks = 25): one line names the stream, what it lacks, the
+    indexamajig option that left it out and what to rerun."""
+    stream = tmp_path / "lean.stream"
+    write_stream(stream, _indexed_chunks(4, **kind))
+    out = tmp_path / "l.h5"
+    assert main([str(stream), "-o", str(out), "--no-ray", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    line = next(x for x in err.splitlines() if says in x)
+    assert str(stream) in line and option in line
+    assert "precision" not in err and "found peaks outside" not in err
+    assert not out.exists()
+
+
+def test_frames_without_a_peak_list_are_skipped_with_one_warning(tmp_path, caplog):
+    """Where only some chunks lack their lists, those frames are skipped and counted once."""
+    from peaknet_xtal.labelling.ingest import records_from_stream
+
+    stream = tmp_path / "some.stream"
+    write_stream(stream, _indexed_chunks(3) + _indexed_chunks(2, peaks=False, start=3))
+    with caplog.at_level("WARNING"):
+        records = list(records_from_stream(stream))
+    assert [r.event for r in records] == ["//0", "//1", "//2"]
+    said = [r.getMessage() for r in caplog.records if "peak list" in r.getMessage()]
+    assert len(said) == 1 and "2 of its 5 indexed frames" in said[0]

@@ -234,29 +234,63 @@ def _lacks_reflections(crystals: Sequence[Any]) -> tuple[bool, bool]:
 
 def records_from_stream(path: str | os.PathLike[str], *, geometry: Any = None,
                         prefix: str | None = None, indexed_only: bool = True,
-                        tally: StreamTally | None = None) -> Iterator[FrameRecord]:
+                        tally: StreamTally | None = None, once: bool = True,
+                        geometries: dict[str, Any] | None = None) -> Iterator[FrameRecord]:
     """One record per chunk (per indexed chunk unless ``indexed_only`` is False).
 
     With a geometry (given, or embedded in the stream) positions become panel-relative; without
-    one they stay in file coordinates, which is enough for matching but not for fitting.  A chunk
-    of an image and event met before (a stream concatenated twice) is skipped with one warning:
-    its labels would count that frame twice.  An indexed chunk without a peak list or without
-    reflection lists (:class:`StreamTally`) is skipped too, with one warning per stream saying
-    which option of indexamajig left them out (when ``tally`` is given, it is filled with the
-    counts instead, for the caller to say).
-    """
-    from peaknet_xtal.formats.stream import iter_chunks
+    one they stay in file coordinates, which is enough for matching but not for fitting.  Streams
+    concatenated after a re-run with another geometry carry it in their own header: without a
+    given geometry, each header's chunks are read through the geometry it embeds, under its own
+    ``geometry_key`` (``geometries``, when given, is filled with key -> geometry).
 
+    With ``once`` a frame (image and event) met more than once is labelled once, from its last
+    copy (:func:`keep_last_copies`, which warns); without it every chunk is yielded, for a caller
+    that merges several streams first.  An indexed chunk without a peak list or without
+    reflection lists (:class:`StreamTally`) is skipped, with one warning per stream saying which
+    option of indexamajig left them out (when ``tally`` is given, it is filled with the counts
+    instead, for the caller to say).
+    """
+    from peaknet_xtal.formats.stream import StreamHeader, iter_stream
+
+    if once:
+        found: dict[str, Any] = {} if geometries is None else geometries
+        kept, _ = keep_last_copies(list(records_from_stream(
+            path, geometry=geometry, prefix=prefix, indexed_only=indexed_only, tally=tally,
+            once=False, geometries=found)), found)
+        yield from kept
+        return
     path = os.fspath(path)
-    if geometry is None:
-        geometry = stream_geometry(path)
-    panels = _PanelIndex(geometry)
-    base = os.path.dirname(os.path.abspath(path))
-    seen: set[tuple[str, str]] = set()
-    repeated = 0
+    source = os.path.abspath(path)
+    given = geometry is not None
+    key, panels = source, _PanelIndex(geometry)
+    by_key = {key: panels}  # a later run's geometry and the first one's, each read once
+    first_text: str | None = None
+    headers = 0
+    base = os.path.dirname(source)
     say = tally is None
     tally = tally if tally is not None else StreamTally(path)
-    for chunk in iter_chunks(path):
+    for item in iter_stream(path):
+        if isinstance(item, StreamHeader):
+            headers += 1
+            if given:
+                continue
+            if item.geometry_error:
+                raise FormatError(path, f"embedded geometry is malformed: "
+                                  f"{item.geometry_error} (or pass --geometry)", line=item.line)
+            if headers == 1:
+                first_text = item.geometry_text
+                panels = by_key[source] = _PanelIndex(item.geometry)
+            elif item.geometry_text is not None and item.geometry_text != first_text:
+                # a run concatenated after another, with a geometry of its own
+                key = f"{source}@{item.line}"
+                panels = by_key[key] = _PanelIndex(item.geometry)
+            else:
+                key, panels = source, by_key[source]
+            if geometries is not None:
+                geometries[key] = panels.geometry
+            continue
+        chunk = item
         crystals = getattr(chunk, "crystals", None) or []
         if indexed_only and not crystals:
             continue
@@ -275,28 +309,79 @@ def records_from_stream(path: str | os.PathLike[str], *, geometry: Any = None,
             if no_peaks or no_refls:
                 tally.skipped += 1
                 continue
-        event = getattr(chunk, "event", None) or "//"
+        event = (getattr(chunk, "event", None) or "//").strip()
         image = resolve_image(str(chunk.filename), prefix, base)
-        if (image, event.strip()) in seen:
-            repeated += 1
-            continue
-        seen.add((image, event.strip()))
+        if geometries is not None and key not in geometries:
+            geometries[key] = panels.geometry
         yield FrameRecord(
-            source=os.path.abspath(path),
+            source=source,
             image=image,
             event=event,
             index=event_index(event),
             found=_found_from_chunk(chunk, panels, path),
             predicted=_predicted_from_chunk(chunk, panels, path),
             n_crystals=len(crystals),
-            geometry_key=os.path.abspath(path),
+            geometry_key=key,
             panel_names=panels.names,
         )
-    if repeated:
-        log.warning("%s: %d chunk(s) repeat an image and event met earlier in the stream (a "
-                    "stream concatenated twice?); each frame is labelled once", path, repeated)
     for line in tally.lines() if say else ():
         log.warning("%s", line)
+
+
+def keep_last_copies(records: Sequence[FrameRecord], geometries: dict[str, Any] | None = None
+                     ) -> tuple[list[FrameRecord], str | None]:
+    """One record per frame (image and event), the last copy, and the warning that says so.
+
+    A frame met twice would give two label rows, which can land on both sides of a
+    training/validation split.  The last copy is kept: streams are concatenated, and given on
+    the command line, in run order, so a frame re-indexed (another geometry, another cell) and
+    appended has its newer result last; copies of one run (``cat a a``) are the same either way.
+    The warning (also returned; None when no frame repeats) names the inputs the repeats come
+    from, how many frames, which copy was kept, and whether the copies differ.
+    """
+    geometries = geometries or {}
+    last = {r.key: i for i, r in enumerate(records)}
+    kept = [r for i, r in enumerate(records) if last[r.key] == i]
+    dropped = [r for i, r in enumerate(records) if last[r.key] != i]
+    if not dropped:
+        return kept, None
+    frames = {r.key for r in dropped}
+    sources = list(dict.fromkeys([r.source for r in records if r.key in frames]))
+    other_geometry = other_result = 0
+    for key in frames:
+        copies = [r for r in records if r.key == key]
+        newest = copies[-1]
+        if any(_geometry_of(r, geometries) is not _geometry_of(newest, geometries)
+               or r.panel_names != newest.panel_names for r in copies[:-1]):
+            other_geometry += 1
+        if any(r.n_crystals != newest.n_crystals or not _same_table(r.found, newest.found)
+               or not _same_table(r.predicted, newest.predicted) for r in copies[:-1]):
+            other_result += 1
+    where = (f"within {sources[0]}" if len(sources) == 1 else
+             "in " + ", ".join(sources))
+    if other_geometry or other_result:
+        differ = ("the copies differ: "
+                  + ", ".join(part for part in (
+                      f"{other_geometry} in geometry" if other_geometry else "",
+                      f"{other_result} in crystals, found peaks or reflections"
+                      if other_result else "") if part))
+    else:
+        differ = "the copies are identical"
+    extra = f"{len(dropped)} extra cop{'y' if len(dropped) == 1 else 'ies'}"
+    message = (f"{len(frames)} frame(s) appear more than once {where} ({extra}); each is "
+               "labelled once, from its last copy (the later run: streams are concatenated and "
+               f"given in run order); {differ}")
+    log.warning("%s", message)
+    return kept, message
+
+
+def _geometry_of(record: FrameRecord, geometries: dict[str, Any]) -> Any:
+    return geometries.get(record.geometry_key)
+
+
+def _same_table(a: np.ndarray, b: np.ndarray) -> bool:
+    """Bytewise: NaN columns (unknown 1/d) compare equal to themselves."""
+    return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
 
 
 def _is_hdf5(path: str) -> bool:

@@ -37,9 +37,9 @@ from peaknet_xtal.labelling.batch import (
 from peaknet_xtal.labelling.ingest import (
     FrameRecord,
     StreamTally,
+    keep_last_copies,
     records_from_dials,
     records_from_stream,
-    stream_geometry,
 )
 from peaknet_xtal.labelling.labels import LabelFile, merge_label_files
 from peaknet_xtal.labelling.peakdiff import (
@@ -186,17 +186,17 @@ def ingest(paths: Sequence[str], run: dict[str, Any]) -> tuple[list[FrameRecord]
             records.extend(records_from_dials(group[0], group[1], prefix=run.get("prefix"),
                                               trust_pickle=bool(run.get("trust_pickle"))))
             continue
-        geometry = given if given is not None else stream_geometry(group[0])
-        geometries[os.path.abspath(group[0])] = geometry
         tallies.append(StreamTally(group[0]))
-        records.extend(records_from_stream(group[0], geometry=geometry, prefix=run.get("prefix"),
-                                           tally=tallies[-1]))
+        records.extend(records_from_stream(group[0], geometry=given, prefix=run.get("prefix"),
+                                           tally=tallies[-1], once=False, geometries=geometries))
     lines = [line for tally in tallies for line in tally.lines()]
     if not records and lines:  # said as what the streams lack, not as frames turned away
         raise NothingToLabel(", ".join(paths), "no frame to label, no output written:\n"
                              + "\n".join(f"  {line}" for line in lines))
     for line in lines:
         log.warning("%s", line)
+    # a frame in several inputs (or twice in one) is labelled once, from its last copy
+    records, _ = keep_last_copies(records, geometries)
     if run.get("max_frames"):
         records = records[: int(run["max_frames"])]
     return records, geometries

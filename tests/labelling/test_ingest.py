@@ -72,8 +72,9 @@ def test_a_chunk_repeated_in_the_stream_is_labelled_once(sim_run, tmp_path, capl
     with caplog.at_level("WARNING"):
         again = list(records_from_stream(twice))
     assert [(r.image, r.event) for r in again] == [(r.image, r.event) for r in once]
-    said = [r.getMessage() for r in caplog.records if "repeat an image and event" in r.getMessage()]
-    assert len(said) == 1 and f"{len(once)} chunk(s)" in said[0]
+    said = [r.getMessage() for r in caplog.records if "more than once" in r.getMessage()]
+    assert len(said) == 1 and f"{len(once)} frame(s)" in said[0] and str(twice) in said[0]
+    assert "the copies are identical" in said[0]
 
 
 def test_events_of_a_placeholder_file_are_read_through_the_streams_geometry(sim_run,
@@ -300,3 +301,85 @@ def test_records_of_a_plugin_source_are_loaded_through_the_registry():
                                    predicted=np.zeros(0, PRED_DTYPE)))
     finally:
         pm.unregister(plugin)
+
+
+_GEOM = """clen = 0.1
+res = 10000
+photon_energy = 9000
+adu_per_photon = 1
+data = /entry_1/data_1/data
+dim0 = %
+dim1 = ss
+dim2 = fs
+{p}/min_fs = 0
+{p}/max_fs = 63
+{p}/min_ss = 0
+{p}/max_ss = 63
+{p}/fs = +1.0x +0.0y
+{p}/ss = +0.0x +1.0y
+{p}/corner_x = -32
+{p}/corner_y = -32
+"""
+
+
+def _run_text(tmp_path, name, panel, shift=0.0):
+    """A one-run stream of three indexed frames of ``run.h5`` through panel ``panel``."""
+    from peaknet_xtal.formats.stream import (
+        REFLECTION_DTYPE,
+        STREAM_PEAK_DTYPE,
+        Chunk,
+        Crystal,
+        write_stream,
+    )
+
+    chunks = []
+    for i in range(3):
+        peaks = np.zeros(2, STREAM_PEAK_DTYPE)
+        peaks["fs"], peaks["ss"], peaks["panel"] = [10.5, 20.5], [5.5, 6.5], panel
+        refl = np.zeros(2, REFLECTION_DTYPE)
+        refl["fs"], refl["ss"], refl["panel"] = peaks["fs"] + shift, peaks["ss"], panel
+        chunks.append(Chunk(filename="run.h5", event=f"//{i}", serial=i + 1, num_peaks=2,
+                            peaks=peaks, crystals=[Crystal(reflections=refl)]))
+    path = tmp_path / name
+    write_stream(path, chunks, geometry_text=_GEOM.format(p=panel))
+    return path
+
+
+def test_a_frame_in_several_streams_is_labelled_once_from_the_later_run(tmp_path, caplog):
+    """The same frames in two streams were labelled once per stream, silently (duplicates can
+    land on both sides of a training/validation split), while the same streams ``cat``-ed gave
+    one each: now both give one record per frame, the later stream's, with one warning naming
+    the streams and the frames repeated."""
+    from peaknet_xtal.labelling.job import ingest
+
+    first = _run_text(tmp_path, "first.stream", "p0")
+    second = _run_text(tmp_path, "second.stream", "p0", shift=1.0)
+    with caplog.at_level("WARNING"):
+        records, _ = ingest([str(first), str(second)], {"prefix": None, "geometry": None})
+    assert [r.event for r in records] == ["//0", "//1", "//2"]
+    assert {r.source for r in records} == {str(second)}
+    said = [r.getMessage() for r in caplog.records if "more than once" in r.getMessage()]
+    assert len(said) == 1
+    assert str(first) in said[0] and str(second) in said[0] and "3 frame(s)" in said[0]
+    assert "last copy" in said[0] and "3 in crystals" in said[0]
+
+
+def test_a_rerun_appended_with_another_geometry_wins_and_is_read_through_its_own(tmp_path,
+                                                                                caplog):
+    """Two runs ``cat``-ed into one file, the second with its panels renamed: the first copy
+    won, with a warning that said neither which nor that they differ.  The later run is kept,
+    read through the geometry of its own header, and the warning says so."""
+    from peaknet_xtal.labelling.job import ingest
+
+    old = _run_text(tmp_path, "old.stream", "p0")
+    new = _run_text(tmp_path, "new.stream", "q0", shift=1.0)
+    both = tmp_path / "both.stream"
+    both.write_text(old.read_text() + new.read_text())
+    with caplog.at_level("WARNING"):
+        records, geometries = ingest([str(both)], {"prefix": None, "geometry": None})
+    assert len(records) == 3
+    assert [p.name for p in geometries[records[0].geometry_key].panels] == ["q0"]
+    assert np.allclose(records[0].predicted["fs"], [11.0, 21.0])  # the second run's
+    said = [r.getMessage() for r in caplog.records if "more than once" in r.getMessage()]
+    assert len(said) == 1 and f"within {both}" in said[0]
+    assert "last copy" in said[0] and "3 in geometry" in said[0]

@@ -264,6 +264,7 @@ def records_from_stream(path: str | os.PathLike[str], *, geometry: Any = None,
     source = os.path.abspath(path)
     given = geometry is not None
     key, panels = source, _PanelIndex(geometry)
+    where = f"given geometry {getattr(geometry, 'path', None) or ''}".rstrip()
     by_key = {key: panels}  # a later run's geometry and the first one's, each read once
     first_text: str | None = None
     headers = 0
@@ -278,6 +279,7 @@ def records_from_stream(path: str | os.PathLike[str], *, geometry: Any = None,
             if item.geometry_error:
                 raise FormatError(path, f"embedded geometry is malformed: "
                                   f"{item.geometry_error} (or pass --geometry)", line=item.line)
+            where = f"geometry embedded in {path} (header at line {item.line})"
             if headers == 1:
                 first_text = item.geometry_text
                 panels = by_key[source] = _PanelIndex(item.geometry)
@@ -310,6 +312,7 @@ def records_from_stream(path: str | os.PathLike[str], *, geometry: Any = None,
                 tally.skipped += 1
                 continue
         event = (getattr(chunk, "event", None) or "//").strip()
+        _check_event_path(event, panels.geometry, where, path, chunk)
         image = resolve_image(str(chunk.filename), prefix, base)
         if geometries is not None and key not in geometries:
             geometries[key] = panels.geometry
@@ -326,6 +329,24 @@ def records_from_stream(path: str | os.PathLike[str], *, geometry: Any = None,
         )
     for line in tally.lines() if say else ():
         log.warning("%s", line)
+
+
+def _check_event_path(event: str, geometry: Any, where: str, path: str, chunk: Any) -> None:
+    """An event's path part (before ``//``) fills the ``%`` of the geometry's data path, as
+    CrystFEL reads it; a geometry without one cannot read such an event.  Said once, naming the
+    geometry and the stream line, rather than blamed on each event as "not a frame number"."""
+    part = event.partition("//")[0]
+    if not part or geometry is None:
+        return
+    data = [geometry.data] + [getattr(p, "data", None) for p in geometry.panels]
+    if any(d and "%" in d for d in data):
+        return
+    shown = next((d for d in data if d), "/data/data")
+    raise FormatError(path, f"event {event!r}: its path part {part!r} has no '%' to fill in the "
+                      f"{where}'s data path ({shown}): CrystFEL fills the data path's '%' with "
+                      "the event's path part; give a geometry whose data path has one (e.g. "
+                      f"data = /%/{shown.lstrip('/').partition('/')[2]}) with --geometry",
+                      line=getattr(chunk, "line", None))
 
 
 def keep_last_copies(records: Sequence[FrameRecord], geometries: dict[str, Any] | None = None

@@ -322,7 +322,7 @@ dim2 = fs
 """
 
 
-def _run_text(tmp_path, name, panel, shift=0.0):
+def _run_text(tmp_path, name, panel, shift=0.0, event="//{i}"):
     """A one-run stream of three indexed frames of ``run.h5`` through panel ``panel``."""
     from peaknet_xtal.formats.stream import (
         REFLECTION_DTYPE,
@@ -338,7 +338,7 @@ def _run_text(tmp_path, name, panel, shift=0.0):
         peaks["fs"], peaks["ss"], peaks["panel"] = [10.5, 20.5], [5.5, 6.5], panel
         refl = np.zeros(2, REFLECTION_DTYPE)
         refl["fs"], refl["ss"], refl["panel"] = peaks["fs"] + shift, peaks["ss"], panel
-        chunks.append(Chunk(filename="run.h5", event=f"//{i}", serial=i + 1, num_peaks=2,
+        chunks.append(Chunk(filename="run.h5", event=event.format(i=i), serial=i + 1, num_peaks=2,
                             peaks=peaks, crystals=[Crystal(reflections=refl)]))
     path = tmp_path / name
     write_stream(path, chunks, geometry_text=_GEOM.format(p=panel))
@@ -383,3 +383,18 @@ def test_a_rerun_appended_with_another_geometry_wins_and_is_read_through_its_own
     said = [r.getMessage() for r in caplog.records if "more than once" in r.getMessage()]
     assert len(said) == 1 and f"within {both}" in said[0]
     assert "last copy" in said[0] and "3 in geometry" in said[0]
+
+
+def test_an_event_path_the_geometry_has_no_placeholder_for_is_said_once(tmp_path):
+    """Events ``entry_1//N`` with a geometry whose data path has no ``%``: every frame failed as
+    "event 'entry_1//0' does not name a frame number".  The event's path part fills the
+    geometry's ``%`` (as CrystFEL reads it): one error names the path part, the geometry, its
+    data path and the stream line."""
+    from peaknet_xtal.labelling.job import ingest
+
+    stream = _run_text(tmp_path, "entry.stream", "p0", event="entry_1//{i}")
+    with pytest.raises(FormatError) as exc:
+        ingest([str(stream)], {"prefix": None, "geometry": None})
+    text = str(exc.value)
+    assert "'entry_1'" in text and "no '%'" in text and "/entry_1/data_1/data" in text
+    assert f"geometry embedded in {stream}" in text and "line " in text

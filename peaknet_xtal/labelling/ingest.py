@@ -367,10 +367,13 @@ def keep_last_copies(records: Sequence[FrameRecord], geometries: dict[str, Any] 
     if not dropped:
         return kept, None
     frames = {r.key for r in dropped}
-    sources = list(dict.fromkeys([r.source for r in records if r.key in frames]))
+    by_frame: dict[Any, list[FrameRecord]] = {}  # each repeated frame's copies, in order
+    for r in records:
+        if r.key in frames:
+            by_frame.setdefault(r.key, []).append(r)
+    sources = list(dict.fromkeys(r.source for r in records if r.key in frames))
     other_geometry = other_result = 0
-    for key in frames:
-        copies = [r for r in records if r.key == key]
+    for copies in by_frame.values():
         newest = copies[-1]
         if any(_geometry_of(r, geometries) is not _geometry_of(newest, geometries)
                or r.panel_names != newest.panel_names for r in copies[:-1]):

@@ -455,3 +455,98 @@ def test_finite_is_torch_isfinite_on_any_layout():
     for t in (x, x[:, 0, ::2, 1::3], x.transpose(-1, -2), x.double()):
         assert torch.equal(finite(t), torch.isfinite(t))
     assert torch.equal(finite(x.requires_grad_()), torch.isfinite(x))
+
+
+def test_the_sorting_network_gives_numpys_sorted_rows():
+    """``sort_rows`` (a bitonic network across rows) against ``np.sort``: the same values on rows
+    of every width (padded to a power of two), with infinities, ties and signed zeros, on too
+    few rows for the network, and with a NaN (which goes to ``np.sort``: NaN last)."""
+    from peaknet_xtal.model.layers.local_norm import sort_rows
+
+    rng = np.random.default_rng(11)
+    for width in (1, 2, 3, 9, 25, 64, 100):
+        for rows in (3, 300, 1000):
+            a = rng.normal(0.0, 5.0, (rows, width)).astype(np.float32)
+            a[::5, :width // 2] = np.inf
+            a[1::7, :1] = -np.inf
+            a[2::3] = np.round(a[2::3])  # ties
+            a[3::11] = 0.0
+            a[4::11] = -0.0
+            got = sort_rows(a)
+            assert got.shape == a.shape and got.dtype == a.dtype
+            assert np.array_equal(got, np.sort(a, axis=-1)), (width, rows)
+    cells = rng.normal(size=(2, 3, 4, 64)).astype(np.float32)  # any leading shape
+    assert np.array_equal(sort_rows(cells), np.sort(cells, axis=-1))
+    with_nan = rng.normal(size=(500, 64)).astype(np.float32)
+    with_nan[7, 3] = np.nan
+    assert np.array_equal(sort_rows(with_nan), np.sort(with_nan, axis=-1), equal_nan=True)
+
+
+@pytest.mark.parametrize("noise_scale", ["pixel", "sum2x2"])
+def test_background_maps_through_numpy_equal_those_through_torchs_sort(noise_scale):
+    """The maps' cell statistics sort on the CPU through numpy (``sort_rows``) and elsewhere, or
+    with a gradient, through torch: the same sorted values, so the same maps to the last bit, on
+    panels with masked pixels, empty cells, sparse photon counts and a panel smaller than a
+    cell."""
+    rng = np.random.default_rng(12)
+    images = [_strong_background(rng, (185, 194)), rng.poisson(0.1, (185, 194)) * 1.0]
+    valid = np.ones((185, 194), bool)
+    valid[30:70, 50:90] = False
+    valid[rng.random(valid.shape) < 0.05] = False
+    for image, mask in ((images[0], valid), (images[1], valid), (images[0][:7, :9], None)):
+        x = torch.from_numpy(image.astype(np.float32))[None, None]
+        v = (torch.ones_like(x, dtype=torch.bool) if mask is None
+             else torch.from_numpy(mask)[None, None])
+        cpu = background_maps(x, v, noise_scale=noise_scale)
+        torch_sorted = background_maps(x.clone().requires_grad_(True), v,
+                                       noise_scale=noise_scale)
+        for a, b in zip(cpu, torch_sorted, strict=True):
+            assert torch.equal(a, b.detach())
+
+
+def test_clipped_spreads_without_np_where_equal_those_with_it():
+    """The clipped spread's fast numpy path (values off ``ok`` and off the kept ones multiplied
+    by 0) against the plain one that replaces them by 0 (``np.where``): the same float64
+    results to the last bit, and the plain one wherever a value is not finite or deviations
+    could overflow."""
+    from peaknet_xtal.model.layers.local_norm import _clipped_std_numpy, _clipped_std_where
+
+    rng = np.random.default_rng(13)
+    values = rng.normal(0.0, 2.0, (6, 5000)).astype(np.float32)
+    values[0, :30] = 80.0  # clipped away
+    values[1, :10] = -60.0
+    values[3] = (rng.random(5000) < 0.01).astype(np.float32)  # too many to clip: spread 0
+    values[4, 100] = 2.0e38  # deviations beyond float32
+    values[5, 9] = np.inf
+    ok = rng.random(values.shape) > 0.1
+    ok[2] = False
+    ok[2, :1] = True
+    for zeroed in (False, True):
+        given = np.where(ok, values, np.float32(0)) if zeroed else values
+        got = _clipped_std_numpy(given, ok, 4.0, 3, zeroed=zeroed)
+        expected = _clipped_std_where(np.where(ok, values, np.float32(0)), ok, 4.0, 3)
+        assert np.array_equal(got, expected, equal_nan=True)
+    finite_rows = _clipped_std_numpy(values[:4], ok[:4], 4.0, 3)
+    assert np.array_equal(finite_rows, _clipped_std_where(
+        np.where(ok[:4], values[:4], np.float32(0)), ok[:4], 4.0, 3))
+    assert 1.9 < finite_rows[0] < 2.1 and finite_rows[2] == 0 and finite_rows[3] == 0
+
+
+@pytest.mark.parametrize("noise_scale", NOISE_SCALES)
+def test_non_finite_pixels_marked_valid_are_zero(noise_scale):
+    """A NaN or an infinity the mask calls valid enters as 0 and moves nothing else beyond its
+    cells' neighbourhood (with ``decorrelated``, nothing beyond the panel factor's sampling:
+    three pixels fewer in its pairs)."""
+    rng = np.random.default_rng(14)
+    image = _strong_background(rng, (96, 96))
+    poisoned = image.copy()
+    poisoned[10, 10], poisoned[50, 60], poisoned[70, 20] = np.nan, np.inf, -np.inf
+    z, clean = _z(poisoned, noise_scale=noise_scale), _z(image, noise_scale=noise_scale)
+    assert z[10, 10] == z[50, 60] == z[70, 20] == 0 and np.isfinite(z).all()
+    far = np.ones(image.shape, bool)
+    for y, x in ((10, 10), (50, 60), (70, 20)):
+        far[max(0, y - 48):y + 49, max(0, x - 48):x + 49] = False
+    if noise_scale == "decorrelated":
+        np.testing.assert_allclose(z[far], clean[far], atol=1e-3)
+    else:
+        np.testing.assert_array_equal(z[far], clean[far])

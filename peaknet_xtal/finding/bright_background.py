@@ -137,18 +137,99 @@ def box_significance(residual: np.ndarray, usable: np.ndarray, *,
     local maps of a box-sum image), the spread's own sampling error let noise through: on the
     selection frames' strong-background blanks 17 false peaks a blank against 10 (prototype
     settings: probability 0.1, 5.5 sigmas).
+
+    Cost: the box sums are sums of shifted views (:func:`box_sums`), the medians
+    :func:`exact_median`'s (the same values as ``np.median``), the deviations made in place; on
+    a simulated strong-background Rayonix frame (3.7 Mpx, 70 % bright), one thread, CPU time,
+    alternating runs on a busy machine: 0.14 s, against 0.33 s with
+    ``scipy.ndimage.uniform_filter`` and ``np.median``.
     """
     z = np.where(usable, residual, 0.0)
-    best = np.full(z.shape, -np.inf)
+    best: np.ndarray | None = None
+    work: tuple[np.ndarray, np.ndarray] | None = None  # row sums and box sums, reused
     for side in BOX_SIDES:
-        box = ndimage.uniform_filter(z, side, mode="constant") * (side * side)
+        if side > 1 and work is None:
+            work = (np.empty_like(z), np.empty_like(z))
+        box = box_sums(z, side, *(work or ()))
         values = box[usable]
-        spread = 1.4826 * float(np.median(np.abs(values - np.median(values))))
+        centre = exact_median(values)
+        deviations = np.abs(np.subtract(values, centre, out=values), out=values)
+        spread = 1.4826 * exact_median(deviations)
         if flat_fallback and spread <= 0:
-            spread = float(np.std(values)) or 1.0
+            spread = float(np.std(box[usable])) or 1.0
         if spread > 0 or flat_fallback:
-            best = np.maximum(best, box / spread)
-    return best
+            if best is None:
+                best = box / spread
+            else:
+                np.maximum(best, np.divide(box, spread, out=box if box is not z else None),
+                           out=best)
+    return np.full(z.shape, -np.inf) if best is None else best
+
+
+def box_sums(z: np.ndarray, side: int, rows: np.ndarray | None = None,
+             out: np.ndarray | None = None) -> np.ndarray:
+    """Sum of each ``side`` x ``side`` box of a 2-D float64 array (outside it counts as 0), the
+    box placed as ``scipy.ndimage.uniform_filter(z, side, mode="constant")`` places it
+    (``side // 2`` before the pixel, the rest after): that filter times ``side**2`` to float64
+    rounding.  Sums of shifted views, along columns into ``rows`` and then along rows into
+    ``out`` (both arrays of ``z``'s shape, made when not given), where the filter keeps running
+    means line by line: a few cheap passes (48 against ~8 ms for a 3.7-Mpx panel with a 2 x 2
+    box on one thread); ``side`` 1 is ``z`` itself."""
+    if side == 1:
+        return z
+    rows = np.empty_like(z) if rows is None else rows
+    out = np.empty_like(z) if out is None else out
+    for src, dst in ((z, rows), (rows.T, out.T)):  # along columns, then along rows
+        n = len(src)
+        first = True
+        for offset in range(-(side // 2), side - side // 2):
+            k = abs(offset)
+            if offset == 0 or k >= n:
+                continue
+            # dst[i] = src[i] + src[i + offset] where both exist (the first shift), += after
+            at, shifted = (slice(k, None), slice(None, n - k)) if offset < 0 else (
+                slice(None, n - k), slice(k, None))
+            if first:
+                np.add(src[at], src[shifted], out=dst[at])
+                edge = slice(None, k) if offset < 0 else slice(n - k, None)
+                dst[edge] = src[edge]
+                first = False
+            else:
+                dst[at] += src[shifted]
+        if first:  # nothing to add: a panel no longer than the box's reach
+            np.copyto(dst, src)
+    return out
+
+
+#: values an :func:`exact_median` looks at first to bracket the median (a sorted sample)
+MEDIAN_SAMPLE = 8192
+
+
+def exact_median(values: np.ndarray) -> float:
+    """``np.median`` of a 1-D float array, to the last bit, faster on large arrays.
+
+    Why: ``np.median`` partitions all values (introselect): 28 ms for the 2.6 M box sums of a
+    bright Rayonix panel on one thread, six times a panel.  Here a regular sample of
+    :data:`MEDIAN_SAMPLE` values brackets the median's rank with a wide margin; one pass counts
+    the values below the bracket and takes those inside it (a few per cent), and
+    ``np.partition`` of those gives the middle value(s), each the same order statistic
+    ``np.median`` picks (for an even count the mean of the two, as it takes it).  Where the
+    bracket misses (a sample unlike the whole) or a value is NaN, ``np.median`` itself."""
+    n = len(values)
+    if n < 4 * MEDIAN_SAMPLE:
+        return float(np.median(values))
+    sample = np.sort(values[::n // MEDIAN_SAMPLE])
+    m = len(sample)
+    margin = 4 * int(np.sqrt(m)) + 1  # ~8 standard errors of the sample median's rank
+    low, high = sample[max(0, m // 2 - margin)], sample[min(m - 1, m // 2 + margin)]
+    lower, upper = values < low, values > high
+    below = int(np.count_nonzero(lower))
+    inside = values[~(lower | upper)]  # a NaN is neither below nor above: it is inside
+    first, last = (n - 1) // 2 - below, n // 2 - below  # ranks of the middle value(s) inside
+    if first < 0 or last >= len(inside) or np.isnan(inside).any():
+        return float(np.median(values))
+    part = np.partition(inside, (first, last))
+    return float(part[first]) if first == last else float(np.mean(part[first:last + 1]))
 
 
 def foreground_and_bright(panel: np.ndarray, prob: np.ndarray, good: np.ndarray,

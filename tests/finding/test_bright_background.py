@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from peaknet_xtal.finding.bright_background import (
+    MEDIAN_SAMPLE,
     box_significance,
+    box_sums,
     bright_pixels,
+    exact_median,
     foreground_and_bright,
 )
 from peaknet_xtal.finding.peaks import PeakParams, find_peaks
@@ -170,3 +174,75 @@ def test_the_quick_test_never_skips_a_bright_background(seed):
         assert _may_be_bright(flags, good)
     assert (bright_pixels(image, good, 1.0, 100.0) is None) == (
         not _maps_say_bright(image, good, 100.0))
+
+
+def test_exact_median_is_numpys_median_to_the_last_bit():
+    """Around and far above the size where the bracketing starts, odd and even counts, ties,
+    sorted values, two far-apart modes, one value, a sample that misleads the bracket (every
+    sampled position an outlier: ``np.median`` then) and a NaN (NaN, as ``np.median`` says)."""
+    rng = np.random.default_rng(21)
+    big = 4 * MEDIAN_SAMPLE
+    cases = []
+    for n in (5, big - 1, big, big + 1, 100_001, 100_000, 1_000_003):
+        cases += [rng.normal(size=n), np.round(rng.normal(size=n) * 3), np.sort(rng.normal(size=n)),
+                  np.concatenate([np.zeros(n // 2), rng.normal(100.0, 1.0, n - n // 2)]),
+                  np.full(n, 7.0), rng.exponential(size=n) ** 4]
+    misled = rng.normal(size=200_000)
+    misled[::200_000 // MEDIAN_SAMPLE] = 1e9
+    with_nan = rng.normal(size=200_000)
+    with_nan[17] = np.nan
+    for values in cases + [misled, with_nan]:
+        expected, got = np.median(values), exact_median(values)
+        assert (np.isnan(expected) and np.isnan(got)) or got == expected, len(values)
+        assert isinstance(got, float)
+
+
+@pytest.mark.parametrize("side", [1, 2, 3, 4])
+def test_box_sums_are_the_uniform_filter_times_the_box_area(side):
+    """Placed where ``ndimage.uniform_filter`` places its box (mode constant), to float64
+    rounding, on panels down to a single pixel; side 1 is the array itself."""
+    rng = np.random.default_rng(22)
+    for shape in ((1, 1), (2, 5), (5, 2), (37, 41), (200, 160)):
+        z = rng.normal(size=shape) * 40
+        expected = ndimage.uniform_filter(z, side, mode="constant") * side * side
+        np.testing.assert_allclose(box_sums(z, side), expected, rtol=0, atol=1e-11)
+    assert box_sums(z, 1) is z
+
+
+def _box_significance_reference(residual: np.ndarray, usable: np.ndarray,
+                                flat_fallback: bool = False) -> np.ndarray:
+    """The straightforward form: ``ndimage.uniform_filter`` box sums, ``np.median`` spreads."""
+    z = np.where(usable, residual, 0.0)
+    best = np.full(z.shape, -np.inf)
+    for side in (1, 2, 3):
+        box = ndimage.uniform_filter(z, side, mode="constant") * (side * side)
+        values = box[usable]
+        spread = 1.4826 * float(np.median(np.abs(values - np.median(values))))
+        if flat_fallback and spread <= 0:
+            spread = float(np.std(values)) or 1.0
+        if spread > 0 or flat_fallback:
+            best = np.maximum(best, box / spread)
+    return best
+
+
+@pytest.mark.parametrize("flat_fallback", [False, True])
+def test_box_significance_is_the_straightforward_one(flat_fallback):
+    """Against the plain form on a bright panel with masked pixels (spreads from the exact
+    medians: the same to float64 rounding of the box sums), a large panel (the bracketed
+    medians), a tiny one, a constant one (no spread: left out, or the fallback's 1) and a
+    sparse photon count (most box sums 0)."""
+    rng = np.random.default_rng(23)
+    image, _ = bright_panel(3)
+    usable = rng.random(SHAPE) > 0.2
+    large = rng.normal(size=(400, 500)) + 30 * (rng.random((400, 500)) < 1e-3)
+    counts = (rng.random((64, 64)) < 0.02).astype(np.float64)
+    for residual, good in (((image - image.mean()) / 33, usable),
+                           (large, rng.random(large.shape) > 0.1),
+                           (rng.normal(size=(2, 3)), np.ones((2, 3), bool)),
+                           (np.full((20, 20), 5.0), np.ones((20, 20), bool)),
+                           (counts, np.ones(counts.shape, bool))):
+        got = box_significance(residual, good, flat_fallback=flat_fallback)
+        expected = _box_significance_reference(residual, good, flat_fallback)
+        assert got.shape == expected.shape
+        np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12)
+        assert np.array_equal(got >= 5.5, expected >= 5.5)

@@ -457,6 +457,16 @@ def test_finite_is_torch_isfinite_on_any_layout():
     assert torch.equal(finite(x.requires_grad_()), torch.isfinite(x))
 
 
+@pytest.fixture(params=[True, False], ids=["network", "np.sort"])
+def sorting(request, monkeypatch):
+    """Either way of sorting the cells (the network, or numpy's sort where that is faster)."""
+    from peaknet_xtal.model.layers import local_norm
+
+    monkeypatch.setattr(local_norm, "_network_pays", lambda: request.param)
+    return request.param
+
+
+@pytest.mark.usefixtures("sorting")
 def test_the_sorting_network_gives_numpys_sorted_rows():
     """``sort_rows`` (a bitonic network across rows) against ``np.sort``: the same values on rows
     of every width (padded to a power of two), with infinities, ties and signed zeros, on too
@@ -482,12 +492,16 @@ def test_the_sorting_network_gives_numpys_sorted_rows():
     assert np.array_equal(sort_rows(with_nan), np.sort(with_nan, axis=-1), equal_nan=True)
 
 
+@pytest.mark.usefixtures("sorting")
 @pytest.mark.parametrize("noise_scale", ["pixel", "sum2x2"])
-def test_background_maps_through_numpy_equal_those_through_torchs_sort(noise_scale):
-    """The maps' cell statistics sort on the CPU through numpy (``sort_rows``) and elsewhere, or
-    with a gradient, through torch: the same sorted values, so the same maps to the last bit, on
-    panels with masked pixels, empty cells, sparse photon counts and a panel smaller than a
-    cell."""
+def test_background_maps_through_numpy_equal_those_through_torch(noise_scale):
+    """The maps' cell statistics on the CPU go through numpy (one sorting network for all
+    cells, the magnitudes' order merged from the residuals') and elsewhere, or with a gradient,
+    through torch (two sorts per cell): the same maps to the last bit, on panels with masked
+    pixels, empty cells, sparse photon counts and a panel smaller than a cell; and the numpy
+    path is the one taken."""
+    from peaknet_xtal.model.layers import local_norm
+
     rng = np.random.default_rng(12)
     images = [_strong_background(rng, (185, 194)), rng.poisson(0.1, (185, 194)) * 1.0]
     valid = np.ones((185, 194), bool)
@@ -498,12 +512,70 @@ def test_background_maps_through_numpy_equal_those_through_torchs_sort(noise_sca
         v = (torch.ones_like(x, dtype=torch.bool) if mask is None
              else torch.from_numpy(mask)[None, None])
         cpu = background_maps(x, v, noise_scale=noise_scale)
-        torch_sorted = background_maps(x.clone().requires_grad_(True), v,
-                                       noise_scale=noise_scale)
-        for a, b in zip(cpu, torch_sorted, strict=True):
+        through_torch = background_maps(x.clone().requires_grad_(True), v,
+                                        noise_scale=noise_scale)
+        for a, b in zip(cpu, through_torch, strict=True):
             assert torch.equal(a, b.detach())
+    calls = []
+    host = local_norm._cell_noise_host
+
+    def counted(*args: object) -> object:
+        calls.append(1)
+        return host(*args)  # type: ignore[arg-type]
+
+    local_norm._cell_noise_host = counted  # type: ignore[assignment]
+    try:
+        background_maps(x, v, noise_scale=noise_scale)
+    finally:
+        local_norm._cell_noise_host = host
+    assert calls
 
 
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return bool(torch.equal(torch.isnan(a), torch.isnan(b))
+                and torch.equal(a.nan_to_num(), b.nan_to_num()))
+
+
+@pytest.mark.usefixtures("sorting")
+@pytest.mark.parametrize("edge", ["finite", "infinite", "nan"])
+def test_cell_statistics_through_numpy_equal_those_through_torch_on_every_count(edge):
+    """Cell by cell, every count of valid samples from 0 to 64 (ranks and windows at each),
+    ties, zeros of a photon count, a spot among the samples, signed values, and infinite or NaN
+    samples: the numpy medians, noise and typical sizes against torch's, to the last bit."""
+    from peaknet_xtal.model.layers.local_norm import (
+        _cell_medians,
+        _cell_medians_host,
+        _cell_noise,
+        _cell_noise_host,
+        _cells,
+    )
+
+    rng = np.random.default_rng(15)
+    block, cells = 16, 65 * 5
+    values = rng.normal(0.0, 3.0, (cells, 8, 8)).astype(np.float32)
+    values[65:130] = np.round(values[65:130])  # ties
+    values[130:195] = (rng.random((65, 8, 8)) < 0.1).astype(np.float32)  # sparse counts
+    values[195:260, 2, 3] = 500.0  # a spot
+    values[260:] = np.abs(values[260:])  # one sign
+    if edge != "finite":
+        bad = np.inf if edge == "infinite" else np.nan
+        values[::7, 1, 1], values[3::7, 0, 0] = bad, -bad
+    ok = np.zeros((cells, 64), bool)
+    for i in range(cells):
+        ok[i, rng.permutation(64)[:i % 65]] = True
+    ok = ok.reshape(cells, 8, 8)
+    # the cells side by side: one image of 1 x 325 cells, at half resolution 8 x 2600
+    xs = torch.from_numpy(np.ascontiguousarray(values.transpose(1, 0, 2)).reshape(1, 8, -1))
+    vs = torch.from_numpy(np.ascontiguousarray(ok.transpose(1, 0, 2)).reshape(1, 8, -1))
+    assert _same(_cell_medians_host(xs, vs, block),
+                 _cell_medians(_cells(xs, block), _cells(vs, block)))
+    for got, expected in zip(_cell_noise_host(xs, vs, block),
+                             _cell_noise(_cells(xs, block), _cells(vs, block)), strict=True):
+        assert _same(got, expected)
+
+
+@pytest.mark.filterwarnings("ignore:overflow:RuntimeWarning",
+                            "ignore:invalid value:RuntimeWarning")  # the infinite rows
 def test_clipped_spreads_without_np_where_equal_those_with_it():
     """The clipped spread's fast numpy path (values off ``ok`` and off the kept ones multiplied
     by 0) against the plain one that replaces them by 0 (``np.where``): the same float64
@@ -550,3 +622,26 @@ def test_non_finite_pixels_marked_valid_are_zero(noise_scale):
         np.testing.assert_allclose(z[far], clean[far], atol=1e-3)
     else:
         np.testing.assert_array_equal(z[far], clean[far])
+
+
+@pytest.mark.usefixtures("sorting")
+def test_nan_median_filter_through_numpy_is_torchs_nanmedian():
+    """The cell grid's NaN-aware median filters through numpy against torch's ``nanmedian`` of
+    the unfolded windows: the same values (NaN where a window holds none), with NaN and
+    infinite cells, ties, a grid of one cell and one of only NaN, for the 3 x 3 and 5 x 5
+    windows the maps use."""
+    import torch.nn.functional as F
+
+    from peaknet_xtal.model.layers.local_norm import _nan_median_filter
+
+    rng = np.random.default_rng(16)
+    grid = torch.from_numpy(rng.normal(100.0, 10.0, (40, 12, 13)).astype(np.float32))
+    grid[grid > 112] = float("nan")
+    grid[0, 0, :3], grid[1, 2, 3], grid[2] = float("inf"), -float("inf"), grid[2].round()
+    for g in (grid, torch.full((3, 4, 5), float("nan")), torch.randn(2, 1, 1)):
+        for size in (3, 5):
+            r = size // 2
+            padded = F.pad(g.unsqueeze(1), (r, r, r, r), value=float("nan"))
+            expected = F.unfold(padded, size).nanmedian(dim=1).values.view_as(g)
+            assert _same(_nan_median_filter(g, size), expected)
+

@@ -84,7 +84,11 @@ differ and the background estimate changes by its own noise.  The finding engine
 panel cut to its valid region (``finding.peaks.valid_region``), so masked margins around a panel
 never move its cells there.  A large smooth gradient changes
 the input by a few hundredths of a sigma on average.  Cost: two sorts of 1/4 of the pixels in
-rows of 64 and a few full-resolution passes (benchmarks/bench_model.py prints the whole model).
+columns of 64 (one sorting network for every cell at once, :func:`sort_rows`), a merge for the
+residuals' magnitudes, and a few full-resolution passes (benchmarks/bench_model.py prints the
+whole model).  On the CPU the cells' statistics run through numpy, with torch's own sums and
+square roots, so that they are the torch code's to the last bit (tests/model/test_local_norm.py
+compares the two on every count of valid samples).
 """
 from __future__ import annotations
 
@@ -128,10 +132,10 @@ def _cells(a: torch.Tensor, block: int) -> torch.Tensor:
 
 
 def _sorted(t: torch.Tensor) -> torch.Tensor:
-    """``t.sort(-1).values``; on CPU without gradient through numpy (:func:`sort_rows`), ~3x
-    faster than numpy's own sort of these 64-value rows and ~60x faster than torch's (measured
-    on one thread for a CSPAD frame's cells: 5.3, 16.5 and ~300 ms for three sorts).  Sorting
-    gives the same values either way (NaN last in all)."""
+    """``t.sort(-1).values``; on CPU without gradient through numpy (:func:`sort_rows`), whose
+    sort of these 64-value rows is ~20x faster than torch's (the cells' statistics on the host
+    sort by :func:`_sorted_columns` instead).  Sorting gives the same values either way (NaN
+    last in all)."""
     if t.device.type == "cpu" and not t.requires_grad:
         return torch.from_numpy(sort_rows(t.detach().contiguous().numpy()))
     return t.sort(-1).values
@@ -142,60 +146,87 @@ def _sorted(t: torch.Tensor) -> torch.Tensor:
 _NETWORK_MIN_ROWS = 256
 
 
+@functools.cache
+def _network_pays() -> bool:
+    """Whether :func:`_bitonic` sorts 64-value columns faster than ``np.sort`` sorts the same
+    values as rows on this machine, measured once (4,096 of them, best of two; ~20 ms).
+
+    Why ask: where numpy sorts with SIMD (AVX-512 for 32-bit floats since numpy 1.23, AVX2
+    too since numpy 2.0) its sort of these short rows takes ~1 ms for a CSPAD frame's cells,
+    faster than the network; on the 2-core machine's AVX2 CPU with numpy 1.24 it took 16.7 ms
+    against the network's 2.3.  Either way the same sorted values."""
+    import time
+
+    import numpy as np
+
+    columns = np.random.default_rng(0).standard_normal((64, 4096)).astype(np.float32)
+    rows = np.ascontiguousarray(columns.T)
+
+    def best(work: Any) -> float:
+        seconds = float("inf")
+        for _ in range(2):
+            start = time.perf_counter()
+            work()
+            seconds = min(seconds, time.perf_counter() - start)
+        return seconds
+
+    return best(lambda: _bitonic(columns.copy())) < best(lambda: np.sort(rows, axis=-1))
+
+
 def sort_rows(a: Any) -> Any:
     """``np.sort(a, axis=-1)`` of a float numpy array: the same values, in a new array.
 
     Why not ``np.sort`` itself: it sorts row by row, and a row of a cell's 64 samples is too
     short for its introsort to pay (26 ns a value on the 2-core machine's AVX2 CPU, numpy 1.24).
-    Here all rows pass together through a bitonic sorting network (rows padded with +inf to a
-    power of two), each of its stages one ``np.minimum`` and one ``np.maximum`` over the
-    transposed array, vectorised across rows: 5.3 against 16.5 ms for a CSPAD frame's 9,984
-    rows of 64.  A compare-exchange network gives exactly the sorted values (only the order of
-    0 and -0 may differ, which compare equal); rows with NaN, which min and max would spread,
-    and short inputs go to ``np.sort``."""
+    Here all rows pass together through a bitonic sorting network (:func:`_bitonic`; rows
+    padded with +inf to a power of two), each of its stages one ``np.minimum`` and one
+    ``np.maximum`` vectorised across rows: 4.4 against 16.8 ms for a CSPAD frame's 9,984 rows
+    of 64, one thread (2.3 ms of it the network, the rest the transposes).  A compare-exchange
+    network gives exactly the sorted values (only the order of 0 and -0 may differ, which
+    compare equal); rows with NaN, which min and max would spread, short inputs and machines
+    where numpy's own sort is the faster (:func:`_network_pays`) go to ``np.sort``."""
     import numpy as np
 
     m = a.shape[-1]
     rows = a.reshape(-1, m)
-    if m < 2 or len(rows) < _NETWORK_MIN_ROWS or np.isnan(rows).any():
+    if (m < 2 or len(rows) < _NETWORK_MIN_ROWS or not _network_pays()
+            or np.isnan(rows).any()):
         return np.sort(a, axis=-1)
     n = 1 << (m - 1).bit_length()
     work = np.empty((n, len(rows)), a.dtype)
     work[:m] = rows.T
     work[m:] = np.inf
-    _bitonic(work)
-    return np.ascontiguousarray(work[:m].T).reshape(a.shape)
+    return np.ascontiguousarray(_bitonic(work)[:m].T).reshape(a.shape)
 
 
-def _bitonic(work: Any) -> None:
-    """Sort the columns of ``work`` (``(n, N)``, ``n`` a power of two) in place: a bitonic
-    network in its form without descending blocks (each merge starts by comparing element ``i``
-    of a block with element ``k - 1 - i``, then halves as usual), one vectorised step each."""
+def _bitonic(work: Any) -> Any:
+    """The columns of ``work`` (``(n, N)``, ``n`` a power of two) sorted: a bitonic network in
+    its form without descending blocks (each merge starts by comparing element ``i`` of a block
+    with element ``k - 1 - i``, then halves as usual), one vectorised step each.  Each step
+    writes the smaller and the larger of its pairs into a second array, and the two swap roles
+    (an in-place step took a third pass, the copy back: 5.5 against 2.3 ms for a CSPAD frame's
+    cells); returns whichever holds the result, ``work`` or an array of its shape."""
     import numpy as np
 
     n, count = work.shape
-    spare = np.empty((n // 2, count), work.dtype)
+    src, dst = work, np.empty_like(work)
     k = 2
     while k <= n:
-        blocks = work.reshape(n // k, k, count)
-        _exchange(blocks[:, :k // 2], blocks[:, k // 2:][:, ::-1],
-                  spare.reshape(n // k, k // 2, count))
+        blocks, into = src.reshape(n // k, k, count), dst.reshape(n // k, k, count)
+        low, high = blocks[:, :k // 2], blocks[:, k // 2:][:, ::-1]
+        np.minimum(low, high, out=into[:, :k // 2])
+        np.maximum(low, high, out=into[:, k // 2:][:, ::-1])
+        src, dst = dst, src
         j = k // 4
         while j >= 1:
-            pairs = work.reshape(n // (2 * j), 2, j, count)
-            _exchange(pairs[:, 0], pairs[:, 1], spare.reshape(n // (2 * j), j, count))
+            pairs, into = src.reshape(n // (2 * j), 2, j, count), dst.reshape(n // (2 * j), 2, j,
+                                                                              count)
+            np.minimum(pairs[:, 0], pairs[:, 1], out=into[:, 0])
+            np.maximum(pairs[:, 0], pairs[:, 1], out=into[:, 1])
+            src, dst = dst, src
             j //= 2
         k *= 2
-
-
-def _exchange(low: Any, high: Any, spare: Any) -> None:
-    """Compare-exchange two equal-shaped views in place: the smaller of each pair to ``low``,
-    the larger to ``high``."""
-    import numpy as np
-
-    np.minimum(low, high, out=spare)
-    np.maximum(low, high, out=high)
-    low[...] = spare
+    return src
 
 
 def _cell_medians(xs: torch.Tensor, vs: torch.Tensor) -> torch.Tensor:
@@ -241,6 +272,165 @@ def _cell_noise(rs: torch.Tensor, vs: torch.Tensor) -> tuple[torch.Tensor, torch
             torch.where(few | (nz.sum(-1) == 0), nan, typical))
 
 
+def _on_host(t: torch.Tensor) -> bool:
+    """Whether ``t``'s statistics go through numpy: on the CPU, without gradient."""
+    return t.device.type == "cpu" and not t.requires_grad
+
+
+def _by_sample(a: torch.Tensor, block: int) -> Any:
+    """(B, h, w) half-resolution samples -> numpy (k*k, B*ny*nx), k = block // 2, a new array:
+    each cell's samples down one column (the cells of :func:`_cells`, in its order), the layout
+    in which :func:`_bitonic` sorts every cell at once with no transposes."""
+    b, h, w = a.shape
+    ny, nx, k = 2 * h // block, 2 * w // block, block // 2
+    cells = a.detach().reshape(b, ny, k, nx, k).permute(2, 4, 0, 1, 3)
+    # always a copy of its own (a view where the permutation moves nothing): it is sorted in
+    # place
+    cells = cells.clone() if cells.is_contiguous() else cells.contiguous()
+    return cells.reshape(k * k, b * ny * nx).numpy()
+
+
+def _sorted_columns(values: Any, ok: Any) -> Any:
+    """Each column of numpy ``values`` (m, N) sorted, its values off ``ok`` taken as +inf (so
+    after its valid ones); ``values`` is overwritten and may be returned."""
+    import numpy as np
+
+    np.copyto(values, np.inf, where=~ok)
+    m, count = values.shape
+    if m < 2 or count < _NETWORK_MIN_ROWS or np.isnan(values).any():
+        return np.sort(values, axis=0)
+    if not _network_pays():  # numpy's own sort, on rows in memory order
+        rows = np.ascontiguousarray(values.T)
+        rows.sort(axis=-1)
+        return rows.T
+    return _bitonic(_padded_rows(values))[:m]
+
+
+def _padded_rows(values: Any) -> Any:
+    """(m, N) ``values`` with rows of +inf below to a power of two (the array itself if m is
+    one)."""
+    import numpy as np
+
+    m, count = values.shape
+    n = 1 << max(0, m - 1).bit_length()
+    if n == m:
+        return values
+    return np.concatenate([values, np.full((n - m, count), np.inf, values.dtype)])
+
+
+def _sorted_magnitudes(ascending: Any) -> Any:
+    """``np.sort(np.abs(ascending), axis=0)`` of columns already sorted ascending (+inf after
+    their valid values), through a bitonic merge: sorted values' magnitudes fall and then rise
+    (the negatives', then the rest's), a bitonic sequence, which the last log2(m) steps of the
+    network sort (6 steps for 64 values, against 21 for a sort)."""
+    import numpy as np
+
+    m, count = ascending.shape
+    size = np.abs(ascending)
+    if m < 2 or count < _NETWORK_MIN_ROWS or np.isnan(size).any():
+        return np.sort(size, axis=0)
+    src = _padded_rows(size)
+    n = len(src)
+    dst = np.empty_like(src)
+    j = n // 2
+    while j >= 1:
+        pairs, into = src.reshape(n // (2 * j), 2, j, count), dst.reshape(n // (2 * j), 2, j,
+                                                                          count)
+        np.minimum(pairs[:, 0], pairs[:, 1], out=into[:, 0])
+        np.maximum(pairs[:, 0], pairs[:, 1], out=into[:, 1])
+        src, dst = dst, src
+        j //= 2
+    return src[:m]
+
+
+def _row_sums(columns: Any) -> torch.Tensor:
+    """Each column's sum of numpy ``columns`` (m, N) float32, summed by torch along the rows
+    of its transpose: the order, and so the float32 rounding, of :func:`_cell_medians` and
+    :func:`_cell_noise` summing the same values laid out as (N, m)."""
+    import numpy as np
+
+    return torch.from_numpy(np.ascontiguousarray(columns.T)).sum(-1)
+
+
+def _cell_medians_host(xs: torch.Tensor, vs: torch.Tensor, block: int) -> torch.Tensor:
+    """:func:`_cell_medians` of the cells of half-resolution samples ``xs`` (B, h, w) and their
+    validity ``vs``, through numpy, as (B, ny, nx) float32: the same sorted values and ranks,
+    the same sums (:func:`_row_sums`) and the rest in torch as there, so the same means to the
+    last bit."""
+    import numpy as np
+
+    ok = _by_sample(vs, block)
+    vals = _sorted_columns(_by_sample(xs, block), ok)
+    n = np.count_nonzero(ok, axis=0)
+    nf = n.astype(np.float32)
+    pos = np.arange(len(vals), dtype=np.float32)[:, None]
+    middle = ((pos >= np.floor(np.float32(0.25) * nf)) & (pos < np.ceil(np.float32(0.75) * nf))
+              & (pos < nf))
+    median = (_row_sums(np.where(middle, vals, np.float32(0)))
+              / torch.from_numpy(np.count_nonzero(middle, axis=0)).clamp(min=1))
+    median = torch.where(torch.from_numpy(n < MIN_SAMPLES), float("nan"), median)
+    b, h, w = xs.shape
+    return median.view(b, 2 * h // block, 2 * w // block)
+
+
+def _cell_noise_host(rs: torch.Tensor, vs: torch.Tensor, block: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_cell_noise` of the cells of half-resolution residuals ``rs`` (B, h, w) and their
+    validity ``vs``, through numpy, as two (B, ny, nx) float32 maps: the same sorted values
+    (the magnitudes' order from the residuals' by :func:`_sorted_magnitudes`, not a second
+    sort), ranks and comparisons, the same sums (:func:`_row_sums`) and the rest in torch as
+    there, so the same statistics to the last bit (torch's float32 square root is not always
+    numpy's, which rounds correctly: 13.2001286 against 13.2001276 for one cell of a CSPAD
+    frame)."""
+    import numpy as np
+
+    ok = _by_sample(vs, block)
+    with np.errstate(invalid="ignore"):  # empty cells: inf - inf, NaN as torch gives
+        vals = _sorted_columns(_by_sample(rs, block), ok)
+        n = np.count_nonzero(ok, axis=0)
+        last = np.maximum(n - 1, 0).astype(np.float32)
+
+        def rank(q: float) -> torch.Tensor:
+            at = np.floor(np.float32(q) * last).astype(np.intp)
+            return torch.from_numpy(np.take_along_axis(vals, at[None], 0)[0])
+
+        half_range = (rank(0.84) - rank(0.16)) / 2
+        dev = _sorted_magnitudes(vals)
+    pos = np.arange(len(dev))[:, None]
+    finite_dev = np.isfinite(dev)
+    kept = (pos < np.ceil(np.float32(0.9) * n.astype(np.float32))) & finite_dev
+    squares = np.where(kept, dev, np.float32(0))
+    np.square(squares, out=squares)
+    rms = (_row_sums(squares) / torch.from_numpy(np.count_nonzero(kept, axis=0)).clamp(
+        min=1)).sqrt()
+    # the scale of single photons on a sparse photon-counting cell (median residual 0)
+    largest = torch.from_numpy(np.where(finite_dev, dev, np.float32(0)).max(0))
+    nz = finite_dev & (dev > (1e-6 * (1.0 + largest)).numpy())
+    count = torch.from_numpy(np.count_nonzero(nz, axis=0))
+    typical = _row_sums(np.where(nz, dev, np.float32(0))) / count.clamp(min=1)
+    few = torch.from_numpy(n < MIN_SAMPLES)
+    noise = torch.where(few, float("nan"), torch.maximum(half_range, rms))
+    typical = torch.where(few | (count == 0), float("nan"), typical)
+    b, h, w = rs.shape
+    cells = (b, 2 * h // block, 2 * w // block)
+    return noise.view(cells), typical.view(cells)
+
+
+def _medians_of_cells(xs: torch.Tensor, vs: torch.Tensor, block: int) -> torch.Tensor:
+    """:func:`_cell_medians` of the cells of half-resolution samples (B, h, w)."""
+    if _on_host(xs):
+        return _cell_medians_host(xs, vs, block)
+    return _cell_medians(_cells(xs, block), _cells(vs, block))
+
+
+def _noise_of_cells(rs: torch.Tensor, vs: torch.Tensor, block: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_cell_noise` of the cells of half-resolution residuals (B, h, w)."""
+    if _on_host(rs):
+        return _cell_noise_host(rs, vs, block)
+    return _cell_noise(_cells(rs, block), _cells(vs, block))
+
+
 def _upsample(grid: torch.Tensor, block: int, h: int, w: int) -> torch.Tensor:
     """Bilinear interpolation between cell centres: (B, C, ny, nx) -> (B, C, h, w)."""
     return F.interpolate(grid, scale_factor=block, mode="bilinear", align_corners=False)[
@@ -255,8 +445,30 @@ def _nan_median_filter(grid: torch.Tensor, size: int) -> torch.Tensor:
     """
     r = size // 2
     padded = F.pad(grid.unsqueeze(1), (r, r, r, r), value=float("nan"))
+    if _on_host(grid):
+        return _nan_median_host(padded[:, 0], size).view_as(grid)
     patches = F.unfold(padded, size)  # (B, size*size, ny*nx)
     return patches.nanmedian(dim=1).values.view_as(grid)
+
+
+def _nan_median_host(padded: torch.Tensor, size: int) -> torch.Tensor:
+    """``F.unfold(padded, size).nanmedian(dim=1).values`` of a NaN-padded (B, H, W) grid, through
+    numpy: each window's values down a column, NaN taken as +inf behind the others, one sorting
+    network for all (:func:`_sorted_columns`), and the lower middle of the values that are not
+    NaN, as ``nanmedian`` takes it (NaN where all are).  The same order statistic; measured on
+    one thread for a CSPAD frame's cells: 1.9 and 6.7 ms through torch for the 3 x 3 and the
+    5 x 5 filter, under 1 ms each here."""
+    import numpy as np
+    from numpy.lib.stride_tricks import sliding_window_view
+
+    windows = sliding_window_view(padded.numpy(), (1, size, size))[..., 0, :, :]
+    values = np.array(windows.transpose(3, 4, 0, 1, 2), order="C").reshape(size * size, -1)
+    present = ~np.isnan(values)
+    ordered = _sorted_columns(values, present)
+    count = np.count_nonzero(present, axis=0)
+    median = np.take_along_axis(ordered, (np.maximum(count - 1, 0) // 2)[None], 0)[0]
+    median[count == 0] = np.nan
+    return torch.from_numpy(median)
 
 
 def _fill(grid: torch.Tensor, fallback: float) -> torch.Tensor:
@@ -311,12 +523,11 @@ def background_maps(x: torch.Tensor, valid: torch.Tensor, block: int = DEFAULT_B
     # filtering, not a filtered mix of their neighbours: a masked gap then acts like an edge
     empty = ~any_valid.any(-1)
     nan = float("nan")
-    median = _cell_medians(_cells(pairs, block), any_valid)
+    median = _medians_of_cells(pairs, v00 | v11, block)
     median = _fill(_nan_median_filter(median, 3).masked_fill(empty, nan), 0.0)
     background = _upsample(median.unsqueeze(1), block, hp, wp)  # (B, 1, hp, wp)
     # Noise samples: single pixels (pair means would halve the variance), minus the background.
-    rs = _cells(xf[:, ::2, ::2] - background[:, 0, ::2, ::2], block)
-    noise, typical = _cell_noise(rs, _cells(v00, block))
+    noise, typical = _noise_of_cells(xf[:, ::2, ::2] - background[:, 0, ::2, ::2], v00, block)
     noise = _nan_median_filter(noise, 3).masked_fill(empty, nan)
     # no spread at all (empty photon-counting cells): the size of the rare nonzero values
     typical = _fill(_nan_median_filter(typical, 5).masked_fill(empty, nan), 1.0)
@@ -340,7 +551,7 @@ def _sum_noise(xf: torch.Tensor, vf: torch.Tensor, background: torch.Tensor,
     count = (vf[:, ::2, ::2].int() + vf[:, 1::2, ::2].int() + vf[:, ::2, 1::2].int()
              + vf[:, 1::2, 1::2].int())
     scaled = sums / count.clamp(min=1).float().sqrt()
-    noise, _ = _cell_noise(_cells(scaled, block), _cells(count > 0, block))
+    noise, _ = _noise_of_cells(scaled, count > 0, block)
     return _nan_median_filter(noise, 3)
 
 
@@ -433,8 +644,7 @@ def _clipped_std_numpy(values: Any, ok: Any, clip: float, rounds: int,
     and deviations left out of a round's sums are multiplied by 0 rather than replaced by it:
     the same sums (a product by 0 adds nothing, as the 0 did), in fewer and cheaper passes than
     ``np.where``, into arrays made once (7.1 -> 4.5 ms an offset of a CSPAD frame, one
-    thread).  Otherwise
-    :func:`_clipped_std_where` (a product by 0 of an infinity is NaN)."""
+    thread).  Otherwise :func:`_clipped_std_where` (a product by 0 of an infinity is NaN)."""
     import numpy as np
 
     v = values if zeroed else np.where(ok, values, np.float32(0))

@@ -645,3 +645,35 @@ def test_nan_median_filter_through_numpy_is_torchs_nanmedian():
             expected = F.unfold(padded, size).nanmedian(dim=1).values.view_as(g)
             assert _same(_nan_median_filter(g, size), expected)
 
+
+
+def test_the_quantum_is_the_smallest_count_above_0_with_or_without_a_1():
+    """The count check's quantum: 1 on a counting detector's frame, otherwise the smallest
+    count above 0 (counts stored at 30 ADU a photon; a frame whose only 1 is masked)."""
+    counts = np.array([[0, 2, 3], [4, 1, 6]], np.float32)
+    ok = np.ones(counts.shape, bool)
+    assert exact_counts(counts, ok) == (16, 1.0)
+    assert exact_counts(counts * 30, ok) == (480, 30.0)
+    ok[1, 1] = False
+    assert exact_counts(counts, ok) == (15, 2.0)
+
+
+@pytest.mark.parametrize("origin", [(0, 0), (5, 70), (63, 1)])
+def test_host_dither_is_the_device_dither_on_any_origin_and_size(origin):
+    """The host's dither (block counts summed from float32, blocks gathered row by row into
+    place) against the torch one on panels that are and are not whole blocks, anchored
+    anywhere, with masked pixels holding other values."""
+    from peaknet_xtal.model.layers.local_norm import dither_noise
+
+    rng = np.random.default_rng(17)
+    for shape in ((64, 64), (130, 200), (70, 65)):
+        counts = rng.poisson(3.0, shape).astype(np.float32)
+        ok = rng.random(shape) > 0.1
+        counts[~ok] = -1.0
+        if origin[0] >= shape[0] or origin[1] >= shape[1]:
+            continue
+        host = dither_noise(ok, counts, origin)
+        device = dither_noise(torch.from_numpy(ok), torch.from_numpy(counts), origin).numpy()
+        assert host.shape == counts.shape and host.dtype == np.float32
+        np.testing.assert_array_equal(host, device)
+        assert np.all(host[:origin[0]] == 0) and np.all(host[:, :origin[1]] == 0)

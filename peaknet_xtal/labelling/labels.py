@@ -12,8 +12,9 @@ Layout of one HDF5 file (every array chunked one row at a time and gzip-compress
                                                gain (ADU per photon the fits' noise model used)
 ``fits``                    (M,) FIT_DTYPE     every attempted fit, with ``row`` (its image row,
                                                -1 for panels not stored) and ``frame``
-``frames/<column>``         (F,)               PeakDiff statistics of every input frame, accepted
-                                               or not (written by the driver at the end)
+``frames/<column>``         (F,)               PeakDiff statistics of every indexed input frame
+                                               (with peak and reflection lists), accepted or not
+                                               (written by the driver at the end)
 ==========================  =================  ==================================================
 
 Attributes: ``format = "peaknet-labels"``, ``version``, ``fit_status`` (names of the fit status

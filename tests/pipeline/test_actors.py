@@ -258,20 +258,25 @@ def _spiking_stack(path: Path, n: int, hot: bool) -> Path:
     return path
 
 
+def _run_defects(tmp_path: Path, inputs: list[Path], out: Path) -> dict:
+    """One threads-backend run of the engine over ``inputs`` into ``out`` (5 frames a file)."""
+    cfg = threads_config(tmp_path, inputs, frame_finder=InferenceEngine,
+                         frame_finder_options=ENGINE, workers=1, batch_size=5)
+    cfg["output"] = str(out / "run.cxi")
+    cfg["writer_options"] = {"frames_per_file": 5}
+    return run_pipeline(cfg)
+
+
 def test_a_resumed_run_writes_the_whole_runs_defect_mask(tmp_path: Path):
-    """The frames an earlier run wrote are skipped and reach no worker: their spike counts come
-    from the earlier run's mask file, so the resumed run writes the mask one run over all the
-    frames writes (a pixel spiking in the 5 frames of b, none of a's 10: a third of the run,
+    """The frames an earlier run wrote are skipped and reach no worker: the sources count their
+    spikes, so the resumed run writes the mask one run over all the frames writes (a pixel
+    spiking in the 5 frames of b, none of a's 10: a third of the run,
     under the tracker's three in four; counted over b alone it is a defect)."""
     a = _spiking_stack(tmp_path / "a.h5", 10, hot=False)
     b = _spiking_stack(tmp_path / "b.h5", 5, hot=True)
 
     def run(inputs: list[Path], out: Path) -> dict:
-        cfg = threads_config(tmp_path, inputs, frame_finder=InferenceEngine,
-                             frame_finder_options=ENGINE, workers=1, batch_size=5)
-        cfg["output"] = str(out / "run.cxi")
-        cfg["writer_options"] = {"frames_per_file": 5}
-        return run_pipeline(cfg)
+        return _run_defects(tmp_path, inputs, out)
 
     def mask(out: Path) -> np.ndarray:
         with h5py.File(out / "pixel_defects.h5") as h5:
@@ -302,11 +307,7 @@ def test_a_resumed_run_counts_the_frames_it_skips_however_the_earlier_run_ended(
     b = _spiking_stack(tmp_path / "b.h5", 5, hot=True)
 
     def run(inputs: list[Path], out: Path) -> dict:
-        cfg = threads_config(tmp_path, inputs, frame_finder=InferenceEngine,
-                             frame_finder_options=ENGINE, workers=1, batch_size=5)
-        cfg["output"] = str(out / "run.cxi")
-        cfg["writer_options"] = {"frames_per_file": 5}
-        return run_pipeline(cfg)
+        return _run_defects(tmp_path, inputs, out)
 
     def counts(out: Path) -> tuple[int, np.ndarray]:
         kept = DefectTracker.load(out)

@@ -219,17 +219,26 @@ def _bitonic(work: Any) -> Any:
         low, high = blocks[:, :k // 2], blocks[:, k // 2:][:, ::-1]
         np.minimum(low, high, out=into[:, :k // 2])
         np.maximum(low, high, out=into[:, k // 2:][:, ::-1])
-        src, dst = dst, src
-        j = k // 4
-        while j >= 1:
-            pairs, into = src.reshape(n // (2 * j), 2, j, count), dst.reshape(n // (2 * j), 2, j,
-                                                                              count)
-            np.minimum(pairs[:, 0], pairs[:, 1], out=into[:, 0])
-            np.maximum(pairs[:, 0], pairs[:, 1], out=into[:, 1])
-            src, dst = dst, src
-            j //= 2
+        src, dst = _half_cleaners(dst, src, k // 4)
         k *= 2
     return src
+
+
+def _half_cleaners(src: Any, dst: Any, j: int) -> tuple[Any, Any]:
+    """The bitonic merge's steps from distance ``j`` down to 1 on the columns of ``src``, each
+    writing the smaller and the larger of its pairs into the other array; returns ``(result,
+    spare)``."""
+    import numpy as np
+
+    n, count = src.shape
+    while j >= 1:
+        pairs, into = src.reshape(n // (2 * j), 2, j, count), dst.reshape(n // (2 * j), 2, j,
+                                                                          count)
+        np.minimum(pairs[:, 0], pairs[:, 1], out=into[:, 0])
+        np.maximum(pairs[:, 0], pairs[:, 1], out=into[:, 1])
+        src, dst = dst, src
+        j //= 2
+    return src, dst
 
 
 def _cell_medians(xs: torch.Tensor, vs: torch.Tensor) -> torch.Tensor:
@@ -333,17 +342,7 @@ def _sorted_magnitudes(ascending: Any) -> Any:
     if m < 2 or count < _NETWORK_MIN_ROWS or np.isnan(size).any():
         return np.sort(size, axis=0)
     src = _padded_rows(size)
-    n = len(src)
-    dst = np.empty_like(src)
-    j = n // 2
-    while j >= 1:
-        pairs, into = src.reshape(n // (2 * j), 2, j, count), dst.reshape(n // (2 * j), 2, j,
-                                                                          count)
-        np.minimum(pairs[:, 0], pairs[:, 1], out=into[:, 0])
-        np.maximum(pairs[:, 0], pairs[:, 1], out=into[:, 1])
-        src, dst = dst, src
-        j //= 2
-    return src[:m]
+    return _half_cleaners(src, np.empty_like(src), len(src) // 2)[0][:m]
 
 
 def _row_sums(columns: Any) -> torch.Tensor:

@@ -53,6 +53,12 @@ def _rebuild_format_error(cls: type[FormatError], path: str | None, message: str
     return error
 
 
+class ImageRefused(FormatError):
+    """An image file DIALS can open, refused for the reason its message states (cut short,
+    frames this dxtbx cannot reach, a name without an image number): the message is the whole
+    story, where a plain failure to read is explained as a damaged file."""
+
+
 class GeometryError(FormatError):
     """A CrystFEL geometry file is malformed, or does not fit the data it is used with."""
 

@@ -61,7 +61,7 @@ import numpy as np
 from peaknet_xtal import config as cfgmod
 from peaknet_xtal.atomic import make_output_folder
 from peaknet_xtal.config import bounded
-from peaknet_xtal.errors import FormatError, GeometryError, PeakNetError
+from peaknet_xtal.errors import FormatError, GeometryError, ImageRefused, PeakNetError
 from peaknet_xtal.finding.settings import DEFAULTS as FINDING
 from peaknet_xtal.finding.settings import LIMITS, PRECISIONS, check_precision
 from peaknet_xtal.formats.cxi import DEFAULT_MAX_PEAKS, has_frame_keys
@@ -896,7 +896,7 @@ def open_input(path: str, geometry: Any = None) -> Any:
         raise _not_hdf5(path, geometry is not None)
     try:  # with -g read through it, as indexamajig -g reads a CBF file
         return open_source(path) if geometry is None else open_source(path, geometry=geometry)
-    except GeometryError:  # read, but not through this geometry: its own words
+    except (GeometryError, ImageRefused):  # read, but refused for a reason said in full
         raise
     except FormatError as exc:  # named like an image DIALS reads, but it could not read it
         if geometry is not None:  # -g: a CXI/HDF5 input by the user's own statement
@@ -1033,6 +1033,8 @@ def _frames(source: Any, path: str) -> Iterator[Frame]:
         return
     try:
         yield from source
+    except ImageRefused:  # refused for a reason said in full (a file cut short, say)
+        raise
     except FormatError as exc:
         raise _damaged(path, exc) from exc
 

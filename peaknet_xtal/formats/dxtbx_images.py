@@ -16,11 +16,12 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from peaknet_xtal.errors import FormatError, GeometryError
+from peaknet_xtal.errors import FormatError, GeometryError, ImageRefused
 from peaknet_xtal.finding.sanitise import implied_dtype
 from peaknet_xtal.formats.geometry import HC_EV_A
 from peaknet_xtal.types import Frame, event_index
@@ -40,6 +41,14 @@ def open_imageset(path: str | os.PathLike[str]) -> Any:
     try:
         experiments = ExperimentListFactory.from_filenames([path])
     except Exception as exc:  # dxtbx raises many kinds for unknown or broken files
+        if isinstance(exc, ValueError) and "filename template" in str(exc):
+            # dxtbx numbers a rotation image from its file name: frame.cbf has none, and a
+            # sound file was said to be damaged or truncated
+            raise ImageRefused(path, "DIALS takes an image's number from its file name, and "
+                               "this name holds none (dxtbx: Could not determine filename "
+                               "template); the file itself may be sound: link or copy it under "
+                               "a name with its image number, e.g. NAME_0001"
+                               f"{''.join(Path(path).suffixes)}") from exc
         raise FormatError(path, f"dxtbx cannot read this image ({type(exc).__name__}: {exc})"
                           ) from exc
     imagesets = experiments.imagesets()  # type: ignore[attr-defined]
@@ -61,7 +70,7 @@ def open_imageset(path: str | os.PathLike[str]) -> Any:
     if len(whole) == 1 and len(whole[0]) == total:
         check_every_linked_frame(whole[0], path)
         return whole[0]
-    raise FormatError(path, f"DIALS reads this file as {len(imagesets)} image sets of {total} "
+    raise ImageRefused(path, f"DIALS reads this file as {len(imagesets)} image sets of {total} "
                       "images in all, which cannot be read as one; split it, or find spots "
                       "with dials.find_spots")
 
@@ -121,7 +130,7 @@ def check_every_linked_frame(imageset: Any, path: str | None = None) -> None:
     missing = [name for name, frames in links if not isinstance(frames, int)]
     counts = [frames for _, frames in links if isinstance(frames, int)]
     if missing:
-        raise FormatError(path, f"{len(links)} data files linked ({where}): the frames of "
+        raise ImageRefused(path, f"{len(links)} data files linked ({where}): the frames of "
                           f"{', '.join(missing)} cannot be read (a data file missing or moved?)")
     try:  # the file's images as dxtbx sees them (an imageset may be a slice, or one still)
         reader = imageset.get_format_class().get_instance(path)
@@ -141,7 +150,7 @@ def check_every_linked_frame(imageset: Any, path: str | None = None) -> None:
     if readable < total:
         only = ("only the first data file" if readable == counts[0]
                 else f"only {readable} of those frames")
-        raise FormatError(path, f"{total} frames in the data files ({where}), DIALS reads "
+        raise ImageRefused(path, f"{total} frames in the data files ({where}), DIALS reads "
                           f"{readable}: this dxtbx reads {only} of a master whose frames lie in "
                           f"several; refused rather than {total - readable} frames lost (read "
                           "the data files themselves with -g, or use a DIALS whose dxtbx reads "
@@ -197,7 +206,7 @@ def check_whole_file(imageset: Any, index: int) -> None:
         return
     size = os.path.getsize(path)
     if size < expected:
-        raise FormatError(path, f"truncated: {size} bytes, {expected - size} short of what "
+        raise ImageRefused(path, f"truncated: {size} bytes, {expected - size} short of what "
                           f"{what}; dxtbx would read the missing pixels as zeros")
 
 

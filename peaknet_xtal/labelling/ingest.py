@@ -381,8 +381,7 @@ def keep_last_copies(records: Sequence[FrameRecord], geometries: dict[str, Any] 
         if any(r.n_crystals != newest.n_crystals or not _same_table(r.found, newest.found)
                or not _same_table(r.predicted, newest.predicted) for r in copies[:-1]):
             other_result += 1
-    where = (f"within {sources[0]}" if len(sources) == 1 else
-             "in " + ", ".join(sources))
+    where = "in " + ", ".join(sources)  # one stream twice over, given twice, or several
     if other_geometry or other_result:
         differ = ("the copies differ: "
                   + ", ".join(part for part in (

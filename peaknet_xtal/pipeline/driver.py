@@ -50,9 +50,10 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from contextlib import contextmanager
@@ -355,6 +356,25 @@ class RayBackend:
 
 # ------------------------------------------------------------------------------------------------
 # the driver
+
+
+def stage_names(names: Iterable[str]) -> str:
+    """Stage names for one line: each kind's numbered names as a count and a range where there
+    are more than three (``source0, source1`` but ``500 sources (source0-source499)``), so a
+    stop of a run over 500 inputs is said in one short line, not 5 kB of names."""
+    kinds: dict[str, list[tuple[int, str]]] = {}
+    for name in names:
+        match = re.fullmatch(r"(\D+?)(\d+)", name)
+        kind, number = (match.group(1), int(match.group(2))) if match else (name, -1)
+        kinds.setdefault(kind, []).append((number, name))
+    parts = []
+    for kind in sorted(kinds):
+        named = sorted(kinds[kind])
+        if len(named) > 3:
+            parts.append(f"{len(named)} {kind}s ({named[0][1]}-{named[-1][1]})")
+        else:
+            parts.extend(name for _, name in named)
+    return ", ".join(parts)
 
 
 class Driver:
@@ -708,9 +728,9 @@ class Driver:
         are gone too (a scheduler's SIGTERM reaches every process of the job).  What the
         writers had not finished is left for a rerun, which finds those frames again."""
         self.stages_lost = True
-        lost = sorted(name for _, name, _ in self.running.values())
+        lost = stage_names(name for _, name, _ in self.running.values())
         self.running.clear()
-        message = (f"Ray's own processes were stopped too: {', '.join(lost)} cannot finish; "
+        message = (f"Ray's own processes were stopped too: {lost} cannot finish; "
                    "the frames of files they had not finished are found again by a rerun")
         self.failures.append(message)
         log.warning(message)

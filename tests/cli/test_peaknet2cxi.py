@@ -1198,6 +1198,34 @@ def test_a_bad_input_gets_no_rerun_advice(stacks, tmp_path, capsys, dials_env):
         assert "re-run" not in err and ("are kept in" in err) == kept, err
 
 
+@pytest.mark.dials
+def test_an_image_refused_for_a_stated_reason_is_said_in_those_words(tmp_path, capsys,
+                                                                      dials_env):
+    """A sound image named without an image number, and an SMV image cut short: each is one
+    error in its own words.  Both were said as "DIALS cannot read this image: the file may be
+    damaged or truncated (...)": the sound file's cause (dxtbx takes the image number from the
+    name) went unsaid, and the cut file's byte counts came wrapped in a guess."""
+    from peaknet_test_support import tiny_smv
+
+    pixels = np.random.default_rng(3).poisson(6, (40, 48)) * 12 + 40
+    numbered = tiny_cbf(tmp_path / "sound_0001.cbf", 100.0)
+    unnumbered = tmp_path / "frame.cbf"
+    unnumbered.write_bytes(numbered.read_bytes())
+    whole = tiny_smv(tmp_path / "whole_001.img", pixels).read_bytes()
+    cut = tmp_path / "cut_001.img"
+    cut.write_bytes(whole[:-1000])
+    for k, (path, words) in enumerate((
+            (unnumbered, "this name holds none (dxtbx: Could not determine filename template)"),
+            (cut, "truncated: "))):
+        code = main([str(path), "-o", str(tmp_path / f"out{k}"), "--no-progress"])
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if line.startswith("peaknet2cxi: error:")]
+        assert code == 1 and len(errors) == 1, err
+        assert errors[0].startswith(f"peaknet2cxi: error: {path}: ") and words in errors[0], err
+        assert "damaged or truncated" not in err and "Traceback" not in err, err
+    assert main([str(numbered), "-o", str(tmp_path / "sound"), "--no-progress"]) == 0
+
+
 @pytest.mark.parametrize("name, with_geometry", [("junk.h5", True), ("junk.h5", False),
                                                   ("junk.dat", True)])
 def test_a_corrupt_hdf5_input_is_said_to_be_no_readable_hdf5_file(tmp_path, capsys,

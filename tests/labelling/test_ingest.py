@@ -381,7 +381,7 @@ def test_a_rerun_appended_with_another_geometry_wins_and_is_read_through_its_own
     assert [p.name for p in geometries[records[0].geometry_key].panels] == ["q0"]
     assert np.allclose(records[0].predicted["fs"], [11.0, 21.0])  # the second run's
     said = [r.getMessage() for r in caplog.records if "more than once" in r.getMessage()]
-    assert len(said) == 1 and f"within {both}" in said[0]
+    assert len(said) == 1 and f"more than once in {both}" in said[0]
     assert "last copy" in said[0] and "3 in geometry" in said[0]
 
 

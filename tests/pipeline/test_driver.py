@@ -386,3 +386,15 @@ def test_the_stages_warnings_reach_the_driver_once_each(local_ray, tmp_path: Pat
         assert sum(f"{path} //{i}:" in m for m in masked) == 1, masked
     assert all(r.levelno >= logging.WARNING for r in caplog.records
                if r.pathname == "(stage process)")
+
+
+def test_the_stages_a_stop_took_are_named_in_one_short_line():
+    """A stop of a run over 500 inputs named every source actor, a 5-kB warning (and the same in
+    pipeline.json's failures); numbered stages of a kind beyond three are a count and a range."""
+    from peaknet_xtal.pipeline.driver import stage_names
+
+    many = [f"source{i}" for i in range(500)]
+    assert stage_names(["writer0", "w1", "w0", *reversed(many)]) == (
+        "500 sources (source0-source499), w0, w1, writer0")
+    assert stage_names(["source1", "source0", "w0"]) == "source0, source1, w0"
+    assert stage_names([]) == ""

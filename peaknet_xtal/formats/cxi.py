@@ -1502,6 +1502,16 @@ def written_placement(geometry: Any) -> str:
     return geometry_placement(cxi_geometry(geometry, adu_per_photon=1.0).to_text())
 
 
+def other_detector_error(source: str | os.PathLike[str] | None, origin: str) -> FormatError:
+    """The error for a frame of ``source`` whose geometry differs (:func:`written_placement`)
+    from ``origin``'s (e.g. "that of the first input, a.cxi"): one output folder holds one
+    geometry.  One wording wherever the folder's geometry is checked: the writer, and the Ray
+    pipeline's sources, which check it before a frame is found."""
+    return FormatError(source, f"its detector geometry differs from {origin}; one output folder "
+                       "holds one geometry: process each detector into its own output folder "
+                       "(-o) (what is already written is kept)")
+
+
 #: root attribute of a CXI file: the settings its peaks were found with (JSON), so the file
 #: says how it was made, and a rerun into its folder can refuse other settings
 SETTINGS_ATTR = "peaknet_settings"
@@ -1771,10 +1781,7 @@ class CXIWriter:
                               "written by an earlier run; one output folder holds one geometry: "
                               "use another output folder (-o) for it (what is in this one is "
                               "kept)")
-        raise FormatError(frame.source or self.geometry_path,
-                          f"its detector geometry differs from {self._origin}; one output "
-                          "folder holds one geometry: process each detector into its own output "
-                          "folder (-o) (what is already written is kept)")
+        raise other_detector_error(frame.source or self.geometry_path, self._origin)
 
     def _ensure_geometry(self, geometry: Any, result: FrameResult) -> None:
         """The one ``.geom`` of the folder, with the gain the finder measured from the data

@@ -31,7 +31,6 @@ import zlib
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
-from peaknet_xtal.errors import FormatError
 from peaknet_xtal.finding.defects import DefectFilter, DefectTracker
 from peaknet_xtal.pipeline.frame_finders import build_frame_finder
 from peaknet_xtal.types import Frame, FrameResult
@@ -78,13 +77,10 @@ class SameGeometry:
     def __call__(self, frame: Frame) -> None:
         if frame.geometry is None or frame.geometry is self._fits:
             return
-        from peaknet_xtal.formats.cxi import written_placement
+        from peaknet_xtal.formats.cxi import other_detector_error, written_placement
 
         if written_placement(frame.geometry) != self.placement:
-            raise FormatError(frame.source, "its detector geometry differs from that of the "
-                              f"first input, {self.source}; one output folder holds one "
-                              "geometry: process each detector into its own output folder (-o) "
-                              "(what is already written is kept)")
+            raise other_detector_error(frame.source, f"that of the first input, {self.source}")
         self._fits = frame.geometry
 
 

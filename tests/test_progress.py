@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from peaknet_xtal.progress import Progress, format_seconds
+from peaknet_xtal.progress import Progress, count_within, format_seconds
 
 
 class FakeTerminal(io.StringIO):
@@ -199,3 +199,51 @@ def test_a_slow_rate_reads_as_units_per_second():
         bar.update(2)
     text = out.getvalue()
     assert "0.10 frames/s" in text and "s/ frames" not in text and "s/frames" not in text
+
+
+class StepClock:
+    """A clock that moves ``step`` seconds each time it is read."""
+
+    def __init__(self, step: float) -> None:
+        self.now = 0.0
+        self.step = step
+
+    def __call__(self) -> float:
+        self.now += self.step
+        return self.now
+
+
+def test_count_within_sums_every_input_in_time():
+    assert count_within([3, 1, 2], lambda n: n, seconds=10, clock=StepClock(1.0)) == 6
+
+
+def test_count_within_gives_no_total_where_an_input_cannot_say():
+    asked: list[int] = []
+
+    def count(n: int) -> int | None:
+        asked.append(n)
+        return None if n == 2 else n
+
+    assert count_within([1, 2, 3], count, seconds=10, clock=StepClock(0.0)) is None
+    assert asked == [1, 2]  # nothing more is opened once the total is lost
+
+
+def test_count_within_stops_counting_past_its_time_and_says_so(caplog):
+    asked: list[int] = []
+
+    def count(n: int) -> int:
+        asked.append(n)
+        return 1
+
+    with caplog.at_level(logging.INFO, logger="peaknet_xtal.progress"):
+        total = count_within(list(range(1000)), count, seconds=2.0, clock=StepClock(0.5))
+    assert total is None
+    assert len(asked) < 10  # not 1,000 files opened before the first frame
+    (record,) = caplog.records
+    assert "frames of 1000 inputs" in record.getMessage()
+    assert "shows no total" in record.getMessage()
+
+
+def test_count_within_keeps_a_total_finished_on_its_last_input():
+    # time runs out on the last input: every input was counted, so the total is whole
+    assert count_within([5, 5], lambda n: n, seconds=1.0, clock=StepClock(0.8)) == 10

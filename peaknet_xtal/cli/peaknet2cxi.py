@@ -65,7 +65,7 @@ from peaknet_xtal.errors import FormatError, GeometryError, ImageRefused, PeakNe
 from peaknet_xtal.finding.settings import DEFAULTS as FINDING
 from peaknet_xtal.finding.settings import LIMITS, PRECISIONS, check_precision
 from peaknet_xtal.formats.cxi import DEFAULT_MAX_PEAKS, has_frame_keys
-from peaknet_xtal.progress import Progress
+from peaknet_xtal.progress import Progress, count_within
 from peaknet_xtal.stopping import (
     exit_status,
     interrupted,
@@ -211,7 +211,9 @@ def build_parser() -> Any:
     parser.add_argument("--link", choices=["auto", "vds", "copy"],
                         help="link the images (vds) or copy them into the CXI files")
     parser.add_argument("--no-progress", dest="progress", action="store_false",
-                        help="no progress line")
+                        help="no progress line (it has a total and an ETA where the inputs' "
+                        "frames can be counted within 2 s; opening thousands of image files "
+                        "takes longer, and the line then counts frames and their rate)")
     parser.add_argument("--workers", type=int, help="model workers (> 1: Ray pipeline)")
     parser.add_argument("--address", help="Ray cluster address (uses the Ray pipeline)")
     return parser
@@ -1040,19 +1042,23 @@ def _frames(source: Any, path: str) -> Iterator[Frame]:
 
 
 def _count_frames(inputs: list[dict[str, Any]], geometry: Any) -> int | None:
-    """Total frames for the progress bar (None when a source cannot say cheaply)."""
-    total = 0
-    for entry in inputs:
+    """Total frames for the progress bar: None when a source cannot say cheaply, or when
+    counting them all would hold up the first frame (``progress.count_within``)."""
+    def frames_in(entry: dict[str, Any]) -> int | None:
         if entry["events"] is not None:
-            total += len(entry["events"])
-            continue
+            return len(entry["events"])
         try:
             source = open_input(entry["path"], geometry)
-            total += len(source)
-            source.close()
         except (TypeError, PeakNetError, OSError, ValueError):
             return None  # the run itself reports the error, in order, after earlier inputs
-    return total
+        try:
+            return len(source)
+        except TypeError:
+            return None
+        finally:
+            source.close()
+
+    return count_within(inputs, frames_in)
 
 
 def _pending(inputs: list[dict[str, Any]], geometry: Any, done_cxi: set[tuple[str, str]],

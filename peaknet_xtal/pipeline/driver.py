@@ -78,6 +78,7 @@ from peaknet_xtal.pipeline.actors import (
 from peaknet_xtal.pipeline.monitor import PipelineMonitor
 from peaknet_xtal.pipeline.queues import AsyncLeaseQueue, EventLoopThread, LocalQueueClient
 from peaknet_xtal.pipeline.worker_logs import Record, WarningReplay, forget_local, remember_local
+from peaknet_xtal.progress import count_within
 from peaknet_xtal.stopping import stop_requests
 
 log = logging.getLogger(__name__)
@@ -479,20 +480,22 @@ class Driver:
 
     def frame_total(self, done: Sequence[Sequence[Any]]) -> tuple[int | None, int]:
         """The inputs' frames, where every source can say without reading them (None else,
-        or where an input cannot be opened here: its source reports it), and those among
-        them an earlier run finished (``done``): the progress line's total and start, as the
+        where an input cannot be opened here: its source reports it, or where counting them
+        all would hold up the first frame: ``progress.count_within``), and those among them
+        an earlier run finished (``done``): the progress line's total and start, as the
         single-process run counts them."""
         specs = source_specs(self.cfg)
-        total = 0
-        for spec in specs:
+
+        def frames_in(spec: dict[str, Any]) -> int | None:
             try:
-                count = SourceFeeder(dict(spec)).count()
+                return SourceFeeder(dict(spec)).count()
             except Exception as exc:  # noqa: BLE001 - its source stage reports it
                 log.debug("cannot count the frames of %s: %s", spec["path"], exc)
-                return None, 0
-            if count is None:
-                return None, 0
-            total += count
+                return None
+
+        total = count_within(specs, frames_in)
+        if total is None:
+            return None, 0
         inputs = {os.path.realpath(str(spec["path"])) for spec in specs}
         by_source = Counter(str(key[0]) for key in done)  # each file's path resolved once
         before = sum(n for source, n in by_source.items() if os.path.realpath(source) in inputs)

@@ -1449,3 +1449,30 @@ def test_a_rotation_nexus_master_without_its_data_file_names_the_missing_file(tm
     assert f"{master}: a NeXus file that DIALS cannot read" in err, err
     assert "the data files it links to are missing: tiny_data_000001.h5" in err
     assert "damaged" not in err and "Traceback" not in err
+
+
+@pytest.mark.dials
+def test_inputs_too_many_to_count_quickly_start_without_a_total(tmp_path, monkeypatch, caplog,
+                                                                dials_env):
+    # a serial run of thousands of single-image files: counting them for the progress total
+    # opens each (20-40 ms through dxtbx), so past its time the run starts without a total
+    from peaknet_xtal import progress
+    from peaknet_xtal.cli import peaknet2cxi
+
+    files = [tiny_cbf(tmp_path / f"shot_{i:04d}.cbf", 100.0) for i in range(1, 5)]
+    inputs = [{"path": str(path), "events": None} for path in files]
+    opened: list[str] = []
+    real_open = peaknet2cxi.open_input
+
+    def counting_open(path, geometry=None):
+        opened.append(path)
+        return real_open(path, geometry)
+
+    monkeypatch.setattr(peaknet2cxi, "open_input", counting_open)
+    assert peaknet2cxi._count_frames(inputs, None) == 4  # within COUNT_SECONDS: all counted
+    opened.clear()
+    monkeypatch.setattr(progress, "COUNT_SECONDS", 0.0)
+    with caplog.at_level("INFO", logger="peaknet_xtal.progress"):
+        assert peaknet2cxi._count_frames(inputs, None) is None
+    assert opened == [str(files[0])]  # the other three are left to the run itself
+    assert "counting the frames of 4 inputs" in caplog.text

@@ -119,3 +119,19 @@ def test_the_progress_line_has_the_runs_total_and_what_was_done_before(tmp_path:
     lines = [line for line in capsys.readouterr().err.splitlines() if "pipeline:" in line]
     assert lines[0].startswith("pipeline: 10/16 frames")
     assert lines[-1].startswith("pipeline: 16/16 frames 100.0%")
+
+
+def test_inputs_too_many_to_count_quickly_leave_the_progress_line_without_a_total(
+        tmp_path: Path, stacks, capsys, monkeypatch):
+    """Counting opens every input: where that outlasts ``progress.COUNT_SECONDS`` the run
+    starts at once, its line a bare count and rate, and its frames are all found."""
+    from peaknet_xtal import progress
+
+    monkeypatch.setattr(progress, "COUNT_SECONDS", 0.0)
+    paths = [stacks.write(tmp_path / f"{name}.h5", 4) for name in "abc"]
+    specs = [{"path": str(p), "kind": CXISource} for p in paths]
+    run_pipeline(_config(tmp_path, specs, progress=True))
+    lines = [line for line in capsys.readouterr().err.splitlines() if "pipeline:" in line]
+    assert lines[-1].startswith("pipeline: 12 frames |"), lines
+    assert not any("/12" in line or "ETA" in line for line in lines)
+    assert len(stacks.written(tmp_path / "out")) == 12

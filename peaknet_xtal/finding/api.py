@@ -289,8 +289,9 @@ def _is_imageset(data: Any) -> bool:
 def image_source(imageset: Any, index: int) -> tuple[str, str]:
     """The file and CrystFEL event of image ``index`` of an imageset, which name it in warnings
     as ``peaknet2cxi`` names it: ``//N`` for image N of a file of several (a NeXus master),
-    ``//`` for a file of one image; ``("", "//")`` for an imageset without files.  Why: the
-    warnings of images found through an ImageSet read ``frame //: masked ...``, naming no file."""
+    ``//`` for a file of one image (a one-shot NeXus file too); ``("", "//")`` for an imageset
+    without files.  Why: the warnings of images found through an ImageSet read ``frame //:
+    masked ...``, naming no file."""
     try:
         path = str(imageset.get_path(index))
     except Exception:  # noqa: BLE001 - an imageset without paths (in memory)
@@ -298,7 +299,9 @@ def image_source(imageset: Any, index: int) -> tuple[str, str]:
     try:
         from dxtbx.format.FormatMultiImage import FormatMultiImage
 
-        if issubclass(imageset.get_format_class(), FormatMultiImage):
+        format_class = imageset.get_format_class()
+        if issubclass(format_class, FormatMultiImage) and \
+                format_class.get_instance(path).get_num_images() > 1:
             return path, f"//{int(imageset.indices()[index])}"
     except Exception:  # noqa: BLE001 - no format class to ask: the file alone names it
         pass

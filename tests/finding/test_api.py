@@ -430,3 +430,24 @@ def test_warnings_about_an_imagesets_pixels_name_its_file_and_image(tmp_path, di
     assert len(masked) == 2, masked
     assert masked[0].startswith(f"{master} //1: masked 80 pixels"), masked[0]
     assert masked[1].startswith(f"{stills} //2: masked 80 pixels"), masked[1]
+
+
+def test_a_one_image_nexus_file_is_named_as_peaknet2cxi_names_it(tmp_path, dials_env, caplog):
+    """A NeXus file of one shot is ``//`` in ``peaknet2cxi`` (a file of one image), and was
+    ``//0`` through the Python API: one image, two names, in two entry points' warnings."""
+    from dxtbx.model.experiment_list import ExperimentListFactory
+    from peaknet_test_support import tiny_nxmx
+
+    from peaknet_xtal.formats.dxtbx_images import DxtbxSource
+
+    stack = np.random.default_rng(3).poisson(3, (1, 40, 48)).astype(np.int32)
+    stack[:, :, 20:22] = -1
+    for still in (True, False):
+        path = tiny_nxmx(tmp_path / str(still), stack, still=still)
+        (imageset,) = ExperimentListFactory.from_filenames([str(path)]).imagesets()
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="peaknet_xtal"):
+            PeakFinder(predictor=bright_pixels).find(imageset, 0)
+        (frame,) = DxtbxSource(path)
+        masked = [r.getMessage() for r in caplog.records if "masked" in r.getMessage()]
+        assert masked and masked[0].startswith(f"{path} {frame.event}: masked"), masked

@@ -19,6 +19,8 @@ OUTDIR receives:
   peaknet.lst         the CXI files, ready for `indexamajig -i`
   peaknet2cxi.json    summary of everything in OUTDIR (all runs), and of this run
   peaknet2cxi.config.json  this run's resolved settings, command line and working folder
+  peaks-nonhits-NNNNN.h5  with --hits-only: the frames left out as not hits, so that a rerun
+                      skips them as it skips the frames in the CXI files
 and, with --stream OUT.stream, a peaks-only CrystFEL stream (0.10+ syntax, geometry embedded);
 with --dials, OUTDIR/dials/imported.expt + strong.refl for dials.index (the images as dials.import
 imports them, a rotation series as one sequence; a set of stills needs joint_indexing=False: the
@@ -266,7 +268,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"peaknet2cxi: {summary['output']} holds {summary['frames']} frames in "
           f"{len(summary['cxi_files'])} CXI file(s), {summary['hits']} hits "
           f"(>= {summary['min_peaks']} peaks), "
-          f"{summary['peaks_per_frame']['mean']:.1f} peaks/frame; this run: {this['frames']} "
+          + (f"{summary['left_out']} non-hits left out, " if summary["left_out"] else "")
+          + f"{summary['peaks_per_frame']['mean']:.1f} peaks/frame; this run: {this['frames']} "
           f"frames ({this['skipped']} already done), {this['frames_per_s']:.2f} frames/s")
     if summary.get("dials"):
         print(f"next (DIALS): {summary['dials']['command']}")
@@ -599,6 +602,13 @@ def _finished(outdir: Path) -> list[Path]:
         return []
     files = sorted(outdir.glob(f"{CXI_PREFIX}-*.cxi"))
     return [p for p in files if re.fullmatch(rf"{CXI_PREFIX}-\d{{5}}\.cxi", p.name)]
+
+
+def _left_out(outdir: Path) -> int:
+    """Frames the output records as found and left out (``--hits-only``: not hits)."""
+    from peaknet_xtal.formats.cxi import nonhit_files, read_nonhits
+
+    return sum(len(read_nonhits(path)) for path in nonhit_files(outdir, CXI_PREFIX))
 
 
 def _writer_options(config: Mapping[str, Any], expansion: RunInputs) -> dict[str, Any]:
@@ -1241,6 +1251,7 @@ def _finish(config: Mapping[str, Any], outdir: Path, files: list[Path], geometry
     if files:
         write_text_atomic(list_path, "".join(f"{p.resolve()}\n" for p in files))
     whole = _Stats.from_cxi(files)
+    left_out = _left_out(outdir) if config["hits_only"] else 0
     status = ("ok" if error is None else "interrupted" if isinstance(error, KeyboardInterrupt)
               else f"failed: {error}")
     if error is None and not files:
@@ -1250,6 +1261,7 @@ def _finish(config: Mapping[str, Any], outdir: Path, files: list[Path], geometry
         **({"stop_signal": signal_name(error)} if isinstance(error, KeyboardInterrupt) else {}),
         "frames": whole.frames, "hits": whole.hits, "min_peaks": int(config["min_peaks"]),
         "hit_rate": whole.hits / whole.frames if whole.frames else 0.0,
+        "left_out": left_out,
         "peaks_per_frame": whole.summary(),
         "this_run": {"frames": stats.frames, "skipped": stats.skipped, "hits": stats.hits,
                      "time_s": round(seconds, 3),

@@ -16,6 +16,8 @@ costs a few kB instead of a second copy of the raw data.  Peak positions are raw
 :class:`CXIWriter` is the writer the inference engine and the Ray pipeline use: it rolls a new
 file every ``frames_per_file`` results, finalises each atomically, and reports the frames already
 written by an earlier run (:meth:`CXIWriter.done_keys`) so an interrupted run resumes exactly.
+With ``hits_only`` the frames it leaves out are recorded too (:func:`write_nonhits`), so a resumed
+hit-finding run does not look at its blank frames again.
 """
 from __future__ import annotations
 
@@ -1634,9 +1636,67 @@ def check_same_settings(files: Sequence[Path], settings: Mapping[str, Any]) -> N
 
 
 def unfinished_files(directory: Path, prefix: str) -> list[Path]:
-    """The CXI files a writer of ``prefix`` left in progress in ``directory`` (written under
-    ``.PREFIX-NNNNN.cxi.*.part`` until finished): a run stopped before it could close them."""
-    return sorted(directory.glob(f".{prefix}-*.cxi.*.part"))
+    """The CXI files and non-hit records a writer of ``prefix`` left in progress in
+    ``directory`` (written under ``.PREFIX-NNNNN.cxi.*.part`` and
+    ``.PREFIX-nonhits-NNNNN.h5.*.part`` until finished): a run stopped before it could close
+    them."""
+    return sorted([*directory.glob(f".{prefix}-*.cxi.*.part"),
+                   *directory.glob(f".{prefix}{NONHITS_INFIX}*.h5.*.part")])
+
+
+#: Name part of the files that record the frames a ``hits_only`` writer left out:
+#: ``PREFIX-nonhits-NNNNN.h5``.
+NONHITS_INFIX = "-nonhits-"
+
+
+def write_nonhits(path: str | os.PathLike[str], keys: Sequence[tuple[str, str]],
+                  settings: Mapping[str, Any] | None, inputs: Mapping[str, list[Any]]) -> None:
+    """Record, atomically, the frames a ``hits_only`` run looked at and left out (not hits):
+    their keys where a CXI file keeps its frames' (``KEY_GROUP``/source, event), and the
+    settings and input files a CXI file records, so that :meth:`CXIWriter.done_keys` counts
+    them done and a rerun with other settings or over a changed input is refused as for a CXI
+    file.  Why: a hit-finding run writes a few per cent of its frames; without this record an
+    interrupted run found every blank again when resumed.  A write HDF5 cannot make (a full
+    disk) is a :class:`CXIWriteError`; nothing appears under the name then."""
+    try:
+        with atomic_path(path) as tmp, h5py.File(tmp, "w") as h5:
+            group = h5.require_group(KEY_GROUP)
+            for column, name in enumerate(("source", "event")):
+                group.create_dataset(name, data=[key[column] for key in keys],
+                                     dtype=h5py.string_dtype())
+            h5.attrs["creator"] = "peaknet-xtal"
+            h5.attrs["peaknet_nonhits"] = "frames examined and left out as not hits"
+            if settings is not None:
+                h5.attrs[SETTINGS_ATTR] = json.dumps(dict(settings), sort_keys=True)
+            if inputs:
+                h5.attrs[INPUTS_ATTR] = json.dumps(dict(inputs), sort_keys=True)
+    except (OSError, RuntimeError) as exc:
+        raise CXIWriteError.of(Path(path), exc) from exc
+
+
+_NONHITS_NAME = re.compile(re.escape(NONHITS_INFIX) + r"(\d{5})\.h5$")
+
+
+def nonhit_files(directory: Path, prefix: str) -> list[Path]:
+    """The non-hit records (:func:`write_nonhits`) in ``directory`` of writers of ``prefix``,
+    in order; as for CXI files, those of writers named after it too (a Ray run's
+    ``peaks-w1``)."""
+    if not directory.is_dir():
+        return []
+    return sorted(p for p in directory.glob(f"{prefix}-*.h5") if _NONHITS_NAME.search(p.name))
+
+
+def read_nonhits(path: str | os.PathLike[str]) -> list[tuple[str, str]]:
+    """The keys a non-hit record holds (:func:`write_nonhits`); a damaged one is a
+    FormatError naming it."""
+    try:
+        with h5py.File(path, "r") as h5:
+            if f"{KEY_GROUP}/source" not in h5:
+                raise FormatError(path, "records no frames: not a non-hit record of "
+                                  "peaknet2cxi, or damaged")
+            return _read_keys(h5)
+    except OSError as exc:
+        raise FormatError(path, f"cannot read it as HDF5: {exc}") from exc
 
 
 class CXIWriter:
@@ -1646,7 +1706,11 @@ class CXIWriter:
     Each frame goes to disk as it arrives (memory stays flat however large ``frames_per_file``);
     a file takes its final name once ``frames_per_file`` frames are in it, so a crash loses only
     the frames of the file in progress, and :meth:`done_keys` reads the keys of finished files so
-    a rerun skips them.  The folder holds one geometry (:meth:`check_geometry`).
+    a rerun skips them.  With ``hits_only`` the frames left out are recorded in
+    ``<prefix>-nonhits-NNNNN.h5`` (:func:`write_nonhits`), one file each time a CXI file is
+    finished and at :meth:`close`, and after every ``10 * frames_per_file`` non-hits in between
+    (a long stretch of blanks), so that a rerun skips them too.  The folder holds one geometry
+    (:meth:`check_geometry`).
     """
 
     name = "cxi"
@@ -1685,9 +1749,13 @@ class CXIWriter:
         #: written refuses a resume (None: every input it records; :meth:`done_keys`)
         self.inputs = None if inputs is None else [os.fspath(i) for i in inputs]
         if self.settings is not None:
-            check_same_settings(self.finished_files(), self.settings)
+            check_same_settings([*self.finished_files(), *self.nonhit_files()], self.settings)
         self._file: _CXIFile | None = None
         self._next_index = self._first_free_index()
+        #: the frames left out (not hits) since the last non-hit record, with their inputs
+        self._nonhits: list[tuple[str, str]] = []
+        self._nonhit_inputs: dict[str, list[Any]] = {}
+        self._next_nonhits = self._first_free_index(self.nonhit_files())
         #: the geometry and measured gain written by this writer while no finished file needs
         #: them yet (see :meth:`_ensure_geometry`)
         self._provisional: tuple[Any, float] | None = None
@@ -1710,15 +1778,24 @@ class CXIWriter:
         """Files named like ours that this writer did not make (no per-frame keys)."""
         return [p for p in self.finished_files() if not has_frame_keys(p)]
 
-    def _first_free_index(self) -> int:
-        found = [self._pattern.search(p.name) for p in self.finished_files()]
+    def nonhit_files(self) -> list[Path]:
+        """The records of frames left out as not hits (:func:`write_nonhits`) of this or an
+        earlier run, in order (:func:`nonhit_files`)."""
+        return nonhit_files(self.directory, self.prefix)
+
+    def _first_free_index(self, files: Sequence[Path] | None = None) -> int:
+        if files is None:
+            found = [self._pattern.search(p.name) for p in self.finished_files()]
+        else:
+            found = [_NONHITS_NAME.search(p.name) for p in files]
         indices = [int(m.group(1)) for m in found if m is not None]
         return max(indices) + 1 if indices else 0
 
     def done_keys(self) -> set[tuple[str, str]]:
-        """``(source, event)`` of every frame in a finished file.  A file whose inputs have
-        changed since it was written is refused (:func:`check_inputs_unchanged`): its frames
-        would be skipped as done, with the earlier input's peaks."""
+        """``(source, event)`` of every frame in a finished file, and of every frame recorded
+        as left out (not a hit, :func:`write_nonhits`).  A file whose inputs have changed
+        since it was written is refused (:func:`check_inputs_unchanged`): its frames would be
+        skipped as done, with the earlier input's peaks."""
         keys: set[tuple[str, str]] = set()
         for path in self.finished_files():
             try:
@@ -1727,6 +1804,9 @@ class CXIWriter:
                 continue  # not one of ours: it will not be overwritten either
             check_inputs_unchanged(path, self.inputs)
             keys.update(table.keys)
+        for path in self.nonhit_files():
+            check_inputs_unchanged(path, self.inputs)
+            keys.update(read_nonhits(path))
         return keys
 
     def _earlier_placement(self) -> tuple[str | None, str]:
@@ -1826,6 +1906,7 @@ class CXIWriter:
         # frame is found (peaknet2cxi's) cannot know which frames are hits
         self.check_geometry(result.frame)
         if self.hits_only and not result.hit:
+            self._leave_out(result.frame)
             return
         if self._file is not None and not self._file.accepts(result):
             self.flush()  # a frame that cannot be linked, or of another shape: a new file
@@ -1848,8 +1929,30 @@ class CXIWriter:
         if self._file.n >= self.frames_per_file:
             self.flush()
 
+    def _leave_out(self, frame: Frame) -> None:
+        """Remember a frame left out as not a hit, for the next non-hit record."""
+        self._nonhits.append((frame.source, frame.event))
+        if frame.source and frame.source not in self._nonhit_inputs:
+            identity = file_identity(frame.source)
+            if identity is not None:
+                self._nonhit_inputs[frame.source] = identity
+        if len(self._nonhits) >= 10 * self.frames_per_file:
+            self._record_nonhits()
+
+    def _record_nonhits(self) -> Path | None:
+        """Write the frames left out since the last record (:func:`write_nonhits`)."""
+        if not self._nonhits:
+            return None
+        path = self.directory / f"{self.prefix}{NONHITS_INFIX}{self._next_nonhits:05d}.h5"
+        write_nonhits(path, self._nonhits, self.settings, self._nonhit_inputs)
+        self._next_nonhits += 1
+        self._nonhits, self._nonhit_inputs = [], {}
+        return path
+
     def flush(self) -> Path | None:
-        """Finish the file in progress now (it takes its final name)."""
+        """Finish the file in progress now (it takes its final name), and record the frames
+        left out since the last record."""
+        self._record_nonhits()
         if self._file is None:
             return None
         current, self._file = self._file, None

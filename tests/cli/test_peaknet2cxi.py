@@ -7,6 +7,7 @@ with the truth.  One test runs the real ``load_model("default")`` through ``main
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -253,6 +254,17 @@ def test_list_file_events_and_hits_only(stacks, tmp_path):
     (kept,) = read_cxi_peaks(summary["cxi_files"][0]).keys
     assert kept == (str(stack), f"//{int(np.argmax(counts))}")
     assert len(read_stream(tmp_path / "all.stream").chunks) == N_FRAMES
+
+
+def test_a_rerun_of_a_hits_only_run_does_not_find_its_blanks_again(stacks, tmp_path):
+    geom_path, _, stack, sims, predictor = stacks["epix10k2M"]
+    counts = [int(t.reflections["strong"].sum()) for _, t in sims]
+    cut = (min(counts) + max(counts)) // 2  # one frame a hit, the other not
+    first = _run(stack, geom_path, tmp_path / "hits", predictor, min_peaks=cut, hits_only=True)
+    assert (first["frames"], first["left_out"]) == (1, N_FRAMES - 1)
+    again = _run(stack, geom_path, tmp_path / "hits", predictor, min_peaks=cut, hits_only=True)
+    assert (again["this_run"]["frames"], again["this_run"]["skipped"]) == (0, N_FRAMES)
+    assert (again["frames"], again["left_out"]) == (1, N_FRAMES - 1)
 
 
 def test_missing_mask_dataset_warns_and_continues(stacks, tmp_path, caplog):
@@ -874,6 +886,61 @@ def test_cxi_writer_hits_only_keeps_only_hits(stacks, tmp_path):
     writer.close()
     (only,) = writer.finished_files()
     assert read_cxi_peaks(only).keys == [(str(stack), "//1")]
+
+
+def test_a_hits_only_writer_records_the_frames_it_leaves_out(stacks, tmp_path):
+    """A hit-finding run writes a few per cent of its frames; the blanks it left out were not
+    recorded, so a resumed run found every one of them again (8 of 8 frames on a rerun of a
+    finished run).  They are now recorded, with the settings and inputs a CXI file records."""
+    import shutil
+
+    from peaknet_xtal.formats.cxi import CXIWriter, iter_cxi_frames, read_nonhits
+    from peaknet_xtal.types import FrameResult, empty_peaks
+
+    _, geometry, shared, _, _ = stacks["cspad"]
+    stack = Path(shutil.copy(shared, tmp_path / "run.cxi"))  # its time is changed below
+    first, second = iter_cxi_frames(stack, geometry)
+    frames = [first, second, dataclasses.replace(first, event="//2")]  # blank, hit, blank
+    options = {"hits_only": True, "frames_per_file": 1, "settings": {"min_peaks": 5}}
+    writer = CXIWriter(tmp_path / "w", geometry, **options)
+    for k, frame in enumerate(frames):
+        writer.write(FrameResult(frame=frame, peaks=empty_peaks(0), hit=k == 1))
+    writer.close()
+    records = writer.nonhit_files()
+    # one record as the hit's file was finished (the blank before it), one at the close
+    assert [p.name for p in records] == ["peaks-nonhits-00000.h5", "peaks-nonhits-00001.h5"]
+    assert read_nonhits(records[0]) == [(str(stack), "//0")]
+    again = CXIWriter(tmp_path / "w", geometry, **options)
+    assert again.done_keys() == {(str(stack), f"//{k}") for k in range(len(frames))}
+    # other settings are refused by the records as by the CXI files
+    blanks_only = tmp_path / "blanks"
+    writer = CXIWriter(blanks_only, geometry, **options)
+    writer.write(FrameResult(frame=frames[0], peaks=empty_peaks(0), hit=False))
+    writer.close()
+    with pytest.raises(FormatError, match="peaks-nonhits-00000.h5.*min_peaks 5 there, 7 now"):
+        CXIWriter(blanks_only, geometry, **{**options, "settings": {"min_peaks": 7}})
+    # and a record whose input changed since is refused as a CXI file is
+    os.utime(stack, ns=(os.stat(stack).st_atime_ns, os.stat(stack).st_mtime_ns + 10**9))
+    with pytest.raises(FormatError, match="has changed since its frames were found into"):
+        CXIWriter(blanks_only, geometry, **options).done_keys()
+
+
+def test_a_long_stretch_of_blanks_is_recorded_as_it_goes(stacks, tmp_path):
+    """Blanks between two hits are recorded every 10 x frames_per_file, so a run killed in a
+    long stretch of them (no file finished, no close) keeps all but the last few."""
+    from peaknet_xtal.formats.cxi import CXIWriter, iter_cxi_frames
+    from peaknet_xtal.types import FrameResult, empty_peaks
+
+    _, geometry, stack, _, _ = stacks["cspad"]
+    (frame, *_) = iter_cxi_frames(stack, geometry)
+    writer = CXIWriter(tmp_path / "w", geometry, hits_only=True, frames_per_file=1)
+    for k in range(25):  # the same pixels, 25 events
+        writer.write(FrameResult(frame=dataclasses.replace(frame, event=f"//{k}"),
+                                 peaks=empty_peaks(0), hit=False))
+    # killed here: never closed
+    assert len(writer.nonhit_files()) == 2
+    resumed = CXIWriter(tmp_path / "w", geometry, hits_only=True, frames_per_file=1)
+    assert len(resumed.done_keys()) == 20
 
 
 @pytest.mark.dials

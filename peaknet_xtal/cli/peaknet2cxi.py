@@ -96,7 +96,7 @@ DEFAULTS: dict[str, Any] = {
     "adu_per_photon": None,  # None: finding.settings.resolve_gain (geometry, image format)
     "batch_size": FINDING.batch_size,
     "min_peaks": FINDING.min_peaks,  # the shared hit rule (finding.settings)
-    "max_peaks": DEFAULT_MAX_PEAKS,  # CrystFEL's own cap on CXI peak tables
+    "max_peaks": DEFAULT_MAX_PEAKS,  # the width of Cheetah's CXI peak tables
     "hits_only": False,
     "stream": None,
     "dials": False,
@@ -203,7 +203,8 @@ def build_parser() -> Any:
                         f"{FINDING.min_peaks}, the library's; the stream's 'hit' flag, "
                         "--hits-only and the summary's hit count follow it)")
     parser.add_argument("--max-peaks", type=int, help="keep the strongest N peaks per frame "
-                        f"(default {DEFAULT_MAX_PEAKS}, CrystFEL's own cap)")
+                        f"(default {DEFAULT_MAX_PEAKS}, the width of Cheetah's peak tables; "
+                        "indexamajig reads every peak a CXI table holds)")
     parser.add_argument("--hits-only", action="store_true", help="write only hits to the CXI "
                         "files (the stream still gets every frame)")
     parser.add_argument("--stream", help="also write a peaks-only CrystFEL stream here")

@@ -390,18 +390,18 @@ def frame_clen_m(frame: Any) -> float | None:
     file holds at that path, for this frame, in the geometry's unit.  None where the geometry
     states a number (it is used as it is), or where the file holds no usable value (1/d then
     stays unknown).  Why here: the CXI writer stores the same per-frame value beside the peaks
-    (``formats.cxi._frame_clen``), and 1/d must be measured with the length indexamajig will
+    (``formats.cxi._frame_value``), and 1/d must be measured with the length indexamajig will
     read, as it is with the frame's own wavelength."""
     geometry = getattr(frame, "geometry", None)
     path = getattr(geometry, "camera_length_path", None)
     if not path:
         return None
-    from peaknet_xtal.formats.cxi import _frame_clen
+    from peaknet_xtal.formats.cxi import _frame_value
 
     parts = str(path).split()
     scale = _CLEN_UNITS.get(parts[1] if len(parts) > 1 else "mm")
     try:
-        value = _frame_clen(frame, parts[0])
+        value = _frame_value(frame, parts[0])
     except (OSError, ValueError, TypeError) as exc:  # a file gone or damaged since it was read
         log.debug("%s: camera length at %s unreadable: %s", frame.source, parts[0], exc)
         return None

@@ -61,6 +61,9 @@ KEY_GROUP = "/entry_1/peaknet"
 PHOTON_ENERGY_PATH = f"{KEY_GROUP}/photon_energy_eV"
 #: Camera length of each frame, copied from the input when its geometry names an HDF5 path.
 CLEN_PATH = f"{KEY_GROUP}/clen"
+#: The whole detector's shift (CrystFEL's ``detector_shift_x``/``_y``), where the geometry reads
+#: it from the input per frame, copied beside it: ``{KEY_GROUP}/detector_shift_x`` and ``_y``.
+SHIFT_KEYS = ("detector_shift_x", "detector_shift_y")
 #: File attribute naming the geometry file (relative to the CXI file's folder).
 GEOMETRY_ATTR = "peaknet_geometry"
 
@@ -87,7 +90,8 @@ def geometry_path(image_file: str | os.PathLike[str]) -> str | None:
     return None
 
 
-#: Peak table width (Cheetah allocates in blocks of 2048; CrystFEL's peakfinder8 cap).
+#: Peak table width (Cheetah allocates in blocks of 2048; CrystFEL's peakfinder8 stops at 2048
+#: peaks a panel, and indexamajig reads every peak a CXI table holds).
 DEFAULT_MAX_PEAKS = 2048
 CXI_SUFFIXES = (".cxi", ".h5", ".hdf5", ".hdf", ".nxs")
 
@@ -799,7 +803,8 @@ class _Reader:
         panels = _split(self.slab(index), self.geometry)
         name, within, values = self._locate(index)
         data = self._dataset_at(index)[0]
-        clen_path = getattr(self.geometry, "camera_length_path", None)
+        located = [path for path in (getattr(self.geometry, "camera_length_path", None),
+                                     *header_shifts(self.geometry).values()) if path]
         if self.info.frames:
             event = self.info.events[index]
         else:
@@ -819,10 +824,11 @@ class _Reader:
                   # file again: the CXI writer's masks, a camera length at a location with '%'
                   **({"h5_placeholders": list(values), "h5_frame": index} if values else {}),
                   **({} if wavelength is None else {"wavelength_A": wavelength}),
-                  # a camera length the geometry reads from this file, read once here
-                  **({"clen_read": {clen_path.split()[0]: _clen_in(
-                      self.h5, clen_path, values, within)}}
-                     if clen_path else {}),
+                  # a camera length or detector shift the geometry reads from this file,
+                  # read once here
+                  **({"header_read": {path.split()[0]: _value_in(self.h5, path, values, within)
+                                      for path in located}}
+                     if located else {}),
                   # the stored type: integer data mark gaps and bad pixels by it
                   # (finding.sanitise), and slab() makes frames float32
                   "dtype": str(data.dtype)},
@@ -1105,23 +1111,41 @@ def frame_photon_energy_eV(frame: Frame, geometry: Any = None) -> float:
     return float(energy) if energy else float("nan")
 
 
-def _frame_clen(frame: Frame, clen_path: str) -> float:
-    """The camera length value the source file holds at ``clen_path`` for this frame (NaN if
-    the file or the dataset is missing); its unit is the geometry's.  The reader stores it in
-    the frame's meta (``clen_read``) while its file is open, so the engine (for 1/d), the
-    stream chunk and this writer take one read; a frame made elsewhere is read here."""
-    read, location = frame.meta.get("clen_read"), clen_path.split()[0]
+def header_shifts(geometry: Any) -> dict[str, str]:
+    """The detector shifts a geometry reads from the data file (``detector_shift_x =
+    /LCLS/shift_x mm``): key -> location with its unit, as the line gives them.  A number
+    (``1.5 mm``) is no location: CrystFEL takes a value that parses as a number as the number."""
+    keys = getattr(geometry, "keys", None) or {}
+    shifts = {}
+    for key in SHIFT_KEYS:
+        value = str(keys.get(key, "")).strip()
+        if not value:
+            continue
+        try:
+            float(value.split()[0])
+        except ValueError:
+            shifts[key] = value
+    return shifts
+
+
+def _frame_value(frame: Frame, clen_path: str) -> float:
+    """The value the source file holds at a geometry's location ``clen_path`` (the camera
+    length, a detector shift) for this frame (NaN if the file or the dataset is missing); its
+    unit is the geometry's.  The reader stores it in the frame's meta (``header_read``) while
+    its file is open, so the engine (for 1/d), the stream chunk and this writer take one read;
+    a frame made elsewhere is read here."""
+    read, location = frame.meta.get("header_read"), clen_path.split()[0]
     if isinstance(read, Mapping) and location in read:
         return float(read[location])
     source = frame.meta.get("h5_file")
     if not source or not os.path.exists(source):
         return float("nan")
     with h5py.File(source, "r") as h5:
-        return _clen_in(h5, clen_path, frame.meta.get("h5_placeholders") or (),
+        return _value_in(h5, clen_path, frame.meta.get("h5_placeholders") or (),
                         frame.meta.get("h5_index"))
 
 
-def _clen_in(h5: h5py.File, clen_path: str, placeholders: Sequence[str],
+def _value_in(h5: h5py.File, clen_path: str, placeholders: Sequence[str],
              index: int | None) -> float:
     """The value at ``clen_path`` in an open file for the frame at ``index`` of its stack (a
     scalar serves every frame), NaN where there is none."""
@@ -1249,6 +1273,9 @@ class _CXIFile:
         if getattr(self.geometry, "camera_length_path", None):
             self._ds["clen"] = h5.create_dataset(CLEN_PATH, shape=(0,), maxshape=(None,),
                                                  dtype=np.float64, chunks=(1024,))
+        for key in header_shifts(self.geometry):
+            self._ds[key] = h5.create_dataset(f"{KEY_GROUP}/{key}", shape=(0,),
+                                              maxshape=(None,), dtype=np.float64, chunks=(1024,))
 
     def add(self, result: FrameResult) -> None:
         frame = result.frame
@@ -1305,13 +1332,20 @@ class _CXIFile:
                             f"(neither the input nor the geometry gives one); {self.path.name} "
                             f"stores NaN at {PHOTON_ENERGY_PATH}, which indexamajig cannot use")
         if "clen" in self._ds:
-            clen = _frame_clen(frame, self.geometry.camera_length_path)
+            clen = _frame_value(frame, self.geometry.camera_length_path)
             self._ds["clen"][row] = clen
             if not np.isfinite(clen):
                 self._warn_once("clen", f"{frame.source}: no camera length at "
                                 f"{self.geometry.camera_length_path} (the geometry's clen); "
                                 f"{self.path.name} stores NaN at {CLEN_PATH}: give the geometry a "
                                 "numeric clen for indexamajig")
+        for key, location in header_shifts(self.geometry).items():
+            shift = _frame_value(frame, location)
+            self._ds[key][row] = shift
+            if not np.isfinite(shift):  # CrystFEL reads NaN as no shift
+                self._warn_once(key, f"{frame.source}: no {key} at {location} (the "
+                                f"geometry's); {self.path.name} stores NaN at "
+                                f"{KEY_GROUP}/{key}, which indexamajig reads as no shift")
         self.n += 1
 
     def _linked_masks(self, frame: Frame) -> list[np.ndarray]:
@@ -1419,8 +1453,11 @@ def cxi_geometry(geometry: Any, *, adu_per_photon: float | None = None) -> Any:
     Data at :data:`DATA_PATH` as a ``%, ss, fs`` stack, the per-frame good-pixel mask at
     :data:`MASK_PATH` (1 = good: every mask of the input, bad regions, flags and trusted ranges
     already applied), the per-frame photon energy at :data:`PHOTON_ENERGY_PATH`, a path-valued
-    camera length copied to :data:`CLEN_PATH`, and the peak table.  Masks or saturation maps the
-    input geometry named in other files are dropped: the CXI mask already holds them.  A stacked
+    camera length copied to :data:`CLEN_PATH`, path-valued detector shifts copied beside it
+    (:data:`SHIFT_KEYS`: the ``.geom`` named the input's location, which the CXI files lacked,
+    and indexamajig reads every location from the file it is given), and the peak table.
+    Masks the input geometry named are dropped: the CXI mask already holds them.  Saturation
+    maps are dropped too, and the writer says so (:func:`saturation_map_note`).  A stacked
     layout (EuXFEL-style modules along a fixed dimension) is stored as one slab
     (``Geometry.as_slab``), since CrystFEL places CXI peaks by their slab position alone.
     """
@@ -1443,6 +1480,8 @@ def cxi_geometry(geometry: Any, *, adu_per_photon: float | None = None) -> Any:
     if geometry.camera_length_path is not None:
         unit = geometry.camera_length_path.split()[1:] or ["mm"]  # CrystFEL: no unit is mm
         panels = [replace(p, clen_path=f"{CLEN_PATH} {unit[0]}") for p in panels]
+    for key, location in header_shifts(geometry).items():  # copied beside the frames
+        keys[key] = " ".join([f"{KEY_GROUP}/{key}", *location.split()[1:]])  # no unit: m
     if adu_per_photon is not None:
         keys["adu_per_photon"] = repr(float(adu_per_photon))
         keys.pop("adu_per_eV", None)
@@ -1457,6 +1496,23 @@ def cxi_geometry(geometry: Any, *, adu_per_photon: float | None = None) -> Any:
                    mask_file=None, mask_good=1, mask_bad=0, peak_list=PEAK_GROUP,
                    peak_list_type="cxi", photon_energy_path=PHOTON_ENERGY_PATH,
                    photon_energy_path_unit="eV", photon_energy_eV=None, wavelength_A=None)
+
+
+def saturation_map_note(geometry: Any, geom_path: str | os.PathLike[str]) -> str | None:
+    """What to tell a user whose geometry names a saturation map (``saturation_map``, global
+    or per panel), which :func:`cxi_geometry` drops: the CXI files do not hold it, so
+    indexamajig would no longer reject reflections with a pixel above it.  None without one."""
+    where = [f"saturation_map = {geometry.keys['saturation_map']}"] \
+        if "saturation_map" in geometry.keys else []
+    where += [f"{p.name}/saturation_map = {p.extra['saturation_map']}"
+              for p in geometry.panels if "saturation_map" in p.extra]
+    if not where:
+        return None
+    return (f"{geom_path}: the input geometry's saturation map ({where[0]}"
+            f"{f' and {len(where) - 1} more' if len(where) > 1 else ''}) is not carried over: "
+            "the CXI files do not hold it, so indexamajig will not reject reflections with a "
+            "pixel above it; where one map serves every input, add its saturation_map line "
+            "and saturation_map_file = THE_FILE_HOLDING_IT to that file")
 
 
 def write_cxi_geometry(cxi_path: str | os.PathLike[str], geometry: Any,
@@ -1887,6 +1943,8 @@ class CXIWriter:
                                   "another folder (what is already written is kept)") from exc
             if fresh and measured and gain is not None:
                 self._provisional = (geometry, float(gain))
+            if fresh and (note := saturation_map_note(geometry, self.geometry_path)):
+                log.warning(note)
 
     def _settle_geometry(self, result: FrameResult | None) -> None:
         """Before the first file is finished: the geometry with the run's latest measured

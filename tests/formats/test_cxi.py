@@ -420,6 +420,53 @@ def test_camera_length_named_by_the_geometry_travels_per_frame(tmp_path, make_ge
     assert crystfel_problems(written, [out]) == []
 
 
+def test_a_detector_shift_read_from_the_data_file_travels_per_frame(tmp_path,
+                                                                    make_geometry_text):
+    """``detector_shift_y = /LCLS/shift_y mm`` (crystfel_geometry(5): the shift may be a file
+    metadata location): the ``.geom`` kept the input's location, which the CXI files do not
+    hold, so indexamajig could load no frame.  Each frame's value is now copied beside its peaks
+    and the geometry reads it there, with the line's unit; a numeric shift is kept as it is."""
+    from peaknet_xtal.formats.geometry_rules import crystfel_problems
+
+    text = make_geometry_text(**CXI_GEOMETRY)
+    text = "detector_shift_x = 1.5 mm\ndetector_shift_y = /LCLS/shift_y mm\n" + text
+    geometry = parse_geometry(text)
+    src = tmp_path / "raw.cxi"
+    make_stack(src, n=3)
+    shifts = [0.25, -0.5, 0.75]
+    with h5py.File(src, "a") as h5:
+        h5["/LCLS/shift_y"] = np.array(shifts)
+    out = tmp_path / "peaks.cxi"
+    write_cxi(out, _results(list(iter_cxi_frames(src, geometry)), [3, 0, 4]), geometry)
+    written = write_cxi_geometry(out, geometry).read_text()
+    lines = written.splitlines()
+    assert "detector_shift_x = 1.5 mm" in lines
+    assert "detector_shift_y = /entry_1/peaknet/detector_shift_y mm" in lines
+    with h5py.File(out) as h5:
+        np.testing.assert_array_equal(h5["/entry_1/peaknet/detector_shift_y"][()], shifts)
+        assert "/entry_1/peaknet/detector_shift_x" not in h5
+    assert crystfel_problems(written, [out]) == []
+
+
+def test_a_saturation_map_that_is_not_carried_over_is_said(tmp_path, make_geometry_text,
+                                                           caplog):
+    """The CXI files hold no saturation map, so the ``.geom`` cannot name one: the writer says
+    so once, naming the line, where it was dropped in silence."""
+    from peaknet_xtal.formats.cxi import CXIWriter
+
+    text = "saturation_map = /entry_1/satmap\n" + make_geometry_text(**CXI_GEOMETRY)
+    geometry = parse_geometry(text)
+    src = tmp_path / "raw.cxi"
+    make_stack(src, n=2)
+    with caplog.at_level("WARNING", logger="peaknet_xtal.formats.cxi"):
+        with CXIWriter(tmp_path / "out", geometry) as writer:
+            for result in _results(list(iter_cxi_frames(src, geometry)), [3, 0]):
+                writer.write(result)
+    said = [r.getMessage() for r in caplog.records if "saturation map" in r.getMessage()]
+    assert len(said) == 1 and "saturation_map = /entry_1/satmap" in said[0], said
+    assert "saturation_map" not in (tmp_path / "out" / "peaks.geom").read_text()
+
+
 def test_stream_chunks_say_each_frames_camera_length_with_coffset(tmp_path, make_geometry_text):
     """``average_camera_length`` is CrystFEL's mean over panels of clen + coffset: it was the
     clen alone (-0.473 m for CrystFEL's CSPAD example, coffset 0.573 m), and missing where the
@@ -466,14 +513,14 @@ def test_camera_length_from_the_data_file_is_read_once_with_the_frame(tmp_path,
             for r in _results(frames, [1, 0])] == pytest.approx([0.1015, 0.09925])
     shutil.move(tmp_path / "moved.cxi", src)
     for frame in frames:
-        del frame.meta["clen_read"]
+        del frame.meta["header_read"]
     assert [frame_clen_m(f) for f in frames] == pytest.approx([0.1015, 0.09925])
     events = _event_geometry(make_geometry_text)
     _event_file(tmp_path / "run.h5", [12, 3])
     tagged = list(iter_cxi_frames(tmp_path / "run.h5", events))
     read = [frame_clen_m(f) for f in tagged]
     for frame in tagged:
-        del frame.meta["clen_read"]
+        del frame.meta["header_read"]
     assert read == [frame_clen_m(f) for f in tagged] == pytest.approx([0.112, 0.103])
 
 

@@ -558,7 +558,7 @@ def _run_serial(config: dict[str, Any], expansion: RunInputs,
             # the writer's own geometry check, early: a frame for another peaknet.geom is
             # refused before the time to find it is spent
             frames = _pending(inputs, geometry, done_cxi | set(), done_stream, stats, bar,
-                              engine.observe, cxi.check_geometry)
+                              engine.observe, _checks(config, cxi.check_geometry))
             for result in engine.find_frames(frames):
                 if seen_geometry[0] is None:
                     seen_geometry[0] = result.frame.geometry
@@ -1052,6 +1052,27 @@ def _frames(source: Any, path: str) -> Iterator[Frame]:
         raise _damaged(path, exc) from exc
 
 
+def _checks(config: Mapping[str, Any],
+            check_geometry: Callable[[Frame], None]) -> Callable[[Frame], None]:
+    """What each frame must pass before it is found: the writer's geometry check, and with
+    --dials a geometry at all.  Why the second here: the DIALS export imports HDF5 frames
+    through the ``.geom`` written for them, and a plain stack read without -g has none; the
+    export failed after every frame had been found, naming a file the run had said it would
+    not write."""
+    if not config["dials"]:
+        return check_geometry
+
+    def check(frame: Frame) -> None:
+        if frame.geometry is None:
+            raise PeakNetError(f"{frame.source}: --dials imports HDF5 frames through the "
+                               "geometry written for them, and this file, read without -g, "
+                               "has none: give the detector's CrystFEL geometry with -g, or "
+                               "drop --dials")
+        check_geometry(frame)
+
+    return check
+
+
 def _count_frames(inputs: list[dict[str, Any]], geometry: Any) -> int | None:
     """Total frames for the progress bar: None when a source cannot say cheaply, or when
     counting them all would hold up the first frame (``progress.count_within``)."""
@@ -1225,12 +1246,18 @@ def shell_command(words: Sequence[Any]) -> str:
     return shlex.join(os.fspath(w) if isinstance(w, os.PathLike) else str(w) for w in words)
 
 
-def dials_index_command(expt: Path, refl: Path, *, rotation: bool = False) -> str:
+def dials_index_command(expt: Path, refl: Path, *, rotation: bool = False,
+                        grid: bool = False) -> str:
     """The ``dials.index`` command for what ``--dials`` wrote (shell-quoted); the space group
     and cell are the user's to fill in.  Stills are indexed one by one, with the indexer
     Debian's DIALS build has; rotation series (``rotation``: every experiment a sequence that
-    turns) as ``dials.import`` + ``dials.find_spots`` output is, with DIALS' defaults."""
-    stills = [] if rotation else ["joint_indexing=False", "stills.indexer=sequences",
+    turns) as ``dials.import`` + ``dials.find_spots`` output is, with DIALS' defaults.  Images
+    of a grid scan (``grid``: sequences that do not turn, an experiment an image sharing one
+    imageset) take the stills indexer: DIALS 3.12's sequences indexer, its default for them
+    too, indexes each and then fails joining the tables ('IndexError: list index out of
+    range'), on dials.find_spots' own spots as on these (three real Pilatus 6M grid frames)."""
+    indexer = "stills" if grid else "sequences"
+    stills = [] if rotation else ["joint_indexing=False", f"stills.indexer={indexer}",
                                   "indexing.method=fft1d"]
     return shell_command(["dials.index", expt, refl, *stills,
                           "indexing.known_symmetry.space_group=YOUR_SPACE_GROUP",
@@ -1338,6 +1365,7 @@ def write_dials_output(files: Sequence[Path], folder: Path, *, given_geometry: b
         spots += _place_native_frames(native, experiments)
     rotation = bool(len(experiments)) and all(
         e.scan is not None and e.scan.get_oscillation()[1] > 0 for e in experiments)
+    grid = any(e.scan is not None and e.scan.get_oscillation()[1] == 0 for e in experiments)
     by_image: dict[int, list[tuple[np.ndarray, int]]] = {}
     for peaks, exp_id, z in spots:
         by_image.setdefault(z, []).append((peaks, exp_id))
@@ -1354,7 +1382,7 @@ def write_dials_output(files: Sequence[Path], folder: Path, *, given_geometry: b
         tmp.with_suffix(".expt").replace(tmp)
     with atomic_path(refl) as tmp:
         whole.as_file(str(tmp))
-    command = dials_index_command(expt, refl, rotation=rotation)
+    command = dials_index_command(expt, refl, rotation=rotation, grid=grid)
     return {"experiments": str(expt), "reflections": str(refl), "images": len(spots),
             "spots": int(whole.size()), "command": command}
 
@@ -1385,14 +1413,23 @@ def _place_native_frames(frames: Sequence[tuple[str, str, np.ndarray]],
     except OSError as exc:  # an image file gone since its peaks were found
         raise FormatError(exc.filename or names[0], "cannot be read again to import it for "
                           f"--dials ({exc.strerror or exc})") from exc
-    where: dict[tuple[str, int], tuple[int, int]] = {}
+    # (file, image in it) -> (experiment, image of its imageset, z); an experiment with a scan
+    # holds the images of its scan's range: a grid scan's zero-oscillation images are one
+    # imageset shared by an experiment an image, each with a scan of one image
+    where: dict[tuple[str, int], tuple[int, int, int]] = {}
     for exp_id, experiment in enumerate(found):
         imageset: Any = experiment.imageset
         one_file = imageset.reader().is_single_file_reader()
-        for image in range(len(imageset)):
+        images, base = range(len(imageset)), 0
+        if experiment.scan is not None and hasattr(imageset, "get_array_range"):
+            base = int(imageset.get_array_range()[0])
+            start, stop = experiment.scan.get_array_range()
+            images = range(int(start) - base, int(stop) - base)
+        for image in images:
             within = int(imageset.indices()[image]) if one_file else 0
             key = (os.path.realpath(imageset.get_path(image)), within)
-            where.setdefault(key, (exp_id, image))
+            z = base + image if experiment.scan is not None else 0
+            where.setdefault(key, (exp_id, image, z))
     placed: list[tuple[np.ndarray, int, int]] = []
     first: dict[int, tuple[int, str, str]] = {}  # experiment -> its first image's frame
     for source, event, peaks in frames:
@@ -1402,9 +1439,7 @@ def _place_native_frames(frames: Sequence[tuple[str, str, np.ndarray]],
             raise PeakNetError(f"{source}{which}: not among the images DIALS imports from this "
                                f"run's {len(names)} image file(s) (damaged since its peaks were "
                                "found?); --dials cannot place its spots")
-        exp_id, image = spot
-        scan = found[exp_id].scan
-        z = scan.get_array_range()[0] + image if scan is not None else 0
+        exp_id, image, z = spot
         placed.append((peaks, len(experiments) + exp_id, z))
         if exp_id not in first or image < first[exp_id][0]:
             first[exp_id] = (image, source, event)

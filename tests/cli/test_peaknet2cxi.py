@@ -447,6 +447,29 @@ def test_an_hdf5_stack_without_a_geometry_uses_one_that_belongs_to_it(stacks, tm
     assert found.n_peaks.sum() > 20  # the truth predictor knows the frames split into panels
 
 
+def test_dials_output_of_a_stack_without_a_geometry_is_refused_before_finding(stacks, tmp_path,
+                                                                               capsys):
+    """--dials imports HDF5 frames through the .geom written for them, which a plain stack
+    read without -g does not get: the run found every frame and then failed, naming the
+    peaknet.geom it had said it would not write.  It is now one line before any frame is
+    found, naming the file and -g."""
+    import shutil
+
+    _, _, stack, _, _ = stacks["cspad"]
+    plain = tmp_path / "plain.h5"
+    shutil.copy(stack, plain)
+    outdir = tmp_path / "out"
+
+    def nothing(panels, masks):  # any layout: the frames are read as one panel here
+        return [np.zeros(np.shape(p), np.float32) for p in panels]
+
+    with pytest.raises(PeakNetError, match=r"plain\.h5: --dials .* give the detector's "
+                                           r"CrystFEL geometry with -g"):
+        run({"inputs": [str(plain)], "output": str(outdir), "predictor": nothing,
+             "progress": False, "dials": True, "min_peaks": 0})
+    assert not list(outdir.glob("*.cxi")) and not (outdir / "dials").exists()
+
+
 def test_a_rerun_with_a_retrained_model_at_the_same_path_is_refused(stacks, tmp_path):
     """The CXI files keep the settings their peaks were found with, the model's weights by
     content: new weights at the old path are another model, whose peaks would join the

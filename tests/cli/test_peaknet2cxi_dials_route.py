@@ -29,9 +29,11 @@ SIZE = 64
 SPOTS = [(12, 15), (30, 44), (50, 22)]
 
 
-def write_cbf(path: Path, spot: tuple[int, int], image: int | None) -> Path:
-    """A one-panel miniCBF with one bright spot: image ``image`` of a 0.5-degree rotation
-    (start angle from its number), or a still (no goniometer, no scan) for None."""
+def write_cbf(path: Path, spot: tuple[int, int], image: int | None,
+              width: float = 0.5) -> Path:
+    """A one-panel miniCBF with one bright spot: image ``image`` of a rotation of ``width``
+    degrees an image (start angle from its number; 0: a grid scan's images), or a still (no
+    goniometer, no scan) for None."""
     from dxtbx.format.FormatCBFMini import FormatCBFMini
     from dxtbx.model import BeamFactory, DetectorFactory, GoniometerFactory, Scan
     from scitbx.array_family import flex
@@ -45,7 +47,7 @@ def write_cbf(path: Path, spot: tuple[int, int], image: int | None) -> Path:
     goniometer = scan = None
     if image is not None:
         goniometer = GoniometerFactory.known_axis((1.0, 0.0, 0.0))
-        scan = Scan((image, image), (image * 0.5, 0.5), flex.double([1.0]),
+        scan = Scan((image, image), (image * width, width), flex.double([1.0]),
                     flex.double([float(image)]), 0)
     FormatCBFMini.as_file(detector, BeamFactory.simple(1.0), goniometer, scan,
                           flex.int(pixels.astype(np.int32)), str(path))
@@ -179,3 +181,41 @@ def test_an_image_dials_no_longer_reads_is_one_error_naming_it(tmp_path, dials_e
     with pytest.raises(PeakNetError, match=f"^{files[1]}: cannot be read again"):
         write_dials_output(cxi, folder)
     assert not folder.exists()
+
+
+def test_grid_scan_images_are_an_experiment_each_as_dials_imports_them(tmp_path, capsys,
+                                                                       dials_env):
+    """Images of no oscillation (a grid scan, as the real Pilatus 6M thaumatin frames): DIALS
+    imports them as one imageset shared by an experiment an image, each with a scan of its own
+    image.  --dials placed every image on the first experiment and named the others alike, and
+    failed: 'Experiment with identifier ... already in ExperimentList' (exit 1, nothing of the
+    DIALS output or the summary written).  Each spot is now on its image's experiment, as
+    dials.import + dials.find_spots algorithm=peaknet give them on the same files."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    files = [write_cbf(folder / f"grid_{k + 1:04d}.cbf", spot, k + 1, width=0.0)
+             for k, spot in enumerate(SPOTS)]
+    outdir = tmp_path / "out"
+    code = main([*map(str, files), "-o", str(outdir), "--dials", "--device", "cpu",
+                 "--no-progress", "--min-peaks", "1"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    experiments, table = read_dials(outdir / "dials" / "imported.expt",
+                                    outdir / "dials" / "strong.refl")
+    assert len(experiments) == 3
+    ours = spots_of(table)
+    assert [(i, z) for i, _, _, z in ours] == [(0, 0.5), (1, 1.5), (2, 2.5)]
+    (line,) = [s for s in out.splitlines() if s.startswith("next (DIALS): ")]
+    assert "stills.indexer=stills" in shlex.split(line)  # DIALS' sequences indexer fails here
+
+    work = tmp_path / "dials"
+    work.mkdir()
+    dials_command("dials.import", [*map(str, files)], work, dials_env)
+    dials_command("dials.find_spots", ["imported.expt", "spotfinder.threshold.algorithm=peaknet",
+                                       "spotfinder.mp.nproc=1"], work, dials_env)
+    theirs_experiments, theirs = read_dials(work / "imported.expt", work / "strong.refl")
+    assert len(theirs_experiments) == 3
+    found = spots_of(theirs)
+    assert len(found) == len(ours)
+    for (i, x, y, z), (j, u, v, w) in zip(ours, found, strict=True):
+        assert (i, z) == (j, w) and (x, y) == pytest.approx((u, v), abs=0.5)  # the same pixel

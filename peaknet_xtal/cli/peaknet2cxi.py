@@ -695,6 +695,7 @@ def _run_pipeline(config: dict[str, Any], expansion: RunInputs) -> dict[str, Any
             pipeline["frame_finder_options"]["adu_per_photon"] = gain
             pipeline["writer_options"]["adu_per_photon"] = gain
     before = _Stats.from_cxi(_finished(outdir))
+    left_before = _left_out(outdir) if config["hits_only"] else 0
     result: dict[str, Any] = {}
     error: BaseException | None = None
     try:
@@ -712,8 +713,12 @@ def _run_pipeline(config: dict[str, Any], expansion: RunInputs) -> dict[str, Any
         # as the single-process run: the summary says what the output holds and how it was
         # made (the engine's settings, as the pipeline's workers ran them), failed runs too
         files = _finished(outdir)
-        stats = _Stats.from_cxi(files)  # this run: what the output gained
+        stats = _Stats.from_cxi(files)  # this run: what the output gained, with the
+        # frames it found and left out as not hits (--hits-only), as the single-process run
+        # counts them
         stats.frames -= before.frames
+        if config["hits_only"]:
+            stats.frames += _left_out(outdir) - left_before
         stats.hits -= before.hits
         stats.peaks = stats.peaks[len(before.peaks):]
         done = result or getattr(error, "summary", None) or {}  # a failed run's summary too

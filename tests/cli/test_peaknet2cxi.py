@@ -779,6 +779,31 @@ def test_hits_only_and_threads_reach_the_ray_pipeline(stacks, tmp_path, monkeypa
              "dials": True})
 
 
+def test_a_hits_only_ray_run_counts_the_frames_it_left_out(stacks, tmp_path, monkeypatch):
+    """A --workers --hits-only run said 'this run: 1 frames' where the single-process run says
+    8: it counted what the CXI files gained.  The non-hits it recorded count too (the pipeline
+    stands in here; its writer is the real CXI writer with the run's writer options)."""
+    import peaknet_xtal.pipeline as pipeline_module
+    from peaknet_xtal.formats.cxi import CXIWriter, iter_cxi_frames
+    from peaknet_xtal.types import FrameResult, empty_peaks
+
+    geom_path, geometry, stack, _, _ = stacks["cspad"]
+
+    def fake_run_pipeline(config):
+        options = dict(config["writer_options"])
+        with CXIWriter(config["output"], options.pop("geometry"), **options) as writer:
+            for k, frame in enumerate(iter_cxi_frames(stack, geometry)):
+                writer.write(FrameResult(frame=frame, peaks=empty_peaks(0), hit=k == 1))
+        return {"backend": "test", "engine": {}}
+
+    monkeypatch.setattr(pipeline_module, "run_pipeline", fake_run_pipeline)
+    summary = run({"inputs": [str(stack)], "geometry": str(geom_path),
+                   "output": str(tmp_path / "o"), "workers": 2, "hits_only": True,
+                   "progress": False})
+    assert (summary["frames"], summary["left_out"]) == (1, N_FRAMES - 1)
+    assert summary["this_run"]["frames"] == N_FRAMES
+
+
 @pytest.mark.parametrize("fails", [False, True], ids=["finished", "failed"])
 def test_a_ray_run_summary_records_the_engine_settings_failed_or_not(stacks, tmp_path,
                                                                      monkeypatch, fails):

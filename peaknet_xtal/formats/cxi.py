@@ -1128,29 +1128,29 @@ def header_shifts(geometry: Any) -> dict[str, str]:
     return shifts
 
 
-def _frame_value(frame: Frame, clen_path: str) -> float:
-    """The value the source file holds at a geometry's location ``clen_path`` (the camera
+def _frame_value(frame: Frame, location: str) -> float:
+    """The value the source file holds at a geometry's ``location`` (the camera
     length, a detector shift) for this frame (NaN if the file or the dataset is missing); its
     unit is the geometry's.  The reader stores it in the frame's meta (``header_read``) while
     its file is open, so the engine (for 1/d), the stream chunk and this writer take one read;
     a frame made elsewhere is read here."""
-    read, location = frame.meta.get("header_read"), clen_path.split()[0]
-    if isinstance(read, Mapping) and location in read:
-        return float(read[location])
+    read, where = frame.meta.get("header_read"), location.split()[0]
+    if isinstance(read, Mapping) and where in read:
+        return float(read[where])
     source = frame.meta.get("h5_file")
     if not source or not os.path.exists(source):
         return float("nan")
     with h5py.File(source, "r") as h5:
-        return _value_in(h5, clen_path, frame.meta.get("h5_placeholders") or (),
-                        frame.meta.get("h5_index"))
+        return _value_in(h5, location, frame.meta.get("h5_placeholders") or (),
+                         frame.meta.get("h5_index"))
 
 
-def _value_in(h5: h5py.File, clen_path: str, placeholders: Sequence[str],
-             index: int | None) -> float:
-    """The value at ``clen_path`` in an open file for the frame at ``index`` of its stack (a
+def _value_in(h5: h5py.File, location: str, placeholders: Sequence[str],
+              index: int | None) -> float:
+    """The value at ``location`` in an open file for the frame at ``index`` of its stack (a
     scalar serves every frame), NaN where there is none."""
     try:  # a location with placeholders takes the frame's own values (its event's group)
-        path = substitute(clen_path.split()[0], placeholders)
+        path = substitute(location.split()[0], placeholders)
     except ValueError:
         return float("nan")
     ds = h5.get(path)

@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import TextIO, TypeVar
+from typing import Any, TextIO, TypeVar
 
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
@@ -86,6 +86,17 @@ def count_within(items: Sequence[_Item], count: Callable[[_Item], int | None], *
                      spent * len(items) / done, done, spent)
             return None
     return total
+
+
+def closed_length(source: Any) -> int | None:
+    """``len(source)`` of a frame source opened to count it, None where it cannot say without
+    reading its frames; the source is closed either way."""
+    try:
+        return len(source)
+    except TypeError:
+        return None
+    finally:
+        source.close()
 
 
 class _Bar(tqdm):

@@ -67,7 +67,7 @@ from peaknet_xtal.errors import FormatError, GeometryError, ImageRefused, PeakNe
 from peaknet_xtal.finding.settings import DEFAULTS as FINDING
 from peaknet_xtal.finding.settings import LIMITS, PRECISIONS, check_precision
 from peaknet_xtal.formats.cxi import DEFAULT_MAX_PEAKS, has_frame_keys
-from peaknet_xtal.progress import Progress, count_within
+from peaknet_xtal.progress import Progress, closed_length, count_within
 from peaknet_xtal.stopping import (
     exit_status,
     interrupted,
@@ -1088,12 +1088,7 @@ def _count_frames(inputs: list[dict[str, Any]], geometry: Any) -> int | None:
             source = open_input(entry["path"], geometry)
         except (TypeError, PeakNetError, OSError, ValueError):
             return None  # the run itself reports the error, in order, after earlier inputs
-        try:
-            return len(source)
-        except TypeError:
-            return None
-        finally:
-            source.close()
+        return closed_length(source)
 
     return count_within(inputs, frames_in)
 

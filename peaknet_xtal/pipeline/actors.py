@@ -33,6 +33,7 @@ from typing import Any, NamedTuple
 
 from peaknet_xtal.finding.defects import DefectFilter, DefectTracker
 from peaknet_xtal.pipeline.frame_finders import build_frame_finder
+from peaknet_xtal.progress import closed_length
 from peaknet_xtal.types import Frame, FrameResult
 
 #: A frame's ``(source, event)`` key as the pipeline passes it around.
@@ -129,13 +130,7 @@ class SourceFeeder:
 
     def count(self) -> int | None:
         """The input's frames, where its source can say without reading them (None else)."""
-        source = self.open()
-        try:
-            return len(source)
-        except TypeError:
-            return None
-        finally:
-            source.close()
+        return closed_length(self.open())
 
     def run(self, queue: Any) -> dict[str, Any]:
         """Push every frame not yet done; returns counts.  Stops early if the queue is aborted."""

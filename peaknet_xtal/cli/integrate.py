@@ -2,7 +2,8 @@
 
     peaknet-integrate peaks/*.cxi -g detector.geom -o integrated/      # peaknet2cxi output
     peaknet-integrate run.stream -o integrated/ [-g detector.geom]     # indexamajig output
-    peaknet-integrate indexed.expt --refl indexed.refl -o integrated/  # DIALS stills
+    dials.predict indexed.expt                                        # DIALS stills: every
+    peaknet-integrate indexed.expt --refl predicted.refl -o integrated/ # predicted reflection
 
 Every spot (a found peak of a CXI peak table, a predicted reflection of a stream's crystals or of
 a DIALS table) gets a 15x15-pixel shoebox, integrated by the shipped variational integrator
@@ -17,7 +18,12 @@ written atomically under the output folder with the input's name:
   (detector units, photons x gain, as indexamajig writes them), ready for a merger;
 - DIALS: the .refl with intensity.vi.value/variance (the posterior: the best estimate of a spot
   on its own), intensity.vi_lik.value/variance (the likelihood alone: what to merge),
-  background.vi.mean, intensity.vsum.* (summation).
+  background.vi.mean, intensity.vsum.* (summation); the likelihood and the summation also in
+  dials.integrate's slots, intensity.prf.* and intensity.sum.*, flagged integrated_prf and
+  integrated_sum, so that dials.export writes them (MTZ IPR and I) from the table as it is.
+  A table integrates the rows it holds: indexed.refl holds the spots that were found, so give
+  dials.predict's output to integrate every predicted reflection (merging found spots alone
+  reads weak reflections high).
 
 The detector gain (ADU per photon) comes from the geometry (adu_per_photon or adu_per_eV) unless
 --adu-per-photon is given; --read-noise is the Gaussian read noise in photons (default 0).

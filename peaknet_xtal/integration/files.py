@@ -407,7 +407,7 @@ def integrate_dials(expt_path: str | os.PathLike[str], refl_path: str | os.PathL
     n = len(table)
     columns = {name: np.full(n, np.nan) for name in ("photons", "photons_sigma", "lik_photons",
                                                      "lik_sigma", "background", "sum_photons",
-                                                     "sum_sigma")}
+                                                     "sum_sigma", "profile_fs", "profile_ss")}
     ids = np.asarray(table["id"].as_numpy_array())
     xyz = np.asarray(table["xyzcal.px"].parts()[0].as_numpy_array()), np.asarray(
         table["xyzcal.px"].parts()[1].as_numpy_array())
@@ -449,6 +449,34 @@ def integrate_dials(expt_path: str | os.PathLike[str], refl_path: str | os.PathL
     table["background.vi.mean"] = flex.double(columns["background"])
     table["intensity.vsum.value"] = flex.double(columns["sum_photons"])
     table["intensity.vsum.variance"] = flex.double(columns["sum_sigma"] ** 2)
+    # and in the slots dials.integrate fills, flagged as it flags them, so that dials.export
+    # (and dials.scale) take the table as it is: the VI likelihood is profile fitting with the
+    # learned profile (intensity.prf, integrated_prf: MTZ column IPR), the box summation
+    # replaces dials.find_spots' strong-pixel sums (intensity.sum, integrated_sum: I).  Before,
+    # dials.export found no integrated reflection and stopped ('All data has been filtered').
+    for slot, (value, sigma), flag in (
+            ("prf", ("lik_photons", "lik_sigma"), table.flags.integrated_prf),
+            ("sum", ("sum_photons", "sum_sigma"), table.flags.integrated_sum)):
+        table[f"intensity.{slot}.value"] = flex.double(columns[value])
+        table[f"intensity.{slot}.variance"] = flex.double(columns[sigma] ** 2)
+        measured = np.isfinite(columns[value]) & np.isfinite(columns[sigma]) & \
+            (columns[sigma] > 0)
+        table.unset_flags(flex.bool(~measured), flag)
+        table.set_flags(flex.bool(measured), flag)
+    if "xyzobs.px.value" not in table:
+        # predictions have no observed position; dials.integrate measures one, and
+        # dials.export's XDET/YDET need it: the VI profile's centroid (DIALS' pixel-corner
+        # origin), on the predicted image
+        z = table["xyzcal.px"].parts()[2].as_numpy_array()
+        table["xyzobs.px.value"] = flex.vec3_double(list(zip(
+            (columns["profile_fs"] + 0.5).tolist(), (columns["profile_ss"] + 0.5).tolist(),
+            np.asarray(z).tolist(), strict=True)))
+    if not len(table.experiment_identifiers()):
+        # dials.predict's table names no experiments; the .expt given with it does, as
+        # dials.integrate's output would (dials.export refuses 'Corrupted identifiers' else)
+        for eid in sorted(set(int(i) for i in ids if i >= 0)):
+            if eid < len(experiments) and experiments[eid].identifier:
+                table.experiment_identifiers()[eid] = experiments[eid].identifier
     out = Path(out_path)
     with atomic_path(out) as tmp:
         table.as_file(str(tmp))

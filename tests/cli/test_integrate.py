@@ -253,7 +253,12 @@ def test_dials_table_gets_vi_columns(run, tmp_path, dials_env):
     positions: the written table carries intensity.vi.* beside DIALS' own columns."""
     from dials.array_family import flex
 
+    from dxtbx.model.experiment_list import ExperimentList
+
     expt, refl, _, rows, _ = _dials_frame0(run, tmp_path / "frame0")
+    experiments = ExperimentList.from_file(str(expt))
+    experiments[0].identifier = "frame-0"  # as dials.import names it
+    experiments.as_file(str(expt))
     out = tmp_path / "out"
     assert main([str(expt), "--refl", str(refl), "-o", str(out), "--adu-per-photon", "8.5",
                  "--read-noise", "0.15", "--no-progress"]) == 0
@@ -264,6 +269,26 @@ def test_dials_table_gets_vi_columns(run, tmp_path, dials_env):
     strong = rows["snr"] > 10
     assert np.corrcoef(vi[strong], rows["photons"][strong])[0, 1] > 0.95
     assert "intensity.vsum.value" in result and "background.vi.mean" in result
+    # dials.integrate's slots and flags, which dials.export reads (it found no integrated
+    # reflection before): the likelihood as the profile fit, the box sum as the summation
+    for slot, ours, flag in (("prf", "vi_lik", result.flags.integrated_prf),
+                             ("sum", "vsum", result.flags.integrated_sum)):
+        for part in ("value", "variance"):
+            np.testing.assert_array_equal(result[f"intensity.{slot}.{part}"].as_numpy_array(),
+                                          result[f"intensity.{ours}.{part}"].as_numpy_array())
+        variance = result[f"intensity.{slot}.variance"].as_numpy_array()
+        flagged = result.get_flags(flag).as_numpy_array()
+        np.testing.assert_array_equal(flagged, np.isfinite(variance) & (variance > 0))
+        assert flagged.sum() > 0.9 * len(rows)
+    # a table of predictions (as dials.predict writes) names no experiment and has no observed
+    # position; dials.export needs both ('Corrupted identifiers', "Unknown column
+    # 'xyzobs.px.value'"): the experiments' identifiers, and the VI profile's centroid
+    assert result.are_experiment_identifiers_consistent(experiments)
+    assert dict(result.experiment_identifiers()) == {0: "frame-0"}
+    observed = np.array(list(result["xyzobs.px.value"])).reshape(-1, 3)
+    predicted = np.array(list(result["xyzcal.px"])).reshape(-1, 3)
+    near = np.hypot(*(observed[:, :2] - predicted[:, :2]).T)[strong]
+    assert np.median(near) < 0.5  # the profile sits on the bright spot it integrated
 
 
 def test_dials_table_with_unindexed_rows_and_no_d(run, tmp_path, dials_env):

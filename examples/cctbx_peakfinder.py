@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 
 # torch must be imported before cctbx/dxtbx: cctbx's OpenMP stubs otherwise shadow libgomp and
-# the engine falls back to a single thread (see peaknet_xtal.finding.engine.openmp_shadowed).
+# the engine falls back to a single thread (see peaknet_xtal.threads.openmp_shadowed).
 import torch  # noqa: F401  (import order matters, see above)
 from dxtbx.model.experiment_list import ExperimentListFactory
 

@@ -10,7 +10,9 @@ thread.  The default here is therefore
     divided by the worker processes sharing them on this host,
 
 at least 1.  An explicit thread count always wins.  ``benchmarks/bench_threads.py`` measures the
-default against ``--threads 1`` on a loaded machine.
+default against ``--threads 1`` on a loaded machine.  :func:`use_torch_threads` sets it for every
+command that runs torch on the CPU (the finding engine, ``peaknet-integrate``), one thread where
+cctbx's stub OpenMP would make more give wrong results (:func:`openmp_shadowed`).
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import logging
 import math
 import os
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -80,3 +83,67 @@ def stub_openmp_message(library: str, requested: int | None) -> str:
             f"give wrong results. For parallelism run several processes: mp.nproc=N in "
             f"dials.stills_process (a list of stills), spotfinder.mp.nproc=N in "
             f"dials.find_spots (a sequence), or peaknet2cxi --workers N.")
+
+
+def openmp_shadowed() -> str | None:
+    """The library whose stub ``omp_get_thread_num`` the process resolves first, if not a real
+    OpenMP runtime.
+
+    cctbx's ``omptbx`` (imported by dxtbx/DIALS) exports OpenMP stubs when built without OpenMP,
+    as Debian's is.  Loaded before torch, the stubs answer "thread 0 of 1" inside torch's OpenMP
+    parallel regions, so every thread computes the same chunk and the rest of the output is left
+    uninitialised: different, wrong probabilities on every call.  One thread is then the only
+    safe setting.
+    """
+    import ctypes
+
+    class DlInfo(ctypes.Structure):
+        _fields_ = [("dli_fname", ctypes.c_char_p), ("dli_fbase", ctypes.c_void_p),
+                    ("dli_sname", ctypes.c_char_p), ("dli_saddr", ctypes.c_void_p)]
+
+    try:
+        process = ctypes.CDLL(None)
+        symbol = process.omp_get_thread_num
+        info = DlInfo()
+        if not process.dladdr(ctypes.cast(symbol, ctypes.c_void_p), ctypes.byref(info)):
+            return None
+    except (AttributeError, OSError):
+        return None  # no OpenMP symbol in the global scope at all: torch uses its own
+    name = os.path.basename((info.dli_fname or b"").decode(errors="replace"))
+    real = ("libgomp", "libiomp", "libomp.so", "libomp-")  # GNU, Intel, LLVM runtimes
+    return None if name.startswith(real) else name
+
+
+def _single_thread(torch: Any) -> None:
+    """One thread in torch *and* in every real OpenMP runtime mapped into the process: with the
+    stubs in front, ``torch.set_num_threads`` cannot reach libgomp, whose parallel regions would
+    still start one thread per core."""
+    import ctypes
+    import re
+
+    torch.set_num_threads(1)
+    with open("/proc/self/maps") as maps:
+        runtimes = set(re.findall(r"(/\S*/lib(?:gomp|iomp5)[^/\s]*\.so[^/\s]*)", maps.read()))
+    for path in sorted(runtimes):
+        try:
+            ctypes.CDLL(path).omp_set_num_threads(1)
+        except (OSError, AttributeError):
+            continue
+
+
+def use_torch_threads(requested: int | None) -> int:
+    """Set torch's CPU threads: ``requested``, else :func:`default_threads`; one where cctbx's
+    stub OpenMP shadows the real runtime (:func:`openmp_shadowed`), said in one line (a warning
+    where that takes threads the run would have had).  Returns the threads set."""
+    import torch
+
+    shadow = openmp_shadowed()
+    if shadow is not None:
+        wanted = int(requested or default_threads())
+        (log.warning if wanted > 1 else log.info)("%s", stub_openmp_message(shadow, requested))
+        _single_thread(torch)
+        return 1
+    threads = int(requested or default_threads())
+    torch.set_num_threads(threads)
+    log.info("%s", f"{requested} torch thread(s) as asked" if requested else describe_default())
+    return threads

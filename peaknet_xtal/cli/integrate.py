@@ -70,17 +70,20 @@ log = logging.getLogger("peaknet_xtal")
 
 DEFAULTS: dict[str, Any] = {"inputs": [], "geometry": None, "refl": None, "output": "integrated",
                             "weights": "default", "device": "cpu", "adu_per_photon": None,
-                            "read_noise": 0.0, "batch_size": 4096, "progress": True}
+                            "read_noise": 0.0, "batch_size": 4096, "threads": None,
+                            "progress": True}
 #: Ranges and kinds of the settings whose default cannot say them (see config.resolve).
 TYPES: dict[str, Any] = {"geometry": str | None, "refl": str | None, "device": DEVICE,
                          "adu_per_photon": bounded(float, gt=0, optional=True),
-                         "read_noise": bounded(float, ge=0), "batch_size": bounded(int, ge=1)}
+                         "read_noise": bounded(float, ge=0), "batch_size": bounded(int, ge=1),
+                         "threads": bounded(int, ge=1, optional=True)}
 CONFIG_NAME = "integrate_config.json"
 #: Which input each output was made from (path, size, modification time), so that a rerun
 #: skips only outputs of unchanged inputs.
 INPUTS_NAME = "integrate_inputs.json"
 #: Settings that change the numbers written: a folder's outputs must share them.  The others
-#: (inputs, output, device, batch size, progress) may differ between the runs of one folder.
+#: (inputs, output, device, batch size, threads, progress) may differ between the runs of one
+#: folder.
 SAME_RUN = ("geometry", "refl", "weights", "adu_per_photon", "read_noise")
 PROG = "peaknet-integrate"
 
@@ -91,7 +94,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("inputs", nargs="*", help=".cxi/.h5 peak files, .stream, or .expt")
     parser.add_argument("-g", "--geometry", dest="geometry", help="CrystFEL .geom")
     parser.add_argument("--refl", dest="refl", help="DIALS .refl beside an .expt input")
-    parser.add_argument("-o", "--output", dest="output", help="output folder")
+    parser.add_argument("-o", "--output", dest="output",
+                        help="output folder (default: integrated)")
     parser.add_argument("--weights", dest="weights", help="integrator .safetensors (default: "
                                                           "the shipped one)")
     parser.add_argument("--device", dest="device", help="cpu, cuda, cuda:1, ... (default cpu)")
@@ -100,6 +104,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--read-noise", dest="read_noise", type=float,
                         help="Gaussian read noise in photons (default 0)")
     parser.add_argument("--batch-size", dest="batch_size", type=int)
+    parser.add_argument("--threads", dest="threads", type=int,
+                        help="torch CPU threads (default: the cores free for this process, as "
+                        "peaknet2cxi; more than are free ran 3-4 times slower on a busy machine)")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
     args = parser.parse_args(argv)
     setup_logging(getattr(args, "verbose", 0))
@@ -121,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_outputs_are_not_inputs(config)
         # the folder's earlier run is compared before this run's settings are recorded over it
         check_output_folder(out, config)
-        record(config, out / CONFIG_NAME, PROG, argv)
+        record({**config, **_contents(config)}, out / CONFIG_NAME, PROG, argv)
         with sigterm_raises():  # a batch scheduler's stop, as Ctrl-C: the chunks done stay
             outputs = run(config, stats)
     except KeyboardInterrupt as exc:
@@ -164,6 +171,26 @@ def _run_settings(config: Mapping[str, Any], cwd: str | None) -> dict[str, Any]:
                   else config.get(key)) for key in SAME_RUN}
 
 
+#: The settings that name files, compared by their contents where both runs' records have it.
+CONTENT_KEYS = ("geometry", "refl")
+
+
+def _contents(config: Mapping[str, Any]) -> dict[str, str]:
+    """``{"geometry_sha256": ..., "refl_sha256": ...}`` of the files the run is given, for its
+    record (a file that cannot be read is left to the run to report)."""
+    import hashlib
+
+    digests = {}
+    for key in CONTENT_KEYS:
+        if config.get(key):
+            try:
+                digests[f"{key}_sha256"] = hashlib.sha256(Path(config[key]).read_bytes()) \
+                    .hexdigest()
+            except OSError:
+                continue
+    return digests
+
+
 def check_output_folder(out: Path, config: Mapping[str, Any]) -> None:
     """Refuse an output folder that is a file, or that holds a run made with other settings
     (:data:`SAME_RUN`; each difference named with both values): its outputs would mix two
@@ -180,8 +207,17 @@ def check_output_folder(out: Path, config: Mapping[str, Any]) -> None:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise FormatError(path, f"cannot read the earlier run's record ({exc}); use another "
                                 "output folder (-o)") from None
-    differences = setting_differences(_run_settings(settings, cwd),
-                                      _run_settings(config, None))
+    then, now = _run_settings(settings, cwd), _run_settings(config, None)
+    digests = _contents(config)
+    for key in CONTENT_KEYS:
+        # a file is its contents where the record has them: a copy of the geometry at another
+        # path is the same setting, the same path with other contents (a gain edited) is not;
+        # an older record names its files only, compared by path
+        was, is_now = settings.get(f"{key}_sha256"), digests.get(f"{key}_sha256")
+        if was and is_now:
+            then[key] = f"{then[key]} (SHA-256 {was[:12]})" if was != is_now else None
+            now[key] = f"{now[key]} (SHA-256 {is_now[:12]})" if was != is_now else None
+    differences = setting_differences(then, now)
     if differences:
         raise FormatError(out, "holds outputs integrated with other settings ("
                           + "; ".join(differences) + "); one output folder holds one run's "
@@ -342,6 +378,10 @@ def run(config: Mapping[str, Any], stats: Any = None) -> list[Path]:
         plan.append((path, kind, out, changed))
     if not plan:
         return outputs
+    if not str(config["device"]).startswith("cuda"):
+        from peaknet_xtal.threads import use_torch_threads
+
+        use_torch_threads(config["threads"])  # threads that fit the machine, as the finder's
     integrator = Integrator(config["weights"], device=str(config["device"]),
                             batch_size=int(config["batch_size"]))
     options = {"gain": config["adu_per_photon"], "read_noise": float(config["read_noise"])}
@@ -349,7 +389,7 @@ def run(config: Mapping[str, Any], stats: Any = None) -> list[Path]:
     total = None if None in counts else sum(c for c in counts if c is not None)
     with Progress(total, "frames", desc=PROG, enabled=bool(config["progress"])) as bar:
         for path, kind, out, changed in plan:
-            crystals = stats.crystals
+            crystals, spots = stats.crystals, stats.spots
             fingerprint = _fingerprint(path)  # before the work: a change during it shows next
             if kind == "cxi":
                 integrate_cxi(path, geometry, out, integrator, tick=bar.update, stats=stats,
@@ -360,6 +400,11 @@ def run(config: Mapping[str, Any], stats: Any = None) -> list[Path]:
                 if stats.crystals == crystals:
                     log.warning("%s: 0 crystals, nothing integrated (no indexed crystal in the "
                                 "stream)", path)
+                elif stats.spots == spots:  # crystals, but not one reflection listed
+                    log.warning("%s: %d crystal(s) without reflection lists, nothing "
+                                "integrated: indexamajig wrote none (--no-refls-in-stream); "
+                                "index again without that option", path,
+                                stats.crystals - crystals)
             else:
                 integrate_dials(path, config["refl"], out, integrator, tick=bar.update,
                                 stats=stats, **options)

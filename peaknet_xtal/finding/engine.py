@@ -94,7 +94,7 @@ from peaknet_xtal.finding.settings import (
     check_precision,
     resolve_gain,
 )
-from peaknet_xtal.threads import default_threads, describe_default, stub_openmp_message
+from peaknet_xtal.threads import default_threads, use_torch_threads
 from peaknet_xtal.types import Frame, FrameResult
 
 log = logging.getLogger(__name__)
@@ -300,18 +300,8 @@ class InferenceEngine:
         if self._model is None:
             import torch
 
-            shadow = openmp_shadowed() if self.device == "cpu" else None
-            if shadow is not None:
-                # a warning where it takes threads the run would have had; said, not warned,
-                # to a run that asked for one thread
-                wanted = int(self.threads or default_threads())
-                (log.warning if wanted > 1 else log.info)(
-                    "%s", stub_openmp_message(shadow, self.threads))
-                _single_thread(torch)
-            else:
-                torch.set_num_threads(int(self.threads or default_threads()))
-                log.info("%s", f"{self.threads} torch thread(s) as asked" if self.threads
-                         else describe_default())
+            if self.device == "cpu":
+                use_torch_threads(self.threads)
             if self.device.startswith("cuda"):
                 torch.backends.cudnn.deterministic = True  # same input, same bits (see above)
                 torch.backends.cudnn.benchmark = False
@@ -773,52 +763,6 @@ def resolve_device(spec: str) -> Any:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {spec!r} requested but torch sees no CUDA GPU; use cpu or auto")
     return device
-
-
-def openmp_shadowed() -> str | None:
-    """The library whose stub ``omp_get_thread_num`` the process resolves first, if not a real
-    OpenMP runtime.
-
-    cctbx's ``omptbx`` (imported by dxtbx/DIALS) exports OpenMP stubs when built without OpenMP,
-    as Debian's is.  Loaded before torch, the stubs answer "thread 0 of 1" inside torch's OpenMP
-    parallel regions, so every thread computes the same chunk and the rest of the output is left
-    uninitialised: different, wrong probabilities on every call.  One thread is then the only
-    safe setting.
-    """
-    import ctypes
-
-    class DlInfo(ctypes.Structure):
-        _fields_ = [("dli_fname", ctypes.c_char_p), ("dli_fbase", ctypes.c_void_p),
-                    ("dli_sname", ctypes.c_char_p), ("dli_saddr", ctypes.c_void_p)]
-
-    try:
-        process = ctypes.CDLL(None)
-        symbol = process.omp_get_thread_num
-        info = DlInfo()
-        if not process.dladdr(ctypes.cast(symbol, ctypes.c_void_p), ctypes.byref(info)):
-            return None
-    except (AttributeError, OSError):
-        return None  # no OpenMP symbol in the global scope at all: torch uses its own
-    name = os.path.basename((info.dli_fname or b"").decode(errors="replace"))
-    real = ("libgomp", "libiomp", "libomp.so", "libomp-")  # GNU, Intel, LLVM runtimes
-    return None if name.startswith(real) else name
-
-
-def _single_thread(torch: Any) -> None:
-    """One thread in torch *and* in every real OpenMP runtime mapped into the process: with the
-    stubs in front, ``torch.set_num_threads`` cannot reach libgomp, whose parallel regions would
-    still start one thread per core."""
-    import ctypes
-    import re
-
-    torch.set_num_threads(1)
-    with open("/proc/self/maps") as maps:
-        runtimes = set(re.findall(r"(/\S*/lib(?:gomp|iomp5)[^/\s]*\.so[^/\s]*)", maps.read()))
-    for path in sorted(runtimes):
-        try:
-            ctypes.CDLL(path).omp_set_num_threads(1)
-        except (OSError, AttributeError):
-            continue
 
 
 def to_host(tensor: Any) -> np.ndarray:

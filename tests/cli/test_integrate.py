@@ -252,7 +252,6 @@ def test_dials_table_gets_vi_columns(run, tmp_path, dials_env):
     """An .expt read by dxtbx (the project's CXI format class) and a .refl of predicted
     positions: the written table carries intensity.vi.* beside DIALS' own columns."""
     from dials.array_family import flex
-
     from dxtbx.model.experiment_list import ExperimentList
 
     expt, refl, _, rows, _ = _dials_frame0(run, tmp_path / "frame0")

@@ -239,9 +239,13 @@ class ThreadBackend:
         self.loop = EventLoopThread()
         size = int(cfg["workers"]) + int(cfg["writers"]) + len(cfg["inputs"]) + 4
         self.pool = ThreadPoolExecutor(max_workers=size, thread_name_prefix="peaknet-stage")
+        self.queues: list[Any] = []
+        self.started: list[Future] = []
 
     def queue(self, capacity: int, name: str) -> Any:
-        return LocalQueueClient(AsyncLeaseQueue(capacity, name), self.loop)
+        queue = LocalQueueClient(AsyncLeaseQueue(capacity, name), self.loop)
+        self.queues.append(queue)
+        return queue
 
     def make(self, cls: type, *args: Any, num_cpus: float = 0, num_gpus: float = 0,
              **kwargs: Any) -> Any:
@@ -251,7 +255,9 @@ class ThreadBackend:
         return getattr(handle, method)(*args)
 
     def start(self, handle: Any, method: str, *args: Any) -> Future:
-        return self.pool.submit(getattr(handle, method), *args)
+        future = self.pool.submit(getattr(handle, method), *args)
+        self.started.append(future)
+        return future
 
     def wait(self, futures: list[Any], timeout: float) -> list[Any]:
         done, _ = wait_futures(futures, timeout=timeout, return_when=FIRST_COMPLETED)
@@ -272,6 +278,17 @@ class ThreadBackend:
         return [], 0
 
     def close(self) -> None:
+        """End the stages, then the queues' event loop.  After a second Ctrl-C the driver
+        leaves stages running, waiting on their queues: those are aborted first (a stage that
+        leases or puts gets its end), and the stages given a moment to return, since a stage
+        still calling into a stopped loop would wait for ever (and the process's exit with it,
+        which joins its threads)."""
+        for queue in self.queues:
+            try:
+                queue.abort()
+            except Exception as exc:  # noqa: BLE001 - a queue already gone ends nothing
+                log.debug("closing: could not abort a queue: %s", exc)
+        wait_futures(self.started, timeout=30)
         self.pool.shutdown(wait=False, cancel_futures=True)
         self.loop.stop()
 
@@ -399,6 +416,7 @@ class Driver:
         self.warnings = WarningReplay()
         self.logs_gone = False  # the relay could not be read: the stages' warnings stay there
         self.restarts = 0
+        self.workers_lost = 0  # workers that died: their defect counts died with them
         self.interrupted = False
         self.stop_requested = False  # set by the SIGINT/SIGTERM handler, acted on by the loop
         self.stop_signal: int | None = None  # the signal that asked for the stop
@@ -607,6 +625,14 @@ class Driver:
             written_geometry = folder / named if named else None
             self.defects_written = ([] if tracker is None else
                                     tracker.save(folder, geometry, written_geometry))
+            if self.workers_lost and self.keeps_defects:
+                # the frames a dead worker found are written, its spike counts are gone: the
+                # mask is of fewer frames than the run's, which a rerun (nothing left to find;
+                # its sources count every frame done) makes whole
+                log.warning("the pixel defect mask counts %d frames, not the frames that %d "
+                            "worker(s) found before they died; run the same command again (it "
+                            "finds nothing new) to write the mask of every frame",
+                            0 if tracker is None else tracker.frames, self.workers_lost)
         return self.defects_written
 
     def _source_failed(self, name: str, handle: Any, exc: BaseException) -> None:
@@ -638,6 +664,7 @@ class Driver:
 
     def _worker_failed(self, name: str, handle: Any, exc: BaseException) -> None:
         self.live_workers -= 1
+        self.workers_lost += 1  # with the pixel-defect counts of the frames it found
         if not self.stop_requested:  # after a stop, Ray may be gone: a kill could wait on it
             self.backend.kill(handle)
         requeued = self._queue_call("re-queue a worker's frames",
@@ -753,6 +780,11 @@ class Driver:
                 self.advance()
                 monitor.sample(self._frame_stats(), self._result_stats())
             except KeyboardInterrupt as exc:  # a second stop signal: at once
+                if self.stop_requested and not self.interrupted:
+                    # the first one's flag, not yet turned into the stop by this loop (it
+                    # looks once an interval): two Ctrl-C 0.3 s apart acted as one, and the
+                    # run found every leased frame before it ended
+                    self.interrupt()
                 self.interrupt(exc)
 
 

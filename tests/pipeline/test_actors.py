@@ -332,3 +332,46 @@ def test_a_resumed_run_counts_the_frames_it_skips_however_the_earlier_run_ended(
     frames, again = counts(deleted)
     assert frames == 15
     np.testing.assert_array_equal(again, whole)
+
+
+class CrashingEngine(InferenceEngine):
+    """The engine, crashing once per process after it has found ``after`` frames (a worker
+    killed mid-run): its spike counts die with it."""
+
+    crashed = False
+
+    def __init__(self, after: int = 6, **kw) -> None:
+        super().__init__(**kw)
+        self.after = after
+        self.found = 0
+
+    def find_frames(self, frames, **kw):
+        for result in super().find_frames(frames, **kw):
+            self.found += 1
+            if self.found > self.after and not CrashingEngine.crashed:
+                CrashingEngine.crashed = True
+                raise RuntimeError("simulated kill -9")
+            yield result
+
+
+def test_a_mask_missing_a_dead_workers_frames_says_so(tmp_path: Path, stacks, caplog):
+    """A worker that died took the spike counts of the frames it had found: the mask was of
+    fewer frames than the run's ('0 defects over 32 frames' of 48, status ok), with nothing
+    to say so; a rerun, whose sources count every frame done, writes the whole run's."""
+    path = stacks.write(tmp_path / "a.h5", 20)
+    CrashingEngine.crashed = False
+    cfg = threads_config(tmp_path, [path], frame_finder=CrashingEngine,
+                         frame_finder_options={**ENGINE, "after": 6}, workers=1, batch_size=2,
+                         source_chunk=2)
+    with caplog.at_level("WARNING", logger="peaknet_xtal"):
+        summary = run_pipeline(cfg)
+    assert summary["restarts"] == 1
+    said = [r.getMessage() for r in caplog.records if "defect mask counts" in r.getMessage()]
+    assert len(said) == 1 and "run the same command again" in said[0], said
+    counted = int(said[0].split("counts ")[1].split()[0])
+    assert counted < 20
+    caplog.clear()
+    with caplog.at_level("INFO", logger="peaknet_xtal"):
+        assert run_pipeline(cfg)["resumed_keys"] == 20
+    assert not [r for r in caplog.records if "defect mask counts" in r.getMessage()]
+    assert any("over 20 frames" in r.getMessage() for r in caplog.records)

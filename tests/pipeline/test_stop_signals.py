@@ -72,6 +72,29 @@ def test_sigterm_stops_the_pipeline_as_ctrl_c_does(tmp_path, stacks, sigterm_gua
     assert signal.getsignal(signal.SIGTERM) is sigterm_guard
 
 
+class _DoubleCtrlC(LocalMaxFinder):
+    """Presses Ctrl-C twice, 0.2 s apart, when it meets frame //3: both before the driver's
+    loop (which looks once an interval) has turned the first into the stop."""
+
+    def find_frames(self, frames):
+        for result in super().find_frames(frames):
+            time.sleep(0.05)  # the run is still going when the second one comes
+            if result.frame.event == "//3":
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.2)  # the first one handled: the flag set
+                os.kill(os.getpid(), signal.SIGINT)
+            yield result
+
+
+def test_two_quick_ctrl_c_stop_at_once(tmp_path, stacks):
+    """The second of two Ctrl-C stops at once, however soon it follows the first: it acted as
+    the first (the run went on finding every leased frame) where the loop had not yet seen the
+    first one's flag."""
+    path = stacks.write(tmp_path / "a.h5", 40)
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(_config(tmp_path, [path], _DoubleCtrlC, monitor_interval=3.0))
+
+
 def test_a_second_sigterm_stops_at_once(sigterm_guard):
     from peaknet_xtal.pipeline.driver import sigint_requests_stop
     from peaknet_xtal.stopping import Terminated

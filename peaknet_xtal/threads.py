@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -143,7 +144,37 @@ def use_torch_threads(requested: int | None) -> int:
         (log.warning if wanted > 1 else log.info)("%s", stub_openmp_message(shadow, requested))
         _single_thread(torch)
         return 1
-    threads = int(requested or default_threads())
+    if requested:
+        torch.set_num_threads(int(requested))
+        log.info("%d torch thread(s) as asked", int(requested))
+        return int(requested)
+    threads, own = default_threads(), torch.get_num_threads()
+    if own < threads:
+        # the process's own setting is a ceiling: torch.set_num_threads or OMP_NUM_THREADS in
+        # a script that runs several (an MPI rank, a pool worker; a forked one, below), which
+        # the default raised to the cores it saw free, oversubscribing the machine
+        log.info("%d torch thread(s): the process's own setting (torch.set_num_threads, "
+                 "OMP_NUM_THREADS or a forked worker), under the %d the cores would allow",
+                 own, threads)
+        return own
     torch.set_num_threads(threads)
-    log.info("%s", f"{requested} torch thread(s) as asked" if requested else describe_default())
+    log.info("%s", describe_default())
     return threads
+
+
+def _one_thread_after_fork() -> None:
+    """In a forked child of a process that ran torch: one thread.  Why: a pool of forked
+    workers shares the parent's cores (several threads each oversubscribe them), and the GNU
+    OpenMP runtime of a parent that ran parallel regions hangs a child's first one at its
+    barrier (a user trial: a fork Pool after the parent's first find, for good, at 2 threads;
+    at 1 it ran), as PyTorch's own DataLoader workers are set to one thread."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        try:
+            torch.set_num_threads(1)
+        except Exception:  # noqa: BLE001 - a child must not fail in a fork hook
+            pass
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_one_thread_after_fork)

@@ -46,13 +46,54 @@ def test_engine_takes_the_default_when_no_threads_are_given():
     code = ("import logging, torch; logging.basicConfig(level=logging.INFO)\n"
             "from unittest import mock\n"
             "from peaknet_xtal.finding.engine import InferenceEngine\n"
-            "with mock.patch('peaknet_xtal.finding.engine.default_threads', return_value=1):\n"
+            "with mock.patch('peaknet_xtal.threads.default_threads', return_value=1):\n"
             "    InferenceEngine('default', device='cpu').model()\n"
             "print(torch.get_num_threads())\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, env=dict(os.environ), timeout=300)
     assert out.stdout.split()[-1] == "1"
     assert "torch thread(s) by default" in out.stderr
+
+
+def test_the_processs_own_lower_setting_is_a_ceiling():
+    """A script that runs several processes sets one thread each (torch.set_num_threads,
+    OMP_NUM_THREADS); the default raised it to the cores it saw free (a user trial: 1 -> 2 in
+    each MPI-style rank), oversubscribing the machine.  An explicit count still wins."""
+    code = ("import logging, torch; logging.basicConfig(level=logging.INFO)\n"
+            "from unittest import mock\n"
+            "from peaknet_xtal import threads\n"
+            "threads.openmp_shadowed = lambda: None\n"
+            "torch.set_num_threads(1)\n"
+            "with mock.patch('peaknet_xtal.threads.default_threads', return_value=2):\n"
+            "    print(threads.use_torch_threads(None), torch.get_num_threads())\n"
+            "    print(threads.use_torch_threads(2), torch.get_num_threads())\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, env=dict(os.environ), timeout=300)
+    assert out.stdout.split("\n")[:2] == ["1 1", "2 2"]
+    assert "the process's own setting" in out.stderr and "2 torch thread(s) as asked" in out.stderr
+
+
+def test_a_forked_child_runs_one_thread():
+    """A fork Pool after the parent has run torch: the GNU OpenMP runtime of a parent that ran
+    parallel regions hung the child's first one (a user trial, for good, at 2 threads), and
+    the workers oversubscribed the cores; a forked child now starts at one thread."""
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: report and leave at once
+            os.write(write, str(torch.get_num_threads()).encode())
+            os._exit(0)
+        os.close(write)
+        os.waitpid(pid, 0)
+        assert os.read(read, 16).decode() == "1"
+        os.close(read)
+        assert torch.get_num_threads() == 2  # the parent keeps its own
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_stub_message_names_the_library_and_the_way_out():

@@ -189,6 +189,12 @@ class PeakFinder:
             panels = _panels_of(data, geometry, "the image")
             if masks is not None:
                 masks = _panels_of(masks, geometry, "the image's own mask")
+            from peaknet_xtal.finding.sanitise import implied_dtype
+
+            # floats of whole numbers mark gaps as the imageset's do (get_corrected_data
+            # hands a Pilatus frame's -1 gaps over as -1.0: 283 peaks where the imageset
+            # itself gave 493); an integer array says its type itself
+            dtype = implied_dtype(panels)
         if mask is not None:
             try:
                 given = [np.asarray(m).astype(bool) for m in _panels_of(mask, geometry, "mask")]

@@ -451,3 +451,27 @@ def test_a_one_image_nexus_file_is_named_as_peaknet2cxi_names_it(tmp_path, dials
         (frame,) = DxtbxSource(path)
         masked = [r.getMessage() for r in caplog.records if "masked" in r.getMessage()]
         assert masked and masked[0].startswith(f"{path} {frame.event}: masked"), masked
+
+
+def test_whole_number_floats_mark_gaps_as_the_imageset_does(tmp_path, dials_env, caplog):
+    """A script that takes ``imageset.get_corrected_data`` (floats: a Pilatus frame's -1 gaps
+    as -1.0) and passes it as an array: its gaps were read as pixels (283 peaks on a real
+    Pilatus 6M frame where the imageset gave 493).  Floats of whole numbers now mark them as
+    the imageset's do: the same masked pixels, the same peaks."""
+    from dxtbx.model.experiment_list import ExperimentListFactory
+    from peaknet_test_support import tiny_cbf
+
+    pixels = np.random.default_rng(7).poisson(3, (48, 48))
+    pixels[:, 20:22] = -1  # a module gap
+    pixels[30:33, 10:13] += 300
+    (imageset,) = ExperimentListFactory.from_filenames(
+        [str(tiny_cbf(tmp_path / "gap_0001.cbf", 100.0, pixels=pixels))]).imagesets()
+    floats = np.asarray(imageset.get_corrected_data(0)[0].as_numpy_array(), dtype=np.float64)
+    assert floats.dtype.kind == "f" and (floats == -1.0).sum() == 96
+    from_imageset = PeakFinder(predictor=bright_pixels).find(imageset, 0)
+    with caplog.at_level("WARNING", logger="peaknet_xtal"):
+        from_array = PeakFinder(predictor=bright_pixels).find(floats, 0)
+    masked = [r.getMessage() for r in caplog.records if "masked 96 pixels" in r.getMessage()]
+    assert masked and "-1 marks gaps" in masked[0], masked  # as the imageset's mask has them
+    np.testing.assert_array_equal(from_array["fs"], from_imageset["fs"])
+    np.testing.assert_array_equal(from_array["ss"], from_imageset["ss"])

@@ -32,6 +32,22 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+def remove_stale_parts(path: str | os.PathLike[str]) -> list[Path]:
+    """Remove what :func:`atomic_path` left of ``path`` in a process killed while it wrote
+    (``.NAME.*.part``, which only a kill -9 leaves: the block's end removes it otherwise);
+    for a file one run writes once, before it writes it again (two processes writing the
+    same file at once would race anyway).  Returns what was removed."""
+    final = Path(path)
+    removed = []
+    for stale in final.parent.glob(f".{final.name}.*.part"):
+        try:
+            stale.unlink()
+            removed.append(stale)
+        except OSError:
+            continue
+    return removed
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

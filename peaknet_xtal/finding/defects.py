@@ -666,7 +666,7 @@ def write_crystfel_mask(path: str | os.PathLike[str], good: Sequence[np.ndarray]
     """
     import h5py
 
-    from peaknet_xtal.atomic import atomic_path
+    from peaknet_xtal.atomic import atomic_path, remove_stale_parts
 
     panels = [np.asarray(g, dtype=np.uint8) for g in good]
     if geometry is not None and len(getattr(geometry, "panels", [])) == len(panels):
@@ -674,6 +674,7 @@ def write_crystfel_mask(path: str | os.PathLike[str], good: Sequence[np.ndarray]
     else:
         slab = np.concatenate(panels, axis=0)
     target = Path(path)
+    remove_stale_parts(target)  # a run killed while it wrote the mask left one
     with atomic_path(target) as tmp, h5py.File(tmp, "w") as h5:
         data = h5.create_dataset(dataset, data=slab, compression="gzip")
         data.attrs["description"] = ("peaknet-xtal pixel defect mask: 1 = good, 0 = hot/stuck "
@@ -769,11 +770,12 @@ def write_dials_mask(path: str | os.PathLike[str], good: Sequence[np.ndarray]) -
     from dials.array_family import flex  # noqa: F401  (flex types must be registered)
     from dxtbx import flumpy
 
-    from peaknet_xtal.atomic import atomic_path
+    from peaknet_xtal.atomic import atomic_path, remove_stale_parts
 
     masks = tuple(flumpy.from_numpy(np.ascontiguousarray(np.asarray(g, dtype=bool)))
                   for g in good)
     target = Path(path)
+    remove_stale_parts(target)
     with atomic_path(target) as tmp, open(tmp, "wb") as fh:
         pickle.dump(masks, fh, protocol=pickle.HIGHEST_PROTOCOL)
     return target

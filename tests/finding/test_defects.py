@@ -645,3 +645,16 @@ def test_the_mask_file_keeps_the_counts_a_resumed_run_adds_to(tmp_path):
         del h5["/peaknet"]
     assert DefectTracker.load(tmp_path) is None
     assert DefectTracker.load(tmp_path / "nowhere") is None
+
+
+def test_a_mask_write_killed_before_leaves_nothing_after_the_next(tmp_path):
+    """A kill -9 while the mask was written left '.pixel_defects.h5.XXXX.part' (HDF5 that
+    cannot be opened), which a rerun's mask writing kept beside the new one."""
+    from peaknet_xtal.finding.defects import write_crystfel_mask
+
+    stale = tmp_path / ".pixel_defects.h5._od1__99.part"
+    stale.write_bytes(b"\\x89HDF\\r\\n")
+    good = [np.ones((8, 8), bool), np.ones((8, 8), bool)]
+    written = write_crystfel_mask(tmp_path / "pixel_defects.h5", good)
+    assert not stale.exists() and written.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pixel_defects.h5"]

@@ -173,6 +173,14 @@ class PeakFinder:
             from peaknet_xtal.finding.sanitise import implied_dtype
             from peaknet_xtal.formats.dxtbx_images import CORRECTED_GAIN, check_every_linked_frame
 
+            # a caller's index, said as that: dxtbx's own words were an internal assertion (or
+            # an OverflowError, a boost ArgumentError), wrapped as a file that cannot be read
+            if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
+                raise TypeError(f"index {index!r}: an image number of the imageset, an int")
+            if not 0 <= int(index) < len(data):
+                raise IndexError(f"index {index}: the imageset holds {len(data)} image(s), "
+                                 f"numbered 0 to {len(data) - 1}")
+
             source, event = image_source(data, index)
             if source and source not in self._whole_files:
                 check_every_linked_frame(data, source)

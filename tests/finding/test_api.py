@@ -475,3 +475,22 @@ def test_whole_number_floats_mark_gaps_as_the_imageset_does(tmp_path, dials_env,
     assert masked and "-1 marks gaps" in masked[0], masked  # as the imageset's mask has them
     np.testing.assert_array_equal(from_array["fs"], from_imageset["fs"])
     np.testing.assert_array_equal(from_array["ss"], from_imageset["ss"])
+
+
+def test_an_imageset_index_out_of_range_is_said_as_that(tmp_path, dials_env):
+    """find(imageset, 5) on one image read 'FormatError: <imageset>: cannot read image 5
+    (RuntimeError: dxtbx Internal Error: ... DXTBX_ASSERT(index < indices_.size()) ...)': a
+    caller's index reported as a damaged file; -1 and 1.0 gave an OverflowError and a boost
+    ArgumentError."""
+    from dxtbx.model.experiment_list import ExperimentListFactory
+    from peaknet_test_support import tiny_cbf
+
+    (imageset,) = ExperimentListFactory.from_filenames(
+        [str(tiny_cbf(tmp_path / "one_0001.cbf", 100.0))]).imagesets()
+    finder = PeakFinder(predictor=bright_pixels)
+    for index in (5, -1):
+        with pytest.raises(IndexError, match=f"index {index}: the imageset holds 1 image"):
+            finder.find(imageset, index)
+    with pytest.raises(TypeError, match="index 1.0: an image number"):
+        finder.find(imageset, 1.0)
+    assert finder.find(imageset, 0) is not None

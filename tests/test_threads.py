@@ -41,6 +41,12 @@ def test_default_threads_never_oversubscribe(monkeypatch, cores, load, workers, 
     assert threads.default_threads(workers, load_aware=False) == max(1, cores // workers)
 
 
+def _python(code: str) -> subprocess.CompletedProcess:
+    """``code`` run in a clean Python process (its torch threads its own), which succeeds."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True, env=dict(os.environ), timeout=300)
+
+
 def test_engine_takes_the_default_when_no_threads_are_given():
     """In a clean process (no cctbx stubs) the engine sets torch to default_threads()."""
     code = ("import logging, torch; logging.basicConfig(level=logging.INFO)\n"
@@ -49,8 +55,7 @@ def test_engine_takes_the_default_when_no_threads_are_given():
             "with mock.patch('peaknet_xtal.threads.default_threads', return_value=1):\n"
             "    InferenceEngine('default', device='cpu').model()\n"
             "print(torch.get_num_threads())\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True, env=dict(os.environ), timeout=300)
+    out = _python(code)
     assert out.stdout.split()[-1] == "1"
     assert "torch thread(s) by default" in out.stderr
 
@@ -67,8 +72,7 @@ def test_the_processs_own_lower_setting_is_a_ceiling():
             "with mock.patch('peaknet_xtal.threads.default_threads', return_value=2):\n"
             "    print(threads.use_torch_threads(None), torch.get_num_threads())\n"
             "    print(threads.use_torch_threads(2), torch.get_num_threads())\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True, env=dict(os.environ), timeout=300)
+    out = _python(code)
     assert out.stdout.split("\n")[:2] == ["1 1", "2 2"]
     assert "the process's own setting" in out.stderr and "2 torch thread(s) as asked" in out.stderr
 

@@ -175,15 +175,21 @@ def test_sigterm_stops_as_ctrl_c_does_keeping_the_frames_done(run, tmp_path, cap
     assert (out / run.stream.name).read_bytes() == (whole / run.stream.name).read_bytes()
 
 
+def _said_integrating(text: str, name: str, words: str, tmp_path, caplog) -> list[str]:
+    """Integrate a stream of ``text`` named ``name`` (it succeeds); what the log said with
+    ``words`` in it."""
+    stream = tmp_path / name
+    stream.write_text(text)
+    with caplog.at_level("INFO", logger="peaknet_xtal"):
+        assert main([str(stream), "-o", str(tmp_path / "out"), "--no-progress"]) == 0
+    return [r.getMessage() for r in caplog.records if words in r.getMessage()]
+
+
 def test_a_stream_without_crystals_says_so(run, tmp_path, caplog):
     text = run.stream.read_text()
     header = text[:text.index("----- Begin chunk -----")]
-    empty = tmp_path / "empty.stream"
-    empty.write_text(header)
-    with caplog.at_level("INFO", logger="peaknet_xtal"):
-        assert main([str(empty), "-o", str(tmp_path / "out"), "--no-progress"]) == 0
-    said = [r.getMessage() for r in caplog.records
-            if "0 crystals, nothing integrated" in r.getMessage()]
+    said = _said_integrating(header, "empty.stream", "0 crystals, nothing integrated",
+                             tmp_path, caplog)
     assert len(said) == 1 and "empty.stream" in said[0], said
 
 
@@ -195,12 +201,7 @@ def test_crystals_without_reflection_lists_say_so(run, tmp_path, caplog):
     text = re.sub(r"Reflections measured after indexing\n.*?End of reflections\n", "",
                   run.stream.read_text(), flags=re.S)
     assert "Begin crystal" in text and "End of reflections" not in text
-    bare = tmp_path / "bare.stream"
-    bare.write_text(text)
-    with caplog.at_level("INFO", logger="peaknet_xtal"):
-        assert main([str(bare), "-o", str(tmp_path / "out"), "--no-progress"]) == 0
-    said = [r.getMessage() for r in caplog.records
-            if "without reflection lists" in r.getMessage()]
+    said = _said_integrating(text, "bare.stream", "without reflection lists", tmp_path, caplog)
     assert len(said) == 1 and "bare.stream" in said[0] and "--no-refls-in-stream" in said[0]
 
 

@@ -98,6 +98,33 @@ def dials_command(name: str, args: list[str], cwd: Path, env: dict[str, str]) ->
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
 
 
+def export_with_dials(files: list[Path], outdir: Path, capsys):
+    """``peaknet2cxi FILES --dials`` with the real default model: (its stdout, the experiments
+    and the strong spots it wrote)."""
+    code = main([*map(str, files), "-o", str(outdir), "--dials", "--device", "cpu",
+                 "--no-progress", "--min-peaks", "1"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    return (out, *read_dials(outdir / "dials" / "imported.expt",
+                             outdir / "dials" / "strong.refl"))
+
+
+def dials_finds_the_same(files: list[Path], work: Path, env: dict[str, str],
+                         ours: list[tuple[int, float, float, float]]):
+    """``dials.import`` + ``dials.find_spots algorithm=peaknet`` on ``files`` give ``ours``:
+    each spot on the same experiment and image, at the same pixel; DIALS' experiments."""
+    work.mkdir()
+    dials_command("dials.import", [*map(str, files)], work, env)
+    dials_command("dials.find_spots", ["imported.expt", "spotfinder.threshold.algorithm=peaknet",
+                                       "spotfinder.mp.nproc=1"], work, env)
+    experiments, theirs = read_dials(work / "imported.expt", work / "strong.refl")
+    found = spots_of(theirs)
+    assert len(found) == len(ours)
+    for (i, x, y, z), (j, u, v, w) in zip(ours, found, strict=True):
+        assert (i, z) == (j, w) and (x, y) == pytest.approx((u, v), abs=0.5)  # the same pixel
+    return experiments
+
+
 def test_a_rotation_series_is_one_sequence_with_each_spot_on_its_image_as_dials_finds_it(
         tmp_path, capsys, dials_env):
     """Images 4-6 of a series: one sequence experiment (images 4 to 6) and each image's spot at
@@ -106,12 +133,7 @@ def test_a_rotation_series_is_one_sequence_with_each_spot_on_its_image_as_dials_
     (the stills options would index each image alone)."""
     files = rotation_series(tmp_path / "images", first=4)
     outdir = tmp_path / "out"
-    code = main([*map(str, files), "-o", str(outdir), "--dials", "--device", "cpu",
-                 "--no-progress", "--min-peaks", "1"])
-    out, err = capsys.readouterr()
-    assert code == 0, err
-    experiments, table = read_dials(outdir / "dials" / "imported.expt",
-                                    outdir / "dials" / "strong.refl")
+    out, experiments, table = export_with_dials(files, outdir, capsys)
     (experiment,) = experiments
     assert experiment.scan.get_image_range() == (4, 6)
     assert [Path(experiment.imageset.get_path(i)) for i in range(3)] == files
@@ -124,18 +146,8 @@ def test_a_rotation_series_is_one_sequence_with_each_spot_on_its_image_as_dials_
     assert command[:3] == ["dials.index", str(outdir / "dials" / "imported.expt"),
                            str(outdir / "dials" / "strong.refl")]
     assert not [w for w in command if w.startswith(("joint_indexing", "stills."))]
-
-    work = tmp_path / "dials"
-    work.mkdir()
-    dials_command("dials.import", [*map(str, files)], work, dials_env)
-    dials_command("dials.find_spots", ["imported.expt", "spotfinder.threshold.algorithm=peaknet",
-                                       "spotfinder.mp.nproc=1"], work, dials_env)
-    theirs_experiments, theirs = read_dials(work / "imported.expt", work / "strong.refl")
-    assert theirs_experiments[0].scan.get_image_range() == (4, 6)
-    found = spots_of(theirs)
-    assert len(found) == len(ours)
-    for (i, x, y, z), (j, u, v, w) in zip(ours, found, strict=True):
-        assert (i, z) == (j, w) and (x, y) == pytest.approx((u, v), abs=0.5)  # the same pixel
+    theirs = dials_finds_the_same(files, tmp_path / "dials", dials_env, ours)
+    assert theirs[0].scan.get_image_range() == (4, 6)
 
 
 def test_a_series_across_cxi_files_and_a_still_are_imported_as_dials_imports_them(tmp_path,
@@ -195,27 +207,10 @@ def test_grid_scan_images_are_an_experiment_each_as_dials_imports_them(tmp_path,
     folder.mkdir()
     files = [write_cbf(folder / f"grid_{k + 1:04d}.cbf", spot, k + 1, width=0.0)
              for k, spot in enumerate(SPOTS)]
-    outdir = tmp_path / "out"
-    code = main([*map(str, files), "-o", str(outdir), "--dials", "--device", "cpu",
-                 "--no-progress", "--min-peaks", "1"])
-    out, err = capsys.readouterr()
-    assert code == 0, err
-    experiments, table = read_dials(outdir / "dials" / "imported.expt",
-                                    outdir / "dials" / "strong.refl")
+    out, experiments, table = export_with_dials(files, tmp_path / "out", capsys)
     assert len(experiments) == 3
     ours = spots_of(table)
     assert [(i, z) for i, _, _, z in ours] == [(0, 0.5), (1, 1.5), (2, 2.5)]
     (line,) = [s for s in out.splitlines() if s.startswith("next (DIALS): ")]
     assert "stills.indexer=stills" in shlex.split(line)  # DIALS' sequences indexer fails here
-
-    work = tmp_path / "dials"
-    work.mkdir()
-    dials_command("dials.import", [*map(str, files)], work, dials_env)
-    dials_command("dials.find_spots", ["imported.expt", "spotfinder.threshold.algorithm=peaknet",
-                                       "spotfinder.mp.nproc=1"], work, dials_env)
-    theirs_experiments, theirs = read_dials(work / "imported.expt", work / "strong.refl")
-    assert len(theirs_experiments) == 3
-    found = spots_of(theirs)
-    assert len(found) == len(ours)
-    for (i, x, y, z), (j, u, v, w) in zip(ours, found, strict=True):
-        assert (i, z) == (j, w) and (x, y) == pytest.approx((u, v), abs=0.5)  # the same pixel
+    assert len(dials_finds_the_same(files, tmp_path / "dials", dials_env, ours)) == 3

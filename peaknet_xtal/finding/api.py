@@ -205,7 +205,7 @@ class PeakFinder:
             dtype = implied_dtype(panels)
         if mask is not None:
             try:
-                given = [np.asarray(m).astype(bool) for m in _panels_of(mask, geometry, "mask")]
+                given = [_good_pixels(m) for m in _panels_of(mask, geometry, "mask")]
             except ValueError as exc:  # e.g. a list of per-image masks given to find_run
                 raise ValueError(f"mask: {exc}; mask is one image's good pixels (a 2-D array, a "
                                  "3-D stack of panels or a list of per-panel arrays), the same "
@@ -294,6 +294,23 @@ def _panels_of(data: Any, geometry: Any, what: str) -> list[np.ndarray]:
             f"{len(wanted)} panel(s) of shape(s) {sorted(set(wanted))} or one array of its "
             f"layout {tuple(geometry.slab_shape)}")
     return panels
+
+
+def _good_pixels(mask: Any) -> np.ndarray:
+    """A panel's good-pixel mask as booleans.  Anything but booleans or 0/1 is refused: it was
+    cast (0.5, NaN and a CrystFEL bad bit such as 2 all read as good), so a pixel-status map,
+    which marks the bad pixels, passed as a good-pixel mask without a word."""
+    values = np.asarray(mask)
+    if values.dtype == bool:
+        return values
+    odd = ~((values == 0) | (values == 1))
+    if odd.any():
+        example = values[odd].flat[0]
+        raise ValueError(f"mask: {int(odd.sum())} value(s) other than 0 and 1 (e.g. "
+                         f"{example!r}); the mask is the good pixels, True or 1 where a pixel "
+                         "is good (a pixel-status or bad-pixel map is its inverse: pass "
+                         "status == 0)")
+    return values.astype(bool)
 
 
 def _is_imageset(data: Any) -> bool:

@@ -58,6 +58,16 @@ CXI_COLUMNS = {
     "peakProfileSigmaX": "profile_sigma_fs", "peakProfileSigmaY": "profile_sigma_ss",
     "peakPhotonsSum": "sum_photons", "peakPhotonsSumSigma": "sum_sigma",
 }
+#: Each new CXI column's unit (its ``units`` attribute, as the finder's columns carry theirs).
+CXI_UNITS = {
+    **{name: "photons" for name in ("peakPhotonsVI", "peakPhotonsVISigma", "peakPhotonsVILik",
+                                    "peakPhotonsVILikSigma", "peakPhotonsSum",
+                                    "peakPhotonsSumSigma")},
+    "peakBackgroundVI": "photons per pixel", "peakBackgroundVISigma": "photons per pixel",
+    "peakProfileXPosRaw": "pixel (0-based pixel centre, raw slab)",
+    "peakProfileYPosRaw": "pixel (0-based pixel centre, raw slab)",
+    "peakProfileSigmaX": "pixel", "peakProfileSigmaY": "pixel",
+}
 
 Tick = Callable[[int], None]
 
@@ -206,6 +216,7 @@ def integrate_cxi(path: str | os.PathLike[str], geometry: Any, out_path: str | o
                 if name in group:
                     del group[name]
                 group.create_dataset(name, data=values.astype(np.float32))
+                group[name].attrs["units"] = CXI_UNITS[name]
             group.attrs["peaknet_integrator"] = "variational (peaknet_xtal.integration)"
     return out
 

@@ -38,6 +38,13 @@ def test_cxi_peaks_get_photons_close_to_the_truth(run, tmp_path):
     assert np.median(dist) < 0.5
     assert np.isfinite(table["peakPhotonsSum"][valid]).all()
     assert (out / "integrate_config.json").exists()
+    with h5py.File(out / run.cxi.name) as h5:  # every new column says its unit
+        units = {name: h5[f"/entry_1/result_1/{name}"].attrs.get("units")
+                 for name in ("peakPhotonsVI", "peakPhotonsVILikSigma", "peakBackgroundVI",
+                              "peakProfileXPosRaw")}
+    assert units == {"peakPhotonsVI": "photons", "peakPhotonsVILikSigma": "photons",
+                     "peakBackgroundVI": "photons per pixel",
+                     "peakProfileXPosRaw": "pixel (0-based pixel centre, raw slab)"}
     # a rerun with the same settings keeps the finished output untouched
     stamp = (out / run.cxi.name).stat().st_mtime_ns
     assert main([str(run.cxi), "-g", str(run.geom), "-o", str(out), "--read-noise", "0.15",

@@ -494,3 +494,16 @@ def test_an_imageset_index_out_of_range_is_said_as_that(tmp_path, dials_env):
     with pytest.raises(TypeError, match="index 1.0: an image number"):
         finder.find(imageset, 1.0)
     assert finder.find(imageset, 0) is not None
+
+
+@pytest.mark.parametrize("value", [0.5, np.nan, 2])
+def test_a_mask_of_other_values_than_0_and_1_is_refused(value):
+    """Masks were cast to booleans: 0.5, NaN and a CrystFEL bad bit (2) read as good pixels,
+    so a pixel-status map (bad = nonzero) passed as the good-pixel mask without a word."""
+    image = np.random.default_rng(8).poisson(3, (32, 32)).astype(np.float32)
+    mask = np.ones((32, 32), dtype=np.float64 if value != 2 else np.uint16)
+    mask[3, 4] = value
+    with pytest.raises(ValueError, match="mask: 1 value.* other than 0 and 1"):
+        PeakFinder(predictor=bright_pixels).find(image, mask=mask)
+    mask[3, 4] = 0
+    assert PeakFinder(predictor=bright_pixels).find(image, mask=mask) is not None

@@ -15,6 +15,10 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it over ``path`` only if the block succeeds.
 
     The temporary file lives in the same directory so the final ``os.replace`` is atomic on POSIX.
+    Its contents reach the disk before the rename, and the rename before the block returns
+    (``fsync`` of the file, then of the folder): without them a machine that goes down (a
+    node's reboot) may keep the new name over an empty file, which a rerun would take for a
+    finished one (a CXI file it cannot read refuses the whole output folder).
     """
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -26,10 +30,27 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         if tmp_path.exists():
             # mkstemp creates 0600; results must be readable like any file the user writes.
             os.chmod(tmp_path, 0o666 & ~_umask())
+            _fsync(tmp_path)
         os.replace(tmp_path, final)
+        _fsync(final.parent)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's (or a folder's entries') writes to the disk; a file system that cannot
+    (some network ones) is left as it is."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def remove_stale_parts(path: str | os.PathLike[str]) -> list[Path]:

@@ -52,3 +52,29 @@ def test_an_output_folder_that_cannot_be_made_is_said_in_words(tmp_path):
     assert err.value.__context__ is None and err.value.__cause__ is None
     assert afile.read_text() == "mine\n"
     assert make_output_folder(tmp_path / "a" / "b").is_dir()
+
+
+def test_the_contents_reach_the_disk_before_the_new_name(tmp_path, monkeypatch):
+    """A node that goes down after the rename but before the page cache is written keeps the
+    new name over an empty file; the file is flushed before the rename, and the rename
+    itself (the folder) before the block returns."""
+    import os
+
+    from peaknet_xtal import atomic
+
+    events: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append("fsync " + ("folder" if os.path.isdir(f"/proc/self/fd/{fd}") else "file"))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        events.append("rename")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    atomic.write_text_atomic(tmp_path / "summary.json", "{}\n")
+    assert events == ["fsync file", "rename", "fsync folder"]
+    assert (tmp_path / "summary.json").read_text() == "{}\n"

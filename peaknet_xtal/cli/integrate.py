@@ -127,8 +127,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         check_outputs_are_not_inputs(config)
         # the folder's earlier run is compared before this run's settings are recorded over it
-        check_output_folder(out, config)
-        record({**config, **_contents(config)}, out / CONFIG_NAME, PROG, argv)
+        digests = _contents(config)  # each file read once, for the check and the record
+        check_output_folder(out, config, digests)
+        record({**config, **digests}, out / CONFIG_NAME, PROG, argv)
         with sigterm_raises():  # a batch scheduler's stop, as Ctrl-C: the chunks done stay
             outputs = run(config, stats)
     except KeyboardInterrupt as exc:
@@ -191,7 +192,8 @@ def _contents(config: Mapping[str, Any]) -> dict[str, str]:
     return digests
 
 
-def check_output_folder(out: Path, config: Mapping[str, Any]) -> None:
+def check_output_folder(out: Path, config: Mapping[str, Any],
+                        digests: Mapping[str, str] | None = None) -> None:
     """Refuse an output folder that is a file, or that holds a run made with other settings
     (:data:`SAME_RUN`; each difference named with both values): its outputs would mix two
     gains or two integrators under one record.  A folder with no record, or with nothing but
@@ -208,7 +210,7 @@ def check_output_folder(out: Path, config: Mapping[str, Any]) -> None:
         raise FormatError(path, f"cannot read the earlier run's record ({exc}); use another "
                                 "output folder (-o)") from None
     then, now = _run_settings(settings, cwd), _run_settings(config, None)
-    digests = _contents(config)
+    digests = _contents(config) if digests is None else digests
     for key in CONTENT_KEYS:
         # a file is its contents where the record has them: a copy of the geometry at another
         # path is the same setting, the same path with other contents (a gain edited) is not;

@@ -607,9 +607,9 @@ def _finished(outdir: Path) -> list[Path]:
 
 def _left_out(outdir: Path) -> int:
     """Frames the output records as found and left out (``--hits-only``: not hits)."""
-    from peaknet_xtal.formats.cxi import nonhit_files, read_nonhits
+    from peaknet_xtal.formats.cxi import count_nonhits
 
-    return sum(len(read_nonhits(path)) for path in nonhit_files(outdir, CXI_PREFIX))
+    return count_nonhits(outdir, CXI_PREFIX)
 
 
 def _writer_options(config: Mapping[str, Any], expansion: RunInputs) -> dict[str, Any]:

@@ -1320,10 +1320,7 @@ class _CXIFile:
                 self._ds[cxi_name][row] = values[0]
         self._ds["source"][row] = frame.source
         self._ds["event"][row] = frame.event
-        if frame.source and frame.source not in self._inputs:
-            identity = file_identity(frame.source)
-            if identity is not None:
-                self._inputs[frame.source] = identity
+        remember_input(self._inputs, frame.source)
         self._ds["hit"][row] = int(result.hit)
         energy = frame_photon_energy_eV(frame, self.geometry)
         self._ds["energy"][row] = energy
@@ -1618,6 +1615,15 @@ def file_identity(path: str | os.PathLike[str]) -> list[Any] | None:
     return [os.path.abspath(path), int(stat.st_size), int(stat.st_mtime_ns)]
 
 
+def remember_input(inputs: dict[str, list[Any]], source: str) -> None:
+    """Add ``source``'s :func:`file_identity` to ``inputs`` (:data:`INPUTS_ATTR`'s record) the
+    first time a frame of it is kept, as first read."""
+    if source and source not in inputs:
+        identity = file_identity(source)
+        if identity is not None:
+            inputs[source] = identity
+
+
 def check_inputs_unchanged(path: str | os.PathLike[str],
                            sources: Iterable[str | os.PathLike[str]] | None = None) -> None:
     """Refuse to resume from a CXI file whose frames came from an input that has changed since
@@ -1742,6 +1748,19 @@ def nonhit_files(directory: Path, prefix: str) -> list[Path]:
     return sorted(p for p in directory.glob(f"{prefix}-*.h5") if _NONHITS_NAME.search(p.name))
 
 
+def count_nonhits(directory: Path, prefix: str) -> int:
+    """Frames the non-hit records in ``directory`` hold (:func:`nonhit_files`), from their
+    datasets' lengths: a summary need not read a long run's keys."""
+    total = 0
+    for path in nonhit_files(directory, prefix):
+        try:
+            with h5py.File(path, "r") as h5:
+                total += len(h5[f"{KEY_GROUP}/source"])
+        except (OSError, KeyError) as exc:
+            raise FormatError(path, f"cannot read it as a non-hit record: {exc}") from exc
+    return total
+
+
 def read_nonhits(path: str | os.PathLike[str]) -> list[tuple[str, str]]:
     """The keys a non-hit record holds (:func:`write_nonhits`); a damaged one is a
     FormatError naming it."""
@@ -1804,14 +1823,15 @@ class CXIWriter:
         #: the run's input files, the only ones whose change since a finished file was
         #: written refuses a resume (None: every input it records; :meth:`done_keys`)
         self.inputs = None if inputs is None else [os.fspath(i) for i in inputs]
+        records = self.nonhit_files()
         if self.settings is not None:
-            check_same_settings([*self.finished_files(), *self.nonhit_files()], self.settings)
+            check_same_settings([*self.finished_files(), *records], self.settings)
         self._file: _CXIFile | None = None
         self._next_index = self._first_free_index()
         #: the frames left out (not hits) since the last non-hit record, with their inputs
         self._nonhits: list[tuple[str, str]] = []
         self._nonhit_inputs: dict[str, list[Any]] = {}
-        self._next_nonhits = self._first_free_index(self.nonhit_files())
+        self._next_nonhits = self._first_free_index(records)
         #: the geometry and measured gain written by this writer while no finished file needs
         #: them yet (see :meth:`_ensure_geometry`)
         self._provisional: tuple[Any, float] | None = None
@@ -1990,10 +2010,7 @@ class CXIWriter:
     def _leave_out(self, frame: Frame) -> None:
         """Remember a frame left out as not a hit, for the next non-hit record."""
         self._nonhits.append((frame.source, frame.event))
-        if frame.source and frame.source not in self._nonhit_inputs:
-            identity = file_identity(frame.source)
-            if identity is not None:
-                self._nonhit_inputs[frame.source] = identity
+        remember_input(self._nonhit_inputs, frame.source)
         if len(self._nonhits) >= 10 * self.frames_per_file:
             self._record_nonhits()
 

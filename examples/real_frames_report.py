@@ -138,20 +138,36 @@ def frame_of(path: str | Path) -> tuple[int, int]:
 def reference_spots() -> dict[tuple[int, int], np.ndarray]:
     """(sweep, 0-based image) -> (N, 2) fs, ss centroids of the strong.pickle spots whose
     shoebox spans that image."""
+    return {key: spots[:, :2] for key, spots in reference_shoeboxes().items()}
+
+
+def reference_shoeboxes() -> dict[tuple[int, int], np.ndarray]:
+    """(sweep, 0-based image) -> (N, 7) rows of the strong.pickle spots whose shoebox spans that
+    image: fs, ss centroid, shoebox x0, x1, y0, y1 (DIALS' half-open pixel ranges) and 1 where
+    that image holds the spot's z centroid (the top of its rocking curve), else 0 (a tail)."""
     from peaknet_xtal.formats.dials_tables import read_reflections
 
     # an old pickled DIALS table, from the fixed shared data (never user input): trusted
     table = read_reflections(CYSTEINE / "strong.pickle", ["xyzobs.px.value", "bbox", "id"],
                              trust_pickle=True)
     xyz = np.asarray(table["xyzobs.px.value"]).reshape(-1, 3)
-    x, y = xyz[:, 0], xyz[:, 1]
     bbox = np.asarray(table["bbox"]).reshape(-1, 6)
     sweep = np.asarray(table["id"])
-    out: dict[tuple[int, int], list[int]] = {}
-    for i in range(len(x)):
+    out: dict[tuple[int, int], list[list[float]]] = {}
+    for i in range(len(xyz)):
         for z in range(int(bbox[i, 4]), int(bbox[i, 5])):
-            out.setdefault((int(sweep[i]), z), []).append(i)
-    return {key: np.c_[x[idx], y[idx]] for key, idx in out.items()}
+            top = float(int(np.floor(xyz[i, 2])) == z)
+            out.setdefault((int(sweep[i]), z), []).append(
+                [xyz[i, 0], xyz[i, 1], *bbox[i, :4].tolist(), top])
+    return {key: np.asarray(rows, float) for key, rows in out.items()}
+
+
+def brightest_in_shoebox(image: np.ndarray, box: np.ndarray) -> float:
+    """The brightest pixel of a reference spot's shoebox (``reference_shoeboxes`` row) on
+    ``image``: how much of the spot this image holds."""
+    x0, x1, y0, y1 = (int(v) for v in box[2:6])
+    cut = image[max(y0, 0):y1, max(x0, 0):x1]
+    return float(cut.max()) if cut.size else float("nan")
 
 
 def cysteine(peaknet: Any, dispersion: Any, plots: Path) -> dict[str, Any]:
@@ -159,8 +175,9 @@ def cysteine(peaknet: Any, dispersion: Any, plots: Path) -> dict[str, Any]:
     of the peaks off the list (:func:`recurring`, :func:`offlist_gallery`)."""
     from peaknet_xtal.finding.api import imageset_panels
 
-    reference = reference_spots()
+    reference = reference_shoeboxes()
     rows: list[dict[str, Any]] = []
+    missed: list[dict[str, Any]] = []  # the reference spots not found, and what they are
     frames: list[tuple[int, int]] = []
     found_xy: list[np.ndarray] = []
     classic_xy: list[np.ndarray] = []
@@ -171,10 +188,14 @@ def cysteine(peaknet: Any, dispersion: Any, plots: Path) -> dict[str, Any]:
         found = peaknet.find(imageset, 0)
         panels, masks = imageset_panels(imageset, 0)
         classic = dispersion_peaks(dispersion, panels, masks)
-        ref = reference.get(frame_of(path), np.zeros((0, 2)))
+        boxes = reference.get(frame_of(path), np.zeros((0, 7)))
+        ref = boxes[:, :2]
         xy, classic_at = np.c_[found["fs"], found["ss"]], np.c_[classic["fs"], classic["ss"]]
         on_ref = _near(xy, ref)
         ref_found = _near(ref, xy)
+        for box in boxes[~ref_found]:
+            missed.append({"top": bool(box[6]),
+                           "brightest": brightest_in_shoebox(np.asarray(panels[0]), box)})
         spots_found += int(ref_found.sum())
         spots_all += len(ref)
         frames.append(frame_of(path))
@@ -205,7 +226,7 @@ def cysteine(peaknet: Any, dispersion: Any, plots: Path) -> dict[str, Any]:
     classic_total = sum(r["dispersion"] for r in rows)
     finders = {"peaknet": found_xy, "dispersion": classic_xy}
     recurs = {name: recurring(frames, points) for name, points in finders.items()}
-    listed = [reference.get(f, np.zeros((0, 2))) for f in frames]
+    listed = [reference.get(f, np.zeros((0, 7)))[:, :2] for f in frames]
     audit = {name: _off_list_audit(points, listed, *recurs[name])
              for name, points in finders.items()}
     again, judged = recurs["peaknet"]
@@ -224,7 +245,22 @@ def cysteine(peaknet: Any, dispersion: Any, plots: Path) -> dict[str, Any]:
             "reference_missed": spots_all - spots_found,
             "reference_missed_peak_within_2x": sum(r["reference_missed_peak_within_2x"]
                                                    for r in rows),
+            "reference_missed_kinds": _missed_kinds(missed),
             "off_reference_counts": _counts_summary(off_list)}
+
+
+def _missed_kinds(missed: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """The missed reference spots split by where on their rocking curve the image lies (its top:
+    the image holding the spot's z centroid; a tail: any other image its shoebox spans), each
+    with how many and the range and median of their brightest shoebox pixel on that image."""
+    out = {}
+    for kind, top in (("top", True), ("tail", False)):
+        values = [m["brightest"] for m in missed if m["top"] is top]
+        out[kind] = {"spots": len(values),
+                     "brightest_min": min(values, default=float("nan")),
+                     "brightest_median": float(np.median(values)) if values else float("nan"),
+                     "brightest_max": max(values, default=float("nan"))}
+    return out
 
 
 def frame_name(frame: tuple[int, int]) -> str:
@@ -437,6 +473,15 @@ def markdown(report: dict[str, Any]) -> str:
               f"{c['reference_missed_peak_within_2x']} have a PeakNet peak within "
               f"{2 * MATCH_PX:.0f} px of the list's centroid (a spot's centroid over all its "
               "images, which moves as it rotates through)."]
+    kinds = c["reference_missed_kinds"]
+    top, tail = kinds["top"], kinds["tail"]
+    lines[-1] += (f"  Of the {c['reference_missed']} not found, {tail['spots']} are on an "
+                  "image in the tail of the spot's rocking curve (its shoebox spans the image, "
+                  f"its centroid lies on another; brightest pixel there "
+                  f"{tail['brightest_min']:.0f}-{tail['brightest_max']:.0f} counts, median "
+                  f"{tail['brightest_median']:.0f}) and {top['spots']} on the image at its top "
+                  f"(brightest pixel {top['brightest_min']:.0f}-{top['brightest_max']:.0f} "
+                  f"counts, median {top['brightest_median']:.0f}).")
     e = report["eiger2"]
     lines += ["", "## Eiger2 16M still (4M mode)", "",
               f"PeakNet: {e['peaknet']} peaks ({'a hit' if e['hit'] else 'not a hit'}), "

@@ -47,6 +47,18 @@ def report(real_data) -> ModuleType:
     return load_report()
 
 
+def test_a_shoebox_has_one_top_image(report):
+    """Each reference spot is at the top of its rocking curve on exactly one image of its
+    shoebox (the one holding its z centroid), whichever images the shared data hold."""
+    boxes = report.reference_shoeboxes()
+    tops: dict[tuple[int, float, float], int] = {}
+    for (sweep, _), rows in boxes.items():
+        for row in rows:
+            key = (sweep, float(row[0]), float(row[1]))
+            tops[key] = tops.get(key, 0) + int(row[6])
+    assert tops and set(tops.values()) == {1}
+
+
 def test_reference_spots_cover_the_shared_frames(report):
     spots = report.reference_spots()
     assert report.frame_of(report.CYSTEINE / "l-cyst_02_00001.cbf.bz2") == (1, 0)  # id 1, z 0
@@ -69,6 +81,13 @@ def test_scores_follow_where_the_peaks_are(report, tmp_path, shift, expected):
     total = sum(r["peaknet"] for r in result["frames"])
     assert result["off_reference"] == round(total * (1 - expected))
     assert result["off_reference_on_dispersion"] == 0  # on the list, or off the panel
+    # the missed spots split into tails and tops of their rocking curves, each counted once
+    kinds = result["reference_missed_kinds"]
+    spots = sum(r["reference"] for r in result["frames"])
+    assert kinds["top"]["spots"] + kinds["tail"]["spots"] == round(spots * (1 - expected))
+    if expected == 0.0:  # every image of a spot's shoebox: one top (on these 13 frames or not)
+        assert 0 < kinds["top"]["spots"] < kinds["tail"]["spots"]
+        assert 0 < kinds["top"]["brightest_min"] <= kinds["top"]["brightest_max"]
     # DIALS' own dispersion is scored against the same list, whatever PeakNet reports
     assert 0 < result["dispersion_precision"] <= 1
     # the audit of the off-list peaks judges the first sweep's ten consecutive images

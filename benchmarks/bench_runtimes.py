@@ -34,6 +34,32 @@ def cpu_best(work: Callable[[], Any], repeat: int) -> float:
     return best
 
 
+def measure(name: str, z: Any, plain: Any, fused: Any, core: Any, repeat: int) -> str:
+    """One input's line: OpenVINO's conversion time, then plain, fused and OpenVINO CPU seconds
+    and each output's largest difference from the plain network's."""
+    import numpy as np
+    import openvino as ov
+    import torch
+
+    start = time.perf_counter()
+    # the network's checks branch on shapes only; the tracer's own re-check compares two
+    # traces' constants and fails on the head's shape arithmetic, so it is left off
+    traced = torch.jit.trace(plain, z, check_trace=False)
+    compiled = core.compile_model(ov.convert_model(traced, example_input=z), "CPU",
+                                  {"INFERENCE_NUM_THREADS": 1, "INFERENCE_PRECISION_HINT": "f32"})
+    prepared = time.perf_counter() - start
+    with torch.no_grad():
+        reference, ours = plain(z), fused(z)
+        t_plain = cpu_best(lambda: plain(z), repeat)
+        t_fused = cpu_best(lambda: fused(z), repeat)
+    theirs = compiled(z.numpy())[0]
+    t_ov = cpu_best(lambda: compiled(z.numpy()), repeat)
+    return (f"{name}: conversion {prepared:.1f} s; plain {t_plain:.3f} s, fused (baseline) "
+            f"{t_fused:.3f} s, OpenVINO {t_ov:.3f} s = {t_ov / t_fused:.2f} x the fused form; "
+            f"largest difference from plain: fused {(ours - reference).abs().max():.1e}, "
+            f"OpenVINO {np.abs(theirs - reference.numpy()).max():.1e}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -46,7 +72,6 @@ def main(argv: list[str] | None = None) -> int:
         print("bench_runtimes: needs OpenVINO (pip install openvino); not installed",
               file=sys.stderr)
         return 2
-    import numpy as np
     import torch
 
     from peaknet_xtal.model.fast import fuse_for_inference
@@ -71,25 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"OpenVINO {ov.__version__}, torch {torch.__version__}, one thread, CPU seconds, "
           f"best of {args.repeat}")
     for name, shape in INPUTS:
-        z = torch.randn(shape, generator=torch.Generator().manual_seed(0))
-        start = time.perf_counter()
-        # the network's checks branch on shapes only; the tracer's own re-check compares two
-        # traces' constants and fails on the head's shape arithmetic, so it is left off
-        traced = torch.jit.trace(plain, z, check_trace=False)
-        compiled = core.compile_model(ov.convert_model(traced, example_input=z), "CPU",
-                                      {"INFERENCE_NUM_THREADS": 1,
-                                       "INFERENCE_PRECISION_HINT": "f32"})
-        prepared = time.perf_counter() - start
-        with torch.no_grad():
-            reference, ours = plain(z), fused(z)
-            t_plain = cpu_best(lambda: plain(z), args.repeat)
-            t_fused = cpu_best(lambda: fused(z), args.repeat)
-        theirs = compiled(z.numpy())[0]
-        t_ov = cpu_best(lambda: compiled(z.numpy()), args.repeat)
-        print(f"{name}: conversion {prepared:.1f} s; plain {t_plain:.3f} s, fused (baseline) "
-              f"{t_fused:.3f} s, OpenVINO {t_ov:.3f} s = {t_ov / t_fused:.2f} x the fused form; "
-              f"largest difference from plain: fused {(ours - reference).abs().max():.1e}, "
-              f"OpenVINO {np.abs(theirs - reference.numpy()).max():.1e}")
+        print(measure(name, torch.randn(shape, generator=torch.Generator().manual_seed(0)),
+                      plain, fused, core, args.repeat))
     return 0
 
 

@@ -824,7 +824,7 @@ def expand_inputs(inputs: Sequence[Any]) -> list[dict[str, Any]]:
         else:
             if not path.exists():
                 raise FormatError(path, "input file not found")
-            out[str(path.resolve())] = {"path": str(path.resolve()), "events": None}
+            out[str(_absolute(path))] = {"path": str(_absolute(path)), "events": None}
     for entry in out.values():
         if entry["events"] is not None and not entry["events"]:
             entry["events"] = None
@@ -845,8 +845,16 @@ def _list_lines(path: Path) -> Iterator[tuple[int, str]]:
 def _locate(name: str, list_file: Path) -> Path | None:
     for candidate in (Path(name), list_file.parent / name):
         if candidate.exists():
-            return candidate.resolve()
+            return _absolute(candidate)
     return None
+
+
+def _absolute(path: Path) -> Path:
+    """``path`` made absolute with its symbolic links kept: the name a user gives is the file
+    (a link named with an image number, as the refusal of a numberless name advises, or one
+    with its geometry file beside it).  Resolved, the input was the link's target: the same
+    refusal again, naming a file the user never gave, and the geometry beside it unseen."""
+    return Path(os.path.abspath(path))
 
 
 def _optional_float(value: Any) -> float | None:

@@ -799,6 +799,8 @@ class _Reader:
         return out
 
     def frame(self, index: int) -> Frame:
+        from peaknet_xtal.finding.sanitise import implied_dtype
+
         wavelength = self.wavelength_A(index)
         panels = _split(self.slab(index), self.geometry)
         name, within, values = self._locate(index)
@@ -830,8 +832,12 @@ class _Reader:
                                       for path in located}}
                      if located else {}),
                   # the stored type: integer data mark gaps and bad pixels by it
-                  # (finding.sanitise), and slab() makes frames float32
-                  "dtype": str(data.dtype)},
+                  # (finding.sanitise), and slab() makes frames float32; float data of
+                  # whole numbers mark them as the type they imply, as every other entry
+                  # point reads them (a float64 copy of an Eiger stack, 65535.0 in its gaps:
+                  # 480 false peaks a frame along them here, none through the Python API)
+                  "dtype": (str(data.dtype) if data.dtype.kind != "f"
+                            else implied_dtype(panels) or str(data.dtype))},
         )
 
     def close(self) -> None:

@@ -498,6 +498,8 @@ class PeakNetSpotFinderThresholdExt:
         imageset = kwargs.get("imageset")
         roi = kwargs.get("region_of_interest")
         with _as_user_error():
+            if imageset is not None:
+                _check_linked_frames(imageset)
             if imageset is not None and i_panel is not None:
                 peaks = self._from_whole_image(imageset, int(i_panel), pixels, good, roi)
             if peaks is None:
@@ -579,6 +581,26 @@ class PeakNetSpotFinderThresholdExt:
         log.debug("peaknet: panel %d is not the panel of an image of the imageset under the "
                   "mask DIALS applies: found alone", i_panel)
         return None
+
+
+#: master files checked in this process by :func:`_check_linked_frames` (and found whole)
+_WHOLE_MASTERS: set[str] = set()
+
+
+def _check_linked_frames(imageset: Any) -> None:
+    """Refuse, once a process, a master file whose frames lie in data files this dxtbx does
+    not all read (``formats.dxtbx_images.check_every_linked_frame``), as ``peaknet2cxi`` and
+    the Python API refuse it.  Without it ``dials.find_spots algorithm=peaknet`` on an Eiger
+    master of 3 frames in two data files found the 2 of the first, exit 0, no word."""
+    from peaknet_xtal.formats.dxtbx_images import check_every_linked_frame
+
+    try:
+        path = str(imageset.get_path(0))
+    except Exception:  # noqa: BLE001 - an imageset without paths (in memory): no files
+        return
+    if path not in _WHOLE_MASTERS:
+        check_every_linked_frame(imageset, path)
+        _WHOLE_MASTERS.add(path)
 
 
 class DialsMask:

@@ -1339,6 +1339,16 @@ def test_an_image_refused_for_a_stated_reason_is_said_in_those_words(tmp_path, c
         assert errors[0].startswith(f"peaknet2cxi: error: {path}: ") and words in errors[0], err
         assert "damaged or truncated" not in err and "Traceback" not in err, err
     assert main([str(numbered), "-o", str(tmp_path / "sound"), "--no-progress"]) == 0
+    # the advice followed: a link under a numbered name is that name, given or listed (the
+    # link's target was read, and refused again in the same words, naming it)
+    link = tmp_path / "linked" / "frame_0001.cbf"
+    link.parent.mkdir()
+    link.symlink_to(unnumbered)
+    listed = tmp_path / "linked" / "images.lst"
+    listed.write_text("frame_0001.cbf\n")
+    for k, given in enumerate((link, listed)):
+        code = main([str(given), "-o", str(tmp_path / f"linked{k}"), "--no-progress"])
+        assert code == 0, capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name, with_geometry", [("junk.h5", True), ("junk.h5", False),

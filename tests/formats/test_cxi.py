@@ -618,15 +618,20 @@ def test_geometry_gets_the_gain_measured_from_the_data(tmp_path, geometry):
             w.write(results[2])
 
 
+@pytest.mark.parametrize("stored", [np.uint16, np.float64, np.float32])
 @pytest.mark.parametrize("pixels", [True, False])
-def test_stored_mask_leaves_out_the_pixels_the_finder_left_out(tmp_path, geometry, pixels):
+def test_stored_mask_leaves_out_the_pixels_the_finder_left_out(tmp_path, geometry, pixels,
+                                                               stored):
     """65535 in uint16 frames marks module gaps: the finder masks it where frames enter it, and
     the CXI mask says so too (indexamajig and peaknet-integrate read that mask), whether the
-    frame arrives with its pixels or, as the Ray pipeline sends linked frames, without."""
+    frame arrives with its pixels or, as the Ray pipeline sends linked frames, without.  The
+    same counts stored as floats mark the same gaps, as the Python API and the DIALS plugin read
+    whole-number floats (a float64 copy of an Eiger stack had 480 false peaks a frame in its
+    gaps through peaknet2cxi alone)."""
     from dataclasses import replace
 
     src = tmp_path / "raw.h5"
-    data = np.random.default_rng(2).integers(0, 900, (2, 32, 32)).astype(np.uint16)
+    data = np.random.default_rng(2).integers(0, 900, (2, 32, 32)).astype(stored)
     data[:, 10, :] = 65535  # a gap row
     with h5py.File(src, "w") as h5:
         h5["/entry_1/data_1/data"] = data
@@ -639,6 +644,22 @@ def test_stored_mask_leaves_out_the_pixels_the_finder_left_out(tmp_path, geometr
         mask = h5["/entry_1/data_1/mask"][1]
     assert not mask[10].any() and mask[11].all()
     assert mask.sum() == 32 * 32 - 32 - 4  # the gap row and the geometry's 2x2 bad corner
+
+
+def test_float_frames_that_are_not_whole_counts_mark_nothing(tmp_path, geometry):
+    """Float data with fractions (calibrated, pedestal-corrected) carry no marks: their largest
+    value is a pixel like any other."""
+    from peaknet_xtal.finding.sanitise import sanitise_frame
+
+    src = tmp_path / "raw.h5"
+    data = np.random.default_rng(2).uniform(0, 900, (1, 32, 32))
+    data[0, 10, :] = 65535.0
+    with h5py.File(src, "w") as h5:
+        h5["/entry_1/data_1/data"] = data
+    frame = next(iter_cxi_frames(src, geometry))
+    assert frame.meta["dtype"] == "float64"
+    _, goods, _ = sanitise_frame(frame.panels, frame.masks, frame.meta["dtype"])
+    assert sum(int(g.sum()) for g in goods) == 32 * 32 - 4  # only the geometry's bad corner
 
 
 #: CXI_GEOMETRY with the bottom panel's corner 2 pixels lower: the same panel shapes, placed

@@ -494,3 +494,36 @@ def test_a_master_whose_frames_dxtbx_cannot_all_read_is_refused_naming_the_count
     with pytest.raises(FormatError, match=r"data_000002: its data file tiny_data_000002.h5 "
                                           r"cannot be opened"):
         PeakFinder(device="cpu").find(imageset, 0)
+
+
+@pytest.mark.parametrize("still", [True, False], ids=["stills", "rotation"])
+def test_dials_find_spots_refuses_that_master_as_a_user_error(tmp_path, dials_env, still):
+    """The DIALS plugin refuses it too, as DIALS' one-line user error with the counts: it found
+    the frames of the first data file, exit 0, no word (``dials.import`` takes the master, and
+    DIALS hands the plugin only the images its dxtbx reads).  On a rotation DIALS finds spots
+    in its job scheduler even with one process, and prints the worker's trace of any error
+    raised there ("easy_mp crash detected; subprocess trace") before the user error itself:
+    DIALS' own reporting, left as it is."""
+    import re
+    import subprocess
+
+    from peaknet_xtal.evaluation.dials_commands import dials_environment, dials_program
+
+    env = dials_environment(dials_env)
+    stack = np.random.default_rng(7).poisson(3, (5, 40, 48)).astype(np.uint16)
+    master = _two_data_files(tmp_path, stack, 3, still=still)
+    outputs = []
+    for command, args in (("import", [str(master)]),
+                          ("find_spots", ["imported.expt", "spotfinder.threshold.algorithm=peaknet",
+                                          "spotfinder.threshold.peaknet.threads=1"])):
+        proc = subprocess.run([dials_program(command, env.get("PATH")), *args], cwd=tmp_path,
+                              env=env, capture_output=True, text=True, timeout=600)
+        outputs.append((proc.returncode, proc.stdout + proc.stderr))
+    assert outputs[0][0] == 0, outputs[0][1][-2000:]
+    rc, text = outputs[1]
+    text = re.sub(r"easy_mp crash detected; subprocess trace: -+\n.*?\n-{20,}\n", "", text,
+                  flags=re.S)
+    sorry = [line for line in text.splitlines() if line.startswith("Sorry:")]
+    assert rc != 0 and len(sorry) == 1 and "Traceback" not in text, text[-3000:]
+    assert str(master) in sorry[0] and "5 frames in the data files" in sorry[0], sorry[0]
+    assert not (tmp_path / "strong.refl").exists()

@@ -1296,7 +1296,9 @@ def _finish(config: Mapping[str, Any], outdir: Path, files: list[Path], geometry
         "status": status, "output": str(outdir),
         **({"stop_signal": signal_name(error)} if isinstance(error, KeyboardInterrupt) else {}),
         "frames": whole.frames, "hits": whole.hits, "min_peaks": int(config["min_peaks"]),
-        "hit_rate": whole.hits / whole.frames if whole.frames else 0.0,
+        # over every frame found, the non-hits a --hits-only run leaves out too
+        "hit_rate": (whole.hits / (whole.frames + left_out) if whole.frames + left_out
+                     else 0.0),
         "left_out": left_out,
         "peaks_per_frame": whole.summary(),
         "this_run": {"frames": stats.frames, "skipped": stats.skipped, "hits": stats.hits,

@@ -10,6 +10,8 @@ orientation) and are wider than one pixel on most detectors.
   defects do not hide each other) by more than ``sigmas`` panel noise sigmas.  A pixel that
   does so in at least ``fraction`` of the frames seen, after ``min_frames`` frames, is a
   defect: stuck-high pixels, and flickering ones that spike in three frames of four or more.
+  A pixel once called a defect stays one for the rest of the run's filtering, though its share
+  dips below ``fraction`` again (the mask saved with the run is the counts' own).
   Only lone spikes count (``spike_map(..., lone=True)``): the pixel's second brightest neighbour
   is at background, as around a hot pixel or a hot pair, not lifted as around a Bragg spot.  A
   grid scan of one crystal puts the same spots on the same pixels in every frame: on the real
@@ -41,7 +43,10 @@ orientation) and are wider than one pixel on most detectors.
   frame's own strong peaks where it has ``MIN_STRONG``, else from the run's earlier frames'
   (the latest ``RUN_STRONG``, once there are ``MIN_RUN_STRONG``): a blank holds no strong spot,
   and its zingers were never judged before (measured on the selection runs:
-  ``benchmarks/select_spike_cores.py``).  On binned detectors with one-pixel spots (Rayonix
+  ``benchmarks/select_spike_cores.py``).  A strong peak on a pixel that has spiked alone in
+  other frames of the run is no evidence of the spot width (``RECURRING_SPIKES``): on a blank,
+  pixels flickering in half the frames were the strong peaks, and judged the frame one of
+  one-pixel spots.  On binned detectors with one-pixel spots (Rayonix
   4x4, say) the strong peaks fail that, and single-pixel peaks and tracks are kept; there, only
   the run-level defect mask removes recurring hot pixels, and a lone zinger is
   indistinguishable from a one-pixel spot.  On photon-counting detectors a particle leaves one
@@ -104,6 +109,16 @@ MIN_STRONG = 3
 RUN_STRONG = 500
 #: ... once there are at least this many.
 MIN_RUN_STRONG = 20
+#: A strong peak whose brightest pixel has spiked alone (no spot profile, as the tracker counts
+#: spikes) in at least this many of the run's frames, this one included, is no evidence of the
+#: spots' width: a pixel flickering below :data:`DEFECT_FRACTION`, whose spikes on a blank made
+#: the blank look like a frame of one-pixel spots and turned the spike test off there (a user
+#: trial: ePix10k2M blanks with pixels lit in half the frames, 3.7 false peaks a blank, 4 of
+#: 112 blanks hits).  A Bragg spot of stills does not come back on the same pixel as a lone
+#: spike; the recurring spots of a grid scan keep their profile and are not counted.
+RECURRING_SPIKES = 2
+#: The defects log again once their count has grown by this factor since it last said it.
+LOG_GROWTH = 1.25
 #: A peak's bright core: the pixels holding at least this fraction of its brightest pixel's
 #: excess, joined to it (:func:`spike_peaks`).
 CORE_FRACTION = 0.5
@@ -380,6 +395,10 @@ class DefectTracker:
                          "defect needs to be told from a spot", self.frames, self.min_frames)
             return []
         folder = Path(outdir)
+        carried, sources = earlier_defect_masks(geometry, [g.shape for g in good],
+                                                folder / "pixel_defects.h5")
+        if carried is not None:
+            good = [g & c for g, c in zip(good, carried, strict=True)]
         try:  # an extra beside the results: failing to write it must not hide a run's own error
             written = [write_crystfel_mask(folder / "pixel_defects.h5", good, geometry,
                                            tracker=self)]
@@ -392,11 +411,58 @@ class DefectTracker:
             pass
         except OSError as exc:
             log.warning("could not write the DIALS pixel defect mask under %s: %s", folder, exc)
-        log.info("pixel defect mask (%d defects over %d frames): %s; %s", self.count(),
-                 self.frames, ", ".join(map(str, written)),
+        carried_note = ""
+        if sources:
+            carried_note = (f", and {int(sum((~c).sum() for c in carried or []))} of the "
+                            f"earlier mask(s) the input's geometry applies, carried over: "
+                            f"{', '.join(sources)}")
+        log.info("pixel defect mask (%d defects over %d frames%s): %s; %s", self.count(),
+                 self.frames, carried_note, ", ".join(map(str, written)),
                  mask_advice(written[0], _geometry_text(geometry, geometry_file),
                              geometry_file))
         return written
+
+
+def earlier_defect_masks(geometry: Any, shapes: Sequence[tuple[int, ...]],
+                         target: Path | None = None) -> tuple[list[np.ndarray] | None, list[str]]:
+    """Per panel, the good pixels of every defect mask of an earlier run (a file
+    :func:`write_crystfel_mask` wrote: it keeps :data:`COUNTS_GROUP`) that ``geometry`` applies
+    in a mask slot, AND-ed, and those files' names; ``(None, [])`` where it applies none.
+    ``target``: the mask about to be written, left out (a rerun into its own folder).
+
+    Why: a run whose geometry applies the last run's defect mask never sees those pixels spike
+    (they are masked), so its own mask held none of them ("0 defects over 120 frames"); a
+    user who kept only the newest mask brought every hot pixel back a run later.  The mask a
+    run writes therefore keeps the defects of the masks it was given."""
+    import h5py
+
+    if geometry is None or not hasattr(geometry, "mask_specs"):
+        return None, []
+    if [p.shape for p in geometry.panels] != [tuple(s) for s in shapes]:
+        return None, []
+    good: list[np.ndarray] | None = None
+    sources: list[str] = []
+    for spec, covered in geometry.mask_specs():
+        if not spec.file or not Path(spec.file).is_file():
+            continue  # none, or the image file itself; a missing file: the reader said so
+        if target is not None and target.exists() and Path(spec.file).samefile(target):
+            continue  # this folder's own mask: a resumed run continues its counts instead
+        try:
+            with h5py.File(spec.file, "r") as h5:
+                if COUNTS_GROUP not in h5:
+                    continue  # a mask of other making: the input applies it, nothing to carry
+                raw = np.asarray(h5[spec.data or "/data/data"][()])
+            panels = geometry.split_slab(raw)
+        except (OSError, KeyError, ValueError) as exc:
+            log.warning("%s: an earlier defect mask the geometry applies cannot be read (%s); "
+                        "its defects are not carried into this run's mask", spec.file, exc)
+            continue
+        if good is None:
+            good = [np.ones(tuple(s), bool) for s in shapes]
+        for i in covered:
+            good[i] &= spec.good(panels[i])
+        sources.append(os.fspath(spec.file))
+    return good, sources
 
 
 def off_defects(peaks: np.ndarray, defects: Sequence[np.ndarray] | None,
@@ -506,17 +572,22 @@ def _lifted_beside(window: np.ndarray, top: np.ndarray, background: np.ndarray,
 
 
 def spike_peaks(peaks: np.ndarray, panels: Sequence[np.ndarray],
-                run_widths: Sequence[float] = (), cores: bool = True) -> np.ndarray:
+                run_widths: Sequence[float] = (), cores: bool = True,
+                spike_counts: Sequence[np.ndarray] | None = None) -> np.ndarray:
     """True for peaks without a spot profile, on frames whose strong spots are wider (module
     docstring); all False on frames with one-pixel spots.  ``run_widths``: the neighbour
     fractions of the strong peaks of the run's earlier frames (:meth:`DefectFilter.keep` keeps
     them), which decide the spot width for a frame with too few strong peaks of its own;
-    ``cores=False`` judges one-pixel spikes alone, by the frame's own strong peaks alone."""
-    return _judge_spikes(peaks, panels, run_widths, cores)[0]
+    ``cores=False`` judges one-pixel spikes alone, by the frame's own strong peaks alone.
+    ``spike_counts``: the run's per-pixel counts of lone spikes (:class:`DefectTracker`), by
+    which a strong peak on a pixel that keeps spiking is left out of the width evidence
+    (:data:`RECURRING_SPIKES`)."""
+    return _judge_spikes(peaks, panels, run_widths, cores, spike_counts)[0]
 
 
 def _judge_spikes(peaks: np.ndarray, panels: Sequence[np.ndarray], run_widths: Sequence[float],
-                  cores: bool = True) -> tuple[np.ndarray, np.ndarray]:
+                  cores: bool = True, spike_counts: Sequence[np.ndarray] | None = None
+                  ) -> tuple[np.ndarray, np.ndarray]:
     """:func:`spike_peaks`, and the neighbour fractions of the frame's strong peaks (for the
     run's later frames).
 
@@ -531,7 +602,10 @@ def _judge_spikes(peaks: np.ndarray, panels: Sequence[np.ndarray], run_widths: S
         return np.zeros(0, bool), np.zeros(0)
     top, side, ratio, where, window = _brightest_pixels(peaks, panels)
     sigma = np.nan_to_num(peaks["background_sigma"], nan=np.inf)
-    widths = ratio[top > STRONG_SIGMAS * sigma]
+    strong = top > STRONG_SIGMAS * sigma
+    if spike_counts is not None:
+        strong &= ~_recurring_spikes(peaks, where, spike_counts)
+    widths = ratio[strong]
     none = np.zeros(len(peaks), bool)
     if len(widths) >= MIN_STRONG:
         wide = float(np.median(widths)) >= WIDE_SPOTS
@@ -552,6 +626,19 @@ def _judge_spikes(peaks: np.ndarray, panels: Sequence[np.ndarray], run_widths: S
     with np.errstate(invalid="ignore"):
         ratio = np.where(top > 0, side / np.where(top > 0, top, 1.0), 1.0)
         return (ratio < NEIGHBOUR_FRACTION) & (side < 3 * sigma), widths
+
+
+def _recurring_spikes(peaks: np.ndarray, where: np.ndarray,
+                      spike_counts: Sequence[np.ndarray]) -> np.ndarray:
+    """Per peak, whether its brightest pixel (``where``; (-1, -1): none) has spiked alone in at
+    least :data:`RECURRING_SPIKES` frames of the run (``spike_counts``, the tracker's)."""
+    out = np.zeros(len(peaks), bool)
+    for k in np.flatnonzero(where[:, 0] >= 0):
+        counts = spike_counts[int(peaks["panel"][k])]
+        y, x = int(where[k, 0]), int(where[k, 1])
+        out[k] = 0 <= y < counts.shape[0] and 0 <= x < counts.shape[1] \
+            and counts[y, x] >= RECURRING_SPIKES
+    return out
 
 
 class DefectFilter:
@@ -575,6 +662,11 @@ class DefectFilter:
         self._shapes: list[tuple[int, ...]] | None = None  # the panel shapes of that frame
         self._logged = 0
         self._ahead = 0  # frames counted by count_ahead and not yet filtered
+        #: every pixel called a defect so far in the run: one stays a defect when its share of
+        #: spiking frames dips below the fraction again (a pixel lit in 80 % of frames came
+        #: and went, and came back as a peak in 46 of 120 frames); the saved mask is the
+        #: counts' own (the same whatever the number of Ray workers)
+        self._declared: list[np.ndarray] | None = None
 
     @property
     def learning(self) -> int:
@@ -618,6 +710,7 @@ class DefectFilter:
         if shapes != self._shapes:  # another detector: its spots' width is its own
             self._shapes, self._widths = shapes, np.zeros(0)
             self.run_widths.clear()
+            self._declared, self._logged = None, 0
         self.run_widths.extend(self._widths)  # the frame before's, now that this one comes
         keep, self._widths = self._judge(peaks, panels)
         return keep
@@ -630,17 +723,33 @@ class DefectFilter:
     def _judge(self, peaks: np.ndarray, panels: Sequence[np.ndarray]
                ) -> tuple[np.ndarray, np.ndarray]:
         """:meth:`judge`, and the neighbour fractions of the frame's strong peaks."""
-        keep = off_defects(peaks, self.tracker.defects)
+        declared = self._declare()
+        keep = off_defects(peaks, declared)
         widths = np.zeros(0)
         if self.spikes and keep.any():
-            spiking, widths = _judge_spikes(peaks[keep], panels, self.run_widths, self.cores)
+            spiking, widths = _judge_spikes(peaks[keep], panels, self.run_widths, self.cores,
+                                            self.tracker.counts)
             keep[keep] = ~spiking
-        count = self.tracker.count()
-        if count and count != self._logged:
-            self._logged = count
-            log.info("%d pixel(s) spike in at least %.0f %% of %d frames: treated as defects",
-                     count, 100 * self.tracker.fraction, self.tracker.frames)
+        count = 0 if declared is None else int(sum(d.sum() for d in declared))
+        if count and (not self._logged or count >= LOG_GROWTH * self._logged):
+            self._logged = count  # said as it grows, not at every change: a long run's log
+            log.info("%d pixel(s) spiked alone in at least %.0f %% of the frames (after %d "
+                     "frames): treated as defects for the rest of the run", count,
+                     100 * self.tracker.fraction, self.tracker.frames)
         return keep, widths
+
+    def _declare(self) -> list[np.ndarray] | None:
+        """The defects the filter drops peaks on: every pixel the tracker has called a defect
+        so far in the run (``_declared``), those it calls one now added."""
+        now = self.tracker.defects
+        if now is None:
+            return self._declared
+        if self._declared is None or [d.shape for d in self._declared] != [d.shape for d in now]:
+            self._declared = [d.copy() for d in now]
+        else:
+            for mine, more in zip(self._declared, now, strict=True):
+                mine |= more
+        return self._declared
 
     def save(self, outdir: str | os.PathLike[str], geometry: Any = None,
              geometry_file: str | os.PathLike[str] | None = None) -> list[Path]:

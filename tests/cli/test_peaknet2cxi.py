@@ -262,6 +262,7 @@ def test_a_rerun_of_a_hits_only_run_does_not_find_its_blanks_again(stacks, tmp_p
     cut = (min(counts) + max(counts)) // 2  # one frame a hit, the other not
     first = _run(stack, geom_path, tmp_path / "hits", predictor, min_peaks=cut, hits_only=True)
     assert (first["frames"], first["left_out"]) == (1, N_FRAMES - 1)
+    assert first["hit_rate"] == pytest.approx(1 / N_FRAMES)  # over every frame, left out too
     again = _run(stack, geom_path, tmp_path / "hits", predictor, min_peaks=cut, hits_only=True)
     assert (again["this_run"]["frames"], again["this_run"]["skipped"]) == (0, N_FRAMES)
     assert (again["frames"], again["left_out"]) == (1, N_FRAMES - 1)

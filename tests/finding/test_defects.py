@@ -658,3 +658,93 @@ def test_a_mask_write_killed_before_leaves_nothing_after_the_next(tmp_path):
     written = write_crystfel_mask(tmp_path / "pixel_defects.h5", good)
     assert not stale.exists() and written.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pixel_defects.h5"]
+
+
+def test_a_run_given_the_last_runs_mask_keeps_its_defects_in_its_own(tmp_path, fixtures_dir,
+                                                                     caplog):
+    """A run whose geometry applies the previous run's defect mask never sees those pixels
+    spike (they are masked): its own mask held none of them ("0 defects"), and a user who
+    kept only the newest mask lost them all a run later.  The mask a run writes keeps the
+    defects of earlier defect masks its geometry applies, and says so; a mask of other
+    making the geometry applies (a detector's own) is not copied into it."""
+    geometry = read_geometry(fixtures_dir / "geometry" / "two_panels.geom")
+    rng = np.random.default_rng(4)
+    first = DefectFilter(DefectTracker(min_frames=3))
+    for _ in range(3):
+        panels = [rng.normal(0, 1, (32, 64)), rng.normal(0, 1, (32, 64))]
+        panels[1][3, 4] = 50.0
+        first(peaks_from_columns(), panels)
+    (earlier, *_) = first.save(tmp_path / "run1", geometry)
+    own = tmp_path / "detector_mask.h5"  # a detector mask, not a defect mask: not carried
+    with h5py.File(own, "w") as h5:
+        bad = np.ones(geometry.slab_shape, np.uint8)
+        bad[10, 10] = 0
+        h5["/data/data"] = bad
+    text = (fixtures_dir / "geometry" / "two_panels.geom").read_text()
+    text = "\n".join([f"mask1_file = {earlier}", "mask1_data = /data/data",
+                      "mask1_goodbits = 0x1", "mask1_badbits = 0x0",
+                      f"mask2_file = {own}", "mask2_data = /data/data",
+                      "mask2_goodbits = 0x1", "mask2_badbits = 0x0", text])
+    (tmp_path / "chained.geom").write_text(text)
+    chained = read_geometry(tmp_path / "chained.geom")
+    second = DefectFilter(DefectTracker(min_frames=3))
+    for _ in range(3):  # the hot pixel masked by the first mask: it spikes nowhere now
+        second(peaks_from_columns(), [rng.normal(0, 1, (32, 64)), rng.normal(0, 1, (32, 64))])
+    assert second.tracker.count() == 0
+    with caplog.at_level("INFO", logger="peaknet_xtal.finding.defects"):
+        (written, *_) = second.save(tmp_path / "run2", chained)
+    with h5py.File(written) as h5:
+        mask = h5["/data/data"][()]
+    assert mask[32 + 3, 4] == 0 and mask.sum() == 64 * 64 - 1  # carried; the detector's not
+    assert f"1 of the earlier mask(s) the input's geometry applies, carried over: {earlier}" \
+        in caplog.text
+
+
+def test_a_defect_stays_one_when_its_share_dips_below_the_fraction():
+    """A pixel lit in four frames of five is a defect; its share then dips below three in
+    four for a while (it flickers): its peaks stay dropped, where they came back before."""
+    rng = np.random.default_rng(6)
+    filt = DefectFilter(DefectTracker(min_frames=4), spikes=False)
+    peak = peaks_from_columns(panel=[0], fs=[20.0], ss=[10.0], background=[0.0],
+                              background_sigma=[1.0])
+    lit = [1, 1, 1, 1, 0, 0, 1, 1]  # a share of 6/8 at the end, 4/6 after frame 6
+    kept = []
+    for on in lit:
+        panel = rng.normal(0, 1, (32, 64))
+        panel[10, 20] += 60.0 * on
+        kept.append(len(filt(peak, [panel])))
+    assert filt.tracker.defects is not None and kept[3:] == [0] * 5
+
+
+def test_pixels_flickering_on_a_blank_do_not_turn_the_spike_test_off():
+    """A blank's strong peaks are its flickering pixels: as evidence of the spot width they
+    made the blank a frame of one-pixel spots, and its flickering spikes were kept (a user
+    trial: 3.7 false peaks a blank, 4 of 112 blanks hits).  Pixels that have spiked alone in
+    earlier frames are no such evidence; the run's earlier spots (wide) decide."""
+    rng = np.random.default_rng(8)
+    yy, xx = np.mgrid[-3:4, -3:4]
+    spot = np.exp(-(yy ** 2 + xx ** 2) / (2 * 0.9 ** 2))
+    flicker = [(5, 7), (20, 40), (12, 55), (27, 13)]
+    filt = DefectFilter(DefectTracker(min_frames=50))  # no pixel a defect in this short run
+
+    def frame(spots: bool, lit: bool):
+        panel = rng.normal(0, 1, (32, 64))
+        rows = []
+        if spots:
+            for k in range(8):
+                y, x = 4 + 3 * k, 4 + 7 * k
+                panel[y - 3:y + 4, x - 3:x + 4] += 80.0 * spot
+                rows.append((x, y))
+        if lit:
+            for y, x in flicker:
+                panel[y, x] += 60.0
+                rows.append((x, y))
+        peaks = peaks_from_columns(panel=[0] * len(rows), fs=[float(x) for x, _ in rows],
+                                   ss=[float(y) for _, y in rows], background=[0.0] * len(rows),
+                                   background_sigma=[1.0] * len(rows))
+        return peaks, [panel]
+
+    for k in range(6):  # hits with wide spots; the flickering pixels lit on every other frame
+        filt(*frame(True, k % 2 == 0))
+    kept = filt(*frame(False, True))  # a blank: only the flickering pixels
+    assert len(kept) == 0

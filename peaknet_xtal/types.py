@@ -204,3 +204,30 @@ class FrameResult:
         return [dials_foreground(np.asarray(panel), pixels, good, grow)
                 for panel, pixels, good in zip(self.frame.panels, self.peak_pixels,
                                                 self.frame.masks_or_ones(), strict=True)]
+
+
+#: A masked margin at most this many rows or columns wide along an array's edge is a mask over
+#: the panel (DIALS' ``border``, an untrusted first row), not the masked surround of a panel
+#: laid out in a larger image: the panel keeps its own edge as where its valid region starts
+#: and ends (:func:`valid_span`).
+MASKED_EDGE = 4
+
+
+def valid_span(first: int, stop: int, size: int) -> tuple[int, int]:
+    """Where an array's valid region starts and stops along one axis, given its first good
+    index ``first`` and one past its last ``stop`` (of ``size``): there, unless a margin is at
+    most :data:`MASKED_EDGE` wide, whose side then keeps the array's own edge.
+
+    Why: everything the finding engine anchors (the normalisation's cells, the count dither's
+    blocks, the model's 32-px padding) starts at the valid region, so that a panel embedded in
+    a larger masked image gives the peaks it gives alone; but a mask of the first row and
+    column, or DIALS' ``border=3``, moved that start too, and with it nearly every spot of the
+    image (a user trial: 16 of 469 real Pilatus 6M spots kept their place with ``border=3``,
+    where DIALS' own finder kept 290 of 290)."""
+    return valid_start(first), size - valid_start(size - stop)
+
+
+def valid_start(first: int) -> int:
+    """Where the valid region starts along an axis whose first good index is ``first``
+    (:func:`valid_span`): 0 past a masked margin of at most :data:`MASKED_EDGE`."""
+    return 0 if first <= MASKED_EDGE else first

@@ -111,3 +111,16 @@ def test_integer_marker_of_each_type(dtype, marker):
 ])
 def test_count_range_of_each_type_and_least_value(dtype, least, expected):
     assert count_range(dtype, least) == expected
+
+
+def test_a_thin_masked_margin_keeps_the_arrays_edge_a_wider_one_does_not():
+    """valid_span: a masked margin of up to MASKED_EDGE rows or columns (a border mask) keeps
+    the array's own edge on that side; a wider one (a panel laid out in a larger image) moves
+    the valid region's start and stop to the good pixels."""
+    from peaknet_xtal.types import MASKED_EDGE, valid_span
+
+    assert valid_span(0, 100, 100) == (0, 100)
+    assert valid_span(MASKED_EDGE, 100 - MASKED_EDGE, 100) == (0, 100)
+    assert valid_span(MASKED_EDGE + 1, 100 - MASKED_EDGE - 1, 100) == (MASKED_EDGE + 1,
+                                                                        100 - MASKED_EDGE - 1)
+    assert valid_span(2, 60, 100) == (0, 60)

@@ -50,7 +50,7 @@ from scipy import ndimage
 from peaknet_xtal.finding.bright_background import foreground_and_bright
 from peaknet_xtal.finding.sanitise import masked_values_quiet
 from peaknet_xtal.finding.settings import DEFAULTS
-from peaknet_xtal.types import empty_peaks, peaks_from_columns
+from peaknet_xtal.types import empty_peaks, peaks_from_columns, valid_span
 
 log = logging.getLogger(__name__)
 
@@ -184,13 +184,17 @@ def find_peaks(
 
 
 def valid_region(good: np.ndarray) -> tuple[slice, slice] | None:
-    """The smallest ``(rows, cols)`` rectangle holding every good pixel of a 2-D mask, None
-    when none is good: where a panel is searched (:func:`find_peaks`) and what the finding
-    engine's model sees of it."""
+    """The ``(rows, cols)`` rectangle holding every good pixel of a 2-D mask, None when none is
+    good: where a panel is searched (:func:`find_peaks`) and what the finding engine's model
+    sees of it.  The smallest such rectangle, except that a masked margin of at most
+    :data:`~peaknet_xtal.types.MASKED_EDGE` pixels along the array's edge stays in it
+    (:func:`~peaknet_xtal.types.valid_span`: a border mask, not a layout's surround)."""
     rows, cols = np.flatnonzero(good.any(axis=1)), np.flatnonzero(good.any(axis=0))
     if len(rows) == 0:
         return None
-    return slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1)
+    (r0, r1), (c0, c1) = (valid_span(int(found[0]), int(found[-1]) + 1, size)
+                          for found, size in ((rows, good.shape[0]), (cols, good.shape[1])))
+    return slice(r0, r1), slice(c0, c1)
 
 
 def _find_peaks(panels: Sequence[np.ndarray], probs: Sequence[np.ndarray],

@@ -101,6 +101,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from peaknet_xtal.types import valid_start
+
 DEFAULT_BLOCK = 16
 #: noise scales: per pixel (the original), the larger of that and the noise of a 2 x 2 sum, or
 #: the pixel scale times the panel's 2 x 2-sum noise excess (module docstring)
@@ -785,8 +787,15 @@ def _device_counts(x: torch.Tensor, ok: torch.Tensor
              for axis in (-1, -2)]  # first ok row, first ok column
     found = torch.stack([exact.double(), quantum.double(), first[0].double(),
                          first[1].double()], 1).tolist()
-    return [(step, (int(oy), int(ox))) if is_exact else None
+    return [(step, _origin(int(oy), int(ox))) if is_exact else None
             for is_exact, step, oy, ox in found]
+
+
+def _origin(first_row: int, first_col: int) -> tuple[int, int]:
+    """Where the dither's blocks start: the first row and column holding an ok pixel, or the
+    array's own edge past a masked margin of at most ``types.MASKED_EDGE`` (where the finding
+    engine's valid region starts too: ``finding.peaks.valid_region``)."""
+    return valid_start(first_row), valid_start(first_col)
 
 
 def _host_counts(image: Any, ok: Any) -> tuple[float, tuple[int, int]] | None:
@@ -794,7 +803,7 @@ def _host_counts(image: Any, ok: Any) -> tuple[float, tuple[int, int]] | None:
     counts = exact_counts(image, ok)
     if counts is None:
         return None
-    return counts[1], (int(ok.any(1).argmax()), int(ok.any(0).argmax()))
+    return counts[1], _origin(int(ok.any(1).argmax()), int(ok.any(0).argmax()))
 
 
 @functools.cache
@@ -835,8 +844,10 @@ def dither_noise(ok: Any, values: Any, origin: tuple[int, int]) -> Any:
     else); the frames of a run still get different noise where they hold photons (a fixed
     pattern would put the same faint bumps under every frame's photons).  Why anchored at the
     first ok row and column: a panel alone and the same panel inside a larger masked layout get
-    the same noise on the same pixels.  Cost on one thread for a Pilatus 6M frame of counts:
-    about 20 ms more than one shifted field for the whole frame."""
+    the same noise on the same pixels (a masked margin of at most ``types.MASKED_EDGE`` keeps the
+    array's edge, as a border mask moves no block then; the caller's ``origin``).  Cost on one
+    thread for a Pilatus 6M frame of counts: about 20 ms more than one shifted field for the
+    whole frame."""
     if isinstance(values, torch.Tensor):
         return _device_dither(ok, values, origin)
     return _host_dither(ok, values, origin)

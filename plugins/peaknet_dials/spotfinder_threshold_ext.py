@@ -45,13 +45,23 @@ log = logging.getLogger("dials.algorithms.spot_finding.threshold.peaknet")
 _D = DEFAULTS
 
 
-def _phil_range(name: str) -> str:
-    """PHIL's ``value_min``/``value_max`` of a setting, from ``finding.settings.LIMITS`` (every
-    entry point's ranges, defined there once; all closed, as PHIL's are)."""
-    limits = LIMITS[name]
-    return ", ".join(f"{phil}={limits[key]:g}" for phil, key in (("value_min", "ge"),
-                                                                  ("value_max", "le"))
-                     if key in limits)
+#: PHIL names of settings that ``finding.settings.LIMITS`` knows by another name.
+_LIMIT_NAMES = {"gain": "adu_per_photon"}
+#: Lower bounds of the whole-number options ``LIMITS`` does not hold.
+_LEAST = {"faint_support": 0, "dilation": 0, "threads": 1}
+
+
+def _allowed(name: str) -> str:
+    """The values a numeric setting allows, for its help: ``finding.settings.LIMITS`` (every
+    entry point's ranges, defined there once), else the least whole number (:data:`_LEAST`).
+    Not PHIL's ``value_min``/``value_max``: DIALS parses the command line before the extension
+    exists, and a value out of PHIL's range ended in a traceback asking users to report it to
+    DIALS' developers; the extension checks the range itself (:func:`_phil_number`) and says
+    DIALS' user error."""
+    from peaknet_xtal.finding.settings import range_text
+
+    bounds = LIMITS.get(_LIMIT_NAMES.get(name, name)) or {"ge": _LEAST[name]}
+    return f"Allowed: {range_text(bounds)}."
 
 
 PHIL = f"""
@@ -71,8 +81,9 @@ precision = {" ".join(("*" if c == _D.precision else "") + c for c in PRECISIONS
           "float rounding of fp32's, and slower on CPUs without (a warning says so). The same"
           "default as peaknet2cxi and the Python API (finding.settings.PRECISIONS)."
 threshold = {_D.threshold}
-  .type = float({_phil_range("threshold")})
-  .help = "Peak probability at or above which a pixel is foreground. Lower values find more and"
+  .type = float
+  .help = "{_allowed("threshold")}"
+          "Peak probability at or above which a pixel is foreground. Lower values find more and"
           "larger spots; DIALS' spotfinder.filter options then apply as usual. Not the"
           "strictness knob on its own: while rescue_prob is below threshold, a point-like"
           "spot scoring at least rescue_prob but nowhere threshold is still kept when its"
@@ -81,24 +92,27 @@ threshold = {_D.threshold}
           "that rescue (with larger footprints) rather than dropping them. For stricter"
           "finding raise threshold and set rescue_prob=1 (or rescue_prob=threshold)."
 min_snr = {_D.min_snr}
-  .type = float({_phil_range("min_snr")})
-  .help = "Least integrated signal-to-noise of a predicted spot: its background-subtracted sum"
+  .type = float
+  .help = "{_allowed("min_snr")}"
+          "Least integrated signal-to-noise of a predicted spot: its background-subtracted sum"
           "over the noise of that sum: the local background variance over its pixels (as"
           "correlated as the panel's own noise), the subtracted background's error and the"
           "shot noise (gain x sum). Weaker predictions are not foreground; 0 keeps every spot"
           "the model marks. The same default as peaknet2cxi and the Python API"
           "(finding.settings.DEFAULTS.min_snr)."
 min_height = {_D.min_height}
-  .type = float({_phil_range("min_height")})
-  .help = "Least height of a predicted spot's brightest pixel over its local background, in"
+  .type = float
+  .help = "{_allowed("min_height")}"
+          "Least height of a predicted spot's brightest pixel over its local background, in"
           "sigmas of that background's noise: the pixel test of the classic finders"
           "(peakfinder8's min-snr, 5 by default). 0: no such cut. 5 removes most noise"
           "spots on blank frames but also broad weak spots (measured in"
           "finding/settings.py). The same default as peaknet2cxi and the Python API"
           "(finding.settings.DEFAULTS.min_height)."
 rescue_prob = {_D.rescue_prob}
-  .type = float({_phil_range("rescue_prob")})
-  .help = "Also keep a spot the model doubts: a connected group of pixels scoring at least"
+  .type = float
+  .help = "{_allowed("rescue_prob")}"
+          "Also keep a spot the model doubts: a connected group of pixels scoring at least"
           "this that holds and touches no pixel at threshold or above is foreground (all its"
           "pixels) when its brightest pixel stands rescue_height background sigmas high, it"
           "is point-like (its pixels at half its height or above fit in 2x2) and it passes"
@@ -108,12 +122,14 @@ rescue_prob = {_D.rescue_prob}
           "sharper than a pixel (LCLS CSPAD stills) score 0.3-0.6; the peaknet-xtal"
           "docs/measurements.md has what 0.4 costs on blanks."
 rescue_height = {_D.rescue_height}
-  .type = float({_phil_range("rescue_height")})
-  .help = "Least height of a rescued spot's brightest pixel over its local background, in"
+  .type = float
+  .help = "{_allowed("rescue_height")}"
+          "Least height of a rescued spot's brightest pixel over its local background, in"
           "sigmas of that background's noise (see rescue_prob)."
 faint_support = {_D.faint_support}
-  .type = int(value_min=0)
-  .help = "Keep an image's faint spots (brightest pixel under {_D.faint_height:g} background"
+  .type = int
+  .help = "{_allowed("faint_support")}"
+          "Keep an image's faint spots (brightest pixel under {_D.faint_height:g} background"
           "sigmas, or SNR under {_D.faint_snr:g}) only when at least this many of its spots"
           "are neither. 0: always. On"
           "a frame without a crystal the faint spots are nearly all noise; on a frame with"
@@ -122,8 +138,9 @@ faint_support = {_D.faint_support}
           "the image viewer) it is off. The same default as peaknet2cxi and the Python API"
           "(finding.settings.DEFAULTS)."
 gain = None
-  .type = float({_phil_range("adu_per_photon")})
-  .help = "Counts per photon of the image DIALS hands to spot finding, as"
+  .type = float
+  .help = "{_allowed("adu_per_photon")}"
+          "Counts per photon of the image DIALS hands to spot finding, as"
           "spotfinder.threshold.dispersion.gain. None: dxtbx has already divided by the"
           "format's gain, so the image counts photons (1), unless the background says otherwise"
           "(a nominal gain of 1 on an integrating detector: the gain is then measured from the"
@@ -131,8 +148,9 @@ gain = None
           "(mp.nproc) each measures its own and borderline spots can differ; the log says"
           "each image's gain). 0 leaves shot noise out of min_snr (background noise alone)."
 batch_size = {_D.batch_size}
-  .type = int({_phil_range("batch_size")})
-  .help = "How much model input runs at once, in 1-Mpx slots (memory versus speed; a panel"
+  .type = int
+  .help = "{_allowed("batch_size")}"
+          "How much model input runs at once, in 1-Mpx slots (memory versus speed; a panel"
           "goes to the model whole and takes one slot a megapixel). The panels of an image are"
           "batched together: DIALS asks for one panel at a time, so the first panel"
           "of each image runs the model on the whole image, under the mask DIALS applies"
@@ -140,15 +158,17 @@ batch_size = {_D.batch_size}
           "answered from that (each checked to be the same pixels and mask; a region of"
           "interest is cut from it)."
 dilation = {_D.dilation}
-  .type = int(value_min=0)
-  .help = "Grow each predicted spot by this many pixels (within the mask) before DIALS labels"
+  .type = int
+  .help = "{_allowed("dilation")}"
+          "Grow each predicted spot by this many pixels (within the mask) before DIALS labels"
           "it. The model marks a spot's core (about half maximum and up), which for sharp XFEL"
           "spots is 1-4 pixels; DIALS' own thresholds mark the whole footprint, and its default"
           "spotfinder.filter.min_spot_size (6 pixels on many detectors) assumes that. The"
           "added rim pixels hold background, so DIALS' value-weighted centroids barely move."
 threads = None
-  .type = int(value_min=1)
-  .help = "torch CPU threads per process. None: the available cores divided by the DIALS"
+  .type = int
+  .help = "{_allowed("threads")}"
+          "torch CPU threads per process. None: the available cores divided by the DIALS"
           "worker processes (spotfinder.mp.nproc, or mp.nproc in dials.stills_process), so"
           "that parallel workers do not oversubscribe the CPU (cores the process's CPU"
           "affinity and cgroup quota allow, less those other work keeps busy). Where cctbx's"
@@ -202,10 +222,6 @@ class PeakNetSettings:
         )
 
 
-#: PHIL names of settings that ``finding.settings.LIMITS`` knows by another name.
-_LIMIT_NAMES = {"gain": "adu_per_photon"}
-#: Lower bounds of the whole-number options PHIL states itself (``int(value_min=...)``).
-_LEAST = {"faint_support": 0, "dilation": 0, "threads": 1}
 
 
 def _phil_number(scope: Any, name: str, kind: type, optional: bool = False) -> Any:

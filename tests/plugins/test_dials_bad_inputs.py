@@ -85,6 +85,27 @@ def test_find_spots_bad_model_is_a_user_error(name, corpus, imported, env, tmp_p
     assert not (case.path.parent / "MARKER").exists(), "a model file ran code"
 
 
+@pytest.mark.parametrize("setting,says", [("threshold=1.5", "must be in [0, 1]"),
+                                          ("min_snr=-3", "must be >= 0"),
+                                          ("batch_size=0", "must be >= 1"),
+                                          ("dilation=-1", "must be >= 0"),
+                                          ("threads=0", "must be >= 1")])
+def test_find_spots_setting_out_of_range_is_a_user_error(setting, says, imported, env,
+                                                         tmp_path):
+    """A value out of a setting's range: DIALS' one-line user error naming the setting, as the
+    model-file errors are.  With the ranges stated to PHIL (value_min / value_max), DIALS
+    refused them while parsing its command line, as a traceback asking users to report the
+    error to DIALS' developers; the extension checks them itself."""
+    rc, output = dials("find_spots", [str(imported / "imported.expt"), "algorithm=peaknet",
+                                      f"spotfinder.threshold.peaknet.{setting}"], tmp_path, env)
+    assert rc != 0 and "Traceback" not in output and "dials-support" not in output, \
+        output[-3000:]
+    sorry = [line for line in output.splitlines() if line.startswith("Sorry:")]
+    name, value = setting.split("=")
+    assert len(sorry) == 1 and f"spotfinder.threshold.peaknet.{name} = {value}" in sorry[0] \
+        and says in sorry[0], sorry
+
+
 @pytest.mark.parametrize("name", ["pixels_3e38", "uint16_gaps", "int32_gaps"])
 def test_find_spots_masks_absurd_pixels_and_warns(name, corpus, imported, env, tmp_path):
     """Five pixels per frame at 3e38, uint16 gap lines at 65535 (the type's largest value) or

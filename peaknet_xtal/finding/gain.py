@@ -589,8 +589,8 @@ class GainResolver:
                 # far too little shot noise (blanks turn into hits), so it must not pass quietly
                 log.warning("detector gain: %s in the %d frame(s) looked at so far; if the "
                             "detector integrates (ADU, not photon counts), set the gain "
-                            "(peaknet2cxi --adu-per-photon, DIALS "
-                            "spotfinder.threshold.peaknet.gain, PeakFinder(adu_per_photon=...))",
+                            "(peaknet2cxi --adu-per-photon, DIALS spotfinder.threshold."
+                            "peaknet.adu_per_photon, PeakFinder(adu_per_photon=...))",
                             why, self._seen)
             else:
                 log.info("detector gain: %s", why)

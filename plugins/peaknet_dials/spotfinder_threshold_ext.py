@@ -45,8 +45,6 @@ log = logging.getLogger("dials.algorithms.spot_finding.threshold.peaknet")
 _D = DEFAULTS
 
 
-#: PHIL names of settings that ``finding.settings.LIMITS`` knows by another name.
-_LIMIT_NAMES = {"gain": "adu_per_photon"}
 #: Lower bounds of the whole-number options ``LIMITS`` does not hold.
 _LEAST = {"faint_support": 0, "dilation": 0, "threads": 1}
 
@@ -60,7 +58,7 @@ def _allowed(name: str) -> str:
     DIALS' user error."""
     from peaknet_xtal.finding.settings import range_text
 
-    bounds = LIMITS.get(_LIMIT_NAMES.get(name, name)) or {"ge": _LEAST[name]}
+    bounds = LIMITS.get(name) or {"ge": _LEAST[name]}
     return f"Allowed: {range_text(bounds)}."
 
 
@@ -137,10 +135,10 @@ faint_support = {_D.faint_support}
           "the whole image: where a panel is found alone (no imageset handed over, as in"
           "the image viewer) it is off. The same default as peaknet2cxi and the Python API"
           "(finding.settings.DEFAULTS)."
-gain = None
+adu_per_photon = None
   .type = float
   .help = "{_allowed("adu_per_photon")}"
-          "Counts per photon of the image DIALS hands to spot finding, as"
+          "Counts per photon of the image DIALS hands to spot finding (the detector gain), as"
           "spotfinder.threshold.dispersion.gain. None: dxtbx has already divided by the"
           "format's gain, so the image counts photons (1), unless the background says otherwise"
           "(a nominal gain of 1 on an integrating detector: the gain is then measured from the"
@@ -190,7 +188,7 @@ class PeakNetSettings:
     rescue_prob: float = _D.rescue_prob
     rescue_height: float = _D.rescue_height
     faint_support: int = _D.faint_support
-    gain: float | None = None
+    adu_per_photon: float | None = None
     batch_size: int = _D.batch_size
     threads: int = 1
     dilation: int = _D.dilation
@@ -215,7 +213,7 @@ class PeakNetSettings:
             rescue_prob=_phil_number(scope, "rescue_prob", float),
             rescue_height=_phil_number(scope, "rescue_height", float),
             faint_support=_phil_number(scope, "faint_support", int),
-            gain=_phil_number(scope, "gain", float, optional=True),
+            adu_per_photon=_phil_number(scope, "adu_per_photon", float, optional=True),
             batch_size=_phil_number(scope, "batch_size", int),
             threads=int(threads),
             dilation=_phil_number(scope, "dilation", int),
@@ -241,7 +239,7 @@ def _phil_number(scope: Any, name: str, kind: type, optional: bool = False) -> A
         raise PeakNetError(f"{where} = {value}: must be a number")
     if not math.isfinite(value):
         raise PeakNetError(f"{where} = {value}: must be a finite number")
-    bounds = LIMITS.get(_LIMIT_NAMES.get(name, name)) or (
+    bounds = LIMITS.get(name) or (
         {"ge": _LEAST[name]} if name in _LEAST else None)
     if bounds is not None and not within(bounds, value):
         raise PeakNetError(f"{where} = {value}: must be {range_text(bounds, value)}")
@@ -317,7 +315,7 @@ def _build_predictor(settings: PeakNetSettings) -> Any:
         rescue_prob=settings.rescue_prob,
         rescue_height=settings.rescue_height,
         faint_support=settings.faint_support,
-        adu_per_photon=settings.gain,
+        adu_per_photon=settings.adu_per_photon,
     )
 
 
@@ -358,12 +356,12 @@ def _say_unused_dispersion_gain(params: Any, settings: PeakNetSettings) -> None:
         gain = params.spotfinder.threshold.dispersion.gain
     except AttributeError:  # parameters without dispersion's scope (a test, another DIALS)
         return
-    if gain is None or settings.gain is not None:
+    if gain is None or settings.adu_per_photon is not None:
         return
     log.warning("peaknet: spotfinder.threshold.dispersion.gain=%s is not read by "
-                "algorithm=peaknet; spotfinder.threshold.peaknet.gain=%s sets the same gain for "
-                "it (unset, the format's gain is used, or measured from the background where "
-                "that is a placeholder)", gain, gain)
+                "algorithm=peaknet; spotfinder.threshold.peaknet.adu_per_photon=%s sets the "
+                "same gain for it (unset, the format's gain is used, or measured from the "
+                "background where that is a placeholder)", gain, gain)
 
 
 #: Per engine (one per process and settings): the gain line DIALS' log shows last.
@@ -389,23 +387,24 @@ def _report_gain(engine: Any, settings: PeakNetSettings, meta: dict[str, Any],
     from peaknet_xtal.formats.dxtbx_images import CORRECTED_GAIN
 
     gain = meta.get("adu_per_photon")
-    if settings.gain is not None:
-        how = "as set (spotfinder.threshold.peaknet.gain)"
+    if settings.adu_per_photon is not None:
+        how = "as set (spotfinder.threshold.peaknet.adu_per_photon)"
     elif meta.get("gain_measured"):
         how = ("measured from the background, as the images' gain is a placeholder (1 after "
                "dxtbx's correction): the median over the first images (up to five that show "
-               "one) this process has found (spotfinder.threshold.peaknet.gain sets it)")
+               "one) this process has found (spotfinder.threshold.peaknet.adu_per_photon sets it)")
     elif gain == CORRECTED_GAIN and declared is not None and declared != CORRECTED_GAIN:
         how = (f"as dxtbx hands the images over: it has divided them by the {declared:.4g} ADU "
-               "per photon the format declares (spotfinder.threshold.peaknet.gain overrides it)")
+               "per photon the format declares (spotfinder.threshold.peaknet.adu_per_photon "
+               "overrides it)")
     elif gain == CORRECTED_GAIN and declared is None:
         how = ("as dxtbx hands the images over, divided by the format's gain "
-               "(spotfinder.threshold.peaknet.gain overrides it)")
+               "(spotfinder.threshold.peaknet.adu_per_photon overrides it)")
     else:
-        how = "as the images declare (spotfinder.threshold.peaknet.gain overrides it)"
+        how = "as the images declare (spotfinder.threshold.peaknet.adu_per_photon overrides it)"
     if gain is None:
         text = ("no detector gain known: peak SNRs count background noise only "
-                "(spotfinder.threshold.peaknet.gain sets one)")
+                "(spotfinder.threshold.peaknet.adu_per_photon sets one)")
     elif gain == 0:
         text = f"detector gain 0 {how}: peak SNRs count background noise only"
     else:

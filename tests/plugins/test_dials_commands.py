@@ -116,7 +116,8 @@ def test_each_image_says_the_gain_it_used(real_data: Path, env, tmp_path):
     assert Path(image).name == Path(second).name and alone != g2
     assert g2 == pytest.approx(np.median([g1, alone]), abs=0.01)
     out, _ = run_dials("find_spots", "second.expt", "algorithm=peaknet", ONE_THREAD,
-                       "spotfinder.threshold.peaknet.gain=12", "output.reflections=set.refl",
+                       "spotfinder.threshold.peaknet.adu_per_photon=12",
+                       "output.reflections=set.refl",
                        cwd=tmp_path, env=env)
     ((image, gain, how),) = gain_lines(out)
     assert gain == 12 and how.startswith("as set"), how

@@ -67,11 +67,15 @@ def test_phil_scope_offers_peaknet_with_help(dials_modules) -> None:
     assert params.spotfinder.threshold.algorithm == "dispersion_extended"  # we are not default
     scope = phil_scope.get("spotfinder.threshold.peaknet").objects[0]
     names = {obj.name: obj for obj in scope.objects}
-    assert set(names) == {"model", "device", "threshold", "min_snr", "min_height", "gain",
-                          "batch_size", "threads", "dilation", "rescue_prob", "rescue_height",
-                          "faint_support", "precision"}
+    assert set(names) == {"model", "device", "threshold", "min_snr", "min_height",
+                          "adu_per_photon", "batch_size", "threads", "dilation", "rescue_prob",
+                          "rescue_height", "faint_support", "precision"}
     for name, obj in names.items():
         assert obj.help and len(obj.help) > 20, f"peaknet.{name} needs help text"
+    # DIALS' own ``gain=`` shorthand stays DIALS' (an option of ours named gain made it
+    # ambiguous for every dials.find_spots user, whatever the algorithm)
+    given = phil_scope.command_line_argument_interpreter().process("gain=30")
+    assert phil_scope.fetch(sources=[given]).extract().spotfinder.threshold.dispersion.gain == 30
     defaults = params.spotfinder.threshold.peaknet
     assert (defaults.model, defaults.device, defaults.threshold) == ("default", "auto", 0.5)
 
@@ -117,7 +121,7 @@ def test_settings_come_from_phil(dials_modules, monkeypatch) -> None:
 
 @pytest.mark.parametrize("option,value,words", [
     ("min_height", "nan", "must be a finite number"), ("threshold", "nan", "finite"),
-    ("min_snr", "nan", "finite"), ("gain", "nan", "finite"),
+    ("min_snr", "nan", "finite"), ("adu_per_photon", "nan", "finite"),
     ("threshold", "None", "must be a number"), ("min_snr", "None", "must be a number"),
     ("rescue_height", "None", "number"), ("batch_size", "None", "number"),
     ("dilation", "None", "number"), ("faint_support", "None", "number"),
@@ -141,18 +145,18 @@ def test_a_value_phil_lets_through_is_a_sorry_naming_the_option(dials_modules, o
     # unset gain and threads stay the automatic choice
     auto = factory.configure_threshold(_params(phil_scope, "spotfinder.threshold.algorithm=peaknet",
                                                "spotfinder.threshold.peaknet.device=cpu"))
-    assert auto.settings.gain is None and auto.settings.threads >= 1
+    assert auto.settings.adu_per_photon is None and auto.settings.threads >= 1
 
 
 def test_a_dispersion_gain_carried_over_is_said_to_be_unused(dials_modules, caplog) -> None:
     """``spotfinder.threshold.dispersion.gain=25`` on a command line switched to
     ``algorithm=peaknet`` was dropped without a word; DIALS' log now says which setting takes
-    it, and says nothing where peaknet.gain is set or dispersion.gain is not."""
+    it, and says nothing where peaknet.adu_per_photon is set or dispersion.gain is not."""
     factory, phil_scope = dials_modules
     base = ("spotfinder.threshold.algorithm=peaknet", "spotfinder.threshold.peaknet.device=cpu")
     for extra, said in ((("spotfinder.threshold.dispersion.gain=25",), True),
                         (("spotfinder.threshold.dispersion.gain=25",
-                          "spotfinder.threshold.peaknet.gain=25"), False),
+                          "spotfinder.threshold.peaknet.adu_per_photon=25"), False),
                         ((), False)):
         caplog.clear()
         with caplog.at_level("WARNING", logger="dials"):
@@ -160,7 +164,7 @@ def test_a_dispersion_gain_carried_over_is_said_to_be_unused(dials_modules, capl
         lines = [r.getMessage() for r in caplog.records if "dispersion.gain" in r.getMessage()]
         assert bool(lines) is said, (extra, lines)
         if said:
-            assert "spotfinder.threshold.peaknet.gain=25" in lines[0]
+            assert "spotfinder.threshold.peaknet.adu_per_photon=25" in lines[0]
 
 
 def _ext(phil_scope, threshold: float, dilation: int = 1, min_snr: float | None = None,
@@ -173,7 +177,7 @@ def _ext(phil_scope, threshold: float, dilation: int = 1, min_snr: float | None 
         f"spotfinder.threshold.peaknet.faint_support={faint_support}"]
     extra += [] if min_height is None else [
         f"spotfinder.threshold.peaknet.min_height={min_height}"]
-    extra += [] if gain is None else [f"spotfinder.threshold.peaknet.gain={gain}"]
+    extra += [] if gain is None else [f"spotfinder.threshold.peaknet.adu_per_photon={gain}"]
     params = _params(phil_scope, f"spotfinder.threshold.peaknet.threshold={threshold}",
                      "spotfinder.threshold.peaknet.device=cpu",
                      "spotfinder.threshold.peaknet.threads=1",
@@ -234,13 +238,14 @@ def test_min_snr_removes_weak_predicted_spots_only(dials_modules, cspad_panel) -
 
 
 def test_gain_puts_shot_noise_into_the_snr_cut(dials_modules, cspad_panel) -> None:
-    """peaknet.gain is the counts per photon of the image DIALS hands over: a larger gain means
-    fewer photons behind each count, so fewer predicted spots pass min_snr; 0 counts background
-    noise only; unset, the image counts photons (dxtbx divided by the format's gain)."""
+    """peaknet.adu_per_photon is the counts per photon of the image DIALS hands over: a larger
+    gain means fewer photons behind each count, so fewer predicted spots pass min_snr; 0 counts
+    background noise only; unset, the image counts photons (dxtbx divided by the format's
+    gain)."""
     _, phil_scope = dials_modules
     data, mask = cspad_panel
     pixels = data.astype(np.float32)
-    assert _ext(phil_scope, 0.3).settings.gain is None
+    assert _ext(phil_scope, 0.3).settings.adu_per_photon is None
     counts = [_ext(phil_scope, 0.3, dilation=0, gain=g).peak_pixels(pixels, mask).sum()
               for g in (0, 1, 30)]
     assert counts[0] >= counts[1] > counts[2] > 0
@@ -418,7 +423,7 @@ def test_phil_defaults_are_the_shared_finding_defaults(dials_modules) -> None:
     for name in ("model", "device", "threshold", "batch_size", "dilation"):
         assert getattr(scope, name) == getattr(DEFAULTS, name), name
     assert scope.min_snr == DEFAULTS.min_snr
-    assert scope.gain is None  # resolved by settings.resolve_gain: the corrected image's 1
+    assert scope.adu_per_photon is None  # settings.resolve_gain: the corrected image's 1
 
 
 def test_whole_image_is_found_in_one_batched_run(dials_modules, real_data, monkeypatch) -> None:

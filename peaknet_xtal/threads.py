@@ -78,7 +78,9 @@ def describe_default(workers: int = 1) -> str:
 
 def stub_openmp_message(library: str, requested: int | None) -> str:
     """The one line users see when cctbx's stub OpenMP forces a single torch thread."""
-    asked = f" (asked for {requested})" if requested and requested > 1 else ""
+    # "not N": whoever chose N, the user or the default that divides the free cores among a
+    # host's worker processes ("asked for 2" read as if the user had, on a default run)
+    asked = f", not {requested}," if requested and requested > 1 else ""
     return (f"PeakNet runs on 1 CPU thread per process{asked}: {library}, the stub OpenMP library "
             f"of this cctbx build (Debian's DIALS), shadows the real one, and more threads would "
             f"give wrong results. For parallelism run several processes: mp.nproc=N in "

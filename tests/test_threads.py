@@ -102,5 +102,5 @@ def test_a_forked_child_runs_one_thread():
 
 def test_stub_message_names_the_library_and_the_way_out():
     line = threads.stub_openmp_message("libomptbx.so.0", 4)
-    assert "libomptbx.so.0" in line and "(asked for 4)" in line and "\n" not in line
+    assert "libomptbx.so.0" in line and "per process, not 4," in line and "\n" not in line
     assert "mp.nproc=N" in line and "--workers N" in line

@@ -808,6 +808,9 @@ def expand_inputs(inputs: Sequence[Any]) -> list[dict[str, Any]]:
                 target = target or _locate(parts[0], path)
                 if target is None:
                     raise FormatError(path, f"listed file {parts[0]!r} not found", line=line_no)
+                if target.is_dir():
+                    raise FormatError(path, f"{parts[0]!r} is a folder: list its image files",
+                                      line=line_no)
                 entry = out.setdefault(str(target), {"path": str(target), "events": set(),
                                                      "list": str(path)})
                 if len(parts) > 1:
@@ -824,6 +827,9 @@ def expand_inputs(inputs: Sequence[Any]) -> list[dict[str, Any]]:
         else:
             if not path.exists():
                 raise FormatError(path, "input file not found")
+            if path.is_dir():  # said as that: "not a CXI/HDF5 file and not an image" misled
+                raise FormatError(path, "a folder, not an input file: give its image files "
+                                  f"(a glob such as '{path}/*.cbf', unquoted) or a list file")
             out[str(_absolute(path))] = {"path": str(_absolute(path)), "events": None}
     for entry in out.values():
         if entry["events"] is not None and not entry["events"]:

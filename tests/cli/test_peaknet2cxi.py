@@ -664,6 +664,23 @@ def test_a_run_reads_its_lists_once_and_says_their_repeats_once(tmp_path, monkey
     assert (tmp_path / "bad" / peaknet2cxi.CONFIG_NAME).exists()  # recorded, as before
 
 
+def test_a_folder_given_or_listed_as_an_input_is_said_to_be_one(tmp_path, capsys):
+    """A folder of images given as an input was refused as "not a CXI/HDF5 file and not an
+    image DIALS can read", which sent users looking for a damaged file; now one line says it
+    is a folder and how to name its images."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    listing = tmp_path / "images.lst"
+    listing.write_text("images\n")
+    for k, given in enumerate((folder, listing)):
+        code = main([str(given), "-o", str(tmp_path / f"out{k}"), "--no-progress"])
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if line.startswith("peaknet2cxi: error:")]
+        assert code == 1 and len(errors) == 1 and "Traceback" not in err, err
+        assert str(given) in errors[0] and "folder" in errors[0], errors[0]
+        assert "DIALS can read" not in err
+
+
 def test_an_output_folder_with_a_space_gets_a_note_for_indexamajig(tmp_path, capsys):
     """indexamajig splits list lines at spaces: peaknet.lst in such a folder names files it
     cannot find, so the run says so under its next step."""

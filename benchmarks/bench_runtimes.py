@@ -17,21 +17,14 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Callable
+from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_host import cpu_best  # noqa: E402 - the benchmarks' one CPU-clock timer
 
 #: (name, network input shape) for the engine's two typical calls
 INPUTS = (("CSPAD, 8 tiles", (8, 1, 192, 224)), ("Pilatus 6M, whole panel", (1, 1, 2528, 2464)))
-
-
-def cpu_best(work: Callable[[], Any], repeat: int) -> float:
-    """Least CPU seconds of ``repeat`` calls of ``work``."""
-    best = float("inf")
-    for _ in range(repeat):
-        start = time.process_time()
-        work()
-        best = min(best, time.process_time() - start)
-    return best
 
 
 def measure(name: str, z: Any, plain: Any, fused: Any, core: Any, repeat: int) -> str:

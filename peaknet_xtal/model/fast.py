@@ -30,11 +30,11 @@ downsampling convs, bilinear logit upsampling by phases (none faster);
 (first call not done after 7 minutes on the busy 2-core machine); onnxruntime 1.32 on the exported
 plain network (10 % faster than this form on the network alone, 0.59 against 0.65 s, but an export
 per tile shape and two more dependencies for it); OpenVINO 2026.4 (PyPI) on the traced plain
-network, fp32, one inference thread: 1.2-1.4x slower than this form on CSPAD tiles and 1.2-1.6x
-on a whole Pilatus 6M panel (two runs of ``benchmarks/bench_runtimes.py`` on a CPU without
-AVX-512), after 7-38 s of conversion per input shape; int8 dynamic quantisation of the linear
-layers (1.02x: the folded matmuls are not ``nn.Linear``).  bfloat16 autocast pays on CPUs with
-native bfloat16 (1.1-1.7x) and is the engine's opt-in ``precision``
+network, fp32, one inference thread: 0.9-1.4 times this form's time on CSPAD tiles and 1.2-1.6
+times on a whole Pilatus 6M panel (four runs of ``benchmarks/bench_runtimes.py`` on a busy CPU
+without AVX-512), after 7-42 s of conversion per input shape; int8 dynamic quantisation of the
+linear layers (1.02x: the folded matmuls are not ``nn.Linear``).  bfloat16 autocast pays on CPUs
+with native bfloat16 (1.1-1.7x) and is the engine's opt-in ``precision``
 (``finding.settings.PRECISIONS``).
 """
 from __future__ import annotations

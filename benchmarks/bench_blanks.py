@@ -76,6 +76,8 @@ DETECTORS: dict[str, tuple[str, float | None]] = {
 COUNTING = frozenset({"pilatus6m", "eiger16m-bin2"})
 SEED_BASE = {"selection": 5_000_000_000, "acceptance": 6_000_000_000}
 HOT_PIXELS = 40  # unmasked, the same pixels in every frame of a run
+#: offset of the seeds of ``--flickering`` pixels' places and of when they are lit
+FLICKER_SEED = 1 << 40
 MATCH_PX = 3.0  # a found peak within this many pixels of a true reflection is on it
 
 
@@ -99,11 +101,14 @@ class FrameRecord:
     conditions: str = ""
 
 
-def run_frames(name: str, set_name: str, n_blank: int, n_hit: int, exact_counts: bool = True
-               ) -> Iterator[tuple[Any, Any, dict[str, Any]]]:
+def run_frames(name: str, set_name: str, n_blank: int, n_hit: int, exact_counts: bool = True,
+               flickering: int = 0) -> Iterator[tuple[Any, Any, dict[str, Any]]]:
     """The simulated run of one detector: blanks and hits interleaved (see the module doc);
     ``exact_counts=False`` gives the photon-counting detectors read noise and pedestals as the
-    others have (the same frames otherwise: the same random draws)."""
+    others have (the same frames otherwise: the same random draws).  ``flickering``: that many
+    more unmasked hot pixels, each lit in half the frames (as many pixels of a real detector's
+    status map flicker, ``../shared/data/real/epix100a_pixel_status``), drawn from generators
+    of their own, so the frames are otherwise the same as without them."""
     from peaknet_xtal.formats.geometry import read_geometry
     from peaknet_xtal.sim import PHOTON_COUNTING, SimConfig, artifacts, simulate_frame, whole_counts
 
@@ -112,6 +117,7 @@ def run_frames(name: str, set_name: str, n_blank: int, n_hit: int, exact_counts:
     base = SEED_BASE[set_name] + 10_000 * list(DETECTORS).index(name)
     run_rng = np.random.default_rng(base)
     hot: list[tuple[int, int, int]] | None = None
+    flicker: list[tuple[int, int, int]] | None = None
     kinds = ["blank"] * n_blank + ["hit"] * n_hit
     order = run_rng.permutation(len(kinds))
     for k, index in enumerate(order):
@@ -147,6 +153,16 @@ def run_frames(name: str, set_name: str, n_blank: int, n_hit: int, exact_counts:
             drowned = artifacts.drowned_reflections(truth.reflections, masks)
         for p, y, x in hot:
             panels[p][y, x] += 300.0 * adu * rng.uniform(0.8, 1.2)
+        if flickering:
+            if flicker is None:
+                flick_rng = np.random.default_rng(base + FLICKER_SEED)
+                flicker = [(p, int(flick_rng.integers(shapes[p][0])),
+                            int(flick_rng.integers(shapes[p][1])))
+                           for p in flick_rng.integers(len(shapes), size=flickering).tolist()]
+            lit = np.random.default_rng(seed + FLICKER_SEED).random(flickering) < 0.5
+            for (p, y, x), on in zip(flicker, lit, strict=True):
+                if on:
+                    panels[p][y, x] += 100.0 * adu
         streak = None
         if k % 2:
             streak = int(rng.integers(len(panels)))
@@ -167,7 +183,8 @@ def run_frames(name: str, set_name: str, n_blank: int, n_hit: int, exact_counts:
             panels = [whole_counts(p) for p in panels]
         frame.panels = [p.astype(np.float32) for p in panels]
         frame.meta["adu_per_photon"] = None  # declared by the geometry or measured, as from CXI
-        info = {"hot": hot, "streak": (streak, streak_map) if streak is not None else None,
+        info = {"hot": hot + (flicker or []),
+                "streak": (streak, streak_map) if streak is not None else None,
                 "zingers": zinger_maps, "notes": ",".join(notes), "true_gain": adu,
                 "drowned": drowned}
         yield frame, truth, info
@@ -197,8 +214,8 @@ def classify(peaks: np.ndarray, info: dict[str, Any]) -> np.ndarray:
 
 def measure(name: str, set_name: str, n_blank: int, n_hit: int, model: str = "default",
             thresholds: Sequence[float] | None = None, true_gain: bool = False,
-            exact_counts: bool = True, variants: Mapping[Hashable, Mapping[str, Any]] | None = None
-            ) -> dict[Hashable, list[FrameRecord]]:
+            exact_counts: bool = True, variants: Mapping[Hashable, Mapping[str, Any]] | None = None,
+            flickering: int = 0) -> dict[Hashable, list[FrameRecord]]:
     """Run one detector's frames through one engine, once; per probability threshold the
     records at min_snr 0 and min_height 0 (the SNR, height and peak-count cuts are applied
     later: :func:`passes`), each through the run-level defect filter (one for all: what it
@@ -208,7 +225,8 @@ def measure(name: str, set_name: str, n_blank: int, n_hit: int, model: str = "de
     peak settings by name, each a ``PeakParams`` override of the frame's own (e.g.
     ``{"threshold": 0.4}``), the records keyed by those names; a variant's ``"cores"`` (not a
     peak setting) runs it through a defect filter of its own with that ``DefectFilter(cores=)``
-    (the sharp-core test and the run's spot width on or off)."""
+    (the sharp-core test and the run's spot width on or off).  ``flickering``: as
+    :func:`run_frames`."""
     from peaknet_xtal.evaluation.metrics import match_peaks
     from peaknet_xtal.finding.defects import DefectFilter
     from peaknet_xtal.finding.engine import InferenceEngine
@@ -224,7 +242,7 @@ def measure(name: str, set_name: str, n_blank: int, n_hit: int, model: str = "de
                for o in variants.values()}
     counted: set[bool] = set()  # filters that counted the frame: the others judge it
     records: dict[Hashable, list[FrameRecord]] = {t: [] for t in variants}
-    frames = run_frames(name, set_name, n_blank, n_hit, exact_counts)
+    frames = run_frames(name, set_name, n_blank, n_hit, exact_counts, flickering)
     # the run's first frames are counted before any is filtered, as the engine reads them
     # ahead (InferenceEngine._read_ahead): their hot pixels are known when they are filtered
     head = list(itertools.islice(frames, next(iter(filters.values())).learning))
@@ -533,6 +551,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="photon-counting detectors with read noise and pedestals, as the "
                              "training bank's frames all have")
     parser.add_argument("--real", action="store_true", help="also the real frames")
+    parser.add_argument("--flickering", type=int, default=0,
+                        help="that many more unmasked hot pixels, each lit in half the frames")
     parser.add_argument("--no-sim", dest="sim", action="store_false")
     parser.add_argument("--skip", type=int, default=None,
                         help="also summarise without each run's first SKIP frames (default: "
@@ -559,7 +579,8 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.detectors:
             start = time.perf_counter()
             measured = measure(name, args.set_name, args.frames, args.frames, args.model,
-                               args.thresholds, args.true_gain, args.exact_counts)
+                               args.thresholds, args.true_gain, args.exact_counts,
+                               flickering=args.flickering)
             for t, records in measured.items():
                 per_threshold.setdefault(t, {})[name] = records
             print(f"  {name}: {2 * args.frames} frames in {time.perf_counter() - start:.0f} s",

@@ -204,3 +204,22 @@ def test_the_run_s_first_frames_are_counted_ahead_as_the_engine_counts_them(benc
     monkeypatch.setattr(DefectFilter, "count_ahead", lambda self, *args: None)
     (unread,) = bench.measure("cspad", "selection", frames, 1).values()
     assert hot_on_first(unread) > 0
+
+
+def test_flickering_pixels_light_in_about_half_the_frames_and_change_nothing_else(bench,
+                                                                                  real_data):
+    """``--flickering N``: N more hot pixels, each lit in about half the frames, counted as hot
+    by the false-peak sources; the frames are otherwise those of the run without them (their
+    places and when they are lit come from generators of their own)."""
+    plain = list(bench.run_frames("epix10k2m", "selection", 6, 0))
+    flick = list(bench.run_frames("epix10k2m", "selection", 6, 0, flickering=5))
+    (_, _, info), = flick[:1]
+    extra = info["hot"][len(plain[0][2]["hot"]):]
+    assert len(extra) == 5 and info["hot"][:-5] == plain[0][2]["hot"]
+    lit = np.zeros((len(flick), 5), bool)
+    for k, ((a, _, _), (b, _, _)) in enumerate(zip(plain, flick, strict=True)):
+        for j, (p, y, x) in enumerate(extra):
+            lit[k, j] = b.panels[p][y, x] > a.panels[p][y, x]
+        changed = [np.argwhere(pa != pb) for pa, pb in zip(a.panels, b.panels, strict=True)]
+        assert sum(len(c) for c in changed) == lit[k].sum()  # the lit pixels, nothing else
+    assert 0 < lit.mean() < 1

@@ -77,10 +77,11 @@ def describe_default(workers: int = 1) -> str:
 
 
 def stub_openmp_message(library: str, requested: int | None) -> str:
-    """The one line users see when cctbx's stub OpenMP forces a single torch thread."""
+    """The one line users see when cctbx's stub OpenMP forces a single torch thread;
+    ``requested``: the threads the run would have had (asked for, or the default)."""
     # "not N": whoever chose N, the user or the default that divides the free cores among a
     # host's worker processes ("asked for 2" read as if the user had, on a default run)
-    asked = f", not {requested}," if requested and requested > 1 else ""
+    asked = f", not {requested}" if requested and requested > 1 else ""
     return (f"PeakNet runs on 1 CPU thread per process{asked}: {library}, the stub OpenMP library "
             f"of this cctbx build (Debian's DIALS), shadows the real one, and more threads would "
             f"give wrong results. For parallelism run several processes: mp.nproc=N in "
@@ -143,7 +144,7 @@ def use_torch_threads(requested: int | None) -> int:
     shadow = openmp_shadowed()
     if shadow is not None:
         wanted = int(requested or default_threads())
-        (log.warning if wanted > 1 else log.info)("%s", stub_openmp_message(shadow, requested))
+        (log.warning if wanted > 1 else log.info)("%s", stub_openmp_message(shadow, wanted))
         _single_thread(torch)
         return 1
     if requested:

@@ -11,6 +11,8 @@ slab indices (add the panel's ``min_fs``/``min_ss``).
 """
 from __future__ import annotations
 
+import functools
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -231,3 +233,20 @@ def valid_start(first: int) -> int:
     """Where the valid region starts along an axis whose first good index is ``first``
     (:func:`valid_span`): 0 past a masked margin of at most :data:`MASKED_EDGE`."""
     return 0 if first <= MASKED_EDGE else first
+
+
+def resolved_key(key: tuple[str, str]) -> tuple[str, str]:
+    """A frame key (``Frame.key``: source, event) with its source file's symbolic links
+    resolved: the frame's identity whatever name its file was given under, for telling the
+    frames an earlier run finished.  A run reads each input under the name given (a link named
+    with an image number, a geometry beside the link) and records that name; the same file
+    given next time by another name, its own or another link's, was found again, its frames
+    written twice into one output folder."""
+    return _resolved_source(key[0]), key[1]
+
+
+@functools.lru_cache(maxsize=4096)
+def _resolved_source(source: str) -> str:
+    """A source naming an existing file, with its links resolved; any other source as it is
+    (a psana data source, an in-memory image's name)."""
+    return os.path.realpath(source) if source and os.path.exists(source) else source

@@ -77,6 +77,20 @@ def test_the_processs_own_lower_setting_is_a_ceiling():
     assert "the process's own setting" in out.stderr and "2 torch thread(s) as asked" in out.stderr
 
 
+def test_the_stub_line_names_the_default_threads_it_takes():
+    """With no thread count asked for, the line says the threads the default would have given
+    (it said nothing of them: it passed on the count asked for, None)."""
+    code = ("import logging, torch; logging.basicConfig(level=logging.INFO)\n"
+            "from unittest import mock\n"
+            "from peaknet_xtal import threads\n"
+            "threads.openmp_shadowed = lambda: 'libomptbx.so.0'\n"
+            "with mock.patch('peaknet_xtal.threads.default_threads', return_value=2):\n"
+            "    print(threads.use_torch_threads(None), torch.get_num_threads())\n")
+    out = _python(code)
+    assert out.stdout.split("\n")[0] == "1 1"
+    assert "WARNING" in out.stderr and "1 CPU thread per process, not 2: libomptbx" in out.stderr
+
+
 def test_a_forked_child_runs_one_thread():
     """A fork Pool after the parent has run torch: the GNU OpenMP runtime of a parent that ran
     parallel regions hung the child's first one (a user trial, for good, at 2 threads), and
@@ -102,5 +116,5 @@ def test_a_forked_child_runs_one_thread():
 
 def test_stub_message_names_the_library_and_the_way_out():
     line = threads.stub_openmp_message("libomptbx.so.0", 4)
-    assert "libomptbx.so.0" in line and "per process, not 4," in line and "\n" not in line
+    assert "libomptbx.so.0" in line and "per process, not 4: " in line and "\n" not in line
     assert "mp.nproc=N" in line and "--workers N" in line

@@ -45,6 +45,7 @@ different detectors go to separate output folders.
 """
 from __future__ import annotations
 
+import collections
 import errno
 import logging
 import os
@@ -75,7 +76,7 @@ from peaknet_xtal.stopping import (
     sigterm_raises,
     stop_exception,
 )
-from peaknet_xtal.types import Frame, FrameResult
+from peaknet_xtal.types import Frame, FrameResult, resolved_key
 
 log = logging.getLogger("peaknet_xtal.peaknet2cxi")
 
@@ -792,6 +793,8 @@ def expand_inputs(inputs: Sequence[Any]) -> list[dict[str, Any]]:
         if forced or path.suffix.lower() in LIST_SUFFIXES:
             if not path.exists():
                 raise FormatError(path, "list file not found")
+            if path.is_dir():
+                raise _folder_given(path)
             lines = list(_list_lines(path))
             if not lines:
                 raise FormatError(path, "the list names no files")
@@ -811,8 +814,9 @@ def expand_inputs(inputs: Sequence[Any]) -> list[dict[str, Any]]:
                 if target.is_dir():
                     raise FormatError(path, f"{parts[0]!r} is a folder: list its image files",
                                       line=line_no)
-                entry = out.setdefault(str(target), {"path": str(target), "events": set(),
-                                                     "list": str(path)})
+                entry = out.setdefault(os.path.realpath(target),
+                                       {"path": str(target), "events": set(),
+                                        "list": str(path)})
                 if len(parts) > 1:
                     if entry["events"] is None:
                         continue
@@ -828,13 +832,25 @@ def expand_inputs(inputs: Sequence[Any]) -> list[dict[str, Any]]:
             if not path.exists():
                 raise FormatError(path, "input file not found")
             if path.is_dir():  # said as that: "not a CXI/HDF5 file and not an image" misled
-                raise FormatError(path, "a folder, not an input file: give its image files "
-                                  f"(a glob such as '{path}/*.cbf', unquoted) or a list file")
-            out[str(_absolute(path))] = {"path": str(_absolute(path)), "events": None}
+                raise _folder_given(path)
+            # one entry a file, whatever names it is given under (a link and the file)
+            out.setdefault(os.path.realpath(path), {"path": str(_absolute(path)), "events": None})
+            out[os.path.realpath(path)]["events"] = None
     for entry in out.values():
         if entry["events"] is not None and not entry["events"]:
             entry["events"] = None
     return list(out.values())
+
+
+def _folder_given(folder: Path) -> FormatError:
+    """The error for a folder given as an input: how to name its images, with a glob of the
+    kind of file it holds most (``*.cbf.bz2`` for a folder of those: a ``*.cbf`` glob
+    suggested there matched nothing)."""
+    kinds = collections.Counter("".join(f.suffixes) for f in folder.iterdir()
+                                if f.is_file() and not f.name.startswith(".") and f.suffixes)
+    glob = f"{folder}/*{kinds.most_common(1)[0][0]}" if kinds else f"{folder}/*"
+    return FormatError(folder, f"a folder, not an input file: give its image files (a glob "
+                       f"such as {glob}, unquoted) or a list file")
 
 
 def _list_lines(path: Path) -> Iterator[tuple[int, str]]:
@@ -1117,6 +1133,8 @@ def _pending(inputs: list[dict[str, Any]], geometry: Any, done_cxi: set[tuple[st
     engine's run-level measurements, e.g. the gain, see them as an uninterrupted run would);
     frames to do pass ``check`` first (an input error comes after the frames before it are
     found: ``InferenceEngine.find_frames``)."""
+    # by file, whatever name it was given under, then and now (types.resolved_key)
+    done = {resolved_key(key) for key in done_cxi} & {resolved_key(key) for key in done_stream}
     for entry in inputs:
         source = open_input(entry["path"], geometry)
         seen: set[str] = set()
@@ -1127,7 +1145,7 @@ def _pending(inputs: list[dict[str, Any]], geometry: Any, done_cxi: set[tuple[st
                 seen.add(frame.event)
                 if entry["events"] is not None and frame.event not in entry["events"]:
                     continue
-                if frame.key in done_cxi and frame.key in done_stream:
+                if resolved_key(frame.key) in done:
                     if observe is not None:
                         observe(frame)
                     stats.skipped += 1

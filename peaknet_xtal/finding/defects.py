@@ -379,7 +379,8 @@ class DefectTracker:
         return tracker
 
     def save(self, outdir: str | os.PathLike[str], geometry: Any = None,
-             geometry_file: str | os.PathLike[str] | None = None) -> list[Path]:
+             geometry_file: str | os.PathLike[str] | None = None,
+             filtered: Sequence[np.ndarray] | None = None) -> list[Path]:
         """Write the run's defect mask beside its output: ``pixel_defects.h5`` (CrystFEL) and,
         where DIALS is importable, ``pixel_defects.mask``; nothing before ``min_frames``
         frames (a resumed run that saw too few keeps the masks of the run before it).
@@ -411,13 +412,18 @@ class DefectTracker:
             pass
         except OSError as exc:
             log.warning("could not write the DIALS pixel defect mask under %s: %s", folder, exc)
-        carried_note = ""
+        note = ""
         if sources:
-            carried_note = (f", and {int(sum((~c).sum() for c in carried or []))} of the "
-                            f"earlier mask(s) the input's geometry applies, carried over: "
-                            f"{', '.join(sources)}")
+            note += (f", and {int(sum((~c).sum() for c in carried or []))} of the earlier "
+                     f"mask(s) the input's geometry applies, carried over: {', '.join(sources)}")
+        if filtered is not None:  # called defects for a while, and not by the run's end
+            dropped = int(sum((f & g).sum() for f, g in zip(filtered, good, strict=False)))
+            if dropped:
+                note += (f"; {dropped} more pixel(s) treated as defects for part of the run, "
+                         f"their share of spiking frames below {100 * self.fraction:.0f} % at "
+                         "its end, are not in it")
         log.info("pixel defect mask (%d defects over %d frames%s): %s; %s", self.count(),
-                 self.frames, carried_note, ", ".join(map(str, written)),
+                 self.frames, note, ", ".join(map(str, written)),
                  mask_advice(written[0], _geometry_text(geometry, geometry_file),
                              geometry_file))
         return written
@@ -753,8 +759,9 @@ class DefectFilter:
 
     def save(self, outdir: str | os.PathLike[str], geometry: Any = None,
              geometry_file: str | os.PathLike[str] | None = None) -> list[Path]:
-        """Write the run's defect mask beside its output (:meth:`DefectTracker.save`)."""
-        return self.tracker.save(outdir, geometry, geometry_file)
+        """Write the run's defect mask beside its output (:meth:`DefectTracker.save`), saying
+        how many more pixels the filter treated as defects for part of the run."""
+        return self.tracker.save(outdir, geometry, geometry_file, self._declared)
 
 
 def write_crystfel_mask(path: str | os.PathLike[str], good: Sequence[np.ndarray],

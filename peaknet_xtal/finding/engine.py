@@ -379,7 +379,10 @@ class InferenceEngine:
         cells and the pixels the network's tile-wide statistics average over (GRN, GroupNorm),
         so a panel embedded at an offset in a masked layout found 99.3 % of its own peaks
         (``benchmarks/tile_dependence.py``); cropped, it is the same input, the same peaks.  A
-        dead or fully masked ASIC costs nothing."""
+        masked margin of up to ``types.MASKED_EDGE`` pixels is kept (a border mask, not a
+        layout: ``valid_span``), so a panel embedded with a surround that thin is not cropped
+        to itself and its peaks move (a measured trade-off: README, DIALS section).  A dead or
+        fully masked ASIC costs nothing."""
         regions = [valid_region(good) for good in goods]
         live = [i for i, region in enumerate(regions) if region is not None]
         found = dict(zip(live, self._segment([panels[i][regions[i]] for i in live],

@@ -34,7 +34,7 @@ from typing import Any, NamedTuple
 from peaknet_xtal.finding.defects import DefectFilter, DefectTracker
 from peaknet_xtal.pipeline.frame_finders import build_frame_finder
 from peaknet_xtal.progress import closed_length
-from peaknet_xtal.types import Frame, FrameResult
+from peaknet_xtal.types import Frame, FrameResult, resolved_key
 
 #: A frame's ``(source, event)`` key as the pipeline passes it around.
 FrameKey = tuple[Any, ...]
@@ -103,7 +103,7 @@ class SourceFeeder:
     def __init__(self, spec: dict[str, Any], skip: Iterable[Sequence[Any]] = (),
                  chunk: int = 16, check: Callable[[Frame], None] | None = None) -> None:
         self.spec = dict(spec)
-        self.skip = {tuple(k) for k in skip}
+        self.skip = {resolved_key((str(k[0]), str(k[1]))) for k in skip}  # by file, any name
         self.chunk = max(1, int(chunk))
         self.check = check
         self.tracker = DefectTracker()  # the engine's own settings (DefectFilter's tracker)
@@ -140,7 +140,7 @@ class SourceFeeder:
         source = self.open()
         try:
             for frame in source:
-                if frame.key in self.skip:
+                if resolved_key(frame.key) in self.skip:
                     skipped += 1
                     self._count_skipped(frame)
                     continue

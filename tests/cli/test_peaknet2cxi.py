@@ -268,6 +268,28 @@ def test_a_rerun_of_a_hits_only_run_does_not_find_its_blanks_again(stacks, tmp_p
     assert (again["frames"], again["left_out"]) == (1, N_FRAMES - 1)
 
 
+def test_a_file_given_under_a_link_and_its_own_name_is_found_once(stacks, tmp_path):
+    """Inputs are read under the names given (a link named as an image series needs, a geometry
+    beside the link), but a frame is the file's, whatever name it came under: a rerun naming
+    the file itself after a run through a link skips its frames (it found them again and wrote
+    them twice into one folder), and both names in one command are one input."""
+    geom_path, _, stack, _, predictor = stacks["epix10k2M"]
+    link = tmp_path / "links" / "myrun.h5"
+    link.parent.mkdir()
+    link.symlink_to(stack)
+    first = _run(link, geom_path, tmp_path / "out", predictor)
+    assert first["this_run"]["frames"] == N_FRAMES
+    (cxi_file,) = first["cxi_files"]
+    assert {key[0] for key in read_cxi_peaks(cxi_file).keys} == {str(link)}  # the given name
+    again = _run(stack, geom_path, tmp_path / "out", predictor)
+    assert (again["this_run"]["frames"], again["this_run"]["skipped"]) == (0, N_FRAMES)
+    assert again["frames"] == N_FRAMES
+    both = run({"inputs": [str(link), str(stack)], "geometry": str(geom_path),
+                "output": str(tmp_path / "both"), "predictor": predictor, "progress": False,
+                "min_peaks": 5})
+    assert both["frames"] == both["this_run"]["frames"] == N_FRAMES
+
+
 def test_missing_mask_dataset_warns_and_continues(stacks, tmp_path, caplog):
     geom_path, geometry, stack, sims, predictor = stacks["cspad"]
     no_mask = tmp_path / "no_mask.cxi"
@@ -670,15 +692,18 @@ def test_a_folder_given_or_listed_as_an_input_is_said_to_be_one(tmp_path, capsys
     is a folder and how to name its images."""
     folder = tmp_path / "images"
     folder.mkdir()
+    for name in ("a_0001.cbf.bz2", "a_0002.cbf.bz2", "notes.txt"):
+        (folder / name).write_text("")
     listing = tmp_path / "images.lst"
     listing.write_text("images\n")
-    for k, given in enumerate((folder, listing)):
-        code = main([str(given), "-o", str(tmp_path / f"out{k}"), "--no-progress"])
+    for k, given in enumerate(([str(folder)], [str(listing)], ["-i", str(folder)])):
+        code = main([*given, "-o", str(tmp_path / f"out{k}"), "--no-progress"])
         err = capsys.readouterr().err
         errors = [line for line in err.splitlines() if line.startswith("peaknet2cxi: error:")]
         assert code == 1 and len(errors) == 1 and "Traceback" not in err, err
-        assert str(given) in errors[0] and "folder" in errors[0], errors[0]
-        assert "DIALS can read" not in err
+        assert "folder" in errors[0] and "DIALS can read" not in err, errors[0]
+        if k != 1:  # given itself: the advice globs the kind of file it holds
+            assert f"{folder}/*.cbf.bz2" in errors[0], errors[0]
 
 
 def test_an_output_folder_with_a_space_gets_a_note_for_indexamajig(tmp_path, capsys):

@@ -748,3 +748,21 @@ def test_pixels_flickering_on_a_blank_do_not_turn_the_spike_test_off():
         filt(*frame(True, k % 2 == 0))
     kept = filt(*frame(False, True))  # a blank: only the flickering pixels
     assert len(kept) == 0
+
+
+def test_the_saved_mask_says_the_pixels_filtered_for_part_of_the_run(tmp_path, caplog):
+    """A pixel the filter treated as a defect for a while (it flickered below three frames in
+    four by the end) is not in the saved mask, which is the counts' own; the log says so (it
+    said "2 pixel(s) ... treated as defects" and then "0 defects")."""
+    rng = np.random.default_rng(9)
+    filt = DefectFilter(DefectTracker(min_frames=4), spikes=False)
+    for on in [1, 1, 1, 1, 0, 0, 0, 0]:
+        panel = rng.normal(0, 1, (32, 64))
+        panel[10, 20] += 60.0 * on
+        filt(peaks_from_columns(), [panel])
+    with caplog.at_level("INFO", logger="peaknet_xtal.finding.defects"):
+        (written, *_) = filt.save(tmp_path)
+    with h5py.File(written) as h5:
+        assert h5["/data/data"][()].all()  # 4 of 8 frames: not in the mask
+    assert "0 defects over 8 frames; 1 more pixel(s) treated as defects for part of the run" \
+        in caplog.text

@@ -52,6 +52,21 @@ def test_source_feeder_chunks_and_skips_done_keys(tmp_path: Path, stacks):
     assert [f.event for f in queue.items] == [f"//{i}" for i in range(10) if i not in (3, 7)]
 
 
+def test_source_feeder_skips_a_files_done_frames_under_any_of_its_names(tmp_path: Path,
+                                                                       stacks):
+    """Frames done under a link's name are done when the file comes under its own, and the
+    other way round (both names were found, and written twice into one folder)."""
+    path = stacks.write(tmp_path / "in.h5", 6)
+    link = tmp_path / "link.h5"
+    link.symlink_to(path)
+    for given, done_as in ((path, link), (link, path)):
+        done = [(str(done_as), "//1"), (str(done_as), "//4")]
+        queue = ListQueue()
+        out = SourceFeeder({"path": str(given), "kind": CXISource}, done, chunk=3).run(queue)
+        assert (out["sent"], out["skipped"]) == (4, 2)
+        assert [f.event for f in queue.items] == ["//0", "//2", "//3", "//5"]
+
+
 def test_source_feeder_stops_when_the_queue_refuses(tmp_path: Path, stacks):
     path = stacks.write(tmp_path / "in.h5", 10)
     out = SourceFeeder({"path": str(path), "kind": CXISource}, chunk=4).run(ListQueue(limit=1))

@@ -92,16 +92,21 @@ def test_single_frame_and_default_data_path_without_geometry(tmp_path):
     assert frame.meta["h5_index"] is None
 
 
-@pytest.mark.parametrize("dtype", ["uint16", "uint32", "int32", "float32"])
-def test_frames_keep_the_type_they_were_stored_as(tmp_path, dtype):
-    """Frames come out float32; the stored type, by which integer data mark gaps
-    (finding.sanitise.marked_pixels), travels in meta for the engine."""
+@pytest.mark.parametrize("dtype,step,marks_as", [
+    ("uint16", 1, "uint16"), ("uint32", 1, "uint32"), ("int32", 1, "int32"),
+    ("float32", 1, "uint16"), ("float32", 0.5, "float32"), ("float64", 0.25, "float64")])
+def test_frames_keep_the_type_they_were_stored_as(tmp_path, dtype, step, marks_as):
+    """Frames come out float32; the type by which their values mark gaps
+    (finding.sanitise.marked_pixels) travels in meta for the engine: the stored type of
+    integer data, and the type whole-number floats imply (as every entry point reads them);
+    floats with fractions mark nothing."""
     path = tmp_path / "one.h5"
     with h5py.File(path, "w") as h5:
-        h5.create_dataset("/data/data", data=np.arange(120).reshape(10, 12).astype(dtype))
+        h5.create_dataset("/data/data",
+                          data=(np.arange(120).reshape(10, 12) * step).astype(dtype))
     frame = read_cxi_frame(path)
     assert frame.panels[0].dtype == np.float32
-    assert frame.meta["dtype"] == dtype
+    assert frame.meta["dtype"] == marks_as
 
 
 def test_static_mask_dataset_combines_with_geometry_mask(tmp_path, geometry):

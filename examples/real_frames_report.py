@@ -45,6 +45,8 @@ from typing import Any
 
 import numpy as np
 
+from peaknet_xtal.finding.settings import DEFAULTS
+
 ROOT = Path(__file__).resolve().parents[1]
 REAL = ROOT.parent / "shared" / "data" / "real"
 CSPAD = REAL / "cspad_thermolysin_stills"
@@ -193,9 +195,16 @@ def cysteine(peaknet: Any, dispersion: Any, plots: Path) -> dict[str, Any]:
         xy, classic_at = np.c_[found["fs"], found["ss"]], np.c_[classic["fs"], classic["ss"]]
         on_ref = _near(xy, ref)
         ref_found = _near(ref, xy)
-        for box in boxes[~ref_found]:
+        classic_found = _near(ref, classic_at)
+        top = boxes[:, 6] == 1
+        prob = network_probability(peaknet, panels, masks)
+        for box, by_dispersion in zip(boxes[~ref_found], classic_found[~ref_found],
+                                      strict=True):
             missed.append({"top": bool(box[6]),
-                           "brightest": brightest_in_shoebox(np.asarray(panels[0]), box)})
+                           "brightest": brightest_in_shoebox(np.asarray(panels[0]), box),
+                           "dispersion": bool(by_dispersion),
+                           "probability": (float("nan") if prob is None
+                                           else brightest_in_shoebox(prob, box))})
         spots_found += int(ref_found.sum())
         spots_all += len(ref)
         frames.append(frame_of(path))
@@ -203,6 +212,12 @@ def cysteine(peaknet: Any, dispersion: Any, plots: Path) -> dict[str, Any]:
         classic_xy.append(classic_at)
         rows.append({"frame": path.name, "reference": len(ref), "peaknet": len(found),
                      "on_reference": int(on_ref.sum()), "reference_found": int(ref_found.sum()),
+                     # the same list's spots found by DIALS' dispersion, and both finders on
+                     # the images at the top of each spot's rocking curve
+                     "dispersion_reference_found": int(classic_found.sum()),
+                     "reference_top": int(top.sum()),
+                     "reference_top_found": int(ref_found[top].sum()),
+                     "dispersion_reference_top_found": int(classic_found[top].sum()),
                      # missed, but a peak lies a little further than MATCH_PX from the list's
                      # centroid (the centroid of a spot over all its images, which moves)
                      "reference_missed_peak_within_2x": int(_near(ref[~ref_found], xy,
@@ -235,7 +250,14 @@ def cysteine(peaknet: Any, dispersion: Any, plots: Path) -> dict[str, Any]:
             else None
     offlist_gallery(plots / "lcysteine_offlist.png", off_list,
                     [frame_name(f) for f in frames])
+    def share(key: str, of: str) -> float:
+        whole = sum(r[of] for r in rows)
+        return sum(r[key] for r in rows) / whole if whole else float("nan")
+
     return {"frames": rows, "precision": precision, "recall": recall,
+            "dispersion_recall": share("dispersion_reference_found", "reference"),
+            "recall_top": share("reference_top_found", "reference_top"),
+            "dispersion_recall_top": share("dispersion_reference_top_found", "reference_top"),
             "met": bool(recall == 1.0 and precision >= 0.9),
             # the same measure for DIALS' own dispersion: how complete the reference list is
             "dispersion_precision": (sum(r["dispersion_on_reference"] for r in rows)
@@ -246,20 +268,40 @@ def cysteine(peaknet: Any, dispersion: Any, plots: Path) -> dict[str, Any]:
             "reference_missed_peak_within_2x": sum(r["reference_missed_peak_within_2x"]
                                                    for r in rows),
             "reference_missed_kinds": _missed_kinds(missed),
+            # no pixel of the spot's shoebox reaches the finding threshold: the network's
+            # doubt, not a later cut (SNR, faint peaks, defects), loses them
+            "reference_missed_below_threshold": sum(bool(m["probability"] < DEFAULTS.threshold)
+                                                    for m in missed),
             "off_reference_counts": _counts_summary(off_list)}
+
+
+def network_probability(finder: Any, panels: Sequence[np.ndarray],
+                        masks: Sequence[np.ndarray]) -> np.ndarray | None:
+    """The peak probability map of a one-panel image as the finder's engine gives it
+    (``InferenceEngine.predict_panels``), or None for a finder without one (a stand-in)."""
+    engine = getattr(finder, "engine", None)
+    if engine is None or len(panels) != 1:
+        return None
+    return np.asarray(engine.predict_panels(panels, masks)[0])
 
 
 def _missed_kinds(missed: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     """The missed reference spots split by where on their rocking curve the image lies (its top:
     the image holding the spot's z centroid; a tail: any other image its shoebox spans), each
-    with how many and the range and median of their brightest shoebox pixel on that image."""
+    with how many, the range and median of their brightest shoebox pixel on that image and of
+    the network's highest peak probability in the shoebox there (NaN without a network), and
+    how many of them DIALS' dispersion finds."""
     out = {}
     for kind, top in (("top", True), ("tail", False)):
-        values = [m["brightest"] for m in missed if m["top"] is top]
-        out[kind] = {"spots": len(values),
-                     "brightest_min": min(values, default=float("nan")),
-                     "brightest_median": float(np.median(values)) if values else float("nan"),
-                     "brightest_max": max(values, default=float("nan"))}
+        chosen = [m for m in missed if m["top"] is top]
+        out[kind] = {"spots": len(chosen),
+                     "by_dispersion": sum(bool(m["dispersion"]) for m in chosen)}
+        for name in ("brightest", "probability"):
+            values = [m[name] for m in chosen]
+            out[kind].update({
+                f"{name}_min": min(values, default=float("nan")),
+                f"{name}_median": float(np.median(values)) if values else float("nan"),
+                f"{name}_max": max(values, default=float("nan"))})
     return out
 
 
@@ -444,8 +486,11 @@ def markdown(report: dict[str, Any]) -> str:
     lines += ["", "## L-cysteine rotation frames (Pilatus 2M) against strong.pickle", "",
               f"Reference spots found: {c['recall']:.0%}; peaks on a reference spot: "
               f"{c['precision']:.0%} ({yes(c['met'])}: all found and at least 90 % on one).  "
-              f"DIALS' dispersion (defaults) on the same frames: {c['dispersion_precision']:.0%} "
-              f"of its peaks on a reference spot; of PeakNet's {c['off_reference']} peaks off "
+              f"DIALS' dispersion (defaults) on the same frames: {c['dispersion_recall']:.0%} "
+              f"of the reference spots found, {c['dispersion_precision']:.0%} "
+              "of its peaks on a reference spot; on the images at the top of each spot's "
+              f"rocking curve PeakNet finds {c['recall_top']:.0%} of the spots, dispersion "
+              f"{c['dispersion_recall_top']:.0%}; of PeakNet's {c['off_reference']} peaks off "
               f"the reference list, {c['off_reference_on_dispersion']} lie on a dispersion "
               "peak.", "",
               "| frame | reference spots | found | PeakNet peaks | on a reference spot | "
@@ -482,6 +527,18 @@ def markdown(report: dict[str, Any]) -> str:
                   f"{tail['brightest_median']:.0f}) and {top['spots']} on the image at its top "
                   f"(brightest pixel {top['brightest_min']:.0f}-{top['brightest_max']:.0f} "
                   f"counts, median {top['brightest_median']:.0f}).")
+    if all(kinds[k]["spots"] for k in kinds):
+        lines[-1] += (f"  DIALS' dispersion finds {top['by_dispersion']} of those {top['spots']} "
+                      f"and {tail['by_dispersion']} of the {tail['spots']}.")
+    if all(np.isfinite(kinds[k]["probability_max"]) for k in kinds):
+        lines[-1] += ("  The network's highest peak probability in their shoeboxes: "
+                      f"{top['probability_min']:.2f}-{top['probability_max']:.2f} (median "
+                      f"{top['probability_median']:.2f}) on the top images, "
+                      f"{tail['probability_min']:.2f}-{tail['probability_max']:.2f} (median "
+                      f"{tail['probability_median']:.2f}) on the tails; "
+                      f"{c['reference_missed_below_threshold']} of the {c['reference_missed']} "
+                      f"have no pixel at the finding threshold ({DEFAULTS.threshold}), so the "
+                      "network's doubt, not a later cut, loses them.")
     e = report["eiger2"]
     lines += ["", "## Eiger2 16M still (4M mode)", "",
               f"PeakNet: {e['peaknet']} peaks ({'a hit' if e['hit'] else 'not a hit'}), "
@@ -505,7 +562,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from peaknet_xtal.atomic import write_json_atomic, write_text_atomic
     from peaknet_xtal.evaluation.report import strict_json
-    from peaknet_xtal.finding.settings import DEFAULTS
 
     torch.set_num_threads(1)
     out, work = Path(args.out), Path(args.work)

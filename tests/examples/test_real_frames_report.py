@@ -90,6 +90,14 @@ def test_scores_follow_where_the_peaks_are(report, tmp_path, shift, expected):
         assert 0 < kinds["top"]["brightest_min"] <= kinds["top"]["brightest_max"]
     # DIALS' own dispersion is scored against the same list, whatever PeakNet reports
     assert 0 < result["dispersion_precision"] <= 1
+    assert 0 < result["dispersion_recall"] <= 1 and 0 < result["dispersion_recall_top"] <= 1
+    assert result["recall_top"] == pytest.approx(expected)
+    if expected == 0.0:  # every spot missed: the ones dispersion finds are among them
+        found_by_dispersion = kinds["top"]["by_dispersion"] + kinds["tail"]["by_dispersion"]
+        assert found_by_dispersion == round(result["dispersion_recall"] * spots)
+    # a stand-in has no network: no probability to judge the missed spots by
+    assert np.isnan(kinds["top"]["probability_max"])
+    assert result["reference_missed_below_threshold"] == 0
     # the audit of the off-list peaks judges the first sweep's ten consecutive images
     audit = result["audit"]["peaknet"]
     assert audit["frames"] == 10 and audit["on_reference"] == round(audit["peaks"] * expected)
@@ -117,6 +125,44 @@ def test_recurring_needs_the_same_place_on_a_neighbouring_image(report):
     assert not again[0][0]  # beyond MATCH_PX is another place
     assert report.frame_name((1, 0)) == "l-cyst_02_00001"
     assert report.frame_of(report.frame_name((0, 9)) + ".cbf.bz2") == (0, 9)
+
+
+class _FlatEngine:
+    """A segmenter that gives every pixel one peak probability."""
+
+    def __init__(self, value: float) -> None:
+        self.value = value
+
+    def predict_panels(self, panels, masks=None):
+        return [np.full(np.shape(p), self.value, np.float32) for p in panels]
+
+
+@pytest.mark.parametrize("value", [0.3, 0.9])
+def test_missed_spots_carry_the_networks_probability(report, tmp_path, value):
+    """Spots missed with a probability map under the threshold count as the network's doubt;
+    over it (lost to a later cut), they do not."""
+    from peaknet_xtal.evaluation.finders import DispersionFinder
+    from peaknet_xtal.finding.settings import DEFAULTS
+
+    finder = ReferenceFinder(report, 5000.0)
+    finder.engine = _FlatEngine(value)
+    result = report.cysteine(finder, DispersionFinder(), tmp_path)
+    kinds = result["reference_missed_kinds"]
+    for kind in ("top", "tail"):
+        assert kinds[kind]["probability_min"] == kinds[kind]["probability_max"] == \
+            pytest.approx(value)
+    if value < DEFAULTS.threshold:
+        assert result["reference_missed_below_threshold"] == result["reference_missed"] > 0
+    else:
+        assert result["reference_missed_below_threshold"] == 0
+    assert "finding threshold" in report.markdown({**_minimal(), "cysteine": result})
+
+
+def _minimal() -> dict:
+    """The report's other sections, empty, for :func:`markdown`."""
+    return {"model": "stand-in", "min_peaks": 10, "cspad": [], "thaumatin": [],
+            "eiger2": {"peaknet": 0, "hit": False, "peaknet_on_dispersion": 0,
+                       "dispersion": 0, "max_counts": 0}, "seconds": 0.0}
 
 
 def test_near_misses_are_counted_apart(report, tmp_path):

@@ -997,7 +997,7 @@ def run_gain(inputs: Sequence[str], geometry: Any) -> float | None:
     132 peaks single-process, 129 with two workers; the gain written into peaknet.geom 30.3
     against 32.7).  The single-process run uses the running median on the frames before its
     gain settles (at most its first four measured frames), so only those can differ from it."""
-    from peaknet_xtal.finding.gain import GainResolver, is_real_gain
+    from peaknet_xtal.finding.gain import GainResolver, is_real_gain, panel_names
     from peaknet_xtal.finding.sanitise import sanitise_frame
     from peaknet_xtal.finding.settings import resolve_gain
 
@@ -1013,7 +1013,8 @@ def run_gain(inputs: Sequence[str], geometry: Any) -> float | None:
                         return None
                     goods = sanitise_frame(frame.panels, frame.masks,
                                            frame.meta.get("dtype"))[1]
-                    gain = resolver(declared, frame.panels, goods)
+                    gain = resolver(declared, frame.panels, goods,
+                                    panel_names(frame.geometry, len(frame.panels)))
                     if resolver.settled:
                         break
             finally:

@@ -74,7 +74,7 @@ from typing import Any
 import numpy as np
 
 from peaknet_xtal.finding.defects import DefectFilter, DefectTracker
-from peaknet_xtal.finding.gain import GainResolver
+from peaknet_xtal.finding.gain import GainResolver, panel_names
 from peaknet_xtal.finding.peaks import (
     PeakParams,
     faint_unsupported,
@@ -682,7 +682,8 @@ class InferenceEngine:
         _, goods, _ = sanitise_frame(frame.panels, frame.masks, frame.meta.get("dtype"))
         if self.peak_params.adu_per_photon is None:
             self._gain_from_data(resolve_gain(meta=frame.meta, geometry=frame.geometry),
-                                 frame.panels, goods)
+                                 frame.panels, goods,
+                                 panel_names(frame.geometry, len(frame.panels)))
         self.defects.tracker.update(frame.panels, goods)
 
     def params_for(self, frame: Frame, goods: Sequence[np.ndarray] | None = None) -> PeakParams:
@@ -697,7 +698,8 @@ class InferenceEngine:
         # declared (source, geometry), else -- or where the declared one is a placeholder --
         # measured from the run's background (finding/gain.py)
         gain = self._gain_from_data(resolve_gain(meta=frame.meta, geometry=frame.geometry),
-                                    frame.panels, goods)
+                                    frame.panels, goods,
+                                    panel_names(frame.geometry, len(frame.panels)))
         if gain not in self._gains_logged:
             self._gains_logged.add(gain)
             log.info("%s: %s", frame.source or "frame", "no detector gain declared: peak SNR "

@@ -11,7 +11,9 @@ the ratio ``var / mean`` that ``dials.estimate_gain`` takes (the median index of
 the slope is blind to read noise and to pedestal offsets.  The measurement:
 
 - every panel is cut into ``block x block`` pixel blocks (blocks with masked or non-finite
-  pixels dropped); blocks whose neighbouring pixels correlate (a spot, a streak: anything wider
+  pixels dropped, and blocks of one value: a saturated plateau has no noise, and four such blocks
+  of a 50 x 50 plateau at 16383 ADU flattened a real CSPAD still's line until it showed no gain);
+  blocks whose neighbouring pixels correlate (a spot, a streak, a plateau's edge: anything wider
   than a pixel) are not background and are dropped too;
 - each block's pixels are split in a checkerboard: the *black* half gives a mean used only to
   group the blocks of a panel by level, the *white* half gives the block's mean and variance.
@@ -22,6 +24,9 @@ the slope is blind to read noise and to pedestal offsets.  The measurement:
   pedestal offsets, common on integrating detectors, drop out) is fitted through the group
   points, equally weighted (weights from the points' own scatter bias the slope low: measured,
   0.7 x the true gain on a sparse background);
+- a panel whose gain correction is wrong (ten times the gain weighs a hundred times as much) is
+  left out of both fits first, and named: its own slope far above the median panel's, or its
+  noise most of the fit's error (:func:`_disagreeing_panels`);
 - pedestal offsets that differ *inside* a panel (per chip or ASIC: JUNGFRAU modules are 2 x 4
   chips of 256 x 256 pixels and a Jungfraujoch 4M file is one panel of 72 of them; AGIPD
   modules are 8 x 2 ASICs of 64 x 64) add level spread with no variance to it and pull that
@@ -107,6 +112,16 @@ against 3, the worst claimed error 19 % against 53 % (ASIC offsets at 1 photon a
 of the gain, called reliable).  The look costs 0.036 s against 0.023 on a 2.2-Mpx frame (one
 thread), 0.072 against 0.056 on a 4.5-Mpx panel.
 
+Mis-calibrated panels (the trial's reproductions): two CSPAD ASICs of 64 at ten times the gain
+made the two real stills read 291 and 303 ADU per photon (the run 297; the healthy panels kept 41
+of 215 and 11 of 116 peaks); now 27.5 and 32.5 (the run 30.0) and 215 and 116 of them, with a
+warning naming the two.  A simulated ePix10k2M module (four ASICs of 64) at ten times: 274
+before, now 29.5-30.1 a frame (a flat ASIC among them left out by its noise).  No panel is left
+out on 172 healthy frames (the CSPAD stills with and without their mask, simulated ePix10k2M
+hits and blanks, chip offsets, sparse blanks), and ``benchmarks/bench_gain.py`` prints the same
+numbers.  A saturated 50 x 50 plateau on a CSPAD ASIC: no gain before, 27.8 and 32.7 now (27.9
+and 32.7 without it).  The checks add 1-3 ms to a look of about 60 ms (a 2.2-Mpx frame).
+
 Not corrected: a point spread (CCDs) lowers the pixel variance, so the slope is the pixel-level
 one, below the conversion gain that a whole spot's shot noise follows; so is a background whose
 noise is below its shot noise, as ``sim.artifacts.add_strong_background`` draws it per frame.
@@ -119,7 +134,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -154,6 +169,19 @@ OFFSET_RATIO = 1.4
 #: interquartile ranges of their group's: independent of the white half's noise) and single
 #: hot pixels by the white half's, outside this many (Tukey's "far out" fence).
 FAR_OUT = 3.0
+#: A panel whose own slope is above this many times the median panel's (and above it by
+#: ``MAX_DISAGREEMENT_SIGMAS`` of its own standard errors) is taken to be mis-calibrated and left
+#: out (:func:`_disagreeing_panels`).  Healthy panels read up to 2.06 times the median: the ASIC
+#: of the real CSPAD stills with the most spots (faint spots' wings add variance); 1.7 on
+#: simulated ePix10k2M hits and blanks at 0.03-3 photons a pixel.  Gain modes differ by 3.0
+#: (ePix10k high and medium) to 100 times (high and low): 2.5 lies between.
+PANEL_RATIO = 2.5
+#: A panel without which the fit's standard error falls more than this many times is left out
+#: (its noise is most of the fit's error: :func:`_disagreeing_panels`).
+NOISE_RATIO = 2.0
+#: Fewest panels with a reliable slope of their own for the comparison: the smallest number whose
+#: median one disagreeing panel cannot set.
+MIN_PANELS = 3
 #: Declared gains above this many ADU per photon look like ``adu_per_eV = 1`` placeholders.
 PLACEHOLDER_ABOVE = 1000.0
 #: A placeholder-like declared gain is replaced when the estimate is this many times off.
@@ -172,6 +200,11 @@ class GainEstimate:
     frames: int = 1  # frames pooled (median of their estimates)
     lever: float = 1.0  # share of the fitted level spread that is real (module docstring)
     within_regions: bool = False  # from the per-region fit (offsets inside panels: docstring)
+    #: panels left out as mis-calibrated (:func:`_disagreeing_panels`): each with its own slope,
+    #: far above the others', and those whose noise made most of the fit's error
+    disagreeing: tuple[tuple[int, float], ...] = ()
+    noisy: tuple[int, ...] = ()
+    typical_panel: float = float("nan")  # the median panel's own slope, where panels were left out
 
     @property
     def reliable(self) -> bool:
@@ -216,11 +249,16 @@ def _block_table(panel: np.ndarray, good: np.ndarray | None, block: int
         return a[:h, :w].reshape(h // block, block, w // block, block).transpose(0, 2, 1, 3)
 
     usable = blocks(ok).reshape(-1, block * block).all(axis=1)
-    row, col = np.divmod(np.flatnonzero(usable), w // block)
     # one float64 copy in block order (a 2-Mpx panel's copies cost more than its statistics)
     values = np.empty((h // block, w // block, block, block))
     values[...] = blocks(image)
     values = values.reshape(-1, block, block)
+    # a block of one value has no noise: a saturated plateau, a dead or filled region, never a
+    # background (a 50 x 50 plateau at 16383 ADU on a CSPAD ASIC: four such blocks at a level
+    # of 16383 with no variance flattened the line, and the frame showed no gain)
+    usable &= (values.reshape(len(values), -1) != values.reshape(len(values), -1)[:, :1]
+               ).any(axis=1)
+    row, col = np.divmod(np.flatnonzero(usable), w // block)
     if not usable.all():
         values = values[usable]
     if len(values) == 0:  # no fully good block (an all-masked or all-NaN panel)
@@ -263,7 +301,7 @@ def estimate_gain(panels: Sequence[np.ndarray], masks: Sequence[np.ndarray] | No
     region_points: list[tuple[float, ...]] = []
     panel_owner: list[int] = []
     region_owner: list[int] = []
-    n_blocks = 0
+    panel_blocks: list[int] = []
     pixels = block * block // 2
     per = max(region // block, 1)  # blocks along a region's side
     for i, panel in enumerate(panels):
@@ -274,7 +312,7 @@ def estimate_gain(panels: Sequence[np.ndarray], masks: Sequence[np.ndarray] | No
             flat = corr <= typical + MAX_EXTRA_CORRELATION
             key, mean, var, third = key[flat], mean[flat], var[flat], third[flat]
             row, col, key_var, corr = row[flat], col[flat], key_var[flat], corr[flat]
-        n_blocks += len(key)
+        panel_blocks.append(len(key))
         count = min(groups, len(key) // MIN_GROUP)
         if count < 2:
             continue
@@ -291,9 +329,112 @@ def estimate_gain(panels: Sequence[np.ndarray], masks: Sequence[np.ndarray] | No
                                count, pixels, key_var[clean])
         region_points.extend(found)
         region_owner.extend([i] * len(found))
+    high, noisy, typical = _disagreeing_panels(panel_points, panel_owner)
+    out = set(high) | set(noisy)
+    if out:  # mis-calibrated panels: left out of both fits
+        panel_points, panel_owner = _without(panel_points, panel_owner, out)
+        region_points, region_owner = _without(region_points, region_owner, out)
+    n_blocks = sum(n for i, n in enumerate(panel_blocks) if i not in out)
     by_panel = _fit(panel_points, panel_owner, n_blocks, centred=False)
     by_region = _fit(region_points, region_owner, n_blocks, centred=True)
-    return _choose_fit(by_panel, by_region)
+    chosen = _choose_fit(by_panel, by_region)
+    if not out:
+        return chosen
+    return replace(chosen, disagreeing=tuple(sorted(high.items())), noisy=tuple(noisy),
+                   typical_panel=typical)
+
+
+def _disagreeing_panels(points: list[tuple[float, ...]], owner: list[int]
+                        ) -> tuple[dict[int, float], list[int], float]:
+    """Panels to leave out as mis-calibrated: those whose own slope is far above the other
+    panels' (panel -> its slope), those whose noise makes most of the fit's error (their own
+    slope unmeasured), and the median slope of the panels whose own fit is reliable.
+
+    Why: the fit's panels share one slope, each weighted by its level spread, so a panel whose
+    gain correction is wrong (a gain mode or a calibration constant applied wrongly: ten times
+    the gain) weighs a hundred times as much as the others and sets the slope: two such CSPAD
+    ASICs of 64 made a real still read 291 ADU per photon for 28, and its other panels lost four
+    peaks of five.  Each panel's own line (the fit on its group points alone) is compared with
+    the median over the panels whose own fit is reliable (``MAX_RELATIVE_ERROR``, ``MIN_LEVER``;
+    at least ``MIN_PANELS`` of them): a panel above ``PANEL_RATIO`` times that median and
+    ``MAX_DISAGREEMENT_SIGMAS`` of its own standard errors is left out.  Only panels reading
+    high: healthy panels read low too (pedestal structure inside a panel adds level spread
+    without variance; three of the real CSPAD stills' 64 ASICs read below a fifth of the
+    median, one of them negative), and a panel whose gain is too low weighs little in the fit.
+
+    A faulty panel with no level spread of its own (a flat, dim ASIC) shows no slope to compare,
+    yet its noise, a hundred times the others' at ten times the gain, swamps the fit: the
+    simulated ePix10k2M module at ten times the gain, three of its four ASICs left out by their
+    slope, read 20.1 +- 13 % for 30 (called reliable).  So then, one at a time, the panel
+    without which the fit's standard error falls most is left out while that fall is more than
+    ``NOISE_RATIO`` times (there 17-23 times; on healthy frames at most 1.15 times: real CSPAD
+    stills, simulated ePix10k2M hits and blanks).  Two such panels of equal noise hide each
+    other (each alone takes only about 1.4 times off)."""
+    if len(points) < 3:
+        return {}, [], float("nan")
+    labels, sums = _panel_sums(points, owner)
+    slope, error, lever = _sums_line(sums, 1)
+    reliable = (slope > 0) & (error <= MAX_RELATIVE_ERROR * slope) & (lever >= MIN_LEVER)
+    if reliable.sum() < MIN_PANELS:
+        return {}, [], float("nan")
+    typical = float(np.median(slope[reliable]))
+    out = (slope > PANEL_RATIO * typical) & (slope - typical > MAX_DISAGREEMENT_SIGMAS * error)
+    high = {int(labels[i]): float(slope[i]) for i in np.flatnonzero(out)}
+    noisy: list[int] = []
+    while (~out).sum() > MIN_PANELS:
+        kept = ~out
+        total = sums[kept].sum(axis=0)
+        whole = _sums_line(total[None, :], int(kept.sum()))[1][0]
+        if not np.isfinite(whole):
+            break
+        without = _sums_line(total[None, :] - sums, int(kept.sum()) - 1)[1]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            fall = np.where(kept & np.isfinite(without), whole / without, 0.0)
+        worst = int(np.argmax(fall))
+        if not fall[worst] > NOISE_RATIO:
+            break
+        out[worst] = True
+        noisy.append(int(labels[worst]))
+    return high, noisy, typical
+
+
+def _panel_sums(points: list[tuple[float, ...]], owner: list[int]
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """The panels (sorted) and, per panel, the sums :func:`_fixed_effects_line` makes of its
+    points about the panel's own weighted means: ``w dx dx``, ``w dx dy``, ``w dy dy``, the
+    sampling noise ``w (1 - w / W) x_var`` and ``w (1 - w / W) xy_cov``, and the point count.
+    With one group per panel the fit's sums are these summed over the panels, so any panel's
+    own line, or the fit without any one panel, is a sum away (:func:`_sums_line`)."""
+    x, y, w, x_var, xy_cov = np.array(points).T
+    labels, inverse = np.unique(np.asarray(owner), return_inverse=True)
+    sw = np.bincount(inverse, w)
+    dx = x - (np.bincount(inverse, w * x) / sw)[inverse]
+    dy = y - (np.bincount(inverse, w * y) / sw)[inverse]
+    own = w * (1.0 - w / sw[inverse])
+    columns = (w * dx * dx, w * dx * dy, w * dy * dy, own * x_var, own * xy_cov, np.ones_like(w))
+    return labels, np.stack([np.bincount(inverse, c, minlength=len(labels)) for c in columns],
+                            axis=1)
+
+
+def _sums_line(sums: np.ndarray, panels: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Slope, standard error and lever of :func:`_fixed_effects_line` from each row of
+    :func:`_panel_sums`' sums over ``panels`` panels (0, inf where there is no lever)."""
+    sxx, sxy, syy, noise_xx, noise_xy, n = sums.T
+    with np.errstate(divide="ignore", invalid="ignore"):
+        lever = np.where(sxx > 0, (sxx - noise_xx) / sxx, 0.0)
+        usable = (sxx > 0) & (lever > 0)
+        slope = np.where(usable, (sxy - noise_xy) / (sxx - noise_xx), 0.0)
+        scale = np.maximum(syy - 2 * slope * sxy + slope * slope * sxx, 0.0) / np.maximum(
+            n - panels - 1, 1)
+        error = np.where(usable, np.sqrt(scale / sxx) / lever, np.inf)
+    return slope, error, lever
+
+
+def _without(points: list[tuple[float, ...]], owner: list[int], panels: set[int]
+             ) -> tuple[list[tuple[float, ...]], list[int]]:
+    """The group points (and their owners) of all panels but ``panels``."""
+    kept = [i for i, panel in enumerate(owner) if panel not in panels]
+    return [points[i] for i in kept], [owner[i] for i in kept]
 
 
 def _fit(points: list[tuple[float, ...]], owner: list[int], n_blocks: int, *, centred: bool
@@ -528,9 +669,11 @@ class GainResolver:
     SNRs comparable, and estimating stops costing time once settled.  Only declared gains that are
     missing or placeholder-like (:func:`is_placeholder`) are checked against the data; the first
     ``frames`` reliable estimates are pooled (their median, so frames before the last use the
-    running median).  A placeholder kept because no frame so far shows a gain is logged as a warning
-    (the first frame's), naming each entry point's gain setting: on an integrating detector its peak
-    SNRs count far too little shot noise.  Frames whose background shows no gain (flat, sparse
+    running median).  A placeholder kept, or no gain at all, because no frame so far shows one is
+    logged as a warning (the first frame's), naming each entry point's gain setting: on an
+    integrating detector its peak SNRs count far too little shot noise, or none.  So are panels a
+    frame's estimate left out as mis-calibrated (:func:`_disagreeing_panels`), once a run each, by
+    name where the caller gives the names.  Frames whose background shows no gain (flat, sparse
     blanks: most of a serial run at a low hit rate) do not count towards ``frames``: the resolver
     goes on looking, up to ``max_frames`` frames in all, so that a run that opens with blanks still
     gets its gain from the first frames that show one.  Each look costs 0.06-0.08 s on a 2-Mpx frame
@@ -548,6 +691,7 @@ class GainResolver:
         self._gains: list[float] = []
         self._seen = 0
         self._said: set[float | None] = set()
+        self._named: set[int] = set()  # panels said to disagree (:meth:`_name_disagreeing`)
         self._layout: list[tuple[int, ...]] | None = None
 
     @property
@@ -562,18 +706,21 @@ class GainResolver:
         return float(np.median(self._gains)) if self._gains else None
 
     def __call__(self, declared: float | None, panels: Sequence[np.ndarray],
-                 masks: Sequence[np.ndarray] | None = None) -> float | None:
-        """Gain for this frame given the declared one (see :func:`choose_gain`)."""
+                 masks: Sequence[np.ndarray] | None = None,
+                 names: Sequence[str] | None = None) -> float | None:
+        """Gain for this frame given the declared one (see :func:`choose_gain`).  ``names``:
+        the panels' names for the warnings (:func:`panel_names`; else their 0-based index)."""
         if is_real_gain(declared):
             return declared  # a real declared gain: no need to look at the data
         layout = [tuple(np.shape(p)) for p in panels]
         if layout != self._layout:  # another detector: its own gain, measured again
             if self._layout is not None:
                 log.info("panel layout changed: the detector gain is measured again")
-            self._layout, self._gains, self._seen = layout, [], 0
+            self._layout, self._gains, self._seen, self._named = layout, [], 0, set()
         if len(self._gains) < self.frames and self._seen < self.max_frames:
             self._seen += 1
             estimate = estimate_gain(panels, masks)
+            self._name_disagreeing(estimate, names)
             if estimate.reliable:
                 self._gains.append(estimate.gain)
         current = self.estimate
@@ -584,9 +731,10 @@ class GainResolver:
         said = None if gain is None else float(f"{gain:.2g}")
         if said not in self._said:
             self._said.add(said)
-            if current is None and declared is not None and declared > 0:
-                # a placeholder kept unchecked: on an integrating detector every peak SNR counts
-                # far too little shot noise (blanks turn into hits), so it must not pass quietly
+            if current is None:
+                # a placeholder kept unchecked, or no gain at all: on an integrating detector
+                # every peak SNR counts far too little shot noise, or none (blanks turn into
+                # hits: a CSPAD still got 304 peaks for 237), so it must not pass quietly
                 log.warning("detector gain: %s in the %d frame(s) looked at so far; if the "
                             "detector integrates (ADU, not photon counts), set the gain "
                             "(peaknet2cxi --adu-per-photon, DIALS spotfinder.threshold."
@@ -595,3 +743,40 @@ class GainResolver:
             else:
                 log.info("detector gain: %s", why)
         return gain
+
+    def _name_disagreeing(self, estimate: GainEstimate, names: Sequence[str] | None) -> None:
+        """Warn, once a run for each, of the panels an estimate left out as mis-calibrated
+        (:func:`_disagreeing_panels`): the measured gain is the others', and the panels' own
+        peaks count shot noise at it, so their SNRs are off until their gain correction is."""
+        def which(panels: list[int]) -> str:
+            if names is not None:
+                return ", ".join(names[panel] for panel in panels)
+            return ", ".join(str(panel) for panel in panels) + " (counted from 0)"
+
+        high = [(panel, slope) for panel, slope in estimate.disagreeing
+                if panel not in self._named]
+        noisy = [panel for panel in estimate.noisy if panel not in self._named]
+        self._named.update([panel for panel, _ in high] + noisy)
+        parts = []
+        if high:
+            parts.append(f"{which([panel for panel, _ in high])} show "
+                         f"{', '.join(f'{slope:.3g}' for _, slope in high)} ADU per photon in "
+                         f"their background, more than {PANEL_RATIO:g} times the median "
+                         f"panel's {estimate.typical_panel:.3g}")
+        if noisy:
+            parts.append(f"{which(noisy)} show no gain of their own but noise that made most "
+                         "of the measurement's error")
+        if parts:
+            log.warning("detector gain: panel(s) %s: left out of the measured gain; their gain "
+                        "correction (gain mode or calibration constants) is likely wrong, and "
+                        "their peaks' SNRs are off until it is fixed", "; ".join(parts))
+
+
+def panel_names(geometry: object, count: int) -> list[str] | None:
+    """The names of a geometry's panels where it has one per panel of the frame (``count``),
+    for :class:`GainResolver`'s warnings; None otherwise."""
+    panels = getattr(geometry, "panels", None)
+    if panels is None or len(panels) != count:
+        return None
+    names = [getattr(panel, "name", None) for panel in panels]
+    return [str(n) for n in names] if all(isinstance(n, str) for n in names) else None

@@ -65,6 +65,7 @@ from peaknet_xtal import config as cfgmod
 from peaknet_xtal.atomic import make_output_folder
 from peaknet_xtal.config import bounded
 from peaknet_xtal.errors import FormatError, GeometryError, ImageRefused, PeakNetError
+from peaknet_xtal.finding.sanitise import add_tallies, describe_tally
 from peaknet_xtal.finding.settings import DEFAULTS as FINDING
 from peaknet_xtal.finding.settings import LIMITS, PRECISIONS, check_precision
 from peaknet_xtal.formats.cxi import DEFAULT_MAX_PEAKS, has_frame_keys
@@ -139,6 +140,9 @@ TYPES: dict[str, Any] = {**RANGES, "geometry": str | None, "output": str | None,
 LIST_NAME = "peaknet.lst"
 GEOM_NAME = "peaknet.geom"
 SUMMARY_NAME = "peaknet2cxi.json"
+#: Where the warnings about unusable pixels, which stop after the first frames, say the
+#: run's counts are (``finding.sanitise.SanitiseTally.reported_in``)
+REPORTED_IN = f"the run summary and {SUMMARY_NAME}"
 CONFIG_NAME = "peaknet2cxi.config.json"
 PIPELINE_NAME = "peaknet2cxi.pipeline.json"
 LIST_SUFFIXES = (".lst", ".txt", ".list")
@@ -273,6 +277,10 @@ def main(argv: Sequence[str] | None = None) -> int:
           + (f"{summary['left_out']} non-hits left out, " if summary["left_out"] else "")
           + f"{summary['peaks_per_frame']['mean']:.1f} peaks/frame; this run: {this['frames']} "
           f"frames ({this['skipped']} already done), {this['frames_per_s']:.2f} frames/s")
+    unusable = describe_tally(this.get("unusable_pixels") or {})
+    if unusable:  # what the warnings, which stop after the first frames, promised
+        print(f"peaknet2cxi: this run: {unusable} (counts: {SUMMARY_NAME}, "
+              "this_run.unusable_pixels)")
     if summary.get("dials"):
         print(f"next (DIALS): {summary['dials']['command']}")
     if summary["indexamajig"] is None:  # frames without a geometry: nothing to index with
@@ -545,6 +553,7 @@ def _run_serial(config: dict[str, Any], expansion: RunInputs,
                              adu_per_photon=_optional_float(config["adu_per_photon"]),
                              min_peaks=int(config["min_peaks"]), max_peaks=config["max_peaks"],
                              predictor=config["predictor"])
+    engine.sanitised.reported_in = REPORTED_IN
     cxi = CXIWriter(outdir, geometry, **_writer_options(config, expansion))
     stream = _open_stream(config, geometry, argv)
     done_cxi = cxi.done_keys()
@@ -579,7 +588,8 @@ def _run_serial(config: dict[str, Any], expansion: RunInputs,
         # leaves free (its slot 0 holds each frame's own mask)
         engine.defects.save(outdir, seen_geometry[0], geometry_file=outdir / GEOM_NAME)
         summary = _finish(config, outdir, cxi.finished_files(), seen_geometry[0], stats,
-                          time.perf_counter() - started, engine.describe(), error)
+                          time.perf_counter() - started, engine.describe(), error,
+                          engine.sanitised.as_dict())
     return summary
 
 
@@ -727,7 +737,7 @@ def _run_pipeline(config: dict[str, Any], expansion: RunInputs) -> dict[str, Any
         summary = _finish(config, outdir, files, geometry, stats, time.perf_counter() - started,
                           {"pipeline": result.get("backend", "ray"),
                            **(result.get("engine") or getattr(error, "engine", None) or {})},
-                          error)
+                          error, done.get("unusable_pixels"))
     return summary
 
 
@@ -1299,11 +1309,16 @@ def dials_index_command(expt: Path, refl: Path, *, rotation: bool = False,
 
 def _finish(config: Mapping[str, Any], outdir: Path, files: list[Path], geometry: Any,
             stats: _Stats, seconds: float, engine: Mapping[str, Any],
-            error: BaseException | None) -> dict[str, Any]:
+            error: BaseException | None,
+            unusable: Mapping[str, int] | None = None) -> dict[str, Any]:
     """Write the list file and the JSON summary (atomically), describing the whole output.
 
     The geometry file is written by the CXI writer before the first CXI file appears.  Without
-    any CXI file no list is written and no indexamajig command is given.
+    any CXI file no list is written and no indexamajig command is given.  ``unusable``: the
+    run's counts of unusable pixels and frames without data
+    (``finding.sanitise.SanitiseTally.as_dict``, summed over the workers of a Ray run), kept
+    as ``this_run.unusable_pixels``: its warnings stop after the first frames and promise
+    these counts (:data:`REPORTED_IN`).
     """
     from peaknet_xtal.atomic import write_json_atomic, write_text_atomic
 
@@ -1328,7 +1343,8 @@ def _finish(config: Mapping[str, Any], outdir: Path, files: list[Path], geometry
         "peaks_per_frame": whole.summary(),
         "this_run": {"frames": stats.frames, "skipped": stats.skipped, "hits": stats.hits,
                      "time_s": round(seconds, 3),
-                     "frames_per_s": stats.frames / seconds if seconds > 0 else 0.0},
+                     "frames_per_s": stats.frames / seconds if seconds > 0 else 0.0,
+                     "unusable_pixels": add_tallies([unusable or {}])},
         "cxi_files": [str(p) for p in files],
         "list": str(list_path) if files else None,
         "geometry": str(geom_path) if files and geom_path.exists() else None,

@@ -126,15 +126,18 @@ def show_cxi(path: str, geometry: str | None = None, max_frames: int = 20,
     from peaknet_xtal.finding.sanitise import sanitise_frame
 
     ranges: list[list[float]] = []
-    sampled = nonfinite = absurd = marked = 0
+    sampled = nonfinite = absurd = marked = one_value = no_data = 0
     for frame in iter_cxi_frames(path, geom, stop=int(max_frames)):
         sampled += 1
         goods, check = sanitise_frame(frame.panels, None, frame.meta.get("dtype"))[1:]
+        for i, value in check.flat_panels:  # no data, but the one value it holds is shown
+            goods[i] = frame.panels[i] == value  # (a frame of zeros reads [0, 0])
         r = _value_range(frame.panels, goods)  # what the finder uses: no gap markers
         if r is not None:
             ranges.append(r)
         nonfinite, absurd = nonfinite + check.nonfinite, absurd + check.absurd
         marked += check.marked
+        one_value, no_data = one_value + check.one_value, no_data + int(check.no_data)
     import h5py
 
     with h5py.File(path, "r") as h5:
@@ -150,6 +153,7 @@ def show_cxi(path: str, geometry: str | None = None, max_frames: int = 20,
                             if ranges else None),
             "value_range_frames": sampled, "nonfinite_pixels": nonfinite,
             "absurd_pixels": absurd, "marker_pixels": marked,
+            "one_value_pixels": one_value, "frames_without_data": no_data,
             "peak_table": _peak_table_summary(path)}
 
 

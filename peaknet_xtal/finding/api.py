@@ -71,6 +71,7 @@ class PeakFinder:
                                       faint_support=faint_support,
                                       min_peaks=min_peaks, max_peaks=max_peaks,
                                       adu_per_photon=adu_per_photon, predictor=predictor)
+        self.engine.sanitised.reported_in = "PeakFinder.unusable_pixels()"
         #: files of imagesets whose frames are known to be all readable through dxtbx
         self._whole_files: set[str] = set()
 
@@ -158,6 +159,13 @@ class PeakFinder:
         from 1 to 7, as the log says; ``pixel_defects.mask`` for DIALS where DIALS is
         importable); the paths written (none before enough images)."""
         return self.engine.defects.save(folder, geometry)
+
+    def unusable_pixels(self) -> dict[str, int]:
+        """Counts over every image this finder was given: the images with unusable pixels
+        (non-finite, absurd, gap or bad-pixel marks, panels of one value: masked) or without
+        data (every pixel one value), and those pixels by kind (``finding.sanitise``).  The
+        warnings name the first images only, then point here."""
+        return self.engine.sanitised.as_dict()
 
     def new_run(self) -> None:
         """Forget the run so far (its pixel defects and measured gain): the next image starts

@@ -7,7 +7,8 @@ The data flow, and where each step lives::
               registered frame source (formats/: CXI, dxtbx images (corrected data, gain 1);
               the psana plugin; api.to_panels)
       |
-    sanitise  finding/sanitise.sanitise_frame: non-finite and out-of-range pixels masked, tallied
+    sanitise  finding/sanitise.sanitise_frame: non-finite and out-of-range pixels, and panels
+              of one value (no data), masked, tallied
       |
     tile      InferenceEngine._predict_many: every panel of every frame of a chunk, within its
               valid region (peaks.valid_region: the rectangle of its good pixels; a panel
@@ -260,7 +261,9 @@ class InferenceEngine:
         self._gains_logged: set[float | None] = set()
         self._host_pool: ThreadPoolExecutor | None = None  # peak finding's threads, made on use
         self._host_threads = 0
-        #: Frames and pixels masked as unusable so far (non-finite, absurd), see :mod:`.sanitise`.
+        #: Frames and pixels masked as unusable so far (non-finite, absurd, marked, panels of
+        #: one value) and frames without data, see :mod:`.sanitise`; a host that reports the
+        #: counts says where in its ``reported_in``.
         self.sanitised = SanitiseTally()
         self.new_run()
 
@@ -333,18 +336,21 @@ class InferenceEngine:
 
     def _predict_many(self, frames: list[list[np.ndarray]],
                       masks: list[list[np.ndarray] | None], sources: Sequence[str] | None = None,
-                      dtypes: Sequence[Any] | None = None
+                      dtypes: Sequence[Any] | None = None,
+                      names: Sequence[Sequence[str] | None] | None = None
                       ) -> tuple[list[list[np.ndarray]], list[list[np.ndarray]]]:
         """Probability maps for several frames' panels, batched across all of them, and the
         good-pixel masks they were computed with.  This is where pixels enter the engine:
-        non-finite, absurd and marked values are masked here (and only here, :mod:`.sanitise`;
-        ``dtypes``: each frame's ``meta["dtype"]``, the type its data were stored as)."""
+        non-finite, absurd and marked values, and panels that hold one value, are masked here
+        (and only here, :mod:`.sanitise`; ``dtypes``: each frame's ``meta["dtype"]``, the type
+        its data were stored as; ``names``: each frame's panel names, for the warnings)."""
         panels, goods, owner = [], [], []
         frame_goods: list[list[np.ndarray]] = []
         for f, (frame_panels, frame_masks) in enumerate(zip(frames, masks, strict=True)):
             images, good_masks, check = sanitise_frame(frame_panels, frame_masks,
                                                        dtypes[f] if dtypes else None)
-            self.sanitised.add(check, sources[f] if sources else "image")
+            self.sanitised.add(check, sources[f] if sources else "image",
+                               names[f] if names else None)
             frame_goods.append(good_masks)
             panels.extend(images)
             goods.extend(good_masks)
@@ -515,7 +521,8 @@ class InferenceEngine:
             probs, goods = self._predict_many([f.panels for f in chunk],
                                               [f.masks for f in chunk],
                                               [_where(f) for f in chunk],
-                                              [f.meta.get("dtype") for f in chunk])
+                                              [f.meta.get("dtype") for f in chunk],
+                                              [_panel_names(f) for f in chunk])
             # The run's state (its gain, its pixel defects) moves frame by frame, in order; what
             # depends on one frame alone (its peaks, its spiking pixels: 0.1 s for 2 Mpx on one
             # thread, where the model on an H200 takes 0.02) runs in threads
@@ -861,6 +868,14 @@ def _shape2(panel: np.ndarray) -> tuple[int, int]:
 def _where(frame: Frame) -> str:
     """A frame's name in warnings: its file and event."""
     return f"{frame.source or 'frame'} {frame.event or ''}".strip()
+
+
+def _panel_names(frame: Frame) -> list[str] | None:
+    """A frame's panel names in warnings: its geometry's, where they match its panels."""
+    named = getattr(frame.geometry, "panels", None)
+    if not named or len(named) != len(frame.panels):
+        return None
+    return [str(getattr(p, "name", i)) for i, p in enumerate(named)]
 
 
 def _replace(params: PeakParams, overrides: dict[str, Any]) -> PeakParams:

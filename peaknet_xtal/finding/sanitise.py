@@ -25,6 +25,21 @@ peaks; the gain is measured on the usable pixels only).  DIALS masks them by its
 file; where it does not (a NeXus file without a pixel mask or bit depth), the type the values
 imply (:func:`implied_dtype`) marks them in every adapter reading through dxtbx.
 
+A panel whose valid pixels all hold one value carries no data: a module whose read-out dropped
+(all 0) or a frame that failed to read out (every pixel 0, or one constant) gave no peaks and no
+word, and the mask ``peaknet2cxi`` stores (the pixels found usable here) still called the zeros
+good pixels, which indexamajig would integrate as data.  Such a panel is masked (and named
+in the warning) as non-finite pixels are; a frame whose every usable pixel holds one value is
+warned about on its own ("no data") and is written as a frame without peaks.  Real data never
+hold one value over a panel: integrating detectors read noise (a few ADU at least) and float
+data more so, and :data:`MIN_ONE_VALUE` pixels of it all equal is beyond chance.  The exception
+is photon counting, which has no read noise: a module far from the beam can count no photon on
+a frame with almost no background (an Eiger's outer module on a blank), so on a frame of
+photon counts (every sampled usable pixel a whole number, none below zero) a panel at exactly 0
+stays data, as its zero counts are a measurement.  A counting panel at any other single value
+(all 1, all 7) is still no data, and so is a frame of counts that is 0 everywhere: with a beam
+on, some pixel counts something, so a frame of none is a failed read-out or no exposure.
+
 A constant offset that pushes the whole background far below zero (a pedestal subtracted twice,
 or a raw dark frame) is not maskable: the pixels are finite, but peak sums come out negative and
 shot-noise SNRs meaningless.  That is reported as a warning with the median, not corrected.
@@ -38,7 +53,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -52,8 +67,16 @@ log = logging.getLogger(__name__)
 ABSURD = float(np.sqrt(np.finfo(np.float32).max))
 #: A background median more than this many robust sigmas below zero is reported as an offset.
 OFFSET_SIGMAS = 10.0
-#: Frames reported one by one before the rest are only counted (see :class:`SanitiseTally`).
+#: Frames reported one by one before the rest are only counted (see :class:`SanitiseTally`);
+#: frames without data (one value everywhere) have a count of their own.
 MAX_WARNINGS = 10
+#: Fewest valid pixels a panel (or frame) needs to be judged by the one-value rule (module
+#: docstring): 64 pixels of noise of one ADU (sigma), rounded to whole ADU, are all equal
+#: with odds of about 1e-26 (0.38 ** 63), while a few equal pixels of a mostly masked panel
+#: of integer data can be chance.
+MIN_ONE_VALUE = 64
+#: Panels named in a warning before the rest are counted.
+NAMED_PANELS = 6
 _SAMPLES = 1 << 16
 
 
@@ -62,27 +85,51 @@ class FrameCheck:
     """What :func:`sanitise_frame` found in one frame."""
 
     pixels: int = 0
+    n_panels: int = 0
     nonfinite: int = 0
     absurd: int = 0
     marked: int = 0  # pixels integer data mark as unusable (:func:`marked_pixels`)
     marker: str = ""  # which values those are
     usable: int = 0
     offset: float | None = None  # the background median when it looks like a lost pedestal
+    one_value: int = 0  # pixels masked as their panel held one value (no data)
+    #: the panels (index, value) masked as every valid pixel of theirs held that one value
+    flat_panels: list[tuple[int, float]] = field(default_factory=list)
+    #: the one value every usable pixel of the frame held (no data at all), else None
+    frame_value: float | None = None
+    lost_panels: list[int] = field(default_factory=list)  # panels with masked values
 
     @property
     def masked(self) -> int:
-        return self.nonfinite + self.absurd + self.marked
+        return self.nonfinite + self.absurd + self.marked + self.one_value
 
-    def describe(self) -> str:
+    @property
+    def no_data(self) -> bool:
+        return self.frame_value is not None
+
+    def describe(self, names: Sequence[str] | None = None) -> str:
+        """The findings in words; ``names``: the panels' names (the geometry's), else they are
+        called by number (and not at all in a frame of one panel)."""
         parts = []
+        if self.no_data:
+            parts.append(f"every pixel holds the same value ({self.frame_value:.6g}): no data "
+                         "(a failed read-out?); written as a frame without peaks")
+        where = _panel_list(self.lost_panels, names, self.n_panels)
         if self.nonfinite or self.absurd:
             parts.append(f"masked {self.nonfinite} non-finite and {self.absurd} absurd "
-                         f"(|value| > {ABSURD:.2g}) pixels")
+                         f"(|value| > {ABSURD:.2g}) pixels{where}")
         if self.marked:
-            parts.append(f"masked {self.marked} pixels {self.marker}, which detector writers put "
-                         "in gaps and defective or overloaded pixels (a mask, or the geometry's "
-                         "flag_morethan / flag_lessthan, that says so keeps this quiet)")
-        if self.usable == 0:
+            parts.append(f"masked {self.marked} pixels {self.marker}{where}, which detector "
+                         "writers put in gaps and defective or overloaded pixels (a mask, or "
+                         "the geometry's flag_morethan / flag_lessthan, that says so keeps this "
+                         "quiet)")
+        if self.flat_panels and not self.no_data:
+            values = sorted({v for _, v in self.flat_panels})
+            flat = _panel_list([i for i, _ in self.flat_panels], names, self.n_panels)
+            parts.append(f"every valid pixel of {len(self.flat_panels)} panel(s){flat} holds one "
+                         f"value ({', '.join(f'{v:.6g}' for v in values)}): no data (dropped in "
+                         f"read-out?), {self.one_value} pixels masked")
+        if self.usable == 0 and not self.no_data:
             parts.append(f"no usable pixel left of {self.pixels}: no peaks can be found")
         if self.offset is not None:
             parts.append(f"the background median is {self.offset:.4g}, far below zero: the data "
@@ -94,38 +141,108 @@ class FrameCheck:
 @dataclass
 class SanitiseTally:
     """Totals over a run, and the rate limit on warnings (one line per frame for the first
-    :data:`MAX_WARNINGS` frames, then a single line saying the rest are only counted)."""
+    :data:`MAX_WARNINGS` frames, then a single line saying the rest are only counted; frames
+    without data have a budget of their own, so that a dead frame late in a run with a NaN
+    module in every frame is still named).
+
+    ``reported_in``: where the host reports the run's counts (:meth:`as_dict`), named in that
+    line; a host with no such report leaves it empty and the line promises none.  Why: the
+    line said "see the run summary" in every entry point while no run summary held the
+    counts (a 20-frame run with a NaN module: ten warnings, that line, then nothing)."""
 
     frames: int = 0
     nonfinite: int = 0
     absurd: int = 0
     marked: int = 0
+    one_value: int = 0
+    flat_panels: int = 0
+    no_data: int = 0
     empty: int = 0
     offset: int = 0
     warned: int = 0
-    sources: list[str] = field(default_factory=list)
+    warned_no_data: int = 0
+    reported_in: str = ""
 
-    def add(self, check: FrameCheck, where: str) -> None:
-        if not (check.masked or check.usable == 0 or check.offset is not None):
+    def add(self, check: FrameCheck, where: str, names: Sequence[str] | None = None) -> None:
+        """Count ``check`` (one frame's), warning as the rate limit allows; ``where`` names the
+        frame (file and event), ``names`` its panels (:meth:`FrameCheck.describe`)."""
+        if not (check.masked or check.usable == 0 or check.offset is not None
+                or check.no_data):
             return
         self.frames += 1
         self.nonfinite += check.nonfinite
         self.absurd += check.absurd
         self.marked += check.marked
-        self.empty += int(check.usable == 0)
+        self.one_value += 0 if check.no_data else check.one_value
+        self.flat_panels += 0 if check.no_data else len(check.flat_panels)
+        self.no_data += int(check.no_data)
+        self.empty += int(check.usable == 0 and not check.no_data)
         self.offset += int(check.offset is not None)
-        if self.warned < MAX_WARNINGS:
-            log.warning("%s: %s", where, check.describe())
-            self.warned += 1
-            if self.warned == MAX_WARNINGS:
-                log.warning("further frames with unusable pixels are counted, not reported "
-                            "(see the run summary)")
+        kind = "frames without data" if check.no_data else "frames with unusable pixels"
+        warned = self.warned_no_data if check.no_data else self.warned
+        if warned < MAX_WARNINGS:
+            log.warning("%s: %s", where, check.describe(names))
+            if check.no_data:
+                self.warned_no_data += 1
+            else:
+                self.warned += 1
+            if warned + 1 == MAX_WARNINGS:
+                log.warning("further %s are %s", kind,
+                            f"counted, not reported one by one (see {self.reported_in})"
+                            if self.reported_in else "not reported one by one")
 
     def as_dict(self) -> dict[str, int]:
+        """The run's counts, as run records keep them (:func:`describe_tally` says them)."""
         return {"frames": self.frames, "nonfinite_pixels": self.nonfinite,
                 "absurd_pixels": self.absurd, "marker_pixels": self.marked,
+                "one_value_pixels": self.one_value, "one_value_panels": self.flat_panels,
+                "frames_without_data": self.no_data,
                 "frames_without_usable_pixels": self.empty,
                 "frames_offset": self.offset}
+
+
+def add_tallies(tallies: Iterable[Mapping[str, int]]) -> dict[str, int]:
+    """Several engines' :meth:`SanitiseTally.as_dict` summed (the Ray pipeline's workers)."""
+    total: dict[str, int] = dict.fromkeys(SanitiseTally().as_dict(), 0)
+    for tally in tallies:
+        for key, value in tally.items():
+            total[key] = total.get(key, 0) + int(value)
+    return total
+
+
+def describe_tally(tally: Mapping[str, int]) -> str | None:
+    """One line for a run summary saying what :meth:`SanitiseTally.as_dict` counted, or None
+    where no frame had anything to say."""
+    if not tally.get("frames"):
+        return None
+    parts = []
+    for key, text in (("frames_without_data", "without data (every pixel one value)"),
+                      ("frames_without_usable_pixels", "without a usable pixel"),
+                      ("frames_offset", "with a background far below zero (offset)")):
+        if tally.get(key):
+            parts.append(f"{tally[key]} {text}")
+    for key, text in (("nonfinite_pixels", "non-finite"), ("absurd_pixels", "absurd"),
+                      ("marker_pixels", "marked (gap or bad-pixel values)")):
+        if tally.get(key):
+            parts.append(f"{tally[key]} {text} pixels masked")
+    if tally.get("one_value_panels"):
+        parts.append(f"{tally['one_value_panels']} panel(s) masked as every valid pixel held "
+                     f"one value ({tally.get('one_value_pixels', 0)} pixels)")
+    kinds = "unusable pixels, no data or an offset" if tally.get("frames_offset") else (
+        "unusable pixels or no data")
+    return f"{tally['frames']} frame(s) had {kinds}: {'; '.join(parts)}"
+
+
+def _panel_list(panels: Sequence[int], names: Sequence[str] | None, n_panels: int) -> str:
+    """" (in p2a0, p2a1 and 3 more)" for the warnings: ``panels`` by ``names`` (the
+    geometry's) or number; nothing for a frame of one unnamed panel (``n_panels``)."""
+    if not panels or (names is None and n_panels == 1):
+        return ""
+    called = [names[i] if names is not None and i < len(names) else f"panel {i}"
+              for i in panels]
+    shown = ", ".join(called[:NAMED_PANELS])
+    more = len(called) - NAMED_PANELS
+    return f" (in {shown}{f' and {more} more' if more > 0 else ''})"
 
 
 def marked_pixels(image: np.ndarray, dtype: Any, least: float | None = None
@@ -240,7 +357,7 @@ def sanitise_frame(panels: Sequence[np.ndarray], masks: Sequence[np.ndarray] | N
                    dtype: Any = None
                    ) -> tuple[list[np.ndarray], list[np.ndarray], FrameCheck]:
     """float32 panels, good-pixel masks with non-finite, absurd and marked pixels removed, and
-    counts.
+    those of panels that hold one value (:func:`_flat_panels`), and counts.
 
     ``masks`` (True = good) may be None; shapes must match (a mismatch is a ValueError naming the
     panel).  ``dtype``: the type the data were stored as (``Frame.meta["dtype"]``), else the
@@ -250,10 +367,10 @@ def sanitise_frame(panels: Sequence[np.ndarray], masks: Sequence[np.ndarray] | N
     if masks is not None and len(masks) != len(panels):
         raise ValueError(f"{len(masks)} mask(s) for {len(panels)} panel(s): give one good-pixel "
                          "array per panel")
-    check = FrameCheck()
+    check = FrameCheck(n_panels=len(panels))
     images: list[np.ndarray] = []
     goods: list[np.ndarray] = []
-    samples: list[np.ndarray] = []
+    samples: list[np.ndarray | None] = []
     # one stride over the whole frame, so that a frame of many small panels (64 CSPAD ASICs)
     # samples ~_SAMPLES pixels too, not all of them (a median of 2.3 M values: 20 ms a frame)
     step = max(1, sum(int(np.size(p)) for p in panels) // _SAMPLES)
@@ -290,14 +407,56 @@ def sanitise_frame(panels: Sequence[np.ndarray], masks: Sequence[np.ndarray] | N
             if marked and marks is not None:
                 check.marker = marks[1]
             check.absurd += lost - nonfinite - marked
+            check.lost_panels.append(i)
         images.append(image)
         goods.append(good)
-        if usable:  # a strided sample for the offset check, not a copy of every good pixel
-            samples.append(image.ravel()[::step][good.ravel()[::step]])
-    sample = np.concatenate(samples) if samples else np.zeros(0, np.float32)
+        # a strided sample for the offset and one-value checks, not a copy of every good pixel
+        samples.append(image.ravel()[::step][good.ravel()[::step]] if usable else None)
+    for i in _flat_panels(images, goods, samples, check):
+        check.usable -= int(np.count_nonzero(goods[i]))
+        check.one_value += int(np.count_nonzero(goods[i]))
+        goods[i] = np.zeros_like(goods[i])
+        samples[i] = None
+    kept = [s for s in samples if s is not None]
+    sample = np.concatenate(kept) if kept else np.zeros(0, np.float32)
     if sample.size:
         check.offset = _offset(sample)
     return images, goods, check
+
+
+def _flat_panels(images: Sequence[np.ndarray], goods: Sequence[np.ndarray],
+                 samples: Sequence[np.ndarray | None], check: FrameCheck) -> list[int]:
+    """The panels whose valid pixels all hold one value and carry no data (module docstring),
+    noted in ``check`` (``flat_panels``; ``frame_value`` where every usable pixel of the frame
+    holds the one value).  A panel's strided sample decides almost every panel of real data at
+    once (two values differ); only a panel whose sample holds one value is read whole."""
+    flat: list[tuple[int, float]] = []
+    live = 0
+    for i, (image, good, sample) in enumerate(zip(images, goods, samples, strict=True)):
+        if sample is None:  # no usable pixel
+            continue
+        live += 1
+        if sample.size > 1 and sample.min() != sample.max():
+            continue
+        if int(np.count_nonzero(good)) < MIN_ONE_VALUE:
+            continue
+        low = float(np.min(image, where=good, initial=np.inf))
+        if low == float(np.max(image, where=good, initial=-np.inf)):
+            flat.append((i, low + 0.0))  # + 0.0: -0.0 (0 times a negative) says 0
+    if not flat:
+        return []
+    if len(flat) == live and len({v for _, v in flat}) == 1:  # the whole frame: no data
+        check.frame_value = flat[0][1]
+        check.flat_panels = flat
+        return [i for i, _ in flat]
+    others = [s for i, s in enumerate(samples)
+              if s is not None and i not in {j for j, _ in flat}]
+    counts = bool(others) and all(s.size == 0 or (float(s.min()) >= 0
+                                                  and np.array_equal(s, np.rint(s)))
+                                  for s in others)
+    # photon counts at 0: a panel that counted nothing is a measurement (module docstring)
+    check.flat_panels = [(i, v) for i, v in flat if not (counts and v == 0)]
+    return [i for i, _ in check.flat_panels]
 
 
 def _offset(sample: np.ndarray) -> float | None:

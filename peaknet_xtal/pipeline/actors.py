@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
 from peaknet_xtal.finding.defects import DefectFilter, DefectTracker
+from peaknet_xtal.finding.sanitise import SanitiseTally, sanitise_frame
 from peaknet_xtal.pipeline.frame_finders import build_frame_finder
 from peaknet_xtal.progress import closed_length
 from peaknet_xtal.types import Frame, FrameResult, resolved_key
@@ -169,8 +170,6 @@ class SourceFeeder:
     def _count_skipped(self, frame: Frame) -> None:
         """A skipped frame's spiking pixels, among its usable ones, as
         ``InferenceEngine.observe`` counts them."""
-        from peaknet_xtal.finding.sanitise import sanitise_frame
-
         goods = sanitise_frame(frame.panels, frame.masks, frame.meta.get("dtype"))[1]
         self.tracker.update(frame.panels, goods)
         self.geometry = frame.geometry
@@ -209,6 +208,9 @@ class ModelWorker:
         if self._frame_finder is None:
             self._frame_finder = build_frame_finder(self.frame_finder_spec,
                                                     self.frame_finder_options)
+            tally = getattr(self._frame_finder, "sanitised", None)
+            if isinstance(tally, SanitiseTally):  # the driver sums it into the run summary
+                tally.reported_in = "the run summary"
             if "torch" in sys.modules:
                 sys.modules["torch"].set_num_threads(self.threads)
         return self._frame_finder
@@ -235,6 +237,14 @@ class ModelWorker:
         if not isinstance(defects, DefectFilter) or defects.tracker.counts is None:
             return None
         return LearnedDefects(defects.tracker, self.geometry)
+
+    def unusable(self) -> dict[str, int] | None:
+        """The frame finder's counts of unusable pixels and frames without data (the engine's
+        :class:`~peaknet_xtal.finding.sanitise.SanitiseTally`), for the driver to sum into the
+        run summary, which the engine's warnings name once they stop; None where the finder
+        keeps none."""
+        tally = getattr(self._frame_finder, "sanitised", None)
+        return tally.as_dict() if isinstance(tally, SanitiseTally) else None
 
     def keeps_defects(self) -> bool:
         """Whether the frame finder counts pixel defects (the engine's ``DefectFilter``): only

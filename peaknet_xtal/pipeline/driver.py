@@ -38,7 +38,10 @@ The driver owns no data; it starts the stages, watches them and keeps the books:
   Ctrl-C too, as the single-process ``peaknet2cxi`` does -- the workers' counts are merged
   (:func:`pooled_defects`) and written as the run's ``pixel_defects.h5`` beside the output
   (:meth:`~peaknet_xtal.finding.defects.DefectTracker.save`); the summary records the settings
-  under ``engine`` (``InferenceEngine.describe()``, as the single-process summary does).
+  under ``engine`` (``InferenceEngine.describe()``, as the single-process summary does) and
+  the workers' counts of unusable pixels and frames without data, summed, under
+  ``unusable_pixels`` (their warnings stop after each worker's first frames and point here;
+  a worker that died took its counts with it, as its defect counts).
 - **Progress.**  The progress line counts frames against the inputs' total where their sources
   can say it up front (the single-process run's total), the frames done before included.
 
@@ -63,6 +66,7 @@ from typing import Any
 from peaknet_xtal.config import closest_key, deep_merge
 from peaknet_xtal.errors import PeakNetError
 from peaknet_xtal.finding.defects import DefectTracker
+from peaknet_xtal.finding.sanitise import add_tallies
 from peaknet_xtal.finding.settings import DEFAULTS as FINDING
 from peaknet_xtal.finding.settings import check_min_peaks
 from peaknet_xtal.pipeline.actors import (
@@ -432,6 +436,8 @@ class Driver:
         self.live_workers = 0
         self.results_closed = False
         self.learned: list[LearnedDefects] = []  # each finished worker's pixel-defect counts
+        #: each finished worker's counts of unusable pixels and frames without data
+        self.unusable: list[dict[str, int]] = []
         self.engine: dict[str, Any] | None = None  # the workers' resolved finder settings
         self.defects_written: list[Path] | None = None  # None until save_defects ran
         #: the spike counts of the frames the sources skipped (done by an earlier run)
@@ -558,6 +564,7 @@ class Driver:
         get them is logged, not fatal: the frames are written either way."""
         try:
             learned = self.backend.call(handle, "learned_defects")
+            unusable = self.backend.call(handle, "unusable")
             if self.engine is None:
                 self.engine = self.backend.call(handle, "settings")
             if self.keeps_defects is None:
@@ -567,6 +574,8 @@ class Driver:
             return
         if learned is not None:
             self.learned.append(learned)
+        if unusable is not None:
+            self.unusable.append(unusable)
 
     def _collect_skipped(self, name: str, handle: Any) -> None:
         """A source's spike counts of the frames it skipped (:meth:`SourceFeeder.learned_defects`);
@@ -860,7 +869,8 @@ def run_pipeline(config: Mapping[str, Any] | None = None) -> dict[str, Any]:
             written=sum(w["written"] for w in driver.writers), sources=driver.sources,
             writers=driver.writers, worker_results=driver.workers, failures=driver.failures,
             interrupted=driver.interrupted, stop_signal=_signal_name(driver.stop_signal),
-            engine=driver.engine, pixel_defects=[str(p) for p in defects])
+            engine=driver.engine, pixel_defects=[str(p) for p in defects],
+            unusable_pixels=add_tallies(driver.unusable))
     if driver.fatal is not None or driver.failed_inputs:
         raise PipelineError("; ".join(driver.errors), driver.engine, summary) from (
             driver.fatal or driver.failed_inputs[0])

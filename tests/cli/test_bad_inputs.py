@@ -15,6 +15,8 @@ import json
 import logging
 from pathlib import Path
 
+import h5py
+import numpy as np
 import peaknet_bad_inputs as badinputs
 import pytest
 
@@ -30,8 +32,9 @@ def _cases(kind: str, expect: str | None = None) -> list[str]:
     """Case names known without building the corpus (for parametrize ids)."""
     names = {
         "image": ["nan_pixels", "inf_pixels", "pixels_3e38", "rows_float_max", "frame_all_nan",
-                  "uint16_gaps", "int32_gaps", "offset_minus_1000", "boolean_image", "string_dtype",
-                  "zero_frames", "data_smaller_than_geometry", "mask_2d_wrong_shape",
+                  "frame_all_zero", "panel_all_zero", "uint16_gaps", "int32_gaps",
+                  "offset_minus_1000", "boolean_image", "string_dtype", "zero_frames",
+                  "data_smaller_than_geometry", "mask_2d_wrong_shape",
                   "mask_3d_wrong_count", "vds_missing_source", "truncated_hdf5",
                   "random_bytes_cxi"],
         "geometry": ["empty", "missing_min_fs", "number_18four", "unknown_panel_in_bad_region",
@@ -45,7 +48,8 @@ def _cases(kind: str, expect: str | None = None) -> list[str]:
     if expect is None:
         return names
     warned = {"nan_pixels", "inf_pixels", "pixels_3e38", "rows_float_max", "frame_all_nan",
-              "uint16_gaps", "int32_gaps", "offset_minus_1000"}
+              "frame_all_zero", "panel_all_zero", "uint16_gaps", "int32_gaps",
+              "offset_minus_1000"}
     return [n for n in names if (n in warned) == (expect == "warn")]
 
 
@@ -124,6 +128,17 @@ def test_peaknet2cxi_masks_and_warns(name, corpus, clean_peaks, tmp_path, capsys
     assert len(counts) == len(clean_peaks)
     if name == "frame_all_nan":
         assert counts[0] == 0 and counts[1:] == clean_peaks[1:]
+    elif name == "frame_all_zero":  # a frame without data, kept as a frame without peaks
+        assert counts[1] == 0 and counts[::2] == clean_peaks[::2]
+    elif name == "panel_all_zero":  # no data there: nothing found on it, stored as masked
+        from peaknet_xtal.formats.cxi import read_cxi_peaks
+
+        (cxi,) = out.glob("peaks-*.cxi")
+        table = read_cxi_peaks(cxi)
+        assert all(np.all(table.raw(i)["peakYPosRaw"] < 128) for i in range(len(table)))
+        with h5py.File(cxi, "r") as h5:
+            good = h5["/entry_1/data_1/mask"][()] == 1
+        assert not good[:, 128:].any() and good[:, :128].mean() > 0.99
     elif name == "offset_minus_1000":
         pass  # not maskable: the warning is the point (peak sums are meaningless)
     else:
@@ -182,6 +197,10 @@ def test_show_reports_finite_range_and_counts(name, corpus, capsys):
         assert summary["marker_pixels"] > 0 and high < 65535
     if name == "int32_gaps":
         assert summary["marker_pixels"] > 0 and low >= 0
+    if name == "frame_all_zero":
+        assert summary["frames_without_data"] == 1
+    if name == "panel_all_zero":  # the bottom panel of every frame
+        assert summary["one_value_pixels"] == 3 * 128 * 256 and low <= 0.0
 
 
 def test_show_zero_frame_stack_says_zero(corpus, capsys):

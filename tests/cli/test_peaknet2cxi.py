@@ -1644,3 +1644,55 @@ def test_inputs_too_many_to_count_quickly_start_without_a_total(tmp_path, monkey
         assert peaknet2cxi._count_frames(inputs, None) is None
     assert opened == [str(files[0])]  # the other three are left to the run itself
     assert "counting the frames of 4 inputs" in caplog.text
+
+
+def test_unusable_pixels_and_frames_without_data_are_counted_where_the_warnings_say(
+        tmp_path, make_geometry_text, capsys, caplog):
+    """The warnings about unusable pixels stop after MAX_WARNINGS frames and point to the run
+    summary, which did not hold the counts (a 20-frame run with a NaN module: ten warnings,
+    then nothing); a frame of zeros was written with no word, and a module of zeros had its
+    pixels stored as good.  Now the summary line and peaknet2cxi.json count them by kind, the
+    zero frame is warned about, named, and written without peaks, and the zero module is
+    masked in the stored mask, named by its panel."""
+    from peaknet_test_support import spot_panel
+
+    from peaknet_xtal.finding.sanitise import MAX_WARNINGS
+
+    n_nan = MAX_WARNINGS + 2
+    frames = [np.concatenate([spot_panel(4, seed=i), spot_panel(3, seed=50 + i)])
+              for i in range(n_nan + 3)]
+    for frame in frames[:n_nan]:
+        frame[96:] = np.nan  # module "b" lost
+    frames[n_nan][:] = 0.0  # a failed read-out between good frames
+    frames[n_nan + 1][96:] = 0.0  # module "b" dropped
+    stack = tmp_path / "run.cxi"
+    with h5py.File(stack, "w") as h5:
+        h5.create_dataset("/entry_1/data_1/data", data=np.stack(frames))
+    geom = tmp_path / "two.geom"
+    geom.write_text(make_geometry_text(["a", "b"], 96, 96, [(-48.0, -96.0), (-48.0, 0.0)],
+                                       adu_per_photon="1"))
+    outdir = tmp_path / "out"
+    capsys.readouterr()
+    with caplog.at_level("WARNING", logger="peaknet_xtal.finding.sanitise"):
+        assert main([str(stack), "-g", str(geom), "-o", str(outdir), "--no-progress",
+                     "--threads", "1", "--min-peaks", "1"]) == 0
+    said = [r.getMessage() for r in caplog.records]
+    out = capsys.readouterr().out
+    assert f"{stack} //0: masked 9216 non-finite and 0 absurd" in said[0] and "(in b)" in said[0]
+    assert f"{stack} //{n_nan}: every pixel holds the same value (0): no data" in "\n".join(said)
+    assert ("further frames with unusable pixels are counted, not reported one by one (see "
+            "the run summary and peaknet2cxi.json)") in said
+    assert (f"this run: {n_nan + 2} frame(s) had unusable pixels or no data: 1 without data "
+            "(every pixel one value); " f"{n_nan * 9216} non-finite pixels masked; 1 panel(s) "
+            "masked as every valid pixel held one value (9216 pixels)") in out
+    tally = json.loads((outdir / "peaknet2cxi.json").read_text())["this_run"]["unusable_pixels"]
+    assert tally["frames"] == n_nan + 2 and tally["nonfinite_pixels"] == n_nan * 9216
+    assert (tally["frames_without_data"], tally["one_value_panels"]) == (1, 1)
+    (cxi,) = outdir.glob("peaks-*.cxi")
+    table = read_cxi_peaks(cxi)
+    assert len(table) == n_nan + 3 and table.n_peaks[n_nan] == 0  # the dead frame is kept
+    assert np.all(table.raw(n_nan + 1)["peakYPosRaw"] < 96)  # none on the zero module
+    with h5py.File(cxi, "r") as h5:
+        good = h5["/entry_1/data_1/mask"][()] == 1
+    assert good[n_nan + 1, :96].all() and not good[n_nan + 1, 96:].any()
+    assert not good[n_nan].any() and good[-1].all()

@@ -101,6 +101,27 @@ def test_the_workers_warnings_are_shown_once_each_as_single_process_shows_them(
     assert ray == serial
 
 
+def test_the_workers_counts_of_unusable_pixels_reach_the_summary_as_single_process_ones(
+        local_ray, inputs, tmp_path, capsys):
+    """The warnings promise the run summary's counts once they stop; a --workers run's
+    summary line and peaknet2cxi.json hold the same counts as the single-process run's."""
+    _, cases = inputs
+    case = cases["nan_pixels"]
+    tallies, lines = [], []
+    for workers in (2, 1):
+        capsys.readouterr()
+        code = peaknet2cxi.main([str(case.path), "-g", str(case.geometry), "-o",
+                                 str(tmp_path / f"w{workers}"), "--threads", "1",
+                                 "--no-progress", *(["--workers", "2"] if workers > 1 else [])])
+        out = capsys.readouterr().out
+        assert code == 0
+        summary = json.loads((tmp_path / f"w{workers}" / "peaknet2cxi.json").read_text())
+        tallies.append(summary["this_run"]["unusable_pixels"])
+        lines.append([line for line in out.splitlines() if "had unusable pixels" in line])
+    assert tallies[0] == tallies[1] and tallies[0]["nonfinite_pixels"] > 0
+    assert lines[0] == lines[1] and len(lines[0]) == 1
+
+
 def _detector_run(root: Path, name: str, frames: int, height: int, width: int,
                   make_geometry_text) -> Path:
     """A CXI stack and the geometry beside it that peaknet2cxi reads it with (``NAME.geom``),

@@ -97,6 +97,23 @@ def test_a_file_of_one_group_per_event_is_shown_through_its_geometry(tmp_path, c
     assert shown["first_and_last_event"] == ["tag_30//", "tag_32//"]
     assert shown["value_range"] == [30.0, 32.0] and not shown["virtual"]
 
+
+def test_frames_and_panels_without_data_are_counted_their_one_value_shown(tmp_path, capsys,
+                                                                          make_geometry_text):
+    """A frame of zeros (a failed read-out) and a module of zeros are no data to the finder;
+    peaknet-show counts them and still shows the value they hold in the range."""
+    geom = tmp_path / "two.geom"
+    geom.write_text(make_geometry_text(["a", "b"], 20, 10, [(-10, -10), (-10, 0)]))
+    data = np.random.default_rng(0).normal(5.0, 1.0, (3, 20, 20)).astype(np.float32)
+    data[1] = 0.0
+    data[2, 10:] = -3.0
+    src = tmp_path / "run.cxi"
+    with h5py.File(src, "w") as h5:
+        h5["/entry_1/data_1/data"] = data
+    (shown,) = run_json(capsys, str(src), "-g", str(geom))
+    assert (shown["frames_without_data"], shown["one_value_pixels"]) == (1, 400 + 200)
+    assert shown["value_range"] == [-3.0, float(max(data[0].max(), data[2, :10].max()))]
+
 @pytest.mark.dials
 def test_dials_image_and_tables(real_data, dials_env, capsys):
     image = real_data / "synchrotron_single_images" / "DLS_I23_P12M_thau_00001.cbf.gz"

@@ -106,8 +106,10 @@ def test_find_frames_batches_across_frames_and_keeps_order():
     model = PixelwiseLogits()
     engine = InferenceEngine(model, device="cpu", batch_size=4, threshold=0.9, min_peaks=2)
     frames = []
+    rng = np.random.default_rng(0)
     for k in range(6):
-        panels = [np.full((40, 50), -10.0, np.float32) for _ in range(2)]
+        # a background with noise: a panel of one value is no data (finding/sanitise.py)
+        panels = [rng.normal(-10.0, 0.1, (40, 50)).astype(np.float32) for _ in range(2)]
         for j in range(k % 3):  # 0, 1 or 2 peaks on panel 1
             panels[1][10 + 5 * j, 20] = 10.0
         frames.append(Frame(panels=panels, source="run.cxi", event=f"//{k}", serial=k))

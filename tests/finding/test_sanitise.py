@@ -10,7 +10,14 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from peaknet_xtal.finding.engine import InferenceEngine
-from peaknet_xtal.finding.sanitise import ABSURD, MAX_WARNINGS, sanitise_frame
+from peaknet_xtal.finding.sanitise import (
+    ABSURD,
+    MAX_WARNINGS,
+    MIN_ONE_VALUE,
+    SanitiseTally,
+    describe_tally,
+    sanitise_frame,
+)
 from peaknet_xtal.types import Frame
 
 
@@ -88,11 +95,14 @@ def test_engine_never_hands_unusable_pixels_to_the_model_and_warns_per_frame(cap
                                          np.nan, np.inf, -np.inf, 3e38, -3e38, 2e19,
                                          np.finfo(np.float32).max)]))))
 def test_no_unusable_pixel_passes_and_every_usable_one_does(image):
-    """Property: the good mask is exactly 'finite and summable', and the counts add up."""
+    """Property: the good mask is exactly 'finite and summable' (none where those pixels, at
+    least MIN_ONE_VALUE of them, all hold one value: no data), and the counts add up."""
     (_,), (good,), check = sanitise_frame([image], None)
     usable = np.isfinite(image) & (np.abs(image) <= ABSURD)
-    assert np.array_equal(good, usable)
-    assert check.nonfinite + check.absurd + check.usable == image.size
+    one_value = usable.sum() >= MIN_ONE_VALUE and np.unique(image[usable]).size == 1
+    assert np.array_equal(good, usable & (not one_value))
+    assert check.no_data == one_value
+    assert check.nonfinite + check.absurd + check.one_value + check.usable == image.size
     if good.any():  # whatever survives can be summed and squared in float32 without overflow
         with np.errstate(over="raise"):
             values = image[good].astype(np.float32)
@@ -217,3 +227,138 @@ def test_signed_counts_are_judged_by_the_least_value_of_the_whole_frame():
     goods, check = sanitise_frame(counting, None)[1:]
     assert goods[0].tolist() == [[False, True, True], [False, True, True]]
     assert goods[1].tolist() == [[True, True, True], [True, False, True]] and check.marked == 3
+
+
+# ---- panels and frames of one value: no data ---------------------------------------------
+
+def _integrating(n_panels=4, shape=(40, 48), seed=5) -> list[np.ndarray]:
+    """Pedestal-subtracted integrating-detector panels: noise around 0, fractions of an ADU."""
+    rng = np.random.default_rng(seed)
+    return [rng.normal(0.0, 3.0, shape).astype(np.float32) for _ in range(n_panels)]
+
+
+def _counting(n_panels=4, shape=(40, 48), seed=6, rate=0.05) -> list[np.ndarray]:
+    """Photon counts of a weak background (most pixels 0), as an Eiger stores them."""
+    rng = np.random.default_rng(seed)
+    return [rng.poisson(rate, shape).astype(np.uint32) for _ in range(n_panels)]
+
+
+@pytest.mark.parametrize("value", [0.0, 1000.0])
+def test_a_panel_of_one_value_carries_no_data_and_is_masked_named(value):
+    """A module whose read-out dropped (all 0) or stuck (one constant) is masked as NaN pixels
+    are, and the warning names it; the other panels keep every pixel."""
+    panels = _integrating()
+    panels[2][:] = value
+    mask = np.ones(panels[2].shape, bool)
+    mask[0, :5] = False  # already masked: the panel's valid pixels are the rest
+    (_, _, out, _), goods, check = sanitise_frame(panels, [mask] * 4)
+    assert out is panels[2] or np.array_equal(out, panels[2])  # pixels never changed
+    assert not goods[2].any() and all(goods[i].sum() == mask.sum() for i in (0, 1, 3))
+    assert check.flat_panels == [(2, value)] and check.one_value == mask.sum()
+    assert not check.no_data and check.usable == 3 * mask.sum()
+    said = check.describe(["q0", "q1", "q2", "q3"])
+    assert "(in q2)" in said and f"holds one value ({value:g}): no data" in said
+    assert "(in panel 2)" in check.describe()  # no geometry: by number
+
+
+@pytest.mark.parametrize("fill", [0.0, 1000.0, -7.0])
+def test_a_frame_of_one_value_is_no_data(fill):
+    """A read-out failure (every pixel 0) or a frame of one constant: one 'no data' message,
+    not a panel list nor 'no usable pixel'; nothing of it is taken as data."""
+    panels = [np.full((40, 48), fill, np.float32) for _ in range(4)]
+    _, goods, check = sanitise_frame(panels, None)
+    assert check.no_data and check.frame_value == fill and not any(g.any() for g in goods)
+    said = check.describe(["q0", "q1", "q2", "q3"])
+    assert said.startswith(f"every pixel holds the same value ({fill:g}): no data")
+    assert "no usable pixel" not in said and "q2" not in said and check.offset is None
+
+
+def test_photon_counts_at_zero_on_a_panel_stay_data_any_other_one_value_does_not():
+    """Photon counting has no read noise: a module far from the beam can count nothing on a
+    blank, so on a frame of counts a panel at exactly 0 is a measurement, kept.  A panel of
+    counts at one other value, or a whole frame of 0 counts, is no data; and on integrating
+    data a panel at 0 is no data (as tested above)."""
+    panels = _counting()
+    panels[1][:] = 0
+    _, goods, check = sanitise_frame(panels, None)
+    assert all(g.all() for g in goods) and not check.flat_panels and check.masked == 0
+    as_float = [p.astype(np.float32) for p in panels]  # counts a reader made float (dxtbx)
+    assert all(g.all() for g in sanitise_frame(as_float, None)[1])
+    panels[1][:] = 3
+    _, goods, check = sanitise_frame(panels, None)
+    assert not goods[1].any() and check.flat_panels == [(1, 3.0)]
+    _, goods, check = sanitise_frame([np.zeros_like(p) for p in panels], None)
+    assert check.no_data and not any(g.any() for g in goods)
+
+
+def test_a_panel_with_too_few_valid_pixels_is_not_judged_by_its_one_value():
+    """A few equal pixels of a mostly masked panel of integer data can be chance."""
+    panels = [np.round(p).astype(np.int32) for p in _integrating()]
+    mask = np.zeros(panels[0].shape, bool)
+    mask.flat[:MIN_ONE_VALUE - 1] = True
+    panels[0].flat[:MIN_ONE_VALUE] = 4
+    masks = [mask] + [np.ones(p.shape, bool) for p in panels[1:]]
+    _, goods, check = sanitise_frame(panels, masks)
+    assert goods[0].sum() == MIN_ONE_VALUE - 1 and not check.flat_panels
+    mask.flat[MIN_ONE_VALUE - 1] = True
+    _, goods, check = sanitise_frame(panels, masks)
+    assert not goods[0].any() and check.flat_panels == [(0, 4.0)]
+
+
+def test_the_engine_warns_about_a_dead_frame_and_a_dead_module_naming_file_frame_and_panel(
+        caplog, make_geometry_text):
+    """A zero frame between good ones is warned about ('no data'), counted, and written as a
+    frame without peaks; a zero module is named by its panel name; both count in the tally,
+    whose own budget names a dead frame after a run of NaN-module frames used up theirs."""
+    from peaknet_xtal.formats.geometry import parse_geometry
+
+    geometry = parse_geometry(make_geometry_text(["left", "right"], 48, 40,
+                                                 [(-48.0, -20.0), (0.0, -20.0)]))
+    seen = []
+
+    def predictor(panels, masks):
+        seen.append([bool(m.any()) for m in masks])
+        return [np.where(p > 50, np.float32(1), np.float32(0)) for p in panels]
+
+    def frame(i, panels):
+        return Frame(panels=panels, source="run.cxi", event=f"//{i}", geometry=geometry)
+
+    good = _integrating(2)
+    for p in good:
+        p[10:13, 10:13] = 400.0  # a peak on each panel
+    nan_module = [good[0], np.full_like(good[1], np.nan)]
+    frames = [frame(i, nan_module) for i in range(MAX_WARNINGS + 2)]
+    frames.append(frame(20, [np.zeros_like(p) for p in good]))  # read-out failure
+    frames.append(frame(21, [good[0], np.zeros_like(good[1])]))  # one module dropped
+    frames.append(frame(22, good))
+    engine = InferenceEngine(predictor=predictor, batch_size=1, min_peaks=1)
+    engine.sanitised.reported_in = "the run summary"
+    with caplog.at_level(logging.WARNING, logger="peaknet_xtal.finding.sanitise"):
+        results = list(engine.find_frames(frames))
+    said = [r.getMessage() for r in caplog.records]
+    assert len(results) == len(frames)
+    assert [len(r.peaks) for r in results[-3:]] == [0, 1, 2] and not results[-3].hit
+    assert seen[-3:] == [[False, False], [True, False], [True, True]]
+    assert any(m.startswith("run.cxi //20: every pixel holds the same value (0): no data")
+               for m in said)
+    assert "run.cxi //0: masked 1920 non-finite and 0 absurd (|value| > 1.8e+19) pixels " \
+           "(in right)" in said
+    assert "further frames with unusable pixels are counted, not reported one by one (see " \
+           "the run summary)" in said
+    assert not any("//21" in m for m in said)  # counted only: the budget was used up
+    tally = engine.sanitised.as_dict()
+    assert tally["frames_without_data"] == 1 and tally["one_value_panels"] == 1
+    assert tally["frames"] == MAX_WARNINGS + 4 and tally["nonfinite_pixels"] == 1920 * 12
+    line = describe_tally(tally)
+    assert "14 frame(s)" in line and "1 without data" in line and "1 panel(s) masked" in line
+
+
+def test_a_tally_without_a_report_promises_none(caplog):
+    tally = SanitiseTally()
+    check = sanitise_frame([np.full((8, 8), np.nan, np.float32)], None)[2]
+    with caplog.at_level(logging.WARNING, logger="peaknet_xtal.finding.sanitise"):
+        for i in range(MAX_WARNINGS + 1):
+            tally.add(check, f"f //{i}")
+    assert caplog.records[-1].getMessage() == ("further frames with unusable pixels are not "
+                                               "reported one by one")
+    assert tally.frames == MAX_WARNINGS + 1 and describe_tally(SanitiseTally().as_dict()) is None

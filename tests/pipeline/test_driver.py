@@ -388,6 +388,23 @@ def test_the_stages_warnings_reach_the_driver_once_each(local_ray, tmp_path: Pat
                if r.pathname == "(stage process)")
 
 
+def test_the_workers_counts_of_unusable_pixels_and_frames_without_data_are_summed(
+        tmp_path: Path, stacks):
+    """Each worker's engine warns about its own first frames, then says the rest are counted
+    in the run summary: the summary holds the workers' counts, summed, whatever the deal."""
+    path = stacks.write(tmp_path / "a.h5", 9)
+    with h5py.File(path, "r+") as h5:
+        h5["/entry_1/data_1/data"][:6, 20, 30:33] = np.nan
+        h5["/entry_1/data_1/data"][7] = 0.0
+    cfg = config(tmp_path, [path], frame_finder="engine", batch_size=2, backend="threads",
+                 frame_finder_options={"predictor": BrightPredictor(), "adu_per_photon": 1.0})
+    tally = run_pipeline(cfg)["unusable_pixels"]
+    assert (tally["frames"], tally["nonfinite_pixels"], tally["frames_without_data"]) == (
+        7, 18, 1)
+    report = json.loads((tmp_path / "out" / "run.cxi.pipeline.json").read_text())
+    assert report["unusable_pixels"] == tally
+
+
 def test_the_stages_a_stop_took_are_named_in_one_short_line():
     """A stop of a run over 500 inputs named every source actor, a 5-kB warning (and the same in
     pipeline.json's failures); numbered stages of a kind beyond three are a count and a range."""

@@ -140,6 +140,21 @@ def _first_frame_nan(h5: h5py.File) -> None:
     _replace_data(h5, data)
 
 
+def _middle_frame_zero(h5: h5py.File) -> None:
+    """A failed read-out between good frames: every pixel of frame 1 at 0."""
+    data = _pixels(h5)
+    data[1] = 0.0
+    _replace_data(h5, data)
+
+
+def _panel_zero(h5: h5py.File) -> None:
+    """A module whose data were dropped: the "bottom" panel (slab rows 128-255) at 0 in every
+    frame."""
+    data = _pixels(h5)
+    data[:, 128:, :] = 0.0
+    _replace_data(h5, data)
+
+
 def _offset(h5: h5py.File) -> None:
     _replace_data(h5, _pixels(h5) - 1000.0)
 
@@ -200,6 +215,8 @@ def image_cases(base: Base, root: Path) -> list[Case]:
         ("pixels_3e38", _with_values(3e38, 5), "warn", "absurd"),
         ("rows_float_max", _rows_at_float_max, "warn", "absurd"),
         ("frame_all_nan", _first_frame_nan, "warn", "no usable pixel"),
+        ("frame_all_zero", _middle_frame_zero, "warn", "every pixel holds the same value"),
+        ("panel_all_zero", _panel_zero, "warn", "(in bottom) holds one value (0): no data"),
         ("uint16_gaps", _uint16_gaps, "warn", "detector writers put in gaps"),
         ("int32_gaps", _int32_gaps, "warn", "detector writers put in gaps"),
         ("offset_minus_1000", _offset, "warn", "offset"),

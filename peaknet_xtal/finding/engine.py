@@ -522,7 +522,8 @@ class InferenceEngine:
                                               [f.masks for f in chunk],
                                               [_where(f) for f in chunk],
                                               [f.meta.get("dtype") for f in chunk],
-                                              [_panel_names(f) for f in chunk])
+                                              [panel_names(f.geometry, len(f.panels))
+                                               for f in chunk])
             # The run's state (its gain, its pixel defects) moves frame by frame, in order; what
             # depends on one frame alone (its peaks, its spiking pixels: 0.1 s for 2 Mpx on one
             # thread, where the model on an H200 takes 0.02) runs in threads
@@ -868,14 +869,6 @@ def _shape2(panel: np.ndarray) -> tuple[int, int]:
 def _where(frame: Frame) -> str:
     """A frame's name in warnings: its file and event."""
     return f"{frame.source or 'frame'} {frame.event or ''}".strip()
-
-
-def _panel_names(frame: Frame) -> list[str] | None:
-    """A frame's panel names in warnings: its geometry's, where they match its panels."""
-    named = getattr(frame.geometry, "panels", None)
-    if not named or len(named) != len(frame.panels):
-        return None
-    return [str(getattr(p, "name", i)) for i, p in enumerate(named)]
 
 
 def _replace(params: PeakParams, overrides: dict[str, Any]) -> PeakParams:

@@ -795,7 +795,8 @@ class GainResolver:
 
 def panel_names(geometry: object, count: int) -> list[str] | None:
     """The names of a geometry's panels where it has one per panel of the frame (``count``),
-    for :class:`GainResolver`'s warnings; None otherwise."""
+    for the warnings that name panels (:class:`GainResolver`'s, the engine's unusable-pixel ones);
+    None otherwise."""
     panels = getattr(geometry, "panels", None)
     if panels is None or len(panels) != count:
         return None

@@ -449,8 +449,8 @@ def _flat_panels(images: Sequence[np.ndarray], goods: Sequence[np.ndarray],
         check.frame_value = flat[0][1]
         check.flat_panels = flat
         return [i for i, _ in flat]
-    others = [s for i, s in enumerate(samples)
-              if s is not None and i not in {j for j, _ in flat}]
+    flat_ids = {i for i, _ in flat}
+    others = [s for i, s in enumerate(samples) if s is not None and i not in flat_ids]
     counts = bool(others) and all(s.size == 0 or (float(s.min()) >= 0
                                                   and np.array_equal(s, np.rint(s)))
                                   for s in others)

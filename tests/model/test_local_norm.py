@@ -382,6 +382,11 @@ def test_the_device_path_of_the_count_check_and_dither_gives_the_host_answers():
     assert device == host
     assert [d is None for d in device] == [False, True, True, False, True, True]
     assert device[3][1] == (7, 11) and device[0][0] == 30.0
+    lifted = np.stack([counts[0] / 30.0 * 7.0 + 300.0, counts[0] * 2.0])  # ADU on an offset;
+    lifted_ok = np.ones(lifted.shape, bool)  # counts at 60 ADU a photon without a 1
+    device = _device_counts(torch.from_numpy(lifted), torch.from_numpy(lifted_ok))
+    assert device == [_host_counts(lifted[i], lifted_ok[i]) for i in range(2)]
+    assert [quantum for quantum, _ in device] == [1.0, 60.0]
     big = rng.poisson(0.2, (2100, 1030)).astype(np.float32)  # blocks past the field's period
     big_ok = rng.random(big.shape) > 0.01
     for values, good, origin in ((counts[3], ok[3], (7, 11)), (counts[0], ok[0], (0, 0)),
@@ -647,15 +652,39 @@ def test_nan_median_filter_through_numpy_is_torchs_nanmedian():
 
 
 
-def test_the_quantum_is_the_smallest_count_above_0_with_or_without_a_1():
-    """The count check's quantum: 1 on a counting detector's frame, otherwise the smallest
-    count above 0 (counts stored at 30 ADU a photon; a frame whose only 1 is masked)."""
+def test_the_quantum_is_the_step_every_count_is_a_multiple_of():
+    """The count check's quantum: 1 on a counting detector's frame, with or without a 1 among
+    its valid counts, the common step of counts stored at 30 ADU a photon, and 1 ADU for
+    whole-number ADU standing on a pedestal, whose smallest value is no photon."""
     counts = np.array([[0, 2, 3], [4, 1, 6]], np.float32)
     ok = np.ones(counts.shape, bool)
     assert exact_counts(counts, ok) == (16, 1.0)
     assert exact_counts(counts * 30, ok) == (480, 30.0)
-    ok[1, 1] = False
-    assert exact_counts(counts, ok) == (15, 2.0)
+    ok[1, 1] = False  # the only 1 masked: 2, 3, 4 and 6 are still single photons
+    assert exact_counts(counts, ok) == (15, 1.0)
+    assert exact_counts(counts * 30, ok) == (450, 30.0)
+    assert exact_counts(np.array([[40, 60], [100, 0]], np.float32),
+                        np.ones((2, 2), bool)) == (200, 20.0)
+    pedestal = np.array([[251, 263], [298, 270]], np.float32)
+    assert exact_counts(pedestal, np.ones((2, 2), bool)) == (1082, 1.0)
+
+
+def test_whole_number_adu_on_an_offset_read_as_they_do_without_it():
+    """An integrating detector's whole-number ADU (a CSPAD ASIC, a CCD's raw frames) lifted by
+    a constant offset (a stale dark, a bias) are seen by the network as without it: the
+    background and noise maps take the offset out, and the dither of exact counts is a fraction
+    of one ADU, not of the smallest value (then about half the offset, which drowned a real
+    CSPAD ASIC's 10 ADU of noise and lost 14 of its 15 peaks)."""
+    rng = np.random.default_rng(26)
+    adu = np.rint(rng.normal(0.0, 10.0, (128, 160))).astype(np.float32)
+    yy, xx = np.mgrid[:128, :160]
+    adu += np.rint(400.0 * np.exp(-((yy - 60) ** 2 + (xx - 70) ** 2) / 4.0)).astype(np.float32)
+    for offset in (300.0, 3000.0):
+        lifted = adu + offset
+        assert lifted.min() > 0 and exact_counts(lifted, np.ones(adu.shape, bool))[1] == 1.0
+        z0, z1 = _z(adu, noise_scale="decorrelated"), _z(lifted, noise_scale="decorrelated")
+        assert np.sqrt(np.mean((z1 - z0) ** 2)) < 0.1  # a twentieth of the noise's dither
+        assert abs(z1[60, 70] - z0[60, 70]) < 0.1 and z0[60, 70] > 3.0
 
 
 @pytest.mark.parametrize("origin", [(0, 0), (5, 70), (63, 1)])

@@ -56,10 +56,10 @@ old and new code alternating on the busy 2-core machine; the same input to the l
 
 Exact photon counts (:func:`dequantise_counts`): a panel whose valid pixels are all whole,
 non-negative numbers with at least one count (Pilatus, Eiger and other counting detectors write
-them) gets Gaussian noise of :data:`COUNT_DITHER` quanta (its smallest count above 0: one photon
-on a counting detector) before the maps are made and the network sees it; the peaks are still
-measured on the counts themselves (``finding.peaks``).  Why: the network was trained on
-backgrounds with read noise (0.05-1 photon, uniform: the training bank of
+them) gets Gaussian noise of :data:`COUNT_DITHER` quanta (the step every count is a multiple
+of: one photon on a counting detector) before the maps are made and the network sees it; the
+peaks are still measured on the counts themselves (``finding.peaks``).  Why: the network was
+trained on backgrounds with read noise (0.05-1 photon, uniform: the training bank of
 examples/train_default_model.py), and on whole counts at a fraction of a photon per pixel the
 quantiles above are biased (measured on Poisson panels: at 0.2-0.5 photons a pixel 0.6-1.3 % of
 pixels lie beyond 5 "sigma" against 0.15-0.44 % with 0.3 photon of read noise), so single
@@ -96,6 +96,7 @@ compares the two on every count of valid samples).
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import torch
@@ -754,7 +755,8 @@ def decorrelation_factor(r: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 def exact_counts(image: Any, ok: Any) -> tuple[int, float] | None:
     """``(total, quantum)`` of a 2-D float numpy ``image`` over its ``ok`` pixels if those are
     all whole, non-negative numbers, at least one above 0 (exact photon counts), else None; the
-    quantum is the smallest count above 0, a photon's worth (1 on a counting detector)."""
+    quantum is a photon's worth, the largest step every count is a multiple of
+    (:func:`count_quantum`: 1 on a counting detector)."""
     import numpy as np
 
     with np.errstate(invalid="ignore"):
@@ -766,7 +768,33 @@ def exact_counts(image: Any, ok: Any) -> tuple[int, float] | None:
         return None
     if (values == 1).any():  # the smallest whole number above 0: a counting detector's frame
         return total, 1.0
-    return total, float(np.where(values > 0, values, np.float32(np.inf)).min())
+    return total, count_quantum(values, float(np.where(values > 0, values,
+                                                       np.float32(np.inf)).min()))
+
+
+def count_quantum(values: Any, smallest: float) -> float:
+    """The largest step that every one of ``values`` (whole, non-negative numbers: a numpy
+    array or a tensor, masked pixels 0) is a multiple of, from their ``smallest`` above 0:
+    Euclid's algorithm over the array, one pass a step (two on whole-number ADU, where the
+    remainders' smallest is 1).
+
+    Why not the smallest count itself: on an integrating detector whose whole-number ADU stand
+    on a pedestal or offset (a CSPAD ASIC with a stale dark 300 ADU high, raw frames of a CCD
+    with its bias) the smallest value is the background's floor, not a photon; taken for the
+    quantum, its half-quantum dither (about 125 ADU there) drowned the ASIC's 10 ADU of noise and
+    its spots (15 peaks -> 1 on a real CSPAD still).  The common step is 1 ADU there, whose
+    dither is far below the noise, as for any integrating detector's whole numbers; counts
+    stored at 30 ADU a photon keep 30."""
+    quantum = smallest
+    while True:
+        rest = values % quantum  # exact on whole numbers (float64 for torch's floor-based one)
+        left = rest[rest > 0]
+        if len(left) == 0:
+            return float(quantum)
+        step = math.gcd(int(quantum), int(left.min()))
+        if not 0 < step < quantum:  # each step shrinks on whole numbers; never loop on others
+            return 1.0
+        quantum = float(step)
 
 
 def _device_counts(x: torch.Tensor, ok: torch.Tensor
@@ -787,8 +815,10 @@ def _device_counts(x: torch.Tensor, ok: torch.Tensor
              for axis in (-1, -2)]  # first ok row, first ok column
     found = torch.stack([exact.double(), quantum.double(), first[0].double(),
                          first[1].double()], 1).tolist()
-    return [(step, _origin(int(oy), int(ox))) if is_exact else None
-            for is_exact, step, oy, ox in found]
+    return [(count_quantum(values[i].double(), step) if step > 1 else step,
+             _origin(int(oy), int(ox)))
+            if is_exact else None
+            for i, (is_exact, step, oy, ox) in enumerate(found)]
 
 
 def _origin(first_row: int, first_col: int) -> tuple[int, int]:

@@ -42,7 +42,11 @@ on, some pixel counts something, so a frame of none is a failed read-out or no e
 
 A constant offset that pushes the whole background far below zero (a pedestal subtracted twice,
 or a raw dark frame) is not maskable: the pixels are finite, but peak sums come out negative and
-shot-noise SNRs meaningless.  That is reported as a warning with the median, not corrected.
+shot-noise SNRs meaningless.  That is reported as a warning with the median, not corrected, for
+the frame and for each panel on its own: pedestals differ from ASIC to ASIC, so subtracted twice
+they spread the frame's values over hundreds of ADU and its median stays within that spread (a
+real CSPAD still with its pedestals subtracted twice kept 16 of its 132 peaks without a word),
+while each ASIC's own median lies far below its own spread.
 
 :class:`~peaknet_xtal.finding.engine.InferenceEngine` applies :func:`sanitise_frame` to every
 frame it is given, where the frame enters it (and to frames it only counts towards a run's gain
@@ -75,6 +79,8 @@ MAX_WARNINGS = 10
 #: with odds of about 1e-26 (0.38 ** 63), while a few equal pixels of a mostly masked panel
 #: of integer data can be chance.
 MIN_ONE_VALUE = 64
+#: Fewest sampled pixels whose median says a panel is offset (fewer: a masked panel's chance).
+MIN_OFFSET_SAMPLE = 32
 #: Panels named in a warning before the rest are counted.
 NAMED_PANELS = 6
 _SAMPLES = 1 << 16
@@ -91,7 +97,11 @@ class FrameCheck:
     marked: int = 0  # pixels integer data mark as unusable (:func:`marked_pixels`)
     marker: str = ""  # which values those are
     usable: int = 0
-    offset: float | None = None  # the background median when it looks like a lost pedestal
+    #: the background median when it looks like a lost pedestal: the frame's, or the lowest of
+    #: the ``offset_panels``' own
+    offset: float | None = None
+    #: the panels whose own background median lies far below zero when the frame's does not
+    offset_panels: list[int] = field(default_factory=list)
     one_value: int = 0  # pixels masked as their panel held one value (no data)
     #: the panels (index, value) masked as every valid pixel of theirs held that one value
     flat_panels: list[tuple[int, float]] = field(default_factory=list)
@@ -132,9 +142,12 @@ class FrameCheck:
         if self.usable == 0 and not self.no_data:
             parts.append(f"no usable pixel left of {self.pixels}: no peaks can be found")
         if self.offset is not None:
-            parts.append(f"the background median is {self.offset:.4g}, far below zero: the data "
-                         "look offset (pedestal subtracted twice, or not at all?), so peak sums "
-                         "and SNRs are not meaningful")
+            whose = (f"of {len(self.offset_panels)} panel(s)"
+                     f"{_panel_list(self.offset_panels, names, self.n_panels)} is as low as"
+                     if self.offset_panels else "is")
+            parts.append(f"the background median {whose} {self.offset:.4g}, far below zero: the "
+                         "data look offset (pedestal subtracted twice, or not at all?), so peak "
+                         "sums and SNRs are not meaningful")
         return "; ".join(parts)
 
 
@@ -421,6 +434,13 @@ def sanitise_frame(panels: Sequence[np.ndarray], masks: Sequence[np.ndarray] | N
     sample = np.concatenate(kept) if kept else np.zeros(0, np.float32)
     if sample.size:
         check.offset = _offset(sample)
+    if check.offset is None and len(kept) > 1:
+        low = {i: median for i, s in enumerate(samples)
+               if s is not None and s.size >= MIN_OFFSET_SAMPLE
+               and (median := _offset(s)) is not None}
+        if low:
+            check.offset_panels = sorted(low)
+            check.offset = min(low.values())
     return images, goods, check
 
 

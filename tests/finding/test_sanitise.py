@@ -55,6 +55,26 @@ def test_a_constant_negative_offset_is_reported_not_a_noisy_zero_background():
     assert check.offset is None
 
 
+def test_a_pedestal_subtracted_twice_is_reported_per_panel_where_pedestals_differ():
+    """Pedestals that differ by ASIC, subtracted twice: the frame's median stays within the
+    spread they make, but each panel's own median lies far below its own spread."""
+    rng = np.random.default_rng(5)
+    pedestals = np.linspace(300.0, 3000.0, 8)
+    twice = [_background(seed=i) - p - rng.normal(0.0, 20.0, (64, 96))
+             for i, p in enumerate(pedestals)]
+    _, _, check = sanitise_frame(twice, None)
+    assert check.offset_panels == list(range(8))
+    assert check.offset == pytest.approx(-3000.0, abs=30)
+    said = check.describe(names=[f"q0a{i}" for i in range(8)])
+    assert "8 panel(s) (in q0a0, q0a1" in said and "pedestal subtracted twice" in said
+    once = [_background() + 40.0 * i for i in range(8)]  # offsets above zero: photons or not
+    once[3] = once[3] - 2000.0  # one ASIC far below zero
+    _, _, check = sanitise_frame(once, None)
+    assert check.offset_panels == [3] and check.offset == float(np.median(once[3]))
+    _, _, check = sanitise_frame([_background() - 3.0 for _ in range(8)], None)
+    assert check.offset is None and check.offset_panels == []
+
+
 @pytest.mark.parametrize("bad", ["boolean", "strings"])
 def test_non_numeric_panels_are_refused(bad):
     image = np.zeros((4, 4), bool) if bad == "boolean" else np.full((4, 4), "x")

@@ -40,13 +40,15 @@ stays data, as its zero counts are a measurement.  A counting panel at any other
 (all 1, all 7) is still no data, and so is a frame of counts that is 0 everywhere: with a beam
 on, some pixel counts something, so a frame of none is a failed read-out or no exposure.
 
-A constant offset that pushes the whole background far below zero (a pedestal subtracted twice,
-or a raw dark frame) is not maskable: the pixels are finite, but peak sums come out negative and
-shot-noise SNRs meaningless.  That is reported as a warning with the median, not corrected, for
-the frame and for each panel on its own: pedestals differ from ASIC to ASIC, so subtracted twice
-they spread the frame's values over hundreds of ADU and its median stays within that spread (a
-real CSPAD still with its pedestals subtracted twice kept 16 of its 132 peaks without a word),
-while each ASIC's own median lies far below its own spread.
+A background far below zero (a pedestal subtracted twice, or a raw dark frame) says the
+calibration went wrong.  The offset alone moves no peak (each is measured on its local
+background: a real CSPAD still 1,000 or 5,000 ADU lower gives the same peaks and intensities),
+but a pedestal subtracted twice also adds its pixel-to-pixel pattern to the noise, which costs
+peaks and which nothing here can undo.  So it is reported as a warning with the median, not
+corrected, for the frame and for each panel on its own: pedestals differ from ASIC to ASIC, so
+subtracted twice they spread the frame's values over hundreds of ADU and its median stays within
+that spread (a real CSPAD still with its pedestals subtracted twice kept 16 of its 132 peaks
+without a word), while each ASIC's own median lies far below its own spread.
 
 :class:`~peaknet_xtal.finding.engine.InferenceEngine` applies :func:`sanitise_frame` to every
 frame it is given, where the frame enters it (and to frames it only counts towards a run's gain
@@ -146,8 +148,9 @@ class FrameCheck:
                      f"{_panel_list(self.offset_panels, names, self.n_panels)} is as low as"
                      if self.offset_panels else "is")
             parts.append(f"the background median {whose} {self.offset:.4g}, far below zero: the "
-                         "data look offset (pedestal subtracted twice, or not at all?), so peak "
-                         "sums and SNRs are not meaningful")
+                         "data look offset (a pedestal subtracted twice?); an offset alone moves "
+                         "no peak, but a pedestal's pixel pattern subtracted twice adds to the "
+                         "noise and costs peaks")
         return "; ".join(parts)
 
 

@@ -348,20 +348,40 @@ def check_device(spec: str) -> None:
         raise Sorry(f"peaknet: {exc}") from None
 
 
-def _say_unused_dispersion_gain(params: Any, settings: PeakNetSettings) -> None:
-    """A command line carried over from ``algorithm=dispersion`` sets the gain as
-    ``spotfinder.threshold.dispersion.gain``, which this algorithm does not read: say so in
-    DIALS' log and which setting takes it, rather than drop it without a word."""
+def _say_unused_dispersion_settings(params: Any, settings: PeakNetSettings) -> None:
+    """A command line or PHIL file carried over from ``algorithm=dispersion`` sets its
+    thresholds (``sigma_strong``, ``global_threshold``, ...) and gain under
+    ``spotfinder.threshold.dispersion``, which this algorithm does not read: say so in DIALS'
+    log, which setting takes the gain, rather than drop them without a word (a user trial kept
+    a tuned ``global_threshold=100`` from a data set's README and saw nothing).  What counts as
+    set: a value other than DIALS' own default for it."""
     try:
-        gain = params.spotfinder.threshold.dispersion.gain
-    except AttributeError:  # parameters without dispersion's scope (a test, another DIALS)
+        given = params.spotfinder.threshold.dispersion
+        from dials.algorithms.spot_finding.factory import phil_scope
+
+        defaults = phil_scope.extract().spotfinder.threshold.dispersion
+    except (AttributeError, ImportError):  # parameters without dispersion's scope (a test)
         return
+    changed = [f"{name}={_phil_words(getattr(given, name))}" for name in vars(defaults)
+               if not name.startswith("_") and name != "gain"
+               and getattr(given, name, None) != getattr(defaults, name)]
+    if changed:
+        log.warning("peaknet: spotfinder.threshold.dispersion %s %s not read by "
+                    "algorithm=peaknet, which sets no threshold per data set (its own settings: "
+                    "spotfinder.threshold.peaknet.*)", ", ".join(changed),
+                    "is" if len(changed) == 1 else "are")
+    gain = getattr(given, "gain", None)
     if gain is None or settings.adu_per_photon is not None:
         return
     log.warning("peaknet: spotfinder.threshold.dispersion.gain=%s is not read by "
                 "algorithm=peaknet; spotfinder.threshold.peaknet.adu_per_photon=%s sets the "
                 "same gain for it (unset, the format's gain is used, or measured from the "
                 "background where that is a placeholder)", gain, gain)
+
+
+def _phil_words(value: Any) -> str:
+    """A PHIL value as a command line gives it (``3 3`` for a list)."""
+    return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
 
 
 #: Per engine (one per process and settings): the gain line DIALS' log shows last.
@@ -469,7 +489,7 @@ class PeakNetSpotFinderThresholdExt:
     def __init__(self, params: Any) -> None:
         with _as_user_error():
             self.settings = PeakNetSettings.from_params(params)
-        _say_unused_dispersion_gain(params, self.settings)
+        _say_unused_dispersion_settings(params, self.settings)
         self.dials_mask = DialsMask.from_params(params)
         self.chunking = Chunking.from_params(params)
         self._image: _ImageForeground | None = None

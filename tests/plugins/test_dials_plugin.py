@@ -167,6 +167,29 @@ def test_a_dispersion_gain_carried_over_is_said_to_be_unused(dials_modules, capl
             assert "spotfinder.threshold.peaknet.adu_per_photon=25" in lines[0]
 
 
+def test_dispersion_thresholds_carried_over_are_said_to_be_unused(dials_modules,
+                                                                   caplog) -> None:
+    """A tuned dispersion PHIL (``sigma_strong=5 global_threshold=100``) kept on a command
+    line switched to ``algorithm=peaknet`` was dropped without a word; DIALS' log now names the
+    settings it does not read, and says nothing for DIALS' defaults."""
+    factory, phil_scope = dials_modules
+    base = ("spotfinder.threshold.algorithm=peaknet", "spotfinder.threshold.peaknet.device=cpu")
+    for extra, said in ((("spotfinder.threshold.dispersion.sigma_strong=5",
+                          "spotfinder.threshold.dispersion.global_threshold=100"),
+                         ["sigma_strong=5", "global_threshold=100"]),
+                        (("spotfinder.threshold.dispersion.kernel_size=5,5",), ["kernel_size=5 5"]),
+                        (("spotfinder.threshold.dispersion.sigma_strong=3",), []),
+                        ((), [])):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="dials"):
+            factory.configure_threshold(_params(phil_scope, *base, *extra))
+        lines = [r.getMessage() for r in caplog.records
+                 if "not read by algorithm=peaknet" in r.getMessage()]
+        assert bool(lines) is bool(said), (extra, lines)
+        for setting in said:
+            assert setting in lines[0]
+
+
 def _ext(phil_scope, threshold: float, dilation: int = 1, min_snr: float | None = None,
          gain: float | None = None, min_height: float | None = None,
          faint_support: int | None = None):

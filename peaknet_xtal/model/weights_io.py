@@ -102,6 +102,11 @@ def read_config(weights: Path) -> dict[str, Any]:
     return _config_dict(meta["config"], weights, "the safetensors metadata 'config'")
 
 
+#: What a model setting takes, said where one is not found.
+MODEL_FORMS = (f"give a .safetensors weights file, a folder holding one, or {DEFAULT_NAME!r} "
+               "for the shipped model")
+
+
 def check_model(spec: str | os.PathLike[str]) -> Path | None:
     """Validate a model file without building the network: the path exists, is a safetensors
     file and carries a config of a known family. Hosts (the DIALS plugin, CLIs) call this at
@@ -111,7 +116,7 @@ def check_model(spec: str | os.PathLike[str]) -> Path | None:
         return None
     weights = _resolve(spec)
     if not weights.exists():
-        raise FormatError(weights, "model weights not found")
+        raise FormatError(weights, f"model weights not found ({MODEL_FORMS})")
     if not weights.is_file():
         raise FormatError(weights, "model weights path is not a file")
     _safetensors_metadata(weights)

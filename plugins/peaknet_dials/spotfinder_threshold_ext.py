@@ -323,10 +323,11 @@ def _check_model_exists(model: str) -> None:
     """Fail at start-up, in the main process, rather than later inside a DIALS worker: the file
     must exist and be a safetensors model of a known family."""
     from peaknet_xtal.errors import FormatError
-    from peaknet_xtal.model.weights_io import check_model
+    from peaknet_xtal.model.weights_io import MODEL_FORMS, check_model
 
     if model != "default" and not Path(model).exists():
-        raise FormatError(model, "PeakNet model not found (spotfinder.threshold.peaknet.model)")
+        raise FormatError(model, f"PeakNet model not found (spotfinder.threshold.peaknet.model: "
+                                 f"{MODEL_FORMS})")
     check_model(model)
 
 

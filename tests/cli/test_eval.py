@@ -117,6 +117,7 @@ def test_a_typo_in_finders_is_one_line_before_any_work(sim_run, tmp_path, capsys
                  f"peaknet:{missing}"]) == 2
     line = one_error_line(capsys.readouterr().err)
     assert str(missing) in line and "model weights not found" in line
+    assert "'default' for the shipped model" in line  # what a model setting takes
     assert not out.exists()  # refused before anything was written
 
 

@@ -394,6 +394,12 @@ def test_missing_model_fails_at_start_up_naming_it(dials_modules, tmp_path) -> N
                      f"spotfinder.threshold.peaknet.model={missing}")
     with pytest.raises(Sorry, match="nowhere.safetensors.*model not found"):
         factory.configure_threshold(params)
+    # a name that is not a model's: the forms a model takes are said
+    params = _params(phil_scope, "spotfinder.threshold.algorithm=peaknet",
+                     "spotfinder.threshold.peaknet.model=tiny")
+    with pytest.raises(Sorry, match=r"tiny: PeakNet model not found .*'default' for the "
+                                    r"shipped model"):
+        factory.configure_threshold(params)
 
 
 def test_unusable_device_fails_at_start_up_naming_it(dials_modules) -> None:

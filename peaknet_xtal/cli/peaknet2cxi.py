@@ -166,7 +166,7 @@ def build_parser() -> Any:
     parser.add_argument("--device", help="auto, cpu or cuda[:N] (default: auto)")
     parser.add_argument("--precision", choices=PRECISIONS,
                         help="the network's arithmetic: fp32 (default: the same peaks on every "
-                        "machine) or bf16 (1.1-1.7x faster on CPUs with native bfloat16, peaks "
+                        "machine) or bf16 (1.1-1.6x faster on CPUs with native bfloat16, peaks "
                         "within float rounding of fp32's)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (per worker with "
                         "--workers)")

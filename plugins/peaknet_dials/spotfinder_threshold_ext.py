@@ -75,7 +75,7 @@ device = {" ".join(("*" if c == _D.device else "") + c for c in ("auto", "cpu", 
 precision = {" ".join(("*" if c == _D.precision else "") + c for c in PRECISIONS)}
   .type = choice
   .help = "The network's arithmetic: fp32 gives the same peaks on every machine; bf16 is"
-          "1.1-1.7x faster on CPUs with native bfloat16 (AVX512-BF16, AMX), its peaks within"
+          "1.1-1.6x faster on CPUs with native bfloat16 (AVX512-BF16, AMX), its peaks within"
           "float rounding of fp32's, and slower on CPUs without (a warning says so). The same"
           "default as peaknet2cxi and the Python API (finding.settings.PRECISIONS)."
 threshold = {_D.threshold}

@@ -6,6 +6,8 @@ one to look at and where.
 """
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from os import PathLike
 
 
@@ -65,3 +67,29 @@ class GeometryError(FormatError):
 
 class StreamError(FormatError):
     """A CrystFEL stream is malformed or truncated."""
+
+
+#: How torch says memory ran out: its CPU allocator's RuntimeError ("DefaultCPUAllocator: can't
+#: allocate memory: you tried to allocate ... bytes") and a GPU's OutOfMemoryError ("CUDA out of
+#: memory"), both RuntimeErrors.
+_OUT_OF_MEMORY = ("can't allocate memory", "out of memory")
+
+
+@contextlib.contextmanager
+def out_of_memory_as_memory_error() -> Iterator[None]:
+    """Torch's out-of-memory RuntimeErrors raised inside become :class:`MemoryError`, the one
+    type numpy and Python raise for the same condition, so that every entry point says one
+    thing for it (``peaknet2cxi``'s one-line error with what to lower, DIALS' user error, a
+    ``MemoryError`` from the Python API).  Why: a user trial on 16-Mpx frames under a memory
+    limit got a 65-line traceback ending in a torch RuntimeError from ``peaknet2cxi`` (a numpy
+    ``ArrayMemoryError`` at another limit) and, inside DIALS, a request to report the crash to
+    DIALS' developers."""
+    try:
+        yield
+    except RuntimeError as exc:
+        said = str(exc).lower()
+        if not any(words in said for words in _OUT_OF_MEMORY):
+            raise
+        first = next((line.strip() for line in str(exc).splitlines() if "memory" in line),
+                     str(exc).strip())
+        raise MemoryError(f"the model ran out of memory ({first})") from exc

@@ -35,3 +35,18 @@ def test_a_format_error_pickles_with_its_file_place_and_message(cls, dumps):
 
 def test_config_errors_are_format_errors():
     assert issubclass(peaknet_xtal.config.ConfigError, FormatError)
+
+
+def test_torch_running_out_of_memory_becomes_a_memory_error_and_nothing_else_does():
+    """Torch's CPU allocator says it with a RuntimeError (a real one here), numpy with a
+    MemoryError: one type for every entry point to say it by."""
+    import torch
+
+    from peaknet_xtal.errors import out_of_memory_as_memory_error
+
+    with pytest.raises(MemoryError, match="ran out of memory .*can't allocate memory"):
+        with out_of_memory_as_memory_error():
+            torch.empty(2 ** 50, dtype=torch.uint8)
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        with out_of_memory_as_memory_error():
+            torch.ones(2, 3) @ torch.ones(2, 3)

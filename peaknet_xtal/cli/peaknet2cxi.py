@@ -254,6 +254,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"peaknet2cxi: {interrupted(exc)}", file=sys.stderr)
         _say_what_is_kept(Path(config["output"]), rerun=True)
         return exit_status(exc)
+    except MemoryError as exc:  # numpy's, Python's, and torch's (finding.engine says it so)
+        print(f"peaknet2cxi: error: out of memory: {exc or 'no more could be allocated'}",
+              file=sys.stderr)
+        print(f"peaknet2cxi: {MEMORY_ADVICE}", file=sys.stderr)
+        _say_what_is_kept(Path(config["output"]), rerun=False)
+        return 1
     except (PeakNetError, OSError, ValueError) as exc:
         print(f"peaknet2cxi: error: {exc}", file=sys.stderr)
         full = write_failed(exc)
@@ -439,6 +445,15 @@ def hdf5_write_failed(exc: BaseException) -> bool:
 def write_failed(exc: BaseException) -> OSError | None:
     """The write in ``exc`` (or what caused it) that found no room (:data:`NO_ROOM`), if any."""
     return next((e for e in _chain(exc) if isinstance(e, OSError) and e.errno in NO_ROOM), None)
+
+
+#: What to do when memory runs out.  The network's whole-panel activations dominate on large
+#: panels (a user trial, one 18-Mpx Eiger 16M panel: 1.9 GB peak, 1.4 GB in 1024-px tiles, where
+#: --batch-size 1 saved 2 %); each worker holds a model and its frames.
+MEMORY_ADVICE = ("cut large panels into tiles (--tile-size 1024 saves about a quarter on a 16-Mpx "
+                 "panel, at the price of a few peaks), run fewer --workers, or give the job "
+                 "more memory; with the same settings a rerun in the same output folder skips "
+                 "the frames already written")
 
 
 def _say_what_is_kept(outdir: Path, *, rerun: bool) -> None:

@@ -74,6 +74,7 @@ from typing import Any
 
 import numpy as np
 
+from peaknet_xtal.errors import out_of_memory_as_memory_error
 from peaknet_xtal.finding.defects import DefectFilter, DefectTracker
 from peaknet_xtal.finding.gain import GainResolver, panel_names
 from peaknet_xtal.finding.peaks import (
@@ -355,10 +356,11 @@ class InferenceEngine:
             panels.extend(images)
             goods.extend(good_masks)
             owner.extend([f] * len(images))
-        if self.predictor is not None:
-            probs = [np.asarray(p, dtype=np.float32) for p in self.predictor(panels, goods)]
-        else:
-            probs = self._run_model(panels, goods)
+        with out_of_memory_as_memory_error():  # torch's words for it: one type everywhere
+            if self.predictor is not None:
+                probs = [np.asarray(p, dtype=np.float32) for p in self.predictor(panels, goods)]
+            else:
+                probs = self._run_model(panels, goods)
         out: list[list[np.ndarray]] = [[] for _ in frames]
         for f, prob, good in zip(owner, probs, goods, strict=False):
             out[f].append(np.where(good, prob, np.float32(0)))

@@ -460,8 +460,10 @@ def _declared_gain(imageset: Any) -> float | None:
 
 @contextlib.contextmanager
 def _as_user_error() -> Iterator[None]:
-    """The package's own errors (bad model file, bad pixels) become DIALS' user error, which
-    DIALS prints as one line instead of asking the user to report a crash."""
+    """The package's own errors (bad model file, bad pixels) and running out of memory become
+    DIALS' user error, which DIALS prints as one line instead of asking the user to report a
+    crash (a user trial under a memory limit: 120 lines ending in "Please report this error to
+    dials-support")."""
     from libtbx.utils import Sorry
 
     from peaknet_xtal.errors import PeakNetError
@@ -470,6 +472,10 @@ def _as_user_error() -> Iterator[None]:
         yield
     except PeakNetError as exc:  # names the file and what is wrong
         raise Sorry(f"peaknet: {exc}") from None  # DIALS prints the one line, no chain
+    except MemoryError as exc:  # numpy's, Python's, torch's (finding.engine says it so)
+        raise Sorry(f"peaknet: out of memory: {exc or 'no more could be allocated'}; set "
+                    "spotfinder.threshold.peaknet.tile_size=1024 (large panels in tiles), "
+                    "fewer spotfinder.mp.nproc, or give the job more memory") from None
 
 
 class PeakNetSpotFinderThresholdExt:

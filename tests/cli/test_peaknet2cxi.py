@@ -1435,6 +1435,39 @@ def test_a_transient_failure_or_an_interruption_advises_the_rerun(tmp_path, caps
     assert main([str(good), "-o", str(outdir), "--no-progress", "--min-peaks", "0"]) == 0
 
 
+def test_running_out_of_memory_is_one_error_saying_what_to_lower(tmp_path, capsys,
+                                                                  monkeypatch):
+    """Torch's allocator failing inside the model (a real allocation failure, as a user trial
+    met on 16-Mpx frames under a memory limit: a 65-line traceback) is one error saying memory
+    ran out and what to lower, exit 1, the frames written before it kept."""
+    import torch
+
+    from peaknet_xtal.finding.engine import InferenceEngine
+
+    good = tmp_path / "good.h5"
+    with h5py.File(good, "w") as h5:  # a megapixel a frame: one model call each
+        h5["/entry_1/data_1/data"] = np.random.default_rng(1).poisson(
+            5, (3, 1024, 1024)).astype(np.float32)
+    real = InferenceEngine._segment
+    calls = []
+
+    def starved_later(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) > 1:
+            torch.empty(2 ** 50, dtype=torch.uint8)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(InferenceEngine, "_segment", starved_later)
+    outdir = tmp_path / "out"
+    argv = [str(good), "-o", str(outdir), "--no-progress", "--min-peaks", "0",
+            "--batch-size", "1", "--frames-per-file", "1", "--threads", "1"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "peaknet2cxi: error: out of memory: the model ran out of memory" in err, err
+    assert "--tile-size" in err and "--workers" in err and "Traceback" not in err
+    assert "CXI file(s) finished before it are kept" in err
+
+
 def test_rerun_can_help_only_outside_the_inputs():
     from peaknet_xtal.cli.peaknet2cxi import rerun_can_help
 

@@ -507,3 +507,19 @@ def test_a_mask_of_other_values_than_0_and_1_is_refused(value):
         PeakFinder(predictor=bright_pixels).find(image, mask=mask)
     mask[3, 4] = 0
     assert PeakFinder(predictor=bright_pixels).find(image, mask=mask) is not None
+
+
+def test_the_model_running_out_of_memory_is_a_memory_error(monkeypatch):
+    """Where torch's allocator fails inside the model, the Python API raises MemoryError, as
+    numpy does where its arrays fail (two types for one condition before)."""
+    import torch
+
+    from peaknet_xtal.finding.engine import InferenceEngine
+
+    def starved(self, *args, **kwargs):
+        torch.empty(2 ** 50, dtype=torch.uint8)
+
+    monkeypatch.setattr(InferenceEngine, "_segment", starved)
+    image = np.random.default_rng(3).normal(10.0, 1.0, (64, 64)).astype(np.float32)
+    with pytest.raises(MemoryError, match="can't allocate memory"):
+        PeakFinder(threads=1).find(image)

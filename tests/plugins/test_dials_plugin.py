@@ -323,6 +323,30 @@ def test_dilation_grows_each_spot_by_a_rim_within_the_mask(dials_modules, cspad_
     assert lone.any() and np.array_equal(grown[lonely], plain[lonely])
 
 
+def test_running_out_of_memory_is_dials_user_error_saying_what_to_lower(
+        dials_modules, cspad_panel, monkeypatch) -> None:
+    """Torch's allocator failing inside the model (a real allocation failure) is DIALS' user
+    error naming the settings to lower, not a crash DIALS asks to have reported (a user trial
+    under a memory limit: 120 lines ending in "Please report this error to dials-support")."""
+    import torch
+    from dxtbx import flumpy
+    from libtbx.utils import Sorry
+
+    from peaknet_xtal.finding.engine import InferenceEngine
+
+    def starved(self, *args, **kwargs):
+        torch.empty(2 ** 50, dtype=torch.uint8)
+
+    monkeypatch.setattr(InferenceEngine, "_segment", starved)
+    _, phil_scope = dials_modules
+    data, mask = cspad_panel
+    with pytest.raises(Sorry, match=r"^peaknet: out of memory: .*can't allocate memory.*"
+                                    r"peaknet\.tile_size=1024.*mp\.nproc"):
+        _ext(phil_scope, 0.5).compute_threshold(flumpy.from_numpy(data),
+                                                flumpy.from_numpy(mask), imageset=None,
+                                                i_panel=0)
+
+
 def test_result_is_flex_bool_within_the_mask(dials_modules, cspad_panel) -> None:
     """The returned mask has the panel's shape and never marks a pixel DIALS masked out."""
     from dxtbx import flumpy

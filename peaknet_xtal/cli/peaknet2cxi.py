@@ -600,8 +600,11 @@ def _run_serial(config: dict[str, Any], expansion: RunInputs,
     finally:
         _close_all(cxi, stream, error)
         # pixel defects found across the run; the advice names a mask slot peaknet.geom
-        # leaves free (its slot 0 holds each frame's own mask)
-        engine.defects.save(outdir, seen_geometry[0], geometry_file=outdir / GEOM_NAME)
+        # leaves free (its slot 0 holds each frame's own mask), where the run wrote one (the
+        # writer does before its first file: a run that failed before any has none to name)
+        ours = outdir / GEOM_NAME
+        engine.defects.save(outdir, seen_geometry[0],
+                            geometry_file=ours if ours.exists() else None)
         summary = _finish(config, outdir, cxi.finished_files(), seen_geometry[0], stats,
                           time.perf_counter() - started, engine.describe(), error,
                           engine.sanitised.as_dict())

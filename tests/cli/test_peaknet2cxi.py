@@ -1468,6 +1468,31 @@ def test_running_out_of_memory_is_one_error_saying_what_to_lower(tmp_path, capsy
     assert "CXI file(s) finished before it are kept" in err
 
 
+def test_a_run_failing_before_its_first_file_names_no_geometry_it_did_not_write(
+        tmp_path, caplog, monkeypatch, make_geometry_text):
+    """The defect mask counted from the read-ahead is still saved when the model fails on the
+    first frames, but its advice named ``peaknet.geom``, which the writer had not yet written
+    (a memory trial: "add to out/peaknet.geom" with no such file)."""
+    from peaknet_xtal.finding.engine import InferenceEngine
+
+    def starved(self, *args, **kwargs):
+        raise MemoryError("no more could be allocated")
+
+    monkeypatch.setattr(InferenceEngine, "_segment", starved)
+    stack = tiny_stack(tmp_path / "in.h5", frames=8)
+    geom = tmp_path / "in.geom"
+    geom.write_text(make_geometry_text(["p0"], 32, 32, [(-16, -16)], clen="0.1 m",
+                                       adu_per_photon="1"))
+    outdir = tmp_path / "out"
+    with caplog.at_level("INFO"):
+        assert main([str(stack), "-g", str(geom), "-o", str(outdir), "--no-progress",
+                     "--min-peaks", "0", "--threads", "1"]) == 1
+    assert (outdir / "pixel_defects.h5").exists() and not (outdir / "peaknet.geom").exists()
+    said = " ".join(r.getMessage() for r in caplog.records if "pixel_defects.h5" in
+                    r.getMessage())
+    assert "to apply it, add to" in said and "peaknet.geom" not in said, said
+
+
 def test_rerun_can_help_only_outside_the_inputs():
     from peaknet_xtal.cli.peaknet2cxi import rerun_can_help
 

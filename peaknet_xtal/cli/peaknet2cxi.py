@@ -97,6 +97,7 @@ DEFAULTS: dict[str, Any] = {
     "faint_support": FINDING.faint_support,
     "adu_per_photon": None,  # None: finding.settings.resolve_gain (geometry, image format)
     "batch_size": FINDING.batch_size,
+    "tile_size": FINDING.tile_size,  # largest panel side the model sees whole
     "min_peaks": FINDING.min_peaks,  # the shared hit rule (finding.settings)
     "max_peaks": DEFAULT_MAX_PEAKS,  # the width of Cheetah's CXI peak tables
     "hits_only": False,
@@ -129,7 +130,8 @@ RANGES: dict[str, Any] = {
     "adu_per_photon": _limited(float, "adu_per_photon", optional=True),  # 0: no shot noise
     "min_peaks": bounded(int, ge=0), "faint_support": bounded(int, ge=0),  # 0: every frame
     "max_peaks": _limited(int, "max_peaks", optional=True),  # None: no cap
-    "batch_size": _limited(int, "batch_size"), "frames_per_file": bounded(int, ge=1),
+    "batch_size": _limited(int, "batch_size"), "tile_size": _limited(int, "tile_size"),
+    "frames_per_file": bounded(int, ge=1),
     "workers": bounded(int, ge=1), "threads": bounded(int, ge=1, optional=True),
 }
 #: Types of the settings whose default (None) cannot say it, or that the default's type allows too
@@ -204,6 +206,11 @@ def build_parser() -> Any:
     parser.add_argument("--batch-size", type=int,
                         help="model input per batch, in 1-Mpx slots: each panel goes whole "
                              f"and takes one slot a megapixel (default {FINDING.batch_size})")
+    parser.add_argument("--tile-size", dest="tile_size", type=int,
+                        help="largest panel side the model sees whole (default "
+                             f"{FINDING.tile_size}: every panel whole); smaller saves memory on "
+                             "large panels at the price of a few peaks (99.5 %% found again in "
+                             "512-1024 px tiles)")
     parser.add_argument("--min-peaks", type=int, help="peaks that make a hit (default "
                         f"{FINDING.min_peaks}, the library's; the stream's 'hit' flag, "
                         "--hits-only and the summary's hit count follow it)")
@@ -559,6 +566,7 @@ def _run_serial(config: dict[str, Any], expansion: RunInputs,
     engine = InferenceEngine(config["model"], device=config["device"], threads=config["threads"],
                              precision=str(config["precision"]),
                              batch_size=int(config["batch_size"]),
+                             tile_size=int(config["tile_size"]),
                              threshold=float(config["threshold"]),
                              min_snr=float(config["min_snr"]),
                              min_height=float(config["min_height"]),
@@ -656,9 +664,9 @@ def _writer_options(config: Mapping[str, Any], expansion: RunInputs) -> dict[str
 
 #: the settings that decide which peaks a frame gets and which frames are written: every CXI
 #: file keeps them, and a rerun into a folder must use the same (formats.cxi.check_same_settings)
-FINDING_KEYS = ("model", "precision", "threshold", "min_snr", "min_height", "rescue_prob",
-                "rescue_height", "faint_support", "adu_per_photon", "min_peaks", "max_peaks",
-                "hits_only")
+FINDING_KEYS = ("model", "precision", "tile_size", "threshold", "min_snr", "min_height",
+                "rescue_prob", "rescue_height", "faint_support", "adu_per_photon", "min_peaks",
+                "max_peaks", "hits_only")
 
 
 def finding_settings(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -702,6 +710,7 @@ def _run_pipeline(config: dict[str, Any], expansion: RunInputs) -> dict[str, Any
         "threshold": float(config["threshold"]), "batch_size": int(config["batch_size"]),
         "frame_finder_options": {"min_peaks": int(config["min_peaks"]),
                               "precision": str(config["precision"]),
+                              "tile_size": int(config["tile_size"]),
                               "min_snr": float(config["min_snr"]),
                               "min_height": float(config["min_height"]),
                               "rescue_prob": float(config["rescue_prob"]),

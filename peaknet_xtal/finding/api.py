@@ -42,7 +42,12 @@ from peaknet_xtal.types import Frame
 
 
 class PeakFinder:
-    """Find Bragg peaks in images with a PeakNet model (see the module docstring)."""
+    """Find Bragg peaks in images with a PeakNet model (see the module docstring).
+
+    ``tile_size``: the largest panel side the model sees whole (:data:`DEFAULTS`: every panel
+    whole); a larger panel is cut into overlapping tiles of at most that side, which saves
+    memory on large panels at the price of a few peaks (the comment on
+    ``FindingDefaults.tile_size``)."""
 
     def __init__(self, model: Any = DEFAULTS.model, device: str = DEFAULTS.device,
                  threshold: float = DEFAULTS.threshold, batch_size: int = DEFAULTS.batch_size,
@@ -53,7 +58,8 @@ class PeakFinder:
                  faint_support: int = DEFAULTS.faint_support,
                  adu_per_photon: float | None = None,
                  threads: int | None = None, predictor: Predictor | None = None,
-                 precision: str = DEFAULTS.precision) -> None:
+                 precision: str = DEFAULTS.precision,
+                 tile_size: int = DEFAULTS.tile_size) -> None:
         if predictor is None:  # a predictor brings its own model and device
             if model is None:
                 raise TypeError("model must be a registered model name ('default'), a weights "
@@ -65,7 +71,8 @@ class PeakFinder:
             raise ValueError(f"threads must be a whole number >= 1 (None: as many as the "
                              f"cores free), got {threads!r}")
         self.engine = InferenceEngine(model, device=device, threads=threads, precision=precision,
-                                      batch_size=batch_size, threshold=threshold, min_snr=min_snr,
+                                      batch_size=batch_size, tile_size=tile_size,
+                                      threshold=threshold, min_snr=min_snr,
                                       min_height=min_height, rescue_prob=rescue_prob,
                                       rescue_height=rescue_height,
                                       faint_support=faint_support,

@@ -66,6 +66,7 @@ import collections
 import contextlib
 import itertools
 import logging
+import numbers
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -90,6 +91,7 @@ from peaknet_xtal.finding.sanitise import SanitiseTally, sanitise_frame
 from peaknet_xtal.finding.settings import (
     DEFAULTS,
     LIMITS,
+    MIN_TILE,
     check_faint_support,
     check_limits,
     check_min_peaks,
@@ -105,8 +107,6 @@ _InFlight = tuple[Frame, list[np.ndarray], list[np.ndarray], Any, float | None]
 
 Predictor = Callable[[Sequence[np.ndarray], Sequence[np.ndarray]], Sequence[np.ndarray]]
 
-#: The smallest tile side: the model's four resampling levels halve it five times.
-MIN_TILE = 32
 #: Pixels of one batch slot (a 1024 x 1024 tile, the engine's tile before panels went whole):
 #: ``batch_size`` counts slots, an input of more pixels taking several, so that a batch of whole
 #: 6-Mpx Pilatus panels holds as many pixels as one of 1024-px tiles did.  Counting inputs instead
@@ -177,6 +177,23 @@ def _axis_tiles(length: int, size: int, overlap: int) -> list[tuple[int, int, sl
             for k, (start, end) in enumerate(zip(starts, ends, strict=True))]
 
 
+def _check_tiles(tile_size: Any, tile_overlap: Any) -> None:
+    """A TypeError naming ``tile_size`` or ``tile_overlap`` where it is no whole number, a
+    ValueError where tiles of that size would not advance a grid cell past their overlap (the
+    least ``tile_size`` :data:`.settings.LIMITS` states is that at the default overlap).  Why
+    here: every entry point passes ``tile_size`` through, and ``tile_size=1000.5`` was taken,
+    then failed at the first frame as "'float' object cannot be interpreted as an integer"."""
+    for name, value in (("tile_size", tile_size), ("tile_overlap", tile_overlap)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"{name} must be a whole number of pixels, got {value!r}")
+    if tile_overlap < 0:
+        raise ValueError(f"tile_overlap must be >= 0, got {tile_overlap}")
+    if tile_size - tile_overlap < MIN_TILE:
+        raise ValueError(f"tile_size must be >= {MIN_TILE + tile_overlap} (tiles advance on the "
+                         f"model's {MIN_TILE}-px grid past their {tile_overlap}-px "
+                         f"tile_overlap), got {tile_size}")
+
+
 class InferenceEngine:
     """Batched segmentation + peak finding, shared by every adapter.
 
@@ -222,10 +239,7 @@ class InferenceEngine:
         fast: bool = True,
         precision: str = DEFAULTS.precision,
     ) -> None:
-        if tile_size < MIN_TILE or tile_overlap < 0 or tile_size - tile_overlap < MIN_TILE:
-            raise ValueError(f"need tile_size >= {MIN_TILE} and 0 <= tile_overlap <= "
-                             f"tile_size - {MIN_TILE} (tiles start on the model's grid), got "
-                             f"{tile_size}, {tile_overlap}")
+        _check_tiles(tile_size, tile_overlap)
         params = peak_params or PeakParams()
         check_min_peaks(params.min_peaks if min_peaks is None else min_peaks)
         check_faint_support(params.faint_support if faint_support is None else faint_support)

@@ -50,7 +50,9 @@ class FindingDefaults:
     # Largest panel side the model sees whole; only bigger panels are cut into tiles.  Whole
     # panels make a panel's peaks independent of tile cuts (the network's image-wide statistics
     # cover the panel); 1024-px tiles found 99.3 % of the whole panel's peaks (the comment after
-    # DEFAULTS).  A smaller value saves memory on huge panels, at that price.
+    # DEFAULTS).  A smaller value saves memory on huge panels, at that price (a user trial, 3
+    # simulated Eiger 16M frames of one 4148 x 4362 panel: 1024-px tiles took peak memory from
+    # 1.9 to 1.4 GB and found 878 of frame 0's 881 peaks); every entry point takes it.
     tile_size: int = 8192
     tile_overlap: int = 64  # pixels shared by neighbouring tiles
     dilation: int = 1  # pixels a peak grows by in a pixel mask for DIALS' own labelling
@@ -245,6 +247,11 @@ def check_count(value: Any, what: str) -> int:
     return int(value)
 
 
+#: The smallest tile side: the model's four resampling levels halve it five times (tiles start
+#: on this grid, :func:`peaknet_xtal.finding.engine.tile_panel`).
+MIN_TILE = 32
+
+
 #: The network's arithmetic, :data:`DEFAULTS` ``.precision``.  bf16 measured (2026-12-06, one
 #: CPU thread of an AMD EPYC with AVX512-BF16, the shipped default through the engine, CPU
 #: time): 1.1x on a 2.3-Mpx CSPAD frame (0.44 -> 0.40 s: its 64 small ASICs leave the float32
@@ -276,11 +283,14 @@ LIMITS: dict[str, dict[str, float]] = {
     "threshold": {"ge": 0, "le": 1}, "rescue_prob": {"ge": 0, "le": 1},
     "min_snr": {"ge": 0}, "min_height": {"ge": 0}, "rescue_height": {"ge": 0},
     "adu_per_photon": {"ge": 0}, "max_peaks": {"ge": 1}, "batch_size": {"ge": 1},
+    # a tile must reach a grid cell past the overlap it shares (engine.tile_panel); every entry
+    # point tiles with the default overlap, the engine checks other overlaps itself
+    "tile_size": {"ge": MIN_TILE + DEFAULTS.tile_overlap},
 }
 
 
 #: :data:`LIMITS` settings that count something, so take whole numbers only.
-WHOLE_NUMBERS = frozenset({"max_peaks", "batch_size"})
+WHOLE_NUMBERS = frozenset({"max_peaks", "batch_size", "tile_size"})
 
 
 def check_limits(values: Mapping[str, Any]) -> None:

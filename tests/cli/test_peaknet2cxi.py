@@ -545,6 +545,51 @@ def test_a_choice_in_a_config_file_is_checked_before_anything_is_written(tmp_pat
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.dials
+def test_tile_size_is_taken_recorded_and_kept_by_a_rerun(tmp_path, capsys, dials_env):
+    """--tile-size and a --config file's tile_size (the README's memory saver on large panels)
+    were refused as unknown.  The run's engine tiles as asked, the run's record says so, and,
+    as tiles move a few peaks, a rerun into the folder with another tile_size is refused like
+    any other finding setting; the same tile_size from a config file continues the run."""
+    cbf = tiny_cbf(tmp_path / "big_0001.cbf", 100.0, size=200)
+    outdir = tmp_path / "out"
+    common = [str(cbf), "-o", str(outdir), "--device", "cpu", "--threads", "1",
+              "--no-progress"]
+    assert main([*common, "--tile-size", "128"]) == 0, capsys.readouterr().err
+    summary = json.loads((outdir / "peaknet2cxi.json").read_text())
+    assert summary["config"]["tile_size"] == 128 and summary["engine"]["tile_size"] == 128
+    files = {p: p.read_bytes() for p in outdir.iterdir()}
+    cfg = tmp_path / "tile.yaml"
+    cfg.write_text("tile_size: 1024\n")
+    assert main([*common, "--config", str(cfg)]) == 1
+    err = capsys.readouterr().err
+    assert "its peaks were found with other settings (tile_size 128 there, 1024 now)" in err
+    assert {p: p.read_bytes() for p in outdir.iterdir()} == files
+    cfg.write_text("tile_size: 128\n")
+    assert main([*common, "--config", str(cfg)]) == 0, capsys.readouterr().err
+    summary = json.loads((outdir / "peaknet2cxi.json").read_text())
+    assert summary["this_run"]["skipped"] == 1 and summary["engine"]["tile_size"] == 128
+
+
+@pytest.mark.parametrize(("given", "says"), [
+    (["--tile-size", "64"], "command line: --tile-size: must be >= 96 (got 64)"),
+    (["--config", "tile_size: 64"], "tile.yaml: tile_size: must be >= 96 (got 64)"),
+    (["--config", "tile_size: 1024.5"], "tile.yaml: tile_size: Input should be a valid integer"),
+])
+def test_a_tile_size_the_model_cannot_take_is_refused_before_anything_is_written(
+        tmp_path, capsys, given, says):
+    """The least tile the model takes at the default overlap (finding.settings.LIMITS)."""
+    if given[0] == "--config":
+        cfg = tmp_path / "tile.yaml"
+        cfg.write_text(given[1] + "\n")
+        given = ["--config", str(cfg)]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["in.cxi", "-o", str(tmp_path / "out"), *given])
+    assert exit_info.value.code == 2
+    assert says in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_config_file_null_lifts_the_peak_cap_and_types_are_checked(tmp_path):
     from peaknet_xtal import config as cfgmod
     from peaknet_xtal.cli.peaknet2cxi import DEFAULTS, TYPES, build_parser
@@ -804,10 +849,13 @@ def test_hits_only_and_threads_reach_the_ray_pipeline(stacks, tmp_path, monkeypa
     with pytest.raises(PeakNetError, match="no frames were written"):
         run({"inputs": [str(stack)], "geometry": str(geom_path), "output": str(tmp_path / "o"),
              "workers": 2, "threads": 3, "hits_only": True, "progress": False,
-             "min_snr": 4.0, "min_height": 0.0, "rescue_prob": 0.4, "precision": "bf16"})
+             "min_snr": 4.0, "min_height": 0.0, "rescue_prob": 0.4, "precision": "bf16",
+             "tile_size": 512})
     assert seen["threads_per_worker"] == 3
     assert seen["frame_finder_options"]["precision"] == "bf16"
     assert seen["writer_options"]["settings"]["precision"] == "bf16"
+    assert seen["frame_finder_options"]["tile_size"] == 512
+    assert seen["writer_options"]["settings"]["tile_size"] == 512
     assert seen["frame_finder_options"]["min_snr"] == 4.0
     assert seen["frame_finder_options"]["min_height"] == 0.0
     assert seen["frame_finder_options"]["rescue_prob"] == 0.4

@@ -523,3 +523,49 @@ def test_the_model_running_out_of_memory_is_a_memory_error(monkeypatch):
     image = np.random.default_rng(3).normal(10.0, 1.0, (64, 64)).astype(np.float32)
     with pytest.raises(MemoryError, match="can't allocate memory"):
         PeakFinder(threads=1).find(image)
+
+
+def test_a_smaller_tile_size_cuts_a_large_panel_into_tiles_and_keeps_its_peaks(monkeypatch):
+    """``tile_size`` (the README's memory saver on large panels) reached no entry point: the
+    Python API had no such argument.  A 1200 x 700 panel found in 512-px tiles goes to the
+    model as tiles no wider than that, and gives the whole panel's peaks up to the few that
+    tile cuts legitimately move (README, 'Tiles': 99.5 % on detectors' panels)."""
+    import peaknet_xtal.finding.engine as engine_module
+
+    rng = np.random.default_rng(7)
+    image = rng.poisson(8.0, (1200, 700)).astype(np.float32)
+    for y, x in np.column_stack([rng.uniform(20, 1180, 60), rng.uniform(20, 680, 60)]):
+        ys, xs = np.mgrid[int(y) - 6:int(y) + 7, int(x) - 6:int(x) + 7]
+        image[ys, xs] += 400.0 * np.exp(-((ys - y) ** 2 + (xs - x) ** 2) / (2 * 1.2 ** 2))
+    cuts = []
+
+    def tile_panel(shape, size, overlap):
+        cuts.append(engine_module_tile_panel(shape, size, overlap))
+        return cuts[-1]
+
+    engine_module_tile_panel = engine_module.tile_panel
+    monkeypatch.setattr(engine_module, "tile_panel", tile_panel)
+    settings = {"device": "cpu", "threads": 1, "adu_per_photon": 1.0}
+    whole = PeakFinder(**settings).find(image)
+    assert cuts and all(len(c) == 1 for c in cuts)  # the default: the panel whole
+    cuts.clear()
+    tiled = PeakFinder(**settings, tile_size=512).find(image)
+    assert cuts and all(len(c) > 1 and max(max(h, w) for _, _, h, w, _ in c) <= 512
+                        for c in cuts)
+    assert len(whole) >= 55  # the spots are found at all
+    apart = np.hypot(whole["fs"][:, None] - tiled["fs"][None], whole["ss"][:, None]
+                     - tiled["ss"][None])
+    # at most 2 % of either side's peaks (one of ~60) without a partner within 1.5 px
+    assert (apart.min(axis=1) > 1.5).sum() <= 0.02 * len(whole)
+    assert (apart.min(axis=0) > 1.5).sum() <= 0.02 * len(tiled)
+
+
+@pytest.mark.parametrize(("value", "error", "words"), [
+    (95, ValueError, "tile_size must be >= 96"),  # the model's grid past the 64-px overlap
+    (0, ValueError, "tile_size must be >= 96"),
+    (1024.0, TypeError, "tile_size must be a whole number of pixels, got 1024.0"),
+    (True, TypeError, "tile_size must be a whole number of pixels, got True"),
+])
+def test_a_tile_size_the_model_cannot_take_is_refused_by_name(value, error, words):
+    with pytest.raises(error, match=words):
+        PeakFinder(tile_size=value)

@@ -16,7 +16,7 @@ def test_library_cli_and_engine_start_from_the_same_defaults():
     finder = inspect.signature(PeakFinder).parameters
     engine = inspect.signature(InferenceEngine).parameters
     for name in ("threshold", "min_snr", "min_height", "rescue_prob", "rescue_height",
-                 "faint_support", "batch_size", "model", "device", "precision"):
+                 "faint_support", "batch_size", "model", "device", "precision", "tile_size"):
         assert finder[name].default == getattr(DEFAULTS, name), name
         assert CLI[name] == getattr(DEFAULTS, name), name
     for name in ("batch_size", "tile_size", "tile_overlap", "model", "device", "precision"):
@@ -28,6 +28,18 @@ def test_library_cli_and_engine_start_from_the_same_defaults():
                                                            DEFAULTS.rescue_height)
     assert (params.faint_height, params.faint_support) == (DEFAULTS.faint_height,
                                                            DEFAULTS.faint_support)
+
+
+def test_the_least_tile_size_every_entry_point_allows_is_the_least_the_engine_takes():
+    """LIMITS states tile_size's range for peaknet2cxi and the DIALS PHIL; the engine, which
+    tiles with the default overlap for them, must take exactly that range."""
+    from peaknet_xtal.finding import PeakFinder
+    from peaknet_xtal.finding.settings import LIMITS
+
+    least = int(LIMITS["tile_size"]["ge"])
+    assert PeakFinder(tile_size=least).engine.tile_size == least
+    with pytest.raises(ValueError, match=f"tile_size must be >= {least}"):
+        PeakFinder(tile_size=least - 1)
 
 
 def test_gain_resolution_order(make_geometry_text):

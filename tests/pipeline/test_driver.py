@@ -279,11 +279,12 @@ HOT, SOMETIMES = (4, 5), (16, 23)
 def test_ray_run_writes_the_pixel_defects_and_records_the_engine_settings(local_ray,
                                                                           tmp_path: Path, stacks):
     """As the single-process peaknet2cxi does: the run's defect mask beside the output (the
-    workers' counts merged), and the engine's resolved settings in the summary."""
+    workers' counts merged), and the engine's resolved settings in the summary (peaknet2cxi's
+    --tile-size reaches the workers' engines as a frame finder option)."""
     path = stacks.write(tmp_path / "a.h5", 8)
     cfg = config(tmp_path, [path], frame_finder="engine", batch_size=2,
                  frame_finder_options={"predictor": BrightPredictor(), "adu_per_photon": 1.0,
-                                       "min_snr": 4.0}, threshold=0.6)
+                                       "min_snr": 4.0, "tile_size": 512}, threshold=0.6)
     summary = run_pipeline(cfg)
     assert summary["written"] == 8
     written = tmp_path / "out" / "pixel_defects.h5"
@@ -293,7 +294,7 @@ def test_ray_run_writes_the_pixel_defects_and_records_the_engine_settings(local_
     assert mask.dtype == np.uint8 and mask.shape == (32, 48)
     assert mask[HOT] == 0 and mask[SOMETIMES] == 1
     engine = InferenceEngine(**frame_finder_options(resolve_config(cfg))).describe()
-    assert engine["threshold"] == 0.6 and engine["min_snr"] == 4.0
+    assert engine["threshold"] == 0.6 and engine["min_snr"] == 4.0 and engine["tile_size"] == 512
     assert summary["engine"] == engine
     report = json.loads((tmp_path / "out" / "run.cxi.pipeline.json").read_text())
     assert report["engine"] == engine

@@ -69,7 +69,7 @@ def test_phil_scope_offers_peaknet_with_help(dials_modules) -> None:
     names = {obj.name: obj for obj in scope.objects}
     assert set(names) == {"model", "device", "threshold", "min_snr", "min_height",
                           "adu_per_photon", "batch_size", "threads", "dilation", "rescue_prob",
-                          "rescue_height", "faint_support", "precision"}
+                          "rescue_height", "faint_support", "precision", "tile_size"}
     for name, obj in names.items():
         assert obj.help and len(obj.help) > 20, f"peaknet.{name} needs help text"
     # DIALS' own ``gain=`` shorthand stays DIALS' (an option of ours named gain made it
@@ -119,12 +119,35 @@ def test_settings_come_from_phil(dials_modules, monkeypatch) -> None:
                                             "spotfinder.threshold.peaknet.threshold=1.5"))
 
 
+def test_tile_size_reaches_the_engine_and_a_tile_too_small_is_a_sorry(dials_modules) -> None:
+    """``tile_size`` (the README's memory saver on large panels) was an unknown parameter
+    definition to DIALS.  Now it reaches the engine DIALS' spot finding runs, and a tile the
+    model cannot take (``finding.settings.LIMITS``) is DIALS' user error naming it."""
+    from libtbx.utils import Sorry
+
+    from peaknet_dials.spotfinder_threshold_ext import PeakNetSettings, _build_predictor
+    from peaknet_xtal.finding.settings import DEFAULTS
+
+    factory, phil_scope = dials_modules
+    lines = ("spotfinder.threshold.algorithm=peaknet", "spotfinder.threshold.peaknet.device=cpu")
+    ext = factory.configure_threshold(_params(phil_scope, *lines,
+                                              "spotfinder.threshold.peaknet.tile_size=1024"))
+    assert ext.settings.tile_size == 1024
+    assert _build_predictor(ext.settings).tile_size == 1024
+    assert PeakNetSettings.from_params(_params(phil_scope, *lines)).tile_size == DEFAULTS.tile_size
+    with pytest.raises(Sorry, match=r"^peaknet: spotfinder\.threshold\.peaknet\.tile_size = 64: "
+                       r"must be >= 96"):
+        factory.configure_threshold(_params(phil_scope, *lines,
+                                            "spotfinder.threshold.peaknet.tile_size=64"))
+
+
 @pytest.mark.parametrize("option,value,words", [
     ("min_height", "nan", "must be a finite number"), ("threshold", "nan", "finite"),
     ("min_snr", "nan", "finite"), ("adu_per_photon", "nan", "finite"),
     ("threshold", "None", "must be a number"), ("min_snr", "None", "must be a number"),
     ("rescue_height", "None", "number"), ("batch_size", "None", "number"),
     ("dilation", "None", "number"), ("faint_support", "None", "number"),
+    ("tile_size", "None", "number"),
     ("min_height", "Auto", "must be a number")])
 def test_a_value_phil_lets_through_is_a_sorry_naming_the_option(dials_modules, option, value,
                                                                words) -> None:
@@ -473,7 +496,7 @@ def test_phil_defaults_are_the_shared_finding_defaults(dials_modules) -> None:
 
     _, phil_scope = dials_modules
     scope = _params(phil_scope).spotfinder.threshold.peaknet
-    for name in ("model", "device", "threshold", "batch_size", "dilation"):
+    for name in ("model", "device", "threshold", "batch_size", "dilation", "tile_size"):
         assert getattr(scope, name) == getattr(DEFAULTS, name), name
     assert scope.min_snr == DEFAULTS.min_snr
     assert scope.adu_per_photon is None  # settings.resolve_gain: the corrected image's 1

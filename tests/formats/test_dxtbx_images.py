@@ -503,7 +503,10 @@ def test_dials_find_spots_refuses_that_master_as_a_user_error(tmp_path, dials_en
     DIALS hands the plugin only the images its dxtbx reads).  On a rotation DIALS finds spots
     in its job scheduler even with one process, and prints the worker's trace of any error
     raised there ("easy_mp crash detected; subprocess trace") before the user error itself:
-    DIALS' own reporting, left as it is."""
+    DIALS' own reporting, left as it is; so is the race its job scheduler sometimes loses while
+    shutting down after that error on a busy machine (a second traceback ending in "KeyError:
+    ... identifier( jobid = N )" from libtbx/scheduling/job_scheduler.py, seen once in a test run
+    beside other jobs; the one user error is still printed)."""
     import re
     import subprocess
 
@@ -523,6 +526,9 @@ def test_dials_find_spots_refuses_that_master_as_a_user_error(tmp_path, dials_en
     rc, text = outputs[1]
     text = re.sub(r"easy_mp crash detected; subprocess trace: -+\n.*?\n-{20,}\n", "", text,
                   flags=re.S)
+    text = re.sub(r"Traceback \(most recent call last\):\n(?:(?!Traceback).*\n)*?.*"
+                  r"libtbx/scheduling/job_scheduler\.py.*\n(?:(?!Traceback).*\n)*?KeyError: "
+                  r"'[^\n]*identifier\( jobid = \d+ \)'\n?", "", text)
     sorry = [line for line in text.splitlines() if line.startswith("Sorry:")]
     assert rc != 0 and len(sorry) == 1 and "Traceback" not in text, text[-3000:]
     assert str(master) in sorry[0] and "5 frames in the data files" in sorry[0], sorry[0]

@@ -40,6 +40,8 @@ def open_imageset(path: str | os.PathLike[str]) -> Any:
 
     try:
         experiments = ExperimentListFactory.from_filenames([path])
+    except MemoryError:  # the machine's limit, not the file's fault: said as that
+        raise
     except Exception as exc:  # dxtbx raises many kinds for unknown or broken files
         if isinstance(exc, ValueError) and "filename template" in str(exc):
             # dxtbx numbers a rotation image from its file name: frame.cbf has none, and a
@@ -234,6 +236,8 @@ def image_arrays(imageset: Any, index: int, path: str | None = None, *, raw: boo
     try:
         data = imageset.get_raw_data(index) if raw else imageset.get_corrected_data(index)
         mask = imageset.get_mask(index)
+    except MemoryError:  # the machine's limit, not the file's fault: said as that
+        raise
     except Exception as exc:
         raise FormatError(path or _imageset_path(imageset, index),
                           f"cannot read image {index} ({type(exc).__name__}: {exc})") from exc

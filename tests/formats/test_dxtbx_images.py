@@ -533,3 +533,23 @@ def test_dials_find_spots_refuses_that_master_as_a_user_error(tmp_path, dials_en
     assert rc != 0 and len(sorry) == 1 and "Traceback" not in text, text[-3000:]
     assert str(master) in sorry[0] and "5 frames in the data files" in sorry[0], sorry[0]
     assert not (tmp_path / "strong.refl").exists()
+
+
+def test_running_out_of_memory_reading_an_image_is_not_a_damaged_file():
+    """A MemoryError inside dxtbx's read is the machine's limit, raised as itself: it was
+    wrapped as the file's fault, and peaknet2cxi said a sound CBF "may be damaged or truncated"
+    (a user trial under prlimit)."""
+    from peaknet_xtal.formats.dxtbx_images import image_arrays
+
+    class Starved:  # an imageset without files whose read runs out of memory
+        def get_corrected_data(self, index):
+            raise MemoryError()
+
+        get_raw_data = get_corrected_data
+
+        def get_mask(self, index):
+            return ()
+
+    for raw in (False, True):
+        with pytest.raises(MemoryError):
+            image_arrays(Starved(), 0, "sound.cbf", raw=raw)

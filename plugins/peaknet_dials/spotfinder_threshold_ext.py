@@ -339,7 +339,11 @@ def _check_model_exists(model: str) -> None:
     if model != "default" and not Path(model).exists():
         raise FormatError(model, f"PeakNet model not found (spotfinder.threshold.peaknet.model: "
                                  f"{MODEL_FORMS})")
-    check_model(model)
+    try:
+        check_model(model)
+    except FormatError as exc:  # a folder without weights, a broken file: the setting named too
+        raise FormatError(exc.path, f"{exc.message} (spotfinder.threshold.peaknet.model)"
+                          ) from None
 
 
 DEVICE_SETTING = "spotfinder.threshold.peaknet.device"

@@ -447,6 +447,11 @@ def test_missing_model_fails_at_start_up_naming_it(dials_modules, tmp_path) -> N
     with pytest.raises(Sorry, match=r"tiny: PeakNet model not found .*'default' for the "
                                     r"shipped model"):
         factory.configure_threshold(params)
+    # a folder without weights: what is wrong with it, and the setting that named it
+    params = _params(phil_scope, "spotfinder.threshold.algorithm=peaknet",
+                     f"spotfinder.threshold.peaknet.model={tmp_path}")
+    with pytest.raises(Sorry, match=r"safetensors.*\(spotfinder\.threshold\.peaknet\.model\)$"):
+        factory.configure_threshold(params)
 
 
 def test_unusable_device_fails_at_start_up_naming_it(dials_modules) -> None:

@@ -502,7 +502,7 @@ def real_frames(min_snr: float | None, min_peaks: int | None, min_height: float 
         "CSPAD stills (hits)": sorted((REAL / "cspad_thermolysin_stills").glob("*.cbf")),
         "single synchrotron images": sorted(
             (REAL / "synchrotron_single_images").glob("*.cbf.gz")),
-        "L-cysteine Pilatus 2M (1-7 spots each)": sorted(
+        "L-cysteine Pilatus 2M (5-18 listed spots each)": sorted(
             (REAL / "pilatus2m_lcysteine_rotation").glob("*.cbf.bz2")),
     }
     options: dict[str, Any] = {}

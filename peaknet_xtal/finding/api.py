@@ -81,6 +81,8 @@ class PeakFinder:
         self.engine.sanitised.reported_in = "PeakFinder.unusable_pixels()"
         #: files of imagesets whose frames are known to be all readable through dxtbx
         self._whole_files: set[str] = set()
+        #: images given so far, which name an image without a file in warnings
+        self._given = 0
 
     @property
     def min_peaks(self) -> int:
@@ -101,7 +103,9 @@ class PeakFinder:
         mask, detector and beam are used, so 1/d is filled, and the data count photons as far as
         the format's gain says, for the shot noise in each peak's SNR; warnings name the image's
         file, and an image file shorter than its header says, or an Eiger master whose data
-        files dxtbx cannot all read, is a FormatError naming it).  ``mask`` (True = good)
+        files dxtbx cannot all read, is a FormatError naming it; an image without a file, an
+        array above all, is named ``PeakFinder image N``: the N-th image, from 0, that this
+        finder was given).  ``mask`` (True = good)
         takes the same forms as ``data``; ``geometry`` (a CrystFEL
         :class:`~peaknet_xtal.formats.geometry.Geometry`) fills 1/d for array input.  ``with_bbox``
         also returns the ``(N, 4)`` boxes ``fs0, fs1, ss0, ss1`` (end exclusive) that
@@ -184,6 +188,7 @@ class PeakFinder:
                wavelength_A: float | None) -> Frame:
         """One image as the finding pipeline's frame: panels, good-pixel masks, declared gain."""
         gain, dtype, source, event = None, None, "", "//"
+        given, self._given = self._given, self._given + 1
         if _is_imageset(data):
             from peaknet_xtal.finding.sanitise import implied_dtype
             from peaknet_xtal.formats.dxtbx_images import CORRECTED_GAIN, check_every_linked_frame
@@ -230,6 +235,8 @@ class PeakFinder:
                 raise ValueError(f"mask: {len(given)} panel(s), where the image has "
                                  f"{len(masks)}; give one good-pixel array per panel")
             masks = given if masks is None else [a & b for a, b in zip(masks, given, strict=True)]
+        if not source:  # an array, or an imageset in memory: its place in the finder's images
+            source, event = f"PeakFinder image {given}", ""
         return Frame(panels=panels, masks=masks, geometry=geometry, source=source, event=event,
                      meta={"wavelength_A": wavelength_A, "adu_per_photon": gain,
                            "dtype": dtype})

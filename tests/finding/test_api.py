@@ -408,6 +408,19 @@ def test_infinite_pixels_are_masked_with_one_warning_and_no_numpy_noise(recwarn)
     assert not [w for w in recwarn.list if issubclass(w.category, RuntimeWarning)]
 
 
+def test_warnings_about_an_arrays_pixels_name_it_by_its_place_in_the_run(caplog):
+    """An array has no file: its warnings read ``frame //: masked ...``, which names nothing a
+    user can find; they now name the image by its place among those the finder was given."""
+    finder = PeakFinder(predictor=bright_pixels)
+    images = [spots_image() for _ in range(3)]
+    images[2][4, 5:9] = np.nan
+    with caplog.at_level("WARNING", logger="peaknet_xtal.finding.sanitise"):
+        finder.find(images[0])
+        list(finder.find_run(images[1:]))
+    (masked,) = [r.getMessage() for r in caplog.records if "masked" in r.getMessage()]
+    assert masked.startswith("PeakFinder image 2: masked 4 non-finite"), masked
+
+
 @pytest.mark.dials
 def test_warnings_about_an_imagesets_pixels_name_its_file_and_image(tmp_path, dials_env, caplog):
     """Through an ImageSet the finder's warnings read ``frame //: masked ...``, naming no

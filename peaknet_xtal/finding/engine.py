@@ -386,7 +386,8 @@ class InferenceEngine:
         :meth:`predict_panels` runs it (what the model says before softmax and threshold)."""
         images, goods, check = sanitise_frame(panels, masks)
         self.sanitised.add(check, "image")
-        return self._run_model(images, goods, logits=True)
+        with out_of_memory_as_memory_error():  # as for the probabilities
+            return self._run_model(images, goods, logits=True)
 
     def _run_model(self, panels: list[np.ndarray], goods: list[np.ndarray],
                    logits: bool = False) -> list[np.ndarray]:

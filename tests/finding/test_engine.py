@@ -563,3 +563,17 @@ def test_faint_peaks_go_on_frames_with_few_tall_peaks_with_their_pixels():
     assert len(found(faint_support=0, peak_params=PeakParams(faint_snr=1e6))["many"].peaks) == 7
     with pytest.raises(ValueError, match="faint_support"):
         InferenceEngine(predictor=predictor, faint_support=-1)
+
+
+def test_the_logits_running_out_of_memory_is_a_memory_error(monkeypatch):
+    """``predict_logits`` (the reports' path to the raw model output) raised torch's
+    RuntimeError where the probabilities' path raises MemoryError for the same condition."""
+    import torch
+
+    def starved(self, *args, **kwargs):
+        torch.empty(2 ** 50, dtype=torch.uint8)
+
+    monkeypatch.setattr(InferenceEngine, "_segment", starved)
+    image = np.random.default_rng(3).normal(10.0, 1.0, (64, 64)).astype(np.float32)
+    with pytest.raises(MemoryError, match="can't allocate memory"):
+        InferenceEngine("default", device="cpu", threads=1).predict_logits([image])

@@ -568,7 +568,6 @@ def test_faint_peaks_go_on_frames_with_few_tall_peaks_with_their_pixels():
 def test_the_logits_running_out_of_memory_is_a_memory_error(monkeypatch):
     """``predict_logits`` (the reports' path to the raw model output) raised torch's
     RuntimeError where the probabilities' path raises MemoryError for the same condition."""
-    import torch
 
     def starved(self, *args, **kwargs):
         torch.empty(2 ** 50, dtype=torch.uint8)

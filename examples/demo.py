@@ -25,9 +25,37 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-GEOMETRY = ROOT.parent / "shared" / "data" / "real" / "crystfel_geometry" / \
-    "cheetah2017_cspad-example.geom"
 REAL_STILLS = ROOT.parent / "shared" / "data" / "real" / "cspad_thermolysin_stills"
+#: CSPAD's pixel (m), ASIC (fs x ss pixels) and the gap between a sensor's two ASICs (pixels)
+PIXEL_M, ASIC, ASIC_GAP = 110e-6, (194, 185), 3
+
+
+def cspad_geometry_text() -> str:
+    """A CrystFEL geometry of a CSPAD-sized detector: 32 sensors of two 194 x 185 ASICs
+    (64 panels, 110 um pixels), in the psana/Cheetah slab (quadrant q at fs 388 q, sensor k at
+    ss 185 k), laid out square around the beam, 12 cm away.  Why written here: the demo runs on
+    embedded defaults, so it needs no file from outside the repository (the real CSPAD
+    metrology in ``../shared`` rotates its sensors; which way a panel points does not matter
+    to a peak finder that takes each panel as it comes)."""
+    fs, ss = ASIC
+    sensor_w, sensor_h, gap = 2 * fs + ASIC_GAP, ss, 12
+    lines = ["; a CSPAD-sized layout written by examples/demo.py", f"res = {1 / PIXEL_M:.4f}",
+             "clen = 0.12", "photon_energy = 9500", "adu_per_eV = 0.0026316",
+             "data = /entry_1/data_1/data", "dim0 = %", "dim1 = ss", "dim2 = fs", ""]
+    for q in range(4):
+        for k in range(8):
+            row, col = divmod(q * 8 + k, 4)  # 8 rows of 4 sensors
+            x0 = (col - 2) * (sensor_w + gap) + gap / 2
+            y0 = (row - 4) * (sensor_h + gap) + gap / 2
+            for a in range(2):
+                name = f"q{q}a{2 * k + a}"
+                lines += [f"{name}/min_fs = {388 * q + fs * a}",
+                          f"{name}/max_fs = {388 * q + fs * a + fs - 1}",
+                          f"{name}/min_ss = {ss * k}", f"{name}/max_ss = {ss * k + ss - 1}",
+                          f"{name}/fs = +1.0x", f"{name}/ss = +1.0y",
+                          f"{name}/corner_x = {x0 + a * (fs + ASIC_GAP):.1f}",
+                          f"{name}/corner_y = {y0:.1f}", ""]
+    return "\n".join(lines)
 
 
 class DemoError(Exception):
@@ -62,7 +90,10 @@ def simulate(out: Path, frames: int) -> Path:
     from peaknet_xtal.sim import SimConfig
     from peaknet_xtal.sim.run import simulate_run
 
-    geometry = read_geometry(GEOMETRY)
+    (out / "sim").mkdir(parents=True, exist_ok=True)
+    layout = out / "sim" / "cspad-layout.geom"
+    layout.write_text(cspad_geometry_text())
+    geometry = read_geometry(layout)
     config = SimConfig(cell="lysozyme", hit_probability=0.85, adu_per_photon=25.0)
     return simulate_run(geometry, frames, seed=2024, out_dir=out / "sim", config=config).cxi
 

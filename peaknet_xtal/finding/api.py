@@ -188,7 +188,7 @@ class PeakFinder:
                wavelength_A: float | None) -> Frame:
         """One image as the finding pipeline's frame: panels, good-pixel masks, declared gain."""
         gain, dtype, source, event = None, None, "", "//"
-        given, self._given = self._given, self._given + 1
+        number, self._given = self._given, self._given + 1
         if _is_imageset(data):
             from peaknet_xtal.finding.sanitise import implied_dtype
             from peaknet_xtal.formats.dxtbx_images import CORRECTED_GAIN, check_every_linked_frame
@@ -236,7 +236,7 @@ class PeakFinder:
                                  f"{len(masks)}; give one good-pixel array per panel")
             masks = given if masks is None else [a & b for a, b in zip(masks, given, strict=True)]
         if not source:  # an array, or an imageset in memory: its place in the finder's images
-            source, event = f"PeakFinder image {given}", ""
+            source, event = f"PeakFinder image {number}", ""
         return Frame(panels=panels, masks=masks, geometry=geometry, source=source, event=event,
                      meta={"wavelength_A": wavelength_A, "adu_per_photon": gain,
                            "dtype": dtype})

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 from peaknet_test_support import load_script
 
@@ -84,3 +85,30 @@ def test_options_are_not_guessed_from_a_prefix(demo, capsys):
         demo.main(["--frame", "3"])
     assert stop.value.code == 2
     assert "unrecognized arguments: --frame 3" in capsys.readouterr().err
+
+
+def test_the_demo_detector_is_a_cspad_layout_needing_no_outside_file(tmp_path):
+    """The demo read its CSPAD geometry from ``../shared``, so on a clone without it the README's
+    first command failed at its first step; it now writes its own layout: 64 ASICs of 194 x 185
+    pixels in the psana/Cheetah slab, none overlapping another, the beam between them."""
+    from peaknet_xtal.formats.geometry import read_geometry
+
+    module = load_script(ROOT / "examples" / "demo.py", "peaknet_demo_geometry")
+    assert "shared" not in str(getattr(module, "GEOMETRY", ""))
+    path = tmp_path / "cspad.geom"
+    path.write_text(module.cspad_geometry_text())
+    geometry = read_geometry(path)
+    assert len(geometry.panels) == 64
+    assert {p.shape for p in geometry.panels} == {(185, 194)}
+    assert max(p.max_ss for p in geometry.panels) + 1 == 1480
+    assert max(p.max_fs for p in geometry.panels) + 1 == 1552
+    slab = np.zeros((1480, 1552), int)
+    for p in geometry.panels:
+        slab[p.min_ss:p.max_ss + 1, p.min_fs:p.max_fs + 1] += 1
+    assert (slab == 1).all()  # every data pixel belongs to exactly one panel
+    boxes = [(p.corner_x, p.corner_x + p.width, p.corner_y, p.corner_y + p.height)
+             for p in geometry.panels]
+    for i, a in enumerate(boxes):
+        assert not (a[0] < 0 < a[1] and a[2] < 0 < a[3])  # the beam hits no panel
+        for b in boxes[i + 1:]:
+            assert a[1] <= b[0] or b[1] <= a[0] or a[3] <= b[2] or b[3] <= a[2]

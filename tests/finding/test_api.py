@@ -416,7 +416,7 @@ def test_warnings_about_an_arrays_pixels_name_it_by_its_place_in_the_run(caplog)
     images[2][4, 5:9] = np.nan
     with caplog.at_level("WARNING", logger="peaknet_xtal.finding.sanitise"):
         finder.find(images[0])
-        list(finder.find_run(images[1:]))
+        list(finder.find_run(images[1:], mask=np.ones(images[0].shape, bool)))
     (masked,) = [r.getMessage() for r in caplog.records if "masked" in r.getMessage()]
     assert masked.startswith("PeakFinder image 2: masked 4 non-finite"), masked
 

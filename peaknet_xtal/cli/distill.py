@@ -11,7 +11,8 @@ checkpoint; one whose settings, teacher or label files changed is refused, namin
 Ctrl-C stops with exit status 130 and SIGTERM (a batch scheduler's stop) with 143, each with one
 line saying what is kept (the teacher-logits cache once complete, the latest checkpoint);
 rerunning the same command resumes from them, without running the teacher again where the cache
-is kept.  See examples/configs/distill_*.yaml.
+is kept.  Example configurations: examples/configs/distill_*.yaml in the source repository
+(not installed with the package).
 """
 from __future__ import annotations
 

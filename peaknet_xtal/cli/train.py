@@ -17,7 +17,8 @@ too).  Ctrl-C stops with exit status 130 and SIGTERM (a batch scheduler's stop) 
 with one line naming the checkpoint kept; rerunning the same command resumes from it.  A run
 whose loss or weights become NaN or infinite (too high a learning rate) stops at that step with
 exit status 1, saying what to change; its earlier checkpoints are kept and no final model is
-written.  See examples/configs/train_*.yaml.
+written.  Example configurations: examples/configs/train_*.yaml in the source repository
+(not installed with the package).
 """
 from __future__ import annotations
 

@@ -485,14 +485,17 @@ def record(config: Mapping[str, Any], path: str | os.PathLike[str] | None, comma
     ``argv`` None means the process's own arguments (what a console script's ``main(None)``
     parsed), not "none".  The config file (``config_file``, else the ``--config`` in ``argv``) is
     saved as an absolute path and the working directory beside ``argv``, so the record leads back
-    to the file and to every relative path typed.
+    to the file and to every relative path typed; the package's version beside them says which
+    code made the run (the model's weights have their own digest where a command records one).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     config_file = config_file if config_file is not None else _config_option(argv)
     log.info("%s configuration: %s", command, dict(config))
     if path is not None:
+        from peaknet_xtal import __version__
+
         write_json_atomic(path, {
-            "command": command, "argv": argv, "cwd": os.getcwd(),
+            "command": command, "version": __version__, "argv": argv, "cwd": os.getcwd(),
             "config_file": None if config_file is None else str(Path(config_file).absolute()),
             "config": dict(config)})
 

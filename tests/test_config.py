@@ -42,12 +42,17 @@ def test_bad_config_file_names_the_file(tmp_path):
 
 
 def test_record_saves_the_resolved_configuration(tmp_path, monkeypatch):
+    """With the package's version: a run record named the model's digest but not the code that
+    made the run (a packaging trial)."""
+    import peaknet_xtal
+
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(peaknet_xtal, "__version__", "9.8.7")
     out = tmp_path / "sub" / "config.json"
     config.record({"a": 1}, out, "peaknet-test", ["--a", "1"])
     saved = json.loads(out.read_text())
-    assert saved == {"command": "peaknet-test", "argv": ["--a", "1"], "cwd": str(tmp_path),
-                     "config_file": None, "config": {"a": 1}}
+    assert saved == {"command": "peaknet-test", "version": "9.8.7", "argv": ["--a", "1"],
+                     "cwd": str(tmp_path), "config_file": None, "config": {"a": 1}}
 
 
 def test_record_takes_the_process_arguments_and_the_config_file(tmp_path, monkeypatch):

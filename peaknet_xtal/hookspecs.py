@@ -1,35 +1,58 @@
 """Every extension point of peaknet-xtal, in one place.
 
 A plugin is a module (or object) with functions named like the specs below and decorated with
-``peaknet_xtal.hookimpl``.  Third-party plugins are found through the ``peaknet_xtal`` entry-point
-group; the built-in sources, writers and model families (``peaknet_xtal.builtin``) register
-through these same hooks, so a plugin has exactly the powers the built-ins have.
+``peaknet_xtal.hookspecs.hookimpl`` (``from peaknet_xtal.hookspecs import hookimpl``).
+Third-party plugins are found through the ``peaknet_xtal`` entry-point group; the built-in
+sources, writers and model families (``peaknet_xtal.builtin``) register through these same hooks,
+so a plugin has exactly the powers the built-ins have.
 
 How the registry (:mod:`peaknet_xtal.registry`) treats plugins, which is part of the contract:
 
 * Order: the built-ins' items come first, then each plugin's in the order the plugins were
   loaded.  Where order matters (a source found by ``sniff``), a built-in is asked first, so a
-  plugin cannot take over a file a built-in reads; it claims what no built-in does.
+  plugin cannot take over a file a built-in reads; it claims what no built-in does.  Every
+  command that takes inputs (``peaknet2cxi``, ``peaknet-show``, the data engine) asks the
+  plugins' ``sniff`` about an input the built-ins do not claim or fail to read: an HDF5 file
+  without the CXI reader's datasets, a folder, a name that is not a file (passed as typed).
 * A plugin that fails to load (an import error, a hook pluggy rejects) is skipped with one
   warning naming its entry point and distribution: a broken plugin an input does not use does
   not stop work on the inputs that need only the built-ins.  Asking for something only it would
   have provided (a source type, writer or model by name) is then an error that names it again.
+  An input no loaded source claims is an error that names the plugins that failed to load.
   ``PEAKNET_NO_PLUGINS=1`` loads no third-party plugin at all.
+* A plugin that loads but implements a hook no spec here names (a misspelt
+  ``peaknet_source_type``), or no hook at all (functions without ``@hookimpl``, an entry point
+  aimed at another module), is warned about once, naming it and the unknown hook; its valid
+  hooks are used.
 * A hook that raises, or returns anything but a list (or tuple) of items with the attributes
   documented below, is an error (:class:`peaknet_xtal.registry.PluginError`) naming the plugin
   and what the hook must return.  So is a name two plugins (or a plugin and a built-in) both
   register: the error names both.
 * A ``sniff`` that raises is taken as "not mine"; the registry warns once per plugin.
+* A source's ``open`` that returns no ``FrameSource``, or a source that yields anything but a
+  :class:`~peaknet_xtal.types.Frame`, is a PluginError naming the plugin, its source type and
+  what it gave instead.
 
 The objects the hooks return follow two small protocols, documented here too:
 
 ``FrameSource``
-    ``name: str``; ``__iter__()`` yields :class:`peaknet_xtal.types.Frame`;  ``__len__()`` the
-    number of frames when known; ``close()``.  Frames must carry a stable ``(source, event)``
-    key, which is what makes resumable runs and exactly-once output possible.  Optional:
-    ``frame_at(event: str) -> Frame``, random access by the event of a key (the data engine
-    reads the frames an indexing result names this way); a source without it is read in order
-    until the event comes up (:func:`peaknet_xtal.registry.frame_at`).
+    ``name: str`` (its source type's name: errors name the plugin by it); ``__iter__()`` yields
+    :class:`peaknet_xtal.types.Frame`; ``__len__()`` the number of frames, where it cannot be
+    known before the frames are read (a live stream, an LCLS run) it raises ``TypeError``, and
+    progress then counts without a total; ``close()``.  Frames must carry a stable
+    ``(source, event)`` key, which is what makes resumable runs and exactly-once output
+    possible.  Optional: ``frame_at(event: str) -> Frame``, random access by the event of a key
+    (the data engine reads the frames an indexing result names this way); a source without it
+    is read in order until the event comes up (:func:`peaknet_xtal.registry.frame_at`).
+
+    A frame's ``panels`` are float32 2-D arrays (``masks``: bool, True = good pixel, or None).
+    The ``meta`` keys the finding pipeline reads, each optional: ``wavelength_A`` (the photon
+    wavelength in Angstrom: each peak's 1/d, the photon energy CXI files and streams record,
+    and a geometry's ``adu_per_eV`` gain), ``adu_per_photon`` (the detector gain for the shot
+    noise in each peak's SNR; without it the geometry's, else one measured from the
+    background) and ``dtype`` (the type the data were stored as, e.g. ``"uint16"``, where they
+    were converted to float32: integer data mark gaps and bad pixels by it).  Keys beginning
+    ``h5_`` are the CXI reader's (linking output to its input file): leave them unset.
 
 ``PeakWriter``
     ``name: str``; ``write(result: FrameResult)``; ``close()`` which finalises the output
@@ -56,10 +79,19 @@ def peaknet_source_types() -> Sequence[Any]:
 
     Each item is a ``SourceType`` with ``name: str``, ``description: str``,
     ``sniff(path: str) -> bool`` (can this source open ``path``? must be cheap and never raise:
-    it is asked about every input a built-in does not claim, including folders, missing files and
-    non-file names such as ``sim:`` or an LCLS run), and ``open(path: str, **options) ->
-    FrameSource``.  Options are source specific (``geometry`` for CXI/HDF5, ``count``/``seed``
-    for simulated frames, ...); unknown options are ignored.
+    it is asked about every input a built-in does not claim or cannot read, including folders,
+    missing files, HDF5 files and non-file names such as ``zmq://host:5555`` or an LCLS run,
+    given as the user typed them), and ``open(path: str, **options) -> FrameSource``.
+
+    ``open`` must take any keyword option and ignore those it does not know.  What it receives:
+    ``geometry`` (``peaknet2cxi -g`` passes a :class:`~peaknet_xtal.formats.geometry.Geometry`,
+    nothing without ``-g``; ``peaknet-show --geometry`` a ``.geom`` path; the data engine a
+    Geometry or None: :func:`peaknet_xtal.builtin.options.geometry_option` makes any of them a
+    Geometry or None);
+    and from ``peaknet2cxi --source-option KEY=VALUE`` the options the type declares in its
+    optional ``options: tuple[str, ...]`` (their names; each value the string typed; a key no
+    registered type declares is refused).  A Python caller passes what it likes
+    (``registry.open_source(path, kind, **options)``, ``run_pipeline``'s ``source_options``).
     ``peaknet_xtal.builtin.sources.SourceType`` is such a class.
     """
     raise NotImplementedError  # a specification: pluggy calls the plugins' implementations
@@ -71,6 +103,11 @@ def peaknet_writer_types() -> Sequence[Any]:
 
     Each item is a ``WriterType`` with ``name: str``, ``description: str``, ``suffix: str``
     (the file suffix it writes, e.g. ``".cxi"``) and ``open(path: str, **options) -> PeakWriter``.
+    ``open`` must take any keyword option and ignore those it does not know: a run hands one
+    set of options to whichever writer it names (``run_pipeline``'s ``writer_options``, with
+    ``geometry``, a Geometry or None, where the run has one).  Writers are opened by name from
+    Python (``registry.open_writer(name, path, **options)``, ``run_pipeline({"writer": name})``);
+    ``peaknet2cxi`` writes its own CXI files and, with ``--stream``, the built-in stream writer.
     ``peaknet_xtal.builtin.writers.WriterType`` is such a class.
     """
     raise NotImplementedError  # a specification: pluggy calls the plugins' implementations

@@ -3,17 +3,19 @@ name.
 
 Plugins are third-party code running inside every command, so the registry contains and names
 their faults (the rules are part of the hook contract, see :mod:`peaknet_xtal.hookspecs`): a
-plugin that fails to load is skipped with a warning naming it, a hook that returns the wrong thing
-or a name registered twice is a :class:`PluginError` naming the plugin(s), and a ``sniff`` that
-raises means "not mine".  Items are listed built-ins first, then plugins in load order (pluggy
-itself calls the last registered first, which would let any plugin shadow a built-in's ``sniff``).
+plugin that fails to load is skipped with a warning naming it, one with an unknown (misspelt)
+hook or none is warned about, a hook that returns the wrong thing, a name registered twice, a
+source that opens as no FrameSource or yields no Frames is a :class:`PluginError` naming the
+plugin(s), and a ``sniff`` that raises means "not mine".  Items are listed built-ins first, then
+plugins in load order (pluggy itself calls the last registered first, which would let any plugin
+shadow a built-in's ``sniff``).
 """
 from __future__ import annotations
 
 import functools
 import logging
 import os
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from typing import Any, NamedTuple
 
 import pluggy
@@ -96,6 +98,35 @@ def _load_entry_points(pm: pluggy.PluginManager) -> None:
                         "load no plugins", where, reason)
             continue
         _ORIGINS[entry.name] = where
+        _warn_unknown_hooks(pm, entry.name, where)
+
+
+def _warn_unknown_hooks(pm: pluggy.PluginManager, name: str, where: str) -> None:
+    """One warning for a plugin some of whose hook implementations name no hookspec (a
+    misspelt ``peaknet_source_type``), or that implements no hook at all (an entry point aimed
+    at the wrong module, functions without ``@hookimpl``).  pluggy registers both silently and
+    never calls them (only its ``check_pending`` would say, and it raises at the first one):
+    the plugin's sources or models then just never appeared.  Its valid hooks keep working."""
+    import difflib
+
+    plugin = pm.get_plugin(name)
+    specs = sorted(n for n in vars(hookspecs) if n.startswith("peaknet_"))
+    unknown, known = [], 0
+    for caller in pm.get_hookcallers(plugin) or []:
+        mine = [impl for impl in caller.get_hookimpls() if impl.plugin is plugin]
+        if caller.has_spec():
+            known += len(mine)
+        elif any(not impl.optionalhook for impl in mine):
+            close = difflib.get_close_matches(caller.name, specs, n=1)
+            unknown.append(caller.name + (f" (did you mean {close[0]}?)" if close else ""))
+    hooks = f"the hooks are {', '.join(specs)} (peaknet_xtal.hookspecs)"
+    if unknown:
+        log.warning("%s: unknown hook(s) %s, never called: %s", where, ", ".join(unknown), hooks)
+    elif not known:
+        plain = sorted(n for n in specs if callable(getattr(plugin, n, None)))
+        why = (f"; {', '.join(plain)} lack(s) the @peaknet_xtal.hookspecs.hookimpl decorator"
+               if plain else "")
+        log.warning("%s implements no hook, so it provides nothing%s: %s", where, why, hooks)
 
 
 def describe_plugin(name: str) -> str:
@@ -114,6 +145,19 @@ def skipped_note() -> str:
     """What an error about a missing name adds: the plugins that might have provided it."""
     skipped = skipped_plugins()
     return f"; not loaded: {'; '.join(skipped)}" if skipped else ""
+
+
+def unclaimed(error: FormatError) -> FormatError:
+    """``error``, about an input no loaded source reads, with the plugins that failed to load
+    named in it where any did (one of them might have read it): only their load warning named
+    them, and the error blamed the input alone.  ``error`` itself where every plugin loaded."""
+    note = skipped_note()
+    if not note:
+        return error
+    said = type(error)(error.path, error.message + note, line=error.line,
+                       dataset=error.dataset)
+    said.__cause__ = error.__cause__
+    return said
 
 
 #: Per hook: what it returns (plural, for messages) and the attributes each item needs,
@@ -239,6 +283,41 @@ def sniff_source(path: str, exclude: Collection[str] = ()) -> str | None:
     return _first_sniffing(registered("peaknet_source_types"), path, exclude)
 
 
+def sniff_builtin_source(path: str) -> str | None:
+    """:func:`sniff_source` among the built-in source types alone."""
+    return _sniff_among(path, builtin=True)
+
+
+def sniff_plugin_source(path: str) -> str | None:
+    """:func:`sniff_source` among the source types of third-party plugins alone: what a
+    command asks about an input no built-in reads (an HDF5 file without the built-in's
+    datasets, a folder, a name that is not a file) before it says so.  The built-ins are
+    asked first, so a plugin never takes an input one of them reads."""
+    return _sniff_among(path, builtin=False)
+
+
+def _sniff_among(path: str, builtin: bool) -> str | None:
+    entries = registered("peaknet_source_types")
+    return _first_sniffing({name: entry for name, entry in entries.items()
+                            if (entry.plugin in BUILTINS) == builtin}, path)
+
+
+def source_options() -> dict[str, tuple[str, ...]]:
+    """Per source type, the options beyond ``geometry`` its ``open`` takes from a user
+    (``SourceType.options``, optional: none where it declares none; ``peaknet2cxi
+    --source-option KEY=VALUE`` passes these and refuses any other key).  A declaration that is
+    not a sequence of names is a PluginError naming the plugin."""
+    found: dict[str, tuple[str, ...]] = {}
+    for name, entry in registered("peaknet_source_types").items():
+        names = getattr(entry.item, "options", None) or ()
+        if isinstance(names, (str, bytes)) or not isinstance(names, (list, tuple)) or not all(
+                isinstance(n, str) and n for n in names):
+            raise PluginError(f"{describe_plugin(entry.plugin)}: source type {name!r}: options "
+                              f"must be a sequence of option names, not {_short(names)}")
+        found[name] = tuple(names)
+    return found
+
+
 def _first_sniffing(entries: Mapping[str, Registered], path: str,
                     exclude: Collection[str] = ()) -> str | None:
     """:func:`sniff_source` over source types already collected."""
@@ -272,16 +351,61 @@ def open_writer(kind: str, path: str, **options: Any) -> Any:
     return types[kind].open(path, **options)
 
 
+def checked_source(source: Any, kind: str, path: str) -> Any:
+    """``source``, opened by source type ``kind``, if it is a ``FrameSource`` (iterable, with
+    ``close``); else a PluginError naming the plugin and what its ``open`` returned (``None``
+    from an unfinished plugin ended in ``'NoneType' object has no attribute 'close'``)."""
+    if callable(getattr(source, "__iter__", None)) and callable(getattr(source, "close", None)):
+        return source
+    entry = registered("peaknet_source_types").get(kind)
+    who = describe_plugin(entry.plugin) if entry is not None else "a plugin"
+    raise PluginError(f"{who}: source type {kind!r} opened {path} as {type(source).__name__} "
+                      f"{_short(source)}, not a FrameSource (frames to iterate over, close(): "
+                      "peaknet_xtal.hookspecs)")
+
+
+def checked_frames(source: Any, path: str) -> Iterator[Frame]:
+    """The frames of an open ``FrameSource``, each checked to be a :class:`Frame` where it
+    enters: anything else (a plugin's source yielding bare arrays) is a PluginError naming the
+    plugin, its source type and what it yielded.  Unchecked, it failed at the first attribute
+    a consumer read (``'numpy.ndarray' object has no attribute 'event'``), naming neither."""
+    for item in source:
+        if not isinstance(item, Frame):
+            raise PluginError(_not_a_frame(source, path, item))
+        yield item
+
+
+def _not_a_frame(source: Any, path: str, item: Any) -> str:
+    """What :func:`checked_frames` says: who yielded what instead of a Frame, from which input."""
+    kind = getattr(source, "name", None)
+    entry = registered("peaknet_source_types").get(kind) if isinstance(kind, str) else None
+    who = (f"{describe_plugin(entry.plugin)}: source type {kind!r}" if entry is not None else
+           f"source {type(source).__module__}.{type(source).__qualname__}")
+    shape = getattr(item, "shape", None)
+    if shape is not None:  # an array: its type, shape and dtype, not its values
+        what = f"{type(item).__module__}.{type(item).__name__} of shape {tuple(shape)}"
+        what += f" {item.dtype}" if hasattr(item, "dtype") else ""
+    else:
+        what = f"{type(item).__name__} {_short(item)}"
+    return (f"{who} yielded a {what} for {path}, not a peaknet_xtal.types.Frame (a frame "
+            "source yields Frames: peaknet_xtal.hookspecs)")
+
+
 def frame_at(source: Any, event: str) -> Frame:
     """The frame of an open ``FrameSource`` whose key has ``event``.
 
     The source's own random access (``frame_at``) when it has one; otherwise its frames are read
-    in order until the event comes up (correct for any source, slow for late events).
+    in order until the event comes up (correct for any source, slow for late events).  Either
+    way it must be a :class:`Frame` (:func:`checked_frames`).
     """
+    path = str(getattr(source, "path", source))
     direct = getattr(source, "frame_at", None)
     if direct is not None:
-        return direct(event)
-    for frame in source:
+        frame = direct(event)
+        if not isinstance(frame, Frame):
+            raise PluginError(_not_a_frame(source, path, frame))
+        return frame
+    for frame in checked_frames(source, path):
         if frame.event == event:
             return frame
-    raise FormatError(str(getattr(source, "path", source)), f"no frame with event {event!r}")
+    raise FormatError(path, f"no frame with event {event!r}")

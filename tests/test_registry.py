@@ -221,35 +221,6 @@ def test_every_hookspec_is_called_by_the_package():
 
 # ---- third-party plugins installed through a real entry point, in this process ----------------
 
-@pytest.fixture()
-def install_plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """``install_plugin(name, code)``: a distribution ``name`` whose ``peaknet_xtal`` entry point
-    is the module ``code`` (as test_entry_point_plugin_is_found builds one), on ``sys.path``
-    with the registry rebuilt to load it; undone afterwards."""
-    import importlib
-
-    modules: list[str] = []
-
-    def install(name: str, code: str) -> None:
-        module = f"{name}_peaknet"
-        (tmp_path / f"{module}.py").write_text(textwrap.dedent(code))
-        info = tmp_path / f"{module}-0.1.dist-info"
-        info.mkdir()
-        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}-dist\n"
-                                       "Version: 0.1\n")
-        (info / "entry_points.txt").write_text(f"[peaknet_xtal]\n{name} = {module}\n")
-        modules.append(module)
-        importlib.invalidate_caches()
-        registry.plugin_manager.cache_clear()
-
-    monkeypatch.syspath_prepend(str(tmp_path))
-    yield install
-    for module in modules:
-        sys.modules.pop(module, None)
-    monkeypatch.undo()
-    registry.plugin_manager.cache_clear()
-
-
 _NPY_SOURCE = """
     from peaknet_xtal.builtin.sources import SourceType
     from peaknet_xtal.hookspecs import hookimpl
@@ -360,6 +331,105 @@ def test_built_ins_are_asked_before_plugins(install_plugin, tmp_path):
         h5["/data/data"] = np.zeros((2, 4, 4), np.float32)
     assert registry.open_source(str(stack)).name == "cxi"
     assert registry.open_source(str(tmp_path / "notes.txt")) == "greedy"
+
+
+def test_a_misspelt_hook_or_a_plugin_without_hooks_is_warned_about(install_plugin, caplog):
+    """pluggy registers a hook no spec names (``peaknet_source_type``, the s missing) and a
+    module without any hook, silently: the plugin's sources never appeared and nothing said
+    why.  One warning each names the plugin and the unknown hook; the valid hooks still work."""
+    install_plugin("typo", """
+        from peaknet_xtal.builtin.sources import SourceType
+        from peaknet_xtal.builtin.writers import WriterType
+        from peaknet_xtal.hookspecs import hookimpl
+
+        @hookimpl
+        def peaknet_source_type():
+            return [SourceType("neverseen", "misspelt", lambda p: True, lambda p, **_: None)]
+
+        @hookimpl
+        def peaknet_writer_types():
+            return [WriterType("typow", "still works", ".t", lambda path, **_: None)]
+    """)
+    install_plugin("hookless", """
+        def peaknet_source_types():  # no @hookimpl
+            return []
+    """)
+    with caplog.at_level("WARNING", logger="peaknet_xtal.registry"):
+        writers = registry.writer_types()
+    assert "typow" in writers and "neverseen" not in registry.source_types()
+    messages = [r.getMessage() for r in caplog.records]
+    typo = next(m for m in messages if m.startswith("plugin 'typo'"))
+    hookless = next(m for m in messages if m.startswith("plugin 'hookless'"))
+    assert typo.startswith("plugin 'typo' (entry point typo = typo_peaknet of typo-dist 0.1): "
+                           "unknown hook(s) peaknet_source_type (did you mean "
+                           "peaknet_source_types?)"), typo
+    assert hookless.startswith("plugin 'hookless' (entry point hookless = hookless_peaknet of "
+                               "hookless-dist 0.1) implements no hook"), hookless
+    assert "peaknet_source_types lack(s) the @peaknet_xtal.hookspecs.hookimpl" in hookless
+    assert len(messages) == 2
+
+
+_ARRAYS_SOURCE = """
+    import numpy as np
+    from peaknet_xtal.builtin.sources import SourceType
+    from peaknet_xtal.hookspecs import hookimpl
+
+    class Arrays:
+        name = "arrays"
+
+        def __init__(self, path):
+            self.path = path
+
+        def __iter__(self):
+            yield np.zeros((8, 8), np.float32)
+
+        def frame_at(self, event):
+            return np.zeros((8, 8), np.float32)
+
+        def close(self):
+            pass
+
+    @hookimpl
+    def peaknet_source_types():
+        return [SourceType("arrays", "yields arrays", lambda p: str(p).endswith(".arr"),
+                           lambda p, **_: Arrays(p)),
+                SourceType("nothing", "opens as None", lambda p: str(p).endswith(".none"),
+                           lambda p, **_: None)]
+"""
+
+
+def test_a_source_giving_no_frames_is_an_error_naming_its_plugin(install_plugin):
+    """A source yielding bare arrays failed at the first attribute read ('numpy.ndarray' object
+    has no attribute 'event'), an ``open`` returning None at ``close()``, naming no plugin."""
+    install_plugin("arrays", _ARRAYS_SOURCE)
+    source = registry.open_source("x.arr")
+    who = "plugin 'arrays' (entry point arrays = arrays_peaknet of arrays-dist 0.1): "
+    with pytest.raises(registry.PluginError) as caught:
+        list(registry.checked_frames(source, "x.arr"))
+    assert str(caught.value).startswith(
+        f"{who}source type 'arrays' yielded a numpy.ndarray of shape (8, 8) float32 for x.arr, "
+        "not a peaknet_xtal.types.Frame")
+    with pytest.raises(registry.PluginError, match="source type 'arrays' yielded a numpy"):
+        registry.frame_at(source, "//0")
+    with pytest.raises(registry.PluginError) as caught:
+        registry.checked_source(registry.open_source("x.none"), "nothing", "x.none")
+    assert str(caught.value).startswith(f"{who}source type 'nothing' opened x.none as NoneType "
+                                        "None, not a FrameSource")
+
+
+def test_a_malformed_options_declaration_names_the_plugin(install_plugin):
+    install_plugin("opts", """
+        from peaknet_xtal.builtin.sources import SourceType
+        from peaknet_xtal.hookspecs import hookimpl
+
+        @hookimpl
+        def peaknet_source_types():
+            return [SourceType("opts", "options as one string", lambda p: False,
+                               lambda p, **_: None, options="detector")]
+    """)
+    with pytest.raises(registry.PluginError, match=r"plugin 'opts' .*source type 'opts': "
+                                                   "options must be a sequence of option names"):
+        registry.source_options()
 
 
 _TINY_FAMILY = """

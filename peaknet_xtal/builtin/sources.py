@@ -19,12 +19,15 @@ from peaknet_xtal.types import Frame
 
 @dataclass(frozen=True)
 class SourceType:
-    """What ``peaknet_source_types`` returns (see hookspecs); plugins may reuse this class."""
+    """What ``peaknet_source_types`` returns (see hookspecs); plugins may reuse this class.
+    ``options``: the names of the options beyond ``geometry`` that ``open`` takes from a user
+    (``peaknet2cxi --source-option KEY=VALUE``); the built-ins take none that way."""
 
     name: str
     description: str
     sniff: Callable[[str], bool]
     open: Callable[..., Any]
+    options: tuple[str, ...] = ()
 
 
 def _open_cxi(path: str, geometry: Any = None, data_path: str | None = None,

@@ -7,7 +7,10 @@ INPUT is a CXI/HDF5 file (give its CrystFEL geometry with -g), any image DIALS c
 miniCBF .bz2/.gz, NeXus, ...; with -g read through that geometry as indexamajig -g reads a CBF
 file, else through the geometry DIALS reads from it), or a list file as `indexamajig -i` takes
 (one file per line, optionally followed by an event such as //3); -i LIST names a list file
-whatever its suffix.
+whatever its suffix.  An input no built-in reads (an HDF5 file without images where the CXI reader
+looks, a folder, a name that is not a file) goes to the first installed plugin source whose sniff
+claims it; --source-option KEY=VALUE (repeatable) passes an option a source type declares (the
+psana plugin's detector=NAME) to the sources that declare it.
 
 OUTDIR receives:
   peaks-NNNNN.cxi     images (a virtual dataset linking to the input HDF5, or a copy), each
@@ -70,6 +73,7 @@ from peaknet_xtal.finding.settings import DEFAULTS as FINDING
 from peaknet_xtal.finding.settings import LIMITS, PRECISIONS, check_precision
 from peaknet_xtal.formats.cxi import DEFAULT_MAX_PEAKS, has_frame_keys
 from peaknet_xtal.progress import Progress, closed_length, count_within
+from peaknet_xtal.registry import sniff_plugin_source, unclaimed
 from peaknet_xtal.stopping import (
     exit_status,
     interrupted,
@@ -84,6 +88,7 @@ log = logging.getLogger("peaknet_xtal.peaknet2cxi")
 DEFAULTS: dict[str, Any] = {
     "inputs": [],
     "geometry": None,
+    "source_options": {},  # --source-option KEY=VALUE: to the source types declaring KEY
     "output": None,
     "model": FINDING.model,
     "device": FINDING.device,
@@ -164,6 +169,10 @@ def build_parser() -> Any:
     parser.add_argument("-g", "--geometry", help="CrystFEL .geom the input is read through "
                         "(CXI/HDF5 input; images DIALS reads are read through their own "
                         "geometry without it)")
+    parser.add_argument("--source-option", dest="source_option", action="append",
+                        metavar="KEY=VALUE", help="an option for the frame source types that "
+                        "declare KEY (a plugin's, e.g. the psana plugin's detector=NAME; "
+                        "repeatable; the value is passed as the string typed)")
     parser.add_argument("--model", help="model name or weights file (default: default)")
     parser.add_argument("--device", help="auto, cpu or cuda[:N] (default: auto)")
     parser.add_argument("--precision", choices=PRECISIONS,
@@ -243,7 +252,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if lists:
         del args.input_lists
         args.inputs = list(getattr(args, "inputs", []) or []) + [f"{LIST_MARK}{p}" for p in lists]
+    pairs = getattr(args, "source_option", None)
+    if pairs is not None:
+        del args.source_option
+        args.source_options = _key_values(parser, pairs)
     config = cfgmod.resolve_or_exit(parser, DEFAULTS, args, types=TYPES)
+    try:  # a usage error, before the output folder is made
+        check_source_options(config["source_options"])
+    except PeakNetError as exc:
+        parser.error(str(exc))
     if not config["inputs"] or not config["output"]:
         build_parser().print_usage(sys.stderr)
         print("peaknet2cxi: need at least one INPUT (or -i LIST) and -o OUTDIR", file=sys.stderr)
@@ -311,6 +328,37 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{summary['list']} names files in a folder whose path holds a space: it will "
               "not find them; use an output folder without spaces")
     return 0
+
+
+def _key_values(parser: Any, pairs: Sequence[str]) -> dict[str, str]:
+    """``--source-option`` values (``KEY=VALUE``) as a mapping; anything else is a usage
+    error."""
+    options: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            parser.error(f"argument --source-option: {pair!r} is not KEY=VALUE")
+        options[key.strip()] = value
+    return options
+
+
+def check_source_options(options: Mapping[str, Any]) -> None:
+    """Refuse a source option no registered source type declares (``SourceType.options``):
+    a misspelt ``detectr=`` would otherwise reach no source and be lost without a word.  The
+    geometry has its own option, ``-g``."""
+    if not options:
+        return
+    from peaknet_xtal.registry import skipped_note, source_options
+
+    declared = source_options()
+    known = {name for names in declared.values() for name in names} - {"geometry"}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        offered = "; ".join(f"{kind}: {', '.join(names)}" for kind, names in declared.items()
+                            if names) or "none declares any"
+        geometry = " (the geometry: -g)" if "geometry" in unknown else ""
+        raise PeakNetError(f"--source-option {', '.join(unknown)}: no registered source type "
+                           f"takes it{geometry} (source options: {offered}){skipped_note()}")
 
 
 def _unreadable(path: Path) -> str | None:
@@ -495,6 +543,7 @@ def run(config: Mapping[str, Any], *, argv: Sequence[str] | None = None,
                                   {k: DEFAULTS[k] for k in RANGES}, RANGES,
                                   [("run() arguments", config)]))
     check_precision(config["precision"])  # before the output folder is touched
+    check_source_options(config["source_options"])
     if expansion is None or not expansion.expands(config["inputs"]):
         expansion = RunInputs(config["inputs"])
     check_output_folder(Path(config["output"]), config, expansion=expansion)
@@ -585,13 +634,14 @@ def _run_serial(config: dict[str, Any], expansion: RunInputs,
     started = time.perf_counter()
     error: BaseException | None = None
     seen_geometry: list[Any] = [geometry]
-    total = _count_frames(inputs, geometry)
+    options = dict(config["source_options"])
+    total = _count_frames(inputs, geometry, options)
     try:
         with Progress(total, "frames", desc="peaknet2cxi", enabled=bool(config["progress"])) as bar:
             # the writer's own geometry check, early: a frame for another peaknet.geom is
             # refused before the time to find it is spent
             frames = _pending(inputs, geometry, done_cxi | set(), done_stream, stats, bar,
-                              engine.observe, _checks(config, cxi.check_geometry))
+                              engine.observe, _checks(config, cxi.check_geometry), options)
             for result in engine.find_frames(frames):
                 if seen_geometry[0] is None:
                     seen_geometry[0] = result.frame.geometry
@@ -698,7 +748,8 @@ def _run_pipeline(config: dict[str, Any], expansion: RunInputs) -> dict[str, Any
     pipeline = {
         "inputs": expansion.entries(),
         # every input opened as the single-process run opens it (the geometry it names, etc.)
-        "source_kind": open_worker_input, "source_options": {"geometry": geometry},
+        "source_kind": open_worker_input,
+        "source_options": {"geometry": geometry, "options": dict(config["source_options"])},
         # the given geometry is the one written for every frame, as in the single-process run
         # (whatever geometry a frame arrives with), and the one the writer checks, once
         "output": str(outdir), "writer": "cxi",
@@ -728,7 +779,7 @@ def _run_pipeline(config: dict[str, Any], expansion: RunInputs) -> dict[str, Any
                                "run (drop --workers)")
     pipeline["inputs"] = [item["path"] for item in pipeline["inputs"]]
     if config["adu_per_photon"] is None:
-        gain = run_gain(pipeline["inputs"], geometry)
+        gain = run_gain(pipeline["inputs"], geometry, config["source_options"])
         if gain is not None:  # every worker counts shot noise with the run's one gain
             pipeline["frame_finder_options"]["adu_per_photon"] = gain
             pipeline["writer_options"]["adu_per_photon"] = gain
@@ -866,10 +917,18 @@ def expand_inputs(inputs: Sequence[Any]) -> list[dict[str, Any]]:
                 log.warning("%s: %d event(s) listed more than once; each is processed once",
                             path, repeated)
         else:
-            if not path.exists():
-                raise FormatError(path, "input file not found")
-            if path.is_dir():  # said as that: "not a CXI/HDF5 file and not an image" misled
-                raise _folder_given(path)
+            if not path.exists() or path.is_dir():
+                # a name no built-in reads may be a plugin source's (a folder, a network
+                # address, an LCLS run): asked as typed, as Path() would make zmq://h zmq:/h
+                if sniff_plugin_source(text) is not None:
+                    name = str(_absolute(path)) if path.exists() else text
+                    out.setdefault(os.path.realpath(path) if path.exists() else text,
+                                   {"path": name, "events": None})
+                    continue
+                if not path.exists():
+                    raise unclaimed(FormatError(path, "input file not found"))
+                # said as that: "not a CXI/HDF5 file and not an image" misled
+                raise unclaimed(_folder_given(path))
             # one entry a file, whatever names it is given under (a link and the file)
             out.setdefault(os.path.realpath(path), {"path": str(_absolute(path)), "events": None})
             out[os.path.realpath(path)]["events"] = None
@@ -932,17 +991,50 @@ def _read_geometry(path: Any) -> Any:
 _WARNED_NO_GEOMETRY: set[str] = set()
 
 
-def open_input(path: str, geometry: Any = None) -> Any:
+def open_input(path: str, geometry: Any = None,
+               options: Mapping[str, Any] | None = None) -> Any:
     """A frame source for one input, as every ``peaknet2cxi`` run opens it, single-process and
     in the Ray pipeline's source actors (it is their ``source_kind``): CXI/HDF5 through the
     geometry (without ``-g``: the geometry the file names, else DIALS' reading of it, else one
-    panel a frame), anything else by the registry's sniffing.  Why one function: the Ray
+    panel a frame), anything else by the built-in sources' sniffing.  Why one function: the Ray
     sources opened inputs by sniffing alone, so without ``-g`` a peaknet-sim CXI file's own
     geometry was not used there: other peaks on every frame than the single-process run gave,
-    and no ``.geom`` for indexamajig."""
+    and no ``.geom`` for indexamajig.
+
+    An input the built-ins cannot read goes to the first plugin source whose ``sniff`` claims
+    it, with ``geometry`` (where given) and the ``options`` (``--source-option``) its type
+    declares: every HDF5 file went to the built-in readers, so a plugin's HDF5 format ended in
+    "no image dataset found" although the README promises plugins every input no built-in
+    reads.  One no source claims keeps the built-ins' error, naming any plugin that failed to
+    load (``registry.unclaimed``); a plugin's broken hook (a PluginError) is said as itself.
+    """
+    from peaknet_xtal.registry import (
+        checked_source,
+        open_source,
+        sniff_builtin_source,
+        source_options,
+    )
+
+    try:
+        return _open_builtin(path, geometry)
+    except FormatError as exc:
+        kind = sniff_plugin_source(path)
+        if kind is None:
+            if sniff_builtin_source(path) is not None:
+                raise  # a built-in's input, refused for a reason of its own
+            raise unclaimed(exc) from exc.__cause__
+    declared = source_options().get(kind, ())
+    given = {key: value for key, value in (options or {}).items() if key in declared}
+    if geometry is not None:
+        given["geometry"] = geometry
+    return checked_source(open_source(path, kind, **given), kind, path)
+
+
+def _open_builtin(path: str, geometry: Any) -> Any:
+    """:func:`open_input` by the built-in sources alone; a FormatError where none reads it."""
     import h5py
 
-    from peaknet_xtal.registry import open_source
+    from peaknet_xtal.registry import open_source, sniff_builtin_source
 
     try:
         is_hdf5 = h5py.is_hdf5(path)
@@ -979,18 +1071,20 @@ def open_input(path: str, geometry: Any = None) -> Any:
         return open_source(path, "cxi", geometry=geometry)
     if Path(path).suffix.lower() in HDF5_SUFFIXES:  # HDF5 by its name, not by its bytes
         raise _not_hdf5(path, geometry is not None)
+    kind = sniff_builtin_source(path)
+    if kind is None:  # no built-in claims it
+        if geometry is not None:
+            raise _not_hdf5(path, True)
+        raise FormatError(path, "not a CXI/HDF5 file and not an image DIALS can read")
     try:  # with -g read through it, as indexamajig -g reads a CBF file
-        return open_source(path) if geometry is None else open_source(path, geometry=geometry)
+        return (open_source(path, kind) if geometry is None
+                else open_source(path, kind, geometry=geometry))
     except (GeometryError, ImageRefused):  # read, but refused for a reason said in full
         raise
     except FormatError as exc:  # named like an image DIALS reads, but it could not read it
         if geometry is not None:  # -g: a CXI/HDF5 input by the user's own statement
             raise _not_hdf5(path, True, _dials_reason(exc)) from exc
         raise _damaged(path, exc) from exc
-    except ValueError as exc:  # no source claims it
-        if geometry is not None:
-            raise _not_hdf5(path, True) from exc
-        raise FormatError(path, "not a CXI/HDF5 file and not an image DIALS can read") from exc
 
 
 class _ReadErrorsSaid:
@@ -1016,13 +1110,15 @@ class _ReadErrorsSaid:
         return getattr(self.source, name)
 
 
-def open_worker_input(path: str, geometry: Any = None) -> Any:
+def open_worker_input(path: str, geometry: Any = None,
+                      options: Mapping[str, Any] | None = None) -> Any:
     """:func:`open_input` for the Ray pipeline's source actors (their ``source_kind``), its
     read errors said as in the single-process run."""
-    return _ReadErrorsSaid(open_input(path, geometry), path)
+    return _ReadErrorsSaid(open_input(path, geometry, options), path)
 
 
-def run_gain(inputs: Sequence[str], geometry: Any) -> float | None:
+def run_gain(inputs: Sequence[str], geometry: Any,
+             options: Mapping[str, Any] | None = None) -> float | None:
     """The detector gain the run's first frames settle on, measured before the Ray workers
     start as the single-process engine measures it over the same frames
     (:class:`~peaknet_xtal.finding.gain.GainResolver`: the median of the first five frames
@@ -1042,9 +1138,9 @@ def run_gain(inputs: Sequence[str], geometry: Any) -> float | None:
     gain = declared = None
     try:
         for path in inputs:
-            source = open_input(path, geometry)
+            source = open_input(path, geometry, options)
             try:
-                for frame in source:
+                for frame in _frames(source, path):
                     declared = resolve_gain(meta=frame.meta, geometry=frame.geometry)
                     if is_real_gain(declared):
                         return None
@@ -1112,10 +1208,13 @@ def _damaged(path: str, exc: FormatError) -> FormatError:
 
 
 def _frames(source: Any, path: str) -> Iterator[Frame]:
-    """The frames of an open source; where DIALS fails to read one, the error says the file may
-    be damaged (see :func:`_damaged`)."""
+    """The frames of an open source, each checked to be a Frame (a plugin's source yielding
+    anything else is an error naming it: ``registry.checked_frames``); where DIALS fails to
+    read one, the error says the file may be damaged (see :func:`_damaged`)."""
+    from peaknet_xtal.registry import checked_frames
+
     if getattr(source, "name", None) != "dxtbx":
-        yield from source
+        yield from checked_frames(source, path)
         return
     try:
         yield from source
@@ -1146,14 +1245,15 @@ def _checks(config: Mapping[str, Any],
     return check
 
 
-def _count_frames(inputs: list[dict[str, Any]], geometry: Any) -> int | None:
+def _count_frames(inputs: list[dict[str, Any]], geometry: Any,
+                  options: Mapping[str, Any] | None = None) -> int | None:
     """Total frames for the progress bar: None when a source cannot say cheaply, or when
     counting them all would hold up the first frame (``progress.count_within``)."""
     def frames_in(entry: dict[str, Any]) -> int | None:
         if entry["events"] is not None:
             return len(entry["events"])
         try:
-            source = open_input(entry["path"], geometry)
+            source = open_input(entry["path"], geometry, options)
         except (TypeError, PeakNetError, OSError, ValueError):
             return None  # the run itself reports the error, in order, after earlier inputs
         return closed_length(source)
@@ -1164,20 +1264,22 @@ def _count_frames(inputs: list[dict[str, Any]], geometry: Any) -> int | None:
 def _pending(inputs: list[dict[str, Any]], geometry: Any, done_cxi: set[tuple[str, str]],
              done_stream: set[tuple[str, str]], stats: _Stats, bar: Progress,
              observe: Callable[[Frame], None] | None = None,
-             check: Callable[[Frame], None] | None = None) -> Iterator[Frame]:
+             check: Callable[[Frame], None] | None = None,
+             options: Mapping[str, Any] | None = None) -> Iterator[Frame]:
     """Frames not yet in every output, input by input (a bad input fails after the good ones
     before it were processed).  An input without frames is reported; events a list asks for
     that the file lacks are an error naming both.  Frames already done go to ``observe`` (the
     engine's run-level measurements, e.g. the gain, see them as an uninterrupted run would);
     frames to do pass ``check`` first (an input error comes after the frames before it are
-    found: ``InferenceEngine.find_frames``)."""
+    found: ``InferenceEngine.find_frames``).  ``options``: the run's source options
+    (:func:`open_input`)."""
     # by file, whatever name it was given under, then and now (types.resolved_key)
     done = {resolved_key(key) for key in done_cxi} & {resolved_key(key) for key in done_stream}
     for entry in inputs:
-        source = open_input(entry["path"], geometry)
+        source = open_input(entry["path"], geometry, options)
         seen: set[str] = set()
         try:
-            if len(source) == 0:
+            if _known_length(source) == 0:
                 log.warning("%s holds no frames: nothing to do for it", entry["path"])
             for frame in _frames(source, entry["path"]):
                 seen.add(frame.event)
@@ -1200,6 +1302,15 @@ def _pending(inputs: list[dict[str, Any]], geometry: Any, done_cxi: set[tuple[st
                               f"{entry['path']} has no event(s) {', '.join(missing)} "
                               f"({len(seen)} frames: {min(seen, default='none')} to "
                               f"{max(seen, default='none')})")
+
+
+def _known_length(source: Any) -> int | None:
+    """``len(source)``, None where the source cannot know it before its frames are read (it
+    raises TypeError, as the hookspecs ask of a live stream or an LCLS run)."""
+    try:
+        return len(source)
+    except TypeError:
+        return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -1238,7 +1349,10 @@ def command_line(config: Mapping[str, Any], argv: Sequence[str] | None = None) -
         if key in _NOT_OPTIONS or value == default:
             continue
         flag = _FLAGS.get(key, "--" + key.replace("_", "-"))
-        if isinstance(value, bool):
+        if key == "source_options":  # one --source-option KEY=VALUE each
+            for name, given in value.items():
+                words += ["--source-option", f"{name}={given}"]
+        elif isinstance(value, bool):
             words.append(flag if value else f"--no-{key.replace('_', '-')}")
         elif value is not None:
             words += [flag, _plain(value)]

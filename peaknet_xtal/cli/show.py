@@ -8,12 +8,13 @@ range, peak tables), images DIALS can read (.cbf, .cbf.bz2, .nxs...: panels, sha
 ranges), DIALS .expt/.refl files (an imported, unindexed .expt too), stream2labels label files
 (frames, rows, shapes, label classes and their pixels, fits) and any other input a registered
 frame source reads, a plugin's included (frames, panels, shapes, value range: opened through the
-plugin registry, as peaknet2cxi opens it; --geometry is passed to the source).  --json prints
-one JSON object per file in a list instead.  Value ranges of CXI stacks and other frame
-sources, and the label pixels of label files, are taken over the first --max-frames frames or
-rows (default 20), which is said in the output.  A file that cannot be read (or a folder) is
-reported on stderr (one line naming it; -vv adds the traceback), the files after it are still
-shown, and the exit status is 1.
+plugin registry, as peaknet2cxi opens it; --geometry is passed to the source): a folder, a name
+that is not a file, or an HDF5 file the built-in readers cannot read is shown by the plugin
+source whose sniff claims it.  --json prints one JSON object per file in a list instead.  Value
+ranges of CXI stacks and other frame sources, and the label pixels of label files, are taken over
+the first --max-frames frames or rows (default 20), which is said in the output.  A file that
+cannot be read (or a folder) is reported on stderr (one line naming it; -vv adds the traceback),
+the files after it are still shown, and the exit status is 1.
 """
 from __future__ import annotations
 
@@ -290,7 +291,8 @@ def show_source(path: str, source_type: str, geometry: str | None = None, max_fr
 
     options = {"geometry": geometry} if geometry else {}
     description = registry.source_types()[source_type].description
-    source = registry.open_source(path, source_type, **options)
+    source = registry.checked_source(registry.open_source(path, source_type, **options),
+                                     source_type, path)
     try:
         try:
             frames: int | None = len(source)
@@ -300,7 +302,7 @@ def show_source(path: str, source_type: str, geometry: str | None = None, max_fr
         shapes: set[tuple[int, ...]] = set()
         panels: set[int] = set()
         events: list[str] = []
-        for frame in source:
+        for frame in registry.checked_frames(source, path):
             events.append(frame.event)
             panels.add(len(frame.panels))
             shapes.update(tuple(p.shape) for p in frame.panels)
@@ -369,6 +371,8 @@ def summarize(path: str, **options: Any) -> dict[str, Any]:
     a summary that scanned no frame would show no value range and look like empty data."""
     if int(options.get("max_frames", 1)) < 1:
         raise ValueError(f"max_frames must be at least 1, got {options['max_frames']}")
+    from peaknet_xtal.registry import unclaimed
+
     if not os.path.exists(path):
         registered = _registered_source(path)  # a name a source reads, not a file (sim:)
         if registered is not None:
@@ -376,10 +380,25 @@ def summarize(path: str, **options: Any) -> dict[str, Any]:
                 return registered(path, **options)
             except FileNotFoundError:  # claimed by its name (a suffix), but it is not there
                 pass
-        raise FormatError(path, "file not found")
+        raise unclaimed(FormatError(path, "file not found"))
     if os.path.isdir(path):  # content sniffing would call it an unknown file type
-        raise FormatError(path, f"is a folder; give the files in it ({KINDS})")
-    return choose(path)(path, **options)
+        registered = _registered_source(path)  # unless a plugin source reads folders
+        if registered is not None:
+            return registered(path, **options)
+        raise unclaimed(FormatError(path, f"is a folder; give the files in it ({KINDS})"))
+    summariser = choose(path)
+    if summariser not in (show_cxi, show_image):
+        return summariser(path, **options)
+    try:
+        return summariser(path, **options)
+    except FormatError:
+        # an HDF5 file (or an image by its name) the built-in readers cannot read may be a
+        # plugin source's format: every HDF5 file went to the CXI summary ("no image dataset
+        # found"), whatever plugin read it
+        registered = _registered_source(path)
+        if registered is None:
+            raise
+        return registered(path, **options)
 
 
 def _text(value: Any, key: str = "") -> str:

@@ -530,7 +530,12 @@ class FrameLoader:
         return frame
 
     def _source(self, record: FrameRecord, geometry: Any) -> Any:
-        from peaknet_xtal.registry import open_source, sniff_source, source_types
+        from peaknet_xtal.registry import (
+            open_source,
+            sniff_plugin_source,
+            sniff_source,
+            source_types,
+        )
 
         image = record.image
         if not image:
@@ -543,7 +548,8 @@ class FrameLoader:
                               f"{record.source}; use --prefix to say where the images are)")
         types = source_types()
         kind: str | None = record.kind
-        if not kind and geometry is not None and _is_hdf5(image):
+        forced = not kind and geometry is not None and _is_hdf5(image)
+        if forced:
             # an HDF5 image with a geometry (the stream's, or --geometry) is read through it, as
             # peaknet2cxi -g reads it: sniffing looks only at the default data paths, so a
             # geometry's own (/%/data of a SACLA-style file) fell to dxtbx, which has no reader
@@ -557,9 +563,13 @@ class FrameLoader:
         try:
             source = open_source(image, kind, geometry=geometry)
         except FormatError as exc:  # a file source's own "no such file": say where to look
-            if os.path.exists(image):
+            plugin = sniff_plugin_source(image) if forced else None
+            if plugin is not None:  # an HDF5 format of a plugin's, not the CXI reader's
+                source = open_source(image, plugin, geometry=geometry)
+            elif os.path.exists(image):
                 raise
-            raise missing from exc
+            else:
+                raise missing from exc
         self._open[key] = source
         while len(self._open) > self.keep_open:
             self._open.popitem(last=False)[1].close()

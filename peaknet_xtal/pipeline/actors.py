@@ -122,9 +122,11 @@ class SourceFeeder:
     def first_frame(self) -> Frame | None:
         """The input's first frame without its pixels (its identity and geometry), None where
         it holds none: the driver's reference for :class:`SameGeometry`."""
+        from peaknet_xtal.registry import checked_frames
+
         source = self.open()
         try:
-            frame = next(iter(source), None)
+            frame = next(checked_frames(source, str(self.spec["path"])), None)
         finally:
             source.close()
         return None if frame is None else dataclasses.replace(frame, panels=[], masks=None)
@@ -135,12 +137,14 @@ class SourceFeeder:
 
     def run(self, queue: Any) -> dict[str, Any]:
         """Push every frame not yet done; returns counts.  Stops early if the queue is aborted."""
+        from peaknet_xtal.registry import checked_frames
+
         sent = skipped = 0
         stopped = False
         buffer: list[Any] = []
         source = self.open()
         try:
-            for frame in source:
+            for frame in checked_frames(source, str(self.spec["path"])):
                 if resolved_key(frame.key) in self.skip:
                     skipped += 1
                     self._count_skipped(frame)

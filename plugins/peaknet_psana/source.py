@@ -2,14 +2,22 @@
 entry-point group (``psana = peaknet_psana.source`` in setup.cfg).
 
 Why a separate plugin: psana only exists inside LCLS software environments.  The type is always
-listed, so ``--source psana`` gives a clear message where psana is missing instead of "unknown
-source"; ``sniff`` never claims a path there, and nothing imports psana until a source is opened.
+listed, so opening it by name (``registry.open_source(run, "psana", ...)``) says psana is missing
+rather than "no source type 'psana'"; ``sniff`` never claims a name there (``peaknet2cxi`` then
+says "input file not found"), and nothing imports psana until a source is opened.
 
 Paths are psana data-source strings, ``exp=mfxp12345:run=7`` (psana2 keywords ``exp``/``run``;
 any extra ``key=value`` parts, e.g. ``dir=/path/xtc``, are passed on).  Options: ``detector``
 (required, e.g. ``"epix10k2M"``), ``max_events``, ``geometry`` (a CrystFEL geometry attached to
-every frame).  Each frame's key is ``(data-source string, "//<timestamp>")``, stable across reruns,
-so the pipeline's resume and exactly-once bookkeeping work unchanged.
+every frame).  Where psana is importable a run is an input like a file:
+
+    peaknet2cxi exp=mfxp12345:run=7 --source-option detector=epix10k2M -g epix.geom -o out
+
+(``--source-option`` passes the options this type declares, ``detector`` and ``max_events``, as
+the strings typed; ``-g`` the geometry); from Python, ``registry.open_source(run, "psana",
+detector=...)``.  A run's length is unknown before it is read (``__len__`` raises TypeError).
+Each frame's key is ``(data-source string, "//<timestamp>")``, stable across reruns, so the
+pipeline's resume and exactly-once bookkeeping work unchanged.
 """
 from __future__ import annotations
 
@@ -97,6 +105,7 @@ class PsanaSource:
 class PsanaSourceType:
     name: str = "psana"
     description: str = "LCLS psana run (exp=NAME:run=N), when psana is importable"
+    options: tuple[str, ...] = ("detector", "max_events")  # peaknet2cxi --source-option
 
     def sniff(self, path: str) -> bool:
         return psana_available() and bool(_DATASOURCE.match(str(path))) and "exp=" in str(path)

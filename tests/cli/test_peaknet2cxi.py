@@ -17,7 +17,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from peaknet_test_support import tiny_cbf
+from peaknet_test_support import tiny_cbf, write_packed
 
 import peaknet_xtal
 from peaknet_xtal.cli.peaknet2cxi import main, run
@@ -1738,9 +1738,9 @@ def test_inputs_too_many_to_count_quickly_start_without_a_total(tmp_path, monkey
     opened: list[str] = []
     real_open = peaknet2cxi.open_input
 
-    def counting_open(path, geometry=None):
+    def counting_open(path, geometry=None, options=None):
         opened.append(path)
-        return real_open(path, geometry)
+        return real_open(path, geometry, options)
 
     monkeypatch.setattr(peaknet2cxi, "open_input", counting_open)
     assert peaknet2cxi._count_frames(inputs, None) == 4  # within COUNT_SECONDS: all counted
@@ -1802,3 +1802,188 @@ def test_unusable_pixels_and_frames_without_data_are_counted_where_the_warnings_
         good = h5["/entry_1/data_1/mask"][()] == 1
     assert good[n_nan + 1, :96].all() and not good[n_nan + 1, 96:].any()
     assert not good[n_nan].any() and good[-1].all()
+
+
+# ---- inputs a plugin source reads ------------------------------------------------------------
+
+#: A plugin with three sources of what no built-in reads: an HDF5 file of its own layout, a
+#: folder, and a name that is no file (frames over a network, of unknown length, that takes a
+#: ``detector`` option); ``OPENED`` keeps what each was opened with.
+_ELSEWHERE = """
+    import os
+
+    import numpy as np
+    from peaknet_test_support import is_packed
+    from peaknet_xtal.builtin.sources import SourceType
+    from peaknet_xtal.hookspecs import hookimpl
+    from peaknet_xtal.types import Frame
+
+    OPENED = []
+
+    class Source:
+        def __init__(self, name, path, n, **options):
+            self.name, self.path, self.n = name, path, n
+            OPENED.append((name, path, options))
+
+        def __len__(self):
+            return self.n
+
+        def __iter__(self):
+            rng = np.random.default_rng(self.n)
+            for i in range(self.n):
+                yield Frame(panels=[rng.poisson(5, (32, 32)).astype(np.float32)],
+                            source=self.path, event=f"//{i}", serial=i)
+
+        def close(self):
+            pass
+
+    class Live(Source):
+        def __len__(self):
+            raise TypeError("a live stream has no length before it is read")
+
+    @hookimpl
+    def peaknet_source_types():
+        return [
+            SourceType("packed", "HDF5 of another layout", is_packed,
+                       lambda p, **o: Source("packed", p, 2, **o)),
+            SourceType("folder", "a folder of frames",
+                       lambda p: os.path.isfile(os.path.join(p, "frames.bin")),
+                       lambda p, **o: Source("folder", p, 1, **o)),
+            SourceType("net", "frames over the network", lambda p: p.startswith("net://"),
+                       lambda p, **o: Live("net", p, 3, **o), options=("detector",)),
+        ]
+"""
+
+
+def test_inputs_no_built_in_reads_go_to_the_plugin_source_claiming_them(install_plugin,
+                                                                        tmp_path, capsys):
+    """The README's rule (a plugin source's sniff is asked about the inputs no built-in reads)
+    did not hold in peaknet2cxi: every HDF5 file went to the built-in readers ("no image dataset
+    found"), a folder was refused as one, and a name that is no file was "input file not found"
+    (zmq://host:5555 mangled to zmq:/host:5555).  Now each goes to the plugin claiming it, named
+    as typed, with the --source-option its type declares (recorded with the run)."""
+    install_plugin("elsewhere", _ELSEWHERE)
+    packed = tmp_path / "run.h5"
+    write_packed(packed)
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    (folder / "frames.bin").write_bytes(b"")
+    outdir = tmp_path / "out"
+    code = main([str(packed), str(folder), "net://host:5555", "-o", str(outdir), "--no-progress",
+                 "--min-peaks", "0", "--source-option", "detector=d1"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    opened = sys.modules["elsewhere_peaknet"].OPENED
+    assert {(name, path) for name, path, _ in opened} == {
+        ("packed", str(packed)), ("folder", str(folder)), ("net", "net://host:5555")}
+    assert all(options == ({"detector": "d1"} if name == "net" else {})
+               for name, _, options in opened)
+    keys = set(read_cxi_peaks(outdir / "peaks-00000.cxi").keys)
+    assert keys == ({(str(packed), f"//{i}") for i in range(2)} | {(str(folder), "//0")}
+                    | {("net://host:5555", f"//{i}") for i in range(3)})
+    record = json.loads((outdir / "peaknet2cxi.config.json").read_text())
+    assert record["config"]["source_options"] == {"detector": "d1"}
+
+
+def test_a_source_option_no_source_type_declares_is_refused(install_plugin, tmp_path, capsys):
+    """An option must reach a source that takes it: a misspelt key is a usage error before
+    anything is written, from the command line and from Python alike."""
+    from peaknet_xtal.cli.peaknet2cxi import DEFAULTS, command_line
+
+    install_plugin("elsewhere", _ELSEWHERE)
+    for option, said in (("detectr=d1", "--source-option detectr: no registered source type "
+                                        "takes it (source options: net: detector"),
+                         ("detector", "argument --source-option: 'detector' is not KEY=VALUE")):
+        with pytest.raises(SystemExit) as stopped:
+            main(["net://host:5555", "-o", str(tmp_path / "out"), "--source-option", option])
+        assert stopped.value.code == 2
+        assert said in capsys.readouterr().err
+    with pytest.raises(PeakNetError, match="--source-option detectr: no registered source"):
+        run({"inputs": ["net://host:5555"], "output": str(tmp_path / "out"),
+             "source_options": {"detectr": "d1"}})
+    assert not (tmp_path / "out").exists()
+    # a Python caller's run is recorded as the command line that does the same
+    assert "--source-option detector=d1" in command_line(
+        {**DEFAULTS, "inputs": ["net://host:5555"], "source_options": {"detector": "d1"}})
+
+
+def test_an_input_no_source_claims_names_the_plugins_that_failed_to_load(install_plugin,
+                                                                         tmp_path, capsys):
+    """With a plugin broken on import, an input only it might have read was said to be no
+    CXI/HDF5 file and no image (only the load warning named the plugin); the README promises an
+    error that names it again."""
+    install_plugin("broken", "import a_module_not_installed\n")
+    npy = tmp_path / "frames.npy"
+    np.save(npy, np.zeros((2, 8, 8), np.float32))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cases = ((npy, "not a CXI/HDF5 file and not an image DIALS can read"),
+             (empty, "a folder, not an input file"),
+             (tmp_path / "absent.npy", "input file not found"))
+    for k, (given, said) in enumerate(cases):
+        code = main([str(given), "-o", str(tmp_path / f"out{k}"), "--no-progress"])
+        errors = [line for line in capsys.readouterr().err.splitlines()
+                  if line.startswith("peaknet2cxi: error:")]
+        assert code == 1 and len(errors) == 1, errors
+        assert said in errors[0], errors[0]
+        assert ("; not loaded: plugin 'broken' (entry point broken = broken_peaknet of "
+                "broken-dist 0.1) failed to load (ModuleNotFoundError") in errors[0], errors[0]
+
+
+@pytest.mark.parametrize("returns, said", [
+    ('"npy"', "peaknet_source_types must return a list of source types"),
+    ('[SourceType("cxi", "mine", lambda p: False, lambda p, **_: None)]',
+     "two source types are registered as 'cxi'"),
+])
+def test_a_broken_source_hook_is_said_as_itself(install_plugin, tmp_path, capsys, returns,
+                                                said):
+    """The registry's PluginError is a ValueError, which peaknet2cxi took for "no source claims
+    this input": a plugin's broken hook was said as "not a CXI/HDF5 file"."""
+    install_plugin("badhook", f"""
+        from peaknet_xtal.builtin.sources import SourceType
+        from peaknet_xtal.hookspecs import hookimpl
+
+        @hookimpl
+        def peaknet_source_types():
+            return {returns}
+    """)
+    npy = tmp_path / "frames.npy"
+    np.save(npy, np.zeros((2, 8, 8), np.float32))
+    code = main([str(npy), "-o", str(tmp_path / "out"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 1 and "plugin 'badhook' (entry point badhook" in err and said in err, err
+    assert "not a CXI/HDF5 file" not in err
+
+
+def test_a_plugin_source_yielding_arrays_is_one_error_naming_it(install_plugin, tmp_path, capsys):
+    install_plugin("arrays", """
+        import numpy as np
+        from peaknet_xtal.builtin.sources import SourceType
+        from peaknet_xtal.hookspecs import hookimpl
+
+        class Arrays:
+            name = "arrays"
+
+            def __len__(self):
+                return 1
+
+            def __iter__(self):
+                yield np.zeros((8, 8), np.float32)
+
+            def close(self):
+                pass
+
+        @hookimpl
+        def peaknet_source_types():
+            return [SourceType("arrays", "arrays, not frames", lambda p: p.endswith(".arr"),
+                               lambda p, **_: Arrays())]
+    """)
+    given = tmp_path / "x.arr"
+    given.write_text("")
+    code = main([str(given), "-o", str(tmp_path / "out"), "--no-progress"])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("peaknet2cxi: error:")]
+    assert code == 1 and len(errors) == 1 and "Traceback" not in err, err
+    assert ("plugin 'arrays' (entry point arrays = arrays_peaknet of arrays-dist 0.1): source "
+            f"type 'arrays' yielded a numpy.ndarray of shape (8, 8) float32 for {given}, not a "
+            "peaknet_xtal.types.Frame") in errors[0], errors[0]

@@ -76,3 +76,51 @@ def test_without_the_plugin_it_is_an_unknown_file_type(tmp_path: Path, capsys) -
     np.save(path, np.zeros((1, 4, 5), np.float32))
     assert main([str(path)]) == 1
     assert "unknown file type" in capsys.readouterr().err
+
+
+def test_inputs_only_a_plugin_source_reads_are_shown_by_it(install_plugin, tmp_path: Path,
+                                                            capsys) -> None:
+    """peaknet-show sent every HDF5 file to its CXI summary ("no image dataset found") and
+    refused folders, whatever plugin source claimed them (the README's rule: a plugin's sniff
+    is asked about the inputs no built-in reads)."""
+    from peaknet_test_support import write_packed
+
+    install_plugin("elsewhere", """
+        import os
+
+        import numpy as np
+        from peaknet_test_support import is_packed
+        from peaknet_xtal.builtin.sources import SourceType
+        from peaknet_xtal.hookspecs import hookimpl
+        from peaknet_xtal.types import Frame
+
+        class Source:
+            def __init__(self, name, path):
+                self.name, self.path = name, path
+
+            def __len__(self):
+                return 1
+
+            def __iter__(self):
+                yield Frame(panels=[np.full((4, 6), 7.0, np.float32)], source=self.path)
+
+            def close(self):
+                pass
+
+        @hookimpl
+        def peaknet_source_types():
+            return [SourceType("packed", "HDF5 of another layout", is_packed,
+                               lambda p, **_: Source("packed", p)),
+                    SourceType("folder", "a folder of frames",
+                               lambda p: os.path.isfile(os.path.join(p, "frames.bin")),
+                               lambda p, **_: Source("folder", p))]
+    """)
+    packed = tmp_path / "run.h5"
+    write_packed(packed)
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    (folder / "frames.bin").write_bytes(b"")
+    assert main([str(packed), str(folder)]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert f"{packed} (packed frames)" in out and f"{folder} (folder frames)" in out
+    assert "panel shapes: 4 x 6" in out

@@ -398,3 +398,50 @@ def test_an_event_path_the_geometry_has_no_placeholder_for_is_said_once(tmp_path
     text = str(exc.value)
     assert "'entry_1'" in text and "no '%'" in text and "/entry_1/data_1/data" in text
     assert f"geometry embedded in {stream}" in text and "line " in text
+
+
+def test_an_hdf5_image_the_cxi_reader_cannot_read_goes_to_the_plugin_claiming_it(
+        install_plugin, tmp_path, make_geometry_text):
+    """With a geometry, the data engine read every HDF5 image through the CXI reader (sniffing
+    looks only at its default data paths), so an HDF5 format of a plugin's failed there
+    however the plugin's sniff would have claimed it."""
+    from peaknet_test_support import write_packed
+
+    from peaknet_xtal.formats.geometry import parse_geometry
+    from peaknet_xtal.labelling.ingest import FrameLoader, FrameRecord
+    from peaknet_xtal.types import empty_peaks
+
+    install_plugin("packed", """
+        import numpy as np
+        from peaknet_test_support import is_packed
+        from peaknet_xtal.builtin.sources import SourceType
+        from peaknet_xtal.hookspecs import hookimpl
+        from peaknet_xtal.types import Frame
+
+        class Packed:
+            name = "packed"
+
+            def __init__(self, path):
+                self.path = path
+
+            def __iter__(self):
+                for i in range(2):
+                    yield Frame(panels=[np.full((4, 6), i, np.float32)], source=self.path,
+                                event=f"//{i}", serial=i)
+
+            def close(self):
+                pass
+
+        @hookimpl
+        def peaknet_source_types():
+            return [SourceType("packed", "HDF5 of another layout", is_packed,
+                               lambda p, **_: Packed(p))]
+    """)
+    image = tmp_path / "run.h5"
+    write_packed(image)
+    geometry = parse_geometry(make_geometry_text(["p0"], 6, 4, [(-3, -2)]))
+    record = FrameRecord(source="/x.stream", image=str(image), event="//1", index=1,
+                         found=empty_peaks(), predicted=np.zeros(0, PRED_DTYPE))
+    with FrameLoader() as loader:
+        frame = loader.load(record, geometry)
+    assert frame.event == "//1" and frame.panels[0][0, 0] == 1.0

@@ -266,3 +266,28 @@ def tiny_smv(path: Path, pixels: np.ndarray, *, gain: float | None = 2.4,
     text = "{\n" + "".join(f"{key}={value};\n" for key, value in header.items()) + "}\n"
     path.write_bytes(text.encode().ljust(512, b" ") + np.asarray(pixels, "<u2").tobytes())
     return path
+
+
+#: The dataset of a toy HDF5 layout that only test plugins read: no image where the CXI reader
+#: looks, so the built-ins fail on it and the plugin sources' sniff must be asked.
+PACKED_DATASET = "packed/blob"
+
+
+def write_packed(path: Path) -> Path:
+    """An HDF5 file of the toy layout (:data:`PACKED_DATASET`)."""
+    import h5py
+
+    with h5py.File(path, "w") as h5:
+        h5[PACKED_DATASET] = np.zeros(10, np.float32)
+    return path
+
+
+def is_packed(path: str) -> bool:
+    """A test plugin's ``sniff`` of the toy layout: cheap, and never raises."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as h5:
+            return PACKED_DATASET in h5
+    except Exception:  # noqa: BLE001  (sniff: anything unreadable is not ours)
+        return False

@@ -23,7 +23,7 @@ import re
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import yaml
 from pydantic import (
@@ -51,13 +51,26 @@ class ConfigError(FormatError):
     """A setting is unknown or has the wrong type (names the config file or the command line)."""
 
 
+class _OneLineErrors(argparse.ArgumentParser):
+    """Usage errors as one line: argparse printed the whole usage block above the message (15
+    lines for ``peaknet2cxi``), in which the line that says what is wrong was the last."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} ({self.prog} --help lists the options)\n")
+
+
 def cli_parser(doc: str | None, prog: str | None = None) -> argparse.ArgumentParser:
-    """A parser whose help is the command's docstring and whose options default to absent."""
-    parser = argparse.ArgumentParser(
+    """A parser whose help is the command's docstring and whose options default to absent.
+
+    Options are never guessed from a prefix (``allow_abbrev=False``): ``--no-progres`` ran as
+    ``--no-progress``, so a typo of one option could silently select another; and a usage error
+    is one line (:class:`_OneLineErrors`)."""
+    parser = _OneLineErrors(
         prog=prog,
         description=doc,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         argument_default=argparse.SUPPRESS,
+        allow_abbrev=False,
     )
     parser.add_argument("--config", help="YAML or JSON file of settings (command line wins)")
     parser.add_argument("-v", "--verbose", action="count",
@@ -457,11 +470,16 @@ def option_names(parser: argparse.ArgumentParser) -> dict[str, str]:
     return names
 
 
+#: The commands' log lines: time, level, logger, message.
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
 def setup_logging(verbose: int | None = 0) -> None:
     """Our own messages at INFO and other libraries' at WARNING; ``-v`` (1) adds other
-    libraries' INFO, ``-vv`` (2 or more) our DEBUG too, as ``cli_parser``'s help says."""
+    libraries' INFO, ``-vv`` (2 or more) our DEBUG too, as ``cli_parser``'s help says.  Each
+    line starts with the time: a batch job's log otherwise says what happened but not when."""
     level = int(verbose or 0)
-    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(format=LOG_FORMAT, datefmt="%Y-%m-%d %H:%M:%S")
     logging.getLogger().setLevel(logging.INFO if level >= 1 else logging.WARNING)
     log.setLevel(logging.DEBUG if level >= 2 else logging.INFO)
 

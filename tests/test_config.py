@@ -368,3 +368,39 @@ def test_true_or_false_is_no_number():
     resolved = config.resolve(defaults, {"steps": "4", "lr": 1, "count": 2, "on": True},
                               types=types)
     assert resolved == {"steps": 4, "lr": 1.0, "count": 2, "pair": [0.9, 0.95], "on": True}
+
+
+@pytest.mark.parametrize("command, argv", [
+    ("peaknet2cxi", ["x.cxi", "-o", "out"]), ("sim", ["-o", "out"]), ("eval", ["x", "-o", "out"]),
+    ("show", ["x"]), ("integrate", ["x.cxi"]), ("stream2labels", ["x.stream", "-o", "out"]),
+    ("train", ["run.yaml"]), ("distill", ["run.yaml"]),
+])
+def test_every_command_says_a_usage_error_in_one_line_and_guesses_no_option(command, argv,
+                                                                           capsys):
+    """A misspelt option was the last of a usage block (4-23 lines), and a misspelling that is
+    a prefix of an option (``--no-progres``) ran as that option, exit status 0."""
+    import importlib
+
+    main = importlib.import_module(f"peaknet_xtal.cli.{command}").main
+    for extra in (["--no-such-option"], ["--verb"]):  # --verb: a prefix of --verbose
+        with pytest.raises(SystemExit) as stop:
+            main([*argv, *extra])
+        assert stop.value.code == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1, lines
+        assert f"unrecognized arguments: {extra[0]}" in lines[0]
+        assert lines[0].endswith("--help lists the options)")
+
+
+def test_a_commands_log_lines_say_when():
+    """A batch job's log said what happened but not when (a user trial): each line now starts
+    with the date and time.  In a fresh process, as a command starts its logging."""
+    import re
+    import subprocess
+    import sys
+
+    code = ("import logging; from peaknet_xtal.config import setup_logging; setup_logging(); "
+            "logging.getLogger('peaknet_xtal.x').info('hello')")
+    err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stderr
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d INFO peaknet_xtal\.x: hello\n", err), err

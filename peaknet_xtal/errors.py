@@ -7,6 +7,8 @@ one to look at and where.
 from __future__ import annotations
 
 import contextlib
+import importlib
+import importlib.util
 from collections.abc import Iterator
 from os import PathLike
 
@@ -53,6 +55,62 @@ def _rebuild_format_error(cls: type[FormatError], path: str | None, message: str
     error = cls(path, message, line=line, dataset=dataset)
     error.__dict__.update(state)
     return error
+
+
+class DialsUnavailable(PeakNetError, ImportError):
+    """DIALS (dxtbx, cctbx, dials) cannot be imported where an option or an input needs it
+    (:func:`require_dials`).  An ImportError too, so that a caller who tries DIALS and goes on
+    without it catches it as it would catch the import's own error."""
+
+
+#: The packages of the DIALS distribution: one of them missing is DIALS absent, where anything
+#: else failing in their import is a DIALS that is there but fails to load.
+DIALS_PACKAGES = ("dials", "dxtbx", "cctbx", "scitbx", "libtbx", "iotbx", "boost_adaptbx")
+
+
+def require_dials(what: str, *modules: str, otherwise: str = "", load: bool = True) -> None:
+    """Import ``modules`` (default: dxtbx's models) or raise :class:`DialsUnavailable`, one
+    line saying that ``what`` (an option, ``--dials``; an input, ``reading x.cbf through
+    dxtbx``) needs DIALS, with the import's own error, and ``otherwise``, what else the user
+    can do (``give the detector's geometry with -g``), at its end.
+
+    ``load=False`` only looks for their packages, importing nothing: for a check before a run
+    whose model has yet to run.  Why: cctbx's stub OpenMP, loaded before torch, limits torch
+    to one thread (:func:`peaknet_xtal.threads.openmp_shadowed`), so a check that imported
+    DIALS there would slow a run that imports it only at its end (``--dials``); the import
+    itself, where the run makes it, then says what a DIALS that is there but fails to load
+    says.
+
+    Why at all: DIALS is no pip requirement (no PyPI package holds dxtbx/cctbx), and a run
+    without it ended in a traceback (``No module named 'dials'``) after every frame had been
+    found, or at the first CBF file.  The import's own words stay in the message because a
+    DIALS that is installed but fails to load (Debian's without ``LIBTBX_BUILD``, or under
+    numpy 2) ends here too, and only they say what is wrong with it."""
+    for name in modules or ("dxtbx.model.experiment_list",):
+        try:
+            if load:
+                importlib.import_module(name)
+            else:
+                top = name.partition(".")[0]
+                if importlib.util.find_spec(top) is None:
+                    raise ModuleNotFoundError(f"No module named {top!r}", name=top)
+        except Exception as exc:  # noqa: BLE001 - a broken DIALS raises OSError and more
+            raise DialsUnavailable(_dials_message(what, exc, otherwise)) from exc
+
+
+def _dials_message(what: str, exc: Exception, otherwise: str) -> str:
+    said = " ".join(str(exc).split())
+    missing = (isinstance(exc, ModuleNotFoundError)
+               and (exc.name or "").split(".")[0] in DIALS_PACKAGES)
+    if missing:
+        message = (f"{what} needs DIALS, which this Python cannot import ({said}): install "
+                   "Debian's dials package or a conda DIALS and run from that environment "
+                   "(README, Quick start)")
+    else:
+        message = (f"{what} needs DIALS, which is installed but fails to load in this Python "
+                   f"({type(exc).__name__}: {said}): Debian's DIALS needs "
+                   "LIBTBX_BUILD=/usr/lib/cctbx/python3.11 and numpy < 2 (README, Quick start)")
+    return f"{message}; or {otherwise}" if otherwise else message
 
 
 class ImageRefused(FormatError):

@@ -50,3 +50,45 @@ def test_torch_running_out_of_memory_becomes_a_memory_error_and_nothing_else_doe
     with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
         with out_of_memory_as_memory_error():
             torch.ones(2, 3) @ torch.ones(2, 3)
+
+
+@pytest.mark.parametrize("load", [True, False], ids=["imported", "looked-for"])
+def test_dials_missing_is_one_line_naming_what_needs_it_and_the_import_error(monkeypatch, load):
+    """A Python without DIALS (pip alone): what needs it, the import's own words, and what to
+    do, in one line; an ImportError too, for callers who try DIALS and go on without it."""
+    from peaknet_test_support import hide_dials
+
+    from peaknet_xtal.errors import DialsUnavailable, PeakNetError, require_dials
+
+    hide_dials(monkeypatch)
+    with pytest.raises(DialsUnavailable) as info:
+        require_dials("reading images/x.cbf through dxtbx", "dxtbx.model.experiment_list",
+                      otherwise="give -g", load=load)
+    said = str(info.value)
+    assert said.startswith("reading images/x.cbf through dxtbx needs DIALS, which this Python "
+                           "cannot import (No module named 'dxtbx'): install Debian's dials "
+                           "package or a conda DIALS")
+    assert said.endswith("; or give -g") and "\n" not in said
+    assert isinstance(info.value, ImportError) and isinstance(info.value, PeakNetError)
+    for dumps in (pickle.dumps, cloudpickle.dumps):  # raised in a Ray actor, it arrives whole
+        back = pickle.loads(dumps(info.value))
+        assert type(back) is DialsUnavailable and str(back) == said
+
+
+def test_a_dials_that_fails_to_load_is_said_with_its_own_error(monkeypatch):
+    """Debian's DIALS without LIBTBX_BUILD raises a FileNotFoundError on import: it is found
+    (a check that only looks for it passes), and importing it says its error, not 'install'."""
+    from peaknet_test_support import hide_dials
+
+    from peaknet_xtal.errors import DialsUnavailable, require_dials
+
+    hide_dials(monkeypatch, broken=FileNotFoundError(2, "No such file or directory",
+                                                      "/venv/lib/cctbx/python3.11"))
+    require_dials("--dials", "dials.array_family.flex", load=False)  # there: nothing said
+    with pytest.raises(DialsUnavailable) as info:
+        require_dials("--dials", "dials.array_family.flex")
+    said = str(info.value)
+    assert said.startswith("--dials needs DIALS, which is installed but fails to load in this "
+                           "Python (FileNotFoundError: [Errno 2] No such file or directory: "
+                           "'/venv/lib/cctbx/python3.11')")
+    assert "LIBTBX_BUILD" in said and "install Debian" not in said

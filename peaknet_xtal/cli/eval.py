@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from peaknet_xtal.config import bounded, cli_parser, record, resolve_or_exit, setup_logging
-from peaknet_xtal.errors import PeakNetError
+from peaknet_xtal.errors import DialsUnavailable, PeakNetError, require_dials
 from peaknet_xtal.finding.settings import DEFAULTS as FINDING
 
 DEFAULTS: dict[str, Any] = {
@@ -53,7 +53,9 @@ TYPES: dict[str, Any] = {"data": str | None, "output": str | None, "space_group"
 
 def check(config: dict[str, Any]) -> None:
     """Raise ValueError (one line) for settings that would fail only after the work: a finder
-    typo after the finders before it ran, a space group DIALS refuses on every frame."""
+    typo after the finders before it ran, a space group DIALS refuses on every frame; and
+    DialsUnavailable for a DIALS finder, ``--index`` or the symmetry (checked by cctbx) where
+    DIALS cannot be imported."""
     from peaknet_xtal.errors import PeakNetError
     from peaknet_xtal.evaluation.finders import check_finder
     from peaknet_xtal.evaluation.indexing import check_symmetry, parse_unit_cell
@@ -65,6 +67,9 @@ def check(config: dict[str, Any]) -> None:
             raise ValueError(exc.args[0]) from None
         except PeakNetError as exc:  # the model's weights: missing, or not a model
             raise ValueError(f"--finders {spec}: {exc}") from None
+    if config["index"]:  # looked for: imported before PeakNet runs, it would get one thread
+        require_dials("--index", "dxtbx", "cctbx", "dials", otherwise="run without --index",
+                      load=False)
     check_symmetry(config["space_group"], parse_unit_cell(config["unit_cell"]))
 
 
@@ -122,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = resolve_or_exit(parser, DEFAULTS, args, types=TYPES)
     try:
         check(config)
-    except ValueError as exc:  # the user's typing: refused before anything is written
+    except (ValueError, DialsUnavailable) as exc:  # refused before anything is written
         print(f"peaknet-eval: error: {exc}", file=sys.stderr)
         return 2
     try:

@@ -63,7 +63,7 @@ from peaknet_xtal.config import (
     setup_logging,
     validate,
 )
-from peaknet_xtal.errors import FormatError
+from peaknet_xtal.errors import FormatError, require_dials
 from peaknet_xtal.stopping import exit_status, interrupted, sigterm_raises
 
 log = logging.getLogger("peaknet_xtal")
@@ -360,6 +360,11 @@ def run(config: Mapping[str, Any], stats: Any = None) -> list[Path]:
                                                       "geometry (-g)")
     if "dials" in kinds and not config["refl"]:
         raise FormatError(inputs[kinds.index("dials")], "a DIALS .expt needs its .refl (--refl)")
+    if "dials" in kinds:  # before the inputs before it are integrated, not at its turn; looked
+        # for, not imported: imported before the integrator runs, cctbx would limit it to one
+        # thread (errors.require_dials)
+        require_dials(f"reading {inputs[kinds.index('dials')]} (a DIALS experiment list)",
+                      "dxtbx", "dials", load=False)
     check_outputs_are_not_inputs(config)  # for Python callers; main() checks before writing
     out_dir = Path(config["output"])
     made = _read_inputs(out_dir)

@@ -67,7 +67,14 @@ import numpy as np
 from peaknet_xtal import config as cfgmod
 from peaknet_xtal.atomic import make_output_folder
 from peaknet_xtal.config import bounded
-from peaknet_xtal.errors import FormatError, GeometryError, ImageRefused, PeakNetError
+from peaknet_xtal.errors import (
+    DialsUnavailable,
+    FormatError,
+    GeometryError,
+    ImageRefused,
+    PeakNetError,
+    require_dials,
+)
 from peaknet_xtal.finding.sanitise import add_tallies, describe_tally
 from peaknet_xtal.finding.settings import DEFAULTS as FINDING
 from peaknet_xtal.finding.settings import LIMITS, PRECISIONS, check_precision
@@ -265,6 +272,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         build_parser().print_usage(sys.stderr)
         print("peaknet2cxi: need at least one INPUT (or -i LIST) and -o OUTDIR", file=sys.stderr)
         return 2
+    try:  # an option this Python cannot serve: a usage error (one line), before any work
+        check_dials_option(config)
+    except DialsUnavailable as exc:
+        print(f"peaknet2cxi: error: {exc}", file=sys.stderr)
+        return 2
     try:
         # SIGTERM (a batch scheduler's stop) ends the run as Ctrl-C does: finished files kept,
         # partial ones closed, the record saying "interrupted"; exit 143 (130 for Ctrl-C)
@@ -460,10 +472,11 @@ def rerun_can_help(exc: BaseException) -> bool:
     """Whether running the same command again may get further: after a problem outside the
     inputs (a full disk, a lost mount: an OSError), not after a bad input (a FormatError: a
     damaged file, a wrong dataset path, another detector), nor a setting or a run with nothing
-    to write, which fail the same way every time.  The cause chain counts too (the Ray pipeline
-    wraps what failed)."""
+    to write, nor DIALS that cannot be imported (a broken one's cause is an OSError), which
+    fail the same way every time.  The cause chain counts too (the Ray pipeline wraps what
+    failed)."""
     chain = _chain(exc)
-    if any(isinstance(e, FormatError) for e in chain):
+    if any(isinstance(e, (FormatError, DialsUnavailable)) for e in chain):
         return False
     if any(isinstance(e, PermissionError)
            or (isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS))
@@ -544,12 +557,28 @@ def run(config: Mapping[str, Any], *, argv: Sequence[str] | None = None,
                                   [("run() arguments", config)]))
     check_precision(config["precision"])  # before the output folder is touched
     check_source_options(config["source_options"])
+    check_dials_option(config)
     if expansion is None or not expansion.expands(config["inputs"]):
         expansion = RunInputs(config["inputs"])
     check_output_folder(Path(config["output"]), config, expansion=expansion)
     if int(config["workers"] or 1) > 1 or config["address"]:
         return _run_pipeline(config, expansion)
     return _run_serial(config, expansion, argv)
+
+
+#: What ``--dials`` imports, and what else a user without DIALS can do.
+_DIALS_EXPORT = ("dials.array_family.flex", "dxtbx.model.experiment_list")
+_WITHOUT_DIALS = "run without --dials (the CXI files for indexamajig need no DIALS)"
+
+
+def check_dials_option(config: Mapping[str, Any]) -> None:
+    """Raise :class:`DialsUnavailable` where ``--dials`` is asked for and DIALS is not there.
+    Why before the run: the export is written at its end, and without DIALS a run found every
+    frame, wrote the CXI files and then stopped with a traceback (``No module named
+    'dials'``), leaving no summary.  Its packages are looked for, not imported: imported
+    before the model runs, cctbx would limit it to one thread (``require_dials``)."""
+    if config.get("dials"):
+        require_dials("--dials", *_DIALS_EXPORT, otherwise=_WITHOUT_DIALS, load=False)
 
 
 def check_output_folder(outdir: Path, config: Mapping[str, Any] | None = None, *,
@@ -1050,6 +1079,11 @@ def _open_builtin(path: str, geometry: Any) -> Any:
         named = geometry_path(path)
         if named is not None:
             return open_source(path, "cxi", geometry=named)
+        # DIALS is asked first; without it, whether it would read the file (and its detector)
+        # cannot be known, and a plain one-panel reading could differ from the run with DIALS
+        require_dials(f"reading {path} without -g (DIALS reads the geometry of a NeXus file)",
+                      "dxtbx.model.experiment_list",
+                      otherwise="give the detector's CrystFEL geometry with -g")
         try:
             return open_source(path, "dxtbx")
         except (FormatError, ValueError) as exc:
@@ -1497,8 +1531,13 @@ def _finish(config: Mapping[str, Any], outdir: Path, files: list[Path], geometry
                                  if files and geom_path.exists() else []),
     }
     if config.get("dials") and files and error is None:
-        summary["dials"] = write_dials_output(files, outdir / DIALS_DIR,
-                                              given_geometry=config["geometry"] is not None)
+        try:
+            summary["dials"] = write_dials_output(files, outdir / DIALS_DIR,
+                                                  given_geometry=config["geometry"] is not None)
+        except Exception as exc:  # the frames are found and kept: the summary says so too
+            summary["status"] = f"failed: {exc}"
+            write_json_atomic(outdir / SUMMARY_NAME, summary)
+            raise
     write_json_atomic(outdir / SUMMARY_NAME, summary)
     if error is None and not files:
         raise PeakNetError(f"no frames were written to {outdir}: the inputs hold no frames "
@@ -1521,6 +1560,9 @@ def write_dials_output(files: Sequence[Path], folder: Path, *, given_geometry: b
     project's dxtbx format), one still experiment per frame.
     """
     import h5py
+
+    # a DIALS that is there (check_dials_option) but fails to load says so here, in one line
+    require_dials("--dials", *_DIALS_EXPORT, otherwise=_WITHOUT_DIALS)
     from dials.array_family import flex
     from dxtbx.model.experiment_list import ExperimentList, ExperimentListFactory
 

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from peaknet_xtal.config import cli_parser, resolve_or_exit, setup_logging
-from peaknet_xtal.errors import FormatError
+from peaknet_xtal.errors import DialsUnavailable, FormatError
 
 log = logging.getLogger("peaknet_xtal.show")
 
@@ -459,7 +459,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             summaries.append(summarize(path, geometry=config["geometry"],
                                        max_frames=config["max_frames"]))
-        except FormatError as exc:
+        except (FormatError, DialsUnavailable) as exc:  # each names the file
             print(f"peaknet-show: {exc}", file=sys.stderr)
             failed = True
             continue

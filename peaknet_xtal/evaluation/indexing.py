@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from peaknet_xtal.errors import require_dials
+
 log = logging.getLogger(__name__)
 
 
@@ -102,6 +104,7 @@ def parse_unit_cell(value: str | Sequence[float] | None) -> tuple[float, ...] | 
     if len(cell) != 6:
         raise ValueError(f"--unit-cell {text}: give 6 numbers, a,b,c,alpha,beta,gamma "
                          "(Angstrom, degrees)")
+    require_dials(f"--unit-cell {text} (checked by cctbx)", "cctbx.uctbx")
     from cctbx import uctbx
 
     try:
@@ -113,7 +116,12 @@ def parse_unit_cell(value: str | Sequence[float] | None) -> tuple[float, ...] | 
 
 def check_symmetry(space_group: str | None, unit_cell: Sequence[float] | None) -> None:
     """Raise ValueError (one line) unless cctbx knows ``space_group`` and ``unit_cell`` fits it:
-    ``dials.index`` would otherwise die on every frame and the report show 0 indexed."""
+    ``dials.index`` would otherwise die on every frame and the report show 0 indexed.
+    Neither given, nothing is checked (and cctbx, DIALS', is not needed)."""
+    if space_group is None and unit_cell is None:
+        return
+    given = f"--space-group {space_group}" if space_group is not None else "--unit-cell"
+    require_dials(f"{given} (checked by cctbx)", "cctbx.sgtbx", "cctbx.uctbx")
     from cctbx import sgtbx, uctbx
 
     info = None

@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from peaknet_xtal.errors import require_dials
 from peaknet_xtal.finding.engine import InferenceEngine, Predictor
 from peaknet_xtal.finding.peaks import is_hit
 from peaknet_xtal.finding.settings import DEFAULTS, check_device
@@ -153,8 +154,15 @@ class PeakFinder:
         them (the components' own boxes; z = the image's frame number + 0.5), which is what
         ``dials.index`` reads from ``strong.refl``.  An imageset's frame numbers are DIALS':
         its scan's first array index plus ``index`` (image 0 of ``image_range=5,7`` is frame
-        4), so that the spots of a scan's slice map to its rotation angles.
+        4), so that the spots of a scan's slice map to its rotation angles.  Without DIALS, a
+        :class:`~peaknet_xtal.errors.DialsUnavailable` (an ImportError) says so before the
+        image is searched: the import failed after the model's work, and the image had been
+        counted towards the run.  (DIALS is looked for here, and imported after the search,
+        as before: imported before the model first runs, it would limit it to one thread.)
         """
+        require_dials("PeakFinder.find_reflections (a DIALS reflection table)",
+                      "dials.array_family.flex",
+                      otherwise="use find, which gives a numpy peak table", load=False)
         peaks, boxes = self._find(data, index, mask, None, None)
         return reflection_table(peaks, boxes, z=frame_number(data, index)
                                 if _is_imageset(data) else 0)

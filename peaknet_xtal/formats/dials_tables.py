@@ -10,7 +10,8 @@ table that ``dials.index`` accepts in place of ``dials.find_spots`` output.  DIA
 origin at the corner (the centre of pixel i is i + 0.5), so positions shift by +0.5 here, at the
 edge, as DEVELOPERS.md asks.
 
-DIALS is imported lazily; it only exists where DIALS is installed.
+DIALS is imported lazily; it only exists where DIALS is installed, and reading a file without
+it says so, naming the file (:func:`~peaknet_xtal.errors.require_dials`).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from peaknet_xtal.atomic import atomic_path
-from peaknet_xtal.errors import FormatError
+from peaknet_xtal.errors import FormatError, require_dials
 from peaknet_xtal.types import PEAK_DTYPE, peaks_from_columns
 
 #: DIALS/CrystFEL coordinates start at the pixel corner; the package's at the pixel centre.
@@ -54,6 +55,7 @@ def load_reflection_table(path: str | os.PathLike[str], *, trust_pickle: bool = 
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FormatError(path, "file not found")
+    require_dials(f"reading {path} (a DIALS reflection table)", "dials.array_family.flex")
     from dials.array_family import flex
 
     try:
@@ -122,6 +124,7 @@ def read_experiments(path: str | os.PathLike[str], check_format: bool = False) -
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FormatError(path, "file not found")
+    require_dials(f"reading {path} (a DIALS experiment list)", "dxtbx.model.experiment_list")
     from dxtbx.model.experiment_list import ExperimentList
 
     try:
@@ -234,6 +237,7 @@ def strong_reflection_table(tables: Sequence[np.ndarray], *, boxes: Sequence[Any
     noise of the clipped intensity plus the background spread over the peak's pixels),
     ``background.mean`` and the ``strong`` flag: what ``dials.index`` reads from ``strong.refl``.
     """
+    require_dials("a DIALS strong-spot table", "dials.array_family.flex")
     from dials.array_family import flex
 
     if isinstance(experiments, (str, os.PathLike)):

@@ -9,7 +9,8 @@ The detector model is also translated into a CrystFEL geometry (:func:`geometry_
 with the panels stacked along ``ss`` in one slab, so everything downstream (1/d, CXI peak tables,
 streams) works the same for DIALS-readable images as for CXI stacks.
 
-dxtbx is imported lazily: it only exists where DIALS is installed.
+dxtbx is imported lazily: it only exists where DIALS is installed; where it cannot be imported,
+opening a file says so, naming it (:func:`~peaknet_xtal.errors.require_dials`).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from peaknet_xtal.errors import FormatError, GeometryError, ImageRefused
+from peaknet_xtal.errors import FormatError, GeometryError, ImageRefused, require_dials
 from peaknet_xtal.finding.sanitise import implied_dtype
 from peaknet_xtal.formats.geometry import HC_EV_A
 from peaknet_xtal.types import Frame, event_index
@@ -36,6 +37,7 @@ def open_imageset(path: str | os.PathLike[str]) -> Any:
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FormatError(path, "file not found")
+    require_dials(f"reading {path} through dxtbx", "dxtbx.model.experiment_list")
     from dxtbx.model.experiment_list import ExperimentListFactory
 
     try:

@@ -25,7 +25,7 @@ from pydantic_core import PydanticCustomError
 
 from peaknet_xtal.atomic import write_json_atomic
 from peaknet_xtal.config import ConfigError, bounded, deep_merge, one_of, validate
-from peaknet_xtal.errors import FormatError
+from peaknet_xtal.errors import FormatError, require_dials
 from peaknet_xtal.labelling.batch import (
     LABEL_DEFAULTS,
     Batch,
@@ -181,7 +181,12 @@ def ingest(paths: Sequence[str], run: dict[str, Any]) -> tuple[list[FrameRecord]
     records: list[FrameRecord] = []
     geometries: dict[str, Any] = {}
     tallies: list[StreamTally] = []
-    for group in group_inputs(paths):
+    groups = group_inputs(paths)
+    expts = [group[0] for group in groups if len(group) == 2]
+    if expts:  # before the streams before it are read, not at its turn
+        require_dials(f"reading {expts[0]} (a DIALS experiment list)",
+                      "dxtbx.model.experiment_list", "dials.array_family.flex")
+    for group in groups:
         if len(group) == 2:
             records.extend(records_from_dials(group[0], group[1], prefix=run.get("prefix"),
                                               trust_pickle=bool(run.get("trust_pickle"))))

@@ -135,6 +135,36 @@ def test_symmetry_dials_cannot_take_is_refused_before_any_work(sim_run, tmp_path
     assert not out.exists()
 
 
+def test_without_dials_what_needs_it_is_one_line_and_the_rest_runs(tmp_path, monkeypatch,
+                                                                   capsys):
+    """A Python without DIALS: every run failed with a traceback, since the symmetry check
+    imported cctbx with no --space-group or --unit-cell given.  Now a run of finders that need
+    no DIALS passes the checks; the dispersion finder (a default), --index and the symmetry
+    options are one line each naming what needs DIALS, before any work (exit 2)."""
+    from peaknet_test_support import hide_dials
+
+    from peaknet_xtal.cli.eval import DEFAULTS, check
+
+    hide_dials(monkeypatch)
+    check({**DEFAULTS, "finders": ["peaknet:default"]})  # needs no DIALS: nothing said
+    out = tmp_path / "report"
+    install = ("which this Python cannot import (No module named '{}'): install Debian's dials "
+               "package or a conda DIALS and run from that environment (README, Quick start)")
+    for args, begins, ends in (
+            ([], "--finders dispersion: the dispersion finder (DIALS' own) needs DIALS, "
+                 + install.format("dials"),
+             "; or give --finders without dispersion (the default includes it)"),
+            (["--finders", "peaknet:default", "--index"],
+             "--index needs DIALS, " + install.format("dxtbx"), "; or run without --index"),
+            (["--finders", "peaknet:default", "--space-group", "P43212"],
+             "--space-group P43212 (checked by cctbx) needs DIALS, " + install.format("cctbx"),
+             "(README, Quick start)")):
+        assert main([str(tmp_path), "-o", str(out), *args]) == 2, args
+        line = one_error_line(capsys.readouterr().err)
+        assert line.startswith(f"peaknet-eval: error: {begins}") and line.endswith(ends), line
+    assert not out.exists()
+
+
 def test_data_that_is_no_sim_run_folder_says_what_is_expected(sim_run, tmp_path, capsys):
     out = tmp_path / "report"
     assert main([str(sim_run / "sim.cxi"), "-o", str(out)]) == 1

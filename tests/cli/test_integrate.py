@@ -395,6 +395,28 @@ def test_dials_placeholder_gain_is_measured_from_the_background(run, tmp_path, d
 
 
 @pytest.mark.dials
+def test_a_dials_expt_without_dials_is_one_line_before_any_input_is_integrated(
+        run, tmp_path, monkeypatch, capsys):
+    """In a Python without DIALS, the stream before an .expt was integrated and the .expt then
+    failed with a traceback (No module named 'dxtbx').  The .expt is now named before any
+    input is integrated, with what to do."""
+    from peaknet_test_support import hide_dials
+
+    expt, refl = tmp_path / "indexed.expt", tmp_path / "indexed.refl"
+    expt.write_text("{}")  # never read: DIALS is looked for first
+    refl.write_bytes(b"")
+    hide_dials(monkeypatch)
+    out = tmp_path / "out"
+    code = main([str(run.stream), str(expt), "--refl", str(refl), "-o", str(out),
+                 "--no-progress"])
+    assert code == 1
+    assert _one_error_line(capsys) == (
+        f"peaknet-integrate: error: reading {expt} (a DIALS experiment list) needs DIALS, which "
+        "this Python cannot import (No module named 'dxtbx'): install Debian's dials package "
+        "or a conda DIALS and run from that environment (README, Quick start)")
+    assert not (out / run.stream.name).exists()
+
+
 def test_dials_expt_whose_images_are_missing_is_one_line(run, tmp_path, dials_env, capsys):
     """An .expt whose images are not on this machine: one line naming the .expt and the image,
     exit 1, nothing written under the output name."""

@@ -1987,3 +1987,96 @@ def test_a_plugin_source_yielding_arrays_is_one_error_naming_it(install_plugin, 
     assert ("plugin 'arrays' (entry point arrays = arrays_peaknet of arrays-dist 0.1): source "
             f"type 'arrays' yielded a numpy.ndarray of shape (8, 8) float32 for {given}, not a "
             "peaknet_xtal.types.Frame") in errors[0], errors[0]
+
+
+def test_dials_output_without_dials_is_refused_before_any_frame(tmp_path, monkeypatch, capsys,
+                                                                make_geometry_text):
+    """In a Python without DIALS (pip alone), --dials found every frame, wrote the CXI files,
+    then stopped with a traceback (No module named 'dials') and no peaknet2cxi.json.  It is
+    now one line before anything is written, naming --dials and what to do, exit 2 (a usage
+    error); Python callers get the error from run()."""
+    from peaknet_test_support import hide_dials
+
+    stack, geom = _small_run_inputs(tmp_path, make_geometry_text)
+    hide_dials(monkeypatch)
+    outdir = tmp_path / "out"
+    code = main([str(stack), "-g", str(geom), "-o", str(outdir), "--dials", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith("peaknet2cxi: error: --dials needs DIALS, which this Python cannot "
+                          "import (No module named 'dials')")
+    assert err.rstrip().endswith("or run without --dials (the CXI files for indexamajig need "
+                                 "no DIALS)")
+    assert not outdir.exists()
+    from peaknet_xtal.errors import DialsUnavailable
+
+    with pytest.raises(DialsUnavailable, match="--dials needs DIALS"):
+        run({"inputs": [str(stack)], "geometry": str(geom), "output": str(outdir),
+             "predictor": _blank_predictor, "progress": False, "dials": True})
+    assert not outdir.exists()
+
+
+def test_a_dials_that_fails_to_load_at_the_export_keeps_the_frames_and_the_summary(
+        tmp_path, monkeypatch, make_geometry_text):
+    """A DIALS that is there but fails to load (Debian's without LIBTBX_BUILD) passes the
+    check before the run, which imports nothing (imported before the model runs, cctbx would
+    hold it to one thread), and fails where the export imports it: said with its own error,
+    the CXI files and peaknet2cxi.json (status failed) kept; no rerun advice (the same
+    command fails the same way until DIALS loads)."""
+    from peaknet_test_support import hide_dials
+
+    from peaknet_xtal.cli.peaknet2cxi import rerun_can_help
+
+    stack, geom = _small_run_inputs(tmp_path, make_geometry_text)
+    hide_dials(monkeypatch, broken=FileNotFoundError(2, "No such file or directory",
+                                                      "/venv/lib/cctbx/python3.11"))
+    outdir = tmp_path / "out"
+    with pytest.raises(ImportError) as info:  # DialsUnavailable is one
+        run({"inputs": [str(stack)], "geometry": str(geom), "output": str(outdir),
+             "predictor": _blank_predictor, "progress": False, "dials": True,
+             "min_peaks": 0})
+    assert str(info.value).startswith("--dials needs DIALS, which is installed but fails to "
+                                      "load in this Python (FileNotFoundError: ")
+    summary = json.loads((outdir / "peaknet2cxi.json").read_text())
+    assert summary["status"] == f"failed: {info.value}" and summary["frames"] == 3
+    assert [Path(p).name for p in summary["cxi_files"]] == ["peaks-00000.cxi"]
+    assert not rerun_can_help(info.value)  # its cause is an OSError, but no rerun helps
+
+
+def test_an_image_read_through_dxtbx_without_dials_is_one_line_naming_it(tmp_path, monkeypatch,
+                                                                         capsys):
+    """A CBF file (any input read through dxtbx) in a Python without DIALS: one line naming
+    the file and what to do, the exit status of an unreadable input (a traceback ending in
+    No module named 'dxtbx' before)."""
+    from peaknet_test_support import hide_dials
+
+    cbf = tmp_path / "thau_3_2_0001.cbf"
+    cbf.write_bytes(b"###CBF: VERSION 1.5\n")  # never opened: DIALS is asked for first
+    hide_dials(monkeypatch)
+    code = main([str(cbf), "-o", str(tmp_path / "out"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 1, err
+    (line,) = [x for x in err.splitlines() if "error" in x]
+    assert line == (f"peaknet2cxi: error: reading {cbf} through dxtbx needs DIALS, which this "
+                    "Python cannot import (No module named 'dxtbx'): install Debian's dials "
+                    "package or a conda DIALS and run from that environment (README, Quick "
+                    "start)")
+    assert "Traceback" not in err and "re-run" not in err
+
+
+def test_an_hdf5_file_without_a_geometry_and_without_dials_asks_for_one(tmp_path, monkeypatch,
+                                                                        capsys):
+    """Without -g an HDF5 file is offered to DIALS first (a NeXus file's own geometry): a
+    Python without it cannot know what DIALS would have read, so the file is refused, naming
+    -g, rather than read one panel a frame (a traceback before)."""
+    from peaknet_test_support import hide_dials
+
+    stack = tiny_stack(tmp_path / "plain.h5")
+    hide_dials(monkeypatch)
+    code = main([str(stack), "-o", str(tmp_path / "out"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err, err
+    assert (f"peaknet2cxi: error: reading {stack} without -g (DIALS reads the geometry of a "
+            "NeXus file) needs DIALS, which this Python cannot import (No module named "
+            "'dxtbx')") in err
+    assert err.rstrip().endswith("or give the detector's CrystFEL geometry with -g"), err

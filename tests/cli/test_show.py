@@ -166,6 +166,34 @@ def test_a_file_a_summariser_fails_on_does_not_stop_the_others(tmp_path, real_da
     assert "chunks: 3" in captured.out
 
 
+def test_dials_files_without_dials_are_one_line_each_and_the_rest_are_shown(
+        tmp_path, monkeypatch, capsys, make_geometry_text):
+    """A Python without DIALS: an image DIALS reads, an .expt and a .refl are each one line
+    naming the file and what to do (before: 'cannot read (ModuleNotFoundError: No module
+    named 'dxtbx')'); a geometry given after them is still shown, exit 1."""
+    from peaknet_test_support import hide_dials
+
+    cbf, expt, refl = tmp_path / "x_0001.cbf", tmp_path / "a.expt", tmp_path / "a.refl"
+    cbf.write_bytes(b"###CBF: VERSION 1.5\n")
+    expt.write_text("{}")
+    refl.write_bytes(b"")
+    geom = tmp_path / "one.geom"
+    geom.write_text(make_geometry_text(["p"], 20, 10, [(-10, -5)]))
+    hide_dials(monkeypatch)
+    assert main([str(cbf), str(expt), str(refl), str(geom)]) == 1
+    captured = capsys.readouterr()
+    install = ("install Debian's dials package or a conda DIALS and run from that "
+               "environment (README, Quick start)")
+    assert captured.err.splitlines() == [
+        f"peaknet-show: reading {cbf} through dxtbx needs DIALS, which this Python cannot "
+        f"import (No module named 'dxtbx'): {install}",
+        f"peaknet-show: reading {expt} (a DIALS experiment list) needs DIALS, which this "
+        f"Python cannot import (No module named 'dxtbx'): {install}",
+        f"peaknet-show: reading {refl} (a DIALS reflection table) needs DIALS, which this "
+        f"Python cannot import (No module named 'dials'): {install}"]
+    assert captured.out.startswith(f"{geom} (geometry)")
+
+
 def test_a_label_file_is_shown(tmp_path, capsys):
     """The user trial: a stream2labels output said "no image dataset found"."""
     from peaknet_xtal.labelling.labels import LABEL_FIT_DTYPE, LabelRow, LabelWriter

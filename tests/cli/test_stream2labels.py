@@ -51,6 +51,24 @@ def test_bad_inputs_exit_2_naming_the_file(tmp_path, capsys):
     assert not (tmp_path / "y.h5").exists()
 
 
+def test_dials_results_without_dials_exit_2_in_one_line(tmp_path, monkeypatch, capsys):
+    """A Python without DIALS: an .expt/.refl pair is one line naming the .expt and what to
+    do, exit 2 as for any bad input, before anything is read (a traceback before)."""
+    from peaknet_test_support import hide_dials
+
+    expt, refl = tmp_path / "stills.expt", tmp_path / "stills.refl"
+    expt.write_text("{}")
+    refl.write_bytes(b"")
+    hide_dials(monkeypatch)
+    assert main([str(expt), str(refl), "-o", str(tmp_path / "l.h5"), "--no-ray",
+                 "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == (f"stream2labels: error: reading {expt} (a DIALS experiment list) "
+                           "needs DIALS, which this Python cannot import (No module named "
+                           "'dxtbx'): install Debian's dials package or a conda DIALS and run "
+                           "from that environment (README, Quick start)")
+
+
 def test_no_images_is_an_error_with_a_hint(sim_run, tmp_path, capsys):
     code = main([str(sim_run.stream), "-o", str(tmp_path / "l.h5"), "--no-ray", "--quiet",
                  "--min-peaks", "1", "--prefix", str(tmp_path) + "/nowhere-"])

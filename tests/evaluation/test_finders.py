@@ -81,6 +81,18 @@ def test_create_finder_names():
     assert create_finder("dispersion", {"sigma_strong": 4.0}).params["sigma_strong"] == 4.0
 
 
+def test_the_dispersion_finder_without_dials_says_so_when_named(monkeypatch):
+    """DIALS' own finder, named in a Python without DIALS: an ImportError saying so when the
+    finder is checked, before any finder runs (at its first frame before); the others are
+    made as ever."""
+    from peaknet_test_support import hide_dials
+
+    hide_dials(monkeypatch)
+    with pytest.raises(ImportError, match=r"^the dispersion finder \(DIALS' own\) needs DIALS, "
+                       r"which this Python cannot import \(No module named 'dials'\)"):
+        create_finder("dispersion")
+    assert create_finder("peakfinder8").name == "peakfinder8"
+
 def test_activation_maps_of_chosen_panels_equal_those_of_all_panels():
     import numpy as np
     import torch

@@ -63,6 +63,23 @@ def test_indexing_options_carry_known_symmetry():
     assert not any("known_symmetry" in o for o in indexing_options())
 
 
+def test_symmetry_checks_need_cctbx_only_for_what_is_given(monkeypatch):
+    """Without DIALS (cctbx is DIALS'), nothing given is nothing to check (every peaknet-eval
+    run imported cctbx here, and failed without it); a space group or a cell is one line
+    naming the option."""
+    from peaknet_test_support import hide_dials
+
+    from peaknet_xtal.evaluation.indexing import check_symmetry, parse_unit_cell
+
+    hide_dials(monkeypatch)
+    assert check_symmetry(None, None) is None and parse_unit_cell(None) is None
+    with pytest.raises(ImportError, match=r"^--space-group P43212 \(checked by cctbx\) needs "
+                       r"DIALS, which this Python cannot import \(No module named 'cctbx'\)"):
+        check_symmetry("P43212", None)
+    with pytest.raises(ImportError, match=r"^--unit-cell 79,79,38,90,90,90 \(checked by "
+                       r"cctbx\) needs DIALS"):
+        parse_unit_cell("79,79,38,90,90,90")
+
 @pytest.mark.dials
 @pytest.mark.slow
 def test_dials_indexes_true_peaks_of_a_hit_and_not_a_blank(real_data, dials_env, tmp_path):

@@ -49,6 +49,29 @@ def test_find_accepts_arrays_lists_and_stacks_alike():
     assert len(finder.find(image, mask=mask)) == 1
 
 
+def test_find_reflections_without_dials_says_so_before_the_image_is_searched(monkeypatch):
+    """In a Python without DIALS, find_reflections searched the image (the model's work, and
+    the image counted towards the run) and then failed on 'No module named dials'.  It is now
+    an ImportError saying what needs DIALS and what to use instead, before the search; find
+    works on."""
+    from peaknet_test_support import hide_dials
+
+    searched = []
+
+    def counting(panels, masks):
+        searched.append(len(panels))
+        return bright_pixels(panels, masks)
+
+    finder = PeakFinder(predictor=counting)
+    hide_dials(monkeypatch)
+    with pytest.raises(ImportError, match=r"^PeakFinder\.find_reflections \(a DIALS reflection "
+                       r"table\) needs DIALS, which this Python cannot import \(No module "
+                       r"named 'dials'\).*; or use find, which gives a numpy peak table$"):
+        finder.find_reflections(spots_image())
+    assert searched == []
+    assert len(finder.find(spots_image())) == 2 and searched == [1]
+
+
 def run_with_a_hot_pixel(n: int = 8) -> list[np.ndarray]:
     """``n`` noisy images, each with a 3 x 3 spot that moves and a hot pixel that does not (too
     few strong spots in an image for the one-image spike rule to tell a spike from a spot)."""

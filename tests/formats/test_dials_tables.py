@@ -88,6 +88,31 @@ def test_bad_tables_raise_format_error(tmp_path, dials_env):
         read_reflections(tmp_path / "none.refl")
 
 
+def test_tables_without_dials_are_refused_naming_the_file(tmp_path, monkeypatch):
+    """A Python without DIALS: reading an .expt or a .refl, or building a strong-spot table,
+    says what needs DIALS (the file, where there is one) and what to do, an ImportError."""
+    from peaknet_test_support import hide_dials
+
+    from peaknet_xtal.formats.dials_tables import (
+        load_reflection_table,
+        read_experiments,
+        strong_reflection_table,
+    )
+
+    expt, refl = tmp_path / "a.expt", tmp_path / "a.refl"
+    expt.write_text("{}")
+    refl.write_bytes(b"")
+    hide_dials(monkeypatch)
+    with pytest.raises(ImportError, match=rf"^reading {expt} \(a DIALS experiment list\) "
+                       r"needs DIALS, which this Python cannot import \(No module named "
+                       r"'dxtbx'\)"):
+        read_experiments(expt)
+    with pytest.raises(ImportError, match=rf"^reading {refl} \(a DIALS reflection table\) "
+                       r"needs DIALS, .*\(No module named 'dials'\)"):
+        load_reflection_table(refl)
+    with pytest.raises(ImportError, match=r"^a DIALS strong-spot table needs DIALS"):
+        strong_reflection_table([peaks_from_columns()])
+
 @pytest.mark.slow
 def test_written_strong_spots_index_with_dials(tmp_path, real_data, dials_env):
     """dials.find_spots -> our peak table -> our .refl -> dials.index indexes the CSPAD still."""

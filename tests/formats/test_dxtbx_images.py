@@ -99,6 +99,22 @@ def test_bad_files_raise_format_error(tmp_path, dials_env):
     assert sniff_dxtbx("a.cbf.bz2") and sniff_dxtbx("b.CBF") and not sniff_dxtbx("c.stream")
 
 
+def test_an_image_without_dials_is_refused_naming_it(tmp_path, monkeypatch):
+    """Every adapter reads dxtbx images through open_imageset: in a Python without DIALS it
+    names the file and what to do, an ImportError (a bare 'No module named dxtbx' before)."""
+    from peaknet_test_support import hide_dials
+
+    from peaknet_xtal.formats.dxtbx_images import DxtbxSource
+
+    image = tmp_path / "x_0001.cbf"
+    image.write_text("never opened\n")
+    hide_dials(monkeypatch)
+    with pytest.raises(ImportError, match=rf"^reading {image} through dxtbx needs DIALS, "
+                       r"which this Python cannot import \(No module named 'dxtbx'\)"):
+        DxtbxSource(image)
+    with pytest.raises(FormatError, match="file not found"):  # what is known without it
+        DxtbxSource(tmp_path / "missing.cbf")
+
 # --------------------------------------------------------------------------------------------
 # NeXus (NXmx) files, as Eiger and JUNGFRAU writers make them
 

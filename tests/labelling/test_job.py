@@ -35,3 +35,22 @@ def test_label_run_checks_its_output_before_reading_the_inputs(tmp_path):
     with pytest.raises(FormatError, match="is a folder"):
         label_run([str(tmp_path / "missing.stream")], tmp_path / "out", {"run": {"ray": False}},
                   progress=False)
+
+
+def test_dials_results_without_dials_are_refused_before_any_input_is_read(tmp_path,
+                                                                          monkeypatch):
+    """In a Python without DIALS, the inputs before an .expt were read and the .expt then
+    failed with a traceback (No module named 'dxtbx').  It is now named first, with what to
+    do: the broken stream before it is not even read."""
+    from peaknet_test_support import hide_dials
+
+    broken = tmp_path / "broken.stream"
+    broken.write_text("CrystFEL stream format 2.3\ngarbage line\n")
+    expt, refl = tmp_path / "stills.expt", tmp_path / "stills.refl"
+    expt.write_text("{}")
+    refl.write_bytes(b"")
+    hide_dials(monkeypatch)
+    with pytest.raises(ImportError, match=rf"^reading {expt} \(a DIALS experiment list\) needs "
+                       r"DIALS, which this Python cannot import \(No module named 'dxtbx'\)"):
+        label_run([str(broken), str(expt), str(refl)], tmp_path / "labels.h5",
+                  {"run": {"ray": False}}, progress=False)

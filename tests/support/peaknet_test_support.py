@@ -291,3 +291,47 @@ def is_packed(path: str) -> bool:
             return PACKED_DATASET in h5
     except Exception:  # noqa: BLE001  (sniff: anything unreadable is not ours)
         return False
+
+
+#: The DIALS distribution's top-level packages (what :func:`hide_dials` hides).
+DIALS_PACKAGES = ("dials", "dxtbx", "cctbx", "scitbx", "libtbx", "iotbx", "boost_adaptbx")
+
+
+class _DialsHider:
+    """A ``sys.meta_path`` finder standing between this process and the DIALS distribution's
+    packages (:func:`hide_dials`)."""
+
+    def __init__(self, broken: Exception | None) -> None:
+        self.broken = broken
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
+        top = name.partition(".")[0]
+        if top not in DIALS_PACKAGES:
+            return None
+        if self.broken is None:  # as the import system says it where nothing is found
+            raise ModuleNotFoundError(f"No module named {top!r}", name=top)
+        import importlib.machinery
+
+        return importlib.machinery.ModuleSpec(name, self)
+
+    def create_module(self, spec: Any) -> None:
+        return None
+
+    def exec_module(self, module: Any) -> None:
+        assert self.broken is not None
+        raise self.broken
+
+
+def hide_dials(monkeypatch: Any, broken: Exception | None = None) -> None:
+    """Make the DIALS distribution (dials, dxtbx, cctbx, scitbx, libtbx...) unimportable in
+    this process until the test ends, as in a Python installed with pip alone: the modules of
+    it already imported are hidden, and importing one raises ``No module named 'dxtbx'``.
+    With ``broken``, its packages are found but importing one raises ``broken``, as a DIALS
+    that is installed but fails to load (Debian's without LIBTBX_BUILD: a FileNotFoundError).
+    Nothing is uninstalled: CI, which has DIALS, runs these tests too."""
+    import sys
+
+    for name in list(sys.modules):
+        if name.partition(".")[0] in DIALS_PACKAGES:
+            monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setattr(sys, "meta_path", [_DialsHider(broken), *sys.meta_path])

@@ -107,3 +107,36 @@ def one_torch_thread() -> Any:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture()
+def install_plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """``install_plugin(name, code)``: a distribution ``name`` whose ``peaknet_xtal`` entry point
+    is the module ``code`` (dedented), on ``sys.path`` with the registry rebuilt to load it, as
+    a third-party plugin installed with pip is; undone afterwards.  Code that fails to import
+    makes a plugin the registry skips and names again where its names are asked for."""
+    import importlib
+    import textwrap
+
+    from peaknet_xtal import registry
+
+    modules: list[str] = []
+
+    def install(name: str, code: str) -> None:
+        module = f"{name}_peaknet"
+        (tmp_path / f"{module}.py").write_text(textwrap.dedent(code))
+        info = tmp_path / f"{module}-0.1.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}-dist\n"
+                                       "Version: 0.1\n")
+        (info / "entry_points.txt").write_text(f"[peaknet_xtal]\n{name} = {module}\n")
+        modules.append(module)
+        importlib.invalidate_caches()
+        registry.plugin_manager.cache_clear()
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield install
+    for module in modules:
+        sys.modules.pop(module, None)
+    monkeypatch.undo()
+    registry.plugin_manager.cache_clear()

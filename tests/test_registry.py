@@ -10,6 +10,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from peaknet_test_support import TINY_FAMILY
 
 from peaknet_xtal import registry
 from peaknet_xtal.builtin.sources import SourceType
@@ -220,35 +221,7 @@ def test_every_hookspec_is_called_by_the_package():
 
 
 # ---- third-party plugins installed through a real entry point, in this process ----------------
-
-@pytest.fixture()
-def install_plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """``install_plugin(name, code)``: a distribution ``name`` whose ``peaknet_xtal`` entry point
-    is the module ``code`` (as test_entry_point_plugin_is_found builds one), on ``sys.path``
-    with the registry rebuilt to load it; undone afterwards."""
-    import importlib
-
-    modules: list[str] = []
-
-    def install(name: str, code: str) -> None:
-        module = f"{name}_peaknet"
-        (tmp_path / f"{module}.py").write_text(textwrap.dedent(code))
-        info = tmp_path / f"{module}-0.1.dist-info"
-        info.mkdir()
-        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}-dist\n"
-                                       "Version: 0.1\n")
-        (info / "entry_points.txt").write_text(f"[peaknet_xtal]\n{name} = {module}\n")
-        modules.append(module)
-        importlib.invalidate_caches()
-        registry.plugin_manager.cache_clear()
-
-    monkeypatch.syspath_prepend(str(tmp_path))
-    yield install
-    for module in modules:
-        sys.modules.pop(module, None)
-    monkeypatch.undo()
-    registry.plugin_manager.cache_clear()
-
+# (the install_plugin fixture: tests/conftest.py)
 
 _NPY_SOURCE = """
     from peaknet_xtal.builtin.sources import SourceType
@@ -362,29 +335,6 @@ def test_built_ins_are_asked_before_plugins(install_plugin, tmp_path):
     assert registry.open_source(str(tmp_path / "notes.txt")) == "greedy"
 
 
-_TINY_FAMILY = """
-    import torch
-    from peaknet_xtal.hookspecs import hookimpl
-    from peaknet_xtal.model.zoo import ModelFamily
-
-    class TinyNet(torch.nn.Module):
-        \"\"\"Two convolutions.\"\"\"
-
-        def __init__(self, width=4, name="custom"):
-            super().__init__()
-            self.config = {"family": "tinyfam", "name": name, "width": width}
-            self.net = torch.nn.Sequential(torch.nn.Conv2d(1, width, 3, padding=1),
-                                           torch.nn.ReLU(), torch.nn.Conv2d(width, 2, 1))
-
-        def forward(self, x, mask=None):
-            return self.net(x)
-
-    @hookimpl
-    def peaknet_model_families():
-        return [ModelFamily("tinyfam", "two convolutions", TinyNet, {"my-tiny": {"width": 3}})]
-"""
-
-
 def test_a_plugin_model_family_is_created_by_name_and_trained_by_peaknet_train(
         install_plugin, tmp_path, capsys):
     """An architecture from a plugin is a model like the built-in ones: listed, created by
@@ -395,7 +345,7 @@ def test_a_plugin_model_family_is_created_by_name_and_trained_by_peaknet_train(
     from peaknet_xtal.cli.train import main as train_main
     from peaknet_xtal.model import load_model, zoo
 
-    install_plugin("tiny", _TINY_FAMILY)
+    install_plugin("tiny", TINY_FAMILY)
     assert zoo.list_models()[0] == "atto" and zoo.list_models()[-1] == "my-tiny"
     assert zoo.list_models("tinyfam") == ["my-tiny"]
     assert zoo.known_families() == ["peaknet", "tinyfam"]
@@ -432,7 +382,7 @@ def test_a_plugin_model_that_breaks_the_contract_is_one_error_before_any_work(
 
     from peaknet_xtal.cli.train import main as train_main
 
-    install_plugin("oneinput", _TINY_FAMILY.replace("def forward(self, x, mask=None)",
+    install_plugin("oneinput", TINY_FAMILY.replace("def forward(self, x, mask=None)",
                                                     "def forward(self, x)"))
     config = tmp_path / "train.yaml"
     config.write_text(yaml.safe_dump({"out": str(tmp_path / "run"),
@@ -441,7 +391,7 @@ def test_a_plugin_model_that_breaks_the_contract_is_one_error_before_any_work(
         train_main([str(config)])
     assert stopped.value.code == 2
     err = capsys.readouterr().err
-    assert ("model.name: 'my-tiny' (family 'tinyfam', plugin 'oneinput' (entry point oneinput = "
-            "oneinput_peaknet of oneinput-dist 0.1)): model(image (1, 1, 32, 32), mask) raised "
-            "TypeError") in err
+    assert ("model.name: model family 'tinyfam' (plugin 'oneinput' (entry point oneinput = "
+            "oneinput_peaknet of oneinput-dist 0.1)), model 'my-tiny': model(image (1, 1, 33, "
+            "35), mask) raised TypeError") in err
     assert "Traceback" not in err and not (tmp_path / "run").exists()

@@ -153,21 +153,25 @@ def _is_number_alias(kind: Any) -> bool:
     return isinstance(origin, type) and issubclass(origin, (int, float))
 
 
-def one_of(allowed: Iterable[str] | Callable[[], Iterable[str]]) -> Any:
+def one_of(allowed: Iterable[str] | Callable[[], Iterable[str]],
+           note: Callable[[], str] | None = None) -> Any:
     """A name from a fixed set, as a type for :func:`resolve`'s ``types``.
 
     Any other value is an error listing the allowed names (and the one it most resembles), so
     ``precision: fp16`` fails at once instead of training silently in fp32.  ``allowed`` may be a
     function called when a value is checked: the registered model names are known only once the
     model package, and torch with it, is imported, which a command's defaults must not do.
+    ``note()`` is added to that error (the plugins that failed to load, whose names the set may
+    lack).
     """
     def check(value: str) -> str:
         names = [str(name) for name in (allowed() if callable(allowed) else allowed)]
         if value not in names:
             close = closest_key(value, names)
             hint = f" (did you mean {close!r}?)" if close else ""
-            raise PydanticCustomError("not_one_of", "must be one of {allowed}{hint}",
-                                      {"allowed": ", ".join(names), "hint": hint})
+            raise PydanticCustomError("not_one_of", "must be one of {allowed}{hint}{note}",
+                                      {"allowed": ", ".join(names), "hint": hint,
+                                       "note": note() if note is not None else ""})
         return value
 
     return Annotated[str, AfterValidator(check)]

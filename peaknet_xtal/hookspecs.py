@@ -124,13 +124,40 @@ def peaknet_model_families() -> Sequence[Any]:
     ``build`` keyword arguments of each.  Model names are unique across all families.
 
     ``create_model(name, **overrides)`` calls ``build(**size, **overrides, name=name)``;
-    ``build`` must accept ``name`` (and may ignore it).  The model it returns must carry
-    ``model.config``: a JSON-serialisable dict with ``"family"`` that ``build`` rebuilds the same
-    architecture from (``build_from_config`` passes it back without ``family``), which is what
-    ``save_model``/``load_model`` store and read.  ``model(image, mask=None)`` takes raw
-    ``(B, 1, H, W)`` float images (``mask``: the same shape, 1 = good pixel) and returns
-    ``(B, 2, H, W)`` logits, channel 1 "peak": what training, distillation and the finding engine
-    feed it and read back.  Prefer importing torch inside the hook or ``build``: every command
-    loads every plugin, one that only looks up a source or writer too.
+    ``build`` must accept ``name`` (and may ignore it) and return a ``torch.nn.Module``.  The
+    model must carry ``model.config``: a JSON-serialisable dict with ``"family"`` that ``build``
+    rebuilds the same architecture from (``build_from_config`` passes it back without
+    ``family``), which is what ``save_model``/``load_model`` store and read; record ``"name"`` in
+    it too (fine-tuning reads which model a weights file is from it), and leave the key
+    ``"extra"`` alone (``save_model`` keeps training notes there).  ``model(image, mask=None)``
+    takes raw ``(B, 1, H, W)`` float images (``mask``: the same shape, bool, True = good pixel)
+    and returns ``(B, 2, H, W)`` logits, channel 1 "peak", of the input's height and width: what
+    training, distillation and the finding engine feed it and read back.  Training feeds
+    ``data.crop``-sized squares as they are; the finding engine whole panels (or tiles) of any
+    size, padded as ``pad_multiple`` says.
+
+    Optional, read where present (the defaults are what a model without them gets):
+
+    * ``pad_multiple: int`` (class or instance attribute; default 1): the finding engine pads
+      each tile's height and width with masked zero pixels up to a multiple of it and crops the
+      output back.  A network that downsamples by ``2**k`` sets ``2**k`` (or pads and crops
+      inside ``forward``, as PeakNet does): its output must then match any input whose sides
+      are multiples of it.
+    * ``peak_logit(image, mask=None) -> (B, 1, H, W)``: the peak logit minus the background one.
+      The engine then takes its peak probabilities as ``sigmoid`` of it instead of softmax of
+      ``model(...)``'s channel 1 (``predict_logits`` still calls ``model`` itself).
+    * ``config["input_norm"]``: ``"local"`` makes the engine call ``normalise(image, valid) ->
+      image`` (``valid``: bool, same shape) once per whole panel before tiling, then ``model``
+      (or ``peak_logit``) with ``normalised=True``, which they must accept; anything else, or
+      none, hands them raw pixels, which they normalise themselves.
+    * ``config["num_classes"]`` (default 2): how many logit channels ``predict_logits`` gives
+      panels the model never ran on (none with a good pixel).
+
+    A plugin's model is checked against this where it is made (``create_model``,
+    ``build_from_config``, ``load_model``, peaknet-train's start check): no ``config``, a
+    ``build`` refusing ``name``, or a forward on a probe image whose sides are odd multiples of
+    ``pad_multiple`` (33 x 35 without one) that raises or returns another size is a
+    ``PluginError`` naming the family and the plugin.  Prefer importing torch inside the hook or
+    ``build``: every command loads every plugin, one that only looks up a source or writer too.
     """
     raise NotImplementedError  # a specification: pluggy calls the plugins' implementations

@@ -112,8 +112,9 @@ def one_torch_thread() -> Any:
 @pytest.fixture()
 def install_plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
     """``install_plugin(name, code)``: a distribution ``name`` whose ``peaknet_xtal`` entry point
-    is the module ``code`` (as tests/test_registry.py's test_entry_point_plugin_is_found builds
-    one), on ``sys.path`` with the registry rebuilt to load it; undone afterwards."""
+    is the module ``code`` (dedented), on ``sys.path`` with the registry rebuilt to load it, as
+    a third-party plugin installed with pip is; undone afterwards.  Code that fails to import
+    makes a plugin the registry skips and names again where its names are asked for."""
     import importlib
     import textwrap
 

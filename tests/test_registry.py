@@ -10,6 +10,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from peaknet_test_support import TINY_FAMILY
 
 from peaknet_xtal import registry
 from peaknet_xtal.builtin.sources import SourceType
@@ -220,6 +221,7 @@ def test_every_hookspec_is_called_by_the_package():
 
 
 # ---- third-party plugins installed through a real entry point, in this process ----------------
+# (the install_plugin fixture: tests/conftest.py)
 
 _NPY_SOURCE = """
     from peaknet_xtal.builtin.sources import SourceType
@@ -432,29 +434,6 @@ def test_a_malformed_options_declaration_names_the_plugin(install_plugin):
         registry.source_options()
 
 
-_TINY_FAMILY = """
-    import torch
-    from peaknet_xtal.hookspecs import hookimpl
-    from peaknet_xtal.model.zoo import ModelFamily
-
-    class TinyNet(torch.nn.Module):
-        \"\"\"Two convolutions.\"\"\"
-
-        def __init__(self, width=4, name="custom"):
-            super().__init__()
-            self.config = {"family": "tinyfam", "name": name, "width": width}
-            self.net = torch.nn.Sequential(torch.nn.Conv2d(1, width, 3, padding=1),
-                                           torch.nn.ReLU(), torch.nn.Conv2d(width, 2, 1))
-
-        def forward(self, x, mask=None):
-            return self.net(x)
-
-    @hookimpl
-    def peaknet_model_families():
-        return [ModelFamily("tinyfam", "two convolutions", TinyNet, {"my-tiny": {"width": 3}})]
-"""
-
-
 def test_a_plugin_model_family_is_created_by_name_and_trained_by_peaknet_train(
         install_plugin, tmp_path, capsys):
     """An architecture from a plugin is a model like the built-in ones: listed, created by
@@ -465,7 +444,7 @@ def test_a_plugin_model_family_is_created_by_name_and_trained_by_peaknet_train(
     from peaknet_xtal.cli.train import main as train_main
     from peaknet_xtal.model import load_model, zoo
 
-    install_plugin("tiny", _TINY_FAMILY)
+    install_plugin("tiny", TINY_FAMILY)
     assert zoo.list_models()[0] == "atto" and zoo.list_models()[-1] == "my-tiny"
     assert zoo.list_models("tinyfam") == ["my-tiny"]
     assert zoo.known_families() == ["peaknet", "tinyfam"]
@@ -502,7 +481,7 @@ def test_a_plugin_model_that_breaks_the_contract_is_one_error_before_any_work(
 
     from peaknet_xtal.cli.train import main as train_main
 
-    install_plugin("oneinput", _TINY_FAMILY.replace("def forward(self, x, mask=None)",
+    install_plugin("oneinput", TINY_FAMILY.replace("def forward(self, x, mask=None)",
                                                     "def forward(self, x)"))
     config = tmp_path / "train.yaml"
     config.write_text(yaml.safe_dump({"out": str(tmp_path / "run"),
@@ -511,7 +490,7 @@ def test_a_plugin_model_that_breaks_the_contract_is_one_error_before_any_work(
         train_main([str(config)])
     assert stopped.value.code == 2
     err = capsys.readouterr().err
-    assert ("model.name: 'my-tiny' (family 'tinyfam', plugin 'oneinput' (entry point oneinput = "
-            "oneinput_peaknet of oneinput-dist 0.1)): model(image (1, 1, 32, 32), mask) raised "
-            "TypeError") in err
+    assert ("model.name: model family 'tinyfam' (plugin 'oneinput' (entry point oneinput = "
+            "oneinput_peaknet of oneinput-dist 0.1)), model 'my-tiny': model(image (1, 1, 33, "
+            "35), mask) raised TypeError") in err
     assert "Traceback" not in err and not (tmp_path / "run").exists()

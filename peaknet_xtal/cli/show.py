@@ -1,6 +1,7 @@
 """peaknet-show: summarise the files of a serial-crystallography run, like dials.show.
 
     peaknet-show FILE... [--json] [--geometry G.geom] [--max-frames N]
+    peaknet-show --models [--json]
 
 Understands CrystFEL streams (chunks, peaks, crystals, reflections, peaks per frame), CrystFEL
 geometries (panels, slab shape, photon energy, clen), CXI/HDF5 files (frames, image shape, value
@@ -15,6 +16,11 @@ ranges of CXI stacks and other frame sources, and the label pixels of label file
 the first --max-frames frames or rows (default 20), which is said in the output.  A file that
 cannot be read (or a folder) is reported on stderr (one line naming it; -vv adds the traceback),
 the files after it are still shown, and the exit status is 1.
+
+--models lists the registered model families, each with its description, the plugin that
+registered it (entry point and distribution) and its model names (what peaknet-train's
+model.name takes; --model of the finding commands takes trained weights instead), then the
+plugins that failed to load.
 """
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ import json
 import logging
 import os
 import sys
+import textwrap
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -38,7 +45,7 @@ KINDS = (".stream, .geom, .cxi/.h5 (label files too), an image DIALS reads, .exp
 #: Source types whose files the summarisers above read themselves (with more to say).
 OWN_SOURCES = ("cxi", "dxtbx")
 
-DEFAULTS = {"files": [], "json": False, "geometry": None, "max_frames": 20}
+DEFAULTS = {"files": [], "json": False, "geometry": None, "max_frames": 20, "models": False}
 TYPES = {"geometry": str | None}
 
 
@@ -439,9 +446,31 @@ def render(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def show_models() -> dict[str, Any]:
+    """The registered model families and their models (``model.zoo.catalogue``), and the
+    plugins that failed to load (what --models prints)."""
+    from peaknet_xtal.model.zoo import catalogue
+    from peaknet_xtal.registry import skipped_plugins
+
+    return {"kind": "models", "families": catalogue(), "not_loaded": skipped_plugins()}
+
+
+def render_models(summary: dict[str, Any]) -> str:
+    """One line per family (name: description (origin)), its model names indented below."""
+    lines = ["model families (their models: what peaknet-train's model.name takes)"]
+    for family in summary["families"]:
+        lines.append(f"  {family['family']}: {family['description']} ({family['origin']})")
+        lines.append(textwrap.fill(", ".join(family["models"]) or "(no named sizes)", 100,
+                                   initial_indent="    ", subsequent_indent="    "))
+    lines += [f"not loaded: {line}" for line in summary["not_loaded"]]
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = cli_parser(__doc__, prog="peaknet-show")
-    parser.add_argument("files", nargs="+", help="files to summarise")
+    parser.add_argument("files", nargs="*", help="files to summarise")
+    parser.add_argument("--models", dest="models", action="store_true",
+                        help="list the registered model families and models, with their plugins")
     parser.add_argument("--json", dest="json", action="store_true", help="print JSON")
     parser.add_argument("--geometry", "-g", dest="geometry",
                         help="CrystFEL geometry to split CXI/HDF5 frames into panels")
@@ -454,7 +483,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"peaknet-show: error: --max-frames must be at least 1 (got {config['max_frames']})",
               file=sys.stderr)
         return 2
+    if not config["files"] and not config["models"]:
+        parser.error("give files to summarise, or --models")
     summaries, failed = [], False
+    if config["models"]:
+        summaries.append(show_models())
+        if not config["json"]:
+            print(render_models(summaries[-1]))
     for path in config["files"]:
         try:
             summaries.append(summarize(path, geometry=config["geometry"],

@@ -18,8 +18,9 @@ The data flow, and where each step lives::
     normalise + model
               as the model's ``input_norm`` says: each tile standardised over its valid pixels
               (model/layers/standardise.py), or each whole panel normalised against its local
-              background before tiling (model/layers/local_norm.py); the model pads to its
-              pad_multiple and returns logits; softmax -> peak probability, stitched back per panel
+              background before tiling (model/layers/local_norm.py); tiles are padded to the
+              model's pad_multiple and it returns logits of the same size (another size is an
+              error naming the model); softmax -> peak probability, stitched back per panel
       |
     peaks     finding/peaks.find_peaks: threshold, 8-connected components per panel, sigma-
               clipped annulus background, centroid, intensity, integrated SNR (gain from
@@ -75,7 +76,7 @@ from typing import Any
 
 import numpy as np
 
-from peaknet_xtal.errors import out_of_memory_as_memory_error
+from peaknet_xtal.errors import PeakNetError, out_of_memory_as_memory_error
 from peaknet_xtal.finding.defects import DefectFilter, DefectTracker
 from peaknet_xtal.finding.gain import GainResolver, panel_names
 from peaknet_xtal.finding.peaks import (
@@ -464,6 +465,7 @@ class InferenceEngine:
                     with (torch.autocast(torch.device(self.device).type, dtype=torch.bfloat16)
                           if self.precision == "bf16" else contextlib.nullcontext()):
                         raw = run(x, m, **({"normalised": True} if local else {}))  # network
+                    _check_output(raw, x, model, self.model_spec)
                     raw = raw.float()
                     values = raw if logits else peak_probability(raw)
                     for tile, v in zip(batch, values, strict=True):
@@ -805,6 +807,24 @@ def to_host(tensor: Any) -> np.ndarray:
 def _classes(model: Any) -> int:
     """Output channels of a segmentation model (two, peak and background, unless it says)."""
     return int(getattr(model, "config", {}).get("num_classes", 2))
+
+
+def _check_output(out: Any, batch: Any, model: Any, spec: Any) -> None:
+    """The model's output for a ``(B, 1, H, W)`` batch must be ``(B, C, H, W)``; otherwise a
+    PeakNetError naming the model and the hook contract.  Why: a smaller output was a torch
+    shape traceback from the stitching below, a larger one was cropped without a word.  A
+    plugin's model is probed at creation (``model.zoo.check_contract``); this is the check of
+    every other (a module handed over as it is) and of every batch, for free."""
+    shape = tuple(getattr(out, "shape", ()))
+    if len(shape) == 4 and shape[0] == batch.shape[0] and shape[2:] == tuple(batch.shape[2:]):
+        return
+    family = getattr(model, "config", {}).get("family")
+    raise PeakNetError(f"model {_describe(spec)}{f' (family {family!r})' if family else ''}: "
+                       f"returned {shape or type(out).__name__} for a {tuple(batch.shape)} "
+                       "batch; the finding engine needs an output of the input's height and "
+                       "width: a network that downsamples sets pad_multiple (the engine pads "
+                       "input sides to a multiple of it) or pads and crops inside forward (see "
+                       "the hookspec peaknet_model_families)")
 
 
 def _masked_logits(classes: int) -> np.ndarray:

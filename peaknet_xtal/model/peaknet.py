@@ -54,7 +54,10 @@ MASKED_LOGITS = (15.0, -15.0)
 
 
 class PeakNet(nn.Module):
-    """``model(x, mask=None) -> (B, 2, H, W)`` logits; channel 1 is "peak"."""
+    """ConvNeXt-V2 backbone, BiFPN neck and segmentation head
+
+    ``model(x, mask=None) -> (B, 2, H, W)`` logits; channel 1 is "peak".  The first line above
+    is the family's description where models are listed (``zoo.declared_families``)."""
 
     #: Input sides are padded to this inside ``forward``; batching callers (the finding engine)
     #: pad tiles to it themselves so that tiles of different sizes share a batch.

@@ -107,25 +107,45 @@ MODEL_FORMS = (f"give a .safetensors weights file, a folder holding one, or {DEF
                "for the shipped model")
 
 
+def _existing(spec: str | os.PathLike[str]) -> Path:
+    """The weights file ``spec`` names, which exists; otherwise a FormatError saying what a
+    model setting takes.  A registered model or family name (``mytiny``, ``student-atto-b2``)
+    is said to be an architecture without weights: it is what a user who read the model list
+    types, and "not found" sent them looking for a file."""
+    weights = _resolve(spec)
+    if weights.exists():
+        return weights
+    from peaknet_xtal.model.zoo import known_families, list_models, model_config
+
+    name = os.fspath(spec)
+    family = (model_config(name)["family"] if name in list_models()
+              else name if name in known_families() else None)
+    if family is not None:
+        what = "model family" if family == name else f"model architecture (family {family!r})"
+        raise FormatError(name, f"is a {what} without trained weights: none are shipped for "
+                                "it (train one with peaknet-train, whose run folder then holds "
+                                f"them); {MODEL_FORMS}")
+    raise FormatError(weights, f"model weights not found ({MODEL_FORMS})")
+
+
 def check_model(spec: str | os.PathLike[str]) -> Path | None:
     """Validate a model file without building the network: the path exists, is a safetensors
-    file and carries a config of a known family. Hosts (the DIALS plugin, CLIs) call this at
-    start-up so a bad ``model=`` fails at once, in the main process, with the file named.
-    Returns the weights path (None for the shipped default)."""
+    file and carries a config of a known family (else the plugins that failed to load are
+    named: one may have provided it). Hosts (the DIALS plugin, CLIs) call this at start-up so a
+    bad ``model=`` fails at once, in the main process, with the file named.  Returns the
+    weights path (None for the shipped default)."""
     if str(spec) == DEFAULT_NAME:
         return None
-    weights = _resolve(spec)
-    if not weights.exists():
-        raise FormatError(weights, f"model weights not found ({MODEL_FORMS})")
+    weights = _existing(spec)
     if not weights.is_file():
         raise FormatError(weights, "model weights path is not a file")
     _safetensors_metadata(weights)
     config = read_config(weights)
-    from peaknet_xtal.model.zoo import known_families
+    from peaknet_xtal.model.zoo import missing_family
 
-    if config["family"] not in known_families():
-        raise FormatError(weights, f"unknown model family {config['family']!r}; known: "
-                                   f"{known_families()}")
+    problem = missing_family(config["family"])
+    if problem is not None:
+        raise FormatError(weights, problem)
     return weights
 
 
@@ -136,7 +156,7 @@ def model_digest(spec: Any) -> str | None:
     if not isinstance(spec, (str, os.PathLike)):
         return None
     weights = WEIGHTS_DIR / f"{DEFAULT_NAME}.safetensors" if str(spec) == DEFAULT_NAME \
-        else _resolve(spec)
+        else _existing(spec)
     digest = hashlib.sha256()
     try:
         with open(weights, "rb") as handle:
@@ -203,11 +223,13 @@ def load_model(spec: str | os.PathLike[str] = DEFAULT_NAME, device: str = "cpu")
 
     ``"default"`` is the small trained model shipped in ``model/weights``; when those weights are
     missing (a broken install or checkout) this is an error, never a silently random model whose
-    "peaks" would look like results.
+    "peaks" would look like results.  A plugin's model that breaks the hook contract is the
+    zoo's PluginError naming the plugin (``model.zoo.build_from_config``), not a config error.
     """
     from safetensors.torch import load_file
 
     from peaknet_xtal.model.zoo import build_from_config
+    from peaknet_xtal.registry import PluginError
 
     if str(spec) == DEFAULT_NAME:
         weights = WEIGHTS_DIR / "default.safetensors"
@@ -223,6 +245,8 @@ def load_model(spec: str | os.PathLike[str] = DEFAULT_NAME, device: str = "cpu")
     config.pop("extra", None)
     try:
         model = build_from_config(config)
+    except PluginError:
+        raise
     except (KeyError, TypeError, ValueError) as exc:
         raise FormatError(weights, f"model config cannot build a model: {exc}") from exc
     try:

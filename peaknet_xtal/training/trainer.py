@@ -41,6 +41,7 @@ from peaknet_xtal.config import (
 from peaknet_xtal.errors import FormatError, PeakNetError
 from peaknet_xtal.model.weights_io import check_fit, tensor_shapes
 from peaknet_xtal.progress import Progress
+from peaknet_xtal.registry import skipped_note
 from peaknet_xtal.sim.config import SimConfig, settings_types
 from peaknet_xtal.stopping import STOP_SIGNALS
 from peaknet_xtal.training.data import DATA_SOURCES, SIM_OPTIONS, Augment
@@ -108,7 +109,8 @@ TRAIN_TYPES: dict[str, Any] = {
     "threads": _COUNT,
     "device": DEVICE,
     "precision": one_of(TRAIN_PRECISIONS),
-    "model.name": one_of(_model_names),
+    # a name no family registered names the plugins that failed to load: one may have had it
+    "model.name": one_of(_model_names, note=skipped_note),
     "model.init": str | None,
     "data.source": one_of(DATA_SOURCES),
     "data.paths": list[str],
@@ -392,20 +394,27 @@ def check_start(config: dict[str, Any]) -> Path | None:
 
 
 def _build(builder: Callable[..., Any], spec: Any, overrides: Mapping[str, Any],
-           **kwargs: Any) -> Any:
+           setting: str, **kwargs: Any) -> Any:
     """``builder(spec, **kwargs)``; an override the architecture does not take is a
-    ConfigError naming ``model.overrides``, not a TypeError traceback."""
+    ConfigError naming ``model.overrides``, not a TypeError traceback, and a plugin's model
+    that breaks the hook contract (``model.zoo.check_contract``) one naming ``setting`` (the
+    model asked for) with the zoo's message, which names the plugin."""
+    from peaknet_xtal.registry import PluginError
+
     try:
         return builder(spec, **kwargs)
+    except PluginError as exc:
+        raise ConfigError(None, f"{setting}: {exc}") from None
     except (TypeError, KeyError, ValueError) as exc:
         raise ConfigError(None, f"model.overrides {dict(overrides)}: {exc}") from None
 
 
 def _check_model(config: Mapping[str, Any]) -> None:
     """Build the model on torch's ``meta`` device (no memory, no weights; a fraction of a second
-    for the largest preset) and, when fine-tuning, compare it with ``model.init``'s tensor
-    shapes (read from the file's header), so that an override the architecture does not take,
-    or one that changes it, fails before any work."""
+    for the largest preset), which checks a plugin's model against the hook contract the loop
+    relies on (``model.zoo.check_contract``), and, when fine-tuning, compare it with
+    ``model.init``'s tensor shapes (read from the file's header), so that an override the
+    architecture does not take, or one that changes it, fails before any work."""
     import torch
     from safetensors import safe_open
 
@@ -416,13 +425,13 @@ def _check_model(config: Mapping[str, Any]) -> None:
     overrides = model_cfg.get("overrides") or {}
     with torch.device("meta"):
         if not model_cfg.get("init"):
-            model = _build(create_model, model_cfg["name"], overrides, **overrides)
-            _check_plugin_model(model, model_cfg["name"])
+            _build(create_model, model_cfg["name"], overrides, "model.name", **overrides)
             return
         weights = check_model(model_cfg["init"]) or WEIGHTS_DIR / f"{DEFAULT_NAME}.safetensors"
         start = read_config(weights)
         start.pop("extra", None)
-        model = _build(build_from_config, {**start, **overrides}, overrides)
+        model = _build(build_from_config, {**start, **overrides}, overrides,
+                       f"model.init {model_cfg['init']}")
     try:
         with safe_open(str(weights), "pt") as handle:
             shapes = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
@@ -430,41 +439,6 @@ def _check_model(config: Mapping[str, Any]) -> None:
         raise FormatError(weights, f"not a readable safetensors file: {exc}") from exc
     check_fit(tensor_shapes(model.state_dict()), shapes, model_cfg["init"],
               f"weights of another architecture than the one model.overrides {overrides} make")
-
-
-def _check_plugin_model(model: Any, name: str) -> None:
-    """A plugin's architecture against the hookspec contract the loop relies on,
-    ``model(image, mask) -> (B, 2, H, W)`` logits, on the meta device (no arithmetic): a model
-    that breaks it is one error naming the model and its plugin before any work, not a
-    traceback from inside the first step.  The built-in family is tested on its own."""
-    import torch
-
-    from peaknet_xtal.model.zoo import model_config
-    from peaknet_xtal.registry import BUILTINS, describe_plugin, registered
-
-    family = model_config(name).get("family")
-    entry = registered("peaknet_model_families").get(str(family))
-    module = str(getattr(entry.item.build, "__module__", "")) if entry is not None else ""
-    if entry is None or module.startswith("peaknet_xtal."):
-        return
-    # a family a plugin module declared with zoo.register_family reaches the registry through
-    # the built-in plugin: name the module that declared it
-    origin = f"declared in {module}" if entry.plugin in BUILTINS else describe_plugin(entry.plugin)
-    image = torch.zeros(1, 1, 32, 32, device="meta")
-    mask = torch.ones(1, 1, 32, 32, dtype=torch.bool, device="meta")
-    try:
-        logits = model(image, mask)
-        shape = tuple(logits.shape)
-    except Exception as exc:  # noqa: BLE001  (a plugin's fault, named as such)
-        problem = f"raised {type(exc).__name__}: {exc}"
-    else:
-        if len(shape) == 4 and shape[0] == 1 and shape[1] >= 2 and shape[2:] == (32, 32):
-            return
-        problem = f"returned shape {shape}"
-    raise ConfigError(None, f"model.name: {name!r} (family {family!r}, {origin})"
-                            f": model(image (1, 1, 32, 32), mask) {problem}; training needs "
-                            "(B, 2, H, W) logits for (B, 1, H, W) images (see the hookspec "
-                            "peaknet_model_families)")
 
 
 def _use_bf16(config: dict[str, Any], device: Any) -> bool:
@@ -497,7 +471,8 @@ class _Run:
             # fine-tuning: the saved model's weights, with ``overrides`` applied to its config
             # (e.g. a new input normalisation for the same architecture)
             start = load_model(model_cfg["init"])
-            self.model = _build(build_from_config, {**start.config, **overrides}, overrides)
+            self.model = _build(build_from_config, {**start.config, **overrides}, overrides,
+                                f"model.init {model_cfg['init']}")
             state = start.state_dict()
             check_fit(tensor_shapes(self.model.state_dict()), tensor_shapes(state),
                       model_cfg["init"], "weights of another architecture than the one "
@@ -505,7 +480,8 @@ class _Run:
             self.model.load_state_dict(state)
             self.model.train()
         else:
-            self.model = _build(create_model, model_cfg["name"], overrides, **overrides)
+            self.model = _build(create_model, model_cfg["name"], overrides, "model.name",
+                                **overrides)
         self.model.to(self.device)
         self.fsdp = world > 1 and self.device.type == "cuda"
         self.wrapped = self._wrap()

@@ -124,3 +124,33 @@ def test_inputs_only_a_plugin_source_reads_are_shown_by_it(install_plugin, tmp_p
     out = capsys.readouterr().out
     assert f"{packed} (packed frames)" in out and f"{folder} (folder frames)" in out
     assert "panel shapes: 4 x 6" in out
+
+
+def test_models_lists_the_families_their_plugins_and_models(install_plugin, capsys) -> None:
+    """No command listed the models a plugin adds (a plugin author's trial): --models names
+    each family's plugin and models, and the plugins that failed to load."""
+    from peaknet_test_support import TINY_FAMILY
+
+    install_plugin("tiny", TINY_FAMILY)
+    install_plugin("broken", "raise ImportError('needs libfoo>=2')\n")
+    assert main(["--models"]) == 0
+    text = capsys.readouterr().out.splitlines()
+    assert text[1].startswith("  peaknet: ConvNeXt-V2 backbone, BiFPN neck and segmentation head "
+                              "(built-in peaknet_xtal.builtin.models)")
+    assert text[2].startswith("    atto, femto, ")
+    tiny = text.index("  tinyfam: two convolutions (plugin 'tiny' (entry point tiny = "
+                      "tiny_peaknet of tiny-dist 0.1))")
+    assert text[tiny + 1] == "    my-tiny"
+    assert text[-1] == ("not loaded: plugin 'broken' (entry point broken = broken_peaknet of "
+                        "broken-dist 0.1) failed to load (ImportError: needs libfoo>=2)")
+    assert main(["--models", "--json"]) == 0
+    (shown,) = json.loads(capsys.readouterr().out)
+    assert shown["kind"] == "models" and len(shown["not_loaded"]) == 1
+    assert [f["family"] for f in shown["families"]] == ["peaknet", "tinyfam"]
+
+
+def test_without_files_or_models_it_is_a_usage_error(capsys) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        main([])
+    assert stopped.value.code == 2
+    assert "give files to summarise, or --models" in capsys.readouterr().err

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -576,3 +577,33 @@ def test_the_logits_running_out_of_memory_is_a_memory_error(monkeypatch):
     image = np.random.default_rng(3).normal(10.0, 1.0, (64, 64)).astype(np.float32)
     with pytest.raises(MemoryError, match="can't allocate memory"):
         InferenceEngine("default", device="cpu", threads=1).predict_logits([image])
+
+
+class Halving(nn.Module):
+    """Halves the image with a strided convolution (``kernel`` 2: an odd side loses a pixel;
+    3, padded: it gains one) and doubles it back, without saying ``pad_multiple``."""
+
+    def __init__(self, kernel: int) -> None:
+        super().__init__()
+        self.down = nn.Conv2d(1, 4, kernel, stride=2, padding=kernel - 2)
+        self.up = nn.ConvTranspose2d(4, 2, 2, stride=2)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.up(torch.relu(self.down(x)))
+
+
+@pytest.mark.parametrize("kernel, got", [(2, "(1, 2, 184, 194)"), (3, "(1, 2, 186, 194)")])
+def test_a_model_whose_output_is_another_size_is_one_error_naming_it(kernel, got):
+    """Found by a plugin author: a model that downsamples, trained on 64-px crops, crashed on
+    185 x 194 panels with a torch shape traceback from inside the engine (one pixel smaller), or
+    had its output cropped without a word (one larger).  Either is now one error naming the
+    model and what the engine needs."""
+    from peaknet_xtal.errors import PeakNetError
+
+    engine = InferenceEngine(Halving(kernel), device="cpu")
+    panel = np.random.default_rng(0).normal(size=(185, 194)).astype(np.float32)
+    with pytest.raises(PeakNetError, match=(
+            rf"^model Halving: returned {re.escape(got)} for a "
+            r"\(1, 1, 185, 194\) batch; the finding engine needs an output of the input's "
+            r"height and width: a network that downsamples sets pad_multiple")):
+        engine.predict_panels([panel])

@@ -335,3 +335,58 @@ def hide_dials(monkeypatch: Any, broken: Exception | None = None) -> None:
         if name.partition(".")[0] in DIALS_PACKAGES:
             monkeypatch.delitem(sys.modules, name)
     monkeypatch.setattr(sys, "meta_path", [_DialsHider(broken), *sys.meta_path])
+
+
+#: A third-party plugin module (for the ``install_plugin`` fixture of tests/conftest.py) with
+#: the model family ``tinyfam`` and its one size ``my-tiny``: two convolutions, keeping the
+#: image's size, as the hookspec ``peaknet_model_families`` asks.  Tests break the contract by
+#: replacing a line of it.
+TINY_FAMILY = """
+    import torch
+    from peaknet_xtal.hookspecs import hookimpl
+    from peaknet_xtal.model.zoo import ModelFamily
+
+    class TinyNet(torch.nn.Module):
+        \"\"\"Two convolutions.\"\"\"
+
+        def __init__(self, width=4, name="custom"):
+            super().__init__()
+            self.config = {"family": "tinyfam", "name": name, "width": width}
+            self.net = torch.nn.Sequential(torch.nn.Conv2d(1, width, 3, padding=1),
+                                           torch.nn.ReLU(), torch.nn.Conv2d(width, 2, 1))
+
+        def forward(self, x, mask=None):
+            return self.net(x)
+
+    @hookimpl
+    def peaknet_model_families():
+        return [ModelFamily("tinyfam", "two convolutions", TinyNet, {"my-tiny": {"width": 3}})]
+"""
+
+
+def halving_family(kernel: int, pad_multiple: int | None = None) -> str:
+    """A plugin module (as :data:`TINY_FAMILY`) whose family ``halving`` (size ``my-halving``)
+    halves the image with a strided convolution of ``kernel`` (2: an odd side loses a pixel;
+    3, padded: it gains one) and doubles it back, declaring ``pad_multiple`` if given."""
+    declared = "" if pad_multiple is None else f"pad_multiple = {pad_multiple}"
+    return f"""
+    import torch
+    from peaknet_xtal.hookspecs import hookimpl
+    from peaknet_xtal.model.zoo import ModelFamily
+
+    class Halving(torch.nn.Module):
+        {declared}
+
+        def __init__(self, name=None):
+            super().__init__()
+            self.config = {{"family": "halving", "name": name}}
+            self.down = torch.nn.Conv2d(1, 4, {kernel}, stride=2, padding={kernel - 2})
+            self.up = torch.nn.ConvTranspose2d(4, 2, 2, stride=2)
+
+        def forward(self, x, mask=None):
+            return self.up(torch.relu(self.down(x)))
+
+    @hookimpl
+    def peaknet_model_families():
+        return [ModelFamily("halving", "down and up", Halving, {{"my-halving": {{}}}})]
+"""

@@ -8,6 +8,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from peaknet_test_support import TINY_FAMILY
 from safetensors.torch import load_file
 
 from peaknet_xtal.cli.train import main as train_main
@@ -256,3 +257,50 @@ def test_an_error_in_a_data_loader_worker_is_one_line(tmp_path: Path, label_file
         train(config)
     message = str(info.value)
     assert "\n" not in message and message.startswith(f"{damaged}, dataset images: frame ")
+
+
+def _plugin_run(tmp_path: Path, label_file: Path, **model: object) -> Path:
+    """A training config file (YAML) for the plugin model ``my-tiny`` (peaknet_test_support's
+    TINY_FAMILY), one short step."""
+    import yaml
+
+    config = _config(tmp_path / "run", label_file, model={"name": "my-tiny", **model})
+    config["schedule"] = {"steps": 1, "warmup": 0}
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.mark.parametrize("change, model, problem", [
+    (('self.config = {"family": "tinyfam", "name": name, "width": width}', "pass"), {},
+     "the model has no config"),
+    (('def __init__(self, width=4, name="custom")', "def __init__(self, width=4)"),
+     {"overrides": {"width": 2}}, "TinyNet() takes no 'name' argument"),
+])
+def test_a_plugin_model_breaking_the_contract_is_refused_before_any_work(
+        install_plugin, tmp_path: Path, label_file: Path, capsys, change, model, problem) -> None:
+    """Found by a plugin author: a model without ``config`` trained, then failed at its first
+    checkpoint with an AttributeError traceback; a ``build`` without ``name`` was blamed on
+    model.overrides.  The start check names model.name, the family and its plugin."""
+    install_plugin("tiny", TINY_FAMILY.replace(*change))
+    with pytest.raises(SystemExit) as stopped:
+        train_main([str(_plugin_run(tmp_path, label_file, **model))])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert ("model.name: model family 'tinyfam' (plugin 'tiny' (entry point tiny = tiny_peaknet "
+            f"of tiny-dist 0.1)), model 'my-tiny': {problem}") in err
+    assert "model.overrides" not in err and not (tmp_path / "run").exists()
+
+
+def test_a_model_name_only_a_plugin_that_failed_to_load_had_names_that_plugin(
+        install_plugin, tmp_path: Path, label_file: Path, capsys) -> None:
+    """``model.name: mytiny`` with the plugin broken listed the built-in names alone; the
+    README promises that asking for what only a failed plugin provides names it again."""
+    install_plugin("tiny", TINY_FAMILY + "    raise ImportError('needs libfoo>=2')\n")
+    with pytest.raises(SystemExit) as stopped:
+        train_main([str(_plugin_run(tmp_path, label_file))])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert "model.name: must be one of atto, " in err
+    assert ("; not loaded: plugin 'tiny' (entry point tiny = tiny_peaknet of tiny-dist 0.1) "
+            "failed to load (ImportError: needs libfoo>=2)") in err

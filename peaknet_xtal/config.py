@@ -56,7 +56,7 @@ class _OneLineErrors(argparse.ArgumentParser):
     lines for ``peaknet2cxi``), in which the line that says what is wrong was the last."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} ({self.prog} --help lists the options)\n")
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def cli_parser(doc: str | None, prog: str | None = None) -> argparse.ArgumentParser:

@@ -330,6 +330,25 @@ def _build_predictor(settings: PeakNetSettings) -> Any:
     )
 
 
+#: The models this process has named in DIALS' log (:func:`_say_what_finds`).
+_MODELS_SAID: set[str] = set()
+
+
+def _say_what_finds(model: str) -> None:
+    """Name the package version and the model (with its weights' SHA-256) in DIALS' log, once a
+    process and model: a DIALS log said which algorithm found the spots but not which code and
+    weights, which ``peaknet2cxi`` records with every run (a user trial)."""
+    from peaknet_xtal import __version__
+    from peaknet_xtal.model.weights_io import model_digest
+
+    with _PREDICTORS_LOCK:
+        if model in _MODELS_SAID:
+            return
+        _MODELS_SAID.add(model)
+    log.info("peaknet: peaknet-xtal %s, model %s (weights SHA-256 %s)", __version__, model,
+             model_digest(model))
+
+
 def _check_model_exists(model: str) -> None:
     """Fail at start-up, in the main process, rather than later inside a DIALS worker: the file
     must exist and be a safetensors model of a known family."""
@@ -518,6 +537,7 @@ class PeakNetSpotFinderThresholdExt:
         check_device(self.settings.device)
         with _as_user_error():
             _check_model_exists(self.settings.model)
+            _say_what_finds(self.settings.model)
 
     def __getstate__(self) -> dict[str, Any]:
         # Only the settings (and what DIALS' own mask and work split are made of) travel to

@@ -690,3 +690,22 @@ def test_the_gain_line_says_what_dxtbx_did_with_the_formats_gain(dials_modules, 
     with pytest.raises(Sorry, match=f"peaknet: {cut}: truncated"):
         ext.compute_threshold(short.get_corrected_data(0)[0], short.get_mask(0)[0],
                               imageset=short, i_panel=0)
+
+
+def test_dials_log_names_the_package_version_and_the_model_weights(dials_modules, caplog,
+                                                                    monkeypatch) -> None:
+    """DIALS' log said which algorithm found the spots, not which code and weights (a user
+    trial); it now names both, once a process and model, as peaknet2cxi's run record does."""
+    import peaknet_xtal
+    from peaknet_dials import spotfinder_threshold_ext as ext
+    from peaknet_xtal.model.weights_io import model_digest
+
+    monkeypatch.setattr(ext, "_MODELS_SAID", set())
+    monkeypatch.setattr(peaknet_xtal, "__version__", "9.8.7")
+    factory, phil_scope = dials_modules
+    with caplog.at_level("INFO", logger="dials"):
+        for _ in range(2):
+            _ext(phil_scope, 0.5)
+    said = [r.getMessage() for r in caplog.records if "peaknet-xtal" in r.getMessage()]
+    assert said == [f"peaknet: peaknet-xtal 9.8.7, model default (weights SHA-256 "
+                    f"{model_digest('default')})"], said

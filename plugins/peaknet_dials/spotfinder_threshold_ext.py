@@ -351,11 +351,14 @@ def _say_what_finds(model: str) -> None:
 
 def _check_model_exists(model: str) -> None:
     """Fail at start-up, in the main process, rather than later inside a DIALS worker: the file
-    must exist and be a safetensors model of a known family."""
+    must exist and be a safetensors model of a known family.  An architecture's name (a model
+    the zoo builds, without weights) is said to be one, as ``peaknet2cxi --model`` says it, not
+    "not found"."""
     from peaknet_xtal.errors import FormatError
     from peaknet_xtal.model.weights_io import MODEL_FORMS, check_model
+    from peaknet_xtal.model.zoo import list_models
 
-    if model != "default" and not Path(model).exists():
+    if model != "default" and not Path(model).exists() and model not in list_models():
         raise FormatError(model, f"PeakNet model not found (spotfinder.threshold.peaknet.model: "
                                  f"{MODEL_FORMS})")
     try:

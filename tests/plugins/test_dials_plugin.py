@@ -443,9 +443,16 @@ def test_missing_model_fails_at_start_up_naming_it(dials_modules, tmp_path) -> N
         factory.configure_threshold(params)
     # a name that is not a model's: the forms a model takes are said
     params = _params(phil_scope, "spotfinder.threshold.algorithm=peaknet",
+                     "spotfinder.threshold.peaknet.model=no-such-model")
+    with pytest.raises(Sorry, match=r"no-such-model: PeakNet model not found .*'default' for "
+                                    r"the shipped model"):
+        factory.configure_threshold(params)
+    # an architecture's name (it was "not found"): it has no weights, as peaknet2cxi says
+    params = _params(phil_scope, "spotfinder.threshold.algorithm=peaknet",
                      "spotfinder.threshold.peaknet.model=tiny")
-    with pytest.raises(Sorry, match=r"tiny: PeakNet model not found .*'default' for the "
-                                    r"shipped model"):
+    with pytest.raises(Sorry, match=r"tiny: is a model architecture .* without trained weights"
+                                    r".*'default' for the shipped model "
+                                    r"\(spotfinder\.threshold\.peaknet\.model\)$"):
         factory.configure_threshold(params)
     # a folder without weights: what is wrong with it, and the setting that named it
     params = _params(phil_scope, "spotfinder.threshold.algorithm=peaknet",

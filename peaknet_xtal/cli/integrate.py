@@ -40,8 +40,13 @@ settings: a rerun whose geometry, --refl, --weights, --adu-per-photon or --read-
 those recorded in OUTPUT/integrate_config.json is refused, naming each difference, before
 anything is written.  Every setting is checked before any work (a usage error naming the option,
 exit status 2).  A bad input (a missing or damaged file or image, a table without positions, no
-gain) ends the run with one line naming the file and the problem, exit status 1.  The run ends
-with one summary line: spots integrated, the gain used, the median posterior I/sigma.
+gain) ends the run with one line naming the file and the problem, exit status 1.
+
+A run that integrated spots draws them in OUTPUT/integrate.png: a histogram of the VI
+likelihood's I/sigma (the summation's outlined over it), and the VI likelihood's photons against
+the background-subtracted summation's, spot by spot, with the identity line (this run's spots; a
+rerun that integrates nothing keeps the earlier picture).  The run ends with one summary line:
+spots integrated, the gain used, the median posterior I/sigma, the plot.
 """
 from __future__ import annotations
 
@@ -86,6 +91,8 @@ INPUTS_NAME = "integrate_inputs.json"
 #: folder.
 SAME_RUN = ("geometry", "refl", "weights", "adu_per_photon", "read_noise")
 PROG = "peaknet-integrate"
+#: The run's spots drawn (:func:`write_run_plot`).
+PLOT_NAME = "integrate.png"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -155,8 +162,23 @@ def summary_line(stats: Any) -> str:
         return f"{PROG}: no spots integrated this run{kept}"
     gains = sorted(stats.gains)
     gain = (f"{gains[0]:.3g}" if len(gains) == 1 else f"{gains[0]:.3g}-{gains[-1]:.3g}")
+    plot = f"; I/sigma and VI against summation: {stats.plot}" if stats.plot else ""
     return (f"{PROG}: {stats.spots} spots integrated, gain {gain} ADU/photon, median I/sigma "
-            f"{stats.median_snr():.1f} (VI posterior)")
+            f"{stats.median_snr():.1f} (VI posterior){plot}")
+
+
+def write_run_plot(out_dir: Path, stats: Any) -> Path | None:
+    """``OUTPUT/integrate.png`` of this run's spots (``RunStats.plotted``): the VI
+    likelihood's I/sigma, and its photons against summation's
+    (:func:`~peaknet_xtal.run_plots.integration_figure`).  None, after one warning, where it
+    cannot be written: the run's outputs stand without it."""
+    from peaknet_xtal.run_plots import integration_figure, write_plot
+
+    spots = stats.plotted()
+    title = f"{PROG}: {out_dir}: {stats.spots} spots integrated this run"
+    return write_plot(out_dir / PLOT_NAME, lambda: integration_figure(
+        spots["lik_photons"], spots["lik_sigma"], spots["sum_photons"], spots["sum_sigma"],
+        title=title))
 
 
 def _absolute(value: Any, cwd: str | None) -> Any:
@@ -417,6 +439,8 @@ def run(config: Mapping[str, Any], stats: Any = None) -> list[Path]:
                                 stats=stats, **options)
             made[out.name] = fingerprint
             write_json_atomic(out_dir / INPUTS_NAME, made)
+    if stats.spots:  # a run that integrated nothing keeps the earlier run's picture
+        stats.plot = write_run_plot(out_dir, stats)
     return outputs
 
 

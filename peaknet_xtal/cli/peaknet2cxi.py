@@ -21,6 +21,9 @@ OUTDIR receives:
                       top-level clen, photon_energy and mask read per frame from the CXI files)
   peaknet.lst         the CXI files, ready for `indexamajig -i`
   peaknet2cxi.json    summary of everything in OUTDIR (all runs), and of this run
+  peaknet2cxi.png     peaks per frame of every frame in OUTDIR, in the order written, with the
+                      hit threshold (--min-peaks), the running hit rate, and the histogram of
+                      peaks per frame
   peaknet2cxi.config.json  this run's resolved settings, command line and working folder
   peaks-nonhits-NNNNN.h5  with --hits-only: the frames left out as not hits, so that a rerun
                       skips them as it skips the frames in the CXI files
@@ -154,6 +157,8 @@ TYPES: dict[str, Any] = {**RANGES, "geometry": str | None, "output": str | None,
 LIST_NAME = "peaknet.lst"
 GEOM_NAME = "peaknet.geom"
 SUMMARY_NAME = "peaknet2cxi.json"
+#: Peaks per frame and the hit rate over the whole output, drawn (:func:`write_run_plot`)
+PLOT_NAME = "peaknet2cxi.png"
 #: Where the warnings about unusable pixels, which stop after the first frames, say the
 #: run's counts are (``finding.sanitise.SanitiseTally.reported_in``)
 REPORTED_IN = f"the run summary and {SUMMARY_NAME}"
@@ -319,6 +324,8 @@ def main(argv: Sequence[str] | None = None) -> int:
           + (f"{summary['left_out']} non-hits left out, " if summary["left_out"] else "")
           + f"{summary['peaks_per_frame']['mean']:.1f} peaks/frame; this run: {this['frames']} "
           f"frames ({this['skipped']} already done), {this['frames_per_s']:.2f} frames/s")
+    if summary.get("plot"):
+        print(f"peaknet2cxi: peaks per frame and hit rate over the run: {summary['plot']}")
     unusable = describe_tally(this.get("unusable_pixels") or {})
     if unusable:  # what the warnings, which stop after the first frames, promised
         print(f"peaknet2cxi: this run: {unusable} (counts: {SUMMARY_NAME}, "
@@ -1426,19 +1433,14 @@ class _Stats:
     @classmethod
     def from_cxi(cls, files: Sequence[Path]) -> _Stats:
         """Counts over every frame in the output's CXI files (all runs together)."""
-        import h5py
+        return cls.of(*peak_counts(files))
 
-        from peaknet_xtal.formats.cxi import KEY_GROUP, PEAK_GROUP
-
+    @classmethod
+    def of(cls, counts: np.ndarray, hits: np.ndarray) -> _Stats:
+        """Counts over frames of these peak counts and hit flags (:func:`peak_counts`)."""
         stats = cls()
-        for path in files:
-            with h5py.File(path, "r") as h5:
-                counts = np.asarray(h5[f"{PEAK_GROUP}/nPeaks"][()])
-                hits: Any = (np.asarray(h5[f"{KEY_GROUP}/hit"][()]) if f"{KEY_GROUP}/hit" in h5
-                             else [])
-            stats.frames += len(counts)
-            stats.hits += int(np.sum(hits))
-            stats.peaks += counts.astype(int).tolist()
+        stats.frames, stats.hits = len(counts), int(np.sum(hits))
+        stats.peaks = counts.astype(int).tolist()
         return stats
 
     def summary(self) -> dict[str, float]:
@@ -1482,6 +1484,45 @@ def dials_index_command(expt: Path, refl: Path, *, rotation: bool = False,
                           "indexing.known_symmetry.unit_cell=YOUR_CELL"])
 
 
+def peak_counts(files: Sequence[Path]) -> tuple[np.ndarray, np.ndarray]:
+    """Every frame's peak count and hit flag in the output's CXI files, in the order they were
+    written (file by file, row by row): all runs of the folder together, so that a resumed
+    run's summary and plot cover every frame.  Only ``nPeaks`` and the hit flags are read, not
+    the peak tables: a run of 10^6 frames reads a few MB.  A file without hit flags (none this
+    package writes) counts no hits, as the summary always has."""
+    import h5py
+
+    from peaknet_xtal.formats.cxi import KEY_GROUP, PEAK_GROUP
+
+    counts: list[np.ndarray] = []
+    hits: list[np.ndarray] = []
+    for path in files:
+        with h5py.File(path, "r") as h5:
+            counts.append(np.asarray(h5[f"{PEAK_GROUP}/nPeaks"][()], dtype=np.int64))
+            hits.append(np.asarray(h5[f"{KEY_GROUP}/hit"][()], dtype=bool)
+                        if f"{KEY_GROUP}/hit" in h5 else np.zeros(len(counts[-1]), bool))
+    if not counts:
+        return np.zeros(0, np.int64), np.zeros(0, bool)
+    return np.concatenate(counts), np.concatenate(hits)
+
+
+def write_run_plot(outdir: Path, counts: np.ndarray, hits: np.ndarray, min_peaks: int,
+                   left_out: int = 0, status: str = "ok") -> Path | None:
+    """``OUTDIR/peaknet2cxi.png``: peaks per frame over the run with the hit threshold, the
+    running hit rate and the histogram of peaks per frame (:func:`~peaknet_xtal.run_plots.
+    peaks_figure`), of every frame in the folder (:func:`peak_counts`).  None, after one
+    warning, where it cannot be written: the run's outputs and status stand without it."""
+    from peaknet_xtal.run_plots import peaks_figure, write_plot
+
+    seen = len(counts) + left_out
+    rate = 100 * int(np.sum(hits)) / seen if seen else 0.0
+    title = (f"peaknet2cxi: {outdir}: {seen} frames, {int(np.sum(hits))} hits ({rate:.1f} %), "
+             f"min_peaks {min_peaks}" + ("" if status == "ok" else " (run "
+                                         f"{status.split(':')[0]}: see {SUMMARY_NAME})"))
+    return write_plot(outdir / PLOT_NAME, lambda: peaks_figure(counts, hits, min_peaks,
+                                                               left_out=left_out, title=title))
+
+
 def _finish(config: Mapping[str, Any], outdir: Path, files: list[Path], geometry: Any,
             stats: _Stats, seconds: float, engine: Mapping[str, Any],
             error: BaseException | None,
@@ -1501,12 +1542,16 @@ def _finish(config: Mapping[str, Any], outdir: Path, files: list[Path], geometry
     geom_path = outdir / GEOM_NAME
     if files:
         write_text_atomic(list_path, "".join(f"{p.resolve()}\n" for p in files))
-    whole = _Stats.from_cxi(files)
+    counts, hits = peak_counts(files)
+    whole = _Stats.of(counts, hits)
     left_out = _left_out(outdir) if config["hits_only"] else 0
     status = ("ok" if error is None else "interrupted" if isinstance(error, KeyboardInterrupt)
               else f"failed: {error}")
     if error is None and not files:
         status = "failed: no frames written (the inputs hold no frames, or none were hits)"
+    # before the summary, which names it; a stopped or failed run's too: what the folder holds
+    plot = (write_run_plot(outdir, counts, hits, int(config["min_peaks"]), left_out, status)
+            if files else None)
     summary: dict[str, Any] = {
         "status": status, "output": str(outdir),
         **({"stop_signal": signal_name(error)} if isinstance(error, KeyboardInterrupt) else {}),
@@ -1523,6 +1568,7 @@ def _finish(config: Mapping[str, Any], outdir: Path, files: list[Path], geometry
         "cxi_files": [str(p) for p in files],
         "list": str(list_path) if files else None,
         "geometry": str(geom_path) if files and geom_path.exists() else None,
+        "plot": str(plot) if plot is not None else None,
         "stream": config["stream"], "engine": dict(engine),
         "config": {k: _plain(v) for k, v in config.items()},
         "indexamajig": (indexamajig_command(list_path, geom_path, outdir)

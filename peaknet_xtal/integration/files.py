@@ -72,16 +72,24 @@ CXI_UNITS = {
 Tick = Callable[[int], None]
 
 
+#: What a run keeps of each spot for its plot (:data:`~.api.INTEGRATION_DTYPE` fields): the VI
+#: likelihood's photons and sigma, the summation's (float32: 16 bytes a spot).
+PLOTTED = ("lik_photons", "lik_sigma", "sum_photons", "sum_sigma")
+
+
 @dataclasses.dataclass
 class RunStats:
-    """What a run integrated, for its closing summary: the spots, the crystals a stream holds
-    (none is worth saying: nothing is integrated), the gains used and each spot's I/sigma."""
+    """What a run integrated, for its closing summary and plot: the spots, the crystals a
+    stream holds (none is worth saying: nothing is integrated), the gains used, each spot's
+    I/sigma and its :data:`PLOTTED` estimates, and where the plot was written."""
 
     spots: int = 0
     crystals: int = 0
     kept: int = 0  # outputs an earlier run finished, skipped (their inputs unchanged)
     gains: set[float] = dataclasses.field(default_factory=set)
     snr: list[np.ndarray] = dataclasses.field(default_factory=list)
+    estimates: list[np.ndarray] = dataclasses.field(default_factory=list)
+    plot: Path | None = None
 
     def add(self, table: np.ndarray, gain: float) -> None:
         """Count one call's integrated spots (:data:`~.api.INTEGRATION_DTYPE` rows)."""
@@ -89,6 +97,14 @@ class RunStats:
         self.gains.add(float(gain))
         with np.errstate(divide="ignore", invalid="ignore"):
             self.snr.append(table["photons"] / table["photons_sigma"])
+        self.estimates.append(np.stack([table[name] for name in PLOTTED]).astype(np.float32))
+
+    def plotted(self) -> dict[str, np.ndarray]:
+        """This run's spots' :data:`PLOTTED` estimates, one array each, in integration
+        order."""
+        rows = (np.concatenate(self.estimates, axis=1) if self.estimates
+                else np.zeros((len(PLOTTED), 0), np.float32))
+        return dict(zip(PLOTTED, rows, strict=True))
 
     def median_snr(self) -> float:
         """Median posterior I/sigma of the spots with an estimate (NaN: none)."""

@@ -239,6 +239,64 @@ def test_interrupted_stream_keeps_its_frames_under_a_partial_name_and_continues(
     np.testing.assert_array_equal(done.chunks[0].crystals[0].reflections["I"], first_i)
 
 
+def test_a_run_draws_every_spot_it_integrated_and_names_the_plot(run, tmp_path, capsys):
+    """OUTPUT/integrate.png: a PNG of the VI likelihood's I/sigma and its photons against
+    summation's, drawn from every spot the run integrated (those the CXI output holds), named
+    in the summary line and in --help; a rerun that integrates nothing keeps it."""
+    import matplotlib.image
+
+    from peaknet_xtal.cli.integrate import DEFAULTS, summary_line
+    from peaknet_xtal.cli.integrate import run as run_integrate
+    from peaknet_xtal.integration.files import RunStats
+
+    out, stats = tmp_path / "out", RunStats()
+    run_integrate({**DEFAULTS, "inputs": [str(run.cxi)], "geometry": str(run.geom),
+                   "output": str(out), "progress": False}, stats)
+    plot = out / "integrate.png"
+    assert stats.plot == plot
+    assert summary_line(stats).endswith(f"I/sigma and VI against summation: {plot}")
+    height, width, _ = matplotlib.image.imread(plot).shape
+    assert width > height > 100
+    table = _peaks(out / run.cxi.name)
+    valid = np.arange(table["peakXPosRaw"].shape[1])[None, :] < table["nPeaks"][:, None]
+    drawn = stats.plotted()
+    assert len(drawn["lik_photons"]) == stats.spots == valid.sum()
+    for name, column in (("lik_photons", "peakPhotonsVILik"), ("lik_sigma",
+                         "peakPhotonsVILikSigma"), ("sum_photons", "peakPhotonsSum")):
+        np.testing.assert_allclose(drawn[name], table[column][valid], rtol=1e-5)
+    stamp = plot.stat().st_mtime_ns
+    assert main([str(run.cxi), "-g", str(run.geom), "-o", str(out), "--no-progress"]) == 0
+    assert plot.stat().st_mtime_ns == stamp
+    assert "integrate.png" not in capsys.readouterr().out  # nothing drawn this time
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "OUTPUT/integrate.png" in " ".join(capsys.readouterr().out.split())
+
+
+def test_a_plot_that_cannot_be_written_leaves_the_run_as_it_was(run, tmp_path, capsys,
+                                                                monkeypatch, caplog):
+    """The picture is never worth a run: savefig failing (a full disk, say) is one warning
+    naming the plot; the outputs, the exit status and the summary line (without a plot) are
+    as they would be, and nothing half-written is left."""
+    from matplotlib.figure import Figure
+
+    def refuse(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", refuse)
+    out = tmp_path / "out"
+    with caplog.at_level("WARNING"):
+        assert main([str(run.cxi), "-g", str(run.geom), "-o", str(out), "--no-progress"]) == 0
+    assert _peaks(out / run.cxi.name)["peakPhotonsVILik"].size
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [run.cxi.name, "integrate_config.json", "integrate_inputs.json"])
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and str(out / "integrate.png") in warned[0], warned
+    assert "No space left" in warned[0]
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert "spots integrated" in last and "integrate.png" not in last
+
+
 def test_placeholder_gain_of_the_geometry_is_measured(run, tmp_path):
     """A geometry declaring the placeholder 1 ADU/photon for a detector of 8.5: the gain is
     measured from the background, so the photons match those of the true gain."""

@@ -2080,3 +2080,161 @@ def test_an_hdf5_file_without_a_geometry_and_without_dials_asks_for_one(tmp_path
             "NeXus file) needs DIALS, which this Python cannot import (No module named "
             "'dxtbx')") in err
     assert err.rstrip().endswith("or give the detector's CrystFEL geometry with -g"), err
+
+
+def _spot_run(tmp_path: Path, make_geometry_text, frames: int = 5) -> tuple[Path, Path]:
+    """A stack of ``frames`` 32 x 32 frames, frame k holding k bright 3 x 3 spots, so that its
+    peaks per frame in run order are known (0, 1, 2, ...), and a one-panel geometry for it.
+    No two spots share a place (a pixel bright in most frames is a defect the run masks)."""
+    data = np.random.default_rng(1).poisson(5, (frames, 32, 32)).astype(np.float32)
+    places = iter([(ss, fs) for ss in range(3, 30, 6) for fs in range(3, 30, 6)])
+    offsets = np.arange(-1, 2)
+    bump = np.exp(-(offsets[:, None] ** 2 + offsets[None, :] ** 2) / 2)  # a round spot
+    for k in range(frames):
+        for _, (ss, fs) in zip(range(k), places, strict=False):  # 25 places, 6 px apart
+            data[k, ss - 1:ss + 2, fs - 1:fs + 2] += 400.0 * bump
+    stack = tmp_path / "spots.h5"
+    with h5py.File(stack, "w") as h5:
+        h5["/entry_1/data_1/data"] = data
+    geom = tmp_path / "det.geom"
+    geom.write_text(make_geometry_text(["p0"], 32, 32, [(-16, -16)], clen="0.1 m",
+                                       adu_per_photon="1"))
+    return stack, geom
+
+
+def _bright_predictor(panels, masks):
+    """Probability 1 on the planted spots' pixels (far above the background), 0 elsewhere."""
+    return [(np.asarray(p) > 100).astype(np.float32) for p in panels]
+
+
+def _find_bright_spots(monkeypatch) -> None:
+    """:func:`main` finds peaks with :func:`_bright_predictor` (a Python caller's option)."""
+    import peaknet_xtal.cli.peaknet2cxi as command
+
+    real = command.run
+    monkeypatch.setattr(command, "run", lambda config, **options: real(
+        {**config, "predictor": _bright_predictor}, **options))
+
+
+def _record_plotted(monkeypatch) -> list[dict]:
+    """What each peaks-per-frame plot of the test is drawn from (the real figure is drawn)."""
+    import peaknet_xtal.run_plots as run_plots
+
+    drawn: list[dict] = []
+    real = run_plots.peaks_figure
+
+    def recording(counts, hits, min_peaks, **options):
+        drawn.append({"counts": np.asarray(counts).tolist(),
+                      "hits": np.asarray(hits).tolist(), "min_peaks": min_peaks, **options})
+        return real(counts, hits, min_peaks, **options)
+
+    monkeypatch.setattr(run_plots, "peaks_figure", recording)
+    return drawn
+
+
+def test_a_resumed_run_plots_peaks_per_frame_of_every_frame_in_the_folder(
+        tmp_path, make_geometry_text, monkeypatch):
+    """OUTDIR/peaknet2cxi.png (a PNG, named in the summary) is drawn from every frame the
+    folder's CXI files hold, in the order written: after an interruption, the rerun's plot
+    covers the frames the first run found as well as its own."""
+    import matplotlib.image
+
+    from peaknet_xtal.cli.peaknet2cxi import peak_counts
+
+    stack, geom = _spot_run(tmp_path, make_geometry_text)
+    outdir = tmp_path / "out"
+    config = {"inputs": [str(stack)], "geometry": str(geom), "output": str(outdir),
+              "predictor": _bright_predictor, "progress": False, "min_peaks": 2,
+              "frames_per_file": 2}
+    drawn = _record_plotted(monkeypatch)
+    first = run(config)
+    plot = outdir / "peaknet2cxi.png"
+    assert first["plot"] == str(plot)
+    height, width, _ = matplotlib.image.imread(plot).shape
+    assert width > height > 100
+    Path(first["cxi_files"][-1]).unlink()  # interrupted before its last file
+    plot.unlink()
+    second = run(config)
+    assert (second["this_run"]["frames"], second["this_run"]["skipped"]) == (1, 4)
+    counts, hits = peak_counts([Path(p) for p in second["cxi_files"]])
+    assert counts.tolist() == [0, 1, 2, 3, 4]
+    assert hits.tolist() == [False, False, True, True, True]
+    assert drawn[-1]["counts"] == counts.tolist() and drawn[-1]["hits"] == hits.tolist()
+    assert (drawn[-1]["min_peaks"], drawn[-1]["left_out"]) == (2, 0)
+    assert plot.is_file() and second["plot"] == str(plot)
+
+
+def test_the_summary_lines_and_the_help_name_the_plot(tmp_path, capsys, monkeypatch,
+                                                      make_geometry_text):
+    _find_bright_spots(monkeypatch)
+    stack, geom = _spot_run(tmp_path, make_geometry_text, frames=3)
+    outdir = tmp_path / "out"
+    assert main([str(stack), "-g", str(geom), "-o", str(outdir), "--no-progress"]) == 0
+    assert (f"peaknet2cxi: peaks per frame and hit rate over the run: "
+            f"{outdir / 'peaknet2cxi.png'}") in capsys.readouterr().out.splitlines()
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "peaknet2cxi.png     peaks per frame" in capsys.readouterr().out
+
+
+def test_a_plot_that_cannot_be_written_leaves_the_run_as_it_was(tmp_path, capsys, monkeypatch,
+                                                                make_geometry_text, caplog):
+    """savefig failing (a full disk, say): one warning naming the plot; exit status, summary
+    (but for its plot: none), CXI files and list as a run that drew it; nothing half-written."""
+    from matplotlib.figure import Figure
+
+    _find_bright_spots(monkeypatch)
+    stack, geom = _spot_run(tmp_path, make_geometry_text, frames=3)
+    drew, failed = tmp_path / "drew", tmp_path / "failed"
+    assert main([str(stack), "-g", str(geom), "-o", str(drew), "--no-progress"]) == 0
+
+    def refuse(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", refuse)
+    capsys.readouterr()
+    with caplog.at_level("WARNING"):
+        assert main([str(stack), "-g", str(geom), "-o", str(failed), "--no-progress"]) == 0
+    warned = [r.getMessage() for r in caplog.records  # the gain's warning is the run's own
+              if r.levelname == "WARNING" and "detector gain" not in r.getMessage()]
+    assert len(warned) == 1 and str(failed / "peaknet2cxi.png") in warned[0], warned
+    assert "No space left" in warned[0]
+    assert "peaks per frame and hit rate" not in capsys.readouterr().out
+    assert sorted(p.name for p in failed.iterdir()) == sorted(
+        p.name for p in drew.iterdir() if p.name != "peaknet2cxi.png")
+    kept, made = (json.loads((d / "peaknet2cxi.json").read_text()) for d in (drew, failed))
+    assert made["plot"] is None and kept["plot"] == str(drew / "peaknet2cxi.png")
+    for key in ("status", "frames", "hits", "hit_rate", "peaks_per_frame", "left_out"):
+        assert made[key] == kept[key], key
+    assert [Path(p).name for p in made["cxi_files"]] == [Path(p).name for p in kept["cxi_files"]]
+
+
+@pytest.mark.parametrize("hits_only", [False, True], ids=["all", "hits-only"])
+def test_a_ray_run_ends_with_the_same_plot(tmp_path, monkeypatch, make_geometry_text,
+                                           hits_only):
+    """--workers runs finish where the single-process run does: the same plot, of every frame
+    in the folder (the pipeline stands in; its writer is the real CXI writer); with
+    --hits-only the frames left out are counted beside the hits drawn."""
+    import peaknet_xtal.pipeline as pipeline_module
+    from peaknet_xtal.formats.cxi import CXIWriter, iter_cxi_frames
+    from peaknet_xtal.types import FrameResult, empty_peaks
+
+    stack, geom = _spot_run(tmp_path, make_geometry_text, frames=4)
+    geometry = read_geometry(geom)
+
+    def fake_run_pipeline(config):
+        options = dict(config["writer_options"])
+        with CXIWriter(config["output"], options.pop("geometry"), **options) as writer:
+            for k, frame in enumerate(iter_cxi_frames(stack, geometry)):
+                writer.write(FrameResult(frame=frame, peaks=empty_peaks(3 * k), hit=k >= 2))
+        return {"backend": "test", "engine": {}}
+
+    monkeypatch.setattr(pipeline_module, "run_pipeline", fake_run_pipeline)
+    drawn = _record_plotted(monkeypatch)
+    outdir = tmp_path / "o"
+    summary = run({"inputs": [str(stack)], "geometry": str(geom), "output": str(outdir),
+                   "workers": 2, "hits_only": hits_only, "min_peaks": 5, "progress": False})
+    assert summary["plot"] == str(outdir / "peaknet2cxi.png") and Path(summary["plot"]).is_file()
+    (plotted,) = drawn
+    assert plotted["counts"] == ([6, 9] if hits_only else [0, 3, 6, 9])
+    assert plotted["left_out"] == (2 if hits_only else 0) and plotted["min_peaks"] == 5

@@ -190,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  summary: {out / 'peaks' / 'peaknet2cxi.json'} "
           f"({summary.get('frames', '?')} frames, {summary.get('hits', '?')} hits)")
     print(f"  overlay: {picture}")
+    if summary.get("plot"):
+        print(f"  run plot: {summary['plot']} (peaks per frame, hit rate)")
     print(f"  next:    {summary.get('indexamajig') or '(no hits: nothing for indexamajig)'}")
     if REAL_STILLS.is_dir():
         print("real LCLS CSPAD thermolysin stills (no parameter changed):")

@@ -174,6 +174,8 @@ def peaks_figure(n_peaks: np.ndarray, hit: np.ndarray, min_peaks: int, *, left_o
     spread.axvline(min_peaks - 0.5, color="tab:red", ls="--", lw=1, label="hit threshold")
     spread.set_xlabel("peaks per frame")
     spread.set_ylabel("frames")
+    if tallest < 50:  # counts of frames: whole numbers on a linear axis
+        spread.yaxis.set_major_locator(MaxNLocator(integer=True))
     spread.legend(loc="upper right", fontsize=8, framealpha=0.85)
     fig.suptitle(title or f"{frames} frames, {int(hit.sum())} hits", fontsize=10)
     return fig

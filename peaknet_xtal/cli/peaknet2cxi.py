@@ -910,6 +910,7 @@ def expand_inputs(inputs: Sequence[Any]) -> list[dict[str, Any]]:
     """
     out: dict[str, dict[str, Any]] = {}
     warned: set[str] = set()  # lists whose repeated events were said
+    again: list[str] = []  # inputs naming a file given before (itself, or a link to it)
     for item in inputs:
         text = os.fspath(item)
         forced = text.startswith(LIST_MARK)
@@ -966,8 +967,14 @@ def expand_inputs(inputs: Sequence[Any]) -> list[dict[str, Any]]:
                 # said as that: "not a CXI/HDF5 file and not an image" misled
                 raise unclaimed(_folder_given(path))
             # one entry a file, whatever names it is given under (a link and the file)
+            if os.path.realpath(path) in out and out[os.path.realpath(path)].get("list") is None:
+                again.append(text)
             out.setdefault(os.path.realpath(path), {"path": str(_absolute(path)), "events": None})
             out[os.path.realpath(path)]["events"] = None
+    if again:  # eight links to one CBF ran as "0/1 frames" without a word
+        log.warning("%d input(s) name a file given before (the same file, or a link to it: "
+                    "%s%s); each file is processed once", len(again), ", ".join(again[:3]),
+                    ", ..." if len(again) > 3 else "")
     for entry in out.values():
         if entry["events"] is not None and not entry["events"]:
             entry["events"] = None

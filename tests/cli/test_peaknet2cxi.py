@@ -290,6 +290,29 @@ def test_a_file_given_under_a_link_and_its_own_name_is_found_once(stacks, tmp_pa
     assert both["frames"] == both["this_run"]["frames"] == N_FRAMES
 
 
+def test_inputs_naming_one_file_are_said_to_be_processed_once(tmp_path, caplog):
+    """Eight links to one CBF ran as "0/1 frames", exit 0, with no word that seven inputs were
+    the same file (a user trial)."""
+    from peaknet_xtal.cli.peaknet2cxi import expand_inputs
+
+    image = tmp_path / "image.h5"
+    image.write_bytes(b"")
+    links = []
+    for k in range(4):
+        links.append(tmp_path / f"link{k}.h5")
+        links[-1].symlink_to(image)
+    with caplog.at_level("WARNING", logger="peaknet_xtal"):
+        entries = expand_inputs([str(image), *map(str, links)])
+    assert [e["path"] for e in entries] == [str(image)]
+    said = [r.getMessage() for r in caplog.records if "given before" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("4 input(s) name a file given before"), said
+    assert said[0].endswith("each file is processed once")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="peaknet_xtal"):
+        expand_inputs([str(image)])
+    assert not [r for r in caplog.records if "given before" in r.getMessage()]
+
+
 def test_missing_mask_dataset_warns_and_continues(stacks, tmp_path, caplog):
     geom_path, geometry, stack, sims, predictor = stacks["cspad"]
     no_mask = tmp_path / "no_mask.cxi"

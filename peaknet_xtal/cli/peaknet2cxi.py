@@ -1297,9 +1297,13 @@ def _count_frames(inputs: list[dict[str, Any]], geometry: Any,
                   options: Mapping[str, Any] | None = None) -> int | None:
     """Total frames for the progress bar: None when a source cannot say cheaply, or when
     counting them all would hold up the first frame (``progress.count_within``)."""
+    from peaknet_xtal.formats.dxtbx_images import ONE_IMAGE_SUFFIXES
+
     def frames_in(entry: dict[str, Any]) -> int | None:
         if entry["events"] is not None:
             return len(entry["events"])
+        if str(entry["path"]).lower().endswith(ONE_IMAGE_SUFFIXES):
+            return 1
         try:
             source = open_input(entry["path"], geometry, options)
         except (TypeError, PeakNetError, OSError, ValueError):

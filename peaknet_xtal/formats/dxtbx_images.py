@@ -30,6 +30,11 @@ from peaknet_xtal.types import Frame, event_index
 #: Suffixes dxtbx reads that the CXI source does not claim (cheap sniffing, no file opened).
 DXTBX_SUFFIXES = (".cbf", ".cbf.gz", ".cbf.bz2", ".img", ".img.gz", ".img.bz2", ".mccd",
                   ".smv", ".nxs", ".h5", ".tif", ".tiff")
+#: Of those, the formats of one image a file (CBF, SMV, MarCCD): counted without opening, as
+#: opening a CSPAD CBF to count it took 0.4-1 s, so a progress line over more than a few such
+#: files lost its total and ETA (a user trial).  NeXus, HDF5 and TIFF stacks can hold several.
+ONE_IMAGE_SUFFIXES = (".cbf", ".cbf.gz", ".cbf.bz2", ".img", ".img.gz", ".img.bz2", ".mccd",
+                      ".smv")
 
 
 def open_imageset(path: str | os.PathLike[str]) -> Any:

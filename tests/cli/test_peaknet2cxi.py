@@ -1751,12 +1751,17 @@ def test_a_rotation_nexus_master_without_its_data_file_names_the_missing_file(tm
 @pytest.mark.dials
 def test_inputs_too_many_to_count_quickly_start_without_a_total(tmp_path, monkeypatch, caplog,
                                                                 dials_env):
-    # a serial run of thousands of single-image files: counting them for the progress total
-    # opens each (20-40 ms through dxtbx), so past its time the run starts without a total
+    # a serial run of thousands of files that may hold several images (NeXus): counting them
+    # for the progress total opens each through dxtbx, so past its time the run starts without
+    # a total; files of one image each (CBF) are counted by name, none opened (opening a CSPAD
+    # CBF took 0.4-1 s, so a run of more than a few lost its total: a user trial)
+    from peaknet_test_support import tiny_nxmx
+
     from peaknet_xtal import progress
     from peaknet_xtal.cli import peaknet2cxi
 
-    files = [tiny_cbf(tmp_path / f"shot_{i:04d}.cbf", 100.0) for i in range(1, 5)]
+    stack = np.random.default_rng(0).poisson(3, (1, 40, 48)).astype(np.uint16)
+    files = [tiny_nxmx(tmp_path / f"shot_{i}", stack, still=True) for i in range(1, 5)]
     inputs = [{"path": str(path), "events": None} for path in files]
     opened: list[str] = []
     real_open = peaknet2cxi.open_input
@@ -1766,6 +1771,7 @@ def test_inputs_too_many_to_count_quickly_start_without_a_total(tmp_path, monkey
         return real_open(path, geometry, options)
 
     monkeypatch.setattr(peaknet2cxi, "open_input", counting_open)
+    monkeypatch.setattr(progress, "COUNT_SECONDS", 120.0)  # dxtbx's first import, on a busy CPU
     assert peaknet2cxi._count_frames(inputs, None) == 4  # within COUNT_SECONDS: all counted
     opened.clear()
     monkeypatch.setattr(progress, "COUNT_SECONDS", 0.0)
@@ -1773,6 +1779,12 @@ def test_inputs_too_many_to_count_quickly_start_without_a_total(tmp_path, monkey
         assert peaknet2cxi._count_frames(inputs, None) is None
     assert opened == [str(files[0])]  # the other three are left to the run itself
     assert "counting the frames of 4 inputs" in caplog.text
+    opened.clear()
+    monkeypatch.setattr(progress, "COUNT_SECONDS", 120.0)
+    cbfs = [tiny_cbf(tmp_path / f"shot_{i:04d}.cbf", 100.0) for i in range(1, 5)]
+    assert peaknet2cxi._count_frames([{"path": str(p), "events": None} for p in cbfs],
+                                     None) == 4
+    assert opened == []
 
 
 def test_unusable_pixels_and_frames_without_data_are_counted_where_the_warnings_say(

@@ -12,8 +12,7 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ from peaknet_xtal.evaluation.metrics import bootstrap_f1, score_frames
 from peaknet_xtal.evaluation.tuning import default_grid, tune
 from peaknet_xtal.finding.settings import DEFAULTS
 from peaknet_xtal.progress import Progress
-from peaknet_xtal.stopping import stop_exception, stop_requests
+from peaknet_xtal.stopping import stops_held
 from peaknet_xtal.types import Frame
 
 log = logging.getLogger(__name__)
@@ -202,32 +201,14 @@ def evaluate(dataset: Dataset, specs: Sequence[str], out_dir: str | os.PathLike[
         report["files"] = sorted({p.name for p in staging.iterdir()} | set(REPORT_FILES))
         write_json_atomic(staging / "report.json", strict_json(report))
         write_text_atomic(staging / "report.md", markdown(report, dataset))
-        with stops_held():
+        with stops_held(second_stops=False):  # a report moved into place, whole
             _publish(staging, out, report["files"], earlier)
     finally:
-        with stops_held():
+        with stops_held(second_stops=False):
             shutil.rmtree(staging, ignore_errors=True)
             if created and not any(out.iterdir()):
                 out.rmdir()  # a failed report into a new folder leaves no folder either
     return report
-
-
-@contextmanager
-def stops_held() -> Iterator[None]:
-    """Ctrl-C and SIGTERM wait until the block is done, then raise as they would have (the
-    first one's: ``KeyboardInterrupt``, or ``stopping.Terminated``).  For the short steps that
-    must not stop half-way: moving a finished report into place, removing the staging folder.
-    Outside the main thread nothing changes (no handler can be installed there)."""
-    asked: list[int] = []
-
-    def hold(signum: int) -> bool:
-        asked.append(signum)
-        return True  # never taken as a second stop, which would raise at once
-
-    with stop_requests(hold):
-        yield
-    if asked:
-        raise stop_exception(asked[0])
 
 
 #: written by every report, last (after the files they describe)

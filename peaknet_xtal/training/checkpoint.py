@@ -11,25 +11,20 @@ no symlink leading out), and ``state.pt`` is loaded with ``torch.load(weights_on
 unpickler accepts tensors and plain containers only.
 
 A stop (Ctrl-C, a batch scheduler's SIGTERM) that arrives while a checkpoint is written waits
-for the write to finish (:func:`stops_held`): it takes seconds even for the largest model,
+for the write to finish (``stopping.stops_held``): it takes seconds even for the largest model,
 while a stop that threw it away cost the run up to ``checkpoint.every`` steps (the rerun
 resumed from the checkpoint before).
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import shutil
-import signal
-import threading
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from peaknet_xtal.atomic import write_text_atomic
 from peaknet_xtal.errors import FormatError
-from peaknet_xtal.stopping import STOP_SIGNALS, stop_exception, stop_requests
 
 KEEP = 2
 _STEP_NAME = re.compile(r"step_\d{6,}")
@@ -56,46 +51,6 @@ def save_checkpoint(directory: str | os.PathLike[str], step: int, model: Any,
     for old in sorted(root.glob("step_*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
-
-
-@contextlib.contextmanager
-def stops_held(now: bool = True) -> Iterator[Callable[[], None]]:
-    """While inside, from the start (``now``) or from when the block calls the ``hold()`` it is
-    given, a first Ctrl-C or SIGTERM waits: the block runs to its end and the stop is raised as
-    it leaves (``KeyboardInterrupt``, or ``Terminated`` for SIGTERM), so that the file it writes
-    (a checkpoint, the teacher-logits cache) is finished and kept, and the command's one line
-    names it.  A second stop raises at once (``stopping.stop_requests``): whoever insists is
-    not kept waiting, and the write is then lost as before.  A signal the process ignores
-    stays ignored.  For short writes only: a stop waits for the whole block.  An error inside
-    propagates as it is (the held stop with it: the command stops either way)."""
-    asked: list[int] = []
-    holding: list[bool] = []
-
-    def first(signum: int) -> bool:
-        if asked:
-            return False
-        asked.append(signum)
-        return True
-
-    with contextlib.ExitStack() as stack:
-        def hold() -> None:
-            if holding:
-                return
-            holding.append(True)
-            # a signal the process ignores stays ignored: a job a shell script runs in the
-            # background ignores the Ctrl-C meant for the script's foreground, and it would
-            # otherwise stop at its next checkpoint
-            ignored = [s for s in STOP_SIGNALS if signal.getsignal(s) == signal.SIG_IGN]
-            stack.enter_context(stop_requests(first))
-            if threading.current_thread() is threading.main_thread():
-                for signum in ignored:
-                    signal.signal(signum, signal.SIG_IGN)
-
-        if now:
-            hold()
-        yield hold
-    if asked:
-        raise stop_exception(asked[0])
 
 
 def checkpoint_step(checkpoint: Path | None) -> int:

@@ -37,7 +37,7 @@ from peaknet_xtal.atomic import atomic_path
 from peaknet_xtal.config import bounded, deep_merge
 from peaknet_xtal.errors import FormatError
 from peaknet_xtal.progress import Progress
-from peaknet_xtal.training.checkpoint import stops_held
+from peaknet_xtal.stopping import stops_held
 from peaknet_xtal.training.trainer import (
     TRAIN_DEFAULTS,
     TRAIN_TYPES,
@@ -274,7 +274,7 @@ def cache_teacher_logits(teacher: str, label_files: list[str], cache: Path,
     smaller.  Only a file marked ``CACHE_MARK`` (or an unmarked cache of version 2) is ever
     replaced; ``cache`` naming any other file, or a label file, is a FormatError.  A stop
     (Ctrl-C, SIGTERM) during the teacher pass keeps no cache; one after it waits until the
-    cache is written (``checkpoint.stops_held``), and is raised then.  ``progress``: the
+    cache is written (``stopping.stops_held``), and is raised then.  ``progress``: the
     progress line of the teacher pass.
     """
     import h5py

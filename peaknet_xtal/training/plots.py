@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from peaknet_xtal.run_plots import running_mean
+
 #: The loss curve's name in the run folder.
 LOSS_PLOT = "loss.png"
 #: A loss spanning more than this factor is drawn on a log scale: a focal loss falls by decades,
@@ -25,13 +27,6 @@ LOSS_PLOT = "loss.png"
 LOG_SCALE_SPAN = 10.0
 #: With at least this many points a running mean is drawn over the (noisy, one-step) losses.
 SMOOTH_FROM = 20
-
-
-def running_mean(values: np.ndarray, window: int) -> np.ndarray:
-    """The mean of each value and the ``window - 1`` before it (fewer at the start)."""
-    values = np.asarray(values, dtype=float)
-    sums = np.convolve(values, np.ones(window))[:len(values)]
-    return np.asarray(sums / np.minimum(np.arange(1, len(values) + 1), window))
 
 
 def loss_figure(entries: Sequence[Mapping[str, Any]], title: str) -> Any:

@@ -564,8 +564,8 @@ class _Run:
     def save(self, out: Path) -> None:
         """Write the checkpoint of this step (rank 0; every rank takes part in gathering it).
         A stop asked for meanwhile waits until it is written on every rank
-        (``checkpoint.stops_held``) and then stops the run, which resumes from it."""
-        from peaknet_xtal.training.checkpoint import stops_held
+        (``stopping.stops_held``) and then stops the run, which resumes from it."""
+        from peaknet_xtal.stopping import stops_held
 
         with stops_held():
             self._save(out)

@@ -9,7 +9,6 @@ an error naming the file, and that the marker never appears.
 from __future__ import annotations
 
 import os
-import signal
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,6 @@ import torch
 from peaknet_xtal.cli.train import main as train_main
 from peaknet_xtal.errors import FormatError
 from peaknet_xtal.model import create_model
-from peaknet_xtal.stopping import Terminated
 from peaknet_xtal.training.checkpoint import (
     latest_checkpoint,
     load_state,
@@ -106,58 +104,3 @@ def test_peaknet_train_refuses_a_crafted_run_folder(tmp_path, label_file, capsys
     err = capsys.readouterr().err
     assert "state.pt" in err and "Traceback" not in err
     assert not marker.exists()
-
-
-def test_a_held_stop_waits_for_the_block_and_a_second_one_does_not():
-    """The first SIGTERM or Ctrl-C inside waits until the block is done and is then raised as
-    the stop it was; a second one, or one before ``hold()``, stops at once; the handlers before
-    come back."""
-    def unheld(signum, frame):
-        raise AssertionError("a SIGTERM not held")  # Python's default ends the test session
-
-    guard = signal.signal(signal.SIGTERM, unheld)
-    try:
-        _held_stops()
-    finally:
-        signal.signal(signal.SIGTERM, guard)
-
-
-def _held_stops():
-    from peaknet_xtal.training.checkpoint import stops_held
-
-    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-    done = []
-    with pytest.raises(Terminated):
-        with stops_held():
-            os.kill(os.getpid(), signal.SIGTERM)
-            done.append("after the first")
-    assert done == ["after the first"]
-    with pytest.raises(KeyboardInterrupt) as second:
-        with stops_held():
-            os.kill(os.getpid(), signal.SIGINT)
-            os.kill(os.getpid(), signal.SIGINT)
-            done.append("after the second")
-    assert type(second.value) is KeyboardInterrupt and done == ["after the first"]
-    with pytest.raises(KeyboardInterrupt):
-        with stops_held(now=False) as hold:
-            os.kill(os.getpid(), signal.SIGINT)
-            done.append("before hold")
-            hold()
-    assert done == ["after the first"]
-    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
-
-
-def test_a_stop_signal_the_process_ignores_stays_ignored_while_held():
-    """A job a shell script starts in the background ignores SIGINT (the Ctrl-C meant for the
-    script's foreground): held, it was taken as a stop after the checkpoint."""
-    from peaknet_xtal.training.checkpoint import stops_held
-
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        with stops_held():
-            os.kill(os.getpid(), signal.SIGINT)
-        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
-    except KeyboardInterrupt:
-        pytest.fail("an ignored SIGINT was taken as a stop")
-    finally:
-        signal.signal(signal.SIGINT, previous)

@@ -6,16 +6,9 @@ import json
 import logging
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from peaknet_xtal.training.plots import LossCurve, running_mean
-
-
-def test_running_mean_is_the_mean_of_each_value_and_those_before_it() -> None:
-    values = np.array([4.0, 2.0, 6.0, 0.0, 10.0])
-    expected = [np.mean(values[max(0, i - 2):i + 1]) for i in range(len(values))]
-    assert np.allclose(running_mean(values, 3), expected)
+from peaknet_xtal.training.plots import LossCurve
 
 
 def test_a_diverged_runs_history_is_drawn_up_to_its_last_finite_loss(tmp_path: Path) -> None:

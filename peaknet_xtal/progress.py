@@ -104,6 +104,13 @@ class _Bar(tqdm):
 
     monitor_interval = 0
 
+    def close(self) -> None:
+        """tqdm's close, except for a bar whose construction a stop interrupted (a Ctrl-C while
+        its first line was written): tqdm's ``__del__`` closed it anyway and printed an
+        "Exception ignored ... no attribute 'last_print_t'" traceback below the stop's line."""
+        if hasattr(self, "last_print_t"):
+            super().close()
+
 
 class _LogBar(_Bar):
     """One whole line per refresh (``display`` is tqdm's hook for other front ends)."""
@@ -129,6 +136,8 @@ class _LogBar(_Bar):
         """The last state, drawn once.  tqdm's own close() draws it and then ends the line
         with "\n", which here would be a blank line: it is drawn here, and tqdm is left only
         to clear the line, which :meth:`display` declines."""
+        if not hasattr(self, "last_print_t"):  # never built whole (:meth:`_Bar.close`)
+            return
         if not self.disable:
             with self._lock:
                 self._ema_dt = lambda: None  # the run's overall rate, as tqdm's close() gives

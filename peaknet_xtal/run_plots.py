@@ -92,13 +92,13 @@ def density(values: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray, np.n
     return counts, x_edges, y_edges
 
 
-def running_rate(flags: np.ndarray, window: int) -> np.ndarray:
-    """The fraction of true ``flags`` in the last ``window`` entries up to each one (fewer at
-    the start): a hit rate as it was while the run went on."""
-    counts = np.concatenate([[0], np.cumsum(np.asarray(flags, dtype=np.int64))])
-    ends = np.arange(1, len(flags) + 1)
+def running_mean(values: np.ndarray, window: int) -> np.ndarray:
+    """The mean of the last ``window`` values up to each one (fewer at the start): of hit flags,
+    the hit rate as it was while the run went on; of losses, a training curve's trend."""
+    sums = np.concatenate([[0.0], np.cumsum(np.asarray(values, dtype=np.float64))])
+    ends = np.arange(1, len(sums))
     starts = np.maximum(ends - window, 0)
-    return (counts[ends] - counts[starts]) / (ends - starts)
+    return np.asarray((sums[ends] - sums[starts]) / (ends - starts))
 
 
 def peaks_figure(n_peaks: np.ndarray, hit: np.ndarray, min_peaks: int, *, left_out: int = 0,
@@ -154,7 +154,7 @@ def peaks_figure(n_peaks: np.ndarray, hit: np.ndarray, min_peaks: int, *, left_o
                         "out)")
     else:
         window = max(1, min(HIT_WINDOW, frames // 10))
-        running = 100 * running_rate(hit, window)
+        running = 100 * running_mean(hit, window)
         cumulative = 100 * np.cumsum(hit) / np.arange(1, frames + 1)
         step = max(1, frames // (2 * BINS)) if frames > MAX_POINTS else 1
         rate.plot(x[::step], running[::step], color="tab:green", lw=0.9,

@@ -104,3 +104,46 @@ def stop_requests(request: Callable[[int], bool]) -> Iterator[None]:
     finally:
         for signum, old in previous.items():
             signal.signal(signum, old)
+
+
+@contextmanager
+def stops_held(now: bool = True, second_stops: bool = True) -> Iterator[Callable[[], None]]:
+    """While inside, from the start (``now``) or from when the block calls the ``hold()`` it is
+    given, a first Ctrl-C or SIGTERM waits: the block runs to its end and the stop is raised as
+    it leaves (``KeyboardInterrupt``, or ``Terminated`` for SIGTERM), so that what it writes (a
+    checkpoint, the teacher-logits cache, a report moved into place) is finished and kept, and
+    the command's one line names it.  With ``second_stops`` a second stop raises at once
+    (:func:`stop_requests`): whoever insists is not kept waiting, and the write is then lost as
+    before; without it every stop waits (for steps of a moment that must never stop half-way).
+    A signal the process ignores stays ignored: a job a shell script runs in the background
+    ignores the Ctrl-C meant for the script's foreground, and would otherwise stop at its next
+    checkpoint.  For short writes only: a stop waits for the whole block.  An error inside
+    propagates as it is (the held stop with it: the command stops either way).  Outside the
+    main thread nothing changes (no handler can be installed there)."""
+    import contextlib
+
+    asked: list[int] = []
+    holding: list[bool] = []
+
+    def first(signum: int) -> bool:
+        if asked and second_stops:
+            return False
+        asked.append(signum)
+        return True
+
+    with contextlib.ExitStack() as stack:
+        def hold() -> None:
+            if holding:
+                return
+            holding.append(True)
+            ignored = [s for s in STOP_SIGNALS if signal.getsignal(s) == signal.SIG_IGN]
+            stack.enter_context(stop_requests(first))
+            if _main_thread():
+                for signum in ignored:
+                    signal.signal(signum, signal.SIG_IGN)
+
+        if now:
+            hold()
+        yield hold
+    if asked:
+        raise stop_exception(asked[0])

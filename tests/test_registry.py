@@ -467,7 +467,7 @@ def test_a_plugin_model_family_is_created_by_name_and_trained_by_peaknet_train(
         "checkpoint": {"every": 1}}))
     torch.set_num_threads(1)
     assert train_main([str(config)]) == 0
-    final = capsys.readouterr().out.strip()
+    final = capsys.readouterr().out.splitlines()[0].rsplit(" -> ", 1)[1]  # the summary's
     assert final.endswith("model.safetensors")
     assert load_model(final).config == {"family": "tinyfam", "name": "my-tiny", "width": 3}
 

@@ -14,7 +14,7 @@ from peaknet_xtal.run_plots import (
     density,
     integration_figure,
     peaks_figure,
-    running_rate,
+    running_mean,
     write_plot,
 )
 
@@ -64,10 +64,10 @@ def test_a_plot_is_written_whole_or_not_at_all_and_a_failure_is_one_warning(
         write_plot(tmp_path / "stopped.png", interrupted)
 
 
-def test_running_rate_and_density_count_what_they_are_given():
+def test_running_mean_and_density_count_what_they_are_given():
     flags = np.array([1, 0, 0, 1, 1], bool)
-    np.testing.assert_allclose(running_rate(flags, 2), [1, 0.5, 0, 0.5, 1])
-    np.testing.assert_allclose(running_rate(flags, 10), [1, 1 / 2, 1 / 3, 2 / 4, 3 / 5])
+    np.testing.assert_allclose(running_mean(flags, 2), [1, 0.5, 0, 0.5, 1])
+    np.testing.assert_allclose(running_mean(flags, 10), [1, 1 / 2, 1 / 3, 2 / 4, 3 / 5])
     counts, x_edges, y_edges = density(np.array([0, 0, 3, 1, 3, 3]), 3)
     assert counts.shape == (3, 4) and counts.sum() == 6
     np.testing.assert_array_equal(counts, [[2, 0, 0, 0], [0, 1, 0, 1], [0, 0, 0, 2]])
@@ -124,3 +124,9 @@ def test_the_integration_scatter_places_negative_and_leaves_out_unfinished_spots
     assert (summed < 0).any() and points.get_offsets()[:, 0].min() < 0  # negatives placed
     assert any(line.get_label() == "identity" for line in right.get_lines())
     assert left.get_ylabel() == "spots" and "I/sigma" in left.get_xlabel()
+
+
+def test_running_mean_is_the_mean_of_each_value_and_those_before_it() -> None:
+    values = np.array([4.0, 2.0, 6.0, 0.0, 10.0])
+    expected = [np.mean(values[max(0, i - 2):i + 1]) for i in range(len(values))]
+    assert np.allclose(running_mean(values, 3), expected)

@@ -1,6 +1,7 @@
 """peaknet-distill: distil a teacher PeakNet into a small student, from a YAML config.
 
     peaknet-distill CONFIG.yaml [--out DIR] [--teacher MODEL] [--schedule.steps N]
+                    [--stop-after STEP] [--no-progress]
 
 The teacher runs once over the frames of the label files (data.paths) and its logits are cached
 (HDF5, OUT/teacher_logits.h5 unless `cache` is set); the student (model.name) is then trained on
@@ -8,15 +9,23 @@ The teacher runs once over the frames of the label files (data.paths) and its lo
 teacher's weights, a label file or the crop change, and `cache` must not name any other file.
 Label files may come from detectors of different frame shapes.  Reruns resume from the latest
 checkpoint; one whose settings, teacher or label files changed is refused, naming what changed.
+As peaknet-train: OUT/checkpoints, OUT/model.safetensors (+ .json), OUT/history.jsonl (the loss
+every log_every steps), OUT/loss.png (the loss and learning rate against the step, the whole
+run's, redrawn at every checkpoint and as the run ends), OUT/distill_config.json (the record),
+and last lines on stdout saying the step reached, the final loss, this run's steps and time and
+the student's path.  --no-progress: no progress lines (teacher pass, training).
 Ctrl-C stops with exit status 130 and SIGTERM (a batch scheduler's stop) with 143, each with one
 line saying what is kept (the teacher-logits cache once complete, the latest checkpoint);
 rerunning the same command resumes from them, without running the teacher again where the cache
-is kept.  Example configurations: examples/configs/distill_*.yaml in the source repository
-(not installed with the package).
+is kept.  A stop that comes while a checkpoint or the finished cache is written lets the write
+finish first (seconds), so that it is kept; a second Ctrl-C stops at once.  Example
+configurations: examples/configs/distill_*.yaml in the source repository (not installed with
+the package).
 """
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +38,7 @@ from peaknet_xtal.training.cli_common import parse_training_args, training_parse
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    started = time.monotonic()
     # a batch scheduler's SIGTERM stops the run as Ctrl-C does (Python's default died silently
     # with 143), so that it says what is kept; installed first, before torch is imported and
     # the settings read (a SIGTERM in those seconds died silently too)
@@ -44,13 +54,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _interrupted(exc, None)
         if not config.get("teacher"):
             parser.error("no teacher: set 'teacher' in CONFIG.yaml or give --teacher MODEL")
-        return _run(config, argv, config_file)
+        return _run(config, argv, config_file, started)
 
 
-def _run(config: dict[str, Any], argv: list[str], config_file: str) -> int:
-    """Check, record and distil; the exit status, with one line on stderr for a stop or error."""
+def _run(config: dict[str, Any], argv: list[str], config_file: str, started: float) -> int:
+    """Check, record and distil; the exit status, with one line on stderr for a stop or error
+    and the run's summary on stdout (``started``: when the command began, its
+    ``time.monotonic()``)."""
     out = Path(config["out"])
     try:
+        from peaknet_xtal.training.checkpoint import checkpoint_step
+        from peaknet_xtal.training.cli_common import run_summary
         from peaknet_xtal.training.distill import cache_key, check_same_teacher, distill
         from peaknet_xtal.training.trainer import (
             TrainingDiverged,
@@ -62,7 +76,7 @@ def _run(config: dict[str, Any], argv: list[str], config_file: str) -> int:
         # record is touched; and without the advice to rerun the same command, which would be
         # refused again
         config = resolve_model_name(config)  # the record names the architecture trained
-        check_start(config)
+        resumed_at = checkpoint_step(check_start(config))
         check_same_teacher(out, cache_key(config["teacher"], list(config["data"]["paths"]),
                                           int(config["data"]["crop"])))
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Terminated)
@@ -85,7 +99,7 @@ def _run(config: dict[str, Any], argv: list[str], config_file: str) -> int:
         if kept:
             print(f"peaknet-distill: {kept}", file=sys.stderr)
         return 1
-    print(final)
+    print(run_summary("peaknet-distill", config, final, resumed_at, time.monotonic() - started))
     return 0
 
 

@@ -19,9 +19,16 @@ unless `--overwrite` is given; the new report then replaces the earlier one once
 (the earlier report's files the new one does not write are removed; other files stay), and a
 failed run leaves the earlier one as it was.  Each finder's files (activation maps, DIALS
 folder) are named after it, with its model's folders where two models share a file name.
+
+The resolved configuration is logged when the work begins (and saved as config.json with the
+report).  Tuning (settings of each grid), finding and indexing (frames) each show a progress
+line on stderr unless `--no-progress`.  Ctrl-C, or a batch scheduler's SIGTERM, stops the run
+with one line saying what is kept (exit 130, or 143): an unfinished report is never kept, and an
+earlier report in the folder stays as it was; the same command runs it again from the start.
 """
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,6 +37,9 @@ from typing import Any
 from peaknet_xtal.config import bounded, cli_parser, record, resolve_or_exit, setup_logging
 from peaknet_xtal.errors import DialsUnavailable, PeakNetError, require_dials
 from peaknet_xtal.finding.settings import DEFAULTS as FINDING
+from peaknet_xtal.stopping import exit_status, interrupted, sigterm_raises
+
+PROG = "peaknet-eval"
 
 DEFAULTS: dict[str, Any] = {
     "data": None,
@@ -44,6 +54,7 @@ DEFAULTS: dict[str, Any] = {
     "unit_cell": None,
     "samples": 2,
     "overwrite": False,
+    "progress": True,
 }
 TYPES: dict[str, Any] = {"data": str | None, "output": str | None, "space_group": str | None,
                          "unit_cell": str | list[float] | None,
@@ -98,13 +109,58 @@ def run(config: dict[str, Any], argv: Sequence[str] | None = None) -> dict[str, 
     return evaluate(dataset, config["finders"], config["output"],
                     tune_frames=int(config["tune_frames"]), cutoff=float(config["cutoff"]),
                     min_peaks=int(config["min_peaks"]), index=bool(config["index"]),
-                    samples=int(config["samples"]),
+                    samples=int(config["samples"]), progress=bool(config["progress"]),
                     record=lambda staging: record(config, staging / "config.json",
-                                                  "peaknet-eval", argv))
+                                                  PROG, argv))
+
+
+def _report_stamp(out: Path | None) -> tuple[int, int] | None:
+    """Identity of the report.md in ``out`` (inode, modification time), None when there is
+    none: the report is moved into place whole, report.md last, so a new stamp after a stop
+    means this run's report was published complete before it."""
+    try:
+        stat = (out / "report.md").stat() if out is not None else None
+    except OSError:
+        return None
+    return None if stat is None else (stat.st_ino, stat.st_mtime_ns)
+
+
+def what_is_kept(out: Path | None, before: tuple[int, int] | None) -> str:
+    """What a stop kept, for its one line: nothing of an unfinished report, ever."""
+    if out is None:
+        return "stopped before the settings were read: nothing was written"
+    now = _report_stamp(out)
+    if now is not None and now != before:
+        return f"the report was complete before the stop: {out / 'report.md'}"
+    if now is not None:
+        return (f"no new report was written: the report already in {out} is as it was; the "
+                "same command runs it again from the start")
+    return ("no report was written and nothing was left behind; the same command runs it "
+            "again from the start")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = cli_parser(__doc__, prog="peaknet-eval")
+    out: Path | None = None
+    before: tuple[int, int] | None = None
+    try:
+        # a batch scheduler's SIGTERM stops the run as Ctrl-C does (Python's default died with
+        # 143 and no word, leaving the report's staging folder behind), from the first line:
+        # finder checks import torch and DIALS, and the frames are read, before any report
+        with sigterm_raises():
+            parser = build_parser()
+            args = parser.parse_args(argv)
+            setup_logging(getattr(args, "verbose", 0))
+            config = resolve_or_exit(parser, DEFAULTS, args, types=TYPES)
+            before = _report_stamp(Path(config["output"]))  # first: ``out`` set says it is
+            out = Path(config["output"])
+            return _main(config, argv)
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (stopping.Terminated)
+        print(f"{PROG}: {interrupted(exc)}; {what_is_kept(out, before)}", file=sys.stderr)
+        return exit_status(exc)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = cli_parser(__doc__, prog=PROG)
     parser.add_argument("data", help="folder written by peaknet-sim")
     parser.add_argument("-o", "--output", required=True, help="report folder")
     parser.add_argument("--finders", nargs="+", help="peaknet[:MODEL], peakfinder8, dispersion")
@@ -122,13 +178,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a report already in the output folder (once the new one "
                         "is complete)")
-    args = parser.parse_args(argv)
-    setup_logging(getattr(args, "verbose", 0))
-    config = resolve_or_exit(parser, DEFAULTS, args, types=TYPES)
+    parser.add_argument("--no-progress", dest="progress", action="store_false",
+                        help="no progress lines (tuning, finding, indexing)")
+    return parser
+
+
+def _main(config: dict[str, Any], argv: Sequence[str] | None) -> int:
+    """The run once the settings are read: checks, the report, the summary printed."""
     try:
         check(config)
     except (ValueError, DialsUnavailable) as exc:  # refused before anything is written
-        print(f"peaknet-eval: error: {exc}", file=sys.stderr)
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
     try:
         from peaknet_xtal.evaluation.report import check_sim_run
@@ -137,7 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_output(config)
         report = run(config, sys.argv[1:] if argv is None else argv)
     except (PeakNetError, OSError, ValueError) as exc:
-        print(f"peaknet-eval: error: {exc}", file=sys.stderr)
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1
     from peaknet_xtal.evaluation.indexing import failure_text
     from peaknet_xtal.evaluation.report import fmt

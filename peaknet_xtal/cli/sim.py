@@ -1,7 +1,7 @@
 """peaknet-sim: simulate XFEL stills with exact truth on any CrystFEL geometry.
 
     peaknet-sim --geometry G.geom -n N --seed S -o DIR [--config cfg.yaml] [--randomise]
-                [--name NAME] [--overwrite]
+                [--name NAME] [--overwrite] [--no-progress]
 
 Writes DIR/sim.cxi (raw-layout CXI stack with a static mask and the true strong peaks as a CXI
 peak table; a stacked EuXFEL-style layout is stored as one slab, modules one below another, as
@@ -10,9 +10,13 @@ peaknet2cxi stores it, since indexamajig places CXI peaks by slab position), DIR
 reads it through the peaknet_dxtbx format), DIR/sim_truth.h5 (every reflection, crystal and peak
 mask), DIR/sim.stream (the true crystals as indexamajig would write them) and DIR/sim_config.json
 (the settings that made them); --name NAME writes NAME.cxi and so on instead.  Frame i uses seed
-S+i (N >= 1, S >= 0).  Simulation settings (peaknet_xtal.sim.SimConfig fields, each checked for
-its type and range before anything is written) go in the config file's `sim:` section, e.g.
-`sim: {cell: lysozyme, b_factor: 30, hit_probability: 0.8}`.
+S+i (N >= 1, S >= 0).  A config file (--config) names the options' settings as the long
+options do (`frames: 100`, `seed: 1`, `randomise: true`; `stream: false` and `progress: false`
+for --no-stream and --no-progress, which drops the progress line); simulation settings
+(peaknet_xtal.sim.SimConfig fields, each checked for its type and range before anything is
+written) go in its `sim:` section, e.g. `sim: {cell: lysozyme, b_factor: 30,
+hit_probability: 0.8}`.  The command ends by printing the number of frames, hits and strong
+peaks, then each file written.
 
 A folder that already holds a run of the same name is left alone and the command fails, unless
 --overwrite is given: then the new run replaces the earlier one (whatever its detector), and only
@@ -49,15 +53,15 @@ def _defaults() -> dict[str, Any]:
     recorded configuration holds every setting the run used."""
     from peaknet_xtal.sim import SimConfig
 
-    return {"geometry": None, "n": 10, "seed": 0, "output": "sim_out", "name": "sim",
-            "randomise": False, "stream": True, "overwrite": False,
+    return {"geometry": None, "frames": 10, "seed": 0, "output": "sim_out", "name": "sim",
+            "randomise": False, "stream": True, "overwrite": False, "progress": True,
             "sim": SimConfig().to_dict()}
 
 
 def _types() -> dict[str, Any]:
     from peaknet_xtal.sim.config import settings_types
 
-    return {"geometry": str | None, "n": bounded(int, ge=1), "seed": bounded(int, ge=0),
+    return {"geometry": str | None, "frames": bounded(int, ge=1), "seed": bounded(int, ge=0),
             "name": Annotated[str, AfterValidator(_file_stem)], **settings_types("sim.")}
 
 
@@ -72,6 +76,23 @@ def earlier_run(out: Path, name: str) -> list[Path]:
     return [p for p in [*paths, out / f"{name}_config.json"] if p.exists()]
 
 
+def run_counts(truth: Path, seed: int) -> str:
+    """The run in numbers, from its truth file: frames (and their seeds), hits, strong peaks.
+
+    Why: the command listed its files only, and whether a run held the hits and peaks it was
+    meant to (a hit_probability or a crystal too weak) took opening them."""
+    import h5py
+
+    with h5py.File(truth, "r") as h5:  # the run's own, just written: its small frame table
+        frames = h5["frames"][()]
+    n, hits, strong = len(frames), int(frames["hit"].sum()), int(frames["n_strong"].sum())
+    seeds = f"seed {seed}" if n == 1 else f"seeds {seed}-{seed + n - 1}"
+    per_hit = f" ({strong / hits:.0f} per hit)" if hits else ""
+    return (f"peaknet-sim: {n} frame{'s' if n != 1 else ''} ({seeds}), {hits} "
+            f"hit{'s' if hits != 1 else ''}, {strong} strong peak{'s' if strong != 1 else ''}"
+            f"{per_hit}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from peaknet_xtal.formats.geometry import read_geometry
     from peaknet_xtal.sim import SimConfig
@@ -79,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = cli_parser(__doc__, prog="peaknet-sim")
     parser.add_argument("--geometry", "-g", dest="geometry", help="CrystFEL .geom file")
-    parser.add_argument("-n", "--frames", dest="n", type=int,
+    parser.add_argument("-n", "--frames", dest="frames", type=int,
                         help="number of frames, >= 1 (default 10)")
     parser.add_argument("--seed", dest="seed", type=int, help="seed of frame 0 (default 0)")
     parser.add_argument("-o", "--output", dest="output", help="output folder")
@@ -90,6 +111,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--overwrite", dest="overwrite", action="store_true",
                         help="replace an earlier run of the same name in the output folder "
                         "(once the new one is complete)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false",
+                        help="no progress line")
     args = parser.parse_args(argv)
     setup_logging(getattr(args, "verbose", 0))
     config = resolve_or_exit(parser, _defaults(), args, types=_types())
@@ -104,9 +127,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise FormatError(out, f"already holds a run named {name!r} "
                               f"({', '.join(p.name for p in earlier)}); nothing was changed: "
                               "add --overwrite to replace it, or choose another -o or --name")
-        paths = simulate_run(geometry, int(config["n"]), int(config["seed"]), out, sim_config,
-                             name=name, randomise=bool(config["randomise"]),
-                             stream=bool(config["stream"]),
+        paths = simulate_run(geometry, int(config["frames"]), int(config["seed"]), out,
+                             sim_config, name=name, randomise=bool(config["randomise"]),
+                             stream=bool(config["stream"]), progress=bool(config["progress"]),
                              record=lambda staging: record(
                                  config, staging / f"{name}_config.json", "peaknet-sim", argv))
     except KeyboardInterrupt:
@@ -117,6 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     if earlier:
         print(f"peaknet-sim: replaced the earlier run {name!r} in {out}", file=sys.stderr)
+    print(run_counts(paths.truth, int(config["seed"])))
     for label, path in vars(paths).items():
         if path is not None:
             print(f"{label}: {path}")

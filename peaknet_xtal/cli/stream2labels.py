@@ -10,10 +10,12 @@ trusted fits as labels: images, masks (good pixels) and labels, one panel per ro
 metadata, in one compressed HDF5 file that peaknet-train reads directly.
 
 Beside the output: <output>.peakdiff.png (found-vs-predicted and precision-recall scatter with the
-selection box) and <output>.config.json (the resolved settings).  Fits run on a local Ray
-(2 CPUs) unless --no-ray; --address joins a running cluster.  An interrupted run resumes where it
-stopped (finished batches in <output>.parts/ are kept; Ctrl-C stops with exit 130, a batch
-scheduler's SIGTERM with exit 143, each with one line saying what is kept).  A run that
+selection box) and <output>.config.json (the resolved settings, the inputs and the output among
+them as absolute paths).  Fits run on a local Ray (2 CPUs) unless --no-ray; --address joins a
+running cluster.  --no-progress (or --quiet, its earlier name): no progress line.  An
+interrupted run resumes where it stopped (finished batches in <output>.parts/ are kept; Ctrl-C
+stops with exit 130, a batch scheduler's SIGTERM with exit 143, each with one line saying what
+is kept).  A run that
 selects no frame, or labels none of those it selected (their images cannot be read), writes
 no label file and exits 1, saying why (one line per cause, with counts).  Every setting is
 checked before any work: one out of its range (--window 2, --min-precision 2), or a minimum
@@ -70,7 +72,8 @@ def build_parser() -> Any:
     add("--trust-pickle", dest="run.trust_pickle", action="store_true",
         help="also read old pickled .refl files (loading a pickle can run code: only for "
         "files from a source you trust)")
-    add("--quiet", action="store_true", help="no progress line")
+    add("--no-progress", "--quiet", dest="progress", action="store_false",
+        help="no progress line (--quiet: the same, its earlier name)")
     add("--overwrite", action="store_true", help="replace a finished label file at -o (only "
         "once the new one is complete)")
     return parser
@@ -136,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfgmod.setup_logging(getattr(args, "verbose", 0))
     given = vars(args)
     inputs, output = given.pop("inputs"), given.pop("output")
-    quiet = given.pop("quiet", False)
+    progress = given.pop("progress", True)
     overwrite = given.pop("overwrite", False)
     config = cfgmod.resolve_or_exit(parser, DEFAULTS, given, types=TYPES)
     try:  # what no single setting's range can say (a minimum above its maximum)
@@ -150,11 +153,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PeakNetError as exc:
         print(f"stream2labels: error: {exc}", file=sys.stderr)
         return 2
-    cfgmod.record(config, out.with_suffix(".config.json"), "stream2labels",
-                  list(argv) if argv is not None else sys.argv[1:])
+    # the files too, absolute: the record names what was labelled and where it went wherever
+    # it is read from (the command line it keeps holds them as typed, relative to its cwd)
+    cfgmod.record({"inputs": [os.path.abspath(p) for p in inputs],
+                   "output": os.path.abspath(out), **config}, out.with_suffix(".config.json"),
+                  "stream2labels", list(argv) if argv is not None else sys.argv[1:])
     try:  # a batch scheduler's SIGTERM stops it as Ctrl-C does (exit 143, not 130)
         with sigterm_raises():
-            summary = stream2labels(inputs, output, config, progress=not quiet,
+            summary = stream2labels(inputs, output, config, progress=progress,
                                     overwrite=overwrite)
     except KeyboardInterrupt as exc:  # a stop the user asked for, not a failure to explain
         print(f"stream2labels: {interrupted(exc)}; {what_is_kept(out)}", file=sys.stderr)

@@ -158,14 +158,15 @@ def import_images(images: Sequence[str | os.PathLike[str]], workdir: Path) -> Pa
 
 def index_frames(imported: Path, tables: Sequence[np.ndarray], workdir: Path,
                  options: Sequence[str], min_spots: int = 10, first: int = 0,
-                 known: Sequence[Sequence[str]] | None = None) -> list[IndexingResult]:
+                 known: Sequence[Sequence[str]] | None = None,
+                 progress: bool = True) -> list[IndexingResult]:
     """Index each frame's peak table on its own; frames with fewer than ``min_spots`` are skipped
     (DIALS cannot index them, and a non-hit is never indexed).
 
     ``tables`` belong to the images from number ``first`` on (the frames before it, used to tune
     finders, are not scored and so not indexed); ``known`` adds each table's own options to the
     shared ``options`` (its crystal's cell).  The progress bar counts the frames handed to DIALS,
-    which is where the time goes."""
+    which is where the time goes (``progress`` False: no line)."""
     from dxtbx.model.experiment_list import ExperimentListFactory
 
     from peaknet_xtal.evaluation.dials_commands import dials_environment
@@ -180,7 +181,8 @@ def index_frames(imported: Path, tables: Sequence[np.ndarray], workdir: Path,
     env = dials_environment()
     results = []
     tried = sum(len(peaks) >= min_spots for peaks in tables)
-    with Progress(tried, "frames", desc=f"dials.index {workdir.name}") as bar:
+    with Progress(tried, "frames", desc=f"dials.index {workdir.name}",
+                  enabled=progress) as bar:
         for i, peaks in enumerate(tables, start=first):
             if len(peaks) < min_spots:
                 results.append(IndexingResult(False, message=f"{len(peaks)} spots"))

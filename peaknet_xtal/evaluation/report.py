@@ -27,6 +27,7 @@ from peaknet_xtal.evaluation.metrics import bootstrap_f1, score_frames
 from peaknet_xtal.evaluation.tuning import default_grid, tune
 from peaknet_xtal.finding.settings import DEFAULTS
 from peaknet_xtal.progress import Progress
+from peaknet_xtal.stopping import stops_held
 from peaknet_xtal.types import Frame
 
 log = logging.getLogger(__name__)
@@ -110,7 +111,8 @@ def _gain(geometry: Any, frames: Sequence[Frame]) -> float:
     return 1.0 if gain is None else gain
 
 
-def run_finders(finders: dict[str, Any], frames: Sequence[Frame]) -> dict[str, dict[str, Any]]:
+def run_finders(finders: dict[str, Any], frames: Sequence[Frame], progress: bool = True
+                ) -> dict[str, dict[str, Any]]:
     """Every finder on every frame: peak tables and seconds per frame.  A finder that finds
     whole runs (``find_run``: PeakNet, as ``peaknet2cxi`` runs a file) gets the frames as one
     run; its seconds are those between results (batches make them uneven; their mean is
@@ -118,7 +120,7 @@ def run_finders(finders: dict[str, Any], frames: Sequence[Frame]) -> dict[str, d
     out: dict[str, dict[str, Any]] = {}
     for label, finder in finders.items():
         peaks, seconds = [], []
-        with Progress(len(frames), "frames", desc=label) as bar:
+        with Progress(len(frames), "frames", desc=label, enabled=progress) as bar:
             start = time.perf_counter()
             found = (finder.find_run(frames) if hasattr(finder, "find_run")
                      else (finder.find(frame) for frame in frames))
@@ -133,7 +135,7 @@ def run_finders(finders: dict[str, Any], frames: Sequence[Frame]) -> dict[str, d
 
 
 def tuned_finders(specs: Sequence[str], dataset: Dataset, tune_frames: int,
-                  cutoff: float) -> tuple[dict[str, Any], dict[str, Any]]:
+                  cutoff: float, progress: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
     """Instantiate finders; classic ones tuned on the first ``tune_frames`` frames (with truth)."""
     finders, tuning = {}, {}
     for spec in specs:
@@ -144,7 +146,7 @@ def tuned_finders(specs: Sequence[str], dataset: Dataset, tune_frames: int,
                 grid = default_grid(kind, dataset.adu_per_photon)
                 result = tune(kind, dataset.frames[:tune_frames], dataset.truths[:tune_frames],
                               grid, cutoff, None if dataset.reflections is None
-                              else dataset.reflections[:tune_frames])
+                              else dataset.reflections[:tune_frames], progress=progress)
                 params = result["best"]
                 tuning[spec] = result
             elif kind == "dispersion":
@@ -156,7 +158,8 @@ def tuned_finders(specs: Sequence[str], dataset: Dataset, tune_frames: int,
 def evaluate(dataset: Dataset, specs: Sequence[str], out_dir: str | os.PathLike[str], *,
              tune_frames: int = 0, cutoff: float = 3.0, min_peaks: int = DEFAULTS.min_peaks,
              index: bool = False, samples: int = 2,
-             record: Callable[[Path], None] | None = None) -> dict[str, Any]:
+             record: Callable[[Path], None] | None = None, progress: bool = True
+             ) -> dict[str, Any]:
     """Score ``specs`` on ``dataset`` and write the report under ``out_dir``; returns the JSON.
 
     A frame is a hit with at least ``min_peaks`` peaks: by default the library's own rule
@@ -171,8 +174,15 @@ def evaluate(dataset: Dataset, specs: Sequence[str], out_dir: str | os.PathLike[
     report did not record is touched, so other files in the folder stay.  (Replacing is the
     caller's decision: ``peaknet-eval`` refuses a folder holding a report without
     ``--overwrite``, as ``peaknet-sim`` refuses one holding a run.)  ``record``, if given, is
-    called with the staging folder before the report is published: what it writes there (the
-    command's configuration record) is published and recorded with the report."""
+    called with the staging folder before any work: what it writes there (the command's
+    configuration record) is published and recorded with the report, and what it logs (the
+    resolved configuration) comes first in the log, not after minutes of tuning and indexing,
+    and is there even when the run fails or is stopped.
+
+    A stop (Ctrl-C, SIGTERM as :mod:`peaknet_xtal.stopping` raises it) is held while the report
+    is moved into place and while the staging folder is removed, and raised once that is done:
+    one landing in between left an earlier report half-replaced, or the staging folder behind.
+    ``progress``: the progress lines of tuning, finding and indexing (on stderr)."""
     if not dataset.frames:
         raise ValueError(f"{dataset.name}: no frames to score")
     if tune_frames >= len(dataset.frames):  # the tuning frames are never scored
@@ -184,18 +194,20 @@ def evaluate(dataset: Dataset, specs: Sequence[str], out_dir: str | os.PathLike[
     earlier = recorded_files(out)
     staging = Path(tempfile.mkdtemp(prefix=".report.", suffix=".partial", dir=out))
     try:
-        report = _evaluate(dataset, specs, staging, tune_frames, cutoff, min_peaks, index,
-                           samples)
         if record is not None:
             record(staging)
+        report = _evaluate(dataset, specs, staging, tune_frames, cutoff, min_peaks, index,
+                           samples, progress)
         report["files"] = sorted({p.name for p in staging.iterdir()} | set(REPORT_FILES))
         write_json_atomic(staging / "report.json", strict_json(report))
         write_text_atomic(staging / "report.md", markdown(report, dataset))
-        _publish(staging, out, report["files"], earlier)
+        with stops_held(second_stops=False):  # a report moved into place, whole
+            _publish(staging, out, report["files"], earlier)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
-        if created and not any(out.iterdir()):
-            out.rmdir()  # a failed report into a new folder leaves no folder either
+        with stops_held(second_stops=False):
+            shutil.rmtree(staging, ignore_errors=True)
+            if created and not any(out.iterdir()):
+                out.rmdir()  # a failed report into a new folder leaves no folder either
     return report
 
 
@@ -242,14 +254,15 @@ def _publish(staging: Path, out: Path, files: Sequence[str], earlier: Sequence[s
 
 
 def _evaluate(dataset: Dataset, specs: Sequence[str], out: Path, tune_frames: int,
-              cutoff: float, min_peaks: int, index: bool, samples: int) -> dict[str, Any]:
+              cutoff: float, min_peaks: int, index: bool, samples: int,
+              progress: bool) -> dict[str, Any]:
     """``evaluate``'s work: scores, indexing and figures written into ``out``."""
-    finders, tuning = tuned_finders(specs, dataset, tune_frames, cutoff)
+    finders, tuning = tuned_finders(specs, dataset, tune_frames, cutoff, progress)
     names = file_names(list(finders))
     frames = dataset.frames[tune_frames:]
     truths = None if dataset.truths is None else dataset.truths[tune_frames:]
     every = (None if dataset.reflections is None else dataset.reflections[tune_frames:])
-    runs = run_finders(finders, frames)
+    runs = run_finders(finders, frames, progress)
     report: dict[str, Any] = {"dataset": dataset.name, "frames": len(frames),
                               "tuning_frames": tune_frames, "cutoff_px": cutoff,
                               "min_peaks": min_peaks, "finders": {}}
@@ -277,7 +290,7 @@ def _evaluate(dataset: Dataset, specs: Sequence[str], out: Path, tune_frames: in
         report["finders"][label] = entry
     if index:
         report["indexing"] = _index_all(dataset, runs, tune_frames, min_peaks, out / "dials",
-                                        names)
+                                        names, progress)
     report["figures"] = _figures(dataset, finders, runs, truths, frames, out, samples, cutoff,
                                  report, names)
     return report
@@ -388,7 +401,7 @@ def frame_symmetry(dataset: Dataset, first: int = 0) -> tuple[list[list[str]], s
 
 
 def _index_all(dataset: Dataset, runs: dict[str, dict[str, Any]], skip: int, min_peaks: int,
-               workdir: Path, names: dict[str, str]) -> dict[str, Any]:
+               workdir: Path, names: dict[str, str], progress: bool) -> dict[str, Any]:
     from peaknet_xtal.evaluation.indexing import (
         import_images,
         index_frames,
@@ -403,7 +416,8 @@ def _index_all(dataset: Dataset, runs: dict[str, dict[str, Any]], skip: int, min
     for label, run in runs.items():
         # Frames used for tuning are not scored; indexing sees the same evaluation frames.
         results = index_frames(imported, list(run["peaks"]), workdir / names[label], options,
-                               min_spots=min_peaks, first=skip, known=known)
+                               min_spots=min_peaks, first=skip, known=known,
+                               progress=progress)
         hits = [len(p) >= min_peaks for p in run["peaks"]]
         out[label] = summary = summarise(hits, results)
         if summary["failures"]:
@@ -470,7 +484,9 @@ def _figures(dataset: Dataset, finders: dict[str, Any], runs: dict[str, dict[str
     files: list[str] = []
     if truths is not None:
         scores = {label: entry["accuracy"] for label, entry in report["finders"].items()}
-        plots.score_bars(out / "scores.png", scores)
+        plots.score_bars(out / "scores.png", scores,
+                         title=f"{dataset.name}: {report['frames']} frames scored against the "
+                         f"truth (match within {cutoff:g} px)")
         files.append("scores.png")
     first = int(report.get("tuning_frames", 0))
     for i in _sample_frames(frames, truths, samples):
@@ -532,8 +548,8 @@ def markdown(report: dict[str, Any], dataset: Dataset) -> str:
             lines.append(f"| {label} | {fmt(a['precision'])} | {fmt(a['recall'])} | "
                          f"{fmt(a['f1'])} | {fmt(a['median_error_px'], 2)} | "
                          f"{fmt(e['seconds_per_frame'], 2)} |")
-        lines += ["", "F1 interval: 95 % percentile bootstrap over frames. Blanks: frames "
-                  "without a crystal, where every peak is false.", "",
+        lines += ["", "F1 interval (the error bars of scores.png): 95 % percentile bootstrap "
+                  "over frames. Blanks: frames without a crystal, where every peak is false.", "",
                   "| finder | F1 95 % interval | false peaks per blank | blanks called hits |",
                   "|---|---|---|---|"]
         for label, e in report["finders"].items():

@@ -15,6 +15,7 @@ import numpy as np
 
 from peaknet_xtal.evaluation.finders import create_finder
 from peaknet_xtal.evaluation.metrics import score_frames
+from peaknet_xtal.progress import Progress
 from peaknet_xtal.types import Frame
 
 log = logging.getLogger(__name__)
@@ -40,23 +41,31 @@ def grid_points(grid: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
 
 def tune(finder: str, frames: Sequence[Frame], truths: Sequence[np.ndarray],
          grid: Mapping[str, Sequence[Any]], cutoff: float = 3.0,
-         reflections: Sequence[np.ndarray] | None = None) -> dict[str, Any]:
+         reflections: Sequence[np.ndarray] | None = None, *,
+         progress: bool = True) -> dict[str, Any]:
     """Best parameters by overall F1 (ties: fewer found peaks), and every point's scores.
 
     ``truths`` are the strong reflections per frame; ``reflections`` (optional) every true
     reflection, so peaks on weak reflections do not count as false (see ``metrics.PeakScore``).
+    The grid's settings are counted on a progress line (``progress``), with the best F1 so far:
+    each runs the finder on every tuning frame, and the two default grids on 3 CSPAD frames
+    (129 settings) ran 39 s without a line.
     """
     if len(frames) != len(truths):
         raise ValueError(f"{len(frames)} frames but {len(truths)} truth tables")
-    results = []
-    for point in grid_points(grid):
-        instance = create_finder(finder, point)
-        found = [instance.find(frame) for frame in frames]
-        pairs = (zip(found, truths, strict=False) if reflections is None
-                 else zip(found, truths, reflections, strict=False))
-        overall = score_frames(pairs, cutoff)["overall"]
-        results.append({"params": point, **overall.to_dict()})
-        log.debug("%s %s: F1 %.3f", finder, point, overall.f1)
+    results: list[dict[str, Any]] = []
+    points = grid_points(grid)
+    with Progress(len(points), "settings", desc=f"tuning {finder}", enabled=progress) as bar:
+        for point in points:
+            instance = create_finder(finder, point)
+            found = [instance.find(frame) for frame in frames]
+            pairs = (zip(found, truths, strict=False) if reflections is None
+                     else zip(found, truths, reflections, strict=False))
+            overall = score_frames(pairs, cutoff)["overall"]
+            results.append({"params": point, **overall.to_dict()})
+            log.debug("%s %s: F1 %.3f", finder, point, overall.f1)
+            best = max(np.nan_to_num(r["f1"], nan=-1.0) for r in results)
+            bar.update(1, extra=f"best F1 {best:.3f}" if best >= 0 else "best F1 n/a")
     best = max(results, key=lambda r: (np.nan_to_num(r["f1"], nan=-1.0), -r["n_found"]))
     log.info("%s tuned on %d frames: %s (F1 %.3f, best of %d settings)", finder, len(frames),
              best["params"], best["f1"], len(results))

@@ -9,6 +9,11 @@ Resuming reads files from a run folder that may have been copied from elsewhere,
 may run code: ``latest`` must name a ``step_NNNNNN`` folder inside the checkpoint folder (no path,
 no symlink leading out), and ``state.pt`` is loaded with ``torch.load(weights_only=True)``, whose
 unpickler accepts tensors and plain containers only.
+
+A stop (Ctrl-C, a batch scheduler's SIGTERM) that arrives while a checkpoint is written waits
+for the write to finish (``stopping.stops_held``): it takes seconds even for the largest model,
+while a stop that threw it away cost the run up to ``checkpoint.every`` steps (the rerun
+resumed from the checkpoint before).
 """
 from __future__ import annotations
 
@@ -46,6 +51,11 @@ def save_checkpoint(directory: str | os.PathLike[str], step: int, model: Any,
     for old in sorted(root.glob("step_*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def checkpoint_step(checkpoint: Path | None) -> int:
+    """The step of a ``step_NNNNNN`` checkpoint folder; 0 for none (a fresh start)."""
+    return 0 if checkpoint is None else int(checkpoint.name.split("_")[1])
 
 
 def latest_checkpoint(directory: str | os.PathLike[str]) -> Path | None:

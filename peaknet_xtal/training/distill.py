@@ -37,6 +37,7 @@ from peaknet_xtal.atomic import atomic_path
 from peaknet_xtal.config import bounded, deep_merge
 from peaknet_xtal.errors import FormatError
 from peaknet_xtal.progress import Progress
+from peaknet_xtal.stopping import stops_held
 from peaknet_xtal.training.trainer import (
     TRAIN_DEFAULTS,
     TRAIN_TYPES,
@@ -260,7 +261,8 @@ def check_same_teacher(out: Path, key: dict[str, Any]) -> None:
 
 
 def cache_teacher_logits(teacher: str, label_files: list[str], cache: Path,
-                         threads: int = 2, crop: int | None = None) -> Path:
+                         threads: int = 2, crop: int | None = None,
+                         progress: bool = True) -> Path:
     """Run ``teacher`` once over ``crop``-sized tiles of every frame of ``label_files`` (whole
     frames when ``crop`` is None); skip if ``cache`` already holds them.
 
@@ -270,7 +272,10 @@ def cache_teacher_logits(teacher: str, label_files: list[str], cache: Path,
     tiled on its own, and a frame smaller than the tile is padded with masked pixels, as
     training crops are.  The tile is ``crop`` square, or the largest frame where that is
     smaller.  Only a file marked ``CACHE_MARK`` (or an unmarked cache of version 2) is ever
-    replaced; ``cache`` naming any other file, or a label file, is a FormatError.
+    replaced; ``cache`` naming any other file, or a label file, is a FormatError.  A stop
+    (Ctrl-C, SIGTERM) during the teacher pass keeps no cache; one after it waits until the
+    cache is written (``stopping.stops_held``), and is raised then.  ``progress``: the
+    progress line of the teacher pass.
     """
     import h5py
     import torch
@@ -297,7 +302,9 @@ def cache_teacher_logits(teacher: str, label_files: list[str], cache: Path,
     torch.set_num_threads(threads)
     model = load_model(teacher)
     rng = np.random.default_rng(0)
-    with atomic_path(cache) as tmp, h5py.File(tmp, "w") as out:
+    # once the teacher has seen every frame, a stop waits until the cache is closed and in
+    # place (seconds): it kept none, and the rerun ran the teacher again (minutes to hours)
+    with stops_held(now=False) as hold, atomic_path(cache) as tmp, h5py.File(tmp, "w") as out:
         out.attrs.update({CACHE_MARK[0]: CACHE_MARK[1], "version": CACHE_VERSION,
                           "teacher": str(teacher), "crop": int(crop or 0),
                           "key": json.dumps(key, sort_keys=True)})
@@ -310,7 +317,8 @@ def cache_teacher_logits(teacher: str, label_files: list[str], cache: Path,
         k = 0
         # a label file's row is one panel of a frame (labelling.labels): counted as such, so
         # that a multi-panel detector's 9 frames are not announced as 144
-        with Progress(len(source), "panels", desc="teacher logits") as bar, torch.no_grad():
+        with Progress(len(source), "panels", desc="teacher logits",
+                      enabled=progress) as bar, torch.no_grad():
             for i in range(len(source)):
                 image, mask, label = source.frame(i, rng)
                 h, w = image.shape
@@ -327,6 +335,7 @@ def cache_teacher_logits(teacher: str, label_files: list[str], cache: Path,
                     tiles[k] = (i, y0, x0)
                     k += 1
                 bar.update(1)
+            hold()
     return cache
 
 
@@ -411,7 +420,7 @@ def distill(config: dict[str, Any]) -> Path:
     check_same_teacher(Path(config["out"]), cache_key(config["teacher"],
                                                       list(config["data"]["paths"]), crop))
     cache_teacher_logits(config["teacher"], list(config["data"]["paths"]), cache,
-                         int(config["threads"]), crop=crop)
+                         int(config["threads"]), crop=crop, progress=bool(config["progress"]))
     loss = functools.partial(distill_batch_loss,
                              temperature=float(config["loss"]["temperature"]),
                              weights=tuple(config["loss"]["weights"]))

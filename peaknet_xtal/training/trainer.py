@@ -45,6 +45,7 @@ from peaknet_xtal.registry import skipped_note
 from peaknet_xtal.sim.config import SimConfig, settings_types
 from peaknet_xtal.stopping import STOP_SIGNALS
 from peaknet_xtal.training.data import DATA_SOURCES, SIM_OPTIONS, Augment
+from peaknet_xtal.training.plots import LOSS_PLOT, LossCurve
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "checkpoint": {"every": 100, "keep": 2, "resume": True},
     "dist": {"world_size": 1},
     "log_every": 10,
+    "progress": True,        # the progress line on stderr (--no-progress: none)
     "stop_after": None,      # stop (after checkpointing) at this step: tests and time-boxed runs;
                              # a stopped run writes no final model (see run_rank)
 }
@@ -142,14 +144,14 @@ TRAIN_TYPES: dict[str, Any] = {
 #: folder is (``out``: it may be moved), the threads and device it runs on (the same arithmetic up
 #: to float rounding; a checkpoint is device-independent), the data-loader workers (a sample is a
 #: pure function of the seed and its id, whichever process makes it), how often it logs and saves
-#: and how many checkpoints it keeps, whether it resumes, and where it stops (``stop_after``: a
-#: time-boxed run is rerun without it).  Everything else is fixed for the life of a run: the model
-#: and its starting weights, the data and their augmentation, the optimiser, the loss, the
-#: number of ranks (the global batch is ranks x batch size) and the precision.  So is
-#: ``schedule.steps``: the cosine schedule is drawn over it, so a run extended mid-way follows a
-#: learning-rate curve neither the old nor the new setting describes; train longer by starting
-#: a new run (another --out) from the finished model with ``model.init``.
-MAY_CHANGE = frozenset({"out", "threads", "device", "data.workers", "log_every",
+#: and how many checkpoints it keeps, whether it shows progress, whether it resumes, and where
+#: it stops (``stop_after``: a time-boxed run is rerun without it).  Everything else is fixed
+#: for the life of a run: the model and its starting weights, the data and their augmentation,
+#: the optimiser, the loss, the number of ranks (the global batch is ranks x batch size) and the
+#: precision.  So is ``schedule.steps``: the cosine schedule is drawn over it, so a run extended
+#: mid-way follows a learning-rate curve neither the old nor the new setting describes; train
+#: longer by starting a new run (another --out) from the finished model with ``model.init``.
+MAY_CHANGE = frozenset({"out", "threads", "device", "data.workers", "log_every", "progress",
                         "checkpoint.every", "checkpoint.keep", "checkpoint.resume", "stop_after"})
 
 
@@ -179,11 +181,10 @@ def launch(config: dict[str, Any], dataset: Any, loss_fn: LossFn) -> Path:
         mp.spawn(_spawned, args=(world, config, dataset, loss_fn), nprocs=world, join=True)
     except mp.ProcessRaisedException as exc:  # a rank's error comes back as its traceback
         raise _ours(str(exc)) or exc from None
-    from peaknet_xtal.training.checkpoint import latest_checkpoint
+    from peaknet_xtal.training.checkpoint import checkpoint_step, latest_checkpoint
 
     out = Path(config["out"])
-    found = latest_checkpoint(out / "checkpoints")
-    step = int(found.name.split("_")[1]) if found is not None else 0
+    step = checkpoint_step(latest_checkpoint(out / "checkpoints"))
     return _result(out, step, int(config["schedule"]["steps"]))
 
 
@@ -561,6 +562,15 @@ class _Run:
         self.step = int(state["step"])
 
     def save(self, out: Path) -> None:
+        """Write the checkpoint of this step (rank 0; every rank takes part in gathering it).
+        A stop asked for meanwhile waits until it is written on every rank
+        (``stopping.stops_held``) and then stops the run, which resumes from it."""
+        from peaknet_xtal.stopping import stops_held
+
+        with stops_held():
+            self._save(out)
+
+    def _save(self, out: Path) -> None:
         import torch
         import torch.distributed as dist
 
@@ -596,7 +606,9 @@ def run_rank(rank: int, world: int, config: dict[str, Any], dataset: Any,
     under the final name it would be taken for it (and its record would say the run is done).
     It returns the checkpoint it stopped at, which a rerun without ``stop_after`` resumes from,
     and says so on stderr.  A step whose loss, gradient or updated weights are not finite
-    raises :class:`TrainingDiverged` before anything of it is saved (see ``_loop``)."""
+    raises :class:`TrainingDiverged` before anything of it is saved (see ``_loop``).  Rank 0
+    draws the loss curve (``OUT/loss.png``, see ``training.plots``) at every checkpoint and as
+    the run ends, however it ends."""
     import torch
     import torch.distributed as dist
 
@@ -616,10 +628,13 @@ def run_rank(rank: int, world: int, config: dict[str, Any], dataset: Any,
         run.restore(found)
         log.info("resumed from %s at step %d", found, run.step)
     out.mkdir(parents=True, exist_ok=True)
+    curve = None
     if rank == 0:
         _cut_history(out / HISTORY, run.step)
+        curve = LossCurve(out / HISTORY, out / LOSS_PLOT,
+                          f"{out.name}: {config['model']['name']}")
     try:
-        _loop(run, dataset, loss_fn, out)
+        _loop(run, dataset, loss_fn, out, curve)
         steps = int(config["schedule"]["steps"])
         final = _result(out, run.step, steps)
         if run.step < steps:  # stopped by stop_after: the checkpoint is all there is
@@ -636,6 +651,8 @@ def run_rank(rank: int, world: int, config: dict[str, Any], dataset: Any,
             save_model(run.model, final, extra={"steps": run.step}, state=weights)
         return final
     finally:
+        if curve is not None:  # however the run ends: finished, stopped, diverged, failed
+            curve.draw()
         if world > 1 and dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
@@ -643,6 +660,20 @@ def run_rank(rank: int, world: int, config: dict[str, Any], dataset: Any,
 
 #: The per-step log (JSON lines: step, loss, grad_norm, lr) in the run folder.
 HISTORY = "history.jsonl"
+
+
+def read_history(path: Path) -> list[dict[str, Any]]:
+    """The entries of a history file, in order; a line that is not a JSON object (one cut short
+    by a crash) is left out."""
+    entries = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict):
+            entries.append(entry)
+    return entries
 
 
 def _cut_history(path: Path, step: int) -> None:
@@ -754,7 +785,11 @@ def _global_count(count: Any, world: int) -> Any:
     return count.clamp_min(1.0)
 
 
-def _loop(run: _Run, dataset: Any, loss_fn: LossFn, out: Path) -> None:
+def _loop(run: _Run, dataset: Any, loss_fn: LossFn, out: Path,
+          curve: LossCurve | None) -> None:
+    """Train from ``run.step`` to the last step, logging to the history and saving a
+    checkpoint (and redrawing the loss curve, ``curve``: rank 0's) every
+    ``checkpoint.every`` steps and at the last."""
     import torch
 
     from peaknet_xtal.training.data import StepSampler
@@ -774,8 +809,8 @@ def _loop(run: _Run, dataset: Any, loss_fn: LossFn, out: Path) -> None:
     run.wrapped.train()
     micro, running = 0, 0.0
     # counted against the whole schedule: a run stopped at 2 of 4 steps is not 100 % done
-    with Progress(steps, "steps", desc=f"train rank {run.rank}", enabled=run.rank == 0,
-                  initial=run.step) as bar:
+    with Progress(steps, "steps", desc=f"train rank {run.rank}",
+                  enabled=run.rank == 0 and bool(cfg["progress"]), initial=run.step) as bar:
         for batch_data in _batches(loader):
             batch_data = {k: v.to(run.device) for k, v in batch_data.items()}
             sync = (micro == accum - 1 or run.world == 1 or run.fsdp)
@@ -818,6 +853,8 @@ def _loop(run: _Run, dataset: Any, loss_fn: LossFn, out: Path) -> None:
             micro, running = 0, 0.0
             if run.step % every == 0 or run.step == last:
                 run.save(out)
+                if curve is not None:
+                    curve.draw()
 
 
 def _finite_weights(tensors: Iterable[Any]) -> bool:

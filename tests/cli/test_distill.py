@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -284,14 +285,20 @@ def _sigterm_at_call(monkeypatch: pytest.MonkeyPatch, owner: Any, name: str, cal
     monkeypatch.setattr(owner, name, terminated)
 
 
+@pytest.mark.parametrize("when", ["at the first step", "while the cache is written"])
 def test_a_stop_before_the_first_checkpoint_keeps_the_teacher_cache_and_a_rerun_reuses_it(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-        capsys: pytest.CaptureFixture[str]) -> None:
+        when: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str], sigterm_handled: None) -> None:
     """Stopped at the first step, after the teacher pass (minutes on real data): the line said
-    only "interrupted (SIGTERM)", as if nothing were kept."""
+    only "interrupted (SIGTERM)", as if nothing were kept.  Stopped after the teacher had seen
+    every frame, while its cache was closed and put in place: the cache, and the whole teacher
+    pass with it, was thrown away (minutes to hours on real data)."""
     config = _run_folder(tmp_path)
     cache = tmp_path / "run" / "teacher_logits.h5"
-    _sigterm_at_call(monkeypatch, distill_module, "distill_batch_loss", 1)
+    if when == "at the first step":
+        _sigterm_at_call(monkeypatch, distill_module, "distill_batch_loss", 1)
+    else:
+        TRAIN_TESTS.stop_while_written(monkeypatch, ".teacher_logits.h5.", signal.SIGTERM)
     assert main([str(config)]) == 143
     err = capsys.readouterr().err
     assert "Traceback" not in err and latest_checkpoint(tmp_path / "run" / "checkpoints") is None
@@ -352,3 +359,53 @@ def test_sigterm_to_the_process_group_with_loader_workers_is_one_line_exit_143(
     assert lines[0].startswith(f"peaknet-distill: interrupted (SIGTERM); checkpoint {run}")
     assert lines[0].endswith(f"and the teacher-logits cache {run / 'teacher_logits.h5'} are "
                              "kept; rerun the same command to resume from them")
+
+
+@pytest.fixture
+def sigterm_handled():
+    """While a test runs, a SIGTERM that peaknet-distill leaves unhandled fails it (Python's
+    default would end the test session)."""
+    def unhandled(signum: int, frame: Any) -> None:
+        raise AssertionError("peaknet-distill left SIGTERM unhandled")
+
+    previous = signal.signal(signal.SIGTERM, unhandled)
+    yield
+    signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_sigterm_while_a_checkpoint_is_written_keeps_it_and_a_rerun_resumes_from_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        sigterm_handled: None) -> None:
+    """A stop during the first checkpoint's write threw it away (a .part folder left, the line
+    saying only the cache was kept, the rerun starting at step 0)."""
+    config = _run_folder(tmp_path)
+    TRAIN_TESTS.stop_while_written(monkeypatch, ".step_000002.part", signal.SIGTERM)
+    assert main([str(config)]) == 143
+    err = capsys.readouterr().err
+    run = tmp_path / "run"
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (
+        f"peaknet-distill: interrupted (SIGTERM); checkpoint {run / 'checkpoints' / 'step_000002'}"
+        f" and the teacher-logits cache {run / 'teacher_logits.h5'} are kept; rerun the same "
+        "command to resume from them")
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step_000002"]
+    monkeypatch.undo()
+    assert main([str(config)]) == 0
+    assert "; this run: 4 steps (resumed at step 2) in " in capsys.readouterr().out
+
+
+def test_the_summary_says_steps_final_loss_and_time_and_no_progress_drops_both_lines(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """stdout was the student's path alone; and no switch turned the progress lines off."""
+    config = _run_folder(tmp_path)
+    run = tmp_path / "run"
+    assert main([str(config), "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert "teacher logits: " not in captured.err and "train rank 0: " not in captured.err
+    loss = [json.loads(line) for line in (run / "history.jsonl").open()][-1]["loss"]
+    summary = captured.out.splitlines()
+    assert re.fullmatch(
+        rf"peaknet-distill: step 6 of 6, loss {loss:.4g} at step 6; this run: 6 steps in "
+        rf"\d\d:\d\d -> {re.escape(str(run / 'model.safetensors'))}", summary[0]), summary
+    assert summary[1] == f"  loss curve: {run / 'loss.png'}; history: {run / 'history.jsonl'}"
+    assert (run / "loss.png").read_bytes()[:4] == b"\x89PNG"

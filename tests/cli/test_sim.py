@@ -7,6 +7,7 @@ import json
 import pytest
 
 from peaknet_xtal.cli.sim import main
+from peaknet_xtal.sim.output import read_truth
 
 RUN_FILES = ("sim.cxi", "sim.geom", "sim_truth.h5", "sim.stream", "sim_config.json")
 
@@ -24,10 +25,20 @@ def test_config_file_typo_is_an_error_naming_file_and_key(tmp_path, capsys):
 
 def test_wrong_type_is_an_error(tmp_path, capsys):
     cfg = tmp_path / "sim.yaml"
-    cfg.write_text("n: ten\n")
+    cfg.write_text("frames: ten\n")
     with pytest.raises(SystemExit):
         main(["-g", "x.geom", "-o", str(tmp_path / "out"), "--config", str(cfg)])
-    assert "sim.yaml: n:" in capsys.readouterr().err
+    assert "sim.yaml: frames:" in capsys.readouterr().err
+
+
+def test_a_misspelt_frames_key_is_pointed_to_it(tmp_path, capsys):
+    """The trial: `frames: 3`, the option's name, was refused as "did you mean 'name'?" (the key
+    was `n`)."""
+    cfg = tmp_path / "sim.yaml"
+    cfg.write_text("frame: 3\n")
+    with pytest.raises(SystemExit):
+        main(["-g", "x.geom", "-o", str(tmp_path / "out"), "--config", str(cfg)])
+    assert "unknown setting 'frame' (did you mean 'frames'?)" in capsys.readouterr().err
 
 
 @pytest.fixture
@@ -134,3 +145,30 @@ def test_an_output_that_is_a_file_is_refused(tmp_path, small_geom, capsys):
     assert main(["-g", str(small_geom), "-n", "1", "-o", str(out)]) == 1
     assert f"peaknet-sim: error: {out}: the output must be a folder" in capsys.readouterr().err
     assert out.read_text() == "mine"
+
+
+def test_frames_in_a_config_file_the_counts_said_and_no_progress(tmp_path, small_geom, capsys):
+    """The trial: a config file's `frames: 3` was refused, stdout listed the files but not what
+    they hold, and no switch turned the progress line off."""
+    out = tmp_path / "out"
+    assert main(["-g", str(small_geom), "-n", "2", "--seed", "4", "-o", str(out)]) == 0
+    assert "peaknet-sim: 0/2 frames" in capsys.readouterr().err  # the progress line
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("frames: 5\nseed: 3\nsim: {hit_probability: 0.5}\n")
+    assert main(["-g", str(small_geom), "-o", str(out), "--config", str(cfg), "--overwrite",
+                 "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.splitlines() == [f"peaknet-sim: replaced the earlier run 'sim' in {out}"]
+    frames = read_truth(out / "sim_truth.h5")["frames"]
+    hits, strong = int(frames["hit"].sum()), int(frames["n_strong"].sum())
+    assert len(frames) == 5 and 0 < hits < 5 and strong > 0  # the counts below are not trivial
+    assert captured.out.splitlines()[0] == (
+        f"peaknet-sim: 5 frames (seeds 3-7), {hits} hits, {strong} strong peaks "
+        f"({strong / hits:.0f} per hit)")
+    assert captured.out.splitlines()[1:] == [
+        f"{kind}: {out / name}" for kind, name in (("cxi", "sim.cxi"), ("geom", "sim.geom"),
+                                                   ("truth", "sim_truth.h5"),
+                                                   ("stream", "sim.stream"),
+                                                   ("config", "sim_config.json"))]
+    recorded = json.loads((out / "sim_config.json").read_text())["config"]
+    assert recorded["frames"] == 5 and recorded["progress"] is False

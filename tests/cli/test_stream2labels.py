@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 
-from peaknet_xtal.cli.stream2labels import main
+from peaknet_xtal.cli.stream2labels import build_parser, main
 from peaknet_xtal.formats.stream import Chunk, write_stream
 from peaknet_xtal.labelling.labels import LabelFile
 
@@ -407,3 +409,21 @@ def test_frames_without_a_peak_list_are_skipped_with_one_warning(tmp_path, caplo
     assert [r.event for r in records] == ["//0", "//1", "//2"]
     said = [r.getMessage() for r in caplog.records if "peak list" in r.getMessage()]
     assert len(said) == 1 and "2 of its 5 indexed frames" in said[0]
+
+
+def test_the_record_names_the_files_and_no_progress_drops_the_line(sim_run, tmp_path,
+                                                                    monkeypatch, capsys):
+    """The record's configuration held neither the inputs nor the output (only the command
+    line, as typed, relative to a folder); and the switch was --quiet where the other commands
+    have --no-progress."""
+    monkeypatch.chdir(tmp_path)
+    stream = os.path.relpath(sim_run.stream, tmp_path)
+    assert main([stream, "-o", "labels.h5", "--no-ray", "--min-peaks", "1",
+                 "--no-progress"]) == 0
+    assert "stream2labels: 0/" not in capsys.readouterr().err
+    recorded = json.loads((tmp_path / "labels.config.json").read_text())
+    assert recorded["config"]["inputs"] == [str(Path(sim_run.stream).absolute())]
+    assert recorded["config"]["output"] == str(tmp_path / "labels.h5")
+    assert recorded["argv"][:3] == [stream, "-o", "labels.h5"]
+    for switch in ("--no-progress", "--quiet"):  # --quiet: its earlier name, kept
+        assert build_parser().parse_args(["x.stream", "-o", "l.h5", switch]).progress is False

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -21,6 +23,7 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
+from peaknet_xtal import atomic
 from peaknet_xtal.cli.train import main
 
 
@@ -481,3 +484,98 @@ def test_sigterm_before_the_settings_are_read_is_one_line_exit_143(tmp_path: Pat
         "peaknet-train: interrupted (SIGTERM); stopped before the settings were read: nothing "
         "was done")
     assert not any(tmp_path.iterdir())
+
+
+def stop_while_written(monkeypatch: pytest.MonkeyPatch, part: str, signum: int) -> None:
+    """A real ``signum`` to this process while the file or folder ``part`` (a checkpoint's
+    ``.step_NNNNNN.part``, a cache's ``.NAME.``) is written: at the flush of its first file to
+    the disk, as a Ctrl-C or a scheduler's stop lands in a long write."""
+    real, sent = atomic._fsync, []
+
+    def fsync(path: Path) -> None:
+        if part in str(path) and not sent:
+            sent.append(signum)
+            os.kill(os.getpid(), signum)
+        real(path)
+
+    monkeypatch.setattr(atomic, "_fsync", fsync)
+
+
+def test_a_ctrl_c_while_a_checkpoint_is_written_keeps_it_and_the_rerun_resumes_from_it(
+        labels: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """The user trial: Ctrl-C during the first checkpoint's write said "no checkpoint was
+    written yet", left checkpoints/.step_000010.part, and the rerun began again at step 0 (for
+    a large model up to checkpoint.every steps lost).  The write finishes, the line names it,
+    and the same command resumes from it."""
+    cfg = write(tmp_path / "run.yaml", settings(labels))
+    out = tmp_path / "out"
+    stop_while_written(monkeypatch, ".step_000002.part", signal.SIGINT)
+    assert main([str(cfg), "--out", str(out)]) == 130
+    err = capsys.readouterr().err
+    kept = out / "checkpoints" / "step_000002"
+    assert one_error_line(err) == err.strip().splitlines()[-1] == (
+        f"peaknet-train: interrupted; rerun the same command to resume from {kept}")
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step_000002"]
+    assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"  # a stopped run has its curve
+    monkeypatch.undo()
+    assert main([str(cfg), "--out", str(out)]) == 0
+    assert "; this run: 2 steps (resumed at step 2) in " in capsys.readouterr().out
+
+
+def test_the_summary_and_the_loss_curve_cover_the_whole_run(labels: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch,
+                                                            capsys) -> None:
+    """The trial: stdout was the model's path alone, and no picture of the loss.  The last
+    lines say the step, the final loss (the history's), this run's steps and time and the
+    model; OUT/loss.png is drawn from the history, so a resumed run's curve shows every step.
+    --no-progress drops the progress line (a rerun may change it)."""
+    from peaknet_xtal.training import plots
+
+    cfg = write(tmp_path / "run.yaml", settings(labels))
+    out = tmp_path / "out"
+    drawn: list[list[int]] = []
+    real = plots.loss_figure
+
+    def spy(entries, title):
+        drawn.append([e["step"] for e in entries])
+        return real(entries, title)
+
+    monkeypatch.setattr(plots, "loss_figure", spy)
+    assert main([str(cfg), "--out", str(out), "--stop-after", "2"]) == 0
+    first = capsys.readouterr()
+    assert "train rank 0: " in first.err
+    history = [json.loads(line) for line in (out / "history.jsonl").open()]
+    assert re.fullmatch(
+        rf"peaknet-train: step 2 of 4, loss {history[-1]['loss']:.4g} at step 2; this run: 2 "
+        rf"steps in \d\d:\d\d -> {re.escape(str(out / 'checkpoints' / 'step_000002'))}",
+        first.out.splitlines()[0]), first.out
+    assert main([str(cfg), "--out", str(out), "--no-progress"]) == 0
+    second = capsys.readouterr()
+    assert "train rank 0: " not in second.err
+    history = [json.loads(line) for line in (out / "history.jsonl").open()]
+    summary = second.out.splitlines()
+    assert re.fullmatch(
+        rf"peaknet-train: step 4 of 4, loss {history[-1]['loss']:.4g} at step 4; this run: 2 "
+        rf"steps \(resumed at step 2\) in \d\d:\d\d -> "
+        rf"{re.escape(str(out / 'model.safetensors'))}", summary[0]), summary
+    assert summary[1] == f"  loss curve: {out / 'loss.png'}; history: {out / 'history.jsonl'}"
+    assert drawn[-1] == [1, 2, 3, 4]
+    assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_loss_curve_that_cannot_be_drawn_is_one_warning_and_the_run_goes_on(
+        labels: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    from peaknet_xtal.training import plots
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("no fonts here")
+
+    monkeypatch.setattr(plots, "loss_figure", broken)
+    cfg = write(tmp_path / "run.yaml", settings(labels))
+    out = tmp_path / "out"
+    with caplog.at_level(logging.WARNING):
+        assert main([str(cfg), "--out", str(out)]) == 0
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(said) == 1 and "no fonts here" in said[0] and "loss.png" in said[0], said
+    assert (out / "model.safetensors").exists() and not (out / "loss.png").exists()

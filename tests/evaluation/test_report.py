@@ -12,7 +12,9 @@ from __future__ import annotations
 import json
 import math
 import re
+import signal
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -296,6 +298,83 @@ def test_a_failed_report_leaves_the_earlier_one_as_it_was(scripted, broken, tmp_
     assert not (tmp_path / "new").exists()
 
 
+def test_the_configuration_is_recorded_before_any_work_even_when_the_run_fails(
+        scripted, broken, tmp_path, monkeypatch):
+    """The command's configuration line came at the end, after every finder and DIALS had run
+    (66 s into a user trial), and a run that failed or was stopped logged none: ``record`` now
+    comes before the first finder, and what it writes is published with the report."""
+    dataset, _ = constructed()
+    order: list[str] = []
+    make = FINDERS["sloppy"]
+
+    def counted(params=None):
+        finder = make(params)
+        finder.find = lambda frame: order.append("find") or frame.meta["sloppy"]
+        return finder
+
+    monkeypatch.setitem(FINDERS, "sloppy", counted)
+
+    def record(staging):
+        order.append("record")
+        (staging / "config.json").write_text("{}")
+
+    report = evaluate(dataset, ["sloppy"], tmp_path / "a", min_peaks=10, samples=0,
+                      record=record)
+    assert order[0] == "record" and order.count("find") == 3, order
+    assert "config.json" in report["files"] and (tmp_path / "a" / "config.json").is_file()
+    order.clear()
+    with pytest.raises(RuntimeError, match="broken on purpose"):
+        evaluate(dataset, ["broken"], tmp_path / "b", min_peaks=10, record=record)
+    assert order == ["record"] and not (tmp_path / "b").exists()
+
+
+def test_progress_lines_of_the_finders_and_none_without_progress(scripted, tmp_path, capsys):
+    """Each finder's frames are counted on stderr; ``progress=False`` (``--no-progress``)
+    leaves stderr empty."""
+    dataset, _ = constructed()
+    evaluate(dataset, ["sloppy", "oracle"], tmp_path / "a", min_peaks=10, samples=0)
+    err = capsys.readouterr().err
+    assert "sloppy: 3/3 frames 100.0%" in err and "oracle: 3/3 frames 100.0%" in err, err
+    evaluate(dataset, ["sloppy", "oracle"], tmp_path / "b", min_peaks=10, samples=0,
+             progress=False)
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_while_the_report_is_moved_into_place_waits_until_it_is_whole(
+        scripted, tmp_path, monkeypatch, signum):
+    """A Ctrl-C or SIGTERM landing while a finished report replaces an earlier one stopped it
+    half-way: the new figures beside the earlier report.md.  The stop now waits until the new
+    report is whole (and its staging folder gone), and is raised then, as it would have been."""
+    import os
+
+    from peaknet_xtal.evaluation import report as report_module
+    from peaknet_xtal.stopping import Terminated, sigterm_raises
+
+    dataset, _ = constructed()
+    out = tmp_path / "report"
+    evaluate(dataset, ["sloppy", "oracle"], out, min_peaks=10, samples=2)
+    replace = os.replace
+    moved: list[str] = []
+
+    def replace_then_stop(source, target, *args, **kwargs):
+        replace(source, target, *args, **kwargs)
+        if Path(target).parent == out and Path(source).parent.name.endswith(".partial"):
+            moved.append(Path(target).name)
+            if len(moved) == 2:  # after the first figures, before report.json and report.md
+                os.kill(os.getpid(), signum)
+
+    monkeypatch.setattr(report_module.os, "replace", replace_then_stop)
+    expected = Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+    with sigterm_raises(), pytest.raises(expected) as stopped:
+        evaluate(dataset, ["oracle"], out, min_peaks=10, samples=1)
+    assert type(stopped.value) is expected
+    published = json.loads((out / "report.json").read_text())
+    assert published["finders"].keys() == {"oracle"}  # the new report, whole
+    assert {p.name for p in out.iterdir()} == set(published["files"])  # no staging folder
+    assert len(moved) == len(published["files"]) > 2
+
+
 GPCR = (61.5, 91.5, 151.1, 90.0, 98.5, 90.0)
 LYSOZYME = (79.1, 79.1, 38.0, 90.0, 90.0, 90.0)
 
@@ -309,7 +388,8 @@ def fake_dials(monkeypatch, tmp_path):
     calls: list[dict[str, Any]] = []
     monkeypatch.setattr(indexing, "import_images", lambda images, workdir: tmp_path / "i.expt")
 
-    def index_frames(imported, tables, workdir, options, min_spots=10, first=0, known=None):
+    def index_frames(imported, tables, workdir, options, min_spots=10, first=0, known=None,
+                     progress=True):
         workdir.mkdir(parents=True, exist_ok=True)  # as DIALS' working files would
         calls.append({"first": first, "options": list(options), "known": known,
                       "tables": len(tables)})

@@ -111,3 +111,17 @@ def test_default_grids_scale_adu_knobs_with_gain():
     assert grid_points({"b": [1, 2], "a": ["x"]}) == [{"a": "x", "b": 1}, {"a": "x", "b": 2}]
     with pytest.raises(KeyError, match="no default grid"):
         default_grid("peaknet")
+
+
+def test_tuning_counts_its_settings_on_a_progress_line_unless_asked_not_to(frames, capsys):
+    """A grid ran for 47 s of a user trial with nothing on stderr: each setting is counted, with
+    the rate, the ETA and the best F1 so far; ``progress=False`` (``--no-progress``) is silent."""
+    args = ([f for f, _, _ in frames], [s for _, s, _ in frames], GRID)
+    result = tune("threshold", *args, cutoff=2.0)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[0].startswith("tuning threshold: 0/12 settings") and "ETA" in lines[0], lines
+    best = result["best_score"]["f1"]
+    assert lines[-1].startswith("tuning threshold: 12/12 settings 100.0%"), lines
+    assert "settings/s" in lines[-1] and lines[-1].endswith(f"best F1 {best:.3f}"), lines
+    tune("threshold", *args, cutoff=2.0, progress=False)
+    assert capsys.readouterr().err == ""

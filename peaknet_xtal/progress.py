@@ -104,6 +104,23 @@ class _Bar(tqdm):
 
     monitor_interval = 0
 
+    def refresh(self, nolock: bool = False, lock_args: tuple | None = None) -> bool | None:
+        """tqdm's refresh, holding tqdm's process-wide lock as tqdm does, but letting it go when
+        the drawing raises (a Ctrl-C in the stream's write or flush): tqdm's own refresh keeps
+        it then, and every later bar that another thread of the process draws waits for ever (a
+        Python session's next run through the API; a Ray driver thread in a test run)."""
+        if self.disable or nolock:
+            return super().refresh(nolock=nolock, lock_args=lock_args)
+        if lock_args:
+            if not self._lock.acquire(*lock_args):
+                return False
+        else:
+            self._lock.acquire()
+        try:
+            return super().refresh(nolock=True)
+        finally:
+            self._lock.release()
+
     def close(self) -> None:
         """tqdm's close, except for a bar whose construction a stop interrupted (a Ctrl-C while
         its first line was written): tqdm's ``__del__`` closed it anyway and printed an

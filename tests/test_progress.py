@@ -4,6 +4,7 @@ import io
 import logging
 import math
 import sys
+import threading
 import time
 
 import pytest
@@ -265,7 +266,15 @@ def test_a_stop_while_a_bar_is_built_leaves_no_traceback(monkeypatch, tty):
 
     ignored: list[object] = []
     monkeypatch.setattr(sys, "unraisablehook", ignored.append)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt) as stop:
         Progress(10, "frames", stream=Stopping(), interval=0)
+    # tqdm's process-wide lock was let go: a bar drawn from another thread is not kept waiting
+    # (tqdm's own refresh kept it; a Ray pipeline's driver thread later in the test run hung)
+    drawn = threading.Thread(target=lambda: Progress(1, "frames", stream=io.StringIO()).close(),
+                             daemon=True)
+    drawn.start()
+    drawn.join(timeout=10)
+    assert not drawn.is_alive(), "tqdm's lock was left held"
+    del stop
     gc.collect()
     assert not ignored, [getattr(u, "exc_value", u) for u in ignored]

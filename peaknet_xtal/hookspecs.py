@@ -13,7 +13,8 @@ How the registry (:mod:`peaknet_xtal.registry`) treats plugins, which is part of
   plugin cannot take over a file a built-in reads; it claims what no built-in does.  Every
   command that takes inputs (``peaknet2cxi``, ``peaknet-show``, the data engine) asks the
   plugins' ``sniff`` about an input the built-ins do not claim or fail to read: an HDF5 file
-  without the CXI reader's datasets, a folder, a name that is not a file (passed as typed).
+  without the CXI reader's datasets, a folder, a name that is not a file (passed as typed),
+  on the command line or on a line of a list file alike.
 * A plugin that fails to load (an import error, a hook pluggy rejects) is skipped with one
   warning naming its entry point and distribution: a broken plugin an input does not use does
   not stop work on the inputs that need only the built-ins.  Asking for something only it would
@@ -88,9 +89,10 @@ def peaknet_source_types() -> Sequence[Any]:
     nothing without ``-g``; ``peaknet-show --geometry`` a ``.geom`` path; the data engine a
     Geometry or None: :func:`peaknet_xtal.builtin.options.geometry_option` makes any of them a
     Geometry or None);
-    and from ``peaknet2cxi --source-option KEY=VALUE`` the options the type declares in its
-    optional ``options: tuple[str, ...]`` (their names; each value the string typed; a key no
-    registered type declares is refused).  A Python caller passes what it likes
+    and from ``--source-option KEY=VALUE`` (``peaknet2cxi``, ``peaknet-show`` and
+    ``stream2labels`` alike: :mod:`peaknet_xtal.source_option`) the options the type declares
+    in its optional ``options: tuple[str, ...]`` (their names; each value the string typed; a
+    key no registered type declares is refused).  A Python caller passes what it likes
     (``registry.open_source(path, kind, **options)``, ``run_pipeline``'s ``source_options``).
     ``peaknet_xtal.builtin.sources.SourceType`` is such a class.
     """

@@ -304,9 +304,9 @@ def _sniff_among(path: str, builtin: bool) -> str | None:
 
 def source_options() -> dict[str, tuple[str, ...]]:
     """Per source type, the options beyond ``geometry`` its ``open`` takes from a user
-    (``SourceType.options``, optional: none where it declares none; ``peaknet2cxi
-    --source-option KEY=VALUE`` passes these and refuses any other key).  A declaration that is
-    not a sequence of names is a PluginError naming the plugin."""
+    (``SourceType.options``, optional: none where it declares none; ``--source-option
+    KEY=VALUE`` passes these and refuses any other key: :mod:`peaknet_xtal.source_option`).
+    A declaration that is not a sequence of names is a PluginError naming the plugin."""
     found: dict[str, tuple[str, ...]] = {}
     for name, entry in registered("peaknet_source_types").items():
         names = getattr(entry.item, "options", None) or ()

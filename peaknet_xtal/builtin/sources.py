@@ -21,7 +21,8 @@ from peaknet_xtal.types import Frame
 class SourceType:
     """What ``peaknet_source_types`` returns (see hookspecs); plugins may reuse this class.
     ``options``: the names of the options beyond ``geometry`` that ``open`` takes from a user
-    (``peaknet2cxi --source-option KEY=VALUE``); the built-ins take none that way."""
+    (``--source-option KEY=VALUE`` of peaknet2cxi, peaknet-show and stream2labels); the
+    built-ins take none that way."""
 
     name: str
     description: str

@@ -8,9 +8,9 @@ miniCBF .bz2/.gz, NeXus, ...; with -g read through that geometry as indexamajig 
 file, else through the geometry DIALS reads from it), or a list file as `indexamajig -i` takes
 (one file per line, optionally followed by an event such as //3); -i LIST names a list file
 whatever its suffix.  An input no built-in reads (an HDF5 file without images where the CXI reader
-looks, a folder, a name that is not a file) goes to the first installed plugin source whose sniff
-claims it; --source-option KEY=VALUE (repeatable) passes an option a source type declares (the
-psana plugin's detector=NAME) to the sources that declare it.
+looks, a folder, a name that is not a file), given or in a list file, goes to the first
+installed plugin source whose sniff claims it; --source-option KEY=VALUE (repeatable) passes an
+option a source type declares (the psana plugin's detector=NAME) to the sources that declare it.
 
 OUTDIR receives:
   peaks-NNNNN.cxi     images (a virtual dataset linking to the input HDF5, or a copy), each
@@ -68,6 +68,7 @@ from typing import Any
 import numpy as np
 
 from peaknet_xtal import config as cfgmod
+from peaknet_xtal import source_option
 from peaknet_xtal.atomic import make_output_folder
 from peaknet_xtal.config import bounded
 from peaknet_xtal.errors import (
@@ -181,10 +182,7 @@ def build_parser() -> Any:
     parser.add_argument("-g", "--geometry", help="CrystFEL .geom the input is read through "
                         "(CXI/HDF5 input; images DIALS reads are read through their own "
                         "geometry without it)")
-    parser.add_argument("--source-option", dest="source_option", action="append",
-                        metavar="KEY=VALUE", help="an option for the frame source types that "
-                        "declare KEY (a plugin's, e.g. the psana plugin's detector=NAME; "
-                        "repeatable; the value is passed as the string typed)")
+    source_option.add_argument(parser)
     parser.add_argument("--model", help="model name or weights file (default: default)")
     parser.add_argument("--device", help="auto, cpu or cuda[:N] (default: auto)")
     parser.add_argument("--precision", choices=PRECISIONS,
@@ -264,15 +262,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if lists:
         del args.input_lists
         args.inputs = list(getattr(args, "inputs", []) or []) + [f"{LIST_MARK}{p}" for p in lists]
-    pairs = getattr(args, "source_option", None)
-    if pairs is not None:
-        del args.source_option
-        args.source_options = _key_values(parser, pairs)
+    source_option.take(parser, args)
     config = cfgmod.resolve_or_exit(parser, DEFAULTS, args, types=TYPES)
-    try:  # a usage error, before the output folder is made
-        check_source_options(config["source_options"])
-    except PeakNetError as exc:
-        parser.error(str(exc))
+    # a usage error, before the output folder is made
+    source_option.check_or_exit(parser, config["source_options"])
     if not config["inputs"] or not config["output"]:
         build_parser().print_usage(sys.stderr)
         print("peaknet2cxi: need at least one INPUT (or -i LIST) and -o OUTDIR", file=sys.stderr)
@@ -347,37 +340,6 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{summary['list']} names files in a folder whose path holds a space: it will "
               "not find them; use an output folder without spaces")
     return 0
-
-
-def _key_values(parser: Any, pairs: Sequence[str]) -> dict[str, str]:
-    """``--source-option`` values (``KEY=VALUE``) as a mapping; anything else is a usage
-    error."""
-    options: dict[str, str] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            parser.error(f"argument --source-option: {pair!r} is not KEY=VALUE")
-        options[key.strip()] = value
-    return options
-
-
-def check_source_options(options: Mapping[str, Any]) -> None:
-    """Refuse a source option no registered source type declares (``SourceType.options``):
-    a misspelt ``detectr=`` would otherwise reach no source and be lost without a word.  The
-    geometry has its own option, ``-g``."""
-    if not options:
-        return
-    from peaknet_xtal.registry import skipped_note, source_options
-
-    declared = source_options()
-    known = {name for names in declared.values() for name in names} - {"geometry"}
-    unknown = sorted(set(options) - known)
-    if unknown:
-        offered = "; ".join(f"{kind}: {', '.join(names)}" for kind, names in declared.items()
-                            if names) or "none declares any"
-        geometry = " (the geometry: -g)" if "geometry" in unknown else ""
-        raise PeakNetError(f"--source-option {', '.join(unknown)}: no registered source type "
-                           f"takes it{geometry} (source options: {offered}){skipped_note()}")
 
 
 def _unreadable(path: Path) -> str | None:
@@ -563,7 +525,7 @@ def run(config: Mapping[str, Any], *, argv: Sequence[str] | None = None,
                                   {k: DEFAULTS[k] for k in RANGES}, RANGES,
                                   [("run() arguments", config)]))
     check_precision(config["precision"])  # before the output folder is touched
-    check_source_options(config["source_options"])
+    source_option.check(config["source_options"])
     check_dials_option(config)
     if expansion is None or not expansion.expands(config["inputs"]):
         expansion = RunInputs(config["inputs"])
@@ -903,7 +865,9 @@ def expand_inputs(inputs: Sequence[Any]) -> list[dict[str, Any]]:
     """``[{"path", "events"}]`` from files and ``indexamajig -i`` style list files.
 
     A list line is ``path`` or ``path event`` (e.g. ``run7.cxi //3``); relative paths are taken
-    from the current directory, like indexamajig does, or else beside the list file.  A list
+    from the current directory, like indexamajig does, or else beside the list file.  Each
+    name, given or listed, is resolved by :func:`resolve_input` (a plugin source's name in a
+    list, with events or without, is its input as it is on the command line).  A list
     that names no file is an error, not an empty run.  A list's events named more than once
     are said once each call (a run expands its inputs once: :class:`RunInputs`), a list given
     twice included.
@@ -933,15 +897,8 @@ def expand_inputs(inputs: Sequence[Any]) -> list[dict[str, Any]]:
                     raise FormatError(path, f"{line!r}: a list line is 'FILE' or 'FILE EVENT' "
                                       f"(indexamajig's list format), not {len(parts)} words",
                                       line=line_no)
-                target = target or _locate(parts[0], path)
-                if target is None:
-                    raise FormatError(path, f"listed file {parts[0]!r} not found", line=line_no)
-                if target.is_dir():
-                    raise FormatError(path, f"{parts[0]!r} is a folder: list its image files",
-                                      line=line_no)
-                entry = out.setdefault(os.path.realpath(target),
-                                       {"path": str(target), "events": set(),
-                                        "list": str(path)})
+                key, name = resolve_input(parts[0], (path, line_no), target)
+                entry = out.setdefault(key, {"path": name, "events": set(), "list": str(path)})
                 if len(parts) > 1:
                     if entry["events"] is None:
                         continue
@@ -954,23 +911,10 @@ def expand_inputs(inputs: Sequence[Any]) -> list[dict[str, Any]]:
                 log.warning("%s: %d event(s) listed more than once; each is processed once",
                             path, repeated)
         else:
-            if not path.exists() or path.is_dir():
-                # a name no built-in reads may be a plugin source's (a folder, a network
-                # address, an LCLS run): asked as typed, as Path() would make zmq://h zmq:/h
-                if sniff_plugin_source(text) is not None:
-                    name = str(_absolute(path)) if path.exists() else text
-                    out.setdefault(os.path.realpath(path) if path.exists() else text,
-                                   {"path": name, "events": None})
-                    continue
-                if not path.exists():
-                    raise unclaimed(FormatError(path, "input file not found"))
-                # said as that: "not a CXI/HDF5 file and not an image" misled
-                raise unclaimed(_folder_given(path))
-            # one entry a file, whatever names it is given under (a link and the file)
-            if os.path.realpath(path) in out and out[os.path.realpath(path)].get("list") is None:
+            key, name = resolve_input(text)
+            if key in out and out[key].get("list") is None:
                 again.append(text)
-            out.setdefault(os.path.realpath(path), {"path": str(_absolute(path)), "events": None})
-            out[os.path.realpath(path)]["events"] = None
+            out.setdefault(key, {"path": name, "events": None})["events"] = None
     if again:  # eight links to one CBF ran as "0/1 frames" without a word
         log.warning("%d input(s) name a file given before (the same file, or a link to it: "
                     "%s%s); each file is processed once", len(again), ", ".join(again[:3]),
@@ -979,6 +923,39 @@ def expand_inputs(inputs: Sequence[Any]) -> list[dict[str, Any]]:
         if entry["events"] is not None and not entry["events"]:
             entry["events"] = None
     return list(out.values())
+
+
+def resolve_input(name: str, listed: tuple[Path, int] | None = None,
+                  found: Path | None = None) -> tuple[str, str]:
+    """``(identity, path)`` of one input named on the command line or, with ``listed`` (the
+    list file and line), on a list line; ``found``: where the caller found it already.
+
+    One rule for both, since a list line is an input as a direct argument is: a list's entry
+    that was no file was refused as "not found" (a folder as "a folder") without asking the
+    plugin sources, which every direct argument asks.  A file is itself, named by its
+    absolute path and known by its resolved one (a link and its file are one input).  A name
+    no file answers to (a folder, a network address, an LCLS run) goes to the first plugin
+    source whose ``sniff`` claims it: a folder by its absolute path, any other name as typed
+    (``Path()`` would make ``zmq://h`` ``zmq:/h``).  A list line's name is looked for in the
+    current folder, as indexamajig takes it, then beside the list file.  One no plugin
+    claims is a FormatError naming the plugins that failed to load (``registry.unclaimed``).
+    """
+    found = found or _locate(name, listed[0] if listed is not None else None)
+    if found is not None and not found.is_dir():
+        return os.path.realpath(found), str(found)
+    asked = str(found) if found is not None else name
+    if sniff_plugin_source(asked) is not None:
+        return (os.path.realpath(found) if found is not None else name), asked
+    if listed is not None:
+        list_file, line = listed
+        if found is None:
+            raise unclaimed(FormatError(list_file, f"listed file {name!r} not found", line=line))
+        raise unclaimed(FormatError(list_file, f"{name!r} is a folder: list its image files",
+                                    line=line))
+    if found is None:
+        raise unclaimed(FormatError(Path(name), "input file not found"))
+    # said as that: "not a CXI/HDF5 file and not an image" misled
+    raise unclaimed(_folder_given(found))
 
 
 def _folder_given(folder: Path) -> FormatError:
@@ -1003,8 +980,10 @@ def _list_lines(path: Path) -> Iterator[tuple[int, str]]:
             yield number, line
 
 
-def _locate(name: str, list_file: Path) -> Path | None:
-    for candidate in (Path(name), list_file.parent / name):
+def _locate(name: str, list_file: Path | None = None) -> Path | None:
+    """``name`` made absolute (:func:`_absolute`) where something is there: in the current
+    folder, else beside ``list_file`` (a list line's name); None where nothing is."""
+    for candidate in (Path(name), *(() if list_file is None else (list_file.parent / name,))):
         if candidate.exists():
             return _absolute(candidate)
     return None
@@ -1051,12 +1030,7 @@ def open_input(path: str, geometry: Any = None,
     reads.  One no source claims keeps the built-ins' error, naming any plugin that failed to
     load (``registry.unclaimed``); a plugin's broken hook (a PluginError) is said as itself.
     """
-    from peaknet_xtal.registry import (
-        checked_source,
-        open_source,
-        sniff_builtin_source,
-        source_options,
-    )
+    from peaknet_xtal.registry import checked_source, open_source, sniff_builtin_source
 
     try:
         return _open_builtin(path, geometry)
@@ -1066,8 +1040,7 @@ def open_input(path: str, geometry: Any = None,
             if sniff_builtin_source(path) is not None:
                 raise  # a built-in's input, refused for a reason of its own
             raise unclaimed(exc) from exc.__cause__
-    declared = source_options().get(kind, ())
-    given = {key: value for key, value in (options or {}).items() if key in declared}
+    given = source_option.for_type(kind, options)
     if geometry is not None:
         given["geometry"] = geometry
     return checked_source(open_source(path, kind, **given), kind, path)

@@ -1,6 +1,7 @@
 """peaknet-show: summarise the files of a serial-crystallography run, like dials.show.
 
     peaknet-show FILE... [--json] [--geometry G.geom] [--max-frames N]
+                 [--source-option KEY=VALUE ...]
     peaknet-show --models [--json]
 
 Understands CrystFEL streams (chunks, peaks, crystals, reflections, peaks per frame), CrystFEL
@@ -9,8 +10,9 @@ range, peak tables), images DIALS can read (.cbf, .cbf.bz2, .nxs...: panels, sha
 ranges), DIALS .expt/.refl files (an imported, unindexed .expt too), stream2labels label files
 (frames, rows, shapes, label classes and their pixels, fits) and any other input a registered
 frame source reads, a plugin's included (frames, panels, shapes, value range: opened through the
-plugin registry, as peaknet2cxi opens it; --geometry is passed to the source): a folder, a name
-that is not a file, or an HDF5 file the built-in readers cannot read is shown by the plugin
+plugin registry, as peaknet2cxi opens it; --geometry is passed to the source, and each
+--source-option KEY=VALUE to the source types that declare KEY, as in peaknet2cxi): a folder, a
+name that is not a file, or an HDF5 file the built-in readers cannot read is shown by the plugin
 source whose sniff claims it.  --json prints one JSON object per file in a list instead.  Value
 ranges of CXI stacks and other frame sources, and the label pixels of label files, are taken over
 the first --max-frames frames or rows (default 20), which is said in the output.  A file that
@@ -29,11 +31,12 @@ import logging
 import os
 import sys
 import textwrap
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+from peaknet_xtal import source_option
 from peaknet_xtal.config import cli_parser, resolve_or_exit, setup_logging
 from peaknet_xtal.errors import DialsUnavailable, FormatError
 
@@ -45,7 +48,8 @@ KINDS = (".stream, .geom, .cxi/.h5 (label files too), an image DIALS reads, .exp
 #: Source types whose files the summarisers above read themselves (with more to say).
 OWN_SOURCES = ("cxi", "dxtbx")
 
-DEFAULTS = {"files": [], "json": False, "geometry": None, "max_frames": 20, "models": False}
+DEFAULTS = {"files": [], "json": False, "geometry": None, "max_frames": 20, "models": False,
+            "source_options": {}}  # --source-option KEY=VALUE: to the source types declaring KEY
 TYPES = {"geometry": str | None}
 
 
@@ -289,14 +293,18 @@ def _is_hdf5(path: str) -> bool:
 
 
 def show_source(path: str, source_type: str, geometry: str | None = None, max_frames: int = 20,
+                source_options: Mapping[str, Any] | None = None,
                 **_: Any) -> dict[str, Any]:
     """An input of a registered frame source (a plugin's, or ``sim:``): opened through the
-    registry as every command opens it, so what it shows is what peaknet2cxi would read: the
-    frames, panels and shapes, and the value range over the good pixels of the first
-    ``max_frames`` frames."""
+    registry as every command opens it, with the ``source_options`` its type declares
+    (``--source-option``), so what it shows is what peaknet2cxi would read: the frames, panels
+    and shapes, and the value range over the good pixels of the first ``max_frames`` frames.
+    The options it was opened with are part of the summary (peaknet-show keeps no record
+    beside it: what it printed is the record)."""
     from peaknet_xtal import registry
 
-    options = {"geometry": geometry} if geometry else {}
+    given = source_option.for_type(source_type, source_options)
+    options = {**given, **({"geometry": geometry} if geometry else {})}
     description = registry.source_types()[source_type].description
     source = registry.checked_source(registry.open_source(path, source_type, **options),
                                      source_type, path)
@@ -321,7 +329,8 @@ def show_source(path: str, source_type: str, geometry: str | None = None, max_fr
     finally:
         source.close()
     return {"kind": "frames", "path": path, "source_type": source_type,
-            "description": description, "frames": frames,
+            "description": description, **({"source_options": given} if given else {}),
+            "frames": frames,
             "panels": sorted(panels)[0] if len(panels) == 1 else sorted(panels),
             "panel_shapes": [list(s) for s in sorted(shapes)],
             "first_event": events[0] if events else None,
@@ -476,9 +485,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="CrystFEL geometry to split CXI/HDF5 frames into panels")
     parser.add_argument("--max-frames", dest="max_frames", type=int,
                         help="frames of a CXI stack scanned for the value range (default 20)")
+    source_option.add_argument(parser)
     args = parser.parse_args(argv)
     setup_logging(getattr(args, "verbose", 0))
+    source_option.take(parser, args)
     config = resolve_or_exit(parser, DEFAULTS, args, types=TYPES)
+    source_option.check_or_exit(parser, config["source_options"])  # before any file is read
     if int(config["max_frames"]) < 1:  # no frame scanned is no value range: not a request for 1
         print(f"peaknet-show: error: --max-frames must be at least 1 (got {config['max_frames']})",
               file=sys.stderr)
@@ -493,7 +505,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for path in config["files"]:
         try:
             summaries.append(summarize(path, geometry=config["geometry"],
-                                       max_frames=config["max_frames"]))
+                                       max_frames=config["max_frames"],
+                                       source_options=config["source_options"]))
         except (FormatError, DialsUnavailable) as exc:  # each names the file
             print(f"peaknet-show: {exc}", file=sys.stderr)
             failed = True

@@ -11,7 +11,10 @@ metadata, in one compressed HDF5 file that peaknet-train reads directly.
 
 Beside the output: <output>.peakdiff.png (found-vs-predicted and precision-recall scatter with the
 selection box) and <output>.config.json (the resolved settings, the inputs and the output among
-them as absolute paths).  Fits run on a local Ray (2 CPUs) unless --no-ray; --address joins a
+them as absolute paths).  Images are read through the registered frame sources, a plugin's
+included; --source-option KEY=VALUE (repeatable) passes an option a source type declares (the
+psana plugin's detector=NAME) to the sources that declare it, as in peaknet2cxi, and is recorded
+in <output>.config.json.  Fits run on a local Ray (2 CPUs) unless --no-ray; --address joins a
 running cluster.  --no-progress (or --quiet, its earlier name): no progress line.  An
 interrupted run resumes where it stopped (finished batches in <output>.parts/ are kept; Ctrl-C
 stops with exit 130, a batch scheduler's SIGTERM with exit 143, each with one line saying what
@@ -31,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from peaknet_xtal import config as cfgmod
+from peaknet_xtal import source_option
 from peaknet_xtal.errors import PeakNetError
 from peaknet_xtal.stopping import exit_status, interrupted, sigterm_raises
 
@@ -43,6 +47,7 @@ def build_parser() -> Any:
     add("--prefix", dest="run.prefix", help="prepended to image names, like indexamajig --prefix")
     add("-g", "--geometry", dest="run.geometry", help="geometry for the images (default: the "
         "one embedded in the stream)")
+    source_option.add_argument(parser)
     add("--cutoff", dest="peakdiff.cutoff", type=float, help="match distance in pixels (5)")
     add("--min-precision", dest="peakdiff.min_precision", type=float, help="(0.8)")
     add("--min-recall", dest="peakdiff.min_recall", type=float, help="(0)")
@@ -137,6 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     cfgmod.setup_logging(getattr(args, "verbose", 0))
+    source_option.take(parser, args, "run.source_options")
     given = vars(args)
     inputs, output = given.pop("inputs"), given.pop("output")
     progress = given.pop("progress", True)
@@ -146,6 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_settings(config, cfgmod.option_names(parser))
     except cfgmod.ConfigError as exc:
         parser.error(str(exc))
+    source_option.check_or_exit(parser, config["run"]["source_options"])
     out = Path(output)
     try:  # before anything is written beside it, and before hours of fits
         check_not_an_input(out, inputs)

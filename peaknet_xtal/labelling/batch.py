@@ -136,7 +136,7 @@ class BatchLabeler:
         status: dict[str, list[Any]] = {"frame": [], "status": [], "message": []}
         loaded = []
         gains = BatchGains()  # this batch's own: a resumed batch measures what it measured
-        with FrameLoader() as loader:
+        with FrameLoader(options=self.config.get("run", {}).get("source_options")) as loader:
             for job in batch.jobs:
                 geometry = self.geometries.get(job.record.geometry_key)
                 try:

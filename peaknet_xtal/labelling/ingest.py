@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -510,10 +510,16 @@ def _dials_image(experiment: Any, prefix: str | None, expt: str) -> tuple[str, i
 class FrameLoader:
     """Reads the images records name through the registered frame sources (hookspecs), the way
     every other entry point reads frames, keeping the last few sources open (records of one file
-    usually come together).  A context manager: leaving it closes them."""
+    usually come together).  A context manager: leaving it closes them.
 
-    def __init__(self, keep_open: int = 4) -> None:
+    ``options``: the run's source options (``stream2labels --source-option``, the setting
+    ``run.source_options``); each source is opened with those its type declares
+    (:func:`peaknet_xtal.source_option.for_type`), as peaknet2cxi opens it: a plugin source
+    that needs a run number or a calibration path could not be labelled from otherwise."""
+
+    def __init__(self, keep_open: int = 4, options: Mapping[str, Any] | None = None) -> None:
         self.keep_open = int(keep_open)
+        self.options = dict(options or {})
         self._open: OrderedDict[tuple[str, str, int], Any] = OrderedDict()
 
     def load(self, record: FrameRecord, geometry: Any = None) -> Frame:
@@ -536,6 +542,7 @@ class FrameLoader:
             sniff_source,
             source_types,
         )
+        from peaknet_xtal.source_option import for_type
 
         image = record.image
         if not image:
@@ -561,11 +568,13 @@ class FrameLoader:
             raise FormatError(image, f"no registered frame source reads it ({sorted(types)}); "
                               f"named by {record.source}")
         try:
-            source = open_source(image, kind, geometry=geometry)
+            source = open_source(image, kind, geometry=geometry,
+                                 **for_type(kind, self.options))
         except FormatError as exc:  # a file source's own "no such file": say where to look
             plugin = sniff_plugin_source(image) if forced else None
             if plugin is not None:  # an HDF5 format of a plugin's, not the CXI reader's
-                source = open_source(image, plugin, geometry=geometry)
+                source = open_source(image, plugin, geometry=geometry,
+                                     **for_type(plugin, self.options))
             elif os.path.exists(image):
                 raise
             else:

@@ -23,6 +23,7 @@ import numpy as np
 from pydantic import AfterValidator
 from pydantic_core import PydanticCustomError
 
+from peaknet_xtal import source_option
 from peaknet_xtal.atomic import write_json_atomic
 from peaknet_xtal.config import ConfigError, bounded, deep_merge, one_of, validate
 from peaknet_xtal.errors import FormatError, require_dials
@@ -65,6 +66,7 @@ DEFAULTS: dict[str, Any] = {
     "run": {
         "prefix": None,          # prepended to stream image names (indexamajig --prefix)
         "geometry": None,        # .geom for CXI images (default: the one embedded in the stream)
+        "source_options": {},    # --source-option KEY=VALUE: to the source types declaring KEY
         "batch_size": 8,         # frames per batch (per part file)
         "ray": True,             # False: one process, no Ray
         "address": None,         # existing Ray cluster; None starts a local one
@@ -291,11 +293,13 @@ def label_run(paths: Sequence[str], output: str | os.PathLike[str],
     result; and a FormatError before any work for an
     output that cannot be written, or a finished one without ``overwrite``
     (:func:`check_output`), or a setting out of its range (:func:`check_settings`: a
-    ConfigError).
+    ConfigError); a ``run.source_options`` key no source type declares is a PeakNetError
+    (:func:`peaknet_xtal.source_option.check`), as on the command line.
     """
     check_output(output, overwrite)
     cfg = check_settings(deep_merge(DEFAULTS, config or {}))
     run = cfg["run"]
+    source_option.check(run["source_options"])  # for Python callers too, before any work
     start = time.perf_counter()
     output = Path(output)
     records, geometries = ingest(paths, run)

@@ -105,7 +105,7 @@ class PsanaSource:
 class PsanaSourceType:
     name: str = "psana"
     description: str = "LCLS psana run (exp=NAME:run=N), when psana is importable"
-    options: tuple[str, ...] = ("detector", "max_events")  # peaknet2cxi --source-option
+    options: tuple[str, ...] = ("detector", "max_events")  # --source-option KEY=VALUE
 
     def sniff(self, path: str) -> bool:
         return psana_available() and bool(_DATASOURCE.match(str(path))) and "exp=" in str(path)

@@ -1920,6 +1920,44 @@ def test_inputs_no_built_in_reads_go_to_the_plugin_source_claiming_them(install_
     assert record["config"]["source_options"] == {"detector": "d1"}
 
 
+def test_list_file_entries_go_to_plugin_sources_as_direct_arguments_do(install_plugin,
+                                                                       tmp_path, capsys):
+    """A plugin author's trial: names a plugin source reads (a folder, a name that is not a
+    file) were read when given on the command line, but refused as "listed file ... not found"
+    (or "is a folder") when the same names were lines of a list file, as CrystFEL users pass
+    their inputs.  Listed, they are the same inputs (one resolution for both), events and
+    --source-option included."""
+    from peaknet_xtal.cli.peaknet2cxi import expand_inputs
+
+    install_plugin("elsewhere", _ELSEWHERE)
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    (folder / "frames.bin").write_bytes(b"")
+    listing = tmp_path / "lists" / "inputs.lst"
+    listing.parent.mkdir()
+    listing.write_text("../frames\nnet://host:5555 //1\nnet://host:5555 //2\n")
+    direct = expand_inputs([str(folder), "net://host:5555"])
+    listed = expand_inputs([str(listing)])
+    assert [e["path"] for e in listed] == [e["path"] for e in direct] == [str(folder),
+                                                                           "net://host:5555"]
+    assert [e["events"] for e in listed] == [None, {"//1", "//2"}]
+    outdir = tmp_path / "out"
+    code = main(["-i", str(listing), "-o", str(outdir), "--no-progress", "--min-peaks", "0",
+                 "--source-option", "detector=d1"])
+    assert code == 0, capsys.readouterr().err
+    opened = sys.modules["elsewhere_peaknet"].OPENED
+    assert {(name, path) for name, path, _ in opened} == {("folder", str(folder)),
+                                                          ("net", "net://host:5555")}
+    assert all(options == ({"detector": "d1"} if name == "net" else {})
+               for name, _, options in opened)
+    keys = set(read_cxi_peaks(outdir / "peaks-00000.cxi").keys)
+    assert keys == {(str(folder), "//0"), ("net://host:5555", "//1"), ("net://host:5555", "//2")}
+    listing.write_text("net://host:5555\nother://host\n")  # one no plugin claims: list and line
+    with pytest.raises(FormatError, match="listed file 'other://host' not found") as said:
+        expand_inputs([str(listing)])
+    assert said.value.path == str(listing) and said.value.line == 2
+
+
 def test_a_source_option_no_source_type_declares_is_refused(install_plugin, tmp_path, capsys):
     """An option must reach a source that takes it: a misspelt key is a usage error before
     anything is written, from the command line and from Python alike."""

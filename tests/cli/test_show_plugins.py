@@ -154,3 +154,60 @@ def test_without_files_or_models_it_is_a_usage_error(capsys) -> None:
         main([])
     assert stopped.value.code == 2
     assert "give files to summarise, or --models" in capsys.readouterr().err
+
+
+#: A plugin source of names that are no file, taking a ``detector`` option (``OPENED`` keeps
+#: what it was opened with).
+_NET = """
+    import numpy as np
+    from peaknet_xtal.builtin.sources import SourceType
+    from peaknet_xtal.hookspecs import hookimpl
+    from peaknet_xtal.types import Frame
+
+    OPENED = []
+
+    class Net:
+        name = "net"
+
+        def __init__(self, path, **options):
+            self.path = path
+            OPENED.append((path, options))
+
+        def __len__(self):
+            return 1
+
+        def __iter__(self):
+            yield Frame(panels=[np.full((4, 6), 7.0, np.float32)], source=self.path, event="//0")
+
+        def close(self):
+            pass
+
+    @hookimpl
+    def peaknet_source_types():
+        return [SourceType("net", "frames over the network", lambda p: p.startswith("net://"),
+                           Net, options=("detector",))]
+"""
+
+
+def test_source_options_reach_the_plugin_source_and_unknown_ones_are_refused(
+        install_plugin, capsys) -> None:
+    """peaknet-show had no --source-option (peaknet2cxi had): a plugin source that needs an
+    option (a detector, a run number) could not be shown.  The same flag now, with the same
+    parsing and refusals, and the options a source was opened with are in its summary."""
+    import sys
+
+    install_plugin("net", _NET)
+    assert main(["net://host:5555", "--json", "--source-option", "detector=d1"]) == 0
+    (shown,) = json.loads(capsys.readouterr().out)
+    assert (shown["source_type"], shown["source_options"]) == ("net", {"detector": "d1"})
+    assert sys.modules["net_peaknet"].OPENED == [("net://host:5555", {"detector": "d1"})]
+    assert main(["net://host:5555"]) == 0
+    assert "source options" not in capsys.readouterr().out  # none given: none said
+    for option, said in (("detectr=d1", "--source-option detectr: no registered source type "
+                                        "takes it (source options: net: detector"),
+                         ("detector", "argument --source-option: 'detector' is not KEY=VALUE")):
+        with pytest.raises(SystemExit) as stopped:
+            main(["net://host:5555", "--source-option", option])
+        assert stopped.value.code == 2
+        assert said in capsys.readouterr().err
+    assert len(sys.modules["net_peaknet"].OPENED) == 2  # refused before any input was read

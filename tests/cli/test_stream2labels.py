@@ -355,7 +355,8 @@ def test_an_output_naming_its_input_stream_says_so(overwrite, sim_run, tmp_path,
     assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
-def _indexed_chunks(n, *, peaks=True, refls=True, no_refl_line=False, start=0):
+def _indexed_chunks(n, *, peaks=True, refls=True, no_refl_line=False, start=0,
+                    filename="run.h5"):
     """``n`` indexed chunks of one stack; without a peak list the chunk still says num_peaks,
     as indexamajig's --no-peaks-in-stream writes it."""
     import numpy as np
@@ -371,7 +372,7 @@ def _indexed_chunks(n, *, peaks=True, refls=True, no_refl_line=False, start=0):
         crystal = Crystal(a=79.0, b=79.0, c=38.0, alpha=90.0, beta=90.0, gamma=90.0,
                           reflections=refl if refls else None,
                           no_reflections_line=no_refl_line and not refls)
-        chunks.append(Chunk(filename="run.h5", event=f"//{i}", serial=i + 1, indexed_by="xgandalf",
+        chunks.append(Chunk(filename=filename, event=f"//{i}", serial=i + 1, indexed_by="xgandalf",
                             num_peaks=25, peaks=table if peaks else None, crystals=[crystal]))
     return chunks
 
@@ -427,3 +428,78 @@ def test_the_record_names_the_files_and_no_progress_drops_the_line(sim_run, tmp_
     assert recorded["argv"][:3] == [stream, "-o", "labels.h5"]
     for switch in ("--no-progress", "--quiet"):  # --quiet: its earlier name, kept
         assert build_parser().parse_args(["x.stream", "-o", "l.h5", switch]).progress is False
+
+
+#: A plugin source whose frames need a calibration (a source option it declares); ``OPENED``
+#: keeps the file and calibration each source was opened with.
+_CALIBRATED = """
+    import numpy as np
+    from peaknet_xtal.builtin.sources import SourceType
+    from peaknet_xtal.hookspecs import hookimpl
+    from peaknet_xtal.types import Frame
+
+    OPENED = []
+
+    class Run:
+        name = "calibrated"
+
+        def __init__(self, path, calibration=None, **_):
+            if calibration is None:
+                raise ValueError("needs its calibration (calibration=PATH)")
+            self.path = path
+            OPENED.append((path, calibration))
+
+        def __iter__(self):
+            rng = np.random.default_rng(0)
+            for i in range(4):
+                yield Frame(panels=[rng.poisson(5, (48, 48)).astype(np.float32)],
+                            source=self.path, event=f"//{i}")
+
+        def close(self):
+            pass
+
+    @hookimpl
+    def peaknet_source_types():
+        return [SourceType("calibrated", "frames that need a calibration",
+                           lambda p: p.endswith(".npy"), Run, options=("calibration",))]
+"""
+
+
+def test_source_options_reach_the_plugin_source_reading_the_images(install_plugin, tmp_path,
+                                                                   capsys):
+    """stream2labels had no --source-option (peaknet2cxi had): images only a plugin source
+    that needs an option reads could not be labelled.  The same flag now, passed to the source
+    that declares it, recorded, and refused for a key no source type takes, as in
+    peaknet2cxi."""
+    import sys
+
+    from peaknet_xtal.errors import PeakNetError
+    from peaknet_xtal.labelling.job import label_run
+
+    install_plugin("calibrated", _CALIBRATED)
+    stream = tmp_path / "run.stream"
+    write_stream(stream, _indexed_chunks(4, filename="frames.npy"))
+    (tmp_path / "frames.npy").write_bytes(b"")
+    out = tmp_path / "labels.h5"
+    code = main([str(stream), "-o", str(out), "--no-ray", "--quiet", "--min-peaks", "1",
+                 "--source-option", "calibration=/cal/r7.h5"])
+    assert code == 0, capsys.readouterr().err
+    opened = sys.modules["calibrated_peaknet"].OPENED
+    assert opened and set(opened) == {(str(tmp_path / "frames.npy"), "/cal/r7.h5")}
+    with LabelFile(out) as lf:
+        assert len(lf) == 4
+    recorded = json.loads((tmp_path / "labels.config.json").read_text())
+    assert recorded["config"]["run"]["source_options"] == {"calibration": "/cal/r7.h5"}
+    for option, said in (("calibratoin=x", "--source-option calibratoin: no registered source "
+                                           "type takes it (source options: calibrated: "
+                                           "calibration"),
+                         ("calibration", "argument --source-option: 'calibration' is not "
+                                         "KEY=VALUE")):
+        with pytest.raises(SystemExit) as stopped:
+            main([str(stream), "-o", str(tmp_path / "other.h5"), "--source-option", option])
+        assert stopped.value.code == 2
+        assert said in capsys.readouterr().err
+    with pytest.raises(PeakNetError, match="--source-option calibratoin: no registered"):
+        label_run([str(stream)], tmp_path / "other.h5",
+                  {"run": {"source_options": {"calibratoin": "x"}}})
+    assert not list(tmp_path.glob("other*"))

@@ -214,11 +214,20 @@ def diff_all(records: Iterable[FrameRecord], cutoff: float) -> list[FrameDiff]:
 
 
 def _fingerprint(paths: Sequence[str], config: dict[str, Any], n_frames: int) -> str:
-    """What must not change between an interrupted run and its resumption."""
-    stats = [(os.path.abspath(p), os.path.getsize(p), int(os.path.getmtime(p))) for p in paths]
-    blob = json.dumps({"inputs": stats, "config": {k: config[k] for k in
-                                                     ("peakdiff", "fit", "label")},
-                       "batch_size": config["run"]["batch_size"], "frames": n_frames},
+    """What must not change between an interrupted run and its resumption: the inputs, the
+    settings that shape a label, and what decides which pixels the images give (the geometry
+    given with ``-g`` and the sources' ``--source-option``s: batches read through another layout
+    or detector would be merged with the new ones).  ``--prefix`` is left out: it only says
+    where the same images are."""
+    def stat(path: str) -> tuple[str, int, int]:
+        return os.path.abspath(path), os.path.getsize(path), int(os.path.getmtime(path))
+
+    run = config["run"]
+    blob = json.dumps({"inputs": [stat(p) for p in paths],
+                       "config": {k: config[k] for k in ("peakdiff", "fit", "label")},
+                       "batch_size": run["batch_size"], "frames": n_frames,
+                       "geometry": stat(run["geometry"]) if run.get("geometry") else None,
+                       "source_options": run.get("source_options") or {}},
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 

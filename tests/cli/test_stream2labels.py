@@ -284,6 +284,37 @@ def test_ctrl_c_is_one_line_keeping_what_a_rerun_resumes_from(sim_run, tmp_path,
     assert "batches 2 (1 resumed)" in capsys.readouterr().out
 
 
+def test_a_rerun_with_another_geometry_does_not_resume_the_batches_read_with_the_first(
+        sim_run, tmp_path, capsys, monkeypatch):
+    """Batches labelled through one layout were merged with batches of a rerun given another
+    ``-g`` (the resume fingerprint left the geometry out): the rerun is refused, naming the
+    part files, and the original settings still resume."""
+    from peaknet_xtal.labelling.batch import BatchLabeler
+
+    run = BatchLabeler.run
+    calls = []
+
+    def interrupted_after_one(self, batch, part, fit_map=None):
+        calls.append(batch.index)
+        if len(calls) > 1:
+            raise KeyboardInterrupt
+        return run(self, batch, part) if fit_map is None else run(self, batch, part, fit_map)
+
+    monkeypatch.setattr(BatchLabeler, "run", interrupted_after_one)
+    out = tmp_path / "l.h5"
+    argv = [str(sim_run.stream), "-o", str(out), "--no-ray", "--quiet", "--min-peaks", "1",
+            "--batch-size", "2", "--min-i-over-sigma", "5", "--max-frames", "4"]
+    assert main(argv) == 130
+    monkeypatch.setattr(BatchLabeler, "run", run)
+    capsys.readouterr()
+    assert main([*argv, "-g", str(sim_run.geom)]) != 0
+    err = capsys.readouterr().err
+    assert "other inputs or settings" in err and str(tmp_path / "l.h5.parts") in err
+    assert not out.exists()
+    assert main(argv) == 0  # the original settings resume from the kept batch
+    assert "batches 2 (1 resumed)" in capsys.readouterr().out
+
+
 def test_sigterm_stops_as_ctrl_c_does_with_its_own_exit_status(sim_run, tmp_path, capsys,
                                                               monkeypatch):
     """A batch scheduler's SIGTERM ended the run with exit 143 and not a word; it is one line

@@ -135,8 +135,9 @@ def peaknet_model_families() -> Sequence[Any]:
     takes raw ``(B, 1, H, W)`` float images (``mask``: the same shape, bool, True = good pixel)
     and returns ``(B, 2, H, W)`` logits, channel 1 "peak", of the input's height and width: what
     training, distillation and the finding engine feed it and read back.  Training feeds
-    ``data.crop``-sized squares as they are; the finding engine whole panels (or tiles) of any
-    size, padded as ``pad_multiple`` says.
+    ``data.crop``-sized squares as they are (a crop that is not a multiple of ``pad_multiple``,
+    and that the model's output does not match, is refused before any data are read); the
+    finding engine whole panels (or tiles) of any size, padded as ``pad_multiple`` says.
 
     Optional, read where present (the defaults are what a model without them gets):
 
@@ -156,7 +157,8 @@ def peaknet_model_families() -> Sequence[Any]:
       panels the model never ran on (none with a good pixel).
 
     A plugin's model is checked against this where it is made (``create_model``,
-    ``build_from_config``, ``load_model``, peaknet-train's start check): no ``config``, a
+    ``build_from_config``, ``load_model``, peaknet-train's start check) and, given as a weights
+    file, by every host before any work (``weights_io.check_model``): no ``config``, a
     ``build`` refusing ``name``, or a forward on a probe image whose sides are odd multiples of
     ``pad_multiple`` (33 x 35 without one) that raises or returns another size is a
     ``PluginError`` naming the family and the plugin.  Prefer importing torch inside the hook or

@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from peaknet_xtal.config import record
+from peaknet_xtal.config import ConfigError, record
 from peaknet_xtal.errors import PeakNetError
 from peaknet_xtal.stopping import exit_status, interrupted, sigterm_raises
 from peaknet_xtal.training.cli_common import parse_training_args, training_parser
@@ -65,7 +65,12 @@ def _run(config: dict[str, Any], argv: list[str], config_file: str, started: flo
     try:
         from peaknet_xtal.training.checkpoint import checkpoint_step
         from peaknet_xtal.training.cli_common import run_summary
-        from peaknet_xtal.training.distill import cache_key, check_same_teacher, distill
+        from peaknet_xtal.training.distill import (
+            cache_key,
+            check_same_teacher,
+            check_teacher,
+            distill,
+        )
         from peaknet_xtal.training.trainer import (
             TrainingDiverged,
             check_start,
@@ -77,10 +82,15 @@ def _run(config: dict[str, Any], argv: list[str], config_file: str, started: flo
         # refused again
         config = resolve_model_name(config)  # the record names the architecture trained
         resumed_at = checkpoint_step(check_start(config))
+        check_teacher(config["teacher"], int(config["data"]["crop"]))
         check_same_teacher(out, cache_key(config["teacher"], list(config["data"]["paths"]),
                                           int(config["data"]["crop"])))
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Terminated)
         return _interrupted(exc, config)
+    except ConfigError as exc:  # a setting refused by the checks above: a usage error naming
+        print(f"peaknet-distill: error: {exc.path or config_file}: {exc.message}",  # its file
+              file=sys.stderr)
+        return 2
     except (PeakNetError, OSError) as exc:
         print(f"peaknet-distill: error: {exc}", file=sys.stderr)
         return 1

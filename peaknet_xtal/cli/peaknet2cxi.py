@@ -279,6 +279,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # SIGTERM (a batch scheduler's stop) ends the run as Ctrl-C does: finished files kept,
         # partial ones closed, the record saying "interrupted"; exit 143 (130 for Ctrl-C)
         with sigterm_raises():
+            check_model_option(config)  # before an input is opened or the output touched
             expansion = RunInputs(config["inputs"])  # this check's and the run's, read once
             check_output_folder(Path(config["output"]), config, expansion=expansion)
             make_output_folder(config["output"])  # the record goes in it
@@ -527,6 +528,7 @@ def run(config: Mapping[str, Any], *, argv: Sequence[str] | None = None,
     check_precision(config["precision"])  # before the output folder is touched
     source_option.check(config["source_options"])
     check_dials_option(config)
+    check_model_option(config)
     if expansion is None or not expansion.expands(config["inputs"]):
         expansion = RunInputs(config["inputs"])
     check_output_folder(Path(config["output"]), config, expansion=expansion)
@@ -548,6 +550,20 @@ def check_dials_option(config: Mapping[str, Any]) -> None:
     before the model runs, cctbx would limit it to one thread (``require_dials``)."""
     if config.get("dials"):
         require_dials("--dials", *_DIALS_EXPORT, otherwise=_WITHOUT_DIALS, load=False)
+
+
+def check_model_option(config: Mapping[str, Any]) -> None:
+    """The model ``--model`` names, checked as every host checks one
+    (``model.weights_io.check_model``: a missing or damaged file, an architecture's name without
+    weights, a plugin's network that breaks the hook contract), before an input is opened, the
+    output folder made or the run's start logged.  Why here: the engine checks it too, but is
+    made after all three, and a plugin model that downsamples left a new output folder with a
+    record of a run that never started.  A predictor brings its own model, and a model object
+    (Python callers) is checked batch by batch by the engine."""
+    from peaknet_xtal.model.weights_io import check_model
+
+    if config.get("predictor") is None and isinstance(config["model"], (str, os.PathLike)):
+        check_model(config["model"])
 
 
 def check_output_folder(outdir: Path, config: Mapping[str, Any] | None = None, *,

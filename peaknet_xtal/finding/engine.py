@@ -258,9 +258,10 @@ class InferenceEngine:
         if isinstance(model, (str, os.PathLike)) and predictor is None:
             from peaknet_xtal.model.weights_io import check_model
 
-            # a missing, damaged or foreign weights file is refused here, naming it, not at the
-            # first frame (after inputs were opened and outputs started); the network itself
-            # is still built on first use
+            # a missing, damaged or foreign weights file, or a plugin's network that breaks
+            # the hook contract (one that downsamples), is refused here, naming it, not at the
+            # first frame (after inputs were opened and outputs started); the network the
+            # engine runs is still built and loaded on first use
             check_model(model)
         self.model_spec = model
         self.device_spec = device

@@ -129,13 +129,36 @@ def _existing(spec: str | os.PathLike[str]) -> Path:
 
 
 def check_model(spec: str | os.PathLike[str]) -> Path | None:
-    """Validate a model file without building the network: the path exists, is a safetensors
-    file and carries a config of a known family (else the plugins that failed to load are
-    named: one may have provided it). Hosts (the DIALS plugin, CLIs) call this at start-up so a
-    bad ``model=`` fails at once, in the main process, with the file named.  Returns the
-    weights path (None for the shipped default)."""
+    """Validate a model without reading its weights: the path exists, is a safetensors file and
+    carries a config of a known family (else the plugins that failed to load are named: one may
+    have provided it), and a plugin family's network, built from that config, keeps the hook
+    contract (``model.zoo.check_contract``: a config, an output of its input's size).  Hosts (the
+    engine, so ``PeakFinder`` and every finding command; the DIALS plugin; peaknet2cxi before it
+    opens an input; training) call this at start-up so that a bad ``model=`` fails at once, in
+    the main process, before any input is opened or output written, with the file named.
+    Returns the weights path (None for the shipped default).
+
+    The plugin's network is built on the CPU, as :func:`load_model` builds it (so that a model
+    that loads passes), randomly initialised with torch's random numbers left as they were, and
+    dropped; the built-in family is tested with this package and not built here.  Why: a plugin
+    model that downsamples, given as a weights file, was refused only when the engine first
+    loaded it, after peaknet2cxi had opened the inputs and written to the output folder."""
     if str(spec) == DEFAULT_NAME:
         return None
+    weights, config = _weights_file(spec)
+    from peaknet_xtal.model.zoo import contract_checked
+
+    if contract_checked(config["family"]):
+        import torch
+
+        with torch.random.fork_rng(devices=[]):
+            build_model(config, weights)
+    return weights
+
+
+def _weights_file(spec: str | os.PathLike[str]) -> tuple[Path, dict[str, Any]]:
+    """The weights file ``spec`` names and its config, checked as :func:`check_model` says
+    (all but the network)."""
     weights = _existing(spec)
     if not weights.is_file():
         raise FormatError(weights, "model weights path is not a file")
@@ -146,7 +169,24 @@ def check_model(spec: str | os.PathLike[str]) -> Path | None:
     problem = missing_family(config["family"])
     if problem is not None:
         raise FormatError(weights, problem)
-    return weights
+    return weights, config
+
+
+def build_model(config: Mapping[str, Any], weights: Path) -> Any:
+    """The network ``config`` (read from ``weights``) describes, freshly initialised (on
+    torch's default device: a caller checking shapes alone builds it on ``meta``).  What is
+    wrong names ``weights``: a plugin's model that breaks the hook contract is the zoo's
+    PluginError (the plugin's fault, named as the zoo names it), a setting ``build`` refuses a
+    FormatError of the config."""
+    from peaknet_xtal.model.zoo import build_from_config
+    from peaknet_xtal.registry import PluginError
+
+    try:
+        return build_from_config({k: v for k, v in config.items() if k != "extra"})
+    except PluginError as exc:
+        raise PluginError(f"{weights}: {exc}") from None
+    except (KeyError, TypeError, ValueError) as exc:
+        raise FormatError(weights, f"model config cannot build a model: {exc}") from exc
 
 
 def model_digest(spec: Any) -> str | None:
@@ -228,27 +268,16 @@ def load_model(spec: str | os.PathLike[str] = DEFAULT_NAME, device: str = "cpu")
     """
     from safetensors.torch import load_file
 
-    from peaknet_xtal.model.zoo import build_from_config
-    from peaknet_xtal.registry import PluginError
-
     if str(spec) == DEFAULT_NAME:
         weights = WEIGHTS_DIR / "default.safetensors"
         if not weights.exists():
             raise FormatError(weights, "the shipped default model weights are missing; reinstall "
                                        "peaknet-xtal or rebuild them with "
                                        "examples/train_default_model.py, or pass a weights path")
+        config = read_config(weights)
     else:
-        checked = check_model(spec)
-        assert checked is not None  # only "default" gives None
-        weights = checked
-    config = read_config(weights)
-    config.pop("extra", None)
-    try:
-        model = build_from_config(config)
-    except PluginError:
-        raise
-    except (KeyError, TypeError, ValueError) as exc:
-        raise FormatError(weights, f"model config cannot build a model: {exc}") from exc
+        weights, config = _weights_file(spec)
+    model = build_model(config, weights)
     try:
         state = load_file(str(weights))
     except Exception as exc:  # safetensors raises its own error types for corrupt headers

@@ -11,7 +11,8 @@ PeakNet.  The built-in family is declared where it is defined, with :func:`regis
 built-in plugin (``peaknet_xtal.builtin.models``) through that same hook.
 
 A plugin's family is checked against the hook contract where its models are made
-(:func:`build_from_config`, so ``create_model``, ``load_model`` and peaknet-train's start check):
+(:func:`build_from_config`, so ``create_model``, ``load_model``, peaknet-train's start check, and
+``weights_io.check_model``, which every host calls on a weights file before any work):
 ``build`` takes ``name``, the model carries a JSON ``config`` of its family, and its output has
 its input's size on sides that are odd multiples of its ``pad_multiple`` (1 unless it says: the
 finding engine pads panels of any size to multiples of it).  Why: each of these broke late,
@@ -109,6 +110,16 @@ def _sizes() -> dict[str, dict[str, Any]]:
 def _ours(entry: Any) -> bool:
     """Whether a registered family is this package's own (tested with it, so not checked)."""
     return str(getattr(entry.item.build, "__module__", "")).startswith("peaknet_xtal.")
+
+
+def contract_checked(family: Any) -> bool:
+    """Whether models of ``family`` are checked against the hook contract where they are made
+    (:func:`build_from_config`): a plugin's family; this package's own is tested with it, and
+    an unknown one cannot be built."""
+    from peaknet_xtal.registry import registered
+
+    entry = registered("peaknet_model_families").get(family)
+    return entry is not None and not _ours(entry)
 
 
 def _origin(entry: Any) -> str:
@@ -306,6 +317,28 @@ def _probe(model: Any, shape: tuple[int, int]) -> str | None:
     finally:
         model.train(training)
     return None
+
+
+def crop_problem(model: Any, crop: int) -> str | None:
+    """Why ``model`` cannot be trained on ``crop`` x ``crop`` squares, which training feeds it
+    as they are (unpadded), naming the multiple its input sides need and the nearest crops that
+    are multiples of it; None where it can.  A side that is a multiple of its ``pad_multiple``
+    is what the contract promises; on another, a plugin's model is probed (:func:`_probe`: one
+    forward pass, free on torch's ``meta`` device, where peaknet-train's start check builds the
+    model), since one that pads inside ``forward`` takes any.  The built-in family does so
+    (PeakNet: 76-px crops train) and is not probed: on ``meta`` its boolean-mask indexing has
+    no size.  Why: a crop the model does not take failed in the first training step, after the
+    data were loaded, as a torch shape error."""
+    multiple = getattr(model, "pad_multiple", 1)
+    if crop % multiple == 0 or not contract_checked(getattr(model, "config", {}).get("family")):
+        return None
+    problem = _probe(model, (crop, crop))
+    if problem is None:
+        return None
+    below = crop // multiple * multiple
+    nearest = " or ".join(str(side) for side in (below, below + multiple) if side > 0)
+    return (f"its input sides must be multiples of {multiple} (its pad_multiple; {problem}): "
+            f"use {nearest}")
 
 
 def create_model(name: str, **overrides: Any) -> Any:

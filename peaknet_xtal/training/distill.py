@@ -41,9 +41,12 @@ from peaknet_xtal.stopping import stops_held
 from peaknet_xtal.training.trainer import (
     TRAIN_DEFAULTS,
     TRAIN_TYPES,
+    check_crop,
+    check_start,
     label_changes,
     label_identity,
     launch,
+    resolve_model_name,
 )
 
 log = logging.getLogger(__name__)
@@ -107,6 +110,27 @@ def teacher_identity(teacher: str) -> dict[str, str]:
     config = json.dumps(read_config(weights), sort_keys=True)
     return {"weights_sha256": str(digest),
             "config_sha256": hashlib.sha256(config.encode()).hexdigest()}
+
+
+def check_teacher(teacher: str, crop: int) -> None:
+    """``data.crop`` against the teacher (``trainer.check_crop``), which runs on crop-sized
+    tiles as they are, built from its config on torch's ``meta`` device (no memory, no
+    weights): a crop it does not take failed during the teacher pass, after the label files
+    were read, as a torch shape error."""
+    import torch
+
+    from peaknet_xtal.model.weights_io import (
+        DEFAULT_NAME,
+        WEIGHTS_DIR,
+        build_model,
+        check_model,
+        read_config,
+    )
+
+    weights = check_model(teacher) or WEIGHTS_DIR / f"{DEFAULT_NAME}.safetensors"
+    with torch.device("meta"):
+        model = build_model(read_config(weights), weights)
+    check_crop(model, crop, f"the teacher {teacher}")
 
 
 def _why_stale(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -411,12 +435,16 @@ def distill_batch_loss(logits: Any, batch: dict[str, Any], temperature: float,
 
 
 def distill(config: dict[str, Any]) -> Path:
-    """Cache teacher logits (once), then train the student; returns the student model path."""
+    """Cache teacher logits (once), then train the student; returns the student model path.
+    The settings are checked (``trainer.check_start``: the student, ``data.crop`` against it
+    and the teacher, the run folder) before the teacher pass."""
     config = deep_merge(DISTILL_DEFAULTS, config)
     if not config.get("teacher"):
         raise ValueError("distillation needs 'teacher' (a model name, file or directory)")
+    check_start(resolve_model_name(config))
     cache = cache_path(config)
     crop = int(config["data"]["crop"])
+    check_teacher(config["teacher"], crop)
     check_same_teacher(Path(config["out"]), cache_key(config["teacher"],
                                                       list(config["data"]["paths"]), crop))
     cache_teacher_logits(config["teacher"], list(config["data"]["paths"]), cache,

@@ -6,7 +6,14 @@ from pathlib import Path
 from typing import Any
 
 from peaknet_xtal.config import bounded, deep_merge
-from peaknet_xtal.training.trainer import TRAIN_DEFAULTS, TRAIN_TYPES, _pair, launch
+from peaknet_xtal.training.trainer import (
+    TRAIN_DEFAULTS,
+    TRAIN_TYPES,
+    _pair,
+    check_start,
+    launch,
+    resolve_model_name,
+)
 
 SUPERVISED_DEFAULTS: dict[str, Any] = deep_merge(TRAIN_DEFAULTS, {
     "loss": {"alpha": [0.25, 0.75], "gamma": 2.0},
@@ -42,9 +49,11 @@ def train(config: dict[str, Any], dataset: Any = None) -> Path:
     or, for a run stopped by ``stop_after`` before its schedule's end, its checkpoint folder.
 
     ``dataset`` replaces the one described by ``config["data"]`` (any ``dataset[sample_id]`` ->
-    {"image", "mask", "label"} mapping).
+    {"image", "mask", "label"} mapping).  The settings are checked (``trainer.check_start``:
+    the model, ``data.crop`` against it, the run folder) before any data are read.
     """
     config = deep_merge(SUPERVISED_DEFAULTS, config)
+    check_start(resolve_model_name(config))
     loss = functools.partial(focal_batch_loss, alpha=tuple(config["loss"]["alpha"]),
                              gamma=float(config["loss"]["gamma"]))
     return launch(config, dataset if dataset is not None else build_dataset(config), loss)

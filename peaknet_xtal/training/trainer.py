@@ -413,9 +413,10 @@ def _build(builder: Callable[..., Any], spec: Any, overrides: Mapping[str, Any],
 def _check_model(config: Mapping[str, Any]) -> None:
     """Build the model on torch's ``meta`` device (no memory, no weights; a fraction of a second
     for the largest preset), which checks a plugin's model against the hook contract the loop
-    relies on (``model.zoo.check_contract``), and, when fine-tuning, compare it with
-    ``model.init``'s tensor shapes (read from the file's header), so that an override the
-    architecture does not take, or one that changes it, fails before any work."""
+    relies on (``model.zoo.check_contract``) and ``data.crop`` against the model
+    (:func:`check_crop`), and, when fine-tuning, compare it with ``model.init``'s tensor shapes
+    (read from the file's header), so that an override the architecture does not take, or one
+    that changes it, fails before any work."""
     import torch
     from safetensors import safe_open
 
@@ -426,13 +427,17 @@ def _check_model(config: Mapping[str, Any]) -> None:
     overrides = model_cfg.get("overrides") or {}
     with torch.device("meta"):
         if not model_cfg.get("init"):
-            _build(create_model, model_cfg["name"], overrides, "model.name", **overrides)
+            model = _build(create_model, model_cfg["name"], overrides, "model.name",
+                           **overrides)
+            check_crop(model, config["data"]["crop"], f"model {model_cfg['name']!r}")
             return
         weights = check_model(model_cfg["init"]) or WEIGHTS_DIR / f"{DEFAULT_NAME}.safetensors"
         start = read_config(weights)
         start.pop("extra", None)
         model = _build(build_from_config, {**start, **overrides}, overrides,
                        f"model.init {model_cfg['init']}")
+    check_crop(model, config["data"]["crop"], f"model {model_cfg['name']!r} (model.init "
+               f"{model_cfg['init']})")
     try:
         with safe_open(str(weights), "pt") as handle:
             shapes = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
@@ -440,6 +445,19 @@ def _check_model(config: Mapping[str, Any]) -> None:
         raise FormatError(weights, f"not a readable safetensors file: {exc}") from exc
     check_fit(tensor_shapes(model.state_dict()), shapes, model_cfg["init"],
               f"weights of another architecture than the one model.overrides {overrides} make")
+
+
+def check_crop(model: Any, crop: int, what: str) -> None:
+    """A ConfigError naming ``data.crop``, its value and ``what`` (the model it is for) where
+    ``model`` cannot take ``crop`` x ``crop`` squares (``model.zoo.crop_problem``: the multiple
+    its input sides need, and the nearest crops that are): found from the resolved settings,
+    before any data are read, where a forward pass in the first step failed with a torch shape
+    error."""
+    from peaknet_xtal.model.zoo import crop_problem
+
+    problem = crop_problem(model, int(crop))
+    if problem is not None:
+        raise ConfigError(None, f"data.crop: {crop} does not suit {what}: {problem}")
 
 
 def _use_bf16(config: dict[str, Any], device: Any) -> bool:

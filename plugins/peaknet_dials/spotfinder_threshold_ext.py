@@ -351,12 +351,14 @@ def _say_what_finds(model: str) -> None:
 
 def _check_model_exists(model: str) -> None:
     """Fail at start-up, in the main process, rather than later inside a DIALS worker: the file
-    must exist and be a safetensors model of a known family.  An architecture's name (a model
-    the zoo builds, without weights) is said to be one, as ``peaknet2cxi --model`` says it, not
-    "not found"."""
+    must exist and be a safetensors model of a known family, and a plugin family's network must
+    keep the hook contract (``weights_io.check_model``, the check every host makes).  An
+    architecture's name (a model the zoo builds, without weights) is said to be one, as
+    ``peaknet2cxi --model`` says it, not "not found"."""
     from peaknet_xtal.errors import FormatError
     from peaknet_xtal.model.weights_io import MODEL_FORMS, check_model
     from peaknet_xtal.model.zoo import list_models
+    from peaknet_xtal.registry import PluginError
 
     if model != "default" and not Path(model).exists() and model not in list_models():
         raise FormatError(model, f"PeakNet model not found (spotfinder.threshold.peaknet.model: "
@@ -366,6 +368,8 @@ def _check_model_exists(model: str) -> None:
     except FormatError as exc:  # a folder without weights, a broken file: the setting named too
         raise FormatError(exc.path, f"{exc.message} (spotfinder.threshold.peaknet.model)"
                           ) from None
+    except PluginError as exc:  # a plugin's model breaking the contract: named so too
+        raise PluginError(f"{exc} (spotfinder.threshold.peaknet.model)") from None
 
 
 DEVICE_SETTING = "spotfinder.threshold.peaknet.device"

@@ -272,6 +272,34 @@ def test_a_student_crop_wider_than_the_frames_trains(tmp_path: Path) -> None:
     assert (tmp_path / "run" / "model.safetensors").exists()
 
 
+@pytest.mark.parametrize("whose", ["student", "teacher"])
+def test_a_crop_the_student_or_the_teacher_does_not_take_is_one_line_before_the_teacher_runs(
+        install_plugin, tmp_path: Path, capsys: pytest.CaptureFixture[str], whose: str) -> None:
+    """Found by a plugin author: a ``data.crop`` that is not a multiple of a plugin model's
+    ``pad_multiple`` failed deep in a forward pass with a torch shape error: the student's in
+    its first step, the teacher's during its pass over the label files.  Now either is one
+    usage line naming the setting, its value, the model, the multiple and the nearest crops,
+    before the teacher runs and before the run folder is made."""
+    from peaknet_test_support import halving_family, unchecked_weights
+
+    install_plugin("halving", halving_family(2, pad_multiple=2))
+    data = {"paths": [str(tmp_path / "labels.h5")], "crop": 33}
+    if whose == "student":
+        config = _run_folder(tmp_path, model={"name": "my-halving"}, data=data)
+        what = "model 'my-halving'"
+    else:  # a PeakNet student (yocto) takes 33-px crops: it pads them inside forward
+        teacher = unchecked_weights("halving", "my-halving", tmp_path / "halving")
+        config = _run_folder(tmp_path, teacher=str(teacher), data=data)
+        what = f"the teacher {teacher}"
+    assert main([str(config)]) == 2
+    err = capsys.readouterr().err
+    assert [line for line in err.splitlines() if line.startswith("peaknet-distill: ")] == [
+        f"peaknet-distill: error: {config}: data.crop: 33 does not suit {what}: its input "
+        "sides must be multiples of 2 (its pad_multiple; model(image (1, 1, 33, 33), mask) "
+        "returned (1, 2, 32, 32)): use 32 or 34"], err
+    assert "Traceback" not in err and not (tmp_path / "run").exists()
+
+
 def _sigterm_at_call(monkeypatch: pytest.MonkeyPatch, owner: Any, name: str, call: int) -> None:
     """``owner.name`` sends this process a real SIGTERM at its ``call``-th call."""
     real, calls = getattr(owner, name), []

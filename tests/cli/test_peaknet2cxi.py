@@ -11,13 +11,14 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
-from peaknet_test_support import tiny_cbf, write_packed
+from peaknet_test_support import halving_family, tiny_cbf, unchecked_weights, write_packed
 
 import peaknet_xtal
 from peaknet_xtal.cli.peaknet2cxi import main, run
@@ -611,6 +612,40 @@ def test_a_tile_size_the_model_cannot_take_is_refused_before_anything_is_written
     assert exit_info.value.code == 2
     assert says in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("given", ["weights file", "weights folder", "architecture name"])
+def test_a_plugin_model_that_downsamples_is_refused_before_an_input_is_opened(
+        install_plugin, tmp_path, capsys, monkeypatch, given):
+    """Found by a plugin author: --model naming weights of a plugin model whose output is
+    smaller than its input was refused only when the engine first built the network, after
+    the inputs were opened, the output folder made and the run's start recorded in it (its
+    architecture's name, which has no weights, was refused after the same).  Now either is one
+    line before any of them, from the command line and from run() alike."""
+    from peaknet_xtal.cli import peaknet2cxi
+
+    install_plugin("halving", halving_family(2))
+    weights = unchecked_weights("halving", "my-halving", tmp_path / "run")
+    spec, says = {
+        "weights file": (str(weights), f"{weights}: model family 'halving' "),
+        "weights folder": (str(weights.parent), f"{weights}: model family 'halving' "),
+        "architecture name": ("my-halving", "my-halving: is a model architecture (family "
+                                            "'halving') without trained weights"),
+    }[given]
+    monkeypatch.setattr(peaknet2cxi, "RunInputs", lambda *_: pytest.fail(
+        "an input was opened before the model was checked"))
+    stack, out = tiny_stack(tmp_path / "in.h5"), tmp_path / "out"
+    assert main([str(stack), "-o", str(out), "--model", spec]) == 1
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("peaknet2cxi: error: ")]
+    assert len(errors) == 1 and errors[0].startswith(f"peaknet2cxi: error: {says}"), err
+    if given != "architecture name":
+        assert ("model 'my-halving': model(image (1, 1, 33, 35), mask) returned (1, 2, 32, 34); "
+                in errors[0])
+    assert "Traceback" not in err and not out.exists()
+    with pytest.raises(PeakNetError, match=f"^{re.escape(says)}"):
+        run({"inputs": [str(stack)], "output": str(out), "model": spec})
+    assert not out.exists()
 
 
 def test_config_file_null_lifts_the_peak_cap_and_types_are_checked(tmp_path):

@@ -201,6 +201,34 @@ def test_a_setting_out_of_range_or_unknown_is_one_usage_line_before_any_work(
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("start", ["model.name", "model.init"])
+def test_a_crop_the_model_does_not_take_is_one_usage_line_before_any_data_are_read(
+        install_plugin, tmp_path: Path, capsys, start) -> None:
+    """Found by a plugin author: ``data.crop: 33`` for a plugin model of ``pad_multiple = 2``
+    failed in the first step's forward pass with a torch shape error, after the data were
+    loaded.  Now it is one usage line naming the setting, its value, the model, the multiple
+    and the nearest crops, before any data are read (the label file here does not exist: a
+    reader would have said so)."""
+    from peaknet_test_support import halving_family, unchecked_weights
+
+    install_plugin("halving", halving_family(2, pad_multiple=2))
+    model: dict = {"name": "my-halving"}
+    what = "model 'my-halving'"
+    if start == "model.init":
+        init = unchecked_weights("halving", "my-halving", tmp_path / "init")
+        model, what = {"init": str(init)}, f"{what} (model.init {init})"
+    cfg = write(tmp_path / "crop.yaml", settings(tmp_path / "no-labels.h5", model=model,
+                                                 **{"data.crop": 33}))
+    with pytest.raises(SystemExit) as stop:
+        main([str(cfg), "--out", str(tmp_path / "out")])
+    assert stop.value.code == 2
+    assert one_error_line(capsys.readouterr().err) == (
+        f"peaknet-train: error: {cfg}: data.crop: 33 does not suit {what}: its input sides "
+        "must be multiples of 2 (its pad_multiple; model(image (1, 1, 33, 33), mask) returned "
+        "(1, 2, 32, 32)): use 32 or 34")
+    assert not (tmp_path / "out").exists()
+
+
 def test_two_config_files_are_a_usage_error(labels: Path, tmp_path: Path, capsys) -> None:
     """``peaknet-train A.yaml --config B.yaml`` silently trained with B."""
     first = write(tmp_path / "a.yaml", settings(labels))

@@ -199,6 +199,28 @@ def test_a_bad_weights_file_is_refused_when_the_engine_is_made(tmp_path):
     assert not InferenceEngine("default").loaded  # checked, not built
 
 
+def test_a_plugin_model_that_downsamples_is_refused_when_the_engine_is_made(install_plugin,
+                                                                            tmp_path):
+    """Found by a plugin author: weights of a plugin model whose output is smaller than its
+    input were taken when the engine was made and refused at its first frame, as the network
+    was built (after peaknet2cxi had opened its inputs and written to its output folder).  Now
+    the engine, and PeakFinder over it, refuse them as they are made, naming the file and what
+    is wrong; the model is still loaded on first use only."""
+    from peaknet_test_support import halving_family, unchecked_weights
+
+    from peaknet_xtal.finding import PeakFinder
+    from peaknet_xtal.registry import PluginError
+
+    install_plugin("halving", halving_family(2))
+    weights = unchecked_weights("halving", "my-halving", tmp_path / "run")
+    says = (rf"^{re.escape(str(weights))}: model family 'halving' .*, model 'my-halving': "
+            r"model\(image \(1, 1, 33, 35\), mask\) returned \(1, 2, 32, 34\); ")
+    with pytest.raises(PluginError, match=says):
+        InferenceEngine(str(weights))
+    with pytest.raises(PluginError, match=says):
+        PeakFinder(model=weights.parent)
+
+
 def test_mask_shape_mismatch_names_the_panel():
     engine = InferenceEngine(predictor=lambda p, m: [np.zeros(x.shape) for x in p])
     with pytest.raises(ValueError, match="panel 1"):

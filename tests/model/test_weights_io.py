@@ -3,11 +3,12 @@ family only a plugin provides, say so in one error."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 import torch
-from peaknet_test_support import TINY_FAMILY
+from peaknet_test_support import TINY_FAMILY, halving_family, unchecked_weights
 
 from peaknet_xtal.errors import FormatError
 from peaknet_xtal.model import load_model
@@ -73,3 +74,34 @@ def test_weights_of_a_plugin_model_breaking_the_contract_are_its_plugin_error(
     with pytest.raises(PluginError, match=r"model 'my-tiny': model\(image \(1, 1, 33, 35\), "
                                           r"mask\) returned \(1, 2, 32, 35\)"):
         load_model(weights)
+
+
+def test_weights_of_a_plugin_model_that_downsamples_are_refused_before_any_work(
+        install_plugin, tmp_path):
+    """Found by a plugin author: weights of a plugin model whose output is smaller than its
+    input passed this check, which every host makes before any work (the engine, so
+    PeakFinder and peaknet2cxi; the DIALS plugin), and were refused only when the network was
+    first built, after peaknet2cxi had opened its inputs and written to its output folder.  Now
+    the check builds and probes a plugin's network (not its weights), naming the file, the file
+    named by its folder too; torch's random numbers are left as they were."""
+    install_plugin("halving", halving_family(2))
+    weights = unchecked_weights("halving", "my-halving", tmp_path / "run")
+    for spec in (weights, weights.parent):
+        with pytest.raises(PluginError, match=(
+                rf"^{re.escape(str(weights))}: model family 'halving' \(plugin 'halving' .*\), "
+                r"model 'my-halving': model\(image \(1, 1, 33, 35\), mask\) returned "
+                r"\(1, 2, 32, 34\); .* a network that downsamples sets pad_multiple")):
+            check_model(spec)
+
+
+def test_a_plugin_models_check_leaves_torchs_random_numbers_as_they_were(install_plugin,
+                                                                          tmp_path):
+    """Building the network draws its initial weights: a script seeded before ``PeakFinder``
+    (whose engine checks the model) must draw what it drew before."""
+    install_plugin("tiny", TINY_FAMILY)
+    weights = unchecked_weights("tinyfam", "my-tiny", tmp_path / "run")
+    torch.manual_seed(3)
+    unchecked = torch.rand(4)
+    torch.manual_seed(3)
+    assert check_model(weights) == weights
+    assert torch.equal(torch.rand(4), unchecked)

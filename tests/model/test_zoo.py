@@ -71,6 +71,34 @@ def test_a_model_saying_pad_multiple_is_made_and_probed_on_its_multiples(install
     assert zoo.probe_shape(1) == (33, 35) and zoo.probe_shape(64) == (64, 192)
 
 
+def test_only_a_plugins_family_is_checked_against_the_contract(install_plugin):
+    """What ``weights_io.check_model`` builds and probes before any work: a plugin's family,
+    not the built-in one (tested with the package), nor a family no plugin registered."""
+    install_plugin("halving", halving_family(2))
+    assert zoo.contract_checked("halving")
+    assert not zoo.contract_checked("peaknet") and not zoo.contract_checked("no-such-family")
+
+
+def test_a_crop_the_model_does_not_take_says_the_multiple_and_the_nearest_crops(
+        install_plugin):
+    """Found by a plugin author: ``data.crop: 33`` for a model of ``pad_multiple = 2`` failed in
+    the first training step, after the data were loaded, as a torch shape error.  A crop that
+    is not a multiple is refused where the model's output does not match it; one the model
+    takes anyway (it pads inside forward, as PeakNet does) is not."""
+    install_plugin("halving", halving_family(2, pad_multiple=4))  # takes any even side
+    model = zoo.create_model("my-halving")
+    assert zoo.crop_problem(model, 32) is None and zoo.crop_problem(model, 34) is None
+    assert zoo.crop_problem(model, 33) == (
+        "its input sides must be multiples of 4 (its pad_multiple; model(image (1, 1, 33, 33), "
+        "mask) returned (1, 2, 32, 32)): use 32 or 36")
+    assert zoo.crop_problem(model, 3) == (
+        "its input sides must be multiples of 4 (its pad_multiple; model(image (1, 1, 3, 3), "
+        "mask) returned (1, 2, 2, 2)): use 4")
+    with torch.device("meta"):  # as peaknet-train's start check builds it
+        peaknet = zoo.create_model("yocto")
+    assert peaknet.pad_multiple == 32 and zoo.crop_problem(peaknet, 76) is None
+
+
 def test_the_probe_leaves_the_model_and_the_random_numbers_as_they_were(install_plugin):
     """Made in training mode, with its batch-norm statistics untouched and no random number
     drawn: a training run seeded before create_model draws the numbers it drew before."""

@@ -461,6 +461,25 @@ def test_missing_model_fails_at_start_up_naming_it(dials_modules, tmp_path) -> N
         factory.configure_threshold(params)
 
 
+def test_a_plugin_model_that_downsamples_fails_at_start_up_naming_it(dials_modules, tmp_path,
+                                                                     install_plugin) -> None:
+    """Weights of a plugin model whose output is smaller than its input passed the start-up
+    check and failed on the first image, inside a DIALS worker; now the start-up check (the
+    one every host makes) refuses them, as DIALS' user error naming the file and setting."""
+    from libtbx.utils import Sorry
+    from peaknet_test_support import halving_family, unchecked_weights
+
+    factory, phil_scope = dials_modules
+    install_plugin("halving", halving_family(2))
+    weights = unchecked_weights("halving", "my-halving", tmp_path / "run")
+    params = _params(phil_scope, "spotfinder.threshold.algorithm=peaknet",
+                     f"spotfinder.threshold.peaknet.model={weights.parent}")
+    with pytest.raises(Sorry, match=(
+            r"^peaknet: .*model\.safetensors: model family 'halving' .* returned "
+            r"\(1, 2, 32, 34\); .*\(spotfinder\.threshold\.peaknet\.model\)$")):
+        factory.configure_threshold(params)
+
+
 def test_unusable_device_fails_at_start_up_naming_it(dials_modules) -> None:
     """A device the model cannot run on is DIALS' user error when DIALS builds the finder (before
     any image, in the main process), naming the setting and the devices there are; settings

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from peaknet_xtal.training.distill import (
     CACHE_VERSION,
     DistillDataset,
     cache_teacher_logits,
+    distill,
     distill_batch_loss,
 )
 from peaknet_xtal.training.losses import distillation_loss, focal_loss
@@ -260,6 +262,28 @@ def test_focal_term_learns_the_ground_truth_not_the_teacher() -> None:
              "label": truth}
     total, count = distill_batch_loss(student, batch, 2.0, focal_only)
     assert torch.isclose(total / count, with_truth)
+
+
+def test_distill_checks_the_crop_against_the_teacher_before_the_teacher_pass(
+        install_plugin, tmp_path: Path, label_file: Path) -> None:
+    """The teacher runs on crop-sized tiles as they are: a crop a plugin teacher does not take
+    failed during its pass over every frame (minutes to hours on real data) as a torch shape
+    error.  Now ``distill`` refuses it first, naming ``data.crop``, the teacher and the
+    multiple, and leaves no cache; a PeakNet student takes the crop (it pads inside
+    forward)."""
+    from peaknet_test_support import halving_family, unchecked_weights
+
+    from peaknet_xtal.config import ConfigError
+
+    install_plugin("halving", halving_family(2, pad_multiple=2))
+    teacher = unchecked_weights("halving", "my-halving", tmp_path / "teacher")
+    config = {"out": str(tmp_path / "run"), "teacher": str(teacher), "threads": 1,
+              "model": {"name": "yocto"}, "data": {"paths": [str(label_file)], "crop": 33}}
+    with pytest.raises(ConfigError, match=(
+            rf"^<input>: data\.crop: 33 does not suit the teacher {re.escape(str(teacher))}: "
+            r"its input sides must be multiples of 2 .*: use 32 or 34$")):
+        distill(config)
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("size", ["atto", "femto", "pico", "nano", "tiny", "base", "large",

@@ -292,6 +292,26 @@ def test_a_plugin_model_breaking_the_contract_is_refused_before_any_work(
     assert "model.overrides" not in err and not (tmp_path / "run").exists()
 
 
+def test_train_checks_the_crop_against_the_model_before_any_data_are_read(
+        install_plugin, tmp_path: Path) -> None:
+    """``train(config)`` made its dataset (opening the label files) before the start check, and
+    a crop the model does not take failed later still, in the first step's forward pass.  Now
+    the start check, ``data.crop`` against the model included, comes first (the label file
+    here does not exist: reading it would have said so)."""
+    from peaknet_test_support import halving_family
+
+    from peaknet_xtal.config import ConfigError
+
+    install_plugin("halving", halving_family(2, pad_multiple=2))
+    config = _config(tmp_path / "run", tmp_path / "no-labels.h5", model={"name": "my-halving"})
+    config["data"]["crop"] = 31
+    with pytest.raises(ConfigError, match=r"^<input>: data\.crop: 31 does not suit model "
+                                          r"'my-halving': its input sides must be multiples "
+                                          r"of 2 .*: use 30 or 32"):
+        train(config)
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_model_name_only_a_plugin_that_failed_to_load_had_names_that_plugin(
         install_plugin, tmp_path: Path, label_file: Path, capsys) -> None:
     """``model.name: mytiny`` with the plugin broken listed the built-in names alone; the

@@ -522,6 +522,24 @@ def record(config: Mapping[str, Any], path: str | os.PathLike[str] | None, comma
             "config": dict(config)})
 
 
+def add_to_record(path: str | os.PathLike[str], used: Mapping[str, Any]) -> None:
+    """Add to the record :func:`record` saved before a run what the run chose as it ran, where
+    the configuration left it to the machine (the CPU threads: ``threads: null`` said nothing
+    of those used), under ``"used"``: beside the configuration as given, never into it, so
+    that the record still says which settings were given, and a command built from them runs
+    on another machine's cores rather than this one's.  A record that cannot be read or
+    written any more is said in a warning: the run's outputs stand without it."""
+    try:
+        saved = json.loads(Path(path).read_text())
+        if not isinstance(saved, dict):
+            raise ValueError("not a run record")
+        saved["used"] = {**saved.get("used", {}), **used}
+        write_json_atomic(path, saved)
+    except (OSError, ValueError) as exc:
+        log.warning("could not add %s to the run record %s: %s",
+                    ", ".join(f"{k} {v}" for k, v in used.items()), path, exc)
+
+
 _ABSENT = object()
 
 

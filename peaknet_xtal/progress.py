@@ -57,6 +57,14 @@ def _layout(tty: bool, total: int | None, desc: str) -> str:
     return ("{desc}: " if desc else "") + text
 
 
+def finding_counts(hits: int, frames: int, peaks: int) -> str:
+    """What a peak-finding run's progress line says after its rate: the hits so far and the
+    mean peaks per frame of the ``frames`` found, ``peaks`` in all.  Worded here once for
+    ``peaknet2cxi`` alone and with ``--workers`` (the pipeline's monitor): the two lines were
+    worded apart, and a user switching between them read two different commands."""
+    return f"hits {hits} | {peaks / frames if frames else 0.0:.1f} peaks/frame"
+
+
 def format_seconds(seconds: float) -> str:
     """``65`` -> ``01:05``, ``3725`` -> ``1:02:05``; ``--:--`` when unknown (NaN, inf)."""
     if seconds != seconds or seconds == float("inf"):  # NaN or inf

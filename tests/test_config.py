@@ -73,6 +73,24 @@ def test_record_takes_the_process_arguments_and_the_config_file(tmp_path, monkey
     assert json.loads(out.read_text())["config_file"] is None
 
 
+def test_what_a_run_chose_goes_beside_its_configuration_never_into_it(tmp_path, caplog):
+    """The threads a run used where none were given go under ``used``: the configuration keeps
+    ``threads: null`` (the machine chose).  A record gone since is one warning, not an error
+    (the run's outputs stand)."""
+    out = tmp_path / "config.json"
+    config.record({"threads": None}, out, "peaknet-test", [])
+    config.add_to_record(out, {"threads": 2})
+    config.add_to_record(out, {"workers": 3})
+    saved = json.loads(out.read_text())
+    assert saved["config"] == {"threads": None}
+    assert saved["used"] == {"threads": 2, "workers": 3}
+    out.unlink()
+    with caplog.at_level("WARNING"):
+        config.add_to_record(out, {"threads": 2})
+    assert [r.levelname for r in caplog.records] == ["WARNING"]
+    assert "threads 2" in caplog.text and str(out) in caplog.text and not out.exists()
+
+
 def test_unknown_key_in_a_config_file_is_an_error_naming_file_and_key(tmp_path):
     cfg = tmp_path / "typo.yaml"
     cfg.write_text("threshhold: 0.9\n")

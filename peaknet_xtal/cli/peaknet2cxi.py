@@ -24,7 +24,9 @@ OUTDIR receives:
   peaknet2cxi.png     peaks per frame of every frame in OUTDIR, in the order written, with the
                       hit threshold (--min-peaks), the running hit rate, and the histogram of
                       peaks per frame
-  peaknet2cxi.config.json  this run's resolved settings, command line and working folder
+  peaknet2cxi.config.json  this run's resolved settings, command line and working folder, and
+                      the CPU threads it used ("used": threads, or with --workers the workers
+                      and each one's threads)
   peaks-nonhits-NNNNN.h5  with --hits-only: the frames left out as not hits, so that a rerun
                       skips them as it skips the frames in the CXI files
 and, with --stream OUT.stream, a peaks-only CrystFEL stream (0.10+ syntax, geometry embedded);
@@ -83,7 +85,7 @@ from peaknet_xtal.finding.sanitise import add_tallies, describe_tally
 from peaknet_xtal.finding.settings import DEFAULTS as FINDING
 from peaknet_xtal.finding.settings import LIMITS, PRECISIONS, check_precision
 from peaknet_xtal.formats.cxi import DEFAULT_MAX_PEAKS, has_frame_keys
-from peaknet_xtal.progress import Progress, closed_length, count_within
+from peaknet_xtal.progress import Progress, closed_length, count_within, finding_counts
 from peaknet_xtal.registry import sniff_plugin_source, unclaimed
 from peaknet_xtal.stopping import (
     exit_status,
@@ -164,6 +166,8 @@ PLOT_NAME = "peaknet2cxi.png"
 #: run's counts are (``finding.sanitise.SanitiseTally.reported_in``)
 REPORTED_IN = f"the run summary and {SUMMARY_NAME}"
 CONFIG_NAME = "peaknet2cxi.config.json"
+#: The progress line's first word, alone and with --workers (one command, one line)
+PROGRESS_LABEL = "peaknet2cxi"
 PIPELINE_NAME = "peaknet2cxi.pipeline.json"
 LIST_SUFFIXES = (".lst", ".txt", ".list")
 #: Marks an input given with -i (a list file whatever its suffix).
@@ -283,11 +287,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             expansion = RunInputs(config["inputs"])  # this check's and the run's, read once
             check_output_folder(Path(config["output"]), config, expansion=expansion)
             make_output_folder(config["output"])  # the record goes in it
-            cfgmod.record(config, Path(config["output"]) / CONFIG_NAME, "peaknet2cxi", argv)
-            summary = run(config, argv=argv, expansion=expansion)
-    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Terminated)
-        print(f"peaknet2cxi: {interrupted(exc)}", file=sys.stderr)
-        _say_what_is_kept(Path(config["output"]), rerun=True)
+            record = Path(config["output"]) / CONFIG_NAME
+            cfgmod.record(config, record, "peaknet2cxi", argv)
+            summary = run(config, argv=argv, expansion=expansion, record=record)
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Terminated): one line, as every
+        # command says a stop, naming what is kept and how the run goes on
+        print(f"peaknet2cxi: {interrupted(exc)}; {what_is_kept(Path(config['output']))}",
+              file=sys.stderr)
         return exit_status(exc)
     except MemoryError as exc:  # numpy's, Python's, and torch's (finding.engine says it so)
         print(f"peaknet2cxi: error: out of memory: {exc or 'no more could be allocated'}",
@@ -494,16 +500,26 @@ MEMORY_ADVICE = ("cut large panels into tiles (--tile-size 1024 saves about a qu
                  "the frames already written")
 
 
-def _say_what_is_kept(outdir: Path, *, rerun: bool) -> None:
-    """After a failed run: where the frames finished before it are (nothing is said when there
-    are none), and whether the same command continues the run (only where it can help)."""
+def what_is_kept(outdir: Path, *, rerun: bool = True) -> str:
+    """What a stopped or failed run leaves, for the one line that says so: the CXI files
+    finished before it and where they are, and (``rerun``, where the same command can help)
+    that the same command continues the run.  Empty where there is nothing to say (a bad
+    input, before any file was finished)."""
     kept = [p for p in _finished(outdir) if has_frame_keys(p)]  # ours, not a stranger's file
-    if kept:
-        print(f"peaknet2cxi: the {len(kept)} CXI file(s) finished before it are kept in "
-              f"{outdir}", file=sys.stderr)
+    if not kept:
+        return "no CXI file was finished; re-run the same command to continue" if rerun else ""
+    said = f"the {len(kept)} CXI file(s) finished before it are kept in {outdir}"
     if rerun:
-        print("peaknet2cxi: re-run the same command to continue (finished frames are skipped)",
-              file=sys.stderr)
+        said += "; re-run the same command to continue (finished frames are skipped)"
+    return said
+
+
+def _say_what_is_kept(outdir: Path, *, rerun: bool) -> None:
+    """After a failed run, the line below its error: :func:`what_is_kept` (nothing is said
+    where there is nothing to say)."""
+    said = what_is_kept(outdir, rerun=rerun)
+    if said:
+        print(f"peaknet2cxi: {said}", file=sys.stderr)
 
 
 # --------------------------------------------------------------------------------------------
@@ -511,7 +527,7 @@ def _say_what_is_kept(outdir: Path, *, rerun: bool) -> None:
 
 
 def run(config: Mapping[str, Any], *, argv: Sequence[str] | None = None,
-        expansion: RunInputs | None = None) -> dict[str, Any]:
+        expansion: RunInputs | None = None, record: Path | None = None) -> dict[str, Any]:
     """Run peaknet2cxi with a resolved configuration (keys as :data:`DEFAULTS`); returns the
     summary that is also written to ``OUTDIR/peaknet2cxi.json``.  The numbers are checked
     against :data:`RANGES` here too, for Python callers (a ConfigError names the key).
@@ -520,7 +536,9 @@ def run(config: Mapping[str, Any], *, argv: Sequence[str] | None = None,
     the command line that does the same (:func:`command_line`).  ``expansion``: the inputs as
     a caller that checked the output folder already expanded them (:func:`main`), so that
     their list files are read and their files looked for once a run; one for other inputs
-    than ``config``'s is not used."""
+    than ``config``'s is not used.  ``record``: the run record :func:`main` saved before the
+    run (:data:`CONFIG_NAME`), to which the run adds the CPU threads it used
+    (``config.add_to_record``), as the summary's ``this_run`` says them."""
     config = cfgmod.deep_merge(DEFAULTS, dict(config))
     config.update(cfgmod.validate({k: config[k] for k in RANGES},
                                   {k: DEFAULTS[k] for k in RANGES}, RANGES,
@@ -533,8 +551,8 @@ def run(config: Mapping[str, Any], *, argv: Sequence[str] | None = None,
         expansion = RunInputs(config["inputs"])
     check_output_folder(Path(config["output"]), config, expansion=expansion)
     if int(config["workers"] or 1) > 1 or config["address"]:
-        return _run_pipeline(config, expansion)
-    return _run_serial(config, expansion, argv)
+        return _run_pipeline(config, expansion, record)
+    return _run_serial(config, expansion, argv, record)
 
 
 #: What ``--dials`` imports, and what else a user without DIALS can do.
@@ -618,7 +636,8 @@ def check_output_folder(outdir: Path, config: Mapping[str, Any] | None = None, *
 
 
 def _run_serial(config: dict[str, Any], expansion: RunInputs,
-                argv: Sequence[str] | None = None) -> dict[str, Any]:
+                argv: Sequence[str] | None = None, record: Path | None = None
+                ) -> dict[str, Any]:
     from peaknet_xtal.finding.engine import InferenceEngine
     from peaknet_xtal.formats.cxi import CXIWriter
 
@@ -651,7 +670,8 @@ def _run_serial(config: dict[str, Any], expansion: RunInputs,
     options = dict(config["source_options"])
     total = _count_frames(inputs, geometry, options)
     try:
-        with Progress(total, "frames", desc="peaknet2cxi", enabled=bool(config["progress"])) as bar:
+        with Progress(total, "frames", desc=PROGRESS_LABEL,
+                      enabled=bool(config["progress"])) as bar:
             # the writer's own geometry check, early: a frame for another peaknet.geom is
             # refused before the time to find it is spent
             frames = _pending(inputs, geometry, done_cxi | set(), done_stream, stats, bar,
@@ -665,7 +685,7 @@ def _run_serial(config: dict[str, Any], expansion: RunInputs,
                 if stream is not None and key not in done_stream:
                     stream.write(result)
                 stats.add(result)
-                bar.update(1, extra=f"hits {stats.hits} | {stats.mean_peaks():.1f} peaks/frame")
+                bar.update(1, extra=stats.progress())
     except BaseException as exc:  # noqa: BLE001  (keep what is done, then re-raise)
         error = exc
         raise
@@ -679,7 +699,8 @@ def _run_serial(config: dict[str, Any], expansion: RunInputs,
                             geometry_file=ours if ours.exists() else None)
         summary = _finish(config, outdir, cxi.finished_files(), seen_geometry[0], stats,
                           time.perf_counter() - started, engine.describe(), error,
-                          engine.sanitised.as_dict())
+                          engine.sanitised.as_dict(), {"threads": engine.threads_used},
+                          record)
     return summary
 
 
@@ -743,9 +764,11 @@ def finding_settings(config: Mapping[str, Any]) -> dict[str, Any]:
     return settings
 
 
-def _run_pipeline(config: dict[str, Any], expansion: RunInputs) -> dict[str, Any]:
+def _run_pipeline(config: dict[str, Any], expansion: RunInputs,
+                  record: Path | None = None) -> dict[str, Any]:
     """Hand the run to the Ray pipeline (``--workers N`` / ``--address``), then finish alike."""
     try:
+        from peaknet_xtal.pipeline import DEFAULTS as PIPELINE_DEFAULTS
         from peaknet_xtal.pipeline import run_pipeline
     except ImportError as exc:
         raise PeakNetError(f"--workers/--address need the Ray pipeline, which cannot be "
@@ -783,10 +806,12 @@ def _run_pipeline(config: dict[str, Any], expansion: RunInputs) -> dict[str, Any
                               "faint_support": int(config["faint_support"]),
                               "adu_per_photon": _optional_float(config["adu_per_photon"]),
                               "max_peaks": config["max_peaks"]},
-        "progress": bool(config["progress"]),
+        "progress": bool(config["progress"]), "progress_label": PROGRESS_LABEL,
     }
-    if config["threads"]:
-        pipeline["threads_per_worker"] = int(config["threads"])
+    # each worker's CPU threads (and the CPUs Ray reserves for it): --threads, else the
+    # pipeline's default, said here so that the run's record can say it too
+    pipeline["threads_per_worker"] = int(config["threads"]
+                                         or PIPELINE_DEFAULTS["threads_per_worker"])
     for item in pipeline["inputs"]:
         if item.get("events"):
             raise PeakNetError(f"{item['path']}: per-event list entries need the single-process "
@@ -829,7 +854,9 @@ def _run_pipeline(config: dict[str, Any], expansion: RunInputs) -> dict[str, Any
         summary = _finish(config, outdir, files, geometry, stats, time.perf_counter() - started,
                           {"pipeline": result.get("backend", "ray"),
                            **(result.get("engine") or getattr(error, "engine", None) or {})},
-                          error, done.get("unusable_pixels"))
+                          error, done.get("unusable_pixels"),
+                          {"workers": pipeline["workers"],
+                           "threads_per_worker": pipeline["threads_per_worker"]}, record)
     return summary
 
 
@@ -1421,14 +1448,19 @@ class _Stats:
         self.frames = 0
         self.hits = 0
         self.peaks: list[int] = []
+        self.peak_total = 0  # sum(self.peaks), kept as it grows: the progress line's O(1)
 
     def add(self, result: FrameResult) -> None:
         self.frames += 1
         self.hits += int(result.hit)
         self.peaks.append(len(result.peaks))
+        self.peak_total += len(result.peaks)
 
-    def mean_peaks(self) -> float:
-        return float(np.mean(self.peaks)) if self.peaks else 0.0
+    def progress(self) -> str:
+        """The progress line's counts, in the words the Ray pipeline's line uses too
+        (``progress.finding_counts``), from running sums: the mean of every frame's count,
+        taken again at each frame, cost 31 ms a frame by the millionth frame (2-core machine)."""
+        return finding_counts(self.hits, self.frames, self.peak_total)
 
     @classmethod
     def from_cxi(cls, files: Sequence[Path]) -> _Stats:
@@ -1441,6 +1473,7 @@ class _Stats:
         stats = cls()
         stats.frames, stats.hits = len(counts), int(np.sum(hits))
         stats.peaks = counts.astype(int).tolist()
+        stats.peak_total = int(np.sum(counts))
         return stats
 
     def summary(self) -> dict[str, float]:
@@ -1526,7 +1559,9 @@ def write_run_plot(outdir: Path, counts: np.ndarray, hits: np.ndarray, min_peaks
 def _finish(config: Mapping[str, Any], outdir: Path, files: list[Path], geometry: Any,
             stats: _Stats, seconds: float, engine: Mapping[str, Any],
             error: BaseException | None,
-            unusable: Mapping[str, int] | None = None) -> dict[str, Any]:
+            unusable: Mapping[str, int] | None = None,
+            used: Mapping[str, int | None] | None = None,
+            record: Path | None = None) -> dict[str, Any]:
     """Write the list file and the JSON summary (atomically), describing the whole output.
 
     The geometry file is written by the CXI writer before the first CXI file appears.  Without
@@ -1534,7 +1569,10 @@ def _finish(config: Mapping[str, Any], outdir: Path, files: list[Path], geometry
     run's counts of unusable pixels and frames without data
     (``finding.sanitise.SanitiseTally.as_dict``, summed over the workers of a Ray run), kept
     as ``this_run.unusable_pixels``: its warnings stop after the first frames and promise
-    these counts (:data:`REPORTED_IN`).
+    these counts (:data:`REPORTED_IN`).  ``used``: the CPU threads the run ran on (``threads``,
+    None where no frame was found; with --workers ``workers`` and ``threads_per_worker``),
+    kept in ``this_run`` and added to the run ``record`` (``config.add_to_record``): the
+    configuration's ``threads`` is what was given, null where the machine chose.
     """
     from peaknet_xtal.atomic import write_json_atomic, write_text_atomic
 
@@ -1549,6 +1587,8 @@ def _finish(config: Mapping[str, Any], outdir: Path, files: list[Path], geometry
               else f"failed: {error}")
     if error is None and not files:
         status = "failed: no frames written (the inputs hold no frames, or none were hits)"
+    if record is not None and used:  # a stopped or failed run's too: what it ran on
+        cfgmod.add_to_record(record, used)
     # before the summary, which names it; a stopped or failed run's too: what the folder holds
     plot = (write_run_plot(outdir, counts, hits, int(config["min_peaks"]), left_out, status)
             if files else None)
@@ -1564,7 +1604,7 @@ def _finish(config: Mapping[str, Any], outdir: Path, files: list[Path], geometry
         "this_run": {"frames": stats.frames, "skipped": stats.skipped, "hits": stats.hits,
                      "time_s": round(seconds, 3),
                      "frames_per_s": stats.frames / seconds if seconds > 0 else 0.0,
-                     "unusable_pixels": add_tallies([unusable or {}])},
+                     "unusable_pixels": add_tallies([unusable or {}]), **(used or {})},
         "cxi_files": [str(p) for p in files],
         "list": str(list_path) if files else None,
         "geometry": str(geom_path) if files and geom_path.exists() else None,

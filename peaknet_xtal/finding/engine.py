@@ -278,6 +278,8 @@ class InferenceEngine:
         self._gains_logged: set[float | None] = set()
         self._host_pool: ThreadPoolExecutor | None = None  # peak finding's threads, made on use
         self._host_threads = 0
+        self._torch_threads: int | None = None  # set where the model loaded on the CPU
+        self._find_threads: int | None = None  # the last find_frames' threads
         #: Frames and pixels masked as unusable so far (non-finite, absurd, marked, panels of
         #: one value) and frames without data, see :mod:`.sanitise`; a host that reports the
         #: counts says where in its ``reported_in``.
@@ -295,6 +297,7 @@ class InferenceEngine:
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_host_pool"] = None  # threads do not travel; a copy makes its own
+        state["_torch_threads"] = state["_find_threads"] = None  # nor what this process used
         if not _is_module(self.model_spec):
             state["_model"] = None
             state["_device"] = None
@@ -309,6 +312,14 @@ class InferenceEngine:
         return self._model is not None
 
     @property
+    def threads_used(self) -> int | None:
+        """The CPU threads this engine ran on, for run records (``threads`` is the setting,
+        None where the machine chose): torch's, as :func:`~peaknet_xtal.threads.
+        use_torch_threads` set them, where the model runs on the CPU; else the threads that
+        found the peaks; None before the first frame."""
+        return self._torch_threads if self._torch_threads is not None else self._find_threads
+
+    @property
     def device(self) -> str:
         """The resolved device name (resolving does not load the model)."""
         if self._device is None:
@@ -321,7 +332,7 @@ class InferenceEngine:
             import torch
 
             if self.device == "cpu":
-                use_torch_threads(self.threads)
+                self._torch_threads = use_torch_threads(self.threads)
             if self.device.startswith("cuda"):
                 torch.backends.cudnn.deterministic = True  # same input, same bits (see above)
                 torch.backends.cudnn.benchmark = False
@@ -538,6 +549,7 @@ class InferenceEngine:
             except Exception as exc:  # a broken input: the frames before it are found first
                 error = exc
                 break
+            self._find_threads = threads  # for the records (threads_used): frames are found
             probs, goods = self._predict_many([f.panels for f in chunk],
                                               [f.masks for f in chunk],
                                               [_where(f) for f in chunk],

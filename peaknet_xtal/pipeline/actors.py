@@ -205,6 +205,7 @@ class ModelWorker:
         self._frame_finder: Any = None
         self.geometry: Any = None  # of the latest frame found (for the defect mask's layout)
         self.frames = self.batches = 0
+        self.hits = self.peaks = 0  # of the frames found, for the progress line (.monitor)
         self.busy_s = 0.0
         self.started = time.perf_counter()
 
@@ -227,6 +228,8 @@ class ModelWorker:
         results = list(finder.find_frames(list(frames)))
         self.busy_s += time.perf_counter() - t0
         self.frames += len(frames)
+        self.hits += sum(bool(r.hit) for r in results)
+        self.peaks += sum(len(r.peaks) for r in results)
         self.batches += 1
         if frames:
             self.geometry = frames[-1].geometry
@@ -279,7 +282,8 @@ class ModelWorker:
     def stats(self) -> dict[str, Any]:
         wall = time.perf_counter() - self.started
         return {"worker": self.worker_id, "pid": os.getpid(), "frames": self.frames,
-                "batches": self.batches, "busy_s": round(self.busy_s, 4), "wall_s": round(wall, 4),
+                "hits": self.hits, "peaks": self.peaks, "batches": self.batches,
+                "busy_s": round(self.busy_s, 4), "wall_s": round(wall, 4),
                 "busy_fraction": round(self.busy_s / wall, 4) if wall > 0 else 0.0}
 
     def run(self, frames_in: Any, results_out: Sequence[Any], lease_timeout: float = 1.0,

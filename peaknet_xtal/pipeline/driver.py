@@ -43,7 +43,9 @@ The driver owns no data; it starts the stages, watches them and keeps the books:
   ``unusable_pixels`` (their warnings stop after each worker's first frames and point here;
   a worker that died took its counts with it, as its defect counts).
 - **Progress.**  The progress line counts frames against the inputs' total where their sources
-  can say it up front (the single-process run's total), the frames done before included.
+  can say it up front (the single-process run's total), the frames done before included, and
+  says the hits and peaks per frame the workers found, as the single-process run's line does
+  (:mod:`.monitor`).
 
 ``backend="ray"`` (default) runs every stage as a Ray actor, on a local Ray or the cluster at
 ``address``; ``backend="threads"`` runs the same classes on threads in this process (tests, and a
@@ -117,6 +119,7 @@ DEFAULTS: dict[str, Any] = {
     "lease_timeout": 1.0,  # seconds a blocked lease waits before a worker reports in
     "monitor_interval": 1.0,
     "progress": True,
+    "progress_label": "pipeline",  # the progress line's first word (peaknet2cxi: its name)
     "monitor_json": None,  # default: <output>.pipeline.json
     "resume": True,
 }
@@ -840,7 +843,8 @@ def run_pipeline(config: Mapping[str, Any] | None = None) -> dict[str, Any]:
             total, before = driver.frame_total(skipped) if cfg["progress"] else (None, 0)
             monitor = PipelineMonitor(total, progress=bool(cfg["progress"]),
                                       interval=float(cfg["monitor_interval"]),
-                                      live_path=monitor_json, initial=before)
+                                      live_path=monitor_json, initial=before,
+                                      label=str(cfg["progress_label"]))
             driver.loop(monitor)
             driver.relay_warnings()
             defects = driver.save_defects()

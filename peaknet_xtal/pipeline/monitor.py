@@ -4,8 +4,17 @@ The same JSON file is rewritten every ``interval`` during the run (``"live": tru
 and counts included) and once more, complete with the sample history, at the end.
 
 Everything comes from the queues' own statistics (frames *in* = accepted by the frame queue,
-frames *out* = acknowledged by a writer; workers piggy-back their busy time on each lease), so
-monitoring adds no actor and no extra round trip per frame.
+frames *out* = acknowledged by a writer; workers piggy-back their busy time, and their counts
+of frames, hits and peaks found, on each lease), so monitoring adds no actor and no extra round
+trip per frame.
+
+The progress line says what the single-process ``peaknet2cxi`` line says, under its label
+(``label``) and in its words (``progress.finding_counts``: hits, peaks per frame), then the
+pipeline's own rates, queue depths and busy workers.  Its hits and peaks are the workers'
+counts of the batches they finished (each reports one as it leases the next), whose frames may
+still be on their way to a writer while the line's count is of frames written; a worker that
+died keeps the counts it reported, and the frames it held are counted again by the worker that
+finds them.
 """
 from __future__ import annotations
 
@@ -15,7 +24,7 @@ from collections.abc import Sequence
 from typing import Any, TextIO
 
 from peaknet_xtal.atomic import write_json_atomic
-from peaknet_xtal.progress import Progress
+from peaknet_xtal.progress import Progress, finding_counts
 
 #: Samples kept for the JSON report; older ones are thinned to every other one.
 MAX_SAMPLES = 2000
@@ -30,11 +39,13 @@ class PipelineMonitor:
 
     def __init__(self, total: int | None = None, *, progress: bool = True,
                  stream: TextIO | None = None, interval: float | None = None,
-                 live_path: str | None = None, initial: int = 0) -> None:
+                 live_path: str | None = None, initial: int = 0,
+                 label: str = "pipeline") -> None:
         """``total``: the run's frames, where known up front (the line then gives the share
         done and an ETA, as the single-process run's does); ``initial``: those of them an
-        earlier run finished, counted as done from the first line on (not in the rate)."""
-        self.bar = Progress(total, "frames", desc="pipeline", stream=stream, interval=interval,
+        earlier run finished, counted as done from the first line on (not in the rate);
+        ``label``: the line's first word (the command's name, where a command runs it)."""
+        self.bar = Progress(total, "frames", desc=label, stream=stream, interval=interval,
                             enabled=progress, initial=initial)
         self.t0 = time.perf_counter()
         self.samples: list[dict[str, Any]] = []
@@ -60,6 +71,8 @@ class PipelineMonitor:
         last_t, last_in, last_out = self._recent[0]
         dt = max(now - last_t, 1e-9)
         self.workers.update(frames_q.get("reports", {}))
+        found = {key: sum(int(r.get(key, 0)) for r in self.workers.values())
+                 for key in ("frames", "hits", "peaks")}
         results_depth = sum(int(q["depth"]) for q in result_qs)
         self.peak_depth = max(self.peak_depth, int(frames_q["depth"]) + int(frames_q["in_flight"]))
         self.peak_results_depth = max(self.peak_results_depth, results_depth)
@@ -70,6 +83,7 @@ class PipelineMonitor:
                   "out_per_s": round((acked - last_out) / dt, 2),
                   "depth": int(frames_q["depth"]), "in_flight": int(frames_q["in_flight"]),
                   "capacity": int(frames_q["capacity"]), "results_depth": results_depth,
+                  "found": found["frames"], "hits": found["hits"], "peaks": found["peaks"],
                   "busy": {w: r.get("busy_fraction", 0.0) for w, r in self.workers.items()}}
         self.bar.update(delta, extra=self.line(sample))
         self._keep(sample)
@@ -88,8 +102,10 @@ class PipelineMonitor:
 
     @staticmethod
     def line(sample: dict[str, Any]) -> str:
+        """What the progress line says after the count and rate (module docstring)."""
         busy = " ".join(f"{w}:{100 * b:.0f}%" for w, b in sorted(sample["busy"].items()))
-        return (f"in {sample['in_per_s']:.1f}/s out {sample['out_per_s']:.1f}/s | "
+        return (f"{finding_counts(sample['hits'], sample['found'], sample['peaks'])} | "
+                f"in {sample['in_per_s']:.1f}/s out {sample['out_per_s']:.1f}/s | "
                 f"q1 {sample['depth']}+{sample['in_flight']}/{sample['capacity']} "
                 f"q2 {sample['results_depth']} | busy {busy or '-'}")
 

@@ -1000,7 +1000,10 @@ def test_an_interrupted_ray_run_exits_130_and_says_so(stacks, tmp_path, monkeypa
     assert main([str(stack), "-g", str(geom_path), "-o", str(outdir), "--workers", "2",
                  "--no-progress"]) == 130
     captured = capsys.readouterr()
-    assert "peaknet2cxi: interrupted" in captured.err and "next: " not in captured.out
+    assert captured.err.splitlines() == [  # one line, as the single-process run's
+        "peaknet2cxi: interrupted; no CXI file was finished; re-run the same command to "
+        "continue"]
+    assert "next: " not in captured.out
     summary = json.loads((outdir / "peaknet2cxi.json").read_text())
     assert summary["status"] == "interrupted" and summary["engine"]["threshold"] == 0.5
     assert seen["monitor_json"] == str(outdir / "peaknet2cxi.pipeline.json")
@@ -1028,48 +1031,158 @@ def test_a_ray_run_stopped_by_sigterm_exits_143_and_says_so(stacks, tmp_path, mo
     assert (summary["status"], summary["stop_signal"]) == ("interrupted", "SIGTERM")
 
 
-SIGTERM_SCRIPT = """
+STOP_SCRIPT = """
 import os, signal, sys
 from peaknet_xtal.cli import peaknet2cxi
 
 real_add = peaknet2cxi._Stats.add
 
-def add(self, result):  # a scheduler's SIGTERM once the first frame is done
+def add(self, result):  # a Ctrl-C, or a scheduler's SIGTERM, once the first frame is done
     real_add(self, result)
     if self.frames == 1:
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.{signal})
 
 peaknet2cxi._Stats.add = add
 sys.exit(peaknet2cxi.main(sys.argv[1:]))
 """
 
+def stop_line(said: str, outdir: Path) -> str:
+    """The one line a stopped run ends with (``said``: ``interrupted``, ``interrupted
+    (SIGTERM)``), its finished CXI files counted from its summary."""
+    files = len(json.loads((outdir / "peaknet2cxi.json").read_text())["cxi_files"])
+    return (f"peaknet2cxi: {said}; the {files} CXI file(s) finished before it are kept in "
+            f"{outdir}; re-run the same command to continue (finished frames are skipped)")
 
-def test_sigterm_ends_a_run_as_ctrl_c_does(tmp_path, make_geometry_text):
-    """A batch scheduler's SIGTERM mid-run (in a process of its own: by default SIGTERM kills
-    the process): one line saying so, the frames done kept in finished files, no partial file
-    left behind, the stream's complete chunks kept, the record saying interrupted, exit 143;
-    the same command then completes the run."""
+
+def stop_lines(err: str) -> list[str]:
+    """The command's own lines of ``err``, its progress lines aside."""
+    import re
+
+    return [line for line in err.splitlines() if line.startswith("peaknet2cxi: ")
+            and not re.match(r"peaknet2cxi: \d+(/\d+)? frames", line)]
+
+
+@pytest.mark.parametrize("signame, status, said", [
+    ("SIGINT", 130, "interrupted"), ("SIGTERM", 143, "interrupted (SIGTERM)")])
+def test_a_stop_ends_a_run_in_one_line_and_the_rerun_completes_it(
+        tmp_path, make_geometry_text, signame, status, said):
+    """A Ctrl-C or a batch scheduler's SIGTERM mid-run, to a process of its own (by default
+    SIGTERM kills the process): the frames done kept in finished files, no partial file left
+    behind, the stream's complete chunks kept, the record saying interrupted, exit 130 or 143,
+    and one last line saying so, what is kept and how to go on, as every command says a stop
+    (it was three lines); the same command then completes the run."""
     import subprocess
 
     stack, geom = _small_run_inputs(tmp_path, make_geometry_text)
     script = tmp_path / "run.py"
-    script.write_text(SIGTERM_SCRIPT)
+    script.write_text(STOP_SCRIPT.format(signal=signame))
     outdir, stream = tmp_path / "out", tmp_path / "out" / "run.stream"
     argv = [str(stack), "-g", str(geom), "-o", str(outdir), "--stream", str(stream),
             "--no-progress", "--min-peaks", "0", "--frames-per-file", "1", "--batch-size", "1"]
     done = subprocess.run([sys.executable, str(script), *argv], capture_output=True, text=True,
                           timeout=300)
-    assert done.returncode == 143, (done.returncode, done.stderr[-3000:])
-    assert "peaknet2cxi: interrupted (SIGTERM)" in done.stderr and "Traceback" not in done.stderr
-    assert "re-run the same command to continue" in done.stderr
+    assert done.returncode == status, (done.returncode, done.stderr[-3000:])
+    assert "Traceback" not in done.stderr
     assert not [p.name for p in outdir.iterdir() if p.name.endswith(".part")]
     summary = json.loads((outdir / "peaknet2cxi.json").read_text())
-    assert (summary["status"], summary["stop_signal"]) == ("interrupted", "SIGTERM")
+    assert (summary["status"], summary["stop_signal"]) == ("interrupted", signame)
+    line = stop_line(said, outdir)
+    assert stop_lines(done.stderr) == [line], done.stderr
+    assert done.stderr.rstrip().splitlines()[-1] == line
     kept = summary["frames"]
     assert 1 <= kept < 3 and len(read_stream(stream).chunks) >= kept
     assert main(argv) == 0  # the rerun finishes the run
     assert json.loads((outdir / "peaknet2cxi.json").read_text())["frames"] == 3
     assert [c.event for c in read_stream(stream).chunks] == ["//0", "//1", "//2"]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_ctrl_c_to_a_workers_run_says_what_the_single_process_run_says(
+        tmp_path, make_geometry_text):
+    """``peaknet2cxi --workers 2`` as a real process with its own Ray, Ctrl-C'd once its first
+    CXI file is finished.  A user trial found it a different command from the single-process
+    run: its progress line said "pipeline:" and no hits or peaks per frame, and its stop took
+    two or three lines.  Now its progress line begins as the single-process run's (the label,
+    the count, the hits and peaks per frame; the pipeline's rates after them), its stop is that
+    run's one last line (exit 130), and its record says the threads each worker ran on."""
+    import re
+    import signal
+
+    from peaknet_test_support import signalled_when
+
+    size, frames = 512, 64  # about 0.2 s a frame on one thread: the stop comes mid-run
+    stack = tmp_path / "run.h5"
+    with h5py.File(stack, "w") as h5:
+        h5["/entry_1/data_1/data"] = np.random.default_rng(2).poisson(
+            5, (frames, size, size)).astype(np.uint16)
+    geom = tmp_path / "det.geom"
+    geom.write_text(make_geometry_text(["p0"], size, size, [(-size // 2, -size // 2)],
+                                       clen="0.1 m", adu_per_photon="1"))
+    outdir = tmp_path / "out"
+    status, err = signalled_when(
+        [sys.executable, "-m", "peaknet_xtal.cli.peaknet2cxi", str(stack), "-g", str(geom),
+         "-o", str(outdir), "--workers", "2", "--min-peaks", "0", "--frames-per-file", "2"],
+        lambda: any(outdir.glob("peaks-*.cxi")), signal.SIGINT, wait_s=300)
+    assert status == 130, err[-3000:]
+    assert "Traceback" not in err and not re.search(r"^pipeline:", err, re.M), err
+    progress = [line for line in err.splitlines()
+                if re.match(rf"peaknet2cxi: \d+/{frames} frames ", line)]
+    assert len(progress) > 1, err  # the first, drawn as the bar opens, has no counts yet
+    assert all(re.search(r", hits \d+ \| \d+\.\d peaks/frame \| in ", line)
+               for line in progress[1:]), progress
+    summary = json.loads((outdir / "peaknet2cxi.json").read_text())
+    assert summary["status"] == "interrupted" and summary["cxi_files"]
+    line = stop_line("interrupted", outdir)
+    assert stop_lines(err) == [line], err
+    assert err.rstrip().splitlines()[-1] == line
+    record = json.loads((outdir / "peaknet2cxi.config.json").read_text())
+    assert record["config"]["threads"] is None
+    assert record["used"] == {"workers": 2, "threads_per_worker": 1}
+
+
+def test_the_run_record_says_the_threads_the_run_used(tmp_path, monkeypatch):
+    """peaknet2cxi.config.json said ``threads: null`` where --threads was not given: only the
+    log said how many the run used.  The record says the threads used (with --workers, the
+    workers and each one's threads), and keeps the configuration as given beside them (null
+    where the machine chose: a command built from it is not pinned to this machine's cores;
+    a rerun, which reads the settings of the CXI files, is unchanged)."""
+    import torch
+
+    import peaknet_xtal.pipeline as pipeline_module
+
+    good = tiny_stack(tmp_path / "in.h5")
+
+    def records(outdir: Path) -> tuple[dict, dict]:
+        return (json.loads((outdir / "peaknet2cxi.config.json").read_text()),
+                json.loads((outdir / "peaknet2cxi.json").read_text()))
+
+    argv = [str(good), "--no-progress", "--min-peaks", "0", "--adu-per-photon", "1"]
+    assert main([*argv, "-o", str(tmp_path / "default")]) == 0
+    record, summary = records(tmp_path / "default")
+    used = torch.get_num_threads()  # what the run set, as its log says
+    assert record["config"]["threads"] is None and record["used"] == {"threads": used}
+    assert summary["this_run"]["threads"] == used and summary["config"]["threads"] is None
+    assert main([*argv, "-o", str(tmp_path / "default"), "--threads", "1"]) == 0  # a rerun
+    record, _ = records(tmp_path / "default")
+    assert record["config"]["threads"] == 1
+    assert record["used"] == {"threads": None}  # every frame was done: none found, no thread
+
+    seen = {}
+
+    def fake_run_pipeline(config):
+        seen.update(config)
+        return {"backend": "test", "engine": {}}
+
+    monkeypatch.setattr(pipeline_module, "run_pipeline", fake_run_pipeline)
+    for given, each in ((None, 1), (3, 3)):
+        outdir = tmp_path / f"workers-{given}"
+        threads = [] if given is None else ["--threads", str(given)]
+        assert main([*argv, "-o", str(outdir), "--workers", "2", *threads]) == 1  # no frames
+        record, summary = records(outdir)
+        assert seen["threads_per_worker"] == each and record["config"]["threads"] == given
+        assert record["used"] == {"workers": 2, "threads_per_worker": each}
+        assert summary["this_run"]["threads_per_worker"] == each
 
 
 def test_cxi_writer_hits_only_keeps_only_hits(stacks, tmp_path):

@@ -14,13 +14,13 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 import yaml
+from peaknet_test_support import signalled_when
 from safetensors.torch import load_file
 
 from peaknet_xtal import atomic
@@ -79,19 +79,7 @@ def signalled_after_a_checkpoint(command: list[str], out: Path,
                                  signum: int) -> tuple[int, str]:
     """Run ``command`` (a training into ``out``) as a real process, send it ``signum`` once its
     first checkpoint exists, and return its exit status and stderr."""
-    process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        preexec_fn=lambda: signal.signal(signum, signal.SIG_DFL))
-    try:
-        deadline = time.monotonic() + 120
-        while not (out / "checkpoints" / "latest").exists() and time.monotonic() < deadline:
-            time.sleep(0.2)
-        process.send_signal(signum)
-        _, err = process.communicate(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
-    return process.returncode, err
+    return signalled_when(command, (out / "checkpoints" / "latest").exists, signum)
 
 
 @pytest.fixture
@@ -435,19 +423,7 @@ def signalled_as_a_group(command: list[str], out: Path, signum: int) -> tuple[in
     """Run ``command`` as a real process in its own process group and, once its first
     checkpoint exists, send ``signum`` to the whole group, as ``timeout``, Slurm and a terminal
     do: its data-loader workers get it too.  Its exit status and stderr."""
-    process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        start_new_session=True, preexec_fn=lambda: signal.signal(signum, signal.SIG_DFL))
-    try:
-        deadline = time.monotonic() + 120
-        while not (out / "checkpoints" / "latest").exists() and time.monotonic() < deadline:
-            time.sleep(0.2)
-        os.killpg(process.pid, signum)
-        _, err = process.communicate(timeout=60)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-    return process.returncode, err
+    return signalled_when(command, (out / "checkpoints" / "latest").exists, signum, group=True)
 
 
 def test_sigterm_to_the_process_group_with_loader_workers_is_one_line_exit_143(

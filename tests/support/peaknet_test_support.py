@@ -10,8 +10,10 @@ class itself as the pipeline's ``frame_finder`` (a factory), as any host would p
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -401,3 +403,35 @@ def unchecked_weights(family: str, name: str, folder: Path) -> Path:
     from peaknet_xtal.registry import model_families
 
     return save_model(model_families()[family].build(name=name), folder)
+
+
+def signalled_when(command: list[str], ready: Callable[[], bool], signum: int, *,
+                   group: bool = False, wait_s: float = 120.0,
+                   env: Mapping[str, str] | None = None) -> tuple[int, str]:
+    """Run ``command`` as a real process, send it ``signum`` once ``ready()`` (a checkpoint or
+    an output file exists; at the latest after ``wait_s``), and return its exit status and
+    stderr.  ``group``: the process in a group of its own, and the signal sent to the whole
+    group, as ``timeout``, Slurm and a terminal send it (its child processes get it too); else
+    to the process alone.  The signal's default action is set in the child, whatever the test
+    run's is."""
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=None if env is None else dict(env), start_new_session=group,
+        preexec_fn=lambda: signal.signal(signum, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + wait_s
+        while not ready() and time.monotonic() < deadline and process.poll() is None:
+            time.sleep(0.1)
+        if process.poll() is None:  # one that ended early is the test's to judge
+            if group:
+                os.killpg(process.pid, signum)
+            else:
+                process.send_signal(signum)
+        _, err = process.communicate(timeout=180)
+    finally:
+        if process.poll() is None:
+            if group:
+                os.killpg(process.pid, signal.SIGKILL)
+            else:
+                process.kill()
+    return process.returncode, err

@@ -85,6 +85,7 @@ def test_what_a_run_chose_goes_beside_its_configuration_never_into_it(tmp_path, 
     assert saved["config"] == {"threads": None}
     assert saved["used"] == {"threads": 2, "workers": 3}
     out.unlink()
+    caplog.clear()  # the record's own configuration line, where an earlier test left INFO on
     with caplog.at_level("WARNING"):
         config.add_to_record(out, {"threads": 2})
     assert [r.levelname for r in caplog.records] == ["WARNING"]

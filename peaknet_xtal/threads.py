@@ -10,16 +10,20 @@ thread.  The default here is therefore
     divided by the worker processes sharing them on this host,
 
 at least 1.  An explicit thread count always wins.  ``benchmarks/bench_threads.py`` measures the
-default against ``--threads 1`` on a loaded machine.  :func:`use_torch_threads` sets it for every
-command that runs torch on the CPU (the finding engine, ``peaknet-integrate``), one thread where
-cctbx's stub OpenMP would make more give wrong results (:func:`openmp_shadowed`).
+default against ``--threads 1`` on a loaded machine.  :func:`torch_threads_for` chooses it for
+everything that runs torch on the CPU, one thread where cctbx's stub OpenMP would make more give
+wrong results (:func:`openmp_shadowed`); ``peaknet-integrate`` sets it for the process
+(:func:`use_torch_threads`), the finding engine only while its model runs (:func:`torch_threads`),
+since a script's own torch work goes on in the same process.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -135,10 +139,11 @@ def _single_thread(torch: Any) -> None:
             continue
 
 
-def use_torch_threads(requested: int | None) -> int:
-    """Set torch's CPU threads: ``requested``, else :func:`default_threads`; one where cctbx's
-    stub OpenMP shadows the real runtime (:func:`openmp_shadowed`), said in one line (a warning
-    where that takes threads the run would have had).  Returns the threads set."""
+def torch_threads_for(requested: int | None) -> int:
+    """torch's CPU threads for a model: ``requested``, else :func:`default_threads` but never
+    more than the process's own setting; one where cctbx's stub OpenMP shadows the real runtime
+    (:func:`openmp_shadowed`: then set for the whole process, which no more threads can run
+    correctly), said in one line (a warning where that takes threads the run would have had)."""
     import torch
 
     shadow = openmp_shadowed()
@@ -148,7 +153,6 @@ def use_torch_threads(requested: int | None) -> int:
         _single_thread(torch)
         return 1
     if requested:
-        torch.set_num_threads(int(requested))
         log.info("%d torch thread(s) as asked", int(requested))
         return int(requested)
     threads, own = default_threads(), torch.get_num_threads()
@@ -160,9 +164,38 @@ def use_torch_threads(requested: int | None) -> int:
                  "OMP_NUM_THREADS or a forked worker), under the %d the cores would allow",
                  own, threads)
         return own
-    torch.set_num_threads(threads)
     log.info("%s", describe_default())
     return threads
+
+
+def use_torch_threads(requested: int | None) -> int:
+    """Set torch's CPU threads for the rest of the process to :func:`torch_threads_for`
+    (``requested``), for a command that is the whole process; returns the threads set."""
+    import torch
+
+    threads = torch_threads_for(requested)
+    torch.set_num_threads(threads)
+    return threads
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """torch at ``threads`` CPU threads inside, the process's own setting back after (an
+    exception or Ctrl-C included).  Why: a library call that set them for good changed a
+    script's own torch work behind its back (a notebook at torch's 2 threads ran at 1 after
+    its first ``PeakFinder.find`` on a loaded machine), and a second finder's setting became
+    the first's (``threads=1`` then ran at the other's 2)."""
+    import torch
+
+    before = torch.get_num_threads()
+    if before == threads:
+        yield
+        return
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _one_thread_after_fork() -> None:

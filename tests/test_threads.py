@@ -48,15 +48,23 @@ def _python(code: str) -> subprocess.CompletedProcess:
 
 
 def test_engine_takes_the_default_when_no_threads_are_given():
-    """In a clean process (no cctbx stubs) the engine sets torch to default_threads()."""
-    code = ("import logging, torch; logging.basicConfig(level=logging.INFO)\n"
+    """In a clean process (no cctbx stubs) the engine's model runs at default_threads(), and
+    the process keeps its own setting for the rest of the script."""
+    code = ("import logging, numpy, torch; logging.basicConfig(level=logging.INFO)\n"
             "from unittest import mock\n"
             "from peaknet_xtal.finding.engine import InferenceEngine\n"
+            "seen = []\n"
+            "class Model(torch.nn.Module):\n"
+            "    def forward(self, x, m):\n"
+            "        seen.append(torch.get_num_threads())\n"
+            "        return torch.zeros(x.shape[0], 2, *x.shape[2:])\n"
+            "torch.set_num_threads(2)\n"
+            "panel = numpy.arange(64, dtype=numpy.float32).reshape(8, 8)\n"
             "with mock.patch('peaknet_xtal.threads.default_threads', return_value=1):\n"
-            "    InferenceEngine('default', device='cpu').model()\n"
-            "print(torch.get_num_threads())\n")
+            "    InferenceEngine(Model(), device='cpu').predict_panels([panel])\n"
+            "print(seen, torch.get_num_threads())\n")
     out = _python(code)
-    assert out.stdout.split()[-1] == "1"
+    assert out.stdout.strip().splitlines()[-1] == "[1] 2"
     assert "torch thread(s) by default" in out.stderr
 
 

@@ -694,6 +694,14 @@ class DefectFilter:
         self.tracker.update(panels, masks)
         self._ahead += 1
 
+    def drop_pending(self) -> None:
+        """Frames counted ahead that will not be filtered (the find that read them stopped:
+        Ctrl-C, a ``find_run`` loop left with ``break``) stay counted towards the run, and are
+        no longer taken for the next frames filtered.  Why: those next frames, other images,
+        were then not counted at all (four after a loop left at a run's first image).  Hosts
+        that count frames ahead themselves hand them over in order and never call this."""
+        self._ahead = 0
+
     def __call__(self, peaks: Any, panels: Sequence[np.ndarray],
                  masks: Sequence[np.ndarray] | None = None) -> np.ndarray:
         """This frame's peak table (``PEAK_DTYPE``) without defects and spikes; counts the

@@ -99,7 +99,7 @@ from peaknet_xtal.finding.settings import (
     check_precision,
     resolve_gain,
 )
-from peaknet_xtal.threads import default_threads, use_torch_threads
+from peaknet_xtal.threads import default_threads, torch_threads, torch_threads_for
 from peaknet_xtal.types import Frame, FrameResult
 
 log = logging.getLogger(__name__)
@@ -199,10 +199,12 @@ class InferenceEngine:
     """Batched segmentation + peak finding, shared by every adapter.
 
     ``model`` is a registered name (``"default"``), a weights path, or a ready ``torch.nn.Module``;
-    ``device`` is ``auto`` (CUDA when available), ``cpu`` or ``cuda[:N]``; ``threads`` sets torch's
-    CPU threads when the model loads and the host threads that find the peaks (default: the CPUs
-    the process may use); ``batch_size`` counts 1-Mpx slots of model input
-    (:data:`SLOT_PIXELS`; a CSPAD ASIC takes one, a whole Pilatus 6M panel six).  Peak settings
+    ``device`` is ``auto`` (CUDA when available), ``cpu`` or ``cuda[:N]``; ``threads``: torch's CPU
+    threads while the model runs (the process's own setting comes back after each run:
+    :func:`peaknet_xtal.threads.torch_threads`) and the host threads that find the peaks
+    (default: the CPUs the process may use, :func:`peaknet_xtal.threads.torch_threads_for`);
+    ``batch_size`` counts 1-Mpx slots of model input (:data:`SLOT_PIXELS`; a CSPAD ASIC takes
+    one, a whole Pilatus 6M panel six).  Peak settings
     come from ``peak_params`` or the shorthand keywords ``threshold``, ``min_snr``, ``min_height``,
     ``min_peaks``, ``max_peaks``, ``adu_per_photon``, ``rescue_prob``, ``rescue_height``,
     ``faint_support``; every default is
@@ -275,10 +277,10 @@ class InferenceEngine:
         self.precision = check_precision(precision)
         self._model: Any = None
         self._device: Any = None
+        self._torch_threads: int | None = None  # chosen as the model first runs on the CPU
         self._gains_logged: set[float | None] = set()
         self._host_pool: ThreadPoolExecutor | None = None  # peak finding's threads, made on use
         self._host_threads = 0
-        self._torch_threads: int | None = None  # set where the model loaded on the CPU
         self._find_threads: int | None = None  # the last find_frames' threads
         #: Frames and pixels masked as unusable so far (non-finite, absurd, marked, panels of
         #: one value) and frames without data, see :mod:`.sanitise`; a host that reports the
@@ -297,7 +299,8 @@ class InferenceEngine:
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_host_pool"] = None  # threads do not travel; a copy makes its own
-        state["_torch_threads"] = state["_find_threads"] = None  # nor what this process used
+        # nor torch's threads (a copy chooses them on its own machine), nor those this one used
+        state["_torch_threads"] = state["_find_threads"] = None
         if not _is_module(self.model_spec):
             state["_model"] = None
             state["_device"] = None
@@ -315,8 +318,8 @@ class InferenceEngine:
     def threads_used(self) -> int | None:
         """The CPU threads this engine ran on, for run records (``threads`` is the setting,
         None where the machine chose): torch's, as :func:`~peaknet_xtal.threads.
-        use_torch_threads` set them, where the model runs on the CPU; else the threads that
-        found the peaks; None before the first frame."""
+        torch_threads_for` chose them for the model's runs, where it runs on the CPU; else the
+        threads that found the peaks; None before the first frame."""
         return self._torch_threads if self._torch_threads is not None else self._find_threads
 
     @property
@@ -331,8 +334,6 @@ class InferenceEngine:
         if self._model is None:
             import torch
 
-            if self.device == "cpu":
-                self._torch_threads = use_torch_threads(self.threads)
             if self.device.startswith("cuda"):
                 torch.backends.cudnn.deterministic = True  # same input, same bits (see above)
                 torch.backends.cudnn.benchmark = False
@@ -465,7 +466,7 @@ class InferenceEngine:
         local = getattr(model, "config", {}).get("input_norm") == "local"
         run = model if logits or not hasattr(model, "peak_logit") else model.peak_logit
         out: list[Any] = [None] * len(panels)
-        with torch.inference_mode():
+        with torch.inference_mode(), self._cpu_threads():
             images, valid = self._to_device(panels, goods)
             if local:
                 images = self._normalise_panels(model, images, valid)
@@ -488,6 +489,18 @@ class InferenceEngine:
                         out[tile.panel][..., ys, xs] = v[..., ys.start - tile.y0:ys.stop - tile.y0,
                                                          xs.start - tile.x0:xs.stop - tile.x0]
         return [to_host(panel_out) for panel_out in out]
+
+    def _cpu_threads(self) -> contextlib.AbstractContextManager[None]:
+        """torch's CPU threads for one model run (:func:`torch_threads`), chosen at the first
+        (:func:`torch_threads_for`: ``threads``, else the default, said once); nothing on a
+        GPU.  Why per run: set when the model loaded, they stayed the process's for good (a
+        script's own torch work ran at them after its first ``find``), and an engine loaded
+        later set its own for every engine of the process."""
+        if self.device != "cpu":
+            return contextlib.nullcontext()
+        if self._torch_threads is None:
+            self._torch_threads = torch_threads_for(self.threads)
+        return torch_threads(self._torch_threads)
 
     def _to_device(self, panels: list[np.ndarray], goods: list[np.ndarray]
                    ) -> tuple[list[Any], list[Any]]:
@@ -539,38 +552,46 @@ class InferenceEngine:
         ahead = self._in_flight(threads)
         host = max(1, threads - 1) if ahead else threads  # one core feeds the GPU meanwhile
         flight: collections.deque[_InFlight] = collections.deque()
-        chunks = self._chunks(self._read_ahead(frames, defects))
-        error: Exception | None = None
-        while True:
-            try:
-                chunk = next(chunks)
-            except StopIteration:
-                break
-            except Exception as exc:  # a broken input: the frames before it are found first
-                error = exc
-                break
-            self._find_threads = threads  # for the records (threads_used): frames are found
-            probs, goods = self._predict_many([f.panels for f in chunk],
-                                              [f.masks for f in chunk],
-                                              [_where(f) for f in chunk],
-                                              [f.meta.get("dtype") for f in chunk],
-                                              [panel_names(f.geometry, len(f.panels))
-                                               for f in chunk])
-            # The run's state (its gain, its pixel defects) moves frame by frame, in order; what
-            # depends on one frame alone (its peaks, its spiking pixels: 0.1 s for 2 Mpx on one
-            # thread, where the model on an H200 takes 0.02) runs in threads
-            for k, frame in enumerate(chunk):
-                params = self.params_for(frame, goods[k])
-                # frames read ahead were counted then: as many as are pending beyond those
-                # in flight (each of which takes one off when filtered)
-                counted = defects.pending > len(flight)
-                flight.append((frame, probs[k], goods[k], self._on_host(
-                    host, self._frame_peaks, frame, probs[k], goods[k], params, with_pixels,
-                    with_bbox, None if counted else defects.tracker), params.adu_per_photon))
-            yield from self._landed(flight, ahead, defects, faint_support)
-        yield from self._landed(flight, 0, defects, faint_support)
-        if error is not None:
-            raise error
+        # frames this call reads ahead are its own to filter; where it stops before filtering
+        # them all (Ctrl-C, a loop left with break), they stay counted and are no longer
+        # pending: the frames found next are counted as themselves (DefectFilter.drop_pending)
+        own_ahead = not defects.pending
+        try:
+            chunks = self._chunks(self._read_ahead(frames, defects))
+            error: Exception | None = None
+            while True:
+                try:
+                    chunk = next(chunks)
+                except StopIteration:
+                    break
+                except Exception as exc:  # a broken input: the frames before it come first
+                    error = exc
+                    break
+                self._find_threads = threads  # for the records (threads_used): frames are found
+                probs, goods = self._predict_many([f.panels for f in chunk],
+                                                  [f.masks for f in chunk],
+                                                  [_where(f) for f in chunk],
+                                                  [f.meta.get("dtype") for f in chunk],
+                                                  [panel_names(f.geometry, len(f.panels))
+                                                   for f in chunk])
+                # The run's state (its gain, its pixel defects) moves frame by frame, in order;
+                # what depends on one frame alone (its peaks, its spiking pixels: 0.1 s for 2 Mpx
+                # on one thread, where the model on an H200 takes 0.02) runs in threads
+                for k, frame in enumerate(chunk):
+                    params = self.params_for(frame, goods[k])
+                    # frames read ahead were counted then: as many as are pending beyond those
+                    # in flight (each of which takes one off when filtered)
+                    counted = defects.pending > len(flight)
+                    flight.append((frame, probs[k], goods[k], self._on_host(
+                        host, self._frame_peaks, frame, probs[k], goods[k], params, with_pixels,
+                        with_bbox, None if counted else defects.tracker), params.adu_per_photon))
+                yield from self._landed(flight, ahead, defects, faint_support)
+            yield from self._landed(flight, 0, defects, faint_support)
+            if error is not None:
+                raise error
+        finally:
+            if own_ahead:
+                defects.drop_pending()
 
     def _landed(self, flight: collections.deque[_InFlight], keep: int, defects: DefectFilter,
                 faint_support: int) -> Iterator[FrameResult]:

@@ -629,3 +629,93 @@ def test_a_model_whose_output_is_another_size_is_one_error_naming_it(kernel, got
             r"\(1, 1, 185, 194\) batch; the finding engine needs an output of the input's "
             r"height and width: a network that downsamples sets pad_multiple")):
         engine.predict_panels([panel])
+
+
+class ThreadsSeen(PixelwiseLogits):
+    """:class:`PixelwiseLogits` that notes torch's CPU threads at every call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.threads: list[int] = []
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        self.threads.append(torch.get_num_threads())
+        return super().forward(x, mask)
+
+
+def test_each_engine_runs_at_its_own_threads_and_leaves_the_processs_own(monkeypatch):
+    """An engine set torch's threads for the whole process as its model loaded: a script's
+    own torch work ran at them after its first find (a notebook at torch's 2 ran at 1 on a
+    loaded machine), and a second engine's setting became the first's (``threads=1`` ran at
+    2).  Each now runs at its own, and the process's setting comes back, after Ctrl-C too."""
+    from peaknet_xtal import threads
+
+    monkeypatch.setattr(threads, "openmp_shadowed", lambda: None)  # a clean process's case
+    panel = [np.random.default_rng(0).poisson(4, (40, 50)).astype(np.float32)]
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        one, two = ThreadsSeen(), ThreadsSeen()
+        first = InferenceEngine(one, device="cpu", threads=1)
+        second = InferenceEngine(two, device="cpu", threads=2)
+        first.predict_panels(panel)
+        second.predict_panels(panel)
+        first.predict_panels(panel)
+        assert one.threads == [1, 1] and two.threads == [2]
+        assert torch.get_num_threads() == 3
+
+        def interrupted(*args, **kwargs):
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(one, "forward", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            first.predict_panels(panel)
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("stop", ["break", "interrupt"])
+def test_the_frames_after_a_run_stopped_while_reading_ahead_are_counted_as_themselves(stop):
+    """A run's first frames are read ahead and counted towards its pixel defects; stopped
+    before they were all found (Ctrl-C, a loop left with break at the first image), they stayed
+    pending, and the next frames found, other images, were taken for them and never counted:
+    after 5 blank frames read ahead and 15 with a hot pixel found, the hot pixel (15 of 20
+    frames, the defect fraction) was no defect, as it is where the blank frames were found."""
+    from peaknet_xtal.finding.defects import DEFECT_FRACTION, MIN_FRAMES
+
+    rng = np.random.default_rng(4)
+    blank = [Frame(panels=[rng.poisson(10, (48, 64)).astype(np.float32)])
+             for _ in range(MIN_FRAMES)]
+    hot = []
+    # the fewest frames with the hot pixel that make it a defect of the whole run
+    for _ in range(int(np.ceil(DEFECT_FRACTION * MIN_FRAMES / (1 - DEFECT_FRACTION)))):
+        panel = rng.poisson(10, (48, 64)).astype(np.float32)
+        panel[12, 20] = 5000.0
+        hot.append(Frame(panels=[panel]))
+
+    def bright(panels, masks):
+        return [(p > 60).astype(np.float32) for p in panels]
+
+    found = InferenceEngine(predictor=bright)
+    list(found.find_frames(blank))
+    expected = list(found.find_frames(hot))
+    assert not found.defects.tracker.good_masks()[0][12, 20]
+    assert len(expected[-1].peaks) == 0  # the hot pixel is no peak once it is a defect
+
+    def interrupted(panels, masks):
+        raise KeyboardInterrupt
+
+    stopped = InferenceEngine(predictor=bright if stop == "break" else interrupted)
+    if stop == "break":
+        for _ in stopped.find_frames(blank):
+            break
+    else:
+        with pytest.raises(KeyboardInterrupt):
+            list(stopped.find_frames(blank))
+        stopped.predictor = bright
+    assert stopped.defects.tracker.frames == MIN_FRAMES  # read ahead: counted
+    got = list(stopped.find_frames(hot))
+    assert [len(r.peaks) for r in got] == [len(r.peaks) for r in expected]
+    np.testing.assert_array_equal(stopped.defects.tracker.good_masks()[0],
+                                  found.defects.tracker.good_masks()[0])

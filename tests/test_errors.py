@@ -76,19 +76,60 @@ def test_dials_missing_is_one_line_naming_what_needs_it_and_the_import_error(mon
 
 
 def test_a_dials_that_fails_to_load_is_said_with_its_own_error(monkeypatch):
-    """Debian's DIALS without LIBTBX_BUILD raises a FileNotFoundError on import: it is found
-    (a check that only looks for it passes), and importing it says its error, not 'install'."""
+    """Debian's DIALS without LIBTBX_BUILD raises a FileNotFoundError on import: importing it
+    says the module and its error, not 'install'."""
     from peaknet_test_support import hide_dials
 
     from peaknet_xtal.errors import DialsUnavailable, require_dials
 
     hide_dials(monkeypatch, broken=FileNotFoundError(2, "No such file or directory",
                                                       "/venv/lib/cctbx/python3.11"))
-    require_dials("--dials", "dials.array_family.flex", load=False)  # there: nothing said
     with pytest.raises(DialsUnavailable) as info:
         require_dials("--dials", "dials.array_family.flex")
     said = str(info.value)
     assert said.startswith("--dials needs DIALS, which is installed but fails to load in this "
-                           "Python (FileNotFoundError: [Errno 2] No such file or directory: "
-                           "'/venv/lib/cctbx/python3.11')")
+                           "Python (importing dials.array_family.flex: FileNotFoundError: "
+                           "[Errno 2] No such file or directory: '/venv/lib/cctbx/python3.11')")
     assert "LIBTBX_BUILD" in said and "install Debian" not in said
+
+
+@pytest.mark.dials
+@pytest.mark.parametrize("crash", [False, True], ids=["import-error", "crash"])
+def test_the_check_at_a_start_imports_dials_in_a_child_and_names_what_failed(
+        tmp_path, monkeypatch, crash):
+    """A user trial: a DIALS whose compiled extension does not load passed the check at
+    peaknet2cxi's start, which only looked for its packages, and stopped the run at the
+    export, after all the finding.  The check (load=False) now imports the modules in a child
+    process: one line naming the module, its error (or the signal that ended its importer)
+    and, made before anything is written, that nothing was; this process imports nothing of
+    DIALS (cctbx's OpenMP, loaded before torch, would hold it to one thread)."""
+    from peaknet_test_support import break_dials
+
+    from peaknet_xtal.errors import DialsUnavailable, require_dials
+
+    broken = break_dials(monkeypatch, tmp_path / "broken", crash=crash)
+    with pytest.raises(DialsUnavailable) as info:
+        require_dials("--dials", "dxtbx.model.experiment_list", "dials.array_family.flex",
+                      otherwise="run without --dials", load=False, before_writing=True)
+    failed = "killed by SIGSEGV" if crash else f"ImportError: {broken}"
+    assert str(info.value) == (
+        "--dials needs DIALS, which is installed but fails to load in this Python (importing "
+        f"dials.array_family.flex: {failed}): Debian's DIALS needs "
+        "LIBTBX_BUILD=/usr/lib/cctbx/python3.11 and numpy < 2 (README, Quick start); or run "
+        "without --dials; nothing was written")
+
+
+@pytest.mark.dials
+def test_a_dials_that_loads_passes_the_check_without_being_imported_here():
+    """The check at a start, in a fresh process with a DIALS that loads: nothing said, and
+    none of DIALS' packages imported in the process that asked."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from peaknet_xtal.errors import DIALS_PACKAGES, require_dials; "
+            "require_dials('--dials', 'dials.array_family.flex', load=False); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in DIALS_PACKAGES))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

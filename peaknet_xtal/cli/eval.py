@@ -66,7 +66,7 @@ def check(config: dict[str, Any]) -> None:
     """Raise ValueError (one line) for settings that would fail only after the work: a finder
     typo after the finders before it ran, a space group DIALS refuses on every frame; and
     DialsUnavailable for a DIALS finder, ``--index`` or the symmetry (checked by cctbx) where
-    DIALS cannot be imported."""
+    DIALS is not there or fails to load."""
     from peaknet_xtal.errors import PeakNetError
     from peaknet_xtal.evaluation.finders import check_finder
     from peaknet_xtal.evaluation.indexing import check_symmetry, parse_unit_cell
@@ -78,9 +78,11 @@ def check(config: dict[str, Any]) -> None:
             raise ValueError(exc.args[0]) from None
         except PeakNetError as exc:  # the model's weights: missing, or not a model
             raise ValueError(f"--finders {spec}: {exc}") from None
-    if config["index"]:  # looked for: imported before PeakNet runs, it would get one thread
-        require_dials("--index", "dxtbx", "cctbx", "dials", otherwise="run without --index",
-                      load=False)
+    if config["index"]:  # what indexing imports, in a child: imported here before PeakNet
+        # runs, DIALS would hold it to one thread (errors.require_dials)
+        require_dials("--index", "dxtbx.model.experiment_list", "dials.array_family.flex",
+                      "cctbx.sgtbx", otherwise="run without --index", load=False,
+                      before_writing=True)
     check_symmetry(config["space_group"], parse_unit_cell(config["unit_cell"]))
 
 

@@ -133,6 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     stats = RunStats()
     try:
         check_outputs_are_not_inputs(config)
+        check_dials_inputs(config)
         # the folder's earlier run is compared before this run's settings are recorded over it
         digests = _contents(config)  # each file read once, for the check and the record
         check_output_folder(out, config, digests)
@@ -196,6 +197,19 @@ def _run_settings(config: Mapping[str, Any], cwd: str | None) -> dict[str, Any]:
 
 #: The settings that name files, compared by their contents where both runs' records have it.
 CONTENT_KEYS = ("geometry", "refl")
+
+
+def check_dials_inputs(config: Mapping[str, Any]) -> None:
+    """Raise :class:`~peaknet_xtal.errors.DialsUnavailable`, naming the first .expt input,
+    where DIALS is not there or fails to load.  Why before the run: the inputs before it were
+    integrated and the .expt then failed with a traceback (No module named 'dxtbx').  What
+    reading it imports is imported in a child process: imported before the integrator runs,
+    cctbx would limit it to one thread (errors.require_dials)."""
+    expt = next((p for p in config["inputs"] if Path(p).suffix.lower() == ".expt"), None)
+    if expt is not None:
+        require_dials(f"reading {expt} (a DIALS experiment list)",
+                      "dxtbx.model.experiment_list", "dials.array_family.flex", load=False,
+                      before_writing=True)
 
 
 def _contents(config: Mapping[str, Any]) -> dict[str, str]:
@@ -382,11 +396,7 @@ def run(config: Mapping[str, Any], stats: Any = None) -> list[Path]:
                                                       "geometry (-g)")
     if "dials" in kinds and not config["refl"]:
         raise FormatError(inputs[kinds.index("dials")], "a DIALS .expt needs its .refl (--refl)")
-    if "dials" in kinds:  # before the inputs before it are integrated, not at its turn; looked
-        # for, not imported: imported before the integrator runs, cctbx would limit it to one
-        # thread (errors.require_dials)
-        require_dials(f"reading {inputs[kinds.index('dials')]} (a DIALS experiment list)",
-                      "dxtbx", "dials", load=False)
+    check_dials_inputs(config)  # main() checks it before the record is written
     check_outputs_are_not_inputs(config)  # for Python callers; main() checks before writing
     out_dir = Path(config["output"])
     made = _read_inputs(out_dir)

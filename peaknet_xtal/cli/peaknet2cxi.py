@@ -285,6 +285,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with sigterm_raises():
             check_model_option(config)  # before an input is opened or the output touched
             expansion = RunInputs(config["inputs"])  # this check's and the run's, read once
+            check_dials_inputs(expansion.paths())
             check_output_folder(Path(config["output"]), config, expansion=expansion)
             make_output_folder(config["output"])  # the record goes in it
             record = Path(config["output"]) / CONFIG_NAME
@@ -549,6 +550,7 @@ def run(config: Mapping[str, Any], *, argv: Sequence[str] | None = None,
     check_model_option(config)
     if expansion is None or not expansion.expands(config["inputs"]):
         expansion = RunInputs(config["inputs"])
+    check_dials_inputs(expansion.paths())
     check_output_folder(Path(config["output"]), config, expansion=expansion)
     if int(config["workers"] or 1) > 1 or config["address"]:
         return _run_pipeline(config, expansion, record)
@@ -561,13 +563,31 @@ _WITHOUT_DIALS = "run without --dials (the CXI files for indexamajig need no DIA
 
 
 def check_dials_option(config: Mapping[str, Any]) -> None:
-    """Raise :class:`DialsUnavailable` where ``--dials`` is asked for and DIALS is not there.
-    Why before the run: the export is written at its end, and without DIALS a run found every
-    frame, wrote the CXI files and then stopped with a traceback (``No module named
-    'dials'``), leaving no summary.  Its packages are looked for, not imported: imported
-    before the model runs, cctbx would limit it to one thread (``require_dials``)."""
+    """Raise :class:`DialsUnavailable` where ``--dials`` is asked for and DIALS is not there
+    or fails to load.  Why before the run: the export is written at its end, and without DIALS
+    a run found every frame, wrote the CXI files and then stopped with a traceback (``No
+    module named 'dials'``), leaving no summary; a DIALS that is there but fails to load (a
+    compiled extension that does not load) stopped it there too, after all the finding.  The
+    export's modules are imported in a child process, not in this one: imported before the
+    model runs, cctbx would limit it to one thread (``require_dials`` with ``load=False``)."""
     if config.get("dials"):
-        require_dials("--dials", *_DIALS_EXPORT, otherwise=_WITHOUT_DIALS, load=False)
+        require_dials("--dials", *_DIALS_EXPORT, otherwise=_WITHOUT_DIALS, load=False,
+                      before_writing=True)
+
+
+def check_dials_inputs(paths: Sequence[str]) -> None:
+    """Raise :class:`DialsUnavailable`, naming the first, where inputs named as images only
+    DIALS reads (CBF, SMV, MarCCD: never HDF5, so known by the name alone) meet a DIALS that is
+    not there or fails to load.  Why before the run: the first such input imported DIALS where
+    the run reached it, after the inputs before it were found and the output folder was made,
+    and a DIALS that crashes its importer ended the run without a word.  Imported in a child
+    process, as for ``--dials`` (:func:`check_dials_option`)."""
+    from peaknet_xtal.formats.dxtbx_images import ONE_IMAGE_SUFFIXES
+
+    first = next((p for p in paths if str(p).lower().endswith(ONE_IMAGE_SUFFIXES)), None)
+    if first is not None:
+        require_dials(f"reading {first} through dxtbx", "dxtbx.model.experiment_list",
+                      load=False, before_writing=True)
 
 
 def check_model_option(config: Mapping[str, Any]) -> None:
@@ -1647,7 +1667,8 @@ def write_dials_output(files: Sequence[Path], folder: Path, *, given_geometry: b
     """
     import h5py
 
-    # a DIALS that is there (check_dials_option) but fails to load says so here, in one line
+    # check_dials_option imported it in a child at the run's start; a DIALS that fails here
+    # all the same (a Python caller who skipped the check) says so in one line
     require_dials("--dials", *_DIALS_EXPORT, otherwise=_WITHOUT_DIALS)
     from dials.array_family import flex
     from dxtbx.model.experiment_list import ExperimentList, ExperimentListFactory

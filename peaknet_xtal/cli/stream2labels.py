@@ -23,13 +23,15 @@ selects no frame, or labels none of those it selected (their images cannot be re
 no label file and exits 1, saying why (one line per cause, with counts).  Every setting is
 checked before any work: one out of its range (--window 2, --min-precision 2), or a minimum
 above its maximum, is one line naming it (exit 2); so is an output that cannot be written (a
-folder, a place without write permission).
+folder, a place without write permission).  Images only DIALS reads (CBF...) and DIALS results
+need DIALS: where it is missing or fails to load, one line says so at the first input or chunk
+that needs it, before anything is written (exit 2); streams of CXI/HDF5 images need no DIALS.
 """
 from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -85,11 +87,14 @@ def build_parser() -> Any:
 
 
 def stream2labels(inputs: Sequence[str], output: str, config: dict[str, Any],
-                  progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
-    """The command without its argument parsing (for scripts and tests)."""
+                  progress: bool = True, overwrite: bool = False,
+                  started: Callable[[], object] | None = None) -> dict[str, Any]:
+    """The command without its argument parsing (for scripts and tests); ``started``: called
+    before the first file is written (``label_run``)."""
     from peaknet_xtal.labelling.job import label_run
 
-    return label_run(list(inputs), output, config, progress=progress, overwrite=overwrite)
+    return label_run(list(inputs), output, config, progress=progress, overwrite=overwrite,
+                     started=started)
 
 
 def format_summary(summary: dict[str, Any]) -> str:
@@ -160,15 +165,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PeakNetError as exc:
         print(f"stream2labels: error: {exc}", file=sys.stderr)
         return 2
-    # the files too, absolute: the record names what was labelled and where it went wherever
-    # it is read from (the command line it keeps holds them as typed, relative to its cwd)
-    cfgmod.record({"inputs": [os.path.abspath(p) for p in inputs],
-                   "output": os.path.abspath(out), **config}, out.with_suffix(".config.json"),
-                  "stream2labels", list(argv) if argv is not None else sys.argv[1:])
+
+    def record() -> None:
+        # the files too, absolute: the record names what was labelled and where it went
+        # wherever it is read from (the command line it keeps holds them as typed, relative to
+        # its cwd); written once the inputs are read, so that a run refused for them (DIALS
+        # missing for their images) leaves nothing behind
+        cfgmod.record({"inputs": [os.path.abspath(p) for p in inputs],
+                       "output": os.path.abspath(out), **config},
+                      out.with_suffix(".config.json"), "stream2labels",
+                      list(argv) if argv is not None else sys.argv[1:])
+
     try:  # a batch scheduler's SIGTERM stops it as Ctrl-C does (exit 143, not 130)
         with sigterm_raises():
             summary = stream2labels(inputs, output, config, progress=progress,
-                                    overwrite=overwrite)
+                                    overwrite=overwrite, started=record)
     except KeyboardInterrupt as exc:  # a stop the user asked for, not a failure to explain
         print(f"stream2labels: {interrupted(exc)}; {what_is_kept(out)}", file=sys.stderr)
         return exit_status(exc)

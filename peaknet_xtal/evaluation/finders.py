@@ -111,8 +111,8 @@ class DispersionFinder:
         self._algorithms: dict[tuple[int, int], Any] = {}
 
     def strong_pixels(self, image: np.ndarray, good: np.ndarray) -> np.ndarray:
-        # flex is imported at the first frame (check_finder, before any finder runs, imports
-        # the threshold alone): a DIALS that fails to load it says so here, in one line
+        # imported at the first frame (check_finder, before any finder runs, imports them in
+        # a child): a DIALS that fails here all the same says so in one line
         require_dials("the dispersion finder (DIALS' own)", "dials.array_family.flex")
         from dials.algorithms.image import threshold
         from dials.array_family import flex
@@ -226,17 +226,20 @@ def list_finders() -> list[str]:
 def check_finder(spec: str) -> None:
     """Raise KeyError unless ``spec`` names a finder, a FormatError naming the file where
     its model's weights are missing or not a model, and a DialsUnavailable where it is DIALS'
-    and DIALS cannot be imported: cheap (no network is built), so a command can refuse a typo
-    before it tunes or runs the finders named before it."""
+    and DIALS is not there or fails to load (imported in a child process, once a process): cheap
+    (no network is built), so a command can refuse a typo before it tunes or runs the finders
+    named before it."""
     kind, _, model = spec.partition(":")
     if kind not in FINDERS:
         raise KeyError(f"unknown finder {spec!r}; known: {list_finders()} (peaknet:MODEL)")
     if model and kind != "peaknet":
         raise KeyError(f"only peaknet takes a model suffix, got {spec!r}")
-    if kind == "dispersion":  # its threshold alone: DIALS' flex, imported before PeakNet
-        # runs, would hold it to one thread (errors.require_dials)
+    if kind == "dispersion":  # imported in a child: DIALS' flex, imported here before
+        # PeakNet runs, would hold it to one thread (errors.require_dials)
         require_dials("the dispersion finder (DIALS' own)", "dials.algorithms.image.threshold",
-                      otherwise="give --finders without dispersion (the default includes it)")
+                      "dials.array_family.flex",
+                      otherwise="give --finders without dispersion (the default includes it)",
+                      load=False, before_writing=True)
     if model:
         from peaknet_xtal.model.weights_io import check_model
 

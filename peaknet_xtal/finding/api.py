@@ -156,9 +156,10 @@ class PeakFinder:
         its scan's first array index plus ``index`` (image 0 of ``image_range=5,7`` is frame
         4), so that the spots of a scan's slice map to its rotation angles.  Without DIALS, a
         :class:`~peaknet_xtal.errors.DialsUnavailable` (an ImportError) says so before the
-        image is searched: the import failed after the model's work, and the image had been
-        counted towards the run.  (DIALS is looked for here, and imported after the search,
-        as before: imported before the model first runs, it would limit it to one thread.)
+        image is searched, as it does for a DIALS that fails to load: the import failed after
+        the model's work, and the image had been counted towards the run.  (DIALS is imported
+        here in a child process, once a process, and in this one after the search: imported
+        before the model first runs, it would limit it to one thread.)
         """
         require_dials("PeakFinder.find_reflections (a DIALS reflection table)",
                       "dials.array_family.flex",

@@ -507,6 +507,55 @@ def _dials_image(experiment: Any, prefix: str | None, expt: str) -> tuple[str, i
 # ---------------------------------------------------------------------------------------- images
 
 
+def image_source(record: FrameRecord, geometry: Any = None) -> tuple[str | None, bool]:
+    """The registered frame source that reads ``record``'s image (None: none claims it), and
+    whether it is the CXI reader by force (an HDF5 image read through ``geometry``): what
+    :class:`FrameLoader` opens it with, and what :class:`ImageSources` asks before any
+    work."""
+    from peaknet_xtal.registry import sniff_source
+
+    if record.kind:
+        return record.kind, False
+    if geometry is not None and _is_hdf5(record.image):
+        # an HDF5 image with a geometry (the stream's, or --geometry) is read through it, as
+        # peaknet2cxi -g reads it: sniffing looks only at the default data paths, so a
+        # geometry's own (/%/data of a SACLA-style file) fell to dxtbx, which has no reader
+        return "cxi", True
+    return sniff_source(record.image), False  # a plugin's raising sniff: not its file
+
+
+class ImageSources:
+    """Checks, record by record as a stream is read, that what reads its images can be
+    imported: the images DIALS reads (CBF...) need DIALS, asked for once, at the first record
+    naming one (:func:`~peaknet_xtal.errors.require_dials`, in a child process).  Why: on a
+    machine without DIALS a stream of CBF images failed frame by frame, every frame an error,
+    and the run ended in a count of unreadable images; one line, before any work, says what is
+    missing.  Each image file is asked about once; images that are not there are left to the
+    frames' own error, which says where to look (--prefix)."""
+
+    def __init__(self, geometries: dict[str, Any]) -> None:
+        self.geometries = geometries
+        self.dials = False  # DIALS checked: nothing more to ask
+        self._seen: set[tuple[str, str]] = set()
+
+    def check(self, record: FrameRecord) -> None:
+        from peaknet_xtal.errors import require_dials
+        from peaknet_xtal.formats.dxtbx_images import sniff_dxtbx
+
+        key = (record.image, record.geometry_key)
+        if self.dials or key in self._seen:
+            return
+        self._seen.add(key)
+        if not (record.image and sniff_dxtbx(record.image) and os.path.exists(record.image)):
+            return  # dxtbx claims images by their name alone: no other is read through it
+        kind, _ = image_source(record, self.geometries.get(record.geometry_key))
+        if kind == "dxtbx":
+            require_dials(f"reading the images {record.source} names through dxtbx (the "
+                          f"first: {record.image})", "dxtbx.model.experiment_list",
+                          load=False, before_writing=True)
+            self.dials = True
+
+
 class FrameLoader:
     """Reads the images records name through the registered frame sources (hookspecs), the way
     every other entry point reads frames, keeping the last few sources open (records of one file
@@ -536,12 +585,7 @@ class FrameLoader:
         return frame
 
     def _source(self, record: FrameRecord, geometry: Any) -> Any:
-        from peaknet_xtal.registry import (
-            open_source,
-            sniff_plugin_source,
-            sniff_source,
-            source_types,
-        )
+        from peaknet_xtal.registry import open_source, sniff_plugin_source, source_types
         from peaknet_xtal.source_option import for_type
 
         image = record.image
@@ -554,14 +598,7 @@ class FrameLoader:
         missing = FormatError(image, f"image of event {record.event} not found (from "
                               f"{record.source}; use --prefix to say where the images are)")
         types = source_types()
-        kind: str | None = record.kind
-        forced = not kind and geometry is not None and _is_hdf5(image)
-        if forced:
-            # an HDF5 image with a geometry (the stream's, or --geometry) is read through it, as
-            # peaknet2cxi -g reads it: sniffing looks only at the default data paths, so a
-            # geometry's own (/%/data of a SACLA-style file) fell to dxtbx, which has no reader
-            kind = "cxi"
-        kind = kind or sniff_source(image)  # a plugin's raising sniff: not its file
+        kind, forced = image_source(record, geometry)
         if kind is None:
             if not os.path.exists(image):
                 raise missing

@@ -15,7 +15,7 @@ import os
 import shutil
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -37,6 +37,7 @@ from peaknet_xtal.labelling.batch import (
 )
 from peaknet_xtal.labelling.ingest import (
     FrameRecord,
+    ImageSources,
     StreamTally,
     keep_last_copies,
     records_from_dials,
@@ -176,7 +177,10 @@ def group_inputs(paths: Sequence[str]) -> list[tuple[str, ...]]:
 
 
 def ingest(paths: Sequence[str], run: dict[str, Any]) -> tuple[list[FrameRecord], dict[str, Any]]:
-    """Records of every input (indexed frames only) and the geometries their images need."""
+    """Records of every input (indexed frames only) and the geometries their images need.
+    Raises :class:`~peaknet_xtal.errors.DialsUnavailable` where an input needs DIALS (an .expt;
+    a stream naming images DIALS reads, at the first such chunk) and DIALS is not there or fails
+    to load: before any work, where it failed frame by frame (:class:`ImageSources`)."""
     from peaknet_xtal.formats.geometry import read_geometry
 
     given = read_geometry(run["geometry"]) if run.get("geometry") else None
@@ -187,15 +191,19 @@ def ingest(paths: Sequence[str], run: dict[str, Any]) -> tuple[list[FrameRecord]
     expts = [group[0] for group in groups if len(group) == 2]
     if expts:  # before the streams before it are read, not at its turn
         require_dials(f"reading {expts[0]} (a DIALS experiment list)",
-                      "dxtbx.model.experiment_list", "dials.array_family.flex")
+                      "dxtbx.model.experiment_list", "dials.array_family.flex", load=False,
+                      before_writing=True)
+    sources = ImageSources(geometries)
     for group in groups:
         if len(group) == 2:
             records.extend(records_from_dials(group[0], group[1], prefix=run.get("prefix"),
                                               trust_pickle=bool(run.get("trust_pickle"))))
             continue
         tallies.append(StreamTally(group[0]))
-        records.extend(records_from_stream(group[0], geometry=given, prefix=run.get("prefix"),
-                                           tally=tallies[-1], once=False, geometries=geometries))
+        for record in records_from_stream(group[0], geometry=given, prefix=run.get("prefix"),
+                                          tally=tallies[-1], once=False, geometries=geometries):
+            sources.check(record)
+            records.append(record)
     lines = [line for tally in tallies for line in tally.lines()]
     if not records and lines:  # said as what the streams lack, not as frames turned away
         raise NothingToLabel(", ".join(paths), "no frame to label, no output written:\n"
@@ -293,9 +301,12 @@ def check_output(output: str | os.PathLike[str], overwrite: bool = False) -> Non
 
 def label_run(paths: Sequence[str], output: str | os.PathLike[str],
               config: dict[str, Any] | None = None, *, progress: bool = True,
-              overwrite: bool = False) -> dict[str, Any]:
+              overwrite: bool = False, started: Callable[[], object] | None = None
+              ) -> dict[str, Any]:
     """Do the whole run; returns the summary that the CLI prints and records (with
-    ``not_selected``: why the other frames were turned away, one line per rule).
+    ``not_selected``: why the other frames were turned away, one line per rule).  ``started``
+    is called once the inputs are read and found usable, before the first file is written
+    (the CLI records its configuration there: a run refused at its start leaves nothing).
 
     Raises :class:`NothingToLabel`, writing no label file, when the inputs give no frame to
     label, or none of the selected frames could be labelled: an empty file would pass for a
@@ -315,6 +326,8 @@ def label_run(paths: Sequence[str], output: str | os.PathLike[str],
     if not records:
         raise NothingToLabel(", ".join(paths), "no indexed frame in it (no chunk or experiment "
                              "with a crystal): nothing to label, no output written")
+    if started is not None:
+        started()
     diffs = diff_all(records, float(cfg["peakdiff"]["cutoff"]))
     selection = Selection.from_config(cfg["peakdiff"])
     report = run.get("report") or str(output.with_suffix("")) + ".peakdiff.png"

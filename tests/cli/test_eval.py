@@ -160,15 +160,41 @@ def test_without_dials_what_needs_it_is_one_line_and_the_rest_runs(tmp_path, mon
     for args, begins, ends in (
             ([], "--finders dispersion: the dispersion finder (DIALS' own) needs DIALS, "
                  + install.format("dials"),
-             "; or give --finders without dispersion (the default includes it)"),
+             "; or give --finders without dispersion (the default includes it); nothing was "
+             "written"),
             (["--finders", "peaknet:default", "--index"],
-             "--index needs DIALS, " + install.format("dxtbx"), "; or run without --index"),
+             "--index needs DIALS, " + install.format("dxtbx"),
+             "; or run without --index; nothing was written"),
             (["--finders", "peaknet:default", "--space-group", "P43212"],
              "--space-group P43212 (checked by cctbx) needs DIALS, " + install.format("cctbx"),
              "(README, Quick start)")):
         assert main([str(tmp_path), "-o", str(out), *args]) == 2, args
         line = one_error_line(capsys.readouterr().err)
         assert line.startswith(f"peaknet-eval: error: {begins}") and line.endswith(ends), line
+    assert not out.exists()
+
+
+@pytest.mark.dials
+@pytest.mark.parametrize("args, needs", [
+    ([], "--finders dispersion: the dispersion finder (DIALS' own)"),
+    (["--finders", "peaknet:default", "--index"], "--index")])
+def test_a_dials_that_fails_to_load_is_one_line_before_any_work(args, needs, tmp_path,
+                                                              monkeypatch, capsys):
+    """A DIALS that is there but fails to load (a compiled extension that does not) passed the
+    checks, which imported the threshold alone or only looked for the packages, and stopped
+    the dispersion finder at its first frame, after the finders before it, or --index after
+    every finder ran.  The modules they import are now imported at the start, in a child
+    process: one line naming what failed, exit 2, nothing written."""
+    from peaknet_test_support import break_dials
+
+    broken = break_dials(monkeypatch, tmp_path / "broken")
+    out = tmp_path / "report"
+    assert main([str(tmp_path), "-o", str(out), *args]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert line.startswith(f"peaknet-eval: error: {needs} needs DIALS, which is installed but "
+                           "fails to load in this Python (importing dials.array_family.flex: "
+                           f"ImportError: {broken})"), line
+    assert line.endswith("; nothing was written"), line
     assert not out.exists()
 
 

@@ -471,8 +471,33 @@ def test_a_dials_expt_without_dials_is_one_line_before_any_input_is_integrated(
     assert _one_error_line(capsys) == (
         f"peaknet-integrate: error: reading {expt} (a DIALS experiment list) needs DIALS, which "
         "this Python cannot import (No module named 'dxtbx'): install Debian's dials package "
-        "or a conda DIALS and run from that environment (README, Quick start)")
-    assert not (out / run.stream.name).exists()
+        "or a conda DIALS and run from that environment (README, Quick start); nothing was "
+        "written")
+    assert not out.exists()  # asked before the run's record is written
+
+
+@pytest.mark.dials
+def test_a_dials_expt_with_a_dials_that_fails_to_load_is_one_line_before_any_work(
+        run, tmp_path, monkeypatch, capsys):
+    """A DIALS that is there but fails to load (a compiled extension that does not) passed the
+    check, which only looked for its packages, and the .expt failed after the inputs before it
+    were integrated.  What reading it imports is now imported at the start, in a child
+    process: one line naming what failed, nothing written."""
+    from peaknet_test_support import break_dials
+
+    expt, refl = tmp_path / "indexed.expt", tmp_path / "indexed.refl"
+    expt.write_text("{}")  # never read: DIALS is asked for first
+    refl.write_bytes(b"")
+    broken = break_dials(monkeypatch, tmp_path / "broken")
+    out = tmp_path / "out"
+    assert main([str(run.stream), str(expt), "--refl", str(refl), "-o", str(out),
+                 "--no-progress"]) == 1
+    line = _one_error_line(capsys)
+    assert line.startswith(f"peaknet-integrate: error: reading {expt} (a DIALS experiment list) "
+                           "needs DIALS, which is installed but fails to load in this Python "
+                           f"(importing dials.array_family.flex: ImportError: {broken})"), line
+    assert line.endswith("; nothing was written"), line
+    assert not out.exists()
 
 
 def test_dials_expt_whose_images_are_missing_is_one_line(run, tmp_path, dials_env, capsys):

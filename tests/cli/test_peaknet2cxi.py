@@ -2227,7 +2227,7 @@ def test_dials_output_without_dials_is_refused_before_any_frame(tmp_path, monkey
     assert err.startswith("peaknet2cxi: error: --dials needs DIALS, which this Python cannot "
                           "import (No module named 'dials')")
     assert err.rstrip().endswith("or run without --dials (the CXI files for indexamajig need "
-                                 "no DIALS)")
+                                 "no DIALS); nothing was written")
     assert not outdir.exists()
     from peaknet_xtal.errors import DialsUnavailable
 
@@ -2237,13 +2237,47 @@ def test_dials_output_without_dials_is_refused_before_any_frame(tmp_path, monkey
     assert not outdir.exists()
 
 
+@pytest.mark.dials
+@pytest.mark.parametrize("what", ["--dials", "cbf"])
+def test_a_dials_that_fails_to_load_is_refused_before_any_frame(what, tmp_path, monkeypatch,
+                                                                capsys, make_geometry_text):
+    """A user trial: a DIALS that is there but fails to load (a compiled extension that does
+    not) passed the check before the run, which only looked for its packages, and --dials
+    stopped the run at the export, after every frame had been found.  The modules it needs are
+    now imported at the start, in a child process: one line naming what failed to import and
+    that nothing was written; no output folder.  So for a CBF input (read through dxtbx),
+    which imported DIALS where the run reached it."""
+    from peaknet_test_support import break_dials
+
+    if what == "--dials":
+        stack, geom = _small_run_inputs(tmp_path, make_geometry_text)
+        args, code, module = [str(stack), "-g", str(geom), "--dials"], 2, "dials.array_family.flex"
+        broken = break_dials(monkeypatch, tmp_path / "broken")
+        needs = "--dials"
+    else:
+        cbf = tmp_path / "thau_3_2_0001.cbf"
+        cbf.write_bytes(b"###CBF: VERSION 1.5\n")  # never opened: DIALS is asked for first
+        args, code, module = [str(cbf)], 1, "dxtbx.model.experiment_list"
+        broken = break_dials(monkeypatch, tmp_path / "broken", "dxtbx_model_ext")
+        needs = f"reading {cbf} through dxtbx"
+    outdir = tmp_path / "out"
+    assert main([*args, "-o", str(outdir), "--no-progress"]) == code
+    err = capsys.readouterr().err
+    (line,) = [x for x in err.splitlines() if "error" in x]
+    assert line.startswith(f"peaknet2cxi: error: {needs} needs DIALS, which is installed but "
+                           f"fails to load in this Python (importing {module}: ImportError: "
+                           f"{broken})"), err
+    assert line.endswith("; nothing was written") and "Traceback" not in err
+    assert not outdir.exists()
+
+
+@pytest.mark.dials  # the check at the start imports the real DIALS, in a child
 def test_a_dials_that_fails_to_load_at_the_export_keeps_the_frames_and_the_summary(
         tmp_path, monkeypatch, make_geometry_text):
-    """A DIALS that is there but fails to load (Debian's without LIBTBX_BUILD) passes the
-    check before the run, which imports nothing (imported before the model runs, cctbx would
-    hold it to one thread), and fails where the export imports it: said with its own error,
-    the CXI files and peaknet2cxi.json (status failed) kept; no rerun advice (the same
-    command fails the same way until DIALS loads)."""
+    """A DIALS that loads in the check at the start (a child process) but fails where the
+    export imports it in this process (here: hidden from this process alone): said with its
+    own error, the CXI files and peaknet2cxi.json (status failed) kept; no rerun advice (the
+    same command fails the same way until DIALS loads)."""
     from peaknet_test_support import hide_dials
 
     from peaknet_xtal.cli.peaknet2cxi import rerun_can_help
@@ -2257,7 +2291,8 @@ def test_a_dials_that_fails_to_load_at_the_export_keeps_the_frames_and_the_summa
              "predictor": _blank_predictor, "progress": False, "dials": True,
              "min_peaks": 0})
     assert str(info.value).startswith("--dials needs DIALS, which is installed but fails to "
-                                      "load in this Python (FileNotFoundError: ")
+                                      "load in this Python (importing dials.array_family.flex: "
+                                      "FileNotFoundError: ")
     summary = json.loads((outdir / "peaknet2cxi.json").read_text())
     assert summary["status"] == f"failed: {info.value}" and summary["frames"] == 3
     assert [Path(p).name for p in summary["cxi_files"]] == ["peaks-00000.cxi"]
@@ -2281,8 +2316,9 @@ def test_an_image_read_through_dxtbx_without_dials_is_one_line_naming_it(tmp_pat
     assert line == (f"peaknet2cxi: error: reading {cbf} through dxtbx needs DIALS, which this "
                     "Python cannot import (No module named 'dxtbx'): install Debian's dials "
                     "package or a conda DIALS and run from that environment (README, Quick "
-                    "start)")
+                    "start); nothing was written")
     assert "Traceback" not in err and "re-run" not in err
+    assert not (tmp_path / "out").exists()  # asked before the output folder is made
 
 
 def test_an_hdf5_file_without_a_geometry_and_without_dials_asks_for_one(tmp_path, monkeypatch,

@@ -68,7 +68,8 @@ def test_dials_results_without_dials_exit_2_in_one_line(tmp_path, monkeypatch, c
     assert err.strip() == (f"stream2labels: error: reading {expt} (a DIALS experiment list) "
                            "needs DIALS, which this Python cannot import (No module named "
                            "'dxtbx'): install Debian's dials package or a conda DIALS and run "
-                           "from that environment (README, Quick start)")
+                           "from that environment (README, Quick start); nothing was written")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stills.expt", "stills.refl"]
 
 
 def test_no_images_is_an_error_with_a_hint(sim_run, tmp_path, capsys):
@@ -534,3 +535,62 @@ def test_source_options_reach_the_plugin_source_reading_the_images(install_plugi
         label_run([str(stream)], tmp_path / "other.h5",
                   {"run": {"source_options": {"calibratoin": "x"}}})
     assert not list(tmp_path.glob("other*"))
+
+
+def _cbf_stream(folder: Path) -> tuple[Path, Path]:
+    """A stream of four indexed chunks, each naming a CBF file beside it (never opened here:
+    only their names and presence count); returns the stream and its first image."""
+    import dataclasses
+
+    chunks = [dataclasses.replace(chunk, filename=f"shot_{n + 1:04d}.cbf", event=None)
+              for n, chunk in enumerate(_indexed_chunks(4))]
+    for chunk in chunks:
+        (folder / chunk.filename).write_bytes(b"###CBF: VERSION 1.5\n")
+    stream = folder / "shots.stream"
+    write_stream(stream, chunks)
+    return stream, (folder / "shot_0001.cbf").resolve()
+
+
+@pytest.mark.parametrize("dials", [
+    "missing", pytest.param("broken", marks=pytest.mark.dials)])
+def test_a_stream_of_cbf_images_without_a_working_dials_is_one_line_before_any_work(
+        dials, tmp_path, monkeypatch, capsys):
+    """A user trial: on a machine without DIALS a stream naming CBF images (read through
+    dxtbx) failed frame by frame, and the run ended in a count of unreadable frames.  It is
+    now one line naming the stream, its first such image and what to do, as every command
+    says it, before any work: nothing written (no record, report or part files), exit 2.  So
+    for a DIALS that is there but fails to load (a compiled extension that does not)."""
+    from peaknet_test_support import break_dials, hide_dials
+
+    stream, first = _cbf_stream(tmp_path)
+    if dials == "missing":
+        hide_dials(monkeypatch)
+        why = ("which this Python cannot import (No module named 'dxtbx'): install Debian's "
+               "dials package or a conda DIALS and run from that environment (README, Quick "
+               "start)")
+    else:
+        broken = break_dials(monkeypatch, tmp_path / "broken", "dxtbx_model_ext")
+        why = ("which is installed but fails to load in this Python (importing "
+               f"dxtbx.model.experiment_list: ImportError: {broken}): Debian's DIALS needs "
+               "LIBTBX_BUILD=/usr/lib/cctbx/python3.11 and numpy < 2 (README, Quick start)")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    code = main([str(stream), "-o", str(tmp_path / "labels.h5"), "--no-ray", "--quiet",
+                 "--min-peaks", "1"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.strip() == (f"stream2labels: error: reading the images {stream} names through "
+                           f"dxtbx (the first: {first}) needs DIALS, {why}; nothing was written")
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_a_stream_of_hdf5_images_needs_no_dials(sim_run, tmp_path, monkeypatch, capsys):
+    """The check for DIALS asks only about images read through dxtbx: a stream of CXI/HDF5
+    images is labelled on a machine without DIALS."""
+    from peaknet_test_support import hide_dials
+
+    hide_dials(monkeypatch)
+    out = tmp_path / "labels.h5"
+    assert main([str(sim_run.stream), "-o", str(out), "--no-ray", "--quiet", "--min-peaks",
+                 "1", "--batch-size", "4"]) == 0, capsys.readouterr().err
+    with LabelFile(out) as lf:
+        assert len(lf) == 2 * sim_run.n_frames

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -70,6 +71,32 @@ def test_find_reflections_without_dials_says_so_before_the_image_is_searched(mon
         finder.find_reflections(spots_image())
     assert searched == []
     assert len(finder.find(spots_image())) == 2 and searched == [1]
+
+
+@pytest.mark.dials
+def test_find_reflections_with_a_dials_that_fails_to_load_says_so_before_the_search(
+        tmp_path, monkeypatch):
+    """A DIALS that is there but fails to load (a compiled extension that does not) passed
+    the check, which only looked for it, and find_reflections failed after the search.  Its
+    modules are now imported in a child process first: the error names what failed, and the
+    image is not searched."""
+    from peaknet_test_support import break_dials
+
+    from peaknet_xtal.errors import DialsUnavailable
+
+    searched = []
+
+    def counting(panels, masks):
+        searched.append(len(panels))
+        return bright_pixels(panels, masks)
+
+    broken = break_dials(monkeypatch, tmp_path / "broken")
+    with pytest.raises(DialsUnavailable, match=r"^PeakFinder\.find_reflections \(a DIALS "
+                       r"reflection table\) needs DIALS, which is installed but fails to load "
+                       r"in this Python \(importing dials\.array_family\.flex: ImportError: "
+                       f"{re.escape(broken)}"):
+        PeakFinder(predictor=counting).find_reflections(spots_image())
+    assert searched == []
 
 
 def run_with_a_hot_pixel(n: int = 8) -> list[np.ndarray]:

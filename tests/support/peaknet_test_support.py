@@ -339,6 +339,32 @@ def hide_dials(monkeypatch: Any, broken: Exception | None = None) -> None:
     monkeypatch.setattr(sys, "meta_path", [_DialsHider(broken), *sys.meta_path])
 
 
+#: How a compiled extension that does not load fails its import (a library built against
+#: another Boost, say): what :func:`break_dials` makes one of DIALS' extensions raise.
+BROKEN_EXTENSION = ("/usr/lib/python3/dist-packages/{0}.so: undefined symbol: "
+                    "_ZN5boost6python7objects")
+
+
+def break_dials(monkeypatch: Any, folder: Any, extension: str = "dials_array_family_flex_ext",
+                crash: bool = False) -> str:
+    """Make DIALS installed but failing to load, for this process's child processes and for
+    imports of the DIALS modules it has not imported yet, without touching the real one: a
+    module named as one of DIALS' compiled extensions (``dials_array_family_flex_ext``, which
+    ``dials.array_family.flex`` loads; ``dxtbx_model_ext``, which ``dxtbx.model`` loads) is put
+    in ``folder``, first on ``sys.path``, until the test ends.  Its import raises the
+    ImportError of an extension that does not load, or with ``crash`` kills its process with
+    SIGSEGV, as a broken extension can.  Unlike :func:`hide_dials`, it reaches the child that
+    ``require_dials(load=False)`` imports DIALS in (it inherits ``sys.path``).  Returns the
+    ImportError's message."""
+    said = BROKEN_EXTENSION.format(extension)
+    body = ("import os, signal\nos.kill(os.getpid(), signal.SIGSEGV)\n" if crash
+            else f"raise ImportError({said!r})\n")
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    (Path(folder) / f"{extension}.py").write_text(body)
+    monkeypatch.syspath_prepend(str(folder))
+    return said
+
+
 #: A third-party plugin module (for the ``install_plugin`` fixture of tests/conftest.py) with
 #: the model family ``tinyfam`` and its one size ``my-tiny``: two convolutions, keeping the
 #: image's size, as the hookspec ``peaknet_model_families`` asks.  Tests break the contract by

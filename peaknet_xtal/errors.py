@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.util
+import sys
 from collections.abc import Iterator, Sequence
 from os import PathLike
 
@@ -108,7 +109,7 @@ def require_dials(what: str, *modules: str, otherwise: str = "", load: bool = Tr
             said = f"{type(exc).__name__}: {exc}"
             raise DialsUnavailable(_dials_message(what, name, said, missing, otherwise,
                                                   before_writing)) from exc
-    if not load:
+    if not load and not all(name in sys.modules for name in names):  # loaded here: it loads
         _import_in_a_child(what, names, otherwise, before_writing)
 
 

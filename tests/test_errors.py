@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pickle
+import sys
 
 import pytest
 from ray import cloudpickle  # what Ray sends an actor's exception with
@@ -105,9 +106,11 @@ def test_the_check_at_a_start_imports_dials_in_a_child_and_names_what_failed(
     DIALS (cctbx's OpenMP, loaded before torch, would hold it to one thread)."""
     from peaknet_test_support import break_dials
 
-    from peaknet_xtal.errors import DialsUnavailable, require_dials
+    from peaknet_xtal.errors import DIALS_PACKAGES, DialsUnavailable, require_dials
 
     broken = break_dials(monkeypatch, tmp_path / "broken", crash=crash)
+    for name in [m for m in sys.modules if m.split(".")[0] in DIALS_PACKAGES]:
+        monkeypatch.delitem(sys.modules, name)  # as in a process that has not loaded DIALS
     with pytest.raises(DialsUnavailable) as info:
         require_dials("--dials", "dxtbx.model.experiment_list", "dials.array_family.flex",
                       otherwise="run without --dials", load=False, before_writing=True)
@@ -133,3 +136,19 @@ def test_a_dials_that_loads_passes_the_check_without_being_imported_here():
                           check=False)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+@pytest.mark.dials
+def test_the_check_at_a_start_starts_no_child_where_the_modules_are_loaded(monkeypatch):
+    """Inside DIALS (a cctbx script calling ``PeakFinder.find_reflections``) the modules are
+    loaded already: the check asks no child process (a second of DIALS' import) to load them
+    again."""
+    import dials.array_family.flex  # noqa: F401  (loaded, as in a DIALS process)
+
+    import peaknet_xtal.errors as errors
+
+    def child(*args):
+        raise AssertionError("a child process was asked to import loaded modules")
+
+    monkeypatch.setattr(errors, "_import_in_a_child", child)
+    errors.require_dials("--dials", "dials.array_family.flex", load=False)

@@ -256,9 +256,13 @@ def test_no_frame_labelled_leaves_no_label_file(sim_run, tmp_path, capsys):
     assert not (tmp_path / "l.h5.parts").exists()  # a rerun with --prefix starts afresh
 
 
-def test_ctrl_c_is_one_line_keeping_what_a_rerun_resumes_from(sim_run, tmp_path, capsys,
-                                                              monkeypatch):
-    """The user trial: Ctrl-C (exit 130, right) printed a whole KeyboardInterrupt traceback."""
+def _stopped_after_one_batch(sim_run, tmp_path, monkeypatch, signum: int | None = None,
+                             status: int = 130) -> list[str]:
+    """A run of two batches stopped as its second starts (a KeyboardInterrupt, or the real
+    signal ``signum`` sent to this process; exit ``status``), its first kept; the labeller is
+    whole again afterwards.  Returns the command line, to rerun."""
+    import os
+
     from peaknet_xtal.labelling.batch import BatchLabeler
 
     run = BatchLabeler.run
@@ -267,20 +271,29 @@ def test_ctrl_c_is_one_line_keeping_what_a_rerun_resumes_from(sim_run, tmp_path,
     def interrupted_after_one(self, batch, part, fit_map=None):
         calls.append(batch.index)
         if len(calls) > 1:
-            raise KeyboardInterrupt
+            if signum is None:
+                raise KeyboardInterrupt
+            os.kill(os.getpid(), signum)
         return run(self, batch, part) if fit_map is None else run(self, batch, part, fit_map)
 
     monkeypatch.setattr(BatchLabeler, "run", interrupted_after_one)
-    out = tmp_path / "l.h5"
-    argv = [str(sim_run.stream), "-o", str(out), "--no-ray", "--quiet", "--min-peaks", "1",
-            "--batch-size", "2", "--min-i-over-sigma", "5", "--max-frames", "4"]
-    assert main(argv) == 130
+    argv = [str(sim_run.stream), "-o", str(tmp_path / "l.h5"), "--no-ray", "--quiet",
+            "--min-peaks", "1", "--batch-size", "2", "--min-i-over-sigma", "5",
+            "--max-frames", "4"]
+    assert main(argv) == status
+    monkeypatch.setattr(BatchLabeler, "run", run)
+    return argv
+
+
+def test_ctrl_c_is_one_line_keeping_what_a_rerun_resumes_from(sim_run, tmp_path, capsys,
+                                                              monkeypatch):
+    """The user trial: Ctrl-C (exit 130, right) printed a whole KeyboardInterrupt traceback."""
+    argv = _stopped_after_one_batch(sim_run, tmp_path, monkeypatch)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1, err
     assert err[0].startswith("stream2labels: interrupted; ") and "Traceback" not in err[0]
     assert "1 finished batch" in err[0] and str(tmp_path / "l.h5.parts") in err[0]
-    assert not out.exists()
-    monkeypatch.setattr(BatchLabeler, "run", run)
+    assert not (tmp_path / "l.h5").exists()
     assert main(argv) == 0  # the rerun resumes from the kept batch
     assert "batches 2 (1 resumed)" in capsys.readouterr().out
 
@@ -290,28 +303,12 @@ def test_a_rerun_with_another_geometry_does_not_resume_the_batches_read_with_the
     """Batches labelled through one layout were merged with batches of a rerun given another
     ``-g`` (the resume fingerprint left the geometry out): the rerun is refused, naming the
     part files, and the original settings still resume."""
-    from peaknet_xtal.labelling.batch import BatchLabeler
-
-    run = BatchLabeler.run
-    calls = []
-
-    def interrupted_after_one(self, batch, part, fit_map=None):
-        calls.append(batch.index)
-        if len(calls) > 1:
-            raise KeyboardInterrupt
-        return run(self, batch, part) if fit_map is None else run(self, batch, part, fit_map)
-
-    monkeypatch.setattr(BatchLabeler, "run", interrupted_after_one)
-    out = tmp_path / "l.h5"
-    argv = [str(sim_run.stream), "-o", str(out), "--no-ray", "--quiet", "--min-peaks", "1",
-            "--batch-size", "2", "--min-i-over-sigma", "5", "--max-frames", "4"]
-    assert main(argv) == 130
-    monkeypatch.setattr(BatchLabeler, "run", run)
+    argv = _stopped_after_one_batch(sim_run, tmp_path, monkeypatch)
     capsys.readouterr()
     assert main([*argv, "-g", str(sim_run.geom)]) != 0
     err = capsys.readouterr().err
     assert "other inputs or settings" in err and str(tmp_path / "l.h5.parts") in err
-    assert not out.exists()
+    assert not (tmp_path / "l.h5").exists()
     assert main(argv) == 0  # the original settings resume from the kept batch
     assert "batches 2 (1 resumed)" in capsys.readouterr().out
 
@@ -320,31 +317,14 @@ def test_sigterm_stops_as_ctrl_c_does_with_its_own_exit_status(sim_run, tmp_path
                                                               monkeypatch):
     """A batch scheduler's SIGTERM ended the run with exit 143 and not a word; it is one line
     saying so and what a rerun resumes from, as Ctrl-C gives, and the rerun resumes."""
-    import os
     import signal
 
-    from peaknet_xtal.labelling.batch import BatchLabeler
-
-    run = BatchLabeler.run
-    calls = []
-
-    def terminated_after_one(self, batch, part, fit_map=None):
-        calls.append(batch.index)
-        if len(calls) > 1:
-            os.kill(os.getpid(), signal.SIGTERM)  # the real signal, to this process
-        return run(self, batch, part) if fit_map is None else run(self, batch, part, fit_map)
-
-    monkeypatch.setattr(BatchLabeler, "run", terminated_after_one)
-    out = tmp_path / "l.h5"
-    argv = [str(sim_run.stream), "-o", str(out), "--no-ray", "--quiet", "--min-peaks", "1",
-            "--batch-size", "2", "--min-i-over-sigma", "5", "--max-frames", "4"]
     before = signal.getsignal(signal.SIGTERM)
-    assert main(argv) == 143
+    argv = _stopped_after_one_batch(sim_run, tmp_path, monkeypatch, signal.SIGTERM, 143)
     assert signal.getsignal(signal.SIGTERM) is before  # the handler is put back
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("stream2labels: interrupted (SIGTERM); "), err
-    assert "1 finished batch" in err[0] and not out.exists()
-    monkeypatch.setattr(BatchLabeler, "run", run)
+    assert "1 finished batch" in err[0] and not (tmp_path / "l.h5").exists()
     assert main(argv) == 0
     assert "batches 2 (1 resumed)" in capsys.readouterr().out
 

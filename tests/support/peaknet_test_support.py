@@ -354,8 +354,16 @@ def break_dials(monkeypatch: Any, folder: Any, extension: str = "dials_array_fam
     in ``folder``, first on ``sys.path``, until the test ends.  Its import raises the
     ImportError of an extension that does not load, or with ``crash`` kills its process with
     SIGSEGV, as a broken extension can.  Unlike :func:`hide_dials`, it reaches the child that
-    ``require_dials(load=False)`` imports DIALS in (it inherits ``sys.path``).  Returns the
-    ImportError's message."""
+    ``require_dials(load=False)`` imports DIALS in (it inherits ``sys.path``).  DIALS' and
+    dxtbx's modules that this process loaded (an earlier test's) are taken out of
+    ``sys.modules`` until the test ends, with the extension: the check asks no child where the
+    modules are loaded already (they loaded, so DIALS works there), and a fresh process that
+    met this broken DIALS would not have them.  Returns the ImportError's message."""
+    import sys
+
+    for name in [m for m in sys.modules
+                 if m.split(".")[0] in ("dials", "dxtbx") or m == extension]:
+        monkeypatch.delitem(sys.modules, name)
     said = BROKEN_EXTENSION.format(extension)
     body = ("import os, signal\nos.kill(os.getpid(), signal.SIGSEGV)\n" if crash
             else f"raise ImportError({said!r})\n")

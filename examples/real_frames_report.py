@@ -450,9 +450,9 @@ def model_identity(spec: str) -> str:
     """``spec`` and the first 12 hex digits of its weights' sha256: which model made the numbers."""
     import hashlib
 
-    from peaknet_xtal.model.weights_io import WEIGHTS_DIR, check_model
+    from peaknet_xtal.model.weights_io import checked_weights
 
-    weights = check_model(spec) or WEIGHTS_DIR / "default.safetensors"  # None: the default
+    weights = checked_weights(spec)
     digest = hashlib.sha256(weights.read_bytes()).hexdigest()[:12]
     return f"{spec} (sha256 {digest})"
 

@@ -152,7 +152,6 @@ def _import_in_a_child(what: str, modules: Sequence[str], otherwise: str,
     import os
     import signal
     import subprocess
-    import sys
 
     key = (sys.executable, tuple(modules), tuple(sys.path), tuple(sorted(os.environ.items())))
     if key in _IMPORTED or not sys.executable:

@@ -156,6 +156,17 @@ def check_model(spec: str | os.PathLike[str]) -> Path | None:
     return weights
 
 
+def checked_weights(spec: str | os.PathLike[str]) -> Path:
+    """The weights file a model spec names, checked by :func:`check_model`: the shipped
+    default's for ``default``."""
+    return check_model(spec) or _default_weights()
+
+
+def _default_weights() -> Path:
+    """The shipped default model's weights (looked up at each call: tests move the folder)."""
+    return WEIGHTS_DIR / f"{DEFAULT_NAME}.safetensors"
+
+
 def _weights_file(spec: str | os.PathLike[str]) -> tuple[Path, dict[str, Any]]:
     """The weights file ``spec`` names and its config, checked as :func:`check_model` says
     (all but the network)."""
@@ -195,8 +206,7 @@ def model_digest(spec: Any) -> str | None:
     used; None for a model handed over as a Python object (no file to name)."""
     if not isinstance(spec, (str, os.PathLike)):
         return None
-    weights = WEIGHTS_DIR / f"{DEFAULT_NAME}.safetensors" if str(spec) == DEFAULT_NAME \
-        else _existing(spec)
+    weights = _default_weights() if str(spec) == DEFAULT_NAME else _existing(spec)
     digest = hashlib.sha256()
     try:
         with open(weights, "rb") as handle:
@@ -269,7 +279,7 @@ def load_model(spec: str | os.PathLike[str] = DEFAULT_NAME, device: str = "cpu")
     from safetensors.torch import load_file
 
     if str(spec) == DEFAULT_NAME:
-        weights = WEIGHTS_DIR / "default.safetensors"
+        weights = _default_weights()
         if not weights.exists():
             raise FormatError(weights, "the shipped default model weights are missing; reinstall "
                                        "peaknet-xtal or rebuild them with "

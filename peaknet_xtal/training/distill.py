@@ -97,15 +97,9 @@ def teacher_identity(teacher: str) -> dict[str, str]:
     same one.  ``"default"`` resolves to the shipped file, a directory to its weights.  Hashing
     reads the file once (seconds for the largest preset), little beside running it over every
     frame.  A missing or unreadable teacher is a FormatError naming it, before any work."""
-    from peaknet_xtal.model.weights_io import (
-        DEFAULT_NAME,
-        WEIGHTS_DIR,
-        check_model,
-        model_digest,
-        read_config,
-    )
+    from peaknet_xtal.model.weights_io import checked_weights, model_digest, read_config
 
-    weights = check_model(teacher) or WEIGHTS_DIR / f"{DEFAULT_NAME}.safetensors"
+    weights = checked_weights(teacher)
     digest = model_digest(teacher)
     config = json.dumps(read_config(weights), sort_keys=True)
     return {"weights_sha256": str(digest),
@@ -119,15 +113,9 @@ def check_teacher(teacher: str, crop: int) -> None:
     were read, as a torch shape error."""
     import torch
 
-    from peaknet_xtal.model.weights_io import (
-        DEFAULT_NAME,
-        WEIGHTS_DIR,
-        build_model,
-        check_model,
-        read_config,
-    )
+    from peaknet_xtal.model.weights_io import build_model, checked_weights, read_config
 
-    weights = check_model(teacher) or WEIGHTS_DIR / f"{DEFAULT_NAME}.safetensors"
+    weights = checked_weights(teacher)
     with torch.device("meta"):
         model = build_model(read_config(weights), weights)
     check_crop(model, crop, f"the teacher {teacher}")

@@ -316,13 +316,13 @@ def resolve_model_name(config: dict[str, Any]) -> dict[str, Any]:
     ConfigError naming both (the default cannot be told from the same name typed, so it is
     taken as "not given").  Idempotent: the launch, the CLIs and :func:`check_start` may each
     call it."""
-    from peaknet_xtal.model.weights_io import DEFAULT_NAME, WEIGHTS_DIR, check_model, read_config
+    from peaknet_xtal.model.weights_io import checked_weights, read_config
 
     model_cfg = config["model"]
     init = model_cfg.get("init")
     if not init:
         return config
-    weights = check_model(init) or WEIGHTS_DIR / f"{DEFAULT_NAME}.safetensors"
+    weights = checked_weights(init)
     trained = read_config(weights).get("name")
     name = model_cfg.get("name")
     if name == trained:
@@ -420,7 +420,7 @@ def _check_model(config: Mapping[str, Any]) -> None:
     import torch
     from safetensors import safe_open
 
-    from peaknet_xtal.model.weights_io import DEFAULT_NAME, WEIGHTS_DIR, check_model, read_config
+    from peaknet_xtal.model.weights_io import checked_weights, read_config
     from peaknet_xtal.model.zoo import build_from_config, create_model
 
     model_cfg = config["model"]
@@ -431,7 +431,7 @@ def _check_model(config: Mapping[str, Any]) -> None:
                            **overrides)
             check_crop(model, config["data"]["crop"], f"model {model_cfg['name']!r}")
             return
-        weights = check_model(model_cfg["init"]) or WEIGHTS_DIR / f"{DEFAULT_NAME}.safetensors"
+        weights = checked_weights(model_cfg["init"])
         start = read_config(weights)
         start.pop("extra", None)
         model = _build(build_from_config, {**start, **overrides}, overrides,

@@ -68,7 +68,7 @@ from peaknet_xtal.config import (
     setup_logging,
     validate,
 )
-from peaknet_xtal.errors import FormatError, require_dials
+from peaknet_xtal.errors import FormatError
 from peaknet_xtal.stopping import exit_status, interrupted, sigterm_raises
 
 log = logging.getLogger("peaknet_xtal")
@@ -202,14 +202,13 @@ CONTENT_KEYS = ("geometry", "refl")
 def check_dials_inputs(config: Mapping[str, Any]) -> None:
     """Raise :class:`~peaknet_xtal.errors.DialsUnavailable`, naming the first .expt input,
     where DIALS is not there or fails to load.  Why before the run: the inputs before it were
-    integrated and the .expt then failed with a traceback (No module named 'dxtbx').  What
-    reading it imports is imported in a child process: imported before the integrator runs,
-    cctbx would limit it to one thread (errors.require_dials)."""
+    integrated and the .expt then failed with a traceback (No module named 'dxtbx')
+    (``formats.dials_tables.check_experiments_readable``: in a child process)."""
+    from peaknet_xtal.formats.dials_tables import check_experiments_readable
+
     expt = next((p for p in config["inputs"] if Path(p).suffix.lower() == ".expt"), None)
     if expt is not None:
-        require_dials(f"reading {expt} (a DIALS experiment list)",
-                      "dxtbx.model.experiment_list", "dials.array_family.flex", load=False,
-                      before_writing=True)
+        check_experiments_readable(expt)
 
 
 def _contents(config: Mapping[str, Any]) -> dict[str, str]:

@@ -119,6 +119,17 @@ def check_pair(experiments: Any, expt: str, table: Any, refl: str) -> None:
                               "experiment list (give the .expt written with this .refl)")
 
 
+def check_experiments_readable(path: str | os.PathLike[str]) -> None:
+    """Before any work: raise :class:`~peaknet_xtal.errors.DialsUnavailable`, naming ``path``
+    (a DIALS experiment list, read with its reflections) and saying that nothing was written,
+    where DIALS is not there or fails to load.  What reading them imports is imported in a child
+    process (``errors.require_dials`` with ``load=False``): imported here before a model runs,
+    cctbx would hold torch to one thread."""
+    require_dials(f"reading {os.fspath(path)} (a DIALS experiment list)",
+                  "dxtbx.model.experiment_list", "dials.array_family.flex", load=False,
+                  before_writing=True)
+
+
 def read_experiments(path: str | os.PathLike[str], check_format: bool = False) -> Any:
     """The DIALS ``ExperimentList`` in ``path`` (images are not opened unless ``check_format``)."""
     path = os.fspath(path)

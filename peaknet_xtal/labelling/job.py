@@ -26,7 +26,8 @@ from pydantic_core import PydanticCustomError
 from peaknet_xtal import source_option
 from peaknet_xtal.atomic import write_json_atomic
 from peaknet_xtal.config import ConfigError, bounded, deep_merge, one_of, validate
-from peaknet_xtal.errors import FormatError, require_dials
+from peaknet_xtal.errors import FormatError
+from peaknet_xtal.formats.dials_tables import check_experiments_readable
 from peaknet_xtal.labelling.batch import (
     LABEL_DEFAULTS,
     Batch,
@@ -190,9 +191,7 @@ def ingest(paths: Sequence[str], run: dict[str, Any]) -> tuple[list[FrameRecord]
     groups = group_inputs(paths)
     expts = [group[0] for group in groups if len(group) == 2]
     if expts:  # before the streams before it are read, not at its turn
-        require_dials(f"reading {expts[0]} (a DIALS experiment list)",
-                      "dxtbx.model.experiment_list", "dials.array_family.flex", load=False,
-                      before_writing=True)
+        check_experiments_readable(expts[0])
     sources = ImageSources(geometries)
     for group in groups:
         if len(group) == 2:
